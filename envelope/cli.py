@@ -1,0 +1,69 @@
+"""The ``envelope`` command: a node-local debug CLI.
+
+Global options come before the subcommand (``envelope --state-dir DIR record ...``). Each
+subcommand lives in ``envelope/commands/<name>.py`` and exposes ``register(subparsers)``, which
+adds its parser and sets ``func(args, config) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+import structlog
+
+from . import commands
+from .config import Config
+from .errors import UserError
+
+
+def configure_logging(json_logs: bool, verbose: bool) -> None:
+    import logging
+    level = logging.DEBUG if verbose else logging.INFO
+    processors = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer = structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer(colors=False)
+    structlog.configure(
+        processors=processors + [renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="envelope", description=__doc__.splitlines()[0])
+    p.add_argument("--state-dir", default=None,
+                   help="state directory (env ENVELOPE_STATE_DIR, default /var/lib/envelope)")
+    p.add_argument("--config", default=None, help="YAML config file (keys: see envelope/config.py)")
+    p.add_argument("--log-json", action="store_true", help="log JSON lines to stderr")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for mod in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{commands.__name__}.{mod.name}")
+        if hasattr(module, "register"):
+            module.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_json, args.verbose)
+    try:
+        config = Config.load(args.config, state_dir=args.state_dir)
+        return int(args.func(args, config) or 0)
+    except UserError as e:
+        print(f"envelope: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

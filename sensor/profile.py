@@ -1,0 +1,408 @@
+"""The profile: per-workload frequency evidence, kept as one contribution per node.
+
+Each node writes only its own :class:`NodeContribution`. A profile's behaviour view sums the
+nodes' counts, unions their sessions and takes min/max of first/last seen. Merging two profiles
+keeps, per node, the contribution with the higher ``(generation, updated)`` so the merge is
+deterministic, commutative, associative and idempotent: reading one node's input twice adds
+nothing.
+
+Distinct-session counts are exact without keeping per-behaviour session sets: while a session is
+open, its per-behaviour counts live in ``open_sessions``; a behaviour's ``sessions`` rises the
+first time it is seen in a session, and when the session closes its per-session count is folded
+into ``session_sum``/``session_sumsq`` (the per-session rate distribution used by probabilistic
+closure).
+
+Memory is bounded per substrate by ``caps``: once a node holds that many distinct behaviours of a
+substrate, new ones go to an overflow bucket (counts kept, key not) and the profile is marked
+``capped``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import msgpack
+
+from .workload import SUBSTRATES, Workload, substrate_of
+
+SCHEMA_VERSION = 1
+DAY = 86400.0
+DEFAULT_CAPS = {"syscall": 1024, "exec": 2048, "egress": 4096}
+
+
+@dataclass(slots=True)
+class BehaviourStats:
+    count: int
+    sessions: int
+    first_seen: float
+    last_seen: float
+    session_sum: float = 0.0  # sum of per-session counts over closed sessions
+    session_sumsq: float = 0.0  # sum of squared per-session counts over closed sessions
+
+    def merged(self, other: "BehaviourStats") -> "BehaviourStats":
+        return BehaviourStats(
+            self.count + other.count,
+            self.sessions + other.sessions,
+            min(self.first_seen, other.first_seen),
+            max(self.last_seen, other.last_seen),
+            self.session_sum + other.session_sum,
+            self.session_sumsq + other.session_sumsq,
+        )
+
+    def pack(self) -> list:
+        return [self.count, self.sessions, self.first_seen, self.last_seen,
+                self.session_sum, self.session_sumsq]
+
+    @classmethod
+    def unpack(cls, v: list) -> "BehaviourStats":
+        return cls(int(v[0]), int(v[1]), float(v[2]), float(v[3]), float(v[4]), float(v[5]))
+
+
+@dataclass(slots=True)
+class SessionRecord:
+    id: str
+    start: float
+    end: float | None = None  # None while the session is open
+    meta: dict = field(default_factory=dict)  # container id, pod uid, cgroup path, exit code...
+
+    def pack(self) -> list:
+        return [self.id, self.start, self.end, self.meta]
+
+    @classmethod
+    def unpack(cls, v: list) -> "SessionRecord":
+        return cls(str(v[0]), float(v[1]), None if v[2] is None else float(v[2]), dict(v[3]))
+
+
+@dataclass(slots=True)
+class Overflow:
+    """Behaviours past a substrate's cardinality cap: counts kept, keys not."""
+
+    count: int = 0
+    new_keys: int = 0  # distinct keys refused (counted once per node, approximately)
+    first_seen: float = 0.0
+    last_seen: float = 0.0
+
+
+@dataclass
+class NodeContribution:
+    node: str
+    generation: int = 0
+    updated: float = 0.0
+    window_start: float | None = None
+    behaviours: dict[str, BehaviourStats] = field(default_factory=dict)
+    sessions: dict[str, SessionRecord] = field(default_factory=dict)
+    open_sessions: dict[str, dict[str, int]] = field(default_factory=dict)
+    closed_sessions: int = 0
+    overflow: dict[str, Overflow] = field(default_factory=dict)
+    capped: bool = False
+    loss: dict[str, int] = field(default_factory=dict)
+    fingerprints: dict[str, dict[str, float]] = field(default_factory=dict)  # key -> value -> last seen
+    caps: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_CAPS))
+    _per_substrate: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+
+    # ---- recording -------------------------------------------------------------------------
+
+    def open_session(self, session_id: str, start: float, meta: dict | None = None) -> None:
+        if session_id in self.sessions:
+            rec = self.sessions[session_id]
+            if meta:
+                rec.meta.update(meta)
+            if rec.end is None:
+                self.open_sessions.setdefault(session_id, {})
+            return
+        self.sessions[session_id] = SessionRecord(session_id, start, None, dict(meta or {}))
+        self.open_sessions[session_id] = {}
+        if self.window_start is None or start < self.window_start:
+            self.window_start = start
+
+    def observe(self, session_id: str, key: str, count: int, ts: float) -> None:
+        """Add ``count`` occurrences of ``key`` in an open session at wall time ``ts``."""
+        if count <= 0:
+            return
+        per_session = self.open_sessions.get(session_id)
+        if per_session is None:
+            self.open_session(session_id, ts)
+            per_session = self.open_sessions[session_id]
+        stats = self.behaviours.get(key)
+        if stats is None:
+            substrate = substrate_of(key)
+            if self._substrate_count(substrate) >= self.caps.get(substrate, DEFAULT_CAPS[substrate]):
+                self._overflow(substrate, count, ts, new=key not in per_session)
+                per_session.setdefault(key, 0)  # remember, so the refused key counts once per session
+                self.capped = True
+                return
+            stats = BehaviourStats(0, 0, ts, ts)
+            self.behaviours[key] = stats
+            self._per_substrate[substrate] = self._per_substrate.get(substrate, 0) + 1
+        stats.count += count
+        if ts < stats.first_seen:
+            stats.first_seen = ts
+        if ts > stats.last_seen:
+            stats.last_seen = ts
+        prior = per_session.get(key)
+        if prior is None:
+            stats.sessions += 1
+            per_session[key] = count
+        else:
+            per_session[key] = prior + count
+
+    def close_session(self, session_id: str, end: float, meta: dict | None = None) -> None:
+        rec = self.sessions.get(session_id)
+        if rec is None or rec.end is not None:
+            return
+        rec.end = end
+        if meta:
+            rec.meta.update(meta)
+        for key, c in self.open_sessions.pop(session_id, {}).items():
+            stats = self.behaviours.get(key)
+            if stats is not None:
+                stats.session_sum += c
+                stats.session_sumsq += c * c
+        self.closed_sessions += 1
+
+    def add_fingerprint(self, key: str, value: str, ts: float) -> None:
+        self.fingerprints.setdefault(key, {})[value] = ts
+
+    def add_loss(self, counter: str, n: int) -> None:
+        if n:
+            self.loss[counter] = self.loss.get(counter, 0) + n
+
+    def touch(self, ts: float) -> None:
+        self.generation += 1
+        self.updated = max(self.updated, ts)
+
+    def _substrate_count(self, substrate: str) -> int:
+        if not self._per_substrate and self.behaviours:
+            for k in self.behaviours:
+                s = substrate_of(k)
+                self._per_substrate[s] = self._per_substrate.get(s, 0) + 1
+        return self._per_substrate.get(substrate, 0)
+
+    def _overflow(self, substrate: str, count: int, ts: float, new: bool) -> None:
+        o = self.overflow.setdefault(substrate, Overflow(first_seen=ts, last_seen=ts))
+        o.count += count
+        o.new_keys += 1 if new else 0
+        o.first_seen = min(o.first_seen, ts)
+        o.last_seen = max(o.last_seen, ts)
+
+    # ---- serialisation ---------------------------------------------------------------------
+
+    def pack(self) -> dict:
+        return {
+            "node": self.node,
+            "generation": self.generation,
+            "updated": self.updated,
+            "window_start": self.window_start,
+            "behaviours": {k: v.pack() for k, v in sorted(self.behaviours.items())},
+            "sessions": [s.pack() for _, s in sorted(self.sessions.items())],
+            "open_sessions": {k: dict(sorted(v.items())) for k, v in sorted(self.open_sessions.items())},
+            "closed_sessions": self.closed_sessions,
+            "overflow": {k: [o.count, o.new_keys, o.first_seen, o.last_seen]
+                         for k, o in sorted(self.overflow.items())},
+            "capped": self.capped,
+            "loss": dict(sorted(self.loss.items())),
+            "fingerprints": {k: dict(sorted(v.items())) for k, v in sorted(self.fingerprints.items())},
+            "caps": dict(sorted(self.caps.items())),
+        }
+
+    @classmethod
+    def unpack(cls, d: dict) -> "NodeContribution":
+        return cls(
+            node=str(d["node"]),
+            generation=int(d["generation"]),
+            updated=float(d["updated"]),
+            window_start=None if d["window_start"] is None else float(d["window_start"]),
+            behaviours={str(k): BehaviourStats.unpack(v) for k, v in d["behaviours"].items()},
+            sessions={str(s[0]): SessionRecord.unpack(s) for s in d["sessions"]},
+            open_sessions={str(k): {str(b): int(c) for b, c in v.items()}
+                           for k, v in d["open_sessions"].items()},
+            closed_sessions=int(d["closed_sessions"]),
+            overflow={str(k): Overflow(int(v[0]), int(v[1]), float(v[2]), float(v[3]))
+                      for k, v in d["overflow"].items()},
+            capped=bool(d["capped"]),
+            loss={str(k): int(v) for k, v in d["loss"].items()},
+            fingerprints={str(k): {str(a): float(b) for a, b in v.items()}
+                          for k, v in d["fingerprints"].items()},
+            caps={str(k): int(v) for k, v in d.get("caps", DEFAULT_CAPS).items()},
+        )
+
+
+@dataclass
+class Profile:
+    """All the evidence about one workload: one contribution per node."""
+
+    workload: Workload
+    nodes: dict[str, NodeContribution] = field(default_factory=dict)
+
+    def node(self, name: str) -> NodeContribution:
+        """This node's contribution, created on first use."""
+        c = self.nodes.get(name)
+        if c is None:
+            c = self.nodes[name] = NodeContribution(name)
+        return c
+
+    # ---- merged views ----------------------------------------------------------------------
+
+    def behaviours(self) -> dict[str, BehaviourStats]:
+        """Per behaviour, the evidence summed over nodes, sorted by key."""
+        out: dict[str, BehaviourStats] = {}
+        for name in sorted(self.nodes):
+            for key, s in self.nodes[name].behaviours.items():
+                prev = out.get(key)
+                out[key] = BehaviourStats(*s.pack()) if prev is None else prev.merged(s)
+        return dict(sorted(out.items()))
+
+    def sessions(self) -> list[SessionRecord]:
+        recs = [s for n in self.nodes.values() for s in n.sessions.values()]
+        return sorted(recs, key=lambda s: (s.start, s.id))
+
+    @property
+    def session_count(self) -> int:
+        return sum(len(n.sessions) for n in self.nodes.values())
+
+    @property
+    def closed_sessions(self) -> int:
+        return sum(n.closed_sessions for n in self.nodes.values())
+
+    def window(self) -> tuple[float | None, float | None]:
+        starts = [n.window_start for n in self.nodes.values() if n.window_start is not None]
+        ends = [n.updated for n in self.nodes.values() if n.updated]
+        ends += [s.last_seen for n in self.nodes.values() for s in n.behaviours.values()]
+        return (min(starts) if starts else None, max(ends) if ends else None)
+
+    def loss(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for n in self.nodes.values():
+            for k, v in n.loss.items():
+                out[k] = out.get(k, 0) + v
+        return dict(sorted(out.items()))
+
+    @property
+    def capped(self) -> bool:
+        return any(n.capped for n in self.nodes.values())
+
+    def overflow(self) -> dict[str, Overflow]:
+        out: dict[str, Overflow] = {}
+        for n in self.nodes.values():
+            for k, o in n.overflow.items():
+                p = out.get(k)
+                out[k] = Overflow(o.count, o.new_keys, o.first_seen, o.last_seen) if p is None else Overflow(
+                    p.count + o.count, p.new_keys + o.new_keys,
+                    min(p.first_seen, o.first_seen), max(p.last_seen, o.last_seen))
+        return dict(sorted(out.items()))
+
+    def fingerprints(self) -> dict[str, list[str]]:
+        """Fingerprint inputs seen, per key, values ordered by when they were last seen."""
+        merged: dict[str, dict[str, float]] = {}
+        for n in self.nodes.values():
+            for k, vals in n.fingerprints.items():
+                m = merged.setdefault(k, {})
+                for v, ts in vals.items():
+                    m[v] = max(ts, m.get(v, ts))
+        return {k: [v for v, _ in sorted(vals.items(), key=lambda kv: (kv[1], kv[0]))]
+                for k, vals in sorted(merged.items())}
+
+    def coverage_timeline(self) -> list[tuple[float, str]]:
+        """Each behaviour with the time it was first seen, oldest first."""
+        return sorted(((s.first_seen, k) for k, s in self.behaviours().items()), key=lambda t: (t[0], t[1]))
+
+    def new_behaviours(self, since: float, until: float | None = None,
+                       substrate: str | None = None) -> int:
+        """How many behaviours were first seen in ``[since, until]``, optionally of one substrate."""
+        n = 0
+        for ts, key in self.coverage_timeline():
+            if ts >= since and (until is None or ts <= until) and (
+                    substrate is None or substrate_of(key) == substrate):
+                n += 1
+        return n
+
+    def coverage_rate(self, hours: float = 24.0) -> dict[str, int]:
+        """New behaviours per substrate in the last ``hours`` of the observation window."""
+        _, end = self.window()
+        if end is None:
+            return {s: 0 for s in SUBSTRATES}
+        since = end - hours * 3600.0
+        return {s: self.new_behaviours(since, end, s) for s in SUBSTRATES}
+
+    def rate(self, key: str) -> tuple[float, float, int]:
+        """Mean and standard deviation of a behaviour's per-session count over closed sessions,
+        with the number of sessions the figures rest on."""
+        n = self.closed_sessions
+        stats = self.behaviours().get(key)
+        if not n or stats is None:
+            return 0.0, 0.0, n
+        mean = stats.session_sum / n
+        var = max(stats.session_sumsq / n - mean * mean, 0.0)
+        return mean, math.sqrt(var), n
+
+    # ---- merge and serialisation -----------------------------------------------------------
+
+    def merge(self, other: "Profile") -> "Profile":
+        """Combine two views of the same workload; per node the newer contribution wins."""
+        if other.workload != self.workload:
+            raise ValueError(f"cannot merge profiles of {self.workload} and {other.workload}")
+        nodes: dict[str, NodeContribution] = {}
+        for name in sorted(set(self.nodes) | set(other.nodes)):
+            a, b = self.nodes.get(name), other.nodes.get(name)
+            if a is None or b is None:
+                nodes[name] = a or b
+                continue
+            ka, kb = (a.generation, a.updated), (b.generation, b.updated)
+            if ka == kb:  # same version seen twice, or a true tie: pick by content for determinism
+                pa = msgpack.packb(a.pack(), use_bin_type=True)
+                pb = msgpack.packb(b.pack(), use_bin_type=True)
+                nodes[name] = a if pa >= pb else b
+            else:
+                nodes[name] = a if ka > kb else b
+        return Profile(self.workload, nodes)
+
+    def pack(self) -> dict:
+        return {
+            "schema": SCHEMA_VERSION,
+            "workload": self.workload.to_dict(),
+            "nodes": [self.nodes[n].pack() for n in sorted(self.nodes)],
+        }
+
+    @classmethod
+    def unpack(cls, d: dict) -> "Profile":
+        if not isinstance(d, dict) or "schema" not in d:
+            raise ValueError("not an Envelope profile (no schema field)")
+        if d["schema"] != SCHEMA_VERSION:
+            raise ValueError(f"unsupported profile schema {d['schema']!r} (this build reads {SCHEMA_VERSION})")
+        nodes = [NodeContribution.unpack(n) for n in d["nodes"]]
+        return cls(Workload.from_dict(d["workload"]), {n.node: n for n in nodes})
+
+    def to_json(self) -> dict:
+        """The documented JSON view (``envelope profile show -o json``)."""
+        start, end = self.window()
+        sessions = self.sessions()
+        return {
+            "workload": self.workload.to_dict() | {"key": self.workload.key},
+            "window": {"start": start, "end": end},
+            "sessions": {
+                "count": len(sessions),
+                "closed": self.closed_sessions,
+                "ids": [s.id for s in sessions],
+            },
+            "behaviours": [
+                {
+                    "key": k,
+                    "substrate": substrate_of(k),
+                    "count": s.count,
+                    "sessions": s.sessions,
+                    "first_seen": s.first_seen,
+                    "last_seen": s.last_seen,
+                }
+                for k, s in self.behaviours().items()
+            ],
+            "coverage": {
+                "new_last_24h": self.coverage_rate(24.0),
+                "timeline": [{"t": t, "key": k} for t, k in self.coverage_timeline()],
+            },
+            "capped": self.capped,
+            "overflow": {k: {"count": o.count, "new_keys": o.new_keys} for k, o in self.overflow().items()},
+            "fingerprints": self.fingerprints(),
+            "nodes": sorted(self.nodes),
+            "loss": self.loss(),
+        }

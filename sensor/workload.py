@@ -1,0 +1,111 @@
+"""Workload identity and behaviour keys.
+
+A workload is ``(namespace, kind, name, container)``. Inside Kubernetes the kind is usually
+``Deployment``; outside it is ``("host", "Unit", <name>, "main")``.
+
+A behaviour is one dimension value, written as a key whose first field names it:
+``syscall:openat``, ``exec:/usr/bin/git``, ``connect:tcp:10.0.3.7:443``,
+``send:udp:[fd00::a]:53``. The substrate that can enforce a behaviour follows from its kind.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+SUBSTRATES = ("syscall", "egress", "exec")
+
+_SUBSTRATE_OF_KIND = {
+    "syscall": "syscall",
+    "exec": "exec",
+    "connect": "egress",
+    "send": "egress",
+}
+
+
+class BehaviourKeyError(ValueError):
+    """A behaviour key that does not parse."""
+
+
+def substrate_of(key: str) -> str:
+    """The enforcement substrate of a behaviour key (``syscall``, ``egress`` or ``exec``)."""
+    kind = key.split(":", 1)[0]
+    try:
+        return _SUBSTRATE_OF_KIND[kind]
+    except KeyError:
+        raise BehaviourKeyError(f"unknown behaviour kind {kind!r} in {key!r}") from None
+
+
+def syscall_key(name: str) -> str:
+    return f"syscall:{name}"
+
+
+def exec_key(path: str) -> str:
+    return f"exec:{path}"
+
+
+def net_key(kind: str, proto: str, addr: str, port: int) -> str:
+    """``connect:tcp:10.0.0.1:443`` or ``send:udp:[::1]:53``; IPv6 addresses are bracketed."""
+    ip = ipaddress.ip_address(addr)
+    host = f"[{ip.compressed}]" if ip.version == 6 else ip.compressed
+    return f"{kind}:{proto}:{host}:{port}"
+
+
+@dataclass(frozen=True)
+class NetBehaviour:
+    kind: str  # connect | send
+    proto: str  # tcp | udp
+    addr: ipaddress.IPv4Address | ipaddress.IPv6Address
+    port: int
+
+
+def parse_net_key(key: str) -> NetBehaviour:
+    """Parse ``connect:tcp:10.0.0.1:443`` / ``send:udp:[::1]:53``."""
+    try:
+        kind, proto, rest = key.split(":", 2)
+        host, port = rest.rsplit(":", 1)
+        host = host[1:-1] if host.startswith("[") else host
+        parsed = NetBehaviour(kind, proto, ipaddress.ip_address(host), int(port))
+    except ValueError as e:
+        raise BehaviourKeyError(f"bad network behaviour key {key!r}: {e}") from None
+    if kind not in ("connect", "send") or proto not in ("tcp", "udp"):
+        raise BehaviourKeyError(f"bad network behaviour key {key!r}")
+    return parsed
+
+
+@dataclass(frozen=True, order=True)
+class Workload:
+    namespace: str
+    kind: str
+    name: str
+    container: str
+
+    @classmethod
+    def host(cls, name: str) -> "Workload":
+        return cls("host", "Unit", name, "main")
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.kind}/{self.name}/{self.container}"
+
+    @classmethod
+    def parse(cls, key: str) -> "Workload":
+        parts = key.split("/")
+        if len(parts) != 4 or not all(parts):
+            raise ValueError(f"workload key must be namespace/kind/name/container, got {key!r}")
+        return cls(*parts)
+
+    def to_dict(self) -> dict:
+        return {
+            "namespace": self.namespace,
+            "kind": self.kind,
+            "name": self.name,
+            "container": self.container,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Workload":
+        return cls(str(d["namespace"]), str(d["kind"]), str(d["name"]), str(d["container"]))
+
+    def __str__(self) -> str:
+        return self.key
