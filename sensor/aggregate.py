@@ -1,0 +1,194 @@
+"""Aggregation: decoded events and cumulative counter readings → per-workload profiles.
+
+The aggregator knows which session each cgroup belongs to (a *binding*), turns kernel counter
+readings into deltas (the kernel counters are cumulative and never drained), and adds each
+behaviour to the profile of the bound workload in this node's contribution.
+
+It holds no kernel handles: the caller feeds it ``on_event`` / ``on_counts`` and decides when to
+``flush``. The same code serves ``envelope record`` (one cgroup tree, one session) and the daemon
+(every cgroup, sessions from the identity resolver).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import structlog
+
+from .profile import DEFAULT_CAPS, Profile
+from .store import ProfileStore
+from .workload import Workload, syscall_key
+
+log = structlog.get_logger("envelope.aggregate")
+
+SyscallName = Callable[[int], str]
+
+
+@dataclass
+class Binding:
+    workload: Workload
+    session: str
+
+
+@dataclass
+class Rates:
+    """Per-workload event totals, for ``top`` and metrics."""
+
+    syscalls: int = 0
+    execs: int = 0
+    connects: int = 0
+    new_behaviours: int = 0
+    by_type: dict = field(default_factory=dict)
+
+
+class Aggregator:
+    def __init__(self, node: str, store: ProfileStore | None, syscall_name: SyscallName,
+                 caps: dict | None = None, clock: Callable[[], float] = time.time):
+        self.node = node
+        self.store = store
+        self.syscall_name = syscall_name
+        self.caps = dict(caps or DEFAULT_CAPS)
+        self.clock = clock
+        self.bindings: dict[int, Binding] = {}
+        self.profiles: dict[Workload, Profile] = {}
+        self.totals: dict[Workload, Rates] = {}
+        self.dirty: set[Workload] = set()
+        self._last_counts: dict[int, dict[int, int]] = {}
+        self._first_seen_at: dict[tuple[int, int], float] = {}
+        self._session_cgroups: dict[tuple[Workload, str], set[int]] = {}
+
+    # ---- profiles --------------------------------------------------------------------------
+
+    def profile(self, workload: Workload) -> Profile:
+        p = self.profiles.get(workload)
+        if p is None:
+            p = self.store.load(workload) if self.store else None
+            p = p or Profile(workload)
+            p.node(self.node).caps = dict(self.caps)
+            self.profiles[workload] = p
+        return p
+
+    def _contribution(self, workload: Workload):
+        return self.profile(workload).node(self.node)
+
+    # ---- sessions --------------------------------------------------------------------------
+
+    def bind(self, cgroup_id: int, workload: Workload, session: str, start: float | None = None,
+             meta: dict | None = None, fingerprints: dict | None = None) -> None:
+        """Attribute everything cgroup ``cgroup_id`` does to ``session`` of ``workload``."""
+        now = self.clock() if start is None else start
+        self.bindings[cgroup_id] = Binding(workload, session)
+        self._session_cgroups.setdefault((workload, session), set()).add(cgroup_id)
+        contrib = self._contribution(workload)
+        contrib.open_session(session, now, meta)
+        for k, v in (fingerprints or {}).items():
+            contrib.add_fingerprint(k, str(v), now)
+        self.totals.setdefault(workload, Rates())
+        self.dirty.add(workload)
+
+    def unbind(self, cgroup_id: int, end: float | None = None, meta: dict | None = None) -> None:
+        """The cgroup is gone; close its session when it was the session's last cgroup."""
+        b = self.bindings.pop(cgroup_id, None)
+        self._last_counts.pop(cgroup_id, None)
+        if b is None:
+            return
+        members = self._session_cgroups.get((b.workload, b.session), set())
+        members.discard(cgroup_id)
+        if not members:
+            self._session_cgroups.pop((b.workload, b.session), None)
+            self._contribution(b.workload).close_session(b.session, self.clock() if end is None else end, meta)
+            self.dirty.add(b.workload)
+
+    def close_session(self, workload: Workload, session: str, end: float | None = None,
+                      meta: dict | None = None) -> None:
+        for cg in sorted(self._session_cgroups.get((workload, session), set())):
+            self.bindings.pop(cg, None)
+            self._last_counts.pop(cg, None)
+        self._session_cgroups.pop((workload, session), None)
+        self._contribution(workload).close_session(session, self.clock() if end is None else end, meta)
+        self.dirty.add(workload)
+
+    # ---- evidence --------------------------------------------------------------------------
+
+    def observe(self, cgroup_id: int, key: str, count: int, ts: float) -> bool:
+        b = self.bindings.get(cgroup_id)
+        if b is None or count <= 0:
+            return False
+        contrib = self._contribution(b.workload)
+        before = len(contrib.behaviours)
+        contrib.observe(b.session, key, count, ts)
+        rates = self.totals.setdefault(b.workload, Rates())
+        if len(contrib.behaviours) > before:
+            rates.new_behaviours += 1
+        self.dirty.add(b.workload)
+        return True
+
+    def on_event(self, event, ts: float) -> None:
+        """Add one decoded ring-buffer event (exec, net or syscall-first)."""
+        cg = event.cgroup_id
+        b = self.bindings.get(cg)
+        if b is None:
+            return
+        rates = self.totals.setdefault(b.workload, Rates())
+        kind = type(event).__name__
+        rates.by_type[kind] = rates.by_type.get(kind, 0) + 1
+        if kind == "SyscallFirstEvent":
+            # Counted by the counters; remember when it really happened for first_seen.
+            self._first_seen_at.setdefault((cg, event.nr), ts)
+            return
+        key_fn = getattr(event, "behaviour_key", None)
+        key = key_fn() if key_fn else None
+        if not key:
+            return
+        if self.observe(cg, key, 1, ts):
+            if kind == "ExecEvent":
+                rates.execs += 1
+            elif kind == "NetEvent":
+                rates.connects += 1
+
+    def on_counts(self, counts: dict[int, dict[int, int]], ts: float) -> None:
+        """Feed a cumulative counter reading; the delta since the last reading is added."""
+        for cg, per_nr in counts.items():
+            b = self.bindings.get(cg)
+            if b is None:
+                continue
+            last = self._last_counts.setdefault(cg, {})
+            rates = self.totals.setdefault(b.workload, Rates())
+            for nr, total in per_nr.items():
+                delta = total - last.get(nr, 0)
+                if delta <= 0:
+                    continue
+                last[nr] = total
+                first = self._first_seen_at.pop((cg, nr), None)
+                self.observe(cg, syscall_key(self.syscall_name(nr)), delta, first if first is not None else ts)
+                rates.syscalls += delta
+
+    def add_loss(self, deltas: dict[str, int], workloads: Iterable[Workload] | None = None) -> None:
+        """Record lost events against the profiles they may have belonged to.
+
+        Kernel loss counters are not per workload; every profile observed while events were lost
+        is marked, so its evidence is known to be incomplete.
+        """
+        targets = list(workloads) if workloads is not None else sorted({b.workload for b in self.bindings.values()})
+        for w in targets:
+            contrib = self._contribution(w)
+            for k, v in deltas.items():
+                contrib.add_loss(k, v)
+            self.dirty.add(w)
+
+    # ---- persistence -----------------------------------------------------------------------
+
+    def flush(self) -> list[Workload]:
+        """Write every profile that changed since the last flush."""
+        written = []
+        now = self.clock()
+        for w in sorted(self.dirty):
+            p = self.profiles[w]
+            p.node(self.node).touch(now)
+            if self.store:
+                self.store.save(p)
+            written.append(w)
+        self.dirty.clear()
+        return written

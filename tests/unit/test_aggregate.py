@@ -1,0 +1,81 @@
+"""Aggregator: counter deltas, bindings, sessions and flushing, fed with real event objects."""
+
+from dataclasses import dataclass
+
+from sensor.aggregate import Aggregator
+from sensor.store import ProfileStore
+from sensor.workload import Workload
+
+W = Workload.host("agg")
+NAMES = {0: "read", 1: "write", 39: "getpid"}
+
+
+@dataclass
+class FakeClock:
+    t: float = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+@dataclass
+class ExecLike:
+    cgroup_id: int
+    path: str
+
+    def behaviour_key(self):
+        return f"exec:{self.path}"
+
+
+def make(tmp_path):
+    clock = FakeClock()
+    return Aggregator("node-a", ProfileStore(tmp_path), NAMES.__getitem__, clock=clock), clock
+
+
+def test_cumulative_counters_become_deltas(tmp_path):
+    agg, clock = make(tmp_path)
+    agg.bind(7, W, "run-1")
+    agg.on_counts({7: {0: 10, 39: 1}, 8: {0: 99}}, 101.0)  # cgroup 8 is not bound: ignored
+    agg.on_counts({7: {0: 15, 39: 1}}, 102.0)
+    b = agg.profile(W).behaviours()
+    assert b["syscall:read"].count == 15
+    assert b["syscall:getpid"].count == 1
+    assert b["syscall:read"].sessions == 1
+
+
+def test_events_and_session_close(tmp_path):
+    agg, clock = make(tmp_path)
+    agg.bind(7, W, "run-1")
+    agg.bind(9, W, "run-1")  # a child cgroup of the same session
+    agg.on_event(ExecLike(7, "/bin/true"), 101.0)
+    agg.on_event(ExecLike(9, "/bin/true"), 102.0)
+    agg.unbind(9)
+    assert agg.profile(W).node("node-a").sessions["run-1"].end is None
+    agg.unbind(7, end=110.0)
+    rec = agg.profile(W).node("node-a").sessions["run-1"]
+    assert rec.end == 110.0
+    b = agg.profile(W).behaviours()["exec:/bin/true"]
+    assert (b.count, b.sessions, b.session_sum) == (2, 1, 2.0)
+
+
+def test_flush_persists_and_resumes(tmp_path):
+    agg, clock = make(tmp_path)
+    agg.bind(7, W, "run-1")
+    agg.on_counts({7: {1: 3}}, 101.0)
+    agg.close_session(W, "run-1")
+    assert agg.flush() == [W]
+    assert agg.flush() == []
+    agg2, _ = make(tmp_path)
+    agg2.bind(5, W, "run-2")
+    agg2.on_counts({5: {1: 2}}, 201.0)
+    agg2.close_session(W, "run-2")
+    agg2.flush()
+    b = ProfileStore(tmp_path).load(W).behaviours()["syscall:write"]
+    assert (b.count, b.sessions) == (5, 2)
+
+
+def test_loss_is_recorded_on_active_profiles(tmp_path):
+    agg, _ = make(tmp_path)
+    agg.bind(7, W, "run-1")
+    agg.add_loss({"ringbuf_full_exec": 4})
+    assert agg.profile(W).loss() == {"ringbuf_full_exec": 4}
