@@ -1,0 +1,578 @@
+"""The policy: a versioned, deterministic least-privilege artefact derived from a profile.
+
+Document layout (YAML or JSON; ``spec`` is also the body of the Kubernetes custom resource)::
+
+    apiVersion: envelope.dev/v1alpha1
+    kind: LeastPrivilegePolicy
+    metadata:
+      name: research-agent-main
+    spec:
+      workload: {namespace, kind, name, container}
+      mode: observe | alert | enforce
+      decisions:
+        granularity: {substrates: [syscall, egress, exec]}
+        closure:     {mode: literal | structural | probabilistic, rules: {...}, companionGroups: [...]}
+        confidence:  {minCount: {substrate: N}, minSessions: {substrate: M}, sessionRule, lowConfidence,
+                      coverage: {...coverage-stop numbers...}}
+        validity:    {fingerprint: {key: [values]}, triggers: [...], derivedAt, expiresAt}
+      allow:
+        syscalls: [name, ...]                                   # sorted
+        egress:   [{proto, cidr, ports: [p, ...]} | {proto, cidr, portRange: {min, max}}, ...]
+        execs:    [/exact/path | /directory/*, ...]             # sorted
+      detection:  [{key, mean, std, k, sessions}, ...]          # probabilistic soft rules
+      provenance: [{entry, substrate, rule, admitted, evidence, ...}, ...]
+      review:     [{key, substrate, rule, evidence, behaviours}, ...]
+      watch:      [behaviour key, ...]
+
+Entry identifiers (used by provenance, review, ``explain``, ``diff`` and ``--admit``) are
+``syscall:NAME``, ``exec:PATH`` (or ``exec:/dir/*``) and ``egress:PROTO:CIDR:PORTS`` where
+PORTS is one port (``443``) or an inclusive range (``8000-8100``).
+
+An exec pattern ``/dir/*`` matches any file directly inside ``/dir`` (one path component, not
+recursive). A substrate that the policy does not include is not constrained by it.
+
+Loading checks the whole schema; any problem is a :class:`PolicyError` whose one-line message
+names the field, e.g. ``spec.allow.egress[2].cidr: '10.0.0.0/33' is not a CIDR``. Dumping is
+deterministic: equal policies give byte-identical text.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import ipaddress
+import json
+import math
+import posixpath
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sensor.workload import SUBSTRATES, BehaviourKeyError, Workload, parse_net_key, substrate_of
+
+API_VERSION = "envelope.dev/v1alpha1"
+KIND = "LeastPrivilegePolicy"
+MODES = ("observe", "alert", "enforce")
+CLOSURES = ("literal", "structural", "probabilistic")
+PROTOS = ("tcp", "udp")
+
+_SYSCALL_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
+_NAME_RE = re.compile(r"[^a-z0-9.-]+")
+_SPEC_FIELDS = ("workload", "mode", "decisions", "allow", "detection", "provenance", "review", "watch")
+_ALLOW_FIELDS = ("syscalls", "egress", "execs")
+_DECISION_FIELDS = ("granularity", "closure", "confidence", "validity")
+
+
+class PolicyError(ValueError):
+    """A policy that does not match the schema; the message names the offending field."""
+
+
+# ---- egress rules ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EgressRule:
+    """Allow ``proto`` traffic to ``cidr`` on an exact port set, or on an inclusive range."""
+
+    proto: str
+    cidr: str
+    ports: tuple[int, ...] = ()
+    port_range: tuple[int, int] | None = None
+    _net: Any = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.proto not in PROTOS:
+            raise PolicyError(f"proto: {self.proto!r} is not one of {', '.join(PROTOS)}")
+        try:
+            net = ipaddress.ip_network(self.cidr, strict=True)
+        except ValueError:
+            raise PolicyError(f"cidr: {self.cidr!r} is not a CIDR") from None
+        object.__setattr__(self, "cidr", net.compressed)
+        object.__setattr__(self, "_net", net)
+        ports = tuple(sorted(set(int(p) for p in self.ports)))
+        for p in ports:
+            if not 0 < p < 65536:
+                raise PolicyError(f"ports: {p} is not a port (1-65535)")
+        object.__setattr__(self, "ports", ports)
+        if self.port_range is not None:
+            lo, hi = (int(x) for x in self.port_range)
+            if not (0 < lo <= hi < 65536):
+                raise PolicyError(f"portRange: {lo}-{hi} is not a port range (1 <= min <= max <= 65535)")
+            if ports:
+                raise PolicyError("ports: give either ports or portRange, not both")
+            object.__setattr__(self, "port_range", (lo, hi))
+        elif not ports:
+            raise PolicyError("ports: empty (give ports or portRange)")
+
+    @property
+    def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        return self._net
+
+    def matches(self, proto: str, addr, port: int) -> bool:
+        if proto != self.proto:
+            return False
+        if self.port_range is not None:
+            if not self.port_range[0] <= port <= self.port_range[1]:
+                return False
+        elif port not in self.ports:
+            return False
+        ip = addr if not isinstance(addr, str) else ipaddress.ip_address(addr.strip("[]"))
+        return ip.version == self._net.version and ip in self._net
+
+    @property
+    def port_text(self) -> str:
+        if self.port_range is not None:
+            return f"{self.port_range[0]}-{self.port_range[1]}"
+        return ",".join(str(p) for p in self.ports)
+
+    @property
+    def id(self) -> str:
+        """``egress:tcp:10.0.3.0/24:443,8443`` or ``egress:tcp:10.0.3.0/24:8000-8100``."""
+        return f"egress:{self.proto}:{self.cidr}:{self.port_text}"
+
+    def sort_key(self) -> tuple:
+        return (self.proto, self._net.version, int(self._net.network_address), self._net.prefixlen,
+                self.port_range or (0, 0), self.ports)
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"proto": self.proto, "cidr": self.cidr}
+        if self.port_range is not None:
+            d["portRange"] = {"min": self.port_range[0], "max": self.port_range[1]}
+        else:
+            d["ports"] = list(self.ports)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, path: str = "egress") -> "EgressRule":
+        _mapping(d, path)
+        _known(d, ("proto", "cidr", "ports", "portRange"), path)
+        proto = _str(d.get("proto"), f"{path}.proto")
+        if proto not in PROTOS:
+            raise PolicyError(f"{path}.proto: {proto!r} is not one of {', '.join(PROTOS)}")
+        cidr = _str(d.get("cidr"), f"{path}.cidr")
+        try:
+            ipaddress.ip_network(cidr, strict=True)
+        except ValueError:
+            raise PolicyError(f"{path}.cidr: {cidr!r} is not a CIDR") from None
+        ports: tuple[int, ...] = ()
+        port_range = None
+        if "ports" in d and d["ports"] is not None:
+            ports = tuple(_port(p, f"{path}.ports[{i}]") for i, p in enumerate(_list(d["ports"], f"{path}.ports")))
+        if "portRange" in d and d["portRange"] is not None:
+            pr = d["portRange"]
+            _mapping(pr, f"{path}.portRange")
+            _known(pr, ("min", "max"), f"{path}.portRange")
+            lo = _port(pr.get("min"), f"{path}.portRange.min")
+            hi = _port(pr.get("max"), f"{path}.portRange.max")
+            if lo > hi:
+                raise PolicyError(f"{path}.portRange: min {lo} is above max {hi}")
+            port_range = (lo, hi)
+        if ports and port_range:
+            raise PolicyError(f"{path}: give either ports or portRange, not both")
+        if not ports and not port_range:
+            raise PolicyError(f"{path}.ports: missing (give ports or portRange)")
+        return cls(proto, cidr, ports, port_range)
+
+
+def parse_entry(entry: str) -> tuple[str, Any]:
+    """Split an entry identifier into its substrate and value (an :class:`EgressRule` for egress)."""
+    kind, _, rest = entry.partition(":")
+    if kind == "syscall" and rest:
+        return "syscall", rest
+    if kind == "exec" and rest:
+        return "exec", rest
+    if kind == "egress":
+        try:
+            proto, body = rest.split(":", 1)
+            cidr, ports = body.rsplit(":", 1)
+            if "-" in ports:
+                lo, hi = ports.split("-", 1)
+                return "egress", EgressRule(proto, cidr, (), (int(lo), int(hi)))
+            return "egress", EgressRule(proto, cidr, tuple(int(p) for p in ports.split(",")))
+        except (ValueError, PolicyError) as e:
+            raise PolicyError(f"bad egress entry {entry!r}: {e}") from None
+    raise PolicyError(f"bad entry {entry!r} (want syscall:NAME, exec:PATH or egress:PROTO:CIDR:PORTS)")
+
+
+def exec_matches(pattern: str, path: str) -> bool:
+    """``/dir/*`` matches a file directly inside ``/dir``; anything else matches exactly."""
+    if pattern.endswith("/*"):
+        parent = pattern[:-2] or "/"
+        return posixpath.dirname(path) == parent and posixpath.basename(path) != ""
+    return pattern == path
+
+
+# ---- the policy -----------------------------------------------------------------------------
+
+
+@dataclass
+class Policy:
+    workload: Workload
+    mode: str = "alert"
+    substrates: tuple[str, ...] = SUBSTRATES
+    closure: str = "structural"
+    syscalls: tuple[str, ...] = ()
+    egress: tuple[EgressRule, ...] = ()
+    execs: tuple[str, ...] = ()
+    watch: tuple[str, ...] = ()
+    detection: tuple[dict, ...] = ()
+    decisions: dict = field(default_factory=dict)
+    provenance: tuple[dict, ...] = ()
+    review: tuple[dict, ...] = ()
+    validity: dict = field(default_factory=dict)
+    low_confidence: bool = False
+    name: str = ""  # metadata.name; derived from the workload when empty
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise PolicyError(f"spec.mode: {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.closure not in CLOSURES:
+            raise PolicyError(f"spec.decisions.closure.mode: {self.closure!r} is not one of {', '.join(CLOSURES)}")
+        subs = tuple(s for s in SUBSTRATES if s in set(self.substrates))
+        unknown = sorted(set(self.substrates) - set(SUBSTRATES))
+        if unknown:
+            raise PolicyError(f"spec.decisions.granularity.substrates: unknown substrate {unknown[0]!r}")
+        self.substrates = subs
+        for i, s in enumerate(self.syscalls):
+            if not isinstance(s, str) or not _SYSCALL_RE.match(s):
+                raise PolicyError(f"spec.allow.syscalls[{i}]: {s!r} is not a syscall name")
+        self.syscalls = tuple(sorted(set(self.syscalls)))
+        for i, e in enumerate(self.execs):
+            _check_exec(e, f"spec.allow.execs[{i}]")
+        self.execs = tuple(sorted(set(self.execs)))
+        self.egress = tuple(sorted(set(self.egress), key=EgressRule.sort_key))
+        self.watch = tuple(sorted(set(self.watch)))
+        self.detection = tuple(self.detection)
+        self.provenance = tuple(self.provenance)
+        self.review = tuple(self.review)
+        self._exec_exact = frozenset(e for e in self.execs if not e.endswith("/*"))
+        self._exec_dirs = frozenset((e[:-2] or "/") for e in self.execs if e.endswith("/*"))
+        self._syscall_set = frozenset(self.syscalls)
+
+    # ---- queries -------------------------------------------------------------------------
+
+    @property
+    def metadata_name(self) -> str:
+        return self.name or policy_name(self.workload)
+
+    def entries(self) -> list[str]:
+        """Every allowed entry identifier, in document order."""
+        return ([f"syscall:{s}" for s in self.syscalls] + [r.id for r in self.egress]
+                + [f"exec:{e}" for e in self.execs])
+
+    def allows(self, key: str) -> bool:
+        """Is behaviour ``key`` inside the allowed set? Substrates the policy leaves out allow all."""
+        substrate = substrate_of(key)
+        if substrate not in self.substrates:
+            return True
+        if substrate == "syscall":
+            return key.split(":", 1)[1] in self._syscall_set
+        if substrate == "exec":
+            path = key.split(":", 1)[1]
+            if path in self._exec_exact:
+                return True
+            return posixpath.dirname(path) in self._exec_dirs and posixpath.basename(path) != ""
+        try:
+            net = parse_net_key(key)
+        except BehaviourKeyError:
+            return False
+        return any(r.matches(net.proto, net.addr, net.port) for r in self.egress)
+
+    def expires_at(self) -> _dt.datetime | None:
+        v = self.validity.get("expiresAt")
+        return parse_time(v, "spec.decisions.validity.expiresAt") if v else None
+
+    # ---- serialisation -------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        decisions = {k: v for k, v in _plain(self.decisions).items()}
+        gran = dict(decisions.get("granularity") or {})
+        gran["substrates"] = list(self.substrates)
+        clos = dict(decisions.get("closure") or {})
+        clos["mode"] = self.closure
+        conf = dict(decisions.get("confidence") or {})
+        conf["lowConfidence"] = bool(self.low_confidence)
+        decisions.update(granularity=gran, closure=clos, confidence=conf, validity=_plain(self.validity))
+        return {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "metadata": {"name": self.metadata_name},
+            "spec": {
+                "workload": self.workload.to_dict(),
+                "mode": self.mode,
+                "decisions": decisions,
+                "allow": {
+                    "syscalls": list(self.syscalls),
+                    "egress": [r.to_dict() for r in self.egress],
+                    "execs": list(self.execs),
+                },
+                "detection": [_plain(d) for d in self.detection],
+                "provenance": [_plain(p) for p in self.provenance],
+                "review": [_plain(r) for r in self.review],
+                "watch": list(self.watch),
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Policy":
+        _mapping(d, "document")
+        api = d.get("apiVersion")
+        if api != API_VERSION:
+            raise PolicyError(f"apiVersion: {api!r} is not supported (this build reads {API_VERSION})")
+        if d.get("kind") != KIND:
+            raise PolicyError(f"kind: {d.get('kind')!r} is not {KIND}")
+        _known(d, ("apiVersion", "kind", "metadata", "spec", "status"), "")
+        meta = d.get("metadata") or {}
+        _mapping(meta, "metadata")
+        name = meta.get("name", "")
+        if name is not None and not isinstance(name, str):
+            raise PolicyError(f"metadata.name: {name!r} is not a string")
+        spec = d.get("spec")
+        _mapping(spec, "spec")
+        _known(spec, _SPEC_FIELDS, "spec")
+
+        w = spec.get("workload")
+        _mapping(w, "spec.workload")
+        for k in ("namespace", "kind", "name", "container"):
+            if not isinstance(w.get(k), str) or not w.get(k):
+                raise PolicyError(f"spec.workload.{k}: missing or not a non-empty string")
+        workload = Workload.from_dict(w)
+
+        mode = spec.get("mode", "alert")
+        if mode not in MODES:
+            raise PolicyError(f"spec.mode: {mode!r} is not one of {', '.join(MODES)}")
+
+        dec = spec.get("decisions") or {}
+        _mapping(dec, "spec.decisions")
+        _known(dec, _DECISION_FIELDS, "spec.decisions")
+        gran = dec.get("granularity") or {}
+        _mapping(gran, "spec.decisions.granularity")
+        subs = _list(gran.get("substrates", list(SUBSTRATES)), "spec.decisions.granularity.substrates")
+        for i, s in enumerate(subs):
+            if s not in SUBSTRATES:
+                raise PolicyError(f"spec.decisions.granularity.substrates[{i}]: {s!r} is not one of "
+                                  f"{', '.join(SUBSTRATES)}")
+        clos = dec.get("closure") or {}
+        _mapping(clos, "spec.decisions.closure")
+        closure = clos.get("mode", "structural")
+        if closure not in CLOSURES:
+            raise PolicyError(f"spec.decisions.closure.mode: {closure!r} is not one of {', '.join(CLOSURES)}")
+        conf = dec.get("confidence") or {}
+        _mapping(conf, "spec.decisions.confidence")
+        for fld in ("minCount", "minSessions"):
+            if fld in conf:
+                v = conf[fld]
+                _mapping(v, f"spec.decisions.confidence.{fld}")
+                for s, n in v.items():
+                    if s not in SUBSTRATES:
+                        raise PolicyError(f"spec.decisions.confidence.{fld}.{s}: unknown substrate")
+                    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                        raise PolicyError(f"spec.decisions.confidence.{fld}.{s}: {n!r} is not a "
+                                          f"non-negative integer")
+        low = conf.get("lowConfidence", False)
+        if not isinstance(low, bool):
+            raise PolicyError(f"spec.decisions.confidence.lowConfidence: {low!r} is not a boolean")
+        validity = _validity(dec.get("validity") or {}, "spec.decisions.validity")
+
+        allow = spec.get("allow") or {}
+        _mapping(allow, "spec.allow")
+        _known(allow, _ALLOW_FIELDS, "spec.allow")
+        syscalls = _list(allow.get("syscalls") or [], "spec.allow.syscalls")
+        for i, s in enumerate(syscalls):
+            if not isinstance(s, str) or not _SYSCALL_RE.match(s):
+                raise PolicyError(f"spec.allow.syscalls[{i}]: {s!r} is not a syscall name")
+        egress = tuple(EgressRule.from_dict(r, f"spec.allow.egress[{i}]")
+                       for i, r in enumerate(_list(allow.get("egress") or [], "spec.allow.egress")))
+        execs = _list(allow.get("execs") or [], "spec.allow.execs")
+        for i, e in enumerate(execs):
+            _check_exec(e, f"spec.allow.execs[{i}]")
+
+        detection = _list(spec.get("detection") or [], "spec.detection")
+        for i, r in enumerate(detection):
+            p = f"spec.detection[{i}]"
+            _mapping(r, p)
+            _str(r.get("key"), f"{p}.key")
+            for k in ("mean", "std", "k"):
+                v = r.get(k)
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                    raise PolicyError(f"{p}.{k}: {v!r} is not a non-negative number")
+            s = r.get("sessions")
+            if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+                raise PolicyError(f"{p}.sessions: {s!r} is not a non-negative integer")
+        provenance = _list(spec.get("provenance") or [], "spec.provenance")
+        for i, r in enumerate(provenance):
+            _mapping(r, f"spec.provenance[{i}]")
+            _str(r.get("entry"), f"spec.provenance[{i}].entry")
+            _str(r.get("rule"), f"spec.provenance[{i}].rule")
+        review = _list(spec.get("review") or [], "spec.review")
+        for i, r in enumerate(review):
+            _mapping(r, f"spec.review[{i}]")
+            _str(r.get("key"), f"spec.review[{i}].key")
+        watch = _list(spec.get("watch") or [], "spec.watch")
+        for i, k in enumerate(watch):
+            _str(k, f"spec.watch[{i}]")
+            try:
+                substrate_of(k)
+            except BehaviourKeyError:
+                raise PolicyError(f"spec.watch[{i}]: {k!r} is not a behaviour key") from None
+
+        return cls(
+            workload=workload, mode=mode, substrates=tuple(subs), closure=closure,
+            syscalls=tuple(syscalls), egress=egress, execs=tuple(execs), watch=tuple(watch),
+            detection=tuple(dict(r) for r in detection), decisions=_plain(dec),
+            provenance=tuple(_plain(r) for r in provenance), review=tuple(_plain(r) for r in review),
+            validity=validity, low_confidence=low, name=name or "",
+        )
+
+
+def policy_name(workload: Workload) -> str:
+    """A DNS-1123 name for the policy of ``workload`` (at most 63 characters)."""
+    raw = f"{workload.name}-{workload.container}"
+    if workload.kind not in ("Deployment", "Unit"):
+        raw = f"{workload.kind}-{raw}"
+    name = _NAME_RE.sub("-", raw.lower()).strip("-.") or "workload"
+    if len(name) > 63:
+        digest = hashlib.sha256(workload.key.encode()).hexdigest()[:8]
+        name = name[:54].rstrip("-.") + "-" + digest
+    return name
+
+
+# ---- files ----------------------------------------------------------------------------------
+
+
+def dump_policy(policy: Policy, fmt: str = "yaml") -> str:
+    """Deterministic text: equal policies give byte-identical output."""
+    data = policy.to_dict()
+    if fmt == "json":
+        return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    if fmt == "yaml":
+        return yaml.safe_dump(data, sort_keys=True, default_flow_style=False, allow_unicode=True, width=4096)
+    raise PolicyError(f"unknown policy format {fmt!r} (want yaml or json)")
+
+
+def parse_policy(text: str, source: str = "policy") -> Policy:
+    """Parse YAML or JSON text; :class:`PolicyError` names ``source`` and the field."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise PolicyError(f"{source}: not valid YAML or JSON{where}: {problem}") from None
+    if data is None:
+        raise PolicyError(f"{source}: empty document")
+    try:
+        return Policy.from_dict(data)
+    except PolicyError as e:
+        raise PolicyError(f"{source}: {e}") from None
+
+
+def load_policy(path) -> Policy:
+    """Load a policy file (YAML or JSON). Every problem is one :class:`PolicyError` line."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise PolicyError(f"{p}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise PolicyError(f"{p}: not a text file") from None
+    return parse_policy(text, str(p))
+
+
+# ---- times ----------------------------------------------------------------------------------
+
+
+def iso_time(ts: float | None) -> str | None:
+    """Seconds since the epoch as ``2026-11-26T15:23:59Z`` (whole seconds, UTC)."""
+    if ts is None:
+        return None
+    return _dt.datetime.fromtimestamp(math.floor(ts), _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(v: Any, path: str) -> _dt.datetime:
+    if isinstance(v, _dt.datetime):
+        return v if v.tzinfo else v.replace(tzinfo=_dt.timezone.utc)
+    if not isinstance(v, str):
+        raise PolicyError(f"{path}: {v!r} is not a time")
+    try:
+        t = _dt.datetime.fromisoformat(v.replace("Z", "+00:00"))
+    except ValueError:
+        raise PolicyError(f"{path}: {v!r} is not an ISO 8601 time") from None
+    return t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
+
+
+# ---- schema helpers -------------------------------------------------------------------------
+
+
+def _mapping(v: Any, path: str) -> None:
+    if not isinstance(v, dict):
+        what = "missing" if v is None else f"a {type(v).__name__}"
+        raise PolicyError(f"{path}: expected a mapping, got {what}")
+
+
+def _list(v: Any, path: str) -> list:
+    if not isinstance(v, list):
+        raise PolicyError(f"{path}: expected a list, got a {type(v).__name__}")
+    return v
+
+
+def _str(v: Any, path: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise PolicyError(f"{path}: missing or not a non-empty string")
+    return v
+
+
+def _port(v: Any, path: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 < v < 65536:
+        raise PolicyError(f"{path}: {v!r} is not a port (1-65535)")
+    return v
+
+
+def _known(d: dict, fields: tuple[str, ...], path: str) -> None:
+    for k in d:
+        if k not in fields:
+            where = f"{path}.{k}" if path else str(k)
+            raise PolicyError(f"{where}: unknown field (expected one of {', '.join(fields)})")
+
+
+def _check_exec(e: Any, path: str) -> None:
+    if not isinstance(e, str) or not e.startswith("/"):
+        raise PolicyError(f"{path}: {e!r} is not an absolute path or /directory/* pattern")
+    if "*" in e[:-1] or (e.endswith("*") and not e.endswith("/*")):
+        raise PolicyError(f"{path}: {e!r}: '*' is only allowed as a whole last component (/dir/*)")
+
+
+def _validity(v: Any, path: str) -> dict:
+    _mapping(v, path)
+    out = _plain(v)
+    fp = out.get("fingerprint", {}) or {}
+    _mapping(fp, f"{path}.fingerprint")
+    for k, vals in fp.items():
+        if isinstance(vals, str):
+            fp[k] = [vals]
+        elif not isinstance(vals, list) or not all(isinstance(x, str) for x in vals):
+            raise PolicyError(f"{path}.fingerprint.{k}: expected a string or a list of strings")
+    if fp:
+        out["fingerprint"] = fp
+    trig = out.get("triggers", []) or []
+    for i, t in enumerate(_list(trig, f"{path}.triggers")):
+        _mapping(t, f"{path}.triggers[{i}]")
+        _str(t.get("name"), f"{path}.triggers[{i}].name")
+    for k in ("derivedAt", "expiresAt"):
+        if out.get(k) is not None:
+            out[k] = iso_time(parse_time(out[k], f"{path}.{k}").timestamp())
+    return out
+
+
+def _plain(v: Any) -> Any:
+    """A deep copy made of dict/list/str/int/float/bool/None, with timestamps as ISO strings."""
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, _dt.datetime):
+        return iso_time((v if v.tzinfo else v.replace(tzinfo=_dt.timezone.utc)).timestamp())
+    return v
