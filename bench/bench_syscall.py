@@ -1,0 +1,325 @@
+"""Per-syscall cost of watching syscalls: Envelope's sensor against the floor and its peers.
+
+A C loop (``bench/progs/getppid_loop.c``) makes N ``getppid()`` calls and prints the nanoseconds
+per call. It runs with nothing attached (bare), with an empty raw tracepoint on ``sys_enter`` (the
+floor: the least any sys_enter observer can cost), with Envelope's sensor attached and polled, with
+bpftrace counting by (cgroup, syscall id), and under ``strace -f -c``. The cost a tool adds is its
+ns/call minus bare's in the same repeat.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from . import build_programs, kill_process_group, parse_kv, progress, ratio, summarize
+
+TITLE = "Per-syscall cost (getppid loop)"
+TARGETS = {"sensor_added / floor_added": "<= 1.25", "sensor_added / bpftrace_added": "<= 0.333"}
+CASES = ["bare", "floor", "sensor", "bpftrace", "strace"]
+FLOOR_C = "RAW_TRACEPOINT_PROBE(sys_enter) { return 0; }"
+BPFTRACE_PROG = "tracepoint:raw_syscalls:sys_enter { @[cgroup, args->id] = count(); }"
+NR_GETPPID = 110  # x86_64
+
+
+def method(quick: bool) -> str:
+    p = params(quick)
+    return (
+        f"`bench/progs/getppid_loop.c` makes N raw `getppid()` calls (after N/10 warm-up calls), "
+        f"timed with CLOCK_MONOTONIC, pinned to the last CPU. Cases: **bare** (nothing attached); "
+        f"**floor**: a BCC program with an empty `RAW_TRACEPOINT_PROBE(sys_enter)`; **sensor**: "
+        f"`sensor.probes.Sensor(ringbuf_pages=256, max_cgroups=1024)` attached, its ring buffer "
+        f"polled by a thread as the daemon does; **bpftrace** `{BPFTRACE_PROG}` (measured once it "
+        f"prints \"Attaching\"); **strace** `-f -c`. Each repeat sets up every case once, in a "
+        f"shuffled order, and runs the loop {p['runs']}× per case (N = {p['n']:,}; "
+        f"{p['n_strace']:,} under strace), keeping the median of those runs; {p['repeats']} repeats. "
+        f"*added* = case − bare of the same repeat; tables give the median over repeats and the "
+        f"min–max range. Each probe's own counts are checked against N so a probe that did not "
+        f"attach cannot pass as cheap."
+    )
+
+
+def params(quick: bool) -> dict:
+    if quick:
+        return {"repeats": 3, "runs": 3, "n": 1_000_000, "n_strace": 10_000}
+    return {"repeats": 9, "runs": 3, "n": 2_000_000, "n_strace": 30_000}
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _pin_last_cpu() -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpus[-1]})
+
+
+def loop_ns(loop: str, n: int, prefix: list[str] | None = None) -> float:
+    """Run the getppid loop once (optionally under ``prefix``, e.g. strace) and return ns/call."""
+    cmd = (prefix or []) + [loop, str(n)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_pin_last_cpu, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
+    for line in proc.stdout.splitlines():
+        if line.startswith("ns_per_call="):
+            return parse_kv(line)["ns_per_call"]
+    raise RuntimeError(f"{' '.join(cmd)} printed no ns_per_call: {proc.stdout[-300:]!r}")
+
+
+def median_of_runs(loop: str, n: int, runs: int) -> float:
+    vals = sorted(loop_ns(loop, n) for _ in range(runs))
+    return vals[len(vals) // 2]
+
+
+# --------------------------------------------------------------------------- the observers
+
+
+class Floor:
+    """An empty raw tracepoint on sys_enter, compiled once and attached only during its slot."""
+
+    def __init__(self):
+        from bcc import BPF
+        self.bpf = BPF(text=FLOOR_C)  # auto-attaches raw_tracepoint__sys_enter
+        self.bpf.detach_raw_tracepoint(tp=b"sys_enter")
+
+    def measure(self, loop: str, n: int, runs: int) -> tuple[float, str]:
+        self.bpf.attach_raw_tracepoint(tp=b"sys_enter", fn_name=b"raw_tracepoint__sys_enter")
+        try:
+            return median_of_runs(loop, n, runs), "empty program attached"
+        finally:
+            self.bpf.detach_raw_tracepoint(tp=b"sys_enter")
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+
+
+class SensorCase:
+    """Envelope's sensor, attached for the slot and polled by a thread like the daemon polls it."""
+
+    def __init__(self):
+        from sensor.probes import Sensor  # ImportError: the sensor is not built; reported as unavailable
+        self.Sensor = Sensor
+
+    def measure(self, loop: str, n: int, runs: int) -> tuple[float, str]:
+        sensor = self.Sensor(ringbuf_pages=256, max_cgroups=1024)
+        stop = threading.Event()
+        polls = [0]
+        errors: list[BaseException] = []
+
+        def poll_loop():
+            try:
+                while not stop.is_set():
+                    sensor.poll(100)
+                    polls[0] += 1
+            except BaseException as e:  # surfaced after the slot
+                errors.append(e)
+
+        try:
+            sensor.attach()
+            before = _getppid_total(sensor)
+            thread = threading.Thread(target=poll_loop, name="sensor-poll", daemon=True)
+            thread.start()
+            try:
+                value = median_of_runs(loop, n, runs)
+            finally:
+                stop.set()
+                thread.join(timeout=10)
+            if errors:
+                raise RuntimeError(f"sensor poll failed: {errors[0]!r}")
+            after = _getppid_total(sensor)
+            check = "polled in a thread"
+            if before is not None and after is not None:
+                counted = after - before
+                if counted < n * runs:
+                    raise RuntimeError(f"sensor counted {counted} getppid calls, expected >= {n * runs}")
+                check += f"; counted {counted:,} getppid"
+            return value, check
+        finally:
+            sensor.close()
+
+    def close(self) -> None:
+        pass
+
+
+def _getppid_total(sensor) -> int | None:
+    """Sum of the sensor's cumulative getppid counters over all cgroups, when its shape is known."""
+    try:
+        counts = sensor.syscall_counts()
+    except Exception:
+        return None
+    total, known = 0, False
+    items = counts.items() if isinstance(counts, dict) else counts
+    for item in items:
+        try:
+            key, value = item
+            if isinstance(key, tuple) and len(key) == 2:
+                known = True
+                if int(key[1]) == NR_GETPPID:
+                    total += int(value)
+        except (TypeError, ValueError):
+            return None
+    return total if known else None
+
+
+class Bpftrace:
+    """bpftrace counting by (cgroup, syscall id); started per slot, measured after "Attaching"."""
+
+    def measure(self, loop: str, n: int, runs: int) -> tuple[float, str]:
+        proc = subprocess.Popen(["bpftrace", "-e", BPFTRACE_PROG], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            seen = []
+            while True:
+                line = proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"bpftrace exited before attaching: {''.join(seen)[-500:]}")
+                seen.append(line)
+                if "Attaching" in line:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("bpftrace did not print 'Attaching' within 60 s")
+            time.sleep(1.0)  # "Attaching N probes..." is printed just before the attach itself
+            value = median_of_runs(loop, n, runs)
+            proc.send_signal(2)  # SIGINT: bpftrace prints its map and exits
+            out, _ = proc.communicate(timeout=30)
+            counts = [int(c) for c in re.findall(rf"@\[\d+, {NR_GETPPID}\]: (\d+)", out)]
+            if not counts or max(counts) < n * runs:
+                raise RuntimeError(f"bpftrace counted {max(counts, default=0)} getppid calls, expected >= {n * runs}")
+            return value, f"counted {max(counts):,} getppid"
+        finally:
+            kill_process_group(proc)
+
+    def close(self) -> None:
+        pass
+
+
+class Strace:
+    """The loop run under ``strace -f -c`` (fewer iterations: ptrace makes each call slow)."""
+
+    def __init__(self, n_strace: int):
+        self.n = n_strace
+
+    def measure(self, loop: str, n: int, runs: int) -> tuple[float, str]:
+        with tempfile.NamedTemporaryFile(prefix="envelope-bench-strace-", suffix=".txt") as summary:
+            value = loop_ns(loop, self.n, prefix=["strace", "-f", "-c", "-o", summary.name])
+            text = Path(summary.name).read_text()
+        m = re.search(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?getppid\s*$", text, re.M)
+        if not m or int(m.group(1)) < self.n:
+            raise RuntimeError(f"strace summary shows no {self.n} getppid calls: {text[-400:]!r}")
+        return value, f"counted {int(m.group(1)):,} getppid"
+
+    def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run(quick: bool = False) -> dict:
+    p = params(quick)
+    progs = build_programs(["getppid_loop"])
+    loop = progs["getppid_loop"]
+    cases: dict[str, object] = {}
+    unavailable: dict[str, str] = {}
+    notes: list[str] = []
+    try:
+        cases["bare"] = None
+        for name, make in (("floor", Floor), ("sensor", SensorCase), ("bpftrace", _bpftrace),
+                           ("strace", lambda: _strace(p["n_strace"]))):
+            try:
+                cases[name] = make()
+            except Exception as e:
+                unavailable[name] = f"{type(e).__name__}: {e}"
+                progress(f"{name}: unavailable ({unavailable[name]})")
+
+        values: dict[str, list[float]] = {c: [] for c in CASES}
+        added: dict[str, list[float]] = {c: [] for c in CASES}
+        checks: dict[str, str] = {}
+        rng = random.Random(20261126)
+        for rep in range(p["repeats"]):
+            order = [c for c in CASES if c in cases]
+            rng.shuffle(order)
+            this: dict[str, float] = {}
+            for name in order:
+                progress(f"repeat {rep + 1}/{p['repeats']}: {name}")
+                try:
+                    if cases[name] is None:
+                        this[name] = median_of_runs(loop, p["n"], p["runs"])
+                    else:
+                        this[name], checks[name] = cases[name].measure(loop, p["n"], p["runs"])
+                except Exception as e:
+                    unavailable[name] = f"{type(e).__name__}: {e}"
+                    progress(f"{name}: failed, dropped from the run ({unavailable[name]})")
+                    closer = cases.pop(name)
+                    if closer is not None:
+                        closer.close()
+            for name, v in this.items():
+                values[name].append(v)
+                if "bare" in this and name in cases:
+                    added[name].append(v - this["bare"])
+    finally:
+        for c in cases.values():
+            if c is not None:
+                try:
+                    c.close()
+                except Exception:
+                    pass
+        progs.cleanup()
+
+    stats = {c: summarize(values[c]) for c in CASES}
+    add = {c: summarize(added[c]) for c in CASES}
+    bare = stats["bare"]["median"]
+    rows = []
+    for c in CASES:
+        s, a = stats[c], add[c]
+        if c in unavailable and c not in cases:
+            rows.append({"case": c, "ns/call": None, "range": None, "added ns": None, "added range": None,
+                         "× bare": None, "repeats": s["n"], "check": f"unavailable: {unavailable[c]}"})
+            continue
+        rows.append({
+            "case": c,
+            "ns/call": s["median"],
+            "range": [s["min"], s["max"]] if s["n"] else None,
+            "added ns": a["median"] if c != "bare" else 0.0,
+            "added range": [a["min"], a["max"]] if c != "bare" and a["n"] else None,
+            "× bare": ratio(s["median"], bare),
+            "repeats": s["n"],
+            "check": checks.get(c, ""),
+        })
+
+    def added_ratio(num: str, den: str) -> dict | None:
+        value = ratio(add[num]["median"], add[den]["median"])
+        if value is None:
+            return None
+        per_repeat = [ratio(x, y) for x, y in zip(added[num], added[den]) if y]
+        return {"value": value, "range": [min(per_repeat), max(per_repeat)] if per_repeat else None}
+
+    ratios = {
+        "sensor_added / floor_added": added_ratio("sensor", "floor"),
+        "sensor_added / bpftrace_added": added_ratio("sensor", "bpftrace"),
+        "floor_added ns": add["floor"]["median"],
+        "bpftrace_added / floor_added": added_ratio("bpftrace", "floor"),
+        "strace / bare": ratio(stats["strace"]["median"], bare),
+    }
+    for c, reason in unavailable.items():
+        notes.append(f"{c}: {reason}")
+    return {"title": TITLE, "method": method(quick), "rows": rows, "ratios": ratios, "targets": TARGETS,
+            "notes": notes, "params": p}
+
+
+def _bpftrace() -> Bpftrace:
+    if subprocess.run(["which", "bpftrace"], capture_output=True).returncode != 0:
+        raise RuntimeError("bpftrace not installed (make setup)")
+    return Bpftrace()
+
+
+def _strace(n: int) -> Strace:
+    if subprocess.run(["which", "strace"], capture_output=True).returncode != 0:
+        raise RuntimeError("strace not installed (make setup)")
+    return Strace(n)
