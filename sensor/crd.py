@@ -1,0 +1,578 @@
+"""WorkloadProfile custom resources: each node's partial profile, published to the cluster.
+
+Kubernetes is Envelope's distributed store. Every node's daemon publishes, per workload, its own
+:class:`~sensor.profile.NodeContribution` as one or more ``WorkloadProfile`` objects
+(``envelope.dev/v1alpha1``) in the Envelope namespace; no other writer touches them. Any reader
+lists a workload's objects, reassembles them and merges the nodes' contributions with
+:meth:`Profile.merge <sensor.profile.Profile.merge>` (per node, the newest contribution wins;
+counts sum over nodes, sessions union, first seen is the minimum and last seen the maximum). The
+result is deterministic, commutative and idempotent: the same objects read twice add nothing.
+
+Compact form (``spec.encoding: msgpack+zlib+base64``)
+    The payload is ``msgpack({"schema", "workload", "contribution"})`` with the contribution in
+    the form of :meth:`NodeContribution.pack`, compressed with zlib at level 9 and base64
+    encoded. Packing is sorted, so the same contribution always gives byte-identical data and the
+    same ``spec.chunk.digest`` (SHA-256 of the base64 text); an unchanged contribution is not
+    rewritten.
+
+Size and chunking
+    etcd refuses objects over about 1.5 MiB. The base64 text is cut into chunks of at most
+    ``chunk_size`` characters (default 1,000,000, which leaves room for metadata and managed
+    fields). Chunk 0, the *head*, has a fixed name per (workload, node) and carries the chunk
+    count, the digest and a readable summary; chunks 1..n-1, the *tails*, are named after the
+    digest. A writer creates the new tails first, then updates the head, then deletes tails of
+    other digests, so any consistent list of the objects holds a complete set for each head it
+    contains. A reader takes only complete sets whose digest checks out and reports the rest.
+
+Names and labels
+    ``metadata.name`` is DNS-1123 safe: a readable stem from namespace, workload name, container
+    and node, cut to fit, then a hash of the exact workload key and node (``-<10 hex>``), so two
+    workloads never share a name. Labels: ``envelope.dev/workload`` (SHA-256 prefix of the
+    workload key; a label value cannot hold the key itself), ``envelope.dev/node``,
+    ``envelope.dev/chunk-index``, ``envelope.dev/chunk-count``, ``envelope.dev/digest`` and
+    ``app.kubernetes.io/managed-by: envelope``; readers select by the workload label and then
+    check ``spec.workload`` exactly.
+
+API calls go through :func:`call_with_retry`: transient failures (connection errors, 408, 429,
+5xx) are retried with capped exponential backoff and jitter; the daemon's :meth:`publish
+<ClusterProfiles.publish>` never raises on an API failure, it returns what happened.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as _dt
+import hashlib
+import random
+import re
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, TypeVar
+
+import msgpack
+import structlog
+
+from .profile import SCHEMA_VERSION, NodeContribution, Profile
+from .workload import Workload, substrate_of
+
+log = structlog.get_logger("envelope.crd")
+
+GROUP = "envelope.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "WorkloadProfile"
+PLURAL = "workloadprofiles"
+DEFAULT_NAMESPACE = "envelope-system"
+ENCODING = "msgpack+zlib+base64"
+DEFAULT_CHUNK_SIZE = 1_000_000  # base64 characters per object; etcd's limit is ~1.5 MiB per object
+MAX_CHUNKS = 64
+FIELD_MANAGER = "envelope-daemon"
+
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_WORKLOAD = "envelope.dev/workload"
+LABEL_NODE = "envelope.dev/node"
+LABEL_CHUNK_INDEX = "envelope.dev/chunk-index"
+LABEL_CHUNK_COUNT = "envelope.dev/chunk-count"
+LABEL_DIGEST = "envelope.dev/digest"
+LABEL_WORKLOAD_NAMESPACE = "envelope.dev/workload-namespace"
+LABEL_WORKLOAD_NAME = "envelope.dev/workload-name"
+
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_NOT_DNS = re.compile(r"[^a-z0-9-]+")
+
+
+class ProfileCRError(ValueError):
+    """A WorkloadProfile object that cannot be decoded."""
+
+
+class ClusterApiError(Exception):
+    """A Kubernetes API call that failed for good (after retries, or with a permanent error)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+# ---- names and labels ------------------------------------------------------------------------
+
+
+def _hash(text: str, n: int) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def dns_stem(text: str, limit: int) -> str:
+    """``text`` lowered to DNS-1123 label characters, runs of others as one ``-``, cut to
+    ``limit`` and trimmed so it starts and ends with a letter or digit (may be empty)."""
+    s = _NOT_DNS.sub("-", text.lower())[:limit]
+    return s.strip("-")
+
+
+def label_value(text: str) -> str:
+    """``text`` when it is a valid label value, else ``h-`` and a hash prefix of it."""
+    if len(text) <= 63 and _LABEL_VALUE.match(text):
+        return text
+    return "h-" + _hash(text, 40)
+
+
+def workload_label(workload: Workload) -> str:
+    return _hash(workload.key, 40)
+
+
+def object_name(workload: Workload, node: str) -> str:
+    """The head object's name for ``workload`` on ``node`` (at most 63 characters)."""
+    stem = dns_stem(f"{workload.namespace}-{workload.name}-{workload.container}-{node}", 52)
+    h = _hash(f"{workload.key}\n{node}", 10)
+    return f"{stem}-{h}" if stem else f"wp-{h}"
+
+
+def chunk_name(head: str, digest: str, index: int) -> str:
+    """A tail chunk's name: the head's name, the payload digest, the index."""
+    return f"{head[:40].rstrip('-')}-{digest[:10]}-{index}"
+
+
+# ---- compact form ----------------------------------------------------------------------------
+
+
+def encode_contribution(workload: Workload, contribution: NodeContribution) -> str:
+    """The compact text form (msgpack, zlib, base64) of one node's contribution."""
+    payload = {"schema": SCHEMA_VERSION, "workload": workload.to_dict(),
+               "contribution": contribution.pack()}
+    raw = msgpack.packb(payload, use_bin_type=True)
+    return base64.b64encode(zlib.compress(raw, 9)).decode("ascii")
+
+
+def decode_contribution(data: str) -> tuple[Workload, NodeContribution]:
+    try:
+        raw = zlib.decompress(base64.b64decode(data.encode("ascii"), validate=True))
+        payload = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    except (binascii.Error, zlib.error, ValueError, msgpack.UnpackException, UnicodeEncodeError) as e:
+        raise ProfileCRError(f"payload does not decode ({type(e).__name__}: {e})") from e
+    if not isinstance(payload, dict) or payload.get("schema") != SCHEMA_VERSION:
+        schema = payload.get("schema") if isinstance(payload, dict) else None
+        raise ProfileCRError(f"unsupported payload schema {schema!r} (this build reads {SCHEMA_VERSION})")
+    try:
+        return Workload.from_dict(payload["workload"]), NodeContribution.unpack(payload["contribution"])
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise ProfileCRError(f"payload is not a node contribution ({type(e).__name__}: {e})") from e
+
+
+def _rfc3339(ts: float) -> str:
+    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _summary(contribution: NodeContribution) -> dict:
+    per = {"syscall": 0, "egress": 0, "exec": 0}
+    for key in contribution.behaviours:
+        per[substrate_of(key)] += 1
+    return {
+        "behaviours": len(contribution.behaviours),
+        "syscalls": per["syscall"],
+        "egress": per["egress"],
+        "execs": per["exec"],
+        "sessions": len(contribution.sessions),
+        "closedSessions": contribution.closed_sessions,
+        "lost": sum(contribution.loss.values()),
+        "capped": contribution.capped,
+    }
+
+
+def contribution_to_crs(workload: Workload, contribution: NodeContribution,
+                        namespace: str = DEFAULT_NAMESPACE,
+                        chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[dict]:
+    """The WorkloadProfile objects for one node's contribution: the head first, then tails.
+
+    Pure and deterministic: the same contribution gives the same objects.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    data = encode_contribution(workload, contribution)
+    digest = hashlib.sha256(data.encode("ascii")).hexdigest()
+    pieces = [data[i:i + chunk_size] for i in range(0, len(data), chunk_size)] or [""]
+    if len(pieces) > MAX_CHUNKS:
+        raise ProfileCRError(
+            f"{workload.key} on {contribution.node}: {len(data)} bytes of profile need {len(pieces)} "
+            f"chunks of {chunk_size}, more than {MAX_CHUNKS}; lower the behaviour caps")
+    head = object_name(workload, contribution.node)
+    base_labels = {
+        LABEL_MANAGED_BY: "envelope",
+        LABEL_WORKLOAD: workload_label(workload),
+        LABEL_NODE: label_value(contribution.node),
+        LABEL_CHUNK_COUNT: str(len(pieces)),
+        LABEL_DIGEST: digest[:40],
+    }
+    for key, value in ((LABEL_WORKLOAD_NAMESPACE, workload.namespace), (LABEL_WORKLOAD_NAME, workload.name)):
+        if len(value) <= 63 and _LABEL_VALUE.match(value):
+            base_labels[key] = value
+    out = []
+    for index, piece in enumerate(pieces):
+        spec: dict[str, Any] = {
+            "workload": workload.to_dict(),
+            "node": contribution.node,
+            "generation": contribution.generation,
+            "updated": _rfc3339(contribution.updated),
+            "schema": SCHEMA_VERSION,
+            "encoding": ENCODING,
+            "chunk": {"index": index, "count": len(pieces), "digest": digest, "size": len(data)},
+            "data": piece,
+        }
+        if index == 0:
+            spec["summary"] = _summary(contribution)
+        out.append({
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "metadata": {
+                "name": head if index == 0 else chunk_name(head, digest, index),
+                "namespace": namespace,
+                "labels": dict(sorted((base_labels | {LABEL_CHUNK_INDEX: str(index)}).items())),
+            },
+            "spec": spec,
+        })
+    return out
+
+
+def profile_to_crs(profile: Profile, namespace: str = DEFAULT_NAMESPACE,
+                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[dict]:
+    """Every node's objects for a profile, nodes in name order."""
+    out: list[dict] = []
+    for node in sorted(profile.nodes):
+        out += contribution_to_crs(profile.workload, profile.nodes[node], namespace, chunk_size)
+    return out
+
+
+@dataclass(frozen=True)
+class Problem:
+    """An object or chunk set a reader skipped, and why."""
+
+    name: str
+    reason: str
+
+
+@dataclass
+class Assembly:
+    profiles: dict[Workload, Profile] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+
+def _spec_of(obj: dict) -> tuple[str, Workload, str, dict]:
+    name = str((obj.get("metadata") or {}).get("name", "?"))
+    spec = obj.get("spec")
+    if obj.get("kind", KIND) != KIND or not isinstance(spec, dict):
+        raise ProfileCRError("not a WorkloadProfile")
+    try:
+        workload = Workload.from_dict(spec["workload"])
+        node = str(spec["node"])
+        chunk = spec["chunk"]
+        info = {"index": int(chunk["index"]), "count": int(chunk["count"]),
+                "digest": str(chunk["digest"]), "data": str(spec["data"]),
+                "encoding": spec.get("encoding", ENCODING)}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ProfileCRError(f"malformed spec ({type(e).__name__}: {e})") from e
+    return name, workload, node, info
+
+
+def assemble(objects: Iterable[dict]) -> Assembly:
+    """Reassemble chunks, decode each node's contribution and merge per workload.
+
+    Pure: the result depends only on the set of objects, not on their order or repetition.
+    Incomplete chunk sets, bad digests and undecodable payloads are reported in ``problems``
+    and left out.
+    """
+    groups: dict[tuple[Workload, str], dict[str, dict[int, tuple[str, dict]]]] = {}
+    problems: list[Problem] = []
+    for obj in objects:
+        try:
+            name, workload, node, info = _spec_of(obj)
+        except ProfileCRError as e:
+            problems.append(Problem(str((obj.get("metadata") or {}).get("name", "?")), str(e)))
+            continue
+        if info["encoding"] != ENCODING:
+            problems.append(Problem(name, f"unknown encoding {info['encoding']!r}"))
+            continue
+        sets = groups.setdefault((workload, node), {})
+        sets.setdefault(info["digest"], {})[info["index"]] = (name, info)
+
+    contributions: dict[Workload, list[NodeContribution]] = {}
+    for (workload, node), sets in sorted(groups.items(), key=lambda kv: (kv[0][0].key, kv[0][1])):
+        for digest, chunks in sorted(sets.items()):
+            head = chunks.get(0)
+            if head is None:  # tails left over from an earlier version; its head has moved on
+                continue
+            count = head[1]["count"]
+            missing = [i for i in range(count) if i not in chunks]
+            if missing or any(c[1]["count"] != count for c in chunks.values()):
+                problems.append(Problem(head[0], f"incomplete chunk set: missing {missing} of {count}"))
+                continue
+            data = "".join(chunks[i][1]["data"] for i in range(count))
+            if hashlib.sha256(data.encode("ascii", "replace")).hexdigest() != digest:
+                problems.append(Problem(head[0], "chunk data does not match its digest"))
+                continue
+            try:
+                pw, contribution = decode_contribution(data)
+            except ProfileCRError as e:
+                problems.append(Problem(head[0], str(e)))
+                continue
+            if pw != workload or contribution.node != node:
+                problems.append(Problem(head[0], f"payload is for {pw.key} on {contribution.node}, "
+                                                 f"spec says {workload.key} on {node}"))
+                continue
+            contributions.setdefault(workload, []).append(contribution)
+
+    out = Assembly(problems=sorted(set(problems), key=lambda p: (p.name, p.reason)))
+    for workload in sorted(contributions):
+        merged = Profile(workload)
+        for c in contributions[workload]:
+            merged = merged.merge(Profile(workload, {c.node: c}))
+        out.profiles[workload] = merged
+    return out
+
+
+def crs_to_profile(objects: Iterable[dict], workload: Workload) -> Profile | None:
+    """The merged profile of one workload from a list of objects, or None if none is there."""
+    return assemble(objects).profiles.get(workload)
+
+
+# ---- API calls with retries ------------------------------------------------------------------
+
+T = TypeVar("T")
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+@dataclass
+class Backoff:
+    """Capped exponential backoff with full jitter. ``sleep`` and ``jitter`` are injectable."""
+
+    attempts: int = 5
+    base: float = 0.5
+    cap: float = 30.0
+    sleep: Callable[[float], None] = time.sleep
+    jitter: Callable[[], float] = random.random
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        d = min(self.cap, self.base * (2 ** attempt)) * (0.5 + 0.5 * self.jitter())
+        if retry_after is not None:
+            d = max(d, min(retry_after, self.cap))
+        return d
+
+
+def _status_of(exc: BaseException) -> int | None:
+    status = getattr(exc, "status", None)
+    return int(status) if isinstance(status, int) else None
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    headers = getattr(exc, "headers", None) or {}
+    try:
+        value = headers.get("Retry-After")
+        return float(value) if value is not None else None
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    from kubernetes.client.exceptions import ApiException
+    import urllib3.exceptions
+
+    if isinstance(exc, ApiException):
+        status = _status_of(exc)
+        return status is None or status == 0 or status in RETRYABLE_STATUS
+    return isinstance(exc, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError, OSError))
+
+
+def call_with_retry(fn: Callable[[], T], what: str, backoff: Backoff | None = None,
+                    on_retry: Callable[[str, BaseException], None] | None = None) -> T:
+    """Run ``fn``; retry transient API failures with backoff; raise :class:`ClusterApiError`
+    naming ``what`` once the attempts are spent or on a permanent error (4xx other than 408/429)."""
+    from kubernetes.client.exceptions import ApiException
+
+    backoff = backoff or Backoff()
+    last: BaseException | None = None
+    for attempt in range(max(1, backoff.attempts)):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - classified below, never swallowed silently
+            last = e
+            status = _status_of(e) if isinstance(e, ApiException) else None
+            if not _is_retryable(e):
+                reason = getattr(e, "reason", None) or type(e).__name__
+                raise ClusterApiError(f"{what}: HTTP {status} {reason}".rstrip(), status) from e
+            if on_retry is not None:
+                on_retry(what, e)
+            if attempt + 1 >= backoff.attempts:
+                break
+            delay = backoff.delay(attempt, _retry_after(e))
+            log.warning("kube api call failed, retrying", call=what, attempt=attempt + 1,
+                        status=status, error=f"{type(e).__name__}: {e}"[:300], delay=round(delay, 3))
+            backoff.sleep(delay)
+    status = _status_of(last) if last is not None else None
+    raise ClusterApiError(f"{what}: gave up after {backoff.attempts} attempts: "
+                          f"{type(last).__name__}: {str(last)[:200]}", status) from last
+
+
+# ---- the cluster client ----------------------------------------------------------------------
+
+
+def api_client(kubeconfig: str | None = None, context: str | None = None):
+    """A ``kubernetes`` ApiClient: in-cluster config inside a pod, else the kubeconfig."""
+    from kubernetes import client, config
+
+    if kubeconfig is None and context is None:
+        try:
+            config.load_incluster_config()
+            return client.ApiClient()
+        except config.ConfigException:
+            pass
+    cfg = client.Configuration()
+    try:
+        config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
+    except (config.ConfigException, OSError, TypeError) as e:
+        raise ClusterApiError(f"no Kubernetes API configuration (in-cluster or kubeconfig): {e}") from e
+    return client.ApiClient(cfg)
+
+
+@dataclass
+class PublishResult:
+    workload: Workload
+    node: str
+    ok: bool
+    written: int = 0  # objects applied
+    deleted: int = 0  # stale tail chunks removed
+    unchanged: bool = False
+    error: str | None = None
+
+
+class ClusterProfiles:
+    """Publish this node's contributions and read merged profiles through the API.
+
+    ``api`` is a ``kubernetes.client.CustomObjectsApi`` (or anything with its methods).
+    """
+
+    def __init__(self, api, namespace: str = DEFAULT_NAMESPACE, backoff: Backoff | None = None,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, field_manager: str = FIELD_MANAGER,
+                 on_api_error: Callable[[str, BaseException], None] | None = None):
+        self.api = api
+        self.namespace = namespace
+        self.backoff = backoff or Backoff()
+        self.chunk_size = chunk_size
+        self.field_manager = field_manager
+        self.on_api_error = on_api_error
+        self._published: dict[tuple[str, str], str] = {}  # (workload key, node) -> digest
+        self._chunks: dict[tuple[str, str], int] = {}  # (workload key, node) -> chunks last written
+
+    @classmethod
+    def from_api_client(cls, client, **kw) -> "ClusterProfiles":
+        from kubernetes.client import CustomObjectsApi
+        return cls(CustomObjectsApi(client), **kw)
+
+    def _call(self, fn: Callable[[], T], what: str) -> T:
+        return call_with_retry(fn, what, self.backoff, self.on_api_error)
+
+    # ---- writing -----------------------------------------------------------------------------
+
+    def publish(self, workload: Workload, contribution: NodeContribution) -> PublishResult:
+        """Write this node's contribution. Never raises on API failure: the result says."""
+        res = PublishResult(workload, contribution.node, ok=False)
+        try:
+            objs = contribution_to_crs(workload, contribution, self.namespace, self.chunk_size)
+        except ProfileCRError as e:
+            res.error = str(e)
+            log.error("profile not published", workload=workload.key, error=res.error)
+            return res
+        digest = objs[0]["spec"]["chunk"]["digest"]
+        key = (workload.key, contribution.node)
+        if self._published.get(key) == digest:
+            res.ok = res.unchanged = True
+            return res
+        try:
+            for obj in objs[1:] + objs[:1]:  # tails first, the head last: readers never see a torn set
+                self._apply(obj)
+                res.written += 1
+            if self._chunks.get(key, 0) != 1:  # tails may exist from before: clear the old ones
+                res.deleted = self._delete_stale(workload, contribution.node, digest)
+        except ClusterApiError as e:
+            res.error = str(e)
+            log.warning("profile not published", workload=workload.key, node=contribution.node,
+                        error=res.error)
+            return res
+        self._published[key] = digest
+        self._chunks[key] = len(objs)
+        res.ok = True
+        return res
+
+    def _apply(self, obj: dict) -> None:
+        name = obj["metadata"]["name"]
+        self._call(lambda: self.api.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name, obj,
+            field_manager=self.field_manager, force=True,
+            _content_type="application/apply-patch+yaml"), f"apply {PLURAL}/{name}")
+
+    def _delete_stale(self, workload: Workload, node: str, digest: str) -> int:
+        selector = f"{LABEL_WORKLOAD}={workload_label(workload)},{LABEL_NODE}={label_value(node)}"
+        deleted = 0
+        for obj in self._list(selector):
+            spec = obj.get("spec") or {}
+            if (spec.get("chunk") or {}).get("digest") == digest or spec.get("node") != node:
+                continue
+            try:
+                if Workload.from_dict(spec["workload"]) != workload:
+                    continue  # another workload whose key hashes to the same label prefix
+            except (KeyError, TypeError):
+                continue
+            name = obj["metadata"]["name"]
+            try:
+                self._call(lambda: self.api.delete_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, PLURAL, name), f"delete {PLURAL}/{name}")
+                deleted += 1
+            except ClusterApiError as e:
+                if e.status != 404:
+                    raise
+        return deleted
+
+    def remove(self, workload: Workload, node: str) -> int:
+        """Delete every object of ``workload`` from ``node`` (the workload is gone for good)."""
+        selector = f"{LABEL_WORKLOAD}={workload_label(workload)},{LABEL_NODE}={label_value(node)}"
+        n = 0
+        for obj in self._list(selector):
+            spec = obj.get("spec") or {}
+            if spec.get("node") != node:
+                continue
+            name = obj["metadata"]["name"]
+            try:
+                self._call(lambda: self.api.delete_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, PLURAL, name), f"delete {PLURAL}/{name}")
+                n += 1
+            except ClusterApiError as e:
+                if e.status != 404:
+                    raise
+        self._published.pop((workload.key, node), None)
+        self._chunks.pop((workload.key, node), None)
+        return n
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    def _list(self, selector: str | None = None) -> list[dict]:
+        items: list[dict] = []
+        token = None
+        while True:
+            kwargs: dict[str, Any] = {"limit": 200}
+            if selector:
+                kwargs["label_selector"] = selector
+            if token:
+                kwargs["_continue"] = token
+            page = self._call(lambda: self.api.list_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, **kwargs),
+                f"list {PLURAL} in {self.namespace}" + (f" ({selector})" if selector else ""))
+            items += list(page.get("items") or [])
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return items
+
+    def read(self, workload: Workload) -> tuple[Profile | None, list[Problem]]:
+        """The workload's profile merged across nodes, and any objects that were skipped."""
+        objs = self._list(f"{LABEL_WORKLOAD}={workload_label(workload)}")
+        assembly = assemble(objs)
+        return assembly.profiles.get(workload), assembly.problems
+
+    def read_all(self) -> Assembly:
+        return assemble(self._list(f"{LABEL_MANAGED_BY}=envelope"))
