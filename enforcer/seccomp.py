@@ -1,0 +1,445 @@
+"""Seccomp compilation: a policy's allowed syscalls as OCI JSON, an SPO SeccompProfile, or a
+libseccomp filter loaded in a child before ``execve``.
+
+The OCI and SPO compilers are pure and deterministic: the same policy, mode and options give
+byte-identical output, and nothing here reads the host (the target architecture is a parameter,
+not detected). Only :func:`build_filter`, :func:`filter_from_oci` and :func:`load_filter` touch
+libseccomp (Debian's ``python3-seccomp``); they import it lazily.
+
+Actions by mode:
+
+* ``enforce``: default ``SCMP_ACT_ERRNO`` returning :data:`DENY_ERRNO` (``EPERM``). EPERM is the
+  errno every runtime applies when a profile names none, so the SPO profile, which has no
+  ``defaultErrnoRet`` field, denies exactly like the OCI profile. The denial detector watches the
+  raw ``sys_exit`` tracepoint for ``-DENY_ERRNO`` on a syscall that never reached ``sys_enter``,
+  so the value is exported here and nowhere else.
+* ``alert``: default ``SCMP_ACT_LOG``: every syscall outside the policy is allowed and logged.
+* ``observe``: default ``SCMP_ACT_ALLOW`` with no rules: the filter changes nothing.
+
+Allowed syscalls carry no argument checks, so the kernel's seccomp action cache (5.11+) answers
+them without running the filter. Filters with many rules are built as a binary tree
+(``CTL_OPTIMIZE=2``, libseccomp 2.5+).
+
+Deliberate additions, each reported with its rule name in :attr:`CompiledSeccomp.report`:
+
+* ``runtime-completeness:<runtime>``: what the container runtime needs between loading the
+  filter and ``execve`` (see :mod:`enforcer.runtime`).
+* ``compat-fallback:enosys``: in enforce mode, ``clone3`` is answered with ``ENOSYS`` when the
+  policy allows ``clone`` but not ``clone3``. glibc 2.34+ tries ``clone3`` first and falls back to
+  ``clone`` only on ENOSYS; EPERM would make every thread creation fail for a workload recorded
+  under an older libc. This is a compatibility answer, not a denial the detector reports.
+* ``exception:<id>``: a syscall allowed by an active exception (:mod:`enforcer.exceptions`).
+
+No ``SECCOMP_FILTER_FLAG_*`` flags are emitted: runc 1.1 accepts them, but none is needed and
+older runtimes reject unknown flags.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import structlog
+
+from .runtime import RuntimeSet, runtime_set
+
+log = structlog.get_logger(__name__)
+
+MODES = ("observe", "alert", "enforce")
+
+#: errno returned by a denied syscall in enforce mode (the denial detector watches for it).
+DENY_ERRNO = errno.EPERM
+#: errno of the compatibility answers in :data:`ENOSYS_FALLBACKS`.
+COMPAT_ERRNO = errno.ENOSYS
+#: syscall -> the older syscall libc falls back to when it gets ENOSYS.
+ENOSYS_FALLBACKS = {"clone3": "clone"}
+
+POLICY_RULE = "policy"
+COMPAT_RULE = "compat-fallback:enosys"
+
+#: OCI architecture lists per target machine: the native ABI first, then the compat ABIs the
+#: kernel can run on it (a process can switch ABI, so each must be named or it falls to the
+#: filter's bad-architecture action).
+ARCHITECTURES = {
+    "x86_64": ("SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"),
+    "aarch64": ("SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"),
+}
+
+SPO_API_VERSION = "security-profiles-operator.x-k8s.io/v1beta1"
+SPO_KIND = "SeccompProfile"
+
+_SYSCALL_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+_DNS_LABEL = re.compile(r"[^a-z0-9.-]+")
+
+
+class SeccompCompileError(ValueError):
+    """A policy that cannot be compiled to a seccomp profile."""
+
+
+@dataclass(frozen=True)
+class ReportEntry:
+    syscall: str
+    action: str  # allow | errno:<n>
+    rule: str  # policy | runtime-completeness:runc | exception:<id> | compat-fallback:enosys
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return {"syscall": self.syscall, "action": self.action, "rule": self.rule,
+                "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class CompiledSeccomp:
+    """An OCI ``linux.seccomp`` object plus a report of where each rule came from."""
+
+    workload: str
+    mode: str
+    arch: str
+    runtime: str | None
+    profile: dict
+    report: tuple[ReportEntry, ...] = field(default_factory=tuple)
+    constrained: bool = True  # False when the policy leaves the syscall substrate out
+
+    def to_json(self) -> str:
+        return json.dumps(self.profile, indent=2, sort_keys=True) + "\n"
+
+    def report_dict(self) -> dict:
+        return {"workload": self.workload, "mode": self.mode, "arch": self.arch,
+                "runtime": self.runtime, "denyErrno": DENY_ERRNO,
+                "constrained": self.constrained,
+                "rules": [e.to_dict() for e in self.report]}
+
+    def allowed(self) -> tuple[str, ...]:
+        return tuple(sorted(e.syscall for e in self.report if e.action == "allow"))
+
+
+def policy_syscalls(policy) -> tuple[str, ...]:
+    """The policy's allowed syscall names, validated and sorted."""
+    names = set()
+    for name in policy.syscalls:
+        if not isinstance(name, str) or not _SYSCALL_NAME.match(name):
+            raise SeccompCompileError(f"policy {policy.workload}: bad syscall name {name!r}")
+        names.add(name)
+    return tuple(sorted(names))
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise SeccompCompileError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
+    return mode
+
+
+def compile_oci(policy, mode: str | None = None, *, runtime: str | None = None,
+                arch: str = "x86_64", extra_allow: Mapping[str, str] | None = None
+                ) -> CompiledSeccomp:
+    """Compile ``policy`` to an OCI seccomp profile.
+
+    ``mode`` defaults to the policy's mode. ``runtime`` names a container runtime whose
+    completeness set is added (``None``: none). ``extra_allow`` maps syscall names to the rule
+    that admits them (``exception:<id>``), for exceptions applied at compile time.
+    """
+    mode = _check_mode(mode or policy.mode)
+    try:
+        arches = ARCHITECTURES[arch]
+    except KeyError:
+        raise SeccompCompileError(
+            f"unknown target architecture {arch!r} (one of {', '.join(sorted(ARCHITECTURES))})"
+        ) from None
+    rset: RuntimeSet | None = None
+    if runtime:
+        try:
+            rset = runtime_set(runtime)
+        except ValueError as e:
+            raise SeccompCompileError(str(e)) from None
+
+    constrained = "syscall" in getattr(policy, "substrates", ("syscall",))
+    if not constrained:
+        # A substrate the policy leaves out is not constrained by it: allow everything.
+        mode = "observe"
+    own = policy_syscalls(policy)
+    own_set = set(own)
+    report: list[ReportEntry] = [ReportEntry(n, "allow", _policy_rule(policy, n)) for n in own]
+    extra_groups: list[tuple[str, list[str]]] = []
+    added = set(own_set)
+    for name, rule in sorted((extra_allow or {}).items()):
+        if not _SYSCALL_NAME.match(name):
+            raise SeccompCompileError(f"exception: bad syscall name {name!r}")
+        if name in added:
+            continue
+        added.add(name)
+        report.append(ReportEntry(name, "allow", rule))
+        _group(extra_groups, rule).append(name)
+    if rset is not None:
+        for name in rset.names():
+            if name in added:
+                continue
+            added.add(name)
+            report.append(ReportEntry(name, "allow", rset.rule, rset.syscalls[name]))
+            _group(extra_groups, rset.rule).append(name)
+    compat: list[str] = []
+    if mode == "enforce":
+        for name, older in sorted(ENOSYS_FALLBACKS.items()):
+            if name not in added and older in added:
+                compat.append(name)
+                report.append(ReportEntry(
+                    name, f"errno:{COMPAT_ERRNO}", COMPAT_RULE,
+                    f"libc falls back to {older} only on ENOSYS"))
+
+    profile: dict = {"architectures": list(arches)}
+    if mode == "observe":
+        profile["defaultAction"] = "SCMP_ACT_ALLOW"
+        profile["syscalls"] = []
+    else:
+        if mode == "enforce":
+            profile["defaultAction"] = "SCMP_ACT_ERRNO"
+            profile["defaultErrnoRet"] = DENY_ERRNO
+        else:
+            profile["defaultAction"] = "SCMP_ACT_LOG"
+        rules = []
+        if own:
+            rules.append({"names": list(own), "action": "SCMP_ACT_ALLOW",
+                          "comment": f"{POLICY_RULE}:{policy.workload}"})
+        for rule, names in extra_groups:
+            rules.append({"names": sorted(names), "action": "SCMP_ACT_ALLOW", "comment": rule})
+        if compat:
+            rules.append({"names": compat, "action": "SCMP_ACT_ERRNO",
+                          "errnoRet": COMPAT_ERRNO, "comment": COMPAT_RULE})
+        profile["syscalls"] = rules
+    report.sort(key=lambda e: (e.syscall, e.rule))
+    return CompiledSeccomp(str(policy.workload), mode, arch, rset.runtime if rset else None,
+                           profile, tuple(report), constrained)
+
+
+def _group(groups: list[tuple[str, list[str]]], rule: str) -> list[str]:
+    for r, names in groups:
+        if r == rule:
+            return names
+    groups.append((rule, []))
+    return groups[-1][1]
+
+
+def _policy_rule(policy, name: str) -> str:
+    """``policy:<rule>`` with the closure rule the policy's provenance names for the syscall."""
+    entry = f"syscall:{name}"
+    for p in getattr(policy, "provenance", ()) or ():
+        if isinstance(p, Mapping) and p.get("entry") == entry and p.get("rule"):
+            return f"{POLICY_RULE}:{p['rule']}"
+    return POLICY_RULE
+
+
+def k8s_name(*parts: str) -> str:
+    """A DNS-1123 subdomain made from ``parts`` (lower case, ``-`` for anything else)."""
+    raw = "-".join(p for p in parts if p).lower()
+    name = _DNS_LABEL.sub("-", raw).strip("-.")[:253].strip("-.")
+    if not name:
+        raise SeccompCompileError(f"cannot make a Kubernetes name from {parts!r}")
+    return name
+
+
+def compile_spo(policy, mode: str | None = None, *, runtime: str | None = None,
+                arch: str = "x86_64", extra_allow: Mapping[str, str] | None = None) -> dict:
+    """The policy as a Security Profiles Operator ``SeccompProfile`` (v1beta1).
+
+    The CRD has no ``defaultErrnoRet`` (runtimes then use EPERM, which is :data:`DENY_ERRNO`)
+    and no rule comment, so where each rule came from goes in annotations.
+    """
+    compiled = compile_oci(policy, mode, runtime=runtime, arch=arch, extra_allow=extra_allow)
+    oci = compiled.profile
+    w = policy.workload
+    spec: dict = {"defaultAction": oci["defaultAction"], "architectures": list(oci["architectures"])}
+    rules = []
+    for r in oci["syscalls"]:
+        rule = {"action": r["action"], "names": list(r["names"])}
+        if "errnoRet" in r:
+            rule["errnoRet"] = str(r["errnoRet"])
+        rules.append(rule)
+    if rules:
+        spec["syscalls"] = rules
+    added = {}
+    for e in compiled.report:
+        if e.rule != POLICY_RULE and not e.rule.startswith(POLICY_RULE + ":"):
+            added.setdefault(e.rule, []).append(e.syscall)
+    annotations = {
+        "envelope.dev/workload": str(w),
+        "envelope.dev/mode": compiled.mode,
+        "envelope.dev/deny-errno": str(DENY_ERRNO),
+    }
+    for rule, names in sorted(added.items()):
+        annotations[f"envelope.dev/{_DNS_LABEL.sub('-', rule.replace(':', '.')).strip('-.')}"] = \
+            ",".join(sorted(names))
+    return {
+        "apiVersion": SPO_API_VERSION,
+        "kind": SPO_KIND,
+        "metadata": {
+            "name": k8s_name(w.name, w.container),
+            "namespace": w.namespace,
+            "labels": {"app.kubernetes.io/managed-by": "envelope"},
+            "annotations": annotations,
+        },
+        "spec": spec,
+    }
+
+
+# ---- libseccomp (in-process filters) ----------------------------------------------------------
+
+_ARCH_ATTR = {
+    "SCMP_ARCH_X86_64": "X86_64", "SCMP_ARCH_X86": "X86", "SCMP_ARCH_X32": "X32",
+    "SCMP_ARCH_AARCH64": "AARCH64", "SCMP_ARCH_ARM": "ARM",
+    "SCMP_ARCH_MIPS": "MIPS", "SCMP_ARCH_MIPS64": "MIPS64", "SCMP_ARCH_MIPS64N32": "MIPS64N32",
+    "SCMP_ARCH_MIPSEL": "MIPSEL", "SCMP_ARCH_MIPSEL64": "MIPSEL64",
+    "SCMP_ARCH_MIPSEL64N32": "MIPSEL64N32", "SCMP_ARCH_PPC": "PPC", "SCMP_ARCH_PPC64": "PPC64",
+    "SCMP_ARCH_PPC64LE": "PPC64LE", "SCMP_ARCH_S390": "S390", "SCMP_ARCH_S390X": "S390X",
+    "SCMP_ARCH_PARISC": "PARISC", "SCMP_ARCH_PARISC64": "PARISC64", "SCMP_ARCH_RISCV64": "RISCV64",
+}
+# Go architecture names used by the containers-common profile's ``includes.arches``.
+_GO_ARCH = {"amd64": "SCMP_ARCH_X86_64", "x86": "SCMP_ARCH_X86", "x32": "SCMP_ARCH_X32",
+            "386": "SCMP_ARCH_X86", "arm64": "SCMP_ARCH_AARCH64", "arm": "SCMP_ARCH_ARM"}
+_OPS = {"SCMP_CMP_NE": "NE", "SCMP_CMP_LT": "LT", "SCMP_CMP_LE": "LE", "SCMP_CMP_EQ": "EQ",
+        "SCMP_CMP_GE": "GE", "SCMP_CMP_GT": "GT", "SCMP_CMP_MASKED_EQ": "MASKED_EQ"}
+#: Capabilities of a default (non-privileged) container, for ``includes.caps`` in the
+#: containers-common profile (the set runc and podman grant by default).
+DEFAULT_CONTAINER_CAPS = frozenset({
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE"})
+#: Rules above this many syscalls make libseccomp build a binary tree instead of a list.
+OPTIMIZE_THRESHOLD = 16
+
+
+def _action(sc, action: str, errno_ret: int | None, default_errno: int):
+    if action == "SCMP_ACT_ALLOW":
+        return sc.ALLOW
+    if action == "SCMP_ACT_ERRNO":
+        return sc.ERRNO(default_errno if errno_ret is None else int(errno_ret))
+    if action == "SCMP_ACT_LOG":
+        return sc.LOG
+    if action in ("SCMP_ACT_KILL", "SCMP_ACT_KILL_THREAD"):
+        return sc.KILL
+    if action == "SCMP_ACT_KILL_PROCESS":
+        return sc.KILL_PROCESS
+    if action == "SCMP_ACT_TRAP":
+        return sc.TRAP
+    if action == "SCMP_ACT_TRACE":
+        return sc.TRACE(0 if errno_ret is None else int(errno_ret))
+    raise SeccompCompileError(f"seccomp action {action!r} is not supported in-process")
+
+
+def _rule_applies(rule: Mapping, arches: set[str], caps: frozenset[str],
+                  kernel: tuple[int, ...]) -> bool:
+    inc = rule.get("includes") or {}
+    exc = rule.get("excludes") or {}
+    if inc.get("arches") and not {_GO_ARCH.get(a, a) for a in inc["arches"]} & arches:
+        return False
+    if inc.get("caps") and not set(inc["caps"]) <= caps:
+        return False
+    if inc.get("minKernel"):
+        want = tuple(int(x) for x in re.findall(r"\d+", inc["minKernel"])[:2])
+        if kernel < want:
+            return False
+    if exc.get("arches") and {_GO_ARCH.get(a, a) for a in exc["arches"]} & arches:
+        return False
+    if exc.get("caps") and set(exc["caps"]) & caps:
+        return False
+    return True
+
+
+def filter_from_oci(profile: Mapping, *, caps: Iterable[str] = DEFAULT_CONTAINER_CAPS,
+                    kernel: tuple[int, ...] = (99, 0), skipped: list | None = None):
+    """Build a libseccomp ``SyscallFilter`` from an OCI seccomp profile.
+
+    Reads our own profiles and the containers-common format (``archMap``, ``includes`` /
+    ``excludes`` by arch, capability and kernel, argument conditions). Names libseccomp does not
+    know are skipped, as runc does, and appended to ``skipped`` as ``(name, reason)``; rules with
+    the default action are no-ops and are left out.
+    """
+    import seccomp as sc
+
+    default_errno = int(profile.get("defaultErrnoRet", DENY_ERRNO))
+    default = _action(sc, profile["defaultAction"], profile.get("defaultErrnoRet"), DENY_ERRNO)
+    f = sc.SyscallFilter(default)
+    arch_names = list(profile.get("architectures") or [])
+    native = {v: k for k, v in _ARCH_ATTR.items()}
+    for m in profile.get("archMap") or []:
+        # containers-common lists every machine; take the entry of the native one.
+        if _ARCH_ATTR.get(m["architecture"]) and \
+                int(getattr(sc.Arch, _ARCH_ATTR[m["architecture"]])) & 0xFFFFFFFF == \
+                sc.system_arch() & 0xFFFFFFFF:
+            arch_names = [m["architecture"], *m.get("subArchitectures", [])]
+    active = set(arch_names) | {_native_arch_name(sc, native)}
+    for a in arch_names:
+        attr = _ARCH_ATTR.get(a)
+        if attr is None:
+            raise SeccompCompileError(f"unknown seccomp architecture {a!r}")
+        arch = getattr(sc.Arch, attr)
+        if not f.exist_arch(arch):
+            f.add_arch(arch)
+    caps = frozenset(caps)
+    rules = 0
+    for rule in profile.get("syscalls") or []:
+        if not _rule_applies(rule, active, caps, kernel):
+            continue
+        action = _action(sc, rule["action"], rule.get("errnoRet"), default_errno)
+        if action == default:
+            continue
+        args = [_arg(sc, a) for a in rule.get("args") or []]
+        for name in rule["names"]:
+            try:
+                f.add_rule(action, name, *args)
+                rules += 1
+            except RuntimeError as e:
+                why = "unknown to libseccomp" if "-22" in str(e) else str(e)
+                if skipped is not None:
+                    skipped.append((name, why))
+                log.warning("seccomp.rule_skipped", syscall=name, reason=why)
+    if rules > OPTIMIZE_THRESHOLD:
+        f.set_attr(sc.Attr.CTL_OPTIMIZE, 2)
+    return f
+
+
+def _native_arch_name(sc, table: Mapping[str, str]) -> str:
+    sysarch = sc.system_arch() & 0xFFFFFFFF
+    for attr, name in table.items():
+        if int(getattr(sc.Arch, attr)) & 0xFFFFFFFF == sysarch:
+            return name
+    return "SCMP_ARCH_NATIVE"
+
+
+def _arg(sc, a: Mapping):
+    op = _OPS.get(a["op"])
+    if op is None:
+        raise SeccompCompileError(f"unknown seccomp operator {a['op']!r}")
+    return sc.Arg(int(a["index"]), getattr(sc, op), int(a.get("value", 0)), int(a.get("valueTwo", 0)))
+
+
+def build_filter(policy, mode: str | None = None, *, runtime: str | None = None,
+                 arch: str | None = None, extra_allow: Mapping[str, str] | None = None,
+                 skipped: list | None = None):
+    """The policy as a libseccomp ``SyscallFilter``, for loading in a child before ``execve``.
+
+    Same rules as :func:`compile_oci` (no runtime set by default: an in-process filter has no
+    container runtime between load and exec). Syscall names libseccomp does not know are
+    skipped, logged and appended to ``skipped``.
+    """
+    if arch is None:
+        import platform
+        arch = "aarch64" if platform.machine() in ("aarch64", "arm64") else "x86_64"
+    compiled = compile_oci(policy, mode, runtime=runtime, arch=arch, extra_allow=extra_allow)
+    return filter_from_oci(compiled.profile, skipped=skipped)
+
+
+def load_filter(f) -> None:
+    """Load ``f`` into the calling thread; call it in the child, just before ``execve``.
+
+    libseccomp sets ``no_new_privs`` first (its default), so this works without CAP_SYS_ADMIN.
+    """
+    f.load()
+
+
+def preexec(f):
+    """A ``preexec_fn`` for :class:`subprocess.Popen` that loads ``f`` in the child."""
+    def _load() -> None:
+        f.load()
+    return _load
