@@ -1,0 +1,286 @@
+"""Event capacity: can the sensor keep up, with zero loss, with the exec and connect rates that two
+generator processes can make on this machine?
+
+Two C generators (``bench/progs/exec_gen.c``, ``connect_gen.c``) join a fresh cgroup v2 and run
+flat out for a fixed time, each counting exactly what it did. The sensor is attached in a separate
+process that drains its ring buffer the way the daemon does; it counts the exec and connect events
+whose cgroup id is the generators' cgroup. Zero loss means those counts equal the generators' own,
+exactly, and the kernel's loss counters did not move. A short run without the sensor gives the
+machine's rate for comparison.
+
+Run as ``python -m bench.bench_capacity drain CGROUP_ID`` it is that drain process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+
+from . import ROOT, Cgroup, build_programs, kill_process_group, parse_kv, progress, ratio
+
+TITLE = "Event capacity (exec and connect, 2 generators, zero loss)"
+GENERATORS = 2
+TARGETS = {
+    "exec events missing": "== 0",
+    "connect events missing": "== 0",
+    "kernel loss during run": "== 0",
+    "drain CPU cores (max of phases)": "<= 1",
+}
+
+
+def params(quick: bool) -> dict:
+    if quick:
+        return {"seconds": 10, "baseline_seconds": 5}
+    return {"seconds": 60, "baseline_seconds": 15}
+
+
+def method(quick: bool) -> str:
+    p = params(quick)
+    return (
+        f"{GENERATORS} generator processes per phase, written in C so they count exactly: "
+        f"`exec_gen` forks and execs a static no-op and counts children that exited 0 (their exec "
+        f"happened); `connect_gen` opens a TCP socket, connects to a listener on 127.0.0.1 "
+        f"(`tcp_sink`, 2 accepting processes outside the cgroup) and closes it with SO_LINGER 0, "
+        f"counting every connect() call. Each generator moves itself into a fresh cgroup v2 "
+        f"under the cgroup2 mount (read from /proc/self/mountinfo) *after* its own exec, so every "
+        f"exec/connect event in that cgroup is one the generators counted. With the sensor: "
+        f"`Sensor(ringbuf_pages=256, max_cgroups=1024)` is attached in a separate drain process "
+        f"that polls the ring buffer in a loop (and reads the syscall counters once a second) as "
+        f"the daemon does, counts exec and connect events for the cgroup id, and drains to empty "
+        f"after the generators stop. Sensor phases last {p['seconds']} s each; baseline phases "
+        f"without the sensor {p['baseline_seconds']} s. Drain CPU = user+system CPU of the drain "
+        f"process over the phase / wall time. Kernel loss = the sensor's ring-buffer reserve "
+        f"failure counters, before vs after."
+    )
+
+
+# --------------------------------------------------------------------------- the drain process
+
+
+def _loss_total(loss) -> int:
+    """Sum of the numbers in whatever structure ``Sensor.loss()`` returns."""
+    if isinstance(loss, dict):
+        return sum(_loss_total(v) for v in loss.values())
+    if isinstance(loss, (list, tuple)):
+        return sum(_loss_total(v) for v in loss)
+    if isinstance(loss, (int, float)):
+        return int(loss)
+    if hasattr(loss, "__dict__"):
+        return _loss_total(vars(loss))
+    return 0
+
+
+def drain_main(cgroup_id: int) -> int:
+    """Attach the sensor, count this cgroup's exec/connect events until told to stop, report JSON."""
+    from sensor.probes import Sensor
+
+    counts = {"exec": 0, "connect": 0, "other": 0, "events": 0}
+
+    def on_event(event) -> None:
+        counts["events"] += 1
+        kind = classify(event, cgroup_id)
+        if kind:
+            counts[kind] += 1
+
+    sensor = Sensor(ringbuf_pages=256, max_cgroups=1024)
+    try:
+        attach_with_callback(sensor, on_event)
+        loss0 = _loss_total(sensor.loss())
+        stop = threading.Event()
+        threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+        print(json.dumps({"ready": True}), flush=True)
+        next_counts = t0 + 1.0
+        while not stop.is_set():
+            dispatch(sensor, sensor.poll(100), on_event)
+            if time.monotonic() >= next_counts:
+                sensor.syscall_counts()
+                next_counts += 1.0
+        r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+        quiet = 0
+        while quiet < 5:  # drain to empty: five polls in a row that bring nothing
+            before = counts["events"]
+            dispatch(sensor, sensor.poll(100), on_event)
+            quiet = quiet + 1 if counts["events"] == before else 0
+        loss1 = _loss_total(sensor.loss())
+        cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+        print(json.dumps({"exec": counts["exec"], "connect": counts["connect"], "events": counts["events"],
+                          "kernel_loss": loss1 - loss0, "cpu_seconds": cpu, "wall_seconds": t1 - t0,
+                          "user_seconds": r1.ru_utime - r0.ru_utime}), flush=True)
+    finally:
+        sensor.close()
+    return 0
+
+
+def attach_with_callback(sensor, on_event) -> None:
+    sensor.attach()
+
+
+def dispatch(sensor, polled, on_event) -> None:
+    if polled is None or isinstance(polled, int):
+        return
+    for event in polled:
+        on_event(event)
+
+
+def classify(event, cgroup_id: int) -> str | None:
+    if getattr(event, "cgroup_id", None) != cgroup_id:
+        return None
+    name = type(event).__name__.lower()
+    if "exec" in name:
+        return "exec"
+    if "net" in name and getattr(event, "op", None) == 0:
+        return "connect"
+    return None
+
+
+class Drain:
+    """The drain process: started before a phase, stopped after it; returns its counts."""
+
+    def __init__(self, cgroup_id: int):
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.bench_capacity", "drain", str(cgroup_id)],
+                                     cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, start_new_session=True)
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read()
+            self.proc.wait()
+            last = (err.strip().splitlines() or ["no output"])[-1]
+            raise DrainUnavailable(f"drain exited {self.proc.returncode} before ready: {last}")
+        if not json.loads(line).get("ready"):
+            raise RuntimeError(f"drain said {line!r}")
+
+    def stop(self) -> dict:
+        try:
+            self.proc.stdin.write("stop\n")
+            self.proc.stdin.flush()
+            out, err = self.proc.communicate(timeout=120)
+        finally:
+            kill_process_group(self.proc)
+        lines = [l for l in out.splitlines() if l.strip()]
+        if self.proc.returncode != 0 or not lines:
+            raise RuntimeError(f"drain exited {self.proc.returncode}: {err.strip()[-800:]}")
+        return json.loads(lines[-1])
+
+    def kill(self) -> None:
+        kill_process_group(self.proc)
+
+
+class DrainUnavailable(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------- the phases
+
+
+def phase(progs, kind: str, seconds: float, with_sensor: bool, port: int) -> dict:
+    label = f"{kind} {'with sensor' if with_sensor else 'baseline'}"
+    drain = None
+    gens: list[subprocess.Popen] = []
+    with Cgroup(f"capacity-{kind}") as cg:
+        try:
+            if with_sensor:
+                progress(f"{label}: attaching the sensor in a drain process")
+                drain = Drain(cg.id)
+            for _ in range(GENERATORS):
+                if kind == "exec":
+                    cmd = [progs["exec_gen"], str(cg.procs), str(seconds), progs["true_static"]]
+                else:
+                    cmd = [progs["connect_gen"], str(cg.procs), str(seconds), str(port)]
+                gens.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            t0 = time.monotonic()
+            progress(f"{label}: {GENERATORS} generators running for {seconds} s")
+            next_report = t0 + 10
+            while any(g.poll() is None for g in gens):
+                time.sleep(0.5)
+                if time.monotonic() - t0 > seconds + 60:
+                    raise RuntimeError(f"{label}: generators still running {seconds + 60} s after start")
+                if time.monotonic() >= next_report:
+                    progress(f"{label}: {time.monotonic() - t0:.0f}/{seconds} s")
+                    next_report += 10
+            reports = []
+            for g in gens:
+                out, err = g.communicate()
+                if g.returncode != 0:
+                    raise RuntimeError(f"{label}: generator exited {g.returncode}: {err.strip()[-300:]}")
+                reports.append(parse_kv(out.strip().splitlines()[-1]))
+            seen = drain.stop() if drain else None
+            drain = None
+        finally:
+            for g in gens:
+                if g.poll() is None:
+                    g.kill()
+                    g.wait()
+            if drain is not None:
+                drain.kill()
+    key = "execs" if kind == "exec" else "connects"
+    done = int(sum(r[key] for r in reports))
+    failed = int(sum(r.get("failed", 0) for r in reports))
+    wall = max(r["seconds"] for r in reports)
+    row = {"case": label, "seconds": round(wall, 1), "generated": done, "rate /s": done / wall,
+           "failed calls": failed}
+    if seen is not None:
+        got = int(seen[kind])
+        row.update({"events seen": got, "missing": done - got, "kernel loss": int(seen["kernel_loss"]),
+                    "drain CPU cores": seen["cpu_seconds"] / seen["wall_seconds"],
+                    "drain user cores": seen["user_seconds"] / seen["wall_seconds"],
+                    "all events /s": seen["events"] / seen["wall_seconds"]})
+    progress(f"{label}: {done:,} in {wall:.1f} s" + (f", sensor saw {row['events seen']:,}" if seen else ""))
+    return row
+
+
+def run(quick: bool = False) -> dict:
+    p = params(quick)
+    progs = build_programs(["exec_gen", "connect_gen", "tcp_sink", "true_static"])
+    sink = None
+    rows: list[dict] = []
+    notes: list[str] = []
+    sensor_reason = None
+    try:
+        sink = subprocess.Popen([progs["tcp_sink"], "2"], stdout=subprocess.PIPE, text=True, start_new_session=True)
+        port = int(sink.stdout.readline().strip().split("=", 1)[1])
+        for kind in ("exec", "connect"):
+            rows.append(phase(progs, kind, p["baseline_seconds"], False, port))
+            if sensor_reason is None:
+                try:
+                    rows.append(phase(progs, kind, p["seconds"], True, port))
+                except DrainUnavailable as e:
+                    sensor_reason = str(e)
+                    progress(f"sensor unavailable: {sensor_reason}")
+    finally:
+        if sink is not None:
+            kill_process_group(sink)
+        progs.cleanup()
+
+    by = {r["case"]: r for r in rows}
+    ratios: dict = {}
+    for kind in ("exec", "connect"):
+        base, sens = by.get(f"{kind} baseline"), by.get(f"{kind} with sensor")
+        ratios[f"{kind} events missing"] = sens["missing"] if sens else None
+        ratios[f"{kind} rate with sensor / baseline"] = ratio(sens["rate /s"], base["rate /s"]) if sens else None
+    sensed = [r for r in rows if "kernel loss" in r]
+    ratios["kernel loss during run"] = sum(r["kernel loss"] for r in sensed) if sensed else None
+    ratios["drain CPU cores (max of phases)"] = max((r["drain CPU cores"] for r in sensed), default=None)
+    for r in sensed:
+        if r["failed calls"]:
+            notes.append(f"{r['case']}: {r['failed calls']} generator calls failed; a failed exec or "
+                         "connect may or may not produce an event, so exactness is only claimed for 0")
+    if sensor_reason:
+        notes.append(f"sensor phases unavailable: {sensor_reason}")
+    result = {"title": TITLE, "method": method(quick), "rows": rows, "ratios": ratios, "targets": TARGETS,
+              "notes": notes, "params": p}
+    if sensor_reason and not sensed:
+        result["unavailable"] = f"sensor: {sensor_reason}"
+    return result
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "drain":
+        sys.exit(drain_main(int(sys.argv[2])))
+    print(f"usage: {sys.argv[0]} drain CGROUP_ID", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,246 @@
+"""Footprint of ``envelope daemon``: resident memory and CPU, idle and with 100 live workloads.
+
+The daemon runs as it would on a node (``envelope --state-dir <tmp> daemon``). Once it logs
+"ready" it is sampled idle, then while 100 real cgroups each run a small steady workload
+(``bench/progs/workload.c``: a few syscalls, a file read, a fork+exec and a TCP connect every
+100 ms), then idle again after they stop. On SIGTERM it flushes; the profiles it wrote are read
+back to check that it really saw the workloads.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from . import (ROOT, Cgroup, build_programs, kill_process_group, process_cpu_seconds, process_rss_bytes,
+               progress, summarize, unavailable)
+
+TITLE = "Daemon footprint (RSS and CPU, idle and with 100 workloads)"
+TARGETS = {"peak RSS MB with 100 workloads": "<= 60"}
+WORKLOADS = 100
+PERIOD_MS = 100
+MB = 1024 * 1024
+
+
+def params(quick: bool) -> dict:
+    if quick:
+        return {"idle_s": 5, "load_s": 15, "after_s": 5}
+    return {"idle_s": 20, "load_s": 60, "after_s": 10}
+
+
+def method(quick: bool) -> str:
+    p = params(quick)
+    return (
+        f"`.venv/bin/envelope --state-dir <tmp> daemon` is started and waited for until it logs "
+        f"\"ready\" (probes attached). Its process tree (the daemon and any children) is then "
+        f"sampled every 0.5 s: RSS from `/proc/<pid>/statm`, CPU from `/proc/<pid>/stat` "
+        f"(user + system) over each phase. Phases: **idle** {p['idle_s']} s; **load** "
+        f"{p['load_s']} s with {WORKLOADS} workloads, each a process in its own new cgroup v2 "
+        f"(`bench/progs/workload.c`: getpid, uname, a read of /proc/self/stat, a fork+exec of a "
+        f"static no-op and a TCP connect to a local listener every {PERIOD_MS} ms, i.e. about "
+        f"{WORKLOADS * 1000 // PERIOD_MS:,} execs/s and connects/s in all); **after** "
+        f"{p['after_s']} s once they are gone. RSS is reported as median and peak per phase. "
+        f"Finally SIGTERM makes the daemon flush, and its profile store is read back to count how "
+        f"many of the {WORKLOADS} workloads it recorded."
+    )
+
+
+class Daemon:
+    """``envelope daemon`` as a subprocess, its log collected by a thread."""
+
+    def __init__(self, state_dir: Path):
+        exe = ROOT / ".venv" / "bin" / "envelope"
+        if not exe.exists():
+            found = shutil.which("envelope")
+            if not found:
+                raise FileNotFoundError(f"{exe} not found (make setup)")
+            exe = Path(found)
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self.proc = subprocess.Popen([str(exe), "--state-dir", str(state_dir), "daemon"], cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        self.reader = threading.Thread(target=self._read, name="daemon-log", daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if "ready" in line:
+                self.ready.set()
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready.wait(0.2):
+            if self.proc.poll() is not None:
+                self.reader.join(timeout=2)
+                raise DaemonUnavailable(f"daemon exited with status {self.proc.returncode} before "
+                                        f"ready: {' | '.join(self.lines[-5:])}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"daemon not ready after {timeout:.0f} s: {' | '.join(self.lines[-5:])}")
+
+    def pids(self) -> list[int]:
+        """The daemon and its descendants."""
+        pids, frontier = [self.proc.pid], [self.proc.pid]
+        while frontier:
+            pid = frontier.pop()
+            try:
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+                    for c in map(int, children):
+                        pids.append(c)
+                        frontier.append(c)
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+        return pids
+
+    def stop(self, timeout: float = 60) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                kill_process_group(self.proc)
+        kill_process_group(self.proc)  # any children left behind
+        self.reader.join(timeout=5)
+        return self.proc.returncode
+
+
+class DaemonUnavailable(RuntimeError):
+    pass
+
+
+def sample(daemon: Daemon, seconds: float, label: str) -> dict:
+    """Sample the daemon tree's RSS every 0.5 s for ``seconds``; CPU as cores used over the phase."""
+    def tree_cpu() -> float:
+        total = 0.0
+        for pid in daemon.pids():
+            try:
+                total += process_cpu_seconds(pid)
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+        return total
+
+    def tree_rss() -> int:
+        total = 0
+        for pid in daemon.pids():
+            try:
+                total += process_rss_bytes(pid)
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+        return total
+
+    rss = []
+    cpu0, t0 = tree_cpu(), time.monotonic()
+    next_report = t0 + 10
+    while time.monotonic() - t0 < seconds:
+        if daemon.proc.poll() is not None:
+            raise RuntimeError(f"daemon exited during {label}: {' | '.join(daemon.lines[-5:])}")
+        rss.append(tree_rss() / MB)
+        if time.monotonic() >= next_report:
+            progress(f"{label}: {time.monotonic() - t0:.0f}/{seconds} s, RSS {rss[-1]:.1f} MB")
+            next_report += 10
+        time.sleep(0.5)
+    cores = (tree_cpu() - cpu0) / (time.monotonic() - t0)
+    s = summarize(rss)
+    return {"RSS MB (median)": s["median"], "RSS MB (peak)": s["max"], "CPU cores": cores,
+            "samples": s["n"]}
+
+
+def run(quick: bool = False) -> dict:
+    p = params(quick)
+    state = Path(tempfile.mkdtemp(prefix="envelope-bench-state-"))
+    progs = None
+    daemon = None
+    sink = None
+    group = None
+    workers: list[subprocess.Popen] = []
+    rows, notes = [], []
+    try:
+        try:
+            daemon = Daemon(state)
+            progress("daemon started; waiting for 'ready'")
+            daemon.wait_ready(timeout=180)
+        except (FileNotFoundError, DaemonUnavailable) as e:
+            return unavailable(TITLE, method(quick), f"envelope daemon not available: {e}", TARGETS)
+        progress("daemon ready")
+        progs = build_programs(["workload", "tcp_sink", "true_static"])
+        rows.append({"case": "idle", **sample(daemon, p["idle_s"], "idle")})
+
+        sink = subprocess.Popen([progs["tcp_sink"], "2"], stdout=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        port = int(sink.stdout.readline().strip().split("=", 1)[1])
+        group = Cgroup("footprint")
+        names = [f"w{i:03d}" for i in range(WORKLOADS)]
+        cgroups = [group.child(n) for n in names]
+        duration = p["load_s"] + 30  # outlives the sampling; killed at the end of the phase
+        for cg in cgroups:
+            workers.append(subprocess.Popen(
+                [progs["workload"], str(cg.procs), str(duration), str(PERIOD_MS), str(port),
+                 progs["true_static"]], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        progress(f"{WORKLOADS} workloads running in {group.path}/w000..w{WORKLOADS - 1:03d}")
+        time.sleep(2)  # let every workload join its cgroup and the daemon meet each one
+        early = [w for w in workers if w.poll() is not None]
+        if early:
+            raise RuntimeError(f"{len(early)} workloads exited early: {early[0].stderr.read()[-300:]}")
+        rows.append({"case": f"load, {WORKLOADS} workloads", **sample(daemon, p["load_s"], "load")})
+        for w in workers:
+            w.kill()
+        for w in workers:
+            w.wait()
+        group.remove()
+        group = None
+        rows.append({"case": "after load", **sample(daemon, p["after_s"], "after")})
+
+        progress("stopping daemon (SIGTERM, flush)")
+        code = daemon.stop()
+        daemon = None
+        seen = _workloads_recorded(state, names)
+        notes.append(f"daemon exit status after SIGTERM: {code}")
+        for row in rows:
+            row["workloads recorded"] = None
+        rows[1]["workloads recorded"] = f"{seen}/{WORKLOADS}"
+        if seen < WORKLOADS:
+            notes.append(f"the daemon's store holds profiles for only {seen} of the {WORKLOADS} workload cgroups")
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+        if group is not None:
+            group.remove()
+        if sink is not None:
+            kill_process_group(sink)
+        if daemon is not None:
+            daemon.stop()
+        if progs is not None:
+            progs.cleanup()
+        shutil.rmtree(state, ignore_errors=True)
+
+    load = rows[1]
+    ratios = {
+        "peak RSS MB with 100 workloads": load["RSS MB (peak)"],
+        "RSS growth idle → 100 workloads (MB)": load["RSS MB (peak)"] - rows[0]["RSS MB (median)"],
+        "CPU cores with 100 workloads": load["CPU cores"],
+        "CPU cores idle": rows[0]["CPU cores"],
+    }
+    return {"title": TITLE, "method": method(quick), "rows": rows, "ratios": ratios, "targets": TARGETS,
+            "notes": notes, "params": p}
+
+
+def _workloads_recorded(state: Path, names: list[str]) -> int:
+    """How many of the workload cgroups the daemon's profile store has a profile for."""
+    from sensor.store import ProfileStore
+    wanted = set(names)
+    found = set()
+    for workload in ProfileStore(state).workloads():
+        leaf = workload.name.rstrip("/").rsplit("/", 1)[-1]
+        if leaf in wanted:
+            found.add(leaf)
+    return len(found)
