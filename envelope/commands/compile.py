@@ -1,0 +1,103 @@
+"""``envelope compile POLICY --format oci-seccomp|spo|networkpolicy|cilium [-o FILE]``.
+
+Compiles a policy file into an enforcement artefact. A malformed policy gives one error line and
+writes nothing; ``-o FILE`` is written atomically, so an existing file is either replaced whole
+or left as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from enforcer import exceptions as exc_store
+from enforcer import netexport, seccomp
+from enforcer.policy import PolicyError, load_policy
+from enforcer.runtime import RUNTIMES, default_runtime
+from sensor.store import atomic_write
+
+from ..errors import UserError
+
+FORMATS = ("oci-seccomp", "spo", "networkpolicy", "cilium")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("compile", help="compile a policy to OCI seccomp, SPO, NetworkPolicy or Cilium")
+    p.add_argument("policy", help="policy file (YAML or JSON)")
+    p.add_argument("--format", "-f", required=True, choices=FORMATS, help="output format")
+    p.add_argument("--mode", choices=seccomp.MODES, default=None,
+                   help="override the policy's mode (seccomp formats)")
+    p.add_argument("--runtime", choices=sorted(RUNTIMES) + ["none"], default=None,
+                   help="add the container runtime's completeness set (default: runc for "
+                        "container workloads, none for host units)")
+    p.add_argument("--arch", choices=sorted(seccomp.ARCHITECTURES), default="x86_64",
+                   help="target machine architecture (seccomp formats; default x86_64)")
+    p.add_argument("--with-exceptions", action="store_true",
+                   help="also allow syscalls of the workload's active exceptions (state dir)")
+    p.add_argument("--pod-label", action="append", metavar="KEY=VALUE",
+                   help="pod selector label for network exports (default app=<workload name>); "
+                        "repeat for several")
+    p.add_argument("--report", metavar="FILE",
+                   help="write where each seccomp rule came from (JSON) to FILE")
+    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE (atomically) instead of stdout")
+    p.set_defaults(func=cmd_compile)
+
+
+def render(policy, args, state_dir) -> tuple[str, dict | None]:
+    """The artefact text and, for seccomp formats, the provenance report."""
+    if args.format in ("oci-seccomp", "spo"):
+        runtime = args.runtime
+        if runtime is None:
+            runtime = default_runtime(policy.workload.kind, policy.workload.namespace)
+        elif runtime == "none":
+            runtime = None
+        extra = None
+        if args.with_exceptions:
+            extra = exc_store.syscall_allowances(state_dir, policy.workload)
+        if args.format == "oci-seccomp":
+            compiled = seccomp.compile_oci(policy, args.mode, runtime=runtime, arch=args.arch,
+                                           extra_allow=extra)
+            return compiled.to_json(), compiled.report_dict()
+        doc = seccomp.compile_spo(policy, args.mode, runtime=runtime, arch=args.arch,
+                                  extra_allow=extra)
+        report = seccomp.compile_oci(policy, args.mode, runtime=runtime, arch=args.arch,
+                                     extra_allow=extra).report_dict()
+        return netexport.dump(doc), report
+    labels = netexport.parse_pod_labels(args.pod_label)
+    if args.format == "networkpolicy":
+        return netexport.dump(netexport.compile_networkpolicy(policy, labels)), None
+    return netexport.dump(netexport.compile_cilium(policy, labels)), None
+
+
+def cmd_compile(args, config) -> int:
+    try:
+        policy = load_policy(args.policy)
+        text, report = render(policy, args, config.state_dir)
+    except (PolicyError, seccomp.SeccompCompileError, netexport.NetExportError,
+            exc_store.ExceptionError) as e:
+        raise UserError(str(e)) from None
+    if args.format in ("networkpolicy", "cilium") and policy.mode != "enforce":
+        print(f"envelope: note: policy mode is {policy.mode}; a {args.format} export always "
+              f"enforces (the mode is kept as an annotation)", file=sys.stderr)
+    if report is not None and not report.get("constrained", True):
+        print("envelope: note: the policy leaves the syscall substrate out; the profile allows "
+              "every syscall", file=sys.stderr)
+    if report is not None:
+        added: dict[str, int] = {}
+        for r in report["rules"]:
+            if not r["rule"].startswith("policy"):
+                added[r["rule"]] = added.get(r["rule"], 0) + 1
+        for rule, n in sorted(added.items()):
+            print(f"envelope: {rule}: {n} syscall(s) added (see --report)", file=sys.stderr)
+    try:
+        if args.report and report is not None:
+            atomic_write(Path(args.report), (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+        if args.output:
+            atomic_write(Path(args.output), text.encode())
+        else:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    except OSError as e:
+        raise UserError(f"cannot write output: {e.filename or ''}: {e.strerror}") from None
+    return 0
