@@ -149,7 +149,9 @@ def fmt(value) -> str:
             return f"{value:.0f}"
         if a >= 10:
             return f"{value:.1f}"
-        if a >= 0.01 or a == 0:
+        if a == 0:
+            return "0"
+        if a >= 0.01:
             return f"{value:.2f}"
         return f"{value:.2g}"
     if isinstance(value, (list, tuple)):

@@ -25,6 +25,7 @@ from . import ROOT, Cgroup, build_programs, kill_process_group, parse_kv, progre
 
 TITLE = "Event capacity (exec and connect, 2 generators, zero loss)"
 GENERATORS = 2
+NET_OP_CONNECT = 0  # bpf/events.h
 TARGETS = {
     "exec events missing": "== 0",
     "connect events missing": "== 0",
@@ -89,7 +90,7 @@ def drain_main(cgroup_id: int) -> int:
 
     sensor = Sensor(ringbuf_pages=256, max_cgroups=1024)
     try:
-        attach_with_callback(sensor, on_event)
+        sensor.attach()
         loss0 = _loss_total(sensor.loss())
         stop = threading.Event()
         threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
@@ -117,11 +118,8 @@ def drain_main(cgroup_id: int) -> int:
     return 0
 
 
-def attach_with_callback(sensor, on_event) -> None:
-    sensor.attach()
-
-
 def dispatch(sensor, polled, on_event) -> None:
+    """Feed what one ``Sensor.poll()`` returned (the decoded events) to ``on_event``."""
     if polled is None or isinstance(polled, int):
         return
     for event in polled:
@@ -129,12 +127,13 @@ def dispatch(sensor, polled, on_event) -> None:
 
 
 def classify(event, cgroup_id: int) -> str | None:
+    """'exec' or 'connect' for a decoded event of the generators' cgroup, else None."""
     if getattr(event, "cgroup_id", None) != cgroup_id:
         return None
-    name = type(event).__name__.lower()
-    if "exec" in name:
+    kind = type(event).__name__
+    if kind == "ExecEvent":
         return "exec"
-    if "net" in name and getattr(event, "op", None) == 0:
+    if kind == "NetEvent" and getattr(event, "op", None) == NET_OP_CONNECT:
         return "connect"
     return None
 

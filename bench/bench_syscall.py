@@ -147,23 +147,15 @@ class SensorCase:
 
 
 def _getppid_total(sensor) -> int | None:
-    """Sum of the sensor's cumulative getppid counters over all cgroups, when its shape is known."""
+    """Sum of the sensor's cumulative getppid counters over all cgroups.
+
+    ``syscall_counts()`` returns ``{cgroup_id: {nr: cumulative count}}``; None if it cannot be read.
+    """
     try:
         counts = sensor.syscall_counts()
+        return sum(int(per_nr.get(NR_GETPPID, 0)) for per_nr in counts.values())
     except Exception:
         return None
-    total, known = 0, False
-    items = counts.items() if isinstance(counts, dict) else counts
-    for item in items:
-        try:
-            key, value = item
-            if isinstance(key, tuple) and len(key) == 2:
-                known = True
-                if int(key[1]) == NR_GETPPID:
-                    total += int(value)
-        except (TypeError, ValueError):
-            return None
-    return total if known else None
 
 
 class Bpftrace:
