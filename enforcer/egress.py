@@ -734,6 +734,56 @@ class EgressProgram:
         self.close()
 
 
+class RingBufferReader:
+    """Drains any number of BPF ring buffers, given by fd (fresh or adopted from a pin).
+
+    ``callback(raw: bytes)`` runs for each record; an exception in it is logged and counted in
+    :attr:`callback_errors`, never raised out of :meth:`poll`.
+    """
+
+    def __init__(self):
+        from bcc.libbcc import _RINGBUF_CB_TYPE, lib
+        self._lib = lib
+        self._cb_type = _RINGBUF_CB_TYPE
+        self._mgr = None
+        self._callbacks: list = []  # ctypes callbacks must stay referenced
+        self.callback_errors = 0
+
+    def add(self, fd: int, callback) -> None:
+        def _cb(_ctx, data, size):
+            try:
+                callback(ct.string_at(data, size))
+            except Exception as e:  # decoding problems are counted, not raised out of poll
+                self.callback_errors += 1
+                log.warning("ring buffer callback failed", error=repr(e))
+            return 0
+        cb = self._cb_type(_cb)
+        self._callbacks.append(cb)
+        if self._mgr is None:
+            mgr = self._lib.bpf_new_ringbuf(fd, cb, None)
+            if not mgr:
+                raise EgressError(f"open ring buffer fd {fd}: failed")
+            self._mgr = mgr
+        elif self._lib.bpf_add_ringbuf(self._mgr, fd, cb, None) < 0:
+            raise EgressError(f"add ring buffer fd {fd}: failed")
+
+    def poll(self, timeout_ms: int = 100) -> None:
+        if self._mgr is not None:
+            self._lib.bpf_poll_ringbuf(self._mgr, int(timeout_ms))
+        elif timeout_ms > 0:
+            time.sleep(timeout_ms / 1000)
+
+    def drain(self) -> None:
+        if self._mgr is not None:
+            self._lib.bpf_consume_ringbuf(self._mgr)
+
+    def close(self) -> None:
+        if self._mgr is not None:
+            self._lib.bpf_free_ringbuf(self._mgr)
+            self._mgr = None
+        self._callbacks = []
+
+
 def pin_root(bpffs: str | os.PathLike) -> Path:
     return Path(bpffs) / "envelope"
 

@@ -1,0 +1,67 @@
+"""Replay: what would a policy have denied, judged against recorded evidence?
+
+Runs every behaviour in a profile through :meth:`Policy.allows` and reports the ones outside the
+allowed set with their evidence, before anything is enforced ("would this policy have broken us
+last week?"). Behaviours the policy watches are marked, since detection would alert on them.
+Keys a capped profile could not keep are reported as unknown: they happened, and nothing can say
+whether the policy allows them. Pure: the caller passes the profile and an optional ``since``.
+"""
+
+from __future__ import annotations
+
+from sensor.profile import Profile
+from sensor.workload import substrate_of
+
+from .policy import Policy, iso_time
+
+
+def replay(policy: Policy, profile: Profile, since: float | None = None) -> dict:
+    """Report the behaviours of ``profile`` (last seen at or after ``since``) the policy denies."""
+    stats = profile.behaviours()
+    watch = set(policy.watch)
+    denied: list[dict] = []
+    considered = events = denied_events = 0
+    per_sub: dict[str, dict[str, int]] = {}
+    for key, s in stats.items():
+        if since is not None and s.last_seen < since:
+            continue
+        sub = substrate_of(key)
+        row = per_sub.setdefault(sub, {"behaviours": 0, "denied": 0, "events": 0, "deniedEvents": 0})
+        considered += 1
+        events += s.count
+        row["behaviours"] += 1
+        row["events"] += s.count
+        if policy.allows(key):
+            continue
+        denied_events += s.count
+        row["denied"] += 1
+        row["deniedEvents"] += s.count
+        denied.append({
+            "key": key,
+            "substrate": sub,
+            "count": s.count,
+            "sessions": s.sessions,
+            "firstSeen": iso_time(s.first_seen),
+            "lastSeen": iso_time(s.last_seen),
+            "watched": key in watch,
+        })
+    start, end = profile.window()
+    overflow = {k: {"count": o.count, "keys": o.new_keys}
+                for k, o in profile.overflow().items() if k in policy.substrates and o.count}
+    return {
+        "policy": policy.metadata_name,
+        "policyWorkload": policy.workload.key,
+        "profileWorkload": profile.workload.key,
+        "sameWorkload": policy.workload == profile.workload,
+        "mode": policy.mode,
+        "window": {"start": iso_time(start), "end": iso_time(end), "since": iso_time(since)},
+        "sessions": profile.session_count,
+        "behaviours": considered,
+        "events": events,
+        "denied": denied,
+        "deniedBehaviours": len(denied),
+        "deniedEvents": denied_events,
+        "bySubstrate": dict(sorted(per_sub.items())),
+        "unknownOverflow": overflow,
+        "wouldBreak": bool(denied),
+    }

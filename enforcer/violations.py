@@ -1,0 +1,306 @@
+"""Violations: the model, the JSONL store, and the judgement of watch-list and detection rules.
+
+A :class:`Violation` is one out-of-envelope behaviour of one workload::
+
+    {"time": 1795706876.57, "workload": "host/Unit/demo/main", "substrate": "egress",
+     "behaviour": "connect:tcp:127.0.0.1:9", "action": "denied", "count": 1,
+     "detail": {"pid": 4242, "cgroup_id": 8123}}
+
+``substrate`` is ``syscall``, ``egress`` or ``exec`` for what the kernel denied or alerted on,
+``watch`` for a behaviour on the policy's watch list that recurred, and ``detection`` for a
+probabilistic rule whose live per-session count left its band (a soft violation). ``action`` is
+``denied`` (the kernel refused it) or ``alerted`` (it ran and was reported). ``count`` > 1 folds
+identical records (same workload, substrate, behaviour, action and detail) seen within one
+flush.
+
+The store is ``<state-dir>/violations.jsonl``: one JSON object per line, appended under an
+exclusive ``flock`` with one ``write`` per batch. Kernel records are turned into violations by
+pure functions (:func:`from_egress_event`, :func:`from_seccomp_event`) on decoded events.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import json
+import os
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from sensor.workload import net_key, substrate_of
+
+SUBSTRATES = ("syscall", "egress", "exec", "watch", "detection")
+ACTIONS = ("denied", "alerted")
+FILENAME = "violations.jsonl"
+
+
+class ViolationStoreError(Exception):
+    """The violations file cannot be read or written; the message names it."""
+
+
+@dataclass(frozen=True)
+class Violation:
+    time: float
+    workload: str
+    substrate: str
+    behaviour: str
+    action: str
+    detail: dict = field(default_factory=dict, compare=False, hash=False)
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.substrate not in SUBSTRATES:
+            raise ValueError(f"violation substrate {self.substrate!r} is not one of {', '.join(SUBSTRATES)}")
+        if self.action not in ACTIONS:
+            raise ValueError(f"violation action {self.action!r} is not one of {', '.join(ACTIONS)}")
+        if self.count < 1:
+            raise ValueError(f"violation count must be >= 1, got {self.count}")
+
+    def fold_key(self) -> tuple:
+        return (self.workload, self.substrate, self.behaviour, self.action,
+                json.dumps(self.detail, sort_keys=True, default=str))
+
+    def to_dict(self) -> dict:
+        return {"time": self.time, "workload": self.workload, "substrate": self.substrate,
+                "behaviour": self.behaviour, "action": self.action, "count": self.count,
+                "detail": self.detail}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Violation":
+        return cls(float(d["time"]), str(d["workload"]), str(d["substrate"]), str(d["behaviour"]),
+                   str(d["action"]), dict(d.get("detail") or {}), int(d.get("count", 1)))
+
+
+def fold(violations: Iterable[Violation]) -> list[Violation]:
+    """Merge identical records (see :meth:`Violation.fold_key`), keeping the first time and
+    summing counts; order of first appearance is kept."""
+    out: dict[tuple, Violation] = {}
+    for v in violations:
+        k = v.fold_key()
+        prev = out.get(k)
+        if prev is None:
+            out[k] = v
+        else:
+            out[k] = Violation(min(prev.time, v.time), v.workload, v.substrate, v.behaviour,
+                               v.action, prev.detail, prev.count + v.count)
+    return list(out.values())
+
+
+class ViolationStore:
+    """Append-only JSONL file of violations under the state dir."""
+
+    def __init__(self, state_dir: str | os.PathLike):
+        self.path = Path(state_dir) / FILENAME
+
+    def append(self, violations: Iterable[Violation]) -> int:
+        lines = "".join(json.dumps(v.to_dict(), sort_keys=True, default=str) + "\n" for v in violations)
+        if not lines:
+            return 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = lines.encode()
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as e:
+            raise ViolationStoreError(f"{self.path}: cannot open for append: {e.strerror}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return lines.count("\n")
+
+    def list(self, workload: str | None = None, substrate: str | None = None,
+             action: str | None = None, since: float | None = None) -> list[Violation]:
+        """Violations in file order, filtered. ``workload`` matches the full key or its name."""
+        if not self.path.exists():
+            return []
+        try:
+            text = self.path.read_text()
+        except OSError as e:
+            raise ViolationStoreError(f"{self.path}: cannot read: {e.strerror}") from e
+        out = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                v = Violation.from_dict(json.loads(line))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ViolationStoreError(f"{self.path}:{n}: bad violation record: {e}") from None
+            if workload and not workload_matches(v.workload, workload):
+                continue
+            if substrate and v.substrate != substrate:
+                continue
+            if action and v.action != action:
+                continue
+            if since is not None and v.time < since:
+                continue
+            out.append(v)
+        return out
+
+
+def workload_matches(key: str, wanted: str) -> bool:
+    """``wanted`` is a full workload key or just the workload's name (third field)."""
+    if key == wanted:
+        return True
+    parts = key.split("/")
+    return len(parts) == 4 and parts[2] == wanted
+
+
+# ---- kernel records (layouts in bpf/events.h) ------------------------------------------------
+
+EV_EGRESS_VIOLATION = 6
+EV_SECCOMP_DENIAL = 7
+HDR = struct.Struct("=HHIQ")
+EGRESS_EVENT = struct.Struct("=HHIQ Q I H H 16s H B B I".replace(" ", ""))
+SECCOMP_EVENT = struct.Struct("=HHIQ Q I I q".replace(" ", ""))
+AF_INET, AF_INET6 = 2, 10
+_PROTO = {6: "tcp", 17: "udp"}
+_OP = {0: "connect", 1: "send"}
+_EGRESS_ACTION = {0: "alerted", 1: "denied"}
+
+
+class DecodeError(ValueError):
+    """A ring-buffer record that does not match its mirror."""
+
+
+@dataclass(frozen=True)
+class EgressEvent:
+    ktime: int
+    cgroup_id: int
+    pid: int
+    family: int
+    protocol: int
+    addr: str
+    port: int
+    op: int
+    action: int
+
+
+@dataclass(frozen=True)
+class SeccompEvent:
+    ktime: int
+    cgroup_id: int
+    pid: int
+    nr: int
+    ret: int
+
+
+def decode(raw: bytes) -> EgressEvent | SeccompEvent:
+    """Decode one EV_EGRESS_VIOLATION or EV_SECCOMP_DENIAL record; :class:`DecodeError` else."""
+    if len(raw) < HDR.size:
+        raise DecodeError(f"record of {len(raw)} bytes is shorter than the header")
+    typ, _version, size, _ktime = HDR.unpack_from(raw)
+    if typ == EV_EGRESS_VIOLATION:
+        if size != EGRESS_EVENT.size or len(raw) < size:
+            raise DecodeError(f"egress violation record size {size}/{len(raw)}, want {EGRESS_EVENT.size}")
+        (_, _, _, ktime, cg, pid, fam, proto, addr, port, op, action, _pad) = EGRESS_EVENT.unpack_from(raw)
+        ip = ipaddress.ip_address(addr[:4] if fam == AF_INET else addr)
+        return EgressEvent(ktime, cg, pid, fam, proto, ip.compressed, port, op, action)
+    if typ == EV_SECCOMP_DENIAL:
+        if size != SECCOMP_EVENT.size or len(raw) < size:
+            raise DecodeError(f"seccomp denial record size {size}/{len(raw)}, want {SECCOMP_EVENT.size}")
+        (_, _, _, ktime, cg, pid, nr, ret) = SECCOMP_EVENT.unpack_from(raw)
+        return SeccompEvent(ktime, cg, pid, nr, ret)
+    raise DecodeError(f"unexpected event type {typ}")
+
+
+def egress_behaviour(ev: EgressEvent) -> str:
+    proto = _PROTO.get(ev.protocol, f"proto{ev.protocol}")
+    kind = _OP.get(ev.op, "connect")
+    if proto not in ("tcp", "udp"):
+        host = f"[{ev.addr}]" if ":" in ev.addr else ev.addr
+        return f"{kind}:{proto}:{host}:{ev.port}"
+    return net_key(kind, proto, ev.addr, ev.port)
+
+
+def from_egress_event(ev: EgressEvent, workload: str, now: float) -> Violation:
+    return Violation(now, workload, "egress", egress_behaviour(ev),
+                     _EGRESS_ACTION.get(ev.action, "denied"),
+                     {"pid": ev.pid, "cgroup_id": ev.cgroup_id})
+
+
+def from_seccomp_event(ev: SeccompEvent, workload: str, now: float,
+                       name_of: Callable[[int], str]) -> Violation:
+    """A denial carries ``ret = -errno``; an alert-mode report (made at entry) carries 0."""
+    action = "denied" if ev.ret < 0 else "alerted"
+    detail: dict[str, Any] = {"pid": ev.pid, "cgroup_id": ev.cgroup_id, "nr": ev.nr}
+    if ev.ret < 0:
+        detail["errno"] = -ev.ret
+    return Violation(now, workload, "syscall", f"syscall:{name_of(ev.nr)}", action, detail)
+
+
+# ---- watch list and probabilistic detection -------------------------------------------------
+
+
+class Judge:
+    """Judges one workload's live behaviour against its policy's watch list and detection rules.
+
+    Feed it observed behaviour keys per session with :meth:`observe`; it returns new violations:
+
+    * ``watch``: a key on the policy's watch list recurs. Reported once per session, the first
+      time it is seen there, whether or not the policy allows it.
+    * ``detection``: a key with a detection rule ``{key, mean, std, k}`` whose count in the live
+      session rises above ``mean + k*std``; reported once per session when it crosses. At
+      :meth:`close_session` a count that ended below ``mean - k*std`` (when that is above zero)
+      is reported too. Soft violations: always ``alerted``.
+    """
+
+    def __init__(self, policy, workload: str | None = None):
+        self.workload = workload or str(policy.workload)
+        self.watch = frozenset(policy.watch)
+        self.rules = {r["key"]: r for r in policy.detection}
+        self.counts: dict[str, Counter] = {}
+        self._watched: set[tuple[str, str]] = set()
+        self._crossed: set[tuple[str, str]] = set()
+        self._allows = policy.allows
+
+    def interested(self, key: str) -> bool:
+        return key in self.watch or key in self.rules
+
+    def observe(self, session: str, key: str, count: int = 1, now: float = 0.0) -> list[Violation]:
+        out: list[Violation] = []
+        c = self.counts.setdefault(session, Counter())
+        c[key] += count
+        if key in self.watch and (session, key) not in self._watched:
+            self._watched.add((session, key))
+            try:
+                sub = substrate_of(key)
+            except ValueError:
+                sub = "unknown"
+            out.append(Violation(now, self.workload, "watch", key, "alerted",
+                                 {"session": session, "substrate": sub,
+                                  "allowed": bool(self._safe_allows(key))}))
+        rule = self.rules.get(key)
+        if rule is not None and (session, key) not in self._crossed:
+            upper = float(rule["mean"]) + float(rule["k"]) * float(rule["std"])
+            if c[key] > upper:
+                self._crossed.add((session, key))
+                out.append(Violation(now, self.workload, "detection", key, "alerted",
+                                     {"session": session, "count": c[key], "mean": rule["mean"],
+                                      "std": rule["std"], "k": rule["k"], "bound": "above",
+                                      "threshold": round(upper, 6)}))
+        return out
+
+    def close_session(self, session: str, now: float = 0.0) -> list[Violation]:
+        out: list[Violation] = []
+        c = self.counts.pop(session, Counter())
+        for key, rule in sorted(self.rules.items()):
+            lower = float(rule["mean"]) - float(rule["k"]) * float(rule["std"])
+            if lower > 0 and c[key] < lower and (session, key) not in self._crossed:
+                out.append(Violation(now, self.workload, "detection", key, "alerted",
+                                     {"session": session, "count": c[key], "mean": rule["mean"],
+                                      "std": rule["std"], "k": rule["k"], "bound": "below",
+                                      "threshold": round(lower, 6)}))
+        self._watched = {x for x in self._watched if x[0] != session}
+        self._crossed = {x for x in self._crossed if x[0] != session}
+        return out
+
+    def _safe_allows(self, key: str) -> bool:
+        try:
+            return self._allows(key)
+        except ValueError:
+            return False

@@ -1,0 +1,182 @@
+"""``envelope derive NAME``: derive a least-privilege policy from a workload's profile.
+
+The four decisions are options here and are recorded in the policy: ``--substrates``
+(granularity), ``--closure`` and its rule parameters (closure), ``--min-count``/``--min-sessions``
+and ``--admit`` (confidence), ``--fingerprint``/``--expires-in`` (validity). Coverage-stop is
+checked first; ``--force`` derives anyway, marked low-confidence and in alert mode.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import msgpack
+
+from enforcer.derive import (
+    DEFAULT_COVERAGE_HOURS, DEFAULT_COVERAGE_THRESHOLD, DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX, DEFAULT_K,
+    DEFAULT_MAX_PORTS, DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNT, DEFAULT_MIN_SESSIONS, CoverageNotReached,
+    DeriveError, DeriveOptions, derive, parse_duration, parse_pairs, parse_thresholds,
+)
+from enforcer.policy import PolicyError, dump_policy, load_policy
+from sensor.profile import Profile
+from sensor.store import ProfileStore, ProfileStoreError, atomic_write
+from sensor.workload import SUBSTRATES
+
+from ..errors import UserError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("derive", help="derive a least-privilege policy from a workload's profile",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("name", help="workload (name, namespace/name or full key) or a profile file (.json/.msgpack)")
+    p.add_argument("--closure", default="structural",
+                   help="literal | structural | probabilistic (default structural)")
+    p.add_argument("--substrates", default=",".join(SUBSTRATES),
+                   help="comma-separated substrates to encode (default syscall,egress,exec)")
+    p.add_argument("--min-count", action="append", metavar="N|SUBSTRATE=N",
+                   help=f"occurrences needed (default {DEFAULT_MIN_COUNT}); repeat for per-substrate values")
+    p.add_argument("--min-sessions", action="append", metavar="M|SUBSTRATE=M",
+                   help=f"distinct sessions needed (default {DEFAULT_MIN_SESSIONS}); per substrate as above")
+    p.add_argument("--session-rule", default="max",
+                   help="distinct sessions of an envelope element: max (lower bound, default) or sum (upper bound)")
+    p.add_argument("--ipv4-prefix", type=int, default=DEFAULT_IPV4_PREFIX, help="IPv4 aggregation prefix (default 24)")
+    p.add_argument("--ipv6-prefix", type=int, default=DEFAULT_IPV6_PREFIX, help="IPv6 aggregation prefix (default 64)")
+    p.add_argument("--service-cidr", action="append", default=[], metavar="CIDR",
+                   help="known service network; addresses inside it widen to it (repeatable)")
+    p.add_argument("--max-ports", type=int, default=DEFAULT_MAX_PORTS,
+                   help=f"more distinct ports than this per network become a flagged range (default {DEFAULT_MAX_PORTS})")
+    p.add_argument("--max-siblings", type=int, default=DEFAULT_MAX_SIBLINGS,
+                   help=f"more exec paths than this in one directory become /dir/* (default {DEFAULT_MAX_SIBLINGS})")
+    p.add_argument("-k", "--stddev-k", type=float, default=DEFAULT_K,
+                   help=f"probabilistic closure: soft-violation distance in standard deviations (default {DEFAULT_K:g})")
+    p.add_argument("--coverage-threshold", type=float, default=DEFAULT_COVERAGE_THRESHOLD,
+                   help="coverage-stop: new behaviours per substrate in the trailing window must be fewer "
+                        f"than this (default {DEFAULT_COVERAGE_THRESHOLD:g})")
+    p.add_argument("--coverage-hours", type=float, default=DEFAULT_COVERAGE_HOURS,
+                   help=f"coverage-stop trailing window in hours (default {DEFAULT_COVERAGE_HOURS:g})")
+    p.add_argument("--force", action="store_true",
+                   help="derive although coverage-stop is not reached (low confidence, alert mode)")
+    p.add_argument("--admit", action="append", default=[], metavar="KEY",
+                   help="admit a review item (entry or behaviour key) explicitly; needs --reason")
+    p.add_argument("--reason", action="append", default=[], metavar="TEXT",
+                   help="why the matching --admit is admitted (one per --admit, or one for all)")
+    p.add_argument("--fingerprint", action="append", default=[], metavar="KEY=VALUE",
+                   help="validity fingerprint input, e.g. model=v3 (overrides the profile's)")
+    p.add_argument("--expires-in", default=None, metavar="DURATION",
+                   help="expiry after the end of the observation window, e.g. 14d, 36h")
+    p.add_argument("--mode", default=None, help="observe | alert | enforce (default alert)")
+    p.add_argument("-o", "--output", default="yaml", help="yaml | json (default yaml)")
+    p.add_argument("--out", default=None, metavar="FILE", help="write the policy here instead of stdout")
+    p.set_defaults(func=cmd_derive)
+
+
+def load_profile_arg(name: str, state_dir) -> Profile:
+    """A profile by workload name from the store, or from a file path."""
+    path = Path(name)
+    if path.suffix in (".json", ".msgpack") and path.is_file():
+        return load_profile_file(path)
+    store = ProfileStore(state_dir)
+    matches = store.find(name)
+    if not matches:
+        known = ", ".join(w.key for w in store.workloads()) or "none"
+        raise UserError(f"no profile for workload {name!r} in {store.root} (known: {known})")
+    if len(matches) > 1:
+        raise UserError(f"{name!r} is ambiguous: {', '.join(w.key for w in matches)}; give the full key")
+    try:
+        profile = store.load(matches[0])
+    except ProfileStoreError as e:
+        raise UserError(str(e)) from e
+    if profile is None:
+        raise UserError(f"profile of {matches[0].key} disappeared from {store.root}")
+    return profile
+
+
+def load_profile_file(path: Path) -> Profile:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read: {e.strerror}") from e
+    try:
+        if path.suffix == ".json":
+            data = json.loads(raw.decode("utf-8"))
+        else:
+            data = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+        return Profile.unpack(data)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, msgpack.UnpackException) as e:
+        raise UserError(f"{path}: malformed profile ({type(e).__name__}: {e})") from e
+
+
+def options_from_args(args) -> DeriveOptions:
+    try:
+        subs = tuple(s.strip() for s in args.substrates.split(",") if s.strip())
+        for s in subs:
+            if s not in SUBSTRATES:
+                raise DeriveError(f"--substrates: unknown substrate {s!r} (want some of {', '.join(SUBSTRATES)})")
+        if len(args.reason) not in (0, 1, len(args.admit)) or (args.admit and not args.reason):
+            raise DeriveError(f"--admit needs --reason: give one --reason per --admit ({len(args.admit)}), "
+                              f"or one for all; got {len(args.reason)}")
+        if args.reason and not args.admit:
+            raise DeriveError("--reason given without --admit")
+        reasons = args.reason * len(args.admit) if len(args.reason) == 1 else args.reason
+        opts = DeriveOptions(
+            closure=args.closure,
+            substrates=subs,
+            min_count=parse_thresholds(args.min_count, DEFAULT_MIN_COUNT, "--min-count"),
+            min_sessions=parse_thresholds(args.min_sessions, DEFAULT_MIN_SESSIONS, "--min-sessions"),
+            ipv4_prefix=args.ipv4_prefix,
+            ipv6_prefix=args.ipv6_prefix,
+            service_cidrs=tuple(args.service_cidr),
+            max_ports=args.max_ports,
+            max_siblings=args.max_siblings,
+            k=args.stddev_k,
+            coverage_threshold=args.coverage_threshold,
+            coverage_hours=args.coverage_hours,
+            force=args.force,
+            admits=tuple(zip(args.admit, reasons)),
+            fingerprint=parse_pairs(args.fingerprint, "--fingerprint"),
+            expires_in=parse_duration(args.expires_in) if args.expires_in else None,
+            mode=args.mode,
+            session_rule=args.session_rule,
+        )
+        opts.validate()
+    except DeriveError as e:
+        raise UserError(str(e)) from e
+    return opts
+
+
+def cmd_derive(args, config) -> int:
+    if args.output not in ("yaml", "json"):
+        raise UserError(f"-o {args.output}: policies are written as yaml or json")
+    opts = options_from_args(args)
+    profile = load_profile_arg(args.name, config.state_dir)
+    try:
+        policy = derive(profile, opts)
+    except CoverageNotReached as e:
+        raise UserError(str(e)) from e
+    except (DeriveError, PolicyError) as e:
+        raise UserError(f"derive {profile.workload.key}: {e}") from e
+    text = dump_policy(policy, args.output)
+    if args.out:
+        atomic_write(Path(args.out), text.encode("utf-8"))
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    cov = policy.decisions["confidence"]["coverage"]
+    new = ", ".join(f"{s} {n}" for s, n in cov["newBehaviours"].items())
+    flag = " LOW CONFIDENCE (forced past coverage-stop)" if policy.low_confidence else ""
+    print(f"derived {policy.metadata_name} for {policy.workload.key}: closure {policy.closure}, mode "
+          f"{policy.mode}{flag}; allow {len(policy.syscalls)} syscalls, {len(policy.egress)} egress rules, "
+          f"{len(policy.execs)} execs; {len(policy.review)} in review, {len(policy.watch)} watched; new "
+          f"behaviours in the last {cov['hours']:g} h: {new}"
+          + (f"; written to {args.out}" if args.out else ""), file=sys.stderr)
+    return 0
+
+
+def read_policy(path: str):
+    """Load a policy file for a command, as a one-line UserError on any problem."""
+    try:
+        return load_policy(path)
+    except PolicyError as e:
+        raise UserError(str(e)) from e
