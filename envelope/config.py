@@ -54,6 +54,7 @@ class Config:
 
     def replace(self, _source: str = "override", **changes) -> "Config":
         names = {f.name: f for f in dataclasses.fields(self)}
+        changes = {k: v for k, v in changes.items() if v is not None}
         for k, v in changes.items():
             if k not in names:
                 raise UserError(f"{_source}: unknown config key {k!r}")

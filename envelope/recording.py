@@ -1,0 +1,167 @@
+"""Record one session of a workload: run a command in a fresh cgroup v2 under the sensor.
+
+Everything in that cgroup, children and child cgroups included, is one session of the
+workload. The command's exit status is returned so the CLI can pass it through.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import structlog
+
+from sensor.cgroup import CgroupError, CgroupFS, cgroup_id
+from sensor.aggregate import Aggregator
+from sensor.store import ProfileStore
+from sensor.workload import Workload
+
+from .config import Config
+from .errors import UserError
+
+log = structlog.get_logger("envelope.record")
+
+
+@dataclass
+class RecordResult:
+    exit_code: int
+    session: str
+    cgroup_id: int
+    loss: dict = field(default_factory=dict)
+    behaviours: int = 0
+
+
+def exit_status(returncode: int) -> int:
+    """A child's status as a shell reports it: 128+N for death by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def open_sensor(config: Config):
+    """Load and attach the probes, turning attach failures into one actionable line."""
+    from sensor.probes import ProbeAttachError, Sensor
+
+    sensor = Sensor(ringbuf_pages=config.ringbuf_pages, max_cgroups=config.max_cgroups)
+    try:
+        sensor.attach()
+    except ProbeAttachError as e:
+        sensor.close()
+        raise UserError(f"{e} (run `envelope doctor` for details)") from e
+    return sensor
+
+
+def syscall_namer() -> Callable[[int], str]:
+    from sensor.syscalls import syscall_name
+    return syscall_name
+
+
+def _join_cgroup(procs_file: str) -> Callable[[], None]:
+    def join() -> None:
+        with open(procs_file, "w") as f:
+            f.write("0")
+    return join
+
+
+def record(config: Config, workload: Workload, argv: Sequence[str], session: str | None = None,
+           fingerprints: dict | None = None, sensor=None,
+           progress: Callable[[str], None] | None = None) -> RecordResult:
+    """Run ``argv`` as one recorded session of ``workload`` and update its profile."""
+    if not argv:
+        raise UserError("record: no command given (usage: envelope record --workload NAME -- CMD ...)")
+    say = progress or (lambda msg: None)
+    session = session or f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    store = ProfileStore(config.state_dir)
+    own_sensor = sensor is None
+    if own_sensor:
+        say("attaching probes (compiling BPF, a few seconds)")
+        sensor = open_sensor(config)
+    cgfs = CgroupFS()
+    rel = f"/envelope.record/{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    cg_path, cg_id = cgfs.make(rel)
+    agg = Aggregator(config.node_name, store, syscall_namer(), caps=config.caps)
+    agg.bind(cg_id, workload, session, meta={"cgroup": rel, "argv": list(argv)},
+             fingerprints=fingerprints)
+    bound = {cg_id}
+    loss_before = sensor.loss()
+    forwarded: list[int] = []
+    proc = None
+    try:
+        say(f"recording session {session} of {workload.key}: {' '.join(argv)}")
+        try:
+            proc = subprocess.Popen(list(argv), preexec_fn=_join_cgroup(str(Path(cg_path) / "cgroup.procs")))
+        except (FileNotFoundError, PermissionError) as e:
+            raise UserError(f"record: cannot run {argv[0]!r}: {e.strerror}") from e
+        old = {s: signal.signal(s, lambda n, _f: (forwarded.append(n), proc.send_signal(n)))
+               for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            next_counts = 0.0
+            while proc.poll() is None:
+                _drain(sensor, agg, 100)
+                now = time.monotonic()
+                if now >= next_counts:
+                    _bind_children(agg, cg_path, bound, workload, session)
+                    agg.on_counts(sensor.syscall_counts(), time.time())
+                    next_counts = now + config.poll_interval
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        # The command is done; end whatever it left behind in the cgroup, then drain the rest.
+        cgfs.kill_all(rel)
+        _bind_children(agg, cg_path, bound, workload, session)
+        for _ in range(3):
+            if not _drain(sensor, agg, 50):
+                break
+        agg.on_counts(sensor.syscall_counts(), time.time())
+        loss_after = sensor.loss()
+        loss = {k: v - loss_before.get(k, 0) for k, v in loss_after.items() if v - loss_before.get(k, 0) > 0}
+        agg.add_loss(loss, [workload])
+        code = exit_status(proc.returncode)
+        agg.close_session(workload, session, meta={"exit_code": code})
+        agg.flush()
+        n = len(agg.profile(workload).behaviours())
+        return RecordResult(code, session, cg_id, loss, n)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        try:
+            cgfs.remove(rel)
+            cgfs.remove_empty_parents(rel)
+        except Exception as e:  # noqa: BLE001 - cleanup must not hide the command's result
+            log.warning("cgroup cleanup failed", cgroup=rel, error=str(e))
+        for cg in bound:
+            sensor.forget_cgroup(cg)
+        if own_sensor:
+            sensor.close()
+
+
+def _drain(sensor, agg: Aggregator, timeout_ms: int) -> int:
+    events = sensor.poll(timeout_ms)
+    for ev in events:
+        agg.on_event(ev, sensor.wall_time(ev.ktime))
+    return len(events)
+
+
+def _bind_children(agg: Aggregator, cg_path, bound: set, workload: Workload, session: str) -> None:
+    """Cgroups the command created below its own belong to the same session."""
+    for dirpath, _dirs, _files in os.walk(cg_path):
+        try:
+            child_id = cgroup_id(dirpath)
+        except CgroupError:
+            continue
+        if child_id not in bound:
+            bound.add(child_id)
+            agg.bind(child_id, workload, session)
+
+
+def progress_printer(enabled: bool = True) -> Callable[[str], None]:
+    def say(msg: str) -> None:
+        if enabled:
+            print(f"envelope: {msg}", file=sys.stderr, flush=True)
+    return say
