@@ -1,0 +1,116 @@
+// SPDX-License-Identifier: Apache-2.0
+/*
+ * Seccomp denial visibility for enforced cgroups.
+ *
+ * seccomp runs before the sys_enter tracepoint, so a syscall that a filter denies never reaches
+ * raw sys_enter, but it does reach raw sys_exit with its number in orig_ax and -errno as the
+ * return value. Ordinary failures with the same errno (an EPERM from a permission check) pass
+ * through sys_enter first. So, for the cgroups listed in `cgroups` only:
+ *
+ *   raw sys_enter  marks the thread: entered[tid] = nr
+ *   raw sys_exit   takes the mark; if the thread has no mark for this nr and the return value
+ *                  is -deny_errno, the call was stopped before sys_enter: a denial.
+ *
+ * A thread whose previous syscall never returned (exit, a thread killed in a syscall) leaves a
+ * stale mark; the next sys_enter overwrites it and sys_exit compares the number, so a stale mark
+ * only hides a denial of the very same syscall number on a recycled thread id.
+ *
+ * In alert mode the filter's default action is SCMP_ACT_LOG: the call runs, so it does reach
+ * sys_enter, and it is reported there when its number is not in the cgroup's allowed bitmap.
+ *
+ * Each report is one EV_SECCOMP_DENIAL record (ret is the return value for a denial, 0 for an
+ * alert reported at entry). Reserve failures are counted in `lost`.
+ *
+ * -D flags: DENIALS_MAX_CGROUPS, DENIALS_MAX_THREADS, DENIALS_RINGBUF_PAGES.
+ */
+#include <uapi/linux/bpf.h>
+#include <linux/ptrace.h>
+#include "events.h"
+
+#ifndef DENIALS_MAX_CGROUPS
+#define DENIALS_MAX_CGROUPS 1024
+#endif
+#ifndef DENIALS_MAX_THREADS
+#define DENIALS_MAX_THREADS 32768
+#endif
+#ifndef DENIALS_RINGBUF_PAGES
+#define DENIALS_RINGBUF_PAGES 64
+#endif
+
+#define DENIALS_NR_SLOTS 512
+#define DENIALS_MODE_ALERT 1
+#define DENIALS_MODE_ENFORCE 2
+
+struct denial_cgroup {
+    __u32 mode;       /* DENIALS_MODE_* */
+    __s32 deny_errno; /* the filter's errno in enforce mode */
+    __u64 allowed[DENIALS_NR_SLOTS / 64]; /* alert mode: syscalls the policy allows */
+};
+
+BPF_HASH(cgroups, __u64, struct denial_cgroup, DENIALS_MAX_CGROUPS);
+BPF_TABLE("lru_hash", __u32, __u32, entered, DENIALS_MAX_THREADS);
+BPF_PERCPU_ARRAY(lost, __u64, 1);
+BPF_RINGBUF_OUTPUT(events, DENIALS_RINGBUF_PAGES);
+
+static __always_inline void report(__u64 cgroup_id, __u32 nr, __s64 ret)
+{
+    struct seccomp_denial_event *ev = events.ringbuf_reserve(sizeof(*ev));
+    if (!ev) {
+        __u32 zero = 0;
+        __u64 *n = lost.lookup(&zero);
+        if (n)
+            *n += 1;
+        return;
+    }
+    ev->hdr.type = EV_SECCOMP_DENIAL;
+    ev->hdr.version = SECCOMP_DENIAL_EVENT_VERSION;
+    ev->hdr.size = sizeof(*ev);
+    ev->hdr.ktime = bpf_ktime_get_ns();
+    ev->cgroup_id = cgroup_id;
+    ev->pid = bpf_get_current_pid_tgid() >> 32;
+    ev->nr = nr;
+    ev->ret = ret;
+    events.ringbuf_submit(ev, 0);
+}
+
+RAW_TRACEPOINT_PROBE(sys_enter)
+{
+    __u64 cg = bpf_get_current_cgroup_id();
+    struct denial_cgroup *c = cgroups.lookup(&cg);
+    if (!c)
+        return 0;
+    __u32 tid = (__u32)bpf_get_current_pid_tgid();
+    __u32 nr = (__u32)ctx->args[1];
+    entered.update(&tid, &nr);
+    if (c->mode == DENIALS_MODE_ALERT) {
+        int outside = 1;
+        if (nr < DENIALS_NR_SLOTS) {
+            __u32 w = nr / 64;
+            if (w < DENIALS_NR_SLOTS / 64)
+                outside = !((c->allowed[w] >> (nr % 64)) & 1);
+        }
+        if (outside)
+            report(cg, nr, 0);
+    }
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(sys_exit)
+{
+    __u64 cg = bpf_get_current_cgroup_id();
+    struct denial_cgroup *c = cgroups.lookup(&cg);
+    if (!c)
+        return 0;
+    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+    __s64 ret = (__s64)ctx->args[1];
+    __u64 nr = 0;
+    bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
+    __u32 tid = (__u32)bpf_get_current_pid_tgid();
+    __u32 *mark = entered.lookup(&tid);
+    int entered_this = mark && *mark == (__u32)nr;
+    if (mark)
+        entered.delete(&tid);
+    if (!entered_this && c->mode == DENIALS_MODE_ENFORCE && ret == -(__s64)c->deny_errno)
+        report(cg, (__u32)nr, ret);
+    return 0;
+}
