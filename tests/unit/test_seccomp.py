@@ -1,0 +1,221 @@
+"""Seccomp compiler: modes, errno, runtime completeness, provenance, determinism, and that the
+OCI output loads into real libseccomp and produces a filter that decides as intended."""
+
+from __future__ import annotations
+
+import errno
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from enforcer import seccomp
+from enforcer.policy import Policy, load_policy
+from enforcer.runtime import RUNC
+from sensor.workload import Workload
+
+sc = pytest.importorskip("seccomp")
+
+GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "compiled"
+W = Workload("default", "Deployment", "agent", "main")
+
+
+def policy(syscalls, mode="enforce", **kw) -> Policy:
+    return Policy(workload=W, mode=mode, syscalls=tuple(syscalls), **kw)
+
+
+def test_enforce_denies_with_eperm_and_allows_without_args():
+    c = seccomp.compile_oci(policy(["read", "write", "exit_group"]))
+    p = c.profile
+    assert p["defaultAction"] == "SCMP_ACT_ERRNO"
+    assert p["defaultErrnoRet"] == errno.EPERM == seccomp.DENY_ERRNO
+    assert p["architectures"] == ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]
+    (rule,) = p["syscalls"]
+    assert rule["action"] == "SCMP_ACT_ALLOW"
+    assert rule["names"] == ["exit_group", "read", "write"]
+    assert "args" not in rule  # no argument checks: the kernel action cache serves them
+
+
+def test_alert_logs_and_observe_allows():
+    a = seccomp.compile_oci(policy(["read"]), "alert").profile
+    assert a["defaultAction"] == "SCMP_ACT_LOG" and "defaultErrnoRet" not in a
+    assert a["syscalls"][0]["names"] == ["read"]
+    o = seccomp.compile_oci(policy(["read"]), "observe").profile
+    assert o["defaultAction"] == "SCMP_ACT_ALLOW" and o["syscalls"] == []
+
+
+def test_mode_defaults_to_policy_mode_and_rejects_unknown():
+    assert seccomp.compile_oci(policy(["read"], mode="alert")).mode == "alert"
+    with pytest.raises(seccomp.SeccompCompileError):
+        seccomp.compile_oci(policy(["read"]), "permissive")
+
+
+def test_runtime_completeness_added_and_reported():
+    c = seccomp.compile_oci(policy(["read", "write", "execve"]), runtime="runc")
+    groups = {r["comment"]: r["names"] for r in c.profile["syscalls"]}
+    runtime_names = groups["runtime-completeness:runc"]
+    # what the policy already allows is not repeated; everything else of the set is added
+    assert "execve" not in runtime_names and "write" not in runtime_names
+    assert set(runtime_names) == set(RUNC.syscalls) - {"read", "write", "execve"}
+    by_name = {e.syscall: e for e in c.report}
+    assert by_name["capset"].rule == "runtime-completeness:runc"
+    assert "capabilit" in by_name["capset"].reason or "caps" in by_name["capset"].reason
+    assert by_name["execve"].rule == "policy"
+    assert set(c.allowed()) == set(RUNC.syscalls) | {"read", "write", "execve"}
+
+
+def test_no_runtime_set_without_runtime():
+    c = seccomp.compile_oci(policy(["read"]))
+    assert all(e.rule == "policy" for e in c.report)
+
+
+def test_unknown_runtime_is_an_error():
+    with pytest.raises(seccomp.SeccompCompileError, match="unknown container runtime"):
+        seccomp.compile_oci(policy(["read"]), runtime="kata")
+
+
+def test_clone3_gets_enosys_when_only_clone_allowed():
+    c = seccomp.compile_oci(policy(["clone", "read"]))
+    compat = [r for r in c.profile["syscalls"] if r["comment"] == seccomp.COMPAT_RULE]
+    assert compat == [{"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS,
+                       "comment": seccomp.COMPAT_RULE}]
+    # not when clone3 is allowed, not in alert mode
+    assert not any(r["comment"] == seccomp.COMPAT_RULE
+                   for r in seccomp.compile_oci(policy(["clone", "clone3"])).profile["syscalls"])
+    assert not any(r["comment"] == seccomp.COMPAT_RULE
+                   for r in seccomp.compile_oci(policy(["clone"]), "alert").profile["syscalls"])
+
+
+def test_provenance_rule_from_policy():
+    p = policy(["openat", "read"], provenance=({"entry": "syscall:openat", "rule": "literal"},))
+    rules = {e.syscall: e.rule for e in seccomp.compile_oci(p).report}
+    assert rules == {"openat": "policy:literal", "read": "policy"}
+
+
+def test_exceptions_are_added_with_their_rule():
+    c = seccomp.compile_oci(policy(["read"]), extra_allow={"ptrace": "exception:abc123"})
+    assert {"names": ["ptrace"], "action": "SCMP_ACT_ALLOW", "comment": "exception:abc123"} \
+        in c.profile["syscalls"]
+
+
+def test_unconstrained_substrate_allows_everything():
+    p = Policy(workload=W, mode="enforce", substrates=("egress",), syscalls=())
+    c = seccomp.compile_oci(p)
+    assert c.profile["defaultAction"] == "SCMP_ACT_ALLOW" and not c.constrained
+
+
+def test_aarch64_architectures():
+    assert seccomp.compile_oci(policy(["read"]), arch="aarch64").profile["architectures"] == \
+        ["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"]
+    with pytest.raises(seccomp.SeccompCompileError):
+        seccomp.compile_oci(policy(["read"]), arch="sparc")
+
+
+def test_spo_profile_fields():
+    d = seccomp.compile_spo(policy(["clone", "read"]), runtime="runc")
+    assert d["apiVersion"] == "security-profiles-operator.x-k8s.io/v1beta1"
+    assert d["kind"] == "SeccompProfile"
+    assert d["metadata"] == {
+        "name": "agent-main", "namespace": "default",
+        "labels": {"app.kubernetes.io/managed-by": "envelope"},
+        "annotations": d["metadata"]["annotations"]}
+    spec = d["spec"]
+    # only fields the v1beta1 CRD defines; errnoRet is a string there; no defaultErrnoRet
+    assert set(spec) <= {"defaultAction", "architectures", "syscalls", "flags", "baseProfileName"}
+    assert spec["defaultAction"] == "SCMP_ACT_ERRNO"
+    for r in spec["syscalls"]:
+        assert set(r) <= {"action", "names", "errnoRet", "args"}
+        if "errnoRet" in r:
+            assert r["errnoRet"] == str(errno.ENOSYS)
+    ann = d["metadata"]["annotations"]
+    assert ann["envelope.dev/runtime-completeness.runc"].split(",") == \
+        sorted(set(RUNC.syscalls) - {"read", "clone"})
+
+
+# ---- libseccomp -------------------------------------------------------------------------------
+
+
+def pfc(f) -> str:
+    with tempfile.TemporaryFile("w+") as t:
+        f.export_pfc(t)
+        t.seek(0)
+        return t.read()
+
+
+def bpf_len(f) -> int:
+    with tempfile.TemporaryFile("w+b") as t:
+        f.export_bpf(t)
+        t.seek(0)
+        return len(t.read())
+
+
+@pytest.mark.parametrize("golden", sorted(GOLDEN.glob("*.oci.json")), ids=lambda p: p.stem)
+def test_golden_oci_loads_in_libseccomp(golden):
+    profile = json.loads(golden.read_text())
+    skipped = []
+    f = seccomp.filter_from_oci(profile, skipped=skipped)
+    assert skipped == []
+    text = pfc(f)
+    assert bpf_len(f) % 8 == 0 and bpf_len(f) > 0
+    for rule in profile["syscalls"]:
+        for name in rule["names"]:
+            assert f"if ($syscall == {sc.resolve_syscall(sc.Arch.X86_64, name)})" in text
+    if profile["defaultAction"] == "SCMP_ACT_ERRNO":
+        assert f"action ERRNO({profile['defaultErrnoRet']})" in text
+
+
+def test_build_filter_skips_unknown_names_and_reports():
+    skipped = []
+    f = seccomp.build_filter(policy(["read", "write"]), extra_allow={"not_a_syscall": "exception:x"},
+                             skipped=skipped)
+    assert skipped == [("not_a_syscall", "unknown to libseccomp")]
+    text = pfc(f)
+    assert f"$syscall == {sc.resolve_syscall(sc.Arch.X86_64, 'read')}" in text
+
+
+def test_build_filter_uses_binary_tree_for_many_rules():
+    p = load_policy(GOLDEN / "policies" / "research-agent.yaml")
+    f = seccomp.build_filter(p, runtime="runc")
+    assert f.get_attr(sc.Attr.CTL_OPTIMIZE) == 2
+    small = seccomp.build_filter(policy(["read"]))
+    assert small.get_attr(sc.Attr.CTL_OPTIMIZE) == 1
+
+
+def test_default_container_profile_translates():
+    path = Path("/usr/share/containers/seccomp.json")
+    if not path.exists():
+        pytest.skip("golang-github-containers-common not installed")
+    skipped = []
+    f = seccomp.filter_from_oci(json.loads(path.read_text()), skipped=skipped)
+    text = pfc(f)
+    assert "action ERRNO(38)" in text  # its ENOSYS default
+    # a capability-gated rule (chroot needs CAP_SYS_CHROOT, which default containers have)
+    assert f"$syscall == {sc.resolve_syscall(sc.Arch.X86_64, 'chroot')}" in text
+
+
+# ---- determinism --------------------------------------------------------------------------------
+
+NAMES = st.lists(st.sampled_from(sorted(RUNC.syscalls) + ["read", "write", "clone", "clone3",
+                                                           "ptrace", "mount", "socket"]),
+                 max_size=20)
+
+
+@settings(max_examples=60, deadline=None)
+@given(NAMES, st.sampled_from(seccomp.MODES), st.sampled_from([None, "runc"]))
+def test_compile_is_deterministic_and_order_free(names, mode, runtime):
+    a = seccomp.compile_oci(policy(names), mode, runtime=runtime)
+    b = seccomp.compile_oci(policy(list(reversed(names))), mode, runtime=runtime)
+    assert a.to_json() == b.to_json()
+    assert a.report == b.report
+    allowed = set(a.allowed())
+    assert set(names) <= allowed
+    if runtime:
+        assert set(RUNC.syscalls) <= allowed
+    # every allowed name appears exactly once across the rules
+    listed = [n for r in a.profile["syscalls"] if r["action"] == "SCMP_ACT_ALLOW" for n in r["names"]]
+    assert len(listed) == len(set(listed))
+    if mode != "observe":
+        assert set(listed) == allowed
