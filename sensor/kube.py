@@ -74,9 +74,8 @@ def workload_from_pod_name(pod_name: str, labels: Mapping[str, str] | None = Non
         m = _CRONJOB_JOB.match(job)
         return ("CronJob", m["name"]) if m else ("Job", job)
     if labels.get("controller-revision-hash") and labels.get("pod-template-generation"):
-        m = _GENERATED_POD.match(pod_name)
-        if m:
-            return "DaemonSet", m["name"]
+        if "-" in pod_name:
+            return "DaemonSet", pod_name.rsplit("-", 1)[0]
     m = _CRONJOB_POD.match(pod_name)
     if m and any(c in "013" for c in m["sched"]):
         return "CronJob", m["name"]
