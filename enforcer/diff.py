@@ -88,7 +88,7 @@ def diff(a: Policy, b: Policy) -> dict:
         elif atom.split(":", 1)[0] not in a.substrates and _substrate(atom) not in a.substrates:
             item["previously"] = f"substrate {_substrate(atom)} not included in the old policy"
         elif behaviours and all(a.allows(k) for k in behaviours):
-            item["previously"] = "its evidence was already allowed by wider or other entries"
+            item["previously"] = "widening: its evidence was already allowed by the old policy"
         added.append(item)
 
     removed = []

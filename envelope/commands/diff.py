@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import sys
 
+import json
+
 from enforcer.diff import diff
 
 from ..output import add_output_option, dump, table
@@ -22,12 +24,16 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_diff)
 
 
+def _compact(v) -> str:
+    return v if isinstance(v, str) else json.dumps(v, sort_keys=True, separators=(",", ":"))
+
+
 def render_text(d: dict) -> str:
     out = [f"{d['old']} -> {d['new']}: " + ("no differences" if d["identical"] else
            f"{len(d['added'])} added, {len(d['removed'])} removed, {len(d['decisions'])} decision changes")]
     if d["decisions"]:
         out.append("")
-        out.append(table([[c["decision"], c["old"], c["new"]] for c in d["decisions"]],
+        out.append(table([[c["decision"], _compact(c["old"]), _compact(c["new"])] for c in d["decisions"]],
                          ["decision", "old", "new"]).rstrip("\n"))
     if d["added"]:
         out.append("")
