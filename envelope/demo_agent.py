@@ -47,7 +47,7 @@ def run(task: int, malicious: bool) -> int:
     answer = call(MODEL_PORT, f"plan task {task}".encode())
     print(f"model: {answer}")
     print(f"resolved: {resolve('tools.internal')}")
-    for step in range(2):
+    for step in range(len(HELPERS)):
         tool = (task + step) % len(HELPERS)
         out = subprocess.run(HELPERS[tool], capture_output=True, text=True, check=False)
         print(f"tool {HELPERS[tool][0]} -> {out.returncode}")
