@@ -208,8 +208,10 @@ def compile_rules(rules: Iterable, generation: int, limits: Limits = Limits()) -
 
 
 def safe_name(workload_key: str) -> str:
-    """A bpffs directory name for a workload key: readable, and unique through a hash suffix."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", workload_key.replace("/", "."))[:80]
+    """A bpffs directory name for a workload key: readable, and unique through a hash suffix.
+
+    bpffs refuses names containing a dot (EPERM), so only [A-Za-z0-9_-] are kept."""
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", workload_key.replace("/", "_"))[:80]
     return f"{slug}-{hashlib.sha256(workload_key.encode()).hexdigest()[:10]}"
 
 

@@ -1,0 +1,34 @@
+"""``envelope violations [--workload NAME] [-o table|json|yaml]``: list recorded violations.
+
+Fields: time, workload, substrate (syscall, egress, exec, watch, detection), behaviour, action
+(denied or alerted) and count (identical records folded within one flush).
+"""
+
+from __future__ import annotations
+
+from enforcer.violations import ACTIONS, SUBSTRATES, ViolationStore, ViolationStoreError
+
+from ..errors import UserError
+from ..output import add_output_option, emit, iso
+
+
+def register(sub) -> None:
+    p = sub.add_parser("violations", help="list denied and alerted behaviour (seccomp, egress, watch, detection)")
+    p.add_argument("--workload", help="only this workload (name or full key)")
+    p.add_argument("--substrate", choices=SUBSTRATES, help="only this substrate")
+    p.add_argument("--action", choices=ACTIONS, help="only denied or only alerted")
+    p.add_argument("--since", type=float, default=None, help="only after this Unix time")
+    add_output_option(p)
+    p.set_defaults(func=cmd_violations)
+
+
+def cmd_violations(args, config) -> int:
+    try:
+        items = ViolationStore(config.state_dir).list(workload=args.workload, substrate=args.substrate,
+                                                      action=args.action, since=args.since)
+    except ViolationStoreError as e:
+        raise UserError(str(e)) from None
+    data = [v.to_dict() for v in items]
+    rows = [[iso(v.time), v.workload, v.substrate, v.behaviour, v.action, v.count] for v in items]
+    emit(data, args.output, rows, ["time", "workload", "substrate", "behaviour", "action", "count"])
+    return 0
