@@ -1,0 +1,281 @@
+"""The install (daemonset/): every manifest validates strictly against a current Kubernetes with
+kubernetes-validate, the kustomization lists and renders every file, and the DaemonSet, RBAC and
+ConfigMap say what the node daemon needs and no more."""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import latest_version
+
+from envelope.config import Config
+
+ROOT = Path(__file__).resolve().parents[2]
+DS_DIR = ROOT / "daemonset"
+K8S_VERSION = latest_version()
+
+
+def load_docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def kustomization() -> dict:
+    return yaml.safe_load((DS_DIR / "kustomization.yaml").read_text())
+
+
+def resources() -> list[dict]:
+    return [d for f in kustomization()["resources"] for d in load_docs(DS_DIR / f)]
+
+
+def one(kind: str, name: str | None = None) -> dict:
+    found = [d for d in resources() if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, (kind, name, len(found))
+    return found[0]
+
+
+def daemonset_pod() -> dict:
+    return one("DaemonSet")["spec"]["template"]["spec"]
+
+
+def container() -> dict:
+    (c,) = daemonset_pod()["containers"]
+    return c
+
+
+# ---- the kustomization -------------------------------------------------------------------------
+
+
+def test_kustomization_lists_every_manifest_and_nothing_missing():
+    listed = kustomization()["resources"]
+    on_disk = sorted(str(p.relative_to(DS_DIR)) for p in DS_DIR.rglob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(listed) == on_disk
+    assert len(set(listed)) == len(listed)
+    for f in listed:
+        assert load_docs(DS_DIR / f), f"{f} holds no document"
+
+
+def test_kustomization_orders_namespace_and_crds_first():
+    kinds = [d["kind"] for d in resources()]
+    assert kinds[0] == "Namespace"
+    assert kinds[1:3] == ["CustomResourceDefinition"] * 2
+
+
+def test_the_install_has_every_part():
+    kinds = sorted({(d["kind"], d["metadata"]["name"]) for d in resources()})
+    for want in [("Namespace", "envelope-system"), ("ServiceAccount", "envelope"), ("ClusterRole", "envelope-node"),
+                 ("ClusterRoleBinding", "envelope-node"), ("Role", "envelope-profiles"),
+                 ("RoleBinding", "envelope-profiles"), ("ConfigMap", "envelope-config"),
+                 ("DaemonSet", "envelope"), ("CustomResourceDefinition", "workloadprofiles.envelope.dev"),
+                 ("CustomResourceDefinition", "leastprivilegepolicies.envelope.dev")]:
+        assert want in kinds
+    for d in resources():
+        if d["kind"] not in ("Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"):
+            assert d["metadata"]["namespace"] == "envelope-system", d["metadata"]["name"]
+
+
+def _kustomize_cmd() -> list[str] | None:
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
+    if shutil.which("kubectl"):
+        return ["kubectl", "kustomize"]
+    return None
+
+
+@pytest.mark.skipif(_kustomize_cmd() is None, reason="neither kustomize nor kubectl on PATH")
+def test_kustomization_renders_every_resource():
+    out = subprocess.run(_kustomize_cmd() + [str(DS_DIR)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rendered = [d for d in yaml.safe_load_all(out.stdout) if d]
+    key = lambda d: (d["kind"], d["metadata"].get("namespace", ""), d["metadata"]["name"])  # noqa: E731
+    assert sorted(map(key, rendered)) == sorted(map(key, resources()))
+    (ds,) = [d for d in rendered if d["kind"] == "DaemonSet"]
+    assert ds["spec"]["template"]["spec"]["containers"][0]["image"] == "envelope:" + kustomization()["images"][0]["newTag"]
+    for d in rendered:
+        kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+
+
+# ---- schema validation ---------------------------------------------------------------------------
+
+
+def test_validator_is_current_and_strict():
+    major, minor = (int(x) for x in K8S_VERSION.split(".")[:2])
+    assert (major, minor) >= (1, 33)
+    bad = copy.deepcopy(one("DaemonSet"))
+    bad["spec"]["template"]["spec"]["containers"][0]["securityContext"]["privilegd"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("doc", resources(), ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
+def test_every_manifest_validates_strictly(doc):
+    assert kubernetes_validate.validate(doc, K8S_VERSION, strict=True) == ".".join(K8S_VERSION.split(".")[:2])
+
+
+# ---- the DaemonSet -------------------------------------------------------------------------------
+
+
+def test_daemonset_runs_the_daemon_with_the_config_file():
+    c = container()
+    assert c["command"] == ["envelope", "--log-json", "daemon", "--config", "/etc/envelope/config.yaml"]
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    vol = {v["name"]: v for v in daemonset_pod()["volumes"]}
+    assert vol[mounts["/etc/envelope"]["name"]]["configMap"]["name"] == "envelope-config"
+    env = {e["name"]: e for e in c["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert daemonset_pod()["serviceAccountName"] == "envelope"
+
+
+def test_daemonset_host_access():
+    pod = daemonset_pod()
+    assert pod["hostPID"] is True
+    assert not pod.get("hostNetwork")
+    mounts = {m["mountPath"]: m for m in container()["volumeMounts"]}
+    vol = {v["name"]: v for v in pod["volumes"]}
+    host = {}
+    for path, m in mounts.items():
+        v = vol[m["name"]]
+        if "hostPath" in v:
+            host[path] = (v["hostPath"]["path"], m.get("readOnly", False), m.get("mountPropagation"))
+    expected_ro = {
+        "/sys/fs/cgroup": True, "/sys/fs/bpf": False, "/sys/kernel/tracing": True, "/lib/modules": True,
+        "/usr/src": True, "/run/containerd": True, "/run/crio": True, "/run/containers": True,
+        "/run/runc": True, "/var/lib/kubelet/seccomp": False, "/var/lib/envelope": False,
+    }
+    assert set(host) == set(expected_ro)
+    for path, ro in expected_ro.items():
+        assert host[path][0] == path, "host paths are mounted at their own paths (host_root: /)"
+        assert host[path][1] == ro, path
+    assert host["/sys/fs/bpf"][2] == "HostToContainer"
+    # every volume is used, every mount has a volume
+    assert {m["name"] for m in container()["volumeMounts"]} == set(vol)
+
+
+def test_daemonset_obeys_api_server_rules_the_schema_cannot_check():
+    c = container()
+    sc = c["securityContext"]
+    privileged = bool(sc.get("privileged"))
+    for m in c["volumeMounts"]:
+        if m.get("mountPropagation") == "Bidirectional":
+            assert privileged, "Bidirectional mount propagation is available only to privileged containers"
+    if "SYS_ADMIN" in sc["capabilities"].get("add", []) or privileged:
+        assert sc.get("allowPrivilegeEscalation") is not False
+    names = [p["name"] for p in c["ports"]]
+    assert all(len(n) <= 15 for n in names)
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"]["port"] in names
+
+
+CAPS = ["BPF", "PERFMON", "SYS_ADMIN", "NET_ADMIN", "SYS_RESOURCE", "SYS_PTRACE", "DAC_READ_SEARCH"]
+
+
+def test_daemonset_uses_explicit_capabilities_each_with_a_reason():
+    sc = container()["securityContext"]
+    assert sc["privileged"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert sc["capabilities"]["add"] == CAPS
+    lines = (DS_DIR / "daemonset.yaml").read_text().splitlines()
+    for cap in CAPS:
+        (i,) = [n for n, line in enumerate(lines) if line.strip() == f"- {cap}"]
+        assert lines[i - 1].strip().startswith("#") and len(lines[i - 1].strip()) > 20, f"{cap} has no reason"
+
+
+def test_daemonset_tolerates_every_node_and_has_resources_and_probes():
+    pod = daemonset_pod()
+    assert {"operator": "Exists"} in pod["tolerations"]
+    c = container()
+    for k in ("cpu", "memory"):
+        assert k in c["resources"]["requests"] and k in c["resources"]["limits"]
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_metrics_port_agrees_everywhere():
+    cfg = Config.load(config_file())
+    c = container()
+    (port,) = [p for p in c["ports"] if p["name"] == "metrics"]
+    assert port["containerPort"] == cfg.metrics_port
+    ann = one("DaemonSet")["spec"]["template"]["metadata"]["annotations"]
+    assert ann["prometheus.io/port"] == str(cfg.metrics_port)
+    svc = one("Service", "envelope-metrics")
+    assert svc["spec"]["ports"][0]["port"] == cfg.metrics_port
+    assert svc["spec"]["selector"].items() <= one("DaemonSet")["spec"]["template"]["metadata"]["labels"].items()
+
+
+# ---- the ConfigMap -------------------------------------------------------------------------------
+
+
+def config_file() -> Path:
+    text = one("ConfigMap", "envelope-config")["data"]["config.yaml"]
+    path = Path(tempfile.mkdtemp()) / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_configmap_is_a_valid_daemon_config():
+    text = one("ConfigMap", "envelope-config")["data"]["config.yaml"]
+    data = yaml.safe_load(text)
+    assert "node_name" not in data, "node_name comes from NODE_NAME (downward API)"
+    cfg = Config.load(config_file())  # unknown keys would be a UserError
+    assert cfg.host_root == Path("/")
+    mounts = {m["mountPath"] for m in container()["volumeMounts"]}
+    for path in (cfg.kubelet_seccomp_dir, cfg.bpffs, cfg.state_dir):
+        assert str(path) in mounts, f"{path} is not mounted"
+    assert cfg.fingerprint_annotations == {
+        "model": "envelope.dev/model-version",
+        "prompt_template": "envelope.dev/prompt-template",
+        "tool_catalog": "envelope.dev/tool-catalog",
+    }
+
+
+def test_configmap_documents_each_key():
+    text = one("ConfigMap", "envelope-config")["data"]["config.yaml"]
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"^[a-z_]+:", line):
+            j = i - 1
+            while j >= 0 and re.match(r"^[a-z_]+:", lines[j]):
+                j -= 1
+            assert j >= 0 and lines[j].lstrip().startswith("#"), f"{line} has no comment"
+
+
+# ---- RBAC ----------------------------------------------------------------------------------------
+
+
+def test_rbac_is_least_privilege():
+    cluster_rules = one("ClusterRole", "envelope-node")["rules"]
+    for r in cluster_rules:
+        assert "*" not in r["verbs"] and "*" not in r["resources"] and "*" not in r["apiGroups"]
+        assert "secrets" not in r["resources"] and "configmaps" not in r["resources"]
+        if r["apiGroups"] != ["envelope.dev"]:
+            assert set(r["verbs"]) <= {"get", "list", "watch"}, r
+    pods = [r for r in cluster_rules if r["apiGroups"] == [""] and "pods" in r["resources"]]
+    assert pods and set(pods[0]["verbs"]) == {"get", "list", "watch"}
+    groups = {(g, res) for r in cluster_rules for g in r["apiGroups"] for res in r["resources"]}
+    for need in [("apps", "replicasets"), ("apps", "deployments"), ("batch", "jobs"),
+                 ("envelope.dev", "leastprivilegepolicies"), ("envelope.dev", "leastprivilegepolicies/status")]:
+        assert need in groups
+    writes_profiles_cluster_wide = [r for r in cluster_rules if "workloadprofiles" in r["resources"]
+                                    and set(r["verbs"]) & {"create", "patch", "update", "delete"}]
+    assert writes_profiles_cluster_wide == []
+    role = one("Role", "envelope-profiles")
+    assert role["metadata"]["namespace"] == "envelope-system"
+    assert role["rules"] == [{"apiGroups": ["envelope.dev"], "resources": ["workloadprofiles"],
+                              "verbs": ["get", "list", "watch", "create", "patch", "update", "delete"]}]
+    for kind in ("ClusterRoleBinding", "RoleBinding"):
+        (b,) = [d for d in resources() if d["kind"] == kind]
+        assert b["subjects"] == [{"kind": "ServiceAccount", "name": "envelope", "namespace": "envelope-system"}]
+
+
+def test_namespace_allows_the_privileged_pod_security_level():
+    ns = one("Namespace", "envelope-system")
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
