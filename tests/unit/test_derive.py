@@ -277,7 +277,7 @@ def test_validity_fingerprint_triggers_and_expiry():
     assert not ok["stale"]
     changed = check(pol, {"model": "m2", "tool_catalog": "sha256:t"}, now=T0)
     fired = {t["trigger"]: t for t in changed["triggers"] if t["fired"]}
-    assert changed["stale"] and set(fired) == {"model-version-change", "tool_catalog-change"}
+    assert changed["stale"] and set(fired) == {"model-version-change", "tool-catalog-change"}
     assert "derived against 'm1b', now 'm2'" in fired["model-version-change"]["reason"]
     expired = check(pol, {}, now=T0 + 30 * DAY)
     assert expired["stale"] and [t["trigger"] for t in expired["triggers"] if t["fired"]] == ["expiry"]
