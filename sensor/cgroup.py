@@ -100,6 +100,33 @@ def cgroup_id(path: str | os.PathLike) -> int:
         raise CgroupError(f"stat cgroup {path}: {e}") from e
 
 
+def cgroup_id_from_handle(path: str | os.PathLike) -> int:
+    """The kernel's cgroup id of ``path`` from its file handle (``name_to_handle_at``).
+
+    For kernfs the handle is the 64-bit node id, the value ``bpf_get_current_cgroup_id``
+    returns; this checks, independently of ``stat``, that the inode rule holds here."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+    class FileHandle(ctypes.Structure):
+        _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                    ("f_handle", ctypes.c_ubyte * 8)]
+
+    fh = FileHandle(8, 0)
+    mount_id = ctypes.c_int(0)
+    AT_FDCWD = -100
+    rc = libc.name_to_handle_at(AT_FDCWD, os.fsencode(str(path)), ctypes.byref(fh),
+                                ctypes.byref(mount_id), 0)
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise CgroupError(f"name_to_handle_at {path}: {os.strerror(err)}")
+    if fh.handle_bytes != 8:
+        raise CgroupError(f"name_to_handle_at {path}: unexpected handle size {fh.handle_bytes}")
+    return int.from_bytes(bytes(fh.f_handle), "little")
+
+
 def parse_proc_cgroup(text: str) -> str | None:
     """The unified-hierarchy path from a ``/proc/<pid>/cgroup`` text (its ``0::`` line)."""
     for line in text.splitlines():

@@ -1,0 +1,118 @@
+"""A real runc busybox container with a kubelet cgroupsPath and CRI annotations resolves, by
+the cgroup id read while it runs, to its namespace, Deployment and container; real cgroups are
+created, populated, killed and removed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sensor.cgroup import CgroupFS, cgroup_id, cgroup_id_from_handle, parse_container_ref
+from sensor.identity import Resolver
+from sensor.workload import Workload
+from tests.privileged.runc_bundle import RuncContainer, cgroup_mounts
+
+
+@pytest.fixture
+def cgfs():
+    return CgroupFS()
+
+
+@pytest.mark.runc
+def test_runc_container_resolves_to_namespace_deployment_and_container(tmp_path, cgfs):
+    with RuncContainer.deployment("agents", "research-agent", "agent",
+                                  ["/bin/sh", "-c", "echo started; exec sleep 300"], tmp_path) as c:
+        c.run()
+        pid = c.wait_running()
+        # the cgroup runc made is exactly the kubelet path, in the v2 hierarchy
+        rel, cid = cgfs.pid_cgroup(pid)
+        assert rel == c.cgroups_path
+        assert cid == cgroup_id(cgfs.abspath(c.cgroups_path))
+        assert cid == cgroup_id_from_handle(cgfs.abspath(c.cgroups_path))  # the kernel's id
+        assert (c.state_dir / "state.json").exists()
+
+        resolver = Resolver(cgfs)
+        ident = resolver.resolve(cid, pid)
+        assert ident.source == "oci"
+        assert ident.workload == Workload("agents", "Deployment", "research-agent", "agent")
+        assert (ident.namespace, ident.pod_name, ident.container_name, ident.pod_uid) == (
+            "agents", c.pod_name, "agent", c.pod_uid)
+        assert ident.container.container_id == c.id
+        assert ident.container.qos == "besteffort"
+        assert ident.cgroup_path == c.cgroups_path
+
+        # without a pid, the id is found by walking the hierarchy
+        walked = Resolver(CgroupFS(cgfs.root)).resolve(cid)
+        assert walked.workload == ident.workload and walked.cgroup_path == c.cgroups_path
+
+        c.kill()
+        assert c.wait() == 137  # runc passes the container's exit (SIGKILL) through
+        c.delete()
+        # runc removed the container cgroup (and the helper its parents)...
+        assert not cgfs.abspath(c.cgroups_path).exists()
+        assert not cgfs.abspath(f"/kubepods/besteffort/pod{c.pod_uid}").exists()
+        assert c.cgroup_dirs() == []
+        assert not c.state_dir.exists()
+        # ...but the identity resolved at first sight stays
+        assert resolver.resolve(cid) == ident
+
+
+@pytest.mark.runc
+def test_short_lived_container_resolved_at_first_sight(tmp_path, cgfs):
+    """A container that exits on its own: resolve while it lives, look up after it is gone."""
+    with RuncContainer.deployment("batch", "indexer", "worker",
+                                  ["/bin/sh", "-c", "read x; exit 3"], tmp_path,
+                                  qos="guaranteed") as c:
+        # create: the cgroup exists before the first instruction, as a sensor would see it
+        c.create()
+        pid = c.wait_running()
+        rel, cid = cgfs.pid_cgroup(pid)
+        assert rel == f"/kubepods/pod{c.pod_uid}/{c.id}"
+        assert parse_container_ref(rel).qos == "guaranteed"
+        resolver = Resolver(cgfs)
+        first = resolver.resolve(cid, pid)
+        c.start()  # stdin is /dev/null: `read` fails at once and the shell exits 3
+        assert c.wait() is None
+        c.delete()
+        assert not cgfs.abspath(rel).exists()
+        assert resolver.resolve(cid) == first
+        assert first.workload == Workload("batch", "Deployment", "indexer", "worker")
+
+
+def test_real_cgroup_create_move_kill_remove(cgfs):
+    top = f"/envelope-identity-{os.getpid()}"
+    rel = f"{top}/app"
+    path, cid = cgfs.make(rel)
+    try:
+        assert cid == cgroup_id_from_handle(path)
+        # a parent that forks a child: both belong to the cgroup, the child by inheritance
+        proc = subprocess.Popen([sys.executable, "-c",
+                                 "import os,time\nif os.fork()==0: time.sleep(300)\nelse: time.sleep(300)"])
+        cgfs.move(rel, proc.pid)
+        for _ in range(500):
+            if len(cgfs.procs(rel)) == 2:
+                break
+            os.sched_yield()
+        pids = cgfs.procs(rel)
+        assert proc.pid in pids and len(pids) == 2
+        assert cgfs.pid_cgroup(proc.pid) == (rel, cid)
+        child = next(p for p in pids if p != proc.pid)
+        resolved = Resolver(cgfs).resolve(cid, child)
+        assert resolved.workload == Workload.host(f"envelope-identity-{os.getpid()}_app")
+        cgfs.remove(rel)  # kills both, then rmdir with retries
+        assert proc.wait(30) == -9
+        assert not path.exists()
+        assert not Path(f"/proc/{child}").exists() or \
+            Path(f"/proc/{child}/status").read_text().find("State:\tZ") >= 0
+    finally:
+        cgfs.remove(top)
+    assert not cgfs.abspath(top).exists()
+
+
+def test_cgroup2_is_the_mount_runc_uses(cgfs):
+    assert cgfs.root in cgroup_mounts()
+    assert (cgfs.root / "cgroup.controllers").exists()
