@@ -1,0 +1,270 @@
+"""``envelope exec`` end to end: real processes, real cgroups, real seccomp and BPF.
+
+Every network target is a listener of this test on 127.0.0.1 or ::1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ENVELOPE = [sys.executable, "-m", "envelope.cli"]
+DENIED_SYSCALL = "getsid"
+
+
+def all_syscalls_but(*denied: str) -> list[str]:
+    import seccomp
+    out = []
+    for nr in range(0, 512):
+        try:
+            name = seccomp.resolve_syscall(seccomp.Arch.NATIVE, nr).decode()
+        except Exception:
+            continue
+        if name and name not in denied:
+            out.append(name)
+    return out
+
+
+class Listener:
+    """Accepts and closes connections on an ephemeral port (TCP), or just binds (UDP)."""
+
+    def __init__(self, host: str, kind=socket.SOCK_STREAM):
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(fam, kind)
+        self.sock.bind((host, 0))
+        self.port = self.sock.getsockname()[1]
+        self.kind = kind
+        if kind == socket.SOCK_STREAM:
+            self.sock.listen(512)
+            self.thread = threading.Thread(target=self._accept, daemon=True)
+            self.thread.start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+                c.close()
+            except OSError:
+                return
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+@pytest.fixture
+def listeners():
+    ls = {"allowed": Listener("127.0.0.1"), "other_port": Listener("127.0.0.1"),
+          "v6": Listener("::1"), "udp": Listener("127.0.0.1", socket.SOCK_DGRAM)}
+    yield ls
+    for l in ls.values():
+        l.close()
+
+
+@pytest.fixture
+def state_dir(tmp_path):
+    d = tmp_path / "state"
+    d.mkdir()
+    return d
+
+
+def write_policy(path: Path, allowed_port: int, mode: str = "enforce", watch=(), egress_extra=()):
+    from enforcer.policy import EgressRule, Policy, dump_policy
+    from sensor.workload import Workload
+    rules = (EgressRule("tcp", "127.0.0.1/32", (allowed_port,)),) + tuple(egress_extra)
+    p = Policy(workload=Workload.host("exec-test"), mode=mode, syscalls=tuple(all_syscalls_but(DENIED_SYSCALL)),
+               egress=rules, watch=tuple(watch))
+    path.write_text(dump_policy(p))
+    return p
+
+
+CHILD = textwrap.dedent("""
+    import errno, os, socket, sys, json
+    allowed, other, v6, udp = (int(x) for x in sys.argv[1:5])
+    out = {}
+    def attempt(name, fn):
+        try:
+            fn(); out[name] = "ok"
+        except OSError as e:
+            out[name] = errno.errorcode.get(e.errno, str(e.errno))
+    def tcp(host, port):
+        s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        try: s.connect((host, port))
+        finally: s.close()
+    def send(host, port):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try: s.sendto(b"x", (host, port))
+        finally: s.close()
+    attempt("connect_allowed", lambda: tcp("127.0.0.1", allowed))
+    attempt("connect_other_port", lambda: tcp("127.0.0.1", other))
+    attempt("connect_other_cidr", lambda: tcp("::1", v6))
+    attempt("send_udp", lambda: send("127.0.0.1", udp))
+    for i in range(3):
+        attempt("getsid_%d" % i, lambda: os.getsid(0))
+    attempt("getpid", os.getpid)
+    print(json.dumps(out), flush=True)
+    sys.exit(7)
+""")
+
+
+def run_envelope(state_dir: Path, *args, timeout=120, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(ENVELOPE + ["--state-dir", str(state_dir)] + list(args), cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def violations(state_dir: Path) -> list[dict]:
+    r = run_envelope(state_dir, "violations", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def envelope_cgroups() -> list[str]:
+    from sensor.cgroup import cgroup2_mount_point
+    d = cgroup2_mount_point() / "envelope"
+    return sorted(p.name for p in d.iterdir() if p.is_dir() and p.name.startswith("exec-")) if d.exists() else []
+
+
+def test_enforce_denies_outside_and_allows_inside(tmp_path, state_dir, listeners):
+    pol = tmp_path / "policy.yaml"
+    write_policy(pol, listeners["allowed"].port, watch=[f"connect:tcp:127.0.0.1:{listeners['other_port'].port}"])
+    child = tmp_path / "child.py"
+    child.write_text(CHILD)
+    before = envelope_cgroups()
+    r = run_envelope(state_dir, "exec", "--policy", str(pol), "--", sys.executable, str(child),
+                     str(listeners["allowed"].port), str(listeners["other_port"].port),
+                     str(listeners["v6"].port), str(listeners["udp"].port))
+    assert r.returncode == 7, r.stderr  # CMD's exit code passes through
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["connect_allowed"] == "ok"
+    assert out["getpid"] == "ok"
+    assert out["connect_other_port"] == "EPERM"
+    assert out["connect_other_cidr"] == "EPERM"
+    assert out["send_udp"] == "EPERM"
+    assert [out[f"getsid_{i}"] for i in range(3)] == ["EPERM"] * 3
+
+    vs = violations(state_dir)
+    by = {}
+    for v in vs:
+        assert v["workload"] == "host/Unit/exec-test/main"
+        by.setdefault((v["substrate"], v["behaviour"], v["action"]), 0)
+        by[(v["substrate"], v["behaviour"], v["action"])] += v["count"]
+    other, v6, udp = listeners["other_port"].port, listeners["v6"].port, listeners["udp"].port
+    assert by.pop(("egress", f"connect:tcp:127.0.0.1:{other}", "denied")) == 1
+    assert by.pop(("egress", f"connect:tcp:[::1]:{v6}", "denied")) == 1
+    assert by.pop(("egress", f"send:udp:127.0.0.1:{udp}", "denied")) == 1
+    assert by.pop(("syscall", f"syscall:{DENIED_SYSCALL}", "denied")) == 3  # once per call
+    assert by.pop(("watch", f"connect:tcp:127.0.0.1:{other}", "alerted")) == 1
+    assert by == {}, f"unexpected violations: {by}"
+    assert envelope_cgroups() == before  # the cgroup was removed
+
+
+def test_alert_mode_allows_and_reports(tmp_path, state_dir, listeners):
+    pol = tmp_path / "policy.yaml"
+    write_policy(pol, listeners["allowed"].port, mode="enforce")
+    child = tmp_path / "child.py"
+    child.write_text(CHILD)
+    r = run_envelope(state_dir, "exec", "--policy", str(pol), "--mode", "alert", "--", sys.executable,
+                     str(child), str(listeners["allowed"].port), str(listeners["other_port"].port),
+                     str(listeners["v6"].port), str(listeners["udp"].port))
+    assert r.returncode == 7, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(out.values()) == {"ok"}, out  # everything allowed
+    vs = violations(state_dir)
+    got = {(v["substrate"], v["behaviour"]): (v["action"], v["count"]) for v in vs}
+    other, v6, udp = listeners["other_port"].port, listeners["v6"].port, listeners["udp"].port
+    assert got[("egress", f"connect:tcp:127.0.0.1:{other}")] == ("alerted", 1)
+    assert got[("egress", f"connect:tcp:[::1]:{v6}")] == ("alerted", 1)
+    assert got[("egress", f"send:udp:127.0.0.1:{udp}")] == ("alerted", 1)
+    assert got[("syscall", f"syscall:{DENIED_SYSCALL}")] == ("alerted", 3)
+    assert ("egress", f"connect:tcp:127.0.0.1:{listeners['allowed'].port}") not in got
+    assert all(v["action"] == "alerted" for v in vs)
+
+
+EXCEPTION_CHILD = textwrap.dedent("""
+    import errno, socket, sys, time
+    port = int(sys.argv[1])
+    seq = []
+    for i in range(3000):
+        s = socket.socket()
+        try:
+            s.connect(("127.0.0.1", port)); r = "ok"
+        except OSError as e:
+            r = errno.errorcode.get(e.errno, str(e.errno))
+        finally:
+            s.close()
+        if not seq or seq[-1] != r:
+            seq.append(r)
+            print(r, flush=True)
+        if seq[-3:] == ["EPERM", "ok", "EPERM"]:
+            sys.exit(0)
+        time.sleep(0.02)
+    sys.exit(3)
+""")
+
+
+def test_exception_allows_until_ttl_then_denies(tmp_path, state_dir, listeners):
+    """Denied -> exception added (takes effect in the running cgroup) -> lapses -> denied."""
+    from enforcer import exceptions
+    pol = tmp_path / "policy.yaml"
+    policy = write_policy(pol, listeners["allowed"].port)
+    child = tmp_path / "child.py"
+    child.write_text(EXCEPTION_CHILD)
+    target = listeners["other_port"].port
+    proc = subprocess.Popen(ENVELOPE + ["--state-dir", str(state_dir), "exec", "--policy", str(pol), "--",
+                                        sys.executable, str(child), str(target)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline().strip()
+        assert first == "EPERM"  # outside the policy, no exception yet
+        exc = exceptions.add(state_dir, policy.workload, f"connect:tcp:127.0.0.1:{target}", 2.0,
+                             reason="test: temporary access")
+        second = proc.stdout.readline().strip()
+        assert second == "ok"  # the exception reached the running cgroup's maps
+        third = proc.stdout.readline().strip()
+        assert third == "EPERM"  # and lapsed on its own
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    # the lapse happened at or after the exception's expiry, never before
+    import time as _t
+    assert _t.time() >= exc.expires
+    vs = [v for v in violations(state_dir) if v["substrate"] == "egress"]
+    assert sum(v["count"] for v in vs) >= 2  # the denials before and after the window
+
+
+def test_exit_status_passthrough_and_signal(tmp_path, state_dir):
+    pol = tmp_path / "policy.yaml"
+    write_policy(pol, 1)
+    r = run_envelope(state_dir, "exec", "--policy", str(pol), "--", "/bin/sh", "-c", "exit 42")
+    assert r.returncode == 42, r.stderr
+    r = run_envelope(state_dir, "exec", "--policy", str(pol), "--", "/bin/sh", "-c", "kill -TERM $$")
+    assert r.returncode == 128 + 15, r.stderr
+
+
+def test_malformed_policy_is_one_clear_error(tmp_path, state_dir):
+    pol = tmp_path / "bad.yaml"
+    pol.write_text("apiVersion: envelope.dev/v1alpha1\nkind: LeastPrivilegePolicy\nspec:\n"
+                   "  workload: {namespace: host, kind: Unit, name: x, container: main}\n"
+                   "  allow:\n    egress:\n      - {proto: tcp, cidr: 10.0.0.0/33, ports: [443]}\n")
+    before = envelope_cgroups()
+    r = run_envelope(state_dir, "exec", "--policy", str(pol), "--", "/bin/true")
+    assert r.returncode == 2
+    assert "spec.allow.egress[0].cidr" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert envelope_cgroups() == before
