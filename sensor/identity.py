@@ -339,8 +339,9 @@ class Resolver:
             if e is not None:
                 self._cache.move_to_end(cgroup_id)
                 self.stats["hits"] += 1
-                self._maybe_upgrade(e)
-                return e.identity
+        if e is not None:
+            self._maybe_upgrade(e)  # outside the lock: it may ask the API for an owner
+            return e.identity
         e = self._resolve_new(cgroup_id, pid)
         with self._lock:
             self._cache[cgroup_id] = e

@@ -306,7 +306,8 @@ class KubeWatcher:
     def __init__(self, node_name: str, api_client=None, *, kubeconfig: str | None = None,
                  fingerprint_keys: Mapping[str, str] | None = None, backoff: Backoff | None = None,
                  watch_timeout: int = 300, request_timeout: float = 10.0, owner_ttl: float = 300.0,
-                 tombstone_ttl: float = 900.0, clock: Callable[[], float] = time.monotonic):
+                 tombstone_ttl: float = 900.0, retry_after: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic):
         from kubernetes import client as k8s  # imported here: the pure layer above needs none
 
         if api_client is None:
@@ -322,11 +323,13 @@ class KubeWatcher:
         self.request_timeout = request_timeout
         self.owner_ttl = owner_ttl
         self.tombstone_ttl = tombstone_ttl
+        self.retry_after = retry_after  # seconds before a failed owner lookup is tried again
         self.clock = clock
         self._lock = threading.Lock()
         self._pods: dict[str, dict] = {}  # uid -> pod
         self._deleted: dict[str, float] = {}  # uid -> when deleted (kept for late lookups)
         self._objects: dict[tuple[str, str, str], tuple[float, dict | None]] = {}
+        self._retry_at: dict[tuple[str, str, str], float] = {}  # failed lookups wait until then
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.synced = threading.Event()  # set after the first successful list
@@ -460,6 +463,8 @@ class KubeWatcher:
         hit = self._objects.get(key)
         if hit is not None and now - hit[0] < self.owner_ttl:
             return hit[1]
+        if now < self._retry_at.get(key, 0.0):  # failed recently: do not wait on the API again
+            return hit[1] if hit else None
         reader = {
             "ReplicaSet": self.apps.read_namespaced_replica_set,
             "Job": self.batch.read_namespaced_job,
@@ -473,14 +478,18 @@ class KubeWatcher:
         except self._ApiException as e:
             if e.status == 404:
                 self._objects[key] = (now, None)
+                self._retry_at.pop(key, None)
             else:
                 self._failed(f"get {kind} {namespace}/{name}", e)
+                self._retry_at[key] = now + self.retry_after
                 return hit[1] if hit else None
             return None
         except Exception as e:  # noqa: BLE001 - network errors of any kind
             self._failed(f"get {kind} {namespace}/{name}", e)
+            self._retry_at[key] = now + self.retry_after
             return hit[1] if hit else None
         self._objects[key] = (now, obj)
+        self._retry_at.pop(key, None)
         return obj
 
     def identity(self, pod_uid: str, container_id: str | None = None,

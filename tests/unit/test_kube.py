@@ -308,6 +308,7 @@ def wait_for(cond, timeout=30.0):
 
 
 def make_watcher(url, **kw):
+    kw.setdefault("retry_after", 0.0)
     return KubeWatcher("worker-2", make_api_client(host=url),
                        backoff=Backoff(initial=0.01, maximum=0.05, jitter=0.0),
                        request_timeout=2.0, watch_timeout=1, **kw)
@@ -329,6 +330,7 @@ def test_watcher_retries_with_backoff_and_never_crashes(api, mode):
         assert w.get_object("ReplicaSet", "agents", "research-agent-7c9f8b6d5") is None
         assert w.failures == before + 1
         # the API comes back: the same watcher lists, watches and resolves
+        api.requests.clear()
         rollout = load("pod-research-agent-rollout.json")
         api.watch_events = [{"type": "ADDED", "object": rollout}]
         api.mode = "ok"
@@ -380,3 +382,15 @@ def test_watch_events_update_delete_and_expire():
     assert w.pod(uid) is None
     with pytest.raises(Exception, match="too old"):
         w.apply_event({"type": "ERROR", "object": {"kind": "Status", "code": 410, "message": "too old resource version"}})
+
+
+def test_failed_owner_lookup_is_not_retried_on_every_read(api):
+    t = [100.0]
+    w = make_watcher(api.url, retry_after=30.0, clock=lambda: t[0])
+    assert w.get_object("ReplicaSet", "agents", "research-agent-7c9f8b6d5") is None
+    assert w.get_object("ReplicaSet", "agents", "research-agent-7c9f8b6d5") is None
+    assert len(api.requests) == 1 and w.failures == 1  # the second read did not wait on the API
+    api.mode = "ok"
+    t[0] += 31.0
+    assert w.get_object("ReplicaSet", "agents", "research-agent-7c9f8b6d5") is not None
+    assert len(api.requests) == 2
