@@ -12,8 +12,10 @@ The set was measured, not guessed, on this project's reference machine (runc 1.1
 libseccomp 2.5.4, Linux 6.18, x86_64): a busybox container ran under a profile whose default
 action was ``SCMP_ACT_LOG`` with no rules, so every syscall after the filter load was logged to
 the kernel log (``type=1326``) with the calling ``comm``; the lines from ``runc:[2:INIT]`` are
-the runtime's, the rest the container command's. :func:`measure` repeats that measurement on any
-host. The set was then confirmed by bisection under ``SCMP_ACT_ERRNO``: dropping any syscall
+the runtime's, the rest the container command's. Twenty runs each with ``noNewPrivileges`` true
+and false; a syscall seen in any run is in the set. :func:`measure` repeats that measurement on
+any host (root; it reads ``/dev/kmsg`` and lifts the printk rate limit while it runs), and
+``tests/privileged/test_seccomp_runc.py`` re-measures and checks the set on every run. The set was then confirmed by bisection under ``SCMP_ACT_ERRNO``: dropping any syscall
 marked ``required`` below makes ``runc run`` fail (the error runc prints is in the reason).
 
 Where runc loads the filter depends on ``process.noNewPrivileges``:
@@ -36,6 +38,7 @@ through it and are not in the set. They end at ``execve`` anyway.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from collections import Counter
@@ -134,6 +137,7 @@ def default_runtime(workload_kind: str, workload_namespace: str) -> str | None:
 _AUDIT_LINE = re.compile(r'type=1326 .*?comm="(?P<comm>[^"]*)".*?arch=(?P<arch>[0-9a-f]+) '
                          r'syscall=(?P<nr>\d+)')
 INIT_COMM = "runc:[2:INIT]"
+_AUDIT_ARCH = {"c000003e": "X86_64", "40000003": "X86", "c00000b7": "AARCH64", "40000028": "ARM"}
 
 
 def parse_seccomp_log(text: str) -> list[tuple[str, str, int]]:
@@ -141,35 +145,76 @@ def parse_seccomp_log(text: str) -> list[tuple[str, str, int]]:
     return [(m["comm"], m["arch"], int(m["nr"])) for m in _AUDIT_LINE.finditer(text)]
 
 
-def measure(bundle: Path, runs: int = 10, container_id: str = "envelope-runtime-measure",
-            runc: str = "runc") -> dict[str, dict]:
-    """Measure which syscalls runc's init makes under the container's filter.
+class KernelLog:
+    """New kernel log records from ``/dev/kmsg`` since this object was made (root).
 
-    ``bundle``'s ``config.json`` must carry ``linux.seccomp`` with ``defaultAction:
-    SCMP_ACT_LOG`` and no rules. Each run clears the kernel log (root), runs the container to
-    completion and reads the ``type=1326`` lines back. Returns ``{"runtime": {name: runs},
-    "command": {name: runs}}``: in how many runs each syscall was seen from runc's init thread
-    and from the container command. Raise the kernel's printk rate limit first
-    (``kernel.printk_ratelimit=0``) or lines are dropped.
+    Seccomp's ``SCMP_ACT_LOG`` lines go to the kernel log when no audit daemon takes them; they
+    are printk rate-limited, so the limit is lifted while this is open and put back on close.
     """
+
+    RATELIMIT = Path("/proc/sys/kernel/printk_ratelimit")
+
+    def __init__(self):
+        self._saved = self.RATELIMIT.read_text()
+        self.RATELIMIT.write_text("0\n")
+        self.fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        os.lseek(self.fd, 0, os.SEEK_END)
+
+    def read(self) -> str:
+        out = []
+        while True:
+            try:
+                rec = os.read(self.fd, 8192)
+            except BlockingIOError:
+                break
+            except BrokenPipeError:  # records overwritten before we read them
+                continue
+            if not rec:
+                break
+            out.append(rec.decode(errors="replace"))
+        return "".join(out)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.RATELIMIT.write_text(self._saved)
+
+    def __enter__(self) -> "KernelLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def logged_syscalls(text: str) -> dict[str, set[str]]:
+    """Split seccomp log lines into ``{"runtime": names, "command": names}`` by ``comm``."""
     import seccomp  # Debian python3-seccomp; only needed for number -> name
 
-    arches = {"c000003e": seccomp.Arch.X86_64, "40000003": seccomp.Arch.X86,
-              "c00000b7": seccomp.Arch.AARCH64}
+    out: dict[str, set[str]] = {"runtime": set(), "command": set()}
+    for comm, arch, nr in parse_seccomp_log(text):
+        attr = _AUDIT_ARCH.get(arch)
+        name = seccomp.resolve_syscall(getattr(seccomp.Arch, attr) if attr else seccomp.Arch.NATIVE, nr)
+        name = name.decode() if isinstance(name, bytes) else name
+        out["runtime" if comm == INIT_COMM else "command"].add(name)
+    return out
+
+
+def measure(bundle: Path, runs: int = 10, container_id: str = "envelope-runtime-measure",
+            runc: str = "runc") -> dict[str, dict[str, int]]:
+    """Measure which syscalls runc's init and the container command make under the filter.
+
+    ``bundle``'s ``config.json`` must carry ``linux.seccomp`` with ``defaultAction:
+    SCMP_ACT_LOG`` and no rules, so every syscall after the filter load is logged. Returns
+    ``{"runtime": {name: runs seen}, "command": {name: runs seen}}`` over ``runs`` runs.
+    """
     seen: dict[str, Counter] = {"runtime": Counter(), "command": Counter()}
-    for i in range(runs):
-        subprocess.run(["dmesg", "-C"], check=True)
-        cid = f"{container_id}-{i}"
-        r = subprocess.run([runc, "run", cid], cwd=bundle, capture_output=True, text=True)
-        subprocess.run([runc, "delete", "-f", cid], capture_output=True)
-        if r.returncode != 0:
-            raise OSError(f"runc run {cid} in {bundle} failed ({r.returncode}): {r.stderr.strip()}")
-        log = subprocess.run(["dmesg"], capture_output=True, text=True, check=True).stdout
-        this_run: dict[str, set] = {"runtime": set(), "command": set()}
-        for comm, arch, nr in parse_seccomp_log(log):
-            name = seccomp.resolve_syscall(arches.get(arch, seccomp.Arch.NATIVE), nr)
-            name = name.decode() if isinstance(name, bytes) else name
-            this_run["runtime" if comm == INIT_COMM else "command"].add(name)
-        for side, names in this_run.items():
-            seen[side].update(names)
+    with KernelLog() as klog:
+        for i in range(runs):
+            cid = f"{container_id}-{os.getpid()}-{i}"
+            klog.read()
+            r = subprocess.run([runc, "run", cid], cwd=bundle, capture_output=True, text=True)
+            subprocess.run([runc, "delete", "-f", cid], capture_output=True)
+            if r.returncode != 0:
+                raise OSError(f"runc run {cid} in {bundle} failed ({r.returncode}): {r.stderr.strip()}")
+            for side, names in logged_syscalls(klog.read()).items():
+                seen[side].update(names)
     return {side: dict(sorted(c.items())) for side, c in seen.items()}
