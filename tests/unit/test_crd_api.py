@@ -21,6 +21,8 @@ from sensor.crd import (
     GROUP, LABEL_NODE, LABEL_WORKLOAD, PLURAL, VERSION, Backoff, ClusterApiError, ClusterProfiles,
     call_with_retry, contribution_to_crs, object_name,
 )
+from enforcer.crd import ClusterPolicies, for_workload, is_stale, node_statuses, policy_to_cr
+from enforcer.policy import EgressRule, Policy
 from sensor.profile import Profile
 from sensor.workload import Workload
 
@@ -113,13 +115,17 @@ class FakeKubeAPI:
                 if isinstance(fault, int):
                     return self._status(fault, "InternalError", "injected failure")
                 parts = url.path.strip("/").split("/")
+                q = {k: v[-1] for k, v in parse_qs(url.query).items()}
+                # /apis/{group}/{version}/{plural}: a list across namespaces
+                if len(parts) == 4 and parts[0] == "apis" and method == "GET":
+                    with api.lock:
+                        return self._list(parts[1], None, parts[3], q)
                 # /apis/{group}/{version}/namespaces/{ns}/{plural}[/{name}[/status]]
                 if len(parts) < 6 or parts[0] != "apis" or parts[3] != "namespaces":
                     return self._status(404, "NotFound", f"no route {url.path}")
                 group, ns, plural = parts[1], parts[4], parts[5]
                 name = parts[6] if len(parts) > 6 else None
                 sub = parts[7] if len(parts) > 7 else None
-                q = {k: v[-1] for k, v in parse_qs(url.query).items()}
                 with api.lock:
                     return self._route(method, group, ns, plural, name, sub, q, body)
 
@@ -174,7 +180,7 @@ class FakeKubeAPI:
                     k, v = term.split("=", 1)
                     sel[k] = v
                 items = [o for (g, n, p, _), o in sorted(api.objects.items())
-                         if g == group and n == ns and p == plural
+                         if g == group and (ns is None or n == ns) and p == plural
                          and all(o["metadata"].get("labels", {}).get(k) == v for k, v in sel.items())]
                 start = int(q.get("continue") or 0)
                 limit = int(q.get("limit") or 0) or len(items)
@@ -456,3 +462,80 @@ def test_objects_carry_workload_label_for_selection(kube):
         W, _profile("node-a", 1).nodes["node-a"])[0]["metadata"]["labels"][LABEL_WORKLOAD]
     assert obj["spec"]["summary"]["sessions"] == 1
     assert VERSION == "v1alpha1"
+
+
+# ---- LeastPrivilegePolicy objects and per-node status ------------------------------------------------
+
+POLICY = Policy(W, mode="enforce", syscalls=("read", "write", "openat"),
+                egress=(EgressRule("tcp", "10.0.3.0/24", (443,)),), execs=("/usr/bin/git",))
+
+
+def _policies(kube: FakeKubeAPI, node: str, sleeps: Sleeps | None = None) -> ClusterPolicies:
+    backoff = Backoff(attempts=3, base=0.25, sleep=sleeps or Sleeps(), jitter=lambda: 1.0)
+    return ClusterPolicies.from_api_client(kube.api_client(), node, backoff=backoff, clock=lambda: 1_764_000_000.0)
+
+
+def test_policy_create_list_and_per_node_status(kube):
+    a, b = _policies(kube, "node-a"), _policies(kube, "node-b")
+    created = a.create(POLICY)
+    assert (created.namespace, created.name, created.generation) == ("agents", "researcher-main", 1)
+    policies, problems = b.list()
+    assert problems == [] and [p.name for p in policies] == ["researcher-main"]
+    cp = for_workload(policies, W)
+    assert cp.policy.syscalls == POLICY.syscalls and cp.policy.mode == "enforce"
+
+    assert a.report(cp, "applied", localhost_profile="envelope/agents/deployment_researcher_main.json",
+                    mode="enforce", cgroups=2)
+    assert b.report(cp, "failed", "seccomp: kubelet seccomp dir is read-only")
+    status_calls = [r for r in kube.requests if r[1].endswith("/status")]
+    assert len(status_calls) == 2 and all(r[2] == "application/apply-patch+yaml" for r in status_calls)
+
+    cp = a.get("agents", "researcher-main")
+    st = node_statuses(cp.obj)
+    assert sorted(st) == ["node-a", "node-b"]
+    assert st["node-a"].state == "applied" and st["node-a"].observed_generation == 1
+    assert st["node-a"].localhost_profile == "envelope/agents/deployment_researcher_main.json"
+    assert st["node-b"].state == "failed" and "read-only" in st["node-b"].reason
+    assert cp.obj["spec"] == policy_to_cr(POLICY)["spec"], "status writes never touch the spec"
+
+
+def test_stale_condition_and_mode_change(kube):
+    a = _policies(kube, "node-a")
+    cp = a.create(POLICY)
+    assert not cp.stale
+    assert a.mark_stale(cp, "FingerprintChanged", "image digest sha256:aa -> sha256:bb")
+    cp = a.get("agents", "researcher-main")
+    assert cp.stale and is_stale(cp.obj)
+    assert a.set_mode(cp, "alert")
+    cp = a.get("agents", "researcher-main")
+    assert cp.policy.mode == "alert"
+    # a changed spec is a new generation: the old Stale judgement no longer applies
+    assert cp.generation == 2 and not cp.stale
+
+
+def test_cross_namespace_policy_is_reported_not_used(kube):
+    a = _policies(kube, "node-a")
+    a.create(POLICY)
+    sneaky = policy_to_cr(Policy(Workload("victim", "Deployment", "db", "main"), mode="observe"))
+    sneaky["metadata"]["namespace"] = "agents"
+    sneaky["metadata"]["name"] = "weaken-victim"
+    kube.objects[("envelope.dev", "agents", "leastprivilegepolicies", "weaken-victim")] = sneaky | {
+        "metadata": sneaky["metadata"] | {"resourceVersion": "99", "uid": "u", "generation": 1}}
+    policies, problems = a.list()
+    assert [p.name for p in policies] == ["researcher-main"]
+    assert len(problems) == 1 and "not the policy's own namespace" in problems[0].reason
+
+
+def test_status_report_survives_an_api_outage(kube):
+    sleeps = Sleeps()
+    a = _policies(kube, "node-a", sleeps)
+    cp = a.create(POLICY)
+    kube.faults = [503, 503, 503]
+    assert a.report(cp, "applied") is False
+    assert len(sleeps.delays) == 2
+    assert a.report(cp, "applied") is True
+    assert node_statuses(a.get("agents", "researcher-main").obj)["node-a"].state == "applied"
+
+
+def test_missing_policy_is_none(kube):
+    assert _policies(kube, "node-a").get("agents", "nope") is None

@@ -1,0 +1,350 @@
+"""LeastPrivilegePolicy custom resources: Policy <-> object, and per-node status.
+
+A policy object lives in its workload's namespace: ``policy_to_cr`` puts it there and
+``policy_from_cr`` refuses one whose ``spec.workload.namespace`` is another namespace, so a
+tenant cannot write (and weaken) the policy of someone else's workload. Its body is exactly
+:meth:`Policy.to_dict <enforcer.policy.Policy.to_dict>` plus the namespace and labels.
+
+Status (the ``status`` subresource):
+
+``status.nodes``
+    One entry per node, a list map keyed by ``node``. Each node's daemon applies its own entry
+    with server-side apply under its own field manager (``envelope/<node>``), so nodes never
+    overwrite each other: ``state`` is ``applied``, ``failed`` (with ``reason``), ``pending`` or
+    ``removed``; ``localhostProfile`` is the value for the pod spec's
+    ``securityContext.seccompProfile`` (``type: Localhost``); ``observedGeneration`` is the
+    policy generation the node acted on.
+``status.conditions``
+    ``Stale``: a fingerprint input (image digest, model version, prompt template, tool catalog,
+    identity) changed since the policy was derived. Applied under the shared field manager
+    ``envelope/stale``; its ``observedGeneration`` says which policy generation it judged, so a
+    re-derived policy (a new generation) is not stale until a node says so again.
+
+Every API call goes through :func:`sensor.crd.call_with_retry`; :meth:`ClusterPolicies.report`,
+:meth:`~ClusterPolicies.mark_stale` and :meth:`~ClusterPolicies.set_mode` never raise on API
+failure, they return False and log.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import structlog
+
+from sensor.crd import (
+    LABEL_MANAGED_BY, LABEL_WORKLOAD, LABEL_WORKLOAD_NAME, LABEL_WORKLOAD_NAMESPACE, Backoff,
+    ClusterApiError, Problem, call_with_retry, label_value, workload_label,
+)
+from sensor.workload import Workload
+
+from .policy import API_VERSION, KIND, MODES, Policy, PolicyError
+
+log = structlog.get_logger("envelope.crd")
+
+GROUP = "envelope.dev"
+VERSION = "v1alpha1"
+PLURAL = "leastprivilegepolicies"
+LABEL_CONTAINER = "envelope.dev/container"
+STATES = ("applied", "failed", "pending", "removed")
+STALE = "Stale"
+STALE_MANAGER = "envelope/stale"
+
+
+class PolicyCRError(ValueError):
+    """A LeastPrivilegePolicy object that cannot be used; the message names it."""
+
+
+def _rfc3339(ts: float) -> str:
+    return _dt.datetime.fromtimestamp(int(ts), _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---- Policy <-> object ---------------------------------------------------------------------------
+
+
+def policy_to_cr(policy: Policy, namespace: str | None = None) -> dict:
+    """The custom-resource object for ``policy``, in its workload's namespace. Deterministic."""
+    ns = namespace if namespace is not None else policy.workload.namespace
+    if ns != policy.workload.namespace:
+        raise PolicyCRError(f"policy {policy.metadata_name}: a policy for a workload of namespace "
+                            f"{policy.workload.namespace!r} must live in that namespace, not {ns!r}")
+    doc = policy.to_dict()
+    w = policy.workload
+    labels = {LABEL_MANAGED_BY: "envelope", LABEL_WORKLOAD: workload_label(w),
+              LABEL_CONTAINER: label_value(w.container)}
+    labels[LABEL_WORKLOAD_NAMESPACE] = label_value(w.namespace)
+    labels[LABEL_WORKLOAD_NAME] = label_value(w.name)
+    doc["metadata"] = {"name": policy.metadata_name, "namespace": ns, "labels": dict(sorted(labels.items()))}
+    return doc
+
+
+def policy_from_cr(obj: dict) -> Policy:
+    """The Policy in a custom-resource object (server fields and status are ignored)."""
+    meta = obj.get("metadata") or {}
+    where = f"{meta.get('namespace', '?')}/{meta.get('name', '?')}"
+    doc = {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"),
+           "metadata": {"name": meta.get("name") or ""}, "spec": obj.get("spec")}
+    try:
+        policy = Policy.from_dict(doc)
+    except PolicyError as e:
+        raise PolicyCRError(f"{PLURAL} {where}: {e}") from None
+    ns = meta.get("namespace")
+    if ns is not None and ns != policy.workload.namespace:
+        raise PolicyCRError(f"{PLURAL} {where}: spec.workload.namespace {policy.workload.namespace!r} is not "
+                            f"the policy's own namespace; refused")
+    return policy
+
+
+# ---- status ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class NodeStatus:
+    """What one node did with one policy."""
+
+    node: str
+    state: str
+    reason: str = ""
+    localhost_profile: str | None = None
+    mode: str | None = None
+    observed_generation: int | None = None
+    seccomp_digest: str | None = None
+    cgroups: int | None = None
+    stale: bool | None = None
+    updated: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        if self.state not in STATES:
+            raise ValueError(f"node status state {self.state!r} is not one of {', '.join(STATES)}")
+        if self.mode is not None and self.mode not in MODES:
+            raise ValueError(f"node status mode {self.mode!r} is not one of {', '.join(MODES)}")
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"node": self.node, "state": self.state}
+        if self.reason:
+            d["reason"] = self.reason[:4096]
+        if self.localhost_profile is not None:
+            d["localhostProfile"] = self.localhost_profile
+        if self.mode is not None:
+            d["mode"] = self.mode
+        if self.observed_generation is not None:
+            d["observedGeneration"] = int(self.observed_generation)
+        if self.seccomp_digest is not None:
+            d["seccompDigest"] = self.seccomp_digest
+        if self.cgroups is not None:
+            d["cgroups"] = int(self.cgroups)
+        if self.stale is not None:
+            d["stale"] = bool(self.stale)
+        d["lastUpdateTime"] = _rfc3339(self.updated)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NodeStatus":
+        t = d.get("lastUpdateTime")
+        updated = _dt.datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp() if t else 0.0
+        return cls(node=d["node"], state=d["state"], reason=d.get("reason", ""),
+                   localhost_profile=d.get("localhostProfile"), mode=d.get("mode"),
+                   observed_generation=d.get("observedGeneration"), seccomp_digest=d.get("seccompDigest"),
+                   cgroups=d.get("cgroups"), stale=d.get("stale"), updated=updated)
+
+
+def stale_condition(stale: bool, reason: str, message: str, generation: int | None,
+                    now: float | None = None) -> dict:
+    """A ``Stale`` condition (metav1.Condition shape)."""
+    c = {"type": STALE, "status": "True" if stale else "False", "reason": reason,
+         "message": message[:32768], "lastTransitionTime": _rfc3339(time.time() if now is None else now)}
+    if generation is not None:
+        c["observedGeneration"] = int(generation)
+    return c
+
+
+def status_body(name: str, namespace: str, *, node: NodeStatus | None = None,
+                conditions: list[dict] | None = None) -> dict:
+    """The server-side-apply body for the status subresource: only what one manager owns."""
+    status: dict[str, Any] = {}
+    if node is not None:
+        status["nodes"] = [node.to_dict()]
+    if conditions is not None:
+        status["conditions"] = conditions
+    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name, "namespace": namespace},
+            "status": status}
+
+
+def node_statuses(obj: dict) -> dict[str, NodeStatus]:
+    out = {}
+    for d in ((obj.get("status") or {}).get("nodes") or []):
+        try:
+            s = NodeStatus.from_dict(d)
+        except (KeyError, ValueError, TypeError):
+            continue
+        out[s.node] = s
+    return dict(sorted(out.items()))
+
+
+def condition(obj: dict, ctype: str) -> dict | None:
+    for c in ((obj.get("status") or {}).get("conditions") or []):
+        if c.get("type") == ctype:
+            return c
+    return None
+
+
+def is_stale(obj: dict) -> bool:
+    """Stale, as judged for the object's current generation (a re-derived policy starts fresh)."""
+    c = condition(obj, STALE)
+    if c is None or c.get("status") != "True":
+        return False
+    gen = (obj.get("metadata") or {}).get("generation")
+    return gen is None or c.get("observedGeneration") in (None, gen)
+
+
+# ---- the cluster client ---------------------------------------------------------------------------
+
+
+@dataclass
+class ClusterPolicy:
+    """A policy as the cluster holds it: the Policy plus where it is and its status."""
+
+    policy: Policy
+    namespace: str
+    name: str
+    generation: int | None
+    obj: dict
+
+    @property
+    def workload(self) -> Workload:
+        return self.policy.workload
+
+    @property
+    def stale(self) -> bool:
+        return is_stale(self.obj)
+
+    def node_status(self, node: str) -> NodeStatus | None:
+        return node_statuses(self.obj).get(node)
+
+
+class ClusterPolicies:
+    """Read LeastPrivilegePolicy objects and report one node's status on them.
+
+    ``api`` is a ``kubernetes.client.CustomObjectsApi`` (or anything with its methods).
+    """
+
+    def __init__(self, api, node: str, backoff: Backoff | None = None,
+                 on_api_error: Callable[[str, BaseException], None] | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.api = api
+        self.node = node
+        self.backoff = backoff or Backoff()
+        self.on_api_error = on_api_error
+        self.clock = clock
+        self.field_manager = f"envelope/{node}"[:128]
+
+    @classmethod
+    def from_api_client(cls, client, node: str, **kw) -> "ClusterPolicies":
+        from kubernetes.client import CustomObjectsApi
+        return cls(CustomObjectsApi(client), node, **kw)
+
+    def _call(self, fn, what: str):
+        return call_with_retry(fn, what, self.backoff, self.on_api_error)
+
+    @staticmethod
+    def _wrap(obj: dict) -> ClusterPolicy:
+        meta = obj.get("metadata") or {}
+        return ClusterPolicy(policy_from_cr(obj), str(meta.get("namespace", "")), str(meta.get("name", "")),
+                             meta.get("generation"), obj)
+
+    def list(self, namespace: str | None = None) -> tuple[list[ClusterPolicy], list[Problem]]:
+        """Every policy (or one namespace's); invalid ones are reported, not raised.
+        Raises :class:`ClusterApiError` when the API cannot be read."""
+        items: list[dict] = []
+        token = None
+        while True:
+            kw: dict[str, Any] = {"limit": 200}
+            if token:
+                kw["_continue"] = token
+            if namespace is None:
+                page = self._call(lambda: self.api.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kw),
+                                  f"list {PLURAL}")
+            else:
+                page = self._call(lambda: self.api.list_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, **kw), f"list {PLURAL} in {namespace}")
+            items += list(page.get("items") or [])
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                break
+        out, problems = [], []
+        for obj in items:
+            try:
+                out.append(self._wrap(obj))
+            except PolicyCRError as e:
+                problems.append(Problem(str((obj.get("metadata") or {}).get("name", "?")), str(e)))
+        out.sort(key=lambda p: (p.namespace, p.name))
+        return out, problems
+
+    def get(self, namespace: str, name: str) -> ClusterPolicy | None:
+        try:
+            obj = self._call(lambda: self.api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name),
+                             f"get {PLURAL} {namespace}/{name}")
+        except ClusterApiError as e:
+            if e.status == 404:
+                return None
+            raise
+        return self._wrap(obj)
+
+    def create(self, policy: Policy) -> ClusterPolicy:
+        """Create or update the policy object (server-side apply of the spec)."""
+        obj = policy_to_cr(policy)
+        name, ns = obj["metadata"]["name"], obj["metadata"]["namespace"]
+        out = self._call(lambda: self.api.patch_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL, name, obj, field_manager="envelope", force=True,
+            _content_type="application/apply-patch+yaml"), f"apply {PLURAL} {ns}/{name}")
+        if not out:  # the client decodes only 200 bodies; an apply that creates answers 201
+            found = self.get(ns, name)
+            if found is None:
+                raise ClusterApiError(f"apply {PLURAL} {ns}/{name}: object not found after apply", 404)
+            return found
+        return self._wrap(out)
+
+    def _apply_status(self, cp: ClusterPolicy, body: dict, manager: str, what: str) -> bool:
+        try:
+            self._call(lambda: self.api.patch_namespaced_custom_object_status(
+                GROUP, VERSION, cp.namespace, PLURAL, cp.name, body, field_manager=manager, force=True,
+                _content_type="application/apply-patch+yaml"), f"{what} {PLURAL} {cp.namespace}/{cp.name}")
+        except ClusterApiError as e:
+            log.warning("policy status not written", policy=f"{cp.namespace}/{cp.name}", node=self.node,
+                        error=str(e))
+            return False
+        return True
+
+    def report(self, cp: ClusterPolicy, state: str, reason: str = "", **fields) -> bool:
+        """Apply this node's status entry (``applied``/``failed``/...). Never raises on API failure."""
+        status = NodeStatus(self.node, state, reason, observed_generation=cp.generation,
+                            updated=self.clock(), **fields)
+        return self._apply_status(cp, status_body(cp.name, cp.namespace, node=status), self.field_manager,
+                                  "report status on")
+
+    def mark_stale(self, cp: ClusterPolicy, reason: str, message: str) -> bool:
+        """Set the Stale condition for the policy's current generation. Never raises on API failure."""
+        cond = stale_condition(True, reason, message, cp.generation, self.clock())
+        return self._apply_status(cp, status_body(cp.name, cp.namespace, conditions=[cond]), STALE_MANAGER,
+                                  "mark stale")
+
+    def set_mode(self, cp: ClusterPolicy, mode: str) -> bool:
+        """Change ``spec.mode`` (e.g. to alert when re-baselining). Never raises on API failure."""
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+        try:
+            self._call(lambda: self.api.patch_namespaced_custom_object(
+                GROUP, VERSION, cp.namespace, PLURAL, cp.name, {"spec": {"mode": mode}},
+                _content_type="application/merge-patch+json"), f"set mode of {PLURAL} {cp.namespace}/{cp.name}")
+        except ClusterApiError as e:
+            log.warning("policy mode not changed", policy=f"{cp.namespace}/{cp.name}", mode=mode, error=str(e))
+            return False
+        return True
+
+
+def for_workload(policies: list[ClusterPolicy], workload: Workload) -> ClusterPolicy | None:
+    """The policy of ``workload`` among ``policies`` (the first by name if several)."""
+    found = sorted((p for p in policies if p.workload == workload), key=lambda p: p.name)
+    return found[0] if found else None
