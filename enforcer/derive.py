@@ -503,6 +503,8 @@ def derive(profile: Profile, options: DeriveOptions | None = None) -> Policy:
             base["detail"] = el.detail
         if el.flags:
             base["flags"] = list(el.flags)
+        if el.id.startswith("syscall-group:"):
+            base["element"] = el.id
         if el.syscalls:
             seen = {m.split(":", 1)[1] for m in el.members}
             for name in el.syscalls:

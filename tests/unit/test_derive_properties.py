@@ -1,0 +1,176 @@
+"""Properties of derivation over generated profiles (hypothesis)."""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from enforcer.derive import DeriveOptions, derive
+from enforcer.diff import entry_atoms
+from enforcer.policy import dump_policy, parse_policy
+from enforcer.replay import replay
+from sensor.profile import Profile
+from sensor.workload import SUBSTRATES, Workload
+
+W = Workload("prop", "Deployment", "agent", "main")
+T0 = 1_767_225_600.0
+
+KEYS = (
+    [f"syscall:{s}" for s in ("read", "write", "openat", "open", "stat", "fstat", "statx", "ptrace", "clone3",
+                              "getrandom", "epoll_wait", "pipe2")]
+    + [f"connect:tcp:10.0.{a}.{b}:{p}" for a in (0, 1) for b in (1, 2, 5) for p in (80, 443, 8000, 8001, 8002)]
+    + ["connect:udp:10.0.0.1:53", "send:udp:10.0.0.1:53", "send:udp:[fd00::1]:53", "send:udp:[fd00::2]:53",
+       "connect:tcp:[fd00:1::5]:443", "connect:tcp:192.168.9.9:5432"]
+    + [f"exec:/usr/bin/{b}" for b in ("git", "curl", "sh")]
+    + [f"exec:/usr/lib/git-core/git-{t}" for t in ("a", "b", "c", "d", "e")]
+    + ["exec:/init"]
+)
+
+session_st = st.dictionaries(st.sampled_from(KEYS), st.integers(1, 6), min_size=1, max_size=14)
+
+
+@st.composite
+def profiles(draw) -> Profile:
+    sessions = draw(st.lists(session_st, min_size=1, max_size=8))
+    nodes = draw(st.sampled_from([("n1",), ("n1", "n2")]))
+    gaps = draw(st.lists(st.floats(0.1, 30.0), min_size=len(sessions), max_size=len(sessions)))
+    p = Profile(W)
+    t = T0
+    for i, b in enumerate(sessions):
+        t += gaps[i] * 3600.0
+        node = p.node(nodes[i % len(nodes)])
+        node.open_session(f"s{i}", t)
+        for j, (k, c) in enumerate(sorted(b.items())):
+            node.observe(f"s{i}", k, c, t + j)
+        if draw(st.booleans()) or i < len(sessions) - 1:
+            node.close_session(f"s{i}", t + 600)
+    for name in nodes:
+        p.node(name).touch(t + draw(st.floats(0.0, 48.0)) * 3600.0)
+    return p
+
+
+@st.composite
+def options(draw, closure=None) -> DeriveOptions:
+    n = draw(st.integers(0, 8))
+    m = draw(st.integers(0, 5))
+    per = draw(st.sampled_from([None, "syscall", "egress", "exec"]))
+    min_count = {s: n for s in SUBSTRATES}
+    min_sessions = {s: m for s in SUBSTRATES}
+    if per:
+        min_count[per] = draw(st.integers(0, 8))
+        min_sessions[per] = draw(st.integers(0, 5))
+    return DeriveOptions(
+        closure=closure or draw(st.sampled_from(["literal", "structural", "probabilistic"])),
+        substrates=tuple(draw(st.sets(st.sampled_from(SUBSTRATES), min_size=1))),
+        min_count=min_count, min_sessions=min_sessions,
+        ipv4_prefix=draw(st.sampled_from([16, 24, 28, 32])), ipv6_prefix=draw(st.sampled_from([48, 64, 128])),
+        max_ports=draw(st.integers(1, 5)), max_siblings=draw(st.integers(1, 4)),
+        session_rule=draw(st.sampled_from(["max", "sum"])), force=True,
+    )
+
+
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _observed(p: Profile) -> list[str]:
+    return list(p.behaviours())
+
+
+@SETTINGS
+@given(profiles(), options(closure="structural"))
+def test_structural_contains_literal(p, opts):
+    literal = derive(p, DeriveOptions(**{**opts.__dict__, "closure": "literal"}))
+    for closure in ("structural", "probabilistic"):
+        wide = derive(p, DeriveOptions(**{**opts.__dict__, "closure": closure}))
+        assert set(literal.syscalls) <= set(wide.syscalls)
+        for k in _observed(p):
+            if literal.allows(k):
+                assert wide.allows(k), (closure, k)
+        for e in literal.execs:
+            assert wide.allows(f"exec:{e}")
+        for r in literal.egress:
+            for port in r.ports:
+                assert wide.allows(f"connect:{r.proto}:{r.network.network_address if r.network.version == 4 else '[' + str(r.network.network_address) + ']'}:{port}")
+
+
+@SETTINGS
+@given(profiles(), options(), st.integers(0, 4), st.integers(0, 3), st.sampled_from([None, *SUBSTRATES]))
+def test_raising_n_or_m_never_adds_permissions(p, opts, dn, dm, only):
+    subs = SUBSTRATES if only is None else (only,)
+    stricter = DeriveOptions(**{**opts.__dict__,
+                                "min_count": {s: opts.min_count[s] + (dn if s in subs else 0) for s in SUBSTRATES},
+                                "min_sessions": {s: opts.min_sessions[s] + (dm if s in subs else 0) for s in SUBSTRATES}})
+    loose, strict = derive(p, opts), derive(p, stricter)
+    assert set(entry_atoms(strict)) <= set(entry_atoms(loose))
+    for k in _observed(p):
+        if strict.allows(k):
+            assert loose.allows(k), k
+
+
+@SETTINGS
+@given(profiles(), options(), st.data())
+def test_every_allowed_entry_has_provenance_clearing_threshold_or_an_admit(p, opts, data):
+    first = derive(p, opts)
+    admits = ()
+    if first.review and data.draw(st.booleans()):
+        item = data.draw(st.sampled_from(first.review))
+        key = data.draw(st.sampled_from([item["key"], *item["evidence"]["behaviours"]]))
+        admits = ((key, "reviewed by security"),)
+    pol = derive(p, DeriveOptions(**{**opts.__dict__, "admits": admits}))
+    prov = {x["entry"]: x for x in pol.provenance}
+    for atom in entry_atoms(pol):
+        assert atom in prov, atom
+        x = prov[atom]
+        ev, sub = x["evidence"], x["substrate"]
+        if x["admitted"] == "threshold":
+            assert ev["count"] >= opts.min_count[sub] and ev["sessions"] >= opts.min_sessions[sub]
+        else:
+            assert x["admitted"] == "admit" and x["reason"] == "reviewed by security"
+        for b in ev["behaviours"]:
+            assert b in p.behaviours()
+    if admits:
+        key = admits[0][0]
+        assert key in prov or any(key == x.get("element") or key in x["evidence"]["behaviours"]
+                                  for x in prov.values())
+
+
+@SETTINGS
+@given(profiles(), options())
+def test_review_and_allowed_never_overlap(p, opts):
+    pol = derive(p, opts)
+    atoms = set(entry_atoms(pol))
+    for r in pol.review:
+        assert r["key"] not in atoms
+        for b in r["evidence"]["behaviours"]:
+            assert not pol.allows(b), b
+            assert b in pol.watch
+    for w in pol.watch:
+        assert not pol.allows(w)
+    # nothing observed in an included substrate is silently dropped
+    for k in _observed(p):
+        from sensor.workload import substrate_of
+        if substrate_of(k) in pol.substrates:
+            assert pol.allows(k) or k in pol.watch
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(profiles(), options())
+def test_derivation_is_deterministic(p, opts):
+    a = dump_policy(derive(p, opts))
+    again = Profile.unpack(p.pack())
+    assert dump_policy(derive(again, opts)) == a
+    assert dump_policy(parse_policy(a)) == a
+    assert dump_policy(derive(p, opts), "json") == dump_policy(parse_policy(a), "json")
+
+
+@SETTINGS
+@given(profiles(), options())
+def test_replay_against_training_evidence_denies_nothing_above_threshold(p, opts):
+    pol = derive(p, opts)
+    stats = p.behaviours()
+    for d in replay(pol, p)["denied"]:
+        s = stats[d["key"]]
+        from sensor.workload import substrate_of
+        sub = substrate_of(d["key"])
+        assert not (s.count >= opts.min_count[sub] and s.sessions >= opts.min_sessions[sub]), d
+        assert d["key"] in pol.watch
