@@ -366,7 +366,9 @@ class KubeWatcher:
 
     def _failed(self, what: str, e: BaseException) -> None:
         self.failures += 1
-        self.last_error = f"{what}: {type(e).__name__}: {str(e)[:200]}"
+        status = getattr(e, "status", None)
+        detail = f"HTTP {status} {getattr(e, 'reason', '')}".strip() if status else str(e)[:200]
+        self.last_error = f"{what}: {type(e).__name__}: {detail}"
         log.warning("kubernetes api call failed", call=what, node=self.node_name,
                     error=self.last_error, failures=self.failures)
 
@@ -522,3 +524,19 @@ def make_api_client(kubeconfig: str | None = None, host: str | None = None):
             k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
     cfg.retries = False
     return k8s.ApiClient(cfg)
+
+
+def watcher_from_environment(node_name: str, fingerprint_keys: Mapping[str, str] | None = None,
+                             kubeconfig: str | None = None, **kw) -> KubeWatcher | None:
+    """A started :class:`KubeWatcher` when an API is configured (in-cluster service account or a
+    kubeconfig), else None. Never raises: without an API the resolver uses OCI and cgroups."""
+    import os
+
+    if not kubeconfig and not os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+        return None
+    try:
+        return KubeWatcher(node_name, make_api_client(kubeconfig), fingerprint_keys=fingerprint_keys, **kw).start()
+    except Exception as e:  # noqa: BLE001 - a broken kubeconfig must not stop the sensor
+        log.warning("kubernetes api not configured; identities come from OCI annotations and cgroups",
+                    error=f"{type(e).__name__}: {e}")
+        return None

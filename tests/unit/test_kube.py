@@ -326,9 +326,9 @@ def test_watcher_retries_with_backoff_and_never_crashes(api, mode):
         assert w.backoff.attempt >= 4  # still backing off, not reset
         # reads answer None instead of raising while the API is down
         assert w.identity("8f7d2c1e-4a6b-4c3d-9e8f-1a2b3c4d5e6f") is None
-        before = w.failures
-        assert w.get_object("ReplicaSet", "agents", "research-agent-7c9f8b6d5") is None
-        assert w.failures == before + 1
+        idle = make_watcher(api.url)  # not started, so its counter is this call's alone
+        assert idle.get_object("ReplicaSet", "agents", "research-agent-7c9f8b6d5") is None
+        assert idle.failures == 1 and "get ReplicaSet agents/research-agent-7c9f8b6d5" in idle.last_error
         # the API comes back: the same watcher lists, watches and resolves
         api.requests.clear()
         rollout = load("pod-research-agent-rollout.json")
@@ -394,3 +394,19 @@ def test_failed_owner_lookup_is_not_retried_on_every_read(api):
     t[0] += 31.0
     assert w.get_object("ReplicaSet", "agents", "research-agent-7c9f8b6d5") is not None
     assert len(api.requests) == 2
+
+
+def test_expired_watch_relists(api):
+    api.mode = "ok"
+    api.watch_events = [{"type": "ERROR", "object": {
+        "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 410, "reason": "Expired",
+        "message": "too old resource version: 951100 (951377)"}}]
+    w = make_watcher(api.url).start()
+    try:
+        def lists():
+            return [r for r in api.requests if r.startswith("/api/v1/pods") and "watch=true" not in r]
+        assert wait_for(lambda: len(lists()) >= 2)  # listed, watch expired, listed again
+        assert w.failures == 0 and w.synced.is_set()
+        assert w.pod_by_name("agents", "vector-store-2") is not None
+    finally:
+        w.stop()
