@@ -18,6 +18,7 @@ from sensor.identity import (
     Resolver,
     RuntimeState,
     build_identity,
+    cgroupfs_for_host,
     cri_from_annotations,
     host_path,
     labels_to_dict,
@@ -257,3 +258,16 @@ def test_resolver_with_api_down_and_no_runtime_state(tmp_path, hierarchy):
     ident = r.resolve(cid)
     assert ident.source == "cgroup" and ident.pod_uid == AGENT_POD_UID
     assert ident.container.container_id == CTRD_CID
+
+
+def test_cgroupfs_for_a_host_root(tmp_path):
+    host = tmp_path / "host"
+    (host / "proc/1").mkdir(parents=True)
+    (host / "sys/fs/cgroup/unified").mkdir(parents=True)
+    (host / "proc/1/mountinfo").write_text(
+        "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n"
+        "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n")
+    fs = cgroupfs_for_host(host)
+    assert fs.root == host / "sys/fs/cgroup/unified" and fs.proc_root == host / "proc"
+    with pytest.raises(Exception, match="hostPID"):
+        cgroupfs_for_host(tmp_path / "nohost")

@@ -21,6 +21,7 @@ from sensor.kube import (
     fingerprint_changes,
     image_digest,
     make_api_client,
+    watcher_from_environment,
     pod_container_name,
     pod_identity,
     resolve_owner,
@@ -408,5 +409,27 @@ def test_expired_watch_relists(api):
         assert wait_for(lambda: len(lists()) >= 2)  # listed, watch expired, listed again
         assert w.failures == 0 and w.synced.is_set()
         assert w.pod_by_name("agents", "vector-store-2") is not None
+    finally:
+        w.stop()
+
+
+def test_watcher_from_environment(api, tmp_path, monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    assert watcher_from_environment("worker-2") is None  # no API configured: OCI and cgroups only
+    assert watcher_from_environment("worker-2", kubeconfig=str(tmp_path / "missing")) is None
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "local",
+        "clusters": [{"name": "local", "cluster": {"server": api.url}}],
+        "contexts": [{"name": "local", "context": {"cluster": "local", "user": "node"}}],
+        "users": [{"name": "node", "user": {"token": "test-token"}}]}))
+    api.mode = "ok"
+    w = watcher_from_environment("worker-2", kubeconfig=str(kubeconfig),
+                                 backoff=Backoff(initial=0.01, maximum=0.05), watch_timeout=1)
+    assert w is not None
+    try:
+        assert wait_for(w.synced.is_set)
+        assert w.pod("c9d0e1f2-a3b4-4c5d-8e6f-8091a2b3c4d5") is not None
     finally:
         w.stop()
