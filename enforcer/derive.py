@@ -296,7 +296,7 @@ def _structural_elements(substrate: str, keys: list[str], opts: DeriveOptions,
                 pattern = d.rstrip("/") + "/*"
                 out.append(Element(f"exec:{pattern}", substrate, "directory-pattern", sorted(members),
                                    detail=f"{len(members)} sibling paths in {d} (more than {opts.max_siblings})",
-                                   exec=pattern))
+                                   flags=("directory-pattern",), exec=pattern))
             else:
                 out += [Element(k, substrate, "exact", [k], exec=k.split(":", 1)[1]) for k in sorted(members)]
     else:

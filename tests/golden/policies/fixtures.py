@@ -76,11 +76,13 @@ def code_agent() -> Profile:
         b["syscall:wait4"] = 3
         b["syscall:pipe2"] = 2
         for port in (8000, 8001, 8002, 8003, 8004, 8080):
-            b[f"connect:tcp:172.16.5.{20 + day % 3}:{port}"] = 2
+            b[f"connect:tcp:172.16.5.20:{port}"] = 2
+        if day == 0:
+            b["connect:tcp:172.16.5.21:8004"] = 1
         b["connect:tcp:[2001:db8:1::10]:443"] = 3
         b["connect:tcp:[2001:db8:1::11]:443"] = 3
-        b["exec:/usr/bin/python3.11"] = 5
-        b["exec:/usr/bin/sh"] = 3
+        b["exec:/usr/local/bin/python3.11"] = 5
+        b["exec:/bin/sh"] = 3
         _session(node, f"c{day}", start, start + 3 * HOUR, b)
     # the last day brings new tools and a new destination
     start = T0 + 6 * DAY
