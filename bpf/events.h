@@ -1,0 +1,185 @@
+/* Envelope: every struct shared between BPF programs and userspace.
+ *
+ * Each ring-buffer record starts with struct event_hdr. `type` numbers are never reused: a
+ * retired type keeps its number and a changed layout bumps its `version`. Fields are fixed
+ * width and every hole is a named padding field, so the Python mirrors in sensor/events.py can
+ * decode with the struct module and tests/unit/test_events_header.py can check the #defines
+ * below against them without a compiler.
+ *
+ * Conventions:
+ *   ktime     bpf_ktime_get_ns(), CLOCK_MONOTONIC nanoseconds
+ *   pid       a thread-group id (what userspace calls a pid), global pid namespace
+ *   tid       a task id, global pid namespace
+ *   family    ENV_AF_INET (2) or ENV_AF_INET6 (10)
+ *   protocol  IPPROTO_* of the socket (6 tcp, 17 udp)
+ *   addr      network byte order; IPv4 uses addr[0..3], the rest is zero
+ *   port      host byte order
+ */
+#ifndef ENVELOPE_EVENTS_H
+#define ENVELOPE_EVENTS_H
+
+#include <linux/types.h>
+
+/* ---- event types (never reuse a number) ---------------------------------------------------- */
+#define EV_EXEC 1
+#define EV_FORK 2
+#define EV_EXIT 3
+#define EV_NET 4
+#define EV_SYSCALL_FIRST 5
+#define EV_EGRESS_VIOLATION 6
+#define EV_SECCOMP_DENIAL 7
+#define EV_TYPE_MAX 8 /* one past the highest type number */
+
+/* ---- layout versions, one per type ----------------------------------------------------------- */
+#define EXEC_EVENT_VERSION 1
+#define FORK_EVENT_VERSION 1
+#define EXIT_EVENT_VERSION 1
+#define NET_EVENT_VERSION 1
+#define SYSCALL_FIRST_EVENT_VERSION 1
+#define EGRESS_VIOLATION_EVENT_VERSION 1
+#define SECCOMP_DENIAL_EVENT_VERSION 1
+
+#define ENV_AF_INET 2
+#define ENV_AF_INET6 10
+
+/* ---- loss counters: index into the per-CPU `loss_counts` array ------------------------------ */
+/* Indexes 1..EV_TYPE_MAX-1 count ring-buffer reserve failures of that event type. */
+#define LOSS_SYSCALL_UNATTRIBUTED 8 /* syscalls counted while no cgroup slot was free */
+#define LOSS_SLOTS 16
+
+/* ---- syscall counter tables (read and reset by userspace, not ring-buffer records) --------- */
+/* Syscall numbers at or above SYSCALL_NR_SLOTS are counted in the last bucket. */
+#define SYSCALL_NR_SLOTS 512
+#define SYSCALL_SLOT_COUNTS_SIZE 4096
+struct syscall_slot_counts { /* one per cgroup slot, per CPU */
+	__u64 count[SYSCALL_NR_SLOTS];
+};
+
+#define SYSCALL_SLOT_STATE_SIZE 72
+struct syscall_slot_state { /* one per cgroup slot, shared by all CPUs */
+	__u64 cgroup_id;                   /* owner of the slot; 0 while free */
+	__u64 seen[SYSCALL_NR_SLOTS / 64]; /* first-seen bitmap by syscall number */
+};
+
+#define EVENT_HDR_SIZE 16
+struct event_hdr {
+	__u16 type;    /* EV_* */
+	__u16 version; /* *_EVENT_VERSION */
+	__u32 size;    /* sizeof the whole record */
+	__u64 ktime;
+};
+
+/* EV_EXEC, from sched:sched_process_exec. */
+#define EXEC_FILENAME_LEN 256
+#define EXEC_ARGV_LEN 256
+#define EXEC_ARGV_MAX_ARGS 16
+#define EXEC_F_ARGV_TRUNCATED 0x1 /* more argv than captured (bytes or count) */
+#define EXEC_F_NO_ARGV 0x2        /* argv could not be captured at sys_enter */
+#define EXEC_F_PPID_UNKNOWN 0x4   /* the process was not seen forking and was not seeded */
+#define EXEC_EVENT_SIZE 560
+struct exec_event {
+	struct event_hdr hdr;          /*   0 */
+	__u64 cgroup_id;               /*  16 */
+	__u32 pid;                     /*  24 */
+	__u32 ppid;                    /*  28 from fork tracking; 0 when unknown */
+	__u32 old_pid;                 /*  32 tid that called execve */
+	__u16 filename_len;            /*  36 bytes in filename, without the NUL */
+	__u16 argv_len;                /*  38 bytes used in argv, NUL separators included */
+	__u32 argc;                    /*  40 strings captured in argv */
+	__u32 flags;                   /*  44 EXEC_F_* */
+	char filename[EXEC_FILENAME_LEN]; /*  48 */
+	char argv[EXEC_ARGV_LEN];      /* 304 NUL-separated */
+};
+
+/* EV_FORK, from sched:sched_process_fork; new processes only, not new threads. */
+#define FORK_EVENT_SIZE 40
+struct fork_event {
+	struct event_hdr hdr; /*  0 */
+	__u64 cgroup_id;      /* 16 the parent's, which the child inherits */
+	__u32 pid;            /* 24 child */
+	__u32 ppid;           /* 28 parent thread group */
+	__u32 parent_tid;     /* 32 the thread that forked */
+	__u32 pad;            /* 36 */
+};
+
+/* EV_EXIT, from sched:sched_process_exit when the whole thread group is gone. */
+#define EXIT_F_CODE_KNOWN 0x1 /* exit_status holds the exit()/exit_group() argument */
+#define EXIT_EVENT_SIZE 40
+struct exit_event {
+	struct event_hdr hdr; /*  0 */
+	__u64 cgroup_id;      /* 16 */
+	__u32 pid;            /* 24 */
+	__u32 tid;            /* 28 last thread to exit */
+	__s32 exit_status;    /* 32 argument of exit_group()/exit(); exit code is & 0xff */
+	__u32 flags;          /* 36 EXIT_F_* */
+};
+
+/* EV_NET, from the cgroup connect4/6 and sendmsg4/6 hooks. */
+#define NET_OP_CONNECT 0
+#define NET_OP_SENDMSG 1
+#define NET_F_RET_KNOWN 0x1 /* ret holds the syscall's return value */
+#define NET_EVENT_SIZE 64
+struct net_event {
+	struct event_hdr hdr; /*  0 */
+	__u64 cgroup_id;      /* 16 */
+	__u32 pid;            /* 24 */
+	__u32 tid;            /* 28 */
+	__u16 family;         /* 32 ENV_AF_* */
+	__u16 protocol;       /* 34 */
+	__u8 op;              /* 36 NET_OP_* */
+	__u8 flags;           /* 37 NET_F_* */
+	__u16 port;           /* 38 host order */
+	__u8 addr[16];        /* 40 network order */
+	__s64 ret;            /* 56 */
+};
+
+/* EV_SYSCALL_FIRST: the first time a cgroup's slot makes syscall `nr`. */
+#define SYSCALL_FIRST_EVENT_SIZE 32
+struct syscall_first_event {
+	struct event_hdr hdr; /*  0 */
+	__u64 cgroup_id;      /* 16 */
+	__u32 nr;             /* 24 */
+	__u32 pid;            /* 28 */
+};
+
+/* EV_EGRESS_VIOLATION, emitted by the egress enforcement programs. */
+#define EGRESS_OP_CONNECT 0
+#define EGRESS_OP_SENDMSG 1
+#define EGRESS_ACTION_ALERTED 0
+#define EGRESS_ACTION_DENIED 1
+#define EGRESS_VIOLATION_EVENT_SIZE 56
+struct egress_violation_event {
+	struct event_hdr hdr; /*  0 */
+	__u64 cgroup_id;      /* 16 */
+	__u32 pid;            /* 24 */
+	__u16 family;         /* 28 ENV_AF_* */
+	__u16 protocol;       /* 30 */
+	__u8 addr[16];        /* 32 network order */
+	__u16 port;           /* 48 host order */
+	__u8 op;              /* 50 EGRESS_OP_* */
+	__u8 action;          /* 51 EGRESS_ACTION_* */
+	__u32 pad;            /* 52 */
+};
+
+/* EV_SECCOMP_DENIAL, emitted from raw sys_exit by the seccomp observation program. */
+#define SECCOMP_DENIAL_EVENT_SIZE 40
+struct seccomp_denial_event {
+	struct event_hdr hdr; /*  0 */
+	__u64 cgroup_id;      /* 16 */
+	__u32 pid;            /* 24 */
+	__u32 nr;             /* 28 */
+	__s64 ret;            /* 32 */
+};
+
+_Static_assert(sizeof(struct event_hdr) == EVENT_HDR_SIZE, "event_hdr size");
+_Static_assert(sizeof(struct exec_event) == EXEC_EVENT_SIZE, "exec_event size");
+_Static_assert(sizeof(struct fork_event) == FORK_EVENT_SIZE, "fork_event size");
+_Static_assert(sizeof(struct exit_event) == EXIT_EVENT_SIZE, "exit_event size");
+_Static_assert(sizeof(struct net_event) == NET_EVENT_SIZE, "net_event size");
+_Static_assert(sizeof(struct syscall_first_event) == SYSCALL_FIRST_EVENT_SIZE, "syscall_first size");
+_Static_assert(sizeof(struct egress_violation_event) == EGRESS_VIOLATION_EVENT_SIZE, "egress size");
+_Static_assert(sizeof(struct seccomp_denial_event) == SECCOMP_DENIAL_EVENT_SIZE, "seccomp size");
+_Static_assert(sizeof(struct syscall_slot_counts) == SYSCALL_SLOT_COUNTS_SIZE, "slot counts size");
+_Static_assert(sizeof(struct syscall_slot_state) == SYSCALL_SLOT_STATE_SIZE, "slot state size");
+
+#endif /* ENVELOPE_EVENTS_H */

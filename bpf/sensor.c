@@ -1,0 +1,599 @@
+/* Envelope observation programs, compiled by BCC at load time (sensor/probes.py).
+ *
+ * Configured only with -D:
+ *   RINGBUF_PAGES   ring buffer size in pages (power of two)             default 256
+ *   MAX_CGROUPS     cgroup slots in the syscall counter tables            default 1024
+ *   NET_RESULT      1: hold net events until sys_exit_{connect,send*} to  default 0
+ *                   report the syscall's return value; 0: emit at once.
+ *                   Measured here: those syscalls:sys_exit_* tracepoints add ~45 ns to
+ *                   every syscall (the perf syscall-exit probe runs for all of them).
+ *   EVENT_CGROUP    emit ring-buffer events only for this cgroup id       default 0 (all)
+ *   NR_*            syscall numbers of this architecture (x86_64 defaults)
+ *
+ * Reads only tracepoint fields, helper results and the syscall argument registers of the
+ * x86_64 entry frame; never kernel struct offsets, because the kernel headers BCC compiles
+ * against need not be the running kernel's.
+ */
+#include "events.h"
+
+#ifndef RINGBUF_PAGES
+#define RINGBUF_PAGES 256
+#endif
+#ifndef MAX_CGROUPS
+#define MAX_CGROUPS 1024
+#endif
+#ifndef NET_RESULT
+#define NET_RESULT 0
+#endif
+#ifndef EVENT_CGROUP
+#define EVENT_CGROUP 0
+#endif
+#ifndef NR_CLONE
+#define NR_CLONE 56
+#endif
+#ifndef NR_FORK
+#define NR_FORK 57
+#endif
+#ifndef NR_VFORK
+#define NR_VFORK 58
+#endif
+#ifndef NR_EXECVE
+#define NR_EXECVE 59
+#endif
+#ifndef NR_EXIT
+#define NR_EXIT 60
+#endif
+#ifndef NR_EXIT_GROUP
+#define NR_EXIT_GROUP 231
+#endif
+#ifndef NR_EXECVEAT
+#define NR_EXECVEAT 322
+#endif
+#ifndef NR_CLONE3
+#define NR_CLONE3 435
+#endif
+
+#define OVERFLOW_SLOT MAX_CGROUPS
+#define ENV_CLONE_THREAD 0x00010000ULL
+#define TASKS_TRACKED 32768
+
+/* Syscall argument registers in the x86_64 entry frame (struct pt_regs), the same layout as
+ * the uapi struct user_regs_struct: stable ABI, unlike kernel structs in general. */
+#define REGS_OFF_R10 56
+#define REGS_OFF_DX 96
+#define REGS_OFF_SI 104
+#define REGS_OFF_DI 112
+
+/* ---- maps ------------------------------------------------------------------------------------ */
+
+/* Per-CPU cache of task -> (cgroup id, slot), keyed by the task's syscall register frame
+ * (ctx->args[0] of sys_enter: the top of the task's kernel stack, so unique per live task and
+ * free to read, unlike every helper that names the task). Entries are valid only for the
+ * cache generation they were filled in; a fork (a new task may reuse a freed stack) and a
+ * cgroup migration bump the generation. */
+#define SLOT_CACHE_WAYS 16
+struct slot_cache {
+	__u64 key;
+	__u64 gen;
+	__u64 cgroup_id;
+	__u32 slot;
+	__u32 pad;
+};
+
+struct argv_stash {
+	__u32 argc;
+	__u32 len;
+	__u32 flags;
+	__u32 pad;
+	char buf[EXEC_ARGV_LEN * 2]; /* twice the copied size so the verifier can bound offsets */
+};
+
+/* Syscall counters: per CPU, per cgroup slot, indexed by syscall number. Cumulative only. */
+BPF_PERCPU_ARRAY(syscall_counts, struct syscall_slot_counts, MAX_CGROUPS + 1);
+/* Slot owner and first-seen bitmap, shared by all CPUs. */
+BPF_ARRAY(slot_state, struct syscall_slot_state, MAX_CGROUPS + 1);
+/* cgroup id -> slot, consulted only when the per-CPU cache misses. */
+BPF_HASH(cgroup_slots, __u64, __u32, MAX_CGROUPS);
+/* Free slots; filled by userspace at start and when a cgroup is forgotten. */
+BPF_QUEUE(free_slots, __u32, MAX_CGROUPS);
+BPF_PERCPU_ARRAY(slot_cache, struct slot_cache, SLOT_CACHE_WAYS);
+BPF_ARRAY(cache_gen, __u64, 1);
+
+BPF_PERCPU_ARRAY(loss_counts, __u64, LOSS_SLOTS);
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+
+/* Fork tracking: pid -> parent pid. Seeded from /proc by userspace at start. */
+BPF_TABLE("lru_hash", __u32, __u32, parents, TASKS_TRACKED);
+/* Per-thread values stashed at sys_enter for the tracepoint that follows. */
+BPF_TABLE("lru_hash", __u32, struct argv_stash, argv_stashes, 1024);
+BPF_TABLE("lru_hash", __u32, __u64, clone_flags, 4096);
+BPF_TABLE("lru_hash", __u32, __s32, exit_statuses, 4096);
+BPF_PERCPU_ARRAY(argv_scratch, struct argv_stash, 1);
+#if NET_RESULT
+BPF_TABLE("lru_hash", __u32, struct net_event, net_pending, 4096);
+#endif
+
+/* ---- helpers --------------------------------------------------------------------------------- */
+
+static __always_inline void count_loss(__u32 index)
+{
+	__u64 *n = loss_counts.lookup(&index);
+	if (n)
+		(*n)++;
+}
+
+static __always_inline int event_wanted(__u64 cgroup_id)
+{
+#if EVENT_CGROUP
+	return cgroup_id == EVENT_CGROUP;
+#else
+	return 1;
+#endif
+}
+
+static __always_inline void fill_hdr(struct event_hdr *h, __u16 type, __u16 version, __u32 size)
+{
+	h->type = type;
+	h->version = version;
+	h->size = size;
+	h->ktime = bpf_ktime_get_ns();
+}
+
+/* Slow path: find or allocate the slot of `cg` and remember it in this CPU's cache. */
+static __always_inline __u32 resolve_slot(__u64 cg, struct slot_cache *cache, __u64 key, __u64 gen)
+{
+	__u32 slot;
+	__u32 *found = cgroup_slots.lookup(&cg);
+	if (found) {
+		slot = *found;
+	} else if (free_slots.pop(&slot) == 0) {
+		struct syscall_slot_state *st = slot_state.lookup(&slot);
+		if (!st) {
+			count_loss(LOSS_SYSCALL_UNATTRIBUTED);
+			return OVERFLOW_SLOT;
+		}
+		/* Userspace zeroed the slot's counters and bitmap before freeing it. */
+		st->cgroup_id = cg;
+		if (cgroup_slots.insert(&cg, &slot) != 0) {
+			/* Another CPU allocated for the same cgroup first: give ours back. */
+			st->cgroup_id = 0;
+			free_slots.push(&slot, 0);
+			found = cgroup_slots.lookup(&cg);
+			if (!found) {
+				count_loss(LOSS_SYSCALL_UNATTRIBUTED);
+				return OVERFLOW_SLOT;
+			}
+			slot = *found;
+		}
+	} else {
+		/* No free slot: count in the overflow slot, which is never cached as valid. */
+		count_loss(LOSS_SYSCALL_UNATTRIBUTED);
+		return OVERFLOW_SLOT;
+	}
+	cache->key = key;
+	cache->gen = gen;
+	cache->cgroup_id = cg;
+	cache->slot = slot;
+	return slot;
+}
+
+static __always_inline void emit_first_seen(struct syscall_slot_state *st, __u64 cg, __u32 nr,
+					    __u32 word, __u64 bit)
+{
+	/* Atomic fetch-or: exactly one CPU sees the bit clear and emits. */
+	__u64 old = __sync_fetch_and_or(&st->seen[word], bit);
+	if (old & bit)
+		return;
+	if (!event_wanted(cg))
+		return;
+	struct syscall_first_event *e = events.ringbuf_reserve(sizeof(struct syscall_first_event));
+	if (!e) {
+		/* Clear the bit again so the next call of this syscall retries the event. */
+		__sync_fetch_and_and(&st->seen[word], ~bit);
+		count_loss(EV_SYSCALL_FIRST);
+		return;
+	}
+	fill_hdr(&e->hdr, EV_SYSCALL_FIRST, SYSCALL_FIRST_EVENT_VERSION, sizeof(*e));
+	e->cgroup_id = cg;
+	e->nr = nr;
+	e->pid = bpf_get_current_pid_tgid() >> 32;
+	events.ringbuf_submit(e, 0);
+}
+
+static __always_inline __u64 syscall_arg(void *regs, int off)
+{
+	__u64 v = 0;
+	bpf_probe_read_kernel(&v, sizeof(v), (char *)regs + off);
+	return v;
+}
+
+static __always_inline void stash_argv(void *regs, __u32 nr)
+{
+	__u32 zero = 0;
+	struct argv_stash *s = argv_scratch.lookup(&zero);
+	if (!s)
+		return;
+	const char *const *argv = (const char *const *)syscall_arg(
+		regs, nr == NR_EXECVE ? REGS_OFF_SI : REGS_OFF_DX);
+	__u32 off = 0, argc = 0, flags = 0;
+#pragma unroll
+	for (int i = 0; i < EXEC_ARGV_MAX_ARGS; i++) {
+		const char *p = 0;
+		if (bpf_probe_read_user(&p, sizeof(p), &argv[i]) != 0) {
+			flags |= EXEC_F_NO_ARGV;
+			break;
+		}
+		if (!p)
+			break;
+		if (off >= EXEC_ARGV_LEN) {
+			flags |= EXEC_F_ARGV_TRUNCATED;
+			break;
+		}
+		int n = bpf_probe_read_user_str(&s->buf[off & (EXEC_ARGV_LEN - 1)], EXEC_ARGV_LEN, p);
+		if (n <= 0) {
+			flags |= EXEC_F_NO_ARGV;
+			break;
+		}
+		off += n;
+		argc++;
+		if (i == EXEC_ARGV_MAX_ARGS - 1) {
+			const char *next = 0;
+			bpf_probe_read_user(&next, sizeof(next), &argv[i + 1]);
+			if (next)
+				flags |= EXEC_F_ARGV_TRUNCATED;
+		}
+	}
+	if (off > EXEC_ARGV_LEN) {
+		off = EXEC_ARGV_LEN;
+		flags |= EXEC_F_ARGV_TRUNCATED;
+	}
+	s->argc = argc;
+	s->len = off;
+	s->flags = flags;
+	__u32 tid = bpf_get_current_pid_tgid();
+	argv_stashes.update(&tid, s);
+}
+
+static __always_inline void on_special_syscall(void *regs, __u32 nr)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = pid_tgid;
+	if (nr == NR_EXECVE || nr == NR_EXECVEAT) {
+		stash_argv(regs, nr);
+	} else if (nr == NR_EXIT_GROUP || nr == NR_EXIT) {
+		__u32 tgid = pid_tgid >> 32;
+		__s32 status = syscall_arg(regs, REGS_OFF_DI);
+		exit_statuses.update(&tgid, &status);
+	} else if (nr == NR_CLONE) {
+		__u64 flags = syscall_arg(regs, REGS_OFF_DI);
+		clone_flags.update(&tid, &flags);
+	} else if (nr == NR_CLONE3) {
+		__u64 flags = 0;
+		bpf_probe_read_user(&flags, sizeof(flags), (void *)syscall_arg(regs, REGS_OFF_DI));
+		clone_flags.update(&tid, &flags);
+	} else {
+		__u64 flags = 0; /* fork, vfork */
+		clone_flags.update(&tid, &flags);
+	}
+}
+
+/* ---- syscall counting: raw tracepoint sys_enter ---------------------------------------------- */
+
+RAW_TRACEPOINT_PROBE(sys_enter)
+{
+	/* args[0]: struct pt_regs * of the calling task, args[1]: syscall number. The common path
+	 * calls no helper: helper calls are what make a per-syscall probe expensive. */
+	__u64 nr = ctx->args[1];
+	__u64 key = ctx->args[0];
+	__u32 zero = 0;
+	__u32 way = (key >> 14) & (SLOT_CACHE_WAYS - 1);
+	struct slot_cache *cache = slot_cache.lookup(&way);
+	__u64 *genp = cache_gen.lookup(&zero);
+	if (!cache || !genp)
+		return 0;
+	__u64 gen = *genp;
+	__u64 cg = cache->cgroup_id;
+	__u32 slot = cache->slot;
+	struct syscall_slot_state *st = 0;
+	if (cache->key == key && cache->gen == gen) {
+		st = slot_state.lookup(&slot);
+		/* The owner check catches a slot freed (and perhaps reused) since it was cached. */
+		if (st && st->cgroup_id != cg)
+			st = 0;
+	}
+	if (!st) {
+		cg = bpf_get_current_cgroup_id();
+		slot = resolve_slot(cg, cache, key, gen);
+		st = slot_state.lookup(&slot);
+	}
+	struct syscall_slot_counts *counts = syscall_counts.lookup(&slot);
+	if (!counts || !st)
+		return 0;
+	__u32 idx = nr < SYSCALL_NR_SLOTS ? nr : SYSCALL_NR_SLOTS - 1;
+	idx &= SYSCALL_NR_SLOTS - 1;
+	counts->count[idx]++;
+	__u32 word = idx >> 6;
+	__u64 bit = 1ULL << (idx & 63);
+	if (slot != OVERFLOW_SLOT && !(st->seen[word & (SYSCALL_NR_SLOTS / 64 - 1)] & bit))
+		emit_first_seen(st, cg, idx, word & (SYSCALL_NR_SLOTS / 64 - 1), bit);
+	switch (idx) {
+	case NR_CLONE:
+	case NR_FORK:
+	case NR_VFORK:
+	case NR_EXECVE:
+	case NR_EXIT:
+	case NR_EXIT_GROUP:
+	case NR_EXECVEAT:
+	case NR_CLONE3:
+		on_special_syscall((void *)ctx->args[0], idx);
+	}
+	return 0;
+}
+
+/* ---- process lifecycle ------------------------------------------------------------------------ */
+
+static __always_inline void bump_cache_gen(void)
+{
+	__u32 zero = 0;
+	__u64 *g = cache_gen.lookup(&zero);
+	if (g)
+		__sync_fetch_and_add(g, 1);
+}
+
+/* A task that changes cgroup keeps its stack: drop every cached (task, cgroup) pair. */
+TRACEPOINT_PROBE(cgroup, cgroup_attach_task)
+{
+	bump_cache_gen();
+	return 0;
+}
+
+TRACEPOINT_PROBE(cgroup, cgroup_transfer_tasks)
+{
+	bump_cache_gen();
+	return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+	/* Runs before the child first runs; the child may sit on a reused stack. */
+	bump_cache_gen();
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = pid_tgid, ptgid = pid_tgid >> 32;
+	__u32 child = args->child_pid;
+	__u64 *cf = clone_flags.lookup(&tid);
+	if (cf) {
+		__u64 f = *cf;
+		clone_flags.delete(&tid);
+		if (f & ENV_CLONE_THREAD)
+			return 0;
+	}
+	parents.update(&child, &ptgid);
+	__u64 cg = bpf_get_current_cgroup_id();
+	if (!event_wanted(cg))
+		return 0;
+	struct fork_event *e = events.ringbuf_reserve(sizeof(struct fork_event));
+	if (!e) {
+		count_loss(EV_FORK);
+		return 0;
+	}
+	fill_hdr(&e->hdr, EV_FORK, FORK_EVENT_VERSION, sizeof(*e));
+	e->cgroup_id = cg;
+	e->pid = child;
+	e->ppid = ptgid;
+	e->parent_tid = tid;
+	e->pad = 0;
+	events.ringbuf_submit(e, 0);
+	return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+	__u32 pid = args->pid;
+	__u32 old_pid = args->old_pid;
+	__u64 cg = bpf_get_current_cgroup_id();
+	if (!event_wanted(cg)) {
+		argv_stashes.delete(&old_pid);
+		return 0;
+	}
+	struct exec_event *e = events.ringbuf_reserve(sizeof(struct exec_event));
+	if (!e) {
+		argv_stashes.delete(&old_pid);
+		count_loss(EV_EXEC);
+		return 0;
+	}
+	fill_hdr(&e->hdr, EV_EXEC, EXEC_EVENT_VERSION, sizeof(*e));
+	e->cgroup_id = cg;
+	e->pid = pid;
+	e->old_pid = old_pid;
+	__u32 flags = 0;
+	__u32 *pp = parents.lookup(&pid);
+	if (pp) {
+		e->ppid = *pp;
+	} else {
+		e->ppid = 0;
+		flags |= EXEC_F_PPID_UNKNOWN;
+	}
+	unsigned short loc = args->data_loc_filename & 0xFFFF;
+	int n = bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), (char *)args + loc);
+	e->filename_len = n > 0 ? n - 1 : 0;
+	struct argv_stash *s = argv_stashes.lookup(&old_pid);
+	if (s) {
+		bpf_probe_read_kernel(e->argv, sizeof(e->argv), s->buf);
+		e->argc = s->argc;
+		e->argv_len = s->len;
+		flags |= s->flags;
+		argv_stashes.delete(&old_pid);
+	} else {
+		e->argv[0] = 0;
+		e->argc = 0;
+		e->argv_len = 0;
+		flags |= EXEC_F_NO_ARGV;
+	}
+	e->flags = flags;
+	events.ringbuf_submit(e, 0);
+	return 0;
+}
+
+#if NET_RESULT
+static __always_inline void emit_net(struct net_event *src, __u8 with_ret, __s64 ret);
+#endif
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = pid_tgid, tgid = pid_tgid >> 32;
+	argv_stashes.delete(&tid);
+	clone_flags.delete(&tid);
+#if NET_RESULT
+	struct net_event *pending = net_pending.lookup(&tid);
+	if (pending) {
+		emit_net(pending, 0, 0);
+		net_pending.delete(&tid);
+	}
+#endif
+	if (!args->group_dead)
+		return 0;
+	parents.delete(&tgid);
+	__s32 status = 0;
+	__u32 flags = 0;
+	__s32 *sp = exit_statuses.lookup(&tgid);
+	if (sp) {
+		status = *sp;
+		flags = EXIT_F_CODE_KNOWN;
+		exit_statuses.delete(&tgid);
+	}
+	__u64 cg = bpf_get_current_cgroup_id();
+	if (!event_wanted(cg))
+		return 0;
+	struct exit_event *e = events.ringbuf_reserve(sizeof(struct exit_event));
+	if (!e) {
+		count_loss(EV_EXIT);
+		return 0;
+	}
+	fill_hdr(&e->hdr, EV_EXIT, EXIT_EVENT_VERSION, sizeof(*e));
+	e->cgroup_id = cg;
+	e->pid = tgid;
+	e->tid = tid;
+	e->exit_status = status;
+	e->flags = flags;
+	events.ringbuf_submit(e, 0);
+	return 0;
+}
+
+/* ---- network destinations: cgroup sock_addr hooks (observe only, always allow) --------------- */
+
+#if NET_RESULT
+static __always_inline void emit_net(struct net_event *src, __u8 with_ret, __s64 ret)
+{
+	struct net_event *e = events.ringbuf_reserve(sizeof(struct net_event));
+	if (!e) {
+		count_loss(EV_NET);
+		return;
+	}
+	bpf_probe_read_kernel(e, sizeof(*e), src);
+	if (with_ret) {
+		e->flags |= NET_F_RET_KNOWN;
+		e->ret = ret;
+	}
+	events.ringbuf_submit(e, 0);
+}
+#endif
+
+static __always_inline int observe_sock(struct bpf_sock_addr *ctx, __u8 op, __u16 family)
+{
+	__u64 cg = bpf_get_current_cgroup_id();
+	if (!event_wanted(cg))
+		return 1;
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = pid_tgid;
+	struct net_event ev = {};
+	fill_hdr(&ev.hdr, EV_NET, NET_EVENT_VERSION, sizeof(ev));
+	ev.cgroup_id = cg;
+	ev.pid = pid_tgid >> 32;
+	ev.tid = tid;
+	ev.family = family;
+	ev.protocol = ctx->protocol;
+	ev.op = op;
+	ev.port = bpf_ntohs((__u16)ctx->user_port);
+	if (family == ENV_AF_INET) {
+		__u32 a = ctx->user_ip4;
+		__builtin_memcpy(ev.addr, &a, 4);
+	} else {
+		__u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1], a2 = ctx->user_ip6[2],
+		      a3 = ctx->user_ip6[3];
+		__builtin_memcpy(&ev.addr[0], &a0, 4);
+		__builtin_memcpy(&ev.addr[4], &a1, 4);
+		__builtin_memcpy(&ev.addr[8], &a2, 4);
+		__builtin_memcpy(&ev.addr[12], &a3, 4);
+	}
+#if NET_RESULT
+	/* Held until the syscall returns; one still held (a syscall that never reached its exit
+	 * tracepoint, e.g. sendmmsg's earlier messages) goes out now without a result. */
+	struct net_event *held = net_pending.lookup(&tid);
+	if (held)
+		emit_net(held, 0, 0);
+	net_pending.update(&tid, &ev);
+#else
+	struct net_event *e = events.ringbuf_reserve(sizeof(struct net_event));
+	if (!e) {
+		count_loss(EV_NET);
+		return 1;
+	}
+	__builtin_memcpy(e, &ev, sizeof(ev));
+	events.ringbuf_submit(e, 0);
+#endif
+	return 1;
+}
+
+int envelope_connect4(struct bpf_sock_addr *ctx)
+{
+	return observe_sock(ctx, NET_OP_CONNECT, ENV_AF_INET);
+}
+
+int envelope_connect6(struct bpf_sock_addr *ctx)
+{
+	return observe_sock(ctx, NET_OP_CONNECT, ENV_AF_INET6);
+}
+
+int envelope_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return observe_sock(ctx, NET_OP_SENDMSG, ENV_AF_INET);
+}
+
+int envelope_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return observe_sock(ctx, NET_OP_SENDMSG, ENV_AF_INET6);
+}
+
+#if NET_RESULT
+static __always_inline int net_syscall_exit(long ret)
+{
+	__u32 tid = bpf_get_current_pid_tgid();
+	struct net_event *held = net_pending.lookup(&tid);
+	if (!held)
+		return 0;
+	emit_net(held, 1, ret);
+	net_pending.delete(&tid);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_connect)
+{
+	return net_syscall_exit(args->ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_sendto)
+{
+	return net_syscall_exit(args->ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg)
+{
+	return net_syscall_exit(args->ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmmsg)
+{
+	return net_syscall_exit(args->ret);
+}
+#endif

@@ -1,0 +1,580 @@
+"""Ring-buffer records: Python mirrors of ``bpf/events.h`` and a pure decoder.
+
+Each C struct has one mirror class below with the C pasted into its docstring and every
+padding byte spelled out as a field, in the style of pyroute2's netlink message classes. The
+mirrors decode with the ``struct`` module; nothing here imports bcc, so decoding runs and is
+tested without root. ``tests/unit/test_events_header.py`` parses ``bpf/events.h`` and checks
+type numbers, versions and sizes against these classes.
+
+:func:`decode` takes the bytes of one record and returns an event dataclass or a
+:class:`DecodeError`; it never raises. :class:`Decoder` wraps it and counts the errors by kind,
+so the poll loop can report them as loss.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import struct
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar, Union
+
+from . import syscalls
+from .workload import exec_key, net_key, syscall_key
+
+# Event types (EV_* in bpf/events.h). Numbers are never reused.
+EV_EXEC = 1
+EV_FORK = 2
+EV_EXIT = 3
+EV_NET = 4
+EV_SYSCALL_FIRST = 5
+EV_EGRESS_VIOLATION = 6
+EV_SECCOMP_DENIAL = 7
+EV_TYPE_MAX = 8
+
+TYPE_NAMES = {
+    EV_EXEC: "exec",
+    EV_FORK: "fork",
+    EV_EXIT: "exit",
+    EV_NET: "net",
+    EV_SYSCALL_FIRST: "syscall_first",
+    EV_EGRESS_VIOLATION: "egress_violation",
+    EV_SECCOMP_DENIAL: "seccomp_denial",
+}
+
+# Loss counter indexes (LOSS_* in bpf/events.h); 1..EV_TYPE_MAX-1 are reserve failures by type.
+LOSS_SYSCALL_UNATTRIBUTED = 8
+LOSS_SLOTS = 16
+
+ENV_AF_INET = 2
+ENV_AF_INET6 = 10
+
+EXEC_FILENAME_LEN = 256
+EXEC_ARGV_LEN = 256
+EXEC_ARGV_MAX_ARGS = 16
+EXEC_F_ARGV_TRUNCATED = 0x1
+EXEC_F_NO_ARGV = 0x2
+EXEC_F_PPID_UNKNOWN = 0x4
+EXIT_F_CODE_KNOWN = 0x1
+NET_OP_CONNECT = 0
+NET_OP_SENDMSG = 1
+NET_F_RET_KNOWN = 0x1
+EGRESS_OP_CONNECT = 0
+EGRESS_OP_SENDMSG = 1
+EGRESS_ACTION_ALERTED = 0
+EGRESS_ACTION_DENIED = 1
+
+SYSCALL_NR_SLOTS = 512
+
+_PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
+
+
+# ---- struct mirrors ---------------------------------------------------------------------------
+
+
+class Mirror:
+    """A C struct as a list of ``(name, struct format)`` fields, little-endian, no implicit
+    padding: holes are fields named ``pad*`` so a layout change shows up as a size mismatch."""
+
+    fields: ClassVar[tuple[tuple[str, str], ...]] = ()
+    c_name: ClassVar[str] = ""
+    _struct: ClassVar[struct.Struct]
+    _names: ClassVar[tuple[str, ...]]
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        cls._struct = struct.Struct("<" + "".join(f for _, f in cls.fields))
+        cls._names = tuple(n for n, _ in cls.fields)
+
+    @classmethod
+    def size(cls) -> int:
+        return cls._struct.size
+
+    @classmethod
+    def unpack(cls, buf, offset: int = 0) -> dict:
+        return dict(zip(cls._names, cls._struct.unpack_from(buf, offset)))
+
+    @classmethod
+    def pack(cls, **values) -> bytes:
+        """Encode (tests and golden files); missing fields are zero."""
+        out = []
+        for n, f in cls.fields:
+            v = values.get(n)
+            if v is None:
+                v = b"" if f.endswith("s") else 0
+            out.append(v)
+        return cls._struct.pack(*out)
+
+
+class EventHeader(Mirror):
+    """Common header of every record.
+
+    struct event_hdr {
+        __u16 type;    /* EV_* */
+        __u16 version; /* *_EVENT_VERSION */
+        __u32 size;    /* sizeof the whole record */
+        __u64 ktime;
+    };
+    """
+
+    c_name = "event_hdr"
+    fields = (("type", "H"), ("version", "H"), ("size", "I"), ("ktime", "Q"))
+
+
+_HDR = tuple(EventHeader.fields)
+
+
+class ExecRecord(Mirror):
+    """EV_EXEC, from sched:sched_process_exec.
+
+    struct exec_event {
+        struct event_hdr hdr;          /*   0 */
+        __u64 cgroup_id;               /*  16 */
+        __u32 pid;                     /*  24 */
+        __u32 ppid;                    /*  28 from fork tracking; 0 when unknown */
+        __u32 old_pid;                 /*  32 tid that called execve */
+        __u16 filename_len;            /*  36 bytes in filename, without the NUL */
+        __u16 argv_len;                /*  38 bytes used in argv, NUL separators included */
+        __u32 argc;                    /*  40 strings captured in argv */
+        __u32 flags;                   /*  44 EXEC_F_* */
+        char filename[EXEC_FILENAME_LEN]; /*  48 */
+        char argv[EXEC_ARGV_LEN];      /* 304 NUL-separated */
+    };
+    """
+
+    c_name = "exec_event"
+    type = EV_EXEC
+    version = 1
+    fields = _HDR + (
+        ("cgroup_id", "Q"), ("pid", "I"), ("ppid", "I"), ("old_pid", "I"),
+        ("filename_len", "H"), ("argv_len", "H"), ("argc", "I"), ("flags", "I"),
+        ("filename", f"{EXEC_FILENAME_LEN}s"), ("argv", f"{EXEC_ARGV_LEN}s"),
+    )
+
+
+class ForkRecord(Mirror):
+    """EV_FORK, from sched:sched_process_fork; new processes only, not new threads.
+
+    struct fork_event {
+        struct event_hdr hdr; /*  0 */
+        __u64 cgroup_id;      /* 16 the parent's, which the child inherits */
+        __u32 pid;            /* 24 child */
+        __u32 ppid;           /* 28 parent thread group */
+        __u32 parent_tid;     /* 32 the thread that forked */
+        __u32 pad;            /* 36 */
+    };
+    """
+
+    c_name = "fork_event"
+    type = EV_FORK
+    version = 1
+    fields = _HDR + (("cgroup_id", "Q"), ("pid", "I"), ("ppid", "I"), ("parent_tid", "I"),
+                     ("pad", "I"))
+
+
+class ExitRecord(Mirror):
+    """EV_EXIT, from sched:sched_process_exit when the whole thread group is gone.
+
+    struct exit_event {
+        struct event_hdr hdr; /*  0 */
+        __u64 cgroup_id;      /* 16 */
+        __u32 pid;            /* 24 */
+        __u32 tid;            /* 28 last thread to exit */
+        __s32 exit_status;    /* 32 argument of exit_group()/exit(); exit code is & 0xff */
+        __u32 flags;          /* 36 EXIT_F_* */
+    };
+    """
+
+    c_name = "exit_event"
+    type = EV_EXIT
+    version = 1
+    fields = _HDR + (("cgroup_id", "Q"), ("pid", "I"), ("tid", "I"), ("exit_status", "i"),
+                     ("flags", "I"))
+
+
+class NetRecord(Mirror):
+    """EV_NET, from the cgroup connect4/6 and sendmsg4/6 hooks.
+
+    struct net_event {
+        struct event_hdr hdr; /*  0 */
+        __u64 cgroup_id;      /* 16 */
+        __u32 pid;            /* 24 */
+        __u32 tid;            /* 28 */
+        __u16 family;         /* 32 ENV_AF_* */
+        __u16 protocol;       /* 34 */
+        __u8 op;              /* 36 NET_OP_* */
+        __u8 flags;           /* 37 NET_F_* */
+        __u16 port;           /* 38 host order */
+        __u8 addr[16];        /* 40 network order */
+        __s64 ret;            /* 56 */
+    };
+    """
+
+    c_name = "net_event"
+    type = EV_NET
+    version = 1
+    fields = _HDR + (
+        ("cgroup_id", "Q"), ("pid", "I"), ("tid", "I"), ("family", "H"), ("protocol", "H"),
+        ("op", "B"), ("flags", "B"), ("port", "H"), ("addr", "16s"), ("ret", "q"),
+    )
+
+
+class SyscallFirstRecord(Mirror):
+    """EV_SYSCALL_FIRST: the first time a cgroup's slot makes syscall ``nr``.
+
+    struct syscall_first_event {
+        struct event_hdr hdr; /*  0 */
+        __u64 cgroup_id;      /* 16 */
+        __u32 nr;             /* 24 */
+        __u32 pid;            /* 28 */
+    };
+    """
+
+    c_name = "syscall_first_event"
+    type = EV_SYSCALL_FIRST
+    version = 1
+    fields = _HDR + (("cgroup_id", "Q"), ("nr", "I"), ("pid", "I"))
+
+
+class EgressViolationRecord(Mirror):
+    """EV_EGRESS_VIOLATION, emitted by the egress enforcement programs.
+
+    struct egress_violation_event {
+        struct event_hdr hdr; /*  0 */
+        __u64 cgroup_id;      /* 16 */
+        __u32 pid;            /* 24 */
+        __u16 family;         /* 28 ENV_AF_* */
+        __u16 protocol;       /* 30 */
+        __u8 addr[16];        /* 32 network order */
+        __u16 port;           /* 48 host order */
+        __u8 op;              /* 50 EGRESS_OP_* */
+        __u8 action;          /* 51 EGRESS_ACTION_* */
+        __u32 pad;            /* 52 */
+    };
+    """
+
+    c_name = "egress_violation_event"
+    type = EV_EGRESS_VIOLATION
+    version = 1
+    fields = _HDR + (
+        ("cgroup_id", "Q"), ("pid", "I"), ("family", "H"), ("protocol", "H"), ("addr", "16s"),
+        ("port", "H"), ("op", "B"), ("action", "B"), ("pad", "I"),
+    )
+
+
+class SeccompDenialRecord(Mirror):
+    """EV_SECCOMP_DENIAL, emitted from raw sys_exit by the seccomp observation program.
+
+    struct seccomp_denial_event {
+        struct event_hdr hdr; /*  0 */
+        __u64 cgroup_id;      /* 16 */
+        __u32 pid;            /* 24 */
+        __u32 nr;             /* 28 */
+        __s64 ret;            /* 32 */
+    };
+    """
+
+    c_name = "seccomp_denial_event"
+    type = EV_SECCOMP_DENIAL
+    version = 1
+    fields = _HDR + (("cgroup_id", "Q"), ("pid", "I"), ("nr", "I"), ("ret", "q"))
+
+
+class SyscallSlotState(Mirror):
+    """Owner and first-seen bitmap of one cgroup slot (not a ring-buffer record).
+
+    struct syscall_slot_state {
+        __u64 cgroup_id;                   /* owner of the slot; 0 while free */
+        __u64 seen[SYSCALL_NR_SLOTS / 64]; /* first-seen bitmap by syscall number */
+    };
+    """
+
+    c_name = "syscall_slot_state"
+    fields = (("cgroup_id", "Q"),) + tuple((f"seen{i}", "Q") for i in range(SYSCALL_NR_SLOTS // 64))
+
+
+class SyscallSlotCounts(Mirror):
+    """Per-CPU syscall counters of one cgroup slot (not a ring-buffer record).
+
+    struct syscall_slot_counts {
+        __u64 count[SYSCALL_NR_SLOTS];
+    };
+    """
+
+    c_name = "syscall_slot_counts"
+    fields = tuple((f"count{i}", "Q") for i in range(SYSCALL_NR_SLOTS))
+
+
+RECORDS: dict[int, type[Mirror]] = {
+    r.type: r for r in (ExecRecord, ForkRecord, ExitRecord, NetRecord, SyscallFirstRecord,
+                        EgressViolationRecord, SeccompDenialRecord)
+}
+
+
+# ---- events -----------------------------------------------------------------------------------
+
+
+def _cstr(raw: bytes, n: int | None = None) -> str:
+    if n is not None:
+        raw = raw[:n]
+    return raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+
+
+def _addr(family: int, raw: bytes) -> str | None:
+    if family == ENV_AF_INET:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    if family == ENV_AF_INET6:
+        return ipaddress.IPv6Address(raw[:16]).compressed
+    return None
+
+
+def _family(af: int) -> int:
+    return 4 if af == ENV_AF_INET else 6
+
+
+class _Event:
+    __slots__ = ()
+    type_name: ClassVar[str] = ""
+
+    def to_dict(self) -> dict:
+        d = {"type": self.type_name}
+        d.update(asdict(self))
+        return d
+
+    def behaviour_key(self) -> str | None:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class ExecEvent(_Event):
+    ktime: int
+    pid: int
+    ppid: int  # 0 when fork tracking did not see the parent
+    cgroup_id: int
+    filename: str
+    argv: list[str] = field(default_factory=list)
+    argv_truncated: bool = False
+    old_pid: int = 0
+    type_name: ClassVar[str] = "exec"
+
+    def behaviour_key(self) -> str | None:
+        return exec_key(self.filename) if self.filename else None
+
+
+@dataclass(frozen=True, slots=True)
+class ForkEvent(_Event):
+    ktime: int
+    pid: int
+    ppid: int
+    cgroup_id: int
+    type_name: ClassVar[str] = "fork"
+
+
+@dataclass(frozen=True, slots=True)
+class ExitEvent(_Event):
+    ktime: int
+    pid: int
+    cgroup_id: int
+    exit_code: int | None  # exit()/exit_group() status & 0xff; None when ended by a signal
+    type_name: ClassVar[str] = "exit"
+
+
+@dataclass(frozen=True, slots=True)
+class NetEvent(_Event):
+    ktime: int
+    pid: int
+    cgroup_id: int
+    op: str  # connect | send
+    proto: str  # tcp | udp (or icmp, icmpv6, or the protocol number)
+    family: int  # 4 | 6
+    addr: str
+    port: int
+    ret: int | None = None  # the syscall's return value, when the sensor was built to hold it
+    tid: int = 0
+    type_name: ClassVar[str] = "net"
+
+    def behaviour_key(self) -> str | None:
+        if self.proto not in ("tcp", "udp"):
+            return None
+        return net_key(self.op, self.proto, self.addr, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class SyscallFirstEvent(_Event):
+    ktime: int
+    cgroup_id: int
+    nr: int
+    name: str
+    pid: int = 0
+    type_name: ClassVar[str] = "syscall_first"
+
+    def behaviour_key(self) -> str | None:
+        return syscall_key(self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class EgressViolationEvent(_Event):
+    ktime: int
+    cgroup_id: int
+    pid: int
+    op: str  # connect | send
+    proto: str
+    family: int  # 4 | 6
+    addr: str
+    port: int
+    action: str  # alerted | denied
+    type_name: ClassVar[str] = "egress_violation"
+
+    def behaviour_key(self) -> str | None:
+        if self.proto not in ("tcp", "udp"):
+            return None
+        return net_key(self.op, self.proto, self.addr, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class SeccompDenialEvent(_Event):
+    ktime: int
+    cgroup_id: int
+    pid: int
+    nr: int
+    name: str
+    ret: int
+    type_name: ClassVar[str] = "seccomp_denial"
+
+    def behaviour_key(self) -> str | None:
+        return syscall_key(self.name)
+
+
+Event = Union[ExecEvent, ForkEvent, ExitEvent, NetEvent, SyscallFirstEvent,
+              EgressViolationEvent, SeccompDenialEvent]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeError:
+    """A record that did not decode. ``kind`` is the loss counter it counts against."""
+
+    kind: str  # decode_error | unknown_version | unknown_type
+    reason: str
+    type: int | None = None
+    version: int | None = None
+
+
+# ---- decoding ---------------------------------------------------------------------------------
+
+
+def _proto(n: int) -> str:
+    return _PROTO_NAMES.get(n, str(n))
+
+
+def _exec(r: dict) -> Event:
+    argv_raw = r["argv"][: min(r["argv_len"], EXEC_ARGV_LEN)]
+    parts = argv_raw.split(b"\0")
+    argv = [p.decode("utf-8", "backslashreplace") for p in parts[: r["argc"]]]
+    return ExecEvent(
+        ktime=r["ktime"], pid=r["pid"], ppid=r["ppid"], cgroup_id=r["cgroup_id"],
+        filename=_cstr(r["filename"], r["filename_len"]), argv=argv,
+        argv_truncated=bool(r["flags"] & EXEC_F_ARGV_TRUNCATED), old_pid=r["old_pid"],
+    )
+
+
+def _fork(r: dict) -> Event:
+    return ForkEvent(ktime=r["ktime"], pid=r["pid"], ppid=r["ppid"], cgroup_id=r["cgroup_id"])
+
+
+def _exit(r: dict) -> Event:
+    code = r["exit_status"] & 0xFF if r["flags"] & EXIT_F_CODE_KNOWN else None
+    return ExitEvent(ktime=r["ktime"], pid=r["pid"], cgroup_id=r["cgroup_id"], exit_code=code)
+
+
+def _net(r: dict) -> Event | DecodeError:
+    addr = _addr(r["family"], r["addr"])
+    if addr is None:
+        return DecodeError("decode_error", f"net event with address family {r['family']}", EV_NET)
+    return NetEvent(
+        ktime=r["ktime"], pid=r["pid"], cgroup_id=r["cgroup_id"],
+        op="connect" if r["op"] == NET_OP_CONNECT else "send", proto=_proto(r["protocol"]),
+        family=_family(r["family"]), addr=addr, port=r["port"],
+        ret=r["ret"] if r["flags"] & NET_F_RET_KNOWN else None, tid=r["tid"],
+    )
+
+
+def _syscall_first(r: dict) -> Event:
+    return SyscallFirstEvent(ktime=r["ktime"], cgroup_id=r["cgroup_id"], nr=r["nr"],
+                             name=syscalls.name(r["nr"]), pid=r["pid"])
+
+
+def _egress(r: dict) -> Event | DecodeError:
+    addr = _addr(r["family"], r["addr"])
+    if addr is None:
+        return DecodeError("decode_error", f"egress event with address family {r['family']}",
+                           EV_EGRESS_VIOLATION)
+    return EgressViolationEvent(
+        ktime=r["ktime"], cgroup_id=r["cgroup_id"], pid=r["pid"],
+        op="connect" if r["op"] == EGRESS_OP_CONNECT else "send", proto=_proto(r["protocol"]),
+        family=_family(r["family"]), addr=addr, port=r["port"],
+        action="denied" if r["action"] == EGRESS_ACTION_DENIED else "alerted",
+    )
+
+
+def _seccomp(r: dict) -> Event:
+    return SeccompDenialEvent(ktime=r["ktime"], cgroup_id=r["cgroup_id"], pid=r["pid"],
+                              nr=r["nr"], name=syscalls.name(r["nr"]), ret=r["ret"])
+
+
+_BUILD = {
+    EV_EXEC: _exec, EV_FORK: _fork, EV_EXIT: _exit, EV_NET: _net,
+    EV_SYSCALL_FIRST: _syscall_first, EV_EGRESS_VIOLATION: _egress, EV_SECCOMP_DENIAL: _seccomp,
+}
+_HDR_STRUCT = struct.Struct("<HHIQ")
+
+
+def decode(data: bytes | bytearray | memoryview) -> Event | DecodeError:
+    """Decode one ring-buffer record. Pure: bytes in, an event or a :class:`DecodeError` out."""
+    try:
+        n = len(data)
+        if n < _HDR_STRUCT.size:
+            return DecodeError("decode_error", f"record of {n} bytes is shorter than a header")
+        etype, version, size, _ = _HDR_STRUCT.unpack_from(data, 0)
+        rec = RECORDS.get(etype)
+        if rec is None:
+            return DecodeError("unknown_type", f"unknown event type {etype}", etype, version)
+        if version != rec.version:
+            return DecodeError("unknown_version",
+                               f"{TYPE_NAMES[etype]} version {version}, expected {rec.version}",
+                               etype, version)
+        if size != rec.size() or n < rec.size():
+            return DecodeError("decode_error",
+                               f"{TYPE_NAMES[etype]} record: header size {size}, {n} bytes "
+                               f"received, expected {rec.size()}", etype, version)
+        return _BUILD[etype](rec.unpack(data))
+    except Exception as e:  # noqa: BLE001 - a decoder never raises into the poll loop
+        return DecodeError("decode_error", f"{type(e).__name__}: {e}")
+
+
+class Decoder:
+    """:func:`decode` plus counters of what did not decode, by kind."""
+
+    KINDS = ("decode_error", "unknown_version", "unknown_type")
+
+    def __init__(self) -> None:
+        self.errors: dict[str, int] = {k: 0 for k in self.KINDS}
+        self.last_error: DecodeError | None = None
+
+    def decode(self, data) -> Event | None:
+        ev = decode(data)
+        if isinstance(ev, DecodeError):
+            self.errors[ev.kind] = self.errors.get(ev.kind, 0) + 1
+            self.last_error = ev
+            return None
+        return ev
+
+
+# ---- header parsing (used by tests and the loader's consistency check) -------------------------
+
+
+def parse_header_defines(text: str) -> dict[str, int]:
+    """``#define NAME <integer>`` lines of a C header, as a dict."""
+    out = {}
+    for m in re.finditer(r"^\s*#define\s+(\w+)\s+(0x[0-9a-fA-F]+|\d+)\b", text, re.M):
+        out[m.group(1)] = int(m.group(2), 0)
+    return out

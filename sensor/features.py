@@ -1,0 +1,397 @@
+"""What this kernel and host can do for the sensor, found by asking them, not by version.
+
+Every check tries the real thing where it can: it creates a map, loads a two-instruction
+program, opens a raw tracepoint, links a cgroup program into a scratch cgroup. Version numbers
+lie on distribution and vendor kernels (features are backported, or configured out), so the
+only trustworthy answer is the kernel's own. Each check returns a :class:`Check` with ``ok``,
+a ``detail`` of what was found and a ``fix`` that says what to do.
+
+The raw ``bpf(2)`` wrappers here use ctypes and need no bcc; the loader reuses
+:func:`link_create` for cgroup programs so they detach when the sensor's process exits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import platform
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# bpf(2) commands and types (uapi/linux/bpf.h).
+BPF_MAP_CREATE = 0
+BPF_PROG_LOAD = 5
+BPF_RAW_TRACEPOINT_OPEN = 17
+BPF_LINK_CREATE = 28
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_RINGBUF = 27
+BPF_PROG_TYPE_RAW_TRACEPOINT = 17
+BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
+BPF_PROG_TYPE_TRACING = 26
+BPF_PROG_TYPE_LSM = 29
+BPF_CGROUP_INET4_CONNECT = 10
+BPF_TRACE_FENTRY = 24
+BPF_LSM_MAC = 27
+BPF_F_ALLOW_MULTI = 2
+
+_NR_BPF = {"x86_64": 321, "aarch64": 280}
+# r0 = 1; exit
+_RETURN_ONE = bytes.fromhex("b700000001000000" "9500000000000000")
+_RETURN_ZERO = bytes.fromhex("b700000000000000" "9500000000000000")
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+# Tracepoints and the fields of each that bpf/sensor.c reads.
+TRACEPOINTS = {
+    "sched/sched_process_exec": ("filename", "pid", "old_pid"),
+    "sched/sched_process_fork": ("parent_pid", "child_pid"),
+    "sched/sched_process_exit": ("pid", "group_dead"),
+    "cgroup/cgroup_attach_task": (),
+    "cgroup/cgroup_transfer_tasks": (),
+    "raw_syscalls/sys_enter": ("id", "args"),
+}
+
+
+class BPFError(OSError):
+    pass
+
+
+def bpf(cmd: int, attr: bytes) -> int:
+    """The raw ``bpf(2)`` syscall; returns its result or raises :class:`BPFError`."""
+    nr = _NR_BPF.get(platform.machine())
+    if nr is None:
+        raise BPFError(errno.ENOSYS, f"bpf(2) number unknown on {platform.machine()}")
+    buf = ctypes.create_string_buffer(attr, max(len(attr), 128))
+    ret = _libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), buf, ctypes.c_uint(len(buf)))
+    if ret < 0:
+        e = ctypes.get_errno()
+        raise BPFError(e, os.strerror(e))
+    return ret
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int) -> int:
+    return bpf(BPF_MAP_CREATE, struct.pack("<IIIII", map_type, key_size, value_size,
+                                           max_entries, 0))
+
+
+def prog_load(prog_type: int, insns: bytes, expected_attach_type: int = 0,
+              attach_btf_id: int = 0) -> int:
+    insn_buf = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(b"GPL")
+    attr = bytearray(128)
+    struct.pack_into("<IIQQ", attr, 0, prog_type, len(insns) // 8,
+                     ctypes.addressof(insn_buf), ctypes.addressof(lic))
+    struct.pack_into("<I", attr, 68, expected_attach_type)
+    struct.pack_into("<I", attr, 108, attach_btf_id)
+    return bpf(BPF_PROG_LOAD, bytes(attr))
+
+
+def raw_tracepoint_open(name: str, prog_fd: int) -> int:
+    cname = ctypes.create_string_buffer(name.encode())
+    return bpf(BPF_RAW_TRACEPOINT_OPEN, struct.pack("<QI", ctypes.addressof(cname), prog_fd))
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) -> int:
+    """A BPF link: the attachment lives exactly as long as the returned fd.
+
+    For cgroup programs a link attaches like ``BPF_F_ALLOW_MULTI``: it runs alongside other
+    programs on the same cgroup, including enforcement programs attached by other loaders.
+    """
+    return bpf(BPF_LINK_CREATE, struct.pack("<IIII", prog_fd, target_fd, attach_type, flags))
+
+
+def _close(*fds: int) -> None:
+    for fd in fds:
+        if fd is not None and fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+# ---- BTF: enough of the format to find a function's type id -----------------------------------
+
+_BTF_KIND_EXTRA = {  # bytes after struct btf_type, as (fixed, per vlen)
+    1: (4, 0), 2: (0, 0), 3: (12, 0), 4: (0, 12), 5: (0, 12), 6: (0, 8), 7: (0, 0), 8: (0, 0),
+    9: (0, 0), 10: (0, 0), 11: (0, 0), 12: (0, 0), 13: (0, 8), 14: (4, 0), 15: (0, 12),
+    16: (0, 0), 17: (4, 0), 18: (0, 0), 19: (0, 12),
+}
+BTF_KIND_FUNC = 12
+
+
+def btf_func_id(name: str, path: str = "/sys/kernel/btf/vmlinux") -> int | None:
+    """The BTF type id of function ``name`` in the kernel's BTF, or None."""
+    data = Path(path).read_bytes()
+    magic, _ver, _flags, hdr_len, type_off, type_len, str_off, _str_len = struct.unpack_from(
+        "<HBBIIIII", data, 0)
+    if magic != 0xEB9F:
+        return None
+    types = hdr_len + type_off
+    strs = hdr_len + str_off
+    want = name.encode()
+    off, end, tid = types, types + type_len, 1
+    while off < end:
+        name_off, info, _ = struct.unpack_from("<III", data, off)
+        kind = (info >> 24) & 0x1F
+        vlen = info & 0xFFFF
+        if kind == BTF_KIND_FUNC:
+            s = strs + name_off
+            if data[s:s + len(want) + 1] == want + b"\0":
+                return tid
+        fixed, per = _BTF_KIND_EXTRA.get(kind, (0, 0))
+        off += 12 + fixed + per * vlen
+        tid += 1
+    return None
+
+
+# ---- checks -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def tracefs_path() -> Path | None:
+    for p in TRACEFS_CANDIDATES:
+        if Path(p, "events").is_dir():
+            return Path(p)
+    return None
+
+
+def check_root() -> Check:
+    ok = os.geteuid() == 0
+    return Check("root", ok, f"euid {os.geteuid()}",
+                 "" if ok else "run as root (or with CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN)")
+
+
+def check_bpf_permission() -> Check:
+    try:
+        fd = map_create(BPF_MAP_TYPE_ARRAY, 4, 8, 1)
+    except BPFError as e:
+        return Check("bpf_permission", False, f"bpf(BPF_MAP_CREATE): {e.strerror}",
+                     "run as root; check kernel.unprivileged_bpf_disabled and that no seccomp "
+                     "profile or container runtime blocks bpf(2)")
+    _close(fd)
+    return Check("bpf_permission", True, "bpf(2) creates maps")
+
+
+def check_ringbuf() -> Check:
+    try:
+        fd = map_create(BPF_MAP_TYPE_RINGBUF, 0, 0, 4096)
+    except BPFError as e:
+        return Check("ringbuf", False, f"BPF_MAP_TYPE_RINGBUF: {e.strerror}",
+                     "needs a kernel with BPF ring buffers (CONFIG_BPF_SYSCALL, 5.8 or later)")
+    _close(fd)
+    return Check("ringbuf", True, "ring buffer map created")
+
+
+def check_raw_tracepoint() -> Check:
+    prog = link = None
+    try:
+        prog = prog_load(BPF_PROG_TYPE_RAW_TRACEPOINT, _RETURN_ZERO)
+        link = raw_tracepoint_open("sys_enter", prog)
+    except BPFError as e:
+        step = "load" if prog is None else "attach to sys_enter"
+        return Check("raw_tracepoint", False, f"raw tracepoint {step}: {e.strerror}",
+                     "needs BPF raw tracepoints (CONFIG_BPF_EVENTS); syscall counting needs them")
+    finally:
+        _close(link, prog)
+    return Check("raw_tracepoint", True, "raw tracepoint program attached to sys_enter")
+
+
+def check_tracefs() -> Check:
+    p = tracefs_path()
+    if p is None:
+        return Check("tracefs", False, "no tracefs with events/ at " + ", ".join(TRACEFS_CANDIDATES),
+                     "mount -t tracefs nodev /sys/kernel/tracing")
+    return Check("tracefs", True, f"mounted at {p}")
+
+
+def parse_tracepoint_fields(format_text: str) -> list[str]:
+    """Field names of a tracefs ``format`` file, common_* fields left out."""
+    names = []
+    for line in format_text.splitlines():
+        line = line.strip()
+        if not line.startswith("field:"):
+            continue
+        decl = line[len("field:"):].split(";", 1)[0].strip()
+        name = decl.split()[-1].split("[", 1)[0]
+        if not name.startswith("common_"):
+            names.append(name)
+    return names
+
+
+def check_tracepoints() -> Check:
+    base = tracefs_path()
+    if base is None:
+        return Check("tracepoints", False, "tracefs not mounted",
+                     "mount -t tracefs nodev /sys/kernel/tracing")
+    problems = []
+    for tp, fields in TRACEPOINTS.items():
+        fmt = base / "events" / tp / "format"
+        try:
+            have = set(parse_tracepoint_fields(fmt.read_text()))
+        except OSError as e:
+            problems.append(f"{tp}: {e.strerror}")
+            continue
+        missing = [f for f in fields if f not in have]
+        if missing:
+            problems.append(f"{tp}: no field {', '.join(missing)}")
+    if problems:
+        return Check("tracepoints", False, "; ".join(problems),
+                     "needs CONFIG_TRACEPOINTS with the sched, cgroup and raw_syscalls events")
+    return Check("tracepoints", True, ", ".join(TRACEPOINTS))
+
+
+def check_cgroup2() -> Check:
+    from .cgroup import CgroupError, cgroup2_mount_point
+    try:
+        mp = cgroup2_mount_point()
+    except CgroupError as e:
+        return Check("cgroup2", False, str(e),
+                     "mount -t cgroup2 none /sys/fs/cgroup/unified (hybrid) or boot with "
+                     "systemd.unified_cgroup_hierarchy=1")
+    return Check("cgroup2", True, f"mounted at {mp}")
+
+
+def check_cgroup_bpf() -> Check:
+    """Link a sock_addr connect4 program into a scratch cgroup, then remove both."""
+    from .cgroup import CgroupError, cgroup2_mount_point
+    try:
+        mp = cgroup2_mount_point()
+    except CgroupError as e:
+        return Check("cgroup_bpf", False, str(e), "mount cgroup v2 first (see cgroup2)")
+    scratch = mp / f"envelope-probe-{os.getpid()}"
+    prog = cg = link = None
+    step = "load connect4 program"
+    try:
+        prog = prog_load(BPF_PROG_TYPE_CGROUP_SOCK_ADDR, _RETURN_ONE, BPF_CGROUP_INET4_CONNECT)
+        step = f"create {scratch}"
+        scratch.mkdir()
+        cg = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
+        step = "link connect4 into a cgroup"
+        link = link_create(prog, cg, BPF_CGROUP_INET4_CONNECT)
+    except OSError as e:
+        return Check("cgroup_bpf", False, f"{step}: {e.strerror}",
+                     "needs CONFIG_CGROUP_BPF and a writable cgroup v2 mount; network "
+                     "destinations are observed with cgroup sock_addr programs")
+    finally:
+        _close(link, cg, prog)
+        try:
+            scratch.rmdir()
+        except OSError:
+            pass
+    return Check("cgroup_bpf", True, "sock_addr program linked into a cgroup (connect4)")
+
+
+def check_btf() -> Check:
+    p = Path("/sys/kernel/btf/vmlinux")
+    if not p.exists():
+        return Check("btf", False, "no /sys/kernel/btf/vmlinux",
+                     "not needed by the sensor (it reads no kernel structs); "
+                     "CONFIG_DEBUG_INFO_BTF=y enables fentry and LSM programs", required=False)
+    return Check("btf", True, f"{p} ({p.stat().st_size} bytes)", required=False)
+
+
+def check_kernel_headers() -> Check:
+    rel = os.uname().release
+    base = Path("/lib/modules") / rel
+    for sub in ("build", "source"):
+        if (base / sub / "include" / "linux" / "kconfig.h").exists():
+            target = os.path.realpath(base / sub)
+            return Check("kernel_headers", True, f"{base / sub} -> {target}")
+    return Check("kernel_headers", False, f"no {base}/build/include/linux/kconfig.h",
+                 "run `make setup` (installs linux-headers-amd64 and links it at "
+                 f"{base}/build; BCC compiles against it)")
+
+
+def check_bcc() -> Check:
+    try:
+        import bcc
+    except ImportError as e:
+        return Check("bcc", False, f"import bcc: {e}",
+                     "apt-get install python3-bpfcc and use a venv made with "
+                     "--system-site-packages (PyPI's 'bcc' is an unrelated package)")
+    try:
+        from bcc.version import __version__ as ver
+    except ImportError:
+        ver = "(version unknown)"
+    return Check("bcc", True, f"bcc {ver} from {Path(bcc.__file__).parent}")
+
+
+def check_arch() -> Check:
+    m = platform.machine()
+    ok = m == "x86_64"
+    return Check("arch", ok, m, "" if ok else
+                 "the syscall table and entry-frame offsets in the sensor are x86_64 only")
+
+
+def check_kprobes() -> Check:
+    base = tracefs_path()
+    pmu = Path("/sys/bus/event_source/devices/kprobe/type").exists()
+    events = base is not None and (base / "kprobe_events").exists()
+    ok = pmu or events
+    return Check("kprobes", ok, "kprobe PMU or kprobe_events present" if ok else
+                 "no kprobe PMU and no kprobe_events", "" if ok else
+                 "not used: the sensor relies on tracepoints and raw tracepoints", required=False)
+
+
+def _check_btf_prog(name: str, prog_type: int, attach_type: int, func: str, fix: str) -> Check:
+    try:
+        btf_id = btf_func_id(func)
+    except OSError as e:
+        return Check(name, False, f"read BTF: {e.strerror}", fix, required=False)
+    if btf_id is None:
+        return Check(name, False, f"no BTF function {func}", fix, required=False)
+    fd = None
+    try:
+        fd = prog_load(prog_type, _RETURN_ZERO, attach_type, btf_id)
+    except BPFError as e:
+        return Check(name, False, f"load {name} program on {func}: {e.strerror}", fix,
+                     required=False)
+    finally:
+        _close(fd)
+    return Check(name, True, f"{name} program loads on {func}", required=False)
+
+
+def check_fentry() -> Check:
+    return _check_btf_prog("fentry", BPF_PROG_TYPE_TRACING, BPF_TRACE_FENTRY, "do_nanosleep",
+                           "not used: the sensor relies on tracepoints and raw tracepoints")
+
+
+def check_lsm() -> Check:
+    return _check_btf_prog("lsm", BPF_PROG_TYPE_LSM, BPF_LSM_MAC, "bpf_lsm_bprm_check_security",
+                           "exec can be observed but not enforced; enforcing it needs BPF-LSM "
+                           "(CONFIG_BPF_LSM=y and 'bpf' in the lsm= boot parameter)")
+
+
+CHECKS = (check_root, check_arch, check_bcc, check_bpf_permission, check_kernel_headers,
+          check_tracefs, check_tracepoints, check_raw_tracepoint, check_ringbuf, check_cgroup2,
+          check_cgroup_bpf, check_btf, check_kprobes, check_fentry, check_lsm)
+
+
+def run_checks() -> list[Check]:
+    out = []
+    for fn in CHECKS:
+        try:
+            out.append(fn())
+        except Exception as e:  # noqa: BLE001 - a broken check reports, it does not abort
+            out.append(Check(fn.__name__.removeprefix("check_"), False,
+                             f"check failed: {type(e).__name__}: {e}", "report this as a bug"))
+    return out
+
+
+def failed_required(checks: list[Check]) -> list[Check]:
+    return [c for c in checks if c.required and not c.ok]
