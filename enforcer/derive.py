@@ -15,7 +15,7 @@
      * ``exact-ports``: ports stay an exact set per network, unless more than ``max_ports``
        distinct ports were seen there, then ``port-range`` emits min-max and flags it;
      * ``exact`` / ``directory-pattern``: exec paths stay exact unless more than
-       ``max_siblings`` distinct paths were seen in one directory, then ``/dir/*``;
+       ``max_siblings`` distinct paths were seen in one directory, then ``/dir/*`` (flagged);
      * ``exact`` / ``companion-group:NAME``: syscalls stay exact, except that a member of a named
        companion group (:mod:`enforcer.companions`) stands for its whole group.
    - ``probabilistic``: the structural envelope plus, per allowed behaviour, its per-session rate
@@ -27,7 +27,9 @@
    least M distinct sessions (per substrate; default 5 over 3). An envelope element sums the
    counts of every behaviour it covers. Its distinct-session count cannot be computed exactly
    from per-behaviour counts (two behaviours may share sessions), so the rule uses the largest
-   session count among its behaviours: a lower bound, never an over-estimate. Elements below the
+   session count among its behaviours: a lower bound, never an over-estimate (``session_rule=
+   "sum"`` opts into the upper bound instead, so that values which each appeared in a single
+   session can earn their envelope; the choice is recorded). Elements below the
    threshold go to ``review`` with their evidence and their behaviours go to ``watch``; an
    explicit admit (``--admit KEY --reason TEXT``) moves one into the allowed set and records the
    reason in provenance.
@@ -75,14 +77,26 @@ SESSION_RULES = {
             "covers: an upper bound that assumes they never share a session (chosen explicitly)"),
 }
 
-# Fingerprint dimensions named by the method, with the trigger each one drives.
+# Fingerprint dimensions named by the method, with the trigger each one drives. The sensor records
+# identity as ``service_account`` and ``cloud_identity:<cloud>``; ``identity`` is the key for
+# ``--fingerprint`` on hosts.
 FINGERPRINT_TRIGGERS = {
     "image": "image-change",
     "model": "model-version-change",
     "prompt_template": "prompt-template-change",
     "tool_catalog": "tool-catalog-change",
     "identity": "identity-scope-change",
+    "service_account": "identity-scope-change",
 }
+# Recorded for the audit trail but not a trigger: every rollout changes it, and what matters in a
+# rollout (image, model, prompt, tools, identity) has its own trigger.
+INFORMATIONAL_FINGERPRINTS = ("pod_template_hash",)
+
+
+def trigger_name(key: str) -> str:
+    if key.startswith("cloud_identity"):
+        return "identity-scope-change"
+    return FINGERPRINT_TRIGGERS.get(key, f"{key.replace('_', '-')}-change")
 
 _SYSCALL_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
 
@@ -639,12 +653,16 @@ def _validity(profile: Profile, opts: DeriveOptions, end: float | None) -> dict:
     fp = {k: list(v) for k, v in profile.fingerprints().items()}
     for k, v in sorted(opts.fingerprint.items()):
         fp[k] = [v]
-    triggers = [{"name": FINGERPRINT_TRIGGERS.get(k, f"{k}-change"), "key": k, "source": "fingerprint"}
-                for k in sorted(fp)]
+    triggers = [{"name": trigger_name(k), "key": k, "source": "fingerprint"}
+                for k in sorted(fp) if k not in INFORMATIONAL_FINGERPRINTS]
+    tracked = {trigger_name(k) for k in fp if k not in INFORMATIONAL_FINGERPRINTS}
+    dimensions = {"image": "image-change", "model": "model-version-change",
+                  "prompt_template": "prompt-template-change", "tool_catalog": "tool-catalog-change",
+                  "identity": "identity-scope-change"}
     out: dict = {
         "fingerprint": dict(sorted(fp.items())),
         "triggers": triggers,
-        "untracked": [k for k in FINGERPRINT_TRIGGERS if k not in fp],
+        "untracked": [k for k, t in dimensions.items() if t not in tracked],
         "derivedAt": iso_time(end),
         "expiresAt": None,
     }

@@ -12,6 +12,8 @@ Rules:
 - a current key the policy never recorded fires ``<key>-change`` too: the policy was derived
   without knowing it, so it cannot vouch for it;
 - a recorded key with no current value is reported as ``unchecked`` and does not fire;
+- ``pod_template_hash`` is informational: a change is reported, never fired (each dimension a
+  rollout can change has its own trigger);
 - the expiry trigger fires once ``now`` is at or past ``expiresAt``.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Mapping
 
+from .derive import INFORMATIONAL_FINGERPRINTS, trigger_name
 from .policy import Policy, iso_time
 
 
@@ -27,8 +30,7 @@ def _trigger_name(policy: Policy, key: str) -> str:
     for t in policy.validity.get("triggers") or []:
         if t.get("key") == key:
             return str(t.get("name"))
-    from .derive import FINGERPRINT_TRIGGERS
-    return FINGERPRINT_TRIGGERS.get(key, f"{key}-change")
+    return trigger_name(key)
 
 
 def check(policy: Policy, current: Mapping[str, str], now: float | None = None) -> dict:
@@ -40,6 +42,11 @@ def check(policy: Policy, current: Mapping[str, str], now: float | None = None) 
         was = recorded.get(key)
         cur = current.get(key)
         item = {"trigger": name, "key": key, "recorded": was or [], "current": cur}
+        if key in INFORMATIONAL_FINGERPRINTS:
+            if cur is not None and was is not None and cur not in was:
+                item.update(fired=False, status="info", reason=f"{key} changed to {cur!r} (informational, not a trigger)")
+                results.append(item)
+            continue
         if cur is None:
             item.update(fired=False, status="unchecked", reason="no current value given")
         elif was is None:

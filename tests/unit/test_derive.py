@@ -388,3 +388,18 @@ def test_diff_says_what_changed_and_why():
     d3 = diff(structural, admitted)
     assert d3["added"][0]["entry"] == "exec:/usr/bin/curl" and d3["added"][0]["reason"] == "needed"
     assert "in review in the old policy" in d3["added"][0]["previously"]
+
+
+def test_sensor_fingerprint_keys_map_to_triggers():
+    p = build(steady(), fingerprints={"service_account": "agent", "cloud_identity:aws": "arn:aws:iam::1:role/r",
+                                      "pod_template_hash": "abc123", "image": "sha256:aa"})
+    pol = derive(p)
+    names = {t["key"]: t["name"] for t in pol.validity["triggers"]}
+    assert names == {"service_account": "identity-scope-change", "cloud_identity:aws": "identity-scope-change",
+                     "image": "image-change"}
+    assert pol.validity["fingerprint"]["pod_template_hash"] == ["abc123"]
+    assert "identity" not in pol.validity["untracked"] and "model" in pol.validity["untracked"]
+    r = check(pol, {"pod_template_hash": "def456", "service_account": "agent"})
+    assert not r["stale"] and [t["status"] for t in r["triggers"] if t["key"] == "pod_template_hash"] == ["info"]
+    r = check(pol, {"cloud_identity:aws": "arn:aws:iam::1:role/admin"})
+    assert r["stale"] and [t["trigger"] for t in r["triggers"] if t["fired"]] == ["identity-scope-change"]
