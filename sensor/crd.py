@@ -414,20 +414,27 @@ def call_with_retry(fn: Callable[[], T], what: str, backoff: Backoff | None = No
 
 
 def api_client(kubeconfig: str | None = None, context: str | None = None):
-    """A ``kubernetes`` ApiClient: in-cluster config inside a pod, else the kubeconfig."""
+    """A ``kubernetes`` ApiClient: in-cluster config inside a pod, else the kubeconfig.
+
+    urllib3's own silent retries are turned off: :func:`call_with_retry` is the one retry
+    policy, so every failed attempt is logged and counted.
+    """
     from kubernetes import client, config
 
+    cfg = client.Configuration()
+    loaded = False
     if kubeconfig is None and context is None:
         try:
-            config.load_incluster_config()
-            return client.ApiClient()
+            config.load_incluster_config(client_configuration=cfg)
+            loaded = True
         except config.ConfigException:
             pass
-    cfg = client.Configuration()
-    try:
-        config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
-    except (config.ConfigException, OSError, TypeError) as e:
-        raise ClusterApiError(f"no Kubernetes API configuration (in-cluster or kubeconfig): {e}") from e
+    if not loaded:
+        try:
+            config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
+        except (config.ConfigException, OSError, TypeError) as e:
+            raise ClusterApiError(f"no Kubernetes API configuration (in-cluster or kubeconfig): {e}") from e
+    cfg.retries = False
     return client.ApiClient(cfg)
 
 

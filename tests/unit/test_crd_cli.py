@@ -1,0 +1,125 @@
+"""``envelope cluster ...`` against a real HTTP API server on 127.0.0.1, found through a kubeconfig."""
+
+from __future__ import annotations
+
+import json
+
+import msgpack
+import pytest
+from test_crd_api import FakeKubeAPI, _profile  # the local API server and profile builder
+
+from enforcer.crd import ClusterPolicies
+from enforcer.policy import EgressRule, Policy, dump_policy
+from envelope.cli import main
+from sensor.crd import Backoff, ClusterProfiles
+from sensor.profile import Profile
+from sensor.workload import Workload
+
+W = Workload("agents", "Deployment", "researcher", "main")
+
+
+@pytest.fixture
+def kube(tmp_path):
+    with FakeKubeAPI() as api:
+        cfg = tmp_path / "kubeconfig"
+        cfg.write_text(f"""apiVersion: v1
+kind: Config
+clusters:
+- name: local
+  cluster: {{server: "http://127.0.0.1:{api.port}"}}
+users:
+- name: tester
+  user: {{token: not-a-secret}}
+contexts:
+- name: local
+  context: {{cluster: local, user: tester}}
+current-context: local
+""")
+        api.kubeconfig = str(cfg)
+        yield api
+
+
+def run(kube, capsys, *argv) -> tuple[int, str, str]:
+    rc = main(["--state-dir", "/nonexistent", "cluster", "--kubeconfig", kube.kubeconfig, *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def publish(kube) -> Profile:
+    cp = ClusterProfiles.from_api_client(kube.api_client(), backoff=Backoff(attempts=1))
+    a, b = _profile("node-a", 2), _profile("node-b", 3)
+    cp.publish(W, a.nodes["node-a"])
+    cp.publish(W, b.nodes["node-b"])
+    return a.merge(b)
+
+
+def test_profiles_lists_merged_workloads(kube, capsys):
+    publish(kube)
+    rc, out, _ = run(kube, capsys, "profiles", "-o", "json")
+    assert rc == 0
+    data = json.loads(out)
+    assert data["problems"] == []
+    (row,) = data["profiles"]
+    assert row["workload"] == W.key and row["nodes"] == ["node-a", "node-b"] and row["sessions"] == 5
+    rc, out, _ = run(kube, capsys, "profiles")
+    assert rc == 0 and out.splitlines()[0].split()[:3] == ["WORKLOAD", "NODES", "BEHAVIOURS"]
+    assert W.key in out
+
+
+def test_profile_shows_and_saves_the_merged_profile(kube, capsys, tmp_path):
+    merged = publish(kube)
+    path = tmp_path / "researcher.msgpack"
+    rc, out, _ = run(kube, capsys, "profile", "agents/researcher", "--save", str(path), "-o", "json")
+    assert rc == 0
+    view = json.loads(out)
+    assert view["nodes"] == ["node-a", "node-b"] and view["sessions"]["count"] == 5
+    saved = Profile.unpack(msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=False))
+    assert saved.pack() == merged.pack()
+
+
+def test_profile_of_unknown_workload_is_one_clear_error(kube, capsys):
+    publish(kube)
+    rc, out, err = run(kube, capsys, "profile", "nobody")
+    assert rc == 2 and err.strip() == "envelope: error: no WorkloadProfile objects for 'nobody' in envelope-system"
+
+
+def test_apply_then_policies_shows_per_node_status(kube, capsys, tmp_path):
+    policy = Policy(W, mode="alert", syscalls=("read", "write"), egress=(EgressRule("tcp", "10.0.3.0/24", (443,)),))
+    f = tmp_path / "policy.yaml"
+    f.write_text(dump_policy(policy))
+    rc, out, _ = run(kube, capsys, "apply", str(f))
+    assert rc == 0 and "researcher-main applied in agents" in out
+    node = ClusterPolicies.from_api_client(kube.api_client(), "node-a", backoff=Backoff(attempts=1))
+    (cp,), _ = node.list()
+    node.report(cp, "applied", localhost_profile="envelope/agents/deployment_researcher_main.json")
+    rc, out, _ = run(kube, capsys, "policies", "-o", "json")
+    (p,) = json.loads(out)["policies"]
+    assert p["workload"] == W.key and p["mode"] == "alert" and p["stale"] is False
+    assert p["nodes"]["node-a"]["state"] == "applied"
+    rc, out, _ = run(kube, capsys, "policies")
+    assert "agents/researcher-main" in out and "envelope/agents/deployment_researcher_main.json" in out
+
+
+def test_unreachable_api_is_one_clear_error(tmp_path, capsys):
+    with FakeKubeAPI() as gone:
+        port = gone.port
+    cfg = tmp_path / "kubeconfig"
+    cfg.write_text(f"""apiVersion: v1
+kind: Config
+clusters: [{{name: x, cluster: {{server: "http://127.0.0.1:{port}"}}}}]
+users: [{{name: u, user: {{token: t}}}}]
+contexts: [{{name: x, context: {{cluster: x, user: u}}}}]
+current-context: x
+""")
+    rc = main(["cluster", "--kubeconfig", str(cfg), "profiles"])
+    _, err = capsys.readouterr()
+    assert rc == 2
+    last = err.strip().splitlines()[-1]  # after one structlog warning per retried attempt
+    assert last.startswith("envelope: error: list workloadprofiles in envelope-system")
+    assert "gave up after 3 attempts" in last
+
+
+def test_missing_kubeconfig_is_one_clear_error(tmp_path, capsys):
+    rc = main(["cluster", "--kubeconfig", str(tmp_path / "nope"), "profiles"])
+    _, err = capsys.readouterr()
+    assert rc == 2 and err.startswith("envelope: error: no Kubernetes API configuration")
