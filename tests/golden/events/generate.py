@@ -1,0 +1,115 @@
+"""Writes the golden ring-buffer records: ``<name>.hex`` (annotated bytes) and ``<name>.json``
+(the event the decoder must produce). The bytes are laid out here field by field from the C
+offsets in bpf/events.h, independently of sensor/events.py. Run from the repository root:
+``python tests/golden/events/generate.py``; review the diff before committing."""
+
+import json
+import socket
+import struct
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+KTIME = 1_234_567_890_123
+
+
+def hdr(t, size, version=1):
+    return [("hdr.type", struct.pack("<H", t)), ("hdr.version", struct.pack("<H", version)),
+            ("hdr.size", struct.pack("<I", size)), ("hdr.ktime", struct.pack("<Q", KTIME))]
+
+
+def cstr(s: bytes, n: int) -> bytes:
+    return s + b"\0" * (n - len(s))
+
+
+def write(name, fields, expected):
+    data = b"".join(v for _, v in fields)
+    lines = [f"# {name}: {len(data)} bytes; '#' starts a comment, offsets in decimal"]
+    off = 0
+    for label, v in fields:
+        for i in range(0, len(v), 16):
+            chunk = v[i:i + 16]
+            if i and not chunk.strip(b"\0") and not v[i:].strip(b"\0"):
+                lines.append(f"{' '.join(['00'] * 16)}  # {off + i}: {label} (zero to the end: "
+                             f"{len(v) - i} bytes)".replace(" ".join(["00"] * 16),
+                                                            f"00*{len(v) - i}"))
+                break
+            tag = label if i == 0 else f"{label} +{i}"
+            lines.append(f"{chunk.hex(' '):<47}  # {off + i}: {tag}")
+        off += len(v)
+    (HERE / f"{name}.hex").write_text("\n".join(lines) + "\n")
+    (HERE / f"{name}.json").write_text(json.dumps(expected, indent=2, sort_keys=True) + "\n")
+
+
+argv = b"/usr/bin/git\0clone\0https://example.com/r.git\0"
+write("exec", hdr(1, 560) + [
+    ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
+    ("ppid", struct.pack("<I", 1000)), ("old_pid", struct.pack("<I", 1003)),
+    ("filename_len", struct.pack("<H", 12)), ("argv_len", struct.pack("<H", len(argv))),
+    ("argc", struct.pack("<I", 3)), ("flags", struct.pack("<I", 0x1)),
+    ("filename", cstr(b"/usr/bin/git", 256)), ("argv", cstr(argv, 256)),
+], {"type": "exec", "ktime": KTIME, "pid": 1001, "ppid": 1000, "cgroup_id": 4242,
+    "filename": "/usr/bin/git", "argv": ["/usr/bin/git", "clone", "https://example.com/r.git"],
+    "argv_truncated": True, "old_pid": 1003, "behaviour_key": "exec:/usr/bin/git"})
+
+write("fork", hdr(2, 40) + [
+    ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1002)),
+    ("ppid", struct.pack("<I", 1001)), ("parent_tid", struct.pack("<I", 1001)),
+    ("pad", struct.pack("<I", 0)),
+], {"type": "fork", "ktime": KTIME, "pid": 1002, "ppid": 1001, "cgroup_id": 4242,
+    "behaviour_key": None})
+
+write("exit", hdr(3, 40) + [
+    ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1002)),
+    ("tid", struct.pack("<I", 1002)), ("exit_status", struct.pack("<i", 0x103)),
+    ("flags", struct.pack("<I", 1)),
+], {"type": "exit", "ktime": KTIME, "pid": 1002, "cgroup_id": 4242, "exit_code": 3,
+    "behaviour_key": None})
+
+write("exit_signal", hdr(3, 40) + [
+    ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1004)),
+    ("tid", struct.pack("<I", 1005)), ("exit_status", struct.pack("<i", 0)),
+    ("flags", struct.pack("<I", 0)),
+], {"type": "exit", "ktime": KTIME, "pid": 1004, "cgroup_id": 4242, "exit_code": None,
+    "behaviour_key": None})
+
+write("net_connect4", hdr(4, 64) + [
+    ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
+    ("tid", struct.pack("<I", 1006)), ("family", struct.pack("<H", 2)),
+    ("protocol", struct.pack("<H", 6)), ("op", b"\x00"), ("flags", b"\x01"),
+    ("port", struct.pack("<H", 443)), ("addr", socket.inet_pton(socket.AF_INET, "10.0.3.7") + b"\0" * 12),
+    ("ret", struct.pack("<q", -111)),
+], {"type": "net", "ktime": KTIME, "pid": 1001, "cgroup_id": 4242, "op": "connect",
+    "proto": "tcp", "family": 4, "addr": "10.0.3.7", "port": 443, "ret": -111, "tid": 1006,
+    "behaviour_key": "connect:tcp:10.0.3.7:443"})
+
+write("net_send6", hdr(4, 64) + [
+    ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
+    ("tid", struct.pack("<I", 1001)), ("family", struct.pack("<H", 10)),
+    ("protocol", struct.pack("<H", 17)), ("op", b"\x01"), ("flags", b"\x00"),
+    ("port", struct.pack("<H", 53)), ("addr", socket.inet_pton(socket.AF_INET6, "fd00::a")),
+    ("ret", struct.pack("<q", 0)),
+], {"type": "net", "ktime": KTIME, "pid": 1001, "cgroup_id": 4242, "op": "send",
+    "proto": "udp", "family": 6, "addr": "fd00::a", "port": 53, "ret": None, "tid": 1001,
+    "behaviour_key": "send:udp:[fd00::a]:53"})
+
+write("syscall_first", hdr(5, 32) + [
+    ("cgroup_id", struct.pack("<Q", 4242)), ("nr", struct.pack("<I", 309)),
+    ("pid", struct.pack("<I", 1001)),
+], {"type": "syscall_first", "ktime": KTIME, "cgroup_id": 4242, "nr": 309, "name": "getcpu",
+    "pid": 1001, "behaviour_key": "syscall:getcpu"})
+
+write("egress_violation", hdr(6, 56) + [
+    ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
+    ("family", struct.pack("<H", 2)), ("protocol", struct.pack("<H", 6)),
+    ("addr", socket.inet_pton(socket.AF_INET, "203.0.113.9") + b"\0" * 12),
+    ("port", struct.pack("<H", 8443)), ("op", b"\x00"), ("action", b"\x01"),
+    ("pad", struct.pack("<I", 0)),
+], {"type": "egress_violation", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001,
+    "op": "connect", "proto": "tcp", "family": 4, "addr": "203.0.113.9", "port": 8443,
+    "action": "denied", "behaviour_key": "connect:tcp:203.0.113.9:8443"})
+
+write("seccomp_denial", hdr(7, 40) + [
+    ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
+    ("nr", struct.pack("<I", 135)), ("ret", struct.pack("<q", -1)),
+], {"type": "seccomp_denial", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "nr": 135,
+    "name": "personality", "ret": -1, "behaviour_key": "syscall:personality"})
