@@ -133,7 +133,7 @@ def classify(event, cgroup_id: int) -> str | None:
     kind = type(event).__name__
     if kind == "ExecEvent":
         return "exec"
-    if kind == "NetEvent" and getattr(event, "op", None) == NET_OP_CONNECT:
+    if kind == "NetEvent" and getattr(event, "op", None) in ("connect", NET_OP_CONNECT):
         return "connect"
     return None
 
