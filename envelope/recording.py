@@ -57,8 +57,8 @@ def open_sensor(config: Config):
 
 
 def syscall_namer() -> Callable[[int], str]:
-    from sensor.syscalls import syscall_name
-    return syscall_name
+    from sensor.syscalls import name
+    return name
 
 
 def _join_cgroup(procs_file: str) -> Callable[[], None]:
