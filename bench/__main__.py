@@ -56,7 +56,10 @@ def run_child(name: str, quick: bool, out: Path) -> int:
         result = module.run(quick=quick)
         if not isinstance(result, dict):
             raise TypeError(f"run() returned {type(result).__name__}, not dict")
-        record = {"status": "unavailable" if result.get("unavailable") else "ok", **result}
+        status = "failed" if result.get("errors") else "unavailable" if result.get("unavailable") else "ok"
+        record = {"status": status, **result}
+        if result.get("errors"):
+            record["error"] = "; ".join(map(str, result["errors"]))
     except BaseException as e:  # reported, never raised: the run goes on
         record = {"status": "failed", "title": name, "error": f"{type(e).__name__}: {e}",
                   "traceback": traceback.format_exc()}

@@ -18,6 +18,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -26,6 +27,7 @@ from . import ROOT, Cgroup, build_programs, kill_process_group, parse_kv, progre
 TITLE = "Event capacity (exec and connect, 2 generators, zero loss)"
 GENERATORS = 2
 NET_OP_CONNECT = 0  # bpf/events.h
+MARK = "bench-drain: "  # prefix of the drain's protocol lines on stdout
 TARGETS = {
     "exec events missing": "== 0",
     "connect events missing": "== 0",
@@ -37,7 +39,7 @@ TARGETS = {
 def params(quick: bool) -> dict:
     if quick:
         return {"seconds": 10, "baseline_seconds": 5}
-    return {"seconds": 60, "baseline_seconds": 15}
+    return {"seconds": 60, "baseline_seconds": 10}
 
 
 def method(quick: bool) -> str:
@@ -53,8 +55,9 @@ def method(quick: bool) -> str:
         f"`Sensor(ringbuf_pages=256, max_cgroups=1024)` is attached in a separate drain process "
         f"that polls the ring buffer in a loop (and reads the syscall counters once a second) as "
         f"the daemon does, counts exec and connect events for the cgroup id, and drains to empty "
-        f"after the generators stop. Sensor phases last {p['seconds']} s each; baseline phases "
-        f"without the sensor {p['baseline_seconds']} s. Drain CPU = user+system CPU of the drain "
+        f"after the generators stop. Sensor phases last {p['seconds']} s each; a baseline phase "
+        f"without the sensor ({p['baseline_seconds']} s) runs just before and just after each, and "
+        f"the rate ratio is against their mean (range: against each). Drain CPU = user+system CPU of the drain "
         f"process over the phase / wall time. Kernel loss = the sensor's ring-buffer reserve "
         f"failure counters, before vs after."
     )
@@ -78,6 +81,16 @@ def _loss_total(loss) -> int:
 
 def drain_main(cgroup_id: int) -> int:
     """Attach the sensor, count this cgroup's exec/connect events until told to stop, report JSON."""
+    # Only protocol lines go to stdout; everything else (logs, library warnings) to stderr,
+    # which the parent sends to a file so a chatty library can never block this process.
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    def say(obj: dict) -> None:
+        proto.write(MARK + json.dumps(obj) + "\n")
+        proto.flush()
+
     from sensor.probes import Sensor
 
     counts = {"exec": 0, "connect": 0, "other": 0, "events": 0}
@@ -95,7 +108,7 @@ def drain_main(cgroup_id: int) -> int:
         stop = threading.Event()
         threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
         r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
-        print(json.dumps({"ready": True}), flush=True)
+        say({"ready": True})
         next_counts = t0 + 1.0
         while not stop.is_set():
             dispatch(sensor, sensor.poll(100), on_event)
@@ -110,9 +123,9 @@ def drain_main(cgroup_id: int) -> int:
             quiet = quiet + 1 if counts["events"] == before else 0
         loss1 = _loss_total(sensor.loss())
         cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-        print(json.dumps({"exec": counts["exec"], "connect": counts["connect"], "events": counts["events"],
-                          "kernel_loss": loss1 - loss0, "cpu_seconds": cpu, "wall_seconds": t1 - t0,
-                          "user_seconds": r1.ru_utime - r0.ru_utime}), flush=True)
+        say({"exec": counts["exec"], "connect": counts["connect"], "events": counts["events"],
+             "kernel_loss": loss1 - loss0, "cpu_seconds": cpu, "wall_seconds": t1 - t0,
+             "user_seconds": r1.ru_utime - r0.ru_utime})
     finally:
         sensor.close()
     return 0
@@ -142,32 +155,45 @@ class Drain:
     """The drain process: started before a phase, stopped after it; returns its counts."""
 
     def __init__(self, cgroup_id: int):
+        self.log = tempfile.TemporaryFile(mode="w+", prefix="envelope-bench-drain-")
         self.proc = subprocess.Popen([sys.executable, "-m", "bench.bench_capacity", "drain", str(cgroup_id)],
                                      cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, start_new_session=True)
-        line = self.proc.stdout.readline()
-        if not line:
-            err = self.proc.stderr.read()
-            self.proc.wait()
-            last = (err.strip().splitlines() or ["no output"])[-1]
-            raise DrainUnavailable(f"drain exited {self.proc.returncode} before ready: {last}")
-        if not json.loads(line).get("ready"):
+                                     stderr=self.log, text=True, start_new_session=True)
+        while True:  # other output (library warnings, logs) may come first
+            line = self.proc.stdout.readline()
+            if not line:
+                self.proc.wait()
+                err = self._log_text()
+                last = (err.strip().splitlines() or ["no output"])[-1]
+                raise DrainUnavailable(f"drain exited {self.proc.returncode} before ready: {last}")
+            if line.startswith(MARK):
+                break
+        if not json.loads(line[len(MARK):]).get("ready"):
             raise RuntimeError(f"drain said {line!r}")
 
     def stop(self) -> dict:
         try:
             self.proc.stdin.write("stop\n")
             self.proc.stdin.flush()
-            out, err = self.proc.communicate(timeout=120)
+            out, _ = self.proc.communicate(timeout=120)
         finally:
             kill_process_group(self.proc)
-        lines = [l for l in out.splitlines() if l.strip()]
+        err = self._log_text()
+        lines = [l[len(MARK):] for l in out.splitlines() if l.startswith(MARK)]
         if self.proc.returncode != 0 or not lines:
             raise RuntimeError(f"drain exited {self.proc.returncode}: {err.strip()[-800:]}")
         return json.loads(lines[-1])
 
+    def _log_text(self) -> str:
+        self.log.seek(0)
+        text = self.log.read()
+        self.log.close()
+        return text
+
     def kill(self) -> None:
         kill_process_group(self.proc)
+        if not self.log.closed:
+            self.log.close()
 
 
 class DrainUnavailable(RuntimeError):
@@ -177,8 +203,7 @@ class DrainUnavailable(RuntimeError):
 # --------------------------------------------------------------------------- the phases
 
 
-def phase(progs, kind: str, seconds: float, with_sensor: bool, port: int) -> dict:
-    label = f"{kind} {'with sensor' if with_sensor else 'baseline'}"
+def phase(progs, kind: str, seconds: float, with_sensor: bool, port: int, label: str) -> dict:
     drain = None
     gens: list[subprocess.Popen] = []
     with Cgroup(f"capacity-{kind}") as cg:
@@ -240,17 +265,22 @@ def run(quick: bool = False) -> dict:
     rows: list[dict] = []
     notes: list[str] = []
     sensor_reason = None
+    errors: list[str] = []
     try:
         sink = subprocess.Popen([progs["tcp_sink"], "2"], stdout=subprocess.PIPE, text=True, start_new_session=True)
         port = int(sink.stdout.readline().strip().split("=", 1)[1])
         for kind in ("exec", "connect"):
-            rows.append(phase(progs, kind, p["baseline_seconds"], False, port))
+            rows.append(phase(progs, kind, p["baseline_seconds"], False, port, f"{kind} baseline, before"))
             if sensor_reason is None:
                 try:
-                    rows.append(phase(progs, kind, p["seconds"], True, port))
+                    rows.append(phase(progs, kind, p["seconds"], True, port, f"{kind} with sensor"))
                 except DrainUnavailable as e:
                     sensor_reason = str(e)
                     progress(f"sensor unavailable: {sensor_reason}")
+                except Exception as e:  # reported with the rows measured so far
+                    errors.append(f"{kind} with sensor: {type(e).__name__}: {e}")
+                    progress(f"{kind} with sensor failed: {e}")
+            rows.append(phase(progs, kind, p["baseline_seconds"], False, port, f"{kind} baseline, after"))
     finally:
         if sink is not None:
             kill_process_group(sink)
@@ -259,9 +289,12 @@ def run(quick: bool = False) -> dict:
     by = {r["case"]: r for r in rows}
     ratios: dict = {}
     for kind in ("exec", "connect"):
-        base, sens = by.get(f"{kind} baseline"), by.get(f"{kind} with sensor")
+        bases = [by[f"{kind} baseline, {w}"]["rate /s"] for w in ("before", "after")]
+        sens = by.get(f"{kind} with sensor")
         ratios[f"{kind} events missing"] = sens["missing"] if sens else None
-        ratios[f"{kind} rate with sensor / baseline"] = ratio(sens["rate /s"], base["rate /s"]) if sens else None
+        ratios[f"{kind} rate with sensor / baseline"] = (
+            {"value": ratio(sens["rate /s"], sum(bases) / 2),
+             "range": sorted(ratio(sens["rate /s"], b) for b in bases)} if sens else None)
     sensed = [r for r in rows if "kernel loss" in r]
     ratios["kernel loss during run"] = sum(r["kernel loss"] for r in sensed) if sensed else None
     ratios["drain CPU cores (max of phases)"] = max((r["drain CPU cores"] for r in sensed), default=None)
@@ -272,7 +305,7 @@ def run(quick: bool = False) -> dict:
     if sensor_reason:
         notes.append(f"sensor phases unavailable: {sensor_reason}")
     result = {"title": TITLE, "method": method(quick), "rows": rows, "ratios": ratios, "targets": TARGETS,
-              "notes": notes, "params": p}
+              "notes": notes, "params": p, "errors": errors}
     if sensor_reason and not sensed:
         result["unavailable"] = f"sensor: {sensor_reason}"
     return result
