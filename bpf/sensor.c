@@ -63,6 +63,7 @@
 #define REGS_OFF_DX 96
 #define REGS_OFF_SI 104
 #define REGS_OFF_DI 112
+#define REGS_OFF_SP 152
 
 /* ---- maps ------------------------------------------------------------------------------------ */
 
@@ -80,13 +81,6 @@ struct slot_cache {
 	__u32 pad;
 };
 
-struct argv_stash {
-	__u32 argc;
-	__u32 len;
-	__u32 flags;
-	__u32 pad;
-	char buf[EXEC_ARGV_LEN * 2]; /* twice the copied size so the verifier can bound offsets */
-};
 
 /* Syscall counters: per CPU, per cgroup slot, indexed by syscall number. Cumulative only. */
 BPF_PERCPU_ARRAY(syscall_counts, struct syscall_slot_counts, MAX_CGROUPS + 1);
@@ -105,10 +99,10 @@ BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 /* Fork tracking: pid -> parent pid. Seeded from /proc by userspace at start. */
 BPF_TABLE("lru_hash", __u32, __u32, parents, TASKS_TRACKED);
 /* Per-thread values stashed at sys_enter for the tracepoint that follows. */
-BPF_TABLE("lru_hash", __u32, struct argv_stash, argv_stashes, 1024);
+/* tid -> its syscall register frame, from sys_enter of execve/execveat. */
+BPF_TABLE("lru_hash", __u32, __u64, exec_regs, 4096);
 BPF_TABLE("lru_hash", __u32, __u64, clone_flags, 4096);
 BPF_TABLE("lru_hash", __u32, __s32, exit_statuses, 4096);
-BPF_PERCPU_ARRAY(argv_scratch, struct argv_stash, 1);
 #if NET_RESULT
 BPF_TABLE("lru_hash", __u32, struct net_event, net_pending, 4096);
 #endif
@@ -207,59 +201,16 @@ static __always_inline __u64 syscall_arg(void *regs, int off)
 	return v;
 }
 
-static __always_inline void stash_argv(void *regs, __u32 nr)
-{
-	__u32 zero = 0;
-	struct argv_stash *s = argv_scratch.lookup(&zero);
-	if (!s)
-		return;
-	const char *const *argv = (const char *const *)syscall_arg(
-		regs, nr == NR_EXECVE ? REGS_OFF_SI : REGS_OFF_DX);
-	__u32 off = 0, argc = 0, flags = 0;
-#pragma unroll
-	for (int i = 0; i < EXEC_ARGV_MAX_ARGS; i++) {
-		const char *p = 0;
-		if (bpf_probe_read_user(&p, sizeof(p), &argv[i]) != 0) {
-			flags |= EXEC_F_NO_ARGV;
-			break;
-		}
-		if (!p)
-			break;
-		if (off >= EXEC_ARGV_LEN) {
-			flags |= EXEC_F_ARGV_TRUNCATED;
-			break;
-		}
-		int n = bpf_probe_read_user_str(&s->buf[off & (EXEC_ARGV_LEN - 1)], EXEC_ARGV_LEN, p);
-		if (n <= 0) {
-			flags |= EXEC_F_NO_ARGV;
-			break;
-		}
-		off += n;
-		argc++;
-		if (i == EXEC_ARGV_MAX_ARGS - 1) {
-			const char *next = 0;
-			bpf_probe_read_user(&next, sizeof(next), &argv[i + 1]);
-			if (next)
-				flags |= EXEC_F_ARGV_TRUNCATED;
-		}
-	}
-	if (off > EXEC_ARGV_LEN) {
-		off = EXEC_ARGV_LEN;
-		flags |= EXEC_F_ARGV_TRUNCATED;
-	}
-	s->argc = argc;
-	s->len = off;
-	s->flags = flags;
-	__u32 tid = bpf_get_current_pid_tgid();
-	argv_stashes.update(&tid, s);
-}
-
 static __always_inline void on_special_syscall(void *regs, __u32 nr)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tid = pid_tgid;
 	if (nr == NR_EXECVE || nr == NR_EXECVEAT) {
-		stash_argv(regs, nr);
+		/* argv is read at sched_process_exec from the new image's stack, whose pages the
+		 * kernel has just written; the caller's argv may sit in pages not yet faulted in
+		 * (a forked child's .rodata), which a BPF probe read cannot fault. */
+		__u64 r = (__u64)regs;
+		exec_regs.update(&tid, &r);
 	} else if (nr == NR_EXIT_GROUP || nr == NR_EXIT) {
 		__u32 tgid = pid_tgid >> 32;
 		__s32 status = syscall_arg(regs, REGS_OFF_DI);
@@ -386,18 +337,55 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
 	return 0;
 }
 
+/* At sched_process_exec the new image is set up: the user stack pointer in the task's register
+ * frame points at argc, then the argv pointers; the argv strings lie back to back. */
+static __always_inline __u32 read_argv(struct exec_event *e, __u64 regs)
+{
+	__u64 sp = 0, argc = 0, first = 0, last = 0;
+	e->argc = 0;
+	e->argv_len = 0;
+	if (bpf_probe_read_kernel(&sp, sizeof(sp), (void *)(regs + REGS_OFF_SP)) != 0 ||
+	    bpf_probe_read_user(&argc, sizeof(argc), (void *)sp) != 0)
+		return EXEC_F_NO_ARGV;
+	if (argc == 0)
+		return 0;
+	if (argc > 0xffff)
+		return EXEC_F_NO_ARGV;
+	if (bpf_probe_read_user(&first, sizeof(first), (void *)(sp + 8)) != 0 ||
+	    bpf_probe_read_user(&last, sizeof(last), (void *)(sp + 8 * argc)) != 0)
+		return EXEC_F_NO_ARGV;
+	/* Length of the last string, read into the event as scratch; overwritten below. */
+	long n = bpf_probe_read_user_str(e->argv, sizeof(e->argv), (void *)last);
+	if (n <= 0 || last < first)
+		return EXEC_F_NO_ARGV;
+	__u64 total = last - first + n;
+	__u32 flags = 0;
+	__u32 len = total;
+	if (total > EXEC_ARGV_LEN) {
+		len = EXEC_ARGV_LEN;
+		flags |= EXEC_F_ARGV_TRUNCATED;
+	}
+	if (len == 0 || len > EXEC_ARGV_LEN)
+		return EXEC_F_NO_ARGV;
+	if (bpf_probe_read_user(e->argv, len, (void *)first) != 0)
+		return EXEC_F_NO_ARGV;
+	e->argc = argc;
+	e->argv_len = len;
+	return flags;
+}
+
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {
 	__u32 pid = args->pid;
 	__u32 old_pid = args->old_pid;
 	__u64 cg = bpf_get_current_cgroup_id();
 	if (!event_wanted(cg)) {
-		argv_stashes.delete(&old_pid);
+		exec_regs.delete(&old_pid);
 		return 0;
 	}
 	struct exec_event *e = events.ringbuf_reserve(sizeof(struct exec_event));
 	if (!e) {
-		argv_stashes.delete(&old_pid);
+		exec_regs.delete(&old_pid);
 		count_loss(EV_EXEC);
 		return 0;
 	}
@@ -416,15 +404,11 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	unsigned short loc = args->data_loc_filename & 0xFFFF;
 	int n = bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), (char *)args + loc);
 	e->filename_len = n > 0 ? n - 1 : 0;
-	struct argv_stash *s = argv_stashes.lookup(&old_pid);
-	if (s) {
-		bpf_probe_read_kernel(e->argv, sizeof(e->argv), s->buf);
-		e->argc = s->argc;
-		e->argv_len = s->len;
-		flags |= s->flags;
-		argv_stashes.delete(&old_pid);
+	__u64 *regs = exec_regs.lookup(&old_pid);
+	if (regs) {
+		flags |= read_argv(e, *regs);
+		exec_regs.delete(&old_pid);
 	} else {
-		e->argv[0] = 0;
 		e->argc = 0;
 		e->argv_len = 0;
 		flags |= EXEC_F_NO_ARGV;
@@ -442,7 +426,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tid = pid_tgid, tgid = pid_tgid >> 32;
-	argv_stashes.delete(&tid);
+	exec_regs.delete(&tid);
 	clone_flags.delete(&tid);
 #if NET_RESULT
 	struct net_event *pending = net_pending.lookup(&tid);
