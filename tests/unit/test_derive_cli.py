@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import structlog
 import yaml
 
 from envelope.cli import main
@@ -19,6 +20,16 @@ from sensor.workload import Workload
 ROOT = Path(__file__).resolve().parents[2]
 T0 = 1_767_225_600.0
 DAY = 86400.0
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """``main`` configures structlog to write to the sys.stderr of the moment, which is pytest's
+    capture stream here; put the previous configuration back so later tests do not log into a
+    closed stream."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 def agent_profile(workload=Workload("research", "Deployment", "agent", "main"), growing=False) -> Profile:

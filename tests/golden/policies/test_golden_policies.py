@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+import structlog
 
 from envelope.cli import main
 from enforcer.policy import load_policy
@@ -18,6 +19,16 @@ from enforcer.policy import load_policy
 from . import fixtures
 
 HERE = Path(__file__).resolve().parent
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """``main`` configures structlog to write to the sys.stderr of the moment, which is pytest's
+    capture stream here; put the previous configuration back so later tests do not log into a
+    closed stream."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
 
 CASES = {
     "research-agent.structural": ("research-agent", []),
