@@ -17,10 +17,10 @@ link), so if the process dies everything detaches; nothing is pinned.
 from __future__ import annotations
 
 import ctypes
-import operator
 import os
 import re
 import time
+from itertools import compress
 from pathlib import Path
 from typing import Sequence
 
@@ -287,28 +287,44 @@ class Sensor:
     def cgroup_slots(self) -> dict[int, int]:
         """cgroup id -> counter slot, for every cgroup the kernel has given a slot."""
         self._require()
-        return {k.value: v.value for k, v in self._bpf[b"cgroup_slots"].items()}
+        from bcc.libbcc import lib
+        fd = self._fds["cgroup_slots"]
+        key, nxt, val = ctypes.c_uint64(), ctypes.c_uint64(), ctypes.c_uint32()
+        out: dict[int, int] = {}
+        prev = None
+        for _ in range(self.max_cgroups * 2):  # bounded even if entries churn while we walk
+            if lib.bpf_get_next_key(fd, prev, ctypes.byref(nxt)) != 0:
+                break
+            key.value = nxt.value
+            if lib.bpf_lookup_elem(fd, ctypes.byref(key), ctypes.byref(val)) == 0:
+                out[key.value] = val.value
+            prev = ctypes.byref(key)
+        return out
 
     def syscall_counts(self) -> dict[int, dict[int, int]]:
         """cgroup id -> {syscall nr: cumulative count over all CPUs}, zero counts left out.
 
-        Read with one ``bpf_lookup_elem`` per cgroup into a reused buffer, summed per CPU.
-        A slot freed by :meth:`forget_cgroup` restarts from zero if its cgroup comes back.
+        One ``bpf_lookup_elem`` per cgroup into a reused buffer viewed as u64s; only non-zero
+        counters are visited in Python. A slot freed by :meth:`forget_cgroup` restarts from
+        zero if its cgroup comes back.
         """
         self._require()
         self._release_quarantine()
         fd = self._fds["syscall_counts"]
         buf, n, cpus = self._counts_buf, SYSCALL_NR_SLOTS, self._ncpus
+        nrs = range(n)
         out = {}
         for cg, slot in self.cgroup_slots().items():
             try:
-                mv = self._percpu_u64(fd, slot, buf)
+                vals = self._percpu_u64(fd, slot, buf).tolist()
             except OSError:
                 continue
-            total = mv[0:n].tolist()
-            for c in range(1, cpus):
-                total = list(map(operator.add, total, mv[c * n:(c + 1) * n].tolist()))
-            out[cg] = {nr: v for nr, v in enumerate(total) if v}
+            per_nr: dict[int, int] = {}
+            for c in range(cpus):
+                part = vals[c * n:(c + 1) * n]
+                for nr in compress(nrs, part):
+                    per_nr[nr] = per_nr.get(nr, 0) + part[nr]
+            out[cg] = dict(sorted(per_nr.items()))
         return out
 
     def loss(self) -> dict[str, int]:
