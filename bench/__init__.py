@@ -272,6 +272,25 @@ def process_rss_bytes(pid: int) -> int:
         return int(f.read().split()[1]) * PAGE_SIZE
 
 
+def process_memory(pid: int) -> dict[str, int]:
+    """RSS split into anonymous and file-backed bytes (``/proc/<pid>/status``), and PSS
+    (``/proc/<pid>/smaps_rollup``), which charges shared library pages fairly."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(rest.split()[0]) * 1024
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    out["Pss"] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
 def machine() -> dict:
     """What the numbers were measured on."""
     model = ""

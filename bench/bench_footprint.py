@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import (ROOT, Cgroup, build_programs, kill_process_group, process_cpu_seconds, process_rss_bytes,
+from . import (ROOT, Cgroup, build_programs, kill_process_group, process_cpu_seconds, process_memory, process_rss_bytes,
                progress, summarize, unavailable)
 
 TITLE = "Daemon footprint (RSS and CPU, idle and with 100 workloads)"
@@ -45,7 +45,9 @@ def method(quick: bool) -> str:
         f"(`bench/progs/workload.c`: getpid, uname, a read of /proc/self/stat, a fork+exec of a "
         f"static no-op and a TCP connect to a local listener every {PERIOD_MS} ms, i.e. about "
         f"{WORKLOADS * 1000 // PERIOD_MS:,} execs/s and connects/s in all); **after** "
-        f"{p['after_s']} s once they are gone. RSS is reported as median and peak per phase. "
+        f"{p['after_s']} s once they are gone. RSS is reported as median and peak per phase, and at "
+        f"the end of each phase split into anonymous and file-backed (shared libraries such as "
+        f"LLVM, which BCC maps) memory, with PSS beside it. "
         f"Finally SIGTERM makes the daemon flush, and its profile store is read back to count how "
         f"many of the {WORKLOADS} workloads it recorded."
     )
@@ -84,6 +86,14 @@ class Daemon:
                                         f"ready: {' | '.join(self.lines[-5:])}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"daemon not ready after {timeout:.0f} s: {' | '.join(self.lines[-5:])}")
+
+    def last_error(self) -> str:
+        """The daemon's last words: a traceback's final line, or its last log lines."""
+        self.reader.join(timeout=2)
+        for line in reversed(self.lines):
+            if line and not line[0].isspace() and ("Error" in line or "Exception" in line):
+                return line.strip()
+        return " | ".join(self.lines[-3:])
 
     def pids(self) -> list[int]:
         """The daemon and its descendants."""
@@ -139,18 +149,41 @@ def sample(daemon: Daemon, seconds: float, label: str) -> dict:
     rss = []
     cpu0, t0 = tree_cpu(), time.monotonic()
     next_report = t0 + 10
+    died = None
     while time.monotonic() - t0 < seconds:
         if daemon.proc.poll() is not None:
-            raise RuntimeError(f"daemon exited during {label}: {' | '.join(daemon.lines[-5:])}")
+            died = (f"daemon exited with status {daemon.proc.returncode} during {label} after "
+                    f"{time.monotonic() - t0:.0f} s: {daemon.last_error()}")
+            break
         rss.append(tree_rss() / MB)
         if time.monotonic() >= next_report:
             progress(f"{label}: {time.monotonic() - t0:.0f}/{seconds} s, RSS {rss[-1]:.1f} MB")
             next_report += 10
         time.sleep(0.5)
-    cores = (tree_cpu() - cpu0) / (time.monotonic() - t0)
+    cores = None if died else (tree_cpu() - cpu0) / (time.monotonic() - t0)
     s = summarize(rss)
-    return {"RSS MB (median)": s["median"], "RSS MB (peak)": s["max"], "CPU cores": cores,
-            "samples": s["n"]}
+    row = {"RSS MB (median)": s["median"], "RSS MB (peak)": s["max"], "CPU cores": cores}
+    mem: dict[str, int] = {}
+    for pid in ([] if died else daemon.pids()):
+        try:
+            for k, v in process_memory(pid).items():
+                mem[k] = mem.get(k, 0) + v
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    row.update({"anon MB (end)": mem["RssAnon"] / MB if "RssAnon" in mem else None,
+                "file MB (end)": mem["RssFile"] / MB if "RssFile" in mem else None,
+                "PSS MB (end)": mem["Pss"] / MB if "Pss" in mem else None,
+                "processes": len(daemon.pids()) if not died else None,
+                "samples": s["n"]})
+    if died:
+        raise DaemonDied(died, row)
+    return row
+
+
+class DaemonDied(RuntimeError):
+    def __init__(self, message: str, row: dict):
+        super().__init__(message)
+        self.row = row
 
 
 def run(quick: bool = False) -> dict:
@@ -161,7 +194,7 @@ def run(quick: bool = False) -> dict:
     sink = None
     group = None
     workers: list[subprocess.Popen] = []
-    rows, notes = [], []
+    rows, notes, errors = [], [], []
     try:
         try:
             daemon = Daemon(state)
@@ -171,43 +204,52 @@ def run(quick: bool = False) -> dict:
             return unavailable(TITLE, method(quick), f"envelope daemon not available: {e}", TARGETS)
         progress("daemon ready")
         progs = build_programs(["workload", "tcp_sink", "true_static"])
-        rows.append({"case": "idle", **sample(daemon, p["idle_s"], "idle")})
-
-        sink = subprocess.Popen([progs["tcp_sink"], "2"], stdout=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        port = int(sink.stdout.readline().strip().split("=", 1)[1])
-        group = Cgroup("footprint")
         names = [f"w{i:03d}" for i in range(WORKLOADS)]
-        cgroups = [group.child(n) for n in names]
-        duration = p["load_s"] + 30  # outlives the sampling; killed at the end of the phase
-        for cg in cgroups:
-            workers.append(subprocess.Popen(
-                [progs["workload"], str(cg.procs), str(duration), str(PERIOD_MS), str(port),
-                 progs["true_static"]], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-        progress(f"{WORKLOADS} workloads running in {group.path}/w000..w{WORKLOADS - 1:03d}")
-        time.sleep(2)  # let every workload join its cgroup and the daemon meet each one
-        early = [w for w in workers if w.poll() is not None]
-        if early:
-            raise RuntimeError(f"{len(early)} workloads exited early: {early[0].stderr.read()[-300:]}")
-        rows.append({"case": f"load, {WORKLOADS} workloads", **sample(daemon, p["load_s"], "load")})
-        for w in workers:
-            w.kill()
-        for w in workers:
-            w.wait()
-        group.remove()
-        group = None
-        rows.append({"case": "after load", **sample(daemon, p["after_s"], "after")})
+        try:
+            rows.append({"case": "idle", **sample(daemon, p["idle_s"], "idle")})
 
-        progress("stopping daemon (SIGTERM, flush)")
-        code = daemon.stop()
+            sink = subprocess.Popen([progs["tcp_sink"], "2"], stdout=subprocess.PIPE, text=True,
+                                    start_new_session=True)
+            port = int(sink.stdout.readline().strip().split("=", 1)[1])
+            group = Cgroup("footprint")
+            cgroups = [group.child(n) for n in names]
+            duration = p["load_s"] + 30  # outlives the sampling; killed at the end of the phase
+            for cg in cgroups:
+                workers.append(subprocess.Popen(
+                    [progs["workload"], str(cg.procs), str(duration), str(PERIOD_MS), str(port),
+                     progs["true_static"]], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+            progress(f"{WORKLOADS} workloads running in {group.path}/w000..w{WORKLOADS - 1:03d}")
+            time.sleep(2)  # let every workload join its cgroup and the daemon meet each one
+            early = [w for w in workers if w.poll() is not None]
+            if early:
+                raise RuntimeError(f"{len(early)} workloads exited early: {early[0].stderr.read()[-300:]}")
+            rows.append({"case": f"load, {WORKLOADS} workloads", **sample(daemon, p["load_s"], "load")})
+            for w in workers:
+                w.kill()
+            for w in workers:
+                w.wait()
+            group.remove()
+            group = None
+            rows.append({"case": "after load", **sample(daemon, p["after_s"], "after")})
+        except DaemonDied as e:
+            phase = ["idle", f"load, {WORKLOADS} workloads", "after load"][len(rows)]
+            rows.append({"case": f"{phase} (daemon died)", **e.row})
+            errors.append(str(e))
+            progress(str(e))
+
+        if daemon.proc.poll() is None:
+            progress("stopping daemon (SIGTERM, flush)")
+            code = daemon.stop()
+            notes.append(f"daemon exit status after SIGTERM: {code}")
         daemon = None
         seen = _workloads_recorded(state, names)
-        notes.append(f"daemon exit status after SIGTERM: {code}")
         for row in rows:
             row["workloads recorded"] = None
-        rows[1]["workloads recorded"] = f"{seen}/{WORKLOADS}"
-        if seen < WORKLOADS:
-            notes.append(f"the daemon's store holds profiles for only {seen} of the {WORKLOADS} workload cgroups")
+        if len(rows) > 1:
+            rows[1]["workloads recorded"] = f"{seen}/{WORKLOADS}"
+            if seen < WORKLOADS:
+                notes.append(f"the daemon's store holds profiles for only {seen} of the {WORKLOADS} "
+                             "workload cgroups")
     finally:
         for w in workers:
             if w.poll() is None:
@@ -223,15 +265,17 @@ def run(quick: bool = False) -> dict:
             progs.cleanup()
         shutil.rmtree(state, ignore_errors=True)
 
-    load = rows[1]
+    idle = rows[0] if rows and rows[0]["case"] == "idle" else {}
+    load = rows[1] if len(rows) > 1 and rows[1]["case"] == f"load, {WORKLOADS} workloads" else {}
+    peak = load.get("RSS MB (peak)")
     ratios = {
-        "peak RSS MB with 100 workloads": load["RSS MB (peak)"],
-        "RSS growth idle → 100 workloads (MB)": load["RSS MB (peak)"] - rows[0]["RSS MB (median)"],
-        "CPU cores with 100 workloads": load["CPU cores"],
-        "CPU cores idle": rows[0]["CPU cores"],
+        "peak RSS MB with 100 workloads": peak,
+        "RSS growth idle → 100 workloads (MB)": (peak - idle["RSS MB (median)"]) if peak and idle else None,
+        "CPU cores with 100 workloads": load.get("CPU cores"),
+        "CPU cores idle": idle.get("CPU cores"),
     }
     return {"title": TITLE, "method": method(quick), "rows": rows, "ratios": ratios, "targets": TARGETS,
-            "notes": notes, "params": p}
+            "notes": notes, "params": p, "errors": errors}
 
 
 def _workloads_recorded(state: Path, names: list[str]) -> int:
