@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 import pytest
+import structlog
 from kubernetes import client
 
 from sensor.crd import (
@@ -28,6 +29,15 @@ from sensor.workload import Workload
 
 W = Workload("agents", "Deployment", "researcher", "main")
 W2 = Workload("agents", "Deployment", "writer", "main")
+
+
+@pytest.fixture(autouse=True)
+def _plain_logging():
+    """Log to whatever stderr is now: an earlier test's ``envelope.cli.main`` may have bound
+    structlog to a captured stream that pytest has since closed."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
 
 
 # ---- a small API server ------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 
 import msgpack
 import pytest
+import structlog
 from test_crd_api import FakeKubeAPI, _profile  # the local API server and profile builder
 
 from enforcer.crd import ClusterPolicies
@@ -16,6 +17,15 @@ from sensor.profile import Profile
 from sensor.workload import Workload
 
 W = Workload("agents", "Deployment", "researcher", "main")
+
+
+@pytest.fixture(autouse=True)
+def _plain_logging():
+    """Log to whatever stderr is now: an earlier test's ``envelope.cli.main`` may have bound
+    structlog to a captured stream that pytest has since closed."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import structlog
 
 from enforcer.kubelet import (
     NAME_MAX, KubeletSeccompDir, SeccompWriteError, join_under, localhost_profile, profile_filename, render,
@@ -21,6 +22,15 @@ W = Workload("agents", "Deployment", "research-agent", "main")
 W2 = Workload("agents", "StatefulSet", "vector-store", "db")
 PROFILE = {"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 1, "architectures": ["SCMP_ARCH_X86_64"],
            "syscalls": [{"names": ["read", "write", "exit_group"], "action": "SCMP_ACT_ALLOW"}]}
+
+
+@pytest.fixture(autouse=True)
+def _plain_logging():
+    """Log to whatever stderr is now: an earlier test's ``envelope.cli.main`` may have bound
+    structlog to a captured stream that pytest has since closed."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture

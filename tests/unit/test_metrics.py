@@ -7,6 +7,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 import pytest
+import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
 from envelope.metrics import Metrics, _call_label
@@ -16,6 +17,15 @@ from sensor.workload import Workload
 
 W = Workload("agents", "Deployment", "research-agent", "main")
 W2 = Workload("tools", "Deployment", "indexer", "main")
+
+
+@pytest.fixture(autouse=True)
+def _plain_logging():
+    """Log to whatever stderr is now: an earlier test's ``envelope.cli.main`` may have bound
+    structlog to a captured stream that pytest has since closed."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
 
 
 class Clock:
