@@ -30,7 +30,8 @@ def configure_logging(json_logs: bool, verbose: bool) -> None:
     structlog.configure(
         processors=processors + [renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # Resolve stderr at log time: callers (tests, the demo) may swap it after configuration.
+        logger_factory=lambda *_args: structlog.PrintLogger(sys.stderr),
         cache_logger_on_first_use=False,
     )
 
