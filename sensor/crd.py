@@ -583,3 +583,34 @@ class ClusterProfiles:
 
     def read_all(self) -> Assembly:
         return assemble(self._list(f"{LABEL_MANAGED_BY}=envelope"))
+
+
+class ProfilePublisher:
+    """The daemon's side: after each flush, publish this node's contribution of the profiles
+    that changed. A publication that failed is retried at the next call even if its profile has
+    not changed again. Workloads outside Kubernetes (namespace ``host``) stay on the node."""
+
+    def __init__(self, cluster: ClusterProfiles, node: str,
+                 on_result: Callable[[PublishResult], None] | None = None, include_host: bool = False):
+        self.cluster = cluster
+        self.node = node
+        self.on_result = on_result
+        self.include_host = include_host
+        self.pending: set[Workload] = set()
+
+    def publish(self, profiles: dict[Workload, Profile], written: Iterable[Workload] | None = None
+                ) -> list[PublishResult]:
+        targets = set(profiles if written is None else written) | self.pending
+        results = []
+        for w in sorted(targets):
+            p = profiles.get(w)
+            contribution = p.nodes.get(self.node) if p is not None else None
+            if contribution is None or (w.namespace == "host" and not self.include_host):
+                self.pending.discard(w)
+                continue
+            res = self.cluster.publish(w, contribution)
+            (self.pending.discard if res.ok else self.pending.add)(w)
+            if self.on_result is not None:
+                self.on_result(res)
+            results.append(res)
+        return results

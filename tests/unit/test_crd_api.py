@@ -549,3 +549,21 @@ def test_status_report_survives_an_api_outage(kube):
 
 def test_missing_policy_is_none(kube):
     assert _policies(kube, "node-a").get("agents", "nope") is None
+
+
+def test_publisher_publishes_flushed_profiles_and_retries_failures(kube):
+    from sensor.crd import ProfilePublisher
+
+    results = []
+    cp = _profiles(kube)
+    pub = ProfilePublisher(cp, "node-a", on_result=results.append)
+    host = Workload.host("/system.slice/agent.service")
+    profiles = {W: _profile("node-a", 1), W2: _profile("node-a", 2, workload=W2), host: _profile("node-a", 1, workload=host)}
+    kube.faults = [500] * 4  # the first apply (W) exhausts its attempts; W2 goes through
+    out = pub.publish(profiles, written=[W, W2, host])
+    assert [(r.workload, r.ok) for r in out] == [(W, False), (W2, True)]
+    assert pub.pending == {W} and len(results) == 2
+    out = pub.publish(profiles, written=[])  # nothing new flushed: the failed one is retried
+    assert [(r.workload, r.ok) for r in out] == [(W, True)] and pub.pending == set()
+    assert sorted(cp.read_all().profiles) == sorted([W, W2])
+    assert pub.publish(profiles, written=[]) == []
