@@ -88,8 +88,9 @@ BPF_PERCPU_ARRAY(syscall_counts, struct syscall_slot_counts, MAX_CGROUPS + 1);
 BPF_ARRAY(slot_state, struct syscall_slot_state, MAX_CGROUPS + 1);
 /* cgroup id -> slot, consulted only when the per-CPU cache misses. */
 BPF_HASH(cgroup_slots, __u64, __u32, MAX_CGROUPS);
-/* Free slots; filled by userspace at start and when a cgroup is forgotten. */
-BPF_QUEUE(free_slots, __u32, MAX_CGROUPS);
+/* Free slots; filled by userspace at start and when a cgroup is forgotten. A stack, so a freed
+ * slot (its lines still in cache) is the next one handed out. */
+BPF_STACK(free_slots, __u32, MAX_CGROUPS);
 BPF_PERCPU_ARRAY(slot_cache, struct slot_cache, SLOT_CACHE_WAYS);
 BPF_ARRAY(cache_gen, __u64, 1);
 
@@ -237,7 +238,8 @@ RAW_TRACEPOINT_PROBE(sys_enter)
 	__u64 nr = ctx->args[1];
 	__u64 key = ctx->args[0];
 	__u32 zero = 0;
-	__u32 way = (key >> 14) & (SLOT_CACHE_WAYS - 1);
+	/* Kernel stacks are 16 KiB aligned with guard gaps between them: mix in higher bits. */
+	__u32 way = ((key >> 14) ^ (key >> 18)) & (SLOT_CACHE_WAYS - 1);
 	struct slot_cache *cache = slot_cache.lookup(&way);
 	__u64 *genp = cache_gen.lookup(&zero);
 	if (!cache || !genp)

@@ -167,7 +167,7 @@ class Sensor:
             "syscall_counts", "slot_state", "cgroup_slots", "free_slots", "loss_counts",
             "parents")}
         free = b[b"free_slots"]
-        for slot in range(self.max_cgroups):
+        for slot in reversed(range(self.max_cgroups)):  # a stack: slot 0 pops first
             free.push(ctypes.c_uint32(slot))
 
         # Syscall counting.
