@@ -103,7 +103,11 @@ BPF_TABLE("lru_hash", __u32, __u32, parents, TASKS_TRACKED);
 /* tid -> its syscall register frame, from sys_enter of execve/execveat. */
 BPF_TABLE("lru_hash", __u32, __u64, exec_regs, 4096);
 BPF_TABLE("lru_hash", __u32, __u64, clone_flags, 4096);
-BPF_TABLE("lru_hash", __u32, __s32, exit_statuses, 4096);
+/* Exit status argument: key tgid for exit_group(), EXIT_KEY_THREAD | tid for a thread's exit()
+ * (what glibc's pthread_exit calls), which is the process's status only if that thread is the
+ * last one to go. */
+#define EXIT_KEY_THREAD (1ULL << 32)
+BPF_TABLE("lru_hash", __u64, __s32, exit_statuses, 4096);
 #if NET_RESULT
 BPF_TABLE("lru_hash", __u32, struct net_event, net_pending, 4096);
 #endif
@@ -213,9 +217,9 @@ static __always_inline void on_special_syscall(void *regs, __u32 nr)
 		__u64 r = (__u64)regs;
 		exec_regs.update(&tid, &r);
 	} else if (nr == NR_EXIT_GROUP || nr == NR_EXIT) {
-		__u32 tgid = pid_tgid >> 32;
+		__u64 key = nr == NR_EXIT_GROUP ? (pid_tgid >> 32) : (EXIT_KEY_THREAD | tid);
 		__s32 status = syscall_arg(regs, REGS_OFF_DI);
-		exit_statuses.update(&tgid, &status);
+		exit_statuses.update(&key, &status);
 	} else if (nr == NR_CLONE) {
 		__u64 flags = syscall_arg(regs, REGS_OFF_DI);
 		clone_flags.update(&tid, &flags);
@@ -437,16 +441,20 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 		net_pending.delete(&tid);
 	}
 #endif
+	__u64 thread_key = EXIT_KEY_THREAD | tid, group_key = tgid;
+	__s32 *thread_status = exit_statuses.lookup(&thread_key);
+	__s32 status = thread_status ? *thread_status : 0;
+	if (thread_status)
+		exit_statuses.delete(&thread_key);
 	if (!args->group_dead)
 		return 0;
 	parents.delete(&tgid);
-	__s32 status = 0;
-	__u32 flags = 0;
-	__s32 *sp = exit_statuses.lookup(&tgid);
-	if (sp) {
-		status = *sp;
+	__u32 flags = thread_status ? EXIT_F_CODE_KNOWN : 0;
+	__s32 *group_status = exit_statuses.lookup(&group_key);
+	if (group_status) {
+		status = *group_status;
 		flags = EXIT_F_CODE_KNOWN;
-		exit_statuses.delete(&tgid);
+		exit_statuses.delete(&group_key);
 	}
 	__u64 cg = bpf_get_current_cgroup_id();
 	if (!event_wanted(cg))

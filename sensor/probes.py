@@ -255,6 +255,7 @@ class Sensor:
         self._bpf.ring_buffer_consume()
         out, self._events = self._events, []
         self._release_quarantine()
+        self._sync_wall_clock()  # follow NTP steps and slews of the wall clock
         return out
 
     def _sync_wall_clock(self) -> None:

@@ -200,6 +200,29 @@ def test_exit_by_signal_has_no_exit_code(sensor, cgroups):
     assert ex.cgroup_id == a_id and ex.exit_code is None
 
 
+def test_thread_exits_do_not_give_a_killed_process_an_exit_code(sensor, cgroups):
+    # Threads end with exit(0) (pthread_exit); the process is then killed by a signal.
+    a, a_id = cgroups()
+    script = ("import os, signal, threading; t = threading.Thread(target=lambda: None); "
+              "t.start(); t.join(); os.kill(os.getpid(), signal.SIGKILL)")
+    pid, _, rc = run_in(a, ["/usr/bin/python3", "-c", script])
+    assert rc == -9
+    [ex] = [e for e in drain(sensor, exit_of(pid)) if isinstance(e, ExitEvent) and e.pid == pid]
+    assert ex.exit_code is None
+
+
+def test_exit_code_of_a_thread_that_ends_the_process(sensor, cgroups):
+    # A second thread ends the process with exit_group(5) while the main thread waits for it;
+    # whichever thread is last to go, the status is the group's.
+    a, a_id = cgroups()
+    script = ("import os, threading, time; threading.Thread(target=lambda: (time.sleep(0.05), "
+              "os._exit(5))).start()")
+    pid, _, rc = run_in(a, ["/usr/bin/python3", "-c", script])
+    assert rc == 5
+    [ex] = [e for e in drain(sensor, exit_of(pid)) if isinstance(e, ExitEvent) and e.pid == pid]
+    assert ex.exit_code == 5
+
+
 def test_threads_are_not_reported_as_forks(sensor, cgroups):
     a, a_id = cgroups()
     script = "import threading; t = threading.Thread(target=lambda: None); t.start(); t.join()"
