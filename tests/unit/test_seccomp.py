@@ -19,6 +19,16 @@ from sensor.workload import Workload
 
 sc = pytest.importorskip("seccomp")
 
+
+@pytest.fixture(autouse=True)
+def _structlog_defaults():
+    # envelope.cli.main() (called by other test modules) binds structlog to the stderr of the
+    # moment, which pytest closes after that test; the warnings logged here must not hit it.
+    import structlog
+
+    structlog.reset_defaults()
+    yield
+
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "compiled"
 W = Workload("default", "Deployment", "agent", "main")
 
