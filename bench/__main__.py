@@ -50,6 +50,10 @@ def run_child(name: str, quick: bool, out: Path) -> int:
     def on_term(signum, frame):  # let the module's finally blocks clean up
         raise KeyboardInterrupt(f"signal {signum}")
     signal.signal(signal.SIGTERM, on_term)
+    # The parent's stdout carries only the result tables; anything a module or a library prints
+    # (logs, warnings) goes to stderr with the progress lines.
+    sys.stdout.flush()
+    os.dup2(2, 1)
     t0 = time.monotonic()
     try:
         module = importlib.import_module(f"bench.bench_{name}")

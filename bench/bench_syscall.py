@@ -50,7 +50,7 @@ def method(quick: bool) -> str:
 def params(quick: bool) -> dict:
     if quick:
         return {"repeats": 3, "runs": 3, "n": 1_000_000, "n_strace": 10_000}
-    return {"repeats": 9, "runs": 3, "n": 2_000_000, "n_strace": 30_000}
+    return {"repeats": 9, "runs": 5, "n": 1_000_000, "n_strace": 30_000}
 
 
 # --------------------------------------------------------------------------- the loop
