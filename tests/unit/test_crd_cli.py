@@ -133,3 +133,21 @@ def test_missing_kubeconfig_is_one_clear_error(tmp_path, capsys):
     rc = main(["cluster", "--kubeconfig", str(tmp_path / "nope"), "profiles"])
     _, err = capsys.readouterr()
     assert rc == 2 and err.startswith("envelope: error: no Kubernetes API configuration")
+
+
+def test_cluster_profile_to_derived_policy_to_cluster_policy(kube, capsys, tmp_path):
+    """The cluster workflow: merged evidence -> derive -> policy object in the workload's namespace."""
+    merged = publish(kube)
+    saved = tmp_path / "researcher.msgpack"
+    assert run(kube, capsys, "profile", "researcher", "--save", str(saved))[0] == 0
+    policy_file = tmp_path / "policy.yaml"
+    assert main(["derive", str(saved), "--force", "--out", str(policy_file)]) == 0
+    capsys.readouterr()
+    rc, out, _ = run(kube, capsys, "apply", str(policy_file))
+    assert rc == 0
+    node = ClusterPolicies.from_api_client(kube.api_client(), "node-a", backoff=Backoff(attempts=1))
+    (cp,), problems = node.list()
+    assert problems == [] and cp.namespace == "agents" and cp.workload == W
+    seen = {k.split(":", 1)[1] for k in merged.behaviours() if k.startswith("syscall:")}
+    assert seen == {"read", "openat"}
+    assert seen <= set(cp.policy.syscalls), "the syscalls seen on both nodes are allowed"
