@@ -38,8 +38,12 @@ SCHEMA = 1
 TIMEOUT = {True: 420, False: 900}  # seconds per benchmark module, quick / full
 
 
+FIRST = ("syscall", "capacity", "footprint")  # the sensor's own costs lead, in BENCHMARKS.md order
+
+
 def discover() -> list[str]:
-    return sorted(p.stem[len("bench_"):] for p in BENCH_DIR.glob("bench_*.py"))
+    names = sorted(p.stem[len("bench_"):] for p in BENCH_DIR.glob("bench_*.py"))
+    return [n for n in FIRST if n in names] + [n for n in names if n not in FIRST]
 
 
 # --------------------------------------------------------------------------- one module
@@ -88,6 +92,7 @@ def run_module(name: str, quick: bool) -> dict:
         if quick:
             cmd.append("--quick")
         t0 = time.monotonic()
+        load_before = os.getloadavg()[0]
         proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
         timeout = TIMEOUT[quick]
         error = None
@@ -111,6 +116,7 @@ def run_module(name: str, quick: bool) -> dict:
             record["status"], record["error"] = "failed", error
         if swept:
             record.setdefault("notes", []).append(f"harness removed leftover cgroups: {swept}")
+    record["loadavg"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     record["module"] = f"bench/bench_{name}.py"
     record["quick"] = quick
     record["ran_at"] = _now()
@@ -209,7 +215,8 @@ def render(name: str, rec: dict, method: bool = True) -> str:
     mode = "quick" if rec.get("quick") else "full"
     out = [f"### {title}", "",
            f"`{rec.get('module', name)}` · {mode} run · {rec.get('ran_at', '?')} · "
-           f"{rec.get('seconds', '?')} s · **{rec.get('status', '?')}**", ""]
+           f"{rec.get('seconds', '?')} s · load average {' → '.join(fmt(x) for x in rec.get('loadavg') or [])} · "
+           f"**{rec.get('status', '?')}**", ""]
     if method and rec.get("method"):
         out += [rec["method"].strip(), ""]
     if rec.get("status") == "failed":
@@ -248,8 +255,10 @@ def render_results(data: dict) -> str:
              f"({m.get('cpu_model', '?')}), load average at start "
              f"{fmt(m.get('loadavg_at_start', [None])[0])}. Raw numbers: `bench/results/latest.json` "
              "(not committed).", ""]
-    for name, rec in sorted(data.get("benches", {}).items()):
-        lines.append(render(name, rec, method=True))
+    benches = data.get("benches", {})
+    order = [n for n in discover() if n in benches] + sorted(n for n in benches if n not in discover())
+    for name in order:
+        lines.append(render(name, benches[name], method=True))
     lines.append(END)
     return "\n".join(lines) + "\n"
 
