@@ -313,3 +313,62 @@ def test_status_bodies_validate():
     bad["status"]["conditions"][0]["reason"] = "has spaces"
     with pytest.raises(jsonschema.ValidationError):
         validate(bad, "leastprivilegepolicies")
+
+
+# ---- CEL validation rules (x-kubernetes-validations) -------------------------------------------
+
+
+def rules(node: dict, path: tuple = ()) -> list[tuple[tuple, str]]:
+    out = [(path, r["rule"]) for r in node.get("x-kubernetes-validations", [])]
+    for k, v in (node.get("properties") or {}).items():
+        out += rules(v, path + (k,))
+    if "items" in node:
+        out += rules(node["items"], path + ("[]",))
+    return out
+
+
+def values_at(obj, path: tuple) -> list:
+    if not path:
+        return [obj]
+    head, rest = path[0], path[1:]
+    if head == "[]":
+        return [v for x in (obj if isinstance(obj, list) else []) for v in values_at(x, rest)]
+    if isinstance(obj, dict) and head in obj:
+        return values_at(obj[head], rest)
+    return []
+
+
+def cel_results(obj: dict, plural: str) -> list[tuple[str, bool]]:
+    celpy = pytest.importorskip("celpy")
+    env = celpy.Environment()
+    out = []
+    for path, rule in rules(schema_of(plural)):
+        program = env.program(env.compile(rule))
+        for value in values_at(obj, path):
+            out.append((rule, bool(program.evaluate({"self": celpy.json_to_cel(value)}))))
+    return out
+
+
+def test_cel_rules_compile_and_hold_for_what_envelope_writes():
+    objs = profile_to_crs(research_profile(), chunk_size=300)
+    results = [r for o in objs for r in cel_results(o, "workloadprofiles")]
+    assert len(results) == len(objs) and all(ok for _, ok in results)
+    policy = policy_to_cr(derived_policies()[3])
+    policy["spec"]["allow"]["egress"].append({"proto": "tcp", "cidr": "10.1.0.0/16", "portRange": {"min": 8000,
+                                                                                                  "max": 8100}})
+    results = cel_results(policy, "leastprivilegepolicies")
+    assert {rule for rule, _ in results} == {"has(self.ports) != has(self.portRange)", "self.min <= self.max"}
+    assert all(ok for _, ok in results)
+
+
+def test_cel_rules_reject_what_they_are_for():
+    (obj,) = profile_to_crs(research_profile(nodes=("node-a",)))
+    obj["spec"]["chunk"]["index"] = 1
+    assert [ok for _, ok in cel_results(obj, "workloadprofiles")] == [False]
+    policy = policy_to_cr(derived_policies()[3])
+    policy["spec"]["allow"]["egress"] = [
+        {"proto": "tcp", "cidr": "10.1.0.0/16", "ports": [443], "portRange": {"min": 1, "max": 2}},
+        {"proto": "tcp", "cidr": "10.2.0.0/16", "portRange": {"min": 9000, "max": 8000}},
+    ]
+    # both-given fails the first rule; min above max fails the second; the other checks pass
+    assert sorted(ok for _, ok in cel_results(policy, "leastprivilegepolicies")) == [False, False, True, True]
