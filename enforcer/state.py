@@ -76,16 +76,26 @@ def known_workloads(state_dir) -> list[Workload]:
     return sorted(found)
 
 
-def resolve_workload(state_dir, name: str) -> Workload:
-    """A known workload by full key, ``namespace/name``, ``namespace/kind/name`` or bare name."""
+def resolve_workload(state_dir, name: str, allow_new: bool = False) -> Workload:
+    """A known workload by full key, ``namespace/name``, ``namespace/kind/name`` or bare name.
+
+    With ``allow_new``, a full key ``namespace/kind/name/container`` names a workload that has
+    no profile or state yet (setting its mode registers it); a bare name never does.
+    """
     if not name:
         raise StateError("workload name is empty")
     matches = [w for w in known_workloads(state_dir)
                if name in (w.key, w.name, f"{w.namespace}/{w.name}", f"{w.namespace}/{w.kind}/{w.name}")]
+    if not matches and allow_new and name.count("/") == 3:
+        try:
+            return Workload.parse(name)
+        except ValueError as e:
+            raise StateError(str(e)) from None
     if not matches:
         known = ", ".join(w.key for w in known_workloads(state_dir)[:5]) or "none"
-        raise StateError(f"unknown workload {name!r} (known: {known}); record it first "
-                         f"or give its full key namespace/kind/name/container")
+        hint = ("record it, or set its mode with the full key namespace/kind/name/container"
+                if not allow_new else "give the full key namespace/kind/name/container to add it")
+        raise StateError(f"unknown workload {name!r} (known: {known}); {hint}")
     if len(matches) > 1:
         raise StateError(f"workload {name!r} is ambiguous: {', '.join(w.key for w in matches)}; "
                          f"give the full key")

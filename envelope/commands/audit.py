@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from enforcer import audit
+from enforcer import audit, state
 
 from ..errors import UserError
 from ..output import add_output_option, emit
@@ -18,7 +18,7 @@ def register(sub) -> None:
     add_output_option(v)
     v.set_defaults(func=cmd_verify)
     s = psub.add_parser("show", help="list audit entries")
-    s.add_argument("--workload", help="only entries for this workload key")
+    s.add_argument("--workload", help="only entries for this workload (name or full key)")
     s.add_argument("--action", help="only actions starting with this (mode, exception, apply, ...)")
     add_output_option(s)
     s.set_defaults(func=cmd_show)
@@ -41,7 +41,13 @@ def cmd_verify(args, config) -> int:
 
 
 def cmd_show(args, config) -> int:
-    entries = audit.read(config.state_dir, workload=args.workload, action=args.action)
+    workload = args.workload
+    if workload:
+        try:
+            workload = state.resolve_workload(config.state_dir, workload).key
+        except state.StateError:
+            pass  # a workload no longer known still has its history: match the text as given
+    entries = audit.read(config.state_dir, workload=workload, action=args.action)
     rows = [[e.get("seq"), e.get("time"), e.get("actor"), e.get("action"), e.get("workload") or "-",
              e.get("reason")] for e in entries]
     emit(entries, args.output, rows, ["seq", "time", "actor", "action", "workload", "reason"])

@@ -40,6 +40,9 @@ def cmd_add(args, config) -> int:
     except state.StateError as err:
         raise UserError(str(err)) from None
     print(f"exception {e.id}: {e.workload} may {e.allow} until {iso(e.expires)}")
+    if e.allow.startswith("syscall:"):
+        print("note: a loaded seccomp filter cannot be widened; this applies to processes and "
+              "containers started from now on")
     return 0
 
 

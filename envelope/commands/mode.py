@@ -25,7 +25,8 @@ def cmd_mode(args, config) -> int:
                                         s.get("reason")] for s in states],
                  ["workload", "mode", "since", "actor", "reason"])
             return 0
-        workload = state.resolve_workload(config.state_dir, args.name)
+        workload = state.resolve_workload(config.state_dir, args.name,
+                                          allow_new=args.mode is not None)
         if args.mode is None:
             s = state.read_state(config.state_dir, workload) or {
                 "workload": workload.key, "mode": state.DEFAULT_MODE}

@@ -174,6 +174,12 @@ def test_resolve_workload(sd):
     assert state.resolve_workload(sd, W.key) == W
     with pytest.raises(state.StateError, match="unknown workload"):
         state.resolve_workload(sd, "nope")
+    with pytest.raises(state.StateError, match="unknown workload"):
+        state.resolve_workload(sd, "ns/Deployment/new/main")
+    new = state.resolve_workload(sd, "ns/Deployment/new/main", allow_new=True)
+    assert new == Workload("ns", "Deployment", "new", "main")
+    with pytest.raises(state.StateError, match="unknown workload"):
+        state.resolve_workload(sd, "new", allow_new=True)  # a bare name never adds one
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------
@@ -214,6 +220,10 @@ def test_cli_unknown_workload(sd, capsys):
     assert "unknown workload 'ghost'" in capsys.readouterr().err
     assert cli(sd, "mode", "ghost", "enforce", "--reason", "x") == 2
     assert cli(sd, "rebaseline", "ghost", "--reason", "x") == 2
+    # a full key registers a workload through its first mode change, then it is known
+    assert cli(sd, "mode", "ns/Deployment/ghost/main", "alert", "--reason", "pre-set") == 0
+    assert cli(sd, "exception", "add", "ghost", "--allow", "syscall:ptrace", "--ttl", "2h",
+               "--reason", "x") == 0
 
 
 def test_cli_mode_and_rebaseline(sd, capsys):
