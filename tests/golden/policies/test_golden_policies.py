@@ -23,11 +23,9 @@ HERE = Path(__file__).resolve().parent
 @pytest.fixture(autouse=True)
 def _restore_logging():
     """``main`` configures structlog to write to the sys.stderr of the moment, which is pytest's
-    capture stream here; put the previous configuration back so later tests do not log into a
-    closed stream."""
-    saved = structlog.get_config()
+    capture stream here; reset it afterwards so later tests do not log into a closed stream."""
     yield
-    structlog.configure(**saved)
+    structlog.reset_defaults()
 
 
 CASES = {
