@@ -112,8 +112,9 @@ def run_module(name: str, quick: bool) -> dict:
             record = {"status": "failed", "title": name,
                       "error": error or f"exited with status {proc.returncode} without a result",
                       "seconds": round(time.monotonic() - t0, 1)}
-        if error and record.get("status") != "failed":
-            record["status"], record["error"] = "failed", error
+        if error:
+            inner = record.get("error")
+            record["status"], record["error"] = "failed", error + (f" ({inner})" if inner else "")
         if swept:
             record.setdefault("notes", []).append(f"harness removed leftover cgroups: {swept}")
     record["loadavg"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
