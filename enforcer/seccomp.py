@@ -395,7 +395,11 @@ def filter_from_oci(profile: Mapping, *, caps: Iterable[str] = DEFAULT_CONTAINER
                     skipped.append((name, why))
                 log.warning("seccomp.rule_skipped", syscall=name, reason=why)
     if rules > OPTIMIZE_THRESHOLD:
-        f.set_attr(sc.Attr.CTL_OPTIMIZE, 2)
+        # binary tree of syscall numbers (libseccomp 2.5+); older ones keep the linear list
+        try:
+            f.set_attr(sc.Attr.CTL_OPTIMIZE, 2)
+        except (AttributeError, RuntimeError, ValueError) as e:
+            log.warning("seccomp.no_binary_tree", reason=str(e), rules=rules)
     return f
 
 
