@@ -614,3 +614,30 @@ class ProfilePublisher:
                 self.on_result(res)
             results.append(res)
         return results
+
+
+def match_workloads(workloads: Iterable[Workload], name: str) -> list[Workload]:
+    """Workloads matching a full key, ``namespace/kind/name``, ``namespace/name`` or a bare name."""
+    return sorted(w for w in workloads
+                  if name in (w.key, w.name, f"{w.namespace}/{w.name}", f"{w.namespace}/{w.kind}/{w.name}"))
+
+
+def load_cluster_profile(name: str, kubeconfig: str | None = None, context: str | None = None,
+                         namespace: str = DEFAULT_NAMESPACE, client=None,
+                         backoff: Backoff | None = None) -> tuple[Profile, list[Problem]]:
+    """The profile of workload ``name`` merged across every node's WorkloadProfile objects
+    (what ``envelope derive --from-cluster NAME`` derives from).
+
+    Raises :class:`ClusterApiError` when the API cannot be read, and :class:`LookupError` with
+    a one-line message when ``name`` matches no workload or several.
+    """
+    client = client or api_client(kubeconfig, context)
+    assembly = ClusterProfiles.from_api_client(client, namespace=namespace,
+                                               backoff=backoff or Backoff(attempts=3)).read_all()
+    found = match_workloads(assembly.profiles, name)
+    if not found:
+        raise LookupError(f"no WorkloadProfile objects for {name!r} in {namespace}")
+    if len(found) > 1:
+        raise LookupError(f"{name!r} matches {len(found)} workloads: {', '.join(w.key for w in found)}; "
+                          "give namespace/kind/name/container")
+    return assembly.profiles[found[0]], assembly.problems

@@ -20,10 +20,11 @@ import msgpack
 
 from enforcer.crd import ClusterPolicies, node_statuses
 from enforcer.policy import PolicyError, load_policy
-from sensor.crd import DEFAULT_NAMESPACE, Backoff, ClusterApiError, ClusterProfiles, api_client
+from sensor.crd import (
+    DEFAULT_NAMESPACE, Backoff, ClusterApiError, ClusterProfiles, api_client, load_cluster_profile,
+)
 from sensor.profile import Profile
 from sensor.store import atomic_write
-from sensor.workload import Workload
 
 from ..errors import UserError
 from ..output import add_output_option, emit, iso
@@ -78,10 +79,6 @@ def _read_all(args):
         raise UserError(str(e)) from None
 
 
-def _matches(w: Workload, name: str) -> bool:
-    return name in (w.key, w.name, f"{w.namespace}/{w.name}", f"{w.namespace}/{w.kind}/{w.name}")
-
-
 def _summary(p: Profile) -> dict:
     start, end = p.window()
     behaviours = p.behaviours()
@@ -102,14 +99,10 @@ def cmd_profiles(args, config) -> int:
 
 
 def cmd_profile(args, config) -> int:
-    assembly = _read_all(args)
-    found = [w for w in assembly.profiles if _matches(w, args.name)]
-    if not found:
-        raise UserError(f"no WorkloadProfile objects for {args.name!r} in {args.profile_namespace}")
-    if len(found) > 1:
-        raise UserError(f"{args.name!r} matches {len(found)} workloads: {', '.join(w.key for w in found)}; "
-                        "give namespace/kind/name/container")
-    profile = assembly.profiles[found[0]]
+    try:
+        profile, problems = load_cluster_profile(args.name, namespace=args.profile_namespace, client=_client(args))
+    except (ClusterApiError, LookupError) as e:
+        raise UserError(str(e).strip("'\"")) from None
     if args.save:
         path = Path(args.save)
         if path.suffix == ".json":
@@ -126,7 +119,7 @@ def cmd_profile(args, config) -> int:
          rows=[(b["key"], b["count"], b["sessions"], iso(b["first_seen"]), iso(b["last_seen"]))
                for b in view["behaviours"]],
          headers=["behaviour", "count", "sessions", "first seen", "last seen"])
-    _warn([x for x in assembly.problems])
+    _warn(problems)
     return 0
 
 

@@ -151,3 +151,16 @@ def test_cluster_profile_to_derived_policy_to_cluster_policy(kube, capsys, tmp_p
     seen = {k.split(":", 1)[1] for k in merged.behaviours() if k.startswith("syscall:")}
     assert seen == {"read", "openat"}
     assert seen <= set(cp.policy.syscalls), "the syscalls seen on both nodes are allowed"
+
+
+def test_ambiguous_name_asks_for_the_full_key(kube, capsys):
+    from sensor.crd import load_cluster_profile
+
+    publish(kube)
+    other = Workload("staging", "Deployment", "researcher", "main")
+    cp = ClusterProfiles.from_api_client(kube.api_client(), backoff=Backoff(attempts=1))
+    cp.publish(other, _profile("node-a", 1, workload=other).nodes["node-a"])
+    rc, _, err = run(kube, capsys, "profile", "researcher")
+    assert rc == 2 and "matches 2 workloads" in err and "give namespace/kind/name/container" in err
+    profile, problems = load_cluster_profile("staging/researcher", client=kube.api_client())
+    assert profile.workload == other and problems == []
