@@ -12,11 +12,13 @@ The set was measured, not guessed, on this project's reference machine (runc 1.1
 libseccomp 2.5.4, Linux 6.18, x86_64): a busybox container ran under a profile whose default
 action was ``SCMP_ACT_LOG`` with no rules, so every syscall after the filter load was logged to
 the kernel log (``type=1326``) with the calling ``comm``; the lines from ``runc:[2:INIT]`` are
-the runtime's, the rest the container command's. Twenty runs each with ``noNewPrivileges`` true
-and false; a syscall seen in any run is in the set. :func:`measure` repeats that measurement on
-any host (root; it reads ``/dev/kmsg`` and lifts the printk rate limit while it runs), and
-``tests/privileged/test_seccomp_runc.py`` re-measures and checks the set on every run. The set was then confirmed by bisection under ``SCMP_ACT_ERRNO``: dropping any syscall
-marked ``required`` below makes ``runc run`` fail (the error runc prints is in the reason).
+the runtime's, the rest the container command's. At least twenty runs each with
+``noNewPrivileges`` true and false; a syscall seen in any run is in the set. :func:`measure`
+repeats that measurement on any host (root; it reads ``/dev/kmsg`` and lifts the printk rate
+limit while it runs), and ``tests/privileged/test_seccomp_runc.py`` re-measures and checks the
+set on every run. The set was then confirmed by bisection under ``SCMP_ACT_ERRNO``: dropping any
+syscall marked ``required`` below makes ``runc run`` fail (the error runc prints is in the
+reason).
 
 Where runc loads the filter depends on ``process.noNewPrivileges``:
 
