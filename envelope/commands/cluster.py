@@ -102,7 +102,7 @@ def cmd_profile(args, config) -> int:
     try:
         profile, problems = load_cluster_profile(args.name, namespace=args.profile_namespace, client=_client(args))
     except (ClusterApiError, LookupError) as e:
-        raise UserError(str(e).strip("'\"")) from None
+        raise UserError(str(e)) from None
     if args.save:
         path = Path(args.save)
         if path.suffix == ".json":
