@@ -29,13 +29,15 @@ Where runc loads the filter depends on ``process.noNewPrivileges``:
   ``setgroups``/``setgid``/``setuid``, ``capset`` and ``chdir`` all run under the filter.
 
 The set covers the ``false`` case, which is a superset of the ``true`` case. Go-runtime syscalls
-that the init thread makes only sometimes (a futex wait when the scheduler parks it, a signal
-return after an asynchronous preemption) are in the set too, marked ``nondeterministic``: a
-profile that depended on their absence would fail one start in a few.
+that the init thread made only sometimes (a futex wait when the scheduler parks it, a signal
+return after an asynchronous preemption) are in the set, marked ``nondeterministic``: a profile
+that depended on their absence would fail one start in a few. A few more that the Go runtime can
+make on the init thread (signal masking, back-off sleeps, heap growth) were not seen here and are
+in the set as ``precaution``: each would abort an init at random if it ever came.
 
 runc loads the filter without ``SECCOMP_FILTER_FLAG_TSYNC``, so only the init thread is
-filtered; the Go runtime's other threads (sysmon's ``nanosleep``, the GC's ``madvise``) never pass
-through it and are not in the set. They end at ``execve`` anyway.
+filtered; the Go runtime's other threads (sysmon, the GC workers) never pass through the filter,
+and they end at ``execve`` anyway.
 """
 
 from __future__ import annotations
@@ -98,17 +100,18 @@ RUNC = RuntimeSet(
         "faccessat": "fallback of faccessat2 on kernels before 5.8",
         "execve": "required: the final exec of the container command",
         "exit_group": "error path: init exits after reporting a failure",
-        # Go runtime on the locked init thread, seen only in some runs
-        "futex": "nondeterministic: the Go scheduler parks the locked init thread",
-        "rt_sigreturn": "nondeterministic: return from an asynchronous-preemption signal",
-        "rt_sigprocmask": "nondeterministic: Go signal masking around thread state changes",
-        "sigaltstack": "nondeterministic: Go signal stack switch on the init thread",
-        "nanosleep": "nondeterministic: Go runtime back-off (osyield/usleep) on the init thread",
-        "sched_yield": "nondeterministic: Go runtime spin-wait back-off on the init thread",
-        "tgkill": "nondeterministic: Go preemption signal sent from the init thread",
-        "mmap": "nondeterministic: Go heap growth while init allocates",
-        "munmap": "nondeterministic: Go heap growth while init allocates",
-        "madvise": "nondeterministic: Go heap growth while init allocates",
+        # Go runtime on the locked init thread: seen in some runs only
+        "futex": "nondeterministic (seen in 7 of 20 runs): the Go scheduler parks the init thread",
+        "rt_sigreturn": "nondeterministic (seen in 3 of 20 runs): return from a preemption signal",
+        # Go runtime on the locked init thread: not seen here, possible on any run
+        "rt_sigprocmask": "precaution: Go signal masking around thread state changes",
+        "sigaltstack": "precaution: Go signal stack switch on the init thread",
+        "nanosleep": "precaution: Go runtime back-off (usleep) on the init thread",
+        "sched_yield": "precaution: Go runtime spin-wait back-off (osyield) on the init thread",
+        "tgkill": "precaution: Go preemption signal sent from the init thread",
+        "mmap": "precaution: Go heap growth while init allocates",
+        "munmap": "precaution: Go heap growth while init allocates",
+        "madvise": "precaution: Go heap growth while init allocates",
     }),
 )
 
