@@ -396,7 +396,7 @@ def coverage(profile: Profile, opts: DeriveOptions,
         "window": {
             "start": iso_time(start),
             "end": iso_time(end),
-            "hours": None if start is None or end is None else round((end - start) / 3600.0, 2),
+            "hours": None if start is None or end is None else round((end - start) / 3600.0, 4),
         },
         "sessions": profile.session_count,
         "closedSessions": profile.closed_sessions,
@@ -405,6 +405,20 @@ def coverage(profile: Profile, opts: DeriveOptions,
         "reached": reached,
         "forced": bool(opts.force and not reached),
     }
+
+
+def human_hours(hours: float | None) -> str:
+    """``45 s``, ``12 min``, ``18.3 h``, ``3.5 d``."""
+    if hours is None:
+        return "unknown"
+    s = hours * 3600.0
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    if hours < 72:
+        return f"{hours:.1f} h"
+    return f"{hours / 24:.1f} d"
 
 
 def coverage_message(workload_key: str, cov: dict) -> str:
@@ -416,8 +430,8 @@ def coverage_message(workload_key: str, cov: dict) -> str:
         parts.append(
             f"{', '.join(busy)} behaviours in the last {cov['hours']:g} h of the window "
             f"(threshold: fewer than {cov['threshold']:g} per substrate); the window "
-            f"({cov['window']['start']} to {cov['window']['end']}, {cov['window']['hours']:g} h) needs at "
-            f"least {worst:g} h more observation without new behaviours")
+            f"({cov['window']['start']} to {cov['window']['end']}, {human_hours(cov['window']['hours'])}) needs "
+            f"at least {human_hours(worst)} more observation without new behaviours")
     if cov["overflowKeys"]:
         parts.append("the profile hit its cardinality cap ("
                      + ", ".join(f"{n} {s} keys not kept" for s, n in sorted(cov["overflowKeys"].items()))

@@ -170,6 +170,7 @@ def cmd_derive(args, config) -> int:
           f"{policy.mode}{flag}; allow {len(policy.syscalls)} syscalls, {len(policy.egress)} egress rules, "
           f"{len(policy.execs)} execs; {len(policy.review)} in review, {len(policy.watch)} watched; new "
           f"behaviours in the last {cov['hours']:g} h: {new}"
+          + (f"; events lost while recording: {sum(cov['loss'].values())}" if cov.get("loss") else "")
           + (f"; written to {args.out}" if args.out else ""), file=sys.stderr)
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+from enforcer.derive import human_hours
 from enforcer.diff import entry_atoms, provenance_of
 from enforcer.policy import Policy
 
@@ -150,11 +151,11 @@ def render_text(x: dict) -> str:
         out.append(f"Coverage-stop: {state}; new behaviours in the last {cov.get('hours', 24):g} h: {new} "
                    f"(threshold: fewer than {cov.get('threshold', 1):g})")
         w = cov.get("window") or {}
-        out.append(f"  window {w.get('start')} to {w.get('end')} ({w.get('hours')} h), {cov.get('sessions')} "
+        out.append(f"  window {w.get('start')} to {w.get('end')} ({human_hours(w.get('hours'))}), {cov.get('sessions')} "
                    f"sessions ({cov.get('closedSessions')} closed)")
         if cov.get("remainingHours"):
             out.append("  still needed without new behaviours: "
-                       + ", ".join(f"{s} {h:g} h" for s, h in cov["remainingHours"].items()))
+                       + ", ".join(f"{s} {human_hours(h)}" for s, h in cov["remainingHours"].items()))
         if cov.get("overflowKeys"):
             out.append("  keys over the cardinality cap: "
                        + ", ".join(f"{s} {n}" for s, n in cov["overflowKeys"].items()))
