@@ -290,8 +290,10 @@ def assemble(objects: Iterable[dict]) -> Assembly:
         if info["encoding"] != ENCODING:
             problems.append(Problem(name, f"unknown encoding {info['encoding']!r}"))
             continue
-        sets = groups.setdefault((workload, node), {})
-        sets.setdefault(info["digest"], {})[info["index"]] = (name, info)
+        chunks = groups.setdefault((workload, node), {}).setdefault(info["digest"], {})
+        prev = chunks.get(info["index"])
+        if prev is None or (info["data"], name) < (prev[1]["data"], prev[0]):  # order-free on clashes
+            chunks[info["index"]] = (name, info)
 
     contributions: dict[Workload, list[NodeContribution]] = {}
     for (workload, node), sets in sorted(groups.items(), key=lambda kv: (kv[0][0].key, kv[0][1])):
