@@ -59,7 +59,6 @@
 
 /* Syscall argument registers in the x86_64 entry frame (struct pt_regs), the same layout as
  * the uapi struct user_regs_struct: stable ABI, unlike kernel structs in general. */
-#define REGS_OFF_R10 56
 #define REGS_OFF_DX 96
 #define REGS_OFF_SI 104
 #define REGS_OFF_DI 112
@@ -81,7 +80,6 @@ struct slot_cache {
 	__u32 pad;
 };
 
-
 /* Syscall counters: per CPU, per cgroup slot, indexed by syscall number. Cumulative only. */
 BPF_PERCPU_ARRAY(syscall_counts, struct syscall_slot_counts, MAX_CGROUPS + 1);
 /* Slot owner and first-seen bitmap, shared by all CPUs. */
@@ -99,8 +97,9 @@ BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
 /* Fork tracking: pid -> parent pid. Seeded from /proc by userspace at start. */
 BPF_TABLE("lru_hash", __u32, __u32, parents, TASKS_TRACKED);
-/* Per-thread values stashed at sys_enter for the tracepoint that follows. */
-/* tid -> its syscall register frame, from sys_enter of execve/execveat. */
+/* Per-thread values stashed at sys_enter for the tracepoint that follows:
+ * tid -> its syscall register frame, at execve/execveat (read at sched_process_exec);
+ * tid -> clone flags, at clone/clone3/fork/vfork (read at sched_process_fork). */
 BPF_TABLE("lru_hash", __u32, __u64, exec_regs, 4096);
 BPF_TABLE("lru_hash", __u32, __u64, clone_flags, 4096);
 /* Exit status argument: key tgid for exit_group(), EXIT_KEY_THREAD | tid for a thread's exit()

@@ -329,8 +329,14 @@ class Sensor:
         return out
 
     def loss(self) -> dict[str, int]:
-        """Cumulative loss: kernel ring-buffer reserve failures per event type, syscalls that
-        found no free cgroup slot, and records that did not decode here."""
+        """Cumulative loss counters.
+
+        ``ringbuf_full_<type>``: ring-buffer reservations that failed in the kernel, one per
+        event dropped. For ``syscall_first`` the event is retried at the cgroup's next call of
+        that syscall, so each failed attempt counts and the event arrives late, not never.
+        ``syscall_unattributed``: syscalls counted while no cgroup slot was free.
+        ``decode_error``, ``unknown_version``, ``unknown_type``: records that did not decode.
+        """
         self._require()
         buf = ctypes.create_string_buffer(8 * self._ncpus)
         out = {}
