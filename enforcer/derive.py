@@ -240,6 +240,10 @@ def _aggregate(ip, opts: DeriveOptions, services: list) -> tuple[object, str]:
     for net in services:
         if net.version == ip.version and ip in net:
             return net, "service-cidr"
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        # An IPv4 peer reached through a dual-stack socket (::ffff:a.b.c.d): widen it like IPv4,
+        # inside ::ffff:0:0/96, never to a /64 that would span every mapped IPv4 address.
+        return ipaddress.ip_network(f"{ip}/{96 + opts.ipv4_prefix}", strict=False), "cidr-prefix"
     prefix = opts.ipv4_prefix if ip.version == 4 else opts.ipv6_prefix
     return ipaddress.ip_network(f"{ip}/{prefix}", strict=False), "cidr-prefix"
 
@@ -342,6 +346,9 @@ def _structural_elements(substrate: str, keys: list[str], opts: DeriveOptions,
             addr_rule = how[nk]
             if addr_rule == "service-cidr":
                 addr_detail = f"{shown} inside known service CIDR {cidr}"
+            elif version == 6 and net.network_address.ipv4_mapped is not None and net.prefixlen >= 96:
+                addr_detail = (f"{shown} (IPv4-mapped) aggregated to {cidr} (IPv4 prefix "
+                               f"/{opts.ipv4_prefix} inside ::ffff:0:0/96)")
             else:
                 p = opts.ipv4_prefix if version == 4 else opts.ipv6_prefix
                 addr_detail = f"{shown} aggregated to {cidr} (IPv{version} prefix /{p})"

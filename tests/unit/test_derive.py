@@ -403,3 +403,12 @@ def test_sensor_fingerprint_keys_map_to_triggers():
     assert not r["stale"] and [t["status"] for t in r["triggers"] if t["key"] == "pod_template_hash"] == ["info"]
     r = check(pol, {"cloud_identity:aws": "arn:aws:iam::1:role/admin"})
     assert r["stale"] and [t["trigger"] for t in r["triggers"] if t["fired"]] == ["identity-scope-change"]
+
+
+def test_ipv4_mapped_ipv6_peers_widen_like_ipv4():
+    sessions = [{"connect:tcp:[::ffff:10.0.3.7]:443": 2} for _ in range(3)]
+    pol = derive(build(sessions))
+    assert pol.egress == (EgressRule("tcp", "::ffff:a00:300/120", (443,)),)
+    assert pol.allows("connect:tcp:[::ffff:10.0.3.99]:443")
+    assert not pol.allows("connect:tcp:[::ffff:10.0.4.1]:443") and not pol.allows("connect:tcp:[::1]:443")
+    assert "IPv4-mapped" in pol.provenance[0]["detail"]
