@@ -369,8 +369,16 @@ class KubeWatcher:
         status = getattr(e, "status", None)
         detail = f"HTTP {status} {getattr(e, 'reason', '')}".strip() if status else str(e)[:200]
         self.last_error = f"{what}: {type(e).__name__}: {detail}"
-        log.warning("kubernetes api call failed", call=what, node=self.node_name,
-                    error=self.last_error, failures=self.failures)
+        self._log("warning", "kubernetes api call failed", call=what, node=self.node_name,
+                  error=self.last_error, failures=self.failures)
+
+    @staticmethod
+    def _log(level: str, event: str, **kw) -> None:
+        # A broken log sink (a closed stream) must not stop the watch thread.
+        try:
+            getattr(log, level)(event, **kw)
+        except Exception:  # noqa: BLE001
+            pass
 
     # -- list + watch --
 
@@ -393,7 +401,7 @@ class KubeWatcher:
                 self.generation += 1
             self.resource_version = _meta(body).get("resourceVersion")
             self.synced.set()
-            log.info("kubernetes pods listed", node=self.node_name, pods=len(pods))
+            self._log("info", "kubernetes pods listed", node=self.node_name, pods=len(pods))
         self._watch()
 
     def _watch(self) -> None:
