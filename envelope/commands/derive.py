@@ -67,6 +67,12 @@ def register(sub) -> None:
     p.add_argument("--expires-in", default=None, metavar="DURATION",
                    help="expiry after the end of the observation window, e.g. 14d, 36h")
     p.add_argument("--mode", default=None, help="observe | alert | enforce (default alert)")
+    p.add_argument("--from-cluster", action="store_true",
+                   help="derive from NAME's WorkloadProfile objects merged across every node (Kubernetes API)")
+    p.add_argument("--kubeconfig", default=None, help="with --from-cluster: kubeconfig file")
+    p.add_argument("--context", default=None, help="with --from-cluster: kubeconfig context")
+    p.add_argument("--profile-namespace", default=None,
+                   help="with --from-cluster: namespace of the WorkloadProfile objects (default envelope-system)")
     p.add_argument("-o", "--output", default="yaml", help="yaml | json (default yaml)")
     p.add_argument("--out", default=None, metavar="FILE", help="write the policy here instead of stdout")
     p.set_defaults(func=cmd_derive)
@@ -90,6 +96,22 @@ def load_profile_arg(name: str, state_dir) -> Profile:
         raise UserError(str(e)) from e
     if profile is None:
         raise UserError(f"profile of {matches[0].key} disappeared from {store.root}")
+    return profile
+
+
+def load_cluster_profile_arg(args) -> Profile:
+    """NAME's profile merged across the cluster's WorkloadProfile objects."""
+    import os
+
+    from sensor.crd import DEFAULT_NAMESPACE, ClusterApiError, load_cluster_profile
+
+    namespace = args.profile_namespace or os.environ.get("POD_NAMESPACE") or DEFAULT_NAMESPACE
+    try:
+        profile, problems = load_cluster_profile(args.name, args.kubeconfig, args.context, namespace)
+    except (ClusterApiError, LookupError) as e:
+        raise UserError(f"--from-cluster: {e}") from None
+    for problem in problems:
+        print(f"envelope: warning: skipped {problem.name}: {problem.reason}", file=sys.stderr)
     return profile
 
 
@@ -150,7 +172,12 @@ def cmd_derive(args, config) -> int:
     if args.output not in ("yaml", "json"):
         raise UserError(f"-o {args.output}: policies are written as yaml or json")
     opts = options_from_args(args)
-    profile = load_profile_arg(args.name, config.state_dir)
+    if args.from_cluster:
+        profile = load_cluster_profile_arg(args)
+    else:
+        if args.kubeconfig or args.context or args.profile_namespace:
+            raise UserError("--kubeconfig, --context and --profile-namespace need --from-cluster")
+        profile = load_profile_arg(args.name, config.state_dir)
     try:
         policy = derive(profile, opts)
     except CoverageNotReached as e:
