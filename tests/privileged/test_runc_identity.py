@@ -116,3 +116,22 @@ def test_real_cgroup_create_move_kill_remove(cgfs):
 def test_cgroup2_is_the_mount_runc_uses(cgfs):
     assert cgfs.root in cgroup_mounts()
     assert (cgfs.root / "cgroup.controllers").exists()
+
+
+@pytest.mark.runc
+def test_bundle_applies_an_oci_seccomp_profile(tmp_path):
+    deny_mkdir = {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}],
+    }
+    script = ["/bin/sh", "-c", "mkdir /dev/shm/probe && echo made"]
+    with RuncContainer.deployment("agents", "tool-runner", "runner", script, tmp_path,
+                                  seccomp=deny_mkdir) as c:
+        assert c.config["linux"]["seccomp"] == deny_mkdir
+        c.run()
+        assert c.wait() == 1
+        assert "Operation not permitted" in c.read_stderr() and "made" not in c.read_stdout()
+    with RuncContainer.deployment("agents", "tool-runner", "runner", script, tmp_path) as c:
+        c.run()
+        assert c.wait() == 0 and c.read_stdout().strip() == "made"
