@@ -42,9 +42,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import datetime as _dt
 import hashlib
 import random
+import threading
 import re
 import time
 import zlib
@@ -643,3 +645,83 @@ def load_cluster_profile(name: str, kubeconfig: str | None = None, context: str 
         raise LookupError(f"{name!r} matches {len(found)} workloads: {', '.join(w.key for w in found)}; "
                           "give namespace/kind/name/container")
     return assembly.profiles[found[0]], assembly.problems
+
+
+class PublisherThread:
+    """Publishing off the daemon's poll loop: :meth:`publish` snapshots this node's changed
+    contributions (cheap, in the caller's thread) and returns; a worker thread writes them, the
+    newest snapshot per workload only, retrying failures with backoff. API outages therefore
+    never stall event draining. :meth:`close` makes a last attempt to write what is pending
+    (the graceful-shutdown flush) and stops the worker.
+    """
+
+    def __init__(self, publisher: ProfilePublisher, retry_interval: float = 30.0):
+        self.publisher = publisher
+        self.retry_interval = retry_interval
+        self._latest: dict[Workload, NodeContribution] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.results: list[PublishResult] = []  # the last round's results, for inspection
+        backoff = publisher.cluster.backoff
+        if backoff.sleep is time.sleep:  # make retry sleeps end when close() is called
+            publisher.cluster.backoff = dataclasses.replace(backoff, sleep=self._stop.wait)
+
+    def start(self) -> "PublisherThread":
+        self._thread = threading.Thread(target=self._run, name="envelope-publisher", daemon=True)
+        self._thread.start()
+        return self
+
+    def publish(self, profiles: dict[Workload, Profile], written: Iterable[Workload] | None = None) -> None:
+        node = self.publisher.node
+        with self._lock:
+            for w in sorted(set(profiles if written is None else written)):
+                p = profiles.get(w)
+                c = p.nodes.get(node) if p is not None else None
+                if c is not None:
+                    self._latest[w] = NodeContribution.unpack(c.pack())  # a snapshot the loop cannot change
+        self._wake.set()
+
+    def _round(self) -> bool:
+        with self._lock:
+            batch, self._latest = self._latest, {}
+        if not batch:
+            return True
+        profiles = {w: Profile(w, {c.node: c}) for w, c in batch.items()}
+        results = self.publisher.publish(profiles, written=list(batch))
+        self.results = results
+        failed = {r.workload for r in results if not r.ok}
+        with self._lock:
+            for w in failed:
+                self._latest.setdefault(w, batch[w])  # unless a newer snapshot arrived meanwhile
+        self.publisher.pending -= failed  # retried from the snapshot above, not from pending
+        return not failed
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                ok = self._round()
+            except Exception as e:  # noqa: BLE001 - the worker must outlive any one failure
+                log.error("profile publishing round failed", error=f"{type(e).__name__}: {e}")
+                ok = False
+            if not ok:
+                self._stop.wait(self.retry_interval)
+                self._wake.set()
+
+    def close(self, timeout: float = 20.0) -> bool:
+        """Stop the worker and write what is still pending once; True if everything was written."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        try:
+            return self._round()
+        except Exception as e:  # noqa: BLE001 - shutdown goes on
+            log.error("final profile publishing failed", error=f"{type(e).__name__}: {e}")
+            return False

@@ -567,3 +567,28 @@ def test_publisher_publishes_flushed_profiles_and_retries_failures(kube):
     assert [(r.workload, r.ok) for r in out] == [(W, True)] and pub.pending == set()
     assert sorted(cp.read_all().profiles) == sorted([W, W2])
     assert pub.publish(profiles, written=[]) == []
+
+
+def test_publisher_thread_keeps_the_loop_free_during_an_outage_and_flushes_on_close(kube):
+    from sensor.crd import ProfilePublisher, PublisherThread
+
+    gate = threading.Event()  # the worker's retry sleeps block until the gate opens
+    cp = ClusterProfiles.from_api_client(kube.api_client(), backoff=Backoff(attempts=3, sleep=lambda d: gate.wait()))
+    worker = PublisherThread(ProfilePublisher(cp, "node-a"), retry_interval=3600).start()
+    kube.faults = [503] * 100
+    p1 = _profile("node-a", 1)
+    worker.publish({W: p1}, written=[W])
+
+    # while the worker is stuck retrying, the loop goes on: publish() only snapshots
+    p2 = _profile("node-a", 4)
+    caller = threading.Thread(target=lambda: [worker.publish({W: p2}, written=[W]) for _ in range(3)])
+    caller.start()
+    caller.join(timeout=30)
+    assert not caller.is_alive(), "publish() waited for the API"
+    p2.nodes["node-a"].observe("node-a-late", "syscall:late", 1, 999.0)  # later changes are not in the snapshot
+
+    kube.faults = []
+    gate.set()
+    assert worker.close() is True
+    got, _ = cp.read(W)
+    assert got.session_count == 4 and "syscall:late" not in got.behaviours()
