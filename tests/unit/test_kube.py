@@ -53,6 +53,19 @@ def lookup(kind, ns, name):
     return OBJECTS.get((kind, ns, name))
 
 
+def test_fixtures_are_valid_api_objects():
+    """The recorded objects validate against the Kubernetes OpenAPI schema (strict)."""
+    import kubernetes_validate as kv  # a test dependency (pyproject [test])
+    checked = 0
+    for f in sorted(K8S.glob("*.json")):
+        obj = json.loads(f.read_text())
+        if "apiVersion" not in obj or "kind" not in obj:
+            continue  # OCI configs and docker container configs are not API objects
+        kv.validate(obj, desired_version="1.33", strict=True)
+        checked += 1
+    assert checked >= 15
+
+
 # ---- owner resolution ------------------------------------------------------------------------
 
 
