@@ -232,6 +232,14 @@ class Element:
         }
 
 
+def substrate_or_none(key: str) -> str | None:
+    """The substrate of a behaviour key, or None for a kind no substrate encodes yet (``dns:...``)."""
+    try:
+        return substrate_of(key)
+    except BehaviourKeyError:
+        return None
+
+
 def _addr_text(ip) -> str:
     return ip.compressed
 
@@ -383,7 +391,7 @@ def coverage(profile: Profile, opts: DeriveOptions,
     if end is not None:
         since = end - span
         for k, s in stats.items():
-            sub = substrate_of(k)
+            sub = substrate_or_none(k)
             if sub in new and s.first_seen >= since:
                 new[sub].append(s.first_seen)
     allowed_new = math.ceil(opts.coverage_threshold) - 1  # "fewer than T" = at most ceil(T)-1
@@ -466,9 +474,13 @@ def derive(profile: Profile, options: DeriveOptions | None = None) -> Policy:
     low_confidence = not cov["reached"]
 
     per_sub: dict[str, list[str]] = {s: [] for s in opts.substrates}
+    unsupported: dict[str, int] = {}
     for k in stats:
-        sub = substrate_of(k)
-        if sub in per_sub:
+        sub = substrate_or_none(k)
+        if sub is None:
+            kind = k.split(":", 1)[0]
+            unsupported[kind] = unsupported.get(kind, 0) + 1
+        elif sub in per_sub:
             per_sub[sub].append(k)
 
     elements: list[Element] = []
@@ -599,7 +611,7 @@ def derive(profile: Profile, options: DeriveOptions | None = None) -> Policy:
     closed = profile.closed_sessions
     if opts.closure == "probabilistic" and closed:
         for k, s in stats.items():
-            if substrate_of(k) in opts.substrates and policy.allows(k):
+            if substrate_or_none(k) in opts.substrates and policy.allows(k):
                 mean = s.session_sum / closed
                 std = math.sqrt(max(s.session_sumsq / closed - mean * mean, 0.0))
                 detection.append({"key": k, "mean": round(mean, 6), "std": round(std, 6),
@@ -609,6 +621,9 @@ def derive(profile: Profile, options: DeriveOptions | None = None) -> Policy:
     policy.watch = tuple(sorted(watch))
     policy.detection = tuple(detection)
     policy.decisions = _decisions(opts, elements, passed, cov, closed)
+    if unsupported:
+        # observed, but of a kind no substrate can encode yet: recorded, not silently dropped
+        policy.decisions["granularity"]["unencoded"] = dict(sorted(unsupported.items()))
     policy.validity = _validity(profile, opts, end)
     return policy
 

@@ -269,8 +269,12 @@ class Policy:
                 + [f"exec:{e}" for e in self.execs])
 
     def allows(self, key: str) -> bool:
-        """Is behaviour ``key`` inside the allowed set? Substrates the policy leaves out allow all."""
-        substrate = substrate_of(key)
+        """Is behaviour ``key`` inside the allowed set? Substrates the policy leaves out, and
+        behaviour kinds no substrate encodes, are not constrained by it."""
+        try:
+            substrate = substrate_of(key)
+        except BehaviourKeyError:
+            return True
         if substrate not in self.substrates:
             return True
         if substrate == "syscall":

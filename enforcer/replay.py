@@ -10,7 +10,7 @@ whether the policy allows them. Pure: the caller passes the profile and an optio
 from __future__ import annotations
 
 from sensor.profile import Profile
-from sensor.workload import substrate_of
+from sensor.workload import BehaviourKeyError, substrate_of
 
 from .policy import Policy, iso_time
 
@@ -25,7 +25,10 @@ def replay(policy: Policy, profile: Profile, since: float | None = None) -> dict
     for key, s in stats.items():
         if since is not None and s.last_seen < since:
             continue
-        sub = substrate_of(key)
+        try:
+            sub = substrate_of(key)
+        except BehaviourKeyError:
+            sub = key.split(":", 1)[0]  # a kind no substrate encodes: counted, never denied
         row = per_sub.setdefault(sub, {"behaviours": 0, "denied": 0, "events": 0, "deniedEvents": 0})
         considered += 1
         events += s.count

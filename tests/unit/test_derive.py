@@ -13,7 +13,7 @@ from enforcer.diff import diff
 from enforcer.policy import EgressRule, dump_policy, parse_policy
 from enforcer.replay import replay
 from enforcer.validity import check
-from sensor.profile import Profile
+from sensor.profile import BehaviourStats, Profile
 from sensor.workload import Workload
 
 W = Workload("research", "Deployment", "agent", "main")
@@ -412,3 +412,15 @@ def test_ipv4_mapped_ipv6_peers_widen_like_ipv4():
     assert pol.allows("connect:tcp:[::ffff:10.0.3.99]:443")
     assert not pol.allows("connect:tcp:[::ffff:10.0.4.1]:443") and not pol.allows("connect:tcp:[::1]:443")
     assert "IPv4-mapped" in pol.provenance[0]["detail"]
+
+
+def test_behaviour_kinds_without_a_substrate_are_recorded_not_encoded():
+    p = build(steady())
+    # a newer sensor's kind, as it would arrive in a packed profile
+    p.node("n1").behaviours["dns:api.example.com"] = BehaviourStats(8, 4, T0 + 5, T0 + 3 * DAY)
+    p = Profile.unpack(p.pack())
+    pol = derive(p)
+    assert pol.decisions["granularity"]["unencoded"] == {"dns": 1}
+    assert pol.allows("dns:api.example.com") and "dns:api.example.com" not in pol.watch
+    r = replay(pol, p)
+    assert r["denied"] == [] and r["bySubstrate"]["dns"]["behaviours"] == 1
