@@ -53,7 +53,8 @@ def explanation(policy: Policy) -> dict:
         "lowConfidence": policy.low_confidence,
         "decisions": {
             "granularity": {"substrates": list(policy.substrates),
-                            "excluded": (policy.decisions.get("granularity") or {}).get("excluded", [])},
+                            "excluded": (policy.decisions.get("granularity") or {}).get("excluded", []),
+                            "unencoded": (policy.decisions.get("granularity") or {}).get("unencoded", {})},
             "closure": {k: v for k, v in clos.items()},
             "confidence": {k: v for k, v in conf.items() if k != "coverage"},
             "validity": policy.validity,
@@ -101,7 +102,10 @@ def render_text(x: dict) -> str:
     out.append("")
     out.append("Decisions")
     out.append(f"  granularity: {', '.join(d['granularity']['substrates'])}"
-               + (f" (excluded: {', '.join(d['granularity']['excluded'])})" if d["granularity"]["excluded"] else ""))
+               + (f" (excluded: {', '.join(d['granularity']['excluded'])})" if d["granularity"]["excluded"] else "")
+               + ("; observed kinds no substrate encodes: "
+                  + ", ".join(f"{k} ({n})" for k, n in d["granularity"]["unencoded"].items())
+                  if d["granularity"]["unencoded"] else ""))
     out.append(f"  closure: {clos.get('mode')}")
     out += [f"    {line}" for line in _rules_text(clos)]
     mc, ms = conf.get("minCount") or {}, conf.get("minSessions") or {}
