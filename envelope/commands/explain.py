@@ -44,8 +44,9 @@ def explanation(policy: Policy) -> dict:
             if p.get(k):
                 item[k] = p[k]
         allowed.append(item)
-    conf = policy.decisions.get("confidence") or {}
-    clos = policy.decisions.get("closure") or {}
+    decisions = policy.to_dict()["spec"]["decisions"]  # with mode, substrates and validity filled in
+    conf = decisions.get("confidence") or {}
+    clos = decisions.get("closure") or {}
     return {
         "policy": policy.metadata_name,
         "workload": policy.workload.key,
@@ -109,12 +110,13 @@ def render_text(x: dict) -> str:
     out.append(f"  closure: {clos.get('mode')}")
     out += [f"    {line}" for line in _rules_text(clos)]
     mc, ms = conf.get("minCount") or {}, conf.get("minSessions") or {}
-    out.append("  confidence: " + "; ".join(f"{s} >= {mc[s]} occurrences over >= {ms.get(s)} sessions" for s in mc))
+    out.append("  confidence: " + ("; ".join(f"{s} >= {mc[s]} occurrences over >= {ms.get(s)} sessions" for s in mc)
+                                   or "not recorded (policy not produced by derivation)"))
     sr = conf.get("sessionRule")
     if isinstance(sr, dict):
         out.append(f"    session rule {sr.get('rule')}: {sr.get('meaning')}")
     fp = val.get("fingerprint") or {}
-    out.append(f"  validity: derived at {val.get('derivedAt')}, expires {val.get('expiresAt') or 'never'}")
+    out.append(f"  validity: derived at {val.get('derivedAt') or 'unknown'}, expires {val.get('expiresAt') or 'never'}")
     out.append("    fingerprint: " + (", ".join(f"{k}={'|'.join(v)}" for k, v in fp.items()) or "none"))
     out.append("    triggers: " + (", ".join(t.get("name", "?") for t in val.get("triggers") or []) or "none"))
     if val.get("untracked"):

@@ -40,7 +40,7 @@ def cmd_check(args, config) -> int:
         raise UserError(str(e)) from e
     r = check(policy, current, now)
     if args.output == "table":
-        head = (f"{r['policy']} ({r['workload']}), derived at {r['derivedAt']}: "
+        head = (f"{r['policy']} ({r['workload']}), derived at {r['derivedAt'] or 'unknown'}: "
                 + ("STALE, re-derive" if r["stale"] else "valid"))
         rows = [[t["trigger"], t["status"], t["reason"]] for t in r["triggers"]]
         sys.stdout.write(head + "\n" + (table(rows, ["trigger", "status", "reason"]) if rows else "no triggers\n"))
