@@ -330,21 +330,57 @@ class ClusterPolicies:
         return self._apply_status(cp, status_body(cp.name, cp.namespace, conditions=[cond]), STALE_MANAGER,
                                   "mark stale")
 
-    def set_mode(self, cp: ClusterPolicy, mode: str) -> bool:
-        """Change ``spec.mode`` (e.g. to alert when re-baselining). Never raises on API failure."""
+    def set_mode(self, cp: ClusterPolicy, mode: str) -> ClusterPolicy | None:
+        """Change ``spec.mode`` (e.g. to alert when re-baselining); the updated policy, or None
+        when the API failed (never raises on API failure)."""
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         try:
-            self._call(lambda: self.api.patch_namespaced_custom_object(
+            out = self._call(lambda: self.api.patch_namespaced_custom_object(
                 GROUP, VERSION, cp.namespace, PLURAL, cp.name, {"spec": {"mode": mode}},
                 _content_type="application/merge-patch+json"), f"set mode of {PLURAL} {cp.namespace}/{cp.name}")
-        except ClusterApiError as e:
+            return self._wrap(out) if out else self.get(cp.namespace, cp.name)
+        except (ClusterApiError, PolicyCRError) as e:
             log.warning("policy mode not changed", policy=f"{cp.namespace}/{cp.name}", mode=mode, error=str(e))
-            return False
-        return True
+            return None
 
 
 def for_workload(policies: list[ClusterPolicy], workload: Workload) -> ClusterPolicy | None:
     """The policy of ``workload`` among ``policies`` (the first by name if several)."""
     found = sorted((p for p in policies if p.workload == workload), key=lambda p: p.name)
     return found[0] if found else None
+
+
+def on_fingerprint_change(state_dir, workload: Workload, changed: list[str], *, cp: ClusterPolicy | None = None,
+                          policies: ClusterPolicies | None = None, rebaseline: bool = False, metrics=None,
+                          detail: str = "", actor: str | None = None, now: float | None = None) -> dict:
+    """A node's reaction when fingerprint inputs of ``workload`` changed (``changed`` names the
+    keys): an audit entry (``policy.stale``), the stale metric, the policy's ``Stale``
+    condition and, with ``rebaseline`` (config ``rebaseline_on_stale``), a re-baseline: alert
+    mode and a new observation window locally, and ``spec.mode: alert`` on the cluster policy.
+    Local steps happen whether or not the API answers; the result says what was done."""
+    from . import audit, state
+
+    keys = sorted(set(changed))
+    message = f"fingerprint inputs changed: {', '.join(keys)}" + (f" ({detail})" if detail else "")
+    where = f"{cp.namespace}/{cp.name}" if cp is not None else None
+    out: dict[str, Any] = {"workload": workload.key, "changed": keys, "policy": where,
+                           "stale_condition": None, "rebaselined": False, "cluster_mode": None}
+    audit.append(state_dir, "policy.stale", workload=workload.key, reason=message,
+                 details={"changed": keys, "policy": where, "generation": cp.generation if cp else None,
+                          "rebaseline": rebaseline}, actor=actor, now=now)
+    if metrics is not None:
+        metrics.set_stale(workload, True)
+    if cp is not None and policies is not None:
+        out["stale_condition"] = policies.mark_stale(cp, "FingerprintChanged", message)
+    if rebaseline:
+        state.rebaseline(state_dir, workload, reason=message, actor=actor, now=now)
+        out["rebaselined"] = True
+        if cp is not None and policies is not None and cp.policy.mode == "enforce":
+            changed_cp = policies.set_mode(cp, "alert")
+            if changed_cp is not None:
+                out["cluster_mode"] = "alert"
+                # the mode change is a new generation; it is as stale as the one it replaced
+                out["stale_condition"] = policies.mark_stale(changed_cp, "FingerprintChanged", message)
+    log.warning("policy stale", workload=workload.key, changed=keys, policy=where, rebaseline=rebaseline)
+    return out

@@ -516,7 +516,8 @@ def test_stale_condition_and_mode_change(kube):
     assert a.mark_stale(cp, "FingerprintChanged", "image digest sha256:aa -> sha256:bb")
     cp = a.get("agents", "researcher-main")
     assert cp.stale and is_stale(cp.obj)
-    assert a.set_mode(cp, "alert")
+    changed = a.set_mode(cp, "alert")
+    assert changed is not None and changed.policy.mode == "alert"
     cp = a.get("agents", "researcher-main")
     assert cp.policy.mode == "alert"
     # a changed spec is a new generation: the old Stale judgement no longer applies
@@ -592,3 +593,38 @@ def test_publisher_thread_keeps_the_loop_free_during_an_outage_and_flushes_on_cl
     assert worker.close() is True
     got, _ = cp.read(W)
     assert got.session_count == 4 and "syscall:late" not in got.behaviours()
+
+
+def test_fingerprint_change_marks_stale_audits_and_rebaselines(kube, tmp_path):
+    from enforcer import audit, state
+    from enforcer.crd import on_fingerprint_change
+    from envelope.metrics import Metrics
+
+    a = _policies(kube, "node-a")
+    cp = a.create(POLICY)
+    m = Metrics()
+    state.set_mode(tmp_path, W, "enforce", reason="derived and reviewed", actor="test")
+    out = on_fingerprint_change(tmp_path, W, ["image", "model"], cp=cp, policies=a, rebaseline=True, metrics=m,
+                                detail="image sha256:aa -> sha256:bb", actor="envelope-daemon/node-a")
+    assert out["stale_condition"] is True and out["rebaselined"] and out["cluster_mode"] == "alert"
+    entries = audit.read(tmp_path, workload=W.key)
+    assert [e["action"] for e in entries] == ["mode.set", "policy.stale", "rebaseline"]
+    assert entries[1]["details"]["changed"] == ["image", "model"]
+    assert audit.verify(tmp_path).ok
+    assert state.get_mode(tmp_path, W) == "alert"
+    got = a.get("agents", "researcher-main")
+    assert got.policy.mode == "alert" and got.obj["status"]["conditions"][0]["reason"] == "FingerprintChanged"
+    assert got.generation == 2 and got.stale, "still stale after the daemon's own mode change"
+    assert m.registry.get_sample_value("envelope_policies_stale") == 1
+
+
+def test_fingerprint_change_during_an_api_outage_still_acts_locally(kube, tmp_path):
+    from enforcer import audit
+    from enforcer.crd import on_fingerprint_change
+
+    a = _policies(kube, "node-a")
+    cp = a.create(POLICY)
+    kube.faults = [503] * 10
+    out = on_fingerprint_change(tmp_path, W, ["tool_catalog"], cp=cp, policies=a)
+    assert out["stale_condition"] is False and not out["rebaselined"]
+    assert [e["action"] for e in audit.read(tmp_path)] == ["policy.stale"]
