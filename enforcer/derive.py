@@ -509,7 +509,9 @@ def derive(profile: Profile, options: DeriveOptions | None = None) -> Policy:
     still_failed: list[tuple[Element, dict]] = []
     literal_admits: list[tuple[Element, dict, str]] = []
     for el, ev in failed:
-        if el.id in admits and el.encodable:
+        if el.id in admits:
+            if not el.encodable:
+                raise DeriveError(f"--admit {el.id}: this behaviour cannot be encoded in a policy")
             passed.append((el, ev, admits[el.id]))
             used_admits.add(el.id)
             continue
