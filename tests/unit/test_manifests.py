@@ -279,3 +279,40 @@ def test_rbac_is_least_privilege():
 def test_namespace_allows_the_privileged_pod_security_level():
     ns = one("Namespace", "envelope-system")
     assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
+
+
+# Kubernetes client method suffixes -> (API group, resource)
+_RESOURCES = {
+    "pod": ("", "pods"), "service_account": ("", "serviceaccounts"),
+    "replica_set": ("apps", "replicasets"), "deployment": ("apps", "deployments"),
+    "stateful_set": ("apps", "statefulsets"), "daemon_set": ("apps", "daemonsets"),
+    "job": ("batch", "jobs"), "cron_job": ("batch", "cronjobs"),
+}
+
+
+def _daemon_api_calls() -> set[tuple[str, str, str]]:
+    """(group, resource, verb) for every built-in API call the node daemon's code makes."""
+    calls = set()
+    pattern = re.compile(r"\.(read|list|patch|create|delete|replace)_(namespaced_)?([a-z_]+?)"
+                         r"(_for_all_namespaces)?\b")
+    for f in list((ROOT / "sensor").glob("*.py")) + list((ROOT / "enforcer").glob("*.py")) + \
+            list((ROOT / "envelope").glob("*.py")):
+        text = f.read_text()
+        for m in pattern.finditer(text):
+            op, res = m.group(1), m.group(3)
+            if res not in _RESOURCES:
+                continue
+            verb = {"read": "get", "replace": "update"}.get(op, op)
+            if op == "list" and "watch=True" in text[m.start():m.start() + 400]:
+                calls.add((*_RESOURCES[res], "watch"))
+            calls.add((*_RESOURCES[res], verb))
+    return calls
+
+
+def test_rbac_grants_every_built_in_api_call_the_daemon_makes():
+    calls = _daemon_api_calls()
+    assert ("", "pods", "list") in calls and ("", "pods", "watch") in calls, "the pod watcher is found"
+    assert ("apps", "replicasets", "get") in calls, "owner lookups are found"
+    granted = {(g, res, v) for r in one("ClusterRole", "envelope-node")["rules"]
+               for g in r["apiGroups"] for res in r["resources"] for v in r["verbs"]}
+    assert calls <= granted, f"calls the ClusterRole does not allow: {sorted(calls - granted)}"
