@@ -239,6 +239,7 @@ class ClusterPolicies:
         self.on_api_error = on_api_error
         self.clock = clock
         self.field_manager = f"envelope/{node}"[:128]
+        self._reported: dict[tuple[str, str], dict] = {}
 
     @classmethod
     def from_api_client(cls, client, node: str, **kw) -> "ClusterPolicies":
@@ -317,12 +318,21 @@ class ClusterPolicies:
             return False
         return True
 
-    def report(self, cp: ClusterPolicy, state: str, reason: str = "", **fields) -> bool:
-        """Apply this node's status entry (``applied``/``failed``/...). Never raises on API failure."""
+    def report(self, cp: ClusterPolicy, state: str, reason: str = "", *, always: bool = False, **fields) -> bool:
+        """Apply this node's status entry (``applied``/``failed``/...). An entry equal to the last
+        one this client wrote (but for its time) is not written again unless ``always``.
+        Never raises on API failure."""
         status = NodeStatus(self.node, state, reason, observed_generation=cp.generation,
                             updated=self.clock(), **fields)
-        return self._apply_status(cp, status_body(cp.name, cp.namespace, node=status), self.field_manager,
-                                  "report status on")
+        key = (cp.namespace, cp.name)
+        same = {k: v for k, v in status.to_dict().items() if k != "lastUpdateTime"}
+        if not always and self._reported.get(key) == same:
+            return True
+        ok = self._apply_status(cp, status_body(cp.name, cp.namespace, node=status), self.field_manager,
+                                "report status on")
+        if ok:
+            self._reported[key] = same
+        return ok
 
     def mark_stale(self, cp: ClusterPolicy, reason: str, message: str) -> bool:
         """Set the Stale condition for the policy's current generation. Never raises on API failure."""

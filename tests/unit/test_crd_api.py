@@ -499,11 +499,18 @@ def test_policy_create_list_and_per_node_status(kube):
     assert b.report(cp, "failed", "seccomp: kubelet seccomp dir is read-only")
     status_calls = [r for r in kube.requests if r[1].endswith("/status")]
     assert len(status_calls) == 2 and all(r[2] == "application/apply-patch+yaml" for r in status_calls)
+    n = len(kube.requests)
+    assert a.report(cp, "applied", localhost_profile="envelope/agents/deployment_researcher_main.json",
+                    mode="enforce", cgroups=2)
+    assert len(kube.requests) == n, "an unchanged entry is not written again"
+    assert a.report(cp, "applied", localhost_profile="envelope/agents/deployment_researcher_main.json",
+                    mode="enforce", cgroups=3)
+    assert len(kube.requests) == n + 1
 
     cp = a.get("agents", "researcher-main")
     st = node_statuses(cp.obj)
     assert sorted(st) == ["node-a", "node-b"]
-    assert st["node-a"].state == "applied" and st["node-a"].observed_generation == 1
+    assert st["node-a"].state == "applied" and st["node-a"].observed_generation == 1 and st["node-a"].cgroups == 3
     assert st["node-a"].localhost_profile == "envelope/agents/deployment_researcher_main.json"
     assert st["node-b"].state == "failed" and "read-only" in st["node-b"].reason
     assert cp.obj["spec"] == policy_to_cr(POLICY)["spec"], "status writes never touch the spec"
