@@ -16,6 +16,7 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
 
+from envelope.cli import build_parser
 from envelope.config import Config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,7 +125,9 @@ def test_every_manifest_validates_strictly(doc):
 
 def test_daemonset_runs_the_daemon_with_the_config_file():
     c = container()
-    assert c["command"] == ["envelope", "--log-json", "daemon", "--config", "/etc/envelope/config.yaml"]
+    assert c["command"] == ["envelope", "--log-json", "--config", "/etc/envelope/config.yaml", "daemon"]
+    args = build_parser().parse_args(c["command"][1:])  # the real CLI accepts it as written
+    assert (args.command, args.config, args.log_json) == ("daemon", "/etc/envelope/config.yaml", True)
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     vol = {v["name"]: v for v in daemonset_pod()["volumes"]}
     assert vol[mounts["/etc/envelope"]["name"]]["configMap"]["name"] == "envelope-config"
