@@ -1,4 +1,4 @@
-"""``envelope cluster ...``: the cluster's view, read through the Kubernetes API.
+"""Profiles and policies across the cluster, read through the Kubernetes API (``envelope cluster``).
 
 ``cluster profiles``         workloads with WorkloadProfile objects, merged across nodes
 ``cluster profile NAME``     one workload's profile merged across nodes (``--save FILE`` writes it
