@@ -25,11 +25,12 @@
 
 3. **Confidence**: an element enters the allowed set only with at least N occurrences over at
    least M distinct sessions (per substrate; default 5 over 3). An envelope element sums the
-   counts of every behaviour it covers. Its distinct-session count cannot be computed exactly
-   from per-behaviour counts (two behaviours may share sessions), so the rule uses the largest
-   session count among its behaviours: a lower bound, never an over-estimate (``session_rule=
-   "sum"`` opts into the upper bound instead, so that values which each appeared in a single
-   session can earn their envelope; the choice is recorded). Elements below the
+   counts of every behaviour it covers. Its distinct sessions are the union of the session ids
+   its behaviours were seen in (the profile keeps a capped sample per behaviour): exact while
+   every sample is complete, so values which each appeared in a single session can still earn
+   their envelope, and a lower bound otherwise (never an over-estimate). ``session_rule="max"``
+   (the largest member count) and ``"sum"`` (an upper bound) are explicit alternatives; the
+   choice is recorded. Elements below the
    threshold go to ``review`` with their evidence and their behaviours go to ``watch``; an
    explicit admit (``--admit KEY --reason TEXT``) moves one into the allowed set and records the
    reason in provenance.
@@ -71,6 +72,9 @@ DEFAULT_COVERAGE_THRESHOLD = 1.0
 DEFAULT_COVERAGE_HOURS = 24.0
 
 SESSION_RULES = {
+    "union": ("an element's distinct sessions are the union of the session ids of the behaviours it "
+              "covers: exact while each behaviour's session sample is complete (under the profile's "
+              "cap), otherwise the larger of that union and the largest member count, a lower bound"),
     "max": ("an element's distinct sessions are the largest session count among the behaviours it "
             "covers: a lower bound, because per-behaviour counts cannot show which sessions overlap"),
     "sum": ("an element's distinct sessions are the sum of the session counts of the behaviours it "
@@ -135,7 +139,7 @@ class DeriveOptions:
     fingerprint: Mapping[str, str] = field(default_factory=dict)
     expires_in: float | None = None  # seconds after the window end
     mode: str | None = None  # default: alert
-    session_rule: str = "max"  # how an envelope element's distinct sessions are counted
+    session_rule: str = "union"  # how an envelope element's distinct sessions are counted
 
     def validate(self) -> None:
         if self.closure not in CLOSURES:
@@ -217,10 +221,14 @@ class Element:
     exec: str | None = None
     encodable: bool = True
 
-    def evidence(self, stats: Mapping[str, BehaviourStats], session_rule: str = "max") -> dict:
+    def evidence(self, stats: Mapping[str, BehaviourStats], session_rule: str = "union") -> dict:
         ss = [stats[m] for m in self.members]
         if session_rule == "sum":
             sessions = sum(s.sessions for s in ss)
+        elif session_rule == "union":
+            union = len(set().union(*(s.session_ids for s in ss)))
+            exact = all(s.sessions_complete for s in ss)
+            sessions = union if exact else max([union] + [s.sessions for s in ss])
         else:
             sessions = max((s.sessions for s in ss), default=0)
         return {

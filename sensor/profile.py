@@ -20,6 +20,7 @@ substrate, new ones go to an overflow bucket (counts kept, key not) and the prof
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 
 import msgpack
@@ -29,6 +30,10 @@ from .workload import SUBSTRATES, Workload, substrate_of
 SCHEMA_VERSION = 1
 DAY = 86400.0
 DEFAULT_CAPS = {"syscall": 1024, "exec": 2048, "egress": 4096}
+# Each behaviour keeps the ids of the first sessions it was seen in, up to this many. The union of
+# these samples gives an envelope element's exact distinct-session count while every member's
+# sample is complete (confidence thresholds are far below the cap); beyond it, a lower bound.
+SESSION_SAMPLE_CAP = 32
 
 
 @dataclass(slots=True)
@@ -39,6 +44,14 @@ class BehaviourStats:
     last_seen: float
     session_sum: float = 0.0  # sum of per-session counts over closed sessions
     session_sumsq: float = 0.0  # sum of squared per-session counts over closed sessions
+    # Ids of the first SESSION_SAMPLE_CAP sessions it was seen in. In a node's contribution they
+    # are session ids; in a merged view they are "<node>/<session id>".
+    session_ids: list = field(default_factory=list)
+
+    @property
+    def sessions_complete(self) -> bool:
+        """Whether ``session_ids`` lists every session the behaviour was seen in."""
+        return len(self.session_ids) >= self.sessions
 
     def merged(self, other: "BehaviourStats") -> "BehaviourStats":
         return BehaviourStats(
@@ -48,15 +61,17 @@ class BehaviourStats:
             max(self.last_seen, other.last_seen),
             self.session_sum + other.session_sum,
             self.session_sumsq + other.session_sumsq,
+            sorted(set(self.session_ids) | set(other.session_ids)),
         )
 
     def pack(self) -> list:
         return [self.count, self.sessions, self.first_seen, self.last_seen,
-                self.session_sum, self.session_sumsq]
+                self.session_sum, self.session_sumsq, list(self.session_ids)]
 
     @classmethod
     def unpack(cls, v: list) -> "BehaviourStats":
-        return cls(int(v[0]), int(v[1]), float(v[2]), float(v[3]), float(v[4]), float(v[5]))
+        ids = [sys.intern(str(x)) for x in v[6]] if len(v) > 6 else []
+        return cls(int(v[0]), int(v[1]), float(v[2]), float(v[3]), float(v[4]), float(v[5]), ids)
 
 
 @dataclass(slots=True)
@@ -143,6 +158,8 @@ class NodeContribution:
         prior = per_session.get(key)
         if prior is None:
             stats.sessions += 1
+            if len(stats.session_ids) < SESSION_SAMPLE_CAP:
+                stats.session_ids.append(sys.intern(session_id))
             per_session[key] = count
         else:
             per_session[key] = prior + count
@@ -249,8 +266,10 @@ class Profile:
         out: dict[str, BehaviourStats] = {}
         for name in sorted(self.nodes):
             for key, s in self.nodes[name].behaviours.items():
+                mine = BehaviourStats(s.count, s.sessions, s.first_seen, s.last_seen, s.session_sum,
+                                      s.session_sumsq, [f"{name}/{i}" for i in s.session_ids])
                 prev = out.get(key)
-                out[key] = BehaviourStats(*s.pack()) if prev is None else prev.merged(s)
+                out[key] = mine if prev is None else prev.merged(mine)
         return dict(sorted(out.items()))
 
     def sessions(self) -> list[SessionRecord]:

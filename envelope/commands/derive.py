@@ -39,8 +39,9 @@ def register(sub) -> None:
                    help=f"occurrences needed (default {DEFAULT_MIN_COUNT}); repeat for per-substrate values")
     p.add_argument("--min-sessions", action="append", metavar="M|SUBSTRATE=M",
                    help=f"distinct sessions needed (default {DEFAULT_MIN_SESSIONS}); per substrate as above")
-    p.add_argument("--session-rule", default="max",
-                   help="distinct sessions of an envelope element: max (lower bound, default) or sum (upper bound)")
+    p.add_argument("--session-rule", default="union", choices=["union", "max", "sum"],
+                   help="distinct sessions of an envelope element: union of its behaviours' sessions "
+                        "(default; exact up to the profile's sample cap), max (lower bound) or sum (upper bound)")
     p.add_argument("--ipv4-prefix", type=int, default=DEFAULT_IPV4_PREFIX, help="IPv4 aggregation prefix (default 24)")
     p.add_argument("--ipv6-prefix", type=int, default=DEFAULT_IPV6_PREFIX, help="IPv6 aggregation prefix (default 64)")
     p.add_argument("--service-cidr", action="append", default=[], metavar="CIDR",

@@ -190,19 +190,29 @@ def test_threshold_n_over_m_with_per_substrate_overrides():
     assert relaxed.decisions["confidence"]["minCount"] == {"syscall": 5, "egress": 2, "exec": 5}
 
 
-def test_envelope_element_sums_counts_but_bounds_sessions_from_below():
+def test_envelope_element_counts_the_union_of_its_behaviours_sessions():
     # six addresses in one /24, each seen in one session only, three times
     sessions = [{f"connect:tcp:10.0.3.{i}:443": 3} for i in range(1, 7)]
     pol = derive(build(sessions))
-    [item] = pol.review
+    # the default rule unions the session ids: the element earns its envelope with 6 sessions
+    assert pol.egress == (EgressRule("tcp", "10.0.3.0/24", (443,)),)
+    assert pol.provenance[0]["evidence"]["count"] == 18
+    assert pol.provenance[0]["evidence"]["sessions"] == 6
+    assert pol.decisions["confidence"]["sessionRule"]["rule"] == "union"
+    assert pol.review == ()
+    # the same address seen in the same sessions is not counted twice
+    shared = [{"connect:tcp:10.0.3.1:443": 3, "connect:tcp:10.0.3.2:443": 3} for _ in range(2)]
+    [item] = derive(build(shared)).review
+    assert item["evidence"]["sessions"] == 2 and item["why"] == "sessions 2 < 3"
+    # the max rule is a lower bound: varying values each seen once cannot earn their envelope
+    lower = derive(build(sessions), DeriveOptions(session_rule="max"))
+    [item] = lower.review
     assert item["key"] == "egress:tcp:10.0.3.0/24:443"
     assert item["evidence"]["count"] == 18 and item["evidence"]["sessions"] == 1
-    assert item["why"] == "sessions 1 < 3"
-    assert "lower bound" in pol.decisions["confidence"]["sessionRule"]["meaning"]
-    # choosing the upper-bound rule explicitly lets varying values earn their envelope
-    summed = derive(build(sessions), DeriveOptions(session_rule="sum"))
-    assert summed.egress == (EgressRule("tcp", "10.0.3.0/24", (443,)),)
-    assert summed.provenance[0]["evidence"]["sessions"] == 6
+    assert "lower bound" in lower.decisions["confidence"]["sessionRule"]["meaning"]
+    # the sum rule is an upper bound, chosen explicitly
+    summed = derive(build(shared), DeriveOptions(session_rule="sum"))
+    assert summed.provenance[0]["evidence"]["sessions"] == 4
     assert summed.decisions["confidence"]["sessionRule"]["rule"] == "sum"
     # literal closure judges each address alone
     assert all(r["evidence"]["count"] == 3 for r in derive(build(sessions), DeriveOptions(closure="literal")).review)
