@@ -130,3 +130,17 @@ def test_behaviour_keys():
     assert substrate_of("exec:/bin/sh") == "exec"
     with pytest.raises(ValueError):
         parse_net_key("connect:sctp:1.2.3.4:1")
+
+
+def test_session_sample_is_capped_and_unioned_across_nodes():
+    from sensor.profile import SESSION_SAMPLE_CAP
+    p = Profile(W)
+    for i in range(SESSION_SAMPLE_CAP + 3):
+        record(p, "n1", f"s{i}", [("syscall:read", 1, float(i))], start=float(i))
+    record(p, "n2", "s0", [("syscall:read", 1, 1.0)])  # same id on another node: another session
+    b = p.behaviours()["syscall:read"]
+    assert b.sessions == SESSION_SAMPLE_CAP + 4
+    assert len(b.session_ids) == SESSION_SAMPLE_CAP + 1
+    assert "n2/s0" in b.session_ids and "n1/s0" in b.session_ids
+    assert not b.sessions_complete
+    assert Profile.unpack(p.pack()).behaviours()["syscall:read"].session_ids == b.session_ids
