@@ -410,3 +410,57 @@ def test_doctor_passes_on_this_machine(capsys):
     names = {c["name"] for c in data["checks"]}
     assert {"btf", "raw_tracepoint", "ringbuf", "cgroup_bpf", "tracefs", "cgroup2",
             "kernel_headers", "bpf_permission", "kprobes", "fentry", "lsm"} <= names
+
+
+def _root_programs(attach_type: int) -> int:
+    """How many programs are attached to the cgroup2 root for ``attach_type`` (BPF_PROG_QUERY)."""
+    import ctypes
+    import struct
+
+    from sensor.cgroup import cgroup2_mount_point
+    bpf_prog_query, nr_bpf = 16, 321  # x86_64
+    fd = os.open(cgroup2_mount_point(), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        attr = ctypes.create_string_buffer(struct.pack("<IIIIQI", fd, attach_type, 0, 0, 0, 0), 128)
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.syscall(nr_bpf, bpf_prog_query, attr, 128) == 0, os.strerror(ctypes.get_errno())
+        return struct.unpack_from("<I", attr.raw, 24)[0]  # prog_cnt
+    finally:
+        os.close(fd)
+
+
+def test_close_detaches_the_cgroup_programs():
+    from sensor.probes import Sensor
+    hooks = (10, 11, 14, 15)  # connect4, connect6, sendmsg4, sendmsg6
+    before = [_root_programs(t) for t in hooks]
+    s = Sensor(ringbuf_pages=1)
+    s.attach()
+    try:
+        assert [_root_programs(t) for t in hooks] == [n + 1 for n in before]
+    finally:
+        s.close()
+    assert [_root_programs(t) for t in hooks] == before
+
+
+def test_processes_from_before_attach_get_their_parent_from_proc(cgroups):
+    from sensor.probes import Sensor
+    a, a_id = cgroups()
+
+    def enter():
+        with open(a / "cgroup.procs", "w") as f:
+            f.write("0")
+
+    # Started (forked) before the sensor exists; execs after it is attached.
+    p = subprocess.Popen(["/bin/sh", "-c", f"read line; exec {TRUE} after-attach"],
+                         stdin=subprocess.PIPE, preexec_fn=enter)
+    try:
+        with Sensor(ringbuf_pages=16, cflags=[f"-DEVENT_CGROUP={a_id}"]) as s:
+            p.communicate(b"go\n", timeout=30)
+            events = drain(s, exit_of(p.pid))
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    [ex] = [e for e in events if isinstance(e, ExecEvent) and e.filename == TRUE]
+    assert ex.pid == p.pid and ex.ppid == os.getpid()
+    assert ex.argv == [TRUE, "after-attach"]
