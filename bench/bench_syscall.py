@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -324,12 +325,12 @@ def run(quick: bool = False) -> dict:
 
 
 def _bpftrace() -> Bpftrace:
-    if subprocess.run(["which", "bpftrace"], capture_output=True).returncode != 0:
+    if shutil.which("bpftrace") is None:
         raise RuntimeError("bpftrace not installed (make setup)")
     return Bpftrace()
 
 
 def _strace(n: int) -> Strace:
-    if subprocess.run(["which", "strace"], capture_output=True).returncode != 0:
+    if shutil.which("strace") is None:
         raise RuntimeError("strace not installed (make setup)")
     return Strace(n)
