@@ -10,6 +10,7 @@ back to check that it really saw the workloads.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -284,7 +285,8 @@ def _workloads_recorded(state: Path, names: list[str]) -> int:
     wanted = set(names)
     found = set()
     for workload in ProfileStore(state).workloads():
-        leaf = workload.name.rstrip("/").rsplit("/", 1)[-1]
-        if leaf in wanted:
-            found.add(leaf)
+        # A host cgroup's workload is named after its path, "/" written as "_" or kept.
+        m = re.search(r"footprint[/_](w\d{3})$", workload.name)
+        if m and m.group(1) in wanted:
+            found.add(m.group(1))
     return len(found)
