@@ -75,7 +75,7 @@ class NodeObserver:
         self.agg.bind(cgroup_id, ident.workload, session_of(ident), meta=session_meta(ident),
                       fingerprints=ident.fingerprints)
         if ident.cgroup_path:
-            self.paths[cgroup_id] = ident.cgroup_path
+            self.paths[cgroup_id] = str(self.resolver.cgroupfs.abspath(ident.cgroup_path))
         if self.on_bind:
             self.on_bind(cgroup_id, ident)
         return True
@@ -126,7 +126,9 @@ class NodeObserver:
             self.agg.unbind(cg)
             self.sensor.forget_cgroup(cg)
             self.paths.pop(cg, None)
-        # Ignored ids can be reused by nothing (cgroup ids are never reused), but keep the set small.
+            # Cgroup ids are never reused: late events for a removed cgroup must not open a new
+            # session for it. Its kernel slot was freed above.
+            self.ignored.add(cg)
         if len(self.ignored) > 65536:
-            self.ignored.clear()
+            self.ignored = set(sorted(self.ignored)[-32768:])
         return len(gone)

@@ -137,6 +137,9 @@ class NodeContribution:
             return
         per_session = self.open_sessions.get(session_id)
         if per_session is None:
+            if session_id in self.sessions:  # closed: a late event, e.g. drained after the exit
+                self._observe_late(session_id, key, count, ts)
+                return
             self.open_session(session_id, ts)
             per_session = self.open_sessions[session_id]
         stats = self.behaviours.get(key)
@@ -163,6 +166,27 @@ class NodeContribution:
             per_session[key] = count
         else:
             per_session[key] = prior + count
+
+    def _observe_late(self, session_id: str, key: str, count: int, ts: float) -> None:
+        """Evidence for a session that is already closed: counts and times are added; the session
+        is counted for the behaviour when its sample shows it was not yet (exact while the sample
+        is complete). Per-session rates are final once a session closes and are left alone."""
+        stats = self.behaviours.get(key)
+        if stats is None:
+            substrate = substrate_of(key)
+            if self._substrate_count(substrate) >= self.caps.get(substrate, DEFAULT_CAPS[substrate]):
+                self._overflow(substrate, count, ts, new=True)
+                self.capped = True
+                return
+            stats = self.behaviours[key] = BehaviourStats(0, 0, ts, ts)
+            self._per_substrate[substrate] = self._per_substrate.get(substrate, 0) + 1
+        stats.count += count
+        stats.first_seen = min(stats.first_seen, ts)
+        stats.last_seen = max(stats.last_seen, ts)
+        if stats.sessions_complete and session_id not in stats.session_ids:
+            stats.sessions += 1
+            if len(stats.session_ids) < SESSION_SAMPLE_CAP:
+                stats.session_ids.append(sys.intern(session_id))
 
     def close_session(self, session_id: str, end: float, meta: dict | None = None) -> None:
         rec = self.sessions.get(session_id)

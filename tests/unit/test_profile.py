@@ -144,3 +144,14 @@ def test_session_sample_is_capped_and_unioned_across_nodes():
     assert "n2/s0" in b.session_ids and "n1/s0" in b.session_ids
     assert not b.sessions_complete
     assert Profile.unpack(p.pack()).behaviours()["syscall:read"].session_ids == b.session_ids
+
+
+def test_late_events_of_a_closed_session_add_counts_without_double_counting_it():
+    p = Profile(W)
+    c = record(p, "n1", "s1", [("syscall:read", 2, 1.0)])
+    c.observe("s1", "syscall:read", 3, 5.0)   # drained after the session closed
+    c.observe("s1", "exec:/bin/late", 1, 6.0)
+    b = p.behaviours()
+    assert (b["syscall:read"].count, b["syscall:read"].sessions, b["syscall:read"].last_seen) == (5, 1, 5.0)
+    assert (b["exec:/bin/late"].count, b["exec:/bin/late"].sessions) == (1, 1)
+    assert p.closed_sessions == 1 and c.open_sessions == {}
