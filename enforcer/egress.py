@@ -470,7 +470,7 @@ class EgressProgram:
                 fn = bpf.load_func(name.encode(), BPF.CGROUP_SOCK_ADDR, attach_type=attach_type)
                 prog_fds[name] = os.dup(fn.fd)
             for name in MAPS:
-                maps[name] = RawMap(os.dup(bpf.get_table(name).map_fd), name)
+                maps[name] = RawMap(os.dup(bpf.get_table(name.encode()).map_fd), name)
         except Exception as e:
             for fd in prog_fds.values():
                 os.close(fd)
@@ -635,12 +635,16 @@ class EgressProgram:
         fd = _open_cgroup(cgroup_path)
         done: list[tuple[str, int]] = []
         try:
-            already = all(self.prog_ids[n] in Libbpf.query(fd, t) for n, t in PROGRAMS.items())
-            if already:
+            try:
+                present = {n: self.prog_ids[n] in Libbpf.query(fd, t) for n, t in PROGRAMS.items()}
+            except OSError as e:
+                raise EgressError(f"{cgroup_path} is not a cgroup v2 directory "
+                                  f"(BPF_PROG_QUERY: {e.strerror})") from e
+            if all(present.values()):
                 self._record_cgroup(cgroup_path, fd)
                 return False
             for name, attach_type in PROGRAMS.items():
-                if self.prog_ids[name] in Libbpf.query(fd, attach_type):
+                if present[name]:
                     continue
                 try:
                     Libbpf.attach(self.prog_fds[name], fd, attach_type, BPF_F_ALLOW_MULTI)
