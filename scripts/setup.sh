@@ -20,6 +20,7 @@ APT_PACKAGES=(
   python3-bpfcc bpfcc-tools python3-seccomp python3-venv python3-pip
   linux-headers-amd64 runc busybox-static bpftrace strace
   golang-github-containers-common iproute2 make gcc libc6-dev
+  ruby  # parses the Vagrantfile in tests
 )
 
 missing=()

