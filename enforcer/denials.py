@@ -81,9 +81,9 @@ class DenialProbe:
             self._bpf = BPF(src_file=str(SOURCE).encode(), cflags=cflags)
         except Exception as e:
             raise DenialProbeError(f"load {SOURCE} (raw_tracepoint sys_enter/sys_exit): {e}") from e
-        self._cgroups = self._bpf["cgroups"]
-        self.events_fd = self._bpf["events"].map_fd
-        self._lost = RawMap(os.dup(self._bpf["lost"].map_fd), "lost")
+        self._cgroups = self._bpf[b"cgroups"]
+        self.events_fd = self._bpf[b"events"].map_fd
+        self._lost = RawMap(os.dup(self._bpf[b"lost"].map_fd), "lost")
         self.watched: dict[int, str] = {}
         log.info("seccomp denial probe loaded")
 

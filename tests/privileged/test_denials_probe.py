@@ -1,0 +1,148 @@
+"""The seccomp denial probe on real processes under real seccomp filters.
+
+Method under test: a call that seccomp denies reaches raw sys_exit with -errno but never raw
+sys_enter; an ordinary failure with the same errno passes through sys_enter first.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import uuid
+
+import pytest
+
+
+@pytest.fixture
+def cgroups():
+    from sensor.cgroup import CgroupFS
+    fs = CgroupFS()
+    base = f"/envelope-test/denials-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    made = {}
+    for name in ("watched", "other"):
+        path, cid = fs.make(f"{base}/{name}")
+        made[name] = (path, cid)
+    yield made
+    fs.remove(base)
+    fs.remove_empty_parents(base + "/x", stop="/")
+
+
+@pytest.fixture
+def probe():
+    from enforcer.denials import DenialProbe
+    p = DenialProbe()
+    yield p
+    p.close()
+
+
+def collect(probe):
+    from enforcer.egress import RingBufferReader
+    from enforcer.violations import decode
+    events = []
+    reader = RingBufferReader()
+    reader.add(probe.events_fd, lambda raw: events.append(decode(raw)))
+    return reader, events
+
+
+def run_child(cgroup_path, body) -> list[int]:
+    """Fork; the child joins ``cgroup_path`` and runs ``body()`` which returns a list of ints
+    (errno per attempt), sent back through a pipe."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            with open(os.path.join(cgroup_path, "cgroup.procs"), "w") as f:
+                f.write("0")
+            out = body()
+            os.write(w, struct.pack(f"={len(out)}i", *out))
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 4096):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    return list(struct.unpack(f"={len(data) // 4}i", data))
+
+
+def _errno_of(fn) -> int:
+    try:
+        fn()
+        return 0
+    except OSError as e:
+        return e.errno
+
+
+def test_denial_reported_once_per_call_and_ordinary_eperm_not(probe, cgroups):
+    import seccomp
+    from enforcer.denials import syscall_name
+    from enforcer.seccomp import DENY_ERRNO
+    path, cid = cgroups["watched"]
+    probe.watch(cid, "enforce", DENY_ERRNO)
+    reader, events = collect(probe)
+
+    def body():
+        f = seccomp.SyscallFilter(seccomp.ALLOW)
+        f.add_rule(seccomp.ERRNO(DENY_ERRNO), "getsid")
+        f.load()
+        res = [_errno_of(lambda: os.getsid(0)) for _ in range(4)]
+        # Ordinary EPERMs, after dropping privileges: signalling init, and regaining root.
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+        res += [_errno_of(lambda: os.kill(1, 0)) for _ in range(3)]
+        res += [_errno_of(lambda: os.setuid(0))]
+        return res
+
+    res = run_child(path, body)
+    assert res == [errno.EPERM] * 4 + [errno.EPERM] * 3 + [errno.EPERM]
+    reader.poll(100)
+    reader.drain()
+    reader.close()
+    names = [syscall_name(ev.nr) for ev in events]
+    assert names == ["getsid"] * 4  # each denied call exactly once; the ordinary EPERMs not at all
+    assert all(ev.ret == -DENY_ERRNO and ev.cgroup_id == cid for ev in events)
+    assert probe.lost() == 0
+
+
+def test_unwatched_cgroup_is_not_reported(probe, cgroups):
+    import seccomp
+    from enforcer.seccomp import DENY_ERRNO
+    probe.watch(cgroups["watched"][1], "enforce", DENY_ERRNO)
+    reader, events = collect(probe)
+
+    def body():
+        f = seccomp.SyscallFilter(seccomp.ALLOW)
+        f.add_rule(seccomp.ERRNO(DENY_ERRNO), "getsid")
+        f.load()
+        return [_errno_of(lambda: os.getsid(0))]
+
+    assert run_child(cgroups["other"][0], body) == [errno.EPERM]
+    reader.poll(100)
+    reader.drain()
+    reader.close()
+    assert events == []
+
+
+def test_alert_mode_reports_calls_outside_the_allowed_set(probe, cgroups):
+    import seccomp
+    from enforcer.denials import syscall_name
+    path, cid = cgroups["watched"]
+    allowed = [syscall_name(nr) for nr in range(0, 512) if syscall_name(nr) != "getsid"]
+    probe.watch(cid, "alert", errno.EPERM, [n for n in allowed if not n.startswith("nr_")])
+    reader, events = collect(probe)
+
+    def body():
+        f = seccomp.SyscallFilter(seccomp.ALLOW)
+        f.add_rule(seccomp.LOG, "getsid")  # alert mode: the call runs and is logged
+        f.load()
+        return [_errno_of(lambda: os.getsid(0)) for _ in range(2)]
+
+    assert run_child(path, body) == [0, 0]  # allowed
+    reader.poll(100)
+    reader.drain()
+    reader.close()
+    assert [(syscall_name(ev.nr), ev.ret) for ev in events] == [("getsid", 0)] * 2
