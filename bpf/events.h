@@ -45,6 +45,7 @@
 /* ---- loss counters: index into the per-CPU `loss_counts` array ------------------------------ */
 /* Indexes 1..EV_TYPE_MAX-1 count ring-buffer reserve failures of that event type. */
 #define LOSS_SYSCALL_UNATTRIBUTED 8 /* syscalls counted while no cgroup slot was free */
+#define LOSS_CGROUP_REMOVED_DROPPED 9 /* removed cgroups whose slot could not be queued for reuse */
 #define LOSS_SLOTS 16
 
 /* ---- syscall counter tables (read and reset by userspace, not ring-buffer records) --------- */

@@ -89,6 +89,8 @@ BPF_HASH(cgroup_slots, __u64, __u32, MAX_CGROUPS);
 /* Free slots; filled by userspace at start and when a cgroup is forgotten. A stack, so a freed
  * slot (its lines still in cache) is the next one handed out. */
 BPF_STACK(free_slots, __u32, MAX_CGROUPS);
+/* Ids of removed cgroups that hold a slot; userspace reads their last counts, then frees it. */
+BPF_QUEUE(removed_cgroups, __u64, MAX_CGROUPS);
 BPF_PERCPU_ARRAY(slot_cache, struct slot_cache, SLOT_CACHE_WAYS);
 BPF_ARRAY(cache_gen, __u64, 1);
 
@@ -306,6 +308,19 @@ TRACEPOINT_PROBE(cgroup, cgroup_attach_task)
 TRACEPOINT_PROBE(cgroup, cgroup_transfer_tasks)
 {
 	bump_cache_gen();
+	return 0;
+}
+
+/* A removed cgroup has no tasks left to count: hand its slot to userspace for release. */
+TRACEPOINT_PROBE(cgroup, cgroup_rmdir)
+{
+	if (args->root != 0) /* hierarchy 0 is cgroup v2; v1 ids are another namespace */
+		return 0;
+	__u64 id = args->id;
+	if (!cgroup_slots.lookup(&id))
+		return 0;
+	if (removed_cgroups.push(&id, 0) != 0)
+		count_loss(LOSS_CGROUP_REMOVED_DROPPED);
 	return 0;
 }
 

@@ -44,6 +44,7 @@ TYPE_NAMES = {
 
 # Loss counter indexes (LOSS_* in bpf/events.h); 1..EV_TYPE_MAX-1 are reserve failures by type.
 LOSS_SYSCALL_UNATTRIBUTED = 8
+LOSS_CGROUP_REMOVED_DROPPED = 9
 LOSS_SLOTS = 16
 
 ENV_AF_INET = 2

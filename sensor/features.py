@@ -52,6 +52,7 @@ TRACEPOINTS = {
     "sched/sched_process_exit": ("pid", "group_dead"),
     "cgroup/cgroup_attach_task": (),
     "cgroup/cgroup_transfer_tasks": (),
+    "cgroup/cgroup_rmdir": ("root", "id"),
     "raw_syscalls/sys_enter": ("id", "args"),
 }
 

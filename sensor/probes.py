@@ -28,7 +28,8 @@ import structlog
 
 from . import features, syscalls
 from .events import (
-    EV_EXEC, EV_EXIT, EV_FORK, EV_NET, EV_SYSCALL_FIRST, LOSS_SLOTS, LOSS_SYSCALL_UNATTRIBUTED,
+    EV_EXEC, EV_EXIT, EV_FORK, EV_NET, EV_SYSCALL_FIRST, LOSS_CGROUP_REMOVED_DROPPED,
+    LOSS_SYSCALL_UNATTRIBUTED,
     SYSCALL_NR_SLOTS, Decoder, Event, SyscallSlotCounts, SyscallSlotState,
 )
 
@@ -47,6 +48,7 @@ _SOCK_ADDR_HOOKS = (
 _TRACEPOINTS = (
     "cgroup:cgroup_attach_task",
     "cgroup:cgroup_transfer_tasks",
+    "cgroup:cgroup_rmdir",
     "sched:sched_process_fork",
     "sched:sched_process_exec",
     "sched:sched_process_exit",
@@ -71,6 +73,7 @@ LOSS_NAMES = {
     EV_NET: "ringbuf_full_net",
     EV_SYSCALL_FIRST: "ringbuf_full_syscall_first",
     LOSS_SYSCALL_UNATTRIBUTED: "syscall_unattributed",
+    LOSS_CGROUP_REMOVED_DROPPED: "cgroup_removed_dropped",
 }
 SLOT_REUSE_GRACE = 0.1  # seconds a forgotten slot waits before reuse (see forget_cgroup)
 _BPF_NOEXIST = 1
@@ -165,7 +168,7 @@ class Sensor:
         self._counts_buf = ctypes.create_string_buffer(SyscallSlotCounts.size() * self._ncpus)
         self._fds = {name: b[name.encode()].map_fd for name in (
             "syscall_counts", "slot_state", "cgroup_slots", "free_slots", "loss_counts",
-            "parents")}
+            "parents", "removed_cgroups")}
         free = b[b"free_slots"]
         for slot in reversed(range(self.max_cgroups)):  # a stack: slot 0 pops first
             free.push(ctypes.c_uint32(slot))
@@ -306,11 +309,13 @@ class Sensor:
         """cgroup id -> {syscall nr: cumulative count over all CPUs}, zero counts left out.
 
         One ``bpf_lookup_elem`` per cgroup into a reused buffer viewed as u64s; only non-zero
-        counters are visited in Python. A slot freed by :meth:`forget_cgroup` restarts from
-        zero if its cgroup comes back.
+        counters are visited in Python. A cgroup removed since the last call appears one last
+        time with its final counts; then its slot is freed (see :meth:`forget_cgroup`) and it
+        is gone from later results.
         """
         self._require()
         self._release_quarantine()
+        removed = self._removed_cgroups()
         fd = self._fds["syscall_counts"]
         buf, n, cpus = self._counts_buf, SYSCALL_NR_SLOTS, self._ncpus
         nrs = range(n)
@@ -326,6 +331,20 @@ class Sensor:
                 for nr in compress(nrs, part):
                     per_nr[nr] = per_nr.get(nr, 0) + part[nr]
             out[cg] = dict(sorted(per_nr.items()))
+        for cg in removed:
+            self.forget_cgroup(cg)
+        return out
+
+    def _removed_cgroups(self) -> list[int]:
+        """Drain the kernel's queue of removed cgroups that hold a slot."""
+        from bcc.libbcc import lib
+        fd = self._fds["removed_cgroups"]
+        v = ctypes.c_uint64()
+        out = []
+        for _ in range(self.max_cgroups):
+            if lib.bpf_lookup_and_delete(fd, None, ctypes.byref(v)) != 0:
+                break
+            out.append(v.value)
         return out
 
     def loss(self) -> dict[str, int]:

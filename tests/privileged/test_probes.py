@@ -371,6 +371,21 @@ def test_syscalls_without_a_free_slot_are_counted_as_unattributed(cgroups, workl
         assert s.loss()["syscall_unattributed"] >= before + 9
 
 
+def test_a_removed_cgroup_is_reported_once_more_then_its_slot_is_freed(sensor, workload):
+    fs = CgroupFS()
+    rel = f"/envelope-test-{uuid.uuid4().hex[:12]}"
+    a, a_id = fs.make(rel)
+    try:
+        run_in(a, [workload, "getcpu=17"])
+        assert a_id in sensor.cgroup_slots()
+    finally:
+        fs.remove(rel)
+    final = sensor.syscall_counts()
+    assert final[a_id][NR_GETCPU] == 17  # the last reading still has it
+    assert a_id not in sensor.cgroup_slots()  # then its slot was freed
+    assert a_id not in sensor.syscall_counts()
+
+
 def test_forgetting_a_live_cgroup_gives_it_a_fresh_slot(sensor, cgroups, workload):
     a, a_id = cgroups()
     run_in(a, [workload, "getcpu=10"])
@@ -396,7 +411,8 @@ def test_wall_time_tracks_the_clock(sensor, cgroups):
 def test_loss_report_names(sensor):
     assert set(sensor.loss()) == {
         "ringbuf_full_exec", "ringbuf_full_fork", "ringbuf_full_exit", "ringbuf_full_net",
-        "ringbuf_full_syscall_first", "syscall_unattributed", "decode_error",
+        "ringbuf_full_syscall_first", "syscall_unattributed", "cgroup_removed_dropped",
+        "decode_error",
         "unknown_version", "unknown_type"}
 
 

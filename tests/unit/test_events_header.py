@@ -102,7 +102,7 @@ def test_docstrings_carry_the_c_struct():
     "EXEC_F_NO_ARGV", "EXEC_F_PPID_UNKNOWN", "EXIT_F_CODE_KNOWN", "NET_OP_CONNECT",
     "NET_OP_SENDMSG", "NET_F_RET_KNOWN", "EGRESS_OP_CONNECT", "EGRESS_OP_SENDMSG",
     "EGRESS_ACTION_ALERTED", "EGRESS_ACTION_DENIED", "ENV_AF_INET", "ENV_AF_INET6",
-    "LOSS_SYSCALL_UNATTRIBUTED", "LOSS_SLOTS", "SYSCALL_NR_SLOTS",
+    "LOSS_SYSCALL_UNATTRIBUTED", "LOSS_CGROUP_REMOVED_DROPPED", "LOSS_SLOTS", "SYSCALL_NR_SLOTS",
 ])
 def test_constants_match(name):
     assert DEFINES[name] == getattr(events, name)
@@ -111,7 +111,8 @@ def test_constants_match(name):
 def test_loss_names_cover_every_emitted_type():
     from sensor.probes import LOSS_NAMES
     for t in (events.EV_EXEC, events.EV_FORK, events.EV_EXIT, events.EV_NET,
-              events.EV_SYSCALL_FIRST, events.LOSS_SYSCALL_UNATTRIBUTED):
+              events.EV_SYSCALL_FIRST, events.LOSS_SYSCALL_UNATTRIBUTED,
+              events.LOSS_CGROUP_REMOVED_DROPPED):
         assert t in LOSS_NAMES
     assert max(LOSS_NAMES) < events.LOSS_SLOTS
 
