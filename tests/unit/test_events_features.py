@@ -66,3 +66,21 @@ def test_failed_required_ignores_optional_checks():
               features.Check("b", False, "y", "fix b", required=False),
               features.Check("c", True, "z")]
     assert [c.name for c in features.failed_required(checks)] == ["a"]
+
+
+def test_doctor_exits_non_zero_and_prints_the_fix_when_a_required_check_fails(monkeypatch, capsys):
+    import argparse
+
+    from envelope.commands import doctor
+    checks = [features.Check("tracefs", False, "no tracefs", "mount -t tracefs nodev /sys/kernel/tracing"),
+              features.Check("lsm", False, "EPERM", "needs BPF-LSM", required=False),
+              features.Check("ringbuf", True, "ring buffer map created")]
+    monkeypatch.setattr(doctor, "run_checks", lambda: checks)
+    rc = doctor.run(argparse.Namespace(output="table"), None)
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "mount -t tracefs nodev /sys/kernel/tracing" in out
+    assert "1 required check(s) failed: tracefs" in out
+    checks[0] = features.Check("tracefs", True, "mounted")
+    assert doctor.run(argparse.Namespace(output="yaml"), None) == 0  # optional lsm absent: ok
+    assert "ok: true" in capsys.readouterr().out
