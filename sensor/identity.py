@@ -20,6 +20,7 @@ All host paths are joined under ``host_root`` (the daemon may run in a pod with 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -233,6 +234,18 @@ class RuntimeState:
         return None
 
 
+def runtime_of_state(where: str) -> str:
+    """Which runtime keeps the state file at ``where`` (as :meth:`RuntimeState.annotations`
+    reports it)."""
+    if where.startswith("/run/containerd/") and "/moby" not in where:
+        return "containerd"
+    if "/containers/storage/" in where:
+        return "cri-o"
+    if "docker" in where or "/moby" in where:
+        return "docker"
+    return "runc"
+
+
 # ---- identity --------------------------------------------------------------------------------
 
 
@@ -368,6 +381,8 @@ class Resolver:
             found = self.runtime.annotations(ref.container_id)
             if found is not None:
                 cri = cri_from_annotations(found[0])
+                if not ref.runtime:  # cgroupfs leaves are bare ids: name the runtime by its state
+                    ref = dataclasses.replace(ref, runtime=runtime_of_state(found[1]))
         kube_ident, gen = self._kube_identity(ref)
         ident = build_identity(cgroup_id, path, ref, cri, kube_ident)
         self.stats["resolved"] += 1

@@ -42,6 +42,7 @@ def test_runc_container_resolves_to_namespace_deployment_and_container(tmp_path,
             "agents", c.pod_name, "agent", c.pod_uid)
         assert ident.container.container_id == c.id
         assert ident.container.qos == "besteffort"
+        assert ident.container.runtime == "runc"  # bare cgroupfs id, named by /run/runc state
         assert ident.cgroup_path == c.cgroups_path
 
         # without a pid, the id is found by walking the hierarchy

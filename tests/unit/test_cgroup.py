@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sensor.cgroup import (
     CgroupError,
@@ -188,3 +190,30 @@ def test_pid_cgroup_reads_proc(tmp_path):
     assert cid == os.stat(root / "kubepods/besteffort/pod1/c1").st_ino
     assert fs.pid_cgroup(43) is None
     assert fs.pid_cgroup(44) is None  # gone
+
+
+_hex = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
+_uuid = st.uuids().map(str)
+
+
+@given(uid=_uuid, cid=_hex, runtime=st.sampled_from(["containerd", "cri-o", "docker"]),
+       qos=st.sampled_from(["guaranteed", "burstable", "besteffort"]),
+       root=st.sampled_from([("", ""), ("/kubelet.slice", "kubelet-"),  # kubelet --cgroup-root
+                             ("/system.slice/docker-0a1b2c.scope/kubelet.slice", "kubelet-")]))  # kind
+def test_systemd_layout_roundtrip(uid, cid, runtime, qos, root):
+    scope = {"containerd": "cri-containerd", "cri-o": "crio", "docker": "docker"}[runtime]
+    parent, name_prefix = root
+    kp = f"{name_prefix}kubepods"
+    q = "" if qos == "guaranteed" else f"-{qos}"
+    qos_dir = f"/{kp}{q}.slice" if q else ""
+    path = f"{parent}/{kp}.slice{qos_dir}/{kp}{q}-pod{uid.replace('-', '_')}.slice/{scope}-{cid}.scope"
+    assert parse_container_ref(path) == ContainerRef(runtime, cid, uid, qos, path)
+
+
+@given(uid=_uuid, cid=_hex, qos=st.sampled_from(["guaranteed", "burstable", "besteffort"]),
+       leaf=st.sampled_from(["", "crio-"]), root=st.sampled_from(["", "/k3s", "/kubelet"]))
+def test_cgroupfs_layout_roundtrip(uid, cid, qos, leaf, root):
+    qpart = "" if qos == "guaranteed" else f"/{qos}"
+    path = f"{root}/kubepods{qpart}/pod{uid}/{leaf}{cid}"
+    assert parse_container_ref(path) == ContainerRef("cri-o" if leaf else "", cid, uid, qos, path)
+    assert parse_container_ref(f"{root}/kubepods{qpart}/pod{uid}/crio-conmon-{cid}") is None

@@ -271,3 +271,13 @@ def test_cgroupfs_for_a_host_root(tmp_path):
     assert fs.root == host / "sys/fs/cgroup/unified" and fs.proc_root == host / "proc"
     with pytest.raises(Exception, match="hostPID"):
         cgroupfs_for_host(tmp_path / "nohost")
+
+
+def test_runtime_named_from_state_for_bare_cgroupfs_ids(node, hierarchy):
+    cid = mkcg(hierarchy, f"/kubepods/burstable/pod{AGENT_POD_UID}/{CTRD_CID}")
+    ident = Resolver(CgroupFS(hierarchy), host_root=node).resolve(cid)
+    assert ident.container.runtime == "containerd" and ident.source == "oci"
+    crio = mkcg(hierarchy, f"/kubepods/besteffort/podd4e5f6a7-b8c9-4d0e-9f1a-3b4c5d6e7f80/{CRIO_CID}")
+    ident = Resolver(CgroupFS(hierarchy), host_root=node).resolve(crio)
+    assert ident.container.runtime == "cri-o"
+    assert ident.workload == Workload("agents", "StatefulSet", "vector-store", "qdrant")

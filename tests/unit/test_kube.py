@@ -12,6 +12,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sensor.kube import (
     DEFAULT_FINGERPRINT_KEYS,
@@ -446,3 +448,22 @@ def test_watcher_from_environment(api, tmp_path, monkeypatch):
         assert w.pod("c9d0e1f2-a3b4-4c5d-8e6f-8091a2b3c4d5") is not None
     finally:
         w.stop()
+
+
+_SAFE = "bcdfghjklmnpqrstvwxz2456789"
+_dns_segment = st.from_regex(r"[a-z][a-z0-9]{0,8}", fullmatch=True)
+
+
+@given(segments=st.lists(_dns_segment, min_size=1, max_size=4),
+       h=st.text(alphabet=_SAFE, min_size=6, max_size=10), suffix=st.text(alphabet=_SAFE, min_size=5, max_size=5))
+def test_generated_deployment_pod_names_resolve_to_the_deployment(segments, h, suffix):
+    deploy = "-".join(segments)
+    pod = f"{deploy}-{h}-{suffix}"
+    assert workload_from_pod_name(pod, {"pod-template-hash": h}) == ("Deployment", deploy)
+    assert workload_from_pod_name(pod) == ("Deployment", deploy)
+
+
+@given(segments=st.lists(_dns_segment, min_size=1, max_size=4), ordinal=st.integers(0, 9999))
+def test_statefulset_pod_names_resolve_to_the_statefulset(segments, ordinal):
+    sts = "-".join(segments)
+    assert workload_from_pod_name(f"{sts}-{ordinal}") == ("StatefulSet", sts)
