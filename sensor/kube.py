@@ -332,6 +332,7 @@ class KubeWatcher:
         self._retry_at: dict[tuple[str, str, str], float] = {}  # failed lookups wait until then
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._resp = None  # the open watch response, closed by stop()
         self.synced = threading.Event()  # set after the first successful list
         self.generation = 0  # bumped on every pod change
         self.failures = 0
@@ -348,6 +349,12 @@ class KubeWatcher:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        resp = self._resp
+        if resp is not None:  # unblock a watch that is waiting for the next event
+            try:
+                resp.close()
+            except Exception:  # noqa: BLE001
+                pass
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -361,6 +368,8 @@ class KubeWatcher:
                 self.resource_version = None
                 continue
             except Exception as e:  # noqa: BLE001 - the loop must survive anything the API does
+                if self._stop.is_set():
+                    break
                 self._failed("pod list/watch", e)
                 self._stop.wait(self.backoff.next())
 
@@ -411,6 +420,7 @@ class KubeWatcher:
             field_selector=self._selector(), watch=True, resource_version=self.resource_version,
             allow_watch_bookmarks=True, timeout_seconds=self.watch_timeout,
             _preload_content=False, _request_timeout=(self.request_timeout, self.watch_timeout + 5))
+        self._resp = resp
         try:
             for line in iter_resp_lines(resp):
                 if self._stop.is_set():
@@ -418,6 +428,7 @@ class KubeWatcher:
                 if line.strip():
                     self.apply_event(json.loads(line))
         finally:
+            self._resp = None
             resp.release_conn()
 
     def apply_event(self, event: Mapping) -> None:
