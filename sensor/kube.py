@@ -405,9 +405,12 @@ class KubeWatcher:
             with self._lock:
                 now = self.clock()
                 for uid in set(self._pods) - set(pods):
-                    self._deleted[uid] = now
+                    self._deleted.setdefault(uid, now)  # gone while we were not watching
+                for uid in pods:
+                    self._deleted.pop(uid, None)
                 self._pods.update(pods)
                 self.generation += 1
+                self._expire_locked()
             self.resource_version = _meta(body).get("resourceVersion")
             self.synced.set()
             self._log("info", "kubernetes pods listed", node=self.node_name, pods=len(pods))
