@@ -15,22 +15,22 @@ flush.
 
 The store is ``<state-dir>/violations.jsonl``: one JSON object per line, appended under an
 exclusive ``flock`` with one ``write`` per batch. Kernel records are turned into violations by
-pure functions (:func:`from_egress_event`, :func:`from_seccomp_event`) on decoded events.
+pure functions (:func:`from_record`, :func:`from_egress_event`, :func:`from_seccomp_event`)
+on events decoded by :mod:`sensor.events`.
 """
 
 from __future__ import annotations
 
 import fcntl
-import ipaddress
 import json
 import os
-import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from sensor.workload import net_key, substrate_of
+from sensor.events import DecodeError, EgressViolationEvent, SeccompDenialEvent, decode
+from sensor.workload import substrate_of
 
 SUBSTRATES = ("syscall", "egress", "exec", "watch", "detection")
 ACTIONS = ("denied", "alerted")
@@ -150,87 +150,44 @@ def workload_matches(key: str, wanted: str) -> bool:
     return len(parts) == 4 and parts[2] == wanted
 
 
-# ---- kernel records (layouts in bpf/events.h) ------------------------------------------------
-
-EV_EGRESS_VIOLATION = 6
-EV_SECCOMP_DENIAL = 7
-HDR = struct.Struct("=HHIQ")
-EGRESS_EVENT = struct.Struct("=HHIQ Q I H H 16s H B B I".replace(" ", ""))
-SECCOMP_EVENT = struct.Struct("=HHIQ Q I I q".replace(" ", ""))
-AF_INET, AF_INET6 = 2, 10
-_PROTO = {6: "tcp", 17: "udp"}
-_OP = {0: "connect", 1: "send"}
-_EGRESS_ACTION = {0: "alerted", 1: "denied"}
+# ---- kernel records (decoded by sensor.events, the mirrors of bpf/events.h) ------------------
 
 
-class DecodeError(ValueError):
-    """A ring-buffer record that does not match its mirror."""
+def egress_behaviour(ev: EgressViolationEvent) -> str:
+    key = ev.behaviour_key()
+    if key is not None:
+        return key
+    host = f"[{ev.addr}]" if ":" in ev.addr else ev.addr
+    return f"{ev.op}:{ev.proto}:{host}:{ev.port}"  # e.g. an ICMP ping socket's connect
 
 
-@dataclass(frozen=True)
-class EgressEvent:
-    ktime: int
-    cgroup_id: int
-    pid: int
-    family: int
-    protocol: int
-    addr: str
-    port: int
-    op: int
-    action: int
-
-
-@dataclass(frozen=True)
-class SeccompEvent:
-    ktime: int
-    cgroup_id: int
-    pid: int
-    nr: int
-    ret: int
-
-
-def decode(raw: bytes) -> EgressEvent | SeccompEvent:
-    """Decode one EV_EGRESS_VIOLATION or EV_SECCOMP_DENIAL record; :class:`DecodeError` else."""
-    if len(raw) < HDR.size:
-        raise DecodeError(f"record of {len(raw)} bytes is shorter than the header")
-    typ, _version, size, _ktime = HDR.unpack_from(raw)
-    if typ == EV_EGRESS_VIOLATION:
-        if size != EGRESS_EVENT.size or len(raw) < size:
-            raise DecodeError(f"egress violation record size {size}/{len(raw)}, want {EGRESS_EVENT.size}")
-        (_, _, _, ktime, cg, pid, fam, proto, addr, port, op, action, _pad) = EGRESS_EVENT.unpack_from(raw)
-        ip = ipaddress.ip_address(addr[:4] if fam == AF_INET else addr)
-        return EgressEvent(ktime, cg, pid, fam, proto, ip.compressed, port, op, action)
-    if typ == EV_SECCOMP_DENIAL:
-        if size != SECCOMP_EVENT.size or len(raw) < size:
-            raise DecodeError(f"seccomp denial record size {size}/{len(raw)}, want {SECCOMP_EVENT.size}")
-        (_, _, _, ktime, cg, pid, nr, ret) = SECCOMP_EVENT.unpack_from(raw)
-        return SeccompEvent(ktime, cg, pid, nr, ret)
-    raise DecodeError(f"unexpected event type {typ}")
-
-
-def egress_behaviour(ev: EgressEvent) -> str:
-    proto = _PROTO.get(ev.protocol, f"proto{ev.protocol}")
-    kind = _OP.get(ev.op, "connect")
-    if proto not in ("tcp", "udp"):
-        host = f"[{ev.addr}]" if ":" in ev.addr else ev.addr
-        return f"{kind}:{proto}:{host}:{ev.port}"
-    return net_key(kind, proto, ev.addr, ev.port)
-
-
-def from_egress_event(ev: EgressEvent, workload: str, now: float) -> Violation:
-    return Violation(now, workload, "egress", egress_behaviour(ev),
-                     _EGRESS_ACTION.get(ev.action, "denied"),
+def from_egress_event(ev: EgressViolationEvent, workload: str, now: float) -> Violation:
+    return Violation(now, workload, "egress", egress_behaviour(ev), ev.action,
                      {"pid": ev.pid, "cgroup_id": ev.cgroup_id})
 
 
-def from_seccomp_event(ev: SeccompEvent, workload: str, now: float,
-                       name_of: Callable[[int], str]) -> Violation:
+def from_seccomp_event(ev: SeccompDenialEvent, workload: str, now: float) -> Violation:
     """A denial carries ``ret = -errno``; an alert-mode report (made at entry) carries 0."""
     action = "denied" if ev.ret < 0 else "alerted"
     detail: dict[str, Any] = {"pid": ev.pid, "cgroup_id": ev.cgroup_id, "nr": ev.nr}
     if ev.ret < 0:
         detail["errno"] = -ev.ret
-    return Violation(now, workload, "syscall", f"syscall:{name_of(ev.nr)}", action, detail)
+    return Violation(now, workload, "syscall", ev.behaviour_key(), action, detail)
+
+
+def from_record(raw: bytes, workload_of: Callable[[int], str | None], now: float
+                ) -> Violation | DecodeError | None:
+    """One ring-buffer record to a violation. A record that does not decode comes back as the
+    :class:`sensor.events.DecodeError` (to be counted); one whose cgroup has no known workload
+    is attributed to ``unknown``; other event types give ``None``."""
+    ev = decode(raw)
+    if isinstance(ev, DecodeError):
+        return ev
+    if isinstance(ev, EgressViolationEvent):
+        return from_egress_event(ev, workload_of(ev.cgroup_id) or "unknown", now)
+    if isinstance(ev, SeccompDenialEvent):
+        return from_seccomp_event(ev, workload_of(ev.cgroup_id) or "unknown", now)
+    return None
 
 
 # ---- watch list and probabilistic detection -------------------------------------------------

@@ -100,12 +100,12 @@ class ExecRunner:
 
     def run(self, path: str, argv: list[str]) -> int:
         from enforcer import apply as ap
-        from enforcer.denials import DenialProbe, syscall_name
+        from enforcer.denials import DenialProbe
         from enforcer.egress import EgressError, EgressProgram, RingBufferReader
         from enforcer.exceptions import active_exceptions, next_expiry
         from enforcer.seccomp import DENY_ERRNO
-        from enforcer.violations import (Judge, SeccompEvent, ViolationStore, decode, fold,
-                                         from_egress_event, from_seccomp_event)
+        from enforcer.violations import Judge, from_record
+        from sensor.events import DecodeError
         from sensor.cgroup import CgroupFS, CgroupError
 
         global _counter
@@ -139,15 +139,13 @@ class ExecRunner:
             now = time.time
 
             def on_record(raw: bytes) -> None:
-                try:
-                    ev = decode(raw)
-                except ValueError:
-                    self.decode_errors += 1
+                v = from_record(raw, lambda _cid: self.workload, now())
+                if v is None:
                     return
-                if isinstance(ev, SeccompEvent):
-                    v = from_seccomp_event(ev, self.workload, now(), syscall_name)
-                else:
-                    v = from_egress_event(ev, self.workload, now())
+                if isinstance(v, DecodeError):
+                    self.decode_errors += 1
+                    log.warning("undecodable record", kind=v.kind, reason=v.reason)
+                    return
                 self.violations.append(v)
                 self.violations.extend(judge.observe(session, v.behaviour, 1, v.time))
 

@@ -38,7 +38,7 @@ def probe():
 
 def collect(probe):
     from enforcer.egress import RingBufferReader
-    from enforcer.violations import decode
+    from sensor.events import decode
     events = []
     reader = RingBufferReader()
     reader.add(probe.events_fd, lambda raw: events.append(decode(raw)))

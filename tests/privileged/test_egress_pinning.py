@@ -138,7 +138,7 @@ def test_sigkill_of_loader_keeps_enforcement_and_restart_adopts(tmp_path, cgroup
     from enforcer.apply import Enforcer
     from enforcer.egress import PROGRAMS, Libbpf, RingBufferReader
     from enforcer.policy import dump_policy
-    from enforcer.violations import decode
+    from sensor.events import decode
     allowed, forbidden, _ = ports
     state = tmp_path / "state"
     pol = tmp_path / "p.yaml"
@@ -187,7 +187,8 @@ def test_sigkill_of_loader_keeps_enforcement_and_restart_adopts(tmp_path, cgroup
         reader.poll(100)
         reader.drain()
         reader.close()
-        assert [(ev.port, ev.action) for ev in seen] == [(forbidden, 1)]
+        assert [(ev.port, ev.action, ev.behaviour_key()) for ev in seen] == [
+            (forbidden, "denied", f"connect:tcp:127.0.0.1:{forbidden}")]
         assert os.stat(cgroup).st_ino in {ev.cgroup_id for ev in seen}
         # Remove: detached, unpinned, and the connect goes through again.
         assert e.remove(workload, reason="test done")
