@@ -17,6 +17,7 @@ import ctypes.util
 import errno
 import os
 import platform
+import re
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,6 +73,40 @@ def bpf(cmd: int, attr: bytes) -> int:
         e = ctypes.get_errno()
         raise BPFError(e, os.strerror(e))
     return ret
+
+
+class _MapAttr(ctypes.Structure):
+    _fields_ = [("map_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("key", ctypes.c_uint64),
+                ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
+BPF_NOEXIST = 1
+
+
+def map_op(cmd: int, fd: int, key=None, value=None, flags: int = 0) -> int:
+    """One map command on ctypes objects (or None); returns 0 or the errno. For
+    GET_NEXT_KEY ``value`` receives the next key; for queues and stacks ``key`` is None."""
+    nr = _NR_BPF.get(platform.machine())
+    attr = _MapAttr(fd, 0, ctypes.addressof(key) if key is not None else 0,
+                    ctypes.addressof(value) if value is not None else 0, flags)
+    if _libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), ctypes.byref(attr),
+                     ctypes.c_uint(ctypes.sizeof(attr))) < 0:
+        return ctypes.get_errno()
+    return 0
+
+
+def possible_cpus() -> int:
+    """How many CPUs per-CPU maps hold a value for (``/sys/devices/system/cpu/possible``)."""
+    n = 0
+    for part in Path("/sys/devices/system/cpu/possible").read_text().strip().split(","):
+        lo, _, hi = part.partition("-")
+        n += int(hi or lo) - int(lo) + 1
+    return n
 
 
 def map_create(map_type: int, key_size: int, value_size: int, max_entries: int) -> int:
@@ -319,17 +354,23 @@ def check_kernel_headers() -> Check:
 
 
 def check_bcc() -> Check:
-    try:
-        import bcc
-    except ImportError as e:
-        return Check("bcc", False, f"import bcc: {e}",
+    """Found without importing it: importing bcc maps libbcc (LLVM) into this process."""
+    import importlib.util
+    spec = importlib.util.find_spec("bcc")
+    if spec is None or not spec.origin:
+        return Check("bcc", False, "python module bcc not found",
                      "apt-get install python3-bpfcc and use a venv made with "
                      "--system-site-packages (PyPI's 'bcc' is an unrelated package)")
+    where = Path(spec.origin).parent
+    m = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", _read(where / "version.py"))
+    return Check("bcc", True, f"bcc {m.group(1) if m else '(version unknown)'} from {where}")
+
+
+def _read(p: Path) -> str:
     try:
-        from bcc.version import __version__ as ver
-    except ImportError:
-        ver = "(version unknown)"
-    return Check("bcc", True, f"bcc {ver} from {Path(bcc.__file__).parent}")
+        return p.read_text()
+    except OSError:
+        return ""
 
 
 def check_arch() -> Check:
