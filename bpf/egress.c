@@ -44,7 +44,7 @@
 #define EGRESS_MAX_RULES 32768
 #endif
 #ifndef EGRESS_MAX_PORTS
-#define EGRESS_MAX_PORTS 65536
+#define EGRESS_MAX_PORTS 262144
 #endif
 #ifndef EGRESS_MAX_RANGES
 #define EGRESS_MAX_RANGES 8
@@ -106,7 +106,8 @@ struct egress_cgroup {
 };
 
 BPF_LPM_TRIE(rules, struct egress_key, struct egress_rule, EGRESS_MAX_RULES);
-BPF_HASH(ports, struct egress_port_key, __u8, EGRESS_MAX_PORTS);
+/* Not preallocated: capacity costs memory only when used. */
+BPF_F_TABLE("hash", struct egress_port_key, __u8, ports, EGRESS_MAX_PORTS, BPF_F_NO_PREALLOC);
 BPF_ARRAY(config, __u32, 4);
 BPF_ARRAY(meta, struct egress_meta, 1);
 BPF_HASH(cgroups, __u64, struct egress_cgroup, EGRESS_MAX_CGROUPS);

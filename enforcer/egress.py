@@ -70,7 +70,7 @@ class Limits:
     """Map capacities; passed to the C file as ``-D`` flags."""
 
     max_rules: int = 32768  # trie entries, both generations together
-    max_ports: int = 65536  # exact (rule, port) entries, both generations together
+    max_ports: int = 262144  # exact (rule, port) entries, both generations (allocated on use)
     max_ranges: int = 8  # port ranges per trie entry
     max_cgroups: int = 1024
     ringbuf_pages: int = 64
