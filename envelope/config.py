@@ -37,7 +37,11 @@ class Config:
         "prompt_template": "envelope.dev/prompt-template",
         "tool_catalog": "envelope.dev/tool-catalog",
     })
-    rebaseline_on_stale: bool = False
+    rebaseline_on_stale: bool = False  # on a fingerprint change: alert mode + new observation window
+    cluster: str = "auto"  # Kubernetes API use: "auto" (when in a pod), "on" or "off"
+    profile_namespace: str = field(default_factory=lambda: os.environ.get("POD_NAMESPACE", "envelope-system"))
+    kubeconfig: str | None = None  # outside a pod, with cluster: "on"
+    policy_sync_interval: float = 15.0  # seconds between LeastPrivilegePolicy reads in the daemon
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, **overrides) -> "Config":

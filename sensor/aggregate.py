@@ -110,6 +110,23 @@ class Aggregator:
         self._contribution(workload).close_session(session, self.clock() if end is None else end, meta)
         self.dirty.add(workload)
 
+    def restart_window(self, workload: Workload, now: float | None = None) -> None:
+        """Start a new observation window for ``workload`` (a re-baseline).
+
+        The in-memory evidence is dropped; the profile is reloaded from the store, where the
+        re-baseline has already archived the old file, so it starts empty. Sessions still running
+        continue in the new window from ``now``; kernel counters stay cumulative, so only
+        activity after this point is counted.
+        """
+        now = self.clock() if now is None else now
+        self.profiles.pop(workload, None)
+        contrib = self._contribution(workload)
+        for (w, session) in sorted(self._session_cgroups, key=lambda t: t[1]):
+            if w == workload:
+                contrib.open_session(session, now, {"continued": True})
+        self.totals[workload] = Rates()
+        self.dirty.add(workload)
+
     # ---- evidence --------------------------------------------------------------------------
 
     def observe(self, cgroup_id: int, key: str, count: int, ts: float) -> bool:

@@ -79,3 +79,18 @@ def test_loss_is_recorded_on_active_profiles(tmp_path):
     agg.bind(7, W, "run-1")
     agg.add_loss({"ringbuf_full_exec": 4})
     assert agg.profile(W).loss() == {"ringbuf_full_exec": 4}
+
+
+def test_restart_window_starts_a_new_profile_and_keeps_running_sessions(tmp_path):
+    agg, clock = make(tmp_path)
+    agg.bind(7, W, "run-1")
+    agg.on_counts({7: {0: 10}}, 101.0)
+    agg.flush()
+    ProfileStore(tmp_path).path_for(W).unlink()  # what a re-baseline does: archive the file
+    clock.t = 200.0
+    agg.restart_window(W)
+    agg.on_counts({7: {0: 13}}, 201.0)  # cumulative: only the 3 new calls count
+    p = agg.profile(W)
+    assert p.behaviours()["syscall:read"].count == 3
+    assert p.window()[0] == 200.0
+    assert [s.id for s in p.sessions()] == ["run-1"]
