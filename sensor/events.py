@@ -17,6 +17,7 @@ import ipaddress
 import re
 import struct
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import ClassVar, Union
 
 from . import syscalls
@@ -321,6 +322,7 @@ def _cstr(raw: bytes, n: int | None = None) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
 
 
+@lru_cache(maxsize=4096)  # a workload talks to few destinations, over and over
 def _addr(family: int, raw: bytes) -> str | None:
     if family == ENV_AF_INET:
         return str(ipaddress.IPv4Address(raw[:4]))
@@ -346,7 +348,7 @@ class _Event:
         return None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ExecEvent(_Event):
     ktime: int
     pid: int
@@ -362,7 +364,7 @@ class ExecEvent(_Event):
         return exec_key(self.filename) if self.filename else None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ForkEvent(_Event):
     ktime: int
     pid: int
@@ -371,7 +373,7 @@ class ForkEvent(_Event):
     type_name: ClassVar[str] = "fork"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ExitEvent(_Event):
     ktime: int
     pid: int
@@ -380,7 +382,7 @@ class ExitEvent(_Event):
     type_name: ClassVar[str] = "exit"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NetEvent(_Event):
     ktime: int
     pid: int
@@ -400,7 +402,7 @@ class NetEvent(_Event):
         return net_key(self.op, self.proto, self.addr, self.port)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SyscallFirstEvent(_Event):
     ktime: int
     cgroup_id: int
@@ -413,7 +415,7 @@ class SyscallFirstEvent(_Event):
         return syscall_key(self.name)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EgressViolationEvent(_Event):
     ktime: int
     cgroup_id: int
@@ -432,7 +434,7 @@ class EgressViolationEvent(_Event):
         return net_key(self.op, self.proto, self.addr, self.port)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SeccompDenialEvent(_Event):
     ktime: int
     cgroup_id: int
