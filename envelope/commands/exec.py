@@ -80,6 +80,43 @@ class ExecRunner:
         self.poll_interval = poll_interval
         self.violations: list = []
         self.decode_errors = 0
+        self.sensor = None
+        self.observe = lambda: None
+        self._syscall_seen: dict[int, int] = {}
+
+    # -- watch list and detection: live observation through the sensor --
+
+    def _start_sensor(self) -> None:
+        """The watch list and detection rules need every behaviour, allowed ones included."""
+        try:
+            from sensor.probes import Sensor
+            sensor = Sensor()
+            sensor.attach()
+        except Exception as e:  # judged from violations only, and said so
+            log.warning("sensor unavailable: watch list judged on violations only, detection rules "
+                        "not judged", error=str(e))
+            return
+        self.sensor = sensor
+
+    def _observe(self, judge, session: str, cg_id: int) -> None:
+        if self.sensor is None:
+            return
+        from sensor import syscalls
+        from sensor.events import SyscallFirstEvent
+        from sensor.workload import syscall_key
+        for ev in self.sensor.poll(0):
+            if getattr(ev, "cgroup_id", None) != cg_id or isinstance(ev, SyscallFirstEvent):
+                continue  # syscalls are counted below, from the counters
+            key = ev.behaviour_key()
+            if key:
+                self.violations.extend(judge.observe(session, key, 1, self.sensor.wall_time(ev.ktime)))
+        counts = self.sensor.syscall_counts().get(cg_id, {})
+        now = time.time()
+        for nr, total in counts.items():
+            delta = total - self._syscall_seen.get(nr, 0)
+            if delta > 0:
+                self._syscall_seen[nr] = total
+                self.violations.extend(judge.observe(session, syscall_key(syscalls.name(nr)), delta, now))
 
     # -- setup --
 
@@ -147,7 +184,10 @@ class ExecRunner:
                     log.warning("undecodable record", kind=v.kind, reason=v.reason)
                     return
                 self.violations.append(v)
-                self.violations.extend(judge.observe(session, v.behaviour, 1, v.time))
+                # With the sensor running it reports every behaviour (denied egress too, its
+                # root hook runs after ours); seccomp denials never reach it.
+                if self.sensor is None or v.substrate == "syscall":
+                    self.violations.extend(judge.observe(session, v.behaviour, 1, v.time))
 
             if prog is not None:
                 reader.add(prog.maps["events"].fd, on_record)
@@ -156,11 +196,15 @@ class ExecRunner:
                 probe.watch(cg_id, self.mode, DENY_ERRNO, allowed)
                 reader.add(probe.events_fd, on_record)
 
+            if self.policy.watch or self.policy.detection:
+                self._start_sensor()
+            self.observe = lambda: self._observe(judge, session, cg_id)
             child = self._spawn(path, argv, cgfs, rel, flt)
             status = self._supervise(child, reader, prog, excs, sig, next_expiry)
             child = None
             reader.poll(0)
             reader.drain()
+            self.observe()
             self.violations.extend(judge.close_session(session, now()))
             return status
         finally:
@@ -186,6 +230,8 @@ class ExecRunner:
                 probe.close()
             if reader is not None:
                 reader.close()
+            if self.sensor is not None:
+                self.sensor.close()
             self._store()
 
     def _store(self) -> None:
@@ -258,6 +304,7 @@ class ExecRunner:
         try:
             while True:
                 reader.poll(timeout_ms)
+                self.observe()
                 try:
                     done, status = os.waitpid(pid, os.WNOHANG)
                 except ChildProcessError:

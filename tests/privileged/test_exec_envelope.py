@@ -268,3 +268,39 @@ def test_malformed_policy_is_one_clear_error(tmp_path, state_dir):
     assert "spec.allow.egress[0].cidr" in r.stderr
     assert "Traceback" not in r.stderr
     assert envelope_cgroups() == before
+
+
+WATCH_CHILD = textwrap.dedent("""
+    import socket, sys
+    port = int(sys.argv[1])
+    for i in range(5):
+        s = socket.socket()
+        s.connect(("127.0.0.1", port))
+        s.close()
+""")
+
+
+def test_watch_list_and_detection_judge_allowed_behaviour(tmp_path, state_dir, listeners):
+    """Allowed behaviour on the watch list recurs -> watch alert; a live per-session count above
+    mean + k*std of a detection rule -> soft violation. Nothing is denied."""
+    from enforcer.policy import EgressRule, Policy, dump_policy
+    from sensor.workload import Workload
+    port = listeners["allowed"].port
+    key = f"connect:tcp:127.0.0.1:{port}"
+    p = Policy(workload=Workload.host("exec-watch"), mode="enforce",
+               syscalls=tuple(all_syscalls_but(DENIED_SYSCALL)),
+               egress=(EgressRule("tcp", "127.0.0.1/32", (port,)),), watch=(key,),
+               detection=({"key": key, "mean": 1.0, "std": 0.5, "k": 2.0, "sessions": 5},))
+    pol = tmp_path / "policy.yaml"
+    pol.write_text(dump_policy(p))
+    child = tmp_path / "child.py"
+    child.write_text(WATCH_CHILD)
+    r = run_envelope(state_dir, "exec", "--policy", str(pol), "--", sys.executable, str(child), str(port))
+    assert r.returncode == 0, r.stderr
+    vs = violations(state_dir)
+    got = sorted((v["substrate"], v["behaviour"], v["action"]) for v in vs)
+    assert got == [("detection", key, "alerted"), ("watch", key, "alerted")], vs
+    det = next(v for v in vs if v["substrate"] == "detection")
+    assert det["detail"]["bound"] == "above" and det["detail"]["count"] == 3  # crossed at 3 > 1 + 2*0.5
+    watch = next(v for v in vs if v["substrate"] == "watch")
+    assert watch["detail"]["allowed"] is True
