@@ -126,12 +126,19 @@ class Enforcer:
     """Per-workload pinned egress enforcement, wired from one config (state dir + bpffs)."""
 
     def __init__(self, state_dir, bpffs="/sys/fs/bpf", limits: Limits = Limits(),
-                 clock=time.time):
+                 clock=time.time, denials: bool = False):
         self.state_dir = Path(state_dir)
         self.bpffs = Path(bpffs)
         self.limits = limits
         self.clock = clock
         self.enforced: dict[str, Enforced] = {}
+        self.want_denials = denials
+        self._probe = None
+        self._denial_cgroups: dict[int, str] = {}
+        self._reader = None
+        self._reader_fds: set[int] = set()
+        self._pending: list = []
+        self.decode_errors = 0
 
     # -- helpers --
 
@@ -208,6 +215,7 @@ class Enforcer:
         cg = set(prev.cgroups) if prev else set(prog.cgroups().values())
         cg.update(paths)
         self.enforced[workload.key] = Enforced(workload, policy, mode, prog, self._sig(excs), cg)
+        self._watch_denials(self.enforced[workload.key], paths)
         self._write_desired(policy, mode)
         audit.append(self.state_dir, "policy.apply", workload=workload.key, reason=reason,
                      details={"mode": mode, "egress_mode": emode,
@@ -234,6 +242,7 @@ class Enforcer:
             log.error("attach to new cgroup failed", workload=key, cgroup=str(cgroup_path), error=str(e))
             return CgroupResult(str(cgroup_path), False, error=str(e))
         cur.cgroups.add(str(cgroup_path))
+        self._watch_denials(cur, [str(cgroup_path)])
         return CgroupResult(str(cgroup_path), True, attached=new)
 
     def sync(self) -> list[str]:
@@ -288,6 +297,7 @@ class Enforcer:
             _gen, kmode = prog.state()
             excs = self._exceptions(w)
             self.enforced[w.key] = Enforced(w, policy, mode, prog, (), set(prog.cgroups().values()))
+            self._watch_denials(self.enforced[w.key], sorted(self.enforced[w.key].cgroups))
             adopted.append(w.key)
             log.info("adopted pinned enforcement", workload=w.key, mode=kmode,
                      cgroups=len(self.enforced[w.key].cgroups), exceptions=len(excs))
@@ -305,12 +315,104 @@ class Enforcer:
                 prog = EgressProgram.adopt(pin, self.limits)
         if prog is None:
             return False
+        self._reader_dirty()  # its ring buffer goes away with it
+        for cid in [c for c, k in self._denial_cgroups.items() if k == key]:
+            if self._probe is not None:
+                self._probe.unwatch(cid)
+            del self._denial_cgroups[cid]
         for p in (cur.cgroups if cur else ()):
             prog.detach(p)
         prog.remove()
         desired_path(self.state_dir, Workload.parse(key)).unlink(missing_ok=True)
         audit.append(self.state_dir, "policy.remove", workload=key, reason=reason, details={})
         return True
+
+    # -- visibility: egress violations from the pinned ring buffers, seccomp denials --
+
+    def _watch_denials(self, cur: Enforced, paths: Iterable[str]) -> None:
+        """Report seccomp denials of the workload's cgroups (the runtime loaded the filter
+        compiled from the same policy; its allowed set, runtime completeness included, is
+        what alert mode compares against)."""
+        if not self.want_denials or "syscall" not in cur.policy.substrates or cur.mode == "observe":
+            return
+        from .denials import DenialProbe, DenialProbeError
+        from .exceptions import syscall_allowances
+        from .runtime import default_runtime
+        from .seccomp import DENY_ERRNO, compile_oci
+        if self._probe is None:
+            try:
+                self._probe = DenialProbe()
+            except DenialProbeError as e:
+                log.error("seccomp denial probe unavailable; denials will not be reported", error=str(e))
+                self.want_denials = False
+                return
+            self._reader_dirty()
+        w = cur.workload
+        compiled = compile_oci(cur.policy, cur.mode, runtime=default_runtime(w.kind, w.namespace),
+                               extra_allow=syscall_allowances(self.state_dir, w, self.clock()))
+        for p in paths:
+            try:
+                cid = os.stat(p).st_ino
+            except OSError:
+                continue
+            self._probe.watch(cid, cur.mode, DENY_ERRNO, compiled.allowed())
+            self._denial_cgroups[cid] = w.key
+
+    def _reader_dirty(self) -> None:
+        if self._reader is not None:
+            self._reader.drain()
+            self._reader.close()
+        self._reader = None
+        self._reader_fds = set()
+
+    def _ensure_reader(self):
+        from .egress import RingBufferReader
+        from .violations import from_record
+        if self._reader is None:
+            self._reader = RingBufferReader()
+        for key, cur in self.enforced.items():
+            fd = cur.program.maps["events"].fd
+            if fd in self._reader_fds:
+                continue
+            self._reader.add(fd, lambda raw, k=key: self._on_record(raw, lambda _cid: k))
+            self._reader_fds.add(fd)
+        if self._probe is not None and self._probe.events_fd not in self._reader_fds:
+            self._reader.add(self._probe.events_fd,
+                             lambda raw: self._on_record(raw, self._denial_cgroups.get))
+            self._reader_fds.add(self._probe.events_fd)
+        return self._reader
+
+    def _on_record(self, raw: bytes, workload_of) -> None:
+        from sensor.events import DecodeError
+        from .violations import from_record
+        v = from_record(raw, workload_of, self.clock())
+        if isinstance(v, DecodeError):
+            self.decode_errors += 1
+        elif v is not None:
+            self._pending.append(v)
+
+    def poll_violations(self, timeout_ms: int = 0) -> list:
+        """Violations that reached userspace since the last call (folded), waiting up to
+        ``timeout_ms`` for the first."""
+        from .violations import fold
+        reader = self._ensure_reader()
+        reader.poll(timeout_ms)
+        reader.drain()
+        out, self._pending = self._pending, []
+        return fold(out)
+
+    def record_violations(self, timeout_ms: int = 0) -> int:
+        """:meth:`poll_violations` appended to ``<state-dir>/violations.jsonl``."""
+        from .violations import ViolationStore
+        vs = self.poll_violations(timeout_ms)
+        return ViolationStore(self.state_dir).append(vs) if vs else 0
+
+    def lost(self) -> dict[str, int]:
+        """Violation events dropped in the kernel (ring buffer full), per workload."""
+        out = {k: cur.program.lost() for k, cur in self.enforced.items()}
+        if self._probe is not None:
+            out["seccomp-denials"] = self._probe.lost()
+        return out
 
     def workload_of_cgroup(self, cgroup_id: int) -> str | None:
         for key, cur in self.enforced.items():
@@ -320,6 +422,12 @@ class Enforcer:
 
     def close(self) -> None:
         """Close fds; pinned programs and their attachments keep enforcing."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         for cur in self.enforced.values():
             cur.program.close()
         self.enforced = {}
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None

@@ -355,3 +355,70 @@ def test_mode_change_needs_no_reload(tmp_path, cgroup, workload, ports, bpffs_cl
     finally:
         e.remove(workload, reason="test done")
         e.close()
+
+
+def test_enforcer_reports_egress_violations_and_seccomp_denials(tmp_path, cgroup, workload, ports,
+                                                                 bpffs_cleanup):
+    """The daemon seam: violations come out of the pinned ring buffers and the denial probe,
+    attributed to the workload, for a process under the filter compiled from the same policy."""
+    import seccomp as _sc
+    from enforcer.apply import Enforcer
+    from enforcer.policy import EgressRule, Policy
+    from enforcer.seccomp import build_filter
+    allowed, forbidden, _ = ports
+    names = []
+    for nr in range(512):
+        try:
+            n = _sc.resolve_syscall(_sc.Arch.NATIVE, nr).decode()
+        except Exception:
+            continue
+        if n and n != "getsid":
+            names.append(n)
+    policy = Policy(workload=workload, mode="enforce", syscalls=tuple(names),
+                    egress=(EgressRule("tcp", "127.0.0.1/32", (allowed,)),))
+    flt = build_filter(policy, "enforce")
+    e = Enforcer(tmp_path / "state", "/sys/fs/bpf", denials=True)
+    try:
+        e.apply(policy, "enforce", [cgroup])
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(r)
+                with open(cgroup / "cgroup.procs", "w") as f:
+                    f.write("0")
+                flt.load()
+                res = []
+                for _ in range(2):
+                    try:
+                        os.getsid(0)
+                        res.append(0)
+                    except OSError as err:
+                        res.append(err.errno)
+                s = socket.socket()
+                try:
+                    s.connect(("127.0.0.1", forbidden))
+                    res.append(0)
+                except OSError as err:
+                    res.append(err.errno)
+                os.write(w, struct.pack("=3i", *res))
+            finally:
+                os._exit(0)
+        os.close(w)
+        res = struct.unpack("=3i", os.read(r, 12))
+        os.close(r)
+        os.waitpid(pid, 0)
+        assert res == (errno.EPERM, errno.EPERM, errno.EPERM)
+        got = {}
+        for _ in range(20):  # poll until both records are in (bounded)
+            for v in e.poll_violations(50):
+                got[(v.substrate, v.behaviour, v.action, v.workload)] = \
+                    got.get((v.substrate, v.behaviour, v.action, v.workload), 0) + v.count
+            if len(got) >= 2:
+                break
+        assert got == {("syscall", "syscall:getsid", "denied", workload.key): 2,
+                       ("egress", f"connect:tcp:127.0.0.1:{forbidden}", "denied", workload.key): 1}
+        assert all(n == 0 for n in e.lost().values())
+    finally:
+        e.remove(workload, reason="test done")
+        e.close()
