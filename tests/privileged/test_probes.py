@@ -480,3 +480,19 @@ def test_processes_from_before_attach_get_their_parent_from_proc(cgroups):
     [ex] = [e for e in events if isinstance(e, ExecEvent) and e.filename == TRUE]
     assert ex.pid == p.pid and ex.ppid == os.getpid()
     assert ex.argv == [TRUE, "after-attach"]
+
+
+def test_a_failed_load_is_one_actionable_error_and_leaves_nothing_attached():
+    from sensor.probes import ProbeAttachError, Sensor
+    hooks = (10, 11, 14, 15)
+    before = [_root_programs(t) for t in hooks]
+    s = Sensor(cflags=["-DSYSCALL_NR_SLOTS_BROKEN=1", "-DMAX_CGROUPS=not_a_number"])
+    with pytest.raises(ProbeAttachError) as err:
+        s.attach()
+    msg = str(err.value)
+    assert msg.startswith(f"compile {Path(__file__).resolve().parents[2] / 'bpf' / 'sensor.c'}:")
+    assert "; fix: " in msg and "-DMAX_CGROUPS=not_a_number" in msg
+    assert not s.attached
+    assert [_root_programs(t) for t in hooks] == before
+    with pytest.raises(RuntimeError, match="not attached"):
+        s.poll(0)
