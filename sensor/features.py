@@ -39,6 +39,7 @@ BPF_LSM_MAC = 27
 BPF_F_ALLOW_MULTI = 2
 
 _NR_BPF = {"x86_64": 321, "aarch64": 280}
+_NR_BPF_HERE = _NR_BPF.get(platform.machine(), -1)
 # r0 = 1; exit
 _RETURN_ONE = bytes.fromhex("b700000001000000" "9500000000000000")
 _RETURN_ZERO = bytes.fromhex("b700000000000000" "9500000000000000")
@@ -88,14 +89,18 @@ BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
 BPF_NOEXIST = 1
 
 
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+_syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint]
+_MAP_ATTR_SIZE = ctypes.sizeof(_MapAttr)
+
+
 def map_op(cmd: int, fd: int, key=None, value=None, flags: int = 0) -> int:
     """One map command on ctypes objects (or None); returns 0 or the errno. For
     GET_NEXT_KEY ``value`` receives the next key; for queues and stacks ``key`` is None."""
-    nr = _NR_BPF.get(platform.machine())
     attr = _MapAttr(fd, 0, ctypes.addressof(key) if key is not None else 0,
                     ctypes.addressof(value) if value is not None else 0, flags)
-    if _libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), ctypes.byref(attr),
-                     ctypes.c_uint(ctypes.sizeof(attr))) < 0:
+    if _syscall(_NR_BPF_HERE, cmd, ctypes.addressof(attr), _MAP_ATTR_SIZE) < 0:
         return ctypes.get_errno()
     return 0
 
