@@ -37,7 +37,8 @@ from sensor.workload import BehaviourKeyError, Workload, parse_net_key
 from . import audit
 from .egress import (EgressError, EgressProgram, Limits, compile_rules, pin_dir_for, pinned_sets,
                      policy_hash)
-from .policy import EgressRule, Policy, PolicyError, dump_policy, parse_entry, parse_policy
+from .policy import EgressRule, Policy, PolicyError, parse_entry, parse_policy
+from .state import locked
 
 log = structlog.get_logger(__name__)
 
@@ -193,8 +194,10 @@ class Enforcer:
                     newly.append(p)
                 results.append(CgroupResult(p, True, attached=was_new))
             # Rules swap last: a failure above leaves the active generation untouched, and
-            # write_policy cleans its own inactive generation when it fails.
-            prog.write_policy(rules, emode, policy_hash(policy))
+            # write_policy cleans its own inactive generation when it fails. The state lock
+            # keeps a CLI apply and the daemon from swapping the same pinned set at once.
+            with locked(self.state_dir):
+                prog.write_policy(rules, emode, policy_hash(policy))
         except BaseException as e:
             for p in newly:
                 try:
@@ -256,8 +259,9 @@ class Enforcer:
             st = read_state(self.state_dir, cur.workload)
             mode = st["mode"] if st else cur.mode
             if sig != cur.exceptions_sig or mode != cur.mode:
-                cur.program.write_policy(effective_rules(cur.policy, excs), egress_mode(cur.policy, mode),
-                                         policy_hash(cur.policy))
+                with locked(self.state_dir):
+                    cur.program.write_policy(effective_rules(cur.policy, excs),
+                                             egress_mode(cur.policy, mode), policy_hash(cur.policy))
                 if sig != cur.exceptions_sig:
                     audit.append(self.state_dir, "exceptions.sync", workload=key,
                                  reason="exception started or lapsed",

@@ -81,6 +81,7 @@ class ExecRunner:
         self.violations: list = []
         self.decode_errors = 0
         self.sensor = None
+        self.lost = 0
         self.observe = lambda: None
         self._syscall_seen: dict[int, int] = {}
 
@@ -98,18 +99,28 @@ class ExecRunner:
             return
         self.sensor = sensor
 
+    def _reports_execs(self) -> bool:
+        """exec is observed and reported, not enforced: this kernel refuses BPF-LSM programs."""
+        return "exec" in self.policy.substrates and self.mode != "observe"
+
     def _observe(self, judge, session: str, cg_id: int) -> None:
         if self.sensor is None:
             return
+        from enforcer.violations import Violation
         from sensor import syscalls
-        from sensor.events import SyscallFirstEvent
+        from sensor.events import ExecEvent, SyscallFirstEvent
         from sensor.workload import syscall_key
         for ev in self.sensor.poll(0):
             if getattr(ev, "cgroup_id", None) != cg_id or isinstance(ev, SyscallFirstEvent):
                 continue  # syscalls are counted below, from the counters
             key = ev.behaviour_key()
-            if key:
-                self.violations.extend(judge.observe(session, key, 1, self.sensor.wall_time(ev.ktime)))
+            if not key:
+                continue
+            t = self.sensor.wall_time(ev.ktime)
+            if isinstance(ev, ExecEvent) and self._reports_execs() and not self.policy.allows(key):
+                self.violations.append(Violation(t, self.workload, "exec", key, "alerted",
+                                                 {"pid": ev.pid, "cgroup_id": cg_id, "enforced": False}))
+            self.violations.extend(judge.observe(session, key, 1, t))
         counts = self.sensor.syscall_counts().get(cg_id, {})
         now = time.time()
         for nr, total in counts.items():
@@ -196,7 +207,7 @@ class ExecRunner:
                 probe.watch(cg_id, self.mode, DENY_ERRNO, allowed)
                 reader.add(probe.events_fd, on_record)
 
-            if self.policy.watch or self.policy.detection:
+            if self.policy.watch or self.policy.detection or self._reports_execs():
                 self._start_sensor()
             self.observe = lambda: self._observe(judge, session, cg_id)
             child = self._spawn(path, argv, cgfs, rel, flt)
@@ -205,6 +216,7 @@ class ExecRunner:
             reader.poll(0)
             reader.drain()
             self.observe()
+            self.lost = (prog.lost() if prog is not None else 0) + (probe.lost() if probe is not None else 0)
             self.violations.extend(judge.close_session(session, now()))
             return status
         finally:
@@ -236,6 +248,9 @@ class ExecRunner:
 
     def _store(self) -> None:
         from enforcer.violations import ViolationStore, fold
+        if self.lost or self.decode_errors:
+            print(f"envelope: warning: {self.lost} violation event(s) lost in the kernel (ring buffer "
+                  f"full), {self.decode_errors} undecodable", file=sys.stderr)
         if not self.violations:
             return
         folded = fold(self.violations)

@@ -85,7 +85,7 @@ def write_policy(path: Path, allowed_port: int, mode: str = "enforce", watch=(),
     from sensor.workload import Workload
     rules = (EgressRule("tcp", "127.0.0.1/32", (allowed_port,)),) + tuple(egress_extra)
     p = Policy(workload=Workload.host("exec-test"), mode=mode, syscalls=tuple(all_syscalls_but(DENIED_SYSCALL)),
-               egress=rules, watch=tuple(watch))
+               egress=rules, watch=tuple(watch), execs=(sys.executable, "/bin/sh", "/usr/bin/sh"))
     path.write_text(dump_policy(p))
     return p
 
@@ -289,7 +289,7 @@ def test_watch_list_and_detection_judge_allowed_behaviour(tmp_path, state_dir, l
     key = f"connect:tcp:127.0.0.1:{port}"
     p = Policy(workload=Workload.host("exec-watch"), mode="enforce",
                syscalls=tuple(all_syscalls_but(DENIED_SYSCALL)),
-               egress=(EgressRule("tcp", "127.0.0.1/32", (port,)),), watch=(key,),
+               egress=(EgressRule("tcp", "127.0.0.1/32", (port,)),), watch=(key,), execs=(sys.executable,),
                detection=({"key": key, "mean": 1.0, "std": 0.5, "k": 2.0, "sessions": 5},))
     pol = tmp_path / "policy.yaml"
     pol.write_text(dump_policy(p))
@@ -304,3 +304,20 @@ def test_watch_list_and_detection_judge_allowed_behaviour(tmp_path, state_dir, l
     assert det["detail"]["bound"] == "above" and det["detail"]["count"] == 3  # crossed at 3 > 1 + 2*0.5
     watch = next(v for v in vs if v["substrate"] == "watch")
     assert watch["detail"]["allowed"] is True
+
+
+def test_exec_outside_policy_is_reported_not_enforced(tmp_path, state_dir):
+    """exec is observed and reported (BPF-LSM is refused on this kernel): a program outside the
+    policy's execs runs and shows up as an alerted exec violation; the allowed one does not."""
+    from enforcer.policy import Policy, dump_policy
+    from sensor.workload import Workload
+    p = Policy(workload=Workload.host("exec-execs"), mode="enforce",
+               syscalls=tuple(all_syscalls_but()), execs=(sys.executable,))
+    pol = tmp_path / "policy.yaml"
+    pol.write_text(dump_policy(p))
+    r = run_envelope(state_dir, "exec", "--policy", str(pol), "--", sys.executable, "-c",
+                     "import subprocess, sys; sys.exit(subprocess.call(['/bin/true']))")
+    assert r.returncode == 0, r.stderr
+    vs = violations(state_dir)
+    assert [(v["substrate"], v["behaviour"], v["action"]) for v in vs] == [
+        ("exec", "exec:/bin/true", "alerted")], vs
