@@ -422,3 +422,43 @@ def test_enforcer_reports_egress_violations_and_seccomp_denials(tmp_path, cgroup
     finally:
         e.remove(workload, reason="test done")
         e.close()
+
+
+def test_envelope_enforce_cli_applies_pins_and_removes(tmp_path, cgroup, workload, ports, bpffs_cleanup):
+    import json as _json
+    from enforcer import audit
+    from enforcer.policy import dump_policy
+    from sensor.cgroup import cgroup2_mount_point
+    allowed, forbidden, _ = ports
+    state = tmp_path / "state"
+    pol = tmp_path / "p.yaml"
+    pol.write_text(dump_policy(policy_for(workload, [allowed])))
+    rel = "/" + str(cgroup.relative_to(cgroup2_mount_point()))
+    cli = [sys.executable, "-m", "envelope.cli", "--state-dir", str(state)]
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(pol.read_text().replace("127.0.0.1/32", "127.0.0.1/40"))
+    r = subprocess.run(cli + ["enforce", workload.name, "--policy", str(bad), "--cgroup", rel],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "cidr" in r.stderr and "Traceback" not in r.stderr
+    assert not bpffs_cleanup.exists()  # nothing applied
+
+    r = subprocess.run(cli + ["enforce", workload.name, "--policy", str(pol), "--cgroup", rel, "-o", "json"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = _json.loads(r.stdout)
+    assert out["cgroups"] == [{"cgroup": str(cgroup), "ok": True, "attached": True, "error": ""}]
+    assert bpffs_cleanup.is_dir()  # pinned; the CLI process has exited
+    assert connect_in(cgroup, forbidden) == errno.EPERM
+    assert connect_in(cgroup, allowed) == 0
+    desired = state / "enforce"
+    assert any(p.suffix == ".yaml" for p in desired.iterdir())
+
+    r = subprocess.run(cli + ["enforce", workload.key, "--remove", "--reason", "test done"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert not bpffs_cleanup.exists()
+    assert connect_in(cgroup, forbidden) == 0
+    actions = [e["action"] for e in audit.read(state)]
+    assert "policy.apply" in actions and "policy.remove" in actions
+    assert audit.verify(state).ok
