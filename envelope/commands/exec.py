@@ -148,7 +148,7 @@ class ExecRunner:
 
     def run(self, path: str, argv: list[str]) -> int:
         from enforcer import apply as ap
-        from enforcer.denials import DenialProbe
+        from enforcer.denials import DenialProbe, DenialProbeError
         from enforcer.egress import EgressError, EgressProgram, RingBufferReader
         from enforcer.exceptions import active_exceptions, next_expiry
         from enforcer.seccomp import DENY_ERRNO
@@ -170,7 +170,10 @@ class ExecRunner:
                 cg_path, cg_id = cgfs.make(rel)
             except CgroupError as e:
                 raise UserError(f"exec: {e}") from None
-            flt, allowed = self._seccomp_filter()
+            try:
+                flt, allowed = self._seccomp_filter()
+            except ValueError as e:  # SeccompCompileError, an unknown syscall name
+                raise UserError(f"exec: seccomp filter: {e}") from None
 
             emode = ap.egress_mode(self.policy, self.mode)
             excs = active_exceptions(state_dir, self.policy.workload)
@@ -203,7 +206,10 @@ class ExecRunner:
             if prog is not None:
                 reader.add(prog.maps["events"].fd, on_record)
             if flt is not None:
-                probe = DenialProbe()
+                try:
+                    probe = DenialProbe()
+                except DenialProbeError as e:
+                    raise UserError(f"exec: seccomp denial visibility: {e}") from None
                 probe.watch(cg_id, self.mode, DENY_ERRNO, allowed)
                 reader.add(probe.events_fd, on_record)
 
