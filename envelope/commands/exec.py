@@ -238,8 +238,7 @@ class ExecRunner:
                 except Exception:
                     pass
             try:
-                cgfs.remove(rel)
-                cgfs.remove_empty_parents(rel + "/x", stop="/")
+                cgfs.remove(rel)  # the shared parent <cgroup2>/envelope stays: concurrent runs use it
             except Exception as e:
                 log.warning("cgroup cleanup failed", cgroup=rel, error=str(e))
             if prog is not None:
