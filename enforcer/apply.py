@@ -207,6 +207,8 @@ class Enforcer:
             if created:
                 prog.unpin()
                 prog.close()
+            elif workload.key not in self.enforced:
+                prog.close()  # adopted for this call only; the pinned set keeps enforcing
             err = e if isinstance(e, ApplyError) else ApplyError(
                 f"apply {workload}: {e}; rolled back, previous state kept")
             err.results = results  # type: ignore[attr-defined]

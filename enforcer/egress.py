@@ -439,8 +439,6 @@ class EgressProgram:
         self.limits = limits
         self._bpf = bpf  # keeps a freshly compiled bcc module (and its fds) alive
         self.prog_ids = {name: Libbpf.info_id(fd) for name, fd in prog_fds.items()}
-        self._rule = rule_struct(limits.max_ranges)
-        self._prev_applied: AppliedRules | None = None
 
     # -- construction --
 

@@ -39,7 +39,10 @@ _counter = 0
 
 def register(sub) -> None:
     p = sub.add_parser("exec", help="run a command inside a policy (seccomp + egress), no daemon needed",
-                       description=__doc__.splitlines()[0])
+                       description="Run CMD in a fresh cgroup under the policy's seccomp filter and "
+                                   "egress programs; its violations go to the state dir and CMD's "
+                                   "exit status is passed through.",
+                       usage="envelope exec --policy POLICY [--mode enforce|alert|observe] -- CMD [ARGS...]")
     p.add_argument("--policy", required=True, help="policy file (YAML or JSON)")
     p.add_argument("--mode", choices=["enforce", "alert", "observe"], default=None,
                    help="override the policy's mode")
