@@ -280,13 +280,15 @@ class ClusterSync:
     def close(self, timeout: float = 20.0) -> bool:
         """Stop the threads, then write what is still unpublished (one short last attempt).
         True when every profile was published."""
+        # Calls in flight read ``attempts`` before each retry: lowering it first makes them give
+        # up after this one; the retry sleeps end when _stop is set.
+        for b in {id(b): b for b in (self.backoff, self.profiles.backoff, self.policies.backoff)}.values():
+            b.attempts = min(b.attempts, CLOSE_ATTEMPTS)
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        self.profiles.backoff = dataclasses.replace(
-            self.profiles.backoff, attempts=min(self.profiles.backoff.attempts, CLOSE_ATTEMPTS))
         try:
             ok = self.publisher.close(timeout)
         except Exception as e:  # noqa: BLE001 - shutdown goes on
