@@ -495,16 +495,7 @@ class ClusterSync:
         policy, w = cp.policy, cp.workload
         mode = policy.mode
         o = Outcome(cp, digest, "applied", mode=mode)
-        try:
-            compiled = compile_oci(policy, mode, runtime=default_runtime(w.kind, w.namespace))
-            written = self.seccomp_dir.write(w, compiled)
-            o.localhost_profile, o.seccomp_digest = written.localhost_profile, written.digest
-        except SeccompCompileError as e:
-            o.state, o.reason = "failed", f"seccomp: {e}"
-        except SeccompWriteError as e:
-            o.state, o.reason, o.retry = "failed", f"seccomp: {e}", True
-        except Exception as e:  # noqa: BLE001 - e.g. a full disk: this policy's failure, not the thread's
-            o.state, o.reason, o.retry = "failed", f"seccomp: {type(e).__name__}: {e}", True
+        self._write_seccomp(o)
         if o.state == "failed":
             self._apply_failure(w, "syscall")
             self._record(key, o)
@@ -524,6 +515,26 @@ class ClusterSync:
             self._pending[key] = digest
             return
         self._record(key, o)
+
+    def _write_seccomp(self, o: Outcome) -> None:
+        """Compile the policy's OCI profile and write it for the kubelet; fills ``o``."""
+        policy, w = o.cp.policy, o.cp.workload
+        try:
+            localhost_profile(w)
+        except SeccompWriteError as e:  # a name the kubelet dir cannot hold: fails for good
+            o.state, o.reason = "failed", f"seccomp: {e}"
+            return
+        try:
+            compiled = compile_oci(policy, o.mode, runtime=default_runtime(w.kind, w.namespace))
+            written = self.seccomp_dir.write(w, compiled)
+        except SeccompCompileError as e:
+            o.state, o.reason = "failed", f"seccomp: {e}"
+        except SeccompWriteError as e:
+            o.state, o.reason, o.retry = "failed", f"seccomp: {e}", True
+        except Exception as e:  # noqa: BLE001 - e.g. a full disk: this policy's failure, not the thread's
+            o.state, o.reason, o.retry = "failed", f"seccomp: {type(e).__name__}: {e}", True
+        else:
+            o.localhost_profile, o.seccomp_digest = written.localhost_profile, written.digest
 
     def _record(self, key: tuple[str, str], o: Outcome) -> None:
         self._outcomes[key] = o
