@@ -1,0 +1,139 @@
+"""``envelope daemon`` as a cluster component: the real daemon (real BPF sensor, real runc
+container that looks like a Deployment's pod) against a Kubernetes API server on 127.0.0.1.
+
+It resolves the container through the pod on its node, publishes the workload's profile as
+WorkloadProfile objects, writes the LeastPrivilegePolicy's seccomp profile for the kubelet,
+reports its node status, and flushes on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "unit"))  # the local API server lives with the unit tests
+
+from test_cluster_sync import ClusterAPI  # noqa: E402
+
+from enforcer.crd import ClusterPolicies, node_statuses  # noqa: E402
+from enforcer.kubelet import localhost_profile  # noqa: E402
+from enforcer.policy import Policy  # noqa: E402
+from sensor.crd import Backoff, ClusterProfiles  # noqa: E402
+from sensor.workload import Workload  # noqa: E402
+from tests.privileged.runc_bundle import RuncContainer  # noqa: E402
+from tests.privileged.test_daemon import wait_for_line  # noqa: E402
+
+NODE = "envelope-test-node"
+W = Workload("agents", "Deployment", "research-agent", "agent")
+DIGEST = "sha256:" + "ab" * 32
+
+
+def pod_for(c: RuncContainer) -> tuple[dict, dict]:
+    """The Pod (on this node) and ReplicaSet the API would hold for the runc container."""
+    rs_name = f"{c.deployment_name}-{c.template_hash}"
+    pod = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": c.pod_name, "namespace": c.namespace, "uid": c.pod_uid, "resourceVersion": "10",
+                     "labels": {"app": c.deployment_name, "pod-template-hash": c.template_hash},
+                     "annotations": {"envelope.dev/model-version": "model-2026-01"},
+                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": rs_name,
+                                          "uid": "rs-uid", "controller": True}]},
+        "spec": {"nodeName": NODE, "serviceAccountName": "research-agent",
+                 "containers": [{"name": c.container_name, "image": "docker.io/library/busybox:1.35"}]},
+        "status": {"phase": "Running", "containerStatuses": [{
+            "name": c.container_name, "ready": True, "restartCount": 0, "image": "docker.io/library/busybox:1.35",
+            "imageID": f"docker.io/library/busybox@{DIGEST}", "containerID": f"containerd://{c.id}",
+            "state": {"running": {"startedAt": "2026-11-26T12:00:00Z"}}}]},
+    }
+    rs = {"apiVersion": "apps/v1", "kind": "ReplicaSet",
+          "metadata": {"name": rs_name, "namespace": c.namespace, "uid": "rs-uid",
+                       "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment",
+                                            "name": c.deployment_name, "uid": "d-uid", "controller": True}]}}
+    return pod, rs
+
+
+def wait_until(cond, timeout: float = 120.0) -> bool:
+    """Poll ``cond``; the timeout only stops a hung test."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@pytest.mark.runc
+def test_daemon_publishes_profiles_and_applies_policies_through_the_api(tmp_path):
+    with ClusterAPI() as kube, RuncContainer.deployment(
+            "agents", "research-agent", "agent",
+            ["/bin/sh", "-c", "sleep 2; for i in 1 2 3 4 5; do cat /etc/passwd >/dev/null; done; exec sleep 300"],
+            tmp_path) as c:
+        pod, rs = pod_for(c)
+        kube.add_pod(pod)
+        kube.add(rs)
+        ClusterPolicies.from_api_client(kube.api_client(), "tester", backoff=Backoff(attempts=1)).create(
+            Policy(W, mode="enforce", substrates=("syscall",), syscalls=("read", "write", "openat", "nanosleep")))
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "local",
+            "clusters": [{"name": "local", "cluster": {"server": f"http://127.0.0.1:{kube.port}"}}],
+            "contexts": [{"name": "local", "context": {"cluster": "local", "user": "node"}}],
+            "users": [{"name": "node", "user": {"token": "not-a-secret"}}]}))
+        kubelet = tmp_path / "kubelet-seccomp"
+        cfg = tmp_path / "config.yaml"
+        cfg.write_text(yaml.safe_dump({
+            "state_dir": str(tmp_path / "state"), "node_name": NODE, "cluster": "on",
+            "kubeconfig": str(kubeconfig), "kubelet_seccomp_dir": str(kubelet),
+            "profile_namespace": "envelope-system", "policy_sync_interval": 0.5}))
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "envelope.cli", "--config", str(cfg), "--log-json",
+             "daemon", "--metrics-port", "0", "--flush-interval", "1"],
+            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for_line(daemon, "ready")
+            log: list[str] = []  # keep draining stderr so the daemon never blocks on a full pipe
+            threading.Thread(target=lambda: log.extend(daemon.stderr), daemon=True).start()
+            c.run()
+            c.wait_running()
+            reader = ClusterProfiles.from_api_client(kube.api_client(), namespace="envelope-system",
+                                                     backoff=Backoff(attempts=1))
+
+            def published():
+                p, _ = reader.read(W)
+                return p is not None and "syscall:openat" in p.behaviours()
+
+            assert wait_until(published), f"no WorkloadProfile for {W.key}; objects: {kube.names()}"
+            profile, problems = reader.read(W)
+            assert problems == [] and list(profile.nodes) == [NODE]
+            fps = profile.fingerprints()
+            assert fps["image"] == [DIGEST] and fps["model"] == ["model-2026-01"], "identity came from the API"
+            assert fps["service_account"] == ["research-agent"]
+
+            def entry():
+                return node_statuses(kube.policy("agents", "research-agent-agent")).get(NODE)
+
+            assert wait_until(lambda: entry() is not None), f"no node status reported: {''.join(log)[-3000:]}"
+            assert entry().state == "applied", entry().reason
+            assert entry().localhost_profile == localhost_profile(W)
+            written = json.loads((kubelet / localhost_profile(W)).read_text())
+            assert written["defaultAction"] == "SCMP_ACT_ERRNO"
+            assert "nanosleep" in written["syscalls"][0]["names"]
+
+            before = profile.behaviours()["syscall:openat"].count
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(timeout=120) == 0
+            after, _ = reader.read(W)
+            assert after.behaviours()["syscall:openat"].count >= before, "the shutdown flush published"
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait()
