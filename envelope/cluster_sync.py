@@ -230,6 +230,8 @@ class ClusterSync:
     def maybe(cls, config, metrics, **kw) -> "ClusterSync | None":
         """A ClusterSync with its pod watcher started, or None when the API is not to be used."""
         mode = getattr(config, "cluster", "auto")
+        if isinstance(mode, bool):  # YAML 1.1 reads an unquoted on/off as a boolean
+            mode = "on" if mode else "off"
         if mode not in CLUSTER_MODES:
             raise UserError(f"config cluster: {mode!r} is not one of {', '.join(CLUSTER_MODES)}")
         if mode == "off":

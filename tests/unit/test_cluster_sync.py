@@ -302,6 +302,9 @@ def test_maybe_follows_the_cluster_setting(kube, tmp_path, monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     cfg = config(kube, tmp_path)
     assert ClusterSync.maybe(cfg.replace(cluster="off"), None) is None
+    off = tmp_path / "off.yaml"
+    off.write_text("cluster: off\n")  # YAML 1.1: an unquoted off is the boolean false
+    assert Config.load(off).cluster is False and ClusterSync.maybe(Config.load(off), None) is None
     assert ClusterSync.maybe(cfg.replace(cluster="auto"), None) is None  # not in a pod
     missing = str(tmp_path / "no-kubeconfig")
     with pytest.raises(UserError, match="cluster: on, but no Kubernetes API configuration"):
@@ -310,6 +313,11 @@ def test_maybe_follows_the_cluster_setting(kube, tmp_path, monkeypatch):
     assert ClusterSync.maybe(cfg.replace(cluster="auto", kubeconfig=missing), None) is None
     with pytest.raises(UserError, match="not one of auto, on, off"):
         ClusterSync.maybe(cfg.replace(cluster="sometimes"), None)
+
+    on = tmp_path / "on.yaml"
+    on.write_text(f"cluster: on\nkubeconfig: {missing}\n")
+    with pytest.raises(UserError, match="cluster: on, but"):
+        ClusterSync.maybe(Config.load(on), None)
 
     kube.add_pod(load("pod-research-agent.json"))
     sync = ClusterSync.maybe(cfg, None, watch_backoff=WatchBackoff(initial=0.01, maximum=0.05), watch_timeout=1)
@@ -656,3 +664,28 @@ def test_an_annotation_changed_in_place_is_seen_through_the_pod_watch(kube, tmp_
     obj = kube.policy("agents", "research-agent-agent")
     assert obj["spec"]["mode"] == "enforce", "without rebaseline_on_stale the mode stays"
     assert sample(metrics, "envelope_policies_stale") == 1
+
+
+def test_a_policy_another_node_marked_stale_is_audited_here_but_not_marked_again(kube, tmp_path):
+    cfg = config(kube, tmp_path)
+    metrics = Metrics()
+    old, new = load("pod-research-agent.json"), load("pod-research-agent-rollout.json")
+    other = ClusterPolicies.from_api_client(kube.api_client(), "worker-1", backoff=Backoff(attempts=1))
+    cp = other.create(derived_policy(old))
+    assert other.mark_stale(cp, "FingerprintChanged", "fingerprint inputs changed: image (seen on worker-1)")
+    kube.add_pod(new)
+    obs = observer(cfg)
+    sync = open_sync(cfg, metrics)
+    sync.start(obs, Enforcement())
+    try:
+        assert wait_for(lambda: sync.kube.pod(new["metadata"]["uid"]) is not None, sync)
+        bind_container(obs, 41, new, "agent", sync.kube.identity(new["metadata"]["uid"], container_name="agent"))
+        assert wait_for(lambda: audit.read(cfg.state_dir, action="policy.stale") != [], sync)
+        assert wait_for(lambda: node_entry(kube) is not None and node_entry(kube).stale is True, sync)
+    finally:
+        sync.close()
+    (entry,) = audit.read(cfg.state_dir, action="policy.stale")
+    assert entry["details"]["changed"] == ["image", "model"]
+    cond = kube.policy("agents", "research-agent-agent")["status"]["conditions"][0]
+    assert cond["message"].endswith("(seen on worker-1)"), "the condition another node set is left as it was"
+    assert sample(metrics, "envelope_policy_stale", workload=W.key) == 1
