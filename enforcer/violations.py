@@ -204,10 +204,13 @@ class Judge:
       session rises above ``mean + k*std``; reported once per session when it crosses. At
       :meth:`close_session` a count that ended below ``mean - k*std`` (when that is above zero)
       is reported too. Soft violations: always ``alerted``.
+    * ``exec``: with ``report_execs``, every exec outside the policy's allowed execs. Exec is
+      observed and reported, not enforced (this needs BPF-LSM, which the kernel may refuse).
     """
 
-    def __init__(self, policy, workload: str | None = None):
+    def __init__(self, policy, workload: str | None = None, report_execs: bool = False):
         self.workload = workload or str(policy.workload)
+        self.report_execs = report_execs and "exec" in policy.substrates
         self.watch = frozenset(policy.watch)
         self.rules = {r["key"]: r for r in policy.detection}
         self.counts: dict[str, Counter] = {}
@@ -222,6 +225,9 @@ class Judge:
         out: list[Violation] = []
         c = self.counts.setdefault(session, Counter())
         c[key] += count
+        if self.report_execs and key.startswith("exec:") and not self._safe_allows(key):
+            out.append(Violation(now, self.workload, "exec", key, "alerted",
+                                 {"session": session, "enforced": False}, count))
         if key in self.watch and (session, key) not in self._watched:
             self._watched.add((session, key))
             try:

@@ -210,7 +210,6 @@ class ClusterSync:
         self._seen: list[Seen] = []
         self._jobs: dict[tuple[str, str], _EgressJob] = {}
         self._done: list[Outcome] = []
-        self._rebaseline: list[Workload] = []
         self._release: list[Workload] = []
         self._next_snapshot = 0.0
         self._kube_failures_seen = 0
@@ -332,15 +331,10 @@ class ClusterSync:
                 self._seen = seen
         with self._lock:
             jobs, self._jobs = list(self._jobs.values()), {}
-            rebaseline, self._rebaseline = self._rebaseline, []
             release, self._release = self._release, []
         done = [self._run_job(j) for j in jobs]
         for w in release:
             self._release_egress(w)
-        for w in rebaseline:
-            if self.observer is not None:
-                self.observer.agg.restart_window(w)
-                log.info("observation window restarted", workload=w.key, reason="rebaseline on stale policy")
         if done:
             with self._lock:
                 self._done += done
@@ -715,9 +709,8 @@ class ClusterSync:
             return
         self.stats["stale"] += 1
         self._stale_metric[cp.workload] = True
-        if out.get("rebaselined"):
-            with self._lock:
-                self._rebaseline.append(cp.workload)
+        # A re-baseline bumps the workload's rebaseline generation; the daemon's enforcement side
+        # follows every re-baseline (this one or `envelope rebaseline`) and restarts the window.
         if not cluster:
             return
         wants_alert = rebaseline and cp.policy.mode == "enforce" and out.get("cluster_mode") != "alert"

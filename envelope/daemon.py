@@ -51,7 +51,16 @@ class Daemon:
     def _resolver(self):
         from sensor.identity import Resolver
 
-        return Resolver(host_root=self.config.host_root)
+        kube = self.cluster.kube if self.cluster else None
+        return Resolver(host_root=self.config.host_root, kube=kube)
+
+    def _cluster(self):
+        """The Kubernetes side (pod identity, WorkloadProfile publishing, policies), or None."""
+        if self.config.cluster == "off":
+            return None
+        from .cluster_sync import ClusterSync
+
+        return ClusterSync.maybe(self.config, self.metrics)
 
     def _metrics(self):
         try:
@@ -63,11 +72,9 @@ class Daemon:
         return m
 
     def _enforcement(self):
-        try:
-            from .enforcement import NodeEnforcement
-        except ImportError:
-            return None
-        return NodeEnforcement(self.config, self.sensor, self.metrics)
+        from .enforcement import NodeEnforcement
+
+        return NodeEnforcement(self.config, self.metrics)
 
     def start(self) -> None:
         cfg = self.config
@@ -76,15 +83,16 @@ class Daemon:
         agg = Aggregator(cfg.node_name, store, syscall_namer(), caps=cfg.caps)
         ignore = {c for c in [own_cgroup_id()] if c is not None}
         self.metrics = self._metrics()
+        self.cluster = self._cluster()
         self.enforcement = self._enforcement()
         self.observer = NodeObserver(
             self.sensor, self._resolver(), agg, poll_interval=cfg.poll_interval,
             ignore_cgroups=ignore,
-            on_bind=self.enforcement.on_bind if self.enforcement else None,
-            on_event=self.enforcement.on_event if self.enforcement else None,
+            on_bind=self.enforcement.on_bind,
         )
-        if self.enforcement:
-            self.enforcement.start(self.observer)
+        self.enforcement.start(self.observer)
+        if self.cluster:
+            self.cluster.start(self.observer, self.enforcement)
         log.info("ready", node=cfg.node_name, state_dir=str(cfg.state_dir),
                  metrics_port=cfg.metrics_port if self.metrics else None)
 
@@ -97,8 +105,9 @@ class Daemon:
                 st = self.observer.step(100)
                 if self.metrics:
                     self.metrics.observe_step(st, self.observer)
-                if self.enforcement:
-                    self.enforcement.tick()
+                self.enforcement.tick()
+                if self.cluster:
+                    self.cluster.tick()
                 if time.monotonic() >= next_flush:
                     self.flush()
                     next_flush = time.monotonic() + cfg.flush_interval
@@ -120,6 +129,8 @@ class Daemon:
                 log.info("profiles flushed on shutdown", profiles=len(self.observer.agg.profiles))
             except Exception as e:  # noqa: BLE001 - still close the probes
                 log.error("flush on shutdown failed", error=str(e))
+        if self.cluster:
+            self.cluster.close()
         if self.enforcement:
             self.enforcement.close()
         if self.sensor:

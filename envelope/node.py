@@ -48,7 +48,7 @@ def session_meta(ident) -> dict:
 class NodeObserver:
     def __init__(self, sensor, resolver, aggregator: Aggregator, poll_interval: float = 1.0,
                  ignore_cgroups: set[int] | None = None, gc_interval: float = 5.0,
-                 on_bind: Callable | None = None, on_event: Callable | None = None):
+                 on_bind: Callable | None = None):
         self.sensor = sensor
         self.resolver = resolver
         self.agg = aggregator
@@ -57,7 +57,6 @@ class NodeObserver:
         self.ignored: set[int] = set(ignore_cgroups or ())
         self.paths: dict[int, str] = {}
         self.on_bind = on_bind
-        self.on_event = on_event
         self._next_counts = 0.0
         self._next_gc = 0.0
         self._loss_seen: dict[str, int] = {}
@@ -90,8 +89,6 @@ class NodeObserver:
             cg = getattr(ev, "cgroup_id", None)
             if cg is None:
                 continue
-            if self.on_event:
-                self.on_event(ev)
             before = len(self.agg.bindings)
             if self.ensure_bound(cg):
                 st.new_cgroups += len(self.agg.bindings) - before

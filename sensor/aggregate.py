@@ -58,6 +58,9 @@ class Aggregator:
         self._last_counts: dict[int, dict[int, int]] = {}
         self._first_seen_at: dict[tuple[int, int], float] = {}
         self._session_cgroups: dict[tuple[Workload, str], set[int]] = {}
+        # Called as listener(workload, session, key, count, ts) for every behaviour added, and
+        # as listener(workload, session, None, 0, ts) when a session closes (detection uses it).
+        self.listeners: list[Callable] = []
 
     # ---- profiles --------------------------------------------------------------------------
 
@@ -98,8 +101,10 @@ class Aggregator:
         members.discard(cgroup_id)
         if not members:
             self._session_cgroups.pop((b.workload, b.session), None)
-            self._contribution(b.workload).close_session(b.session, self.clock() if end is None else end, meta)
+            end = self.clock() if end is None else end
+            self._contribution(b.workload).close_session(b.session, end, meta)
             self.dirty.add(b.workload)
+            self._notify(b.workload, b.session, None, 0, end)
 
     def close_session(self, workload: Workload, session: str, end: float | None = None,
                       meta: dict | None = None) -> None:
@@ -107,8 +112,10 @@ class Aggregator:
             self.bindings.pop(cg, None)
             self._last_counts.pop(cg, None)
         self._session_cgroups.pop((workload, session), None)
-        self._contribution(workload).close_session(session, self.clock() if end is None else end, meta)
+        end = self.clock() if end is None else end
+        self._contribution(workload).close_session(session, end, meta)
         self.dirty.add(workload)
+        self._notify(workload, session, None, 0, end)
 
     def restart_window(self, workload: Workload, now: float | None = None) -> None:
         """Start a new observation window for ``workload`` (a re-baseline).
@@ -140,7 +147,15 @@ class Aggregator:
         if len(contrib.behaviours) > before:
             rates.new_behaviours += 1
         self.dirty.add(b.workload)
+        self._notify(b.workload, b.session, key, count, ts)
         return True
+
+    def _notify(self, workload: Workload, session: str, key: str | None, count: int, ts: float) -> None:
+        for listener in self.listeners:
+            try:
+                listener(workload, session, key, count, ts)
+            except Exception as e:  # noqa: BLE001 - a listener must not break aggregation
+                log.error("aggregation listener failed", error=str(e), workload=workload.key)
 
     def on_event(self, event, ts: float) -> None:
         """Add one decoded ring-buffer event (exec, net or syscall-first)."""

@@ -109,9 +109,8 @@ class ExecRunner:
     def _observe(self, judge, session: str, cg_id: int) -> None:
         if self.sensor is None:
             return
-        from enforcer.violations import Violation
         from sensor import syscalls
-        from sensor.events import ExecEvent, SyscallFirstEvent
+        from sensor.events import SyscallFirstEvent
         from sensor.workload import syscall_key
         for ev in self.sensor.poll(0):
             if getattr(ev, "cgroup_id", None) != cg_id or isinstance(ev, SyscallFirstEvent):
@@ -120,9 +119,6 @@ class ExecRunner:
             if not key:
                 continue
             t = self.sensor.wall_time(ev.ktime)
-            if isinstance(ev, ExecEvent) and self._reports_execs() and not self.policy.allows(key):
-                self.violations.append(Violation(t, self.workload, "exec", key, "alerted",
-                                                 {"pid": ev.pid, "cgroup_id": cg_id, "enforced": False}))
             self.violations.extend(judge.observe(session, key, 1, t))
         counts = self.sensor.syscall_counts().get(cg_id, {})
         now = time.time()
@@ -165,7 +161,7 @@ class ExecRunner:
         rel = f"/envelope/exec-{os.getpid()}-{_counter}"
         prog = probe = reader = None
         child = None
-        judge = Judge(self.policy)
+        judge = Judge(self.policy, report_execs=self._reports_execs())
         session = f"exec-{os.getpid()}-{_counter}"
         state_dir = self.config.state_dir
         try:

@@ -147,3 +147,19 @@ def test_detection_rules_judge_live_session_counts():
     for _ in range(4):
         j.observe("u", rule["key"])
     assert j.close_session("u") == []
+
+
+def test_judge_reports_execs_outside_the_policy_only_when_asked():
+    from enforcer.policy import Policy
+    from enforcer.violations import Judge
+    from sensor.workload import Workload
+
+    pol = Policy(Workload.host("j"), substrates=("exec",), execs=("/usr/bin/python3",))
+    j = Judge(pol, report_execs=True)
+    assert j.observe("s", "exec:/usr/bin/python3", 1, 1.0) == []
+    [v] = j.observe("s", "exec:/usr/bin/curl", 2, 2.0)
+    assert (v.substrate, v.behaviour, v.action, v.count) == ("exec", "exec:/usr/bin/curl", "alerted", 2)
+    assert Judge(pol).observe("s", "exec:/usr/bin/curl", 1, 3.0) == []
+    # a policy that leaves exec out allows every exec
+    assert Judge(Policy(Workload.host("j"), substrates=("syscall",)), report_execs=True).observe(
+        "s", "exec:/usr/bin/curl", 1, 4.0) == []
