@@ -21,8 +21,6 @@ port check. Added ns = median(case) - median(none).
 from __future__ import annotations
 
 import ipaddress
-import subprocess
-import time
 
 import os
 import shutil

@@ -373,7 +373,6 @@ class Enforcer:
 
     def _ensure_reader(self):
         from .egress import RingBufferReader
-        from .violations import from_record
         if self._reader is None:
             self._reader = RingBufferReader()
         for key, cur in self.enforced.items():

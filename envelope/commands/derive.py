@@ -21,10 +21,11 @@ from enforcer.derive import (
 )
 from enforcer.policy import PolicyError, dump_policy, load_policy
 from sensor.profile import Profile
-from sensor.store import ProfileStore, ProfileStoreError, atomic_write
+from sensor.store import ProfileStore, atomic_write
 from sensor.workload import SUBSTRATES
 
 from ..errors import UserError
+from .profile import load_profile
 
 
 def register(sub) -> None:
@@ -84,20 +85,7 @@ def load_profile_arg(name: str, state_dir) -> Profile:
     path = Path(name)
     if path.suffix in (".json", ".msgpack") and path.is_file():
         return load_profile_file(path)
-    store = ProfileStore(state_dir)
-    matches = store.find(name)
-    if not matches:
-        known = ", ".join(w.key for w in store.workloads()) or "none"
-        raise UserError(f"no profile for workload {name!r} in {store.root} (known: {known})")
-    if len(matches) > 1:
-        raise UserError(f"{name!r} is ambiguous: {', '.join(w.key for w in matches)}; give the full key")
-    try:
-        profile = store.load(matches[0])
-    except ProfileStoreError as e:
-        raise UserError(str(e)) from e
-    if profile is None:
-        raise UserError(f"profile of {matches[0].key} disappeared from {store.root}")
-    return profile
+    return load_profile(ProfileStore(state_dir), name)
 
 
 def load_cluster_profile_arg(args) -> Profile:

@@ -19,13 +19,11 @@ Runs CMD inside its policy, standalone (no daemon):
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import shutil
 import signal
 import sys
 import time
-from pathlib import Path
 
 import structlog
 

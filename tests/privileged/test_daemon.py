@@ -67,7 +67,6 @@ def test_daemon_enforces_a_future_cgroup_and_reports_violations(tmp_path):
     the policy's watch list on what the sensor sees."""
     import socket
     import subprocess as sp
-    import yaml
 
     from enforcer.policy import EgressRule, Policy, dump_policy
     from enforcer.violations import ViolationStore

@@ -6,7 +6,6 @@ Every network target is a listener of this test on 127.0.0.1 or ::1.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys

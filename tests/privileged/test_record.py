@@ -1,7 +1,6 @@
 """``envelope record`` end to end: real BPF, a real cgroup, real processes."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
