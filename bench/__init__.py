@@ -50,6 +50,15 @@ def summarize(values: list[float]) -> dict:
     return {"median": med, "min": lo, "max": hi, "spread": spread, "n": len(vals)}
 
 
+def quartiles(values: list[float]) -> list[float] | None:
+    """The interquartile range [q1, q3] of ``values`` (None when there are fewer than 2)."""
+    vals = sorted(float(v) for v in values if v is not None)
+    if len(vals) < 2:
+        return None
+    q = statistics.quantiles(vals, n=4, method="inclusive")
+    return [q[0], q[2]]
+
+
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or denominator is None or denominator == 0:
         return None

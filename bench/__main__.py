@@ -207,7 +207,8 @@ def check_target(value, target) -> str:
 def _ratio_cells(value) -> tuple:
     if isinstance(value, dict):
         rng = value.get("range")
-        return value.get("value"), (fmt(list(rng)) if rng else "")
+        kind = f" ({value['range_kind']})" if rng and value.get("range_kind") else ""
+        return value.get("value"), (fmt(list(rng)) + kind if rng else "")
     return value, ""
 
 
@@ -239,7 +240,7 @@ def render(name: str, rec: dict, method: bool = True) -> str:
             target = targets.get(r)
             trows.append([r, value, rng, "" if target is None else fmt(target),
                           "" if target is None else check_target(value, target)])
-        out += [table(["ratio / figure", "value", "range over repeats", "target", "status"], trows), ""]
+        out += [table(["ratio / figure", "value", "spread", "target", "status"], trows), ""]
     for note in rec.get("notes") or []:
         out.append(f"- {fmt(note)}")
     if rec.get("notes"):

@@ -306,7 +306,8 @@ def run(quick: bool = False) -> dict:
         ratios[f"{kind} events missing"] = sens["missing"] if sens else None
         ratios[f"{kind} rate with sensor / baseline"] = (
             {"value": ratio(sens["rate /s"], sum(bases) / 2),
-             "range": sorted(ratio(sens["rate /s"], b) for b in bases)} if sens else None)
+             "range": sorted(ratio(sens["rate /s"], b) for b in bases), "range_kind": "vs each baseline"}
+            if sens else None)
     sensed = [r for r in rows if "kernel loss" in r]
     ratios["kernel loss during run"] = sum(r["kernel loss"] for r in sensed) if sensed else None
     ratios["missing events not counted as lost"] = (

@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import build_programs, kill_process_group, parse_kv, progress, ratio, summarize
+from . import build_programs, kill_process_group, parse_kv, progress, quartiles, ratio, summarize
 
 TITLE = "Per-syscall cost (getppid loop)"
 TARGETS = {"sensor_added / floor_added": "<= 1.25", "sensor_added / bpftrace_added": "<= 0.333"}
@@ -45,7 +45,8 @@ def method(quick: bool) -> str:
         f"{p['runs']}× each (N = {p['n']:,}; {p['n_strace']:,} under strace), keeping the fastest "
         f"run of each (a neighbour on this shared machine only adds time); {p['repeats']} repeats. "
         f"*added* = case − the bare run of the same slot; tables give the median over repeats and "
-        f"the min–max range. Each probe's own count of getppid calls is checked against the loop's, "
+        f"the min–max range; ratios of added costs are ratios of medians, their spread the IQR of "
+        f"the per-repeat ratios. Each probe's own count of getppid calls is checked against the loop's, "
         f"so a probe that did not "
         f"attach cannot pass as cheap."
     )
@@ -54,7 +55,7 @@ def method(quick: bool) -> str:
 def params(quick: bool) -> dict:
     if quick:
         return {"repeats": 3, "runs": 3, "n": 1_000_000, "n_strace": 10_000}
-    return {"repeats": 9, "runs": 5, "n": 1_000_000, "n_strace": 30_000}
+    return {"repeats": 11, "runs": 5, "n": 1_000_000, "n_strace": 30_000}
 
 
 # --------------------------------------------------------------------------- the loop
@@ -308,8 +309,9 @@ def run(quick: bool = False) -> dict:
         value = ratio(add[num]["median"], add[den]["median"])
         if value is None:
             return None
+        # A ratio of two noisy differences swings widely in a single repeat: show its middle half.
         per_repeat = [ratio(x, y) for x, y in zip(added[num], added[den]) if y]
-        return {"value": value, "range": [min(per_repeat), max(per_repeat)] if per_repeat else None}
+        return {"value": value, "range": quartiles(per_repeat), "range_kind": "IQR"}
 
     ratios = {
         "sensor_added / floor_added": added_ratio("sensor", "floor"),
