@@ -51,15 +51,20 @@
 /* ---- syscall counter tables (read and reset by userspace, not ring-buffer records) --------- */
 /* Syscall numbers at or above SYSCALL_NR_SLOTS are counted in the last bucket. */
 #define SYSCALL_NR_SLOTS 512
-#define SYSCALL_SLOT_COUNTS_SIZE 4096
-struct syscall_slot_counts { /* one per cgroup slot, per CPU */
-	__u64 count[SYSCALL_NR_SLOTS];
+/* Two banks of counters per cgroup: bank 0 before the cgroup's first exec (a container
+ * runtime's own setup, which is not the workload's behaviour), bank 1 from that exec on. */
+#define SYSCALL_BANKS 2
+#define SYSCALL_SLOT_COUNTS_SIZE 8192
+struct syscall_slot_counts { /* one per cgroup slot, per CPU; bank b, nr n at count[b * 512 + n] */
+	__u64 count[SYSCALL_BANKS * SYSCALL_NR_SLOTS];
 };
 
-#define SYSCALL_SLOT_STATE_SIZE 72
+#define SYSCALL_SLOT_STATE_SIZE 80
 struct syscall_slot_state { /* one per cgroup slot, shared by all CPUs */
 	__u64 cgroup_id;                   /* owner of the slot; 0 while free */
 	__u64 seen[SYSCALL_NR_SLOTS / 64]; /* first-seen bitmap by syscall number */
+	__u32 bank;                        /* 1 once a task of the cgroup has exec'd */
+	__u32 pad;
 };
 
 #define EVENT_HDR_SIZE 16

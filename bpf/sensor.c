@@ -77,7 +77,7 @@ struct slot_cache {
 	__u64 gen;
 	__u64 cgroup_id;
 	__u32 slot;
-	__u32 pad;
+	__u32 bank; /* the slot's counter bank when the entry was filled (see events.h) */
 };
 
 /* Syscall counters: per CPU, per cgroup slot, indexed by syscall number. Cumulative only. */
@@ -252,6 +252,7 @@ RAW_TRACEPOINT_PROBE(sys_enter)
 	__u64 gen = *genp;
 	__u64 cg = cache->cgroup_id;
 	__u32 slot = cache->slot;
+	__u32 bank = cache->bank;
 	struct syscall_slot_state *st = 0;
 	if (cache->key == key && cache->gen == gen) {
 		st = slot_state.lookup(&slot);
@@ -263,13 +264,19 @@ RAW_TRACEPOINT_PROBE(sys_enter)
 		cg = bpf_get_current_cgroup_id();
 		slot = resolve_slot(cg, cache, key, gen);
 		st = slot_state.lookup(&slot);
+		if (st) {
+			/* A cgroup's first exec flips its bank and bumps the cache generation, so a
+			 * cached bank is never older than the slot's. */
+			bank = st->bank;
+			cache->bank = bank;
+		}
 	}
 	struct syscall_slot_counts *counts = syscall_counts.lookup(&slot);
 	if (!counts || !st)
 		return 0;
 	__u32 idx = nr < SYSCALL_NR_SLOTS ? nr : SYSCALL_NR_SLOTS - 1;
 	idx &= SYSCALL_NR_SLOTS - 1;
-	counts->count[idx]++;
+	counts->count[((bank & 1) * SYSCALL_NR_SLOTS + idx) & (SYSCALL_BANKS * SYSCALL_NR_SLOTS - 1)]++;
 	__u32 word = idx >> 6;
 	__u64 bit = 1ULL << (idx & 63);
 	if (slot != OVERFLOW_SLOT && !(st->seen[word & (SYSCALL_NR_SLOTS / 64 - 1)] & bit))
@@ -399,6 +406,16 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	__u32 pid = args->pid;
 	__u32 old_pid = args->old_pid;
 	__u64 cg = bpf_get_current_cgroup_id();
+	/* The cgroup's first exec: its syscalls count in bank 1 from now on. Its execve entered
+	 * sys_enter before this, so the slot exists. */
+	__u32 *slotp = cgroup_slots.lookup(&cg);
+	if (slotp) {
+		struct syscall_slot_state *st = slot_state.lookup(slotp);
+		if (st && st->cgroup_id == cg && !st->bank) {
+			st->bank = 1;
+			bump_cache_gen();
+		}
+	}
 	if (!event_wanted(cg)) {
 		exec_regs.delete(&old_pid);
 		return 0;

@@ -152,6 +152,7 @@ def main() -> int:
         d.run("violations", "--workload", WORKLOAD)
 
         d.banner("6. every override and apply is in the tamper-evident audit log")
+        d.run("audit", "show")
         d.run("audit", "verify")
     print(f"\ndemo: done; state is in {state}")
     return 0

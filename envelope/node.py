@@ -56,6 +56,9 @@ class NodeObserver:
         self.gc_interval = gc_interval
         self.ignored: set[int] = set(ignore_cgroups or ())
         self.paths: dict[int, str] = {}
+        # Container cgroups count from their first exec: the runtime's setup before it (runc
+        # init's mounts, unshare, pivot_root...) is not the workload's behaviour.
+        self.image_only: set[int] = set()
         self.on_bind = on_bind
         self._next_counts = 0.0
         self._next_gc = 0.0
@@ -75,6 +78,8 @@ class NodeObserver:
                       fingerprints=ident.fingerprints)
         if ident.cgroup_path:
             self.paths[cgroup_id] = str(self.resolver.cgroupfs.abspath(ident.cgroup_path))
+        if ident.container is not None:
+            self.image_only.add(cgroup_id)
         if self.on_bind:
             self.on_bind(cgroup_id, ident)
         return True
@@ -96,11 +101,13 @@ class NodeObserver:
         now = time.monotonic()
         if now >= self._next_counts:
             self._next_counts = now + self.poll_interval
-            counts = self.sensor.syscall_counts()
-            for cg in counts:
+            # Bind new cgroups before reading, so a container's first reading is already
+            # restricted to what it did from its first exec.
+            for cg in self.sensor.cgroup_slots():
                 before = len(self.agg.bindings)
                 self.ensure_bound(cg)
                 st.new_cgroups += len(self.agg.bindings) - before
+            counts = self.sensor.syscall_counts(after_exec=self.image_only)
             self.agg.on_counts(counts, time.time())
             st.loss = self._loss_delta()
             if st.loss:
@@ -123,6 +130,7 @@ class NodeObserver:
             self.agg.unbind(cg)
             self.sensor.forget_cgroup(cg)
             self.paths.pop(cg, None)
+            self.image_only.discard(cg)
             # Cgroup ids are never reused: late events for a removed cgroup must not open a new
             # session for it. Its kernel slot was freed above.
             self.ignored.add(cg)

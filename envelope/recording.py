@@ -1,7 +1,9 @@
 """Record one session of a workload: run a command in a fresh cgroup v2 under the sensor.
 
 Everything in that cgroup, children and child cgroups included, is one session of the
-workload. The command's exit status is returned so the CLI can pass it through.
+workload. The cgroup's syscalls count from the command's exec: the launcher's own few calls
+between joining the cgroup and exec'ing the command are not the workload's. The command's exit
+status is returned so the CLI can pass it through.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ def record(config: Config, workload: Workload, argv: Sequence[str], session: str
                 now = time.monotonic()
                 if now >= next_counts:
                     _bind_children(agg, cg_path, bound, workload, session)
-                    agg.on_counts(sensor.syscall_counts(), time.time())
+                    agg.on_counts(sensor.syscall_counts(after_exec={cg_id}), time.time())
                     next_counts = now + config.poll_interval
         finally:
             for s, h in old.items():
@@ -117,7 +119,7 @@ def record(config: Config, workload: Workload, argv: Sequence[str], session: str
         for _ in range(3):
             if not _drain(sensor, agg, 50):
                 break
-        agg.on_counts(sensor.syscall_counts(), time.time())
+        agg.on_counts(sensor.syscall_counts(after_exec={cg_id}), time.time())
         loss_after = sensor.loss()
         loss = {k: v - loss_before.get(k, 0) for k, v in loss_after.items() if v - loss_before.get(k, 0) > 0}
         agg.add_loss(loss, [workload])

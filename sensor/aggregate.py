@@ -95,6 +95,8 @@ class Aggregator:
         """The cgroup is gone; close its session when it was the session's last cgroup."""
         b = self.bindings.pop(cgroup_id, None)
         self._last_counts.pop(cgroup_id, None)
+        for k in [k for k in self._first_seen_at if k[0] == cgroup_id]:
+            del self._first_seen_at[k]  # first-seen of syscalls made only before the first exec
         if b is None:
             return
         members = self._session_cgroups.get((b.workload, b.session), set())

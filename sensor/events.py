@@ -67,6 +67,7 @@ EGRESS_ACTION_ALERTED = 0
 EGRESS_ACTION_DENIED = 1
 
 SYSCALL_NR_SLOTS = 512
+SYSCALL_BANKS = 2  # counters before (0) and from (1) a cgroup's first exec
 
 _PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
 
@@ -288,23 +289,26 @@ class SyscallSlotState(Mirror):
     struct syscall_slot_state {
         __u64 cgroup_id;                   /* owner of the slot; 0 while free */
         __u64 seen[SYSCALL_NR_SLOTS / 64]; /* first-seen bitmap by syscall number */
+        __u32 bank;                        /* 1 once a task of the cgroup has exec'd */
+        __u32 pad;
     };
     """
 
     c_name = "syscall_slot_state"
-    fields = (("cgroup_id", "Q"),) + tuple((f"seen{i}", "Q") for i in range(SYSCALL_NR_SLOTS // 64))
+    fields = ((("cgroup_id", "Q"),) + tuple((f"seen{i}", "Q") for i in range(SYSCALL_NR_SLOTS // 64))
+              + (("bank", "I"), ("pad", "I")))
 
 
 class SyscallSlotCounts(Mirror):
     """Per-CPU syscall counters of one cgroup slot (not a ring-buffer record).
 
     struct syscall_slot_counts {
-        __u64 count[SYSCALL_NR_SLOTS];
+        __u64 count[SYSCALL_BANKS * SYSCALL_NR_SLOTS]; /* bank b, nr n at count[b * 512 + n] */
     };
     """
 
     c_name = "syscall_slot_counts"
-    fields = tuple((f"count{i}", "Q") for i in range(SYSCALL_NR_SLOTS))
+    fields = tuple((f"count{i}", "Q") for i in range(SYSCALL_BANKS * SYSCALL_NR_SLOTS))
 
 
 RECORDS: dict[int, type[Mirror]] = {

@@ -35,14 +35,14 @@ import sys
 import time
 from itertools import compress
 from pathlib import Path
-from typing import Sequence
+from typing import Container, Sequence
 
 import structlog
 
 from . import features, syscalls
 from .events import (
     EV_EXEC, EV_EXIT, EV_FORK, EV_NET, EV_SYSCALL_FIRST, LOSS_CGROUP_REMOVED_DROPPED,
-    LOSS_SYSCALL_UNATTRIBUTED, SYSCALL_NR_SLOTS, Decoder, Event, SyscallSlotCounts,
+    LOSS_SYSCALL_UNATTRIBUTED, SYSCALL_BANKS, SYSCALL_NR_SLOTS, Decoder, Event, SyscallSlotCounts,
     SyscallSlotState,
 )
 from .features import (
@@ -449,27 +449,34 @@ class Sensor:
             prev = key
         return out
 
-    def syscall_counts(self) -> dict[int, dict[int, int]]:
+    def syscall_counts(self, after_exec: Container[int] = ()) -> dict[int, dict[int, int]]:
         """cgroup id -> {syscall nr: cumulative count over all CPUs}, zero counts left out.
 
-        One map lookup per cgroup into a reused buffer viewed as u64s; only non-zero counters
-        are visited in Python. A cgroup removed since the last call appears one last time with
-        its final counts; then its slot is freed (see :meth:`forget_cgroup`) and it is gone
-        from later results.
+        For the cgroups in ``after_exec`` only what they did from their first exec on is counted
+        (a container's own image, without the runtime's setup before it); for the others,
+        everything. One map lookup per cgroup into a reused buffer viewed as u64s; only non-zero
+        counters are visited in Python. A cgroup removed since the last call appears one last
+        time with its final counts; then its slot is freed (see :meth:`forget_cgroup`) and it is
+        gone from later results.
         """
         self._require()
         self._release_quarantine()
         removed = self._removed_cgroups()
         buf, mask = self._counts_buf, SYSCALL_NR_SLOTS - 1
-        every = range(SYSCALL_NR_SLOTS * self._ncpus)  # CPU c's counter nr is at c*512 + nr
+        per_cpu = SYSCALL_BANKS * SYSCALL_NR_SLOTS
+        # CPU c's counter for bank b, nr n is at c*1024 + b*512 + n
+        every = range(per_cpu * self._ncpus)
         out = {}
         for cg, slot in self.cgroup_slots().items():
             try:
                 vals = self._percpu_u64("map:syscall_counts", slot, buf).tolist()
             except OSError:
                 continue
+            post_only = cg in after_exec
             per_nr: dict[int, int] = {}
             for i in compress(every, vals):  # the non-zero counters, found at C speed
+                if post_only and i % per_cpu < SYSCALL_NR_SLOTS:
+                    continue
                 nr = i & mask
                 per_nr[nr] = per_nr.get(nr, 0) + vals[i]
             out[cg] = dict(sorted(per_nr.items()))

@@ -66,6 +66,15 @@ def cmd_exec(args, config) -> int:
         raise UserError(f"exec: {argv[0]}: command not found or not executable")
     if os.geteuid() != 0:
         raise UserError("exec: needs root (cgroup and BPF attach)")
+    from enforcer import audit
+    from enforcer.egress import policy_hash
+    details = {"mode": mode, "policy_mode": policy.mode, "policy_sha256": policy_hash(policy).hex(),
+               "command": argv, "low_confidence": policy.low_confidence}
+    action = "exec.override" if mode != policy.mode else "exec.apply"
+    audit.append(config.state_dir, action, workload=policy.workload.key,
+                 reason=f"envelope exec in {mode} mode" + (
+                     f" (policy says {policy.mode})" if mode != policy.mode else ""),
+                 details=details)
     runner = ExecRunner(config, policy, mode, poll_interval=args.poll_interval)
     return runner.run(path, argv)
 

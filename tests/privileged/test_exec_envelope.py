@@ -167,6 +167,10 @@ def test_enforce_denies_outside_and_allows_inside(tmp_path, state_dir, listeners
     assert by.pop(("watch", f"connect:tcp:127.0.0.1:{other}", "alerted")) == 1
     assert by == {}, f"unexpected violations: {by}"
     assert envelope_cgroups() == before  # the cgroup was removed
+    from enforcer import audit
+    [entry] = audit.read(state_dir, action="exec.apply")
+    assert entry["workload"] == "host/Unit/exec-test/main" and entry["details"]["mode"] == "enforce"
+    assert audit.verify(state_dir).ok
 
 
 def test_alert_mode_allows_and_reports(tmp_path, state_dir, listeners):
@@ -189,6 +193,10 @@ def test_alert_mode_allows_and_reports(tmp_path, state_dir, listeners):
     assert got[("syscall", f"syscall:{DENIED_SYSCALL}")] == ("alerted", 3)
     assert ("egress", f"connect:tcp:127.0.0.1:{listeners['allowed'].port}") not in got
     assert all(v["action"] == "alerted" for v in vs)
+    # running an enforce policy in alert mode is an override, and it is audited as one
+    from enforcer import audit
+    [entry] = audit.read(state_dir, action="exec.override")
+    assert (entry["details"]["mode"], entry["details"]["policy_mode"]) == ("alert", "enforce")
 
 
 EXCEPTION_CHILD = textwrap.dedent("""

@@ -24,6 +24,7 @@ from sensor.events import ExecEvent, ExitEvent, ForkEvent, NetEvent, SyscallFirs
 
 WORKLOAD_C = Path(__file__).resolve().parent / "workloads" / "workload.c"
 NR_GETCPU = syscalls.number("getcpu")
+NR_EXECVE = syscalls.number("execve")
 NR_PERSONALITY = syscalls.number("personality")
 TRUE = "/usr/bin/true"
 
@@ -119,6 +120,31 @@ def test_exact_syscall_counts_per_cgroup(sensor, cgroups, workload):
     assert NR_PERSONALITY not in counts[b_id]
     # Cumulative, not drained: a second read gives the same.
     assert sensor.syscall_counts()[a_id] == counts[a_id]
+
+
+def test_counts_from_the_cgroups_first_exec_leave_out_the_setup_before_it(sensor, cgroups, workload):
+    """What a cgroup does before its first exec (a container runtime's setup) is kept apart."""
+    import ctypes
+
+    a, a_id = cgroups()
+
+    def setup_then_exec():
+        with open(a / "cgroup.procs", "w") as f:
+            f.write("0")
+        libc = ctypes.CDLL(None)
+        for _ in range(3):
+            libc.personality(0xffffffff)
+
+    p = subprocess.Popen([workload, "personality=11"], stdout=subprocess.PIPE,
+                         preexec_fn=setup_then_exec)
+    p.communicate(timeout=60)
+    everything = sensor.syscall_counts()[a_id]
+    image = sensor.syscall_counts(after_exec={a_id})[a_id]
+    assert everything[NR_PERSONALITY] == 14
+    assert image[NR_PERSONALITY] == 11
+    # the execve that started the image entered the kernel before the exec: setup
+    assert NR_EXECVE in everything and NR_EXECVE not in image
+    assert all(image[nr] <= everything[nr] for nr in image)
 
 
 def test_processes_outside_the_cgroup_are_not_attributed(sensor, cgroups, workload):

@@ -103,6 +103,7 @@ def test_docstrings_carry_the_c_struct():
     "NET_OP_SENDMSG", "NET_F_RET_KNOWN", "EGRESS_OP_CONNECT", "EGRESS_OP_SENDMSG",
     "EGRESS_ACTION_ALERTED", "EGRESS_ACTION_DENIED", "ENV_AF_INET", "ENV_AF_INET6",
     "LOSS_SYSCALL_UNATTRIBUTED", "LOSS_CGROUP_REMOVED_DROPPED", "LOSS_SLOTS", "SYSCALL_NR_SLOTS",
+    "SYSCALL_BANKS",
 ])
 def test_constants_match(name):
     assert DEFINES[name] == getattr(events, name)
