@@ -37,7 +37,10 @@ def configure_logging(json_logs: bool, verbose: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="envelope", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="envelope",
+        description="Least privilege for AI-agent workloads: observe, derive, enforce. "
+                    "A node-local debug CLI; commands that need the kernel run standalone.")
     p.add_argument("--state-dir", default=None,
                    help="state directory (env ENVELOPE_STATE_DIR, default /var/lib/envelope)")
     p.add_argument("--config", default=None, help="YAML config file (keys: see envelope/config.py)")
@@ -64,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback with -v
+        if args.verbose:
+            raise
+        print(f"envelope: internal error: {type(e).__name__}: {e} (run with -v for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
