@@ -55,3 +55,27 @@ def pytest_runtest_setup(item):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "runc: needs the runc binary and busybox-static")
+
+
+# ---- privileged tests clean up their pins ---------------------------------------------------
+
+_PINS = Path("/sys/fs/bpf/envelope")
+_pins_before: set[str] = set()
+
+
+def _pins() -> set[str]:
+    try:
+        return {p.name for p in _PINS.iterdir()}
+    except OSError:
+        return set()
+
+
+def pytest_sessionstart(session):
+    _pins_before.update(_pins())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    left = sorted(_pins() - _pins_before)
+    if left:
+        print(f"\nerror: tests left pinned BPF objects under {_PINS}: {', '.join(left)}")
+        session.exitstatus = 1

@@ -1,7 +1,6 @@
 """``envelope daemon``: ready line, node-wide attribution by cgroup, flush on SIGTERM."""
 
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -10,23 +9,9 @@ from pathlib import Path
 
 from sensor.cgroup import CgroupFS, host_unit_name
 from sensor.store import ProfileStore
+from tests.privileged.daemon_log import LogReader
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def wait_for_line(proc, word, timeout=120):
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([proc.stderr], [], [], 1)
-        if r:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            seen.append(line)
-            if word in line:
-                return line
-    raise AssertionError(f"no {word!r} line; saw: {''.join(seen)[-2000:]}")
 
 
 def test_daemon_profiles_a_cgroup_and_flushes_on_sigterm(tmp_path):
@@ -38,7 +23,7 @@ def test_daemon_profiles_a_cgroup_and_flushes_on_sigterm(tmp_path):
          "daemon", "--metrics-port", "0", "--flush-interval", "3600"],
         cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for_line(proc, "ready")
+        LogReader(proc.stderr).wait_for("ready")
         script = ("import ctypes\nl=ctypes.CDLL(None)\n"
                   "for _ in range(9): l.personality(0xffffffff)\n")
         w = subprocess.Popen(["/usr/bin/python3", "-c", script],
@@ -92,7 +77,7 @@ def test_daemon_enforces_a_future_cgroup_and_reports_violations(tmp_path):
     proc = subprocess.Popen(env + ["--log-json", "daemon", "--metrics-port", "0"],
                             cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for_line(proc, "ready")
+        LogReader(proc.stderr).wait_for("ready")
         path, _ = cgfs.make(rel)  # the workload's cgroup appears after the daemon started
         script = (
             "import socket, subprocess, errno, time\n"

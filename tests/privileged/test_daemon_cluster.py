@@ -30,7 +30,7 @@ from enforcer.policy import Policy  # noqa: E402
 from sensor.crd import Backoff, ClusterProfiles  # noqa: E402
 from sensor.workload import Workload  # noqa: E402
 from tests.privileged.runc_bundle import RuncContainer  # noqa: E402
-from tests.privileged.test_daemon import wait_for_line  # noqa: E402
+from tests.privileged.daemon_log import LogReader  # noqa: E402
 
 NODE = "envelope-test-node"
 W = Workload("agents", "Deployment", "research-agent", "agent")
@@ -99,7 +99,7 @@ def test_daemon_publishes_profiles_and_applies_policies_through_the_api(tmp_path
              "daemon", "--metrics-port", "0", "--flush-interval", "1"],
             cwd=ROOT, stderr=subprocess.PIPE, text=True)
         try:
-            wait_for_line(daemon, "ready")
+            LogReader(daemon.stderr).wait_for("ready")
             log: list[str] = []  # keep draining stderr so the daemon never blocks on a full pipe
             threading.Thread(target=lambda: log.extend(daemon.stderr), daemon=True).start()
             c.run()
@@ -137,3 +137,6 @@ def test_daemon_publishes_profiles_and_applies_policies_through_the_api(tmp_path
             if daemon.poll() is None:
                 daemon.kill()
                 daemon.wait()
+            # The pinned egress set outlives the daemon by design; this test removes it.
+            from enforcer.apply import Enforcer
+            Enforcer(tmp_path / "state").remove(W, reason="test cleanup")

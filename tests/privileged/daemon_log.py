@@ -1,0 +1,40 @@
+"""Reading a daemon's log while it runs, without a hidden buffer.
+
+``select`` on a pipe and a buffered ``readline`` do not mix: lines that arrive in one chunk sit
+in the file object's buffer while ``select`` waits on an empty pipe. This reads the raw fd.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+
+
+class LogReader:
+    def __init__(self, stream):
+        self.fd = stream.fileno()
+        self.pending = b""
+        self.lines: list[str] = []
+
+    def wait_for(self, word: str, timeout: float = 120.0) -> str:
+        """The first line (seen so far or arriving within ``timeout``) that contains ``word``."""
+        for line in self.lines:
+            if word in line:
+                return line
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([self.fd], [], [], 1)
+            if not r:
+                continue
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                break
+            self.pending += chunk
+            *done, self.pending = self.pending.split(b"\n")
+            for raw in done:
+                line = raw.decode(errors="replace")
+                self.lines.append(line)
+                if word in line:
+                    return line
+        raise AssertionError(f"no {word!r} line; saw: {chr(10).join(self.lines)[-2000:]}")
