@@ -26,6 +26,7 @@ import hashlib
 import ipaddress
 import os
 import re
+import select
 import struct
 import time
 from dataclasses import dataclass, field
@@ -741,51 +742,52 @@ class EgressProgram:
 class RingBufferReader:
     """Drains any number of BPF ring buffers, given by fd (fresh or adopted from a pin).
 
-    ``callback(raw: bytes)`` runs for each record; an exception in it is logged and counted in
-    :attr:`callback_errors`, never raised out of :meth:`poll`.
+    Each buffer is read through mmap by :class:`sensor.probes.RingBufferReader`, so draining
+    needs no BCC (whose LLVM would add tens of MB to a long-lived daemon); one epoll waits on all
+    of them. ``callback(raw: bytes)`` runs for each record; an exception in it is logged and
+    counted in :attr:`callback_errors`, never raised out of :meth:`poll`.
     """
 
     def __init__(self):
-        from bcc.libbcc import _RINGBUF_CB_TYPE, lib
-        self._lib = lib
-        self._cb_type = _RINGBUF_CB_TYPE
-        self._mgr = None
-        self._callbacks: list = []  # ctypes callbacks must stay referenced
+        self._rings: list = []  # (mmap reader, guarded callback)
+        self._epoll = select.epoll()
         self.callback_errors = 0
 
     def add(self, fd: int, callback) -> None:
-        def _cb(_ctx, data, size):
+        from sensor.probes import RingBufferReader as MmapRing
+
+        def guarded(raw: bytes) -> None:
             try:
-                callback(ct.string_at(data, size))
+                callback(raw)
             except Exception as e:  # decoding problems are counted, not raised out of poll
                 self.callback_errors += 1
                 log.warning("ring buffer callback failed", error=repr(e))
-            return 0
-        cb = self._cb_type(_cb)
-        self._callbacks.append(cb)
-        if self._mgr is None:
-            mgr = self._lib.bpf_new_ringbuf(fd, cb, None)
-            if not mgr:
-                raise EgressError(f"open ring buffer fd {fd}: failed")
-            self._mgr = mgr
-        elif self._lib.bpf_add_ringbuf(self._mgr, fd, cb, None) < 0:
-            raise EgressError(f"add ring buffer fd {fd}: failed")
+
+        try:
+            ring = MmapRing(fd, Libbpf.map_info(fd)["max_entries"])
+            self._epoll.register(fd, select.EPOLLIN)
+        except (OSError, ValueError) as e:
+            raise EgressError(f"open ring buffer fd {fd}: {e}") from e
+        self._rings.append((ring, guarded))
 
     def poll(self, timeout_ms: int = 100) -> None:
-        if self._mgr is not None:
-            self._lib.bpf_poll_ringbuf(self._mgr, int(timeout_ms))
-        elif timeout_ms > 0:
-            time.sleep(timeout_ms / 1000)
+        """Consume what is there; if nothing was, wait up to ``timeout_ms`` for more."""
+        if not self._rings:
+            if timeout_ms > 0:
+                time.sleep(timeout_ms / 1000)
+            return
+        if self.drain() == 0 and timeout_ms != 0:
+            self._epoll.poll(timeout_ms / 1000 if timeout_ms > 0 else -1)
+            self.drain()
 
-    def drain(self) -> None:
-        if self._mgr is not None:
-            self._lib.bpf_consume_ringbuf(self._mgr)
+    def drain(self) -> int:
+        return sum(ring.consume(cb) for ring, cb in self._rings)
 
     def close(self) -> None:
-        if self._mgr is not None:
-            self._lib.bpf_free_ringbuf(self._mgr)
-            self._mgr = None
-        self._callbacks = []
+        for ring, _ in self._rings:
+            ring.close()
+        self._rings = []
+        self._epoll.close()
 
 
 def pin_root(bpffs: str | os.PathLike) -> Path:
