@@ -22,6 +22,8 @@ import tempfile
 import threading
 import time
 
+from envelope.config import Config
+
 from . import ROOT, Cgroup, build_programs, kill_process_group, parse_kv, progress, ratio
 
 TITLE = "Event capacity (exec and connect, 2 generators, zero loss)"
@@ -54,7 +56,8 @@ def method(quick: bool) -> str:
         f"counting every connect() call. Each generator moves itself into a fresh cgroup v2 "
         f"under the cgroup2 mount (read from /proc/self/mountinfo) *after* its own exec, so every "
         f"exec/connect event in that cgroup is one the generators counted. With the sensor: "
-        f"`Sensor(ringbuf_pages=256, max_cgroups=1024)` is attached in a separate drain process "
+        f"`Sensor` with the daemon's defaults (`ringbuf_pages` {Config().ringbuf_pages}, "
+        f"`max_cgroups` {Config().max_cgroups}) is attached in a separate drain process "
         f"that polls the ring buffer in a loop (and reads the syscall counters once a second) as "
         f"the daemon does, counts exec and connect events for the cgroup id, and drains to empty "
         f"after the generators stop. Sensor phases last {p['seconds']} s each; a baseline phase "
@@ -99,7 +102,8 @@ def drain_main(cgroup_id: int) -> int:
         if kind:
             counts[kind] += 1
 
-    sensor = Sensor(ringbuf_pages=256, max_cgroups=1024)
+    cfg = Config()  # what the daemon and `record` ship with
+    sensor = Sensor(ringbuf_pages=cfg.ringbuf_pages, max_cgroups=cfg.max_cgroups)
     try:
         sensor.attach()
         loss0 = dict(sensor.loss())

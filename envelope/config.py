@@ -24,7 +24,9 @@ class Config:
     state_dir: Path = Path(os.environ.get("ENVELOPE_STATE_DIR", DEFAULT_STATE_DIR))
     node_name: str = field(default_factory=lambda: os.environ.get("NODE_NAME") or socket.gethostname())
     host_root: Path = Path("/")  # where the host's / is mounted (``/host`` in a pod)
-    ringbuf_pages: int = 256  # per-CPU-shared ring buffer size, in pages (power of two)
+    # Ring buffer shared by all CPUs, in pages (a power of two): 8 MiB absorbs the drain's
+    # scheduling stalls at this machine's full exec and connect rates (BENCHMARKS.md).
+    ringbuf_pages: int = 2048
     poll_interval: float = 1.0  # seconds between counter reads and profile updates
     flush_interval: float = 10.0  # seconds between profile writes in the daemon
     max_cgroups: int = 1024  # cgroup slots in the kernel syscall counter table
