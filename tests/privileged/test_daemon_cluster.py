@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tests.kubeconfig import write_kubeconfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "unit"))  # the local API server lives with the unit tests
@@ -82,12 +83,7 @@ def test_daemon_publishes_profiles_and_applies_policies_through_the_api(tmp_path
         kube.add(rs)
         ClusterPolicies.from_api_client(kube.api_client(), "tester", backoff=Backoff(attempts=1)).create(
             Policy(W, mode="enforce", substrates=("syscall",), syscalls=("read", "write", "openat", "nanosleep")))
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config", "current-context": "local",
-            "clusters": [{"name": "local", "cluster": {"server": f"http://127.0.0.1:{kube.port}"}}],
-            "contexts": [{"name": "local", "context": {"cluster": "local", "user": "node"}}],
-            "users": [{"name": "node", "user": {"token": "not-a-secret"}}]}))
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{kube.port}")
         kubelet = tmp_path / "kubelet-seccomp"
         cfg = tmp_path / "config.yaml"
         cfg.write_text(yaml.safe_dump({

@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 import structlog
+from tests.kubeconfig import write_kubeconfig  # noqa: E402
 from test_crd_api import FakeKubeAPI  # the local API server for custom objects
 
 from enforcer import audit, state
@@ -183,13 +184,7 @@ class ClusterAPI(FakeKubeAPI):
 @pytest.fixture
 def kube(tmp_path):
     with ClusterAPI() as api:
-        cfg = tmp_path / "kubeconfig"
-        cfg.write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config", "current-context": "local",
-            "clusters": [{"name": "local", "cluster": {"server": f"http://127.0.0.1:{api.port}"}}],
-            "contexts": [{"name": "local", "context": {"cluster": "local", "user": "node"}}],
-            "users": [{"name": "node", "user": {"token": "not-a-secret"}}]}))
-        api.kubeconfig = str(cfg)
+        api.kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{api.port}")
         api.add(load("replicaset-research-agent.json"))
         api.add(load("serviceaccount-research-agent.json"))
         yield api

@@ -12,6 +12,7 @@ from test_crd_api import FakeKubeAPI, _profile  # the local API server and profi
 from enforcer.crd import ClusterPolicies
 from enforcer.policy import EgressRule, Policy, dump_policy
 from envelope.cli import main
+from tests.kubeconfig import write_kubeconfig
 from sensor.crd import Backoff, ClusterProfiles
 from sensor.profile import Profile
 from sensor.workload import Workload
@@ -31,21 +32,7 @@ def _plain_logging():
 @pytest.fixture
 def kube(tmp_path):
     with FakeKubeAPI() as api:
-        cfg = tmp_path / "kubeconfig"
-        cfg.write_text(f"""apiVersion: v1
-kind: Config
-clusters:
-- name: local
-  cluster: {{server: "http://127.0.0.1:{api.port}"}}
-users:
-- name: tester
-  user: {{token: not-a-secret}}
-contexts:
-- name: local
-  context: {{cluster: local, user: tester}}
-current-context: local
-""")
-        api.kubeconfig = str(cfg)
+        api.kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{api.port}")
         yield api
 
 

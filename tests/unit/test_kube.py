@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
+from tests.kubeconfig import write_kubeconfig  # noqa: E402
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -433,12 +434,7 @@ def test_watcher_from_environment(api, tmp_path, monkeypatch):
     monkeypatch.delenv("KUBECONFIG", raising=False)
     assert watcher_from_environment("worker-2") is None  # no API configured: OCI and cgroups only
     assert watcher_from_environment("worker-2", kubeconfig=str(tmp_path / "missing")) is None
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "local",
-        "clusters": [{"name": "local", "cluster": {"server": api.url}}],
-        "contexts": [{"name": "local", "context": {"cluster": "local", "user": "node"}}],
-        "users": [{"name": "node", "user": {"token": "test-token"}}]}))
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api.url)
     api.mode = "ok"
     w = watcher_from_environment("worker-2", kubeconfig=str(kubeconfig),
                                  backoff=Backoff(initial=0.01, maximum=0.05), watch_timeout=1)
