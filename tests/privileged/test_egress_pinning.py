@@ -15,37 +15,14 @@ import struct
 import subprocess
 import sys
 import textwrap
-import threading
 import uuid
 from pathlib import Path
 
 import pytest
 
+from tests.privileged.listeners import Listener
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-class Listener:
-    def __init__(self, host="127.0.0.1"):
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        self.sock.bind((host, 0))
-        self.sock.listen(1024)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-                c.close()
-            except OSError:
-                return
-
-    def close(self):
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
 
 
 @pytest.fixture

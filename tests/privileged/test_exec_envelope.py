@@ -10,10 +10,11 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import pytest
+
+from tests.privileged.listeners import Listener
 
 ROOT = Path(__file__).resolve().parents[2]
 ENVELOPE = [sys.executable, "-m", "envelope.cli"]
@@ -31,36 +32,6 @@ def all_syscalls_but(*denied: str) -> list[str]:
         if name and name not in denied:
             out.append(name)
     return out
-
-
-class Listener:
-    """Accepts and closes connections on an ephemeral port (TCP), or just binds (UDP)."""
-
-    def __init__(self, host: str, kind=socket.SOCK_STREAM):
-        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(fam, kind)
-        self.sock.bind((host, 0))
-        self.port = self.sock.getsockname()[1]
-        self.kind = kind
-        if kind == socket.SOCK_STREAM:
-            self.sock.listen(512)
-            self.thread = threading.Thread(target=self._accept, daemon=True)
-            self.thread.start()
-
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-                c.close()
-            except OSError:
-                return
-
-    def close(self):
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
 
 
 @pytest.fixture
