@@ -307,25 +307,25 @@ class Libbpf:
         return [ids[i] for i in range(cnt.value)]
 
     @classmethod
-    def info_id(cls, fd: int) -> int:
-        """The kernel id of a program or map fd (``id`` is the second u32 of both info structs)."""
+    def _info(cls, fd: int) -> bytes:
+        """The raw ``bpf_obj_get_info_by_fd`` struct of a program or map fd."""
         buf = ct.create_string_buffer(256)
         ln = ct.c_uint(256)
         res = cls.lib().bpf_obj_get_info_by_fd(fd, buf, ct.byref(ln))
         if res < 0:
             e = cls._err(res)
             raise OSError(e, f"bpf_obj_get_info_by_fd: {os.strerror(e)}")
-        return struct.unpack_from("=II", buf.raw)[1]
+        return buf.raw
+
+    @classmethod
+    def info_id(cls, fd: int) -> int:
+        """The kernel id of a program or map fd (``id`` is the second u32 of both info structs)."""
+        return struct.unpack_from("=II", cls._info(fd))[1]
 
     @classmethod
     def map_info(cls, fd: int) -> dict:
-        buf = ct.create_string_buffer(256)
-        ln = ct.c_uint(256)
-        res = cls.lib().bpf_obj_get_info_by_fd(fd, buf, ct.byref(ln))
-        if res < 0:
-            e = cls._err(res)
-            raise OSError(e, f"bpf_obj_get_info_by_fd: {os.strerror(e)}")
-        typ, mid, ks, vs, me, fl = struct.unpack_from("=IIIIII", buf.raw)
+        buf = cls._info(fd)
+        typ, mid, ks, vs, me, fl = struct.unpack_from("=IIIIII", buf)
         return {"type": typ, "id": mid, "key_size": ks, "value_size": vs, "max_entries": me, "flags": fl}
 
 
