@@ -265,10 +265,11 @@ RAW_TRACEPOINT_PROBE(sys_enter)
 		slot = resolve_slot(cg, cache, key, gen);
 		st = slot_state.lookup(&slot);
 		if (st) {
-			/* A cgroup's first exec flips its bank and bumps the cache generation, so a
-			 * cached bank is never older than the slot's. */
 			bank = st->bank;
-			cache->bank = bank;
+			/* A cgroup's first exec flips its bank and bumps the cache generation, so a
+			 * cached bank is never older than the slot's. The overflow slot is never cached. */
+			if (slot != OVERFLOW_SLOT)
+				cache->bank = bank;
 		}
 	}
 	struct syscall_slot_counts *counts = syscall_counts.lookup(&slot);
