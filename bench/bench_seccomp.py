@@ -101,7 +101,7 @@ def build_filters() -> dict:
     policy = load_policy(FIXTURE)
     policy.syscalls = tuple(sorted(set(policy.syscalls) | set(LOOP_SYSCALLS)))
     skipped: list = []
-    derived = seccomp.build_filter(policy, "enforce", skipped=skipped)
+    derived = seccomp.build_filter(seccomp.compile_oci(policy, "enforce"), skipped=skipped)
     if skipped:
         raise RuntimeError(f"derived filter skipped {skipped}")
     default = seccomp.filter_from_oci(json.loads(DEFAULT_PROFILE.read_text()))

@@ -26,6 +26,7 @@
 #include <uapi/linux/bpf.h>
 #include <linux/ptrace.h>
 #include "events.h"
+#include "denials.h"
 
 #ifndef DENIALS_MAX_CGROUPS
 #define DENIALS_MAX_CGROUPS 1024
@@ -37,16 +38,7 @@
 #define DENIALS_RINGBUF_PAGES 64
 #endif
 
-#define DENIALS_NR_SLOTS 512
-#define DENIALS_MODE_ALERT 1
-#define DENIALS_MODE_ENFORCE 2
-
-struct denial_cgroup {
-    __u32 mode;       /* DENIALS_MODE_* */
-    __s32 deny_errno; /* the filter's errno in enforce mode */
-    __u64 allowed[DENIALS_NR_SLOTS / 64]; /* alert mode: syscalls the policy allows */
-};
-
+/* struct denial_cgroup, DENIALS_NR_SLOTS and the modes are in denials.h. */
 BPF_HASH(cgroups, __u64, struct denial_cgroup, DENIALS_MAX_CGROUPS);
 BPF_TABLE("lru_hash", __u32, __u32, entered, DENIALS_MAX_THREADS);
 BPF_PERCPU_ARRAY(lost, __u64, 1);

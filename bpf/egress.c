@@ -32,22 +32,20 @@
  * Configured with -D only:
  *   EGRESS_MAX_RULES     trie capacity (both generations together)
  *   EGRESS_MAX_PORTS     exact-port hash capacity (both generations together)
- *   EGRESS_MAX_RANGES    port ranges per trie entry
+ *   EGRESS_MAX_RANGES    port ranges per trie entry (default in egress.h)
  *   EGRESS_MAX_CGROUPS   cgroups recorded per workload
  *   EGRESS_RINGBUF_PAGES ring buffer size in pages (power of two)
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/in.h>
 #include "events.h"
+#include "egress.h"
 
 #ifndef EGRESS_MAX_RULES
 #define EGRESS_MAX_RULES 32768
 #endif
 #ifndef EGRESS_MAX_PORTS
 #define EGRESS_MAX_PORTS 262144
-#endif
-#ifndef EGRESS_MAX_RANGES
-#define EGRESS_MAX_RANGES 8
 #endif
 #ifndef EGRESS_MAX_CGROUPS
 #define EGRESS_MAX_CGROUPS 1024
@@ -56,55 +54,8 @@
 #define EGRESS_RINGBUF_PAGES 64
 #endif
 
-#define EGRESS_MODE_OBSERVE 0
-#define EGRESS_MODE_ALERT 1
-#define EGRESS_MODE_ENFORCE 2
-
-/* prefix bits before the address: generation, protocol, family, pad */
-#define EGRESS_FIXED_BITS 32
-
-struct egress_key {
-    __u32 prefixlen;
-    __u8 gen;
-    __u8 proto;
-    __u8 family; /* 4 or 6 (trie key only; events carry ENV_AF_*) */
-    __u8 pad;
-    __u8 addr[16];
-};
-
-struct egress_port_range {
-    __u16 lo;
-    __u16 hi;
-};
-
-struct egress_rule {
-    __u32 rule_id;
-    __u8 any_port;
-    __u8 nranges;
-    __u16 pad;
-    struct egress_port_range ranges[EGRESS_MAX_RANGES];
-};
-
-struct egress_port_key {
-    __u32 rule_id;
-    __u16 port;
-    __u16 pad;
-};
-
-/* Read by userspace only: which workload and policy this pinned set enforces. */
-struct egress_meta {
-    __u8 policy_hash[32];
-    char workload[192];
-    __u64 applied_ns; /* wall clock, ns */
-    __u32 rules;
-    __u32 generation_count;
-};
-
-struct egress_cgroup {
-    char path[248];
-    __u64 attached_ns;
-};
-
+/* Keys and values: struct egress_key, egress_rule, egress_port_key, egress_meta and
+ * egress_cgroup in egress.h. */
 BPF_LPM_TRIE(rules, struct egress_key, struct egress_rule, EGRESS_MAX_RULES);
 /* Not preallocated: capacity costs memory only when used. */
 BPF_F_TABLE("hash", struct egress_port_key, __u8, ports, EGRESS_MAX_PORTS, BPF_F_NO_PREALLOC);
@@ -159,11 +110,11 @@ static __always_inline int egress_check(struct bpf_sock_addr *ctx, int v6, __u8 
     int as_v4 = !v6 || (a0 == 0 && a1 == 0 && a2 == bpf_htonl(0x0000ffff));
     if (as_v4) {
         __u32 ip4 = v6 ? a3 : a0;
-        key.family = 4;
+        key.family = EGRESS_FAMILY_V4;
         key.prefixlen = EGRESS_FIXED_BITS + 32;
         __builtin_memcpy(key.addr, &ip4, 4);
     } else {
-        key.family = 6;
+        key.family = EGRESS_FAMILY_V6;
         key.prefixlen = EGRESS_FIXED_BITS + 128;
         __builtin_memcpy(&key.addr[0], &a0, 4);
         __builtin_memcpy(&key.addr[4], &a1, 4);
@@ -189,7 +140,7 @@ static __always_inline int egress_check(struct bpf_sock_addr *ctx, int v6, __u8 
     ev->hdr.ktime = bpf_ktime_get_ns();
     ev->cgroup_id = bpf_get_current_cgroup_id();
     ev->pid = bpf_get_current_pid_tgid() >> 32;
-    ev->family = key.family == 4 ? ENV_AF_INET : ENV_AF_INET6;
+    ev->family = key.family == EGRESS_FAMILY_V4 ? ENV_AF_INET : ENV_AF_INET6;
     ev->protocol = key.proto;
     __builtin_memcpy(ev->addr, key.addr, 16);
     ev->port = port;

@@ -8,62 +8,72 @@ EPERM from a permission check has entered and is not reported. In alert mode (th
 default action is ``SCMP_ACT_LOG``) calls outside the cgroup's allowed set are reported at entry.
 
 One :class:`DenialProbe` serves many cgroups: :meth:`DenialProbe.watch` adds one with its mode,
-errno and allowed set; events come out of the ``events`` ring buffer (read them with
-:class:`enforcer.egress.RingBufferReader` on :attr:`DenialProbe.events_fd`). The probe is not
-pinned: the seccomp filters themselves live in the kernel independently of it, and a restarted
-loader re-registers the cgroups it enforces.
+errno and allowed set; events come out of the ``events`` ring buffer (read them with a
+:class:`sensor.kernel.RingReader` on :attr:`DenialProbe.events_fd`). The programs are compiled by
+the loader child of :mod:`sensor.kernel` and attached to raw tracepoints for as long as this
+object's fds are open; they are not pinned: the seccomp filters themselves live in the kernel
+independently of them, and a restarted loader re-registers the cgroups it enforces.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Iterable
 
 import structlog
 
-from .egress import RawMap, percpu_sum
+from sensor import kernel, syscalls
+from sensor.kernel import BpfError, Family, LoadError, Map, Program
+from sensor.mirrors import (DENIALS_MODE_ALERT, DENIALS_MODE_ENFORCE, DENIALS_NR_SLOTS, U32, U64,
+                            DenialCgroup)
 
 log = structlog.get_logger(__name__)
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
-SOURCE = BPF_DIR / "denials.c"
-NR_SLOTS = 512
-MODE_CODES = {"alert": 1, "enforce": 2}
+SOURCE = kernel.BPF_DIR / "denials.c"
+MODE_CODES = {"alert": DENIALS_MODE_ALERT, "enforce": DENIALS_MODE_ENFORCE}
+MAPS = ("cgroups", "lost", "events")
 
 
 class DenialProbeError(Exception):
     """The denial probe could not be loaded or configured; the message says where."""
 
 
+def family(max_cgroups: int = 1024, max_threads: int = 32768, ringbuf_pages: int = 64) -> Family:
+    return Family(
+        "seccomp-denials", str(SOURCE),
+        (f"-I{kernel.BPF_DIR}", f"-DDENIALS_MAX_CGROUPS={max_cgroups}",
+         f"-DDENIALS_MAX_THREADS={max_threads}", f"-DDENIALS_RINGBUF_PAGES={ringbuf_pages}"),
+        (Program("raw_tracepoint__sys_enter", "raw_tracepoint", "sys_enter"),
+         Program("raw_tracepoint__sys_exit", "raw_tracepoint", "sys_exit")),
+        MAPS, fix="needs BPF raw tracepoints; run `envelope doctor`")
+
+
 def syscall_numbers(names: Iterable[str]) -> list[int]:
-    """Native syscall numbers for ``names`` (unknown names are skipped)."""
-    import seccomp
-    out = []
+    """Syscall numbers (the sensor's x86_64 table) for ``names``; unknown names are skipped."""
+    out = set()
     for n in names:
-        try:
-            out.append(int(seccomp.resolve_syscall(seccomp.Arch.NATIVE, n)))
-        except (ValueError, TypeError, RuntimeError):
-            log.debug("syscall name not known to libseccomp", name=n)
-    return sorted(x for x in out if x >= 0)
-
-
-def syscall_name(nr: int) -> str:
-    """The native name of syscall ``nr`` (``nr_<n>`` when libseccomp does not know it)."""
-    import seccomp
-    try:
-        name = seccomp.resolve_syscall(seccomp.Arch.NATIVE, int(nr))
-    except (ValueError, TypeError, RuntimeError):
-        return f"nr_{nr}"
-    return name.decode() if isinstance(name, bytes) else str(name)
+        nr = syscalls.number(n)
+        if nr is None:
+            log.debug("syscall name not in the table", name=n)
+        else:
+            out.add(nr)
+    return sorted(out)
 
 
 def allowed_bitmap(numbers: Iterable[int]) -> list[int]:
-    words = [0] * (NR_SLOTS // 64)
+    words = [0] * (DENIALS_NR_SLOTS // 64)
     for nr in numbers:
-        if 0 <= nr < NR_SLOTS:
+        if 0 <= nr < DENIALS_NR_SLOTS:
             words[nr // 64] |= 1 << (nr % 64)
     return words
+
+
+def cgroup_entry(mode: str, deny_errno: int, allowed_syscalls: Iterable[str] = ()) -> bytes:
+    """The ``struct denial_cgroup`` value for one watched cgroup (pure)."""
+    if mode not in MODE_CODES:
+        raise DenialProbeError(f"unknown mode {mode!r} (alert or enforce)")
+    words = allowed_bitmap(syscall_numbers(allowed_syscalls))
+    return DenialCgroup.pack(mode=MODE_CODES[mode], deny_errno=int(deny_errno),
+                             **{f"allowed{i}": w for i, w in enumerate(words)})
 
 
 class DenialProbe:
@@ -71,43 +81,30 @@ class DenialProbe:
 
     def __init__(self, max_cgroups: int = 1024, max_threads: int = 32768, ringbuf_pages: int = 64):
         try:
-            from bcc import BPF
-        except ImportError as e:
-            raise DenialProbeError("bcc is not importable (install python3-bpfcc)") from e
-        cflags = [f"-I{BPF_DIR}", f"-DDENIALS_MAX_CGROUPS={max_cgroups}",
-                  f"-DDENIALS_MAX_THREADS={max_threads}", f"-DDENIALS_RINGBUF_PAGES={ringbuf_pages}"]
-        try:
-            # RAW_TRACEPOINT_PROBE programs attach on construction.
-            self._bpf = BPF(src_file=str(SOURCE).encode(), cflags=cflags)
-        except Exception as e:
-            raise DenialProbeError(f"load {SOURCE} (raw_tracepoint sys_enter/sys_exit): {e}") from e
-        self._cgroups = self._bpf[b"cgroups"]
-        self.events_fd = self._bpf[b"events"].map_fd
-        self._lost = RawMap(os.dup(self._bpf[b"lost"].map_fd), "lost")
+            self._loaded = kernel.load(family(max_cgroups, max_threads, ringbuf_pages))
+        except LoadError as e:
+            raise DenialProbeError(str(e)) from e
+        self._cgroups = Map(self._loaded.maps["cgroups"], "cgroups")
+        self._lost = Map(self._loaded.maps["lost"], "lost")
+        self.events_fd = self._loaded.maps["events"]
         self.watched: dict[int, str] = {}
         log.info("seccomp denial probe loaded")
 
-    def watch(self, cgroup_id: int, mode: str, deny_errno: int, allowed_syscalls: Iterable[str] = ()) -> None:
+    def watch(self, cgroup_id: int, mode: str, deny_errno: int,
+              allowed_syscalls: Iterable[str] = ()) -> None:
         """Report for ``cgroup_id``: denials returning ``-deny_errno`` (enforce) or calls outside
         ``allowed_syscalls`` (alert). Observe mode watches nothing."""
         if mode == "observe":
             self.unwatch(cgroup_id)
             return
-        if mode not in MODE_CODES:
-            raise DenialProbeError(f"unknown mode {mode!r}")
-        leaf = self._cgroups.Leaf()
-        leaf.mode = MODE_CODES[mode]
-        leaf.deny_errno = int(deny_errno)
-        for i, w in enumerate(allowed_bitmap(syscall_numbers(allowed_syscalls))):
-            leaf.allowed[i] = w
-        self._cgroups[self._cgroups.Key(cgroup_id)] = leaf
+        try:
+            self._cgroups.update(U64.pack(cgroup_id), cgroup_entry(mode, deny_errno, allowed_syscalls))
+        except BpfError as e:
+            raise DenialProbeError(f"watch cgroup {cgroup_id}: {e}") from e
         self.watched[cgroup_id] = mode
 
     def unwatch(self, cgroup_id: int) -> None:
-        try:
-            del self._cgroups[self._cgroups.Key(cgroup_id)]
-        except KeyError:
-            pass
+        self._cgroups.delete(U64.pack(cgroup_id))
         self.watched.pop(cgroup_id, None)
 
     def mode_of(self, cgroup_id: int) -> str | None:
@@ -115,8 +112,8 @@ class DenialProbe:
 
     def lost(self) -> int:
         """Reports dropped because the ring buffer was full (summed over CPUs)."""
-        return percpu_sum(self._lost, b"\0\0\0\0")
+        return self._lost.percpu_sum(U32.pack(0))
 
     def close(self) -> None:
-        self._lost.close()
-        self._bpf.cleanup()
+        """Detach (the raw tracepoint fds close) and drop the maps."""
+        self._loaded.close()

@@ -53,9 +53,10 @@ import yaml
 
 from sensor.workload import SUBSTRATES, BehaviourKeyError, Workload, parse_net_key, substrate_of
 
+from .modes import MODES
+
 API_VERSION = "envelope.dev/v1alpha1"
 KIND = "LeastPrivilegePolicy"
-MODES = ("observe", "alert", "enforce")
 CLOSURES = ("literal", "structural", "probabilistic")
 PROTOS = ("tcp", "udp")
 
@@ -585,3 +586,8 @@ def _plain(v: Any) -> Any:
     if isinstance(v, _dt.datetime):
         return iso_time((v if v.tzinfo else v.replace(tzinfo=_dt.timezone.utc)).timestamp())
     return v
+
+
+def policy_hash(policy: Policy) -> bytes:
+    """sha256 of the policy's canonical JSON: the identity recorded in pinned maps and audits."""
+    return hashlib.sha256(dump_policy(policy, "json").encode()).digest()

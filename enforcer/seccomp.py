@@ -44,11 +44,11 @@ from typing import Iterable, Mapping
 
 import structlog
 
-from .runtime import RuntimeSet, runtime_set
+from .modes import MODES
+from .runtime import RuntimeSet, default_runtime, runtime_set
 
 log = structlog.get_logger(__name__)
 
-MODES = ("observe", "alert", "enforce")
 
 #: errno returned by a denied syscall in enforce mode (the denial detector watches for it).
 DENY_ERRNO = errno.EPERM
@@ -59,6 +59,11 @@ ENOSYS_FALLBACKS = {"clone3": "clone"}
 
 POLICY_RULE = "policy"
 COMPAT_RULE = "compat-fallback:enosys"
+#: ``envelope exec`` loads the filter in its child and then execs the command: execve runs
+#: under the filter even when the command itself never execs.
+EXEC_RULE = "runtime-completeness:envelope-exec"
+#: Where a compiled profile is loaded (see :func:`profile_for`).
+TARGETS = ("workload", "exec")
 
 #: OCI architecture lists per target machine: the native ABI first, then the compat ABIs the
 #: kernel can run on it (a process can switch ABI, so each must be named or it falls to the
@@ -211,6 +216,42 @@ def compile_oci(policy, mode: str | None = None, *, runtime: str | None = None,
     report.sort(key=lambda e: (e.syscall, e.rule))
     return CompiledSeccomp(str(policy.workload), mode, arch, rset.runtime if rset else None,
                            profile, tuple(report), constrained)
+
+
+def profile_for(policy, mode: str | None = None, *, target: str = "workload",
+                runtime: str | None = None, exceptions: Mapping[str, str] | None = None,
+                arch: str = "x86_64") -> CompiledSeccomp:
+    """The seccomp profile of ``policy`` for where it is loaded: the one builder that the kubelet
+    profile, ``envelope exec``'s filter, ``envelope compile``, the SPO export and the denial
+    probe's allowed set all come from, so runtime completeness, exceptions and modes are
+    handled in one place.
+
+    ``target``:
+
+    * ``"workload"``: what a container runtime loads for the policy's workload (the kubelet's
+      Localhost profile, ``compile --format oci-seccomp``): with the completeness set of the
+      workload's runtime (:func:`enforcer.runtime.default_runtime`; ``runtime`` overrides it,
+      ``"none"`` for none);
+    * ``"exec"``: what ``envelope exec`` loads in its child just before ``execve``: no runtime
+      set; ``execve`` is allowed (rule :data:`EXEC_RULE`) because it runs under the filter.
+
+    ``exceptions`` maps syscall names to the rule of the exception that admits them
+    (:func:`enforcer.exceptions.syscall_allowances`).
+    """
+    if target not in TARGETS:
+        raise SeccompCompileError(f"unknown seccomp target {target!r} (one of {', '.join(TARGETS)})")
+    extra = dict(exceptions or {})
+    if target == "exec":
+        rt = None
+        if "execve" not in policy.syscalls:
+            extra.setdefault("execve", EXEC_RULE)
+    elif runtime == "none":
+        rt = None
+    elif runtime is not None:
+        rt = runtime
+    else:
+        rt = default_runtime(policy.workload.kind, policy.workload.namespace)
+    return compile_oci(policy, mode, runtime=rt, arch=arch, extra_allow=extra)
 
 
 def _group(groups: list[tuple[str, list[str]]], rule: str) -> list[str]:
@@ -418,19 +459,10 @@ def _arg(sc, a: Mapping):
     return sc.Arg(int(a["index"]), getattr(sc, op), int(a.get("value", 0)), int(a.get("valueTwo", 0)))
 
 
-def build_filter(policy, mode: str | None = None, *, runtime: str | None = None,
-                 arch: str | None = None, extra_allow: Mapping[str, str] | None = None,
-                 skipped: list | None = None):
-    """The policy as a libseccomp ``SyscallFilter``, for loading in a child before ``execve``.
-
-    Same rules as :func:`compile_oci` (no runtime set by default: an in-process filter has no
-    container runtime between load and exec). Syscall names libseccomp does not know are
-    skipped, logged and appended to ``skipped``.
-    """
-    if arch is None:
-        import platform
-        arch = "aarch64" if platform.machine() in ("aarch64", "arm64") else "x86_64"
-    compiled = compile_oci(policy, mode, runtime=runtime, arch=arch, extra_allow=extra_allow)
+def build_filter(compiled: CompiledSeccomp, skipped: list | None = None):
+    """A compiled profile (:func:`profile_for`) as a libseccomp ``SyscallFilter``, for loading in a
+    child before ``execve``. Syscall names libseccomp does not know are skipped, logged and
+    appended to ``skipped``."""
     return filter_from_oci(compiled.profile, skipped=skipped)
 
 

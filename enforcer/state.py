@@ -30,9 +30,8 @@ from sensor.store import ProfileStore, atomic_write
 from sensor.workload import Workload
 
 from . import audit
+from .modes import DEFAULT_MODE, MODES
 
-MODES = ("observe", "alert", "enforce")
-DEFAULT_MODE = "observe"  # a workload with no state file is only observed
 
 
 class StateError(ValueError):

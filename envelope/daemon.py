@@ -15,12 +15,10 @@ import time
 
 import structlog
 
-from sensor.aggregate import Aggregator
-from sensor.store import ProfileStore
+from sensor.pump import NodeBinding, Pump
 
+from . import wiring
 from .config import Config
-from .node import NodeObserver
-from .recording import open_sensor, syscall_namer
 
 log = structlog.get_logger("envelope.daemon")
 
@@ -41,7 +39,7 @@ class Daemon:
         self.config = config
         self.stop = stop or threading.Event()
         self.sensor = None
-        self.observer: NodeObserver | None = None
+        self.observer: Pump | None = None
         self.metrics = None
         self.enforcement = None
         self.cluster = None
@@ -74,22 +72,20 @@ class Daemon:
     def _enforcement(self):
         from .enforcement import NodeEnforcement
 
-        return NodeEnforcement(self.config, self.metrics)
+        session = wiring.enforcement_session(self.config, pinned=True)
+        return NodeEnforcement(self.config, session, self.metrics)
 
     def start(self) -> None:
         cfg = self.config
-        store = ProfileStore(cfg.state_dir)
-        self.sensor = open_sensor(cfg)
-        agg = Aggregator(cfg.node_name, store, syscall_namer(), caps=cfg.caps)
+        self.sensor = wiring.open_sensor(cfg)
+        agg = wiring.aggregator(cfg, wiring.profile_store(cfg))
         ignore = {c for c in [own_cgroup_id()] if c is not None}
         self.metrics = self._metrics()
         self.cluster = self._cluster()
         self.enforcement = self._enforcement()
-        self.observer = NodeObserver(
-            self.sensor, self._resolver(), agg, poll_interval=cfg.poll_interval,
-            ignore_cgroups=ignore,
-            on_bind=self.enforcement.on_bind,
-        )
+        binding = NodeBinding(self._resolver(), ignore_cgroups=ignore,
+                              on_bind=self.enforcement.on_bind)
+        self.observer = Pump(self.sensor, binding, agg, counts_interval=cfg.poll_interval)
         self.enforcement.start(self.observer)
         if self.cluster:
             self.cluster.start(self.observer, self.enforcement)

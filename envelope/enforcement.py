@@ -13,7 +13,7 @@ daemon then keeps every cgroup of the workload covered, present and future:
   ``<state-dir>/violations.jsonl`` and the metrics;
 - detection keeps running: every behaviour the sensor attributes to an enforced workload is
   judged against the policy's watch list and probabilistic detection rules;
-- exceptions that start or lapse and mode changes are followed (``Enforcer.sync``);
+- exceptions that start or lapse and mode changes are followed (``EnforcementSession.sync``);
 - a re-baseline (``envelope rebaseline``) restarts the workload's observation window.
 """
 
@@ -24,7 +24,8 @@ import time
 
 import structlog
 
-from enforcer.apply import ApplyError, Enforcer, read_desired
+from enforcer.desired import read_desired
+from enforcer.session import ApplyError, EnforcementSession
 from enforcer.policy import Policy
 from enforcer.state import rebaseline_generation
 from enforcer.violations import Judge, Violation, ViolationStore
@@ -36,11 +37,11 @@ log = structlog.get_logger("envelope.enforcement")
 
 
 class NodeEnforcement:
-    def __init__(self, config: Config, metrics=None, enforcer: Enforcer | None = None,
+    def __init__(self, config: Config, session: EnforcementSession, metrics=None,
                  sync_interval: float = 2.0, drain_interval: float = 0.5):
         self.config = config
         self.metrics = metrics
-        self.enforcer = enforcer or Enforcer(config.state_dir, config.bpffs, denials=True)
+        self.session = session
         self.store = ViolationStore(config.state_dir)
         self.sync_interval = sync_interval
         self.drain_interval = drain_interval
@@ -56,7 +57,7 @@ class NodeEnforcement:
     def start(self, observer) -> None:
         self.observer = observer
         observer.agg.listeners.append(self._observed)
-        adopted = self.enforcer.adopt_pinned()
+        adopted = self.session.adopt_pinned()
         if adopted:
             log.info("adopted pinned enforcement", workloads=adopted)
         self._reconcile(force=True)
@@ -66,7 +67,7 @@ class NodeEnforcement:
         try:
             self._drain()
         finally:
-            self.enforcer.close()
+            self.session.close()
 
     # -- policies ------------------------------------------------------------------------------
 
@@ -83,7 +84,7 @@ class NodeEnforcement:
         """Apply ``policy`` in ``mode`` to every live cgroup of its workload; raises ApplyError
         (and counts an apply failure) when nothing could be applied."""
         try:
-            results = self.enforcer.apply(policy, mode, self.workload_cgroups(policy.workload),
+            results = self.session.apply(policy, mode, self.workload_cgroups(policy.workload),
                                           reason=f"applied by the daemon ({source})")
         except Exception as e:
             if self.metrics:
@@ -98,7 +99,7 @@ class NodeEnforcement:
     def remove_policy(self, workload: Workload, source: str = "daemon") -> bool:
         """Stop enforcing ``workload``: detach, unpin, forget its desired state (audited)."""
         self.judges.pop(workload, None)
-        removed = self.enforcer.remove(workload, reason=f"removed by the daemon ({source})")
+        removed = self.session.remove(workload, reason=f"removed by the daemon ({source})")
         if removed:
             log.info("enforcement removed", workload=workload.key, source=source)
         return removed
@@ -121,36 +122,35 @@ class NodeEnforcement:
         desired = read_desired(self.config.state_dir)
         wanted = {w.key for w, _, _ in desired}
         for w, policy, mode in desired:
-            cur = self.enforcer.enforced.get(w.key)
+            cur = self.session.enforced.get(w.key)
             if cur is not None and cur.policy == policy and cur.mode == mode:
                 if w not in self.judges:
                     self._judge_for(policy, mode)
                 # new cgroups seen while we were away
                 for path in self.workload_cgroups(w):
                     if path not in cur.cgroups:
-                        self.enforcer.attach_new_cgroup(w, path)
+                        self.session.attach_new_cgroup(w, path)
                 continue
             try:
                 self.apply_policy(policy, mode, source="desired state")
             except ApplyError:
                 continue
-        for key in list(self.enforcer.enforced):
+        for key in list(self.session.enforced):
             if key not in wanted:  # removed with `envelope enforce --remove`: forget our handles
-                cur = self.enforcer.enforced.pop(key)
-                cur.program.close()
-                self.judges.pop(cur.workload, None)
+                self.judges.pop(self.session.enforced[key].workload, None)
+                self.session.forget(key)
                 log.info("enforcement removed", workload=key)
 
     # -- observation hooks ---------------------------------------------------------------------
 
     def on_bind(self, cgroup_id: int, ident) -> None:
         """A new cgroup: attach its workload's programs if the workload is enforced."""
-        if ident.workload.key not in self.enforcer.enforced or self.observer is None:
+        if ident.workload.key not in self.session.enforced or self.observer is None:
             return
         path = self.observer.paths.get(cgroup_id)
         if not path:
             return
-        res = self.enforcer.attach_new_cgroup(ident.workload, path)
+        res = self.session.attach_new_cgroup(ident.workload, path)
         if not res.ok and self.metrics:
             self.metrics.apply_failure(ident.workload, "egress")
 
@@ -172,7 +172,7 @@ class NodeEnforcement:
         if now >= self._next_sync:
             self._next_sync = now + self.sync_interval
             try:
-                self.enforcer.sync()
+                self.session.sync()
             except Exception as e:  # noqa: BLE001 - keep enforcing what is pinned
                 log.error("exception/mode sync failed", error=str(e))
             self._reconcile()
@@ -180,7 +180,7 @@ class NodeEnforcement:
 
     def _drain(self) -> None:
         try:
-            found = self.enforcer.poll_violations(0)
+            found = self.session.poll_violations(0)
         except Exception as e:  # noqa: BLE001
             log.error("violation drain failed", error=str(e))
             return

@@ -20,11 +20,11 @@ from typing import Callable, Sequence
 
 import structlog
 
-from sensor.cgroup import CgroupError, CgroupFS, cgroup_id
-from sensor.aggregate import Aggregator
-from sensor.store import ProfileStore
+from sensor.cgroup import CgroupFS
+from sensor.pump import Pump, TreeBinding
 from sensor.workload import Workload
 
+from . import wiring
 from .config import Config
 from .errors import UserError
 
@@ -45,24 +45,6 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def open_sensor(config: Config):
-    """Load and attach the probes, turning attach failures into one actionable line."""
-    from sensor.probes import ProbeAttachError, Sensor
-
-    sensor = Sensor(ringbuf_pages=config.ringbuf_pages, max_cgroups=config.max_cgroups)
-    try:
-        sensor.attach()
-    except ProbeAttachError as e:
-        sensor.close()
-        raise UserError(f"{e} (run `envelope doctor` for details)") from e
-    return sensor
-
-
-def syscall_namer() -> Callable[[int], str]:
-    from sensor.syscalls import name
-    return name
-
-
 def _join_cgroup(procs_file: str) -> Callable[[], None]:
     def join() -> None:
         with open(procs_file, "w") as f:
@@ -78,18 +60,18 @@ def record(config: Config, workload: Workload, argv: Sequence[str], session: str
         raise UserError("record: no command given (usage: envelope record --workload NAME -- CMD ...)")
     say = progress or (lambda msg: None)
     session = session or f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
-    store = ProfileStore(config.state_dir)
     own_sensor = sensor is None
     if own_sensor:
         say("attaching probes (compiling BPF, a few seconds)")
-        sensor = open_sensor(config)
+        sensor = wiring.open_sensor(config)
     cgfs = CgroupFS()
     rel = f"/envelope.record/{os.getpid()}-{uuid.uuid4().hex[:8]}"
     cg_path, cg_id = cgfs.make(rel)
-    agg = Aggregator(config.node_name, store, syscall_namer(), caps=config.caps)
-    agg.bind(cg_id, workload, session, meta={"cgroup": rel, "argv": list(argv)},
-             fingerprints=fingerprints)
-    bound = {cg_id}
+    agg = wiring.aggregator(config, wiring.profile_store(config))
+    binding = TreeBinding(str(cg_path), workload, session, meta={"cgroup": rel, "argv": list(argv)},
+                          fingerprints=fingerprints)
+    pump = Pump(sensor, binding, agg, counts_interval=config.poll_interval)
+    binding.bind(cg_id, agg)
     loss_before = sensor.loss()
     forwarded: list[int] = []
     proc = None
@@ -102,27 +84,16 @@ def record(config: Config, workload: Workload, argv: Sequence[str], session: str
         old = {s: signal.signal(s, lambda n, _f: (forwarded.append(n), proc.send_signal(n)))
                for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            next_counts = 0.0
             while proc.poll() is None:
-                _drain(sensor, agg, 100)
-                now = time.monotonic()
-                if now >= next_counts:
-                    _bind_children(agg, cg_path, bound, workload, session)
-                    agg.on_counts(sensor.syscall_counts(after_exec={cg_id}), time.time())
-                    next_counts = now + config.poll_interval
+                pump.step(100)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
         # The command is done; end whatever it left behind in the cgroup, then drain the rest.
         cgfs.kill_all(rel)
-        _bind_children(agg, cg_path, bound, workload, session)
-        for _ in range(3):
-            if not _drain(sensor, agg, 50):
-                break
-        agg.on_counts(sensor.syscall_counts(after_exec={cg_id}), time.time())
+        pump.finish()
         loss_after = sensor.loss()
         loss = {k: v - loss_before.get(k, 0) for k, v in loss_after.items() if v - loss_before.get(k, 0) > 0}
-        agg.add_loss(loss, [workload])
         code = exit_status(proc.returncode)
         agg.close_session(workload, session, meta={"exit_code": code})
         agg.flush()
@@ -137,29 +108,9 @@ def record(config: Config, workload: Workload, argv: Sequence[str], session: str
             cgfs.remove_empty_parents(rel)
         except Exception as e:  # noqa: BLE001 - cleanup must not hide the command's result
             log.warning("cgroup cleanup failed", cgroup=rel, error=str(e))
-        for cg in bound:
-            sensor.forget_cgroup(cg)
+        pump.release()
         if own_sensor:
             sensor.close()
-
-
-def _drain(sensor, agg: Aggregator, timeout_ms: int) -> int:
-    events = sensor.poll(timeout_ms)
-    for ev in events:
-        agg.on_event(ev, sensor.wall_time(ev.ktime))
-    return len(events)
-
-
-def _bind_children(agg: Aggregator, cg_path, bound: set, workload: Workload, session: str) -> None:
-    """Cgroups the command created below its own belong to the same session."""
-    for dirpath, _dirs, _files in os.walk(cg_path):
-        try:
-            child_id = cgroup_id(dirpath)
-        except CgroupError:
-            continue
-        if child_id not in bound:
-            bound.add(child_id)
-            agg.bind(child_id, workload, session)
 
 
 def progress_printer(enabled: bool = True) -> Callable[[str], None]:

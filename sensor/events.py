@@ -14,13 +14,13 @@ so the poll loop can report them as loss.
 from __future__ import annotations
 
 import ipaddress
-import re
 import struct
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import ClassVar, Union
+from typing import ClassVar, Union  # noqa: F401 - ClassVar: dataclasses reads string annotations
 
 from . import syscalls
+from .mirrors import Mirror
 from .workload import exec_key, net_key, syscall_key
 
 # Event types (EV_* in bpf/events.h). Numbers are never reused.
@@ -66,47 +66,11 @@ EGRESS_OP_SENDMSG = 1
 EGRESS_ACTION_ALERTED = 0
 EGRESS_ACTION_DENIED = 1
 
-SYSCALL_NR_SLOTS = 512
-SYSCALL_BANKS = 2  # counters before (0) and from (1) a cgroup's first exec
 
 _PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
 
 
 # ---- struct mirrors ---------------------------------------------------------------------------
-
-
-class Mirror:
-    """A C struct as a list of ``(name, struct format)`` fields, little-endian, no implicit
-    padding: holes are fields named ``pad*`` so a layout change shows up as a size mismatch."""
-
-    fields: ClassVar[tuple[tuple[str, str], ...]] = ()
-    c_name: ClassVar[str] = ""
-    _struct: ClassVar[struct.Struct]
-    _names: ClassVar[tuple[str, ...]]
-
-    def __init_subclass__(cls, **kw):
-        super().__init_subclass__(**kw)
-        cls._struct = struct.Struct("<" + "".join(f for _, f in cls.fields))
-        cls._names = tuple(n for n, _ in cls.fields)
-
-    @classmethod
-    def size(cls) -> int:
-        return cls._struct.size
-
-    @classmethod
-    def unpack(cls, buf, offset: int = 0) -> dict:
-        return dict(zip(cls._names, cls._struct.unpack_from(buf, offset)))
-
-    @classmethod
-    def pack(cls, **values) -> bytes:
-        """Encode (tests and golden files); missing fields are zero."""
-        out = []
-        for n, f in cls.fields:
-            v = values.get(n)
-            if v is None:
-                v = b"" if f.endswith("s") else 0
-            out.append(v)
-        return cls._struct.pack(*out)
 
 
 class EventHeader(Mirror):
@@ -281,34 +245,6 @@ class SeccompDenialRecord(Mirror):
     type = EV_SECCOMP_DENIAL
     version = 1
     fields = _HDR + (("cgroup_id", "Q"), ("pid", "I"), ("nr", "I"), ("ret", "q"))
-
-
-class SyscallSlotState(Mirror):
-    """Owner and first-seen bitmap of one cgroup slot (not a ring-buffer record).
-
-    struct syscall_slot_state {
-        __u64 cgroup_id;                   /* owner of the slot; 0 while free */
-        __u64 seen[SYSCALL_NR_SLOTS / 64]; /* first-seen bitmap by syscall number */
-        __u32 bank;                        /* 1 once a task of the cgroup has exec'd */
-        __u32 pad;
-    };
-    """
-
-    c_name = "syscall_slot_state"
-    fields = ((("cgroup_id", "Q"),) + tuple((f"seen{i}", "Q") for i in range(SYSCALL_NR_SLOTS // 64))
-              + (("bank", "I"), ("pad", "I")))
-
-
-class SyscallSlotCounts(Mirror):
-    """Per-CPU syscall counters of one cgroup slot (not a ring-buffer record).
-
-    struct syscall_slot_counts {
-        __u64 count[SYSCALL_BANKS * SYSCALL_NR_SLOTS]; /* bank b, nr n at count[b * 512 + n] */
-    };
-    """
-
-    c_name = "syscall_slot_counts"
-    fields = tuple((f"count{i}", "Q") for i in range(SYSCALL_BANKS * SYSCALL_NR_SLOTS))
 
 
 RECORDS: dict[int, type[Mirror]] = {
@@ -574,14 +510,3 @@ class Decoder:
             self.last_error = ev
             return None
         return ev
-
-
-# ---- header parsing (used by tests and the loader's consistency check) -------------------------
-
-
-def parse_header_defines(text: str) -> dict[str, int]:
-    """``#define NAME <integer>`` lines of a C header, as a dict."""
-    out = {}
-    for m in re.finditer(r"^\s*#define\s+(\w+)\s+(0x[0-9a-fA-F]+|\d+)\b", text, re.M):
-        out[m.group(1)] = int(m.group(2), 0)
-    return out

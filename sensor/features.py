@@ -6,15 +6,11 @@ lie on distribution and vendor kernels (features are backported, or configured o
 only trustworthy answer is the kernel's own. Each check returns a :class:`Check` with ``ok``,
 a ``detail`` of what was found and a ``fix`` that says what to do.
 
-The raw ``bpf(2)`` wrappers here use ctypes and need no bcc; the loader reuses
-:func:`link_create` for cgroup programs so they detach when the sensor's process exits.
+The ``bpf(2)`` commands come from :mod:`sensor.kernel`, the one kernel binding.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
 import os
 import platform
 import re
@@ -22,29 +18,16 @@ import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# bpf(2) commands and types (uapi/linux/bpf.h).
-BPF_MAP_CREATE = 0
-BPF_PROG_LOAD = 5
-BPF_RAW_TRACEPOINT_OPEN = 17
-BPF_LINK_CREATE = 28
-BPF_MAP_TYPE_ARRAY = 2
-BPF_MAP_TYPE_RINGBUF = 27
-BPF_PROG_TYPE_RAW_TRACEPOINT = 17
-BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
-BPF_PROG_TYPE_TRACING = 26
-BPF_PROG_TYPE_LSM = 29
-BPF_CGROUP_INET4_CONNECT = 10
-BPF_TRACE_FENTRY = 24
-BPF_LSM_MAC = 27
-BPF_F_ALLOW_MULTI = 2
+from .kernel import (
+    BPF_CGROUP_INET4_CONNECT, BPF_LSM_MAC, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_RINGBUF,
+    BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_PROG_TYPE_LSM, BPF_PROG_TYPE_RAW_TRACEPOINT,
+    BPF_PROG_TYPE_TRACING, BPF_TRACE_FENTRY, BpfError, close_fds, link_create, map_create,
+    open_cgroup, prog_load, raw_tracepoint_open,
+)
 
-_NR_BPF = {"x86_64": 321, "aarch64": 280}
-_NR_BPF_HERE = _NR_BPF.get(platform.machine(), -1)
 # r0 = 1; exit
 _RETURN_ONE = bytes.fromhex("b700000001000000" "9500000000000000")
 _RETURN_ZERO = bytes.fromhex("b700000000000000" "9500000000000000")
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 # Tracepoints and the fields of each that bpf/sensor.c reads.
@@ -57,101 +40,6 @@ TRACEPOINTS = {
     "cgroup/cgroup_rmdir": ("root", "id"),
     "raw_syscalls/sys_enter": ("id", "args"),
 }
-
-
-class BPFError(OSError):
-    pass
-
-
-def bpf(cmd: int, attr: bytes) -> int:
-    """The raw ``bpf(2)`` syscall; returns its result or raises :class:`BPFError`."""
-    nr = _NR_BPF.get(platform.machine())
-    if nr is None:
-        raise BPFError(errno.ENOSYS, f"bpf(2) number unknown on {platform.machine()}")
-    buf = ctypes.create_string_buffer(attr, max(len(attr), 128))
-    ret = _libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), buf, ctypes.c_uint(len(buf)))
-    if ret < 0:
-        e = ctypes.get_errno()
-        raise BPFError(e, os.strerror(e))
-    return ret
-
-
-class _MapAttr(ctypes.Structure):
-    _fields_ = [("map_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("key", ctypes.c_uint64),
-                ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
-
-
-BPF_MAP_LOOKUP_ELEM = 1
-BPF_MAP_UPDATE_ELEM = 2
-BPF_MAP_DELETE_ELEM = 3
-BPF_MAP_GET_NEXT_KEY = 4
-BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
-BPF_NOEXIST = 1
-
-
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
-_syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint]
-_MAP_ATTR_SIZE = ctypes.sizeof(_MapAttr)
-
-
-def map_op(cmd: int, fd: int, key=None, value=None, flags: int = 0) -> int:
-    """One map command on ctypes objects (or None); returns 0 or the errno. For
-    GET_NEXT_KEY ``value`` receives the next key; for queues and stacks ``key`` is None."""
-    attr = _MapAttr(fd, 0, ctypes.addressof(key) if key is not None else 0,
-                    ctypes.addressof(value) if value is not None else 0, flags)
-    if _syscall(_NR_BPF_HERE, cmd, ctypes.addressof(attr), _MAP_ATTR_SIZE) < 0:
-        return ctypes.get_errno()
-    return 0
-
-
-def possible_cpus() -> int:
-    """How many CPUs per-CPU maps hold a value for (``/sys/devices/system/cpu/possible``)."""
-    n = 0
-    for part in Path("/sys/devices/system/cpu/possible").read_text().strip().split(","):
-        lo, _, hi = part.partition("-")
-        n += int(hi or lo) - int(lo) + 1
-    return n
-
-
-def map_create(map_type: int, key_size: int, value_size: int, max_entries: int) -> int:
-    return bpf(BPF_MAP_CREATE, struct.pack("<IIIII", map_type, key_size, value_size,
-                                           max_entries, 0))
-
-
-def prog_load(prog_type: int, insns: bytes, expected_attach_type: int = 0,
-              attach_btf_id: int = 0) -> int:
-    insn_buf = ctypes.create_string_buffer(insns, len(insns))
-    lic = ctypes.create_string_buffer(b"GPL")
-    attr = bytearray(128)
-    struct.pack_into("<IIQQ", attr, 0, prog_type, len(insns) // 8,
-                     ctypes.addressof(insn_buf), ctypes.addressof(lic))
-    struct.pack_into("<I", attr, 68, expected_attach_type)
-    struct.pack_into("<I", attr, 108, attach_btf_id)
-    return bpf(BPF_PROG_LOAD, bytes(attr))
-
-
-def raw_tracepoint_open(name: str, prog_fd: int) -> int:
-    cname = ctypes.create_string_buffer(name.encode())
-    return bpf(BPF_RAW_TRACEPOINT_OPEN, struct.pack("<QI", ctypes.addressof(cname), prog_fd))
-
-
-def link_create(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) -> int:
-    """A BPF link: the attachment lives exactly as long as the returned fd.
-
-    For cgroup programs a link attaches like ``BPF_F_ALLOW_MULTI``: it runs alongside other
-    programs on the same cgroup, including enforcement programs attached by other loaders.
-    """
-    return bpf(BPF_LINK_CREATE, struct.pack("<IIII", prog_fd, target_fd, attach_type, flags))
-
-
-def _close(*fds: int) -> None:
-    for fd in fds:
-        if fd is not None and fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 # ---- BTF: enough of the format to find a function's type id -----------------------------------
@@ -220,21 +108,21 @@ def check_root() -> Check:
 def check_bpf_permission() -> Check:
     try:
         fd = map_create(BPF_MAP_TYPE_ARRAY, 4, 8, 1)
-    except BPFError as e:
-        return Check("bpf_permission", False, f"bpf(BPF_MAP_CREATE): {e.strerror}",
+    except BpfError as e:
+        return Check("bpf_permission", False, f"bpf(BPF_MAP_CREATE): {os.strerror(e.errno or 0)}",
                      "run as root; check kernel.unprivileged_bpf_disabled and that no seccomp "
                      "profile or container runtime blocks bpf(2)")
-    _close(fd)
+    close_fds([fd])
     return Check("bpf_permission", True, "bpf(2) creates maps")
 
 
 def check_ringbuf() -> Check:
     try:
         fd = map_create(BPF_MAP_TYPE_RINGBUF, 0, 0, 4096)
-    except BPFError as e:
-        return Check("ringbuf", False, f"BPF_MAP_TYPE_RINGBUF: {e.strerror}",
+    except BpfError as e:
+        return Check("ringbuf", False, f"BPF_MAP_TYPE_RINGBUF: {os.strerror(e.errno or 0)}",
                      "needs a kernel with BPF ring buffers (CONFIG_BPF_SYSCALL, 5.8 or later)")
-    _close(fd)
+    close_fds([fd])
     return Check("ringbuf", True, "ring buffer map created")
 
 
@@ -243,12 +131,12 @@ def check_raw_tracepoint() -> Check:
     try:
         prog = prog_load(BPF_PROG_TYPE_RAW_TRACEPOINT, _RETURN_ZERO)
         link = raw_tracepoint_open("sys_enter", prog)
-    except BPFError as e:
+    except BpfError as e:
         step = "load" if prog is None else "attach to sys_enter"
-        return Check("raw_tracepoint", False, f"raw tracepoint {step}: {e.strerror}",
+        return Check("raw_tracepoint", False, f"raw tracepoint {step}: {os.strerror(e.errno or 0)}",
                      "needs BPF raw tracepoints (CONFIG_BPF_EVENTS); syscall counting needs them")
     finally:
-        _close(link, prog)
+        close_fds([link, prog])
     return Check("raw_tracepoint", True, "raw tracepoint program attached to sys_enter")
 
 
@@ -285,7 +173,7 @@ def check_tracepoints() -> Check:
         try:
             have = set(parse_tracepoint_fields(fmt.read_text()))
         except OSError as e:
-            problems.append(f"{tp}: {e.strerror}")
+            problems.append(f"{tp}: {os.strerror(e.errno or 0)}")
             continue
         missing = [f for f in fields if f not in have]
         if missing:
@@ -321,15 +209,15 @@ def check_cgroup_bpf() -> Check:
         prog = prog_load(BPF_PROG_TYPE_CGROUP_SOCK_ADDR, _RETURN_ONE, BPF_CGROUP_INET4_CONNECT)
         step = f"create {scratch}"
         scratch.mkdir()
-        cg = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
+        cg = open_cgroup(scratch)
         step = "link connect4 into a cgroup"
         link = link_create(prog, cg, BPF_CGROUP_INET4_CONNECT)
     except OSError as e:
-        return Check("cgroup_bpf", False, f"{step}: {e.strerror}",
+        return Check("cgroup_bpf", False, f"{step}: {os.strerror(e.errno or 0)}",
                      "needs CONFIG_CGROUP_BPF and a writable cgroup v2 mount; network "
                      "destinations are observed with cgroup sock_addr programs")
     finally:
-        _close(link, cg, prog)
+        close_fds([link, cg, prog])
         try:
             scratch.rmdir()
         except OSError:
@@ -399,17 +287,17 @@ def _check_btf_prog(name: str, prog_type: int, attach_type: int, func: str, fix:
     try:
         btf_id = btf_func_id(func)
     except OSError as e:
-        return Check(name, False, f"read BTF: {e.strerror}", fix, required=False)
+        return Check(name, False, f"read BTF: {os.strerror(e.errno or 0)}", fix, required=False)
     if btf_id is None:
         return Check(name, False, f"no BTF function {func}", fix, required=False)
     fd = None
     try:
         fd = prog_load(prog_type, _RETURN_ZERO, attach_type, btf_id)
-    except BPFError as e:
-        return Check(name, False, f"load {name} program on {func}: {e.strerror}", fix,
+    except BpfError as e:
+        return Check(name, False, f"load {name} program on {func}: {os.strerror(e.errno or 0)}", fix,
                      required=False)
     finally:
-        _close(fd)
+        close_fds([fd])
     return Check(name, True, f"{name} program loads on {func}", required=False)
 
 

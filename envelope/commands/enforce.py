@@ -73,13 +73,13 @@ def workload_cgroups(workload, host_root: str | os.PathLike = "/") -> list[str]:
 
 def cmd_enforce(args, config) -> int:
     from enforcer import state
-    from enforcer.apply import ApplyError, Enforcer
     from enforcer.egress import EgressError
+    from enforcer.session import ApplyError, EnforcementSession
     from enforcer.policy import PolicyError, load_policy
     from sensor.cgroup import CgroupError, cgroup2_mount_point
     from sensor.workload import Workload
 
-    enforcer = Enforcer(config.state_dir, config.bpffs)
+    enforcer = EnforcementSession(config.state_dir, pinned=True, bpffs=config.bpffs)
     if args.remove:
         if not args.reason:
             raise UserError("--reason is required with --remove")

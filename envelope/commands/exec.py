@@ -2,17 +2,20 @@
 
 Runs CMD inside its policy, standalone (no daemon):
 
-1. a fresh cgroup v2 (``<cgroup2>/envelope/exec-<pid>-<n>``) gets the egress programs
-   (``bpf/egress.c``, not pinned: they live as long as this command) with the policy's rules,
-   active exceptions included, in the chosen mode;
-2. the seccomp denial probe (``bpf/denials.c``) watches that cgroup;
-3. the child joins the cgroup, loads the libseccomp filter built from the policy and execs CMD
-   (``os.fork`` + ``os.execv``: nothing runs between the filter load and ``execve``, and
-   ``execve`` is added to the filter's allowed set when the policy lacks it, reported as
+1. a fresh cgroup v2 (``<cgroup2>/envelope/exec-<pid>-<n>``) is enforced by an unpinned
+   enforcement session (:mod:`enforcer.session`): the egress programs (``bpf/egress.c``, they
+   live as long as this command) with the policy's rules, active exceptions included, in the
+   chosen mode, and the seccomp denial probe (``bpf/denials.c``) watching that cgroup;
+2. the child joins the cgroup, loads the libseccomp filter built from the policy
+   (:func:`enforcer.seccomp.profile_for`, target ``exec``) and execs CMD (``os.fork`` +
+   ``os.execv``: nothing runs between the filter load and ``execve``, and ``execve`` is added
+   to the filter's allowed set when the policy lacks it, reported as
    ``runtime-completeness:envelope-exec``);
-4. while CMD runs, egress violations and seccomp denials are drained from the ring buffers,
-   judged against the watch list, and egress exceptions are re-synced when one starts or lapses;
-5. CMD's exit status is passed through (128+N for a signal); violations go to
+3. while CMD runs, violations come out of the session; the sensor pump (:mod:`sensor.pump`)
+   observes the cgroup so that detection (watch list, probabilistic rules, execs outside the
+   policy) judges every behaviour, allowed ones included; egress exceptions are re-synced
+   when one starts or lapses;
+4. CMD's exit status is passed through (128+N for a signal); violations go to
    ``<state-dir>/violations.jsonl``; the cgroup and programs are removed.
 """
 
@@ -31,7 +34,6 @@ from ..errors import UserError
 
 log = structlog.get_logger(__name__)
 
-EXEC_RULE = "runtime-completeness:envelope-exec"
 _counter = 0
 
 
@@ -67,7 +69,7 @@ def cmd_exec(args, config) -> int:
     if os.geteuid() != 0:
         raise UserError("exec: needs root (cgroup and BPF attach)")
     from enforcer import audit
-    from enforcer.egress import policy_hash
+    from enforcer.policy import policy_hash
     details = {"mode": mode, "policy_mode": policy.mode, "policy_sha256": policy_hash(policy).hex(),
                "command": argv, "low_confidence": policy.low_confidence}
     action = "exec.override" if mode != policy.mode else "exec.apply"
@@ -90,146 +92,89 @@ class ExecRunner:
         self.poll_interval = poll_interval
         self.violations: list = []
         self.decode_errors = 0
-        self.sensor = None
         self.lost = 0
-        self.observe = lambda: None
-        self._syscall_seen: dict[int, int] = {}
-
-    # -- watch list and detection: live observation through the sensor --
-
-    def _start_sensor(self) -> None:
-        """The watch list and detection rules need every behaviour, allowed ones included."""
-        try:
-            from sensor.probes import Sensor
-            sensor = Sensor()
-            sensor.attach()
-        except Exception as e:  # judged from violations only, and said so
-            log.warning("sensor unavailable: watch list judged on violations only, detection rules "
-                        "not judged", error=str(e))
-            return
-        self.sensor = sensor
 
     def _reports_execs(self) -> bool:
         """exec is observed and reported, not enforced: this kernel refuses BPF-LSM programs."""
         return "exec" in self.policy.substrates and self.mode != "observe"
 
-    def _observe(self, judge, session: str, cg_id: int) -> None:
-        if self.sensor is None:
-            return
-        from sensor import syscalls
-        from sensor.events import SyscallFirstEvent
-        from sensor.workload import syscall_key
-        for ev in self.sensor.poll(0):
-            if getattr(ev, "cgroup_id", None) != cg_id or isinstance(ev, SyscallFirstEvent):
-                continue  # syscalls are counted below, from the counters
-            key = ev.behaviour_key()
-            if not key:
-                continue
-            t = self.sensor.wall_time(ev.ktime)
-            self.violations.extend(judge.observe(session, key, 1, t))
-        counts = self.sensor.syscall_counts().get(cg_id, {})
-        now = time.time()
-        for nr, total in counts.items():
-            delta = total - self._syscall_seen.get(nr, 0)
-            if delta > 0:
-                self._syscall_seen[nr] = total
-                self.violations.extend(judge.observe(session, syscall_key(syscalls.name(nr)), delta, now))
-
-    # -- setup --
-
-    def _seccomp_filter(self):
+    def _seccomp(self):
+        """The filter the child loads, or None when syscalls are not constrained."""
         from enforcer import exceptions as exc
-        from enforcer.seccomp import build_filter, compile_oci
+        from enforcer.seccomp import build_filter, profile_for
         if "syscall" not in self.policy.substrates or self.mode == "observe":
-            return None, ()
-        extra = exc.syscall_allowances(self.config.state_dir, self.policy.workload)
-        if "execve" not in self.policy.syscalls and "execve" not in extra:
-            extra["execve"] = EXEC_RULE
-            log.info("execve added to the filter: the child loads it just before execve",
-                     rule=EXEC_RULE)
-        compiled = compile_oci(self.policy, self.mode, extra_allow=extra)
-        skipped: list = []
-        flt = build_filter(self.policy, self.mode, extra_allow=extra, skipped=skipped)
-        return flt, compiled.allowed()
+            return None
+        compiled = profile_for(self.policy, self.mode, target="exec",
+                               exceptions=exc.syscall_allowances(self.config.state_dir,
+                                                                 self.policy.workload))
+        return build_filter(compiled, skipped=[])
+
+    def _pump(self, judge, cg_path: str, session: str):
+        """The sensor pump over the command's cgroup, feeding the judge every behaviour; None
+        (said in a warning) when the sensor cannot attach."""
+        from sensor.pump import Pump, TreeBinding
+        from .. import wiring
+        try:
+            sensor = wiring.open_sensor(self.config)
+        except UserError as e:
+            log.warning("sensor unavailable: watch list judged on violations only, detection "
+                        "rules not judged", error=str(e))
+            return None
+        agg = wiring.aggregator(self.config)
+
+        def judged(_workload, sess, key, count, ts):
+            if key is not None and sess == session:
+                self.violations.extend(judge.observe(session, key, count, ts))
+
+        agg.listeners.append(judged)
+        binding = TreeBinding(cg_path, self.policy.workload, session)
+        pump = Pump(sensor, binding, agg, counts_interval=self.poll_interval)
+        binding.bind(binding.root_id, agg)
+        return pump
 
     def run(self, path: str, argv: list[str]) -> int:
-        from enforcer import apply as ap
-        from enforcer.denials import DenialProbe, DenialProbeError
-        from enforcer.egress import EgressError, EgressProgram, RingBufferReader
-        from enforcer.exceptions import active_exceptions, next_expiry
-        from enforcer.seccomp import DENY_ERRNO
-        from enforcer.violations import Judge, from_record
-        from sensor.events import DecodeError
-        from sensor.cgroup import CgroupFS, CgroupError
+        from enforcer.session import ApplyError
+        from enforcer.violations import Judge
+        from sensor.cgroup import CgroupError, CgroupFS
+        from .. import wiring
 
         global _counter
         _counter += 1
         cgfs = CgroupFS()
         rel = f"/envelope/exec-{os.getpid()}-{_counter}"
-        prog = probe = reader = None
+        session_id = f"exec-{os.getpid()}-{_counter}"
+        enforcement = pump = None
         child = None
         judge = Judge(self.policy, report_execs=self._reports_execs())
-        session = f"exec-{os.getpid()}-{_counter}"
-        state_dir = self.config.state_dir
         try:
             try:
-                cg_path, cg_id = cgfs.make(rel)
+                cg_path, _cg_id = cgfs.make(rel)
             except CgroupError as e:
                 raise UserError(f"exec: {e}") from None
             try:
-                flt, allowed = self._seccomp_filter()
+                flt = self._seccomp()
             except ValueError as e:  # SeccompCompileError, an unknown syscall name
                 raise UserError(f"exec: seccomp filter: {e}") from None
-
-            emode = ap.egress_mode(self.policy, self.mode)
-            excs = active_exceptions(state_dir, self.policy.workload)
-            sig = tuple(sorted(e.id for e in excs))
+            enforcement = wiring.enforcement_session(self.config, pinned=False,
+                                                     denials=flt is not None)
             try:
-                if emode != "observe":
-                    prog = EgressProgram.load(self.workload, pin_dir=None)
-                    prog.write_policy(ap.effective_rules(self.policy, excs), emode, grace=0)
-                    prog.attach(str(cg_path))
-            except EgressError as e:
+                enforcement.apply(self.policy, self.mode, [str(cg_path)], seccomp_target="exec")
+            except ApplyError as e:
                 raise UserError(f"exec: egress enforcement: {e}") from None
-
-            reader = RingBufferReader()
-            now = time.time
-
-            def on_record(raw: bytes) -> None:
-                v = from_record(raw, lambda _cid: self.workload, now())
-                if v is None:
-                    return
-                if isinstance(v, DecodeError):
-                    self.decode_errors += 1
-                    log.warning("undecodable record", kind=v.kind, reason=v.reason)
-                    return
-                self.violations.append(v)
-                # With the sensor running it reports every behaviour (denied egress too, its
-                # root hook runs after ours); seccomp denials never reach it.
-                if self.sensor is None or v.substrate == "syscall":
-                    self.violations.extend(judge.observe(session, v.behaviour, 1, v.time))
-
-            if prog is not None:
-                reader.add(prog.maps["events"].fd, on_record)
-            if flt is not None:
-                try:
-                    probe = DenialProbe()
-                except DenialProbeError as e:
-                    raise UserError(f"exec: seccomp denial visibility: {e}") from None
-                probe.watch(cg_id, self.mode, DENY_ERRNO, allowed)
-                reader.add(probe.events_fd, on_record)
-
+            if flt is not None and not enforcement.want_denials:
+                raise UserError("exec: seccomp denial visibility: the denial probe did not load "
+                                "(see the log above)")
             if self.policy.watch or self.policy.detection or self._reports_execs():
-                self._start_sensor()
-            self.observe = lambda: self._observe(judge, session, cg_id)
+                pump = self._pump(judge, str(cg_path), session_id)
             child = self._spawn(path, argv, cgfs, rel, flt)
-            status = self._supervise(child, reader, prog, excs, sig, next_expiry)
+            status = self._supervise(child, enforcement, pump, judge, session_id)
             child = None
-            reader.poll(0)
-            reader.drain()
-            self.observe()
-            self.lost = (prog.lost() if prog is not None else 0) + (probe.lost() if probe is not None else 0)
-            self.violations.extend(judge.close_session(session, now()))
+            if pump is not None:
+                pump.finish()
+            self._take(enforcement.poll_violations(0), judge, pump, session_id)
+            self.decode_errors = enforcement.decode_errors
+            self.lost = sum(enforcement.lost().values())
+            self.violations.extend(judge.close_session(session_id, time.time()))
             return status
         finally:
             if child is not None:
@@ -238,24 +183,25 @@ class ExecRunner:
                     os.waitpid(child, 0)
                 except (ProcessLookupError, ChildProcessError):
                     pass
-            if reader is not None:
-                try:
-                    reader.drain()
-                except Exception:
-                    pass
             try:
                 cgfs.remove(rel)  # the shared parent <cgroup2>/envelope stays: concurrent runs use it
             except Exception as e:
                 log.warning("cgroup cleanup failed", cgroup=rel, error=str(e))
-            if prog is not None:
-                prog.close()
-            if probe is not None:
-                probe.close()
-            if reader is not None:
-                reader.close()
-            if self.sensor is not None:
-                self.sensor.close()
+            if enforcement is not None:
+                enforcement.close()
+            if pump is not None:
+                pump.release()
+                pump.sensor.close()
             self._store()
+
+    def _take(self, found: list, judge, pump, session: str) -> None:
+        """Violations from the kernel. With the pump running it reports every behaviour to the
+        judge (denied egress too: the sensor's root hook runs after ours); seccomp denials never
+        reach it."""
+        for v in found:
+            self.violations.append(v)
+            if pump is None or v.substrate == "syscall":
+                self.violations.extend(judge.observe(session, v.behaviour, v.count, v.time))
 
     def _store(self) -> None:
         from enforcer.violations import ViolationStore, fold
@@ -311,10 +257,7 @@ class ExecRunner:
             raise UserError(f"exec: {err.decode(errors='replace')}")
         return pid
 
-    def _supervise(self, pid: int, reader, prog, excs, sig, next_expiry) -> int:
-        from enforcer import apply as ap
-        from enforcer.exceptions import active_exceptions
-
+    def _supervise(self, pid: int, enforcement, pump, judge, session: str) -> int:
         forwarded = {}
 
         def forward(signum, _frame):
@@ -326,11 +269,12 @@ class ExecRunner:
         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             forwarded[s] = signal.signal(s, forward)
         timeout_ms = max(1, int(self.poll_interval * 1000))
-        state_dir = self.config.state_dir
         try:
             while True:
-                reader.poll(timeout_ms)
-                self.observe()
+                self._take(enforcement.poll_violations(0 if pump else timeout_ms), judge, pump,
+                           session)
+                if pump is not None:
+                    pump.step(timeout_ms)
                 try:
                     done, status = os.waitpid(pid, os.WNOHANG)
                 except ChildProcessError:
@@ -339,15 +283,7 @@ class ExecRunner:
                     if os.WIFSIGNALED(status):
                         return 128 + os.WTERMSIG(status)
                     return os.WEXITSTATUS(status)
-                if prog is not None:
-                    cur = active_exceptions(state_dir, self.policy.workload)
-                    cur_sig = tuple(sorted(e.id for e in cur))
-                    if cur_sig != sig:
-                        mode = ap.egress_mode(self.policy, self.mode)
-                        prog.write_policy(ap.effective_rules(self.policy, cur), mode, grace=0.01)
-                        log.info("egress exceptions re-synced", workload=self.workload,
-                                 exceptions=list(cur_sig))
-                        sig = cur_sig
+                enforcement.sync()  # exceptions that start or lapse reach the running command
         finally:
             for s, h in forwarded.items():
                 signal.signal(s, h)

@@ -41,24 +41,24 @@ def snapshot(observer, prev: dict, prev_loss: dict, elapsed: float) -> tuple[dic
 
 
 def cmd_top(args, config) -> int:
-    from sensor.aggregate import Aggregator
     from sensor.identity import Resolver
+    from sensor.pump import NodeBinding, Pump
 
+    from .. import wiring
     from ..daemon import own_cgroup_id
-    from ..node import NodeObserver
-    from ..recording import open_sensor, progress_printer, syscall_namer
+    from ..recording import progress_printer
 
     say = progress_printer(sys.stderr.isatty() or args.output == "table")
     say("attaching probes (compiling BPF, a few seconds)")
-    sensor = open_sensor(config)
+    sensor = wiring.open_sensor(config)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        agg = Aggregator(config.node_name, None, syscall_namer(), caps=config.caps)
-        observer = NodeObserver(sensor, Resolver(host_root=config.host_root), agg,
-                                poll_interval=min(config.poll_interval, args.interval),
-                                ignore_cgroups={c for c in [own_cgroup_id()] if c is not None})
+        binding = NodeBinding(Resolver(host_root=config.host_root),
+                              ignore_cgroups={c for c in [own_cgroup_id()] if c is not None})
+        observer = Pump(sensor, binding, wiring.aggregator(config),
+                        counts_interval=min(config.poll_interval, args.interval))
         prev, prev_loss = {}, sensor.loss()
         last = time.monotonic()
         shown = 0

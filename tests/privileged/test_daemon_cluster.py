@@ -134,5 +134,5 @@ def test_daemon_publishes_profiles_and_applies_policies_through_the_api(tmp_path
                 daemon.kill()
                 daemon.wait()
             # The pinned egress set outlives the daemon by design; this test removes it.
-            from enforcer.apply import Enforcer
-            Enforcer(tmp_path / "state").remove(W, reason="test cleanup")
+            from enforcer.session import EnforcementSession
+            EnforcementSession(tmp_path / "state").remove(W, reason="test cleanup")

@@ -37,7 +37,7 @@ def probe():
 
 
 def collect(probe):
-    from enforcer.egress import RingBufferReader
+    from sensor.kernel import RingReader as RingBufferReader
     from sensor.events import decode
     events = []
     reader = RingBufferReader()
@@ -78,7 +78,7 @@ def _errno_of(fn) -> int:
 
 def test_denial_reported_once_per_call_and_ordinary_eperm_not(probe, cgroups):
     import seccomp
-    from enforcer.denials import syscall_name
+    from sensor.syscalls import name as syscall_name
     from enforcer.seccomp import DENY_ERRNO
     path, cid = cgroups["watched"]
     probe.watch(cid, "enforce", DENY_ERRNO)
@@ -129,7 +129,7 @@ def test_unwatched_cgroup_is_not_reported(probe, cgroups):
 
 def test_alert_mode_reports_calls_outside_the_allowed_set(probe, cgroups):
     import seccomp
-    from enforcer.denials import syscall_name
+    from sensor.syscalls import name as syscall_name
     path, cid = cgroups["watched"]
     allowed = [syscall_name(nr) for nr in range(0, 512) if syscall_name(nr) != "getsid"]
     probe.watch(cid, "alert", errno.EPERM, [n for n in allowed if not n.startswith("nr_")])

@@ -101,9 +101,9 @@ def connect_in(cgroup_path: Path, port: int, host="127.0.0.1") -> int:
 LOADER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})
-    from enforcer.apply import Enforcer
+    from enforcer.session import EnforcementSession
     from enforcer.policy import load_policy
-    e = Enforcer({state!r}, "/sys/fs/bpf")
+    e = EnforcementSession({state!r}, bpffs="/sys/fs/bpf")
     e.apply(load_policy({policy!r}), "enforce", [{cgroup!r}], reason="test loader")
     print("ready", flush=True)
     time.sleep(600)
@@ -112,8 +112,10 @@ LOADER = textwrap.dedent("""
 
 def test_sigkill_of_loader_keeps_enforcement_and_restart_adopts(tmp_path, cgroup, workload, ports,
                                                                bpffs_cleanup):
-    from enforcer.apply import Enforcer
-    from enforcer.egress import PROGRAMS, Libbpf, RingBufferReader
+    from enforcer.session import EnforcementSession
+    from enforcer.egress import PROGRAMS
+    from sensor import kernel
+    from sensor.kernel import RingReader as RingBufferReader
     from enforcer.policy import dump_policy
     from sensor.events import decode
     allowed, forbidden, _ = ports
@@ -145,7 +147,7 @@ def test_sigkill_of_loader_keeps_enforcement_and_restart_adopts(tmp_path, cgroup
     assert connect_in(cgroup, forbidden) == errno.EPERM
 
     # A restarted process adopts the pinned set; it does not attach a second copy.
-    e = Enforcer(state, "/sys/fs/bpf")
+    e = EnforcementSession(state, bpffs="/sys/fs/bpf")
     try:
         assert e.adopt_pinned() == [workload.key]
         prog = e.enforced[workload.key].program
@@ -153,7 +155,7 @@ def test_sigkill_of_loader_keeps_enforcement_and_restart_adopts(tmp_path, cgroup
         fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for name, t in PROGRAMS.items():
-                assert Libbpf.query(fd, t) == [prog.prog_ids[name]]
+                assert kernel.prog_query(fd, t) == [prog.prog_ids[name]]
         finally:
             os.close(fd)
         assert e.attach_new_cgroup(workload, cgroup).attached is False  # already there
@@ -201,9 +203,9 @@ SWAP_CHILD = textwrap.dedent("""
 
 
 def test_policy_swap_has_no_allow_all_window(tmp_path, cgroup, workload, ports, bpffs_cleanup):
-    from enforcer.apply import Enforcer
+    from enforcer.session import EnforcementSession
     allowed, forbidden, third = ports
-    e = Enforcer(tmp_path / "state", "/sys/fs/bpf")
+    e = EnforcementSession(tmp_path / "state", bpffs="/sys/fs/bpf")
     a = policy_for(workload, [allowed])
     b = policy_for(workload, [allowed, third], extra_cidrs=300)  # a different, bigger rule set
     stop = tmp_path / "stop"
@@ -239,10 +241,10 @@ def test_policy_swap_has_no_allow_all_window(tmp_path, cgroup, workload, ports, 
 
 
 def test_apply_is_all_or_nothing(tmp_path, cgroup, workload, ports, bpffs_cleanup):
-    from enforcer.apply import ApplyError, Enforcer
-    from enforcer.egress import policy_hash
+    from enforcer.session import ApplyError, EnforcementSession
+    from enforcer.policy import policy_hash
     allowed, forbidden, third = ports
-    e = Enforcer(tmp_path / "state", "/sys/fs/bpf")
+    e = EnforcementSession(tmp_path / "state", bpffs="/sys/fs/bpf")
     not_a_cgroup = tmp_path / "plain-dir"
     not_a_cgroup.mkdir()
     try:
@@ -264,8 +266,7 @@ def test_apply_is_all_or_nothing(tmp_path, cgroup, workload, ports, bpffs_cleanu
         assert e.enforced[workload.key].program.applied().policy_hash == policy_hash(a).hex()
 
         # A policy beyond the map capacity is refused before anything changes.
-        from enforcer.egress import EgressError
-        with pytest.raises(EgressError):
+        with pytest.raises(ApplyError, match="exceed the map capacity.*nothing applied"):
             e.apply(policy_for(workload, [allowed], extra_cidrs=40000), "enforce", [cgroup])
         assert connect_in(cgroup, third) == errno.EPERM
         assert connect_in(cgroup, allowed) == 0
@@ -290,16 +291,16 @@ def test_coexists_with_observation_program_at_cgroup2_root(tmp_path, cgroup, wor
     """The sensor attaches its own sock_addr programs at the cgroup2 root (BPF_F_ALLOW_MULTI);
     both run: the observer sees the connect that the enforcement denies."""
     from bcc import BPF
-    from enforcer.apply import Enforcer
-    from enforcer.egress import BPF_CGROUP_INET4_CONNECT, BPF_F_ALLOW_MULTI, Libbpf
+    from enforcer.session import EnforcementSession
+    from sensor.kernel import BPF_CGROUP_INET4_CONNECT, BPF_F_ALLOW_MULTI, prog_attach, prog_detach
     from sensor.cgroup import cgroup2_mount_point
     allowed, forbidden, _ = ports
     b = BPF(text=OBSERVER.encode())
     fn = b.load_func(b"observe4", BPF.CGROUP_SOCK_ADDR, attach_type=BPF_CGROUP_INET4_CONNECT)
     root_fd = os.open(cgroup2_mount_point(), os.O_RDONLY | os.O_DIRECTORY)
-    e = Enforcer(tmp_path / "state", "/sys/fs/bpf")
+    e = EnforcementSession(tmp_path / "state", bpffs="/sys/fs/bpf")
     try:
-        Libbpf.attach(fn.fd, root_fd, BPF_CGROUP_INET4_CONNECT, BPF_F_ALLOW_MULTI)
+        prog_attach(fn.fd, root_fd, BPF_CGROUP_INET4_CONNECT, BPF_F_ALLOW_MULTI)
         try:
             e.apply(policy_for(workload, [allowed]), "enforce", [cgroup])
             seen0 = b[b"seen"][0].value
@@ -307,7 +308,7 @@ def test_coexists_with_observation_program_at_cgroup2_root(tmp_path, cgroup, wor
             assert connect_in(cgroup, allowed) == 0
             assert b[b"seen"][0].value - seen0 >= 2  # the root observer ran for both
         finally:
-            Libbpf.detach(fn.fd, root_fd, BPF_CGROUP_INET4_CONNECT)
+            prog_detach(fn.fd, root_fd, BPF_CGROUP_INET4_CONNECT)
     finally:
         os.close(root_fd)
         e.remove(workload, reason="test done")
@@ -316,10 +317,10 @@ def test_coexists_with_observation_program_at_cgroup2_root(tmp_path, cgroup, wor
 
 
 def test_mode_change_needs_no_reload(tmp_path, cgroup, workload, ports, bpffs_cleanup):
-    from enforcer.apply import Enforcer
+    from enforcer.session import EnforcementSession
     from enforcer import state as st
     allowed, forbidden, _ = ports
-    e = Enforcer(tmp_path / "state", "/sys/fs/bpf")
+    e = EnforcementSession(tmp_path / "state", bpffs="/sys/fs/bpf")
     try:
         e.apply(policy_for(workload, [allowed]), "enforce", [cgroup])
         prog = e.enforced[workload.key].program
@@ -339,9 +340,9 @@ def test_enforcer_reports_egress_violations_and_seccomp_denials(tmp_path, cgroup
     """The daemon seam: violations come out of the pinned ring buffers and the denial probe,
     attributed to the workload, for a process under the filter compiled from the same policy."""
     import seccomp as _sc
-    from enforcer.apply import Enforcer
+    from enforcer.session import EnforcementSession
     from enforcer.policy import EgressRule, Policy
-    from enforcer.seccomp import build_filter
+    from enforcer.seccomp import build_filter, compile_oci
     allowed, forbidden, _ = ports
     names = []
     for nr in range(512):
@@ -353,8 +354,8 @@ def test_enforcer_reports_egress_violations_and_seccomp_denials(tmp_path, cgroup
             names.append(n)
     policy = Policy(workload=workload, mode="enforce", syscalls=tuple(names),
                     egress=(EgressRule("tcp", "127.0.0.1/32", (allowed,)),))
-    flt = build_filter(policy, "enforce")
-    e = Enforcer(tmp_path / "state", "/sys/fs/bpf", denials=True)
+    flt = build_filter(compile_oci(policy, "enforce"))
+    e = EnforcementSession(tmp_path / "state", bpffs="/sys/fs/bpf", denials=True)
     try:
         e.apply(policy, "enforce", [cgroup])
         r, w = os.pipe()

@@ -516,7 +516,7 @@ def test_a_failed_load_is_one_actionable_error_and_leaves_nothing_attached():
     with pytest.raises(ProbeAttachError) as err:
         s.attach()
     msg = str(err.value)
-    assert msg.startswith(f"compile {Path(__file__).resolve().parents[2] / 'bpf' / 'sensor.c'}:")
+    assert msg.startswith(f"sensor: compile {Path(__file__).resolve().parents[2] / 'bpf' / 'sensor.c'}:")
     assert "; fix: " in msg and "-DMAX_CGROUPS=not_a_number" in msg
     assert not s.attached
     assert [_root_programs(t) for t in hooks] == before

@@ -17,7 +17,7 @@ import pytest
 
 from enforcer.derive import DeriveOptions, derive
 from enforcer.seccomp import DENY_ERRNO, compile_oci
-from envelope.node import session_of
+from sensor.pump import session_of
 from sensor.aggregate import Aggregator
 from sensor.cgroup import CgroupFS
 from sensor.identity import Resolver
@@ -91,7 +91,7 @@ def test_recorded_container_policy_starts_it_again_and_denies_what_it_never_did(
     # A variation that makes a syscall the workload never made is denied, and the denial is
     # reported for the container's cgroup even though seccomp stops it before sys_enter.
     from enforcer.denials import DenialProbe
-    from enforcer.egress import RingBufferReader
+    from sensor.kernel import RingReader as RingBufferReader
     from sensor.events import SeccompDenialEvent, decode
 
     probe, reader = DenialProbe(), RingBufferReader()

@@ -175,7 +175,7 @@ def test_alert_profile_allows_and_logs(tmp_path, containers):
 
 
 def run_filtered(policy: Policy, argv: list[str], mode: str | None = None):
-    flt = seccomp.build_filter(policy, mode)
+    flt = seccomp.build_filter(seccomp.compile_oci(policy, mode))
     return subprocess.run(argv, capture_output=True, text=True, preexec_fn=seccomp.preexec(flt),
                           timeout=30)
 

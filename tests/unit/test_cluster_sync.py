@@ -26,7 +26,7 @@ from tests.kubeconfig import write_kubeconfig  # noqa: E402
 from test_crd_api import FakeKubeAPI  # the local API server for custom objects
 
 from enforcer import audit, state
-from enforcer.apply import ApplyError, CgroupResult
+from enforcer.session import ApplyError, CgroupResult
 from enforcer.crd import ClusterPolicies, is_stale, node_statuses, policy_to_cr
 from enforcer.kubelet import localhost_profile
 from enforcer.policy import EgressRule, Policy

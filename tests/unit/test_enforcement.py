@@ -6,11 +6,13 @@ from pathlib import Path
 from enforcer import state
 from enforcer.policy import Policy
 from envelope.config import Config
+from enforcer.session import EnforcementSession
 from envelope.enforcement import NodeEnforcement
-from envelope.node import NodeObserver
 from sensor.aggregate import Aggregator
+from sensor.pump import NodeBinding, Pump
 from sensor.store import ProfileStore
 from sensor.workload import Workload
+from tests.fakes.kernel import FakeKernel
 
 W = Workload.host("agent")
 
@@ -19,8 +21,9 @@ def setup(tmp_path: Path):
     cfg = Config(state_dir=tmp_path / "state", bpffs=tmp_path / "bpffs")
     (tmp_path / "bpffs").mkdir()
     agg = Aggregator("n1", ProfileStore(cfg.state_dir), {0: "read"}.__getitem__)
-    obs = NodeObserver(sensor=None, resolver=None, aggregator=agg)
-    enf = NodeEnforcement(cfg, sync_interval=0.0, drain_interval=3600.0)
+    obs = Pump(None, NodeBinding(resolver=None), agg)
+    session = EnforcementSession(cfg.state_dir, bpffs=cfg.bpffs, backend=FakeKernel())
+    enf = NodeEnforcement(cfg, session, sync_interval=0.0, drain_interval=3600.0)
     enf.start(obs)
     return cfg, agg, enf
 

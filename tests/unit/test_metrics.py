@@ -37,7 +37,7 @@ class Clock:
 
 
 @dataclass
-class Step:  # the shape of envelope.node.StepStats
+class Step:  # the shape of sensor.pump.StepStats
     events: int = 0
     by_type: dict = field(default_factory=dict)
     new_cgroups: int = 0

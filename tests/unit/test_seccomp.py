@@ -179,7 +179,8 @@ def test_golden_oci_loads_in_libseccomp(golden):
 
 def test_build_filter_skips_unknown_names_and_reports():
     skipped = []
-    f = seccomp.build_filter(policy(["read", "write"]), extra_allow={"not_a_syscall": "exception:x"},
+    f = seccomp.build_filter(seccomp.profile_for(policy(["read", "write"]), target="exec",
+                                                 exceptions={"not_a_syscall": "exception:x"}),
                              skipped=skipped)
     assert skipped == [("not_a_syscall", "unknown to libseccomp")]
     text = pfc(f)
@@ -188,9 +189,9 @@ def test_build_filter_skips_unknown_names_and_reports():
 
 def test_build_filter_uses_binary_tree_for_many_rules():
     p = load_policy(GOLDEN / "policies" / "research-agent.yaml")
-    f = seccomp.build_filter(p, runtime="runc")
+    f = seccomp.build_filter(seccomp.profile_for(p, runtime="runc"))
     assert f.get_attr(sc.Attr.CTL_OPTIMIZE) == 2
-    small = seccomp.build_filter(policy(["read"]))
+    small = seccomp.build_filter(seccomp.compile_oci(policy(["read"])))
     assert small.get_attr(sc.Attr.CTL_OPTIMIZE) == 1
 
 

@@ -1,4 +1,4 @@
-"""The egress rule layout that the enforcement programs read (enforcer.egress.compile_rules).
+"""The egress rule layout that the enforcement programs read (enforcer.egress_rules.compile_rules).
 
 Pure: the map entries are rebuilt here into a reference longest-prefix matcher and compared,
 behaviour by behaviour, with the policy's own EgressRule.matches.
@@ -13,8 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from enforcer.egress import (FIXED_BITS, KEY, PORT_KEY, EgressError, Limits, compile_rules,
-                             rule_struct, safe_name, split_state_word, state_word)
+from enforcer.egress import safe_name
+from enforcer.egress_rules import (FIXED_BITS, EgressRuleError, Limits, compile_rules,
+                                   split_state_word, state_word)
+from sensor.mirrors import EgressKey, EgressPortKey, egress_rule_struct
 from enforcer.policy import EgressRule
 
 PROTO = {"tcp": 6, "udp": 17}
@@ -25,15 +27,15 @@ class Reference:
     """What the BPF program does with the compiled maps, in Python."""
 
     def __init__(self, compiled, limits=LIMITS):
-        rs = rule_struct(limits.max_ranges)
+        rs = egress_rule_struct(limits.max_ranges)
         self.trie = {}
         for k, val in compiled.trie:
-            plen, gen, proto, fam, _pad, addr = KEY.unpack(k)
+            plen, gen, proto, fam, _pad, addr = EgressKey.unpack_tuple(k)
             vals = rs.unpack(val)
             rule_id, any_port, nranges = vals[0], vals[1], vals[2]
             ranges = [(vals[4 + 2 * i], vals[5 + 2 * i]) for i in range(nranges)]
             self.trie[(gen, proto, fam, addr, plen - FIXED_BITS)] = (rule_id, any_port, ranges)
-        self.ports = {PORT_KEY.unpack(p)[:2] for p in compiled.ports}
+        self.ports = {EgressPortKey.unpack_tuple(p)[:2] for p in compiled.ports}
         self.gen = compiled.generation
 
     def allows(self, proto, addr, port):
@@ -69,7 +71,7 @@ def test_ranges_any_port_and_ipv6():
     assert ref.allows("udp", "::1", 5005) and not ref.allows("udp", "::1", 5011)
     assert ref.allows("tcp", "fd12::1", 9)
     assert not ref.allows("tcp", "fe80::1", 9)
-    assert all(KEY.unpack(k)[1] == 1 for k, _ in c.trie)  # generation 1 in every key
+    assert all(EgressKey.unpack_tuple(k)[1] == 1 for k, _ in c.trie)  # generation 1 in every key
     assert all(struct.unpack_from("=I", p)[0] >> 24 == 1 for p in c.ports)
 
 
@@ -83,7 +85,7 @@ def test_many_ranges_fall_back_to_exact_ports():
 
 def test_capacity_is_checked_before_anything_is_written():
     rules = [EgressRule("tcp", f"10.{i // 256}.{i % 256}.0/24", (443,)) for i in range(200)]
-    with pytest.raises(EgressError, match="capacity"):
+    with pytest.raises(EgressRuleError, match="capacity"):
         compile_rules(rules, 0, Limits(max_rules=300))
     assert compile_rules(rules, 0, Limits(max_rules=400)).count == 200
 

@@ -1,0 +1,24 @@
+/* Envelope: the map values of the seccomp-denial visibility programs (bpf/denials.c).
+ *
+ * Mirrored in sensor/mirrors.py (DenialCgroup) and checked by tests/unit/test_bpf_headers.py.
+ */
+#ifndef ENVELOPE_DENIALS_H
+#define ENVELOPE_DENIALS_H
+
+#include <linux/types.h>
+
+#define DENIALS_NR_SLOTS 512 /* syscall numbers in the allowed bitmap */
+#define DENIALS_MODE_ALERT 1
+#define DENIALS_MODE_ENFORCE 2
+
+/* `cgroups`: cgroup id -> how its denials are reported. */
+#define DENIAL_CGROUP_SIZE 72
+struct denial_cgroup {
+	__u32 mode;                           /*  0 DENIALS_MODE_* */
+	__s32 deny_errno;                     /*  4 the filter's errno in enforce mode */
+	__u64 allowed[DENIALS_NR_SLOTS / 64]; /*  8 alert mode: syscalls the policy allows */
+};
+
+_Static_assert(sizeof(struct denial_cgroup) == DENIAL_CGROUP_SIZE, "denial_cgroup size");
+
+#endif /* ENVELOPE_DENIALS_H */

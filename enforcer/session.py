@@ -1,0 +1,494 @@
+"""The enforcement session: apply policies to workloads' cgroups, all or nothing, and report
+what the kernel denied or alerted on.
+
+One :class:`EnforcementSession` is what ``envelope exec`` (not pinned: everything lives as long
+as the command), ``envelope enforce``, the daemon and the cluster sync (pinned) drive. Per
+workload it holds one egress program set (:class:`enforcer.egress.EgressProgram`) attached to
+each of the workload's cgroups, and it watches those cgroups for seccomp denials (one shared
+:class:`enforcer.denials.DenialProbe`). Violations come out of one place,
+:meth:`EnforcementSession.poll_violations`.
+
+Pinned sessions keep each workload's programs under ``<bpffs>/envelope/<workload>/`` and its
+desired state (policy + mode, :mod:`enforcer.desired`), so a daemon attaches the same programs
+to cgroups that appear later (:meth:`attach_new_cgroup`) and a restarted one adopts what is
+pinned (:meth:`adopt_pinned`) with no allow-all window.
+
+All or nothing. :meth:`apply` validates and compiles the rules first (a malformed policy raises
+before anything is touched), loads or adopts the program set, attaches to every cgroup not yet
+attached, and only then swaps the rules in (inactive generation written, one state-word flip).
+If an attach or the swap fails, the cgroups attached in this call are detached, a set created in
+this call is unpinned, and the previous rules, mode and attachments stay exactly as they were.
+
+The kernel is reached only through a :class:`KernelBackend`; tests hand the session an
+in-memory one (``tests/fakes/kernel.py``) to check the all-or-nothing and rollback logic
+without root, and the privileged tests use :class:`RealKernel`.
+
+Exceptions (:mod:`enforcer.exceptions`) for egress keys are merged into the rules;
+:meth:`sync` re-swaps the rules when an exception starts or lapses and follows mode changes
+made with ``envelope mode``. Seccomp filters are loaded by the process they confine (``envelope
+exec``'s child) or by the container runtime from the compiled profile; the session only makes
+their denials visible.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Protocol
+
+import structlog
+
+from . import audit
+from .desired import desired_path, read_desired, write_desired
+from .egress import EgressError, EgressProgram, pin_dir_for, pinned_sets
+from .egress_rules import EgressRuleError, Limits, compile_rules, effective_rules, egress_mode
+from .policy import Policy, PolicyError, policy_hash
+from .state import locked
+
+log = structlog.get_logger(__name__)
+
+
+class ApplyError(Exception):
+    """An apply that was rolled back; the message says which step and which cgroup failed."""
+
+    results: list = []
+
+
+# ---- the kernel seam ------------------------------------------------------------------------
+
+
+class KernelBackend(Protocol):
+    """What the session needs from the kernel."""
+
+    def load_egress(self, workload: str, pin_dir: Path | None, limits: Limits) -> EgressProgram: ...
+
+    def adopt_egress(self, pin_dir: Path, limits: Limits) -> EgressProgram: ...
+
+    def pinned_egress(self, bpffs: Path) -> list[Path]: ...
+
+    def denial_probe(self): ...
+
+    def ring_reader(self): ...
+
+
+class RealKernel:
+    """The kernel itself: :mod:`enforcer.egress`, :mod:`enforcer.denials`, :mod:`sensor.kernel`."""
+
+    def load_egress(self, workload: str, pin_dir: Path | None, limits: Limits) -> EgressProgram:
+        return EgressProgram.load(workload, pin_dir, limits)
+
+    def adopt_egress(self, pin_dir: Path, limits: Limits) -> EgressProgram:
+        return EgressProgram.adopt(pin_dir, limits)
+
+    def pinned_egress(self, bpffs: Path) -> list[Path]:
+        return pinned_sets(bpffs)
+
+    def denial_probe(self):
+        from .denials import DenialProbe
+        return DenialProbe()
+
+    def ring_reader(self):
+        from sensor.kernel import RingReader
+        return RingReader()
+
+
+# ---- results ----------------------------------------------------------------------------------
+
+
+@dataclass
+class CgroupResult:
+    cgroup: str
+    ok: bool
+    attached: bool = False  # newly attached by this call (False: was already attached)
+    error: str = ""
+
+    def to_dict(self) -> dict:
+        return {"cgroup": self.cgroup, "ok": self.ok, "attached": self.attached, "error": self.error}
+
+
+@dataclass
+class Enforced:
+    workload: "Workload"  # noqa: F821 - sensor.workload.Workload
+    policy: Policy
+    mode: str
+    program: EgressProgram | None  # None when the policy leaves egress unconstrained (unpinned)
+    exceptions_sig: tuple = ()
+    cgroups: set[str] = field(default_factory=set)
+    seccomp_target: str = "workload"
+
+
+def _cgroup_id(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+class EnforcementSession:
+    """Per-workload egress enforcement and denial visibility, pinned or not (see the module
+    docstring)."""
+
+    def __init__(self, state_dir, *, pinned: bool = True, bpffs="/sys/fs/bpf",
+                 limits: Limits = Limits(), clock: Callable[[], float] = time.time,
+                 denials: bool = False, backend: KernelBackend | None = None):
+        self.state_dir = Path(state_dir)
+        self.pinned = pinned
+        self.bpffs = Path(bpffs)
+        self.limits = limits
+        self.clock = clock
+        self.backend: KernelBackend = backend or RealKernel()
+        self.enforced: dict[str, Enforced] = {}
+        self.want_denials = denials
+        self._probe = None
+        self._denial_cgroups: dict[int, str] = {}
+        self._reader = None
+        self._reader_fds: set[int] = set()
+        self._pending: list = []
+        self.decode_errors = 0
+
+    # -- helpers --
+
+    def _exceptions(self, workload) -> list:
+        from .exceptions import active_exceptions
+        return active_exceptions(self.state_dir, workload, self.clock())
+
+    @staticmethod
+    def _sig(excs) -> tuple:
+        return tuple(sorted((e.id, e.allow) for e in excs))
+
+    def _program(self, workload) -> tuple[EgressProgram, bool]:
+        """The workload's program set: in memory, adopted from its pin, or freshly loaded."""
+        cur = self.enforced.get(workload.key)
+        if cur is not None and cur.program is not None:
+            return cur.program, False
+        if not self.pinned:
+            return self.backend.load_egress(workload.key, None, self.limits), True
+        pin = pin_dir_for(self.bpffs, workload.key)
+        if pin.is_dir() and any(pin.iterdir()):
+            return self.backend.adopt_egress(pin, self.limits), False
+        return self.backend.load_egress(workload.key, pin, self.limits), True
+
+    # -- the seam --
+
+    def apply(self, policy: Policy, mode: str, cgroup_paths: Iterable[str | os.PathLike],
+              reason: str = "apply", *, seccomp_target: str = "workload") -> list[CgroupResult]:
+        """Apply ``policy`` in ``mode`` to ``cgroup_paths``. All or nothing: on any failure the
+        previous state is left in place and :class:`ApplyError` is raised (its ``results``
+        attribute holds the per-cgroup outcome).
+
+        ``seccomp_target`` names where the workload's seccomp filter is loaded (see
+        :func:`enforcer.seccomp.profile_for`); the denial probe compares against that profile."""
+        if not isinstance(policy, Policy):
+            raise PolicyError("apply needs a Policy")
+        emode = egress_mode(policy, mode)
+        workload = policy.workload
+        excs = self._exceptions(workload)
+        rules = effective_rules(policy, excs)
+        try:
+            compile_rules(rules, 0, self.limits)  # capacity and ports, before touching anything
+        except EgressRuleError as e:
+            raise ApplyError(f"apply {workload}: {e}; nothing applied") from e
+        paths = [str(p) for p in cgroup_paths]
+        for p in paths:
+            if not Path(p).is_dir():
+                raise ApplyError(f"apply {workload}: cgroup {p} does not exist; nothing applied")
+        # An unpinned session needs no programs for a policy that leaves egress out.
+        needs_program = self.pinned or emode != "observe"
+
+        prog, created = self._program(workload) if needs_program else (None, False)
+        results: list[CgroupResult] = []
+        newly: list[str] = []
+        try:
+            for p in paths:
+                if prog is None:
+                    results.append(CgroupResult(p, True))
+                    continue
+                try:
+                    was_new = prog.attach(p)
+                except EgressError as e:
+                    results.append(CgroupResult(p, False, error=str(e)))
+                    raise ApplyError(f"apply {workload}: {e}; rolled back, previous state kept") from e
+                if was_new:
+                    newly.append(p)
+                results.append(CgroupResult(p, True, attached=was_new))
+            # Rules swap last: a failure above leaves the active generation untouched, and
+            # write_policy cleans its own inactive generation when it fails. The state lock
+            # keeps a CLI apply and the daemon from swapping the same pinned set at once.
+            if prog is not None:
+                with locked(self.state_dir):
+                    prog.write_policy(rules, emode, policy_hash(policy),
+                                      grace=0.05 if self.pinned else 0)
+            if self.pinned:
+                write_desired(self.state_dir, policy, mode)
+        except BaseException as e:
+            for p in newly:
+                try:
+                    prog.detach(p)
+                except EgressError as de:
+                    log.error("rollback detach failed", cgroup=p, error=str(de))
+            if prog is not None and created:
+                prog.unpin()
+                prog.close()
+            elif prog is not None and workload.key not in self.enforced:
+                prog.close()  # adopted for this call only; the pinned set keeps enforcing
+            err = e if isinstance(e, ApplyError) else ApplyError(
+                f"apply {workload}: {e}; rolled back, previous state kept")
+            err.results = results
+            if err is e:
+                raise
+            raise err from e
+
+        prev = self.enforced.get(workload.key)
+        cg = set(prev.cgroups) if prev else (set(prog.cgroups().values()) if prog else set())
+        cg.update(paths)
+        cur = Enforced(workload, policy, mode, prog, self._sig(excs), cg, seccomp_target)
+        if prev is not None and prev.program is not None and prev.program is not prog:
+            prev.program.close()
+        self.enforced[workload.key] = cur
+        self._reader_dirty()
+        self._watch_denials(cur, paths)
+        if self.pinned:
+            audit.append(self.state_dir, "policy.apply", workload=workload.key, reason=reason,
+                         details={"mode": mode, "egress_mode": emode,
+                                  "policy_sha256": policy_hash(policy).hex(),
+                                  "cgroups": paths, "attached": newly,
+                                  "egress_entries": len(rules),
+                                  "exceptions": [e.id for e in excs]})
+        return results
+
+    def attach_new_cgroup(self, workload, cgroup_path) -> CgroupResult:
+        """Attach an enforced workload's programs to a cgroup that just appeared."""
+        key = workload if isinstance(workload, str) else workload.key
+        cur = self.enforced.get(key)
+        if cur is None:
+            return CgroupResult(str(cgroup_path), False, error=f"workload {key} is not enforced")
+        new = False
+        if cur.program is not None:
+            try:
+                new = cur.program.attach(cgroup_path)
+            except EgressError as e:
+                log.error("attach to new cgroup failed", workload=key, cgroup=str(cgroup_path),
+                          error=str(e))
+                return CgroupResult(str(cgroup_path), False, error=str(e))
+        cur.cgroups.add(str(cgroup_path))
+        self._watch_denials(cur, [str(cgroup_path)])
+        return CgroupResult(str(cgroup_path), True, attached=new)
+
+    def sync(self) -> list[str]:
+        """Re-swap rules whose exceptions started or lapsed, follow mode changes, and forget
+        vanished cgroups. Returns the workloads that changed."""
+        from .state import read_state
+        changed = []
+        for key, cur in list(self.enforced.items()):
+            excs = self._exceptions(cur.workload)
+            sig = self._sig(excs)
+            mode = cur.mode
+            if self.pinned:
+                st = read_state(self.state_dir, cur.workload)
+                mode = st["mode"] if st else cur.mode
+            if sig != cur.exceptions_sig or mode != cur.mode:
+                if cur.program is not None:
+                    with locked(self.state_dir):
+                        cur.program.write_policy(effective_rules(cur.policy, excs),
+                                                 egress_mode(cur.policy, mode),
+                                                 policy_hash(cur.policy),
+                                                 grace=0.05 if self.pinned else 0.01)
+                if sig != cur.exceptions_sig:
+                    log.info("egress exceptions re-synced", workload=key,
+                             exceptions=[e.id for e in excs])
+                    if self.pinned:
+                        audit.append(self.state_dir, "exceptions.sync", workload=key,
+                                     reason="exception started or lapsed",
+                                     details={"exceptions": [e.id for e in excs]})
+                cur.exceptions_sig = sig
+                cur.mode = mode
+                changed.append(key)
+            if cur.program is not None:
+                for gone in cur.program.prune_cgroups():
+                    cur.cgroups.discard(gone)
+        return changed
+
+    def adopt_pinned(self) -> list[str]:
+        """Adopt every pinned set (after a restart), pairing it with its desired state.
+
+        Nothing is re-attached or reloaded: the pinned programs are already attached and keep
+        enforcing; this only re-opens their maps so rules, mode and events are managed again.
+        """
+        if not self.pinned:
+            return []
+        desired = {w.key: (w, p, m) for w, p, m in read_desired(self.state_dir)}
+        adopted = []
+        for pin in self.backend.pinned_egress(self.bpffs):
+            if any(e.program is not None and e.program.pin_dir == pin
+                   for e in self.enforced.values()):
+                continue
+            try:
+                prog = self.backend.adopt_egress(pin, self.limits)
+            except EgressError as e:
+                log.error("adopt failed", pin=str(pin), error=str(e))
+                continue
+            d = desired.get(prog.workload)
+            if d is None:
+                log.warning("pinned egress set without desired state; left as is",
+                            workload=prog.workload, pin=str(pin))
+                prog.close()
+                continue
+            w, policy, mode = d
+            _gen, kmode = prog.state()
+            cur = Enforced(w, policy, mode, prog, (), set(prog.cgroups().values()))
+            self.enforced[w.key] = cur
+            self._watch_denials(cur, sorted(cur.cgroups))
+            adopted.append(w.key)
+            log.info("adopted pinned enforcement", workload=w.key, mode=kmode,
+                     cgroups=len(cur.cgroups))
+        self._reader_dirty()
+        self.sync()
+        return adopted
+
+    def forget(self, key: str) -> None:
+        """Stop managing a workload (its pinned programs, if any, keep enforcing)."""
+        cur = self.enforced.pop(key, None)
+        if cur is None:
+            return
+        self._unwatch_denials(key)
+        self._reader_dirty()
+        if cur.program is not None:
+            cur.program.close()
+
+    def remove(self, workload, reason: str = "remove") -> bool:
+        """Detach from every cgroup, unpin, forget the desired state (audited when pinned)."""
+        key = workload if isinstance(workload, str) else workload.key
+        cur = self.enforced.pop(key, None)
+        prog = cur.program if cur else None
+        if prog is None and self.pinned:
+            pin = pin_dir_for(self.bpffs, key)
+            if pin.is_dir() and any(pin.iterdir()):
+                prog = self.backend.adopt_egress(pin, self.limits)
+        if prog is None and cur is None:
+            return False
+        self._reader_dirty()  # its ring buffer goes away with it
+        self._unwatch_denials(key)
+        if prog is not None:
+            for p in (cur.cgroups if cur else ()):
+                prog.detach(p)
+            prog.remove()
+        if self.pinned:
+            from sensor.workload import Workload
+            desired_path(self.state_dir, Workload.parse(key)).unlink(missing_ok=True)
+            audit.append(self.state_dir, "policy.remove", workload=key, reason=reason, details={})
+        return True
+
+    # -- visibility: egress violations from the program sets' ring buffers, seccomp denials --
+
+    def _watch_denials(self, cur: Enforced, paths: Iterable[str]) -> None:
+        """Report seccomp denials of the workload's cgroups, compared with the same profile the
+        filter was compiled from (:func:`enforcer.seccomp.profile_for`)."""
+        if not self.want_denials or "syscall" not in cur.policy.substrates or cur.mode == "observe":
+            return
+        from .exceptions import syscall_allowances
+        from .seccomp import DENY_ERRNO, profile_for
+        if self._probe is None:
+            from .denials import DenialProbeError
+            try:
+                self._probe = self.backend.denial_probe()
+            except DenialProbeError as e:
+                log.error("seccomp denial probe unavailable; denials will not be reported",
+                          error=str(e))
+                self.want_denials = False
+                return
+            self._reader_dirty()
+        w = cur.workload
+        compiled = profile_for(cur.policy, cur.mode, target=cur.seccomp_target,
+                               exceptions=syscall_allowances(self.state_dir, w, self.clock()))
+        for p in paths:
+            cid = _cgroup_id(p)
+            if cid is None:
+                continue
+            self._probe.watch(cid, cur.mode, DENY_ERRNO, compiled.allowed())
+            self._denial_cgroups[cid] = w.key
+
+    def _unwatch_denials(self, key: str) -> None:
+        for cid in [c for c, k in self._denial_cgroups.items() if k == key]:
+            if self._probe is not None:
+                self._probe.unwatch(cid)
+            del self._denial_cgroups[cid]
+
+    def _reader_dirty(self) -> None:
+        if self._reader is not None:
+            self._reader.drain()
+            self._reader.close()
+        self._reader = None
+        self._reader_fds = set()
+
+    def _ensure_reader(self):
+        if self._reader is None:
+            self._reader = self.backend.ring_reader()
+        for key, cur in self.enforced.items():
+            if cur.program is None:
+                continue
+            fd = cur.program.events_fd
+            if fd in self._reader_fds:
+                continue
+            self._reader.add(fd, lambda raw, k=key: self._on_record(raw, lambda _cid: k))
+            self._reader_fds.add(fd)
+        if self._probe is not None and self._probe.events_fd not in self._reader_fds:
+            self._reader.add(self._probe.events_fd,
+                             lambda raw: self._on_record(raw, self._denial_cgroups.get))
+            self._reader_fds.add(self._probe.events_fd)
+        return self._reader
+
+    def _on_record(self, raw: bytes, workload_of) -> None:
+        from sensor.events import DecodeError
+        from .violations import from_record
+        v = from_record(raw, workload_of, self.clock())
+        if isinstance(v, DecodeError):
+            self.decode_errors += 1
+            log.warning("undecodable record", kind=v.kind, reason=v.reason)
+        elif v is not None:
+            self._pending.append(v)
+
+    def poll_violations(self, timeout_ms: int = 0, limit: int | None = None) -> list:
+        """Violations that reached userspace since the last call, waiting up to ``timeout_ms``
+        for the first; at most ``limit`` kernel records are read per call."""
+        reader = self._ensure_reader()
+        from .violations import fold
+        reader.poll(timeout_ms, limit)
+        out, self._pending = self._pending, []
+        return fold(out)
+
+    def lost(self) -> dict[str, int]:
+        """Violation events dropped in the kernel (ring buffer full), per workload."""
+        out = {k: cur.program.lost() for k, cur in self.enforced.items() if cur.program is not None}
+        if self._probe is not None:
+            out["seccomp-denials"] = self._probe.lost()
+        return out
+
+    def workload_of_cgroup(self, cgroup_id: int) -> str | None:
+        for key, cur in self.enforced.items():
+            if cur.program is not None and cgroup_id in cur.program.cgroups():
+                return key
+        return self._denial_cgroups.get(cgroup_id)
+
+    def close(self) -> None:
+        """Close fds. Pinned programs and their attachments keep enforcing; unpinned ones are
+        detached with the last fd."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        for cur in self.enforced.values():
+            if cur.program is None:
+                continue
+            if self.pinned:
+                cur.program.close()
+                continue
+            try:
+                cur.program.remove()  # BPF_PROG_ATTACH holds its own reference: detach
+            except EgressError as e:
+                log.warning("detach on close failed", workload=cur.workload.key, error=str(e))
+                cur.program.close()
+        self.enforced = {}
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None

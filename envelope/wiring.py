@@ -1,0 +1,45 @@
+"""The composition root's builders: every real component the CLI and the daemon use, made from
+the one :class:`~envelope.config.Config`. Nothing else constructs a sensor, an aggregator or an
+enforcement session; tests build the same components with these functions or hand fakes to the
+constructors directly.
+"""
+
+from __future__ import annotations
+
+from .config import Config
+from .errors import UserError
+
+
+def open_sensor(config: Config):
+    """Load and attach the probes, turning attach failures into one actionable line."""
+    from sensor.probes import ProbeAttachError, Sensor
+
+    sensor = Sensor(ringbuf_pages=config.ringbuf_pages, max_cgroups=config.max_cgroups)
+    try:
+        sensor.attach()
+    except ProbeAttachError as e:
+        sensor.close()
+        raise UserError(f"{e} (run `envelope doctor` for details)") from e
+    return sensor
+
+
+def aggregator(config: Config, store=None):
+    """An aggregator for this node; ``store`` None keeps profiles in memory only."""
+    from sensor import syscalls
+    from sensor.aggregate import Aggregator
+
+    return Aggregator(config.node_name, store, syscalls.name, caps=config.caps)
+
+
+def profile_store(config: Config):
+    from sensor.store import ProfileStore
+
+    return ProfileStore(config.state_dir)
+
+
+def enforcement_session(config: Config, *, pinned: bool, denials: bool = True):
+    """The enforcement session on the real kernel: pinned for the daemon and ``envelope
+    enforce``, unpinned for ``envelope exec``."""
+    from enforcer.session import EnforcementSession
+
+    return EnforcementSession(config.state_dir, pinned=pinned, bpffs=config.bpffs, denials=denials)

@@ -1,0 +1,223 @@
+"""Python mirrors of the structs in ``bpf/*.h`` that are map keys and values, and the
+:class:`Mirror` base every mirror (ring-buffer records included, see :mod:`sensor.events`) uses.
+
+Each class pastes its C struct into the docstring and spells out every padding byte as a field,
+in the style of pyroute2's netlink message classes, so a layout change shows up as a size or
+field mismatch in ``tests/unit/test_bpf_headers.py``, which parses the headers without a
+compiler. Encoding and decoding use the ``struct`` module; nothing here imports bcc.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import ClassVar
+
+SYSCALL_NR_SLOTS = 512  # bpf/events.h
+SYSCALL_BANKS = 2  # counters before (0) and from (1) a cgroup's first exec
+EGRESS_MAX_RANGES = 8  # bpf/egress.h default
+EGRESS_FIXED_BITS = 32
+EGRESS_FAMILY_V4 = 4
+EGRESS_FAMILY_V6 = 6
+EGRESS_MODE_OBSERVE = 0
+EGRESS_MODE_ALERT = 1
+EGRESS_MODE_ENFORCE = 2
+EGRESS_WORKLOAD_LEN = 192
+EGRESS_CGROUP_PATH_LEN = 248
+DENIALS_NR_SLOTS = 512
+DENIALS_MODE_ALERT = 1
+DENIALS_MODE_ENFORCE = 2
+
+
+class Mirror:
+    """A C struct as a list of ``(name, struct format)`` fields, little-endian, no implicit
+    padding: holes are fields named ``pad*`` so a layout change shows up as a size mismatch."""
+
+    fields: ClassVar[tuple[tuple[str, str], ...]] = ()
+    c_name: ClassVar[str] = ""
+    _struct: ClassVar[struct.Struct]
+    _names: ClassVar[tuple[str, ...]]
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        cls._struct = struct.Struct("<" + "".join(f for _, f in cls.fields))
+        cls._names = tuple(n for n, _ in cls.fields)
+
+    @classmethod
+    def size(cls) -> int:
+        return cls._struct.size
+
+    @classmethod
+    def unpack(cls, buf, offset: int = 0) -> dict:
+        return dict(zip(cls._names, cls._struct.unpack_from(buf, offset)))
+
+    @classmethod
+    def pack(cls, **values) -> bytes:
+        """Encode (tests and golden files); missing fields are zero."""
+        out = []
+        for n, f in cls.fields:
+            v = values.get(n)
+            if v is None:
+                v = b"" if f.endswith("s") else 0
+            out.append(v)
+        return cls._struct.pack(*out)
+
+
+    @classmethod
+    def unpack_tuple(cls, buf, offset: int = 0) -> tuple:
+        return cls._struct.unpack_from(buf, offset)
+
+    @classmethod
+    def pack_tuple(cls, *values) -> bytes:
+        return cls._struct.pack(*values)
+
+
+# ---- bpf/events.h: the sensor's syscall counter tables -----------------------------------------
+
+
+class SyscallSlotState(Mirror):
+    """Owner and first-seen bitmap of one cgroup slot (not a ring-buffer record).
+
+    struct syscall_slot_state {
+        __u64 cgroup_id;                   /* owner of the slot; 0 while free */
+        __u64 seen[SYSCALL_NR_SLOTS / 64]; /* first-seen bitmap by syscall number */
+        __u32 bank;                        /* 1 once a task of the cgroup has exec'd */
+        __u32 pad;
+    };
+    """
+
+    c_name = "syscall_slot_state"
+    fields = ((("cgroup_id", "Q"),) + tuple((f"seen{i}", "Q") for i in range(SYSCALL_NR_SLOTS // 64))
+              + (("bank", "I"), ("pad", "I")))
+
+
+class SyscallSlotCounts(Mirror):
+    """Per-CPU syscall counters of one cgroup slot (not a ring-buffer record).
+
+    struct syscall_slot_counts {
+        __u64 count[SYSCALL_BANKS * SYSCALL_NR_SLOTS]; /* bank b, nr n at count[b * 512 + n] */
+    };
+    """
+
+    c_name = "syscall_slot_counts"
+    fields = tuple((f"count{i}", "Q") for i in range(SYSCALL_BANKS * SYSCALL_NR_SLOTS))
+
+
+# ---- bpf/egress.h ------------------------------------------------------------------------------
+
+
+class EgressKey(Mirror):
+    """Key of the ``rules`` LPM trie.
+
+    struct egress_key {
+        __u32 prefixlen; /*  0 */
+        __u8 gen;        /*  4 rule generation (0 or 1) */
+        __u8 proto;      /*  5 IPPROTO_TCP or IPPROTO_UDP */
+        __u8 family;     /*  6 EGRESS_FAMILY_* */
+        __u8 pad;        /*  7 */
+        __u8 addr[16];   /*  8 */
+    };
+    """
+
+    c_name = "egress_key"
+    fields = (("prefixlen", "I"), ("gen", "B"), ("proto", "B"), ("family", "B"), ("pad", "B"),
+              ("addr", "16s"))
+
+
+class EgressRule(Mirror):
+    """Value of the ``rules`` trie, at the default ``EGRESS_MAX_RANGES`` (8); other sizes come
+    from :func:`egress_rule_struct`.
+
+    struct egress_port_range {
+        __u16 lo; /* 0 inclusive */
+        __u16 hi; /* 2 inclusive */
+    };
+    struct egress_rule {
+        __u32 rule_id;  /*  0 generation << 24 | index; keys exact ports in `ports` */
+        __u8 any_port;  /*  4 */
+        __u8 nranges;   /*  5 ranges used */
+        __u16 pad;      /*  6 */
+        struct egress_port_range ranges[EGRESS_MAX_RANGES]; /* 8 */
+    };
+    """
+
+    c_name = "egress_rule"
+    fields = ((("rule_id", "I"), ("any_port", "B"), ("nranges", "B"), ("pad", "H"))
+              + tuple(x for i in range(EGRESS_MAX_RANGES)
+                      for x in ((f"ranges{i}.lo", "H"), (f"ranges{i}.hi", "H"))))
+
+
+def egress_rule_struct(max_ranges: int) -> struct.Struct:
+    """struct egress_rule compiled with ``-DEGRESS_MAX_RANGES=max_ranges``."""
+    return struct.Struct("<IBBH" + "HH" * max_ranges)
+
+
+class EgressPortKey(Mirror):
+    """Key of the ``ports`` hash (value: one byte, 1).
+
+    struct egress_port_key {
+        __u32 rule_id; /* 0 */
+        __u16 port;    /* 4 */
+        __u16 pad;     /* 6 */
+    };
+    """
+
+    c_name = "egress_port_key"
+    fields = (("rule_id", "I"), ("port", "H"), ("pad", "H"))
+
+
+class EgressMeta(Mirror):
+    """The one entry of ``meta``: which workload and policy a pinned set enforces.
+
+    struct egress_meta {
+        __u8 policy_hash[32];               /*   0 sha256 of the policy's canonical JSON */
+        char workload[EGRESS_WORKLOAD_LEN]; /*  32 NUL-padded workload key (truncated) */
+        __u64 applied_ns;                   /* 224 wall clock of the last rule swap */
+        __u32 rules;                        /* 232 trie entries of the active generation */
+        __u32 generation_count;             /* 236 */
+    };
+    """
+
+    c_name = "egress_meta"
+    fields = (("policy_hash", "32s"), ("workload", f"{EGRESS_WORKLOAD_LEN}s"),
+              ("applied_ns", "Q"), ("rules", "I"), ("generation_count", "I"))
+
+
+class EgressCgroup(Mirror):
+    """Value of ``cgroups`` (keyed by the u64 cgroup id): where a set is attached.
+
+    struct egress_cgroup {
+        char path[EGRESS_CGROUP_PATH_LEN]; /*   0 NUL-padded, the tail kept when too long */
+        __u64 attached_ns;                 /* 248 wall clock */
+    };
+    """
+
+    c_name = "egress_cgroup"
+    fields = (("path", f"{EGRESS_CGROUP_PATH_LEN}s"), ("attached_ns", "Q"))
+
+
+# ---- bpf/denials.h -----------------------------------------------------------------------------
+
+
+class DenialCgroup(Mirror):
+    """Value of the denial probe's ``cgroups`` hash (keyed by the u64 cgroup id).
+
+    struct denial_cgroup {
+        __u32 mode;                           /*  0 DENIALS_MODE_* */
+        __s32 deny_errno;                     /*  4 the filter's errno in enforce mode */
+        __u64 allowed[DENIALS_NR_SLOTS / 64]; /*  8 alert mode: syscalls the policy allows */
+    };
+    """
+
+    c_name = "denial_cgroup"
+    fields = ((("mode", "I"), ("deny_errno", "i"))
+              + tuple((f"allowed{i}", "Q") for i in range(DENIALS_NR_SLOTS // 64)))
+
+
+#: Every map-layout mirror, by header.
+MAP_MIRRORS = {
+    "events.h": (SyscallSlotState, SyscallSlotCounts),
+    "egress.h": (EgressKey, EgressRule, EgressPortKey, EgressMeta, EgressCgroup),
+    "denials.h": (DenialCgroup,),
+}
+U64 = struct.Struct("<Q")
+U32 = struct.Struct("<I")

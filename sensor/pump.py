@@ -1,0 +1,283 @@
+"""The sensor pump: probe → decode → resolve → aggregate, written once for every user.
+
+:class:`Pump` drives one attached :class:`sensor.probes.Sensor` into one
+:class:`sensor.aggregate.Aggregator`: it drains the ring buffer (at most ``batch`` records a
+step, so counter reads and flushes happen on time under any event rate), binds each new cgroup
+to a workload session at first sight, reads the cumulative syscall counters every
+``counts_interval`` seconds, accounts for lost events, and closes the sessions of cgroups that
+are gone. What a session *is* comes from the binding passed in:
+
+* :class:`NodeBinding`: every cgroup of the node, each resolved to its workload by the identity
+  resolver (``envelope daemon``, ``envelope top``);
+* :class:`TreeBinding`: one cgroup and everything below it as one session of one workload
+  (``envelope record``'s command, ``envelope exec``'s command).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol
+
+import structlog
+
+from .aggregate import Aggregator
+from .cgroup import CgroupError, cgroup_id
+from .workload import Workload
+
+log = structlog.get_logger("envelope.pump")
+
+DEFAULT_BATCH = 65536  # ring records per step at most
+
+
+@dataclass
+class StepStats:
+    events: int = 0
+    by_type: dict = field(default_factory=dict)
+    new_cgroups: int = 0
+    closed_cgroups: int = 0
+    loss: dict = field(default_factory=dict)
+    counters_read: bool = False
+
+
+class Binding(Protocol):
+    """Which cgroups a pump's sessions are made of."""
+
+    paths: dict[int, str]  # bound cgroup id -> absolute path
+    image_only: set[int]  # cgroups counted from their first exec (a runtime's setup left out)
+
+    def bind(self, cgroup_id: int, agg: Aggregator) -> bool:
+        """Bind ``cgroup_id`` to a session at first sight; False if it is not tracked."""
+
+    def discover(self, sensor) -> Iterable[int]:
+        """Cgroups to bind before a counter read (they may not have sent an event yet)."""
+
+    def gone(self) -> list[int]:
+        """Bound cgroups that no longer exist."""
+
+    def forget(self, cgroup_id: int) -> None:
+        """A cgroup that is gone: never bind it again (cgroup ids are not reused)."""
+
+    def loss_workloads(self, agg: Aggregator) -> list[Workload] | None:
+        """The profiles kernel loss counted in this step is charged to (None: every bound one)."""
+
+
+def session_of(ident) -> str:
+    """A container instance is one session; a host cgroup's lifetime is one session."""
+    if ident.container is not None:
+        return ident.container.container_id
+    return f"cgroup-{ident.cgroup_id}"
+
+
+def session_meta(ident) -> dict:
+    meta = {"cgroup": ident.cgroup_path, "source": ident.source}
+    for k in ("pod_name", "namespace", "container_name", "pod_uid"):
+        v = getattr(ident, k)
+        if v:
+            meta[k] = v
+    return meta
+
+
+class NodeBinding:
+    """Every cgroup on the node, attributed to its workload by ``resolver``
+    (:class:`sensor.identity.Resolver`); one session per container instance or host cgroup."""
+
+    def __init__(self, resolver, ignore_cgroups: Iterable[int] = (),
+                 on_bind: Callable | None = None):
+        self.resolver = resolver
+        self.ignored: set[int] = set(ignore_cgroups)
+        self.on_bind = on_bind
+        self.paths: dict[int, str] = {}
+        self.image_only: set[int] = set()
+
+    def bind(self, cgroup_id: int, agg: Aggregator) -> bool:
+        if cgroup_id in agg.bindings:
+            return True
+        if cgroup_id in self.ignored:
+            return False
+        ident = self.resolver.resolve(cgroup_id)
+        if ident is None or ident.source == "unresolved":
+            self.ignored.add(cgroup_id)
+            return False
+        agg.bind(cgroup_id, ident.workload, session_of(ident), meta=session_meta(ident),
+                 fingerprints=ident.fingerprints)
+        if ident.cgroup_path:
+            self.paths[cgroup_id] = str(self.resolver.cgroupfs.abspath(ident.cgroup_path))
+        if ident.container is not None:
+            # Container cgroups count from their first exec: the runtime's setup before it
+            # (runc init's mounts, unshare, pivot_root...) is not the workload's behaviour.
+            self.image_only.add(cgroup_id)
+        if self.on_bind:
+            self.on_bind(cgroup_id, ident)
+        return True
+
+    def discover(self, sensor) -> Iterable[int]:
+        return sensor.cgroup_slots()
+
+    def gone(self) -> list[int]:
+        return [cg for cg, path in self.paths.items() if not os.path.isdir(path)]
+
+    def forget(self, cgroup_id: int) -> None:
+        self.paths.pop(cgroup_id, None)
+        self.image_only.discard(cgroup_id)
+        self.ignored.add(cgroup_id)
+        if len(self.ignored) > 65536:
+            self.ignored = set(sorted(self.ignored)[-32768:])
+
+    def loss_workloads(self, agg: Aggregator) -> list[Workload] | None:
+        return None
+
+
+class TreeBinding:
+    """One cgroup (``root``, absolute path) and every cgroup below it: one session of one
+    workload, counted from the command's exec (the launcher's own calls before it are not the
+    workload's)."""
+
+    def __init__(self, root: str, workload: Workload, session: str, meta: dict | None = None,
+                 fingerprints: dict | None = None):
+        self.root = str(root)
+        self.workload = workload
+        self.session = session
+        self.meta = dict(meta or {})
+        self.fingerprints = dict(fingerprints or {})
+        self.root_id = cgroup_id(self.root)
+        self.paths: dict[int, str] = {}
+        self.image_only: set[int] = {self.root_id}
+        self._members: dict[int, str] = {self.root_id: self.root}
+        self._others: set[int] = set()
+
+    def _walk(self) -> None:
+        for dirpath, _dirs, _files in os.walk(self.root):
+            try:
+                cid = cgroup_id(dirpath)
+            except CgroupError:
+                continue
+            self._members.setdefault(cid, dirpath)
+
+    def bind(self, cgroup_id: int, agg: Aggregator) -> bool:
+        if cgroup_id in agg.bindings:
+            return True
+        if cgroup_id not in self._members:
+            if cgroup_id in self._others:
+                return False
+            self._walk()  # a child cgroup made since the last look?
+            if cgroup_id not in self._members:
+                self._others.add(cgroup_id)
+                return False
+        if cgroup_id == self.root_id:
+            agg.bind(cgroup_id, self.workload, self.session, meta=self.meta,
+                     fingerprints=self.fingerprints)
+        else:
+            agg.bind(cgroup_id, self.workload, self.session)
+        self.paths[cgroup_id] = self._members[cgroup_id]
+        return True
+
+    def discover(self, sensor) -> Iterable[int]:
+        self._walk()
+        return list(self._members)
+
+    def gone(self) -> list[int]:
+        return []  # the owner removes the tree when the command is done
+
+    def forget(self, cgroup_id: int) -> None:
+        self.paths.pop(cgroup_id, None)
+
+    def loss_workloads(self, agg: Aggregator) -> list[Workload] | None:
+        return [self.workload]
+
+
+class Pump:
+    def __init__(self, sensor, binding: Binding, aggregator: Aggregator,
+                 counts_interval: float = 1.0, gc_interval: float = 5.0,
+                 batch: int = DEFAULT_BATCH):
+        self.sensor = sensor
+        self.binding = binding
+        self.agg = aggregator
+        self.counts_interval = counts_interval
+        self.gc_interval = gc_interval
+        self.batch = batch
+        self._next_counts = 0.0
+        self._next_gc = time.monotonic() + gc_interval
+        self._loss_seen: dict[str, int] = dict(sensor.loss()) if sensor is not None else {}
+
+    @property
+    def paths(self) -> dict[int, str]:
+        return self.binding.paths
+
+    def _bind(self, cg: int, st: StepStats) -> bool:
+        before = len(self.agg.bindings)
+        ok = self.binding.bind(cg, self.agg)
+        st.new_cgroups += len(self.agg.bindings) - before
+        return ok
+
+    def step(self, timeout_ms: int = 100) -> StepStats:
+        """Drain (up to ``batch`` records, waiting up to ``timeout_ms`` for the first); read the
+        counters and account loss when due; close the sessions of cgroups that are gone."""
+        st = StepStats()
+        events = self.sensor.poll(timeout_ms, self.batch)
+        self._aggregate(events, st)
+        now = time.monotonic()
+        if now >= self._next_counts:
+            self._next_counts = now + self.counts_interval
+            self.read_counters(st)
+        if now >= self._next_gc:
+            self._next_gc = now + self.gc_interval
+            st.closed_cgroups = self.collect_gone()
+        return st
+
+    def _aggregate(self, events, st: StepStats) -> None:
+        wall = self.sensor.wall_time
+        for ev in events:
+            st.events += 1
+            kind = type(ev).__name__
+            st.by_type[kind] = st.by_type.get(kind, 0) + 1
+            cg = getattr(ev, "cgroup_id", None)
+            if cg is not None and self._bind(cg, st):
+                self.agg.on_event(ev, wall(ev.ktime))
+
+    def read_counters(self, st: StepStats | None = None) -> StepStats:
+        """Bind new cgroups first, so a container's first reading is already restricted to what
+        it did from its first exec; then add the counter deltas and the loss since last time."""
+        st = st or StepStats()
+        for cg in self.binding.discover(self.sensor):
+            self._bind(cg, st)
+        counts = self.sensor.syscall_counts(after_exec=self.binding.image_only)
+        self.agg.on_counts(counts, time.time())
+        st.loss = self._loss_delta()
+        if st.loss:
+            self.agg.add_loss(st.loss, self.binding.loss_workloads(self.agg))
+        st.counters_read = True
+        return st
+
+    def finish(self, rounds: int = 3) -> StepStats:
+        """What is left after the workload stopped: drain until quiet, read counters once more."""
+        st = StepStats()
+        for _ in range(rounds):
+            events = self.sensor.poll(50, self.batch)
+            self._aggregate(events, st)
+            if not events:
+                break
+        self.read_counters(st)
+        return st
+
+    def _loss_delta(self) -> dict[str, int]:
+        cur = self.sensor.loss()
+        delta = {k: v - self._loss_seen.get(k, 0) for k, v in cur.items()
+                 if v > self._loss_seen.get(k, 0)}
+        self._loss_seen = dict(cur)
+        return delta
+
+    def collect_gone(self) -> int:
+        """Close the sessions of cgroups that no longer exist and free their kernel slots."""
+        gone = self.binding.gone()
+        for cg in gone:
+            self.agg.unbind(cg)
+            self.sensor.forget_cgroup(cg)
+            self.binding.forget(cg)
+        return len(gone)
+
+    def release(self) -> None:
+        """Free the kernel counter slots of every bound cgroup (a recording or exec is done)."""
+        for cg in list(self.binding.paths):
+            self.sensor.forget_cgroup(cg)

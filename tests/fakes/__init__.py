@@ -1,0 +1,1 @@
+"""Test fakes shared by every tier: one place, imported as ``tests.fakes.<name>``."""

@@ -1,0 +1,230 @@
+"""An in-memory kernel back end for :class:`enforcer.session.EnforcementSession`.
+
+It keeps what the real one keeps in bpffs and in cgroups: program sets with their rules
+(compiled by the real pure compiler, :func:`enforcer.egress_rules.compile_rules`), attachments
+per cgroup directory, pins as files under a bpffs directory the test owns, and ring buffers as
+lists of raw records. Failures are injected per cgroup or per operation, so the session's
+all-or-nothing and rollback logic is tested without root. What it cannot show (that the
+kernel really denies) is the privileged tests' job.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from enforcer.egress import PROGRAMS, EgressError
+from enforcer.egress_rules import EgressRuleError, Limits, compile_rules, split_state_word, state_word
+
+_fds = itertools.count(1000)
+
+
+@dataclass
+class Pinned:
+    workload: str
+    rules: tuple = ()  # trie entries of the active generation
+    generation: int = 0
+    mode: str = "observe"
+    policy_hash: bytes = b""
+    cgroups: dict = field(default_factory=dict)  # cgroup id -> path
+    attached: set = field(default_factory=set)  # cgroup paths with the programs attached
+    ring: int = 0
+
+
+class FakeEgressProgram:
+    def __init__(self, kernel: "FakeKernel", state: Pinned, pin_dir: Path | None, limits: Limits):
+        self.kernel = kernel
+        self.st = state
+        self.workload = state.workload
+        self.pin_dir = pin_dir
+        self.limits = limits
+        self.prog_ids = {name: next(_fds) for name in PROGRAMS}
+        self.closed = False
+
+    @property
+    def events_fd(self) -> int:
+        return self.st.ring
+
+    def _live(self) -> None:
+        if self.closed:
+            raise EgressError(f"program set of {self.workload} is closed")
+
+    def attach(self, path) -> bool:
+        self._live()
+        path = str(path)
+        if path in self.kernel.fail_attach:
+            raise EgressError(f"attach connect4 to cgroup {path}: Operation not permitted")
+        if not Path(path).is_dir():
+            raise EgressError(f"open cgroup {path}: No such file or directory")
+        self.st.cgroups[os.stat(path).st_ino] = path
+        if path in self.st.attached:
+            return False
+        self.st.attached.add(path)
+        return True
+
+    def attached(self, path) -> bool:
+        return str(path) in self.st.attached
+
+    def detach(self, path) -> None:
+        path = str(path)
+        self.st.attached.discard(path)
+        for cid, p in list(self.st.cgroups.items()):
+            if p == path:
+                del self.st.cgroups[cid]
+
+    def write_policy(self, rules, mode, policy_hash=b"", grace=0.0):
+        self._live()
+        if self.kernel.fail_write:
+            raise EgressError(f"map rules: update: Argument list too long ({self.workload})")
+        try:
+            compiled = compile_rules(rules, 1 - self.st.generation, self.limits)
+        except EgressRuleError as e:
+            raise EgressError(str(e)) from e
+        self.st.generation = compiled.generation
+        self.st.rules = compiled.trie
+        self.st.mode = mode
+        self.st.policy_hash = policy_hash
+        self.kernel.swaps.append((self.workload, mode, len(compiled.trie)))
+        return compiled
+
+    def set_mode(self, mode: str) -> None:
+        self.st.mode = mode
+
+    def state(self) -> tuple[int, str]:
+        return split_state_word(state_word(self.st.generation, self.st.mode))
+
+    def cgroups(self) -> dict[int, str]:
+        return dict(self.st.cgroups)
+
+    def prune_cgroups(self) -> list[str]:
+        gone = [p for cid, p in self.st.cgroups.items() if not Path(p).is_dir()]
+        for p in gone:
+            self.detach(p)
+        return gone
+
+    def lost(self) -> int:
+        return self.kernel.lost.get(self.workload, 0)
+
+    def unpin(self) -> None:
+        if self.pin_dir is None or not self.pin_dir.exists():
+            return
+        for p in self.pin_dir.iterdir():
+            p.unlink()
+        self.pin_dir.rmdir()
+        self.kernel.pins.pop(self.pin_dir, None)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def remove(self) -> None:
+        for p in list(self.st.attached):
+            self.detach(p)
+        self.unpin()
+        self.close()
+
+
+class FakeDenialProbe:
+    def __init__(self, kernel: "FakeKernel"):
+        self.kernel = kernel
+        self.events_fd = next(_fds)
+        kernel.rings[self.events_fd] = []
+        self.watched: dict[int, tuple] = {}
+
+    def watch(self, cgroup_id, mode, deny_errno, allowed_syscalls=()):
+        self.watched[cgroup_id] = (mode, deny_errno, tuple(sorted(allowed_syscalls)))
+
+    def unwatch(self, cgroup_id):
+        self.watched.pop(cgroup_id, None)
+
+    def lost(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+class FakeRingReader:
+    def __init__(self, kernel: "FakeKernel"):
+        self.kernel = kernel
+        self.callbacks: dict[int, object] = {}
+
+    def add(self, fd, callback, size=None):
+        self.callbacks[fd] = callback
+
+    def remove(self, fd):
+        self.callbacks.pop(fd, None)
+
+    def drain(self, limit=None) -> int:
+        n = 0
+        for fd, cb in self.callbacks.items():
+            ring = self.kernel.rings.get(fd, [])
+            while ring and (limit is None or n < limit):
+                cb(ring.pop(0))
+                n += 1
+        return n
+
+    def poll(self, timeout_ms=0, limit=None) -> int:
+        return self.drain(limit)
+
+    def close(self):
+        self.callbacks = {}
+
+
+class FakeKernel:
+    """The back end. ``fail_attach`` (cgroup paths) and ``fail_write`` inject failures."""
+
+    def __init__(self):
+        self.pins: dict[Path, Pinned] = {}
+        self.rings: dict[int, list[bytes]] = {}
+        self.fail_attach: set[str] = set()
+        self.fail_write = False
+        self.lost: dict[str, int] = {}
+        self.swaps: list[tuple] = []
+        self.loads = 0
+        self.probes: list[FakeDenialProbe] = []
+
+    def _state(self, workload: str) -> Pinned:
+        st = Pinned(workload, ring=next(_fds))
+        self.rings[st.ring] = []
+        return st
+
+    def load_egress(self, workload: str, pin_dir: Path | None, limits: Limits):
+        self.loads += 1
+        st = self._state(workload)
+        if pin_dir is not None:
+            if pin_dir.exists() and any(pin_dir.iterdir()):
+                raise EgressError(f"{pin_dir} already holds pinned objects; adopt or remove them first")
+            pin_dir.mkdir(parents=True, exist_ok=True)
+            for name in PROGRAMS:
+                (pin_dir / f"prog_{name}").write_text(workload)
+            self.pins[pin_dir] = st
+        return FakeEgressProgram(self, st, pin_dir, limits)
+
+    def adopt_egress(self, pin_dir: Path, limits: Limits):
+        st = self.pins.get(pin_dir)
+        if st is None:
+            raise EgressError(f"adopt {pin_dir}: No such file or directory")
+        return FakeEgressProgram(self, st, pin_dir, limits)
+
+    def pinned_egress(self, bpffs: Path) -> list[Path]:
+        from enforcer.egress import pinned_sets
+        return pinned_sets(bpffs)
+
+    def denial_probe(self):
+        p = FakeDenialProbe(self)
+        self.probes.append(p)
+        return p
+
+    def ring_reader(self):
+        return FakeRingReader(self)
+
+    # -- what the kernel would do --
+
+    def state_of(self, pin_dir: Path) -> Pinned:
+        return self.pins[pin_dir]
+
+    def emit(self, fd: int, record: bytes) -> None:
+        """A record in a ring buffer, as the programs would submit it."""
+        self.rings.setdefault(fd, []).append(record)

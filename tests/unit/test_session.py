@@ -1,0 +1,203 @@
+"""The enforcement session's logic, without root: all or nothing, rollback, adoption, removal,
+exceptions, violations and denial watching, on the in-memory kernel of tests/fakes/kernel.py.
+
+The kernel itself (that connects are really denied, that pins survive) is tested in
+tests/privileged/test_egress_pinning.py with the real back end.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from enforcer import audit, exceptions
+from enforcer.desired import desired_path, read_desired
+from enforcer.egress import pin_dir_for
+from enforcer.policy import EgressRule, Policy
+from enforcer.seccomp import EXEC_RULE, profile_for
+from enforcer.session import ApplyError, EnforcementSession
+from sensor.events import EgressViolationRecord
+from sensor.workload import Workload
+from tests.fakes.kernel import FakeKernel
+
+W = Workload.host("agent")
+POD = Workload("agents", "Deployment", "research-agent", "agent")
+
+
+def policy(workload=W, cidrs=("10.0.3.0/24",), mode="enforce", syscalls=("read", "write")):
+    return Policy(workload, mode=mode, substrates=("syscall", "egress"),
+                  syscalls=syscalls, egress=tuple(EgressRule("tcp", c, (443,)) for c in cidrs))
+
+
+@pytest.fixture
+def env(tmp_path):
+    cg = tmp_path / "cgroup"
+    paths = []
+    for name in ("a", "b", "c"):
+        (cg / name).mkdir(parents=True)
+        paths.append(str(cg / name))
+    kernel = FakeKernel()
+    bpffs = tmp_path / "bpffs"
+    bpffs.mkdir()
+    state = tmp_path / "state"
+
+    def session(**kw):
+        return EnforcementSession(state, bpffs=bpffs, backend=kernel, **kw)
+    return kernel, session, paths, state, bpffs
+
+
+def test_apply_attaches_swaps_records_desired_state_and_audits(env):
+    kernel, session, paths, state, bpffs = env
+    s = session()
+    results = s.apply(policy(), "enforce", paths[:2], reason="first")
+    assert [r.attached for r in results] == [True, True]
+    pinned = kernel.state_of(pin_dir_for(bpffs, W.key))
+    assert pinned.attached == set(paths[:2]) and pinned.mode == "enforce" and len(pinned.rules) == 1
+    [(w, p, mode)] = read_desired(state)
+    assert w == W and mode == "enforce" and (p.egress, p.syscalls) == (policy().egress, policy().syscalls)
+    [entry] = audit.read(state, action="policy.apply")
+    assert entry["workload"] == W.key and entry["details"]["attached"] == paths[:2]
+
+
+def test_a_failed_attach_leaves_nothing(env):
+    kernel, session, paths, state, bpffs = env
+    kernel.fail_attach.add(paths[1])
+    s = session()
+    with pytest.raises(ApplyError) as err:
+        s.apply(policy(), "enforce", paths)
+    assert "rolled back" in str(err.value) and paths[1] in str(err.value)
+    assert [(r.cgroup, r.ok) for r in err.value.results] == [(paths[0], True), (paths[1], False)]
+    assert not pin_dir_for(bpffs, W.key).exists()  # created in this call: unpinned again
+    assert kernel.pins == {} and kernel.swaps == []
+    assert not desired_path(state, W).exists()
+    assert audit.read(state) == []
+    assert s.enforced == {}
+
+
+def test_a_failed_swap_keeps_the_previous_rules_and_attachments(env):
+    kernel, session, paths, state, bpffs = env
+    s = session()
+    s.apply(policy(cidrs=("10.0.3.0/24",)), "alert", paths[:1])
+    pinned = kernel.state_of(pin_dir_for(bpffs, W.key))
+    before = (pinned.rules, pinned.mode, set(pinned.attached))
+    kernel.fail_write = True
+    with pytest.raises(ApplyError, match="rolled back"):
+        s.apply(policy(cidrs=("10.0.3.0/24", "10.0.4.0/24")), "enforce", paths)
+    assert (pinned.rules, pinned.mode, set(pinned.attached)) == before  # paths[1:] detached again
+    [(_, p, mode)] = read_desired(state)
+    assert mode == "alert" and p.egress == policy(cidrs=("10.0.3.0/24",)).egress
+    assert [e["action"] for e in audit.read(state)] == ["policy.apply"]
+
+
+def test_bad_input_touches_nothing(env):
+    kernel, session, paths, state, bpffs = env
+    s = session()
+    with pytest.raises(ApplyError, match="does not exist; nothing applied"):
+        s.apply(policy(), "enforce", [paths[0], "/nonexistent/cgroup"])
+    many = tuple(f"10.{i // 256}.{i % 256}.0/24" for i in range(20000))
+    with pytest.raises(ApplyError, match="exceed the map capacity"):
+        s.apply(policy(cidrs=many), "enforce", paths[:1])
+    assert kernel.loads == 0 and not (bpffs / "envelope").exists()
+
+
+def test_a_restarted_session_adopts_what_is_pinned(env):
+    kernel, session, paths, state, bpffs = env
+    s = session()
+    s.apply(policy(), "enforce", paths[:2])
+    other = Workload.host("orphan")
+    kernel.load_egress(other.key, pin_dir_for(bpffs, other.key), s.limits)  # no desired state
+    s.close()
+    loads = kernel.loads
+    s2 = session()
+    assert s2.adopt_pinned() == [W.key]
+    assert kernel.loads == loads  # nothing reloaded or re-attached
+    assert s2.enforced[W.key].cgroups == set(paths[:2])
+    assert s2.attach_new_cgroup(W, paths[2]).attached
+    assert kernel.state_of(pin_dir_for(bpffs, W.key)).attached == set(paths)
+
+
+def test_remove_detaches_unpins_forgets_and_audits(env):
+    kernel, session, paths, state, bpffs = env
+    s = session()
+    s.apply(policy(), "enforce", paths[:2])
+    pinned = kernel.state_of(pin_dir_for(bpffs, W.key))
+    assert s.remove(W, reason="decommissioned")
+    assert pinned.attached == set() and not pin_dir_for(bpffs, W.key).exists()
+    assert not desired_path(state, W).exists()
+    assert audit.read(state, action="policy.remove")[0]["reason"] == "decommissioned"
+    assert not s.remove(W)
+
+
+def test_exceptions_reach_the_rules_and_lapse(env):
+    kernel, session, paths, state, bpffs = env
+    now = [1000.0]
+    s = session(clock=lambda: now[0])
+    s.apply(policy(), "enforce", paths[:1])
+    pinned = kernel.state_of(pin_dir_for(bpffs, W.key))
+    assert len(pinned.rules) == 1
+    exceptions.add(state, W, "connect:tcp:10.9.9.9:8443", "1h", reason="vendor trial", now=now[0])
+    assert s.sync() == [W.key]
+    assert len(pinned.rules) == 2
+    assert s.sync() == []  # nothing changed
+    now[0] += 7200
+    assert s.sync() == [W.key]
+    assert len(pinned.rules) == 1
+    assert [e["action"] for e in audit.read(state, action="exceptions.sync")] == ["exceptions.sync"] * 2
+
+
+def test_violations_come_out_of_one_poll(env):
+    kernel, session, paths, state, bpffs = env
+    s = session()
+    s.apply(policy(), "enforce", paths[:1])
+    prog = s.enforced[W.key].program
+    rec = EgressViolationRecord.pack(type=EgressViolationRecord.type, version=1,
+                                     size=EgressViolationRecord.size(), cgroup_id=7, pid=42,
+                                     family=2, protocol=6, addr=bytes([127, 0, 1, 66]) + b"\0" * 12,
+                                     port=4444, op=0, action=1)
+    kernel.emit(prog.events_fd, rec)
+    kernel.emit(prog.events_fd, rec)
+    kernel.emit(prog.events_fd, b"\x01\x00")  # truncated: counted, not raised
+    [v] = s.poll_violations()
+    assert (v.workload, v.substrate, v.behaviour, v.action, v.count) == \
+        (W.key, "egress", "connect:tcp:127.0.1.66:4444", "denied", 2)
+    assert s.decode_errors == 1
+    assert s.poll_violations() == []
+
+
+def test_an_unpinned_session_leaves_nothing_behind(env):
+    kernel, session, paths, state, bpffs = env
+    s = session(pinned=False)
+    s.apply(policy(), "enforce", paths[:1])
+    assert kernel.pins == {} and not desired_path(state, W).exists() and audit.read(state) == []
+    st = next(iter({id(p.st): p.st for p in [s.enforced[W.key].program]}.values()))
+    assert st.attached == {paths[0]}
+    s.close()
+    assert st.attached == set()  # detached on close: BPF_PROG_ATTACH holds its own reference
+
+
+def test_no_programs_for_a_policy_without_egress_when_unpinned(env):
+    kernel, session, paths, state, bpffs = env
+    s = session(pinned=False, denials=True)
+    p = Policy(W, mode="enforce", substrates=("syscall",), syscalls=("read",))
+    s.apply(p, "enforce", paths[:1], seccomp_target="exec")
+    assert kernel.loads == 0 and s.enforced[W.key].program is None
+    [probe] = kernel.probes
+    [(mode, errno_, allowed)] = probe.watched.values()
+    assert mode == "enforce" and errno_ == 1
+    assert set(allowed) == {"read", "execve"}  # execve: the exec target's completeness
+
+
+def test_denials_compare_with_the_profile_the_runtime_loads(env):
+    kernel, session, paths, state, bpffs = env
+    s = session(denials=True, clock=time.time)
+    exceptions.add(state, POD, "syscall:ptrace", "1h", reason="debugging")
+    s.apply(policy(POD), "enforce", paths[:1])
+    [probe] = kernel.probes
+    [(_, _, allowed)] = probe.watched.values()
+    expected = profile_for(policy(POD), "enforce", target="workload",
+                           exceptions=exceptions.syscall_allowances(state, POD))
+    assert set(allowed) == set(expected.allowed())
+    assert "ptrace" in allowed and "openat" in allowed  # the exception, and runc's completeness
+    assert "execve" in allowed and EXEC_RULE not in {e.rule for e in expected.report}
