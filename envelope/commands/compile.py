@@ -14,7 +14,7 @@ from pathlib import Path
 from enforcer import exceptions as exc_store
 from enforcer import netexport, seccomp
 from enforcer.policy import PolicyError, load_policy
-from enforcer.runtime import RUNTIMES, default_runtime
+from enforcer.runtime import RUNTIMES
 from sensor.store import atomic_write
 
 from ..errors import UserError
@@ -47,23 +47,16 @@ def register(sub) -> None:
 def render(policy, args, state_dir) -> tuple[str, dict | None]:
     """The artefact text and, for seccomp formats, the provenance report."""
     if args.format in ("oci-seccomp", "spo"):
-        runtime = args.runtime
-        if runtime is None:
-            runtime = default_runtime(policy.workload.kind, policy.workload.namespace)
-        elif runtime == "none":
-            runtime = None
         extra = None
         if args.with_exceptions:
             extra = exc_store.syscall_allowances(state_dir, policy.workload)
+        compiled = seccomp.profile_for(policy, args.mode, runtime=args.runtime, arch=args.arch,
+                                       exceptions=extra)
         if args.format == "oci-seccomp":
-            compiled = seccomp.compile_oci(policy, args.mode, runtime=runtime, arch=args.arch,
-                                           extra_allow=extra)
             return compiled.to_json(), compiled.report_dict()
-        doc = seccomp.compile_spo(policy, args.mode, runtime=runtime, arch=args.arch,
+        doc = seccomp.compile_spo(policy, args.mode, runtime=compiled.runtime, arch=args.arch,
                                   extra_allow=extra)
-        report = seccomp.compile_oci(policy, args.mode, runtime=runtime, arch=args.arch,
-                                     extra_allow=extra).report_dict()
-        return netexport.dump(doc), report
+        return netexport.dump(doc), compiled.report_dict()
     labels = netexport.parse_pod_labels(args.pod_label)
     if args.format == "networkpolicy":
         return netexport.dump(netexport.compile_networkpolicy(policy, labels)), None
