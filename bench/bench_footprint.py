@@ -1,10 +1,14 @@
-"""Footprint of ``envelope daemon``: resident memory and CPU, idle and with 100 live workloads.
+"""Footprint of ``envelope daemon``: resident memory and CPU, idle, with 100 live workloads,
+and while it also enforces syscall and egress policies on 10 of them.
 
 The daemon runs as it would on a node (``envelope --state-dir <tmp> daemon``). Once it logs
 "ready" it is sampled idle, then while 100 real cgroups each run a small steady workload
 (``bench/progs/workload.c``: a few syscalls, a file read, a fork+exec and a TCP connect every
-100 ms), then idle again after they stop. On SIGTERM it flushes; the profiles it wrote are read
-back to check that it really saw the workloads.
+100 ms), then while ``envelope enforce`` has put 10 of those workloads under alert-mode
+syscall + egress policies (the daemon loads the seccomp-denial probe and attaches the egress
+programs: the state in which a daemon that compiled BPF itself would map LLVM), then idle again
+after they stop. On SIGTERM it flushes; the profiles it wrote are read back to check that it
+really saw the workloads.
 """
 
 from __future__ import annotations
@@ -23,16 +27,18 @@ from . import (ROOT, Cgroup, build_programs, kill_process_group, process_cpu_sec
                progress, summarize, unavailable)
 
 TITLE = "Daemon footprint (RSS and CPU, idle and with 100 workloads)"
-TARGETS = {"peak RSS MB with 100 workloads": "<= 60"}
+TARGETS = {"peak RSS MB with 100 workloads": "<= 60",
+           "peak RSS MB while enforcing on 10 workloads": "<= 60"}
 WORKLOADS = 100
+ENFORCED = 10
 PERIOD_MS = 100
 MB = 1024 * 1024
 
 
 def params(quick: bool) -> dict:
     if quick:
-        return {"idle_s": 5, "load_s": 15, "after_s": 5}
-    return {"idle_s": 20, "load_s": 60, "after_s": 10}
+        return {"idle_s": 5, "load_s": 15, "enforce_s": 10, "after_s": 5}
+    return {"idle_s": 20, "load_s": 60, "enforce_s": 30, "after_s": 10}
 
 
 def method(quick: bool) -> str:
@@ -45,7 +51,12 @@ def method(quick: bool) -> str:
         f"{p['load_s']} s with {WORKLOADS} workloads, each a process in its own new cgroup v2 "
         f"(`bench/progs/workload.c`: getpid, uname, a read of /proc/self/stat, a fork+exec of a "
         f"static no-op and a TCP connect to a local listener every {PERIOD_MS} ms, i.e. about "
-        f"{WORKLOADS * 1000 // PERIOD_MS:,} execs/s and connects/s in all); **after** "
+        f"{WORKLOADS * 1000 // PERIOD_MS:,} execs/s and connects/s in all); **enforcing** "
+        f"{p['enforce_s']} s with the same load while {ENFORCED} of the workloads are under "
+        f"`envelope enforce` policies in alert mode (every syscall of the table and TCP to the "
+        f"load's listener allowed, so nothing floods the violation log: what is measured is "
+        f"the daemon holding the denial probe and {ENFORCED} pinned egress sets; its memory "
+        f"maps are checked for libbcc, LLVM and clang); **after** "
         f"{p['after_s']} s once they are gone. RSS is reported as median and peak per phase, and at "
         f"the end of each phase split into anonymous and file-backed (shared libraries such as "
         f"LLVM, which BCC maps) memory, with PSS beside it. "
@@ -225,6 +236,13 @@ def run(quick: bool = False) -> dict:
             if early:
                 raise RuntimeError(f"{len(early)} workloads exited early: {early[0].stderr.read()[-300:]}")
             rows.append({"case": f"load, {WORKLOADS} workloads", **sample(daemon, p["load_s"], "load")})
+            enforced = _enforce_some(state, port, daemon)
+            row = {"case": f"load, enforcing {len(enforced)} workloads",
+                   **sample(daemon, p["enforce_s"], "enforcing")}
+            row["compiler mapped"] = _compiler_mapped(daemon.proc.pid)
+            rows.append(row)
+            if len(enforced) < ENFORCED:
+                notes.append(f"only {len(enforced)} of {ENFORCED} workloads could be enforced")
             for w in workers:
                 w.kill()
             for w in workers:
@@ -233,7 +251,7 @@ def run(quick: bool = False) -> dict:
             group = None
             rows.append({"case": "after load", **sample(daemon, p["after_s"], "after")})
         except DaemonDied as e:
-            phase = ["idle", f"load, {WORKLOADS} workloads", "after load"][len(rows)]
+            phase = ["idle", f"load, {WORKLOADS} workloads", "enforcing", "after load"][len(rows)]
             rows.append({"case": f"{phase} (daemon died)", **e.row})
             errors.append(str(e))
             progress(str(e))
@@ -268,15 +286,66 @@ def run(quick: bool = False) -> dict:
 
     idle = rows[0] if rows and rows[0]["case"] == "idle" else {}
     load = rows[1] if len(rows) > 1 and rows[1]["case"] == f"load, {WORKLOADS} workloads" else {}
+    enf = rows[2] if len(rows) > 2 and rows[2]["case"].startswith("load, enforcing") else {}
     peak = load.get("RSS MB (peak)")
+    if enf and enf.get("compiler mapped"):
+        errors.append(f"the enforcing daemon maps a compiler: {enf['compiler mapped']}")
     ratios = {
         "peak RSS MB with 100 workloads": peak,
+        "peak RSS MB while enforcing on 10 workloads": enf.get("RSS MB (peak)")
+        if enf.get("case") == f"load, enforcing {ENFORCED} workloads" else None,
         "RSS growth idle → 100 workloads (MB)": (peak - idle["RSS MB (median)"]) if peak and idle else None,
         "CPU cores with 100 workloads": load.get("CPU cores"),
         "CPU cores idle": idle.get("CPU cores"),
     }
     return {"title": TITLE, "method": method(quick), "rows": rows, "ratios": ratios, "targets": TARGETS,
             "notes": notes, "params": p, "errors": errors}
+
+
+def _enforce_some(state: Path, port: int, daemon: Daemon) -> list[str]:
+    """Put :data:`ENFORCED` of the load's workloads under alert-mode syscall + egress policies with
+    ``envelope enforce`` and wait until the daemon has applied them."""
+    from enforcer.policy import EgressRule, Policy, dump_policy
+    from sensor import syscalls
+    from sensor.store import ProfileStore
+
+    found = sorted(w for w in ProfileStore(state).workloads()
+                   if re.search(r"footprint[/_]w\d{3}$", w.name))[:ENFORCED]
+    exe = ROOT / ".venv" / "bin" / "envelope"
+    done = []
+    for w in found:
+        policy = Policy(w, mode="alert", substrates=("syscall", "egress"),
+                        syscalls=tuple(sorted(syscalls.NUMBERS)),
+                        egress=(EgressRule("tcp", "127.0.0.1/32", (port,)),))
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+            f.write(dump_policy(policy, "yaml"))
+            f.flush()
+            r = subprocess.run([str(exe), "--state-dir", str(state), "enforce", w.key, "--policy",
+                                f.name, "--reason", "footprint benchmark"], capture_output=True,
+                               text=True)
+        if r.returncode == 0:
+            done.append(w.key)
+        else:
+            progress(f"enforce {w.key} failed: {r.stderr.strip()[-200:]}")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        applied = {k for k in done if any("policy applied" in line and k in line for line in daemon.lines)}
+        if applied == set(done):
+            break
+        time.sleep(0.5)
+    progress(f"{len(done)} workloads enforced (alert mode)")
+    return done
+
+
+def _compiler_mapped(pid: int) -> str:
+    """Compiler libraries in a process's memory maps ("" when none)."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError as e:
+        return f"unreadable: {e}"
+    libs = sorted({line.split()[-1] for line in maps.splitlines()
+                   if any(k in line for k in ("libbcc", "LLVM", "libclang"))})
+    return ", ".join(libs)
 
 
 def _workloads_recorded(state: Path, names: list[str]) -> int:

@@ -51,7 +51,7 @@
 #define EGRESS_MAX_CGROUPS 1024
 #endif
 #ifndef EGRESS_RINGBUF_PAGES
-#define EGRESS_RINGBUF_PAGES 64
+#define EGRESS_RINGBUF_PAGES 16
 #endif
 
 /* Keys and values: struct egress_key, egress_rule, egress_port_key, egress_meta and

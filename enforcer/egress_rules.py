@@ -50,7 +50,7 @@ class Limits:
     max_ports: int = 262144  # exact (rule, port) entries, both generations (allocated on use)
     max_ranges: int = EGRESS_MAX_RANGES  # port ranges per trie entry
     max_cgroups: int = 1024
-    ringbuf_pages: int = 64
+    ringbuf_pages: int = 16  # 64 KiB: ~1,000 violation records between drains; mapped twice per set
 
     def cflags(self) -> list[str]:
         return [f"-DEGRESS_MAX_RULES={self.max_rules}", f"-DEGRESS_MAX_PORTS={self.max_ports}",

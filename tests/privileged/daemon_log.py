@@ -19,8 +19,12 @@ class LogReader:
 
     def wait_for(self, word: str, timeout: float = 120.0) -> str:
         """The first line (seen so far or arriving within ``timeout``) that contains ``word``."""
+        return self.wait_until(lambda line: word in line, timeout, word)
+
+    def wait_until(self, pred, timeout: float = 120.0, what: str = "a matching line") -> str:
+        """The first line (seen so far or arriving within ``timeout``) for which ``pred`` holds."""
         for line in self.lines:
-            if word in line:
+            if pred(line):
                 return line
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -32,9 +36,9 @@ class LogReader:
                 break
             self.pending += chunk
             *done, self.pending = self.pending.split(b"\n")
-            for raw in done:
-                line = raw.decode(errors="replace")
-                self.lines.append(line)
-                if word in line:
+            fresh = [raw.decode(errors="replace") for raw in done]
+            self.lines.extend(fresh)  # every line of the chunk is kept, also past a match
+            for line in fresh:
+                if pred(line):
                     return line
-        raise AssertionError(f"no {word!r} line; saw: {chr(10).join(self.lines)[-2000:]}")
+        raise AssertionError(f"no {what!r} line; saw: {chr(10).join(self.lines)[-2000:]}")

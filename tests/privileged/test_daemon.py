@@ -118,3 +118,66 @@ def test_daemon_enforces_a_future_cgroup_and_reports_violations(tmp_path):
     assert by_sub["watch"].behaviour == "exec:/bin/true" and by_sub["watch"].action == "alerted"
     # exec is observed and reported, not enforced: /bin/true is outside the policy's execs
     assert by_sub["exec"].behaviour == "exec:/bin/true" and by_sub["exec"].action == "alerted"
+
+
+def test_an_enforcing_daemon_maps_no_compiler(tmp_path):
+    """Every program family compiles in the short-lived loader child: while the daemon enforces
+    syscall and egress policies on two workloads (denial probe loaded, egress programs attached),
+    its memory maps hold no libbcc, LLVM or clang."""
+    from enforcer.policy import EgressRule, Policy, dump_policy
+    from sensor.workload import Workload
+
+    cgfs = CgroupFS()
+    state = tmp_path / "state"
+    env = [sys.executable, "-m", "envelope.cli", "--state-dir", str(state)]
+    rels, workloads = [], []
+    for i in range(2):
+        rel = f"/envelope.test/daemon-maps-{os.getpid()}-{i}"
+        w = Workload.host(host_unit_name(rel).strip("/").replace("/", "_"))
+        p = Policy(w, mode="enforce", substrates=("syscall", "egress"),
+                   syscalls=tuple(sorted({"read", "write", "exit_group", "brk", "mmap", "close"})),
+                   egress=(EgressRule("tcp", "127.0.0.1/32", (9,)),))
+        f = tmp_path / f"policy-{i}.yaml"
+        f.write_text(dump_policy(p, "yaml"))
+        r = subprocess.run(env + ["enforce", w.key, "--policy", str(f), "--reason", "test"],
+                           cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        rels.append(rel)
+        workloads.append(w)
+    proc = subprocess.Popen(env + ["--log-json", "daemon", "--metrics-port", "0"],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    sleepers = []
+    try:
+        log = LogReader(proc.stderr)
+        log.wait_for("ready")
+        for rel in rels:
+            path, _ = cgfs.make(rel)
+            sleepers.append(subprocess.Popen(
+                ["/bin/sleep", "30"], preexec_fn=lambda p=path: open(f"{p}/cgroup.procs", "w").write("0")))
+        log.wait_for("seccomp denial probe loaded", timeout=60)
+        for w in workloads:
+            log.wait_until(lambda line, k=w.key: "egress programs attached" in line and k in line,
+                           60, f"egress programs attached to {w.key}")
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        loaded = sorted({line.split()[-1] for line in maps.splitlines()
+                         if len(line.split()) >= 6 and line.split()[-1].startswith("/")})
+        compiler = [m for m in loaded if any(k in m for k in ("libbcc", "LLVM", "libclang"))]
+        assert compiler == [], compiler
+        assert any("libc.so" in m for m in loaded)  # the maps were read for real
+    finally:
+        for s in sleepers:
+            s.kill()
+            s.wait()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for w in workloads:
+            subprocess.run(env + ["enforce", w.key, "--remove", "--reason", "test done"], cwd=ROOT,
+                           capture_output=True)
+        for rel in rels:
+            cgfs.remove(rel)
+        cgfs.remove_empty_parents(rels[0])
