@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 PROGS_DIR = BENCH_DIR / "progs"
@@ -263,41 +265,33 @@ def kill_process_group(proc: subprocess.Popen, timeout: float = 5.0) -> None:
 
 # --------------------------------------------------------------------------- process readings
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-
-
 def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process has used so far (``/proc/<pid>/stat``)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """User + system CPU seconds a process has used so far."""
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
 
 
 def process_rss_bytes(pid: int) -> int:
-    """Resident set size of a process (``/proc/<pid>/statm``)."""
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * PAGE_SIZE
+    """Resident set size of a process."""
+    return psutil.Process(pid).memory_info().rss
+
+
+def process_tree(pid: int) -> list[int]:
+    """A process and its descendants (gone ones left out)."""
+    try:
+        p = psutil.Process(pid)
+        return [pid] + [c.pid for c in p.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def process_memory(pid: int) -> dict[str, int]:
-    """RSS split into anonymous and file-backed bytes (``/proc/<pid>/status``), and PSS
-    (``/proc/<pid>/smaps_rollup``), which charges shared library pages fairly."""
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
-                out[key] = int(rest.split()[0]) * 1024
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    out["Pss"] = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return out
+    """RSS split into anonymous and file-backed/shared bytes, and PSS, which charges shared
+    library pages fairly (psutil: ``shared`` is RssFile + RssShmem)."""
+    p = psutil.Process(pid)
+    full = p.memory_full_info()
+    return {"VmRSS": full.rss, "RssAnon": full.rss - full.shared, "RssFile": full.shared,
+            "Pss": full.pss}
 
 
 def machine() -> dict:

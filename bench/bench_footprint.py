@@ -23,8 +23,10 @@ import threading
 import time
 from pathlib import Path
 
-from . import (ROOT, Cgroup, build_programs, kill_process_group, process_cpu_seconds, process_memory, process_rss_bytes,
-               progress, summarize, unavailable)
+import psutil
+
+from . import (ROOT, Cgroup, build_programs, kill_process_group, process_cpu_seconds, process_memory,
+               process_rss_bytes, process_tree, progress, summarize, unavailable)
 
 TITLE = "Daemon footprint (RSS and CPU, idle and with 100 workloads)"
 TARGETS = {"peak RSS MB with 100 workloads": "<= 60",
@@ -58,7 +60,7 @@ def method(quick: bool) -> str:
         f"the daemon holding the denial probe and {ENFORCED} pinned egress sets; its memory "
         f"maps are checked for libbcc, LLVM and clang); **after** "
         f"{p['after_s']} s once they are gone. RSS is reported as median and peak per phase, and at "
-        f"the end of each phase split into anonymous and file-backed (shared libraries such as "
+        f"the end of each phase split into anonymous and file-backed or shared (shared libraries such as "
         f"LLVM, which BCC maps) memory, with PSS beside it. "
         f"Finally SIGTERM makes the daemon flush, and its profile store is read back to count how "
         f"many of the {WORKLOADS} workloads it recorded."
@@ -109,18 +111,7 @@ class Daemon:
 
     def pids(self) -> list[int]:
         """The daemon and its descendants."""
-        pids, frontier = [self.proc.pid], [self.proc.pid]
-        while frontier:
-            pid = frontier.pop()
-            try:
-                for task in os.listdir(f"/proc/{pid}/task"):
-                    children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
-                    for c in map(int, children):
-                        pids.append(c)
-                        frontier.append(c)
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-        return pids
+        return process_tree(self.proc.pid)
 
     def stop(self, timeout: float = 60) -> int | None:
         if self.proc.poll() is None:
@@ -145,7 +136,7 @@ def sample(daemon: Daemon, seconds: float, label: str) -> dict:
         for pid in daemon.pids():
             try:
                 total += process_cpu_seconds(pid)
-            except (FileNotFoundError, ProcessLookupError):
+            except psutil.NoSuchProcess:
                 pass
         return total
 
@@ -154,7 +145,7 @@ def sample(daemon: Daemon, seconds: float, label: str) -> dict:
         for pid in daemon.pids():
             try:
                 total += process_rss_bytes(pid)
-            except (FileNotFoundError, ProcessLookupError):
+            except psutil.NoSuchProcess:
                 pass
         return total
 
@@ -180,7 +171,7 @@ def sample(daemon: Daemon, seconds: float, label: str) -> dict:
         try:
             for k, v in process_memory(pid).items():
                 mem[k] = mem.get(k, 0) + v
-        except (FileNotFoundError, ProcessLookupError):
+        except psutil.NoSuchProcess:
             pass
     row.update({"anon MB (end)": mem["RssAnon"] / MB if "RssAnon" in mem else None,
                 "file MB (end)": mem["RssFile"] / MB if "RssFile" in mem else None,
