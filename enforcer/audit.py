@@ -36,12 +36,10 @@ from typing import Any
 
 import structlog
 
-from sensor.store import atomic_write
+from sensor.state_dir import StateDir, atomic_write
 
 log = structlog.get_logger(__name__)
 
-LOG_NAME = "audit.jsonl"
-HEAD_NAME = "audit.head"
 GENESIS = "0" * 64
 FIELDS = ("seq", "time", "actor", "action", "workload", "reason", "details", "prev", "hash")
 
@@ -51,11 +49,11 @@ class AuditError(Exception):
 
 
 def log_path(state_dir) -> Path:
-    return Path(state_dir) / LOG_NAME
+    return StateDir(state_dir).audit_log
 
 
 def head_path(state_dir) -> Path:
-    return Path(state_dir) / HEAD_NAME
+    return StateDir(state_dir).audit_head
 
 
 def canonical(entry: dict) -> bytes:

@@ -8,12 +8,11 @@ attaches the pinned programs to the workload's new cgroups and adopts them after
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import quote, unquote
 
 import structlog
 import yaml
 
-from sensor.store import atomic_write
+from sensor.state_dir import StateDir, atomic_write
 from sensor.workload import Workload
 
 from .policy import Policy, parse_policy
@@ -21,12 +20,8 @@ from .policy import Policy, parse_policy
 log = structlog.get_logger(__name__)
 
 
-def desired_dir(state_dir) -> Path:
-    return Path(state_dir) / "enforce"
-
-
 def desired_path(state_dir, workload: Workload) -> Path:
-    return desired_dir(state_dir) / (quote(workload.key, safe="") + ".yaml")
+    return StateDir(state_dir).desired(workload.key)
 
 
 def write_desired(state_dir, policy: Policy, mode: str) -> None:
@@ -36,7 +31,7 @@ def write_desired(state_dir, policy: Policy, mode: str) -> None:
 
 def read_desired(state_dir) -> list[tuple[Workload, Policy, str]]:
     """Every desired state as (workload, policy, mode); unreadable files are logged and skipped."""
-    d = desired_dir(state_dir)
+    d = StateDir(state_dir).enforce
     out = []
     if not d.is_dir():
         return out
@@ -44,7 +39,8 @@ def read_desired(state_dir) -> list[tuple[Workload, Policy, str]]:
         try:
             doc = yaml.safe_load(p.read_text())
             policy = parse_policy(yaml.safe_dump(doc["policy"]), str(p))
-            out.append((Workload.parse(unquote(p.name[:-5])), policy, str(doc["mode"])))
+            key = StateDir.workload_of(p.name, ".yaml") or ""
+            out.append((Workload.parse(key), policy, str(doc["mode"])))
         except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError) as e:
             log.warning("unreadable desired state", path=str(p), error=str(e))
     return out

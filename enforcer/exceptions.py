@@ -27,13 +27,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sensor.store import atomic_write
+from sensor.state_dir import StateDir, atomic_write
 from sensor.workload import BehaviourKeyError, Workload, parse_net_key, substrate_of
 
 from . import audit
-from .state import StateError, _check_reason, enforce_dir, locked
+from .state import StateError, _check_reason, locked
 
-FILE_NAME = "exceptions.json"
 MAX_TTL = 30 * 86400.0  # longer than this is a policy change, not an exception
 KEEP_EXPIRED = 7 * 86400.0
 _TTL = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
@@ -135,7 +134,7 @@ def normalise_key(key: str) -> str:
 
 
 def file_path(state_dir) -> Path:
-    return enforce_dir(state_dir) / FILE_NAME
+    return StateDir(state_dir).exceptions
 
 
 def load_all(state_dir) -> list[PolicyException]:

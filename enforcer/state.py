@@ -24,9 +24,9 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import quote, unquote
 
-from sensor.store import ProfileStore, atomic_write
+from sensor.state_dir import StateDir, atomic_write
+from sensor.store import ProfileStore
 from sensor.workload import Workload
 
 from . import audit
@@ -38,20 +38,16 @@ class StateError(ValueError):
     """Bad input to a state change (the message is one line for the user)."""
 
 
-def enforce_dir(state_dir) -> Path:
-    return Path(state_dir) / "enforce"
-
-
 def mode_path(state_dir, workload: Workload) -> Path:
-    return enforce_dir(state_dir) / "modes" / (quote(workload.key, safe="") + ".json")
+    return StateDir(state_dir).mode(workload.key)
 
 
 @contextmanager
 def locked(state_dir):
     """An exclusive lock on ``<state-dir>/enforce/.lock`` for read-modify-write changes."""
-    d = enforce_dir(state_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    lock = StateDir(state_dir).lock
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -65,11 +61,11 @@ def locked(state_dir):
 def known_workloads(state_dir) -> list[Workload]:
     """Workloads with a profile or an enforcement state."""
     found = set(ProfileStore(state_dir).workloads())
-    d = enforce_dir(state_dir) / "modes"
+    d = StateDir(state_dir).modes
     if d.is_dir():
         for p in d.glob("*.json"):
             try:
-                found.add(Workload.parse(unquote(p.name[:-5])))
+                found.add(Workload.parse(StateDir.workload_of(p.name, ".json") or ""))
             except ValueError:
                 continue
     return sorted(found)
@@ -196,10 +192,11 @@ def rebaseline(state_dir, workload: Workload, *, reason: str, actor: str | None 
         archived = None
         if src.exists():
             stamp = _dt.datetime.fromtimestamp(now, _dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-            dest_dir = store.root / "archive" / stamp
+            archive = StateDir(state_dir).profile_archive
+            dest_dir = archive / stamp
             n = 1
             while (dest_dir / src.name).exists():
-                dest_dir = store.root / "archive" / f"{stamp}-{n}"
+                dest_dir = archive / f"{stamp}-{n}"
                 n += 1
             dest_dir.mkdir(parents=True, exist_ok=True)
             archived = dest_dir / src.name
@@ -221,12 +218,12 @@ def rebaseline(state_dir, workload: Workload, *, reason: str, actor: str | None 
 
 
 def all_states(state_dir) -> list[dict]:
-    d = enforce_dir(state_dir) / "modes"
+    d = StateDir(state_dir).modes
     out = []
     if d.is_dir():
         for p in sorted(d.glob("*.json")):
             try:
-                out.append(read_state(state_dir, Workload.parse(unquote(p.name[:-5]))))
+                out.append(read_state(state_dir, Workload.parse(StateDir.workload_of(p.name, ".json") or "")))
             except (StateError, ValueError):
                 continue
     return [s for s in out if s]

@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from sensor.state_dir import StateDir
 from sensor.events import DecodeError, EgressViolationEvent, SeccompDenialEvent, decode
 from sensor.workload import substrate_of
 
 SUBSTRATES = ("syscall", "egress", "exec", "watch", "detection")
 ACTIONS = ("denied", "alerted")
-FILENAME = "violations.jsonl"
 
 
 class ViolationStoreError(Exception):
@@ -93,7 +93,7 @@ class ViolationStore:
     """Append-only JSONL file of violations under the state dir."""
 
     def __init__(self, state_dir: str | os.PathLike):
-        self.path = Path(state_dir) / FILENAME
+        self.path = StateDir(state_dir).violations
 
     def append(self, violations: Iterable[Violation]) -> int:
         lines = "".join(json.dumps(v.to_dict(), sort_keys=True, default=str) + "\n" for v in violations)

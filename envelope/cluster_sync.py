@@ -683,7 +683,7 @@ class ClusterSync:
             return {}
 
     def _save_stale(self) -> None:
-        from sensor.store import atomic_write
+        from sensor.state_dir import atomic_write
 
         doc = {"handled": [{"namespace": k[0], "name": k[1], "signature": v} for k, v in sorted(self._stale.items())]}
         path = self._stale_path()

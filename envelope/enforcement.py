@@ -29,6 +29,7 @@ from enforcer.session import ApplyError, EnforcementSession
 from enforcer.policy import Policy
 from enforcer.state import rebaseline_generation
 from enforcer.violations import Judge, Violation, ViolationStore
+from sensor.state_dir import StateDir
 from sensor.workload import Workload
 
 from .config import Config
@@ -111,7 +112,7 @@ class NodeEnforcement:
 
     def _reconcile(self, force: bool = False) -> None:
         """Follow the desired states written by ``envelope enforce`` (only when they changed)."""
-        d = self.config.state_dir / "enforce"
+        d = StateDir(self.config.state_dir).enforce
         try:
             sig = tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in d.glob("*.yaml")))
         except OSError:

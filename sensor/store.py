@@ -1,20 +1,18 @@
 """Profile store: one msgpack file per workload under ``<state-dir>/profiles/``.
 
-Writes are atomic (write to a temporary file in the same directory, fsync, rename, fsync the
-directory). A corrupt or truncated file raises :class:`ProfileStoreError` naming the file, and
+Writes are atomic (:func:`sensor.state_dir.atomic_write`). A corrupt or truncated file raises :class:`ProfileStoreError` naming the file, and
 the file is left where it is for inspection.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
-from urllib.parse import quote, unquote
 
 import msgpack
 
 from .profile import Profile
+from .state_dir import StateDir, atomic_write
 from .workload import Workload
 
 
@@ -22,37 +20,15 @@ class ProfileStoreError(Exception):
     """A profile file that cannot be read or written."""
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so a reader sees the old file or the new one, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 class ProfileStore:
     SUFFIX = ".msgpack"
 
     def __init__(self, state_dir: str | os.PathLike):
-        self.root = Path(state_dir) / "profiles"
+        self.layout = StateDir(state_dir)
+        self.root = self.layout.profiles
 
     def path_for(self, workload: Workload) -> Path:
-        return self.root / (quote(workload.key, safe="") + self.SUFFIX)
+        return self.layout.profile(workload.key)
 
     def save(self, profile: Profile) -> Path:
         path = self.path_for(profile.workload)
@@ -84,8 +60,9 @@ class ProfileStore:
             return []
         out = []
         for p in sorted(self.root.glob("*" + self.SUFFIX)):
+            key = StateDir.workload_of(p.name, self.SUFFIX)
             try:
-                out.append(Workload.parse(unquote(p.name[: -len(self.SUFFIX)])))
+                out.append(Workload.parse(key or ""))
             except ValueError:
                 continue
         return sorted(out)

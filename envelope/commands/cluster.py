@@ -24,7 +24,7 @@ from sensor.crd import (
     DEFAULT_NAMESPACE, Backoff, ClusterApiError, ClusterProfiles, api_client, load_cluster_profile,
 )
 from sensor.profile import Profile
-from sensor.store import atomic_write
+from sensor.state_dir import atomic_write
 
 from ..errors import UserError
 from ..output import add_output_option, emit, iso

@@ -15,7 +15,7 @@ from enforcer import exceptions as exc_store
 from enforcer import netexport, seccomp
 from enforcer.policy import PolicyError, load_policy
 from enforcer.runtime import RUNTIMES
-from sensor.store import atomic_write
+from sensor.state_dir import atomic_write
 
 from ..errors import UserError
 

@@ -21,7 +21,8 @@ from enforcer.derive import (
 )
 from enforcer.policy import PolicyError, dump_policy, load_policy
 from sensor.profile import Profile
-from sensor.store import ProfileStore, atomic_write
+from sensor.state_dir import atomic_write
+from sensor.store import ProfileStore
 from sensor.workload import SUBSTRATES
 
 from ..errors import UserError
