@@ -37,6 +37,7 @@ from typing import Any
 import structlog
 
 from sensor.state_dir import StateDir, atomic_write
+from sensor.timestamps import iso_time
 
 log = structlog.get_logger(__name__)
 
@@ -75,10 +76,6 @@ def default_actor() -> str:
         except (KeyError, OSError):
             actor = f"uid:{os.getuid()}"
     return actor
-
-
-def iso(ts: float) -> str:
-    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _last_line(fd: int) -> bytes:
@@ -128,7 +125,7 @@ def append(state_dir, action: str, *, workload: str | None = None, reason: str =
             seq, prev = 1, GENESIS
         entry: dict[str, Any] = {
             "seq": seq,
-            "time": iso(time.time() if now is None else now),
+            "time": iso_time(time.time() if now is None else now, precise=True),
             "actor": actor or default_actor(),
             "action": action,
             "workload": workload,

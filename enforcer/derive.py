@@ -50,16 +50,18 @@ from __future__ import annotations
 
 import ipaddress
 import math
-import posixpath
-import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from sensor.profile import BehaviourStats, Profile
-from sensor.workload import SUBSTRATES, BehaviourKeyError, parse_net_key, substrate_of
+from sensor.timestamps import iso_time
+from sensor.workload import SUBSTRATES
 
 from . import companions
-from .policy import CLOSURES, MODES, EgressRule, Policy, PolicyError, iso_time
+from .closure import elements as closure_elements
+from .closure import rules as closure_rules
+from .elements import SESSION_RULES, Element, substrate_or_none
+from .policy import CLOSURES, MODES, EgressRule, Policy, PolicyError, parse_entry
 
 DEFAULT_MIN_COUNT = 5
 DEFAULT_MIN_SESSIONS = 3
@@ -70,16 +72,6 @@ DEFAULT_MAX_SIBLINGS = 3
 DEFAULT_K = 3.0
 DEFAULT_COVERAGE_THRESHOLD = 1.0
 DEFAULT_COVERAGE_HOURS = 24.0
-
-SESSION_RULES = {
-    "union": ("an element's distinct sessions are the union of the session ids of the behaviours it "
-              "covers: exact while each behaviour's session sample is complete (under the profile's "
-              "cap), otherwise the larger of that union and the largest member count, a lower bound"),
-    "max": ("an element's distinct sessions are the largest session count among the behaviours it "
-            "covers: a lower bound, because per-behaviour counts cannot show which sessions overlap"),
-    "sum": ("an element's distinct sessions are the sum of the session counts of the behaviours it "
-            "covers: an upper bound that assumes they never share a session (chosen explicitly)"),
-}
 
 # Fingerprint dimensions named by the method, with the trigger each one drives. The sensor records
 # identity as ``service_account`` and ``cloud_identity:<cloud>``; ``identity`` is the key for
@@ -102,7 +94,6 @@ def trigger_name(key: str) -> str:
         return "identity-scope-change"
     return FINGERPRINT_TRIGGERS.get(key, f"{key.replace('_', '-')}-change")
 
-_SYSCALL_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 
 class DeriveError(ValueError):
@@ -202,189 +193,6 @@ def service_networks(cidrs: Iterable[str]) -> list:
     return nets
 
 
-# ---- evidence -------------------------------------------------------------------------------
-
-
-@dataclass
-class Element:
-    """One unit the confidence rule judges: a literal behaviour or an envelope around several."""
-
-    id: str
-    substrate: str
-    rule: str
-    members: list[str]
-    detail: str = ""
-    flags: tuple[str, ...] = ()
-    # what the element allows, by substrate
-    syscalls: tuple[str, ...] = ()
-    egress: EgressRule | None = None
-    exec: str | None = None
-    encodable: bool = True
-
-    def evidence(self, stats: Mapping[str, BehaviourStats], session_rule: str = "union") -> dict:
-        ss = [stats[m] for m in self.members]
-        if session_rule == "sum":
-            sessions = sum(s.sessions for s in ss)
-        elif session_rule == "union":
-            union = len(set().union(*(s.session_ids for s in ss)))
-            exact = all(s.sessions_complete for s in ss)
-            sessions = union if exact else max([union] + [s.sessions for s in ss])
-        else:
-            sessions = max((s.sessions for s in ss), default=0)
-        return {
-            "count": sum(s.count for s in ss),
-            "sessions": sessions,
-            "firstSeen": iso_time(min(s.first_seen for s in ss)),
-            "lastSeen": iso_time(max(s.last_seen for s in ss)),
-            "behaviours": sorted(self.members),
-        }
-
-
-def substrate_or_none(key: str) -> str | None:
-    """The substrate of a behaviour key, or None for a kind no substrate encodes yet (``dns:...``)."""
-    try:
-        return substrate_of(key)
-    except BehaviourKeyError:
-        return None
-
-
-def _addr_text(ip) -> str:
-    return ip.compressed
-
-
-def _aggregate(ip, opts: DeriveOptions, services: list) -> tuple[object, str]:
-    for net in services:
-        if net.version == ip.version and ip in net:
-            return net, "service-cidr"
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        # An IPv4 peer reached through a dual-stack socket (::ffff:a.b.c.d): widen it like IPv4,
-        # inside ::ffff:0:0/96, never to a /64 that would span every mapped IPv4 address.
-        return ipaddress.ip_network(f"{ip}/{96 + opts.ipv4_prefix}", strict=False), "cidr-prefix"
-    prefix = opts.ipv4_prefix if ip.version == 4 else opts.ipv6_prefix
-    return ipaddress.ip_network(f"{ip}/{prefix}", strict=False), "cidr-prefix"
-
-
-def _literal_elements(substrate: str, keys: list[str]) -> list[Element]:
-    out: list[Element] = []
-    if substrate == "syscall":
-        for k in keys:
-            name = k.split(":", 1)[1]
-            out.append(Element(k, substrate, "literal", [k], syscalls=(name,),
-                               encodable=bool(_SYSCALL_RE.match(name))))
-    elif substrate == "exec":
-        for k in keys:
-            path = k.split(":", 1)[1]
-            out.append(Element(k, substrate, "literal", [k], exec=path, encodable=_exec_encodable(path)))
-    else:
-        groups: dict[tuple, list[str]] = {}
-        bad: list[str] = []
-        for k in keys:
-            try:
-                n = parse_net_key(k)
-            except BehaviourKeyError:
-                bad.append(k)
-                continue
-            host = ipaddress.ip_network(n.addr)
-            groups.setdefault((n.proto, host.version, int(host.network_address), host.prefixlen, n.port, host),
-                              []).append(k)
-        for (proto, _, _, _, port, host), members in sorted(groups.items(), key=lambda kv: kv[0][:5]):
-            rule = EgressRule(proto, host.compressed, (port,))
-            out.append(Element(rule.id, substrate, "literal", sorted(members), egress=rule))
-        out += [Element(k, substrate, "literal", [k], encodable=False) for k in bad]
-    return out
-
-
-def _exec_encodable(path: str) -> bool:
-    return path.startswith("/") and "*" not in path and not path.endswith("/")
-
-
-def _structural_elements(substrate: str, keys: list[str], opts: DeriveOptions,
-                         services: list) -> list[Element]:
-    out: list[Element] = []
-    if substrate == "syscall":
-        grouped: dict[str, list[str]] = {}
-        for k in keys:
-            name = k.split(":", 1)[1]
-            g = companions.group_of(name)
-            if g is None:
-                out.append(Element(k, substrate, "exact", [k], syscalls=(name,),
-                                   encodable=bool(_SYSCALL_RE.match(name))))
-            else:
-                grouped.setdefault(g.name, []).append(k)
-        for gname, members in sorted(grouped.items()):
-            g = companions.BY_NAME[gname]
-            seen = ", ".join(m.split(":", 1)[1] for m in sorted(members))
-            out.append(Element(f"syscall-group:{gname}", substrate, f"companion-group:{gname}", sorted(members),
-                               detail=f"seen {seen}; admits {', '.join(g.members)} ({g.reason})",
-                               syscalls=g.members))
-    elif substrate == "exec":
-        by_dir: dict[str, list[str]] = {}
-        for k in keys:
-            path = k.split(":", 1)[1]
-            if not _exec_encodable(path):
-                out.append(Element(k, substrate, "exact", [k], exec=path, encodable=False))
-                continue
-            by_dir.setdefault(posixpath.dirname(path), []).append(k)
-        for d, members in sorted(by_dir.items()):
-            if len(members) > opts.max_siblings:
-                pattern = d.rstrip("/") + "/*"
-                out.append(Element(f"exec:{pattern}", substrate, "directory-pattern", sorted(members),
-                                   detail=f"{len(members)} sibling paths in {d} (more than {opts.max_siblings})",
-                                   flags=("directory-pattern",), exec=pattern))
-            else:
-                out += [Element(k, substrate, "exact", [k], exec=k.split(":", 1)[1]) for k in sorted(members)]
-    else:
-        nets: dict[tuple, dict[int, list[str]]] = {}
-        addrs: dict[tuple, set] = {}
-        how: dict[tuple, str] = {}
-        netobj: dict[tuple, object] = {}
-        bad: list[str] = []
-        for k in keys:
-            try:
-                n = parse_net_key(k)
-            except BehaviourKeyError:
-                bad.append(k)
-                continue
-            net, rule = _aggregate(n.addr, opts, services)
-            nk = (n.proto, net.version, int(net.network_address), net.prefixlen)
-            nets.setdefault(nk, {}).setdefault(n.port, []).append(k)
-            addrs.setdefault(nk, set()).add(n.addr)
-            how[nk] = rule
-            netobj[nk] = net
-        for nk in sorted(nets):
-            proto, version = nk[0], nk[1]
-            net = netobj[nk]
-            cidr = net.compressed
-            ports = nets[nk]
-            seen_addrs = sorted(addrs[nk], key=int)
-            shown = ", ".join(_addr_text(a) for a in seen_addrs[:8]) + (
-                f" and {len(seen_addrs) - 8} more" if len(seen_addrs) > 8 else "")
-            addr_rule = how[nk]
-            if addr_rule == "service-cidr":
-                addr_detail = f"{shown} inside known service CIDR {cidr}"
-            elif version == 6 and net.network_address.ipv4_mapped is not None and net.prefixlen >= 96:
-                addr_detail = (f"{shown} (IPv4-mapped) aggregated to {cidr} (IPv4 prefix "
-                               f"/{opts.ipv4_prefix} inside ::ffff:0:0/96)")
-            else:
-                p = opts.ipv4_prefix if version == 4 else opts.ipv6_prefix
-                addr_detail = f"{shown} aggregated to {cidr} (IPv{version} prefix /{p})"
-            if len(ports) > opts.max_ports:
-                lo, hi = min(ports), max(ports)
-                rule = EgressRule(proto, cidr, (), (lo, hi))
-                members = sorted(k for ks in ports.values() for k in ks)
-                out.append(Element(rule.id, substrate, f"{addr_rule}+port-range", members,
-                                   detail=f"{addr_detail}; {len(ports)} distinct ports (more than "
-                                          f"{opts.max_ports}) widened to {lo}-{hi}",
-                                   flags=("port-range",), egress=rule))
-            else:
-                for port in sorted(ports):
-                    rule = EgressRule(proto, cidr, (port,))
-                    out.append(Element(rule.id, substrate, f"{addr_rule}+exact-ports", sorted(ports[port]),
-                                       detail=addr_detail, egress=rule))
-        out += [Element(k, substrate, "exact", [k], encodable=False) for k in bad]
-    return out
-
-
 # ---- coverage-stop ----------------------------------------------------------------------------
 
 
@@ -463,47 +271,54 @@ def coverage_message(workload_key: str, cov: dict) -> str:
             + "; keep observing, or pass --force to derive a low-confidence policy in alert mode")
 
 
-# ---- derivation -----------------------------------------------------------------------------
+# ---- derivation: the four decisions ------------------------------------------------------
 
 
-def derive(profile: Profile, options: DeriveOptions | None = None) -> Policy:
-    """Derive the least-privilege policy for ``profile``. Pure and deterministic."""
-    opts = options or DeriveOptions()
-    opts.validate()
-    services = service_networks(opts.service_cidrs)
-    stats = profile.behaviours()
-    if not stats:
-        raise DeriveError(f"the profile of {profile.workload.key} has no behaviours; nothing to derive from")
-    _, end = profile.window()
+@dataclass
+class Granularity:
+    """Which substrates the policy encodes, and the observed behaviour keys of each."""
 
-    cov = coverage(profile, opts, stats)
-    if not cov["reached"] and not opts.force:
-        raise CoverageNotReached(coverage_message(profile.workload.key, cov), cov)
-    low_confidence = not cov["reached"]
+    keys: dict[str, list[str]]
+    unencoded: dict[str, int]  # behaviour kinds no substrate encodes: kind -> distinct keys
 
-    per_sub: dict[str, list[str]] = {s: [] for s in opts.substrates}
-    unsupported: dict[str, int] = {}
+
+@dataclass
+class Confidence:
+    passed: list[tuple[Element, dict, str | None]]  # (element, evidence, admit reason)
+    failed: list[tuple[Element, dict]]
+
+
+def granularity(stats: Mapping[str, BehaviourStats], opts: DeriveOptions) -> Granularity:
+    """Decision 1: the substrates the policy encodes (``opts.substrates``). Behaviours of a
+    left-out substrate are neither allowed nor reviewed; kinds no substrate encodes are counted
+    in the decision, not silently dropped."""
+    keys: dict[str, list[str]] = {s: [] for s in opts.substrates}
+    unencoded: dict[str, int] = {}
     for k in stats:
         sub = substrate_or_none(k)
         if sub is None:
             kind = k.split(":", 1)[0]
-            unsupported[kind] = unsupported.get(kind, 0) + 1
-        elif sub in per_sub:
-            per_sub[sub].append(k)
+            unencoded[kind] = unencoded.get(kind, 0) + 1
+        elif sub in keys:
+            keys[sub].append(k)
+    return Granularity({s: sorted(v) for s, v in keys.items()}, dict(sorted(unencoded.items())))
 
-    elements: list[Element] = []
+
+def closure(gran: Granularity, opts: DeriveOptions, services: list) -> list[Element]:
+    """Decision 2: how observed behaviours become elements (:mod:`enforcer.closure`)."""
+    out: list[Element] = []
     for sub in opts.substrates:
-        keys = sorted(per_sub[sub])
-        if opts.closure == "literal":
-            elements += _literal_elements(sub, keys)
-        else:
-            elements += _structural_elements(sub, keys, opts, services)
+        out += closure_elements(sub, opts.closure, gran.keys[sub], opts, services)
+    return out
 
-    # ---- confidence ---------------------------------------------------------------------
-    admits = {}
-    for key, reason in opts.admits:
-        admits[key] = reason.strip()
-    passed: list[tuple[Element, dict, str | None]] = []  # (element, evidence, admit reason)
+
+def confidence(elements: list[Element], stats: Mapping[str, BehaviourStats],
+               opts: DeriveOptions) -> Confidence:
+    """Decision 3: an element passes with at least N occurrences over M distinct sessions (per
+    substrate); an explicit admit moves a reviewed element, or one behaviour of it, into the
+    allowed set with its reason. An admit that matches nothing in review is an error."""
+    admits = {key: reason.strip() for key, reason in opts.admits}
+    passed: list[tuple[Element, dict, str | None]] = []
     failed: list[tuple[Element, dict]] = []
     for el in elements:
         ev = el.evidence(stats, opts.session_rule)
@@ -513,7 +328,7 @@ def derive(profile: Profile, options: DeriveOptions | None = None) -> Policy:
         else:
             failed.append((el, ev))
 
-    used_admits: set[str] = set()
+    used: set[str] = set()
     still_failed: list[tuple[Element, dict]] = []
     literal_admits: list[tuple[Element, dict, str]] = []
     for el, ev in failed:
@@ -521,19 +336,19 @@ def derive(profile: Profile, options: DeriveOptions | None = None) -> Policy:
             if not el.encodable:
                 raise DeriveError(f"--admit {el.id}: this behaviour cannot be encoded in a policy")
             passed.append((el, ev, admits[el.id]))
-            used_admits.add(el.id)
+            used.add(el.id)
             continue
         still_failed.append((el, ev))
         for member in el.members:
             if member in admits and member != el.id:
-                lit = _literal_elements(el.substrate, [member])[0]
+                lit = closure_elements(el.substrate, "literal", [member], opts, [])[0]
                 if not lit.encodable:
                     raise DeriveError(f"--admit {member}: this behaviour cannot be encoded in a policy")
                 literal_admits.append((lit, lit.evidence(stats, opts.session_rule), admits[member]))
-                used_admits.add(member)
+                used.add(member)
     passed += literal_admits
     for key in sorted(admits):
-        if key in used_admits:
+        if key in used:
             continue
         if any(key == el.id or key in el.members for el, _, _ in passed):
             raise DeriveError(f"--admit {key}: already allowed by the evidence; nothing to admit")
@@ -541,161 +356,12 @@ def derive(profile: Profile, options: DeriveOptions | None = None) -> Policy:
         hint = f" (review items: {', '.join(review_keys[:10])}{' ...' if len(review_keys) > 10 else ''})" \
             if review_keys else " (the review list is empty)"
         raise DeriveError(f"--admit {key}: not in the review list{hint}")
-
-    # ---- allowed set and provenance -----------------------------------------------------
-    syscalls: set[str] = set()
-    egress: dict[tuple, EgressRule] = {}
-    execs: set[str] = set()
-    provenance: list[dict] = []
-    for el, ev, reason in passed:
-        base = {
-            "substrate": el.substrate,
-            "rule": el.rule,
-            "admitted": "admit" if reason is not None else "threshold",
-            "evidence": ev,
-        }
-        if reason is not None:
-            base["reason"] = reason
-        if el.detail:
-            base["detail"] = el.detail
-        if el.flags:
-            base["flags"] = list(el.flags)
-        if el.id.startswith("syscall-group:"):
-            base["element"] = el.id
-        if el.syscalls:
-            seen = {m.split(":", 1)[1] for m in el.members}
-            for name in el.syscalls:
-                syscalls.add(name)
-                provenance.append({"entry": f"syscall:{name}", "observed": name in seen, **base})
-        elif el.egress is not None:
-            r = el.egress
-            if r.port_range is not None:
-                egress[(r.proto, r.cidr, "range", r.port_range)] = r
-            else:
-                key = (r.proto, r.cidr, "ports", ())
-                prev = egress.get(key)
-                egress[key] = r if prev is None else EgressRule(r.proto, r.cidr, prev.ports + r.ports)
-            provenance.append({"entry": el.id, "observed": True, **base})
-        elif el.exec is not None:
-            execs.add(el.exec)
-            provenance.append({"entry": f"exec:{el.exec}", "observed": True, **base})
-    provenance.sort(key=lambda p: (p["entry"], p["rule"]))
-    provenance = _dedupe_provenance(provenance)
-
-    mode = opts.mode or "alert"
-    policy = Policy(
-        workload=profile.workload, mode=mode, substrates=tuple(opts.substrates), closure=opts.closure,
-        syscalls=tuple(syscalls), egress=tuple(egress.values()), execs=tuple(execs),
-        provenance=tuple(provenance), low_confidence=low_confidence,
-    )
-
-    # ---- review and watch: what the final allowed set still leaves out ------------------
-    review: list[dict] = []
-    watch: set[str] = set()
-    for el, _ in still_failed:
-        left = [m for m in el.members if not policy.allows(m)]
-        if not left:
-            continue
-        n, m = opts.min_count[el.substrate], opts.min_sessions[el.substrate]
-        sub_el = Element(el.id, el.substrate, el.rule, left)
-        ev = sub_el.evidence(stats, opts.session_rule)
-        if not el.encodable:
-            why = "cannot be encoded by this substrate"
-        else:
-            short = []
-            if ev["count"] < n:
-                short.append(f"count {ev['count']} < {n}")
-            if ev["sessions"] < m:
-                short.append(f"sessions {ev['sessions']} < {m}")
-            why = "; ".join(short) or "below threshold"
-        item = {"key": el.id, "substrate": el.substrate, "rule": el.rule, "evidence": ev,
-                "threshold": {"minCount": n, "minSessions": m}, "why": why}
-        if el.detail:
-            item["detail"] = el.detail
-        review.append(item)
-        watch.update(left)
-    review.sort(key=lambda r: r["key"])
-
-    # ---- probabilistic: per-behaviour rate distribution as soft detection rules ---------
-    detection: list[dict] = []
-    closed = profile.closed_sessions
-    if opts.closure == "probabilistic" and closed:
-        for k, s in stats.items():
-            if substrate_or_none(k) in opts.substrates and policy.allows(k):
-                mean = s.session_sum / closed
-                std = math.sqrt(max(s.session_sumsq / closed - mean * mean, 0.0))
-                detection.append({"key": k, "mean": round(mean, 6), "std": round(std, 6),
-                                  "k": float(opts.k), "sessions": closed})
-
-    policy.review = tuple(review)
-    policy.watch = tuple(sorted(watch))
-    policy.detection = tuple(detection)
-    policy.decisions = _decisions(opts, elements, passed, cov, closed)
-    if unsupported:
-        # observed, but of a kind no substrate can encode yet: recorded, not silently dropped
-        policy.decisions["granularity"]["unencoded"] = dict(sorted(unsupported.items()))
-    policy.validity = _validity(profile, opts, end)
-    return policy
+    return Confidence(passed, still_failed)
 
 
-def _dedupe_provenance(provenance: list[dict]) -> list[dict]:
-    """One provenance record per allowed entry: the same syscall can be admitted both by its own
-    evidence and by an admit; keep the first by (entry, rule) order."""
-    out, seen = [], set()
-    for p in provenance:
-        if p["entry"] in seen:
-            continue
-        seen.add(p["entry"])
-        out.append(p)
-    return out
-
-
-def _decisions(opts: DeriveOptions, elements: list[Element], passed: list, cov: dict, closed: int) -> dict:
-    subs = list(opts.substrates)
-    if opts.closure == "literal":
-        rules = {s: {"rule": "literal"} for s in subs}
-    else:
-        rules = {}
-        if "syscall" in subs:
-            rules["syscall"] = {"rule": "exact+companion-groups"}
-        if "egress" in subs:
-            rules["egress"] = {
-                "address": {"rule": "cidr-prefix", "ipv4Prefix": opts.ipv4_prefix,
-                            "ipv6Prefix": opts.ipv6_prefix,
-                            "serviceCidrs": [n.compressed for n in service_networks(opts.service_cidrs)]},
-                "ports": {"rule": "exact-ports", "rangeAbove": opts.max_ports},
-            }
-        if "exec" in subs:
-            rules["exec"] = {"rule": "directory-pattern", "siblingsAbove": opts.max_siblings}
-    closure: dict = {"mode": opts.closure, "rules": rules}
-    if opts.closure != "literal":
-        used = sorted({el.rule.split(":", 1)[1] for el, _, _ in passed if el.rule.startswith("companion-group:")})
-        closure["companionGroups"] = [companions.BY_NAME[g].to_dict() for g in used]
-        widened = sorted(el.id for el, _, _ in passed if el.flags)
-        if widened:
-            closure["flagged"] = widened
-    if opts.closure == "probabilistic":
-        closure["detection"] = {
-            "k": float(opts.k),
-            "rule": "soft violation when a session's count of an allowed behaviour is more than k "
-                    "standard deviations from its observed per-session mean",
-            "closedSessions": closed,
-        }
-    return {
-        "granularity": {"substrates": subs,
-                        "excluded": [s for s in SUBSTRATES if s not in subs]},
-        "closure": closure,
-        "confidence": {
-            "minCount": {s: opts.min_count[s] for s in subs},
-            "minSessions": {s: opts.min_sessions[s] for s in subs},
-            "sessionRule": {"rule": opts.session_rule, "meaning": SESSION_RULES[opts.session_rule]},
-            "admits": len([1 for _, _, r in passed if r is not None]),
-            "coverage": cov,
-        },
-    }
-
-
-def _validity(profile: Profile, opts: DeriveOptions, end: float | None) -> dict:
+def validity(profile: Profile, opts: DeriveOptions, end: float | None) -> dict:
+    """Decision 4: the fingerprint the evidence was gathered under, the re-derivation triggers
+    that follow from it, and an optional expiry counted from the end of the window."""
     fp = {k: list(v) for k, v in profile.fingerprints().items()}
     for k, v in sorted(opts.fingerprint.items()):
         fp[k] = [v]
@@ -718,59 +384,171 @@ def _validity(profile: Profile, opts: DeriveOptions, end: float | None) -> dict:
     return out
 
 
-# ---- option parsing shared by the CLI -------------------------------------------------------
+def derive(profile: Profile, options: DeriveOptions | None = None) -> Policy:
+    """Derive the least-privilege policy for ``profile``. Pure and deterministic."""
+    opts = options or DeriveOptions()
+    opts.validate()
+    services = service_networks(opts.service_cidrs)
+    stats = profile.behaviours()
+    if not stats:
+        raise DeriveError(f"the profile of {profile.workload.key} has no behaviours; nothing to derive from")
+    _, end = profile.window()
+
+    cov = coverage(profile, opts, stats)
+    if not cov["reached"] and not opts.force:
+        raise CoverageNotReached(coverage_message(profile.workload.key, cov), cov)
+
+    gran = granularity(stats, opts)
+    elements = closure(gran, opts, services)
+    conf = confidence(elements, stats, opts)
+    policy = _allowed(profile, opts, conf, low_confidence=not cov["reached"])
+    policy.review, policy.watch = _review(conf, policy, stats, opts)
+    policy.detection = _detection(profile, policy, stats, opts)
+    policy.decisions = _decisions(opts, conf, cov, profile.closed_sessions, services)
+    if gran.unencoded:
+        policy.decisions["granularity"]["unencoded"] = gran.unencoded
+    policy.validity = validity(profile, opts, end)
+    return policy
 
 
-def parse_thresholds(values: Iterable[str] | None, default: int, what: str) -> dict[str, int]:
-    """``["5"]`` sets every substrate; ``["egress=2"]`` one. Later values win."""
-    out = {s: default for s in SUBSTRATES}
-    for raw in values or ():
-        for part in str(raw).split(","):
-            part = part.strip()
-            if not part:
-                continue
-            sub, eq, num = part.rpartition("=")
-            try:
-                n = int(num)
-            except ValueError:
-                raise DeriveError(f"{what}: {part!r} is not an integer (use N or SUBSTRATE=N)") from None
-            if n < 0:
-                raise DeriveError(f"{what}: {n} is negative; thresholds must be 0 or more")
-            if eq:
-                if sub not in SUBSTRATES:
-                    raise DeriveError(f"{what}: unknown substrate {sub!r} (want one of {', '.join(SUBSTRATES)})")
-                out[sub] = n
+def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confidence: bool) -> Policy:
+    """The allowed set of every passed element, each entry with its provenance."""
+    syscalls: set[str] = set()
+    egress: dict[tuple, EgressRule] = {}
+    execs: set[str] = set()
+    provenance: list[dict] = []
+    for el, ev, reason in conf.passed:
+        base = {
+            "substrate": el.substrate,
+            "rule": el.rule,
+            "admitted": "admit" if reason is not None else "threshold",
+            "evidence": ev,
+        }
+        if reason is not None:
+            base["reason"] = reason
+        if el.detail:
+            base["detail"] = el.detail
+        if el.flags:
+            base["flags"] = list(el.flags)
+        if el.id not in el.entries:
+            base["element"] = el.id
+        for entry in el.entries:
+            sub, value = parse_entry(entry)
+            if sub == "syscall":
+                syscalls.add(value)
+            elif sub == "exec":
+                execs.add(value)
             else:
-                out = {s: n for s in SUBSTRATES}
+                r = value
+                if r.port_range is not None:
+                    egress[(r.proto, r.cidr, "range", r.port_range)] = r
+                else:
+                    key = (r.proto, r.cidr, "ports", ())
+                    prev = egress.get(key)
+                    egress[key] = r if prev is None else EgressRule(r.proto, r.cidr, prev.ports + r.ports)
+            provenance.append({"entry": entry, "observed": entry not in el.unobserved, **base})
+    provenance.sort(key=lambda p: (p["entry"], p["rule"]))
+    return Policy(
+        workload=profile.workload, mode=opts.mode or "alert", substrates=tuple(opts.substrates),
+        closure=opts.closure, syscalls=tuple(syscalls), egress=tuple(egress.values()),
+        execs=tuple(execs), provenance=tuple(_dedupe_provenance(provenance)),
+        low_confidence=low_confidence,
+    )
+
+
+def _review(conf: Confidence, policy: Policy, stats: Mapping[str, BehaviourStats],
+            opts: DeriveOptions) -> tuple[tuple[dict, ...], tuple[str, ...]]:
+    """What the final allowed set still leaves out: review items with their evidence, and their
+    behaviours on the watch list. Never dropped silently, never admitted silently."""
+    review: list[dict] = []
+    watch: set[str] = set()
+    for el, _ in conf.failed:
+        left = [m for m in el.members if not policy.allows(m)]
+        if not left:
+            continue
+        n, m = opts.min_count[el.substrate], opts.min_sessions[el.substrate]
+        ev = Element(el.id, el.substrate, el.rule, left).evidence(stats, opts.session_rule)
+        if not el.encodable:
+            why = "cannot be encoded by this substrate"
+        else:
+            short = []
+            if ev["count"] < n:
+                short.append(f"count {ev['count']} < {n}")
+            if ev["sessions"] < m:
+                short.append(f"sessions {ev['sessions']} < {m}")
+            why = "; ".join(short) or "below threshold"
+        item = {"key": el.id, "substrate": el.substrate, "rule": el.rule, "evidence": ev,
+                "threshold": {"minCount": n, "minSessions": m}, "why": why}
+        if el.detail:
+            item["detail"] = el.detail
+        review.append(item)
+        watch.update(left)
+    review.sort(key=lambda r: r["key"])
+    return tuple(review), tuple(sorted(watch))
+
+
+def _detection(profile: Profile, policy: Policy, stats: Mapping[str, BehaviourStats],
+               opts: DeriveOptions) -> tuple[dict, ...]:
+    """Probabilistic closure: per allowed behaviour, its per-session rate (mean and standard
+    deviation over closed sessions) as a soft detection rule that raises alerts, never denials."""
+    closed = profile.closed_sessions
+    if opts.closure != "probabilistic" or not closed:
+        return ()
+    out = []
+    for k, s in stats.items():
+        if substrate_or_none(k) in opts.substrates and policy.allows(k):
+            mean = s.session_sum / closed
+            std = math.sqrt(max(s.session_sumsq / closed - mean * mean, 0.0))
+            out.append({"key": k, "mean": round(mean, 6), "std": round(std, 6),
+                        "k": float(opts.k), "sessions": closed})
+    return tuple(out)
+
+
+def _dedupe_provenance(provenance: list[dict]) -> list[dict]:
+    """One provenance record per allowed entry: the same syscall can be admitted both by its own
+    evidence and by an admit; keep the first by (entry, rule) order."""
+    out, seen = [], set()
+    for p in provenance:
+        if p["entry"] in seen:
+            continue
+        seen.add(p["entry"])
+        out.append(p)
     return out
 
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
-_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def parse_duration(text: str) -> float:
-    """``90m``, ``36h``, ``14d``, ``2w`` → seconds."""
-    m = _DURATION_RE.match(str(text))
-    if not m:
-        raise DeriveError(f"duration {text!r} not understood (want e.g. 90m, 36h, 14d, 2w)")
-    v = float(m.group(1)) * _UNIT[m.group(2)]
-    if v <= 0:
-        raise DeriveError(f"duration {text!r} must be positive")
-    return v
-
-
-def parse_pairs(values: Iterable[str] | None, what: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for raw in values or ():
-        k, eq, v = str(raw).partition("=")
-        if not eq or not k.strip():
-            raise DeriveError(f"{what}: {raw!r} is not key=value")
-        out[k.strip()] = v.strip()
-    return out
+def _decisions(opts: DeriveOptions, conf: Confidence, cov: dict, closed: int, services: list) -> dict:
+    subs = list(opts.substrates)
+    closure_rec: dict = {"mode": opts.closure,
+                         "rules": {s: closure_rules(s, opts.closure, opts, services) for s in subs}}
+    if opts.closure != "literal":
+        used = sorted({el.rule.split(":", 1)[1] for el, _, _ in conf.passed
+                       if el.rule.startswith("companion-group:")})
+        closure_rec["companionGroups"] = [companions.BY_NAME[g].to_dict() for g in used]
+        widened = sorted(el.id for el, _, _ in conf.passed if el.flags)
+        if widened:
+            closure_rec["flagged"] = widened
+    if opts.closure == "probabilistic":
+        closure_rec["detection"] = {
+            "k": float(opts.k),
+            "rule": "soft violation when a session's count of an allowed behaviour is more than k "
+                    "standard deviations from its observed per-session mean",
+            "closedSessions": closed,
+        }
+    return {
+        "granularity": {"substrates": subs,
+                        "excluded": [s for s in SUBSTRATES if s not in subs]},
+        "closure": closure_rec,
+        "confidence": {
+            "minCount": {s: opts.min_count[s] for s in subs},
+            "minSessions": {s: opts.min_sessions[s] for s in subs},
+            "sessionRule": {"rule": opts.session_rule, "meaning": SESSION_RULES[opts.session_rule]},
+            "admits": len([1 for _, _, r in conf.passed if r is not None]),
+            "coverage": cov,
+        },
+    }
 
 
 __all__ = [
-    "CoverageNotReached", "DeriveError", "DeriveOptions", "coverage", "coverage_message", "derive",
-    "parse_duration", "parse_pairs", "parse_thresholds", "PolicyError",
+    "CoverageNotReached", "DeriveError", "DeriveOptions", "closure", "confidence", "coverage",
+    "coverage_message", "derive", "granularity", "validity",
 ]

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sensor.state_dir import StateDir, atomic_write
+from sensor.timestamps import TimeFormatError, iso_time, parse_duration
 from sensor.workload import BehaviourKeyError, Workload, parse_net_key, substrate_of
 
 from . import audit
@@ -35,7 +36,6 @@ from .state import StateError, _check_reason, locked
 
 MAX_TTL = 30 * 86400.0  # longer than this is a policy change, not an exception
 KEEP_EXPIRED = 7 * 86400.0
-_TTL = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 _SYSCALL = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 
@@ -84,14 +84,12 @@ class PolicyException:
 
 
 def parse_ttl(text: str) -> float:
-    """``2h``, ``30m``, ``90s``, ``1d``, ``1h30m`` -> seconds (at most :data:`MAX_TTL`)."""
-    m = _TTL.match((text or "").strip())
-    if not text or not m or not any(m.groups()):
-        raise ExceptionError(f"--ttl {text!r}: expected a duration like 90s, 30m, 2h, 1d or 1h30m")
-    d, h, mi, s = (int(x or 0) for x in m.groups())
-    secs = float(d * 86400 + h * 3600 + mi * 60 + s)
-    if secs <= 0:
-        raise ExceptionError(f"--ttl {text!r}: must be more than zero")
+    """A ``--ttl`` in the one duration grammar (:func:`sensor.timestamps.parse_duration`), at most
+    :data:`MAX_TTL`."""
+    try:
+        secs = parse_duration(text, "--ttl")
+    except TimeFormatError as e:
+        raise ExceptionError(str(e)) from None
     if secs > MAX_TTL:
         raise ExceptionError(f"--ttl {text!r}: longer than {int(MAX_TTL // 86400)}d; "
                              f"change the policy instead")
@@ -206,7 +204,7 @@ def add(state_dir, workload: Workload, allow: str, ttl: str | float, *, reason: 
         try:
             audit.append(state_dir, "exception.add", workload=workload.key, reason=reason,
                          details={"id": ident, "allow": allow, "ttl_seconds": secs,
-                                  "expires": audit.iso(exc.expires)},
+                                  "expires": iso_time(exc.expires, precise=True)},
                          actor=actor, now=now)
         except BaseException:
             _save(state_dir, old)

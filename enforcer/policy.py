@@ -51,6 +51,7 @@ from typing import Any
 
 import yaml
 
+from sensor.timestamps import TimeFormatError, iso_time, parse_datetime
 from sensor.workload import SUBSTRATES, BehaviourKeyError, Workload, parse_net_key, substrate_of
 
 from .modes import MODES
@@ -495,23 +496,12 @@ def load_policy(path) -> Policy:
 # ---- times ----------------------------------------------------------------------------------
 
 
-def iso_time(ts: float | None) -> str | None:
-    """Seconds since the epoch as ``2026-11-26T15:23:59Z`` (whole seconds, UTC)."""
-    if ts is None:
-        return None
-    return _dt.datetime.fromtimestamp(math.floor(ts), _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def parse_time(v: Any, path: str) -> _dt.datetime:
-    if isinstance(v, _dt.datetime):
-        return v if v.tzinfo else v.replace(tzinfo=_dt.timezone.utc)
-    if not isinstance(v, str):
-        raise PolicyError(f"{path}: {v!r} is not a time")
+    """A time field of a policy document (an aware datetime); a bad one is a PolicyError."""
     try:
-        t = _dt.datetime.fromisoformat(v.replace("Z", "+00:00"))
-    except ValueError:
-        raise PolicyError(f"{path}: {v!r} is not an ISO 8601 time") from None
-    return t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
+        return parse_datetime(v, path)
+    except TimeFormatError as e:
+        raise PolicyError(str(e)) from None
 
 
 # ---- schema helpers -------------------------------------------------------------------------

@@ -12,7 +12,9 @@ from __future__ import annotations
 from sensor.profile import Profile
 from sensor.workload import BehaviourKeyError, substrate_of
 
-from .policy import Policy, iso_time
+from sensor.timestamps import iso_time
+
+from .policy import Policy
 
 
 def replay(policy: Policy, profile: Profile, since: float | None = None) -> dict:

@@ -23,7 +23,9 @@ import datetime as _dt
 from typing import Mapping
 
 from .derive import INFORMATIONAL_FINGERPRINTS, trigger_name
-from .policy import Policy, iso_time
+from sensor.timestamps import iso_time
+
+from .policy import Policy
 
 
 def _trigger_name(policy: Policy, key: str) -> str:

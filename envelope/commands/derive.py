@@ -17,7 +17,7 @@ import msgpack
 from enforcer.derive import (
     DEFAULT_COVERAGE_HOURS, DEFAULT_COVERAGE_THRESHOLD, DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX, DEFAULT_K,
     DEFAULT_MAX_PORTS, DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNT, DEFAULT_MIN_SESSIONS, CoverageNotReached,
-    DeriveError, DeriveOptions, derive, parse_duration, parse_pairs, parse_thresholds,
+    DeriveError, DeriveOptions, derive,
 )
 from enforcer.policy import PolicyError, dump_policy, load_policy
 from sensor.profile import Profile
@@ -25,6 +25,7 @@ from sensor.state_dir import atomic_write
 from sensor.store import ProfileStore
 from sensor.workload import SUBSTRATES
 
+from .. import options
 from ..errors import UserError
 from .profile import load_profile
 
@@ -135,8 +136,8 @@ def options_from_args(args) -> DeriveOptions:
         opts = DeriveOptions(
             closure=args.closure,
             substrates=subs,
-            min_count=parse_thresholds(args.min_count, DEFAULT_MIN_COUNT, "--min-count"),
-            min_sessions=parse_thresholds(args.min_sessions, DEFAULT_MIN_SESSIONS, "--min-sessions"),
+            min_count=options.thresholds(args.min_count, DEFAULT_MIN_COUNT, "--min-count"),
+            min_sessions=options.thresholds(args.min_sessions, DEFAULT_MIN_SESSIONS, "--min-sessions"),
             ipv4_prefix=args.ipv4_prefix,
             ipv6_prefix=args.ipv6_prefix,
             service_cidrs=tuple(args.service_cidr),
@@ -147,8 +148,8 @@ def options_from_args(args) -> DeriveOptions:
             coverage_hours=args.coverage_hours,
             force=args.force,
             admits=tuple(zip(args.admit, reasons)),
-            fingerprint=parse_pairs(args.fingerprint, "--fingerprint"),
-            expires_in=parse_duration(args.expires_in) if args.expires_in else None,
+            fingerprint=options.pairs(args.fingerprint, "--fingerprint"),
+            expires_in=options.duration(args.expires_in, "--expires-in") if args.expires_in else None,
             mode=args.mode,
             session_rule=args.session_rule,
         )

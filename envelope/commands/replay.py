@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import sys
 
-from enforcer.derive import DeriveError, parse_duration
 from enforcer.replay import replay
 
+from .. import options
 from ..errors import UserError
 from ..output import add_output_option, dump, table
 from .derive import load_profile_arg, read_policy
@@ -57,12 +57,8 @@ def cmd_replay(args, config) -> int:
     profile = load_profile_arg(args.name, config.state_dir)
     since = None
     if args.since:
-        try:
-            span = parse_duration(args.since)
-        except DeriveError as e:
-            raise UserError(f"--since: {e}") from e
         _, end = profile.window()
-        since = None if end is None else end - span
+        since = None if end is None else options.since(args.since, end)
     r = replay(policy, profile, since)
     sys.stdout.write(render_text(r) if args.output == "table" else dump(r, args.output))
     sys.stdout.flush()

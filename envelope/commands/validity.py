@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import sys
 
-from enforcer.derive import DeriveError, parse_pairs
 from enforcer.policy import PolicyError, parse_time
 from enforcer.validity import check, now_seconds
 
+from .. import options
 from ..errors import UserError
 from ..output import add_output_option, dump, table
 from .derive import read_policy
@@ -34,9 +34,9 @@ def register(sub) -> None:
 def cmd_check(args, config) -> int:
     policy = read_policy(args.policy)
     try:
-        current = parse_pairs(args.current, "--current")
+        current = options.pairs(args.current, "--current")
         now = parse_time(args.at, "--at").timestamp() if args.at else now_seconds()
-    except (DeriveError, PolicyError) as e:
+    except PolicyError as e:
         raise UserError(str(e)) from e
     r = check(policy, current, now)
     if args.output == "table":

@@ -6,8 +6,11 @@ Fields: time, workload, substrate (syscall, egress, exec, watch, detection), beh
 
 from __future__ import annotations
 
+import time
+
 from enforcer.violations import ACTIONS, SUBSTRATES, ViolationStore, ViolationStoreError
 
+from .. import options
 from ..errors import UserError
 from ..output import add_output_option, emit, iso
 
@@ -17,15 +20,17 @@ def register(sub) -> None:
     p.add_argument("--workload", help="only this workload (name or full key)")
     p.add_argument("--substrate", choices=SUBSTRATES, help="only this substrate")
     p.add_argument("--action", choices=ACTIONS, help="only denied or only alerted")
-    p.add_argument("--since", type=float, default=None, help="only after this Unix time")
+    p.add_argument("--since", default=None, metavar="DURATION|TIME",
+                   help="only newer ones: a duration back from now (90m, 1h30m, 7d) or an RFC 3339 time")
     add_output_option(p)
     p.set_defaults(func=cmd_violations)
 
 
 def cmd_violations(args, config) -> int:
     try:
+        since = options.since(args.since, time.time()) if args.since else None
         items = ViolationStore(config.state_dir).list(workload=args.workload, substrate=args.substrate,
-                                                      action=args.action, since=args.since)
+                                                      action=args.action, since=since)
     except ViolationStoreError as e:
         raise UserError(str(e)) from None
     data = [v.to_dict() for v in items]

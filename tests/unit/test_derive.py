@@ -6,15 +6,15 @@ import math
 
 import pytest
 
-from enforcer.derive import (
-    CoverageNotReached, DeriveError, DeriveOptions, derive, parse_duration, parse_pairs, parse_thresholds,
-)
+from enforcer.derive import CoverageNotReached, DeriveError, DeriveOptions, derive
 from enforcer.diff import diff
 from enforcer.policy import EgressRule, dump_policy, parse_policy
 from enforcer.replay import replay
 from enforcer.validity import check
 from sensor.profile import BehaviourStats, Profile
 from sensor.workload import Workload
+from envelope.errors import UserError
+from envelope.options import duration, pairs, thresholds
 
 W = Workload("research", "Deployment", "agent", "main")
 T0 = 1_767_225_600.0
@@ -184,8 +184,8 @@ def test_threshold_n_over_m_with_per_substrate_overrides():
     assert pol.syscalls == () and pol.egress == ()
     assert {r["key"] for r in pol.review} == {"syscall:read", "egress:tcp:10.0.0.0/24:443"}
     relaxed = derive(build(sessions), DeriveOptions(
-        min_count=parse_thresholds(["5", "egress=2"], 5, "--min-count"),
-        min_sessions=parse_thresholds(["2"], 3, "--min-sessions")))
+        min_count=thresholds(["5", "egress=2"], 5, "--min-count"),
+        min_sessions=thresholds(["2"], 3, "--min-sessions")))
     assert relaxed.syscalls == ("read",) and relaxed.egress == (EgressRule("tcp", "10.0.0.0/24", (443,)),)
     assert relaxed.decisions["confidence"]["minCount"] == {"syscall": 5, "egress": 2, "exec": 5}
 
@@ -260,12 +260,12 @@ def test_admit_errors():
 
 
 def test_negative_thresholds_are_rejected():
-    with pytest.raises(DeriveError, match="negative"):
-        parse_thresholds(["-1"], 5, "--min-count")
-    with pytest.raises(DeriveError, match="unknown substrate"):
-        parse_thresholds(["dns=2"], 5, "--min-count")
-    with pytest.raises(DeriveError, match="not an integer"):
-        parse_thresholds(["five"], 5, "--min-count")
+    with pytest.raises(UserError, match="negative"):
+        thresholds(["-1"], 5, "--min-count")
+    with pytest.raises(UserError, match="unknown substrate"):
+        thresholds(["dns=2"], 5, "--min-count")
+    with pytest.raises(UserError, match="not an integer"):
+        thresholds(["five"], 5, "--min-count")
     with pytest.raises(DeriveError, match="non-negative"):
         derive(build(steady()), DeriveOptions(min_sessions={"syscall": -2, "egress": 3, "exec": 3}))
 
@@ -294,12 +294,12 @@ def test_validity_fingerprint_triggers_and_expiry():
 
 
 def test_parsers():
-    assert parse_duration("14d") == 14 * DAY and parse_duration("90m") == 5400 and parse_duration("2w") == 14 * DAY
-    with pytest.raises(DeriveError):
-        parse_duration("soon")
-    assert parse_pairs(["model=v1", "image=sha256:x=y"], "--fingerprint") == {"model": "v1", "image": "sha256:x=y"}
-    with pytest.raises(DeriveError):
-        parse_pairs(["model"], "--fingerprint")
+    assert duration("14d", "--expires-in") == 14 * DAY and duration("1h30m", "--expires-in") == 5400
+    with pytest.raises(UserError, match="^--expires-in: 'soon' is not a duration"):
+        duration("soon", "--expires-in")
+    assert pairs(["model=v1", "image=sha256:x=y"], "--fingerprint") == {"model": "v1", "image": "sha256:x=y"}
+    with pytest.raises(UserError):
+        pairs(["model"], "--fingerprint")
 
 
 # ---- coverage-stop ---------------------------------------------------------------------------

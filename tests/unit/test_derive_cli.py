@@ -104,7 +104,7 @@ def test_derive_admit_fingerprint_expiry(state, tmp_path, capsys):
     (["derive", "agent", "--substrates", "syscall,dns"], "unknown substrate 'dns'"),
     (["derive", "agent", "--admit", "exec:/usr/bin/curl"], "--admit needs --reason"),
     (["derive", "agent", "--admit", "exec:/bin/nope", "--reason", "x"], "not in the review list"),
-    (["derive", "agent", "--expires-in", "soon"], "duration 'soon' not understood"),
+    (["derive", "agent", "--expires-in", "soon"], "--expires-in: 'soon' is not a duration"),
     (["derive", "agent", "-o", "table"], "policies are written as yaml or json"),
     (["derive", "nobody"], "no profile for workload 'nobody'"),
 ])

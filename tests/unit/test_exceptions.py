@@ -36,12 +36,13 @@ def cli(sd, *args) -> int:
 
 
 @pytest.mark.parametrize("text,secs", [("90s", 90), ("30m", 1800), ("2h", 7200), ("1d", 86400),
-                                       ("1h30m", 5400), ("1d2h3m4s", 93784)])
+                                       ("1h30m", 5400), ("1d2h3m4s", 93784), ("1.5h", 5400),
+                                       ("2w", 14 * 86400)])
 def test_parse_ttl(text, secs):
     assert exceptions.parse_ttl(text) == secs
 
 
-@pytest.mark.parametrize("text", ["", "2", "h", "2x", "-1h", "0s", "31d", "1.5h", "2h 30m"])
+@pytest.mark.parametrize("text", ["", "2", "h", "2x", "-1h", "0s", "31d", "5w", "2h 30m", "30m2h"])
 def test_parse_ttl_rejects(text):
     with pytest.raises(exceptions.ExceptionError):
         exceptions.parse_ttl(text)

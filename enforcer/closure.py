@@ -1,0 +1,210 @@
+"""Closure: how observed behaviours become the elements the confidence decision judges.
+
+Every substrate registers its element builders here, one per closure mode, in
+:data:`BUILDERS`; :func:`elements` dispatches. ``probabilistic`` closure builds the
+``structural`` elements (it adds soft detection rules on top, in :mod:`enforcer.derive`).
+
+Structural rules, named in each element and in provenance:
+
+* syscall: ``exact``, or ``companion-group:NAME`` where a member of a named companion group
+  (:mod:`enforcer.companions`) stands for its whole group;
+* egress: ``cidr-prefix`` (an address widens to its /24 or /64) or ``service-cidr`` (inside a
+  configured known service CIDR), combined with ``exact-ports``, or ``port-range`` when more than
+  ``max_ports`` distinct ports were seen there;
+* exec: ``exact``, or ``directory-pattern`` (``/dir/*``) when more than ``max_siblings``
+  distinct paths were seen in one directory.
+
+Builders are pure: keys and options in, sorted elements out.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import posixpath
+import re
+from typing import Callable
+
+from sensor.workload import BehaviourKeyError, parse_net_key
+
+from . import companions
+from .elements import Element
+from .policy import EgressRule
+
+_SYSCALL_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+#: builder(substrate, sorted keys, derive options, known service networks) -> elements
+Builder = Callable[[str, list, object, list], list]
+
+
+def _addr_text(ip) -> str:
+    return ip.compressed
+
+
+def _aggregate(ip, opts, services: list) -> tuple[object, str]:
+    for net in services:
+        if net.version == ip.version and ip in net:
+            return net, "service-cidr"
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        # An IPv4 peer reached through a dual-stack socket (::ffff:a.b.c.d): widen it like IPv4,
+        # inside ::ffff:0:0/96, never to a /64 that would span every mapped IPv4 address.
+        return ipaddress.ip_network(f"{ip}/{96 + opts.ipv4_prefix}", strict=False), "cidr-prefix"
+    prefix = opts.ipv4_prefix if ip.version == 4 else opts.ipv6_prefix
+    return ipaddress.ip_network(f"{ip}/{prefix}", strict=False), "cidr-prefix"
+
+
+def _literal_elements(substrate: str, keys: list[str]) -> list[Element]:
+    out: list[Element] = []
+    if substrate == "syscall":
+        for k in keys:
+            name = k.split(":", 1)[1]
+            out.append(Element(k, substrate, "literal", [k], entries=(k,),
+                               encodable=bool(_SYSCALL_RE.match(name))))
+    elif substrate == "exec":
+        for k in keys:
+            path = k.split(":", 1)[1]
+            out.append(Element(k, substrate, "literal", [k], entries=(k,), encodable=_exec_encodable(path)))
+    else:
+        groups: dict[tuple, list[str]] = {}
+        bad: list[str] = []
+        for k in keys:
+            try:
+                n = parse_net_key(k)
+            except BehaviourKeyError:
+                bad.append(k)
+                continue
+            host = ipaddress.ip_network(n.addr)
+            groups.setdefault((n.proto, host.version, int(host.network_address), host.prefixlen, n.port, host),
+                              []).append(k)
+        for (proto, _, _, _, port, host), members in sorted(groups.items(), key=lambda kv: kv[0][:5]):
+            rule = EgressRule(proto, host.compressed, (port,))
+            out.append(Element(rule.id, substrate, "literal", sorted(members), entries=(rule.id,)))
+        out += [Element(k, substrate, "literal", [k], encodable=False) for k in bad]
+    return out
+
+
+def _exec_encodable(path: str) -> bool:
+    return path.startswith("/") and "*" not in path and not path.endswith("/")
+
+
+def _structural_elements(substrate: str, keys: list[str], opts, services: list) -> list[Element]:
+    out: list[Element] = []
+    if substrate == "syscall":
+        grouped: dict[str, list[str]] = {}
+        for k in keys:
+            name = k.split(":", 1)[1]
+            g = companions.group_of(name)
+            if g is None:
+                out.append(Element(k, substrate, "exact", [k], entries=(k,),
+                                   encodable=bool(_SYSCALL_RE.match(name))))
+            else:
+                grouped.setdefault(g.name, []).append(k)
+        for gname, members in sorted(grouped.items()):
+            g = companions.BY_NAME[gname]
+            seen = ", ".join(m.split(":", 1)[1] for m in sorted(members))
+            entries = tuple(f"syscall:{n}" for n in g.members)
+            out.append(Element(f"syscall-group:{gname}", substrate, f"companion-group:{gname}", sorted(members),
+                               detail=f"seen {seen}; admits {', '.join(g.members)} ({g.reason})",
+                               entries=entries, unobserved=frozenset(entries) - set(members)))
+    elif substrate == "exec":
+        by_dir: dict[str, list[str]] = {}
+        for k in keys:
+            path = k.split(":", 1)[1]
+            if not _exec_encodable(path):
+                out.append(Element(k, substrate, "exact", [k], entries=(k,), encodable=False))
+                continue
+            by_dir.setdefault(posixpath.dirname(path), []).append(k)
+        for d, members in sorted(by_dir.items()):
+            if len(members) > opts.max_siblings:
+                pattern = d.rstrip("/") + "/*"
+                out.append(Element(f"exec:{pattern}", substrate, "directory-pattern", sorted(members),
+                                   detail=f"{len(members)} sibling paths in {d} (more than {opts.max_siblings})",
+                                   flags=("directory-pattern",), entries=(f"exec:{pattern}",)))
+            else:
+                out += [Element(k, substrate, "exact", [k], entries=(k,)) for k in sorted(members)]
+    else:
+        nets: dict[tuple, dict[int, list[str]]] = {}
+        addrs: dict[tuple, set] = {}
+        how: dict[tuple, str] = {}
+        netobj: dict[tuple, object] = {}
+        bad: list[str] = []
+        for k in keys:
+            try:
+                n = parse_net_key(k)
+            except BehaviourKeyError:
+                bad.append(k)
+                continue
+            net, rule = _aggregate(n.addr, opts, services)
+            nk = (n.proto, net.version, int(net.network_address), net.prefixlen)
+            nets.setdefault(nk, {}).setdefault(n.port, []).append(k)
+            addrs.setdefault(nk, set()).add(n.addr)
+            how[nk] = rule
+            netobj[nk] = net
+        for nk in sorted(nets):
+            proto, version = nk[0], nk[1]
+            net = netobj[nk]
+            cidr = net.compressed
+            ports = nets[nk]
+            seen_addrs = sorted(addrs[nk], key=int)
+            shown = ", ".join(_addr_text(a) for a in seen_addrs[:8]) + (
+                f" and {len(seen_addrs) - 8} more" if len(seen_addrs) > 8 else "")
+            addr_rule = how[nk]
+            if addr_rule == "service-cidr":
+                addr_detail = f"{shown} inside known service CIDR {cidr}"
+            elif version == 6 and net.network_address.ipv4_mapped is not None and net.prefixlen >= 96:
+                addr_detail = (f"{shown} (IPv4-mapped) aggregated to {cidr} (IPv4 prefix "
+                               f"/{opts.ipv4_prefix} inside ::ffff:0:0/96)")
+            else:
+                p = opts.ipv4_prefix if version == 4 else opts.ipv6_prefix
+                addr_detail = f"{shown} aggregated to {cidr} (IPv{version} prefix /{p})"
+            if len(ports) > opts.max_ports:
+                lo, hi = min(ports), max(ports)
+                rule = EgressRule(proto, cidr, (), (lo, hi))
+                members = sorted(k for ks in ports.values() for k in ks)
+                out.append(Element(rule.id, substrate, f"{addr_rule}+port-range", members,
+                                   detail=f"{addr_detail}; {len(ports)} distinct ports (more than "
+                                          f"{opts.max_ports}) widened to {lo}-{hi}",
+                                   flags=("port-range",), entries=(rule.id,)))
+            else:
+                for port in sorted(ports):
+                    rule = EgressRule(proto, cidr, (port,))
+                    out.append(Element(rule.id, substrate, f"{addr_rule}+exact-ports", sorted(ports[port]),
+                                       detail=addr_detail, entries=(rule.id,)))
+        out += [Element(k, substrate, "exact", [k], encodable=False) for k in bad]
+    return out
+
+
+
+
+def _literal(substrate: str, keys: list[str], opts, services: list) -> list[Element]:
+    return _literal_elements(substrate, keys)
+
+
+#: substrate -> closure mode -> builder. Substrates add themselves here.
+BUILDERS: dict[str, dict[str, Builder]] = {
+    s: {"literal": _literal, "structural": _structural_elements}
+    for s in ("syscall", "egress", "exec")
+}
+
+
+def elements(substrate: str, closure: str, keys: list[str], opts, services: list) -> list[Element]:
+    """The closure decision for one substrate's behaviours."""
+    mode = "structural" if closure == "probabilistic" else closure
+    return BUILDERS[substrate][mode](substrate, sorted(keys), opts, services)
+
+
+def rules(substrate: str, closure: str, opts, services: list) -> dict:
+    """How ``closure`` treats ``substrate``, as recorded in the policy's closure decision."""
+    if closure == "literal":
+        return {"rule": "literal"}
+    if substrate == "syscall":
+        return {"rule": "exact+companion-groups"}
+    if substrate == "egress":
+        return {
+            "address": {"rule": "cidr-prefix", "ipv4Prefix": opts.ipv4_prefix,
+                        "ipv6Prefix": opts.ipv6_prefix,
+                        "serviceCidrs": [n.compressed for n in services]},
+            "ports": {"rule": "exact-ports", "rangeAbove": opts.max_ports},
+        }
+    if substrate == "exec":
+        return {"rule": "directory-pattern", "siblingsAbove": opts.max_siblings}
+    return {"rule": closure}

@@ -1,0 +1,69 @@
+"""Elements: the units the confidence decision judges.
+
+An :class:`Element` is one literal behaviour or an envelope around several (a CIDR with a port
+set, ``/dir/*``, a companion group of syscalls, ...). It names the closure rule that made it, the
+behaviour keys it covers (``members``, whose evidence it sums) and the policy entries it admits
+if it passes (``entries``, e.g. ``syscall:openat``, ``egress:tcp:10.0.3.0/24:443``,
+``exec:/usr/bin/*``, ``file:read:/etc/ssl/certs/*``). Entries admitted only by association (a
+companion syscall never seen) are listed in ``unobserved``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+from sensor.profile import BehaviourStats
+from sensor.timestamps import iso_time
+from sensor.workload import BehaviourKeyError, substrate_of
+
+SESSION_RULES = {
+    "union": ("an element's distinct sessions are the union of the session ids of the behaviours it "
+              "covers: exact while each behaviour's session sample is complete (under the profile's "
+              "cap), otherwise the larger of that union and the largest member count, a lower bound"),
+    "max": ("an element's distinct sessions are the largest session count among the behaviours it "
+            "covers: a lower bound, because per-behaviour counts cannot show which sessions overlap"),
+    "sum": ("an element's distinct sessions are the sum of the session counts of the behaviours it "
+            "covers: an upper bound that assumes they never share a session (chosen explicitly)"),
+}
+
+
+@dataclass
+class Element:
+    """One unit the confidence rule judges (see the module docstring)."""
+
+    id: str
+    substrate: str
+    rule: str
+    members: list[str]
+    detail: str = ""
+    flags: tuple[str, ...] = ()
+    entries: tuple[str, ...] = ()
+    unobserved: frozenset[str] = frozenset()
+    encodable: bool = True
+
+    def evidence(self, stats: Mapping[str, BehaviourStats], session_rule: str = "union") -> dict:
+        ss = [stats[m] for m in self.members]
+        if session_rule == "sum":
+            sessions = sum(s.sessions for s in ss)
+        elif session_rule == "union":
+            union = len(set().union(*(s.session_ids for s in ss)))
+            exact = all(s.sessions_complete for s in ss)
+            sessions = union if exact else max([union] + [s.sessions for s in ss])
+        else:
+            sessions = max((s.sessions for s in ss), default=0)
+        return {
+            "count": sum(s.count for s in ss),
+            "sessions": sessions,
+            "firstSeen": iso_time(min(s.first_seen for s in ss)),
+            "lastSeen": iso_time(max(s.last_seen for s in ss)),
+            "behaviours": sorted(self.members),
+        }
+
+
+def substrate_or_none(key: str) -> str | None:
+    """The substrate of a behaviour key, or None for a kind no substrate encodes."""
+    try:
+        return substrate_of(key)
+    except BehaviourKeyError:
+        return None
