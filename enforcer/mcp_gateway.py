@@ -148,14 +148,25 @@ class _Pending:
 
 
 @dataclass
-class SessionState:
-    id: str
+class _Shared:
+    """What one session knows across its exchanges."""
+
     era: str | None = None  # handshake | stateless
     version: str | None = None
-    pending: dict = field(default_factory=dict)
-    listing: dict = field(default_factory=dict)  # tools of the tools/list walk in progress
     templates: tuple = ()
     changed: dict = field(default_factory=dict)  # tool name -> current hash, differing from the envelope
+
+
+@dataclass
+class SessionState:
+    """One stream of messages: a whole session (stdio, an HTTP MCP session) or one exchange of it
+    (a stateless HTTP POST), which shares what the session knows but keeps its own pending ids."""
+
+    id: str
+    label: str  # the session its observations and findings belong to
+    shared: _Shared = field(default_factory=_Shared)
+    pending: dict = field(default_factory=dict)
+    listing: dict = field(default_factory=dict)  # tools of the tools/list walk in progress
 
 
 # ---- the core -------------------------------------------------------------------------------
@@ -175,8 +186,23 @@ class GatewayCore:
     def session(self, sid: str) -> SessionState:
         s = self.sessions.get(sid)
         if s is None:
-            s = self.sessions[sid] = SessionState(sid)
+            s = self.sessions[sid] = SessionState(sid, sid)
         return s
+
+    def share(self, exchange: str, sid: str) -> None:
+        """Start ``exchange``: its own pending requests, everything else from session ``sid``."""
+        parent = self.session(sid)
+        self.sessions[exchange] = SessionState(exchange, parent.label, parent.shared)
+
+    def adopt(self, old: str, new: str) -> None:
+        """Session ``new`` begins with what exchange ``old`` started (an initialize answered with a
+        session id): its pending requests and era move over."""
+        s = self.sessions.pop(old, None)
+        target = self.session(new)
+        if s is not None:
+            target.pending.update(s.pending)
+            target.shared.era = target.shared.era or s.shared.era
+            target.shared.version = target.shared.version or s.shared.version
 
     def end_session(self, sid: str) -> None:
         self.sessions.pop(sid, None)
@@ -211,12 +237,13 @@ class GatewayCore:
                                f"more than {self.limits.max_pending} requests in flight in this session", s, now)
         method = msg.method or ""
         version = proto.stateless_version(msg)
+        sh = s.shared
         if method == "initialize":
-            s.era = "handshake"
+            sh.era = "handshake"
             v = msg.params.get("protocolVersion")
-            s.version = v if isinstance(v, str) else None
+            sh.version = v if isinstance(v, str) else None
         elif method == "server/discover" or version is not None:
-            s.era, s.version = "stateless", version or s.version
+            sh.era, sh.version = "stateless", version or sh.version
         if headers is not None and self.mode == "enforce":
             mismatch = proto.routing_mismatch(msg, headers)
             if mismatch:
@@ -226,7 +253,7 @@ class GatewayCore:
         key: str | None = None
         if method == "tools/list":
             key = TOOLS_LIST
-            events.append(Observed(s.id, key, {}, False, now))
+            events.append(Observed(s.label, key, {}, False, now))
         elif method in ("tools/call", "prompts/get"):
             name = msg.params.get("name")
             arguments = msg.params.get("arguments")
@@ -243,14 +270,14 @@ class GatewayCore:
                     return self._refuse(msg, s, verdict, finding)
                 events.append(finding)
             flat, cut = flatten(arguments)
-            events.append(Observed(s.id, key, flat, cut, now))
+            events.append(Observed(s.label, key, flat, cut, now))
         elif method == "resources/read":
             uri = msg.params.get("uri")
             if not isinstance(uri, str) or not uri:
                 if self.mode == "enforce":
                     return self._error(msg, proto.INVALID_PARAMS, "resources/read: params.uri must be a string", s, now)
                 return Decision(forward=data)
-            template = next((t for t in s.templates if _template_matches(t, uri)), None)
+            template = next((t for t in s.shared.templates if _template_matches(t, uri)), None)
             key = resource_read_key(template or uri)
             if self.mode != "observe":
                 verdict = self.envelope.judge_resource(uri, template, key)
@@ -259,16 +286,16 @@ class GatewayCore:
                     if self.mode == "enforce":
                         return self._refuse(msg, s, verdict, finding)
                     events.append(finding)
-            events.append(Observed(s.id, key, {}, False, now))
+            events.append(Observed(s.label, key, {}, False, now))
         s.pending[k] = _Pending(method, key)
         return Decision(forward=data, events=events)
 
     def _judge(self, s: SessionState, method: str, name: str, key: str, arguments: Any) -> Verdict | None:
         if self.mode == "observe":
             return None
-        if method == "tools/call" and name in s.changed:
+        if method == "tools/call" and name in s.shared.changed:
             return Verdict(False, f"the definition of tool {name!r} changed since the envelope was derived "
-                                  f"(now {s.changed[name]}, recorded {self.envelope.tool_hash(name)}); the envelope "
+                                  f"(now {s.shared.changed[name]}, recorded {self.envelope.tool_hash(name)}); the envelope "
                                   f"is stale for it", key)
         try:
             return self.envelope.judge_call(key, arguments)
@@ -280,8 +307,8 @@ class GatewayCore:
 
     def _finding(self, s: SessionState, key: str, verdict: Verdict, now: float, method: str, name: str) -> Finding:
         action = "denied" if self.mode == "enforce" else "alerted"
-        return Finding(s.id, key, action, verdict.reason, verdict.entry, now, verdict.watch,
-                       {"method": method, "era": s.era})
+        return Finding(s.label, key, action, verdict.reason, verdict.entry, now, verdict.watch,
+                       {"method": method, "era": s.shared.era})
 
     def _refuse(self, msg: proto.Message, s: SessionState, verdict: Verdict, finding: Finding) -> Decision:
         if msg.method == "tools/call":
@@ -290,7 +317,7 @@ class GatewayCore:
                 "isError": True,
                 "_meta": {REFUSAL_META: {"entry": verdict.entry, "reason": verdict.reason}},
             }
-            if s.era == "stateless":
+            if s.shared.era == "stateless":
                 result["resultType"] = "complete"
             body = {"jsonrpc": "2.0", "id": msg.id, "result": result}
         else:
@@ -300,7 +327,7 @@ class GatewayCore:
 
     def _error(self, msg: proto.Message, code: int, message: str, s: SessionState, now: float) -> Decision:
         return Decision(reply=proto.encode(proto.error_response(msg.id, code, message)),
-                        events=[Problem(s.id, "client", code, message, msg.size, now)], status=400)
+                        events=[Problem(s.label, "client", code, message, msg.size, now)], status=400)
 
     # ---- server -> client ----------------------------------------------------------------
 
@@ -319,10 +346,10 @@ class GatewayCore:
         method = pending.method if pending else None
         if method == "initialize":
             v = result.get("protocolVersion")
-            s.version = v if isinstance(v, str) else s.version
+            s.shared.version = v if isinstance(v, str) else s.shared.version
         elif method == "resources/templates/list":
             ts = [t.get("uriTemplate") for t in result.get("resourceTemplates") or [] if isinstance(t, dict)]
-            s.templates = tuple(sorted({t for t in ts if isinstance(t, str)} | set(s.templates)))[
+            s.shared.templates = tuple(sorted({t for t in ts if isinstance(t, str)} | set(s.shared.templates)))[
                 :self.limits.max_templates]
         if method == "tools/list" or (method is None and isinstance(result.get("tools"), list)):
             return self._listing(s, msg, data, now)
@@ -350,14 +377,14 @@ class GatewayCore:
             recorded = env.tool_hash(name) if env is not None else None
             if env is not None and self.mode != "observe" and env.allows_tool(name) and recorded is not None \
                     and recorded != h:
-                if s.changed.get(name) != h:
-                    events.append(Stale(s.id, name, recorded, h, now))
-                s.changed[name] = h
-            if self.mode == "enforce" and (not env.allows_tool(name) or name in s.changed):
+                if s.shared.changed.get(name) != h:
+                    events.append(Stale(s.label, name, recorded, h, now))
+                s.shared.changed[name] = h
+            if self.mode == "enforce" and (not env.allows_tool(name) or name in s.shared.changed):
                 continue
             kept.append(t)
         if not isinstance(result.get("nextCursor"), str):
-            events.append(CatalogSeen(s.id, catalog_fingerprint(s.listing), dict(sorted(s.listing.items())), now))
+            events.append(CatalogSeen(s.label, catalog_fingerprint(s.listing), dict(sorted(s.listing.items())), now))
             s.listing = {}
         if len(kept) == len(tools):
             return Decision(forward=data, events=events)
@@ -367,7 +394,7 @@ class GatewayCore:
 
     def _broken_reply(self, s: SessionState, rid: Any, message: str, code: int, size: int, now: float) -> Decision:
         """The server's message cannot be relayed: answer the client's request it belonged to."""
-        events = [Problem(s.id, "server", code, message, size, now)]
+        events = [Problem(s.label, "server", code, message, size, now)]
         if rid is None or proto.id_key(rid) not in s.pending:
             if len(s.pending) != 1:
                 return Decision(events=events)
@@ -376,15 +403,16 @@ class GatewayCore:
         return Decision(forward=proto.encode(proto.error_response(rid, proto.UPSTREAM_FAILED, message)),
                         events=events)
 
+    def client_oversized(self, sid: str, size: int, prefix: bytes, now: float) -> Decision:
+        """A client message longer than the limit, of which only ``prefix`` was read."""
+        message = f"message of {size} bytes or more exceeds the gateway's limit of {self.limits.max_message_bytes} bytes"
+        return Decision(reply=proto.encode(proto.error_response(_prefix_id(prefix), proto.INVALID_REQUEST, message)),
+                        events=[Problem(sid, "client", proto.INVALID_REQUEST, message, size, now)], status=413)
+
     def server_oversized(self, sid: str, size: int, prefix: bytes, now: float) -> Decision:
         """A server message longer than the limit, of which only ``prefix`` was read."""
         s = self.session(sid)
-        m = _PREFIX_ID.match(prefix)
-        rid: Any = None
-        if m:
-            raw = m.group(1)
-            rid = int(raw) if raw[:1] != b'"' else proto.parse(b'{"jsonrpc":"2.0","id":' + raw + b',"result":{}}').id
-        return self._broken_reply(s, rid, f"the server sent a message of {size} bytes or more, over the gateway's "
+        return self._broken_reply(s, _prefix_id(prefix), f"the server sent a message of {size} bytes or more, over the gateway's "
                                           f"limit of {self.limits.max_message_bytes} bytes", proto.UPSTREAM_FAILED,
                                   size, now)
 
@@ -394,8 +422,20 @@ class GatewayCore:
         msg = proto.parse(data, self.limits.max_message_bytes)
         rid = msg.id if isinstance(msg, proto.Message) else None
         if rid is None:
-            return Decision(events=[Problem(s.id, "server", proto.UPSTREAM_FAILED, message, 0, now)])
+            return Decision(events=[Problem(s.label, "server", proto.UPSTREAM_FAILED, message, 0, now)])
         return self._broken_reply(s, rid, message, proto.UPSTREAM_FAILED, 0, now)
+
+
+def _prefix_id(prefix: bytes) -> Any:
+    """The id of a message from its first bytes, when it leads (as the SDK and most encoders write it)."""
+    m = _PREFIX_ID.match(prefix)
+    if not m:
+        return None
+    raw = m.group(1)
+    if raw[:1] != b'"':
+        return int(raw)
+    parsed = proto.parse(b'{"jsonrpc":"2.0","id":' + raw + b',"result":{}}')
+    return parsed.id if isinstance(parsed, proto.Message) else None
 
 
 def _template_matches(template: str, uri: str) -> bool:
@@ -456,6 +496,9 @@ class Gateway:
 
     def server_failed(self, sid: str, data: bytes, message: str) -> Decision:
         return self._dispatch(self.core.server_failed(sid, data, message, self.clock()))
+
+    def client_oversized(self, sid: str, size: int, prefix: bytes) -> Decision:
+        return self._dispatch(self.core.client_oversized(sid, size, prefix, self.clock()))
 
     def flush(self) -> None:
         self._call(self.sink and self.sink.flush)

@@ -263,3 +263,66 @@ def _decode_header(value: str) -> str | None:
         except (binascii.Error, UnicodeDecodeError):
             return None
     return value
+
+
+# ---- stdio framing --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Oversized:
+    """A line longer than the limit: only its first bytes were kept, the rest was skipped."""
+
+    size: int  # bytes seen when the limit was passed
+    prefix: bytes
+
+
+class LineFramer:
+    """Newline-delimited messages (the stdio transport) with a bound on a line's length.
+
+    ``feed(chunk)`` returns complete lines (without the newline; a trailing ``\\r`` is dropped,
+    blank lines are skipped) and, for a line over ``limit`` bytes, one :class:`Oversized` as
+    soon as the limit is passed. The rest of such a line is skipped without being buffered, so a
+    peer can never make the gateway hold more than ``limit`` bytes of one line.
+    """
+
+    PREFIX = 4096
+
+    def __init__(self, limit: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.limit = limit
+        self._buf = bytearray()
+        self._skipping = 0  # bytes of an oversized line seen so far, 0 when not skipping
+
+    def feed(self, chunk: bytes) -> list[bytes | Oversized]:
+        out: list[bytes | Oversized] = []
+        start = 0
+        while start < len(chunk):
+            nl = chunk.find(b"\n", start)
+            end = len(chunk) if nl < 0 else nl
+            piece = chunk[start:end]
+            if self._skipping:
+                self._skipping += len(piece)
+            elif len(self._buf) + len(piece) > self.limit:
+                self._skipping = len(self._buf) + len(piece)
+                head = bytes(self._buf[:self.PREFIX]) + piece[:max(0, self.PREFIX - len(self._buf))]
+                self._buf.clear()
+                out.append(Oversized(self._skipping, head))
+            else:
+                self._buf += piece
+            if nl < 0:
+                break
+            if self._skipping:
+                self._skipping = 0
+            else:
+                line = bytes(self._buf).rstrip(b"\r")
+                self._buf.clear()
+                if line.strip():
+                    out.append(line)
+            start = nl + 1
+        return out
+
+    def close(self) -> list[bytes]:
+        """The last line if the stream ended without a newline."""
+        line = bytes(self._buf).rstrip(b"\r")
+        self._buf.clear()
+        skipping, self._skipping = self._skipping, 0
+        return [line] if line.strip() and not skipping else []
