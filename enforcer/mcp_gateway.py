@@ -34,6 +34,8 @@ What it does with each message:
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -452,6 +454,11 @@ def _template_matches(template: str, uri: str) -> bool:
 # ---- the driver -----------------------------------------------------------------------------
 
 
+def new_session_id() -> str:
+    """A session id for one gateway run: time, pid and a random suffix."""
+    return f"mcp-{int(time.time())}-{os.getpid()}-{os.urandom(3).hex()}"
+
+
 class McpSink(Protocol):
     """Where observations go (see :mod:`sensor.mcp_sink`)."""
 
@@ -502,6 +509,12 @@ class Gateway:
 
     def flush(self) -> None:
         self._call(self.sink and self.sink.flush)
+
+    async def flush_periodically(self, every: float) -> None:
+        """Write what has been recorded every ``every`` seconds (transports flush once more at the end)."""
+        while True:
+            await asyncio.sleep(every)
+            self.flush()
 
     def _dispatch(self, d: Decision) -> Decision:
         for e in d.events:

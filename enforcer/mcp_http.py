@@ -41,7 +41,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from . import mcp_protocol as proto
-from .mcp_gateway import Gateway, GatewayCore
+from .mcp_gateway import Gateway, GatewayCore, new_session_id
 
 log = structlog.get_logger("envelope.mcp.http")
 
@@ -77,7 +77,7 @@ def _sse_frame(event, data: bytes) -> bytes:
 
 class HttpProxy:
     def __init__(self, gateway: Gateway, upstream: str, run_session: str,
-                 client: httpx2.AsyncClient | None = None):
+                 client: httpx2.AsyncClient | None = None, flush_every: float = 30.0):
         parts = urlsplit(upstream)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"upstream {upstream!r} is not an http(s) URL")
@@ -88,6 +88,7 @@ class HttpProxy:
         self.run_session = run_session
         self.limit = gateway.core.limits.max_message_bytes
         self._client = client
+        self.flush_every = flush_every
         self._exchanges = itertools.count(1)
         self._open: set[str] = set()
         self.app = Starlette(routes=[Route("/{path:path}", self.handle, methods=["GET", "POST", "DELETE", "OPTIONS"])],
@@ -98,9 +99,12 @@ class HttpProxy:
     @contextlib.asynccontextmanager
     async def _lifespan(self, app) -> AsyncIterator[None]:
         await self._startup()
+        flusher = asyncio.create_task(self.gateway.flush_periodically(self.flush_every))
         try:
             yield
         finally:
+            flusher.cancel()
+            await asyncio.gather(flusher, return_exceptions=True)
             await self._shutdown()
 
     async def _startup(self) -> None:
@@ -261,6 +265,7 @@ class HttpProxy:
             sid = self._sid_for(mcp_session)
             self._open.discard(sid)
             self.gateway.close(sid)
+            self.gateway.flush()
         return resp
 
     async def _relay_raw(self, request: Request) -> Response:
@@ -286,13 +291,11 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 def proxy(workload, listen: str, upstream: str, policy_or_none, mode: str, sink, *, report=None,
-          session: str | None = None, limits=None, ready=None) -> int:
+          session: str | None = None, limits=None, ready=None, flush_every: float = 30.0) -> int:
     """Serve the gateway on ``listen`` in front of ``upstream`` until SIGTERM or SIGINT."""
-    from .mcp_stdio import default_session
-
     host, port = parse_listen(listen)
     gateway = Gateway(GatewayCore(policy_or_none, mode, limits), sink, report)
-    p = HttpProxy(gateway, upstream, session or default_session())
+    p = HttpProxy(gateway, upstream, session or new_session_id(), flush_every=flush_every)
     config = uvicorn.Config(p.app, host=host, port=port, log_level="warning", lifespan="on",
                             access_log=False, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)

@@ -13,13 +13,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 from typing import Sequence
 
 import structlog
 
 from . import mcp_protocol as proto
-from .mcp_gateway import Gateway, GatewayCore
+from .mcp_gateway import Gateway, GatewayCore, new_session_id
 
 log = structlog.get_logger("envelope.mcp.stdio")
 
@@ -28,7 +27,7 @@ CHUNK = 256 * 1024
 
 class StdioRelay:
     def __init__(self, gateway: Gateway, argv: Sequence[str], session: str, grace: float = 2.0,
-                 stdin_fd: int = 0, stdout_fd: int = 1):
+                 stdin_fd: int = 0, stdout_fd: int = 1, flush_every: float = 30.0):
         if not argv:
             raise ValueError("no server command given")
         self.gateway = gateway
@@ -38,6 +37,7 @@ class StdioRelay:
         self.stdin_fd = stdin_fd
         self.stdout_fd = stdout_fd
         self.limit = gateway.core.limits.max_message_bytes
+        self.flush_every = flush_every
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -59,6 +59,7 @@ class StdioRelay:
         to_server = asyncio.create_task(self._client_to_server(client_in, proc, client_out))
         to_client = asyncio.create_task(self._server_to_client(proc, client_out))
         stopped = asyncio.create_task(stop.wait())
+        flusher = asyncio.create_task(self.gateway.flush_periodically(self.flush_every))
         try:
             await asyncio.wait({to_client, stopped}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -66,7 +67,8 @@ class StdioRelay:
             await self._end(proc)
             to_client.cancel()
             stopped.cancel()
-            await asyncio.gather(to_server, to_client, stopped, return_exceptions=True)
+            flusher.cancel()
+            await asyncio.gather(to_server, to_client, stopped, flusher, return_exceptions=True)
             try:
                 client_out.close()
             except (BrokenPipeError, ConnectionResetError, RuntimeError):
@@ -148,16 +150,11 @@ class StdioRelay:
 
 
 def wrap(workload, policy_or_none, mode: str, argv: Sequence[str], sink, *, report=None, session: str | None = None,
-         limits=None, grace: float = 2.0) -> int:
+         limits=None, grace: float = 2.0, flush_every: float = 30.0) -> int:
     """Run ``argv`` as an MCP stdio server behind the gateway; return the server's exit status."""
     core = GatewayCore(policy_or_none, mode, limits)
     gateway = Gateway(core, sink, report)
-    sid = session or default_session()
+    sid = session or new_session_id()
     log.info("mcp gateway (stdio)", workload=str(workload), mode=mode, session=sid, command=argv[0] if argv else None)
-    return asyncio.run(StdioRelay(gateway, argv, sid, grace).run())
-
-
-def default_session() -> str:
-    """A session id for one gateway run: time, pid and a random suffix."""
-    return f"mcp-{int(time.time())}-{os.getpid()}-{os.urandom(3).hex()}"
+    return asyncio.run(StdioRelay(gateway, argv, sid, grace, flush_every=flush_every).run())
 

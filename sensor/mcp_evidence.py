@@ -359,6 +359,14 @@ class ArgumentEvidence:
     def close_session(self, session: str) -> None:
         self._seen.pop(session, None)
 
+    def take(self) -> "ArgumentEvidence":
+        """Everything added since the last ``take``, as evidence of its own; this summary starts
+        empty but keeps what its open sessions have seen, so a session is never counted twice for
+        one value across takes (merging the takes gives the exact summary)."""
+        out = ArgumentEvidence(self.calls, self.catalogs)
+        self.calls, self.catalogs = {}, {}
+        return out
+
     def merged(self, other: "ArgumentEvidence") -> "ArgumentEvidence":
         calls = dict(self.calls)
         for k, e in other.calls.items():

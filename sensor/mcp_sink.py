@@ -23,6 +23,7 @@ import itertools
 
 from .aggregate import Aggregator
 from .mcp_evidence import TOOLS_LIST, ArgumentEvidence
+from .mcp_store import McpEvidenceStore
 from .workload import BehaviourKeyError, Workload, substrate_of
 
 _binding_ids = itertools.count(1)
@@ -37,8 +38,14 @@ def profile_knows_mcp() -> bool:
 
 
 class EvidenceSink:
-    def __init__(self, evidence: ArgumentEvidence | None = None):
-        self.evidence = evidence if evidence is not None else ArgumentEvidence()
+    """Argument evidence in memory; with a store, each ``flush`` merges what is new into it."""
+
+    def __init__(self, store: McpEvidenceStore | None = None, workload: Workload | None = None):
+        if store is not None and workload is None:
+            raise ValueError("an evidence store needs the workload the evidence belongs to")
+        self.evidence = ArgumentEvidence()
+        self.store = store
+        self.workload = workload
         self.sessions: dict[str, dict] = {}
 
     def open_session(self, session: str, ts: float, meta: dict) -> None:
@@ -59,17 +66,20 @@ class EvidenceSink:
         self.evidence.close_session(session)
 
     def flush(self) -> None:
-        pass
+        if self.store is None:
+            return
+        delta = self.evidence.take()
+        if delta.calls or delta.catalogs:
+            self.store.merge(self.workload, delta)
 
 
 class ProfileSink(EvidenceSink):
-    def __init__(self, aggregator: Aggregator, workload: Workload, evidence: ArgumentEvidence | None = None):
+    def __init__(self, aggregator: Aggregator, workload: Workload, store: McpEvidenceStore | None = None):
         if not profile_knows_mcp():
             raise RuntimeError("the profile model does not know the mcp substrate yet (sensor/workload.py); "
                                "mcp behaviours cannot be recorded in profiles")
-        super().__init__(evidence)
+        super().__init__(store, workload)
         self.aggregator = aggregator
-        self.workload = workload
         self._bindings: dict[str, int] = {}
 
     def open_session(self, session: str, ts: float, meta: dict) -> None:
@@ -97,4 +107,5 @@ class ProfileSink(EvidenceSink):
             self.aggregator.unbind(bid, ts)
 
     def flush(self) -> None:
+        super().flush()
         self.aggregator.flush()
