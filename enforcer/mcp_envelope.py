@@ -351,8 +351,9 @@ class McpEnvelope:
             if not any(e.matches(v, secret) for e in elements):
                 watched = [w for w in self._watch if w.startswith(f"{key}#{path}:")]
                 allowed_text = ", ".join(f"{e.rule} {e.spec}" for e in elements[:_SHOWN])
+                note = f"; {len(watched)} shape(s) of this argument seen too rarely are under review" if watched else ""
                 return Verdict(False, f"argument {path!r} of {key} = {shown(v, secret)} is outside the envelope "
-                                      f"(allowed: {allowed_text})", f"{key}#{path}", bool(watched))
+                                      f"(allowed: {allowed_text}{note})", f"{key}#{path}", bool(watched))
         return Verdict(True, "inside the envelope", key)
 
     def judge_resource(self, uri: str, template: str | None, key: str) -> Verdict:

@@ -233,6 +233,14 @@ def _observe(stats: BehaviourStats, session: str, ts: float, new_session: bool) 
             stats.session_ids.append(sys.intern(session))
 
 
+def _pack_stats(st: BehaviourStats) -> list:
+    """Packed stats with the session sample sorted: the same evidence packs to the same bytes
+    whether it was gathered in one run or merged from several."""
+    v = st.pack()
+    v[6] = sorted(v[6])
+    return v
+
+
 @dataclass
 class PathEvidence:
     """The values seen at one argument path of one behaviour."""
@@ -271,9 +279,9 @@ class PathEvidence:
                             min(mins) if mins else None, max(maxs) if maxs else None)
 
     def pack(self) -> dict:
-        return {"values": {k: v.pack() for k, v in sorted(self.values.items())},
-                "overflow": self.overflow.pack() if self.overflow else None,
-                "calls": self.calls.pack() if self.calls else None,
+        return {"values": {k: _pack_stats(v) for k, v in sorted(self.values.items())},
+                "overflow": _pack_stats(self.overflow) if self.overflow else None,
+                "calls": _pack_stats(self.calls) if self.calls else None,
                 "maxLength": self.max_length, "min": self.num_min, "max": self.num_max}
 
     @classmethod
@@ -299,7 +307,7 @@ class CallEvidence:
         return CallEvidence(self.calls.merged(other.calls), paths, self.cut + other.cut)
 
     def pack(self) -> dict:
-        return {"calls": self.calls.pack(), "paths": {p: e.pack() for p, e in sorted(self.paths.items())},
+        return {"calls": _pack_stats(self.calls), "paths": {p: e.pack() for p, e in sorted(self.paths.items())},
                 "cut": self.cut}
 
     @classmethod
