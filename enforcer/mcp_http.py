@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import hashlib
 import itertools
+import signal
 from typing import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -283,6 +284,20 @@ class HttpProxy:
         return Response(up.content, status_code=up.status_code, headers=_forward_headers(up.headers))
 
 
+class _Server(uvicorn.Server):
+    """uvicorn, with SIGTERM and SIGINT ending it gracefully and the process exiting 0 (uvicorn's
+    own handlers re-raise the signal after shutdown, so the exit status would be the signal)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+    def stop(self) -> None:
+        if self.should_exit:
+            self.force_exit = True
+        self.should_exit = True
+
+
 def parse_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
@@ -298,11 +313,14 @@ def proxy(workload, listen: str, upstream: str, policy_or_none, mode: str, sink,
     p = HttpProxy(gateway, upstream, session or new_session_id(), flush_every=flush_every)
     config = uvicorn.Config(p.app, host=host, port=port, log_level="warning", lifespan="on",
                             access_log=False, timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = _Server(config)
     log.info("mcp gateway (streamable http)", workload=str(workload), mode=mode, listen=f"{host}:{port}",
              upstream=upstream, session=p.run_session)
 
     async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, server.stop)
         task = asyncio.create_task(server.serve())
         while not server.started and not task.done():
             await asyncio.sleep(0.02)
