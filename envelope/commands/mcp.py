@@ -23,13 +23,12 @@ import sys
 
 import structlog
 
-from enforcer import audit
+from enforcer import audit, violations
 from enforcer.mcp_envelope import EnvelopeError, EnvelopeOptions, McpEnvelope, derive_envelope, dump_envelope, \
     parse_envelope
 from enforcer.mcp_gateway import Finding, Limits, Problem, Stale
 from enforcer.mcp_protocol import DEFAULT_MAX_MESSAGE_BYTES
 from enforcer.policy import MODES
-from enforcer.violations import SUBSTRATES as VIOLATION_SUBSTRATES
 from enforcer.violations import Violation, ViolationStore
 from sensor.aggregate import Aggregator
 from sensor.mcp_sink import EvidenceSink, ProfileSink, profile_knows_mcp
@@ -130,7 +129,7 @@ class Outputs:
             log.warning(f"mcp call {event.action}", behaviour=event.behaviour, reason=event.reason,
                         session=event.session)
             records = []
-            if "mcp" in VIOLATION_SUBSTRATES:
+            if "mcp" in violations.SUBSTRATES:  # once the violations model knows the substrate
                 records.append(Violation.from_dict(event.violation(self.workload.key)))
             if event.watch:
                 records.append(Violation(event.ts, self.workload.key, "watch", event.entry, "alerted",
