@@ -68,7 +68,7 @@ from sensor.profile import BehaviourStats
 from sensor.workload import Workload
 
 from . import urlpattern
-from .policy import API_VERSION, CLOSURES, MODES, iso_time, policy_name
+from .policy import API_VERSION, CLOSURES, MODES, dump_policy, iso_time, policy_name
 
 KIND = "McpEnvelope"
 DEFAULT_MIN_COUNT = 5
@@ -466,13 +466,11 @@ def _list(v: Any, where: str) -> list:
 
 
 def dump_envelope(env: McpEnvelope, fmt: str = "yaml") -> str:
-    """Deterministic text: equal envelopes give byte-identical output."""
-    data = env.to_dict()
-    if fmt == "json":
-        return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    if fmt == "yaml":
-        return yaml.safe_dump(data, sort_keys=True, default_flow_style=False, allow_unicode=True, width=4096)
-    raise EnvelopeError(f"unknown format {fmt!r} (want yaml or json)")
+    """Deterministic text (equal envelopes give byte-identical output), written exactly as
+    policies are."""
+    if fmt not in ("yaml", "json"):
+        raise EnvelopeError(f"unknown format {fmt!r} (want yaml or json)")
+    return dump_policy(env, fmt)  # type: ignore[arg-type] - it only needs to_dict()
 
 
 def parse_envelope(text: str, source: str = "envelope") -> McpEnvelope:

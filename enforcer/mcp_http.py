@@ -49,6 +49,7 @@ log = structlog.get_logger("envelope.mcp.http")
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "transfer-encoding", "upgrade", "host", "content-length", "content-encoding",
                         "accept-encoding"})
+MAX_SESSIONS = 10_000  # MCP sessions tracked at once (the SDK's own server default)
 SSE_HEADERS = {"cache-control": "no-cache, no-transform", "x-accel-buffering": "no"}
 
 
@@ -127,12 +128,15 @@ class HttpProxy:
             self.gateway.open(sid, meta)
         return sid
 
+    def _sid_name(self, mcp_session: str) -> str:
+        """A session's name in the evidence: a hash, never the id itself (it is a bearer capability)."""
+        digest = hashlib.sha256(f"{self.run_session}\0{mcp_session}".encode()).hexdigest()[:16]
+        return f"{self.run_session}/http-{digest}"
+
     def _sid_for(self, mcp_session: str | None) -> str:
         if not mcp_session:
             return self.run_session
-        digest = hashlib.sha256(f"{self.run_session}\0{mcp_session}".encode()).hexdigest()[:16]
-        return self._session(f"{self.run_session}/http-{digest}", {"transport": "streamable-http",
-                                                                   "scope": "mcp session"})
+        return self._session(self._sid_name(mcp_session), {"transport": "streamable-http", "scope": "mcp session"})
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -163,6 +167,8 @@ class HttpProxy:
 
     async def _post(self, request: Request) -> Response:
         mcp_session = request.headers.get(proto.HEADER_SESSION)
+        if mcp_session and len(self._open) >= MAX_SESSIONS and self._sid_name(mcp_session) not in self._open:
+            return Response(status_code=503)
         sid = self._sid_for(mcp_session)
         try:
             body = await self._read_body(request)
@@ -188,6 +194,9 @@ class HttpProxy:
             failed = self.gateway.server_failed(exchange, body, f"the MCP server could not be reached: {type(e).__name__}")
             self._end_exchange(exchange, sid)
             return _json_response(failed.forward or b"", 502) if failed.forward else Response(status_code=502)
+        if mcp_session and up.status_code == 404:  # a session the upstream does not know: nothing to keep
+            self._open.discard(sid)
+            self.gateway.close(sid)
         new_session = up.headers.get(proto.HEADER_SESSION)
         if new_session and not mcp_session:  # initialize answered with a session: it starts here
             target = self._sid_for(new_session)
