@@ -26,7 +26,8 @@ What it does with each message:
   out-of-envelope ``tools/call`` in-band with an error result the agent can read (``isError``
   with the reason), answers a refused ``resources/read``/``prompts/get`` with a JSON-RPC error,
   leaves tools outside the allowlist out of ``tools/list``, and fails closed: a call it cannot
-  evaluate is refused.
+  evaluate is refused, and a call sent as a notification (no id, so nothing to answer) is not
+  relayed.
 - **Validity.** A listed tool whose definition hash differs from the one the envelope recorded
   is a :class:`Stale` event (a rug pull or a poisoned tool); in enforce mode that tool is left out
   of listings and its calls are refused until the envelope is re-derived.
@@ -60,6 +61,7 @@ from .policy import MODES
 log = structlog.get_logger("envelope.mcp")
 
 REFUSAL_META = "dev.envelope/refusal"
+JUDGED = ("tools/call", "prompts/get", "resources/read")
 _PREFIX_ID = re.compile(rb'^\s*\{\s*(?:"jsonrpc"\s*:\s*"2\.0"\s*,\s*)?"id"\s*:\s*(-?\d{1,18}|"(?:[^"\\]|\\.){0,256}")')
 
 
@@ -219,6 +221,10 @@ class GatewayCore:
             return Decision(reply=proto.encode(proto.error_response(msg.id, msg.code, msg.message)),
                             events=[Problem(sid, "client", msg.code, msg.message, msg.size, now)], status=status)
         if msg.kind == "notification":
+            if msg.method in JUDGED and self.mode == "enforce":
+                # a call without an id gets no answer, but a server could still act on it: not relayed
+                message = f"{msg.method} without an id is not relayed (a call must be a request)"
+                return Decision(events=[Problem(s.label, "client", proto.INVALID_REQUEST, message, msg.size, now)])
             if msg.method == "notifications/cancelled":
                 rid = msg.params.get("requestId")
                 if proto._valid_id(rid):

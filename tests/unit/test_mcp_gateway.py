@@ -139,6 +139,13 @@ def test_enforce_fails_closed_when_it_cannot_evaluate():
     assert "cannot evaluate" in json.loads(d.reply)["result"]["content"][0]["text"]
 
 
+def test_a_call_sent_as_a_notification_is_not_relayed_in_enforce():
+    data = msg(method="tools/call", params={"name": "git_reset", "arguments": {}})
+    d = GatewayCore(envelope(), "enforce").from_client("s", data, 1.0)
+    assert d.forward is None and d.reply is None and isinstance(d.events[0], Problem)
+    assert GatewayCore(None, "observe").from_client("s", data, 1.0).forward is data
+
+
 def test_stateless_routing_headers_that_disagree_are_refused_in_enforce():
     core = GatewayCore(envelope(), "enforce")
     headers = {"mcp-protocol-version": "2026-07-28", "mcp-method": "tools/call", "mcp-name": "git_status"}
