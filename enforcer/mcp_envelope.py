@@ -756,6 +756,16 @@ def derive_envelope(workload: Workload, evidence: ArgumentEvidence,
             for name, h in evidence.catalogs[fp]["tools"].items():
                 if tools.get(name) != h:
                     tools[name] = "changed-during-observation"
+    blind = []  # what the evidence could not show: listed, not ignored
+    for key in sorted(evidence.calls):
+        ce = evidence.calls[key]
+        if ce.cut:
+            blind.append({"key": key, "finding": f"{ce.cut} call(s) had more argument values than the evidence "
+                                                 f"keeps; the envelope is derived from the values kept"})
+        for path in sorted(ce.paths):
+            if ce.paths[path].overflow is not None:
+                blind.append({"key": f"{key}#{path}", "finding": f"more distinct values than kept per path; "
+                                                                 f"{ce.paths[path].overflow.count} not kept"})
     decisions = {
         "closure": {"mode": opts.closure, "rules": {
             "enumAbove": opts.max_values, "siblingsAbove": opts.max_siblings,
@@ -763,6 +773,7 @@ def derive_envelope(workload: Workload, evidence: ArgumentEvidence,
         "confidence": {"minCount": n, "minSessions": m,
                        "sessionRule": "union of the session samples of the values an element covers",
                        "admits": len(used)},
+        "blindSpots": blind,
     }
     provenance.sort(key=lambda p: p["entry"])
     review.sort(key=lambda r: r["key"])

@@ -125,10 +125,18 @@ def test_many_siblings_widen_to_their_directory_and_free_text_is_flagged():
     assert got[f"{LOG}#repo_path:path-prefix:/srv/repos/**"]["flags"] == ["directory-prefix"]
     assert env.judge_call(LOG, {"repo_path": "/srv/repos/epsilon"}).allowed
     assert not env.judge_call(LOG, {"repo_path": "/srv/other/alpha"}).allowed
+    assert env.decisions["blindSpots"] == []
     free = [p for p in env.provenance if p["rule"] == "free-text"]
     assert len(free) == 1 and free[0]["flags"] == ["free-text"] and free[0]["entry"].endswith("length<=32")
     assert env.judge_call(tool_call_key("git_commit"), {"message": "another change"}).allowed
     assert not env.judge_call(tool_call_key("git_commit"), {"message": "x" * 33}).allowed
+
+
+def test_evidence_that_was_cut_or_capped_is_a_listed_blind_spot():
+    calls = [(f"s{s}", LOG, {"files": [f"f{s}-{i}" for i in range(100)]}) for s in range(3)]
+    env = derive_envelope(W, record(calls), options=OPTS)
+    spots = {b["key"]: b["finding"] for b in env.decisions["blindSpots"]}
+    assert "3 call(s)" in spots[LOG] and "not kept" in spots[f"{LOG}#files[]"]
 
 
 def test_literal_closure_keeps_exact_values():

@@ -146,3 +146,21 @@ def test_tool_hash_covers_description_and_schema_not_key_order():
     assert ev.tool_hash(t) != ev.tool_hash(dict(t, inputSchema={"type": "object"}))
     assert ev.catalog_fingerprint({"a": "1", "b": "2"}) == ev.catalog_fingerprint({"b": "2", "a": "1"})
     assert ev.catalog_fingerprint({"a": "1"}) != ev.catalog_fingerprint({"a": "2"})
+
+
+def test_the_evidence_store_merges_runs_and_names_a_corrupt_file(tmp_path):
+    from sensor.mcp_store import McpEvidenceStore, McpStoreError
+    from sensor.workload import Workload
+
+    store, w = McpEvidenceStore(tmp_path), Workload.host("agent")
+    assert store.load(w) is None
+    for run in range(3):
+        e = ev.ArgumentEvidence()
+        e.add(f"run{run}", ev.tool_call_key("t"), {"p": ['"a"']}, 1.0 + run)
+        store.merge(w, e)
+    got = store.load(w).calls[ev.tool_call_key("t")]
+    assert got.calls.count == 3 and got.calls.sessions == 3 and got.paths["p"].values['"a"'].sessions == 3
+    store.path_for(w).write_bytes(b"\x93garbage")
+    with pytest.raises(McpStoreError, match="corrupt or truncated evidence.*left in place"):
+        store.load(w)
+    assert store.path_for(w).read_bytes() == b"\x93garbage"

@@ -122,3 +122,59 @@ def test_malformed_and_oversized_messages_over_http(tmp_path):
             assert not results[1].is_error and "change 0" in text(results[1])
     assert px.proc.returncode == 0
     assert px.stderr.count("mcp message not relayed") >= 5
+
+
+def _docs_server():
+    """The SDK's own MCPServer with a resource template and a prompt (the reference servers have neither)."""
+    from mcp.server.mcpserver import MCPServer
+
+    server = MCPServer("docs")
+
+    @server.resource("file:///logs/{name}")
+    def log_file(name: str) -> str:
+        return f"contents of {name}"
+
+    @server.prompt()
+    def summarise(style: str) -> str:
+        return f"Summarise the logs in a {style} style."
+
+    return server.streamable_http_app()
+
+
+async def _docs_session(url: str, reads: list[str], styles: list[str]) -> list:
+    from mcp import Client
+    from mcp.shared.exceptions import MCPError
+
+    out = []
+    async with Client(url, mode="legacy") as c:
+        await c.list_resource_templates()
+        for uri in reads:
+            try:
+                out.append((await c.read_resource(uri)).contents[0].text)
+            except MCPError as e:
+                out.append(e)
+        for style in styles:
+            try:
+                out.append((await c.get_prompt("summarise", {"style": style})).messages[0].content.text)
+            except MCPError as e:
+                out.append(e)
+    return out
+
+
+def test_resources_and_prompts_over_http(tmp_path):
+    state = tmp_path / "state"
+    with ServedApp(_docs_server()) as upstream:
+        with Proxy(state, "docs", upstream.url) as px:
+            for name in ("app.log", "db.log", "web.log"):
+                got = anyio.run(_docs_session, px.url, [f"file:///logs/{name}"], ["short"])
+                assert got == [f"contents of {name}", "Summarise the logs in a short style."]
+        ev = McpEvidenceStore(state).load(Workload.host("docs"))
+        assert set(ev.calls) == {"mcp:resources/read:file:///logs/{name}", "mcp:prompts/get:summarise"}
+        assert envelope(state, "mcp", "derive", "--workload", "docs", "--min-count", "3", "--out",
+                        str(tmp_path / "env.yaml")).returncode == 0
+        with Proxy(state, "docs", upstream.url, "--policy", str(tmp_path / "env.yaml"), "--mode", "enforce") as px:
+            got = anyio.run(_docs_session, px.url, ["file:///logs/new.log", "file:///etc/passwd"],
+                            ["short", "verbose"])
+    assert got[0] == "contents of new.log" and got[2] == "Summarise the logs in a short style."
+    assert isinstance(got[1], Exception) and got[1].error.code == -32010 and "not in the allowlist" in str(got[1])
+    assert isinstance(got[3], Exception) and got[3].error.code == -32010 and "style" in str(got[3])

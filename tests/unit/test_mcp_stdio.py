@@ -197,6 +197,11 @@ def test_bad_invocations_are_one_line_errors(tmp_path):
         assert out.returncode == 2, (args, out.stderr)
         err = [line for line in out.stderr.splitlines() if line.startswith("envelope: error:")]
         assert len(err) == 1 and needle in err[0], out.stderr
+    evidence = McpEvidenceStore(tmp_path / "state")
+    evidence.path_for(Workload.host("torn")).parent.mkdir(parents=True, exist_ok=True)
+    evidence.path_for(Workload.host("torn")).write_bytes(b"\x81\xa6schema")
+    out = envelope(tmp_path / "state", "mcp", "derive", "--workload", "torn")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "corrupt or truncated" in out.stderr
     (tmp_path / "bad.yaml").write_text("apiVersion: envelope.dev/v1alpha1\nkind: McpEnvelope\nspec: []\n")
     out = envelope(tmp_path / "state", "mcp", "wrap", "--workload", "w", "--policy", str(tmp_path / "bad.yaml"),
                    "--", "true")
