@@ -48,7 +48,7 @@ import json
 import math
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import yaml
 

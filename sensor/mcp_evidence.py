@@ -40,7 +40,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .profile import SESSION_SAMPLE_CAP, BehaviourStats
 
