@@ -21,6 +21,7 @@ APT_PACKAGES=(
   linux-headers-amd64 runc busybox-static bpftrace strace
   golang-github-containers-common iproute2 make gcc libc6-dev
   ruby  # parses the Vagrantfile in tests
+  jq    # landlockconfig's formatting check in tests
 )
 
 missing=()
