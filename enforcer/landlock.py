@@ -60,8 +60,8 @@ class LandlockUnavailable(LandlockError):
 class LandlockGapError(LandlockError):
     """The ruleset handles rights this kernel cannot restrict."""
 
-    def __init__(self, message: str, gaps: tuple[Gap, ...]):
-        super().__init__(message)
+    def __init__(self, err: int, message: str, gaps: tuple[Gap, ...]):
+        super().__init__(err, message)
         self.gaps = gaps
 
 
