@@ -157,3 +157,42 @@ def test_denied_open_and_exec_are_reported_with_path_access_and_process(tree, su
     exe = [d for d in mine if d.path == str(sh)]
     assert exe and exe[0].blockers == ("fs.execute", "fs.read_file") and exe[0].syscall == "execve"
     assert exe[0].behaviours() == (f"exec:{sh}",)
+
+
+def test_for_exec_builds_in_enforce_mode_only_and_composes_with_seccomp(tree, support):
+    """``envelope exec``'s order: cgroup, Landlock, seccomp, execve. The seccomp filter allows no
+    landlock_* syscall, which works because Landlock is enforced before the filter is loaded."""
+    from enforcer import seccomp as sc
+    from enforcer.policy import Policy
+    from sensor.workload import Workload
+    wl = Workload("host", "Unit", "landlock-exec", "main")
+    base = ("access", "arch_prctl", "brk", "close", "execve", "exit_group", "fadvise64", "fstat", "getrandom",
+            "mmap", "mprotect", "munmap", "newfstatat", "openat", "pread64", "prlimit64", "read", "rseq",
+            "set_robust_list", "set_tid_address", "write")
+    policy = Policy(workload=wl, mode="enforce", syscalls=base, execs=("/usr/bin/cat",))
+    assert landlock.for_exec(policy, "alert") is None and landlock.for_exec(policy, "observe") is None
+    files = [f"file:read:{tree}/data/a.txt"]
+    rs = landlock.for_exec(policy, "enforce", files=files, support=support)
+    flt = sc.build_filter(policy, "enforce")
+    try:
+        ok = subprocess.run(["/usr/bin/cat", f"{tree}/data/a.txt"], capture_output=True, text=True, env=ENV,
+                            preexec_fn=landlock.preexec(rs, then=flt.load))
+        assert ok.returncode == 0 and ok.stdout == "a\n", ok.stderr
+        denied = subprocess.run(["/usr/bin/cat", f"{tree}/other/secret"], capture_output=True, text=True, env=ENV,
+                                preexec_fn=landlock.preexec(rs, then=flt.load))
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr
+        # the other order fails: under the filter, the Landlock calls are denied (EPERM)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                flt.load()
+                rs.restrict_self()
+                os._exit(0)
+            except landlock.LandlockError as e:
+                os._exit(100 + (e.errno or 0))
+            except BaseException:
+                os._exit(99)
+        _, status = os.waitpid(pid, 0)
+        assert os.WEXITSTATUS(status) == 100 + errno.EPERM
+    finally:
+        rs.close()
