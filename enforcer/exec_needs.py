@@ -24,6 +24,8 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.dynamic import DynamicSegment
 from elftools.elf.elffile import ELFFile
 
+from sensor.identity import HostPathError, host_path
+
 from .landlock_rules import ExecNeeds
 
 MAX_SCRIPT_DEPTH = 4  # binfmt_script allows this many nested interpreters
@@ -42,33 +44,19 @@ class ExecNeedsError(ValueError):
 
 
 def in_root(root: str, path: str) -> str | None:
-    """Resolve ``path`` (absolute, as seen inside ``root``) following symlinks inside ``root``;
-    the resolved in-root path, or None when it does not exist."""
-    parts = [c for c in path.split("/") if c]
-    done: list[str] = []
-    links = 0
-    while parts:
-        c = parts.pop(0)
-        if c == ".":
-            continue
-        if c == "..":
-            if done:
-                done.pop()
-            continue
-        host = os.path.join(root, *done, c)
-        if not os.path.lexists(host):
-            return None
-        if os.path.islink(host):
-            links += 1
-            if links > MAX_SYMLINKS:
-                return None
-            target = os.readlink(host)
-            if target.startswith("/"):
-                done = []
-            parts = [x for x in target.split("/") if x] + parts
-            continue
-        done.append(c)
-    return "/" + "/".join(done)
+    """Resolve ``path`` (absolute, as seen inside ``root``) following symlinks inside ``root``
+    (:func:`sensor.identity.host_path`); the resolved in-root path, or None when it does not exist."""
+    if os.path.abspath(root) == "/":
+        real = os.path.realpath(path)
+        return real if os.path.exists(real) else None
+    try:
+        host = host_path(root, path, MAX_SYMLINKS)
+    except HostPathError:
+        return None
+    if not host.exists():
+        return None
+    rel = os.path.relpath(host, root)
+    return "/" if rel == "." else "/" + rel
 
 
 def _host(root: str, path: str) -> str:

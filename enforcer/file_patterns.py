@@ -106,26 +106,27 @@ def check_path(path: str, what: str | None = None) -> str:
     return path
 
 
+def _split(text: str, what: str) -> tuple[str, str]:
+    """``file:KIND:REST`` → ``(kind, rest)``; ``what`` names the form in errors."""
+    prefix, _, rest = text.partition(":")
+    kind, sep, tail = rest.partition(":")
+    if prefix != "file" or not sep:
+        raise FilePatternError(f"{text!r} is not a {what}")
+    if kind not in KINDS:
+        raise FilePatternError(f"{text!r}: unknown access kind {kind!r} (one of {', '.join(KINDS)})")
+    return kind, tail
+
+
 def parse_key(key: str) -> tuple[str, str]:
     """``file:KIND:PATH`` → ``(kind, path)``."""
-    prefix, _, rest = key.partition(":")
-    kind, sep, path = rest.partition(":")
-    if prefix != "file" or not sep:
-        raise FilePatternError(f"{key!r} is not a file behaviour key (want file:KIND:PATH)")
-    if kind not in KINDS:
-        raise FilePatternError(f"{key!r}: unknown access kind {kind!r} (one of {', '.join(KINDS)})")
+    kind, path = _split(key, "file behaviour key (want file:KIND:PATH)")
     check_path(path, what=key)
     return kind, path
 
 
 def parse_entry(entry: str) -> tuple[str, FilePattern]:
     """``file:KIND:PATTERN`` → ``(kind, FilePattern)``."""
-    prefix, _, rest = entry.partition(":")
-    kind, sep, pattern = rest.partition(":")
-    if prefix != "file" or not sep:
-        raise FilePatternError(f"{entry!r} is not a file entry (want file:KIND:PATTERN)")
-    if kind not in KINDS:
-        raise FilePatternError(f"{entry!r}: unknown access kind {kind!r} (one of {', '.join(KINDS)})")
+    kind, pattern = _split(entry, "file entry (want file:KIND:PATTERN)")
     try:
         return kind, FilePattern.parse(pattern)
     except FilePatternError as e:

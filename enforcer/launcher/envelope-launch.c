@@ -93,13 +93,18 @@ struct rule {
 
 static const char *ruleset_path = "";
 
+static void vmsg(const char *fmt, va_list ap)
+{
+	fputs("envelope-launch: ", stderr);
+	vfprintf(stderr, fmt, ap);
+	fputc('\n', stderr);
+}
+
 static void msg(const char *fmt, ...)
 {
 	va_list ap;
 	va_start(ap, fmt);
-	fputs("envelope-launch: ", stderr);
-	vfprintf(stderr, fmt, ap);
-	fputc('\n', stderr);
+	vmsg(fmt, ap);
 	va_end(ap);
 }
 
@@ -107,9 +112,7 @@ static void die(const char *fmt, ...)
 {
 	va_list ap;
 	va_start(ap, fmt);
-	fputs("envelope-launch: ", stderr);
-	vfprintf(stderr, fmt, ap);
-	fputc('\n', stderr);
+	vmsg(fmt, ap);
 	va_end(ap);
 	exit(126);
 }
