@@ -37,8 +37,8 @@ from typing import Mapping
 from sensor.profile import BehaviourStats
 
 from .derive import DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNT, DEFAULT_MIN_SESSIONS, SESSION_RULES, Element
-from .file_patterns import (CHILDREN, EXACT, KINDS, TREE, FilePattern, FilePatternError, components,
-                            depth, entry, is_beneath, parse_key)
+from .file_patterns import (CHILDREN, KINDS, TREE, FilePattern, FilePatternError, components,
+                            depth, entry, is_beneath, parse_entry, parse_key)
 from .sensitive_paths import SENSITIVE, SensitivePath, sensitive_match, sensitive_overlaps
 
 SUBSTRATE = "file"
@@ -143,7 +143,6 @@ class FileClosureResult:
 def allows(entries, behaviour: str) -> bool:
     """Is ``file:KIND:PATH`` admitted by one of the allowed ``entries`` (strings or
     :class:`FileEntry`) of the same kind?"""
-    from .file_patterns import parse_entry
     kind, path = parse_key(behaviour)
     for e in entries:
         text = e.entry if isinstance(e, FileEntry) else e
@@ -292,4 +291,4 @@ def derive_files(stats: Mapping[str, BehaviourStats], options: FileClosureOption
 
 
 __all__ = ["FileClosureError", "FileClosureOptions", "FileClosureResult", "FileEntry", "FileReview",
-           "allows", "derive_files", "EXACT"]
+           "allows", "derive_files"]

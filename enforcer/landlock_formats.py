@@ -38,7 +38,7 @@ import json
 from typing import Mapping
 
 from .landlock_rules import (BY_NAME, CHILDREN_OBJECT, FILE_OBJECT, FS_RIGHTS, OBJECTS, RESTRICT_FLAGS,
-                             TREE_OBJECT, CompiledRuleset, PathRule, sort_rights)
+                             CompiledRuleset, PathRule, sort_rights)
 
 MAGIC = "envelope-landlock"
 VERSION = 1
@@ -190,5 +190,5 @@ def dump_landlockconfig(doc: dict) -> str:
     return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
 
-__all__ = ["MAGIC", "ON_UNSUPPORTED", "RulesetFileError", "TREE_OBJECT", "VERSION", "dump_landlockconfig",
+__all__ = ["MAGIC", "ON_UNSUPPORTED", "RulesetFileError", "VERSION", "dump_landlockconfig",
            "landlockconfig", "landlockconfig_gaps", "parse_ruleset_file", "ruleset_file"]
