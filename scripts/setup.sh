@@ -21,6 +21,7 @@ APT_PACKAGES=(
   linux-headers-amd64 runc busybox-static bpftrace strace
   golang-github-containers-common iproute2 make gcc libc6-dev
   ruby  # parses the Vagrantfile in tests
+  jq    # landlockconfig's formatting check in tests
 )
 
 missing=()
@@ -62,4 +63,15 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 .venv/bin/python -c 'import bcc, seccomp' 2>/dev/null || die "bcc or seccomp not importable from .venv"
+
+# The static Landlock launcher (no Python needed inside a container image), rebuilt when its
+# source is newer than the binary.
+launcher_src=enforcer/launcher/envelope-launch.c
+launcher=build/envelope-launch
+if [ ! -x "$launcher" ] || [ "$launcher_src" -nt "$launcher" ]; then
+  log "building $launcher"
+  mkdir -p build
+  gcc -static -O2 -Wall -Wextra -Werror -o "$launcher.tmp" "$launcher_src" || die "building $launcher failed"
+  mv "$launcher.tmp" "$launcher"
+fi
 log "ready"
