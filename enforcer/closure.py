@@ -26,7 +26,7 @@ from typing import Callable
 
 from sensor.workload import BehaviourKeyError, parse_net_key
 
-from . import companions
+from . import companions, file_closure
 from .elements import Element
 from .policy import EgressRule
 
@@ -179,11 +179,29 @@ def _literal(substrate: str, keys: list[str], opts, services: list) -> list[Elem
     return _literal_elements(substrate, keys)
 
 
+def _files(mode: str) -> Builder:
+    """The file substrate's closure (:mod:`enforcer.file_closure`): kinds never mixed, sensitive
+    paths never widened, ``dir/*`` and ``dir/**`` by sibling count."""
+    def build(substrate: str, keys: list[str], opts, services: list) -> list[Element]:
+        fopts = file_closure.FileClosureOptions(closure=mode, max_siblings=opts.max_siblings,
+                                                tree_min_depth=opts.file_tree_depth)
+        els, bad = file_closure.elements(dict.fromkeys(keys), fopts)
+        return els + [Element(k, substrate, "exact", [k], encodable=False) for k in bad]
+    return build
+
+
 #: substrate -> closure mode -> builder. Substrates add themselves here.
 BUILDERS: dict[str, dict[str, Builder]] = {
-    s: {"literal": _literal, "structural": _structural_elements}
-    for s in ("syscall", "egress", "exec")
+    **{s: {"literal": _literal, "structural": _structural_elements}
+       for s in ("syscall", "egress", "exec")},
+    "file": {"literal": _files("literal"), "structural": _files("structural")},
 }
+
+
+def derivable() -> tuple[str, ...]:
+    """The substrates that have closure builders, in document order."""
+    from sensor.workload import SUBSTRATES
+    return tuple(s for s in SUBSTRATES if s in BUILDERS)
 
 
 def elements(substrate: str, closure: str, keys: list[str], opts, services: list) -> list[Element]:
@@ -207,4 +225,8 @@ def rules(substrate: str, closure: str, opts, services: list) -> dict:
         }
     if substrate == "exec":
         return {"rule": "directory-pattern", "siblingsAbove": opts.max_siblings}
+    if substrate == "file":
+        return {"rule": "directory-children+directory-tree", "siblingsAbove": opts.max_siblings,
+                "treeMinDepth": opts.file_tree_depth, "kinds": "never mixed",
+                "sensitive": "exact only, never widened"}
     return {"rule": closure}

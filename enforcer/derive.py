@@ -55,20 +55,20 @@ from typing import Iterable, Mapping
 
 from sensor.profile import BehaviourStats, Profile
 from sensor.timestamps import iso_time
-from sensor.workload import SUBSTRATES
+from sensor.workload import DEFAULT_SUBSTRATES, SUBSTRATES
 
 from . import companions
+from .closure import derivable
 from .closure import elements as closure_elements
 from .closure import rules as closure_rules
-from .elements import SESSION_RULES, Element, substrate_or_none
+from .elements import (DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNT, DEFAULT_MIN_SESSIONS, SESSION_RULES,
+                       Element, substrate_or_none)
 from .policy import CLOSURES, MODES, EgressRule, Policy, PolicyError, parse_entry
 
-DEFAULT_MIN_COUNT = 5
-DEFAULT_MIN_SESSIONS = 3
 DEFAULT_IPV4_PREFIX = 24
 DEFAULT_IPV6_PREFIX = 64
 DEFAULT_MAX_PORTS = 4
-DEFAULT_MAX_SIBLINGS = 3
+DEFAULT_FILE_TREE_DEPTH = 2  # /tmp/** never comes from per-session directories under /tmp
 DEFAULT_K = 3.0
 DEFAULT_COVERAGE_THRESHOLD = 1.0
 DEFAULT_COVERAGE_HOURS = 24.0
@@ -114,7 +114,7 @@ class CoverageNotReached(DeriveError):
 @dataclass(frozen=True)
 class DeriveOptions:
     closure: str = "structural"
-    substrates: tuple[str, ...] = SUBSTRATES
+    substrates: tuple[str, ...] = DEFAULT_SUBSTRATES
     min_count: Mapping[str, int] = field(default_factory=lambda: {s: DEFAULT_MIN_COUNT for s in SUBSTRATES})
     min_sessions: Mapping[str, int] = field(default_factory=lambda: {s: DEFAULT_MIN_SESSIONS for s in SUBSTRATES})
     ipv4_prefix: int = DEFAULT_IPV4_PREFIX
@@ -122,6 +122,7 @@ class DeriveOptions:
     service_cidrs: tuple[str, ...] = ()
     max_ports: int = DEFAULT_MAX_PORTS
     max_siblings: int = DEFAULT_MAX_SIBLINGS
+    file_tree_depth: int = DEFAULT_FILE_TREE_DEPTH  # a directory-tree closure starts this deep
     k: float = DEFAULT_K
     coverage_threshold: float = DEFAULT_COVERAGE_THRESHOLD
     coverage_hours: float = DEFAULT_COVERAGE_HOURS
@@ -136,12 +137,15 @@ class DeriveOptions:
         if self.closure not in CLOSURES:
             raise DeriveError(f"unknown closure {self.closure!r} (want one of {', '.join(CLOSURES)})")
         if not self.substrates:
-            raise DeriveError("no substrates selected (want some of syscall, egress, exec)")
+            raise DeriveError(f"no substrates selected (want some of {', '.join(SUBSTRATES)})")
         for s in self.substrates:
             if s not in SUBSTRATES:
                 raise DeriveError(f"unknown substrate {s!r} (want some of {', '.join(SUBSTRATES)})")
+            if s not in derivable():
+                raise DeriveError(f"substrate {s!r} cannot be derived by this build (derivable: "
+                                  f"{', '.join(derivable())})")
         for name, table in (("min-count", self.min_count), ("min-sessions", self.min_sessions)):
-            for s in SUBSTRATES:
+            for s in self.substrates:
                 if s not in table:
                     raise DeriveError(f"{name}: no value for substrate {s}")
                 v = table[s]
@@ -158,6 +162,8 @@ class DeriveOptions:
             raise DeriveError(f"max-ports must be at least 1, got {self.max_ports}")
         if self.max_siblings < 1:
             raise DeriveError(f"max-siblings must be at least 1, got {self.max_siblings}")
+        if self.file_tree_depth < 1:
+            raise DeriveError(f"file-tree-depth must be at least 1, got {self.file_tree_depth}")
         if not (isinstance(self.k, (int, float)) and math.isfinite(self.k) and self.k > 0):
             raise DeriveError(f"k must be a positive number, got {self.k!r}")
         if not (math.isfinite(self.coverage_threshold) and self.coverage_threshold > 0):
@@ -416,6 +422,7 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
     syscalls: set[str] = set()
     egress: dict[tuple, EgressRule] = {}
     execs: set[str] = set()
+    files: set[str] = set()
     provenance: list[dict] = []
     for el, ev, reason in conf.passed:
         base = {
@@ -438,6 +445,8 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
                 syscalls.add(value)
             elif sub == "exec":
                 execs.add(value)
+            elif sub == "file":
+                files.add(value)
             else:
                 r = value
                 if r.port_range is not None:
@@ -451,7 +460,7 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
     return Policy(
         workload=profile.workload, mode=opts.mode or "alert", substrates=tuple(opts.substrates),
         closure=opts.closure, syscalls=tuple(syscalls), egress=tuple(egress.values()),
-        execs=tuple(execs), provenance=tuple(_dedupe_provenance(provenance)),
+        execs=tuple(execs), files=tuple(files), provenance=tuple(_dedupe_provenance(provenance)),
         low_confidence=low_confidence,
     )
 

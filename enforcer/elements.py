@@ -17,6 +17,12 @@ from sensor.profile import BehaviourStats
 from sensor.timestamps import iso_time
 from sensor.workload import BehaviourKeyError, substrate_of
 
+#: Confidence: an element needs at least this many occurrences over this many distinct sessions.
+DEFAULT_MIN_COUNT = 5
+DEFAULT_MIN_SESSIONS = 3
+#: Closure: more than this many distinct siblings in one directory widen to the directory.
+DEFAULT_MAX_SIBLINGS = 3
+
 SESSION_RULES = {
     "union": ("an element's distinct sessions are the union of the session ids of the behaviours it "
               "covers: exact while each behaviour's session sample is complete (under the profile's "

@@ -36,7 +36,7 @@ from typing import Mapping
 
 from sensor.profile import BehaviourStats
 
-from .derive import DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNT, DEFAULT_MIN_SESSIONS, SESSION_RULES, Element
+from .elements import DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNT, DEFAULT_MIN_SESSIONS, SESSION_RULES, Element
 from .file_patterns import (CHILDREN, KINDS, TREE, FilePattern, FilePatternError, components,
                             depth, entry, is_beneath, parse_entry, parse_key)
 from .sensitive_paths import SENSITIVE, SensitivePath, sensitive_match, sensitive_overlaps
@@ -183,12 +183,13 @@ def _kind_elements(kind: str, keys: list[str], opts: FileClosureOptions) -> list
     for p in sorted(paths):
         s = sensitive_match(p, opts.sensitive)
         if s is not None:
-            out.append(Element(paths[p], SUBSTRATE, "exact:sensitive", [paths[p]],
+            out.append(Element(paths[p], SUBSTRATE, "exact:sensitive", [paths[p]], entries=(paths[p],),
                                detail=f"sensitive ({s.pattern}: {s.reason}); never widened"))
         else:
             normal.append(p)
     if opts.closure == "literal":
-        return out + [Element(paths[p], SUBSTRATE, "literal", [paths[p]]) for p in normal]
+        return out + [Element(paths[p], SUBSTRATE, "literal", [paths[p]], entries=(paths[p],))
+                      for p in normal]
 
     blocked_note: dict[str, str] = {}
     remaining = list(normal)
@@ -212,6 +213,7 @@ def _kind_elements(kind: str, keys: list[str], opts: FileClosureOptions) -> list
             continue
         taken.append(a)
         out.append(Element(entry(kind, pattern), SUBSTRATE, "directory-tree", [paths[p] for p in members],
+                           entries=(entry(kind, pattern),),
                            detail=f"{len(subs)} subdirectories of {a} with {kind} behaviours "
                                   f"(more than {opts.max_siblings})",
                            flags=("directory-tree",)))
@@ -226,7 +228,7 @@ def _kind_elements(kind: str, keys: list[str], opts: FileClosureOptions) -> list
             blockers = _blocked(pattern, opts)
             if not blockers:
                 out.append(Element(entry(kind, pattern), SUBSTRATE, "directory-children",
-                                   [paths[p] for p in members],
+                                   [paths[p] for p in members], entries=(entry(kind, pattern),),
                                    detail=f"{len(members)} sibling paths in {d} (more than {opts.max_siblings})",
                                    flags=("directory-children",)))
                 continue
@@ -234,7 +236,8 @@ def _kind_elements(kind: str, keys: list[str], opts: FileClosureOptions) -> list
                 blocked_note.setdefault(p, f"closure to {pattern} blocked: overlaps sensitive "
                                            f"{blockers[0].pattern} ({blockers[0].reason})")
         for p in members:
-            out.append(Element(paths[p], SUBSTRATE, "exact", [paths[p]], detail=blocked_note.get(p, "")))
+            out.append(Element(paths[p], SUBSTRATE, "exact", [paths[p]], entries=(paths[p],),
+                               detail=blocked_note.get(p, "")))
     return out
 
 

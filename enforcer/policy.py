@@ -52,7 +52,9 @@ from typing import Any
 import yaml
 
 from sensor.timestamps import TimeFormatError, iso_time, parse_datetime
-from sensor.workload import SUBSTRATES, BehaviourKeyError, Workload, parse_net_key, substrate_of
+from sensor.workload import DEFAULT_SUBSTRATES, SUBSTRATES, BehaviourKeyError, Workload, parse_net_key, substrate_of
+
+from . import file_patterns
 
 from .modes import MODES
 
@@ -64,7 +66,7 @@ PROTOS = ("tcp", "udp")
 _SYSCALL_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
 _NAME_RE = re.compile(r"[^a-z0-9.-]+")
 _SPEC_FIELDS = ("workload", "mode", "decisions", "allow", "detection", "provenance", "review", "watch")
-_ALLOW_FIELDS = ("syscalls", "egress", "execs")
+_ALLOW_FIELDS = ("syscalls", "egress", "execs", "files")
 _DECISION_FIELDS = ("granularity", "closure", "confidence", "validity")
 
 
@@ -191,6 +193,12 @@ def parse_entry(entry: str) -> tuple[str, Any]:
         return "syscall", rest
     if kind == "exec" and rest:
         return "exec", rest
+    if kind == "file":
+        try:
+            file_patterns.parse_entry(entry)
+        except file_patterns.FilePatternError as e:
+            raise PolicyError(str(e)) from None
+        return "file", entry
     if kind == "egress":
         try:
             proto, body = rest.split(":", 1)
@@ -201,7 +209,8 @@ def parse_entry(entry: str) -> tuple[str, Any]:
             return "egress", EgressRule(proto, cidr, tuple(int(p) for p in ports.split(",")))
         except (ValueError, PolicyError) as e:
             raise PolicyError(f"bad egress entry {entry!r}: {e}") from None
-    raise PolicyError(f"bad entry {entry!r} (want syscall:NAME, exec:PATH or egress:PROTO:CIDR:PORTS)")
+    raise PolicyError(f"bad entry {entry!r} (want syscall:NAME, exec:PATH, egress:PROTO:CIDR:PORTS "
+                      f"or file:KIND:PATTERN)")
 
 
 def exec_matches(pattern: str, path: str) -> bool:
@@ -219,11 +228,12 @@ def exec_matches(pattern: str, path: str) -> bool:
 class Policy:
     workload: Workload
     mode: str = "alert"
-    substrates: tuple[str, ...] = SUBSTRATES
+    substrates: tuple[str, ...] = DEFAULT_SUBSTRATES
     closure: str = "structural"
     syscalls: tuple[str, ...] = ()
     egress: tuple[EgressRule, ...] = ()
     execs: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()  # file:KIND:PATTERN entries (enforcer.file_patterns)
     watch: tuple[str, ...] = ()
     detection: tuple[dict, ...] = ()
     decisions: dict = field(default_factory=dict)
@@ -250,6 +260,13 @@ class Policy:
         for i, e in enumerate(self.execs):
             _check_exec(e, f"spec.allow.execs[{i}]")
         self.execs = tuple(sorted(set(self.execs)))
+        for i, e in enumerate(self.files):
+            _check_file(e, f"spec.allow.files[{i}]")
+        self.files = tuple(sorted(set(self.files)))
+        self._files_by_kind: dict[str, tuple] = {}
+        for e in self.files:
+            kind, pattern = file_patterns.parse_entry(e)
+            self._files_by_kind[kind] = self._files_by_kind.get(kind, ()) + (pattern,)
         self.egress = tuple(sorted(set(self.egress), key=EgressRule.sort_key))
         self.watch = tuple(sorted(set(self.watch)))
         self.detection = tuple(self.detection)
@@ -268,7 +285,7 @@ class Policy:
     def entries(self) -> list[str]:
         """Every allowed entry identifier, in document order."""
         return ([f"syscall:{s}" for s in self.syscalls] + [r.id for r in self.egress]
-                + [f"exec:{e}" for e in self.execs])
+                + [f"exec:{e}" for e in self.execs] + list(self.files))
 
     def allows(self, key: str) -> bool:
         """Is behaviour ``key`` inside the allowed set? Substrates the policy leaves out, and
@@ -286,6 +303,14 @@ class Policy:
             if path in self._exec_exact:
                 return True
             return posixpath.dirname(path) in self._exec_dirs and posixpath.basename(path) != ""
+        if substrate == "file":
+            try:
+                kind, path = file_patterns.parse_key(key)
+            except file_patterns.FilePatternError:
+                return False
+            return any(p.matches(path) for p in self._files_by_kind.get(kind, ()))
+        if substrate != "egress":
+            return True  # a substrate with no allow section here yet is not constrained
         try:
             net = parse_net_key(key)
         except BehaviourKeyError:
@@ -315,17 +340,23 @@ class Policy:
                 "workload": self.workload.to_dict(),
                 "mode": self.mode,
                 "decisions": decisions,
-                "allow": {
-                    "syscalls": list(self.syscalls),
-                    "egress": [r.to_dict() for r in self.egress],
-                    "execs": list(self.execs),
-                },
+                "allow": self._allow_dict(),
                 "detection": [_plain(d) for d in self.detection],
                 "provenance": [_plain(p) for p in self.provenance],
                 "review": [_plain(r) for r in self.review],
                 "watch": list(self.watch),
             },
         }
+
+    def _allow_dict(self) -> dict:
+        allow: dict[str, Any] = {
+            "syscalls": list(self.syscalls),
+            "egress": [r.to_dict() for r in self.egress],
+            "execs": list(self.execs),
+        }
+        if "file" in self.substrates or self.files:
+            allow["files"] = list(self.files)
+        return allow
 
     @classmethod
     def from_dict(cls, d: Any) -> "Policy":
@@ -361,7 +392,7 @@ class Policy:
         _known(dec, _DECISION_FIELDS, "spec.decisions")
         gran = dec.get("granularity") or {}
         _mapping(gran, "spec.decisions.granularity")
-        subs = _list(gran.get("substrates", list(SUBSTRATES)), "spec.decisions.granularity.substrates")
+        subs = _list(gran.get("substrates", list(DEFAULT_SUBSTRATES)), "spec.decisions.granularity.substrates")
         for i, s in enumerate(subs):
             if s not in SUBSTRATES:
                 raise PolicyError(f"spec.decisions.granularity.substrates[{i}]: {s!r} is not one of "
@@ -400,6 +431,9 @@ class Policy:
         execs = _list(allow.get("execs") or [], "spec.allow.execs")
         for i, e in enumerate(execs):
             _check_exec(e, f"spec.allow.execs[{i}]")
+        files = _list(allow.get("files") or [], "spec.allow.files")
+        for i, e in enumerate(files):
+            _check_file(e, f"spec.allow.files[{i}]")
 
         detection = _list(spec.get("detection") or [], "spec.detection")
         for i, r in enumerate(detection):
@@ -432,7 +466,8 @@ class Policy:
 
         return cls(
             workload=workload, mode=mode, substrates=tuple(subs), closure=closure,
-            syscalls=tuple(syscalls), egress=egress, execs=tuple(execs), watch=tuple(watch),
+            syscalls=tuple(syscalls), egress=egress, execs=tuple(execs), files=tuple(files),
+            watch=tuple(watch),
             detection=tuple(dict(r) for r in detection), decisions=_plain(dec),
             provenance=tuple(_plain(r) for r in provenance), review=tuple(_plain(r) for r in review),
             validity=validity, low_confidence=low, name=name or "",
@@ -536,6 +571,15 @@ def _known(d: dict, fields: tuple[str, ...], path: str) -> None:
         if k not in fields:
             where = f"{path}.{k}" if path else str(k)
             raise PolicyError(f"{where}: unknown field (expected one of {', '.join(fields)})")
+
+
+def _check_file(e: Any, path: str) -> None:
+    if not isinstance(e, str):
+        raise PolicyError(f"{path}: {e!r} is not a file entry")
+    try:
+        file_patterns.parse_entry(e)
+    except file_patterns.FilePatternError as err:
+        raise PolicyError(f"{path}: {err}") from None
 
 
 def _check_exec(e: Any, path: str) -> None:

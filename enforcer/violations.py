@@ -31,9 +31,10 @@ from typing import Any, Callable, Iterable
 
 from sensor.state_dir import StateDir
 from sensor.events import DecodeError, EgressViolationEvent, SeccompDenialEvent, decode
+from sensor.workload import SUBSTRATES as BEHAVIOUR_SUBSTRATES
 from sensor.workload import substrate_of
 
-SUBSTRATES = ("syscall", "egress", "exec", "watch", "detection")
+SUBSTRATES = (*BEHAVIOUR_SUBSTRATES, "watch", "detection")
 ACTIONS = ("denied", "alerted")
 
 

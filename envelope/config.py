@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from sensor.profile import DEFAULT_CAPS
+
 from .errors import UserError
 
 DEFAULT_STATE_DIR = "/var/lib/envelope"
@@ -30,7 +32,7 @@ class Config:
     poll_interval: float = 1.0  # seconds between counter reads and profile updates
     flush_interval: float = 10.0  # seconds between profile writes in the daemon
     max_cgroups: int = 1024  # cgroup slots in the kernel syscall counter table
-    caps: dict = field(default_factory=lambda: {"syscall": 1024, "exec": 2048, "egress": 4096})
+    caps: dict = field(default_factory=lambda: dict(DEFAULT_CAPS))
     metrics_port: int = 9464
     kubelet_seccomp_dir: Path = Path("/var/lib/kubelet/seccomp")
     bpffs: Path = Path("/sys/fs/bpf")

@@ -29,7 +29,8 @@ from .workload import SUBSTRATES, Workload, substrate_of
 
 SCHEMA_VERSION = 1
 DAY = 86400.0
-DEFAULT_CAPS = {"syscall": 1024, "exec": 2048, "egress": 4096}
+DEFAULT_CAPS = {"syscall": 1024, "egress": 4096, "exec": 2048, "file": 8192, "http": 4096,
+                "mcp": 2048, "iam": 2048}
 # Each behaviour keeps the ids of the first sessions it was seen in, up to this many. The union of
 # these samples gives an envelope element's exact distinct-session count while every member's
 # sample is complete (confidence thresholds are far below the cap); beyond it, a lower bound.
@@ -145,7 +146,7 @@ class NodeContribution:
         stats = self.behaviours.get(key)
         if stats is None:
             substrate = substrate_of(key)
-            if self._substrate_count(substrate) >= self.caps.get(substrate, DEFAULT_CAPS[substrate]):
+            if self._substrate_count(substrate) >= self.caps.get(substrate, DEFAULT_CAPS.get(substrate, 1024)):
                 self._overflow(substrate, count, ts, new=key not in per_session)
                 per_session.setdefault(key, 0)  # remember, so the refused key counts once per session
                 self.capped = True
@@ -174,7 +175,7 @@ class NodeContribution:
         stats = self.behaviours.get(key)
         if stats is None:
             substrate = substrate_of(key)
-            if self._substrate_count(substrate) >= self.caps.get(substrate, DEFAULT_CAPS[substrate]):
+            if self._substrate_count(substrate) >= self.caps.get(substrate, DEFAULT_CAPS.get(substrate, 1024)):
                 self._overflow(substrate, count, ts, new=True)
                 self.capped = True
                 return
@@ -265,7 +266,7 @@ class NodeContribution:
             loss={str(k): int(v) for k, v in d["loss"].items()},
             fingerprints={str(k): {str(a): float(b) for a, b in v.items()}
                           for k, v in d["fingerprints"].items()},
-            caps={str(k): int(v) for k, v in d.get("caps", DEFAULT_CAPS).items()},
+            caps={**DEFAULT_CAPS, **{str(k): int(v) for k, v in d.get("caps", {}).items()}},
         )
 
 

@@ -5,7 +5,10 @@ A workload is ``(namespace, kind, name, container)``. Inside Kubernetes the kind
 
 A behaviour is one dimension value, written as a key whose first field names it:
 ``syscall:openat``, ``exec:/usr/bin/git``, ``connect:tcp:10.0.3.7:443``,
-``send:udp:[fd00::a]:53``. The substrate that can enforce a behaviour follows from its kind.
+``send:udp:[fd00::a]:53``, ``file:read:/etc/ssl/certs/ca.pem``,
+``http:GET api.example.com/v1/docs/8812``, ``mcp:tools/call:git_log``,
+``aws:s3:GetObject arn:aws:s3:::bucket/key``. The substrate that can enforce a behaviour follows
+from its kind.
 """
 
 from __future__ import annotations
@@ -13,13 +16,21 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-SUBSTRATES = ("syscall", "egress", "exec")
+#: Every substrate, in document order.
+SUBSTRATES = ("syscall", "egress", "exec", "file", "http", "mcp", "iam")
+#: What ``derive`` encodes unless told otherwise: the substrates every node observes and
+#: enforces in the kernel without further setup.
+DEFAULT_SUBSTRATES = ("syscall", "egress", "exec")
 
 _SUBSTRATE_OF_KIND = {
     "syscall": "syscall",
     "exec": "exec",
     "connect": "egress",
     "send": "egress",
+    "file": "file",
+    "http": "http",
+    "mcp": "mcp",
+    "aws": "iam",
 }
 
 
@@ -28,7 +39,7 @@ class BehaviourKeyError(ValueError):
 
 
 def substrate_of(key: str) -> str:
-    """The enforcement substrate of a behaviour key (``syscall``, ``egress`` or ``exec``)."""
+    """The enforcement substrate of a behaviour key (one of :data:`SUBSTRATES`)."""
     kind = key.split(":", 1)[0]
     try:
         return _SUBSTRATE_OF_KIND[kind]

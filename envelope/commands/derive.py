@@ -23,7 +23,7 @@ from enforcer.policy import PolicyError, dump_policy, load_policy
 from sensor.profile import Profile
 from sensor.state_dir import atomic_write
 from sensor.store import ProfileStore
-from sensor.workload import SUBSTRATES
+from sensor.workload import DEFAULT_SUBSTRATES, SUBSTRATES
 
 from .. import options
 from ..errors import UserError
@@ -36,7 +36,7 @@ def register(sub) -> None:
     p.add_argument("name", help="workload (name, namespace/name or full key) or a profile file (.json/.msgpack)")
     p.add_argument("--closure", default="structural",
                    help="literal | structural | probabilistic (default structural)")
-    p.add_argument("--substrates", default=",".join(SUBSTRATES),
+    p.add_argument("--substrates", default=",".join(DEFAULT_SUBSTRATES),
                    help="comma-separated substrates to encode (default syscall,egress,exec)")
     p.add_argument("--min-count", action="append", metavar="N|SUBSTRATE=N",
                    help=f"occurrences needed (default {DEFAULT_MIN_COUNT}); repeat for per-substrate values")

@@ -173,7 +173,7 @@ def test_for_exec_builds_in_enforce_mode_only_and_composes_with_seccomp(tree, su
     assert landlock.for_exec(policy, "alert") is None and landlock.for_exec(policy, "observe") is None
     files = [f"file:read:{tree}/data/a.txt"]
     rs = landlock.for_exec(policy, "enforce", files=files, support=support)
-    flt = sc.build_filter(policy, "enforce")
+    flt = sc.build_filter(sc.compile_oci(policy, "enforce"))
     try:
         ok = subprocess.run(["/usr/bin/cat", f"{tree}/data/a.txt"], capture_output=True, text=True, env=ENV,
                             preexec_fn=landlock.preexec(rs, then=flt.load))

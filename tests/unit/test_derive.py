@@ -55,7 +55,8 @@ def test_granularity_records_and_respects_substrates():
     p = build(steady({"exec:/usr/bin/curl": 1}))
     pol = derive(p, DeriveOptions(substrates=("syscall", "egress")))
     assert pol.substrates == ("syscall", "egress")
-    assert pol.decisions["granularity"] == {"substrates": ["syscall", "egress"], "excluded": ["exec"]}
+    assert pol.decisions["granularity"] == {"substrates": ["syscall", "egress"],
+                                           "excluded": ["exec", "file", "http", "mcp", "iam"]}
     assert pol.execs == () and not any(r["substrate"] == "exec" for r in pol.review)
     assert pol.allows("exec:/usr/bin/anything"), "a substrate left out is not constrained"
     assert pol.syscalls and pol.egress

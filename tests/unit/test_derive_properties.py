@@ -10,6 +10,7 @@ from enforcer.diff import entry_atoms
 from enforcer.policy import dump_policy, parse_policy
 from enforcer.replay import replay
 from sensor.profile import Profile
+from enforcer.closure import derivable
 from sensor.workload import SUBSTRATES, Workload
 
 W = Workload("prop", "Deployment", "agent", "main")
@@ -61,7 +62,7 @@ def options(draw, closure=None) -> DeriveOptions:
         min_sessions[per] = draw(st.integers(0, 5))
     return DeriveOptions(
         closure=closure or draw(st.sampled_from(["literal", "structural", "probabilistic"])),
-        substrates=tuple(draw(st.sets(st.sampled_from(SUBSTRATES), min_size=1))),
+        substrates=tuple(draw(st.sets(st.sampled_from(derivable()), min_size=1))),
         min_count=min_count, min_sessions=min_sessions,
         ipv4_prefix=draw(st.sampled_from([16, 24, 28, 32])), ipv6_prefix=draw(st.sampled_from([48, 64, 128])),
         max_ports=draw(st.integers(1, 5)), max_siblings=draw(st.integers(1, 4)),

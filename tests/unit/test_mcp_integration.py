@@ -1,9 +1,7 @@
 """The gateway's seams into the profile and violations models.
 
-Until ``sensor/workload.py`` and ``enforcer/violations.py`` know the ``mcp`` substrate, the gateway
-keeps argument evidence only and reports MCP findings on stderr; :func:`register_mcp` applies, for
-one test, exactly the registration those modules will carry, to show that the profile sink and
-the violation records work against the real aggregator, profile store and violations store.
+The profile sink and the violation records work against the real aggregator, profile store and
+violations store.
 """
 
 from __future__ import annotations
@@ -18,8 +16,6 @@ from enforcer.mcp_envelope import EnvelopeOptions, derive_envelope
 from enforcer.mcp_gateway import Gateway, GatewayCore
 from envelope.commands.mcp import Outputs
 from envelope.config import Config
-from sensor import profile as profile_model
-from sensor import workload as workload_model
 from sensor.aggregate import Aggregator
 from sensor.mcp_evidence import tool_call_key
 from sensor.mcp_sink import ProfileSink, profile_knows_mcp
@@ -29,12 +25,6 @@ from sensor.workload import Workload
 
 W = Workload.host("agent")
 TOOLS = [{"name": "git_log", "description": "Shows the commit logs", "inputSchema": {"type": "object"}}]
-
-
-def register_mcp(monkeypatch) -> None:
-    monkeypatch.setitem(workload_model._SUBSTRATE_OF_KIND, "mcp", "mcp")
-    monkeypatch.setitem(profile_model.DEFAULT_CAPS, "mcp", 4096)  # read eagerly by NodeContribution.observe
-    monkeypatch.setattr(violations, "SUBSTRATES", violations.SUBSTRATES + ("mcp",))
 
 
 def m(**body) -> bytes:
@@ -54,14 +44,7 @@ def drive(gw: Gateway, sid: str, max_count: int) -> list:
     return outs
 
 
-def test_the_profile_sink_waits_for_the_substrate():
-    assert not profile_knows_mcp()
-    with pytest.raises(RuntimeError, match="mcp substrate"):
-        ProfileSink(Aggregator("node-a", None, str), W)
-
-
-def test_gateway_sessions_become_profile_sessions(tmp_path, monkeypatch):
-    register_mcp(monkeypatch)
+def test_gateway_sessions_become_profile_sessions(tmp_path):
     agg = Aggregator("node-a", ProfileStore(tmp_path), str, caps={"syscall": 8, "exec": 8, "egress": 8, "mcp": 64})
     sink = ProfileSink(agg, W, McpEvidenceStore(tmp_path))
     gw = Gateway(GatewayCore(None, "observe"), sink, None, clock=iter(range(1000, 2000)).__next__)
@@ -98,15 +81,8 @@ def _alert_outputs(tmp_path):
     return Gateway(GatewayCore(env, "alert"), out.sink, out.report), config
 
 
-def test_findings_are_violations(tmp_path, monkeypatch):
+def test_findings_are_violations(tmp_path):
     gw, config = _alert_outputs(tmp_path)
-    gw.client("s", m(id=1, method="tools/call", params={"name": "git_reset", "arguments": {"repo_path": "/srv/repo"}}))
-    listed = violations.ViolationStore(config.state_dir).list()
-    # before the integration only the watch-list recurrence can be stored (substrate watch exists)
-    assert [(v.substrate, v.behaviour, v.action) for v in listed] == [("watch", tool_call_key("git_reset"), "alerted")]
-
-    register_mcp(monkeypatch)
-    gw, config = _alert_outputs(tmp_path / "after")
     gw.client("s", m(id=1, method="tools/call", params={"name": "git_reset", "arguments": {"repo_path": "/srv/repo"}}))
     gw.client("s", m(id=2, method="tools/call", params={"name": "git_log", "arguments": {"repo_path": "/etc"}}))
     listed = violations.ViolationStore(config.state_dir).list(substrate="mcp")
