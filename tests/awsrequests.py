@@ -115,3 +115,26 @@ def call_offline(client, method: str, **kwargs) -> None:
         getattr(client, method)(**kwargs)
     except Exception:  # noqa: BLE001 - only the request matters, never the canned response
         pass
+
+
+def evidence(sessions: dict[str, list[tuple[float, str]]]):
+    """Per-behaviour evidence, shaped as the profile keeps it (count, distinct sessions, first and
+    last seen, session ids), from ``session id → [(time, behaviour key)]``.
+
+    The profile itself cannot hold ``aws:`` keys until the substrate is registered in
+    ``sensor.workload``; this builds the same :class:`BehaviourStats` it would."""
+    from sensor.profile import BehaviourStats
+
+    out: dict[str, BehaviourStats] = {}
+    for sid in sorted(sessions):
+        for ts, key in sessions[sid]:
+            s = out.get(key)
+            if s is None:
+                s = out[key] = BehaviourStats(0, 0, ts, ts)
+            s.count += 1
+            s.first_seen = min(s.first_seen, ts)
+            s.last_seen = max(s.last_seen, ts)
+            if sid not in s.session_ids:
+                s.sessions += 1
+                s.session_ids.append(sid)
+    return out
