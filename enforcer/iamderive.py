@@ -136,6 +136,56 @@ class IamEnvelope:
             "validity": self.validity,
         }
 
+    @classmethod
+    def from_dict(cls, d: Any, path: str = "spec.iam") -> "IamEnvelope":
+        """Load and check the document form; :class:`IamDeriveError` names the offending field."""
+        def need(cond: bool, where: str, what: str) -> None:
+            if not cond:
+                raise IamDeriveError(f"{where}: {what}")
+
+        need(isinstance(d, dict), path, "must be a mapping")
+        known = {"identity", "account", "statements", "review", "watch", "notNeeded", "decisions", "validity"}
+        extra = sorted(set(d) - known)
+        need(not extra, f"{path}.{extra[0] if extra else ''}", "unknown field")
+        identity = d.get("identity")
+        need(identity is None or (isinstance(identity, str) and bool(_ROLE_ARN_RE.match(identity))),
+             f"{path}.identity", f"{identity!r} is not an IAM role ARN")
+        account = d.get("account")
+        need(account is None or (isinstance(account, str) and re.fullmatch(r"\d{12}", account) is not None),
+             f"{path}.account", f"{account!r} is not a 12-digit account id")
+        statements = []
+        sids = set()
+        for i, sd in enumerate(d.get("statements") or []):
+            where = f"{path}.statements[{i}]"
+            need(isinstance(sd, dict), where, "must be a mapping")
+            sid = sd.get("sid")
+            need(isinstance(sid, str) and re.fullmatch(r"[A-Za-z0-9]+", sid or "") is not None, f"{where}.sid",
+                 f"{sid!r} is not an IAM Sid (letters and digits)")
+            need(sid not in sids, f"{where}.sid", f"{sid} is used twice")
+            sids.add(sid)
+            level = sd.get("accessLevel")
+            need(level in ACCESS_LEVELS, f"{where}.accessLevel", f"{level!r} is not one of {', '.join(ACCESS_LEVELS)}")
+            actions = sd.get("actions")
+            need(isinstance(actions, list) and bool(actions), f"{where}.actions", "must be a non-empty list")
+            for j, a in enumerate(actions):
+                need(isinstance(a, dict) and isinstance(a.get("action"), str)
+                     and re.fullmatch(r"[a-z0-9-]+:[A-Za-z0-9]+", a.get("action", "")) is not None,
+                     f"{where}.actions[{j}].action", f"{a!r} is not service:Action")
+            resource = sd.get("resource")
+            need(isinstance(resource, str) and (resource == "*" or resource.startswith("arn:")),
+                 f"{where}.resource", f"{resource!r} is not * or an ARN pattern")
+            need(isinstance(sd.get("rule"), str) and bool(sd.get("rule")), f"{where}.rule", "missing")
+            admitted = sd.get("admitted", "threshold")
+            need(admitted in ("threshold", "admit"), f"{where}.admitted", f"{admitted!r} is not threshold or admit")
+            need(isinstance(sd.get("evidence"), dict), f"{where}.evidence", "missing")
+            statements.append(IamStatement(sid, level, tuple(dict(a) for a in actions), resource, sd["rule"],
+                                           dict(sd["evidence"]), admitted, str(sd.get("reason", "")),
+                                           tuple(sd.get("details") or ()), tuple(sd.get("flags") or ())))
+        watch = d.get("watch") or []
+        need(isinstance(watch, list) and all(isinstance(w, str) for w in watch), f"{path}.watch", "must be a list of keys")
+        return cls(identity, account, tuple(statements), tuple(d.get("review") or ()), tuple(watch),
+                   tuple(d.get("notNeeded") or ()), dict(d.get("decisions") or {}), dict(d.get("validity") or {}))
+
 
 @dataclass
 class _Candidate:

@@ -8,8 +8,9 @@ The request is matched against the service models of its signing name (:mod:`sen
   most specific wins: more literal path segments, then more query literals, then more required
   header and query members present (``UploadPartCopy`` over ``UploadPart`` over ``PutObject``),
   then an ``x-id`` query naming the operation, then the operation that is not deprecated (the wire
-  form of ``GetBucketLifecycle`` and ``GetBucketLifecycleConfiguration`` is the same). A tie left
-  after that is reported as ambiguous, never resolved by guessing.
+  form of ``GetBucketLifecycle`` and ``GetBucketLifecycleConfiguration`` is the same), then, for
+  S3, the host (``ListDirectoryBuckets`` is ``ListBuckets`` sent to the S3 Express control
+  endpoint). A tie left after that is reported as ambiguous, never resolved by guessing.
 
 S3 addressing is resolved first (:func:`s3_addressing`): virtual-hosted requests
 (``research-corpus-v2.s3.us-east-1.amazonaws.com/papers/7.pdf``) are rewritten to path style
@@ -180,10 +181,13 @@ def _match_route(route: Route, method: str, parts: list[str], query: list[tuple[
     return labels
 
 
-def _route_score(route: Route, query: list[tuple[str, str]]) -> tuple:
+def _route_score(route: Route, query: list[tuple[str, str]], host: str) -> tuple:
     x_id = 1 if ("x-id", route.operation) in query else 0
+    # Operations the model routes to the S3 Express control endpoint for directory buckets work
+    # on ordinary endpoints too; only a tie (ListBuckets / ListDirectoryBuckets) is settled by it.
+    express = 1 if (not route.s3express_control) == ("s3express-control" not in host) else 0
     return (route.literal_segments, len(route.query_literals),
-            len(route.required_headers) + len(route.required_query), x_id, 0 if route.deprecated else 1)
+            len(route.required_headers) + len(route.required_query), x_id, 0 if route.deprecated else 1, express)
 
 
 # ---- parameters -----------------------------------------------------------------------------
@@ -385,11 +389,9 @@ def match(request: CapturedRequest, catalog: ServiceCatalog, signing_name: str,
             proto = next(p for p in protocols if p in REST)
             best: list[tuple[tuple, Route, dict]] = []
             for route in entry.routes:
-                if route.s3express_control and "s3express-control" not in host:
-                    continue
                 labels = _match_route(route, request.method, parts, query, request)
                 if labels is not None:
-                    best.append((_route_score(route, query), route, labels))
+                    best.append((_route_score(route, query, host), route, labels))
             if best:
                 best.sort(key=lambda t: t[0], reverse=True)
                 top = [b for b in best if b[0] == best[0][0]]

@@ -36,7 +36,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from .httprequest import CapturedRequest
+from .httprequest import CapturedRequest, DuplicateHeader
 
 ALGORITHMS = ("AWS4-HMAC-SHA256", "AWS4-ECDSA-P256-SHA256")
 HASH_PREFIX = "hmac-sha256:"
@@ -197,8 +197,11 @@ def redact(request: CapturedRequest, key: bytes) -> CapturedRequest:
 
 
 def _chunk_signed(request: CapturedRequest) -> bool:
-    sha = (request.header("x-amz-content-sha256") or "").upper()
-    encoding = (request.header("Content-Encoding") or "").lower()
+    try:
+        sha = (request.header("x-amz-content-sha256") or "").upper()
+        encoding = (request.header("Content-Encoding") or "").lower()
+    except DuplicateHeader:
+        return True  # ambiguous framing: keep no body
     return sha.startswith("STREAMING-") or "aws-chunked" in encoding
 
 
