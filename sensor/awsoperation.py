@@ -116,7 +116,12 @@ def s3_addressing(host: str, endpoints: tuple[str, ...] = ()) -> S3Address:
             if m and region:
                 return S3Address("access-point", access_point=(m.group("name"), m.group("account"), region))
             return S3Address("undetermined", reason=f"access-point host {h!r} not understood")
-        if label in ("s3-control", "s3-object-lambda") or label.startswith("s3express"):
+        if label == "s3express-control":
+            return S3Address("path")  # directory-bucket control API: buckets are in the path
+        if label.startswith("s3express-"):  # zonal endpoint of directory buckets: virtual-hosted
+            return S3Address("virtual", bucket=".".join(labels[:i])) if i else \
+                S3Address("undetermined", reason=f"host {h!r} names no directory bucket")
+        if label in ("s3-control", "s3-object-lambda"):
             return S3Address("undetermined", reason=f"host {h!r} is not a bucket endpoint")
         if _S3_LABEL_RE.match(label):
             head = labels[:i]

@@ -281,3 +281,52 @@ def test_behaviour_keys_parse_back(derived):
     stats, _ = derived
     for key in stats:
         assert parse_key(key).key == key
+
+
+GRID_POLICIES = {
+    "prefixes": [{"Effect": "Allow", "Action": "s3:GetObject", "Resource": "arn:aws:s3:::research-corpus-*/papers/*"},
+                 {"Effect": "Allow", "Action": "s3:ListBucket", "Resource": "arn:aws:s3:::research-corpus-v3"},
+                 {"Effect": "Allow", "Action": "sqs:SendMessage", "Resource": f"arn:aws:sqs:us-east-1:{ACCOUNT}:research-jobs-*"}],
+    "wildcards": [{"Effect": "Allow", "Action": "s3:Get*", "Resource": "arn:aws:s3:::*/notes/*"},
+                  {"Effect": "Allow", "Action": "s3:*", "Resource": "arn:aws:s3:::payroll-exports/papers/1.pdf"},
+                  {"Effect": "Allow", "Action": "sqs:*", "Resource": f"arn:aws:sqs:us-east-1:{ACCOUNT}:payroll-queue"}],
+    "deny": [{"Effect": "Allow", "Action": ["s3:*", "sqs:*"], "Resource": "*"},
+             {"Effect": "Deny", "Action": "s3:GetObject", "Resource": "arn:aws:s3:::payroll-exports/*"},
+             {"Effect": "Deny", "Action": "sqs:*", "Resource": f"arn:aws:sqs:us-east-1:{ACCOUNT}:payroll-*"}],
+}
+
+
+def test_evaluator_agrees_with_moto_on_s3_and_sqs(world, catalog, mapper):
+    """Where moto authorizes against real resource ARNs (S3 buckets and objects, SQS queues), the
+    evaluator decides every request of the grid as moto does."""
+    iam = _client(world["server"], "iam", world["admin"])
+    iam.delete_role_policy(RoleName=ROLE, PolicyName="observation")
+    agreed = {True: 0, False: 0}
+    try:
+        for name, statements in GRID_POLICIES.items():
+            policy = {"Version": "2012-10-17", "Statement": statements}
+            iam.put_role_policy(RoleName=ROLE, PolicyName="grid", PolicyDocument=json.dumps(policy))
+            rec = Recorder()
+            creds = _session_creds(world, f"grid-{name}")
+            s3 = _client(world["server"], "s3", creds, rec)
+            sqs = _client(world["server"], "sqs", creds, rec)
+            attempts = []
+            for bucket in ("research-corpus-v2", "research-corpus-v3", "payroll-exports"):
+                for key in ("papers/1.pdf", "notes/draft.txt"):
+                    attempts.append(lambda b=bucket, k=key: s3.get_object(Bucket=b, Key=k))
+                attempts.append(lambda b=bucket: s3.list_objects_v2(Bucket=b))
+                attempts.append(lambda b=bucket: s3.put_object(Bucket=b, Key="papers/grid.pdf", Body=b"x"))
+            for url in world["queues"].values():
+                attempts.append(lambda u=url: sqs.send_message(QueueUrl=u, MessageBody="x"))
+            for fn in attempts:
+                rec.take()
+                moto_allowed = _attempt(fn)
+                [call] = _observe_all(rec, catalog)
+                grants = [g for b in call.behaviours() for g in mapper.map(b).grants]
+                ours = all(evaluate(g.action, g.resource, [policy]).allowed for g in grants)
+                assert ours is moto_allowed, (name, call.keys())
+                agreed[moto_allowed] += 1
+            iam.delete_role_policy(RoleName=ROLE, PolicyName="grid")
+    finally:
+        iam.put_role_policy(RoleName=ROLE, PolicyName="observation", PolicyDocument=json.dumps(OBSERVATION))
+    assert agreed[True] >= 10 and agreed[False] >= 10, agreed   # both outcomes exercised
