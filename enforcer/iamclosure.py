@@ -152,9 +152,9 @@ def close(arn_format: str, resources: dict[str, dict[str, str]], opts: ClosureOp
                                f"(more than {opts.max_siblings}) → {v[KEY_VARIABLE]} (IAM's * also matches /)")
                     if not parent:
                         fls.append("whole-bucket")
-                if "name-variant-prefix" in rls and KEY_VARIABLE in v:
-                    dts.append("the bucket pattern's * can also match /, so keys ending in the key part "
-                               "below other prefixes of a matching bucket are admitted too")
+                if "name-variant-prefix" in rls and v[KEY_VARIABLE] != "*":
+                    dts.append(f"the bucket part's * also matches '/': in a matching bucket, keys with "
+                               f"{v[KEY_VARIABLE]} further down (x/{v[KEY_VARIABLE]}) are admitted too")
                 pattern = _render(arn_format, v)
                 w = out.get(pattern)
                 if w is None:

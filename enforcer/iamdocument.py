@@ -44,10 +44,11 @@ import json
 import re
 from dataclasses import dataclass
 
+from sensor.awsarn import decode
+
 from .iamderive import IamEnvelope
 
 VERSION = "2012-10-17"
-_PCT_RE = re.compile(r"%([0-9A-F]{2})")
 
 
 class IamDocumentError(ValueError):
@@ -85,33 +86,21 @@ class CompiledDocument:
 
 
 def resource_text(pattern: str) -> str:
-    """A resource pattern in the encoding of :mod:`sensor.awsarn` as IAM policy text."""
+    """A resource pattern in the encoding of :mod:`sensor.awsarn` as IAM policy text: raw ``*``
+    and ``?`` are wildcards, everything between them is decoded and its ``$``, ``*``, ``?``
+    escaped."""
     if pattern == "*":
         return "*"
-    out: list[str] = []
-    raw = bytearray()
-
-    def flush() -> None:
-        if raw:
-            text = raw.decode("utf-8")
+    out = []
+    for run in re.split(r"([*?])", pattern):
+        if run in ("*", "?"):
+            out.append(run)
+        elif run:
+            try:
+                text = decode(run)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise IamDocumentError(f"resource {pattern!r}: {e}") from None
             out.append(text.replace("$", "${$}").replace("*", "${*}").replace("?", "${?}"))
-            raw.clear()
-
-    i = 0
-    while i < len(pattern):
-        ch = pattern[i]
-        m = _PCT_RE.match(pattern, i) if ch == "%" else None
-        if m:
-            raw.append(int(m.group(1), 16))
-            i += 3
-            continue
-        if ch in "*?":
-            flush()
-            out.append(ch)
-        else:
-            raw.extend(ch.encode("utf-8"))
-        i += 1
-    flush()
     text = "".join(out)
     bad = sorted({c for c in text if not (c in "\t\n\r" or 0x20 <= ord(c) <= 0xFF)})
     if bad:

@@ -137,3 +137,10 @@ def evaluate(action: str, resource: str, identity: Sequence[Any], boundary: Any 
     if session is not None and not _matching([session], action, resource, "Allow"):
         return Decision(False, "session-implicit-deny", ())
     return Decision(True, "allowed", tuple(allows))
+
+
+def grants_allowed(grants: Iterable[Any], identity: Sequence[Any], boundary: Any = None, session: Any = None) -> bool:
+    """Whether every grant (:class:`enforcer.iamactions.Grant`: an action on a resource) that a
+    behaviour needs is allowed; False when it needs none that could be mapped."""
+    grants = list(grants)
+    return bool(grants) and all(evaluate(g.action, g.resource, identity, boundary, session).allowed for g in grants)
