@@ -31,7 +31,7 @@ import ipaddress
 import json
 import re
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 from urllib.parse import parse_qsl, unquote
 
