@@ -197,6 +197,7 @@ def run(quick: bool = False) -> dict:
     sink = None
     group = None
     workers: list[subprocess.Popen] = []
+    cleanup: list = []
     rows, notes, errors = [], [], []
     try:
         try:
@@ -228,6 +229,7 @@ def run(quick: bool = False) -> dict:
                 raise RuntimeError(f"{len(early)} workloads exited early: {early[0].stderr.read()[-300:]}")
             rows.append({"case": f"load, {WORKLOADS} workloads", **sample(daemon, p["load_s"], "load")})
             enforced = _enforce_some(state, port, daemon)
+            cleanup.append(lambda: _unenforce(state, enforced))
             row = {"case": f"load, enforcing {len(enforced)} workloads",
                    **sample(daemon, p["enforce_s"], "enforcing")}
             row["compiler mapped"] = _compiler_mapped(daemon.proc.pid)
@@ -271,6 +273,8 @@ def run(quick: bool = False) -> dict:
             kill_process_group(sink)
         if daemon is not None:
             daemon.stop()
+        for undo in cleanup:
+            undo()
         if progs is not None:
             progs.cleanup()
         shutil.rmtree(state, ignore_errors=True)
@@ -326,6 +330,16 @@ def _enforce_some(state: Path, port: int, daemon: Daemon) -> list[str]:
         time.sleep(0.5)
     progress(f"{len(done)} workloads enforced (alert mode)")
     return done
+
+
+def _unenforce(state: Path, keys: list[str]) -> None:
+    """Detach and unpin what :func:`_enforce_some` put in place."""
+    exe = ROOT / ".venv" / "bin" / "envelope"
+    for key in keys:
+        r = subprocess.run([str(exe), "--state-dir", str(state), "enforce", key, "--remove", "--reason",
+                            "footprint benchmark done"], capture_output=True, text=True)
+        if r.returncode != 0:
+            progress(f"remove {key} failed: {r.stderr.strip()[-200:]}")
 
 
 def _compiler_mapped(pid: int) -> str:
