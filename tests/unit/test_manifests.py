@@ -244,6 +244,17 @@ def test_configmap_is_a_valid_daemon_config():
     }
 
 
+def test_configmap_ships_the_benchmarked_defaults():
+    """Every value the ConfigMap sets is Config's default (the benchmarked one), except the
+    paths that are the same by construction; a value that drifts from the default is a bug."""
+    data = yaml.safe_load(one("ConfigMap", "envelope-config")["data"]["config.yaml"])
+    defaults = Config(state_dir=Path("/var/lib/envelope"), profile_namespace="envelope-system")
+    shipped = Config.load(config_file())
+    for key in data:
+        assert getattr(shipped, key) == getattr(defaults, key), f"{key}: ConfigMap differs from Config"
+    assert data["ringbuf_pages"] == 2048
+
+
 def test_configmap_documents_each_key():
     text = one("ConfigMap", "envelope-config")["data"]["config.yaml"]
     lines = text.splitlines()
