@@ -269,6 +269,17 @@ class NodeContribution:
         )
 
 
+def newer_contribution(a: NodeContribution, b: NodeContribution) -> NodeContribution:
+    """Of two versions of one node's contribution, the newer by ``(generation, updated)``; a
+    tie (the same version seen twice) is broken by content, so the choice is deterministic."""
+    ka, kb = (a.generation, a.updated), (b.generation, b.updated)
+    if ka == kb:
+        pa = msgpack.packb(a.pack(), use_bin_type=True)
+        pb = msgpack.packb(b.pack(), use_bin_type=True)
+        return a if pa >= pb else b
+    return a if ka > kb else b
+
+
 @dataclass
 class Profile:
     """All the evidence about one workload: one contribution per node."""
@@ -388,16 +399,7 @@ class Profile:
         nodes: dict[str, NodeContribution] = {}
         for name in sorted(set(self.nodes) | set(other.nodes)):
             a, b = self.nodes.get(name), other.nodes.get(name)
-            if a is None or b is None:
-                nodes[name] = a or b
-                continue
-            ka, kb = (a.generation, a.updated), (b.generation, b.updated)
-            if ka == kb:  # same version seen twice, or a true tie: pick by content for determinism
-                pa = msgpack.packb(a.pack(), use_bin_type=True)
-                pb = msgpack.packb(b.pack(), use_bin_type=True)
-                nodes[name] = a if pa >= pb else b
-            else:
-                nodes[name] = a if ka > kb else b
+            nodes[name] = a or b if a is None or b is None else newer_contribution(a, b)
         return Profile(self.workload, nodes)
 
     def pack(self) -> dict:

@@ -33,9 +33,10 @@ Names and labels
     ``app.kubernetes.io/managed-by: envelope``; readers select by the workload label and then
     check ``spec.workload`` exactly.
 
-API calls go through :func:`call_with_retry`: transient failures (connection errors, 408, 429,
-5xx) are retried with capped exponential backoff and jitter; the daemon's :meth:`publish
-<ClusterProfiles.publish>` never raises on an API failure, it returns what happened.
+API calls go through :func:`sensor.kubeapi.call_with_retry`: transient failures (connection
+errors, 408, 429, 5xx) are retried with capped exponential backoff and jitter; the daemon's
+:meth:`publish <ClusterProfiles.publish>` never raises on an API failure, it returns what
+happened. :class:`PublisherThread` is the daemon's profile-publishing job.
 """
 
 from __future__ import annotations
@@ -45,9 +46,8 @@ import binascii
 import dataclasses
 import datetime as _dt
 import hashlib
-import random
-import threading
 import re
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -56,10 +56,12 @@ from typing import Any, Callable, Iterable, TypeVar
 import msgpack
 import structlog
 
-from .profile import SCHEMA_VERSION, NodeContribution, Profile
+from .kubeapi import Backoff, ClusterApiError, TimedApi, call_with_retry
+from .profile import SCHEMA_VERSION, NodeContribution, Profile, newer_contribution
 from .workload import Workload, substrate_of
 
-log = structlog.get_logger("envelope.crd")
+log = structlog.get_logger("envelope.workloadprofile")
+T = TypeVar("T")
 
 GROUP = "envelope.dev"
 VERSION = "v1alpha1"
@@ -87,14 +89,6 @@ _NOT_DNS = re.compile(r"[^a-z0-9-]+")
 
 class ProfileCRError(ValueError):
     """A WorkloadProfile object that cannot be decoded."""
-
-
-class ClusterApiError(Exception):
-    """A Kubernetes API call that failed for good (after retries, or with a permanent error)."""
-
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
 
 
 # ---- names and labels ------------------------------------------------------------------------
@@ -325,121 +319,17 @@ def assemble(objects: Iterable[dict]) -> Assembly:
 
     out = Assembly(problems=sorted(set(problems), key=lambda p: (p.name, p.reason)))
     for workload in sorted(contributions):
-        merged = Profile(workload)
-        for c in contributions[workload]:
-            merged = merged.merge(Profile(workload, {c.node: c}))
-        out.profiles[workload] = merged
+        nodes: dict[str, NodeContribution] = {}
+        for c in contributions[workload]:  # per node the newer contribution, in one pass
+            prev = nodes.get(c.node)
+            nodes[c.node] = c if prev is None else newer_contribution(prev, c)
+        out.profiles[workload] = Profile(workload, dict(sorted(nodes.items())))
     return out
 
 
 def crs_to_profile(objects: Iterable[dict], workload: Workload) -> Profile | None:
     """The merged profile of one workload from a list of objects, or None if none is there."""
     return assemble(objects).profiles.get(workload)
-
-
-# ---- API calls with retries ------------------------------------------------------------------
-
-T = TypeVar("T")
-RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-
-
-@dataclass
-class Backoff:
-    """Capped exponential backoff with full jitter. ``sleep`` and ``jitter`` are injectable."""
-
-    attempts: int = 5
-    base: float = 0.5
-    cap: float = 30.0
-    sleep: Callable[[float], None] = time.sleep
-    jitter: Callable[[], float] = random.random
-
-    def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        d = min(self.cap, self.base * (2 ** attempt)) * (0.5 + 0.5 * self.jitter())
-        if retry_after is not None:
-            d = max(d, min(retry_after, self.cap))
-        return d
-
-
-def _status_of(exc: BaseException) -> int | None:
-    status = getattr(exc, "status", None)
-    return int(status) if isinstance(status, int) else None
-
-
-def _retry_after(exc: BaseException) -> float | None:
-    headers = getattr(exc, "headers", None) or {}
-    try:
-        value = headers.get("Retry-After")
-        return float(value) if value is not None else None
-    except (TypeError, ValueError, AttributeError):
-        return None
-
-
-def _is_retryable(exc: BaseException) -> bool:
-    from kubernetes.client.exceptions import ApiException
-    import urllib3.exceptions
-
-    if isinstance(exc, ApiException):
-        status = _status_of(exc)
-        return status is None or status == 0 or status in RETRYABLE_STATUS
-    return isinstance(exc, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError, OSError))
-
-
-def call_with_retry(fn: Callable[[], T], what: str, backoff: Backoff | None = None,
-                    on_retry: Callable[[str, BaseException], None] | None = None) -> T:
-    """Run ``fn``; retry transient API failures with backoff; raise :class:`ClusterApiError`
-    naming ``what`` once the attempts are spent or on a permanent error (4xx other than 408/429)."""
-    from kubernetes.client.exceptions import ApiException
-
-    backoff = backoff or Backoff()
-    last: BaseException | None = None
-    for attempt in range(max(1, backoff.attempts)):
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001 - classified below, never swallowed silently
-            last = e
-            status = _status_of(e) if isinstance(e, ApiException) else None
-            if not _is_retryable(e):
-                reason = getattr(e, "reason", None) or type(e).__name__
-                raise ClusterApiError(f"{what}: HTTP {status} {reason}".rstrip(), status) from e
-            if on_retry is not None:
-                on_retry(what, e)
-            if attempt + 1 >= backoff.attempts:
-                break
-            delay = backoff.delay(attempt, _retry_after(e))
-            log.warning("kube api call failed, retrying", call=what, attempt=attempt + 1,
-                        status=status, error=f"{type(e).__name__}: {e}"[:300], delay=round(delay, 3))
-            backoff.sleep(delay)
-    status = _status_of(last) if last is not None else None
-    raise ClusterApiError(f"{what}: gave up after {backoff.attempts} attempts: "
-                          f"{type(last).__name__}: {str(last)[:200]}", status) from last
-
-
-# ---- the cluster client ----------------------------------------------------------------------
-
-
-def api_client(kubeconfig: str | None = None, context: str | None = None):
-    """A ``kubernetes`` ApiClient: in-cluster config inside a pod, else the kubeconfig.
-
-    urllib3's own silent retries are turned off: :func:`call_with_retry` is the one retry
-    policy, so every failed attempt is logged and counted.
-    """
-    from kubernetes import client, config
-
-    cfg = client.Configuration()
-    loaded = False
-    if kubeconfig is None and context is None:
-        try:
-            config.load_incluster_config(client_configuration=cfg)
-            loaded = True
-        except config.ConfigException:
-            pass
-    if not loaded:
-        try:
-            config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
-        except (config.ConfigException, OSError, TypeError) as e:
-            raise ClusterApiError(f"no Kubernetes API configuration (in-cluster or kubeconfig): {e}") from e
-    cfg.retries = False
-    return client.ApiClient(cfg)
 
 
 @dataclass
@@ -473,8 +363,9 @@ class ClusterProfiles:
 
     @classmethod
     def from_api_client(cls, client, **kw) -> "ClusterProfiles":
+        """Over an ApiClient: every call with the request timeout of :mod:`sensor.kubeapi`."""
         from kubernetes.client import CustomObjectsApi
-        return cls(CustomObjectsApi(client), **kw)
+        return cls(TimedApi(CustomObjectsApi(client)), **kw)
 
     def _call(self, fn: Callable[[], T], what: str) -> T:
         return call_with_retry(fn, what, self.backoff, self.on_api_error)
@@ -626,8 +517,7 @@ def match_workloads(workloads: Iterable[Workload], name: str) -> list[Workload]:
                   if name in (w.key, w.name, f"{w.namespace}/{w.name}", f"{w.namespace}/{w.kind}/{w.name}"))
 
 
-def load_cluster_profile(name: str, kubeconfig: str | None = None, context: str | None = None,
-                         namespace: str = DEFAULT_NAMESPACE, client=None,
+def load_cluster_profile(name: str, client, namespace: str = DEFAULT_NAMESPACE,
                          backoff: Backoff | None = None) -> tuple[Profile, list[Problem]]:
     """The profile of workload ``name`` merged across every node's WorkloadProfile objects
     (what ``envelope derive --from-cluster NAME`` derives from).
@@ -635,7 +525,6 @@ def load_cluster_profile(name: str, kubeconfig: str | None = None, context: str 
     Raises :class:`ClusterApiError` when the API cannot be read, and :class:`LookupError` with
     a one-line message when ``name`` matches no workload or several.
     """
-    client = client or api_client(kubeconfig, context)
     assembly = ClusterProfiles.from_api_client(client, namespace=namespace,
                                                backoff=backoff or Backoff(attempts=3)).read_all()
     found = match_workloads(assembly.profiles, name)
