@@ -237,6 +237,7 @@ class Store:
         self.events: list[tuple[int, str, tuple[str, str], dict]] = []
         self.history = history
         self.oldest = 0  # events at or below this resourceVersion are gone (410)
+        self.max_page: int | None = None
         self.changed = threading.Condition(self.lock)
         for (group, plural), (kind, api_version, namespaced) in BUILTIN.items():
             version = api_version.split("/")[-1]
@@ -286,7 +287,8 @@ class Store:
             entries.append(e)
         obj["metadata"]["managedFields"] = entries
 
-    def _store(self, res: Resource, key, obj: dict, cur: dict | None, sub: str | None) -> dict:
+    def _store(self, res: Resource, key, obj: dict, cur: dict | None, sub: str | None,
+               uid: str | None = None) -> dict:
         meta = obj.setdefault("metadata", {})
         meta["name"], meta["namespace"] = key[1], key[0] or None
         if not res.namespaced:
@@ -295,7 +297,7 @@ class Store:
             meta.pop("namespace", None)
         obj["apiVersion"], obj["kind"] = res.api_version, res.kind
         if cur is None:
-            meta["uid"] = str(uuid.uuid4())
+            meta["uid"] = uid or str(uuid.uuid4())
             meta["creationTimestamp"] = _now()
             meta["generation"] = 1
             etype = "ADDED"
@@ -323,10 +325,7 @@ class Store:
             obj = copy.deepcopy(obj)
             key = (obj["metadata"].get("namespace", "") if res.namespaced else "", obj["metadata"]["name"])
             cur = self.objects.get((res.group, res.plural), {}).get(key)
-            uid = obj["metadata"].get("uid")
-            out = self._store(res, key, obj, cur, None)
-            if uid and cur is None:
-                out["metadata"]["uid"] = uid
+            out = self._store(res, key, obj, cur, None, uid=obj["metadata"].get("uid"))
             return copy.deepcopy(out)
 
     def _parts(self, res: Resource, obj: dict, sub: str | None) -> dict:
@@ -452,6 +451,8 @@ class Store:
                 if at < self.oldest:
                     raise ApiError(410, "Expired", "The provided continue parameter is too old")
             limit = int(q.get("limit") or 0) or len(items) or 1
+            if self.max_page:
+                limit = min(limit, self.max_page)  # a server may return fewer items than asked
             page = items[start:start + limit]
             meta: dict[str, Any] = {"resourceVersion": str(self.rv)}
             if start + limit < len(items):

@@ -13,10 +13,10 @@ import jsonschema
 import pytest
 import yaml
 
-from enforcer.crd import NodeStatus, policy_from_cr, policy_to_cr, stale_condition, status_body
+from enforcer.leastprivilegepolicy import NodeStatus, policy_from_cr, policy_to_cr, stale_condition, status_body
 from enforcer.derive import DeriveOptions, derive
 from enforcer.policy import dump_policy, load_policy
-from sensor.crd import profile_to_crs
+from sensor.workloadprofile import profile_to_crs
 from sensor.profile import Profile
 from sensor.workload import Workload
 

@@ -2,7 +2,7 @@
 
 Contributions are built through the recording API (sessions opened, behaviours observed, sessions
 closed, fingerprints and losses added), published as custom-resource objects, and merged back by
-:func:`sensor.crd.assemble`, the code every reader (CLI or daemon) uses.
+:func:`sensor.workloadprofile.assemble`, the code every reader (CLI or daemon) uses.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sensor.crd import assemble, contribution_to_crs, profile_to_crs
+from sensor.workloadprofile import assemble, contribution_to_crs, profile_to_crs
 from sensor.profile import NodeContribution, Profile
 from sensor.workload import Workload
 
