@@ -589,3 +589,42 @@ def test_a_policy_another_node_marked_stale_is_audited_here_but_not_marked_again
     cond = condition(policy_obj(kube, "agents", "research-agent-agent"), "Stale")
     assert cond["message"].endswith("(seen on worker-1)"), "the condition another node set is left as it was"
     assert sample(metrics, "envelope_policy_stale", workload=W.key) == 1
+
+
+# ---- a black-holed API server ------------------------------------------------------------------------
+
+
+def test_a_black_holed_api_server_changes_no_event_count(kube, tmp_path):
+    """The API accepts every request and never answers: the loop's side (counting, flushing,
+    handing profiles to publishing, the jobs' tick, identity reads) goes on and counts every
+    event, while the jobs' own threads wait on their requests."""
+    cfg = config(kube, tmp_path)
+    metrics = Metrics()
+    api_policies(kube).create(POLICY)
+    pod = load("pod-research-agent.json")
+    kube.put(pod)
+    obs = observer(cfg)
+    sync = open_sync(cfg, metrics, request_timeout=(5.0, 30.0))
+    sync.start(obs, Enforcement())
+    try:
+        assert wait_for(lambda: node_entry(kube) is not None, sync)
+        bind_container(obs, 21, pod, "agent", known_identity(sync, pod["metadata"]["uid"], "agent"))
+        kube.mode = "blackhole"
+        rollout = load("pod-research-agent-rollout.json")
+        sync.pods.informer.apply_event({"type": "ADDED", "object": rollout})  # its owner is not cached
+        steps = 0
+        for i in range(1, 401):  # the daemon's loop: counter readings, ticks, flushes, identity reads
+            obs.agg.on_counts({21: {0: i, 257: 2 * i}}, time.time())
+            sync.tick()
+            assert sync.pods.identity(rollout["metadata"]["uid"], container_name="agent") is None
+            if i % 50 == 0:
+                sync.publish(obs.agg.profiles, obs.agg.flush())
+            steps += 1
+            if i == 200:
+                assert wait_for(lambda: kube.hanging >= 2, sync)  # requests are held in the black hole
+        assert steps == 400 and kube.hanging >= 2
+        b = obs.agg.profiles[W].behaviours()
+        assert (b["syscall:read"].count, b["syscall:openat"].count) == (400, 800), "every event counted"
+    finally:
+        kube.mode = "ok"
+        sync.close(timeout=5.0)
