@@ -153,3 +153,38 @@ def test_ambiguous_name_asks_for_the_full_key(kube, capsys):
     assert rc == 2 and "matches 2 workloads" in err and "give namespace/kind/name/container" in err
     profile, problems = load_cluster_profile("staging/researcher", kube.api_client())
     assert profile.workload == other and problems == []
+
+
+# ---- envelope compile with the cluster's Services -------------------------------------------------
+
+
+def test_compile_networkpolicy_with_services_from_the_cluster_and_from_a_file(kube, tmp_path, capsys):
+    from pathlib import Path
+
+    k8s = Path(__file__).resolve().parent.parent / "fixtures" / "k8s"
+    services = [json.loads((k8s / f"service-{n}.json").read_text()) for n in ("kube-dns", "vector-db-external")]
+    for svc in services:
+        kube.put(svc)
+    policy = Policy(Workload("agents", "Deployment", "web", "main"), mode="enforce",
+                    egress=(EgressRule("udp", "10.96.0.10/32", (53,)), EgressRule("tcp", "10.96.77.5/32", (6333,))))
+    path = tmp_path / "p.yaml"
+    path.write_text(dump_policy(policy))
+    rc = main(["compile", str(path), "--format", "networkpolicy", "--services-from-cluster",
+               "--kubeconfig", kube.kubeconfig])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    import yaml
+
+    doc = yaml.safe_load(out)
+    peers = [t for r in doc["spec"]["egress"] for t in r["to"]]
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}} in peers
+    assert {"ipBlock": {"cidr": "10.96.77.5/32"}} in peers  # no selector: kept, and said so
+    assert "agents/vector-db, which has no selector" in err
+    assert kube.count("GET", "/api/v1/services") == 1
+    listing = tmp_path / "services.json"
+    listing.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": services}))
+    rc = main(["compile", str(path), "--format", "cilium", "--services", str(listing)])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "toEndpoints" in out and "egressDeny" not in out
+    assert main(["compile", str(path), "--format", "cilium", "--services", str(tmp_path / "missing.json")]) == 2
