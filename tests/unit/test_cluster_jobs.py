@@ -497,7 +497,12 @@ def test_rollout_with_a_new_image_and_model_marks_the_policy_stale(kube, tmp_pat
         assert wait_for(lambda: node_entry(kube).stale is True, sync)
         # the re-baseline is recorded; the daemon's enforcement side restarts the window on it
         assert wait_for(lambda: state.rebaseline_generation(cfg.state_dir, W) == 1, sync)
+        # re-baselining moves the cluster policy to alert; the judgement stays with the new generation
+        assert wait_for(lambda: policy_obj(kube, "agents", "research-agent-agent")["spec"]["mode"] == "alert", sync)
+        assert wait_for(lambda: condition(policy_obj(kube, "agents", "research-agent-agent"), "Stale")
+                        ["observedGeneration"] == 2, sync)
         obj = policy_obj(kube, "agents", "research-agent-agent")
+        assert is_stale(obj) and obj["metadata"]["generation"] == 2
         cond = condition(obj, "Stale")
         assert (cond["type"], cond["reason"]) == ("Stale", "FingerprintChanged")
         assert "image" in cond["message"] and "model" in cond["message"]
@@ -628,3 +633,34 @@ def test_a_black_holed_api_server_changes_no_event_count(kube, tmp_path):
     finally:
         kube.mode = "ok"
         sync.close(timeout=5.0)
+
+
+def test_a_rederived_policy_clears_stale_and_a_mode_change_keeps_it(kube, tmp_path):
+    cfg = config(kube, tmp_path)
+    pod = load("pod-research-agent.json")
+    other = ClusterPolicies.from_api_client(kube.api_client(), "worker-1", backoff=Backoff(attempts=1))
+    cp = other.create(derived_policy(pod))
+    assert other.mark_stale(cp, "FingerprintChanged", "fingerprint inputs changed: image (seen on worker-1)")
+    marked = condition(policy_obj(kube, "agents", "research-agent-agent"), "Stale")
+    sync = open_sync(cfg, Metrics())
+    sync.start(observer(cfg), Enforcement())
+    try:
+        # a mode change is a new generation of the same derivation: the judgement is carried
+        other.set_mode(other.get("agents", "research-agent-agent"), "alert")
+        assert wait_for(lambda: condition(policy_obj(kube, "agents", "research-agent-agent"), "Stale")
+                        ["observedGeneration"] == 2, sync)
+        carried = condition(policy_obj(kube, "agents", "research-agent-agent"), "Stale")
+        assert carried["status"] == "True" and carried["lastTransitionTime"] == marked["lastTransitionTime"]
+        # derived again (a new validity): this node clears it
+        import dataclasses
+        rederived = dataclasses.replace(derived_policy(load("pod-research-agent-rollout.json")), mode="alert")
+        other.create(rederived)
+        assert wait_for(lambda: condition(policy_obj(kube, "agents", "research-agent-agent"), "Stale")
+                        ["status"] == "False", sync)
+        cleared = condition(policy_obj(kube, "agents", "research-agent-agent"), "Stale")
+        assert (cleared["reason"], cleared["observedGeneration"]) == ("Rederived", 3)
+        assert not is_stale(policy_obj(kube, "agents", "research-agent-agent"))
+        assert wait_for(lambda: (condition(policy_obj(kube, "agents", "research-agent-agent"), "Ready") or {})
+                        .get("observedGeneration") == 3, sync)
+    finally:
+        sync.close()

@@ -321,7 +321,8 @@ def _daemon_api_calls() -> set[tuple[str, str, str]]:
             if res not in _RESOURCES:
                 continue
             verb = {"read": "get", "replace": "update"}.get(op, op)
-            if op == "list" and "watch=True" in text[m.start():m.start() + 400]:
+            watched = "watch=True" in text[m.start():m.start() + 400] or "Informer(" in text[m.start() - 80:m.start()]
+            if op == "list" and watched:  # a list call watched directly or by sensor.kubeapi.Informer
                 calls.add((*_RESOURCES[res], "watch"))
             calls.add((*_RESOURCES[res], verb))
     return calls
