@@ -297,14 +297,28 @@ class Profile:
     # ---- merged views ----------------------------------------------------------------------
 
     def behaviours(self) -> dict[str, BehaviourStats]:
-        """Per behaviour, the evidence summed over nodes, sorted by key."""
+        """Per behaviour, the evidence summed over nodes, sorted by key (the same as merging the
+        nodes' stats pairwise with :meth:`BehaviourStats.merged`, in one pass: a workload on
+        thousands of nodes is summed in linear time)."""
         out: dict[str, BehaviourStats] = {}
+        ids: dict[str, set] = {}
         for name in sorted(self.nodes):
             for key, s in self.nodes[name].behaviours.items():
-                mine = BehaviourStats(s.count, s.sessions, s.first_seen, s.last_seen, s.session_sum,
-                                      s.session_sumsq, [f"{name}/{i}" for i in s.session_ids])
                 prev = out.get(key)
-                out[key] = mine if prev is None else prev.merged(mine)
+                if prev is None:
+                    out[key] = BehaviourStats(s.count, s.sessions, s.first_seen, s.last_seen, s.session_sum,
+                                              s.session_sumsq)
+                    ids[key] = {f"{name}/{i}" for i in s.session_ids}
+                    continue
+                prev.count += s.count
+                prev.sessions += s.sessions
+                prev.first_seen = min(prev.first_seen, s.first_seen)
+                prev.last_seen = max(prev.last_seen, s.last_seen)
+                prev.session_sum += s.session_sum
+                prev.session_sumsq += s.session_sumsq
+                ids[key].update(f"{name}/{i}" for i in s.session_ids)
+        for key, stats in out.items():
+            stats.session_ids = sorted(ids[key])
         return dict(sorted(out.items()))
 
     def sessions(self) -> list[SessionRecord]:

@@ -548,6 +548,7 @@ class PublisherThread:
         self.publisher = publisher
         self.retry_interval = retry_interval
         self._latest: dict[Workload, NodeContribution] = {}
+        self._busy = False  # a round is writing
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -572,9 +573,28 @@ class PublisherThread:
                     self._latest[w] = NodeContribution.unpack(c.pack())  # a snapshot the loop cannot change
         self._wake.set()
 
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Wait until every snapshot handed over so far was written (or failed and waits for
+        its retry); True if that happened within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._latest and not self._busy:
+                    return True
+            time.sleep(0.01)
+        return False
+
     def _round(self) -> bool:
         with self._lock:
             batch, self._latest = self._latest, {}
+            self._busy = bool(batch)
+        try:
+            return self._write(batch)
+        finally:
+            with self._lock:
+                self._busy = False
+
+    def _write(self, batch: dict) -> bool:
         if not batch:
             return True
         profiles = {w: Profile(w, {c.node: c}) for w, c in batch.items()}
