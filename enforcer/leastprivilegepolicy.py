@@ -18,7 +18,7 @@ Status (the ``status`` subresource):
 ``lastTransitionTime`` changes only when ``status`` does)
     ``Stale``: a fingerprint input (image digest, model version, prompt template, tool catalog,
     identity) changed since the policy was derived. Applied under the shared field manager
-    ``envelope/stale``, together with ``status.staleValidity``, the digest of the ``spec.validity``
+    ``envelope/stale``, together with ``status.staleValidity``, the digest of the ``spec.decisions.validity``
     it judged: a mode change keeps the judgement (it is carried to the new generation), a
     re-derived policy (new validity) clears it (``False``, reason ``Rederived``).
     ``Ready``: ``True`` when every node that reports on the policy applied its current
@@ -193,8 +193,8 @@ def stale_condition(stale: bool, reason: str, message: str, generation: int | No
 
 
 def validity_digest(obj: dict) -> str:
-    """What a Stale judgement is about: the digest of the object's ``spec.validity``."""
-    validity = (obj.get("spec") or {}).get("validity") or {}
+    """What a Stale judgement is about: the digest of the object's ``spec.decisions.validity``."""
+    validity = ((obj.get("spec") or {}).get("decisions") or {}).get("validity") or {}
     return hashlib.sha256(json.dumps(validity, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -231,7 +231,7 @@ def condition(obj: dict, ctype: str) -> dict | None:
 
 def is_stale(obj: dict) -> bool:
     """Stale, as judged for the object's current validity: a re-derived policy (new
-    ``spec.validity``) starts fresh, a mode change does not. Objects written before
+    ``spec.decisions.validity``) starts fresh, a mode change does not. Objects written before
     ``staleValidity`` existed are judged by ``observedGeneration``."""
     c = condition(obj, STALE)
     if c is None or c.get("status") != "True":

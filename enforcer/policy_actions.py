@@ -86,7 +86,7 @@ def ready_condition(obj: Mapping, now: float) -> dict:
 def stale_followup(obj: Mapping, now: float) -> dict | None:
     """The ``Stale`` condition to write for the object's current generation, or None.
 
-    A Stale judgement is about ``spec.validity``: when the validity changed (the policy was
+    A Stale judgement is about ``spec.decisions.validity``: when the validity changed (the policy was
     re-derived) it is cleared (``False``, ``Rederived``); when only something else changed (a
     mode change, an edited allow list) it is carried to the new generation, its
     ``lastTransitionTime`` kept. Nothing is written while the condition already speaks for the
