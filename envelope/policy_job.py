@@ -37,12 +37,12 @@ import structlog
 
 from enforcer import policy_actions as rules
 from enforcer.kubelet import KubeletSeccompDir, SeccompWriteError, localhost_profile
-from enforcer.leastprivilegepolicy import (
-    READY, STALE, ClusterPolicies, ClusterPolicy, PolicyCRError, condition,
-)
+from enforcer.leastprivilegepolicy import ClusterPolicies, ClusterPolicy, PolicyCRError, condition
 from enforcer.seccomp import SeccompCompileError
 from sensor.kubeapi import Informer, object_key
 from sensor.workload import Workload
+
+from .job import Job
 
 log = structlog.get_logger("envelope.policy_job")
 
@@ -78,25 +78,24 @@ def _spec_workload(obj: dict) -> Workload | None:
         return None
 
 
-class PolicyJob:
+class PolicyJob(Job):
     """See the module docstring. ``stale_here(key)`` says whether this node found the policy
     stale (reported as ``status.nodes[].stale``)."""
+
+    name = "envelope-policies"
 
     def __init__(self, node: str, policies: ClusterPolicies, informer: Informer, seccomp_dir: KubeletSeccompDir,
                  *, enforcement=None, metrics=None, interval: float = 15.0,
                  stale_here: Callable[[Key], bool] | None = None, clock: Callable[[], float] = time.time):
+        super().__init__(interval)
         self.node = node
         self.policies = policies
         self.informer = informer
         self.seccomp_dir = seccomp_dir
         self.enforcement = enforcement
         self.metrics = metrics
-        self.interval = max(0.01, float(interval))
         self.stale_here = stale_here or (lambda key: False)
         self.clock = clock
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         # shared with the loop (under _lock)
         self._jobs: dict[Key, _EgressJob] = {}
@@ -112,32 +111,8 @@ class PolicyJob:
     # ---- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> "PolicyJob":
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="envelope-policies", daemon=True)
-            self._thread.start()
+        self.start_thread()
         return self
-
-    def wake(self, *_args) -> None:
-        """Act soon (an informer event, a stale judgement changed)."""
-        self._wake.set()
-
-    def close(self, timeout: float = 20.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.round()
-            self._wake.wait(self.interval)
-            self._wake.clear()
 
     # ---- the loop's side ---------------------------------------------------------------------
 
@@ -373,5 +348,3 @@ class PolicyJob:
             fields["stale"] = bool(self.stale_here(key))
         return self.policies.report(o.cp, o.state, o.reason, **fields)
 
-
-__all__ = ["PolicyJob", "Outcome", "READY", "STALE"]

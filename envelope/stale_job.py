@@ -34,6 +34,8 @@ from sensor.kubeapi import Informer
 from sensor.store import atomic_write
 from sensor.workload import Workload
 
+from .job import Job
+
 log = structlog.get_logger("envelope.stale_job")
 
 #: seconds between snapshots of the observer's bindings taken in :meth:`StaleJob.tick`.
@@ -53,12 +55,15 @@ class Seen:
     fingerprints: dict = field(default_factory=dict)
 
 
-class StaleJob:
+class StaleJob(Job):
     """See the module docstring. ``pods`` is the :class:`~sensor.pods.PodWatcher` (or None)."""
+
+    name = "envelope-stale"
 
     def __init__(self, node: str, policies: ClusterPolicies, informer: Informer, pods, *, state_dir,
                  rebaseline: bool = False, metrics=None, interval: float = 15.0,
                  on_change: Callable[[], None] | None = None):
+        super().__init__(interval)
         self.node = node
         self.policies = policies
         self.informer = informer
@@ -66,15 +71,11 @@ class StaleJob:
         self.state_dir = Path(state_dir)
         self.rebaseline = bool(rebaseline)
         self.metrics = metrics
-        self.interval = max(0.01, float(interval))
         self.on_change = on_change
         self.observer = None
         self._lock = threading.Lock()
         self._seen: list[Seen] = []
         self._next_snapshot = 0.0
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
         self._stale: dict[Key, list] = self._load()  # key -> signature of the change handled
         self._cluster_retry: dict[Key, tuple[str, bool]] = {}
         self._metric: dict[Workload, bool] = {}
@@ -84,30 +85,11 @@ class StaleJob:
 
     def start(self, observer=None) -> "StaleJob":
         self.observer = observer
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="envelope-stale", daemon=True)
-            self._thread.start()
+        self.start_thread()
         return self
-
-    def close(self, timeout: float = 20.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def wake(self, *_args) -> None:
-        self._wake.set()
 
     def is_stale_here(self, key: Key) -> bool:
         return key in self._stale
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.round()
-            self._wake.wait(self.interval)
-            self._wake.clear()
 
     # ---- the loop's side ---------------------------------------------------------------------
 

@@ -421,15 +421,19 @@ class ClusterProfiles:
                     continue  # another workload whose key hashes to the same label prefix
             except (KeyError, TypeError):
                 continue
-            name = obj["metadata"]["name"]
-            try:
-                self._call(lambda: self.api.delete_namespaced_custom_object(
-                    GROUP, VERSION, self.namespace, PLURAL, name), f"delete {PLURAL}/{name}")
-                deleted += 1
-            except ClusterApiError as e:
-                if e.status != 404:
-                    raise
+            deleted += self._delete(obj["metadata"]["name"])
         return deleted
+
+    def _delete(self, name: str) -> int:
+        """Delete one object; 1 if it was there, 0 if it was gone already."""
+        try:
+            self._call(lambda: self.api.delete_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, name), f"delete {PLURAL}/{name}")
+            return 1
+        except ClusterApiError as e:
+            if e.status != 404:
+                raise
+            return 0
 
     def remove(self, workload: Workload, node: str) -> int:
         """Delete every object of ``workload`` from ``node`` (the workload is gone for good)."""
@@ -439,14 +443,7 @@ class ClusterProfiles:
             spec = obj.get("spec") or {}
             if spec.get("node") != node:
                 continue
-            name = obj["metadata"]["name"]
-            try:
-                self._call(lambda: self.api.delete_namespaced_custom_object(
-                    GROUP, VERSION, self.namespace, PLURAL, name), f"delete {PLURAL}/{name}")
-                n += 1
-            except ClusterApiError as e:
-                if e.status != 404:
-                    raise
+            n += self._delete(obj["metadata"]["name"])
         self._published.pop((workload.key, node), None)
         self._chunks.pop((workload.key, node), None)
         return n
