@@ -371,9 +371,13 @@ class Store:
             # fields this manager stops sending, owned by nobody else, are removed
             mine = owners.get(me, {})
             others = set().union(*(set(p) for o, p in owners.items() if o != me)) if owners else set()
-            for p in sorted(set(mine) - set(new), key=len, reverse=True):
+            # outer fields first, a list-map item before its own fields: removing the item
+            # removes them, and its key fields are never removed from an item that stays
+            for p in sorted(set(mine) - set(new), key=lambda p: (len(p), p[-1][0] != "i", str(p))):
                 under = p[:-1] if p[-1][0] == "i" else p  # a list-map item: anything inside it
                 if p in others or any(q[:len(under)] == under for q in others if len(q) > len(under)):
+                    continue
+                if len(p) >= 2 and p[-1][0] == "f" and p[-2][0] == "k" and p[-1][1] in json.loads(p[-2][1]):
                     continue
                 _delete(base, p, res.schema)
             merged = _merge(base, applied, res.schema)
