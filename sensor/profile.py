@@ -303,12 +303,15 @@ class Profile:
         out: dict[str, BehaviourStats] = {}
         ids: dict[str, set] = {}
         for name in sorted(self.nodes):
-            for key, s in self.nodes[name].behaviours.items():
+            node = self.nodes[name]
+            merged_id = {i: f"{name}/{i}" for i in node.sessions}  # one string per session, not per behaviour
+            for key, s in node.behaviours.items():
+                these = [merged_id[i] if i in merged_id else f"{name}/{i}" for i in s.session_ids]
                 prev = out.get(key)
                 if prev is None:
                     out[key] = BehaviourStats(s.count, s.sessions, s.first_seen, s.last_seen, s.session_sum,
                                               s.session_sumsq)
-                    ids[key] = {f"{name}/{i}" for i in s.session_ids}
+                    ids[key] = set(these)
                     continue
                 prev.count += s.count
                 prev.sessions += s.sessions
@@ -316,7 +319,7 @@ class Profile:
                 prev.last_seen = max(prev.last_seen, s.last_seen)
                 prev.session_sum += s.session_sum
                 prev.session_sumsq += s.session_sumsq
-                ids[key].update(f"{name}/{i}" for i in s.session_ids)
+                ids[key].update(these)
         for key, stats in out.items():
             stats.session_ids = sorted(ids[key])
         return dict(sorted(out.items()))

@@ -45,6 +45,7 @@ import base64
 import binascii
 import dataclasses
 import datetime as _dt
+import gc
 import hashlib
 import re
 import threading
@@ -273,8 +274,20 @@ def assemble(objects: Iterable[dict]) -> Assembly:
 
     Pure: the result depends only on the set of objects, not on their order or repetition.
     Incomplete chunk sets, bad digests and undecodable payloads are reported in ``problems``
-    and left out.
+    and left out. The cyclic garbage collector is paused while decoding: the payloads of
+    thousands of nodes are millions of small acyclic objects, and collections triggered by their
+    allocation took more than half the time (measured with 5,000 nodes, bench_cluster).
     """
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return _assemble(objects)
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _assemble(objects: Iterable[dict]) -> Assembly:
     groups: dict[tuple[Workload, str], dict[str, dict[int, tuple[str, dict]]]] = {}
     problems: list[Problem] = []
     for obj in objects:

@@ -793,3 +793,17 @@ class FakeApiServer:
             return sum(1 for m, p, c in self.requests
                        if (method is None or m == method) and contains in p and (ctype is None or c.startswith(ctype)))
 
+
+
+def main() -> None:
+    """``python -m tests.fakes.apiserver``: serve until stdin closes, the URL on the first line
+    of stdout (for a benchmark that keeps the server out of the measured process)."""
+    import sys
+
+    with FakeApiServer(history=int(sys.argv[1]) if len(sys.argv) > 1 else 10_000) as api:
+        print(api.url, flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()
