@@ -609,7 +609,7 @@ def test_a_black_holed_api_server_changes_no_event_count(kube, tmp_path):
     pod = load("pod-research-agent.json")
     kube.put(pod)
     obs = observer(cfg)
-    sync = open_sync(cfg, metrics, request_timeout=(5.0, 30.0))
+    sync = open_sync(cfg, metrics, request_timeout=(1.0, 3.0))  # held 3 s, then retried: held again
     sync.start(obs, Enforcement())
     try:
         assert wait_for(lambda: node_entry(kube) is not None, sync)
