@@ -23,18 +23,39 @@ Semantics kept:
 * DNS is not special-cased: the export allows the resolver only if the policy does.
 * NetworkPolicy and CiliumNetworkPolicy have no alert mode; the policy's mode is carried as an
   annotation and a policy in observe or alert mode still exports as an enforcing object.
+* An empty allow list selects the pods into default deny and allows nothing, and nothing more:
+  NetworkPolicy ``egress: []``, Cilium ``egress: [{}]`` (Cilium's own default-deny idiom). Never
+  an ``egressDeny``: deny rules win over every allow in Cilium, so a deny-all would also block
+  what other policies allow the same pods (DNS, for one).
+
+Service ClusterIPs. The sensor sees the address a socket connects to, and for a Service that is
+its ClusterIP; NetworkPolicy and Cilium match the pod address after the Service's DNAT, so a
+ClusterIP rule would never match. Given the cluster's ``Service`` objects (``services``, read
+through the API by the caller), a rule whose destination is a Service's ClusterIP is exported as
+that Service's pods: ``podSelector`` from the Service's ``spec.selector`` and a
+``namespaceSelector`` on ``kubernetes.io/metadata.name``, on the Service's ``targetPort``. A
+wider CIDR keeps its ``ipBlock`` and also gets the pods of the Services inside it. A Service
+without a selector (its endpoints are managed by hand) cannot be selected by labels and stays an
+``ipBlock``; :func:`service_destinations` reports it. Envelope's own egress programs keep
+enforcing the ClusterIP, which is what they see.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Iterable, Mapping
 
 import yaml
 
 from .seccomp import k8s_name
 
 NETWORKPOLICY_API_VERSION = "networking.k8s.io/v1"
+#: The label the API server puts on every namespace (Kubernetes 1.21+).
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+#: The label Cilium gives every endpoint for its pod's namespace.
+CILIUM_NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
 CILIUM_API_VERSION = "cilium.io/v2"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "envelope"}
 DEFAULT_POD_LABEL = "app"
@@ -66,10 +87,10 @@ def _check_workload(policy) -> None:
         raise NetExportError(f"workload {w} is a host unit, not a pod: network policies select pods")
 
 
-def _port_groups(policy) -> list[tuple[tuple, list[str]]]:
+def _port_groups(rules) -> list[tuple[tuple, list[str]]]:
     """``[(ports, [cidr, ...])]`` with ports ``((PROTO, port, endPort|None), ...)``, sorted."""
     groups: dict[tuple, list[str]] = {}
-    for r in policy.egress:
+    for r in rules:
         if r.port_range is not None:
             lo, hi = r.port_range
             ports = ((r.proto.upper(), lo, hi if hi != lo else None),)
@@ -81,6 +102,101 @@ def _port_groups(policy) -> list[tuple[tuple, list[str]]]:
     # policy.egress is already sorted by (proto, family, address, prefix, ports); keep CIDR order
     # and sort groups by their port list for a stable document.
     return sorted(groups.items(), key=lambda kv: [(p, lo, hi or 0) for p, lo, hi in kv[0]])
+
+
+@dataclass(frozen=True)
+class ServicePeer:
+    """The pods behind one Service port: where traffic to its ClusterIP really goes."""
+
+    namespace: str
+    service: str
+    selector: tuple[tuple[str, str], ...]
+    proto: str  # TCP | UDP
+    target_port: int | str  # a number, or the name of a container port
+
+
+@dataclass
+class ServiceDestinations:
+    """A policy's egress split for network exports: rules kept as CIDRs, the Service pods that
+    replace ClusterIPs, and the ClusterIP destinations that could not be replaced (and why)."""
+
+    rules: list  # EgressRule
+    peers: list[ServicePeer]
+    unresolved: list[str]
+
+
+def _service_ips(svc: Mapping) -> list:
+    spec = svc.get("spec") or {}
+    out = []
+    for ip in list(spec.get("clusterIPs") or []) + [spec.get("clusterIP")]:
+        if not ip or ip == "None":
+            continue
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            continue
+        if addr not in out:
+            out.append(addr)
+    return out
+
+
+def _port_in_rule(rule, port: int) -> bool:
+    if rule.port_range is not None:
+        return rule.port_range[0] <= port <= rule.port_range[1]
+    return port in rule.ports
+
+
+def service_destinations(policy, services: Iterable[Mapping] | None = None) -> ServiceDestinations:
+    """Split ``policy.egress`` for network exports (pure; see the module docstring).
+
+    A rule whose CIDR is a single address that is a Service's ClusterIP is replaced by the
+    Service's pods on the matching ports; a wider rule is kept and gains the pods of the
+    Services whose ClusterIP it covers."""
+    services = sorted(services or [], key=lambda s: ((s.get("metadata") or {}).get("namespace", ""),
+                                                       (s.get("metadata") or {}).get("name", "")))
+    rules, peers, unresolved = [], [], []
+    for rule in policy.egress:
+        net = rule.network
+        single = net.num_addresses == 1
+        replaced = False
+        for svc in services:
+            meta, spec = svc.get("metadata") or {}, svc.get("spec") or {}
+            ips = [ip for ip in _service_ips(svc) if ip.version == net.version and ip in net]
+            if not ips:
+                continue
+            ns, name = str(meta.get("namespace", "default")), str(meta.get("name", ""))
+            selector = spec.get("selector") or {}
+            matched = [sp for sp in spec.get("ports") or []
+                       if str(sp.get("protocol") or "TCP").lower() == rule.proto
+                       and _port_in_rule(rule, int(sp.get("port", 0)))]
+            if not matched:
+                continue
+            if not selector:
+                unresolved.append(f"{rule.proto}:{ips[0]} is Service {ns}/{name}, which has no selector; "
+                                  f"kept as an ipBlock, which matches no pod after the Service's DNAT")
+                continue
+            replaced = replaced or single
+            for sp in matched:
+                target = sp.get("targetPort", sp.get("port"))
+                target = int(target) if isinstance(target, int) or str(target).isdigit() else str(target)
+                peer = ServicePeer(ns, name, tuple(sorted((str(k), str(v)) for k, v in selector.items())),
+                                   rule.proto.upper(), target)
+                if peer not in peers:
+                    peers.append(peer)
+        if not replaced:
+            rules.append(rule)
+    peers.sort(key=lambda p: (p.namespace, p.service, p.proto, str(p.target_port)))
+    return ServiceDestinations(rules, peers, unresolved)
+
+
+def _peer_groups(peers: list[ServicePeer]) -> list[tuple[tuple[str, tuple], list[tuple[str, int | str]]]]:
+    """Peers grouped by the pods they select: ``[((namespace, selector), [(proto, port), ...])]``."""
+    groups: dict[tuple[str, tuple], list[tuple[str, int | str]]] = {}
+    for p in peers:
+        ports = groups.setdefault((p.namespace, p.selector), [])
+        if (p.proto, p.target_port) not in ports:
+            ports.append((p.proto, p.target_port))
+    return sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1]))
 
 
 def _metadata(policy, suffix: str) -> dict:
@@ -97,14 +213,17 @@ def _egress_constrained(policy) -> bool:
     return "egress" in getattr(policy, "substrates", ("egress",))
 
 
-def compile_networkpolicy(policy, pod_labels: Mapping[str, str] | None = None) -> dict:
-    """The policy's egress as a ``networking.k8s.io/v1`` ``NetworkPolicy``."""
+def compile_networkpolicy(policy, pod_labels: Mapping[str, str] | None = None,
+                          services: Iterable[Mapping] | None = None) -> dict:
+    """The policy's egress as a ``networking.k8s.io/v1`` ``NetworkPolicy``; ``services`` (the
+    cluster's Service objects) turn ClusterIP destinations into the Services' pods."""
     _check_workload(policy)
     egress: list[dict] = []
     if not _egress_constrained(policy):
         egress.append({})  # an empty rule allows all egress
     else:
-        for ports, cidrs in _port_groups(policy):
+        dest = service_destinations(policy, services)
+        for ports, cidrs in _port_groups(dest.rules):
             rule_ports = []
             for proto, lo, hi in ports:
                 p: dict = {"protocol": proto, "port": lo}
@@ -112,6 +231,10 @@ def compile_networkpolicy(policy, pod_labels: Mapping[str, str] | None = None) -
                     p["endPort"] = hi
                 rule_ports.append(p)
             egress.append({"to": [{"ipBlock": {"cidr": c}} for c in cidrs], "ports": rule_ports})
+        for (ns, selector), ports in _peer_groups(dest.peers):
+            egress.append({"to": [{"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: ns}},
+                                   "podSelector": {"matchLabels": dict(selector)}}],
+                           "ports": [{"protocol": proto, "port": port} for proto, port in ports]})
     return {
         "apiVersion": NETWORKPOLICY_API_VERSION,
         "kind": "NetworkPolicy",
@@ -124,15 +247,17 @@ def compile_networkpolicy(policy, pod_labels: Mapping[str, str] | None = None) -
     }
 
 
-def compile_cilium(policy, pod_labels: Mapping[str, str] | None = None) -> dict:
+def compile_cilium(policy, pod_labels: Mapping[str, str] | None = None,
+                   services: Iterable[Mapping] | None = None) -> dict:
     """The policy's egress as a ``cilium.io/v2`` ``CiliumNetworkPolicy`` (L3 ``toCIDR`` + L4
-    ``toPorts``)."""
+    ``toPorts``, and ``toEndpoints`` for the pods behind Service ClusterIPs)."""
     _check_workload(policy)
     egress: list[dict] = []
     if not _egress_constrained(policy):
         egress.append({"toEntities": ["all"]})
     else:
-        for ports, cidrs in _port_groups(policy):
+        dest = service_destinations(policy, services)
+        for ports, cidrs in _port_groups(dest.rules):
             pp = []
             for proto, lo, hi in ports:
                 p: dict = {"port": str(lo), "protocol": proto}
@@ -140,17 +265,20 @@ def compile_cilium(policy, pod_labels: Mapping[str, str] | None = None) -> dict:
                     p["endPort"] = hi
                 pp.append(p)
             egress.append({"toCIDR": list(cidrs), "toPorts": [{"ports": pp}]})
-    spec: dict = {"endpointSelector": {"matchLabels": pod_selector_labels(policy, pod_labels)}}
-    # An empty egress list would leave egress unrestricted in Cilium; deny all explicitly.
-    if egress:
-        spec["egress"] = egress
-    else:
-        spec["egressDeny"] = [{"toEntities": ["all"]}]
+        for (ns, selector), ports in _peer_groups(dest.peers):
+            egress.append({"toEndpoints": [{"matchLabels": {**dict(selector), CILIUM_NAMESPACE_LABEL: ns}}],
+                           "toPorts": [{"ports": [{"port": str(port), "protocol": proto}
+                                                  for proto, port in ports]}]})
+    if not egress:
+        # Nothing allowed: one empty rule puts the pods in egress default deny and allows
+        # nothing, while what other policies allow them still applies (an egressDeny would not).
+        egress.append({})
     return {
         "apiVersion": CILIUM_API_VERSION,
         "kind": "CiliumNetworkPolicy",
         "metadata": _metadata(policy, "egress"),
-        "spec": spec,
+        "spec": {"endpointSelector": {"matchLabels": pod_selector_labels(policy, pod_labels)},
+                 "egress": egress},
     }
 
 

@@ -73,7 +73,9 @@ ARCHITECTURES = {
     "aarch64": ("SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"),
 }
 
-SPO_API_VERSION = "security-profiles-operator.x-k8s.io/v1beta1"
+#: The Security Profiles Operator serves ``SeccompProfile`` as ``v1`` (storage) and ``v1beta1``
+#: since v1.0.0; it is cluster scoped since v0.9.0 and ``errnoRet`` is an integer since v0.8.1.
+SPO_API_VERSION = "security-profiles-operator.x-k8s.io/v1"
 SPO_KIND = "SeccompProfile"
 
 _SYSCALL_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
@@ -282,10 +284,12 @@ def k8s_name(*parts: str) -> str:
 
 def compile_spo(policy, mode: str | None = None, *, runtime: str | None = None,
                 arch: str = "x86_64", extra_allow: Mapping[str, str] | None = None) -> dict:
-    """The policy as a Security Profiles Operator ``SeccompProfile`` (v1beta1).
+    """The policy as a Security Profiles Operator ``SeccompProfile`` (``v1``, cluster scoped).
 
-    The CRD has no ``defaultErrnoRet`` (runtimes then use EPERM, which is :data:`DENY_ERRNO`)
-    and no rule comment, so where each rule came from goes in annotations.
+    The object has no namespace: SPO's ``SeccompProfile`` is cluster scoped, so its name carries
+    the workload's namespace, name and container. ``errnoRet`` is an integer, as the CRD types
+    it. The CRD has no ``defaultErrnoRet`` (runtimes then use EPERM, which is
+    :data:`DENY_ERRNO`) and no rule comment, so where each rule came from goes in annotations.
     """
     compiled = compile_oci(policy, mode, runtime=runtime, arch=arch, extra_allow=extra_allow)
     oci = compiled.profile
@@ -295,7 +299,7 @@ def compile_spo(policy, mode: str | None = None, *, runtime: str | None = None,
     for r in oci["syscalls"]:
         rule = {"action": r["action"], "names": list(r["names"])}
         if "errnoRet" in r:
-            rule["errnoRet"] = str(r["errnoRet"])
+            rule["errnoRet"] = int(r["errnoRet"])
         rules.append(rule)
     if rules:
         spec["syscalls"] = rules
@@ -315,8 +319,7 @@ def compile_spo(policy, mode: str | None = None, *, runtime: str | None = None,
         "apiVersion": SPO_API_VERSION,
         "kind": SPO_KIND,
         "metadata": {
-            "name": k8s_name(w.name, w.container),
-            "namespace": w.namespace,
+            "name": k8s_name(w.namespace, w.name, w.container),
             "labels": {"app.kubernetes.io/managed-by": "envelope"},
             "annotations": annotations,
         },

@@ -45,7 +45,7 @@ class Config:
     cluster: str = "auto"  # Kubernetes API use: "auto" (when in a pod), "on" or "off"
     profile_namespace: str = field(default_factory=lambda: os.environ.get("POD_NAMESPACE", "envelope-system"))
     kubeconfig: str | None = None  # outside a pod, with cluster: "on"
-    policy_sync_interval: float = 15.0  # seconds between LeastPrivilegePolicy reads in the daemon
+    policy_sync_interval: float = 15.0  # seconds between policy-job rounds (retries, stale checks); policies are watched
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, **overrides) -> "Config":

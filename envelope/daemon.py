@@ -4,14 +4,23 @@ Wires the real components from one :class:`~envelope.config.Config`: the sensor,
 resolver, the aggregator and profile store, the metrics endpoint, and (when policies are
 enforced on this node) the egress enforcer and violation detection. It logs one line containing
 ``ready`` once the probes are attached, flushes profiles on SIGTERM/SIGINT and exits cleanly.
+
+This is the only place that builds the Kubernetes side (:func:`build_cluster`): one API client
+and, from it, the four jobs, each handed what it needs: pod watching
+(:class:`sensor.pods.PodWatcher`, which the identity resolver reads), profile publishing
+(:class:`sensor.workloadprofile.PublisherThread`), policy application
+(:class:`envelope.policy_job.PolicyJob`) and stale detection
+(:class:`envelope.stale_job.StaleJob`), the last two over one policy informer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 
 import structlog
 
@@ -21,6 +30,132 @@ from . import wiring
 from .config import Config
 
 log = structlog.get_logger("envelope.daemon")
+
+CLUSTER_MODES = ("auto", "on", "off")
+#: API attempts per call in the final flush on shutdown.
+CLOSE_ATTEMPTS = 2
+
+
+def cluster_client(config: Config):
+    """The API client the config asks for, or None: ``off`` never; ``auto`` only inside a pod
+    (``KUBERNETES_SERVICE_HOST``), an API that cannot be configured being a warning; ``on``
+    always, an API that cannot be configured being a :class:`~envelope.errors.UserError`."""
+    from sensor.kubeapi import ClusterApiError, api_client
+
+    from .errors import UserError
+
+    mode = getattr(config, "cluster", "auto")
+    if isinstance(mode, bool):  # YAML 1.1 reads an unquoted on/off as a boolean
+        mode = "on" if mode else "off"
+    if mode not in CLUSTER_MODES:
+        raise UserError(f"config cluster: {mode!r} is not one of {', '.join(CLUSTER_MODES)}")
+    if mode == "off":
+        return None
+    if mode == "auto" and not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        log.info("not in a pod: the Kubernetes API is not used (cluster: auto)", node=config.node_name)
+        return None
+    try:
+        return api_client(config.kubeconfig)
+    except ClusterApiError as e:
+        if mode == "on":
+            raise UserError(f"cluster: on, but {e}") from None
+        log.warning("kubernetes api not configured; profiles stay on the node and policies are not "
+                    "read (identities come from OCI annotations and cgroups)", error=str(e))
+        return None
+
+
+@dataclass
+class Cluster:
+    """The daemon's Kubernetes jobs, built by :func:`build_cluster`; the daemon drives them."""
+
+    pods: object  # sensor.pods.PodWatcher
+    policy_informer: object  # sensor.kubeapi.Informer
+    publisher: object  # sensor.workloadprofile.PublisherThread
+    policies: object  # envelope.policy_job.PolicyJob
+    stale: object  # envelope.stale_job.StaleJob
+    backoffs: tuple = ()  # the API calls' backoffs: shortened on close
+    closing: threading.Event | None = None  # ends their retry sleeps
+
+    def start(self, observer=None, enforcement=None) -> None:
+        self.pods.start()
+        self.policies.enforcement = enforcement
+        self.policy_informer.start()
+        self.publisher.start()
+        self.policies.start()
+        self.stale.start(observer)
+
+    def tick(self) -> None:
+        """The loop's share: queued egress applications and a bindings snapshot; no network."""
+        self.policies.tick()
+        self.stale.tick()
+
+    def publish(self, profiles, written=None) -> None:
+        """Hand this node's flushed contributions to the publishing thread (a snapshot)."""
+        try:
+            self.publisher.publish(profiles, written)
+        except Exception as e:  # noqa: BLE001 - a flush must not fail on the cluster side
+            log.error("profile snapshot for publishing failed", error=f"{type(e).__name__}: {e}")
+
+    def close(self, timeout: float = 20.0) -> bool:
+        """Stop the jobs, then write what is still unpublished (one short last attempt)."""
+        for b in self.backoffs:  # calls in flight give up after this attempt
+            b.attempts = min(b.attempts, CLOSE_ATTEMPTS)
+        if self.closing is not None:
+            self.closing.set()
+        self.stale.close(timeout)
+        self.policies.close(timeout)
+        try:
+            ok = self.publisher.close(timeout)
+        except Exception as e:  # noqa: BLE001 - shutdown goes on
+            log.error("final profile publishing failed", error=f"{type(e).__name__}: {e}")
+            ok = False
+        self.policy_informer.stop()
+        self.pods.stop()
+        log.info("cluster jobs stopped", published=ok)
+        return ok
+
+
+def build_cluster(config: Config, metrics, client, *, backoff=None, watch_backoff=None,
+                  watch_timeout: int = 300, publish_retry: float = 30.0, request_timeout=None) -> Cluster:
+    """Every Kubernetes collaborator of the daemon, from one API client (tests call this too)."""
+    from enforcer.exceptions import syscall_allowances
+    from enforcer.kubelet import KubeletSeccompDir
+    from enforcer.leastprivilegepolicy import ClusterPolicies
+    from sensor.kubeapi import REQUEST_TIMEOUT, Backoff, Informer
+    from sensor.pods import PodWatcher
+    from sensor.workloadprofile import ClusterProfiles, ProfilePublisher, PublisherThread
+
+    from .policy_job import PolicyJob
+    from .stale_job import StaleJob
+
+    timeout = request_timeout or REQUEST_TIMEOUT
+    on_api_error = metrics.api_error if metrics is not None else None
+    base = backoff or Backoff()
+    stop = threading.Event()  # retry sleeps end when the jobs close
+    calls = dataclasses.replace(base, sleep=stop.wait) if base.sleep is time.sleep else base
+    pods = PodWatcher(config.node_name, client, fingerprint_keys=config.fingerprint_annotations,
+                      backoff=watch_backoff, watch_timeout=watch_timeout, request_timeout=timeout,
+                      on_error=on_api_error)
+    profiles = ClusterProfiles.from_api_client(client, namespace=config.profile_namespace, backoff=calls,
+                                               on_api_error=on_api_error)
+    publisher = PublisherThread(ProfilePublisher(profiles, config.node_name,
+                                                 on_result=metrics.published if metrics is not None else None),
+                                retry_interval=publish_retry)
+    policies = ClusterPolicies.from_api_client(client, config.node_name, backoff=calls, on_api_error=on_api_error)
+    informer = Informer("leastprivilegepolicies", policies.list_fn, backoff=watch_backoff,
+                        watch_timeout=watch_timeout, request_timeout=timeout, on_error=on_api_error)
+    interval = float(config.policy_sync_interval)
+    stale = StaleJob(config.node_name, policies, informer, pods, state_dir=config.state_dir,
+                     rebaseline=bool(config.rebaseline_on_stale), metrics=metrics, interval=interval)
+    job = PolicyJob(config.node_name, policies, informer, KubeletSeccompDir.from_config(config),
+                    metrics=metrics, interval=interval, stale_here=stale.is_stale_here,
+                    exceptions=lambda w: syscall_allowances(config.state_dir, w))
+    stale.on_change = job.wake
+    informer.on_event = lambda *event: (job.wake(), stale.wake())
+    cluster = Cluster(pods, informer, publisher, job, stale, backoffs=(calls,), closing=stop)
+    log.info("kubernetes api configured", node=config.node_name, host=client.configuration.host,
+             profile_namespace=config.profile_namespace)
+    return cluster
 
 
 def own_cgroup_id() -> int | None:
@@ -49,16 +184,13 @@ class Daemon:
     def _resolver(self):
         from sensor.identity import Resolver
 
-        kube = self.cluster.kube if self.cluster else None
+        kube = self.cluster.pods if self.cluster else None
         return Resolver(host_root=self.config.host_root, kube=kube)
 
     def _cluster(self):
         """The Kubernetes side (pod identity, WorkloadProfile publishing, policies), or None."""
-        if self.config.cluster == "off":
-            return None
-        from .cluster_sync import ClusterSync
-
-        return ClusterSync.maybe(self.config, self.metrics)
+        client = cluster_client(self.config)
+        return build_cluster(self.config, self.metrics, client) if client is not None else None
 
     def _metrics(self):
         try:

@@ -185,7 +185,7 @@ class Metrics:
         self.api_errors.labels(call=_call_label(what)).inc()
 
     def published(self, result: Any) -> None:
-        """Count a ``sensor.crd.PublishResult``."""
+        """Count a ``sensor.workloadprofile.PublishResult``."""
         outcome = "failed" if not result.ok else ("unchanged" if result.unchanged else "written")
         self.publish.labels(result=outcome).inc()
 

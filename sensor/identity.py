@@ -2,7 +2,7 @@
 
 Sources, in order of authority:
 
-1. the Kubernetes API cache (:class:`sensor.kube.KubeWatcher`), when configured;
+1. the Kubernetes API cache (:class:`sensor.pods.PodWatcher`), when configured;
 2. the CRI annotations in the runtime's OCI ``config.json`` (found through runc's
    ``state.json``, containerd's task bundle, CRI-O's userdata or docker's container config);
 3. the cgroup path alone (container id, pod uid, QoS).

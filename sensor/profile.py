@@ -270,6 +270,17 @@ class NodeContribution:
         )
 
 
+def newer_contribution(a: NodeContribution, b: NodeContribution) -> NodeContribution:
+    """Of two versions of one node's contribution, the newer by ``(generation, updated)``; a
+    tie (the same version seen twice) is broken by content, so the choice is deterministic."""
+    ka, kb = (a.generation, a.updated), (b.generation, b.updated)
+    if ka == kb:
+        pa = msgpack.packb(a.pack(), use_bin_type=True)
+        pb = msgpack.packb(b.pack(), use_bin_type=True)
+        return a if pa >= pb else b
+    return a if ka > kb else b
+
+
 @dataclass
 class Profile:
     """All the evidence about one workload: one contribution per node."""
@@ -287,14 +298,31 @@ class Profile:
     # ---- merged views ----------------------------------------------------------------------
 
     def behaviours(self) -> dict[str, BehaviourStats]:
-        """Per behaviour, the evidence summed over nodes, sorted by key."""
+        """Per behaviour, the evidence summed over nodes, sorted by key (the same as merging the
+        nodes' stats pairwise with :meth:`BehaviourStats.merged`, in one pass: a workload on
+        thousands of nodes is summed in linear time)."""
         out: dict[str, BehaviourStats] = {}
+        ids: dict[str, set] = {}
         for name in sorted(self.nodes):
-            for key, s in self.nodes[name].behaviours.items():
-                mine = BehaviourStats(s.count, s.sessions, s.first_seen, s.last_seen, s.session_sum,
-                                      s.session_sumsq, [f"{name}/{i}" for i in s.session_ids])
+            node = self.nodes[name]
+            merged_id = {i: f"{name}/{i}" for i in node.sessions}  # one string per session, not per behaviour
+            for key, s in node.behaviours.items():
+                these = [merged_id[i] if i in merged_id else f"{name}/{i}" for i in s.session_ids]
                 prev = out.get(key)
-                out[key] = mine if prev is None else prev.merged(mine)
+                if prev is None:
+                    out[key] = BehaviourStats(s.count, s.sessions, s.first_seen, s.last_seen, s.session_sum,
+                                              s.session_sumsq)
+                    ids[key] = set(these)
+                    continue
+                prev.count += s.count
+                prev.sessions += s.sessions
+                prev.first_seen = min(prev.first_seen, s.first_seen)
+                prev.last_seen = max(prev.last_seen, s.last_seen)
+                prev.session_sum += s.session_sum
+                prev.session_sumsq += s.session_sumsq
+                ids[key].update(these)
+        for key, stats in out.items():
+            stats.session_ids = sorted(ids[key])
         return dict(sorted(out.items()))
 
     def sessions(self) -> list[SessionRecord]:
@@ -389,16 +417,7 @@ class Profile:
         nodes: dict[str, NodeContribution] = {}
         for name in sorted(set(self.nodes) | set(other.nodes)):
             a, b = self.nodes.get(name), other.nodes.get(name)
-            if a is None or b is None:
-                nodes[name] = a or b
-                continue
-            ka, kb = (a.generation, a.updated), (b.generation, b.updated)
-            if ka == kb:  # same version seen twice, or a true tie: pick by content for determinism
-                pa = msgpack.packb(a.pack(), use_bin_type=True)
-                pb = msgpack.packb(b.pack(), use_bin_type=True)
-                nodes[name] = a if pa >= pb else b
-            else:
-                nodes[name] = a if ka > kb else b
+            nodes[name] = a or b if a is None or b is None else newer_contribution(a, b)
         return Profile(self.workload, nodes)
 
     def pack(self) -> dict:

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import msgpack
 
-from enforcer.crd import ClusterPolicies, node_statuses
+from enforcer.leastprivilegepolicy import ClusterPolicies, node_statuses
 from enforcer.policy import PolicyError, load_policy
-from sensor.crd import (
-    DEFAULT_NAMESPACE, Backoff, ClusterApiError, ClusterProfiles, api_client, load_cluster_profile,
-)
+from sensor.kubeapi import Backoff, ClusterApiError, api_client
+from sensor.workloadprofile import DEFAULT_NAMESPACE, ClusterProfiles, load_cluster_profile
 from sensor.profile import Profile
 from sensor.state_dir import atomic_write
 
@@ -100,7 +99,7 @@ def cmd_profiles(args, config) -> int:
 
 def cmd_profile(args, config) -> int:
     try:
-        profile, problems = load_cluster_profile(args.name, namespace=args.profile_namespace, client=_client(args))
+        profile, problems = load_cluster_profile(args.name, _client(args), namespace=args.profile_namespace)
     except (ClusterApiError, LookupError) as e:
         raise UserError(str(e)) from None
     if args.save:

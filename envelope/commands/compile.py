@@ -1,5 +1,8 @@
 """``envelope compile POLICY --format oci-seccomp|spo|networkpolicy|cilium [-o FILE]``.
 
+Network exports take the cluster's Services (``--services FILE`` or ``--services-from-cluster``)
+so that ClusterIP destinations are exported as the Services' pods (see :mod:`enforcer.netexport`).
+
 Compiles a policy file into an enforcement artefact. A malformed policy gives one error line and
 writes nothing; ``-o FILE`` is written atomically, so an existing file is either replaced whole
 or left as it was.
@@ -38,6 +41,13 @@ def register(sub) -> None:
     p.add_argument("--pod-label", action="append", metavar="KEY=VALUE",
                    help="pod selector label for network exports (default app=<workload name>); "
                         "repeat for several")
+    p.add_argument("--services", metavar="FILE",
+                   help="network exports: the cluster's Services (a Service or List, YAML or JSON, e.g. "
+                        "`kubectl get services -A -o json`); ClusterIP destinations become the Services' pods")
+    p.add_argument("--services-from-cluster", action="store_true",
+                   help="network exports: read the Services through the Kubernetes API instead")
+    p.add_argument("--kubeconfig", default=None, help="with --services-from-cluster: kubeconfig file")
+    p.add_argument("--context", default=None, help="with --services-from-cluster: kubeconfig context")
     p.add_argument("--report", metavar="FILE",
                    help="write where each seccomp rule came from (JSON) to FILE")
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE (atomically) instead of stdout")
@@ -58,9 +68,44 @@ def render(policy, args, state_dir) -> tuple[str, dict | None]:
                                   extra_allow=extra)
         return netexport.dump(doc), compiled.report_dict()
     labels = netexport.parse_pod_labels(args.pod_label)
+    services = load_services(args)
+    if services is not None:
+        for note in netexport.service_destinations(policy, services).unresolved:
+            print(f"envelope: note: {note}", file=sys.stderr)
     if args.format == "networkpolicy":
-        return netexport.dump(netexport.compile_networkpolicy(policy, labels)), None
-    return netexport.dump(netexport.compile_cilium(policy, labels)), None
+        return netexport.dump(netexport.compile_networkpolicy(policy, labels, services)), None
+    return netexport.dump(netexport.compile_cilium(policy, labels, services)), None
+
+
+def load_services(args) -> list[dict] | None:
+    """The Services for ClusterIP destinations: from ``--services FILE`` or through the API."""
+    if getattr(args, "services", None) and getattr(args, "services_from_cluster", False):
+        raise UserError("give --services FILE or --services-from-cluster, not both")
+    if getattr(args, "services_from_cluster", False):
+        from kubernetes.client import CoreV1Api
+
+        from sensor.kubeapi import Backoff, ClusterApiError, TimedApi, api_client, list_all
+
+        try:
+            core = TimedApi(CoreV1Api(api_client(args.kubeconfig, args.context)))
+            items, _ = list_all(lambda **kw: core.list_service_for_all_namespaces(_preload_content=False, **kw),
+                                "list services", Backoff(attempts=3))
+        except ClusterApiError as e:
+            raise UserError(f"--services-from-cluster: {e}") from None
+        return items
+    if not getattr(args, "services", None):
+        return None
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(args.services).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"--services {args.services}: {e}") from None
+    items = doc.get("items") if isinstance(doc, dict) and "items" in doc else [doc]
+    if not isinstance(items, list) or any(not isinstance(i, dict) or i.get("kind", "Service") != "Service"
+                                          for i in items):
+        raise UserError(f"--services {args.services}: expected a Service or a List of Services")
+    return items
 
 
 def cmd_compile(args, config) -> int:

@@ -94,11 +94,12 @@ def load_cluster_profile_arg(args) -> Profile:
     """NAME's profile merged across the cluster's WorkloadProfile objects."""
     import os
 
-    from sensor.crd import DEFAULT_NAMESPACE, ClusterApiError, load_cluster_profile
+    from sensor.kubeapi import ClusterApiError, api_client
+    from sensor.workloadprofile import DEFAULT_NAMESPACE, load_cluster_profile
 
     namespace = args.profile_namespace or os.environ.get("POD_NAMESPACE") or DEFAULT_NAMESPACE
     try:
-        profile, problems = load_cluster_profile(args.name, args.kubeconfig, args.context, namespace)
+        profile, problems = load_cluster_profile(args.name, api_client(args.kubeconfig, args.context), namespace)
     except (ClusterApiError, LookupError) as e:
         raise UserError(f"--from-cluster: {e}") from None
     for problem in problems:

@@ -1,1 +1,2 @@
-"""Test fakes shared by every tier: one place, imported as ``tests.fakes.<name>``."""
+"""Test fakes shared by every test tier (and the cluster-scale benchmark): one place, imported
+as ``tests.fakes.<name>``, never through ``sys.path`` tricks."""

@@ -1,14 +1,16 @@
 """``envelope daemon`` as a cluster component: the real daemon (real BPF sensor, real runc
-container that looks like a Deployment's pod) against a Kubernetes API server on 127.0.0.1.
+container that looks like a Deployment's pod) against the fake API server of tests/fakes.
 
 It resolves the container through the pod on its node, publishes the workload's profile as
 WorkloadProfile objects, writes the LeastPrivilegePolicy's seccomp profile for the kubelet,
-reports its node status, and flushes on SIGTERM.
+reports its node status, and flushes on SIGTERM; and with a black-holed API server (every request
+accepted, none answered) it still counts every event.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,20 +20,20 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.kubeconfig import write_kubeconfig  # noqa: E402
+
+from enforcer.kubelet import localhost_profile
+from enforcer.leastprivilegepolicy import ClusterPolicies, node_statuses
+from enforcer.policy import Policy
+from sensor.cgroup import CgroupFS, host_unit_name
+from sensor.kubeapi import Backoff
+from sensor.store import ProfileStore
+from sensor.workload import Workload
+from sensor.workloadprofile import ClusterProfiles
+from tests.fakes.apiserver import FakeApiServer
+from tests.privileged.daemon_log import LogReader
+from tests.privileged.runc_bundle import RuncContainer
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests" / "unit"))  # the local API server lives with the unit tests
-
-from test_cluster_sync import ClusterAPI  # noqa: E402
-
-from enforcer.crd import ClusterPolicies, node_statuses  # noqa: E402
-from enforcer.kubelet import localhost_profile  # noqa: E402
-from enforcer.policy import Policy  # noqa: E402
-from sensor.crd import Backoff, ClusterProfiles  # noqa: E402
-from sensor.workload import Workload  # noqa: E402
-from tests.privileged.runc_bundle import RuncContainer  # noqa: E402
-from tests.privileged.daemon_log import LogReader  # noqa: E402
 
 NODE = "envelope-test-node"
 W = Workload("agents", "Deployment", "research-agent", "agent")
@@ -74,16 +76,16 @@ def wait_until(cond, timeout: float = 120.0) -> bool:
 
 @pytest.mark.runc
 def test_daemon_publishes_profiles_and_applies_policies_through_the_api(tmp_path):
-    with ClusterAPI() as kube, RuncContainer.deployment(
+    with FakeApiServer() as kube, RuncContainer.deployment(
             "agents", "research-agent", "agent",
             ["/bin/sh", "-c", "sleep 2; for i in 1 2 3 4 5; do cat /etc/passwd >/dev/null; done; exec sleep 300"],
             tmp_path) as c:
         pod, rs = pod_for(c)
-        kube.add_pod(pod)
-        kube.add(rs)
+        kube.put(pod)
+        kube.put(rs)
         ClusterPolicies.from_api_client(kube.api_client(), "tester", backoff=Backoff(attempts=1)).create(
             Policy(W, mode="enforce", substrates=("syscall",), syscalls=("read", "write", "openat", "nanosleep")))
-        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{kube.port}")
+        kubeconfig = kube.kubeconfig(tmp_path / "kubeconfig")
         kubelet = tmp_path / "kubelet-seccomp"
         cfg = tmp_path / "config.yaml"
         cfg.write_text(yaml.safe_dump({
@@ -115,7 +117,8 @@ def test_daemon_publishes_profiles_and_applies_policies_through_the_api(tmp_path
             assert fps["service_account"] == ["research-agent"]
 
             def entry():
-                return node_statuses(kube.policy("agents", "research-agent-agent")).get(NODE)
+                return node_statuses(kube.object("envelope.dev", "leastprivilegepolicies", "agents",
+                                                 "research-agent-agent") or {}).get(NODE)
 
             assert wait_until(lambda: entry() is not None), f"no node status reported: {''.join(log)[-3000:]}"
             assert entry().state == "applied", entry().reason
@@ -136,3 +139,47 @@ def test_daemon_publishes_profiles_and_applies_policies_through_the_api(tmp_path
             # The pinned egress set outlives the daemon by design; this test removes it.
             from enforcer.session import EnforcementSession
             EnforcementSession(tmp_path / "state").remove(W, reason="test cleanup")
+
+
+def test_a_black_holed_api_server_changes_no_event_count(tmp_path):
+    """The API server accepts and never answers: the daemon still starts, counts a workload's
+    syscalls exactly, and flushes them on SIGTERM."""
+    cgfs = CgroupFS()
+    rel = f"/envelope.test/blackhole-{os.getpid()}"
+    path, _ = cgfs.make(rel)
+    with FakeApiServer() as kube:
+        kube.mode = "blackhole"
+        cfg = tmp_path / "config.yaml"
+        cfg.write_text(yaml.safe_dump({
+            "state_dir": str(tmp_path / "state"), "node_name": NODE, "cluster": "on",
+            "kubeconfig": kube.kubeconfig(tmp_path / "kubeconfig"), "kubelet_seccomp_dir": str(tmp_path / "kubelet"),
+            "profile_namespace": "envelope-system", "policy_sync_interval": 0.5}))
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "envelope.cli", "--config", str(cfg), "--log-json",
+             "daemon", "--metrics-port", "0", "--flush-interval", "1"],
+            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        try:
+            LogReader(daemon.stderr).wait_for("ready")
+            log: list[str] = []
+            threading.Thread(target=lambda: log.extend(daemon.stderr), daemon=True).start()
+            assert wait_until(lambda: kube.hanging >= 2), "the daemon's API calls are held in the black hole"
+            script = ("import ctypes\nl=ctypes.CDLL(None)\n"
+                      "for _ in range(777): l.personality(0xffffffff)\n")
+            w = subprocess.Popen(["/usr/bin/python3", "-c", script],
+                                 preexec_fn=lambda: open(f"{path}/cgroup.procs", "w").write("0"))
+            assert w.wait() == 0
+            time.sleep(2.5)  # let at least one counter read pass
+            assert kube.hanging >= 2
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(timeout=120) == 0, "".join(log)[-3000:]
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait()
+            cgfs.remove(rel)
+            cgfs.remove_empty_parents(rel)
+    store = ProfileStore(tmp_path / "state")
+    name = host_unit_name(rel).strip("/").replace("/", "_")
+    matches = [w for w in store.workloads() if w.name == name]
+    assert matches, [w.key for w in store.workloads()]
+    assert store.load(matches[0]).behaviours()["syscall:personality"].count == 777

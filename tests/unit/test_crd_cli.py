@@ -7,13 +7,15 @@ import json
 import msgpack
 import pytest
 import structlog
-from test_crd_api import FakeKubeAPI, _profile  # the local API server and profile builder
+from tests.fakes.apiserver import FakeApiServer
+from tests.fakes.profiles import node_profile
 
-from enforcer.crd import ClusterPolicies
+from enforcer.leastprivilegepolicy import ClusterPolicies
 from enforcer.policy import EgressRule, Policy, dump_policy
 from envelope.cli import main
 from tests.kubeconfig import write_kubeconfig
-from sensor.crd import Backoff, ClusterProfiles
+from sensor.kubeapi import Backoff
+from sensor.workloadprofile import ClusterProfiles
 from sensor.profile import Profile
 from sensor.workload import Workload
 
@@ -31,7 +33,7 @@ def _plain_logging():
 
 @pytest.fixture
 def kube(tmp_path):
-    with FakeKubeAPI() as api:
+    with FakeApiServer() as api:
         api.kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{api.port}")
         yield api
 
@@ -44,7 +46,7 @@ def run(kube, capsys, *argv) -> tuple[int, str, str]:
 
 def publish(kube) -> Profile:
     cp = ClusterProfiles.from_api_client(kube.api_client(), backoff=Backoff(attempts=1))
-    a, b = _profile("node-a", 2), _profile("node-b", 3)
+    a, b = node_profile("node-a", 2), node_profile("node-b", 3)
     cp.publish(W, a.nodes["node-a"])
     cp.publish(W, b.nodes["node-b"])
     return a.merge(b)
@@ -98,7 +100,7 @@ def test_apply_then_policies_shows_per_node_status(kube, capsys, tmp_path):
 
 
 def test_unreachable_api_is_one_clear_error(tmp_path, capsys):
-    with FakeKubeAPI() as gone:
+    with FakeApiServer() as gone:
         port = gone.port
     cfg = tmp_path / "kubeconfig"
     cfg.write_text(f"""apiVersion: v1
@@ -141,13 +143,48 @@ def test_cluster_profile_to_derived_policy_to_cluster_policy(kube, capsys, tmp_p
 
 
 def test_ambiguous_name_asks_for_the_full_key(kube, capsys):
-    from sensor.crd import load_cluster_profile
+    from sensor.workloadprofile import load_cluster_profile
 
     publish(kube)
     other = Workload("staging", "Deployment", "researcher", "main")
     cp = ClusterProfiles.from_api_client(kube.api_client(), backoff=Backoff(attempts=1))
-    cp.publish(other, _profile("node-a", 1, workload=other).nodes["node-a"])
+    cp.publish(other, node_profile("node-a", 1, workload=other).nodes["node-a"])
     rc, _, err = run(kube, capsys, "profile", "researcher")
     assert rc == 2 and "matches 2 workloads" in err and "give namespace/kind/name/container" in err
-    profile, problems = load_cluster_profile("staging/researcher", client=kube.api_client())
+    profile, problems = load_cluster_profile("staging/researcher", kube.api_client())
     assert profile.workload == other and problems == []
+
+
+# ---- envelope compile with the cluster's Services -------------------------------------------------
+
+
+def test_compile_networkpolicy_with_services_from_the_cluster_and_from_a_file(kube, tmp_path, capsys):
+    from pathlib import Path
+
+    k8s = Path(__file__).resolve().parent.parent / "fixtures" / "k8s"
+    services = [json.loads((k8s / f"service-{n}.json").read_text()) for n in ("kube-dns", "vector-db-external")]
+    for svc in services:
+        kube.put(svc)
+    policy = Policy(Workload("agents", "Deployment", "web", "main"), mode="enforce",
+                    egress=(EgressRule("udp", "10.96.0.10/32", (53,)), EgressRule("tcp", "10.96.77.5/32", (6333,))))
+    path = tmp_path / "p.yaml"
+    path.write_text(dump_policy(policy))
+    rc = main(["compile", str(path), "--format", "networkpolicy", "--services-from-cluster",
+               "--kubeconfig", kube.kubeconfig])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    import yaml
+
+    doc = yaml.safe_load(out)
+    peers = [t for r in doc["spec"]["egress"] for t in r["to"]]
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}} in peers
+    assert {"ipBlock": {"cidr": "10.96.77.5/32"}} in peers  # no selector: kept, and said so
+    assert "agents/vector-db, which has no selector" in err
+    assert kube.count("GET", "/api/v1/services") == 1
+    listing = tmp_path / "services.json"
+    listing.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": services}))
+    rc = main(["compile", str(path), "--format", "cilium", "--services", str(listing)])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "toEndpoints" in out and "egressDeny" not in out
+    assert main(["compile", str(path), "--format", "cilium", "--services", str(tmp_path / "missing.json")]) == 2

@@ -10,7 +10,7 @@ import zlib
 import msgpack
 import pytest
 
-from sensor.crd import (
+from sensor.workloadprofile import (
     DEFAULT_CHUNK_SIZE, ENCODING, LABEL_CHUNK_COUNT, LABEL_CHUNK_INDEX, LABEL_NODE, LABEL_WORKLOAD,
     MAX_CHUNKS, ProfileCRError, assemble, contribution_to_crs, decode_contribution,
     encode_contribution, label_value, object_name, profile_to_crs,

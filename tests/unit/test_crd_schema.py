@@ -13,10 +13,10 @@ import jsonschema
 import pytest
 import yaml
 
-from enforcer.crd import NodeStatus, policy_from_cr, policy_to_cr, stale_condition, status_body
+from enforcer.leastprivilegepolicy import NodeStatus, policy_from_cr, policy_to_cr, stale_condition, status_body
 from enforcer.derive import DeriveOptions, derive
 from enforcer.policy import dump_policy, load_policy
-from sensor.crd import profile_to_crs
+from sensor.workloadprofile import profile_to_crs
 from sensor.profile import Profile
 from sensor.workload import Workload
 
@@ -298,10 +298,14 @@ def test_status_bodies_validate():
     st = NodeStatus("node-a", "applied", localhost_profile="envelope/agents/deployment_research-agent_main.json",
                     mode="enforce", observed_generation=3, seccomp_digest="sha256:" + "0" * 64, cgroups=2,
                     stale=False, updated=1_764_000_000.0)
+    from enforcer.policy_actions import ready_condition
+
     body = status_body("research-agent-main", "agents", node=st,
                        conditions=[stale_condition(True, "FingerprintChanged", "image digest changed", 3,
-                                                   1_764_000_000.0)])
+                                                   1_764_000_000.0)],
+                       extra={"staleValidity": "0123456789abcdef0123456789abcdef"})
     obj = policy_to_cr(derived_policies()[0]) | {"status": body["status"]}
+    obj["status"]["conditions"].append(ready_condition(obj, 1_764_000_000.0))
     validate(obj, "leastprivilegepolicies")
     assert prune(obj, schema_of("leastprivilegepolicies")) == obj
     assert NodeStatus.from_dict(st.to_dict()) == st

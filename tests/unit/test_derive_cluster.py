@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import structlog
 import yaml
-from test_crd_api import FakeKubeAPI  # the local API server
+from tests.fakes.apiserver import FakeApiServer
 
 from envelope.cli import main
 from tests.kubeconfig import write_kubeconfig
-from sensor.crd import Backoff, ClusterProfiles
+from sensor.kubeapi import Backoff
+from sensor.workloadprofile import ClusterProfiles
 from sensor.profile import Profile
 from sensor.workload import Workload
 
@@ -27,7 +28,7 @@ def _plain_logging():
 
 @pytest.fixture
 def kube(tmp_path):
-    with FakeKubeAPI() as api:
+    with FakeApiServer() as api:
         api.kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{api.port}")
         yield api
 

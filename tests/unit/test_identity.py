@@ -4,6 +4,7 @@ with caching and API upgrade. Runtime state lives in a temporary host root laid 
 from __future__ import annotations
 
 import json
+import time
 import os
 import shutil
 from pathlib import Path
@@ -23,7 +24,8 @@ from sensor.identity import (
     host_path,
     labels_to_dict,
 )
-from sensor.kube import KubeWatcher, make_api_client
+from sensor.kubeapi import Backoff, api_client
+from sensor.pods import PodWatcher
 from sensor.workload import Workload
 
 K8S = Path(__file__).resolve().parent.parent / "fixtures" / "k8s"
@@ -237,13 +239,18 @@ def test_resolver_bounded_cache(node, hierarchy):
 def test_resolver_upgrades_to_the_api_identity(node, hierarchy):
     cid = mkcg(hierarchy, REF.cgroup_path)
     # A real watcher fed by watch events; its API host is unreachable, so owner lookups fail
-    # and the pod-template-hash rule stands in.
-    kube = KubeWatcher("worker-2", make_api_client(host="http://127.0.0.1:9"), request_timeout=0.5)
+    # (on the watcher's own thread) and the pod-template-hash rule stands in.
+    kube = PodWatcher("worker-2", api_client(host="http://127.0.0.1:9"), request_timeout=0.5,
+                      backoff=Backoff(base=0.05, cap=0.1)).start()
     r = Resolver(CgroupFS(hierarchy), host_root=node, kube=kube)
     first = r.resolve(cid)
     assert first.source == "oci" and first.fingerprints == {}
-    kube.apply_event({"type": "ADDED", "object": load("pod-research-agent.json")})
+    kube.informer.apply_event({"type": "ADDED", "object": load("pod-research-agent.json")})
+    deadline = time.monotonic() + 30
+    while kube.identity(AGENT_POD_UID, container_id=CTRD_CID) is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # the lookups fail fast (connection refused); the timeout stops a hang only
     upgraded = r.resolve(cid)
+    kube.stop()
     assert upgraded.source == "kube" and r.stats["upgraded"] == 1
     assert upgraded.workload == first.workload  # the same workload key either way
     assert upgraded.fingerprints["image"].startswith("sha256:4b1f6ce7")
@@ -253,7 +260,7 @@ def test_resolver_upgrades_to_the_api_identity(node, hierarchy):
 
 def test_resolver_with_api_down_and_no_runtime_state(tmp_path, hierarchy):
     cid = mkcg(hierarchy, REF.cgroup_path)
-    kube = KubeWatcher("worker-2", make_api_client(host="http://127.0.0.1:9"), request_timeout=0.5)
+    kube = PodWatcher("worker-2", api_client(host="http://127.0.0.1:9"), request_timeout=0.5)
     r = Resolver(CgroupFS(hierarchy), host_root=tmp_path / "empty-host", kube=kube)
     ident = r.resolve(cid)
     assert ident.source == "cgroup" and ident.pod_uid == AGENT_POD_UID

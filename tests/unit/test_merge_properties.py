@@ -2,7 +2,7 @@
 
 Contributions are built through the recording API (sessions opened, behaviours observed, sessions
 closed, fingerprints and losses added), published as custom-resource objects, and merged back by
-:func:`sensor.crd.assemble`, the code every reader (CLI or daemon) uses.
+:func:`sensor.workloadprofile.assemble`, the code every reader (CLI or daemon) uses.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sensor.crd import assemble, contribution_to_crs, profile_to_crs
+from sensor.workloadprofile import assemble, contribution_to_crs, profile_to_crs
 from sensor.profile import NodeContribution, Profile
 from sensor.workload import Workload
 
@@ -142,3 +142,26 @@ def test_cr_round_trip_chunked_or_not(cs, chunk_size):
         for node, contribution in p.nodes.items():
             heads = [o for o in objs if o["spec"]["node"] == node and o["spec"]["chunk"]["index"] == 0]
             assert len(heads) == 1 and heads[0]["spec"]["generation"] == contribution.generation
+
+
+def test_summed_behaviours_equal_the_pairwise_merge():
+    """Profile.behaviours sums in one pass; it must equal merging the nodes' stats pairwise."""
+    from sensor.profile import BehaviourStats, NodeContribution, Profile
+    from sensor.workload import Workload
+
+    p = Profile(Workload("agents", "Deployment", "x", "main"))
+    for n in range(7):
+        c = NodeContribution(f"node-{n}")
+        for s in range(3):
+            c.open_session(f"s{s}", 100.0 + n + s)
+            for k in ("syscall:read", f"exec:/bin/t{n % 3}", "syscall:openat"):
+                c.observe(f"s{s}", k, 1 + n * s, 100.0 + n * 3 + s)
+            c.close_session(f"s{s}", 200.0 + n)
+        p.nodes[c.node] = c
+    expected: dict[str, BehaviourStats] = {}
+    for name in sorted(p.nodes):
+        for key, s in p.nodes[name].behaviours.items():
+            mine = BehaviourStats(s.count, s.sessions, s.first_seen, s.last_seen, s.session_sum, s.session_sumsq,
+                                  [f"{name}/{i}" for i in s.session_ids])
+            expected[key] = mine if key not in expected else expected[key].merged(mine)
+    assert p.behaviours() == dict(sorted(expected.items()))

@@ -11,7 +11,7 @@ import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
 from envelope.metrics import Metrics, _call_label
-from sensor.crd import PublishResult
+from sensor.workloadprofile import PublishResult
 from sensor.profile import Profile
 from sensor.workload import Workload
 

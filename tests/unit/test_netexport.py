@@ -3,8 +3,10 @@ against the real Kubernetes schema (kubernetes-validate, strict) of a current ve
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
@@ -15,6 +17,11 @@ from sensor.workload import Workload
 kv = pytest.importorskip("kubernetes_validate")
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "compiled"
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+#: Cilium 1.18.2's CiliumNetworkPolicy schema (tests/fixtures/schemas/README.md names the source)
+CILIUM_SCHEMA = json.loads((FIXTURES / "schemas" / "cilium-v1.18.2-ciliumnetworkpolicy-v2.schema.json").read_text())
+SERVICES = [json.loads((FIXTURES / "k8s" / f"service-{n}.json").read_text())
+            for n in ("model-gateway", "kube-dns", "vector-db-external")]
 POLICIES = sorted((GOLDEN / "policies").glob("*.yaml"))
 K8S_VERSION = kv.utils.latest_version()
 W = Workload("agents", "Deployment", "web", "main")
@@ -26,6 +33,11 @@ def policy(egress, substrates=("syscall", "egress", "exec"), mode="enforce") -> 
 
 def validate(doc):
     return kv.validate(doc, K8S_VERSION, strict=True)
+
+
+def cilium_problems(doc) -> list[str]:
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in jsonschema.Draft7Validator(CILIUM_SCHEMA).iter_errors(doc)]
 
 
 @pytest.mark.parametrize("path", POLICIES, ids=lambda p: p.stem)
@@ -72,9 +84,72 @@ def test_empty_egress_denies_and_unconstrained_allows():
     allow = netexport.compile_networkpolicy(policy([], substrates=("syscall",)))
     assert allow["spec"]["egress"] == [{}]
     assert validate(deny) and validate(allow)
-    assert netexport.compile_cilium(policy([]))["spec"]["egressDeny"] == [{"toEntities": ["all"]}]
+    # Cilium: default deny for the selected pods through one empty rule, never an egressDeny
+    # (deny rules win over every allow, other teams' DNS policies included)
+    cilium = netexport.compile_cilium(policy([]))
+    assert cilium["spec"] == {"endpointSelector": {"matchLabels": {"app": "web"}}, "egress": [{}]}
     assert netexport.compile_cilium(policy([], substrates=("syscall",)))["spec"]["egress"] == \
         [{"toEntities": ["all"]}]
+
+
+@pytest.mark.parametrize("path", POLICIES, ids=lambda p: p.stem)
+def test_cilium_exports_validate_against_ciliums_schema(path):
+    p = load_policy(path)
+    for doc in (netexport.compile_cilium(p), netexport.compile_cilium(p, services=SERVICES),
+                yaml.safe_load((GOLDEN / f"{path.stem}.cilium.yaml").read_text())):
+        assert cilium_problems(doc) == []
+        assert "egressDeny" not in doc["spec"]
+
+
+def test_cilium_schema_check_is_real():
+    doc = netexport.compile_cilium(policy([EgressRule("tcp", "10.0.0.0/8", (443,))]))
+    doc["spec"]["egress"][0]["toPorts"][0]["ports"][0]["protocol"] = "TCPP"
+    assert cilium_problems(doc)
+    del doc["spec"]["endpointSelector"]
+    assert any("is not valid under any of the given schemas" in p for p in cilium_problems(doc))
+    assert cilium_problems(netexport.compile_cilium(policy([]))) == []
+
+
+def test_clusterip_destinations_export_as_the_services_pods():
+    p = policy([EgressRule("tcp", "10.96.41.17/32", (443, 9000)),  # model-gateway's ClusterIP
+                EgressRule("udp", "10.96.0.10/32", (53,)),  # kube-dns
+                EgressRule("tcp", "10.96.77.5/32", (6333,)),  # a Service without a selector
+                EgressRule("tcp", "192.0.2.0/24", (443,))])
+    dest = netexport.service_destinations(p, SERVICES)
+    assert [r.cidr for r in dest.rules] == ["10.96.77.5/32", "192.0.2.0/24"]
+    assert len(dest.unresolved) == 1 and "agents/vector-db, which has no selector" in dest.unresolved[0]
+    np = netexport.compile_networkpolicy(p, services=SERVICES)
+    assert validate(np)
+    assert np["spec"]["egress"] == [
+        {"to": [{"ipBlock": {"cidr": "192.0.2.0/24"}}], "ports": [{"protocol": "TCP", "port": 443}]},
+        {"to": [{"ipBlock": {"cidr": "10.96.77.5/32"}}], "ports": [{"protocol": "TCP", "port": 6333}]},
+        {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "inference"}},
+                 "podSelector": {"matchLabels": {"app.kubernetes.io/component": "server",
+                                                 "app.kubernetes.io/name": "model-gateway"}}}],
+         "ports": [{"protocol": "TCP", "port": 8443}, {"protocol": "TCP", "port": "grpc"}]},
+        {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                 "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+         "ports": [{"protocol": "UDP", "port": 53}]},
+    ]
+    cilium = netexport.compile_cilium(p, services=SERVICES)
+    assert cilium_problems(cilium) == []
+    assert cilium["spec"]["egress"][-1] == {
+        "toEndpoints": [{"matchLabels": {"k8s-app": "kube-dns", "io.kubernetes.pod.namespace": "kube-system"}}],
+        "toPorts": [{"ports": [{"port": "53", "protocol": "UDP"}]}]}
+    # the policy itself is unchanged: Envelope's egress programs still see and allow the ClusterIP
+    assert sorted(r.cidr for r in p.egress) == ["10.96.0.10/32", "10.96.41.17/32", "10.96.77.5/32", "192.0.2.0/24"]
+    # without the Services, the export is the CIDRs as before
+    assert sorted(t["ipBlock"]["cidr"] for r in netexport.compile_networkpolicy(p)["spec"]["egress"]
+                  for t in r["to"]) == ["10.96.0.10/32", "10.96.41.17/32", "10.96.77.5/32", "192.0.2.0/24"]
+
+
+def test_a_wider_cidr_keeps_its_block_and_gains_the_services_inside():
+    p = policy([EgressRule("udp", "10.96.0.0/16", (53,))])
+    np = netexport.compile_networkpolicy(p, services=SERVICES)
+    assert np["spec"]["egress"][0] == {"to": [{"ipBlock": {"cidr": "10.96.0.0/16"}}],
+                                       "ports": [{"protocol": "UDP", "port": 53}]}
+    assert np["spec"]["egress"][1]["to"][0]["podSelector"] == {"matchLabels": {"k8s-app": "kube-dns"}}
+    assert len(np["spec"]["egress"]) == 2  # model-gateway has no UDP 53 port: not added
 
 
 def test_cilium_rules():

@@ -8,7 +8,9 @@ import json
 import tempfile
 from pathlib import Path
 
+import jsonschema
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -124,25 +126,92 @@ def test_aarch64_architectures():
         seccomp.compile_oci(policy(["read"]), arch="sparc")
 
 
-def test_spo_profile_fields():
+#: SPO's own CRD (v1.0.0), in the shared schemas beside the repository (../shared/schemas).
+SPO_CRD = Path(__file__).resolve().parents[3] / "shared" / "schemas" / "spo-v1.0.0-seccompprofile.crd.yaml"
+
+
+def spo_crd() -> dict:
+    if not SPO_CRD.exists():
+        pytest.fail(f"SPO CRD schema not found: {SPO_CRD}")
+    return yaml.safe_load(SPO_CRD.read_text())
+
+
+def list_set_problems(node: dict, value, path: str = "") -> list[str]:
+    """What the API server checks beyond JSON Schema for the fields emitted here: items of an
+    ``x-kubernetes-list-type: set`` list are unique scalars."""
+    out = []
+    if isinstance(value, list) and node.get("type") == "array":
+        if node.get("x-kubernetes-list-type") == "set" and len(set(map(str, value))) != len(value):
+            out.append(f"{path}: duplicate items in a set list")
+        for i, v in enumerate(value):
+            out += list_set_problems(node.get("items") or {}, v, f"{path}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            sub = (node.get("properties") or {}).get(k)
+            if sub is not None:
+                out += list_set_problems(sub, v, f"{path}.{k}")
+    return out
+
+
+def validate_spo(doc: dict) -> list[str]:
+    """Problems of ``doc`` against every served version of SPO's CRD (empty when valid)."""
+    crd = spo_crd()
+    problems = []
+    assert crd["spec"]["scope"] == "Cluster"
+    group = crd["spec"]["group"]
+    served = [v for v in crd["spec"]["versions"] if v.get("served")]
+    assert {v["name"] for v in served} >= {"v1", "v1beta1"}
+    for version in served:
+        obj = dict(doc, apiVersion=f"{group}/{version['name']}")
+        schema = version["schema"]["openAPIV3Schema"]
+        problems += [f"{version['name']}: {e.message}" for e in
+                     jsonschema.Draft7Validator(schema).iter_errors(obj)]
+        problems += [f"{version['name']}: {p}" for p in list_set_problems(schema, obj)]
+    if "namespace" in doc.get("metadata", {}):
+        problems.append("a cluster-scoped object has no namespace")
+    return problems
+
+
+def test_spo_profile_is_what_current_spo_serves():
     d = seccomp.compile_spo(policy(["clone", "read"]), runtime="runc")
-    assert d["apiVersion"] == "security-profiles-operator.x-k8s.io/v1beta1"
+    assert d["apiVersion"] == "security-profiles-operator.x-k8s.io/v1"
     assert d["kind"] == "SeccompProfile"
     assert d["metadata"] == {
-        "name": "agent-main", "namespace": "default",
+        "name": "default-agent-main",  # cluster scoped: the namespace is part of the name
         "labels": {"app.kubernetes.io/managed-by": "envelope"},
         "annotations": d["metadata"]["annotations"]}
+    assert validate_spo(d) == []
     spec = d["spec"]
-    # only fields the v1beta1 CRD defines; errnoRet is a string there; no defaultErrnoRet
-    assert set(spec) <= {"defaultAction", "architectures", "syscalls", "flags", "baseProfileName"}
-    assert spec["defaultAction"] == "SCMP_ACT_ERRNO"
-    for r in spec["syscalls"]:
-        assert set(r) <= {"action", "names", "errnoRet", "args"}
-        if "errnoRet" in r:
-            assert r["errnoRet"] == str(errno.ENOSYS)
+    assert spec["defaultAction"] == "SCMP_ACT_ERRNO" and "defaultErrnoRet" not in spec
+    compat = [r for r in spec["syscalls"] if "errnoRet" in r]
+    assert compat and all(r["errnoRet"] == errno.ENOSYS and type(r["errnoRet"]) is int for r in compat)
     ann = d["metadata"]["annotations"]
     assert ann["envelope.dev/runtime-completeness.runc"].split(",") == \
         sorted(set(RUNC.syscalls) - {"read", "clone"})
+
+
+@pytest.mark.parametrize("mode", seccomp.MODES)
+def test_spo_profile_validates_in_every_mode(mode):
+    assert validate_spo(seccomp.compile_spo(policy(["clone", "read", "openat"]), mode, runtime="runc")) == []
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "golden" / "compiled")
+                                         .glob("*.spo.yaml")), ids=lambda p: p.stem)
+def test_golden_spo_profiles_validate(path):
+    assert validate_spo(yaml.safe_load(path.read_text())) == []
+
+
+def test_spo_schema_check_is_real():
+    d = seccomp.compile_spo(policy(["clone", "read"]), runtime="runc")
+    old = json.loads(json.dumps(d))
+    old["spec"]["syscalls"][-1]["errnoRet"] = "38"  # the pre-v0.8.1 string form
+    assert any("not of type 'integer'" in p for p in validate_spo(old))
+    dup = json.loads(json.dumps(d))
+    dup["spec"]["syscalls"][0]["names"].append(dup["spec"]["syscalls"][0]["names"][0])
+    assert any("duplicate items" in p for p in validate_spo(dup))
+    namespaced = json.loads(json.dumps(d))
+    namespaced["metadata"]["namespace"] = "default"
+    assert "a cluster-scoped object has no namespace" in validate_spo(namespaced)
 
 
 # ---- libseccomp -------------------------------------------------------------------------------

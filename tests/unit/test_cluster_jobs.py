@@ -1,12 +1,13 @@
-"""The daemon's Kubernetes side (envelope.cluster_sync) against a real HTTP API server on
-127.0.0.1: the custom-object server of test_crd_api, extended here with the pods of a node
-(list + watch with the spec.nodeName field selector), owners and service accounts.
+"""The daemon's Kubernetes jobs (pod watching, profile publishing, policy application, stale
+detection), wired by the daemon's own ``build_cluster``, against the fake API server of
+tests/fakes.
 
 Everything under test is real: the ``kubernetes`` client, the pod watcher, the publisher
-thread, the policy thread, the OCI compiler, the kubelet seccomp directory (under a tmp host
-root), the audit log and the metrics registry. The inputs are stand-ins where the real thing
-needs root: the observer (a real Aggregator with a small resolver that answers ``peek``) and,
-in the tests that are not about egress, the node's egress enforcement.
+thread, the policy and stale jobs over the policy informer, the OCI compiler, the kubelet
+seccomp directory (under a tmp host root), the audit log and the metrics registry. The inputs
+are stand-ins where the real thing needs root: the observer (a real Aggregator with a small
+resolver that answers ``peek``) and, in the tests that are not about egress, the node's egress
+enforcement.
 """
 
 from __future__ import annotations
@@ -17,32 +18,30 @@ import json
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
-from urllib.parse import parse_qs, urlparse
 
 import pytest
 import structlog
-from tests.kubeconfig import write_kubeconfig  # noqa: E402
-from test_crd_api import FakeKubeAPI  # the local API server for custom objects
 
 from enforcer import audit, state
 from enforcer.session import ApplyError, CgroupResult
-from enforcer.crd import ClusterPolicies, is_stale, node_statuses, policy_to_cr
 from enforcer.kubelet import localhost_profile
+from enforcer.leastprivilegepolicy import ClusterPolicies, condition, is_stale, node_statuses, policy_to_cr
 from enforcer.policy import EgressRule, Policy
 from enforcer.seccomp import compile_oci
-from envelope.cluster_sync import ClusterSync
 from envelope.config import Config
+from envelope.daemon import build_cluster, cluster_client
 from envelope.errors import UserError
 from envelope.metrics import Metrics
 from sensor.aggregate import Aggregator
+from sensor.pump import NodeBinding, Pump
 from sensor.cgroup import parse_container_ref
-from sensor.crd import Backoff, ClusterProfiles
 from sensor.identity import build_identity
-from sensor.kube import Backoff as WatchBackoff
 from sensor.kube import container_fingerprints
+from sensor.kubeapi import Backoff
 from sensor.store import ProfileStore
 from sensor.workload import Workload
+from sensor.workloadprofile import ClusterProfiles
+from tests.fakes.apiserver import FakeApiServer
 
 K8S = Path(__file__).resolve().parent.parent / "fixtures" / "k8s"
 NODE = "worker-2"
@@ -63,149 +62,43 @@ def _plain_logging():
     structlog.reset_defaults()
 
 
-# ---- the API server: custom objects plus the node's pods ------------------------------------------
+# ---- the API server -----------------------------------------------------------------------------
 
-
-class ClusterAPI(FakeKubeAPI):
-    """FakeKubeAPI plus ``/api/v1/pods`` (list and watch, field selector checked), replicasets,
-    jobs and serviceaccounts, and a switch that makes every request fail with 503."""
-
-    def __init__(self):
-        super().__init__()
-        self.pods: dict[str, dict] = {}  # uid -> pod
-        self.builtin: dict[tuple[str, str, str], dict] = {}  # (plural, namespace, name) -> object
-        self.watch_events: list[dict] = []
-        self.down = False
-        self.closing = threading.Event()
-        api = self
-        base = self.server.RequestHandlerClass
-
-        class Handler(base):
-            def _unavailable(self) -> bool:
-                if not api.down:
-                    return False
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with api.lock:
-                    api.requests.append((self.command, urlparse(self.path).path, "down"))
-                self._status(503, "ServiceUnavailable", "the API server is unavailable")
-                return True
-
-            def do_GET(self):
-                if self._unavailable():
-                    return
-                url = urlparse(self.path)
-                if url.path.startswith(("/api/", "/apis/apps/", "/apis/batch/")):
-                    with api.lock:
-                        api.requests.append(("GET", url.path, ""))
-                    return self._core(url)
-                return super().do_GET()
-
-            def do_PATCH(self):
-                if not self._unavailable():
-                    super().do_PATCH()
-
-            def do_POST(self):
-                if not self._unavailable():
-                    super().do_POST()
-
-            def do_PUT(self):
-                if not self._unavailable():
-                    super().do_PUT()
-
-            def do_DELETE(self):
-                if not self._unavailable():
-                    super().do_DELETE()
-
-            def _core(self, url):
-                q = parse_qs(url.query)
-                if url.path == "/api/v1/pods":
-                    node = (q.get("fieldSelector") or [""])[0].removeprefix("spec.nodeName=")
-                    if q.get("watch") == ["true"]:
-                        return self._watch()
-                    with api.lock:
-                        items = [copy.deepcopy(p) for p in api.pods.values()
-                                 if (p.get("spec") or {}).get("nodeName") == node]
-                        rv = str(api.rv)
-                    return self._send(200, {"apiVersion": "v1", "kind": "PodList",
-                                            "metadata": {"resourceVersion": rv}, "items": items})
-                parts = url.path.strip("/").split("/")
-                if len(parts) >= 4 and parts[-4] == "namespaces":
-                    obj = api.builtin.get((parts[-2], parts[-3], parts[-1]))
-                    if obj is not None:
-                        return self._send(200, obj)
-                return self._status(404, "NotFound", f"{url.path} not found")
-
-            def _watch(self):
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Transfer-Encoding", "chunked")
-                self.end_headers()
-                with api.lock:
-                    events, api.watch_events = api.watch_events, []
-                for ev in events:
-                    data = (json.dumps(ev) + "\n").encode()
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-                    self.wfile.flush()
-                api.closing.wait(0.2)  # held open briefly, then ended, as the API server does
-                self.wfile.write(b"0\r\n\r\n")
-                self.wfile.flush()
-
-        self.server.RequestHandlerClass = Handler
-        self.server.daemon_threads = True
-
-    def __exit__(self, *exc):
-        self.closing.set()
-        super().__exit__(*exc)
-
-    def add_pod(self, pod: dict) -> None:
-        with self.lock:
-            self.pods[pod["metadata"]["uid"]] = copy.deepcopy(pod)
-            self.watch_events.append({"type": "ADDED", "object": copy.deepcopy(pod)})
-
-    def modify_pod(self, pod: dict) -> None:
-        with self.lock:
-            self.rv += 1
-            pod = copy.deepcopy(pod)
-            pod["metadata"]["resourceVersion"] = str(self.rv)
-            self.pods[pod["metadata"]["uid"]] = pod
-            self.watch_events.append({"type": "MODIFIED", "object": pod})
-
-    def add(self, obj: dict) -> None:
-        plural = obj["kind"].lower() + "s"
-        self.builtin[(plural, obj["metadata"]["namespace"], obj["metadata"]["name"])] = obj
-
-    def policy(self, namespace: str, name: str) -> dict:
-        return self.objects[("envelope.dev", namespace, "leastprivilegepolicies", name)]
-
-    def status_writes(self) -> int:
-        return sum(1 for m, p, _ in self.requests if m == "PATCH" and p.endswith("/status"))
+G, LPP = "envelope.dev", "leastprivilegepolicies"
 
 
 @pytest.fixture
 def kube(tmp_path):
-    with ClusterAPI() as api:
-        api.kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{api.port}")
-        api.add(load("replicaset-research-agent.json"))
-        api.add(load("serviceaccount-research-agent.json"))
+    with FakeApiServer(bookmark_interval=0.2) as api:
+        api.kubeconfig_path = api.kubeconfig(tmp_path / "kubeconfig")
+        api.put(load("replicaset-research-agent.json"))
+        api.put(load("serviceaccount-research-agent.json"))
         yield api
+
+
+def policy_obj(kube, namespace: str, name: str) -> dict:
+    return kube.object(G, LPP, namespace, name)
 
 
 def config(kube, tmp_path, **kw) -> Config:
     kw.setdefault("policy_sync_interval", 0.05)
     return Config(state_dir=tmp_path / "state", node_name=NODE, host_root=tmp_path / "host",
-                  kubelet_seccomp_dir=Path(KUBELET_DIR), cluster="on", kubeconfig=kube.kubeconfig,
+                  kubelet_seccomp_dir=Path(KUBELET_DIR), cluster="on", kubeconfig=kube.kubeconfig_path,
                   profile_namespace="envelope-system", **kw)
 
 
-def open_sync(cfg: Config, metrics: Metrics | None = None) -> ClusterSync:
-    sync = ClusterSync.maybe(cfg, metrics, backoff=Backoff(attempts=3, base=0.01, cap=0.05),
-                             watch_backoff=WatchBackoff(initial=0.01, maximum=0.05, jitter=0.0),
-                             watch_timeout=1, publish_retry=0.05)
-    assert sync is not None
-    return sync
+def open_sync(cfg: Config, metrics: Metrics | None = None, **kw):
+    """The daemon's cluster jobs, built by the daemon's own wiring."""
+    client = cluster_client(cfg)
+    assert client is not None
+    kw.setdefault("backoff", Backoff(attempts=3, base=0.01, cap=0.05))
+    kw.setdefault("watch_backoff", Backoff(base=0.01, cap=0.05, jitter=lambda: 1.0))
+    kw.setdefault("watch_timeout", 1)
+    kw.setdefault("publish_retry", 0.05)
+    return build_cluster(cfg, metrics, client, **kw)
 
 
-def wait_for(cond, sync: ClusterSync | None = None, timeout: float = 30.0) -> bool:
+def wait_for(cond, sync=None, timeout: float = 30.0) -> bool:
     """Poll ``cond``, stepping the sync's loop hook as the daemon does. The timeout only stops a
     hung test; it is not what is being tested."""
     deadline = time.monotonic() + timeout
@@ -219,6 +112,12 @@ def wait_for(cond, sync: ClusterSync | None = None, timeout: float = 30.0) -> bo
         time.sleep(0.01)
 
 
+def known_identity(sync, uid: str, container: str):
+    """The pod watcher's answer once its owner lookups (on its own thread) are in."""
+    assert wait_for(lambda: sync.pods.identity(uid, container_name=container) is not None, sync)
+    return sync.pods.identity(uid, container_name=container)
+
+
 class Resolver:
     """Answers ``peek`` like the daemon's resolver, from identities built by the real code."""
 
@@ -229,9 +128,9 @@ class Resolver:
         return self.identities.get(cgroup_id)
 
 
-def observer(cfg: Config) -> SimpleNamespace:
+def observer(cfg: Config) -> Pump:
     agg = Aggregator(NODE, ProfileStore(cfg.state_dir), SYSCALLS.__getitem__)
-    return SimpleNamespace(agg=agg, resolver=Resolver())
+    return Pump(None, NodeBinding(Resolver()), agg)
 
 
 def bind_container(obs, cgroup_id: int, pod: dict, container: str, kube_ident=None) -> None:
@@ -243,7 +142,7 @@ def bind_container(obs, cgroup_id: int, pod: dict, container: str, kube_ident=No
     assert ref is not None
     ident = build_identity(cgroup_id, path, ref, None, kube_ident)
     assert ident.source == "kube" and ident.workload == W
-    obs.resolver.identities[cgroup_id] = ident
+    obs.binding.resolver.identities[cgroup_id] = ident
     obs.agg.bind(cgroup_id, ident.workload, cid, meta={"pod_name": ident.pod_name},
                  fingerprints=ident.fingerprints)
 
@@ -279,7 +178,8 @@ def api_policies(kube) -> ClusterPolicies:
 
 
 def node_entry(kube, name="research-agent-agent", namespace="agents"):
-    return node_statuses(kube.policy(namespace, name)).get(NODE)
+    obj = policy_obj(kube, namespace, name)
+    return node_statuses(obj).get(NODE) if obj else None
 
 
 def seccomp_file(tmp_path) -> Path:
@@ -293,35 +193,35 @@ def sample(metrics: Metrics, name: str, **labels) -> float:
 # ---- when the API is used -------------------------------------------------------------------------
 
 
-def test_maybe_follows_the_cluster_setting(kube, tmp_path, monkeypatch):
+def test_the_cluster_setting_decides_whether_the_api_is_used(kube, tmp_path, monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     cfg = config(kube, tmp_path)
-    assert ClusterSync.maybe(cfg.replace(cluster="off"), None) is None
+    assert cluster_client(cfg.replace(cluster="off")) is None
     off = tmp_path / "off.yaml"
     off.write_text("cluster: off\n")  # YAML 1.1: an unquoted off is the boolean false
-    assert Config.load(off).cluster is False and ClusterSync.maybe(Config.load(off), None) is None
-    assert ClusterSync.maybe(cfg.replace(cluster="auto"), None) is None  # not in a pod
+    assert Config.load(off).cluster is False and cluster_client(Config.load(off)) is None
+    assert cluster_client(cfg.replace(cluster="auto")) is None  # not in a pod
     missing = str(tmp_path / "no-kubeconfig")
     with pytest.raises(UserError, match="cluster: on, but no Kubernetes API configuration"):
-        ClusterSync.maybe(cfg.replace(kubeconfig=missing), None)
+        cluster_client(cfg.replace(kubeconfig=missing))
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")  # a pod, but no usable credentials
-    assert ClusterSync.maybe(cfg.replace(cluster="auto", kubeconfig=missing), None) is None
+    assert cluster_client(cfg.replace(cluster="auto", kubeconfig=missing)) is None
     with pytest.raises(UserError, match="not one of auto, on, off"):
-        ClusterSync.maybe(cfg.replace(cluster="sometimes"), None)
+        cluster_client(cfg.replace(cluster="sometimes"))
 
     on = tmp_path / "on.yaml"
     on.write_text(f"cluster: on\nkubeconfig: {missing}\n")
     with pytest.raises(UserError, match="cluster: on, but"):
-        ClusterSync.maybe(Config.load(on), None)
+        cluster_client(Config.load(on))
 
-    kube.add_pod(load("pod-research-agent.json"))
-    sync = ClusterSync.maybe(cfg, None, watch_backoff=WatchBackoff(initial=0.01, maximum=0.05), watch_timeout=1)
+    kube.put(load("pod-research-agent.json"))
+    sync = open_sync(cfg, None)
+    sync.start(None, None)
     try:
-        assert sync is not None
-        assert wait_for(sync.kube.synced.is_set)  # the pod watcher started in the background
-        ident = sync.kube.identity("8f7d2c1e-4a6b-4c3d-9e8f-1a2b3c4d5e6f", container_name="agent")
+        assert wait_for(sync.pods.synced.is_set)  # the pod watcher started in the background
+        ident = known_identity(sync, "8f7d2c1e-4a6b-4c3d-9e8f-1a2b3c4d5e6f", "agent")
         assert (ident.namespace, ident.kind, ident.name) == ("agents", "Deployment", "research-agent")
-        assert any(p == "/api/v1/pods" for _, p, _ in kube.requests)
+        assert kube.count("GET", "/api/v1/pods") >= 1
     finally:
         sync.close()
 
@@ -336,9 +236,9 @@ def test_flushed_profiles_are_published_and_the_last_flush_on_close(kube, tmp_pa
     sync = open_sync(cfg, metrics)
     sync.start(obs, None)
     pod = load("pod-research-agent.json")
-    kube.add_pod(pod)
-    assert wait_for(lambda: sync.kube.pod(pod["metadata"]["uid"]) is not None, sync)
-    bind_container(obs, 11, pod, "agent", sync.kube.identity(pod["metadata"]["uid"], container_name="agent"))
+    kube.put(pod)
+    assert wait_for(lambda: sync.pods.pod(pod["metadata"]["uid"]) is not None, sync)
+    bind_container(obs, 11, pod, "agent", known_identity(sync, pod["metadata"]["uid"], "agent"))
     host = Workload.host("system.slice/cron.service")
     obs.agg.bind(12, host, "cgroup-12")
     for cg in (11, 12):
@@ -394,11 +294,16 @@ def test_policy_is_written_for_the_kubelet_applied_and_reported(kube, tmp_path):
         assert enforcement.calls == [(W, "enforce", "cluster")]
         assert enforcement.threads == {threading.current_thread().name}
 
-        # nothing changed: later syncs neither re-apply nor rewrite the status
-        writes = kube.status_writes()
-        syncs = sync.stats["syncs"]
-        assert wait_for(lambda: sync.stats["syncs"] >= syncs + 3, sync)
-        assert enforcement.calls == [(W, "enforce", "cluster")] and kube.status_writes() == writes
+        # every reporting node (this one) applied the generation: Ready
+        assert wait_for(lambda: (condition(policy_obj(kube, "agents", "research-agent-agent"), "Ready")
+                                 or {}).get("status") == "True", sync)
+        ready = condition(policy_obj(kube, "agents", "research-agent-agent"), "Ready")
+        assert (ready["reason"], ready["observedGeneration"]) == ("Applied", 1)
+        # nothing changed: later rounds neither re-apply nor rewrite the status
+        writes = kube.count("PATCH", "/status")
+        syncs = sync.policies.stats["rounds"]
+        assert wait_for(lambda: sync.policies.stats["rounds"] >= syncs + 3, sync)
+        assert enforcement.calls == [(W, "enforce", "cluster")] and kube.count("PATCH", "/status") == writes
 
         # a new generation (mode alert) is acted on again
         api_policies(kube).set_mode(api_policies(kube).get("agents", "research-agent-agent"), "alert")
@@ -409,7 +314,7 @@ def test_policy_is_written_for_the_kubelet_applied_and_reported(kube, tmp_path):
         assert enforcement.calls[-1] == (W, "alert", "cluster")
 
         # the policy is deleted: its profile goes, and so do its egress programs
-        del kube.objects[("envelope.dev", "agents", "leastprivilegepolicies", "research-agent-agent")]
+        kube.delete(G, LPP, "agents", "research-agent-agent")
         assert wait_for(lambda: not path.exists() and enforcement.removed == [W], sync)
     finally:
         sync.close()
@@ -423,8 +328,7 @@ def test_malformed_policy_is_failed_with_its_reason_and_others_still_apply(kube,
     bad = policy_to_cr(Policy(Workload("agents", "Deployment", "writer", "main"), mode="enforce",
                               syscalls=("read",)))
     bad["spec"]["allow"]["syscalls"] = ["read", "rm -rf /"]
-    bad["metadata"].update(resourceVersion="1", uid="u-bad", generation=3)
-    kube.objects[("envelope.dev", "agents", "leastprivilegepolicies", bad["metadata"]["name"])] = bad
+    kube.put(bad)
     sync = open_sync(cfg, metrics)
     sync.start(observer(cfg), Enforcement())
     try:
@@ -433,7 +337,8 @@ def test_malformed_policy_is_failed_with_its_reason_and_others_still_apply(kube,
     finally:
         sync.close()
     failed = node_entry(kube, "writer-main")
-    assert failed.state == "failed" and failed.observed_generation == 3
+    assert failed.state == "failed"
+    assert failed.observed_generation == policy_obj(kube, "agents", "writer-main")["metadata"]["generation"]
     assert "spec.allow.syscalls[1]" in failed.reason and "not a syscall name" in failed.reason
     assert failed.localhost_profile is None
     assert not (tmp_path / "host" / KUBELET_DIR.lstrip("/") / "envelope/agents/deployment_writer_main.json").exists()
@@ -506,8 +411,8 @@ def test_api_down_never_crashes_counts_retries_and_recovers(kube, tmp_path):
     metrics = Metrics()
     api_policies(kube).create(POLICY)
     pod = load("pod-research-agent.json")
-    kube.add_pod(pod)
-    kube.down = True
+    kube.put(pod)
+    kube.mode = "down"
     obs = observer(cfg)
     sync = open_sync(cfg, metrics)
     sync.start(obs, Enforcement())
@@ -519,17 +424,17 @@ def test_api_down_never_crashes_counts_retries_and_recovers(kube, tmp_path):
         obs.agg.bind(11, W, "c-1")
         obs.agg.on_counts({11: {0: 3}}, time.time())
         sync.publish(obs.agg.profiles, obs.agg.flush())
-        assert wait_for(lambda: counted("list leastprivilegepolicies") >= 6 and counted("apply workloadprofiles") >= 3
-                        and counted("watch pods") >= 2, sync)
-        assert sync.stats["sync_failures"] >= 2 and "gave up after 3 attempts" in sync.last_error
-        assert sync._thread.is_alive() and sync.publisher._thread.is_alive() and sync.kube._thread.is_alive()
+        assert wait_for(lambda: counted("list/watch leastprivilegepolicies") >= 2
+                        and counted("apply workloadprofiles") >= 3 and counted("list/watch pods") >= 2, sync)
+        assert sync.policy_informer.failures >= 2 and "HTTP 503" in sync.policy_informer.last_error
+        assert sync.policies.running and sync.publisher._thread.is_alive() and sync.pods.running
         assert node_entry(kube) is None and kube.names() == []
-        assert sync.kube.identity(pod["metadata"]["uid"], container_name="agent") is None
+        assert sync.pods.identity(pod["metadata"]["uid"], container_name="agent") is None
 
-        kube.down = False  # the API is back: everything catches up without a restart
+        kube.mode = "ok"  # the API is back: everything catches up without a restart
         reader = ClusterProfiles.from_api_client(kube.api_client(), backoff=Backoff(attempts=1))
         assert wait_for(lambda: node_entry(kube) is not None and reader.read(W)[0] is not None
-                        and sync.kube.synced.is_set(), sync)
+                        and sync.pods.synced.is_set(), sync)
         assert node_entry(kube).state == "applied"
         assert reader.read(W)[0].behaviours()["syscall:read"].count == 3
     finally:
@@ -539,22 +444,22 @@ def test_api_down_never_crashes_counts_retries_and_recovers(kube, tmp_path):
 def test_close_makes_one_short_last_attempt_while_the_api_is_down(kube, tmp_path):
     cfg = config(kube, tmp_path)
     obs = observer(cfg)
-    kube.down = True
-    sync = ClusterSync.maybe(cfg, None, watch_timeout=1)  # default backoff: 5 attempts per call
+    kube.mode = "down"
+    sync = open_sync(cfg, None, backoff=Backoff())  # default backoff: 5 attempts per call
     sync.start(obs, None)
     obs.agg.bind(11, W, "c-1")
     obs.agg.on_counts({11: {0: 3}}, time.time())
     sync.publish(obs.agg.profiles, obs.agg.flush())
 
     def applies():
-        return sum(1 for m, p, _ in kube.requests if m == "PATCH" and "/workloadprofiles/" in p)
+        return kube.count("PATCH", "/workloadprofiles/")
 
     assert wait_for(lambda: applies() >= 1, sync)
     before = applies()
     assert sync.close() is False  # the retry sleeps end at once; nothing could be written
     # at most the attempt in flight plus the two of the final flush, not another five
     assert applies() - before <= 3
-    assert not sync.publisher._thread and not sync._thread
+    assert not sync.publisher._thread and not sync.policies.running
 
 
 # ---- stale detection ---------------------------------------------------------------------------------------
@@ -578,22 +483,27 @@ def test_rollout_with_a_new_image_and_model_marks_the_policy_stale(kube, tmp_pat
     old, new = load("pod-research-agent.json"), load("pod-research-agent-rollout.json")
     api_policies(kube).create(derived_policy(old))
     state.set_mode(cfg.state_dir, W, "enforce", reason="derived and reviewed", actor="test")
-    kube.add_pod(new)
+    kube.put(new)
     obs = observer(cfg)
     sync = open_sync(cfg, metrics)
     sync.start(obs, Enforcement())
     try:
-        assert wait_for(lambda: sync.kube.synced.is_set(), sync)
-        bind_container(obs, 21, new, "agent", sync.kube.identity(new["metadata"]["uid"], container_name="agent"))
+        assert wait_for(lambda: sync.pods.synced.is_set(), sync)
+        bind_container(obs, 21, new, "agent", known_identity(sync, new["metadata"]["uid"], "agent"))
         obs.agg.on_counts({21: {0: 7, 39: 1}}, time.time())
         assert "syscall:read" in obs.agg.profiles[W].behaviours()
 
-        assert wait_for(lambda: is_stale(kube.policy("agents", "research-agent-agent")), sync)
+        assert wait_for(lambda: is_stale(policy_obj(kube, "agents", "research-agent-agent")), sync)
         assert wait_for(lambda: node_entry(kube).stale is True, sync)
         # the re-baseline is recorded; the daemon's enforcement side restarts the window on it
         assert wait_for(lambda: state.rebaseline_generation(cfg.state_dir, W) == 1, sync)
-        obj = kube.policy("agents", "research-agent-agent")
-        cond = obj["status"]["conditions"][0]
+        # re-baselining moves the cluster policy to alert; the judgement stays with the new generation
+        assert wait_for(lambda: policy_obj(kube, "agents", "research-agent-agent")["spec"]["mode"] == "alert", sync)
+        assert wait_for(lambda: condition(policy_obj(kube, "agents", "research-agent-agent"), "Stale")
+                        ["observedGeneration"] == 2, sync)
+        obj = policy_obj(kube, "agents", "research-agent-agent")
+        assert is_stale(obj) and obj["metadata"]["generation"] == 2
+        cond = condition(obj, "Stale")
         assert (cond["type"], cond["reason"]) == ("Stale", "FingerprintChanged")
         assert "image" in cond["message"] and "model" in cond["message"]
         assert obj["spec"]["mode"] == "alert", "re-baselining moves the cluster policy to alert"
@@ -609,21 +519,21 @@ def test_rollout_with_a_new_image_and_model_marks_the_policy_stale(kube, tmp_pat
         assert sample(metrics, "envelope_policy_stale", workload=W.key) == 1
         # the new generation (alert) is applied; the same change is not handled twice
         assert wait_for(lambda: node_entry(kube).mode == "alert", sync)
-        syncs = sync.stats["syncs"]
-        assert wait_for(lambda: sync.stats["syncs"] >= syncs + 3, sync)
+        syncs = sync.policies.stats["rounds"]
+        assert wait_for(lambda: sync.policies.stats["rounds"] >= syncs + 3, sync)
     finally:
         sync.close()
     assert len(audit.read(cfg.state_dir, action="policy.stale")) == 1
 
     # a restarted daemon remembers the change it handled
     again = open_sync(cfg, Metrics())
-    again.start(observer(cfg), Enforcement())
+    obs2 = observer(cfg)
+    again.start(obs2, Enforcement())
     try:
-        obs2 = again.observer
-        assert wait_for(again.kube.synced.is_set, again)
-        bind_container(obs2, 21, new, "agent", again.kube.identity(new["metadata"]["uid"], container_name="agent"))
-        syncs = again.stats["syncs"]
-        assert wait_for(lambda: again.stats["syncs"] >= syncs + 3, again)
+        assert wait_for(again.pods.synced.is_set, again)
+        bind_container(obs2, 21, new, "agent", known_identity(again, new["metadata"]["uid"], "agent"))
+        syncs = again.policies.stats["rounds"]
+        assert wait_for(lambda: again.policies.stats["rounds"] >= syncs + 3, again)
     finally:
         again.close()
     assert len(audit.read(cfg.state_dir, action="policy.stale")) == 1
@@ -635,28 +545,28 @@ def test_an_annotation_changed_in_place_is_seen_through_the_pod_watch(kube, tmp_
     metrics = Metrics()
     pod = load("pod-research-agent.json")
     api_policies(kube).create(derived_policy(pod))
-    kube.add_pod(pod)
+    kube.put(pod)
     obs = observer(cfg)
     sync = open_sync(cfg, metrics)
     sync.start(obs, Enforcement())
     try:
-        assert wait_for(sync.kube.synced.is_set, sync)
-        bind_container(obs, 31, pod, "agent", sync.kube.identity(pod["metadata"]["uid"], container_name="agent"))
+        assert wait_for(sync.pods.synced.is_set, sync)
+        bind_container(obs, 31, pod, "agent", known_identity(sync, pod["metadata"]["uid"], "agent"))
         assert wait_for(lambda: node_entry(kube) is not None, sync)
-        syncs = sync.stats["syncs"]
-        assert wait_for(lambda: sync.stats["syncs"] >= syncs + 3, sync)
-        assert not is_stale(kube.policy("agents", "research-agent-agent")), "the running pod matches"
+        syncs = sync.policies.stats["rounds"]
+        assert wait_for(lambda: sync.policies.stats["rounds"] >= syncs + 3, sync)
+        assert not is_stale(policy_obj(kube, "agents", "research-agent-agent")), "the running pod matches"
         assert audit.read(cfg.state_dir, action="policy.stale") == []
 
         changed = copy.deepcopy(pod)
         changed["metadata"]["annotations"]["envelope.dev/tool-catalog"] = "search,fetch,python@v3,shell"
-        kube.modify_pod(changed)  # `kubectl annotate` on the running pod: same container, same cgroup
-        assert wait_for(lambda: is_stale(kube.policy("agents", "research-agent-agent")), sync)
+        kube.put(changed)  # `kubectl annotate` on the running pod: same container, same cgroup
+        assert wait_for(lambda: is_stale(policy_obj(kube, "agents", "research-agent-agent")), sync)
     finally:
         sync.close()
     (entry,) = audit.read(cfg.state_dir, action="policy.stale")
     assert entry["details"]["changed"] == ["tool_catalog"] and entry["details"]["rebaseline"] is False
-    obj = kube.policy("agents", "research-agent-agent")
+    obj = policy_obj(kube, "agents", "research-agent-agent")
     assert obj["spec"]["mode"] == "enforce", "without rebaseline_on_stale the mode stays"
     assert sample(metrics, "envelope_policies_stale") == 1
 
@@ -668,19 +578,89 @@ def test_a_policy_another_node_marked_stale_is_audited_here_but_not_marked_again
     other = ClusterPolicies.from_api_client(kube.api_client(), "worker-1", backoff=Backoff(attempts=1))
     cp = other.create(derived_policy(old))
     assert other.mark_stale(cp, "FingerprintChanged", "fingerprint inputs changed: image (seen on worker-1)")
-    kube.add_pod(new)
+    kube.put(new)
     obs = observer(cfg)
     sync = open_sync(cfg, metrics)
     sync.start(obs, Enforcement())
     try:
-        assert wait_for(lambda: sync.kube.pod(new["metadata"]["uid"]) is not None, sync)
-        bind_container(obs, 41, new, "agent", sync.kube.identity(new["metadata"]["uid"], container_name="agent"))
+        assert wait_for(lambda: sync.pods.pod(new["metadata"]["uid"]) is not None, sync)
+        bind_container(obs, 41, new, "agent", known_identity(sync, new["metadata"]["uid"], "agent"))
         assert wait_for(lambda: audit.read(cfg.state_dir, action="policy.stale") != [], sync)
         assert wait_for(lambda: node_entry(kube) is not None and node_entry(kube).stale is True, sync)
     finally:
         sync.close()
     (entry,) = audit.read(cfg.state_dir, action="policy.stale")
     assert entry["details"]["changed"] == ["image", "model"]
-    cond = kube.policy("agents", "research-agent-agent")["status"]["conditions"][0]
+    cond = condition(policy_obj(kube, "agents", "research-agent-agent"), "Stale")
     assert cond["message"].endswith("(seen on worker-1)"), "the condition another node set is left as it was"
     assert sample(metrics, "envelope_policy_stale", workload=W.key) == 1
+
+
+# ---- a black-holed API server ------------------------------------------------------------------------
+
+
+def test_a_black_holed_api_server_changes_no_event_count(kube, tmp_path):
+    """The API accepts every request and never answers: the loop's side (counting, flushing,
+    handing profiles to publishing, the jobs' tick, identity reads) goes on and counts every
+    event, while the jobs' own threads wait on their requests."""
+    cfg = config(kube, tmp_path)
+    metrics = Metrics()
+    api_policies(kube).create(POLICY)
+    pod = load("pod-research-agent.json")
+    kube.put(pod)
+    obs = observer(cfg)
+    sync = open_sync(cfg, metrics, request_timeout=(1.0, 3.0))  # held 3 s, then retried: held again
+    sync.start(obs, Enforcement())
+    try:
+        assert wait_for(lambda: node_entry(kube) is not None, sync)
+        bind_container(obs, 21, pod, "agent", known_identity(sync, pod["metadata"]["uid"], "agent"))
+        kube.mode = "blackhole"
+        rollout = load("pod-research-agent-rollout.json")
+        sync.pods.informer.apply_event({"type": "ADDED", "object": rollout})  # its owner is not cached
+        steps = 0
+        for i in range(1, 401):  # the daemon's loop: counter readings, ticks, flushes, identity reads
+            obs.agg.on_counts({21: {0: i, 257: 2 * i}}, time.time())
+            sync.tick()
+            assert sync.pods.identity(rollout["metadata"]["uid"], container_name="agent") is None
+            if i % 50 == 0:
+                sync.publish(obs.agg.profiles, obs.agg.flush())
+            steps += 1
+            if i == 200:
+                assert wait_for(lambda: kube.hanging >= 2, sync)  # requests are held in the black hole
+        assert steps == 400 and kube.hanging >= 2
+        b = obs.agg.profiles[W].behaviours()
+        assert (b["syscall:read"].count, b["syscall:openat"].count) == (400, 800), "every event counted"
+    finally:
+        kube.mode = "ok"
+        sync.close(timeout=5.0)
+
+
+def test_a_rederived_policy_clears_stale_and_a_mode_change_keeps_it(kube, tmp_path):
+    cfg = config(kube, tmp_path)
+    pod = load("pod-research-agent.json")
+    other = ClusterPolicies.from_api_client(kube.api_client(), "worker-1", backoff=Backoff(attempts=1))
+    cp = other.create(derived_policy(pod))
+    assert other.mark_stale(cp, "FingerprintChanged", "fingerprint inputs changed: image (seen on worker-1)")
+    marked = condition(policy_obj(kube, "agents", "research-agent-agent"), "Stale")
+    sync = open_sync(cfg, Metrics())
+    sync.start(observer(cfg), Enforcement())
+    try:
+        # a mode change is a new generation of the same derivation: the judgement is carried
+        other.set_mode(other.get("agents", "research-agent-agent"), "alert")
+        assert wait_for(lambda: condition(policy_obj(kube, "agents", "research-agent-agent"), "Stale")
+                        ["observedGeneration"] == 2, sync)
+        carried = condition(policy_obj(kube, "agents", "research-agent-agent"), "Stale")
+        assert carried["status"] == "True" and carried["lastTransitionTime"] == marked["lastTransitionTime"]
+        # derived again (a new validity): this node clears it
+        import dataclasses
+        rederived = dataclasses.replace(derived_policy(load("pod-research-agent-rollout.json")), mode="alert")
+        other.create(rederived)
+        assert wait_for(lambda: condition(policy_obj(kube, "agents", "research-agent-agent"), "Stale")
+                        ["status"] == "False", sync)
+        cleared = condition(policy_obj(kube, "agents", "research-agent-agent"), "Stale")
+        assert (cleared["reason"], cleared["observedGeneration"]) == ("Rederived", 3)
+        assert not is_stale(policy_obj(kube, "agents", "research-agent-agent"))
+        assert wait_for(lambda: (condition(policy_obj(kube, "agents", "research-agent-agent"), "Ready") or {})
+                        .get("observedGeneration") == 3, sync)
+    finally:
+        sync.close()

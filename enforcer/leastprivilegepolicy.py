@@ -14,35 +14,45 @@ Status (the ``status`` subresource):
     ``removed``; ``localhostProfile`` is the value for the pod spec's
     ``securityContext.seccompProfile`` (``type: Localhost``); ``observedGeneration`` is the
     policy generation the node acted on.
-``status.conditions``
+``status.conditions`` (``metav1.Condition``: ``observedGeneration`` is the generation judged,
+``lastTransitionTime`` changes only when ``status`` does)
     ``Stale``: a fingerprint input (image digest, model version, prompt template, tool catalog,
     identity) changed since the policy was derived. Applied under the shared field manager
-    ``envelope/stale``; its ``observedGeneration`` says which policy generation it judged, so a
-    re-derived policy (a new generation) is not stale until a node says so again.
+    ``envelope/stale``, together with ``status.staleValidity``, the digest of the ``spec.decisions.validity``
+    it judged: a mode change keeps the judgement (it is carried to the new generation), a
+    re-derived policy (new validity) clears it (``False``, reason ``Rederived``).
+    ``Ready``: ``True`` when every node that reports on the policy applied its current
+    generation; ``False`` with reason ``Failed`` (a node failed) or ``Pending`` (a node has not
+    acted on it yet). Applied under the shared field manager ``envelope/ready`` by any node whose
+    reading of ``status.nodes`` differs from the condition (:mod:`enforcer.policy_actions`).
 
-Every API call goes through :func:`sensor.crd.call_with_retry`; :meth:`ClusterPolicies.report`,
-:meth:`~ClusterPolicies.mark_stale` and :meth:`~ClusterPolicies.set_mode` never raise on API
-failure, they return False and log.
+Every API call goes through :func:`sensor.kubeapi.call_with_retry`; :meth:`ClusterPolicies.report`,
+:meth:`~ClusterPolicies.mark_stale`, :meth:`~ClusterPolicies.apply_condition` and
+:meth:`~ClusterPolicies.set_mode` never raise on API failure, they return False (or None) and log.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
+import functools
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import structlog
 
-from sensor.crd import (
-    LABEL_MANAGED_BY, LABEL_WORKLOAD, LABEL_WORKLOAD_NAME, LABEL_WORKLOAD_NAMESPACE, Backoff,
-    ClusterApiError, Problem, call_with_retry, label_value, workload_label,
-)
+from sensor.timestamps import TimeFormatError, iso_time, parse_time
+from sensor.kubeapi import Backoff, ClusterApiError, TimedApi, call_with_retry
 from sensor.workload import Workload
+from sensor.workloadprofile import (
+    LABEL_MANAGED_BY, LABEL_WORKLOAD, LABEL_WORKLOAD_NAME, LABEL_WORKLOAD_NAMESPACE, Problem,
+    label_value, workload_label,
+)
 
 from .policy import API_VERSION, KIND, MODES, Policy, PolicyError
 
-log = structlog.get_logger("envelope.crd")
+log = structlog.get_logger("envelope.leastprivilegepolicy")
 
 GROUP = "envelope.dev"
 VERSION = "v1alpha1"
@@ -50,15 +60,13 @@ PLURAL = "leastprivilegepolicies"
 LABEL_CONTAINER = "envelope.dev/container"
 STATES = ("applied", "failed", "pending", "removed")
 STALE = "Stale"
+READY = "Ready"
 STALE_MANAGER = "envelope/stale"
+READY_MANAGER = "envelope/ready"
 
 
 class PolicyCRError(ValueError):
     """A LeastPrivilegePolicy object that cannot be used; the message names it."""
-
-
-def _rfc3339(ts: float) -> str:
-    return _dt.datetime.fromtimestamp(int(ts), _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ---- Policy <-> object ---------------------------------------------------------------------------
@@ -137,33 +145,62 @@ class NodeStatus:
             d["cgroups"] = int(self.cgroups)
         if self.stale is not None:
             d["stale"] = bool(self.stale)
-        d["lastUpdateTime"] = _rfc3339(self.updated)
+        d["lastUpdateTime"] = iso_time(self.updated)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "NodeStatus":
         t = d.get("lastUpdateTime")
-        updated = _dt.datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp() if t else 0.0
+        updated = (cr_time(t) or 0.0) if t else 0.0
         return cls(node=d["node"], state=d["state"], reason=d.get("reason", ""),
                    localhost_profile=d.get("localhostProfile"), mode=d.get("mode"),
                    observed_generation=d.get("observedGeneration"), seccomp_digest=d.get("seccompDigest"),
                    cgroups=d.get("cgroups"), stale=d.get("stale"), updated=updated)
 
 
-def stale_condition(stale: bool, reason: str, message: str, generation: int | None,
-                    now: float | None = None) -> dict:
-    """A ``Stale`` condition (metav1.Condition shape)."""
-    c = {"type": STALE, "status": "True" if stale else "False", "reason": reason,
-         "message": message[:32768], "lastTransitionTime": _rfc3339(time.time() if now is None else now)}
+def cr_time(text: str | None) -> float | None:
+    """A time field of a status or condition as epoch seconds; None when absent or malformed
+    (other writers' objects are read, never trusted)."""
+    if not text:
+        return None
+    try:
+        return parse_time(text)
+    except TimeFormatError:
+        return None
+
+
+def make_condition(ctype: str, status: bool | str, reason: str, message: str, generation: int | None,
+                   now: float, previous: dict | None = None) -> dict:
+    """A ``metav1.Condition``. ``lastTransitionTime`` is kept from ``previous`` unless the
+    status changes (pure)."""
+    st = status if isinstance(status, str) else ("True" if status else "False")
+    c = {"type": ctype, "status": st, "reason": reason, "message": message[:32768]}
+    if previous is not None and previous.get("status") == st and previous.get("lastTransitionTime"):
+        c["lastTransitionTime"] = previous["lastTransitionTime"]
+    else:
+        c["lastTransitionTime"] = iso_time(now)
     if generation is not None:
         c["observedGeneration"] = int(generation)
     return c
 
 
+def stale_condition(stale: bool, reason: str, message: str, generation: int | None,
+                    now: float | None = None, previous: dict | None = None) -> dict:
+    """A ``Stale`` condition (metav1.Condition shape)."""
+    return make_condition(STALE, stale, reason, message, generation, time.time() if now is None else now, previous)
+
+
+def validity_digest(obj: dict) -> str:
+    """What a Stale judgement is about: the digest of the object's ``spec.decisions.validity``."""
+    validity = ((obj.get("spec") or {}).get("decisions") or {}).get("validity") or {}
+    return hashlib.sha256(json.dumps(validity, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
 def status_body(name: str, namespace: str, *, node: NodeStatus | None = None,
-                conditions: list[dict] | None = None) -> dict:
-    """The server-side-apply body for the status subresource: only what one manager owns."""
-    status: dict[str, Any] = {}
+                conditions: list[dict] | None = None, extra: dict | None = None) -> dict:
+    """The server-side-apply body for the status subresource: only what one manager owns (and
+    all of it: server-side apply removes what a manager stops sending)."""
+    status: dict[str, Any] = dict(extra or {})
     if node is not None:
         status["nodes"] = [node.to_dict()]
     if conditions is not None:
@@ -191,10 +228,15 @@ def condition(obj: dict, ctype: str) -> dict | None:
 
 
 def is_stale(obj: dict) -> bool:
-    """Stale, as judged for the object's current generation (a re-derived policy starts fresh)."""
+    """Stale, as judged for the object's current validity: a re-derived policy (new
+    ``spec.decisions.validity``) starts fresh, a mode change does not. Objects written before
+    ``staleValidity`` existed are judged by ``observedGeneration``."""
     c = condition(obj, STALE)
     if c is None or c.get("status") != "True":
         return False
+    judged = (obj.get("status") or {}).get("staleValidity")
+    if judged is not None:
+        return judged == validity_digest(obj)
     gen = (obj.get("metadata") or {}).get("generation")
     return gen is None or c.get("observedGeneration") in (None, gen)
 
@@ -243,8 +285,18 @@ class ClusterPolicies:
 
     @classmethod
     def from_api_client(cls, client, node: str, **kw) -> "ClusterPolicies":
+        """Over an ApiClient: every call with the request timeout of :mod:`sensor.kubeapi`."""
         from kubernetes.client import CustomObjectsApi
-        return cls(CustomObjectsApi(client), node, **kw)
+        return cls(TimedApi(CustomObjectsApi(client)), node, **kw)
+
+    @property
+    def list_fn(self):
+        """The cluster-wide list call, for an :class:`~sensor.kubeapi.Informer` (the watch)."""
+        return functools.partial(self.api.list_cluster_custom_object, GROUP, VERSION, PLURAL)
+
+    def wrap(self, obj: dict) -> ClusterPolicy:
+        """A policy object as :class:`ClusterPolicy`; raises :class:`PolicyCRError`."""
+        return self._wrap(obj)
 
     def _call(self, fn, what: str):
         return call_with_retry(fn, what, self.backoff, self.on_api_error)
@@ -335,10 +387,20 @@ class ClusterPolicies:
         return ok
 
     def mark_stale(self, cp: ClusterPolicy, reason: str, message: str) -> bool:
-        """Set the Stale condition for the policy's current generation. Never raises on API failure."""
-        cond = stale_condition(True, reason, message, cp.generation, self.clock())
-        return self._apply_status(cp, status_body(cp.name, cp.namespace, conditions=[cond]), STALE_MANAGER,
-                                  "mark stale")
+        """Set the Stale condition for the policy's current generation and validity. Never raises
+        on API failure."""
+        cond = stale_condition(True, reason, message, cp.generation, self.clock(), condition(cp.obj, STALE))
+        return self.apply_condition(cp, cond)
+
+    def apply_condition(self, cp: ClusterPolicy, cond: dict) -> bool:
+        """Apply one condition (``Stale`` or ``Ready``) under its shared field manager. A Stale
+        condition carries ``status.staleValidity`` with it. Never raises on API failure."""
+        if cond["type"] == STALE:
+            extra = {"staleValidity": validity_digest(cp.obj)}
+            body = status_body(cp.name, cp.namespace, conditions=[cond], extra=extra)
+            return self._apply_status(cp, body, STALE_MANAGER, "set Stale on")
+        body = status_body(cp.name, cp.namespace, conditions=[cond])
+        return self._apply_status(cp, body, READY_MANAGER, f"set {cond['type']} on")
 
     def set_mode(self, cp: ClusterPolicy, mode: str) -> ClusterPolicy | None:
         """Change ``spec.mode`` (e.g. to alert when re-baselining); the updated policy, or None
