@@ -32,6 +32,16 @@ class Binding:
     session: str
 
 
+@dataclass(frozen=True)
+class KeyReading:
+    """One behaviour counted in the kernel for one cgroup: the cumulative count and when it was
+    first and last seen (wall seconds). Counters are never drained: the aggregator takes deltas."""
+
+    count: int
+    first_seen: float
+    last_seen: float
+
+
 @dataclass
 class Rates:
     """Per-workload event totals, for ``top`` and metrics."""
@@ -56,6 +66,7 @@ class Aggregator:
         self.totals: dict[Workload, Rates] = {}
         self.dirty: set[Workload] = set()
         self._last_counts: dict[int, dict[int, int]] = {}
+        self._last_key_counts: dict[int, dict[str, int]] = {}
         self._first_seen_at: dict[tuple[int, int], float] = {}
         self._session_cgroups: dict[tuple[Workload, str], set[int]] = {}
         # Called as listener(workload, session, key, count, ts) for every behaviour added, and
@@ -95,6 +106,7 @@ class Aggregator:
         """The cgroup is gone; close its session when it was the session's last cgroup."""
         b = self.bindings.pop(cgroup_id, None)
         self._last_counts.pop(cgroup_id, None)
+        self._last_key_counts.pop(cgroup_id, None)
         for k in [k for k in self._first_seen_at if k[0] == cgroup_id]:
             del self._first_seen_at[k]  # first-seen of syscalls made only before the first exec
         if b is None:
@@ -113,6 +125,7 @@ class Aggregator:
         for cg in sorted(self._session_cgroups.get((workload, session), set())):
             self.bindings.pop(cg, None)
             self._last_counts.pop(cg, None)
+            self._last_key_counts.pop(cg, None)
         self._session_cgroups.pop((workload, session), None)
         end = self.clock() if end is None else end
         self._contribution(workload).close_session(session, end, meta)
@@ -138,13 +151,14 @@ class Aggregator:
 
     # ---- evidence --------------------------------------------------------------------------
 
-    def observe(self, cgroup_id: int, key: str, count: int, ts: float) -> bool:
+    def observe(self, cgroup_id: int, key: str, count: int, ts: float,
+                first: float | None = None) -> bool:
         b = self.bindings.get(cgroup_id)
         if b is None or count <= 0:
             return False
         contrib = self._contribution(b.workload)
         before = len(contrib.behaviours)
-        contrib.observe(b.session, key, count, ts)
+        contrib.observe(b.session, key, count, ts, first)
         rates = self.totals.setdefault(b.workload, Rates())
         if len(contrib.behaviours) > before:
             rates.new_behaviours += 1
@@ -198,6 +212,21 @@ class Aggregator:
                 first = self._first_seen_at.pop((cg, nr), None)
                 self.observe(cg, syscall_key(self.syscall_name(nr)), delta, first if first is not None else ts)
                 rates.syscalls += delta
+
+    def on_key_counts(self, readings: dict[int, dict[str, KeyReading]]) -> None:
+        """Feed cumulative per-(cgroup, behaviour) readings counted in the kernel; the delta since
+        the last reading of each is added, with the kernel's first and last seen times."""
+        for cg, per_key in readings.items():
+            b = self.bindings.get(cg)
+            if b is None:
+                continue
+            last = self._last_key_counts.setdefault(cg, {})
+            for key, r in per_key.items():
+                delta = r.count - last.get(key, 0)
+                if delta <= 0:
+                    continue
+                last[key] = r.count
+                self.observe(cg, key, delta, r.last_seen, r.first_seen)
 
     def add_loss(self, deltas: dict[str, int], workloads: Iterable[Workload] | None = None) -> None:
         """Record lost events against the profiles they may have belonged to.

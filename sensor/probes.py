@@ -26,12 +26,13 @@ import re
 import time
 from itertools import compress
 from pathlib import Path
-from typing import Container, Sequence
+from typing import Container, Protocol, Sequence
 
 import psutil
 import structlog
 
 from . import features, kernel, syscalls
+from .aggregate import KeyReading
 from .events import (
     EV_EXEC, EV_EXIT, EV_FORK, EV_NET, EV_SYSCALL_FIRST, LOSS_CGROUP_REMOVED_DROPPED,
     LOSS_SYSCALL_UNATTRIBUTED, Decoder, Event,
@@ -84,6 +85,33 @@ SLOT_REUSE_GRACE = 0.1  # seconds a forgotten slot waits before reuse (see forge
 
 class ProbeAttachError(RuntimeError):
     """A probe could not be loaded or attached: ``"<probe>: <what failed>; fix: <action>"``."""
+
+
+class Extension(Protocol):
+    """A further program family the sensor loads beside ``bpf/sensor.c`` (DNS answers, file
+    access, request capture, ...). Its ring buffers are drained with the sensor's and decoded by
+    the same decoder, so its records are ``bpf/events.h`` types; what it counts in the kernel it
+    reports through :meth:`behaviour_counts`.
+
+    ``family`` gets the sensor's base ``-D`` flags (ring size, cgroup slots, syscall numbers).
+    ``attached`` runs in this process once the fds arrived (open maps, attach uprobes, seed
+    state); ``tick`` runs at every counter read (periodic work such as attaching to libraries
+    that newly appeared). ``rings`` names the ring-buffer maps to drain."""
+
+    name: str
+    rings: tuple[str, ...]
+
+    def family(self, base_cflags: Sequence[str]) -> Family: ...
+
+    def attached(self, loaded: kernel.Loaded, sensor: "Sensor") -> None: ...
+
+    def tick(self) -> None: ...
+
+    def behaviour_counts(self) -> dict[int, dict[str, KeyReading]]: ...
+
+    def loss(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
 
 
 def _define(cflags: Sequence[str], name: str) -> str | None:
@@ -146,7 +174,7 @@ class Sensor:
     """Kernel observation: syscall counters, process, network and first-seen events."""
 
     def __init__(self, ringbuf_pages: int = 256, max_cgroups: int = 1024,
-                 cflags: Sequence[str] = ()):
+                 cflags: Sequence[str] = (), extensions: Sequence[Extension] = ()):
         if ringbuf_pages < 1 or ringbuf_pages & (ringbuf_pages - 1):
             raise ValueError(f"ringbuf_pages must be a power of two, got {ringbuf_pages}")
         if not 1 <= max_cgroups <= 65535:
@@ -156,6 +184,8 @@ class Sensor:
         self.cflags = [f"-I{kernel.BPF_DIR}", f"-DRINGBUF_PAGES={ringbuf_pages}",
                        f"-DMAX_CGROUPS={max_cgroups}", *syscalls.kernel_cflags(), *cflags]
         self.net_result = _define(self.cflags, "NET_RESULT") not in (None, "0")
+        self.extensions = list(extensions)
+        self._extension_fds: list[kernel.Loaded] = []
         self.decoder = Decoder()
         self._loaded: kernel.Loaded | None = None
         self._maps: dict[str, int] = {}
@@ -189,6 +219,15 @@ class Sensor:
             ring = RingReader()
             ring.add(self._maps["events"], self._on_record, self.ringbuf_pages * PAGE_SIZE)
             self._ring = ring
+            for ext in self.extensions:
+                try:
+                    loaded = kernel.load(ext.family(self.cflags))
+                except LoadError as e:
+                    raise ProbeAttachError(str(e)) from e
+                self._extension_fds.append(loaded)
+                ext.attached(loaded, self)
+                for name in ext.rings:
+                    ring.add(loaded.maps[name], self._on_record)
         except BaseException:
             self.close()
             raise
@@ -202,6 +241,14 @@ class Sensor:
         if self._ring is not None:
             self._ring.close()
             self._ring = None
+        for ext in self.extensions:
+            try:
+                ext.close()
+            except Exception as e:  # noqa: BLE001 - the rest still closes
+                log.warning("sensor extension close failed", extension=ext.name, error=str(e))
+        for loaded in self._extension_fds:
+            loaded.close()
+        self._extension_fds = []
         if self._loaded is not None:
             self._loaded.close()
             self._loaded = None
@@ -341,6 +388,20 @@ class Sensor:
             out[name] = sum(self._percpu_u64("loss_counts", idx, self._loss_buf).tolist())
         for kind, n in self.decoder.errors.items():
             out[kind] = n
+        for ext in self.extensions:
+            for name, n in ext.loss().items():
+                out[f"{ext.name}_{name}"] = n
+        return out
+
+    def behaviour_counts(self) -> dict[int, dict[str, KeyReading]]:
+        """cgroup id -> behaviour key -> cumulative reading, for what the programs count in the
+        kernel beside syscalls (every extension's). Nothing is drained: callers take deltas."""
+        self._require()
+        out: dict[int, dict[str, KeyReading]] = {}
+        for ext in self.extensions:
+            ext.tick()
+            for cg, per_key in ext.behaviour_counts().items():
+                out.setdefault(cg, {}).update(per_key)
         return out
 
     def forget_cgroup(self, cgroup_id: int) -> None:

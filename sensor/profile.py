@@ -132,16 +132,19 @@ class NodeContribution:
         if self.window_start is None or start < self.window_start:
             self.window_start = start
 
-    def observe(self, session_id: str, key: str, count: int, ts: float) -> None:
-        """Add ``count`` occurrences of ``key`` in an open session at wall time ``ts``."""
+    def observe(self, session_id: str, key: str, count: int, ts: float,
+                first: float | None = None) -> None:
+        """Add ``count`` occurrences of ``key`` in an open session, the last at wall time ``ts``
+        and the first at ``first`` (default ``ts``: one point in time)."""
         if count <= 0:
             return
+        first = ts if first is None else min(first, ts)
         per_session = self.open_sessions.get(session_id)
         if per_session is None:
             if session_id in self.sessions:  # closed: a late event, e.g. drained after the exit
-                self._observe_late(session_id, key, count, ts)
+                self._observe_late(session_id, key, count, ts, first)
                 return
-            self.open_session(session_id, ts)
+            self.open_session(session_id, first)
             per_session = self.open_sessions[session_id]
         stats = self.behaviours.get(key)
         if stats is None:
@@ -151,12 +154,12 @@ class NodeContribution:
                 per_session.setdefault(key, 0)  # remember, so the refused key counts once per session
                 self.capped = True
                 return
-            stats = BehaviourStats(0, 0, ts, ts)
+            stats = BehaviourStats(0, 0, first, ts)
             self.behaviours[key] = stats
             self._per_substrate[substrate] = self._per_substrate.get(substrate, 0) + 1
         stats.count += count
-        if ts < stats.first_seen:
-            stats.first_seen = ts
+        if first < stats.first_seen:
+            stats.first_seen = first
         if ts > stats.last_seen:
             stats.last_seen = ts
         prior = per_session.get(key)
@@ -168,7 +171,7 @@ class NodeContribution:
         else:
             per_session[key] = prior + count
 
-    def _observe_late(self, session_id: str, key: str, count: int, ts: float) -> None:
+    def _observe_late(self, session_id: str, key: str, count: int, ts: float, first: float) -> None:
         """Evidence for a session that is already closed: counts and times are added; the session
         is counted for the behaviour when its sample shows it was not yet (exact while the sample
         is complete). Per-session rates are final once a session closes and are left alone."""
@@ -179,10 +182,10 @@ class NodeContribution:
                 self._overflow(substrate, count, ts, new=True)
                 self.capped = True
                 return
-            stats = self.behaviours[key] = BehaviourStats(0, 0, ts, ts)
+            stats = self.behaviours[key] = BehaviourStats(0, 0, first, ts)
             self._per_substrate[substrate] = self._per_substrate.get(substrate, 0) + 1
         stats.count += count
-        stats.first_seen = min(stats.first_seen, ts)
+        stats.first_seen = min(stats.first_seen, first)
         stats.last_seen = max(stats.last_seen, ts)
         if stats.sessions_complete and session_id not in stats.session_ids:
             stats.sessions += 1

@@ -244,6 +244,7 @@ class Pump:
             self._bind(cg, st)
         counts = self.sensor.syscall_counts(after_exec=self.binding.image_only)
         self.agg.on_counts(counts, time.time())
+        self.agg.on_key_counts(self.sensor.behaviour_counts())
         st.loss = self._loss_delta()
         if st.loss:
             self.agg.add_loss(st.loss, self.binding.loss_workloads(self.agg))

@@ -94,3 +94,17 @@ def test_restart_window_starts_a_new_profile_and_keeps_running_sessions(tmp_path
     assert p.behaviours()["syscall:read"].count == 3
     assert p.window()[0] == 200.0
     assert [s.id for s in p.sessions()] == ["run-1"]
+
+
+def test_kernel_counted_behaviours_add_deltas_with_their_times():
+    from sensor.aggregate import Aggregator, KeyReading
+    from sensor.workload import Workload
+    w = Workload.host("agent")
+    agg = Aggregator("n1", None, str)
+    agg.bind(7, w, "s1", start=100.0)
+    key = "connect:tcp:10.0.3.7:443"
+    agg.on_key_counts({7: {key: KeyReading(5, 101.0, 104.0)}, 99: {key: KeyReading(3, 1.0, 2.0)}})
+    agg.on_key_counts({7: {key: KeyReading(5, 101.0, 104.0)}})  # nothing new
+    agg.on_key_counts({7: {key: KeyReading(8, 101.0, 109.5)}})
+    s = agg.profile(w).behaviours()[key]
+    assert (s.count, s.sessions, s.first_seen, s.last_seen) == (8, 1, 101.0, 109.5)
