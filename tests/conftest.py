@@ -77,5 +77,10 @@ def pytest_sessionstart(session):
 def pytest_sessionfinish(session, exitstatus):
     left = sorted(_pins() - _pins_before)
     if left:
-        print(f"\nerror: tests left pinned BPF objects under {_PINS}: {', '.join(left)}")
-        session.exitstatus = 1
+        # Under CI nothing else runs, so a new pin is this session's leak. On a shared machine
+        # another run may be creating pins right now: say so, but do not fail for it.
+        level = "error" if os.environ.get("CI") else "warning"
+        print(f"\n{level}: pinned BPF objects appeared under {_PINS} during the session: "
+              f"{', '.join(left)}")
+        if os.environ.get("CI"):
+            session.exitstatus = 1
