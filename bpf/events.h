@@ -28,7 +28,9 @@
 #define EV_SYSCALL_FIRST 5
 #define EV_EGRESS_VIOLATION 6
 #define EV_SECCOMP_DENIAL 7
-#define EV_TYPE_MAX 8 /* one past the highest type number */
+#define EV_EXEC_FIRST 8 /* the first exec of a path in a cgroup (counted in exec_counts) */
+#define EV_NET_FIRST 9  /* the first connect/send to a destination in a cgroup (net_counts) */
+#define EV_TYPE_MAX 10 /* one past the highest type number */
 
 /* ---- layout versions, one per type ----------------------------------------------------------- */
 #define EXEC_EVENT_VERSION 1
@@ -38,15 +40,23 @@
 #define SYSCALL_FIRST_EVENT_VERSION 1
 #define EGRESS_VIOLATION_EVENT_VERSION 1
 #define SECCOMP_DENIAL_EVENT_VERSION 1
+#define EXEC_FIRST_EVENT_VERSION 1
+#define NET_FIRST_EVENT_VERSION 1
 
 #define ENV_AF_INET 2
 #define ENV_AF_INET6 10
 
 /* ---- loss counters: index into the per-CPU `loss_counts` array ------------------------------ */
-/* Indexes 1..EV_TYPE_MAX-1 count ring-buffer reserve failures of that event type. */
-#define LOSS_SYSCALL_UNATTRIBUTED 8 /* syscalls counted while no cgroup slot was free */
-#define LOSS_CGROUP_REMOVED_DROPPED 9 /* removed cgroups whose slot could not be queued for reuse */
-#define LOSS_SLOTS 16
+/* Indexes 1..LOSS_RESERVE_TYPES-1 count ring-buffer reserve failures of the sensor's own event
+ * type of that number (1-15); the other program families count theirs in maps of their own. */
+#define LOSS_RESERVE_TYPES 16
+#define LOSS_SYSCALL_UNATTRIBUTED 16 /* syscalls counted while no cgroup slot was free */
+#define LOSS_CGROUP_REMOVED_DROPPED 17 /* removed cgroups whose slot could not be queued for reuse */
+#define LOSS_NET_UNATTRIBUTED 18 /* connects/sends of a cgroup without a slot: not counted */
+#define LOSS_EXEC_UNATTRIBUTED 19 /* execs of a cgroup without a slot: not counted */
+#define LOSS_NET_TABLE_FULL 20 /* new destinations refused because net_counts was full */
+#define LOSS_EXEC_TABLE_FULL 21 /* new exec paths refused because exec_counts was full */
+#define LOSS_SLOTS 32
 
 /* ---- syscall counter tables (read and reset by userspace, not ring-buffer records) --------- */
 /* Syscall numbers at or above SYSCALL_NR_SLOTS are counted in the last bucket. */
@@ -75,7 +85,8 @@ struct event_hdr {
 	__u64 ktime;
 };
 
-/* EV_EXEC, from sched:sched_process_exec. */
+/* EV_EXEC, from sched:sched_process_exec: one per exec, only when built with -DTRACE_EVENTS=1
+ * (execs are counted in exec_counts either way). */
 #define EXEC_FILENAME_LEN 256
 #define EXEC_ARGV_LEN 256
 #define EXEC_ARGV_MAX_ARGS 16
@@ -97,7 +108,8 @@ struct exec_event {
 	char argv[EXEC_ARGV_LEN];      /* 304 NUL-separated */
 };
 
-/* EV_FORK, from sched:sched_process_fork; new processes only, not new threads. */
+/* EV_FORK, from sched:sched_process_fork; new processes only, not new threads. Only with
+ * -DTRACE_EVENTS=1; fork tracking (the parents map) runs either way. */
 #define FORK_EVENT_SIZE 40
 struct fork_event {
 	struct event_hdr hdr; /*  0 */
@@ -108,7 +120,8 @@ struct fork_event {
 	__u32 pad;            /* 36 */
 };
 
-/* EV_EXIT, from sched:sched_process_exit when the whole thread group is gone. */
+/* EV_EXIT, from sched:sched_process_exit when the whole thread group is gone. Only with
+ * -DTRACE_EVENTS=1. */
 #define EXIT_F_CODE_KNOWN 0x1 /* exit_status holds the exit()/exit_group() argument */
 #define EXIT_EVENT_SIZE 40
 struct exit_event {
@@ -120,7 +133,8 @@ struct exit_event {
 	__u32 flags;          /* 36 EXIT_F_* */
 };
 
-/* EV_NET, from the cgroup connect4/6 and sendmsg4/6 hooks. */
+/* EV_NET, from the cgroup connect4/6 and sendmsg4/6 hooks: one per connect or send, only when
+ * built with -DTRACE_EVENTS=1 or -DNET_RESULT=1 (destinations are counted in net_counts). */
 #define NET_OP_CONNECT 0
 #define NET_OP_SENDMSG 1
 #define NET_F_RET_KNOWN 0x1 /* ret holds the syscall's return value */
@@ -177,6 +191,92 @@ struct seccomp_denial_event {
 	__s64 ret;            /* 32 */
 };
 
+/* ---- behaviour counter tables: network destinations and exec paths per cgroup ------------- */
+/* Hash maps keyed by (cgroup, behaviour); the value counts every occurrence with the first and
+ * latest ktime. An entry is made at a behaviour's first occurrence in its cgroup, which is the
+ * only one announced through the ring buffer (EV_NET_FIRST, EV_EXEC_FIRST). Userspace reads
+ * the cumulative values and takes deltas; it deletes a cgroup's entries once the cgroup is gone.
+ * Entries per cgroup are capped (NET_CGROUP_CAP, EXEC_CGROUP_CAP in bpf/sensor.c); what a
+ * cgroup does beyond its cap is counted in its behaviour_slot, never dropped silently. */
+#define NET_COUNT_KEY_SIZE 32
+struct net_count_key {
+	__u64 cgroup_id; /*  0 */
+	__u8 addr[16];   /*  8 network order; IPv4 in addr[0..3] */
+	__u16 port;      /* 24 host order */
+	__u8 family;     /* 26 ENV_AF_* */
+	__u8 protocol;   /* 27 IPPROTO_* */
+	__u8 op;         /* 28 NET_OP_* */
+	__u8 pad[3];     /* 29 zero */
+};
+
+#define EXEC_COUNT_KEY_SIZE 264
+struct exec_count_key {
+	__u64 cgroup_id;              /*   0 */
+	char path[EXEC_FILENAME_LEN]; /*   8 as passed to execve; NUL-padded (zero to the end) */
+};
+
+#define COUNT_F_ANNOUNCED 0x1 /* the first-sighting record was submitted (cleared to retry) */
+#define BEHAVIOUR_COUNT_SIZE 32
+struct behaviour_count {
+	__u64 count;    /*  0 occurrences, cumulative */
+	__u64 first_ns; /*  8 ktime of the first */
+	__u64 last_ns;  /* 16 ktime of the latest */
+	__u64 flags;    /* 24 COUNT_F_* */
+};
+
+/* What a cgroup slot holds in the behaviour tables, and what it did beyond its caps. One per
+ * cgroup slot (the syscall tables' slot), zeroed by userspace before the slot is reused.
+ * `*_sketch` are HyperLogLog registers over the keys refused, which estimate how many distinct
+ * behaviours were dropped (standard error 1.04 / sqrt(SKETCH_REGISTERS), about 9 %). */
+#define SKETCH_REGISTERS 128
+#define SKETCH_INDEX_BITS 7
+#define BEHAVIOUR_SLOT_SIZE 320
+struct behaviour_slot {
+	__u64 net_entries;                 /*   0 entries of this cgroup in net_counts */
+	__u64 exec_entries;                /*   8 entries of this cgroup in exec_counts */
+	__u64 net_dropped;                 /*  16 connects/sends to destinations not counted */
+	__u64 exec_dropped;                /*  24 execs of paths not counted */
+	__u64 net_dropped_first_ns;        /*  32 ktime of the first one dropped (0: none) */
+	__u64 net_dropped_last_ns;         /*  40 */
+	__u64 exec_dropped_first_ns;       /*  48 */
+	__u64 exec_dropped_last_ns;        /*  56 */
+	__u8 net_sketch[SKETCH_REGISTERS];  /*  64 */
+	__u8 exec_sketch[SKETCH_REGISTERS]; /* 192 */
+};
+
+/* EV_EXEC_FIRST, from sched:sched_process_exec: the first exec of `filename` in the cgroup (or,
+ * after a ring buffer overflow refused that record, the next one). Same fields as exec_event. */
+#define EXEC_FIRST_EVENT_SIZE 560
+struct exec_first_event {
+	struct event_hdr hdr;          /*   0 */
+	__u64 cgroup_id;               /*  16 */
+	__u32 pid;                     /*  24 */
+	__u32 ppid;                    /*  28 from fork tracking; 0 when unknown */
+	__u32 old_pid;                 /*  32 tid that called execve */
+	__u16 filename_len;            /*  36 bytes in filename, without the NUL */
+	__u16 argv_len;                /*  38 bytes used in argv, NUL separators included */
+	__u32 argc;                    /*  40 strings captured in argv */
+	__u32 flags;                   /*  44 EXEC_F_* */
+	char filename[EXEC_FILENAME_LEN]; /*  48 */
+	char argv[EXEC_ARGV_LEN];      /* 304 NUL-separated */
+};
+
+/* EV_NET_FIRST, from the cgroup connect4/6 and sendmsg4/6 hooks: the first connect or send to
+ * a destination in the cgroup (or, after a ring buffer overflow, the next one). */
+#define NET_FIRST_EVENT_SIZE 56
+struct net_first_event {
+	struct event_hdr hdr; /*  0 */
+	__u64 cgroup_id;      /* 16 */
+	__u32 pid;            /* 24 */
+	__u32 tid;            /* 28 */
+	__u16 family;         /* 32 ENV_AF_* */
+	__u16 protocol;       /* 34 */
+	__u8 op;              /* 36 NET_OP_* */
+	__u8 flags;           /* 37 0 */
+	__u16 port;           /* 38 host order */
+	__u8 addr[16];        /* 40 network order */
+};
+
 _Static_assert(sizeof(struct event_hdr) == EVENT_HDR_SIZE, "event_hdr size");
 _Static_assert(sizeof(struct exec_event) == EXEC_EVENT_SIZE, "exec_event size");
 _Static_assert(sizeof(struct fork_event) == FORK_EVENT_SIZE, "fork_event size");
@@ -187,5 +287,11 @@ _Static_assert(sizeof(struct egress_violation_event) == EGRESS_VIOLATION_EVENT_S
 _Static_assert(sizeof(struct seccomp_denial_event) == SECCOMP_DENIAL_EVENT_SIZE, "seccomp size");
 _Static_assert(sizeof(struct syscall_slot_counts) == SYSCALL_SLOT_COUNTS_SIZE, "slot counts size");
 _Static_assert(sizeof(struct syscall_slot_state) == SYSCALL_SLOT_STATE_SIZE, "slot state size");
+_Static_assert(sizeof(struct exec_first_event) == EXEC_FIRST_EVENT_SIZE, "exec_first size");
+_Static_assert(sizeof(struct net_first_event) == NET_FIRST_EVENT_SIZE, "net_first size");
+_Static_assert(sizeof(struct net_count_key) == NET_COUNT_KEY_SIZE, "net count key size");
+_Static_assert(sizeof(struct exec_count_key) == EXEC_COUNT_KEY_SIZE, "exec count key size");
+_Static_assert(sizeof(struct behaviour_count) == BEHAVIOUR_COUNT_SIZE, "behaviour count size");
+_Static_assert(sizeof(struct behaviour_slot) == BEHAVIOUR_SLOT_SIZE, "behaviour slot size");
 
 #endif /* ENVELOPE_EVENTS_H */

@@ -1,10 +1,25 @@
 /* Envelope observation programs, compiled by BCC at load time (sensor/probes.py).
  *
+ * Count in the kernel, announce what is new: syscalls, network destinations and exec paths are
+ * counted per cgroup in maps that userspace reads as cumulative values; the ring buffer carries
+ * only the first sighting of each (EV_SYSCALL_FIRST, EV_NET_FIRST with the destination,
+ * EV_EXEC_FIRST with the path, parent and argv prefix). Steady-state traffic costs userspace
+ * nothing, and a full ring buffer delays an announcement (it is retried at the next
+ * occurrence) but never changes a count.
+ *
  * Configured only with -D:
  *   RINGBUF_PAGES   ring buffer size in pages (power of two)             default 256
  *   MAX_CGROUPS     cgroup slots in the syscall counter tables            default 1024
- *   NET_RESULT      1: hold net events until sys_exit_{connect,send*} to  default 0
- *                   report the syscall's return value; 0: emit at once.
+ *   NET_CGROUP_CAP  destinations counted per cgroup; beyond, the cgroup's default 4096
+ *                   connects/sends to new ones are counted as dropped
+ *   EXEC_CGROUP_CAP exec paths counted per cgroup (likewise)              default 2048
+ *   NET_ENTRIES     entries of net_counts, all cgroups together          default 65536
+ *   EXEC_ENTRIES    entries of exec_counts, all cgroups together         default 16384
+ *   TRACE_EVENTS    1: also one ring record per exec, fork, exit and     default 0
+ *                   connect/send (EV_EXEC, EV_FORK, EV_EXIT, EV_NET), as a tracer would;
+ *                   the counts do not depend on it
+ *   NET_RESULT      1: one EV_NET per connect/send, held until            default 0
+ *                   sys_exit_{connect,send*} to report the syscall's return value.
  *                   Measured here: those syscalls:sys_exit_* tracepoints add ~45 ns to
  *                   every syscall (the perf syscall-exit probe runs for all of them).
  *   EVENT_CGROUP    emit ring-buffer events only for this cgroup id       default 0 (all)
@@ -24,6 +39,21 @@
 #endif
 #ifndef NET_RESULT
 #define NET_RESULT 0
+#endif
+#ifndef TRACE_EVENTS
+#define TRACE_EVENTS 0
+#endif
+#ifndef NET_CGROUP_CAP
+#define NET_CGROUP_CAP 4096
+#endif
+#ifndef EXEC_CGROUP_CAP
+#define EXEC_CGROUP_CAP 2048
+#endif
+#ifndef NET_ENTRIES
+#define NET_ENTRIES 65536
+#endif
+#ifndef EXEC_ENTRIES
+#define EXEC_ENTRIES 16384
 #endif
 #ifndef EVENT_CGROUP
 #define EVENT_CGROUP 0
@@ -97,6 +127,17 @@ BPF_ARRAY(cache_gen, __u64, 1);
 BPF_PERCPU_ARRAY(loss_counts, __u64, LOSS_SLOTS);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
+/* Behaviour counters (see events.h): entries are allocated as behaviours appear, so memory
+ * follows use, up to NET_ENTRIES / EXEC_ENTRIES. */
+BPF_F_TABLE("hash", struct net_count_key, struct behaviour_count, net_counts, NET_ENTRIES,
+	    BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct exec_count_key, struct behaviour_count, exec_counts, EXEC_ENTRIES,
+	    BPF_F_NO_PREALLOC);
+/* Per cgroup slot: entries held and what was dropped beyond the caps. */
+BPF_ARRAY(behaviour_slots, struct behaviour_slot, MAX_CGROUPS + 1);
+/* An exec key is larger than the BPF stack allows next to the rest: built here. */
+BPF_PERCPU_ARRAY(exec_scratch, struct exec_count_key, 1);
+
 /* Fork tracking: pid -> parent pid. Seeded from /proc by userspace at start. */
 BPF_TABLE("lru_hash", __u32, __u32, parents, TASKS_TRACKED);
 /* Per-thread values stashed at sys_enter for the tracepoint that follows:
@@ -104,11 +145,13 @@ BPF_TABLE("lru_hash", __u32, __u32, parents, TASKS_TRACKED);
  * tid -> clone flags, at clone/clone3/fork/vfork (read at sched_process_fork). */
 BPF_TABLE("lru_hash", __u32, __u64, exec_regs, 4096);
 BPF_TABLE("lru_hash", __u32, __u64, clone_flags, 4096);
+#if TRACE_EVENTS
 /* Exit status argument: key tgid for exit_group(), EXIT_KEY_THREAD | tid for a thread's exit()
  * (what glibc's pthread_exit calls), which is the process's status only if that thread is the
  * last one to go. */
 #define EXIT_KEY_THREAD (1ULL << 32)
 BPF_TABLE("lru_hash", __u64, __s32, exit_statuses, 4096);
+#endif
 #if NET_RESULT
 BPF_TABLE("lru_hash", __u32, struct net_event, net_pending, 4096);
 #endif
@@ -117,6 +160,8 @@ BPF_TABLE("lru_hash", __u32, struct net_event, net_pending, 4096);
 
 static __always_inline void count_loss(__u32 index)
 {
+	if (index >= LOSS_SLOTS)
+		return;
 	__u64 *n = loss_counts.lookup(&index);
 	if (n)
 		(*n)++;
@@ -217,10 +262,12 @@ static __always_inline void on_special_syscall(void *regs, __u32 nr)
 		 * (a forked child's .rodata), which a BPF probe read cannot fault. */
 		__u64 r = (__u64)regs;
 		exec_regs.update(&tid, &r);
+#if TRACE_EVENTS
 	} else if (nr == NR_EXIT_GROUP || nr == NR_EXIT) {
 		__u64 key = nr == NR_EXIT_GROUP ? (pid_tgid >> 32) : (EXIT_KEY_THREAD | tid);
 		__s32 status = syscall_arg(regs, REGS_OFF_DI);
 		exit_statuses.update(&key, &status);
+#endif
 	} else if (nr == NR_CLONE) {
 		__u64 flags = syscall_arg(regs, REGS_OFF_DI);
 		clone_flags.update(&tid, &flags);
@@ -232,6 +279,189 @@ static __always_inline void on_special_syscall(void *regs, __u32 nr)
 		__u64 flags = 0; /* fork, vfork */
 		clone_flags.update(&tid, &flags);
 	}
+}
+
+/* ---- behaviour counting: network destinations and exec paths ------------------------------- */
+
+#define COUNTED 0
+#define ANNOUNCE 1
+
+static __always_inline __u64 mix64(__u64 h)
+{
+	/* MurmurHash3's 64-bit finaliser */
+	h ^= h >> 33;
+	h *= 0xff51afd7ed558ccdULL;
+	h ^= h >> 33;
+	h *= 0xc4ceb9fe1a85ec53ULL;
+	h ^= h >> 33;
+	return h;
+}
+
+/* One HyperLogLog observation of key hash `h`: the register chosen by the low bits keeps the
+ * largest rank (1 + the number of trailing zeros of the other bits) it has seen. */
+static __always_inline void sketch_add(__u8 *registers, __u64 h)
+{
+	__u32 idx = h & (SKETCH_REGISTERS - 1);
+	__u64 w = (h >> SKETCH_INDEX_BITS) | (1ULL << (64 - SKETCH_INDEX_BITS));
+	__u8 rank = 1;
+	if (!(w & 0xffffffffULL)) {
+		rank += 32;
+		w >>= 32;
+	}
+	if (!(w & 0xffff)) {
+		rank += 16;
+		w >>= 16;
+	}
+	if (!(w & 0xff)) {
+		rank += 8;
+		w >>= 8;
+	}
+	if (!(w & 0xf)) {
+		rank += 4;
+		w >>= 4;
+	}
+	if (!(w & 0x3)) {
+		rank += 2;
+		w >>= 2;
+	}
+	if (!(w & 0x1))
+		rank += 1;
+	if (registers[idx] < rank)
+		registers[idx] = rank; /* a racing update can only make the estimate lower */
+}
+
+/* An occurrence that was not counted because its cgroup (or the whole table) was full. */
+static __always_inline void note_dropped(__u64 *dropped, __u64 *first_ns, __u64 *last_ns,
+					 __u8 *sketch, __u64 h, __u64 now)
+{
+	__sync_fetch_and_add(dropped, 1);
+	if (!*first_ns)
+		*first_ns = now;
+	*last_ns = now;
+	sketch_add(sketch, h);
+}
+
+/* Take one of a cgroup's entries, under its cap; 0 (nothing taken) at the cap. */
+static __always_inline int take_entry(__u64 *entries, __u64 cap)
+{
+	__u64 held = __sync_fetch_and_add(entries, 1);
+	if (held < cap)
+		return 1;
+	__sync_fetch_and_add(entries, -1);
+	return 0;
+}
+
+/* ANNOUNCE if this occurrence must announce the entry: nobody has yet, or the last attempt
+ * found the ring buffer full. Exactly one CPU wins the claim. */
+static __always_inline int claim_announcement(struct behaviour_count *c)
+{
+	if (c->flags & COUNT_F_ANNOUNCED)
+		return COUNTED;
+	__u64 old = __sync_fetch_and_or(&c->flags, COUNT_F_ANNOUNCED);
+	return (old & COUNT_F_ANNOUNCED) ? COUNTED : ANNOUNCE;
+}
+
+static __always_inline void bump(struct behaviour_count *c, __u64 now)
+{
+	__sync_fetch_and_add(&c->count, 1);
+	c->last_ns = now;
+}
+
+static __always_inline __u64 net_key_hash(struct net_count_key *k)
+{
+	__u64 *w = (__u64 *)k;
+	__u64 h = 0;
+#pragma unroll
+	for (int i = 0; i < NET_COUNT_KEY_SIZE / 8; i++)
+		h = mix64(h ^ w[i]);
+	return h;
+}
+
+static __always_inline __u64 exec_key_hash(struct exec_count_key *k)
+{
+	__u64 *w = (__u64 *)k;
+	__u64 h = 0;
+#pragma unroll
+	for (int i = 0; i < EXEC_COUNT_KEY_SIZE / 8; i++)
+		h = mix64(h ^ w[i]);
+	return h;
+}
+
+static __always_inline struct behaviour_slot *behaviour_slot_of(__u64 cg)
+{
+	__u32 *slotp = cgroup_slots.lookup(&cg);
+	if (!slotp)
+		return 0;
+	__u32 slot = *slotp;
+	return behaviour_slots.lookup(&slot);
+}
+
+/* Count one connect/send to `k`. The common case is one hash lookup and an atomic add. */
+static __always_inline int count_net(struct net_count_key *k, __u64 now)
+{
+	struct behaviour_count *c = net_counts.lookup(k);
+	if (c) {
+		bump(c, now);
+		return claim_announcement(c);
+	}
+	struct behaviour_slot *bs = behaviour_slot_of(k->cgroup_id);
+	if (!bs) {
+		count_loss(LOSS_NET_UNATTRIBUTED);
+		return COUNTED;
+	}
+	if (!take_entry(&bs->net_entries, NET_CGROUP_CAP)) {
+		note_dropped(&bs->net_dropped, &bs->net_dropped_first_ns, &bs->net_dropped_last_ns,
+			     bs->net_sketch, net_key_hash(k), now);
+		return COUNTED;
+	}
+	struct behaviour_count v = {.count = 1, .first_ns = now, .last_ns = now,
+				    .flags = COUNT_F_ANNOUNCED};
+	if (net_counts.insert(k, &v) == 0)
+		return ANNOUNCE;
+	__sync_fetch_and_add(&bs->net_entries, -1);
+	c = net_counts.lookup(k);
+	if (c) { /* another CPU made the entry first */
+		bump(c, now);
+		return claim_announcement(c);
+	}
+	count_loss(LOSS_NET_TABLE_FULL);
+	note_dropped(&bs->net_dropped, &bs->net_dropped_first_ns, &bs->net_dropped_last_ns,
+		     bs->net_sketch, net_key_hash(k), now);
+	return COUNTED;
+}
+
+/* Count one exec of `k` (built in the per-CPU scratch key). */
+static __always_inline int count_exec(struct exec_count_key *k, __u64 now)
+{
+	struct behaviour_count *c = exec_counts.lookup(k);
+	if (c) {
+		bump(c, now);
+		return claim_announcement(c);
+	}
+	struct behaviour_slot *bs = behaviour_slot_of(k->cgroup_id);
+	if (!bs) {
+		count_loss(LOSS_EXEC_UNATTRIBUTED);
+		return COUNTED;
+	}
+	if (!take_entry(&bs->exec_entries, EXEC_CGROUP_CAP)) {
+		note_dropped(&bs->exec_dropped, &bs->exec_dropped_first_ns,
+			     &bs->exec_dropped_last_ns, bs->exec_sketch, exec_key_hash(k), now);
+		return COUNTED;
+	}
+	struct behaviour_count v = {.count = 1, .first_ns = now, .last_ns = now,
+				    .flags = COUNT_F_ANNOUNCED};
+	if (exec_counts.insert(k, &v) == 0)
+		return ANNOUNCE;
+	__sync_fetch_and_add(&bs->exec_entries, -1);
+	c = exec_counts.lookup(k);
+	if (c) {
+		bump(c, now);
+		return claim_announcement(c);
+	}
+	count_loss(LOSS_EXEC_TABLE_FULL);
+	note_dropped(&bs->exec_dropped, &bs->exec_dropped_first_ns, &bs->exec_dropped_last_ns,
+		     bs->exec_sketch, exec_key_hash(k), now);
+	return COUNTED;
 }
 
 /* ---- syscall counting: raw tracepoint sys_enter ---------------------------------------------- */
@@ -287,8 +517,10 @@ RAW_TRACEPOINT_PROBE(sys_enter)
 	case NR_FORK:
 	case NR_VFORK:
 	case NR_EXECVE:
+#if TRACE_EVENTS
 	case NR_EXIT:
 	case NR_EXIT_GROUP:
+#endif
 	case NR_EXECVEAT:
 	case NR_CLONE3:
 		on_special_syscall((void *)ctx->args[0], idx);
@@ -346,7 +578,9 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
 		if (f & ENV_CLONE_THREAD)
 			return 0;
 	}
+	/* Fork tracking: the parent an exec announcement names. */
 	parents.update(&child, &ptgid);
+#if TRACE_EVENTS
 	__u64 cg = bpf_get_current_cgroup_id();
 	if (!event_wanted(cg))
 		return 0;
@@ -362,6 +596,7 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
 	e->parent_tid = tid;
 	e->pad = 0;
 	events.ringbuf_submit(e, 0);
+#endif
 	return 0;
 }
 
@@ -402,6 +637,49 @@ static __always_inline __u32 read_argv(struct exec_event *e, __u64 regs)
 	return flags;
 }
 
+/* struct exec_first_event is struct exec_event under another type number: one filler for both. */
+_Static_assert(sizeof(struct exec_first_event) == sizeof(struct exec_event), "exec layouts");
+_Static_assert(__builtin_offsetof(struct exec_first_event, argv) ==
+	       __builtin_offsetof(struct exec_event, argv), "exec layouts");
+_Static_assert(__builtin_offsetof(struct exec_first_event, flags) ==
+	       __builtin_offsetof(struct exec_event, flags), "exec layouts");
+
+/* One exec record (EV_EXEC_FIRST or EV_EXEC); 0 when the ring buffer was full (counted). */
+static __always_inline int emit_exec(__u16 type, __u64 cg, __u32 pid, __u32 old_pid,
+				     const char *filename, __u64 *regs)
+{
+	struct exec_event *e = events.ringbuf_reserve(sizeof(struct exec_event));
+	if (!e) {
+		count_loss(type);
+		return 0;
+	}
+	fill_hdr(&e->hdr, type, type == EV_EXEC_FIRST ? EXEC_FIRST_EVENT_VERSION : EXEC_EVENT_VERSION,
+		 sizeof(*e));
+	e->cgroup_id = cg;
+	e->pid = pid;
+	e->old_pid = old_pid;
+	__u32 flags = 0;
+	__u32 *pp = parents.lookup(&pid);
+	if (pp) {
+		e->ppid = *pp;
+	} else {
+		e->ppid = 0;
+		flags |= EXEC_F_PPID_UNKNOWN;
+	}
+	int n = bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), filename);
+	e->filename_len = n > 0 ? n - 1 : 0;
+	if (regs) {
+		flags |= read_argv(e, *regs);
+	} else {
+		e->argc = 0;
+		e->argv_len = 0;
+		flags |= EXEC_F_NO_ARGV;
+	}
+	e->flags = flags;
+	events.ringbuf_submit(e, 0);
+	return 1;
+}
+
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {
 	__u32 pid = args->pid;
@@ -417,42 +695,28 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 			bump_cache_gen();
 		}
 	}
-	if (!event_wanted(cg)) {
-		exec_regs.delete(&old_pid);
+	__u32 zero = 0;
+	struct exec_count_key *k = exec_scratch.lookup(&zero);
+	if (!k)
 		return 0;
-	}
-	struct exec_event *e = events.ringbuf_reserve(sizeof(struct exec_event));
-	if (!e) {
-		exec_regs.delete(&old_pid);
-		count_loss(EV_EXEC);
-		return 0;
-	}
-	fill_hdr(&e->hdr, EV_EXEC, EXEC_EVENT_VERSION, sizeof(*e));
-	e->cgroup_id = cg;
-	e->pid = pid;
-	e->old_pid = old_pid;
-	__u32 flags = 0;
-	__u32 *pp = parents.lookup(&pid);
-	if (pp) {
-		e->ppid = *pp;
-	} else {
-		e->ppid = 0;
-		flags |= EXEC_F_PPID_UNKNOWN;
-	}
+	__builtin_memset(k, 0, sizeof(*k)); /* the key is compared whole: zero after the NUL */
+	k->cgroup_id = cg;
 	unsigned short loc = args->data_loc_filename & 0xFFFF;
-	int n = bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), (char *)args + loc);
-	e->filename_len = n > 0 ? n - 1 : 0;
+	const char *filename = (const char *)args + loc;
+	bpf_probe_read_kernel_str(k->path, sizeof(k->path), filename);
 	__u64 *regs = exec_regs.lookup(&old_pid);
-	if (regs) {
-		flags |= read_argv(e, *regs);
-		exec_regs.delete(&old_pid);
-	} else {
-		e->argc = 0;
-		e->argv_len = 0;
-		flags |= EXEC_F_NO_ARGV;
+	if (count_exec(k, bpf_ktime_get_ns()) == ANNOUNCE && event_wanted(cg) &&
+	    !emit_exec(EV_EXEC_FIRST, cg, pid, old_pid, filename, regs)) {
+		/* Ring buffer full: let the next exec of this path announce it. */
+		struct behaviour_count *c = exec_counts.lookup(k);
+		if (c)
+			__sync_fetch_and_and(&c->flags, ~COUNT_F_ANNOUNCED);
 	}
-	e->flags = flags;
-	events.ringbuf_submit(e, 0);
+#if TRACE_EVENTS
+	if (event_wanted(cg))
+		emit_exec(EV_EXEC, cg, pid, old_pid, filename, regs);
+#endif
+	exec_regs.delete(&old_pid);
 	return 0;
 }
 
@@ -473,6 +737,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 		net_pending.delete(&tid);
 	}
 #endif
+#if TRACE_EVENTS
 	__u64 thread_key = EXIT_KEY_THREAD | tid, group_key = tgid;
 	__s32 *thread_status = exit_statuses.lookup(&thread_key);
 	__s32 status = thread_status ? *thread_status : 0;
@@ -503,6 +768,10 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	e->exit_status = status;
 	e->flags = flags;
 	events.ringbuf_submit(e, 0);
+#else
+	if (args->group_dead)
+		parents.delete(&tgid);
+#endif
 	return 0;
 }
 
@@ -525,12 +794,59 @@ static __always_inline void emit_net(struct net_event *src, __u8 with_ret, __s64
 }
 #endif
 
+/* The first sighting of destination `k`; 0 when the ring buffer was full (counted). */
+static __always_inline int announce_net(struct net_count_key *k, __u64 pid_tgid)
+{
+	struct net_first_event *e = events.ringbuf_reserve(sizeof(struct net_first_event));
+	if (!e) {
+		count_loss(EV_NET_FIRST);
+		return 0;
+	}
+	fill_hdr(&e->hdr, EV_NET_FIRST, NET_FIRST_EVENT_VERSION, sizeof(*e));
+	e->cgroup_id = k->cgroup_id;
+	e->pid = pid_tgid >> 32;
+	e->tid = pid_tgid;
+	e->family = k->family;
+	e->protocol = k->protocol;
+	e->op = k->op;
+	e->flags = 0;
+	e->port = k->port;
+	__builtin_memcpy(e->addr, k->addr, sizeof(e->addr));
+	events.ringbuf_submit(e, 0);
+	return 1;
+}
+
 static __always_inline int observe_sock(struct bpf_sock_addr *ctx, __u8 op, __u16 family)
 {
 	__u64 cg = bpf_get_current_cgroup_id();
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	struct net_count_key k = {};
+	k.cgroup_id = cg;
+	k.family = family;
+	k.protocol = ctx->protocol;
+	k.op = op;
+	k.port = bpf_ntohs((__u16)ctx->user_port);
+	if (family == ENV_AF_INET) {
+		__u32 a = ctx->user_ip4;
+		__builtin_memcpy(k.addr, &a, 4);
+	} else {
+		__u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1], a2 = ctx->user_ip6[2],
+		      a3 = ctx->user_ip6[3];
+		__builtin_memcpy(&k.addr[0], &a0, 4);
+		__builtin_memcpy(&k.addr[4], &a1, 4);
+		__builtin_memcpy(&k.addr[8], &a2, 4);
+		__builtin_memcpy(&k.addr[12], &a3, 4);
+	}
+	if (count_net(&k, bpf_ktime_get_ns()) == ANNOUNCE && event_wanted(cg) &&
+	    !announce_net(&k, pid_tgid)) {
+		/* Ring buffer full: let the next connect/send to it announce it. */
+		struct behaviour_count *c = net_counts.lookup(&k);
+		if (c)
+			__sync_fetch_and_and(&c->flags, ~COUNT_F_ANNOUNCED);
+	}
+#if TRACE_EVENTS || NET_RESULT
 	if (!event_wanted(cg))
 		return 1;
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tid = pid_tgid;
 	struct net_event ev = {};
 	fill_hdr(&ev.hdr, EV_NET, NET_EVENT_VERSION, sizeof(ev));
@@ -538,20 +854,10 @@ static __always_inline int observe_sock(struct bpf_sock_addr *ctx, __u8 op, __u1
 	ev.pid = pid_tgid >> 32;
 	ev.tid = tid;
 	ev.family = family;
-	ev.protocol = ctx->protocol;
+	ev.protocol = k.protocol;
 	ev.op = op;
-	ev.port = bpf_ntohs((__u16)ctx->user_port);
-	if (family == ENV_AF_INET) {
-		__u32 a = ctx->user_ip4;
-		__builtin_memcpy(ev.addr, &a, 4);
-	} else {
-		__u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1], a2 = ctx->user_ip6[2],
-		      a3 = ctx->user_ip6[3];
-		__builtin_memcpy(&ev.addr[0], &a0, 4);
-		__builtin_memcpy(&ev.addr[4], &a1, 4);
-		__builtin_memcpy(&ev.addr[8], &a2, 4);
-		__builtin_memcpy(&ev.addr[12], &a3, 4);
-	}
+	ev.port = k.port;
+	__builtin_memcpy(ev.addr, k.addr, sizeof(ev.addr));
 #if NET_RESULT
 	/* Held until the syscall returns; one still held (a syscall that never reached its exit
 	 * tracepoint, e.g. sendmmsg's earlier messages) goes out now without a result. */
@@ -567,6 +873,7 @@ static __always_inline int observe_sock(struct bpf_sock_addr *ctx, __u8 op, __u1
 	}
 	__builtin_memcpy(e, &ev, sizeof(ev));
 	events.ringbuf_submit(e, 0);
+#endif
 #endif
 	return 1;
 }

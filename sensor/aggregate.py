@@ -4,9 +4,16 @@ The aggregator knows which session each cgroup belongs to (a *binding*), turns k
 readings into deltas (the kernel counters are cumulative and never drained), and adds each
 behaviour to the profile of the bound workload in this node's contribution.
 
-It holds no kernel handles: the caller feeds it ``on_event`` / ``on_counts`` and decides when to
-``flush``. The same code serves ``envelope record`` (one cgroup tree, one session) and the daemon
-(every cgroup, sessions from the identity resolver).
+It holds no kernel handles: the caller feeds it ``on_event`` / ``on_counts`` /
+``on_key_counts`` / ``on_dropped`` and decides when to ``flush``. The same code serves
+``envelope record`` (one cgroup tree, one session) and the daemon (every cgroup, sessions from
+the identity resolver).
+
+Behaviours the kernel counts (syscalls, network destinations, exec paths) reach it twice: the
+ring buffer announces the first sighting at once (so listeners such as the enforcement judges
+hear of it without waiting), and the counter readings carry every occurrence. The first sighting
+is one occurrence of the kernel's count; whichever of the two arrives first adds it, so counts
+are exact whatever the order.
 """
 
 from __future__ import annotations
@@ -42,6 +49,18 @@ class KeyReading:
     last_seen: float
 
 
+@dataclass(frozen=True)
+class DropReading:
+    """What one cgroup did beyond its cap in one of the kernel's counter tables: cumulative
+    occurrences not counted, an estimate of how many distinct behaviours they were, first and
+    last time (wall seconds)."""
+
+    count: int
+    distinct: int
+    first_seen: float
+    last_seen: float
+
+
 @dataclass
 class Rates:
     """Per-workload event totals, for ``top`` and metrics."""
@@ -67,6 +86,7 @@ class Aggregator:
         self.dirty: set[Workload] = set()
         self._last_counts: dict[int, dict[int, int]] = {}
         self._last_key_counts: dict[int, dict[str, int]] = {}
+        self._last_dropped: dict[int, dict[str, DropReading]] = {}
         self._first_seen_at: dict[tuple[int, int], float] = {}
         self._session_cgroups: dict[tuple[Workload, str], set[int]] = {}
         # Called as listener(workload, session, key, count, ts) for every behaviour added, and
@@ -107,6 +127,7 @@ class Aggregator:
         b = self.bindings.pop(cgroup_id, None)
         self._last_counts.pop(cgroup_id, None)
         self._last_key_counts.pop(cgroup_id, None)
+        self._last_dropped.pop(cgroup_id, None)
         for k in [k for k in self._first_seen_at if k[0] == cgroup_id]:
             del self._first_seen_at[k]  # first-seen of syscalls made only before the first exec
         if b is None:
@@ -126,6 +147,7 @@ class Aggregator:
             self.bindings.pop(cg, None)
             self._last_counts.pop(cg, None)
             self._last_key_counts.pop(cg, None)
+            self._last_dropped.pop(cg, None)
         self._session_cgroups.pop((workload, session), None)
         end = self.clock() if end is None else end
         self._contribution(workload).close_session(session, end, meta)
@@ -174,7 +196,12 @@ class Aggregator:
                 log.error("aggregation listener failed", error=str(e), workload=workload.key)
 
     def on_event(self, event, ts: float) -> None:
-        """Add one decoded ring-buffer event (exec, net or syscall-first)."""
+        """Add one decoded ring-buffer event.
+
+        How it counts follows the event's ``counting`` (see :mod:`sensor.events`): a first
+        sighting of a kernel-counted behaviour adds its one occurrence unless a counter reading
+        already did; a record of a kernel-counted behaviour (``-DTRACE_EVENTS``) adds nothing;
+        any other event with a behaviour key is one occurrence."""
         cg = event.cgroup_id
         b = self.bindings.get(cg)
         if b is None:
@@ -186,15 +213,27 @@ class Aggregator:
             # Counted by the counters; remember when it really happened for first_seen.
             self._first_seen_at.setdefault((cg, event.nr), ts)
             return
+        counting = getattr(event, "counting", "event")
+        if counting == "kernel":
+            return
         key_fn = getattr(event, "behaviour_key", None)
         key = key_fn() if key_fn else None
         if not key:
             return
+        if counting == "first":
+            last = self._last_key_counts.setdefault(cg, {})
+            if last.get(key, 0) >= 1:
+                return  # a counter reading has already counted it
+            last[key] = 1
         if self.observe(cg, key, 1, ts):
-            if kind == "ExecEvent":
-                rates.execs += 1
-            elif kind == "NetEvent":
-                rates.connects += 1
+            self._count_rate(rates, key, 1)
+
+    @staticmethod
+    def _count_rate(rates: Rates, key: str, n: int) -> None:
+        if key.startswith("exec:"):
+            rates.execs += n
+        elif key.startswith(("connect:", "send:")):
+            rates.connects += n
 
     def on_counts(self, counts: dict[int, dict[int, int]], ts: float) -> None:
         """Feed a cumulative counter reading; the delta since the last reading is added."""
@@ -221,12 +260,33 @@ class Aggregator:
             if b is None:
                 continue
             last = self._last_key_counts.setdefault(cg, {})
+            rates = self.totals.setdefault(b.workload, Rates())
             for key, r in per_key.items():
                 delta = r.count - last.get(key, 0)
                 if delta <= 0:
                     continue
                 last[key] = r.count
-                self.observe(cg, key, delta, r.last_seen, r.first_seen)
+                if self.observe(cg, key, delta, r.last_seen, r.first_seen):
+                    self._count_rate(rates, key, delta)
+
+    def on_dropped(self, readings: dict[int, dict[str, DropReading]]) -> None:
+        """Feed cumulative readings of what cgroups did beyond their caps in the kernel's counter
+        tables (per substrate); the delta goes to the profile's overflow, which marks it capped."""
+        for cg, per_substrate in readings.items():
+            b = self.bindings.get(cg)
+            if b is None:
+                continue
+            last = self._last_dropped.setdefault(cg, {})
+            contrib = self._contribution(b.workload)
+            for substrate, r in per_substrate.items():
+                prev = last.get(substrate)
+                count = r.count - (prev.count if prev else 0)
+                if count <= 0:
+                    continue
+                distinct = max(r.distinct - (prev.distinct if prev else 0), 0)
+                last[substrate] = r
+                contrib.add_overflow(substrate, count, distinct, r.first_seen, r.last_seen)
+                self.dirty.add(b.workload)
 
     def add_loss(self, deltas: dict[str, int], workloads: Iterable[Workload] | None = None) -> None:
         """Record lost events against the profiles they may have belonged to.

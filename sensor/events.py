@@ -20,7 +20,7 @@ from functools import lru_cache
 from typing import ClassVar, Union  # noqa: F401 - ClassVar: dataclasses reads string annotations
 
 from . import syscalls
-from .mirrors import Mirror
+from .mirrors import ExecCountKey, Mirror, NetCountKey
 from .workload import exec_key, net_key, syscall_key
 
 # Event types (EV_* in bpf/events.h). Numbers are never reused.
@@ -31,7 +31,9 @@ EV_NET = 4
 EV_SYSCALL_FIRST = 5
 EV_EGRESS_VIOLATION = 6
 EV_SECCOMP_DENIAL = 7
-EV_TYPE_MAX = 8
+EV_EXEC_FIRST = 8
+EV_NET_FIRST = 9
+EV_TYPE_MAX = 10
 
 TYPE_NAMES = {
     EV_EXEC: "exec",
@@ -41,12 +43,20 @@ TYPE_NAMES = {
     EV_SYSCALL_FIRST: "syscall_first",
     EV_EGRESS_VIOLATION: "egress_violation",
     EV_SECCOMP_DENIAL: "seccomp_denial",
+    EV_EXEC_FIRST: "exec_first",
+    EV_NET_FIRST: "net_first",
 }
 
-# Loss counter indexes (LOSS_* in bpf/events.h); 1..EV_TYPE_MAX-1 are reserve failures by type.
-LOSS_SYSCALL_UNATTRIBUTED = 8
-LOSS_CGROUP_REMOVED_DROPPED = 9
-LOSS_SLOTS = 16
+# Loss counter indexes (LOSS_* in bpf/events.h); 1..LOSS_RESERVE_TYPES-1 are reserve failures of
+# the sensor's own event types.
+LOSS_RESERVE_TYPES = 16
+LOSS_SYSCALL_UNATTRIBUTED = 16
+LOSS_CGROUP_REMOVED_DROPPED = 17
+LOSS_NET_UNATTRIBUTED = 18
+LOSS_EXEC_UNATTRIBUTED = 19
+LOSS_NET_TABLE_FULL = 20
+LOSS_EXEC_TABLE_FULL = 21
+LOSS_SLOTS = 32
 
 ENV_AF_INET = 2
 ENV_AF_INET6 = 10
@@ -247,9 +257,63 @@ class SeccompDenialRecord(Mirror):
     fields = _HDR + (("cgroup_id", "Q"), ("pid", "I"), ("nr", "I"), ("ret", "q"))
 
 
+class ExecFirstRecord(Mirror):
+    """EV_EXEC_FIRST, from sched:sched_process_exec: the first exec of ``filename`` in the cgroup
+    (or, after a ring buffer overflow refused that record, the next one). Same fields as
+    exec_event.
+
+    struct exec_first_event {
+        struct event_hdr hdr;          /*   0 */
+        __u64 cgroup_id;               /*  16 */
+        __u32 pid;                     /*  24 */
+        __u32 ppid;                    /*  28 from fork tracking; 0 when unknown */
+        __u32 old_pid;                 /*  32 tid that called execve */
+        __u16 filename_len;            /*  36 bytes in filename, without the NUL */
+        __u16 argv_len;                /*  38 bytes used in argv, NUL separators included */
+        __u32 argc;                    /*  40 strings captured in argv */
+        __u32 flags;                   /*  44 EXEC_F_* */
+        char filename[EXEC_FILENAME_LEN]; /*  48 */
+        char argv[EXEC_ARGV_LEN];      /* 304 NUL-separated */
+    };
+    """
+
+    c_name = "exec_first_event"
+    type = EV_EXEC_FIRST
+    version = 1
+    fields = ExecRecord.fields
+
+
+class NetFirstRecord(Mirror):
+    """EV_NET_FIRST, from the cgroup connect4/6 and sendmsg4/6 hooks: the first connect or send
+    to a destination in the cgroup (or, after a ring buffer overflow, the next one).
+
+    struct net_first_event {
+        struct event_hdr hdr; /*  0 */
+        __u64 cgroup_id;      /* 16 */
+        __u32 pid;            /* 24 */
+        __u32 tid;            /* 28 */
+        __u16 family;         /* 32 ENV_AF_* */
+        __u16 protocol;       /* 34 */
+        __u8 op;              /* 36 NET_OP_* */
+        __u8 flags;           /* 37 0 */
+        __u16 port;           /* 38 host order */
+        __u8 addr[16];        /* 40 network order */
+    };
+    """
+
+    c_name = "net_first_event"
+    type = EV_NET_FIRST
+    version = 1
+    fields = _HDR + (
+        ("cgroup_id", "Q"), ("pid", "I"), ("tid", "I"), ("family", "H"), ("protocol", "H"),
+        ("op", "B"), ("flags", "B"), ("port", "H"), ("addr", "16s"),
+    )
+
+
 RECORDS: dict[int, type[Mirror]] = {
     r.type: r for r in (ExecRecord, ForkRecord, ExitRecord, NetRecord, SyscallFirstRecord,
-                        EgressViolationRecord, SeccompDenialRecord)
+                        EgressViolationRecord, SeccompDenialRecord, ExecFirstRecord,
+                        NetFirstRecord)
 }
 
 
@@ -278,6 +342,12 @@ def _family(af: int) -> int:
 class _Event:
     __slots__ = ()
     type_name: ClassVar[str] = ""
+    # How the aggregator counts the behaviour of a record (see sensor.aggregate):
+    #   "event"   every record is one occurrence;
+    #   "first"   the first sighting of a behaviour the kernel counts: one occurrence, unless
+    #             a counter reading has already included it;
+    #   "kernel"  the kernel counts the behaviour; the record itself adds nothing.
+    counting: ClassVar[str] = "event"
 
     def to_dict(self) -> dict:
         d = {"type": self.type_name}
@@ -299,6 +369,27 @@ class ExecEvent(_Event):
     argv_truncated: bool = False
     old_pid: int = 0
     type_name: ClassVar[str] = "exec"
+    counting: ClassVar[str] = "kernel"
+
+    def behaviour_key(self) -> str | None:
+        return exec_key(self.filename) if self.filename else None
+
+
+@dataclass(slots=True)
+class ExecFirstEvent(_Event):
+    """The first exec of a path in a cgroup, with its parent and argv prefix; later execs of
+    it are counted in the kernel and read with the counters."""
+
+    ktime: int
+    pid: int
+    ppid: int  # 0 when fork tracking did not see the parent
+    cgroup_id: int
+    filename: str
+    argv: list[str] = field(default_factory=list)
+    argv_truncated: bool = False
+    old_pid: int = 0
+    type_name: ClassVar[str] = "exec_first"
+    counting: ClassVar[str] = "first"
 
     def behaviour_key(self) -> str | None:
         return exec_key(self.filename) if self.filename else None
@@ -335,6 +426,30 @@ class NetEvent(_Event):
     ret: int | None = None  # the syscall's return value, when the sensor was built to hold it
     tid: int = 0
     type_name: ClassVar[str] = "net"
+    counting: ClassVar[str] = "kernel"
+
+    def behaviour_key(self) -> str | None:
+        if self.proto not in ("tcp", "udp"):
+            return None
+        return net_key(self.op, self.proto, self.addr, self.port)
+
+
+@dataclass(slots=True)
+class NetFirstEvent(_Event):
+    """The first connect or send to a destination in a cgroup; later ones are counted in the
+    kernel and read with the counters."""
+
+    ktime: int
+    pid: int
+    cgroup_id: int
+    op: str  # connect | send
+    proto: str
+    family: int  # 4 | 6
+    addr: str
+    port: int
+    tid: int = 0
+    type_name: ClassVar[str] = "net_first"
+    counting: ClassVar[str] = "first"
 
     def behaviour_key(self) -> str | None:
         if self.proto not in ("tcp", "udp"):
@@ -389,7 +504,7 @@ class SeccompDenialEvent(_Event):
 
 
 Event = Union[ExecEvent, ForkEvent, ExitEvent, NetEvent, SyscallFirstEvent,
-              EgressViolationEvent, SeccompDenialEvent]
+              EgressViolationEvent, SeccompDenialEvent, ExecFirstEvent, NetFirstEvent]
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,15 +524,19 @@ def _proto(n: int) -> str:
     return _PROTO_NAMES.get(n, str(n))
 
 
-def _exec(r: dict) -> Event:
+def _exec(r: dict, cls=ExecEvent) -> Event:
     argv_raw = r["argv"][: min(r["argv_len"], EXEC_ARGV_LEN)]
     parts = argv_raw.split(b"\0")
     argv = [p.decode("utf-8", "backslashreplace") for p in parts[: r["argc"]]]
-    return ExecEvent(
+    return cls(
         ktime=r["ktime"], pid=r["pid"], ppid=r["ppid"], cgroup_id=r["cgroup_id"],
         filename=_cstr(r["filename"], r["filename_len"]), argv=argv,
         argv_truncated=bool(r["flags"] & EXEC_F_ARGV_TRUNCATED), old_pid=r["old_pid"],
     )
+
+
+def _exec_first(r: dict) -> Event:
+    return _exec(r, ExecFirstEvent)
 
 
 def _fork(r: dict) -> Event:
@@ -438,6 +557,18 @@ def _net(r: dict) -> Event | DecodeError:
         op="connect" if r["op"] == NET_OP_CONNECT else "send", proto=_proto(r["protocol"]),
         family=_family(r["family"]), addr=addr, port=r["port"],
         ret=r["ret"] if r["flags"] & NET_F_RET_KNOWN else None, tid=r["tid"],
+    )
+
+
+def _net_first(r: dict) -> Event | DecodeError:
+    addr = _addr(r["family"], r["addr"])
+    if addr is None:
+        return DecodeError("decode_error", f"net_first event with address family {r['family']}",
+                           EV_NET_FIRST)
+    return NetFirstEvent(
+        ktime=r["ktime"], pid=r["pid"], cgroup_id=r["cgroup_id"],
+        op="connect" if r["op"] == NET_OP_CONNECT else "send", proto=_proto(r["protocol"]),
+        family=_family(r["family"]), addr=addr, port=r["port"], tid=r["tid"],
     )
 
 
@@ -467,6 +598,7 @@ def _seccomp(r: dict) -> Event:
 _BUILD = {
     EV_EXEC: _exec, EV_FORK: _fork, EV_EXIT: _exit, EV_NET: _net,
     EV_SYSCALL_FIRST: _syscall_first, EV_EGRESS_VIOLATION: _egress, EV_SECCOMP_DENIAL: _seccomp,
+    EV_EXEC_FIRST: _exec_first, EV_NET_FIRST: _net_first,
 }
 _HDR_STRUCT = struct.Struct("<HHIQ")
 
@@ -492,6 +624,31 @@ def decode(data: bytes | bytearray | memoryview) -> Event | DecodeError:
         return _BUILD[etype](rec.unpack(data))
     except Exception as e:  # noqa: BLE001 - a decoder never raises into the poll loop
         return DecodeError("decode_error", f"{type(e).__name__}: {e}")
+
+
+# ---- the kernel's behaviour counter tables ---------------------------------------------------
+
+
+_NET_KEY = NetCountKey._struct
+_EXEC_KEY = ExecCountKey._struct
+
+
+def net_count_behaviour(raw: bytes) -> tuple[int, str | None]:
+    """``(cgroup id, behaviour key)`` of a ``net_counts`` key; the key is None for a protocol
+    other than TCP and UDP (an ICMP socket's connect, say) or an unknown family. Pure."""
+    cg, addr_raw, port, family, protocol, op, _ = _NET_KEY.unpack_from(raw)
+    addr = _addr(family, addr_raw)
+    proto = _proto(protocol)
+    if addr is None or proto not in ("tcp", "udp"):
+        return cg, None
+    return cg, net_key("connect" if op == NET_OP_CONNECT else "send", proto, addr, port)
+
+
+def exec_count_behaviour(raw: bytes) -> tuple[int, str | None]:
+    """``(cgroup id, behaviour key)`` of an ``exec_counts`` key. Pure."""
+    cg, path = _EXEC_KEY.unpack_from(raw)
+    name = _cstr(path)
+    return cg, exec_key(name) if name else None
 
 
 class Decoder:

@@ -64,6 +64,8 @@ BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
 BPF_RAW_TRACEPOINT_OPEN = 17
 BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
+BPF_MAP_LOOKUP_BATCH = 24
+BPF_MAP_DELETE_BATCH = 27
 BPF_LINK_CREATE = 28
 
 BPF_ANY = 0
@@ -152,6 +154,93 @@ def map_op(cmd: int, fd: int, key=None, value=None, flags: int = 0) -> int:
     if _syscall(_NR_BPF_HERE, cmd, ctypes.addressof(attr), _ELEM_ATTR_SIZE) < 0:
         return ctypes.get_errno()
     return 0
+
+
+class _BatchAttr(ctypes.Structure):
+    _fields_ = [("in_batch", ctypes.c_uint64), ("out_batch", ctypes.c_uint64),
+                ("keys", ctypes.c_uint64), ("values", ctypes.c_uint64), ("count", ctypes.c_uint32),
+                ("map_fd", ctypes.c_uint32), ("elem_flags", ctypes.c_uint64),
+                ("flags", ctypes.c_uint64)]
+
+
+_ENOTSUPP = 524  # the kernel-internal "operation not supported" some map types return
+_NO_BATCH = (errno.EINVAL, errno.EOPNOTSUPP, _ENOTSUPP)
+
+
+def map_dump(fd: int, key_size: int, value_size: int, chunk: int = 1024) -> tuple[bytes, bytes, int]:
+    """Every entry of a map with plain (not per-CPU) values: ``(keys, values, n)``, the keys and
+    the values each concatenated, in the map's order.
+
+    Uses ``BPF_MAP_LOOKUP_BATCH`` (Linux 5.6+), one call per ``chunk`` entries, so reading a table
+    of thousands of entries costs a few syscalls; where the kernel refuses batch lookups it walks
+    the map with ``GET_NEXT_KEY`` and ``LOOKUP``. Entries that come or go during the dump may or
+    may not be in it."""
+    keys: list[bytes] = []
+    values: list[bytes] = []
+    total = 0
+    kbuf = ctypes.create_string_buffer(key_size * chunk)
+    vbuf = ctypes.create_string_buffer(value_size * chunk)
+    token = max(key_size, 8)  # hash maps take a u32 bucket index, arrays a key
+    in_b, out_b = ctypes.create_string_buffer(token), ctypes.create_string_buffer(token)
+    first = True
+    while True:
+        attr = _BatchAttr(0 if first else ctypes.addressof(in_b), ctypes.addressof(out_b),
+                          ctypes.addressof(kbuf), ctypes.addressof(vbuf), chunk, fd, 0, 0)
+        ret = _syscall(_NR_BPF_HERE, BPF_MAP_LOOKUP_BATCH, ctypes.addressof(attr),
+                       ctypes.sizeof(attr))
+        err = ctypes.get_errno() if ret < 0 else 0
+        if err == errno.ENOSPC:  # one hash bucket holds more entries than `chunk`
+            chunk *= 4
+            kbuf = ctypes.create_string_buffer(key_size * chunk)
+            vbuf = ctypes.create_string_buffer(value_size * chunk)
+            continue
+        if err and err != errno.ENOENT:
+            if first and err in _NO_BATCH:
+                return _dump_by_walking(fd, key_size, value_size)
+            raise BpfError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
+        n = attr.count
+        if n:
+            keys.append(kbuf.raw[:n * key_size])
+            values.append(vbuf.raw[:n * value_size])
+            total += n
+        if err == errno.ENOENT:
+            break
+        ctypes.memmove(in_b, out_b, token)
+        first = False
+    return b"".join(keys), b"".join(values), total
+
+
+def _dump_by_walking(fd: int, key_size: int, value_size: int) -> tuple[bytes, bytes, int]:
+    keys, values = [], []
+    cur = None
+    nxt = ctypes.create_string_buffer(key_size)
+    val = ctypes.create_string_buffer(value_size)
+    for _ in range(1 << 24):  # bounded even if entries churn while the walk runs
+        if map_op(BPF_MAP_GET_NEXT_KEY, fd, cur, nxt) != 0:
+            break
+        cur = ctypes.create_string_buffer(nxt.raw, key_size)
+        if map_op(BPF_MAP_LOOKUP_ELEM, fd, cur, val) == 0:
+            keys.append(nxt.raw)
+            values.append(val.raw)
+    return b"".join(keys), b"".join(values), len(keys)
+
+
+def map_delete_keys(fd: int, keys: bytes, key_size: int) -> None:
+    """Delete the concatenated ``keys`` (``BPF_MAP_DELETE_BATCH``, else one by one); keys that
+    are already gone are skipped."""
+    n = len(keys) // key_size
+    if not n:
+        return
+    kbuf = ctypes.create_string_buffer(keys, len(keys))
+    attr = _BatchAttr(0, 0, ctypes.addressof(kbuf), 0, n, fd, 0, 0)
+    if _syscall(_NR_BPF_HERE, BPF_MAP_DELETE_BATCH, ctypes.addressof(attr),
+                ctypes.sizeof(attr)) == 0:
+        return
+    # a missing key stops a batch delete part way (count says how far it got): finish one by one
+    start = attr.count if attr.count < n else 0
+    for i in range(start, n):
+        k = ctypes.create_string_buffer(keys[i * key_size:(i + 1) * key_size], key_size)
+        map_op(BPF_MAP_DELETE_ELEM, fd, k)
 
 
 def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,

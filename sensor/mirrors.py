@@ -14,6 +14,10 @@ from typing import ClassVar
 
 SYSCALL_NR_SLOTS = 512  # bpf/events.h
 SYSCALL_BANKS = 2  # counters before (0) and from (1) a cgroup's first exec
+EXEC_FILENAME_LEN = 256  # bpf/events.h (also the exec_count_key path)
+COUNT_F_ANNOUNCED = 0x1
+SKETCH_REGISTERS = 128
+SKETCH_INDEX_BITS = 7
 EGRESS_MAX_RANGES = 8  # bpf/egress.h default
 EGRESS_FIXED_BITS = 32
 EGRESS_FAMILY_V4 = 4
@@ -100,6 +104,80 @@ class SyscallSlotCounts(Mirror):
 
     c_name = "syscall_slot_counts"
     fields = tuple((f"count{i}", "Q") for i in range(SYSCALL_BANKS * SYSCALL_NR_SLOTS))
+
+
+# ---- bpf/events.h: the sensor's behaviour counter tables ---------------------------------------
+
+
+class NetCountKey(Mirror):
+    """Key of ``net_counts``: one network destination of one cgroup.
+
+    struct net_count_key {
+        __u64 cgroup_id; /*  0 */
+        __u8 addr[16];   /*  8 network order; IPv4 in addr[0..3] */
+        __u16 port;      /* 24 host order */
+        __u8 family;     /* 26 ENV_AF_* */
+        __u8 protocol;   /* 27 IPPROTO_* */
+        __u8 op;         /* 28 NET_OP_* */
+        __u8 pad[3];     /* 29 zero */
+    };
+    """
+
+    c_name = "net_count_key"
+    fields = (("cgroup_id", "Q"), ("addr", "16s"), ("port", "H"), ("family", "B"),
+              ("protocol", "B"), ("op", "B"), ("pad", "3s"))
+
+
+class ExecCountKey(Mirror):
+    """Key of ``exec_counts``: one exec path of one cgroup.
+
+    struct exec_count_key {
+        __u64 cgroup_id;              /*   0 */
+        char path[EXEC_FILENAME_LEN]; /*   8 as passed to execve; NUL-padded (zero to the end) */
+    };
+    """
+
+    c_name = "exec_count_key"
+    fields = (("cgroup_id", "Q"), ("path", f"{EXEC_FILENAME_LEN}s"))
+
+
+class BehaviourCount(Mirror):
+    """Value of ``net_counts`` and ``exec_counts``.
+
+    struct behaviour_count {
+        __u64 count;    /*  0 occurrences, cumulative */
+        __u64 first_ns; /*  8 ktime of the first */
+        __u64 last_ns;  /* 16 ktime of the latest */
+        __u64 flags;    /* 24 COUNT_F_* */
+    };
+    """
+
+    c_name = "behaviour_count"
+    fields = (("count", "Q"), ("first_ns", "Q"), ("last_ns", "Q"), ("flags", "Q"))
+
+
+class BehaviourSlot(Mirror):
+    """One cgroup slot's entries in the behaviour tables and what it did beyond its caps.
+
+    struct behaviour_slot {
+        __u64 net_entries;                 /*   0 entries of this cgroup in net_counts */
+        __u64 exec_entries;                /*   8 entries of this cgroup in exec_counts */
+        __u64 net_dropped;                 /*  16 connects/sends to destinations not counted */
+        __u64 exec_dropped;                /*  24 execs of paths not counted */
+        __u64 net_dropped_first_ns;        /*  32 ktime of the first one dropped (0: none) */
+        __u64 net_dropped_last_ns;         /*  40 */
+        __u64 exec_dropped_first_ns;       /*  48 */
+        __u64 exec_dropped_last_ns;        /*  56 */
+        __u8 net_sketch[SKETCH_REGISTERS];  /*  64 */
+        __u8 exec_sketch[SKETCH_REGISTERS]; /* 192 */
+    };
+    """
+
+    c_name = "behaviour_slot"
+    fields = (("net_entries", "Q"), ("exec_entries", "Q"), ("net_dropped", "Q"),
+              ("exec_dropped", "Q"), ("net_dropped_first_ns", "Q"), ("net_dropped_last_ns", "Q"),
+              ("exec_dropped_first_ns", "Q"), ("exec_dropped_last_ns", "Q"),
+              ("net_sketch", f"{SKETCH_REGISTERS}s"), ("exec_sketch", f"{SKETCH_REGISTERS}s"))
 
 
 # ---- bpf/egress.h ------------------------------------------------------------------------------
@@ -215,7 +293,8 @@ class DenialCgroup(Mirror):
 
 #: Every map-layout mirror, by header.
 MAP_MIRRORS = {
-    "events.h": (SyscallSlotState, SyscallSlotCounts),
+    "events.h": (SyscallSlotState, SyscallSlotCounts, NetCountKey, ExecCountKey, BehaviourCount,
+                 BehaviourSlot),
     "egress.h": (EgressKey, EgressRule, EgressPortKey, EgressMeta, EgressCgroup),
     "denials.h": (DenialCgroup,),
 }

@@ -6,6 +6,11 @@
   (:mod:`sensor.events`); decode failures are counted, never raised.
 - :meth:`Sensor.syscall_counts` reads the cumulative per-(cgroup, syscall) counters, summed
   over CPUs. Nothing is drained: callers take deltas.
+- :meth:`Sensor.behaviour_counts` reads the cumulative per-(cgroup, destination) and
+  per-(cgroup, exec path) counters with their first and last seen times; the ring buffer
+  announced only the first sighting of each (:class:`sensor.events.NetFirstEvent`,
+  :class:`sensor.events.ExecFirstEvent`).
+- :meth:`Sensor.dropped_counts` reads what each cgroup did beyond its caps in those tables.
 - :meth:`Sensor.loss` reports ring-buffer reserve failures per event type (counted in the
   kernel) plus decode failures (counted here).
 - :meth:`Sensor.forget_cgroup` frees the counter slot of a cgroup that is gone.
@@ -31,17 +36,22 @@ from typing import Container, Protocol, Sequence
 import psutil
 import structlog
 
-from . import features, kernel, syscalls
-from .aggregate import KeyReading
+from . import features, kernel, sketch, syscalls
+from .aggregate import DropReading, KeyReading
 from .events import (
-    EV_EXEC, EV_EXIT, EV_FORK, EV_NET, EV_SYSCALL_FIRST, LOSS_CGROUP_REMOVED_DROPPED,
-    LOSS_SYSCALL_UNATTRIBUTED, Decoder, Event,
+    EV_EXEC, EV_EXEC_FIRST, EV_EXIT, EV_FORK, EV_NET, EV_NET_FIRST, EV_SYSCALL_FIRST,
+    LOSS_CGROUP_REMOVED_DROPPED, LOSS_EXEC_TABLE_FULL, LOSS_EXEC_UNATTRIBUTED,
+    LOSS_NET_TABLE_FULL, LOSS_NET_UNATTRIBUTED, LOSS_SYSCALL_UNATTRIBUTED, Decoder, Event,
+    exec_count_behaviour, net_count_behaviour,
 )
-from .mirrors import SYSCALL_BANKS, SYSCALL_NR_SLOTS, SyscallSlotCounts, SyscallSlotState
+from .mirrors import (
+    SYSCALL_BANKS, SYSCALL_NR_SLOTS, BehaviourCount, BehaviourSlot, ExecCountKey, NetCountKey,
+    SyscallSlotCounts, SyscallSlotState,
+)
 from .kernel import (
     BPF_MAP_DELETE_ELEM, BPF_MAP_GET_NEXT_KEY, BPF_MAP_LOOKUP_AND_DELETE_ELEM,
     BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_NOEXIST, PAGE_SIZE, Family, LoadError, Program,
-    RingReader, map_op,
+    RingReader, map_delete_keys, map_dump, map_op,
 )
 
 log = structlog.get_logger(__name__)
@@ -63,7 +73,12 @@ _NET_RESULT_TRACEPOINTS = (
     "syscalls:sys_exit_sendmmsg",
 )
 _MAPS = ("syscall_counts", "slot_state", "cgroup_slots", "free_slots", "loss_counts",
-         "parents", "removed_cgroups", "events")
+         "parents", "removed_cgroups", "events", "net_counts", "exec_counts", "behaviour_slots")
+# The counter tables: map name, key mirror, key decoder, substrate of what it counts.
+_COUNT_TABLES = (("net_counts", NetCountKey, net_count_behaviour, "egress"),
+                 ("exec_counts", ExecCountKey, exec_count_behaviour, "exec"))
+DEFAULT_NET_CGROUP_CAP = 4096  # bpf/sensor.c defaults
+DEFAULT_EXEC_CGROUP_CAP = 2048
 # Checks whose failure makes attaching pointless; the others are reported by `envelope doctor`.
 _REQUIRED = (
     features.check_root, features.check_arch, features.check_bcc,
@@ -77,8 +92,14 @@ LOSS_NAMES = {
     EV_EXIT: "ringbuf_full_exit",
     EV_NET: "ringbuf_full_net",
     EV_SYSCALL_FIRST: "ringbuf_full_syscall_first",
+    EV_EXEC_FIRST: "ringbuf_full_exec_first",
+    EV_NET_FIRST: "ringbuf_full_net_first",
     LOSS_SYSCALL_UNATTRIBUTED: "syscall_unattributed",
     LOSS_CGROUP_REMOVED_DROPPED: "cgroup_removed_dropped",
+    LOSS_NET_UNATTRIBUTED: "net_unattributed",
+    LOSS_EXEC_UNATTRIBUTED: "exec_unattributed",
+    LOSS_NET_TABLE_FULL: "net_table_full",
+    LOSS_EXEC_TABLE_FULL: "exec_table_full",
 }
 SLOT_REUSE_GRACE = 0.1  # seconds a forgotten slot waits before reuse (see forget_cgroup)
 
@@ -171,10 +192,12 @@ def seed_maps(maps: dict[str, int]) -> None:
 
 
 class Sensor:
-    """Kernel observation: syscall counters, process, network and first-seen events."""
+    """Kernel observation: syscall, destination and exec counters, first-seen events (and, with
+    ``trace_events``, one record per exec, fork, exit and connect/send)."""
 
     def __init__(self, ringbuf_pages: int = 256, max_cgroups: int = 1024,
-                 cflags: Sequence[str] = (), extensions: Sequence[Extension] = ()):
+                 cflags: Sequence[str] = (), extensions: Sequence[Extension] = (),
+                 trace_events: bool = False):
         if ringbuf_pages < 1 or ringbuf_pages & (ringbuf_pages - 1):
             raise ValueError(f"ringbuf_pages must be a power of two, got {ringbuf_pages}")
         if not 1 <= max_cgroups <= 65535:
@@ -182,8 +205,19 @@ class Sensor:
         self.ringbuf_pages = ringbuf_pages
         self.max_cgroups = max_cgroups
         self.cflags = [f"-I{kernel.BPF_DIR}", f"-DRINGBUF_PAGES={ringbuf_pages}",
-                       f"-DMAX_CGROUPS={max_cgroups}", *syscalls.kernel_cflags(), *cflags]
+                       f"-DMAX_CGROUPS={max_cgroups}", *syscalls.kernel_cflags(),
+                       *(["-DTRACE_EVENTS=1"] if trace_events else []), *cflags]
         self.net_result = _define(self.cflags, "NET_RESULT") not in (None, "0")
+        self.trace_events = _define(self.cflags, "TRACE_EVENTS") not in (None, "0")
+        self.caps = {"egress": int(_define(self.cflags, "NET_CGROUP_CAP") or DEFAULT_NET_CGROUP_CAP),
+                     "exec": int(_define(self.cflags, "EXEC_CGROUP_CAP") or DEFAULT_EXEC_CGROUP_CAP)}
+        # Counter-table reading state: decoded keys and last raw values (bounded by the tables),
+        # and cgroups forgotten since the last read, whose entries go after that read.
+        self._count_keys: dict[str, dict[bytes, tuple[int, str | None]]] = {
+            name: {} for name, *_ in _COUNT_TABLES}
+        self._count_values: dict[str, dict[bytes, bytes]] = {name: {} for name, *_ in _COUNT_TABLES}
+        self._forgotten: set[int] = set()
+        self._slots_read: dict[int, int] | None = None
         self.extensions = list(extensions)
         self._extension_fds: list[kernel.Loaded] = []
         self.decoder = Decoder()
@@ -234,7 +268,7 @@ class Sensor:
         self._sync_wall_clock()
         log.info("sensor attached", ringbuf_pages=self.ringbuf_pages,
                  max_cgroups=self.max_cgroups, net_result=self.net_result,
-                 attachments=len(self._loaded.attachments))
+                 trace_events=self.trace_events, attachments=len(self._loaded.attachments))
 
     def close(self) -> None:
         """Detach everything: attachments first (raw tracepoint, perf events, links), then maps."""
@@ -345,7 +379,8 @@ class Sensor:
         # CPU c's counter for bank b, nr n is at c*1024 + b*512 + n
         every = range(per_cpu * self._ncpus)
         out = {}
-        for cg, slot in self.cgroup_slots().items():
+        slots = self._slots_read = self.cgroup_slots()
+        for cg, slot in slots.items():
             try:
                 vals = self._percpu_u64("syscall_counts", slot, buf).tolist()
             except OSError:
@@ -393,15 +428,98 @@ class Sensor:
                 out[f"{ext.name}_{name}"] = n
         return out
 
-    def behaviour_counts(self) -> dict[int, dict[str, KeyReading]]:
+    def behaviour_counts(self, changed_only: bool = False) -> dict[int, dict[str, KeyReading]]:
         """cgroup id -> behaviour key -> cumulative reading, for what the programs count in the
-        kernel beside syscalls (every extension's). Nothing is drained: callers take deltas."""
+        kernel beside syscalls: network destinations and exec paths, and every extension's.
+        Nothing is drained: callers take deltas.
+
+        Times are the kernel's: the first and the latest occurrence (``bpf_ktime_get_ns``, as wall
+        seconds). Each table is read with a few batch lookups; keys are decoded once. With
+        ``changed_only`` the sensor's own entries that did not change since the previous such
+        call are left out (their deltas are zero). Cgroups forgotten since the previous call
+        (:meth:`forget_cgroup`) appear one last time; then their entries are deleted."""
         self._require()
         out: dict[int, dict[str, KeyReading]] = {}
+        forgotten, self._forgotten = self._forgotten, set()
+        wall = self._wall_offset
+        unpack = BehaviourCount._struct.unpack_from
+        vsize = BehaviourCount.size()
+        for name, key_mirror, decode, _ in _COUNT_TABLES:
+            ksize = key_mirror.size()
+            keys, values, n = map_dump(self._maps[name], ksize, vsize)
+            names, last = self._count_keys[name], self._count_values[name]
+            doomed = []
+            for i in range(n):
+                k = keys[i * ksize:(i + 1) * ksize]
+                ident = names.get(k)
+                if ident is None:
+                    ident = names[k] = decode(k)
+                cg, key = ident
+                if cg in forgotten:
+                    doomed.append(k)
+                v = values[i * vsize:(i + 1) * vsize]
+                if changed_only:
+                    if last.get(k) == v:
+                        continue
+                    last[k] = v
+                if key is None:
+                    continue
+                count, first_ns, last_ns, _ = unpack(v)
+                out.setdefault(cg, {})[key] = KeyReading(count, first_ns / 1e9 + wall,
+                                                         last_ns / 1e9 + wall)
+            if doomed:
+                map_delete_keys(self._maps[name], b"".join(doomed), ksize)
+                for k in doomed:
+                    names.pop(k, None)
+                    last.pop(k, None)
+            if len(names) > n:  # entries gone by other means: keep the caches to the table
+                live = {keys[i * ksize:(i + 1) * ksize] for i in range(n)}
+                for cache in (names, last):
+                    for k in [k for k in cache if k not in live]:
+                        del cache[k]
         for ext in self.extensions:
             ext.tick()
             for cg, per_key in ext.behaviour_counts().items():
                 out.setdefault(cg, {}).update(per_key)
+        return out
+
+    def behaviour_slot(self, cgroup_id: int) -> dict | None:
+        """The cgroup's ``behaviour_slot`` (:class:`sensor.mirrors.BehaviourSlot` fields:
+        entries held in the counter tables, what was dropped beyond the caps), or None when it
+        has no counter slot."""
+        self._require()
+        slot = ctypes.c_uint32()
+        if map_op(BPF_MAP_LOOKUP_ELEM, self._maps["cgroup_slots"], ctypes.c_uint64(cgroup_id), slot):
+            return None
+        return self._behaviour_slot(slot.value)
+
+    def _behaviour_slot(self, slot: int) -> dict | None:
+        buf = ctypes.create_string_buffer(BehaviourSlot.size())
+        if map_op(BPF_MAP_LOOKUP_ELEM, self._maps["behaviour_slots"], ctypes.c_uint32(slot), buf):
+            return None
+        return BehaviourSlot.unpack(buf.raw)
+
+    def dropped_counts(self) -> dict[int, dict[str, DropReading]]:
+        """cgroup id -> substrate (``egress``, ``exec``) -> cumulative reading of what the
+        cgroup did beyond its cap in the kernel's counter tables (or when the table was full):
+        occurrences not counted, an estimate of how many distinct behaviours they were, first
+        and last time. Only cgroups that dropped something appear. Uses the cgroup slots of
+        the last :meth:`syscall_counts` call when there was one."""
+        self._require()
+        slots = self._slots_read if self._slots_read is not None else self.cgroup_slots()
+        out: dict[int, dict[str, DropReading]] = {}
+        wall = self._wall_offset
+        for cg, slot in slots.items():
+            s = self._behaviour_slot(slot)
+            if s is None:
+                continue
+            for prefix, substrate in (("net", "egress"), ("exec", "exec")):
+                n = s[f"{prefix}_dropped"]
+                if n:
+                    out.setdefault(cg, {})[substrate] = DropReading(
+                        n, sketch.estimate(s[f"{prefix}_sketch"]),
+                        s[f"{prefix}_dropped_first_ns"] / 1e9 + wall,
+                        s[f"{prefix}_dropped_last_ns"] / 1e9 + wall)
         return out
 
     def forget_cgroup(self, cgroup_id: int) -> None:
@@ -412,8 +530,12 @@ class Sensor:
         kernel only after :data:`SLOT_REUSE_GRACE`, by which time any program that passed the
         owner check before the clear has finished; its stray increments are zeroed with the
         rest. A cgroup that is forgotten while still alive gets a fresh slot, not a wrong one.
+
+        Its destination and exec entries are reported once more by the next
+        :meth:`behaviour_counts` and deleted after it.
         """
         self._require()
+        self._forgotten.add(cgroup_id)
         key = ctypes.c_uint64(cgroup_id)
         slot = ctypes.c_uint32()
         if map_op(BPF_MAP_LOOKUP_ELEM, self._maps["cgroup_slots"], key, slot) != 0:
@@ -441,6 +563,8 @@ class Sensor:
                 zeros = ctypes.create_string_buffer(SyscallSlotCounts.size() * self._ncpus)
             k = ctypes.c_uint32(slot)
             map_op(BPF_MAP_UPDATE_ELEM, self._maps["syscall_counts"], k, zeros)
+            map_op(BPF_MAP_UPDATE_ELEM, self._maps["behaviour_slots"], k,
+                   ctypes.create_string_buffer(BehaviourSlot.size()))
             self._write_slot_state(slot)
             map_op(BPF_MAP_UPDATE_ELEM, self._maps["free_slots"], None, k)
         self._quarantine = keep

@@ -225,11 +225,18 @@ class NodeContribution:
         return self._per_substrate.get(substrate, 0)
 
     def _overflow(self, substrate: str, count: int, ts: float, new: bool) -> None:
-        o = self.overflow.setdefault(substrate, Overflow(first_seen=ts, last_seen=ts))
+        self.add_overflow(substrate, count, 1 if new else 0, ts, ts)
+
+    def add_overflow(self, substrate: str, count: int, new_keys: int, first: float,
+                     last: float) -> None:
+        """``count`` occurrences of ``new_keys`` distinct behaviours not kept (past a cap here or
+        in the kernel's tables), between ``first`` and ``last``; the contribution is capped."""
+        o = self.overflow.setdefault(substrate, Overflow(first_seen=first, last_seen=last))
         o.count += count
-        o.new_keys += 1 if new else 0
-        o.first_seen = min(o.first_seen, ts)
-        o.last_seen = max(o.last_seen, ts)
+        o.new_keys += new_keys
+        o.first_seen = min(o.first_seen, first)
+        o.last_seen = max(o.last_seen, last)
+        self.capped = True
 
     # ---- serialisation ---------------------------------------------------------------------
 

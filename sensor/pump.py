@@ -3,7 +3,8 @@
 :class:`Pump` drives one attached :class:`sensor.probes.Sensor` into one
 :class:`sensor.aggregate.Aggregator`: it drains the ring buffer (at most ``batch`` records a
 step, so counter reads and flushes happen on time under any event rate), binds each new cgroup
-to a workload session at first sight, reads the cumulative syscall counters every
+to a workload session at first sight, reads the kernel's cumulative counters (syscalls, network
+destinations, exec paths, and what each cgroup dropped beyond its caps) every
 ``counts_interval`` seconds, accounts for lost events, and closes the sessions of cgroups that
 are gone. What a session *is* comes from the binding passed in:
 
@@ -244,7 +245,8 @@ class Pump:
             self._bind(cg, st)
         counts = self.sensor.syscall_counts(after_exec=self.binding.image_only)
         self.agg.on_counts(counts, time.time())
-        self.agg.on_key_counts(self.sensor.behaviour_counts())
+        self.agg.on_key_counts(self.sensor.behaviour_counts(changed_only=True))
+        self.agg.on_dropped(self.sensor.dropped_counts())
         st.loss = self._loss_delta()
         if st.loss:
             self.agg.add_loss(st.loss, self.binding.loss_workloads(self.agg))

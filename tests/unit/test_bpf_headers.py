@@ -23,7 +23,8 @@ C_TYPES = {"__u8": 1, "__u16": 2, "__u32": 4, "__u64": 8, "__s8": 1, "__s16": 2,
            "__s64": 8, "char": 1}
 BYTE_TYPES = ("char", "__u8")
 RECORDS = [events.ExecRecord, events.ForkRecord, events.ExitRecord, events.NetRecord,
-           events.SyscallFirstRecord, events.EgressViolationRecord, events.SeccompDenialRecord]
+           events.SyscallFirstRecord, events.EgressViolationRecord, events.SeccompDenialRecord,
+           events.ExecFirstRecord, events.NetFirstRecord]
 MIRRORS = {"events.h": [events.EventHeader, *RECORDS, *mirrors.MAP_MIRRORS["events.h"]],
            **{h: list(ms) for h, ms in mirrors.MAP_MIRRORS.items() if h != "events.h"}}
 
@@ -142,8 +143,12 @@ def test_type_numbers_match_and_are_unique():
         "EXEC_F_NO_ARGV", "EXEC_F_PPID_UNKNOWN", "EXIT_F_CODE_KNOWN", "NET_OP_CONNECT",
         "NET_OP_SENDMSG", "NET_F_RET_KNOWN", "EGRESS_OP_CONNECT", "EGRESS_OP_SENDMSG",
         "EGRESS_ACTION_ALERTED", "EGRESS_ACTION_DENIED", "ENV_AF_INET", "ENV_AF_INET6",
-        "LOSS_SYSCALL_UNATTRIBUTED", "LOSS_CGROUP_REMOVED_DROPPED", "LOSS_SLOTS")],
-    (mirrors, "events.h", "SYSCALL_NR_SLOTS"), (mirrors, "events.h", "SYSCALL_BANKS"),
+        "LOSS_SYSCALL_UNATTRIBUTED", "LOSS_CGROUP_REMOVED_DROPPED", "LOSS_SLOTS",
+        "LOSS_RESERVE_TYPES", "LOSS_NET_UNATTRIBUTED", "LOSS_EXEC_UNATTRIBUTED",
+        "LOSS_NET_TABLE_FULL", "LOSS_EXEC_TABLE_FULL")],
+    *[(mirrors, "events.h", n) for n in (
+        "SYSCALL_NR_SLOTS", "SYSCALL_BANKS", "EXEC_FILENAME_LEN", "COUNT_F_ANNOUNCED",
+        "SKETCH_REGISTERS", "SKETCH_INDEX_BITS")],
     *[(mirrors, "egress.h", n) for n in (
         "EGRESS_MAX_RANGES", "EGRESS_FIXED_BITS", "EGRESS_FAMILY_V4", "EGRESS_FAMILY_V6",
         "EGRESS_MODE_OBSERVE", "EGRESS_MODE_ALERT", "EGRESS_MODE_ENFORCE", "EGRESS_WORKLOAD_LEN",
@@ -163,10 +168,22 @@ def test_egress_rule_struct_follows_max_ranges():
 def test_loss_names_cover_every_emitted_type():
     from sensor.probes import LOSS_NAMES
     for t in (events.EV_EXEC, events.EV_FORK, events.EV_EXIT, events.EV_NET,
-              events.EV_SYSCALL_FIRST, events.LOSS_SYSCALL_UNATTRIBUTED,
-              events.LOSS_CGROUP_REMOVED_DROPPED):
+              events.EV_SYSCALL_FIRST, events.EV_EXEC_FIRST, events.EV_NET_FIRST,
+              events.LOSS_SYSCALL_UNATTRIBUTED, events.LOSS_CGROUP_REMOVED_DROPPED,
+              events.LOSS_NET_UNATTRIBUTED, events.LOSS_EXEC_UNATTRIBUTED,
+              events.LOSS_NET_TABLE_FULL, events.LOSS_EXEC_TABLE_FULL):
         assert t in LOSS_NAMES
     assert max(LOSS_NAMES) < events.LOSS_SLOTS
+    assert len(set(LOSS_NAMES.values())) == len(LOSS_NAMES)
+    # the sensor's own types index reserve failures; its other counters sit above them
+    reserve = [i for i in LOSS_NAMES if i < events.LOSS_RESERVE_TYPES]
+    assert set(reserve) <= set(events.TYPE_NAMES)
+    assert min(i for i in LOSS_NAMES if i not in reserve) >= events.LOSS_RESERVE_TYPES
+
+
+def test_exec_first_event_has_the_exec_events_layout():
+    """sensor.c fills both with one function: the fields must be the same, byte for byte."""
+    assert c_struct_fields("exec_first_event") == c_struct_fields("exec_event")
 
 
 def test_syscall_slots_match_the_table():

@@ -113,3 +113,23 @@ write("seccomp_denial", hdr(7, 40) + [
     ("nr", struct.pack("<I", 135)), ("ret", struct.pack("<q", -1)),
 ], {"type": "seccomp_denial", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "nr": 135,
     "name": "personality", "ret": -1, "behaviour_key": "syscall:personality"})
+
+argv_first = b"/usr/bin/curl\0-s\0"
+write("exec_first", hdr(8, 560) + [
+    ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1010)),
+    ("ppid", struct.pack("<I", 0)), ("old_pid", struct.pack("<I", 1010)),
+    ("filename_len", struct.pack("<H", 13)), ("argv_len", struct.pack("<H", len(argv_first))),
+    ("argc", struct.pack("<I", 2)), ("flags", struct.pack("<I", 0x4)),
+    ("filename", cstr(b"/usr/bin/curl", 256)), ("argv", cstr(argv_first, 256)),
+], {"type": "exec_first", "ktime": KTIME, "pid": 1010, "ppid": 0, "cgroup_id": 4242,
+    "filename": "/usr/bin/curl", "argv": ["/usr/bin/curl", "-s"], "argv_truncated": False,
+    "old_pid": 1010, "behaviour_key": "exec:/usr/bin/curl"})
+
+write("net_first_send4", hdr(9, 56) + [
+    ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
+    ("tid", struct.pack("<I", 1007)), ("family", struct.pack("<H", 2)),
+    ("protocol", struct.pack("<H", 17)), ("op", b"\x01"), ("flags", b"\x00"),
+    ("port", struct.pack("<H", 53)), ("addr", socket.inet_pton(socket.AF_INET, "10.96.0.10") + b"\0" * 12),
+], {"type": "net_first", "ktime": KTIME, "pid": 1001, "cgroup_id": 4242, "op": "send",
+    "proto": "udp", "family": 4, "addr": "10.96.0.10", "port": 53, "tid": 1007,
+    "behaviour_key": "send:udp:10.96.0.10:53"})
