@@ -3,6 +3,10 @@
 A small C workload (tests/privileged/workloads/workload.c, compiled here with gcc) makes a
 known number of rare syscalls, execs a known binary, connects and sends to local listeners.
 Each test runs it in its own fresh cgroup and checks exact counts attributed to that cgroup id.
+
+The sensor as it ships counts syscalls, destinations and exec paths in the kernel and
+announces first sightings; the process-lifecycle tests use a second sensor built with
+``trace_events`` (one record per exec, fork, exit and connect/send).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections import Counter
@@ -20,7 +25,9 @@ import pytest
 
 from sensor import syscalls
 from sensor.cgroup import CgroupFS
-from sensor.events import ExecEvent, ExitEvent, ForkEvent, NetEvent, SyscallFirstEvent
+from sensor.events import (
+    ExecEvent, ExecFirstEvent, ExitEvent, ForkEvent, NetEvent, NetFirstEvent, SyscallFirstEvent,
+)
 
 WORKLOAD_C = Path(__file__).resolve().parent / "workloads" / "workload.c"
 NR_GETCPU = syscalls.number("getcpu")
@@ -48,15 +55,34 @@ def module_sensor():
     s.close()
 
 
+@pytest.fixture(scope="module")
+def module_tracer():
+    from sensor.probes import Sensor
+    s = Sensor(trace_events=True)
+    s.attach()
+    yield s
+    s.close()
+
+
+def _emptied(s):
+    while s.poll(0):
+        pass
+    lost = s.loss()
+    yield s
+    after = s.loss()
+    assert after == lost, f"events lost during the test: before {lost}, after {after}"
+
+
 @pytest.fixture
 def sensor(module_sensor):
     """The module's sensor with its ring buffer emptied of what earlier tests left."""
-    while module_sensor.poll(0):
-        pass
-    lost = module_sensor.loss()
-    yield module_sensor
-    after = module_sensor.loss()
-    assert after == lost, f"events lost during the test: before {lost}, after {after}"
+    yield from _emptied(module_sensor)
+
+
+@pytest.fixture
+def tracer(module_tracer):
+    """The module's tracing sensor (a record per exec, fork, exit, connect), emptied."""
+    yield from _emptied(module_tracer)
 
 
 @pytest.fixture
@@ -103,6 +129,18 @@ def drain(sensor, done, max_polls: int = 100) -> list:
 
 def exit_of(pid):
     return lambda evs: any(isinstance(e, ExitEvent) and e.pid == pid for e in evs)
+
+
+def drained(sensor) -> list:
+    """Everything the ring buffer holds now (the workload has exited: all of it is committed)."""
+    got: list = []
+    for _ in range(3):
+        got += sensor.poll(20)
+    while True:
+        more = sensor.poll(0)
+        if not more:
+            return got
+        got += more
 
 
 # ---- syscall counting ---------------------------------------------------------------------------
@@ -171,7 +209,7 @@ def test_a_process_that_moves_is_counted_in_each_cgroup(sensor, cgroups, workloa
 def test_first_seen_fires_once_per_syscall_and_cgroup(sensor, cgroups, workload):
     a, a_id = cgroups()
     pid, _, _ = run_in(a, [workload, "getcpu=50", "personality=2"])
-    events = drain(sensor, exit_of(pid))
+    events = drained(sensor)
     firsts = [e for e in events if isinstance(e, SyscallFirstEvent) and e.cgroup_id == a_id]
     per_nr = Counter(e.nr for e in firsts)
     assert per_nr[NR_GETCPU] == 1 and per_nr[NR_PERSONALITY] == 1
@@ -182,8 +220,8 @@ def test_first_seen_fires_once_per_syscall_and_cgroup(sensor, cgroups, workload)
     assert getcpu.name == "getcpu" and getcpu.behaviour_key() == "syscall:getcpu"
     assert getcpu.pid == pid
     # Running again in the same cgroup announces nothing new for these syscalls.
-    pid2, _, _ = run_in(a, [workload, "getcpu=5"])
-    again = drain(sensor, exit_of(pid2))
+    run_in(a, [workload, "getcpu=5"])
+    again = drained(sensor)
     assert not [e for e in again if isinstance(e, SyscallFirstEvent)
                 and e.cgroup_id == a_id and e.nr in (NR_GETCPU, NR_PERSONALITY)]
     assert sensor.decoder.errors == {"decode_error": 0, "unknown_version": 0, "unknown_type": 0}
@@ -192,12 +230,12 @@ def test_first_seen_fires_once_per_syscall_and_cgroup(sensor, cgroups, workload)
 # ---- process lifecycle --------------------------------------------------------------------------
 
 
-def test_exec_fork_exit_with_parent_from_fork_tracking(sensor, cgroups, workload):
+def test_exec_fork_exit_with_parent_from_fork_tracking(tracer, cgroups, workload):
     a, a_id = cgroups()
     pid, out, rc = run_in(a, [workload, f"exec={TRUE}", "exit=7"])
     assert rc == 7
     [child] = children(out)
-    events = [e for e in drain(sensor, exit_of(pid)) if getattr(e, "cgroup_id", None) == a_id]
+    events = [e for e in drain(tracer, exit_of(pid)) if getattr(e, "cgroup_id", None) == a_id]
 
     execs = [e for e in events if isinstance(e, ExecEvent)]
     assert [(e.pid, e.filename) for e in execs] == [(pid, workload), (child, TRUE)]
@@ -217,27 +255,27 @@ def test_exec_fork_exit_with_parent_from_fork_tracking(sensor, cgroups, workload
         "ExecEvent", "ForkEvent", "ExecEvent", "ExitEvent", "ExitEvent"]
 
 
-def test_exit_by_signal_has_no_exit_code(sensor, cgroups):
+def test_exit_by_signal_has_no_exit_code(tracer, cgroups):
     a, a_id = cgroups()
     pid, _, rc = run_in(a, ["/bin/sh", "-c", "kill -9 $$"])
     assert rc == -9
-    events = drain(sensor, exit_of(pid))
+    events = drain(tracer, exit_of(pid))
     [ex] = [e for e in events if isinstance(e, ExitEvent) and e.pid == pid]
     assert ex.cgroup_id == a_id and ex.exit_code is None
 
 
-def test_thread_exits_do_not_give_a_killed_process_an_exit_code(sensor, cgroups):
+def test_thread_exits_do_not_give_a_killed_process_an_exit_code(tracer, cgroups):
     # Threads end with exit(0) (pthread_exit); the process is then killed by a signal.
     a, a_id = cgroups()
     script = ("import os, signal, threading; t = threading.Thread(target=lambda: None); "
               "t.start(); t.join(); os.kill(os.getpid(), signal.SIGKILL)")
     pid, _, rc = run_in(a, ["/usr/bin/python3", "-c", script])
     assert rc == -9
-    [ex] = [e for e in drain(sensor, exit_of(pid)) if isinstance(e, ExitEvent) and e.pid == pid]
+    [ex] = [e for e in drain(tracer, exit_of(pid)) if isinstance(e, ExitEvent) and e.pid == pid]
     assert ex.exit_code is None
 
 
-def test_exit_code_of_a_thread_that_ends_the_process(sensor, cgroups):
+def test_exit_code_of_a_thread_that_ends_the_process(tracer, cgroups):
     # A second thread ends the process with exit_group(5) while the main thread waits for it;
     # whichever thread is last to go, the status is the group's.
     a, a_id = cgroups()
@@ -245,16 +283,16 @@ def test_exit_code_of_a_thread_that_ends_the_process(sensor, cgroups):
               "os._exit(5))).start()")
     pid, _, rc = run_in(a, ["/usr/bin/python3", "-c", script])
     assert rc == 5
-    [ex] = [e for e in drain(sensor, exit_of(pid)) if isinstance(e, ExitEvent) and e.pid == pid]
+    [ex] = [e for e in drain(tracer, exit_of(pid)) if isinstance(e, ExitEvent) and e.pid == pid]
     assert ex.exit_code == 5
 
 
-def test_threads_are_not_reported_as_forks(sensor, cgroups):
+def test_threads_are_not_reported_as_forks(tracer, cgroups):
     a, a_id = cgroups()
     script = "import threading; t = threading.Thread(target=lambda: None); t.start(); t.join()"
     pid, _, rc = run_in(a, ["/usr/bin/python3", "-c", script])
     assert rc == 0
-    events = drain(sensor, exit_of(pid))
+    events = drain(tracer, exit_of(pid))
     assert not [e for e in events if isinstance(e, ForkEvent) and e.cgroup_id == a_id]
     assert [e.pid for e in events if isinstance(e, ExitEvent) and e.cgroup_id == a_id] == [pid]
 
@@ -278,8 +316,22 @@ def listeners():
     udp6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     udp6.bind(("::1", port))
     socks += [tcp4, tcp6, udp4, udp6]
+    stop = threading.Event()
+
+    def accept():  # so that many connects to tcp4 never wait on a full accept queue
+        tcp4.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                tcp4.accept()[0].close()
+            except OSError:
+                pass
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
     yield {"tcp": tcp4.getsockname()[1], "tcp6": tcp6.getsockname()[1], "udp": port,
            "udp_socks": (udp4, udp6)}
+    stop.set()
+    acceptor.join()
     for s in socks:
         s.close()
 
@@ -291,19 +343,75 @@ def test_connect_and_send_destinations(sensor, cgroups, workload, listeners):
     assert rc == 0
     for s in listeners["udp_socks"]:  # the datagrams really went out
         assert s.recv(16) == b"x"
-    events = drain(sensor, exit_of(pid))
-    net = [e for e in events if isinstance(e, NetEvent) and e.cgroup_id == a_id]
-    assert Counter(e.behaviour_key() for e in net) == Counter({
-        f"connect:tcp:127.0.0.1:{tcp}": 1,
-        f"connect:tcp:[::1]:{tcp6}": 1,
-        f"send:udp:127.0.0.1:{udp}": 1,
-        f"send:udp:[::1]:{udp}": 1,
-    })
+    events = drained(sensor)
+    keys = {f"connect:tcp:127.0.0.1:{tcp}", f"connect:tcp:[::1]:{tcp6}",
+            f"send:udp:127.0.0.1:{udp}", f"send:udp:[::1]:{udp}"}
+    net = [e for e in events if isinstance(e, NetFirstEvent) and e.cgroup_id == a_id]
+    assert Counter(e.behaviour_key() for e in net) == Counter({k: 1 for k in keys})
     assert {(e.family, e.proto) for e in net} == {(4, "tcp"), (6, "tcp"), (4, "udp"), (6, "udp")}
-    assert all(e.pid == pid and e.ret is None for e in net)
-    # Nothing from this cgroup went anywhere else.
-    assert not [e for e in events if isinstance(e, NetEvent) and e.pid == pid
+    assert all(e.pid == pid for e in net)
+    counts = sensor.behaviour_counts()[a_id]
+    assert {k: r.count for k, r in counts.items() if k in keys} == {k: 1 for k in keys}
+    # Nothing from this process was counted or announced for any other cgroup.
+    assert not [e for e in events if isinstance(e, NetFirstEvent) and e.pid == pid
                 and e.cgroup_id != a_id]
+    # No per-occurrence records unless built with trace_events.
+    assert not [e for e in events if isinstance(e, (NetEvent, ExecEvent, ForkEvent, ExitEvent))]
+
+
+def test_many_connects_to_one_destination_are_one_announcement_and_an_exact_count(
+        sensor, cgroups, workload, listeners):
+    a, a_id = cgroups()
+    tcp, udp = listeners["tcp"], listeners["udp"]
+    before = time.time()
+    run_in(a, [workload, f"tcp={tcp}", "tcpn=199", f"udp={udp}", "udpn=299"])
+    after = time.time()
+    events = [e for e in drained(sensor) if getattr(e, "cgroup_id", None) == a_id]
+    firsts = Counter(e.behaviour_key() for e in events if isinstance(e, NetFirstEvent))
+    tkey, ukey = f"connect:tcp:127.0.0.1:{tcp}", f"send:udp:127.0.0.1:{udp}"
+    assert firsts == Counter({tkey: 1, ukey: 1, f"send:udp:[::1]:{udp}": 1})
+    counts = sensor.behaviour_counts()[a_id]
+    assert counts[tkey].count == 200
+    assert counts[ukey].count == 300
+    for r in (counts[tkey], counts[ukey]):
+        assert before - 0.01 <= r.first_seen < r.last_seen <= after + 0.01
+    # Again in the same cgroup: nothing is announced, the counts move by exactly as much.
+    run_in(a, [workload, f"tcp={tcp}", "tcpn=49"])
+    assert not [e for e in drained(sensor) if getattr(e, "cgroup_id", None) == a_id
+                and isinstance(e, (NetFirstEvent, ExecFirstEvent))]
+    again = sensor.behaviour_counts()[a_id]
+    assert again[tkey].count == 250 and again[ukey].count == 300
+    assert again[tkey].first_seen == pytest.approx(counts[tkey].first_seen, abs=1e-3)
+    assert again[tkey].last_seen > counts[tkey].last_seen
+
+
+def test_execs_of_one_path_are_one_announcement_with_parent_and_argv(sensor, cgroups, workload):
+    a, a_id = cgroups()
+    pid, out, rc = run_in(a, [workload, "forks=40", f"exec={TRUE}"])
+    assert rc == 0 and len(children(out)) == 40
+    firsts = [e for e in drained(sensor) if isinstance(e, ExecFirstEvent) and e.cgroup_id == a_id]
+    assert [(e.filename, e.pid) for e in firsts] == [(workload, pid), (TRUE, children(out)[0])]
+    assert firsts[0].ppid == os.getpid()
+    assert firsts[1].ppid == pid  # fork tracking still names the parent
+    assert firsts[1].argv == [TRUE, "envelope-arg"]
+    counts = sensor.behaviour_counts()[a_id]
+    assert counts[f"exec:{TRUE}"].count == 40
+    assert counts[f"exec:{workload}"].count == 1
+    slot = sensor.behaviour_slot(a_id)
+    assert (slot["exec_entries"], slot["exec_dropped"]) == (2, 0)
+
+
+def test_changed_only_readings_leave_out_what_did_not_move(sensor, cgroups, workload, listeners):
+    a, a_id = cgroups()
+    b, b_id = cgroups()
+    run_in(a, [workload, f"tcp={listeners['tcp']}"])
+    run_in(b, [workload, f"tcp={listeners['tcp']}"])
+    sensor.behaviour_counts(changed_only=True)  # the baseline of what is there now
+    run_in(b, [workload, f"tcp={listeners['tcp']}"])
+    changed = sensor.behaviour_counts(changed_only=True)
+    assert a_id not in changed
+    assert changed[b_id][f"connect:tcp:127.0.0.1:{listeners['tcp']}"].count == 2
+    assert sensor.behaviour_counts()[a_id][f"connect:tcp:127.0.0.1:{listeners['tcp']}"].count == 1
 
 
 def test_connect_result_when_built_with_net_result(cgroups, workload, listeners):
@@ -335,7 +443,7 @@ def test_loss_counter_equals_what_went_missing(cgroups, workload):
     from sensor.probes import Sensor
     a, a_id = cgroups()
     forks = 120
-    with Sensor(ringbuf_pages=1, cflags=[f"-DEVENT_CGROUP={a_id}"]) as s:
+    with Sensor(ringbuf_pages=1, cflags=[f"-DEVENT_CGROUP={a_id}"], trace_events=True) as s:
         pid, out, rc = run_in(a, [workload, f"forks={forks}"])
         assert rc == 0 and len(children(out)) == forks
         received: list = []
@@ -354,6 +462,112 @@ def test_loss_counter_equals_what_went_missing(cgroups, workload):
     assert sum(loss[names[k]] for k in generated) > 0  # the buffer really overflowed
     assert sum(kinds[k] for k in generated) > 0
     assert loss["decode_error"] == 0 and loss["unknown_version"] == 0
+
+
+def test_a_full_ring_delays_announcements_and_never_changes_a_count(cgroups, workload):
+    """One page of ring buffer, nobody polling: of 70 new destinations some announcements do
+    not fit. Each is counted as lost once, the counts are exact anyway, and the next send to a
+    destination whose announcement was refused announces it."""
+    from sensor.probes import Sensor
+    a, a_id = cgroups()
+    n = 70
+    keys = {f"send:udp:127.0.0.1:{20000 + i}" for i in range(n)}
+    with Sensor(ringbuf_pages=1, cflags=[f"-DEVENT_CGROUP={a_id}"]) as s:
+        run_in(a, [workload, f"spread={n}"])
+        first = [e for e in drained(s) if isinstance(e, NetFirstEvent)]
+        refused = s.loss()["ringbuf_full_net_first"]
+        announced = {e.behaviour_key() for e in first}
+        assert len(first) == len(announced) and announced <= keys
+        assert refused > 0 and len(announced) + refused == n  # the buffer really overflowed
+        run_in(a, [workload, f"spread={n}"])
+        second = {e.behaviour_key() for e in drained(s) if isinstance(e, NetFirstEvent)}
+        assert second == keys - announced  # the refused ones, announced at their next send
+        assert s.loss()["ringbuf_full_net_first"] == refused
+        counts = s.behaviour_counts()[a_id]
+        assert {k: counts[k].count for k in keys} == {k: 2 for k in keys}
+
+
+# ---- caps ---------------------------------------------------------------------------------------
+
+
+def test_a_cgroup_beyond_its_caps_counts_what_it_dropped(cgroups, workload, listeners):
+    """Caps of 16 destinations and 2 exec paths per cgroup: the first ones are counted exactly,
+    the rest are counted as dropped (with an estimate of how many distinct ones), and another
+    cgroup still gets entries of its own."""
+    from sensor import sketch
+    from sensor.probes import Sensor
+    a, a_id = cgroups()
+    b, b_id = cgroups()
+    with Sensor(ringbuf_pages=16, cflags=["-DNET_CGROUP_CAP=16", "-DEXEC_CGROUP_CAP=2"]) as s:
+        assert s.caps == {"egress": 16, "exec": 2}
+        run_in(a, [workload, "spread=100"])
+        run_in(a, [workload, "spread=100"])  # the same 100 again
+        run_in(a, [workload, "forks=3", "exec=/bin/true"])  # the second exec path
+        run_in(a, [TRUE])  # a third path, twice: over the cap
+        run_in(a, [TRUE])
+        run_in(b, [workload, f"tcp={listeners['tcp']}"])
+        counts = s.behaviour_counts()
+        mine = {k: r.count for k, r in counts[a_id].items() if k.startswith("send:")}
+        assert len(mine) == 16 and set(mine.values()) == {2}
+        slot = s.behaviour_slot(a_id)
+        assert slot["net_entries"] == 16 and slot["net_dropped"] == 2 * 84
+        assert 84 * 0.7 <= sketch.estimate(slot["net_sketch"]) <= 84 * 1.3
+        assert slot["exec_entries"] == 2 and slot["exec_dropped"] == 2
+        assert sketch.estimate(slot["exec_sketch"]) == 1
+        assert {k: r.count for k, r in counts[a_id].items() if k.startswith("exec:")} == {
+            f"exec:{workload}": 3, "exec:/bin/true": 3}
+        dropped = s.dropped_counts()[a_id]
+        assert dropped["egress"].count == 168 and dropped["exec"].count == 2
+        assert (dropped["egress"].distinct, dropped["exec"].distinct) == (
+            sketch.estimate(slot["net_sketch"]), 1)
+        assert dropped["egress"].first_seen <= dropped["egress"].last_seen
+        assert counts[b_id][f"connect:tcp:127.0.0.1:{listeners['tcp']}"].count == 1
+        assert b_id not in s.dropped_counts()
+
+
+def test_a_million_destinations_from_one_cgroup_stay_bounded(cgroups, workload):
+    """One container connects to 1,000,000 distinct destinations: the kernel keeps its cap of
+    entries and counts the rest as dropped; the sensor, the pump and the aggregator hold no more
+    than the cap either, and the profile says what was dropped."""
+    from sensor.aggregate import Aggregator
+    from sensor.probes import DEFAULT_NET_CGROUP_CAP, Sensor
+    from sensor.pump import Pump, TreeBinding
+    from sensor.workload import Workload
+    n = 1_000_000
+    cap = DEFAULT_NET_CGROUP_CAP
+    a, a_id = cgroups()
+    w = Workload.host("spray")
+    with Sensor(ringbuf_pages=64) as s:
+        agg = Aggregator("n1", None, syscalls.name)
+        binding = TreeBinding(str(a), w, "s1")
+        pump = Pump(s, binding, agg, counts_interval=0.5)
+        binding.bind(a_id, agg)
+        p = subprocess.Popen([workload, f"spray={n}"], stdout=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: (a / "cgroup.procs").write_text("0"))
+        while p.poll() is None:
+            pump.step(50)
+        out = p.stdout.read()
+        pump.finish()
+        assert f"sprayed {n} failed 0" in out
+        slot = s.behaviour_slot(a_id)
+        assert slot["net_entries"] == cap
+        assert slot["net_dropped"] == n - cap
+        kept = {k: r for k, r in s.behaviour_counts()[a_id].items() if k.startswith("connect:udp:")}
+        assert len(kept) == cap and all(r.count == 1 for r in kept.values())
+        # Userspace holds per cgroup no more than the kernel's cap of keys.
+        assert len(s._count_keys["net_counts"]) <= cap + 64
+        assert len(agg._last_key_counts[a_id]) <= cap + 64
+        profile = agg.profile(w)
+        node = profile.node("n1")
+        egress = [k for k in node.behaviours if k.startswith("connect:")]
+        assert len(egress) == cap  # the profile's egress cap is the kernel's
+        assert sum(node.behaviours[k].count for k in egress) == cap
+        assert profile.capped
+        o = profile.overflow()["egress"]
+        assert o.count == n - cap
+        assert 0.75 * (n - cap) <= o.new_keys <= 1.25 * (n - cap)
+        assert s.loss()["net_table_full"] == 0  # one cgroup's cap, not the whole table
+        pump.release()
 
 
 # ---- slots --------------------------------------------------------------------------------------
@@ -424,21 +638,22 @@ def test_forgetting_a_live_cgroup_gives_it_a_fresh_slot(sensor, cgroups, workloa
 # ---- misc ---------------------------------------------------------------------------------------
 
 
-def test_wall_time_tracks_the_clock(sensor, cgroups):
+def test_wall_time_tracks_the_clock(tracer, cgroups):
     a, _ = cgroups()
     before = time.time()
     pid, _, _ = run_in(a, ["/usr/bin/true"])
     after = time.time()
-    [ex] = [e for e in drain(sensor, exit_of(pid)) if isinstance(e, ExitEvent) and e.pid == pid]
+    [ex] = [e for e in drain(tracer, exit_of(pid)) if isinstance(e, ExitEvent) and e.pid == pid]
     # Ordering, not a duration: the event happened between the two clock reads.
-    assert before - 0.01 <= sensor.wall_time(ex.ktime) <= after + 0.01
+    assert before - 0.01 <= tracer.wall_time(ex.ktime) <= after + 0.01
 
 
 def test_loss_report_names(sensor):
     assert set(sensor.loss()) == {
         "ringbuf_full_exec", "ringbuf_full_fork", "ringbuf_full_exit", "ringbuf_full_net",
-        "ringbuf_full_syscall_first", "syscall_unattributed", "cgroup_removed_dropped",
-        "decode_error",
+        "ringbuf_full_syscall_first", "ringbuf_full_exec_first", "ringbuf_full_net_first",
+        "syscall_unattributed", "cgroup_removed_dropped", "net_unattributed",
+        "exec_unattributed", "net_table_full", "exec_table_full", "decode_error",
         "unknown_version", "unknown_type"}
 
 
@@ -498,12 +713,12 @@ def test_processes_from_before_attach_get_their_parent_from_proc(cgroups):
     try:
         with Sensor(ringbuf_pages=16, cflags=[f"-DEVENT_CGROUP={a_id}"]) as s:
             p.communicate(b"go\n", timeout=30)
-            events = drain(s, exit_of(p.pid))
+            events = drained(s)
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
-    [ex] = [e for e in events if isinstance(e, ExecEvent) and e.filename == TRUE]
+    [ex] = [e for e in events if isinstance(e, ExecFirstEvent) and e.filename == TRUE]
     assert ex.pid == p.pid and ex.ppid == os.getpid()
     assert ex.argv == [TRUE, "after-attach"]
 

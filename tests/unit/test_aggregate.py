@@ -108,3 +108,71 @@ def test_kernel_counted_behaviours_add_deltas_with_their_times():
     agg.on_key_counts({7: {key: KeyReading(8, 101.0, 109.5)}})
     s = agg.profile(w).behaviours()[key]
     assert (s.count, s.sessions, s.first_seen, s.last_seen) == (8, 1, 101.0, 109.5)
+
+
+# ---- kernel-counted behaviours: first sightings and readings ----------------------------------
+
+
+def _first(cg, port=443):
+    from sensor.events import NetFirstEvent
+    return NetFirstEvent(ktime=1, pid=10, cgroup_id=cg, op="connect", proto="tcp", family=4,
+                         addr="10.0.3.7", port=port)
+
+
+def test_a_first_sighting_then_readings_count_each_occurrence_once():
+    from sensor.aggregate import KeyReading
+    w = Workload.host("agent")
+    agg = Aggregator("n1", None, str)
+    heard = []
+    agg.listeners.append(lambda _w, _s, key, n, _ts: heard.append((key, n)))
+    agg.bind(7, w, "s1", start=100.0)
+    key = "connect:tcp:10.0.3.7:443"
+    agg.on_event(_first(7), 101.0)  # announced at once: listeners hear of it now
+    assert heard == [(key, 1)]
+    agg.on_key_counts({7: {key: KeyReading(1, 101.0, 101.0)}})  # the reading holds that one
+    agg.on_key_counts({7: {key: KeyReading(6, 101.0, 103.0)}})
+    s = agg.profile(w).behaviours()[key]
+    assert (s.count, s.first_seen, s.last_seen) == (6, 101.0, 103.0)
+    assert heard == [(key, 1), (key, 5)]
+    assert agg.totals[w].connects == 6
+
+
+def test_a_reading_before_the_first_sighting_is_not_counted_twice():
+    from sensor.aggregate import KeyReading
+    w = Workload.host("agent")
+    agg = Aggregator("n1", None, str)
+    agg.bind(7, w, "s1", start=100.0)
+    key = "connect:tcp:10.0.3.7:443"
+    agg.on_key_counts({7: {key: KeyReading(4, 101.0, 102.0)}})
+    agg.on_event(_first(7), 101.0)  # drained after the reading (or retried after a full ring)
+    assert agg.profile(w).behaviours()[key].count == 4
+    agg.on_key_counts({7: {key: KeyReading(5, 101.0, 104.0)}})
+    assert agg.profile(w).behaviours()[key].count == 5
+
+
+def test_per_occurrence_records_of_kernel_counted_behaviours_add_nothing():
+    from sensor.events import ExecEvent
+    agg = Aggregator("n1", None, str)
+    agg.bind(7, W, "s1", start=100.0)
+    agg.on_event(ExecEvent(ktime=1, pid=3, ppid=2, cgroup_id=7, filename="/bin/true"), 101.0)
+    assert agg.profile(W).behaviours() == {}
+    agg.on_event(ExecLike(7, "/bin/true"), 101.0)  # an event without kernel counting: one each
+    assert agg.profile(W).behaviours()["exec:/bin/true"].count == 1
+
+
+def test_drops_beyond_the_kernels_caps_mark_the_profile_capped_with_what_was_dropped():
+    from sensor.aggregate import DropReading
+    agg = Aggregator("n1", None, str)
+    agg.bind(7, W, "s1", start=100.0)
+    agg.bind(8, W, "s2", start=100.0)
+    agg.on_dropped({7: {"egress": DropReading(10, 8, 101.0, 102.0)}})
+    agg.on_dropped({7: {"egress": DropReading(10, 8, 101.0, 102.0)},  # nothing new
+                    8: {"exec": DropReading(3, 1, 105.0, 106.0)},
+                    99: {"egress": DropReading(50, 50, 1.0, 2.0)}})  # not bound: ignored
+    agg.on_dropped({7: {"egress": DropReading(25, 19, 101.0, 109.0)}})
+    p = agg.profile(W)
+    assert p.capped
+    o = p.overflow()
+    assert (o["egress"].count, o["egress"].new_keys) == (25, 19)
+    assert (o["egress"].first_seen, o["egress"].last_seen) == (101.0, 109.0)
+    assert (o["exec"].count, o["exec"].new_keys) == (3, 1)

@@ -10,6 +10,11 @@
  *   tcp6=PORT       connect a TCP socket to [::1]:PORT
  *   udp=PORT        one UDP datagram to 127.0.0.1:PORT and one to [::1]:PORT
  *   forks=N         N times: fork, the child execs exec=PATH (default /usr/bin/true); wait
+ *   tcpn=N          N more TCP connects to 127.0.0.1:PORT of tcp=PORT (needs tcp=)
+ *   udpn=N          N more UDP datagrams to 127.0.0.1:PORT of udp=PORT (needs udp=)
+ *   spray=N         N UDP connects of one socket, each to a distinct loopback destination:
+ *                   127.0.0.0 + 1 + i, port 9 (no datagram is sent); prints "sprayed N failed F"
+ *   spread=N        N UDP datagrams, each to a distinct destination 127.0.0.1:(20000 + i)
  *   exit=CODE       exit status (default 0)
  * Prints "child PID" for every child it forks.
  */
@@ -110,6 +115,47 @@ int main(int argc, char **argv)
 		inet_pton(AF_INET6, "::1", &a6.sin6_addr);
 		s = socket(AF_INET6, SOCK_DGRAM, 0);
 		sendto(s, "x", 1, 0, (struct sockaddr *)&a6, sizeof(a6));
+		close(s);
+	}
+	if ((v = arg(argc, argv, "tcp"))) {
+		struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(atoi(v))};
+		inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+		for (long i = num(argc, argv, "tcpn", 0); i > 0; i--) {
+			int s = socket(AF_INET, SOCK_STREAM, 0);
+			if (connect(s, (struct sockaddr *)&a, sizeof(a)) != 0)
+				perror("connect tcpn");
+			close(s);
+		}
+	}
+	if ((v = arg(argc, argv, "udp"))) {
+		struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(atoi(v))};
+		inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+		int s = socket(AF_INET, SOCK_DGRAM, 0);
+		for (long i = num(argc, argv, "udpn", 0); i > 0; i--)
+			if (sendto(s, "x", 1, 0, (struct sockaddr *)&a, sizeof(a)) != 1)
+				perror("sendto udpn");
+		close(s);
+	}
+	long spray = num(argc, argv, "spray", 0), failed = 0;
+	if (spray > 0) {
+		int s = socket(AF_INET, SOCK_DGRAM, 0);
+		for (long i = 0; i < spray; i++) {
+			struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(9),
+						.sin_addr.s_addr = htonl(0x7f000001u + (unsigned)i)};
+			if (connect(s, (struct sockaddr *)&a, sizeof(a)) != 0)
+				failed++;
+		}
+		close(s);
+		printf("sprayed %ld failed %ld\n", spray, failed);
+	}
+	long spread = num(argc, argv, "spread", 0);
+	if (spread > 0) {
+		int s = socket(AF_INET, SOCK_DGRAM, 0);
+		for (long i = 0; i < spread; i++) {
+			struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(20000 + i)};
+			inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+			sendto(s, "x", 1, 0, (struct sockaddr *)&a, sizeof(a));
+		}
 		close(s);
 	}
 	for (long i = num(argc, argv, "forks", 0); i > 0; i--)
