@@ -10,7 +10,8 @@
  *   tcp6=PORT       connect a TCP socket to [::1]:PORT
  *   udp=PORT        one UDP datagram to 127.0.0.1:PORT and one to [::1]:PORT
  *   forks=N         N times: fork, the child execs exec=PATH (default /usr/bin/true); wait
- *   tcpn=N          N more TCP connects to 127.0.0.1:PORT of tcp=PORT (needs tcp=)
+ *   tcpn=N          N more TCP connects to 127.0.0.1:PORT of tcp=PORT (needs tcp=), each
+ *                   closed with SO_LINGER 0 (a reset: no TIME_WAIT piles up)
  *   udpn=N          N more UDP datagrams to 127.0.0.1:PORT of udp=PORT (needs udp=)
  *   spray=N         N UDP connects of one socket, each to a distinct loopback destination:
  *                   127.0.0.0 + 1 + i, port 9 (no datagram is sent); prints "sprayed N failed F"
@@ -120,8 +121,10 @@ int main(int argc, char **argv)
 	if ((v = arg(argc, argv, "tcp"))) {
 		struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(atoi(v))};
 		inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+		struct linger lg = {.l_onoff = 1, .l_linger = 0};
 		for (long i = num(argc, argv, "tcpn", 0); i > 0; i--) {
 			int s = socket(AF_INET, SOCK_STREAM, 0);
+			setsockopt(s, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
 			if (connect(s, (struct sockaddr *)&a, sizeof(a)) != 0)
 				perror("connect tcpn");
 			close(s);
