@@ -2,7 +2,14 @@
 
 Each benchmark is a module ``bench/bench_<name>.py`` exposing ``run(quick: bool = False) -> dict``
 that returns ``{"title", "method", "rows": [{"case": ..., <metrics>}], "ratios", "targets"}``
-(optionally ``"notes": [str]`` and ``"unavailable": reason``). ``python -m bench`` runs them all.
+(optionally ``"notes": [str]``, ``"unavailable": reason`` and ``"invalid": {case: reason}``).
+``python -m bench`` runs them all.
+
+**A case that measured nothing fails.** Every benchmark checks, with :class:`Checks`, that each
+case measured what it claims (the loop's calls succeeded and its count is right, the program
+was attached, the events were seen); a case that did not is listed in ``"invalid"``, which makes
+the benchmark *failed*, and every ratio that rests on it (a ratio value may name its ``"cases"``)
+is reported as failed, never as met.
 
 This module holds what several benchmarks need: progress lines, a real cgroup v2 to put load in,
 the tiny C load generators of ``bench/progs`` compiled at run time, process CPU and memory
@@ -65,6 +72,42 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or denominator is None or denominator == 0:
         return None
     return numerator / denominator
+
+
+class Checks:
+    """What each case of a benchmark must have measured.
+
+    ``require(case, ok, what)`` records a check; a failed one makes the case invalid (the first
+    failed check of a case is its reason). :meth:`fields` gives the ``"checks"`` (per case, what
+    was verified or what failed) and ``"invalid"`` entries of a result, and :meth:`ratio` wraps a
+    ratio's value with the cases it rests on."""
+
+    def __init__(self) -> None:
+        self.verified: dict[str, list[str]] = {}
+        self.invalid: dict[str, str] = {}
+
+    def require(self, case: str, ok: bool, what: str) -> bool:
+        if ok:
+            self.verified.setdefault(case, []).append(what)
+        else:
+            self.invalid.setdefault(case, what)
+        return bool(ok)
+
+    def ok(self, case: str) -> bool:
+        return case not in self.invalid
+
+    def summary(self, case: str) -> str:
+        if case in self.invalid:
+            return f"FAILED: {self.invalid[case]}"
+        return "; ".join(self.verified.get(case, []))
+
+    @staticmethod
+    def ratio(value, *cases: str, **extra) -> dict:
+        return {"value": value, "cases": list(cases), **extra}
+
+    def fields(self) -> dict:
+        cases = list(self.verified) + [c for c in self.invalid if c not in self.verified]
+        return {"checks": {c: self.summary(c) for c in cases}, "invalid": dict(self.invalid)}
 
 
 def unavailable(title: str, method: str, reason: str, targets: dict | None = None) -> dict:

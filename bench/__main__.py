@@ -64,10 +64,14 @@ def run_child(name: str, quick: bool, out: Path) -> int:
         result = module.run(quick=quick)
         if not isinstance(result, dict):
             raise TypeError(f"run() returned {type(result).__name__}, not dict")
-        status = "failed" if result.get("errors") else "unavailable" if result.get("unavailable") else "ok"
+        invalid = result.get("invalid") or {}
+        failed = result.get("errors") or invalid
+        status = "failed" if failed else "unavailable" if result.get("unavailable") else "ok"
         record = {"status": status, **result}
-        if result.get("errors"):
-            record["error"] = "; ".join(map(str, result["errors"]))
+        if failed:
+            record["error"] = "; ".join(
+                [str(e) for e in result.get("errors") or []]
+                + [f"case {c!r} measured nothing: {why}" for c, why in invalid.items()])
     except BaseException as e:  # reported, never raised: the run goes on
         record = {"status": "failed", "title": name, "error": f"{type(e).__name__}: {e}",
                   "traceback": traceback.format_exc()}
@@ -204,6 +208,17 @@ def check_target(value, target) -> str:
     return "met" if all(cmp[op](float(value), float(b)) for op, b in ops) else "missed"
 
 
+def ratio_status(value, target, invalid: dict) -> str:
+    """A ratio's status: 'failed' when a case it rests on measured nothing, else the target's."""
+    cases = value.get("cases") if isinstance(value, dict) else None
+    bad = [c for c in cases or [] if c in invalid]
+    if bad:
+        return f"failed ({', '.join(bad)} measured nothing)"
+    if target is None:
+        return ""
+    return check_target(value, target)
+
+
 def _ratio_cells(value) -> tuple:
     if isinstance(value, dict):
         rng = value.get("range")
@@ -235,11 +250,13 @@ def render(name: str, rec: dict, method: bool = True) -> str:
     if ratios or targets:
         names = list(ratios) + [t for t in targets if t not in ratios]
         trows = []
+        invalid = rec.get("invalid") or {}
         for r in names:
-            value, rng = _ratio_cells(ratios.get(r))
+            raw = ratios.get(r)
+            value, rng = _ratio_cells(raw)
             target = targets.get(r)
             trows.append([r, value, rng, "" if target is None else fmt(target),
-                          "" if target is None else check_target(value, target)])
+                          ratio_status(raw, target, invalid)])
         out += [table(["ratio / figure", "value", "spread", "target", "status"], trows), ""]
     for note in rec.get("notes") or []:
         out.append(f"- {fmt(note)}")

@@ -21,7 +21,7 @@ from enforcer.policy import dump_policy
 from sensor.profile import BehaviourStats, NodeContribution, Profile, SessionRecord
 from sensor.workload import Workload
 
-from . import progress, ratio, summarize
+from . import Checks, progress, ratio, summarize
 
 TITLE = "Policy derivation (1,000 behaviours x 10,000 sessions)"
 TARGETS = {"derive structural, median s": "< 0.5"}
@@ -107,11 +107,18 @@ def run(quick: bool = False) -> dict:
     profile = build_profile(prm["behaviours"], prm["sessions"], prm["nodes"])
     assert len(profile.behaviours()) == prm["behaviours"] and profile.session_count == prm["sessions"]
     rows = []
+    checks = Checks()
     for closure in ("literal", "structural", "probabilistic"):
         opts = DeriveOptions(closure=closure)
         s, policy = _time(lambda: derive(profile, opts), prm["repeats"])
         d, text = _time(lambda: dump_policy(policy), max(1, prm["repeats"] // 3))
-        assert dump_policy(derive(profile, opts)) == text, "derivation is not deterministic"
+        checks.require(closure, dump_policy(derive(profile, opts)) == text, "deterministic")
+        # a derivation that refused or admitted nothing was fast for the wrong reason
+        checks.require(closure, len(policy.entries()) > 0 and len(policy.review) > 0,
+                       f"{len(policy.entries())} entries allowed, {len(policy.review)} in review")
+        if closure == "probabilistic":
+            checks.require(closure, len(policy.detection) > 0,
+                           f"{len(policy.detection)} detection rules")
         progress(f"derive: {closure} median {s['median']:.3f} s")
         rows.append({
             "case": closure,
@@ -123,14 +130,16 @@ def run(quick: bool = False) -> dict:
             "review": len(policy.review),
             "detection_rules": len(policy.detection),
             "policy_bytes": len(text.encode()),
+            "check": checks.summary(closure),
         })
     structural = next(r for r in rows if r["case"] == "structural")
     return {
         "title": TITLE,
         "method": method(quick),
         "rows": rows,
-        "ratios": {"derive structural, median s": structural["derive_s"]},
+        "ratios": {"derive structural, median s": checks.ratio(structural["derive_s"], "structural")},
         "targets": TARGETS,
+        **checks.fields(),
     }
 
 

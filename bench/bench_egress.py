@@ -15,13 +15,15 @@ repeats:
   allowing rule.
 
 Every connect is allowed, so each one runs the full check: state-word read, LPM trie lookup,
-port check. Added ns = median(case) - median(none).
+port check. Added ns = median(case) - median(none). A run measured what it claims only if all
+N connects succeeded and one connect that no rule allows, made after the loop, was refused with
+EPERM under the programs and not without them; otherwise the benchmark fails.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
-
 import os
 import shutil
 import tempfile
@@ -47,9 +49,11 @@ LOOP_C = r"""
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
-/* udp_connect_loop CGROUP_PROCS N PORT: joins the cgroup, times N connect() calls. */
+/* udp_connect_loop CGROUP_PROCS N PORT: joins the cgroup, times N connect() calls, then one
+ * connect to 198.51.100.7:9, which no rule allows, and prints its errno (EPERM when the
+ * programs enforce: the proof they were in force). */
 /* Thread CPU time: the hook runs in the calling thread, and preemption by other load is excluded. */
-static double now(void) { struct timespec t; clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t); return t.tv_sec + t.tv_nsec / 1e9; }
+static double now(void) { struct timespec t; if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t)) { perror("clock_gettime"); exit(3); } return t.tv_sec + t.tv_nsec / 1e9; }
 int main(int argc, char **argv) {
     if (argc != 4) return 2;
     int cg = open(argv[1], O_WRONLY);
@@ -67,7 +71,11 @@ int main(int argc, char **argv) {
     for (long i = 0; i < n; i++)
         if (connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0) { failed++; last = errno; }
     double t1 = now();
-    printf("connects=%ld failed=%ld last_errno=%ld seconds=%.6f\n", n, failed, last, t1 - t0);
+    struct sockaddr_in d = {.sin_family = AF_INET, .sin_port = htons(9)};
+    inet_pton(AF_INET, "198.51.100.7", &d.sin_addr);
+    int denied = connect(socket(AF_INET, SOCK_DGRAM, 0), (struct sockaddr *)&d, sizeof(d)) ? errno : 0;
+    printf("connects=%ld failed=%ld last_errno=%ld seconds=%.6f denied_errno=%d\n", n, failed, last,
+           t1 - t0, denied);
     return 0;
 }
 """
@@ -86,7 +94,9 @@ def method(quick: bool) -> str:
             f"repeats, medians reported. Programs: `bpf/egress.c` connect4/6 + sendmsg4/6 attached "
             f"with BPF_F_ALLOW_MULTI, enforce mode, not pinned; 10k case: 10,000 CIDR entries "
             f"/20-/32 in 198.18.0.0/15 plus the rule allowing the peer. Added ns = median(case) - "
-            f"median(none).")
+            f"median(none). Each run must have made N successful connects, and a connect no rule "
+            f"allows must be refused with EPERM under the programs (and not without), or the "
+            f"benchmark fails.")
 
 
 def extra_rules(n: int) -> list:
@@ -120,8 +130,14 @@ def run_case(loop: str, port: int, n: int, rules) -> float:
             if out.returncode != 0:
                 raise RuntimeError(f"connect loop exited {out.returncode}: {out.stderr.strip()[-300:]}")
             kv = parse_kv(out.stdout.strip().splitlines()[-1])
-            if kv.get("failed", 0):
-                raise RuntimeError(f"{int(kv['failed'])} connects failed (last errno {int(kv['last_errno'])})")
+            if kv.get("failed", 0) or kv.get("connects") != n:
+                raise RuntimeError(f"{int(kv['failed'])} of {n} connects failed (last errno "
+                                   f"{int(kv['last_errno'])})")
+            # the case measured the programs only if they were in force: a connect no rule allows
+            # is refused with EPERM under them, and not refused without
+            if (kv.get("denied_errno") == errno.EPERM) != (rules is not None):
+                raise RuntimeError(f"the unallowed connect got errno {int(kv.get('denied_errno', -1))}: "
+                                   f"the egress programs were {'not ' if rules is not None else ''}in force")
             return kv["seconds"] / kv["connects"] * 1e9
         finally:
             if prog is not None:

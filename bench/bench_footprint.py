@@ -25,12 +25,14 @@ from pathlib import Path
 
 import psutil
 
-from . import (ROOT, Cgroup, build_programs, kill_process_group, process_cpu_seconds, process_memory,
-               process_rss_bytes, process_tree, progress, summarize, unavailable)
+from . import (ROOT, Cgroup, Checks, build_programs, kill_process_group, parse_kv, process_cpu_seconds,
+               process_memory, process_rss_bytes, process_tree, progress, summarize, unavailable)
 
 TITLE = "Daemon footprint (RSS and CPU, idle and with 100 workloads)"
 TARGETS = {"peak RSS MB with 100 workloads": "<= 60",
-           "peak RSS MB while enforcing on 10 workloads": "<= 60"}
+           "peak RSS MB while enforcing on 10 workloads": "<= 60",
+           "CPU cores with 100 workloads": "<= 0.05",
+           "execs and connects missing from the profiles": "== 0"}
 WORKLOADS = 100
 ENFORCED = 10
 PERIOD_MS = 100
@@ -62,8 +64,10 @@ def method(quick: bool) -> str:
         f"{p['after_s']} s once they are gone. RSS is reported as median and peak per phase, and at "
         f"the end of each phase split into anonymous and file-backed or shared (shared libraries such as "
         f"LLVM, which BCC maps) memory, with PSS beside it. "
-        f"Finally SIGTERM makes the daemon flush, and its profile store is read back to count how "
-        f"many of the {WORKLOADS} workloads it recorded."
+        f"Each workload stops at SIGTERM and reports the execs and connects it made; then SIGTERM "
+        f"makes the daemon flush, and its profile store is read back: the load phase measured "
+        f"nothing (and fails) unless the daemon recorded all {WORKLOADS} workloads, and the "
+        f"profiles' exec and connect counts are compared with the workloads' own, exactly."
     )
 
 
@@ -199,6 +203,8 @@ def run(quick: bool = False) -> dict:
     workers: list[subprocess.Popen] = []
     cleanup: list = []
     rows, notes, errors = [], [], []
+    checks = Checks()
+    done: dict[str, dict] = {}  # workload name -> what it reported (execs, connects)
     try:
         try:
             daemon = Daemon(state)
@@ -221,7 +227,8 @@ def run(quick: bool = False) -> dict:
             for cg in cgroups:
                 workers.append(subprocess.Popen(
                     [progs["workload"], str(cg.procs), str(duration), str(PERIOD_MS), str(port),
-                     progs["true_static"]], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+                     progs["true_static"]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    text=True))
             progress(f"{WORKLOADS} workloads running in {group.path}/w000..w{WORKLOADS - 1:03d}")
             time.sleep(2)  # let every workload join its cgroup and the daemon meet each one
             early = [w for w in workers if w.poll() is not None]
@@ -237,9 +244,10 @@ def run(quick: bool = False) -> dict:
             if len(enforced) < ENFORCED:
                 notes.append(f"only {len(enforced)} of {ENFORCED} workloads could be enforced")
             for w in workers:
-                w.kill()
-            for w in workers:
-                w.wait()
+                w.terminate()  # the workload stops and reports what it did
+            for name, w in zip(names, workers):
+                out, _ = w.communicate(timeout=30)
+                done[name] = parse_kv(out.strip().splitlines()[-1]) if out.strip() else {}
             group.remove()
             group = None
             rows.append({"case": "after load", **sample(daemon, p["after_s"], "after")})
@@ -254,14 +262,32 @@ def run(quick: bool = False) -> dict:
             code = daemon.stop()
             notes.append(f"daemon exit status after SIGTERM: {code}")
         daemon = None
-        seen = _workloads_recorded(state, names)
+        recorded = _profile_counts(state, names)
+        seen = len(recorded)
+        missing = None
+        if done:
+            missing = sum(max(done[n].get("execs", 0) - recorded.get(n, {}).get("exec", 0), 0)
+                          + max(done[n].get("connects", 0) - recorded.get(n, {}).get("connect", 0), 0)
+                          for n in names)
+            extra = sum(max(recorded.get(n, {}).get("exec", 0) - done[n].get("execs", 0), 0)
+                        for n in names)
+            if extra:
+                notes.append(f"the profiles hold {extra} more execs than the workloads reported "
+                             "(children whose exit status was lost to the stop)")
         for row in rows:
             row["workloads recorded"] = None
         if len(rows) > 1:
+            load_case = rows[1]["case"]
             rows[1]["workloads recorded"] = f"{seen}/{WORKLOADS}"
-            if seen < WORKLOADS:
-                notes.append(f"the daemon's store holds profiles for only {seen} of the {WORKLOADS} "
-                             "workload cgroups")
+            checks.require(load_case, bool(done) and all(done[n].get("rounds", 0) > 0 for n in names),
+                           f"all {WORKLOADS} workloads ran and reported their execs and connects")
+            checks.require(load_case, seen == WORKLOADS,
+                           f"the daemon recorded {seen} of the {WORKLOADS} workloads")
+            rows[1]["execs + connects made"] = sum(d.get("execs", 0) + d.get("connects", 0)
+                                                    for d in done.values()) if done else None
+            rows[1]["missing from profiles"] = missing
+        for row in rows:
+            row["check"] = checks.summary(row["case"])
     finally:
         for w in workers:
             if w.poll() is None:
@@ -285,16 +311,19 @@ def run(quick: bool = False) -> dict:
     peak = load.get("RSS MB (peak)")
     if enf and enf.get("compiler mapped"):
         errors.append(f"the enforcing daemon maps a compiler: {enf['compiler mapped']}")
+    lc = f"load, {WORKLOADS} workloads"
     ratios = {
-        "peak RSS MB with 100 workloads": peak,
+        "peak RSS MB with 100 workloads": checks.ratio(peak, lc),
         "peak RSS MB while enforcing on 10 workloads": enf.get("RSS MB (peak)")
         if enf.get("case") == f"load, enforcing {ENFORCED} workloads" else None,
-        "RSS growth idle → 100 workloads (MB)": (peak - idle["RSS MB (median)"]) if peak and idle else None,
-        "CPU cores with 100 workloads": load.get("CPU cores"),
+        "RSS growth idle → 100 workloads (MB)": checks.ratio(
+            (peak - idle["RSS MB (median)"]) if peak and idle else None, lc),
+        "CPU cores with 100 workloads": checks.ratio(load.get("CPU cores"), lc),
         "CPU cores idle": idle.get("CPU cores"),
+        "execs and connects missing from the profiles": checks.ratio(load.get("missing from profiles"), lc),
     }
     return {"title": TITLE, "method": method(quick), "rows": rows, "ratios": ratios, "targets": TARGETS,
-            "notes": notes, "params": p, "errors": errors}
+            "notes": notes, "params": p, "errors": errors, **checks.fields()}
 
 
 def _enforce_some(state: Path, port: int, daemon: Daemon) -> list[str]:
@@ -353,14 +382,21 @@ def _compiler_mapped(pid: int) -> str:
     return ", ".join(libs)
 
 
-def _workloads_recorded(state: Path, names: list[str]) -> int:
-    """How many of the workload cgroups the daemon's profile store has a profile for."""
+def _profile_counts(state: Path, names: list[str]) -> dict[str, dict[str, int]]:
+    """Per workload cgroup the daemon's profile store has a profile for: its exec and connect
+    counts (every exec and connect behaviour summed)."""
     from sensor.store import ProfileStore
     wanted = set(names)
-    found = set()
-    for workload in ProfileStore(state).workloads():
+    store = ProfileStore(state)
+    found: dict[str, dict[str, int]] = {}
+    for workload in store.workloads():
         # A host cgroup's workload is named after its path, "/" written as "_" or kept.
         m = re.search(r"footprint[/_](w\d{3})$", workload.name)
-        if m and m.group(1) in wanted:
-            found.add(m.group(1))
-    return len(found)
+        if not (m and m.group(1) in wanted):
+            continue
+        counts = found.setdefault(m.group(1), {"exec": 0, "connect": 0})
+        for key, stats in store.load(workload).behaviours().items():
+            kind = key.split(":", 1)[0]
+            if kind in counts:
+                counts[kind] += stats.count
+    return found

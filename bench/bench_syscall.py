@@ -19,10 +19,11 @@ import threading
 import time
 from pathlib import Path
 
-from . import build_programs, kill_process_group, parse_kv, progress, quartiles, ratio, summarize
+from . import (Checks, build_programs, kill_process_group, parse_kv, progress, quartiles, ratio,
+               summarize)
 
 TITLE = "Per-syscall cost (getppid loop)"
-TARGETS = {"sensor_added / floor_added": "<= 1.25", "sensor_added / bpftrace_added": "<= 0.333"}
+TARGETS = {"sensor_added / floor_added": "<= 1.10", "sensor_added / bpftrace_added": "<= 0.333"}
 CASES = ["bare", "floor", "sensor", "bpftrace", "strace"]
 FLOOR_C = "RAW_TRACEPOINT_PROBE(sys_enter) { return 0; }"
 BPFTRACE_PROG = "tracepoint:raw_syscalls:sys_enter { @[cgroup, args->id] = count(); }"
@@ -46,9 +47,11 @@ def method(quick: bool) -> str:
         f"run of each (a neighbour on this shared machine only adds time); {p['repeats']} repeats. "
         f"*added* = case − the bare run of the same slot; tables give the median over repeats and "
         f"the min–max range; ratios of added costs are ratios of medians, their spread the IQR of "
-        f"the per-repeat ratios. Each probe's own count of getppid calls is checked against the loop's, "
-        f"so a probe that did not "
-        f"attach cannot pass as cheap."
+        f"the per-repeat ratios. Every run must have measured what it claims, or its case fails and "
+        f"no ratio on it is met: the loop's clock reads succeeded and its N getppid calls all "
+        f"returned the parent; the floor's raw tracepoint link is on sys_enter (its fdinfo); each "
+        f"observer's own count of getppid calls covers the loop's, so a probe that did not attach "
+        f"cannot pass as cheap."
     )
 
 
@@ -78,7 +81,11 @@ def loop_ns(loop: str, n: int, prefix: list[str] | None = None, metric: str = "n
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
     for line in proc.stdout.splitlines():
         if line.startswith("ns_per_call="):
-            return parse_kv(line)[metric]
+            kv = parse_kv(line)
+            if kv.get("calls") != n or kv.get("failed") != 0:
+                raise RuntimeError(f"{' '.join(cmd)}: {int(kv.get('failed', -1))} of "
+                                   f"{int(kv.get('calls', 0))} getppid calls failed (N = {n})")
+            return kv[metric]
     raise RuntimeError(f"{' '.join(cmd)} printed no ns_per_call: {proc.stdout[-300:]!r}")
 
 
@@ -101,7 +108,11 @@ class Floor:
     def measure(self, loop: str, n: int, runs: int) -> tuple[float, str]:
         self.bpf.attach_raw_tracepoint(tp=b"sys_enter", fn_name=b"raw_tracepoint__sys_enter")
         try:
-            return best_of_runs(loop, n, runs), "empty program attached"
+            fd = self.bpf.raw_tracepoint_fds[b"sys_enter"]
+            info = Path(f"/proc/self/fdinfo/{fd}").read_text()
+            if "raw_tracepoint" not in info or "sys_enter" not in info:
+                raise RuntimeError(f"the floor's link is not a raw tracepoint on sys_enter: {info!r}")
+            return best_of_runs(loop, n, runs), "empty program linked to sys_enter (fdinfo)"
         finally:
             self.bpf.detach_raw_tracepoint(tp=b"sys_enter")
 
@@ -239,6 +250,7 @@ def run(quick: bool = False) -> dict:
     unavailable: dict[str, str] = {}
     bare_wall: list[float] = []
     notes: list[str] = []
+    checks = Checks()
     try:
         cases["bare"] = None
         for name, make in (("floor", Floor), ("sensor", SensorCase), ("bpftrace", _bpftrace),
@@ -251,7 +263,6 @@ def run(quick: bool = False) -> dict:
 
         values: dict[str, list[float]] = {c: [] for c in CASES}
         added: dict[str, list[float]] = {c: [] for c in CASES}
-        checks: dict[str, str] = {}
         rng = random.Random(20261126)
         for rep in range(p["repeats"]):
             order = [c for c in CASES if c != "bare" and c in cases]
@@ -261,12 +272,19 @@ def run(quick: bool = False) -> dict:
                 try:
                     metric = getattr(cases[name], "metric", "ns_per_call")
                     bare = best_of_runs(loop, p["n"], p["runs"], metric)
-                    value, checks[name] = cases[name].measure(loop, p["n"], p["runs"])
                 except Exception as e:
-                    unavailable[name] = f"{type(e).__name__}: {e}"
-                    progress(f"{name}: failed, dropped from the run ({unavailable[name]})")
+                    checks.require("bare", False, f"{type(e).__name__}: {e}")
+                    progress(f"bare: measured nothing ({e})")
+                    continue
+                try:
+                    value, check = cases[name].measure(loop, p["n"], p["runs"])
+                except Exception as e:
+                    checks.require(name, False, f"{type(e).__name__}: {e}")
+                    progress(f"{name}: measured nothing, dropped from the run ({e})")
                     cases.pop(name).close()
                     continue
+                if rep == 0:
+                    checks.require(name, True, check)
                 if metric == "ns_per_call":
                     values["bare"].append(bare)
                 else:
@@ -286,6 +304,9 @@ def run(quick: bool = False) -> dict:
     add = {c: summarize(added[c]) for c in CASES}
     bare = stats["bare"]["median"]
     bare_wall_median = summarize(bare_wall)["median"]
+    if stats["bare"]["n"]:
+        checks.require("bare", True, f"{stats['bare']['n']} bare runs of {p['n']:,} getppid calls, "
+                                     f"every call returned the parent")
     rows = []
     for c in CASES:
         s, a = stats[c], add[c]
@@ -302,7 +323,7 @@ def run(quick: bool = False) -> dict:
             "× bare": ratio(s["median"], bare_wall_median if c == "strace" else bare),
             "clock": "wall" if c == "strace" else "thread CPU",
             "repeats": s["n"],
-            "check": checks.get(c, ""),
+            "check": checks.summary(c),
         })
 
     def added_ratio(num: str, den: str) -> dict | None:
@@ -311,19 +332,20 @@ def run(quick: bool = False) -> dict:
             return None
         # A ratio of two noisy differences swings widely in a single repeat: show its middle half.
         per_repeat = [ratio(x, y) for x, y in zip(added[num], added[den]) if y]
-        return {"value": value, "range": quartiles(per_repeat), "range_kind": "IQR"}
+        return checks.ratio(value, num, den, "bare", range=quartiles(per_repeat), range_kind="IQR")
 
     ratios = {
         "sensor_added / floor_added": added_ratio("sensor", "floor"),
         "sensor_added / bpftrace_added": added_ratio("sensor", "bpftrace"),
-        "floor_added ns": add["floor"]["median"],
+        "floor_added ns": checks.ratio(add["floor"]["median"], "floor", "bare"),
         "bpftrace_added / floor_added": added_ratio("bpftrace", "floor"),
-        "strace / bare (wall)": ratio(stats["strace"]["median"], bare_wall_median),
+        "strace / bare (wall)": checks.ratio(ratio(stats["strace"]["median"], bare_wall_median),
+                                             "strace", "bare"),
     }
     for c, reason in unavailable.items():
         notes.append(f"{c}: {reason}")
     return {"title": TITLE, "method": method(quick), "rows": rows, "ratios": ratios, "targets": TARGETS,
-            "notes": notes, "params": p}
+            "notes": notes, "params": p, **checks.fields()}
 
 
 def _bpftrace() -> Bpftrace:

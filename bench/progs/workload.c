@@ -3,7 +3,9 @@
  * Joins the cgroup, then every PERIOD_MS for SECONDS: a few cheap syscalls
  * (getpid, uname), one file read (open/read/close of /proc/self/stat), one
  * fork+exec of TARGET, and one TCP connect to 127.0.0.1:PORT. Used to give a
- * daemon many live workloads at once. Prints "rounds=<n>" on exit.
+ * daemon many live workloads at once. Stops at SIGTERM or after SECONDS and prints
+ * "rounds=<n> execs=<n> connects=<n>": the execs that ran (children that exited 0) and
+ * the connect() calls made, which a sensor must have counted exactly.
  */
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -11,8 +13,17 @@
 #include <sys/socket.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
+#include <signal.h>
 
 #include "cgroup_join.h"
+
+static volatile sig_atomic_t stopping;
+
+static void on_term(int sig)
+{
+	(void)sig;
+	stopping = 1;
+}
 
 int main(int argc, char **argv)
 {
@@ -29,13 +40,14 @@ int main(int argc, char **argv)
 	char *child_envp[] = {NULL};
 	char buf[512];
 	struct utsname uts;
-	long rounds = 0;
+	long rounds = 0, execs = 0, connects = 0;
 
 	addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	signal(SIGTERM, on_term);
 	if (cgroup_join(argv[1]) != 0)
 		return 1;
 	double end = mono_seconds() + seconds;
-	while (mono_seconds() < end) {
+	while (!stopping && mono_seconds() < end) {
 		getpid();
 		uname(&uts);
 		int fd = open("/proc/self/stat", O_RDONLY);
@@ -49,17 +61,23 @@ int main(int argc, char **argv)
 			execve(argv[5], child_argv, child_envp);
 			_exit(127);
 		}
-		if (pid > 0)
-			waitpid(pid, NULL, 0);
+		if (pid > 0) {
+			int status = -1;
+			while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+				;
+			if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
+				execs++;
+		}
 		int s = socket(AF_INET, SOCK_STREAM, 0);
 		if (s >= 0) {
 			setsockopt(s, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
 			connect(s, (struct sockaddr *)&addr, sizeof(addr));
+			connects++;
 			close(s);
 		}
 		rounds++;
 		nanosleep(&pause, NULL);
 	}
-	printf("rounds=%ld\n", rounds);
+	printf("rounds=%ld execs=%ld connects=%ld\n", rounds, execs, connects);
 	return 0;
 }
