@@ -126,6 +126,16 @@ def training_session(world, catalog, i: int, docs: list[int]) -> list[str]:
     return [k for call in calls for k in call.keys()]
 
 
+def training_sessions(world, catalog, t0: float, day: float = 86400.0) -> dict[str, list[tuple[float, str]]]:
+    """Every training session (:data:`TRAINING_TASKS`), laid out one a day from ``t0`` as the
+    profile records them: session id → [(time, behaviour key)]."""
+    out = {}
+    for i, docs in enumerate(TRAINING_TASKS):
+        keys = training_session(world, catalog, i, docs)
+        out[f"train-{i}"] = [(t0 + i * day + j, k) for j, k in enumerate(keys)]
+    return out
+
+
 def attempt(fn) -> bool:
     """Whether the emulator allowed the call; any failure other than an access denial fails."""
     try:

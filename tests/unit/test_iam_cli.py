@@ -32,9 +32,9 @@ from envelope.cli import main
 from enforcer.policy import load_policy
 from sensor.awsmodels import ServiceCatalog
 from sensor.store import ProfileStore
-from tests.awsrequests import DAY, WORKLOAD, Recorder, recorded_profile
+from tests.awsrequests import DAY, Recorder, recorded_profile
 from tests.awsworld import (ROLE_ARN, TRAINING_TASKS, attempt, client, held_out_attempts, observe_all,
-                            research_world, role_policy, session_creds, training_session)
+                            research_world, role_policy, session_creds, training_sessions)
 
 T0 = 1_767_225_600.0  # the sessions are laid out one a day from here
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,11 +63,8 @@ def world(tmp_path_factory):
 def state(world, catalog, tmp_path_factory):
     """The state directory after five observed sessions of the agent under its role."""
     state = tmp_path_factory.mktemp("state")
-    sessions = {}
-    for i, docs in enumerate(TRAINING_TASKS):
-        keys = training_session(world, catalog, i, docs)
-        sessions[f"train-{i}"] = [(T0 + i * DAY + j, k) for j, k in enumerate(keys)]
-    recorded_profile(sessions, fingerprints={"cloud_identity:aws": ROLE_ARN}, store=ProfileStore(state))
+    recorded_profile(training_sessions(world, catalog, T0), fingerprints={"cloud_identity:aws": ROLE_ARN},
+                     store=ProfileStore(state))
     return state
 
 

@@ -27,9 +27,9 @@ from enforcer.iamdocument import compile_iam
 from enforcer.iameval import evaluate, grants_allowed
 from sensor.awscall import parse_key
 from sensor.awsmodels import ServiceCatalog
-from tests.awsrequests import DAY, Recorder, recorded_profile
+from tests.awsrequests import Recorder, recorded_profile
 from tests.awsworld import (ACCOUNT, OBSERVATION, ROLE, ROLE_ARN, TRAINING_TASKS, attempt, client, held_out_attempts,
-                            observe_all, research_world, role_policy, session_creds, training_session)
+                            observe_all, research_world, role_policy, session_creds, training_sessions)
 
 T0 = 1_767_225_600.0
 
@@ -52,11 +52,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def derived(world, catalog, mapper):
-    sessions = {}
-    for i, docs in enumerate(TRAINING_TASKS):
-        keys = training_session(world, catalog, i, docs)
-        sessions[f"train-{i}"] = [(T0 + i * DAY + j, k) for j, k in enumerate(keys)]
-    profile = recorded_profile(sessions, fingerprints={"cloud_identity:aws": ROLE_ARN})
+    profile = recorded_profile(training_sessions(world, catalog, T0), fingerprints={"cloud_identity:aws": ROLE_ARN})
     policy = derive(profile, DeriveOptions(substrates=("iam",), iam_actions=mapper))
     return profile.behaviours(), policy
 
