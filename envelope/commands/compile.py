@@ -58,14 +58,18 @@ def register(sub) -> None:
                         "boundary; session: an AssumeRole session policy; managed; role: inline)")
     p.add_argument("--report", metavar="FILE",
                    help="write where each seccomp rule, or each IAM document statement, came from (JSON) to FILE")
-    p.add_argument("--out", "-o", "--output", dest="output", metavar="FILE",
-                   help="write to FILE (atomically) instead of stdout")
+    p.add_argument("--out", metavar="FILE", help="write to FILE (atomically) instead of stdout")
+    p.add_argument("-o", "--output", choices=["json", "yaml"], default=None,
+                   help="serialization (default: json for oci-seccomp and iam, yaml for the Kubernetes objects; "
+                        "an IAM policy document is JSON only)")
     p.set_defaults(func=cmd_compile)
 
 
 def render(policy, args, state_dir) -> tuple[str, dict | None]:
     """The artefact text and, for seccomp and IAM formats, the provenance report."""
     if args.format == "iam":
+        if args.output == "yaml":
+            raise UserError("-o yaml: an IAM policy document is JSON (AWS reads no other form); drop -o")
         doc = iamdocument.compile_iam(policy, args.iam_target)
         t = doc.target
         print(f"envelope: iam {t.name} document ({t.what}): {doc.size} of {t.limit} characters"
@@ -85,18 +89,25 @@ def render(policy, args, state_dir) -> tuple[str, dict | None]:
         compiled = seccomp.profile_for(policy, args.mode, runtime=args.runtime, arch=args.arch,
                                        exceptions=extra)
         if args.format == "oci-seccomp":
-            return compiled.to_json(), compiled.report_dict()
+            return serialize(compiled.profile, args.output or "json"), compiled.report_dict()
         doc = seccomp.compile_spo(policy, args.mode, runtime=compiled.runtime, arch=args.arch,
                                   extra_allow=extra)
-        return netexport.dump(doc), compiled.report_dict()
+        return serialize(doc, args.output or "yaml"), compiled.report_dict()
     labels = netexport.parse_pod_labels(args.pod_label)
     services = load_services(args)
     if services is not None:
         for note in netexport.service_destinations(policy, services).unresolved:
             print(f"envelope: note: {note}", file=sys.stderr)
     if args.format == "networkpolicy":
-        return netexport.dump(netexport.compile_networkpolicy(policy, labels, services)), None
-    return netexport.dump(netexport.compile_cilium(policy, labels, services)), None
+        return serialize(netexport.compile_networkpolicy(policy, labels, services), args.output or "yaml"), None
+    return serialize(netexport.compile_cilium(policy, labels, services), args.output or "yaml"), None
+
+
+def serialize(doc, fmt: str) -> str:
+    """JSON as every artefact is written (sorted, indented) or YAML as kubectl reads it."""
+    if fmt == "json":
+        return json.dumps(doc, indent=2, sort_keys=True) + "\n"
+    return netexport.dump(doc)
 
 
 def load_services(args) -> list[dict] | None:
@@ -156,8 +167,8 @@ def cmd_compile(args, config) -> int:
     try:
         if args.report and report is not None:
             atomic_write(Path(args.report), (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
-        if args.output:
-            atomic_write(Path(args.output), text.encode())
+        if args.out:
+            atomic_write(Path(args.out), text.encode())
         else:
             sys.stdout.write(text)
             sys.stdout.flush()

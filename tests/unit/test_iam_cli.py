@@ -200,6 +200,8 @@ def test_clear_errors(state, files, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:  # argparse refuses an unknown target before anything runs
         main(["compile", str(path), "--format", "iam", "--iam-target", "inline", "--out", str(target)])
     assert e.value.code == 2 and "invalid choice: 'inline'" in capsys.readouterr().err
+    code, _, err = run(capsys, "compile", path, "--format", "iam", "-o", "yaml", "--out", target)
+    assert code == 2 and "an IAM policy document is JSON" in one_line_error(err)
     golden = ROOT / "tests" / "golden" / "policies" / "research-agent.structural.policy.yaml"
     code, _, err = run(capsys, "compile", golden, "--format", "iam", "--out", target)
     assert code == 2 and "leaves the iam substrate out" in one_line_error(err)
@@ -213,8 +215,8 @@ def test_clear_errors(state, files, capsys, monkeypatch):
     # without the optional dependency group: one line that says what to install
     monkeypatch.setitem(sys.modules, "policy_sentry.shared.iam_data", None)
     code, _, err = run(capsys, "--state-dir", state, "derive", "research/research-agent", "--substrates", "iam")
-    assert code == 2 and "pip install 'envelope[iam]'" in one_line_error(err)
+    assert code == 3 and "pip install 'envelope-least-privilege[iam]'" in one_line_error(err)
     code, _, err = run(capsys, "--state-dir", state, "replay", path, "research/research-agent")
-    assert code == 2 and "pip install 'envelope[iam]'" in one_line_error(err)
+    assert code == 3 and "pip install 'envelope-least-privilege[iam]'" in one_line_error(err)
     code, out, _ = run(capsys, "compile", path, "--format", "iam")  # compiling needs no database
     assert code == 0 and json.loads(out)["Statement"]
