@@ -507,8 +507,11 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
                     egress[key] = r if prev is None else EgressRule(r.proto, r.cidr, prev.ports + r.ports)
             provenance.append({"entry": entry, "observed": entry not in el.unobserved, **base})
     provenance = _dedupe_provenance(sorted(provenance, key=lambda p: (p["entry"], p["rule"])))
-    statements = [IamStatement(action, resource, opts.iam_actions.db.access_level(action), p["rule"])
-                  for p in provenance if p["entry"] in iam for action, resource in [iam[p["entry"]]]]
+    statements = []
+    for p in provenance:
+        if p["entry"] in iam:
+            action, resource = iam[p["entry"]]
+            statements.append(IamStatement(action, resource, opts.iam_actions.db.access_level(action), p["rule"]))
     return Policy(
         workload=profile.workload, mode=opts.mode or "alert", substrates=tuple(opts.substrates),
         closure=opts.closure, syscalls=tuple(syscalls), egress=tuple(egress.values()),
