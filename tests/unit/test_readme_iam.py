@@ -24,7 +24,8 @@ def _restore_logging():
 def section() -> str:
     text = (ROOT / "README.md").read_text()
     start = text.index("### Cloud identity: IAM policies")
-    return text[start:text.index("\n## ", start)]
+    ends = [i for i in (text.find("\n## ", start), text.find("\n### ", start + 1)) if i > 0]
+    return text[start:min(ends)]
 
 
 def blocks(kind: str) -> list[str]:
