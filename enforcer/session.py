@@ -144,6 +144,7 @@ class EnforcementSession:
         self.want_denials = denials
         self._probe = None
         self._denial_cgroups: dict[int, str] = {}
+        self._denial_allowed: dict[int, frozenset[str]] = {}  # cgroup -> its profile's syscalls
         self._reader = None
         self._reader_fds: set[int] = set()
         self._pending: list = []
@@ -443,14 +444,17 @@ class EnforcementSession:
             cid = _cgroup_id(p)
             if cid is None:
                 continue
-            self._probe.watch(cid, cur.mode, DENY_ERRNO, compiled.allowed())
+            allowed = frozenset(compiled.allowed())
+            self._probe.watch(cid, cur.mode, DENY_ERRNO, allowed)
             self._denial_cgroups[cid] = w.key
+            self._denial_allowed[cid] = allowed
 
     def _unwatch_denials(self, key: str) -> None:
         for cid in [c for c, k in self._denial_cgroups.items() if k == key]:
             if self._probe is not None:
                 self._probe.unwatch(cid)
             del self._denial_cgroups[cid]
+            self._denial_allowed.pop(cid, None)
 
     def _reader_dirty(self) -> None:
         if self._reader is not None:
@@ -479,7 +483,8 @@ class EnforcementSession:
     def _on_record(self, raw: bytes, workload_of) -> None:
         from sensor.events import DecodeError
         from .violations import from_record
-        v = from_record(raw, workload_of, self.clock())
+        v = from_record(raw, workload_of, self.clock(),
+                        lambda cid: self._denial_allowed.get(cid, frozenset()))
         if isinstance(v, DecodeError):
             self.decode_errors += 1
             log.warning("undecodable record", kind=v.kind, reason=v.reason)

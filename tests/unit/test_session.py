@@ -222,3 +222,23 @@ def test_tampering_with_the_pinned_state_is_repaired_audited_and_reported(env):
     assert {p.split(",")[0] for p in v.detail["problems"]} >= {"mode is observe", "rules differ"}
     [entry] = audit.read(state, action="policy.tamper")
     assert entry["workload"] == W.key and "programs detached from 1 cgroups" in entry["details"]["problems"]
+
+
+def test_io_uring_operations_are_judged_against_the_cgroups_profile(env):
+    from sensor.events import IoUringOpRecord
+    kernel, session, paths, state, bpffs = env
+    s = session(denials=True, clock=time.time)
+    s.apply(policy(POD), "enforce", paths[:1])
+    [probe] = kernel.probes
+    [cid] = probe.watched
+    allowed = probe.watched[cid][2]
+    assert "openat" in allowed and "connect" not in allowed
+
+    def op(name, opcode):
+        return IoUringOpRecord.pack(type=IoUringOpRecord.type, version=1,
+                                    size=IoUringOpRecord.size(), cgroup_id=cid, pid=7,
+                                    opcode=opcode, op=name.encode())
+    kernel.rings[probe.events_fd] += [op("CONNECT", 16), op("OPENAT", 18), op("NOP", 0)]
+    [v] = s.poll_violations()
+    assert (v.workload, v.behaviour, v.action) == (POD.key, "syscall:connect", "alerted")
+    assert (v.detail["via"], v.detail["op"], v.detail["cgroup_id"]) == ("io_uring", "CONNECT", cid)
