@@ -12,7 +12,11 @@ Structural rules, named in each element and in provenance:
   configured known service CIDR), combined with ``exact-ports``, or ``port-range`` when more than
   ``max_ports`` distinct ports were seen there;
 * exec: ``exact``, or ``directory-pattern`` (``/dir/*``) when more than ``max_siblings``
-  distinct paths were seen in one directory.
+  distinct paths were seen in one directory;
+* file: :mod:`enforcer.file_closure`;
+* mcp: tools and prompts ``exact`` by name, resources ``uri-template`` or ``url-pattern``
+  (:mod:`enforcer.mcp_closure`; the argument envelopes of allowed tools are derived there too,
+  from the profile's argument evidence, after the confidence decision).
 
 Builders are pure: keys and options in, sorted elements out.
 """
@@ -26,7 +30,7 @@ from typing import Callable
 
 from sensor.workload import BehaviourKeyError, parse_net_key
 
-from . import companions, file_closure
+from . import companions, file_closure, mcp_closure
 from .elements import Element
 from .policy import EgressRule
 
@@ -190,11 +194,19 @@ def _files(mode: str) -> Builder:
     return build
 
 
+def _mcp(mode: str) -> Builder:
+    """The MCP substrate's key-level closure (:mod:`enforcer.mcp_closure`)."""
+    def build(substrate: str, keys: list[str], opts, services: list) -> list[Element]:
+        return mcp_closure.elements(mode, keys, opts.max_siblings)
+    return build
+
+
 #: substrate -> closure mode -> builder. Substrates add themselves here.
 BUILDERS: dict[str, dict[str, Builder]] = {
     **{s: {"literal": _literal, "structural": _structural_elements}
        for s in ("syscall", "egress", "exec")},
     "file": {"literal": _files("literal"), "structural": _files("structural")},
+    "mcp": {"literal": _mcp("literal"), "structural": _mcp("structural")},
 }
 
 
@@ -212,6 +224,8 @@ def elements(substrate: str, closure: str, keys: list[str], opts, services: list
 
 def rules(substrate: str, closure: str, opts, services: list) -> dict:
     """How ``closure`` treats ``substrate``, as recorded in the policy's closure decision."""
+    if substrate == "mcp":
+        return mcp_closure.rules(closure, opts.max_siblings, opts.max_values)
     if closure == "literal":
         return {"rule": "literal"}
     if substrate == "syscall":

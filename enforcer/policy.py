@@ -19,14 +19,18 @@ Document layout (YAML or JSON; ``spec`` is also the body of the Kubernetes custo
         syscalls: [name, ...]                                   # sorted
         egress:   [{proto, cidr, ports: [p, ...]} | {proto, cidr, portRange: {min, max}}, ...]
         execs:    [/exact/path | /directory/*, ...]             # sorted
+        files:    [file:KIND:PATTERN, ...]                      # enforcer.file_patterns
+        mcp:      {methods, tools, prompts, resources, catalog} # enforcer.mcp_envelope
       detection:  [{key, mean, std, k, sessions}, ...]          # probabilistic soft rules
       provenance: [{entry, substrate, rule, admitted, evidence, ...}, ...]
       review:     [{key, substrate, rule, evidence, behaviours}, ...]
       watch:      [behaviour key, ...]
 
 Entry identifiers (used by provenance, review, ``explain``, ``diff`` and ``--admit``) are
-``syscall:NAME``, ``exec:PATH`` (or ``exec:/dir/*``) and ``egress:PROTO:CIDR:PORTS`` where
-PORTS is one port (``443``) or an inclusive range (``8000-8100``).
+``syscall:NAME``, ``exec:PATH`` (or ``exec:/dir/*``), ``egress:PROTO:CIDR:PORTS`` where
+PORTS is one port (``443``) or an inclusive range (``8000-8100``), ``file:KIND:PATTERN``, and
+the MCP entries of :mod:`enforcer.mcp_envelope` (``mcp:tools/call:git_log``,
+``mcp:tools/call:git_log#repo_path:path-prefix:/srv/repo/**``, ...).
 
 An exec pattern ``/dir/*`` matches any file directly inside ``/dir`` (one path component, not
 recursive). A substrate that the policy does not include is not constrained by it.
@@ -55,6 +59,8 @@ from sensor.timestamps import TimeFormatError, iso_time, parse_datetime
 from sensor.workload import DEFAULT_SUBSTRATES, SUBSTRATES, BehaviourKeyError, Workload, parse_net_key, substrate_of
 
 from . import file_patterns
+from .mcp_envelope import EnvelopeError, McpAllow
+from .mcp_envelope import parse_entry as parse_mcp_entry
 
 from .modes import MODES
 
@@ -66,7 +72,7 @@ PROTOS = ("tcp", "udp")
 _SYSCALL_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
 _NAME_RE = re.compile(r"[^a-z0-9.-]+")
 _SPEC_FIELDS = ("workload", "mode", "decisions", "allow", "detection", "provenance", "review", "watch")
-_ALLOW_FIELDS = ("syscalls", "egress", "execs", "files")
+_ALLOW_FIELDS = ("syscalls", "egress", "execs", "files", "mcp")
 _DECISION_FIELDS = ("granularity", "closure", "confidence", "validity")
 
 
@@ -199,6 +205,11 @@ def parse_entry(entry: str) -> tuple[str, Any]:
         except file_patterns.FilePatternError as e:
             raise PolicyError(str(e)) from None
         return "file", entry
+    if kind == "mcp":
+        try:
+            return "mcp", parse_mcp_entry(entry)
+        except EnvelopeError as e:
+            raise PolicyError(str(e)) from None
     if kind == "egress":
         try:
             proto, body = rest.split(":", 1)
@@ -209,8 +220,8 @@ def parse_entry(entry: str) -> tuple[str, Any]:
             return "egress", EgressRule(proto, cidr, tuple(int(p) for p in ports.split(",")))
         except (ValueError, PolicyError) as e:
             raise PolicyError(f"bad egress entry {entry!r}: {e}") from None
-    raise PolicyError(f"bad entry {entry!r} (want syscall:NAME, exec:PATH, egress:PROTO:CIDR:PORTS "
-                      f"or file:KIND:PATTERN)")
+    raise PolicyError(f"bad entry {entry!r} (want syscall:NAME, exec:PATH, egress:PROTO:CIDR:PORTS, "
+                      f"file:KIND:PATTERN or an mcp: entry)")
 
 
 def exec_matches(pattern: str, path: str) -> bool:
@@ -234,6 +245,7 @@ class Policy:
     egress: tuple[EgressRule, ...] = ()
     execs: tuple[str, ...] = ()
     files: tuple[str, ...] = ()  # file:KIND:PATTERN entries (enforcer.file_patterns)
+    mcp: McpAllow | None = None  # the MCP envelope (enforcer.mcp_envelope)
     watch: tuple[str, ...] = ()
     detection: tuple[dict, ...] = ()
     decisions: dict = field(default_factory=dict)
@@ -285,7 +297,8 @@ class Policy:
     def entries(self) -> list[str]:
         """Every allowed entry identifier, in document order."""
         return ([f"syscall:{s}" for s in self.syscalls] + [r.id for r in self.egress]
-                + [f"exec:{e}" for e in self.execs] + list(self.files))
+                + [f"exec:{e}" for e in self.execs] + list(self.files)
+                + (self.mcp.entries() if self.mcp else []))
 
     def allows(self, key: str) -> bool:
         """Is behaviour ``key`` inside the allowed set? Substrates the policy leaves out, and
@@ -309,6 +322,8 @@ class Policy:
             except file_patterns.FilePatternError:
                 return False
             return any(p.matches(path) for p in self._files_by_kind.get(kind, ()))
+        if substrate == "mcp":
+            return self.mcp is not None and self.mcp.allows(key)
         if substrate != "egress":
             return True  # a substrate with no allow section here yet is not constrained
         try:
@@ -356,6 +371,8 @@ class Policy:
         }
         if "file" in self.substrates or self.files:
             allow["files"] = list(self.files)
+        if "mcp" in self.substrates or self.mcp is not None:
+            allow["mcp"] = (self.mcp or McpAllow()).to_dict()
         return allow
 
     @classmethod
@@ -434,6 +451,12 @@ class Policy:
         files = _list(allow.get("files") or [], "spec.allow.files")
         for i, e in enumerate(files):
             _check_file(e, f"spec.allow.files[{i}]")
+        mcp = None
+        if allow.get("mcp") is not None:
+            try:
+                mcp = McpAllow.from_dict(allow["mcp"], "spec.allow.mcp")
+            except EnvelopeError as e:
+                raise PolicyError(str(e)) from None
 
         detection = _list(spec.get("detection") or [], "spec.detection")
         for i, r in enumerate(detection):
@@ -466,7 +489,7 @@ class Policy:
 
         return cls(
             workload=workload, mode=mode, substrates=tuple(subs), closure=closure,
-            syscalls=tuple(syscalls), egress=egress, execs=tuple(execs), files=tuple(files),
+            syscalls=tuple(syscalls), egress=egress, execs=tuple(execs), files=tuple(files), mcp=mcp,
             watch=tuple(watch),
             detection=tuple(dict(r) for r in detection), decisions=_plain(dec),
             provenance=tuple(_plain(r) for r in provenance), review=tuple(_plain(r) for r in review),

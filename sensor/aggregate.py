@@ -244,14 +244,15 @@ class Aggregator:
     # ---- persistence -----------------------------------------------------------------------
 
     def flush(self) -> list[Workload]:
-        """Write every profile that changed since the last flush."""
+        """Write this node's contribution of every profile that changed since the last flush
+        (other writers' contributions in the store are kept)."""
         written = []
         now = self.clock()
         for w in sorted(self.dirty):
             p = self.profiles[w]
             p.node(self.node).touch(now)
             if self.store:
-                self.store.save(p)
+                self.store.save_contribution(p, self.node)
             written.append(w)
         self.dirty.clear()
         return written

@@ -19,6 +19,7 @@ from enforcer.derive import (
     DEFAULT_MAX_PORTS, DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNT, DEFAULT_MIN_SESSIONS, CoverageNotReached,
     DeriveError, DeriveOptions, derive,
 )
+from enforcer.mcp_closure import DEFAULT_MAX_VALUES
 from enforcer.policy import PolicyError, dump_policy, load_policy
 from sensor.profile import Profile
 from sensor.state_dir import atomic_write
@@ -53,6 +54,9 @@ def register(sub) -> None:
                    help=f"more distinct ports than this per network become a flagged range (default {DEFAULT_MAX_PORTS})")
     p.add_argument("--max-siblings", type=int, default=DEFAULT_MAX_SIBLINGS,
                    help=f"more exec paths than this in one directory become /dir/* (default {DEFAULT_MAX_SIBLINGS})")
+    p.add_argument("--max-values", type=int, default=DEFAULT_MAX_VALUES,
+                   help=f"mcp: more distinct strings than this at one argument path are not an enumeration "
+                        f"(default {DEFAULT_MAX_VALUES})")
     p.add_argument("-k", "--stddev-k", type=float, default=DEFAULT_K,
                    help=f"probabilistic closure: soft-violation distance in standard deviations (default {DEFAULT_K:g})")
     p.add_argument("--coverage-threshold", type=float, default=DEFAULT_COVERAGE_THRESHOLD,
@@ -144,6 +148,7 @@ def options_from_args(args) -> DeriveOptions:
             service_cidrs=tuple(args.service_cidr),
             max_ports=args.max_ports,
             max_siblings=args.max_siblings,
+            max_values=args.max_values,
             k=args.stddev_k,
             coverage_threshold=args.coverage_threshold,
             coverage_hours=args.coverage_hours,
@@ -187,7 +192,10 @@ def cmd_derive(args, config) -> int:
     flag = " LOW CONFIDENCE (forced past coverage-stop)" if policy.low_confidence else ""
     print(f"derived {policy.metadata_name} for {policy.workload.key}: closure {policy.closure}, mode "
           f"{policy.mode}{flag}; allow {len(policy.syscalls)} syscalls, {len(policy.egress)} egress rules, "
-          f"{len(policy.execs)} execs; {len(policy.review)} in review, {len(policy.watch)} watched; new "
+          f"{len(policy.execs)} execs"
+          + (f", {len(policy.files)} file rules" if "file" in policy.substrates else "")
+          + (f", {len(policy.mcp.calls)} MCP tools and prompts" if policy.mcp is not None else "")
+          + f"; {len(policy.review)} in review, {len(policy.watch)} watched; new "
           f"behaviours in the last {cov['hours']:g} h: {new}"
           + (f"; events lost while recording: {sum(cov['loss'].values())}" if cov.get("loss") else "")
           + (f"; written to {args.out}" if args.out else ""), file=sys.stderr)
