@@ -51,8 +51,9 @@ def _stat(path) -> tuple | None:
 
 
 class GatewayControls:
-    def __init__(self, state_dir, workload: Workload, policy: Policy | None, mode: str):
+    def __init__(self, state_dir, workload: Workload, policy: Policy | None, mode: str, actor: str | None = None):
         self.state_dir = state_dir
+        self.actor = actor or audit.default_actor()
         self.workload = workload
         self.policy = policy
         self.mode = mode
@@ -158,6 +159,7 @@ class GatewayControls:
                    "recorded": trigger["recorded"], "tools": tools, "source": "mcp-gateway"}
         log.warning("policy stale: the MCP tool catalog changed", workload=self.workload.key, tools=tools,
                     current=event.fingerprint)
-        audit.append(self.state_dir, "policy.stale", workload=self.workload.key, reason=reason, details=details)
+        audit.append(self.state_dir, "policy.stale", workload=self.workload.key, reason=reason, details=details,
+                     actor=self.actor)
         self.store.append([violations.Violation(event.ts, self.workload.key, "mcp", "mcp:tools/list", "alerted",
                                                 {"session": event.session, "reason": reason, **details})])

@@ -45,7 +45,7 @@ def enforcement_session(config: Config, *, pinned: bool, denials: bool = True):
     return EnforcementSession(config.state_dir, pinned=pinned, bpffs=config.bpffs, denials=denials)
 
 
-def mcp_gateway(config: Config, workload, policy, mode: str, limits=None, store=True):
+def mcp_gateway(config: Config, workload, policy, mode: str, limits=None, store=True, actor: str | None = None):
     """The MCP gateway for ``workload``: the core judging against ``policy`` (None: observe
     only) in ``mode``, observations into the workload's profile (the gateway's own
     contribution), and the controls that follow ``envelope mode`` and exceptions and report
@@ -59,5 +59,5 @@ def mcp_gateway(config: Config, workload, policy, mode: str, limits=None, store=
     core = GatewayCore(judge, mode, limits)
     sink = ProfileSink(profile_store(config) if store else None, workload, gateway_contribution(config.node_name),
                        caps=config.caps)
-    controls = GatewayControls(config.state_dir, workload, policy, mode)
+    controls = GatewayControls(config.state_dir, workload, policy, mode, actor)
     return Gateway(core, sink, controls.report, follow=controls.follow)

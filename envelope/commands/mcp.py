@@ -97,14 +97,18 @@ def _gateway(args, config):
         raise UserError(str(e)) from None
     if policy is None and mode != "observe":
         raise UserError(f"--mode {mode} needs --policy (a policy with the mcp substrate)")
+    # Who acts is looked up in every mode (it may take an NSS lookup), so that what a gateway does
+    # while its workload is recorded covers what it does when it enforces.
+    actor = audit.default_actor()
     if policy is not None and mode != "observe":
         action = "mcp.override" if mode != policy.mode else "mcp.apply"
-        audit.append(config.state_dir, action, workload=workload.key,
+        audit.append(config.state_dir, action, workload=workload.key, actor=actor,
                      reason=f"envelope mcp {args.mcp_command} in {mode} mode"
                             + (f" (policy says {policy.mode})" if mode != policy.mode else ""),
                      details={"mode": mode, "policy_mode": policy.mode, "policy_sha256": policy_hash(policy).hex(),
                               "transport": args.mcp_command})
-    gateway = wiring.mcp_gateway(config, workload, policy, mode, Limits(max_message_bytes=args.max_message_bytes))
+    gateway = wiring.mcp_gateway(config, workload, policy, mode, Limits(max_message_bytes=args.max_message_bytes),
+                                 actor=actor)
     return workload, gateway
 
 
