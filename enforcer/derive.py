@@ -67,7 +67,7 @@ from .closure import derivable
 from .closure import elements as closure_elements
 from .closure import rules as closure_rules
 from .elements import (DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNT, DEFAULT_MIN_SESSIONS, SESSION_RULES,
-                       Element, substrate_or_none)
+                       Element, provenance_record, shortfall, substrate_or_none)
 from .mcp_envelope import McpAllow
 from .mcp_envelope import owner_of as mcp_owner
 from .policy import CLOSURES, MODES, EgressRule, Policy, PolicyError, parse_entry
@@ -479,18 +479,7 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
     mcp: list[str] = []
     provenance: list[dict] = []
     for el, ev, reason in conf.passed:
-        base = {
-            "substrate": el.substrate,
-            "rule": el.rule,
-            "admitted": "admit" if reason is not None else "threshold",
-            "evidence": ev,
-        }
-        if reason is not None:
-            base["reason"] = reason
-        if el.detail:
-            base["detail"] = el.detail
-        if el.flags:
-            base["flags"] = list(el.flags)
+        base = provenance_record(el.substrate, el.rule, ev, reason, el.detail, el.flags)
         if el.id not in el.entries:
             base["element"] = el.id
         for entry in el.entries:
@@ -534,15 +523,7 @@ def _review(conf: Confidence, policy: Policy, stats: Mapping[str, BehaviourStats
             continue
         n, m = opts.min_count[el.substrate], opts.min_sessions[el.substrate]
         ev = Element(el.id, el.substrate, el.rule, left).evidence(stats, opts.session_rule)
-        if not el.encodable:
-            why = "cannot be encoded by this substrate"
-        else:
-            short = []
-            if ev["count"] < n:
-                short.append(f"count {ev['count']} < {n}")
-            if ev["sessions"] < m:
-                short.append(f"sessions {ev['sessions']} < {m}")
-            why = "; ".join(short) or "below threshold"
+        why = "cannot be encoded by this substrate" if not el.encodable else shortfall(ev, n, m)
         item = {"key": el.id, "substrate": el.substrate, "rule": el.rule, "evidence": ev,
                 "threshold": {"minCount": n, "minSessions": m}, "why": why}
         if el.detail:

@@ -43,7 +43,7 @@ from sensor.mcp_evidence import REDACTED, ArgumentEvidence, PathEvidence, decode
 from sensor.profile import BehaviourStats
 
 from . import urlpattern
-from .elements import Element
+from .elements import Element, provenance_record, shortfall
 from .mcp_envelope import RULES, ArgElement, ResourceElement, _norm_path, _num
 
 DEFAULT_MAX_VALUES = 8
@@ -250,7 +250,7 @@ def arguments(allowed: list[str], evidence: ArgumentEvidence, *, closure: str, m
                     if entry not in admits:
                         item = {"key": entry, "substrate": SUBSTRATE, "rule": c.el.rule, "evidence": ev,
                                 "threshold": {"minCount": min_count, "minSessions": min_sessions},
-                                "why": _short(ev, min_count, min_sessions)}
+                                "why": shortfall(ev, min_count, min_sessions)}
                         if c.detail:
                             item["detail"] = c.detail
                         out.review.append(item)
@@ -258,30 +258,14 @@ def arguments(allowed: list[str], evidence: ArgumentEvidence, *, closure: str, m
                         continue
                     reason = admits[entry]
                     out.used.add(entry)
-                p = {"entry": entry, "substrate": SUBSTRATE, "rule": c.el.rule, "observed": True,
-                     "admitted": "admit" if reason is not None else "threshold", "evidence": ev}
-                if reason is not None:
-                    p["reason"] = reason
-                if c.detail:
-                    p["detail"] = c.detail
-                if c.flags:
-                    p["flags"] = list(c.flags)
-                out.provenance.append(p)
+                out.provenance.append({"entry": entry, "observed": True,
+                                       **provenance_record(SUBSTRATE, c.el.rule, ev, reason, c.detail, c.flags)})
                 paths.setdefault(path, []).append(c.el)
         out.calls[key] = {p: tuple(es) for p, es in paths.items()}
         out.review += _blind_spots(key, ce)
     out.provenance.sort(key=lambda p: p["entry"])
     out.review.sort(key=lambda r: r["key"])
     return out
-
-
-def _short(ev: dict, n: int, m: int) -> str:
-    short = []
-    if ev["count"] < n:
-        short.append(f"count {ev['count']} < {n}")
-    if ev["sessions"] < m:
-        short.append(f"sessions {ev['sessions']} < {m}")
-    return "; ".join(short) or "below threshold"
 
 
 def _blind_spots(key: str, ce) -> list[dict]:

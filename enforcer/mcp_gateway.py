@@ -280,14 +280,9 @@ class GatewayCore:
         if method == "tools/list":
             key = TOOLS_LIST
             if self.mode != "observe":
-                verdict = self.judge.judge_method(method)
-                if not verdict.allowed:
-                    finding = self._finding(s, key, verdict, now, method, method)
-                    if self.mode == "enforce":
-                        return self._refuse(msg, s, verdict, finding)
-                    events.append(finding)
-                elif verdict.exception:
-                    events.append(Admitted(s.label, key, verdict.exception, now))
+                refused = self._verdict(s, msg, key, self.judge.judge_method(method), now, method, events)
+                if refused is not None:
+                    return refused
             events.append(Observed(s.label, key, {}, False, now))
         elif method in ("tools/call", "prompts/get"):
             name = msg.params.get("name")
@@ -299,13 +294,10 @@ class GatewayCore:
                 return Decision(forward=data)
             key = tool_call_key(name) if method == "tools/call" else prompt_get_key(name)
             verdict = self._judge(s, method, name, key, arguments)
-            if verdict is not None and not verdict.allowed:
-                finding = self._finding(s, key, verdict, now, method, name)
-                if self.mode == "enforce":
-                    return self._refuse(msg, s, verdict, finding)
-                events.append(finding)
-            elif verdict is not None and verdict.exception:
-                events.append(Admitted(s.label, key, verdict.exception, now))
+            if verdict is not None:
+                refused = self._verdict(s, msg, key, verdict, now, name, events)
+                if refused is not None:
+                    return refused
             flat, cut = flatten(arguments)
             events.append(Observed(s.label, key, flat, cut, now))
         elif method == "resources/read":
@@ -317,17 +309,25 @@ class GatewayCore:
             template = next((t for t in s.shared.templates if _template_matches(t, uri)), None)
             key = resource_read_key(template or uri)
             if self.mode != "observe":
-                verdict = self.judge.judge_resource(uri, template, key)
-                if not verdict.allowed:
-                    finding = self._finding(s, key, verdict, now, method, uri)
-                    if self.mode == "enforce":
-                        return self._refuse(msg, s, verdict, finding)
-                    events.append(finding)
-                elif verdict.exception:
-                    events.append(Admitted(s.label, key, verdict.exception, now))
+                refused = self._verdict(s, msg, key, self.judge.judge_resource(uri, template, key), now, uri, events)
+                if refused is not None:
+                    return refused
             events.append(Observed(s.label, key, {}, False, now))
         s.pending[k] = _Pending(method, key)
         return Decision(forward=data, events=events)
+
+    def _verdict(self, s: SessionState, msg: proto.Message, key: str, verdict: Verdict, now: float, name: str,
+                 events: list) -> Decision | None:
+        """Act on a verdict: the refusal to answer with (enforce), or None with the finding or the
+        exception that admitted the request added to ``events``."""
+        if not verdict.allowed:
+            finding = self._finding(s, key, verdict, now, msg.method or "", name)
+            if self.mode == "enforce":
+                return self._refuse(msg, s, verdict, finding)
+            events.append(finding)
+        elif verdict.exception:
+            events.append(Admitted(s.label, key, verdict.exception, now))
+        return None
 
     def _judge(self, s: SessionState, method: str, name: str, key: str, arguments: Any) -> Verdict | None:
         if self.mode == "observe":
