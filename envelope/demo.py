@@ -193,7 +193,7 @@ def main() -> int:
               "outside its egress envelope and calls ptrace (both denied by the kernel):")
         d.run("exec", "--policy", str(policy), "--mode", "enforce", "--", *d.agent(2, enforced, malicious=True),
               check=False)
-        d.run("violations", "--workload", WORKLOAD)
+        d.run("violations", "--workload", WORKLOAD, expect=1)  # exit 1: there are findings
 
         d.banner("6. every override and apply is in the tamper-evident audit log")
         d.run("audit", "show")

@@ -7,7 +7,7 @@ constructors directly.
 from __future__ import annotations
 
 from .config import Config
-from .errors import UserError
+from .errors import EnvironmentFailure
 
 
 def open_sensor(config: Config):
@@ -19,7 +19,7 @@ def open_sensor(config: Config):
         sensor.attach()
     except ProbeAttachError as e:
         sensor.close()
-        raise UserError(f"{e} (run `envelope doctor` for details)") from e
+        raise EnvironmentFailure(f"{e} (run `envelope doctor` for details)") from e
     return sensor
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -43,20 +44,26 @@ class ProfileStore:
         atomic_write(path, msgpack.packb(profile.pack(), use_bin_type=True))
         return path
 
-    def update(self, workload: Workload, change: Callable[[Profile], None]) -> Profile:
-        """Under the workload's lock: load the stored profile (or start one), apply ``change``
-        to it, write it; returns what was written."""
+    @contextmanager
+    def _locked(self, workload: Workload):
+        """The workload's exclusive lock, for a read, change and write of its file."""
         lock = self.layout.profile_lock(workload.key)
         lock.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def update(self, workload: Workload, change: Callable[[Profile], None]) -> Profile:
+        """Under the workload's lock: load the stored profile (or start one), apply ``change``
+        to it, write it; returns what was written."""
+        with self._locked(workload):
             profile = self.load(workload) or Profile(workload)
             change(profile)
             self.save(profile)
             return profile
-        finally:
-            os.close(fd)
 
     def save_contribution(self, profile: Profile, node: str) -> Profile:
         """Write ``profile``'s contribution ``node`` and keep every other contribution as it is
@@ -69,6 +76,18 @@ class ProfileStore:
         stored = self.update(profile.workload, put)
         profile.nodes.update(stored.nodes)
         return stored
+
+    def remove_contribution(self, workload: Workload, node: str) -> None:
+        """Under the workload's lock: drop contribution ``node``; the file goes with the last one."""
+        with self._locked(workload):
+            profile = self.load(workload)
+            if profile is None:
+                return
+            profile.nodes.pop(node, None)
+            if profile.nodes:
+                self.save(profile)
+            else:
+                self.remove(workload)
 
     def load(self, workload: Workload) -> Profile | None:
         path = self.path_for(workload)

@@ -50,7 +50,9 @@ def register(sub) -> None:
     p.add_argument("--context", default=None, help="with --services-from-cluster: kubeconfig context")
     p.add_argument("--report", metavar="FILE",
                    help="write where each seccomp rule came from (JSON) to FILE")
-    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE (atomically) instead of stdout")
+    p.add_argument("--out", metavar="FILE", help="write to FILE (atomically) instead of stdout")
+    p.add_argument("-o", "--output", choices=["json", "yaml"], default=None,
+                   help="serialization (default: json for oci-seccomp, yaml for the Kubernetes objects)")
     p.set_defaults(func=cmd_compile)
 
 
@@ -63,18 +65,25 @@ def render(policy, args, state_dir) -> tuple[str, dict | None]:
         compiled = seccomp.profile_for(policy, args.mode, runtime=args.runtime, arch=args.arch,
                                        exceptions=extra)
         if args.format == "oci-seccomp":
-            return compiled.to_json(), compiled.report_dict()
+            return serialize(compiled.profile, args.output or "json"), compiled.report_dict()
         doc = seccomp.compile_spo(policy, args.mode, runtime=compiled.runtime, arch=args.arch,
                                   extra_allow=extra)
-        return netexport.dump(doc), compiled.report_dict()
+        return serialize(doc, args.output or "yaml"), compiled.report_dict()
     labels = netexport.parse_pod_labels(args.pod_label)
     services = load_services(args)
     if services is not None:
         for note in netexport.service_destinations(policy, services).unresolved:
             print(f"envelope: note: {note}", file=sys.stderr)
     if args.format == "networkpolicy":
-        return netexport.dump(netexport.compile_networkpolicy(policy, labels, services)), None
-    return netexport.dump(netexport.compile_cilium(policy, labels, services)), None
+        return serialize(netexport.compile_networkpolicy(policy, labels, services), args.output or "yaml"), None
+    return serialize(netexport.compile_cilium(policy, labels, services), args.output or "yaml"), None
+
+
+def serialize(doc, fmt: str) -> str:
+    """JSON as every artefact is written (sorted, indented) or YAML as kubectl reads it."""
+    if fmt == "json":
+        return json.dumps(doc, indent=2, sort_keys=True) + "\n"
+    return netexport.dump(doc)
 
 
 def load_services(args) -> list[dict] | None:
@@ -131,8 +140,8 @@ def cmd_compile(args, config) -> int:
     try:
         if args.report and report is not None:
             atomic_write(Path(args.report), (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
-        if args.output:
-            atomic_write(Path(args.output), text.encode())
+        if args.out:
+            atomic_write(Path(args.out), text.encode())
         else:
             sys.stdout.write(text)
             sys.stdout.flush()

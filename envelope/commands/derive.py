@@ -27,7 +27,7 @@ from sensor.store import ProfileStore
 from sensor.workload import DEFAULT_SUBSTRATES, SUBSTRATES
 
 from .. import options
-from ..errors import UserError
+from ..errors import Finding, UserError
 from .profile import load_profile
 
 
@@ -81,7 +81,7 @@ def register(sub) -> None:
     p.add_argument("--context", default=None, help="with --from-cluster: kubeconfig context")
     p.add_argument("--profile-namespace", default=None,
                    help="with --from-cluster: namespace of the WorkloadProfile objects (default envelope-system)")
-    p.add_argument("-o", "--output", default="yaml", help="yaml | json (default yaml)")
+    p.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml", help="yaml | json (default yaml)")
     p.add_argument("--out", default=None, metavar="FILE", help="write the policy here instead of stdout")
     p.set_defaults(func=cmd_derive)
 
@@ -166,8 +166,6 @@ def options_from_args(args) -> DeriveOptions:
 
 
 def cmd_derive(args, config) -> int:
-    if args.output not in ("yaml", "json"):
-        raise UserError(f"-o {args.output}: policies are written as yaml or json")
     opts = options_from_args(args)
     if args.from_cluster:
         profile = load_cluster_profile_arg(args)
@@ -178,7 +176,7 @@ def cmd_derive(args, config) -> int:
     try:
         policy = derive(profile, opts)
     except CoverageNotReached as e:
-        raise UserError(str(e)) from e
+        raise Finding(str(e)) from e
     except (DeriveError, PolicyError) as e:
         raise UserError(f"derive {profile.workload.key}: {e}") from e
     text = dump_policy(policy, args.output)
