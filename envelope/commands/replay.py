@@ -55,7 +55,7 @@ def render_text(r: dict) -> str:
 
 
 def cmd_replay(args, config) -> int:
-    policy = read_policy(args.policy)
+    policy = read_policy(args.policy, judging=True)
     profile = load_profile_arg(args.name, config.state_dir)
     since = None
     if args.since:
