@@ -26,7 +26,13 @@
  * first time an enforced cgroup submits each opcode (EV_IO_URING_OP); userspace reports those
  * whose syscall the policy does not allow.
  *
- * -D flags: DENIALS_MAX_CGROUPS, DENIALS_MAX_THREADS, DENIALS_RINGBUF_PAGES, DENIALS_IO_URING.
+ * With DENIAL_F_SOCKETS (the filter allows socket only for unix, netlink, TCP and UDP: the
+ * seccomp compiler's SOCKET_ALLOWED table, which socket_ok mirrors) alert mode reports a socket
+ * call outside that table at entry; in enforce mode the filter denies it and it is reported as
+ * any other denial. Every report carries the call's first three arguments.
+ *
+ * -D flags: DENIALS_MAX_CGROUPS, DENIALS_MAX_THREADS, DENIALS_RINGBUF_PAGES, DENIALS_IO_URING,
+ * DENIALS_NR_SOCKET (the socket syscall's number).
  */
 #include <uapi/linux/bpf.h>
 #include <linux/ptrace.h>
@@ -38,6 +44,9 @@
 #endif
 #ifndef DENIALS_MAX_THREADS
 #define DENIALS_MAX_THREADS 32768
+#endif
+#ifndef DENIALS_NR_SOCKET
+#error "DENIALS_NR_SOCKET is required"
 #endif
 #ifndef DENIALS_IO_URING
 #define DENIALS_IO_URING 0
@@ -52,7 +61,7 @@ BPF_TABLE("lru_hash", __u32, __u32, entered, DENIALS_MAX_THREADS);
 BPF_PERCPU_ARRAY(lost, __u64, 1);
 BPF_RINGBUF_OUTPUT(events, DENIALS_RINGBUF_PAGES);
 
-static __always_inline void report(__u64 cgroup_id, __u32 nr, __s64 ret)
+static __always_inline void report(__u64 cgroup_id, __u32 nr, __s64 ret, struct pt_regs *regs)
 {
     struct seccomp_denial_event *ev = events.ringbuf_reserve(sizeof(*ev));
     if (!ev) {
@@ -70,7 +79,27 @@ static __always_inline void report(__u64 cgroup_id, __u32 nr, __s64 ret)
     ev->pid = bpf_get_current_pid_tgid() >> 32;
     ev->nr = nr;
     ev->ret = ret;
+    ev->args[0] = 0;
+    ev->args[1] = 0;
+    ev->args[2] = 0;
+    bpf_probe_read_kernel(&ev->args[0], sizeof(__u64), &regs->di);
+    bpf_probe_read_kernel(&ev->args[1], sizeof(__u64), &regs->si);
+    bpf_probe_read_kernel(&ev->args[2], sizeof(__u64), &regs->dx);
     events.ringbuf_submit(ev, 0);
+}
+
+/* The seccomp compiler's SOCKET_ALLOWED: unix, netlink, and TCP or UDP over IPv4 and IPv6. */
+static __always_inline int socket_ok(__u64 domain, __u64 type, __u64 protocol)
+{
+    if (domain == 1 || domain == 16) /* AF_UNIX, AF_NETLINK */
+        return 1;
+    if (domain != 2 && domain != 10) /* AF_INET, AF_INET6 */
+        return 0;
+    if ((type & 0xF) == 1) /* SOCK_STREAM: default or IPPROTO_TCP */
+        return protocol == 0 || protocol == 6;
+    if ((type & 0xF) == 2) /* SOCK_DGRAM: default or IPPROTO_UDP */
+        return protocol == 0 || protocol == 17;
+    return 0;
 }
 
 RAW_TRACEPOINT_PROBE(sys_enter)
@@ -83,14 +112,22 @@ RAW_TRACEPOINT_PROBE(sys_enter)
     __u32 nr = (__u32)ctx->args[1];
     entered.update(&tid, &nr);
     if (c->mode == DENIALS_MODE_ALERT) {
+        struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
         int outside = 1;
         if (nr < DENIALS_NR_SLOTS) {
             __u32 w = nr / 64;
             if (w < DENIALS_NR_SLOTS / 64)
                 outside = !((c->allowed[w] >> (nr % 64)) & 1);
         }
+        if (!outside && nr == DENIALS_NR_SOCKET && (c->flags & DENIAL_F_SOCKETS)) {
+            __u64 a[3] = {};
+            bpf_probe_read_kernel(&a[0], sizeof(__u64), &regs->di);
+            bpf_probe_read_kernel(&a[1], sizeof(__u64), &regs->si);
+            bpf_probe_read_kernel(&a[2], sizeof(__u64), &regs->dx);
+            outside = !socket_ok(a[0], a[1], a[2]);
+        }
         if (outside)
-            report(cg, nr, 0);
+            report(cg, nr, 0, regs);
     }
     return 0;
 }
@@ -111,7 +148,7 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     if (mark)
         entered.delete(&tid);
     if (!entered_this && c->mode == DENIALS_MODE_ENFORCE && ret == -(__s64)c->deny_errno)
-        report(cg, (__u32)nr, ret);
+        report(cg, (__u32)nr, ret, regs);
     return 0;
 }
 

@@ -12,12 +12,17 @@
 #define DENIALS_MODE_ENFORCE 2
 
 /* `cgroups`: cgroup id -> how its denials are reported. */
-#define DENIAL_CGROUP_SIZE 104
+/* denial_cgroup.flags */
+#define DENIAL_F_SOCKETS 0x1 /* socket is restricted to unix, netlink, TCP and UDP */
+
+#define DENIAL_CGROUP_SIZE 112
 struct denial_cgroup {
 	__u32 mode;                           /*  0 DENIALS_MODE_* */
 	__s32 deny_errno;                     /*  4 the filter's errno in enforce mode */
 	__u64 allowed[DENIALS_NR_SLOTS / 64]; /*  8 alert mode: syscalls the policy allows */
 	__u64 uring_seen[4];                  /* 72 io_uring opcodes already announced (set by BPF) */
+	__u32 flags;                          /* 104 DENIAL_F_* */
+	__u32 pad;                            /* 108 */
 };
 
 _Static_assert(sizeof(struct denial_cgroup) == DENIAL_CGROUP_SIZE, "denial_cgroup size");

@@ -38,7 +38,7 @@
 #define NET_EVENT_VERSION 1
 #define SYSCALL_FIRST_EVENT_VERSION 1
 #define EGRESS_VIOLATION_EVENT_VERSION 1
-#define SECCOMP_DENIAL_EVENT_VERSION 1
+#define SECCOMP_DENIAL_EVENT_VERSION 2
 #define IO_URING_OP_EVENT_VERSION 1
 
 #define ENV_AF_INET 2
@@ -169,14 +169,16 @@ struct egress_violation_event {
 	__u32 pad;            /* 52 */
 };
 
-/* EV_SECCOMP_DENIAL, emitted from raw sys_exit by the seccomp observation program. */
-#define SECCOMP_DENIAL_EVENT_SIZE 40
+/* EV_SECCOMP_DENIAL, emitted by the seccomp denial program: at raw sys_exit for a denial, at
+ * raw sys_enter for an alert-mode report. */
+#define SECCOMP_DENIAL_EVENT_SIZE 64
 struct seccomp_denial_event {
 	struct event_hdr hdr; /*  0 */
 	__u64 cgroup_id;      /* 16 */
 	__u32 pid;            /* 24 */
 	__u32 nr;             /* 28 */
 	__s64 ret;            /* 32 */
+	__u64 args[3];        /* 40 the call's first three arguments */
 };
 
 /* EV_IO_URING_OP, from io_uring:io_uring_submit_req in an enforced cgroup: the first time the

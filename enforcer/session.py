@@ -445,7 +445,7 @@ class EnforcementSession:
             if cid is None:
                 continue
             allowed = frozenset(compiled.allowed())
-            self._probe.watch(cid, cur.mode, DENY_ERRNO, allowed)
+            self._probe.watch(cid, cur.mode, DENY_ERRNO, allowed, compiled.restricts_sockets())
             self._denial_cgroups[cid] = w.key
             self._denial_allowed[cid] = allowed
 

@@ -170,12 +170,37 @@ def from_egress_event(ev: EgressViolationEvent, workload: str, now: float) -> Vi
                      {"pid": ev.pid, "cgroup_id": ev.cgroup_id})
 
 
-def from_seccomp_event(ev: SeccompDenialEvent, workload: str, now: float) -> Violation:
-    """A denial carries ``ret = -errno``; an alert-mode report (made at entry) carries 0."""
+_IPPROTO_NAMES = {0: "default", 1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp",
+                  255: "raw", 262: "mptcp"}
+
+
+def socket_arguments(domain: int, type_: int, protocol: int) -> dict:
+    """``socket(2)``'s arguments by name, e.g. ``{"family": "AF_PACKET", "type": "SOCK_RAW", ...}``."""
+    import socket
+    try:
+        family = socket.AddressFamily(domain).name
+    except ValueError:
+        family = str(domain)
+    try:
+        kind = socket.SocketKind(type_ & 0xF).name
+    except ValueError:
+        kind = str(type_ & 0xF)
+    return {"family": family, "type": kind, "protocol": _IPPROTO_NAMES.get(protocol, str(protocol))}
+
+
+def from_seccomp_event(ev: SeccompDenialEvent, workload: str, now: float,
+                       allowed: Collection[str] = ()) -> Violation:
+    """A denial carries ``ret = -errno``; an alert-mode report (made at entry) carries 0. A
+    ``socket`` call the profile allows was stopped by its argument checks (the socket
+    restriction of :mod:`enforcer.seccomp`): the detail names the socket and says why."""
     action = "denied" if ev.ret < 0 else "alerted"
     detail: dict[str, Any] = {"pid": ev.pid, "cgroup_id": ev.cgroup_id, "nr": ev.nr}
     if ev.ret < 0:
         detail["errno"] = -ev.ret
+    if ev.name == "socket" and "socket" in allowed:
+        from .seccomp import SOCKET_REASON
+        detail["socket"] = socket_arguments(*ev.args)
+        detail["why"] = SOCKET_REASON
     return Violation(now, workload, "syscall", ev.behaviour_key(), action, detail)
 
 
@@ -204,7 +229,8 @@ def from_record(raw: bytes, workload_of: Callable[[int], str | None], now: float
     if isinstance(ev, EgressViolationEvent):
         return from_egress_event(ev, workload_of(ev.cgroup_id) or "unknown", now)
     if isinstance(ev, SeccompDenialEvent):
-        return from_seccomp_event(ev, workload_of(ev.cgroup_id) or "unknown", now)
+        return from_seccomp_event(ev, workload_of(ev.cgroup_id) or "unknown", now,
+                                  allowed_of(ev.cgroup_id))
     if isinstance(ev, IoUringOpEvent):
         return from_io_uring_event(ev, workload_of(ev.cgroup_id) or "unknown", now,
                                    allowed_of(ev.cgroup_id))

@@ -241,13 +241,15 @@ class SeccompDenialRecord(Mirror):
         __u32 pid;            /* 24 */
         __u32 nr;             /* 28 */
         __s64 ret;            /* 32 */
+        __u64 args[3];        /* 40 the call's first three arguments */
     };
     """
 
     c_name = "seccomp_denial_event"
     type = EV_SECCOMP_DENIAL
-    version = 1
-    fields = _HDR + (("cgroup_id", "Q"), ("pid", "I"), ("nr", "I"), ("ret", "q"))
+    version = 2
+    fields = _HDR + (("cgroup_id", "Q"), ("pid", "I"), ("nr", "I"), ("ret", "q"),
+                     ("args0", "Q"), ("args1", "Q"), ("args2", "Q"))
 
 
 class IoUringOpRecord(Mirror):
@@ -406,6 +408,7 @@ class SeccompDenialEvent(_Event):
     nr: int
     name: str
     ret: int
+    args: list[int] = field(default_factory=lambda: [0, 0, 0])  # the call's first three arguments
     type_name: ClassVar[str] = "seccomp_denial"
 
     def behaviour_key(self) -> str | None:
@@ -499,7 +502,8 @@ def _egress(r: dict) -> Event | DecodeError:
 
 def _seccomp(r: dict) -> Event:
     return SeccompDenialEvent(ktime=r["ktime"], cgroup_id=r["cgroup_id"], pid=r["pid"],
-                              nr=r["nr"], name=syscalls.name(r["nr"]), ret=r["ret"])
+                              nr=r["nr"], name=syscalls.name(r["nr"]), ret=r["ret"],
+                              args=[r["args0"], r["args1"], r["args2"]])
 
 
 def _io_uring_op(r: dict) -> Event:

@@ -26,6 +26,7 @@ EGRESS_CGROUP_PATH_LEN = 248
 DENIALS_NR_SLOTS = 512
 DENIALS_MODE_ALERT = 1
 DENIALS_MODE_ENFORCE = 2
+DENIAL_F_SOCKETS = 0x1
 
 
 class Mirror:
@@ -206,13 +207,15 @@ class DenialCgroup(Mirror):
         __s32 deny_errno;                     /*  4 the filter's errno in enforce mode */
         __u64 allowed[DENIALS_NR_SLOTS / 64]; /*  8 alert mode: syscalls the policy allows */
         __u64 uring_seen[4];                  /* 72 io_uring opcodes already announced (set by BPF) */
+        __u32 flags;                          /* 104 DENIAL_F_* */
+        __u32 pad;                            /* 108 */
     };
     """
 
     c_name = "denial_cgroup"
     fields = ((("mode", "I"), ("deny_errno", "i"))
               + tuple((f"allowed{i}", "Q") for i in range(DENIALS_NR_SLOTS // 64))
-              + tuple((f"uring_seen{i}", "Q") for i in range(4)))
+              + tuple((f"uring_seen{i}", "Q") for i in range(4)) + (("flags", "I"), ("pad", "I")))
 
 
 #: Every map-layout mirror, by header.

@@ -139,9 +139,11 @@ class FakeDenialProbe:
         self.events_fd = next(_fds)
         kernel.rings[self.events_fd] = []
         self.watched: dict[int, tuple] = {}
+        self.sockets_restricted: dict[int, bool] = {}
 
-    def watch(self, cgroup_id, mode, deny_errno, allowed_syscalls=()):
+    def watch(self, cgroup_id, mode, deny_errno, allowed_syscalls=(), restrict_sockets=False):
         self.watched[cgroup_id] = (mode, deny_errno, tuple(sorted(allowed_syscalls)))
+        self.sockets_restricted[cgroup_id] = restrict_sockets
 
     def unwatch(self, cgroup_id):
         self.watched.pop(cgroup_id, None)

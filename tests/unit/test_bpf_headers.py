@@ -151,7 +151,7 @@ def test_type_numbers_match_and_are_unique():
         "EGRESS_MODE_OBSERVE", "EGRESS_MODE_ALERT", "EGRESS_MODE_ENFORCE", "EGRESS_WORKLOAD_LEN",
         "EGRESS_CGROUP_PATH_LEN")],
     *[(mirrors, "denials.h", n) for n in ("DENIALS_NR_SLOTS", "DENIALS_MODE_ALERT",
-                                          "DENIALS_MODE_ENFORCE")],
+                                          "DENIALS_MODE_ENFORCE", "DENIAL_F_SOCKETS")],
 ])
 def test_constants_match(module, header, name):
     assert DEFINES[header][name] == getattr(module, name)

@@ -108,11 +108,12 @@ write("egress_violation", hdr(6, 56) + [
     "op": "connect", "proto": "tcp", "family": 4, "addr": "203.0.113.9", "port": 8443,
     "action": "denied", "behaviour_key": "connect:tcp:203.0.113.9:8443"})
 
-write("seccomp_denial", hdr(7, 40) + [
+write("seccomp_denial", hdr(7, 64, version=2) + [
     ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
-    ("nr", struct.pack("<I", 135)), ("ret", struct.pack("<q", -1)),
-], {"type": "seccomp_denial", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "nr": 135,
-    "name": "personality", "ret": -1, "behaviour_key": "syscall:personality"})
+    ("nr", struct.pack("<I", 41)), ("ret", struct.pack("<q", -1)),
+    ("args", struct.pack("<QQQ", 17, 3, 0x0300)),
+], {"type": "seccomp_denial", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "nr": 41,
+    "name": "socket", "ret": -1, "args": [17, 3, 768], "behaviour_key": "syscall:socket"})
 
 write("io_uring_op", hdr(40, 56) + [
     ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
