@@ -31,6 +31,14 @@
  * call outside that table at entry; in enforce mode the filter denies it and it is reported as
  * any other denial. Every report carries the call's first three arguments.
  *
+ * Leaving the cgroup: a thread of a watched cgroup that writes some task's pid into another
+ * cgroup's cgroup.procs walks out of the cgroup's egress programs and out of this watch. The
+ * cgroup:cgroup_attach_task tracepoint fires inside that write; the mark set at sys_enter says
+ * which watched cgroup the writer entered the syscall from (after a self-move the current
+ * cgroup is already the destination), and a move anywhere else is one EV_CGROUP_ESCAPE record.
+ * Userspace decides what it means (a child cgroup, another cgroup of the same workload) and
+ * moves the task back. Mode DENIALS_MODE_WATCH watches migrations only.
+ *
  * -D flags: DENIALS_MAX_CGROUPS, DENIALS_MAX_THREADS, DENIALS_RINGBUF_PAGES, DENIALS_IO_URING,
  * DENIALS_NR_SOCKET (the socket syscall's number).
  */
@@ -57,7 +65,7 @@
 
 /* struct denial_cgroup, DENIALS_NR_SLOTS and the modes are in denials.h. */
 BPF_HASH(cgroups, __u64, struct denial_cgroup, DENIALS_MAX_CGROUPS);
-BPF_TABLE("lru_hash", __u32, __u32, entered, DENIALS_MAX_THREADS);
+BPF_TABLE("lru_hash", __u32, struct denial_thread, entered, DENIALS_MAX_THREADS);
 BPF_PERCPU_ARRAY(lost, __u64, 1);
 BPF_RINGBUF_OUTPUT(events, DENIALS_RINGBUF_PAGES);
 
@@ -110,14 +118,14 @@ RAW_TRACEPOINT_PROBE(sys_enter)
         return 0;
     __u32 tid = (__u32)bpf_get_current_pid_tgid();
     __u32 nr = (__u32)ctx->args[1];
-    entered.update(&tid, &nr);
+    struct denial_thread mark = {.nr = nr, .cgroup_id = cg};
+    entered.update(&tid, &mark);
     if (c->mode == DENIALS_MODE_ALERT) {
         struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
         int outside = 1;
         if (nr < DENIALS_NR_SLOTS) {
-            __u32 w = nr / 64;
-            if (w < DENIALS_NR_SLOTS / 64)
-                outside = !((c->allowed[w] >> (nr % 64)) & 1);
+            __u32 w = (nr / 64) & (DENIALS_NR_SLOTS / 64 - 1); /* bounded for the verifier */
+            outside = !((c->allowed[w] >> (nr % 64)) & 1);
         }
         if (!outside && nr == DENIALS_NR_SOCKET && (c->flags & DENIAL_F_SOCKETS)) {
             __u64 a[3] = {};
@@ -143,8 +151,8 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     __u64 nr = 0;
     bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
     __u32 tid = (__u32)bpf_get_current_pid_tgid();
-    __u32 *mark = entered.lookup(&tid);
-    int entered_this = mark && *mark == (__u32)nr;
+    struct denial_thread *mark = entered.lookup(&tid);
+    int entered_this = mark && mark->nr == (__u32)nr;
     if (mark)
         entered.delete(&tid);
     if (!entered_this && c->mode == DENIALS_MODE_ENFORCE && ret == -(__s64)c->deny_errno)
@@ -189,3 +197,39 @@ TRACEPOINT_PROBE(io_uring, io_uring_submit_req)
     return 0;
 }
 #endif
+
+TRACEPOINT_PROBE(cgroup, cgroup_attach_task)
+{
+    if (args->dst_root != 0) /* cgroup v1 hierarchies carry no enforcement */
+        return 0;
+    __u32 tid = (__u32)bpf_get_current_pid_tgid();
+    struct denial_thread *mark = entered.lookup(&tid);
+    if (!mark)
+        return 0;
+    __u64 src = mark->cgroup_id;
+    __u64 dst = args->dst_id;
+    if (dst == src || !cgroups.lookup(&src))
+        return 0;
+    struct cgroup_escape_event *ev = events.ringbuf_reserve(sizeof(*ev));
+    if (!ev) {
+        __u32 zero = 0;
+        __u64 *n = lost.lookup(&zero);
+        if (n)
+            *n += 1;
+        return 0;
+    }
+    ev->hdr.type = EV_CGROUP_ESCAPE;
+    ev->hdr.version = CGROUP_ESCAPE_EVENT_VERSION;
+    ev->hdr.size = sizeof(*ev);
+    ev->hdr.ktime = bpf_ktime_get_ns();
+    ev->src_cgroup_id = src;
+    ev->dst_cgroup_id = dst;
+    ev->pid = args->pid;
+    ev->by_pid = bpf_get_current_pid_tgid() >> 32;
+    ev->dst_level = args->dst_level;
+    ev->pad = 0;
+    unsigned short loc = args->data_loc_dst_path & 0xFFFF;
+    bpf_probe_read_kernel_str(ev->dst_path, sizeof(ev->dst_path), (char *)args + loc);
+    events.ringbuf_submit(ev, 0);
+    return 0;
+}

@@ -8,6 +8,7 @@
 #include <linux/types.h>
 
 #define DENIALS_NR_SLOTS 512 /* syscall numbers in the allowed bitmap */
+#define DENIALS_MODE_WATCH 0   /* cgroup migrations only (the policy leaves syscalls out) */
 #define DENIALS_MODE_ALERT 1
 #define DENIALS_MODE_ENFORCE 2
 
@@ -25,6 +26,15 @@ struct denial_cgroup {
 	__u32 pad;                            /* 108 */
 };
 
+/* `entered`: thread id -> the syscall it is in and the cgroup it entered it from. */
+#define DENIAL_THREAD_SIZE 16
+struct denial_thread {
+	__u32 nr;        /*  0 */
+	__u32 pad;       /*  4 */
+	__u64 cgroup_id; /*  8 */
+};
+
 _Static_assert(sizeof(struct denial_cgroup) == DENIAL_CGROUP_SIZE, "denial_cgroup size");
+_Static_assert(sizeof(struct denial_thread) == DENIAL_THREAD_SIZE, "denial_thread size");
 
 #endif /* ENVELOPE_DENIALS_H */

@@ -24,12 +24,13 @@ import structlog
 from sensor import features, kernel, syscalls
 from sensor.kernel import BpfError, Family, LoadError, Map, Program
 from sensor.mirrors import (DENIAL_F_SOCKETS, DENIALS_MODE_ALERT, DENIALS_MODE_ENFORCE,
-                            DENIALS_NR_SLOTS, U32, U64, DenialCgroup)
+                            DENIALS_MODE_WATCH, DENIALS_NR_SLOTS, U32, U64, DenialCgroup)
 
 log = structlog.get_logger(__name__)
 
 SOURCE = kernel.BPF_DIR / "denials.c"
-MODE_CODES = {"alert": DENIALS_MODE_ALERT, "enforce": DENIALS_MODE_ENFORCE}
+#: "watch": cgroup migrations only (a policy that leaves syscalls out still keeps its cgroup)
+MODE_CODES = {"watch": DENIALS_MODE_WATCH, "alert": DENIALS_MODE_ALERT, "enforce": DENIALS_MODE_ENFORCE}
 MAPS = ("cgroups", "lost", "events")
 
 
@@ -53,7 +54,9 @@ def family(max_cgroups: int = 1024, max_threads: int = 32768, ringbuf_pages: int
     if io_uring is None:
         io_uring = io_uring_traceable()
     programs = (Program("raw_tracepoint__sys_enter", "raw_tracepoint", "sys_enter"),
-                Program("raw_tracepoint__sys_exit", "raw_tracepoint", "sys_exit"))
+                Program("raw_tracepoint__sys_exit", "raw_tracepoint", "sys_exit"),
+                Program("tracepoint__cgroup__cgroup_attach_task", "tracepoint",
+                        "cgroup:cgroup_attach_task"))
     if io_uring:
         programs += (Program("tracepoint__io_uring__io_uring_submit_req", "tracepoint",
                              IO_URING_TRACEPOINT.replace("/", ":")),)
@@ -90,7 +93,7 @@ def cgroup_entry(mode: str, deny_errno: int, allowed_syscalls: Iterable[str] = (
     """The ``struct denial_cgroup`` value for one watched cgroup (pure). ``restrict_sockets``:
     the filter allows ``socket`` only for :data:`enforcer.seccomp.SOCKET_ALLOWED`."""
     if mode not in MODE_CODES:
-        raise DenialProbeError(f"unknown mode {mode!r} (alert or enforce)")
+        raise DenialProbeError(f"unknown mode {mode!r} (watch, alert or enforce)")
     words = allowed_bitmap(syscall_numbers(allowed_syscalls))
     return DenialCgroup.pack(mode=MODE_CODES[mode], deny_errno=int(deny_errno),
                              flags=DENIAL_F_SOCKETS if restrict_sockets else 0,

@@ -220,12 +220,18 @@ def from_record(raw: bytes, workload_of: Callable[[int], str | None], now: float
                 allowed_of: Callable[[int], Collection[str]] = lambda _cid: ()
                 ) -> Violation | DecodeError | None:
     """One ring-buffer record to a violation. A record that does not decode comes back as the
-    :class:`sensor.events.DecodeError` (to be counted); one whose cgroup has no known workload
-    is attributed to ``unknown``; other event types give ``None``. ``allowed_of`` gives the
-    syscalls a cgroup's profile allows (io_uring operations are judged against it)."""
+    :class:`sensor.events.DecodeError` (to be counted); the rest as :func:`from_event`."""
     ev = decode(raw)
     if isinstance(ev, DecodeError):
         return ev
+    return from_event(ev, workload_of, now, allowed_of)
+
+
+def from_event(ev, workload_of: Callable[[int], str | None], now: float,
+               allowed_of: Callable[[int], Collection[str]] = lambda _cid: ()) -> Violation | None:
+    """One decoded kernel event to a violation. One whose cgroup has no known workload is
+    attributed to ``unknown``; other event types give ``None``. ``allowed_of`` gives the
+    syscalls a cgroup's profile allows (io_uring operations and sockets are judged against it)."""
     if isinstance(ev, EgressViolationEvent):
         return from_egress_event(ev, workload_of(ev.cgroup_id) or "unknown", now)
     if isinstance(ev, SeccompDenialEvent):

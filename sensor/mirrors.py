@@ -26,6 +26,7 @@ EGRESS_CGROUP_PATH_LEN = 248
 DENIALS_NR_SLOTS = 512
 DENIALS_MODE_ALERT = 1
 DENIALS_MODE_ENFORCE = 2
+DENIALS_MODE_WATCH = 0
 DENIAL_F_SOCKETS = 0x1
 
 
@@ -218,11 +219,25 @@ class DenialCgroup(Mirror):
               + tuple((f"uring_seen{i}", "Q") for i in range(4)) + (("flags", "I"), ("pad", "I")))
 
 
+class DenialThread(Mirror):
+    """Value of the denial probe's ``entered`` LRU hash (keyed by the u32 thread id).
+
+    struct denial_thread {
+        __u32 nr;        /*  0 */
+        __u32 pad;       /*  4 */
+        __u64 cgroup_id; /*  8 */
+    };
+    """
+
+    c_name = "denial_thread"
+    fields = (("nr", "I"), ("pad", "I"), ("cgroup_id", "Q"))
+
+
 #: Every map-layout mirror, by header.
 MAP_MIRRORS = {
     "events.h": (SyscallSlotState, SyscallSlotCounts),
     "egress.h": (EgressKey, EgressRule, EgressPortKey, EgressMeta, EgressCgroup),
-    "denials.h": (DenialCgroup,),
+    "denials.h": (DenialCgroup, DenialThread),
 }
 U64 = struct.Struct("<Q")
 U32 = struct.Struct("<I")

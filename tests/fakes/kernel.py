@@ -194,6 +194,8 @@ class FakeKernel:
         self.swaps: list[tuple] = []
         self.loads = 0
         self.probes: list[FakeDenialProbe] = []
+        self.moved: list[tuple[int, str]] = []  # (pid, cgroup path) moved by the session
+        self.gone_pids: set[int] = set()
 
     def _state(self, workload: str) -> Pinned:
         st = Pinned(workload, ring=next(_fds))
@@ -229,6 +231,11 @@ class FakeKernel:
 
     def ring_reader(self):
         return FakeRingReader(self)
+
+    def move_task(self, pid, cgroup_path):
+        if pid in self.gone_pids:
+            raise ProcessLookupError(3, "No such process")
+        self.moved.append((pid, cgroup_path))
 
     # -- what the kernel would do --
 

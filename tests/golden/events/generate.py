@@ -121,3 +121,11 @@ write("io_uring_op", hdr(40, 56) + [
     ("op", cstr(b"CONNECT", 24)),
 ], {"type": "io_uring_op", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "opcode": 16,
     "op": "CONNECT", "sq_thread": False, "syscall": "connect", "behaviour_key": None})
+
+write("cgroup_escape", hdr(41, 304) + [
+    ("src_cgroup_id", struct.pack("<Q", 4242)), ("dst_cgroup_id", struct.pack("<Q", 1)),
+    ("pid", struct.pack("<I", 1002)), ("by_pid", struct.pack("<I", 1001)),
+    ("dst_level", struct.pack("<i", 0)), ("pad", struct.pack("<I", 0)),
+    ("dst_path", cstr(b"/", 256)),
+], {"type": "cgroup_escape", "ktime": KTIME, "src_cgroup_id": 4242, "dst_cgroup_id": 1,
+    "pid": 1002, "by_pid": 1001, "dst_level": 0, "dst_path": "/", "behaviour_key": None})
