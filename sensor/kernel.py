@@ -167,7 +167,7 @@ _ENOTSUPP = 524  # the kernel-internal "operation not supported" some map types 
 _NO_BATCH = (errno.EINVAL, errno.EOPNOTSUPP, _ENOTSUPP)
 
 
-def map_dump(fd: int, key_size: int, value_size: int, chunk: int = 1024) -> tuple[bytes, bytes, int]:
+def map_dump(fd: int, key_size: int, value_size: int, chunk: int = 256) -> tuple[bytes, bytes, int]:
     """Every entry of a map with plain (not per-CPU) values: ``(keys, values, n)``, the keys and
     the values each concatenated, in the map's order.
 
