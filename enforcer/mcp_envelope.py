@@ -50,8 +50,6 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-import yaml
-
 from sensor.mcp_evidence import (
     REDACTED,
     ArgumentEvidence,
@@ -65,6 +63,7 @@ from sensor.mcp_evidence import (
     tool_call_key,
 )
 from sensor.profile import BehaviourStats
+from sensor.safeyaml import YamlError, load_yaml
 from sensor.workload import Workload
 
 from . import urlpattern
@@ -475,11 +474,9 @@ def dump_envelope(env: McpEnvelope, fmt: str = "yaml") -> str:
 
 def parse_envelope(text: str, source: str = "envelope") -> McpEnvelope:
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise EnvelopeError(f"{source}: not valid YAML or JSON{where}") from None
+        data = load_yaml(text, source)
+    except YamlError as e:
+        raise EnvelopeError(str(e)) from None
     try:
         return McpEnvelope.from_dict(data)
     except EnvelopeError as e:

@@ -198,7 +198,7 @@ class Daemon:
         except ImportError:
             return None
         m = Metrics()
-        m.serve(self.config.metrics_port)
+        m.serve(self.config.metrics_port, self.config.metrics_address)
         return m
 
     def _enforcement(self):
@@ -222,7 +222,7 @@ class Daemon:
         if self.cluster:
             self.cluster.start(self.observer, self.enforcement)
         log.info("ready", node=cfg.node_name, state_dir=str(cfg.state_dir),
-                 metrics_port=cfg.metrics_port if self.metrics else None)
+                 metrics=f"{cfg.metrics_address}:{cfg.metrics_port}" if self.metrics else None)
 
     def run(self) -> int:
         self.start()

@@ -30,6 +30,7 @@ Metric names (all prefixed ``envelope_``)::
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -212,8 +213,10 @@ class Metrics:
 
     # ---- HTTP --------------------------------------------------------------------------------
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Serve /metrics, /healthz and /readyz on a daemon thread; returns the bound port."""
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Serve /metrics, /healthz and /readyz on a daemon thread; returns the bound port.
+        ``host`` is the address to listen on (``metrics_address``: loopback unless told
+        otherwise; the DaemonSet's ConfigMap says 0.0.0.0, the pod's own network namespace)."""
         metrics = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -245,7 +248,11 @@ class Metrics:
 
             do_HEAD = do_GET
 
-        server = ThreadingHTTPServer((host, port), Handler)
+        server_class = ThreadingHTTPServer
+        if ":" in host:
+            class server_class(ThreadingHTTPServer):  # noqa: N801 - an IPv6 listener
+                address_family = socket.AF_INET6
+        server = server_class((host, port), Handler)
         server.daemon_threads = True
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},

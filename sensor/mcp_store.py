@@ -12,12 +12,11 @@ from __future__ import annotations
 import fcntl
 import os
 from pathlib import Path
-from urllib.parse import quote
 
 import msgpack
 
 from .mcp_evidence import ArgumentEvidence
-from .store import atomic_write
+from .state_dir import StateDir, atomic_write, private_dirs
 from .workload import Workload
 
 SCHEMA_VERSION = 1
@@ -34,7 +33,7 @@ class McpEvidenceStore:
         self.root = Path(state_dir) / "mcp"
 
     def path_for(self, workload: Workload) -> Path:
-        return self.root / (quote(workload.key, safe="") + self.SUFFIX)
+        return self.root / StateDir.workload_name(workload.key, self.SUFFIX)
 
     def load(self, workload: Workload) -> ArgumentEvidence | None:
         path = self.path_for(workload)
@@ -56,7 +55,7 @@ class McpEvidenceStore:
     def merge(self, workload: Workload, evidence: ArgumentEvidence) -> Path:
         """Add ``evidence`` to what is stored for ``workload``."""
         path = self.path_for(workload)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dirs(path.parent)
         fd = os.open(path.parent / (path.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

@@ -95,12 +95,14 @@ def load_services(args) -> list[dict] | None:
         return items
     if not getattr(args, "services", None):
         return None
-    import yaml
+    from sensor.safeyaml import YamlError, load_yaml
 
     try:
-        doc = yaml.safe_load(Path(args.services).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"--services {args.services}: {e}") from None
+        doc = load_yaml(Path(args.services).read_bytes(), f"--services {args.services}")
+    except OSError as e:
+        raise UserError(f"--services {args.services}: {e.strerror or e}") from None
+    except YamlError as e:
+        raise UserError(str(e)) from None
     items = doc.get("items") if isinstance(doc, dict) and "items" in doc else [doc]
     if not isinstance(items, list) or any(not isinstance(i, dict) or i.get("kind", "Service") != "Service"
                                           for i in items):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from sensor.state_dir import StateDir
 from sensor.store import ProfileStore, ProfileStoreError
+from sensor.workload import Workload
 
 from ..errors import UserError
 from ..output import add_output_option, emit, iso
@@ -26,11 +28,26 @@ def resolve_one(store: ProfileStore, name: str):
     """The one workload ``name`` designates, or a clear error."""
     matches = store.find(name)
     if not matches:
-        known = ", ".join(w.key for w in store.workloads()) or "none"
-        raise UserError(f"no profile for workload {name!r} in {store.root} (known: {known})")
+        files = store.scan()
+        for f in files:  # a damaged file of this workload says what is wrong with it
+            key = f.workload.key if f.workload else StateDir.workload_of(f.path.name, store.SUFFIX)
+            if f.error and key and _names(key, name):
+                raise UserError(f.error)
+        known = ", ".join(sorted(f.workload.key for f in files if not f.error)) or "none"
+        bad = sum(1 for f in files if f.error)
+        more = f"; {bad} profile file(s) could not be read (envelope profile list)" if bad else ""
+        raise UserError(f"no profile for workload {name!r} in {store.root} (known: {known}){more}")
     if len(matches) > 1:
         raise UserError(f"{name!r} is ambiguous: {', '.join(w.key for w in matches)}; give the full key")
     return matches[0]
+
+
+def _names(key: str, name: str) -> bool:
+    try:
+        w = Workload.parse(key)
+    except ValueError:
+        return False
+    return name in (w.key, w.name, f"{w.namespace}/{w.name}", f"{w.namespace}/{w.kind}/{w.name}")
 
 
 def load_profile(store: ProfileStore, name: str):
@@ -42,22 +59,33 @@ def load_profile(store: ProfileStore, name: str):
 
 
 def cmd_list(args, config) -> int:
+    """Every workload with a profile; a file that cannot be used is a row of its own (with the
+    reason) and never stops the listing, and quarantined files are listed after them."""
     store = ProfileStore(config.state_dir)
     items, rows = [], []
-    for w in store.workloads():
-        try:
-            p = store.load(w)
-        except ProfileStoreError as e:
-            items.append({"workload": w.key, "error": str(e)})
-            rows.append([w.key, "-", "-", "-", "-", "-", "error"])
+    for f in store.scan():
+        p = None
+        error = f.error
+        if not error:
+            try:
+                p = store.load_path(f.path, store.layout.root)
+            except ProfileStoreError as e:
+                error = str(e)
+        if p is None:
+            key = f.workload.key if f.workload else None
+            items.append({"workload": key, "file": str(f.path), "error": error})
+            rows.append([key or f.path.name, "-", "-", "-", "-", "-", "unreadable: " + error])
             continue
         start, end = p.window()
         b = p.behaviours()
         loss = sum(p.loss().values())
-        items.append({"workload": w.key, "sessions": p.session_count, "behaviours": len(b),
+        items.append({"workload": p.workload.key, "sessions": p.session_count, "behaviours": len(b),
                       "window": {"start": start, "end": end}, "loss": p.loss(), "capped": p.capped})
-        rows.append([w.key, p.session_count, len(b), iso(start), iso(end), loss,
+        rows.append([p.workload.key, p.session_count, len(b), iso(start), iso(end), loss,
                      "capped" if p.capped else ""])
+    for q in store.quarantined():
+        items.append({"workload": None, "file": str(q), "error": "quarantined"})
+        rows.append([q.name, "-", "-", "-", "-", "-", f"quarantined in {q.parent}"])
     emit(items, args.output, rows, ["workload", "sessions", "behaviours", "first", "last", "lost", "flags"])
     return 0
 
