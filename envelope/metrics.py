@@ -26,6 +26,9 @@ Metric names (all prefixed ``envelope_``)::
     policy_apply_failures_total{workload,substrate}  failed policy applications
     api_errors_total{call}                    failed Kubernetes API calls (each attempt)
     profile_publish_total{result}             WorkloadProfile publications: written|unchanged|failed
+    profiles_quarantined_total                profile files that could not be read, moved aside
+    audit_anchor_total{result}                audit heads anchored off the node: published|failed|refused
+    audit_anchored_seq                        the last audit entry anchored off the node
 """
 
 from __future__ import annotations
@@ -110,6 +113,14 @@ class Metrics:
                                   registry=r)
         self.publish = Counter("envelope_profile_publish_total", "WorkloadProfile publications by result",
                                ["result"], registry=r)
+        self.quarantined = Counter("envelope_profiles_quarantined_total",
+                                   "Profile files that could not be read, moved to profiles/quarantine",
+                                   registry=r)
+        self.anchor = Counter("envelope_audit_anchor_total",
+                              "Audit heads anchored off the node, by result (published, failed, refused)",
+                              ["result"], registry=r)
+        self.anchored_seq = Gauge("envelope_audit_anchored_seq",
+                                  "The last audit entry whose head is anchored off the node", registry=r)
 
     # ---- recording ---------------------------------------------------------------------------
 
@@ -189,6 +200,15 @@ class Metrics:
         """Count a ``sensor.workloadprofile.PublishResult``."""
         outcome = "failed" if not result.ok else ("unchanged" if result.unchanged else "written")
         self.publish.labels(result=outcome).inc()
+
+    def profile_quarantined(self, path: Any = None, reason: str = "") -> None:
+        """Count one quarantined profile file; fits ``ProfileStore.on_quarantine``."""
+        self.quarantined.inc()
+
+    def audit_anchor(self, result: str, seq: int | None = None) -> None:
+        self.anchor.labels(result=result).inc()
+        if seq is not None:
+            self.anchored_seq.set(seq)
 
     # ---- health ------------------------------------------------------------------------------
 

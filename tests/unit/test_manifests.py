@@ -58,7 +58,8 @@ def container() -> dict:
 
 def test_kustomization_lists_every_manifest_and_nothing_missing():
     listed = kustomization()["resources"]
-    on_disk = sorted(str(p.relative_to(DS_DIR)) for p in DS_DIR.rglob("*.yaml") if p.name != "kustomization.yaml")
+    on_disk = sorted(str(p.relative_to(DS_DIR)) for p in DS_DIR.rglob("*.yaml")
+                     if p.name != "kustomization.yaml" and p.parent.name != "optional")
     assert sorted(listed) == on_disk
     assert len(set(listed)) == len(listed)
     for f in listed:
@@ -68,7 +69,7 @@ def test_kustomization_lists_every_manifest_and_nothing_missing():
 def test_kustomization_orders_namespace_and_crds_first():
     kinds = [d["kind"] for d in resources()]
     assert kinds[0] == "Namespace"
-    assert kinds[1:3] == ["CustomResourceDefinition"] * 2
+    assert kinds[1:4] == ["CustomResourceDefinition"] * 3
 
 
 def test_the_install_has_every_part():
@@ -77,10 +78,14 @@ def test_the_install_has_every_part():
                  ("ClusterRoleBinding", "envelope-node"), ("Role", "envelope-profiles"),
                  ("RoleBinding", "envelope-profiles"), ("ConfigMap", "envelope-config"),
                  ("DaemonSet", "envelope"), ("CustomResourceDefinition", "workloadprofiles.envelope.dev"),
-                 ("CustomResourceDefinition", "leastprivilegepolicies.envelope.dev")]:
+                 ("CustomResourceDefinition", "leastprivilegepolicies.envelope.dev"),
+                 ("CustomResourceDefinition", "auditanchors.envelope.dev"),
+                 ("ValidatingAdmissionPolicy", "envelope-node-writes-its-own-objects"),
+                 ("ValidatingAdmissionPolicy", "envelope-node-reports-its-own-status")]:
         assert want in kinds
     for d in resources():
-        if d["kind"] not in ("Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"):
+        if d["kind"] not in ("Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding",
+                             "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"):
             assert d["metadata"]["namespace"] == "envelope-system", d["metadata"]["name"]
 
 
@@ -285,10 +290,18 @@ def test_rbac_is_least_privilege():
     writes_profiles_cluster_wide = [r for r in cluster_rules if "workloadprofiles" in r["resources"]
                                     and set(r["verbs"]) & {"create", "patch", "update", "delete"}]
     assert writes_profiles_cluster_wide == []
+    policies = [r for r in cluster_rules if r["resources"] == ["leastprivilegepolicies"]]
+    assert policies and set(policies[0]["verbs"]) == {"get", "list", "watch"}, "a node never changes a policy"
+    status = [r for r in cluster_rules if r["resources"] == ["leastprivilegepolicies/status"]]
+    assert status and set(status[0]["verbs"]) == {"get", "patch"}
     role = one("Role", "envelope-profiles")
     assert role["metadata"]["namespace"] == "envelope-system"
-    assert role["rules"] == [{"apiGroups": ["envelope.dev"], "resources": ["workloadprofiles"],
-                              "verbs": ["get", "list", "watch", "create", "patch", "update", "delete"]}]
+    assert role["rules"] == [
+        {"apiGroups": ["envelope.dev"], "resources": ["workloadprofiles"],
+         "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+        {"apiGroups": ["envelope.dev"], "resources": ["auditanchors"],
+         "verbs": ["get", "list", "create", "patch"]},  # never update or delete: history stays
+    ]
     for kind in ("ClusterRoleBinding", "RoleBinding"):
         (b,) = [d for d in resources() if d["kind"] == kind]
         assert b["subjects"] == [{"kind": "ServiceAccount", "name": "envelope", "namespace": "envelope-system"}]
