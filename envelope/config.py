@@ -134,13 +134,12 @@ def _number(kind: type, lo: float, hi: float, *, power_of_two: bool = False
 
 
 def _positive_seconds(hi: float) -> Callable[[Any], float]:
-    base = _number(float, 0, hi)
+    base = _number(float, -math.inf, hi)
 
     def check(v: Any) -> float:
-        v = base(v)
-        if v <= 0:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0:
             raise ConfigValueError(f"must be more than 0 seconds, got {v:g}")
-        return v
+        return base(v)
     return check
 
 

@@ -117,6 +117,14 @@ def decode_profile(raw: bytes, source) -> Profile:
     return profile
 
 
+def _named(filename: str, suffix: str) -> Workload | None:
+    """The workload an unhashed file name says (for reporting a file whose content is damaged)."""
+    try:
+        return Workload.parse(StateDir.workload_of(filename, suffix) or "")
+    except ValueError:
+        return None
+
+
 @dataclass
 class StoredFile:
     """A file in the profile directory, as the listing found it."""
@@ -175,7 +183,7 @@ class ProfileStore:
                 raw = read_trusted(p, self.layout.root)
                 w = peek_workload(raw, p)
             except (OSError, ProfileStoreError) as e:
-                out.append(StoredFile(p, error=str(e)))
+                out.append(StoredFile(p, _named(p.name, self.SUFFIX), error=str(e)))
                 continue
             if not StateDir.names_key(p.name, self.SUFFIX, w.key):
                 out.append(StoredFile(p, w, f"{p}: holds the profile of {w.key}, whose file is "

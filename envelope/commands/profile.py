@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from sensor.state_dir import StateDir
 from sensor.store import ProfileStore, ProfileStoreError
 from sensor.workload import Workload
 
@@ -30,8 +29,7 @@ def resolve_one(store: ProfileStore, name: str):
     if not matches:
         files = store.scan()
         for f in files:  # a damaged file of this workload says what is wrong with it
-            key = f.workload.key if f.workload else StateDir.workload_of(f.path.name, store.SUFFIX)
-            if f.error and key and _names(key, name):
+            if f.error and f.workload and _names(f.workload.key, name):
                 raise UserError(f.error)
         known = ", ".join(sorted(f.workload.key for f in files if not f.error)) or "none"
         bad = sum(1 for f in files if f.error)
