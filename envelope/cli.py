@@ -16,7 +16,7 @@ import structlog
 
 from . import commands
 from .config import Config
-from .errors import UserError
+from .errors import UserError, one_line
 
 
 def configure_logging(json_logs: bool, verbose: bool) -> None:
@@ -36,8 +36,16 @@ def configure_logging(json_logs: bool, verbose: bool) -> None:
     )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2), like every other bad input: the usage is what
+    ``--help`` is for."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="envelope",
         description="Least privilege for AI-agent workloads: observe, derive, enforce. "
                     "A node-local debug CLI; commands that need the kernel run standalone.")
@@ -63,14 +71,14 @@ def main(argv: list[str] | None = None) -> int:
         config = Config.load(args.config, state_dir=args.state_dir)
         return int(args.func(args, config) or 0)
     except UserError as e:
-        print(f"envelope: error: {e}", file=sys.stderr)
+        print(f"envelope: error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback with -v
         if args.verbose:
             raise
-        print(f"envelope: internal error: {type(e).__name__}: {e} (run with -v for the traceback)",
+        print(f"envelope: internal error: {type(e).__name__}: {one_line(e)} (run with -v for the traceback)",
               file=sys.stderr)
         return 1
 

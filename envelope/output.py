@@ -48,6 +48,21 @@ def emit(data: Any, fmt: str, rows: Iterable[Sequence[Any]] | None = None,
     out.flush()
 
 
+def write_file(path, data: bytes) -> None:
+    """Write a file a person asked for (``--out``, ``-o FILE``, ``--report``), atomically; a
+    path that cannot be written is one :class:`~envelope.errors.UserError` line."""
+    from pathlib import Path
+
+    from sensor.state_dir import atomic_write
+
+    from .errors import UserError
+
+    try:
+        atomic_write(Path(path), data)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write: {e.strerror or e}") from None
+
+
 def iso(ts: float | None) -> str:
     if ts is None:
         return "-"

@@ -18,9 +18,9 @@ from enforcer import exceptions as exc_store
 from enforcer import netexport, seccomp
 from enforcer.policy import PolicyError, load_policy
 from enforcer.runtime import RUNTIMES
-from sensor.state_dir import atomic_write
 
 from ..errors import UserError
+from ..output import write_file
 
 FORMATS = ("oci-seccomp", "spo", "networkpolicy", "cilium")
 
@@ -130,14 +130,11 @@ def cmd_compile(args, config) -> int:
                 added[r["rule"]] = added.get(r["rule"], 0) + 1
         for rule, n in sorted(added.items()):
             print(f"envelope: {rule}: {n} syscall(s) added (see --report)", file=sys.stderr)
-    try:
-        if args.report and report is not None:
-            atomic_write(Path(args.report), (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
-        if args.output:
-            atomic_write(Path(args.output), text.encode())
-        else:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-    except OSError as e:
-        raise UserError(f"cannot write output: {e.filename or ''}: {e.strerror}") from None
+    if args.report and report is not None:
+        write_file(args.report, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+    if args.output:
+        write_file(args.output, text.encode())
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
     return 0

@@ -19,12 +19,12 @@ from enforcer.derive import (
 )
 from enforcer.policy import PolicyError, dump_policy, load_policy
 from sensor.profile import Profile
-from sensor.state_dir import atomic_write
 from sensor.store import ProfileStore, ProfileStoreError, decode_profile
 from sensor.workload import DEFAULT_SUBSTRATES, SUBSTRATES
 
 from .. import options
 from ..errors import UserError
+from ..output import write_file
 from .profile import load_profile
 
 
@@ -177,7 +177,7 @@ def cmd_derive(args, config) -> int:
         raise UserError(f"derive {profile.workload.key}: {e}") from e
     text = dump_policy(policy, args.output)
     if args.out:
-        atomic_write(Path(args.out), text.encode("utf-8"))
+        write_file(args.out, text.encode("utf-8"))
     else:
         sys.stdout.write(text)
         sys.stdout.flush()

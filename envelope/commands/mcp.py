@@ -226,11 +226,9 @@ def cmd_derive(args, config) -> int:
     except EnvelopeError as e:
         raise UserError(str(e)) from None
     if args.out:
-        from pathlib import Path
+        from ..output import write_file
 
-        from sensor.store import atomic_write
-
-        atomic_write(Path(args.out), text.encode("utf-8"))
+        write_file(args.out, text.encode("utf-8"))
         print(f"envelope: wrote {args.out}: {len(env.calls)} tools/prompts allowed, {len(env.resources)} "
               f"resources, {len(env.review)} in review", file=sys.stderr)
     else:
