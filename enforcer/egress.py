@@ -33,7 +33,7 @@ import structlog
 from sensor import kernel
 from sensor.kernel import BPF_F_ALLOW_MULTI, BpfError, Family, LoadError, Map, Program
 from sensor.mirrors import EGRESS_CGROUP_PATH_LEN, EGRESS_WORKLOAD_LEN, U32, U64, EgressCgroup, EgressMeta
-from sensor.state_dir import PRIVATE_DIR, private_dirs, trusted_uids
+from sensor.state_dir import PRIVATE_DIR, private_dirs, trusted_uids, untrusted
 
 from .egress_rules import (
     MODE_CODES, CompiledRules, EgressRuleError, Limits, compile_rules, split_state_word,
@@ -89,11 +89,10 @@ def check_pins(pin_dir: Path) -> None:
     directory and every pin must be root's and writable by nobody else."""
     for p in [pin_dir.parent, pin_dir, *sorted(pin_dir.iterdir())]:
         st = os.lstat(p)
-        if st.st_uid not in trusted_uids():
-            raise EgressError(f"{p}: owned by uid {st.st_uid}, not root; refusing the pinned set")
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise EgressError(f"{p}: writable by others (mode {stat.S_IMODE(st.st_mode):04o}); "
-                              f"refusing the pinned set (fix: chmod go-w, then check its rules)")
+        why = untrusted(st, directory=stat.S_ISDIR(st.st_mode))
+        if why:
+            raise EgressError(f"{p}: {why}; refusing the pinned set (fix: chown root, chmod go-w, "
+                              f"then check its rules)")
 
 
 def _open_cgroup(path: str | os.PathLike) -> int:

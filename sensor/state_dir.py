@@ -76,9 +76,10 @@ def _read_only(path: str | os.PathLike | int) -> bool:
         return False
 
 
-def _problem(st: os.stat_result, *, directory: bool, allow_sticky: bool = False,
-             read_only: bool = False) -> str | None:
-    """What makes a file or directory untrusted, or None."""
+def untrusted(st: os.stat_result, *, directory: bool, allow_sticky: bool = False,
+              read_only: bool = False) -> str | None:
+    """What makes a file or directory untrusted (someone but root could have written it), or
+    None."""
     if st.st_uid not in trusted_uids():
         return f"owned by uid {st.st_uid}, not root"
     writable = 0 if read_only else st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
@@ -103,7 +104,7 @@ def check_dirs(path: Path, root: Path | None) -> None:
             raise UntrustedFileError(e.errno, f"{d}: {e.strerror}") from None
         if stat.S_ISLNK(st.st_mode) and inside:
             raise UntrustedFileError(f"{d}: a symbolic link inside the state directory")
-        why = _problem(st, directory=True, allow_sticky=not inside, read_only=_read_only(d))
+        why = untrusted(st, directory=True, allow_sticky=not inside, read_only=_read_only(d))
         if why:
             raise UntrustedFileError(f"{d}: directory {why}; fix: chown root and chmod go-w")
         if d == root:
@@ -136,7 +137,7 @@ def read_trusted(path: str | os.PathLike, root: str | os.PathLike | None = None,
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise UntrustedFileError(f"{path}: not a regular file; refused")
-        why = _problem(st, directory=False, read_only=_read_only(fd))
+        why = untrusted(st, directory=False, read_only=_read_only(fd))
         if why:
             raise UntrustedFileError(f"{path}: {why}; refused (fix: chown root and chmod 600 "
                                      f"after checking its content)")
