@@ -12,11 +12,12 @@
 #define DENIALS_MODE_ENFORCE 2
 
 /* `cgroups`: cgroup id -> how its denials are reported. */
-#define DENIAL_CGROUP_SIZE 72
+#define DENIAL_CGROUP_SIZE 104
 struct denial_cgroup {
 	__u32 mode;                           /*  0 DENIALS_MODE_* */
 	__s32 deny_errno;                     /*  4 the filter's errno in enforce mode */
 	__u64 allowed[DENIALS_NR_SLOTS / 64]; /*  8 alert mode: syscalls the policy allows */
+	__u64 uring_seen[4];                  /* 72 io_uring opcodes already announced (set by BPF) */
 };
 
 _Static_assert(sizeof(struct denial_cgroup) == DENIAL_CGROUP_SIZE, "denial_cgroup size");

@@ -14,9 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import structlog
-import yaml
 
-from sensor.safeyaml import YamlError, load_yaml
+from sensor.safeyaml import YamlError, dump_yaml, load_yaml
 from sensor.state_dir import StateDir, atomic_write
 from sensor.workload import Workload
 
@@ -33,7 +32,7 @@ def desired_path(state_dir, workload: Workload) -> Path:
 
 def encode_desired(policy: Policy, mode: str) -> bytes:
     doc = {"mode": mode, "policy": policy.to_dict()}
-    return yaml.safe_dump(doc, sort_keys=True).encode()
+    return dump_yaml(doc).encode()
 
 
 def write_desired(state_dir, policy: Policy, mode: str) -> None:

@@ -67,6 +67,31 @@ class Element:
         }
 
 
+def provenance_record(substrate: str, rule: str, evidence: dict, reason: str | None = None, detail: str = "",
+                      flags: tuple[str, ...] = ()) -> dict:
+    """What provenance says of an admitted element: its rule, how it was admitted (threshold, or
+    an explicit admit with its reason), its evidence, and its detail and flags when it has them."""
+    out = {"substrate": substrate, "rule": rule, "admitted": "admit" if reason is not None else "threshold",
+           "evidence": evidence}
+    if reason is not None:
+        out["reason"] = reason
+    if detail:
+        out["detail"] = detail
+    if flags:
+        out["flags"] = list(flags)
+    return out
+
+
+def shortfall(evidence: dict, min_count: int, min_sessions: int) -> str:
+    """Why an element is below the confidence threshold, e.g. ``count 1 < 5; sessions 1 < 3``."""
+    short = []
+    if evidence["count"] < min_count:
+        short.append(f"count {evidence['count']} < {min_count}")
+    if evidence["sessions"] < min_sessions:
+        short.append(f"sessions {evidence['sessions']} < {min_sessions}")
+    return "; ".join(short) or "below threshold"
+
+
 def substrate_or_none(key: str) -> str | None:
     """The substrate of a behaviour key, or None for a kind no substrate encodes."""
     try:

@@ -6,7 +6,8 @@ import json
 import sys
 from typing import Any, Iterable, Sequence
 
-import yaml
+from sensor.safeyaml import dump_yaml
+from sensor.timestamps import iso_time
 
 FORMATS = ("table", "json", "yaml")
 
@@ -20,7 +21,7 @@ def dump(data: Any, fmt: str) -> str:
     if fmt == "json":
         return json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
     if fmt == "yaml":
-        return yaml.safe_dump(data, sort_keys=True, default_flow_style=False)
+        return dump_yaml(data, default_flow_style=False)
     raise ValueError(f"unknown format {fmt}")
 
 
@@ -64,7 +65,5 @@ def write_file(path, data: bytes) -> None:
 
 
 def iso(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    import datetime as _dt
-    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """A time for a table cell (``-`` when unknown)."""
+    return iso_time(ts) or "-"

@@ -19,15 +19,24 @@ the earlier unframed format (a bare msgpack map) are still read, without a diges
 are written framed on the next save.
 
 Writes are atomic (:func:`sensor.state_dir.atomic_write`).
+
+Several writers can hold one workload's profile on a node: the sensor (the daemon or ``record``)
+writes its node's contribution, an MCP gateway writes its own. Each writer owns one
+contribution: :meth:`ProfileStore.save_contribution` and :meth:`ProfileStore.update` read, change
+and write the file under an exclusive lock, so a writer never puts back an old copy of another
+writer's contribution. A stored file that cannot be read at that point is quarantined and the
+change is made to a fresh profile: a writer never stops on another's damage.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import hashlib
 import os
 import struct
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -150,6 +159,59 @@ class ProfileStore:
         path = self.path_for(profile.workload)
         atomic_write(path, encode_profile(profile))
         return path
+
+    @contextmanager
+    def _locked(self, workload: Workload):
+        """The workload's exclusive lock, for a read, change and write of its file."""
+        lock = self.layout.profile_lock(workload.key)
+        private_dirs(lock.parent)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _load_or_quarantine(self, workload: Workload) -> Profile | None:
+        try:
+            return self.load(workload)
+        except ProfileStoreError as e:
+            self.quarantine(self.path_for(workload), str(e))
+            return None
+
+    def update(self, workload: Workload, change: Callable[[Profile], None]) -> Profile:
+        """Under the workload's lock: load the stored profile (or start one; a stored one that
+        cannot be read is quarantined), apply ``change`` to it, write it; returns what was
+        written."""
+        with self._locked(workload):
+            profile = self._load_or_quarantine(workload) or Profile(workload)
+            change(profile)
+            self.save(profile)
+            return profile
+
+    def save_contribution(self, profile: Profile, node: str) -> Profile:
+        """Write ``profile``'s contribution ``node`` and keep every other contribution as it is
+        stored; ``profile`` is refreshed with the stored ones."""
+        mine = profile.nodes[node]
+
+        def put(stored: Profile) -> None:
+            stored.nodes[node] = mine
+
+        stored = self.update(profile.workload, put)
+        profile.nodes.update(stored.nodes)
+        return stored
+
+    def remove_contribution(self, workload: Workload, node: str) -> None:
+        """Under the workload's lock: drop contribution ``node``; the file goes with the last one."""
+        with self._locked(workload):
+            profile = self._load_or_quarantine(workload)
+            if profile is None:
+                return
+            profile.nodes.pop(node, None)
+            if profile.nodes:
+                self.save(profile)
+            else:
+                self.remove(workload)
 
     def load(self, workload: Workload) -> Profile | None:
         path = self.path_for(workload)

@@ -113,3 +113,10 @@ write("seccomp_denial", hdr(7, 40) + [
     ("nr", struct.pack("<I", 135)), ("ret", struct.pack("<q", -1)),
 ], {"type": "seccomp_denial", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "nr": 135,
     "name": "personality", "ret": -1, "behaviour_key": "syscall:personality"})
+
+write("io_uring_op", hdr(40, 56) + [
+    ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
+    ("opcode", b"\x10"), ("sq_thread", b"\x00"), ("pad", struct.pack("<H", 0)),
+    ("op", cstr(b"CONNECT", 24)),
+], {"type": "io_uring_op", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "opcode": 16,
+    "op": "CONNECT", "sq_thread": False, "syscall": "connect", "behaviour_key": None})
