@@ -491,6 +491,18 @@ def pin_dir_for(bpffs: str | os.PathLike, workload_key: str) -> Path:
     return pin_root(bpffs) / safe_name(workload_key)
 
 
+def existing_pin_dir(bpffs: str | os.PathLike, workload_key: str) -> Path:
+    """Where ``workload_key``'s pinned set is: its directory, or the one an earlier version named
+    with a 40-bit digest when only that exists (so a set pinned before is adopted, never
+    doubled by a second one)."""
+    pin = pin_dir_for(bpffs, workload_key)
+    if pin.is_dir():
+        return pin
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", workload_key.replace("/", "_"))[:80]
+    legacy = pin_root(bpffs) / f"{slug}-{hashlib.sha256(workload_key.encode()).hexdigest()[:10]}"
+    return legacy if legacy.is_dir() else pin
+
+
 def pinned_sets(bpffs: str | os.PathLike) -> list[Path]:
     """Directories under ``<bpffs>/envelope`` that hold a complete pinned egress set."""
     root = pin_root(bpffs)

@@ -44,7 +44,7 @@ from sensor.state_dir import atomic_write
 
 from . import audit
 from .desired import desired_path, read_desired, write_desired
-from .egress import EgressError, EgressProgram, pin_dir_for, pinned_sets
+from .egress import EgressError, EgressProgram, existing_pin_dir, pin_dir_for, pinned_sets
 from .egress_rules import EgressRuleError, Limits, compile_rules, effective_rules, egress_mode
 from .policy import Policy, PolicyError, policy_hash
 from .state import locked
@@ -204,10 +204,10 @@ class EnforcementSession:
             return cur.program, False
         if not self.pinned:
             return self.backend.load_egress(workload.key, None, self.limits), True
-        pin = pin_dir_for(self.bpffs, workload.key)
+        pin = existing_pin_dir(self.bpffs, workload.key)
         if pin.is_dir() and any(pin.iterdir()):
             return self.backend.adopt_egress(pin, self.limits), False
-        return self.backend.load_egress(workload.key, pin, self.limits), True
+        return self.backend.load_egress(workload.key, pin_dir_for(self.bpffs, workload.key), self.limits), True
 
     # -- the seam --
 
@@ -407,7 +407,7 @@ class EnforcementSession:
         """
         if not self.pinned:
             return []
-        desired = {pin_dir_for(self.bpffs, w.key): (w, p, m) for w, p, m in read_desired(self.state_dir)}
+        desired = {existing_pin_dir(self.bpffs, w.key): (w, p, m) for w, p, m in read_desired(self.state_dir)}
         adopted = []
         for pin in self.backend.pinned_egress(self.bpffs):
             if any(e.program is not None and e.program.pin_dir == pin
@@ -458,7 +458,7 @@ class EnforcementSession:
         prog = cur.program if cur else None
         adopted = False
         if prog is None and self.pinned:
-            pin = pin_dir_for(self.bpffs, key)
+            pin = existing_pin_dir(self.bpffs, key)
             if pin.is_dir() and any(pin.iterdir()):
                 try:
                     prog = self.backend.adopt_egress(pin, self.limits)

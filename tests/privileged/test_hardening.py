@@ -365,7 +365,6 @@ def test_the_daemon_flushes_and_reads_counters_on_time_under_a_flood(world, cgro
     events = sum(v for k, v in after.items() if k.startswith("envelope_events_total")) - \
         sum(v for k, v in before.items() if k.startswith("envelope_events_total"))
     lost = sum(v for k, v in after.items() if k.startswith("envelope_events_lost_total"))
-    print(f"flood: sends={sends} events={events} lost={lost} generations={len(seen)} counts={sorted(seen.items())}")
     assert sends > 100_000 and events > 50_000, (sends, events)  # it was a flood
     assert len(seen) >= 4, seen  # the profile was written again and again while it ran
     counts = [seen[g] for g in sorted(seen)]

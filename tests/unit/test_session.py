@@ -336,3 +336,21 @@ def test_a_pinned_set_others_could_change_is_not_adopted(env):
     s.close()
     os.chmod(pin_dir_for(bpffs, W.key), 0o777)
     assert session().adopt_pinned() == []
+
+
+def test_a_set_pinned_under_the_earlier_name_is_adopted_not_doubled(env):
+    import hashlib
+    import re
+
+    from enforcer.egress import pin_root
+    kernel, session, paths, state, bpffs = env
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", W.key.replace("/", "_"))[:80]
+    legacy = pin_root(bpffs) / f"{slug}-{hashlib.sha256(W.key.encode()).hexdigest()[:10]}"
+    kernel.load_egress(W.key, legacy, session().limits)  # what an earlier version pinned
+    s = session()
+    s.apply(policy(), "enforce", paths[:1])
+    assert kernel.loads == 1 and set(kernel.pins) == {legacy}  # adopted: no second set
+    s.close()
+    s2 = session()
+    assert s2.adopt_pinned() == [W.key]
+    assert s2.remove(W, reason="done") and not legacy.exists()
