@@ -115,3 +115,14 @@ def test_the_metrics_endpoint_listens_on_loopback_by_default():
 def test_an_explicit_nan_never_reaches_the_daemon():
     with pytest.raises(UserError):
         Config().replace(flush_interval=math.nan)
+
+
+def test_every_key_has_a_check():
+    import dataclasses
+
+    from envelope.config import CHECKS
+    assert {f.name for f in dataclasses.fields(Config)} == set(CHECKS)
+    for name, check in CHECKS.items():  # and every default passes its own check
+        if name in ("host_root", "bpffs", "state_dir", "kubeconfig") or getattr(Config(), name) is None:
+            continue
+        check(getattr(Config(), name))
