@@ -318,3 +318,58 @@ def test_any_duration_or_time(t, command):
                                         substrates=("syscall",), syscalls=("read",))))
         code, _out, err = run(["--state-dir", str(state)] + [a.format(t=t, p=p) for a in command])
         assert_clean(code, err)
+
+
+# ---- nothing applied halfway -----------------------------------------------------------------------
+
+
+@FUZZ
+@given(st.builds(mutate, st.just(BASE), st.sampled_from(PATHS), values),
+       st.sampled_from(["none", "attach", "write", "audit"]), st.sampled_from(["observe", "alert", "enforce"]))
+def test_an_apply_that_fails_changes_nothing(doc, failure, mode):
+    """Any policy a mutation leaves parseable, applied over an earlier one with a failure injected
+    at one step (an attach, the rules swap, the audit entry): either it all happened, or nothing
+    did (rules, mode, attachments, pins, desired state and audit log as they were)."""
+    from enforcer import audit
+    from enforcer.desired import desired_path
+    from enforcer.policy import PolicyError, parse_policy
+    from enforcer.session import ApplyError, EnforcementSession
+    from tests.fakes.kernel import FakeKernel
+
+    try:
+        new = parse_policy(yaml.safe_dump(doc), "fuzzed.yaml")
+    except (PolicyError, ValueError):
+        return
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        paths = []
+        for name in ("a", "b"):
+            (root / "cg" / name).mkdir(parents=True)
+            paths.append(str(root / "cg" / name))
+        (root / "bpffs").mkdir()
+        kernel = FakeKernel()
+        s = EnforcementSession(root / "state", bpffs=root / "bpffs", backend=kernel)
+        old = Policy(new.workload, mode="alert", substrates=("syscall", "egress"), syscalls=("read",),
+                     egress=(EgressRule("tcp", "10.9.0.0/16", (8443,)),))
+        s.apply(old, "alert", paths[:1])
+
+        def snapshot():
+            pins = {str(p): (st_.rules, st_.mode, frozenset(st_.attached)) for p, st_ in kernel.pins.items()}
+            dp = desired_path(root / "state", new.workload)
+            return pins, dp.read_bytes() if dp.exists() else None, len(audit.read(root / "state"))
+        before = snapshot()
+        if failure == "attach":
+            kernel.fail_attach.add(paths[1])
+        elif failure == "write":
+            kernel.fail_write = True
+        elif failure == "audit":
+            with open(audit.log_path(root / "state"), "ab") as f:
+                f.write(b'{"torn": ')
+        try:
+            s.apply(new, mode, paths)
+        except ApplyError:
+            assert snapshot() == before
+            return
+        assert failure == "none", failure  # a pinned apply goes through every step it can fail at
+        after = snapshot()
+        assert after[2] == before[2] + 1 and after[1] is not None  # applied, recorded and audited
