@@ -73,7 +73,7 @@ from .closure import derivable
 from .closure import elements as closure_elements
 from .closure import rules as closure_rules
 from .elements import (DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNT, DEFAULT_MIN_SESSIONS, SESSION_RULES,
-                       Element, provenance_record, shortfall, substrate_or_none)
+                       Element, admit_only, provenance_record, shortfall, substrate_or_none)
 from .iamstatement import IDENTITY_FINGERPRINT, ROLE_ARN_RE, IamStatement
 from .mcp_envelope import McpAllow
 from .mcp_envelope import owner_of as mcp_owner
@@ -357,7 +357,7 @@ def confidence(elements: list[Element], stats: Mapping[str, BehaviourStats],
     for el in elements:
         ev = el.evidence(stats, opts.session_rule)
         n, m = opts.min_count[el.substrate], opts.min_sessions[el.substrate]
-        if el.encodable and ev["count"] >= n and ev["sessions"] >= m:
+        if el.encodable and ev["count"] >= n and ev["sessions"] >= m and not admit_only(el.members):
             passed.append((el, ev, None))
         else:
             failed.append((el, ev))
@@ -579,6 +579,8 @@ def _review(conf: Confidence, policy: Policy, stats: Mapping[str, BehaviourStats
         ev = Element(el.id, el.substrate, el.rule, left).evidence(stats, opts.session_rule)
         if not el.encodable:
             why = "cannot be encoded by this substrate" + (f": {el.detail}" if el.detail else "")
+        elif ev["count"] >= n and ev["sessions"] >= m and admit_only(left):
+            why = admit_only(left)
         else:
             why = shortfall(ev, n, m)
         item = {"key": el.id, "substrate": el.substrate, "rule": el.rule, "evidence": ev,

@@ -23,6 +23,19 @@ DEFAULT_MIN_SESSIONS = 3
 #: Closure: more than this many distinct siblings in one directory widen to the directory.
 DEFAULT_MAX_SIBLINGS = 3
 
+#: Behaviours that open a way around enforcement: evidence alone never admits them; they stay in
+#: review (and on the watch list) until ``--admit KEY --reason TEXT`` admits them explicitly.
+ADMIT_ONLY = {
+    "syscall:io_uring_setup": ("io_uring runs reads, writes, connects and sends inside the kernel "
+                               "where seccomp cannot see them; admit it explicitly"),
+}
+
+
+def admit_only(members) -> str:
+    """Why an element covering ``members`` needs an explicit admit, or ``""``."""
+    return next((ADMIT_ONLY[m] for m in members if m in ADMIT_ONLY), "")
+
+
 SESSION_RULES = {
     "union": ("an element's distinct sessions are the union of the session ids of the behaviours it "
               "covers: exact while each behaviour's session sample is complete (under the profile's "
