@@ -170,7 +170,7 @@ def main() -> int:
         text = policy.read_text().replace("name: envelope-daemon-main", "name: envelope-daemon")
         policy.write_text(text)
         envelope(work / "daemon.yaml", state, "compile", str(policy), "--format", "oci-seccomp", "--mode", "enforce",
-                 "--runtime", "runc", "-o", str(OUT / "envelope-daemon.json"))
+                 "--runtime", "runc", "--out", str(OUT / "envelope-daemon.json"))
         n = len(json.loads((OUT / "envelope-daemon.json").read_text())["syscalls"])
         print(f"wrote {policy.relative_to(ROOT)} and daemonset/seccomp/envelope-daemon.json ({n} rules)",
               file=sys.stderr)
