@@ -76,6 +76,8 @@ class KernelBackend(Protocol):
 
     def move_task(self, pid: int, cgroup_path: str) -> None: ...
 
+    def kill_task(self, pid: int) -> None: ...
+
 
 class RealKernel:
     """The kernel itself: :mod:`enforcer.egress`, :mod:`enforcer.denials`, :mod:`sensor.kernel`."""
@@ -101,6 +103,15 @@ class RealKernel:
         """Move task ``pid`` into the cgroup at ``cgroup_path`` (raises OSError)."""
         with open(os.path.join(cgroup_path, "cgroup.procs"), "w") as f:
             f.write(str(pid))
+
+    def kill_task(self, pid: int) -> None:
+        """SIGKILL task ``pid`` through a pidfd (raises OSError)."""
+        import signal
+        fd = os.pidfd_open(pid)
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        finally:
+            os.close(fd)
 
 
 # ---- results ----------------------------------------------------------------------------------
@@ -603,7 +614,9 @@ class EnforcementSession:
         workload's cgroups: nothing to do. Into a child cgroup: the egress programs still apply
         (cgroup programs are inherited), so the child is watched as well. Anywhere else the
         task has walked out of its enforcement: it is moved back at once, the move is audited
-        as ``policy.escape`` and reported as an ``integrity`` violation."""
+        as ``policy.escape`` and reported as an ``integrity`` violation. Where it cannot be moved
+        back (the daemon in a pod has its own cgroup namespace, and the kernel refuses moves
+        whose common ancestor lies outside it) and the workload is in enforce mode, it is killed."""
         from .violations import Violation
         key = self._denial_cgroups.get(ev.src_cgroup_id)
         cur = self.enforced.get(key) if key else None
@@ -619,20 +632,28 @@ class EnforcementSession:
                      pid=ev.pid, cgroup=dst)
             self._watch_denials(cur, [dst])
             return
+        killed = False
         try:
             self.backend.move_task(ev.pid, src)
             moved, error = True, ""
-        except OSError as e:  # the task is gone, or the cgroup was removed
+        except OSError as e:  # the task is gone, the cgroup was removed, or out of our namespace
             moved, error = False, str(e)
-        detail = {"pid": ev.pid, "by_pid": ev.by_pid, "from": src, "to": dst, "moved_back": moved}
+            if cur.mode == "enforce" and not isinstance(e, ProcessLookupError):
+                try:
+                    self.backend.kill_task(ev.pid)
+                    killed = True
+                except OSError as k:
+                    error += f"; kill: {k}"
+        detail = {"pid": ev.pid, "by_pid": ev.by_pid, "from": src, "to": dst, "moved_back": moved,
+                  "killed": killed}
         if error:
             detail["error"] = error
         log.warning("task moved out of its enforced cgroup", workload=key, **detail)
+        reason = "moved back" if moved else "killed" if killed else "could not move back"
         if self.pinned:
-            audit.append(self.state_dir, "policy.escape", workload=key,
-                         reason="moved back" if moved else "could not move back", details=detail)
+            audit.append(self.state_dir, "policy.escape", workload=key, reason=reason, details=detail)
         self._pending.append(Violation(self.clock(), key, "integrity", "cgroup:migration",
-                                       "denied" if moved else "alerted", detail))
+                                       "denied" if moved or killed else "alerted", detail))
 
     def poll_violations(self, timeout_ms: int = 0, limit: int | None = None) -> list:
         """Violations that reached userspace since the last call, waiting up to ``timeout_ms``

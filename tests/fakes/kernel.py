@@ -215,6 +215,8 @@ class FakeKernel:
         self.probes: list[FakeDenialProbe] = []
         self.moved: list[tuple[int, str]] = []  # (pid, cgroup path) moved by the session
         self.gone_pids: set[int] = set()
+        self.unmovable_pids: set[int] = set()  # moves refused (outside the cgroup namespace)
+        self.killed: list[int] = []
 
     def _state(self, workload: str) -> Pinned:
         st = Pinned(workload, ring=next(_fds))
@@ -256,7 +258,14 @@ class FakeKernel:
     def move_task(self, pid, cgroup_path):
         if pid in self.gone_pids:
             raise ProcessLookupError(3, "No such process")
+        if pid in self.unmovable_pids:
+            raise FileNotFoundError(2, "No such file or directory")
         self.moved.append((pid, cgroup_path))
+
+    def kill_task(self, pid):
+        if pid in self.gone_pids:
+            raise ProcessLookupError(3, "No such process")
+        self.killed.append(pid)
 
     # -- what the kernel would do --
 

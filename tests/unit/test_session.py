@@ -273,6 +273,13 @@ def test_a_task_moved_out_of_its_cgroup_is_moved_back_audited_and_reported(env):
     kernel.rings[probe.events_fd].append(escape_record(b, 1, pid=72, path="/"))
     [v] = s.poll_violations()
     assert (v.action, v.detail["moved_back"]) == ("alerted", False) and "error" in v.detail
+    assert kernel.killed == []
+    # a move the kernel refuses (the daemon's cgroup namespace): killed in enforce mode
+    kernel.unmovable_pids.add(73)
+    kernel.rings[probe.events_fd].append(escape_record(b, 1, pid=73, path="/"))
+    [v] = s.poll_violations()
+    assert kernel.killed == [73] and (v.action, v.detail["killed"]) == ("denied", True)
+    assert audit.read(state, action="policy.escape")[-1]["reason"] == "killed"
 
 
 def test_cgroups_of_a_policy_without_syscalls_are_watched_for_migrations_only(env):
