@@ -220,6 +220,11 @@ def main() -> int:
         d.banner("6. every override and apply is in the tamper-evident audit log")
         d.run("audit", "show")
         d.run("audit", "verify")
+
+        d.banner("7. the report: coverage, the policy's decisions and evidence, violations over time")
+        report = state / "report.html"
+        d.run("report", WORKLOAD, "--policy", str(policy), "--out", str(report))
+        print(f"Open {report} in a browser (one self-contained page).")
     print(f"\ndemo: done; state is in {state}")
     return 0
 
