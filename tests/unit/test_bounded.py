@@ -54,7 +54,10 @@ class EndlessRing:
         self.counter_reads += 1
         return {}
 
-    def behaviour_counts(self):
+    def behaviour_counts(self, changed_only=False):
+        return {}
+
+    def dropped_counts(self):
         return {}
 
     def forget_cgroup(self, cg):
