@@ -26,7 +26,7 @@ from typing import Callable
 
 from sensor.workload import BehaviourKeyError, parse_net_key
 
-from . import companions, file_closure
+from . import companions, file_closure, http_closure
 from .elements import Element
 from .policy import EgressRule
 
@@ -190,11 +190,21 @@ def _files(mode: str) -> Builder:
     return build
 
 
+def _http(mode: str) -> Builder:
+    """The http substrate's closure (:mod:`enforcer.http_closure`): path templates, methods and
+    hosts never widened."""
+    def build(substrate: str, keys: list[str], opts, services: list) -> list[Element]:
+        els, bad = http_closure.elements(keys, mode, opts.max_siblings)
+        return els + [Element(k, substrate, "exact", [k], encodable=False) for k in bad]
+    return build
+
+
 #: substrate -> closure mode -> builder. Substrates add themselves here.
 BUILDERS: dict[str, dict[str, Builder]] = {
     **{s: {"literal": _literal, "structural": _structural_elements}
        for s in ("syscall", "egress", "exec")},
     "file": {"literal": _files("literal"), "structural": _files("structural")},
+    "http": {"literal": _http("literal"), "structural": _http("structural")},
 }
 
 
@@ -225,6 +235,8 @@ def rules(substrate: str, closure: str, opts, services: list) -> dict:
         }
     if substrate == "exec":
         return {"rule": "directory-pattern", "siblingsAbove": opts.max_siblings}
+    if substrate == "http":
+        return http_closure.rules(closure, opts.max_siblings)
     if substrate == "file":
         return {"rule": "directory-children+directory-tree", "siblingsAbove": opts.max_siblings,
                 "treeMinDepth": opts.file_tree_depth, "kinds": "never mixed",

@@ -19,14 +19,16 @@ Document layout (YAML or JSON; ``spec`` is also the body of the Kubernetes custo
         syscalls: [name, ...]                                   # sorted
         egress:   [{proto, cidr, ports: [p, ...]} | {proto, cidr, portRange: {min, max}}, ...]
         execs:    [/exact/path | /directory/*, ...]             # sorted
+        http:     [http:METHOD host/path-template, ...]         # sorted (enforcer.http_patterns)
       detection:  [{key, mean, std, k, sessions}, ...]          # probabilistic soft rules
       provenance: [{entry, substrate, rule, admitted, evidence, ...}, ...]
       review:     [{key, substrate, rule, evidence, behaviours}, ...]
       watch:      [behaviour key, ...]
 
 Entry identifiers (used by provenance, review, ``explain``, ``diff`` and ``--admit``) are
-``syscall:NAME``, ``exec:PATH`` (or ``exec:/dir/*``) and ``egress:PROTO:CIDR:PORTS`` where
-PORTS is one port (``443``) or an inclusive range (``8000-8100``).
+``syscall:NAME``, ``exec:PATH`` (or ``exec:/dir/*``), ``egress:PROTO:CIDR:PORTS`` where
+PORTS is one port (``443``) or an inclusive range (``8000-8100``), ``file:KIND:PATTERN`` and
+``http:METHOD host/path`` (path segments may be ``{id}`` or ``*``).
 
 An exec pattern ``/dir/*`` matches any file directly inside ``/dir`` (one path component, not
 recursive). A substrate that the policy does not include is not constrained by it.
@@ -54,7 +56,7 @@ import yaml
 from sensor.timestamps import TimeFormatError, iso_time, parse_datetime
 from sensor.workload import DEFAULT_SUBSTRATES, SUBSTRATES, BehaviourKeyError, Workload, parse_net_key, substrate_of
 
-from . import file_patterns
+from . import file_patterns, http_patterns
 
 from .modes import MODES
 
@@ -66,7 +68,7 @@ PROTOS = ("tcp", "udp")
 _SYSCALL_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
 _NAME_RE = re.compile(r"[^a-z0-9.-]+")
 _SPEC_FIELDS = ("workload", "mode", "decisions", "allow", "detection", "provenance", "review", "watch")
-_ALLOW_FIELDS = ("syscalls", "egress", "execs", "files")
+_ALLOW_FIELDS = ("syscalls", "egress", "execs", "files", "http")
 _DECISION_FIELDS = ("granularity", "closure", "confidence", "validity")
 
 
@@ -199,6 +201,11 @@ def parse_entry(entry: str) -> tuple[str, Any]:
         except file_patterns.FilePatternError as e:
             raise PolicyError(str(e)) from None
         return "file", entry
+    if kind == "http":
+        try:
+            return "http", http_patterns.parse_entry(entry)
+        except http_patterns.HttpPatternError as e:
+            raise PolicyError(str(e)) from None
     if kind == "egress":
         try:
             proto, body = rest.split(":", 1)
@@ -209,8 +216,8 @@ def parse_entry(entry: str) -> tuple[str, Any]:
             return "egress", EgressRule(proto, cidr, tuple(int(p) for p in ports.split(",")))
         except (ValueError, PolicyError) as e:
             raise PolicyError(f"bad egress entry {entry!r}: {e}") from None
-    raise PolicyError(f"bad entry {entry!r} (want syscall:NAME, exec:PATH, egress:PROTO:CIDR:PORTS "
-                      f"or file:KIND:PATTERN)")
+    raise PolicyError(f"bad entry {entry!r} (want syscall:NAME, exec:PATH, egress:PROTO:CIDR:PORTS, "
+                      f"file:KIND:PATTERN or http:METHOD HOST/PATH)")
 
 
 def exec_matches(pattern: str, path: str) -> bool:
@@ -234,6 +241,7 @@ class Policy:
     egress: tuple[EgressRule, ...] = ()
     execs: tuple[str, ...] = ()
     files: tuple[str, ...] = ()  # file:KIND:PATTERN entries (enforcer.file_patterns)
+    http: tuple[str, ...] = ()  # http:METHOD host/path entries (enforcer.http_patterns)
     watch: tuple[str, ...] = ()
     detection: tuple[dict, ...] = ()
     decisions: dict = field(default_factory=dict)
@@ -267,6 +275,11 @@ class Policy:
         for e in self.files:
             kind, pattern = file_patterns.parse_entry(e)
             self._files_by_kind[kind] = self._files_by_kind.get(kind, ()) + (pattern,)
+        patterns = []
+        for i, e in enumerate(self.http):
+            patterns.append(_check_http(e, f"spec.allow.http[{i}]"))
+        self._http = tuple(sorted(set(patterns)))
+        self.http = tuple(p.entry for p in self._http)
         self.egress = tuple(sorted(set(self.egress), key=EgressRule.sort_key))
         self.watch = tuple(sorted(set(self.watch)))
         self.detection = tuple(self.detection)
@@ -285,7 +298,12 @@ class Policy:
     def entries(self) -> list[str]:
         """Every allowed entry identifier, in document order."""
         return ([f"syscall:{s}" for s in self.syscalls] + [r.id for r in self.egress]
-                + [f"exec:{e}" for e in self.execs] + list(self.files))
+                + [f"exec:{e}" for e in self.execs] + list(self.files) + list(self.http))
+
+    @property
+    def http_patterns(self) -> tuple:
+        """The allowed request patterns (:class:`enforcer.http_patterns.HttpPattern`), sorted."""
+        return self._http
 
     def allows(self, key: str) -> bool:
         """Is behaviour ``key`` inside the allowed set? Substrates the policy leaves out, and
@@ -309,6 +327,13 @@ class Policy:
             except file_patterns.FilePatternError:
                 return False
             return any(p.matches(path) for p in self._files_by_kind.get(kind, ()))
+        if substrate == "http":
+            from sensor.httpkeys import HttpKeyError, parse_key
+            try:
+                b = parse_key(key)
+            except HttpKeyError:
+                return False
+            return any(p.matches(b.method, b.host, b.path) for p in self._http)
         if substrate != "egress":
             return True  # a substrate with no allow section here yet is not constrained
         try:
@@ -356,6 +381,8 @@ class Policy:
         }
         if "file" in self.substrates or self.files:
             allow["files"] = list(self.files)
+        if "http" in self.substrates or self.http:
+            allow["http"] = list(self.http)
         return allow
 
     @classmethod
@@ -434,6 +461,9 @@ class Policy:
         files = _list(allow.get("files") or [], "spec.allow.files")
         for i, e in enumerate(files):
             _check_file(e, f"spec.allow.files[{i}]")
+        http = _list(allow.get("http") or [], "spec.allow.http")
+        for i, e in enumerate(http):
+            _check_http(e, f"spec.allow.http[{i}]")
 
         detection = _list(spec.get("detection") or [], "spec.detection")
         for i, r in enumerate(detection):
@@ -467,7 +497,7 @@ class Policy:
         return cls(
             workload=workload, mode=mode, substrates=tuple(subs), closure=closure,
             syscalls=tuple(syscalls), egress=egress, execs=tuple(execs), files=tuple(files),
-            watch=tuple(watch),
+            http=tuple(http), watch=tuple(watch),
             detection=tuple(dict(r) for r in detection), decisions=_plain(dec),
             provenance=tuple(_plain(r) for r in provenance), review=tuple(_plain(r) for r in review),
             validity=validity, low_confidence=low, name=name or "",
@@ -579,6 +609,15 @@ def _check_file(e: Any, path: str) -> None:
     try:
         file_patterns.parse_entry(e)
     except file_patterns.FilePatternError as err:
+        raise PolicyError(f"{path}: {err}") from None
+
+
+def _check_http(e: Any, path: str):
+    if not isinstance(e, str):
+        raise PolicyError(f"{path}: {e!r} is not an http entry")
+    try:
+        return http_patterns.parse_entry(e)
+    except http_patterns.HttpPatternError as err:
         raise PolicyError(f"{path}: {err}") from None
 
 

@@ -6,7 +6,7 @@ A :class:`Violation` is one out-of-envelope behaviour of one workload::
      "behaviour": "connect:tcp:127.0.0.1:9", "action": "denied", "count": 1,
      "detail": {"pid": 4242, "cgroup_id": 8123}}
 
-``substrate`` is ``syscall``, ``egress`` or ``exec`` for what the kernel denied or alerted on,
+``substrate`` is ``syscall``, ``egress``, ``exec`` or ``http`` for what the kernel denied or alerted on,
 ``watch`` for a behaviour on the policy's watch list that recurred, and ``detection`` for a
 probabilistic rule whose live per-session count left its band (a soft violation). ``action`` is
 ``denied`` (the kernel refused it) or ``alerted`` (it ran and was reported). ``count`` > 1 folds
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from sensor.state_dir import StateDir
-from sensor.events import DecodeError, EgressViolationEvent, SeccompDenialEvent, decode
+from sensor.events import DecodeError, EgressViolationEvent, HttpViolationEvent, SeccompDenialEvent, decode
 from sensor.workload import SUBSTRATES as BEHAVIOUR_SUBSTRATES
 from sensor.workload import substrate_of
 
@@ -176,6 +176,19 @@ def from_seccomp_event(ev: SeccompDenialEvent, workload: str, now: float) -> Vio
     return Violation(now, workload, "syscall", ev.behaviour_key(), action, detail)
 
 
+def from_http_event(ev: HttpViolationEvent, workload: str, now: float) -> Violation:
+    """A request the probe judged outside the envelope: ``killed`` (enforce) is ``denied``."""
+    from sensor.httpkeys import normalize_host
+    host = normalize_host(ev.host, ev.tls) if ev.host else "?"
+    behaviour = f"http:{ev.method or '?'} {host}{ev.path or '/'}"
+    detail: dict[str, Any] = {"pid": ev.pid, "process": ev.comm, "cgroup_id": ev.cgroup_id,
+                              "method": ev.method, "host": host, "path": ev.path, "tls": ev.tls,
+                              "reason": ev.reason}
+    if ev.action == "killed":
+        detail["enforced"] = "process killed before the request was sent"
+    return Violation(now, workload, "http", behaviour, "denied" if ev.action == "killed" else "alerted", detail)
+
+
 def from_record(raw: bytes, workload_of: Callable[[int], str | None], now: float
                 ) -> Violation | DecodeError | None:
     """One ring-buffer record to a violation. A record that does not decode comes back as the
@@ -188,6 +201,8 @@ def from_record(raw: bytes, workload_of: Callable[[int], str | None], now: float
         return from_egress_event(ev, workload_of(ev.cgroup_id) or "unknown", now)
     if isinstance(ev, SeccompDenialEvent):
         return from_seccomp_event(ev, workload_of(ev.cgroup_id) or "unknown", now)
+    if isinstance(ev, HttpViolationEvent):
+        return from_http_event(ev, workload_of(ev.cgroup_id) or "unknown", now)
     return None
 
 

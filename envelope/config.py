@@ -32,6 +32,11 @@ class Config:
     poll_interval: float = 1.0  # seconds between counter reads and profile updates
     flush_interval: float = 10.0  # seconds between profile writes in the daemon
     max_cgroups: int = 1024  # cgroup slots in the kernel syscall counter table
+    # The request capture (bpf/http.c): HTTP and TLS-plaintext requests of the watched workloads,
+    # their http: and aws: behaviours and model fingerprints; the http substrate's enforcement.
+    http_capture: bool = True
+    http_ringbuf_pages: int = 256  # capture ring buffer (records are up to 4 KiB + 64 bytes)
+    s3_endpoints: list = field(default_factory=list)  # hosts to read as S3 endpoints (e.g. a MinIO)
     caps: dict = field(default_factory=lambda: dict(DEFAULT_CAPS))
     metrics_port: int = 9464
     kubelet_seccomp_dir: Path = Path("/var/lib/kubelet/seccomp")

@@ -186,6 +186,18 @@ class Aggregator:
             # Counted by the counters; remember when it really happened for first_seen.
             self._first_seen_at.setdefault((cg, event.nr), ts)
             return
+        contrib = self._contribution(b.workload)
+        for name, add in (("fingerprints", contrib.add_fingerprint), ("blind_spots", contrib.add_blind_spot),
+                          ("tls_stacks", contrib.add_tls_stack)):
+            fn = getattr(event, name, None)
+            for k, v in (fn() if fn else {}).items():
+                add(k, v, ts)
+                self.dirty.add(b.workload)
+        keys_fn = getattr(event, "behaviour_keys", None)
+        if keys_fn is not None:
+            for key in keys_fn():
+                self.observe(cg, key, 1, ts)
+            return
         key_fn = getattr(event, "behaviour_key", None)
         key = key_fn() if key_fn else None
         if not key:
