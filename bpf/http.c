@@ -96,7 +96,7 @@
 /* "\nhost:", "\ncontent" "-length:", "chunked" in the rolling windows of the head scan; letters
  * are matched case-insensitively by OR-ing 0x20 into their bytes. */
 #define PAT_HOST 0x0a686f73743aULL
-#define CASE_HOST 0x0000202020200000ULL
+#define CASE_HOST 0x002020202000ULL
 #define MASK_48 0xffffffffffffULL
 #define PAT_CL_HI 0x0a636f6e74656e74ULL
 #define CASE_CL_HI 0x0020202020202020ULL
