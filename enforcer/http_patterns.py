@@ -72,7 +72,8 @@ class HttpPattern:
         if host != host.lower():
             raise HttpPatternError(f"bad http entry {entry!r}: hosts are lower-case")
         segs = segments(path)
-        if segs is None or len(segs) != len([s for s in path.split("/") if s]):
+        raw = path.split("/")[1:] if path != "/" else []
+        if segs is None or any(x in ("", ".", "..") for x in raw):
             raise HttpPatternError(f"bad http entry {entry!r}: no empty, '.' or '..' segments")
         for s in segs:
             if s in (ID, ANY):
