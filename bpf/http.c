@@ -83,6 +83,7 @@
 #define HTTP_IOV_MAX 4        /* iovecs of a writev/sendmsg captured */
 #define HTTP_TLS_HELLO_MAX 512 /* bytes of a TLS ClientHello sent up, for its server name */
 #define HTTP_CRLF_SKIP 8      /* empty lines a request may start with (RFC 9112 2.2) */
+#define HTTP_ANSWER_SCAN 32   /* bytes of one read followed for an answer's status and 1xx head */
 #define TAIL_SCAN 0
 #define TAIL_JUDGE 1
 #define TAIL_PATH 2
@@ -504,7 +505,8 @@ static __always_inline int on_send(struct http_scratch *s, struct http_cgroup *c
 		return refuse_later(s, cgc, HTTP_REASON_UNPARSED);
 	}
 	if (rs == 1) {
-		c->flags |= HTTP_CONN_HTTP;
+		c->flags = (c->flags | HTTP_CONN_HTTP) & ~HTTP_CONN_INTERIM;
+		c->resp_pos = 0;
 		c->state = HTTP_CONN_REQUEST;
 		c->budget = n > HTTP_CAPTURE_MAX ? 0 : HTTP_CAPTURE_MAX - n;
 		c->body_left = HTTP_BODY_UNKNOWN; /* until the judge step has read the head */
@@ -527,18 +529,49 @@ static __always_inline int on_send(struct http_scratch *s, struct http_cgroup *c
 	return refuse_later(s, cgc, HTTP_REASON_UNPARSED);
 }
 
-/* A response began on a connection that awaits one. 1xx answers are interim: the request goes on. */
+/* Bytes of an answer on a connection that awaits one, read in whatever pieces the process
+ * reads them (botocore reads an expected 100 Continue one byte at a time). The status code's
+ * first digit decides: 1xx is interim (the request and its body go on; the interim head is
+ * followed to its empty line), anything else ends the request, unless its declared body is still
+ * being sent (a server may answer early): the body's length keeps its bytes apart from the next
+ * request. State in map memory (VLOAD/VSTORE), so the loop's exits stay one verifier state. */
 static __always_inline void on_response(struct http_scratch *s, struct http_conn *c, __u64 cg, __u64 conn,
 					__u64 cookie, __u32 n, __u32 total, __u16 tflag, __u8 source)
 {
-	int interim = n >= 10 && byte_at(s, 0) == 'H' && byte_at(s, 4) == '/' && byte_at(s, 9) == '1';
-	/* A final answer ends the request, unless its declared body is still being sent (a server
-	 * may answer early): the body's length keeps its bytes apart from the next request. */
-	if (!interim && (c->body_left == 0 || c->body_left == HTTP_BODY_UNKNOWN))
-		c->state = HTTP_CONN_IDLE;
-	if (n >= 12 && byte_at(s, 0) == 'H' && byte_at(s, 1) == 'T' && byte_at(s, 2) == 'T' && byte_at(s, 3) == 'P' &&
-	    byte_at(s, 4) == '/')
+	if (VLOAD(c->resp_pos) == 0 && n >= 12 && byte_at(s, 0) == 'H' && byte_at(s, 1) == 'T' &&
+	    byte_at(s, 2) == 'T' && byte_at(s, 3) == 'P' && byte_at(s, 4) == '/')
 		emit_capture(s, cg, conn, cookie, n, total, tflag | HTTP_F_RESPONSE, source);
+	__u32 i;
+#pragma clang loop unroll(disable)
+	for (i = 0; i < HTTP_ANSWER_SCAN; i++) {
+		if (i >= n)
+			break;
+		__u8 b = byte_at(s, i);
+		if (VLOAD(c->flags) & HTTP_CONN_INTERIM) {
+			__u32 tail = (VLOAD(c->resp_tail) << 8) | b;
+			VSTORE(c->resp_tail, tail);
+			if (tail == PAT_EOH) {
+				VSTORE(c->flags, VLOAD(c->flags) & ~HTTP_CONN_INTERIM);
+				VSTORE(c->resp_pos, 0);
+			}
+			continue;
+		}
+		__u32 pos = VLOAD(c->resp_pos);
+		if (pos > 9)
+			break;
+		VSTORE(c->resp_pos, pos + 1);
+		if (pos < 9)
+			continue;
+		if (b == '1') {
+			VSTORE(c->flags, VLOAD(c->flags) | HTTP_CONN_INTERIM);
+			VSTORE(c->resp_tail, 0);
+			continue;
+		}
+		__u32 left = VLOAD(c->body_left);
+		if (left == 0 || left == HTTP_BODY_UNKNOWN)
+			VSTORE(c->state, HTTP_CONN_IDLE);
+		break;
+	}
 }
 
 /* ---- the scan step: Host, Content-Length, chunked, end of head --------------------------------- */

@@ -76,13 +76,16 @@ struct http_conn_key {
 
 #define HTTP_BODY_UNKNOWN 0xffffffff /* chunked: where the body ends is not tracked */
 #define HTTP_CONN_HTTP 0x1   /* the connection has carried a request */
-#define HTTP_CONN_SIZE 24
+#define HTTP_CONN_INTERIM 0x2 /* in the head of a 1xx answer: a final one follows */
+#define HTTP_CONN_SIZE 32
 struct http_conn {
 	__u32 state;     /*  0 HTTP_CONN_* */
 	__u32 budget;    /*  4 body bytes still to capture for the current request */
 	__u32 body_left; /*  8 body bytes the current request still declares (Content-Length) */
 	__u32 flags;     /* 12 HTTP_CONN_* flags */
 	__u64 cookie;    /* 16 the socket, when known */
+	__u32 resp_pos;  /* 24 bytes of the current answer seen, up to its status code */
+	__u32 resp_tail; /* 28 its last four bytes, while in the head of a 1xx answer */
 };
 
 /* `ssl_calls`: thread -> the SSL_* call it is in, so a nested socket syscall names the SSL

@@ -8,7 +8,9 @@ switch to it with one map write each, and the old graph's edges are removed afte
 request is always judged against one whole graph, the old or the new.
 
 In ``alert`` mode the probe reports a request outside the graph at once; in ``enforce`` mode it
-kills the process before the request is sent (``HTTP_ENFORCEMENT`` in :mod:`enforcer.derive`):
+kills the process before the request is sent (``HTTP_ENFORCEMENT`` in :mod:`enforcer.derive`); a
+plaintext request's socket is then dropped by the capture's egress program and aborted from here
+(:func:`enforcer.sockets.abort`), since a ``write`` that entered the kernel still queues its bytes:
 a program on a uprobe here may signal (``bpf_send_signal``) but not make a call fail
 (``bpf_override_return`` is refused, see :func:`sensor.features.uprobe_actions`), so enforce
 mode is refused where the kernel does not let the probe signal.
@@ -136,6 +138,18 @@ class HttpEnforcement:
             if cg in self.capture.watched:
                 self.capture.set_rules(cg, path, HTTP_MODE_OBSERVE, 0, 0)
         self._drop(cur.graph)
+
+    def abort(self, cookie: int) -> bool:
+        """Destroy a refused plaintext request's socket (its killed write's bytes stay queued in
+        it; the capture drops its packets only while the capture runs)."""
+        from .sockets import abort
+        try:
+            done = abort(cookie)
+        except OSError as e:
+            log.error("aborting a refused request's socket failed", cookie=cookie, error=str(e))
+            return False
+        log.info("refused request's socket aborted", cookie=cookie, found=done)
+        return done
 
     def _drop(self, graph: Graph) -> None:
         time.sleep(SWAP_GRACE)

@@ -484,9 +484,18 @@ class EnforcementSession:
         if self.http is not None and self.http.applied:
             fd = self.http.capture.violations_fd
             if fd not in self._reader_fds:
-                self._reader.add(fd, lambda raw: self._on_record(raw, self._http_workload))
+                self._reader.add(fd, self._on_http_record)
                 self._reader_fds.add(fd)
         return self._reader
+
+    def _on_http_record(self, raw: bytes) -> None:
+        """An http violation; a refused plaintext request's socket is aborted at once, so the
+        bytes its killed write queued are never sent (see :mod:`enforcer.sockets`)."""
+        from sensor.events import HttpViolationEvent, decode
+        ev = decode(raw)
+        if isinstance(ev, HttpViolationEvent) and ev.action == "killed" and not ev.tls:
+            self.http.abort(ev.conn)
+        self._on_record(raw, self._http_workload)
 
     def _http_workload(self, cgroup_id: int) -> str | None:
         for key, applied in self.http.applied.items():

@@ -216,8 +216,10 @@ class ExchangeAssembler:
         c = self._conn(self._conn_key(ev.pid, ev.conn, ev.tls), ev.tls)
         f = ev.flags
         if f & HTTP_F_RESPONSE:
-            if c.pending is not None:
-                self._finish(c.pending, response_status(ev.data), c.dest)
+            status = response_status(ev.data)
+            if c.pending is not None and not (status is not None and 100 <= status < 200):
+                # a 1xx answer is interim (100 Continue): the request and its body go on
+                self._finish(c.pending, status, c.dest)
                 c.pending = None
         elif f & HTTP_F_HEAD:
             if c.pending is not None:

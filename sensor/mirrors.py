@@ -311,11 +311,14 @@ class HttpConn(Mirror):
         __u32 body_left; /*  8 body bytes the current request still declares (Content-Length) */
         __u32 flags;     /* 12 HTTP_CONN_* flags */
         __u64 cookie;    /* 16 the socket, when known */
+        __u32 resp_pos;  /* 24 bytes of the current answer seen, up to its status code */
+        __u32 resp_tail; /* 28 its last four bytes, while in the head of a 1xx answer */
     };
     """
 
     c_name = "http_conn"
-    fields = (("state", "I"), ("budget", "I"), ("body_left", "I"), ("flags", "I"), ("cookie", "Q"))
+    fields = (("state", "I"), ("budget", "I"), ("body_left", "I"), ("flags", "I"), ("cookie", "Q"),
+              ("resp_pos", "I"), ("resp_tail", "I"))
 
 
 class HttpSslCall(Mirror):
