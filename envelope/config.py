@@ -36,6 +36,9 @@ class Config:
     # their http: and aws: behaviours and model fingerprints; the http substrate's enforcement.
     http_capture: bool = True
     http_ringbuf_pages: int = 256  # capture ring buffer (records are up to 4 KiB + 64 bytes)
+    # Probe SSL_read(_ex) too: the status of TLS responses (evidence), and a TLS response seen to
+    # begin; costs a uprobe hit per TLS record read in every process mapping libssl (BENCHMARKS.md).
+    http_tls_responses: bool = True
     s3_endpoints: list = field(default_factory=list)  # hosts to read as S3 endpoints (e.g. a MinIO)
     caps: dict = field(default_factory=lambda: dict(DEFAULT_CAPS))
     metrics_port: int = 9464

@@ -18,7 +18,8 @@ def request_capture(config: Config):
     from sensor.state_dir import StateDir, read_or_create_key
 
     key = read_or_create_key(StateDir(config.state_dir).sensor_key)
-    return HttpCapture(key, ringbuf_pages=config.http_ringbuf_pages, s3_endpoints=tuple(config.s3_endpoints))
+    return HttpCapture(key, ringbuf_pages=config.http_ringbuf_pages, s3_endpoints=tuple(config.s3_endpoints),
+                       tls_responses=config.http_tls_responses)
 
 
 def open_sensor(config: Config):

@@ -210,13 +210,21 @@ class HttpCapture:
 
     ``key`` is the sensor's key for hashing AWS access key ids. ``host_libssl``: also hook the
     libssl this process's Python uses (the host's), as soon as the capture is attached, so host
-    processes are seen from their first request even before their first scan."""
+    processes are seen from their first request even before their first scan.
+
+    ``tls_responses``: probe ``SSL_read``/``SSL_read_ex`` too (entry and return), for the status of
+    TLS responses and to see a TLS response begin (what ends a request whose body length is not
+    declared). Those probes fire once per TLS record read, in every process that maps the
+    library, and a uprobe hit costs microseconds here (BENCHMARKS.md): off, TLS requests are
+    still captured and judged, their status is not known, and a request sent after a chunked
+    request body on the same TLS connection is not judged."""
 
     name = "http"
     rings = ("captures",)
 
     def __init__(self, key: bytes, *, ringbuf_pages: int = 256, violation_pages: int = 16,
                  scan_interval: float = SCAN_INTERVAL, host_libssl: bool = True, aws: bool = True,
+                 tls_responses: bool = True,
                  s3_endpoints: tuple[str, ...] = (), proc: str = "/proc"):
         self.key = key
         self.ringbuf_pages = ringbuf_pages
@@ -224,6 +232,7 @@ class HttpCapture:
         self.scan_interval = scan_interval
         self.host_libssl = host_libssl
         self.aws = aws
+        self.tls_responses = tls_responses
         self.s3_endpoints = tuple(s3_endpoints)
         self.proc = proc
         self.assembler = ExchangeAssembler(key)
@@ -470,7 +479,7 @@ class HttpCapture:
         try:
             for fn, entry, ret in PROBES:
                 off = facts.symbols.get(fn)
-                if off is None:
+                if off is None or (not self.tls_responses and fn.startswith("SSL_read")):
                     continue
                 fds.append(kernel.uprobe_open(self.loaded.programs[entry], path, off))
                 fds.append(kernel.uprobe_open(self.loaded.programs[ret], path, off, retprobe=True))

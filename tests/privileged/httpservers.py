@@ -21,6 +21,7 @@ import trustme
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "testpeer"
+    disable_nagle_algorithm = True
 
     def _body(self) -> bytes:
         n = int(self.headers.get("Content-Length") or 0)
