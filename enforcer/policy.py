@@ -19,6 +19,9 @@ Document layout (YAML or JSON; ``spec`` is also the body of the Kubernetes custo
         syscalls: [name, ...]                                   # sorted
         egress:   [{proto, cidr, ports: [p, ...]} | {proto, cidr, portRange: {min, max}}, ...]
         execs:    [/exact/path | /directory/*, ...]             # sorted
+        files:    [file:KIND:PATTERN, ...]                      # sorted (enforcer.file_patterns)
+        mcp:      {methods, tools, prompts, resources, catalog} # enforcer.mcp_envelope
+        iam:      [{action, resource, accessLevel, rule}, ...]  # IAM statements (enforcer.iamstatement)
         http:     [http:METHOD host/path-template, ...]         # sorted (enforcer.http_patterns)
       detection:  [{key, mean, std, k, sessions}, ...]          # probabilistic soft rules
       provenance: [{entry, substrate, rule, admitted, evidence, ...}, ...]
@@ -27,8 +30,15 @@ Document layout (YAML or JSON; ``spec`` is also the body of the Kubernetes custo
 
 Entry identifiers (used by provenance, review, ``explain``, ``diff`` and ``--admit``) are
 ``syscall:NAME``, ``exec:PATH`` (or ``exec:/dir/*``), ``egress:PROTO:CIDR:PORTS`` where
-PORTS is one port (``443``) or an inclusive range (``8000-8100``), ``file:KIND:PATTERN`` and
-``http:METHOD host/path`` (path segments may be ``{id}`` or ``*``).
+PORTS is one port (``443``) or an inclusive range (``8000-8100``), ``file:KIND:PATTERN``,
+``http:METHOD host/path`` (path segments may be ``{id}`` or
+``*``), ``iam:ACTION RESOURCE`` (``iam:s3:GetObject arn:aws:s3:::research-corpus-*/papers/*``), and the
+MCP entries of :mod:`enforcer.mcp_envelope` (``mcp:tools/call:git_log``,
+``mcp:tools/call:git_log#repo_path:path-prefix:/srv/repo/**``, ...).
+
+An ``aws:`` behaviour is inside the ``iam`` statements when every IAM grant it needs is allowed by
+them (:mod:`enforcer.iamstatement`); judging one needs the IAM action mapper, which whoever judges
+binds as ``Policy.iam_actions`` (derivation does; the CLI binds it for ``replay`` and ``diff``).
 
 An exec pattern ``/dir/*`` matches any file directly inside ``/dir`` (one path component, not
 recursive). A substrate that the policy does not include is not constrained by it.
@@ -56,7 +66,10 @@ import yaml
 from sensor.timestamps import TimeFormatError, iso_time, parse_datetime
 from sensor.workload import DEFAULT_SUBSTRATES, SUBSTRATES, BehaviourKeyError, Workload, parse_net_key, substrate_of
 
-from . import file_patterns, http_patterns
+from . import file_patterns, http_patterns, iamstatement
+from .iamstatement import IamStatement, IamStatementError
+from .mcp_envelope import EnvelopeError, McpAllow
+from .mcp_envelope import parse_entry as parse_mcp_entry
 
 from .modes import MODES
 
@@ -68,7 +81,7 @@ PROTOS = ("tcp", "udp")
 _SYSCALL_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
 _NAME_RE = re.compile(r"[^a-z0-9.-]+")
 _SPEC_FIELDS = ("workload", "mode", "decisions", "allow", "detection", "provenance", "review", "watch")
-_ALLOW_FIELDS = ("syscalls", "egress", "execs", "files", "http")
+_ALLOW_FIELDS = ("syscalls", "egress", "execs", "files", "http", "mcp", "iam")
 _DECISION_FIELDS = ("granularity", "closure", "confidence", "validity")
 
 
@@ -79,6 +92,10 @@ _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 class PolicyError(ValueError):
     """A policy that does not match the schema; the message names the offending field."""
+
+
+class IamJudgeMissing(PolicyError):
+    """An ``aws:`` behaviour was judged by a policy with no IAM action mapper bound."""
 
 
 # ---- egress rules ---------------------------------------------------------------------------
@@ -206,6 +223,16 @@ def parse_entry(entry: str) -> tuple[str, Any]:
             return "http", http_patterns.parse_entry(entry)
         except http_patterns.HttpPatternError as e:
             raise PolicyError(str(e)) from None
+    if kind == "mcp":
+        try:
+            return "mcp", parse_mcp_entry(entry)
+        except EnvelopeError as e:
+            raise PolicyError(str(e)) from None
+    if kind == "iam":
+        try:
+            return "iam", iamstatement.parse_entry(entry)
+        except IamStatementError as e:
+            raise PolicyError(str(e)) from None
     if kind == "egress":
         try:
             proto, body = rest.split(":", 1)
@@ -217,7 +244,7 @@ def parse_entry(entry: str) -> tuple[str, Any]:
         except (ValueError, PolicyError) as e:
             raise PolicyError(f"bad egress entry {entry!r}: {e}") from None
     raise PolicyError(f"bad entry {entry!r} (want syscall:NAME, exec:PATH, egress:PROTO:CIDR:PORTS, "
-                      f"file:KIND:PATTERN or http:METHOD HOST/PATH)")
+                      f"file:KIND:PATTERN, http:METHOD HOST/PATH, iam:ACTION RESOURCE or an mcp: entry)")
 
 
 def exec_matches(pattern: str, path: str) -> bool:
@@ -242,6 +269,8 @@ class Policy:
     execs: tuple[str, ...] = ()
     files: tuple[str, ...] = ()  # file:KIND:PATTERN entries (enforcer.file_patterns)
     http: tuple[str, ...] = ()  # http:METHOD host/path entries (enforcer.http_patterns)
+    mcp: McpAllow | None = None  # the MCP envelope (enforcer.mcp_envelope)
+    iam: tuple[IamStatement, ...] = ()  # IAM statements (enforcer.iamstatement)
     watch: tuple[str, ...] = ()
     detection: tuple[dict, ...] = ()
     decisions: dict = field(default_factory=dict)
@@ -250,6 +279,9 @@ class Policy:
     validity: dict = field(default_factory=dict)
     low_confidence: bool = False
     name: str = ""  # metadata.name; derived from the workload when empty
+    # The IAM action mapper (enforcer.iamactions.ActionMapper) that judging aws: behaviours needs;
+    # bound by whoever judges, never serialised.
+    iam_actions: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -281,6 +313,15 @@ class Policy:
         self._http = tuple(sorted(set(patterns)))
         self.http = tuple(p.entry for p in self._http)
         self.egress = tuple(sorted(set(self.egress), key=EgressRule.sort_key))
+        seen: set[str] = set()
+        for i, st in enumerate(self.iam):
+            if not isinstance(st, IamStatement):
+                raise PolicyError(f"spec.allow.iam[{i}]: {st!r} is not an IAM statement")
+            if st.id in seen:
+                raise PolicyError(f"spec.allow.iam[{i}]: {st.id} is listed twice")
+            seen.add(st.id)
+        self.iam = tuple(sorted(self.iam, key=IamStatement.sort_key))
+        self._iam_document = iamstatement.judging_document(self.iam)
         self.watch = tuple(sorted(set(self.watch)))
         self.detection = tuple(self.detection)
         self.provenance = tuple(self.provenance)
@@ -298,7 +339,15 @@ class Policy:
     def entries(self) -> list[str]:
         """Every allowed entry identifier, in document order."""
         return ([f"syscall:{s}" for s in self.syscalls] + [r.id for r in self.egress]
-                + [f"exec:{e}" for e in self.execs] + list(self.files) + list(self.http))
+                + [f"exec:{e}" for e in self.execs] + list(self.files) + list(self.http)
+                + [st.id for st in self.iam] + (self.mcp.entries() if self.mcp else []))
+
+    @property
+    def iam_identity(self) -> str | None:
+        """The role the IAM statements were derived for (validity fingerprint
+        ``cloud_identity:aws``), when the policy names exactly one."""
+        values = (self.validity.get("fingerprint") or {}).get(iamstatement.IDENTITY_FINGERPRINT) or []
+        return values[0] if len(values) == 1 else None
 
     @property
     def http_patterns(self) -> tuple:
@@ -334,6 +383,14 @@ class Policy:
             except HttpKeyError:
                 return False
             return any(p.matches(b.method, b.host, b.path) for p in self._http)
+        if substrate == "mcp":
+            return self.mcp is not None and self.mcp.allows(key)
+        if substrate == "iam":
+            if self.iam_actions is None:
+                raise IamJudgeMissing("judging aws behaviours needs the IAM action database; bind "
+                                      "Policy.iam_actions (envelope.wiring.iam_actions)")
+            return iamstatement.allows(self._iam_document, self.iam_actions,
+                                       iamstatement.identity_account(self.iam_identity), key)
         if substrate != "egress":
             return True  # a substrate with no allow section here yet is not constrained
         try:
@@ -383,6 +440,10 @@ class Policy:
             allow["files"] = list(self.files)
         if "http" in self.substrates or self.http:
             allow["http"] = list(self.http)
+        if "mcp" in self.substrates or self.mcp is not None:
+            allow["mcp"] = (self.mcp or McpAllow()).to_dict()
+        if "iam" in self.substrates or self.iam:
+            allow["iam"] = [st.to_dict() for st in self.iam]
         return allow
 
     @classmethod
@@ -464,6 +525,18 @@ class Policy:
         http = _list(allow.get("http") or [], "spec.allow.http")
         for i, e in enumerate(http):
             _check_http(e, f"spec.allow.http[{i}]")
+        mcp = None
+        if allow.get("mcp") is not None:
+            try:
+                mcp = McpAllow.from_dict(allow["mcp"], "spec.allow.mcp")
+            except EnvelopeError as e:
+                raise PolicyError(str(e)) from None
+        iam = []
+        for i, st in enumerate(_list(allow.get("iam") or [], "spec.allow.iam")):
+            try:
+                iam.append(IamStatement.from_dict(st, f"spec.allow.iam[{i}]"))
+            except IamStatementError as e:
+                raise PolicyError(str(e)) from None
 
         detection = _list(spec.get("detection") or [], "spec.detection")
         for i, r in enumerate(detection):
@@ -497,7 +570,7 @@ class Policy:
         return cls(
             workload=workload, mode=mode, substrates=tuple(subs), closure=closure,
             syscalls=tuple(syscalls), egress=egress, execs=tuple(execs), files=tuple(files),
-            http=tuple(http), watch=tuple(watch),
+            http=tuple(http), mcp=mcp, iam=tuple(iam), watch=tuple(watch),
             detection=tuple(dict(r) for r in detection), decisions=_plain(dec),
             provenance=tuple(_plain(r) for r in provenance), review=tuple(_plain(r) for r in review),
             validity=validity, low_confidence=low, name=name or "",

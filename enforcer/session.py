@@ -78,6 +78,8 @@ class KernelBackend(Protocol):
 
     def ring_reader(self): ...
 
+    def move_task(self, pid: int, cgroup_path: str) -> None: ...
+
 
 class RealKernel:
     """The kernel itself: :mod:`enforcer.egress`, :mod:`enforcer.denials`, :mod:`sensor.kernel`."""
@@ -98,6 +100,11 @@ class RealKernel:
     def ring_reader(self):
         from sensor.kernel import RingReader
         return RingReader()
+
+    def move_task(self, pid: int, cgroup_path: str) -> None:
+        """Move task ``pid`` into the cgroup at ``cgroup_path`` (raises OSError)."""
+        with open(os.path.join(cgroup_path, "cgroup.procs"), "w") as f:
+            f.write(str(pid))
 
 
 # ---- results ----------------------------------------------------------------------------------
@@ -138,7 +145,8 @@ class EnforcementSession:
 
     def __init__(self, state_dir, *, pinned: bool = True, bpffs="/sys/fs/bpf",
                  limits: Limits = Limits(), clock: Callable[[], float] = time.time,
-                 denials: bool = False, backend: KernelBackend | None = None, http=None):
+                 denials: bool = False, backend: KernelBackend | None = None,
+                 verify_interval: float = 2.0, http=None):
         self.state_dir = Path(state_dir)
         self.pinned = pinned
         self.bpffs = Path(bpffs)
@@ -149,10 +157,14 @@ class EnforcementSession:
         self.want_denials = denials
         self._probe = None
         self._denial_cgroups: dict[int, str] = {}
+        self._denial_allowed: dict[int, frozenset[str]] = {}  # cgroup -> its profile's syscalls
+        self._denial_paths: dict[int, str] = {}  # cgroup -> its path
         self._reader = None
         self._reader_fds: set[int] = set()
         self._pending: list = []
         self.decode_errors = 0
+        self.verify_interval = verify_interval  # seconds between integrity checks of pinned state
+        self._next_verify = 0.0
         self.http = http  # enforcer.http_enforce.HttpEnforcement, or None
 
     # -- helpers --
@@ -318,6 +330,10 @@ class EnforcementSession:
         vanished cgroups. Returns the workloads that changed."""
         from .state import read_state
         changed = []
+        now = time.monotonic()
+        verify = now >= self._next_verify
+        if verify:
+            self._next_verify = now + self.verify_interval
         for key, cur in list(self.enforced.items()):
             excs = self._exceptions(cur.workload)
             sig = self._sig(excs)
@@ -348,7 +364,37 @@ class EnforcementSession:
             if cur.program is not None:
                 for gone in cur.program.prune_cgroups():
                     cur.cgroups.discard(gone)
+                if verify and self._repair(cur, excs):
+                    changed.append(key)
         return changed
+
+    def _repair(self, cur: Enforced, excs) -> bool:
+        """Tampering with the pinned state (mode word, rules, attachments) is repaired at once,
+        audited and reported as an ``integrity`` violation."""
+        from .violations import Violation
+        rules = effective_rules(cur.policy, excs)
+        emode = egress_mode(cur.policy, cur.mode)
+        problems = cur.program.verify(rules, emode, policy_hash(cur.policy))
+        detached = [p for p in sorted(cur.cgroups) if Path(p).is_dir() and not cur.program.attached(p)]
+        if detached:
+            problems.append(f"programs detached from {len(detached)} cgroups")
+        if not problems:
+            return False
+        with locked(self.state_dir):
+            cur.program.write_policy(rules, emode, policy_hash(cur.policy), grace=0.01)
+        for p in detached:
+            try:
+                cur.program.attach(p)
+            except EgressError as e:
+                problems.append(f"re-attach {p} failed: {e}")
+        key = cur.workload.key
+        log.error("enforcement state was changed; repaired", workload=key, problems=problems)
+        if self.pinned:
+            audit.append(self.state_dir, "policy.tamper", workload=key, reason="repaired",
+                         details={"problems": problems})
+        self._pending.append(Violation(self.clock(), key, "integrity", "egress:pinned-state", "alerted",
+                                       {"problems": problems, "repaired": True}))
+        return True
 
     def adopt_pinned(self) -> list[str]:
         """Adopt every pinned set (after a restart), pairing it with its desired state.
@@ -428,8 +474,9 @@ class EnforcementSession:
 
     def _watch_denials(self, cur: Enforced, paths: Iterable[str]) -> None:
         """Report seccomp denials of the workload's cgroups, compared with the same profile the
-        filter was compiled from (:func:`enforcer.seccomp.profile_for`)."""
-        if not self.want_denials or "syscall" not in cur.policy.substrates or cur.mode == "observe":
+        filter was compiled from (:func:`enforcer.seccomp.profile_for`), and tasks moved out of
+        them (every enforced cgroup, whatever its substrates)."""
+        if not self.want_denials or cur.mode == "observe":
             return
         from .exceptions import syscall_allowances
         from .seccomp import DENY_ERRNO, profile_for
@@ -444,20 +491,28 @@ class EnforcementSession:
                 return
             self._reader_dirty()
         w = cur.workload
-        compiled = profile_for(cur.policy, cur.mode, target=cur.seccomp_target,
-                               exceptions=syscall_allowances(self.state_dir, w, self.clock()))
+        if "syscall" in cur.policy.substrates:
+            compiled = profile_for(cur.policy, cur.mode, target=cur.seccomp_target,
+                                   exceptions=syscall_allowances(self.state_dir, w, self.clock()))
+            mode, allowed, sockets = cur.mode, frozenset(compiled.allowed()), compiled.restricts_sockets()
+        else:
+            mode, allowed, sockets = "watch", frozenset(), False
         for p in paths:
             cid = _cgroup_id(p)
             if cid is None:
                 continue
-            self._probe.watch(cid, cur.mode, DENY_ERRNO, compiled.allowed())
+            self._probe.watch(cid, mode, DENY_ERRNO, allowed, sockets)
             self._denial_cgroups[cid] = w.key
+            self._denial_allowed[cid] = allowed
+            self._denial_paths[cid] = str(p)
 
     def _unwatch_denials(self, key: str) -> None:
         for cid in [c for c, k in self._denial_cgroups.items() if k == key]:
             if self._probe is not None:
                 self._probe.unwatch(cid)
             del self._denial_cgroups[cid]
+            self._denial_allowed.pop(cid, None)
+            self._denial_paths.pop(cid, None)
 
     def _reader_dirty(self) -> None:
         if self._reader is not None:
@@ -504,14 +559,56 @@ class EnforcementSession:
         return None
 
     def _on_record(self, raw: bytes, workload_of) -> None:
-        from sensor.events import DecodeError
-        from .violations import from_record
-        v = from_record(raw, workload_of, self.clock())
-        if isinstance(v, DecodeError):
+        from sensor.events import CgroupEscapeEvent, DecodeError, decode
+        from .violations import from_event
+        ev = decode(raw)
+        if isinstance(ev, DecodeError):
             self.decode_errors += 1
-            log.warning("undecodable record", kind=v.kind, reason=v.reason)
-        elif v is not None:
+            log.warning("undecodable record", kind=ev.kind, reason=ev.reason)
+            return
+        if isinstance(ev, CgroupEscapeEvent):
+            self._on_escape(ev)
+            return
+        v = from_event(ev, workload_of, self.clock(),
+                       lambda cid: self._denial_allowed.get(cid, frozenset()))
+        if v is not None:
             self._pending.append(v)
+
+    def _on_escape(self, ev) -> None:
+        """A thread of an enforced cgroup moved a task to another cgroup. Into one of the same
+        workload's cgroups: nothing to do. Into a child cgroup: the egress programs still apply
+        (cgroup programs are inherited), so the child is watched as well. Anywhere else the
+        task has walked out of its enforcement: it is moved back at once, the move is audited
+        as ``policy.escape`` and reported as an ``integrity`` violation."""
+        from .violations import Violation
+        key = self._denial_cgroups.get(ev.src_cgroup_id)
+        cur = self.enforced.get(key) if key else None
+        src = self._denial_paths.get(ev.src_cgroup_id)
+        if cur is None or src is None:
+            return
+        if self._denial_cgroups.get(ev.dst_cgroup_id) == key:
+            return
+        from sensor.cgroup import cgroup2_mount_point
+        dst = str(cgroup2_mount_point() / ev.dst_path.lstrip("/"))
+        if Path(dst).is_relative_to(src):
+            log.info("enforced task moved to a child cgroup; watching it too", workload=key,
+                     pid=ev.pid, cgroup=dst)
+            self._watch_denials(cur, [dst])
+            return
+        try:
+            self.backend.move_task(ev.pid, src)
+            moved, error = True, ""
+        except OSError as e:  # the task is gone, or the cgroup was removed
+            moved, error = False, str(e)
+        detail = {"pid": ev.pid, "by_pid": ev.by_pid, "from": src, "to": dst, "moved_back": moved}
+        if error:
+            detail["error"] = error
+        log.warning("task moved out of its enforced cgroup", workload=key, **detail)
+        if self.pinned:
+            audit.append(self.state_dir, "policy.escape", workload=key,
+                         reason="moved back" if moved else "could not move back", details=detail)
+        self._pending.append(Violation(self.clock(), key, "integrity", "cgroup:migration",
+                                       "denied" if moved else "alerted", detail))
 
     def poll_violations(self, timeout_ms: int = 0, limit: int | None = None) -> list:
         """Violations that reached userspace since the last call, waiting up to ``timeout_ms``
