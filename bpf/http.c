@@ -34,6 +34,7 @@
 #include <uapi/linux/ptrace.h>
 #include "events.h"
 #include "http.h"
+#include "syscalls.h"
 
 #ifndef HTTP_RINGBUF_PAGES
 #define HTTP_RINGBUF_PAGES 256
@@ -56,29 +57,6 @@
 #ifndef HTTP_MAX_THREADS
 #define HTTP_MAX_THREADS 16384
 #endif
-#ifndef NR_WRITE
-#define NR_WRITE 1
-#endif
-#ifndef NR_CLOSE
-#define NR_CLOSE 3
-#endif
-#ifndef NR_WRITEV
-#define NR_WRITEV 20
-#endif
-#ifndef NR_CONNECT
-#define NR_CONNECT 42
-#endif
-#ifndef NR_SENDTO
-#define NR_SENDTO 44
-#endif
-#ifndef NR_SENDMSG
-#define NR_SENDMSG 46
-#endif
-
-/* Syscall argument registers in the x86_64 entry frame (as in bpf/sensor.c). */
-#define REGS_OFF_DX 96
-#define REGS_OFF_SI 104
-#define REGS_OFF_DI 112
 
 #define HTTP_IOV_MAX 4        /* iovecs of a writev/sendmsg captured */
 #define HTTP_TLS_HELLO_MAX 512 /* bytes of a TLS ClientHello sent up, for its server name */

@@ -16,6 +16,7 @@
  * against need not be the running kernel's.
  */
 #include "events.h"
+#include "syscalls.h"
 
 #ifndef RINGBUF_PAGES
 #define RINGBUF_PAGES 256
@@ -31,24 +32,6 @@
 #endif
 #ifndef HOOK_SLOTS
 #define HOOK_SLOTS 4
-#endif
-#ifndef NR_WRITE
-#define NR_WRITE 1
-#endif
-#ifndef NR_CLOSE
-#define NR_CLOSE 3
-#endif
-#ifndef NR_WRITEV
-#define NR_WRITEV 20
-#endif
-#ifndef NR_CONNECT
-#define NR_CONNECT 42
-#endif
-#ifndef NR_SENDTO
-#define NR_SENDTO 44
-#endif
-#ifndef NR_SENDMSG
-#define NR_SENDMSG 46
 #endif
 #ifndef NR_CLONE
 #define NR_CLONE 56
@@ -79,12 +62,6 @@
 #define ENV_CLONE_THREAD 0x00010000ULL
 #define TASKS_TRACKED 32768
 
-/* Syscall argument registers in the x86_64 entry frame (struct pt_regs), the same layout as
- * the uapi struct user_regs_struct: stable ABI, unlike kernel structs in general. */
-#define REGS_OFF_DX 96
-#define REGS_OFF_SI 104
-#define REGS_OFF_DI 112
-#define REGS_OFF_SP 152
 
 /* ---- maps ------------------------------------------------------------------------------------ */
 

@@ -129,7 +129,7 @@ def _exec(state, policy, mode, peers, client, steps):
 
 def _violations(state) -> list[dict]:
     r = envelope(state, "violations", "--substrate", "http", "-o", "json")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode in (0, 1), r.stderr  # 1: there are findings
     data = json.loads(r.stdout)
     return data if isinstance(data, list) else data.get("violations", [])
 
@@ -212,7 +212,9 @@ def test_a_tls_stack_without_probes_is_a_blind_spot(state, sensor, peers):
     """wget speaks TLS through GnuTLS, which no probe is on: its TLS requests are not seen and the
     profile says so, per executable and per connection (with the TLS record it saw go out)."""
     cfg = Config(state_dir=state, ringbuf_pages=256, poll_interval=0.2)
-    argv = ["/usr/bin/wget", "-q", "-O", "/dev/null", f"--ca-certificate={peers.ca}", f"{peers.https}/v1/docs/1"]
+    # two downloads a second apart: the process lives long enough for a scan of its mappings
+    argv = ["/usr/bin/wget", "-q", "-O", "/dev/null", "--wait=1", f"--ca-certificate={peers.ca}",
+            f"{peers.https}/v1/docs/1", f"{peers.https}/v1/docs/2"]
     res = record(cfg, Workload.host("wget-agent"), argv, sensor=sensor)
     assert res.exit_code == 0
     prof = ProfileStore(state).load(Workload.host("wget-agent"))

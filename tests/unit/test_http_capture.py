@@ -288,3 +288,27 @@ def test_variable_length_record_decodes_only_its_size():
     assert decode(bytes(bad)).kind == "decode_error"
     assert decode(rec[:64 + len(data)]).data == data
     assert HTTP_F_TRUNCATED and HTTP_F_TLS_RECORD  # flags the kernel sets, mirrored
+
+
+def test_a_model_observed_at_run_time_is_a_fingerprint_input_and_checked_as_one():
+    """The aggregator keeps the model of each cgroup's requests (the profile's fingerprint, and
+    the live values the stale check judges); a model the policy was not derived under fires."""
+    from enforcer.policy import Policy
+    from enforcer.validity import check
+    from sensor.aggregate import Aggregator
+    from sensor.httpcapture import RequestObserved
+    from sensor.workload import Workload
+
+    agg = Aggregator("n1", None, str)
+    w = Workload.host("agent")
+    agg.bind(7, w, "s1")
+    agg.on_event(RequestObserved(1, 7, 100, ("http:POST api.example.com/v1/chat/completions 200",), "gpt-b"), 5.0)
+    assert agg.profile(w).fingerprints()["model"] == ["gpt-b"]
+    assert agg.runtime_fingerprints[7] == {"model": {"gpt-b"}}
+    assert "http:POST api.example.com/v1/chat/completions 200" in agg.profile(w).behaviours()
+    pol = Policy(w, validity={"fingerprint": {"model": ["gpt-a"]},
+                              "triggers": [{"name": "model-version-change", "key": "model"}]})
+    res = check(pol, {"model": "gpt-b"})
+    assert res["stale"] and res["triggers"][0]["trigger"] == "model-version-change"
+    agg.unbind(7)
+    assert 7 not in agg.runtime_fingerprints
