@@ -274,6 +274,17 @@ def _kubeconfig(v: Any) -> str:
 
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
 
+
+def _hosts(v: Any) -> list:
+    """Host names (what a Host header carries: lower case, an optional :port)."""
+    if not isinstance(v, list):
+        raise ConfigValueError(f"must be a list of host names, got {_show(v)}")
+    for h in v:
+        if not isinstance(h, str) or not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?(:[0-9]{1,5})?", h):
+            raise ConfigValueError(f"{_show(h)} is not a host name (lower case, an optional :port)")
+    return list(v)
+
+
 #: How each key's value is checked (and normalised) whenever it is set.
 CHECKS: dict[str, Callable[[Any], Any]] = {
     "state_dir": _state_dir,
@@ -294,4 +305,8 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "profile_namespace": _text(_DNS_LABEL, "a Kubernetes namespace name", 63),
     "kubeconfig": _kubeconfig,
     "policy_sync_interval": _positive_seconds(86400),
+    "http_capture": _boolean,
+    "http_ringbuf_pages": _number(int, 1, 1 << 16, power_of_two=True),
+    "http_tls_responses": _boolean,
+    "s3_endpoints": _hosts,
 }
