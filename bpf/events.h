@@ -287,6 +287,14 @@ struct behaviour_slot {
 	__u8 exec_sketch[SKETCH_REGISTERS]; /* 192 */
 };
 
+/* Ring-buffer reserve failures of one cgroup slot, indexed by event type like loss_counts
+ * (1..LOSS_RESERVE_TYPES-1): the part of the node-wide loss that belongs to that cgroup. Per
+ * CPU, one per cgroup slot, zeroed by userspace before the slot is reused. */
+#define SLOT_LOSS_SIZE 128
+struct slot_loss {
+	__u64 reserve_failed[LOSS_RESERVE_TYPES]; /* 0 */
+};
+
 /* EV_EXEC_FIRST, from sched:sched_process_exec: the first exec of `filename` in the cgroup (or,
  * after a ring buffer overflow refused that record, the next one). Same fields as exec_event. */
 #define EXEC_FIRST_EVENT_SIZE 560
@@ -421,5 +429,6 @@ _Static_assert(sizeof(struct net_count_key) == NET_COUNT_KEY_SIZE, "net count ke
 _Static_assert(sizeof(struct exec_count_key) == EXEC_COUNT_KEY_SIZE, "exec count key size");
 _Static_assert(sizeof(struct behaviour_count) == BEHAVIOUR_COUNT_SIZE, "behaviour count size");
 _Static_assert(sizeof(struct behaviour_slot) == BEHAVIOUR_SLOT_SIZE, "behaviour slot size");
+_Static_assert(sizeof(struct slot_loss) == SLOT_LOSS_SIZE, "slot loss size");
 
 #endif /* ENVELOPE_EVENTS_H */

@@ -23,6 +23,11 @@
  *                   Measured here: those syscalls:sys_exit_* tracepoints add ~45 ns to
  *                   every syscall (the perf syscall-exit probe runs for all of them).
  *   EVENT_CGROUP    emit ring-buffer events only for this cgroup id       default 0 (all)
+ *   TRACKED_ONLY    1: observe only the cgroups in tracked_cgroups and    default 0 (all)
+ *                   their descendants (envelope record and exec); the others get no counter
+ *                   slot, no count and no ring record, so they cannot fill the ring buffer
+ *                   of the workload observed. Checked before any counting or reservation.
+ *   TRACK_DEPTH     cgroup levels looked at for a tracked ancestor        default 16
  *   HOOK_SLOTS      program slots extensions may hook syscalls with        default 4
  *   NR_*            syscall numbers of this architecture (x86_64 defaults)
  *
@@ -59,6 +64,12 @@
 #endif
 #ifndef EVENT_CGROUP
 #define EVENT_CGROUP 0
+#endif
+#ifndef TRACKED_ONLY
+#define TRACKED_ONLY 0
+#endif
+#ifndef TRACK_DEPTH
+#define TRACK_DEPTH 16
 #endif
 #ifndef HOOK_SLOTS
 #define HOOK_SLOTS 4
@@ -136,6 +147,12 @@ BPF_HASH(hooked_cgroups, __u64, __u32, MAX_CGROUPS);
 BPF_ARRAY(hook_slots, __u32, MAX_CGROUPS + 1);
 
 BPF_PERCPU_ARRAY(loss_counts, __u64, LOSS_SLOTS);
+/* Ring-buffer reserve failures per cgroup slot (see events.h): the part of loss_counts that
+ * belongs to one cgroup. Zeroed by userspace before a slot is reused. */
+BPF_PERCPU_ARRAY(slot_loss, struct slot_loss, MAX_CGROUPS + 1);
+/* TRACKED_ONLY: the cgroups observed (userspace writes the ones it binds; a descendant is added
+ * at its first sight). Declared in every build so userspace has one set of maps. */
+BPF_HASH(tracked_cgroups, __u64, __u32, MAX_CGROUPS);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
 /* Behaviour counters (see events.h): entries are allocated as behaviours appear, so memory
@@ -178,12 +195,55 @@ static __always_inline void count_loss(__u32 index)
 		(*n)++;
 }
 
+/* A ring-buffer reservation for cgroup `cg` failed: counted node-wide (loss_counts) and, when
+ * the cgroup holds a counter slot, in that slot's slot_loss, so the loss is charged to the
+ * workload that lost it and to no other. */
+static __always_inline void count_reserve_failure(__u32 type, __u64 cg)
+{
+	count_loss(type);
+	__u32 *slotp = cgroup_slots.lookup(&cg);
+	if (!slotp)
+		return;
+	__u32 slot = *slotp;
+	struct syscall_slot_state *st = slot_state.lookup(&slot);
+	if (!st || st->cgroup_id != cg) /* a slot being freed: not this cgroup's any more */
+		return;
+	struct slot_loss *l = slot_loss.lookup(&slot);
+	if (l)
+		l->reserve_failed[type & (LOSS_RESERVE_TYPES - 1)]++;
+}
+
+/* TRACKED_ONLY: is the current task's cgroup `cg` one of the tracked ones or below one? A
+ * descendant found through its ancestors is added, so the walk happens once per cgroup (per
+ * cache generation for the syscall path). Without TRACKED_ONLY every cgroup is observed. */
+static __always_inline int cgroup_tracked(__u64 cg)
+{
+#if TRACKED_ONLY
+	if (tracked_cgroups.lookup(&cg))
+		return 1;
+#pragma unroll
+	for (int level = 0; level < TRACK_DEPTH; level++) {
+		__u64 a = bpf_get_current_ancestor_cgroup_id(level);
+		if (!a || a == cg)
+			return 0;
+		if (tracked_cgroups.lookup(&a)) {
+			__u32 one = 1;
+			tracked_cgroups.update(&cg, &one);
+			return 1;
+		}
+	}
+	return 0;
+#else
+	return 1;
+#endif
+}
+
 static __always_inline int event_wanted(__u64 cgroup_id)
 {
 #if EVENT_CGROUP
-	return cgroup_id == EVENT_CGROUP;
+	return cgroup_id == EVENT_CGROUP && cgroup_tracked(cgroup_id);
 #else
-	return 1;
+	return cgroup_tracked(cgroup_id);
 #endif
 }
 
@@ -202,6 +262,9 @@ static __always_inline void copy_hooks(__u64 cg, __u32 slot)
 	hook_slots.update(&slot, &bits);
 }
 
+/* A cache entry of a cgroup that is not tracked (TRACKED_ONLY): never a slot index. */
+#define UNTRACKED_SLOT 0xffffffffU
+
 /* Slow path: find or allocate the slot of `cg` and remember it in this CPU's cache. */
 static __always_inline __u32 resolve_slot(__u64 cg, struct slot_cache *cache, __u64 key, __u64 gen)
 {
@@ -209,6 +272,8 @@ static __always_inline __u32 resolve_slot(__u64 cg, struct slot_cache *cache, __
 	__u32 *found = cgroup_slots.lookup(&cg);
 	if (found) {
 		slot = *found;
+	} else if (!cgroup_tracked(cg)) {
+		slot = UNTRACKED_SLOT; /* cached: this task's syscalls stop at the cache check */
 	} else if (free_slots.pop(&slot) == 0) {
 		struct syscall_slot_state *st = slot_state.lookup(&slot);
 		if (!st) {
@@ -259,7 +324,7 @@ static __always_inline void emit_first_seen(struct syscall_slot_state *st, __u64
 	if (!e) {
 		/* Clear the bit again so the next call of this syscall retries the event. */
 		__sync_fetch_and_and(&st->seen[word], ~bit);
-		count_loss(EV_SYSCALL_FIRST);
+		count_reserve_failure(EV_SYSCALL_FIRST, cg);
 		return;
 	}
 	fill_hdr(&e->hdr, EV_SYSCALL_FIRST, SYSCALL_FIRST_EVENT_VERSION, sizeof(*e));
@@ -509,6 +574,10 @@ RAW_TRACEPOINT_PROBE(sys_enter)
 	__u32 bank = cache->bank;
 	struct syscall_slot_state *st = 0;
 	if (cache->key == key && cache->gen == gen) {
+#if TRACKED_ONLY
+		if (slot == UNTRACKED_SLOT)
+			return 0;
+#endif
 		st = slot_state.lookup(&slot);
 		/* The owner check catches a slot freed (and perhaps reused) since it was cached. */
 		if (st && st->cgroup_id != cg)
@@ -517,6 +586,10 @@ RAW_TRACEPOINT_PROBE(sys_enter)
 	if (!st) {
 		cg = bpf_get_current_cgroup_id();
 		slot = resolve_slot(cg, cache, key, gen);
+#if TRACKED_ONLY
+		if (slot == UNTRACKED_SLOT)
+			return 0;
+#endif
 		st = slot_state.lookup(&slot);
 		if (st) {
 			bank = st->bank;
@@ -623,7 +696,7 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
 		return 0;
 	struct fork_event *e = events.ringbuf_reserve(sizeof(struct fork_event));
 	if (!e) {
-		count_loss(EV_FORK);
+		count_reserve_failure(EV_FORK, cg);
 		return 0;
 	}
 	fill_hdr(&e->hdr, EV_FORK, FORK_EVENT_VERSION, sizeof(*e));
@@ -687,7 +760,7 @@ static __always_inline int emit_exec(__u16 type, __u64 cg, __u32 pid, __u32 old_
 {
 	struct exec_event *e = events.ringbuf_reserve(sizeof(struct exec_event));
 	if (!e) {
-		count_loss(type);
+		count_reserve_failure(type, cg);
 		return 0;
 	}
 	fill_hdr(&e->hdr, type, type == EV_EXEC_FIRST ? EXEC_FIRST_EVENT_VERSION : EXEC_EVENT_VERSION,
@@ -722,6 +795,10 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	__u32 pid = args->pid;
 	__u32 old_pid = args->old_pid;
 	__u64 cg = bpf_get_current_cgroup_id();
+	if (!cgroup_tracked(cg)) {
+		exec_regs.delete(&old_pid);
+		return 0;
+	}
 	/* The cgroup's first exec: its syscalls count in bank 1 from now on. Its execve entered
 	 * sys_enter before this, so the slot exists. */
 	__u32 *slotp = cgroup_slots.lookup(&cg);
@@ -795,7 +872,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 		return 0;
 	struct exit_event *e = events.ringbuf_reserve(sizeof(struct exit_event));
 	if (!e) {
-		count_loss(EV_EXIT);
+		count_reserve_failure(EV_EXIT, cg);
 		return 0;
 	}
 	fill_hdr(&e->hdr, EV_EXIT, EXIT_EVENT_VERSION, sizeof(*e));
@@ -819,7 +896,7 @@ static __always_inline void emit_net(struct net_event *src, __u8 with_ret, __s64
 {
 	struct net_event *e = events.ringbuf_reserve(sizeof(struct net_event));
 	if (!e) {
-		count_loss(EV_NET);
+		count_reserve_failure(EV_NET, src->cgroup_id);
 		return;
 	}
 	bpf_probe_read_kernel(e, sizeof(*e), src);
@@ -836,7 +913,7 @@ static __always_inline int announce_net(struct net_count_key *k, __u64 pid_tgid)
 {
 	struct net_first_event *e = events.ringbuf_reserve(sizeof(struct net_first_event));
 	if (!e) {
-		count_loss(EV_NET_FIRST);
+		count_reserve_failure(EV_NET_FIRST, k->cgroup_id);
 		return 0;
 	}
 	fill_hdr(&e->hdr, EV_NET_FIRST, NET_FIRST_EVENT_VERSION, sizeof(*e));
@@ -856,6 +933,8 @@ static __always_inline int announce_net(struct net_count_key *k, __u64 pid_tgid)
 static __always_inline int observe_sock(struct bpf_sock_addr *ctx, __u8 op, __u16 family)
 {
 	__u64 cg = bpf_get_current_cgroup_id();
+	if (!cgroup_tracked(cg))
+		return 1;
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	struct net_count_key k = {};
 	k.cgroup_id = cg;
@@ -905,7 +984,7 @@ static __always_inline int observe_sock(struct bpf_sock_addr *ctx, __u8 op, __u1
 #else
 	struct net_event *e = events.ringbuf_reserve(sizeof(struct net_event));
 	if (!e) {
-		count_loss(EV_NET);
+		count_reserve_failure(EV_NET, cg);
 		return 1;
 	}
 	__builtin_memcpy(e, &ev, sizeof(ev));

@@ -11,6 +11,12 @@ the command's first process dies with the recorder (``PR_SET_PDEATHSIG``), and w
 left in the cgroup is killed (``cgroup.kill``) by the next ``envelope record`` to start
 (:func:`sensor.cgroup.reap_orphans`), which also closes, in the workload it records, sessions
 left open by a recorder that died.
+
+The recorder's own sensor observes only the recorded cgroup and what is made below it (the
+kernel filters, before counting or reserving ring space), so other processes on the node cannot
+fill its ring buffer. The loss a recording reports, and its profile is charged with, is the loss
+the kernel counted against the recorded cgroups; the node-wide counters (loss no cgroup could be
+named for, or, with a shared sensor, other cgroups' loss) are reported beside it, never charged.
 """
 
 from __future__ import annotations
@@ -43,8 +49,9 @@ class RecordResult:
     exit_code: int
     session: str
     cgroup_id: int
-    loss: dict = field(default_factory=dict)
+    loss: dict = field(default_factory=dict)  # lost from this session's cgroups (in its profile)
     behaviours: int = 0
+    node_loss: dict = field(default_factory=dict)  # the node's, beyond ``loss``: not charged
 
 
 def exit_status(returncode: int) -> int:
@@ -101,7 +108,7 @@ def record(config: Config, workload: Workload, argv: Sequence[str], session: str
     own_sensor = sensor is None
     if own_sensor:
         say("attaching probes (compiling BPF, a few seconds)")
-        sensor = wiring.open_sensor(config)
+        sensor = wiring.open_sensor(config, tracked_only=True)
     cgfs = CgroupFS()
     for orphan in reap_orphans(PREFIX, cgfs):
         say(f"killed what a recorder that died left running in {orphan}")
@@ -113,8 +120,7 @@ def record(config: Config, workload: Workload, argv: Sequence[str], session: str
     binding = TreeBinding(str(cg_path), workload, session, meta={"cgroup": rel, "argv": list(argv)},
                           fingerprints=fingerprints)
     pump = Pump(sensor, binding, agg, counts_interval=config.poll_interval)
-    pump.bind(cg_id)
-    loss_before = sensor.loss()
+    pump.bind(cg_id)  # tracked from here: before the command joins the cgroup
     forwarded: list[int] = []
     proc = None
     try:
@@ -139,13 +145,14 @@ def record(config: Config, workload: Workload, argv: Sequence[str], session: str
         # The command is done; end whatever it left behind in the cgroup, then drain the rest.
         cgfs.kill_all(rel)
         pump.finish()
-        loss_after = sensor.loss()
-        loss = {k: v - loss_before.get(k, 0) for k, v in loss_after.items() if v - loss_before.get(k, 0) > 0}
+        loss = dict(sorted(pump.loss_charged.items()))
+        node_loss = {k: v - loss.get(k, 0) for k, v in sorted(pump.node_loss.items())
+                     if v > loss.get(k, 0)}
         code = exit_status(proc.returncode)
         agg.close_session(workload, session, meta={"exit_code": code})
         agg.flush()
         n = len(agg.profile(workload).behaviours())
-        return RecordResult(code, session, cg_id, loss, n)
+        return RecordResult(code, session, cg_id, loss, n, node_loss)
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()

@@ -22,13 +22,16 @@ def request_capture(config: Config):
                        tls_responses=config.http_tls_responses)
 
 
-def open_sensor(config: Config):
-    """Load and attach the probes, turning attach failures into one actionable line."""
+def open_sensor(config: Config, tracked_only: bool = False):
+    """Load and attach the probes, turning attach failures into one actionable line. With
+    ``tracked_only`` (record, exec) the kernel observes only the cgroups the pump binds and
+    their descendants; the daemon's sensor observes the whole node."""
     from sensor.probes import ProbeAttachError, Sensor
 
     capture = request_capture(config)
     sensor = Sensor(ringbuf_pages=config.ringbuf_pages, max_cgroups=config.max_cgroups,
-                    extensions=[capture] if capture is not None else [])
+                    extensions=[capture] if capture is not None else [],
+                    tracked_only=tracked_only)
     try:
         sensor.attach()
     except ProbeAttachError as e:

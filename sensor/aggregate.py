@@ -355,14 +355,11 @@ class Aggregator:
                 contrib.add_overflow(substrate, count, distinct, r.first_seen, r.last_seen)
                 self.dirty.add(b.workload)
 
-    def add_loss(self, deltas: dict[str, int], workloads: Iterable[Workload] | None = None) -> None:
-        """Record lost events against the profiles they may have belonged to.
-
-        Kernel loss counters are not per workload; every profile observed while events were lost
-        is marked, so its evidence is known to be incomplete.
-        """
-        targets = list(workloads) if workloads is not None else sorted({b.workload for b in self.bindings.values()})
-        for w in targets:
+    def add_loss(self, deltas: dict[str, int], workloads: Iterable[Workload]) -> None:
+        """Record lost events against the profiles they belonged to (the pump passes the one
+        workload whose cgroup the kernel counted them for), so their evidence is known to be
+        incomplete. Loss no cgroup can be named for is never charged to a profile."""
+        for w in workloads:
             contrib = self._contribution(w)
             for k, v in deltas.items():
                 contrib.add_loss(k, v)

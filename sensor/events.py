@@ -20,7 +20,7 @@ from functools import lru_cache
 from typing import ClassVar, Union  # noqa: F401 - ClassVar: dataclasses reads string annotations
 
 from . import syscalls
-from .mirrors import ExecCountKey, Mirror, NetCountKey
+from .mirrors import LOSS_RESERVE_TYPES, ExecCountKey, Mirror, NetCountKey
 from .workload import exec_key, net_key, syscall_key
 
 # Event types (EV_* in bpf/events.h). Numbers are never reused.
@@ -59,7 +59,6 @@ TYPE_NAMES = {
 
 # Loss counter indexes (LOSS_* in bpf/events.h); 1..LOSS_RESERVE_TYPES-1 are reserve failures of
 # the sensor's own event types.
-LOSS_RESERVE_TYPES = 16
 LOSS_SYSCALL_UNATTRIBUTED = 16
 LOSS_CGROUP_REMOVED_DROPPED = 17
 LOSS_NET_UNATTRIBUTED = 18

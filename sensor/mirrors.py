@@ -15,6 +15,7 @@ from typing import ClassVar
 SYSCALL_NR_SLOTS = 512  # bpf/events.h
 SYSCALL_BANKS = 2  # counters before (0) and from (1) a cgroup's first exec
 EXEC_FILENAME_LEN = 256  # bpf/events.h (also the exec_count_key path)
+LOSS_RESERVE_TYPES = 16  # bpf/events.h: loss indexes below it are reserve failures by event type
 COUNT_F_ANNOUNCED = 0x1
 SKETCH_REGISTERS = 128
 SKETCH_INDEX_BITS = 7
@@ -208,6 +209,19 @@ class BehaviourSlot(Mirror):
               ("exec_dropped", "Q"), ("net_dropped_first_ns", "Q"), ("net_dropped_last_ns", "Q"),
               ("exec_dropped_first_ns", "Q"), ("exec_dropped_last_ns", "Q"),
               ("net_sketch", f"{SKETCH_REGISTERS}s"), ("exec_sketch", f"{SKETCH_REGISTERS}s"))
+
+
+class SlotLoss(Mirror):
+    """Per-CPU ring-buffer reserve failures of one cgroup slot, by event type (the index of
+    ``loss_counts``): the part of the node-wide loss that belongs to that cgroup.
+
+    struct slot_loss {
+        __u64 reserve_failed[LOSS_RESERVE_TYPES]; /* 0 */
+    };
+    """
+
+    c_name = "slot_loss"
+    fields = tuple((f"reserve_failed{i}", "Q") for i in range(LOSS_RESERVE_TYPES))
 
 
 # ---- bpf/egress.h ------------------------------------------------------------------------------
@@ -464,7 +478,7 @@ class HttpEdgeKey(Mirror):
 #: Every map-layout mirror, by header.
 MAP_MIRRORS = {
     "events.h": (SyscallSlotState, SyscallSlotCounts, NetCountKey, ExecCountKey, BehaviourCount,
-                 BehaviourSlot),
+                 BehaviourSlot, SlotLoss),
     "egress.h": (EgressKey, EgressRule, EgressPortKey, EgressMeta, EgressCgroup),
     "denials.h": (DenialCgroup, DenialThread),
     "http.h": (HttpCgroup, HttpSockKey, HttpSock, HttpConnKey, HttpConn, HttpSslCall, HttpCtab, HttpEdgeKey),

@@ -12,7 +12,13 @@
   :class:`sensor.events.ExecFirstEvent`).
 - :meth:`Sensor.dropped_counts` reads what each cgroup did beyond its caps in those tables.
 - :meth:`Sensor.loss` reports ring-buffer reserve failures per event type (counted in the
-  kernel) plus decode failures (counted here).
+  kernel) plus decode failures (counted here), for the whole node; :meth:`Sensor.cgroup_loss`
+  the part of it that belongs to one cgroup (the kernel knew the cgroup when the reservation
+  failed), which is the only loss a workload's profile is charged with.
+- With ``tracked_only`` (``envelope record``, ``envelope exec``) the kernel observes only the
+  cgroups given to :meth:`Sensor.track_cgroup` and their descendants: another cgroup's
+  activity is neither counted nor put in the ring buffer, so it cannot cost the tracked ones
+  events.
 - :meth:`Sensor.forget_cgroup` frees the counter slot of a cgroup that is gone.
 
 The program family is compiled, loaded and attached by the loader child of
@@ -45,8 +51,8 @@ from .events import (
     exec_count_behaviour, net_count_behaviour,
 )
 from .mirrors import (
-    SYSCALL_BANKS, SYSCALL_NR_SLOTS, BehaviourCount, BehaviourSlot, ExecCountKey, NetCountKey,
-    SyscallSlotCounts, SyscallSlotState,
+    LOSS_RESERVE_TYPES, SYSCALL_BANKS, SYSCALL_NR_SLOTS, BehaviourCount, BehaviourSlot,
+    ExecCountKey, NetCountKey, SlotLoss, SyscallSlotCounts, SyscallSlotState,
 )
 from .kernel import (
     BPF_MAP_DELETE_ELEM, BPF_MAP_GET_NEXT_KEY, BPF_MAP_LOOKUP_AND_DELETE_ELEM,
@@ -74,7 +80,7 @@ _NET_RESULT_TRACEPOINTS = (
 )
 _MAPS = ("syscall_counts", "slot_state", "cgroup_slots", "free_slots", "loss_counts",
          "parents", "removed_cgroups", "events", "net_counts", "exec_counts", "behaviour_slots",
-         "hooks", "hooked_cgroups", "hook_slots")
+         "hooks", "hooked_cgroups", "hook_slots", "slot_loss", "tracked_cgroups")
 # The counter tables: map name, key mirror, key decoder, substrate of what it counts.
 _COUNT_TABLES = (("net_counts", NetCountKey, net_count_behaviour, "egress"),
                  ("exec_counts", ExecCountKey, exec_count_behaviour, "exec"))
@@ -131,7 +137,10 @@ class Extension(Protocol):
       it from the sensor's output (the extension makes something of it itself);
     - ``events() -> list``: what the extension made, handed out with the next :meth:`Sensor.poll`
       (objects with ``cgroup_id``, ``ktime`` and ``behaviour_keys()``, see
-      :meth:`sensor.aggregate.Aggregator.on_event`)."""
+      :meth:`sensor.aggregate.Aggregator.on_event`);
+    - ``cgroup_loss() -> {cgroup id: {name: cumulative count}}``: loss the extension can
+      attribute to one cgroup (see :meth:`Sensor.cgroup_loss`; the pump charges it to that
+      cgroup's profile only, while ``loss()`` stays the node's)."""
 
     name: str
     rings: tuple[str, ...]
@@ -211,7 +220,7 @@ class Sensor:
 
     def __init__(self, ringbuf_pages: int = 256, max_cgroups: int = 1024,
                  cflags: Sequence[str] = (), extensions: Sequence[Extension] = (),
-                 trace_events: bool = False):
+                 trace_events: bool = False, tracked_only: bool = False):
         if ringbuf_pages < 1 or ringbuf_pages & (ringbuf_pages - 1):
             raise ValueError(f"ringbuf_pages must be a power of two, got {ringbuf_pages}")
         if not 1 <= max_cgroups <= 65535:
@@ -220,9 +229,11 @@ class Sensor:
         self.max_cgroups = max_cgroups
         self.cflags = [f"-I{kernel.BPF_DIR}", f"-DRINGBUF_PAGES={ringbuf_pages}",
                        f"-DMAX_CGROUPS={max_cgroups}", *syscalls.kernel_cflags(),
-                       *(["-DTRACE_EVENTS=1"] if trace_events else []), *cflags]
+                       *(["-DTRACE_EVENTS=1"] if trace_events else []),
+                       *(["-DTRACKED_ONLY=1"] if tracked_only else []), *cflags]
         self.net_result = _define(self.cflags, "NET_RESULT") not in (None, "0")
         self.trace_events = _define(self.cflags, "TRACE_EVENTS") not in (None, "0")
+        self.tracked_only = _define(self.cflags, "TRACKED_ONLY") not in (None, "0")
         self.caps = {"egress": int(_define(self.cflags, "NET_CGROUP_CAP") or DEFAULT_NET_CGROUP_CAP),
                      "exec": int(_define(self.cflags, "EXEC_CGROUP_CAP") or DEFAULT_EXEC_CGROUP_CAP)}
         # Counter-table reading state: decoded keys and last raw values (bounded by the tables),
@@ -244,6 +255,7 @@ class Sensor:
         self._ncpus = kernel.possible_cpus()
         self._counts_buf = ctypes.create_string_buffer(SyscallSlotCounts.size() * self._ncpus)
         self._loss_buf = ctypes.create_string_buffer(8 * self._ncpus)
+        self._slot_loss_buf = ctypes.create_string_buffer(SlotLoss.size() * self._ncpus)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -282,7 +294,7 @@ class Sensor:
         self._sync_wall_clock()
         log.info("sensor attached", ringbuf_pages=self.ringbuf_pages,
                  max_cgroups=self.max_cgroups, net_result=self.net_result,
-                 trace_events=self.trace_events, attachments=len(self._loaded.attachments))
+                 trace_events=self.trace_events, tracked_only=self.tracked_only, attachments=len(self._loaded.attachments))
 
     def close(self) -> None:
         """Detach everything: attachments first (raw tracepoint, perf events, links), then maps."""
@@ -443,6 +455,8 @@ class Sensor:
         that syscall, so each failed attempt counts and the event arrives late, not never.
         ``syscall_unattributed``: syscalls counted while no cgroup slot was free.
         ``decode_error``, ``unknown_version``, ``unknown_type``: records that did not decode.
+        These are the node's: the part that belongs to one cgroup is also in
+        :meth:`cgroup_loss`.
         """
         self._require()
         out = {}
@@ -579,9 +593,50 @@ class Sensor:
         if map_op(BPF_MAP_LOOKUP_ELEM, self._maps["cgroup_slots"], key, slot) == 0:
             map_op(BPF_MAP_UPDATE_ELEM, self._maps["hook_slots"], slot, val)
 
+    def cgroup_loss(self) -> dict[int, dict[str, int]]:
+        """cgroup id -> loss counter -> cumulative loss that belongs to that cgroup: ring-buffer
+        reservations that failed for its records (``ringbuf_full_<type>``, the names of
+        :meth:`loss`, counted in its counter slot), and what the extensions attribute to it
+        (``<extension>_<name>``). Only cgroups that lost something appear; the values of a
+        forgotten cgroup go with its slot. Uses the cgroup slots of the last
+        :meth:`syscall_counts` call when there was one."""
+        self._require()
+        slots = self._slots_read if self._slots_read is not None else self.cgroup_slots()
+        out: dict[int, dict[str, int]] = {}
+        width = LOSS_RESERVE_TYPES
+        for cg, slot in slots.items():
+            vals = self._percpu_u64("slot_loss", slot, self._slot_loss_buf)
+            for idx, name in LOSS_NAMES.items():
+                if idx >= width:
+                    continue
+                n = sum(vals[c * width + idx] for c in range(self._ncpus))
+                if n:
+                    out.setdefault(cg, {})[name] = n
+        for ext in self.extensions:
+            read = getattr(ext, "cgroup_loss", None)
+            for cg, per in (read() if read is not None else {}).items():
+                d = out.setdefault(cg, {})
+                for name, n in per.items():
+                    d[f"{ext.name}_{name}"] = n
+        return out
+
+    def track_cgroup(self, cgroup_id: int) -> None:
+        """With ``tracked_only``: observe ``cgroup_id`` and the cgroups that will be made below
+        it (write it before a process joins it; a no-op without ``tracked_only``, where every
+        cgroup is observed)."""
+        self._require()
+        if not self.tracked_only:
+            return
+        err = map_op(BPF_MAP_UPDATE_ELEM, self._maps["tracked_cgroups"], ctypes.c_uint64(cgroup_id),
+                     ctypes.c_uint32(1))
+        if err:
+            raise ProbeAttachError(f"sensor tracked_cgroups: {os.strerror(err)}; fix: fewer than "
+                                   f"{self.max_cgroups} cgroups can be tracked at once")
+
     def watch_cgroup(self, cgroup_id: int, path: str | None) -> None:
-        """A cgroup the pump bound to a workload session: the extensions that follow workloads'
-        cgroups (``watch``) start on it."""
+        """A cgroup the pump bound to a workload session: tracked (see :meth:`track_cgroup`),
+        and the extensions that follow workloads' cgroups (``watch``) start on it."""
+        self.track_cgroup(cgroup_id)
         for ext in self.extensions:
             watch = getattr(ext, "watch", None)
             if watch is None:
@@ -615,6 +670,7 @@ class Sensor:
                     log.warning("sensor extension unwatch failed", extension=ext.name, error=str(e))
         key = ctypes.c_uint64(cgroup_id)
         map_op(BPF_MAP_DELETE_ELEM, self._maps["hooked_cgroups"], key)
+        map_op(BPF_MAP_DELETE_ELEM, self._maps["tracked_cgroups"], key)
         slot = ctypes.c_uint32()
         if map_op(BPF_MAP_LOOKUP_ELEM, self._maps["cgroup_slots"], key, slot) != 0:
             return
@@ -643,6 +699,8 @@ class Sensor:
             map_op(BPF_MAP_UPDATE_ELEM, self._maps["syscall_counts"], k, zeros)
             map_op(BPF_MAP_UPDATE_ELEM, self._maps["behaviour_slots"], k,
                    ctypes.create_string_buffer(BehaviourSlot.size()))
+            map_op(BPF_MAP_UPDATE_ELEM, self._maps["slot_loss"], k,
+                   ctypes.create_string_buffer(SlotLoss.size() * self._ncpus))
             self._write_slot_state(slot)
             map_op(BPF_MAP_UPDATE_ELEM, self._maps["hook_slots"], k, ctypes.c_uint32(0))
             map_op(BPF_MAP_UPDATE_ELEM, self._maps["free_slots"], None, k)

@@ -8,7 +8,13 @@ is counted as lost), binds each new cgroup
 to a workload session at first sight, reads the kernel's cumulative counters (syscalls, network
 destinations, exec paths, and what each cgroup dropped beyond its caps) every
 ``counts_interval`` seconds, accounts for lost events, and closes the sessions of cgroups that
-are gone. What a session *is* comes from the binding passed in:
+are gone.
+
+Loss is charged only to the workload that lost it: what the kernel counted against a bound
+cgroup (:meth:`sensor.probes.Sensor.cgroup_loss`) goes to that cgroup's profile; the node's
+counters (:meth:`sensor.probes.Sensor.loss`, which include loss no cgroup can be named for) are
+reported per step (``StepStats.loss``, the daemon's metrics) and in :attr:`Pump.node_loss`, and
+are never charged to a profile. What a session *is* comes from the binding passed in:
 
 * :class:`NodeBinding`: every cgroup of the node, each resolved to its workload by the identity
   resolver (``envelope daemon``, ``envelope top``);
@@ -43,7 +49,8 @@ class StepStats:
     new_cgroups: int = 0
     closed_cgroups: int = 0
     completed: int = 0  # cgroups whose identity became known and whose evidence moved
-    loss: dict = field(default_factory=dict)
+    loss: dict = field(default_factory=dict)  # the node's loss counters that moved (not charged)
+    cgroup_loss: dict = field(default_factory=dict)  # cgroup id -> loss charged to its profile
     counters_read: bool = False
 
 
@@ -64,9 +71,6 @@ class Binding(Protocol):
 
     def forget(self, cgroup_id: int) -> None:
         """A cgroup that is gone: never bind it again (cgroup ids are not reused)."""
-
-    def loss_workloads(self, agg: Aggregator) -> list[Workload] | None:
-        """The profiles kernel loss counted in this step is charged to (None: every bound one)."""
 
     def refresh(self, agg: Aggregator, cgroups: Iterable[int] | None = None) -> int:
         """Look again at bound cgroups whose identity is incomplete (all, or ``cgroups``) and
@@ -173,9 +177,6 @@ class NodeBinding:
         if len(self.ignored) > 65536:
             self.ignored = set(sorted(self.ignored)[-32768:])
 
-    def loss_workloads(self, agg: Aggregator) -> list[Workload] | None:
-        return None
-
 
 class TreeBinding:
     """One cgroup (``root``, absolute path) and every cgroup below it: one session of one
@@ -231,9 +232,6 @@ class TreeBinding:
     def forget(self, cgroup_id: int) -> None:
         self.paths.pop(cgroup_id, None)
 
-    def loss_workloads(self, agg: Aggregator) -> list[Workload] | None:
-        return [self.workload]
-
     def refresh(self, agg: Aggregator, cgroups: Iterable[int] | None = None) -> int:
         return 0  # the session's identity is given
 
@@ -254,6 +252,9 @@ class Pump:
         self._next_counts = 0.0
         self._next_gc = clock() + gc_interval
         self._loss_seen: dict[str, int] = dict(sensor.loss()) if sensor is not None else {}
+        self._cgroup_loss_seen: dict[int, dict[str, int]] = {}
+        self.node_loss: dict[str, int] = {}  # the node's loss counters' growth since the start
+        self.loss_charged: dict[str, int] = {}  # loss charged to the bound cgroups' profiles
 
     @property
     def paths(self) -> dict[int, str]:
@@ -322,8 +323,16 @@ class Pump:
         self.agg.on_key_counts(self.sensor.behaviour_counts(changed_only=True))
         self.agg.on_dropped(self.sensor.dropped_counts())
         st.loss = self._loss_delta()
-        if st.loss:
-            self.agg.add_loss(st.loss, self.binding.loss_workloads(self.agg))
+        for k, v in st.loss.items():
+            self.node_loss[k] = self.node_loss.get(k, 0) + v
+        for cg, delta in self._cgroup_loss_delta().items():
+            b = self.agg.bindings.get(cg)
+            if b is None:
+                continue  # not a session of this pump: never charged to one
+            self.agg.add_loss(delta, [b.workload])
+            st.cgroup_loss[cg] = delta
+            for k, v in delta.items():
+                self.loss_charged[k] = self.loss_charged.get(k, 0) + v
         st.counters_read = True
         return st
 
@@ -345,6 +354,16 @@ class Pump:
         self._loss_seen = dict(cur)
         return delta
 
+    def _cgroup_loss_delta(self) -> dict[int, dict[str, int]]:
+        out: dict[int, dict[str, int]] = {}
+        for cg, per in self.sensor.cgroup_loss().items():
+            seen = self._cgroup_loss_seen.setdefault(cg, {})
+            delta = {k: v - seen.get(k, 0) for k, v in per.items() if v > seen.get(k, 0)}
+            seen.update(per)
+            if delta:
+                out[cg] = delta
+        return out
+
     def collect_gone(self) -> int:
         """Close the sessions of cgroups that no longer exist and free their kernel slots."""
         gone = self.binding.gone()
@@ -352,6 +371,7 @@ class Pump:
             self.agg.unbind(cg)
             self.sensor.forget_cgroup(cg)
             self.binding.forget(cg)
+            self._cgroup_loss_seen.pop(cg, None)  # its slot's counters go with it
         return len(gone)
 
     def release(self) -> None:

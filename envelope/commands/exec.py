@@ -93,6 +93,7 @@ class ExecRunner:
         self.violations: list = []
         self.decode_errors = 0
         self.lost = 0
+        self.observation_lost: dict[str, int] = {}  # the sensor's loss of this run's cgroups
 
     def _reports_execs(self) -> bool:
         """exec is observed and reported, not enforced: this kernel refuses BPF-LSM programs."""
@@ -119,7 +120,7 @@ class ExecRunner:
         from sensor.pump import Pump, TreeBinding
         from .. import wiring
         try:
-            sensor = wiring.open_sensor(self.config)
+            sensor = wiring.open_sensor(self.config, tracked_only=True)
         except UserError as e:
             if self._judges_http():
                 raise UserError(f"exec: the http substrate is judged by the request capture, which "
@@ -179,6 +180,7 @@ class ExecRunner:
             child = None
             if pump is not None:
                 pump.finish()
+                self.observation_lost = dict(pump.loss_charged)
             self._take(enforcement.poll_violations(0), judge, pump, session_id)
             self.decode_errors = enforcement.decode_errors
             self.lost = sum(enforcement.lost().values())
@@ -216,6 +218,9 @@ class ExecRunner:
         if self.lost or self.decode_errors:
             print(f"envelope: warning: {self.lost} violation event(s) lost in the kernel (ring buffer "
                   f"full), {self.decode_errors} undecodable", file=sys.stderr)
+        if self.observation_lost:
+            print(f"envelope: warning: the sensor lost events of this run (detection may have missed "
+                  f"behaviours): {self.observation_lost}", file=sys.stderr)
         if not self.violations:
             return
         folded = fold(self.violations)

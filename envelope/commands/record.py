@@ -41,11 +41,13 @@ def cmd_record(args, config) -> int:
     res = record(config, workload, cmd, session=args.session, fingerprints=fps,
                  progress=progress_printer(not args.quiet))
     summary = {"workload": workload.key, "session": res.session, "exit_code": res.exit_code,
-               "behaviours": res.behaviours, "loss": res.loss}
+               "behaviours": res.behaviours, "loss": res.loss, "node_loss": res.node_loss}
     if args.output != "table":
         sys.stdout.write(dump(summary, args.output))
     if not args.quiet:
         lost = f", LOST {res.loss}" if res.loss else ", no events lost"
+        if res.node_loss:
+            lost += f" (node-wide, not this workload's: {res.node_loss})"
         print(f"envelope: session {res.session} recorded: {res.behaviours} behaviours in profile{lost}; "
               f"exit {res.exit_code}", file=sys.stderr)
     return res.exit_code

@@ -74,11 +74,14 @@ def test_flush_persists_and_resumes(tmp_path):
     assert (b.count, b.sessions) == (5, 2)
 
 
-def test_loss_is_recorded_on_active_profiles(tmp_path):
+def test_loss_is_recorded_only_on_the_profiles_named(tmp_path):
     agg, _ = make(tmp_path)
+    other = Workload.host("neighbour")
     agg.bind(7, W, "run-1")
-    agg.add_loss({"ringbuf_full_exec": 4})
+    agg.bind(8, other, "run-2")
+    agg.add_loss({"ringbuf_full_exec": 4}, [W])
     assert agg.profile(W).loss() == {"ringbuf_full_exec": 4}
+    assert agg.profile(other).loss() == {}
 
 
 def test_restart_window_starts_a_new_profile_and_keeps_running_sessions(tmp_path):

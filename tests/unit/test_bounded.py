@@ -60,6 +60,9 @@ class EndlessRing:
     def dropped_counts(self):
         return {}
 
+    def cgroup_loss(self):
+        return {}
+
     def forget_cgroup(self, cg):
         pass
 
