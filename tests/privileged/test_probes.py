@@ -759,3 +759,85 @@ def test_a_failed_load_is_one_actionable_error_and_leaves_nothing_attached():
     assert [_root_programs(t) for t in hooks] == before
     with pytest.raises(RuntimeError, match="not attached"):
         s.poll(0)
+
+
+# ---- loss belongs to the workload that lost it ------------------------------------------------
+
+
+def _flood(cgroup: Path, workload: str, n: int) -> subprocess.Popen:
+    """A noisy neighbour in ``cgroup``: ``n`` UDP connects, each to a new destination (each a
+    first sighting for a node-wide sensor, so each wants a ring record)."""
+    return subprocess.Popen([workload, f"spray={n}"], stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: (cgroup / "cgroup.procs").write_text("0"))
+
+
+def _flooded(p: subprocess.Popen, n: int) -> None:
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0 and f"sprayed {n} failed 0" in out, out  # the neighbour really ran
+
+
+def test_a_tracked_sensor_leaves_a_noisy_neighbour_out_before_counting(cgroups, workload, listeners):
+    """Four pages of ring buffer (room for the workload's own ~150 announcements, not for the
+    neighbour's 40,000), nobody polling, a neighbour flooding new destinations while the
+    tracked workload runs: the neighbour gets no slot, no count and no ring space, so the
+    tracked workload loses nothing and its counts are exact; a cgroup made below the tracked
+    one is tracked from its first syscall."""
+    from sensor.probes import Sensor
+    a, a_id = cgroups()
+    b, b_id = cgroups()
+    child = a / "inner"
+    n = 40_000
+    spread = 50  # fits the ring with the workload's syscall announcements
+    with Sensor(ringbuf_pages=4, tracked_only=True) as s:
+        s.track_cgroup(a_id)
+        child.mkdir()
+        try:
+            from sensor.cgroup import cgroup_id
+            child_id = cgroup_id(str(child))
+            noisy = _flood(b, workload, n)
+            run_in(a, [workload, "getcpu=37", f"spread={spread}", f"udp={listeners['udp']}", "udpn=500"])
+            run_in(child, [workload, "getcpu=5"])
+            _flooded(noisy, n)
+            events = drained(s)
+            counts = s.syscall_counts()
+            keys = s.behaviour_counts()
+            loss = s.loss()
+            per_cgroup = s.cgroup_loss()
+            slots = s.cgroup_slots()
+        finally:
+            child.rmdir()
+    assert {k: v for k, v in loss.items() if v} == {}, loss  # nothing lost anywhere
+    assert per_cgroup == {}
+    assert b_id not in slots and b_id not in counts and b_id not in keys
+    assert {e.cgroup_id for e in events} <= {a_id, child_id}
+    assert counts[a_id][NR_GETCPU] == 37 and counts[child_id][NR_GETCPU] == 5
+    sends = {f"send:udp:127.0.0.1:{20000 + i}" for i in range(spread)}
+    assert {k: keys[a_id][k].count for k in sends} == {k: 1 for k in sends}
+    assert keys[a_id][f"send:udp:127.0.0.1:{listeners['udp']}"].count == 500 + 1
+    announced = {e.behaviour_key() for e in events if isinstance(e, NetFirstEvent)}
+    assert sends <= announced  # every first sighting of the workload arrived
+
+
+def test_ring_loss_is_counted_against_the_cgroup_that_lost_it(cgroups, workload):
+    """A node-wide sensor with one page of ring buffer and nobody polling: a flooding neighbour
+    and a workload each lose first-sighting records. Each cgroup's own loss counter says
+    exactly how many of its announcements went missing, and the node's counter holds both."""
+    from sensor.probes import Sensor
+    a, a_id = cgroups()
+    b, b_id = cgroups()
+    n, spread = 3000, 200
+    with Sensor(ringbuf_pages=1) as s:
+        while s.poll(0):
+            pass
+        before = s.loss()["ringbuf_full_net_first"]
+        _flooded(_flood(b, workload, n), n)
+        run_in(a, [workload, f"spread={spread}"])
+        events = drained(s)
+        per_cgroup = s.cgroup_loss()
+        node = s.loss()["ringbuf_full_net_first"] - before
+    got = Counter(e.cgroup_id for e in events if isinstance(e, NetFirstEvent))
+    lost_a = per_cgroup[a_id]["ringbuf_full_net_first"]
+    lost_b = per_cgroup[b_id]["ringbuf_full_net_first"]
+    assert lost_a > 0 and lost_b > 0  # the ring really overflowed for both
+    assert got[a_id] + lost_a == spread and got[b_id] + lost_b == n
+    assert node >= lost_a + lost_b  # other cgroups of this shared machine may lose some too

@@ -136,3 +136,106 @@ def test_missing_command_is_a_clear_error(tmp_path):
     r = envelope(tmp_path, "record", "--workload", "x", "--", "/nonexistent/binary")
     assert r.returncode == 2
     assert "cannot run" in r.stderr and "Traceback" not in r.stderr
+
+
+# A noisy neighbour: UDP connects to new destinations as fast as Python goes (each a first
+# sighting, so each wants a ring record from a sensor that observes the node), until killed.
+# Every 2,000 destinations it moves to a new cgroup of its own tree, so the per-cgroup cap of
+# the kernel's destination table (4,096) never stops its announcements.
+FLOOD_SRC = r"""
+import os, socket, sys
+root = sys.argv[1]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+i = 0
+while True:
+    if i % 2000 == 0:
+        d = os.path.join(root, "hop-%d" % (i // 2000))
+        os.mkdir(d)
+        open(os.path.join(d, "cgroup.procs"), "w").write("0")
+    i += 1
+    s.connect(("127.%d.%d.%d" % ((i >> 16) & 255, (i >> 8) & 255, i & 255 or 1), 9))
+"""
+
+# The recorded workload: UDP sends to N new destinations in a burst, and a rare syscall.
+BURST_SRC = r"""
+import ctypes, socket
+libc = ctypes.CDLL(None)
+for _ in range(7):
+    libc.personality(0xffffffff)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range({n}):
+    u.sendto(b"x", ("127.0.0.1", 21000 + i))
+"""
+
+
+@pytest.fixture
+def neighbour():
+    """A flooding process in a cgroup of its own, running for the whole test."""
+    import os
+    import uuid
+    from sensor.cgroup import CgroupFS
+    fs = CgroupFS()
+    rel = f"/envelope-neighbour-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    path, cid = fs.make(rel)
+    p = subprocess.Popen(["/usr/bin/python3", "-c", FLOOD_SRC, str(path)])
+    yield cid
+    p.kill()
+    p.wait()
+    for hop in sorted(path.glob("hop-*")):
+        hop.rmdir()
+    fs.remove(rel)
+
+
+def test_a_noisy_neighbour_costs_a_recording_no_events(tmp_path, neighbour):
+    """record's own sensor observes only the recorded cgroup: a neighbour flooding new
+    destinations beside it fills nothing of its ring, so the recording loses nothing, its counts
+    are exact, and no node-wide loss is reported either."""
+    from envelope.config import Config
+    from envelope.recording import record
+    import time
+    time.sleep(0.3)  # the flood is under way
+    cfg = Config(state_dir=tmp_path, ringbuf_pages=8, poll_interval=0.2)
+    n = 300
+    res = record(cfg, Workload.host("quiet"), ["/usr/bin/python3", "-c", BURST_SRC.format(n=n)])
+    assert res.exit_code == 0
+    assert res.loss == {} and res.node_loss == {}, (res.loss, res.node_loss)
+    p = ProfileStore(tmp_path).load(Workload.host("quiet"))
+    b = p.behaviours()
+    sends = {f"send:udp:127.0.0.1:{21000 + i}" for i in range(n)}
+    assert {k: b[k].count for k in sends} == {k: 1 for k in sends}
+    assert b["syscall:personality"].count == 7
+    assert not any(k.startswith("connect:udp:127.") for k in b)  # nothing of the neighbour's
+    assert p.loss() == {}
+
+
+def test_attributed_loss_is_charged_to_the_recording_and_the_neighbours_is_not(tmp_path, neighbour):
+    """A shared node-wide sensor with one page of ring buffer, kept full by the neighbour: the
+    recording's first sightings (its start-up syscalls, its burst) do not all fit, and neither
+    do the neighbour's. The recording's profile is charged with the loss the kernel
+    counted against its cgroup, exactly what the recording reports; the neighbour's loss is
+    reported as node-wide and charged to no profile; the counts are exact anyway."""
+    from envelope.config import Config
+    from envelope.recording import record
+    from sensor.probes import Sensor
+    import time
+    n = 1000
+    cfg = Config(state_dir=tmp_path, ringbuf_pages=1, poll_interval=0.2)
+    with Sensor(ringbuf_pages=1) as s:
+        time.sleep(0.3)  # the flood is under way
+        res = record(cfg, Workload.host("burst"), ["/usr/bin/python3", "-c", BURST_SRC.format(n=n)],
+                     sensor=s)
+    assert res.exit_code == 0
+    # The ring really overflowed, for the recording (its first sightings) and for the neighbour.
+    assert sum(v for k, v in res.loss.items() if k.startswith("ringbuf_full_")) > 0, res.loss
+    assert sum(res.node_loss.values()) > 0, res.node_loss  # lost, and not the recording's
+    p = ProfileStore(tmp_path).load(Workload.host("burst"))
+    assert p.loss() == res.loss  # only what the kernel counted against the recorded cgroup
+    b = p.behaviours()
+    sends = {f"send:udp:127.0.0.1:{21000 + i}" for i in range(n)}
+    # Each send counted once, or counted as dropped when the neighbour's destinations had
+    # filled the node's table (which a recording's own sensor never lets happen, see above).
+    kept = {k: b[k].count for k in sends if k in b}
+    assert set(kept.values()) <= {1}
+    dropped = p.overflow().get("egress")
+    assert len(kept) + (dropped.count if dropped else 0) == n
+    assert not any(k.startswith("connect:udp:127.") for k in b)
