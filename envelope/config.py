@@ -46,6 +46,10 @@ class Config:
     profile_namespace: str = field(default_factory=lambda: os.environ.get("POD_NAMESPACE", "envelope-system"))
     kubeconfig: str | None = None  # outside a pod, with cluster: "on"
     policy_sync_interval: float = 15.0  # seconds between policy-job rounds (retries, stale checks); policies are watched
+    # Count capability checks per cgroup (bpf/capabilities.c). On a kernel with no capability probe
+    # the sensor runs without it (one warning; `envelope doctor` says why) and sessions say so.
+    observe_capabilities: bool = True
+    capability_keys: int = 16384  # kernel counters of (cgroup, capability, granted/refused, phase)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, **overrides) -> "Config":

@@ -6,15 +6,36 @@ constructors directly.
 
 from __future__ import annotations
 
+import structlog
+
 from .config import Config
 from .errors import EnvironmentFailure
+
+log = structlog.get_logger("envelope.wiring")
+
+
+def sensor_extensions(config: Config) -> list:
+    """The program families the sensor loads beside its own, as the config asks. The capability
+    probe is left out, with one warning, on a kernel that has none."""
+    out = []
+    if config.observe_capabilities:
+        from sensor import capability_observer
+
+        how, detail = capability_observer.available()
+        if how is None:
+            log.warning("capability checks are not observed", reason=detail,
+                        fix="see `envelope doctor` (capability_probe)")
+        else:
+            out.append(capability_observer.CapabilityObserver(max_keys=config.capability_keys, how=how))
+    return out
 
 
 def open_sensor(config: Config):
     """Load and attach the probes, turning attach failures into one actionable line."""
     from sensor.probes import ProbeAttachError, Sensor
 
-    sensor = Sensor(ringbuf_pages=config.ringbuf_pages, max_cgroups=config.max_cgroups)
+    sensor = Sensor(ringbuf_pages=config.ringbuf_pages, max_cgroups=config.max_cgroups,
+                    extensions=sensor_extensions(config))
     try:
         sensor.attach()
     except ProbeAttachError as e:

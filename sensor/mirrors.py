@@ -26,6 +26,12 @@ EGRESS_CGROUP_PATH_LEN = 248
 DENIALS_NR_SLOTS = 512
 DENIALS_MODE_ALERT = 1
 DENIALS_MODE_ENFORCE = 2
+CAPS_F_REFUSED = 1  # bpf/capabilities.h
+CAPS_F_AFTER_EXEC = 2
+CAPS_STAT_MAP_FULL = 0
+CAPS_STAT_UNKNOWN_CAP = 1
+CAPS_STAT_OVERCOMMIT = 2
+CAPS_STAT_SLOTS = 4
 
 
 class Mirror:
@@ -215,11 +221,44 @@ class DenialCgroup(Mirror):
               + tuple((f"uring_seen{i}", "Q") for i in range(4)))
 
 
+# ---- bpf/capabilities.h ------------------------------------------------------------------------
+
+
+class CapKey(Mirror):
+    """Key of ``cap_counts``: one cgroup, one capability, granted or refused, before or after the
+    cgroup's first exec.
+
+    struct cap_key {
+        __u64 cgroup_id; /*  0 */
+        __u32 cap;       /*  8 capability number (0..CAPS_LAST_CAP) */
+        __u32 flags;     /* 12 CAPS_F_* */
+    };
+    """
+
+    c_name = "cap_key"
+    fields = (("cgroup_id", "Q"), ("cap", "I"), ("flags", "I"))
+
+
+class CapCount(Mirror):
+    """Value of ``cap_counts``: cumulative, never drained.
+
+    struct cap_count {
+        __u64 count;    /*  0 */
+        __u64 first_ns; /*  8 bpf_ktime_get_ns() of the first check */
+        __u64 last_ns;  /* 16 of the latest */
+    };
+    """
+
+    c_name = "cap_count"
+    fields = (("count", "Q"), ("first_ns", "Q"), ("last_ns", "Q"))
+
+
 #: Every map-layout mirror, by header.
 MAP_MIRRORS = {
     "events.h": (SyscallSlotState, SyscallSlotCounts),
     "egress.h": (EgressKey, EgressRule, EgressPortKey, EgressMeta, EgressCgroup),
     "denials.h": (DenialCgroup,),
+    "capabilities.h": (CapKey, CapCount),
 }
 U64 = struct.Struct("<Q")
 U32 = struct.Struct("<I")

@@ -246,6 +246,8 @@ class Pump:
         self._next_counts = 0.0
         self._next_gc = time.monotonic() + gc_interval
         self._loss_seen: dict[str, int] = dict(sensor.loss()) if sensor is not None else {}
+        if sensor is not None:  # sessions record the marked substrates their sensor observes
+            aggregator.observed = tuple(sensor.observed_substrates())
 
     @property
     def paths(self) -> dict[int, str]:
@@ -294,7 +296,8 @@ class Pump:
         st.completed += self.binding.refresh(self.agg)
         counts = self.sensor.syscall_counts(after_exec=self.binding.image_only)
         self.agg.on_counts(counts, time.time())
-        self.agg.on_key_counts(self.sensor.behaviour_counts())
+        self.agg.on_refused_counts(self.sensor.refused_counts(after_exec=self.binding.image_only))
+        self.agg.on_key_counts(self.sensor.behaviour_counts(after_exec=self.binding.image_only))
         st.loss = self._loss_delta()
         if st.loss:
             self.agg.add_loss(st.loss, self.binding.loss_workloads(self.agg))

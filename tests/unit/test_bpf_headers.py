@@ -152,6 +152,9 @@ def test_type_numbers_match_and_are_unique():
         "EGRESS_CGROUP_PATH_LEN")],
     *[(mirrors, "denials.h", n) for n in ("DENIALS_NR_SLOTS", "DENIALS_MODE_ALERT",
                                           "DENIALS_MODE_ENFORCE")],
+    *[(mirrors, "capabilities.h", n) for n in ("CAPS_F_REFUSED", "CAPS_F_AFTER_EXEC", "CAPS_STAT_MAP_FULL",
+                                               "CAPS_STAT_UNKNOWN_CAP", "CAPS_STAT_OVERCOMMIT",
+                                               "CAPS_STAT_SLOTS")],
 ])
 def test_constants_match(module, header, name):
     assert DEFINES[header][name] == getattr(module, name)
@@ -180,8 +183,9 @@ def test_program_sources_include_their_headers():
     src = {p.name: p.read_text() for p in BPF.glob("*.c")}
     assert '#include "egress.h"' in src["egress.c"]
     assert '#include "denials.h"' in src["denials.c"]
+    assert '#include "capabilities.h"' in src["capabilities.c"]
     for name, text in src.items():
-        for header in ("egress.h", "denials.h"):
+        for header in ("egress.h", "denials.h", "capabilities.h"):
             body = _strip_comments(text)
             for struct_name, (h, _) in STRUCTS.items():
                 if h == header:
