@@ -8,6 +8,8 @@
  *   klog=N            N x syslog(SYSLOG_ACTION_SIZE_UNREAD) (one CAP_SYSLOG check each)
  *   mmap=N            N private writable anonymous mappings, touched and unmapped (overcommit
  *                     accounting's CAP_SYS_ADMIN question, which is not behaviour)
+ *   drop              setgroups(0), setgid(65534), setuid(65534): a server dropping root
+ *                     (CAP_SETGID twice, CAP_SETUID once); later operations are refused
  *
  * Prints one line per operation: "<op> ok" or "<op> errno <n>". Exits 0.
  */
@@ -21,6 +23,7 @@
 #include <string.h>
 #include <sys/klog.h>
 #include <sys/mman.h>
+#include <grp.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -75,6 +78,13 @@ int main(int argc, char **argv)
 				munmap(p, 4096);
 			}
 			printf("mmap %ld\n", n);
+		} else if (!strcmp(a, "drop")) {
+			int rc = setgroups(0, NULL);
+			if (rc == 0)
+				rc = setgid(65534);
+			if (rc == 0)
+				rc = setuid(65534);
+			report("drop", rc);
 		} else {
 			fprintf(stderr, "unknown operation %s\n", a);
 			return 2;
