@@ -19,21 +19,35 @@
  * One check is left out on purpose: overcommit accounting (security_vm_enough_memory_mm, with
  * cap_vm_enough_memory inlined or not) asks cap_capable(CAP_SYS_ADMIN, noaudit) on every private
  * writable mmap, brk and fork only to size the root reserve under overcommit_memory=2; it
- * refuses nothing and is not a need. Userspace passes the address ranges of those functions
- * (/proc/kallsyms) as CAPS_VM_ACCT_LO0/HI0 and LO1/HI1; a CAP_SYS_ADMIN check whose kernel stack
- * (the first CAPS_STACK_DEPTH frames) has a return address inside one is counted in
- * cap_stats[CAPS_STAT_OVERCOMMIT] instead. Only CAP_SYS_ADMIN checks walk the stack. Without the
- * ranges (kallsyms hidden) nothing is left out, and userspace says so.
+ * refuses nothing and is not a need. It calls cap_capable directly, where every capable() and
+ * ns_capable() goes through security_capable. Userspace passes the address ranges of cap_capable
+ * (CAPS_CAPABLE_LO/HI) and of those functions (/proc/kallsyms: CAPS_VM_ACCT_LO0/HI0, LO1/HI1);
+ * a CAP_SYS_ADMIN check whose caller (cap_capable's return address) lies in one is counted in
+ * cap_stats[CAPS_STAT_OVERCOMMIT] instead. Only CAP_SYS_ADMIN checks look at their caller:
+ *
+ *   slow path  bpf_get_stack (CAPS_STACK_DEPTH frames, about 0.75 us measured here): the frame
+ *              after cap_capable's is the caller. The first walk also finds where, among the
+ *              CAPS_SCAN_WORDS words above the raw tracepoint's argument array, the return
+ *              address into cap_capable and the caller's return address sit (`stack_layout`);
+ *   fast path  one bpf_probe_read_kernel of those words: when the word at the learnt position
+ *              is a return address into cap_capable, the function holding the argument array was
+ *              called from cap_capable directly (the layout learnt), and the caller's return
+ *              address is at its learnt position. Otherwise (another program on the tracepoint
+ *              adds the tracepoint iterator's frame, a check on an interrupt stack) the slow path
+ *              decides and learns again.
+ *
+ * The kprobe fallback always takes the slow path. Without the ranges (kallsyms hidden) nothing
+ * is left out, and userspace says so.
  *
  * The cgroup's first exec is seen at sched_process_exec (a raw tracepoint) and remembered in
  * `exec_cgroups`, so what a runtime or launcher did in the cgroup before exec'ing the workload
  * (runc init's mounts, setuid, capset) is counted apart (CAPS_F_AFTER_EXEC clear).
  *
- * -D flags: CAPS_KPROBE, CAPS_MAX_KEYS, CAPS_MAX_CGROUPS, CAPS_LAST_CAP, CAPS_VM_ACCT_LO0,
- * CAPS_VM_ACCT_HI0, CAPS_VM_ACCT_LO1, CAPS_VM_ACCT_HI1.
+ * -D flags: CAPS_KPROBE, CAPS_MAX_KEYS, CAPS_MAX_CGROUPS, CAPS_LAST_CAP, CAPS_CAPABLE_LO,
+ * CAPS_CAPABLE_HI, CAPS_VM_ACCT_LO0, CAPS_VM_ACCT_HI0, CAPS_VM_ACCT_LO1, CAPS_VM_ACCT_HI1.
  *
- * Reads only tracepoint arguments, kprobe argument registers and helper results; never kernel
- * struct offsets.
+ * Reads only tracepoint arguments, kprobe argument registers, helper results and return
+ * addresses on the kernel stack found by the kernel's own unwinder; never kernel struct offsets.
  */
 #include <uapi/linux/bpf.h>
 #include <linux/ptrace.h>
@@ -51,6 +65,12 @@
 #ifndef CAPS_LAST_CAP
 #define CAPS_LAST_CAP 40
 #endif
+#ifndef CAPS_CAPABLE_LO
+#define CAPS_CAPABLE_LO 0
+#endif
+#ifndef CAPS_CAPABLE_HI
+#define CAPS_CAPABLE_HI 0
+#endif
 #ifndef CAPS_VM_ACCT_LO0
 #define CAPS_VM_ACCT_LO0 0
 #endif
@@ -67,10 +87,14 @@
 /* raw tracepoint: this program, bpf_trace_run5, cap_capable, its caller; kprobe: cap_capable, its
  * caller. Eight frames leave room for a wrapper or two on other builds. */
 #define CAPS_STACK_DEPTH 8
+#define CAPS_SCAN_WORDS 32 /* a power of two: indexes are masked for the verifier */
 
 BPF_HASH(cap_counts, struct cap_key, struct cap_count, CAPS_MAX_KEYS);
 BPF_TABLE("lru_hash", __u64, __u8, exec_cgroups, CAPS_MAX_CGROUPS);
 BPF_PERCPU_ARRAY(cap_stats, __u64, CAPS_STAT_SLOTS);
+/* [0]: 1 + the word above the argument array that holds the return address into cap_capable,
+ * [1]: 1 + the word that holds cap_capable's return address into its caller; 0: not learnt. */
+BPF_ARRAY(stack_layout, __u32, 2);
 #if CAPS_KPROBE
 BPF_TABLE("lru_hash", __u32, __u32, pending, 16384); /* tid -> capability asked at entry */
 #endif
@@ -89,6 +113,58 @@ static __always_inline int in_vm_accounting(__u64 ip)
 	return ip >= (__u64)CAPS_VM_ACCT_LO1 && ip < (__u64)CAPS_VM_ACCT_HI1;
 }
 
+static __always_inline int in_cap_capable(__u64 ip)
+{
+	return ip >= (__u64)CAPS_CAPABLE_LO && ip < (__u64)CAPS_CAPABLE_HI;
+}
+
+/* Whether cap_capable was called by overcommit accounting (see the top of this file). */
+static __always_inline int from_vm_accounting(void *ctx)
+{
+	__u32 k_ret = 0, k_caller = 1;
+	__u32 *ret_at = stack_layout.lookup(&k_ret), *caller_at = stack_layout.lookup(&k_caller);
+#if !CAPS_KPROBE
+	__u64 words[CAPS_SCAN_WORDS];
+	int have_words = bpf_probe_read_kernel(words, sizeof(words), ctx) == 0;
+	if (have_words && ret_at && caller_at && *ret_at && *caller_at) {
+		__u32 r = (*ret_at - 1) & (CAPS_SCAN_WORDS - 1), c = (*caller_at - 1) & (CAPS_SCAN_WORDS - 1);
+		if (in_cap_capable(words[r]))
+			return in_vm_accounting(words[c]);
+	}
+#endif
+	__u64 frames[CAPS_STACK_DEPTH] = {};
+	bump_stat(CAPS_STAT_STACK_WALKS);
+	if (bpf_get_stack(ctx, frames, sizeof(frames), 0) <= 0)
+		return 0;
+	__u64 ret = 0, caller = 0;
+#pragma unroll
+	for (int i = 0; i + 1 < CAPS_STACK_DEPTH; i++) {
+		if (!ret && in_cap_capable(frames[i])) {
+			ret = frames[i];
+			caller = frames[i + 1];
+		}
+	}
+	if (!ret)
+		return 0; /* cap_capable not among the frames: not a check this program can place */
+#if !CAPS_KPROBE
+	if (have_words && ret_at && caller_at) {
+		__u32 r = 0, c = 0;
+#pragma unroll
+		for (int i = 0; i < CAPS_SCAN_WORDS; i++) {
+			if (!r && words[i] == ret)
+				r = i + 1;
+			else if (r && !c && words[i] == caller)
+				c = i + 1;
+		}
+		if (r && c) {
+			*ret_at = r;
+			*caller_at = c;
+		}
+	}
+#endif
+	return in_vm_accounting(caller);
+}
+
 /* Whether this check is one to leave out: a capability the table does not know (counted as
  * loss), or overcommit accounting's CAP_SYS_ADMIN (see the top of this file). */
 static __always_inline int left_out(void *ctx, __u32 cap)
@@ -97,19 +173,10 @@ static __always_inline int left_out(void *ctx, __u32 cap)
 		bump_stat(CAPS_STAT_UNKNOWN_CAP);
 		return 1;
 	}
-#if CAPS_VM_ACCT_HI0
-	if (cap == CAPS_SYS_ADMIN) {
-		__u64 frames[CAPS_STACK_DEPTH] = {};
-		long n = bpf_get_stack(ctx, frames, sizeof(frames), 0);
-		if (n > 0) {
-#pragma unroll
-			for (int i = 0; i < CAPS_STACK_DEPTH; i++) {
-				if (in_vm_accounting(frames[i])) {
-					bump_stat(CAPS_STAT_OVERCOMMIT);
-					return 1;
-				}
-			}
-		}
+#if CAPS_VM_ACCT_HI0 && CAPS_CAPABLE_HI
+	if (cap == CAPS_SYS_ADMIN && from_vm_accounting(ctx)) {
+		bump_stat(CAPS_STAT_OVERCOMMIT);
+		return 1;
 	}
 #endif
 	return 0;

@@ -15,6 +15,7 @@
 #define CAPS_STAT_MAP_FULL 0    /* cap_counts was full: a check not counted (loss) */
 #define CAPS_STAT_UNKNOWN_CAP 1 /* a capability number above CAPS_LAST_CAP (loss) */
 #define CAPS_STAT_OVERCOMMIT 2  /* CAP_SYS_ADMIN asked by overcommit accounting: not behaviour */
+#define CAPS_STAT_STACK_WALKS 3 /* CAP_SYS_ADMIN checks whose caller took a stack walk to find */
 #define CAPS_STAT_SLOTS 4
 
 /* `cap_counts` key: one cgroup, one capability, granted or refused, before or after exec. */

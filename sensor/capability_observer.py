@@ -33,7 +33,7 @@ from . import capabilities, features, kernel
 from .aggregate import KeyReading
 from .kernel import Family, Map, Program
 from .mirrors import (CAPS_F_AFTER_EXEC, CAPS_F_REFUSED, CAPS_STAT_MAP_FULL, CAPS_STAT_OVERCOMMIT,
-                      CAPS_STAT_UNKNOWN_CAP, U32, U64, CapCount, CapKey)
+                      CAPS_STAT_STACK_WALKS, CAPS_STAT_UNKNOWN_CAP, U32, U64, CapCount, CapKey)
 
 log = structlog.get_logger(__name__)
 
@@ -79,18 +79,22 @@ class CapabilityObserver:
     MAPS = ("cap_counts", "cap_stats")
 
     def __init__(self, max_keys: int = 16384, max_cgroups: int = 16384, how: str | None = None,
-                 vm_ranges: Sequence[tuple[int, int]] | None = None):
+                 ranges: tuple | None = None):
         if how is None:
             how, detail = available()
             if how is None:
                 raise CapabilityProbeError(f"capability probe: {detail}; fix: run `envelope doctor`")
         self.how = how
-        self.vm_ranges = list(features.vm_accounting_ranges() if vm_ranges is None else vm_ranges)[:2]
+        # cap_capable's address range and overcommit accounting's (sensor.features.overcommit_ranges)
+        self.ranges = features.overcommit_ranges() if ranges is None else ranges
         self.flags = [f"-DCAPS_MAX_KEYS={int(max_keys)}", f"-DCAPS_MAX_CGROUPS={int(max_cgroups)}",
                       f"-DCAPS_LAST_CAP={capabilities.LAST_CAP}"]
-        for i, (lo, hi) in enumerate(self.vm_ranges):
-            self.flags += [f"-DCAPS_VM_ACCT_LO{i}={lo:#x}ULL", f"-DCAPS_VM_ACCT_HI{i}={hi:#x}ULL"]
-        if not self.vm_ranges:
+        if self.ranges:
+            (lo, hi), acct = self.ranges
+            self.flags += [f"-DCAPS_CAPABLE_LO={lo:#x}ULL", f"-DCAPS_CAPABLE_HI={hi:#x}ULL"]
+            for i, (lo, hi) in enumerate(acct[:2]):
+                self.flags += [f"-DCAPS_VM_ACCT_LO{i}={lo:#x}ULL", f"-DCAPS_VM_ACCT_HI{i}={hi:#x}ULL"]
+        else:
             log.warning("kernel addresses are hidden: overcommit accounting's CAP_SYS_ADMIN checks count "
                         "as capability behaviour", fix="give the sensor CAP_SYSLOG, or kernel.kptr_restrict=0")
         self._counts: Map | None = None
@@ -124,11 +128,13 @@ class CapabilityObserver:
         return {name: self._stats.percpu_sum(U32.pack(i)) for i, name in LOSS_NAMES.items()}
 
     def stats(self) -> dict[str, int]:
-        """The loss counters and ``overcommit``: CAP_SYS_ADMIN checks of overcommit accounting left
-        out on purpose (not behaviour, not loss)."""
+        """The loss counters, ``overcommit`` (CAP_SYS_ADMIN checks of overcommit accounting left out
+        on purpose: not behaviour, not loss) and ``stack_walks`` (CAP_SYS_ADMIN checks whose caller
+        the slow path found; the others took the learnt stack layout)."""
         if self._stats is None:
             return {}
-        return {**self.loss(), "overcommit": self._stats.percpu_sum(U32.pack(CAPS_STAT_OVERCOMMIT))}
+        return {**self.loss(), "overcommit": self._stats.percpu_sum(U32.pack(CAPS_STAT_OVERCOMMIT)),
+                "stack_walks": self._stats.percpu_sum(U32.pack(CAPS_STAT_STACK_WALKS))}
 
     def forget_cgroup(self, cgroup_id: int) -> None:
         """The cgroup is gone (its last counts were read): drop its counters."""

@@ -370,10 +370,14 @@ def kallsyms_names(path: str = "/proc/kallsyms") -> set[str]:
 VM_ACCOUNTING_FUNCTIONS = ("security_vm_enough_memory_mm", "cap_vm_enough_memory")
 
 
-def vm_accounting_ranges() -> list[tuple[int, int]]:
-    """Address ranges of :data:`VM_ACCOUNTING_FUNCTIONS` (empty when kallsyms hides addresses)."""
+def overcommit_ranges() -> tuple[tuple[int, int], tuple[tuple[int, int], ...]] | None:
+    """The address range of ``cap_capable`` and those of :data:`VM_ACCOUNTING_FUNCTIONS`, which
+    ``bpf/capabilities.c`` tells apart by them; None when kallsyms hides addresses or lacks one."""
     syms = kallsyms_text()
-    return [syms[f] for f in VM_ACCOUNTING_FUNCTIONS if f in syms]
+    acct = tuple(syms[f] for f in VM_ACCOUNTING_FUNCTIONS if f in syms)
+    if "cap_capable" not in syms or not acct:
+        return None
+    return syms["cap_capable"], acct
 
 
 def check_capability_probe() -> Check:
@@ -383,7 +387,7 @@ def check_capability_probe() -> Check:
                      "the capability substrate is not observed: sessions are recorded without it and "
                      "derive leaves it out; a kernel with the capability:cap_capable tracepoint (6.14+) "
                      "or with kprobes observes it", required=False)
-    if not vm_accounting_ranges():
+    if overcommit_ranges() is None:
         return Check("capability_probe", True,
                      f"{detail}; kernel addresses are hidden (kptr_restrict or no CAP_SYSLOG), so overcommit "
                      f"accounting's CAP_SYS_ADMIN checks count as behaviour", required=False)

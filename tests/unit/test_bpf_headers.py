@@ -153,7 +153,7 @@ def test_type_numbers_match_and_are_unique():
     *[(mirrors, "denials.h", n) for n in ("DENIALS_NR_SLOTS", "DENIALS_MODE_ALERT",
                                           "DENIALS_MODE_ENFORCE")],
     *[(mirrors, "capabilities.h", n) for n in ("CAPS_F_REFUSED", "CAPS_F_AFTER_EXEC", "CAPS_STAT_MAP_FULL",
-                                               "CAPS_STAT_UNKNOWN_CAP", "CAPS_STAT_OVERCOMMIT",
+                                               "CAPS_STAT_UNKNOWN_CAP", "CAPS_STAT_OVERCOMMIT", "CAPS_STAT_STACK_WALKS",
                                                "CAPS_STAT_SLOTS")],
 ])
 def test_constants_match(module, header, name):
