@@ -181,7 +181,7 @@ def test_daemonset_obeys_api_server_rules_the_schema_cannot_check():
         assert c[probe]["httpGet"]["port"] in names
 
 
-CAPS = ["BPF", "PERFMON", "SYS_ADMIN", "NET_ADMIN", "SYS_RESOURCE", "SYS_PTRACE", "DAC_READ_SEARCH"]
+CAPS = ["BPF", "PERFMON", "SYS_ADMIN", "NET_ADMIN", "SYS_RESOURCE", "SYS_PTRACE", "DAC_READ_SEARCH", "SYSLOG"]
 
 
 def test_daemonset_uses_explicit_capabilities_each_with_a_reason():
