@@ -290,4 +290,6 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "profile_namespace": _text(_DNS_LABEL, "a Kubernetes namespace name", 63),
     "kubeconfig": _kubeconfig,
     "policy_sync_interval": _positive_seconds(86400),
+    "observe_capabilities": _boolean,
+    "capability_keys": _number(int, 64, 1 << 20),
 }

@@ -286,7 +286,7 @@ class Aggregator:
         capability check without the capability); the deltas go to the bound workload's
         ``refused`` evidence, not to its behaviours."""
         for _cg, b, key, delta, r in self._key_deltas(readings, self._last_refused):
-            self._contribution(b.workload).refuse(key, delta, r.last_seen, r.first_seen)
+            self._contribution(b.workload).add_refusal(key, delta, r.last_seen, r.first_seen)
             self.dirty.add(b.workload)
 
     def _key_deltas(self, readings: dict[int, dict[str, KeyReading]], seen: dict[int, dict[str, int]]):

@@ -27,8 +27,9 @@ Memory and file size are bounded, not only the number of keys:
   items for a list, such as a recorded command line), and each fingerprint keeps its
   :data:`MAX_FINGERPRINT_VALUES` most recent values.
 
-**Refused** attempts are kept apart from behaviours: a capability check the kernel refused
-(``capability:NET_RAW`` in ``refused``) says what the workload tried without the privilege. It
+**Refused** attempts (checks the kernel refused, not keys a cap refused) are kept apart from
+behaviours: a capability check the kernel refused (``capability:NET_RAW`` in ``refused``) says
+what the workload tried without the privilege. It
 is evidence for reviewers and reconciliation, never a behaviour a policy could admit: counts and
 first/last seen per key, summed over nodes like the rest.
 
@@ -350,7 +351,7 @@ class NodeContribution:
             for v, _ in sorted(values.items(), key=lambda kv: (kv[1], kv[0]))[:len(values) - MAX_FINGERPRINT_VALUES]:
                 del values[v]
 
-    def refuse(self, key: str, count: int, ts: float, first: float | None = None) -> None:
+    def add_refusal(self, key: str, count: int, ts: float, first: float | None = None) -> None:
         """Add ``count`` refused attempts of ``key`` (not a behaviour: see the module docstring),
         bounded like the behaviours of its substrate (past the cap, counted as overflow)."""
         if count <= 0:

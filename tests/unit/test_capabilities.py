@@ -120,7 +120,7 @@ def profile(sessions: list[dict[str, int]], observed: bool | list[bool] = True,
         for j, (k, c) in enumerate(sorted(b.items())):
             node.observe(f"s{i}", k, c, t + 2 + j)
         for k, c in (refused or {}).items():
-            node.refuse(k, c, t + 50)
+            node.add_refusal(k, c, t + 50)
         node.close_session(f"s{i}", t + 600)
     node.touch(T0 + len(sessions) * 86400.0 + 2 * 86400.0)
     return p
@@ -355,7 +355,7 @@ def test_refused_checks_are_evidence_apart_from_behaviours():
     back = Profile.unpack(p.pack())
     assert back.refused() == p.refused()
     other = Profile(W)
-    other.node("n2").refuse("capability:NET_RAW", 1, T0 + 20)
+    other.node("n2").add_refusal("capability:NET_RAW", 1, T0 + 20)
     merged = p.merge(other).refused()["capability:NET_RAW"]
     assert (merged.count, merged.first_seen, merged.last_seen) == (6, T0 + 1, T0 + 20)
     assert p.to_json()["refused"] == [{"key": "capability:NET_RAW", "substrate": "capability", "count": 5,
@@ -369,7 +369,7 @@ def test_refused_keys_are_bounded_like_behaviours():
     node = Profile(W).node("n1")
     node.caps["capability"] = 2
     for c in ("CHOWN", "KILL", "SETUID"):
-        node.refuse(f"capability:{c}", 1, T0)
+        node.add_refusal(f"capability:{c}", 1, T0)
     assert sorted(node.refused) == ["capability:CHOWN", "capability:KILL"]
     assert node.capped and node.overflow["capability"].count == 1
 

@@ -120,7 +120,7 @@ def test_scrape_reports_events_losses_profiles_and_coverage(served):
 def test_refused_checks_are_a_gauge_per_workload_and_key(served):
     m, clock, base = served
     p = profile(W, ["capability:CHOWN"])
-    p.node("n1").refuse("capability:NET_RAW", 3, 1.0)
+    p.node("n1").add_refusal("capability:NET_RAW", 3, 1.0)
     profiles = {W: p}
     m.observe_step(Step(), Observer(Agg(bindings={}, profiles=profiles)))
     s = scrape(base)

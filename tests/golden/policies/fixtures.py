@@ -36,7 +36,7 @@ def _session(node, sid: str, start: float, end: float | None, behaviours: dict[s
     for i, (key, count) in enumerate(sorted((capabilities or {}).items())):
         node.observe(sid, key, count, start + 60.0 + i)
     for i, (key, count) in enumerate(sorted((refused or {}).items())):
-        node.refuse(key, count, start + 90.0 + i)
+        node.add_refusal(key, count, start + 90.0 + i)
     if end is not None:
         node.close_session(sid, end)
 
