@@ -22,6 +22,7 @@ Document layout (YAML or JSON; ``spec`` is also the body of the Kubernetes custo
         files:    [file:KIND:PATTERN, ...]                      # sorted (enforcer.file_patterns)
         mcp:      {methods, tools, prompts, resources, catalog} # enforcer.mcp_envelope
         iam:      [{action, resource, accessLevel, rule}, ...]  # IAM statements (enforcer.iamstatement)
+        http:     [http:METHOD host/path-template, ...]         # sorted (enforcer.http_patterns)
         capabilities: [NET_BIND_SERVICE, ...]                   # sorted (sensor.capabilities names)
       detection:  [{key, mean, std, k, sessions}, ...]          # probabilistic soft rules
       provenance: [{entry, substrate, rule, admitted, evidence, ...}, ...]
@@ -31,7 +32,8 @@ Document layout (YAML or JSON; ``spec`` is also the body of the Kubernetes custo
 Entry identifiers (used by provenance, review, ``explain``, ``diff`` and ``--admit``) are
 ``syscall:NAME``, ``exec:PATH`` (or ``exec:/dir/*``), ``egress:PROTO:CIDR:PORTS`` where
 PORTS is one port (``443``) or an inclusive range (``8000-8100``), ``file:KIND:PATTERN``,
-``iam:ACTION RESOURCE`` (``iam:s3:GetObject arn:aws:s3:::research-corpus-*/papers/*``),
+``http:METHOD host/path`` (path segments may be ``{id}`` or
+``*``), ``iam:ACTION RESOURCE`` (``iam:s3:GetObject arn:aws:s3:::research-corpus-*/papers/*``),
 ``capability:NAME`` (``capability:NET_BIND_SERVICE``, the same as the behaviour key), and the
 MCP entries of :mod:`enforcer.mcp_envelope` (``mcp:tools/call:git_log``,
 ``mcp:tools/call:git_log#repo_path:path-prefix:/srv/repo/**``, ...).
@@ -67,10 +69,11 @@ from sensor.workload import DEFAULT_SUBSTRATES, SUBSTRATES, BehaviourKeyError, W
 
 from sensor import capabilities as capability_names
 
-from . import file_patterns, iamstatement
+from . import file_patterns, http_patterns, iamstatement
 from .iamstatement import IamStatement, IamStatementError
 from .mcp_envelope import EnvelopeError, McpAllow
 from .mcp_envelope import parse_entry as parse_mcp_entry
+
 from .modes import MODES
 
 API_VERSION = "envelope.dev/v1alpha1"
@@ -81,7 +84,7 @@ PROTOS = ("tcp", "udp")
 _SYSCALL_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
 _NAME_RE = re.compile(r"[^a-z0-9.-]+")
 _SPEC_FIELDS = ("workload", "mode", "decisions", "allow", "detection", "provenance", "review", "watch")
-_ALLOW_FIELDS = ("syscalls", "egress", "execs", "files", "mcp", "iam", "capabilities")
+_ALLOW_FIELDS = ("syscalls", "egress", "execs", "files", "http", "mcp", "iam", "capabilities")
 _DECISION_FIELDS = ("granularity", "closure", "confidence", "validity")
 
 
@@ -213,6 +216,11 @@ def parse_entry(entry: str) -> tuple[str, Any]:
         except file_patterns.FilePatternError as e:
             raise PolicyError(str(e)) from None
         return "file", entry
+    if kind == "http":
+        try:
+            return "http", http_patterns.parse_entry(entry)
+        except http_patterns.HttpPatternError as e:
+            raise PolicyError(str(e)) from None
     if kind == "mcp":
         try:
             return "mcp", parse_mcp_entry(entry)
@@ -240,7 +248,7 @@ def parse_entry(entry: str) -> tuple[str, Any]:
         except (ValueError, PolicyError) as e:
             raise PolicyError(f"bad egress entry {entry!r}: {e}") from None
     raise PolicyError(f"bad entry {entry!r} (want syscall:NAME, exec:PATH, egress:PROTO:CIDR:PORTS, "
-                      f"file:KIND:PATTERN, iam:ACTION RESOURCE, capability:NAME or an mcp: entry)")
+                      f"file:KIND:PATTERN, http:METHOD HOST/PATH, iam:ACTION RESOURCE, capability:NAME or an mcp: entry)")
 
 
 def exec_matches(pattern: str, path: str) -> bool:
@@ -264,6 +272,7 @@ class Policy:
     egress: tuple[EgressRule, ...] = ()
     execs: tuple[str, ...] = ()
     files: tuple[str, ...] = ()  # file:KIND:PATTERN entries (enforcer.file_patterns)
+    http: tuple[str, ...] = ()  # http:METHOD host/path entries (enforcer.http_patterns)
     mcp: McpAllow | None = None  # the MCP envelope (enforcer.mcp_envelope)
     iam: tuple[IamStatement, ...] = ()  # IAM statements (enforcer.iamstatement)
     capabilities: tuple[str, ...] = ()  # capability names without CAP_ (sensor.capabilities)
@@ -303,6 +312,11 @@ class Policy:
         for e in self.files:
             kind, pattern = file_patterns.parse_entry(e)
             self._files_by_kind[kind] = self._files_by_kind.get(kind, ()) + (pattern,)
+        patterns = []
+        for i, e in enumerate(self.http):
+            patterns.append(_check_http(e, f"spec.allow.http[{i}]"))
+        self._http = tuple(sorted(set(patterns)))
+        self.http = tuple(p.entry for p in self._http)
         self.egress = tuple(sorted(set(self.egress), key=EgressRule.sort_key))
         seen: set[str] = set()
         for i, st in enumerate(self.iam):
@@ -334,8 +348,9 @@ class Policy:
     def entries(self) -> list[str]:
         """Every allowed entry identifier, in document order."""
         return ([f"syscall:{s}" for s in self.syscalls] + [r.id for r in self.egress]
-                + [f"exec:{e}" for e in self.execs] + list(self.files) + [st.id for st in self.iam]
-                + (self.mcp.entries() if self.mcp else []) + [f"capability:{c}" for c in self.capabilities])
+                + [f"exec:{e}" for e in self.execs] + list(self.files) + list(self.http)
+                + [st.id for st in self.iam] + (self.mcp.entries() if self.mcp else [])
+                + [f"capability:{c}" for c in self.capabilities])
 
     @property
     def iam_identity(self) -> str | None:
@@ -343,6 +358,11 @@ class Policy:
         ``cloud_identity:aws``), when the policy names exactly one."""
         values = (self.validity.get("fingerprint") or {}).get(iamstatement.IDENTITY_FINGERPRINT) or []
         return values[0] if len(values) == 1 else None
+
+    @property
+    def http_patterns(self) -> tuple:
+        """The allowed request patterns (:class:`enforcer.http_patterns.HttpPattern`), sorted."""
+        return self._http
 
     def allows(self, key: str) -> bool:
         """Is behaviour ``key`` inside the allowed set? Substrates the policy leaves out, and
@@ -366,6 +386,13 @@ class Policy:
             except file_patterns.FilePatternError:
                 return False
             return any(p.matches(path) for p in self._files_by_kind.get(kind, ()))
+        if substrate == "http":
+            from sensor.httpkeys import HttpKeyError, parse_key
+            try:
+                b = parse_key(key)
+            except HttpKeyError:
+                return False
+            return any(p.matches(b.method, b.host, b.path) for p in self._http)
         if substrate == "mcp":
             return self.mcp is not None and self.mcp.allows(key)
         if substrate == "capability":
@@ -423,6 +450,8 @@ class Policy:
         }
         if "file" in self.substrates or self.files:
             allow["files"] = list(self.files)
+        if "http" in self.substrates or self.http:
+            allow["http"] = list(self.http)
         if "mcp" in self.substrates or self.mcp is not None:
             allow["mcp"] = (self.mcp or McpAllow()).to_dict()
         if "iam" in self.substrates or self.iam:
@@ -507,6 +536,9 @@ class Policy:
         files = _list(allow.get("files") or [], "spec.allow.files")
         for i, e in enumerate(files):
             _check_file(e, f"spec.allow.files[{i}]")
+        http = _list(allow.get("http") or [], "spec.allow.http")
+        for i, e in enumerate(http):
+            _check_http(e, f"spec.allow.http[{i}]")
         mcp = None
         if allow.get("mcp") is not None:
             try:
@@ -554,8 +586,8 @@ class Policy:
 
         return cls(
             workload=workload, mode=mode, substrates=tuple(subs), closure=closure,
-            syscalls=tuple(syscalls), egress=egress, execs=tuple(execs), files=tuple(files), mcp=mcp,
-            iam=tuple(iam), capabilities=tuple(caps), watch=tuple(watch),
+            syscalls=tuple(syscalls), egress=egress, execs=tuple(execs), files=tuple(files),
+            http=tuple(http), mcp=mcp, iam=tuple(iam), capabilities=tuple(caps), watch=tuple(watch),
             detection=tuple(dict(r) for r in detection), decisions=_plain(dec),
             provenance=tuple(_plain(r) for r in provenance), review=tuple(_plain(r) for r in review),
             validity=validity, low_confidence=low, name=name or "",
@@ -671,6 +703,15 @@ def _check_capability(c: Any, path: str) -> None:
     try:
         capability_names.number(c)
     except capability_names.CapabilityError as err:
+        raise PolicyError(f"{path}: {err}") from None
+
+
+def _check_http(e: Any, path: str):
+    if not isinstance(e, str):
+        raise PolicyError(f"{path}: {e!r} is not an http entry")
+    try:
+        return http_patterns.parse_entry(e)
+    except http_patterns.HttpPatternError as err:
         raise PolicyError(f"{path}: {err}") from None
 
 

@@ -15,8 +15,8 @@ log = structlog.get_logger("envelope.wiring")
 
 
 def sensor_extensions(config: Config) -> list:
-    """The program families the sensor loads beside its own, as the config asks. The capability
-    probe is left out, with one warning, on a kernel that has none."""
+    """The program families the sensor loads beside its own, as the config asks: the capability
+    probe (left out, with one warning, on a kernel that has none) and the request capture."""
     out = []
     if config.observe_capabilities:
         from sensor import capability_observer
@@ -27,7 +27,22 @@ def sensor_extensions(config: Config) -> list:
                         fix="see `envelope doctor` (capability_probe)")
         else:
             out.append(capability_observer.CapabilityObserver(max_keys=config.capability_keys, how=how))
+    capture = request_capture(config)
+    if capture is not None:
+        out.append(capture)
     return out
+
+
+def request_capture(config: Config):
+    """The request capture extension (None when the config turns it off)."""
+    if not config.http_capture:
+        return None
+    from sensor.httpcapture import HttpCapture
+    from sensor.state_dir import StateDir, read_or_create_key
+
+    key = read_or_create_key(StateDir(config.state_dir).sensor_key)
+    return HttpCapture(key, ringbuf_pages=config.http_ringbuf_pages, s3_endpoints=tuple(config.s3_endpoints),
+                       tls_responses=config.http_tls_responses)
 
 
 def open_sensor(config: Config):
@@ -60,12 +75,28 @@ def profile_store(config: Config, metrics=None):
                         on_quarantine=metrics.profile_quarantined if metrics is not None else None)
 
 
-def enforcement_session(config: Config, *, pinned: bool, denials: bool = True):
+def enforcement_session(config: Config, *, pinned: bool, denials: bool = True, sensor=None):
     """The enforcement session on the real kernel: pinned for the daemon and ``envelope
-    enforce``, unpinned for ``envelope exec``."""
+    enforce``, unpinned for ``envelope exec``. With a ``sensor`` that runs the request capture,
+    the session judges the http substrate through it."""
     from enforcer.session import EnforcementSession
 
-    return EnforcementSession(config.state_dir, pinned=pinned, bpffs=config.bpffs, denials=denials)
+    http = None
+    capture = capture_of(sensor)
+    if capture is not None:
+        from enforcer.http_enforce import HttpEnforcement
+        http = HttpEnforcement(capture)
+    return EnforcementSession(config.state_dir, pinned=pinned, bpffs=config.bpffs, denials=denials,
+                              http=http)
+
+
+def capture_of(sensor):
+    """The request capture extension of an attached sensor, or None."""
+    from sensor.httpcapture import HttpCapture
+    for ext in getattr(sensor, "extensions", ()):
+        if isinstance(ext, HttpCapture):
+            return ext
+    return None
 
 
 def mcp_gateway(config: Config, workload, policy, mode: str, limits=None, store=True, actor: str | None = None):

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from enforcer import seccomp
-from enforcer.policy import Policy, load_policy
+from enforcer.policy import Policy, PolicyError, load_policy
 from enforcer.runtime import RUNC
 from sensor.workload import Workload
 
@@ -419,6 +419,31 @@ def test_sockets_are_restricted_without_net_raw_and_free_with_it(mode):
         import os
         if os.geteuid() == 0:
             assert lifted[2:] == [0, 0]
+
+
+def test_restricts_sockets_reads_net_raw_from_the_policy_document():
+    """The document's ``spec.allow.capabilities`` (names without CAP_) is what lifts the socket
+    restriction: a policy admitting NET_RAW keeps raw and packet sockets, one without restricts them."""
+    doc = Policy(W, mode="enforce", substrates=("syscall", "egress", "capability"), syscalls=("socket",),
+                 capabilities=("NET_RAW",)).to_dict()
+    assert doc["spec"]["allow"]["capabilities"] == ["NET_RAW"]
+    with_raw = Policy.from_dict(doc)
+    doc["spec"]["allow"]["capabilities"] = ["NET_BIND_SERVICE"]
+    without = Policy.from_dict(doc)
+    for mode in ("enforce", "alert"):
+        assert not seccomp.restricts_sockets(with_raw, mode)
+        assert seccomp.restricts_sockets(without, mode)
+    assert not seccomp.restricts_sockets(without, "observe")
+    assert not seccomp.socket_allowed(AF_INET, SOCK_RAW, IPPROTO_ICMP)  # what the restricted filter refuses
+    assert not seccomp.socket_allowed(AF_PACKET, SOCK_RAW, 0)
+    assert seccomp.compile_oci(without).restricts_sockets()
+    lifted = seccomp.compile_oci(with_raw)
+    assert not lifted.restricts_sockets()
+    assert all(not r.get("args") for r in lifted.profile["syscalls"] if "socket" in r["names"])
+    # the CAP_ spelling is refused when the document is read, never taken as "no NET_RAW"
+    doc["spec"]["allow"]["capabilities"] = ["CAP_NET_RAW"]
+    with pytest.raises(PolicyError, match="CAP_NET_RAW"):
+        Policy.from_dict(doc)
 
 
 def test_net_raw_only_lifts_the_restriction_where_egress_is_encoded():
