@@ -86,12 +86,17 @@ def key(name: str) -> str:
     return f"{KIND}:{name}"
 
 
-def key_of(nr: int) -> str:
-    """The behaviour key of capability number ``nr``."""
+def name(nr: int) -> str:
+    """The name of capability number ``nr`` (13 -> ``NET_RAW``)."""
     try:
-        return f"{KIND}:{NAMES[nr]}"
+        return NAMES[nr]
     except KeyError:
         raise CapabilityError(f"capability number {nr} is not in the table (0..{LAST_CAP})") from None
+
+
+def key_of(nr: int) -> str:
+    """The behaviour key of capability number ``nr``."""
+    return f"{KIND}:{name(nr)}"
 
 
 def parse_key(k: str) -> str:

@@ -50,6 +50,7 @@ def test_the_table_is_the_kernel_header():
 
 def test_keys_and_names():
     assert capabilities.key("NET_RAW") == "capability:NET_RAW" == capabilities.key_of(13)
+    assert capabilities.name(13) == "NET_RAW" and capabilities.name(capabilities.number("BPF")) == "BPF"
     assert capabilities.parse_key("capability:SYS_ADMIN") == "SYS_ADMIN"
     assert substrate_of("capability:CHOWN") == "capability" and "capability" in SUBSTRATES
     with pytest.raises(capabilities.CapabilityError, match=r"'CAP_CHOWN' is not a Linux capability name \(write CHOWN\)"):
@@ -58,6 +59,8 @@ def test_keys_and_names():
         capabilities.key("NET_RAWW")
     with pytest.raises(capabilities.CapabilityError):
         capabilities.key_of(41)
+    with pytest.raises(capabilities.CapabilityError, match=r"capability number 41 is not in the table \(0..40\)"):
+        capabilities.name(41)
     with pytest.raises(capabilities.CapabilityError):
         capabilities.parse_key("syscall:read")
 
@@ -201,6 +204,28 @@ def test_exec_capability_sets():
     assert caps_out.exec_capability_sets(Policy(W, mode="enforce", substrates=("syscall",))) is None
     with pytest.raises(caps_out.CapabilityCompileError, match="'RAW' is not a Linux capability name"):
         caps_out.exec_capability_sets(p, exceptions=("RAW",))
+
+
+def test_exec_sets_are_what_the_confinement_keeps():
+    """An enforced exec child keeps exactly the policy's set (a breaker only when the policy
+    allows it); a policy without the substrate leaves the confinement's default (all but the
+    capabilities that undo it); the BREAKERS' names are the table's."""
+    from enforcer.confinement import BREAKERS, Confinement, admitted_breakers, kept_capabilities
+
+    last = capabilities.LAST_CAP
+    for number, (name, _why) in BREAKERS.items():
+        assert capabilities.number(name) == number
+    p = Policy(W, mode="enforce", capabilities=("NET_BIND_SERVICE",))
+    keep = kept_capabilities(caps_out.exec_capability_sets(p), last)
+    assert keep == {capabilities.number("NET_BIND_SERVICE")}
+    c = Confinement(keep=keep, last_cap=last)
+    assert c.describe()["capabilitiesKept"] == ["NET_BIND_SERVICE"]
+    assert len(c.dropped()) == last
+    admin = Policy(W, mode="enforce", capabilities=("SYS_ADMIN",))
+    assert admitted_breakers(kept_capabilities(caps_out.exec_capability_sets(admin), last))[0].startswith("SYS_ADMIN (")
+    unencoded = Policy(W, mode="enforce", substrates=("syscall",))
+    default = kept_capabilities(caps_out.exec_capability_sets(unencoded), last)
+    assert default == set(range(last + 1)) - set(BREAKERS) and capabilities.number("NET_RAW") in default
 
 
 def write_policy(tmp_path, policy: Policy) -> Path:
