@@ -6,7 +6,7 @@ A :class:`Violation` is one out-of-envelope behaviour of one workload::
      "behaviour": "connect:tcp:127.0.0.1:9", "action": "denied", "count": 1,
      "detail": {"pid": 4242, "cgroup_id": 8123}}
 
-``substrate`` is ``syscall``, ``egress`` or ``exec`` for what the kernel denied or alerted on,
+``substrate`` is ``syscall``, ``egress``, ``exec`` or ``file`` for what the kernel denied or alerted on,
 ``watch`` for a behaviour on the policy's watch list that recurred, and ``detection`` for a
 probabilistic rule whose live per-session count left its band (a soft violation). ``action`` is
 ``denied`` (the kernel refused it) or ``alerted`` (it ran and was reported). ``count`` > 1 folds
@@ -15,8 +15,8 @@ flush.
 
 The store is ``<state-dir>/violations.jsonl``: one JSON object per line, appended under an
 exclusive ``flock`` with one ``write`` per batch. Kernel records are turned into violations by
-pure functions (:func:`from_record`, :func:`from_egress_event`, :func:`from_seccomp_event`)
-on events decoded by :mod:`sensor.events`.
+pure functions (:func:`from_record`, :func:`from_egress_event`, :func:`from_seccomp_event`,
+:func:`from_file_denial`) on events decoded by :mod:`sensor.events`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from sensor.state_dir import StateDir
-from sensor.events import DecodeError, EgressViolationEvent, SeccompDenialEvent, decode
+from sensor.events import DecodeError, EgressViolationEvent, FileDenialEvent, SeccompDenialEvent, decode
+from sensor.file_access import behaviours as file_behaviours
 from sensor.workload import SUBSTRATES as BEHAVIOUR_SUBSTRATES
 from sensor.workload import substrate_of
 
@@ -174,6 +175,28 @@ def from_seccomp_event(ev: SeccompDenialEvent, workload: str, now: float) -> Vio
     if ev.ret < 0:
         detail["errno"] = -ev.ret
     return Violation(now, workload, "syscall", ev.behaviour_key(), action, detail)
+
+
+def from_file_denial(ev: FileDenialEvent, workload: str, now: float, path: str | None,
+                     allows: Callable[[str], bool], is_dir: bool | None = None) -> list[Violation]:
+    """A file call refused with -EACCES (``bpf/files.c``) as violations, one per behaviour the
+    call asked for that ``allows`` (the policy) does not admit: Landlock allows what the policy
+    allows, so an -EACCES on an allowed access was an ordinary permission check and is not
+    reported. ``path`` is the absolute path (None: a relative path that could no longer be
+    resolved; it is reported as given); ``is_dir``: the path is a directory."""
+    asked = file_behaviours(ev.access, path if path is not None else ev.path, is_dir)
+    detail: dict[str, Any] = {"pid": ev.pid, "tid": ev.tid, "cgroup_id": ev.cgroup_id, "syscall": ev.syscall,
+                              "path": ev.path, "errno": "EACCES", "enforcer": "landlock"}
+    if path is None:
+        detail["unresolved"] = True
+    if ev.truncated:
+        detail["truncated"] = True
+    out = []
+    for b in asked:
+        if path is not None and allows(b):
+            continue
+        out.append(Violation(now, workload, "exec" if b.startswith("exec:") else "file", b, "denied", detail))
+    return out
 
 
 def from_record(raw: bytes, workload_of: Callable[[int], str | None], now: float

@@ -32,6 +32,11 @@ class Config:
     poll_interval: float = 1.0  # seconds between counter reads and profile updates
     flush_interval: float = 10.0  # seconds between profile writes in the daemon
     max_cgroups: int = 1024  # cgroup slots in the kernel syscall counter table
+    # The file substrate's observation (bpf/files.c on the file syscalls' exits): ~3.5 ns on every
+    # syscall, one hash lookup per counted file access (BENCHMARKS.md). Off: no file behaviours.
+    observe_files: bool = True
+    file_keys: int = 131072  # (cgroup, access, path) keys the kernel counts, node-wide
+    file_keys_per_cgroup: int = 8192  # keys one cgroup may hold; more are counted as overflow
     caps: dict = field(default_factory=lambda: dict(DEFAULT_CAPS))
     metrics_port: int = 9464
     kubelet_seccomp_dir: Path = Path("/var/lib/kubelet/seccomp")

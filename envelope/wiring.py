@@ -10,16 +10,29 @@ from .config import Config
 from .errors import UserError
 
 
+def sensor_extensions(config: Config) -> list:
+    """The program families the sensor loads beside its own, as the config asks."""
+    out = []
+    if config.observe_files:
+        from sensor.file_observer import FileObserver
+
+        out.append(FileObserver(max_keys=config.file_keys, per_cgroup=config.file_keys_per_cgroup))
+    return out
+
+
 def open_sensor(config: Config):
     """Load and attach the probes, turning attach failures into one actionable line."""
+    from sensor.file_observer import FileProbeError
     from sensor.probes import ProbeAttachError, Sensor
 
-    sensor = Sensor(ringbuf_pages=config.ringbuf_pages, max_cgroups=config.max_cgroups)
+    sensor = Sensor(ringbuf_pages=config.ringbuf_pages, max_cgroups=config.max_cgroups,
+                    extensions=sensor_extensions(config))
     try:
         sensor.attach()
-    except ProbeAttachError as e:
+    except (ProbeAttachError, FileProbeError) as e:
         sensor.close()
-        raise UserError(f"{e} (run `envelope doctor` for details)") from e
+        hint = " (or set observe_files: false to run without the file substrate)" if config.observe_files else ""
+        raise UserError(f"{e} (run `envelope doctor` for details){hint}") from e
     return sensor
 
 
@@ -37,9 +50,12 @@ def profile_store(config: Config):
     return ProfileStore(config.state_dir)
 
 
-def enforcement_session(config: Config, *, pinned: bool, denials: bool = True):
+def enforcement_session(config: Config, *, pinned: bool, denials: bool = True,
+                        file_denials: bool | None = None):
     """The enforcement session on the real kernel: pinned for the daemon and ``envelope
-    enforce``, unpinned for ``envelope exec``."""
+    enforce``, unpinned for ``envelope exec``. ``denials``: seccomp denials are reported;
+    ``file_denials`` (default: as ``denials``): Landlock's refusals are reported."""
     from enforcer.session import EnforcementSession
 
-    return EnforcementSession(config.state_dir, pinned=pinned, bpffs=config.bpffs, denials=denials)
+    return EnforcementSession(config.state_dir, pinned=pinned, bpffs=config.bpffs, denials=denials,
+                              file_denials=denials if file_denials is None else file_denials)

@@ -26,6 +26,15 @@ EGRESS_CGROUP_PATH_LEN = 248
 DENIALS_NR_SLOTS = 512
 DENIALS_MODE_ALERT = 1
 DENIALS_MODE_ENFORCE = 2
+FILE_PATH_LEN = 256  # bpf/events.h
+FILE_LOSS_RINGBUF_FIRST = 0  # bpf/files.h
+FILE_LOSS_RINGBUF_DENIAL = 1
+FILE_LOSS_MAP_FULL = 2
+FILE_LOSS_PATH_UNREADABLE = 3
+FILE_LOSS_PATH_TRUNCATED = 4
+FILE_LOSS_CGROUP_OVERFLOW = 5
+FILE_LOSS_SLOTS = 8
+FILE_WATCH_ENFORCE = 2
 
 
 class Mirror:
@@ -213,11 +222,74 @@ class DenialCgroup(Mirror):
               + tuple((f"allowed{i}", "Q") for i in range(DENIALS_NR_SLOTS // 64)))
 
 
+# ---- bpf/files.h -------------------------------------------------------------------------------
+
+
+class FileKey(Mirror):
+    """Key of ``file_counts``: one access pattern to one path by one cgroup.
+
+    struct file_key {
+        __u64 cgroup_id;          /*  0 */
+        __u32 access;             /*  8 FILE_ACC_* */
+        __u32 pid;                /* 12 0 for an absolute path */
+        __s32 dirfd;              /* 16 FILE_DIRFD_ABSOLUTE, FILE_AT_FDCWD or a directory fd */
+        __u32 pad;                /* 20 */
+        char path[FILE_PATH_LEN]; /* 24 as the process gave it, NUL-padded */
+    };
+    """
+
+    c_name = "file_key"
+    fields = (("cgroup_id", "Q"), ("access", "I"), ("pid", "I"), ("dirfd", "i"), ("pad", "I"),
+              ("path", f"{FILE_PATH_LEN}s"))
+
+
+class FileCount(Mirror):
+    """Value of ``file_counts``: cumulative, never drained.
+
+    struct file_count {
+        __u64 count;    /*  0 */
+        __u64 first_ns; /*  8 bpf_ktime_get_ns() of the first access */
+        __u64 last_ns;  /* 16 and of the latest */
+    };
+    """
+
+    c_name = "file_count"
+    fields = (("count", "Q"), ("first_ns", "Q"), ("last_ns", "Q"))
+
+
+class FileCgroup(Mirror):
+    """Value of ``file_cgroups`` (keyed by the u64 cgroup id).
+
+    struct file_cgroup {
+        __u32 keys;     /*  0 keys in file_counts */
+        __u32 pad;      /*  4 */
+        __u64 overflow; /*  8 accesses with a new key refused at FILES_PER_CGROUP */
+    };
+    """
+
+    c_name = "file_cgroup"
+    fields = (("keys", "I"), ("pad", "I"), ("overflow", "Q"))
+
+
+class FileWatch(Mirror):
+    """Value of ``watched`` (denial role, keyed by the u64 cgroup id).
+
+    struct file_watch {
+        __u32 mode; /* 0 FILE_WATCH_* */
+        __u32 pad;  /* 4 */
+    };
+    """
+
+    c_name = "file_watch"
+    fields = (("mode", "I"), ("pad", "I"))
+
+
 #: Every map-layout mirror, by header.
 MAP_MIRRORS = {
     "events.h": (SyscallSlotState, SyscallSlotCounts),
     "egress.h": (EgressKey, EgressRule, EgressPortKey, EgressMeta, EgressCgroup),
     "denials.h": (DenialCgroup,),
+    "files.h": (FileKey, FileCount, FileCgroup, FileWatch),
 }
 U64 = struct.Struct("<Q")
 U32 = struct.Struct("<I")

@@ -96,7 +96,12 @@ class Extension(Protocol):
     ``family`` gets the sensor's base ``-D`` flags (ring size, cgroup slots, syscall numbers).
     ``attached`` runs in this process once the fds arrived (open maps, attach uprobes, seed
     state); ``tick`` runs at every counter read (periodic work such as attaching to libraries
-    that newly appeared). ``rings`` names the ring-buffer maps to drain."""
+    that newly appeared). ``rings`` names the ring-buffer maps to drain.
+
+    Two optional hooks, looked up with ``getattr``: ``on_event(event)`` sees each event decoded
+    from the extension's own rings before it is handed out (to learn what a first sighting
+    announces while its process still runs), and ``forget_cgroup(cgroup_id)`` runs when the
+    sensor forgets a cgroup that is gone (to drop its kernel state)."""
 
     name: str
     rings: tuple[str, ...]
@@ -192,6 +197,7 @@ class Sensor:
         self._ring: RingReader | None = None
         self._events: list[Event] = []
         self._quarantine: list[tuple[float, int]] = []
+        self._forget_in_extensions: set[int] = set()  # cgroups whose extension state goes next
         self._wall_offset = 0.0
         self._ncpus = kernel.possible_cpus()
         self._counts_buf = ctypes.create_string_buffer(SyscallSlotCounts.size() * self._ncpus)
@@ -227,7 +233,7 @@ class Sensor:
                 self._extension_fds.append(loaded)
                 ext.attached(loaded, self)
                 for name in ext.rings:
-                    ring.add(loaded.maps[name], self._on_record)
+                    ring.add(loaded.maps[name], self._extension_callback(ext))
         except BaseException:
             self.close()
             raise
@@ -273,6 +279,18 @@ class Sensor:
         ev = self.decoder.decode(data)
         if ev is not None:
             self._events.append(ev)
+
+    def _extension_callback(self, ext: Extension):
+        seen = getattr(ext, "on_event", None)
+        if seen is None:
+            return self._on_record
+
+        def on_record(data: bytes) -> None:
+            ev = self.decoder.decode(data)
+            if ev is not None:
+                seen(ev)
+                self._events.append(ev)
+        return on_record
 
     def poll(self, timeout_ms: int = 100, limit: int | None = None) -> list[Event]:
         """Decoded events waiting in the ring buffer (at most ``limit``), waiting up to
@@ -402,6 +420,14 @@ class Sensor:
             ext.tick()
             for cg, per_key in ext.behaviour_counts().items():
                 out.setdefault(cg, {}).update(per_key)
+        gone, self._forget_in_extensions = self._forget_in_extensions, set()
+        for ext in self.extensions:
+            forget = getattr(ext, "forget_cgroup", None)
+            for cg in sorted(gone) if forget is not None else ():
+                try:
+                    forget(cg)
+                except Exception as e:  # noqa: BLE001 - the others are still forgotten
+                    log.warning("sensor extension forget failed", extension=ext.name, error=str(e))
         return out
 
     def forget_cgroup(self, cgroup_id: int) -> None:
@@ -414,6 +440,7 @@ class Sensor:
         rest. A cgroup that is forgotten while still alive gets a fresh slot, not a wrong one.
         """
         self._require()
+        self._forget_in_extensions.add(cgroup_id)  # after their next reading (behaviour_counts)
         key = ctypes.c_uint64(cgroup_id)
         slot = ctypes.c_uint32()
         if map_op(BPF_MAP_LOOKUP_ELEM, self._maps["cgroup_slots"], key, slot) != 0:

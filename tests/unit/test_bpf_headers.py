@@ -23,7 +23,8 @@ C_TYPES = {"__u8": 1, "__u16": 2, "__u32": 4, "__u64": 8, "__s8": 1, "__s16": 2,
            "__s64": 8, "char": 1}
 BYTE_TYPES = ("char", "__u8")
 RECORDS = [events.ExecRecord, events.ForkRecord, events.ExitRecord, events.NetRecord,
-           events.SyscallFirstRecord, events.EgressViolationRecord, events.SeccompDenialRecord]
+           events.SyscallFirstRecord, events.EgressViolationRecord, events.SeccompDenialRecord,
+           events.FileFirstRecord, events.FileDenialRecord]
 MIRRORS = {"events.h": [events.EventHeader, *RECORDS, *mirrors.MAP_MIRRORS["events.h"]],
            **{h: list(ms) for h, ms in mirrors.MAP_MIRRORS.items() if h != "events.h"}}
 
@@ -142,7 +143,11 @@ def test_type_numbers_match_and_are_unique():
         "EXEC_F_NO_ARGV", "EXEC_F_PPID_UNKNOWN", "EXIT_F_CODE_KNOWN", "NET_OP_CONNECT",
         "NET_OP_SENDMSG", "NET_F_RET_KNOWN", "EGRESS_OP_CONNECT", "EGRESS_OP_SENDMSG",
         "EGRESS_ACTION_ALERTED", "EGRESS_ACTION_DENIED", "ENV_AF_INET", "ENV_AF_INET6",
-        "LOSS_SYSCALL_UNATTRIBUTED", "LOSS_CGROUP_REMOVED_DROPPED", "LOSS_SLOTS")],
+        "LOSS_SYSCALL_UNATTRIBUTED", "LOSS_CGROUP_REMOVED_DROPPED", "LOSS_SLOTS", "FILE_PATH_LEN",
+        "FILE_ACC_READ", "FILE_ACC_LIST", "FILE_ACC_WRITE", "FILE_ACC_TRUNCATE", "FILE_ACC_CREATE",
+        "FILE_ACC_REMOVE", "FILE_ACC_MKDIR", "FILE_ACC_RMDIR", "FILE_ACC_SYMLINK", "FILE_ACC_MKFIFO",
+        "FILE_ACC_MKSOCK", "FILE_ACC_MKNOD", "FILE_ACC_EXEC", "FILE_DIRFD_ABSOLUTE", "FILE_AT_FDCWD",
+        "FILE_F_TRUNCATED")],
     (mirrors, "events.h", "SYSCALL_NR_SLOTS"), (mirrors, "events.h", "SYSCALL_BANKS"),
     *[(mirrors, "egress.h", n) for n in (
         "EGRESS_MAX_RANGES", "EGRESS_FIXED_BITS", "EGRESS_FAMILY_V4", "EGRESS_FAMILY_V6",
@@ -150,6 +155,11 @@ def test_type_numbers_match_and_are_unique():
         "EGRESS_CGROUP_PATH_LEN")],
     *[(mirrors, "denials.h", n) for n in ("DENIALS_NR_SLOTS", "DENIALS_MODE_ALERT",
                                           "DENIALS_MODE_ENFORCE")],
+    *[(mirrors, "files.h", n) for n in (
+        "FILE_LOSS_RINGBUF_FIRST", "FILE_LOSS_RINGBUF_DENIAL", "FILE_LOSS_MAP_FULL",
+        "FILE_LOSS_PATH_UNREADABLE", "FILE_LOSS_PATH_TRUNCATED", "FILE_LOSS_CGROUP_OVERFLOW",
+        "FILE_LOSS_SLOTS", "FILE_WATCH_ENFORCE")],
+    (mirrors, "events.h", "FILE_PATH_LEN"),
 ])
 def test_constants_match(module, header, name):
     assert DEFINES[header][name] == getattr(module, name)
@@ -178,8 +188,9 @@ def test_program_sources_include_their_headers():
     src = {p.name: p.read_text() for p in BPF.glob("*.c")}
     assert '#include "egress.h"' in src["egress.c"]
     assert '#include "denials.h"' in src["denials.c"]
+    assert '#include "files.h"' in src["files.c"]
     for name, text in src.items():
-        for header in ("egress.h", "denials.h"):
+        for header in ("egress.h", "denials.h", "files.h", "events.h"):
             body = _strip_comments(text)
             for struct_name, (h, _) in STRUCTS.items():
                 if h == header:

@@ -113,3 +113,25 @@ write("seccomp_denial", hdr(7, 40) + [
     ("nr", struct.pack("<I", 135)), ("ret", struct.pack("<q", -1)),
 ], {"type": "seccomp_denial", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "nr": 135,
     "name": "personality", "ret": -1, "behaviour_key": "syscall:personality"})
+
+rel = b"out/result.json"
+write("file_first", hdr(32, 304) + [
+    ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
+    ("access", struct.pack("<I", 0x4 | 0x10 | 0x8)),  # write | create | truncate
+    ("key_pid", struct.pack("<I", 1001)), ("dirfd", struct.pack("<i", -100)),  # relative to the cwd
+    ("nr", struct.pack("<I", 257)), ("path_len", struct.pack("<H", len(rel))),
+    ("flags", struct.pack("<H", 0)), ("path", cstr(rel, 256)),
+], {"type": "file_first", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "access": 0x1c,
+    "path": "out/result.json", "key_pid": 1001, "dirfd": -100, "nr": 257, "syscall": "openat",
+    "truncated": False, "behaviour_key": None})
+
+cred = b"/root/.aws/credentials"
+write("file_denial", hdr(33, 312) + [
+    ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
+    ("tid", struct.pack("<I", 1007)), ("access", struct.pack("<I", 0x1)),  # read
+    ("dirfd", struct.pack("<i", 0)), ("nr", struct.pack("<I", 257)),
+    ("ret", struct.pack("<i", -13)), ("path_len", struct.pack("<H", len(cred))),
+    ("flags", struct.pack("<H", 0)), ("pad", struct.pack("<I", 0)), ("path", cstr(cred, 256)),
+], {"type": "file_denial", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "tid": 1007,
+    "access": 1, "path": "/root/.aws/credentials", "dirfd": 0, "nr": 257, "syscall": "openat",
+    "ret": -13, "truncated": False, "behaviour_key": None})
