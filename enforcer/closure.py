@@ -12,7 +12,9 @@ Structural rules, named in each element and in provenance:
   configured known service CIDR), combined with ``exact-ports``, or ``port-range`` when more than
   ``max_ports`` distinct ports were seen there;
 * exec: ``exact``, or ``directory-pattern`` (``/dir/*``) when more than ``max_siblings``
-  distinct paths were seen in one directory.
+  distinct paths were seen in one directory;
+* file: ``exact``, ``exact:sensitive``, ``directory-children`` (``dir/*``) or ``directory-tree``
+  (``dir/**``), per access kind (:mod:`enforcer.file_closure`).
 
 Builders are pure: keys and options in, sorted elements out.
 """
@@ -185,7 +187,7 @@ def _files(mode: str) -> Builder:
     def build(substrate: str, keys: list[str], opts, services: list) -> list[Element]:
         fopts = file_closure.FileClosureOptions(closure=mode, max_siblings=opts.max_siblings,
                                                 tree_min_depth=opts.file_tree_depth)
-        els, bad = file_closure.elements(dict.fromkeys(keys), fopts)
+        els, bad = file_closure.elements(keys, fopts)
         return els + [Element(k, substrate, "exact", [k], encodable=False) for k in bad]
     return build
 

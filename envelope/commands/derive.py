@@ -16,7 +16,8 @@ import msgpack
 
 from enforcer.derive import (
     DEFAULT_COVERAGE_HOURS, DEFAULT_COVERAGE_THRESHOLD, DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX, DEFAULT_K,
-    DEFAULT_MAX_PORTS, DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNT, DEFAULT_MIN_SESSIONS, CoverageNotReached,
+    DEFAULT_FILE_TREE_DEPTH, DEFAULT_MAX_PORTS, DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNT, DEFAULT_MIN_SESSIONS,
+    CoverageNotReached,
     DeriveError, DeriveOptions, derive,
 )
 from enforcer.policy import PolicyError, dump_policy, load_policy
@@ -52,7 +53,11 @@ def register(sub) -> None:
     p.add_argument("--max-ports", type=int, default=DEFAULT_MAX_PORTS,
                    help=f"more distinct ports than this per network become a flagged range (default {DEFAULT_MAX_PORTS})")
     p.add_argument("--max-siblings", type=int, default=DEFAULT_MAX_SIBLINGS,
-                   help=f"more exec paths than this in one directory become /dir/* (default {DEFAULT_MAX_SIBLINGS})")
+                   help=f"more exec or file paths than this in one directory become /dir/*, more "
+                        f"subdirectories with file behaviours /dir/** (default {DEFAULT_MAX_SIBLINGS})")
+    p.add_argument("--file-tree-depth", type=int, default=DEFAULT_FILE_TREE_DEPTH,
+                   help="file closure: a /dir/** tree starts at least this many components deep "
+                        f"(default {DEFAULT_FILE_TREE_DEPTH}: never /tmp/**)")
     p.add_argument("-k", "--stddev-k", type=float, default=DEFAULT_K,
                    help=f"probabilistic closure: soft-violation distance in standard deviations (default {DEFAULT_K:g})")
     p.add_argument("--coverage-threshold", type=float, default=DEFAULT_COVERAGE_THRESHOLD,
@@ -143,7 +148,7 @@ def options_from_args(args) -> DeriveOptions:
             ipv6_prefix=args.ipv6_prefix,
             service_cidrs=tuple(args.service_cidr),
             max_ports=args.max_ports,
-            max_siblings=args.max_siblings,
+            max_siblings=args.max_siblings, file_tree_depth=args.file_tree_depth,
             k=args.stddev_k,
             coverage_threshold=args.coverage_threshold,
             coverage_hours=args.coverage_hours,
