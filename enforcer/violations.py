@@ -228,13 +228,24 @@ class Judge:
       session rises above ``mean + k*std``; reported once per session when it crosses. At
       :meth:`close_session` a count that ended below ``mean - k*std`` (when that is above zero)
       is reported too. Soft violations: always ``alerted``.
-    * ``exec``: with ``report_execs``, every exec outside the policy's allowed execs. Exec is
-      observed and reported, not enforced (this needs BPF-LSM, which the kernel may refuse).
+    * ``exec`` / ``file``: with ``report_execs`` / ``report_files``, every exec or file access
+      outside the policy's allowed entries that happened (``alerted``). Landlock has no log-only
+      mode, so in alert mode this is how a run learns what enforce would deny; in enforce mode
+      what Landlock refuses never happens (it is a ``denied`` violation from the kernel), and
+      what still shows up here got through a ruleset wider than the policy (a ``dir/*`` entry is
+      a hierarchy rule). ``enforced`` names the substrates Landlock enforces for this workload,
+      when known; the detail says whether this one was.
+
+    A behaviour that was refused (``denied=True``: a kernel denial seen again by detection) is
+    only judged against the watch list and detection rules.
     """
 
-    def __init__(self, policy, workload: str | None = None, report_execs: bool = False):
+    def __init__(self, policy, workload: str | None = None, report_execs: bool = False,
+                 report_files: bool = False, enforced: frozenset[str] | set[str] | None = None):
         self.workload = workload or str(policy.workload)
-        self.report_execs = report_execs and "exec" in policy.substrates
+        self.report = {s for s, on in (("exec", report_execs), ("file", report_files))
+                       if on and s in policy.substrates}
+        self.enforced = None if enforced is None else frozenset(enforced)
         self.watch = frozenset(policy.watch)
         self.rules = {r["key"]: r for r in policy.detection}
         self.counts: dict[str, Counter] = {}
@@ -245,13 +256,21 @@ class Judge:
     def interested(self, key: str) -> bool:
         return key in self.watch or key in self.rules
 
-    def observe(self, session: str, key: str, count: int = 1, now: float = 0.0) -> list[Violation]:
+    @property
+    def report_execs(self) -> bool:
+        return "exec" in self.report
+
+    def observe(self, session: str, key: str, count: int = 1, now: float = 0.0,
+                denied: bool = False) -> list[Violation]:
         out: list[Violation] = []
         c = self.counts.setdefault(session, Counter())
         c[key] += count
-        if self.report_execs and key.startswith("exec:") and not self._safe_allows(key):
-            out.append(Violation(now, self.workload, "exec", key, "alerted",
-                                 {"session": session, "enforced": False}, count))
+        kind = key.split(":", 1)[0]
+        if not denied and kind in self.report and not self._safe_allows(key):
+            detail: dict[str, Any] = {"session": session}
+            if self.enforced is not None:
+                detail["enforced"] = kind in self.enforced
+            out.append(Violation(now, self.workload, kind, key, "alerted", detail, count))
         if key in self.watch and (session, key) not in self._watched:
             self._watched.add((session, key))
             try:
