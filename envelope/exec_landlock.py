@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass, field
 
 from enforcer import audit, landlock
+from enforcer.exec_needs import ExecNeedsError
 from enforcer.landlock_rules import EXEC_HANDLED, FILE_HANDLED, LandlockCompileError
 
 from .errors import UserError
@@ -84,13 +85,18 @@ def prepare(policy, mode: str, *, allow_gaps: bool = False, support=None) -> Exe
         raise UserError(f"exec: {e} (the flag is {GAPS_FLAG})") from None
     except LandlockCompileError as e:
         raise UserError(f"exec: Landlock ruleset: {e}") from None
+    except ExecNeedsError as e:
+        raise UserError(f"exec: what an exec needs: {e}") from None
     except landlock.LandlockError as e:
         raise UserError(f"exec: Landlock: {e}") from None
     if rs is None:
         return ExecLandlock(None)
-    gaps = tuple(g.message(support.abi) for g in rs.gaps) + rs.flag_gaps
+    gaps = tuple(g.message(support.abi) for g in rs.gaps)
     out = ExecLandlock(rs, _enforced(rs.compiled), gaps)
     out.notes += [f"warning: Landlock gap ({GAPS_FLAG}): {g}" for g in gaps]
+    # Denials are reported from the syscalls' exits, not from Landlock's audit log, so a kernel
+    # that cannot log them after exec changes nothing here; it is still said.
+    out.notes += [f"note: Landlock: {g}" for g in rs.flag_gaps]
     if rs.skipped:
         shown = ", ".join(s.path for s in rs.skipped[:3]) + (" ..." if len(rs.skipped) > 3 else "")
         out.notes.append(f"note: Landlock: {len(rs.skipped)} rule object(s) skipped (missing or not the expected "

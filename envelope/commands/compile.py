@@ -1,4 +1,10 @@
-"""``envelope compile POLICY --format oci-seccomp|spo|networkpolicy|cilium [-o FILE]``.
+"""``envelope compile POLICY --format oci-seccomp|spo|networkpolicy|cilium|landlock|landlock-ruleset [-o FILE]``.
+
+Landlock formats compile the policy's exec and file entries (:mod:`enforcer.landlock_rules`),
+with what each exec needs found in ``--root`` (the filesystem the ruleset is applied in: ``/``, or
+a container's rootfs): ``landlock`` is the JSON of the Landlock maintainers' landlockconfig
+project (``children`` rules enumerated from ``--root`` now), ``landlock-ruleset`` the ruleset file
+that Envelope's static launcher applies in a container (:mod:`enforcer.landlock_formats`).
 
 Network exports take the cluster's Services (``--services FILE`` or ``--services-from-cluster``)
 so that ClusterIP destinations are exported as the Services' pods (see :mod:`enforcer.netexport`).
@@ -22,11 +28,12 @@ from sensor.state_dir import atomic_write
 
 from ..errors import UserError
 
-FORMATS = ("oci-seccomp", "spo", "networkpolicy", "cilium")
+FORMATS = ("oci-seccomp", "spo", "networkpolicy", "cilium", "landlock", "landlock-ruleset")
+LANDLOCK_FORMATS = ("landlock", "landlock-ruleset")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("compile", help="compile a policy to OCI seccomp, SPO, NetworkPolicy or Cilium")
+    p = sub.add_parser("compile", help="compile a policy to OCI seccomp, SPO, NetworkPolicy, Cilium or Landlock")
     p.add_argument("policy", help="policy file (YAML or JSON)")
     p.add_argument("--format", "-f", required=True, choices=FORMATS, help="output format")
     p.add_argument("--mode", choices=seccomp.MODES, default=None,
@@ -48,14 +55,57 @@ def register(sub) -> None:
                    help="network exports: read the Services through the Kubernetes API instead")
     p.add_argument("--kubeconfig", default=None, help="with --services-from-cluster: kubeconfig file")
     p.add_argument("--context", default=None, help="with --services-from-cluster: kubeconfig context")
+    p.add_argument("--root", default="/", metavar="DIR",
+                   help="Landlock formats: the filesystem the ruleset is applied in (default /; a container's "
+                        "rootfs for the launcher), where exec needs and children are looked up")
+    p.add_argument("--inexpressible", choices=["refuse", "drop"], default="refuse",
+                   help="Landlock formats: an entry Landlock cannot express without covering a sensitive path is "
+                        "refused (default) or left out and listed")
+    p.add_argument("--on-unsupported", choices=["refuse", "best-effort"], default="refuse",
+                   help="landlock-ruleset: what the launcher does where the kernel cannot restrict a handled "
+                        "right: refuse to run (default) or drop the right and print each gap")
     p.add_argument("--report", metavar="FILE",
-                   help="write where each seccomp rule came from (JSON) to FILE")
+                   help="write where each seccomp rule or Landlock rule came from (JSON) to FILE")
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE (atomically) instead of stdout")
     p.set_defaults(func=cmd_compile)
 
 
+def render_landlock(policy, args) -> tuple[str, dict]:
+    """The Landlock artefact and its report (every rule with the entries it came from, and where
+    the ruleset is wider or narrower than the policy)."""
+    from enforcer.exec_needs import ExecNeedsError, resolve
+    from enforcer.landlock import expand_children
+    from enforcer.landlock_formats import (RulesetFileError, dump_landlockconfig, landlockconfig,
+                                           landlockconfig_gaps, ruleset_file)
+    from enforcer.landlock_rules import CHILDREN_OBJECT, LandlockCompileError, compile_policy
+    if not {"exec", "file"} & set(policy.substrates):
+        raise UserError(f"{policy.workload}: the policy includes neither the exec nor the file substrate; "
+                        f"a Landlock ruleset would restrict nothing (derive with --substrates ...,exec,file)")
+    root = str(Path(args.root).resolve())
+    try:
+        needs = resolve(policy.execs, root=root) if "exec" in policy.substrates else {}
+        compiled = compile_policy(policy, exec_needs=needs, inexpressible=args.inexpressible)
+        report = compiled.to_dict()
+        if args.format == "landlock-ruleset":
+            return ruleset_file(compiled, args.on_unsupported), report
+        expansions = {}
+        for r in compiled.rules:
+            if r.object == CHILDREN_OBJECT:
+                try:
+                    expansions[r.path] = expand_children(r, root)
+                except OSError as e:
+                    raise UserError(f"children rule on {r.path}: cannot list it under --root {root}: "
+                                    f"{e.strerror}") from None
+        report["landlockconfigGaps"] = landlockconfig_gaps(compiled)
+        return dump_landlockconfig(landlockconfig(compiled, expansions)), report
+    except (ExecNeedsError, LandlockCompileError, RulesetFileError) as e:
+        raise UserError(str(e)) from None
+
+
 def render(policy, args, state_dir) -> tuple[str, dict | None]:
-    """The artefact text and, for seccomp formats, the provenance report."""
+    """The artefact text and, for seccomp and Landlock formats, the provenance report."""
+    if args.format in LANDLOCK_FORMATS:
+        return render_landlock(policy, args)
     if args.format in ("oci-seccomp", "spo"):
         extra = None
         if args.with_exceptions:
@@ -118,10 +168,21 @@ def cmd_compile(args, config) -> int:
     if args.format in ("networkpolicy", "cilium") and policy.mode != "enforce":
         print(f"envelope: note: policy mode is {policy.mode}; a {args.format} export always "
               f"enforces (the mode is kept as an annotation)", file=sys.stderr)
-    if report is not None and not report.get("constrained", True):
+    if args.format in LANDLOCK_FORMATS:
+        if policy.mode != "enforce":
+            print(f"envelope: note: policy mode is {policy.mode}; a Landlock ruleset always enforces (Landlock "
+                  f"has no log-only mode): apply it where the policy is enforced", file=sys.stderr)
+        notes: dict[str, int] = {}
+        for n in report["notes"]:
+            notes[n["rule"]] = notes.get(n["rule"], 0) + 1
+        for rule, n in sorted(notes.items()):
+            print(f"envelope: {rule}: {n} entr{'y' if n == 1 else 'ies'} (see --report)", file=sys.stderr)
+        for gap in report.get("landlockconfigGaps", []):
+            print(f"envelope: note: landlockconfig: {gap}", file=sys.stderr)
+    elif report is not None and not report.get("constrained", True):
         print("envelope: note: the policy leaves the syscall substrate out; the profile allows "
               "every syscall", file=sys.stderr)
-    if report is not None:
+    if report is not None and args.format not in LANDLOCK_FORMATS:
         added: dict[str, int] = {}
         for r in report["rules"]:
             if not r["rule"].startswith("policy"):
