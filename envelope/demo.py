@@ -3,8 +3,9 @@
 1. record several sessions of the agent doing varied tasks (real BPF, real cgroups);
 2. show the profile;
 3. derive a policy through the four decisions, and explain it;
-4. enforce it: a legitimate variation passes, a malicious one has its out-of-envelope connect
-   and syscall denied, and both denials are reported as violations;
+4. enforce it (seccomp, egress, Landlock): a legitimate variation passes, a malicious one has its
+   out-of-envelope connect, syscall, shell and credentials read denied, and every denial is
+   reported as a violation;
 5. verify the audit log.
 
 Every step is a real ``envelope`` command, printed before it runs. The local services the agent
@@ -19,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -137,9 +139,10 @@ def main() -> int:
 
         d.banner("3. derive: granularity, closure, confidence, validity")
         print("The demo's observation window is seconds long, so coverage-stop refuses first:")
-        d.run("derive", WORKLOAD, "--out", str(policy), check=False)
+        substrates = "syscall,egress,exec,file"
+        d.run("derive", WORKLOAD, "--substrates", substrates, "--out", str(policy), check=False)
         print("\nForcing it records the policy as low-confidence (alert mode by default):")
-        d.run("derive", WORKLOAD, "--force", "--out", str(policy))
+        d.run("derive", WORKLOAD, "--substrates", substrates, "--force", "--out", str(policy))
         d.run("explain", str(policy))
 
         d.banner("4. enforce: a legitimate variation of the agent's work passes")
@@ -147,8 +150,18 @@ def main() -> int:
               PYTHON, str(AGENT), "--task", str(SESSIONS + 1), expect=0)
 
         d.banner("5. enforce: a prompt-injected variation is denied and reported")
-        d.run("exec", "--policy", str(policy), "--mode", "enforce", "--",
-              PYTHON, str(AGENT), "--task", "2", "--malicious", check=False)
+        # A (fake) credentials file outside everything the agent was seen to touch: not under
+        # /tmp, whose tempfiles make the agent's /tmp/* entries, which Landlock can only grant as
+        # all of /tmp (the compile report names that widening).
+        secrets = Path(tempfile.mkdtemp(prefix="envelope-demo-", dir="/run"))
+        credentials = secrets / ".aws" / "credentials"
+        credentials.parent.mkdir()
+        credentials.write_text("[default]\naws_secret_access_key = not-a-real-key\n")
+        try:
+            d.run("exec", "--policy", str(policy), "--mode", "enforce", "--",
+                  PYTHON, str(AGENT), "--task", "2", "--malicious", "--credentials", str(credentials), check=False)
+        finally:
+            shutil.rmtree(secrets, ignore_errors=True)
         d.run("violations", "--workload", WORKLOAD)
 
         d.banner("6. every override and apply is in the tamper-evident audit log")

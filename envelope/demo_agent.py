@@ -8,8 +8,9 @@ Each run picks tools for its task at run time, the way an agent's model would:
 
 ``--task`` varies which tools and files are used, within the same envelope. ``--malicious``
 adds what a prompt-injected agent might do: an exfiltration connect to an address outside the
-observed envelope (127.0.1.66, still loopback) and a syscall the agent never made (``ptrace``).
-Only loopback addresses are ever contacted.
+observed envelope (127.0.1.66, still loopback), a syscall the agent never made (``ptrace``), a
+shell it never spawned (``/bin/sh``) and, with ``--credentials PATH``, a read of a credentials
+file it never read. Only loopback addresses are ever contacted.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ MODEL_PORT = 18080
 TOOL_PORT = 18081
 DNS_PORT = 18053
 EXFIL = ("127.0.1.66", 4444)
-HELPERS = {0: ["/bin/ls", "/"], 1: ["/bin/cat", "/etc/hostname"], 2: ["/bin/date", "-u"]}
+HELPERS = {0: ["/bin/ls", "/tmp"], 1: ["/bin/cat", "/etc/hostname"], 2: ["/bin/date", "-u"]}
 
 
 def call(port: int, payload: bytes) -> str:
@@ -43,7 +44,18 @@ def resolve(name: str) -> str:
         return s.recv(256).decode(errors="replace")
 
 
-def run(task: int, malicious: bool) -> int:
+def attempt(what: str, fn) -> bool:
+    """Run ``fn``; print its outcome; True when it succeeded."""
+    try:
+        fn()
+    except OSError as e:
+        print(f"{what}: {errno.errorcode.get(e.errno, e.errno)}")
+        return False
+    print(f"{what}: ok")
+    return True
+
+
+def run(task: int, malicious: bool, credentials: str | None = None) -> int:
     answer = call(MODEL_PORT, f"plan task {task}".encode())
     print(f"model: {answer}")
     print(f"resolved: {resolve('tools.internal')}")
@@ -71,6 +83,10 @@ def run(task: int, malicious: bool) -> int:
         err = ctypes.get_errno()
         print(f"ptrace: {'ok' if rc == 0 else errno.errorcode.get(err, err)}")
         status = status if rc == 0 else 3
+        if not attempt("spawn /bin/sh", lambda: subprocess.run(["/bin/sh", "-c", "id"], capture_output=True)):
+            status = 3
+        if credentials and not attempt("read credentials", lambda: open(credentials, encoding="utf-8").read()):
+            status = 3
     return status
 
 
@@ -78,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", type=int, default=0)
     p.add_argument("--malicious", action="store_true")
+    p.add_argument("--credentials", metavar="PATH", help="with --malicious: a credentials file to read")
     args = p.parse_args(argv)
-    return run(args.task, args.malicious)
+    return run(args.task, args.malicious, args.credentials)
 
 
 if __name__ == "__main__":

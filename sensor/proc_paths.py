@@ -44,10 +44,15 @@ class ProcPaths:
         return join(base, path) if base is not None else None
 
     def is_dir(self, pid: int, path: str) -> bool | None:
-        """Is ``path`` (absolute, as ``pid`` sees it) a directory now? None when ``pid`` is gone
-        or the path does not exist."""
-        try:
-            st = os.stat(self.proc / str(pid) / "root" / path.lstrip("/"))
-        except OSError:
-            return None
-        return stat.S_ISDIR(st.st_mode)
+        """Is ``path`` (absolute, as ``pid`` sees it) a directory now? When ``pid`` is gone
+        already (a short-lived helper), the path is looked up in this process's root instead,
+        which is the process's own for host workloads and, for a container, the host's view of
+        the same path (a path that is a directory in one and a file in the other is the rare
+        case this gets wrong). None when the path exists in neither."""
+        for root in (self.proc / str(pid) / "root", self.proc / "self" / "root"):
+            try:
+                st = os.stat(root / path.lstrip("/"))
+            except OSError:
+                continue
+            return stat.S_ISDIR(st.st_mode)
+        return None

@@ -63,6 +63,7 @@ def test_proc_paths_follow_this_process(tmp_path):
     assert paths.resolve(pid, fd, "d") is None  # the fd is gone: not guessed
     assert paths.resolve(pid, events.FILE_DIRFD_ABSOLUTE, "/etc//hosts") == "/etc/hosts"
     assert paths.is_dir(pid, str(tmp_path / "missing")) is None
+    assert paths.is_dir(2 ** 22 + 7, str(tmp_path / "d")) is True  # no such process: our own root
     r, w = os.pipe()
     try:
         assert paths.base(pid, r) is None  # not a directory
