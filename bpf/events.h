@@ -211,7 +211,7 @@ struct seccomp_denial_event {
 
 /* EV_FILE_FIRST: the first time a cgroup makes one access pattern to one path (a new key of
  * files.h's `file_counts`); the count itself stays in the map. */
-#define FILE_FIRST_EVENT_SIZE 304
+#define FILE_FIRST_EVENT_SIZE 312
 struct file_first_event {
 	struct event_hdr hdr;     /*   0 */
 	__u64 cgroup_id;          /*  16 */
@@ -222,7 +222,8 @@ struct file_first_event {
 	__u32 nr;                 /*  40 syscall number */
 	__u16 path_len;           /*  44 bytes in path, without the NUL */
 	__u16 flags;              /*  46 FILE_F_* */
-	char path[FILE_PATH_LEN]; /*  48 as the process gave it */
+	__u64 path_hash;          /*  48 the key's path hash (files.h) */
+	char path[FILE_PATH_LEN]; /*  56 as the process gave it */
 };
 
 /* EV_FILE_DENIAL: a file call of a watched cgroup that failed with -EACCES (Landlock's answer to

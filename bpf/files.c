@@ -22,6 +22,7 @@
  *   FILES_MAX_CGROUPS     cgroups in file_cgroups and watched             default 4096
  *   FILES_RINGBUF_PAGES   ring buffer size in pages (power of two)        default 64
  *   FILES_EVENT_CGROUP    count only this cgroup id                       default 0 (all)
+ *   FILES_HASH_SEED       seed of the path hash in the keys (random per load, set by userspace)
  *
  * What a call counts as (FILE_ACC_* in events.h): open/openat/openat2/creat by their flags
  * (O_PATH opens are not accesses: Landlock checks nothing for them); truncate(2); unlink,
@@ -57,13 +58,19 @@
 #ifndef FILES_EVENT_CGROUP
 #define FILES_EVENT_CGROUP 0
 #endif
+#ifndef FILES_HASH_SEED
+#define FILES_HASH_SEED 0x6a09e667f3bcc908ULL
+#endif
 
-/* Syscall argument registers in struct pt_regs (x86_64), as in bpf/sensor.c. */
-#define REGS_OFF_R10 56
-#define REGS_OFF_R8 72
-#define REGS_OFF_DX 96
-#define REGS_OFF_SI 104
-#define REGS_OFF_DI 112
+/* Syscall argument registers in struct pt_regs (x86_64), as in bpf/sensor.c: read in one copy
+ * of the frame from r10 to di (offsets 56..119), indexed in u64 words from REGS_OFF_FIRST. */
+#define REGS_OFF_FIRST 56
+#define REGS_WORDS 8
+#define W_R10 0 /* offset 56 */
+#define W_R8 2  /* 72 */
+#define W_DX 5  /* 96 */
+#define W_SI 6  /* 104 */
+#define W_DI 7  /* 112 */
 
 /* uapi flag values (asm-generic/fcntl.h, linux/fcntl.h, linux/stat.h) */
 #define ENV_O_ACCMODE 03
@@ -85,8 +92,9 @@
 
 BPF_PERCPU_ARRAY(file_loss, __u64, FILE_LOSS_SLOTS);
 BPF_RINGBUF_OUTPUT(events, FILES_RINGBUF_PAGES);
-/* Scratch for the key being built (280 bytes: too large for the stack with the rest). */
-BPF_PERCPU_ARRAY(scratch, struct file_key, 1);
+/* Scratch for the path being read and, for a new key, the value it is inserted with (288 bytes:
+ * too large for the stack with the rest). */
+BPF_PERCPU_ARRAY(scratch, struct file_count, 1);
 
 #if FILES_OBSERVE
 BPF_F_TABLE("hash", struct file_key, struct file_count, file_counts, FILES_MAX_KEYS, BPF_F_NO_PREALLOC);
@@ -103,17 +111,17 @@ static __always_inline void count_loss(__u32 index)
 		__sync_fetch_and_add(n, 1);
 }
 
-static __always_inline __u64 reg(void *regs, int off)
-{
-	__u64 v = 0;
-	bpf_probe_read_kernel(&v, sizeof(v), (char *)regs + off);
-	return v;
-}
+struct regs {
+	__u64 w[REGS_WORDS];
+};
 
-static __always_inline void *caller_regs(void)
+/* The caller's syscall arguments, from its register frame, in one read. */
+static __always_inline void caller_regs(struct regs *r)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
-	return (void *)bpf_task_pt_regs(task);
+	char *frame = (char *)bpf_task_pt_regs(task);
+	if (bpf_probe_read_kernel(r, sizeof(*r), frame + REGS_OFF_FIRST) != 0)
+		__builtin_memset(r, 0, sizeof(*r));
 }
 
 static __always_inline __u32 open_access(__u64 flags)
@@ -153,37 +161,63 @@ static __always_inline __u32 mknod_access(__u64 mode)
 	}
 }
 
-/* Fill the scratch key's path (zero-padded, so equal paths make equal keys) and its base. */
-static __always_inline struct file_key *build_key(__u64 cg, __u32 access, int dirfd, __u64 uptr,
-						   __u16 *len, __u16 *flags)
+/* A keyed hash of the path's n bytes, eight at a time (the bytes after the string are masked:
+ * the scratch buffer is not cleared between calls). */
+static __always_inline __u64 path_hash(const char *p, long n)
+{
+	__u64 h = FILES_HASH_SEED ^ (__u64)n;
+	for (int i = 0; i < FILE_PATH_LEN / 8; i++) {
+		long left = n - i * 8;
+		if (left <= 0)
+			break;
+		__u64 w = 0;
+		__builtin_memcpy(&w, p + i * 8, 8);
+		if (left < 8)
+			w &= (1ULL << (left * 8)) - 1;
+		h ^= w;
+		h *= 0x9e3779b97f4a7c15ULL;
+		h ^= h >> 29;
+	}
+	return h;
+}
+
+/* Read the path into the scratch value and build the key: 0 when there is no path to count
+ * (unreadable, empty: AT_EMPTY_PATH names the fd itself). */
+static __always_inline struct file_count *read_path(__u64 uptr)
 {
 	__u32 zero = 0;
-	struct file_key *k = scratch.lookup(&zero);
-	if (!k)
+	struct file_count *v = scratch.lookup(&zero);
+	if (!v)
 		return 0;
-	__builtin_memset(k, 0, sizeof(*k));
-	long n = bpf_probe_read_user_str(k->path, sizeof(k->path), (void *)uptr);
-	if (n <= 1) { /* unreadable, or empty (AT_EMPTY_PATH: the fd itself, no path) */
+	long n = bpf_probe_read_user_str(v->path, sizeof(v->path), (void *)uptr);
+	if (n <= 1) {
 		if (n <= 0)
 			count_loss(FILE_LOSS_PATH_UNREADABLE);
 		return 0;
 	}
-	*len = n - 1;
-	*flags = n >= FILE_PATH_LEN ? FILE_F_TRUNCATED : 0;
+	v->path_len = n - 1;
+	v->flags = n >= FILE_PATH_LEN ? FILE_F_TRUNCATED : 0;
+	return v;
+}
+
+static __always_inline void fill_key(struct file_key *k, const struct file_count *v, __u64 cg, __u32 access,
+				     int dirfd)
+{
 	k->cgroup_id = cg;
 	k->access = access;
-	if (k->path[0] == '/') {
+	k->pad = 0;
+	if (v->path[0] == '/') {
 		k->pid = 0;
 		k->dirfd = FILE_DIRFD_ABSOLUTE;
 	} else {
 		k->pid = bpf_get_current_pid_tgid() >> 32;
 		k->dirfd = dirfd;
 	}
-	return k;
+	k->path_hash = path_hash(v->path, v->path_len);
 }
 
 #if FILES_OBSERVE
-static __always_inline void announce(struct file_key *k, __u32 nr, __u16 len, __u16 flags)
+static __always_inline void announce(const struct file_key *k, const struct file_count *v, __u32 nr)
 {
 	struct file_first_event *e = events.ringbuf_reserve(sizeof(struct file_first_event));
 	if (!e) {
@@ -200,9 +234,10 @@ static __always_inline void announce(struct file_key *k, __u32 nr, __u16 len, __
 	e->key_pid = k->pid;
 	e->dirfd = k->dirfd;
 	e->nr = nr;
-	e->path_len = len;
-	e->flags = flags;
-	bpf_probe_read_kernel(e->path, sizeof(e->path), k->path);
+	e->path_len = v->path_len;
+	e->flags = v->flags;
+	e->path_hash = k->path_hash;
+	bpf_probe_read_kernel(e->path, sizeof(e->path), v->path);
 	events.ringbuf_submit(e, 0);
 }
 
@@ -212,17 +247,18 @@ static __always_inline void observe(__u64 cg, __u32 nr, __u32 access, int dirfd,
 	if (cg != FILES_EVENT_CGROUP)
 		return;
 #endif
-	__u16 len = 0, flags = 0;
-	struct file_key *k = build_key(cg, access, dirfd, uptr, &len, &flags);
-	if (!k)
+	struct file_count *v = read_path(uptr);
+	if (!v)
 		return;
-	if (flags & FILE_F_TRUNCATED) {
+	if (v->flags & FILE_F_TRUNCATED) {
 		count_loss(FILE_LOSS_PATH_TRUNCATED);
 		return;
 	}
+	struct file_key k;
+	fill_key(&k, v, cg, access, dirfd);
 	__u64 now = bpf_ktime_get_ns();
-	struct file_count *c = file_counts.lookup(k);
-	if (c) { /* the steady state: one hash lookup, no event */
+	struct file_count *c = file_counts.lookup(&k);
+	if (c) { /* the steady state: one lookup of a 32-byte key, no event */
 		__sync_fetch_and_add(&c->count, 1);
 		c->last_ns = now;
 		return;
@@ -242,10 +278,13 @@ static __always_inline void observe(__u64 cg, __u32 nr, __u32 access, int dirfd,
 		count_loss(FILE_LOSS_CGROUP_OVERFLOW);
 		return;
 	}
-	struct file_count fresh = {.count = 1, .first_ns = now, .last_ns = now};
-	if (file_counts.insert(k, &fresh) != 0) {
+	v->count = 1;
+	v->first_ns = now;
+	v->last_ns = now;
+	v->pad = 0;
+	if (file_counts.insert(&k, v) != 0) {
 		/* Another CPU added the same key first, or the map is full. */
-		c = file_counts.lookup(k);
+		c = file_counts.lookup(&k);
 		if (c)
 			__sync_fetch_and_add(&c->count, 1);
 		else
@@ -253,16 +292,15 @@ static __always_inline void observe(__u64 cg, __u32 nr, __u32 access, int dirfd,
 		return;
 	}
 	__sync_fetch_and_add(&fc->keys, 1);
-	announce(k, nr, len, flags);
+	announce(&k, v, nr);
 }
 #endif
 
 #if FILES_DENIALS
 static __always_inline void report_denial(__u64 cg, __u32 nr, long ret, __u32 access, int dirfd, __u64 uptr)
 {
-	__u16 len = 0, flags = 0;
-	struct file_key *k = build_key(cg, access, dirfd, uptr, &len, &flags);
-	if (!k)
+	struct file_count *v = read_path(uptr);
+	if (!v)
 		return;
 	struct file_denial_event *e = events.ringbuf_reserve(sizeof(struct file_denial_event));
 	if (!e) {
@@ -278,13 +316,13 @@ static __always_inline void report_denial(__u64 cg, __u32 nr, long ret, __u32 ac
 	e->pid = pid_tgid >> 32;
 	e->tid = (__u32)pid_tgid;
 	e->access = access;
-	e->dirfd = k->dirfd;
+	e->dirfd = v->path[0] == '/' ? FILE_DIRFD_ABSOLUTE : dirfd;
 	e->nr = nr;
 	e->ret = ret;
-	e->path_len = len;
-	e->flags = flags;
+	e->path_len = v->path_len;
+	e->flags = v->flags;
 	e->pad = 0;
-	bpf_probe_read_kernel(e->path, sizeof(e->path), k->path);
+	bpf_probe_read_kernel(e->path, sizeof(e->path), v->path);
 	events.ringbuf_submit(e, 0);
 }
 #endif
@@ -331,75 +369,76 @@ static __always_inline int wanted(long ret, __u64 cg, int *watched_cg)
 		if (!wanted(ret, cg, &watched_cg))                                               \
 			return 0;                                                                \
 		__u32 nr = args->__syscall_nr;                                                   \
-		void *regs = caller_regs();                                                      \
+		struct regs r;                                                                   \
+		caller_regs(&r);                                                                 \
 		__VA_ARGS__;                                                                     \
 		return 0;                                                                        \
 	}
 
 /* open(path, flags, mode) */
-FILE_EXIT(open, on_path(cg, nr, ret, open_access(reg(regs, REGS_OFF_SI)), FILE_AT_FDCWD,
-			reg(regs, REGS_OFF_DI), watched_cg))
+FILE_EXIT(open, on_path(cg, nr, ret, open_access(r.w[W_SI]), FILE_AT_FDCWD,
+			r.w[W_DI], watched_cg))
 /* openat(dirfd, path, flags, mode) */
-FILE_EXIT(openat, on_path(cg, nr, ret, open_access(reg(regs, REGS_OFF_DX)), (int)reg(regs, REGS_OFF_DI),
-			  reg(regs, REGS_OFF_SI), watched_cg))
+FILE_EXIT(openat, on_path(cg, nr, ret, open_access(r.w[W_DX]), (int)r.w[W_DI],
+			  r.w[W_SI], watched_cg))
 /* openat2(dirfd, path, struct open_how *how, size): how->flags is the first u64 */
 FILE_EXIT(openat2, {
 	__u64 how_flags = 0;
-	bpf_probe_read_user(&how_flags, sizeof(how_flags), (void *)reg(regs, REGS_OFF_DX));
-	on_path(cg, nr, ret, open_access(how_flags), (int)reg(regs, REGS_OFF_DI), reg(regs, REGS_OFF_SI),
+	bpf_probe_read_user(&how_flags, sizeof(how_flags), (void *)r.w[W_DX]);
+	on_path(cg, nr, ret, open_access(how_flags), (int)r.w[W_DI], r.w[W_SI],
 		watched_cg);
 })
 /* creat(path, mode) = open(path, O_CREAT | O_WRONLY | O_TRUNC, mode) */
 FILE_EXIT(creat, on_path(cg, nr, ret, FILE_ACC_WRITE | FILE_ACC_CREATE | FILE_ACC_TRUNCATE, FILE_AT_FDCWD,
-			 reg(regs, REGS_OFF_DI), watched_cg))
+			 r.w[W_DI], watched_cg))
 /* truncate(path, length) */
-FILE_EXIT(truncate, on_path(cg, nr, ret, FILE_ACC_TRUNCATE, FILE_AT_FDCWD, reg(regs, REGS_OFF_DI), watched_cg))
+FILE_EXIT(truncate, on_path(cg, nr, ret, FILE_ACC_TRUNCATE, FILE_AT_FDCWD, r.w[W_DI], watched_cg))
 /* execve(path, argv, envp): refused execs only */
-FILE_EXIT(execve, on_path(cg, nr, ret, FILE_ACC_EXEC, FILE_AT_FDCWD, reg(regs, REGS_OFF_DI), watched_cg))
+FILE_EXIT(execve, on_path(cg, nr, ret, FILE_ACC_EXEC, FILE_AT_FDCWD, r.w[W_DI], watched_cg))
 /* execveat(dirfd, path, argv, envp, flags) */
-FILE_EXIT(execveat, on_path(cg, nr, ret, FILE_ACC_EXEC, (int)reg(regs, REGS_OFF_DI), reg(regs, REGS_OFF_SI),
+FILE_EXIT(execveat, on_path(cg, nr, ret, FILE_ACC_EXEC, (int)r.w[W_DI], r.w[W_SI],
 			    watched_cg))
 /* unlink(path) */
-FILE_EXIT(unlink, on_path(cg, nr, ret, FILE_ACC_REMOVE, FILE_AT_FDCWD, reg(regs, REGS_OFF_DI), watched_cg))
+FILE_EXIT(unlink, on_path(cg, nr, ret, FILE_ACC_REMOVE, FILE_AT_FDCWD, r.w[W_DI], watched_cg))
 /* unlinkat(dirfd, path, flags) */
-FILE_EXIT(unlinkat, on_path(cg, nr, ret, (reg(regs, REGS_OFF_DX) & ENV_AT_REMOVEDIR) ? FILE_ACC_RMDIR : FILE_ACC_REMOVE,
-			    (int)reg(regs, REGS_OFF_DI), reg(regs, REGS_OFF_SI), watched_cg))
+FILE_EXIT(unlinkat, on_path(cg, nr, ret, (r.w[W_DX] & ENV_AT_REMOVEDIR) ? FILE_ACC_RMDIR : FILE_ACC_REMOVE,
+			    (int)r.w[W_DI], r.w[W_SI], watched_cg))
 /* rmdir(path) */
-FILE_EXIT(rmdir, on_path(cg, nr, ret, FILE_ACC_RMDIR, FILE_AT_FDCWD, reg(regs, REGS_OFF_DI), watched_cg))
+FILE_EXIT(rmdir, on_path(cg, nr, ret, FILE_ACC_RMDIR, FILE_AT_FDCWD, r.w[W_DI], watched_cg))
 /* mkdir(path, mode) */
-FILE_EXIT(mkdir, on_path(cg, nr, ret, FILE_ACC_MKDIR, FILE_AT_FDCWD, reg(regs, REGS_OFF_DI), watched_cg))
+FILE_EXIT(mkdir, on_path(cg, nr, ret, FILE_ACC_MKDIR, FILE_AT_FDCWD, r.w[W_DI], watched_cg))
 /* mkdirat(dirfd, path, mode) */
-FILE_EXIT(mkdirat, on_path(cg, nr, ret, FILE_ACC_MKDIR, (int)reg(regs, REGS_OFF_DI), reg(regs, REGS_OFF_SI),
+FILE_EXIT(mkdirat, on_path(cg, nr, ret, FILE_ACC_MKDIR, (int)r.w[W_DI], r.w[W_SI],
 			   watched_cg))
 /* mknod(path, mode, dev) */
-FILE_EXIT(mknod, on_path(cg, nr, ret, mknod_access(reg(regs, REGS_OFF_SI)), FILE_AT_FDCWD, reg(regs, REGS_OFF_DI),
+FILE_EXIT(mknod, on_path(cg, nr, ret, mknod_access(r.w[W_SI]), FILE_AT_FDCWD, r.w[W_DI],
 			 watched_cg))
 /* mknodat(dirfd, path, mode, dev) */
-FILE_EXIT(mknodat, on_path(cg, nr, ret, mknod_access(reg(regs, REGS_OFF_DX)), (int)reg(regs, REGS_OFF_DI),
-			   reg(regs, REGS_OFF_SI), watched_cg))
+FILE_EXIT(mknodat, on_path(cg, nr, ret, mknod_access(r.w[W_DX]), (int)r.w[W_DI],
+			   r.w[W_SI], watched_cg))
 /* rename(old, new) */
 FILE_EXIT(rename, {
-	on_path(cg, nr, ret, FILE_ACC_REMOVE, FILE_AT_FDCWD, reg(regs, REGS_OFF_DI), watched_cg);
-	on_path(cg, nr, ret, FILE_ACC_CREATE, FILE_AT_FDCWD, reg(regs, REGS_OFF_SI), watched_cg);
+	on_path(cg, nr, ret, FILE_ACC_REMOVE, FILE_AT_FDCWD, r.w[W_DI], watched_cg);
+	on_path(cg, nr, ret, FILE_ACC_CREATE, FILE_AT_FDCWD, r.w[W_SI], watched_cg);
 })
 /* renameat(olddirfd, old, newdirfd, new) */
 FILE_EXIT(renameat, {
-	on_path(cg, nr, ret, FILE_ACC_REMOVE, (int)reg(regs, REGS_OFF_DI), reg(regs, REGS_OFF_SI), watched_cg);
-	on_path(cg, nr, ret, FILE_ACC_CREATE, (int)reg(regs, REGS_OFF_DX), reg(regs, REGS_OFF_R10), watched_cg);
+	on_path(cg, nr, ret, FILE_ACC_REMOVE, (int)r.w[W_DI], r.w[W_SI], watched_cg);
+	on_path(cg, nr, ret, FILE_ACC_CREATE, (int)r.w[W_DX], r.w[W_R10], watched_cg);
 })
 /* renameat2(olddirfd, old, newdirfd, new, flags) */
 FILE_EXIT(renameat2, {
-	__u32 both = (reg(regs, REGS_OFF_R8) & ENV_RENAME_EXCHANGE) ? FILE_ACC_REMOVE | FILE_ACC_CREATE : 0;
-	on_path(cg, nr, ret, FILE_ACC_REMOVE | both, (int)reg(regs, REGS_OFF_DI), reg(regs, REGS_OFF_SI), watched_cg);
-	on_path(cg, nr, ret, FILE_ACC_CREATE | both, (int)reg(regs, REGS_OFF_DX), reg(regs, REGS_OFF_R10), watched_cg);
+	__u32 both = (r.w[W_R8] & ENV_RENAME_EXCHANGE) ? FILE_ACC_REMOVE | FILE_ACC_CREATE : 0;
+	on_path(cg, nr, ret, FILE_ACC_REMOVE | both, (int)r.w[W_DI], r.w[W_SI], watched_cg);
+	on_path(cg, nr, ret, FILE_ACC_CREATE | both, (int)r.w[W_DX], r.w[W_R10], watched_cg);
 })
 /* link(old, new) */
-FILE_EXIT(link, on_path(cg, nr, ret, FILE_ACC_CREATE, FILE_AT_FDCWD, reg(regs, REGS_OFF_SI), watched_cg))
+FILE_EXIT(link, on_path(cg, nr, ret, FILE_ACC_CREATE, FILE_AT_FDCWD, r.w[W_SI], watched_cg))
 /* linkat(olddirfd, old, newdirfd, new, flags) */
-FILE_EXIT(linkat, on_path(cg, nr, ret, FILE_ACC_CREATE, (int)reg(regs, REGS_OFF_DX), reg(regs, REGS_OFF_R10),
+FILE_EXIT(linkat, on_path(cg, nr, ret, FILE_ACC_CREATE, (int)r.w[W_DX], r.w[W_R10],
 			  watched_cg))
 /* symlink(target, new) */
-FILE_EXIT(symlink, on_path(cg, nr, ret, FILE_ACC_SYMLINK, FILE_AT_FDCWD, reg(regs, REGS_OFF_SI), watched_cg))
+FILE_EXIT(symlink, on_path(cg, nr, ret, FILE_ACC_SYMLINK, FILE_AT_FDCWD, r.w[W_SI], watched_cg))
 /* symlinkat(target, newdirfd, new) */
-FILE_EXIT(symlinkat, on_path(cg, nr, ret, FILE_ACC_SYMLINK, (int)reg(regs, REGS_OFF_SI), reg(regs, REGS_OFF_DX),
+FILE_EXIT(symlinkat, on_path(cg, nr, ret, FILE_ACC_SYMLINK, (int)r.w[W_SI], r.w[W_DX],
 			     watched_cg))

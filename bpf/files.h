@@ -19,25 +19,32 @@
 #define FILE_LOSS_CGROUP_OVERFLOW 5 /* new keys not counted: the cgroup had FILES_PER_CGROUP */
 #define FILE_LOSS_SLOTS 8
 
-/* `file_counts` key: one access pattern to one path by one cgroup. An absolute path is one key
- * for the whole cgroup; a relative one is kept per process and base directory (pid, dirfd), so
+/* `file_counts` key: one access pattern to one path by one cgroup. The path is identified by a
+ * keyed 64-bit hash (seed FILES_HASH_SEED, random per load, so a workload cannot aim a path at
+ * another's hash), which keeps the key short: the kernel hashes 32 bytes per counted access, not
+ * a whole path; the path itself is stored once, in the value. An absolute path is one key for
+ * the whole cgroup; a relative one is kept per process and base directory (pid, dirfd), so
  * userspace can resolve it against that process's working directory or directory fd. */
-#define FILE_KEY_SIZE 280
+#define FILE_KEY_SIZE 32
 struct file_key {
-	__u64 cgroup_id;          /*  0 */
-	__u32 access;             /*  8 FILE_ACC_* */
-	__u32 pid;                /* 12 0 for an absolute path */
-	__s32 dirfd;              /* 16 FILE_DIRFD_ABSOLUTE, FILE_AT_FDCWD or a directory fd */
-	__u32 pad;                /* 20 */
-	char path[FILE_PATH_LEN]; /* 24 as the process gave it, NUL-padded */
+	__u64 cgroup_id; /*  0 */
+	__u32 access;    /*  8 FILE_ACC_* */
+	__u32 pid;       /* 12 0 for an absolute path */
+	__s32 dirfd;     /* 16 FILE_DIRFD_ABSOLUTE, FILE_AT_FDCWD or a directory fd */
+	__u32 pad;       /* 20 */
+	__u64 path_hash; /* 24 keyed hash of the path as given */
 };
 
-/* `file_counts` value: cumulative, never drained (userspace takes deltas). */
-#define FILE_COUNT_SIZE 24
+/* `file_counts` value: cumulative, never drained (userspace takes deltas), and the path. */
+#define FILE_COUNT_SIZE 288
 struct file_count {
-	__u64 count;    /*  0 */
-	__u64 first_ns; /*  8 bpf_ktime_get_ns() of the first access */
-	__u64 last_ns;  /* 16 and of the latest */
+	__u64 count;              /*  0 */
+	__u64 first_ns;           /*  8 bpf_ktime_get_ns() of the first access */
+	__u64 last_ns;            /* 16 and of the latest */
+	__u16 path_len;           /* 24 bytes in path, without the NUL */
+	__u16 flags;              /* 26 FILE_F_* */
+	__u32 pad;                /* 28 */
+	char path[FILE_PATH_LEN]; /* 32 as the process gave it */
 };
 
 /* `file_cgroups` value: how many keys a cgroup holds, and what did not fit. */

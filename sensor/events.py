@@ -281,7 +281,8 @@ class FileFirstRecord(Mirror):
         __u32 nr;                 /*  40 syscall number */
         __u16 path_len;           /*  44 bytes in path, without the NUL */
         __u16 flags;              /*  46 FILE_F_* */
-        char path[FILE_PATH_LEN]; /*  48 as the process gave it */
+        __u64 path_hash;          /*  48 the key's path hash (files.h) */
+        char path[FILE_PATH_LEN]; /*  56 as the process gave it */
     };
     """
 
@@ -290,7 +291,7 @@ class FileFirstRecord(Mirror):
     version = 1
     fields = _HDR + (
         ("cgroup_id", "Q"), ("pid", "I"), ("access", "I"), ("key_pid", "I"), ("dirfd", "i"),
-        ("nr", "I"), ("path_len", "H"), ("flags", "H"), ("path", f"{FILE_PATH_LEN}s"),
+        ("nr", "I"), ("path_len", "H"), ("flags", "H"), ("path_hash", "Q"), ("path", f"{FILE_PATH_LEN}s"),
     )
 
 
@@ -480,6 +481,7 @@ class FileFirstEvent(_Event):
     nr: int = 0
     syscall: str = ""
     truncated: bool = False
+    path_hash: int = 0  # the kernel key's path hash
     type_name: ClassVar[str] = "file_first"
 
 
@@ -584,7 +586,8 @@ def _file_path(r: dict) -> str:
 def _file_first(r: dict) -> Event:
     return FileFirstEvent(ktime=r["ktime"], cgroup_id=r["cgroup_id"], pid=r["pid"], access=r["access"],
                           path=_file_path(r), key_pid=r["key_pid"], dirfd=r["dirfd"], nr=r["nr"],
-                          syscall=syscalls.name(r["nr"]), truncated=bool(r["flags"] & FILE_F_TRUNCATED))
+                          syscall=syscalls.name(r["nr"]), truncated=bool(r["flags"] & FILE_F_TRUNCATED),
+                          path_hash=r["path_hash"])
 
 
 def _file_denial(r: dict) -> Event:

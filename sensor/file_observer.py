@@ -21,11 +21,13 @@ map, cumulatively, and announces a new key once (``EV_FILE_FIRST``). Here:
 
 Costs measured here: the programs sit on ``syscalls:sys_exit_*`` of the file syscalls only; the
 kernel's perf syscall-exit hook then runs for every syscall (~3.5 ns, a bitmap test); a counted
-open costs one hash lookup of a 280-byte key.
+open reads its path, hashes it (a keyed 64-bit hash, seeded at random per load) and looks up a
+32-byte key (``bench/bench_files.py``).
 """
 
 from __future__ import annotations
 
+import secrets
 import struct
 from pathlib import Path
 from typing import Sequence
@@ -103,7 +105,8 @@ class FileObserver:
         if ringbuf_pages < 1 or ringbuf_pages & (ringbuf_pages - 1):
             raise ValueError(f"ringbuf_pages must be a power of two, got {ringbuf_pages}")
         self.flags = [f"-DFILES_MAX_KEYS={int(max_keys)}", f"-DFILES_PER_CGROUP={int(per_cgroup)}",
-                      f"-DFILES_RINGBUF_PAGES={int(ringbuf_pages)}", f"-DFILES_EVENT_CGROUP={int(event_cgroup)}"]
+                      f"-DFILES_RINGBUF_PAGES={int(ringbuf_pages)}", f"-DFILES_EVENT_CGROUP={int(event_cgroup)}",
+                      f"-DFILES_HASH_SEED={secrets.randbits(64)}ULL"]
         self.paths = paths or ProcPaths()
         self._loaded: kernel.Loaded | None = None
         self._counts: Map | None = None
@@ -133,7 +136,7 @@ class FileObserver:
         if not isinstance(ev, FileFirstEvent) or ev.truncated:
             return
         raw = FileKey.pack(cgroup_id=ev.cgroup_id, access=ev.access, pid=ev.key_pid, dirfd=ev.dirfd,
-                           path=ev.path.encode("utf-8", "surrogateescape"))
+                           path_hash=ev.path_hash)
         if raw not in self._known:
             self._known[raw] = self._learn(ev.access, ev.key_pid, ev.dirfd, ev.path, ev.pid)
 
@@ -142,14 +145,14 @@ class FileObserver:
             return {}
         out: dict[int, dict[str, list]] = {}
         for raw, val in self._counts.batch_items():
+            count, first, last, path_len, _flags, _pad, path = FileCount.unpack_tuple(val)
             keys = self._known.get(raw, False)
-            if keys is False:  # its announcement was lost: learn it from the key itself
+            if keys is False:  # its announcement was lost: learn it from the map itself
                 k = FileKey.unpack(raw)
-                path = k["path"].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                keys = self._known[raw] = self._learn(k["access"], k["pid"], k["dirfd"], path, k["pid"])
+                path_text = path[:path_len].decode("utf-8", "backslashreplace")
+                keys = self._known[raw] = self._learn(k["access"], k["pid"], k["dirfd"], path_text, k["pid"])
             if not keys:
                 continue
-            count, first, last = FileCount.unpack_tuple(val)
             cg = struct.unpack_from("<Q", raw)[0]
             per = out.setdefault(cg, {})
             for b in keys:

@@ -229,32 +229,37 @@ class FileKey(Mirror):
     """Key of ``file_counts``: one access pattern to one path by one cgroup.
 
     struct file_key {
-        __u64 cgroup_id;          /*  0 */
-        __u32 access;             /*  8 FILE_ACC_* */
-        __u32 pid;                /* 12 0 for an absolute path */
-        __s32 dirfd;              /* 16 FILE_DIRFD_ABSOLUTE, FILE_AT_FDCWD or a directory fd */
-        __u32 pad;                /* 20 */
-        char path[FILE_PATH_LEN]; /* 24 as the process gave it, NUL-padded */
+        __u64 cgroup_id; /*  0 */
+        __u32 access;    /*  8 FILE_ACC_* */
+        __u32 pid;       /* 12 0 for an absolute path */
+        __s32 dirfd;     /* 16 FILE_DIRFD_ABSOLUTE, FILE_AT_FDCWD or a directory fd */
+        __u32 pad;       /* 20 */
+        __u64 path_hash; /* 24 keyed hash of the path as given */
     };
     """
 
     c_name = "file_key"
     fields = (("cgroup_id", "Q"), ("access", "I"), ("pid", "I"), ("dirfd", "i"), ("pad", "I"),
-              ("path", f"{FILE_PATH_LEN}s"))
+              ("path_hash", "Q"))
 
 
 class FileCount(Mirror):
-    """Value of ``file_counts``: cumulative, never drained.
+    """Value of ``file_counts``: cumulative, never drained, and the path.
 
     struct file_count {
-        __u64 count;    /*  0 */
-        __u64 first_ns; /*  8 bpf_ktime_get_ns() of the first access */
-        __u64 last_ns;  /* 16 and of the latest */
+        __u64 count;              /*  0 */
+        __u64 first_ns;           /*  8 bpf_ktime_get_ns() of the first access */
+        __u64 last_ns;            /* 16 and of the latest */
+        __u16 path_len;           /* 24 bytes in path, without the NUL */
+        __u16 flags;              /* 26 FILE_F_* */
+        __u32 pad;                /* 28 */
+        char path[FILE_PATH_LEN]; /* 32 as the process gave it */
     };
     """
 
     c_name = "file_count"
-    fields = (("count", "Q"), ("first_ns", "Q"), ("last_ns", "Q"))
+    fields = (("count", "Q"), ("first_ns", "Q"), ("last_ns", "Q"), ("path_len", "H"), ("flags", "H"),
+              ("pad", "I"), ("path", f"{FILE_PATH_LEN}s"))
 
 
 class FileCgroup(Mirror):

@@ -115,15 +115,16 @@ write("seccomp_denial", hdr(7, 40) + [
     "name": "personality", "ret": -1, "behaviour_key": "syscall:personality"})
 
 rel = b"out/result.json"
-write("file_first", hdr(32, 304) + [
+write("file_first", hdr(32, 312) + [
     ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
     ("access", struct.pack("<I", 0x4 | 0x10 | 0x8)),  # write | create | truncate
     ("key_pid", struct.pack("<I", 1001)), ("dirfd", struct.pack("<i", -100)),  # relative to the cwd
     ("nr", struct.pack("<I", 257)), ("path_len", struct.pack("<H", len(rel))),
-    ("flags", struct.pack("<H", 0)), ("path", cstr(rel, 256)),
+    ("flags", struct.pack("<H", 0)), ("path_hash", struct.pack("<Q", 0x1122334455667788)),
+    ("path", cstr(rel, 256)),
 ], {"type": "file_first", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "access": 0x1c,
     "path": "out/result.json", "key_pid": 1001, "dirfd": -100, "nr": 257, "syscall": "openat",
-    "truncated": False, "behaviour_key": None})
+    "truncated": False, "path_hash": 0x1122334455667788, "behaviour_key": None})
 
 cred = b"/root/.aws/credentials"
 write("file_denial", hdr(33, 312) + [
