@@ -103,3 +103,68 @@ def test_an_inexpressible_entry_is_refused_or_dropped_as_asked(tmp_path, policy_
     cap = capsys.readouterr()
     assert "inexpressible:dropped" in cap.err
     assert not [r for r in parse_ruleset_file(cap.out)[0].rules if r.path.startswith("/home")]
+
+
+# ---- envelope launcher oci|pod ------------------------------------------------------------------
+
+FIXTURES = ROOT / "fixtures" / "k8s"
+
+
+def ruleset_path(tmp_path, policy_file, capsys) -> Path:
+    path, rootfs = policy_file
+    assert compile_(tmp_path, str(path), "--format", "landlock-ruleset", "--root", str(rootfs)) == 0
+    out = tmp_path / "agent.ruleset"
+    out.write_text(capsys.readouterr().out)
+    return out
+
+
+def test_launcher_pod_rewrites_a_deployment_and_ships_its_rulesets(tmp_path, policy_file, capsys):
+    import kubernetes_validate
+    import yaml
+    rs = ruleset_path(tmp_path, policy_file, capsys)
+    image_config = tmp_path / "image.yaml"
+    image_config.write_text("agent:\n  entrypoint: [/usr/bin/python3, -m, agent]\n  cmd: [--serve]\n")
+    out = tmp_path / "wrapped.yaml"
+    assert main(["launcher", "pod", str(FIXTURES / "deployment-research-agent.json"), "--ruleset", f"agent={rs}",
+                 "--image", "registry.example/envelope:0.1.0", "--image-config", str(image_config),
+                 "-o", str(out)]) == 0
+    cm, dep = list(yaml.safe_load_all(out.read_text()))
+    assert cm["kind"] == "ConfigMap" and cm["data"]["agent"] == rs.read_text()
+    spec = dep["spec"]["template"]["spec"]
+    agent = next(c for c in spec["containers"] if c["name"] == "agent")
+    assert agent["command"][:4] == ["/.envelope/bin/envelope-launch", "--ruleset", "/.envelope/rulesets/agent", "--"]
+    assert agent["command"][4:] == ["/usr/bin/python3", "-m", "agent"] and agent["args"] == ["--serve"]
+    other = next(c for c in spec["containers"] if c["name"] != "agent")
+    assert not (other.get("command") or [""])[0].startswith("/.envelope")  # only the named container
+    assert spec["initContainers"][0]["image"] == "registry.example/envelope:0.1.0"
+    for doc in (cm, dep):
+        kubernetes_validate.validate(doc, "1.30", strict=True)
+
+
+def test_launcher_pod_errors_are_one_line(tmp_path, policy_file, capsys):
+    rs = ruleset_path(tmp_path, policy_file, capsys)
+    dep = str(FIXTURES / "deployment-research-agent.json")
+    assert main(["launcher", "pod", dep, "--ruleset", f"agent={rs}", "--image", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--image-config" in err
+    assert main(["launcher", "pod", dep, "--ruleset", f"nope={rs}", "--image", "x"]) == 2
+    assert "nope not in spec.containers" in capsys.readouterr().err
+    bad = tmp_path / "bad.ruleset"
+    bad.write_text("envelope-landlock 1\nhandled_fs read_file\nfile read_file /etc/hosts\n")  # no end: truncated
+    assert main(["launcher", "pod", dep, "--ruleset", f"agent={bad}", "--image", "x"]) == 2
+    assert "truncated" in capsys.readouterr().err
+
+
+def test_launcher_oci_prefixes_the_command_and_mounts_read_only(tmp_path, policy_file, capsys):
+    rs = ruleset_path(tmp_path, policy_file, capsys)
+    spec = tmp_path / "config.json"
+    spec.write_text(json.dumps({"ociVersion": "1.0.2", "process": {"args": ["/app/agent", "--serve"]},
+                                "mounts": [], "linux": {}}))
+    launcher = tmp_path / "envelope-launch"
+    launcher.write_text("")
+    assert main(["launcher", "oci", str(spec), "--ruleset", str(rs), "--launcher", str(launcher)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["process"]["args"] == ["/.envelope/envelope-launch", "--ruleset", "/.envelope/ruleset", "--",
+                                      "/app/agent", "--serve"]
+    mounts = {m["destination"]: m for m in out["mounts"]}
+    assert mounts["/.envelope/ruleset"]["source"] == str(rs) and "ro" in mounts["/.envelope/ruleset"]["options"]
