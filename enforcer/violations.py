@@ -6,9 +6,10 @@ A :class:`Violation` is one out-of-envelope behaviour of one workload::
      "behaviour": "connect:tcp:127.0.0.1:9", "action": "denied", "count": 1,
      "detail": {"pid": 4242, "cgroup_id": 8123}}
 
-``substrate`` is ``syscall``, ``egress``, ``exec`` or ``file`` for what the kernel denied or alerted on,
-``watch`` for a behaviour on the policy's watch list that recurred, and ``detection`` for a
-probabilistic rule whose live per-session count left its band (a soft violation). ``action`` is
+``substrate`` is ``syscall``, ``egress``, ``exec`` or ``file`` for what the kernel denied or alerted
+on, ``watch`` for a behaviour on the policy's watch list that recurred, ``detection`` for a
+probabilistic rule whose live per-session count left its band (a soft violation), and
+``integrity`` for enforcement state someone changed behind Envelope's back (repaired at once). ``action`` is
 ``denied`` (the kernel refused it) or ``alerted`` (it ran and was reported). ``count`` > 1 folds
 identical records (same workload, substrate, behaviour, action and detail) seen within one
 flush.
@@ -35,7 +36,7 @@ from sensor.file_access import behaviours as file_behaviours
 from sensor.workload import SUBSTRATES as BEHAVIOUR_SUBSTRATES
 from sensor.workload import substrate_of
 
-SUBSTRATES = (*BEHAVIOUR_SUBSTRATES, "watch", "detection")
+SUBSTRATES = (*BEHAVIOUR_SUBSTRATES, "watch", "detection", "integrity")
 ACTIONS = ("denied", "alerted")
 
 

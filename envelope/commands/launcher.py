@@ -13,7 +13,7 @@ execs the real command. These commands write the spec changes that put it there
   a ConfigMap carrying the rulesets (printed first).
 
 Pure rewrites of the given files: nothing is applied, the output is written atomically with
-``-o`` or printed, and bad input is one error line.
+``--out`` or printed, and bad input is one error line.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def register(sub) -> None:
     o.add_argument("--ruleset", required=True, metavar="FILE", help="ruleset file (compile --format landlock-ruleset)")
     o.add_argument("--launcher", default=None, metavar="PATH",
                    help="host path of the launcher binary (default: the one make setup built)")
-    o.add_argument("-o", "--output", metavar="FILE", help="write here (atomically) instead of stdout")
+    o.add_argument("--out", metavar="FILE", help="write here (atomically) instead of stdout")
     o.set_defaults(func=cmd_oci)
     k = s.add_parser("pod", help="rewrite a Pod or workload manifest to start its containers under the launcher")
     k.add_argument("manifest", help="YAML or JSON: a Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job or CronJob")
@@ -51,7 +51,7 @@ def register(sub) -> None:
     k.add_argument("--configmap", default=None, help="ConfigMap name (default <name>-envelope-rulesets)")
     k.add_argument("--image-config", metavar="FILE", default=None,
                    help="for containers without command: {container: {entrypoint: [...], cmd: [...]}} (YAML/JSON)")
-    k.add_argument("-o", "--output", metavar="FILE", help="write here (atomically) instead of stdout")
+    k.add_argument("--out", metavar="FILE", help="write here (atomically) instead of stdout")
     k.set_defaults(func=cmd_pod)
 
 
@@ -93,7 +93,7 @@ def cmd_oci(args, config) -> int:
                                 ruleset_source=str(Path(args.ruleset).resolve()))
     except LauncherSpecError as e:
         raise UserError(f"{args.spec}: {e}") from None
-    _write(json.dumps(out, indent=2) + "\n", args.output)
+    _write(json.dumps(out, indent=2) + "\n", args.out)
     return 0
 
 
@@ -136,5 +136,5 @@ def cmd_pod(args, config) -> int:
         cm = ruleset_configmap(cm_name, namespace, rulesets)
     except LauncherSpecError as e:
         raise UserError(f"{args.manifest}: {str(e).replace('pass image_config', 'pass --image-config')}") from None
-    _write(yaml.safe_dump_all([cm, put_back(rewritten)], sort_keys=False, default_flow_style=False), args.output)
+    _write(yaml.safe_dump_all([cm, put_back(rewritten)], sort_keys=False, default_flow_style=False), args.out)
     return 0

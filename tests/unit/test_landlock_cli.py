@@ -86,7 +86,7 @@ def test_a_policy_without_exec_or_file_is_one_error_line(tmp_path, capsys):
     path = tmp_path / "p.yaml"
     path.write_text(dump_policy(pol))
     out = tmp_path / "out.json"
-    assert compile_(tmp_path, str(path), "--format", "landlock", "-o", str(out)) == 2
+    assert compile_(tmp_path, str(path), "--format", "landlock", "--out", str(out)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "neither the exec nor the file substrate" in err[0]
     assert not out.exists()
@@ -127,7 +127,7 @@ def test_launcher_pod_rewrites_a_deployment_and_ships_its_rulesets(tmp_path, pol
     out = tmp_path / "wrapped.yaml"
     assert main(["launcher", "pod", str(FIXTURES / "deployment-research-agent.json"), "--ruleset", f"agent={rs}",
                  "--image", "registry.example/envelope:0.1.0", "--image-config", str(image_config),
-                 "-o", str(out)]) == 0
+                 "--out", str(out)]) == 0
     cm, dep = list(yaml.safe_load_all(out.read_text()))
     assert cm["kind"] == "ConfigMap" and cm["data"]["agent"] == rs.read_text()
     spec = dep["spec"]["template"]["spec"]
