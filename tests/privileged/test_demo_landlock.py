@@ -14,7 +14,34 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def wait_for_the_demo_ports(timeout: float = 600.0) -> None:
+    """The demo's services use fixed loopback ports: another run of the demo on this machine may
+    hold them for a minute or two."""
+    import socket
+    import time
+
+    from envelope import demo_agent
+    ports = [("127.0.0.1", demo_agent.MODEL_PORT), ("127.0.0.1", demo_agent.TOOL_PORT), demo_agent.EXFIL]
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = []
+        for addr in ports:
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(addr)
+            except OSError:
+                busy.append(addr)
+            finally:
+                s.close()
+        if not busy or time.monotonic() > deadline:
+            assert not busy, f"the demo's ports stayed busy: {busy}"
+            return
+        time.sleep(2)
+
+
 def test_demo_passes_under_its_derived_policy_with_landlock_on(tmp_path):
+    wait_for_the_demo_ports()
     state = tmp_path / "demo"
     env = dict(os.environ, ENVELOPE_DEMO_STATE=str(state))
     p = subprocess.run([sys.executable, "-m", "envelope.demo"], cwd=ROOT, env=env, capture_output=True, text=True,
