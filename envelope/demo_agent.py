@@ -24,10 +24,11 @@ import subprocess
 import sys
 import tempfile
 
-MODEL_PORT = 18080
-TOOL_PORT = 18081
-DNS_PORT = 18053
-EXFIL = ("127.0.1.66", 4444)
+# Loopback ports of the model API, the tool API, the resolver and the exfiltration listener;
+# ENVELOPE_DEMO_PORTS=model,tool,dns,exfil moves them (a test that runs beside other services).
+MODEL_PORT, TOOL_PORT, DNS_PORT, EXFIL_PORT = (
+    int(x) for x in os.environ.get("ENVELOPE_DEMO_PORTS", "18080,18081,18053,4444").split(","))
+EXFIL = ("127.0.1.66", EXFIL_PORT)
 HELPERS = {0: ["/bin/ls", "/tmp"], 1: ["/bin/cat", "/etc/hostname"], 2: ["/bin/date", "-u"]}
 
 

@@ -14,36 +14,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def wait_for_the_demo_ports(timeout: float = 600.0) -> None:
-    """The demo's services use fixed loopback ports: another run of the demo on this machine may
-    hold them for a minute or two."""
+def free_ports() -> str:
+    """Four loopback ports nobody listens on now (the demo's defaults may be taken on a shared
+    machine), as ENVELOPE_DEMO_PORTS=model,tool,dns,exfil."""
     import socket
-    import time
-
-    from envelope import demo_agent
-    ports = [("127.0.0.1", demo_agent.MODEL_PORT), ("127.0.0.1", demo_agent.TOOL_PORT), demo_agent.EXFIL]
-    deadline = time.monotonic() + timeout
-    while True:
-        busy = []
-        for addr in ports:
-            s = socket.socket()
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(addr)
-            except OSError:
-                busy.append(addr)
-            finally:
-                s.close()
-        if not busy or time.monotonic() > deadline:
-            assert not busy, f"the demo's ports stayed busy: {busy}"
-            return
-        time.sleep(2)
+    socks, ports = [], []
+    for addr, kind in (("127.0.0.1", socket.SOCK_STREAM), ("127.0.0.1", socket.SOCK_STREAM),
+                       ("127.0.0.1", socket.SOCK_DGRAM), ("127.0.1.66", socket.SOCK_STREAM)):
+        s = socket.socket(socket.AF_INET, kind)
+        s.bind((addr, 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ",".join(map(str, ports))
 
 
 def test_demo_passes_under_its_derived_policy_with_landlock_on(tmp_path):
-    wait_for_the_demo_ports()
+    ports = free_ports()
+    exfil = ports.rsplit(",", 1)[1]
     state = tmp_path / "demo"
-    env = dict(os.environ, ENVELOPE_DEMO_STATE=str(state))
+    env = dict(os.environ, ENVELOPE_DEMO_STATE=str(state), ENVELOPE_DEMO_PORTS=ports)
     p = subprocess.run([sys.executable, "-m", "envelope.demo"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -54,7 +45,7 @@ def test_demo_passes_under_its_derived_policy_with_landlock_on(tmp_path):
         b = v["behaviour"]
         return "file:read:<credentials>" if b.endswith("/.aws/credentials") else b
     got = sorted((v["substrate"], shown(v), v["action"]) for v in violations)
-    assert got == [("egress", "connect:tcp:127.0.1.66:4444", "denied"), ("exec", "exec:/bin/sh", "denied"),
+    assert got == [("egress", f"connect:tcp:127.0.1.66:{exfil}", "denied"), ("exec", "exec:/bin/sh", "denied"),
                    ("file", "file:read:<credentials>", "denied"), ("syscall", "syscall:ptrace", "denied")], violations
     cred = next(v for v in violations if v["substrate"] == "file")
     assert cred["behaviour"].startswith("file:read:/run/envelope-demo-") and cred["detail"]["syscall"] == "openat"
