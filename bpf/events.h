@@ -228,7 +228,8 @@ struct file_first_event {
 
 /* EV_FILE_DENIAL: a file call of a watched cgroup that failed with -EACCES (Landlock's answer to
  * a refused open, exec, creation or removal), from the syscall's exit. */
-#define FILE_DENIAL_EVENT_SIZE 312
+#define FILE_COMM_LEN 16
+#define FILE_DENIAL_EVENT_SIZE 328
 struct file_denial_event {
 	struct event_hdr hdr;     /*   0 */
 	__u64 cgroup_id;          /*  16 */
@@ -241,7 +242,8 @@ struct file_denial_event {
 	__u16 path_len;           /*  48 bytes in path, without the NUL */
 	__u16 flags;              /*  50 FILE_F_* */
 	__u32 pad;                /*  52 */
-	char path[FILE_PATH_LEN]; /*  56 as the process gave it */
+	char comm[FILE_COMM_LEN]; /*  56 the calling thread's name */
+	char path[FILE_PATH_LEN]; /*  72 as the process gave it */
 };
 
 _Static_assert(sizeof(struct event_hdr) == EVENT_HDR_SIZE, "event_hdr size");

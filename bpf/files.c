@@ -322,6 +322,7 @@ static __always_inline void report_denial(__u64 cg, __u32 nr, long ret, __u32 ac
 	e->path_len = v->path_len;
 	e->flags = v->flags;
 	e->pad = 0;
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
 	bpf_probe_read_kernel(e->path, sizeof(e->path), v->path);
 	events.ringbuf_submit(e, 0);
 }

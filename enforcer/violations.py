@@ -186,8 +186,11 @@ def from_file_denial(ev: FileDenialEvent, workload: str, now: float, path: str |
     reported. ``path`` is the absolute path (None: a relative path that could no longer be
     resolved; it is reported as given); ``is_dir``: the path is a directory."""
     asked = file_behaviours(ev.access, path if path is not None else ev.path, is_dir)
-    detail: dict[str, Any] = {"pid": ev.pid, "tid": ev.tid, "cgroup_id": ev.cgroup_id, "syscall": ev.syscall,
-                              "path": ev.path, "errno": "EACCES", "enforcer": "landlock"}
+    detail: dict[str, Any] = {"pid": ev.pid, "tid": ev.tid, "comm": ev.comm, "cgroup_id": ev.cgroup_id,
+                              "syscall": ev.syscall,
+                              "path": ev.path, "access": [b.split(":", 2)[1] if b.startswith("file:") else "exec"
+                                                          for b in asked],
+                              "errno": "EACCES", "enforcer": "landlock"}
     if path is None:
         detail["unresolved"] = True
     if ev.truncated:

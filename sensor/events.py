@@ -70,6 +70,7 @@ EGRESS_OP_SENDMSG = 1
 EGRESS_ACTION_ALERTED = 0
 EGRESS_ACTION_DENIED = 1
 FILE_PATH_LEN = 256
+FILE_COMM_LEN = 16
 FILE_ACC_READ = 0x1
 FILE_ACC_LIST = 0x2
 FILE_ACC_WRITE = 0x4
@@ -310,7 +311,8 @@ class FileDenialRecord(Mirror):
         __u16 path_len;           /*  48 bytes in path, without the NUL */
         __u16 flags;              /*  50 FILE_F_* */
         __u32 pad;                /*  52 */
-        char path[FILE_PATH_LEN]; /*  56 as the process gave it */
+        char comm[FILE_COMM_LEN]; /*  56 the calling thread's name */
+        char path[FILE_PATH_LEN]; /*  72 as the process gave it */
     };
     """
 
@@ -320,7 +322,7 @@ class FileDenialRecord(Mirror):
     fields = _HDR + (
         ("cgroup_id", "Q"), ("pid", "I"), ("tid", "I"), ("access", "I"), ("dirfd", "i"),
         ("nr", "I"), ("ret", "i"), ("path_len", "H"), ("flags", "H"), ("pad", "I"),
-        ("path", f"{FILE_PATH_LEN}s"),
+        ("comm", f"{FILE_COMM_LEN}s"), ("path", f"{FILE_PATH_LEN}s"),
     )
 
 
@@ -500,6 +502,7 @@ class FileDenialEvent(_Event):
     syscall: str = ""
     ret: int = 0
     truncated: bool = False
+    comm: str = ""
     type_name: ClassVar[str] = "file_denial"
 
 
@@ -594,7 +597,7 @@ def _file_denial(r: dict) -> Event:
     return FileDenialEvent(ktime=r["ktime"], cgroup_id=r["cgroup_id"], pid=r["pid"], tid=r["tid"],
                            access=r["access"], path=_file_path(r), dirfd=r["dirfd"], nr=r["nr"],
                            syscall=syscalls.name(r["nr"]), ret=r["ret"],
-                           truncated=bool(r["flags"] & FILE_F_TRUNCATED))
+                           truncated=bool(r["flags"] & FILE_F_TRUNCATED), comm=_cstr(r["comm"]))
 
 
 _BUILD = {

@@ -107,7 +107,6 @@ class ExecRunner:
         policy let through)."""
         return bool({"exec", "file"} & set(self.policy.substrates)) and self.mode != "observe"
 
-
     def _seccomp(self):
         """The filter the child loads, or None when syscalls are not constrained."""
         from enforcer import exceptions as exc
@@ -179,7 +178,13 @@ class ExecRunner:
                                 "(see the log above)")
             if self.policy.watch or self.policy.detection or self._reports():
                 pump = self._pump(judge, str(cg_path), session_id)
-            child = self._spawn(path, argv, cgfs, rel, flt, landlock)
+            try:
+                child = self._spawn(path, argv, cgfs, rel, flt, landlock)
+            except UserError as e:  # CMD itself refused by Landlock: recorded, and said why
+                self._take(enforcement.poll_violations(100), judge, None, session_id)
+                if "exec" in landlock.enforced and "Permission denied" in str(e):
+                    raise UserError(f"{e} (Landlock: {path} is not an allowed exec of the policy)") from None
+                raise
             status = self._supervise(child, enforcement, pump, judge, session_id)
             child = None
             if pump is not None:

@@ -322,3 +322,17 @@ def test_alert_mode_applies_no_landlock_and_reports_what_enforce_would_deny(tmp_
     vs = [v for v in violations(state_dir) if v["substrate"] == "exec"]
     assert [(v["behaviour"], v["action"], v["detail"]["enforced"]) for v in vs] == [
         ("exec:/bin/true", "alerted", False)], vs
+
+
+def test_a_command_the_policy_does_not_allow_to_run_is_refused_and_recorded(tmp_path, state_dir):
+    from enforcer.policy import Policy, dump_policy
+    from sensor.workload import Workload
+    p = Policy(workload=Workload.host("exec-refused"), mode="enforce", syscalls=tuple(all_syscalls_but()),
+               execs=(sys.executable,))
+    pol = tmp_path / "policy.yaml"
+    pol.write_text(dump_policy(p))
+    r = run_envelope(state_dir, "exec", "--policy", str(pol), "--", "/bin/true")
+    assert r.returncode == 2
+    assert "Landlock: /bin/true is not an allowed exec of the policy" in r.stderr.strip().splitlines()[-1]
+    vs = violations(state_dir)
+    assert [(v["substrate"], v["behaviour"], v["action"]) for v in vs] == [("exec", "exec:/bin/true", "denied")]

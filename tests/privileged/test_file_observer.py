@@ -189,6 +189,6 @@ def test_landlock_refusals_of_a_watched_cgroup_are_reported_from_the_syscall_exi
     assert {str(secret), "/bin/sh"} <= set(by_path), denials  # and what python reads that this ruleset leaves out
     cred = by_path[str(secret)]
     assert cred.access == FILE_ACC_READ and cred.ret == -13 and cred.syscall == "openat"
-    assert cred.cgroup_id == cid and cred.pid == p.pid
+    assert cred.cgroup_id == cid and cred.pid == p.pid and cred.comm == "python3"
     sh = by_path["/bin/sh"]
     assert sh.access == FILE_ACC_EXEC and sh.syscall == "execve" and sh.pid != p.pid  # the forked child

@@ -147,7 +147,7 @@ def test_type_numbers_match_and_are_unique():
         "FILE_ACC_READ", "FILE_ACC_LIST", "FILE_ACC_WRITE", "FILE_ACC_TRUNCATE", "FILE_ACC_CREATE",
         "FILE_ACC_REMOVE", "FILE_ACC_MKDIR", "FILE_ACC_RMDIR", "FILE_ACC_SYMLINK", "FILE_ACC_MKFIFO",
         "FILE_ACC_MKSOCK", "FILE_ACC_MKNOD", "FILE_ACC_EXEC", "FILE_DIRFD_ABSOLUTE", "FILE_AT_FDCWD",
-        "FILE_F_TRUNCATED")],
+        "FILE_F_TRUNCATED", "FILE_COMM_LEN")],
     (mirrors, "events.h", "SYSCALL_NR_SLOTS"), (mirrors, "events.h", "SYSCALL_BANKS"),
     *[(mirrors, "egress.h", n) for n in (
         "EGRESS_MAX_RANGES", "EGRESS_FIXED_BITS", "EGRESS_FAMILY_V4", "EGRESS_FAMILY_V6",

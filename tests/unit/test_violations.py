@@ -191,12 +191,12 @@ def test_file_denials_become_violations_with_path_access_and_process():
     from sensor.events import FileDenialEvent
 
     ev = FileDenialEvent(ktime=1, cgroup_id=7, pid=42, tid=43, access=0x1 | 0x4, path="creds", dirfd=-100,
-                         nr=257, syscall="openat", ret=-13)
+                         nr=257, syscall="openat", ret=-13, comm="agent")
     allows = {"file:write:/home/a/creds"}.__contains__
     [v] = from_file_denial(ev, "w", 9.0, "/home/a/creds", allows)
     assert (v.substrate, v.behaviour, v.action) == ("file", "file:read:/home/a/creds", "denied")
-    assert v.detail == {"pid": 42, "tid": 43, "cgroup_id": 7, "syscall": "openat", "path": "creds",
-                        "errno": "EACCES", "enforcer": "landlock"}
+    assert v.detail == {"pid": 42, "tid": 43, "comm": "agent", "cgroup_id": 7, "syscall": "openat", "path": "creds",
+                        "access": ["read", "write"], "errno": "EACCES", "enforcer": "landlock"}
     # a relative path no longer resolvable is reported as given, never dropped
     got = from_file_denial(ev, "w", 9.0, None, allows)
     assert [v.behaviour for v in got] == ["file:read:creds", "file:write:creds"]

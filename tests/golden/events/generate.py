@@ -127,12 +127,13 @@ write("file_first", hdr(32, 312) + [
     "truncated": False, "path_hash": 0x1122334455667788, "behaviour_key": None})
 
 cred = b"/root/.aws/credentials"
-write("file_denial", hdr(33, 312) + [
+write("file_denial", hdr(33, 328) + [
     ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
     ("tid", struct.pack("<I", 1007)), ("access", struct.pack("<I", 0x1)),  # read
     ("dirfd", struct.pack("<i", 0)), ("nr", struct.pack("<I", 257)),
     ("ret", struct.pack("<i", -13)), ("path_len", struct.pack("<H", len(cred))),
-    ("flags", struct.pack("<H", 0)), ("pad", struct.pack("<I", 0)), ("path", cstr(cred, 256)),
+    ("flags", struct.pack("<H", 0)), ("pad", struct.pack("<I", 0)), ("comm", cstr(b"python3", 16)),
+    ("path", cstr(cred, 256)),
 ], {"type": "file_denial", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "tid": 1007,
     "access": 1, "path": "/root/.aws/credentials", "dirfd": 0, "nr": 257, "syscall": "openat",
-    "ret": -13, "truncated": False, "behaviour_key": None})
+    "ret": -13, "truncated": False, "comm": "python3", "behaviour_key": None})
