@@ -15,6 +15,9 @@ Structural rules, named in each element and in provenance:
   distinct paths were seen in one directory;
 * file: ``exact``, ``exact:sensitive``, ``directory-children`` (``dir/*``) or ``directory-tree``
   (``dir/**``), per access kind (:mod:`enforcer.file_closure`);
+* mcp: tools and prompts ``exact`` by name, resources ``uri-template`` or ``url-pattern``
+  (:mod:`enforcer.mcp_closure`; the argument envelopes of allowed tools are derived there too,
+  from the profile's argument evidence, after the confidence decision);
 * iam: :mod:`enforcer.iamclosure` (resources close per IAM action, never across actions).
 
 Builders are pure: keys and options in, sorted elements out.
@@ -29,7 +32,7 @@ from typing import Callable
 
 from sensor.workload import BehaviourKeyError, parse_net_key
 
-from . import companions, file_closure
+from . import companions, file_closure, mcp_closure
 from .elements import Element
 from .policy import EgressRule
 
@@ -193,6 +196,13 @@ def _files(mode: str) -> Builder:
     return build
 
 
+def _mcp(mode: str) -> Builder:
+    """The MCP substrate's key-level closure (:mod:`enforcer.mcp_closure`)."""
+    def build(substrate: str, keys: list[str], opts, services: list) -> list[Element]:
+        return mcp_closure.elements(mode, keys, opts.max_siblings)
+    return build
+
+
 def iam_account(opts) -> str | None:
     """The account of the identity the IAM statements are derived for: the ``cloud_identity:aws``
     fingerprint that :func:`enforcer.derive.derive` settles before closure."""
@@ -219,6 +229,7 @@ BUILDERS: dict[str, dict[str, Builder]] = {
     **{s: {"literal": _literal, "structural": _structural_elements}
        for s in ("syscall", "egress", "exec")},
     "file": {"literal": _files("literal"), "structural": _files("structural")},
+    "mcp": {"literal": _mcp("literal"), "structural": _mcp("structural")},
     "iam": {"literal": _iam("literal"), "structural": _iam("structural")},
 }
 
@@ -237,6 +248,8 @@ def elements(substrate: str, closure: str, keys: list[str], opts, services: list
 
 def rules(substrate: str, closure: str, opts, services: list) -> dict:
     """How ``closure`` treats ``substrate``, as recorded in the policy's closure decision."""
+    if substrate == "mcp":
+        return mcp_closure.rules(closure, opts.max_siblings, opts.max_values)
     if substrate == "iam":  # literal IAM closure still fills the caller's account and secret suffixes
         from . import iamclosure
         return iamclosure.rules(_iam_options("literal" if closure == "literal" else "structural", opts),

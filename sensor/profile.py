@@ -15,6 +15,12 @@ closure).
 Memory is bounded per substrate by ``caps``: once a node holds that many distinct behaviours of a
 substrate, new ones go to an overflow bucket (counts kept, key not) and the profile is marked
 ``capped``.
+
+A contribution that recorded MCP behaviours also carries their argument evidence
+(``arguments``, a :class:`sensor.mcp_evidence.ArgumentEvidence`: per ``mcp:`` behaviour kept in
+the contribution, the values seen at each argument path, bounded per key and per path). It merges
+like the rest: :meth:`Profile.arguments` unions the contributions' evidence with node-qualified
+session ids.
 """
 
 from __future__ import annotations
@@ -115,6 +121,7 @@ class NodeContribution:
     loss: dict[str, int] = field(default_factory=dict)
     fingerprints: dict[str, dict[str, float]] = field(default_factory=dict)  # key -> value -> last seen
     caps: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_CAPS))
+    arguments: object = None  # sensor.mcp_evidence.ArgumentEvidence of the mcp behaviours, or None
     _per_substrate: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     # ---- recording -------------------------------------------------------------------------
@@ -272,8 +279,15 @@ class NodeContribution:
 
     # ---- serialisation ---------------------------------------------------------------------
 
+    def add_arguments(self, evidence) -> None:
+        """Merge MCP argument evidence into this contribution, for behaviours it keeps (a key
+        refused by the cap keeps no argument evidence either)."""
+        kept = evidence.only(self.behaviours)
+        if kept:
+            self.arguments = kept if self.arguments is None else self.arguments.merged(kept)
+
     def pack(self) -> dict:
-        return {
+        d = {
             "node": self.node,
             "generation": self.generation,
             "updated": self.updated,
@@ -289,9 +303,17 @@ class NodeContribution:
             "fingerprints": {k: dict(sorted(v.items())) for k, v in sorted(self.fingerprints.items())},
             "caps": dict(sorted(self.caps.items())),
         }
+        if self.arguments:
+            d["arguments"] = self.arguments.pack()
+        return d
 
     @classmethod
     def unpack(cls, d: dict) -> "NodeContribution":
+        arguments = None
+        if d.get("arguments"):
+            from .mcp_evidence import ArgumentEvidence  # mcp_evidence builds on BehaviourStats
+
+            arguments = ArgumentEvidence.unpack(d["arguments"])
         return cls(
             node=str(d["node"]),
             generation=int(d["generation"]),
@@ -309,6 +331,7 @@ class NodeContribution:
             fingerprints={str(k): {str(a): float(b) for a, b in v.items()}
                           for k, v in d["fingerprints"].items()},
             caps={**DEFAULT_CAPS, **{str(k): int(v) for k, v in d.get("caps", {}).items()}},
+            arguments=arguments,
         )
 
 
@@ -366,6 +389,18 @@ class Profile:
         for key, stats in out.items():
             stats.session_ids = sorted(ids[key])
         return dict(sorted(out.items()))
+
+    def arguments(self):
+        """The MCP argument evidence merged over contributions (session ids ``<node>/<id>``, as in
+        :meth:`behaviours`); an empty :class:`sensor.mcp_evidence.ArgumentEvidence` when none."""
+        from .mcp_evidence import ArgumentEvidence
+
+        out = ArgumentEvidence()
+        for name in sorted(self.nodes):
+            ev = self.nodes[name].arguments
+            if ev:
+                out = out.merged(ev.relabelled(f"{name}/"))
+        return out
 
     def sessions(self) -> list[SessionRecord]:
         recs = [s for n in self.nodes.values() for s in n.sessions.values()]

@@ -24,6 +24,7 @@ from enforcer.derive import (
     CoverageNotReached,
     DeriveError, DeriveOptions, derive,
 )
+from enforcer.mcp_closure import DEFAULT_MAX_VALUES
 from enforcer.policy import PolicyError, dump_policy, load_policy
 from sensor.profile import Profile
 from sensor.state_dir import atomic_write
@@ -62,6 +63,9 @@ def register(sub) -> None:
     p.add_argument("--file-tree-depth", type=int, default=DEFAULT_FILE_TREE_DEPTH,
                    help="file closure: a /dir/** tree starts at least this many components deep "
                         f"(default {DEFAULT_FILE_TREE_DEPTH}: never /tmp/**)")
+    p.add_argument("--max-values", type=int, default=DEFAULT_MAX_VALUES,
+                   help=f"mcp: more distinct strings than this at one argument path are not an enumeration "
+                        f"(default {DEFAULT_MAX_VALUES})")
     p.add_argument("-k", "--stddev-k", type=float, default=DEFAULT_K,
                    help=f"probabilistic closure: soft-violation distance in standard deviations (default {DEFAULT_K:g})")
     p.add_argument("--coverage-threshold", type=float, default=DEFAULT_COVERAGE_THRESHOLD,
@@ -153,6 +157,7 @@ def options_from_args(args) -> DeriveOptions:
             service_cidrs=tuple(args.service_cidr),
             max_ports=args.max_ports,
             max_siblings=args.max_siblings, file_tree_depth=args.file_tree_depth,
+            max_values=args.max_values,
             k=args.stddev_k,
             coverage_threshold=args.coverage_threshold,
             coverage_hours=args.coverage_hours,
@@ -196,6 +201,8 @@ def cmd_derive(args, config) -> int:
     allowed = f"{len(policy.syscalls)} syscalls, {len(policy.egress)} egress rules, {len(policy.execs)} execs"
     if "file" in policy.substrates:
         allowed += f", {len(policy.files)} file entries"
+    if policy.mcp is not None:
+        allowed += f", {len(policy.mcp.calls)} MCP tools and prompts"
     if "iam" in policy.substrates:
         allowed += f", {len(policy.iam)} IAM statements for {policy.iam_identity or 'no known role'}"
     print(f"derived {policy.metadata_name} for {policy.workload.key}: closure {policy.closure}, mode "

@@ -19,7 +19,7 @@ def register(sub) -> None:
     lp.set_defaults(func=cmd_list)
     sp = psub.add_parser("show", help="show one workload's profile")
     sp.add_argument("name", help="workload: name, namespace/name or namespace/kind/name/container")
-    sp.add_argument("--substrate", choices=list(SUBSTRATES), help="only this substrate")
+    sp.add_argument("--substrate", choices=SUBSTRATES, help="only this substrate")
     add_output_option(sp)
     sp.set_defaults(func=cmd_show)
 
