@@ -230,6 +230,11 @@ def main() -> int:
         finally:
             shutil.rmtree(secrets, ignore_errors=True)
         d.run("violations", "--workload", WORKLOAD, expect=1)  # exit 1: there are findings
+        print("Beside the denials: file accesses outside the policy that got through the Landlock ruleset, as\n"
+              "alerts. The MCP gateway runs inside the agent's cgroup here and, enforcing, reads the policy and\n"
+              "writes the audit log in the demo's state dir under /tmp, which training never saw; the agent's\n"
+              "/tmp/* entries are a Landlock hierarchy on /tmp (`envelope compile --format landlock --report`\n"
+              "names that widening), so detection reports them.")
 
         d.banner("6. every override and apply is in the tamper-evident audit log")
         d.run("audit", "show")

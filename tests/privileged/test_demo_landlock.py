@@ -26,10 +26,16 @@ def test_demo_passes_under_its_derived_policy_with_landlock_on(tmp_path):
     def shown(v):  # the credentials file sits in a fresh directory under /run
         b = v["behaviour"]
         return "file:read:<credentials>" if b.endswith("/.aws/credentials") else b
-    got = sorted((v["substrate"], shown(v), v["action"]) for v in violations)
-    assert got == [("egress", "connect:tcp:127.0.1.66:4444", "denied"), ("exec", "exec:/bin/sh", "denied"),
-                   ("file", "file:read:<credentials>", "denied"), ("syscall", "syscall:ptrace", "denied")], violations
-    cred = next(v for v in violations if v["substrate"] == "file")
+    denied = sorted((v["substrate"], shown(v)) for v in violations if v["action"] == "denied")
+    assert denied == [("egress", "connect:tcp:127.0.1.66:4444"), ("exec", "exec:/bin/sh"),
+                      ("file", "file:read:<credentials>"), ("mcp", "mcp:tools/call:git_log"),
+                      ("syscall", "syscall:ptrace")], violations
+    # what got through the ruleset and is outside the policy (the MCP gateway, inside the agent's
+    # cgroup here, reads the policy and writes the audit log in the demo's state dir under /tmp,
+    # which the agent's /tmp/* entries open as a Landlock hierarchy) is reported, as alerted
+    alerted = [v for v in violations if v["action"] == "alerted" and v["substrate"] == "file"]
+    assert all(v["detail"]["enforced"] is True for v in alerted)
+    cred = next(v for v in violations if v["substrate"] == "file" and v["action"] == "denied")
     assert cred["behaviour"].startswith("file:read:/run/envelope-demo-") and cred["detail"]["syscall"] == "openat"
     out = p.stdout
     assert "spawn /bin/sh: EACCES" in out and "read credentials: EACCES" in out
