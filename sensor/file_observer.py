@@ -14,9 +14,10 @@ map, cumulatively, and announces a new key once (``EV_FILE_FIRST``). Here:
   relative path opened by many processes is one behaviour), as
   :class:`sensor.aggregate.KeyReading`; a key whose announcement was lost is learned from the
   map itself;
-* :meth:`FileObserver.loss` reports the kernel's loss counters (ring buffer full, map full, a
-  cgroup over its key bound, a path unreadable or longer than the kernel keeps) and the relative
-  paths that could not be resolved any more (the process or its directory fd was gone);
+* :meth:`FileObserver.loss` reports the kernel's node-wide loss counters (ring buffer full, map
+  full, a path unreadable or longer than the kernel keeps), and :meth:`FileObserver.cgroup_loss`
+  what belongs to one cgroup: accesses over its key bound, and relative paths that could not be
+  resolved any more (the process or its directory fd was gone);
 * :meth:`FileObserver.forget_cgroup` drops the keys of a cgroup that is gone.
 
 Costs measured here: the programs sit on ``syscalls:sys_exit_*`` of the file syscalls only; the
@@ -39,9 +40,9 @@ from .aggregate import KeyReading
 from .events import FILE_ACC_CREATE, FILE_ACC_READ, FileFirstEvent
 from .file_access import behaviours
 from .kernel import Family, Map, Program
-from .mirrors import (FILE_LOSS_CGROUP_OVERFLOW, FILE_LOSS_MAP_FULL, FILE_LOSS_PATH_TRUNCATED,
-                      FILE_LOSS_PATH_UNREADABLE, FILE_LOSS_RINGBUF_DENIAL, FILE_LOSS_RINGBUF_FIRST,
-                      FILE_LOSS_SLOTS, U32, U64, FileCount, FileKey)
+from .mirrors import (FILE_LOSS_MAP_FULL, FILE_LOSS_PATH_TRUNCATED, FILE_LOSS_PATH_UNREADABLE,
+                      FILE_LOSS_RINGBUF_DENIAL, FILE_LOSS_RINGBUF_FIRST, U32, U64, FileCgroup, FileCount,
+                      FileKey)
 from .proc_paths import ProcPaths
 
 log = structlog.get_logger(__name__)
@@ -57,8 +58,9 @@ LOSS_NAMES = {
     FILE_LOSS_MAP_FULL: "map_full",
     FILE_LOSS_PATH_UNREADABLE: "path_unreadable",
     FILE_LOSS_PATH_TRUNCATED: "path_too_long",
-    FILE_LOSS_CGROUP_OVERFLOW: "cgroup_overflow",
 }
+# FILE_LOSS_CGROUP_OVERFLOW is the node-wide sum of what file_cgroups holds per cgroup: the
+# per-cgroup values are reported (cgroup_loss), so the profile that overflowed says so.
 _NEEDS_DIR_CHECK = FILE_ACC_READ | FILE_ACC_CREATE  # a read of a directory is a list, ...
 
 
@@ -114,7 +116,7 @@ class FileObserver:
         self._loss: Map | None = None
         self._wall = None
         self._known: dict[bytes, tuple[str, ...] | None] = {}  # kernel key -> behaviour keys (None: unresolved)
-        self.unresolved = 0
+        self.unresolved: dict[int, int] = {}  # cgroup id -> kernel keys whose relative path was not resolved
 
     # ---- the Extension protocol -----------------------------------------------------------
 
@@ -138,7 +140,7 @@ class FileObserver:
         raw = FileKey.pack(cgroup_id=ev.cgroup_id, access=ev.access, pid=ev.key_pid, dirfd=ev.dirfd,
                            path_hash=ev.path_hash)
         if raw not in self._known:
-            self._known[raw] = self._learn(ev.access, ev.key_pid, ev.dirfd, ev.path, ev.pid)
+            self._known[raw] = self._learn(ev.cgroup_id, ev.access, ev.key_pid, ev.dirfd, ev.path, ev.pid)
 
     def behaviour_counts(self) -> dict[int, dict[str, KeyReading]]:
         if self._counts is None:
@@ -150,7 +152,8 @@ class FileObserver:
             if keys is False:  # its announcement was lost: learn it from the map itself
                 k = FileKey.unpack(raw)
                 path_text = path[:path_len].decode("utf-8", "backslashreplace")
-                keys = self._known[raw] = self._learn(k["access"], k["pid"], k["dirfd"], path_text, k["pid"])
+                keys = self._known[raw] = self._learn(k["cgroup_id"], k["access"], k["pid"], k["dirfd"], path_text,
+                                                      k["pid"])
             if not keys:
                 continue
             cg = struct.unpack_from("<Q", raw)[0]
@@ -170,8 +173,16 @@ class FileObserver:
     def loss(self) -> dict[str, int]:
         if self._loss is None:
             return {}
-        out = read_loss(self._loss)
-        out["unresolved"] = self.unresolved
+        return read_loss(self._loss)
+
+    def cgroup_loss(self) -> dict[int, dict[str, int]]:
+        if self._cgroups is None:
+            return {}
+        out: dict[int, dict[str, int]] = {cg: {"unresolved": n} for cg, n in self.unresolved.items()}
+        for raw, val in self._cgroups.batch_items():
+            over = FileCgroup.unpack(val)["overflow"]
+            if over:
+                out.setdefault(struct.unpack("<Q", raw)[0], {})["cgroup_overflow"] = over
         return out
 
     def forget_cgroup(self, cgroup_id: int) -> None:
@@ -183,6 +194,7 @@ class FileObserver:
             self._counts.delete(raw)
             self._known.pop(raw, None)
         self._cgroups.delete(prefix)
+        self.unresolved.pop(cgroup_id, None)
 
     def close(self) -> None:
         if self._loaded is not None:
@@ -191,10 +203,11 @@ class FileObserver:
 
     # ---- kernel keys -> behaviour keys ------------------------------------------------------
 
-    def _learn(self, access: int, key_pid: int, dirfd: int, path: str, pid: int) -> tuple[str, ...] | None:
+    def _learn(self, cgroup_id: int, access: int, key_pid: int, dirfd: int, path: str,
+               pid: int) -> tuple[str, ...] | None:
         absolute = self.paths.resolve(key_pid, dirfd, path)
         if absolute is None:
-            self.unresolved += 1
+            self.unresolved[cgroup_id] = self.unresolved.get(cgroup_id, 0) + 1
             log.debug("relative file path not resolved", path=path, pid=key_pid, dirfd=dirfd)
             return None
         is_dir = self.paths.is_dir(pid, absolute) if access & _NEEDS_DIR_CHECK else None

@@ -100,8 +100,10 @@ class Extension(Protocol):
 
     Two optional hooks, looked up with ``getattr``: ``on_event(event)`` sees each event decoded
     from the extension's own rings before it is handed out (to learn what a first sighting
-    announces while its process still runs), and ``forget_cgroup(cgroup_id)`` runs when the
-    sensor forgets a cgroup that is gone (to drop its kernel state)."""
+    announces while its process still runs), ``forget_cgroup(cgroup_id)`` runs when the
+    sensor forgets a cgroup that is gone (to drop its kernel state), and ``cgroup_loss()``
+    returns ``{cgroup id: {name: cumulative count}}`` for loss the extension can attribute to
+    one cgroup (the pump charges it to that cgroup's profile only)."""
 
     name: str
     rings: tuple[str, ...]
@@ -428,6 +430,19 @@ class Sensor:
                     forget(cg)
                 except Exception as e:  # noqa: BLE001 - the others are still forgotten
                     log.warning("sensor extension forget failed", extension=ext.name, error=str(e))
+        return out
+
+    def cgroup_loss(self) -> dict[int, dict[str, int]]:
+        """cgroup id -> ``<extension>_<name>`` -> cumulative loss the extensions attribute to that
+        cgroup (a relative path no longer resolvable, keys over a cgroup's bound)."""
+        self._require()
+        out: dict[int, dict[str, int]] = {}
+        for ext in self.extensions:
+            read = getattr(ext, "cgroup_loss", None)
+            for cg, per in (read() if read is not None else {}).items():
+                d = out.setdefault(cg, {})
+                for name, n in per.items():
+                    d[f"{ext.name}_{name}"] = n
         return out
 
     def forget_cgroup(self, cgroup_id: int) -> None:
