@@ -32,7 +32,7 @@ from typing import Callable
 
 from sensor.workload import BehaviourKeyError, parse_net_key
 
-from . import companions, file_closure, mcp_closure
+from . import companions, file_closure, http_closure, mcp_closure
 from .elements import Element
 from .policy import EgressRule
 
@@ -196,6 +196,15 @@ def _files(mode: str) -> Builder:
     return build
 
 
+def _http(mode: str) -> Builder:
+    """The http substrate's closure (:mod:`enforcer.http_closure`): path templates, methods and
+    hosts never widened."""
+    def build(substrate: str, keys: list[str], opts, services: list) -> list[Element]:
+        els, bad = http_closure.elements(keys, mode, opts.max_siblings)
+        return els + [Element(k, substrate, "exact", [k], encodable=False) for k in bad]
+    return build
+
+
 def _mcp(mode: str) -> Builder:
     """The MCP substrate's key-level closure (:mod:`enforcer.mcp_closure`)."""
     def build(substrate: str, keys: list[str], opts, services: list) -> list[Element]:
@@ -229,6 +238,7 @@ BUILDERS: dict[str, dict[str, Builder]] = {
     **{s: {"literal": _literal, "structural": _structural_elements}
        for s in ("syscall", "egress", "exec")},
     "file": {"literal": _files("literal"), "structural": _files("structural")},
+    "http": {"literal": _http("literal"), "structural": _http("structural")},
     "mcp": {"literal": _mcp("literal"), "structural": _mcp("structural")},
     "iam": {"literal": _iam("literal"), "structural": _iam("structural")},
 }
@@ -267,6 +277,8 @@ def rules(substrate: str, closure: str, opts, services: list) -> dict:
         }
     if substrate == "exec":
         return {"rule": "directory-pattern", "siblingsAbove": opts.max_siblings}
+    if substrate == "http":
+        return http_closure.rules(closure, opts.max_siblings)
     if substrate == "file":
         return {"rule": "directory-children+directory-tree", "siblingsAbove": opts.max_siblings,
                 "treeMinDepth": opts.file_tree_depth, "kinds": "never mixed",

@@ -29,6 +29,12 @@ Exceptions (:mod:`enforcer.exceptions`) for egress keys are merged into the rule
 made with ``envelope mode``. Seccomp filters are loaded by the process they confine (``envelope
 exec``'s child) or by the container runtime from the compiled profile; the session only makes
 their denials visible.
+
+The http substrate is judged by the request capture's probe (:mod:`enforcer.http_enforce`, handed
+in as ``http``): an apply writes the policy's request rule graph (exceptions included) and points
+the workload's cgroups at it, in the same all-or-nothing step; its violations come out of the same
+:meth:`EnforcementSession.poll_violations`. Without a capture, a policy that encodes http can be
+applied in observe mode only.
 """
 
 from __future__ import annotations
@@ -41,9 +47,11 @@ from typing import Callable, Iterable, Protocol
 
 import structlog
 
+from sensor.state_dir import atomic_write
+
 from . import audit
 from .desired import desired_path, read_desired, write_desired
-from .egress import EgressError, EgressProgram, pin_dir_for, pinned_sets
+from .egress import EgressError, EgressProgram, existing_pin_dir, pin_dir_for, pinned_sets
 from .egress_rules import EgressRuleError, Limits, compile_rules, effective_rules, egress_mode
 from .policy import Policy, PolicyError, policy_hash
 from .state import locked
@@ -77,6 +85,8 @@ class KernelBackend(Protocol):
 
     def move_task(self, pid: int, cgroup_path: str) -> None: ...
 
+    def kill_task(self, pid: int) -> None: ...
+
 
 class RealKernel:
     """The kernel itself: :mod:`enforcer.egress`, :mod:`enforcer.denials`, :mod:`sensor.kernel`."""
@@ -107,6 +117,15 @@ class RealKernel:
         with open(os.path.join(cgroup_path, "cgroup.procs"), "w") as f:
             f.write(str(pid))
 
+    def kill_task(self, pid: int) -> None:
+        """SIGKILL task ``pid`` through a pidfd (raises OSError)."""
+        import signal
+        fd = os.pidfd_open(pid)
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        finally:
+            os.close(fd)
+
 
 # ---- results ----------------------------------------------------------------------------------
 
@@ -133,6 +152,39 @@ class Enforced:
     seccomp_target: str = "workload"
 
 
+class _Desired:
+    """A workload's desired-state file with what it held before this change, so an apply or a
+    removal that fails puts it back as it was."""
+
+    def __init__(self, state_dir, workload):
+        self.state_dir = state_dir
+        self.path = desired_path(state_dir, workload)
+        try:
+            self.old: bytes | None = self.path.read_bytes()
+        except FileNotFoundError:
+            self.old = None
+        self.changed = False
+
+    def write(self, policy: Policy, mode: str) -> None:
+        self.changed = True
+        write_desired(self.state_dir, policy, mode)
+
+    def remove(self) -> None:
+        self.changed = True
+        self.path.unlink(missing_ok=True)
+
+    def restore(self) -> None:
+        if not self.changed:
+            return
+        try:
+            if self.old is None:
+                self.path.unlink(missing_ok=True)
+            else:
+                atomic_write(self.path, self.old)
+        except OSError as e:
+            log.error("desired state not restored", path=str(self.path), error=str(e))
+
+
 def _cgroup_id(path: str) -> int | None:
     try:
         return os.stat(path).st_ino
@@ -147,7 +199,8 @@ class EnforcementSession:
     def __init__(self, state_dir, *, pinned: bool = True, bpffs="/sys/fs/bpf",
                  limits: Limits = Limits(), clock: Callable[[], float] = time.time,
                  denials: bool = False, file_denials: bool = False,
-                 backend: KernelBackend | None = None, verify_interval: float = 2.0, paths=None):
+                 backend: KernelBackend | None = None, verify_interval: float = 2.0, http=None,
+                 paths=None):
         self.state_dir = Path(state_dir)
         self.pinned = pinned
         self.bpffs = Path(bpffs)
@@ -170,6 +223,7 @@ class EnforcementSession:
         self.decode_errors = 0
         self.verify_interval = verify_interval  # seconds between integrity checks of pinned state
         self._next_verify = 0.0
+        self.http = http  # enforcer.http_enforce.HttpEnforcement, or None
 
     # -- helpers --
 
@@ -188,10 +242,10 @@ class EnforcementSession:
             return cur.program, False
         if not self.pinned:
             return self.backend.load_egress(workload.key, None, self.limits), True
-        pin = pin_dir_for(self.bpffs, workload.key)
+        pin = existing_pin_dir(self.bpffs, workload.key)
         if pin.is_dir() and any(pin.iterdir()):
             return self.backend.adopt_egress(pin, self.limits), False
-        return self.backend.load_egress(workload.key, pin, self.limits), True
+        return self.backend.load_egress(workload.key, pin_dir_for(self.bpffs, workload.key), self.limits), True
 
     # -- the seam --
 
@@ -217,12 +271,15 @@ class EnforcementSession:
         for p in paths:
             if not Path(p).is_dir():
                 raise ApplyError(f"apply {workload}: cgroup {p} does not exist; nothing applied")
+        hmode, hpatterns = self._http_plan(policy, mode, excs)
         # An unpinned session needs no programs for a policy that leaves egress out.
         needs_program = self.pinned or emode != "observe"
 
         prog, created = self._program(workload) if needs_program else (None, False)
         results: list[CgroupResult] = []
         newly: list[str] = []
+        desired = _Desired(self.state_dir, workload) if self.pinned else None
+        swapped = False
         try:
             for p in paths:
                 if prog is None:
@@ -236,16 +293,39 @@ class EnforcementSession:
                 if was_new:
                     newly.append(p)
                 results.append(CgroupResult(p, True, attached=was_new))
-            # Rules swap last: a failure above leaves the active generation untouched, and
-            # write_policy cleans its own inactive generation when it fails. The state lock
-            # keeps a CLI apply and the daemon from swapping the same pinned set at once.
-            if prog is not None:
-                with locked(self.state_dir):
+            # The state lock keeps a CLI apply and the daemon from changing the same workload at
+            # once. Under it: the desired state, then the rules swap (the previous generation
+            # kept until the audit entry is written), then the audit entry. A failure at any
+            # step undoes the ones before it.
+            with locked(self.state_dir):
+                if desired is not None:
+                    desired.write(policy, mode)
+                if prog is not None:
                     prog.write_policy(rules, emode, policy_hash(policy),
-                                      grace=0.05 if self.pinned else 0)
-            if self.pinned:
-                write_desired(self.state_dir, policy, mode)
+                                      grace=0.05 if self.pinned else 0, finish=False)
+                    swapped = True
+                if hpatterns is not None:
+                    cgs = {cid: p for p in paths if (cid := _cgroup_id(p)) is not None}
+                    self.http.apply(workload.key, hpatterns, hmode, cgs)
+                elif self.http is not None:
+                    self.http.remove(workload.key)
+                if self.pinned:
+                    audit.append(self.state_dir, "policy.apply", workload=workload.key, reason=reason,
+                                 details={"mode": mode, "egress_mode": emode,
+                                          "policy_sha256": policy_hash(policy).hex(),
+                                          "cgroups": paths, "attached": newly,
+                                          "egress_entries": len(rules),
+                                          "exceptions": [e.id for e in excs]})
+                if prog is not None:
+                    prog.finish_swap()
         except BaseException as e:
+            if swapped:
+                try:
+                    prog.revert_swap()
+                except EgressError as re_:
+                    log.error("rollback of the rules swap failed", workload=workload.key, error=str(re_))
+            if desired is not None:
+                desired.restore()
             for p in newly:
                 try:
                     prog.detach(p)
@@ -272,14 +352,28 @@ class EnforcementSession:
         self.enforced[workload.key] = cur
         self._reader_dirty()
         self._watch_denials(cur, paths)
-        if self.pinned:
-            audit.append(self.state_dir, "policy.apply", workload=workload.key, reason=reason,
-                         details={"mode": mode, "egress_mode": emode,
-                                  "policy_sha256": policy_hash(policy).hex(),
-                                  "cgroups": paths, "attached": newly,
-                                  "egress_entries": len(rules),
-                                  "exceptions": [e.id for e in excs]})
         return results
+
+    def _http_plan(self, policy: Policy, mode: str, excs) -> tuple[str, list | None]:
+        """The http mode and request patterns to apply (None: nothing to judge), checked before
+        anything is touched."""
+        from .http_enforce import HttpEnforceError, effective_patterns, http_mode
+        hmode = http_mode(policy, mode)
+        if hmode == "observe":
+            return hmode, None
+        if self.http is None:
+            if self.pinned:
+                # `envelope enforce` outside the daemon: the desired state it writes is what the
+                # daemon's session applies, the http rules included, in the capture it runs
+                log.info("http rules left to the daemon's request capture", workload=policy.workload.key)
+                return hmode, None
+            raise ApplyError(f"apply {policy.workload}: the policy encodes http in {hmode} mode and the "
+                             "request capture is not running (config http_capture); nothing applied")
+        try:
+            self.http.check(hmode)
+        except HttpEnforceError as e:
+            raise ApplyError(f"apply {policy.workload}: {e}; nothing applied") from e
+        return hmode, effective_patterns(policy, excs)
 
     def attach_new_cgroup(self, workload, cgroup_path) -> CgroupResult:
         """Attach an enforced workload's programs to a cgroup that just appeared."""
@@ -297,6 +391,9 @@ class EnforcementSession:
                 return CgroupResult(str(cgroup_path), False, error=str(e))
         cur.cgroups.add(str(cgroup_path))
         self._watch_denials(cur, [str(cgroup_path)])
+        cid = _cgroup_id(str(cgroup_path))
+        if self.http is not None and cid is not None:
+            self.http.attach(key, cid, str(cgroup_path))
         return CgroupResult(str(cgroup_path), True, attached=new)
 
     def sync(self) -> list[str]:
@@ -322,6 +419,9 @@ class EnforcementSession:
                                                  egress_mode(cur.policy, mode),
                                                  policy_hash(cur.policy),
                                                  grace=0.05 if self.pinned else 0.01)
+                hmode, hpatterns = self._http_plan(cur.policy, mode, excs)
+                if hpatterns is not None:
+                    self.http.apply(key, hpatterns, hmode, {})
                 if sig != cur.exceptions_sig:
                     log.info("egress exceptions re-synced", workload=key,
                              exceptions=[e.id for e in excs])
@@ -371,11 +471,14 @@ class EnforcementSession:
         """Adopt every pinned set (after a restart), pairing it with its desired state.
 
         Nothing is re-attached or reloaded: the pinned programs are already attached and keep
-        enforcing; this only re-opens their maps so rules, mode and events are managed again.
+        enforcing; this only re-opens their maps so rules, mode and events are managed again. A
+        set is paired with the desired state whose workload's pin directory it is (the name is
+        bounded, so the pinned ``meta`` map may hold a truncated key); a set that anyone but
+        root could have changed is refused and reported.
         """
         if not self.pinned:
             return []
-        desired = {w.key: (w, p, m) for w, p, m in read_desired(self.state_dir)}
+        desired = {existing_pin_dir(self.bpffs, w.key): (w, p, m) for w, p, m in read_desired(self.state_dir)}
         adopted = []
         for pin in self.backend.pinned_egress(self.bpffs):
             if any(e.program is not None and e.program.pin_dir == pin
@@ -386,13 +489,14 @@ class EnforcementSession:
             except EgressError as e:
                 log.error("adopt failed", pin=str(pin), error=str(e))
                 continue
-            d = desired.get(prog.workload)
+            d = desired.get(pin)
             if d is None:
                 log.warning("pinned egress set without desired state; left as is",
                             workload=prog.workload, pin=str(pin))
                 prog.close()
                 continue
             w, policy, mode = d
+            prog.workload = w.key
             _gen, kmode = prog.state()
             cur = Enforced(w, policy, mode, prog, (), set(prog.cgroups().values()))
             self.enforced[w.key] = cur
@@ -409,32 +513,72 @@ class EnforcementSession:
         cur = self.enforced.pop(key, None)
         if cur is None:
             return
+        if self.http is not None:
+            self.http.remove(key)
         self._unwatch_denials(key)
         self._reader_dirty()
         if cur.program is not None:
             cur.program.close()
 
     def remove(self, workload, reason: str = "remove") -> bool:
-        """Detach from every cgroup, unpin, forget the desired state (audited when pinned)."""
+        """Detach from every cgroup, unpin, forget the desired state, all or nothing and audited
+        when pinned: if a step fails (the audit entry included), what was detached is attached
+        again, the pins and the desired state are put back, and :class:`ApplyError` is raised."""
+        from sensor.workload import Workload
         key = workload if isinstance(workload, str) else workload.key
-        cur = self.enforced.pop(key, None)
+        w = Workload.parse(key)
+        cur = self.enforced.get(key)
         prog = cur.program if cur else None
+        adopted = False
         if prog is None and self.pinned:
-            pin = pin_dir_for(self.bpffs, key)
+            pin = existing_pin_dir(self.bpffs, key)
             if pin.is_dir() and any(pin.iterdir()):
-                prog = self.backend.adopt_egress(pin, self.limits)
-        if prog is None and cur is None:
+                try:
+                    prog = self.backend.adopt_egress(pin, self.limits)
+                except EgressError as e:
+                    raise ApplyError(f"remove {key}: {e}; nothing removed") from e
+                adopted = True
+        desired = _Desired(self.state_dir, w) if self.pinned else None
+        if prog is None and cur is None and (desired is None or desired.old is None):
             return False
+        cgroups = sorted(set(cur.cgroups if cur else ()) | set(prog.cgroups().values() if prog else ()))
+        detached: list[str] = []
+        unpinned = False
+        try:
+            with locked(self.state_dir):
+                if desired is not None:
+                    desired.remove()
+                if prog is not None:
+                    for p in cgroups:
+                        was = os.path.isdir(p) and prog.attached(p)
+                        prog.detach(p)  # a vanished cgroup's record goes too
+                        if was:
+                            detached.append(p)
+                    prog.unpin()
+                    unpinned = True
+                if self.pinned:
+                    audit.append(self.state_dir, "policy.remove", workload=key, reason=reason,
+                                 details={"cgroups": detached})
+        except BaseException as e:
+            for p in detached:
+                try:
+                    prog.attach(p)
+                except EgressError as ae:
+                    log.error("rollback attach failed", cgroup=p, error=str(ae))
+            if unpinned:
+                prog.repin()
+            if desired is not None:
+                desired.restore()
+            if adopted:
+                prog.close()
+            raise ApplyError(f"remove {key}: {e}; rolled back, still enforced") from e
+        self.enforced.pop(key, None)
         self._reader_dirty()  # its ring buffer goes away with it
         self._unwatch_denials(key)
+        if self.http is not None:
+            self.http.remove(key)
         if prog is not None:
-            for p in (cur.cgroups if cur else ()):
-                prog.detach(p)
-            prog.remove()
-        if self.pinned:
-            from sensor.workload import Workload
-            desired_path(self.state_dir, Workload.parse(key)).unlink(missing_ok=True)
-            audit.append(self.state_dir, "policy.remove", workload=key, reason=reason, details={})
+            prog.close()
         return True
 
     # -- visibility: egress violations from the program sets' ring buffers, seccomp denials --
@@ -536,6 +680,11 @@ class EnforcementSession:
         if self._file_probe is not None and self._file_probe.events_fd not in self._reader_fds:
             self._reader.add(self._file_probe.events_fd, self._on_file_record)
             self._reader_fds.add(self._file_probe.events_fd)
+        if self.http is not None and self.http.applied:
+            fd = self.http.capture.violations_fd
+            if fd not in self._reader_fds:
+                self._reader.add(fd, self._on_http_record)
+                self._reader_fds.add(fd)
         return self._reader
 
     def _on_file_record(self, raw: bytes) -> None:
@@ -560,6 +709,21 @@ class EnforcementSession:
         is_dir = self._paths.is_dir(ev.pid, path) if path is not None else None
         self._pending.extend(from_file_denial(ev, key, self.clock(), path, cur.policy.allows, is_dir))
 
+    def _on_http_record(self, raw: bytes) -> None:
+        """An http violation; a refused plaintext request's socket is aborted at once, so the
+        bytes its killed write queued are never sent (see :mod:`enforcer.sockets`)."""
+        from sensor.events import HttpViolationEvent, decode
+        ev = decode(raw)
+        if isinstance(ev, HttpViolationEvent) and ev.action == "killed" and not ev.tls:
+            self.http.abort(ev.conn)
+        self._on_record(raw, self._http_workload)
+
+    def _http_workload(self, cgroup_id: int) -> str | None:
+        for key, applied in self.http.applied.items():
+            if cgroup_id in applied.cgroups:
+                return key
+        return None
+
     def _on_record(self, raw: bytes, workload_of) -> None:
         from sensor.events import CgroupEscapeEvent, DecodeError, decode
         from .violations import from_event
@@ -581,7 +745,9 @@ class EnforcementSession:
         workload's cgroups: nothing to do. Into a child cgroup: the egress programs still apply
         (cgroup programs are inherited), so the child is watched as well. Anywhere else the
         task has walked out of its enforcement: it is moved back at once, the move is audited
-        as ``policy.escape`` and reported as an ``integrity`` violation."""
+        as ``policy.escape`` and reported as an ``integrity`` violation. Where it cannot be moved
+        back (the daemon in a pod has its own cgroup namespace, and the kernel refuses moves
+        whose common ancestor lies outside it) and the workload is in enforce mode, it is killed."""
         from .violations import Violation
         key = self._denial_cgroups.get(ev.src_cgroup_id)
         cur = self.enforced.get(key) if key else None
@@ -597,20 +763,28 @@ class EnforcementSession:
                      pid=ev.pid, cgroup=dst)
             self._watch_denials(cur, [dst])
             return
+        killed = False
         try:
             self.backend.move_task(ev.pid, src)
             moved, error = True, ""
-        except OSError as e:  # the task is gone, or the cgroup was removed
+        except OSError as e:  # the task is gone, the cgroup was removed, or out of our namespace
             moved, error = False, str(e)
-        detail = {"pid": ev.pid, "by_pid": ev.by_pid, "from": src, "to": dst, "moved_back": moved}
+            if cur.mode == "enforce" and not isinstance(e, ProcessLookupError):
+                try:
+                    self.backend.kill_task(ev.pid)
+                    killed = True
+                except OSError as k:
+                    error += f"; kill: {k}"
+        detail = {"pid": ev.pid, "by_pid": ev.by_pid, "from": src, "to": dst, "moved_back": moved,
+                  "killed": killed}
         if error:
             detail["error"] = error
         log.warning("task moved out of its enforced cgroup", workload=key, **detail)
+        reason = "moved back" if moved else "killed" if killed else "could not move back"
         if self.pinned:
-            audit.append(self.state_dir, "policy.escape", workload=key,
-                         reason="moved back" if moved else "could not move back", details=detail)
+            audit.append(self.state_dir, "policy.escape", workload=key, reason=reason, details=detail)
         self._pending.append(Violation(self.clock(), key, "integrity", "cgroup:migration",
-                                       "denied" if moved else "alerted", detail))
+                                       "denied" if moved or killed else "alerted", detail))
 
     def poll_violations(self, timeout_ms: int = 0, limit: int | None = None) -> list:
         """Violations that reached userspace since the last call, waiting up to ``timeout_ms``

@@ -6,8 +6,8 @@ A :class:`Violation` is one out-of-envelope behaviour of one workload::
      "behaviour": "connect:tcp:127.0.0.1:9", "action": "denied", "count": 1,
      "detail": {"pid": 4242, "cgroup_id": 8123}}
 
-``substrate`` is ``syscall``, ``egress``, ``exec`` or ``file`` for what the kernel denied or alerted
-on, ``mcp`` for what the MCP gateway refused or alerted on (:mod:`enforcer.mcp_controls`), ``watch``
+``substrate`` is ``syscall``, ``egress``, ``exec``, ``file`` or ``http`` for what the kernel denied
+or alerted on, ``mcp`` for what the MCP gateway refused or alerted on (:mod:`enforcer.mcp_controls`), ``watch``
 for a behaviour on the policy's watch list that recurred, ``detection`` for a probabilistic rule
 whose live per-session count left its band (a soft violation), and ``integrity`` for enforcement
 state someone changed behind Envelope's back (repaired at once). ``action`` is
@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterable
 
-from sensor.state_dir import StateDir
-from sensor.events import (DecodeError, EgressViolationEvent, FileDenialEvent, IoUringOpEvent,
-                           SeccompDenialEvent, decode)
+from sensor.state_dir import StateDir, private_dirs
+from sensor.events import (DecodeError, EgressViolationEvent, FileDenialEvent, HttpViolationEvent,
+                           IoUringOpEvent, SeccompDenialEvent, decode)
 from sensor.file_access import behaviours as file_behaviours
 from sensor.workload import SUBSTRATES as BEHAVIOUR_SUBSTRATES
 from sensor.workload import substrate_of, syscall_key
@@ -104,7 +104,7 @@ class ViolationStore:
         lines = "".join(json.dumps(v.to_dict(), sort_keys=True, default=str) + "\n" for v in violations)
         if not lines:
             return 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.path.parent)
         data = lines.encode()
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
@@ -205,6 +205,19 @@ def from_seccomp_event(ev: SeccompDenialEvent, workload: str, now: float,
     return Violation(now, workload, "syscall", ev.behaviour_key(), action, detail)
 
 
+def from_http_event(ev: HttpViolationEvent, workload: str, now: float) -> Violation:
+    """A request the probe judged outside the envelope: ``killed`` (enforce) is ``denied``."""
+    from sensor.httpkeys import normalize_host
+    host = normalize_host(ev.host, ev.tls) if ev.host else "?"
+    behaviour = f"http:{ev.method or '?'} {host}{ev.path or '/'}"
+    detail: dict[str, Any] = {"pid": ev.pid, "process": ev.comm, "cgroup_id": ev.cgroup_id,
+                              "method": ev.method, "host": host, "path": ev.path, "tls": ev.tls,
+                              "reason": ev.reason}
+    if ev.action == "killed":
+        detail["enforced"] = "process killed before the request was sent"
+    return Violation(now, workload, "http", behaviour, "denied" if ev.action == "killed" else "alerted", detail)
+
+
 def from_file_denial(ev: FileDenialEvent, workload: str, now: float, path: str | None,
                      allows: Callable[[str], bool], is_dir: bool | None = None) -> list[Violation]:
     """A file call refused with -EACCES (``bpf/files.c``) as violations, one per behaviour the
@@ -266,6 +279,8 @@ def from_event(ev, workload_of: Callable[[int], str | None], now: float,
     if isinstance(ev, IoUringOpEvent):
         return from_io_uring_event(ev, workload_of(ev.cgroup_id) or "unknown", now,
                                    allowed_of(ev.cgroup_id))
+    if isinstance(ev, HttpViolationEvent):
+        return from_http_event(ev, workload_of(ev.cgroup_id) or "unknown", now)
     return None
 
 

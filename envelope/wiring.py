@@ -10,9 +10,25 @@ from .config import Config
 from .errors import EnvironmentFailure
 
 
+def request_capture(config: Config):
+    """The request capture extension (None when the config turns it off)."""
+    if not config.http_capture:
+        return None
+    from sensor.httpcapture import HttpCapture
+    from sensor.state_dir import StateDir, read_or_create_key
+
+    key = read_or_create_key(StateDir(config.state_dir).sensor_key)
+    return HttpCapture(key, ringbuf_pages=config.http_ringbuf_pages, s3_endpoints=tuple(config.s3_endpoints),
+                       tls_responses=config.http_tls_responses)
+
+
 def sensor_extensions(config: Config) -> list:
-    """The program families the sensor loads beside its own, as the config asks."""
+    """The program families the sensor loads beside its own, as the config asks: the request
+    capture and the file substrate's observation."""
     out = []
+    capture = request_capture(config)
+    if capture is not None:
+        out.append(capture)
     if config.observe_files:
         from sensor.file_observer import FileObserver
 
@@ -44,21 +60,38 @@ def aggregator(config: Config, store=None):
     return Aggregator(config.node_name, store, syscalls.name, caps=config.caps)
 
 
-def profile_store(config: Config):
+def profile_store(config: Config, metrics=None):
+    """The profile store; with ``metrics``, each quarantined file is counted."""
     from sensor.store import ProfileStore
 
-    return ProfileStore(config.state_dir)
+    return ProfileStore(config.state_dir,
+                        on_quarantine=metrics.profile_quarantined if metrics is not None else None)
 
 
-def enforcement_session(config: Config, *, pinned: bool, denials: bool = True,
+def enforcement_session(config: Config, *, pinned: bool, denials: bool = True, sensor=None,
                         file_denials: bool | None = None):
     """The enforcement session on the real kernel: pinned for the daemon and ``envelope
-    enforce``, unpinned for ``envelope exec``. ``denials``: seccomp denials are reported;
+    enforce``, unpinned for ``envelope exec``. With a ``sensor`` that runs the request capture,
+    the session judges the http substrate through it. ``denials``: seccomp denials are reported;
     ``file_denials`` (default: as ``denials``): Landlock's refusals are reported."""
     from enforcer.session import EnforcementSession
 
+    http = None
+    capture = capture_of(sensor)
+    if capture is not None:
+        from enforcer.http_enforce import HttpEnforcement
+        http = HttpEnforcement(capture)
     return EnforcementSession(config.state_dir, pinned=pinned, bpffs=config.bpffs, denials=denials,
-                              file_denials=denials if file_denials is None else file_denials)
+                              http=http, file_denials=denials if file_denials is None else file_denials)
+
+
+def capture_of(sensor):
+    """The request capture extension of an attached sensor, or None."""
+    from sensor.httpcapture import HttpCapture
+    for ext in getattr(sensor, "extensions", ()):
+        if isinstance(ext, HttpCapture):
+            return ext
+    return None
 
 
 def mcp_gateway(config: Config, workload, policy, mode: str, limits=None, store=True, actor: str | None = None):

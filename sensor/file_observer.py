@@ -5,7 +5,7 @@ loads ``bpf/files.c`` in its observation role and turns what the kernel counts i
 The kernel counts each successful access per (cgroup, access bits, path as given) in one hash
 map, cumulatively, and announces a new key once (``EV_FILE_FIRST``). Here:
 
-* :meth:`FileObserver.on_event` learns a new key at once: a relative path is resolved against
+* :meth:`FileObserver.consume` learns a new key at once: a relative path is resolved against
   the process's working directory or directory fd while the process still runs
   (:class:`sensor.proc_paths.ProcPaths`), and a path opened for reading that is a directory
   becomes a ``list``;
@@ -116,6 +116,7 @@ class FileObserver:
         self._loss: Map | None = None
         self._wall = None
         self._known: dict[bytes, tuple[str, ...] | None] = {}  # kernel key -> behaviour keys (None: unresolved)
+        self._gone: set[int] = set()  # forgotten cgroups whose keys the next reading deletes
         self.unresolved: dict[int, int] = {}  # cgroup id -> kernel keys whose relative path was not resolved
 
     # ---- the Extension protocol -----------------------------------------------------------
@@ -133,20 +134,27 @@ class FileObserver:
     def tick(self) -> None:
         pass
 
-    def on_event(self, ev) -> None:
-        """An announcement: learn the key while its process still runs."""
+    def consume(self, ev) -> bool:
+        """An announcement: learn the key while its process still runs. The event still goes out
+        with the sensor's (False): it is counted by type, but holds no occurrence (the map does)."""
         if not isinstance(ev, FileFirstEvent) or ev.truncated:
-            return
+            return False
         raw = FileKey.pack(cgroup_id=ev.cgroup_id, access=ev.access, pid=ev.key_pid, dirfd=ev.dirfd,
                            path_hash=ev.path_hash)
         if raw not in self._known:
             self._known[raw] = self._learn(ev.cgroup_id, ev.access, ev.key_pid, ev.dirfd, ev.path, ev.pid)
+        return False
 
     def behaviour_counts(self) -> dict[int, dict[str, KeyReading]]:
         if self._counts is None:
             return {}
         out: dict[int, dict[str, list]] = {}
+        gone, self._gone = self._gone, set()
         for raw, val in self._counts.batch_items():
+            if gone and struct.unpack_from("<Q", raw)[0] in gone:  # forgotten: its keys go now
+                self._counts.delete(raw)
+                self._known.pop(raw, None)
+                continue
             count, first, last, path_len, _flags, _pad, path = FileCount.unpack_tuple(val)
             keys = self._known.get(raw, False)
             if keys is False:  # its announcement was lost: learn it from the map itself
@@ -186,14 +194,13 @@ class FileObserver:
         return out
 
     def forget_cgroup(self, cgroup_id: int) -> None:
-        """The cgroup is gone (its last counts were read): drop its keys and its bound."""
+        """The cgroup is gone (its last counts were read): drop its bound now and its keys in the
+        next reading's one pass over the map (a pass per gone cgroup would cost the map's size
+        in syscalls each, and a node forgets many cgroups at once)."""
         if self._counts is None:
             return
-        prefix = U64.pack(cgroup_id)
-        for raw in [k for k in self._counts.keys() if k.startswith(prefix)]:
-            self._counts.delete(raw)
-            self._known.pop(raw, None)
-        self._cgroups.delete(prefix)
+        self._gone.add(cgroup_id)
+        self._cgroups.delete(U64.pack(cgroup_id))
         self.unresolved.pop(cgroup_id, None)
 
     def close(self) -> None:

@@ -48,10 +48,13 @@ class ProcPaths:
         already (a short-lived helper), the path is looked up in this process's root instead,
         which is the process's own for host workloads and, for a container, the host's view of
         the same path (a path that is a directory in one and a file in the other is the rare
-        case this gets wrong). None when the path exists in neither."""
+        case this gets wrong). None when the path exists in neither, or when ``pid`` runs but
+        its root may not be read (ptrace's access check: our own root would be the wrong one)."""
         for root in (self.proc / str(pid) / "root", self.proc / "self" / "root"):
             try:
                 st = os.stat(root / path.lstrip("/"))
+            except PermissionError:
+                return None
             except OSError:
                 continue
             return stat.S_ISDIR(st.st_mode)

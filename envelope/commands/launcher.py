@@ -22,10 +22,9 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
 from enforcer.landlock_formats import RulesetFileError, parse_ruleset_file
 from enforcer.launcher import LauncherSpecError, launcher_binary, oci_with_launcher, pod_with_launcher, ruleset_configmap
+from sensor.safeyaml import YamlError, dump_yaml, load_yaml
 from sensor.state_dir import atomic_write
 
 from ..errors import UserError
@@ -57,9 +56,11 @@ def register(sub) -> None:
 
 def _load(path: str, what: str):
     try:
-        return yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"{what} {path}: {getattr(e, 'strerror', None) or e}") from None
+        return load_yaml(Path(path).read_bytes(), f"{what} {path}")
+    except OSError as e:
+        raise UserError(f"{what} {path}: {e.strerror}") from None
+    except YamlError as e:
+        raise UserError(str(e)) from None
 
 
 def _ruleset(path: str) -> str:
@@ -136,5 +137,6 @@ def cmd_pod(args, config) -> int:
         cm = ruleset_configmap(cm_name, namespace, rulesets)
     except LauncherSpecError as e:
         raise UserError(f"{args.manifest}: {str(e).replace('pass image_config', 'pass --image-config')}") from None
-    _write(yaml.safe_dump_all([cm, put_back(rewritten)], sort_keys=False, default_flow_style=False), args.out)
+    _write("---\n".join(dump_yaml(d, sort_keys=False, default_flow_style=False) for d in (cm, put_back(rewritten))),
+           args.out)
     return 0

@@ -140,6 +140,7 @@ def test_the_per_cgroup_bound_counts_overflow_and_a_gone_cgroup_is_forgotten(tmp
         sensor.behaviour_counts()  # the extension forgets after this last reading
         assert cid not in sensor.behaviour_counts()
         assert obs._cgroups.lookup(U64.pack(cid)) is None
+        assert not [k for k in obs._counts.keys() if k.startswith(U64.pack(cid))]  # its keys deleted
 
 
 def test_landlock_refusals_of_a_watched_cgroup_are_reported_from_the_syscall_exit(tmp_path, cgroup):
@@ -194,3 +195,25 @@ def test_landlock_refusals_of_a_watched_cgroup_are_reported_from_the_syscall_exi
     assert cred.cgroup_id == cid and cred.pid == p.pid and cred.comm == "python3"
     sh = by_path["/bin/sh"]
     assert sh.access == FILE_ACC_EXEC and sh.syscall == "execve" and sh.pid != p.pid  # the forked child
+
+
+def test_proc_paths_of_a_process_the_reader_may_not_ptrace_are_unknown_not_guessed(tmp_path):
+    """With the DaemonSet's capabilities (BPF, PERFMON, NET_ADMIN) ptrace's access check refuses
+    /proc/<pid>/cwd and root of a root process that has more capabilities: its relative paths
+    and directories are unknown (None), never looked up in the reader's own root instead."""
+    (tmp_path / "d").mkdir()
+    target = subprocess.Popen(["sleep", "30"], cwd=tmp_path)
+    probe = ("import sys; from sensor.proc_paths import ProcPaths; from sensor.events import FILE_AT_FDCWD\n"
+             "p = ProcPaths(); pid = int(sys.argv[1])\n"
+             "print(p.base(pid, FILE_AT_FDCWD), p.is_dir(pid, sys.argv[2]))\n")
+    try:
+        def run(prefix):
+            out = subprocess.run(prefix + [sys.executable, "-c", probe, str(target.pid), str(tmp_path / "d")],
+                                 capture_output=True, text=True, check=True,
+                                 cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+            return out.stdout.split()
+        assert run([]) == [str(tmp_path), "True"]
+        assert run(["setpriv", "--bounding-set", "-all,+bpf,+perfmon,+net_admin", "--"]) == ["None", "None"]
+    finally:
+        target.kill()
+        target.wait()

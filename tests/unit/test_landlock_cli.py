@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-import sys
 from pathlib import Path
 
 import jsonschema
 import pytest
-import structlog
 
 from enforcer.landlock_formats import parse_ruleset_file
 from enforcer.policy import dump_policy, load_policy
@@ -22,12 +19,7 @@ AGENT = ROOT / "golden" / "compiled" / "policies" / "research-agent.yaml"
 SCHEMA = ROOT / "fixtures" / "landlockconfig" / "landlockconfig.schema.json"
 
 
-@pytest.fixture(autouse=True)
-def _structlog_defaults():
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-                        logger_factory=lambda *a: structlog.PrintLogger(sys.stderr))
-    yield
-    structlog.reset_defaults()
+pytestmark = pytest.mark.usefixtures("structlog_warnings_to_stderr")
 
 
 @pytest.fixture
