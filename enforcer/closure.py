@@ -13,7 +13,8 @@ Structural rules, named in each element and in provenance:
   ``max_ports`` distinct ports were seen there;
 * exec: ``exact``, or ``directory-pattern`` (``/dir/*``) when more than ``max_siblings``
   distinct paths were seen in one directory;
-* file: :mod:`enforcer.file_closure`;
+* file: ``exact``, ``exact:sensitive``, ``directory-children`` (``dir/*``) or ``directory-tree``
+  (``dir/**``), per access kind (:mod:`enforcer.file_closure`);
 * mcp: tools and prompts ``exact`` by name, resources ``uri-template`` or ``url-pattern``
   (:mod:`enforcer.mcp_closure`; the argument envelopes of allowed tools are derived there too,
   from the profile's argument evidence, after the confidence decision);
@@ -193,7 +194,7 @@ def _files(mode: str) -> Builder:
     def build(substrate: str, keys: list[str], opts, services: list) -> list[Element]:
         fopts = file_closure.FileClosureOptions(closure=mode, max_siblings=opts.max_siblings,
                                                 tree_min_depth=opts.file_tree_depth)
-        els, bad = file_closure.elements(dict.fromkeys(keys), fopts)
+        els, bad = file_closure.elements(keys, fopts)
         return els + [Element(k, substrate, "exact", [k], encodable=False) for k in bad]
     return build
 
