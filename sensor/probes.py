@@ -138,6 +138,15 @@ class Extension(Protocol):
     - ``events() -> list``: what the extension made, handed out with the next :meth:`Sensor.poll`
       (objects with ``cgroup_id``, ``ktime`` and ``behaviour_keys()``, see
       :meth:`sensor.aggregate.Aggregator.on_event`);
+    - ``forget_cgroup(cgroup_id)``: runs after the next reading of counts once the sensor forgets a
+      cgroup that is gone (to drop its kernel state);
+    - ``substrates``: the substrates the extension observes (:data:`sensor.workload.MARKED_SUBSTRATES`
+      among them are recorded as observed in each session the pump binds);
+    - ``phases``: True means the extension counts a cgroup's activity before its first exec (a
+      runtime's or launcher's setup) apart, and its ``behaviour_counts`` and ``refused_counts``
+      take ``after_exec``, the cgroups for which only what came after is wanted;
+    - ``refused_counts()``: reports, like ``behaviour_counts``, attempts the kernel refused
+      (evidence, never behaviour);
     - ``cgroup_loss() -> {cgroup id: {name: cumulative count}}``: loss the extension can
       attribute to one cgroup (see :meth:`Sensor.cgroup_loss`; the pump charges it to that
       cgroup's profile only, while ``loss()`` stays the node's)."""
@@ -469,7 +478,12 @@ class Sensor:
                 out[f"{ext.name}_{name}"] = n
         return out
 
-    def behaviour_counts(self, changed_only: bool = False) -> dict[int, dict[str, KeyReading]]:
+    def observed_substrates(self) -> tuple[str, ...]:
+        """The substrates the loaded extensions observe (their optional ``substrates``)."""
+        return tuple(sorted({s for ext in self.extensions for s in getattr(ext, "substrates", ())}))
+
+    def behaviour_counts(self, changed_only: bool = False,
+                         after_exec: Container[int] = ()) -> dict[int, dict[str, KeyReading]]:
         """cgroup id -> behaviour key -> cumulative reading, for what the programs count in the
         kernel beside syscalls: network destinations and exec paths, and every extension's.
         Nothing is drained: callers take deltas.
@@ -477,8 +491,11 @@ class Sensor:
         Times are the kernel's: the first and the latest occurrence (``bpf_ktime_get_ns``, as wall
         seconds). Each table is read with a few batch lookups; keys are decoded once. With
         ``changed_only`` the sensor's own entries that did not change since the previous such
-        call are left out (their deltas are zero). Cgroups forgotten since the previous call
-        (:meth:`forget_cgroup`) appear one last time; then their entries are deleted."""
+        call are left out (their deltas are zero). For the cgroups in ``after_exec``, extensions
+        that tell phases apart count only what came from the cgroup's first exec on (as
+        :meth:`syscall_counts` does). Cgroups forgotten since the previous call
+        (:meth:`forget_cgroup`) appear one last time; then their entries are deleted and the
+        extensions forget them."""
         self._require()
         out: dict[int, dict[str, KeyReading]] = {}
         forgotten, self._forgotten = self._forgotten, set()
@@ -520,7 +537,30 @@ class Sensor:
                         del cache[k]
         for ext in self.extensions:
             ext.tick()
-            for cg, per_key in ext.behaviour_counts().items():
+            counts = ext.behaviour_counts(after_exec) if getattr(ext, "phases", False) else ext.behaviour_counts()
+            for cg, per_key in counts.items():
+                out.setdefault(cg, {}).update(per_key)
+        for ext in self.extensions:
+            forget = getattr(ext, "forget_cgroup", None)
+            for cg in sorted(forgotten) if forget is not None else ():
+                try:
+                    forget(cg)
+                except Exception as e:  # noqa: BLE001 - the others are still forgotten
+                    log.warning("sensor extension forget failed", extension=ext.name, error=str(e))
+        return out
+
+    def refused_counts(self, after_exec: Container[int] = ()) -> dict[int, dict[str, KeyReading]]:
+        """cgroup id -> key -> cumulative reading of attempts the kernel refused (extensions with
+        ``refused_counts``: capability checks without the capability). Read it before
+        :meth:`behaviour_counts`, which then forgets the cgroups that are gone."""
+        self._require()
+        out: dict[int, dict[str, KeyReading]] = {}
+        for ext in self.extensions:
+            refused = getattr(ext, "refused_counts", None)
+            if refused is None:
+                continue
+            counts = refused(after_exec) if getattr(ext, "phases", False) else refused()
+            for cg, per_key in counts.items():
                 out.setdefault(cg, {}).update(per_key)
         return out
 
@@ -660,7 +700,7 @@ class Sensor:
         :meth:`behaviour_counts` and deleted after it.
         """
         self._require()
-        self._forgotten.add(cgroup_id)
+        self._forgotten.add(cgroup_id)  # after the next reading (behaviour_counts)
         for ext in self.extensions:
             unwatch = getattr(ext, "unwatch", None)
             if unwatch is not None:

@@ -255,6 +255,8 @@ class Pump:
         self._cgroup_loss_seen: dict[int, dict[str, int]] = {}
         self.node_loss: dict[str, int] = {}  # the node's loss counters' growth since the start
         self.loss_charged: dict[str, int] = {}  # loss charged to the bound cgroups' profiles
+        if sensor is not None:  # sessions record the marked substrates their sensor observes
+            aggregator.observed = tuple(sensor.observed_substrates())
 
     @property
     def paths(self) -> dict[int, str]:
@@ -320,7 +322,9 @@ class Pump:
         st.completed += self.binding.refresh(self.agg)
         counts = self.sensor.syscall_counts(after_exec=self.binding.image_only)
         self.agg.on_counts(counts, time.time())
-        self.agg.on_key_counts(self.sensor.behaviour_counts(changed_only=True))
+        self.agg.on_refused_counts(self.sensor.refused_counts(after_exec=self.binding.image_only))
+        self.agg.on_key_counts(self.sensor.behaviour_counts(changed_only=True,
+                                                            after_exec=self.binding.image_only))
         self.agg.on_dropped(self.sensor.dropped_counts())
         st.loss = self._loss_delta()
         for k, v in st.loss.items():

@@ -54,7 +54,7 @@ class EndlessRing:
         self.counter_reads += 1
         return {}
 
-    def behaviour_counts(self, changed_only=False):
+    def behaviour_counts(self, changed_only=False, after_exec=()):
         return {}
 
     def dropped_counts(self):
@@ -62,6 +62,12 @@ class EndlessRing:
 
     def cgroup_loss(self):
         return {}
+
+    def refused_counts(self, after_exec=()):
+        return {}
+
+    def observed_substrates(self):
+        return ()
 
     def forget_cgroup(self, cg):
         pass
