@@ -101,10 +101,25 @@ def violations(state_dir: Path) -> list[dict]:
     return found
 
 
-def envelope_cgroups() -> list[str]:
+def run_envelope_owned(state_dir: Path, *args, timeout=120) -> tuple[subprocess.CompletedProcess, int]:
+    """:func:`run_envelope`, with the pid of the ``envelope`` process: the owner of the cgroups
+    it makes (``<cgroup2>/envelope/exec-<pid>-<n>``, a tree other runs on this machine share)."""
+    argv = ENVELOPE + ["--state-dir", str(state_dir)] + list(args)
+    with subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            raise
+    return subprocess.CompletedProcess(argv, p.returncode, out, err), p.pid
+
+
+def envelope_cgroups(owner: int) -> list[str]:
+    """The exec cgroups the ``envelope`` process ``owner`` made that still exist."""
     from sensor.cgroup import cgroup2_mount_point
     d = cgroup2_mount_point() / "envelope"
-    return sorted(p.name for p in d.iterdir() if p.is_dir() and p.name.startswith("exec-")) if d.exists() else []
+    mine = f"exec-{owner}-"
+    return sorted(p.name for p in d.iterdir() if p.is_dir() and p.name.startswith(mine)) if d.exists() else []
 
 
 def test_enforce_denies_outside_and_allows_inside(tmp_path, state_dir, listeners):
@@ -112,10 +127,9 @@ def test_enforce_denies_outside_and_allows_inside(tmp_path, state_dir, listeners
     write_policy(pol, listeners["allowed"].port, watch=[f"connect:tcp:127.0.0.1:{listeners['other_port'].port}"])
     child = tmp_path / "child.py"
     child.write_text(CHILD)
-    before = envelope_cgroups()
-    r = run_envelope(state_dir, "exec", "--policy", str(pol), "--", sys.executable, str(child),
-                     str(listeners["allowed"].port), str(listeners["other_port"].port),
-                     str(listeners["v6"].port), str(listeners["udp"].port))
+    r, owner = run_envelope_owned(state_dir, "exec", "--policy", str(pol), "--", sys.executable, str(child),
+                                  str(listeners["allowed"].port), str(listeners["other_port"].port),
+                                  str(listeners["v6"].port), str(listeners["udp"].port))
     assert r.returncode == 7, r.stderr  # CMD's exit code passes through
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["connect_allowed"] == "ok"
@@ -138,7 +152,9 @@ def test_enforce_denies_outside_and_allows_inside(tmp_path, state_dir, listeners
     assert by.pop(("syscall", f"syscall:{DENIED_SYSCALL}", "denied")) == 3  # once per call
     assert by.pop(("watch", f"connect:tcp:127.0.0.1:{other}", "alerted")) == 1
     assert by == {}, f"unexpected violations: {by}"
-    assert envelope_cgroups() == before  # the cgroup was removed
+    sessions = {v["detail"].get("session") for v in vs} - {None}
+    assert sessions and all(x.startswith(f"exec-{owner}-") for x in sessions), sessions  # its own cgroup
+    assert envelope_cgroups(owner) == []  # and it was removed
     from enforcer import audit
     [entry] = audit.read(state_dir, action="exec.apply")
     assert entry["workload"] == "host/Unit/exec-test/main" and entry["details"]["mode"] == "enforce"
@@ -241,12 +257,11 @@ def test_malformed_policy_is_one_clear_error(tmp_path, state_dir):
     pol.write_text("apiVersion: envelope.dev/v1alpha1\nkind: LeastPrivilegePolicy\nspec:\n"
                    "  workload: {namespace: host, kind: Unit, name: x, container: main}\n"
                    "  allow:\n    egress:\n      - {proto: tcp, cidr: 10.0.0.0/33, ports: [443]}\n")
-    before = envelope_cgroups()
-    r = run_envelope(state_dir, "exec", "--policy", str(pol), "--", "/bin/true")
+    r, owner = run_envelope_owned(state_dir, "exec", "--policy", str(pol), "--", "/bin/true")
     assert r.returncode == 2
     assert "spec.allow.egress[0].cidr" in r.stderr
     assert "Traceback" not in r.stderr
-    assert envelope_cgroups() == before
+    assert envelope_cgroups(owner) == []  # nothing applied halfway
 
 
 WATCH_CHILD = textwrap.dedent("""
