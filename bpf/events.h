@@ -28,7 +28,9 @@
 #define EV_SYSCALL_FIRST 5
 #define EV_EGRESS_VIOLATION 6
 #define EV_SECCOMP_DENIAL 7
-#define EV_TYPE_MAX 8 /* one past the highest type number */
+#define EV_DNS_MESSAGE 16
+#define EV_DNS_VIOLATION 17
+#define EV_TYPE_MAX 18 /* one past the highest type number */
 
 /* ---- layout versions, one per type ----------------------------------------------------------- */
 #define EXEC_EVENT_VERSION 1
@@ -38,12 +40,15 @@
 #define SYSCALL_FIRST_EVENT_VERSION 1
 #define EGRESS_VIOLATION_EVENT_VERSION 1
 #define SECCOMP_DENIAL_EVENT_VERSION 1
+#define DNS_MESSAGE_EVENT_VERSION 1
+#define DNS_VIOLATION_EVENT_VERSION 1
 
 #define ENV_AF_INET 2
 #define ENV_AF_INET6 10
 
 /* ---- loss counters: index into the per-CPU `loss_counts` array ------------------------------ */
-/* Indexes 1..EV_TYPE_MAX-1 count ring-buffer reserve failures of that event type. */
+/* Indexes 1..7 count the sensor's ring-buffer reserve failures of that event type (other
+ * program families count their own losses in maps of their own). */
 #define LOSS_SYSCALL_UNATTRIBUTED 8 /* syscalls counted while no cgroup slot was free */
 #define LOSS_CGROUP_REMOVED_DROPPED 9 /* removed cgroups whose slot could not be queued for reuse */
 #define LOSS_SLOTS 16
@@ -177,6 +182,43 @@ struct seccomp_denial_event {
 	__s64 ret;            /* 32 */
 };
 
+/* EV_DNS_MESSAGE, from the DNS observation programs (bpf/dns.c): one DNS message to or from
+ * port 53 of a socket, its first DNS_MESSAGE_CAPTURE bytes, parsed in userspace. */
+#define DNS_MESSAGE_CAPTURE 1024
+#define DNS_DIR_QUERY 0  /* leaving the socket, to the resolver */
+#define DNS_DIR_ANSWER 1 /* arriving at the socket, from the resolver */
+#define DNS_MESSAGE_EVENT_SIZE 1080
+struct dns_message_event {
+	struct event_hdr hdr;          /*  0 */
+	__u64 cgroup_id;               /* 16 the socket's cgroup */
+	__u16 family;                  /* 24 ENV_AF_* */
+	__u8 protocol;                 /* 26 IPPROTO_UDP or IPPROTO_TCP */
+	__u8 direction;                /* 27 DNS_DIR_* */
+	__u16 peer_port;               /* 28 the resolver's port, host order */
+	__u16 msg_len;                 /* 30 bytes of DNS message in the packet */
+	__u8 peer[16];                 /* 32 the resolver's address, network order */
+	__u16 captured;                /* 48 bytes in msg */
+	__u16 pad;                     /* 50 */
+	__u32 pad2;                    /* 52 */
+	__u8 msg[DNS_MESSAGE_CAPTURE]; /* 56 the DNS message (TCP: without its length prefix) */
+};
+
+/* EV_DNS_VIOLATION, from the egress enforcement programs: an answer, from an allowed resolver,
+ * for a name no entry allows. Answers are never dropped: its addresses are simply not learned,
+ * so connects to them stay denied. */
+#define DNS_VIOLATION_NAME_LEN 256
+#define DNS_VIOLATION_EVENT_SIZE 288
+struct dns_violation_event {
+	struct event_hdr hdr;              /*  0 */
+	__u64 cgroup_id;                   /* 16 the socket's cgroup */
+	__u16 qtype;                       /* 24 */
+	__u8 action;                       /* 26 EGRESS_ACTION_* (always alerted) */
+	__u8 pad;                          /* 27 */
+	__u16 name_len;                    /* 28 */
+	__u16 pad2;                        /* 30 */
+	char name[DNS_VIOLATION_NAME_LEN]; /* 32 dotted, lower case */
+};
+
 _Static_assert(sizeof(struct event_hdr) == EVENT_HDR_SIZE, "event_hdr size");
 _Static_assert(sizeof(struct exec_event) == EXEC_EVENT_SIZE, "exec_event size");
 _Static_assert(sizeof(struct fork_event) == FORK_EVENT_SIZE, "fork_event size");
@@ -185,6 +227,8 @@ _Static_assert(sizeof(struct net_event) == NET_EVENT_SIZE, "net_event size");
 _Static_assert(sizeof(struct syscall_first_event) == SYSCALL_FIRST_EVENT_SIZE, "syscall_first size");
 _Static_assert(sizeof(struct egress_violation_event) == EGRESS_VIOLATION_EVENT_SIZE, "egress size");
 _Static_assert(sizeof(struct seccomp_denial_event) == SECCOMP_DENIAL_EVENT_SIZE, "seccomp size");
+_Static_assert(sizeof(struct dns_message_event) == DNS_MESSAGE_EVENT_SIZE, "dns message size");
+_Static_assert(sizeof(struct dns_violation_event) == DNS_VIOLATION_EVENT_SIZE, "dns violation size");
 _Static_assert(sizeof(struct syscall_slot_counts) == SYSCALL_SLOT_COUNTS_SIZE, "slot counts size");
 _Static_assert(sizeof(struct syscall_slot_state) == SYSCALL_SLOT_STATE_SIZE, "slot state size");
 

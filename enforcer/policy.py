@@ -19,14 +19,16 @@ Document layout (YAML or JSON; ``spec`` is also the body of the Kubernetes custo
         syscalls: [name, ...]                                   # sorted
         egress:   [{proto, cidr, ports: [p, ...]} | {proto, cidr, portRange: {min, max}}, ...]
         execs:    [/exact/path | /directory/*, ...]             # sorted
+        names:    [{name, maxLabels?, proto?, ports | portRange}, ...]  # egress by DNS name
       detection:  [{key, mean, std, k, sessions}, ...]          # probabilistic soft rules
       provenance: [{entry, substrate, rule, admitted, evidence, ...}, ...]
       review:     [{key, substrate, rule, evidence, behaviours}, ...]
       watch:      [behaviour key, ...]
 
 Entry identifiers (used by provenance, review, ``explain``, ``diff`` and ``--admit``) are
-``syscall:NAME``, ``exec:PATH`` (or ``exec:/dir/*``) and ``egress:PROTO:CIDR:PORTS`` where
-PORTS is one port (``443``) or an inclusive range (``8000-8100``).
+``syscall:NAME``, ``exec:PATH`` (or ``exec:/dir/*``), ``egress:PROTO:CIDR:PORTS`` where
+PORTS is one port (``443``) or an inclusive range (``8000-8100``), and ``name:PATTERN``
+(resolve only) or ``name:PROTO:PATTERN:PORTS`` for names (:mod:`enforcer.names`).
 
 An exec pattern ``/dir/*`` matches any file directly inside ``/dir`` (one path component, not
 recursive). A substrate that the policy does not include is not constrained by it.
@@ -52,9 +54,13 @@ from typing import Any
 import yaml
 
 from sensor.timestamps import TimeFormatError, iso_time, parse_datetime
-from sensor.workload import DEFAULT_SUBSTRATES, SUBSTRATES, BehaviourKeyError, Workload, parse_net_key, substrate_of
+from sensor.workload import (
+    DEFAULT_SUBSTRATES, SUBSTRATES, BehaviourKeyError, Workload, parse_name_key, parse_net_key,
+    substrate_of,
+)
 
 from . import file_patterns
+from .names import NameRule, NameRuleError, NameTable, parse_name_entry
 
 from .modes import MODES
 
@@ -66,7 +72,7 @@ PROTOS = ("tcp", "udp")
 _SYSCALL_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
 _NAME_RE = re.compile(r"[^a-z0-9.-]+")
 _SPEC_FIELDS = ("workload", "mode", "decisions", "allow", "detection", "provenance", "review", "watch")
-_ALLOW_FIELDS = ("syscalls", "egress", "execs", "files")
+_ALLOW_FIELDS = ("syscalls", "egress", "execs", "files", "names")
 _DECISION_FIELDS = ("granularity", "closure", "confidence", "validity")
 
 
@@ -199,6 +205,11 @@ def parse_entry(entry: str) -> tuple[str, Any]:
         except file_patterns.FilePatternError as e:
             raise PolicyError(str(e)) from None
         return "file", entry
+    if kind == "name":
+        try:
+            return "egress", parse_name_entry(entry)
+        except NameRuleError as e:
+            raise PolicyError(str(e)) from None
     if kind == "egress":
         try:
             proto, body = rest.split(":", 1)
@@ -209,8 +220,8 @@ def parse_entry(entry: str) -> tuple[str, Any]:
             return "egress", EgressRule(proto, cidr, tuple(int(p) for p in ports.split(",")))
         except (ValueError, PolicyError) as e:
             raise PolicyError(f"bad egress entry {entry!r}: {e}") from None
-    raise PolicyError(f"bad entry {entry!r} (want syscall:NAME, exec:PATH, egress:PROTO:CIDR:PORTS "
-                      f"or file:KIND:PATTERN)")
+    raise PolicyError(f"bad entry {entry!r} (want syscall:NAME, exec:PATH, egress:PROTO:CIDR:PORTS, "
+                      f"name:PROTO:PATTERN:PORTS or file:KIND:PATTERN)")
 
 
 def exec_matches(pattern: str, path: str) -> bool:
@@ -234,6 +245,7 @@ class Policy:
     egress: tuple[EgressRule, ...] = ()
     execs: tuple[str, ...] = ()
     files: tuple[str, ...] = ()  # file:KIND:PATTERN entries (enforcer.file_patterns)
+    names: tuple[NameRule, ...] = ()  # egress by DNS name (enforcer.names)
     watch: tuple[str, ...] = ()
     detection: tuple[dict, ...] = ()
     decisions: dict = field(default_factory=dict)
@@ -268,6 +280,8 @@ class Policy:
             kind, pattern = file_patterns.parse_entry(e)
             self._files_by_kind[kind] = self._files_by_kind.get(kind, ()) + (pattern,)
         self.egress = tuple(sorted(set(self.egress), key=EgressRule.sort_key))
+        self.names = tuple(sorted(set(self.names), key=NameRule.sort_key))
+        self._name_table = NameTable(self.names)
         self.watch = tuple(sorted(set(self.watch)))
         self.detection = tuple(self.detection)
         self.provenance = tuple(self.provenance)
@@ -285,7 +299,12 @@ class Policy:
     def entries(self) -> list[str]:
         """Every allowed entry identifier, in document order."""
         return ([f"syscall:{s}" for s in self.syscalls] + [r.id for r in self.egress]
-                + [f"exec:{e}" for e in self.execs] + list(self.files))
+                + [r.id for r in self.names] + [f"exec:{e}" for e in self.execs] + list(self.files))
+
+    @property
+    def name_table(self) -> NameTable:
+        """The allowed names as the egress programs judge them (:class:`enforcer.names.NameTable`)."""
+        return self._name_table
 
     def allows(self, key: str) -> bool:
         """Is behaviour ``key`` inside the allowed set? Substrates the policy leaves out, and
@@ -311,10 +330,16 @@ class Policy:
             return any(p.matches(path) for p in self._files_by_kind.get(kind, ()))
         if substrate != "egress":
             return True  # a substrate with no allow section here yet is not constrained
+        if key.startswith("dns:"):
+            return self._name_table.allows_resolve(key[4:])
         try:
             net = parse_net_key(key)
         except BehaviourKeyError:
-            return False
+            try:
+                n = parse_name_key(key)
+            except BehaviourKeyError:
+                return False
+            return self._name_table.allows_connect(n.name, n.proto, n.port)
         return any(r.matches(net.proto, net.addr, net.port) for r in self.egress)
 
     def expires_at(self) -> _dt.datetime | None:
@@ -356,6 +381,8 @@ class Policy:
         }
         if "file" in self.substrates or self.files:
             allow["files"] = list(self.files)
+        if self.names:
+            allow["names"] = [r.to_dict() for r in self.names]
         return allow
 
     @classmethod
@@ -434,6 +461,12 @@ class Policy:
         files = _list(allow.get("files") or [], "spec.allow.files")
         for i, e in enumerate(files):
             _check_file(e, f"spec.allow.files[{i}]")
+        names = []
+        for i, r in enumerate(_list(allow.get("names") or [], "spec.allow.names")):
+            try:
+                names.append(NameRule.from_dict(r, f"spec.allow.names[{i}]"))
+            except NameRuleError as e:
+                raise PolicyError(str(e)) from None
 
         detection = _list(spec.get("detection") or [], "spec.detection")
         for i, r in enumerate(detection):
@@ -467,7 +500,7 @@ class Policy:
         return cls(
             workload=workload, mode=mode, substrates=tuple(subs), closure=closure,
             syscalls=tuple(syscalls), egress=egress, execs=tuple(execs), files=tuple(files),
-            watch=tuple(watch),
+            names=tuple(names), watch=tuple(watch),
             detection=tuple(dict(r) for r in detection), decisions=_plain(dec),
             provenance=tuple(_plain(r) for r in provenance), review=tuple(_plain(r) for r in review),
             validity=validity, low_confidence=low, name=name or "",

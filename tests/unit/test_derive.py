@@ -428,10 +428,10 @@ def test_ipv4_mapped_ipv6_peers_widen_like_ipv4():
 def test_behaviour_kinds_without_a_substrate_are_recorded_not_encoded():
     p = build(steady())
     # a newer sensor's kind, as it would arrive in a packed profile
-    p.node("n1").behaviours["dns:api.example.com"] = BehaviourStats(8, 4, T0 + 5, T0 + 3 * DAY)
+    p.node("n1").behaviours["smtp:relay.example.com"] = BehaviourStats(8, 4, T0 + 5, T0 + 3 * DAY)
     p = Profile.unpack(p.pack())
     pol = derive(p)
-    assert pol.decisions["granularity"]["unencoded"] == {"dns": 1}
-    assert pol.allows("dns:api.example.com") and "dns:api.example.com" not in pol.watch
+    assert pol.decisions["granularity"]["unencoded"] == {"smtp": 1}
+    assert pol.allows("smtp:relay.example.com") and "smtp:relay.example.com" not in pol.watch
     r = replay(pol, p)
-    assert r["denied"] == [] and r["bySubstrate"]["dns"]["behaviours"] == 1
+    assert r["denied"] == [] and r["bySubstrate"]["smtp"]["behaviours"] == 1

@@ -61,7 +61,7 @@ def test_normalise_key(key, norm):
 
 
 @pytest.mark.parametrize("key", ["ptrace", "syscall:Bad-Name", "exec:relative", "connect:tcp:nohost:1",
-                                 "connect:icmp:10.0.0.1:1", "egress:tcp:10.0.0.0/33:443", "dns:x"])
+                                 "connect:icmp:10.0.0.1:1", "egress:tcp:10.0.0.0/33:443", "smtp:x"])
 def test_normalise_key_rejects(key):
     with pytest.raises(exceptions.ExceptionError):
         exceptions.normalise_key(key)
