@@ -12,7 +12,12 @@ Structural rules, named in each element and in provenance:
   configured known service CIDR), combined with ``exact-ports``, or ``port-range`` when more than
   ``max_ports`` distinct ports were seen there;
 * exec: ``exact``, or ``directory-pattern`` (``/dir/*``) when more than ``max_siblings``
-  distinct paths were seen in one directory.
+  distinct paths were seen in one directory;
+* egress names (:mod:`enforcer.name_closure`): ``exact-name``, or ``name-suffix``
+  (``*.svc.example.com``) when more than ``max_name_siblings`` names were seen under a suffix
+  that is not at or above a public suffix, with at most ``max_name_labels`` labels in front;
+  a destination on port 53 is a resolver and stays one exact address (``dns-resolver``), so
+  the resolvers the workload used are explicit entries of the policy.
 
 Builders are pure: keys and options in, sorted elements out.
 """
@@ -24,9 +29,9 @@ import posixpath
 import re
 from typing import Callable
 
-from sensor.workload import BehaviourKeyError, parse_net_key
+from sensor.workload import BehaviourKeyError, is_name_key, parse_net_key
 
-from . import companions, file_closure
+from . import companions, file_closure, name_closure
 from .elements import Element
 from .policy import EgressRule
 
@@ -190,10 +195,57 @@ def _files(mode: str) -> Builder:
     return build
 
 
+DNS_PORT = 53
+
+
+def _resolver_elements(keys: list[str]) -> list[Element]:
+    """``dns-resolver``: each resolver (a destination on port 53) as one exact address."""
+    groups: dict[tuple, list[str]] = {}
+    for k in keys:
+        n = parse_net_key(k)
+        host = ipaddress.ip_network(n.addr)
+        groups.setdefault((n.proto, host.version, int(host.network_address), host.compressed),
+                          []).append(k)
+    out = []
+    for (proto, _, _, host), members in sorted(groups.items()):
+        rule = EgressRule(proto, host, (DNS_PORT,))
+        out.append(Element(rule.id, "egress", "dns-resolver", sorted(members),
+                           detail=f"resolver {host.split('/')[0]} on {proto}/{DNS_PORT}: kept as one "
+                                  f"exact address, never widened", entries=(rule.id,)))
+    return out
+
+
+def _egress(mode: str) -> Builder:
+    """The egress substrate: addresses (CIDR rules), resolvers, and names."""
+    def build(substrate: str, keys: list[str], opts, services: list) -> list[Element]:
+        names = [k for k in keys if k.startswith("dns:") or is_name_key(k)]
+        addresses, resolvers = [], []
+        for k in keys:
+            if k in names:
+                continue
+            try:
+                resolver = parse_net_key(k).port == DNS_PORT
+            except BehaviourKeyError:
+                resolver = False
+            (resolvers if resolver else addresses).append(k)
+        nopts = name_closure.NameOptions(
+            max_siblings=getattr(opts, "max_name_siblings", name_closure.DEFAULT_MAX_NAME_SIBLINGS),
+            max_labels=getattr(opts, "max_name_labels", name_closure.DEFAULT_MAX_NAME_LABELS),
+            max_ports=opts.max_ports)
+        if mode == "literal":
+            out = _literal_elements(substrate, addresses)
+        else:
+            out = _structural_elements(substrate, addresses, opts, services)
+        return (out + _resolver_elements(resolvers)
+                + name_closure.elements(names, nopts, structural=mode != "literal"))
+    return build
+
+
 #: substrate -> closure mode -> builder. Substrates add themselves here.
 BUILDERS: dict[str, dict[str, Builder]] = {
     **{s: {"literal": _literal, "structural": _structural_elements}
-       for s in ("syscall", "egress", "exec")},
+       for s in ("syscall", "exec")},
+    "egress": {"literal": _egress("literal"), "structural": _egress("structural")},
     "file": {"literal": _files("literal"), "structural": _files("structural")},
 }
 
@@ -210,9 +262,23 @@ def elements(substrate: str, closure: str, keys: list[str], opts, services: list
     return BUILDERS[substrate][mode](substrate, sorted(keys), opts, services)
 
 
+def _name_rules(closure: str, opts) -> dict:
+    if closure == "literal":
+        return {"rule": "exact-name"}
+    return {"rule": "exact-name+name-suffix",
+            "suffixAbove": getattr(opts, "max_name_siblings", name_closure.DEFAULT_MAX_NAME_SIBLINGS),
+            "maxLabels": getattr(opts, "max_name_labels", name_closure.DEFAULT_MAX_NAME_LABELS),
+            "publicSuffixList": "publicsuffixlist package (ICANN and private sections); never at "
+                                "or above a public suffix",
+            "ports": {"rule": "exact-ports", "rangeAbove": opts.max_ports}}
+
+
 def rules(substrate: str, closure: str, opts, services: list) -> dict:
     """How ``closure`` treats ``substrate``, as recorded in the policy's closure decision."""
     if closure == "literal":
+        if substrate == "egress":
+            return {"rule": "literal", "names": _name_rules(closure, opts),
+                    "resolvers": {"rule": "dns-resolver"}}
         return {"rule": "literal"}
     if substrate == "syscall":
         return {"rule": "exact+companion-groups"}
@@ -222,6 +288,8 @@ def rules(substrate: str, closure: str, opts, services: list) -> dict:
                         "ipv6Prefix": opts.ipv6_prefix,
                         "serviceCidrs": [n.compressed for n in services]},
             "ports": {"rule": "exact-ports", "rangeAbove": opts.max_ports},
+            "names": _name_rules(closure, opts),
+            "resolvers": {"rule": "dns-resolver", "port": DNS_PORT},
         }
     if substrate == "exec":
         return {"rule": "directory-pattern", "siblingsAbove": opts.max_siblings}

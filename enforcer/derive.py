@@ -59,10 +59,12 @@ from sensor.workload import DEFAULT_SUBSTRATES, SUBSTRATES
 
 from . import companions
 from .closure import derivable
+from .name_closure import DEFAULT_MAX_NAME_LABELS, DEFAULT_MAX_NAME_SIBLINGS
 from .closure import elements as closure_elements
 from .closure import rules as closure_rules
 from .elements import (DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNT, DEFAULT_MIN_SESSIONS, SESSION_RULES,
                        Element, substrate_or_none)
+from .names import NameRule
 from .policy import CLOSURES, MODES, EgressRule, Policy, PolicyError, parse_entry
 
 DEFAULT_IPV4_PREFIX = 24
@@ -123,6 +125,8 @@ class DeriveOptions:
     max_ports: int = DEFAULT_MAX_PORTS
     max_siblings: int = DEFAULT_MAX_SIBLINGS
     file_tree_depth: int = DEFAULT_FILE_TREE_DEPTH  # a directory-tree closure starts this deep
+    max_name_siblings: int = DEFAULT_MAX_NAME_SIBLINGS  # more names under a suffix -> *.suffix
+    max_name_labels: int = DEFAULT_MAX_NAME_LABELS  # labels a suffix pattern admits in front
     k: float = DEFAULT_K
     coverage_threshold: float = DEFAULT_COVERAGE_THRESHOLD
     coverage_hours: float = DEFAULT_COVERAGE_HOURS
@@ -162,6 +166,10 @@ class DeriveOptions:
             raise DeriveError(f"max-ports must be at least 1, got {self.max_ports}")
         if self.max_siblings < 1:
             raise DeriveError(f"max-siblings must be at least 1, got {self.max_siblings}")
+        if self.max_name_siblings < 1:
+            raise DeriveError(f"max-name-siblings must be at least 1, got {self.max_name_siblings}")
+        if not 1 <= self.max_name_labels <= 16:
+            raise DeriveError(f"max-name-labels must be within 1-16, got {self.max_name_labels}")
         if self.file_tree_depth < 1:
             raise DeriveError(f"file-tree-depth must be at least 1, got {self.file_tree_depth}")
         if not (isinstance(self.k, (int, float)) and math.isfinite(self.k) and self.k > 0):
@@ -423,6 +431,7 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
     egress: dict[tuple, EgressRule] = {}
     execs: set[str] = set()
     files: set[str] = set()
+    names: set[NameRule] = set()
     provenance: list[dict] = []
     for el, ev, reason in conf.passed:
         base = {
@@ -447,6 +456,11 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
                 execs.add(value)
             elif sub == "file":
                 files.add(value)
+            elif isinstance(value, NameRule):
+                names.add(value)
+                addrs = _addresses(profile, el.members)
+                if addrs:
+                    base = {**base, "addresses": addrs}
             else:
                 r = value
                 if r.port_range is not None:
@@ -460,9 +474,26 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
     return Policy(
         workload=profile.workload, mode=opts.mode or "alert", substrates=tuple(opts.substrates),
         closure=opts.closure, syscalls=tuple(syscalls), egress=tuple(egress.values()),
-        execs=tuple(execs), files=tuple(files), provenance=tuple(_dedupe_provenance(provenance)),
+        execs=tuple(execs), files=tuple(files), names=tuple(names),
+        provenance=tuple(_dedupe_provenance(provenance)),
         low_confidence=low_confidence,
     )
+
+
+ADDRESS_EVIDENCE_SHOWN = 16
+
+
+def _addresses(profile: Profile, members: list[str]) -> list[str]:
+    """The addresses a name's connects went to (the profile's evidence), for the reader and for
+    exports that cannot express names."""
+    ev = profile.evidence()
+    seen: set[str] = set()
+    for m in members:
+        seen.update(ev.get(m, {}))
+    def order(a: str):
+        ip = ipaddress.ip_address(a)
+        return (ip.version, int(ip))
+    return sorted(seen, key=order)[:ADDRESS_EVIDENCE_SHOWN]
 
 
 def _review(conf: Confidence, policy: Policy, stats: Mapping[str, BehaviourStats],

@@ -43,7 +43,9 @@ import structlog
 from . import audit
 from .desired import desired_path, read_desired, write_desired
 from .egress import EgressError, EgressProgram, pin_dir_for, pinned_sets
-from .egress_rules import EgressRuleError, Limits, compile_rules, effective_rules, egress_mode
+from .egress_rules import (
+    EgressRuleError, Limits, compile_rules, effective_names, effective_rules, egress_mode,
+)
 from .policy import Policy, PolicyError, policy_hash
 from .state import locked
 
@@ -186,8 +188,9 @@ class EnforcementSession:
         workload = policy.workload
         excs = self._exceptions(workload)
         rules = effective_rules(policy, excs)
+        names = effective_names(policy, excs)
         try:
-            compile_rules(rules, 0, self.limits)  # capacity and ports, before touching anything
+            compile_rules(rules, 0, self.limits, names)  # capacity and ports, before touching anything
         except EgressRuleError as e:
             raise ApplyError(f"apply {workload}: {e}; nothing applied") from e
         paths = [str(p) for p in cgroup_paths]
@@ -219,7 +222,7 @@ class EnforcementSession:
             if prog is not None:
                 with locked(self.state_dir):
                     prog.write_policy(rules, emode, policy_hash(policy),
-                                      grace=0.05 if self.pinned else 0)
+                                      grace=0.05 if self.pinned else 0, names=names)
             if self.pinned:
                 write_desired(self.state_dir, policy, mode)
         except BaseException as e:
@@ -254,7 +257,7 @@ class EnforcementSession:
                          details={"mode": mode, "egress_mode": emode,
                                   "policy_sha256": policy_hash(policy).hex(),
                                   "cgroups": paths, "attached": newly,
-                                  "egress_entries": len(rules),
+                                  "egress_entries": len(rules), "name_entries": len(names),
                                   "exceptions": [e.id for e in excs]})
         return results
 
@@ -294,7 +297,8 @@ class EnforcementSession:
                         cur.program.write_policy(effective_rules(cur.policy, excs),
                                                  egress_mode(cur.policy, mode),
                                                  policy_hash(cur.policy),
-                                                 grace=0.05 if self.pinned else 0.01)
+                                                 grace=0.05 if self.pinned else 0.01,
+                                                 names=effective_names(cur.policy, excs))
                 if sig != cur.exceptions_sig:
                     log.info("egress exceptions re-synced", workload=key,
                              exceptions=[e.id for e in excs])

@@ -15,7 +15,8 @@ flush.
 
 The store is ``<state-dir>/violations.jsonl``: one JSON object per line, appended under an
 exclusive ``flock`` with one ``write`` per batch. Kernel records are turned into violations by
-pure functions (:func:`from_record`, :func:`from_egress_event`, :func:`from_seccomp_event`)
+pure functions (:func:`from_record`, :func:`from_egress_event`, :func:`from_dns_event`,
+:func:`from_seccomp_event`)
 on events decoded by :mod:`sensor.events`.
 """
 
@@ -30,7 +31,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from sensor.state_dir import StateDir
-from sensor.events import DecodeError, EgressViolationEvent, SeccompDenialEvent, decode
+from sensor.events import (
+    DecodeError, DnsViolationEvent, EgressViolationEvent, SeccompDenialEvent, decode,
+)
 from sensor.workload import SUBSTRATES as BEHAVIOUR_SUBSTRATES
 from sensor.workload import substrate_of
 
@@ -167,6 +170,13 @@ def from_egress_event(ev: EgressViolationEvent, workload: str, now: float) -> Vi
                      {"pid": ev.pid, "cgroup_id": ev.cgroup_id})
 
 
+def from_dns_event(ev: DnsViolationEvent, workload: str, now: float) -> Violation:
+    """An answer for a name no entry allows: its addresses were not learned, so connects to
+    them stay outside the envelope; the answer itself reached the workload (alerted)."""
+    return Violation(now, workload, "egress", ev.behaviour_key() or "dns:", ev.action,
+                     {"cgroup_id": ev.cgroup_id, "qtype": ev.qtype})
+
+
 def from_seccomp_event(ev: SeccompDenialEvent, workload: str, now: float) -> Violation:
     """A denial carries ``ret = -errno``; an alert-mode report (made at entry) carries 0."""
     action = "denied" if ev.ret < 0 else "alerted"
@@ -188,6 +198,8 @@ def from_record(raw: bytes, workload_of: Callable[[int], str | None], now: float
         return from_egress_event(ev, workload_of(ev.cgroup_id) or "unknown", now)
     if isinstance(ev, SeccompDenialEvent):
         return from_seccomp_event(ev, workload_of(ev.cgroup_id) or "unknown", now)
+    if isinstance(ev, DnsViolationEvent):
+        return from_dns_event(ev, workload_of(ev.cgroup_id) or "unknown", now)
     return None
 
 

@@ -35,6 +35,9 @@ DEFAULT_CAPS = {"syscall": 1024, "egress": 4096, "exec": 2048, "file": 8192, "ht
 # these samples gives an envelope element's exact distinct-session count while every member's
 # sample is complete (confidence thresholds are far below the cap); beyond it, a lower bound.
 SESSION_SAMPLE_CAP = 32
+# Evidence items kept per behaviour (e.g. the addresses a name-attributed connect went to); past
+# the cap new items are not kept (the behaviour's own count stays exact).
+EVIDENCE_CAP = 16
 
 
 @dataclass(slots=True)
@@ -115,6 +118,8 @@ class NodeContribution:
     loss: dict[str, int] = field(default_factory=dict)
     fingerprints: dict[str, dict[str, float]] = field(default_factory=dict)  # key -> value -> last seen
     caps: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_CAPS))
+    # behaviour key -> evidence item (an address) -> [count, first seen, last seen]
+    evidence: dict[str, dict[str, list]] = field(default_factory=dict)
     _per_substrate: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     # ---- recording -------------------------------------------------------------------------
@@ -206,6 +211,21 @@ class NodeContribution:
                 stats.session_sumsq += c * c
         self.closed_sessions += 1
 
+    def add_evidence(self, key: str, item: str, count: int, ts: float) -> None:
+        """Remember ``item`` (an address) as evidence of behaviour ``key`` (bounded per key)."""
+        if key not in self.behaviours:
+            return  # a key refused by the cap keeps no evidence either
+        per = self.evidence.setdefault(key, {})
+        rec = per.get(item)
+        if rec is None:
+            if len(per) >= EVIDENCE_CAP:
+                return
+            per[item] = [count, ts, ts]
+            return
+        rec[0] += count
+        rec[1] = min(rec[1], ts)
+        rec[2] = max(rec[2], ts)
+
     def add_fingerprint(self, key: str, value: str, ts: float) -> None:
         self.fingerprints.setdefault(key, {})[value] = ts
 
@@ -249,6 +269,8 @@ class NodeContribution:
             "loss": dict(sorted(self.loss.items())),
             "fingerprints": {k: dict(sorted(v.items())) for k, v in sorted(self.fingerprints.items())},
             "caps": dict(sorted(self.caps.items())),
+            **({"evidence": {k: dict(sorted(v.items())) for k, v in sorted(self.evidence.items())}}
+               if self.evidence else {}),
         }
 
     @classmethod
@@ -270,6 +292,8 @@ class NodeContribution:
             fingerprints={str(k): {str(a): float(b) for a, b in v.items()}
                           for k, v in d["fingerprints"].items()},
             caps={**DEFAULT_CAPS, **{str(k): int(v) for k, v in d.get("caps", {}).items()}},
+            evidence={str(k): {str(i): [int(r[0]), float(r[1]), float(r[2])] for i, r in v.items()}
+                      for k, v in d.get("evidence", {}).items()},
         )
 
 
@@ -366,6 +390,16 @@ class Profile:
                     p.count + o.count, p.new_keys + o.new_keys,
                     min(p.first_seen, o.first_seen), max(p.last_seen, o.last_seen))
         return dict(sorted(out.items()))
+
+    def evidence(self) -> dict[str, dict[str, int]]:
+        """Per behaviour, its evidence items (addresses) with their counts summed over nodes."""
+        out: dict[str, dict[str, int]] = {}
+        for name in sorted(self.nodes):
+            for key, items in self.nodes[name].evidence.items():
+                per = out.setdefault(key, {})
+                for item, rec in items.items():
+                    per[item] = per.get(item, 0) + rec[0]
+        return {k: dict(sorted(v.items())) for k, v in sorted(out.items())}
 
     def fingerprints(self) -> dict[str, list[str]]:
         """Fingerprint inputs seen, per key, values ordered by when they were last seen."""

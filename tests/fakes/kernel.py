@@ -25,6 +25,7 @@ _fds = itertools.count(1000)
 class Pinned:
     workload: str
     rules: tuple = ()  # trie entries of the active generation
+    names: tuple = ()  # name trie entries of the active generation
     generation: int = 0
     mode: str = "observe"
     policy_hash: bytes = b""
@@ -74,16 +75,17 @@ class FakeEgressProgram:
             if p == path:
                 del self.st.cgroups[cid]
 
-    def write_policy(self, rules, mode, policy_hash=b"", grace=0.0):
+    def write_policy(self, rules, mode, policy_hash=b"", grace=0.0, names=()):
         self._live()
         if self.kernel.fail_write:
             raise EgressError(f"map rules: update: Argument list too long ({self.workload})")
         try:
-            compiled = compile_rules(rules, 1 - self.st.generation, self.limits)
+            compiled = compile_rules(rules, 1 - self.st.generation, self.limits, names)
         except EgressRuleError as e:
             raise EgressError(str(e)) from e
         self.st.generation = compiled.generation
         self.st.rules = compiled.trie
+        self.st.names = compiled.names
         self.st.mode = mode
         self.st.policy_hash = policy_hash
         self.kernel.swaps.append((self.workload, mode, len(compiled.trie)))

@@ -109,8 +109,11 @@ def test_structural_cidr_aggregation_v4_v6_and_configurable_prefix():
 def test_known_service_cidr_wins_and_overlaps_are_rejected():
     sessions = [{"send:udp:10.96.0.10:53": 2, "connect:tcp:10.96.14.2:443": 2} for _ in range(3)]
     pol = derive(build(sessions), DeriveOptions(service_cidrs=("10.96.0.0/12",)))
-    assert pol.egress == (EgressRule("tcp", "10.96.0.0/12", (443,)), EgressRule("udp", "10.96.0.0/12", (53,)))
-    assert all(p["rule"].startswith("service-cidr") for p in pol.provenance if p["substrate"] == "egress")
+    # the resolver (port 53) stays one exact address even inside a known service CIDR
+    assert pol.egress == (EgressRule("tcp", "10.96.0.0/12", (443,)), EgressRule("udp", "10.96.0.10/32", (53,)))
+    rules = {p["entry"]: p["rule"] for p in pol.provenance if p["substrate"] == "egress"}
+    assert rules == {"egress:tcp:10.96.0.0/12:443": "service-cidr+exact-ports",
+                     "egress:udp:10.96.0.10/32:53": "dns-resolver"}
     with pytest.raises(DeriveError, match="overlap"):
         derive(build(sessions), DeriveOptions(service_cidrs=("10.96.0.0/12", "10.96.0.0/16")))
     with pytest.raises(DeriveError, match="not a CIDR"):
