@@ -32,6 +32,8 @@ class Config:
     poll_interval: float = 1.0  # seconds between counter reads and profile updates
     flush_interval: float = 10.0  # seconds between profile writes in the daemon
     max_cgroups: int = 1024  # cgroup slots in the kernel syscall counter table
+    # Observe DNS (bpf/dns.c): `dns:NAME` behaviours and connects attributed to resolved names.
+    dns: bool = True
     caps: dict = field(default_factory=lambda: dict(DEFAULT_CAPS))
     metrics_port: int = 9464
     kubelet_seccomp_dir: Path = Path("/var/lib/kubelet/seccomp")

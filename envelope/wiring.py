@@ -14,7 +14,12 @@ def open_sensor(config: Config):
     """Load and attach the probes, turning attach failures into one actionable line."""
     from sensor.probes import ProbeAttachError, Sensor
 
-    sensor = Sensor(ringbuf_pages=config.ringbuf_pages, max_cgroups=config.max_cgroups)
+    extensions = []
+    if config.dns:
+        from sensor.dns import DnsObserver
+        extensions.append(DnsObserver())
+    sensor = Sensor(ringbuf_pages=config.ringbuf_pages, max_cgroups=config.max_cgroups,
+                    extensions=extensions)
     try:
         sensor.attach()
     except ProbeAttachError as e:

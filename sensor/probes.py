@@ -280,6 +280,10 @@ class Sensor:
         self._require()
         self._ring.poll(timeout_ms, limit)
         out, self._events = self._events, []
+        if self._extension_fds:
+            # The sensor's ring is drained before the extensions': hand the batch out in kernel
+            # time order, so that e.g. a DNS answer comes before the connect that used it.
+            out.sort(key=lambda e: e.ktime)
         self._release_quarantine()
         self._sync_wall_clock()  # follow NTP steps and slews of the wall clock
         return out

@@ -200,6 +200,12 @@ class Pump:
         self._next_counts = 0.0
         self._next_gc = time.monotonic() + gc_interval
         self._loss_seen: dict[str, int] = dict(sensor.loss()) if sensor is not None else {}
+        # Extensions that rename behaviours (sensor.dns: connects to resolved names) take part
+        # in aggregation.
+        for ext in getattr(sensor, "extensions", ()):
+            make = getattr(ext, "attributor", None)
+            if make is not None:
+                aggregator.attributors.append(make())
 
     @property
     def paths(self) -> dict[int, str]:
