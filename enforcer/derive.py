@@ -64,6 +64,7 @@ from .closure import elements as closure_elements
 from .closure import rules as closure_rules
 from .elements import (DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNT, DEFAULT_MIN_SESSIONS, SESSION_RULES,
                        Element, substrate_or_none)
+from .blind_spots import blind_spots
 from .names import NameRule
 from .policy import CLOSURES, MODES, EgressRule, Policy, PolicyError, parse_entry
 
@@ -421,6 +422,12 @@ def derive(profile: Profile, options: DeriveOptions | None = None) -> Policy:
     policy.decisions = _decisions(opts, conf, cov, profile.closed_sessions, services)
     if gran.unencoded:
         policy.decisions["granularity"]["unencoded"] = gran.unencoded
+    if "egress" in opts.substrates:
+        # What the name view of egress cannot see for this workload, stated with the review.
+        egress_stats = {k: stats[k] for k in gran.keys["egress"]}
+        spots = blind_spots(egress_stats, opts.session_rule)
+        if spots:
+            policy.decisions["granularity"]["blindSpots"] = spots
     policy.validity = validity(profile, opts, end)
     return policy
 

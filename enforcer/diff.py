@@ -11,6 +11,7 @@ expiry) and review and watch changes are listed too. Pure.
 from __future__ import annotations
 
 from .policy import EgressRule, Policy
+from .names import NameRule
 
 
 def entry_atoms(policy: Policy) -> list[str]:
@@ -21,6 +22,11 @@ def entry_atoms(policy: Policy) -> list[str]:
             out.append(r.id)
         else:
             out += [EgressRule(r.proto, r.cidr, (p,)).id for p in r.ports]
+    for n in policy.names:
+        if n.proto is None or n.port_range is not None:
+            out.append(n.id)
+        else:
+            out += [NameRule(n.pattern, n.proto, (p,), max_labels=n.max_labels).id for p in n.ports]
     out += [f"exec:{e}" for e in policy.execs]
     return out
 
@@ -46,7 +52,10 @@ def _single(atom: str) -> dict:
     if kind == "exec":
         return {"execs": (rest,)}
     from .policy import parse_entry
-    return {"egress": (parse_entry(atom)[1],)}
+    value = parse_entry(atom)[1]
+    if isinstance(value, NameRule):
+        return {"names": (value,)}
+    return {"egress": (value,)}
 
 
 def _behaviours(prov: dict | None) -> list[str]:

@@ -20,6 +20,7 @@ from enforcer.derive import (
     DeriveError, DeriveOptions, derive,
 )
 from enforcer.policy import PolicyError, dump_policy, load_policy
+from enforcer.name_closure import DEFAULT_MAX_NAME_LABELS, DEFAULT_MAX_NAME_SIBLINGS
 from sensor.profile import Profile
 from sensor.state_dir import atomic_write
 from sensor.store import ProfileStore
@@ -51,6 +52,12 @@ def register(sub) -> None:
                    help="known service network; addresses inside it widen to it (repeatable)")
     p.add_argument("--max-ports", type=int, default=DEFAULT_MAX_PORTS,
                    help=f"more distinct ports than this per network become a flagged range (default {DEFAULT_MAX_PORTS})")
+    p.add_argument("--max-name-siblings", type=int, default=DEFAULT_MAX_NAME_SIBLINGS,
+                   help="more distinct names than this under one suffix become *.suffix, never at or "
+                        f"above a public suffix (default {DEFAULT_MAX_NAME_SIBLINGS})")
+    p.add_argument("--max-name-labels", type=int, default=DEFAULT_MAX_NAME_LABELS,
+                   help="labels a *.suffix pattern admits in front of its suffix, at most "
+                        f"(default {DEFAULT_MAX_NAME_LABELS})")
     p.add_argument("--max-siblings", type=int, default=DEFAULT_MAX_SIBLINGS,
                    help=f"more exec paths than this in one directory become /dir/* (default {DEFAULT_MAX_SIBLINGS})")
     p.add_argument("-k", "--stddev-k", type=float, default=DEFAULT_K,
@@ -144,6 +151,8 @@ def options_from_args(args) -> DeriveOptions:
             service_cidrs=tuple(args.service_cidr),
             max_ports=args.max_ports,
             max_siblings=args.max_siblings,
+            max_name_siblings=args.max_name_siblings,
+            max_name_labels=args.max_name_labels,
             k=args.stddev_k,
             coverage_threshold=args.coverage_threshold,
             coverage_hours=args.coverage_hours,
@@ -187,6 +196,7 @@ def cmd_derive(args, config) -> int:
     flag = " LOW CONFIDENCE (forced past coverage-stop)" if policy.low_confidence else ""
     print(f"derived {policy.metadata_name} for {policy.workload.key}: closure {policy.closure}, mode "
           f"{policy.mode}{flag}; allow {len(policy.syscalls)} syscalls, {len(policy.egress)} egress rules, "
+          f"{len(policy.names)} names, "
           f"{len(policy.execs)} execs; {len(policy.review)} in review, {len(policy.watch)} watched; new "
           f"behaviours in the last {cov['hours']:g} h: {new}"
           + (f"; events lost while recording: {sum(cov['loss'].values())}" if cov.get("loss") else "")

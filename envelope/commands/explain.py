@@ -40,7 +40,7 @@ def explanation(policy: Policy) -> dict:
                 "count": ev.get("count"), "sessions": ev.get("sessions"),
                 "firstSeen": ev.get("firstSeen"), "lastSeen": ev.get("lastSeen"),
                 "behaviours": ev.get("behaviours") or []}
-        for k in ("reason", "detail", "flags"):
+        for k in ("reason", "detail", "flags", "addresses"):
             if p.get(k):
                 item[k] = p[k]
         allowed.append(item)
@@ -54,6 +54,7 @@ def explanation(policy: Policy) -> dict:
         "lowConfidence": policy.low_confidence,
         "decisions": {
             "granularity": {"substrates": list(policy.substrates),
+                            "blindSpots": (policy.decisions.get("granularity") or {}).get("blindSpots", []),
                             "excluded": (policy.decisions.get("granularity") or {}).get("excluded", []),
                             "unencoded": (policy.decisions.get("granularity") or {}).get("unencoded", {})},
             "closure": {k: v for k, v in clos.items()},
@@ -80,6 +81,13 @@ def _rules_text(clos: dict) -> list[str]:
             svc = ", ".join(a.get("serviceCidrs") or []) or "none"
             lines.append(f"egress: {a['rule']} /{a['ipv4Prefix']} (IPv4), /{a['ipv6Prefix']} (IPv6), known "
                          f"service CIDRs: {svc}; {p['rule']}, range when more than {p['rangeAbove']} ports")
+            n = r.get("names") or {}
+            if "suffixAbove" in n:
+                lines.append(f"egress names: exact-name; name-suffix (*.suffix) when more than "
+                             f"{n['suffixAbove']} names under a suffix, at most {n['maxLabels']} "
+                             f"label(s) in front, {n['publicSuffixList']}")
+            if r.get("resolvers"):
+                lines.append(f"egress resolvers: {r['resolvers']['rule']} (one exact address each)")
         elif sub == "exec" and "siblingsAbove" in r:
             lines.append(f"exec: {r['rule']} when more than {r['siblingsAbove']} siblings, else exact")
         else:
@@ -126,6 +134,8 @@ def render_text(x: dict) -> str:
     rows = []
     for a in x["allowed"]:
         why = a.get("reason") and f"admit: {a['reason']}" or a.get("detail") or a.get("note") or ""
+        if a.get("addresses"):
+            why = "; ".join(x for x in (why, "resolved to " + ", ".join(a["addresses"])) if x)
         if a.get("flags"):
             why = f"[FLAGGED {','.join(a['flags'])}] " + why
         seen = "" if a.get("observed", True) else " (companion)"
@@ -142,6 +152,15 @@ def render_text(x: dict) -> str:
                      ev.get("lastSeen"), r.get("why")])
     if rows:
         out.append(table(rows, ["key", "rule", "count", "sessions", "first seen", "last seen", "why"]).rstrip("\n"))
+    spots = d["granularity"].get("blindSpots") or []
+    if spots:
+        out.append("")
+        out.append(f"Blind spots ({len(spots)}: what the sensor cannot see for this workload)")
+        rows = []
+        for r in spots:
+            ev = r.get("evidence") or {}
+            rows.append([r["key"], ev.get("count"), ev.get("sessions"), r.get("why")])
+        out.append(table(rows, ["key", "count", "sessions", "why"]).rstrip("\n"))
     out.append("")
     out.append(f"Watch ({len(x['watch'])}): " + (", ".join(x["watch"]) or "none"))
     if x["detection"]:

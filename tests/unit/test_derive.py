@@ -55,8 +55,10 @@ def test_granularity_records_and_respects_substrates():
     p = build(steady({"exec:/usr/bin/curl": 1}))
     pol = derive(p, DeriveOptions(substrates=("syscall", "egress")))
     assert pol.substrates == ("syscall", "egress")
-    assert pol.decisions["granularity"] == {"substrates": ["syscall", "egress"],
-                                           "excluded": ["exec", "file", "http", "mcp", "iam"]}
+    gran = dict(pol.decisions["granularity"])
+    spots = gran.pop("blindSpots")  # the steady profile connects to addresses and resolves nothing
+    assert [s["key"] for s in spots] == ["blind-spot:address-without-answer"]
+    assert gran == {"substrates": ["syscall", "egress"], "excluded": ["exec", "file", "http", "mcp", "iam"]}
     assert pol.execs == () and not any(r["substrate"] == "exec" for r in pol.review)
     assert pol.allows("exec:/usr/bin/anything"), "a substrate left out is not constrained"
     assert pol.syscalls and pol.egress
