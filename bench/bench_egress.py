@@ -1,4 +1,5 @@
-"""connect() cost of the egress enforcement programs with 10,000 CIDR entries, against none.
+"""connect() cost of the egress enforcement programs with 10,000 CIDR entries, against none and
+against two floors measured in the same run.
 
 A tiny C loop (compiled here from ``LOOP_C``) joins a fresh cgroup v2, opens one UDP socket and
 times N ``connect()`` calls to 127.0.0.1:PORT in thread CPU time, pinned to the last CPU
@@ -9,13 +10,19 @@ would bury a ~100 ns difference in tens of microseconds of noise. Cases, interle
 repeats:
 
 * **none**: no programs on the cgroup;
+* **floor: empty connect4**: a ``cgroup/connect4`` program that returns 1 (the least any
+  connect hook costs);
+* **floor: one LPM lookup**: a ``cgroup/connect4`` program that does a single LPM-trie lookup of
+  the destination among the same 10,000 prefixes (plus the peer's /32), keyed by the address
+  alone, and allows;
 * **egress 1 entry**: ``bpf/egress.c`` attached (enforce mode), one rule allowing the peer;
 * **egress 10k entries**: the same with 10,000 more CIDR entries of mixed prefix lengths
   (/20 to /32, in 198.18.0.0/15, a benchmarking range nothing here connects to) plus the
   allowing rule.
 
 Every connect is allowed, so each one runs the full check: state-word read, LPM trie lookup,
-port check. Added ns = median(case) - median(none).
+port check. Added ns = median(case) - median(none); Envelope's added cost is reported against
+both floors' added costs.
 """
 
 from __future__ import annotations
@@ -30,8 +37,23 @@ from pathlib import Path
 from . import Cgroup, parse_kv, progress, ratio, summarize, unavailable
 
 TITLE = "Egress enforcement: connect() cost (10,000 CIDR entries)"
-TARGETS = {"ns added per connect (10k entries)": "<= 1000"}
-CASES = ["none", "egress 1 entry", "egress 10k entries"]
+TARGETS = {"ns added per connect (10k entries)": "<= 1000",
+           "egress 10k added / one-LPM floor added": "<= 1.25"}
+CASES = ["none", "floor: empty connect4", "floor: one LPM lookup", "egress 1 entry", "egress 10k entries"]
+
+FLOOR_EMPTY_C = "int floor_connect4(struct bpf_sock_addr *ctx) { return 1; }"
+FLOOR_LPM_C = r"""
+struct key4 { __u32 prefixlen; __u32 addr; };
+BPF_LPM_TRIE(prefixes, struct key4, __u32, 16384);
+int floor_connect4(struct bpf_sock_addr *ctx)
+{
+    struct key4 k = {32, ctx->user_ip4};
+    __u32 *hit = prefixes.lookup(&k);
+    if (hit)
+        return 1;
+    return 1;
+}
+"""
 
 
 LOOP_C = r"""
@@ -85,8 +107,10 @@ def method(quick: bool) -> str:
             f"hook as TCP, without a handshake's noise). Cases interleaved over {p['repeats']} "
             f"repeats, medians reported. Programs: `bpf/egress.c` connect4/6 + sendmsg4/6 attached "
             f"with BPF_F_ALLOW_MULTI, enforce mode, not pinned; 10k case: 10,000 CIDR entries "
-            f"/20-/32 in 198.18.0.0/15 plus the rule allowing the peer. Added ns = median(case) - "
-            f"median(none).")
+            f"/20-/32 in 198.18.0.0/15 plus the rule allowing the peer. Floors, in the same run: an "
+            f"empty cgroup/connect4 program, and one doing a single LPM-trie lookup keyed by the "
+            f"address alone among the same 10,000 prefixes plus the peer's /32. Added ns = "
+            f"median(case) - median(none); Envelope's added cost is given against each floor's.")
 
 
 def extra_rules(n: int) -> list:
@@ -104,13 +128,51 @@ def extra_rules(n: int) -> list:
     return list(nets.values())
 
 
+class Floor:
+    """A BCC-compiled ``cgroup/connect4`` floor program, attached to one cgroup at a time."""
+
+    def __init__(self, source: str, prefixes: list | None = None):
+        from bcc import BPF
+        self.bpf = BPF(text=source)
+        self.fn = self.bpf.load_func(b"floor_connect4", BPF.CGROUP_SOCK_ADDR,
+                                     attach_type=10)  # BPF_CGROUP_INET4_CONNECT
+        self.entries = 0
+        if prefixes is not None:
+            import ctypes
+            t = self.bpf[b"prefixes"]
+            for net in prefixes:
+                k = t.Key(net.prefixlen, int.from_bytes(net.network_address.packed, "little"))
+                t[k] = ctypes.c_uint32(1)
+                self.entries += 1
+
+    def attach(self, cgroup_path) -> None:
+        from sensor import kernel
+        fd = kernel.open_cgroup(cgroup_path)
+        try:
+            kernel.prog_attach(self.fn.fd, fd, kernel.BPF_CGROUP_INET4_CONNECT, kernel.BPF_F_ALLOW_MULTI)
+        finally:
+            os.close(fd)
+
+    def detach(self, cgroup_path) -> None:
+        from sensor import kernel
+        fd = kernel.open_cgroup(cgroup_path)
+        try:
+            kernel.prog_detach(self.fn.fd, fd, kernel.BPF_CGROUP_INET4_CONNECT)
+        finally:
+            os.close(fd)
+
+
 def run_case(loop: str, port: int, n: int, rules) -> float:
-    """ns per connect() in a fresh cgroup, with ``rules`` enforced (None: no programs)."""
+    """ns per connect() in a fresh cgroup, with ``rules`` enforced (None: no programs; a
+    :class:`Floor`: that program)."""
     import subprocess
     prog = None
     with Cgroup("egress") as cg:
+        floor = rules if isinstance(rules, Floor) else None
         try:
-            if rules is not None:
+            if floor is not None:
+                floor.attach(cg.path)
+            elif rules is not None:
                 from enforcer.egress import EgressProgram
                 prog = EgressProgram.load("bench/Unit/egress/main", pin_dir=None)
                 prog.write_policy(rules, "enforce", grace=0)
@@ -124,6 +186,8 @@ def run_case(loop: str, port: int, n: int, rules) -> float:
                 raise RuntimeError(f"{int(kv['failed'])} connects failed (last errno {int(kv['last_errno'])})")
             return kv["seconds"] / kv["connects"] * 1e9
         finally:
+            if floor is not None:
+                floor.detach(cg.path)
             if prog is not None:
                 prog.detach(str(cg.path))
                 prog.close()
@@ -159,7 +223,13 @@ def run(quick: bool = False) -> dict:
         loop = build_loop(tmp)
         allow = EgressRule("udp", "127.0.0.1/32", (port,))
         big = extra_rules(10_000)
-        rule_sets = {"none": None, "egress 1 entry": [allow], "egress 10k entries": big + [allow]}
+        lpm = Floor(FLOOR_LPM_C, [ipaddress.ip_network(r.cidr) for r in big]
+                    + [ipaddress.ip_network("127.0.0.1/32")])
+        if lpm.entries != len(big) + 1:
+            raise RuntimeError(f"LPM floor holds {lpm.entries} prefixes, expected {len(big) + 1}")
+        rule_sets = {"none": None, "floor: empty connect4": Floor(FLOOR_EMPTY_C),
+                     "floor: one LPM lookup": lpm,
+                     "egress 1 entry": [allow], "egress 10k entries": big + [allow]}
         samples: dict[str, list[float]] = {c: [] for c in CASES}
         for r in range(p["repeats"]):
             for case in CASES:
@@ -174,16 +244,24 @@ def run(quick: bool = False) -> dict:
     rows = []
     for c in CASES:
         s = stats[c]
-        rows.append({"case": c, "entries": 0 if c == "none" else len(rule_sets[c]),
+        rs = rule_sets[c]
+        entries = 0 if rs is None else rs.entries if isinstance(rs, Floor) else len(rs)
+        rows.append({"case": c, "entries": entries,
                      "ns per connect": round(s["median"], 1), "spread": round(s["spread"] or 0, 3),
                      "ns added": round(s["median"] - base, 1)})
     added_10k = stats["egress 10k entries"]["median"] - base
+    empty = stats["floor: empty connect4"]["median"] - base
+    one = stats["floor: one LPM lookup"]["median"] - base
     return {
         "title": TITLE,
         "method": method(quick),
         "rows": rows,
         "ratios": {"egress 10k / none": ratio(stats["egress 10k entries"]["median"], base),
                    "egress 1 / none": ratio(stats["egress 1 entry"]["median"], base),
-                   "ns added per connect (10k entries)": added_10k},
+                   "ns added per connect (10k entries)": added_10k,
+                   "egress 10k added / one-LPM floor added": ratio(added_10k, one),
+                   "egress 10k added / empty-program floor added": ratio(added_10k, empty),
+                   "ns added: empty connect4 floor": empty,
+                   "ns added: one-LPM floor": one},
         "targets": TARGETS,
     }

@@ -11,7 +11,7 @@
  * extension headers and IPv4 fragments are not followed.
  *
  * Configured with -D only:
- *   DNS_RINGBUF_PAGES  ring buffer size in pages (power of two)   default 64
+ *   DNS_RINGBUF_PAGES  ring buffer size in pages (power of two)   default 256
  *   DNS_PORT           the resolvers' port                         default 53
  */
 #include <uapi/linux/bpf.h>
@@ -20,7 +20,7 @@
 #include "events.h"
 
 #ifndef DNS_RINGBUF_PAGES
-#define DNS_RINGBUF_PAGES 64
+#define DNS_RINGBUF_PAGES 256
 #endif
 #ifndef DNS_PORT
 #define DNS_PORT 53

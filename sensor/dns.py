@@ -100,7 +100,7 @@ class DnsObserver:
     name = "dns"
     rings = ("events",)
 
-    def __init__(self, ringbuf_pages: int = 64):
+    def __init__(self, ringbuf_pages: int = 256):
         if ringbuf_pages < 1 or ringbuf_pages & (ringbuf_pages - 1):
             raise ValueError(f"ringbuf_pages must be a power of two, got {ringbuf_pages}")
         self.ringbuf_pages = ringbuf_pages
