@@ -289,6 +289,8 @@ def run(quick: bool = False) -> dict:
             "wrongly denied first connects": int(fresh["eperm"]),
             "syscall: sensor+dns added / floor added": added_ratio("sensor+dns"),
             "syscall: sensor added / floor added": added_ratio("sensor"),
+            "syscall: sensor+dns added / sensor added": ratio(sys_stats["sensor+dns"]["median"],
+                                                              sys_stats["sensor"]["median"]),
         },
         "targets": TARGETS,
         "notes": notes,

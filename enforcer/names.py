@@ -9,7 +9,8 @@ to connect to: without them it only allows the name to be resolved (``dns:NAME``
 Matching, as ``bpf/egress.c`` does it: the most specific entry whose pattern is a suffix of the
 name decides (an exact name beats any pattern, a longer suffix beats a shorter one); the name
 must be within that entry's label limit, and the connect's protocol and port among its ports.
-Entries of one pattern are merged (ports united, the larger label limit). Ports of a covering,
+Entries of one pattern are merged: ports united, under the smallest label limit among them (a
+merge never widens: a rule's ports never reach deeper names than its own limit). Ports of a covering,
 less specific entry are folded into a more specific one only when every name the specific
 entry matches is matched by the covering one too, so folding never widens anything.
 
@@ -234,7 +235,7 @@ class NameTable:
             if e is None:
                 e = by_pattern[r.pattern] = NameEntry(r.pattern, r.max_labels,
                                                       {p: Ports() for p in PROTOS}, [])
-            e.max_labels = max(e.max_labels, r.max_labels)
+            e.max_labels = min(e.max_labels, r.max_labels)
             e.rules.append(r)
             if r.proto is not None:
                 ps = e.ports[r.proto]

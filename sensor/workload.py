@@ -71,9 +71,11 @@ _NAME_RE = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
 
 
 def valid_name(name: str) -> bool:
-    """A host name as the DNS programs match it: lower-case labels of letters, digits, ``-``
-    and ``_``, dotted, no trailing dot, at most 253 characters."""
-    return len(name) <= 253 and bool(_NAME_RE.match(name)) and not _is_address(name)
+    """A host name as the DNS programs match it: at least two lower-case labels of letters,
+    digits, ``-`` and ``_``, dotted, no trailing dot, at most 253 characters. (A resolver
+    expands a short name through its search list before asking, so questions have a dot.)"""
+    return (len(name) <= 253 and "." in name and bool(_NAME_RE.match(name))
+            and not _is_address(name))
 
 
 def _is_address(text: str) -> bool:
