@@ -18,6 +18,8 @@ Structural rules, named in each element and in provenance:
   that is not at or above a public suffix, with at most ``max_name_labels`` labels in front;
   a destination on port 53 is a resolver and stays one exact address (``dns-resolver``), so
   the resolvers the workload used are explicit entries of the policy.
+* file: :mod:`enforcer.file_closure`;
+* iam: :mod:`enforcer.iamclosure` (resources close per IAM action, never across actions).
 
 Builders are pure: keys and options in, sorted elements out.
 """
@@ -241,12 +243,34 @@ def _egress(mode: str) -> Builder:
     return build
 
 
+def iam_account(opts) -> str | None:
+    """The account of the identity the IAM statements are derived for: the ``cloud_identity:aws``
+    fingerprint that :func:`enforcer.derive.derive` settles before closure."""
+    from .iamstatement import IDENTITY_FINGERPRINT, identity_account
+    return identity_account((opts.fingerprint or {}).get(IDENTITY_FINGERPRINT))
+
+
+def _iam_options(mode: str, opts):
+    from .iamclosure import ClosureOptions
+    return ClosureOptions(structural=mode == "structural", max_siblings=opts.max_siblings)
+
+
+def _iam(mode: str) -> Builder:
+    """The IAM substrate's closure (:mod:`enforcer.iamclosure`) with the action mapper of
+    ``opts.iam_actions``. Imported on use: it loads botocore's models, which only IAM needs."""
+    def build(substrate: str, keys: list[str], opts, services: list) -> list[Element]:
+        from . import iamclosure
+        return iamclosure.elements(keys, opts.iam_actions, iam_account(opts), _iam_options(mode, opts))
+    return build
+
+
 #: substrate -> closure mode -> builder. Substrates add themselves here.
 BUILDERS: dict[str, dict[str, Builder]] = {
     **{s: {"literal": _literal, "structural": _structural_elements}
        for s in ("syscall", "exec")},
     "egress": {"literal": _egress("literal"), "structural": _egress("structural")},
     "file": {"literal": _files("literal"), "structural": _files("structural")},
+    "iam": {"literal": _iam("literal"), "structural": _iam("structural")},
 }
 
 
@@ -275,6 +299,10 @@ def _name_rules(closure: str, opts) -> dict:
 
 def rules(substrate: str, closure: str, opts, services: list) -> dict:
     """How ``closure`` treats ``substrate``, as recorded in the policy's closure decision."""
+    if substrate == "iam":  # literal IAM closure still fills the caller's account and secret suffixes
+        from . import iamclosure
+        return iamclosure.rules(_iam_options("literal" if closure == "literal" else "structural", opts),
+                                opts.iam_actions)
     if closure == "literal":
         if substrate == "egress":
             return {"rule": "literal", "names": _name_rules(closure, opts),

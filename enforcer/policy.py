@@ -19,7 +19,9 @@ Document layout (YAML or JSON; ``spec`` is also the body of the Kubernetes custo
         syscalls: [name, ...]                                   # sorted
         egress:   [{proto, cidr, ports: [p, ...]} | {proto, cidr, portRange: {min, max}}, ...]
         execs:    [/exact/path | /directory/*, ...]             # sorted
+        files:    [file:KIND:PATTERN, ...]                      # sorted (enforcer.file_patterns)
         names:    [{name, maxLabels?, proto?, ports | portRange}, ...]  # egress by DNS name
+        iam:      [{action, resource, accessLevel, rule}, ...]  # IAM statements (enforcer.iamstatement)
       detection:  [{key, mean, std, k, sessions}, ...]          # probabilistic soft rules
       provenance: [{entry, substrate, rule, admitted, evidence, ...}, ...]
       review:     [{key, substrate, rule, evidence, behaviours}, ...]
@@ -27,8 +29,14 @@ Document layout (YAML or JSON; ``spec`` is also the body of the Kubernetes custo
 
 Entry identifiers (used by provenance, review, ``explain``, ``diff`` and ``--admit``) are
 ``syscall:NAME``, ``exec:PATH`` (or ``exec:/dir/*``), ``egress:PROTO:CIDR:PORTS`` where
-PORTS is one port (``443``) or an inclusive range (``8000-8100``), and ``name:PATTERN``
-(resolve only) or ``name:PROTO:PATTERN:PORTS`` for names (:mod:`enforcer.names`).
+PORTS is one port (``443``) or an inclusive range (``8000-8100``), ``name:PATTERN``
+(resolve only) or ``name:PROTO:PATTERN:PORTS`` for names (:mod:`enforcer.names`),
+``file:KIND:PATTERN`` and ``iam:ACTION RESOURCE``
+(``iam:s3:GetObject arn:aws:s3:::research-corpus-*/papers/*``).
+
+An ``aws:`` behaviour is inside the ``iam`` statements when every IAM grant it needs is allowed by
+them (:mod:`enforcer.iamstatement`); judging one needs the IAM action mapper, which whoever judges
+binds as ``Policy.iam_actions`` (derivation does; the CLI binds it for ``replay`` and ``diff``).
 
 An exec pattern ``/dir/*`` matches any file directly inside ``/dir`` (one path component, not
 recursive). A substrate that the policy does not include is not constrained by it.
@@ -59,9 +67,9 @@ from sensor.workload import (
     substrate_of,
 )
 
-from . import file_patterns
+from . import file_patterns, iamstatement
+from .iamstatement import IamStatement, IamStatementError
 from .names import NameRule, NameRuleError, NameTable, parse_name_entry
-
 from .modes import MODES
 
 API_VERSION = "envelope.dev/v1alpha1"
@@ -72,7 +80,7 @@ PROTOS = ("tcp", "udp")
 _SYSCALL_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
 _NAME_RE = re.compile(r"[^a-z0-9.-]+")
 _SPEC_FIELDS = ("workload", "mode", "decisions", "allow", "detection", "provenance", "review", "watch")
-_ALLOW_FIELDS = ("syscalls", "egress", "execs", "files", "names")
+_ALLOW_FIELDS = ("syscalls", "egress", "execs", "files", "names", "iam")
 _DECISION_FIELDS = ("granularity", "closure", "confidence", "validity")
 
 
@@ -83,6 +91,10 @@ _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 class PolicyError(ValueError):
     """A policy that does not match the schema; the message names the offending field."""
+
+
+class IamJudgeMissing(PolicyError):
+    """An ``aws:`` behaviour was judged by a policy with no IAM action mapper bound."""
 
 
 # ---- egress rules ---------------------------------------------------------------------------
@@ -210,6 +222,11 @@ def parse_entry(entry: str) -> tuple[str, Any]:
             return "egress", parse_name_entry(entry)
         except NameRuleError as e:
             raise PolicyError(str(e)) from None
+    if kind == "iam":
+        try:
+            return "iam", iamstatement.parse_entry(entry)
+        except IamStatementError as e:
+            raise PolicyError(str(e)) from None
     if kind == "egress":
         try:
             proto, body = rest.split(":", 1)
@@ -221,7 +238,7 @@ def parse_entry(entry: str) -> tuple[str, Any]:
         except (ValueError, PolicyError) as e:
             raise PolicyError(f"bad egress entry {entry!r}: {e}") from None
     raise PolicyError(f"bad entry {entry!r} (want syscall:NAME, exec:PATH, egress:PROTO:CIDR:PORTS, "
-                      f"name:PROTO:PATTERN:PORTS or file:KIND:PATTERN)")
+                      f"name:PROTO:PATTERN:PORTS, file:KIND:PATTERN or iam:ACTION RESOURCE)")
 
 
 def exec_matches(pattern: str, path: str) -> bool:
@@ -246,6 +263,7 @@ class Policy:
     execs: tuple[str, ...] = ()
     files: tuple[str, ...] = ()  # file:KIND:PATTERN entries (enforcer.file_patterns)
     names: tuple[NameRule, ...] = ()  # egress by DNS name (enforcer.names)
+    iam: tuple[IamStatement, ...] = ()  # IAM statements (enforcer.iamstatement)
     watch: tuple[str, ...] = ()
     detection: tuple[dict, ...] = ()
     decisions: dict = field(default_factory=dict)
@@ -254,6 +272,9 @@ class Policy:
     validity: dict = field(default_factory=dict)
     low_confidence: bool = False
     name: str = ""  # metadata.name; derived from the workload when empty
+    # The IAM action mapper (enforcer.iamactions.ActionMapper) that judging aws: behaviours needs;
+    # bound by whoever judges, never serialised.
+    iam_actions: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -282,6 +303,15 @@ class Policy:
         self.egress = tuple(sorted(set(self.egress), key=EgressRule.sort_key))
         self.names = tuple(sorted(set(self.names), key=NameRule.sort_key))
         self._name_table = NameTable(self.names)
+        seen: set[str] = set()
+        for i, st in enumerate(self.iam):
+            if not isinstance(st, IamStatement):
+                raise PolicyError(f"spec.allow.iam[{i}]: {st!r} is not an IAM statement")
+            if st.id in seen:
+                raise PolicyError(f"spec.allow.iam[{i}]: {st.id} is listed twice")
+            seen.add(st.id)
+        self.iam = tuple(sorted(self.iam, key=IamStatement.sort_key))
+        self._iam_document = iamstatement.judging_document(self.iam)
         self.watch = tuple(sorted(set(self.watch)))
         self.detection = tuple(self.detection)
         self.provenance = tuple(self.provenance)
@@ -299,12 +329,20 @@ class Policy:
     def entries(self) -> list[str]:
         """Every allowed entry identifier, in document order."""
         return ([f"syscall:{s}" for s in self.syscalls] + [r.id for r in self.egress]
-                + [r.id for r in self.names] + [f"exec:{e}" for e in self.execs] + list(self.files))
+                + [r.id for r in self.names] + [f"exec:{e}" for e in self.execs] + list(self.files)
+                + [st.id for st in self.iam])
 
     @property
     def name_table(self) -> NameTable:
         """The allowed names as the egress programs judge them (:class:`enforcer.names.NameTable`)."""
         return self._name_table
+
+    @property
+    def iam_identity(self) -> str | None:
+        """The role the IAM statements were derived for (validity fingerprint
+        ``cloud_identity:aws``), when the policy names exactly one."""
+        values = (self.validity.get("fingerprint") or {}).get(iamstatement.IDENTITY_FINGERPRINT) or []
+        return values[0] if len(values) == 1 else None
 
     def allows(self, key: str) -> bool:
         """Is behaviour ``key`` inside the allowed set? Substrates the policy leaves out, and
@@ -328,6 +366,12 @@ class Policy:
             except file_patterns.FilePatternError:
                 return False
             return any(p.matches(path) for p in self._files_by_kind.get(kind, ()))
+        if substrate == "iam":
+            if self.iam_actions is None:
+                raise IamJudgeMissing("judging aws behaviours needs the IAM action database; bind "
+                                      "Policy.iam_actions (envelope.wiring.iam_actions)")
+            return iamstatement.allows(self._iam_document, self.iam_actions,
+                                       iamstatement.identity_account(self.iam_identity), key)
         if substrate != "egress":
             return True  # a substrate with no allow section here yet is not constrained
         if key.startswith("dns:"):
@@ -383,6 +427,8 @@ class Policy:
             allow["files"] = list(self.files)
         if self.names:
             allow["names"] = [r.to_dict() for r in self.names]
+        if "iam" in self.substrates or self.iam:
+            allow["iam"] = [st.to_dict() for st in self.iam]
         return allow
 
     @classmethod
@@ -467,6 +513,12 @@ class Policy:
                 names.append(NameRule.from_dict(r, f"spec.allow.names[{i}]"))
             except NameRuleError as e:
                 raise PolicyError(str(e)) from None
+        iam = []
+        for i, st in enumerate(_list(allow.get("iam") or [], "spec.allow.iam")):
+            try:
+                iam.append(IamStatement.from_dict(st, f"spec.allow.iam[{i}]"))
+            except IamStatementError as e:
+                raise PolicyError(str(e)) from None
 
         detection = _list(spec.get("detection") or [], "spec.detection")
         for i, r in enumerate(detection):
@@ -500,7 +552,7 @@ class Policy:
         return cls(
             workload=workload, mode=mode, substrates=tuple(subs), closure=closure,
             syscalls=tuple(syscalls), egress=egress, execs=tuple(execs), files=tuple(files),
-            names=tuple(names), watch=tuple(watch),
+            names=tuple(names), iam=tuple(iam), watch=tuple(watch),
             detection=tuple(dict(r) for r in detection), decisions=_plain(dec),
             provenance=tuple(_plain(r) for r in provenance), review=tuple(_plain(r) for r in review),
             validity=validity, low_confidence=low, name=name or "",

@@ -134,7 +134,8 @@ class EnforcementSession:
 
     def __init__(self, state_dir, *, pinned: bool = True, bpffs="/sys/fs/bpf",
                  limits: Limits = Limits(), clock: Callable[[], float] = time.time,
-                 denials: bool = False, backend: KernelBackend | None = None):
+                 denials: bool = False, backend: KernelBackend | None = None,
+                 verify_interval: float = 2.0):
         self.state_dir = Path(state_dir)
         self.pinned = pinned
         self.bpffs = Path(bpffs)
@@ -149,6 +150,8 @@ class EnforcementSession:
         self._reader_fds: set[int] = set()
         self._pending: list = []
         self.decode_errors = 0
+        self.verify_interval = verify_interval  # seconds between integrity checks of pinned state
+        self._next_verify = 0.0
 
     # -- helpers --
 
@@ -284,6 +287,10 @@ class EnforcementSession:
         vanished cgroups. Returns the workloads that changed."""
         from .state import read_state
         changed = []
+        now = time.monotonic()
+        verify = now >= self._next_verify
+        if verify:
+            self._next_verify = now + self.verify_interval
         for key, cur in list(self.enforced.items()):
             excs = self._exceptions(cur.workload)
             sig = self._sig(excs)
@@ -312,7 +319,37 @@ class EnforcementSession:
             if cur.program is not None:
                 for gone in cur.program.prune_cgroups():
                     cur.cgroups.discard(gone)
+                if verify and self._repair(cur, excs):
+                    changed.append(key)
         return changed
+
+    def _repair(self, cur: Enforced, excs) -> bool:
+        """Tampering with the pinned state (mode word, rules, attachments) is repaired at once,
+        audited and reported as an ``integrity`` violation."""
+        from .violations import Violation
+        rules = effective_rules(cur.policy, excs)
+        emode = egress_mode(cur.policy, cur.mode)
+        problems = cur.program.verify(rules, emode, policy_hash(cur.policy))
+        detached = [p for p in sorted(cur.cgroups) if Path(p).is_dir() and not cur.program.attached(p)]
+        if detached:
+            problems.append(f"programs detached from {len(detached)} cgroups")
+        if not problems:
+            return False
+        with locked(self.state_dir):
+            cur.program.write_policy(rules, emode, policy_hash(cur.policy), grace=0.01)
+        for p in detached:
+            try:
+                cur.program.attach(p)
+            except EgressError as e:
+                problems.append(f"re-attach {p} failed: {e}")
+        key = cur.workload.key
+        log.error("enforcement state was changed; repaired", workload=key, problems=problems)
+        if self.pinned:
+            audit.append(self.state_dir, "policy.tamper", workload=key, reason="repaired",
+                         details={"problems": problems})
+        self._pending.append(Violation(self.clock(), key, "integrity", "egress:pinned-state", "alerted",
+                                       {"problems": problems, "repaired": True}))
+        return True
 
     def adopt_pinned(self) -> list[str]:
         """Adopt every pinned set (after a restart), pairing it with its desired state.

@@ -7,8 +7,9 @@ A :class:`Violation` is one out-of-envelope behaviour of one workload::
      "detail": {"pid": 4242, "cgroup_id": 8123}}
 
 ``substrate`` is ``syscall``, ``egress`` or ``exec`` for what the kernel denied or alerted on,
-``watch`` for a behaviour on the policy's watch list that recurred, and ``detection`` for a
-probabilistic rule whose live per-session count left its band (a soft violation). ``action`` is
+``watch`` for a behaviour on the policy's watch list that recurred, ``detection`` for a
+probabilistic rule whose live per-session count left its band (a soft violation), and
+``integrity`` for enforcement state someone changed behind Envelope's back (repaired at once). ``action`` is
 ``denied`` (the kernel refused it) or ``alerted`` (it ran and was reported). ``count`` > 1 folds
 identical records (same workload, substrate, behaviour, action and detail) seen within one
 flush.
@@ -37,7 +38,7 @@ from sensor.events import (
 from sensor.workload import SUBSTRATES as BEHAVIOUR_SUBSTRATES
 from sensor.workload import substrate_of
 
-SUBSTRATES = (*BEHAVIOUR_SUBSTRATES, "watch", "detection")
+SUBSTRATES = (*BEHAVIOUR_SUBSTRATES, "watch", "detection", "integrity")
 ACTIONS = ("denied", "alerted")
 
 

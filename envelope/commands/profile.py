@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from sensor.identity import UNRESOLVED_NAMESPACE
 from sensor.store import ProfileStore, ProfileStoreError
 
 from ..errors import UserError
@@ -54,10 +55,17 @@ def cmd_list(args, config) -> int:
         start, end = p.window()
         b = p.behaviours()
         loss = sum(p.loss().values())
-        items.append({"workload": w.key, "sessions": p.session_count, "behaviours": len(b),
-                      "window": {"start": start, "end": end}, "loss": p.loss(), "capped": p.capped})
-        rows.append([w.key, p.session_count, len(b), iso(start), iso(end), loss,
-                     "capped" if p.capped else ""])
+        incomplete = sorted({s.meta["identity_incomplete"] for s in p.sessions()
+                             if s.meta.get("identity_incomplete")})
+        item = {"workload": w.key, "sessions": p.session_count, "behaviours": len(b),
+                "window": {"start": start, "end": end}, "loss": p.loss(), "capped": p.capped}
+        if w.namespace == UNRESOLVED_NAMESPACE:
+            item["unresolved"] = incomplete or ["identity incomplete"]
+        items.append(item)
+        flags = ["capped"] if p.capped else []
+        if "unresolved" in item:
+            flags.append("unresolved: " + "; ".join(item["unresolved"]))
+        rows.append([w.key, p.session_count, len(b), iso(start), iso(end), loss, ", ".join(flags)])
     emit(items, args.output, rows, ["workload", "sessions", "behaviours", "first", "last", "lost", "flags"])
     return 0
 

@@ -11,12 +11,14 @@ import time
 from enforcer.violations import ACTIONS, SUBSTRATES, ViolationStore, ViolationStoreError
 
 from .. import options
-from ..errors import UserError
+from ..errors import EXIT_FINDINGS, UserError
 from ..output import add_output_option, emit, iso
 
 
 def register(sub) -> None:
-    p = sub.add_parser("violations", help="list denied and alerted behaviour (seccomp, egress, watch, detection)")
+    p = sub.add_parser("violations", help="list denied and alerted behaviour (seccomp, egress, watch, detection)",
+                       description="List violations from the state dir. Exits 1 when any match "
+                                   "(a finding), 0 when none do.")
     p.add_argument("--workload", help="only this workload (name or full key)")
     p.add_argument("--substrate", choices=SUBSTRATES, help="only this substrate")
     p.add_argument("--action", choices=ACTIONS, help="only denied or only alerted")
@@ -36,4 +38,4 @@ def cmd_violations(args, config) -> int:
     data = [v.to_dict() for v in items]
     rows = [[iso(v.time), v.workload, v.substrate, v.behaviour, v.action, v.count] for v in items]
     emit(data, args.output, rows, ["time", "workload", "substrate", "behaviour", "action", "count"])
-    return 0
+    return EXIT_FINDINGS if items else 0

@@ -35,7 +35,7 @@ def compile_(tmp_path, *args) -> int:
 
 def test_report_names_runtime_completeness(tmp_path, capsys):
     out, rep = tmp_path / "p.json", tmp_path / "r.json"
-    assert compile_(tmp_path, str(AGENT), "--format", "oci-seccomp", "-o", str(out),
+    assert compile_(tmp_path, str(AGENT), "--format", "oci-seccomp", "--out", str(out),
                     "--report", str(rep)) == 0
     err = capsys.readouterr().err
     assert "runtime-completeness:runc" in err and "compat-fallback:enosys" in err
@@ -83,7 +83,7 @@ def test_malformed_policy_clear_error_writes_nothing(tmp_path, capsys, mutate, m
     out = tmp_path / "out"
     out.write_text("previous artefact\n")
     rep = tmp_path / "report.json"
-    assert compile_(tmp_path, str(bad), "--format", fmt, "-o", str(out), "--report", str(rep)) == 2
+    assert compile_(tmp_path, str(bad), "--format", fmt, "--out", str(out), "--report", str(rep)) == 2
     err = capsys.readouterr().err
     assert err.startswith("envelope: error:") and err.count("\n") == 1 and msg in err
     assert out.read_text() == "previous artefact\n"

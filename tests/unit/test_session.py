@@ -201,3 +201,24 @@ def test_denials_compare_with_the_profile_the_runtime_loads(env):
     assert set(allowed) == set(expected.allowed())
     assert "ptrace" in allowed and "openat" in allowed  # the exception, and runc's completeness
     assert "execve" in allowed and EXEC_RULE not in {e.rule for e in expected.report}
+
+
+def test_tampering_with_the_pinned_state_is_repaired_audited_and_reported(env):
+    kernel, session, paths, state, bpffs = env
+    s = session(verify_interval=0)
+    s.apply(policy(), "enforce", paths[:2])
+    pinned = kernel.state_of(pin_dir_for(bpffs, W.key))
+    assert s.sync() == [] and s.poll_violations() == []  # intact: nothing to do
+    rules = pinned.rules
+    pinned.mode = "observe"  # what a root process with the pinned config map could write
+    pinned.rules = ()
+    pinned.attached.discard(paths[1])
+    assert s.sync() == [W.key]
+    assert pinned.mode == "enforce" and len(pinned.rules) == len(rules) and paths[1] in pinned.attached
+    assert s.sync() == []  # intact again (the swap wrote the other generation)
+    [v] = s.poll_violations()
+    assert s.poll_violations() == []
+    assert (v.substrate, v.action, v.detail["repaired"]) == ("integrity", "alerted", True)
+    assert {p.split(",")[0] for p in v.detail["problems"]} >= {"mode is observe", "rules differ"}
+    [entry] = audit.read(state, action="policy.tamper")
+    assert entry["workload"] == W.key and "programs detached from 1 cgroups" in entry["details"]["problems"]
