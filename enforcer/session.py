@@ -328,15 +328,16 @@ class EnforcementSession:
         audited and reported as an ``integrity`` violation."""
         from .violations import Violation
         rules = effective_rules(cur.policy, excs)
+        names = effective_names(cur.policy, excs)
         emode = egress_mode(cur.policy, cur.mode)
-        problems = cur.program.verify(rules, emode, policy_hash(cur.policy))
+        problems = cur.program.verify(rules, emode, policy_hash(cur.policy), names=names)
         detached = [p for p in sorted(cur.cgroups) if Path(p).is_dir() and not cur.program.attached(p)]
         if detached:
             problems.append(f"programs detached from {len(detached)} cgroups")
         if not problems:
             return False
         with locked(self.state_dir):
-            cur.program.write_policy(rules, emode, policy_hash(cur.policy), grace=0.01)
+            cur.program.write_policy(rules, emode, policy_hash(cur.policy), grace=0.01, names=names)
         for p in detached:
             try:
                 cur.program.attach(p)

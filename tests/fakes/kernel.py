@@ -94,12 +94,15 @@ class FakeEgressProgram:
     def set_mode(self, mode: str) -> None:
         self.st.mode = mode
 
-    def verify(self, rules, mode, policy_hash=b"") -> list[str]:
+    def verify(self, rules, mode, policy_hash=b"", names=()) -> list[str]:
         problems = []
         if self.st.mode != mode:
             problems.append(f"mode is {self.st.mode}, expected {mode}")
-        if tuple(compile_rules(rules, self.st.generation, self.limits).trie) != tuple(self.st.rules):
+        compiled = compile_rules(rules, self.st.generation, self.limits, names)
+        if tuple(compiled.trie) != tuple(self.st.rules):
             problems.append("rules differ")
+        if tuple(compiled.names) != tuple(self.st.names):
+            problems.append("names differ")
         return problems
 
     def state(self) -> tuple[int, str]:

@@ -287,7 +287,9 @@ def test_rotation_record_derive_explain_enforce_and_a_denial(tmp_path):
         steps = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
         assert [(s["address"], s["ok"], s["errno"]) for s in steps] == [
             ("10.77.1.13", True, None), ("10.77.1.99", False, "EPERM"), ("10.77.1.66", False, "EPERM")]
-        v = json.loads(env("violations", "--workload", name, "-o", "json").stdout)
+        r = env("violations", "--workload", name, "-o", "json", check=False)
+        assert r.returncode == 1, r.stderr  # it lists violations
+        v = json.loads(r.stdout)
         found = {(x["behaviour"], x["action"]) for x in v}
         assert (f"connect:tcp:10.77.1.99:{SERVICE_PORT}", "denied") in found
         assert (f"connect:tcp:10.77.1.66:{SERVICE_PORT}", "denied") in found
