@@ -54,7 +54,8 @@
  *   EGRESS_MAX_RANGES       port ranges per protocol of an entry (default in egress.h)
  *   EGRESS_MAX_NAMES        entries per name trie and generation
  *   EGRESS_MAX_LEARNED      learned (cgroup, address, protocol, port) entries (LRU)
- *   EGRESS_DNS_GRACE_NS     time a learned address outlives its TTL
+ *   EGRESS_DNS_GRACE_NS     time a learned address outlives its TTL (learned times are on the
+ *                           coarse monotonic clock, bpf_ktime_get_coarse_ns)
  *   EGRESS_DNS_MAX_ANSWERS  answer records parsed per DNS response
  *   EGRESS_DNS_PORT         the resolvers' port
  *   EGRESS_MAX_CGROUPS      cgroups recorded per workload
@@ -235,7 +236,9 @@ static __always_inline int learned_allows(__u8 family, __u8 proto, __u16 port, _
 	__builtin_memcpy(&k.addr[4], &a1, 4);
 	__builtin_memcpy(&k.addr[8], &a2, 4);
 	__builtin_memcpy(&k.addr[12], &a3, 4);
-	__u64 now = bpf_ktime_get_ns();
+	/* The coarse clock (a jiffy's resolution) is read without touching the clock source:
+	 * cheaper on every connect a name allows, and exact enough against TTLs in seconds. */
+	__u64 now = bpf_ktime_get_coarse_ns();
 	struct egress_learned *l = learned.lookup(&k);
 	if (l && now < l->expires_ns)
 		return 1;
@@ -655,8 +658,9 @@ int dns_learn(struct __sk_buff *skb)
 		cur->pos = p + rdlen;
 	}
 
-	/* Pass 2: learn them, for every protocol and port the name allows. */
-	__u64 now = bpf_ktime_get_ns();
+	/* Pass 2: learn them, for every protocol and port the name allows (times on the coarse
+	 * clock the connect check reads). */
+	__u64 now = bpf_ktime_get_coarse_ns();
 	__builtin_memset(&s->lkey, 0, sizeof(s->lkey));
 	s->lkey.cgroup_id = s->cgroup_id;
 	s->lval.learned_ns = now;

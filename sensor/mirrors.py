@@ -264,8 +264,8 @@ class EgressLearned(Mirror):
     """Value of ``learned``, at the default ``EGRESS_MAX_RANGES``.
 
     struct egress_learned {
-        __u64 expires_ns;  /*  0 ktime: answer received + TTL + grace */
-        __u64 learned_ns;  /*  8 ktime the answer was received */
+        __u64 expires_ns;  /*  0 coarse ktime: answer received + TTL + grace */
+        __u64 learned_ns;  /*  8 coarse ktime the answer was received */
         __u32 name_id;     /* 16 the name entry that allowed it */
         __u32 ttl;         /* 20 seconds, as answered */
         __u8 flags;        /* 24 EGRESS_PORTS_ANY for port 0 */
