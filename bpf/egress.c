@@ -163,6 +163,18 @@ BPF_PROG_ARRAY(dns_stages, 2);
 
 /* ---- the address and port check ---------------------------------------------------------- */
 
+static __always_inline int in_ranges(struct egress_port_range *ranges, __u8 n, __u16 port)
+{
+#pragma unroll
+	for (int i = 0; i < EGRESS_MAX_RANGES; i++) {
+		if (i >= n)
+			break;
+		if (port >= ranges[i].lo && port <= ranges[i].hi)
+			return 1;
+	}
+	return 0;
+}
+
 static __always_inline int ports_allow(struct egress_ports *p, __u16 port)
 {
 	if (p->flags & EGRESS_PORTS_ANY)
@@ -174,13 +186,8 @@ static __always_inline int ports_allow(struct egress_ports *p, __u16 port)
 		if (p->ports[i] == port)
 			return 1;
 	}
-#pragma unroll
-	for (int i = 0; i < EGRESS_MAX_RANGES; i++) {
-		if (i >= p->nranges)
-			break;
-		if (port >= p->ranges[i].lo && port <= p->ranges[i].hi)
-			return 1;
-	}
+	if (in_ranges(p->ranges, p->nranges, port))
+		return 1;
 	if (p->flags & EGRESS_PORTS_MORE) {
 		struct egress_port_key pk = {};
 		pk.rule_id = p->rule_id;
@@ -246,16 +253,7 @@ static __always_inline int learned_allows(__u8 family, __u8 proto, __u16 port, _
 	l = learned.lookup(&k);
 	if (!l || now >= l->expires_ns)
 		return 0;
-	if (l->flags & EGRESS_PORTS_ANY)
-		return 1;
-#pragma unroll
-	for (int i = 0; i < EGRESS_MAX_RANGES; i++) {
-		if (i >= l->nranges)
-			break;
-		if (port >= l->ranges[i].lo && port <= l->ranges[i].hi)
-			return 1;
-	}
-	return 0;
+	return (l->flags & EGRESS_PORTS_ANY) || in_ranges(l->ranges, l->nranges, port);
 }
 
 static __always_inline int egress_check(struct bpf_sock_addr *ctx, int v6, __u8 op)
