@@ -24,8 +24,9 @@ SERVICE_PORT = 8443
 
 SERVER = r"""
 import socket, sys, threading
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(512)
+s = socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 and IPv6 alike
+s.bind(("::", int(sys.argv[1]))); s.listen(512)
 print("ready", flush=True)
 def serve(c):
     try:
@@ -56,7 +57,7 @@ class DnsWorld:
                 lo = ns.link_lookup(ifname="lo")[0]
                 ns.link("set", index=lo, state="up")
                 for a in (RESOLVER, *addresses):
-                    ns.addr("add", index=lo, address=a, prefixlen=32)
+                    ns.addr("add", index=lo, address=a, prefixlen=128 if ":" in a else 32)
             self.etc.mkdir(parents=True, exist_ok=True)
             (self.etc / "resolv.conf").write_text(f"nameserver {RESOLVER}\noptions attempts:1 timeout:2\n")
             self.dnsmasq = self._start([
@@ -136,7 +137,7 @@ class NetNSAddresses:
 
     def ensure(self, addr: str) -> None:
         if addr not in self.have:
-            self.ns.addr("add", index=self.lo, address=addr, prefixlen=32)
+            self.ns.addr("add", index=self.lo, address=addr, prefixlen=128 if ":" in addr else 32)
             self.have.add(addr)
 
     def __enter__(self) -> "NetNSAddresses":

@@ -109,6 +109,25 @@ def test_curl_and_dig_over_udp_and_tcp(cgroup):
             prog.close()
 
 
+def test_aaaa_answers_and_ipv6_connects(cgroup):
+    """An AAAA answer teaches the IPv6 address; curl -6 reaches it, another IPv6 address stays
+    denied."""
+    from enforcer.names import NameRule
+    with DnsWorld(ttl=30) as world:
+        world.set_names({"v6.example.test": ["fd77::1:20"], "other6.example.test": ["fd77::1:21"]})
+        prog = program([NameRule("v6.example.test", "tcp", (SERVICE_PORT,))])
+        try:
+            prog.attach(cgroup)
+            r = in_cgroup(world, cgroup, ["curl", "-6", "-s", "-m", "5", f"http://v6.example.test:{SERVICE_PORT}/"])
+            assert r.returncode == 0 and r.stdout == "ok", r
+            assert {l["addr"] for l in prog.learned()} == {"fd77::1:20"}
+            r = in_cgroup(world, cgroup, ["curl", "-6", "-s", "-m", "5", f"http://other6.example.test:{SERVICE_PORT}/"])
+            assert r.returncode == 7  # couldn't connect: EPERM
+        finally:
+            prog.detach(cgroup)
+            prog.close()
+
+
 def test_ttl_zero_expiry_and_an_open_connection(cgroup):
     """TTL 0: the address is allowed for the grace only. A connection opened in time stays
     open after expiry; a new connect after it is denied until the name is resolved again."""
