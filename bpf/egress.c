@@ -541,14 +541,17 @@ int dns_name(struct __sk_buff *skb)
 		return 1;
 	volatile struct dns_cursor *cur = &s->cur;
 
-	/* Backwards, NUL-terminated: the names trie's key. No comparison with the name's length
-	 * inside the loop (each would split the verifier's view of it, once per byte): bytes past
-	 * the terminator are read but never compared, the lookup's prefix ends at the NUL. */
+	/* Backwards, NUL-terminated: the names trie's key. The loop's bound is re-read from the
+	 * cursor in map memory each time (volatile), so the verifier never narrows it byte by byte
+	 * (which multiplies its states); the lookup's prefix ends at the NUL. */
 	__u32 n = cur->out;
 	if (n == 0 || n >= EGRESS_NAME_LEN - 1)
 		return 1;
-	for (int i = 0; i < EGRESS_NAME_LEN; i++)
-		s->key.name[i] = s->dotted[(n - 1 - i) & NAME_MASK];
+	for (int i = 0; i < EGRESS_NAME_LEN; i++) {
+		if (i >= cur->out)
+			break;
+		s->key.name[i & NAME_MASK] = s->dotted[(n - 1 - i) & NAME_MASK];
+	}
 	__u32 o = cur->out;
 	if (o >= EGRESS_NAME_LEN - 1)
 		return 1;
@@ -613,13 +616,15 @@ int dns_learn(struct __sk_buff *skb)
 	cur->done = 0; /* 1: stop parsing */
 	for (int a = 0; a < EGRESS_DNS_MAX_ANSWERS; a++) {
 		if (cur->done || a >= cur->ancount)
-			continue;
+			break;
 		/* The owner name: a compression pointer, or labels ending in one or in the root. */
 		cur->rem = 0; /* 1: name skipped */
 		for (int i = 0; i < 32; i++) {
+			if (cur->rem)
+				break;
 			__u32 p = cur->pos;
 			__u8 l = s->msg[p & DNS_MASK];
-			if (cur->rem || p >= cur->len) {
+			if (p >= cur->len) {
 				cur->rem = 1;
 			} else if ((l & 0xc0) == 0xc0) {
 				cur->pos = p + 2;
@@ -667,7 +672,7 @@ int dns_learn(struct __sk_buff *skb)
 	s->lval.pad2 = 0;
 	for (int a = 0; a < EGRESS_DNS_MAX_ANSWERS; a++) {
 		if (a >= cur->nfound)
-			continue;
+			break;
 		struct dns_address *d = &s->found[a & (EGRESS_DNS_MAX_ANSWERS - 1)];
 		s->lval.ttl = d->ttl;
 		s->lval.expires_ns = now + (__u64)d->ttl * 1000000000ULL + EGRESS_DNS_GRACE_NS;
