@@ -21,7 +21,26 @@
  * Each report is one EV_SECCOMP_DENIAL record (ret is the return value for a denial, 0 for an
  * alert reported at entry). Reserve failures are counted in `lost`.
  *
- * -D flags: DENIALS_MAX_CGROUPS, DENIALS_MAX_THREADS, DENIALS_RINGBUF_PAGES.
+ * io_uring operations run in the kernel without their syscalls, so neither seccomp nor sys_enter
+ * sees them. With -DDENIALS_IO_URING=1 the io_uring:io_uring_submit_req tracepoint announces the
+ * first time an enforced cgroup submits each opcode (EV_IO_URING_OP); userspace reports those
+ * whose syscall the policy does not allow.
+ *
+ * With DENIAL_F_SOCKETS (the filter allows socket only for unix, netlink, TCP and UDP: the
+ * seccomp compiler's SOCKET_ALLOWED table, which socket_ok mirrors) alert mode reports a socket
+ * call outside that table at entry; in enforce mode the filter denies it and it is reported as
+ * any other denial. Every report carries the call's first three arguments.
+ *
+ * Leaving the cgroup: a thread of a watched cgroup that writes some task's pid into another
+ * cgroup's cgroup.procs walks out of the cgroup's egress programs and out of this watch. The
+ * cgroup:cgroup_attach_task tracepoint fires inside that write; the mark set at sys_enter says
+ * which watched cgroup the writer entered the syscall from (after a self-move the current
+ * cgroup is already the destination), and a move anywhere else is one EV_CGROUP_ESCAPE record.
+ * Userspace decides what it means (a child cgroup, another cgroup of the same workload) and
+ * moves the task back. Mode DENIALS_MODE_WATCH watches migrations only.
+ *
+ * -D flags: DENIALS_MAX_CGROUPS, DENIALS_MAX_THREADS, DENIALS_RINGBUF_PAGES, DENIALS_IO_URING,
+ * DENIALS_NR_SOCKET (the socket syscall's number).
  */
 #include <uapi/linux/bpf.h>
 #include <linux/ptrace.h>
@@ -34,17 +53,23 @@
 #ifndef DENIALS_MAX_THREADS
 #define DENIALS_MAX_THREADS 32768
 #endif
+#ifndef DENIALS_NR_SOCKET
+#error "DENIALS_NR_SOCKET is required"
+#endif
+#ifndef DENIALS_IO_URING
+#define DENIALS_IO_URING 0
+#endif
 #ifndef DENIALS_RINGBUF_PAGES
 #define DENIALS_RINGBUF_PAGES 64
 #endif
 
 /* struct denial_cgroup, DENIALS_NR_SLOTS and the modes are in denials.h. */
 BPF_HASH(cgroups, __u64, struct denial_cgroup, DENIALS_MAX_CGROUPS);
-BPF_TABLE("lru_hash", __u32, __u32, entered, DENIALS_MAX_THREADS);
+BPF_TABLE("lru_hash", __u32, struct denial_thread, entered, DENIALS_MAX_THREADS);
 BPF_PERCPU_ARRAY(lost, __u64, 1);
 BPF_RINGBUF_OUTPUT(events, DENIALS_RINGBUF_PAGES);
 
-static __always_inline void report(__u64 cgroup_id, __u32 nr, __s64 ret)
+static __always_inline void report(__u64 cgroup_id, __u32 nr, __s64 ret, struct pt_regs *regs)
 {
     struct seccomp_denial_event *ev = events.ringbuf_reserve(sizeof(*ev));
     if (!ev) {
@@ -62,7 +87,27 @@ static __always_inline void report(__u64 cgroup_id, __u32 nr, __s64 ret)
     ev->pid = bpf_get_current_pid_tgid() >> 32;
     ev->nr = nr;
     ev->ret = ret;
+    ev->args[0] = 0;
+    ev->args[1] = 0;
+    ev->args[2] = 0;
+    bpf_probe_read_kernel(&ev->args[0], sizeof(__u64), &regs->di);
+    bpf_probe_read_kernel(&ev->args[1], sizeof(__u64), &regs->si);
+    bpf_probe_read_kernel(&ev->args[2], sizeof(__u64), &regs->dx);
     events.ringbuf_submit(ev, 0);
+}
+
+/* The seccomp compiler's SOCKET_ALLOWED: unix, netlink, and TCP or UDP over IPv4 and IPv6. */
+static __always_inline int socket_ok(__u64 domain, __u64 type, __u64 protocol)
+{
+    if (domain == 1 || domain == 16) /* AF_UNIX, AF_NETLINK */
+        return 1;
+    if (domain != 2 && domain != 10) /* AF_INET, AF_INET6 */
+        return 0;
+    if ((type & 0xF) == 1) /* SOCK_STREAM: default or IPPROTO_TCP */
+        return protocol == 0 || protocol == 6;
+    if ((type & 0xF) == 2) /* SOCK_DGRAM: default or IPPROTO_UDP */
+        return protocol == 0 || protocol == 17;
+    return 0;
 }
 
 RAW_TRACEPOINT_PROBE(sys_enter)
@@ -73,16 +118,24 @@ RAW_TRACEPOINT_PROBE(sys_enter)
         return 0;
     __u32 tid = (__u32)bpf_get_current_pid_tgid();
     __u32 nr = (__u32)ctx->args[1];
-    entered.update(&tid, &nr);
+    struct denial_thread mark = {.nr = nr, .cgroup_id = cg};
+    entered.update(&tid, &mark);
     if (c->mode == DENIALS_MODE_ALERT) {
+        struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
         int outside = 1;
         if (nr < DENIALS_NR_SLOTS) {
-            __u32 w = nr / 64;
-            if (w < DENIALS_NR_SLOTS / 64)
-                outside = !((c->allowed[w] >> (nr % 64)) & 1);
+            __u32 w = (nr / 64) & (DENIALS_NR_SLOTS / 64 - 1); /* bounded for the verifier */
+            outside = !((c->allowed[w] >> (nr % 64)) & 1);
+        }
+        if (!outside && nr == DENIALS_NR_SOCKET && (c->flags & DENIAL_F_SOCKETS)) {
+            __u64 a[3] = {};
+            bpf_probe_read_kernel(&a[0], sizeof(__u64), &regs->di);
+            bpf_probe_read_kernel(&a[1], sizeof(__u64), &regs->si);
+            bpf_probe_read_kernel(&a[2], sizeof(__u64), &regs->dx);
+            outside = !socket_ok(a[0], a[1], a[2]);
         }
         if (outside)
-            report(cg, nr, 0);
+            report(cg, nr, 0, regs);
     }
     return 0;
 }
@@ -98,11 +151,85 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     __u64 nr = 0;
     bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
     __u32 tid = (__u32)bpf_get_current_pid_tgid();
-    __u32 *mark = entered.lookup(&tid);
-    int entered_this = mark && *mark == (__u32)nr;
+    struct denial_thread *mark = entered.lookup(&tid);
+    int entered_this = mark && mark->nr == (__u32)nr;
     if (mark)
         entered.delete(&tid);
     if (!entered_this && c->mode == DENIALS_MODE_ENFORCE && ret == -(__s64)c->deny_errno)
-        report(cg, (__u32)nr, ret);
+        report(cg, (__u32)nr, ret, regs);
+    return 0;
+}
+
+#if DENIALS_IO_URING
+TRACEPOINT_PROBE(io_uring, io_uring_submit_req)
+{
+    __u64 cg = bpf_get_current_cgroup_id();
+    struct denial_cgroup *c = cgroups.lookup(&cg);
+    if (!c)
+        return 0;
+    __u8 op = args->opcode;
+    __u32 w = (op >> 6) & 3;
+    __u64 bit = 1ULL << (op & 63);
+    __u64 old = __sync_fetch_and_or(&c->uring_seen[w], bit);
+    if (old & bit)
+        return 0;
+    struct io_uring_op_event *ev = events.ringbuf_reserve(sizeof(*ev));
+    if (!ev) {
+        __sync_fetch_and_and(&c->uring_seen[w], ~bit); /* announce it next time */
+        __u32 zero = 0;
+        __u64 *n = lost.lookup(&zero);
+        if (n)
+            *n += 1;
+        return 0;
+    }
+    ev->hdr.type = EV_IO_URING_OP;
+    ev->hdr.version = IO_URING_OP_EVENT_VERSION;
+    ev->hdr.size = sizeof(*ev);
+    ev->hdr.ktime = bpf_ktime_get_ns();
+    ev->cgroup_id = cg;
+    ev->pid = bpf_get_current_pid_tgid() >> 32;
+    ev->opcode = op;
+    ev->sq_thread = args->sq_thread;
+    ev->pad = 0;
+    unsigned short loc = args->data_loc_op_str & 0xFFFF;
+    bpf_probe_read_kernel_str(ev->op, sizeof(ev->op), (char *)args + loc);
+    events.ringbuf_submit(ev, 0);
+    return 0;
+}
+#endif
+
+TRACEPOINT_PROBE(cgroup, cgroup_attach_task)
+{
+    if (args->dst_root != 0) /* cgroup v1 hierarchies carry no enforcement */
+        return 0;
+    __u32 tid = (__u32)bpf_get_current_pid_tgid();
+    struct denial_thread *mark = entered.lookup(&tid);
+    if (!mark)
+        return 0;
+    __u64 src = mark->cgroup_id;
+    __u64 dst = args->dst_id;
+    if (dst == src || !cgroups.lookup(&src))
+        return 0;
+    struct cgroup_escape_event *ev = events.ringbuf_reserve(sizeof(*ev));
+    if (!ev) {
+        __u32 zero = 0;
+        __u64 *n = lost.lookup(&zero);
+        if (n)
+            *n += 1;
+        return 0;
+    }
+    ev->hdr.type = EV_CGROUP_ESCAPE;
+    ev->hdr.version = CGROUP_ESCAPE_EVENT_VERSION;
+    ev->hdr.size = sizeof(*ev);
+    ev->hdr.ktime = bpf_ktime_get_ns();
+    ev->src_cgroup_id = src;
+    ev->dst_cgroup_id = dst;
+    ev->pid = args->pid;
+    ev->by_pid = bpf_get_current_pid_tgid() >> 32;
+    ev->dst_level = args->dst_level;
+    ev->pad = 0;
+    unsigned short loc = args->data_loc_dst_path & 0xFFFF;
+    bpf_probe_read_kernel_str(ev->dst_path, sizeof(ev->dst_path), (char *)args + loc);
+    events.ringbuf_submit(ev, 0);
     return 0;
 }

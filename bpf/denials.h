@@ -8,17 +8,33 @@
 #include <linux/types.h>
 
 #define DENIALS_NR_SLOTS 512 /* syscall numbers in the allowed bitmap */
+#define DENIALS_MODE_WATCH 0   /* cgroup migrations only (the policy leaves syscalls out) */
 #define DENIALS_MODE_ALERT 1
 #define DENIALS_MODE_ENFORCE 2
 
 /* `cgroups`: cgroup id -> how its denials are reported. */
-#define DENIAL_CGROUP_SIZE 72
+/* denial_cgroup.flags */
+#define DENIAL_F_SOCKETS 0x1 /* socket is restricted to unix, netlink, TCP and UDP */
+
+#define DENIAL_CGROUP_SIZE 112
 struct denial_cgroup {
 	__u32 mode;                           /*  0 DENIALS_MODE_* */
 	__s32 deny_errno;                     /*  4 the filter's errno in enforce mode */
 	__u64 allowed[DENIALS_NR_SLOTS / 64]; /*  8 alert mode: syscalls the policy allows */
+	__u64 uring_seen[4];                  /* 72 io_uring opcodes already announced (set by BPF) */
+	__u32 flags;                          /* 104 DENIAL_F_* */
+	__u32 pad;                            /* 108 */
+};
+
+/* `entered`: thread id -> the syscall it is in and the cgroup it entered it from. */
+#define DENIAL_THREAD_SIZE 16
+struct denial_thread {
+	__u32 nr;        /*  0 */
+	__u32 pad;       /*  4 */
+	__u64 cgroup_id; /*  8 */
 };
 
 _Static_assert(sizeof(struct denial_cgroup) == DENIAL_CGROUP_SIZE, "denial_cgroup size");
+_Static_assert(sizeof(struct denial_thread) == DENIAL_THREAD_SIZE, "denial_thread size");
 
 #endif /* ENVELOPE_DENIALS_H */

@@ -30,7 +30,9 @@
 #define EV_SECCOMP_DENIAL 7
 #define EV_DNS_MESSAGE 16
 #define EV_DNS_VIOLATION 17
-#define EV_TYPE_MAX 18 /* one past the highest type number */
+#define EV_IO_URING_OP 40
+#define EV_CGROUP_ESCAPE 41
+#define EV_TYPE_MAX 42 /* one past the highest type number */
 
 /* ---- layout versions, one per type ----------------------------------------------------------- */
 #define EXEC_EVENT_VERSION 1
@@ -39,7 +41,9 @@
 #define NET_EVENT_VERSION 1
 #define SYSCALL_FIRST_EVENT_VERSION 1
 #define EGRESS_VIOLATION_EVENT_VERSION 1
-#define SECCOMP_DENIAL_EVENT_VERSION 1
+#define SECCOMP_DENIAL_EVENT_VERSION 2
+#define IO_URING_OP_EVENT_VERSION 1
+#define CGROUP_ESCAPE_EVENT_VERSION 1
 #define DNS_MESSAGE_EVENT_VERSION 1
 #define DNS_VIOLATION_EVENT_VERSION 1
 
@@ -47,8 +51,8 @@
 #define ENV_AF_INET6 10
 
 /* ---- loss counters: index into the per-CPU `loss_counts` array ------------------------------ */
-/* Indexes 1..7 count the sensor's ring-buffer reserve failures of that event type (other
- * program families count their own losses in maps of their own). */
+/* Indexes 1..7 count ring-buffer reserve failures of the sensor's event type of that number
+ * (other program families count their own losses in maps of their own). */
 #define LOSS_SYSCALL_UNATTRIBUTED 8 /* syscalls counted while no cgroup slot was free */
 #define LOSS_CGROUP_REMOVED_DROPPED 9 /* removed cgroups whose slot could not be queued for reuse */
 #define LOSS_SLOTS 16
@@ -172,14 +176,46 @@ struct egress_violation_event {
 	__u32 pad;            /* 52 */
 };
 
-/* EV_SECCOMP_DENIAL, emitted from raw sys_exit by the seccomp observation program. */
-#define SECCOMP_DENIAL_EVENT_SIZE 40
+/* EV_SECCOMP_DENIAL, emitted by the seccomp denial program: at raw sys_exit for a denial, at
+ * raw sys_enter for an alert-mode report. */
+#define SECCOMP_DENIAL_EVENT_SIZE 64
 struct seccomp_denial_event {
 	struct event_hdr hdr; /*  0 */
 	__u64 cgroup_id;      /* 16 */
 	__u32 pid;            /* 24 */
 	__u32 nr;             /* 28 */
 	__s64 ret;            /* 32 */
+	__u64 args[3];        /* 40 the call's first three arguments */
+};
+
+/* EV_IO_URING_OP, from io_uring:io_uring_submit_req in an enforced cgroup: the first time the
+ * cgroup submits each opcode. io_uring operations run without their syscalls, so seccomp never
+ * sees them; the enforcing side reports those whose syscall the policy does not allow. */
+#define IO_URING_OP_NAME_LEN 24
+#define IO_URING_OP_EVENT_SIZE 56
+struct io_uring_op_event {
+	struct event_hdr hdr;           /*  0 */
+	__u64 cgroup_id;                /* 16 */
+	__u32 pid;                      /* 24 */
+	__u8 opcode;                    /* 28 IORING_OP_* */
+	__u8 sq_thread;                 /* 29 submitted by the SQPOLL thread */
+	__u16 pad;                      /* 30 */
+	char op[IO_URING_OP_NAME_LEN];  /* 32 the kernel's name of the opcode, e.g. CONNECT */
+};
+
+/* EV_CGROUP_ESCAPE, from cgroup:cgroup_attach_task: a thread inside a syscall it entered from an
+ * enforced cgroup (a write to some cgroup.procs) moved a task to another cgroup. */
+#define CGROUP_ESCAPE_PATH_LEN 256
+#define CGROUP_ESCAPE_EVENT_SIZE 304
+struct cgroup_escape_event {
+	struct event_hdr hdr;                /*  0 */
+	__u64 src_cgroup_id;                 /* 16 the enforced cgroup the mover was in */
+	__u64 dst_cgroup_id;                 /* 24 */
+	__u32 pid;                           /* 32 the task moved */
+	__u32 by_pid;                        /* 36 the process that moved it */
+	__s32 dst_level;                     /* 40 */
+	__u32 pad;                           /* 44 */
+	char dst_path[CGROUP_ESCAPE_PATH_LEN]; /* 48 the destination, relative to the hierarchy root */
 };
 
 /* EV_DNS_MESSAGE, from the DNS observation programs (bpf/dns.c): one DNS message to or from
@@ -229,6 +265,8 @@ _Static_assert(sizeof(struct egress_violation_event) == EGRESS_VIOLATION_EVENT_S
 _Static_assert(sizeof(struct seccomp_denial_event) == SECCOMP_DENIAL_EVENT_SIZE, "seccomp size");
 _Static_assert(sizeof(struct dns_message_event) == DNS_MESSAGE_EVENT_SIZE, "dns message size");
 _Static_assert(sizeof(struct dns_violation_event) == DNS_VIOLATION_EVENT_SIZE, "dns violation size");
+_Static_assert(sizeof(struct io_uring_op_event) == IO_URING_OP_EVENT_SIZE, "io_uring op size");
+_Static_assert(sizeof(struct cgroup_escape_event) == CGROUP_ESCAPE_EVENT_SIZE, "escape size");
 _Static_assert(sizeof(struct syscall_slot_counts) == SYSCALL_SLOT_COUNTS_SIZE, "slot counts size");
 _Static_assert(sizeof(struct syscall_slot_state) == SYSCALL_SLOT_STATE_SIZE, "slot state size");
 

@@ -19,6 +19,9 @@ Structural rules, named in each element and in provenance:
   a destination on port 53 is a resolver and stays one exact address (``dns-resolver``), so
   the resolvers the workload used are explicit entries of the policy.
 * file: :mod:`enforcer.file_closure`;
+* mcp: tools and prompts ``exact`` by name, resources ``uri-template`` or ``url-pattern``
+  (:mod:`enforcer.mcp_closure`; the argument envelopes of allowed tools are derived there too,
+  from the profile's argument evidence, after the confidence decision);
 * iam: :mod:`enforcer.iamclosure` (resources close per IAM action, never across actions).
 
 Builders are pure: keys and options in, sorted elements out.
@@ -33,7 +36,7 @@ from typing import Callable
 
 from sensor.workload import BehaviourKeyError, is_name_key, parse_net_key
 
-from . import companions, file_closure, name_closure
+from . import companions, file_closure, mcp_closure, name_closure
 from .elements import Element
 from .policy import EgressRule
 
@@ -243,6 +246,13 @@ def _egress(mode: str) -> Builder:
     return build
 
 
+def _mcp(mode: str) -> Builder:
+    """The MCP substrate's key-level closure (:mod:`enforcer.mcp_closure`)."""
+    def build(substrate: str, keys: list[str], opts, services: list) -> list[Element]:
+        return mcp_closure.elements(mode, keys, opts.max_siblings)
+    return build
+
+
 def iam_account(opts) -> str | None:
     """The account of the identity the IAM statements are derived for: the ``cloud_identity:aws``
     fingerprint that :func:`enforcer.derive.derive` settles before closure."""
@@ -270,6 +280,7 @@ BUILDERS: dict[str, dict[str, Builder]] = {
        for s in ("syscall", "exec")},
     "egress": {"literal": _egress("literal"), "structural": _egress("structural")},
     "file": {"literal": _files("literal"), "structural": _files("structural")},
+    "mcp": {"literal": _mcp("literal"), "structural": _mcp("structural")},
     "iam": {"literal": _iam("literal"), "structural": _iam("structural")},
 }
 
@@ -299,6 +310,8 @@ def _name_rules(closure: str, opts) -> dict:
 
 def rules(substrate: str, closure: str, opts, services: list) -> dict:
     """How ``closure`` treats ``substrate``, as recorded in the policy's closure decision."""
+    if substrate == "mcp":
+        return mcp_closure.rules(closure, opts.max_siblings, opts.max_values)
     if substrate == "iam":  # literal IAM closure still fills the caller's account and secret suffixes
         from . import iamclosure
         return iamclosure.rules(_iam_options("literal" if closure == "literal" else "structural", opts),

@@ -21,15 +21,16 @@ from typing import Iterable
 
 import structlog
 
-from sensor import kernel, syscalls
+from sensor import features, kernel, syscalls
 from sensor.kernel import BpfError, Family, LoadError, Map, Program
-from sensor.mirrors import (DENIALS_MODE_ALERT, DENIALS_MODE_ENFORCE, DENIALS_NR_SLOTS, U32, U64,
-                            DenialCgroup)
+from sensor.mirrors import (DENIAL_F_SOCKETS, DENIALS_MODE_ALERT, DENIALS_MODE_ENFORCE,
+                            DENIALS_MODE_WATCH, DENIALS_NR_SLOTS, U32, U64, DenialCgroup)
 
 log = structlog.get_logger(__name__)
 
 SOURCE = kernel.BPF_DIR / "denials.c"
-MODE_CODES = {"alert": DENIALS_MODE_ALERT, "enforce": DENIALS_MODE_ENFORCE}
+#: "watch": cgroup migrations only (a policy that leaves syscalls out still keeps its cgroup)
+MODE_CODES = {"watch": DENIALS_MODE_WATCH, "alert": DENIALS_MODE_ALERT, "enforce": DENIALS_MODE_ENFORCE}
 MAPS = ("cgroups", "lost", "events")
 
 
@@ -37,14 +38,34 @@ class DenialProbeError(Exception):
     """The denial probe could not be loaded or configured; the message says where."""
 
 
-def family(max_cgroups: int = 1024, max_threads: int = 32768, ringbuf_pages: int = 64) -> Family:
+IO_URING_TRACEPOINT = "io_uring/io_uring_submit_req"
+
+
+def io_uring_traceable() -> bool:
+    """Whether this kernel has the io_uring submission tracepoint (CONFIG_IO_URING)."""
+    root = features.tracefs_path()
+    return root is not None and (root / "events" / IO_URING_TRACEPOINT).is_dir()
+
+
+def family(max_cgroups: int = 1024, max_threads: int = 32768, ringbuf_pages: int = 64,
+           io_uring: bool | None = None) -> Family:
+    """The denial programs; with ``io_uring`` (default: when the kernel has the tracepoint) also
+    the program announcing each io_uring opcode an enforced cgroup submits."""
+    if io_uring is None:
+        io_uring = io_uring_traceable()
+    programs = (Program("raw_tracepoint__sys_enter", "raw_tracepoint", "sys_enter"),
+                Program("raw_tracepoint__sys_exit", "raw_tracepoint", "sys_exit"),
+                Program("tracepoint__cgroup__cgroup_attach_task", "tracepoint",
+                        "cgroup:cgroup_attach_task"))
+    if io_uring:
+        programs += (Program("tracepoint__io_uring__io_uring_submit_req", "tracepoint",
+                             IO_URING_TRACEPOINT.replace("/", ":")),)
     return Family(
         "seccomp-denials", str(SOURCE),
         (f"-I{kernel.BPF_DIR}", f"-DDENIALS_MAX_CGROUPS={max_cgroups}",
-         f"-DDENIALS_MAX_THREADS={max_threads}", f"-DDENIALS_RINGBUF_PAGES={ringbuf_pages}"),
-        (Program("raw_tracepoint__sys_enter", "raw_tracepoint", "sys_enter"),
-         Program("raw_tracepoint__sys_exit", "raw_tracepoint", "sys_exit")),
-        MAPS, fix="needs BPF raw tracepoints; run `envelope doctor`")
+         f"-DDENIALS_MAX_THREADS={max_threads}", f"-DDENIALS_RINGBUF_PAGES={ringbuf_pages}",
+         f"-DDENIALS_IO_URING={int(io_uring)}", f"-DDENIALS_NR_SOCKET={syscalls.NUMBERS['socket']}"),
+        programs, MAPS, fix="needs BPF raw tracepoints; run `envelope doctor`")
 
 
 def syscall_numbers(names: Iterable[str]) -> list[int]:
@@ -67,12 +88,15 @@ def allowed_bitmap(numbers: Iterable[int]) -> list[int]:
     return words
 
 
-def cgroup_entry(mode: str, deny_errno: int, allowed_syscalls: Iterable[str] = ()) -> bytes:
-    """The ``struct denial_cgroup`` value for one watched cgroup (pure)."""
+def cgroup_entry(mode: str, deny_errno: int, allowed_syscalls: Iterable[str] = (),
+                 restrict_sockets: bool = False) -> bytes:
+    """The ``struct denial_cgroup`` value for one watched cgroup (pure). ``restrict_sockets``:
+    the filter allows ``socket`` only for :data:`enforcer.seccomp.SOCKET_ALLOWED`."""
     if mode not in MODE_CODES:
-        raise DenialProbeError(f"unknown mode {mode!r} (alert or enforce)")
+        raise DenialProbeError(f"unknown mode {mode!r} (watch, alert or enforce)")
     words = allowed_bitmap(syscall_numbers(allowed_syscalls))
     return DenialCgroup.pack(mode=MODE_CODES[mode], deny_errno=int(deny_errno),
+                             flags=DENIAL_F_SOCKETS if restrict_sockets else 0,
                              **{f"allowed{i}": w for i, w in enumerate(words)})
 
 
@@ -87,18 +111,22 @@ class DenialProbe:
         self._cgroups = Map(self._loaded.maps["cgroups"], "cgroups")
         self._lost = Map(self._loaded.maps["lost"], "lost")
         self.events_fd = self._loaded.maps["events"]
+        #: io_uring operations are announced (the kernel has the submission tracepoint)
+        self.io_uring = any("io_uring" in name for name in self._loaded.attachments)
         self.watched: dict[int, str] = {}
         log.info("seccomp denial probe loaded")
 
     def watch(self, cgroup_id: int, mode: str, deny_errno: int,
-              allowed_syscalls: Iterable[str] = ()) -> None:
+              allowed_syscalls: Iterable[str] = (), restrict_sockets: bool = False) -> None:
         """Report for ``cgroup_id``: denials returning ``-deny_errno`` (enforce) or calls outside
-        ``allowed_syscalls`` (alert). Observe mode watches nothing."""
+        ``allowed_syscalls`` (alert; with ``restrict_sockets`` also ``socket`` calls outside the
+        filter's socket table). Observe mode watches nothing."""
         if mode == "observe":
             self.unwatch(cgroup_id)
             return
         try:
-            self._cgroups.update(U64.pack(cgroup_id), cgroup_entry(mode, deny_errno, allowed_syscalls))
+            self._cgroups.update(U64.pack(cgroup_id),
+                                 cgroup_entry(mode, deny_errno, allowed_syscalls, restrict_sockets))
         except BpfError as e:
             raise DenialProbeError(f"watch cgroup {cgroup_id}: {e}") from e
         self.watched[cgroup_id] = mode

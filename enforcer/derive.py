@@ -1,6 +1,6 @@
 """Derivation: a profile in, a policy out, through four explicit decisions.
 
-1. **Granularity**: which substrates (syscall, egress, exec, file, iam) the policy encodes.
+1. **Granularity**: which substrates (syscall, egress, exec, file, mcp, iam) the policy encodes.
    Behaviours of a left-out substrate are neither allowed nor reviewed; the substrate is simply
    not constrained.
 2. **Closure**: how observed behaviours become allowed ones.
@@ -20,7 +20,10 @@
      * ``exact`` / ``companion-group:NAME``: syscalls stay exact, except that a member of a named
        companion group (:mod:`enforcer.companions`) stands for its whole group;
      * file and iam: :mod:`enforcer.file_closure` and :mod:`enforcer.iamclosure` (one IAM
-       action on one resource pattern per element; resources widen, actions never).
+       action on one resource pattern per element; resources widen, actions never);
+     * MCP tools, prompts and resources: :mod:`enforcer.mcp_closure`, whose argument envelopes
+       (per allowed tool, from the profile's argument evidence) are sub-elements judged by the
+       same confidence rule, with their provenance, review and watch entries in the policy's.
    - ``probabilistic``: the structural envelope plus, per allowed behaviour, its per-session rate
      (mean and standard deviation over closed sessions) as a soft ``detection`` rule: a session
      whose count is more than ``k`` standard deviations away is a soft violation for review.
@@ -58,23 +61,25 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
 from sensor.profile import BehaviourStats, Profile
 from sensor.timestamps import iso_time
 from sensor.workload import DEFAULT_SUBSTRATES, SUBSTRATES
 
-from . import companions
+from . import companions, mcp_closure
 from .closure import derivable
 from .name_closure import DEFAULT_MAX_NAME_LABELS, DEFAULT_MAX_NAME_SIBLINGS
 from .closure import elements as closure_elements
 from .closure import rules as closure_rules
 from .elements import (DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNT, DEFAULT_MIN_SESSIONS, SESSION_RULES,
-                       Element, substrate_or_none)
+                       Element, admit_only, provenance_record, shortfall, substrate_or_none)
 from .blind_spots import blind_spots
 from .names import NameRule
 from .iamstatement import IDENTITY_FINGERPRINT, ROLE_ARN_RE, IamStatement
+from .mcp_envelope import McpAllow
+from .mcp_envelope import owner_of as mcp_owner
 from .policy import CLOSURES, MODES, EgressRule, Policy, PolicyError, parse_entry
 
 DEFAULT_IPV4_PREFIX = 24
@@ -137,6 +142,7 @@ class DeriveOptions:
     file_tree_depth: int = DEFAULT_FILE_TREE_DEPTH  # a directory-tree closure starts this deep
     max_name_siblings: int = DEFAULT_MAX_NAME_SIBLINGS  # more names under a suffix -> *.suffix
     max_name_labels: int = DEFAULT_MAX_NAME_LABELS  # labels a suffix pattern admits in front
+    max_values: int = mcp_closure.DEFAULT_MAX_VALUES  # more distinct strings are not an MCP enumeration
     k: float = DEFAULT_K
     coverage_threshold: float = DEFAULT_COVERAGE_THRESHOLD
     coverage_hours: float = DEFAULT_COVERAGE_HOURS
@@ -183,6 +189,8 @@ class DeriveOptions:
             raise DeriveError(f"max-name-siblings must be at least 1, got {self.max_name_siblings}")
         if not 1 <= self.max_name_labels <= 16:
             raise DeriveError(f"max-name-labels must be within 1-16, got {self.max_name_labels}")
+        if self.max_values < 1:
+            raise DeriveError(f"max-values must be at least 1, got {self.max_values}")
         if self.file_tree_depth < 1:
             raise DeriveError(f"file-tree-depth must be at least 1, got {self.file_tree_depth}")
         if not (isinstance(self.k, (int, float)) and math.isfinite(self.k) and self.k > 0):
@@ -358,7 +366,7 @@ def confidence(elements: list[Element], stats: Mapping[str, BehaviourStats],
     for el in elements:
         ev = el.evidence(stats, opts.session_rule)
         n, m = opts.min_count[el.substrate], opts.min_sessions[el.substrate]
-        if el.encodable and ev["count"] >= n and ev["sessions"] >= m:
+        if el.encodable and ev["count"] >= n and ev["sessions"] >= m and not admit_only(el.members):
             passed.append((el, ev, None))
         else:
             failed.append((el, ev))
@@ -462,10 +470,15 @@ def derive(profile: Profile, options: DeriveOptions | None = None) -> Policy:
 
     gran = granularity(stats, opts)
     elements = closure(gran, opts, services)
-    conf = confidence(elements, stats, opts)
+    key_admits, arg_admits = _split_admits(opts.admits)
+    conf = confidence(elements, stats, replace(opts, admits=key_admits))
     policy = _allowed(profile, opts, conf, low_confidence=not cov["reached"])
+    args = _mcp_arguments(profile, opts, policy, arg_admits)
     policy.validity = validity(profile, opts, end)  # before review: judging iam needs the identity
     policy.review, policy.watch = _review(conf, policy, stats, opts)
+    if args is not None:
+        policy.review = tuple(sorted(policy.review + tuple(args.review), key=lambda r: r["key"]))
+        policy.watch = tuple(sorted(set(policy.watch) | args.watch))
     policy.detection = _detection(profile, policy, stats, opts)
     policy.decisions = _decisions(opts, conf, cov, profile.closed_sessions, services)
     if gran.unencoded:
@@ -479,6 +492,44 @@ def derive(profile: Profile, options: DeriveOptions | None = None) -> Policy:
     return policy
 
 
+def _split_admits(admits) -> tuple[tuple, dict[str, str]]:
+    """Admits of MCP argument elements (``mcp:tools/call:NAME#PATH:...``) go to the argument
+    decision; every other admit to the confidence decision."""
+    keys, args = [], {}
+    for key, reason in admits:
+        if key.startswith(("mcp:tools/call:", "mcp:prompts/get:")) and "#" in key:
+            args[key] = reason.strip()
+        else:
+            keys.append((key, reason))
+    return tuple(keys), args
+
+
+def _mcp_arguments(profile: Profile, opts: DeriveOptions, policy: Policy, admits: dict[str, str]):
+    """The argument envelopes of the allowed MCP tools and prompts (sub-elements of the closure,
+    judged by the confidence rule), merged into the policy's MCP section and provenance."""
+    if "mcp" not in opts.substrates:
+        if admits:
+            raise DeriveError(f"--admit {sorted(admits)[0]}: the mcp substrate is not selected")
+        return None
+    evidence = profile.arguments()
+    allow = policy.mcp or McpAllow()
+    dec = mcp_closure.arguments(list(allow.calls), evidence, closure=opts.closure,
+                                min_count=opts.min_count["mcp"], min_sessions=opts.min_sessions["mcp"],
+                                max_values=opts.max_values, max_siblings=opts.max_siblings,
+                                session_rule=opts.session_rule, admits=admits)
+    unknown = sorted(set(admits) - dec.used)
+    if unknown:
+        review = sorted(r["key"] for r in dec.review if r["rule"] != "blind-spot")
+        hint = f" (argument review items: {', '.join(review[:10])}{' ...' if len(review) > 10 else ''})" \
+            if review else ""
+        owner = mcp_owner(unknown[0])
+        why = "its tool is not allowed" if owner not in allow.calls else "not in the review list"
+        raise DeriveError(f"--admit {unknown[0]}: {why}{hint}")
+    policy.mcp = McpAllow(allow.methods, dec.calls, allow.resources, mcp_closure.catalog(evidence))
+    policy.provenance = tuple(sorted(policy.provenance + tuple(dec.provenance), key=lambda p: (p["entry"], p["rule"])))
+    return dec
+
+
 def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confidence: bool) -> Policy:
     """The allowed set of every passed element, each entry with its provenance."""
     syscalls: set[str] = set()
@@ -486,21 +537,11 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
     execs: set[str] = set()
     files: set[str] = set()
     names: set[NameRule] = set()
+    mcp: list[str] = []
     iam: dict[str, tuple[str, str]] = {}
     provenance: list[dict] = []
     for el, ev, reason in conf.passed:
-        base = {
-            "substrate": el.substrate,
-            "rule": el.rule,
-            "admitted": "admit" if reason is not None else "threshold",
-            "evidence": ev,
-        }
-        if reason is not None:
-            base["reason"] = reason
-        if el.detail:
-            base["detail"] = el.detail
-        if el.flags:
-            base["flags"] = list(el.flags)
+        base = provenance_record(el.substrate, el.rule, ev, reason, el.detail, el.flags)
         if el.id not in el.entries:
             base["element"] = el.id
         for entry in el.entries:
@@ -516,6 +557,8 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
                 addrs = _addresses(profile, el.members)
                 if addrs:
                     base = {**base, "addresses": addrs}
+            elif sub == "mcp":
+                mcp.append(value)
             elif sub == "iam":
                 iam[entry] = value  # its statement takes the rule its provenance record keeps
             else:
@@ -537,6 +580,7 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
         workload=profile.workload, mode=opts.mode or "alert", substrates=tuple(opts.substrates),
         closure=opts.closure, syscalls=tuple(syscalls), egress=tuple(egress.values()),
         execs=tuple(execs), files=tuple(files), names=tuple(names), iam=tuple(statements),
+        mcp=McpAllow.of_entries(mcp) if "mcp" in opts.substrates else None,
         provenance=tuple(provenance), low_confidence=low_confidence,
         iam_actions=opts.iam_actions,
     )
@@ -572,13 +616,10 @@ def _review(conf: Confidence, policy: Policy, stats: Mapping[str, BehaviourStats
         ev = Element(el.id, el.substrate, el.rule, left).evidence(stats, opts.session_rule)
         if not el.encodable:
             why = "cannot be encoded by this substrate" + (f": {el.detail}" if el.detail else "")
+        elif ev["count"] >= n and ev["sessions"] >= m and admit_only(left):
+            why = admit_only(left)
         else:
-            short = []
-            if ev["count"] < n:
-                short.append(f"count {ev['count']} < {n}")
-            if ev["sessions"] < m:
-                short.append(f"sessions {ev['sessions']} < {m}")
-            why = "; ".join(short) or "below threshold"
+            why = shortfall(ev, n, m)
         item = {"key": el.id, "substrate": el.substrate, "rule": el.rule, "evidence": ev,
                 "threshold": {"minCount": n, "minSessions": m}, "why": why}
         if el.detail:

@@ -21,6 +21,7 @@ Document layout (YAML or JSON; ``spec`` is also the body of the Kubernetes custo
         execs:    [/exact/path | /directory/*, ...]             # sorted
         files:    [file:KIND:PATTERN, ...]                      # sorted (enforcer.file_patterns)
         names:    [{name, maxLabels?, proto?, ports | portRange}, ...]  # egress by DNS name
+        mcp:      {methods, tools, prompts, resources, catalog} # enforcer.mcp_envelope
         iam:      [{action, resource, accessLevel, rule}, ...]  # IAM statements (enforcer.iamstatement)
       detection:  [{key, mean, std, k, sessions}, ...]          # probabilistic soft rules
       provenance: [{entry, substrate, rule, admitted, evidence, ...}, ...]
@@ -31,8 +32,10 @@ Entry identifiers (used by provenance, review, ``explain``, ``diff`` and ``--adm
 ``syscall:NAME``, ``exec:PATH`` (or ``exec:/dir/*``), ``egress:PROTO:CIDR:PORTS`` where
 PORTS is one port (``443``) or an inclusive range (``8000-8100``), ``name:PATTERN``
 (resolve only) or ``name:PROTO:PATTERN:PORTS`` for names (:mod:`enforcer.names`),
-``file:KIND:PATTERN`` and ``iam:ACTION RESOURCE``
-(``iam:s3:GetObject arn:aws:s3:::research-corpus-*/papers/*``).
+``file:KIND:PATTERN``, ``iam:ACTION RESOURCE``
+(``iam:s3:GetObject arn:aws:s3:::research-corpus-*/papers/*``), and the
+MCP entries of :mod:`enforcer.mcp_envelope` (``mcp:tools/call:git_log``,
+``mcp:tools/call:git_log#repo_path:path-prefix:/srv/repo/**``, ...).
 
 An ``aws:`` behaviour is inside the ``iam`` statements when every IAM grant it needs is allowed by
 them (:mod:`enforcer.iamstatement`); judging one needs the IAM action mapper, which whoever judges
@@ -69,6 +72,8 @@ from sensor.workload import (
 
 from . import file_patterns, iamstatement
 from .iamstatement import IamStatement, IamStatementError
+from .mcp_envelope import EnvelopeError, McpAllow
+from .mcp_envelope import parse_entry as parse_mcp_entry
 from .names import NameRule, NameRuleError, NameTable, parse_name_entry
 from .modes import MODES
 
@@ -80,7 +85,7 @@ PROTOS = ("tcp", "udp")
 _SYSCALL_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
 _NAME_RE = re.compile(r"[^a-z0-9.-]+")
 _SPEC_FIELDS = ("workload", "mode", "decisions", "allow", "detection", "provenance", "review", "watch")
-_ALLOW_FIELDS = ("syscalls", "egress", "execs", "files", "names", "iam")
+_ALLOW_FIELDS = ("syscalls", "egress", "execs", "files", "names", "mcp", "iam")
 _DECISION_FIELDS = ("granularity", "closure", "confidence", "validity")
 
 
@@ -222,6 +227,11 @@ def parse_entry(entry: str) -> tuple[str, Any]:
             return "egress", parse_name_entry(entry)
         except NameRuleError as e:
             raise PolicyError(str(e)) from None
+    if kind == "mcp":
+        try:
+            return "mcp", parse_mcp_entry(entry)
+        except EnvelopeError as e:
+            raise PolicyError(str(e)) from None
     if kind == "iam":
         try:
             return "iam", iamstatement.parse_entry(entry)
@@ -238,7 +248,7 @@ def parse_entry(entry: str) -> tuple[str, Any]:
         except (ValueError, PolicyError) as e:
             raise PolicyError(f"bad egress entry {entry!r}: {e}") from None
     raise PolicyError(f"bad entry {entry!r} (want syscall:NAME, exec:PATH, egress:PROTO:CIDR:PORTS, "
-                      f"name:PROTO:PATTERN:PORTS, file:KIND:PATTERN or iam:ACTION RESOURCE)")
+                      f"name:PROTO:PATTERN:PORTS, file:KIND:PATTERN, iam:ACTION RESOURCE or an mcp: entry)")
 
 
 def exec_matches(pattern: str, path: str) -> bool:
@@ -263,6 +273,7 @@ class Policy:
     execs: tuple[str, ...] = ()
     files: tuple[str, ...] = ()  # file:KIND:PATTERN entries (enforcer.file_patterns)
     names: tuple[NameRule, ...] = ()  # egress by DNS name (enforcer.names)
+    mcp: McpAllow | None = None  # the MCP envelope (enforcer.mcp_envelope)
     iam: tuple[IamStatement, ...] = ()  # IAM statements (enforcer.iamstatement)
     watch: tuple[str, ...] = ()
     detection: tuple[dict, ...] = ()
@@ -330,7 +341,7 @@ class Policy:
         """Every allowed entry identifier, in document order."""
         return ([f"syscall:{s}" for s in self.syscalls] + [r.id for r in self.egress]
                 + [r.id for r in self.names] + [f"exec:{e}" for e in self.execs] + list(self.files)
-                + [st.id for st in self.iam])
+                + [st.id for st in self.iam] + (self.mcp.entries() if self.mcp else []))
 
     @property
     def name_table(self) -> NameTable:
@@ -366,6 +377,8 @@ class Policy:
             except file_patterns.FilePatternError:
                 return False
             return any(p.matches(path) for p in self._files_by_kind.get(kind, ()))
+        if substrate == "mcp":
+            return self.mcp is not None and self.mcp.allows(key)
         if substrate == "iam":
             if self.iam_actions is None:
                 raise IamJudgeMissing("judging aws behaviours needs the IAM action database; bind "
@@ -427,6 +440,8 @@ class Policy:
             allow["files"] = list(self.files)
         if self.names:
             allow["names"] = [r.to_dict() for r in self.names]
+        if "mcp" in self.substrates or self.mcp is not None:
+            allow["mcp"] = (self.mcp or McpAllow()).to_dict()
         if "iam" in self.substrates or self.iam:
             allow["iam"] = [st.to_dict() for st in self.iam]
         return allow
@@ -513,6 +528,12 @@ class Policy:
                 names.append(NameRule.from_dict(r, f"spec.allow.names[{i}]"))
             except NameRuleError as e:
                 raise PolicyError(str(e)) from None
+        mcp = None
+        if allow.get("mcp") is not None:
+            try:
+                mcp = McpAllow.from_dict(allow["mcp"], "spec.allow.mcp")
+            except EnvelopeError as e:
+                raise PolicyError(str(e)) from None
         iam = []
         for i, st in enumerate(_list(allow.get("iam") or [], "spec.allow.iam")):
             try:
@@ -551,7 +572,7 @@ class Policy:
 
         return cls(
             workload=workload, mode=mode, substrates=tuple(subs), closure=closure,
-            syscalls=tuple(syscalls), egress=egress, execs=tuple(execs), files=tuple(files),
+            syscalls=tuple(syscalls), egress=egress, execs=tuple(execs), files=tuple(files), mcp=mcp,
             names=tuple(names), iam=tuple(iam), watch=tuple(watch),
             detection=tuple(dict(r) for r in detection), decisions=_plain(dec),
             provenance=tuple(_plain(r) for r in provenance), review=tuple(_plain(r) for r in review),

@@ -30,6 +30,13 @@ Deliberate additions, each reported with its rule name in :attr:`CompiledSeccomp
   under an older libc. This is a compatibility answer, not a denial the detector reports.
 * ``exception:<id>``: a syscall allowed by an active exception (:mod:`enforcer.exceptions`).
 
+One deliberate restriction, :data:`SOCKET_RULE`: when the policy encodes egress and its
+capabilities do not include ``NET_RAW``, ``socket`` is allowed only with argument checks, for
+unix and netlink sockets and TCP and UDP over IPv4 and IPv6 (:data:`SOCKET_ALLOWED`). Raw and
+packet sockets, ICMP, SCTP, vsock and every other family carry traffic the cgroup sock_addr
+hooks never see, so they would walk around egress enforcement. ``bpf/denials.c`` applies the
+same table in alert mode (see :func:`socket_allowed`).
+
 No ``SECCOMP_FILTER_FLAG_*`` flags are emitted: runc 1.1 accepts them, but none is needed and
 older runtimes reject unknown flags.
 """
@@ -58,6 +65,21 @@ COMPAT_ERRNO = errno.ENOSYS
 ENOSYS_FALLBACKS = {"clone3": "clone"}
 
 POLICY_RULE = "policy"
+#: ``socket`` restricted to the families, types and protocols egress enforcement sees.
+SOCKET_RULE = "egress-completeness:sockets"
+AF_UNIX, AF_INET, AF_INET6, AF_NETLINK = 1, 2, 10, 16
+SOCK_STREAM, SOCK_DGRAM, SOCK_TYPE_MASK = 1, 2, 0xF  # the type's low bits; the rest are flags
+IPPROTO_TCP, IPPROTO_UDP = 6, 17
+#: (domain, type, protocols): the sockets a restricted ``socket`` allows; ``None`` for any type or
+#: protocol. Protocol 0 is the family's default for the type (TCP for stream, UDP for datagram).
+SOCKET_ALLOWED = (
+    (AF_UNIX, None, None),
+    (AF_NETLINK, None, None),
+    *((af, SOCK_STREAM, (0, IPPROTO_TCP)) for af in (AF_INET, AF_INET6)),
+    *((af, SOCK_DGRAM, (0, IPPROTO_UDP)) for af in (AF_INET, AF_INET6)),
+)
+SOCKET_REASON = ("raw, packet, ICMP, SCTP and other sockets bypass the egress hooks; "
+                 "allowed only when the policy's capabilities include NET_RAW")
 COMPAT_RULE = "compat-fallback:enosys"
 #: ``envelope exec`` loads the filter in its child and then execs the command: execve runs
 #: under the filter even when the command itself never execs.
@@ -121,6 +143,45 @@ class CompiledSeccomp:
 
     def allowed(self) -> tuple[str, ...]:
         return tuple(sorted(e.syscall for e in self.report if e.action == "allow"))
+
+    def restricts_sockets(self) -> bool:
+        """Whether ``socket`` is allowed only for :data:`SOCKET_ALLOWED`."""
+        return any(e.rule == SOCKET_RULE for e in self.report)
+
+
+def socket_allowed(domain: int, type_: int, protocol: int) -> bool:
+    """Whether a restricted ``socket`` filter allows these arguments (pure; the same table as the
+    filter's rules and ``bpf/denials.c``)."""
+    for af, t, protos in SOCKET_ALLOWED:
+        if domain == af and (t is None or type_ & SOCK_TYPE_MASK == t) \
+                and (protos is None or protocol in protos):
+            return True
+    return False
+
+
+def restricts_sockets(policy, mode: str) -> bool:
+    """:data:`SOCKET_RULE` applies: the policy enforces or alerts on egress and does not admit
+    ``NET_RAW``."""
+    return (mode != "observe" and "egress" in getattr(policy, "substrates", ())
+            and "NET_RAW" not in (getattr(policy, "capabilities", ()) or ()))
+
+
+def _socket_rules() -> list[dict]:
+    """OCI rules allowing ``socket`` for :data:`SOCKET_ALLOWED` only (one rule per allowed
+    combination: libseccomp ANDs the conditions of a rule and ORs rules)."""
+    rules = []
+    for af, t, protos in SOCKET_ALLOWED:
+        args = [{"index": 0, "value": af, "op": "SCMP_CMP_EQ"}]
+        if t is not None:
+            args.append({"index": 1, "value": SOCK_TYPE_MASK, "valueTwo": t,
+                         "op": "SCMP_CMP_MASKED_EQ"})
+        for proto in protos if protos is not None else (None,):
+            cond = list(args)
+            if proto is not None:
+                cond.append({"index": 2, "value": proto, "op": "SCMP_CMP_EQ"})
+            rules.append({"names": ["socket"], "action": "SCMP_ACT_ALLOW", "args": cond,
+                          "comment": SOCKET_RULE})
+    return rules
 
 
 def policy_syscalls(policy) -> tuple[str, ...]:
@@ -195,6 +256,13 @@ def compile_oci(policy, mode: str | None = None, *, runtime: str | None = None,
                     name, f"errno:{COMPAT_ERRNO}", COMPAT_RULE,
                     f"libc falls back to {older} only on ENOSYS"))
 
+    sockets = "socket" in added and restricts_sockets(policy, mode)
+    if sockets:
+        report = [e for e in report if e.syscall != "socket"]
+        report.append(ReportEntry("socket", "allow", SOCKET_RULE, SOCKET_REASON))
+        own = tuple(n for n in own if n != "socket")
+        extra_groups = [(r, [n for n in names if n != "socket"]) for r, names in extra_groups]
+
     profile: dict = {"architectures": list(arches)}
     if mode == "observe":
         profile["defaultAction"] = "SCMP_ACT_ALLOW"
@@ -210,7 +278,10 @@ def compile_oci(policy, mode: str | None = None, *, runtime: str | None = None,
             rules.append({"names": list(own), "action": "SCMP_ACT_ALLOW",
                           "comment": f"{POLICY_RULE}:{policy.workload}"})
         for rule, names in extra_groups:
-            rules.append({"names": sorted(names), "action": "SCMP_ACT_ALLOW", "comment": rule})
+            if names:
+                rules.append({"names": sorted(names), "action": "SCMP_ACT_ALLOW", "comment": rule})
+        if sockets:
+            rules += _socket_rules()
         if compat:
             rules.append({"names": compat, "action": "SCMP_ACT_ERRNO",
                           "errnoRet": COMPAT_ERRNO, "comment": COMPAT_RULE})
@@ -300,6 +371,8 @@ def compile_spo(policy, mode: str | None = None, *, runtime: str | None = None,
         rule = {"action": r["action"], "names": list(r["names"])}
         if "errnoRet" in r:
             rule["errnoRet"] = int(r["errnoRet"])
+        if r.get("args"):
+            rule["args"] = [dict(a) for a in r["args"]]
         rules.append(rule)
     if rules:
         spec["syscalls"] = rules

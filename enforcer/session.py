@@ -74,6 +74,8 @@ class KernelBackend(Protocol):
 
     def ring_reader(self): ...
 
+    def move_task(self, pid: int, cgroup_path: str) -> None: ...
+
 
 class RealKernel:
     """The kernel itself: :mod:`enforcer.egress`, :mod:`enforcer.denials`, :mod:`sensor.kernel`."""
@@ -94,6 +96,11 @@ class RealKernel:
     def ring_reader(self):
         from sensor.kernel import RingReader
         return RingReader()
+
+    def move_task(self, pid: int, cgroup_path: str) -> None:
+        """Move task ``pid`` into the cgroup at ``cgroup_path`` (raises OSError)."""
+        with open(os.path.join(cgroup_path, "cgroup.procs"), "w") as f:
+            f.write(str(pid))
 
 
 # ---- results ----------------------------------------------------------------------------------
@@ -146,6 +153,8 @@ class EnforcementSession:
         self.want_denials = denials
         self._probe = None
         self._denial_cgroups: dict[int, str] = {}
+        self._denial_allowed: dict[int, frozenset[str]] = {}  # cgroup -> its profile's syscalls
+        self._denial_paths: dict[int, str] = {}  # cgroup -> its path
         self._reader = None
         self._reader_fds: set[int] = set()
         self._pending: list = []
@@ -426,8 +435,9 @@ class EnforcementSession:
 
     def _watch_denials(self, cur: Enforced, paths: Iterable[str]) -> None:
         """Report seccomp denials of the workload's cgroups, compared with the same profile the
-        filter was compiled from (:func:`enforcer.seccomp.profile_for`)."""
-        if not self.want_denials or "syscall" not in cur.policy.substrates or cur.mode == "observe":
+        filter was compiled from (:func:`enforcer.seccomp.profile_for`), and tasks moved out of
+        them (every enforced cgroup, whatever its substrates)."""
+        if not self.want_denials or cur.mode == "observe":
             return
         from .exceptions import syscall_allowances
         from .seccomp import DENY_ERRNO, profile_for
@@ -442,20 +452,28 @@ class EnforcementSession:
                 return
             self._reader_dirty()
         w = cur.workload
-        compiled = profile_for(cur.policy, cur.mode, target=cur.seccomp_target,
-                               exceptions=syscall_allowances(self.state_dir, w, self.clock()))
+        if "syscall" in cur.policy.substrates:
+            compiled = profile_for(cur.policy, cur.mode, target=cur.seccomp_target,
+                                   exceptions=syscall_allowances(self.state_dir, w, self.clock()))
+            mode, allowed, sockets = cur.mode, frozenset(compiled.allowed()), compiled.restricts_sockets()
+        else:
+            mode, allowed, sockets = "watch", frozenset(), False
         for p in paths:
             cid = _cgroup_id(p)
             if cid is None:
                 continue
-            self._probe.watch(cid, cur.mode, DENY_ERRNO, compiled.allowed())
+            self._probe.watch(cid, mode, DENY_ERRNO, allowed, sockets)
             self._denial_cgroups[cid] = w.key
+            self._denial_allowed[cid] = allowed
+            self._denial_paths[cid] = str(p)
 
     def _unwatch_denials(self, key: str) -> None:
         for cid in [c for c, k in self._denial_cgroups.items() if k == key]:
             if self._probe is not None:
                 self._probe.unwatch(cid)
             del self._denial_cgroups[cid]
+            self._denial_allowed.pop(cid, None)
+            self._denial_paths.pop(cid, None)
 
     def _reader_dirty(self) -> None:
         if self._reader is not None:
@@ -482,14 +500,56 @@ class EnforcementSession:
         return self._reader
 
     def _on_record(self, raw: bytes, workload_of) -> None:
-        from sensor.events import DecodeError
-        from .violations import from_record
-        v = from_record(raw, workload_of, self.clock())
-        if isinstance(v, DecodeError):
+        from sensor.events import CgroupEscapeEvent, DecodeError, decode
+        from .violations import from_event
+        ev = decode(raw)
+        if isinstance(ev, DecodeError):
             self.decode_errors += 1
-            log.warning("undecodable record", kind=v.kind, reason=v.reason)
-        elif v is not None:
+            log.warning("undecodable record", kind=ev.kind, reason=ev.reason)
+            return
+        if isinstance(ev, CgroupEscapeEvent):
+            self._on_escape(ev)
+            return
+        v = from_event(ev, workload_of, self.clock(),
+                       lambda cid: self._denial_allowed.get(cid, frozenset()))
+        if v is not None:
             self._pending.append(v)
+
+    def _on_escape(self, ev) -> None:
+        """A thread of an enforced cgroup moved a task to another cgroup. Into one of the same
+        workload's cgroups: nothing to do. Into a child cgroup: the egress programs still apply
+        (cgroup programs are inherited), so the child is watched as well. Anywhere else the
+        task has walked out of its enforcement: it is moved back at once, the move is audited
+        as ``policy.escape`` and reported as an ``integrity`` violation."""
+        from .violations import Violation
+        key = self._denial_cgroups.get(ev.src_cgroup_id)
+        cur = self.enforced.get(key) if key else None
+        src = self._denial_paths.get(ev.src_cgroup_id)
+        if cur is None or src is None:
+            return
+        if self._denial_cgroups.get(ev.dst_cgroup_id) == key:
+            return
+        from sensor.cgroup import cgroup2_mount_point
+        dst = str(cgroup2_mount_point() / ev.dst_path.lstrip("/"))
+        if Path(dst).is_relative_to(src):
+            log.info("enforced task moved to a child cgroup; watching it too", workload=key,
+                     pid=ev.pid, cgroup=dst)
+            self._watch_denials(cur, [dst])
+            return
+        try:
+            self.backend.move_task(ev.pid, src)
+            moved, error = True, ""
+        except OSError as e:  # the task is gone, or the cgroup was removed
+            moved, error = False, str(e)
+        detail = {"pid": ev.pid, "by_pid": ev.by_pid, "from": src, "to": dst, "moved_back": moved}
+        if error:
+            detail["error"] = error
+        log.warning("task moved out of its enforced cgroup", workload=key, **detail)
+        if self.pinned:
+            audit.append(self.state_dir, "policy.escape", workload=key,
+                         reason="moved back" if moved else "could not move back", details=detail)
+        self._pending.append(Violation(self.clock(), key, "integrity", "cgroup:migration",
+                                       "denied" if moved else "alerted", detail))
 
     def poll_violations(self, timeout_ms: int = 0, limit: int | None = None) -> list:
         """Violations that reached userspace since the last call, waiting up to ``timeout_ms``

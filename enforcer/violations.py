@@ -7,9 +7,10 @@ A :class:`Violation` is one out-of-envelope behaviour of one workload::
      "detail": {"pid": 4242, "cgroup_id": 8123}}
 
 ``substrate`` is ``syscall``, ``egress`` or ``exec`` for what the kernel denied or alerted on,
-``watch`` for a behaviour on the policy's watch list that recurred, ``detection`` for a
-probabilistic rule whose live per-session count left its band (a soft violation), and
-``integrity`` for enforcement state someone changed behind Envelope's back (repaired at once). ``action`` is
+``mcp`` for what the MCP gateway refused or alerted on (:mod:`enforcer.mcp_controls`), ``watch``
+for a behaviour on the policy's watch list that recurred, ``detection`` for a probabilistic rule
+whose live per-session count left its band (a soft violation), and ``integrity`` for enforcement
+state someone changed behind Envelope's back (repaired at once). ``action`` is
 ``denied`` (the kernel refused it) or ``alerted`` (it ran and was reported). ``count`` > 1 folds
 identical records (same workload, substrate, behaviour, action and detail) seen within one
 flush.
@@ -29,14 +30,14 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Collection, Iterable
 
 from sensor.state_dir import StateDir
 from sensor.events import (
-    DecodeError, DnsViolationEvent, EgressViolationEvent, SeccompDenialEvent, decode,
+    DecodeError, DnsViolationEvent, EgressViolationEvent, IoUringOpEvent, SeccompDenialEvent, decode,
 )
 from sensor.workload import SUBSTRATES as BEHAVIOUR_SUBSTRATES
-from sensor.workload import substrate_of
+from sensor.workload import substrate_of, syscall_key
 
 SUBSTRATES = (*BEHAVIOUR_SUBSTRATES, "watch", "detection", "integrity")
 ACTIONS = ("denied", "alerted")
@@ -178,27 +179,76 @@ def from_dns_event(ev: DnsViolationEvent, workload: str, now: float) -> Violatio
                      {"cgroup_id": ev.cgroup_id, "qtype": ev.qtype})
 
 
-def from_seccomp_event(ev: SeccompDenialEvent, workload: str, now: float) -> Violation:
-    """A denial carries ``ret = -errno``; an alert-mode report (made at entry) carries 0."""
+_IPPROTO_NAMES = {0: "default", 1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp",
+                  255: "raw", 262: "mptcp"}
+
+
+def socket_arguments(domain: int, type_: int, protocol: int) -> dict:
+    """``socket(2)``'s arguments by name, e.g. ``{"family": "AF_PACKET", "type": "SOCK_RAW", ...}``."""
+    import socket
+    try:
+        family = socket.AddressFamily(domain).name
+    except ValueError:
+        family = str(domain)
+    try:
+        kind = socket.SocketKind(type_ & 0xF).name
+    except ValueError:
+        kind = str(type_ & 0xF)
+    return {"family": family, "type": kind, "protocol": _IPPROTO_NAMES.get(protocol, str(protocol))}
+
+
+def from_seccomp_event(ev: SeccompDenialEvent, workload: str, now: float,
+                       allowed: Collection[str] = ()) -> Violation:
+    """A denial carries ``ret = -errno``; an alert-mode report (made at entry) carries 0. A
+    ``socket`` call the profile allows was stopped by its argument checks (the socket
+    restriction of :mod:`enforcer.seccomp`): the detail names the socket and says why."""
     action = "denied" if ev.ret < 0 else "alerted"
     detail: dict[str, Any] = {"pid": ev.pid, "cgroup_id": ev.cgroup_id, "nr": ev.nr}
     if ev.ret < 0:
         detail["errno"] = -ev.ret
+    if ev.name == "socket" and "socket" in allowed:
+        from .seccomp import SOCKET_REASON
+        detail["socket"] = socket_arguments(*ev.args)
+        detail["why"] = SOCKET_REASON
     return Violation(now, workload, "syscall", ev.behaviour_key(), action, detail)
 
 
-def from_record(raw: bytes, workload_of: Callable[[int], str | None], now: float
+def from_io_uring_event(ev: IoUringOpEvent, workload: str, now: float,
+                        allowed: Collection[str]) -> Violation | None:
+    """An io_uring operation whose syscall the cgroup's profile does not allow. The ring runs it
+    without the syscall, so seccomp cannot stop it: the report is ``alerted``, never ``denied``,
+    and names the syscall so an exception or a rebaseline for it covers the operation too."""
+    if ev.syscall is None or ev.syscall in allowed:
+        return None
+    return Violation(now, workload, "syscall", syscall_key(ev.syscall), "alerted",
+                     {"pid": ev.pid, "cgroup_id": ev.cgroup_id, "via": "io_uring",
+                      "op": ev.op, "opcode": ev.opcode, "sq_thread": ev.sq_thread})
+
+
+def from_record(raw: bytes, workload_of: Callable[[int], str | None], now: float,
+                allowed_of: Callable[[int], Collection[str]] = lambda _cid: ()
                 ) -> Violation | DecodeError | None:
     """One ring-buffer record to a violation. A record that does not decode comes back as the
-    :class:`sensor.events.DecodeError` (to be counted); one whose cgroup has no known workload
-    is attributed to ``unknown``; other event types give ``None``."""
+    :class:`sensor.events.DecodeError` (to be counted); the rest as :func:`from_event`."""
     ev = decode(raw)
     if isinstance(ev, DecodeError):
         return ev
+    return from_event(ev, workload_of, now, allowed_of)
+
+
+def from_event(ev, workload_of: Callable[[int], str | None], now: float,
+               allowed_of: Callable[[int], Collection[str]] = lambda _cid: ()) -> Violation | None:
+    """One decoded kernel event to a violation. One whose cgroup has no known workload is
+    attributed to ``unknown``; other event types give ``None``. ``allowed_of`` gives the
+    syscalls a cgroup's profile allows (io_uring operations and sockets are judged against it)."""
     if isinstance(ev, EgressViolationEvent):
         return from_egress_event(ev, workload_of(ev.cgroup_id) or "unknown", now)
     if isinstance(ev, SeccompDenialEvent):
-        return from_seccomp_event(ev, workload_of(ev.cgroup_id) or "unknown", now)
+        return from_seccomp_event(ev, workload_of(ev.cgroup_id) or "unknown", now,
+                                  allowed_of(ev.cgroup_id))
+    if isinstance(ev, IoUringOpEvent):
+        return from_io_uring_event(ev, workload_of(ev.cgroup_id) or "unknown", now,
+                                   allowed_of(ev.cgroup_id))
     if isinstance(ev, DnsViolationEvent):
         return from_dns_event(ev, workload_of(ev.cgroup_id) or "unknown", now)
     return None

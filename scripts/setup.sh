@@ -22,6 +22,7 @@ APT_PACKAGES=(
   golang-github-containers-common iproute2 make gcc libc6-dev
   ruby  # parses the Vagrantfile in tests
   jq    # landlockconfig's formatting check in tests
+  git   # mcp-server-git (the demo agent's MCP tools, the gateway tests) runs git
   chromium  # renders envelope report pages in tests (headless)
   dnsmasq-base dnsutils  # a real DNS server (the binary, no system service) and dig for the name (dns) substrate's tests
 )

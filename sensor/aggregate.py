@@ -295,19 +295,20 @@ class Aggregator:
     # ---- persistence -----------------------------------------------------------------------
 
     def flush(self) -> list[Workload]:
-        """Write every profile that changed since the last flush (and remove the ones a rebind
-        emptied)."""
+        """Write this node's contribution of every profile that changed since the last flush
+        (other writers' contributions in the store are kept), and remove this node's contribution
+        of the ones a rebind emptied."""
         written = []
         now = self.clock()
         for w in sorted(self.dirty):
             p = self.profiles[w]
             p.node(self.node).touch(now)
             if self.store:
-                self.store.save(p)
+                self.store.save_contribution(p, self.node)
             written.append(w)
         self.dirty.clear()
         for w in sorted(self.dropped):
             if self.store and w not in self.profiles:
-                self.store.remove(w)
+                self.store.remove_contribution(w, self.node)
         self.dropped.clear()
         return written

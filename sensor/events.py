@@ -33,7 +33,9 @@ EV_EGRESS_VIOLATION = 6
 EV_SECCOMP_DENIAL = 7
 EV_DNS_MESSAGE = 16
 EV_DNS_VIOLATION = 17
-EV_TYPE_MAX = 18
+EV_IO_URING_OP = 40
+EV_CGROUP_ESCAPE = 41
+EV_TYPE_MAX = 42
 
 TYPE_NAMES = {
     EV_EXEC: "exec",
@@ -45,9 +47,11 @@ TYPE_NAMES = {
     EV_SECCOMP_DENIAL: "seccomp_denial",
     EV_DNS_MESSAGE: "dns_message",
     EV_DNS_VIOLATION: "dns_violation",
+    EV_IO_URING_OP: "io_uring_op",
+    EV_CGROUP_ESCAPE: "cgroup_escape",
 }
 
-# Loss counter indexes (LOSS_* in bpf/events.h); 1..EV_TYPE_MAX-1 are reserve failures by type.
+# Loss counter indexes (LOSS_* in bpf/events.h); 1..7 are reserve failures of the sensor's types.
 LOSS_SYSCALL_UNATTRIBUTED = 8
 LOSS_CGROUP_REMOVED_DROPPED = 9
 LOSS_SLOTS = 16
@@ -62,6 +66,8 @@ EXEC_F_ARGV_TRUNCATED = 0x1
 EXEC_F_NO_ARGV = 0x2
 EXEC_F_PPID_UNKNOWN = 0x4
 EXIT_F_CODE_KNOWN = 0x1
+IO_URING_OP_NAME_LEN = 24
+CGROUP_ESCAPE_PATH_LEN = 256
 NET_OP_CONNECT = 0
 NET_OP_SENDMSG = 1
 NET_F_RET_KNOWN = 0x1
@@ -246,13 +252,59 @@ class SeccompDenialRecord(Mirror):
         __u32 pid;            /* 24 */
         __u32 nr;             /* 28 */
         __s64 ret;            /* 32 */
+        __u64 args[3];        /* 40 the call's first three arguments */
     };
     """
 
     c_name = "seccomp_denial_event"
     type = EV_SECCOMP_DENIAL
+    version = 2
+    fields = _HDR + (("cgroup_id", "Q"), ("pid", "I"), ("nr", "I"), ("ret", "q"),
+                     ("args0", "Q"), ("args1", "Q"), ("args2", "Q"))
+
+
+class IoUringOpRecord(Mirror):
+    """EV_IO_URING_OP, from io_uring:io_uring_submit_req in an enforced cgroup.
+
+    struct io_uring_op_event {
+        struct event_hdr hdr;           /*  0 */
+        __u64 cgroup_id;                /* 16 */
+        __u32 pid;                      /* 24 */
+        __u8 opcode;                    /* 28 IORING_OP_* */
+        __u8 sq_thread;                 /* 29 submitted by the SQPOLL thread */
+        __u16 pad;                      /* 30 */
+        char op[IO_URING_OP_NAME_LEN];  /* 32 the kernel's name of the opcode, e.g. CONNECT */
+    };
+    """
+
+    c_name = "io_uring_op_event"
+    type = EV_IO_URING_OP
     version = 1
-    fields = _HDR + (("cgroup_id", "Q"), ("pid", "I"), ("nr", "I"), ("ret", "q"))
+    fields = _HDR + (("cgroup_id", "Q"), ("pid", "I"), ("opcode", "B"), ("sq_thread", "B"),
+                     ("pad", "H"), ("op", f"{IO_URING_OP_NAME_LEN}s"))
+
+
+class CgroupEscapeRecord(Mirror):
+    """EV_CGROUP_ESCAPE, from cgroup:cgroup_attach_task: a task moved out of an enforced cgroup
+    by a thread of that cgroup.
+
+    struct cgroup_escape_event {
+        struct event_hdr hdr;                /*  0 */
+        __u64 src_cgroup_id;                 /* 16 the enforced cgroup the mover was in */
+        __u64 dst_cgroup_id;                 /* 24 */
+        __u32 pid;                           /* 32 the task moved */
+        __u32 by_pid;                        /* 36 the process that moved it */
+        __s32 dst_level;                     /* 40 */
+        __u32 pad;                           /* 44 */
+        char dst_path[CGROUP_ESCAPE_PATH_LEN]; /* 48 the destination, relative to the hierarchy root */
+    };
+    """
+
+    c_name = "cgroup_escape_event"
+    type = EV_CGROUP_ESCAPE
+    version = 1
+    fields = _HDR + (("src_cgroup_id", "Q"), ("dst_cgroup_id", "Q"), ("pid", "I"), ("by_pid", "I"),
+                     ("dst_level", "i"), ("pad", "I"), ("dst_path", f"{CGROUP_ESCAPE_PATH_LEN}s"))
 
 
 class DnsMessageRecord(Mirror):
@@ -310,7 +362,7 @@ class DnsViolationRecord(Mirror):
 RECORDS: dict[int, type[Mirror]] = {
     r.type: r for r in (ExecRecord, ForkRecord, ExitRecord, NetRecord, SyscallFirstRecord,
                         EgressViolationRecord, SeccompDenialRecord, DnsMessageRecord,
-                        DnsViolationRecord)
+                        DnsViolationRecord, IoUringOpRecord, CgroupEscapeRecord)
 }
 
 
@@ -443,6 +495,7 @@ class SeccompDenialEvent(_Event):
     nr: int
     name: str
     ret: int
+    args: list[int] = field(default_factory=lambda: [0, 0, 0])  # the call's first three arguments
     type_name: ClassVar[str] = "seccomp_denial"
 
     def behaviour_key(self) -> str | None:
@@ -499,8 +552,37 @@ class DnsViolationEvent(_Event):
         return dns_key(self.name) if self.name else None
 
 
+@dataclass(slots=True)
+class IoUringOpEvent(_Event):
+    """An enforced cgroup submitted io_uring operation ``op`` for the first time."""
+
+    ktime: int
+    cgroup_id: int
+    pid: int
+    opcode: int
+    op: str  # the kernel's name, e.g. CONNECT
+    sq_thread: bool
+    syscall: str | None  # the syscall the operation does the work of, when it has one
+    type_name: ClassVar[str] = "io_uring_op"
+
+
+@dataclass(slots=True)
+class CgroupEscapeEvent(_Event):
+    """A thread of enforced cgroup ``src_cgroup_id`` moved task ``pid`` to another cgroup."""
+
+    ktime: int
+    src_cgroup_id: int
+    dst_cgroup_id: int
+    pid: int
+    by_pid: int
+    dst_level: int
+    dst_path: str  # relative to the cgroup v2 root, e.g. /escape
+    type_name: ClassVar[str] = "cgroup_escape"
+
+
 Event = Union[ExecEvent, ForkEvent, ExitEvent, NetEvent, SyscallFirstEvent,
-              EgressViolationEvent, SeccompDenialEvent, DnsMessageEvent, DnsViolationEvent]
+              EgressViolationEvent, SeccompDenialEvent, DnsMessageEvent, DnsViolationEvent,
+              IoUringOpEvent, CgroupEscapeEvent]
 
 
 @dataclass(frozen=True, slots=True)
@@ -572,7 +654,21 @@ def _egress(r: dict) -> Event | DecodeError:
 
 def _seccomp(r: dict) -> Event:
     return SeccompDenialEvent(ktime=r["ktime"], cgroup_id=r["cgroup_id"], pid=r["pid"],
-                              nr=r["nr"], name=syscalls.name(r["nr"]), ret=r["ret"])
+                              nr=r["nr"], name=syscalls.name(r["nr"]), ret=r["ret"],
+                              args=[r["args0"], r["args1"], r["args2"]])
+
+
+def _io_uring_op(r: dict) -> Event:
+    op = _cstr(r["op"])
+    return IoUringOpEvent(ktime=r["ktime"], cgroup_id=r["cgroup_id"], pid=r["pid"],
+                          opcode=r["opcode"], op=op, sq_thread=bool(r["sq_thread"]),
+                          syscall=syscalls.io_uring_equivalent(op))
+
+
+def _cgroup_escape(r: dict) -> Event:
+    return CgroupEscapeEvent(ktime=r["ktime"], src_cgroup_id=r["src_cgroup_id"],
+                             dst_cgroup_id=r["dst_cgroup_id"], pid=r["pid"], by_pid=r["by_pid"],
+                             dst_level=r["dst_level"], dst_path=_cstr(r["dst_path"]))
 
 
 def _dns_message(r: dict) -> Event | DecodeError:
@@ -605,6 +701,7 @@ _BUILD = {
     EV_EXEC: _exec, EV_FORK: _fork, EV_EXIT: _exit, EV_NET: _net,
     EV_SYSCALL_FIRST: _syscall_first, EV_EGRESS_VIOLATION: _egress, EV_SECCOMP_DENIAL: _seccomp,
     EV_DNS_MESSAGE: _dns_message, EV_DNS_VIOLATION: _dns_violation,
+    EV_IO_URING_OP: _io_uring_op, EV_CGROUP_ESCAPE: _cgroup_escape,
 }
 _HDR_STRUCT = struct.Struct("<HHIQ")
 

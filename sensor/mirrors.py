@@ -32,6 +32,8 @@ EGRESS_CGROUP_PATH_LEN = 248
 DENIALS_NR_SLOTS = 512
 DENIALS_MODE_ALERT = 1
 DENIALS_MODE_ENFORCE = 2
+DENIALS_MODE_WATCH = 0
+DENIAL_F_SOCKETS = 0x1
 
 
 class Mirror:
@@ -323,12 +325,30 @@ class DenialCgroup(Mirror):
         __u32 mode;                           /*  0 DENIALS_MODE_* */
         __s32 deny_errno;                     /*  4 the filter's errno in enforce mode */
         __u64 allowed[DENIALS_NR_SLOTS / 64]; /*  8 alert mode: syscalls the policy allows */
+        __u64 uring_seen[4];                  /* 72 io_uring opcodes already announced (set by BPF) */
+        __u32 flags;                          /* 104 DENIAL_F_* */
+        __u32 pad;                            /* 108 */
     };
     """
 
     c_name = "denial_cgroup"
     fields = ((("mode", "I"), ("deny_errno", "i"))
-              + tuple((f"allowed{i}", "Q") for i in range(DENIALS_NR_SLOTS // 64)))
+              + tuple((f"allowed{i}", "Q") for i in range(DENIALS_NR_SLOTS // 64))
+              + tuple((f"uring_seen{i}", "Q") for i in range(4)) + (("flags", "I"), ("pad", "I")))
+
+
+class DenialThread(Mirror):
+    """Value of the denial probe's ``entered`` LRU hash (keyed by the u32 thread id).
+
+    struct denial_thread {
+        __u32 nr;        /*  0 */
+        __u32 pad;       /*  4 */
+        __u64 cgroup_id; /*  8 */
+    };
+    """
+
+    c_name = "denial_thread"
+    fields = (("nr", "I"), ("pad", "I"), ("cgroup_id", "Q"))
 
 
 #: Every map-layout mirror, by header.
@@ -336,7 +356,7 @@ MAP_MIRRORS = {
     "events.h": (SyscallSlotState, SyscallSlotCounts),
     "egress.h": (EgressKey4, EgressKey6, EgressPorts, EgressRule, EgressPortKey, EgressNameKey,
                  EgressNameRule, EgressLearnedKey, EgressLearned, EgressMeta, EgressCgroup),
-    "denials.h": (DenialCgroup,),
+    "denials.h": (DenialCgroup, DenialThread),
 }
 U64 = struct.Struct("<Q")
 U32 = struct.Struct("<I")

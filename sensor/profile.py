@@ -15,6 +15,12 @@ closure).
 Memory is bounded per substrate by ``caps``: once a node holds that many distinct behaviours of a
 substrate, new ones go to an overflow bucket (counts kept, key not) and the profile is marked
 ``capped``.
+
+A contribution that recorded MCP behaviours also carries their argument evidence
+(``arguments``, a :class:`sensor.mcp_evidence.ArgumentEvidence`: per ``mcp:`` behaviour kept in
+the contribution, the values seen at each argument path, bounded per key and per path). It merges
+like the rest: :meth:`Profile.arguments` unions the contributions' evidence with node-qualified
+session ids.
 """
 
 from __future__ import annotations
@@ -120,6 +126,7 @@ class NodeContribution:
     caps: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_CAPS))
     # behaviour key -> evidence item (an address) -> [count, first seen, last seen]
     evidence: dict[str, dict[str, list]] = field(default_factory=dict)
+    arguments: object = None  # sensor.mcp_evidence.ArgumentEvidence of the mcp behaviours, or None
     _per_substrate: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     # ---- recording -------------------------------------------------------------------------
@@ -297,8 +304,15 @@ class NodeContribution:
 
     # ---- serialisation ---------------------------------------------------------------------
 
+    def add_arguments(self, evidence) -> None:
+        """Merge MCP argument evidence into this contribution, for behaviours it keeps (a key
+        refused by the cap keeps no argument evidence either)."""
+        kept = evidence.only(self.behaviours)
+        if kept:
+            self.arguments = kept if self.arguments is None else self.arguments.merged(kept)
+
     def pack(self) -> dict:
-        return {
+        d = {
             "node": self.node,
             "generation": self.generation,
             "updated": self.updated,
@@ -316,9 +330,17 @@ class NodeContribution:
             **({"evidence": {k: dict(sorted(v.items())) for k, v in sorted(self.evidence.items())}}
                if self.evidence else {}),
         }
+        if self.arguments:
+            d["arguments"] = self.arguments.pack()
+        return d
 
     @classmethod
     def unpack(cls, d: dict) -> "NodeContribution":
+        arguments = None
+        if d.get("arguments"):
+            from .mcp_evidence import ArgumentEvidence  # mcp_evidence builds on BehaviourStats
+
+            arguments = ArgumentEvidence.unpack(d["arguments"])
         return cls(
             node=str(d["node"]),
             generation=int(d["generation"]),
@@ -338,6 +360,7 @@ class NodeContribution:
             caps={**DEFAULT_CAPS, **{str(k): int(v) for k, v in d.get("caps", {}).items()}},
             evidence={str(k): {str(i): [int(r[0]), float(r[1]), float(r[2])] for i, r in v.items()}
                       for k, v in d.get("evidence", {}).items()},
+            arguments=arguments,
         )
 
 
@@ -395,6 +418,18 @@ class Profile:
         for key, stats in out.items():
             stats.session_ids = sorted(ids[key])
         return dict(sorted(out.items()))
+
+    def arguments(self):
+        """The MCP argument evidence merged over contributions (session ids ``<node>/<id>``, as in
+        :meth:`behaviours`); an empty :class:`sensor.mcp_evidence.ArgumentEvidence` when none."""
+        from .mcp_evidence import ArgumentEvidence
+
+        out = ArgumentEvidence()
+        for name in sorted(self.nodes):
+            ev = self.nodes[name].arguments
+            if ev:
+                out = out.merged(ev.relabelled(f"{name}/"))
+        return out
 
     def sessions(self) -> list[SessionRecord]:
         recs = [s for n in self.nodes.values() for s in n.sessions.values()]

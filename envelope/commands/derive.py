@@ -23,6 +23,7 @@ from enforcer.derive import (
     DEFAULT_MAX_PORTS, DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNT, DEFAULT_MIN_SESSIONS, CoverageNotReached,
     DeriveError, DeriveOptions, derive,
 )
+from enforcer.mcp_closure import DEFAULT_MAX_VALUES
 from enforcer.policy import PolicyError, dump_policy, load_policy
 from enforcer.name_closure import DEFAULT_MAX_NAME_LABELS, DEFAULT_MAX_NAME_SIBLINGS
 from sensor.profile import Profile
@@ -64,6 +65,9 @@ def register(sub) -> None:
                         f"(default {DEFAULT_MAX_NAME_LABELS})")
     p.add_argument("--max-siblings", type=int, default=DEFAULT_MAX_SIBLINGS,
                    help=f"more exec paths than this in one directory become /dir/* (default {DEFAULT_MAX_SIBLINGS})")
+    p.add_argument("--max-values", type=int, default=DEFAULT_MAX_VALUES,
+                   help=f"mcp: more distinct strings than this at one argument path are not an enumeration "
+                        f"(default {DEFAULT_MAX_VALUES})")
     p.add_argument("-k", "--stddev-k", type=float, default=DEFAULT_K,
                    help=f"probabilistic closure: soft-violation distance in standard deviations (default {DEFAULT_K:g})")
     p.add_argument("--coverage-threshold", type=float, default=DEFAULT_COVERAGE_THRESHOLD,
@@ -157,6 +161,7 @@ def options_from_args(args) -> DeriveOptions:
             max_siblings=args.max_siblings,
             max_name_siblings=args.max_name_siblings,
             max_name_labels=args.max_name_labels,
+            max_values=args.max_values,
             k=args.stddev_k,
             coverage_threshold=args.coverage_threshold,
             coverage_hours=args.coverage_hours,
@@ -201,6 +206,8 @@ def cmd_derive(args, config) -> int:
                f"{len(policy.names)} names, {len(policy.execs)} execs")
     if "file" in policy.substrates:
         allowed += f", {len(policy.files)} file entries"
+    if policy.mcp is not None:
+        allowed += f", {len(policy.mcp.calls)} MCP tools and prompts"
     if "iam" in policy.substrates:
         allowed += f", {len(policy.iam)} IAM statements for {policy.iam_identity or 'no known role'}"
     print(f"derived {policy.metadata_name} for {policy.workload.key}: closure {policy.closure}, mode "

@@ -46,6 +46,8 @@ def explanation(policy: Policy) -> dict:
         for k in ("reason", "detail", "flags", "addresses"):
             if p.get(k):
                 item[k] = p[k]
+        if ev.get("values"):
+            item["values"] = ev["values"]  # MCP argument elements: the values they were derived from
         if atom in statements:
             st = statements[atom]
             item.update(action=st.action, resource=st.resource, accessLevel=st.access_level)
@@ -73,6 +75,7 @@ def explanation(policy: Policy) -> dict:
         "watch": list(policy.watch),
         "detection": list(policy.detection),
         "coverage": conf.get("coverage") or {},
+        **({"mcpCatalog": dict(policy.mcp.catalog)} if policy.mcp is not None else {}),
     }
 
 
@@ -99,6 +102,13 @@ def _rules_text(clos: dict) -> list[str]:
             lines.append(f"exec: {r['rule']} when more than {r['siblingsAbove']} siblings, else exact")
         else:
             lines.append(f"{sub}: {r.get('rule')}")
+    m = rules.get("mcp")
+    if m:
+        a = m.get("arguments") or {}
+        text = f"mcp: {m.get('rule')}; arguments: {', '.join(a.get('rules') or [])}"
+        if "enumAbove" in a:
+            text += f" (enumeration up to {a['enumAbove']} values, directory prefix above {a['siblingsAbove']} siblings)"
+        lines.append(text)
     iam = rules.get("iam")
     if iam:
         res = iam.get("resources") or {}
@@ -161,6 +171,9 @@ def render_text(x: dict) -> str:
         why = a.get("reason") and f"admit: {a['reason']}" or a.get("detail") or a.get("note") or ""
         if a.get("addresses"):
             why = "; ".join(x for x in (why, "resolved to " + ", ".join(a["addresses"])) if x)
+        if a.get("values"):
+            shown = ", ".join(a["values"][:4]) + (" ..." if len(a["values"]) > 4 else "")
+            why += f" (seen: {shown})"
         if a.get("flags"):
             why = f"[FLAGGED {','.join(a['flags'])}] " + why
         seen = "" if a.get("observed", True) else " (companion)"
@@ -202,6 +215,11 @@ def render_text(x: dict) -> str:
         out.append(table(rows, ["key", "count", "sessions", "why"]).rstrip("\n"))
     out.append("")
     out.append(f"Watch ({len(x['watch'])}): " + (", ".join(x["watch"]) or "none"))
+    if "mcpCatalog" in x:
+        out.append("")
+        cat = x["mcpCatalog"]
+        out.append(f"MCP tool catalog ({len(cat)} tool definitions recorded; a changed one makes the policy stale)")
+        out += [f"  {name}: {h}" for name, h in cat.items()]
     if x["detection"]:
         out.append("")
         out.append(f"Detection ({len(x['detection'])} soft rules)")

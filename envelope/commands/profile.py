@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sensor.identity import UNRESOLVED_NAMESPACE
 from sensor.store import ProfileStore, ProfileStoreError
+from sensor.workload import SUBSTRATES
 
 from ..errors import UserError
 from ..output import add_output_option, emit, iso
@@ -18,7 +19,7 @@ def register(sub) -> None:
     lp.set_defaults(func=cmd_list)
     sp = psub.add_parser("show", help="show one workload's profile")
     sp.add_argument("name", help="workload: name, namespace/name or namespace/kind/name/container")
-    sp.add_argument("--substrate", choices=["syscall", "egress", "exec"], help="only this substrate")
+    sp.add_argument("--substrate", choices=SUBSTRATES, help="only this substrate")
     add_output_option(sp)
     sp.set_defaults(func=cmd_show)
 

@@ -1,7 +1,8 @@
 """``envelope violations [--workload NAME] [-o table|json|yaml]``: list recorded violations.
 
-Fields: time, workload, substrate (syscall, egress, exec, watch, detection), behaviour, action
-(denied or alerted) and count (identical records folded within one flush).
+Fields: time, workload, substrate (syscall, egress, exec, file, http, mcp, iam, watch,
+detection), behaviour, action (denied or alerted) and count (identical records folded within one
+flush). MCP gateway refusals and alerts (substrate ``mcp``) are listed beside the kernel's.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from ..output import add_output_option, emit, iso
 
 
 def register(sub) -> None:
-    p = sub.add_parser("violations", help="list denied and alerted behaviour (seccomp, egress, watch, detection)",
+    p = sub.add_parser("violations", help="list denied and alerted behaviour (seccomp, egress, MCP, watch, detection)",
                        description="List violations from the state dir. Exits 1 when any match "
                                    "(a finding), 0 when none do.")
     p.add_argument("--workload", help="only this workload (name or full key)")

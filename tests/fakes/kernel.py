@@ -144,9 +144,11 @@ class FakeDenialProbe:
         self.events_fd = next(_fds)
         kernel.rings[self.events_fd] = []
         self.watched: dict[int, tuple] = {}
+        self.sockets_restricted: dict[int, bool] = {}
 
-    def watch(self, cgroup_id, mode, deny_errno, allowed_syscalls=()):
+    def watch(self, cgroup_id, mode, deny_errno, allowed_syscalls=(), restrict_sockets=False):
         self.watched[cgroup_id] = (mode, deny_errno, tuple(sorted(allowed_syscalls)))
+        self.sockets_restricted[cgroup_id] = restrict_sockets
 
     def unwatch(self, cgroup_id):
         self.watched.pop(cgroup_id, None)
@@ -197,6 +199,8 @@ class FakeKernel:
         self.swaps: list[tuple] = []
         self.loads = 0
         self.probes: list[FakeDenialProbe] = []
+        self.moved: list[tuple[int, str]] = []  # (pid, cgroup path) moved by the session
+        self.gone_pids: set[int] = set()
 
     def _state(self, workload: str) -> Pinned:
         st = Pinned(workload, ring=next(_fds))
@@ -232,6 +236,11 @@ class FakeKernel:
 
     def ring_reader(self):
         return FakeRingReader(self)
+
+    def move_task(self, pid, cgroup_path):
+        if pid in self.gone_pids:
+            raise ProcessLookupError(3, "No such process")
+        self.moved.append((pid, cgroup_path))
 
     # -- what the kernel would do --
 

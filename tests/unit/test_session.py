@@ -222,3 +222,63 @@ def test_tampering_with_the_pinned_state_is_repaired_audited_and_reported(env):
     assert {p.split(",")[0] for p in v.detail["problems"]} >= {"mode is observe", "rules differ"}
     [entry] = audit.read(state, action="policy.tamper")
     assert entry["workload"] == W.key and "programs detached from 1 cgroups" in entry["details"]["problems"]
+
+
+def test_io_uring_operations_are_judged_against_the_cgroups_profile(env):
+    from sensor.events import IoUringOpRecord
+    kernel, session, paths, state, bpffs = env
+    s = session(denials=True, clock=time.time)
+    s.apply(policy(POD), "enforce", paths[:1])
+    [probe] = kernel.probes
+    [cid] = probe.watched
+    allowed = probe.watched[cid][2]
+    assert "openat" in allowed and "connect" not in allowed
+
+    def op(name, opcode):
+        return IoUringOpRecord.pack(type=IoUringOpRecord.type, version=1,
+                                    size=IoUringOpRecord.size(), cgroup_id=cid, pid=7,
+                                    opcode=opcode, op=name.encode())
+    kernel.rings[probe.events_fd] += [op("CONNECT", 16), op("OPENAT", 18), op("NOP", 0)]
+    [v] = s.poll_violations()
+    assert (v.workload, v.behaviour, v.action) == (POD.key, "syscall:connect", "alerted")
+    assert (v.detail["via"], v.detail["op"], v.detail["cgroup_id"]) == ("io_uring", "CONNECT", cid)
+
+
+def escape_record(src, dst, pid=70, path="/escape"):
+    from sensor.events import CgroupEscapeRecord
+    return CgroupEscapeRecord.pack(type=CgroupEscapeRecord.type, version=1,
+                                   size=CgroupEscapeRecord.size(), src_cgroup_id=src,
+                                   dst_cgroup_id=dst, pid=pid, by_pid=pid, dst_path=path.encode())
+
+
+def test_a_task_moved_out_of_its_cgroup_is_moved_back_audited_and_reported(env):
+    kernel, session, paths, state, bpffs = env
+    s = session(denials=True)
+    s.apply(policy(), "enforce", paths[:2])
+    [probe] = kernel.probes
+    a, b = (Path(p).stat().st_ino for p in paths[:2])
+    assert set(probe.watched) == {a, b}
+    kernel.rings[probe.events_fd] += [
+        escape_record(a, b),                    # into the same workload's other cgroup: fine
+        escape_record(a, 1, pid=71, path="/"),  # to the root: an escape
+    ]
+    [v] = s.poll_violations()
+    assert kernel.moved == [(71, paths[0])]
+    assert (v.workload, v.substrate, v.behaviour, v.action) == (W.key, "integrity", "cgroup:migration", "denied")
+    assert (v.detail["from"], v.detail["moved_back"], v.detail["pid"]) == (paths[0], True, 71)
+    [entry] = [e for e in audit.read(state) if e["action"] == "policy.escape"]
+    assert entry["workload"] == W.key and entry["reason"] == "moved back"
+    # a task that is gone by then cannot be moved back: still reported, as alerted
+    kernel.gone_pids.add(72)
+    kernel.rings[probe.events_fd].append(escape_record(b, 1, pid=72, path="/"))
+    [v] = s.poll_violations()
+    assert (v.action, v.detail["moved_back"]) == ("alerted", False) and "error" in v.detail
+
+
+def test_cgroups_of_a_policy_without_syscalls_are_watched_for_migrations_only(env):
+    kernel, session, paths, state, bpffs = env
+    s = session(denials=True)
+    s.apply(Policy(workload=W, mode="enforce", substrates=("egress",),
+                   egress=(EgressRule("tcp", "10.0.3.0/24", (443,)),)), "enforce", paths[:1])
+    [probe] = kernel.probes
+    assert [m for m, _, _ in probe.watched.values()] == ["watch"]

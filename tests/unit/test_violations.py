@@ -92,13 +92,25 @@ def test_from_record_egress_keys_and_actions():
 
 
 def test_from_record_seccomp_denial_and_alert():
-    raw = SeccompDenialRecord.pack(type=EV_SECCOMP_DENIAL, version=1, size=SeccompDenialRecord.size(),
+    raw = SeccompDenialRecord.pack(type=EV_SECCOMP_DENIAL, version=2, size=SeccompDenialRecord.size(),
                                    ktime=1, cgroup_id=5, pid=3, nr=124, ret=-1)
     r = from_record(raw, lambda cid: WL, 1.0)
     assert (r.substrate, r.behaviour, r.action, r.detail["errno"]) == ("syscall", "syscall:getsid", "denied", 1)
-    raw = SeccompDenialRecord.pack(type=EV_SECCOMP_DENIAL, version=1, size=SeccompDenialRecord.size(),
+    raw = SeccompDenialRecord.pack(type=EV_SECCOMP_DENIAL, version=2, size=SeccompDenialRecord.size(),
                                    ktime=1, cgroup_id=5, pid=3, nr=124, ret=0)
     assert from_record(raw, lambda cid: WL, 1.0).action == "alerted"
+
+
+def test_a_socket_stopped_by_its_arguments_names_the_socket():
+    raw = SeccompDenialRecord.pack(type=EV_SECCOMP_DENIAL, version=2, size=SeccompDenialRecord.size(),
+                                   ktime=1, cgroup_id=5, pid=3, nr=41, ret=-1, args0=17, args1=3 | 0x80000,
+                                   args2=0x0300)
+    r = from_record(raw, lambda cid: WL, 1.0, lambda cid: {"socket", "read"})
+    assert r.behaviour == "syscall:socket"
+    assert r.detail["socket"] == {"family": "AF_PACKET", "type": "SOCK_RAW", "protocol": "768"}
+    assert "NET_RAW" in r.detail["why"]
+    # a profile without socket at all: an ordinary denial, no argument story
+    assert "socket" not in from_record(raw, lambda cid: WL, 1.0, lambda cid: {"read"}).detail
 
 
 def test_from_record_counts_bad_records_instead_of_raising():

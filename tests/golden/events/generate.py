@@ -108,11 +108,13 @@ write("egress_violation", hdr(6, 56) + [
     "op": "connect", "proto": "tcp", "family": 4, "addr": "203.0.113.9", "port": 8443,
     "action": "denied", "behaviour_key": "connect:tcp:203.0.113.9:8443"})
 
-write("seccomp_denial", hdr(7, 40) + [
+write("seccomp_denial", hdr(7, 64, version=2) + [
     ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
-    ("nr", struct.pack("<I", 135)), ("ret", struct.pack("<q", -1)),
-], {"type": "seccomp_denial", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "nr": 135,
-    "name": "personality", "ret": -1, "behaviour_key": "syscall:personality"})
+    ("nr", struct.pack("<I", 41)), ("ret", struct.pack("<q", -1)),
+    ("args", struct.pack("<QQQ", 17, 3, 0x0300)),
+], {"type": "seccomp_denial", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "nr": 41,
+    "name": "socket", "ret": -1, "args": [17, 3, 768], "behaviour_key": "syscall:socket"})
+
 
 # A resolver's answer, laid out by hand: id 0x1a2b, flags 0x8180 (response, RD, RA, NOERROR),
 # one question, two answers: api.example.com CNAME edge.cdn.example.net (compressed owner),
@@ -144,3 +146,18 @@ write("dns_violation", hdr(17, 288) + [
     ("pad2", struct.pack("<H", 0)), ("name", cstr(b"evil.example.io", 256)),
 ], {"type": "dns_violation", "ktime": KTIME, "cgroup_id": 4242, "qtype": 28,
     "name": "evil.example.io", "action": "alerted", "behaviour_key": "dns:evil.example.io"})
+
+write("io_uring_op", hdr(40, 56) + [
+    ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
+    ("opcode", b"\x10"), ("sq_thread", b"\x00"), ("pad", struct.pack("<H", 0)),
+    ("op", cstr(b"CONNECT", 24)),
+], {"type": "io_uring_op", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "opcode": 16,
+    "op": "CONNECT", "sq_thread": False, "syscall": "connect", "behaviour_key": None})
+
+write("cgroup_escape", hdr(41, 304) + [
+    ("src_cgroup_id", struct.pack("<Q", 4242)), ("dst_cgroup_id", struct.pack("<Q", 1)),
+    ("pid", struct.pack("<I", 1002)), ("by_pid", struct.pack("<I", 1001)),
+    ("dst_level", struct.pack("<i", 0)), ("pad", struct.pack("<I", 0)),
+    ("dst_path", cstr(b"/", 256)),
+], {"type": "cgroup_escape", "ktime": KTIME, "src_cgroup_id": 4242, "dst_cgroup_id": 1,
+    "pid": 1002, "by_pid": 1001, "dst_level": 0, "dst_path": "/", "behaviour_key": None})
