@@ -40,9 +40,11 @@ from typing import Callable, Iterable, Protocol
 
 import structlog
 
+from sensor.state_dir import atomic_write
+
 from . import audit
 from .desired import desired_path, read_desired, write_desired
-from .egress import EgressError, EgressProgram, pin_dir_for, pinned_sets
+from .egress import EgressError, EgressProgram, existing_pin_dir, pin_dir_for, pinned_sets
 from .egress_rules import (
     EgressRuleError, Limits, compile_rules, effective_names, effective_rules, egress_mode,
 )
@@ -76,6 +78,8 @@ class KernelBackend(Protocol):
 
     def move_task(self, pid: int, cgroup_path: str) -> None: ...
 
+    def kill_task(self, pid: int) -> None: ...
+
 
 class RealKernel:
     """The kernel itself: :mod:`enforcer.egress`, :mod:`enforcer.denials`, :mod:`sensor.kernel`."""
@@ -102,6 +106,15 @@ class RealKernel:
         with open(os.path.join(cgroup_path, "cgroup.procs"), "w") as f:
             f.write(str(pid))
 
+    def kill_task(self, pid: int) -> None:
+        """SIGKILL task ``pid`` through a pidfd (raises OSError)."""
+        import signal
+        fd = os.pidfd_open(pid)
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        finally:
+            os.close(fd)
+
 
 # ---- results ----------------------------------------------------------------------------------
 
@@ -126,6 +139,39 @@ class Enforced:
     exceptions_sig: tuple = ()
     cgroups: set[str] = field(default_factory=set)
     seccomp_target: str = "workload"
+
+
+class _Desired:
+    """A workload's desired-state file with what it held before this change, so an apply or a
+    removal that fails puts it back as it was."""
+
+    def __init__(self, state_dir, workload):
+        self.state_dir = state_dir
+        self.path = desired_path(state_dir, workload)
+        try:
+            self.old: bytes | None = self.path.read_bytes()
+        except FileNotFoundError:
+            self.old = None
+        self.changed = False
+
+    def write(self, policy: Policy, mode: str) -> None:
+        self.changed = True
+        write_desired(self.state_dir, policy, mode)
+
+    def remove(self) -> None:
+        self.changed = True
+        self.path.unlink(missing_ok=True)
+
+    def restore(self) -> None:
+        if not self.changed:
+            return
+        try:
+            if self.old is None:
+                self.path.unlink(missing_ok=True)
+            else:
+                atomic_write(self.path, self.old)
+        except OSError as e:
+            log.error("desired state not restored", path=str(self.path), error=str(e))
 
 
 def _cgroup_id(path: str) -> int | None:
@@ -179,10 +225,10 @@ class EnforcementSession:
             return cur.program, False
         if not self.pinned:
             return self.backend.load_egress(workload.key, None, self.limits), True
-        pin = pin_dir_for(self.bpffs, workload.key)
+        pin = existing_pin_dir(self.bpffs, workload.key)
         if pin.is_dir() and any(pin.iterdir()):
             return self.backend.adopt_egress(pin, self.limits), False
-        return self.backend.load_egress(workload.key, pin, self.limits), True
+        return self.backend.load_egress(workload.key, pin_dir_for(self.bpffs, workload.key), self.limits), True
 
     # -- the seam --
 
@@ -215,6 +261,8 @@ class EnforcementSession:
         prog, created = self._program(workload) if needs_program else (None, False)
         results: list[CgroupResult] = []
         newly: list[str] = []
+        desired = _Desired(self.state_dir, workload) if self.pinned else None
+        swapped = False
         try:
             for p in paths:
                 if prog is None:
@@ -228,16 +276,35 @@ class EnforcementSession:
                 if was_new:
                     newly.append(p)
                 results.append(CgroupResult(p, True, attached=was_new))
-            # Rules swap last: a failure above leaves the active generation untouched, and
-            # write_policy cleans its own inactive generation when it fails. The state lock
-            # keeps a CLI apply and the daemon from swapping the same pinned set at once.
-            if prog is not None:
-                with locked(self.state_dir):
+            # The state lock keeps a CLI apply and the daemon from changing the same workload at
+            # once. Under it: the desired state, then the rules swap (the previous generation
+            # kept until the audit entry is written), then the audit entry. A failure at any
+            # step undoes the ones before it.
+            with locked(self.state_dir):
+                if desired is not None:
+                    desired.write(policy, mode)
+                if prog is not None:
                     prog.write_policy(rules, emode, policy_hash(policy),
-                                      grace=0.05 if self.pinned else 0, names=names)
-            if self.pinned:
-                write_desired(self.state_dir, policy, mode)
+                                      grace=0.05 if self.pinned else 0, names=names,
+                                      finish=False)
+                    swapped = True
+                if self.pinned:
+                    audit.append(self.state_dir, "policy.apply", workload=workload.key, reason=reason,
+                                 details={"mode": mode, "egress_mode": emode,
+                                          "policy_sha256": policy_hash(policy).hex(),
+                                          "cgroups": paths, "attached": newly,
+                                          "egress_entries": len(rules), "name_entries": len(names),
+                                          "exceptions": [e.id for e in excs]})
+                if prog is not None:
+                    prog.finish_swap()
         except BaseException as e:
+            if swapped:
+                try:
+                    prog.revert_swap()
+                except EgressError as re_:
+                    log.error("rollback of the rules swap failed", workload=workload.key, error=str(re_))
+            if desired is not None:
+                desired.restore()
             for p in newly:
                 try:
                     prog.detach(p)
@@ -264,13 +331,6 @@ class EnforcementSession:
         self.enforced[workload.key] = cur
         self._reader_dirty()
         self._watch_denials(cur, paths)
-        if self.pinned:
-            audit.append(self.state_dir, "policy.apply", workload=workload.key, reason=reason,
-                         details={"mode": mode, "egress_mode": emode,
-                                  "policy_sha256": policy_hash(policy).hex(),
-                                  "cgroups": paths, "attached": newly,
-                                  "egress_entries": len(rules), "name_entries": len(names),
-                                  "exceptions": [e.id for e in excs]})
         return results
 
     def attach_new_cgroup(self, workload, cgroup_path) -> CgroupResult:
@@ -365,11 +425,14 @@ class EnforcementSession:
         """Adopt every pinned set (after a restart), pairing it with its desired state.
 
         Nothing is re-attached or reloaded: the pinned programs are already attached and keep
-        enforcing; this only re-opens their maps so rules, mode and events are managed again.
+        enforcing; this only re-opens their maps so rules, mode and events are managed again. A
+        set is paired with the desired state whose workload's pin directory it is (the name is
+        bounded, so the pinned ``meta`` map may hold a truncated key); a set that anyone but
+        root could have changed is refused and reported.
         """
         if not self.pinned:
             return []
-        desired = {w.key: (w, p, m) for w, p, m in read_desired(self.state_dir)}
+        desired = {existing_pin_dir(self.bpffs, w.key): (w, p, m) for w, p, m in read_desired(self.state_dir)}
         adopted = []
         for pin in self.backend.pinned_egress(self.bpffs):
             if any(e.program is not None and e.program.pin_dir == pin
@@ -380,13 +443,14 @@ class EnforcementSession:
             except EgressError as e:
                 log.error("adopt failed", pin=str(pin), error=str(e))
                 continue
-            d = desired.get(prog.workload)
+            d = desired.get(pin)
             if d is None:
                 log.warning("pinned egress set without desired state; left as is",
                             workload=prog.workload, pin=str(pin))
                 prog.close()
                 continue
             w, policy, mode = d
+            prog.workload = w.key
             _gen, kmode = prog.state()
             cur = Enforced(w, policy, mode, prog, (), set(prog.cgroups().values()))
             self.enforced[w.key] = cur
@@ -409,26 +473,62 @@ class EnforcementSession:
             cur.program.close()
 
     def remove(self, workload, reason: str = "remove") -> bool:
-        """Detach from every cgroup, unpin, forget the desired state (audited when pinned)."""
+        """Detach from every cgroup, unpin, forget the desired state, all or nothing and audited
+        when pinned: if a step fails (the audit entry included), what was detached is attached
+        again, the pins and the desired state are put back, and :class:`ApplyError` is raised."""
+        from sensor.workload import Workload
         key = workload if isinstance(workload, str) else workload.key
-        cur = self.enforced.pop(key, None)
+        w = Workload.parse(key)
+        cur = self.enforced.get(key)
         prog = cur.program if cur else None
+        adopted = False
         if prog is None and self.pinned:
-            pin = pin_dir_for(self.bpffs, key)
+            pin = existing_pin_dir(self.bpffs, key)
             if pin.is_dir() and any(pin.iterdir()):
-                prog = self.backend.adopt_egress(pin, self.limits)
-        if prog is None and cur is None:
+                try:
+                    prog = self.backend.adopt_egress(pin, self.limits)
+                except EgressError as e:
+                    raise ApplyError(f"remove {key}: {e}; nothing removed") from e
+                adopted = True
+        desired = _Desired(self.state_dir, w) if self.pinned else None
+        if prog is None and cur is None and (desired is None or desired.old is None):
             return False
+        cgroups = sorted(set(cur.cgroups if cur else ()) | set(prog.cgroups().values() if prog else ()))
+        detached: list[str] = []
+        unpinned = False
+        try:
+            with locked(self.state_dir):
+                if desired is not None:
+                    desired.remove()
+                if prog is not None:
+                    for p in cgroups:
+                        was = os.path.isdir(p) and prog.attached(p)
+                        prog.detach(p)  # a vanished cgroup's record goes too
+                        if was:
+                            detached.append(p)
+                    prog.unpin()
+                    unpinned = True
+                if self.pinned:
+                    audit.append(self.state_dir, "policy.remove", workload=key, reason=reason,
+                                 details={"cgroups": detached})
+        except BaseException as e:
+            for p in detached:
+                try:
+                    prog.attach(p)
+                except EgressError as ae:
+                    log.error("rollback attach failed", cgroup=p, error=str(ae))
+            if unpinned:
+                prog.repin()
+            if desired is not None:
+                desired.restore()
+            if adopted:
+                prog.close()
+            raise ApplyError(f"remove {key}: {e}; rolled back, still enforced") from e
+        self.enforced.pop(key, None)
         self._reader_dirty()  # its ring buffer goes away with it
         self._unwatch_denials(key)
         if prog is not None:
-            for p in (cur.cgroups if cur else ()):
-                prog.detach(p)
-            prog.remove()
-        if self.pinned:
-            from sensor.workload import Workload
-            desired_path(self.state_dir, Workload.parse(key)).unlink(missing_ok=True)
-            audit.append(self.state_dir, "policy.remove", workload=key, reason=reason, details={})
+            prog.close()
         return True
 
     # -- visibility: egress violations from the program sets' ring buffers, seccomp denials --
@@ -520,7 +620,9 @@ class EnforcementSession:
         workload's cgroups: nothing to do. Into a child cgroup: the egress programs still apply
         (cgroup programs are inherited), so the child is watched as well. Anywhere else the
         task has walked out of its enforcement: it is moved back at once, the move is audited
-        as ``policy.escape`` and reported as an ``integrity`` violation."""
+        as ``policy.escape`` and reported as an ``integrity`` violation. Where it cannot be moved
+        back (the daemon in a pod has its own cgroup namespace, and the kernel refuses moves
+        whose common ancestor lies outside it) and the workload is in enforce mode, it is killed."""
         from .violations import Violation
         key = self._denial_cgroups.get(ev.src_cgroup_id)
         cur = self.enforced.get(key) if key else None
@@ -536,20 +638,28 @@ class EnforcementSession:
                      pid=ev.pid, cgroup=dst)
             self._watch_denials(cur, [dst])
             return
+        killed = False
         try:
             self.backend.move_task(ev.pid, src)
             moved, error = True, ""
-        except OSError as e:  # the task is gone, or the cgroup was removed
+        except OSError as e:  # the task is gone, the cgroup was removed, or out of our namespace
             moved, error = False, str(e)
-        detail = {"pid": ev.pid, "by_pid": ev.by_pid, "from": src, "to": dst, "moved_back": moved}
+            if cur.mode == "enforce" and not isinstance(e, ProcessLookupError):
+                try:
+                    self.backend.kill_task(ev.pid)
+                    killed = True
+                except OSError as k:
+                    error += f"; kill: {k}"
+        detail = {"pid": ev.pid, "by_pid": ev.by_pid, "from": src, "to": dst, "moved_back": moved,
+                  "killed": killed}
         if error:
             detail["error"] = error
         log.warning("task moved out of its enforced cgroup", workload=key, **detail)
+        reason = "moved back" if moved else "killed" if killed else "could not move back"
         if self.pinned:
-            audit.append(self.state_dir, "policy.escape", workload=key,
-                         reason="moved back" if moved else "could not move back", details=detail)
+            audit.append(self.state_dir, "policy.escape", workload=key, reason=reason, details=detail)
         self._pending.append(Violation(self.clock(), key, "integrity", "cgroup:migration",
-                                       "denied" if moved else "alerted", detail))
+                                       "denied" if moved or killed else "alerted", detail))
 
     def poll_violations(self, timeout_ms: int = 0, limit: int | None = None) -> list:
         """Violations that reached userspace since the last call, waiting up to ``timeout_ms``

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterable
 
-from sensor.state_dir import StateDir
+from sensor.state_dir import StateDir, private_dirs
 from sensor.events import (
     DecodeError, DnsViolationEvent, EgressViolationEvent, IoUringOpEvent, SeccompDenialEvent, decode,
 )
@@ -105,7 +105,7 @@ class ViolationStore:
         lines = "".join(json.dumps(v.to_dict(), sort_keys=True, default=str) + "\n" for v in violations)
         if not lines:
             return 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.path.parent)
         data = lines.encode()
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)

@@ -19,6 +19,7 @@ kubelet layouts of containerd, CRI-O and docker under the systemd and cgroupfs d
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import signal
@@ -151,6 +152,7 @@ class CgroupFS:
         self.root = Path(mount_point) if mount_point is not None else cgroup2_mount_point()
         self.proc_root = Path(proc_root)
         self._by_id: dict[int, str] = {}
+        self._owned: dict[str, int] = {}  # cgroup path -> fd holding its ownership lock
         self.walks = 0  # how many full walks were made (index rebuilds)
 
     # -- paths --
@@ -256,7 +258,12 @@ class CgroupFS:
     # -- create / move / remove --
 
     def make(self, rel: str) -> tuple[Path, int]:
-        """Create cgroup ``rel`` (and missing parents); returns (absolute path, id)."""
+        """Create cgroup ``rel`` (and missing parents) and own it; returns (absolute path, id).
+
+        Owning is an exclusive ``flock`` on the cgroup's directory, held by this process (the
+        descriptor is close-on-exec, so the workload never holds it) until :meth:`remove` or
+        the process's death: :func:`reap_orphans` takes a cgroup whose lock is free for one
+        whose owner died."""
         path = self.abspath(rel)
         if path == self.root:
             raise CgroupError("refusing to create the cgroup2 root")
@@ -264,9 +271,26 @@ class CgroupFS:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise CgroupError(f"mkdir cgroup {path}: {e}") from e
+        key = normalize_rel(rel)
+        if key not in self._owned:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as e:
+                raise CgroupError(f"own cgroup {path}: {e}") from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._owned[key] = fd
+            except BlockingIOError:  # made and owned by someone else already: theirs
+                os.close(fd)
         cid = cgroup_id(path)
-        self._by_id[cid] = normalize_rel(rel)
+        self._by_id[cid] = key
         return path, cid
+
+    def disown(self, rel: str) -> None:
+        """Give up the ownership lock of a cgroup this process made (done with it)."""
+        fd = self._owned.pop(normalize_rel(rel), None)
+        if fd is not None:
+            os.close(fd)
 
     def move(self, rel: str, pid: int) -> None:
         """Move ``pid`` (and, as the kernel does, only that thread group) into cgroup ``rel``."""
@@ -308,6 +332,7 @@ class CgroupFS:
         last: OSError | None = None
         for attempt in range(retries):
             if not path.exists():
+                self.disown(rel)
                 return
             if kill:
                 try:
@@ -319,6 +344,7 @@ class CgroupFS:
                     for d in dirs:
                         _rmdir(Path(dirpath) / d)
                 _rmdir(path)
+                self.disown(rel)
                 return
             except OSError as e:
                 last = e
@@ -339,6 +365,67 @@ class CgroupFS:
                 continue
             except OSError:
                 break
+
+
+#: An empty cgroup younger than this is left to its maker, who may not have locked it yet.
+ORPHAN_GRACE = 60.0
+
+
+def _populated(path: Path) -> bool:
+    try:
+        for line in (path / "cgroup.events").read_text().splitlines():
+            if line.startswith("populated "):
+                return line.split()[1] == "1"
+    except OSError:
+        pass
+    return False
+
+
+def reap_orphans(prefix: str, cgfs: CgroupFS | None = None, grace: float = ORPHAN_GRACE) -> list[str]:
+    """Kill and remove every cgroup directly under ``prefix`` whose owner is gone: no process
+    holds its ownership lock (see :meth:`CgroupFS.make`), so whatever runs in it was left
+    behind by a recorder or launcher that died (``kill -9``). Everything in it is killed with
+    one ``cgroup.kill`` write (the whole subtree), then it is removed. An empty cgroup younger
+    than ``grace`` seconds is left alone (its maker may be about to lock it); one with
+    processes in it was locked before they were moved in, so a free lock means an orphan.
+    Returns the cgroups reaped (relative paths). The one orphan reaper: ``envelope record``
+    (prefix ``/envelope.record``) and ``envelope exec`` call it at start."""
+    cgfs = cgfs or CgroupFS()
+    base = cgfs.abspath(prefix)
+    try:
+        children = sorted(e.name for e in os.scandir(base) if e.is_dir(follow_symlinks=False))
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise CgroupError(f"list cgroups under {base}: {e}") from e
+    reaped = []
+    for name in children:
+        rel = normalize_rel(f"{prefix}/{name}")
+        if rel in cgfs._owned:
+            continue
+        path = base / name
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue  # removed meanwhile
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its owner is alive
+            populated = _populated(path)
+            if not populated and time.time() - os.fstat(fd).st_ctime < grace:
+                continue
+            log.warning("reaping orphaned cgroup: its owner died", cgroup=rel, populated=populated)
+            try:
+                cgfs.remove(rel)
+            except CgroupError as e:
+                log.error("orphaned cgroup not reaped", cgroup=rel, error=str(e))
+                continue
+            reaped.append(rel)
+        finally:
+            os.close(fd)
+    return reaped
 
 
 def _rmdir(p: Path) -> None:
