@@ -1,13 +1,14 @@
-"""Blind spots of the name (DNS) view of egress, stated per workload in the review report.
+"""Blind spots of the name (DNS) view of egress, stated per workload with the review
+(``decisions.granularity.blindSpots.egress``, beside what the sensor found for other substrates).
 
 What the DNS programs cannot see, they cannot explain, so each of these is a finding, never
-ignored (pure: behaviour statistics in, review items out):
+ignored (pure: behaviour keys in, one line per finding out, ``KIND: why: keys``):
 
-* ``blind-spot:dns-over-tls``: connects to port 853. Names resolved over DoT are invisible;
+* ``dns-over-tls``: connects to port 853. Names resolved over DoT are invisible;
   their addresses are never learned, so under enforcement connects to them stay denied.
-* ``blind-spot:dns-over-https``: connects to well-known DNS-over-HTTPS resolvers (by name or
+* ``dns-over-https``: connects to well-known DNS-over-HTTPS resolvers (by name or
   address, on 443). Same consequence as DoT; the HTTPS channel itself may be allowed.
-* ``blind-spot:address-without-answer``: connects and sends to addresses no DNS answer to
+* ``address-without-answer``: connects and sends to addresses no DNS answer to
   this workload explained: hard-coded addresses, ``/etc/hosts`` entries, names resolved where the
   sensor cannot see (nscd or another cache outside the cgroup, DoH/DoT). They stay address
   entries, judged by the address rules only.
@@ -16,12 +17,9 @@ ignored (pure: behaviour statistics in, review items out):
 from __future__ import annotations
 
 import ipaddress
-from typing import Mapping
+from typing import Iterable
 
-from sensor.profile import BehaviourStats
 from sensor.workload import BehaviourKeyError, parse_name_key, parse_net_key
-
-from .elements import Element
 
 DOT_PORT = 853
 DOH_NAMES = frozenset({
@@ -37,18 +35,18 @@ DOH_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
 SHOWN = 10
 
 
-def _item(kind: str, keys: list[str], stats: Mapping[str, BehaviourStats], session_rule: str,
-          why: str) -> dict:
-    ev = Element(f"blind-spot:{kind}", "egress", "blind-spot", sorted(keys)).evidence(stats, session_rule)
-    shown = ", ".join(sorted(keys)[:SHOWN]) + (f" and {len(keys) - SHOWN} more" if len(keys) > SHOWN else "")
-    return {"key": f"blind-spot:{kind}", "substrate": "egress", "rule": "blind-spot", "evidence": ev,
-            "why": f"{why}: {shown}"}
+def _item(kind: str, keys: list[str], why: str) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:SHOWN]) + (f" and {len(keys) - SHOWN} more" if len(keys) > SHOWN else "")
+    return f"{kind}: {why}: {shown}"
 
 
-def blind_spots(stats: Mapping[str, BehaviourStats], session_rule: str = "union") -> list[dict]:
+def blind_spots(keys: Iterable[str]) -> list[str]:
+    """The findings for a workload's egress behaviour keys, sorted by kind."""
+    keys = list(keys)
     dot, doh, unexplained = [], [], []
-    uses_dns = any(k.startswith("dns:") for k in stats)
-    for k in stats:
+    uses_dns = any(k.startswith("dns:") for k in keys)
+    for k in keys:
         if not k.startswith(("connect:", "send:")):
             continue
         try:
@@ -72,11 +70,11 @@ def blind_spots(stats: Mapping[str, BehaviourStats], session_rule: str = "union"
             unexplained.append(k)
     out = []
     if dot:
-        out.append(_item("dns-over-tls", dot, stats, session_rule,
+        out.append(_item("dns-over-tls", dot,
                          "DNS over TLS (port 853) inside the workload: its names are invisible and "
                          "their addresses are never learned"))
     if doh:
-        out.append(_item("dns-over-https", doh, stats, session_rule,
+        out.append(_item("dns-over-https", doh,
                          "a DNS-over-HTTPS resolver: names resolved through it are invisible and "
                          "their addresses are never learned"))
     if unexplained:
@@ -84,5 +82,5 @@ def blind_spots(stats: Mapping[str, BehaviourStats], session_rule: str = "union"
                 "/etc/hosts, or names resolved outside the sensor's view)" if uses_dns else
                 "no DNS query was observed: every destination is an address (hard-coded, "
                 "/etc/hosts, or resolved outside the sensor's view, e.g. nscd or DoH)")
-        out.append(_item("address-without-answer", unexplained, stats, session_rule, lead))
-    return out
+        out.append(_item("address-without-answer", unexplained, lead))
+    return sorted(out)

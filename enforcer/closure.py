@@ -36,7 +36,7 @@ from typing import Callable
 
 from sensor.workload import BehaviourKeyError, is_name_key, parse_net_key
 
-from . import companions, file_closure, mcp_closure, name_closure
+from . import companions, file_closure, http_closure, mcp_closure, name_closure
 from .elements import Element
 from .policy import EgressRule
 
@@ -246,6 +246,15 @@ def _egress(mode: str) -> Builder:
     return build
 
 
+def _http(mode: str) -> Builder:
+    """The http substrate's closure (:mod:`enforcer.http_closure`): path templates, methods and
+    hosts never widened."""
+    def build(substrate: str, keys: list[str], opts, services: list) -> list[Element]:
+        els, bad = http_closure.elements(keys, mode, opts.max_siblings)
+        return els + [Element(k, substrate, "exact", [k], encodable=False) for k in bad]
+    return build
+
+
 def _mcp(mode: str) -> Builder:
     """The MCP substrate's key-level closure (:mod:`enforcer.mcp_closure`)."""
     def build(substrate: str, keys: list[str], opts, services: list) -> list[Element]:
@@ -280,6 +289,7 @@ BUILDERS: dict[str, dict[str, Builder]] = {
        for s in ("syscall", "exec")},
     "egress": {"literal": _egress("literal"), "structural": _egress("structural")},
     "file": {"literal": _files("literal"), "structural": _files("structural")},
+    "http": {"literal": _http("literal"), "structural": _http("structural")},
     "mcp": {"literal": _mcp("literal"), "structural": _mcp("structural")},
     "iam": {"literal": _iam("literal"), "structural": _iam("structural")},
 }
@@ -334,6 +344,8 @@ def rules(substrate: str, closure: str, opts, services: list) -> dict:
         }
     if substrate == "exec":
         return {"rule": "directory-pattern", "siblingsAbove": opts.max_siblings}
+    if substrate == "http":
+        return http_closure.rules(closure, opts.max_siblings)
     if substrate == "file":
         return {"rule": "directory-children+directory-tree", "siblingsAbove": opts.max_siblings,
                 "treeMinDepth": opts.file_tree_depth, "kinds": "never mixed",

@@ -75,7 +75,7 @@ from .closure import elements as closure_elements
 from .closure import rules as closure_rules
 from .elements import (DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNT, DEFAULT_MIN_SESSIONS, SESSION_RULES,
                        Element, admit_only, provenance_record, shortfall, substrate_or_none)
-from .blind_spots import blind_spots
+from .blind_spots import blind_spots as egress_blind_spots
 from .names import NameRule
 from .iamstatement import IDENTITY_FINGERPRINT, ROLE_ARN_RE, IamStatement
 from .mcp_envelope import McpAllow
@@ -483,13 +483,46 @@ def derive(profile: Profile, options: DeriveOptions | None = None) -> Policy:
     policy.decisions = _decisions(opts, conf, cov, profile.closed_sessions, services)
     if gran.unencoded:
         policy.decisions["granularity"]["unencoded"] = gran.unencoded
+    spots = blind_spots(profile, opts.substrates)
     if "egress" in opts.substrates:
         # What the name view of egress cannot see for this workload, stated with the review.
-        egress_stats = {k: stats[k] for k in gran.keys["egress"]}
-        spots = blind_spots(egress_stats, opts.session_rule)
-        if spots:
-            policy.decisions["granularity"]["blindSpots"] = spots
+        found = egress_blind_spots(gran.keys["egress"])
+        if found:
+            spots["egress"] = sorted(set(spots.get("egress", [])) | set(found))
+    if spots:
+        policy.decisions["granularity"]["blindSpots"] = spots
+    if "http" in opts.substrates:
+        policy.decisions["granularity"]["enforcement"] = {"http": dict(HTTP_ENFORCEMENT)}
     return policy
+
+
+#: What the http substrate does in each mode; recorded in every policy that encodes it.
+HTTP_ENFORCEMENT = {
+    "action": "kill-process",
+    "judged": "in the probe, on each request head before it is sent: method, Host and path "
+              "against allow.http",
+    "alert": "the request goes out and is reported at once with method, host, path and process",
+    "enforce": "the process is killed from the probe (SIGKILL; from an SSL_* uprobe before the "
+               "library encrypts anything) and the packets of a plaintext socket are dropped: "
+               "a probe here may signal, it may not make the call fail",
+    "notJudged": "HTTP/2 and requests the probe cannot parse are outside the envelope; TLS stacks "
+                 "without probes (see blindSpots) are not judged",
+}
+
+
+def blind_spots(profile: Profile, substrates) -> dict[str, list[str]]:
+    """What each encoded substrate could not see for this workload (its review report lists
+    them). The iam substrate sees AWS requests through the request capture: what the capture
+    cannot see, it cannot either."""
+    seen = profile.blind_spots()
+    out: dict[str, list[str]] = {}
+    for sub in substrates:
+        items = list(seen.get(sub, []))
+        if sub == "iam":
+            items += [f"request capture: {t}" for t in seen.get("http", [])]
+        if items:
+            out[sub] = sorted(set(items))
+    return out
 
 
 def _split_admits(admits) -> tuple[tuple, dict[str, str]]:
@@ -537,6 +570,7 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
     execs: set[str] = set()
     files: set[str] = set()
     names: set[NameRule] = set()
+    http: set[str] = set()
     mcp: list[str] = []
     iam: dict[str, tuple[str, str]] = {}
     provenance: list[dict] = []
@@ -557,6 +591,8 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
                 addrs = _addresses(profile, el.members)
                 if addrs:
                     base = {**base, "addresses": addrs}
+            elif sub == "http":
+                http.add(value.entry)
             elif sub == "mcp":
                 mcp.append(value)
             elif sub == "iam":
@@ -579,7 +615,7 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
     return Policy(
         workload=profile.workload, mode=opts.mode or "alert", substrates=tuple(opts.substrates),
         closure=opts.closure, syscalls=tuple(syscalls), egress=tuple(egress.values()),
-        execs=tuple(execs), files=tuple(files), names=tuple(names), iam=tuple(statements),
+        execs=tuple(execs), files=tuple(files), names=tuple(names), http=tuple(http), iam=tuple(statements),
         mcp=McpAllow.of_entries(mcp) if "mcp" in opts.substrates else None,
         provenance=tuple(provenance), low_confidence=low_confidence,
         iam_actions=opts.iam_actions,

@@ -23,6 +23,7 @@ Document layout (YAML or JSON; ``spec`` is also the body of the Kubernetes custo
         names:    [{name, maxLabels?, proto?, ports | portRange}, ...]  # egress by DNS name
         mcp:      {methods, tools, prompts, resources, catalog} # enforcer.mcp_envelope
         iam:      [{action, resource, accessLevel, rule}, ...]  # IAM statements (enforcer.iamstatement)
+        http:     [http:METHOD host/path-template, ...]         # sorted (enforcer.http_patterns)
       detection:  [{key, mean, std, k, sessions}, ...]          # probabilistic soft rules
       provenance: [{entry, substrate, rule, admitted, evidence, ...}, ...]
       review:     [{key, substrate, rule, evidence, behaviours}, ...]
@@ -32,8 +33,8 @@ Entry identifiers (used by provenance, review, ``explain``, ``diff`` and ``--adm
 ``syscall:NAME``, ``exec:PATH`` (or ``exec:/dir/*``), ``egress:PROTO:CIDR:PORTS`` where
 PORTS is one port (``443``) or an inclusive range (``8000-8100``), ``name:PATTERN``
 (resolve only) or ``name:PROTO:PATTERN:PORTS`` for names (:mod:`enforcer.names`),
-``file:KIND:PATTERN``, ``iam:ACTION RESOURCE``
-(``iam:s3:GetObject arn:aws:s3:::research-corpus-*/papers/*``), and the
+``file:KIND:PATTERN``, ``http:METHOD host/path`` (path segments may be ``{id}`` or
+``*``), ``iam:ACTION RESOURCE`` (``iam:s3:GetObject arn:aws:s3:::research-corpus-*/papers/*``), and the
 MCP entries of :mod:`enforcer.mcp_envelope` (``mcp:tools/call:git_log``,
 ``mcp:tools/call:git_log#repo_path:path-prefix:/srv/repo/**``, ...).
 
@@ -69,7 +70,7 @@ from sensor.workload import (
     substrate_of,
 )
 
-from . import file_patterns, iamstatement
+from . import file_patterns, http_patterns, iamstatement
 from .iamstatement import IamStatement, IamStatementError
 from .mcp_envelope import EnvelopeError, McpAllow
 from .mcp_envelope import parse_entry as parse_mcp_entry
@@ -84,7 +85,7 @@ PROTOS = ("tcp", "udp")
 _SYSCALL_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
 _NAME_RE = re.compile(r"[^a-z0-9.-]+")
 _SPEC_FIELDS = ("workload", "mode", "decisions", "allow", "detection", "provenance", "review", "watch")
-_ALLOW_FIELDS = ("syscalls", "egress", "execs", "files", "names", "mcp", "iam")
+_ALLOW_FIELDS = ("syscalls", "egress", "execs", "files", "names", "http", "mcp", "iam")
 _DECISION_FIELDS = ("granularity", "closure", "confidence", "validity")
 
 
@@ -221,6 +222,11 @@ def parse_entry(entry: str) -> tuple[str, Any]:
             return "egress", parse_name_entry(entry)
         except NameRuleError as e:
             raise PolicyError(str(e)) from None
+    if kind == "http":
+        try:
+            return "http", http_patterns.parse_entry(entry)
+        except http_patterns.HttpPatternError as e:
+            raise PolicyError(str(e)) from None
     if kind == "mcp":
         try:
             return "mcp", parse_mcp_entry(entry)
@@ -242,7 +248,7 @@ def parse_entry(entry: str) -> tuple[str, Any]:
         except (ValueError, PolicyError) as e:
             raise PolicyError(f"bad egress entry {entry!r}: {e}") from None
     raise PolicyError(f"bad entry {entry!r} (want syscall:NAME, exec:PATH, egress:PROTO:CIDR:PORTS, "
-                      f"name:PROTO:PATTERN:PORTS, file:KIND:PATTERN, iam:ACTION RESOURCE or an mcp: entry)")
+                      f"name:PROTO:PATTERN:PORTS, file:KIND:PATTERN, http:METHOD HOST/PATH, iam:ACTION RESOURCE or an mcp: entry)")
 
 
 def exec_matches(pattern: str, path: str) -> bool:
@@ -267,6 +273,7 @@ class Policy:
     execs: tuple[str, ...] = ()
     files: tuple[str, ...] = ()  # file:KIND:PATTERN entries (enforcer.file_patterns)
     names: tuple[NameRule, ...] = ()  # egress by DNS name (enforcer.names)
+    http: tuple[str, ...] = ()  # http:METHOD host/path entries (enforcer.http_patterns)
     mcp: McpAllow | None = None  # the MCP envelope (enforcer.mcp_envelope)
     iam: tuple[IamStatement, ...] = ()  # IAM statements (enforcer.iamstatement)
     watch: tuple[str, ...] = ()
@@ -305,6 +312,11 @@ class Policy:
         for e in self.files:
             kind, pattern = file_patterns.parse_entry(e)
             self._files_by_kind[kind] = self._files_by_kind.get(kind, ()) + (pattern,)
+        patterns = []
+        for i, e in enumerate(self.http):
+            patterns.append(_check_http(e, f"spec.allow.http[{i}]"))
+        self._http = tuple(sorted(set(patterns)))
+        self.http = tuple(p.entry for p in self._http)
         self.egress = tuple(sorted(set(self.egress), key=EgressRule.sort_key))
         self.names = tuple(sorted(set(self.names), key=NameRule.sort_key))
         self._name_table = NameTable(self.names)
@@ -334,7 +346,7 @@ class Policy:
     def entries(self) -> list[str]:
         """Every allowed entry identifier, in document order."""
         return ([f"syscall:{s}" for s in self.syscalls] + [r.id for r in self.egress]
-                + [r.id for r in self.names] + [f"exec:{e}" for e in self.execs] + list(self.files)
+                + [r.id for r in self.names] + [f"exec:{e}" for e in self.execs] + list(self.files) + list(self.http)
                 + [st.id for st in self.iam] + (self.mcp.entries() if self.mcp else []))
 
     @property
@@ -348,6 +360,11 @@ class Policy:
         ``cloud_identity:aws``), when the policy names exactly one."""
         values = (self.validity.get("fingerprint") or {}).get(iamstatement.IDENTITY_FINGERPRINT) or []
         return values[0] if len(values) == 1 else None
+
+    @property
+    def http_patterns(self) -> tuple:
+        """The allowed request patterns (:class:`enforcer.http_patterns.HttpPattern`), sorted."""
+        return self._http
 
     def allows(self, key: str) -> bool:
         """Is behaviour ``key`` inside the allowed set? Substrates the policy leaves out, and
@@ -371,6 +388,13 @@ class Policy:
             except file_patterns.FilePatternError:
                 return False
             return any(p.matches(path) for p in self._files_by_kind.get(kind, ()))
+        if substrate == "http":
+            from sensor.httpkeys import HttpKeyError, parse_key
+            try:
+                b = parse_key(key)
+            except HttpKeyError:
+                return False
+            return any(p.matches(b.method, b.host, b.path) for p in self._http)
         if substrate == "mcp":
             return self.mcp is not None and self.mcp.allows(key)
         if substrate == "iam":
@@ -434,6 +458,8 @@ class Policy:
             allow["files"] = list(self.files)
         if self.names:
             allow["names"] = [r.to_dict() for r in self.names]
+        if "http" in self.substrates or self.http:
+            allow["http"] = list(self.http)
         if "mcp" in self.substrates or self.mcp is not None:
             allow["mcp"] = (self.mcp or McpAllow()).to_dict()
         if "iam" in self.substrates or self.iam:
@@ -522,6 +548,9 @@ class Policy:
                 names.append(NameRule.from_dict(r, f"spec.allow.names[{i}]"))
             except NameRuleError as e:
                 raise PolicyError(str(e)) from None
+        http = _list(allow.get("http") or [], "spec.allow.http")
+        for i, e in enumerate(http):
+            _check_http(e, f"spec.allow.http[{i}]")
         mcp = None
         if allow.get("mcp") is not None:
             try:
@@ -566,8 +595,8 @@ class Policy:
 
         return cls(
             workload=workload, mode=mode, substrates=tuple(subs), closure=closure,
-            syscalls=tuple(syscalls), egress=egress, execs=tuple(execs), files=tuple(files), mcp=mcp,
-            names=tuple(names), iam=tuple(iam), watch=tuple(watch),
+            syscalls=tuple(syscalls), egress=egress, execs=tuple(execs), files=tuple(files),
+            names=tuple(names), http=tuple(http), mcp=mcp, iam=tuple(iam), watch=tuple(watch),
             detection=tuple(dict(r) for r in detection), decisions=_plain(dec),
             provenance=tuple(_plain(r) for r in provenance), review=tuple(_plain(r) for r in review),
             validity=validity, low_confidence=low, name=name or "",
@@ -676,6 +705,15 @@ def _check_file(e: Any, path: str) -> None:
     try:
         file_patterns.parse_entry(e)
     except file_patterns.FilePatternError as err:
+        raise PolicyError(f"{path}: {err}") from None
+
+
+def _check_http(e: Any, path: str):
+    if not isinstance(e, str):
+        raise PolicyError(f"{path}: {e!r} is not an http entry")
+    try:
+        return http_patterns.parse_entry(e)
+    except http_patterns.HttpPatternError as err:
         raise PolicyError(f"{path}: {err}") from None
 
 

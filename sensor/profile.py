@@ -158,6 +158,11 @@ class NodeContribution:
     capped: bool = False
     loss: dict[str, int] = field(default_factory=dict)
     fingerprints: dict[str, dict[str, float]] = field(default_factory=dict)  # key -> value -> last seen
+    # What a substrate could not see for this workload (substrate -> finding -> last seen), e.g.
+    # "http" -> "/usr/bin/agent: go crypto/tls: requests over TLS not observable".
+    blind_spots: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The TLS stack of each executable seen (exe -> "kind[:library]" -> last seen).
+    tls_stacks: dict[str, dict[str, float]] = field(default_factory=dict)
     caps: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_CAPS))
     # behaviour key -> evidence item (an address) -> [count, first seen, last seen]
     evidence: dict[str, dict[str, list]] = field(default_factory=dict)
@@ -353,6 +358,12 @@ class NodeContribution:
             for v, _ in sorted(values.items(), key=lambda kv: (kv[1], kv[0]))[:len(values) - MAX_FINGERPRINT_VALUES]:
                 del values[v]
 
+    def add_blind_spot(self, substrate: str, finding: str, ts: float) -> None:
+        self.blind_spots.setdefault(substrate, {})[finding] = ts
+
+    def add_tls_stack(self, exe: str, stack: str, ts: float) -> None:
+        self.tls_stacks.setdefault(exe, {})[stack] = ts
+
     def add_loss(self, counter: str, n: int) -> None:
         if n:
             self.loss[counter] = self.loss.get(counter, 0) + n
@@ -403,6 +414,10 @@ class NodeContribution:
             **({"evidence": {k: dict(sorted(v.items())) for k, v in sorted(self.evidence.items())}}
                if self.evidence else {}),
             "sessions_dropped": self.sessions_dropped,
+            **({"blind_spots": {k: dict(sorted(v.items())) for k, v in sorted(self.blind_spots.items())}}
+               if self.blind_spots else {}),
+            **({"tls_stacks": {k: dict(sorted(v.items())) for k, v in sorted(self.tls_stacks.items())}}
+               if self.tls_stacks else {}),
         }
         if self.arguments:
             d["arguments"] = self.arguments.pack()
@@ -436,6 +451,10 @@ class NodeContribution:
                       for k, v in d.get("evidence", {}).items()},
             sessions_dropped=int(d.get("sessions_dropped", 0)),
             arguments=arguments,
+            blind_spots={str(k): {str(a): float(b) for a, b in v.items()}
+                         for k, v in d.get("blind_spots", {}).items()},
+            tls_stacks={str(k): {str(a): float(b) for a, b in v.items()}
+                        for k, v in d.get("tls_stacks", {}).items()},
         )
 
 
@@ -566,6 +585,22 @@ class Profile:
         return {k: [v for v, _ in sorted(vals.items(), key=lambda kv: (kv[1], kv[0]))]
                 for k, vals in sorted(merged.items())}
 
+    def blind_spots(self) -> dict[str, list[str]]:
+        """What each substrate could not see, merged over nodes: substrate -> findings (sorted)."""
+        merged: dict[str, set] = {}
+        for n in self.nodes.values():
+            for k, vals in n.blind_spots.items():
+                merged.setdefault(k, set()).update(vals)
+        return {k: sorted(v) for k, v in sorted(merged.items())}
+
+    def tls_stacks(self) -> dict[str, list[str]]:
+        """The TLS stacks seen per executable, merged over nodes (sorted)."""
+        merged: dict[str, set] = {}
+        for n in self.nodes.values():
+            for k, vals in n.tls_stacks.items():
+                merged.setdefault(k, set()).update(vals)
+        return {k: sorted(v) for k, v in sorted(merged.items())}
+
     def coverage_timeline(self) -> list[tuple[float, str]]:
         """Each behaviour with the time it was first seen, oldest first."""
         return sorted(((s.first_seen, k) for k, s in self.behaviours().items()), key=lambda t: (t[0], t[1]))
@@ -657,6 +692,8 @@ class Profile:
             "capped": self.capped,
             "overflow": {k: {"count": o.count, "new_keys": o.new_keys} for k, o in self.overflow().items()},
             "fingerprints": self.fingerprints(),
+            "blind_spots": self.blind_spots(),
+            "tls": self.tls_stacks(),
             "nodes": sorted(self.nodes),
             "loss": self.loss(),
         }

@@ -63,7 +63,7 @@ def explanation(policy: Policy) -> dict:
         "lowConfidence": policy.low_confidence,
         "decisions": {
             "granularity": {"substrates": list(policy.substrates),
-                            "blindSpots": (policy.decisions.get("granularity") or {}).get("blindSpots", []),
+                            "blindSpots": (policy.decisions.get("granularity") or {}).get("blindSpots", {}),
                             "excluded": (policy.decisions.get("granularity") or {}).get("excluded", []),
                             "unencoded": (policy.decisions.get("granularity") or {}).get("unencoded", {})},
             "closure": {k: v for k, v in clos.items()},
@@ -204,15 +204,13 @@ def render_text(x: dict) -> str:
                      ev.get("lastSeen"), r.get("why")])
     if rows:
         out.append(table(rows, ["key", "rule", "count", "sessions", "first seen", "last seen", "why"]).rstrip("\n"))
-    spots = d["granularity"].get("blindSpots") or []
+    spots = d["granularity"].get("blindSpots") or {}
     if spots:
+        n = sum(len(v) for v in spots.values())
         out.append("")
-        out.append(f"Blind spots ({len(spots)}: what the sensor cannot see for this workload)")
-        rows = []
-        for r in spots:
-            ev = r.get("evidence") or {}
-            rows.append([r["key"], ev.get("count"), ev.get("sessions"), r.get("why")])
-        out.append(table(rows, ["key", "count", "sessions", "why"]).rstrip("\n"))
+        out.append(f"Blind spots ({n}: what the sensor cannot see for this workload)")
+        out.append(table([[sub, item] for sub, items in sorted(spots.items()) for item in items],
+                         ["substrate", "blind spot"]).rstrip("\n"))
     out.append("")
     out.append(f"Watch ({len(x['watch'])}): " + (", ".join(x["watch"]) or "none"))
     if "mcpCatalog" in x:

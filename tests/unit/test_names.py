@@ -181,7 +181,7 @@ def test_rotation_derives_one_name_entry_and_an_exact_resolver():
     # a held-out address is nobody's business here: the name decides
     assert pol.allows("connect:tcp:api.example.com:443") and pol.allows("dns:api.example.com")
     assert not pol.allows("connect:tcp:evil.example.com:443") and not pol.allows("dns:evil.example.com")
-    assert "blindSpots" not in pol.decisions["granularity"]
+    assert "egress" not in pol.decisions["granularity"].get("blindSpots", {})
     assert parse_policy(dump_policy(pol)).names == pol.names
     assert dump_policy(derive(rotation_profile(), DeriveOptions(substrates=("egress",))))  == dump_policy(pol)
 
@@ -196,11 +196,10 @@ def test_blind_spots_are_stated():
         node.observe(f"t{i}", "connect:tcp:dns.example.net:853", 1, T0 + i * DAY + 11)
         node.close_session(f"t{i}", T0 + i * DAY + 20)
     pol = derive(p, DeriveOptions(substrates=("egress",)))
-    spots = {s["key"]: s for s in pol.decisions["granularity"]["blindSpots"]}
-    assert set(spots) == {"blind-spot:dns-over-tls", "blind-spot:dns-over-https",
-                          "blind-spot:address-without-answer"}
-    assert spots["blind-spot:address-without-answer"]["evidence"]["behaviours"] == ["connect:tcp:203.0.113.9:443"]
-    assert "hard-coded" in spots["blind-spot:address-without-answer"]["why"]
+    spots = {s.split(":", 1)[0]: s for s in pol.decisions["granularity"]["blindSpots"]["egress"]}
+    assert set(spots) == {"dns-over-tls", "dns-over-https", "address-without-answer"}
+    assert spots["address-without-answer"].endswith(": connect:tcp:203.0.113.9:443")
+    assert "hard-coded" in spots["address-without-answer"]
 
 
 # ---- policy -----------------------------------------------------------------------------------
