@@ -27,11 +27,10 @@ counted in the kernel, getppid calls counted by the sensor.
 from __future__ import annotations
 
 import functools
-import os
 import random
 import subprocess
 
-from . import Cgroup, build_programs, parse_kv, progress, quartiles, ratio, summarize, unavailable
+from . import Cgroup, cgroup_bpf_missing, build_programs, parse_kv, progress, quartiles, ratio, summarize, unavailable
 
 TITLE = "Names (DNS) in the kernel: answer latency, learned connects, fresh lookups, syscall path"
 TARGETS = {"wrongly denied first connects": "== 0",
@@ -222,12 +221,9 @@ def syscall_cases(p: dict) -> tuple[dict, dict, list[str]]:
 
 
 def run(quick: bool = False) -> dict:
-    if os.geteuid() != 0:
-        return unavailable(TITLE, method(quick), "needs root (cgroup and BPF attach)", TARGETS)
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
-        return unavailable(TITLE, method(quick), "needs bcc (python3-bpfcc)", TARGETS)
+    missing = cgroup_bpf_missing()
+    if missing:
+        return unavailable(TITLE, method(quick), missing, TARGETS)
     p = params(quick)
     progs = build_programs(["dns_responder", "dns_client"])
     responder = Responder(progs["dns_responder"])

@@ -34,7 +34,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import Cgroup, parse_kv, progress, quartiles, ratio, summarize, unavailable
+from . import Cgroup, cgroup_bpf_missing, parse_kv, progress, quartiles, ratio, summarize, unavailable
 
 TITLE = "Egress enforcement: connect() cost (10,000 CIDR entries)"
 TARGETS = {"ns added per connect (10k entries)": "<= 1000",
@@ -207,12 +207,9 @@ def build_loop(tmp: Path) -> str:
 
 
 def run(quick: bool = False) -> dict:
-    if os.geteuid() != 0:
-        return unavailable(TITLE, method(quick), "needs root (cgroup and BPF attach)", TARGETS)
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
-        return unavailable(TITLE, method(quick), "needs bcc (python3-bpfcc)", TARGETS)
+    missing = cgroup_bpf_missing()
+    if missing:
+        return unavailable(TITLE, method(quick), missing, TARGETS)
     import socket
     from enforcer.policy import EgressRule
     p = params(quick)

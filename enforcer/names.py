@@ -24,6 +24,8 @@ from typing import Any, Iterable
 
 from sensor.workload import valid_name
 
+from . import ports as port_set
+
 PROTOS = ("tcp", "udp")
 DEFAULT_MAX_LABELS = 1
 
@@ -72,18 +74,12 @@ class NameRule:
             return
         if self.proto not in PROTOS:
             raise NameRuleError(f"proto: {self.proto!r} is not one of {', '.join(PROTOS)}")
-        for p in self.ports:
-            if not 0 < p < 65536:
-                raise NameRuleError(f"ports: {p} is not a port (1-65535)")
-        if self.port_range is not None:
-            lo, hi = (int(x) for x in self.port_range)
-            if not 0 < lo <= hi < 65536:
-                raise NameRuleError(f"portRange: {lo}-{hi} is not a port range")
-            if self.ports:
-                raise NameRuleError("ports: give either ports or portRange, not both")
-            object.__setattr__(self, "port_range", (lo, hi))
-        elif not self.ports:
-            raise NameRuleError("ports: empty (give ports or portRange with proto)")
+        try:
+            ports, port_range = port_set.checked(self.ports, self.port_range)
+        except port_set.PortsError as e:
+            raise NameRuleError(str(e)) from None
+        object.__setattr__(self, "ports", ports)
+        object.__setattr__(self, "port_range", port_range)
 
     @property
     def wildcard(self) -> bool:
@@ -91,9 +87,7 @@ class NameRule:
 
     @property
     def port_text(self) -> str:
-        if self.port_range is not None:
-            return f"{self.port_range[0]}-{self.port_range[1]}"
-        return ",".join(str(p) for p in self.ports)
+        return port_set.text(self.ports, self.port_range)
 
     @property
     def id(self) -> str:
@@ -112,10 +106,7 @@ class NameRule:
             d["maxLabels"] = self.max_labels
         if self.proto is not None:
             d["proto"] = self.proto
-            if self.port_range is not None:
-                d["portRange"] = {"min": self.port_range[0], "max": self.port_range[1]}
-            else:
-                d["ports"] = list(self.ports)
+            d.update(port_set.fields(self.ports, self.port_range))
         return d
 
     @classmethod

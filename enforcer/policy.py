@@ -71,6 +71,7 @@ from sensor.workload import (
 )
 
 from . import file_patterns, http_patterns, iamstatement
+from . import ports as port_set
 from .iamstatement import IamStatement, IamStatementError
 from .mcp_envelope import EnvelopeError, McpAllow
 from .mcp_envelope import parse_entry as parse_mcp_entry
@@ -119,20 +120,12 @@ class EgressRule:
             raise PolicyError(f"cidr: {self.cidr!r} is not a CIDR") from None
         object.__setattr__(self, "cidr", net.compressed)
         object.__setattr__(self, "_net", net)
-        ports = tuple(sorted(set(int(p) for p in self.ports)))
-        for p in ports:
-            if not 0 < p < 65536:
-                raise PolicyError(f"ports: {p} is not a port (1-65535)")
+        try:
+            ports, port_range = port_set.checked(self.ports, self.port_range)
+        except port_set.PortsError as e:
+            raise PolicyError(str(e)) from None
         object.__setattr__(self, "ports", ports)
-        if self.port_range is not None:
-            lo, hi = (int(x) for x in self.port_range)
-            if not (0 < lo <= hi < 65536):
-                raise PolicyError(f"portRange: {lo}-{hi} is not a port range (1 <= min <= max <= 65535)")
-            if ports:
-                raise PolicyError("ports: give either ports or portRange, not both")
-            object.__setattr__(self, "port_range", (lo, hi))
-        elif not ports:
-            raise PolicyError("ports: empty (give ports or portRange)")
+        object.__setattr__(self, "port_range", port_range)
 
     @property
     def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -151,9 +144,7 @@ class EgressRule:
 
     @property
     def port_text(self) -> str:
-        if self.port_range is not None:
-            return f"{self.port_range[0]}-{self.port_range[1]}"
-        return ",".join(str(p) for p in self.ports)
+        return port_set.text(self.ports, self.port_range)
 
     @property
     def id(self) -> str:
@@ -165,12 +156,7 @@ class EgressRule:
                 self.port_range or (0, 0), self.ports)
 
     def to_dict(self) -> dict:
-        d: dict[str, Any] = {"proto": self.proto, "cidr": self.cidr}
-        if self.port_range is not None:
-            d["portRange"] = {"min": self.port_range[0], "max": self.port_range[1]}
-        else:
-            d["ports"] = list(self.ports)
-        return d
+        return {"proto": self.proto, "cidr": self.cidr, **port_set.fields(self.ports, self.port_range)}
 
     @classmethod
     def from_dict(cls, d: Any, path: str = "egress") -> "EgressRule":
