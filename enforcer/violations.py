@@ -286,11 +286,18 @@ class Judge:
       is reported too. Soft violations: always ``alerted``.
     * ``exec``: with ``report_execs``, every exec outside the policy's allowed execs. Exec is
       observed and reported, not enforced (this needs BPF-LSM, which the kernel may refuse).
+    * ``capability``: with ``report_capabilities``, every granted capability check outside the
+      policy's capabilities, reported once per session and capability: the process held it, so
+      whoever starts it (the kubelet with the policy's ``securityContext.capabilities``, a launcher)
+      did not drop it.
     """
 
-    def __init__(self, policy, workload: str | None = None, report_execs: bool = False):
+    def __init__(self, policy, workload: str | None = None, report_execs: bool = False,
+                 report_capabilities: bool = False):
         self.workload = workload or str(policy.workload)
         self.report_execs = report_execs and "exec" in policy.substrates
+        self.report_capabilities = report_capabilities and "capability" in policy.substrates
+        self._capabilities: set[tuple[str, str]] = set()
         self.watch = frozenset(policy.watch)
         self.rules = {r["key"]: r for r in policy.detection}
         self.counts: dict[str, Counter] = {}
@@ -307,6 +314,11 @@ class Judge:
         c[key] += count
         if self.report_execs and key.startswith("exec:") and not self._safe_allows(key):
             out.append(Violation(now, self.workload, "exec", key, "alerted",
+                                 {"session": session, "enforced": False}, count))
+        if self.report_capabilities and key.startswith("capability:") and (session, key) not in self._capabilities \
+                and not self._safe_allows(key):
+            self._capabilities.add((session, key))
+            out.append(Violation(now, self.workload, "capability", key, "alerted",
                                  {"session": session, "enforced": False}, count))
         if key in self.watch and (session, key) not in self._watched:
             self._watched.add((session, key))
@@ -339,6 +351,7 @@ class Judge:
                                       "std": rule["std"], "k": rule["k"], "bound": "below",
                                       "threshold": round(lower, 6)}))
         self._watched = {x for x in self._watched if x[0] != session}
+        self._capabilities = {x for x in self._capabilities if x[0] != session}
         self._crossed = {x for x in self._crossed if x[0] != session}
         return out
 

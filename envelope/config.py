@@ -70,6 +70,10 @@ class Config:
     profile_namespace: str = field(default_factory=lambda: os.environ.get("POD_NAMESPACE", "envelope-system"))
     kubeconfig: str | None = None  # outside a pod, with cluster: "on"
     policy_sync_interval: float = 15.0  # seconds between policy-job rounds (retries, stale checks); policies are watched
+    # Count capability checks per cgroup (bpf/capabilities.c). On a kernel with no capability probe
+    # the sensor runs without it (one warning; `envelope doctor` says why) and sessions say so.
+    observe_capabilities: bool = True
+    capability_keys: int = 16384  # kernel counters of (cgroup, capability, granted/refused, phase)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, **overrides) -> "Config":
@@ -308,6 +312,8 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "profile_namespace": _text(_DNS_LABEL, "a Kubernetes namespace name", 63),
     "kubeconfig": _kubeconfig,
     "policy_sync_interval": _positive_seconds(86400),
+    "observe_capabilities": _boolean,
+    "capability_keys": _number(int, 64, 1 << 20),
     "http_capture": _boolean,
     "http_ringbuf_pages": _number(int, 1, 1 << 16, power_of_two=True),
     "http_tls_responses": _boolean,

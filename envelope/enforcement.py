@@ -106,9 +106,10 @@ class NodeEnforcement:
         return removed
 
     def _judge_for(self, policy: Policy, mode: str) -> None:
-        """Detection keeps running under enforcement: watch list, detection rules, and execs
-        outside the policy (exec is reported, not enforced)."""
-        self.judges[policy.workload] = Judge(policy, policy.workload.key, report_execs=mode != "observe")
+        """Detection keeps running under enforcement: watch list, detection rules, and execs and
+        capabilities outside the policy (reported: the node does not enforce them)."""
+        self.judges[policy.workload] = Judge(policy, policy.workload.key, report_execs=mode != "observe",
+                                             report_capabilities=mode != "observe")
 
     def _reconcile(self, force: bool = False) -> None:
         """Follow the desired states written by ``envelope enforce`` (only when they changed)."""

@@ -6,8 +6,35 @@ constructors directly.
 
 from __future__ import annotations
 
+import structlog
+
 from .config import Config
 from .errors import EnvironmentFailure
+
+log = structlog.get_logger("envelope.wiring")
+
+
+def sensor_extensions(config: Config) -> list:
+    """The program families the sensor loads beside its own, as the config asks: the capability
+    probe (left out, with one warning, on a kernel that has none), the request capture and the
+    DNS observation."""
+    out = []
+    if config.observe_capabilities:
+        from sensor import capability_observer
+
+        how, detail = capability_observer.available()
+        if how is None:
+            log.warning("capability checks are not observed", reason=detail,
+                        fix="see `envelope doctor` (capability_probe)")
+        else:
+            out.append(capability_observer.CapabilityObserver(max_keys=config.capability_keys, how=how))
+    capture = request_capture(config)
+    if capture is not None:
+        out.append(capture)
+    if config.dns:
+        from sensor.dns import DnsObserver
+        out.append(DnsObserver())
+    return out
 
 
 def request_capture(config: Config):
@@ -26,13 +53,8 @@ def open_sensor(config: Config):
     """Load and attach the probes, turning attach failures into one actionable line."""
     from sensor.probes import ProbeAttachError, Sensor
 
-    capture = request_capture(config)
-    extensions = [capture] if capture is not None else []
-    if config.dns:
-        from sensor.dns import DnsObserver
-        extensions.append(DnsObserver())
     sensor = Sensor(ringbuf_pages=config.ringbuf_pages, max_cgroups=config.max_cgroups,
-                    extensions=extensions)
+                    extensions=sensor_extensions(config))
     try:
         sensor.attach()
     except ProbeAttachError as e:

@@ -593,7 +593,8 @@ class RingReader:
 # ---- program families and the loader child ------------------------------------------------------
 
 #: Program kinds the loader knows: how BCC loads each and whether it attaches it.
-PROGRAM_KINDS = ("raw_tracepoint", "tracepoint", "cgroup_sock_addr", "cgroup_skb", "uprobe")
+PROGRAM_KINDS = ("raw_tracepoint", "tracepoint", "cgroup_sock_addr", "cgroup_skb", "uprobe", "kprobe",
+                 "kretprobe")
 _LOAD_TYPES = {"cgroup_sock_addr": BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
                "cgroup_skb": BPF_PROG_TYPE_CGROUP_SKB, "uprobe": BPF_PROG_TYPE_KPROBE}
 
@@ -608,7 +609,8 @@ class Program:
     """One program of a family.
 
     ``kind`` is one of :data:`PROGRAM_KINDS`. ``target`` says what the loader attaches it to:
-    the tracepoint (``cat:event``) or raw tracepoint name, ``"cgroup2-root"`` for a cgroup
+    the tracepoint (``cat:event``) or raw tracepoint name, the kernel function of a ``kprobe`` or
+    ``kretprobe`` (a perf event fd through the kprobe PMU: it lives as long as its fd), ``"cgroup2-root"`` for a cgroup
     program linked to the root of the cgroup v2 hierarchy (lives as long as its link fd), or
     ``""`` to load it only and hand back the program fd (the caller attaches it, e.g. to
     workload cgroups or to uprobes with :func:`uprobe_open`, or puts it in a program array). ``fn`` is the C function name (BCC's probe macros name
@@ -761,6 +763,13 @@ def _load_in_child(family: Family) -> list[tuple[str, int]]:
                 elif p.kind == "tracepoint":
                     b.attach_tracepoint(tp=p.target.encode(), fn_name=p.fn.encode())
                     out.append((f"attach:{p.fn}", b.tracepoint_fds[p.target.encode()]))
+                elif p.kind in ("kprobe", "kretprobe") and not p.target:  # load only (verified, not attached)
+                    out.append((f"prog:{p.fn}", b.load_func(p.fn.encode(), BPF.KPROBE).fd))
+                elif p.kind in ("kprobe", "kretprobe"):
+                    entry = p.kind == "kprobe"
+                    (b.attach_kprobe if entry else b.attach_kretprobe)(event=p.target.encode(), fn_name=p.fn.encode())
+                    ev_name = (b"p_" if entry else b"r_") + p.target.encode().replace(b"+", b"_").replace(b".", b"_")
+                    out.append((f"attach:{p.fn}", b.kprobe_fds[ev_name][p.fn.encode()]))
                 elif p.kind in _LOAD_TYPES:
                     fn = b.load_func(p.fn.encode(), _LOAD_TYPES[p.kind], attach_type=p.attach_type)
                     if p.target == "cgroup2-root":

@@ -34,6 +34,13 @@ DENIALS_MODE_ALERT = 1
 DENIALS_MODE_ENFORCE = 2
 DENIALS_MODE_WATCH = 0
 DENIAL_F_SOCKETS = 0x1
+CAPS_F_REFUSED = 1  # bpf/capabilities.h
+CAPS_F_AFTER_EXEC = 2
+CAPS_STAT_MAP_FULL = 0
+CAPS_STAT_UNKNOWN_CAP = 1
+CAPS_STAT_OVERCOMMIT = 2
+CAPS_STAT_STACK_WALKS = 3
+CAPS_STAT_SLOTS = 4
 HTTP_METHOD_MAX = 16  # bpf/http.h: what the probe compares of a request
 HTTP_HOST_MAX = 128
 HTTP_SEGMENT_MAX = 64
@@ -379,6 +386,36 @@ class DenialThread(Mirror):
     fields = (("nr", "I"), ("pad", "I"), ("cgroup_id", "Q"))
 
 
+# ---- bpf/capabilities.h ------------------------------------------------------------------------
+
+
+class CapKey(Mirror):
+    """Key of ``cap_counts``: one cgroup, one capability, granted or refused, before or after the
+    cgroup's first exec.
+
+    struct cap_key {
+        __u64 cgroup_id; /*  0 */
+        __u32 cap;       /*  8 capability number (0..CAPS_LAST_CAP) */
+        __u32 flags;     /* 12 CAPS_F_* */
+    };
+    """
+
+    c_name = "cap_key"
+    fields = (("cgroup_id", "Q"), ("cap", "I"), ("flags", "I"))
+
+
+class CapCount(Mirror):
+    """Value of ``cap_counts``: cumulative, never drained.
+
+    struct cap_count {
+        __u64 count;    /*  0 */
+        __u64 first_ns; /*  8 bpf_ktime_get_ns() of the first check */
+        __u64 last_ns;  /* 16 of the latest */
+    };
+    """
+
+    c_name = "cap_count"
+    fields = (("count", "Q"), ("first_ns", "Q"), ("last_ns", "Q"))
 # ---- bpf/http.h -------------------------------------------------------------------------------
 
 
@@ -507,6 +544,7 @@ MAP_MIRRORS = {
     "egress.h": (EgressKey4, EgressKey6, EgressPorts, EgressRule, EgressPortKey, EgressNameKey,
                  EgressNameRule, EgressLearnedKey, EgressLearned, EgressMeta, EgressCgroup),
     "denials.h": (DenialCgroup, DenialThread),
+    "capabilities.h": (CapKey, CapCount),
     "http.h": (HttpCgroup, HttpSockKey, HttpSock, HttpConnKey, HttpConn, HttpSslCall, HttpCtab, HttpEdgeKey),
 }
 U64 = struct.Struct("<Q")

@@ -27,6 +27,12 @@ Memory and file size are bounded, not only the number of keys:
   items for a list, such as a recorded command line), and each fingerprint keeps its
   :data:`MAX_FINGERPRINT_VALUES` most recent values.
 
+**Refused** attempts (checks the kernel refused, not keys a cap refused) are kept apart from
+behaviours: a capability check the kernel refused (``capability:NET_RAW`` in ``refused``) says
+what the workload tried without the privilege. It
+is evidence for reviewers and reconciliation, never a behaviour a policy could admit: counts and
+first/last seen per key, summed over nodes like the rest.
+
 A contribution that recorded MCP behaviours also carries their argument evidence
 (``arguments``, a :class:`sensor.mcp_evidence.ArgumentEvidence`: per ``mcp:`` behaviour kept in
 the contribution, the values seen at each argument path, bounded per key and per path). It merges
@@ -47,7 +53,7 @@ from .workload import SUBSTRATES, Workload, substrate_of
 SCHEMA_VERSION = 1
 DAY = 86400.0
 DEFAULT_CAPS = {"syscall": 1024, "egress": 4096, "exec": 2048, "file": 8192, "http": 4096,
-                "mcp": 2048, "iam": 2048}
+                "mcp": 2048, "iam": 2048, "capability": 64}
 # Each behaviour keeps the ids of the first sessions it was seen in, up to this many. The union of
 # these samples gives an envelope element's exact distinct-session count while every member's
 # sample is complete (confidence thresholds are far below the cap); beyond it, a lower bound.
@@ -144,6 +150,22 @@ class Overflow:
     last_seen: float = 0.0
 
 
+@dataclass(slots=True)
+class Refusal:
+    """What the kernel refused a workload, per key: how often and when first and last."""
+
+    count: int
+    first_seen: float
+    last_seen: float
+
+    def pack(self) -> list:
+        return [self.count, self.first_seen, self.last_seen]
+
+    @classmethod
+    def unpack(cls, v: list) -> "Refusal":
+        return cls(int(v[0]), float(v[1]), float(v[2]))
+
+
 @dataclass
 class NodeContribution:
     node: str
@@ -168,6 +190,7 @@ class NodeContribution:
     evidence: dict[str, dict[str, list]] = field(default_factory=dict)
     sessions_dropped: int = 0  # session records let go past MAX_SESSIONS (oldest closed first)
     arguments: object = None  # sensor.mcp_evidence.ArgumentEvidence of the mcp behaviours, or None
+    refused: dict[str, Refusal] = field(default_factory=dict)  # refused attempts, by behaviour key
     _per_substrate: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
     # (session, key) refused by a cap, remembered in memory only and at most REFUSED_SAMPLE
     _refused: set = field(default_factory=set, repr=False, compare=False)
@@ -346,7 +369,7 @@ class NodeContribution:
 
     @property
     def empty(self) -> bool:
-        return not self.sessions and not self.behaviours
+        return not self.sessions and not self.behaviours and not self.refused
 
     def add_fingerprint(self, key: str, value: str, ts: float) -> None:
         key, value = key[:MAX_META_LEN], value[:MAX_META_LEN]
@@ -358,6 +381,25 @@ class NodeContribution:
             for v, _ in sorted(values.items(), key=lambda kv: (kv[1], kv[0]))[:len(values) - MAX_FINGERPRINT_VALUES]:
                 del values[v]
 
+    def add_refusal(self, key: str, count: int, ts: float, first: float | None = None) -> None:
+        """Add ``count`` refused attempts of ``key`` (not a behaviour: see the module docstring),
+        bounded like the behaviours of its substrate (past the cap, counted as overflow)."""
+        if count <= 0:
+            return
+        first = ts if first is None else min(first, ts)
+        r = self.refused.get(key)
+        if r is None:
+            substrate = substrate_of(key)
+            if sum(1 for k in self.refused if substrate_of(k) == substrate) >= self.caps.get(
+                    substrate, DEFAULT_CAPS.get(substrate, 1024)):
+                self._overflow(substrate, count, ts, new=True)
+                self.capped = True
+                return
+            self.refused[key] = Refusal(count, first, ts)
+            return
+        r.count += count
+        r.first_seen = min(r.first_seen, first)
+        r.last_seen = max(r.last_seen, ts)
     def add_blind_spot(self, substrate: str, finding: str, ts: float) -> None:
         self.blind_spots.setdefault(substrate, {})[finding] = ts
 
@@ -421,6 +463,8 @@ class NodeContribution:
         }
         if self.arguments:
             d["arguments"] = self.arguments.pack()
+        if self.refused:
+            d["refused"] = {k: v.pack() for k, v in sorted(self.refused.items())}
         return d
 
     @classmethod
@@ -451,6 +495,7 @@ class NodeContribution:
                       for k, v in d.get("evidence", {}).items()},
             sessions_dropped=int(d.get("sessions_dropped", 0)),
             arguments=arguments,
+            refused={str(k): Refusal.unpack(v) for k, v in (d.get("refused") or {}).items()},
             blind_spots={str(k): {str(a): float(b) for a, b in v.items()}
                          for k, v in d.get("blind_spots", {}).items()},
             tls_stacks={str(k): {str(a): float(b) for a, b in v.items()}
@@ -524,6 +569,22 @@ class Profile:
             if ev:
                 out = out.merged(ev.relabelled(f"{name}/"))
         return out
+
+    def refused(self) -> dict[str, Refusal]:
+        """Refused attempts per key, summed over nodes, sorted by key."""
+        out: dict[str, Refusal] = {}
+        for name in sorted(self.nodes):
+            for k, r in self.nodes[name].refused.items():
+                p = out.get(k)
+                out[k] = Refusal(r.count, r.first_seen, r.last_seen) if p is None else Refusal(
+                    p.count + r.count, min(p.first_seen, r.first_seen), max(p.last_seen, r.last_seen))
+        return dict(sorted(out.items()))
+
+    def observed_sessions(self, substrate: str) -> int:
+        """Sessions whose recorder says it observed ``substrate`` (session meta ``observed``;
+        see :data:`sensor.workload.MARKED_SUBSTRATES`)."""
+        return sum(1 for n in self.nodes.values() for s in n.sessions.values()
+                   if substrate in (s.meta.get("observed") or ()))
 
     def sessions(self) -> list[SessionRecord]:
         recs = [s for n in self.nodes.values() for s in n.sessions.values()]
@@ -692,6 +753,11 @@ class Profile:
             "capped": self.capped,
             "overflow": {k: {"count": o.count, "new_keys": o.new_keys} for k, o in self.overflow().items()},
             "fingerprints": self.fingerprints(),
+            "refused": [
+                {"key": k, "substrate": substrate_of(k), "count": r.count, "first_seen": r.first_seen,
+                 "last_seen": r.last_seen}
+                for k, r in self.refused().items()
+            ],
             "blind_spots": self.blind_spots(),
             "tls": self.tls_stacks(),
             "nodes": sorted(self.nodes),

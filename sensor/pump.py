@@ -259,6 +259,8 @@ class Pump:
             make = getattr(ext, "attributor", None)
             if make is not None:
                 aggregator.attributors.append(make())
+        if sensor is not None:  # sessions record the marked substrates their sensor observes
+            aggregator.observed = tuple(sensor.observed_substrates())
 
     @property
     def paths(self) -> dict[int, str]:
@@ -323,7 +325,8 @@ class Pump:
         st.completed += self.binding.refresh(self.agg)
         counts = self.sensor.syscall_counts(after_exec=self.binding.image_only)
         self.agg.on_counts(counts, time.time())
-        self.agg.on_key_counts(self.sensor.behaviour_counts())
+        self.agg.on_refused_counts(self.sensor.refused_counts(after_exec=self.binding.image_only))
+        self.agg.on_key_counts(self.sensor.behaviour_counts(after_exec=self.binding.image_only))
         st.loss = self._loss_delta()
         if st.loss:
             self.agg.add_loss(st.loss, self.binding.loss_workloads(self.agg))

@@ -1,4 +1,4 @@
-"""``envelope compile POLICY --format oci-seccomp|spo|networkpolicy|cilium|iam [--out FILE]``.
+"""``envelope compile POLICY --format oci-seccomp|spo|networkpolicy|cilium|iam|k8s-capabilities [--out FILE]``.
 
 Network exports take the cluster's Services (``--services FILE`` or ``--services-from-cluster``)
 so that ClusterIP destinations are exported as the Services' pods (see :mod:`enforcer.netexport`).
@@ -6,6 +6,10 @@ so that ClusterIP destinations are exported as the Services' pods (see :mod:`enf
 ``--format iam`` writes the IAM policy document of the policy's ``spec.allow.iam`` statements
 for ``--iam-target boundary|managed|role|session`` (:mod:`enforcer.iamdocument`, which states
 AWS's size limit for each); the size against the limit goes to standard error.
+
+``--format k8s-capabilities`` writes the container ``securityContext.capabilities`` of the
+policy's ``spec.allow.capabilities`` (:mod:`enforcer.capabilities`): ``drop: [ALL]`` and the
+allowed ones added back.
 
 Compiles a policy file into an enforcement artefact. A malformed policy gives one error line and
 writes nothing; ``--out FILE`` is written atomically, so an existing file is either replaced
@@ -18,6 +22,7 @@ import json
 import sys
 from pathlib import Path
 
+from enforcer import capabilities as capability_sets
 from enforcer import exceptions as exc_store
 from enforcer import iamdocument, netexport, seccomp
 from enforcer.policy import PolicyError, load_policy
@@ -26,12 +31,12 @@ from enforcer.runtime import RUNTIMES
 from ..errors import UserError
 from ..output import write_file
 
-FORMATS = ("oci-seccomp", "spo", "networkpolicy", "cilium", "iam")
+FORMATS = ("oci-seccomp", "spo", "networkpolicy", "cilium", "iam", "k8s-capabilities")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("compile", help="compile a policy to OCI seccomp, SPO, NetworkPolicy, Cilium or an "
-                                       "IAM policy document")
+    p = sub.add_parser("compile", help="compile a policy to OCI seccomp, SPO, NetworkPolicy, Cilium, an "
+                                       "IAM policy document or a container's securityContext.capabilities")
     p.add_argument("policy", help="policy file (YAML or JSON)")
     p.add_argument("--format", "-f", required=True, choices=FORMATS, help="output format")
     p.add_argument("--mode", choices=seccomp.MODES, default=None,
@@ -42,7 +47,8 @@ def register(sub) -> None:
     p.add_argument("--arch", choices=sorted(seccomp.ARCHITECTURES), default="x86_64",
                    help="target machine architecture (seccomp formats; default x86_64)")
     p.add_argument("--with-exceptions", action="store_true",
-                   help="also allow syscalls of the workload's active exceptions (state dir)")
+                   help="also allow syscalls (seccomp formats) or capabilities (k8s-capabilities) of the "
+                        "workload's active exceptions (state dir)")
     p.add_argument("--pod-label", action="append", metavar="KEY=VALUE",
                    help="pod selector label for network exports (default app=<workload name>); "
                         "repeat for several")
@@ -60,8 +66,8 @@ def register(sub) -> None:
                    help="write where each seccomp rule, or each IAM document statement, came from (JSON) to FILE")
     p.add_argument("--out", metavar="FILE", help="write to FILE (atomically) instead of stdout")
     p.add_argument("-o", "--output", choices=["json", "yaml"], default=None,
-                   help="serialization (default: json for oci-seccomp and iam, yaml for the Kubernetes objects; "
-                        "an IAM policy document is JSON only)")
+                   help="serialization (default: json for oci-seccomp and iam, yaml for the Kubernetes objects "
+                        "and k8s-capabilities; an IAM policy document is JSON only)")
     p.set_defaults(func=cmd_compile)
 
 
@@ -82,6 +88,9 @@ def render(policy, args, state_dir) -> tuple[str, dict | None]:
             print("envelope: note: STS also bounds a session policy's packed size (PackedPolicySize), which "
                   "cannot be computed offline", file=sys.stderr)
         return doc.text, doc.report()
+    if args.format == "k8s-capabilities":
+        extra = exc_store.capability_allowances(state_dir, policy.workload) if args.with_exceptions else ()
+        return serialize(capability_sets.k8s_capabilities(policy, extra), args.output or "yaml"), None
     if args.format in ("oci-seccomp", "spo"):
         extra = None
         if args.with_exceptions:
@@ -150,11 +159,14 @@ def cmd_compile(args, config) -> int:
         policy = load_policy(args.policy)
         text, report = render(policy, args, config.state_dir)
     except (PolicyError, seccomp.SeccompCompileError, netexport.NetExportError,
-            exc_store.ExceptionError, iamdocument.IamDocumentError) as e:
+            exc_store.ExceptionError, iamdocument.IamDocumentError, capability_sets.CapabilityCompileError) as e:
         raise UserError(str(e)) from None
     if args.format in ("networkpolicy", "cilium") and policy.mode != "enforce":
         print(f"envelope: note: policy mode is {policy.mode}; a {args.format} export always "
               f"enforces (the mode is kept as an annotation)", file=sys.stderr)
+    if args.format == "k8s-capabilities" and policy.mode != "enforce":
+        print(f"envelope: note: policy mode is {policy.mode}; the kubelet enforces a container's capabilities "
+              f"whatever the mode", file=sys.stderr)
     if args.format == "iam" and policy.mode != "enforce":
         print(f"envelope: note: policy mode is {policy.mode}; AWS enforces an attached IAM document "
               f"whatever the mode", file=sys.stderr)

@@ -8,6 +8,9 @@ checked first; ``--force`` derives anyway, marked low-confidence and in alert mo
 ``--substrates ...,iam`` derives IAM statements from the profile's ``aws:`` behaviours, for the
 role of the ``cloud_identity:aws`` fingerprint (or ``--fingerprint cloud_identity:aws=ARN``); it
 needs policy_sentry (``pip install 'envelope-least-privilege[iam]'``).
+
+The capability substrate is derived only from sessions the capability probe observed; a profile
+with none leaves it out, and says so on standard error and in ``granularity.unobserved``.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def register(sub) -> None:
     p.add_argument("--closure", default="structural",
                    help="literal | structural | probabilistic (default structural)")
     p.add_argument("--substrates", default=",".join(DEFAULT_SUBSTRATES),
-                   help="comma-separated substrates to encode (default syscall,egress,exec)")
+                   help="comma-separated substrates to encode (default syscall,egress,exec,capability)")
     p.add_argument("--min-count", action="append", metavar="N|SUBSTRATE=N",
                    help=f"occurrences needed (default {DEFAULT_MIN_COUNT}); repeat for per-substrate values")
     p.add_argument("--min-sessions", action="append", metavar="M|SUBSTRATE=M",
@@ -209,11 +212,15 @@ def cmd_derive(args, config) -> int:
         allowed += f", {len(policy.mcp.calls)} MCP tools and prompts"
     if "iam" in policy.substrates:
         allowed += f", {len(policy.iam)} IAM statements for {policy.iam_identity or 'no known role'}"
+    if "capability" in policy.substrates:
+        allowed += f", {len(policy.capabilities)} capabilities"
     print(f"derived {policy.metadata_name} for {policy.workload.key}: closure {policy.closure}, mode "
           f"{policy.mode}{flag}; allow {allowed}; {len(policy.review)} in review, {len(policy.watch)} watched; new "
           f"behaviours in the last {cov['hours']:g} h: {new}"
           + (f"; events lost while recording: {sum(cov['loss'].values())}" if cov.get("loss") else "")
           + (f"; written to {args.out}" if args.out else ""), file=sys.stderr)
+    for sub, why in sorted((policy.decisions["granularity"].get("unobserved") or {}).items()):
+        print(f"envelope: note: substrate {sub} left out: {why}", file=sys.stderr)
     return 0
 
 

@@ -1,6 +1,6 @@
 """``envelope violations [--workload NAME] [-o table|json|yaml]``: list recorded violations.
 
-Fields: time, workload, substrate (syscall, egress, exec, file, http, mcp, iam, watch,
+Fields: time, workload, substrate (syscall, egress, exec, file, http, mcp, iam, capability, watch,
 detection), behaviour, action (denied or alerted) and count (identical records folded within one
 flush). MCP gateway refusals and alerts (substrate ``mcp``) are listed beside the kernel's.
 """

@@ -159,6 +159,9 @@ def test_type_numbers_match_and_are_unique():
     *[(mirrors, "denials.h", n) for n in ("DENIALS_NR_SLOTS", "DENIALS_MODE_ALERT",
                                           "DENIALS_MODE_ENFORCE", "DENIALS_MODE_WATCH",
                                           "DENIAL_F_SOCKETS")],
+    *[(mirrors, "capabilities.h", n) for n in ("CAPS_F_REFUSED", "CAPS_F_AFTER_EXEC", "CAPS_STAT_MAP_FULL",
+                                               "CAPS_STAT_UNKNOWN_CAP", "CAPS_STAT_OVERCOMMIT", "CAPS_STAT_STACK_WALKS",
+                                               "CAPS_STAT_SLOTS")],
     *[(events, "events.h", n) for n in (
         "HTTP_CAPTURE_MAX", "HTTP_CAPTURE_HEAD_SIZE", "HTTP_F_TLS", "HTTP_F_RESPONSE", "HTTP_F_HEAD",
         "HTTP_F_BODY", "HTTP_F_TRUNCATED", "HTTP_F_H2", "HTTP_F_UNPARSED", "HTTP_F_TLS_RECORD",
@@ -211,9 +214,10 @@ def test_program_sources_include_their_headers():
     src = {p.name: p.read_text() for p in BPF.glob("*.c")}
     assert '#include "egress.h"' in src["egress.c"]
     assert '#include "denials.h"' in src["denials.c"]
+    assert '#include "capabilities.h"' in src["capabilities.c"]
     assert '#include "http.h"' in src["http.c"]
     for name, text in src.items():
-        for header in ("egress.h", "denials.h", "http.h"):
+        for header in ("egress.h", "denials.h", "capabilities.h", "http.h"):
             body = _strip_comments(text)
             for struct_name, (h, _) in STRUCTS.items():
                 if h == header:

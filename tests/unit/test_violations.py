@@ -175,3 +175,24 @@ def test_judge_reports_execs_outside_the_policy_only_when_asked():
     # a policy that leaves exec out allows every exec
     assert Judge(Policy(Workload.host("j"), substrates=("syscall",)), report_execs=True).observe(
         "s", "exec:/usr/bin/curl", 1, 4.0) == []
+
+
+def test_judge_reports_capabilities_outside_the_policy_once_per_session():
+    from enforcer.policy import Policy
+    from enforcer.violations import SUBSTRATES, Judge, Violation
+    from sensor.workload import Workload
+
+    assert "capability" in SUBSTRATES  # violations take every substrate
+    Violation(1.0, "host/Unit/j/main", "capability", "capability:SYS_ADMIN", "denied", {})
+    pol = Policy(Workload.host("j"), substrates=("capability",), capabilities=("CHOWN",))
+    j = Judge(pol, report_capabilities=True)
+    assert j.observe("s", "capability:CHOWN", 3, 1.0) == []
+    [v] = j.observe("s", "capability:SYS_ADMIN", 2, 2.0)
+    assert (v.substrate, v.behaviour, v.action, v.count, v.detail["enforced"]) == \
+        ("capability", "capability:SYS_ADMIN", "alerted", 2, False)
+    assert j.observe("s", "capability:SYS_ADMIN", 1, 3.0) == []  # once per session
+    j.close_session("s", 4.0)
+    assert len(j.observe("s2", "capability:SYS_ADMIN", 1, 5.0)) == 1
+    assert Judge(pol).observe("s", "capability:SYS_ADMIN", 1, 3.0) == []
+    assert Judge(Policy(Workload.host("j"), substrates=("syscall",)), report_capabilities=True).observe(
+        "s", "capability:SYS_ADMIN", 1, 4.0) == []
