@@ -18,7 +18,8 @@ Structural rules, named in each element and in provenance:
   that is not at or above a public suffix, with at most ``max_name_labels`` labels in front;
   a destination on port 53 is a resolver and stays one exact address (``dns-resolver``), so
   the resolvers the workload used are explicit entries of the policy.
-* file: :mod:`enforcer.file_closure`;
+* file: ``exact``, ``exact:sensitive``, ``directory-children`` (``dir/*``) or ``directory-tree``
+  (``dir/**``), per access kind (:mod:`enforcer.file_closure`);
 * mcp: tools and prompts ``exact`` by name, resources ``uri-template`` or ``url-pattern``
   (:mod:`enforcer.mcp_closure`; the argument envelopes of allowed tools are derived there too,
   from the profile's argument evidence, after the confidence decision);
@@ -198,7 +199,7 @@ def _files(mode: str) -> Builder:
     def build(substrate: str, keys: list[str], opts, services: list) -> list[Element]:
         fopts = file_closure.FileClosureOptions(closure=mode, max_siblings=opts.max_siblings,
                                                 tree_min_depth=opts.file_tree_depth)
-        els, bad = file_closure.elements(dict.fromkeys(keys), fopts)
+        els, bad = file_closure.elements(keys, fopts)
         return els + [Element(k, substrate, "exact", [k], encodable=False) for k in bad]
     return build
 

@@ -55,6 +55,11 @@ class Config:
     # begin; costs a uprobe hit per TLS record read in every process mapping libssl (BENCHMARKS.md).
     http_tls_responses: bool = True
     s3_endpoints: list = field(default_factory=list)  # hosts to read as S3 endpoints (e.g. a MinIO)
+    # The file substrate's observation (bpf/files.c on the file syscalls' exits): ~3.5 ns on every
+    # syscall, one hash lookup per counted file access (BENCHMARKS.md). Off: no file behaviours.
+    observe_files: bool = True
+    file_keys: int = 131072  # (cgroup, access, path) keys the kernel counts, node-wide
+    file_keys_per_cgroup: int = 8192  # keys one cgroup may hold; more are counted as overflow
     caps: dict = field(default_factory=lambda: dict(DEFAULT_CAPS))
     metrics_port: int = 9464
     metrics_address: str = DEFAULT_METRICS_ADDRESS  # where /metrics, /healthz and /readyz listen
@@ -318,4 +323,8 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "http_ringbuf_pages": _number(int, 1, 1 << 16, power_of_two=True),
     "http_tls_responses": _boolean,
     "s3_endpoints": _hosts,
+    "observe_files": _boolean,
+    # keys are allocated on use (~320 bytes each): 2^20 bounds the map at ~320 MiB
+    "file_keys": _number(int, 1, 1 << 20),
+    "file_keys_per_cgroup": _number(int, 1, 1 << 20),
 }

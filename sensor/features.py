@@ -237,9 +237,38 @@ def check_btf() -> Check:
     p = Path("/sys/kernel/btf/vmlinux")
     if not p.exists():
         return Check("btf", False, "no /sys/kernel/btf/vmlinux",
-                     "not needed by the sensor (it reads no kernel structs); "
-                     "CONFIG_DEBUG_INFO_BTF=y enables fentry and LSM programs", required=False)
+                     "the file substrate reads each call's arguments with bpf_task_pt_regs, which needs "
+                     "BTF (CONFIG_DEBUG_INFO_BTF=y); it also enables fentry and LSM programs", required=False)
     return Check("btf", True, f"{p} ({p.stat().st_size} bytes)", required=False)
+
+
+#: The syscalls whose exits the file substrate's programs read (bpf/files.c; open, rename and the
+#: other legacy calls are absent on some architectures, which is fine).
+FILE_EXITS = ("openat", "openat2", "execve", "execveat", "unlinkat", "mkdirat", "renameat2", "linkat",
+              "symlinkat", "mknodat")
+
+
+def check_file_tracepoints() -> Check:
+    base = tracefs_path()
+    if base is None:
+        return Check("file_tracepoints", False, "tracefs not mounted", "mount -t tracefs nodev /sys/kernel/tracing",
+                     required=False)
+    missing = []
+    for sc in FILE_EXITS:
+        fmt = base / "events" / "syscalls" / f"sys_exit_{sc}" / "format"
+        try:
+            fields = set(parse_tracepoint_fields(fmt.read_text()))
+        except OSError:
+            missing.append(sc)
+            continue
+        if not {"__syscall_nr", "ret"} <= fields:
+            missing.append(sc)
+    if missing:
+        return Check("file_tracepoints", False, f"no syscalls:sys_exit_* tracepoint for {', '.join(missing)}",
+                     "the file substrate needs CONFIG_FTRACE_SYSCALLS; without it set observe_files: false",
+                     required=False)
+    return Check("file_tracepoints", True, f"syscalls:sys_exit_* of {len(FILE_EXITS)} file syscalls, "
+                 "each with __syscall_nr and ret", required=False)
 
 
 def check_kernel_headers() -> Check:
@@ -479,8 +508,8 @@ def check_lsm() -> Check:
 
 CHECKS = (check_root, check_arch, check_bcc, check_bpf_permission, check_kernel_headers,
           check_tracefs, check_tracepoints, check_raw_tracepoint, check_ringbuf, check_cgroup2,
-          check_cgroup_bpf, check_btf, check_kprobes, check_capability_probe, check_fentry, check_lsm,
-          check_uprobes, check_uprobe_actions)
+          check_cgroup_bpf, check_btf, check_kprobes, check_capability_probe, check_file_tracepoints,
+          check_fentry, check_lsm, check_uprobes, check_uprobe_actions)
 
 
 def run_checks() -> list[Check]:

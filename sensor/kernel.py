@@ -64,6 +64,8 @@ BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
 BPF_RAW_TRACEPOINT_OPEN = 17
 BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
+BPF_MAP_LOOKUP_BATCH = 24
+_ENOTSUPP = 524  # the kernel's internal "not supported" errno, not in the errno module
 BPF_LINK_CREATE = 28
 
 BPF_ANY = 0
@@ -427,6 +429,44 @@ class Map:
             v = self.lookup(k)
             if v is not None:
                 out.append((k, v))
+        return out
+
+    def batch_items(self, chunk: int = 1024) -> list[tuple[bytes, bytes]]:
+        """Every (key, value) of a hash map with ``BPF_MAP_LOOKUP_BATCH``: one syscall per
+        ``chunk`` entries instead of two per entry. Falls back to :meth:`items` where the kernel
+        or the map type has no batch lookup. Entries that change during the walk may be seen in
+        either state; one added meanwhile may be missed until the next call."""
+        out: list[tuple[bytes, bytes]] = []
+        vsize = self._buf_size
+        n = max(int(chunk), 1)
+        keys = ctypes.create_string_buffer(self.key_size * n)
+        vals = ctypes.create_string_buffer(vsize * n)
+        tokens = (ctypes.create_string_buffer(8), ctypes.create_string_buffer(8))
+        first = True
+        for _ in range(1 << 20):  # bounded even if the map churns while we walk
+            attr = struct.pack("<QQQQIIQQ", 0 if first else ctypes.addressof(tokens[0]),
+                               ctypes.addressof(tokens[1]), ctypes.addressof(keys),
+                               ctypes.addressof(vals), n, self.fd, 0, 0)
+            buf = ctypes.create_string_buffer(attr, _ATTR_SIZE)
+            ret = _syscall(_NR_BPF_HERE, BPF_MAP_LOOKUP_BATCH, ctypes.addressof(buf), _ATTR_SIZE)
+            err = ctypes.get_errno() if ret < 0 else 0
+            if err in (errno.EINVAL, _ENOTSUPP, errno.EOPNOTSUPP) and first:
+                return self.items()
+            if err == errno.ENOSPC:  # one bucket holds more than the chunk: grow and retry
+                n *= 2
+                keys = ctypes.create_string_buffer(self.key_size * n)
+                vals = ctypes.create_string_buffer(vsize * n)
+                continue
+            if err and err != errno.ENOENT:
+                raise self._fail("lookup batch", err)
+            got = struct.unpack_from("<I", buf.raw, 32)[0]
+            kraw, vraw = keys.raw, vals.raw
+            for i in range(got):
+                out.append((kraw[i * self.key_size:(i + 1) * self.key_size], vraw[i * vsize:(i + 1) * vsize]))
+            if err == errno.ENOENT:  # the walk is complete
+                return out
+            ctypes.memmove(tokens[0], tokens[1], 8)
+            first = False
         return out
 
     def percpu_values(self, key: bytes) -> list[bytes]:

@@ -118,7 +118,9 @@ class Extension(Protocol):
       runtime's or launcher's setup) apart, and its ``behaviour_counts`` and ``refused_counts``
       take ``after_exec``, the cgroups for which only what came after is wanted;
     - ``refused_counts()``: reports, like ``behaviour_counts``, attempts the kernel refused
-      (evidence, never behaviour)."""
+      (evidence, never behaviour);
+    - ``cgroup_loss() -> {cgroup id: {name: cumulative count}}``: loss the extension can
+      attribute to one cgroup (the pump charges it to that cgroup's profile only)."""
 
     name: str
     rings: tuple[str, ...]
@@ -472,6 +474,27 @@ class Sensor:
             counts = refused(after_exec) if getattr(ext, "phases", False) else refused()
             for cg, per_key in counts.items():
                 out.setdefault(cg, {}).update(per_key)
+        gone, self._forget_in_extensions = self._forget_in_extensions, set()
+        for ext in self.extensions:
+            forget = getattr(ext, "forget_cgroup", None)
+            for cg in sorted(gone) if forget is not None else ():
+                try:
+                    forget(cg)
+                except Exception as e:  # noqa: BLE001 - the others are still forgotten
+                    log.warning("sensor extension forget failed", extension=ext.name, error=str(e))
+        return out
+
+    def cgroup_loss(self) -> dict[int, dict[str, int]]:
+        """cgroup id -> ``<extension>_<name>`` -> cumulative loss the extensions attribute to that
+        cgroup (a relative path no longer resolvable, keys over a cgroup's bound)."""
+        self._require()
+        out: dict[int, dict[str, int]] = {}
+        for ext in self.extensions:
+            read = getattr(ext, "cgroup_loss", None)
+            for cg, per in (read() if read is not None else {}).items():
+                d = out.setdefault(cg, {})
+                for name, n in per.items():
+                    d[f"{ext.name}_{name}"] = n
         return out
 
     # ---- extensions: syscall hooks and watched cgroups ----------------------------------------
@@ -535,6 +558,7 @@ class Sensor:
                     unwatch(cgroup_id)
                 except Exception as e:  # noqa: BLE001
                     log.warning("sensor extension unwatch failed", extension=ext.name, error=str(e))
+        self._forget_in_extensions.add(cgroup_id)  # after their next reading (behaviour_counts)
         key = ctypes.c_uint64(cgroup_id)
         map_op(BPF_MAP_DELETE_ELEM, self._maps["hooked_cgroups"], key)
         slot = ctypes.c_uint32()

@@ -67,6 +67,16 @@ MAX_SESSIONS = 4096
 MAX_META_LEN = 1024
 MAX_META_ITEMS = 64
 MAX_FINGERPRINT_VALUES = 64
+# Times a profile may hold (epoch seconds): 0001-01-02 to 9999-12-30 UTC, so every one can be
+# written as an RFC 3339 time; a file with another is malformed.
+_FIRST_TIME, _LAST_TIME = -62135510400.0, 253402128000.0
+
+
+def _when(v) -> float:
+    t = float(v)
+    if not _FIRST_TIME <= t <= _LAST_TIME:  # NaN too
+        raise ValueError(f"time {v!r} is off the calendar")
+    return t
 
 
 def _bounded(v):
@@ -122,7 +132,7 @@ class BehaviourStats:
     @classmethod
     def unpack(cls, v: list) -> "BehaviourStats":
         ids = [sys.intern(str(x)) for x in v[6]] if len(v) > 6 else []
-        return cls(int(v[0]), int(v[1]), float(v[2]), float(v[3]), float(v[4]), float(v[5]), ids)
+        return cls(int(v[0]), int(v[1]), _when(v[2]), _when(v[3]), float(v[4]), float(v[5]), ids)
 
 
 @dataclass(slots=True)
@@ -137,7 +147,7 @@ class SessionRecord:
 
     @classmethod
     def unpack(cls, v: list) -> "SessionRecord":
-        return cls(str(v[0]), float(v[1]), None if v[2] is None else float(v[2]), dict(v[3]))
+        return cls(str(v[0]), _when(v[1]), None if v[2] is None else _when(v[2]), dict(v[3]))
 
 
 @dataclass(slots=True)
@@ -477,14 +487,14 @@ class NodeContribution:
         return cls(
             node=str(d["node"]),
             generation=int(d["generation"]),
-            updated=float(d["updated"]),
-            window_start=None if d["window_start"] is None else float(d["window_start"]),
+            updated=_when(d["updated"]),
+            window_start=None if d["window_start"] is None else _when(d["window_start"]),
             behaviours={str(k): BehaviourStats.unpack(v) for k, v in d["behaviours"].items()},
             sessions={str(s[0]): SessionRecord.unpack(s) for s in d["sessions"]},
             open_sessions={str(k): {str(b): int(c) for b, c in v.items()}
                            for k, v in d["open_sessions"].items()},
             closed_sessions=int(d["closed_sessions"]),
-            overflow={str(k): Overflow(int(v[0]), int(v[1]), float(v[2]), float(v[3]))
+            overflow={str(k): Overflow(int(v[0]), int(v[1]), _when(v[2]), _when(v[3]))
                       for k, v in d["overflow"].items()},
             capped=bool(d["capped"]),
             loss={str(k): int(v) for k, v in d["loss"].items()},

@@ -66,6 +66,11 @@ def exec_key(path: str) -> str:
     return f"exec:{path}"
 
 
+def file_key(kind: str, path: str) -> str:
+    """``file:read:/etc/ssl/certs/ca.pem``; ``kind`` is one of enforcer.file_patterns.KINDS."""
+    return f"file:{kind}:{path}"
+
+
 def net_key(kind: str, proto: str, addr: str, port: int) -> str:
     """``connect:tcp:10.0.0.1:443`` or ``send:udp:[::1]:53``; IPv6 addresses are bracketed."""
     ip = ipaddress.ip_address(addr)

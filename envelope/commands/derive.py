@@ -21,7 +21,8 @@ from pathlib import Path
 
 from enforcer.derive import (
     DEFAULT_COVERAGE_HOURS, DEFAULT_COVERAGE_THRESHOLD, DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX, DEFAULT_K,
-    DEFAULT_MAX_PORTS, DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNT, DEFAULT_MIN_SESSIONS, CoverageNotReached,
+    DEFAULT_FILE_TREE_DEPTH, DEFAULT_MAX_PORTS, DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNT, DEFAULT_MIN_SESSIONS,
+    CoverageNotReached,
     DeriveError, DeriveOptions, derive,
 )
 from enforcer.mcp_closure import DEFAULT_MAX_VALUES
@@ -65,7 +66,11 @@ def register(sub) -> None:
                    help="labels a *.suffix pattern admits in front of its suffix, at most "
                         f"(default {DEFAULT_MAX_NAME_LABELS})")
     p.add_argument("--max-siblings", type=int, default=DEFAULT_MAX_SIBLINGS,
-                   help=f"more exec paths than this in one directory become /dir/* (default {DEFAULT_MAX_SIBLINGS})")
+                   help=f"more exec or file paths than this in one directory become /dir/*, more "
+                        f"subdirectories with file behaviours /dir/** (default {DEFAULT_MAX_SIBLINGS})")
+    p.add_argument("--file-tree-depth", type=int, default=DEFAULT_FILE_TREE_DEPTH,
+                   help="file closure: a /dir/** tree starts at least this many components deep "
+                        f"(default {DEFAULT_FILE_TREE_DEPTH}: never /tmp/**)")
     p.add_argument("--max-values", type=int, default=DEFAULT_MAX_VALUES,
                    help=f"mcp: more distinct strings than this at one argument path are not an enumeration "
                         f"(default {DEFAULT_MAX_VALUES})")
@@ -160,7 +165,7 @@ def options_from_args(args) -> DeriveOptions:
             ipv6_prefix=args.ipv6_prefix,
             service_cidrs=tuple(args.service_cidr),
             max_ports=args.max_ports,
-            max_siblings=args.max_siblings,
+            max_siblings=args.max_siblings, file_tree_depth=args.file_tree_depth,
             max_name_siblings=args.max_name_siblings,
             max_name_labels=args.max_name_labels,
             max_values=args.max_values,

@@ -6,15 +6,16 @@ Runs CMD inside its policy, standalone (no daemon):
    enforcement session (:mod:`enforcer.session`): the egress programs (``bpf/egress.c``, they
    live as long as this command) with the policy's rules, active exceptions included, in the
    chosen mode, and the seccomp denial probe (``bpf/denials.c``) watching that cgroup;
-2. the child joins the cgroup, loads the libseccomp filter built from the policy
-   (:func:`enforcer.seccomp.profile_for`, target ``exec``) and execs CMD (``os.fork`` +
+2. the child joins the cgroup, enforces the policy's Landlock ruleset (exec and file entries,
+   enforce mode only: :mod:`envelope.exec_landlock`), loads the libseccomp filter built from the
+   policy (:func:`enforcer.seccomp.profile_for`, target ``exec``) and execs CMD (``os.fork`` +
    ``os.execv``: nothing runs between the filter load and ``execve``, and ``execve`` is added
    to the filter's allowed set when the policy lacks it, reported as
    ``runtime-completeness:envelope-exec``);
-3. while CMD runs, violations come out of the session; the sensor pump (:mod:`sensor.pump`)
-   observes the cgroup so that detection (watch list, probabilistic rules, execs outside the
-   policy) judges every behaviour, allowed ones included; egress exceptions are re-synced
-   when one starts or lapses;
+3. while CMD runs, violations come out of the session (Landlock's refusals among them); the
+   sensor pump (:mod:`sensor.pump`) observes the cgroup so that detection (watch list,
+   probabilistic rules, execs and file accesses outside the policy) judges every behaviour,
+   allowed ones included; egress exceptions are re-synced when one starts or lapses;
 4. CMD's exit status is passed through (128+N for a signal); violations go to
    ``<state-dir>/violations.jsonl``; the cgroup and programs are removed.
 """
@@ -38,14 +39,18 @@ _counter = 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("exec", help="run a command inside a policy (seccomp + egress), no daemon needed",
-                       description="Run CMD in a fresh cgroup under the policy's seccomp filter and "
-                                   "egress programs; its violations go to the state dir and CMD's "
-                                   "exit status is passed through.",
+    p = sub.add_parser("exec", help="run a command inside a policy (seccomp, egress, Landlock), no daemon needed",
+                       description="Run CMD in a fresh cgroup under the policy's seccomp filter, egress "
+                                   "programs and Landlock ruleset (and the request capture's judgement of "
+                                   "its http requests); its violations go to the state dir and CMD's exit "
+                                   "status is passed through.",
                        usage="envelope exec --policy POLICY [--mode enforce|alert|observe] -- CMD [ARGS...]")
     p.add_argument("--policy", required=True, help="policy file (YAML or JSON)")
     p.add_argument("--mode", choices=["enforce", "alert", "observe"], default=None,
                    help="override the policy's mode")
+    p.add_argument("--allow-landlock-gaps", action="store_true",
+                   help="enforce mode: where this kernel's Landlock cannot restrict a right the policy needs, "
+                        "run without it (each gap printed and audited) instead of refusing")
     p.add_argument("--poll-interval", type=float, default=0.2, help=argparse.SUPPRESS)
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     p.set_defaults(func=cmd_exec)
@@ -77,15 +82,18 @@ def cmd_exec(args, config) -> int:
                  reason=f"envelope exec in {mode} mode" + (
                      f" (policy says {policy.mode})" if mode != policy.mode else ""),
                  details=details)
-    runner = ExecRunner(config, policy, mode, poll_interval=args.poll_interval)
+    runner = ExecRunner(config, policy, mode, poll_interval=args.poll_interval,
+                        allow_landlock_gaps=args.allow_landlock_gaps)
     return runner.run(path, argv)
 
 
 class ExecRunner:
     """One confined run of a command. Every kernel object it makes is removed in :meth:`run`."""
 
-    def __init__(self, config, policy, mode: str, poll_interval: float = 0.2):
+    def __init__(self, config, policy, mode: str, poll_interval: float = 0.2,
+                 allow_landlock_gaps: bool = False):
         self.config = config
+        self.allow_landlock_gaps = allow_landlock_gaps
         self.policy = policy
         self.mode = mode
         self.workload = policy.workload.key
@@ -94,9 +102,11 @@ class ExecRunner:
         self.decode_errors = 0
         self.lost = 0
 
-    def _reports_execs(self) -> bool:
-        """exec is observed and reported, not enforced: this kernel refuses BPF-LSM programs."""
-        return "exec" in self.policy.substrates and self.mode != "observe"
+    def _reports(self) -> bool:
+        """Execs and file accesses outside the policy that happen are reported (alert mode: all
+        of them, Landlock has no log-only mode; enforce mode: what a ruleset wider than the
+        policy let through)."""
+        return bool({"exec", "file"} & set(self.policy.substrates)) and self.mode != "observe"
 
     def _seccomp(self):
         """The filter the child loads, or None when syscalls are not constrained."""
@@ -143,17 +153,19 @@ class ExecRunner:
         from enforcer.session import ApplyError
         from enforcer.violations import Judge
         from sensor.cgroup import CgroupError, CgroupFS
-        from .. import wiring
+        from .. import exec_landlock, wiring
 
         global _counter
         _counter += 1
         cgfs = CgroupFS()
         rel = f"/envelope/exec-{os.getpid()}-{_counter}"
         session_id = f"exec-{os.getpid()}-{_counter}"
-        enforcement = pump = None
+        enforcement = pump = landlock = None
         child = None
-        judge = Judge(self.policy, report_execs=self._reports_execs())
         try:
+            landlock = exec_landlock.for_run(self.config, self.policy, self.mode, self.allow_landlock_gaps)
+            judge = Judge(self.policy, report_execs=self._reports(), report_files=self._reports(),
+                          enforced=landlock.enforced)
             try:
                 cg_path, _cg_id = cgfs.make(rel)
             except CgroupError as e:
@@ -162,11 +174,12 @@ class ExecRunner:
                 flt = self._seccomp()
             except ValueError as e:  # SeccompCompileError, an unknown syscall name
                 raise UserError(f"exec: seccomp filter: {e}") from None
-            if self._judges_http() or self.policy.watch or self.policy.detection or self._reports_execs():
+            if self._judges_http() or self.policy.watch or self.policy.detection or self._reports():
                 pump = self._pump(judge, str(cg_path), session_id)
             enforcement = wiring.enforcement_session(self.config, pinned=False,
                                                      denials=flt is not None,
-                                                     sensor=pump.sensor if pump is not None else None)
+                                                     sensor=pump.sensor if pump is not None else None,
+                                                     file_denials=bool(landlock.enforced))
             try:
                 enforcement.apply(self.policy, self.mode, [str(cg_path)], seccomp_target="exec")
             except ApplyError as e:
@@ -174,7 +187,13 @@ class ExecRunner:
             if flt is not None and not enforcement.want_denials:
                 raise UserError("exec: seccomp denial visibility: the denial probe did not load "
                                 "(see the log above)")
-            child = self._spawn(path, argv, cgfs, rel, flt)
+            try:
+                child = self._spawn(path, argv, cgfs, rel, flt, landlock)
+            except UserError as e:  # CMD itself refused by Landlock: recorded, and said why
+                self._take(enforcement.poll_violations(100), judge, None, session_id)
+                if "exec" in landlock.enforced and "Permission denied" in str(e):
+                    raise UserError(f"{e} (Landlock: {path} is not an allowed exec of the policy)") from None
+                raise
             status = self._supervise(child, enforcement, pump, judge, session_id)
             child = None
             if pump is not None:
@@ -197,6 +216,8 @@ class ExecRunner:
                 log.warning("cgroup cleanup failed", cgroup=rel, error=str(e))
             if enforcement is not None:
                 enforcement.close()
+            if landlock is not None:
+                landlock.close()
             if pump is not None:
                 pump.release()
                 pump.sensor.close()
@@ -204,12 +225,14 @@ class ExecRunner:
 
     def _take(self, found: list, judge, pump, session: str) -> None:
         """Violations from the kernel. With the pump running it reports every behaviour to the
-        judge (denied egress too: the sensor's root hook runs after ours); seccomp denials never
-        reach it."""
+        judge (denied egress too: the sensor's root hook runs after ours); seccomp denials and
+        Landlock's refusals never reach it."""
         for v in found:
             self.violations.append(v)
-            if pump is None or v.substrate == "syscall":
-                self.violations.extend(judge.observe(session, v.behaviour, v.count, v.time))
+            refused = v.action == "denied" and v.substrate in ("exec", "file")
+            if pump is None or v.substrate == "syscall" or refused:
+                self.violations.extend(judge.observe(session, v.behaviour, v.count, v.time,
+                                                     denied=v.action == "denied"))
 
     def _store(self) -> None:
         from enforcer.violations import ViolationStore, fold
@@ -224,8 +247,9 @@ class ExecRunner:
         print(f"envelope: {total} violation(s) recorded for {self.workload} "
               f"(envelope violations --workload {self.policy.workload.name})", file=sys.stderr)
 
-    def _spawn(self, path: str, argv: list[str], cgfs, rel: str, flt) -> int:
-        """fork; the child joins the cgroup, loads the filter and execs. Errors before exec come
+    def _spawn(self, path: str, argv: list[str], cgfs, rel: str, flt, landlock) -> int:
+        """fork; the child joins the cgroup, enforces Landlock, loads the filter and execs (that
+        order: the filter then never needs the landlock_* syscalls). Errors before exec come
         back through a close-on-exec pipe."""
         rfd, wfd = os.pipe2(os.O_CLOEXEC)
         procs = str(cgfs.abspath(rel) / "cgroup.procs")
@@ -241,6 +265,8 @@ class ExecRunner:
                 os.close(fd)
                 for s in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
                     signal.signal(s, signal.SIG_DFL)
+                step = "enforce Landlock ruleset"
+                landlock.restrict_in_child()
                 if flt is not None:
                     step = "load seccomp filter"
                     flt.load()

@@ -26,7 +26,7 @@ RECORDS = [events.ExecRecord, events.ForkRecord, events.ExitRecord, events.NetRe
            events.SyscallFirstRecord, events.EgressViolationRecord, events.SeccompDenialRecord,
            events.DnsMessageRecord, events.DnsViolationRecord, events.IoUringOpRecord,
            events.CgroupEscapeRecord, events.HttpCaptureRecord, events.HttpConnRecord,
-           events.HttpViolationRecord]
+           events.HttpViolationRecord, events.FileFirstRecord, events.FileDenialRecord]
 MIRRORS = {"events.h": [events.EventHeader, *RECORDS, *mirrors.MAP_MIRRORS["events.h"]],
            **{h: list(ms) for h, ms in mirrors.MAP_MIRRORS.items() if h != "events.h"}}
 
@@ -146,7 +146,11 @@ def test_type_numbers_match_and_are_unique():
         "NET_OP_SENDMSG", "NET_F_RET_KNOWN", "EGRESS_OP_CONNECT", "EGRESS_OP_SENDMSG",
         "EGRESS_ACTION_ALERTED", "EGRESS_ACTION_DENIED", "ENV_AF_INET", "ENV_AF_INET6",
         "IO_URING_OP_NAME_LEN", "CGROUP_ESCAPE_PATH_LEN",
-        "LOSS_SYSCALL_UNATTRIBUTED", "LOSS_CGROUP_REMOVED_DROPPED", "LOSS_SLOTS")],
+        "LOSS_SYSCALL_UNATTRIBUTED", "LOSS_CGROUP_REMOVED_DROPPED", "LOSS_SLOTS", "FILE_PATH_LEN",
+        "FILE_ACC_READ", "FILE_ACC_LIST", "FILE_ACC_WRITE", "FILE_ACC_TRUNCATE", "FILE_ACC_CREATE",
+        "FILE_ACC_REMOVE", "FILE_ACC_MKDIR", "FILE_ACC_RMDIR", "FILE_ACC_SYMLINK", "FILE_ACC_MKFIFO",
+        "FILE_ACC_MKSOCK", "FILE_ACC_MKNOD", "FILE_ACC_EXEC", "FILE_DIRFD_ABSOLUTE", "FILE_AT_FDCWD",
+        "FILE_F_TRUNCATED", "FILE_COMM_LEN")],
     (mirrors, "events.h", "SYSCALL_NR_SLOTS"), (mirrors, "events.h", "SYSCALL_BANKS"),
     *[(mirrors, "egress.h", n) for n in (
         "EGRESS_MAX_RANGES", "EGRESS_INLINE_PORTS", "EGRESS_PORTS_ANY", "EGRESS_PORTS_MORE",
@@ -176,6 +180,11 @@ def test_type_numbers_match_and_are_unique():
         "HTTP_LOSS_RING_CONN", "HTTP_LOSS_RING_VIOLATION", "HTTP_LOSS_READ", "HTTP_LOSS_IOV",
         "HTTP_LOSS_SLOTS", "HTTP_C_DIGIT", "HTTP_C_HEX", "HTTP_C_ALPHA", "HTTP_C_DASH", "HTTP_C_UNDER",
         "HTTP_C_OTHER", "HTTP_C_SLASH", "HTTP_C_END")],
+    *[(mirrors, "files.h", n) for n in (
+        "FILE_LOSS_RINGBUF_FIRST", "FILE_LOSS_RINGBUF_DENIAL", "FILE_LOSS_MAP_FULL",
+        "FILE_LOSS_PATH_UNREADABLE", "FILE_LOSS_PATH_TRUNCATED", "FILE_LOSS_CGROUP_OVERFLOW",
+        "FILE_LOSS_SLOTS", "FILE_WATCH_ENFORCE")],
+    (mirrors, "events.h", "FILE_PATH_LEN"),
 ])
 def test_constants_match(module, header, name):
     assert DEFINES[header][name] == getattr(module, name)
@@ -216,8 +225,9 @@ def test_program_sources_include_their_headers():
     assert '#include "denials.h"' in src["denials.c"]
     assert '#include "capabilities.h"' in src["capabilities.c"]
     assert '#include "http.h"' in src["http.c"]
+    assert '#include "files.h"' in src["files.c"]
     for name, text in src.items():
-        for header in ("egress.h", "denials.h", "capabilities.h", "http.h"):
+        for header in ("egress.h", "denials.h", "capabilities.h", "http.h", "files.h", "events.h"):
             body = _strip_comments(text)
             for struct_name, (h, _) in STRUCTS.items():
                 if h == header:

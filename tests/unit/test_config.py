@@ -129,3 +129,16 @@ def test_every_key_has_a_check():
         if name in ("host_root", "bpffs", "state_dir", "kubeconfig") or getattr(Config(), name) is None:
             continue
         check(getattr(Config(), name))
+
+
+def test_the_sensor_loads_every_extension_the_config_turns_on(tmp_path):
+    from envelope.config import Config
+    from envelope.wiring import sensor_extensions
+    from sensor.dns import DnsObserver
+    from sensor.file_observer import FileObserver
+
+    off = Config(state_dir=tmp_path, http_capture=False, observe_capabilities=False,
+                 observe_files=False, dns=False)
+    assert sensor_extensions(off) == []
+    kinds = [type(e) for e in sensor_extensions(off.replace(observe_files=True, dns=True))]
+    assert kinds == [FileObserver, DnsObserver]
