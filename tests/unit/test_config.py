@@ -131,14 +131,18 @@ def test_every_key_has_a_check():
         check(getattr(Config(), name))
 
 
-def test_the_sensor_loads_every_extension_the_config_turns_on(tmp_path):
+def test_sensor_extensions_take_every_family_the_config_turns_on(tmp_path):
+    """One builder for the sensor's program families: each one the config turns on is there,
+    each one it turns off is not (a second definition once shadowed the capability probe)."""
     from envelope.config import Config
     from envelope.wiring import sensor_extensions
-    from sensor.dns import DnsObserver
-    from sensor.file_observer import FileObserver
+    from sensor import capability_observer
 
-    off = Config(state_dir=tmp_path, http_capture=False, observe_capabilities=False,
-                 observe_files=False, dns=False)
+    state = tmp_path / "state"
+    on = {type(e).__name__ for e in sensor_extensions(Config(state_dir=state))}
+    assert {"HttpCapture", "FileObserver", "DnsObserver"} <= on
+    assert ("CapabilityObserver" in on) == (capability_observer.available()[0] is not None)
+    off = Config(state_dir=state, observe_capabilities=False, http_capture=False, observe_files=False,
+                 dns=False)
     assert sensor_extensions(off) == []
-    kinds = [type(e) for e in sensor_extensions(off.replace(observe_files=True, dns=True))]
-    assert kinds == [FileObserver, DnsObserver]
+    assert [type(e).__name__ for e in sensor_extensions(off.replace(dns=True))] == ["DnsObserver"]
