@@ -102,6 +102,16 @@ class DnsWorld:
         """``argv`` run inside the world (with its resolver)."""
         return ["ip", "netns", "exec", self.name, *argv]
 
+    def host_argv(self, argv: list[str]) -> list[str]:
+        """``argv`` in the world's network and with its resolver, but with the host's mounts
+        (``ip netns exec`` mounts a fresh /sys, which hides the cgroup and bpf filesystems):
+        for running ``envelope exec`` itself in the world, since its enforced child may no
+        longer enter a namespace (the confinement drops CAP_SYS_ADMIN)."""
+        script = ('mount --make-rprivate / && mount --bind "$0" /etc/resolv.conf '
+                  '&& exec nsenter --net="$1" -- "${@:2}"')
+        return ["unshare", "--mount", "bash", "-c", script, str(self.etc / "resolv.conf"),
+                f"/run/netns/{self.name}", *argv]
+
     def run(self, argv: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
         return subprocess.run(self.argv(argv), capture_output=True, text=True, check=check,
                               timeout=60, **kw)

@@ -300,9 +300,13 @@ def test_rotation_record_derive_explain_enforce_and_a_denial(tmp_path):
         assert "resolved to 10.77.1.10, 10.77.1.11, 10.77.1.12" in out and "dns-resolver" in out
 
         world.set_names({"api.example.test": ["10.77.1.13"], "evil.example.test": ["10.77.1.66"]})
-        r = env("exec", "--policy", str(pol), "--mode", "enforce", "--", *world.argv(
-            [PY, str(AGENT), f"api.example.test:{SERVICE_PORT}", f"@10.77.1.99:{SERVICE_PORT}",
-             f"evil.example.test:{SERVICE_PORT}"]), check=False)
+        # envelope exec runs in the world (its enforced child may not enter a namespace)
+        r = subprocess.run(world.host_argv([*ENVELOPE, "--state-dir", str(state), "exec", "--policy",
+                                            str(pol), "--mode", "enforce", "--", PY, str(AGENT),
+                                            f"api.example.test:{SERVICE_PORT}",
+                                            f"@10.77.1.99:{SERVICE_PORT}",
+                                            f"evil.example.test:{SERVICE_PORT}"]),
+                           capture_output=True, text=True, cwd=ROOT, timeout=300)
         steps = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
         assert [(s["address"], s["ok"], s["errno"]) for s in steps] == [
             ("10.77.1.13", True, None), ("10.77.1.99", False, "EPERM"), ("10.77.1.66", False, "EPERM")]
