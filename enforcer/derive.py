@@ -87,7 +87,7 @@ from .names import NameRule
 from .iamstatement import IDENTITY_FINGERPRINT, ROLE_ARN_RE, IamStatement
 from .mcp_envelope import McpAllow
 from .mcp_envelope import owner_of as mcp_owner
-from .policy import CLOSURES, MODES, EgressRule, Policy, PolicyError, parse_entry
+from .policy import CLOSURES, MODES, EgressRule, Policy, parse_entry
 
 DEFAULT_IPV4_PREFIX = 24
 DEFAULT_IPV6_PREFIX = 64

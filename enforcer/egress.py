@@ -26,7 +26,6 @@ import hashlib
 import os
 import re
 import stat
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path

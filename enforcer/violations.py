@@ -28,7 +28,6 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Collection, Iterable
 
 from sensor.state_dir import StateDir, private_dirs

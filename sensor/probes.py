@@ -25,7 +25,6 @@ import os
 import re
 import time
 from itertools import compress
-from pathlib import Path
 from typing import Container, Protocol, Sequence
 
 import psutil
