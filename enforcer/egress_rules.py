@@ -29,7 +29,7 @@ from sensor.mirrors import (
     EGRESS_INLINE_PORTS, EGRESS_MAX_RANGES, EGRESS_MODE_ALERT, EGRESS_MODE_ENFORCE,
     EGRESS_MODE_OBSERVE, EGRESS_NAME_EXACT, EGRESS_NAME_LEN, EGRESS_NAME_SUFFIX, EGRESS_PORTS_ANY,
     EGRESS_PORTS_MORE, EgressKey4, EgressKey6, EgressNameKey, EgressPortKey,
-    egress_name_rule_struct, egress_ports_format, egress_rule_struct,
+    egress_name_rule_struct, egress_rule_struct,
 )
 from sensor.workload import BehaviourKeyError, parse_name_key, parse_net_key
 
