@@ -16,8 +16,8 @@ log = structlog.get_logger("envelope.wiring")
 
 def sensor_extensions(config: Config) -> list:
     """The program families the sensor loads beside its own, as the config asks: the capability
-    probe (left out, with one warning, on a kernel that has none), the request capture and the
-    file substrate's observation."""
+    probe (left out, with one warning, on a kernel that has none), the request capture, the file
+    substrate's observation and the DNS observation."""
     out = []
     if config.observe_capabilities:
         from sensor import capability_observer
@@ -35,6 +35,9 @@ def sensor_extensions(config: Config) -> list:
         from sensor.file_observer import FileObserver
 
         out.append(FileObserver(max_keys=config.file_keys, per_cgroup=config.file_keys_per_cgroup))
+    if config.dns:
+        from sensor.dns import DnsObserver
+        out.append(DnsObserver())
     return out
 
 

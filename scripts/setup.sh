@@ -2,7 +2,7 @@
 # Idempotent host setup for Envelope on Debian 12, run as root.
 #  - system packages: bcc (python3-bpfcc), libseccomp bindings, runc, busybox-static,
 #    kernel headers, bpftrace and strace (benchmark peers), the default container
-#    seccomp profile (golang-github-containers-common)
+#    seccomp profile (golang-github-containers-common), dnsmasq and dig (DNS test peers)
 #  - kernel headers linked at /lib/modules/$(uname -r)/build when the running kernel
 #    has no package of its own (the probes read only tracepoint formats and helpers)
 #  - tracefs and bpffs mounted
@@ -25,6 +25,7 @@ APT_PACKAGES=(
   jq    # landlockconfig's formatting check in tests
   git   # mcp-server-git (the demo agent's MCP tools, the gateway tests) runs git
   chromium  # renders envelope report pages in tests (headless)
+  dnsmasq-base dnsutils  # a real DNS server (the binary, no system service) and dig for the name (dns) substrate's tests
 )
 
 missing=()

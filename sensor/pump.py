@@ -255,6 +255,12 @@ class Pump:
         self._cgroup_loss_seen: dict[int, dict[str, int]] = {}
         self.node_loss: dict[str, int] = {}  # the node's loss counters' growth since the start
         self.loss_charged: dict[str, int] = {}  # loss charged to the bound cgroups' profiles
+        # Extensions that rename behaviours (sensor.dns: connects to resolved names) take part
+        # in aggregation.
+        for ext in getattr(sensor, "extensions", ()):
+            make = getattr(ext, "attributor", None)
+            if make is not None:
+                aggregator.attributors.append(make())
         if sensor is not None:  # sessions record the marked substrates their sensor observes
             aggregator.observed = tuple(sensor.observed_substrates())
 

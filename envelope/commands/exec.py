@@ -6,8 +6,12 @@ Runs CMD inside its policy, standalone (no daemon):
    enforcement session (:mod:`enforcer.session`): the egress programs (``bpf/egress.c``, they
    live as long as this command) with the policy's rules, active exceptions included, in the
    chosen mode, and the seccomp denial probe (``bpf/denials.c``) watching that cgroup;
-2. the child joins the cgroup, enforces the policy's Landlock ruleset (exec and file entries,
-   enforce mode only: :mod:`envelope.exec_landlock`), loads the libseccomp filter built from the
+2. the child joins the cgroup; in enforce mode it confines itself there
+   (:mod:`enforcer.confinement`: a mount namespace with the cgroup filesystems read-only and the
+   bpffs hidden, a cgroup namespace, and the capabilities dropped that the policy does not
+   allow, or those that would undo the confinement when the policy has no capability substrate),
+   enforces the policy's Landlock ruleset (exec and file entries, enforce mode only:
+   :mod:`envelope.exec_landlock`), loads the libseccomp filter built from the
    policy (:func:`enforcer.seccomp.profile_for`, target ``exec``) and execs CMD (``os.fork`` +
    ``os.execv``: nothing runs between the filter load and ``execve``, and ``execve`` is added
    to the filter's allowed set when the policy lacks it, reported as
@@ -120,6 +124,23 @@ class ExecRunner:
                                                                  self.policy.workload))
         return build_filter(compiled, skipped=[])
 
+    def _confinement(self):
+        """What keeps the enforced child in its cgroup and away from the pins (None outside
+        enforce mode); a policy that keeps a capability opening a way out is said on stderr."""
+        from enforcer import confinement
+        from enforcer import exceptions as exc
+        from enforcer.capabilities import CapabilityCompileError, exec_capability_sets
+        try:
+            keep = exec_capability_sets(self.policy, self.mode,
+                                        exc.capability_allowances(self.config.state_dir, self.policy.workload))
+        except CapabilityCompileError as e:
+            raise UserError(f"exec: capabilities: {e}") from None
+        plan = confinement.for_exec(self.mode, keep)
+        if plan is not None:
+            for way in confinement.admitted_breakers(plan.keep):
+                print(f"envelope: warning: the policy keeps capability {way}", file=sys.stderr)
+        return plan
+
     def _judges_http(self) -> bool:
         """http is judged by the request capture's probe, which runs with the sensor."""
         return "http" in self.policy.substrates and self.mode != "observe"
@@ -165,8 +186,11 @@ class ExecRunner:
         child = None
         try:
             landlock = exec_landlock.for_run(self.config, self.policy, self.mode, self.allow_landlock_gaps)
+            confined = self._confinement()
+            dropped = confined is not None and "capability" in self.policy.substrates
             judge = Judge(self.policy, report_execs=self._reports(), report_files=self._reports(),
-                          enforced=landlock.enforced)
+                          report_capabilities=self.mode != "observe",
+                          enforced=landlock.enforced | ({"capability"} if dropped else set()))
             try:
                 cg_path, _cg_id = cgfs.make(rel)
             except CgroupError as e:
@@ -189,7 +213,7 @@ class ExecRunner:
                 raise UserError("exec: seccomp denial visibility: the denial probe did not load "
                                 "(see the log above)")
             try:
-                child = self._spawn(path, argv, cgfs, rel, flt, landlock)
+                child = self._spawn(path, argv, cgfs, rel, flt, landlock, confined)
             except UserError as e:  # CMD itself refused by Landlock: recorded, and said why
                 self._take(enforcement.poll_violations(100), judge, None, session_id)
                 if "exec" in landlock.enforced and "Permission denied" in str(e):
@@ -252,10 +276,11 @@ class ExecRunner:
         print(f"envelope: {total} violation(s) recorded for {self.workload} "
               f"(envelope violations --workload {self.policy.workload.name})", file=sys.stderr)
 
-    def _spawn(self, path: str, argv: list[str], cgfs, rel: str, flt, landlock) -> int:
-        """fork; the child joins the cgroup, enforces Landlock, loads the filter and execs (that
-        order: the filter then never needs the landlock_* syscalls). Errors before exec come
-        back through a close-on-exec pipe."""
+    def _spawn(self, path: str, argv: list[str], cgfs, rel: str, flt, landlock, confined=None) -> int:
+        """fork; the child joins the cgroup, confines itself, enforces Landlock, loads the filter
+        and execs (that order: mounts and namespaces are made before Landlock forbids changing
+        them and while the capabilities they need are held; the filter then never needs the
+        landlock_* syscalls). Errors before exec come back through a close-on-exec pipe."""
         rfd, wfd = os.pipe2(os.O_CLOEXEC)
         procs = str(cgfs.abspath(rel) / "cgroup.procs")
         sys.stdout.flush()
@@ -270,6 +295,9 @@ class ExecRunner:
                 os.close(fd)
                 for s in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
                     signal.signal(s, signal.SIG_DFL)
+                if confined is not None:
+                    step = "confine"
+                    confined.apply()
                 step = "enforce Landlock ruleset"
                 landlock.restrict_in_child()
                 if flt is not None:
