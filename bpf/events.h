@@ -36,11 +36,12 @@
 #define EXIT_EVENT_VERSION 1
 #define NET_EVENT_VERSION 1
 #define SYSCALL_FIRST_EVENT_VERSION 1
-#define EGRESS_VIOLATION_EVENT_VERSION 1
-#define SECCOMP_DENIAL_EVENT_VERSION 1
+#define EGRESS_VIOLATION_EVENT_VERSION 2 /* 2: tid and comm */
+#define SECCOMP_DENIAL_EVENT_VERSION 2   /* 2: tid, comm, counted flag and the call's context */
 
 #define ENV_AF_INET 2
 #define ENV_AF_INET6 10
+#define ENV_COMM_LEN 16 /* TASK_COMM_LEN */
 
 /* ---- loss counters: index into the per-CPU `loss_counts` array ------------------------------ */
 /* Indexes 1..EV_TYPE_MAX-1 count ring-buffer reserve failures of that event type. */
@@ -153,7 +154,7 @@ struct syscall_first_event {
 #define EGRESS_OP_SENDMSG 1
 #define EGRESS_ACTION_ALERTED 0
 #define EGRESS_ACTION_DENIED 1
-#define EGRESS_VIOLATION_EVENT_SIZE 56
+#define EGRESS_VIOLATION_EVENT_SIZE 72
 struct egress_violation_event {
 	struct event_hdr hdr; /*  0 */
 	__u64 cgroup_id;      /* 16 */
@@ -164,17 +165,32 @@ struct egress_violation_event {
 	__u16 port;           /* 48 host order */
 	__u8 op;              /* 50 EGRESS_OP_* */
 	__u8 action;          /* 51 EGRESS_ACTION_* */
-	__u32 pad;            /* 52 */
+	__u32 tid;            /* 52 */
+	char comm[ENV_COMM_LEN]; /* 56 the thread's name */
 };
 
-/* EV_SECCOMP_DENIAL, emitted from raw sys_exit by the seccomp observation program. */
-#define SECCOMP_DENIAL_EVENT_SIZE 40
+/* EV_SECCOMP_DENIAL, from the seccomp denial programs (bpf/denials.c): the first call of a
+ * (cgroup, process, syscall, context) that a filter denied (raw sys_exit) or, in alert mode,
+ * that lies outside the allowed set (raw sys_enter). Later calls are counted in the kernel. */
+#define DENIAL_F_COUNTED 0x1     /* the counts map holds this key's count, this call included */
+#define DENIAL_F_DESTINATION 0x2 /* family, port and addr: the destination the call named */
+#define DENIAL_F_SOCKET 0x4      /* family, sock_type and protocol: socket()'s arguments */
+#define SECCOMP_DENIAL_EVENT_SIZE 96
 struct seccomp_denial_event {
 	struct event_hdr hdr; /*  0 */
 	__u64 cgroup_id;      /* 16 */
 	__u32 pid;            /* 24 */
 	__u32 nr;             /* 28 */
-	__s64 ret;            /* 32 */
+	__s64 ret;            /* 32 -errno for a denial, 0 for an alert */
+	__u32 tid;            /* 40 */
+	__u32 flags;          /* 44 DENIAL_F_* */
+	char comm[ENV_COMM_LEN]; /* 48 the thread's name */
+	__u16 family;         /* 64 AF_* of the destination, or socket()'s domain */
+	__u16 port;           /* 66 host order */
+	__u32 sock_type;      /* 68 socket()'s type argument */
+	__u8 addr[16];        /* 72 network order */
+	__u32 context;        /* 88 the counts key's context */
+	__u32 protocol;       /* 92 socket()'s protocol argument */
 };
 
 _Static_assert(sizeof(struct event_hdr) == EVENT_HDR_SIZE, "event_hdr size");

@@ -29,6 +29,23 @@ Deliberate additions, each reported with its rule name in :attr:`CompiledSeccomp
   ``clone`` only on ENOSYS; EPERM would make every thread creation fail for a workload recorded
   under an older libc. This is a compatibility answer, not a denial the detector reports.
 * ``exception:<id>``: a syscall allowed by an active exception (:mod:`enforcer.exceptions`).
+* ``review:alert``: a syscall in the policy's review list whose substrate's review action is
+  ``alert`` (:meth:`enforcer.policy.Policy.review_admitted`): it runs, and its recurrence is
+  reported from the watch list. Dangerous syscalls never get here.
+* ``egress-mediated``: when the policy constrains egress, creating a TCP or UDP socket over IPv4
+  or IPv6 (``socket`` with its domain, type and protocol checked) and the calls that name a
+  destination (``connect``, ``sendto``, ``sendmsg``, ``sendmmsg``) are left to the egress
+  programs: the cgroup ``connect4/6`` and ``sendmsg4/6`` hooks see the destination before the
+  socket carries a byte, deny it unless the policy allows it, and report it. Denying ``socket``
+  in seccomp instead would report an attempted connection as a bare ``socket`` denial, without
+  the destination it wanted. Sockets of other families (netlink, packet, unix) are not admitted.
+* ``runtime-completeness:envelope-exec``: for ``envelope exec``'s filter (target ``exec``),
+  ``execve``. With exec entries in the policy (allowed, or let through from review) the
+  command's programs exec under the filter, so ``execve`` is allowed. Without any, only the
+  launch's own ``execve`` is: the rule checks that its path argument is the address of the
+  launch's path buffer, a page mapped at a random address before the filter is built
+  (:mod:`enforcer.launch_path`); an ``execve`` from the confined program passes another pointer
+  and is denied.
 
 No ``SECCOMP_FILTER_FLAG_*`` flags are emitted: runc 1.1 accepts them, but none is needed and
 older runtimes reject unknown flags.
@@ -62,6 +79,16 @@ COMPAT_RULE = "compat-fallback:enosys"
 #: ``envelope exec`` loads the filter in its child and then execs the command: execve runs
 #: under the filter even when the command itself never execs.
 EXEC_RULE = "runtime-completeness:envelope-exec"
+REVIEW_RULE = "review:alert"
+EGRESS_MEDIATED_RULE = "egress-mediated"
+#: socket(domain, type, protocol) combinations left to the egress programs: TCP and UDP over IPv4
+#: and IPv6 (protocol 0 is the family's default for the type). SOCK_NONBLOCK/SOCK_CLOEXEC sit
+#: above the type bits, so the type is compared under SOCK_TYPE_MASK.
+SOCK_TYPE_MASK = 0xF
+EGRESS_SOCKETS = tuple((af, st, proto) for af in (2, 10)  # AF_INET, AF_INET6
+                       for st, protos in ((1, (0, 6)), (2, (0, 17)))  # SOCK_STREAM tcp, SOCK_DGRAM udp
+                       for proto in protos)
+EGRESS_DESTINATION_CALLS = ("connect", "sendmmsg", "sendmsg", "sendto")
 #: Where a compiled profile is loaded (see :func:`profile_for`).
 TARGETS = ("workload", "exec")
 
@@ -87,9 +114,27 @@ class SeccompCompileError(ValueError):
 
 
 @dataclass(frozen=True)
+class Conditional:
+    """One syscall allowed only when its arguments match: ``args`` are OCI argument conditions
+    (``{"index", "value", "valueTwo", "op"}``), all of which must hold."""
+
+    syscall: str
+    args: tuple[tuple[tuple[str, object], ...], ...]  # each condition as sorted (key, value) pairs
+    rule: str
+    reason: str
+
+    def oci_args(self) -> list[dict]:
+        return [dict(a) for a in self.args]
+
+
+def condition(index: int, op: str, value: int, value_two: int = 0) -> tuple[tuple[str, object], ...]:
+    return tuple(sorted({"index": index, "op": op, "value": value, "valueTwo": value_two}.items()))
+
+
+@dataclass(frozen=True)
 class ReportEntry:
     syscall: str
-    action: str  # allow | errno:<n>
+    action: str  # allow | allow-if | withheld | errno:<n>
     rule: str  # policy | runtime-completeness:runc | exception:<id> | compat-fallback:enosys
     reason: str = ""
 
@@ -120,7 +165,8 @@ class CompiledSeccomp:
                 "rules": [e.to_dict() for e in self.report]}
 
     def allowed(self) -> tuple[str, ...]:
-        return tuple(sorted(e.syscall for e in self.report if e.action == "allow"))
+        """Syscalls the profile allows, conditional ones (``allow-if``) included."""
+        return tuple(sorted({e.syscall for e in self.report if e.action in ("allow", "allow-if")}))
 
 
 def policy_syscalls(policy) -> tuple[str, ...]:
@@ -140,13 +186,18 @@ def _check_mode(mode: str) -> str:
 
 
 def compile_oci(policy, mode: str | None = None, *, runtime: str | None = None,
-                arch: str = "x86_64", extra_allow: Mapping[str, str] | None = None
-                ) -> CompiledSeccomp:
+                arch: str = "x86_64", extra_allow: Mapping[str, str] | None = None,
+                conditional: Iterable[Conditional] = (),
+                withhold: Mapping[str, tuple[str, str]] | None = None) -> CompiledSeccomp:
     """Compile ``policy`` to an OCI seccomp profile.
 
     ``mode`` defaults to the policy's mode. ``runtime`` names a container runtime whose
     completeness set is added (``None``: none). ``extra_allow`` maps syscall names to the rule
-    that admits them (``exception:<id>``), for exceptions applied at compile time.
+    that admits them (``exception:<id>``), for exceptions applied at compile time;
+    ``conditional`` adds syscalls allowed only with matching arguments (a name allowed outright
+    makes its conditions moot and they are left out). ``withhold`` maps syscall names to (rule,
+    reason) for names the policy lists but the target must not allow outright (they may still
+    come back as conditional rules); each is reported.
     """
     mode = _check_mode(mode or policy.mode)
     try:
@@ -166,12 +217,25 @@ def compile_oci(policy, mode: str | None = None, *, runtime: str | None = None,
     if not constrained:
         # A substrate the policy leaves out is not constrained by it: allow everything.
         mode = "observe"
-    own = policy_syscalls(policy)
+    held = dict(withhold or {})
+    extra_allow = dict(extra_allow or {})
+    conditional = list(conditional)
+    admitted = policy.review_admitted() if hasattr(policy, "review_admitted") else None
+    for name in (admitted.syscalls if admitted is not None else ()):
+        if name not in held:
+            extra_allow.setdefault(name, REVIEW_RULE)
+    if "egress" in getattr(policy, "substrates", ()):
+        conditional += egress_mediated()
+        for name in EGRESS_DESTINATION_CALLS:
+            extra_allow.setdefault(name, EGRESS_MEDIATED_RULE)
+    own = tuple(n for n in policy_syscalls(policy) if n not in held)
     own_set = set(own)
     report: list[ReportEntry] = [ReportEntry(n, "allow", _policy_rule(policy, n)) for n in own]
     extra_groups: list[tuple[str, list[str]]] = []
     added = set(own_set)
-    for name, rule in sorted((extra_allow or {}).items()):
+    for name, (rule, reason) in sorted(held.items()):
+        report.append(ReportEntry(name, "withheld", rule, reason))
+    for name, rule in sorted(extra_allow.items()):
         if not _SYSCALL_NAME.match(name):
             raise SeccompCompileError(f"exception: bad syscall name {name!r}")
         if name in added:
@@ -186,6 +250,9 @@ def compile_oci(policy, mode: str | None = None, *, runtime: str | None = None,
             added.add(name)
             report.append(ReportEntry(name, "allow", rset.rule, rset.syscalls[name]))
             _group(extra_groups, rset.rule).append(name)
+    conds = [c for c in conditional if c.syscall not in added]
+    for c in sorted({(c.syscall, c.rule, c.reason) for c in conds}):
+        report.append(ReportEntry(c[0], "allow-if", c[1], c[2]))
     compat: list[str] = []
     if mode == "enforce":
         for name, older in sorted(ENOSYS_FALLBACKS.items()):
@@ -211,6 +278,9 @@ def compile_oci(policy, mode: str | None = None, *, runtime: str | None = None,
                           "comment": f"{POLICY_RULE}:{policy.workload}"})
         for rule, names in extra_groups:
             rules.append({"names": sorted(names), "action": "SCMP_ACT_ALLOW", "comment": rule})
+        for c in sorted(conds, key=lambda c: (c.syscall, c.args)):
+            rules.append({"names": [c.syscall], "action": "SCMP_ACT_ALLOW", "args": c.oci_args(),
+                          "comment": c.rule})
         if compat:
             rules.append({"names": compat, "action": "SCMP_ACT_ERRNO",
                           "errnoRet": COMPAT_ERRNO, "comment": COMPAT_RULE})
@@ -222,11 +292,11 @@ def compile_oci(policy, mode: str | None = None, *, runtime: str | None = None,
 
 def profile_for(policy, mode: str | None = None, *, target: str = "workload",
                 runtime: str | None = None, exceptions: Mapping[str, str] | None = None,
-                arch: str = "x86_64") -> CompiledSeccomp:
+                arch: str = "x86_64", launch_pointer: int = 0) -> CompiledSeccomp:
     """The seccomp profile of ``policy`` for where it is loaded: the one builder that the kubelet
     profile, ``envelope exec``'s filter, ``envelope compile``, the SPO export and the denial
-    probe's allowed set all come from, so runtime completeness, exceptions and modes are
-    handled in one place.
+    probe's allowed set all come from, so runtime completeness, exceptions, review items let
+    through, egress mediation and modes are handled in one place.
 
     ``target``:
 
@@ -235,7 +305,9 @@ def profile_for(policy, mode: str | None = None, *, target: str = "workload",
       workload's runtime (:func:`enforcer.runtime.default_runtime`; ``runtime`` overrides it,
       ``"none"`` for none);
     * ``"exec"``: what ``envelope exec`` loads in its child just before ``execve``: no runtime
-      set; ``execve`` is allowed (rule :data:`EXEC_RULE`) because it runs under the filter.
+      set; ``execve`` allowed when the policy has exec entries, otherwise only the launch's own
+      (its path argument must be ``launch_pointer``, see :mod:`enforcer.launch_path`; the
+      default 0 admits no real ``execve``), rule :data:`EXEC_RULE` either way.
 
     ``exceptions`` maps syscall names to the rule of the exception that admits them
     (:func:`enforcer.exceptions.syscall_allowances`).
@@ -243,17 +315,49 @@ def profile_for(policy, mode: str | None = None, *, target: str = "workload",
     if target not in TARGETS:
         raise SeccompCompileError(f"unknown seccomp target {target!r} (one of {', '.join(TARGETS)})")
     extra = dict(exceptions or {})
+    conditional: list[Conditional] = []
+    withhold: dict[str, tuple[str, str]] = {}
     if target == "exec":
         rt = None
-        if "execve" not in policy.syscalls:
+        if needs_exec(policy):
             extra.setdefault("execve", EXEC_RULE)
+        else:
+            # No program may be exec'd: whatever the syscall list says (an execve that passed its
+            # threshold while every exec'd path stayed in review, one let through from review),
+            # execve and execveat are the exec substrate's, and it allows none.
+            why = "the policy allows no program to be exec'd (no exec entries)"
+            withhold = {"execve": (EXEC_RULE, why), "execveat": (EXEC_RULE, why)}
+            conditional.append(Conditional(
+                "execve", (condition(0, "SCMP_CMP_EQ", int(launch_pointer)),), EXEC_RULE,
+                "the launch's own execve only: the policy has no exec entries"))
     elif runtime == "none":
         rt = None
     elif runtime is not None:
         rt = runtime
     else:
         rt = default_runtime(policy.workload.kind, policy.workload.namespace)
-    return compile_oci(policy, mode, runtime=rt, arch=arch, extra_allow=extra)
+    return compile_oci(policy, mode, runtime=rt, arch=arch, extra_allow=extra, conditional=conditional,
+                       withhold=withhold)
+
+
+def egress_mediated() -> list[Conditional]:
+    """``socket`` for TCP and UDP over IPv4 and IPv6, left to the egress programs."""
+    return [Conditional("socket", (condition(0, "SCMP_CMP_EQ", af),
+                                   condition(1, "SCMP_CMP_MASKED_EQ", SOCK_TYPE_MASK, st),
+                                   condition(2, "SCMP_CMP_EQ", proto)),
+                        EGRESS_MEDIATED_RULE,
+                        "TCP and UDP sockets over IPv4 and IPv6: every destination is judged and "
+                        "reported by the egress programs")
+            for af, st, proto in EGRESS_SOCKETS]
+
+
+def needs_exec(policy) -> bool:
+    """Does the command's own code exec under the filter: the policy leaves exec unconstrained,
+    or has exec entries (allowed, or let through from review)?"""
+    if "exec" not in getattr(policy, "substrates", ("exec",)):
+        return True
+    admitted = policy.review_admitted() if hasattr(policy, "review_admitted") else None
+    return bool(policy.execs) or bool(admitted is not None and admitted.execs)
 
 
 def _group(groups: list[tuple[str, list[str]]], rule: str) -> list[str]:
@@ -298,6 +402,8 @@ def compile_spo(policy, mode: str | None = None, *, runtime: str | None = None,
     rules = []
     for r in oci["syscalls"]:
         rule = {"action": r["action"], "names": list(r["names"])}
+        if r.get("args"):
+            rule["args"] = [dict(a) for a in r["args"]]
         if "errnoRet" in r:
             rule["errnoRet"] = int(r["errnoRet"])
         rules.append(rule)

@@ -4,14 +4,17 @@ A :class:`Violation` is one out-of-envelope behaviour of one workload::
 
     {"time": 1795706876.57, "workload": "host/Unit/demo/main", "substrate": "egress",
      "behaviour": "connect:tcp:127.0.0.1:9", "action": "denied", "count": 1,
-     "detail": {"pid": 4242, "cgroup_id": 8123}}
+     "detail": {"pid": 4242, "comm": "python3", "session": "exec-901-1", "cgroup_id": 8123}}
 
 ``substrate`` is ``syscall``, ``egress`` or ``exec`` for what the kernel denied or alerted on,
 ``watch`` for a behaviour on the policy's watch list that recurred, and ``detection`` for a
 probabilistic rule whose live per-session count left its band (a soft violation). ``action`` is
 ``denied`` (the kernel refused it) or ``alerted`` (it ran and was reported). ``count`` > 1 folds
 identical records (same workload, substrate, behaviour, action and detail) seen within one
-flush.
+flush. Every violation names its process (``pid``, and ``comm`` where the kernel reported it)
+and its session (``session``, where the reporter knows it); a network call a seccomp filter
+denied names the destination it asked for (``destination``), or for a denied ``socket`` the
+``socket`` it asked for.
 
 The store is ``<state-dir>/violations.jsonl``: one JSON object per line, appended under an
 exclusive ``flock`` with one ``write`` per batch. Kernel records are turned into violations by
@@ -90,13 +93,63 @@ def fold(violations: Iterable[Violation]) -> list[Violation]:
     return list(out.values())
 
 
+class ViolationFold:
+    """Violations folded as they arrive, in bounded memory whatever the rate.
+
+    :meth:`add` folds by :meth:`Violation.fold_key` (counts summed, first time kept). At most
+    ``cap`` distinct keys are held between two :meth:`take` calls; a violation with a new key
+    beyond that is folded into one ``overflow`` record per (workload, substrate, action), whose
+    detail counts the distinct keys it stands for, so nothing is dropped uncounted.
+    """
+
+    def __init__(self, cap: int = 4096):
+        self.cap = cap
+        self._held: dict[tuple, Violation] = {}
+        self._overflow: dict[tuple, list] = {}  # (workload, substrate, action) -> [time, count, keys]
+        self.total = 0  # violations (counts) folded since creation
+
+    def __len__(self) -> int:
+        return len(self._held) + len(self._overflow)
+
+    def add(self, v: Violation) -> None:
+        self.total += v.count
+        k = v.fold_key()
+        prev = self._held.get(k)
+        if prev is not None:
+            self._held[k] = Violation(min(prev.time, v.time), v.workload, v.substrate, v.behaviour,
+                                      v.action, prev.detail, prev.count + v.count)
+        elif len(self._held) < self.cap:
+            self._held[k] = v
+        else:
+            o = self._overflow.setdefault((v.workload, v.substrate, v.action), [v.time, 0, 0])
+            o[1] += v.count
+            o[2] += 1
+
+    def add_all(self, vs: Iterable[Violation]) -> None:
+        for v in vs:
+            self.add(v)
+
+    def take(self) -> list[Violation]:
+        """Everything folded since the last call, in order of first appearance."""
+        out = list(self._held.values())
+        for (workload, substrate, action), (t, count, keys) in self._overflow.items():
+            out.append(Violation(t, workload, substrate, f"{substrate}:overflow", action,
+                                 {"overflow": True, "distinct": keys,
+                                  "reason": f"more than {self.cap} distinct violations between "
+                                            f"two writes to the store"}, count))
+        self._held, self._overflow = {}, {}
+        return out
+
+
 class ViolationStore:
     """Append-only JSONL file of violations under the state dir."""
 
     def __init__(self, state_dir: str | os.PathLike):
         self.path = StateDir(state_dir).violations
 
-    def append(self, violations: Iterable[Violation]) -> int:
+    def append(self, violations: Iterable[Violation], durable: bool = True) -> int:
+        """Append ``violations`` in one locked ``write``. ``durable`` fsyncs the file (a killed
+        writer loses nothing it wrote either way: the write is in the page cache)."""
         lines = "".join(json.dumps(v.to_dict(), sort_keys=True, default=str) + "\n" for v in violations)
         if not lines:
             return 0
@@ -109,7 +162,8 @@ class ViolationStore:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             os.write(fd, data)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         return lines.count("\n")
@@ -162,21 +216,39 @@ def egress_behaviour(ev: EgressViolationEvent) -> str:
     return f"{ev.op}:{ev.proto}:{host}:{ev.port}"  # e.g. an ICMP ping socket's connect
 
 
-def from_egress_event(ev: EgressViolationEvent, workload: str, now: float) -> Violation:
+def _process(pid: int, comm: str, session: str | None, cgroup_id: int) -> dict[str, Any]:
+    d: dict[str, Any] = {"pid": pid}
+    if comm:
+        d["comm"] = comm
+    if session:
+        d["session"] = session
+    d["cgroup_id"] = cgroup_id
+    return d
+
+
+def from_egress_event(ev: EgressViolationEvent, workload: str, now: float,
+                      session: str | None = None) -> Violation:
     return Violation(now, workload, "egress", egress_behaviour(ev), ev.action,
-                     {"pid": ev.pid, "cgroup_id": ev.cgroup_id})
+                     _process(ev.pid, ev.comm, session, ev.cgroup_id))
 
 
-def from_seccomp_event(ev: SeccompDenialEvent, workload: str, now: float) -> Violation:
+def from_seccomp_event(ev: SeccompDenialEvent, workload: str, now: float,
+                       session: str | None = None) -> Violation:
     """A denial carries ``ret = -errno``; an alert-mode report (made at entry) carries 0."""
     action = "denied" if ev.ret < 0 else "alerted"
-    detail: dict[str, Any] = {"pid": ev.pid, "cgroup_id": ev.cgroup_id, "nr": ev.nr}
+    detail = _process(ev.pid, ev.comm, session, ev.cgroup_id)
+    detail["nr"] = ev.nr
     if ev.ret < 0:
         detail["errno"] = -ev.ret
+    if ev.destination:
+        detail["destination"] = ev.destination
+    if ev.socket:
+        detail["socket"] = dict(ev.socket)
     return Violation(now, workload, "syscall", ev.behaviour_key(), action, detail)
 
 
-def from_record(raw: bytes, workload_of: Callable[[int], str | None], now: float
+def from_record(raw: bytes, workload_of: Callable[[int], str | None], now: float,
+                session_of: Callable[[int], str | None] | None = None
                 ) -> Violation | DecodeError | None:
     """One ring-buffer record to a violation. A record that does not decode comes back as the
     :class:`sensor.events.DecodeError` (to be counted); one whose cgroup has no known workload
@@ -184,10 +256,11 @@ def from_record(raw: bytes, workload_of: Callable[[int], str | None], now: float
     ev = decode(raw)
     if isinstance(ev, DecodeError):
         return ev
+    session = session_of(ev.cgroup_id) if session_of is not None and hasattr(ev, "cgroup_id") else None
     if isinstance(ev, EgressViolationEvent):
-        return from_egress_event(ev, workload_of(ev.cgroup_id) or "unknown", now)
+        return from_egress_event(ev, workload_of(ev.cgroup_id) or "unknown", now, session)
     if isinstance(ev, SeccompDenialEvent):
-        return from_seccomp_event(ev, workload_of(ev.cgroup_id) or "unknown", now)
+        return from_seccomp_event(ev, workload_of(ev.cgroup_id) or "unknown", now, session)
     return None
 
 
@@ -209,8 +282,10 @@ class Judge:
       observed and reported, not enforced (this needs BPF-LSM, which the kernel may refuse).
     """
 
-    def __init__(self, policy, workload: str | None = None, report_execs: bool = False):
+    def __init__(self, policy, workload: str | None = None, report_execs: bool = False,
+                 exec_admits: Callable[[str], bool] | None = None):
         self.workload = workload or str(policy.workload)
+        self._exec_admits = exec_admits
         self.report_execs = report_execs and "exec" in policy.substrates
         self.watch = frozenset(policy.watch)
         self.rules = {r["key"]: r for r in policy.detection}
@@ -218,6 +293,7 @@ class Judge:
         self._watched: set[tuple[str, str]] = set()
         self._crossed: set[tuple[str, str]] = set()
         self._allows = policy.allows
+        self._policy = policy
 
     def interested(self, key: str) -> bool:
         return key in self.watch or key in self.rules
@@ -226,7 +302,7 @@ class Judge:
         out: list[Violation] = []
         c = self.counts.setdefault(session, Counter())
         c[key] += count
-        if self.report_execs and key.startswith("exec:") and not self._safe_allows(key):
+        if self.report_execs and key.startswith("exec:") and not self._exec_admitted(key):
             out.append(Violation(now, self.workload, "exec", key, "alerted",
                                  {"session": session, "enforced": False}, count))
         if key in self.watch and (session, key) not in self._watched:
@@ -262,6 +338,17 @@ class Judge:
         self._watched = {x for x in self._watched if x[0] != session}
         self._crossed = {x for x in self._crossed if x[0] != session}
         return out
+
+    def _exec_admitted(self, key: str) -> bool:
+        """Is this exec let through: allowed or a review item alerted (judged by ``exec_admits``
+        when given: one that resolves aliases and symlinks, :mod:`enforcer.exec_paths`)."""
+        if self._exec_admits is not None:
+            return self._exec_admits(key)
+        admits = getattr(self._policy, "admits", None)
+        try:
+            return admits(key) if admits is not None else self._allows(key)
+        except ValueError:
+            return False
 
     def _safe_allows(self, key: str) -> bool:
         try:

@@ -325,6 +325,33 @@ class CgroupFS:
                 time.sleep(delay * min(attempt + 1, 10))
         raise CgroupError(f"remove cgroup {path}: still busy after {retries} attempts: {last}")
 
+    def reap_orphans(self, parent: str) -> list[str]:
+        """Kill (``cgroup.kill``) and remove every child cgroup of ``parent`` whose owner is gone.
+
+        A command's cgroup is named ``<owner>-<rest>`` or ``<prefix>-<owner>-<rest>`` where
+        ``<owner>`` is :func:`owner_tag` of the process that made it; if that process no longer
+        exists (or its pid now belongs to another process), whatever runs in the cgroup was left
+        behind by a killed ``envelope exec`` or ``record``. Returns the cgroups reaped."""
+        base = self.abspath(parent)
+        try:
+            names = sorted(p.name for p in base.iterdir() if p.is_dir())
+        except OSError:
+            return []
+        out = []
+        for name in names:
+            tag = _owner_in(name)
+            if tag is None or owner_alive(tag):
+                continue
+            rel = f"{normalize_rel(parent).rstrip('/')}/{name}"
+            try:
+                self.remove(rel)
+            except CgroupError as e:
+                log.warning("orphaned cgroup not removed", cgroup=rel, error=str(e))
+                continue
+            log.warning("orphaned cgroup killed and removed", cgroup=rel, owner=tag)
+            out.append(rel)
+        return out
+
     def remove_empty_parents(self, rel: str, stop: str = "/") -> None:
         """rmdir the parents of ``rel`` up to (not including) ``stop`` while they are empty."""
         parts = normalize_rel(rel).strip("/").split("/")
@@ -339,6 +366,95 @@ class CgroupFS:
                 continue
             except OSError:
                 break
+
+
+class OrphanGuard:
+    """Kills cgroup ``rel`` (``cgroup.kill``) and removes it if its owner dies before
+    :meth:`release`: a forked process that waits on a pipe only the owner holds. An owner
+    killed with SIGKILL closes the pipe without writing, and the guard ends what it left behind
+    at once; :meth:`CgroupFS.reap_orphans` at the next start is the fallback when the guard
+    was killed too. Fork it before the owner holds anything the guard should not inherit."""
+
+    def __init__(self, cgfs: "CgroupFS", rel: str):
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:  # the guard: no Python-level cleanup may run here
+            try:
+                os.close(wfd)
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+                    signal.signal(sig, signal.SIG_IGN)
+                os.setsid()  # out of the owner's process group and terminal
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):  # hold none of the owner's pipes open
+                    os.dup2(null, fd)
+                os.closerange(3, rfd)
+                os.closerange(rfd + 1, 1 << 16)
+                while True:
+                    try:
+                        said = os.read(rfd, 1)
+                        break
+                    except InterruptedError:
+                        continue
+                if not said:  # the owner is gone without a word
+                    try:
+                        cgfs.remove(rel)
+                    except Exception:  # noqa: BLE001 - the next start reaps it
+                        pass
+            finally:
+                os._exit(0)
+        os.close(rfd)
+        self.pid = pid
+        self._wfd: int | None = wfd
+
+    def release(self) -> None:
+        """The owner cleaned up itself: the guard exits without acting."""
+        if self._wfd is None:
+            return
+        try:
+            os.write(self._wfd, b"x")
+        finally:
+            os.close(self._wfd)
+            self._wfd = None
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+
+_OWNER_RE = re.compile(r"(?:^|-)(\d+)\.(\d+)-")
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (``/proc/<pid>/stat`` field 22)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    try:
+        return int(text.rsplit(")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def owner_tag(pid: int | None = None) -> str:
+    """``<pid>.<start time>``: names a process so that a recycled pid is not mistaken for it."""
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}.{_start_time(pid) or 0}"
+
+
+def owner_alive(tag: str) -> bool:
+    pid_s, _, start = tag.partition(".")
+    try:
+        pid = int(pid_s)
+    except ValueError:
+        return True  # not ours to judge
+    st = _start_time(pid)
+    return st is not None and str(st) == start
+
+
+def _owner_in(name: str) -> str | None:
+    m = _OWNER_RE.search(name)
+    return f"{m.group(1)}.{m.group(2)}" if m else None
 
 
 def _rmdir(p: Path) -> None:

@@ -50,6 +50,7 @@ LOSS_SLOTS = 16
 
 ENV_AF_INET = 2
 ENV_AF_INET6 = 10
+ENV_COMM_LEN = 16
 
 EXEC_FILENAME_LEN = 256
 EXEC_ARGV_LEN = 256
@@ -65,6 +66,9 @@ EGRESS_OP_CONNECT = 0
 EGRESS_OP_SENDMSG = 1
 EGRESS_ACTION_ALERTED = 0
 EGRESS_ACTION_DENIED = 1
+DENIAL_F_COUNTED = 0x1
+DENIAL_F_DESTINATION = 0x2
+DENIAL_F_SOCKET = 0x4
 
 
 _PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
@@ -216,35 +220,48 @@ class EgressViolationRecord(Mirror):
         __u16 port;           /* 48 host order */
         __u8 op;              /* 50 EGRESS_OP_* */
         __u8 action;          /* 51 EGRESS_ACTION_* */
-        __u32 pad;            /* 52 */
+        __u32 tid;            /* 52 */
+        char comm[ENV_COMM_LEN]; /* 56 the thread's name */
     };
     """
 
     c_name = "egress_violation_event"
     type = EV_EGRESS_VIOLATION
-    version = 1
+    version = 2
     fields = _HDR + (
         ("cgroup_id", "Q"), ("pid", "I"), ("family", "H"), ("protocol", "H"), ("addr", "16s"),
-        ("port", "H"), ("op", "B"), ("action", "B"), ("pad", "I"),
+        ("port", "H"), ("op", "B"), ("action", "B"), ("tid", "I"), ("comm", f"{ENV_COMM_LEN}s"),
     )
 
 
 class SeccompDenialRecord(Mirror):
-    """EV_SECCOMP_DENIAL, emitted from raw sys_exit by the seccomp observation program.
+    """EV_SECCOMP_DENIAL, from the seccomp denial programs: the first call of a key (later calls
+    are counted in the kernel's ``counts`` map).
 
     struct seccomp_denial_event {
         struct event_hdr hdr; /*  0 */
         __u64 cgroup_id;      /* 16 */
         __u32 pid;            /* 24 */
         __u32 nr;             /* 28 */
-        __s64 ret;            /* 32 */
+        __s64 ret;            /* 32 -errno for a denial, 0 for an alert */
+        __u32 tid;            /* 40 */
+        __u32 flags;          /* 44 DENIAL_F_* */
+        char comm[ENV_COMM_LEN]; /* 48 the thread's name */
+        __u16 family;         /* 64 AF_* of the destination, or socket()'s domain */
+        __u16 port;           /* 66 host order */
+        __u32 sock_type;      /* 68 socket()'s type argument */
+        __u8 addr[16];        /* 72 network order */
+        __u32 context;        /* 88 the counts key's context */
+        __u32 protocol;       /* 92 socket()'s protocol argument */
     };
     """
 
     c_name = "seccomp_denial_event"
     type = EV_SECCOMP_DENIAL
-    version = 1
-    fields = _HDR + (("cgroup_id", "Q"), ("pid", "I"), ("nr", "I"), ("ret", "q"))
+    version = 2
+    fields = _HDR + (("cgroup_id", "Q"), ("pid", "I"), ("nr", "I"), ("ret", "q"), ("tid", "I"),
+                     ("flags", "I"), ("comm", f"{ENV_COMM_LEN}s"), ("family", "H"), ("port", "H"),
+                     ("sock_type", "I"), ("addr", "16s"), ("context", "I"), ("protocol", "I"))
 
 
 RECORDS: dict[int, type[Mirror]] = {
@@ -366,6 +383,8 @@ class EgressViolationEvent(_Event):
     addr: str
     port: int
     action: str  # alerted | denied
+    tid: int = 0
+    comm: str = ""
     type_name: ClassVar[str] = "egress_violation"
 
     def behaviour_key(self) -> str | None:
@@ -382,6 +401,13 @@ class SeccompDenialEvent(_Event):
     nr: int
     name: str
     ret: int
+    tid: int = 0
+    comm: str = ""
+    counted: bool = False  # the kernel counts this key from this call on
+    context: int = 0
+    destination: str | None = None  # "10.0.0.1:4444" / "[::1]:53": what a network call named
+    family: int | None = None  # 4 | 6 with a destination
+    socket: dict | None = None  # socket()'s {domain, type, protocol}
     type_name: ClassVar[str] = "seccomp_denial"
 
     def behaviour_key(self) -> str | None:
@@ -456,12 +482,31 @@ def _egress(r: dict) -> Event | DecodeError:
         op="connect" if r["op"] == EGRESS_OP_CONNECT else "send", proto=_proto(r["protocol"]),
         family=_family(r["family"]), addr=addr, port=r["port"],
         action="denied" if r["action"] == EGRESS_ACTION_DENIED else "alerted",
+        tid=r["tid"], comm=_cstr(r["comm"]),
     )
 
 
+_SOCKET_DOMAINS = {1: "AF_UNIX", 2: "AF_INET", 10: "AF_INET6", 16: "AF_NETLINK", 17: "AF_PACKET"}
+_SOCKET_TYPES = {1: "SOCK_STREAM", 2: "SOCK_DGRAM", 3: "SOCK_RAW", 5: "SOCK_SEQPACKET"}
+
+
 def _seccomp(r: dict) -> Event:
+    flags = r["flags"]
+    destination = family = socket = None
+    if flags & DENIAL_F_DESTINATION:
+        addr = _addr(r["family"], r["addr"])
+        if addr is not None:
+            family = _family(r["family"])
+            destination = f"[{addr}]:{r['port']}" if family == 6 else f"{addr}:{r['port']}"
+    if flags & DENIAL_F_SOCKET:
+        socket = {"domain": _SOCKET_DOMAINS.get(r["family"], str(r["family"])),
+                  "type": _SOCKET_TYPES.get(r["sock_type"] & 0xF, str(r["sock_type"] & 0xF)),
+                  "protocol": r["protocol"]}
     return SeccompDenialEvent(ktime=r["ktime"], cgroup_id=r["cgroup_id"], pid=r["pid"],
-                              nr=r["nr"], name=syscalls.name(r["nr"]), ret=r["ret"])
+                              nr=r["nr"], name=syscalls.name(r["nr"]), ret=r["ret"], tid=r["tid"],
+                              comm=_cstr(r["comm"]), counted=bool(flags & DENIAL_F_COUNTED),
+                              context=r["context"], destination=destination, family=family,
+                              socket=socket)
 
 
 _BUILD = {

@@ -26,6 +26,11 @@ EGRESS_CGROUP_PATH_LEN = 248
 DENIALS_NR_SLOTS = 512
 DENIALS_MODE_ALERT = 1
 DENIALS_MODE_ENFORCE = 2
+DENIAL_KIND_DENIED = 1
+DENIAL_KIND_ALERTED = 2
+DENIALS_LOST_RINGBUF = 0
+DENIALS_LOST_COUNTS_FULL = 1
+DENIALS_LOST_SLOTS = 2
 
 
 class Mirror:
@@ -213,11 +218,40 @@ class DenialCgroup(Mirror):
               + tuple((f"allowed{i}", "Q") for i in range(DENIALS_NR_SLOTS // 64)))
 
 
+class DenialKey(Mirror):
+    """Key of the denial probe's ``counts`` hash.
+
+    struct denial_key {
+        __u64 cgroup_id; /*  0 */
+        __u32 pid;       /*  8 thread group */
+        __u32 nr;        /* 12 syscall number */
+        __u32 context;   /* 16 hash of the destination a network call named, else 0 */
+        __u32 kind;      /* 20 DENIAL_KIND_* */
+    };
+    """
+
+    c_name = "denial_key"
+    fields = (("cgroup_id", "Q"), ("pid", "I"), ("nr", "I"), ("context", "I"), ("kind", "I"))
+
+
+class DenialCount(Mirror):
+    """Value of ``counts``.
+
+    struct denial_count {
+        __u64 count;      /* 0 */
+        __u64 last_ktime; /* 8 */
+    };
+    """
+
+    c_name = "denial_count"
+    fields = (("count", "Q"), ("last_ktime", "Q"))
+
+
 #: Every map-layout mirror, by header.
 MAP_MIRRORS = {
     "events.h": (SyscallSlotState, SyscallSlotCounts),
     "egress.h": (EgressKey, EgressRule, EgressPortKey, EgressMeta, EgressCgroup),
-    "denials.h": (DenialCgroup,),
+    "denials.h": (DenialCgroup, DenialKey, DenialCount),
 }
 U64 = struct.Struct("<Q")
 U32 = struct.Struct("<I")

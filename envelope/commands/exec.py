@@ -2,21 +2,30 @@
 
 Runs CMD inside its policy, standalone (no daemon):
 
-1. a fresh cgroup v2 (``<cgroup2>/envelope/exec-<pid>-<n>``) is enforced by an unpinned
-   enforcement session (:mod:`enforcer.session`): the egress programs (``bpf/egress.c``, they
-   live as long as this command) with the policy's rules, active exceptions included, in the
-   chosen mode, and the seccomp denial probe (``bpf/denials.c``) watching that cgroup;
+0. cgroups that a killed ``envelope exec`` or ``record`` left behind are killed
+   (``cgroup.kill``) and removed (:meth:`sensor.cgroup.CgroupFS.reap_orphans`); in enforce mode
+   the command says how many behaviours of the policy sit in review and what happens to them
+   when they recur (:mod:`envelope.review_notice`);
+1. a fresh cgroup v2 (``<cgroup2>/envelope/exec-<owner>-<n>``, guarded by a
+   :class:`sensor.cgroup.OrphanGuard` that kills it if this command dies) is enforced by an
+   unpinned enforcement session (:mod:`enforcer.session`): the egress programs
+   (``bpf/egress.c``, they live as long as this command) with the policy's rules, active
+   exceptions included, in the chosen mode, and the seccomp denial probe (``bpf/denials.c``)
+   watching that cgroup;
 2. the child joins the cgroup, loads the libseccomp filter built from the policy
-   (:func:`enforcer.seccomp.profile_for`, target ``exec``) and execs CMD (``os.fork`` +
-   ``os.execv``: nothing runs between the filter load and ``execve``, and ``execve`` is added
-   to the filter's allowed set when the policy lacks it, reported as
-   ``runtime-completeness:envelope-exec``);
-3. while CMD runs, violations come out of the session; the sensor pump (:mod:`sensor.pump`)
-   observes the cgroup so that detection (watch list, probabilistic rules, execs outside the
-   policy) judges every behaviour, allowed ones included; egress exceptions are re-synced
-   when one starts or lapses;
-4. CMD's exit status is passed through (128+N for a signal); violations go to
-   ``<state-dir>/violations.jsonl``; the cgroup and programs are removed.
+   (:func:`enforcer.seccomp.profile_for`, target ``exec``) and execs CMD through its launch
+   path (:mod:`enforcer.launch_path`): nothing runs between the filter load and ``execve``, and
+   when the policy has no exec entries that ``execve`` is the only one the filter admits;
+3. while CMD runs, violations are folded as they come out of the session (bounded memory at
+   any rate, counts kept) and appended to ``<state-dir>/violations.jsonl`` at every step, so
+   ``envelope violations`` shows them during the run and a killed ``exec`` loses nothing it
+   had read; the sensor pump (:mod:`sensor.pump`) observes the cgroup so that detection
+   (watch list, probabilistic rules, execs outside the policy, judged by resolved name:
+   :mod:`enforcer.exec_paths`) judges every behaviour, allowed ones included; egress exceptions
+   are re-synced when one starts or lapses;
+4. SIGINT/SIGTERM/SIGHUP go to CMD; if it has not exited ``--stop-grace`` seconds later (or at
+   a second signal) its whole cgroup is killed;
+5. CMD's exit status is passed through (128+N for a signal); the cgroup and programs are removed.
 """
 
 from __future__ import annotations
@@ -47,6 +56,9 @@ def register(sub) -> None:
     p.add_argument("--mode", choices=["enforce", "alert", "observe"], default=None,
                    help="override the policy's mode")
     p.add_argument("--poll-interval", type=float, default=0.2, help=argparse.SUPPRESS)
+    p.add_argument("--stop-grace", type=float, default=3.0, metavar="SECONDS",
+                   help="after SIGTERM/SIGINT, how long CMD may take to exit before its cgroup is "
+                        "killed (default 3)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     p.set_defaults(func=cmd_exec)
 
@@ -77,37 +89,61 @@ def cmd_exec(args, config) -> int:
                  reason=f"envelope exec in {mode} mode" + (
                      f" (policy says {policy.mode})" if mode != policy.mode else ""),
                  details=details)
-    runner = ExecRunner(config, policy, mode, poll_interval=args.poll_interval)
+    runner = ExecRunner(config, policy, mode, poll_interval=args.poll_interval, grace=args.stop_grace)
     return runner.run(path, argv)
+
+
+#: Kernel records read per step, so that a storm never keeps the loop from its other work.
+RECORDS_PER_STEP = 8192
 
 
 class ExecRunner:
     """One confined run of a command. Every kernel object it makes is removed in :meth:`run`."""
 
-    def __init__(self, config, policy, mode: str, poll_interval: float = 0.2):
+    def __init__(self, config, policy, mode: str, poll_interval: float = 0.2, grace: float = 3.0):
+        from enforcer.violations import ViolationFold, ViolationStore
         self.config = config
         self.policy = policy
         self.mode = mode
         self.workload = policy.workload.key
         self.poll_interval = poll_interval
-        self.violations: list = []
+        self.grace = grace
+        self.fold = ViolationFold()
+        self.store = ViolationStore(config.state_dir)
+        self.recorded = 0
         self.decode_errors = 0
         self.lost = 0
+        self._stop: int | None = None  # the first stop signal received
+        self._stop_deadline = 0.0
 
     def _reports_execs(self) -> bool:
         """exec is observed and reported, not enforced: this kernel refuses BPF-LSM programs."""
         return "exec" in self.policy.substrates and self.mode != "observe"
 
-    def _seccomp(self):
+    def _constrains_syscalls(self) -> bool:
+        return "syscall" in self.policy.substrates and self.mode != "observe"
+
+    def _seccomp(self, launch_pointer: int):
         """The filter the child loads, or None when syscalls are not constrained."""
         from enforcer import exceptions as exc
         from enforcer.seccomp import build_filter, profile_for
-        if "syscall" not in self.policy.substrates or self.mode == "observe":
+        if not self._constrains_syscalls():
             return None
-        compiled = profile_for(self.policy, self.mode, target="exec",
+        compiled = profile_for(self.policy, self.mode, target="exec", launch_pointer=launch_pointer,
                                exceptions=exc.syscall_allowances(self.config.state_dir,
                                                                  self.policy.workload))
         return build_filter(compiled, skipped=[])
+
+    def _notice(self) -> None:
+        """Before enforcing: how many behaviours sit in review and what happens to them."""
+        if self.mode != "enforce":
+            return
+        from enforcer.seccomp import needs_exec
+        from ..review_notice import review_notice
+        execve_denied = self._constrains_syscalls() and not needs_exec(self.policy)
+        for line in review_notice(self.policy, exec_paths_enforced=False, execve_denied=execve_denied):
+            print(line, file=sys.stderr)
+        sys.stderr.flush()
 
     def _pump(self, judge, cg_path: str, session: str):
         """The sensor pump over the command's cgroup, feeding the judge every behaviour; None
@@ -124,7 +160,7 @@ class ExecRunner:
 
         def judged(_workload, sess, key, count, ts):
             if key is not None and sess == session:
-                self.violations.extend(judge.observe(session, key, count, ts))
+                self.fold.add_all(judge.observe(session, key, count, ts))
 
         agg.listeners.append(judged)
         binding = TreeBinding(cg_path, self.policy.workload, session)
@@ -133,30 +169,42 @@ class ExecRunner:
         return pump
 
     def run(self, path: str, argv: list[str]) -> int:
+        from enforcer.exec_paths import ExecNames
+        from enforcer.launch_path import LaunchPath, LaunchPathError
         from enforcer.session import ApplyError
         from enforcer.violations import Judge
-        from sensor.cgroup import CgroupError, CgroupFS
+        from sensor.cgroup import CgroupError, CgroupFS, OrphanGuard, owner_tag
         from .. import wiring
 
         global _counter
         _counter += 1
         cgfs = CgroupFS()
-        rel = f"/envelope/exec-{os.getpid()}-{_counter}"
+        cgfs.reap_orphans("/envelope")  # what a killed exec or record left behind
+        rel = f"/envelope/exec-{owner_tag()}-{_counter}"
         session_id = f"exec-{os.getpid()}-{_counter}"
-        enforcement = pump = None
+        enforcement = pump = guard = launch = None
         child = None
-        judge = Judge(self.policy, report_execs=self._reports_execs())
+        judge = Judge(self.policy, report_execs=self._reports_execs(),
+                      exec_admits=ExecNames("/").admits(self.policy))
         try:
             try:
-                cg_path, _cg_id = cgfs.make(rel)
+                cg_path, cg_id = cgfs.make(rel)
             except CgroupError as e:
                 raise UserError(f"exec: {e}") from None
+            guard = OrphanGuard(cgfs, rel)  # forked before any BPF object exists
+            self._notice()
+            if self._constrains_syscalls():
+                try:
+                    launch = LaunchPath(path, argv)
+                except (LaunchPathError, ValueError) as e:
+                    raise UserError(f"exec: {e}") from None
             try:
-                flt = self._seccomp()
+                flt = self._seccomp(launch.pointer if launch is not None else 0)
             except ValueError as e:  # SeccompCompileError, an unknown syscall name
                 raise UserError(f"exec: seccomp filter: {e}") from None
             enforcement = wiring.enforcement_session(self.config, pinned=False,
                                                      denials=flt is not None)
+            enforcement.session_of = lambda cid: session_id if cid == cg_id else None
             try:
                 enforcement.apply(self.policy, self.mode, [str(cg_path)], seccomp_target="exec")
             except ApplyError as e:
@@ -166,15 +214,15 @@ class ExecRunner:
                                 "(see the log above)")
             if self.policy.watch or self.policy.detection or self._reports_execs():
                 pump = self._pump(judge, str(cg_path), session_id)
-            child = self._spawn(path, argv, cgfs, rel, flt)
-            status = self._supervise(child, enforcement, pump, judge, session_id)
+            child = self._spawn(path, argv, cgfs, rel, flt, launch)
+            status = self._supervise(child, enforcement, pump, judge, session_id, cgfs, rel)
             child = None
             if pump is not None:
                 pump.finish()
-            self._take(enforcement.poll_violations(0), judge, pump, session_id)
+            self._take(enforcement.poll_violations(0, final=True), judge, pump, session_id)
             self.decode_errors = enforcement.decode_errors
             self.lost = sum(enforcement.lost().values())
-            self.violations.extend(judge.close_session(session_id, time.time()))
+            self.fold.add_all(judge.close_session(session_id, time.time()))
             return status
         finally:
             if child is not None:
@@ -192,33 +240,39 @@ class ExecRunner:
             if pump is not None:
                 pump.release()
                 pump.sensor.close()
-            self._store()
+            self._store(final=True)
+            if guard is not None:
+                guard.release()
+            if launch is not None:
+                launch.close()
 
     def _take(self, found: list, judge, pump, session: str) -> None:
-        """Violations from the kernel. With the pump running it reports every behaviour to the
-        judge (denied egress too: the sensor's root hook runs after ours); seccomp denials never
-        reach it."""
+        """Violations from the kernel, folded. With the pump running it reports every behaviour
+        to the judge (denied egress too: the sensor's root hook runs after ours); seccomp
+        denials never reach it."""
         for v in found:
-            self.violations.append(v)
+            self.fold.add(v)
             if pump is None or v.substrate == "syscall":
-                self.violations.extend(judge.observe(session, v.behaviour, v.count, v.time))
+                self.fold.add_all(judge.observe(session, v.behaviour, v.count, v.time))
 
-    def _store(self) -> None:
-        from enforcer.violations import ViolationStore, fold
+    def _store(self, final: bool = False) -> None:
+        """Append what was folded since the last call to the violations store (fsync at the end)."""
+        items = self.fold.take()
+        if items:
+            self.store.append(items, durable=final)
+            self.recorded += sum(v.count for v in items)
+        if not final:
+            return
         if self.lost or self.decode_errors:
             print(f"envelope: warning: {self.lost} violation event(s) lost in the kernel (ring buffer "
                   f"full), {self.decode_errors} undecodable", file=sys.stderr)
-        if not self.violations:
-            return
-        folded = fold(self.violations)
-        ViolationStore(self.config.state_dir).append(folded)
-        total = sum(v.count for v in folded)
-        print(f"envelope: {total} violation(s) recorded for {self.workload} "
-              f"(envelope violations --workload {self.policy.workload.name})", file=sys.stderr)
+        if self.recorded:
+            print(f"envelope: {self.recorded} violation(s) recorded for {self.workload} "
+                  f"(envelope violations --workload {self.policy.workload.name})", file=sys.stderr)
 
-    def _spawn(self, path: str, argv: list[str], cgfs, rel: str, flt) -> int:
-        """fork; the child joins the cgroup, loads the filter and execs. Errors before exec come
-        back through a close-on-exec pipe."""
+    def _spawn(self, path: str, argv: list[str], cgfs, rel: str, flt, launch) -> int:
+        """fork; the child joins the cgroup, loads the filter and execs through the launch path.
+        Errors before exec come back through a close-on-exec pipe."""
         rfd, wfd = os.pipe2(os.O_CLOEXEC)
         procs = str(cgfs.abspath(rel) / "cgroup.procs")
         sys.stdout.flush()
@@ -237,6 +291,8 @@ class ExecRunner:
                     step = "load seccomp filter"
                     flt.load()
                 step = f"execve {path}"
+                if launch is not None:
+                    launch.execve()
                 os.execv(path, argv)
             except BaseException as e:  # noqa: BLE001 - report anything, then exit
                 try:
@@ -257,10 +313,15 @@ class ExecRunner:
             raise UserError(f"exec: {err.decode(errors='replace')}")
         return pid
 
-    def _supervise(self, pid: int, enforcement, pump, judge, session: str) -> int:
+    def _supervise(self, pid: int, enforcement, pump, judge, session: str, cgfs, rel: str) -> int:
         forwarded = {}
 
         def forward(signum, _frame):
+            now = time.monotonic()
+            if self._stop is None:
+                self._stop, self._stop_deadline = signum, now + self.grace
+            else:
+                self._stop_deadline = now  # a second signal: stop now
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
@@ -269,12 +330,19 @@ class ExecRunner:
         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             forwarded[s] = signal.signal(s, forward)
         timeout_ms = max(1, int(self.poll_interval * 1000))
+        killed = False
         try:
             while True:
-                self._take(enforcement.poll_violations(0 if pump else timeout_ms), judge, pump,
-                           session)
+                if self._stop is not None and not killed and time.monotonic() >= self._stop_deadline:
+                    log.warning("command did not stop in time; killing its cgroup", cgroup=rel,
+                                grace=self.grace)
+                    cgfs.kill_all(rel)
+                    killed = True
+                self._take(enforcement.poll_violations(0 if pump else timeout_ms, RECORDS_PER_STEP),
+                           judge, pump, session)
                 if pump is not None:
-                    pump.step(timeout_ms)
+                    pump.step(timeout_ms if self._stop is None else min(timeout_ms, 50))
+                self._store()
                 try:
                     done, status = os.waitpid(pid, os.WNOHANG)
                 except ChildProcessError:

@@ -131,6 +131,7 @@ class FakeDenialProbe:
         self.events_fd = next(_fds)
         kernel.rings[self.events_fd] = []
         self.watched: dict[int, tuple] = {}
+        self.totals: dict[bytes, int] = {}  # the kernel's ``counts``: key -> calls so far
 
     def watch(self, cgroup_id, mode, deny_errno, allowed_syscalls=()):
         self.watched[cgroup_id] = (mode, deny_errno, tuple(sorted(allowed_syscalls)))
@@ -138,7 +139,16 @@ class FakeDenialProbe:
     def unwatch(self, cgroup_id):
         self.watched.pop(cgroup_id, None)
 
+    def counts(self) -> list[tuple[bytes, int]]:
+        return list(self.totals.items())
+
+    def forget(self, key: bytes) -> None:
+        self.totals.pop(key, None)
+
     def lost(self) -> int:
+        return 0
+
+    def uncounted(self) -> int:
         return 0
 
     def close(self) -> None:

@@ -36,6 +36,8 @@ W = Workload("default", "Deployment", "agent", "main")
 
 
 def policy(syscalls, mode="enforce", **kw) -> Policy:
+    """A syscall-only policy; egress mediation is tested on its own below."""
+    kw.setdefault("substrates", ("syscall",))
     return Policy(workload=W, mode=mode, syscalls=tuple(syscalls), **kw)
 
 
@@ -299,3 +301,117 @@ def test_compile_is_deterministic_and_order_free(names, mode, runtime):
     assert len(listed) == len(set(listed))
     if mode != "observe":
         assert set(listed) == allowed
+
+
+# ---- what the target adds: egress mediation, review items, the launch's execve ------------------
+
+def _in_child(flt, steps) -> dict:
+    """Load ``flt`` in a forked child (libseccomp sets no_new_privs: no root needed), run
+    ``steps`` (name -> callable) and return name -> "ok" or the errno name."""
+    import os
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        out = {}
+        try:
+            flt.load()
+            for name, fn in steps.items():
+                try:
+                    fn()
+                    out[name] = "ok"
+                except OSError as e:
+                    out[name] = errno.errorcode.get(e.errno, str(e.errno))
+            os.write(wfd, json.dumps(out).encode())
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    data = b""
+    while chunk := os.read(rfd, 65536):
+        data += chunk
+    os.close(rfd)
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
+def _all_but(*denied: str) -> list[str]:
+    from sensor import syscalls
+    return sorted(n for n in syscalls.NUMBERS if n not in denied)
+
+
+def test_egress_constrained_policies_leave_tcp_and_udp_sockets_to_the_egress_programs():
+    import socket
+    p = Policy(workload=W, mode="enforce", syscalls=tuple(_all_but("socket", "connect", "sendto")))
+    c = seccomp.compile_oci(p)
+    rules = {e.syscall: (e.action, e.rule) for e in c.report}
+    assert rules["socket"] == ("allow-if", "egress-mediated")
+    assert rules["connect"] == ("allow", "egress-mediated")
+    got = _in_child(seccomp.build_filter(c), {
+        "tcp4": lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM).close(),
+        "udp6": lambda: socket.socket(socket.AF_INET6, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC).close(),
+        "netlink": lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0).close(),
+        "unix": lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).close(),
+        "raw": lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP).close(),
+        "sctp": lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM, 132).close(),
+    })
+    assert got == {"tcp4": "ok", "udp6": "ok", "netlink": "EPERM", "unix": "EPERM", "raw": "EPERM",
+                   "sctp": "EPERM"}
+    # a policy that leaves egress out gets no socket rules from it
+    off = seccomp.compile_oci(policy(["read"]))
+    assert not any(e.rule == "egress-mediated" for e in off.report)
+    # the SPO export carries the argument checks (an unconditional socket would open netlink)
+    spo = seccomp.compile_spo(p)
+    socket_rules = [r for r in spo["spec"]["syscalls"] if r["names"] == ["socket"]]
+    assert len(socket_rules) == len(seccomp.EGRESS_SOCKETS) and all(r["args"] for r in socket_rules)
+    assert validate_spo(spo) == []
+
+
+def test_review_items_let_through_are_allowed_with_their_rule_and_dangerous_never():
+    review = ({"key": "syscall-group:child-wait", "substrate": "syscall", "action": "alert",
+               "entries": ["syscall:wait4"]},
+              {"key": "syscall:ptrace", "substrate": "syscall", "action": "deny"},
+              {"key": "syscall:bpf", "substrate": "syscall", "entries": ["syscall:bpf"]})
+    p = policy(["read"], review=review, review_actions={"syscall": "alert"})
+    c = seccomp.compile_oci(p)
+    rules = {e.syscall: e.rule for e in c.report}
+    assert rules["wait4"] == seccomp.REVIEW_RULE
+    assert "ptrace" not in rules and "bpf" not in rules  # bpf: dangerous, even if an edit says alert
+    assert "waitid" not in rules  # review is literal
+    denied = seccomp.compile_oci(policy(["read"], review=review))  # no stated action: deny
+    assert "wait4" not in denied.allowed()
+
+
+def test_exec_filter_admits_only_the_launch_execve_when_the_policy_has_no_exec_entries(tmp_path):
+    from enforcer.launch_path import LaunchPath
+    p = policy(_all_but("execve", "execveat"), substrates=("syscall", "exec"))
+    launch = LaunchPath("/bin/true", ["/bin/true"])
+    try:
+        c = seccomp.profile_for(p, "enforce", target="exec", launch_pointer=launch.pointer)
+        by = {e.syscall: (e.action, e.rule) for e in c.report}
+        assert by["execve"] == ("allow-if", seccomp.EXEC_RULE)
+        [rule] = [r for r in c.profile["syscalls"] if r["names"] == ["execve"]]
+        assert rule["args"] == [{"index": 0, "op": "SCMP_CMP_EQ", "value": launch.pointer, "valueTwo": 0}]
+        flt = seccomp.build_filter(c)
+        import os
+        got = _in_child(flt, {"exec_other": lambda: os.execv("/bin/true", ["/bin/true"])})
+        assert got == {"exec_other": "EPERM"}  # an execve of the confined code is denied
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                flt.load()
+                launch.execve()  # the launch itself passes: /bin/true exits 0
+            finally:
+                os._exit(99)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        launch.close()
+    # with exec entries the command's programs exec under the filter
+    with_execs = policy(["read"], substrates=("syscall", "exec"), execs=("/usr/bin/git",))
+    assert {e.syscall: e.action for e in seccomp.profile_for(with_execs, target="exec").report}["execve"] == "allow"
+    # an execve the syscall list admits is withheld when no program may be exec'd
+    listed = policy(["read", "execve"], substrates=("syscall", "exec"))
+    rep = {(e.syscall, e.action) for e in seccomp.profile_for(listed, target="exec").report}
+    assert ("execve", "withheld") in rep and ("execve", "allow") not in rep
+    # the container runtime execs the entrypoint after loading the filter: runc keeps execve
+    assert "execve" in seccomp.profile_for(listed, target="workload", runtime="runc").allowed()

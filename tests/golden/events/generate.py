@@ -98,18 +98,52 @@ write("syscall_first", hdr(5, 32) + [
 ], {"type": "syscall_first", "ktime": KTIME, "cgroup_id": 4242, "nr": 309, "name": "getcpu",
     "pid": 1001, "behaviour_key": "syscall:getcpu"})
 
-write("egress_violation", hdr(6, 56) + [
+write("egress_violation", hdr(6, 72, version=2) + [
     ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
     ("family", struct.pack("<H", 2)), ("protocol", struct.pack("<H", 6)),
     ("addr", socket.inet_pton(socket.AF_INET, "203.0.113.9") + b"\0" * 12),
     ("port", struct.pack("<H", 8443)), ("op", b"\x00"), ("action", b"\x01"),
-    ("pad", struct.pack("<I", 0)),
+    ("tid", struct.pack("<I", 1007)), ("comm", cstr(b"redis-server", 16)),
 ], {"type": "egress_violation", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001,
     "op": "connect", "proto": "tcp", "family": 4, "addr": "203.0.113.9", "port": 8443,
-    "action": "denied", "behaviour_key": "connect:tcp:203.0.113.9:8443"})
+    "action": "denied", "tid": 1007, "comm": "redis-server",
+    "behaviour_key": "connect:tcp:203.0.113.9:8443"})
 
-write("seccomp_denial", hdr(7, 40) + [
+write("seccomp_denial", hdr(7, 96, version=2) + [
     ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
     ("nr", struct.pack("<I", 135)), ("ret", struct.pack("<q", -1)),
+    ("tid", struct.pack("<I", 1001)), ("flags", struct.pack("<I", 0x1)),
+    ("comm", cstr(b"python3", 16)), ("family", struct.pack("<H", 0)), ("port", struct.pack("<H", 0)),
+    ("sock_type", struct.pack("<I", 0)), ("addr", b"\0" * 16), ("context", struct.pack("<I", 0)),
+    ("protocol", struct.pack("<I", 0)),
 ], {"type": "seccomp_denial", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "nr": 135,
-    "name": "personality", "ret": -1, "behaviour_key": "syscall:personality"})
+    "name": "personality", "ret": -1, "tid": 1001, "comm": "python3", "counted": True,
+    "context": 0, "destination": None, "family": None, "socket": None,
+    "behaviour_key": "syscall:personality"})
+
+# connect(2) denied by the filter: the destination read from the caller's sockaddr
+write("seccomp_denial_connect6", hdr(7, 96, version=2) + [
+    ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
+    ("nr", struct.pack("<I", 42)), ("ret", struct.pack("<q", -1)),
+    ("tid", struct.pack("<I", 1002)), ("flags", struct.pack("<I", 0x1 | 0x2)),
+    ("comm", cstr(b"sqlite3", 16)), ("family", struct.pack("<H", 10)), ("port", struct.pack("<H", 4444)),
+    ("sock_type", struct.pack("<I", 0)), ("addr", socket.inet_pton(socket.AF_INET6, "2001:db8::66")),
+    ("context", struct.pack("<I", 0xdeadbeef)), ("protocol", struct.pack("<I", 0)),
+], {"type": "seccomp_denial", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "nr": 42,
+    "name": "connect", "ret": -1, "tid": 1002, "comm": "sqlite3", "counted": True,
+    "context": 0xdeadbeef, "destination": "[2001:db8::66]:4444", "family": 6, "socket": None,
+    "behaviour_key": "syscall:connect"})
+
+# socket(2) denied: no destination yet; the domain, type and protocol asked for
+write("seccomp_denial_socket", hdr(7, 96, version=2) + [
+    ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
+    ("nr", struct.pack("<I", 41)), ("ret", struct.pack("<q", -1)),
+    ("tid", struct.pack("<I", 1001)), ("flags", struct.pack("<I", 0x4)),
+    ("comm", cstr(b"git", 16)), ("family", struct.pack("<H", 16)), ("port", struct.pack("<H", 0)),
+    ("sock_type", struct.pack("<I", 0x80003)), ("addr", b"\0" * 16),
+    ("context", struct.pack("<I", 77)), ("protocol", struct.pack("<I", 0)),
+], {"type": "seccomp_denial", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "nr": 41,
+    "name": "socket", "ret": -1, "tid": 1001, "comm": "git", "counted": False, "context": 77,
+    "destination": None, "family": None,
+    "socket": {"domain": "AF_NETLINK", "type": "SOCK_RAW", "protocol": 0},
+    "behaviour_key": "syscall:socket"})
