@@ -129,6 +129,10 @@ class ViolationFold:
         for v in vs:
             self.add(v)
 
+    def has_new(self, known: set) -> bool:
+        """Is a key held that is not in ``known`` (or an overflow record)?"""
+        return bool(self._overflow) or any(k not in known for k in self._held)
+
     def take(self) -> list[Violation]:
         """Everything folded since the last call, in order of first appearance."""
         out = list(self._held.values())

@@ -208,7 +208,9 @@ class Daemon:
         return NodeEnforcement(self.config, session, self.metrics)
 
     def start(self) -> None:
+        from sensor.cgroup import reap_command_orphans
         cfg = self.config
+        reap_command_orphans()  # commands a killed exec or record left running
         self.sensor = wiring.open_sensor(cfg)
         agg = wiring.aggregator(cfg, wiring.profile_store(cfg))
         ignore = {c for c in [own_cgroup_id()] if c is not None}

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import structlog
 
-from sensor.cgroup import CgroupFS
+from sensor.cgroup import CgroupFS, OrphanGuard, owner_tag, reap_command_orphans
 from sensor.pump import Pump, TreeBinding
 from sensor.workload import Workload
 
@@ -60,13 +60,20 @@ def record(config: Config, workload: Workload, argv: Sequence[str], session: str
         raise UserError("record: no command given (usage: envelope record --workload NAME -- CMD ...)")
     say = progress or (lambda msg: None)
     session = session or f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    cgfs = CgroupFS()
+    reap_command_orphans(cgfs)  # what a killed exec or record left behind
+    rel = f"/envelope.record/{owner_tag()}-{uuid.uuid4().hex[:8]}"
+    cg_path, cg_id = cgfs.make(rel)
+    guard = OrphanGuard(cgfs, rel)  # kills the command's cgroup if this process dies first
     own_sensor = sensor is None
     if own_sensor:
         say("attaching probes (compiling BPF, a few seconds)")
-        sensor = wiring.open_sensor(config)
-    cgfs = CgroupFS()
-    rel = f"/envelope.record/{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    cg_path, cg_id = cgfs.make(rel)
+        try:
+            sensor = wiring.open_sensor(config)
+        except BaseException:
+            cgfs.remove(rel)
+            guard.release()
+            raise
     agg = wiring.aggregator(config, wiring.profile_store(config))
     binding = TreeBinding(str(cg_path), workload, session, meta={"cgroup": rel, "argv": list(argv)},
                           fingerprints=fingerprints)
@@ -111,6 +118,7 @@ def record(config: Config, workload: Workload, argv: Sequence[str], session: str
         pump.release()
         if own_sensor:
             sensor.close()
+        guard.release()
 
 
 def progress_printer(enabled: bool = True) -> Callable[[str], None]:

@@ -368,6 +368,20 @@ class CgroupFS:
                 break
 
 
+#: Where ``envelope exec`` and ``envelope record`` make their commands' cgroups.
+COMMAND_PARENTS = ("/envelope", "/envelope.record")
+
+
+def reap_command_orphans(cgfs: "CgroupFS | None" = None) -> list[str]:
+    """Kill and remove the command cgroups whose owner died (what exec, record and the daemon do
+    when they start)."""
+    cgfs = cgfs or CgroupFS()
+    out: list[str] = []
+    for parent in COMMAND_PARENTS:
+        out += cgfs.reap_orphans(parent)
+    return out
+
+
 class OrphanGuard:
     """Kills cgroup ``rel`` (``cgroup.kill``) and removes it if its owner dies before
     :meth:`release`: a forked process that waits on a pipe only the owner holds. An owner

@@ -95,6 +95,10 @@ def cmd_exec(args, config) -> int:
 
 #: Kernel records read per step, so that a storm never keeps the loop from its other work.
 RECORDS_PER_STEP = 8192
+#: Violations already in the store are written again (their new counts) at most this often; a
+#: violation not yet in the store is written at the step that reads it.
+STORE_INTERVAL = 1.0
+_WRITTEN_CAP = 65536
 
 
 class ExecRunner:
@@ -115,6 +119,8 @@ class ExecRunner:
         self.lost = 0
         self._stop: int | None = None  # the first stop signal received
         self._stop_deadline = 0.0
+        self._written: set[tuple] = set()  # fold keys already in the store (bounded)
+        self._next_store = 0.0
 
     def _reports_execs(self) -> bool:
         """exec is observed and reported, not enforced: this kernel refuses BPF-LSM programs."""
@@ -173,13 +179,13 @@ class ExecRunner:
         from enforcer.launch_path import LaunchPath, LaunchPathError
         from enforcer.session import ApplyError
         from enforcer.violations import Judge
-        from sensor.cgroup import CgroupError, CgroupFS, OrphanGuard, owner_tag
+        from sensor.cgroup import CgroupError, CgroupFS, OrphanGuard, owner_tag, reap_command_orphans
         from .. import wiring
 
         global _counter
         _counter += 1
         cgfs = CgroupFS()
-        cgfs.reap_orphans("/envelope")  # what a killed exec or record left behind
+        reap_command_orphans(cgfs)  # what a killed exec or record left behind
         rel = f"/envelope/exec-{owner_tag()}-{_counter}"
         session_id = f"exec-{os.getpid()}-{_counter}"
         enforcement = pump = guard = launch = None
@@ -256,11 +262,18 @@ class ExecRunner:
                 self.fold.add_all(judge.observe(session, v.behaviour, v.count, v.time))
 
     def _store(self, final: bool = False) -> None:
-        """Append what was folded since the last call to the violations store (fsync at the end)."""
+        """Append what was folded to the violations store: at once when something is new, its
+        counts at most every :data:`STORE_INTERVAL` (fsync at the end)."""
+        now = time.monotonic()
+        if not final and now < self._next_store and not self.fold.has_new(self._written):
+            return
         items = self.fold.take()
+        self._next_store = now + STORE_INTERVAL
         if items:
             self.store.append(items, durable=final)
             self.recorded += sum(v.count for v in items)
+            if len(self._written) < _WRITTEN_CAP:
+                self._written.update(v.fold_key() for v in items)
         if not final:
             return
         if self.lost or self.decode_errors:
