@@ -29,6 +29,11 @@ Deliberate additions, each reported with its rule name in :attr:`CompiledSeccomp
   ``clone`` only on ENOSYS; EPERM would make every thread creation fail for a workload recorded
   under an older libc. This is a compatibility answer, not a denial the detector reports.
 * ``exception:<id>``: a syscall allowed by an active exception (:mod:`enforcer.exceptions`).
+* ``baseline:process-end``: ``exit``, ``exit_group``, ``rt_sigreturn`` and ``restart_syscall``,
+  always. Denying them grants nothing and breaks in the worst way: a server stopped by a signal in
+  every recorded session never called ``exit_group``, and denying it when the process finally
+  exits on its own leaves its other threads running (glibc falls back to ``exit``, which ends
+  one thread).
 * ``review:alert``: a syscall in the policy's review list whose substrate's review action is
   ``alert`` (:meth:`enforcer.policy.Policy.review_admitted`): it runs, and its recurrence is
   reported from the watch list. Dangerous syscalls never get here.
@@ -80,6 +85,11 @@ COMPAT_RULE = "compat-fallback:enosys"
 #: under the filter even when the command itself never execs.
 EXEC_RULE = "runtime-completeness:envelope-exec"
 REVIEW_RULE = "review:alert"
+BASELINE_RULE = "baseline:process-end"
+#: Allowed in every constrained profile (see the module docstring).
+BASELINE = {"exit": "ends a thread", "exit_group": "ends the process (all its threads)",
+            "rt_sigreturn": "returns from a signal handler", "restart_syscall": "resumes a call a "
+            "signal interrupted"}
 EGRESS_MEDIATED_RULE = "egress-mediated"
 #: socket(domain, type, protocol) combinations left to the egress programs: TCP and UDP over IPv4
 #: and IPv6 (protocol 0 is the family's default for the type). SOCK_NONBLOCK/SOCK_CLOEXEC sit
@@ -224,6 +234,8 @@ def compile_oci(policy, mode: str | None = None, *, runtime: str | None = None,
     for name in (admitted.syscalls if admitted is not None else ()):
         if name not in held:
             extra_allow.setdefault(name, REVIEW_RULE)
+    for name in BASELINE:
+        extra_allow.setdefault(name, BASELINE_RULE)
     if "egress" in getattr(policy, "substrates", ()):
         conditional += egress_mediated()
         for name in EGRESS_DESTINATION_CALLS:
@@ -292,7 +304,8 @@ def compile_oci(policy, mode: str | None = None, *, runtime: str | None = None,
 
 def profile_for(policy, mode: str | None = None, *, target: str = "workload",
                 runtime: str | None = None, exceptions: Mapping[str, str] | None = None,
-                arch: str = "x86_64", launch_pointer: int = 0) -> CompiledSeccomp:
+                arch: str = "x86_64", launch_pointer: int = 0,
+                launched: Iterable[str] = ()) -> CompiledSeccomp:
     """The seccomp profile of ``policy`` for where it is loaded: the one builder that the kubelet
     profile, ``envelope exec``'s filter, ``envelope compile``, the SPO export and the denial
     probe's allowed set all come from, so runtime completeness, exceptions, review items let
@@ -305,9 +318,11 @@ def profile_for(policy, mode: str | None = None, *, target: str = "workload",
       workload's runtime (:func:`enforcer.runtime.default_runtime`; ``runtime`` overrides it,
       ``"none"`` for none);
     * ``"exec"``: what ``envelope exec`` loads in its child just before ``execve``: no runtime
-      set; ``execve`` allowed when the policy has exec entries, otherwise only the launch's own
-      (its path argument must be ``launch_pointer``, see :mod:`enforcer.launch_path`; the
-      default 0 admits no real ``execve``), rule :data:`EXEC_RULE` either way.
+      set; ``execve`` allowed when the policy has exec entries other than the command being
+      launched (``launched``: its path as given and as resolved; a recorded session's first exec
+      is the launch itself), otherwise only the launch's own (its path argument must be
+      ``launch_pointer``, see :mod:`enforcer.launch_path`; the default 0 admits no real
+      ``execve``), rule :data:`EXEC_RULE` either way.
 
     ``exceptions`` maps syscall names to the rule of the exception that admits them
     (:func:`enforcer.exceptions.syscall_allowances`).
@@ -319,7 +334,7 @@ def profile_for(policy, mode: str | None = None, *, target: str = "workload",
     withhold: dict[str, tuple[str, str]] = {}
     if target == "exec":
         rt = None
-        if needs_exec(policy):
+        if needs_exec(policy, launched):
             extra.setdefault("execve", EXEC_RULE)
         else:
             # No program may be exec'd: whatever the syscall list says (an execve that passed its
@@ -351,13 +366,27 @@ def egress_mediated() -> list[Conditional]:
             for af, st, proto in EGRESS_SOCKETS]
 
 
-def needs_exec(policy) -> bool:
+def needs_exec(policy, launched: Iterable[str] = ()) -> bool:
     """Does the command's own code exec under the filter: the policy leaves exec unconstrained,
-    or has exec entries (allowed, or let through from review)?"""
+    or has exec entries (allowed, or let through from review) other than the command being
+    launched? The launch's own entry (a path in ``launched``) counts only when its evidence
+    shows the program exec'ing itself again (more execs than sessions: git re-running itself,
+    a runtime re-exec'ing its interpreter); every recorded session exec'd it once, at the start.
+    A ``/dir/*`` pattern, and an entry without evidence, always count."""
     if "exec" not in getattr(policy, "substrates", ("exec",)):
         return True
     admitted = policy.review_admitted() if hasattr(policy, "review_admitted") else None
-    return bool(policy.execs) or bool(admitted is not None and admitted.execs)
+    entries = list(policy.execs) + (list(admitted.execs) if admitted is not None else [])
+    own = set(launched)
+    evidence = {p.get("entry"): p.get("evidence") or {} for p in getattr(policy, "provenance", ()) or ()
+                if isinstance(p, Mapping)}
+    for e in entries:
+        if e.endswith("/*") or e not in own:
+            return True
+        ev = evidence.get(f"exec:{e}")
+        if not ev or ev.get("count", 0) > ev.get("sessions", 0):
+            return True
+    return False
 
 
 def _group(groups: list[tuple[str, list[str]]], rule: str) -> list[str]:

@@ -22,6 +22,9 @@ APT_PACKAGES=(
   golang-github-containers-common iproute2 make gcc libc6-dev
   ruby  # parses the Vagrantfile in tests
   jq    # landlockconfig's formatting check in tests
+  # real programs the privileged suite records and confines (tests/privileged/real_programs.py);
+  # git, sqlite3, busybox (busybox-static) and python3-pip are listed above or come with them
+  nginx-light redis-server git sqlite3
 )
 
 missing=()

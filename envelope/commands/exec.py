@@ -120,6 +120,7 @@ class ExecRunner:
         self._stop: int | None = None  # the first stop signal received
         self._stop_deadline = 0.0
         self._written: set[tuple] = set()  # fold keys already in the store (bounded)
+        self.path = ""  # the command's path, set by run()
         self._next_store = 0.0
 
     def _reports_execs(self) -> bool:
@@ -129,6 +130,10 @@ class ExecRunner:
     def _constrains_syscalls(self) -> bool:
         return "syscall" in self.policy.substrates and self.mode != "observe"
 
+    def _launched(self) -> tuple[str, ...]:
+        """The command's path as given and as resolved: the policy's exec entry for the launch."""
+        return tuple(sorted({self.path, os.path.realpath(self.path)})) if self.path else ()
+
     def _seccomp(self, launch_pointer: int):
         """The filter the child loads, or None when syscalls are not constrained."""
         from enforcer import exceptions as exc
@@ -136,6 +141,7 @@ class ExecRunner:
         if not self._constrains_syscalls():
             return None
         compiled = profile_for(self.policy, self.mode, target="exec", launch_pointer=launch_pointer,
+                               launched=self._launched(),
                                exceptions=exc.syscall_allowances(self.config.state_dir,
                                                                  self.policy.workload))
         return build_filter(compiled, skipped=[])
@@ -146,7 +152,7 @@ class ExecRunner:
             return
         from enforcer.seccomp import needs_exec
         from ..review_notice import review_notice
-        execve_denied = self._constrains_syscalls() and not needs_exec(self.policy)
+        execve_denied = self._constrains_syscalls() and not needs_exec(self.policy, self._launched())
         for line in review_notice(self.policy, exec_paths_enforced=False, execve_denied=execve_denied):
             print(line, file=sys.stderr)
         sys.stderr.flush()
@@ -184,6 +190,7 @@ class ExecRunner:
 
         global _counter
         _counter += 1
+        self.path = path
         cgfs = CgroupFS()
         reap_command_orphans(cgfs)  # what a killed exec or record left behind
         rel = f"/envelope/exec-{owner_tag()}-{_counter}"

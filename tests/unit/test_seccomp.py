@@ -47,10 +47,13 @@ def test_enforce_denies_with_eperm_and_allows_without_args():
     assert p["defaultAction"] == "SCMP_ACT_ERRNO"
     assert p["defaultErrnoRet"] == errno.EPERM == seccomp.DENY_ERRNO
     assert p["architectures"] == ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]
-    (rule,) = p["syscalls"]
+    rule, baseline = p["syscalls"]
     assert rule["action"] == "SCMP_ACT_ALLOW"
     assert rule["names"] == ["exit_group", "read", "write"]
     assert "args" not in rule  # no argument checks: the kernel action cache serves them
+    # what ends a process or returns from a signal handler is always allowed, and named
+    assert baseline == {"names": ["exit", "restart_syscall", "rt_sigreturn"], "action": "SCMP_ACT_ALLOW",
+                        "comment": seccomp.BASELINE_RULE}
 
 
 def test_alert_logs_and_observe_allows():
@@ -73,17 +76,17 @@ def test_runtime_completeness_added_and_reported():
     runtime_names = groups["runtime-completeness:runc"]
     # what the policy already allows is not repeated; everything else of the set is added
     assert "execve" not in runtime_names and "write" not in runtime_names
-    assert set(runtime_names) == set(RUNC.syscalls) - {"read", "write", "execve"}
+    assert set(runtime_names) == set(RUNC.syscalls) - {"read", "write", "execve"} - set(seccomp.BASELINE)
     by_name = {e.syscall: e for e in c.report}
     assert by_name["capset"].rule == "runtime-completeness:runc"
     assert "capabilit" in by_name["capset"].reason or "caps" in by_name["capset"].reason
     assert by_name["execve"].rule == "policy"
-    assert set(c.allowed()) == set(RUNC.syscalls) | {"read", "write", "execve"}
+    assert set(c.allowed()) == set(RUNC.syscalls) | {"read", "write", "execve"} | set(seccomp.BASELINE)
 
 
 def test_no_runtime_set_without_runtime():
     c = seccomp.compile_oci(policy(["read"]))
-    assert all(e.rule == "policy" for e in c.report)
+    assert {e.rule for e in c.report} == {"policy", seccomp.BASELINE_RULE}
 
 
 def test_unknown_runtime_is_an_error():
@@ -106,7 +109,8 @@ def test_clone3_gets_enosys_when_only_clone_allowed():
 def test_provenance_rule_from_policy():
     p = policy(["openat", "read"], provenance=({"entry": "syscall:openat", "rule": "literal"},))
     rules = {e.syscall: e.rule for e in seccomp.compile_oci(p).report}
-    assert rules == {"openat": "policy:literal", "read": "policy"}
+    assert rules == {"openat": "policy:literal", "read": "policy",
+                     **{n: seccomp.BASELINE_RULE for n in seccomp.BASELINE}}
 
 
 def test_exceptions_are_added_with_their_rule():
@@ -189,7 +193,7 @@ def test_spo_profile_is_what_current_spo_serves():
     assert compat and all(r["errnoRet"] == errno.ENOSYS and type(r["errnoRet"]) is int for r in compat)
     ann = d["metadata"]["annotations"]
     assert ann["envelope.dev/runtime-completeness.runc"].split(",") == \
-        sorted(set(RUNC.syscalls) - {"read", "clone"})
+        sorted(set(RUNC.syscalls) - {"read", "clone"} - set(seccomp.BASELINE))
 
 
 @pytest.mark.parametrize("mode", seccomp.MODES)
@@ -415,3 +419,23 @@ def test_exec_filter_admits_only_the_launch_execve_when_the_policy_has_no_exec_e
     assert ("execve", "withheld") in rep and ("execve", "allow") not in rep
     # the container runtime execs the entrypoint after loading the filter: runc keeps execve
     assert "execve" in seccomp.profile_for(listed, target="workload", runtime="runc").allowed()
+
+
+def test_the_launched_command_is_not_an_exec_entry_that_opens_execve():
+    # every recorded session exec'd the command itself: that entry alone keeps execve closed
+    prov = ({"entry": "exec:/usr/bin/redis-server", "rule": "exact", "evidence": {"count": 6, "sessions": 6}},)
+    p = policy(["read"], substrates=("syscall", "exec"), execs=("/usr/bin/redis-server",), provenance=prov)
+    launched = ("/usr/bin/redis-check-rdb", "/usr/bin/redis-server")
+    rep = {(e.syscall, e.action) for e in seccomp.profile_for(p, target="exec", launched=launched).report}
+    assert ("execve", "allow-if") in rep and ("execve", "allow") not in rep
+    # another program, or a pattern, is an exec entry of the command's own
+    for execs in (("/usr/bin/redis-server", "/usr/bin/id"), ("/usr/bin/*",)):
+        q = policy(["read"], substrates=("syscall", "exec"), execs=execs, provenance=prov)
+        assert seccomp.needs_exec(q, launched)
+    # a program seen exec'ing itself again (git runs git) needs execve
+    again = ({"entry": "exec:/usr/bin/git", "rule": "exact", "evidence": {"count": 8, "sessions": 6}},)
+    git = policy(["read"], substrates=("syscall", "exec"), execs=("/usr/bin/git",), provenance=again)
+    assert seccomp.needs_exec(git, ("/usr/bin/git",))
+    # an entry without evidence (written by hand) is taken at its word
+    assert seccomp.needs_exec(policy(["read"], substrates=("syscall", "exec"), execs=("/usr/bin/git",)),
+                              ("/usr/bin/git",))

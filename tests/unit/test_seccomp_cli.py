@@ -56,7 +56,7 @@ def test_runtime_none_and_mode_override(tmp_path, capsys):
     assert profile["defaultAction"] == "SCMP_ACT_LOG"
     # no runtime set: the policy's own rule, plus the socket calls left to the egress programs
     assert sorted({r["comment"] for r in profile["syscalls"]}) == [
-        "egress-mediated", "policy:agents/Deployment/research-agent/main"]
+        "baseline:process-end", "egress-mediated", "policy:agents/Deployment/research-agent/main"]
 
 
 def test_host_unit_gets_no_runtime_set_by_default(tmp_path, capsys):
