@@ -53,8 +53,13 @@ def review_notice(policy: Policy, *, exec_paths_enforced: bool, execve_denied: b
                 how = "reported, not denied (exec paths are not enforced here)"
             elif sub == "exec" and execve_denied:
                 how = "denied and reported (the policy allows no program: execve is denied)"
-            why = "dangerous syscalls are always denied: " + ", ".join(s["dangerous"]) \
-                if s["dangerous"] else f"review action {s['action']}"
+            if s["dangerous"] and len(s["dangerous"]) == s["denied"]:
+                why = "dangerous syscalls are always denied: " + ", ".join(s["dangerous"])
+            elif s["dangerous"]:
+                why = (f"review action {s['action']}; dangerous syscalls are always denied: "
+                       + ", ".join(s["dangerous"]))
+            else:
+                why = f"review action {s['action']}"
             parts.append(f"{s['denied']} {how} ({why})")
         lines.append(f"envelope:   {sub}: " + "; ".join(parts))
     lines.append("envelope:   `envelope explain POLICY` lists them; `envelope derive --admit KEY --reason "

@@ -298,9 +298,10 @@ class Suite:
         return self._launch(program, ["record", "--workload", self.workload(program), "--session", session,
                                       "-q"], run)
 
-    def derive(self, program: str) -> Path:
-        policy = self.work / program / "policy.yaml"
-        r = self.envelope(program, "derive", self.workload(program), "--force", "--out", str(policy))
+    def derive(self, program: str, *options: str, name: str = "policy") -> Path:
+        """The program's policy, derived with the defaults (plus ``options``) and ``--force``."""
+        policy = self.work / program / f"{name}.yaml"
+        r = self.envelope(program, "derive", self.workload(program), "--force", *options, "--out", str(policy))
         if r.returncode != 0:
             raise RuntimeError(f"derive {program}: {r.stderr}")
         return policy

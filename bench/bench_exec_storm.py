@@ -1,0 +1,95 @@
+"""``envelope exec`` under a denial storm: its memory, and counts that are exact.
+
+``bench/progs/denied_storm.c`` retries a denied getsid(2) as fast as it can in 2 processes for
+the run's length, under ``envelope exec --mode enforce`` with a policy that allows every syscall
+but getsid and execve. The exec process's RSS (``/proc/<pid>/status`` VmRSS, the process itself;
+its guard is a forked copy that only waits) is sampled every 0.5 s. At the end the denials in the
+violations store are summed and compared with the EPERMs the storm processes counted themselves:
+the kernel counts every denial, so the two must be equal. A run whose storm made no calls, or
+whose counts differ, fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import ROOT, build_programs, progress
+
+TITLE = "exec under a denial storm: memory and exact counts"
+TARGETS = {"RSS growth MiB": "<= 16", "store total / storm's own count": "== 1"}
+
+
+def params(quick: bool) -> dict:
+    return {"seconds": 8 if quick else 30, "procs": 2}
+
+
+def method(quick: bool) -> str:
+    p = params(quick)
+    return (f"`denied_storm {p['seconds']} {p['procs']}` under `envelope exec --mode enforce` (policy: every syscall "
+            f"but getsid and execve); exec's VmRSS sampled every 0.5 s; the store's getsid denials summed "
+            f"after the run and compared with the storm processes' own EPERM counts.")
+
+
+def _rss_kib(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def run(quick: bool = False) -> dict:
+    from enforcer.policy import Policy, dump_policy
+    from enforcer.violations import ViolationStore
+    from sensor import syscalls
+    from sensor.workload import Workload
+    p = params(quick)
+    progs = build_programs(["denied_storm"])
+    work = Path(tempfile.mkdtemp(prefix="envelope-bench-storm-"))
+    state = work / "state"
+    policy = work / "policy.yaml"
+    policy.write_text(dump_policy(Policy(
+        workload=Workload.host(f"bench-storm-{os.getpid()}"), mode="enforce",
+        syscalls=tuple(n for n in syscalls.NUMBERS if n not in ("getsid", "execve", "execveat")))))
+    proc = subprocess.Popen([sys.executable, "-m", "envelope.cli", "--state-dir", str(state), "exec", "--policy",
+                             str(policy), "--", progs["denied_storm"], str(p["seconds"]), str(p["procs"])],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    samples: list[tuple[float, int]] = []
+    t0 = time.monotonic()
+    while proc.poll() is None:
+        rss = _rss_kib(proc.pid)
+        if rss is not None:
+            samples.append((time.monotonic() - t0, rss))
+        time.sleep(0.5)
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"envelope exec exited {proc.returncode}: {err.strip()[-500:]}")
+    own = sum(int(line.split("eperm=")[1]) for line in out.splitlines() if "eperm=" in line)
+    calls = sum(int(line.split("calls=")[1].split()[0]) for line in out.splitlines() if "calls=" in line)
+    stored = sum(v.count for v in ViolationStore(state).list(substrate="syscall")
+                 if v.behaviour == "syscall:getsid" and v.action == "denied")
+    if not calls or not own:
+        raise RuntimeError(f"the storm made no denied calls: {out.strip()}")
+    # the first second is start-up (probes compiled and loaded); growth is judged after it
+    steady = [r for t, r in samples if t >= 5.0] or [r for _, r in samples]
+    growth = (max(steady) - steady[0]) / 1024 if steady else None
+    progress(f"storm: {own:,} denials counted by the storm, {stored:,} in the store; RSS {steady[0] if steady else '?'}"
+             f"..{max(steady) if steady else '?'} KiB")
+    row = {"case": f"{p['procs']} processes, {p['seconds']} s", "denied calls (storm's count)": own,
+           "denials in the store": stored, "denials per second": round(own / p["seconds"]),
+           "exec RSS MiB, first": round(steady[0] / 1024, 1) if steady else None,
+           "exec RSS MiB, max": round(max(steady) / 1024, 1) if steady else None,
+           "RSS growth MiB": round(growth, 1) if growth is not None else None,
+           "store lines": len(ViolationStore(state).list())}
+    return {"title": TITLE, "method": method(quick), "rows": [row],
+            "ratios": {"RSS growth MiB": row["RSS growth MiB"],
+                       "store total / storm's own count": stored / own},
+            "targets": TARGETS}
