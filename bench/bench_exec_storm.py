@@ -11,7 +11,6 @@ whose counts differ, fails.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -21,7 +21,6 @@ judged), each injected abuse's attempt ran (its report line is on stderr), and 2
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path

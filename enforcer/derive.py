@@ -66,7 +66,7 @@ from . import syscall_groups
 from .closure import derivable
 from .closure import elements as closure_elements
 from .closure import rules as closure_rules
-from .elements import (DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNT, DEFAULT_MIN_COUNTS, DEFAULT_MIN_SESSIONS,
+from .elements import (DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNTS, DEFAULT_MIN_SESSIONS,
                        SESSION_RULES, Element, substrate_or_none)
 from .policy import (CLOSURES, DEFAULT_REVIEW_ACTIONS, MODES, EgressRule, Policy, PolicyError,
                      check_review_actions, parse_entry)

@@ -8,7 +8,6 @@ status is returned so the CLI can pass it through.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from tests.privileged.listeners import Listener, free_port  # noqa: F401 - Listener: the abuses' target
+
 ROOT = Path(__file__).resolve().parents[2]
 ENVELOPE = [sys.executable, "-m", "envelope.cli"]
 INJECTED_C = Path(__file__).resolve().parent / "workloads" / "injected.c"
@@ -55,14 +57,6 @@ class RunFailed(AssertionError):
 
 
 # ---- clients (the test process, outside the workload) ------------------------------------------
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def wait_port(port: int, proc: subprocess.Popen, timeout: float = READY_TIMEOUT) -> None:
@@ -884,32 +878,6 @@ PROGRAMS: dict[str, Callable[[Path, int], Program]] = {
     "nginx": nginx, "busybox-httpd": busybox_httpd, "redis": redis, "git": git, "sqlite3": sqlite3,
     "http.server": http_server, "pip": pip,
 }
-
-
-class Listener:
-    """A loopback TCP listener: where the abuses try to connect (a connect that got through would
-    be accepted here)."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        self._t = threading.Thread(target=self._loop, daemon=True)
-        self._t.start()
-
-    def _loop(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            c.close()
-
-    def close(self):
-        self.sock.close()
 
 
 def build_program(name: str, work: Path, listener_port: int) -> Program:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from tests.privileged.listeners import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ENVELOPE = [sys.executable, "-m", "envelope.cli"]
@@ -44,14 +45,6 @@ ATTEMPTS = textwrap.dedent("""
             or (_ for _ in ()).throw(OSError(__import__("ctypes").get_errno(), "ptrace")))
     print(json.dumps(out), flush=True)
 """)
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def write_policy(path: Path, substrates: tuple[str, ...]) -> None:
