@@ -516,3 +516,11 @@ def test_behaviour_kinds_without_a_substrate_are_recorded_not_encoded():
     assert pol.allows("dns:api.example.com") and "dns:api.example.com" not in pol.watch
     r = replay(pol, p)
     assert r["denied"] == [] and r["bySubstrate"]["dns"]["behaviours"] == 1
+
+
+def test_replay_tells_denied_from_let_through_and_reported():
+    p = build(steady({"syscall:ftruncate": 1, "connect:tcp:198.51.100.7:4444": 1}))
+    pol = derive(p)
+    r = replay(pol, p)
+    assert r["alerted"] == ["syscall:ftruncate"]  # a syscall in review: runs, reported
+    assert [d["key"] for d in r["denied"]] == ["connect:tcp:198.51.100.7:4444"]
