@@ -101,9 +101,14 @@ def violations(state_dir: Path) -> list[dict]:
 
 
 def envelope_cgroups() -> list[str]:
-    from sensor.cgroup import cgroup2_mount_point
+    """exec cgroups whose owner is gone: what an exec would leave behind (others' running execs,
+    on a shared machine, own theirs)."""
+    from sensor.cgroup import _owner_in, cgroup2_mount_point, owner_alive
     d = cgroup2_mount_point() / "envelope"
-    return sorted(p.name for p in d.iterdir() if p.is_dir() and p.name.startswith("exec-")) if d.exists() else []
+    if not d.exists():
+        return []
+    return sorted(p.name for p in d.iterdir() if p.is_dir() and p.name.startswith("exec-")
+                  and (tag := _owner_in(p.name)) is not None and not owner_alive(tag))
 
 
 def test_enforce_denies_outside_and_allows_inside(tmp_path, state_dir, listeners):
