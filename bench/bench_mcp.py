@@ -3,8 +3,9 @@
 Peers are real: mcp-server-time (its own server from PyPI) on stdio, and the same server's
 streamable-HTTP app served by uvicorn on loopback; the official SDK client drives them. Each
 transport is measured directly and through the gateway (``envelope mcp wrap`` on stdio,
-``envelope mcp proxy`` on HTTP) in observe mode and in enforce mode with an envelope derived
-from the benchmark's own warm-up sessions, so enforce judges every call. The client and the
+``envelope mcp proxy`` on HTTP) in observe mode and in enforce mode with a policy derived
+(``envelope derive --substrates mcp``) from the benchmark's own warm-up sessions, so enforce
+judges every call, and the gateway checks the workload's mode and exceptions before each one. The client and the
 servers share the machine's two cores with the gateway, as they would in a pod.
 """
 
@@ -41,8 +42,8 @@ def method(quick: bool) -> str:
         f"The official `mcp` client calls `{TOOL[0]}` of mcp-server-time {p['calls']} times in one session, "
         f"sequentially, timing each call with `time.perf_counter` (after {p['warmup']} warm-up calls); "
         f"{p['repeats']} sessions per case, per-call latencies pooled, median and p99. Cases: the server "
-        "directly, through the gateway in observe mode, and in enforce mode with an envelope derived from three "
-        "recorded sessions. stdio: the client launches the server, or `envelope mcp wrap -- SERVER`. HTTP: the "
+        "directly, through the gateway in observe mode, and in enforce mode with a policy derived (`envelope derive "
+        "--substrates mcp`) from three recorded sessions. stdio: the client launches the server, or `envelope mcp wrap -- SERVER`. HTTP: the "
         "server's streamable-HTTP app under uvicorn on 127.0.0.1, the client speaking the stateless revision "
         "(2026-07-28, one POST per call) directly or through `envelope mcp proxy`. Calls per second is the "
         "number of calls over the wall time of the timed loop. Every call must succeed, or the case fails."
@@ -159,15 +160,15 @@ def run(quick: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="envelope-bench-mcp-") as tmp:
         state = Path(tmp)
         with _Upstream() as upstream:
-            # an envelope from three recorded sessions (through the stdio gateway), for enforce mode
+            # a policy from three recorded sessions (through the stdio gateway), for enforce mode
             for _ in range(3):
                 anyio.run(_session, _target("stdio", "gateway", [], state), 5, 0, "auto")
-            env_file = state / "envelope.yaml"
-            out = subprocess.run([*ENVELOPE, "--state-dir", str(state), "mcp", "derive", "--workload", "bench-mcp",
-                                  "--min-count", "3", "--min-sessions", "3", "--out", str(env_file)],
+            env_file = state / "policy.yaml"
+            out = subprocess.run([*ENVELOPE, "--state-dir", str(state), "derive", "bench-mcp", "--substrates", "mcp",
+                                  "--force", "--min-count", "3", "--min-sessions", "3", "--out", str(env_file)],
                                  cwd=ROOT, capture_output=True, text=True)
             if out.returncode != 0:
-                raise RuntimeError(f"envelope mcp derive failed: {out.stderr.strip()}")
+                raise RuntimeError(f"envelope derive --substrates mcp failed: {out.stderr.strip()}")
             enforce = ["--policy", str(env_file), "--mode", "enforce"]
             for kind in ("stdio", "http"):
                 for case, extra in (("direct", None), ("observe", []), ("enforce", enforce)):

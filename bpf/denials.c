@@ -31,7 +31,13 @@
  * The syscall arguments come from the struct pt_regs the raw tracepoints are handed (x86_64:
  * di, si, dx, r10, r8, r9), as orig_ax does.
  *
- * -D flags: DENIALS_MAX_CGROUPS, DENIALS_MAX_THREADS, DENIALS_MAX_KEYS, DENIALS_RINGBUF_PAGES.
+ * io_uring operations run in the kernel without their syscalls, so neither seccomp nor sys_enter
+ * sees them. With -DDENIALS_IO_URING=1 the io_uring:io_uring_submit_req tracepoint announces the
+ * first time an enforced cgroup submits each opcode (EV_IO_URING_OP); userspace reports those
+ * whose syscall the policy does not allow.
+ *
+ * -D flags: DENIALS_MAX_CGROUPS, DENIALS_MAX_THREADS, DENIALS_MAX_KEYS, DENIALS_RINGBUF_PAGES,
+ * DENIALS_IO_URING.
  */
 #include <uapi/linux/bpf.h>
 #include <linux/ptrace.h>
@@ -46,6 +52,9 @@
 #endif
 #ifndef DENIALS_MAX_KEYS
 #define DENIALS_MAX_KEYS 16384
+#endif
+#ifndef DENIALS_IO_URING
+#define DENIALS_IO_URING 0
 #endif
 #ifndef DENIALS_RINGBUF_PAGES
 #define DENIALS_RINGBUF_PAGES 64
@@ -224,3 +233,38 @@ RAW_TRACEPOINT_PROBE(sys_exit)
         report(cg, (__u32)nr, ret, regs, DENIAL_KIND_DENIED);
     return 0;
 }
+
+#if DENIALS_IO_URING
+TRACEPOINT_PROBE(io_uring, io_uring_submit_req)
+{
+    __u64 cg = bpf_get_current_cgroup_id();
+    struct denial_cgroup *c = cgroups.lookup(&cg);
+    if (!c)
+        return 0;
+    __u8 op = args->opcode;
+    __u32 w = (op >> 6) & 3;
+    __u64 bit = 1ULL << (op & 63);
+    __u64 old = __sync_fetch_and_or(&c->uring_seen[w], bit);
+    if (old & bit)
+        return 0;
+    struct io_uring_op_event *ev = events.ringbuf_reserve(sizeof(*ev));
+    if (!ev) {
+        __sync_fetch_and_and(&c->uring_seen[w], ~bit); /* announce it next time */
+        count_lost(DENIALS_LOST_RINGBUF);
+        return 0;
+    }
+    ev->hdr.type = EV_IO_URING_OP;
+    ev->hdr.version = IO_URING_OP_EVENT_VERSION;
+    ev->hdr.size = sizeof(*ev);
+    ev->hdr.ktime = bpf_ktime_get_ns();
+    ev->cgroup_id = cg;
+    ev->pid = bpf_get_current_pid_tgid() >> 32;
+    ev->opcode = op;
+    ev->sq_thread = args->sq_thread;
+    ev->pad = 0;
+    unsigned short loc = args->data_loc_op_str & 0xFFFF;
+    bpf_probe_read_kernel_str(ev->op, sizeof(ev->op), (char *)args + loc);
+    events.ringbuf_submit(ev, 0);
+    return 0;
+}
+#endif

@@ -21,11 +21,12 @@
 #define DENIALS_LOST_SLOTS 2
 
 /* `cgroups`: cgroup id -> how its denials are reported. */
-#define DENIAL_CGROUP_SIZE 72
+#define DENIAL_CGROUP_SIZE 104
 struct denial_cgroup {
 	__u32 mode;                           /*  0 DENIALS_MODE_* */
 	__s32 deny_errno;                     /*  4 the filter's errno in enforce mode */
 	__u64 allowed[DENIALS_NR_SLOTS / 64]; /*  8 alert mode: syscalls the policy allows */
+	__u64 uring_seen[4];                  /* 72 io_uring opcodes already announced (set by BPF) */
 };
 
 /* `counts`: every denial (or alert) is counted here, in the kernel, whatever the rate; the

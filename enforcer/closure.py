@@ -16,7 +16,12 @@ Structural rules, named in each element and in provenance:
 * exec: ``exact``, or ``directory-pattern`` (``/dir/*``) when more than ``max_siblings``
   distinct paths were seen in one directory, except in a system binary directory
   (:data:`SYSTEM_BIN_DIRS`, merged-usr aliases counted as one directory), where paths stay
-  exact: widening there would admit every program of the system.
+  exact: widening there would admit every program of the system;
+* file: :mod:`enforcer.file_closure`;
+* mcp: tools and prompts ``exact`` by name, resources ``uri-template`` or ``url-pattern``
+  (:mod:`enforcer.mcp_closure`; the argument envelopes of allowed tools are derived there too,
+  from the profile's argument evidence, after the confidence decision);
+* iam: :mod:`enforcer.iamclosure` (resources close per IAM action, never across actions).
 
 Builders are pure: keys and options in, sorted elements out.
 """
@@ -30,7 +35,7 @@ from typing import Callable
 
 from sensor.workload import BehaviourKeyError, parse_net_key
 
-from . import file_closure, syscall_groups
+from . import file_closure, mcp_closure, syscall_groups
 from .elements import Element
 from .policy import EgressRule
 
@@ -228,11 +233,41 @@ def _files(mode: str) -> Builder:
     return build
 
 
+def _mcp(mode: str) -> Builder:
+    """The MCP substrate's key-level closure (:mod:`enforcer.mcp_closure`)."""
+    def build(substrate: str, keys: list[str], opts, services: list) -> list[Element]:
+        return mcp_closure.elements(mode, keys, opts.max_siblings)
+    return build
+
+
+def iam_account(opts) -> str | None:
+    """The account of the identity the IAM statements are derived for: the ``cloud_identity:aws``
+    fingerprint that :func:`enforcer.derive.derive` settles before closure."""
+    from .iamstatement import IDENTITY_FINGERPRINT, identity_account
+    return identity_account((opts.fingerprint or {}).get(IDENTITY_FINGERPRINT))
+
+
+def _iam_options(mode: str, opts):
+    from .iamclosure import ClosureOptions
+    return ClosureOptions(structural=mode == "structural", max_siblings=opts.max_siblings)
+
+
+def _iam(mode: str) -> Builder:
+    """The IAM substrate's closure (:mod:`enforcer.iamclosure`) with the action mapper of
+    ``opts.iam_actions``. Imported on use: it loads botocore's models, which only IAM needs."""
+    def build(substrate: str, keys: list[str], opts, services: list) -> list[Element]:
+        from . import iamclosure
+        return iamclosure.elements(keys, opts.iam_actions, iam_account(opts), _iam_options(mode, opts))
+    return build
+
+
 #: substrate -> closure mode -> builder. Substrates add themselves here.
 BUILDERS: dict[str, dict[str, Builder]] = {
     **{s: {"literal": _literal, "structural": _structural_elements}
        for s in ("syscall", "egress", "exec")},
     "file": {"literal": _files("literal"), "structural": _files("structural")},
+    "mcp": {"literal": _mcp("literal"), "structural": _mcp("structural")},
+    "iam": {"literal": _iam("literal"), "structural": _iam("structural")},
 }
 
 
@@ -250,6 +285,12 @@ def elements(substrate: str, closure: str, keys: list[str], opts, services: list
 
 def rules(substrate: str, closure: str, opts, services: list) -> dict:
     """How ``closure`` treats ``substrate``, as recorded in the policy's closure decision."""
+    if substrate == "mcp":
+        return mcp_closure.rules(closure, opts.max_siblings, opts.max_values)
+    if substrate == "iam":  # literal IAM closure still fills the caller's account and secret suffixes
+        from . import iamclosure
+        return iamclosure.rules(_iam_options("literal" if closure == "literal" else "structural", opts),
+                                opts.iam_actions)
     if closure == "literal":
         return {"rule": "literal"}
     if substrate == "syscall":

@@ -24,7 +24,7 @@ from typing import Iterable
 
 import structlog
 
-from sensor import kernel, syscalls
+from sensor import features, kernel, syscalls
 from sensor.kernel import BpfError, Family, LoadError, Map, Program
 from sensor.mirrors import (DENIAL_KIND_ALERTED, DENIAL_KIND_DENIED, DENIALS_LOST_COUNTS_FULL,
                             DENIALS_LOST_RINGBUF, DENIALS_MODE_ALERT, DENIALS_MODE_ENFORCE,
@@ -41,16 +41,32 @@ class DenialProbeError(Exception):
     """The denial probe could not be loaded or configured; the message says where."""
 
 
+IO_URING_TRACEPOINT = "io_uring/io_uring_submit_req"
+
+
+def io_uring_traceable() -> bool:
+    """Whether this kernel has the io_uring submission tracepoint (CONFIG_IO_URING)."""
+    root = features.tracefs_path()
+    return root is not None and (root / "events" / IO_URING_TRACEPOINT).is_dir()
+
+
 def family(max_cgroups: int = 1024, max_threads: int = 32768, ringbuf_pages: int = 64,
-           max_keys: int = 16384) -> Family:
+           io_uring: bool | None = None, max_keys: int = 16384) -> Family:
+    """The denial programs; with ``io_uring`` (default: when the kernel has the tracepoint) also
+    the program announcing each io_uring opcode an enforced cgroup submits."""
+    if io_uring is None:
+        io_uring = io_uring_traceable()
+    programs = (Program("raw_tracepoint__sys_enter", "raw_tracepoint", "sys_enter"),
+                Program("raw_tracepoint__sys_exit", "raw_tracepoint", "sys_exit"))
+    if io_uring:
+        programs += (Program("tracepoint__io_uring__io_uring_submit_req", "tracepoint",
+                             IO_URING_TRACEPOINT.replace("/", ":")),)
     return Family(
         "seccomp-denials", str(SOURCE),
         (f"-I{kernel.BPF_DIR}", f"-DDENIALS_MAX_CGROUPS={max_cgroups}",
          f"-DDENIALS_MAX_THREADS={max_threads}", f"-DDENIALS_RINGBUF_PAGES={ringbuf_pages}",
-         f"-DDENIALS_MAX_KEYS={max_keys}"),
-        (Program("raw_tracepoint__sys_enter", "raw_tracepoint", "sys_enter"),
-         Program("raw_tracepoint__sys_exit", "raw_tracepoint", "sys_exit")),
-        MAPS, fix="needs BPF raw tracepoints; run `envelope doctor`")
+         f"-DDENIALS_IO_URING={int(io_uring)}", f"-DDENIALS_MAX_KEYS={max_keys}"),
+        programs, MAPS, fix="needs BPF raw tracepoints; run `envelope doctor`")
 
 
 def syscall_numbers(names: Iterable[str]) -> list[int]:
@@ -106,6 +122,8 @@ class DenialProbe:
         self._counts = Map(self._loaded.maps["counts"], "counts")
         self._lost = Map(self._loaded.maps["lost"], "lost")
         self.events_fd = self._loaded.maps["events"]
+        #: io_uring operations are announced (the kernel has the submission tracepoint)
+        self.io_uring = any("io_uring" in name for name in self._loaded.attachments)
         self.watched: dict[int, str] = {}
         log.info("seccomp denial probe loaded")
 

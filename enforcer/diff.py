@@ -1,7 +1,9 @@
 """Diff: what one policy allows that another does not, and why.
 
 Allowed sets are compared entry by entry: syscalls by name, execs by path or pattern, egress by
-``(proto, CIDR, port)`` (a port range is one entry). Each added entry carries the provenance that
+``(proto, CIDR, port)`` (a port range is one entry), files by pattern, IAM statements by action
+and resource, MCP tools, prompts, resources and argument elements by entry id (an argument element
+that changed says what the argument's envelope was or became). Each added entry carries the provenance that
 admitted it in the new policy; each removed entry says why it is gone: its substrate was left
 out, a wider entry now covers its evidence, it fell below the threshold (it is in review), or it
 was not observed at all. Decision changes (mode, closure, substrates, thresholds, fingerprint,
@@ -10,6 +12,9 @@ expiry) and review and watch changes are listed too. Pure.
 
 from __future__ import annotations
 
+import dataclasses
+
+from .mcp_envelope import McpAllow, owner_of
 from .policy import EgressRule, Policy
 
 
@@ -22,7 +27,49 @@ def entry_atoms(policy: Policy) -> list[str]:
         else:
             out += [EgressRule(r.proto, r.cidr, (p,)).id for p in r.ports]
     out += [f"exec:{e}" for e in policy.execs]
+    out += list(policy.files)
+    if policy.mcp is not None:
+        out += policy.mcp.entries()
+    out += [st.id for st in policy.iam]
     return out
+
+
+def _argument_entry(atom: str) -> bool:
+    return atom.startswith("mcp:") and "#" in atom and not atom.startswith("mcp:resources/read#")
+
+
+def _argument_path(atom: str) -> str:
+    """``mcp:tools/call:T#repo_path:path-prefix:/srv/**`` → ``repo_path``."""
+    return atom.partition("#")[2].partition(":")[0]
+
+
+def _envelope_text(policy: Policy, key: str, path: str) -> str:
+    els = policy.mcp.elements_at(key, path) if policy.mcp is not None else ()
+    return ", ".join(f"{e.rule} {e.spec}" for e in els)
+
+
+def _argument_previously(atom: str, a: Policy, review_a: dict) -> str:
+    key, path = owner_of(atom), _argument_path(atom)
+    if atom in review_a:
+        return f"in review in the old policy ({review_a[atom].get('why', '')})"
+    if "mcp" not in a.substrates:
+        return "substrate mcp not included in the old policy"
+    if not a.allows(key):
+        return f"{key} was not allowed by the old policy"
+    old = _envelope_text(a, key, path)
+    return f"argument {path!r} was {old} in the old policy" if old else f"argument {path!r} had no envelope in the old policy"
+
+
+def _argument_removed(atom: str, b: Policy, review_b: dict) -> str:
+    key, path = owner_of(atom), _argument_path(atom)
+    if "mcp" not in b.substrates:
+        return "substrate mcp is not included in the new policy"
+    if not b.allows(key):
+        return f"{key} is not allowed by the new policy"
+    if atom in review_b:
+        return f"below threshold in the new policy (review {atom}: {review_b[atom].get('why', '')})"
+    new = _envelope_text(b, key, path)
+    return f"argument {path!r} is now {new}" if new else f"argument {path!r} has no envelope in the new policy"
 
 
 def provenance_of(policy: Policy) -> dict[str, dict]:
@@ -33,18 +80,27 @@ def covering(policy: Policy, behaviour: str) -> list[str]:
     """The entries of ``policy`` that allow ``behaviour``."""
     out = []
     for atom in entry_atoms(policy):
-        probe = Policy(policy.workload, substrates=policy.substrates, **_single(atom))
+        if _argument_entry(atom):
+            continue  # arguments are not behaviours; their tool's entry covers the key
+        only = {"syscalls": (), "egress": (), "execs": (), "files": (), "iam": (), "mcp": None}
+        probe = dataclasses.replace(policy, **{**only, **_single(policy, atom)})
         if probe.allows(behaviour):
             out.append(atom)
     return out
 
 
-def _single(atom: str) -> dict:
+def _single(policy: Policy, atom: str) -> dict:
     kind, _, rest = atom.partition(":")
     if kind == "syscall":
         return {"syscalls": (rest,)}
     if kind == "exec":
         return {"execs": (rest,)}
+    if kind == "file":
+        return {"files": (atom,)}
+    if kind == "mcp":
+        return {"mcp": McpAllow.of_entries([atom])}
+    if kind == "iam":
+        return {"iam": tuple(st for st in policy.iam if st.id == atom)}
     from .policy import parse_entry
     return {"egress": (parse_entry(atom)[1],)}
 
@@ -80,6 +136,10 @@ def diff(a: Policy, b: Policy) -> dict:
     added = []
     for atom in sorted(atoms_b - atoms_a):
         item = {"entry": atom, **_summary(prov_b.get(atom))}
+        if _argument_entry(atom):
+            item["previously"] = _argument_previously(atom, a, review_a)
+            added.append(item)
+            continue
         behaviours = _behaviours(prov_b.get(atom))
         was_reviewed = sorted({r["key"] for r in a.review
                                if set((r.get("evidence") or {}).get("behaviours") or []) & set(behaviours)})
@@ -91,11 +151,16 @@ def diff(a: Policy, b: Policy) -> dict:
             item["previously"] = "widening: its evidence was already allowed by the old policy"
         added.append(item)
 
+    review_b = {r["key"]: r for r in b.review}
     removed = []
     for atom in sorted(atoms_a - atoms_b):
         prov = prov_a.get(atom)
         behaviours = _behaviours(prov)
         item = {"entry": atom, "was": _summary(prov)}
+        if _argument_entry(atom):
+            item["why"] = _argument_removed(atom, b, review_b)
+            removed.append(item)
+            continue
         sub = _substrate(atom)
         if sub not in b.substrates:
             item["why"] = f"substrate {sub} is not included in the new policy"
@@ -122,13 +187,13 @@ def diff(a: Policy, b: Policy) -> dict:
         ("closureRules", (a.decisions.get("closure") or {}).get("rules"),
          (b.decisions.get("closure") or {}).get("rules")),
         ("fingerprint", a.validity.get("fingerprint"), b.validity.get("fingerprint")),
+        ("mcpCatalog", a.mcp.catalog if a.mcp else None, b.mcp.catalog if b.mcp else None),
         ("expiresAt", a.validity.get("expiresAt"), b.validity.get("expiresAt")),
         ("workload", a.workload.key, b.workload.key),
     ):
         if va != vb:
             decisions.append({"decision": label, "old": va, "new": vb})
 
-    review_b = {r["key"]: r for r in b.review}
     return {
         "old": a.metadata_name,
         "new": b.metadata_name,
@@ -150,4 +215,5 @@ def diff(a: Policy, b: Policy) -> dict:
 
 def _substrate(atom: str) -> str:
     kind = atom.split(":", 1)[0]
-    return {"syscall": "syscall", "exec": "exec", "egress": "egress"}.get(kind, kind)
+    return {"syscall": "syscall", "exec": "exec", "egress": "egress", "file": "file", "mcp": "mcp",
+            "iam": "iam"}.get(kind, kind)

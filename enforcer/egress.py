@@ -265,6 +265,38 @@ class EgressProgram:
             if rule_id >> 24 == gen:
                 ports.delete(k)
 
+    def verify(self, rules: Iterable, mode: str, policy_hash: bytes = b"") -> list[str]:
+        """What differs between the kernel's state and what ``rules`` in ``mode`` should be: the
+        state word's mode, the active generation's trie and port entries, and stray entries of
+        the inactive generation. Empty when intact. Someone who could open the pinned maps (a
+        root process that reaches bpffs) can change them; the daemon checks and repairs."""
+        problems = []
+        gen, kmode = self.state()
+        if kmode != mode:
+            problems.append(f"mode is {kmode}, expected {mode}")
+        try:
+            compiled = compile_rules(rules, gen, self.limits)
+        except EgressRuleError as e:
+            return problems + [f"rules do not compile: {e}"]
+        have = {k: v for k, v in self.maps["rules"].items() if k[4] == gen}
+        want = dict(compiled.trie)
+        extra = sorted(set(have) - set(want))
+        missing = sorted(set(want) - set(have))
+        changed = sorted(k for k in set(have) & set(want) if have[k] != want[k])
+        if extra or missing or changed:
+            problems.append(f"rules of generation {gen}: {len(extra)} added, {len(missing)} removed, "
+                            f"{len(changed)} changed")
+        ports = {k for k in self.maps["ports"].keys() if U32.unpack_from(k)[0] >> 24 == gen}
+        if ports != set(compiled.ports):
+            problems.append(f"exact ports of generation {gen}: {len(ports - set(compiled.ports))} added, "
+                            f"{len(set(compiled.ports) - ports)} removed")
+        stray = sum(1 for k in self.maps["rules"].keys() if k[4] != gen)
+        if stray:
+            problems.append(f"{stray} entries in the inactive generation")
+        if policy_hash and self.applied().policy_hash != policy_hash[:32].hex():
+            problems.append("the recorded policy hash differs")
+        return problems
+
     def rule_count(self, gen: int | None = None) -> int:
         return sum(1 for k in self.maps["rules"].keys() if gen is None or k[4] == gen)
 

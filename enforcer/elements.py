@@ -5,7 +5,7 @@ set, ``/dir/*``, a group of syscalls that do one kind of thing, ...). It names t
 behaviour keys it covers (``members``, whose evidence it sums) and the policy entries it admits
 if it passes (``entries``, e.g. ``syscall:openat``, ``egress:tcp:10.0.3.0/24:443``,
 ``exec:/usr/bin/*``, ``file:read:/etc/ssl/certs/*``). Entries admitted only by association (a
-companion syscall never seen) are listed in ``unobserved``.
+syscall of a group that was never seen itself) are listed in ``unobserved``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,19 @@ DEFAULT_MIN_SESSIONS = 3
 DEFAULT_MIN_COUNTS = MappingProxyType({s: (1 if s == "syscall" else DEFAULT_MIN_COUNT) for s in SUBSTRATES})
 #: Closure: more than this many distinct siblings in one directory widen to the directory.
 DEFAULT_MAX_SIBLINGS = 3
+
+#: Behaviours that open a way around enforcement: evidence alone never admits them; they stay in
+#: review (and on the watch list) until ``--admit KEY --reason TEXT`` admits them explicitly.
+ADMIT_ONLY = {
+    "syscall:io_uring_setup": ("io_uring runs reads, writes, connects and sends inside the kernel "
+                               "where seccomp cannot see them; admit it explicitly"),
+}
+
+
+def admit_only(members) -> str:
+    """Why an element covering ``members`` needs an explicit admit, or ``""``."""
+    return next((ADMIT_ONLY[m] for m in members if m in ADMIT_ONLY), "")
+
 
 SESSION_RULES = {
     "union": ("an element's distinct sessions are the union of the session ids of the behaviours it "
@@ -71,6 +84,31 @@ class Element:
             "lastSeen": iso_time(max(s.last_seen for s in ss)),
             "behaviours": sorted(self.members),
         }
+
+
+def provenance_record(substrate: str, rule: str, evidence: dict, reason: str | None = None, detail: str = "",
+                      flags: tuple[str, ...] = ()) -> dict:
+    """What provenance says of an admitted element: its rule, how it was admitted (threshold, or
+    an explicit admit with its reason), its evidence, and its detail and flags when it has them."""
+    out = {"substrate": substrate, "rule": rule, "admitted": "admit" if reason is not None else "threshold",
+           "evidence": evidence}
+    if reason is not None:
+        out["reason"] = reason
+    if detail:
+        out["detail"] = detail
+    if flags:
+        out["flags"] = list(flags)
+    return out
+
+
+def shortfall(evidence: dict, min_count: int, min_sessions: int) -> str:
+    """Why an element is below the confidence threshold, e.g. ``count 1 < 5; sessions 1 < 3``."""
+    short = []
+    if evidence["count"] < min_count:
+        short.append(f"count {evidence['count']} < {min_count}")
+    if evidence["sessions"] < min_sessions:
+        short.append(f"sessions {evidence['sessions']} < {min_sessions}")
+    return "; ".join(short) or "below threshold"
 
 
 def substrate_or_none(key: str) -> str | None:

@@ -8,8 +8,10 @@ against the clock at read time (``now``), never by a cleanup job. Lapsed entries
 for ``exception list`` until they are :data:`KEEP_EXPIRED` seconds old.
 
 Keys. ``--allow`` takes a behaviour key (``syscall:ptrace``, ``exec:/usr/bin/curl``,
-``connect:tcp:10.0.0.1:443``, ``send:udp:[fd00::1]:53``) or a policy egress entry
-(``egress:tcp:10.0.0.0/24:443`` or ``egress:tcp:10.0.0.0/24:8000-8100``).
+``connect:tcp:10.0.0.1:443``, ``send:udp:[fd00::1]:53``, ``mcp:tools/call:git_commit``), a policy
+egress entry (``egress:tcp:10.0.0.0/24:443`` or ``egress:tcp:10.0.0.0/24:8000-8100``), or an MCP
+argument path (``mcp:tools/call:git_log#repo_path``: any value there). An ``mcp:`` exception
+reaches running MCP gateways at their next message (:mod:`enforcer.mcp_controls`).
 
 A seccomp filter cannot be widened once loaded, so a syscall exception applies to processes and
 containers started after it is added; egress exceptions reach running cgroups through the maps.
@@ -110,9 +112,11 @@ def normalise_key(key: str) -> str:
         substrate = substrate_of(key)
     except BehaviourKeyError:
         raise ExceptionError(f"--allow {key!r}: not a behaviour key (syscall:NAME, exec:/PATH, "
-                             f"connect:tcp:ADDR:PORT, send:udp:ADDR:PORT or "
-                             f"egress:PROTO:CIDR:PORTS)") from None
+                             f"connect:tcp:ADDR:PORT, send:udp:ADDR:PORT, egress:PROTO:CIDR:PORTS or "
+                             f"mcp:tools/call:NAME)") from None
     kind, _, rest = key.partition(":")
+    if substrate == "mcp":
+        return _mcp_key(key)
     if substrate == "syscall":
         if not _SYSCALL.match(rest):
             raise ExceptionError(f"--allow {key!r}: {rest!r} is not a syscall name")
@@ -129,6 +133,26 @@ def normalise_key(key: str) -> str:
         raise ExceptionError(f"--allow {key!r}: port {net.port} out of range")
     host = f"[{net.addr.compressed}]" if isinstance(net.addr, ipaddress.IPv6Address) else net.addr.compressed
     return f"{net.kind}:{net.proto}:{host}:{net.port}"
+
+
+def _mcp_key(key: str) -> str:
+    """``mcp:tools/list``, ``mcp:tools/call:NAME``, ``mcp:prompts/get:NAME``,
+    ``mcp:resources/read:URI``, or a call's argument path ``mcp:tools/call:NAME#PATH``."""
+    from sensor.mcp_evidence import split_key
+
+    base, sep, path = key.partition("#")
+    try:
+        method, _ = split_key(base)
+    except ValueError as e:
+        raise ExceptionError(f"--allow {key!r}: {e} (want mcp:tools/call:NAME, mcp:prompts/get:NAME, "
+                             f"mcp:resources/read:URI, mcp:tools/list or mcp:tools/call:NAME#ARGUMENT)") from None
+    if sep:
+        if method not in ("tools/call", "prompts/get"):
+            raise ExceptionError(f"--allow {key!r}: only tools/call and prompts/get have argument paths")
+        if not path or ":" in path:
+            raise ExceptionError(f"--allow {key!r}: give an argument path after '#' (e.g. #repo_path), "
+                                 f"not an envelope element")
+    return key
 
 
 def file_path(state_dir) -> Path:

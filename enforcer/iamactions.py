@@ -33,14 +33,13 @@ prefix is ``cloudwatch``).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 from sensor.awsarn import UNDETERMINED, Arn
-from sensor.awscall import AwsBehaviour
+from sensor.awscall import AwsBehaviour, AwsKeyError, parse_key
 from sensor.awsmodels import ServiceCatalog
 
-ACCESS_LEVELS = ("List", "Read", "Write", "Tagging", "Permissions management")
 # Variables that hold names which may contain "/" (S3 keys, secret names with paths, SSM
 # parameter paths, log group names); every other variable stops at "/".
 _SLASH_VARIABLES = frozenset({"ObjectName", "SecretId", "ParameterNameWithoutLeadingSlash", "LogGroupName",
@@ -282,6 +281,10 @@ class ActionDatabase:
         fits = [rt for rt in self.resource_types(action) if rt.name and self.format_regex(rt.arn_format).match(arn)]
         return fits[0] if len(fits) == 1 else None
 
+    def arn_format(self, action: str, resource_type: str) -> str:
+        """The ARN format of one of the action's resource types (``*`` for none)."""
+        return next(rt.arn_format for rt in self.resource_types(action) if rt.name == resource_type)
+
     def resource_level(self, action: str) -> bool:
         """Whether the action can be limited to resources at all."""
         return any(rt.name for rt in self.resource_types(action))
@@ -381,3 +384,23 @@ class ActionMapper:
                 if dcanon is not None:
                     dependents.append(Dependent(dcanon, self.db.access_level(dcanon), canon, rt.name))
         return ActionMapping(tuple(grants), tuple(dependents), tuple(problems))
+
+    def caller_mapping(self, key: str, account: str | None) -> ActionMapping:
+        """The grants of behaviour ``key`` as the request is authorized: a resource named without
+        an account (a DynamoDB table by name) is in the caller's ``account``. A key that does
+        not parse is a problem, not an error."""
+        try:
+            b = parse_key(key)
+        except AwsKeyError as e:
+            return ActionMapping(problems=(str(e),))
+        m = self.map(b)
+        if account is None or not m.grants:
+            return m
+        grants = []
+        for g in m.grants:
+            parts = g.resource.split(":", 5)
+            if g.resource_type and len(parts) == 6 and parts[4] == "" and \
+                    "${Account}" in self.db.arn_format(g.action, g.resource_type):
+                g = replace(g, resource=":".join(parts[:4] + [account, parts[5]]))
+            grants.append(g)
+        return replace(m, grants=tuple(grants))

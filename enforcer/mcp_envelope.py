@@ -1,45 +1,46 @@
-"""The MCP envelope: which tools, prompts and resources a workload may use, and with which
-arguments, derived from observed calls (pure and deterministic), and the matcher that judges a
-live call against it.
+"""The MCP envelope: the ``spec.allow.mcp`` section of a policy, and the matcher that judges a
+live call against it (pure).
 
-Derivation takes :class:`sensor.mcp_evidence.ArgumentEvidence` (per behaviour key, the calls and
-their argument values) and, optionally, the profile's per-behaviour stats for the same keys
-(``Profile.behaviours()``), which then decide tool-level confidence.
+Layout (inside ``spec.allow``)::
 
-Decisions, each recorded in the envelope:
+    mcp:
+      methods:   [tools/list]                       # other methods the workload may use
+      tools:     [{name: git_log, arguments: [ELEMENT, ...]}, ...]
+      prompts:   [{name: summarise, arguments: [ELEMENT, ...]}, ...]
+      resources: [{rule: exact|template|url, value: ...}, ...]
+      catalog:   {git_log: sha256:..., ...}         # each tool's definition hash, as recorded
 
-- **Allowlist.** A tool (``mcp:tools/call:NAME``), prompt (``mcp:prompts/get:NAME``) or resource
-  (``mcp:resources/read:URI``) is allowed with at least ``min_count`` calls over ``min_sessions``
-  distinct sessions. Below that it goes to ``review`` with its evidence and to ``watch``.
-- **Argument envelope** (per allowed tool or prompt, per argument path; every element is named by
-  its rule and carries its evidence):
+``name`` is the name as it appears in behaviour keys (:func:`sensor.mcp_evidence.key_name`).
+An argument ELEMENT is one allowed shape for the values at one argument path (``repo_path``,
+``options.depth``, ``files[]``), named by its rule:
 
-  * ``enum``: one observed value (strings that fit no structural rule when at most
-    ``max_values`` distinct ones were seen; booleans, null, empty objects and lists always);
-  * ``path-prefix``: an absolute path and everything below it; more than ``max_siblings``
-    observed paths in one directory widen to that directory (``directory-prefix``, flagged);
-    values are matched after normalisation, so ``..`` cannot climb out;
-  * ``range``: numbers between the smallest and largest observed (integers only when only
-    integers were seen);
-  * ``url``: scheme, host and path template (:mod:`enforcer.urlpattern`);
-  * ``pattern``: identifier-like strings of one class (``hash``, ``uuid``, ``number``,
-    ``opaque``), e.g. git revisions;
-  * ``free-text``: strings with no structure and more than ``max_values`` distinct values: any
-    string up to the longest observed length rounded up to a power of two (flagged);
-  * ``secret``: a credential-like argument, whose values are never recorded: any value.
+* ``enum``: one value (``value``);
+* ``path-prefix``: an absolute path and, with ``below``, everything under it; values are
+  normalised before matching, so ``..`` cannot climb out;
+* ``range``: numbers from ``min`` to ``max`` (``integer``: whole numbers only);
+* ``url``: scheme, host and path template (:mod:`enforcer.urlpattern`); never another host;
+* ``pattern``: an identifier class: ``hash`` (git revisions), ``uuid``, ``number``, ``opaque``;
+* ``free-text``: any string up to ``maxLength`` characters;
+* ``secret``: a credential-like argument, whose values are never recorded: any value.
 
-  Under ``literal`` closure every value is its own ``enum`` element and paths do not cover what
-  lies below them. An element enters the envelope with at least ``min_count`` occurrences over
-  ``min_sessions`` distinct sessions (the union of its values' session samples); below, it goes
-  to review and watch. An argument path never observed is outside the envelope.
+An argument path with no element is outside the envelope; so is a value no element of its path
+matches. A call's tool (or prompt) must be listed; a ``resources/read`` must match a resource
+element.
 
-- **Catalog.** The tool catalog fingerprints seen while the evidence was gathered, with each
-  tool's definition hash. The gateway compares the live catalog against the tool hashes: a tool
-  whose definition changed makes the envelope stale for that tool.
+Entry identifiers (provenance, review, watch, ``explain``, ``diff``, ``--admit``,
+``exception add --allow``)::
 
-:meth:`McpEnvelope.judge_call` returns a :class:`Verdict` with the reason and the entry that
-decided. It raises :class:`EvaluationError` when a call cannot be evaluated (the gateway then
-fails closed in enforce mode).
+    mcp:tools/list
+    mcp:tools/call:NAME            mcp:prompts/get:NAME
+    mcp:resources/read:URI         (an exact URI or a URI template the server declared)
+    mcp:resources/read#url:PATTERN
+    mcp:tools/call:NAME#PATH:RULE:SPEC     (an argument element, e.g. #max_count:range:1..5 integer)
+
+:class:`McpJudge` judges calls against a policy's MCP section, its review list (a refused call
+seen too rarely says so) and active exceptions: an exception on ``mcp:tools/call:NAME`` admits
+the whole call, one on ``mcp:tools/call:NAME#PATH`` any value at that argument path. It returns a
+:class:`Verdict` with the reason and the entry that decided, and raises :class:`EvaluationError`
+when a call cannot be evaluated (the gateway then fails closed in enforce mode).
 """
 
 from __future__ import annotations
@@ -48,15 +49,10 @@ import json
 import math
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Mapping
-
-import yaml
+from typing import Any, Iterable, Mapping
 
 from sensor.mcp_evidence import (
     REDACTED,
-    ArgumentEvidence,
-    PathEvidence,
-    decode_token,
     path_part,
     secret_name,
     secret_value,
@@ -64,24 +60,20 @@ from sensor.mcp_evidence import (
     token,
     tool_call_key,
 )
-from sensor.profile import BehaviourStats
-from sensor.workload import Workload
 
 from . import urlpattern
-from .policy import API_VERSION, CLOSURES, MODES, dump_policy, iso_time, policy_name
 
-KIND = "McpEnvelope"
-DEFAULT_MIN_COUNT = 5
-DEFAULT_MIN_SESSIONS = 3
-DEFAULT_MAX_VALUES = 8
-DEFAULT_MAX_SIBLINGS = 3
 MATCH_MAX_LEAVES = 4096  # a call with more argument values than this cannot be evaluated
 RULES = ("enum", "path-prefix", "range", "url", "pattern", "free-text", "secret")
+METHODS = ("tools/list",)  # methods allowed as such (calls, prompts and reads have their own lists)
+CALL_METHODS = {"tools": "tools/call", "prompts": "prompts/get"}
+RESOURCE_RULES = ("exact", "template", "url")
+_FIELDS = ("methods", "tools", "prompts", "resources", "catalog")
 _SHOWN = 8
 
 
 class EnvelopeError(ValueError):
-    """A malformed envelope document or bad derivation options; one line naming the field."""
+    """A malformed MCP section or entry; one line naming the field."""
 
 
 class EvaluationError(Exception):
@@ -291,170 +283,7 @@ class ResourceElement:
         return f"mcp:resources/read:{self.value}" if self.rule != "url" else f"mcp:resources/read#url:{self.value}"
 
 
-@dataclass(frozen=True)
-class Verdict:
-    allowed: bool
-    reason: str
-    entry: str  # the allowed entry that admitted the call, or the one that refused it
-    watch: bool = False  # the refusing entry is on the watch list (seen, but below threshold)
-
-
-# ---- the envelope ---------------------------------------------------------------------------
-
-
-@dataclass
-class McpEnvelope:
-    workload: Workload
-    mode: str = "alert"
-    closure: str = "structural"
-    calls: dict[str, dict[str, tuple[ArgElement, ...]]] = field(default_factory=dict)  # key -> path -> elements
-    resources: tuple[ResourceElement, ...] = ()
-    catalog: dict = field(default_factory=dict)  # {"fingerprints": [..], "tools": {name: hash}}
-    decisions: dict = field(default_factory=dict)
-    provenance: tuple[dict, ...] = ()
-    review: tuple[dict, ...] = ()
-    watch: tuple[str, ...] = ()
-    name: str = ""
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise EnvelopeError(f"spec.mode: {self.mode!r} is not one of {', '.join(MODES)}")
-        if self.closure not in ("literal", "structural"):
-            raise EnvelopeError(f"closure {self.closure!r} is not literal or structural")
-        self._watch = frozenset(self.watch)
-        self._review_keys = {r["key"]: r for r in self.review}
-
-    # ---- queries -------------------------------------------------------------------------
-
-    def allows_tool(self, name: str) -> bool:
-        return tool_call_key(name) in self.calls
-
-    def tool_hash(self, name: str) -> str | None:
-        return (self.catalog.get("tools") or {}).get(name)
-
-    def judge_call(self, key: str, arguments: Any) -> Verdict:
-        """Judge a ``tools/call`` or ``prompts/get`` (by behaviour key) and its arguments."""
-        allowed = self.calls.get(key)
-        if allowed is None:
-            item = self._review_keys.get(key)
-            if item is not None:
-                return Verdict(False, f"{key} is under review ({item.get('why', 'below threshold')}), "
-                                      f"not in the allowlist", key, True)
-            return Verdict(False, f"{key} is not in the allowlist", key)
-        for path, v, secret in leaves(arguments):
-            elements = allowed.get(path)
-            if not elements:
-                entry = f"{key}#{path}"
-                watched = any(w.startswith(entry + ":") for w in self._watch)
-                what = "was seen too rarely to be admitted (under review)" if watched else "was never observed"
-                return Verdict(False, f"argument {path!r} of {key} {what}", entry, watched)
-            if not any(e.matches(v, secret) for e in elements):
-                watched = [w for w in self._watch if w.startswith(f"{key}#{path}:")]
-                allowed_text = ", ".join(f"{e.rule} {e.spec}" for e in elements[:_SHOWN])
-                note = f"; {len(watched)} shape(s) of this argument seen too rarely are under review" if watched else ""
-                return Verdict(False, f"argument {path!r} of {key} = {shown(v, secret)} is outside the envelope "
-                                      f"(allowed: {allowed_text}{note})", f"{key}#{path}", bool(watched))
-        return Verdict(True, "inside the envelope", key)
-
-    def judge_resource(self, uri: str, template: str | None, key: str) -> Verdict:
-        for r in self.resources:
-            if r.matches(uri, template):
-                return Verdict(True, "inside the envelope", r.entry)
-        item = self._review_keys.get(key)
-        if item is not None:
-            return Verdict(False, f"{key} is under review ({item.get('why', 'below threshold')})", key, True)
-        return Verdict(False, f"{key} is not in the allowlist", key)
-
-    # ---- serialisation -------------------------------------------------------------------
-
-    def to_dict(self) -> dict:
-        calls = []
-        for key in sorted(self.calls):
-            method, name = split_key(key)
-            calls.append({"key": key, "method": method, "name": name,
-                          "arguments": [e.to_dict() for p in sorted(self.calls[key])
-                                        for e in self.calls[key][p]]})
-        return {
-            "apiVersion": API_VERSION,
-            "kind": KIND,
-            "metadata": {"name": self.name or policy_name(self.workload)},
-            "spec": {
-                "workload": self.workload.to_dict(),
-                "mode": self.mode,
-                "decisions": json.loads(json.dumps(self.decisions)),
-                "catalog": json.loads(json.dumps(self.catalog)),
-                "allow": {"calls": calls,
-                          "resources": [{"rule": r.rule, "value": r.value} for r in self.resources]},
-                "provenance": [json.loads(json.dumps(p)) for p in self.provenance],
-                "review": [json.loads(json.dumps(r)) for r in self.review],
-                "watch": list(self.watch),
-            },
-        }
-
-    @classmethod
-    def from_dict(cls, d: Any) -> "McpEnvelope":
-        if not isinstance(d, dict):
-            raise EnvelopeError("document: expected a mapping")
-        if d.get("apiVersion") != API_VERSION:
-            raise EnvelopeError(f"apiVersion: {d.get('apiVersion')!r} is not supported (this build reads {API_VERSION})")
-        if d.get("kind") != KIND:
-            raise EnvelopeError(f"kind: {d.get('kind')!r} is not {KIND}")
-        spec = d.get("spec")
-        if not isinstance(spec, dict):
-            raise EnvelopeError("spec: expected a mapping")
-        w = spec.get("workload")
-        if not isinstance(w, dict) or not all(isinstance(w.get(k), str) and w.get(k)
-                                              for k in ("namespace", "kind", "name", "container")):
-            raise EnvelopeError("spec.workload: needs non-empty namespace, kind, name and container")
-        allow = spec.get("allow") or {}
-        if not isinstance(allow, dict):
-            raise EnvelopeError("spec.allow: expected a mapping")
-        calls: dict[str, dict[str, tuple[ArgElement, ...]]] = {}
-        for i, c in enumerate(_list(allow.get("calls"), "spec.allow.calls")):
-            where = f"spec.allow.calls[{i}]"
-            if not isinstance(c, dict) or not isinstance(c.get("key"), str):
-                raise EnvelopeError(f"{where}.key: missing")
-            try:
-                method, _ = split_key(c["key"])
-            except ValueError as e:
-                raise EnvelopeError(f"{where}.key: {e}") from None
-            if method not in ("tools/call", "prompts/get"):
-                raise EnvelopeError(f"{where}.key: {c['key']!r} is not a tools/call or prompts/get key")
-            paths: dict[str, list[ArgElement]] = {}
-            for j, a in enumerate(_list(c.get("arguments"), f"{where}.arguments")):
-                e = ArgElement.from_dict(a, f"{where}.arguments[{j}]")
-                paths.setdefault(e.path, []).append(e)
-            calls[c["key"]] = {p: tuple(es) for p, es in paths.items()}
-        resources = []
-        for i, r in enumerate(_list(allow.get("resources"), "spec.allow.resources")):
-            if not isinstance(r, dict) or r.get("rule") not in ("exact", "template", "url") \
-                    or not isinstance(r.get("value"), str):
-                raise EnvelopeError(f"spec.allow.resources[{i}]: needs rule exact|template|url and a value")
-            if r["rule"] == "url":
-                try:
-                    urlpattern.UrlPattern.parse(r["value"])
-                except ValueError as e:
-                    raise EnvelopeError(f"spec.allow.resources[{i}].value: {e}") from None
-            resources.append(ResourceElement(r["rule"], r["value"]))
-        catalog = spec.get("catalog") or {}
-        tools = catalog.get("tools") if isinstance(catalog, dict) else None
-        if not isinstance(catalog, dict) or not isinstance(tools or {}, dict) or \
-                not all(isinstance(k, str) and isinstance(v, str) for k, v in (tools or {}).items()):
-            raise EnvelopeError("spec.catalog: expected {fingerprints: [...], tools: {name: hash}}")
-        review = _list(spec.get("review"), "spec.review")
-        for i, r in enumerate(review):
-            if not isinstance(r, dict) or not isinstance(r.get("key"), str):
-                raise EnvelopeError(f"spec.review[{i}].key: missing")
-        watch = _list(spec.get("watch"), "spec.watch")
-        if not all(isinstance(x, str) for x in watch):
-            raise EnvelopeError("spec.watch: expected a list of strings")
-        meta = d.get("metadata") or {}
-        return cls(Workload.from_dict(w), mode=spec.get("mode", "alert"),
-                   closure=(spec.get("decisions") or {}).get("closure", {}).get("mode", "structural"),
-                   calls=calls, resources=tuple(resources), catalog=dict(catalog),
-                   decisions=dict(spec.get("decisions") or {}),
-                   provenance=tuple(_list(spec.get("provenance"), "spec.provenance")),
-                   review=tuple(review), watch=tuple(watch), name=str(meta.get("name") or ""))
+# ---- the allow section ----------------------------------------------------------------------
 
 
 def _list(v: Any, where: str) -> list:
@@ -465,321 +294,255 @@ def _list(v: Any, where: str) -> list:
     return v
 
 
-def dump_envelope(env: McpEnvelope, fmt: str = "yaml") -> str:
-    """Deterministic text (equal envelopes give byte-identical output), written exactly as
-    policies are."""
-    if fmt not in ("yaml", "json"):
-        raise EnvelopeError(f"unknown format {fmt!r} (want yaml or json)")
-    return dump_policy(env, fmt)  # type: ignore[arg-type] - it only needs to_dict()
+@dataclass
+class McpAllow:
+    """``spec.allow.mcp``: what the workload may do through the MCP gateway."""
+
+    methods: tuple[str, ...] = ()
+    calls: dict[str, dict[str, tuple[ArgElement, ...]]] = field(default_factory=dict)  # key -> path -> elements
+    resources: tuple[ResourceElement, ...] = ()
+    catalog: dict[str, str] = field(default_factory=dict)  # tool name -> definition hash
+
+    def __post_init__(self) -> None:
+        for m in self.methods:
+            if m not in METHODS:
+                raise EnvelopeError(f"methods: {m!r} is not one of {', '.join(METHODS)}")
+        self.methods = tuple(sorted(set(self.methods)))
+        self.calls = {k: {p: tuple(self.calls[k][p]) for p in sorted(self.calls[k])} for k in sorted(self.calls)}
+        self.resources = tuple(sorted(set(self.resources), key=lambda r: (r.rule, r.value)))
+        self.catalog = dict(sorted(self.catalog.items()))
+
+    # ---- queries -------------------------------------------------------------------------
+
+    def entries(self) -> list[str]:
+        """Every allowed entry identifier, in document order."""
+        out = [f"mcp:{m}" for m in self.methods]
+        for key in self.calls:
+            out.append(key)
+            out += [e.entry(key) for p in self.calls[key] for e in self.calls[key][p]]
+        return out + [r.entry for r in self.resources]
+
+    def allows(self, key: str) -> bool:
+        """Is ``mcp:`` behaviour key (or entry id) ``key`` allowed? Arguments are not judged here
+        (see :class:`McpJudge`)."""
+        if "#" in key:
+            return key in set(self.entries())
+        try:
+            method, name = split_key(key)
+        except ValueError:
+            return False
+        if method in METHODS:
+            return method in self.methods
+        if method == "resources/read":
+            uri = name or ""
+            return any(r.matches(uri, uri if "{" in uri else None) for r in self.resources)
+        return key in self.calls
+
+    def tool_hash(self, name: str) -> str | None:
+        return self.catalog.get(name)
+
+    @classmethod
+    def of_entries(cls, entries: Iterable[str]) -> "McpAllow":
+        """A section allowing key-level entries (methods, tools and prompts with no arguments
+        yet, resources); argument entries are not accepted here."""
+        methods: set[str] = set()
+        calls: dict[str, dict] = {}
+        resources: set[ResourceElement] = set()
+        for entry in entries:
+            if entry.startswith("mcp:resources/read#url:"):
+                resources.add(ResourceElement("url", entry.split("#url:", 1)[1]))
+            elif "#" in entry:
+                raise EnvelopeError(f"{entry!r} is an argument entry, not a key-level one")
+            elif entry.startswith("mcp:resources/read:"):
+                value = entry.split(":", 2)[2]
+                resources.add(ResourceElement("template" if "{" in value else "exact", value))
+            elif entry.startswith(("mcp:tools/call:", "mcp:prompts/get:")):
+                calls.setdefault(entry, {})
+            else:
+                methods.add(entry.split(":", 1)[1])
+        return cls(tuple(methods), calls, tuple(resources))
+
+    def elements_at(self, key: str, path: str) -> tuple[ArgElement, ...]:
+        return (self.calls.get(key) or {}).get(path, ())
+
+    # ---- serialisation -------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        groups: dict[str, list] = {"tools": [], "prompts": []}
+        for key, paths in self.calls.items():
+            method, name = split_key(key)
+            group = "tools" if method == "tools/call" else "prompts"
+            groups[group].append({"name": name, "arguments": [e.to_dict() for p in paths for e in paths[p]]})
+        return {"methods": list(self.methods), "tools": groups["tools"], "prompts": groups["prompts"],
+                "resources": [{"rule": r.rule, "value": r.value} for r in self.resources],
+                "catalog": dict(self.catalog)}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "spec.allow.mcp") -> "McpAllow":
+        if not isinstance(d, dict):
+            raise EnvelopeError(f"{where}: expected a mapping")
+        for k in d:
+            if k not in _FIELDS:
+                raise EnvelopeError(f"{where}.{k}: unknown field (expected one of {', '.join(_FIELDS)})")
+        methods = _list(d.get("methods"), f"{where}.methods")
+        for i, m in enumerate(methods):
+            if m not in METHODS:
+                raise EnvelopeError(f"{where}.methods[{i}]: {m!r} is not one of {', '.join(METHODS)}")
+        calls: dict[str, dict[str, tuple[ArgElement, ...]]] = {}
+        for group, method in CALL_METHODS.items():
+            for i, c in enumerate(_list(d.get(group), f"{where}.{group}")):
+                at = f"{where}.{group}[{i}]"
+                if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not c["name"]:
+                    raise EnvelopeError(f"{at}.name: missing or not a non-empty string")
+                key = f"mcp:{method}:{c['name']}"
+                try:
+                    split_key(key)
+                except ValueError as e:
+                    raise EnvelopeError(f"{at}.name: {e}") from None
+                if key in calls:
+                    raise EnvelopeError(f"{at}.name: {c['name']!r} is listed twice")
+                paths: dict[str, list[ArgElement]] = {}
+                for j, a in enumerate(_list(c.get("arguments"), f"{at}.arguments")):
+                    e = ArgElement.from_dict(a, f"{at}.arguments[{j}]")
+                    paths.setdefault(e.path, []).append(e)
+                calls[key] = {p: tuple(es) for p, es in paths.items()}
+        resources = []
+        for i, r in enumerate(_list(d.get("resources"), f"{where}.resources")):
+            if not isinstance(r, dict) or r.get("rule") not in RESOURCE_RULES or not isinstance(r.get("value"), str) \
+                    or not r["value"]:
+                raise EnvelopeError(f"{where}.resources[{i}]: needs rule exact|template|url and a value")
+            if r["rule"] == "url":
+                try:
+                    urlpattern.UrlPattern.parse(r["value"])
+                except ValueError as e:
+                    raise EnvelopeError(f"{where}.resources[{i}].value: {e}") from None
+            resources.append(ResourceElement(r["rule"], r["value"]))
+        catalog = d.get("catalog") or {}
+        if not isinstance(catalog, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                    for k, v in catalog.items()):
+            raise EnvelopeError(f"{where}.catalog: expected a mapping of tool name to definition hash")
+        return cls(tuple(methods), calls, tuple(resources), dict(catalog))
 
 
-def parse_envelope(text: str, source: str = "envelope") -> McpEnvelope:
+def parse_entry(entry: str) -> str:
+    """Check an ``mcp:`` entry identifier (see the module docstring); returns it."""
+    key, sep, rest = entry.partition("#")
+    if key == "mcp:resources/read" and sep:
+        if not rest.startswith("url:"):
+            raise EnvelopeError(f"bad mcp entry {entry!r}: a resource pattern is mcp:resources/read#url:PATTERN")
+        try:
+            urlpattern.UrlPattern.parse(rest[4:])
+        except ValueError as e:
+            raise EnvelopeError(f"bad mcp entry {entry!r}: {e}") from None
+        return entry
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise EnvelopeError(f"{source}: not valid YAML or JSON{where}") from None
-    try:
-        return McpEnvelope.from_dict(data)
-    except EnvelopeError as e:
-        raise EnvelopeError(f"{source}: {e}") from None
+        method, _ = split_key(key)
+    except ValueError as e:
+        raise EnvelopeError(f"bad mcp entry {entry!r}: {e}") from None
+    if sep:
+        if method not in CALL_METHODS.values():
+            raise EnvelopeError(f"bad mcp entry {entry!r}: only tools/call and prompts/get have arguments")
+        if not rest or rest.startswith(":"):
+            raise EnvelopeError(f"bad mcp entry {entry!r}: an argument path is missing after '#'")
+    return entry
 
 
-# ---- derivation -----------------------------------------------------------------------------
+def owner_of(entry: str) -> str:
+    """The behaviour key an entry belongs to: ``KEY#PATH:...`` → ``KEY``."""
+    return entry.partition("#")[0]
+
+
+# ---- the judge ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class EnvelopeOptions:
-    closure: str = "structural"
-    min_count: int = DEFAULT_MIN_COUNT
-    min_sessions: int = DEFAULT_MIN_SESSIONS
-    max_values: int = DEFAULT_MAX_VALUES
-    max_siblings: int = DEFAULT_MAX_SIBLINGS
-    admits: tuple[tuple[str, str], ...] = ()  # (entry, reason)
-    mode: str = "alert"
-
-    def validate(self) -> None:
-        if self.closure not in CLOSURES or self.closure == "probabilistic":
-            raise EnvelopeError(f"closure {self.closure!r}: the MCP envelope is literal or structural")
-        for name in ("min_count", "min_sessions"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise EnvelopeError(f"{name.replace('_', '-')} must be a non-negative integer, got {v!r}")
-        for name in ("max_values", "max_siblings"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise EnvelopeError(f"{name.replace('_', '-')} must be at least 1, got {v!r}")
-        if self.mode not in MODES:
-            raise EnvelopeError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
-        for entry, reason in self.admits:
-            if not reason or not reason.strip():
-                raise EnvelopeError(f"--admit {entry}: a reason is required")
+class Verdict:
+    allowed: bool
+    reason: str
+    entry: str  # the allowed entry that admitted the call, or the one that refused it
+    watch: bool = False  # the refusing entry is on the watch list (seen, but below threshold)
+    exception: str | None = None  # "exception:<id>" when an exception admitted (part of) the call
 
 
-@dataclass
-class _Candidate:
-    entry: str
-    rule: str
-    members: list[tuple[str, BehaviourStats]]  # (shown value, stats)
-    element: ArgElement | ResourceElement | None = None
-    detail: str = ""
-    flags: tuple[str, ...] = ()
+class McpJudge:
+    """Judges MCP requests against a policy's MCP section, review and watch lists, and the
+    active exceptions (``{allowed key: "exception:<id>"}``, see :func:`enforcer.exceptions.allowed_keys`)."""
 
-    def evidence(self) -> dict:
-        ss = [s for _, s in self.members]
-        union = len(set().union(*(s.session_ids for s in ss))) if ss else 0
-        exact = all(s.sessions_complete for s in ss)
-        sessions = union if exact else max([union] + [s.sessions for s in ss])
-        values = sorted({v for v, _ in self.members if v != self.entry})
-        out = {"count": sum(s.count for s in ss), "sessions": sessions,
-                "firstSeen": iso_time(min(s.first_seen for s in ss)) if ss else None,
-                "lastSeen": iso_time(max(s.last_seen for s in ss)) if ss else None,
-                "values": values[:_SHOWN] + ([f"... {len(values) - _SHOWN} more"] if len(values) > _SHOWN else [])}
-        if not values:
-            del out["values"]
-        return out
+    def __init__(self, allow: McpAllow, review: Iterable[dict] = (), watch: Iterable[str] = (),
+                 exceptions: Mapping[str, str] | None = None):
+        self.allow = allow
+        self._review = {r["key"]: r for r in review if str(r.get("key", "")).startswith("mcp:")}
+        self._watch = frozenset(w for w in watch if w.startswith("mcp:"))
+        self.exceptions: dict[str, str] = {}
+        self.set_exceptions(exceptions or {})
 
+    @classmethod
+    def of(cls, policy, exceptions: Mapping[str, str] | None = None) -> "McpJudge":
+        """The judge for a :class:`enforcer.policy.Policy` (an empty section when it has none)."""
+        return cls(policy.mcp or McpAllow(), policy.review, policy.watch, exceptions)
 
-def _pow2(n: int) -> int:
-    return max(16, 1 << max(0, n - 1).bit_length())
+    def set_exceptions(self, exceptions: Mapping[str, str]) -> None:
+        self.exceptions = {k: v for k, v in exceptions.items() if k.startswith("mcp:")}
 
+    def allows_tool(self, name: str) -> bool:
+        key = tool_call_key(name)
+        return key in self.allow.calls or key in self.exceptions
 
-def _arg_candidates(owner: str, path: str, pe: PathEvidence, opts: EnvelopeOptions) -> list[_Candidate]:
-    out: list[_Candidate] = []
-    secrets: list[tuple[str, BehaviourStats]] = []
-    numbers: list[tuple[Any, BehaviourStats]] = []
-    paths: list[tuple[str, BehaviourStats]] = []
-    urls: list[tuple[str, BehaviourStats]] = []
-    strings: list[tuple[str, BehaviourStats]] = []
-    literal_tokens: list[tuple[str, BehaviourStats]] = []
-    long_: list[tuple[int, BehaviourStats]] = []
-    for tok, st in sorted(pe.values.items()):
-        kind, v = decode_token(tok)
-        if kind == "redacted":
-            secrets.append((REDACTED, st))
-        elif kind == "long":
-            long_.append((v, st))
-        elif opts.closure == "literal" or not isinstance(v, (str, int, float)) or isinstance(v, bool):
-            literal_tokens.append((tok, st))
-        elif isinstance(v, str):
-            if _norm_path(v) is not None:
-                paths.append((v, st))
-            elif urlpattern.parse_url(v) is not None:
-                urls.append((v, st))
-            else:
-                strings.append((v, st))
-        else:
-            numbers.append((v, st))
+    def tool_hash(self, name: str) -> str | None:
+        return self.allow.tool_hash(name)
 
-    def cand(el: ArgElement, members, detail="", flags=()) -> _Candidate:
-        return _Candidate(el.entry(owner), el.rule, list(members), el, detail, tuple(flags))
+    def _refused(self, key: str, what: str) -> Verdict:
+        item = self._review.get(key)
+        if item is not None:
+            return Verdict(False, f"{key} is under review ({item.get('why', 'below threshold')}), not in the "
+                                  f"{what}", key, True)
+        return Verdict(False, f"{key} is not in the {what}", key)
 
-    if secrets:
-        out.append(cand(ArgElement(path, "secret"), secrets, "credential-like argument: values are never recorded"))
-    for tok, st in literal_tokens:
-        out.append(cand(ArgElement(path, "enum", value=tok), [(tok, st)]))
-    if numbers:
-        lo, hi = min(v for v, _ in numbers), max(v for v, _ in numbers)
-        if pe.overflow is not None and pe.num_min is not None:
-            lo, hi = min(lo, pe.num_min), max(hi, pe.num_max)
-        integer = all(float(v).is_integer() for v, _ in numbers)
-        out.append(cand(ArgElement(path, "range", min=lo, max=hi, integer=integer),
-                        [(token(v), st) for v, st in numbers],
-                        f"{len(numbers)} distinct numbers seen, from {_num(lo)} to {_num(hi)}"))
-    if paths:
-        by_dir: dict[str, list[tuple[str, BehaviourStats]]] = {}
-        for v, st in paths:
-            p = _norm_path(v)
-            by_dir.setdefault(posixpath.dirname(p), []).append((p, st))
-        for d, members in sorted(by_dir.items()):
-            distinct = sorted({p for p, _ in members})
-            if len(distinct) > opts.max_siblings and d != "/":
-                out.append(cand(ArgElement(path, "path-prefix", prefix=d), members,
-                                f"{len(distinct)} sibling paths in {d} (more than {opts.max_siblings})",
-                                ("directory-prefix",)))
+    def judge_method(self, method: str) -> Verdict:
+        key = f"mcp:{method}"
+        if method in self.allow.methods:
+            return Verdict(True, "inside the envelope", key)
+        if key in self.exceptions:
+            return Verdict(True, f"allowed by {self.exceptions[key]}", key, exception=self.exceptions[key])
+        return self._refused(key, "allowlist")
+
+    def judge_call(self, key: str, arguments: Any) -> Verdict:
+        """Judge a ``tools/call`` or ``prompts/get`` (by behaviour key) and its arguments."""
+        exc = self.exceptions.get(key)
+        if exc is not None:
+            return Verdict(True, f"allowed by {exc}", key, exception=exc)
+        allowed = self.allow.calls.get(key)
+        if allowed is None:
+            return self._refused(key, "allowlist")
+        used: str | None = None
+        for path, v, secret in leaves(arguments):
+            elements = allowed.get(path)
+            at = f"{key}#{path}"
+            if elements and any(e.matches(v, secret) for e in elements):
                 continue
-            for p in distinct:
-                out.append(cand(ArgElement(path, "path-prefix", prefix=p),
-                                [(q, st) for q, st in members if q == p], "the observed path and everything below it"))
-    if urls:
-        stats = dict(urls)
-        derived, _ = urlpattern.derive(stats, opts.max_siblings)
-        for dp in derived:
-            out.append(cand(ArgElement(path, "url", url=dp.pattern.text), [(u, stats[u]) for u in dp.members],
-                            f"{len(dp.members)} URLs on {dp.pattern.host}" + (
-                                f"; {dp.wildcards} segment(s) widened to * (more than {opts.max_siblings} siblings)"
-                                if dp.wildcards else ""),
-                            ("url-sibling-wildcard",) if dp.wildcards else ()))
-    if strings or long_ or (pe.overflow is not None and pe.max_length and not numbers):
-        classes = {urlpattern.identifier_class(v) for v, _ in strings}
-        overflowing = pe.overflow is not None or bool(long_)
-        if strings and not overflowing and len(classes) == 1 and None not in classes:
-            cls = classes.pop()
-            out.append(cand(ArgElement(path, "pattern", pattern=cls), [(token(v), st) for v, st in strings],
-                            f"{len(strings)} distinct {cls} identifiers"))
-        elif strings and not overflowing and len(strings) <= opts.max_values:
-            for v, st in strings:
-                out.append(cand(ArgElement(path, "enum", value=token(v)), [(token(v), st)]))
-        else:
-            longest = max([pe.max_length] + [n for n, _ in long_] + [len(v) for v, _ in strings])
-            members = [(token(v), st) for v, st in strings] + [(f"<long:{n}>", st) for n, st in long_]
-            if pe.overflow is not None:
-                members.append((f"<{pe.overflow.count} more values not kept>", pe.overflow))
-            out.append(cand(ArgElement(path, "free-text", max_length=_pow2(longest)), members,
-                            f"{len(members)} distinct strings with no shared structure (more than {opts.max_values}); "
-                            f"longest {longest} characters", ("free-text",)))
-    return out
+            if at in self.exceptions:
+                used = used or self.exceptions[at]
+                continue
+            watched = [w for w in self._watch if w.startswith(at + ":")]
+            if not elements:
+                what = "was seen too rarely to be admitted (under review)" if watched else "was never observed"
+                return Verdict(False, f"argument {path!r} of {key} {what}", at, bool(watched))
+            allowed_text = ", ".join(f"{e.rule} {e.spec}" for e in elements[:_SHOWN])
+            note = f"; {len(watched)} shape(s) of this argument seen too rarely are under review" if watched else ""
+            return Verdict(False, f"argument {path!r} of {key} = {shown(v, secret)} is outside the envelope "
+                                  f"(allowed: {allowed_text}{note})", at, bool(watched))
+        if used is not None:
+            return Verdict(True, f"inside the envelope with {used}", key, exception=used)
+        return Verdict(True, "inside the envelope", key)
+
+    def judge_resource(self, uri: str, template: str | None, key: str) -> Verdict:
+        for r in self.allow.resources:
+            if r.matches(uri, template):
+                return Verdict(True, "inside the envelope", r.entry)
+        if key in self.exceptions:
+            return Verdict(True, f"allowed by {self.exceptions[key]}", key, exception=self.exceptions[key])
+        return self._refused(key, "allowlist")
 
 
-def _resource_candidates(keys: list[tuple[str, BehaviourStats]], opts: EnvelopeOptions) -> list[_Candidate]:
-    out: list[_Candidate] = []
-    urls: dict[str, BehaviourStats] = {}
-    for key, st in keys:
-        uri = key.split(":", 2)[2]
-        if "{" in uri:
-            out.append(_Candidate(key, "template", [(uri, st)], ResourceElement("template", uri),
-                                  "a URI template the server declared"))
-        elif opts.closure == "structural" and urlpattern.parse_url(uri) is not None:
-            urls[uri] = st
-        else:
-            out.append(_Candidate(key, "exact", [(uri, st)], ResourceElement("exact", uri)))
-    derived, _ = urlpattern.derive(urls, opts.max_siblings)
-    for dp in derived:
-        el = ResourceElement("url", dp.pattern.text)
-        out.append(_Candidate(el.entry, "url", [(u, urls[u]) for u in dp.members], el,
-                              f"{len(dp.members)} URIs on {dp.pattern.host}",
-                              ("url-sibling-wildcard",) if dp.wildcards else ()))
-    return out
-
-
-def derive_envelope(workload: Workload, evidence: ArgumentEvidence,
-                    behaviours: Mapping[str, BehaviourStats] | None = None,
-                    options: EnvelopeOptions | None = None) -> McpEnvelope:
-    """Derive the MCP envelope from argument evidence (and the profile's stats). Pure."""
-    opts = options or EnvelopeOptions()
-    opts.validate()
-    admits = {e: r.strip() for e, r in opts.admits}
-    used: set[str] = set()
-    n, m = opts.min_count, opts.min_sessions
-
-    def passes(c: _Candidate) -> tuple[bool, dict, str | None]:
-        ev = c.evidence()
-        if ev["count"] >= n and ev["sessions"] >= m:
-            return True, ev, None
-        if c.entry in admits:
-            used.add(c.entry)
-            return True, ev, admits[c.entry]
-        return False, ev, None
-
-    def why(ev: dict) -> str:
-        short = []
-        if ev["count"] < n:
-            short.append(f"count {ev['count']} < {n}")
-        if ev["sessions"] < m:
-            short.append(f"sessions {ev['sessions']} < {m}")
-        return "; ".join(short)
-
-    provenance: list[dict] = []
-    review: list[dict] = []
-    watch: set[str] = set()
-    calls: dict[str, dict[str, tuple[ArgElement, ...]]] = {}
-    resource_keys: list[tuple[str, BehaviourStats]] = []
-
-    def admit(c: _Candidate, ev: dict, reason: str | None) -> None:
-        p = {"entry": c.entry, "substrate": "mcp", "rule": c.rule,
-             "admitted": "admit" if reason is not None else "threshold", "evidence": ev}
-        if reason is not None:
-            p["reason"] = reason
-        if c.detail:
-            p["detail"] = c.detail
-        if c.flags:
-            p["flags"] = list(c.flags)
-        provenance.append(p)
-
-    def refer(c: _Candidate, ev: dict) -> None:
-        item = {"key": c.entry, "substrate": "mcp", "rule": c.rule, "evidence": ev,
-                "threshold": {"minCount": n, "minSessions": m}, "why": why(ev)}
-        if c.detail:
-            item["detail"] = c.detail
-        review.append(item)
-        watch.add(c.entry)
-
-    for key in sorted(evidence.calls):
-        try:
-            method, _ = split_key(key)
-        except ValueError:
-            continue
-        ce = evidence.calls[key]
-        stats = (behaviours or {}).get(key, ce.calls)
-        if method == "resources/read":
-            resource_keys.append((key, stats))
-            continue
-        if method not in ("tools/call", "prompts/get"):
-            continue
-        tool = _Candidate(key, "allowlist", [(key, stats)], detail=f"{method} of {key.split(':', 2)[2]}")
-        ok, ev, reason = passes(tool)
-        if not ok:
-            refer(tool, ev)
-            continue
-        admit(tool, ev, reason)
-        paths: dict[str, list[ArgElement]] = {}
-        for path in sorted(ce.paths):
-            for c in _arg_candidates(key, path, ce.paths[path], opts):
-                ok, ev, reason = passes(c)
-                if ok:
-                    admit(c, ev, reason)
-                    paths.setdefault(path, []).append(c.element)  # type: ignore[arg-type]
-                else:
-                    refer(c, ev)
-        calls[key] = {p: tuple(es) for p, es in paths.items()}
-
-    resources: list[ResourceElement] = []
-    for c in _resource_candidates(resource_keys, opts):
-        ok, ev, reason = passes(c)
-        if ok:
-            admit(c, ev, reason)
-            resources.append(c.element)  # type: ignore[arg-type]
-        else:
-            refer(c, ev)
-
-    unknown = sorted(set(admits) - used)
-    if unknown:
-        raise EnvelopeError(f"--admit {unknown[0]}: not in the review list")
-
-    tools: dict[str, str] = {}
-    fingerprints = sorted(evidence.catalogs)
-    for fp in fingerprints:
-        tools.update(evidence.catalogs[fp]["tools"])
-    if len(fingerprints) > 1:  # more than one catalog: keep only tools whose definition never changed
-        for fp in fingerprints:
-            for name, h in evidence.catalogs[fp]["tools"].items():
-                if tools.get(name) != h:
-                    tools[name] = "changed-during-observation"
-    blind = []  # what the evidence could not show: listed, not ignored
-    for key in sorted(evidence.calls):
-        ce = evidence.calls[key]
-        if ce.cut:
-            blind.append({"key": key, "finding": f"{ce.cut} call(s) had more argument values than the evidence "
-                                                 f"keeps; the envelope is derived from the values kept"})
-        for path in sorted(ce.paths):
-            if ce.paths[path].overflow is not None:
-                blind.append({"key": f"{key}#{path}", "finding": f"more distinct values than kept per path; "
-                                                                 f"{ce.paths[path].overflow.count} not kept"})
-    decisions = {
-        "closure": {"mode": opts.closure, "rules": {
-            "enumAbove": opts.max_values, "siblingsAbove": opts.max_siblings,
-            "structural": list(RULES) if opts.closure == "structural" else ["enum", "secret"]}},
-        "confidence": {"minCount": n, "minSessions": m,
-                       "sessionRule": "union of the session samples of the values an element covers",
-                       "admits": len(used)},
-        "blindSpots": blind,
-    }
-    provenance.sort(key=lambda p: p["entry"])
-    review.sort(key=lambda r: r["key"])
-    return McpEnvelope(
-        workload=workload, mode=opts.mode, closure=opts.closure, calls=calls,
-        resources=tuple(sorted(resources, key=lambda r: (r.rule, r.value))),
-        catalog={"fingerprints": fingerprints, "tools": dict(sorted(tools.items()))},
-        decisions=decisions, provenance=tuple(provenance), review=tuple(review), watch=tuple(sorted(watch)))
-
+__all__ = ["ArgElement", "EnvelopeError", "EvaluationError", "McpAllow", "McpJudge", "ResourceElement", "Verdict",
+           "leaves", "owner_of", "parse_entry", "shown"]

@@ -24,13 +24,16 @@ What it does with each message:
 - **Modes.** ``observe`` relays everything. ``alert`` relays everything and reports calls
   outside the envelope (:class:`Finding`, action ``alerted``). ``enforce`` answers an
   out-of-envelope ``tools/call`` in-band with an error result the agent can read (``isError``
-  with the reason), answers a refused ``resources/read``/``prompts/get`` with a JSON-RPC error,
-  leaves tools outside the allowlist out of ``tools/list``, and fails closed: a call it cannot
-  evaluate is refused, and a call sent as a notification (no id, so nothing to answer) is not
-  relayed.
-- **Validity.** A listed tool whose definition hash differs from the one the envelope recorded
+  with the reason), answers a refused ``tools/list``, ``resources/read`` or ``prompts/get`` with
+  a JSON-RPC error, leaves tools outside the allowlist out of ``tools/list``, and fails closed: a
+  call it cannot evaluate is refused, and a call sent as a notification (no id, so nothing to
+  answer) is not relayed. The mode can change while the gateway runs (:meth:`GatewayCore.set_mode`,
+  driven by ``envelope mode``), and so can the active exceptions the judge honours; a request
+  inside the envelope only thanks to an exception is an :class:`Admitted` event.
+- **Validity.** A listed tool whose definition hash differs from the one the policy recorded
   is a :class:`Stale` event (a rug pull or a poisoned tool); in enforce mode that tool is left out
-  of listings and its calls are refused until the envelope is re-derived.
+  of listings and its calls are refused until the policy is re-derived. The catalog fingerprint
+  of every complete listing goes out as :class:`CatalogSeen`, for the validity check at the edge.
 """
 
 from __future__ import annotations
@@ -55,8 +58,8 @@ from sensor.mcp_evidence import (
 )
 
 from . import mcp_protocol as proto
-from .mcp_envelope import EvaluationError, McpEnvelope, Verdict
-from .policy import MODES
+from .mcp_envelope import EvaluationError, McpJudge, Verdict
+from .modes import MODES
 
 log = structlog.get_logger("envelope.mcp")
 
@@ -126,6 +129,16 @@ class Stale:
 
 
 @dataclass(frozen=True)
+class Admitted:
+    """A request allowed only because an active exception covers it."""
+
+    session: str
+    behaviour: str
+    exception: str
+    ts: float
+
+
+@dataclass(frozen=True)
 class Problem:
     """A message the gateway would not relay."""
 
@@ -177,15 +190,20 @@ class SessionState:
 
 
 class GatewayCore:
-    def __init__(self, envelope: McpEnvelope | None, mode: str, limits: Limits | None = None):
-        if mode not in MODES:
-            raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
-        if envelope is None and mode != "observe":
-            raise ValueError(f"mode {mode} needs an envelope to judge calls against")
-        self.envelope = envelope
-        self.mode = mode
+    def __init__(self, judge: McpJudge | None, mode: str, limits: Limits | None = None):
+        self.judge = judge
+        self.mode = "observe"
+        self.set_mode(mode)
         self.limits = limits or Limits()
         self.sessions: dict[str, SessionState] = {}
+
+    def set_mode(self, mode: str) -> None:
+        """Judge from now on in ``mode`` (a running gateway follows ``envelope mode``)."""
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+        if self.judge is None and mode != "observe":
+            raise ValueError(f"mode {mode} needs a policy to judge calls against")
+        self.mode = mode
 
     def session(self, sid: str) -> SessionState:
         s = self.sessions.get(sid)
@@ -261,6 +279,10 @@ class GatewayCore:
         key: str | None = None
         if method == "tools/list":
             key = TOOLS_LIST
+            if self.mode != "observe":
+                refused = self._verdict(s, msg, key, self.judge.judge_method(method), now, method, events)
+                if refused is not None:
+                    return refused
             events.append(Observed(s.label, key, {}, False, now))
         elif method in ("tools/call", "prompts/get"):
             name = msg.params.get("name")
@@ -272,11 +294,10 @@ class GatewayCore:
                 return Decision(forward=data)
             key = tool_call_key(name) if method == "tools/call" else prompt_get_key(name)
             verdict = self._judge(s, method, name, key, arguments)
-            if verdict is not None and not verdict.allowed:
-                finding = self._finding(s, key, verdict, now, method, name)
-                if self.mode == "enforce":
-                    return self._refuse(msg, s, verdict, finding)
-                events.append(finding)
+            if verdict is not None:
+                refused = self._verdict(s, msg, key, verdict, now, name, events)
+                if refused is not None:
+                    return refused
             flat, cut = flatten(arguments)
             events.append(Observed(s.label, key, flat, cut, now))
         elif method == "resources/read":
@@ -288,25 +309,35 @@ class GatewayCore:
             template = next((t for t in s.shared.templates if _template_matches(t, uri)), None)
             key = resource_read_key(template or uri)
             if self.mode != "observe":
-                verdict = self.envelope.judge_resource(uri, template, key)
-                if not verdict.allowed:
-                    finding = self._finding(s, key, verdict, now, method, uri)
-                    if self.mode == "enforce":
-                        return self._refuse(msg, s, verdict, finding)
-                    events.append(finding)
+                refused = self._verdict(s, msg, key, self.judge.judge_resource(uri, template, key), now, uri, events)
+                if refused is not None:
+                    return refused
             events.append(Observed(s.label, key, {}, False, now))
         s.pending[k] = _Pending(method, key)
         return Decision(forward=data, events=events)
+
+    def _verdict(self, s: SessionState, msg: proto.Message, key: str, verdict: Verdict, now: float, name: str,
+                 events: list) -> Decision | None:
+        """Act on a verdict: the refusal to answer with (enforce), or None with the finding or the
+        exception that admitted the request added to ``events``."""
+        if not verdict.allowed:
+            finding = self._finding(s, key, verdict, now, msg.method or "", name)
+            if self.mode == "enforce":
+                return self._refuse(msg, s, verdict, finding)
+            events.append(finding)
+        elif verdict.exception:
+            events.append(Admitted(s.label, key, verdict.exception, now))
+        return None
 
     def _judge(self, s: SessionState, method: str, name: str, key: str, arguments: Any) -> Verdict | None:
         if self.mode == "observe":
             return None
         if method == "tools/call" and name in s.shared.changed:
-            return Verdict(False, f"the definition of tool {name!r} changed since the envelope was derived "
-                                  f"(now {s.shared.changed[name]}, recorded {self.envelope.tool_hash(name)}); the envelope "
+            return Verdict(False, f"the definition of tool {name!r} changed since the policy was derived "
+                                  f"(now {s.shared.changed[name]}, recorded {self.judge.tool_hash(name)}); the policy "
                                   f"is stale for it", key)
         try:
-            return self.envelope.judge_call(key, arguments)
+            return self.judge.judge_call(key, arguments)
         except EvaluationError as e:
             return Verdict(False, f"cannot evaluate the call: {e}", key)
         except Exception as e:  # noqa: BLE001 - a bug in evaluation must fail closed, not open
@@ -373,7 +404,7 @@ class GatewayCore:
             return Decision(forward=data)
         events: list = []
         kept: list = []
-        env = self.envelope
+        env = self.judge
         for t in tools:
             if not isinstance(t, dict) or not isinstance(t.get("name"), str):
                 if self.mode != "enforce":
@@ -475,7 +506,7 @@ class McpSink(Protocol):
     def flush(self) -> None: ...
 
 
-Reporter = Callable[[object], None]  # receives Finding, Stale and Problem events
+Reporter = Callable[[object], None]  # receives Finding, Admitted, Stale, CatalogSeen and Problem events
 
 
 class Gateway:
@@ -483,11 +514,13 @@ class Gateway:
     the wall clock. A failing sink or reporter is logged and never stops the relay."""
 
     def __init__(self, core: GatewayCore, sink: McpSink | None, report: Reporter | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time,
+                 follow: Callable[[GatewayCore, float], None] | None = None):
         self.core = core
         self.sink = sink
         self.report = report
         self.clock = clock
+        self.follow = follow  # brings mode and exceptions up to date before each client message
         self.errors = 0
 
     def open(self, sid: str, meta: dict | None = None) -> None:
@@ -499,7 +532,9 @@ class Gateway:
         self._call(self.sink and self.sink.close_session, sid, self.clock())
 
     def client(self, sid: str, data: bytes, headers: dict[str, str] | None = None) -> Decision:
-        return self._dispatch(self.core.from_client(sid, data, self.clock(), headers))
+        now = self.clock()
+        self._call(self.follow, self.core, now)
+        return self._dispatch(self.core.from_client(sid, data, now, headers))
 
     def server(self, sid: str, data: bytes) -> Decision:
         return self._dispatch(self.core.from_server(sid, data, self.clock()))
@@ -529,6 +564,7 @@ class Gateway:
                            {"arguments": e.arguments, "cut": e.cut}, e.ts)
             elif isinstance(e, CatalogSeen):
                 self._call(self.sink and self.sink.catalog, e.session, e.fingerprint, e.tools, e.ts)
+                self._call(self.report, e)  # the validity check
             else:
                 self._call(self.report, e)
         return d

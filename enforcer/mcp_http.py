@@ -42,7 +42,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from . import mcp_protocol as proto
-from .mcp_gateway import Gateway, GatewayCore, new_session_id
+from .mcp_gateway import Gateway, new_session_id
 
 log = structlog.get_logger("envelope.mcp.http")
 
@@ -314,11 +314,11 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def proxy(workload, listen: str, upstream: str, policy_or_none, mode: str, sink, *, report=None,
-          session: str | None = None, limits=None, ready=None, flush_every: float = 30.0) -> int:
-    """Serve the gateway on ``listen`` in front of ``upstream`` until SIGTERM or SIGINT."""
+def proxy(gateway: Gateway, workload, listen: str, upstream: str, *, session: str | None = None, ready=None,
+          flush_every: float = 30.0) -> int:
+    """Serve ``gateway`` on ``listen`` in front of ``upstream`` until SIGTERM or SIGINT."""
     host, port = parse_listen(listen)
-    gateway = Gateway(GatewayCore(policy_or_none, mode, limits), sink, report)
+    mode = gateway.core.mode
     p = HttpProxy(gateway, upstream, session or new_session_id(), flush_every=flush_every)
     config = uvicorn.Config(p.app, host=host, port=port, log_level="warning", lifespan="on",
                             access_log=False, timeout_graceful_shutdown=5)

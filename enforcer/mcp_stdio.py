@@ -18,7 +18,7 @@ from typing import Sequence
 import structlog
 
 from . import mcp_protocol as proto
-from .mcp_gateway import Gateway, GatewayCore, new_session_id
+from .mcp_gateway import Gateway, new_session_id
 
 log = structlog.get_logger("envelope.mcp.stdio")
 
@@ -149,12 +149,11 @@ class StdioRelay:
                 continue
 
 
-def wrap(workload, policy_or_none, mode: str, argv: Sequence[str], sink, *, report=None, session: str | None = None,
-         limits=None, grace: float = 2.0, flush_every: float = 30.0) -> int:
-    """Run ``argv`` as an MCP stdio server behind the gateway; return the server's exit status."""
-    core = GatewayCore(policy_or_none, mode, limits)
-    gateway = Gateway(core, sink, report)
+def wrap(gateway: Gateway, workload, argv: Sequence[str], *, session: str | None = None, grace: float = 2.0,
+         flush_every: float = 30.0) -> int:
+    """Run ``argv`` as an MCP stdio server behind ``gateway``; return the server's exit status."""
     sid = session or new_session_id()
-    log.info("mcp gateway (stdio)", workload=str(workload), mode=mode, session=sid, command=argv[0] if argv else None)
+    log.info("mcp gateway (stdio)", workload=str(workload), mode=gateway.core.mode, session=sid,
+             command=argv[0] if argv else None)
     return asyncio.run(StdioRelay(gateway, argv, sid, grace, flush_every=flush_every).run())
 

@@ -11,7 +11,7 @@ Document layout (YAML or JSON; ``spec`` is also the body of the Kubernetes custo
       mode: observe | alert | enforce
       decisions:
         granularity: {substrates: [syscall, egress, exec]}
-        closure:     {mode: literal | structural | probabilistic, rules: {...}, companionGroups: [...]}
+        closure:     {mode: literal | structural | probabilistic, rules: {...}, syscallGroups: [...]}
         confidence:  {minCount: {substrate: N}, minSessions: {substrate: M}, sessionRule, lowConfidence,
                       reviewActions: {substrate: deny | alert}, coverage: {...coverage-stop numbers...}}
         validity:    {fingerprint: {key: [values]}, triggers: [...], derivedAt, expiresAt}
@@ -19,14 +19,24 @@ Document layout (YAML or JSON; ``spec`` is also the body of the Kubernetes custo
         syscalls: [name, ...]                                   # sorted
         egress:   [{proto, cidr, ports: [p, ...]} | {proto, cidr, portRange: {min, max}}, ...]
         execs:    [/exact/path | /directory/*, ...]             # sorted
+        files:    [file:KIND:PATTERN, ...]                      # sorted (enforcer.file_patterns)
+        mcp:      {methods, tools, prompts, resources, catalog} # enforcer.mcp_envelope
+        iam:      [{action, resource, accessLevel, rule}, ...]  # IAM statements (enforcer.iamstatement)
       detection:  [{key, mean, std, k, sessions}, ...]          # probabilistic soft rules
       provenance: [{entry, substrate, rule, admitted, evidence, ...}, ...]
       review:     [{key, substrate, rule, evidence, action, entries, ...}, ...]
       watch:      [behaviour key, ...]
 
 Entry identifiers (used by provenance, review, ``explain``, ``diff`` and ``--admit``) are
-``syscall:NAME``, ``exec:PATH`` (or ``exec:/dir/*``) and ``egress:PROTO:CIDR:PORTS`` where
-PORTS is one port (``443``) or an inclusive range (``8000-8100``).
+``syscall:NAME``, ``exec:PATH`` (or ``exec:/dir/*``), ``egress:PROTO:CIDR:PORTS`` where
+PORTS is one port (``443``) or an inclusive range (``8000-8100``), ``file:KIND:PATTERN``,
+``iam:ACTION RESOURCE`` (``iam:s3:GetObject arn:aws:s3:::research-corpus-*/papers/*``), and the
+MCP entries of :mod:`enforcer.mcp_envelope` (``mcp:tools/call:git_log``,
+``mcp:tools/call:git_log#repo_path:path-prefix:/srv/repo/**``, ...).
+
+An ``aws:`` behaviour is inside the ``iam`` statements when every IAM grant it needs is allowed by
+them (:mod:`enforcer.iamstatement`); judging one needs the IAM action mapper, which whoever judges
+binds as ``Policy.iam_actions`` (derivation does; the CLI binds it for ``replay`` and ``diff``).
 
 An exec pattern ``/dir/*`` matches any file directly inside ``/dir`` (one path component, not
 recursive). A substrate that the policy does not include is not constrained by it.
@@ -68,8 +78,10 @@ import yaml
 from sensor.timestamps import TimeFormatError, iso_time, parse_datetime
 from sensor.workload import DEFAULT_SUBSTRATES, SUBSTRATES, BehaviourKeyError, Workload, parse_net_key, substrate_of
 
-from . import file_patterns, syscall_groups
-
+from . import file_patterns, iamstatement, syscall_groups
+from .iamstatement import IamStatement, IamStatementError
+from .mcp_envelope import EnvelopeError, McpAllow
+from .mcp_envelope import parse_entry as parse_mcp_entry
 from .modes import MODES
 
 API_VERSION = "envelope.dev/v1alpha1"
@@ -95,7 +107,7 @@ DEFAULT_REVIEW_ACTIONS = MappingProxyType(
     {s: ("alert" if s == "syscall" else "deny") for s in SUBSTRATES})
 _NAME_RE = re.compile(r"[^a-z0-9.-]+")
 _SPEC_FIELDS = ("workload", "mode", "decisions", "allow", "detection", "provenance", "review", "watch")
-_ALLOW_FIELDS = ("syscalls", "egress", "execs", "files")
+_ALLOW_FIELDS = ("syscalls", "egress", "execs", "files", "mcp", "iam")
 _DECISION_FIELDS = ("granularity", "closure", "confidence", "validity")
 
 
@@ -106,6 +118,10 @@ _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 class PolicyError(ValueError):
     """A policy that does not match the schema; the message names the offending field."""
+
+
+class IamJudgeMissing(PolicyError):
+    """An ``aws:`` behaviour was judged by a policy with no IAM action mapper bound."""
 
 
 # ---- egress rules ---------------------------------------------------------------------------
@@ -228,6 +244,16 @@ def parse_entry(entry: str) -> tuple[str, Any]:
         except file_patterns.FilePatternError as e:
             raise PolicyError(str(e)) from None
         return "file", entry
+    if kind == "mcp":
+        try:
+            return "mcp", parse_mcp_entry(entry)
+        except EnvelopeError as e:
+            raise PolicyError(str(e)) from None
+    if kind == "iam":
+        try:
+            return "iam", iamstatement.parse_entry(entry)
+        except IamStatementError as e:
+            raise PolicyError(str(e)) from None
     if kind == "egress":
         try:
             proto, body = rest.split(":", 1)
@@ -238,8 +264,8 @@ def parse_entry(entry: str) -> tuple[str, Any]:
             return "egress", EgressRule(proto, cidr, tuple(int(p) for p in ports.split(",")))
         except (ValueError, PolicyError) as e:
             raise PolicyError(f"bad egress entry {entry!r}: {e}") from None
-    raise PolicyError(f"bad entry {entry!r} (want syscall:NAME, exec:PATH, egress:PROTO:CIDR:PORTS "
-                      f"or file:KIND:PATTERN)")
+    raise PolicyError(f"bad entry {entry!r} (want syscall:NAME, exec:PATH, egress:PROTO:CIDR:PORTS, "
+                      f"file:KIND:PATTERN, iam:ACTION RESOURCE or an mcp: entry)")
 
 
 def exec_matches(pattern: str, path: str) -> bool:
@@ -263,6 +289,8 @@ class Policy:
     egress: tuple[EgressRule, ...] = ()
     execs: tuple[str, ...] = ()
     files: tuple[str, ...] = ()  # file:KIND:PATTERN entries (enforcer.file_patterns)
+    mcp: McpAllow | None = None  # the MCP envelope (enforcer.mcp_envelope)
+    iam: tuple[IamStatement, ...] = ()  # IAM statements (enforcer.iamstatement)
     watch: tuple[str, ...] = ()
     detection: tuple[dict, ...] = ()
     decisions: dict = field(default_factory=dict)
@@ -272,6 +300,9 @@ class Policy:
     low_confidence: bool = False
     name: str = ""  # metadata.name; derived from the workload when empty
     review_actions: dict = field(default_factory=dict)  # substrate -> deny | alert (absent: deny)
+    # The IAM action mapper (enforcer.iamactions.ActionMapper) that judging aws: behaviours needs;
+    # bound by whoever judges, never serialised.
+    iam_actions: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -298,12 +329,22 @@ class Policy:
             kind, pattern = file_patterns.parse_entry(e)
             self._files_by_kind[kind] = self._files_by_kind.get(kind, ()) + (pattern,)
         self.egress = tuple(sorted(set(self.egress), key=EgressRule.sort_key))
+        seen: set[str] = set()
+        for i, st in enumerate(self.iam):
+            if not isinstance(st, IamStatement):
+                raise PolicyError(f"spec.allow.iam[{i}]: {st!r} is not an IAM statement")
+            if st.id in seen:
+                raise PolicyError(f"spec.allow.iam[{i}]: {st.id} is listed twice")
+            seen.add(st.id)
+        self.iam = tuple(sorted(self.iam, key=IamStatement.sort_key))
+        self._iam_document = iamstatement.judging_document(self.iam)
         self.watch = tuple(sorted(set(self.watch)))
         self.detection = tuple(self.detection)
         self.provenance = tuple(self.provenance)
         self.review = tuple(self.review)
         self.review_actions = check_review_actions(self.review_actions, "spec.decisions.confidence.reviewActions")
-        self._admitted = self._review_admitted()
+        self._admitted_for: tuple | None = None
+        self._admitted: "Policy | None" = None
         self._exec_exact = frozenset(e for e in self.execs if not e.endswith("/*"))
         self._exec_dirs = frozenset((e[:-2] or "/") for e in self.execs if e.endswith("/*"))
         self._syscall_set = frozenset(self.syscalls)
@@ -317,7 +358,15 @@ class Policy:
     def entries(self) -> list[str]:
         """Every allowed entry identifier, in document order."""
         return ([f"syscall:{s}" for s in self.syscalls] + [r.id for r in self.egress]
-                + [f"exec:{e}" for e in self.execs] + list(self.files))
+                + [f"exec:{e}" for e in self.execs] + list(self.files) + [st.id for st in self.iam]
+                + (self.mcp.entries() if self.mcp else []))
+
+    @property
+    def iam_identity(self) -> str | None:
+        """The role the IAM statements were derived for (validity fingerprint
+        ``cloud_identity:aws``), when the policy names exactly one."""
+        values = (self.validity.get("fingerprint") or {}).get(iamstatement.IDENTITY_FINGERPRINT) or []
+        return values[0] if len(values) == 1 else None
 
     def allows(self, key: str) -> bool:
         """Is behaviour ``key`` inside the allowed set? Substrates the policy leaves out, and
@@ -341,6 +390,14 @@ class Policy:
             except file_patterns.FilePatternError:
                 return False
             return any(p.matches(path) for p in self._files_by_kind.get(kind, ()))
+        if substrate == "mcp":
+            return self.mcp is not None and self.mcp.allows(key)
+        if substrate == "iam":
+            if self.iam_actions is None:
+                raise IamJudgeMissing("judging aws behaviours needs the IAM action database; bind "
+                                      "Policy.iam_actions (envelope.wiring.iam_actions)")
+            return iamstatement.allows(self._iam_document, self.iam_actions,
+                                       iamstatement.identity_account(self.iam_identity), key)
         if substrate != "egress":
             return True  # a substrate with no allow section here yet is not constrained
         try:
@@ -372,7 +429,11 @@ class Policy:
 
     def review_admitted(self) -> "Policy | None":
         """The review items that the enforcers let through (review action ``alert``), as the
-        allow section of a policy (literal entries, dangerous syscalls left out); None when none."""
+        allow section of a policy (literal entries, dangerous syscalls left out); None when none.
+        Computed when the review list or the actions change (derivation fills them in last)."""
+        sig = (id(self.review), len(self.review), tuple(sorted(self.review_actions.items())))
+        if sig != self._admitted_for:
+            self._admitted_for, self._admitted = sig, self._review_admitted()
         return self._admitted
 
     def admits(self, key: str) -> bool:
@@ -380,7 +441,7 @@ class Policy:
         substrate's review action is ``alert`` (it is then reported from the watch list)?"""
         if self.allows(key):
             return True
-        a = self._admitted
+        a = self.review_admitted()
         try:
             sub = substrate_of(key)
         except BehaviourKeyError:
@@ -427,6 +488,10 @@ class Policy:
         }
         if "file" in self.substrates or self.files:
             allow["files"] = list(self.files)
+        if "mcp" in self.substrates or self.mcp is not None:
+            allow["mcp"] = (self.mcp or McpAllow()).to_dict()
+        if "iam" in self.substrates or self.iam:
+            allow["iam"] = [st.to_dict() for st in self.iam]
         return allow
 
     @classmethod
@@ -507,6 +572,18 @@ class Policy:
         files = _list(allow.get("files") or [], "spec.allow.files")
         for i, e in enumerate(files):
             _check_file(e, f"spec.allow.files[{i}]")
+        mcp = None
+        if allow.get("mcp") is not None:
+            try:
+                mcp = McpAllow.from_dict(allow["mcp"], "spec.allow.mcp")
+            except EnvelopeError as e:
+                raise PolicyError(str(e)) from None
+        iam = []
+        for i, st in enumerate(_list(allow.get("iam") or [], "spec.allow.iam")):
+            try:
+                iam.append(IamStatement.from_dict(st, f"spec.allow.iam[{i}]"))
+            except IamStatementError as e:
+                raise PolicyError(str(e)) from None
 
         detection = _list(spec.get("detection") or [], "spec.detection")
         for i, r in enumerate(detection):
@@ -547,8 +624,8 @@ class Policy:
 
         return cls(
             workload=workload, mode=mode, substrates=tuple(subs), closure=closure,
-            syscalls=tuple(syscalls), egress=egress, execs=tuple(execs), files=tuple(files),
-            watch=tuple(watch),
+            syscalls=tuple(syscalls), egress=egress, execs=tuple(execs), files=tuple(files), mcp=mcp,
+            iam=tuple(iam), watch=tuple(watch),
             detection=tuple(dict(r) for r in detection), decisions=_plain(dec),
             provenance=tuple(_plain(r) for r in provenance), review=tuple(_plain(r) for r in review),
             validity=validity, low_confidence=low, name=name or "", review_actions=review_actions,

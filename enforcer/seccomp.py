@@ -37,10 +37,10 @@ Deliberate additions, each reported with its rule name in :attr:`CompiledSeccomp
 * ``review:alert``: a syscall in the policy's review list whose substrate's review action is
   ``alert`` (:meth:`enforcer.policy.Policy.review_admitted`): it runs, and its recurrence is
   reported from the watch list. Dangerous syscalls never get here.
-* ``egress-mediated``: when the policy constrains egress, creating a TCP or UDP socket over IPv4
-  or IPv6 (``socket`` with its domain, type and protocol checked) and the calls that name a
-  destination (``connect``, ``sendto``, ``sendmsg``, ``sendmmsg``) are left to the egress
-  programs: the cgroup ``connect4/6`` and ``sendmsg4/6`` hooks see the destination before the
+* ``egress-mediated``: when the policy constrains egress, the calls that name a destination
+  (``connect``, ``sendto``, ``sendmsg``, ``sendmmsg``) and, for a policy that never created a
+  socket, TCP and UDP sockets over IPv4 and IPv6 (``socket`` with its domain, type and protocol
+  checked, :data:`INET_SOCKETS`) are left to the egress programs: the cgroup ``connect4/6`` and ``sendmsg4/6`` hooks see the destination before the
   socket carries a byte, deny it unless the policy allows it, and report it. Denying ``socket``
   in seccomp instead would report an attempted connection as a bare ``socket`` denial, without
   the destination it wanted. Sockets of other families (netlink, packet, unix) are not admitted.
@@ -51,6 +51,13 @@ Deliberate additions, each reported with its rule name in :attr:`CompiledSeccomp
   launch's path buffer, a page mapped at a random address before the filter is built
   (:mod:`enforcer.launch_path`); an ``execve`` from the confined program passes another pointer
   and is denied.
+
+One deliberate restriction, :data:`SOCKET_RULE`: when the policy encodes egress and its
+capabilities do not include ``NET_RAW``, ``socket`` is allowed only with argument checks, for
+unix and netlink sockets and TCP and UDP over IPv4 and IPv6 (:data:`SOCKET_ALLOWED`). Raw and
+packet sockets, ICMP, SCTP, vsock and every other family carry traffic the cgroup sock_addr
+hooks never see, so they would walk around egress enforcement. ``bpf/denials.c`` applies the
+same table in alert mode (see :func:`socket_allowed`).
 
 No ``SECCOMP_FILTER_FLAG_*`` flags are emitted: runc 1.1 accepts them, but none is needed and
 older runtimes reject unknown flags.
@@ -80,6 +87,24 @@ COMPAT_ERRNO = errno.ENOSYS
 ENOSYS_FALLBACKS = {"clone3": "clone"}
 
 POLICY_RULE = "policy"
+#: ``socket`` restricted to the families, types and protocols egress enforcement sees.
+SOCKET_RULE = "egress-completeness:sockets"
+AF_UNIX, AF_INET, AF_INET6, AF_NETLINK = 1, 2, 10, 16
+SOCK_STREAM, SOCK_DGRAM, SOCK_TYPE_MASK = 1, 2, 0xF  # the type's low bits; the rest are flags
+IPPROTO_TCP, IPPROTO_UDP = 6, 17
+#: (domain, type, protocols): the sockets a restricted ``socket`` allows; ``None`` for any type or
+#: protocol. Protocol 0 is the family's default for the type (TCP for stream, UDP for datagram).
+SOCKET_ALLOWED = (
+    (AF_UNIX, None, None),
+    (AF_NETLINK, None, None),
+    *((af, SOCK_STREAM, (0, IPPROTO_TCP)) for af in (AF_INET, AF_INET6)),
+    *((af, SOCK_DGRAM, (0, IPPROTO_UDP)) for af in (AF_INET, AF_INET6)),
+)
+SOCKET_REASON = ("raw, packet, ICMP, SCTP and other sockets bypass the egress hooks; "
+                 "allowed only when the policy's capabilities include NET_RAW")
+#: The TCP and UDP sockets of :data:`SOCKET_ALLOWED`: what a policy that never created a socket
+#: gets for the egress programs to judge (``egress-mediated``).
+INET_SOCKETS = tuple(e for e in SOCKET_ALLOWED if e[0] in (AF_INET, AF_INET6))
 COMPAT_RULE = "compat-fallback:enosys"
 #: ``envelope exec`` loads the filter in its child and then execs the command: execve runs
 #: under the filter even when the command itself never execs.
@@ -91,14 +116,9 @@ BASELINE = {"exit": "ends a thread", "exit_group": "ends the process (all its th
             "rt_sigreturn": "returns from a signal handler", "restart_syscall": "resumes a call a "
             "signal interrupted"}
 EGRESS_MEDIATED_RULE = "egress-mediated"
-#: socket(domain, type, protocol) combinations left to the egress programs: TCP and UDP over IPv4
-#: and IPv6 (protocol 0 is the family's default for the type). SOCK_NONBLOCK/SOCK_CLOEXEC sit
-#: above the type bits, so the type is compared under SOCK_TYPE_MASK.
-SOCK_TYPE_MASK = 0xF
-EGRESS_SOCKETS = tuple((af, st, proto) for af in (2, 10)  # AF_INET, AF_INET6
-                       for st, protos in ((1, (0, 6)), (2, (0, 17)))  # SOCK_STREAM tcp, SOCK_DGRAM udp
-                       for proto in protos)
 EGRESS_DESTINATION_CALLS = ("connect", "sendmmsg", "sendmsg", "sendto")
+EGRESS_MEDIATED_REASON = ("TCP and UDP sockets over IPv4 and IPv6: every destination is judged and "
+                          "reported by the egress programs")
 #: Where a compiled profile is loaded (see :func:`profile_for`).
 TARGETS = ("workload", "exec")
 
@@ -178,6 +198,45 @@ class CompiledSeccomp:
         """Syscalls the profile allows, conditional ones (``allow-if``) included."""
         return tuple(sorted({e.syscall for e in self.report if e.action in ("allow", "allow-if")}))
 
+    def restricts_sockets(self) -> bool:
+        """Whether ``socket`` is allowed only for :data:`SOCKET_ALLOWED`."""
+        return any(e.rule == SOCKET_RULE for e in self.report)
+
+
+def socket_allowed(domain: int, type_: int, protocol: int) -> bool:
+    """Whether a restricted ``socket`` filter allows these arguments (pure; the same table as the
+    filter's rules and ``bpf/denials.c``)."""
+    for af, t, protos in SOCKET_ALLOWED:
+        if domain == af and (t is None or type_ & SOCK_TYPE_MASK == t) \
+                and (protos is None or protocol in protos):
+            return True
+    return False
+
+
+def restricts_sockets(policy, mode: str) -> bool:
+    """:data:`SOCKET_RULE` applies: the policy enforces or alerts on egress and does not admit
+    ``NET_RAW``."""
+    return (mode != "observe" and "egress" in getattr(policy, "substrates", ())
+            and "NET_RAW" not in (getattr(policy, "capabilities", ()) or ()))
+
+
+def _socket_rules(table=SOCKET_ALLOWED, rule: str = SOCKET_RULE) -> list[dict]:
+    """OCI rules allowing ``socket`` for ``table`` only (one rule per allowed combination:
+    libseccomp ANDs the conditions of a rule and ORs rules)."""
+    rules = []
+    for af, t, protos in table:
+        args = [{"index": 0, "value": af, "op": "SCMP_CMP_EQ"}]
+        if t is not None:
+            args.append({"index": 1, "value": SOCK_TYPE_MASK, "valueTwo": t,
+                         "op": "SCMP_CMP_MASKED_EQ"})
+        for proto in protos if protos is not None else (None,):
+            cond = list(args)
+            if proto is not None:
+                cond.append({"index": 2, "value": proto, "op": "SCMP_CMP_EQ"})
+            rules.append({"names": ["socket"], "action": "SCMP_ACT_ALLOW", "args": cond,
+                          "comment": rule})
+    return rules
+
 
 def policy_syscalls(policy) -> tuple[str, ...]:
     """The policy's allowed syscall names, validated and sorted."""
@@ -236,8 +295,8 @@ def compile_oci(policy, mode: str | None = None, *, runtime: str | None = None,
             extra_allow.setdefault(name, REVIEW_RULE)
     for name in BASELINE:
         extra_allow.setdefault(name, BASELINE_RULE)
-    if "egress" in getattr(policy, "substrates", ()):
-        conditional += egress_mediated()
+    egress = mode != "observe" and "egress" in getattr(policy, "substrates", ())
+    if egress:
         for name in EGRESS_DESTINATION_CALLS:
             extra_allow.setdefault(name, EGRESS_MEDIATED_RULE)
     own = tuple(n for n in policy_syscalls(policy) if n not in held)
@@ -274,6 +333,16 @@ def compile_oci(policy, mode: str | None = None, *, runtime: str | None = None,
                     name, f"errno:{COMPAT_ERRNO}", COMPAT_RULE,
                     f"libc falls back to {older} only on ENOSYS"))
 
+    sockets = "socket" in added and restricts_sockets(policy, mode)
+    if sockets:
+        report = [e for e in report if e.syscall != "socket"]
+        report.append(ReportEntry("socket", "allow", SOCKET_RULE, SOCKET_REASON))
+        own = tuple(n for n in own if n != "socket")
+        extra_groups = [(r, [n for n in names if n != "socket"]) for r, names in extra_groups]
+    mediated = egress and "socket" not in added
+    if mediated:
+        report.append(ReportEntry("socket", "allow-if", EGRESS_MEDIATED_RULE, EGRESS_MEDIATED_REASON))
+
     profile: dict = {"architectures": list(arches)}
     if mode == "observe":
         profile["defaultAction"] = "SCMP_ACT_ALLOW"
@@ -289,7 +358,12 @@ def compile_oci(policy, mode: str | None = None, *, runtime: str | None = None,
             rules.append({"names": list(own), "action": "SCMP_ACT_ALLOW",
                           "comment": f"{POLICY_RULE}:{policy.workload}"})
         for rule, names in extra_groups:
-            rules.append({"names": sorted(names), "action": "SCMP_ACT_ALLOW", "comment": rule})
+            if names:
+                rules.append({"names": sorted(names), "action": "SCMP_ACT_ALLOW", "comment": rule})
+        if sockets:
+            rules += _socket_rules()
+        if mediated:
+            rules += _socket_rules(INET_SOCKETS, EGRESS_MEDIATED_RULE)
         for c in sorted(conds, key=lambda c: (c.syscall, c.args)):
             rules.append({"names": [c.syscall], "action": "SCMP_ACT_ALLOW", "args": c.oci_args(),
                           "comment": c.rule})
@@ -353,17 +427,6 @@ def profile_for(policy, mode: str | None = None, *, target: str = "workload",
         rt = default_runtime(policy.workload.kind, policy.workload.namespace)
     return compile_oci(policy, mode, runtime=rt, arch=arch, extra_allow=extra, conditional=conditional,
                        withhold=withhold)
-
-
-def egress_mediated() -> list[Conditional]:
-    """``socket`` for TCP and UDP over IPv4 and IPv6, left to the egress programs."""
-    return [Conditional("socket", (condition(0, "SCMP_CMP_EQ", af),
-                                   condition(1, "SCMP_CMP_MASKED_EQ", SOCK_TYPE_MASK, st),
-                                   condition(2, "SCMP_CMP_EQ", proto)),
-                        EGRESS_MEDIATED_RULE,
-                        "TCP and UDP sockets over IPv4 and IPv6: every destination is judged and "
-                        "reported by the egress programs")
-            for af, st, proto in EGRESS_SOCKETS]
 
 
 def needs_exec(policy, launched: Iterable[str] = ()) -> bool:
@@ -435,6 +498,8 @@ def compile_spo(policy, mode: str | None = None, *, runtime: str | None = None,
             rule["args"] = [dict(a) for a in r["args"]]
         if "errnoRet" in r:
             rule["errnoRet"] = int(r["errnoRet"])
+        if r.get("args"):
+            rule["args"] = [dict(a) for a in r["args"]]
         rules.append(rule)
     if rules:
         spec["syscalls"] = rules

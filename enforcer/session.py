@@ -138,7 +138,8 @@ class EnforcementSession:
 
     def __init__(self, state_dir, *, pinned: bool = True, bpffs="/sys/fs/bpf",
                  limits: Limits = Limits(), clock: Callable[[], float] = time.time,
-                 denials: bool = False, backend: KernelBackend | None = None):
+                 denials: bool = False, backend: KernelBackend | None = None,
+                 verify_interval: float = 2.0):
         self.state_dir = Path(state_dir)
         self.pinned = pinned
         self.bpffs = Path(bpffs)
@@ -149,10 +150,13 @@ class EnforcementSession:
         self.want_denials = denials
         self._probe = None
         self._denial_cgroups: dict[int, str] = {}
+        self._denial_allowed: dict[int, frozenset[str]] = {}  # cgroup -> its profile's syscalls
         self._reader = None
         self._reader_fds: set[int] = set()
         self._pending: list = []
         self.decode_errors = 0
+        self.verify_interval = verify_interval  # seconds between integrity checks of pinned state
+        self._next_verify = 0.0
         #: cgroup id -> session id, for naming the session of each violation (set by the caller)
         self.session_of: Callable[[int], str | None] | None = None
         # seccomp denials counted in the kernel: key -> the first sighting's violation, the
@@ -294,6 +298,10 @@ class EnforcementSession:
         vanished cgroups. Returns the workloads that changed."""
         from .state import read_state
         changed = []
+        now = time.monotonic()
+        verify = now >= self._next_verify
+        if verify:
+            self._next_verify = now + self.verify_interval
         for key, cur in list(self.enforced.items()):
             excs = self._exceptions(cur.workload)
             sig = self._sig(excs)
@@ -321,7 +329,37 @@ class EnforcementSession:
             if cur.program is not None:
                 for gone in cur.program.prune_cgroups():
                     cur.cgroups.discard(gone)
+                if verify and self._repair(cur, excs):
+                    changed.append(key)
         return changed
+
+    def _repair(self, cur: Enforced, excs) -> bool:
+        """Tampering with the pinned state (mode word, rules, attachments) is repaired at once,
+        audited and reported as an ``integrity`` violation."""
+        from .violations import Violation
+        rules = effective_rules(cur.policy, excs)
+        emode = egress_mode(cur.policy, cur.mode)
+        problems = cur.program.verify(rules, emode, policy_hash(cur.policy))
+        detached = [p for p in sorted(cur.cgroups) if Path(p).is_dir() and not cur.program.attached(p)]
+        if detached:
+            problems.append(f"programs detached from {len(detached)} cgroups")
+        if not problems:
+            return False
+        with locked(self.state_dir):
+            cur.program.write_policy(rules, emode, policy_hash(cur.policy), grace=0.01)
+        for p in detached:
+            try:
+                cur.program.attach(p)
+            except EgressError as e:
+                problems.append(f"re-attach {p} failed: {e}")
+        key = cur.workload.key
+        log.error("enforcement state was changed; repaired", workload=key, problems=problems)
+        if self.pinned:
+            audit.append(self.state_dir, "policy.tamper", workload=key, reason="repaired",
+                         details={"problems": problems})
+        self._pending.append(Violation(self.clock(), key, "integrity", "egress:pinned-state", "alerted",
+                                       {"problems": problems, "repaired": True}))
+        return True
 
     def adopt_pinned(self) -> list[str]:
         """Adopt every pinned set (after a restart), pairing it with its desired state.
@@ -419,14 +457,17 @@ class EnforcementSession:
             cid = _cgroup_id(p)
             if cid is None:
                 continue
-            self._probe.watch(cid, cur.mode, DENY_ERRNO, compiled.allowed())
+            allowed = frozenset(compiled.allowed())
+            self._probe.watch(cid, cur.mode, DENY_ERRNO, allowed)
             self._denial_cgroups[cid] = w.key
+            self._denial_allowed[cid] = allowed
 
     def _unwatch_denials(self, key: str) -> None:
         for cid in [c for c, k in self._denial_cgroups.items() if k == key]:
             if self._probe is not None:
                 self._probe.unwatch(cid)
             del self._denial_cgroups[cid]
+            self._denial_allowed.pop(cid, None)
         # drain what these cgroups still have counted before their keys are dropped
         self._pending += self._denial_deltas(force=True)
 
@@ -455,9 +496,9 @@ class EnforcementSession:
         return self._reader
 
     def _on_record(self, raw: bytes, workload_of) -> None:
-        from sensor.events import DecodeError, SeccompDenialEvent, decode
+        from sensor.events import DecodeError, IoUringOpEvent, SeccompDenialEvent, decode
         from .denials import denial_key
-        from .violations import from_egress_event, from_seccomp_event
+        from .violations import from_egress_event, from_io_uring_event, from_seccomp_event
         ev = decode(raw)
         if isinstance(ev, DecodeError):
             self.decode_errors += 1
@@ -476,6 +517,11 @@ class EnforcementSession:
                     self._denial_context[key] = v
                 return
             self._pending.append(v)
+        elif isinstance(ev, IoUringOpEvent):
+            v = from_io_uring_event(ev, workload, self.clock(), self._denial_allowed.get(cid, frozenset()),
+                                    session)
+            if v is not None:
+                self._pending.append(v)
         elif hasattr(ev, "op") and hasattr(ev, "action"):
             self._pending.append(from_egress_event(ev, workload, self.clock(), session))
 

@@ -7,8 +7,10 @@ A :class:`Violation` is one out-of-envelope behaviour of one workload::
      "detail": {"pid": 4242, "comm": "python3", "session": "exec-901-1", "cgroup_id": 8123}}
 
 ``substrate`` is ``syscall``, ``egress`` or ``exec`` for what the kernel denied or alerted on,
-``watch`` for a behaviour on the policy's watch list that recurred, and ``detection`` for a
-probabilistic rule whose live per-session count left its band (a soft violation). ``action`` is
+``mcp`` for what the MCP gateway refused or alerted on (:mod:`enforcer.mcp_controls`), ``watch``
+for a behaviour on the policy's watch list that recurred, ``detection`` for a probabilistic rule
+whose live per-session count left its band (a soft violation), and ``integrity`` for enforcement
+state someone changed behind Envelope's back (repaired at once). ``action`` is
 ``denied`` (the kernel refused it) or ``alerted`` (it ran and was reported). ``count`` > 1 folds
 identical records (same workload, substrate, behaviour, action and detail) seen within one
 flush. Every violation names its process (``pid``, and ``comm`` where the kernel reported it)
@@ -30,14 +32,15 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Collection, Iterable
 
 from sensor.state_dir import StateDir
-from sensor.events import DecodeError, EgressViolationEvent, SeccompDenialEvent, decode
+from sensor.events import (DecodeError, EgressViolationEvent, IoUringOpEvent, SeccompDenialEvent,
+                           decode)
 from sensor.workload import SUBSTRATES as BEHAVIOUR_SUBSTRATES
-from sensor.workload import substrate_of
+from sensor.workload import substrate_of, syscall_key
 
-SUBSTRATES = (*BEHAVIOUR_SUBSTRATES, "watch", "detection")
+SUBSTRATES = (*BEHAVIOUR_SUBSTRATES, "watch", "detection", "integrity")
 ACTIONS = ("denied", "alerted")
 
 
@@ -251,12 +254,26 @@ def from_seccomp_event(ev: SeccompDenialEvent, workload: str, now: float,
     return Violation(now, workload, "syscall", ev.behaviour_key(), action, detail)
 
 
+def from_io_uring_event(ev: IoUringOpEvent, workload: str, now: float,
+                        allowed: Collection[str], session: str | None = None) -> Violation | None:
+    """An io_uring operation whose syscall the cgroup's profile does not allow. The ring runs it
+    without the syscall, so seccomp cannot stop it: the report is ``alerted``, never ``denied``,
+    and names the syscall so an exception or a rebaseline for it covers the operation too."""
+    if ev.syscall is None or ev.syscall in allowed:
+        return None
+    detail = _process(ev.pid, "", session, ev.cgroup_id)
+    detail.update({"via": "io_uring", "op": ev.op, "opcode": ev.opcode, "sq_thread": ev.sq_thread})
+    return Violation(now, workload, "syscall", syscall_key(ev.syscall), "alerted", detail)
+
+
 def from_record(raw: bytes, workload_of: Callable[[int], str | None], now: float,
+                allowed_of: Callable[[int], Collection[str]] = lambda _cid: (),
                 session_of: Callable[[int], str | None] | None = None
                 ) -> Violation | DecodeError | None:
     """One ring-buffer record to a violation. A record that does not decode comes back as the
     :class:`sensor.events.DecodeError` (to be counted); one whose cgroup has no known workload
-    is attributed to ``unknown``; other event types give ``None``."""
+    is attributed to ``unknown``; other event types give ``None``. ``allowed_of`` gives the
+    syscalls a cgroup's profile allows (io_uring operations are judged against it)."""
     ev = decode(raw)
     if isinstance(ev, DecodeError):
         return ev
@@ -265,6 +282,9 @@ def from_record(raw: bytes, workload_of: Callable[[int], str | None], now: float
         return from_egress_event(ev, workload_of(ev.cgroup_id) or "unknown", now, session)
     if isinstance(ev, SeccompDenialEvent):
         return from_seccomp_event(ev, workload_of(ev.cgroup_id) or "unknown", now, session)
+    if isinstance(ev, IoUringOpEvent):
+        return from_io_uring_event(ev, workload_of(ev.cgroup_id) or "unknown", now,
+                                   allowed_of(ev.cgroup_id), session)
     return None
 
 

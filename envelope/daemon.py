@@ -255,6 +255,10 @@ class Daemon:
     def shutdown(self) -> None:
         if self.observer:
             try:
+                # what the loop saw last: pending events and counters, and the sessions of
+                # cgroups that are gone by now (closed, not left open until a restart)
+                self.observer.finish(rounds=1)
+                self.observer.collect_gone()
                 self.flush()
                 log.info("profiles flushed on shutdown", profiles=len(self.observer.agg.profiles))
             except Exception as e:  # noqa: BLE001 - still close the probes

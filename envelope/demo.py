@@ -1,10 +1,13 @@
 """``make demo``: Envelope's main job, end to end, on the built-in demo agent.
 
-1. record several sessions of the agent doing varied tasks (real BPF, real cgroups);
+1. record several sessions of the agent doing varied tasks (real BPF, real cgroups), its MCP
+   tool calls (mcp-server-git on a repository the demo makes) through ``envelope mcp wrap``;
 2. show the profile;
-3. derive a policy through the four decisions, and explain it;
-4. enforce it: a legitimate variation passes, a malicious one has its out-of-envelope connect
-   and syscall denied, and both denials are reported as violations;
+3. derive a policy through the four decisions, MCP included, and explain it;
+4. enforce it (the kernel side with ``envelope exec``, the MCP gateway by the workload's mode):
+   a legitimate variation passes, a malicious one has its out-of-envelope connect and syscall
+   denied and its MCP call on another repository refused in-band, and every denial is reported
+   as a violation;
 5. verify the audit log.
 
 Every step is a real ``envelope`` command, printed before it runs. The local services the agent
@@ -13,6 +16,7 @@ talks to (model API, tool API, resolver, and an "exfiltration" listener) run on 
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -28,6 +32,7 @@ AGENT = Path(demo_agent.__file__).resolve()
 PYTHON = "/usr/bin/python3"
 WORKLOAD = "demo-agent"
 SESSIONS = 6
+SUBSTRATES = "syscall,egress,exec,mcp"
 
 
 class DemoServices:
@@ -93,10 +98,41 @@ class DemoServices:
             s.close()
 
 
+def make_repo(path: Path, files: dict[str, str]) -> Path:
+    """A git repository with one commit per file (what the agent's git tools work on)."""
+    env = dict(os.environ, GIT_AUTHOR_NAME="demo", GIT_AUTHOR_EMAIL="demo@example.com",
+               GIT_COMMITTER_NAME="demo", GIT_COMMITTER_EMAIL="demo@example.com")
+    path.mkdir(parents=True)
+    subprocess.run(["git", "-C", str(path), "init", "-q", "-b", "main"], check=True, env=env)
+    for name, text in files.items():
+        (path / name).write_text(text)
+        subprocess.run(["git", "-C", str(path), "add", name], check=True, env=env)
+        subprocess.run(["git", "-C", str(path), "commit", "-q", "-m", f"add {name}"], check=True, env=env)
+    return path
+
+
 class Demo:
     def __init__(self, state_dir: Path):
         self.state = state_dir
         self.envelope = [sys.executable, "-m", "envelope.cli", "--state-dir", str(state_dir)]
+        self.repo = make_repo(state_dir / "research-notes", {"README.md": "research notes\n",
+                                                             "findings.md": "finding 1\n", "plan.md": "next\n"})
+        self.other_repo = make_repo(state_dir / "private-keys", {"keys.txt": "not for the agent\n"})
+
+    def mcp_config(self, policy: Path | None = None) -> Path:
+        """The agent's MCP client configuration: mcp-server-git behind ``envelope mcp wrap``, the
+        way a client is configured to use the gateway."""
+        args = [*self.envelope[1:], "mcp", "wrap", "--workload", WORKLOAD]
+        args += ["--policy", str(policy)] if policy else []
+        args += ["--", sys.executable, "-m", "mcp_server_git"]
+        path = self.state / ("mcp-enforced.json" if policy else "mcp.json")
+        path.write_text(json.dumps({"mcpServers": {"git": {"command": sys.executable, "args": args}}}, indent=2) + "\n")
+        return path
+
+    def agent(self, task: int, config: Path, malicious: bool = False) -> list[str]:
+        argv = [PYTHON, str(AGENT), "--task", str(task), "--mcp-config", str(config), "--repo", str(self.repo),
+                "--mcp-log", str(self.state / "mcp-gateway.log")]
+        return argv + (["--malicious", "--other-repo", str(self.other_repo)] if malicious else [])
 
     def run(self, *args: str, check: bool = True, expect: int | None = None) -> int:
         shown = " ".join(shlex.quote(a) for a in args)
@@ -127,29 +163,37 @@ def main() -> int:
         d.run("doctor")
 
         d.banner(f"1. observe: record {SESSIONS} sessions of the demo agent doing varied tasks")
+        config = d.mcp_config()
+        print(f"The agent's MCP tools (mcp-server-git on {d.repo}) run behind `envelope mcp wrap`, which records\n"
+              f"every tool call and its arguments into the same workload's profile. Its MCP client configuration,\n"
+              f"{config}:\n{config.read_text()}")
         for task in range(SESSIONS):
             d.run("record", "--workload", WORKLOAD, "--fingerprint", "model=demo-model-v1",
-                  "--fingerprint", "prompt_template=sha256:5e1f0c", "--", PYTHON, str(AGENT),
-                  "--task", str(task))
+                  "--fingerprint", "prompt_template=sha256:5e1f0c", "--", *d.agent(task, config))
 
         d.banner("2. aggregate: the workload's frequency profile")
         d.run("profile", "show", WORKLOAD)
 
         d.banner("3. derive: granularity, closure, confidence, validity")
         print("The demo's observation window is seconds long, so coverage-stop refuses first:")
-        d.run("derive", WORKLOAD, "--out", str(policy), check=False)
+        d.run("derive", WORKLOAD, "--substrates", SUBSTRATES, "--out", str(policy), check=False)
         print("\nForcing it records the policy as low-confidence (alert mode by default):")
-        d.run("derive", WORKLOAD, "--force", "--out", str(policy))
+        d.run("derive", WORKLOAD, "--substrates", SUBSTRATES, "--force", "--out", str(policy))
         d.run("explain", str(policy))
 
         d.banner("4. enforce: a legitimate variation of the agent's work passes")
-        d.run("exec", "--policy", str(policy), "--mode", "enforce", "--",
-              PYTHON, str(AGENT), "--task", str(SESSIONS + 1), expect=0)
+        enforced = d.mcp_config(policy)
+        print(f"The agent's MCP server now runs behind the gateway with the policy ({enforced}). The gateway\n"
+              "starts in the workload's mode, set here, and follows it while it runs; it lists only the allowed tools.")
+        d.run("mode", WORKLOAD, "enforce", "--reason", "demo: policy reviewed")
+        d.run("exec", "--policy", str(policy), "--mode", "enforce", "--", *d.agent(SESSIONS + 1, enforced), expect=0)
 
         d.banner("5. enforce: a prompt-injected variation is denied and reported")
-        d.run("exec", "--policy", str(policy), "--mode", "enforce", "--",
-              PYTHON, str(AGENT), "--task", "2", "--malicious", check=False)
-        d.run("violations", "--workload", WORKLOAD)
+        print("It reads a repository it was never asked to read (refused in-band by the MCP gateway), connects\n"
+              "outside its egress envelope and calls ptrace (both denied by the kernel):")
+        d.run("exec", "--policy", str(policy), "--mode", "enforce", "--", *d.agent(2, enforced, malicious=True),
+              check=False)
+        d.run("violations", "--workload", WORKLOAD, expect=1)  # exit 1: there are findings
 
         d.banner("6. every override and apply is in the tamper-evident audit log")
         d.run("audit", "show")

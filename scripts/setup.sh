@@ -22,9 +22,11 @@ APT_PACKAGES=(
   golang-github-containers-common iproute2 make gcc libc6-dev
   ruby  # parses the Vagrantfile in tests
   jq    # landlockconfig's formatting check in tests
+  git   # mcp-server-git (the demo agent's MCP tools, the gateway tests) runs git
+  chromium  # renders envelope report pages in tests (headless)
   # real programs the privileged suite records and confines (tests/privileged/real_programs.py);
-  # git, sqlite3, busybox (busybox-static) and python3-pip are listed above or come with them
-  nginx-light redis-server git sqlite3
+  # git is above, sqlite3 and busybox (busybox-static) and python3-pip too
+  nginx-light redis-server sqlite3
 )
 
 missing=()
@@ -62,7 +64,7 @@ fi
 stamp=.venv/.installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   log "installing Python dependencies"
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[test,iam]'
   touch "$stamp"
 fi
 .venv/bin/python -c 'import bcc, seccomp' 2>/dev/null || die "bcc or seccomp not importable from .venv"

@@ -65,6 +65,7 @@ class Aggregator:
         self.profiles: dict[Workload, Profile] = {}
         self.totals: dict[Workload, Rates] = {}
         self.dirty: set[Workload] = set()
+        self.dropped: set[Workload] = set()  # emptied by a rebind: removed from the store at flush
         self._last_counts: dict[int, dict[int, int]] = {}
         self._last_key_counts: dict[int, dict[str, int]] = {}
         self._first_seen_at: dict[tuple[int, int], float] = {}
@@ -101,6 +102,42 @@ class Aggregator:
             contrib.add_fingerprint(k, str(v), now)
         self.totals.setdefault(workload, Rates())
         self.dirty.add(workload)
+
+    def rebind(self, cgroup_id: int, workload: Workload, session: str, meta: dict | None = None,
+               fingerprints: dict | None = None) -> bool:
+        """The cgroup's identity became known (or changed): what was counted for its session
+        moves to the session of ``workload``, nothing lost or counted twice, and what it does from
+        now on goes there. A profile that is left empty is dropped. Returns whether anything
+        moved."""
+        b = self.bindings.get(cgroup_id)
+        if b is None:
+            self.bind(cgroup_id, workload, session, meta=meta, fingerprints=fingerprints)
+            return False
+        if b.workload == workload and b.session == session:
+            return False
+        members = self._session_cgroups.get((b.workload, b.session), set())
+        old = self._contribution(b.workload)
+        new = self._contribution(workload)
+        moved = False
+        if members == {cgroup_id}:
+            moved = old.move_session(b.session, new, session)
+            self._session_cgroups.pop((b.workload, b.session), None)
+        else:
+            members.discard(cgroup_id)
+        self.bindings[cgroup_id] = Binding(workload, session)
+        self._session_cgroups.setdefault((workload, session), set()).add(cgroup_id)
+        now = self.clock()
+        new.open_session(session, now, meta)
+        for k, v in (fingerprints or {}).items():
+            new.add_fingerprint(k, str(v), now)
+        self.totals.setdefault(workload, Rates())
+        self.dirty.update((workload, b.workload))
+        if old.empty and all(c.empty for c in self.profile(b.workload).nodes.values()):
+            self.profiles.pop(b.workload, None)
+            self.dirty.discard(b.workload)
+            self.totals.pop(b.workload, None)
+            self.dropped.add(b.workload)
+        return moved
 
     def unbind(self, cgroup_id: int, end: float | None = None, meta: dict | None = None) -> None:
         """The cgroup is gone; close its session when it was the session's last cgroup."""
@@ -244,14 +281,20 @@ class Aggregator:
     # ---- persistence -----------------------------------------------------------------------
 
     def flush(self) -> list[Workload]:
-        """Write every profile that changed since the last flush."""
+        """Write this node's contribution of every profile that changed since the last flush
+        (other writers' contributions in the store are kept), and remove this node's contribution
+        of the ones a rebind emptied."""
         written = []
         now = self.clock()
         for w in sorted(self.dirty):
             p = self.profiles[w]
             p.node(self.node).touch(now)
             if self.store:
-                self.store.save(p)
+                self.store.save_contribution(p, self.node)
             written.append(w)
         self.dirty.clear()
+        for w in sorted(self.dropped):
+            if self.store and w not in self.profiles:
+                self.store.remove_contribution(w, self.node)
+        self.dropped.clear()
         return written

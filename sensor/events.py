@@ -31,7 +31,8 @@ EV_NET = 4
 EV_SYSCALL_FIRST = 5
 EV_EGRESS_VIOLATION = 6
 EV_SECCOMP_DENIAL = 7
-EV_TYPE_MAX = 8
+EV_IO_URING_OP = 40
+EV_TYPE_MAX = 41
 
 TYPE_NAMES = {
     EV_EXEC: "exec",
@@ -41,9 +42,10 @@ TYPE_NAMES = {
     EV_SYSCALL_FIRST: "syscall_first",
     EV_EGRESS_VIOLATION: "egress_violation",
     EV_SECCOMP_DENIAL: "seccomp_denial",
+    EV_IO_URING_OP: "io_uring_op",
 }
 
-# Loss counter indexes (LOSS_* in bpf/events.h); 1..EV_TYPE_MAX-1 are reserve failures by type.
+# Loss counter indexes (LOSS_* in bpf/events.h); 1..7 are reserve failures of the sensor's types.
 LOSS_SYSCALL_UNATTRIBUTED = 8
 LOSS_CGROUP_REMOVED_DROPPED = 9
 LOSS_SLOTS = 16
@@ -59,6 +61,7 @@ EXEC_F_ARGV_TRUNCATED = 0x1
 EXEC_F_NO_ARGV = 0x2
 EXEC_F_PPID_UNKNOWN = 0x4
 EXIT_F_CODE_KNOWN = 0x1
+IO_URING_OP_NAME_LEN = 24
 NET_OP_CONNECT = 0
 NET_OP_SENDMSG = 1
 NET_F_RET_KNOWN = 0x1
@@ -264,9 +267,30 @@ class SeccompDenialRecord(Mirror):
                      ("sock_type", "I"), ("addr", "16s"), ("context", "I"), ("protocol", "I"))
 
 
+class IoUringOpRecord(Mirror):
+    """EV_IO_URING_OP, from io_uring:io_uring_submit_req in an enforced cgroup.
+
+    struct io_uring_op_event {
+        struct event_hdr hdr;           /*  0 */
+        __u64 cgroup_id;                /* 16 */
+        __u32 pid;                      /* 24 */
+        __u8 opcode;                    /* 28 IORING_OP_* */
+        __u8 sq_thread;                 /* 29 submitted by the SQPOLL thread */
+        __u16 pad;                      /* 30 */
+        char op[IO_URING_OP_NAME_LEN];  /* 32 the kernel's name of the opcode, e.g. CONNECT */
+    };
+    """
+
+    c_name = "io_uring_op_event"
+    type = EV_IO_URING_OP
+    version = 1
+    fields = _HDR + (("cgroup_id", "Q"), ("pid", "I"), ("opcode", "B"), ("sq_thread", "B"),
+                     ("pad", "H"), ("op", f"{IO_URING_OP_NAME_LEN}s"))
+
+
 RECORDS: dict[int, type[Mirror]] = {
     r.type: r for r in (ExecRecord, ForkRecord, ExitRecord, NetRecord, SyscallFirstRecord,
-                        EgressViolationRecord, SeccompDenialRecord)
+                        EgressViolationRecord, SeccompDenialRecord, IoUringOpRecord)
 }
 
 
@@ -414,8 +438,22 @@ class SeccompDenialEvent(_Event):
         return syscall_key(self.name)
 
 
+@dataclass(slots=True)
+class IoUringOpEvent(_Event):
+    """An enforced cgroup submitted io_uring operation ``op`` for the first time."""
+
+    ktime: int
+    cgroup_id: int
+    pid: int
+    opcode: int
+    op: str  # the kernel's name, e.g. CONNECT
+    sq_thread: bool
+    syscall: str | None  # the syscall the operation does the work of, when it has one
+    type_name: ClassVar[str] = "io_uring_op"
+
+
 Event = Union[ExecEvent, ForkEvent, ExitEvent, NetEvent, SyscallFirstEvent,
-              EgressViolationEvent, SeccompDenialEvent]
+              EgressViolationEvent, SeccompDenialEvent, IoUringOpEvent]
 
 
 @dataclass(frozen=True, slots=True)
@@ -509,9 +547,17 @@ def _seccomp(r: dict) -> Event:
                               socket=socket)
 
 
+def _io_uring_op(r: dict) -> Event:
+    op = _cstr(r["op"])
+    return IoUringOpEvent(ktime=r["ktime"], cgroup_id=r["cgroup_id"], pid=r["pid"],
+                          opcode=r["opcode"], op=op, sq_thread=bool(r["sq_thread"]),
+                          syscall=syscalls.io_uring_equivalent(op))
+
+
 _BUILD = {
     EV_EXEC: _exec, EV_FORK: _fork, EV_EXIT: _exit, EV_NET: _net,
     EV_SYSCALL_FIRST: _syscall_first, EV_EGRESS_VIOLATION: _egress, EV_SECCOMP_DENIAL: _seccomp,
+    EV_IO_URING_OP: _io_uring_op,
 }
 _HDR_STRUCT = struct.Struct("<HHIQ")
 

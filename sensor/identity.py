@@ -11,8 +11,10 @@ A cgroup that is not a container maps to a host workload ``("host", "Unit", <sys
 cgroup path>, "main")``.
 
 Each cgroup id is resolved the first time it is seen and the facts are cached: short-lived
-containers, and their runtime state, vanish soon after. A cached identity that did not come
-from the API is upgraded once the API learns about its pod.
+containers, and their runtime state, vanish soon after. An identity that is not complete yet
+(a container whose runtime state was not written when the cgroup was first seen, or one the API
+has not described yet) is looked up again by :meth:`Resolver.refresh` until it is complete or the
+cgroup is gone; what is missing is kept as the entry's reason (:meth:`Resolver.why`).
 
 All host paths are joined under ``host_root`` (the daemon may run in a pod with the host's
 ``/`` at ``/host``) with symlinks resolved inside that root.
@@ -312,11 +314,33 @@ def build_identity(cgroup_id: int, path: str | None, ref: ContainerRef | None,
                     None, None, None, ref.pod_uid, "cgroup")
 
 
+#: Identity sources that may still improve: a container known only by its cgroup path, or a
+#: cgroup that was gone before it could be read.
+INCOMPLETE_SOURCES = ("cgroup", "unresolved")
+
+
+def is_complete(ident: Identity) -> bool:
+    return ident.source not in INCOMPLETE_SOURCES
+
+
 @dataclass
 class _Entry:
     identity: Identity
     cri: CriInfo | None
     kube_generation: int = -1
+    why: str = ""  # what an incomplete identity lacks
+
+
+def _why(ident: Identity, kube_configured: bool) -> str:
+    if ident.source == "unresolved":
+        return "cgroup gone before it could be read"
+    if ident.source == "cgroup":
+        return (f"no runtime state for container {ident.container.container_id[:12]} "
+                f"(runc, containerd, CRI-O and docker state searched)"
+                + ("; the API does not know its pod" if kube_configured else ""))
+    if ident.source == "oci" and kube_configured:
+        return "named from OCI annotations; the API has not described its pod yet"
+    return ""
 
 
 class Resolver:
@@ -390,7 +414,45 @@ class Resolver:
             self.stats["unresolved"] += 1
         log.debug("cgroup resolved", cgroup_id=cgroup_id, path=path, workload=ident.workload.key,
                   source=ident.source)
-        return _Entry(ident, cri, gen)
+        return _Entry(ident, cri, gen, _why(ident, self.kube is not None))
+
+    def why(self, cgroup_id: int) -> str:
+        """What the cached identity of ``cgroup_id`` still lacks ("" when complete)."""
+        with self._lock:
+            e = self._cache.get(cgroup_id)
+            return e.why if e else ""
+
+    def refresh(self, cgroup_id: int) -> Identity | None:
+        """Look again for what a cached identity lacks: the runtime's state, which may have been
+        written since the cgroup was first seen, and the API's answer. Returns the new identity
+        when it changed, else None. Never raises for a cgroup that has vanished."""
+        with self._lock:
+            e = self._cache.get(cgroup_id)
+        if e is None:
+            return None
+        ident = e.identity
+        if ident.container is None:
+            return None
+        before = (ident.workload, ident.source)
+        if ident.source == "cgroup":
+            found = self.runtime.annotations(ident.container.container_id)
+            if found is not None:
+                cri = cri_from_annotations(found[0])
+                ref = ident.container
+                if not ref.runtime:
+                    ref = dataclasses.replace(ref, runtime=runtime_of_state(found[1]))
+                kube_ident, e.kube_generation = self._kube_identity(ref)
+                e.cri = cri
+                e.identity = build_identity(cgroup_id, ident.cgroup_path, ref, cri, kube_ident)
+        if e.identity.source != "kube":
+            self._maybe_upgrade(e)
+        e.why = _why(e.identity, self.kube is not None)
+        if (e.identity.workload, e.identity.source) == before:
+            return None
+        self.stats["refreshed"] = self.stats.get("refreshed", 0) + 1
+        log.info("cgroup identity completed", cgroup_id=cgroup_id, workload=e.identity.workload.key,
+                 source=e.identity.source, was=before[0].key)
+        return e.identity
 
     def _kube_identity(self, ref: ContainerRef | None):
         if self.kube is None or ref is None:

@@ -26,9 +26,15 @@ whose names look like credentials are replaced by ``<redacted>``.
 :class:`ArgumentEvidence` summarises argument values per behaviour key: per path, each distinct
 token's count, distinct sessions, first/last seen (a :class:`sensor.profile.BehaviourStats`), up
 to :data:`VALUE_CAP` tokens per path; past the cap only the count, sessions, the longest string and
-the numeric range are kept, and the path is marked as overflowing. Sessions are counted exactly:
-while a session is open the summary remembers which tokens it has seen. Summaries merge like
-profiles: counts and sessions add up, session samples union, first/last take min/max.
+the numeric range are kept, and the path is marked as overflowing. At most :data:`MAX_PATHS`
+argument paths are kept per behaviour; paths past that are counted (``paths_over``), not kept.
+Sessions are counted exactly: while a session is open the summary remembers which tokens it has
+seen. Summaries merge like profiles: counts and sessions add up, session samples union,
+first/last take min/max, and the bounds hold after a merge.
+
+The summary lives in the workload's profile: each node contribution that recorded MCP
+behaviours carries one (``NodeContribution.arguments``), and ``Profile.arguments()`` merges them
+across contributions with node-qualified session ids, as ``Profile.behaviours()`` does.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ MAX_VALUE = 512  # longer strings are recorded by length only
 MAX_LEAVES = 64  # argument leaves kept per call
 MAX_DEPTH = 8
 VALUE_CAP = 64  # distinct tokens kept per argument path
+MAX_PATHS = 128  # argument paths kept per behaviour key
 REDACTED = "<redacted>"
 
 _KEY_UNSAFE = re.compile(r"[\s%#\x00-\x1f\x7f]")
@@ -233,6 +240,13 @@ def _observe(stats: BehaviourStats, session: str, ts: float, new_session: bool) 
             stats.session_ids.append(sys.intern(session))
 
 
+def _relabelled(st: BehaviourStats | None, prefix: str) -> BehaviourStats | None:
+    if st is None:
+        return None
+    return BehaviourStats(st.count, st.sessions, st.first_seen, st.last_seen, st.session_sum, st.session_sumsq,
+                          [f"{prefix}{i}" for i in st.session_ids])
+
+
 def _pack_stats(st: BehaviourStats) -> list:
     """Packed stats with the session sample sorted: the same evidence packs to the same bytes
     whether it was gathered in one run or merged from several."""
@@ -278,6 +292,11 @@ class PathEvidence:
         return PathEvidence(kept, overflow, calls, max(self.max_length, other.max_length),
                             min(mins) if mins else None, max(maxs) if maxs else None)
 
+    def relabelled(self, prefix: str) -> "PathEvidence":
+        return PathEvidence({k: _relabelled(v, prefix) for k, v in self.values.items()},
+                            _relabelled(self.overflow, prefix), _relabelled(self.calls, prefix),
+                            self.max_length, self.num_min, self.num_max)
+
     def pack(self) -> dict:
         return {"values": {k: _pack_stats(v) for k, v in sorted(self.values.items())},
                 "overflow": _pack_stats(self.overflow) if self.overflow else None,
@@ -299,21 +318,35 @@ class CallEvidence:
     calls: BehaviourStats
     paths: dict[str, PathEvidence] = field(default_factory=dict)
     cut: int = 0  # calls whose argument evidence was cut at MAX_LEAVES / MAX_DEPTH
+    paths_over: int = 0  # argument paths past MAX_PATHS: seen, not kept
 
     def merged(self, other: "CallEvidence") -> "CallEvidence":
         paths = dict(self.paths)
         for p, e in other.paths.items():
             paths[p] = e if p not in paths else paths[p].merged(e)
-        return CallEvidence(self.calls.merged(other.calls), paths, self.cut + other.cut)
+        over = self.paths_over + other.paths_over
+        if len(paths) > MAX_PATHS:
+            kept = sorted(paths)[:MAX_PATHS]
+            over += len(paths) - MAX_PATHS
+            paths = {p: paths[p] for p in kept}
+        return CallEvidence(self.calls.merged(other.calls), paths, self.cut + other.cut, over)
+
+    def relabelled(self, prefix: str) -> "CallEvidence":
+        return CallEvidence(_relabelled(self.calls, prefix), {p: e.relabelled(prefix) for p, e in self.paths.items()},
+                            self.cut, self.paths_over)
 
     def pack(self) -> dict:
-        return {"calls": _pack_stats(self.calls), "paths": {p: e.pack() for p, e in sorted(self.paths.items())},
-                "cut": self.cut}
+        d = {"calls": _pack_stats(self.calls), "paths": {p: e.pack() for p, e in sorted(self.paths.items())},
+             "cut": self.cut}
+        if self.paths_over:
+            d["pathsOver"] = self.paths_over
+        return d
 
     @classmethod
     def unpack(cls, d: dict) -> "CallEvidence":
         return cls(BehaviourStats.unpack(d["calls"]),
-                   {str(p): PathEvidence.unpack(e) for p, e in d["paths"].items()}, int(d.get("cut", 0)))
+                   {str(p): PathEvidence.unpack(e) for p, e in d["paths"].items()}, int(d.get("cut", 0)),
+                   int(d.get("pathsOver", 0)))
 
 
 @dataclass
@@ -336,6 +369,11 @@ class ArgumentEvidence:
         ev.cut += 1 if cut else 0
         for path, toks in sorted((arguments or {}).items()):
             pe = ev.paths.get(path)
+            if pe is None and len(ev.paths) >= MAX_PATHS:
+                if (key, path, "over") not in seen:
+                    ev.paths_over += 1
+                    seen.add((key, path, "over"))
+                continue
             if pe is None:
                 pe = ev.paths[path] = PathEvidence()
             if pe.calls is None:
@@ -387,6 +425,18 @@ class ArgumentEvidence:
             else:
                 cats[fp] = dict(c)
         return ArgumentEvidence(calls, cats)
+
+    def relabelled(self, prefix: str) -> "ArgumentEvidence":
+        """A copy whose session ids carry ``prefix`` (a merged view's ``<node>/``)."""
+        return ArgumentEvidence({k: e.relabelled(prefix) for k, e in self.calls.items()},
+                                {k: dict(v) for k, v in self.catalogs.items()})
+
+    def only(self, keys) -> "ArgumentEvidence":
+        """The evidence of the behaviour keys in ``keys`` (and every catalog)."""
+        return ArgumentEvidence({k: e for k, e in self.calls.items() if k in keys}, self.catalogs)
+
+    def __bool__(self) -> bool:
+        return bool(self.calls or self.catalogs)
 
     def pack(self) -> dict:
         return {"calls": {k: e.pack() for k, e in sorted(self.calls.items())},

@@ -1,111 +1,115 @@
-"""Where the MCP gateway's observations go: argument evidence, and the workload's profile.
+"""Where the MCP gateway's observations go: the workload's profile.
 
 The gateway calls a sink with ``open_session``, ``observe(session, key, evidence, ts)``,
 ``catalog(session, fingerprint, tools, ts)``, ``close_session`` and ``flush``
 (:class:`enforcer.mcp_gateway.McpSink`).
 
-- :class:`EvidenceSink` folds them into :class:`sensor.mcp_evidence.ArgumentEvidence`: per
-  behaviour key, the calls and their argument values, and the tool catalogs seen.
-- :class:`ProfileSink` does that and records each behaviour in the workload's profile through
-  the :class:`sensor.aggregate.Aggregator`, with the usual counts, distinct sessions and
-  first/last seen, and each catalog fingerprint as the profile's ``tool_catalog`` fingerprint. A
-  gateway session is bound like a cgroup, under a negative binding id (cgroup ids are positive),
-  so one aggregator can serve the kernel sensor and gateways at once.
+:class:`ProfileSink` records each MCP behaviour in the workload's profile with the usual counts,
+distinct sessions and first/last seen, each complete tool listing's catalog fingerprint as the
+profile's ``tool_catalog`` fingerprint, and the calls' argument values as the contribution's
+argument evidence (:class:`sensor.mcp_evidence.ArgumentEvidence`). A gateway writes its own
+contribution (``<node>/mcp`` by default, see :func:`gateway_contribution`), never the sensor's:
+the sensor and any number of gateways record one workload at once, and readers merge the
+contributions like any others.
 
-The profile model records ``mcp:`` keys only once it knows the ``mcp`` substrate
-(:func:`profile_knows_mcp`); :class:`ProfileSink` refuses to start before that rather than fail on
-the first call.
+Between flushes the sink keeps what it saw in memory: per session and behaviour a count and
+first/last seen, the sessions opened and closed, the catalogs, and argument evidence that
+remembers, per open session, which values were already counted (so a session is counted once
+per value across flushes). :meth:`ProfileSink.flush` applies all of it to the stored
+contribution under the profile's lock (:meth:`sensor.store.ProfileStore.update`), so gateways
+running in parallel never lose each other's evidence.
 """
 
 from __future__ import annotations
 
-import itertools
+from typing import Callable
 
-from .aggregate import Aggregator
-from .mcp_evidence import TOOLS_LIST, ArgumentEvidence
-from .mcp_store import McpEvidenceStore
-from .workload import BehaviourKeyError, Workload, substrate_of
+from .mcp_evidence import ArgumentEvidence
+from .profile import DEFAULT_CAPS, Profile
+from .store import ProfileStore
+from .workload import Workload
 
-_binding_ids = itertools.count(1)
-
-
-def profile_knows_mcp() -> bool:
-    """Whether the profile model (:mod:`sensor.workload`) accepts ``mcp:`` behaviour keys."""
-    try:
-        return substrate_of(TOOLS_LIST) == "mcp"
-    except BehaviourKeyError:
-        return False
+#: The profile fingerprint key a gateway records the catalog fingerprint under.
+CATALOG_FINGERPRINT = "tool_catalog"
 
 
-class EvidenceSink:
-    """Argument evidence in memory; with a store, each ``flush`` merges what is new into it."""
+def gateway_contribution(node: str) -> str:
+    """The contribution a gateway on ``node`` writes: its own, beside the sensor's ``node``."""
+    return f"{node}/mcp"
 
-    def __init__(self, store: McpEvidenceStore | None = None, workload: Workload | None = None):
-        if store is not None and workload is None:
-            raise ValueError("an evidence store needs the workload the evidence belongs to")
-        self.evidence = ArgumentEvidence()
+
+class ProfileSink:
+    def __init__(self, store: ProfileStore | None, workload: Workload, contribution: str,
+                 caps: dict | None = None, clock: Callable[[], float] | None = None):
         self.store = store
         self.workload = workload
-        self.sessions: dict[str, dict] = {}
+        self.contribution = contribution
+        self.caps = dict(caps or DEFAULT_CAPS)
+        self.clock = clock
+        self.evidence = ArgumentEvidence()
+        self._opened: dict[str, tuple[float, dict]] = {}
+        self._closed: dict[str, float] = {}
+        self._counts: dict[tuple[str, str], list] = {}  # (session, key) -> [count, first, last]
+        self._catalogs: dict[str, float] = {}
+        self._last = 0.0
+        self.profile: Profile | None = None  # what the last flush wrote (for inspection)
 
     def open_session(self, session: str, ts: float, meta: dict) -> None:
-        self.sessions.setdefault(session, {"start": ts, "end": None, "meta": dict(meta)})
+        self._opened.setdefault(session, (ts, dict(meta)))
+        self._last = max(self._last, ts)
 
     def observe(self, session: str, key: str, evidence: dict, ts: float) -> None:
-        if session not in self.sessions:
-            self.open_session(session, ts, {})
+        c = self._counts.get((session, key))
+        if c is None:
+            self._counts[(session, key)] = [1, ts, ts]
+        else:
+            c[0] += 1
+            c[1], c[2] = min(c[1], ts), max(c[2], ts)
         self.evidence.add(session, key, evidence.get("arguments") or {}, ts, bool(evidence.get("cut")))
+        self._last = max(self._last, ts)
 
     def catalog(self, session: str, fingerprint: str, tools: dict, ts: float) -> None:
+        self._catalogs[fingerprint] = max(ts, self._catalogs.get(fingerprint, ts))
         self.evidence.add_catalog(fingerprint, tools, ts)
+        self._last = max(self._last, ts)
 
     def close_session(self, session: str, ts: float) -> None:
-        rec = self.sessions.get(session)
-        if rec is not None and rec["end"] is None:
-            rec["end"] = ts
+        self._closed.setdefault(session, ts)
         self.evidence.close_session(session)
+        self._last = max(self._last, ts)
+
+    def pending(self) -> bool:
+        return bool(self._opened or self._closed or self._counts or self._catalogs)
+
+    def apply(self, profile: Profile, arguments: ArgumentEvidence) -> None:
+        """Add what was seen since the last flush (and ``arguments``, the argument evidence
+        taken for it) to ``profile``'s gateway contribution."""
+        c = profile.node(self.contribution)
+        c.caps = dict(self.caps)
+        for session, (ts, meta) in sorted(self._opened.items()):
+            c.open_session(session, ts, {"source": "mcp-gateway", **meta})
+        for (session, key), (n, first, last) in sorted(self._counts.items()):
+            c.observe(session, key, n, last, first)
+        for fp, ts in sorted(self._catalogs.items()):
+            c.add_fingerprint(CATALOG_FINGERPRINT, fp, ts)
+        c.add_arguments(arguments)
+        for session, ts in sorted(self._closed.items()):
+            c.close_session(session, ts)
+        c.touch(self.clock() if self.clock else self._last)
 
     def flush(self) -> None:
-        if self.store is None:
+        if not self.pending():
             return
         delta = self.evidence.take()
-        if delta.calls or delta.catalogs:
-            self.store.merge(self.workload, delta)
-
-
-class ProfileSink(EvidenceSink):
-    def __init__(self, aggregator: Aggregator, workload: Workload, store: McpEvidenceStore | None = None):
-        if not profile_knows_mcp():
-            raise RuntimeError("the profile model does not know the mcp substrate yet (sensor/workload.py); "
-                               "mcp behaviours cannot be recorded in profiles")
-        super().__init__(store, workload)
-        self.aggregator = aggregator
-        self._bindings: dict[str, int] = {}
-
-    def open_session(self, session: str, ts: float, meta: dict) -> None:
-        super().open_session(session, ts, meta)
-        if session not in self._bindings:
-            self._bindings[session] = bid = -next(_binding_ids)
-            self.aggregator.bind(bid, self.workload, session, start=ts, meta={"source": "mcp-gateway", **meta})
-
-    def observe(self, session: str, key: str, evidence: dict, ts: float) -> None:
-        if session not in self._bindings:
-            self.open_session(session, ts, {})
-        super().observe(session, key, evidence, ts)
-        self.aggregator.observe(self._bindings[session], key, 1, ts)
-
-    def catalog(self, session: str, fingerprint: str, tools: dict, ts: float) -> None:
-        super().catalog(session, fingerprint, tools, ts)
-        self.aggregator.profile(self.workload).node(self.aggregator.node).add_fingerprint(
-            "tool_catalog", fingerprint, ts)
-        self.aggregator.dirty.add(self.workload)
-
-    def close_session(self, session: str, ts: float) -> None:
-        super().close_session(session, ts)
-        bid = self._bindings.pop(session, None)
-        if bid is not None:
-            self.aggregator.unbind(bid, ts)
-
-    def flush(self) -> None:
-        super().flush()
-        self.aggregator.flush()
+        try:
+            if self.store is None:
+                self.profile = self.profile or Profile(self.workload)
+                self.apply(self.profile, delta)
+            else:
+                self.profile = self.store.update(self.workload, lambda p: self.apply(p, delta))
+        except BaseException:
+            # not written: keep the delta for the next flush (what open sessions saw stays known)
+            rest = delta.merged(ArgumentEvidence(self.evidence.calls, self.evidence.catalogs))
+            self.evidence.calls, self.evidence.catalogs = rest.calls, rest.catalogs
+            raise
+        self._opened, self._closed, self._counts, self._catalogs = {}, {}, {}, {}

@@ -210,12 +210,14 @@ class DenialCgroup(Mirror):
         __u32 mode;                           /*  0 DENIALS_MODE_* */
         __s32 deny_errno;                     /*  4 the filter's errno in enforce mode */
         __u64 allowed[DENIALS_NR_SLOTS / 64]; /*  8 alert mode: syscalls the policy allows */
+        __u64 uring_seen[4];                  /* 72 io_uring opcodes already announced (set by BPF) */
     };
     """
 
     c_name = "denial_cgroup"
     fields = ((("mode", "I"), ("deny_errno", "i"))
-              + tuple((f"allowed{i}", "Q") for i in range(DENIALS_NR_SLOTS // 64)))
+              + tuple((f"allowed{i}", "Q") for i in range(DENIALS_NR_SLOTS // 64))
+              + tuple((f"uring_seen{i}", "Q") for i in range(4)))
 
 
 class DenialKey(Mirror):

@@ -15,6 +15,12 @@ closure).
 Memory is bounded per substrate by ``caps``: once a node holds that many distinct behaviours of a
 substrate, new ones go to an overflow bucket (counts kept, key not) and the profile is marked
 ``capped``.
+
+A contribution that recorded MCP behaviours also carries their argument evidence
+(``arguments``, a :class:`sensor.mcp_evidence.ArgumentEvidence`: per ``mcp:`` behaviour kept in
+the contribution, the values seen at each argument path, bounded per key and per path). It merges
+like the rest: :meth:`Profile.arguments` unions the contributions' evidence with node-qualified
+session ids.
 """
 
 from __future__ import annotations
@@ -115,6 +121,7 @@ class NodeContribution:
     loss: dict[str, int] = field(default_factory=dict)
     fingerprints: dict[str, dict[str, float]] = field(default_factory=dict)  # key -> value -> last seen
     caps: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_CAPS))
+    arguments: object = None  # sensor.mcp_evidence.ArgumentEvidence of the mcp behaviours, or None
     _per_substrate: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     # ---- recording -------------------------------------------------------------------------
@@ -206,6 +213,45 @@ class NodeContribution:
                 stats.session_sumsq += c * c
         self.closed_sessions += 1
 
+    def move_session(self, session_id: str, dest: "NodeContribution", new_id: str | None = None) -> bool:
+        """Move an open session and everything counted in it to ``dest`` (another workload's
+        contribution on the same node): a cgroup whose identity became known later. Exact: an
+        open session keeps its per-behaviour counts. A closed session cannot be taken apart and is
+        left where it is (returns False)."""
+        per = self.open_sessions.get(session_id)
+        rec = self.sessions.get(session_id)
+        if per is None or rec is None or rec.end is not None:
+            return False
+        new_id = new_id or session_id
+        dest.open_session(new_id, rec.start, rec.meta)
+        for key, n in sorted(per.items()):
+            st = self.behaviours.get(key)
+            if st is None or n <= 0:  # refused at the cap: nothing was counted for it here
+                continue
+            first, last = st.first_seen, st.last_seen
+            st.count -= n
+            st.sessions = max(st.sessions - 1, 0)
+            if session_id in st.session_ids:
+                st.session_ids.remove(session_id)
+            if st.count <= 0:
+                del self.behaviours[key]
+                sub = substrate_of(key)
+                if self._per_substrate.get(sub):
+                    self._per_substrate[sub] -= 1
+            dest.observe(new_id, key, n, last, first)
+        del self.open_sessions[session_id]
+        del self.sessions[session_id]
+        for key, values in self.fingerprints.items():
+            for value, ts in values.items():
+                dest.add_fingerprint(key, value, ts)
+        if not self.sessions:
+            self.window_start = None
+        return True
+
+    @property
+    def empty(self) -> bool:
+        return not self.sessions and not self.behaviours
+
     def add_fingerprint(self, key: str, value: str, ts: float) -> None:
         self.fingerprints.setdefault(key, {})[value] = ts
 
@@ -233,8 +279,15 @@ class NodeContribution:
 
     # ---- serialisation ---------------------------------------------------------------------
 
+    def add_arguments(self, evidence) -> None:
+        """Merge MCP argument evidence into this contribution, for behaviours it keeps (a key
+        refused by the cap keeps no argument evidence either)."""
+        kept = evidence.only(self.behaviours)
+        if kept:
+            self.arguments = kept if self.arguments is None else self.arguments.merged(kept)
+
     def pack(self) -> dict:
-        return {
+        d = {
             "node": self.node,
             "generation": self.generation,
             "updated": self.updated,
@@ -250,9 +303,17 @@ class NodeContribution:
             "fingerprints": {k: dict(sorted(v.items())) for k, v in sorted(self.fingerprints.items())},
             "caps": dict(sorted(self.caps.items())),
         }
+        if self.arguments:
+            d["arguments"] = self.arguments.pack()
+        return d
 
     @classmethod
     def unpack(cls, d: dict) -> "NodeContribution":
+        arguments = None
+        if d.get("arguments"):
+            from .mcp_evidence import ArgumentEvidence  # mcp_evidence builds on BehaviourStats
+
+            arguments = ArgumentEvidence.unpack(d["arguments"])
         return cls(
             node=str(d["node"]),
             generation=int(d["generation"]),
@@ -270,6 +331,7 @@ class NodeContribution:
             fingerprints={str(k): {str(a): float(b) for a, b in v.items()}
                           for k, v in d["fingerprints"].items()},
             caps={**DEFAULT_CAPS, **{str(k): int(v) for k, v in d.get("caps", {}).items()}},
+            arguments=arguments,
         )
 
 
@@ -327,6 +389,18 @@ class Profile:
         for key, stats in out.items():
             stats.session_ids = sorted(ids[key])
         return dict(sorted(out.items()))
+
+    def arguments(self):
+        """The MCP argument evidence merged over contributions (session ids ``<node>/<id>``, as in
+        :meth:`behaviours`); an empty :class:`sensor.mcp_evidence.ArgumentEvidence` when none."""
+        from .mcp_evidence import ArgumentEvidence
+
+        out = ArgumentEvidence()
+        for name in sorted(self.nodes):
+            ev = self.nodes[name].arguments
+            if ev:
+                out = out.merged(ev.relabelled(f"{name}/"))
+        return out
 
     def sessions(self) -> list[SessionRecord]:
         recs = [s for n in self.nodes.values() for s in n.sessions.values()]

@@ -37,6 +37,7 @@ class StepStats:
     by_type: dict = field(default_factory=dict)
     new_cgroups: int = 0
     closed_cgroups: int = 0
+    completed: int = 0  # cgroups whose identity became known and whose evidence moved
     loss: dict = field(default_factory=dict)
     counters_read: bool = False
 
@@ -61,6 +62,10 @@ class Binding(Protocol):
 
     def loss_workloads(self, agg: Aggregator) -> list[Workload] | None:
         """The profiles kernel loss counted in this step is charged to (None: every bound one)."""
+
+    def refresh(self, agg: Aggregator, cgroups: Iterable[int] | None = None) -> int:
+        """Look again at bound cgroups whose identity is incomplete (all, or ``cgroups``) and
+        move their sessions when it became known; returns how many moved."""
 
 
 def session_of(ident) -> str:
@@ -90,6 +95,15 @@ class NodeBinding:
         self.on_bind = on_bind
         self.paths: dict[int, str] = {}
         self.image_only: set[int] = set()
+        # bound cgroups whose identity may still improve (runtime state not written yet when the
+        # cgroup was first seen, or the API has not described the pod yet)
+        self.incomplete: set[int] = set()
+
+    def _may_improve(self, ident) -> bool:
+        from .identity import is_complete
+        if ident.container is None:
+            return False
+        return not is_complete(ident) or (self.resolver.kube is not None and ident.source != "kube")
 
     def bind(self, cgroup_id: int, agg: Aggregator) -> bool:
         if cgroup_id in agg.bindings:
@@ -100,7 +114,11 @@ class NodeBinding:
         if ident is None or ident.source == "unresolved":
             self.ignored.add(cgroup_id)
             return False
-        agg.bind(cgroup_id, ident.workload, session_of(ident), meta=session_meta(ident),
+        meta = session_meta(ident)
+        why = self.resolver.why(cgroup_id)
+        if why:
+            meta["identity_incomplete"] = why
+        agg.bind(cgroup_id, ident.workload, session_of(ident), meta=meta,
                  fingerprints=ident.fingerprints)
         if ident.cgroup_path:
             self.paths[cgroup_id] = str(self.resolver.cgroupfs.abspath(ident.cgroup_path))
@@ -108,9 +126,33 @@ class NodeBinding:
             # Container cgroups count from their first exec: the runtime's setup before it
             # (runc init's mounts, unshare, pivot_root...) is not the workload's behaviour.
             self.image_only.add(cgroup_id)
+        if self._may_improve(ident):
+            self.incomplete.add(cgroup_id)
         if self.on_bind:
             self.on_bind(cgroup_id, ident)
         return True
+
+    def refresh(self, agg: Aggregator, cgroups: Iterable[int] | None = None) -> int:
+        moved = 0
+        for cg in sorted(self.incomplete if cgroups is None else set(cgroups) & self.incomplete):
+            ident = self.resolver.refresh(cg)
+            if ident is not None:
+                agg.rebind(cg, ident.workload, session_of(ident), meta=session_meta(ident),
+                           fingerprints=ident.fingerprints)
+                moved += 1
+                if self.on_bind:  # e.g. attach the enforcement of the workload it turned out to be
+                    self.on_bind(cg, ident)
+                if not self._may_improve(ident):
+                    self.incomplete.discard(cg)
+        return moved
+
+    def unresolved(self) -> dict[str, int]:
+        """Bound cgroups whose identity is still incomplete, by reason."""
+        out: dict[str, int] = {}
+        for cg in self.incomplete:
+            why = self.resolver.why(cg) or "incomplete"
+            out[why] = out.get(why, 0) + 1
+        return out
 
     def discover(self, sensor) -> Iterable[int]:
         return sensor.cgroup_slots()
@@ -121,6 +163,7 @@ class NodeBinding:
     def forget(self, cgroup_id: int) -> None:
         self.paths.pop(cgroup_id, None)
         self.image_only.discard(cgroup_id)
+        self.incomplete.discard(cgroup_id)  # gone: it keeps what its path and annotations told
         self.ignored.add(cgroup_id)
         if len(self.ignored) > 65536:
             self.ignored = set(sorted(self.ignored)[-32768:])
@@ -186,6 +229,9 @@ class TreeBinding:
     def loss_workloads(self, agg: Aggregator) -> list[Workload] | None:
         return [self.workload]
 
+    def refresh(self, agg: Aggregator, cgroups: Iterable[int] | None = None) -> int:
+        return 0  # the session's identity is given
+
 
 class Pump:
     def __init__(self, sensor, binding: Binding, aggregator: Aggregator,
@@ -234,6 +280,9 @@ class Pump:
             st.by_type[kind] = st.by_type.get(kind, 0) + 1
             cg = getattr(ev, "cgroup_id", None)
             if cg is not None and self._bind(cg, st):
+                if kind == "ExecEvent" and cg in getattr(self.binding, "incomplete", ()):
+                    # a container's first exec: its runtime has written its state by now
+                    st.completed += self.binding.refresh(self.agg, [cg])
                 self.agg.on_event(ev, wall(ev.ktime))
 
     def read_counters(self, st: StepStats | None = None) -> StepStats:
@@ -242,6 +291,7 @@ class Pump:
         st = st or StepStats()
         for cg in self.binding.discover(self.sensor):
             self._bind(cg, st)
+        st.completed += self.binding.refresh(self.agg)
         counts = self.sensor.syscall_counts(after_exec=self.binding.image_only)
         self.agg.on_counts(counts, time.time())
         self.agg.on_key_counts(self.sensor.behaviour_counts())

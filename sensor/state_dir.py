@@ -4,6 +4,7 @@ One :class:`StateDir` names every path; nothing else joins names onto the state 
 
     <state-dir>/
       profiles/<workload>.msgpack           per-workload profiles (sensor.store)
+      profiles/.<workload>.lock             the lock writers of one profile take (sensor.store)
       profiles/archive/<UTC time>/          profiles set aside by a re-baseline
       enforce/<workload>.yaml               desired enforcement states (enforcer.desired)
       enforce/modes/<workload>.json         per-workload mode and re-baseline (enforcer.state)
@@ -118,6 +119,9 @@ class StateDir:
 
     def profile(self, workload_key: str) -> Path:
         return self.profiles / self.workload_name(workload_key, ".msgpack")
+
+    def profile_lock(self, workload_key: str) -> Path:
+        return self.profiles / ("." + self.workload_name(workload_key, ".lock"))
 
     def desired(self, workload_key: str) -> Path:
         return self.enforce / self.workload_name(workload_key, ".yaml")

@@ -2,12 +2,21 @@
 
 Writes are atomic (:func:`sensor.state_dir.atomic_write`). A corrupt or truncated file raises :class:`ProfileStoreError` naming the file, and
 the file is left where it is for inspection.
+
+Several writers can hold one workload's profile on a node: the sensor (the daemon or ``record``)
+writes its node's contribution, an MCP gateway writes its own. Each writer owns one
+contribution: :meth:`ProfileStore.save_contribution` and :meth:`ProfileStore.update` read, change
+and write the file under an exclusive lock, so a writer never puts back an old copy of another
+writer's contribution.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import msgpack
 
@@ -34,6 +43,51 @@ class ProfileStore:
         path = self.path_for(profile.workload)
         atomic_write(path, msgpack.packb(profile.pack(), use_bin_type=True))
         return path
+
+    @contextmanager
+    def _locked(self, workload: Workload):
+        """The workload's exclusive lock, for a read, change and write of its file."""
+        lock = self.layout.profile_lock(workload.key)
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def update(self, workload: Workload, change: Callable[[Profile], None]) -> Profile:
+        """Under the workload's lock: load the stored profile (or start one), apply ``change``
+        to it, write it; returns what was written."""
+        with self._locked(workload):
+            profile = self.load(workload) or Profile(workload)
+            change(profile)
+            self.save(profile)
+            return profile
+
+    def save_contribution(self, profile: Profile, node: str) -> Profile:
+        """Write ``profile``'s contribution ``node`` and keep every other contribution as it is
+        stored; ``profile`` is refreshed with the stored ones."""
+        mine = profile.nodes[node]
+
+        def put(stored: Profile) -> None:
+            stored.nodes[node] = mine
+
+        stored = self.update(profile.workload, put)
+        profile.nodes.update(stored.nodes)
+        return stored
+
+    def remove_contribution(self, workload: Workload, node: str) -> None:
+        """Under the workload's lock: drop contribution ``node``; the file goes with the last one."""
+        with self._locked(workload):
+            profile = self.load(workload)
+            if profile is None:
+                return
+            profile.nodes.pop(node, None)
+            if profile.nodes:
+                self.save(profile)
+            else:
+                self.remove(workload)
 
     def load(self, workload: Workload) -> Profile | None:
         path = self.path_for(workload)

@@ -111,3 +111,33 @@ def kernel_cflags() -> list[str]:
     """``-D`` flags giving bpf/sensor.c the numbers of the syscalls it treats specially."""
     wanted = ("clone", "fork", "vfork", "execve", "exit", "exit_group", "execveat", "clone3")
     return [f"-DNR_{w.upper()}={NUMBERS[w]}" for w in wanted]
+
+
+# io_uring operations (the kernel's names, as io_uring:io_uring_submit_req reports them) and the
+# syscall each one does the work of. An operation runs inside the kernel without entering that
+# syscall, so a seccomp filter never sees it; a policy that allows io_uring_setup and
+# io_uring_enter but not, say, connect is reported when the ring submits CONNECT. Operations that
+# only manage the ring itself (NOP, TIMEOUT, ASYNC_CANCEL, buffer and file tables, MSG_RING) have
+# no syscall equivalent and are absent.
+IO_URING_EQUIVALENTS: dict[str, str] = {
+    "READV": "readv", "WRITEV": "writev", "FSYNC": "fsync", "READ_FIXED": "pread64",
+    "WRITE_FIXED": "pwrite64", "POLL_ADD": "poll", "SYNC_FILE_RANGE": "sync_file_range",
+    "SENDMSG": "sendmsg", "RECVMSG": "recvmsg", "ACCEPT": "accept4", "CONNECT": "connect",
+    "FALLOCATE": "fallocate", "OPENAT": "openat", "CLOSE": "close", "STATX": "statx",
+    "READ": "read", "WRITE": "write", "FADVISE": "fadvise64", "MADVISE": "madvise",
+    "SEND": "sendto", "RECV": "recvfrom", "OPENAT2": "openat2", "EPOLL_CTL": "epoll_ctl",
+    "SPLICE": "splice", "TEE": "tee", "SHUTDOWN": "shutdown", "RENAMEAT": "renameat2",
+    "UNLINKAT": "unlinkat", "MKDIRAT": "mkdirat", "SYMLINKAT": "symlinkat", "LINKAT": "linkat",
+    "FSETXATTR": "fsetxattr", "SETXATTR": "setxattr", "FGETXATTR": "fgetxattr",
+    "GETXATTR": "getxattr", "SOCKET": "socket", "URING_CMD": "ioctl", "SEND_ZC": "sendto",
+    "SENDMSG_ZC": "sendmsg", "READ_MULTISHOT": "read", "WAITID": "waitid",
+    "FUTEX_WAIT": "futex", "FUTEX_WAKE": "futex", "FUTEX_WAITV": "futex_waitv",
+    "FTRUNCATE": "ftruncate", "BIND": "bind", "LISTEN": "listen", "RECV_ZC": "recvfrom",
+    "EPOLL_WAIT": "epoll_wait", "READV_FIXED": "preadv", "WRITEV_FIXED": "pwritev",
+    "PIPE": "pipe2",
+}
+
+
+def io_uring_equivalent(op: str) -> str | None:
+    """The syscall io_uring operation ``op`` (e.g. ``CONNECT``) stands in for, or None."""
+    return IO_URING_EQUIVALENTS.get(op.upper())

@@ -22,7 +22,11 @@ import boto3
 from botocore.awsrequest import AWSResponse
 from botocore.config import Config
 
+from sensor import syscalls
+from sensor.aggregate import Aggregator
 from sensor.httprequest import CapturedRequest
+from sensor.profile import Profile
+from sensor.workload import Workload
 
 CAPTURE_LIMIT = 4096  # bytes per request: the bound the request capture applies
 
@@ -117,24 +121,28 @@ def call_offline(client, method: str, **kwargs) -> None:
         pass
 
 
-def evidence(sessions: dict[str, list[tuple[float, str]]]):
-    """Per-behaviour evidence, shaped as the profile keeps it (count, distinct sessions, first and
-    last seen, session ids), from ``session id → [(time, behaviour key)]``.
+WORKLOAD = Workload("research", "Deployment", "research-agent", "agent")
+DAY = 86400.0
 
-    The profile itself cannot hold ``aws:`` keys until the substrate is registered in
-    ``sensor.workload``; this builds the same :class:`BehaviourStats` it would."""
-    from sensor.profile import BehaviourStats
 
-    out: dict[str, BehaviourStats] = {}
-    for sid in sorted(sessions):
-        for ts, key in sessions[sid]:
-            s = out.get(key)
-            if s is None:
-                s = out[key] = BehaviourStats(0, 0, ts, ts)
-            s.count += 1
-            s.first_seen = min(s.first_seen, ts)
-            s.last_seen = max(s.last_seen, ts)
-            if sid not in s.session_ids:
-                s.sessions += 1
-                s.session_ids.append(sid)
-    return out
+def recorded_profile(sessions: dict[str, list[tuple[float, str]]], workload: Workload = WORKLOAD,
+                     fingerprints: dict[str, str] | None = None, quiet: float = 2 * DAY,
+                     store=None) -> Profile:
+    """A profile recorded through the real aggregator, as the sensor records one: each session
+    (``session id → [(time, behaviour key)]``, in session-id order) bound to a cgroup of its own
+    with the workload's fingerprints, its behaviours observed one by one, the session closed a
+    second after its last one. The observation goes on ``quiet`` seconds after the last session
+    without anything new (the window end), so coverage-stop is reached as it is after a quiet day
+    of running. ``store`` (a :class:`ProfileStore`) gets the profile flushed to it."""
+    last = max((ts for events in sessions.values() for ts, _ in events), default=0.0)
+    clock = [last + quiet]
+    agg = Aggregator("node-a", store, syscalls.name, clock=lambda: clock[0])
+    for cgroup_id, sid in enumerate(sorted(sessions), start=1):
+        events = sorted(sessions[sid])
+        start = events[0][0] - 1.0 if events else last
+        agg.bind(cgroup_id, workload, sid, start=start, fingerprints=fingerprints)
+        for ts, key in events:
+            assert agg.observe(cgroup_id, key, 1, ts), key
+        agg.unbind(cgroup_id, end=(events[-1][0] if events else start) + 1.0)
+    agg.flush()
+    return agg.profile(workload)

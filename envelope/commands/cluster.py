@@ -25,7 +25,7 @@ from sensor.workloadprofile import DEFAULT_NAMESPACE, ClusterProfiles, load_clus
 from sensor.profile import Profile
 from sensor.state_dir import atomic_write
 
-from ..errors import UserError
+from ..errors import Finding, UserError
 from ..output import add_output_option, emit, iso
 
 
@@ -56,6 +56,8 @@ def register(sub) -> None:
 
     q = csub.add_parser("apply", help="create or update a LeastPrivilegePolicy from a policy file")
     q.add_argument("file", help="policy file (YAML or JSON) as written by envelope derive")
+    q.add_argument("--skip-replay-gate", metavar="REASON", default=None,
+                   help="apply an enforce-mode policy without the replay gate (audited with REASON)")
     q.set_defaults(func=cmd_apply)
 
 
@@ -150,7 +152,10 @@ def cmd_apply(args, config) -> int:
         policy = load_policy(args.file)
     except PolicyError as e:
         raise UserError(str(e)) from None
-    client = ClusterPolicies.from_api_client(_client(args), node=config.node_name, backoff=Backoff(attempts=3))
+    api = _client(args)
+    if policy.mode == "enforce":
+        replay_gate(args, config, policy, api)
+    client = ClusterPolicies.from_api_client(api, node=config.node_name, backoff=Backoff(attempts=3))
     try:
         cp = client.create(policy)
     except ClusterApiError as e:
@@ -160,6 +165,34 @@ def cmd_apply(args, config) -> int:
 
 
 PLURAL_NAME = "leastprivilegepolicy.envelope.dev"
+
+
+def replay_gate(args, config, policy, api) -> None:
+    """An enforce-mode policy goes to the cluster only if nothing in the workload's evidence,
+    merged across nodes, would be denied on any substrate it encodes (``replay --strict``)."""
+    from enforcer import audit
+    from enforcer.replay import replay
+
+    if args.skip_replay_gate is not None:
+        if not args.skip_replay_gate.strip():
+            raise UserError("--skip-replay-gate needs a reason")
+        audit.append(config.state_dir, "replay.gate.skipped", workload=policy.workload.key,
+                     reason=args.skip_replay_gate.strip(), details={"policy": policy.metadata_name})
+        return
+    profiles = ClusterProfiles.from_api_client(api, namespace=args.profile_namespace, backoff=Backoff(attempts=3))
+    try:
+        profile, _problems = profiles.read(policy.workload)
+    except ClusterApiError as e:
+        raise UserError(f"replay gate: {e}") from None
+    if profile is None:
+        raise Finding(f"replay gate: no evidence of {policy.workload.key} in the cluster to replay the "
+                      f"enforce-mode policy against; observe first, or --skip-replay-gate REASON")
+    r = replay(policy, profile)
+    if r["wouldBreak"] or r["unknownOverflow"]:
+        shown = ", ".join(d["key"] for d in r["denied"][:5]) or "behaviours over the profile's caps"
+        raise Finding(f"replay gate: enforcing {policy.metadata_name} would deny {r['deniedBehaviours']} observed "
+                      f"behaviours ({shown}{' ...' if r['deniedBehaviours'] > 5 else ''}); apply it in alert "
+                      f"mode, or --skip-replay-gate REASON")
 
 
 def _warn(problems) -> None:

@@ -1,11 +1,15 @@
-"""``envelope compile POLICY --format oci-seccomp|spo|networkpolicy|cilium [-o FILE]``.
+"""``envelope compile POLICY --format oci-seccomp|spo|networkpolicy|cilium|iam [--out FILE]``.
 
 Network exports take the cluster's Services (``--services FILE`` or ``--services-from-cluster``)
 so that ClusterIP destinations are exported as the Services' pods (see :mod:`enforcer.netexport`).
 
+``--format iam`` writes the IAM policy document of the policy's ``spec.allow.iam`` statements
+for ``--iam-target boundary|managed|role|session`` (:mod:`enforcer.iamdocument`, which states
+AWS's size limit for each); the size against the limit goes to standard error.
+
 Compiles a policy file into an enforcement artefact. A malformed policy gives one error line and
-writes nothing; ``-o FILE`` is written atomically, so an existing file is either replaced whole
-or left as it was.
+writes nothing; ``--out FILE`` is written atomically, so an existing file is either replaced
+whole or left as it was.
 """
 
 from __future__ import annotations
@@ -15,18 +19,19 @@ import sys
 from pathlib import Path
 
 from enforcer import exceptions as exc_store
-from enforcer import netexport, seccomp
+from enforcer import iamdocument, netexport, seccomp
 from enforcer.policy import PolicyError, load_policy
 from enforcer.runtime import RUNTIMES
 from sensor.state_dir import atomic_write
 
 from ..errors import UserError
 
-FORMATS = ("oci-seccomp", "spo", "networkpolicy", "cilium")
+FORMATS = ("oci-seccomp", "spo", "networkpolicy", "cilium", "iam")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("compile", help="compile a policy to OCI seccomp, SPO, NetworkPolicy or Cilium")
+    p = sub.add_parser("compile", help="compile a policy to OCI seccomp, SPO, NetworkPolicy, Cilium or an "
+                                       "IAM policy document")
     p.add_argument("policy", help="policy file (YAML or JSON)")
     p.add_argument("--format", "-f", required=True, choices=FORMATS, help="output format")
     p.add_argument("--mode", choices=seccomp.MODES, default=None,
@@ -48,14 +53,35 @@ def register(sub) -> None:
                    help="network exports: read the Services through the Kubernetes API instead")
     p.add_argument("--kubeconfig", default=None, help="with --services-from-cluster: kubeconfig file")
     p.add_argument("--context", default=None, help="with --services-from-cluster: kubeconfig context")
+    p.add_argument("--iam-target", choices=sorted(iamdocument.TARGETS), default="boundary",
+                   help="iam format: what the document is attached as (default boundary: a permissions "
+                        "boundary; session: an AssumeRole session policy; managed; role: inline)")
     p.add_argument("--report", metavar="FILE",
-                   help="write where each seccomp rule came from (JSON) to FILE")
-    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE (atomically) instead of stdout")
+                   help="write where each seccomp rule, or each IAM document statement, came from (JSON) to FILE")
+    p.add_argument("--out", metavar="FILE", help="write to FILE (atomically) instead of stdout")
+    p.add_argument("-o", "--output", choices=["json", "yaml"], default=None,
+                   help="serialization (default: json for oci-seccomp and iam, yaml for the Kubernetes objects; "
+                        "an IAM policy document is JSON only)")
     p.set_defaults(func=cmd_compile)
 
 
 def render(policy, args, state_dir) -> tuple[str, dict | None]:
-    """The artefact text and, for seccomp formats, the provenance report."""
+    """The artefact text and, for seccomp and IAM formats, the provenance report."""
+    if args.format == "iam":
+        if args.output == "yaml":
+            raise UserError("-o yaml: an IAM policy document is JSON (AWS reads no other form); drop -o")
+        doc = iamdocument.compile_iam(policy, args.iam_target)
+        t = doc.target
+        print(f"envelope: iam {t.name} document ({t.what}): {doc.size} of {t.limit} characters"
+              f"{'' if t.whitespace_counts else ' (whitespace not counted)'}, {len(doc.statements)} statements "
+              f"from {len(policy.iam)} policy entries", file=sys.stderr)
+        if not policy.iam:
+            print("envelope: note: the policy allows no IAM action; the document denies everything",
+                  file=sys.stderr)
+        if t.name == "session":
+            print("envelope: note: STS also bounds a session policy's packed size (PackedPolicySize), which "
+                  "cannot be computed offline", file=sys.stderr)
+        return doc.text, doc.report()
     if args.format in ("oci-seccomp", "spo"):
         extra = None
         if args.with_exceptions:
@@ -63,18 +89,25 @@ def render(policy, args, state_dir) -> tuple[str, dict | None]:
         compiled = seccomp.profile_for(policy, args.mode, runtime=args.runtime, arch=args.arch,
                                        exceptions=extra)
         if args.format == "oci-seccomp":
-            return compiled.to_json(), compiled.report_dict()
+            return serialize(compiled.profile, args.output or "json"), compiled.report_dict()
         doc = seccomp.compile_spo(policy, args.mode, runtime=compiled.runtime, arch=args.arch,
                                   extra_allow=extra)
-        return netexport.dump(doc), compiled.report_dict()
+        return serialize(doc, args.output or "yaml"), compiled.report_dict()
     labels = netexport.parse_pod_labels(args.pod_label)
     services = load_services(args)
     if services is not None:
         for note in netexport.service_destinations(policy, services).unresolved:
             print(f"envelope: note: {note}", file=sys.stderr)
     if args.format == "networkpolicy":
-        return netexport.dump(netexport.compile_networkpolicy(policy, labels, services)), None
-    return netexport.dump(netexport.compile_cilium(policy, labels, services)), None
+        return serialize(netexport.compile_networkpolicy(policy, labels, services), args.output or "yaml"), None
+    return serialize(netexport.compile_cilium(policy, labels, services), args.output or "yaml"), None
+
+
+def serialize(doc, fmt: str) -> str:
+    """JSON as every artefact is written (sorted, indented) or YAML as kubectl reads it."""
+    if fmt == "json":
+        return json.dumps(doc, indent=2, sort_keys=True) + "\n"
+    return netexport.dump(doc)
 
 
 def load_services(args) -> list[dict] | None:
@@ -113,15 +146,18 @@ def cmd_compile(args, config) -> int:
         policy = load_policy(args.policy)
         text, report = render(policy, args, config.state_dir)
     except (PolicyError, seccomp.SeccompCompileError, netexport.NetExportError,
-            exc_store.ExceptionError) as e:
+            exc_store.ExceptionError, iamdocument.IamDocumentError) as e:
         raise UserError(str(e)) from None
     if args.format in ("networkpolicy", "cilium") and policy.mode != "enforce":
         print(f"envelope: note: policy mode is {policy.mode}; a {args.format} export always "
               f"enforces (the mode is kept as an annotation)", file=sys.stderr)
-    if report is not None and not report.get("constrained", True):
+    if args.format == "iam" and policy.mode != "enforce":
+        print(f"envelope: note: policy mode is {policy.mode}; AWS enforces an attached IAM document "
+              f"whatever the mode", file=sys.stderr)
+    if args.format in ("oci-seccomp", "spo") and not report.get("constrained", True):
         print("envelope: note: the policy leaves the syscall substrate out; the profile allows "
               "every syscall", file=sys.stderr)
-    if report is not None:
+    if args.format in ("oci-seccomp", "spo"):
         added: dict[str, int] = {}
         for r in report["rules"]:
             if not r["rule"].startswith("policy"):
@@ -131,8 +167,8 @@ def cmd_compile(args, config) -> int:
     try:
         if args.report and report is not None:
             atomic_write(Path(args.report), (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
-        if args.output:
-            atomic_write(Path(args.output), text.encode())
+        if args.out:
+            atomic_write(Path(args.out), text.encode())
         else:
             sys.stdout.write(text)
             sys.stdout.flush()

@@ -4,6 +4,10 @@ The four decisions are options here and are recorded in the policy: ``--substrat
 (granularity), ``--closure`` and its rule parameters (closure), ``--min-count``/``--min-sessions``
 and ``--admit`` (confidence), ``--fingerprint``/``--expires-in`` (validity). Coverage-stop is
 checked first; ``--force`` derives anyway, marked low-confidence and in alert mode.
+
+``--substrates ...,iam`` derives IAM statements from the profile's ``aws:`` behaviours, for the
+role of the ``cloud_identity:aws`` fingerprint (or ``--fingerprint cloud_identity:aws=ARN``); it
+needs policy_sentry (``pip install 'envelope-least-privilege[iam]'``).
 """
 
 from __future__ import annotations
@@ -19,14 +23,15 @@ from enforcer.derive import (
     DEFAULT_MAX_PORTS, DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNTS, DEFAULT_MIN_SESSIONS, CoverageNotReached,
     DeriveError, DeriveOptions, derive,
 )
+from enforcer.mcp_closure import DEFAULT_MAX_VALUES
 from enforcer.policy import DEFAULT_REVIEW_ACTIONS, REVIEW_ACTIONS, PolicyError, dump_policy, load_policy
 from sensor.profile import Profile
 from sensor.state_dir import atomic_write
 from sensor.store import ProfileStore
 from sensor.workload import DEFAULT_SUBSTRATES, SUBSTRATES
 
-from .. import options
-from ..errors import UserError
+from .. import options, wiring
+from ..errors import Finding, UserError
 from .profile import load_profile
 
 
@@ -60,6 +65,9 @@ def register(sub) -> None:
                    help=f"more distinct ports than this per network become a flagged range (default {DEFAULT_MAX_PORTS})")
     p.add_argument("--max-siblings", type=int, default=DEFAULT_MAX_SIBLINGS,
                    help=f"more exec paths than this in one directory become /dir/* (default {DEFAULT_MAX_SIBLINGS})")
+    p.add_argument("--max-values", type=int, default=DEFAULT_MAX_VALUES,
+                   help=f"mcp: more distinct strings than this at one argument path are not an enumeration "
+                        f"(default {DEFAULT_MAX_VALUES})")
     p.add_argument("-k", "--stddev-k", type=float, default=DEFAULT_K,
                    help=f"probabilistic closure: soft-violation distance in standard deviations (default {DEFAULT_K:g})")
     p.add_argument("--coverage-threshold", type=float, default=DEFAULT_COVERAGE_THRESHOLD,
@@ -84,7 +92,7 @@ def register(sub) -> None:
     p.add_argument("--context", default=None, help="with --from-cluster: kubeconfig context")
     p.add_argument("--profile-namespace", default=None,
                    help="with --from-cluster: namespace of the WorkloadProfile objects (default envelope-system)")
-    p.add_argument("-o", "--output", default="yaml", help="yaml | json (default yaml)")
+    p.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml", help="yaml | json (default yaml)")
     p.add_argument("--out", default=None, metavar="FILE", help="write the policy here instead of stdout")
     p.set_defaults(func=cmd_derive)
 
@@ -151,6 +159,7 @@ def options_from_args(args) -> DeriveOptions:
             service_cidrs=tuple(args.service_cidr),
             max_ports=args.max_ports,
             max_siblings=args.max_siblings,
+            max_values=args.max_values,
             k=args.stddev_k,
             coverage_threshold=args.coverage_threshold,
             coverage_hours=args.coverage_hours,
@@ -162,6 +171,7 @@ def options_from_args(args) -> DeriveOptions:
             session_rule=args.session_rule,
             review_actions={**DEFAULT_REVIEW_ACTIONS,
                             **options.choices(args.review_action, REVIEW_ACTIONS, "--review-action")},
+            iam_actions=wiring.iam_actions() if "iam" in subs else None,
         )
         opts.validate()
     except DeriveError as e:
@@ -170,8 +180,6 @@ def options_from_args(args) -> DeriveOptions:
 
 
 def cmd_derive(args, config) -> int:
-    if args.output not in ("yaml", "json"):
-        raise UserError(f"-o {args.output}: policies are written as yaml or json")
     opts = options_from_args(args)
     if args.from_cluster:
         profile = load_cluster_profile_arg(args)
@@ -182,7 +190,7 @@ def cmd_derive(args, config) -> int:
     try:
         policy = derive(profile, opts)
     except CoverageNotReached as e:
-        raise UserError(str(e)) from e
+        raise Finding(str(e)) from e
     except (DeriveError, PolicyError) as e:
         raise UserError(f"derive {profile.workload.key}: {e}") from e
     text = dump_policy(policy, args.output)
@@ -194,18 +202,29 @@ def cmd_derive(args, config) -> int:
     cov = policy.decisions["confidence"]["coverage"]
     new = ", ".join(f"{s} {n}" for s, n in cov["newBehaviours"].items())
     flag = " LOW CONFIDENCE (forced past coverage-stop)" if policy.low_confidence else ""
+    allowed = f"{len(policy.syscalls)} syscalls, {len(policy.egress)} egress rules, {len(policy.execs)} execs"
+    if "file" in policy.substrates:
+        allowed += f", {len(policy.files)} file entries"
+    if policy.mcp is not None:
+        allowed += f", {len(policy.mcp.calls)} MCP tools and prompts"
+    if "iam" in policy.substrates:
+        allowed += f", {len(policy.iam)} IAM statements for {policy.iam_identity or 'no known role'}"
     print(f"derived {policy.metadata_name} for {policy.workload.key}: closure {policy.closure}, mode "
-          f"{policy.mode}{flag}; allow {len(policy.syscalls)} syscalls, {len(policy.egress)} egress rules, "
-          f"{len(policy.execs)} execs; {len(policy.review)} in review, {len(policy.watch)} watched; new "
+          f"{policy.mode}{flag}; allow {allowed}; {len(policy.review)} in review, {len(policy.watch)} watched; new "
           f"behaviours in the last {cov['hours']:g} h: {new}"
           + (f"; events lost while recording: {sum(cov['loss'].values())}" if cov.get("loss") else "")
           + (f"; written to {args.out}" if args.out else ""), file=sys.stderr)
     return 0
 
 
-def read_policy(path: str):
-    """Load a policy file for a command, as a one-line UserError on any problem."""
+def read_policy(path: str, judging: bool = False):
+    """Load a policy file for a command, as a one-line UserError on any problem. ``judging``:
+    the command judges behaviours with it, so a policy with the iam substrate gets the IAM action
+    mapper bound."""
     try:
-        return load_policy(path)
+        policy = load_policy(path)
     except PolicyError as e:
         raise UserError(str(e)) from e
+    if judging and "iam" in policy.substrates:
+        policy.iam_actions = wiring.iam_actions()
+    return policy

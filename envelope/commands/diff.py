@@ -60,7 +60,7 @@ def render_text(d: dict) -> str:
 
 
 def cmd_diff(args, config) -> int:
-    a, b = read_policy(args.old), read_policy(args.new)
+    a, b = read_policy(args.old, judging=True), read_policy(args.new, judging=True)
     d = diff(a, b)
     sys.stdout.write(render_text(d) if args.output == "table" else dump(d, args.output))
     sys.stdout.flush()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sensor.features import failed_required, run_checks
 
+from ..errors import EXIT_ENVIRONMENT
 from ..output import add_output_option, emit
 
 
@@ -26,4 +27,4 @@ def run(args, config) -> int:
     if args.output == "table":
         print("\nall required checks passed" if not failed else
               f"\n{len(failed)} required check(s) failed: {', '.join(c.name for c in failed)}")
-    return 1 if failed else 0
+    return EXIT_ENVIRONMENT if failed else 0

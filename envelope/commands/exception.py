@@ -35,7 +35,7 @@ def register(sub) -> None:
 
 def cmd_add(args, config) -> int:
     try:
-        workload = state.resolve_workload(config.state_dir, args.name)
+        workload = state.resolve_workload(config.state_dir, args.name, allow_new=True)
         e = exceptions.add(config.state_dir, workload, args.allow, args.ttl, reason=args.reason)
     except state.StateError as err:
         raise UserError(str(err)) from None

@@ -39,7 +39,7 @@ import time
 
 import structlog
 
-from ..errors import UserError
+from ..errors import EnvironmentFailure, UserError
 
 log = structlog.get_logger(__name__)
 
@@ -79,7 +79,7 @@ def cmd_exec(args, config) -> int:
     if not path or not os.access(path, os.X_OK):
         raise UserError(f"exec: {argv[0]}: command not found or not executable")
     if os.geteuid() != 0:
-        raise UserError("exec: needs root (cgroup and BPF attach)")
+        raise EnvironmentFailure("exec: needs root (cgroup and BPF attach)")
     from enforcer import audit
     from enforcer.policy import policy_hash
     details = {"mode": mode, "policy_mode": policy.mode, "policy_sha256": policy_hash(policy).hex(),

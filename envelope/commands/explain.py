@@ -2,7 +2,9 @@
 
 Answers "show me a policy you generated, and the closure rule that produced it": the four
 decisions, each allowed entry with its rule and evidence (or the admit reason), the review and
-watch lists, the validity fingerprint and triggers, and the coverage-stop numbers.
+watch lists, the validity fingerprint and triggers, and the coverage-stop numbers. IAM statements
+are listed with their access level, the closure rule of their resource pattern, the operations
+that needed each action and how the action was found.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def register(sub) -> None:
 
 def explanation(policy: Policy) -> dict:
     prov = provenance_of(policy)
+    statements = {st.id: st for st in policy.iam}
     allowed = []
     for atom in entry_atoms(policy):
         p = prov.get(atom)
@@ -43,6 +46,11 @@ def explanation(policy: Policy) -> dict:
         for k in ("reason", "detail", "flags"):
             if p.get(k):
                 item[k] = p[k]
+        if ev.get("values"):
+            item["values"] = ev["values"]  # MCP argument elements: the values they were derived from
+        if atom in statements:
+            st = statements[atom]
+            item.update(action=st.action, resource=st.resource, accessLevel=st.access_level)
         allowed.append(item)
     decisions = policy.to_dict()["spec"]["decisions"]  # with mode, substrates and validity filled in
     conf = decisions.get("confidence") or {}
@@ -50,6 +58,7 @@ def explanation(policy: Policy) -> dict:
     return {
         "policy": policy.metadata_name,
         "workload": policy.workload.key,
+        "iamIdentity": policy.iam_identity if "iam" in policy.substrates else None,
         "mode": policy.mode,
         "lowConfidence": policy.low_confidence,
         "decisions": {
@@ -65,6 +74,7 @@ def explanation(policy: Policy) -> dict:
         "watch": list(policy.watch),
         "detection": list(policy.detection),
         "coverage": conf.get("coverage") or {},
+        **({"mcpCatalog": dict(policy.mcp.catalog)} if policy.mcp is not None else {}),
     }
 
 
@@ -84,6 +94,28 @@ def _rules_text(clos: dict) -> list[str]:
             lines.append(f"exec: {r['rule']} when more than {r['siblingsAbove']} siblings, else exact")
         else:
             lines.append(f"{sub}: {r.get('rule')}")
+    m = rules.get("mcp")
+    if m:
+        a = m.get("arguments") or {}
+        text = f"mcp: {m.get('rule')}; arguments: {', '.join(a.get('rules') or [])}"
+        if "enumAbove" in a:
+            text += f" (enumeration up to {a['enumAbove']} values, directory prefix above {a['siblingsAbove']} siblings)"
+        lines.append(text)
+    iam = rules.get("iam")
+    if iam:
+        res = iam.get("resources") or {}
+        parts = []
+        for name, params in res.items():
+            if name == "name-variant-prefix":
+                parts.append(f"{name} ({', '.join(params.get('variables', []))}; stem >= {params.get('minStem')})")
+            elif name == "key-prefix":
+                parts.append(f"{name} (more than {params.get('siblingsAbove')} keys)")
+            else:
+                parts.append(name)
+        lines.append(f"iam: actions {iam.get('actions')}; resources: {', '.join(parts)}")
+        db = iam.get("actionDatabase")
+        if db:
+            lines.append(f"iam: action database {db['source']} schema {db['schemaVersion']}, {db['serviceModels']}")
     for g in clos.get("syscallGroups") or []:
         lines.append(f"syscall group {g['name']}: {', '.join(g['members'])} ({g['reason']})")
     if clos.get("flagged"):
@@ -124,15 +156,35 @@ def render_text(x: dict) -> str:
     out.append("")
     out.append(f"Allowed ({len(x['allowed'])} entries)")
     rows = []
+    iam = [a for a in x["allowed"] if a.get("accessLevel")]
     for a in x["allowed"]:
+        if a.get("accessLevel"):
+            continue
         why = a.get("reason") and f"admit: {a['reason']}" or a.get("detail") or a.get("note") or ""
+        if a.get("values"):
+            shown = ", ".join(a["values"][:4]) + (" ..." if len(a["values"]) > 4 else "")
+            why += f" (seen: {shown})"
         if a.get("flags"):
             why = f"[FLAGGED {','.join(a['flags'])}] " + why
         seen = "" if a.get("observed", True) else " (by its group)"
         rows.append([a["entry"] + seen, a.get("rule"), a.get("admitted"), a.get("count"), a.get("sessions"),
                      a.get("firstSeen"), a.get("lastSeen"), why])
-    out.append(table(rows, ["entry", "rule", "admitted", "count", "sessions", "first seen", "last seen",
-                            "evidence"]).rstrip("\n"))
+    if rows or not iam:
+        out.append(table(rows, ["entry", "rule", "admitted", "count", "sessions", "first seen", "last seen",
+                                "evidence"]).rstrip("\n"))
+    if iam or "iam" in d["granularity"]["substrates"]:
+        out.append("")
+        out.append(f"IAM statements ({len(iam)}) for {x.get('iamIdentity') or 'no known role'}")
+        for a in iam:
+            admitted = f"admit: {a['reason']}" if a.get("reason") else a.get("admitted")
+            flags = f"  [FLAGGED {','.join(a['flags'])}]" if a.get("flags") else ""
+            out.append(f"  {a['accessLevel']:<6} {a['action']}  {a['resource']}{flags}")
+            out.append(f"         rule {a.get('rule')}; {admitted}; {a.get('count')} occurrences over "
+                       f"{a.get('sessions')} sessions, {a.get('firstSeen')} to {a.get('lastSeen')}"
+                       + ("" if a.get("observed", True) else "; admitted with the action it depends on"))
+            for part in (a.get("detail") or "").split("; "):
+                if part:
+                    out.append(f"         {part}")
     out.append("")
     out.append(f"Review ({len(x['review'])} below threshold, neither allowed nor dropped; behaviours are watched)")
     rows = []
@@ -150,6 +202,11 @@ def render_text(x: dict) -> str:
                      "dangerous syscalls always deny)")
     out.append("")
     out.append(f"Watch ({len(x['watch'])}): " + (", ".join(x["watch"]) or "none"))
+    if "mcpCatalog" in x:
+        out.append("")
+        cat = x["mcpCatalog"]
+        out.append(f"MCP tool catalog ({len(cat)} tool definitions recorded; a changed one makes the policy stale)")
+        out += [f"  {name}: {h}" for name, h in cat.items()]
     if x["detection"]:
         out.append("")
         out.append(f"Detection ({len(x['detection'])} soft rules)")

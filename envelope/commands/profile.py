@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from sensor.identity import UNRESOLVED_NAMESPACE
 from sensor.store import ProfileStore, ProfileStoreError
+from sensor.workload import SUBSTRATES
 
 from ..errors import UserError
 from ..output import add_output_option, emit, iso
@@ -17,7 +19,7 @@ def register(sub) -> None:
     lp.set_defaults(func=cmd_list)
     sp = psub.add_parser("show", help="show one workload's profile")
     sp.add_argument("name", help="workload: name, namespace/name or namespace/kind/name/container")
-    sp.add_argument("--substrate", choices=["syscall", "egress", "exec"], help="only this substrate")
+    sp.add_argument("--substrate", choices=SUBSTRATES, help="only this substrate")
     add_output_option(sp)
     sp.set_defaults(func=cmd_show)
 
@@ -54,10 +56,17 @@ def cmd_list(args, config) -> int:
         start, end = p.window()
         b = p.behaviours()
         loss = sum(p.loss().values())
-        items.append({"workload": w.key, "sessions": p.session_count, "behaviours": len(b),
-                      "window": {"start": start, "end": end}, "loss": p.loss(), "capped": p.capped})
-        rows.append([w.key, p.session_count, len(b), iso(start), iso(end), loss,
-                     "capped" if p.capped else ""])
+        incomplete = sorted({s.meta["identity_incomplete"] for s in p.sessions()
+                             if s.meta.get("identity_incomplete")})
+        item = {"workload": w.key, "sessions": p.session_count, "behaviours": len(b),
+                "window": {"start": start, "end": end}, "loss": p.loss(), "capped": p.capped}
+        if w.namespace == UNRESOLVED_NAMESPACE:
+            item["unresolved"] = incomplete or ["identity incomplete"]
+        items.append(item)
+        flags = ["capped"] if p.capped else []
+        if "unresolved" in item:
+            flags.append("unresolved: " + "; ".join(item["unresolved"]))
+        rows.append([w.key, p.session_count, len(b), iso(start), iso(end), loss, ", ".join(flags)])
     emit(items, args.output, rows, ["workload", "sessions", "behaviours", "first", "last", "lost", "flags"])
     return 0
 

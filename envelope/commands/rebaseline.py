@@ -17,7 +17,7 @@ def register(sub) -> None:
 
 def cmd_rebaseline(args, config) -> int:
     try:
-        workload = state.resolve_workload(config.state_dir, args.name)
+        workload = state.resolve_workload(config.state_dir, args.name, allow_new=True)
         s = state.rebaseline(config.state_dir, workload, reason=args.reason)
     except state.StateError as e:
         raise UserError(str(e)) from None

@@ -28,8 +28,8 @@ def register(sub) -> None:
     p.add_argument("--fingerprint", action="append", metavar="KEY=VALUE",
                    help="validity fingerprint input, e.g. model=gpt-x (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress or summary on stderr")
-    p.add_argument("-o", "--output", choices=["none", "json", "yaml"], default="none",
-                   help="print a summary of the session on stdout")
+    p.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table",
+                   help="table: a summary line on stderr (default); json or yaml: the summary on stdout")
     p.add_argument("cmd", nargs="+", metavar="-- CMD [ARGS...]")
     p.set_defaults(func=cmd_record)
 
@@ -42,7 +42,7 @@ def cmd_record(args, config) -> int:
                  progress=progress_printer(not args.quiet))
     summary = {"workload": workload.key, "session": res.session, "exit_code": res.exit_code,
                "behaviours": res.behaviours, "loss": res.loss}
-    if args.output != "none":
+    if args.output != "table":
         sys.stdout.write(dump(summary, args.output))
     if not args.quiet:
         lost = f", LOST {res.loss}" if res.loss else ", no events lost"

@@ -2,7 +2,8 @@
 
 Answers "would this policy have broken us last week?" before anything is enforced. ``--since
 7d`` keeps only behaviours last seen in the final seven days of the profile's window.
-``--strict`` exits 1 when anything would have been denied.
+``--strict`` exits 1 when anything would have been denied on any substrate the policy encodes,
+or when the profile hit its caps (what was not kept cannot be shown to be allowed).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from enforcer.replay import replay
 
 from .. import options
-from ..errors import UserError
+from ..errors import EXIT_FINDINGS, UserError
 from ..output import add_output_option, dump, table
 from .derive import load_profile_arg, read_policy
 
@@ -24,7 +25,8 @@ def register(sub) -> None:
     p.add_argument("name", help="workload whose profile to replay (or a profile file)")
     p.add_argument("--since", default=None, metavar="DURATION",
                    help="only behaviours last seen within DURATION before the window end, e.g. 7d")
-    p.add_argument("--strict", action="store_true", help="exit 1 when anything would be denied")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 when anything would be denied, or the profile lost keys over its caps")
     add_output_option(p)
     p.set_defaults(func=cmd_replay)
 
@@ -55,7 +57,7 @@ def render_text(r: dict) -> str:
 
 
 def cmd_replay(args, config) -> int:
-    policy = read_policy(args.policy)
+    policy = read_policy(args.policy, judging=True)
     profile = load_profile_arg(args.name, config.state_dir)
     since = None
     if args.since:
@@ -64,4 +66,4 @@ def cmd_replay(args, config) -> int:
     r = replay(policy, profile, since)
     sys.stdout.write(render_text(r) if args.output == "table" else dump(r, args.output))
     sys.stdout.flush()
-    return 1 if args.strict and r["denied"] else 0
+    return EXIT_FINDINGS if args.strict and (r["denied"] or r["unknownOverflow"]) else 0

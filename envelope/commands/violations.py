@@ -1,9 +1,10 @@
 """``envelope violations [--workload NAME] [-o table|json|yaml]``: list recorded violations.
 
-Fields: time, workload, substrate (syscall, egress, exec, watch, detection), behaviour, action
-(denied or alerted), count (identical records folded within one flush), and in ``detail`` the
-process (pid, comm), the session, and for a network call a seccomp filter denied the
-destination it asked for. The table shows the process, the session and that destination.
+Fields: time, workload, substrate (syscall, egress, exec, file, http, mcp, iam, watch,
+detection), behaviour, action (denied or alerted), count (identical records folded within one
+flush), and in ``detail`` the process (pid, comm), the session, and for a network call a seccomp
+filter denied the destination it asked for. MCP gateway refusals and alerts (substrate ``mcp``)
+are listed beside the kernel's. The table shows the process, the session and that destination.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import time
 from enforcer.violations import ACTIONS, SUBSTRATES, ViolationStore, ViolationStoreError
 
 from .. import options
-from ..errors import UserError
+from ..errors import EXIT_FINDINGS, UserError
 from ..output import add_output_option, emit, iso
 
 
 def register(sub) -> None:
-    p = sub.add_parser("violations", help="list denied and alerted behaviour (seccomp, egress, watch, detection)")
+    p = sub.add_parser("violations", help="list denied and alerted behaviour (seccomp, egress, MCP, watch, detection)",
+                       description="List violations from the state dir. Exits 1 when any match "
+                                   "(a finding), 0 when none do.")
     p.add_argument("--workload", help="only this workload (name or full key)")
     p.add_argument("--substrate", choices=SUBSTRATES, help="only this substrate")
     p.add_argument("--action", choices=ACTIONS, help="only denied or only alerted")
@@ -40,7 +43,7 @@ def cmd_violations(args, config) -> int:
              v.detail.get("session", ""), _context(v.detail)] for v in items]
     emit(data, args.output, rows, ["time", "workload", "substrate", "behaviour", "action", "count",
                                    "process", "session", "context"])
-    return 0
+    return EXIT_FINDINGS if items else 0
 
 
 def _process(detail: dict) -> str:

@@ -92,6 +92,14 @@ class FakeEgressProgram:
     def set_mode(self, mode: str) -> None:
         self.st.mode = mode
 
+    def verify(self, rules, mode, policy_hash=b"") -> list[str]:
+        problems = []
+        if self.st.mode != mode:
+            problems.append(f"mode is {self.st.mode}, expected {mode}")
+        if tuple(compile_rules(rules, self.st.generation, self.limits).trie) != tuple(self.st.rules):
+            problems.append("rules differ")
+        return problems
+
     def state(self) -> tuple[int, str]:
         return split_state_word(state_word(self.st.generation, self.st.mode))
 

@@ -161,3 +161,89 @@ def test_alert_mode_reports_calls_outside_the_allowed_set(probe, cgroups):
     reader.close()
     assert [(syscall_name(ev.nr), ev.ret) for ev in events] == [("getsid", 0)]  # announced once
     assert totals(probe) == {("getsid", events[0].pid, False): 2}  # counted per call
+
+
+URING_C = os.path.join(os.path.dirname(__file__), "workloads", "uring_connect.c")
+
+
+@pytest.fixture(scope="module")
+def uring_connect(tmp_path_factory) -> str:
+    import shutil
+    import subprocess
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.fail("gcc is needed to build the io_uring workload; run make setup")
+    out = tmp_path_factory.mktemp("uring") / "uring_connect"
+    subprocess.run([gcc, "-O1", "-Wall", "-o", str(out), URING_C], check=True)
+    return str(out)
+
+
+def run_in_cgroup(cgroup_path, argv):
+    import subprocess
+
+    def join():
+        with open(os.path.join(cgroup_path, "cgroup.procs"), "w") as f:
+            f.write("0")
+    return subprocess.run(argv, preexec_fn=join, capture_output=True, text=True, timeout=30)
+
+
+def test_io_uring_operations_are_announced_once_and_judged_against_the_profile(
+        probe, cgroups, uring_connect):
+    """connect(2) done by the ring: seccomp never sees it, the submission tracepoint does."""
+    import socket
+    from sensor.events import IoUringOpEvent
+    from enforcer.seccomp import DENY_ERRNO
+    from enforcer.violations import from_io_uring_event
+    if not probe.io_uring:
+        pytest.skip("this kernel has no io_uring:io_uring_submit_req tracepoint")
+    path, cid = cgroups["watched"]
+    allowed = frozenset({"io_uring_setup", "io_uring_enter", "socket", "close", "mmap"})
+    probe.watch(cid, "enforce", DENY_ERRNO, allowed)
+    probe.watch(cgroups["other"][1], "enforce", DENY_ERRNO, allowed)
+    reader, events = collect(probe)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        done = run_in_cgroup(path, [uring_connect, str(port), "3"])
+        assert done.returncode == 0, done.stderr
+        # the NOP completed, then three connects succeeded through the ring
+        assert done.stdout.split("\n")[:4] == ["0 0", "16 0", "16 0", "16 0"]
+    reader.poll(100)
+    reader.drain()
+    reader.close()
+    ours = [ev for ev in events if isinstance(ev, IoUringOpEvent)]
+    assert sorted((ev.op, ev.syscall) for ev in ours) == [("CONNECT", "connect"), ("NOP", None)]
+    assert all(ev.cgroup_id == cid and not ev.sq_thread for ev in ours)
+    # only the connect is outside the profile; the NOP has no syscall to judge
+    judged = [from_io_uring_event(ev, "default/agent", 0.0, allowed) for ev in ours]
+    reported = [v for v in judged if v is not None]
+    assert [(v.behaviour, v.action, v.detail["via"]) for v in reported] == [
+        ("syscall:connect", "alerted", "io_uring")]
+    assert from_io_uring_event(next(e for e in ours if e.op == "CONNECT"), "default/agent", 0.0,
+                               allowed | {"connect"}) is None
+
+
+def test_io_uring_is_announced_again_after_the_cgroup_is_rewatched(probe, cgroups, uring_connect):
+    """A policy update rewrites the cgroup's entry: its operations are judged afresh."""
+    import socket
+    from sensor.events import IoUringOpEvent
+    from enforcer.seccomp import DENY_ERRNO
+    if not probe.io_uring:
+        pytest.skip("this kernel has no io_uring:io_uring_submit_req tracepoint")
+    path, cid = cgroups["watched"]
+    probe.watch(cid, "enforce", DENY_ERRNO, ())
+    reader, events = collect(probe)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = str(listener.getsockname()[1])
+        assert run_in_cgroup(path, [uring_connect, port, "1"]).returncode == 0
+        assert run_in_cgroup(path, [uring_connect, port, "1"]).returncode == 0
+        probe.watch(cid, "enforce", DENY_ERRNO, ())
+        assert run_in_cgroup(path, [uring_connect, port, "1"]).returncode == 0
+    reader.poll(100)
+    reader.drain()
+    reader.close()
+    connects = [ev for ev in events if isinstance(ev, IoUringOpEvent) and ev.op == "CONNECT"]
+    assert len(connects) == 2  # first run, then after the rewatch; the second run not at all

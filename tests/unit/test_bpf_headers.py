@@ -23,7 +23,8 @@ C_TYPES = {"__u8": 1, "__u16": 2, "__u32": 4, "__u64": 8, "__s8": 1, "__s16": 2,
            "__s64": 8, "char": 1}
 BYTE_TYPES = ("char", "__u8")
 RECORDS = [events.ExecRecord, events.ForkRecord, events.ExitRecord, events.NetRecord,
-           events.SyscallFirstRecord, events.EgressViolationRecord, events.SeccompDenialRecord]
+           events.SyscallFirstRecord, events.EgressViolationRecord, events.SeccompDenialRecord,
+           events.IoUringOpRecord]
 MIRRORS = {"events.h": [events.EventHeader, *RECORDS, *mirrors.MAP_MIRRORS["events.h"]],
            **{h: list(ms) for h, ms in mirrors.MAP_MIRRORS.items() if h != "events.h"}}
 
@@ -142,6 +143,7 @@ def test_type_numbers_match_and_are_unique():
         "EXEC_F_NO_ARGV", "EXEC_F_PPID_UNKNOWN", "EXIT_F_CODE_KNOWN", "NET_OP_CONNECT",
         "NET_OP_SENDMSG", "NET_F_RET_KNOWN", "EGRESS_OP_CONNECT", "EGRESS_OP_SENDMSG",
         "EGRESS_ACTION_ALERTED", "EGRESS_ACTION_DENIED", "ENV_AF_INET", "ENV_AF_INET6",
+        "IO_URING_OP_NAME_LEN",
         "LOSS_SYSCALL_UNATTRIBUTED", "LOSS_CGROUP_REMOVED_DROPPED", "LOSS_SLOTS")],
     (mirrors, "events.h", "SYSCALL_NR_SLOTS"), (mirrors, "events.h", "SYSCALL_BANKS"),
     *[(mirrors, "egress.h", n) for n in (

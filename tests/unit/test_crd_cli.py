@@ -188,3 +188,27 @@ def test_compile_networkpolicy_with_services_from_the_cluster_and_from_a_file(ku
     out, err = capsys.readouterr()
     assert rc == 0 and "toEndpoints" in out and "egressDeny" not in out
     assert main(["compile", str(path), "--format", "cilium", "--services", str(tmp_path / "missing.json")]) == 2
+
+
+def test_the_replay_gate_keeps_a_breaking_enforce_policy_out_of_the_cluster(kube, capsys, tmp_path):
+    """An enforce-mode policy reaches the cluster only if nothing in the workload's merged evidence
+    would be denied; alert mode is not gated; skipping the gate is audited."""
+    publish(kube)  # evidence: read and openat on two nodes
+    breaks = tmp_path / "breaks.yaml"
+    breaks.write_text(dump_policy(Policy(W, mode="enforce", substrates=("syscall",), syscalls=("read",))))
+    rc = main(["--state-dir", str(tmp_path / "state"), "cluster", "--kubeconfig", kube.kubeconfig, "apply",
+               str(breaks)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "would deny 1 observed behaviours (syscall:openat)" in err
+    node = ClusterPolicies.from_api_client(kube.api_client(), "node-a", backoff=Backoff(attempts=1))
+    assert node.list()[0] == []  # nothing was created
+    holds = tmp_path / "holds.yaml"
+    holds.write_text(dump_policy(Policy(W, mode="enforce", substrates=("syscall",), syscalls=("read", "openat"))))
+    assert main(["--state-dir", str(tmp_path / "state"), "cluster", "--kubeconfig", kube.kubeconfig, "apply",
+                 str(holds)]) == 0
+    assert main(["--state-dir", str(tmp_path / "state"), "cluster", "--kubeconfig", kube.kubeconfig, "apply",
+                 str(breaks), "--skip-replay-gate", "incident 42: deny openat now"]) == 0
+    from enforcer import audit
+    [entry] = audit.read(tmp_path / "state", action="replay.gate.skipped")
+    assert entry["reason"] == "incident 42: deny openat now" and entry["workload"] == W.key
+    capsys.readouterr()

@@ -267,6 +267,7 @@ def derived_policies() -> list:
                                        mode="enforce")))
     golden = sorted((ROOT / "tests" / "golden" / "compiled" / "policies").glob("*.yaml"))
     out += [load_policy(f) for f in golden]
+    out.append(load_policy(ROOT / "tests" / "golden" / "policies" / "corpus-agent.iam.policy.yaml"))
     return out
 
 
@@ -287,6 +288,10 @@ def test_policy_schema_rejects_what_the_enforcer_cannot_act_on():
                    lambda o: o["spec"]["allow"]["egress"].append({"proto": "icmp", "cidr": "0.0.0.0/0",
                                                                   "ports": [1]}),
                    lambda o: o["spec"]["allow"].update(files=["/etc"]),
+                   lambda o: o["spec"]["allow"].update(iam=[{"action": "s3:GetObject", "resource": "arn:aws:s3:::b/*",
+                                                             "accessLevel": "Everything", "rule": "exact"}]),
+                   lambda o: o["spec"]["allow"].update(iam=[{"action": "s3 GetObject", "resource": "*",
+                                                             "accessLevel": "Read", "rule": "exact"}]),
                    lambda o: o["spec"]["workload"].pop("container")):
         bad = copy.deepcopy(obj)
         mutate(bad)

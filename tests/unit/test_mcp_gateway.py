@@ -11,11 +11,12 @@ import json
 import pytest
 
 from enforcer import mcp_protocol as proto
-from enforcer.mcp_envelope import EnvelopeOptions, derive_envelope
-from enforcer.mcp_gateway import CatalogSeen, Finding, Gateway, GatewayCore, Limits, Observed, Problem, Stale
-from sensor.mcp_evidence import ArgumentEvidence, flatten, tool_call_key, tool_hash
-from sensor.mcp_sink import EvidenceSink
-from sensor.workload import Workload
+from enforcer.mcp_envelope import McpJudge
+from enforcer.mcp_gateway import Admitted, CatalogSeen, Finding, Gateway, GatewayCore, Limits, Observed, Problem, Stale
+from sensor.mcp_evidence import TOOLS_LIST, catalog_fingerprint, tool_call_key, tool_hash
+from sensor.mcp_sink import ProfileSink
+
+from tests.unit.mcp_profiles import W, judge_of
 
 META = {"_meta": {proto.PROTOCOL_VERSION_META: "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}}
 LOG_TOOL = {"name": "git_log", "description": "Shows the commit logs",
@@ -34,14 +35,15 @@ def call(rid, name, arguments, stateless=False) -> bytes:
     return msg(id=rid, method="tools/call", params=params)
 
 
-def envelope(mode="enforce"):
-    e = ArgumentEvidence()
+def envelope() -> McpJudge:
+    calls = []
     for s in range(3):
+        calls.append((f"s{s}", TOOLS_LIST, {}))
         for n in (1, 3):
-            e.add(f"s{s}", tool_call_key("git_log"), flatten({"repo_path": "/srv/repo", "max_count": n})[0], 10.0)
-        e.add(f"s{s}", tool_call_key("git_status"), flatten({"repo_path": "/srv/repo"})[0], 10.0)
-    e.add_catalog("sha256:x", {t["name"]: tool_hash(t) for t in (LOG_TOOL, STATUS_TOOL)}, 10.0)
-    return derive_envelope(Workload.host("agent"), e, options=EnvelopeOptions(min_count=3, min_sessions=3, mode=mode))
+            calls.append((f"s{s}", tool_call_key("git_log"), {"repo_path": "/srv/repo", "max_count": n}))
+        calls.append((f"s{s}", tool_call_key("git_status"), {"repo_path": "/srv/repo"}))
+    tools = {t["name"]: tool_hash(t) for t in (LOG_TOOL, STATUS_TOOL)}
+    return judge_of(calls, [(catalog_fingerprint(tools), tools)])
 
 
 def test_observe_relays_every_byte_unchanged_and_records():
@@ -87,7 +89,7 @@ def test_enforce_refuses_in_band_in_the_sessions_era(stateless):
 
 
 def test_alert_relays_and_reports():
-    core = GatewayCore(envelope("alert"), "alert")
+    core = GatewayCore(envelope(), "alert")
     data = call(1, "git_commit", {"repo_path": "/srv/repo", "message": "m"})
     d = core.from_client("s", data, 1.0)
     assert d.forward is data and d.reply is None
@@ -113,8 +115,8 @@ def test_enforce_filters_listings_and_detects_a_changed_tool():
     cat = [e for e in d.events if isinstance(e, CatalogSeen)][0]
     assert set(cat.tools) == {"git_log", "git_status", "git_commit"}
     d = core.from_client("s", call(3, "git_status", {"repo_path": "/srv/repo"}), 5.0)
-    assert "changed since the envelope was derived" in json.loads(d.reply)["result"]["content"][0]["text"]
-    alert = GatewayCore(envelope("alert"), "alert")
+    assert "changed since the policy was derived" in json.loads(d.reply)["result"]["content"][0]["text"]
+    alert = GatewayCore(envelope(), "alert")
     alert.from_client("s", msg(id=1, method="tools/list"), 1.0)
     d = alert.from_server("s", msg(id=1, result={"tools": [LOG_TOOL, poisoned]}), 2.0)
     assert json.loads(d.forward)["result"]["tools"][1]["description"] == poisoned["description"]
@@ -134,7 +136,7 @@ def test_enforce_fails_closed_when_it_cannot_evaluate():
         def judge_call(self, key, arguments):
             raise KeyError("bug")
 
-    core.envelope = Broken()
+    core.judge = Broken()
     d = core.from_client("s", call(4, "git_log", {}), 1.0)
     assert "cannot evaluate" in json.loads(d.reply)["result"]["content"][0]["text"]
 
@@ -180,11 +182,8 @@ def test_malformed_and_oversized_messages_from_either_side():
 
 
 def test_resource_templates_and_prompt_refusals():
-    e = ArgumentEvidence()
-    for s in range(3):
-        e.add(f"s{s}", "mcp:resources/read:file:///logs/{name}", {}, 1.0)
-    env = derive_envelope(Workload.host("agent"), e, options=EnvelopeOptions(min_count=3, min_sessions=3))
-    core = GatewayCore(env, "enforce")
+    judge = judge_of([(f"s{s}", "mcp:resources/read:file:///logs/{name}", {}) for s in range(3)])
+    core = GatewayCore(judge, "enforce")
     core.from_client("s", msg(id=1, method="resources/templates/list"), 1.0)
     core.from_server("s", msg(id=1, result={"resourceTemplates": [{"uriTemplate": "file:///logs/{name}",
                                                                    "name": "logs"}]}), 1.0)
@@ -196,19 +195,50 @@ def test_resource_templates_and_prompt_refusals():
     assert json.loads(d.reply)["error"]["code"] == proto.REFUSED
 
 
+def test_tools_list_is_judged_and_exceptions_are_reported_as_admitted():
+    judge = envelope()
+    core = GatewayCore(judge, "enforce")
+    assert core.from_client("s", msg(id=1, method="tools/list"), 1.0).forward  # seen in every session
+    bare = GatewayCore(judge_of([(f"s{s}", tool_call_key("git_log"), {}) for s in range(3)]), "enforce")
+    d = bare.from_client("s", msg(id=1, method="tools/list"), 1.0)
+    assert json.loads(d.reply)["error"]["code"] == proto.REFUSED and "mcp:tools/list" in d.reply.decode()
+    judge.set_exceptions({tool_call_key("git_commit"): "exception:e1"})
+    core.from_client("s", msg(id=2, method="tools/list"), 2.0)
+    d = core.from_server("s", msg(id=2, result={"tools": [LOG_TOOL, COMMIT_TOOL]}), 2.0)
+    assert [t["name"] for t in json.loads(d.forward)["result"]["tools"]] == ["git_log", "git_commit"]
+    d = core.from_client("s", call(3, "git_commit", {"message": "m"}), 3.0)
+    assert d.forward and [(e.behaviour, e.exception) for e in d.events if isinstance(e, Admitted)] == [
+        (tool_call_key("git_commit"), "exception:e1")]
+
+
+def test_the_mode_can_change_while_running():
+    core = GatewayCore(envelope(), "observe")
+    bad = call(1, "git_log", {"repo_path": "/etc"})
+    assert core.from_client("s", bad, 1.0).forward is bad
+    core.set_mode("enforce")
+    assert core.from_client("s", call(2, "git_log", {"repo_path": "/etc"}), 2.0).reply
+    core.set_mode("alert")
+    assert core.from_client("s", call(3, "git_log", {"repo_path": "/etc"}), 3.0).forward
+    with pytest.raises(ValueError, match="needs a policy"):
+        GatewayCore(None, "observe").set_mode("enforce")
+
+
 def test_driver_sends_observations_to_the_sink_and_survives_a_failing_one():
-    sink = EvidenceSink()
-    reports = []
-    gw = Gateway(GatewayCore(envelope("alert"), "alert"), sink, reports.append, clock=lambda: 100.0)
+    sink = ProfileSink(None, W, "n/mcp")
+    reports, followed = [], []
+    gw = Gateway(GatewayCore(envelope(), "alert"), sink, reports.append, clock=lambda: 100.0,
+                 follow=lambda core, now: followed.append(now))
     gw.open("s")
     gw.client("s", call(1, "git_log", {"repo_path": "/srv/repo", "max_count": 9}))
     assert sink.evidence.calls["mcp:tools/call:git_log"].paths["max_count"].values["9"].count == 1
-    assert [type(r) for r in reports] == [Finding]
+    assert [type(r) for r in reports] == [Finding] and followed == [100.0]
+    gw.flush()
+    assert sink.profile.behaviours()["mcp:tools/call:git_log"].count == 1
 
-    class Failing(EvidenceSink):
+    class Failing(ProfileSink):
         def observe(self, *a):
             raise OSError("disk full")
 
-    gw = Gateway(GatewayCore(None, "observe"), Failing(), None)
+    gw = Gateway(GatewayCore(None, "observe"), Failing(None, W, "n/mcp"), None)
     d = gw.client("s", call(1, "git_log", {}))
     assert d.forward is not None and gw.errors == 1

@@ -13,7 +13,7 @@ from mcp_server_git.server import create_server as git_http_server
 from mcp_server_time.server import create_server as time_http_server
 
 from enforcer import audit
-from sensor.mcp_store import McpEvidenceStore
+from sensor.store import ProfileStore
 from sensor.workload import Workload
 from tests.unit.mcp_peers import POISON, Proxy, ServedApp, envelope, git, make_repo, session, text
 
@@ -39,12 +39,12 @@ def test_sessions_derive_and_enforce_over_http(tmp_path):
                 assert version == ERAS[era]
                 assert all(not r.is_error for r in results), [text(r) for r in results]
         assert px.proc.returncode == 0, px.stderr
-        ev = McpEvidenceStore(state).load(Workload.host(w))
+        ev = ProfileStore(state).load(Workload.host(w)).arguments()
         status = ev.calls["mcp:tools/call:git_status"].calls
         # three handshake-era MCP sessions, and the run's own session for the stateless requests
         assert status.count == 5 and status.sessions == 4
         assert len(ev.catalogs) == 1  # both eras list the same catalog
-        out = envelope(state, "mcp", "derive", "--workload", w, "--min-count", "3", "--min-sessions", "3",
+        out = envelope(state, "derive", w, "--substrates", "mcp", "--force", "--min-count", "3", "--min-sessions", "3",
                        "--out", str(tmp_path / "env.yaml"))
         assert out.returncode == 0, out.stderr
 
@@ -84,7 +84,7 @@ def test_a_changed_tool_description_is_detected_over_http(tmp_path):
         with Proxy(state, "t", upstream.url) as px:
             for _ in range(3):
                 anyio.run(session, px.url, [("get_current_time", {"timezone": "Asia/Tokyo"})], "legacy")
-    assert envelope(state, "mcp", "derive", "--workload", "t", "--min-count", "3", "--out",
+    assert envelope(state, "derive", "t", "--substrates", "mcp", "--force", "--min-count", "3", "--out",
                     str(tmp_path / "env.yaml")).returncode == 0
     poisoned = time_http_server("UTC")
     poisoned._tool_manager.get_tool("get_current_time").description = POISON
@@ -93,7 +93,7 @@ def test_a_changed_tool_description_is_detected_over_http(tmp_path):
             _, tools, results = anyio.run(session, px.url, [("get_current_time", {"timezone": "Asia/Tokyo"})])
             assert tools == [] and results[0].is_error and "changed since" in text(results[0])
     assert "tool definition changed" in px.stderr
-    assert [e["details"]["tool"] for e in audit.read(state, action="policy.stale")] == ["get_current_time"]
+    assert [e["details"]["tools"] for e in audit.read(state, action="policy.stale")] == [["get_current_time"]]
 
 
 def test_malformed_and_oversized_messages_over_http(tmp_path):
@@ -168,9 +168,9 @@ def test_resources_and_prompts_over_http(tmp_path):
             for name in ("app.log", "db.log", "web.log"):
                 got = anyio.run(_docs_session, px.url, [f"file:///logs/{name}"], ["short"])
                 assert got == [f"contents of {name}", "Summarise the logs in a short style."]
-        ev = McpEvidenceStore(state).load(Workload.host("docs"))
+        ev = ProfileStore(state).load(Workload.host("docs")).arguments()
         assert set(ev.calls) == {"mcp:resources/read:file:///logs/{name}", "mcp:prompts/get:summarise"}
-        assert envelope(state, "mcp", "derive", "--workload", "docs", "--min-count", "3", "--out",
+        assert envelope(state, "derive", "docs", "--substrates", "mcp", "--force", "--min-count", "3", "--out",
                         str(tmp_path / "env.yaml")).returncode == 0
         with Proxy(state, "docs", upstream.url, "--policy", str(tmp_path / "env.yaml"), "--mode", "enforce") as px:
             got = anyio.run(_docs_session, px.url, ["file:///logs/new.log", "file:///etc/passwd"],

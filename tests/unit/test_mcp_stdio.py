@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from enforcer import audit
-from sensor.mcp_store import McpEvidenceStore
+from sensor.store import ProfileStore
 from sensor.workload import Workload
 
 from tests.unit.mcp_peers import (
@@ -56,12 +56,12 @@ def test_record_derive_enforce_with_mcp_server_git(tmp_path, era):
         assert "git_commit" in {t.name for t in tools}
         assert all(not r.is_error for r in results), [text(r) for r in results]
 
-    evidence = McpEvidenceStore(state).load(Workload.host(w))
+    evidence = ProfileStore(state).load(Workload.host(w)).arguments()
     log_calls = evidence.calls["mcp:tools/call:git_log"]
     assert log_calls.calls.count == 6 and log_calls.calls.sessions == 3
     assert evidence.catalogs and all("git_commit" in c["tools"] for c in evidence.catalogs.values())
 
-    out = envelope(state, "mcp", "derive", "--workload", w, "--min-count", "3", "--min-sessions", "3",
+    out = envelope(state, "derive", w, "--substrates", "mcp", "--force", "--min-count", "3", "--min-sessions", "3",
                    "--out", str(tmp_path / "env.yaml"))
     assert out.returncode == 0, out.stderr
     env_text = (tmp_path / "env.yaml").read_text()
@@ -105,7 +105,7 @@ def test_a_changed_tool_description_is_detected(tmp_path):
         _, _, results = run(session, wrap_params(state, w, time_server()),
                             [("get_current_time", {"timezone": tz})] * 2)
         assert not results[0].is_error
-    out = envelope(state, "mcp", "derive", "--workload", w, "--min-count", "2", "--min-sessions", "1",
+    out = envelope(state, "derive", w, "--substrates", "mcp", "--force", "--min-count", "2", "--min-sessions", "1",
                    "--out", str(tmp_path / "env.yaml"))
     assert out.returncode == 0, out.stderr
 
@@ -116,13 +116,13 @@ def test_a_changed_tool_description_is_detected(tmp_path):
             _, tools, results = run(session, params, [("get_current_time", {"timezone": "Europe/Paris"})], "auto", log)
         if mode == "enforce":
             assert "get_current_time" not in {t.name for t in tools}
-            assert results[0].is_error and "changed since the envelope was derived" in text(results[0])
+            assert results[0].is_error and "changed since the policy was derived" in text(results[0])
         else:
             assert [t.description for t in tools if t.name == "get_current_time"] == [POISON]
             assert not results[0].is_error
         assert "tool definition changed" in (tmp_path / f"{mode}.log").read_text()
     stale = audit.read(state, action="policy.stale")
-    assert len(stale) == 2 and stale[0]["details"]["tool"] == "get_current_time"
+    assert len(stale) == 2 and stale[0]["details"]["tools"] == ["get_current_time"]
     assert audit.verify(state).ok
 
 
@@ -158,7 +158,7 @@ def test_malformed_and_oversized_messages_from_the_client(tmp_path):
         stderr = proc.stderr.read().decode()
     assert rc == 0, stderr
     assert stderr.count("mcp message not relayed") == 3
-    ev = McpEvidenceStore(state).load(Workload.host("raw"))
+    ev = ProfileStore(state).load(Workload.host("raw")).arguments()
     assert list(ev.calls) == ["mcp:tools/call:get_current_time"] and ev.calls["mcp:tools/call:get_current_time"].calls.count == 1
 
 
@@ -181,31 +181,38 @@ def test_a_broken_server_cannot_crash_the_gateway(tmp_path):
     assert not results[1].is_error and "change 0" in text(results[1])
     stderr = (tmp_path / "log").read_text()
     assert stderr.count("mcp message not relayed") == 3  # two junk lines, one oversized answer
-    ev = McpEvidenceStore(state).load(Workload.host("noisy"))
+    ev = ProfileStore(state).load(Workload.host("noisy")).arguments()
     assert ev.calls["mcp:tools/call:git_show"].calls.count == 2
 
 
 def test_bad_invocations_are_one_line_errors(tmp_path):
+    from enforcer.policy import Policy, dump_policy
+
+    kernel_only = tmp_path / "kernel.yaml"
+    kernel_only.write_text(dump_policy(Policy(Workload.host("w"), syscalls=("read",))))
+    other = tmp_path / "other.yaml"
+    other.write_text(dump_policy(Policy(Workload.host("someone-else"), substrates=("mcp",))))
     for args, needle in ((["mcp", "wrap", "--workload", "w", "--mode", "enforce", "--", "true"], "needs --policy"),
                          (["mcp", "wrap", "--workload", "w", "--policy", str(tmp_path / "none.yaml"), "--", "true"],
                           "cannot read"),
+                         (["mcp", "wrap", "--workload", "w", "--policy", str(kernel_only), "--", "true"],
+                          "does not include the mcp substrate"),
+                         (["mcp", "wrap", "--workload", "w", "--policy", str(other), "--", "true"],
+                          "is for workload host/Unit/someone-else/main"),
                          (["mcp", "wrap", "--workload", "w", "--", "/nonexistent/server"], "cannot start"),
-                         (["mcp", "derive", "--workload", "nobody"], "no MCP evidence"),
+                         (["derive", "nobody", "--substrates", "mcp"], "no profile for workload"),
                          (["mcp", "proxy", "--workload", "w", "--listen", "nope", "--upstream", "http://x/mcp"],
                           "HOST:PORT")):
         out = envelope(tmp_path / "state", *args)
         assert out.returncode == 2, (args, out.stderr)
         err = [line for line in out.stderr.splitlines() if line.startswith("envelope: error:")]
         assert len(err) == 1 and needle in err[0], out.stderr
-    evidence = McpEvidenceStore(tmp_path / "state")
-    evidence.path_for(Workload.host("torn")).parent.mkdir(parents=True, exist_ok=True)
-    evidence.path_for(Workload.host("torn")).write_bytes(b"\x81\xa6schema")
-    out = envelope(tmp_path / "state", "mcp", "derive", "--workload", "torn")
-    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "corrupt or truncated" in out.stderr
     (tmp_path / "bad.yaml").write_text("apiVersion: envelope.dev/v1alpha1\nkind: McpEnvelope\nspec: []\n")
     out = envelope(tmp_path / "state", "mcp", "wrap", "--workload", "w", "--policy", str(tmp_path / "bad.yaml"),
                    "--", "true")
-    assert out.returncode == 2 and "spec: expected a mapping" in out.stderr
+    assert out.returncode == 2 and "kind: 'McpEnvelope' is not LeastPrivilegePolicy" in out.stderr
+    out = envelope(tmp_path / "state", "mcp", "derive", "--workload", "w")  # retired: envelope derive does it
+    assert out.returncode == 2 and "invalid choice: 'derive'" in out.stderr
 
 
 def test_the_server_exit_status_is_passed_through(tmp_path):

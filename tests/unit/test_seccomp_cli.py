@@ -35,7 +35,7 @@ def compile_(tmp_path, *args) -> int:
 
 def test_report_names_runtime_completeness(tmp_path, capsys):
     out, rep = tmp_path / "p.json", tmp_path / "r.json"
-    assert compile_(tmp_path, str(AGENT), "--format", "oci-seccomp", "-o", str(out),
+    assert compile_(tmp_path, str(AGENT), "--format", "oci-seccomp", "--out", str(out),
                     "--report", str(rep)) == 0
     err = capsys.readouterr().err
     assert "runtime-completeness:runc" in err and "compat-fallback:enosys" in err
@@ -56,7 +56,8 @@ def test_runtime_none_and_mode_override(tmp_path, capsys):
     assert profile["defaultAction"] == "SCMP_ACT_LOG"
     # no runtime set: the policy's own rule, plus the socket calls left to the egress programs
     assert sorted({r["comment"] for r in profile["syscalls"]}) == [
-        "baseline:process-end", "egress-mediated", "policy:agents/Deployment/research-agent/main"]
+        "baseline:process-end", "egress-completeness:sockets", "egress-mediated",
+        "policy:agents/Deployment/research-agent/main"]
 
 
 def test_host_unit_gets_no_runtime_set_by_default(tmp_path, capsys):
@@ -85,7 +86,7 @@ def test_malformed_policy_clear_error_writes_nothing(tmp_path, capsys, mutate, m
     out = tmp_path / "out"
     out.write_text("previous artefact\n")
     rep = tmp_path / "report.json"
-    assert compile_(tmp_path, str(bad), "--format", fmt, "-o", str(out), "--report", str(rep)) == 2
+    assert compile_(tmp_path, str(bad), "--format", fmt, "--out", str(out), "--report", str(rep)) == 2
     err = capsys.readouterr().err
     assert err.startswith("envelope: error:") and err.count("\n") == 1 and msg in err
     assert out.read_text() == "previous artefact\n"

@@ -23,7 +23,7 @@ FORMATS = {"oci-seccomp": "oci.json", "spo": "spo.yaml", "networkpolicy": "netwo
 def compile_to(tmp_path, policy: Path, fmt: str) -> bytes:
     out = tmp_path / f"{policy.stem}.{FORMATS[fmt]}"
     rc = main(["--state-dir", str(tmp_path / "state"), "compile", str(policy), "--format", fmt,
-               "-o", str(out)])
+               "--out", str(out)])
     assert rc == 0
     return out.read_bytes()
 

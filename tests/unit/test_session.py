@@ -227,3 +227,43 @@ def test_seccomp_denials_are_counted_in_the_kernel_and_named_by_their_first_sigh
     [v] = s.poll_violations(final=True)
     assert v.count == 5  # deltas, never the total twice
     assert s.poll_violations(final=True) == []
+def test_tampering_with_the_pinned_state_is_repaired_audited_and_reported(env):
+    kernel, session, paths, state, bpffs = env
+    s = session(verify_interval=0)
+    s.apply(policy(), "enforce", paths[:2])
+    pinned = kernel.state_of(pin_dir_for(bpffs, W.key))
+    assert s.sync() == [] and s.poll_violations() == []  # intact: nothing to do
+    rules = pinned.rules
+    pinned.mode = "observe"  # what a root process with the pinned config map could write
+    pinned.rules = ()
+    pinned.attached.discard(paths[1])
+    assert s.sync() == [W.key]
+    assert pinned.mode == "enforce" and len(pinned.rules) == len(rules) and paths[1] in pinned.attached
+    assert s.sync() == []  # intact again (the swap wrote the other generation)
+    [v] = s.poll_violations()
+    assert s.poll_violations() == []
+    assert (v.substrate, v.action, v.detail["repaired"]) == ("integrity", "alerted", True)
+    assert {p.split(",")[0] for p in v.detail["problems"]} >= {"mode is observe", "rules differ"}
+    [entry] = audit.read(state, action="policy.tamper")
+    assert entry["workload"] == W.key and "programs detached from 1 cgroups" in entry["details"]["problems"]
+
+
+def test_io_uring_operations_are_judged_against_the_cgroups_profile(env):
+    from sensor.events import IoUringOpRecord
+    kernel, session, paths, state, bpffs = env
+    s = session(denials=True, clock=time.time)
+    s.apply(policy(POD), "enforce", paths[:1])
+    [probe] = kernel.probes
+    [cid] = probe.watched
+    allowed = probe.watched[cid][2]
+    # connect is left to the egress programs (egress-mediated), which judge a ring's connect too
+    assert "openat" in allowed and "connect" in allowed and "unlinkat" not in allowed
+
+    def op(name, opcode):
+        return IoUringOpRecord.pack(type=IoUringOpRecord.type, version=1,
+                                    size=IoUringOpRecord.size(), cgroup_id=cid, pid=7,
+                                    opcode=opcode, op=name.encode())
+    kernel.rings[probe.events_fd] += [op("UNLINKAT", 36), op("CONNECT", 16), op("OPENAT", 18), op("NOP", 0)]
+    [v] = s.poll_violations()
+    assert (v.workload, v.behaviour, v.action) == (POD.key, "syscall:unlinkat", "alerted")
+    assert (v.detail["via"], v.detail["op"], v.detail["cgroup_id"]) == ("io_uring", "UNLINKAT", cid)

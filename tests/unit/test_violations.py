@@ -85,7 +85,7 @@ def egress_record(addr: str, port: int, proto=6, op=0, action=1, cgroup_id=77, p
 
 def test_from_record_egress_keys_and_actions():
     r = from_record(egress_record("10.0.3.7", 443), lambda cid: WL if cid == 77 else None, 10.0,
-                    lambda cid: "exec-1-1" if cid == 77 else None)
+                    session_of=lambda cid: "exec-1-1" if cid == 77 else None)
     assert (r.substrate, r.behaviour, r.action, r.workload) == ("egress", "connect:tcp:10.0.3.7:443", "denied", WL)
     assert r.detail == {"pid": 9, "comm": "nginx", "session": "exec-1-1", "cgroup_id": 77}
     r = from_record(egress_record("::1", 53, proto=17, op=1, action=0), lambda cid: WL, 10.0)

@@ -147,3 +147,10 @@ write("seccomp_denial_socket", hdr(7, 96, version=2) + [
     "destination": None, "family": None,
     "socket": {"domain": "AF_NETLINK", "type": "SOCK_RAW", "protocol": 0},
     "behaviour_key": "syscall:socket"})
+
+write("io_uring_op", hdr(40, 56) + [
+    ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
+    ("opcode", b"\x10"), ("sq_thread", b"\x00"), ("pad", struct.pack("<H", 0)),
+    ("op", cstr(b"CONNECT", 24)),
+], {"type": "io_uring_op", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "opcode": 16,
+    "op": "CONNECT", "sq_thread": False, "syscall": "connect", "behaviour_key": None})

@@ -113,7 +113,39 @@ def batch_job() -> Profile:
     return p
 
 
-PROFILES = {"research-agent": research_agent, "code-agent": code_agent, "batch-job": batch_job}
+def corpus_agent() -> Profile:
+    """The research-corpus agent of the README: five days of sessions that list the bucket
+    research-corpus-v2, read two or three papers, check one with HeadObject and post a job to the
+    queue research-jobs-v1, under the role of its service account; the first session also reads a
+    draft once. Then two quiet days."""
+    p = Profile(Workload("research", "Deployment", "corpus-agent", "agent"))
+    node = p.node("node-a")
+    tasks = [[1, 2, 3], [2, 4, 5], [3, 6], [1, 7, 8], [5, 6, 8]]
+    for day, docs in enumerate(tasks):
+        start = T0 + day * DAY
+        b = {f"syscall:{k}": v for k, v in BASE_SYSCALLS.items()}
+        b["syscall:connect"] = 4
+        b["connect:tcp:52.216.8.10:443"] = 3   # the S3 and SQS endpoints
+        b["connect:tcp:52.46.128.20:443"] = 1
+        b["exec:/usr/bin/python3.11"] = 1
+        b["aws:s3:ListObjectsV2 arn:aws:s3:::research-corpus-v2"] = 1
+        for d in docs:
+            b[f"aws:s3:GetObject arn:aws:s3:::research-corpus-v2/papers/{d}.pdf"] = 1
+        b[f"aws:s3:HeadObject arn:aws:s3:::research-corpus-v2/papers/{docs[0]}.pdf"] = 1
+        b["aws:sqs:SendMessage arn:aws:sqs:us-east-1:123456789012:research-jobs-v1"] = 1
+        b["aws:sts:GetCallerIdentity"] = 1
+        if day == 0:
+            b["aws:s3:GetObject arn:aws:s3:::research-corpus-v2/notes/draft.txt"] = 1
+        _session(node, f"s{day}", start, start + HOUR, b)
+    node.add_fingerprint("image", "sha256:3333cccc", T0)
+    node.add_fingerprint("service_account", "research/corpus-agent", T0)
+    node.add_fingerprint("cloud_identity:aws", "arn:aws:iam::123456789012:role/research-agent", T0)
+    node.touch(T0 + 7 * DAY)
+    return p
+
+
+PROFILES = {"research-agent": research_agent, "code-agent": code_agent, "batch-job": batch_job,
+            "corpus-agent": corpus_agent}
 
 
 def profile_path(name: str) -> Path:
