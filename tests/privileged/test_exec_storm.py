@@ -53,10 +53,36 @@ def policy_file(tmp_path) -> Path:
     return path
 
 
-def start_exec(state_dir: Path, policy: Path, *cmd: str) -> subprocess.Popen:
-    return subprocess.Popen(ENVELOPE + ["--state-dir", str(state_dir), "exec", "--policy", str(policy),
-                                        "--stop-grace", "2", "--", *cmd],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@pytest.fixture
+def start_exec():
+    """Starts ``envelope exec``; afterwards kills whatever is left: the exec, and the cgroup of its
+    command (a test that fails half way must not leave a storm running)."""
+    started: list[tuple[subprocess.Popen, str | None]] = []
+
+    def start(state_dir: Path, policy: Path, *cmd: str) -> subprocess.Popen:
+        proc = subprocess.Popen(ENVELOPE + ["--state-dir", str(state_dir), "exec", "--policy", str(policy),
+                                            "--stop-grace", "2", "--", *cmd],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        from sensor.cgroup import owner_tag
+        started.append((proc, None))
+        for _ in range(100):  # its owner tag, while the process is there to read it from
+            if Path(f"/proc/{proc.pid}").exists():
+                started[-1] = (proc, owner_tag(proc.pid))
+                break
+            time.sleep(0.01)
+        return proc
+
+    yield start
+    from sensor.cgroup import CgroupFS
+    for proc, tag in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+        for name in exec_cgroups():
+            if tag and name.startswith(f"exec-{tag}-"):
+                CgroupFS().remove(f"/envelope/{name}")
 
 
 def getsid_denials(state_dir: Path) -> int:
@@ -114,84 +140,66 @@ def children(pid: int) -> list[int]:
         return []
 
 
-def test_storm_is_counted_visible_during_the_run_bounded_and_stops_on_sigterm(state_dir, policy_file, storm):
+def test_storm_is_counted_visible_during_the_run_bounded_and_stops_on_sigterm(state_dir, policy_file, storm,
+                                                                               start_exec):
     proc = start_exec(state_dir, policy_file, storm, "60", "3", "ignore-term")
-    try:
-        # visible to `envelope violations` while the command runs, and growing
-        first = wait_for(lambda: getsid_denials(state_dir), 60, "denials in the store during the run")
-        rss_a = rss_kib(proc.pid)
-        time.sleep(3)
-        second = getsid_denials(state_dir)
-        rss_b = rss_kib(proc.pid)
-        assert proc.poll() is None
-        assert second > first > 0
-        # folded as they arrive: millions of denials, no growth with their number (the issue saw
-        # ~80 MB/s); 32 MiB leaves room for allocator noise, not for one object per denial
-        assert second - first > 100_000, (first, second)
-        assert rss_b - rss_a < 32 * 1024, (rss_a, rss_b)
-        # SIGTERM: forwarded; the storm ignores it, so after the grace its cgroup is killed
-        cg = own_cgroup(proc.pid)
-        assert cg and procs_in(cg)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 128 + signal.SIGKILL, err
-        assert "did not stop in time" in err
-        assert cg not in exec_cgroups()
-        final = getsid_denials(state_dir)
-        assert final >= second
-        assert "violation(s) recorded" in err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    # visible to `envelope violations` while the command runs, and growing
+    first = wait_for(lambda: getsid_denials(state_dir), 60, "denials in the store during the run")
+    rss_a = rss_kib(proc.pid)
+    time.sleep(3)
+    second = getsid_denials(state_dir)
+    rss_b = rss_kib(proc.pid)
+    assert proc.poll() is None
+    assert second > first > 0
+    # folded as they arrive: millions of denials, no growth with their number (the issue saw
+    # ~80 MB/s); 32 MiB leaves room for allocator noise, not for one object per denial
+    assert second - first > 100_000, (first, second)
+    assert rss_b - rss_a < 32 * 1024, (rss_a, rss_b)
+    # SIGTERM: forwarded; the storm ignores it, so after the grace its cgroup is killed
+    cg = own_cgroup(proc.pid)
+    assert cg and procs_in(cg)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGKILL, err
+    assert "did not stop in time" in err
+    assert cg not in exec_cgroups()
+    final = getsid_denials(state_dir)
+    assert final >= second
+    assert "violation(s) recorded" in err
 
 
-def test_a_killed_exec_leaves_nothing_running(state_dir, policy_file, storm):
+def test_a_killed_exec_leaves_nothing_running(state_dir, policy_file, storm, start_exec):
     """SIGKILL of exec: its guard kills the command's cgroup at once; what exec had written stays."""
     proc = start_exec(state_dir, policy_file, storm, "60", "2", "ignore-term")
-    try:
-        wait_for(lambda: getsid_denials(state_dir), 60, "denials in the store during the run")
-        cg = own_cgroup(proc.pid)
-        victims = procs_in(cg)
-        assert len(victims) >= 2
-        proc.kill()
-        proc.wait()
-        wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in victims), 30,
-                 "the confined processes to be killed")
-        wait_for(lambda: cg not in exec_cgroups(), 30, "the orphaned cgroup to be removed")
-        assert getsid_denials(state_dir) > 0  # nothing it had written is lost
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+    wait_for(lambda: getsid_denials(state_dir), 60, "denials in the store during the run")
+    cg = own_cgroup(proc.pid)
+    victims = procs_in(cg)
+    assert len(victims) >= 2
+    proc.kill()
+    proc.wait()
+    wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in victims), 30,
+             "the confined processes to be killed")
+    wait_for(lambda: cg not in exec_cgroups(), 30, "the orphaned cgroup to be removed")
+    assert getsid_denials(state_dir) > 0  # nothing it had written is lost
 
 
-def test_the_next_start_reaps_what_a_killed_exec_and_its_guard_left(state_dir, policy_file, storm, tmp_path):
+def test_the_next_start_reaps_what_a_killed_exec_and_its_guard_left(state_dir, policy_file, storm, start_exec):
     proc = start_exec(state_dir, policy_file, storm, "60", "1", "ignore-term")
-    try:
-        wait_for(lambda: getsid_denials(state_dir), 60, "the storm to run")
-        cg = own_cgroup(proc.pid)
-        victims = procs_in(cg)
-        guards = [c for c in children(proc.pid) if c not in victims]
-        for g in guards:  # the guard first, so nothing ends the storm but the next start
-            os.kill(g, signal.SIGKILL)
-        proc.kill()
-        proc.wait()
-        time.sleep(0.5)
-        assert victims and all(Path(f"/proc/{p}").exists() for p in victims), "left running"
-        assert cg in exec_cgroups()
-        r = subprocess.run(ENVELOPE + ["--state-dir", str(state_dir), "exec", "--policy", str(policy_file),
-                                       "--mode", "alert", "--", "/bin/true"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr
-        assert "orphaned cgroup killed and removed" in r.stderr
-        assert cg not in exec_cgroups()
-        wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in victims), 30, "the orphans to die")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+    wait_for(lambda: getsid_denials(state_dir), 60, "the storm to run")
+    cg = own_cgroup(proc.pid)
+    victims = procs_in(cg)
+    guards = [c for c in children(proc.pid) if c not in victims]
+    for g in guards:  # the guard first, so nothing ends the storm but the next start
+        os.kill(g, signal.SIGKILL)
+    proc.kill()
+    proc.wait()
+    time.sleep(0.5)
+    assert victims and all(Path(f"/proc/{p}").exists() for p in victims), "left running"
+    assert cg in exec_cgroups()
+    r = subprocess.run(ENVELOPE + ["--state-dir", str(state_dir), "exec", "--policy", str(policy_file),
+                                   "--mode", "alert", "--", "/bin/true"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "orphaned cgroup killed and removed" in r.stderr
+    assert cg not in exec_cgroups()
+    wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in victims), 30, "the orphans to die")
