@@ -20,14 +20,14 @@
  *
  * Counted in the kernel. A program retrying a denied call makes millions of denials a second;
  * each one is counted in `counts` under {cgroup, process, syscall, context, kind}, and only the
- * first of each key is announced as an EV_SECCOMP_DENIAL record, with the thread's name and the
- * call's context: the destination a connect/sendto/sendmsg/sendmmsg named (read from the
- * caller's memory, which the denied call never touched), or socket()'s domain, type and
- * protocol. The context is hashed into the key, so each distinct destination is announced.
- * Userspace reads the counts as deltas. When `counts` is full a call is announced on its own
- * (no DENIAL_F_COUNTED) and counted in `lost[DENIALS_LOST_COUNTS_FULL]`; announcements the ring
+ * first of each key is announced as an EV_SECCOMP_DENIAL record (ret is the return value for a
+ * denial, 0 for an alert reported at entry), with the thread's name, the call's first three
+ * arguments and, for connect/sendto/sendmsg/sendmmsg, the destination it named (read from the
+ * caller's memory, which the denied call never touched). The destination (or socket()'s
+ * arguments) is hashed into the key's context, so each distinct one is announced. Userspace
+ * reads the counts as deltas. When `counts` is full a call is announced on its own (no
+ * SECCOMP_DENIAL_F_COUNTED) and counted in `lost[DENIALS_LOST_COUNTS_FULL]`; records the ring
  * buffer cannot take are counted in `lost[DENIALS_LOST_RINGBUF]` (their calls stay counted).
- *
  * The syscall arguments come from the struct pt_regs the raw tracepoints are handed (x86_64:
  * di, si, dx, r10, r8, r9), as orig_ax does.
  *
@@ -36,8 +36,22 @@
  * first time an enforced cgroup submits each opcode (EV_IO_URING_OP); userspace reports those
  * whose syscall the policy does not allow.
  *
+ * With DENIAL_F_SOCKETS (the filter allows socket only for unix, netlink, TCP and UDP: the
+ * seccomp compiler's SOCKET_ALLOWED table, which socket_ok mirrors) alert mode reports a socket
+ * call outside that table at entry; in enforce mode the filter denies it and it is reported as
+ * any other denial. Every report carries the call's first three arguments.
+ *
+ * Leaving the cgroup: a thread of a watched cgroup that writes some task's pid into another
+ * cgroup's cgroup.procs walks out of the cgroup's egress programs and out of this watch. The
+ * cgroup:cgroup_attach_task tracepoint fires inside that write; the mark set at sys_enter says
+ * which watched cgroup the writer entered the syscall from (after a self-move the current
+ * cgroup is already the destination), and a move anywhere else is one EV_CGROUP_ESCAPE record.
+ * Userspace decides what it means (a child cgroup, another cgroup of the same workload) and
+ * moves the task back. Mode DENIALS_MODE_WATCH watches migrations only.
+ *
  * -D flags: DENIALS_MAX_CGROUPS, DENIALS_MAX_THREADS, DENIALS_MAX_KEYS, DENIALS_RINGBUF_PAGES,
- * DENIALS_IO_URING.
+ * DENIALS_IO_URING, and the numbers of the syscalls whose arguments are read: DENIALS_NR_SOCKET,
+ * DENIALS_NR_CONNECT, DENIALS_NR_SENDTO, DENIALS_NR_SENDMSG, DENIALS_NR_SENDMMSG.
  */
 #include <uapi/linux/bpf.h>
 #include <linux/ptrace.h>
@@ -50,6 +64,10 @@
 #ifndef DENIALS_MAX_THREADS
 #define DENIALS_MAX_THREADS 32768
 #endif
+#if !defined(DENIALS_NR_SOCKET) || !defined(DENIALS_NR_CONNECT) || !defined(DENIALS_NR_SENDTO) || \
+    !defined(DENIALS_NR_SENDMSG) || !defined(DENIALS_NR_SENDMMSG)
+#error "DENIALS_NR_SOCKET, DENIALS_NR_CONNECT, DENIALS_NR_SENDTO, DENIALS_NR_SENDMSG and DENIALS_NR_SENDMMSG are required"
+#endif
 #ifndef DENIALS_MAX_KEYS
 #define DENIALS_MAX_KEYS 16384
 #endif
@@ -60,15 +78,9 @@
 #define DENIALS_RINGBUF_PAGES 64
 #endif
 
-#define NR_SOCKET 41
-#define NR_CONNECT 42
-#define NR_SENDTO 44
-#define NR_SENDMSG 46
-#define NR_SENDMMSG 307
-
-/* struct denial_cgroup, denial_key, denial_count and the modes are in denials.h. */
+/* struct denial_cgroup, denial_thread, denial_key, denial_count and the modes are in denials.h. */
 BPF_HASH(cgroups, __u64, struct denial_cgroup, DENIALS_MAX_CGROUPS);
-BPF_TABLE("lru_hash", __u32, __u32, entered, DENIALS_MAX_THREADS);
+BPF_TABLE("lru_hash", __u32, struct denial_thread, entered, DENIALS_MAX_THREADS);
 BPF_HASH(counts, struct denial_key, struct denial_count, DENIALS_MAX_KEYS);
 BPF_PERCPU_ARRAY(lost, __u64, DENIALS_LOST_SLOTS);
 BPF_RINGBUF_OUTPUT(events, DENIALS_RINGBUF_PAGES);
@@ -110,35 +122,38 @@ static __always_inline void read_sockaddr(struct seccomp_denial_event *ev, __u64
     }
     ev->family = family;
     ev->port = bpf_ntohs(port_be);
-    ev->flags |= DENIAL_F_DESTINATION;
+    ev->flags |= SECCOMP_DENIAL_F_DESTINATION;
 }
 
-/* What the call named, into `ev`: a destination, or socket()'s arguments. */
+/* The call's arguments and what a network call named, into `ev`, and their hash into context. */
 static __always_inline void context_of(struct seccomp_denial_event *ev, __u32 nr, struct pt_regs *regs)
 {
-    if (!regs)
-        return;
-    if (nr == NR_SOCKET) {
-        ev->family = (__u16)reg(regs, 0);
-        ev->sock_type = (__u32)reg(regs, 1);
-        ev->protocol = (__u32)reg(regs, 2);
-        ev->flags |= DENIAL_F_SOCKET;
-    } else if (nr == NR_CONNECT) {
-        read_sockaddr(ev, reg(regs, 1), reg(regs, 2));
-    } else if (nr == NR_SENDTO) {
+    ev->args[0] = reg(regs, 0);
+    ev->args[1] = reg(regs, 1);
+    ev->args[2] = reg(regs, 2);
+    if (nr == DENIALS_NR_CONNECT) {
+        read_sockaddr(ev, ev->args[1], ev->args[2]);
+    } else if (nr == DENIALS_NR_SENDTO) {
         read_sockaddr(ev, reg(regs, 4), reg(regs, 5));
-    } else if (nr == NR_SENDMSG || nr == NR_SENDMMSG) {
+    } else if (nr == DENIALS_NR_SENDMSG || nr == DENIALS_NR_SENDMMSG) {
         /* struct msghdr (first of the mmsghdr vector): void *msg_name; int msg_namelen; ... */
-        __u64 msg = reg(regs, 1), name = 0;
+        __u64 msg = ev->args[1], name = 0;
         __u32 namelen = 0;
         if (msg && !bpf_probe_read_user(&name, sizeof(name), (void *)msg) &&
             !bpf_probe_read_user(&namelen, sizeof(namelen), (void *)(msg + 8)))
             read_sockaddr(ev, name, namelen);
     }
-    if (ev->flags & (DENIAL_F_DESTINATION | DENIAL_F_SOCKET)) {
-        __u32 h = 2166136261u; /* FNV-1a over family, port, type, protocol and address */
-        __u32 words[6] = {ev->family | ((__u32)ev->port << 16), ev->sock_type ^ (ev->protocol << 8), 0, 0, 0, 0};
-        __builtin_memcpy(&words[2], ev->addr, 16);
+    int sock = nr == DENIALS_NR_SOCKET;
+    if (sock || (ev->flags & SECCOMP_DENIAL_F_DESTINATION)) {
+        __u32 h = 2166136261u; /* FNV-1a over the destination, or socket()'s arguments */
+        __u32 words[6] = {ev->family | ((__u32)ev->port << 16), 0, 0, 0, 0, 0};
+        if (sock) {
+            words[1] = (__u32)ev->args[0];
+            words[2] = (__u32)ev->args[1];
+            words[3] = (__u32)ev->args[2];
+        } else {
+            __builtin_memcpy(&words[2], ev->addr, 16);
+        }
 #pragma unroll
         for (int i = 0; i < 6; i++) {
             h ^= words[i];
@@ -187,9 +202,23 @@ static __always_inline void report(__u64 cgroup_id, __u32 nr, __s64 ret, struct 
     ev->nr = nr;
     ev->ret = ret;
     if (!err)
-        ev->flags |= DENIAL_F_COUNTED;
+        ev->flags |= SECCOMP_DENIAL_F_COUNTED;
     bpf_get_current_comm(ev->comm, sizeof(ev->comm));
     events.ringbuf_submit(ev, 0);
+}
+
+/* The seccomp compiler's SOCKET_ALLOWED: unix, netlink, and TCP or UDP over IPv4 and IPv6. */
+static __always_inline int socket_ok(__u64 domain, __u64 type, __u64 protocol)
+{
+    if (domain == 1 || domain == 16) /* AF_UNIX, AF_NETLINK */
+        return 1;
+    if (domain != 2 && domain != 10) /* AF_INET, AF_INET6 */
+        return 0;
+    if ((type & 0xF) == 1) /* SOCK_STREAM: default or IPPROTO_TCP */
+        return protocol == 0 || protocol == 6;
+    if ((type & 0xF) == 2) /* SOCK_DGRAM: default or IPPROTO_UDP */
+        return protocol == 0 || protocol == 17;
+    return 0;
 }
 
 RAW_TRACEPOINT_PROBE(sys_enter)
@@ -200,16 +229,24 @@ RAW_TRACEPOINT_PROBE(sys_enter)
         return 0;
     __u32 tid = (__u32)bpf_get_current_pid_tgid();
     __u32 nr = (__u32)ctx->args[1];
-    entered.update(&tid, &nr);
+    struct denial_thread mark = {.nr = nr, .cgroup_id = cg};
+    entered.update(&tid, &mark);
     if (c->mode == DENIALS_MODE_ALERT) {
+        struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
         int outside = 1;
         if (nr < DENIALS_NR_SLOTS) {
-            __u32 w = nr / 64;
-            if (w < DENIALS_NR_SLOTS / 64)
-                outside = !((c->allowed[w] >> (nr % 64)) & 1);
+            __u32 w = (nr / 64) & (DENIALS_NR_SLOTS / 64 - 1); /* bounded for the verifier */
+            outside = !((c->allowed[w] >> (nr % 64)) & 1);
+        }
+        if (!outside && nr == DENIALS_NR_SOCKET && (c->flags & DENIAL_F_SOCKETS)) {
+            __u64 a[3] = {};
+            bpf_probe_read_kernel(&a[0], sizeof(__u64), &regs->di);
+            bpf_probe_read_kernel(&a[1], sizeof(__u64), &regs->si);
+            bpf_probe_read_kernel(&a[2], sizeof(__u64), &regs->dx);
+            outside = !socket_ok(a[0], a[1], a[2]);
         }
         if (outside)
-            report(cg, nr, 0, (struct pt_regs *)ctx->args[0], DENIAL_KIND_ALERTED);
+            report(cg, nr, 0, regs, DENIAL_KIND_ALERTED);
     }
     return 0;
 }
@@ -225,8 +262,8 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     __u64 nr = 0;
     bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
     __u32 tid = (__u32)bpf_get_current_pid_tgid();
-    __u32 *mark = entered.lookup(&tid);
-    int entered_this = mark && *mark == (__u32)nr;
+    struct denial_thread *mark = entered.lookup(&tid);
+    int entered_this = mark && mark->nr == (__u32)nr;
     if (mark)
         entered.delete(&tid);
     if (!entered_this && c->mode == DENIALS_MODE_ENFORCE && ret == -(__s64)c->deny_errno)
@@ -268,3 +305,36 @@ TRACEPOINT_PROBE(io_uring, io_uring_submit_req)
     return 0;
 }
 #endif
+
+TRACEPOINT_PROBE(cgroup, cgroup_attach_task)
+{
+    if (args->dst_root != 0) /* cgroup v1 hierarchies carry no enforcement */
+        return 0;
+    __u32 tid = (__u32)bpf_get_current_pid_tgid();
+    struct denial_thread *mark = entered.lookup(&tid);
+    if (!mark)
+        return 0;
+    __u64 src = mark->cgroup_id;
+    __u64 dst = args->dst_id;
+    if (dst == src || !cgroups.lookup(&src))
+        return 0;
+    struct cgroup_escape_event *ev = events.ringbuf_reserve(sizeof(*ev));
+    if (!ev) {
+        count_lost(DENIALS_LOST_RINGBUF);
+        return 0;
+    }
+    ev->hdr.type = EV_CGROUP_ESCAPE;
+    ev->hdr.version = CGROUP_ESCAPE_EVENT_VERSION;
+    ev->hdr.size = sizeof(*ev);
+    ev->hdr.ktime = bpf_ktime_get_ns();
+    ev->src_cgroup_id = src;
+    ev->dst_cgroup_id = dst;
+    ev->pid = args->pid;
+    ev->by_pid = bpf_get_current_pid_tgid() >> 32;
+    ev->dst_level = args->dst_level;
+    ev->pad = 0;
+    unsigned short loc = args->data_loc_dst_path & 0xFFFF;
+    bpf_probe_read_kernel_str(ev->dst_path, sizeof(ev->dst_path), (char *)args + loc);
+    events.ringbuf_submit(ev, 0);
+    return 0;
+}

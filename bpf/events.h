@@ -29,7 +29,8 @@
 #define EV_EGRESS_VIOLATION 6
 #define EV_SECCOMP_DENIAL 7
 #define EV_IO_URING_OP 40
-#define EV_TYPE_MAX 41 /* one past the highest type number */
+#define EV_CGROUP_ESCAPE 41
+#define EV_TYPE_MAX 42 /* one past the highest type number */
 
 /* ---- layout versions, one per type ----------------------------------------------------------- */
 #define EXEC_EVENT_VERSION 1
@@ -38,8 +39,9 @@
 #define NET_EVENT_VERSION 1
 #define SYSCALL_FIRST_EVENT_VERSION 1
 #define EGRESS_VIOLATION_EVENT_VERSION 2 /* 2: tid and comm */
-#define SECCOMP_DENIAL_EVENT_VERSION 2   /* 2: tid, comm, counted flag and the call's context */
+#define SECCOMP_DENIAL_EVENT_VERSION 3   /* 2: the call's arguments; 3: tid, comm, counted, destination */
 #define IO_URING_OP_EVENT_VERSION 1
+#define CGROUP_ESCAPE_EVENT_VERSION 1
 
 #define ENV_AF_INET 2
 #define ENV_AF_INET6 10
@@ -174,25 +176,23 @@ struct egress_violation_event {
 /* EV_SECCOMP_DENIAL, from the seccomp denial programs (bpf/denials.c): the first call of a
  * (cgroup, process, syscall, context) that a filter denied (raw sys_exit) or, in alert mode,
  * that lies outside the allowed set (raw sys_enter). Later calls are counted in the kernel. */
-#define DENIAL_F_COUNTED 0x1     /* the counts map holds this key's count, this call included */
-#define DENIAL_F_DESTINATION 0x2 /* family, port and addr: the destination the call named */
-#define DENIAL_F_SOCKET 0x4      /* family, sock_type and protocol: socket()'s arguments */
-#define SECCOMP_DENIAL_EVENT_SIZE 96
+#define SECCOMP_DENIAL_F_COUNTED 0x1     /* the counts map holds this key's count, this call included */
+#define SECCOMP_DENIAL_F_DESTINATION 0x2 /* family, port and addr: the destination the call named */
+#define SECCOMP_DENIAL_EVENT_SIZE 112
 struct seccomp_denial_event {
 	struct event_hdr hdr; /*  0 */
 	__u64 cgroup_id;      /* 16 */
 	__u32 pid;            /* 24 */
 	__u32 nr;             /* 28 */
 	__s64 ret;            /* 32 -errno for a denial, 0 for an alert */
-	__u32 tid;            /* 40 */
-	__u32 flags;          /* 44 DENIAL_F_* */
-	char comm[ENV_COMM_LEN]; /* 48 the thread's name */
-	__u16 family;         /* 64 AF_* of the destination, or socket()'s domain */
-	__u16 port;           /* 66 host order */
-	__u32 sock_type;      /* 68 socket()'s type argument */
-	__u8 addr[16];        /* 72 network order */
-	__u32 context;        /* 88 the counts key's context */
-	__u32 protocol;       /* 92 socket()'s protocol argument */
+	__u64 args[3];        /* 40 the call's first three arguments */
+	__u32 tid;            /* 64 */
+	__u32 flags;          /* 68 SECCOMP_DENIAL_F_* */
+	char comm[ENV_COMM_LEN]; /* 72 the thread's name */
+	__u16 family;         /* 88 AF_* of the destination */
+	__u16 port;           /* 90 host order */
+	__u32 context;        /* 92 the counts key's context */
+	__u8 addr[16];        /* 96 network order */
 };
 
 /* EV_IO_URING_OP, from io_uring:io_uring_submit_req in an enforced cgroup: the first time the
@@ -210,6 +210,21 @@ struct io_uring_op_event {
 	char op[IO_URING_OP_NAME_LEN];  /* 32 the kernel's name of the opcode, e.g. CONNECT */
 };
 
+/* EV_CGROUP_ESCAPE, from cgroup:cgroup_attach_task: a thread inside a syscall it entered from an
+ * enforced cgroup (a write to some cgroup.procs) moved a task to another cgroup. */
+#define CGROUP_ESCAPE_PATH_LEN 256
+#define CGROUP_ESCAPE_EVENT_SIZE 304
+struct cgroup_escape_event {
+	struct event_hdr hdr;                /*  0 */
+	__u64 src_cgroup_id;                 /* 16 the enforced cgroup the mover was in */
+	__u64 dst_cgroup_id;                 /* 24 */
+	__u32 pid;                           /* 32 the task moved */
+	__u32 by_pid;                        /* 36 the process that moved it */
+	__s32 dst_level;                     /* 40 */
+	__u32 pad;                           /* 44 */
+	char dst_path[CGROUP_ESCAPE_PATH_LEN]; /* 48 the destination, relative to the hierarchy root */
+};
+
 _Static_assert(sizeof(struct event_hdr) == EVENT_HDR_SIZE, "event_hdr size");
 _Static_assert(sizeof(struct exec_event) == EXEC_EVENT_SIZE, "exec_event size");
 _Static_assert(sizeof(struct fork_event) == FORK_EVENT_SIZE, "fork_event size");
@@ -219,6 +234,7 @@ _Static_assert(sizeof(struct syscall_first_event) == SYSCALL_FIRST_EVENT_SIZE, "
 _Static_assert(sizeof(struct egress_violation_event) == EGRESS_VIOLATION_EVENT_SIZE, "egress size");
 _Static_assert(sizeof(struct seccomp_denial_event) == SECCOMP_DENIAL_EVENT_SIZE, "seccomp size");
 _Static_assert(sizeof(struct io_uring_op_event) == IO_URING_OP_EVENT_SIZE, "io_uring op size");
+_Static_assert(sizeof(struct cgroup_escape_event) == CGROUP_ESCAPE_EVENT_SIZE, "escape size");
 _Static_assert(sizeof(struct syscall_slot_counts) == SYSCALL_SLOT_COUNTS_SIZE, "slot counts size");
 _Static_assert(sizeof(struct syscall_slot_state) == SYSCALL_SLOT_STATE_SIZE, "slot state size");
 

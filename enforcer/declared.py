@@ -32,8 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import yaml
-
+from sensor.safeyaml import YamlError, load_yaml_all
 from sensor.workload import BehaviourKeyError, parse_net_key
 
 from .policy import Policy, PolicyError, exec_matches, parse_entry
@@ -476,12 +475,9 @@ def load_declared(path: str | Path) -> list[Declaration]:
     except OSError as e:
         raise DeclaredError(f"{p}: cannot read: {e.strerror}") from None
     try:
-        docs = [json.loads(text)] if text.lstrip().startswith(("{", "[")) else \
-            [d for d in yaml.safe_load_all(text) if d is not None]
-    except ValueError as e:
-        raise DeclaredError(f"{p}: not JSON: {e}") from None
-    except yaml.YAMLError as e:
-        raise DeclaredError(f"{p}: not YAML or JSON: {str(e).splitlines()[0]}") from None
+        docs = load_yaml_all(text, str(p))
+    except YamlError as e:
+        raise DeclaredError(str(e)) from None
     out = []
     for i, doc in enumerate(docs):
         items = doc.get("items") if isinstance(doc, Mapping) and doc.get("kind") == "List" else [doc]

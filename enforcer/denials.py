@@ -26,15 +26,19 @@ import structlog
 
 from sensor import features, kernel, syscalls
 from sensor.kernel import BpfError, Family, LoadError, Map, Program
-from sensor.mirrors import (DENIAL_KIND_ALERTED, DENIAL_KIND_DENIED, DENIALS_LOST_COUNTS_FULL,
-                            DENIALS_LOST_RINGBUF, DENIALS_MODE_ALERT, DENIALS_MODE_ENFORCE,
-                            DENIALS_NR_SLOTS, U32, U64, DenialCgroup, DenialCount, DenialKey)
+from sensor.mirrors import (DENIAL_F_SOCKETS, DENIAL_KIND_ALERTED, DENIAL_KIND_DENIED,
+                            DENIALS_LOST_COUNTS_FULL, DENIALS_LOST_RINGBUF, DENIALS_MODE_ALERT,
+                            DENIALS_MODE_ENFORCE, DENIALS_MODE_WATCH, DENIALS_NR_SLOTS, U32, U64,
+                            DenialCgroup, DenialCount, DenialKey)
 
 log = structlog.get_logger(__name__)
 
 SOURCE = kernel.BPF_DIR / "denials.c"
-MODE_CODES = {"alert": DENIALS_MODE_ALERT, "enforce": DENIALS_MODE_ENFORCE}
+#: "watch": cgroup migrations only (a policy that leaves syscalls out still keeps its cgroup)
+MODE_CODES = {"watch": DENIALS_MODE_WATCH, "alert": DENIALS_MODE_ALERT, "enforce": DENIALS_MODE_ENFORCE}
 MAPS = ("cgroups", "counts", "lost", "events")
+#: the syscalls whose arguments the programs read (socket's, and the destination of the others)
+ARGUMENT_SYSCALLS = ("socket", "connect", "sendto", "sendmsg", "sendmmsg")
 
 
 class DenialProbeError(Exception):
@@ -57,7 +61,9 @@ def family(max_cgroups: int = 1024, max_threads: int = 32768, ringbuf_pages: int
     if io_uring is None:
         io_uring = io_uring_traceable()
     programs = (Program("raw_tracepoint__sys_enter", "raw_tracepoint", "sys_enter"),
-                Program("raw_tracepoint__sys_exit", "raw_tracepoint", "sys_exit"))
+                Program("raw_tracepoint__sys_exit", "raw_tracepoint", "sys_exit"),
+                Program("tracepoint__cgroup__cgroup_attach_task", "tracepoint",
+                        "cgroup:cgroup_attach_task"))
     if io_uring:
         programs += (Program("tracepoint__io_uring__io_uring_submit_req", "tracepoint",
                              IO_URING_TRACEPOINT.replace("/", ":")),)
@@ -65,7 +71,8 @@ def family(max_cgroups: int = 1024, max_threads: int = 32768, ringbuf_pages: int
         "seccomp-denials", str(SOURCE),
         (f"-I{kernel.BPF_DIR}", f"-DDENIALS_MAX_CGROUPS={max_cgroups}",
          f"-DDENIALS_MAX_THREADS={max_threads}", f"-DDENIALS_RINGBUF_PAGES={ringbuf_pages}",
-         f"-DDENIALS_IO_URING={int(io_uring)}", f"-DDENIALS_MAX_KEYS={max_keys}"),
+         f"-DDENIALS_IO_URING={int(io_uring)}", f"-DDENIALS_MAX_KEYS={max_keys}",
+         *(f"-DDENIALS_NR_{n.upper()}={syscalls.NUMBERS[n]}" for n in ARGUMENT_SYSCALLS)),
         programs, MAPS, fix="needs BPF raw tracepoints; run `envelope doctor`")
 
 
@@ -101,12 +108,15 @@ def parse_denial_key(key: bytes) -> dict:
     return d
 
 
-def cgroup_entry(mode: str, deny_errno: int, allowed_syscalls: Iterable[str] = ()) -> bytes:
-    """The ``struct denial_cgroup`` value for one watched cgroup (pure)."""
+def cgroup_entry(mode: str, deny_errno: int, allowed_syscalls: Iterable[str] = (),
+                 restrict_sockets: bool = False) -> bytes:
+    """The ``struct denial_cgroup`` value for one watched cgroup (pure). ``restrict_sockets``:
+    the filter allows ``socket`` only for :data:`enforcer.seccomp.SOCKET_ALLOWED`."""
     if mode not in MODE_CODES:
-        raise DenialProbeError(f"unknown mode {mode!r} (alert or enforce)")
+        raise DenialProbeError(f"unknown mode {mode!r} (watch, alert or enforce)")
     words = allowed_bitmap(syscall_numbers(allowed_syscalls))
     return DenialCgroup.pack(mode=MODE_CODES[mode], deny_errno=int(deny_errno),
+                             flags=DENIAL_F_SOCKETS if restrict_sockets else 0,
                              **{f"allowed{i}": w for i, w in enumerate(words)})
 
 
@@ -128,14 +138,16 @@ class DenialProbe:
         log.info("seccomp denial probe loaded")
 
     def watch(self, cgroup_id: int, mode: str, deny_errno: int,
-              allowed_syscalls: Iterable[str] = ()) -> None:
+              allowed_syscalls: Iterable[str] = (), restrict_sockets: bool = False) -> None:
         """Report for ``cgroup_id``: denials returning ``-deny_errno`` (enforce) or calls outside
-        ``allowed_syscalls`` (alert). Observe mode watches nothing."""
+        ``allowed_syscalls`` (alert; with ``restrict_sockets`` also ``socket`` calls outside the
+        filter's socket table). Observe mode watches nothing."""
         if mode == "observe":
             self.unwatch(cgroup_id)
             return
         try:
-            self._cgroups.update(U64.pack(cgroup_id), cgroup_entry(mode, deny_errno, allowed_syscalls))
+            self._cgroups.update(U64.pack(cgroup_id),
+                                 cgroup_entry(mode, deny_errno, allowed_syscalls, restrict_sockets))
         except BpfError as e:
             raise DenialProbeError(f"watch cgroup {cgroup_id}: {e}") from e
         self.watched[cgroup_id] = mode

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 import struct
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ import structlog
 from sensor import kernel
 from sensor.kernel import BPF_F_ALLOW_MULTI, BpfError, Family, LoadError, Map, Program
 from sensor.mirrors import EGRESS_CGROUP_PATH_LEN, EGRESS_WORKLOAD_LEN, U32, U64, EgressCgroup, EgressMeta
+from sensor.state_dir import PRIVATE_DIR, private_dirs, trusted_uids, untrusted
 
 from .egress_rules import (
     MODE_CODES, CompiledRules, EgressRuleError, Limits, compile_rules, split_state_word,
@@ -62,11 +64,35 @@ def family(limits: Limits, extra_cflags: Sequence[str] = ()) -> Family:
 
 
 def safe_name(workload_key: str) -> str:
-    """A bpffs directory name for a workload key: readable, and unique through a hash suffix.
+    """A bpffs directory name for a workload key: at most 97 bytes whatever the key, readable,
+    and unique through the first 64 bits of the key's SHA-256.
 
     bpffs refuses names containing a dot (EPERM), so only [A-Za-z0-9_-] are kept."""
     slug = re.sub(r"[^A-Za-z0-9_-]+", "-", workload_key.replace("/", "_"))[:80]
-    return f"{slug}-{hashlib.sha256(workload_key.encode()).hexdigest()[:10]}"
+    return f"{slug}-{hashlib.sha256(workload_key.encode()).hexdigest()[:16]}"
+
+
+def make_pin_dir(pin_dir: Path) -> None:
+    """``<bpffs>/envelope/<name>/``, 0700 like ``<bpffs>/envelope`` itself, whatever the umask:
+    nobody but root may unlink a pin or open a map by path (the pins themselves are 0600)."""
+    private_dirs(pin_dir)
+    for d in (pin_dir.parent, pin_dir):
+        st = os.lstat(d)
+        if st.st_uid not in trusted_uids():
+            raise EgressError(f"{d}: owned by uid {st.st_uid}, not root; refusing to pin there")
+        if stat.S_IMODE(st.st_mode) != PRIVATE_DIR:
+            os.chmod(d, PRIVATE_DIR)
+
+
+def check_pins(pin_dir: Path) -> None:
+    """Refuse (:class:`EgressError`) a pinned set that anyone but root could have changed: the
+    directory and every pin must be root's and writable by nobody else."""
+    for p in [pin_dir.parent, pin_dir, *sorted(pin_dir.iterdir())]:
+        st = os.lstat(p)
+        why = untrusted(st, directory=stat.S_ISDIR(st.st_mode))
+        if why:
+            raise EgressError(f"{p}: {why}; refusing the pinned set (fix: chown root, chmod go-w, "
+                              f"then check its rules)")
 
 
 def _open_cgroup(path: str | os.PathLike) -> int:
@@ -97,6 +123,7 @@ class EgressProgram:
         self.pin_dir = pin_dir
         self.limits = limits
         self.prog_ids = {name: kernel.obj_id(fd) for name, fd in prog_fds.items()}
+        self._swap = None  # an unfinished write_policy (see finish_swap, revert_swap)
 
     @property
     def events_fd(self) -> int:
@@ -141,6 +168,10 @@ class EgressProgram:
         prog_fds: dict[str, int] = {}
         maps: dict[str, Map] = {}
         try:
+            check_pins(pin_dir)
+        except OSError as e:
+            raise EgressError(f"adopt {pin_dir}: {e.strerror or e}") from e
+        try:
             for name in PROGRAMS:
                 prog_fds[name] = kernel.obj_get(pin_dir / f"prog_{name}")
             for name in MAPS:
@@ -162,7 +193,7 @@ class EgressProgram:
 
     def _pin_all(self) -> None:
         assert self.pin_dir is not None
-        self.pin_dir.mkdir(parents=True, exist_ok=True)
+        make_pin_dir(self.pin_dir)
         for name, fd in self.prog_fds.items():
             kernel.obj_pin(fd, self.pin_dir / f"prog_{name}")
         for name, m in self.maps.items():
@@ -218,13 +249,16 @@ class EgressProgram:
         self.maps["config"].update(_ZERO, U32.pack(state_word(gen, mode)))
 
     def write_policy(self, rules: Iterable, mode: str, policy_hash: bytes = b"",
-                     grace: float = 0.05) -> CompiledRules:
+                     grace: float = 0.05, *, finish: bool = True) -> CompiledRules:
         """Swap in a new rule set (and mode) atomically.
 
         1. write every entry of the inactive generation (invisible to the programs);
         2. flip the state word (generation | mode) in one update;
         3. after ``grace`` seconds, delete the old generation's entries.
-        A failure in step 1 deletes what it wrote and leaves the active rules in place.
+        A failure in step 1 deletes what it wrote and leaves the active rules in place. With
+        ``finish=False`` step 3 waits for :meth:`finish_swap`, and until then
+        :meth:`revert_swap` puts the previous rules back with one flip (an apply whose audit
+        entry could not be written is undone this way).
         """
         if mode not in MODE_CODES:
             raise EgressError(f"unknown mode {mode!r}")
@@ -245,14 +279,46 @@ class EgressProgram:
         except BpfError as e:
             self._delete_generation(new)
             raise EgressError(f"write rules for {self.workload}: {e}") from e
+        old_word = self.maps["config"].lookup(_ZERO)
+        old_meta = self.maps["meta"].lookup(_ZERO)
         self.maps["config"].update(_ZERO, U32.pack(state_word(new, mode)))
         self._write_meta(policy_hash, compiled.count)
-        if grace > 0:
-            time.sleep(grace)  # let programs that read the old word finish their lookups
-        self._delete_generation(active)
+        self._swap = (active, new, old_word, old_meta, grace)
+        if finish:
+            self.finish_swap()
         log.info("egress rules swapped", workload=self.workload, generation=new, mode=mode,
                  entries=compiled.count, ports=len(compiled.ports))
         return compiled
+
+    def finish_swap(self) -> None:
+        """Step 3 of :meth:`write_policy`: the old generation goes."""
+        swap, self._swap = getattr(self, "_swap", None), None
+        if swap is None:
+            return
+        old_gen, _new, _word, _meta, grace = swap
+        if grace > 0:
+            time.sleep(grace)  # let programs that read the old word finish their lookups
+        self._delete_generation(old_gen)
+
+    def revert_swap(self) -> None:
+        """Undo an unfinished :meth:`write_policy`: the previous state word and meta back in
+        one flip, then the new generation deleted."""
+        swap, self._swap = getattr(self, "_swap", None), None
+        if swap is None:
+            return
+        _old_gen, new_gen, word, meta, grace = swap
+        self.maps["config"].update(_ZERO, word)
+        if meta is not None:
+            self.maps["meta"].update(_ZERO, meta)
+        if grace > 0:
+            time.sleep(grace)
+        self._delete_generation(new_gen)
+        log.info("egress rules swap reverted", workload=self.workload)
+
+    def repin(self) -> None:
+        """Pin the set again after :meth:`unpin` (a removal that is being rolled back)."""
+        if self.pin_dir is not None:
+            self._pin_all()
 
     def _delete_generation(self, gen: int) -> None:
         rules = self.maps["rules"]
@@ -423,6 +489,18 @@ def pin_root(bpffs: str | os.PathLike) -> Path:
 
 def pin_dir_for(bpffs: str | os.PathLike, workload_key: str) -> Path:
     return pin_root(bpffs) / safe_name(workload_key)
+
+
+def existing_pin_dir(bpffs: str | os.PathLike, workload_key: str) -> Path:
+    """Where ``workload_key``'s pinned set is: its directory, or the one an earlier version named
+    with a 40-bit digest when only that exists (so a set pinned before is adopted, never
+    doubled by a second one)."""
+    pin = pin_dir_for(bpffs, workload_key)
+    if pin.is_dir():
+        return pin
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", workload_key.replace("/", "_"))[:80]
+    legacy = pin_root(bpffs) / f"{slug}-{hashlib.sha256(workload_key.encode()).hexdigest()[:10]}"
+    return legacy if legacy.is_dir() else pin
 
 
 def pinned_sets(bpffs: str | os.PathLike) -> list[Path]:

@@ -163,11 +163,14 @@ def load_all(state_dir) -> list[PolicyException]:
     """Every stored exception, active or lapsed, oldest first."""
     p = file_path(state_dir)
     try:
-        data = json.loads(p.read_text())
+        # widens what is enforced: read only when nobody but root could have written it
+        data = json.loads(StateDir(state_dir).read(p))
     except FileNotFoundError:
         return []
     except (OSError, ValueError) as e:
         raise ExceptionError(f"{p}: unreadable exceptions file ({e})") from e
+    if not isinstance(data, dict):
+        raise ExceptionError(f"{p}: not an exceptions file")
     try:
         out = [PolicyException(**{k: d[k] for k in PolicyException.__dataclass_fields__})
                for d in data.get("exceptions", [])]

@@ -47,7 +47,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-import yaml
+from sensor.safeyaml import dump_yaml
 
 from .seccomp import k8s_name
 
@@ -297,4 +297,4 @@ def parse_pod_labels(items: list[str] | None) -> dict[str, str] | None:
 
 def dump(doc: dict) -> str:
     """Deterministic YAML for an exported object."""
-    return yaml.safe_dump(doc, sort_keys=True, default_flow_style=False, width=4096)
+    return dump_yaml(doc, default_flow_style=False, width=4096)

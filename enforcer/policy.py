@@ -73,8 +73,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import yaml
-
+from sensor.safeyaml import YamlError, dump_yaml, load_yaml
 from sensor.timestamps import TimeFormatError, iso_time, parse_datetime
 from sensor.workload import DEFAULT_SUBSTRATES, SUBSTRATES, BehaviourKeyError, Workload, parse_net_key, substrate_of
 
@@ -109,11 +108,6 @@ _NAME_RE = re.compile(r"[^a-z0-9.-]+")
 _SPEC_FIELDS = ("workload", "mode", "decisions", "allow", "detection", "provenance", "review", "watch")
 _ALLOW_FIELDS = ("syscalls", "egress", "execs", "files", "mcp", "iam")
 _DECISION_FIELDS = ("granularity", "closure", "confidence", "validity")
-
-
-# libyaml's loader when present: it parses to the same objects, only faster. Dumping always uses
-# the pure-Python dumper so the bytes written never depend on how PyYAML was built.
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class PolicyError(ValueError):
@@ -684,19 +678,16 @@ def dump_policy(policy: Policy, fmt: str = "yaml") -> str:
     if fmt == "json":
         return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     if fmt == "yaml":
-        return yaml.safe_dump(data, sort_keys=True, default_flow_style=False, allow_unicode=True, width=4096)
+        return dump_yaml(data, default_flow_style=False, allow_unicode=True, width=4096)
     raise PolicyError(f"unknown policy format {fmt!r} (want yaml or json)")
 
 
 def parse_policy(text: str, source: str = "policy") -> Policy:
     """Parse YAML or JSON text; :class:`PolicyError` names ``source`` and the field."""
     try:
-        data = yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or type(e).__name__
-        raise PolicyError(f"{source}: not valid YAML or JSON{where}: {problem}") from None
+        data = load_yaml(text, source)
+    except YamlError as e:
+        raise PolicyError(str(e)) from None
     if data is None:
         raise PolicyError(f"{source}: empty document")
     try:

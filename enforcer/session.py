@@ -40,9 +40,11 @@ from typing import Callable, Iterable, Protocol
 
 import structlog
 
+from sensor.state_dir import atomic_write
+
 from . import audit
 from .desired import desired_path, read_desired, write_desired
-from .egress import EgressError, EgressProgram, pin_dir_for, pinned_sets
+from .egress import EgressError, EgressProgram, existing_pin_dir, pin_dir_for, pinned_sets
 from .egress_rules import EgressRuleError, Limits, compile_rules, effective_rules, egress_mode
 from .policy import Policy, PolicyError, policy_hash
 from .state import locked
@@ -78,6 +80,10 @@ class KernelBackend(Protocol):
 
     def ring_reader(self): ...
 
+    def move_task(self, pid: int, cgroup_path: str) -> None: ...
+
+    def kill_task(self, pid: int) -> None: ...
+
 
 class RealKernel:
     """The kernel itself: :mod:`enforcer.egress`, :mod:`enforcer.denials`, :mod:`sensor.kernel`."""
@@ -98,6 +104,20 @@ class RealKernel:
     def ring_reader(self):
         from sensor.kernel import RingReader
         return RingReader()
+
+    def move_task(self, pid: int, cgroup_path: str) -> None:
+        """Move task ``pid`` into the cgroup at ``cgroup_path`` (raises OSError)."""
+        with open(os.path.join(cgroup_path, "cgroup.procs"), "w") as f:
+            f.write(str(pid))
+
+    def kill_task(self, pid: int) -> None:
+        """SIGKILL task ``pid`` through a pidfd (raises OSError)."""
+        import signal
+        fd = os.pidfd_open(pid)
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        finally:
+            os.close(fd)
 
 
 # ---- results ----------------------------------------------------------------------------------
@@ -123,6 +143,39 @@ class Enforced:
     exceptions_sig: tuple = ()
     cgroups: set[str] = field(default_factory=set)
     seccomp_target: str = "workload"
+
+
+class _Desired:
+    """A workload's desired-state file with what it held before this change, so an apply or a
+    removal that fails puts it back as it was."""
+
+    def __init__(self, state_dir, workload):
+        self.state_dir = state_dir
+        self.path = desired_path(state_dir, workload)
+        try:
+            self.old: bytes | None = self.path.read_bytes()
+        except FileNotFoundError:
+            self.old = None
+        self.changed = False
+
+    def write(self, policy: Policy, mode: str) -> None:
+        self.changed = True
+        write_desired(self.state_dir, policy, mode)
+
+    def remove(self) -> None:
+        self.changed = True
+        self.path.unlink(missing_ok=True)
+
+    def restore(self) -> None:
+        if not self.changed:
+            return
+        try:
+            if self.old is None:
+                self.path.unlink(missing_ok=True)
+            else:
+                atomic_write(self.path, self.old)
+        except OSError as e:
+            log.error("desired state not restored", path=str(self.path), error=str(e))
 
 
 def _cgroup_id(path: str) -> int | None:
@@ -151,6 +204,7 @@ class EnforcementSession:
         self._probe = None
         self._denial_cgroups: dict[int, str] = {}
         self._denial_allowed: dict[int, frozenset[str]] = {}  # cgroup -> its profile's syscalls
+        self._denial_paths: dict[int, str] = {}  # cgroup -> its path
         self._reader = None
         self._reader_fds: set[int] = set()
         self._pending: list = []
@@ -182,10 +236,10 @@ class EnforcementSession:
             return cur.program, False
         if not self.pinned:
             return self.backend.load_egress(workload.key, None, self.limits), True
-        pin = pin_dir_for(self.bpffs, workload.key)
+        pin = existing_pin_dir(self.bpffs, workload.key)
         if pin.is_dir() and any(pin.iterdir()):
             return self.backend.adopt_egress(pin, self.limits), False
-        return self.backend.load_egress(workload.key, pin, self.limits), True
+        return self.backend.load_egress(workload.key, pin_dir_for(self.bpffs, workload.key), self.limits), True
 
     # -- the seam --
 
@@ -217,6 +271,8 @@ class EnforcementSession:
         prog, created = self._program(workload) if needs_program else (None, False)
         results: list[CgroupResult] = []
         newly: list[str] = []
+        desired = _Desired(self.state_dir, workload) if self.pinned else None
+        swapped = False
         try:
             for p in paths:
                 if prog is None:
@@ -230,16 +286,34 @@ class EnforcementSession:
                 if was_new:
                     newly.append(p)
                 results.append(CgroupResult(p, True, attached=was_new))
-            # Rules swap last: a failure above leaves the active generation untouched, and
-            # write_policy cleans its own inactive generation when it fails. The state lock
-            # keeps a CLI apply and the daemon from swapping the same pinned set at once.
-            if prog is not None:
-                with locked(self.state_dir):
+            # The state lock keeps a CLI apply and the daemon from changing the same workload at
+            # once. Under it: the desired state, then the rules swap (the previous generation
+            # kept until the audit entry is written), then the audit entry. A failure at any
+            # step undoes the ones before it.
+            with locked(self.state_dir):
+                if desired is not None:
+                    desired.write(policy, mode)
+                if prog is not None:
                     prog.write_policy(rules, emode, policy_hash(policy),
-                                      grace=0.05 if self.pinned else 0)
-            if self.pinned:
-                write_desired(self.state_dir, policy, mode)
+                                      grace=0.05 if self.pinned else 0, finish=False)
+                    swapped = True
+                if self.pinned:
+                    audit.append(self.state_dir, "policy.apply", workload=workload.key, reason=reason,
+                                 details={"mode": mode, "egress_mode": emode,
+                                          "policy_sha256": policy_hash(policy).hex(),
+                                          "cgroups": paths, "attached": newly,
+                                          "egress_entries": len(rules),
+                                          "exceptions": [e.id for e in excs]})
+                if prog is not None:
+                    prog.finish_swap()
         except BaseException as e:
+            if swapped:
+                try:
+                    prog.revert_swap()
+                except EgressError as re_:
+                    log.error("rollback of the rules swap failed", workload=workload.key, error=str(re_))
+            if desired is not None:
+                desired.restore()
             for p in newly:
                 try:
                     prog.detach(p)
@@ -266,13 +340,6 @@ class EnforcementSession:
         self.enforced[workload.key] = cur
         self._reader_dirty()
         self._watch_denials(cur, paths)
-        if self.pinned:
-            audit.append(self.state_dir, "policy.apply", workload=workload.key, reason=reason,
-                         details={"mode": mode, "egress_mode": emode,
-                                  "policy_sha256": policy_hash(policy).hex(),
-                                  "cgroups": paths, "attached": newly,
-                                  "egress_entries": len(rules),
-                                  "exceptions": [e.id for e in excs]})
         return results
 
     def attach_new_cgroup(self, workload, cgroup_path) -> CgroupResult:
@@ -365,11 +432,14 @@ class EnforcementSession:
         """Adopt every pinned set (after a restart), pairing it with its desired state.
 
         Nothing is re-attached or reloaded: the pinned programs are already attached and keep
-        enforcing; this only re-opens their maps so rules, mode and events are managed again.
+        enforcing; this only re-opens their maps so rules, mode and events are managed again. A
+        set is paired with the desired state whose workload's pin directory it is (the name is
+        bounded, so the pinned ``meta`` map may hold a truncated key); a set that anyone but
+        root could have changed is refused and reported.
         """
         if not self.pinned:
             return []
-        desired = {w.key: (w, p, m) for w, p, m in read_desired(self.state_dir)}
+        desired = {existing_pin_dir(self.bpffs, w.key): (w, p, m) for w, p, m in read_desired(self.state_dir)}
         adopted = []
         for pin in self.backend.pinned_egress(self.bpffs):
             if any(e.program is not None and e.program.pin_dir == pin
@@ -380,13 +450,14 @@ class EnforcementSession:
             except EgressError as e:
                 log.error("adopt failed", pin=str(pin), error=str(e))
                 continue
-            d = desired.get(prog.workload)
+            d = desired.get(pin)
             if d is None:
                 log.warning("pinned egress set without desired state; left as is",
                             workload=prog.workload, pin=str(pin))
                 prog.close()
                 continue
             w, policy, mode = d
+            prog.workload = w.key
             _gen, kmode = prog.state()
             cur = Enforced(w, policy, mode, prog, (), set(prog.cgroups().values()))
             self.enforced[w.key] = cur
@@ -409,34 +480,71 @@ class EnforcementSession:
             cur.program.close()
 
     def remove(self, workload, reason: str = "remove") -> bool:
-        """Detach from every cgroup, unpin, forget the desired state (audited when pinned)."""
+        """Detach from every cgroup, unpin, forget the desired state, all or nothing and audited
+        when pinned: if a step fails (the audit entry included), what was detached is attached
+        again, the pins and the desired state are put back, and :class:`ApplyError` is raised."""
+        from sensor.workload import Workload
         key = workload if isinstance(workload, str) else workload.key
-        cur = self.enforced.pop(key, None)
+        w = Workload.parse(key)
+        cur = self.enforced.get(key)
         prog = cur.program if cur else None
+        adopted = False
         if prog is None and self.pinned:
-            pin = pin_dir_for(self.bpffs, key)
+            pin = existing_pin_dir(self.bpffs, key)
             if pin.is_dir() and any(pin.iterdir()):
-                prog = self.backend.adopt_egress(pin, self.limits)
-        if prog is None and cur is None:
+                try:
+                    prog = self.backend.adopt_egress(pin, self.limits)
+                except EgressError as e:
+                    raise ApplyError(f"remove {key}: {e}; nothing removed") from e
+                adopted = True
+        desired = _Desired(self.state_dir, w) if self.pinned else None
+        if prog is None and cur is None and (desired is None or desired.old is None):
             return False
+        cgroups = sorted(set(cur.cgroups if cur else ()) | set(prog.cgroups().values() if prog else ()))
+        detached: list[str] = []
+        unpinned = False
+        try:
+            with locked(self.state_dir):
+                if desired is not None:
+                    desired.remove()
+                if prog is not None:
+                    for p in cgroups:
+                        was = os.path.isdir(p) and prog.attached(p)
+                        prog.detach(p)  # a vanished cgroup's record goes too
+                        if was:
+                            detached.append(p)
+                    prog.unpin()
+                    unpinned = True
+                if self.pinned:
+                    audit.append(self.state_dir, "policy.remove", workload=key, reason=reason,
+                                 details={"cgroups": detached})
+        except BaseException as e:
+            for p in detached:
+                try:
+                    prog.attach(p)
+                except EgressError as ae:
+                    log.error("rollback attach failed", cgroup=p, error=str(ae))
+            if unpinned:
+                prog.repin()
+            if desired is not None:
+                desired.restore()
+            if adopted:
+                prog.close()
+            raise ApplyError(f"remove {key}: {e}; rolled back, still enforced") from e
+        self.enforced.pop(key, None)
         self._reader_dirty()  # its ring buffer goes away with it
         self._unwatch_denials(key)
         if prog is not None:
-            for p in (cur.cgroups if cur else ()):
-                prog.detach(p)
-            prog.remove()
-        if self.pinned:
-            from sensor.workload import Workload
-            desired_path(self.state_dir, Workload.parse(key)).unlink(missing_ok=True)
-            audit.append(self.state_dir, "policy.remove", workload=key, reason=reason, details={})
+            prog.close()
         return True
 
     # -- visibility: egress violations from the program sets' ring buffers, seccomp denials --
 
     def _watch_denials(self, cur: Enforced, paths: Iterable[str]) -> None:
         """Report seccomp denials of the workload's cgroups, compared with the same profile the
-        filter was compiled from (:func:`enforcer.seccomp.profile_for`)."""
-        if not self.want_denials or "syscall" not in cur.policy.substrates or cur.mode == "observe":
+        filter was compiled from (:func:`enforcer.seccomp.profile_for`), and tasks moved out of
+        them (every enforced cgroup, whatever its substrates)."""
+        if not self.want_denials or cur.mode == "observe":
             return
         from .exceptions import syscall_allowances
         from .seccomp import DENY_ERRNO, profile_for
@@ -451,16 +559,20 @@ class EnforcementSession:
                 return
             self._reader_dirty()
         w = cur.workload
-        compiled = profile_for(cur.policy, cur.mode, target=cur.seccomp_target,
-                               exceptions=syscall_allowances(self.state_dir, w, self.clock()))
+        if "syscall" in cur.policy.substrates:
+            compiled = profile_for(cur.policy, cur.mode, target=cur.seccomp_target,
+                                   exceptions=syscall_allowances(self.state_dir, w, self.clock()))
+            mode, allowed, sockets = cur.mode, frozenset(compiled.allowed()), compiled.restricts_sockets()
+        else:
+            mode, allowed, sockets = "watch", frozenset(), False
         for p in paths:
             cid = _cgroup_id(p)
             if cid is None:
                 continue
-            allowed = frozenset(compiled.allowed())
-            self._probe.watch(cid, cur.mode, DENY_ERRNO, allowed)
+            self._probe.watch(cid, mode, DENY_ERRNO, allowed, sockets)
             self._denial_cgroups[cid] = w.key
             self._denial_allowed[cid] = allowed
+            self._denial_paths[cid] = str(p)
 
     def _unwatch_denials(self, key: str) -> None:
         for cid in [c for c, k in self._denial_cgroups.items() if k == key]:
@@ -468,6 +580,7 @@ class EnforcementSession:
                 self._probe.unwatch(cid)
             del self._denial_cgroups[cid]
             self._denial_allowed.pop(cid, None)
+            self._denial_paths.pop(cid, None)
         # drain what these cgroups still have counted before their keys are dropped
         self._pending += self._denial_deltas(force=True)
 
@@ -496,34 +609,27 @@ class EnforcementSession:
         return self._reader
 
     def _on_record(self, raw: bytes, workload_of) -> None:
-        from sensor.events import DecodeError, IoUringOpEvent, SeccompDenialEvent, decode
+        from sensor.events import CgroupEscapeEvent, DecodeError, SeccompDenialEvent, decode
         from .denials import denial_key
-        from .violations import from_egress_event, from_io_uring_event, from_seccomp_event
+        from .violations import from_event
         ev = decode(raw)
         if isinstance(ev, DecodeError):
             self.decode_errors += 1
             log.warning("undecodable record", kind=ev.kind, reason=ev.reason)
             return
-        cid = getattr(ev, "cgroup_id", None)
-        if cid is None:
+        if isinstance(ev, CgroupEscapeEvent):
+            self._on_escape(ev)
             return
-        workload = workload_of(cid) or "unknown"
-        session = self.session_of(cid) if self.session_of is not None else None
-        if isinstance(ev, SeccompDenialEvent):
-            v = from_seccomp_event(ev, workload, self.clock(), session)
-            if ev.counted:  # its count comes from the kernel's totals (_denial_deltas)
-                key = denial_key(ev.cgroup_id, ev.pid, ev.nr, ev.context, ev.ret < 0)
-                if len(self._denial_context) < DENIAL_CONTEXTS:
-                    self._denial_context[key] = v
-                return
+        v = from_event(ev, workload_of, self.clock(),
+                       lambda cid: self._denial_allowed.get(cid, frozenset()), self.session_of)
+        if v is not None and isinstance(ev, SeccompDenialEvent) and ev.counted:
+            # its count comes from the kernel's totals (_denial_deltas); this names them
+            key = denial_key(ev.cgroup_id, ev.pid, ev.nr, ev.context, ev.ret < 0)
+            if len(self._denial_context) < DENIAL_CONTEXTS:
+                self._denial_context[key] = v
+            return
+        if v is not None:
             self._pending.append(v)
-        elif isinstance(ev, IoUringOpEvent):
-            v = from_io_uring_event(ev, workload, self.clock(), self._denial_allowed.get(cid, frozenset()),
-                                    session)
-            if v is not None:
-                self._pending.append(v)
-        elif hasattr(ev, "op") and hasattr(ev, "action"):
-            self._pending.append(from_egress_event(ev, workload, self.clock(), session))
 
     def _denial_deltas(self, force: bool = False) -> list:
         """Seccomp denials counted in the kernel since the last read, as violations (at most
@@ -571,6 +677,52 @@ class EnforcementSession:
                 self._denial_seen.pop(key, None)
                 self._denial_context.pop(key, None)
         return out
+
+    def _on_escape(self, ev) -> None:
+        """A thread of an enforced cgroup moved a task to another cgroup. Into one of the same
+        workload's cgroups: nothing to do. Into a child cgroup: the egress programs still apply
+        (cgroup programs are inherited), so the child is watched as well. Anywhere else the
+        task has walked out of its enforcement: it is moved back at once, the move is audited
+        as ``policy.escape`` and reported as an ``integrity`` violation. Where it cannot be moved
+        back (the daemon in a pod has its own cgroup namespace, and the kernel refuses moves
+        whose common ancestor lies outside it) and the workload is in enforce mode, it is killed."""
+        from .violations import Violation
+        key = self._denial_cgroups.get(ev.src_cgroup_id)
+        cur = self.enforced.get(key) if key else None
+        src = self._denial_paths.get(ev.src_cgroup_id)
+        if cur is None or src is None:
+            return
+        if self._denial_cgroups.get(ev.dst_cgroup_id) == key:
+            return
+        from sensor.cgroup import cgroup2_mount_point
+        dst = str(cgroup2_mount_point() / ev.dst_path.lstrip("/"))
+        if Path(dst).is_relative_to(src):
+            log.info("enforced task moved to a child cgroup; watching it too", workload=key,
+                     pid=ev.pid, cgroup=dst)
+            self._watch_denials(cur, [dst])
+            return
+        killed = False
+        try:
+            self.backend.move_task(ev.pid, src)
+            moved, error = True, ""
+        except OSError as e:  # the task is gone, the cgroup was removed, or out of our namespace
+            moved, error = False, str(e)
+            if cur.mode == "enforce" and not isinstance(e, ProcessLookupError):
+                try:
+                    self.backend.kill_task(ev.pid)
+                    killed = True
+                except OSError as k:
+                    error += f"; kill: {k}"
+        detail = {"pid": ev.pid, "by_pid": ev.by_pid, "from": src, "to": dst, "moved_back": moved,
+                  "killed": killed}
+        if error:
+            detail["error"] = error
+        log.warning("task moved out of its enforced cgroup", workload=key, **detail)
+        reason = "moved back" if moved else "killed" if killed else "could not move back"
+        if self.pinned:
+            audit.append(self.state_dir, "policy.escape", workload=key, reason=reason, details=detail)
+        self._pending.append(Violation(self.clock(), key, "integrity", "cgroup:migration",
+                                       "denied" if moved or killed else "alerted", detail))
 
     def poll_violations(self, timeout_ms: int = 0, limit: int | None = None, final: bool = False) -> list:
         """Violations that reached userspace since the last call, waiting up to ``timeout_ms``

@@ -25,13 +25,16 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from sensor.state_dir import StateDir, atomic_write
+import structlog
+
+from sensor.state_dir import StateDir, UntrustedFileError, atomic_write, private_dirs
 from sensor.store import ProfileStore
 from sensor.workload import Workload
 
 from . import audit
 from .modes import DEFAULT_MODE, MODES
 
+log = structlog.get_logger(__name__)
 
 
 class StateError(ValueError):
@@ -44,10 +47,16 @@ def mode_path(state_dir, workload: Workload) -> Path:
 
 @contextmanager
 def locked(state_dir):
-    """An exclusive lock on ``<state-dir>/enforce/.lock`` for read-modify-write changes."""
-    lock = StateDir(state_dir).lock
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    """An exclusive lock on ``<state-dir>/enforce/.lock`` for read-modify-write changes. Taking
+    it also makes the state directory's own directories 0700 (:meth:`StateDir.secure`)."""
+    layout = StateDir(state_dir)
+    private_dirs(layout.enforce)
+    try:
+        layout.secure()
+    except UntrustedFileError as e:
+        raise StateError(str(e)) from None
+    lock = layout.lock
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -61,14 +70,44 @@ def locked(state_dir):
 def known_workloads(state_dir) -> list[Workload]:
     """Workloads with a profile or an enforcement state."""
     found = set(ProfileStore(state_dir).workloads())
-    d = StateDir(state_dir).modes
-    if d.is_dir():
-        for p in d.glob("*.json"):
-            try:
-                found.add(Workload.parse(StateDir.workload_of(p.name, ".json") or ""))
-            except ValueError:
-                continue
+    found.update(s["_workload"] for s in _scan_states(state_dir))
     return sorted(found)
+
+
+def _scan_states(state_dir) -> list[dict]:
+    """Every readable mode file, with its workload (from the content) under ``_workload``; a
+    file that is unreadable, untrusted, or not under its workload's name is logged and left
+    out."""
+    layout = StateDir(state_dir)
+    out = []
+    if not layout.modes.is_dir():
+        return out
+    for p in sorted(layout.modes.glob("*.json")):
+        if p.name.startswith("."):
+            continue
+        try:
+            data = _parse_state(p, layout.read(p))
+            w = Workload.parse(data["workload"])
+            if not StateDir.names_key(p.name, ".json", w.key):
+                raise StateError(f"{p}: holds the state of {w.key}, whose file is "
+                                 f"{StateDir.workload_name(w.key, '.json')}")
+        except (OSError, StateError, ValueError) as e:
+            log.warning("enforcement state skipped", path=str(p), error=str(e))
+            continue
+        out.append(dict(data, _workload=w))
+    return out
+
+
+def _parse_state(p: Path, raw: bytes) -> dict:
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise StateError(f"{p}: unreadable enforcement state ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("workload"), str):
+        raise StateError(f"{p}: not an enforcement state (no workload)")
+    if data.get("mode") not in MODES:
+        raise StateError(f"{p}: mode {data.get('mode')!r} is not one of {', '.join(MODES)}")
+    return data
 
 
 def resolve_workload(state_dir, name: str, allow_new: bool = False) -> Workload:
@@ -81,7 +120,7 @@ def resolve_workload(state_dir, name: str, allow_new: bool = False) -> Workload:
         raise StateError("workload name is empty")
     matches = [w for w in known_workloads(state_dir)
                if name in (w.key, w.name, f"{w.namespace}/{w.name}", f"{w.namespace}/{w.kind}/{w.name}")]
-    if not matches and allow_new and name.count("/") == 3:
+    if not matches and allow_new and name.count("/") >= 3:
         try:
             return Workload.parse(name)
         except ValueError as e:
@@ -110,15 +149,19 @@ def register(state_dir, workload: Workload, mode: str = DEFAULT_MODE, *, actor: 
 
 
 def read_state(state_dir, workload: Workload) -> dict | None:
+    """The workload's state, read only from a file nobody but root could have written and
+    that names this workload; anything else is a :class:`StateError`."""
+    layout = StateDir(state_dir)
     p = mode_path(state_dir, workload)
     try:
-        data = json.loads(p.read_text())
+        raw = layout.read(p)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:
-        raise StateError(f"{p}: unreadable enforcement state ({e})") from e
-    if data.get("mode") not in MODES:
-        raise StateError(f"{p}: mode {data.get('mode')!r} is not one of {', '.join(MODES)}")
+    except OSError as e:
+        raise StateError(f"{p}: unreadable enforcement state ({e})") from None
+    data = _parse_state(p, raw)
+    if data["workload"] != workload.key:
+        raise StateError(f"{p}: holds the state of {data['workload']!r}, not {workload.key!r}")
     return data
 
 
@@ -198,7 +241,7 @@ def rebaseline(state_dir, workload: Workload, *, reason: str, actor: str | None 
             while (dest_dir / src.name).exists():
                 dest_dir = archive / f"{stamp}-{n}"
                 n += 1
-            dest_dir.mkdir(parents=True, exist_ok=True)
+            private_dirs(dest_dir)
             archived = dest_dir / src.name
             os.replace(src, archived)
         gen = int((old.get("rebaseline") or {}).get("generation", 0)) + 1
@@ -218,12 +261,4 @@ def rebaseline(state_dir, workload: Workload, *, reason: str, actor: str | None 
 
 
 def all_states(state_dir) -> list[dict]:
-    d = StateDir(state_dir).modes
-    out = []
-    if d.is_dir():
-        for p in sorted(d.glob("*.json")):
-            try:
-                out.append(read_state(state_dir, Workload.parse(StateDir.workload_of(p.name, ".json") or "")))
-            except (StateError, ValueError):
-                continue
-    return [s for s in out if s]
+    return [{k: v for k, v in s.items() if k != "_workload"} for s in _scan_states(state_dir)]

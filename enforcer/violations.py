@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterable
 
-from sensor.state_dir import StateDir
+from sensor.state_dir import StateDir, private_dirs
 from sensor.events import (DecodeError, EgressViolationEvent, IoUringOpEvent, SeccompDenialEvent,
                            decode)
 from sensor.workload import SUBSTRATES as BEHAVIOUR_SUBSTRATES
@@ -160,7 +160,7 @@ class ViolationStore:
         lines = "".join(json.dumps(v.to_dict(), sort_keys=True, default=str) + "\n" for v in violations)
         if not lines:
             return 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.path.parent)
         data = lines.encode()
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
@@ -239,9 +239,30 @@ def from_egress_event(ev: EgressViolationEvent, workload: str, now: float,
                      _process(ev.pid, ev.comm, session, ev.cgroup_id))
 
 
+_IPPROTO_NAMES = {0: "default", 1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp",
+                  255: "raw", 262: "mptcp"}
+
+
+def socket_arguments(domain: int, type_: int, protocol: int) -> dict:
+    """``socket(2)``'s arguments by name, e.g. ``{"family": "AF_PACKET", "type": "SOCK_RAW", ...}``."""
+    import socket
+    try:
+        family = socket.AddressFamily(domain).name
+    except ValueError:
+        family = str(domain)
+    try:
+        kind = socket.SocketKind(type_ & 0xF).name
+    except ValueError:
+        kind = str(type_ & 0xF)
+    return {"family": family, "type": kind, "protocol": _IPPROTO_NAMES.get(protocol, str(protocol))}
+
+
 def from_seccomp_event(ev: SeccompDenialEvent, workload: str, now: float,
-                       session: str | None = None) -> Violation:
-    """A denial carries ``ret = -errno``; an alert-mode report (made at entry) carries 0."""
+                       allowed: Collection[str] = (), session: str | None = None) -> Violation:
+    """A denial carries ``ret = -errno``; an alert-mode report (made at entry) carries 0. A
+    denied network call names the destination it asked for, a denied ``socket`` the socket; a
+    ``socket`` call the profile allows was stopped by its argument checks (the socket
+    restriction of :mod:`enforcer.seccomp`): the detail says why."""
     action = "denied" if ev.ret < 0 else "alerted"
     detail = _process(ev.pid, ev.comm, session, ev.cgroup_id)
     detail["nr"] = ev.nr
@@ -249,8 +270,11 @@ def from_seccomp_event(ev: SeccompDenialEvent, workload: str, now: float,
         detail["errno"] = -ev.ret
     if ev.destination:
         detail["destination"] = ev.destination
-    if ev.socket:
-        detail["socket"] = dict(ev.socket)
+    if ev.name == "socket":
+        detail["socket"] = socket_arguments(*ev.args)
+        if "socket" in allowed:
+            from .seccomp import SOCKET_REASON
+            detail["why"] = SOCKET_REASON
     return Violation(now, workload, "syscall", ev.behaviour_key(), action, detail)
 
 
@@ -271,17 +295,26 @@ def from_record(raw: bytes, workload_of: Callable[[int], str | None], now: float
                 session_of: Callable[[int], str | None] | None = None
                 ) -> Violation | DecodeError | None:
     """One ring-buffer record to a violation. A record that does not decode comes back as the
-    :class:`sensor.events.DecodeError` (to be counted); one whose cgroup has no known workload
-    is attributed to ``unknown``; other event types give ``None``. ``allowed_of`` gives the
-    syscalls a cgroup's profile allows (io_uring operations are judged against it)."""
+    :class:`sensor.events.DecodeError` (to be counted); the rest as :func:`from_event`."""
     ev = decode(raw)
     if isinstance(ev, DecodeError):
         return ev
+    return from_event(ev, workload_of, now, allowed_of, session_of)
+
+
+def from_event(ev, workload_of: Callable[[int], str | None], now: float,
+               allowed_of: Callable[[int], Collection[str]] = lambda _cid: (),
+               session_of: Callable[[int], str | None] | None = None) -> Violation | None:
+    """One decoded kernel event to a violation. One whose cgroup has no known workload is
+    attributed to ``unknown``; other event types give ``None``. ``allowed_of`` gives the
+    syscalls a cgroup's profile allows (io_uring operations and sockets are judged against it);
+    ``session_of`` the session of a cgroup, when the caller knows it."""
     session = session_of(ev.cgroup_id) if session_of is not None and hasattr(ev, "cgroup_id") else None
     if isinstance(ev, EgressViolationEvent):
         return from_egress_event(ev, workload_of(ev.cgroup_id) or "unknown", now, session)
     if isinstance(ev, SeccompDenialEvent):
-        return from_seccomp_event(ev, workload_of(ev.cgroup_id) or "unknown", now, session)
+        return from_seccomp_event(ev, workload_of(ev.cgroup_id) or "unknown", now,
+                                  allowed_of(ev.cgroup_id), session)
     if isinstance(ev, IoUringOpEvent):
         return from_io_uring_event(ev, workload_of(ev.cgroup_id) or "unknown", now,
                                    allowed_of(ev.cgroup_id), session)

@@ -17,7 +17,7 @@ import structlog
 
 from . import commands
 from .config import Config
-from .errors import EXIT_ENVIRONMENT, EXIT_FINDINGS, EXIT_USAGE, UserError
+from .errors import EXIT_ENVIRONMENT, EXIT_FINDINGS, EXIT_USAGE, UserError, one_line
 
 EXIT_STATUSES = (f"exit status: 0 success; {EXIT_FINDINGS} findings (differs, stale, would deny, "
                  f"violations, coverage-stop not reached); {EXIT_USAGE} bad input or usage; "
@@ -85,7 +85,7 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"envelope: error: {self.prog.removeprefix('envelope').strip() or 'envelope'}: "
-                              f"{message} (see {self.prog} --help)\n")
+                              f"{one_line(message)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,14 +131,14 @@ def main(argv: list[str] | None = None) -> int:
         config = Config.load(args.config, state_dir=args.state_dir)
         return int(args.func(args, config) or 0)
     except UserError as e:
-        print(f"envelope: error: {e}", file=sys.stderr)
+        print(f"envelope: error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback with -v
         if args.verbose:
             raise
-        print(f"envelope: internal error: {type(e).__name__}: {e} (run with -v for the traceback)",
+        print(f"envelope: internal error: {type(e).__name__}: {one_line(e)} (run with -v for the traceback)",
               file=sys.stderr)
         return EXIT_ENVIRONMENT
 

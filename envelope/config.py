@@ -1,24 +1,37 @@
 """One configuration object that the CLI, the daemon and the tests wire components from.
 
 Every default lives here. The daemon also reads a YAML file (``--config``) whose keys are the
-field names below; unknown keys are an error.
+field names below; unknown keys are an error, and so is every value that is not what its key
+takes (:data:`CHECKS`): numbers must be numbers (never booleans or strings), finite and in range;
+booleans must be booleans; paths must be absolute, and those Envelope reads from (``host_root``,
+``bpffs``) must exist. Each problem is one :class:`UserError` line naming the file
+and the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import yaml
+from typing import Any, Callable
 
 from sensor.profile import DEFAULT_CAPS
+from sensor.safeyaml import YamlError, load_yaml
+from sensor.state_dir import UntrustedFileError, read_trusted
+from sensor.workload import SUBSTRATES
 
 from .errors import UserError
 
 DEFAULT_STATE_DIR = "/var/lib/envelope"
+#: Outside Kubernetes the metrics endpoint listens on loopback only; the DaemonSet's ConfigMap
+#: sets 0.0.0.0, the pod's own network namespace, for the kubelet's probes and Prometheus.
+DEFAULT_METRICS_ADDRESS = "127.0.0.1"
+BPF_FS_MAGIC = 0xCAFE4A11
 
 
 @dataclass
@@ -34,6 +47,7 @@ class Config:
     max_cgroups: int = 1024  # cgroup slots in the kernel syscall counter table
     caps: dict = field(default_factory=lambda: dict(DEFAULT_CAPS))
     metrics_port: int = 9464
+    metrics_address: str = DEFAULT_METRICS_ADDRESS  # where /metrics, /healthz and /readyz listen
     kubelet_seccomp_dir: Path = Path("/var/lib/kubelet/seccomp")
     bpffs: Path = Path("/sys/fs/bpf")
     fingerprint_annotations: dict = field(default_factory=lambda: {
@@ -52,26 +66,224 @@ class Config:
         cfg = cls()
         if path:
             try:
-                data = yaml.safe_load(Path(path).read_text()) or {}
-            except (OSError, yaml.YAMLError) as e:
-                raise UserError(f"config {path}: {e}") from e
+                # a ConfigMap mount links config.yaml into a ..data directory: follow it, and
+                # check what it names (nobody but root may have been able to write it)
+                raw = read_trusted(path, follow=True)
+            except UntrustedFileError as e:
+                raise UserError(f"config {path}: {e}") from None
+            except OSError as e:
+                raise UserError(f"config {path}: cannot read: {e.strerror or e}") from None
+            try:
+                data = load_yaml(raw, f"config {path}")
+            except YamlError as e:
+                raise UserError(str(e)) from None
+            if data is None:
+                data = {}
             if not isinstance(data, dict):
-                raise UserError(f"config {path}: top level must be a mapping")
-            cfg = cfg.replace(**data, _source=str(path))
+                raise UserError(f"config {path}: top level must be a mapping of keys to values")
+            bad = [k for k in data if not isinstance(k, str)]
+            if bad:
+                raise UserError(f"config {path}: key {bad[0]!r} is not a name")
+            cfg = cfg.replace(**data, _source=f"config {path}")
         return cfg.replace(**{k: v for k, v in overrides.items() if v is not None})
 
     def replace(self, _source: str = "override", **changes) -> "Config":
-        names = {f.name: f for f in dataclasses.fields(self)}
-        changes = {k: v for k, v in changes.items() if v is not None}
+        """A copy with ``changes``, each checked (:data:`CHECKS`); None leaves a key as it is."""
+        names = {f.name for f in dataclasses.fields(self)}
+        out = {}
         for k, v in changes.items():
             if k not in names:
-                raise UserError(f"{_source}: unknown config key {k!r}")
-            default = getattr(self, k)
-            if isinstance(default, Path):
-                changes[k] = Path(v)
-            elif isinstance(default, (int, float)) and not isinstance(default, bool):
-                try:
-                    changes[k] = type(default)(v)
-                except (TypeError, ValueError):
-                    raise UserError(f"{_source}: {k} must be a number, got {v!r}") from None
-        return dataclasses.replace(self, **changes)
+                raise UserError(f"{_source}: unknown config key {k!r} (keys: see envelope/config.py)")
+            if v is None:
+                continue
+            try:
+                out[k] = CHECKS[k](v)
+            except ConfigValueError as e:
+                raise UserError(f"{_source}: {k}: {e}") from None
+        return dataclasses.replace(self, **out)
+
+
+# ---- checks ---------------------------------------------------------------------------------
+
+
+class ConfigValueError(ValueError):
+    """A value its key does not take; the message says what it takes."""
+
+
+def _show(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number(kind: type, lo: float, hi: float, *, power_of_two: bool = False
+            ) -> Callable[[Any], Any]:
+    def check(v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and isinstance(v, float)
+                                                                     and not v.is_integer()):
+            want = "a whole number" if kind is int else "a number"
+            raise ConfigValueError(f"must be {want}, got {_show(v)}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigValueError(f"must be finite, got {v}")
+        v = kind(v)
+        if not lo <= v <= hi:
+            raise ConfigValueError(f"must be within {lo:g}..{hi:g}, got {v:g}")
+        if power_of_two and v & (v - 1):
+            raise ConfigValueError(f"must be a power of two, got {v}")
+        return v
+    return check
+
+
+def _positive_seconds(hi: float) -> Callable[[Any], float]:
+    base = _number(float, -math.inf, hi)
+
+    def check(v: Any) -> float:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0:
+            raise ConfigValueError(f"must be more than 0 seconds, got {v:g}")
+        return base(v)
+    return check
+
+
+def _text(pattern: str, what: str, max_len: int) -> Callable[[Any], str]:
+    rx = re.compile(pattern)
+
+    def check(v: Any) -> str:
+        if not isinstance(v, str) or not v:
+            raise ConfigValueError(f"must be a non-empty string, got {_show(v)}")
+        if len(v) > max_len or not rx.fullmatch(v):
+            raise ConfigValueError(f"{_show(v)} is not {what}")
+        return v
+    return check
+
+
+def _path(*, must_exist: str | None = None, bpf: bool = False) -> Callable[[Any], Path]:
+    def check(v: Any) -> Path:
+        if isinstance(v, Path):
+            v = str(v)
+        if not isinstance(v, str) or not v:
+            raise ConfigValueError(f"must be a path, got {_show(v)}")
+        if "\0" in v:
+            raise ConfigValueError("must not contain a NUL byte")
+        if not v.startswith("/"):
+            raise ConfigValueError(f"must be an absolute path, got {_show(v)}")
+        p = Path(v)
+        if must_exist == "dir" and not p.is_dir():
+            raise ConfigValueError(f"{v} is not an existing directory")
+        if must_exist == "file" and not p.is_file():
+            raise ConfigValueError(f"{v} is not an existing file")
+        if bpf:
+            try:
+                magic = _fs_magic(p)
+            except OSError as e:
+                raise ConfigValueError(f"{v}: {e.strerror}") from None
+            if magic is not None and magic != BPF_FS_MAGIC:
+                raise ConfigValueError(f"{v} is not a bpf filesystem (mount one with "
+                                       f"`mount -t bpf bpf {v}`)")
+        return p
+    return check
+
+
+def _fs_magic(p: Path) -> int | None:
+    """The filesystem type of ``p`` (statfs f_type), or None where it cannot be asked."""
+    import ctypes
+    import ctypes.util
+
+    class StatFs(ctypes.Structure):
+        _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    buf = StatFs()
+    if libc.statfs(os.fsencode(str(p)), ctypes.byref(buf)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return buf.f_type & 0xFFFFFFFF
+
+
+def _state_dir(v: Any) -> Path:
+    if isinstance(v, (str, Path)) and str(v) and not str(v).startswith("/") and "\0" not in str(v):
+        v = os.path.abspath(str(v))  # --state-dir ./demo: relative to where the command runs
+    return _path()(v)
+
+
+def _caps(v: Any) -> dict:
+    if not isinstance(v, dict):
+        raise ConfigValueError(f"must be a mapping of substrate to a number of behaviours, got {_show(v)}")
+    out = dict(DEFAULT_CAPS)
+    one = _number(int, 1, 1_000_000)
+    for k, n in v.items():
+        if k not in SUBSTRATES:
+            raise ConfigValueError(f"unknown substrate {_show(k)} (substrates: {', '.join(SUBSTRATES)})")
+        try:
+            out[k] = one(n)
+        except ConfigValueError as e:
+            raise ConfigValueError(f"{k}: {e}") from None
+    return out
+
+
+_ANNOTATION_KEY = re.compile(r"(?:[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+
+
+def _annotations(v: Any) -> dict:
+    if not isinstance(v, dict):
+        raise ConfigValueError(f"must be a mapping of fingerprint name to annotation key, got {_show(v)}")
+    for k, key in v.items():
+        if not isinstance(k, str) or not re.fullmatch(r"[a-z][a-z0-9_]{0,62}", k):
+            raise ConfigValueError(f"{_show(k)} is not a fingerprint name (lower case, digits, _)")
+        if not isinstance(key, str) or not _ANNOTATION_KEY.fullmatch(key):
+            raise ConfigValueError(f"{k}: {_show(key)} is not a Kubernetes annotation key")
+    return dict(v)
+
+
+def _boolean(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigValueError(f"must be true or false (a YAML boolean), got {_show(v)}")
+    return v
+
+
+def _cluster(v: Any) -> str:
+    if isinstance(v, bool):  # YAML 1.1 reads an unquoted on/off as a boolean
+        return "on" if v else "off"
+    if v not in ("auto", "on", "off"):
+        raise ConfigValueError(f"{_show(v)} is not one of auto, on, off")
+    return v
+
+
+def _address(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ConfigValueError(f"must be an IP address, got {_show(v)}")
+    try:
+        return str(ipaddress.ip_address(v))
+    except ValueError:
+        raise ConfigValueError(f"{_show(v)} is not an IP address (127.0.0.1 listens on loopback "
+                               f"only, 0.0.0.0 on every interface)") from None
+
+
+def _kubeconfig(v: Any) -> str:
+    # whether it exists is for cluster_client to say: with cluster "auto" a missing one is a warning
+    if isinstance(v, str) and v and "\0" not in v:
+        return v
+    raise ConfigValueError(f"must be the path of a kubeconfig file, got {_show(v)}")
+
+
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+
+#: How each key's value is checked (and normalised) whenever it is set.
+CHECKS: dict[str, Callable[[Any], Any]] = {
+    "state_dir": _state_dir,
+    "node_name": _text(r"[A-Za-z0-9]([-A-Za-z0-9._]*[A-Za-z0-9])?", "a node name (letters, digits, -, ., _)", 253),
+    "host_root": _path(must_exist="dir"),
+    "ringbuf_pages": _number(int, 1, 1 << 18, power_of_two=True),
+    "poll_interval": _positive_seconds(3600),
+    "flush_interval": _positive_seconds(86400),
+    "max_cgroups": _number(int, 1, 65535),
+    "caps": _caps,
+    "metrics_port": _number(int, 0, 65535),
+    "metrics_address": _address,
+    "kubelet_seccomp_dir": _path(),
+    "bpffs": _path(must_exist="dir", bpf=True),
+    "fingerprint_annotations": _annotations,
+    "rebaseline_on_stale": _boolean,
+    "cluster": _cluster,
+    "profile_namespace": _text(_DNS_LABEL, "a Kubernetes namespace name", 63),
+    "kubeconfig": _kubeconfig,
+    "policy_sync_interval": _positive_seconds(86400),
+}

@@ -75,6 +75,7 @@ class Cluster:
     stale: object  # envelope.stale_job.StaleJob
     backoffs: tuple = ()  # the API calls' backoffs: shortened on close
     closing: threading.Event | None = None  # ends their retry sleeps
+    anchor: object = None  # envelope.anchor_job.AnchorJob
 
     def start(self, observer=None, enforcement=None) -> None:
         self.pods.start()
@@ -83,6 +84,8 @@ class Cluster:
         self.publisher.start()
         self.policies.start()
         self.stale.start(observer)
+        if self.anchor is not None:
+            self.anchor.start()
 
     def tick(self) -> None:
         """The loop's share: queued egress applications and a bindings snapshot; no network."""
@@ -104,6 +107,9 @@ class Cluster:
             self.closing.set()
         self.stale.close(timeout)
         self.policies.close(timeout)
+        if self.anchor is not None:
+            self.anchor.round()  # the last head this run wrote goes off the node too
+            self.anchor.close(timeout)
         try:
             ok = self.publisher.close(timeout)
         except Exception as e:  # noqa: BLE001 - shutdown goes on
@@ -118,6 +124,7 @@ class Cluster:
 def build_cluster(config: Config, metrics, client, *, backoff=None, watch_backoff=None,
                   watch_timeout: int = 300, publish_retry: float = 30.0, request_timeout=None) -> Cluster:
     """Every Kubernetes collaborator of the daemon, from one API client (tests call this too)."""
+    from enforcer.auditanchor import ClusterAnchors
     from enforcer.exceptions import syscall_allowances
     from enforcer.kubelet import KubeletSeccompDir
     from enforcer.leastprivilegepolicy import ClusterPolicies
@@ -125,6 +132,7 @@ def build_cluster(config: Config, metrics, client, *, backoff=None, watch_backof
     from sensor.pods import PodWatcher
     from sensor.workloadprofile import ClusterProfiles, ProfilePublisher, PublisherThread
 
+    from .anchor_job import AnchorJob
     from .policy_job import PolicyJob
     from .stale_job import StaleJob
 
@@ -152,7 +160,10 @@ def build_cluster(config: Config, metrics, client, *, backoff=None, watch_backof
                     exceptions=lambda w: syscall_allowances(config.state_dir, w))
     stale.on_change = job.wake
     informer.on_event = lambda *event: (job.wake(), stale.wake())
-    cluster = Cluster(pods, informer, publisher, job, stale, backoffs=(calls,), closing=stop)
+    anchors = ClusterAnchors.from_api_client(client, config.node_name, config.profile_namespace,
+                                             backoff=calls, on_api_error=on_api_error)
+    anchor = AnchorJob(config.state_dir, anchors, metrics=metrics)
+    cluster = Cluster(pods, informer, publisher, job, stale, backoffs=(calls,), closing=stop, anchor=anchor)
     log.info("kubernetes api configured", node=config.node_name, host=client.configuration.host,
              profile_namespace=config.profile_namespace)
     return cluster
@@ -197,8 +208,14 @@ class Daemon:
             from .metrics import Metrics
         except ImportError:
             return None
+        from .errors import UserError
+
         m = Metrics()
-        m.serve(self.config.metrics_port)
+        try:
+            m.serve(self.config.metrics_port, self.config.metrics_address)
+        except OSError as e:
+            raise UserError(f"metrics endpoint {self.config.metrics_address}:{self.config.metrics_port}: "
+                            f"cannot listen: {e.strerror or e}; fix: metrics_address / metrics_port") from None
         return m
 
     def _enforcement(self):
@@ -209,12 +226,21 @@ class Daemon:
 
     def start(self) -> None:
         from sensor.cgroup import reap_command_orphans
+        from sensor.state_dir import StateDir, UntrustedFileError, private_dirs
+
+        from .errors import UserError
+
         cfg = self.config
+        try:  # the state directory and its own directories 0700, whatever made them
+            private_dirs(cfg.state_dir)
+            StateDir(cfg.state_dir).secure()
+        except (UntrustedFileError, OSError) as e:
+            raise UserError(f"state directory {cfg.state_dir}: {e}") from None
         reap_command_orphans()  # commands a killed exec or record left running
-        self.sensor = wiring.open_sensor(cfg)
-        agg = wiring.aggregator(cfg, wiring.profile_store(cfg))
-        ignore = {c for c in [own_cgroup_id()] if c is not None}
         self.metrics = self._metrics()
+        self.sensor = wiring.open_sensor(cfg)
+        agg = wiring.aggregator(cfg, wiring.profile_store(cfg, self.metrics))
+        ignore = {c for c in [own_cgroup_id()] if c is not None}
         self.cluster = self._cluster()
         self.enforcement = self._enforcement()
         binding = NodeBinding(self._resolver(), ignore_cgroups=ignore,
@@ -224,7 +250,7 @@ class Daemon:
         if self.cluster:
             self.cluster.start(self.observer, self.enforcement)
         log.info("ready", node=cfg.node_name, state_dir=str(cfg.state_dir),
-                 metrics_port=cfg.metrics_port if self.metrics else None)
+                 metrics=f"{cfg.metrics_address}:{cfg.metrics_port}" if self.metrics else None)
 
     def run(self) -> int:
         self.start()

@@ -149,10 +149,32 @@ class Demo:
         print(f"\n==== {text} ====", flush=True)
 
 
+def _free(port: int, kind: int) -> int:
+    """``port`` when it is free on loopback, else one the kernel picks."""
+    with socket.socket(socket.AF_INET, kind) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def choose_ports() -> None:
+    """The services' ports: the usual ones unless something on this host holds them. The agent
+    (a child process) reads them from the environment."""
+    for attr, var, kind in (("MODEL_PORT", "ENVELOPE_DEMO_MODEL_PORT", socket.SOCK_STREAM),
+                            ("TOOL_PORT", "ENVELOPE_DEMO_TOOL_PORT", socket.SOCK_STREAM),
+                            ("DNS_PORT", "ENVELOPE_DEMO_DNS_PORT", socket.SOCK_DGRAM)):
+        port = _free(getattr(demo_agent, attr), kind)
+        setattr(demo_agent, attr, port)
+        os.environ[var] = str(port)
+
+
 def main() -> int:
     if os.geteuid() != 0:
         print("demo: run as root (make demo): the sensor needs BPF and cgroups", file=sys.stderr)
         return 2
+    choose_ports()
     state = Path(os.environ.get("ENVELOPE_DEMO_STATE", "/tmp/envelope-demo"))
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True)
@@ -198,6 +220,11 @@ def main() -> int:
         d.banner("6. every override and apply is in the tamper-evident audit log")
         d.run("audit", "show")
         d.run("audit", "verify")
+
+        d.banner("7. the report: coverage, the policy's decisions and evidence, violations over time")
+        report = state / "report.html"
+        d.run("report", WORKLOAD, "--policy", str(policy), "--out", str(report))
+        print(f"Open {report} in a browser (one self-contained page).")
     print(f"\ndemo: done; state is in {state}")
     return 0
 

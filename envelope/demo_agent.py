@@ -30,9 +30,11 @@ import subprocess
 import sys
 import tempfile
 
-MODEL_PORT = 18080
-TOOL_PORT = 18081
-DNS_PORT = 18053
+# Loopback ports of the demo's services; `make demo` picks free ones when these are taken and
+# hands them to the agent through the environment.
+MODEL_PORT = int(os.environ.get("ENVELOPE_DEMO_MODEL_PORT", "18080"))
+TOOL_PORT = int(os.environ.get("ENVELOPE_DEMO_TOOL_PORT", "18081"))
+DNS_PORT = int(os.environ.get("ENVELOPE_DEMO_DNS_PORT", "18053"))
 EXFIL = ("127.0.1.66", 4444)
 HELPERS = {0: ["/bin/ls", "/"], 1: ["/bin/cat", "/etc/hostname"], 2: ["/bin/date", "-u"]}
 

@@ -37,3 +37,9 @@ class Finding(UserError):
     one line on stderr, e.g. coverage-stop not reached."""
 
     exit_code = EXIT_FINDINGS
+
+
+def one_line(text: str) -> str:
+    """``text`` as one printable line: control characters (a newline in a field name, a
+    carriage return that would overwrite the line) are shown escaped."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(text))

@@ -26,10 +26,14 @@ Metric names (all prefixed ``envelope_``)::
     policy_apply_failures_total{workload,substrate}  failed policy applications
     api_errors_total{call}                    failed Kubernetes API calls (each attempt)
     profile_publish_total{result}             WorkloadProfile publications: written|unchanged|failed
+    profiles_quarantined_total                profile files that could not be read, moved aside
+    audit_anchor_total{result}                audit heads anchored off the node: published|failed|refused
+    audit_anchored_seq                        the last audit entry anchored off the node
 """
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -113,6 +117,14 @@ class Metrics:
                                   registry=r)
         self.publish = Counter("envelope_profile_publish_total", "WorkloadProfile publications by result",
                                ["result"], registry=r)
+        self.quarantined = Counter("envelope_profiles_quarantined_total",
+                                   "Profile files that could not be read, moved to profiles/quarantine",
+                                   registry=r)
+        self.anchor = Counter("envelope_audit_anchor_total",
+                              "Audit heads anchored off the node, by result (published, failed, refused)",
+                              ["result"], registry=r)
+        self.anchored_seq = Gauge("envelope_audit_anchored_seq",
+                                  "The last audit entry whose head is anchored off the node", registry=r)
 
     # ---- recording ---------------------------------------------------------------------------
 
@@ -201,6 +213,15 @@ class Metrics:
         outcome = "failed" if not result.ok else ("unchanged" if result.unchanged else "written")
         self.publish.labels(result=outcome).inc()
 
+    def profile_quarantined(self, path: Any = None, reason: str = "") -> None:
+        """Count one quarantined profile file; fits ``ProfileStore.on_quarantine``."""
+        self.quarantined.inc()
+
+    def audit_anchor(self, result: str, seq: int | None = None) -> None:
+        self.anchor.labels(result=result).inc()
+        if seq is not None:
+            self.anchored_seq.set(seq)
+
     # ---- health ------------------------------------------------------------------------------
 
     def live(self) -> tuple[bool, str]:
@@ -224,8 +245,10 @@ class Metrics:
 
     # ---- HTTP --------------------------------------------------------------------------------
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Serve /metrics, /healthz and /readyz on a daemon thread; returns the bound port."""
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Serve /metrics, /healthz and /readyz on a daemon thread; returns the bound port.
+        ``host`` is the address to listen on (``metrics_address``: loopback unless told
+        otherwise; the DaemonSet's ConfigMap says 0.0.0.0, the pod's own network namespace)."""
         metrics = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -257,7 +280,11 @@ class Metrics:
 
             do_HEAD = do_GET
 
-        server = ThreadingHTTPServer((host, port), Handler)
+        server_class = ThreadingHTTPServer
+        if ":" in host:
+            class server_class(ThreadingHTTPServer):  # noqa: N801 - an IPv6 listener
+                address_family = socket.AF_INET6
+        server = server_class((host, port), Handler)
         server.daemon_threads = True
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},

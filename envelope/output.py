@@ -6,8 +6,7 @@ import json
 import sys
 from typing import Any, Iterable, Sequence
 
-import yaml
-
+from sensor.safeyaml import dump_yaml
 from sensor.timestamps import iso_time
 
 FORMATS = ("table", "json", "yaml")
@@ -22,7 +21,7 @@ def dump(data: Any, fmt: str) -> str:
     if fmt == "json":
         return json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
     if fmt == "yaml":
-        return yaml.safe_dump(data, sort_keys=True, default_flow_style=False)
+        return dump_yaml(data, default_flow_style=False)
     raise ValueError(f"unknown format {fmt}")
 
 
@@ -48,6 +47,21 @@ def emit(data: Any, fmt: str, rows: Iterable[Sequence[Any]] | None = None,
     else:
         out.write(dump(data, fmt))
     out.flush()
+
+
+def write_file(path, data: bytes) -> None:
+    """Write a file a person asked for (``--out``, ``-o FILE``, ``--report``), atomically; a
+    path that cannot be written is one :class:`~envelope.errors.UserError` line."""
+    from pathlib import Path
+
+    from sensor.state_dir import atomic_write
+
+    from .errors import UserError
+
+    try:
+        atomic_write(Path(path), data)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write: {e.strerror or e}") from None
 
 
 def iso(ts: float | None) -> str:

@@ -4,10 +4,18 @@ Everything in that cgroup, children and child cgroups included, is one session o
 workload. The cgroup's syscalls count from the command's exec: the launcher's own few calls
 between joining the cgroup and exec'ing the command are not the workload's. The command's exit
 status is returned so the CLI can pass it through.
+
+A recording survives its own death. The profile is written every ``flush_interval`` while the
+command runs, so a ``kill -9`` of ``envelope record`` loses at most that much of the session;
+the command's first process dies with the recorder (``PR_SET_PDEATHSIG``), and whatever else it
+left in the cgroup is killed (``cgroup.kill``) by the next ``envelope record`` to start
+(:func:`sensor.cgroup.reap_orphans`), which also closes, in the workload it records, sessions
+left open by a recorder that died.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -19,7 +27,7 @@ from typing import Callable, Sequence
 
 import structlog
 
-from sensor.cgroup import CgroupFS, OrphanGuard, owner_tag, reap_command_orphans
+from sensor.cgroup import CgroupFS, OrphanGuard, reap_command_orphans
 from sensor.pump import Pump, TreeBinding
 from sensor.workload import Workload
 
@@ -44,11 +52,42 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _join_cgroup(procs_file: str) -> Callable[[], None]:
+PREFIX = "/envelope.record"
+_PR_SET_PDEATHSIG = 1
+
+
+def _join_cgroup(procs_file: str, parent: int) -> Callable[[], None]:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
     def join() -> None:
+        # die with the recorder (a killed recorder must not leave its command running)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the recorder died before the prctl
+            os._exit(137)
         with open(procs_file, "w") as f:
             f.write("0")
     return join
+
+
+def close_orphaned_sessions(agg, workload: Workload, now: float | None = None) -> list[str]:
+    """Close the workload's recorded sessions that are still open although their cgroup is
+    gone: their recorder died. They keep what was flushed of them."""
+    contrib = agg.profile(workload).node(agg.node)
+    cgfs = None
+    closed = []
+    for sid, rec in sorted(contrib.sessions.items()):
+        rel = str(rec.meta.get("cgroup", ""))
+        if rec.end is not None or not rel.startswith(PREFIX + "/"):
+            continue
+        if cgfs is None:
+            cgfs = CgroupFS()
+        if cgfs.abspath(rel).exists():
+            continue
+        agg.close_session(workload, sid, now, meta={"ended": "recorder died"})
+        closed.append(sid)
+    return closed
 
 
 def record(config: Config, workload: Workload, argv: Sequence[str], session: str | None = None,
@@ -60,10 +99,13 @@ def record(config: Config, workload: Workload, argv: Sequence[str], session: str
     say = progress or (lambda msg: None)
     session = session or f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
     cgfs = CgroupFS()
-    reap_command_orphans(cgfs)  # what a killed exec or record left behind
-    rel = f"/envelope.record/{owner_tag()}-{uuid.uuid4().hex[:8]}"
+    for orphan in reap_command_orphans(cgfs):
+        say(f"killed what a recorder or exec that died left running in {orphan}")
+    rel = f"{PREFIX}/{os.getpid()}-{uuid.uuid4().hex[:8]}"
     cg_path, cg_id = cgfs.make(rel)
-    guard = OrphanGuard(cgfs, rel)  # kills the command's cgroup if this process dies first
+    # kills the whole cgroup the moment this process dies (the death signal reaches only the
+    # command itself); forked before the probes exist, so it holds none of them
+    guard = OrphanGuard(cgfs, rel)
     own_sensor = sensor is None
     if own_sensor:
         say("attaching probes (compiling BPF, a few seconds)")
@@ -74,6 +116,8 @@ def record(config: Config, workload: Workload, argv: Sequence[str], session: str
             guard.release()
             raise
     agg = wiring.aggregator(config, wiring.profile_store(config))
+    for sid in close_orphaned_sessions(agg, workload):
+        say(f"closed session {sid} of {workload.key}: its recorder died")
     binding = TreeBinding(str(cg_path), workload, session, meta={"cgroup": rel, "argv": list(argv)},
                           fingerprints=fingerprints)
     pump = Pump(sensor, binding, agg, counts_interval=config.poll_interval)
@@ -84,14 +128,19 @@ def record(config: Config, workload: Workload, argv: Sequence[str], session: str
     try:
         say(f"recording session {session} of {workload.key}: {' '.join(argv)}")
         try:
-            proc = subprocess.Popen(list(argv), preexec_fn=_join_cgroup(str(Path(cg_path) / "cgroup.procs")))
+            proc = subprocess.Popen(list(argv), preexec_fn=_join_cgroup(str(Path(cg_path) / "cgroup.procs"),
+                                                                        os.getpid()))
         except (FileNotFoundError, PermissionError) as e:
             raise UserError(f"record: cannot run {argv[0]!r}: {e.strerror}") from e
         old = {s: signal.signal(s, lambda n, _f: (forwarded.append(n), proc.send_signal(n)))
                for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            next_flush = time.monotonic() + config.flush_interval
             while proc.poll() is None:
                 pump.step(100)
+                if time.monotonic() >= next_flush:  # a killed recorder loses at most this much
+                    agg.flush()
+                    next_flush = time.monotonic() + config.flush_interval
         finally:
             for s, h in old.items():
                 signal.signal(s, h)

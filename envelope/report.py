@@ -40,6 +40,19 @@ def _sub(key: str) -> str | None:
 # ---- data --------------------------------------------------------------------------------------
 
 
+#: Time units of the plots' x axes and bins, by the longest span each is used for.
+UNITS = (("second", 1.0, 2 * 60.0), ("minute", 60.0, 2 * HOUR), ("hour", HOUR, 7 * DAY),
+         ("day", DAY, math.inf))
+
+
+def time_unit(span: float) -> tuple[str, float]:
+    """The unit (name, seconds) that shows a window of ``span`` seconds in a few dozen bins."""
+    for name, seconds, longest in UNITS:
+        if span <= longest:
+            return name, seconds
+    return UNITS[-1][0], UNITS[-1][1]
+
+
 def coverage_curve(profile, hours: float = 24.0, threshold: float = 1.0) -> dict:
     """Per substrate: first-seen times, new behaviours per bin, and when coverage-stop (fewer than
     ``threshold`` new behaviours in a trailing ``hours``) was reached, if it was."""
@@ -50,9 +63,9 @@ def coverage_curve(profile, hours: float = 24.0, threshold: float = 1.0) -> dict
         if sub is not None:
             first.setdefault(sub, []).append(ts)
     span = (end - start) if start is not None and end is not None else 0.0
-    width = HOUR if span <= 7 * DAY else DAY
+    unit, width = time_unit(span)
     allowed_new = max(math.ceil(threshold) - 1, 0)
-    out = {"start": start, "end": end, "bin": "hour" if width == HOUR else "day", "substrates": {}}
+    out = {"start": start, "end": end, "bin": unit, "binSeconds": width, "substrates": {}}
     for sub, times in sorted(first.items()):
         times.sort()
         bins = Counter(int((t - start) // width) for t in times) if start is not None else Counter()
@@ -131,7 +144,7 @@ def coverage_plot(curve: dict) -> str:
     """Distinct behaviours over time per substrate, new ones per bin below, coverage-stop marked."""
     plt = _plt()
     start = curve["start"] or 0.0
-    scale = HOUR if curve["bin"] == "hour" else DAY
+    scale = curve["binSeconds"]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5.2), sharex=True,
                                       gridspec_kw={"height_ratios": [3, 2]})
     subs = curve["substrates"]
@@ -162,7 +175,7 @@ def violations_plot(violations: list[dict], start: float | None, end: float | No
     if violations:
         t0 = start if start is not None else violations[0]["time"]
         t_end = max([v["time"] for v in violations] + ([end] if end else []))
-        scale = HOUR if (t_end - t0) <= 7 * DAY else DAY
+        unit, scale = time_unit(t_end - t0)
         stacks: dict[tuple, Counter] = {}
         for v in violations:
             b = int((v["time"] - t0) // scale)
@@ -180,7 +193,7 @@ def violations_plot(violations: list[dict], start: float | None, end: float | No
             seen.setdefault(lab, h)
         ax.legend(seen.values(), seen.keys(), frameon=False, fontsize=8, ncol=4)
         ax.set_xlim(0, max((t_end - t0) / scale, max(heights) + 1.0, 1.0))
-        ax.set_xlabel(f"{'hours' if scale == HOUR else 'days'} since the window start")
+        ax.set_xlabel(f"{unit}s since the window start")
     else:
         ax.text(0.5, 0.5, "no violations recorded", ha="center", va="center", transform=ax.transAxes)
         ax.set_xticks([])

@@ -31,7 +31,7 @@ from enforcer import policy_actions as rules
 from enforcer import validity
 from enforcer.leastprivilegepolicy import ClusterPolicies, ClusterPolicy, PolicyCRError, on_fingerprint_change
 from sensor.kubeapi import Informer
-from sensor.store import atomic_write
+from sensor.state_dir import StateDir, atomic_write
 from sensor.workload import Workload
 
 from .job import Job
@@ -243,11 +243,11 @@ class StaleJob(Job):
     # ---- memory across restarts --------------------------------------------------------------
 
     def _path(self) -> Path:
-        return self.state_dir / "cluster" / "stale.json"
+        return StateDir(self.state_dir).cluster / "stale.json"
 
     def _load(self) -> dict[Key, list]:
         try:
-            doc = json.loads(self._path().read_text())
+            doc = json.loads(StateDir(self.state_dir).read(self._path()))
             return {(str(e["namespace"]), str(e["name"])): e["signature"] for e in doc.get("handled") or []}
         except FileNotFoundError:
             return {}
@@ -259,7 +259,6 @@ class StaleJob(Job):
         doc = {"handled": [{"namespace": k[0], "name": k[1], "signature": v} for k, v in sorted(self._stale.items())]}
         path = self._path()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
         except OSError as e:
             log.warning("stale-change memory not saved", path=str(path), error=str(e))

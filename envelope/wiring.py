@@ -31,10 +31,12 @@ def aggregator(config: Config, store=None):
     return Aggregator(config.node_name, store, syscalls.name, caps=config.caps)
 
 
-def profile_store(config: Config):
+def profile_store(config: Config, metrics=None):
+    """The profile store; with ``metrics``, each quarantined file is counted."""
     from sensor.store import ProfileStore
 
-    return ProfileStore(config.state_dir)
+    return ProfileStore(config.state_dir,
+                        on_quarantine=metrics.profile_quarantined if metrics is not None else None)
 
 
 def enforcement_session(config: Config, *, pinned: bool, denials: bool = True):

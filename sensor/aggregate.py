@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 import structlog
 
 from .profile import DEFAULT_CAPS, Profile
-from .store import ProfileStore
+from .store import ProfileStore, ProfileStoreError
 from .workload import Workload, syscall_key
 
 log = structlog.get_logger("envelope.aggregate")
@@ -79,11 +79,23 @@ class Aggregator:
     def profile(self, workload: Workload) -> Profile:
         p = self.profiles.get(workload)
         if p is None:
-            p = self.store.load(workload) if self.store else None
+            p = self._load(workload)
             p = p or Profile(workload)
             p.node(self.node).caps = dict(self.caps)
             self.profiles[workload] = p
         return p
+
+    def _load(self, workload: Workload) -> Profile | None:
+        """The stored profile; one that cannot be read is quarantined (moved aside, logged and
+        reported by the store) and the workload starts afresh: one bad file never stops the
+        aggregation of anything."""
+        if self.store is None:
+            return None
+        try:
+            return self.store.load(workload)
+        except ProfileStoreError as e:
+            self.store.quarantine(self.store.path_for(workload), str(e))
+            return None
 
     def _contribution(self, workload: Workload):
         return self.profile(workload).node(self.node)

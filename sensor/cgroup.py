@@ -19,6 +19,7 @@ kubelet layouts of containerd, CRI-O and docker under the systemd and cgroupfs d
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import signal
@@ -151,6 +152,7 @@ class CgroupFS:
         self.root = Path(mount_point) if mount_point is not None else cgroup2_mount_point()
         self.proc_root = Path(proc_root)
         self._by_id: dict[int, str] = {}
+        self._owned: dict[str, int] = {}  # cgroup path -> fd holding its ownership lock
         self.walks = 0  # how many full walks were made (index rebuilds)
 
     # -- paths --
@@ -256,7 +258,12 @@ class CgroupFS:
     # -- create / move / remove --
 
     def make(self, rel: str) -> tuple[Path, int]:
-        """Create cgroup ``rel`` (and missing parents); returns (absolute path, id)."""
+        """Create cgroup ``rel`` (and missing parents) and own it; returns (absolute path, id).
+
+        Owning is an exclusive ``flock`` on the cgroup's directory, held by this process (the
+        descriptor is close-on-exec, so the workload never holds it) until :meth:`remove` or
+        the process's death: :func:`reap_orphans` takes a cgroup whose lock is free for one
+        whose owner died."""
         path = self.abspath(rel)
         if path == self.root:
             raise CgroupError("refusing to create the cgroup2 root")
@@ -264,9 +271,26 @@ class CgroupFS:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise CgroupError(f"mkdir cgroup {path}: {e}") from e
+        key = normalize_rel(rel)
+        if key not in self._owned:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as e:
+                raise CgroupError(f"own cgroup {path}: {e}") from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._owned[key] = fd
+            except BlockingIOError:  # made and owned by someone else already: theirs
+                os.close(fd)
         cid = cgroup_id(path)
-        self._by_id[cid] = normalize_rel(rel)
+        self._by_id[cid] = key
         return path, cid
+
+    def disown(self, rel: str) -> None:
+        """Give up the ownership lock of a cgroup this process made (done with it)."""
+        fd = self._owned.pop(normalize_rel(rel), None)
+        if fd is not None:
+            os.close(fd)
 
     def move(self, rel: str, pid: int) -> None:
         """Move ``pid`` (and, as the kernel does, only that thread group) into cgroup ``rel``."""
@@ -308,6 +332,7 @@ class CgroupFS:
         last: OSError | None = None
         for attempt in range(retries):
             if not path.exists():
+                self.disown(rel)
                 return
             if kill:
                 try:
@@ -319,38 +344,12 @@ class CgroupFS:
                     for d in dirs:
                         _rmdir(Path(dirpath) / d)
                 _rmdir(path)
+                self.disown(rel)
                 return
             except OSError as e:
                 last = e
                 time.sleep(delay * min(attempt + 1, 10))
         raise CgroupError(f"remove cgroup {path}: still busy after {retries} attempts: {last}")
-
-    def reap_orphans(self, parent: str) -> list[str]:
-        """Kill (``cgroup.kill``) and remove every child cgroup of ``parent`` whose owner is gone.
-
-        A command's cgroup is named ``<owner>-<rest>`` or ``<prefix>-<owner>-<rest>`` where
-        ``<owner>`` is :func:`owner_tag` of the process that made it; if that process no longer
-        exists (or its pid now belongs to another process), whatever runs in the cgroup was left
-        behind by a killed ``envelope exec`` or ``record``. Returns the cgroups reaped."""
-        base = self.abspath(parent)
-        try:
-            names = sorted(p.name for p in base.iterdir() if p.is_dir())
-        except OSError:
-            return []
-        out = []
-        for name in names:
-            tag = _owner_in(name)
-            if tag is None or owner_alive(tag):
-                continue
-            rel = f"{normalize_rel(parent).rstrip('/')}/{name}"
-            try:
-                self.remove(rel)
-            except CgroupError as e:
-                log.warning("orphaned cgroup not removed", cgroup=rel, error=str(e))
-                continue
-            log.warning("orphaned cgroup killed and removed", cgroup=rel, owner=tag)
-            out.append(rel)
-        return out
 
     def remove_empty_parents(self, rel: str, stop: str = "/") -> None:
         """rmdir the parents of ``rel`` up to (not including) ``stop`` while they are empty."""
@@ -368,17 +367,78 @@ class CgroupFS:
                 break
 
 
+#: An empty cgroup younger than this is left to its maker, who may not have locked it yet.
+ORPHAN_GRACE = 60.0
+
+
+def _populated(path: Path) -> bool:
+    try:
+        for line in (path / "cgroup.events").read_text().splitlines():
+            if line.startswith("populated "):
+                return line.split()[1] == "1"
+    except OSError:
+        pass
+    return False
+
+
+def reap_orphans(prefix: str, cgfs: CgroupFS | None = None, grace: float = ORPHAN_GRACE) -> list[str]:
+    """Kill and remove every cgroup directly under ``prefix`` whose owner is gone: no process
+    holds its ownership lock (see :meth:`CgroupFS.make`), so whatever runs in it was left
+    behind by a recorder or launcher that died (``kill -9``). Everything in it is killed with
+    one ``cgroup.kill`` write (the whole subtree), then it is removed. An empty cgroup younger
+    than ``grace`` seconds is left alone (its maker may be about to lock it); one with
+    processes in it was locked before they were moved in, so a free lock means an orphan.
+    Returns the cgroups reaped (relative paths). The one orphan reaper: ``envelope record``
+    (prefix ``/envelope.record``) and ``envelope exec`` call it at start."""
+    cgfs = cgfs or CgroupFS()
+    base = cgfs.abspath(prefix)
+    try:
+        children = sorted(e.name for e in os.scandir(base) if e.is_dir(follow_symlinks=False))
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise CgroupError(f"list cgroups under {base}: {e}") from e
+    reaped = []
+    for name in children:
+        rel = normalize_rel(f"{prefix}/{name}")
+        if rel in cgfs._owned:
+            continue
+        path = base / name
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue  # removed meanwhile
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its owner is alive
+            populated = _populated(path)
+            if not populated and time.time() - os.fstat(fd).st_ctime < grace:
+                continue
+            log.warning("reaping orphaned cgroup: its owner died", cgroup=rel, populated=populated)
+            try:
+                cgfs.remove(rel)
+            except CgroupError as e:
+                log.error("orphaned cgroup not reaped", cgroup=rel, error=str(e))
+                continue
+            reaped.append(rel)
+        finally:
+            os.close(fd)
+    return reaped
+
+
 #: Where ``envelope exec`` and ``envelope record`` make their commands' cgroups.
 COMMAND_PARENTS = ("/envelope", "/envelope.record")
 
 
-def reap_command_orphans(cgfs: "CgroupFS | None" = None) -> list[str]:
-    """Kill and remove the command cgroups whose owner died (what exec, record and the daemon do
-    when they start)."""
+def reap_command_orphans(cgfs: CgroupFS | None = None) -> list[str]:
+    """:func:`reap_orphans` for every command parent (what exec, record and the daemon do when
+    they start)."""
     cgfs = cgfs or CgroupFS()
     out: list[str] = []
     for parent in COMMAND_PARENTS:
-        out += cgfs.reap_orphans(parent)
+        out += reap_orphans(parent, cgfs)
     return out
 
 
@@ -411,7 +471,7 @@ class OrphanGuard:
                         continue
                 if not said:  # the owner is gone without a word
                     try:
-                        cgfs.remove(rel)
+                        CgroupFS(cgfs.root).remove(rel)  # a view that owns nothing of the owner's
                     except Exception:  # noqa: BLE001 - the next start reaps it
                         pass
             finally:
@@ -433,42 +493,6 @@ class OrphanGuard:
             os.waitpid(self.pid, 0)
         except ChildProcessError:
             pass
-
-
-_OWNER_RE = re.compile(r"(?:^|-)(\d+)\.(\d+)-")
-
-
-def _start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (``/proc/<pid>/stat`` field 22)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    try:
-        return int(text.rsplit(")", 1)[1].split()[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def owner_tag(pid: int | None = None) -> str:
-    """``<pid>.<start time>``: names a process so that a recycled pid is not mistaken for it."""
-    pid = os.getpid() if pid is None else pid
-    return f"{pid}.{_start_time(pid) or 0}"
-
-
-def owner_alive(tag: str) -> bool:
-    pid_s, _, start = tag.partition(".")
-    try:
-        pid = int(pid_s)
-    except ValueError:
-        return True  # not ours to judge
-    st = _start_time(pid)
-    return st is not None and str(st) == start
-
-
-def _owner_in(name: str) -> str | None:
-    m = _OWNER_RE.search(name)
-    return f"{m.group(1)}.{m.group(2)}" if m else None
 
 
 def _rmdir(p: Path) -> None:

@@ -32,7 +32,8 @@ EV_SYSCALL_FIRST = 5
 EV_EGRESS_VIOLATION = 6
 EV_SECCOMP_DENIAL = 7
 EV_IO_URING_OP = 40
-EV_TYPE_MAX = 41
+EV_CGROUP_ESCAPE = 41
+EV_TYPE_MAX = 42
 
 TYPE_NAMES = {
     EV_EXEC: "exec",
@@ -43,6 +44,7 @@ TYPE_NAMES = {
     EV_EGRESS_VIOLATION: "egress_violation",
     EV_SECCOMP_DENIAL: "seccomp_denial",
     EV_IO_URING_OP: "io_uring_op",
+    EV_CGROUP_ESCAPE: "cgroup_escape",
 }
 
 # Loss counter indexes (LOSS_* in bpf/events.h); 1..7 are reserve failures of the sensor's types.
@@ -62,6 +64,7 @@ EXEC_F_NO_ARGV = 0x2
 EXEC_F_PPID_UNKNOWN = 0x4
 EXIT_F_CODE_KNOWN = 0x1
 IO_URING_OP_NAME_LEN = 24
+CGROUP_ESCAPE_PATH_LEN = 256
 NET_OP_CONNECT = 0
 NET_OP_SENDMSG = 1
 NET_F_RET_KNOWN = 0x1
@@ -69,9 +72,8 @@ EGRESS_OP_CONNECT = 0
 EGRESS_OP_SENDMSG = 1
 EGRESS_ACTION_ALERTED = 0
 EGRESS_ACTION_DENIED = 1
-DENIAL_F_COUNTED = 0x1
-DENIAL_F_DESTINATION = 0x2
-DENIAL_F_SOCKET = 0x4
+SECCOMP_DENIAL_F_COUNTED = 0x1
+SECCOMP_DENIAL_F_DESTINATION = 0x2
 
 
 _PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
@@ -247,24 +249,24 @@ class SeccompDenialRecord(Mirror):
         __u32 pid;            /* 24 */
         __u32 nr;             /* 28 */
         __s64 ret;            /* 32 -errno for a denial, 0 for an alert */
-        __u32 tid;            /* 40 */
-        __u32 flags;          /* 44 DENIAL_F_* */
-        char comm[ENV_COMM_LEN]; /* 48 the thread's name */
-        __u16 family;         /* 64 AF_* of the destination, or socket()'s domain */
-        __u16 port;           /* 66 host order */
-        __u32 sock_type;      /* 68 socket()'s type argument */
-        __u8 addr[16];        /* 72 network order */
-        __u32 context;        /* 88 the counts key's context */
-        __u32 protocol;       /* 92 socket()'s protocol argument */
+        __u64 args[3];        /* 40 the call's first three arguments */
+        __u32 tid;            /* 64 */
+        __u32 flags;          /* 68 SECCOMP_DENIAL_F_* */
+        char comm[ENV_COMM_LEN]; /* 72 the thread's name */
+        __u16 family;         /* 88 AF_* of the destination */
+        __u16 port;           /* 90 host order */
+        __u32 context;        /* 92 the counts key's context */
+        __u8 addr[16];        /* 96 network order */
     };
     """
 
     c_name = "seccomp_denial_event"
     type = EV_SECCOMP_DENIAL
-    version = 2
-    fields = _HDR + (("cgroup_id", "Q"), ("pid", "I"), ("nr", "I"), ("ret", "q"), ("tid", "I"),
-                     ("flags", "I"), ("comm", f"{ENV_COMM_LEN}s"), ("family", "H"), ("port", "H"),
-                     ("sock_type", "I"), ("addr", "16s"), ("context", "I"), ("protocol", "I"))
+    version = 3
+    fields = _HDR + (("cgroup_id", "Q"), ("pid", "I"), ("nr", "I"), ("ret", "q"),
+                     ("args0", "Q"), ("args1", "Q"), ("args2", "Q"), ("tid", "I"), ("flags", "I"),
+                     ("comm", f"{ENV_COMM_LEN}s"), ("family", "H"), ("port", "H"), ("context", "I"),
+                     ("addr", "16s"))
 
 
 class IoUringOpRecord(Mirror):
@@ -288,9 +290,33 @@ class IoUringOpRecord(Mirror):
                      ("pad", "H"), ("op", f"{IO_URING_OP_NAME_LEN}s"))
 
 
+class CgroupEscapeRecord(Mirror):
+    """EV_CGROUP_ESCAPE, from cgroup:cgroup_attach_task: a task moved out of an enforced cgroup
+    by a thread of that cgroup.
+
+    struct cgroup_escape_event {
+        struct event_hdr hdr;                /*  0 */
+        __u64 src_cgroup_id;                 /* 16 the enforced cgroup the mover was in */
+        __u64 dst_cgroup_id;                 /* 24 */
+        __u32 pid;                           /* 32 the task moved */
+        __u32 by_pid;                        /* 36 the process that moved it */
+        __s32 dst_level;                     /* 40 */
+        __u32 pad;                           /* 44 */
+        char dst_path[CGROUP_ESCAPE_PATH_LEN]; /* 48 the destination, relative to the hierarchy root */
+    };
+    """
+
+    c_name = "cgroup_escape_event"
+    type = EV_CGROUP_ESCAPE
+    version = 1
+    fields = _HDR + (("src_cgroup_id", "Q"), ("dst_cgroup_id", "Q"), ("pid", "I"), ("by_pid", "I"),
+                     ("dst_level", "i"), ("pad", "I"), ("dst_path", f"{CGROUP_ESCAPE_PATH_LEN}s"))
+
+
 RECORDS: dict[int, type[Mirror]] = {
     r.type: r for r in (ExecRecord, ForkRecord, ExitRecord, NetRecord, SyscallFirstRecord,
-                        EgressViolationRecord, SeccompDenialRecord, IoUringOpRecord)
+                        EgressViolationRecord, SeccompDenialRecord, IoUringOpRecord,
+                        CgroupEscapeRecord)
 }
 
 
@@ -425,13 +451,13 @@ class SeccompDenialEvent(_Event):
     nr: int
     name: str
     ret: int
+    args: list[int] = field(default_factory=lambda: [0, 0, 0])  # the call's first three arguments
     tid: int = 0
     comm: str = ""
     counted: bool = False  # the kernel counts this key from this call on
     context: int = 0
     destination: str | None = None  # "10.0.0.1:4444" / "[::1]:53": what a network call named
     family: int | None = None  # 4 | 6 with a destination
-    socket: dict | None = None  # socket()'s {domain, type, protocol}
     type_name: ClassVar[str] = "seccomp_denial"
 
     def behaviour_key(self) -> str | None:
@@ -452,8 +478,22 @@ class IoUringOpEvent(_Event):
     type_name: ClassVar[str] = "io_uring_op"
 
 
+@dataclass(slots=True)
+class CgroupEscapeEvent(_Event):
+    """A thread of enforced cgroup ``src_cgroup_id`` moved task ``pid`` to another cgroup."""
+
+    ktime: int
+    src_cgroup_id: int
+    dst_cgroup_id: int
+    pid: int
+    by_pid: int
+    dst_level: int
+    dst_path: str  # relative to the cgroup v2 root, e.g. /escape
+    type_name: ClassVar[str] = "cgroup_escape"
+
+
 Event = Union[ExecEvent, ForkEvent, ExitEvent, NetEvent, SyscallFirstEvent,
-              EgressViolationEvent, SeccompDenialEvent, IoUringOpEvent]
+              EgressViolationEvent, SeccompDenialEvent, IoUringOpEvent, CgroupEscapeEvent]
 
 
 @dataclass(frozen=True, slots=True)
@@ -524,27 +564,19 @@ def _egress(r: dict) -> Event | DecodeError:
     )
 
 
-_SOCKET_DOMAINS = {1: "AF_UNIX", 2: "AF_INET", 10: "AF_INET6", 16: "AF_NETLINK", 17: "AF_PACKET"}
-_SOCKET_TYPES = {1: "SOCK_STREAM", 2: "SOCK_DGRAM", 3: "SOCK_RAW", 5: "SOCK_SEQPACKET"}
-
-
 def _seccomp(r: dict) -> Event:
     flags = r["flags"]
-    destination = family = socket = None
-    if flags & DENIAL_F_DESTINATION:
+    destination = family = None
+    if flags & SECCOMP_DENIAL_F_DESTINATION:
         addr = _addr(r["family"], r["addr"])
         if addr is not None:
             family = _family(r["family"])
             destination = f"[{addr}]:{r['port']}" if family == 6 else f"{addr}:{r['port']}"
-    if flags & DENIAL_F_SOCKET:
-        socket = {"domain": _SOCKET_DOMAINS.get(r["family"], str(r["family"])),
-                  "type": _SOCKET_TYPES.get(r["sock_type"] & 0xF, str(r["sock_type"] & 0xF)),
-                  "protocol": r["protocol"]}
     return SeccompDenialEvent(ktime=r["ktime"], cgroup_id=r["cgroup_id"], pid=r["pid"],
-                              nr=r["nr"], name=syscalls.name(r["nr"]), ret=r["ret"], tid=r["tid"],
-                              comm=_cstr(r["comm"]), counted=bool(flags & DENIAL_F_COUNTED),
-                              context=r["context"], destination=destination, family=family,
-                              socket=socket)
+                              nr=r["nr"], name=syscalls.name(r["nr"]), ret=r["ret"],
+                              args=[r["args0"], r["args1"], r["args2"]], tid=r["tid"],
+                              comm=_cstr(r["comm"]), counted=bool(flags & SECCOMP_DENIAL_F_COUNTED),
+                              context=r["context"], destination=destination, family=family)
 
 
 def _io_uring_op(r: dict) -> Event:
@@ -554,10 +586,16 @@ def _io_uring_op(r: dict) -> Event:
                           syscall=syscalls.io_uring_equivalent(op))
 
 
+def _cgroup_escape(r: dict) -> Event:
+    return CgroupEscapeEvent(ktime=r["ktime"], src_cgroup_id=r["src_cgroup_id"],
+                             dst_cgroup_id=r["dst_cgroup_id"], pid=r["pid"], by_pid=r["by_pid"],
+                             dst_level=r["dst_level"], dst_path=_cstr(r["dst_path"]))
+
+
 _BUILD = {
     EV_EXEC: _exec, EV_FORK: _fork, EV_EXIT: _exit, EV_NET: _net,
     EV_SYSCALL_FIRST: _syscall_first, EV_EGRESS_VIOLATION: _egress, EV_SECCOMP_DENIAL: _seccomp,
-    EV_IO_URING_OP: _io_uring_op,
+    EV_IO_URING_OP: _io_uring_op, EV_CGROUP_ESCAPE: _cgroup_escape,
 }
 _HDR_STRUCT = struct.Struct("<HHIQ")
 

@@ -104,7 +104,7 @@ class CriInfo:
 
 
 def _labels_json(raw: str | None) -> dict:
-    if not raw:
+    if not raw or not isinstance(raw, str):
         return {}
     try:
         v = json.loads(raw)
@@ -115,7 +115,7 @@ def _labels_json(raw: str | None) -> dict:
 
 def _crio_container_name(full: str | None) -> str | None:
     # io.kubernetes.cri-o.ContainerName: k8s_<container>_<pod>_<namespace>_<uid>_<attempt>
-    if full and full.startswith("k8s_"):
+    if isinstance(full, str) and full.startswith("k8s_"):
         parts = full.split("_")
         if len(parts) >= 6:
             return parts[1]
@@ -283,6 +283,14 @@ def _name_part(s: str) -> str:
     return s.strip("/").replace("/", "_") or "root"
 
 
+def _key_part(s, fallback: str) -> str:
+    """A workload key part from what a runtime recorded (annotations are only as good as whoever
+    wrote the OCI spec): one that holds no "/" and no control character, so that one key names
+    one workload."""
+    text = "".join(c if c.isprintable() and c != "/" else "_" for c in str(s or "")).strip()
+    return text[:253] or fallback
+
+
 def build_identity(cgroup_id: int, path: str | None, ref: ContainerRef | None,
                    cri: CriInfo | None = None, kube=None) -> Identity:
     """The identity from what is known, most authoritative first (pure).
@@ -296,7 +304,8 @@ def build_identity(cgroup_id: int, path: str | None, ref: ContainerRef | None,
                         None, None, None, None, "host")
     if kube is not None and kube.container_name:
         return Identity(cgroup_id, path,
-                        Workload(kube.namespace, kube.kind, kube.name, kube.container_name), ref,
+                        Workload(_key_part(kube.namespace, UNRESOLVED_NAMESPACE), _key_part(kube.kind, "Pod"),
+                                 _key_part(kube.name, ref.pod_uid), _key_part(kube.container_name, "main")), ref,
                         kube.pod_name, kube.namespace, kube.container_name, ref.pod_uid, "kube",
                         dict(kube.fingerprints))
     if cri is not None:
@@ -307,7 +316,9 @@ def build_identity(cgroup_id: int, path: str | None, ref: ContainerRef | None,
         fps = {}
         if cri.labels.get("pod-template-hash"):
             fps["pod_template_hash"] = cri.labels["pod-template-hash"]
-        return Identity(cgroup_id, path, Workload(cri.namespace, kind, name, cname), ref,
+        workload = Workload(_key_part(cri.namespace, UNRESOLVED_NAMESPACE), _key_part(kind, "Pod"),
+                            _key_part(name, ref.pod_uid), _key_part(cname, ref.container_id[:12]))
+        return Identity(cgroup_id, path, workload, ref,
                         cri.pod_name, cri.namespace, cname, ref.pod_uid, "oci", fps)
     return Identity(cgroup_id, path,
                     Workload(UNRESOLVED_NAMESPACE, "Pod", ref.pod_uid, ref.container_id[:12]), ref,

@@ -26,6 +26,8 @@ EGRESS_CGROUP_PATH_LEN = 248
 DENIALS_NR_SLOTS = 512
 DENIALS_MODE_ALERT = 1
 DENIALS_MODE_ENFORCE = 2
+DENIALS_MODE_WATCH = 0
+DENIAL_F_SOCKETS = 0x1
 DENIAL_KIND_DENIED = 1
 DENIAL_KIND_ALERTED = 2
 DENIALS_LOST_RINGBUF = 0
@@ -211,13 +213,29 @@ class DenialCgroup(Mirror):
         __s32 deny_errno;                     /*  4 the filter's errno in enforce mode */
         __u64 allowed[DENIALS_NR_SLOTS / 64]; /*  8 alert mode: syscalls the policy allows */
         __u64 uring_seen[4];                  /* 72 io_uring opcodes already announced (set by BPF) */
+        __u32 flags;                          /* 104 DENIAL_F_* */
+        __u32 pad;                            /* 108 */
     };
     """
 
     c_name = "denial_cgroup"
     fields = ((("mode", "I"), ("deny_errno", "i"))
               + tuple((f"allowed{i}", "Q") for i in range(DENIALS_NR_SLOTS // 64))
-              + tuple((f"uring_seen{i}", "Q") for i in range(4)))
+              + tuple((f"uring_seen{i}", "Q") for i in range(4)) + (("flags", "I"), ("pad", "I")))
+
+
+class DenialThread(Mirror):
+    """Value of the denial probe's ``entered`` LRU hash (keyed by the u32 thread id).
+
+    struct denial_thread {
+        __u32 nr;        /*  0 */
+        __u32 pad;       /*  4 */
+        __u64 cgroup_id; /*  8 */
+    };
+    """
+
+    c_name = "denial_thread"
+    fields = (("nr", "I"), ("pad", "I"), ("cgroup_id", "Q"))
 
 
 class DenialKey(Mirror):
@@ -253,7 +271,7 @@ class DenialCount(Mirror):
 MAP_MIRRORS = {
     "events.h": (SyscallSlotState, SyscallSlotCounts),
     "egress.h": (EgressKey, EgressRule, EgressPortKey, EgressMeta, EgressCgroup),
-    "denials.h": (DenialCgroup, DenialKey, DenialCount),
+    "denials.h": (DenialCgroup, DenialThread, DenialKey, DenialCount),
 }
 U64 = struct.Struct("<Q")
 U32 = struct.Struct("<I")

@@ -12,9 +12,20 @@ first time it is seen in a session, and when the session closes its per-session 
 into ``session_sum``/``session_sumsq`` (the per-session rate distribution used by probabilistic
 closure).
 
-Memory is bounded per substrate by ``caps``: once a node holds that many distinct behaviours of a
-substrate, new ones go to an overflow bucket (counts kept, key not) and the profile is marked
-``capped``.
+Memory and file size are bounded, not only the number of keys:
+
+- per substrate by ``caps``: once a node holds that many distinct behaviours of a substrate, new
+  ones go to an overflow bucket (counts kept, key not) and the profile is marked ``capped``; a
+  key longer than :data:`MAX_KEY_LEN` characters goes there too;
+- refused keys are remembered (so each counts once per session as a new key) only in memory, at
+  most :data:`REFUSED_SAMPLE` of them, and never written: a container sending to a million
+  destinations costs the sample, not a million entries in ``open_sessions``;
+- each behaviour keeps at most :data:`SESSION_SAMPLE_CAP` session ids;
+- at most :data:`MAX_SESSIONS` session records are kept; beyond that the oldest closed ones go,
+  counted in ``sessions_dropped`` (their evidence stays in the behaviours' counts);
+- session metadata values are cut to :data:`MAX_META_LEN` characters (:data:`MAX_META_ITEMS`
+  items for a list, such as a recorded command line), and each fingerprint keeps its
+  :data:`MAX_FINGERPRINT_VALUES` most recent values.
 
 A contribution that recorded MCP behaviours also carries their argument evidence
 (``arguments``, a :class:`sensor.mcp_evidence.ArgumentEvidence`: per ``mcp:`` behaviour kept in
@@ -41,6 +52,30 @@ DEFAULT_CAPS = {"syscall": 1024, "egress": 4096, "exec": 2048, "file": 8192, "ht
 # these samples gives an envelope element's exact distinct-session count while every member's
 # sample is complete (confidence thresholds are far below the cap); beyond it, a lower bound.
 SESSION_SAMPLE_CAP = 32
+MAX_KEY_LEN = 1024
+REFUSED_SAMPLE = 4096
+MAX_SESSIONS = 4096
+MAX_META_LEN = 1024
+MAX_META_ITEMS = 64
+MAX_FINGERPRINT_VALUES = 64
+
+
+def _bounded(v):
+    """A session metadata value cut to size (strings, lists, nested alike)."""
+    if isinstance(v, str):
+        return v if len(v) <= MAX_META_LEN else v[:MAX_META_LEN - 1] + "…"
+    if isinstance(v, (list, tuple)):
+        out = [_bounded(x) for x in v[:MAX_META_ITEMS]]
+        if len(v) > MAX_META_ITEMS:
+            out.append(f"… {len(v) - MAX_META_ITEMS} more")
+        return out
+    if isinstance(v, dict):
+        return {str(k)[:MAX_META_LEN]: _bounded(x) for k, x in list(v.items())[:MAX_META_ITEMS]}
+    return v
+
+
+def bounded_meta(meta: dict | None) -> dict:
+    return {str(k)[:MAX_META_LEN]: _bounded(v) for k, v in list((meta or {}).items())[:MAX_META_ITEMS]}
 
 
 @dataclass(slots=True)
@@ -121,8 +156,11 @@ class NodeContribution:
     loss: dict[str, int] = field(default_factory=dict)
     fingerprints: dict[str, dict[str, float]] = field(default_factory=dict)  # key -> value -> last seen
     caps: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_CAPS))
+    sessions_dropped: int = 0  # session records let go past MAX_SESSIONS (oldest closed first)
     arguments: object = None  # sensor.mcp_evidence.ArgumentEvidence of the mcp behaviours, or None
     _per_substrate: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+    # (session, key) refused by a cap, remembered in memory only and at most REFUSED_SAMPLE
+    _refused: set = field(default_factory=set, repr=False, compare=False)
 
     # ---- recording -------------------------------------------------------------------------
 
@@ -130,14 +168,35 @@ class NodeContribution:
         if session_id in self.sessions:
             rec = self.sessions[session_id]
             if meta:
-                rec.meta.update(meta)
+                rec.meta.update(bounded_meta(meta))
+                if len(rec.meta) > MAX_META_ITEMS:
+                    rec.meta = bounded_meta(rec.meta)
             if rec.end is None:
                 self.open_sessions.setdefault(session_id, {})
             return
-        self.sessions[session_id] = SessionRecord(session_id, start, None, dict(meta or {}))
+        self.sessions[session_id] = SessionRecord(session_id, start, None, bounded_meta(meta))
         self.open_sessions[session_id] = {}
         if self.window_start is None or start < self.window_start:
             self.window_start = start
+        if len(self.sessions) > MAX_SESSIONS:
+            self._drop_sessions()
+
+    def _drop_sessions(self) -> None:
+        """Let the oldest closed session records go past MAX_SESSIONS (open ones stay)."""
+        closed = sorted((rec.start, sid) for sid, rec in self.sessions.items() if rec.end is not None)
+        for _start, sid in closed[:len(self.sessions) - MAX_SESSIONS]:
+            del self.sessions[sid]
+            self.sessions_dropped += 1
+
+    def _refuse(self, session_id: str, key: str) -> bool:
+        """Remember a key refused in a session; True the first time (approximately, past the
+        sample: then every refusal counts as a new key)."""
+        k = (session_id, key)
+        if k in self._refused:
+            return False
+        if len(self._refused) < REFUSED_SAMPLE:
+            self._refused.add(k)
+        return True
 
     def observe(self, session_id: str, key: str, count: int, ts: float,
                 first: float | None = None) -> None:
@@ -156,9 +215,9 @@ class NodeContribution:
         stats = self.behaviours.get(key)
         if stats is None:
             substrate = substrate_of(key)
-            if self._substrate_count(substrate) >= self.caps.get(substrate, DEFAULT_CAPS.get(substrate, 1024)):
-                self._overflow(substrate, count, ts, new=key not in per_session)
-                per_session.setdefault(key, 0)  # remember, so the refused key counts once per session
+            if len(key) > MAX_KEY_LEN or self._substrate_count(substrate) >= self.caps.get(
+                    substrate, DEFAULT_CAPS.get(substrate, 1024)):
+                self._overflow(substrate, count, ts, new=self._refuse(session_id, key))
                 self.capped = True
                 return
             stats = BehaviourStats(0, 0, first, ts)
@@ -185,8 +244,9 @@ class NodeContribution:
         stats = self.behaviours.get(key)
         if stats is None:
             substrate = substrate_of(key)
-            if self._substrate_count(substrate) >= self.caps.get(substrate, DEFAULT_CAPS.get(substrate, 1024)):
-                self._overflow(substrate, count, ts, new=True)
+            if len(key) > MAX_KEY_LEN or self._substrate_count(substrate) >= self.caps.get(
+                    substrate, DEFAULT_CAPS.get(substrate, 1024)):
+                self._overflow(substrate, count, ts, new=self._refuse(session_id, key))
                 self.capped = True
                 return
             stats = self.behaviours[key] = BehaviourStats(0, 0, first, ts)
@@ -212,6 +272,10 @@ class NodeContribution:
                 stats.session_sum += c
                 stats.session_sumsq += c * c
         self.closed_sessions += 1
+        if self._refused:
+            self._refused = {k for k in self._refused if k[0] != session_id}
+        if len(self.sessions) > MAX_SESSIONS:
+            self._drop_sessions()
 
     def move_session(self, session_id: str, dest: "NodeContribution", new_id: str | None = None) -> bool:
         """Move an open session and everything counted in it to ``dest`` (another workload's
@@ -241,6 +305,8 @@ class NodeContribution:
             dest.observe(new_id, key, n, last, first)
         del self.open_sessions[session_id]
         del self.sessions[session_id]
+        if self._refused:
+            self._refused = {k for k in self._refused if k[0] != session_id}
         for key, values in self.fingerprints.items():
             for value, ts in values.items():
                 dest.add_fingerprint(key, value, ts)
@@ -253,7 +319,14 @@ class NodeContribution:
         return not self.sessions and not self.behaviours
 
     def add_fingerprint(self, key: str, value: str, ts: float) -> None:
-        self.fingerprints.setdefault(key, {})[value] = ts
+        key, value = key[:MAX_META_LEN], value[:MAX_META_LEN]
+        if key not in self.fingerprints and len(self.fingerprints) >= MAX_META_ITEMS:
+            return
+        values = self.fingerprints.setdefault(key, {})
+        values[value] = ts
+        if len(values) > MAX_FINGERPRINT_VALUES:  # the most recent ones stay
+            for v, _ in sorted(values.items(), key=lambda kv: (kv[1], kv[0]))[:len(values) - MAX_FINGERPRINT_VALUES]:
+                del values[v]
 
     def add_loss(self, counter: str, n: int) -> None:
         if n:
@@ -302,6 +375,7 @@ class NodeContribution:
             "loss": dict(sorted(self.loss.items())),
             "fingerprints": {k: dict(sorted(v.items())) for k, v in sorted(self.fingerprints.items())},
             "caps": dict(sorted(self.caps.items())),
+            "sessions_dropped": self.sessions_dropped,
         }
         if self.arguments:
             d["arguments"] = self.arguments.pack()
@@ -331,6 +405,7 @@ class NodeContribution:
             fingerprints={str(k): {str(a): float(b) for a, b in v.items()}
                           for k, v in d["fingerprints"].items()},
             caps={**DEFAULT_CAPS, **{str(k): int(v) for k, v in d.get("caps", {}).items()}},
+            sessions_dropped=int(d.get("sessions_dropped", 0)),
             arguments=arguments,
         )
 
@@ -408,7 +483,7 @@ class Profile:
 
     @property
     def session_count(self) -> int:
-        return sum(len(n.sessions) for n in self.nodes.values())
+        return sum(len(n.sessions) + n.sessions_dropped for n in self.nodes.values())
 
     @property
     def closed_sessions(self) -> int:

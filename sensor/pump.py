@@ -1,8 +1,10 @@
 """The sensor pump: probe → decode → resolve → aggregate, written once for every user.
 
 :class:`Pump` drives one attached :class:`sensor.probes.Sensor` into one
-:class:`sensor.aggregate.Aggregator`: it drains the ring buffer (at most ``batch`` records a
-step, so counter reads and flushes happen on time under any event rate), binds each new cgroup
+:class:`sensor.aggregate.Aggregator`: it drains the ring buffer (at most ``batch`` records and
+``budget`` seconds a step, in chunks of :data:`CHUNK`, so counter reads and flushes happen on
+time under any event rate: what is not drained waits in the ring, and what the ring cannot hold
+is counted as lost), binds each new cgroup
 to a workload session at first sight, reads the cumulative syscall counters every
 ``counts_interval`` seconds, accounts for lost events, and closes the sessions of cgroups that
 are gone. What a session *is* comes from the binding passed in:
@@ -29,6 +31,8 @@ from .workload import Workload
 log = structlog.get_logger("envelope.pump")
 
 DEFAULT_BATCH = 65536  # ring records per step at most
+DEFAULT_BUDGET = 0.25  # seconds of draining per step at most (checked between chunks)
+CHUNK = 4096  # ring records drained between two looks at the clock
 
 
 @dataclass
@@ -236,15 +240,18 @@ class TreeBinding:
 class Pump:
     def __init__(self, sensor, binding: Binding, aggregator: Aggregator,
                  counts_interval: float = 1.0, gc_interval: float = 5.0,
-                 batch: int = DEFAULT_BATCH):
+                 batch: int = DEFAULT_BATCH, budget: float = DEFAULT_BUDGET,
+                 clock=time.monotonic):
         self.sensor = sensor
         self.binding = binding
         self.agg = aggregator
         self.counts_interval = counts_interval
         self.gc_interval = gc_interval
         self.batch = batch
+        self.budget = budget
+        self.clock = clock
         self._next_counts = 0.0
-        self._next_gc = time.monotonic() + gc_interval
+        self._next_gc = clock() + gc_interval
         self._loss_seen: dict[str, int] = dict(sensor.loss()) if sensor is not None else {}
 
     @property
@@ -258,12 +265,19 @@ class Pump:
         return ok
 
     def step(self, timeout_ms: int = 100) -> StepStats:
-        """Drain (up to ``batch`` records, waiting up to ``timeout_ms`` for the first); read the
-        counters and account loss when due; close the sessions of cgroups that are gone."""
+        """Drain (up to ``batch`` records and ``budget`` seconds, waiting up to ``timeout_ms``
+        for the first); read the counters and account loss when due; close the sessions of
+        cgroups that are gone."""
         st = StepStats()
-        events = self.sensor.poll(timeout_ms, self.batch)
+        start = self.clock()
+        chunk = min(CHUNK, self.batch)
+        events = self.sensor.poll(timeout_ms, chunk)
         self._aggregate(events, st)
-        now = time.monotonic()
+        while (len(events) >= chunk and st.events < self.batch
+               and self.clock() - start < self.budget):
+            events = self.sensor.poll(0, min(chunk, self.batch - st.events))
+            self._aggregate(events, st)
+        now = self.clock()
         if now >= self._next_counts:
             self._next_counts = now + self.counts_interval
             self.read_counters(st)

@@ -20,6 +20,8 @@ import math
 import re
 
 UNITS = {"w": 7 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
+#: The longest duration accepted (100 years): longer ones fall off the calendar datetime can hold.
+MAX_DURATION = 100 * 365 * 86400
 _PART = re.compile(r"(\d+(?:\.\d+)?)([wdhms])")
 _EXAMPLES = "e.g. 90s, 90m, 1h30m, 36h, 14d, 2w"
 
@@ -45,7 +47,9 @@ def parse_datetime(text: object, what: str = "time") -> _dt.datetime:
         raise TimeFormatError(f"{what}: {text!r} is not a time")
     try:
         t = _dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
+        t = t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
+        t.astimezone(_dt.timezone.utc)  # a time that is off the calendar in UTC fails here
+    except (ValueError, OverflowError):
         raise TimeFormatError(f"{what}: {text!r} is not an RFC 3339 time "
                               f"(e.g. 2026-11-26T15:23:59Z)") from None
     return t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
@@ -76,6 +80,8 @@ def parse_duration(text: object, what: str = "duration") -> float:
         raise TimeFormatError(f"{what}: {text!r} is not a duration ({_EXAMPLES})")
     if not math.isfinite(total) or total <= 0:
         raise TimeFormatError(f"{what}: {text!r} must be longer than zero")
+    if total > MAX_DURATION:
+        raise TimeFormatError(f"{what}: {text!r} is longer than 100 years")
     return total
 
 

@@ -101,10 +101,17 @@ class Workload:
 
     @classmethod
     def parse(cls, key: str) -> "Workload":
-        parts = key.split("/")
-        if len(parts) != 4 or not all(parts):
+        """``namespace/kind/name/container``. Namespaces, kinds and container names never hold
+        a "/", but a host unit's name may (a cgroup path such as ``/user.slice/x``): everything
+        between the kind and the last "/" is the name."""
+        parts = key.split("/") if isinstance(key, str) else []
+        if len(parts) < 4:
             raise ValueError(f"workload key must be namespace/kind/name/container, got {key!r}")
-        return cls(*parts)
+        namespace, kind, container = parts[0], parts[1], parts[-1]
+        name = "/".join(parts[2:-1])
+        if not (namespace and kind and container and name.strip("/") or name == "/"):
+            raise ValueError(f"workload key must be namespace/kind/name/container, got {key!r}")
+        return cls(namespace, kind, name, container)
 
     def to_dict(self) -> dict:
         return {

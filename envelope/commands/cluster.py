@@ -23,10 +23,9 @@ from enforcer.policy import PolicyError, load_policy
 from sensor.kubeapi import Backoff, ClusterApiError, api_client
 from sensor.workloadprofile import DEFAULT_NAMESPACE, ClusterProfiles, load_cluster_profile
 from sensor.profile import Profile
-from sensor.state_dir import atomic_write
 
 from ..errors import Finding, UserError
-from ..output import add_output_option, emit, iso
+from ..output import add_output_option, emit, iso, write_file
 
 
 def register(sub) -> None:
@@ -111,10 +110,7 @@ def cmd_profile(args, config) -> int:
             data = (json.dumps(profile.pack(), sort_keys=True) + "\n").encode()
         else:
             data = msgpack.packb(profile.pack(), use_bin_type=True)
-        try:
-            atomic_write(path, data)
-        except OSError as e:
-            raise UserError(f"{path}: cannot write: {e.strerror}") from None
+        write_file(path, data)
     view = profile.to_json()
     emit(view, args.output,
          rows=[(b["key"], b["count"], b["sessions"], iso(b["first_seen"]), iso(b["last_seen"]))

@@ -22,9 +22,9 @@ from enforcer import exceptions as exc_store
 from enforcer import iamdocument, netexport, seccomp
 from enforcer.policy import PolicyError, load_policy
 from enforcer.runtime import RUNTIMES
-from sensor.state_dir import atomic_write
 
 from ..errors import UserError
+from ..output import write_file
 
 FORMATS = ("oci-seccomp", "spo", "networkpolicy", "cilium", "iam")
 
@@ -128,12 +128,14 @@ def load_services(args) -> list[dict] | None:
         return items
     if not getattr(args, "services", None):
         return None
-    import yaml
+    from sensor.safeyaml import YamlError, load_yaml
 
     try:
-        doc = yaml.safe_load(Path(args.services).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"--services {args.services}: {e}") from None
+        doc = load_yaml(Path(args.services).read_bytes(), f"--services {args.services}")
+    except OSError as e:
+        raise UserError(f"--services {args.services}: {e.strerror or e}") from None
+    except YamlError as e:
+        raise UserError(str(e)) from None
     items = doc.get("items") if isinstance(doc, dict) and "items" in doc else [doc]
     if not isinstance(items, list) or any(not isinstance(i, dict) or i.get("kind", "Service") != "Service"
                                           for i in items):
@@ -164,14 +166,11 @@ def cmd_compile(args, config) -> int:
                 added[r["rule"]] = added.get(r["rule"], 0) + 1
         for rule, n in sorted(added.items()):
             print(f"envelope: {rule}: {n} syscall(s) added (see --report)", file=sys.stderr)
-    try:
-        if args.report and report is not None:
-            atomic_write(Path(args.report), (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
-        if args.out:
-            atomic_write(Path(args.out), text.encode())
-        else:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-    except OSError as e:
-        raise UserError(f"cannot write output: {e.filename or ''}: {e.strerror}") from None
+    if args.report and report is not None:
+        write_file(args.report, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+    if args.out:
+        write_file(args.out, text.encode())
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
     return 0

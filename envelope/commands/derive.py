@@ -16,8 +16,6 @@ import json
 import sys
 from pathlib import Path
 
-import msgpack
-
 from enforcer.derive import (
     DEFAULT_COVERAGE_HOURS, DEFAULT_COVERAGE_THRESHOLD, DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX, DEFAULT_K,
     DEFAULT_MAX_PORTS, DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNTS, DEFAULT_MIN_SESSIONS, CoverageNotReached,
@@ -26,12 +24,12 @@ from enforcer.derive import (
 from enforcer.mcp_closure import DEFAULT_MAX_VALUES
 from enforcer.policy import DEFAULT_REVIEW_ACTIONS, REVIEW_ACTIONS, PolicyError, dump_policy, load_policy
 from sensor.profile import Profile
-from sensor.state_dir import atomic_write
-from sensor.store import ProfileStore
+from sensor.store import ProfileStore, ProfileStoreError, decode_profile
 from sensor.workload import DEFAULT_SUBSTRATES, SUBSTRATES
 
 from .. import options, wiring
 from ..errors import Finding, UserError
+from ..output import write_file
 from .profile import load_profile
 
 
@@ -127,14 +125,15 @@ def load_profile_file(path: Path) -> Profile:
         raw = path.read_bytes()
     except OSError as e:
         raise UserError(f"{path}: cannot read: {e.strerror}") from e
+    if path.suffix != ".json":
+        try:
+            return decode_profile(raw, path)
+        except ProfileStoreError as e:
+            raise UserError(str(e)) from None
     try:
-        if path.suffix == ".json":
-            data = json.loads(raw.decode("utf-8"))
-        else:
-            data = msgpack.unpackb(raw, raw=False, strict_map_key=False)
-        return Profile.unpack(data)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, msgpack.UnpackException) as e:
-        raise UserError(f"{path}: malformed profile ({type(e).__name__}: {e})") from e
+        return Profile.unpack(json.loads(raw.decode("utf-8")))
+    except Exception as e:  # noqa: BLE001 - any failure to decode is a malformed file
+        raise UserError(f"{path}: malformed profile ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def options_from_args(args) -> DeriveOptions:
@@ -195,7 +194,7 @@ def cmd_derive(args, config) -> int:
         raise UserError(f"derive {profile.workload.key}: {e}") from e
     text = dump_policy(policy, args.output)
     if args.out:
-        atomic_write(Path(args.out), text.encode("utf-8"))
+        write_file(args.out, text.encode("utf-8"))
     else:
         sys.stdout.write(text)
         sys.stdout.flush()

@@ -94,8 +94,10 @@ def cmd_enforce(args, config) -> int:
                 raise UserError(f"unknown workload {args.name!r}; give its full key") from None
         try:
             removed = enforcer.remove(key, reason=args.reason)
-        except EgressError as e:
-            raise UserError(f"remove {key}: {e}") from None
+        except (ApplyError, EgressError) as e:
+            raise UserError(str(e) if isinstance(e, ApplyError) else f"remove {key}: {e}") from None
+        finally:
+            enforcer.close()
         print(f"{key}: {'enforcement removed' if removed else 'was not enforced'}")
         return 0
 

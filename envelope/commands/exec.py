@@ -3,10 +3,10 @@
 Runs CMD inside its policy, standalone (no daemon):
 
 0. cgroups that a killed ``envelope exec`` or ``record`` left behind are killed
-   (``cgroup.kill``) and removed (:meth:`sensor.cgroup.CgroupFS.reap_orphans`); in enforce mode
+   (``cgroup.kill``) and removed (:func:`sensor.cgroup.reap_orphans`); in enforce mode
    the command says how many behaviours of the policy sit in review and what happens to them
    when they recur (:mod:`envelope.review_notice`);
-1. a fresh cgroup v2 (``<cgroup2>/envelope/exec-<owner>-<n>``, guarded by a
+1. a fresh cgroup v2 (``<cgroup2>/envelope/exec-<pid>-<n>``, owned under a lock and guarded by a
    :class:`sensor.cgroup.OrphanGuard` that kills it if this command dies) is enforced by an
    unpinned enforcement session (:mod:`enforcer.session`): the egress programs
    (``bpf/egress.c``, they live as long as this command) with the policy's rules, active
@@ -185,7 +185,7 @@ class ExecRunner:
         from enforcer.launch_path import LaunchPath, LaunchPathError
         from enforcer.session import ApplyError
         from enforcer.violations import Judge
-        from sensor.cgroup import CgroupError, CgroupFS, OrphanGuard, owner_tag, reap_command_orphans
+        from sensor.cgroup import CgroupError, CgroupFS, OrphanGuard, reap_command_orphans
         from .. import wiring
 
         global _counter
@@ -193,7 +193,7 @@ class ExecRunner:
         self.path = path
         cgfs = CgroupFS()
         reap_command_orphans(cgfs)  # what a killed exec or record left behind
-        rel = f"/envelope/exec-{owner_tag()}-{_counter}"
+        rel = f"/envelope/exec-{os.getpid()}-{_counter}"
         session_id = f"exec-{os.getpid()}-{_counter}"
         enforcement = pump = guard = launch = None
         child = None

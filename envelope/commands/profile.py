@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sensor.identity import UNRESOLVED_NAMESPACE
 from sensor.store import ProfileStore, ProfileStoreError
-from sensor.workload import SUBSTRATES
+from sensor.workload import SUBSTRATES, Workload
 
 from ..errors import UserError
 from ..output import add_output_option, emit, iso
@@ -28,11 +28,25 @@ def resolve_one(store: ProfileStore, name: str):
     """The one workload ``name`` designates, or a clear error."""
     matches = store.find(name)
     if not matches:
-        known = ", ".join(w.key for w in store.workloads()) or "none"
-        raise UserError(f"no profile for workload {name!r} in {store.root} (known: {known})")
+        files = store.scan()
+        for f in files:  # a damaged file of this workload says what is wrong with it
+            if f.error and f.workload and _names(f.workload.key, name):
+                raise UserError(f.error)
+        known = ", ".join(sorted(f.workload.key for f in files if not f.error)) or "none"
+        bad = sum(1 for f in files if f.error)
+        more = f"; {bad} profile file(s) could not be read (envelope profile list)" if bad else ""
+        raise UserError(f"no profile for workload {name!r} in {store.root} (known: {known}){more}")
     if len(matches) > 1:
         raise UserError(f"{name!r} is ambiguous: {', '.join(w.key for w in matches)}; give the full key")
     return matches[0]
+
+
+def _names(key: str, name: str) -> bool:
+    try:
+        w = Workload.parse(key)
+    except ValueError:
+        return False
+    return name in (w.key, w.name, f"{w.namespace}/{w.name}", f"{w.namespace}/{w.kind}/{w.name}")
 
 
 def load_profile(store: ProfileStore, name: str):
@@ -44,18 +58,27 @@ def load_profile(store: ProfileStore, name: str):
 
 
 def cmd_list(args, config) -> int:
+    """Every workload with a profile; a file that cannot be used is a row of its own (with the
+    reason) and never stops the listing, and quarantined files are listed after them."""
     store = ProfileStore(config.state_dir)
     items, rows = [], []
-    for w in store.workloads():
-        try:
-            p = store.load(w)
-        except ProfileStoreError as e:
-            items.append({"workload": w.key, "error": str(e)})
-            rows.append([w.key, "-", "-", "-", "-", "-", "error"])
+    for f in store.scan():
+        p = None
+        error = f.error
+        if not error:
+            try:
+                p = store.load_path(f.path, store.layout.root)
+            except ProfileStoreError as e:
+                error = str(e)
+        if p is None:
+            key = f.workload.key if f.workload else None
+            items.append({"workload": key, "file": str(f.path), "error": error})
+            rows.append([key or f.path.name, "-", "-", "-", "-", "-", "unreadable: " + error])
             continue
         start, end = p.window()
         b = p.behaviours()
         loss = sum(p.loss().values())
+        w = p.workload
         incomplete = sorted({s.meta["identity_incomplete"] for s in p.sessions()
                              if s.meta.get("identity_incomplete")})
         item = {"workload": w.key, "sessions": p.session_count, "behaviours": len(b),
@@ -67,6 +90,9 @@ def cmd_list(args, config) -> int:
         if "unresolved" in item:
             flags.append("unresolved: " + "; ".join(item["unresolved"]))
         rows.append([w.key, p.session_count, len(b), iso(start), iso(end), loss, ", ".join(flags)])
+    for q in store.quarantined():
+        items.append({"workload": None, "file": str(q), "error": "quarantined"})
+        rows.append([q.name, "-", "-", "-", "-", "-", f"quarantined in {q.parent}"])
     emit(items, args.output, rows, ["workload", "sessions", "behaviours", "first", "last", "lost", "flags"])
     return 0
 

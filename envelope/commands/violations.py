@@ -58,5 +58,5 @@ def _context(detail: dict) -> str:
         return f"to {detail['destination']}"
     sock = detail.get("socket")
     if isinstance(sock, dict):
-        return f"socket {sock.get('domain')} {sock.get('type')}"
+        return f"socket {sock.get('family')} {sock.get('type')}"
     return ""

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from enforcer.egress import PROGRAMS, EgressError
+from enforcer.egress import PROGRAMS, EgressError, check_pins, make_pin_dir
 from enforcer.egress_rules import EgressRuleError, Limits, compile_rules, split_state_word, state_word
 
 _fds = itertools.count(1000)
@@ -74,7 +74,7 @@ class FakeEgressProgram:
             if p == path:
                 del self.st.cgroups[cid]
 
-    def write_policy(self, rules, mode, policy_hash=b"", grace=0.0):
+    def write_policy(self, rules, mode, policy_hash=b"", grace=0.0, *, finish=True):
         self._live()
         if self.kernel.fail_write:
             raise EgressError(f"map rules: update: Argument list too long ({self.workload})")
@@ -82,12 +82,31 @@ class FakeEgressProgram:
             compiled = compile_rules(rules, 1 - self.st.generation, self.limits)
         except EgressRuleError as e:
             raise EgressError(str(e)) from e
+        self._swap = None if finish else (self.st.generation, self.st.rules, self.st.mode,
+                                          self.st.policy_hash)
         self.st.generation = compiled.generation
         self.st.rules = compiled.trie
         self.st.mode = mode
         self.st.policy_hash = policy_hash
         self.kernel.swaps.append((self.workload, mode, len(compiled.trie)))
         return compiled
+
+    def finish_swap(self) -> None:
+        self._swap = None
+
+    def revert_swap(self) -> None:
+        swap, self._swap = getattr(self, "_swap", None), None
+        if swap is not None:
+            self.st.generation, self.st.rules, self.st.mode, self.st.policy_hash = swap
+            self.kernel.swaps.append((self.workload, "reverted", len(self.st.rules)))
+
+    def repin(self) -> None:
+        if self.pin_dir is not None:
+            make_pin_dir(self.pin_dir)
+            for name in PROGRAMS:
+                (self.pin_dir / f"prog_{name}").write_text(self.workload)
+                os.chmod(self.pin_dir / f"prog_{name}", 0o600)
+            self.kernel.pins[self.pin_dir] = self.st
 
     def set_mode(self, mode: str) -> None:
         self.st.mode = mode
@@ -140,9 +159,11 @@ class FakeDenialProbe:
         kernel.rings[self.events_fd] = []
         self.watched: dict[int, tuple] = {}
         self.totals: dict[bytes, int] = {}  # the kernel's ``counts``: key -> calls so far
+        self.sockets_restricted: dict[int, bool] = {}
 
-    def watch(self, cgroup_id, mode, deny_errno, allowed_syscalls=()):
+    def watch(self, cgroup_id, mode, deny_errno, allowed_syscalls=(), restrict_sockets=False):
         self.watched[cgroup_id] = (mode, deny_errno, tuple(sorted(allowed_syscalls)))
+        self.sockets_restricted[cgroup_id] = restrict_sockets
 
     def unwatch(self, cgroup_id):
         self.watched.pop(cgroup_id, None)
@@ -202,6 +223,10 @@ class FakeKernel:
         self.swaps: list[tuple] = []
         self.loads = 0
         self.probes: list[FakeDenialProbe] = []
+        self.moved: list[tuple[int, str]] = []  # (pid, cgroup path) moved by the session
+        self.gone_pids: set[int] = set()
+        self.unmovable_pids: set[int] = set()  # moves refused (outside the cgroup namespace)
+        self.killed: list[int] = []
 
     def _state(self, workload: str) -> Pinned:
         st = Pinned(workload, ring=next(_fds))
@@ -214,9 +239,10 @@ class FakeKernel:
         if pin_dir is not None:
             if pin_dir.exists() and any(pin_dir.iterdir()):
                 raise EgressError(f"{pin_dir} already holds pinned objects; adopt or remove them first")
-            pin_dir.mkdir(parents=True, exist_ok=True)
+            make_pin_dir(pin_dir)
             for name in PROGRAMS:
                 (pin_dir / f"prog_{name}").write_text(workload)
+                os.chmod(pin_dir / f"prog_{name}", 0o600)  # what BPF_OBJ_PIN gives a pin
             self.pins[pin_dir] = st
         return FakeEgressProgram(self, st, pin_dir, limits)
 
@@ -224,6 +250,7 @@ class FakeKernel:
         st = self.pins.get(pin_dir)
         if st is None:
             raise EgressError(f"adopt {pin_dir}: No such file or directory")
+        check_pins(pin_dir)
         return FakeEgressProgram(self, st, pin_dir, limits)
 
     def pinned_egress(self, bpffs: Path) -> list[Path]:
@@ -237,6 +264,18 @@ class FakeKernel:
 
     def ring_reader(self):
         return FakeRingReader(self)
+
+    def move_task(self, pid, cgroup_path):
+        if pid in self.gone_pids:
+            raise ProcessLookupError(3, "No such process")
+        if pid in self.unmovable_pids:
+            raise FileNotFoundError(2, "No such file or directory")
+        self.moved.append((pid, cgroup_path))
+
+    def kill_task(self, pid):
+        if pid in self.gone_pids:
+            raise ProcessLookupError(3, "No such process")
+        self.killed.append(pid)
 
     # -- what the kernel would do --
 

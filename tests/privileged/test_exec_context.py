@@ -98,7 +98,7 @@ def test_a_workload_without_sockets_is_denied_at_the_destination_which_is_report
         assert v["detail"]["comm"] == COMM and v["detail"]["pid"] > 0
         assert v["detail"]["session"].startswith("exec-")
     sock = by[("syscall", "syscall:socket")]
-    assert sock["detail"]["socket"]["domain"] == "AF_NETLINK"
+    assert sock["detail"]["socket"]["family"] == "AF_NETLINK"
     assert by[("syscall", "syscall:execve")]["detail"]["comm"] == COMM  # the shell's spawn
     assert ("syscall", "syscall:ptrace") in by
     for v in vs:
@@ -115,7 +115,7 @@ def test_without_egress_enforcement_the_filter_denial_names_the_destination(tmp_
     # socket itself is denied first: the kernel cannot know a destination yet, so the record
     # says which socket was asked for
     socks = [v for v in vs if v["behaviour"] == "syscall:socket"]
-    assert {(v["detail"]["socket"]["domain"], v["detail"]["socket"]["type"]) for v in socks} >= {
+    assert {(v["detail"]["socket"]["family"], v["detail"]["socket"]["type"]) for v in socks} >= {
         ("AF_INET", "SOCK_STREAM"), ("AF_INET", "SOCK_DGRAM"), ("AF_NETLINK", "SOCK_RAW")}
 
 

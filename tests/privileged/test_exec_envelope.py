@@ -104,12 +104,13 @@ def violations(state_dir: Path) -> list[dict]:
 def envelope_cgroups() -> list[str]:
     """exec cgroups whose owner is gone: what an exec would leave behind (others' running execs,
     on a shared machine, own theirs)."""
-    from sensor.cgroup import _owner_in, cgroup2_mount_point, owner_alive
+    import re
+    from sensor.cgroup import cgroup2_mount_point
     d = cgroup2_mount_point() / "envelope"
     if not d.exists():
         return []
-    return sorted(p.name for p in d.iterdir() if p.is_dir() and p.name.startswith("exec-")
-                  and (tag := _owner_in(p.name)) is not None and not owner_alive(tag))
+    return sorted(p.name for p in d.iterdir() if p.is_dir() and (m := re.match(r"exec-(\d+)-\d+$", p.name))
+                  and not Path(f"/proc/{m.group(1)}").exists())
 
 
 def test_enforce_denies_outside_and_allows_inside(tmp_path, state_dir, listeners):

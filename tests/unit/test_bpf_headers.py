@@ -24,7 +24,7 @@ C_TYPES = {"__u8": 1, "__u16": 2, "__u32": 4, "__u64": 8, "__s8": 1, "__s16": 2,
 BYTE_TYPES = ("char", "__u8")
 RECORDS = [events.ExecRecord, events.ForkRecord, events.ExitRecord, events.NetRecord,
            events.SyscallFirstRecord, events.EgressViolationRecord, events.SeccompDenialRecord,
-           events.IoUringOpRecord]
+           events.IoUringOpRecord, events.CgroupEscapeRecord]
 MIRRORS = {"events.h": [events.EventHeader, *RECORDS, *mirrors.MAP_MIRRORS["events.h"]],
            **{h: list(ms) for h, ms in mirrors.MAP_MIRRORS.items() if h != "events.h"}}
 
@@ -143,7 +143,7 @@ def test_type_numbers_match_and_are_unique():
         "EXEC_F_NO_ARGV", "EXEC_F_PPID_UNKNOWN", "EXIT_F_CODE_KNOWN", "NET_OP_CONNECT",
         "NET_OP_SENDMSG", "NET_F_RET_KNOWN", "EGRESS_OP_CONNECT", "EGRESS_OP_SENDMSG",
         "EGRESS_ACTION_ALERTED", "EGRESS_ACTION_DENIED", "ENV_AF_INET", "ENV_AF_INET6",
-        "IO_URING_OP_NAME_LEN",
+        "IO_URING_OP_NAME_LEN", "CGROUP_ESCAPE_PATH_LEN",
         "LOSS_SYSCALL_UNATTRIBUTED", "LOSS_CGROUP_REMOVED_DROPPED", "LOSS_SLOTS")],
     (mirrors, "events.h", "SYSCALL_NR_SLOTS"), (mirrors, "events.h", "SYSCALL_BANKS"),
     *[(mirrors, "egress.h", n) for n in (
@@ -151,7 +151,8 @@ def test_type_numbers_match_and_are_unique():
         "EGRESS_MODE_OBSERVE", "EGRESS_MODE_ALERT", "EGRESS_MODE_ENFORCE", "EGRESS_WORKLOAD_LEN",
         "EGRESS_CGROUP_PATH_LEN")],
     *[(mirrors, "denials.h", n) for n in ("DENIALS_NR_SLOTS", "DENIALS_MODE_ALERT",
-                                          "DENIALS_MODE_ENFORCE")],
+                                          "DENIALS_MODE_ENFORCE", "DENIALS_MODE_WATCH",
+                                          "DENIAL_F_SOCKETS")],
 ])
 def test_constants_match(module, header, name):
     assert DEFINES[header][name] == getattr(module, name)

@@ -218,21 +218,3 @@ def test_cgroupfs_layout_roundtrip(uid, cid, qos, leaf, root):
     assert parse_container_ref(path) == ContainerRef("cri-o" if leaf else "", cid, uid, qos, path)
     assert parse_container_ref(f"{root}/kubepods{qpart}/pod{uid}/crio-conmon-{cid}") is None
 
-
-def test_command_cgroups_are_named_for_their_owner_and_reaped_only_when_it_is_gone(tmp_path):
-    import os
-    from sensor.cgroup import CgroupFS, _owner_in, owner_alive, owner_tag
-    me = owner_tag()
-    assert me.startswith(f"{os.getpid()}.") and owner_alive(me)
-    assert _owner_in(f"exec-{me}-3") == me and _owner_in(f"{me}-abcd1234") == me
-    assert _owner_in("exec-123-4") is None  # an old name: not ours to judge
-    pid, _, start = me.partition(".")
-    assert not owner_alive(f"{pid}.{int(start) + 1}")  # the pid now names another process
-    assert not owner_alive("4194305.1")  # beyond pid_max: gone
-    # reap_orphans on a plain directory tree standing in for cgroupfs (rmdir works on empty dirs)
-    root = tmp_path / "cg"
-    for name in (f"exec-{me}-1", "exec-4194305.1-1", "unrelated"):
-        (root / "envelope" / name).mkdir(parents=True)
-    fs = CgroupFS(mount_point=root)
-    assert fs.reap_orphans("/envelope") == ["/envelope/exec-4194305.1-1"]
-    assert sorted(p.name for p in (root / "envelope").iterdir()) == sorted([f"exec-{me}-1", "unrelated"])

@@ -199,7 +199,7 @@ def test_the_cluster_setting_decides_whether_the_api_is_used(kube, tmp_path, mon
     assert cluster_client(cfg.replace(cluster="off")) is None
     off = tmp_path / "off.yaml"
     off.write_text("cluster: off\n")  # YAML 1.1: an unquoted off is the boolean false
-    assert Config.load(off).cluster is False and cluster_client(Config.load(off)) is None
+    assert Config.load(off).cluster == "off" and cluster_client(Config.load(off)) is None
     assert cluster_client(cfg.replace(cluster="auto")) is None  # not in a pod
     missing = str(tmp_path / "no-kubeconfig")
     with pytest.raises(UserError, match="cluster: on, but no Kubernetes API configuration"):
@@ -207,7 +207,7 @@ def test_the_cluster_setting_decides_whether_the_api_is_used(kube, tmp_path, mon
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")  # a pod, but no usable credentials
     assert cluster_client(cfg.replace(cluster="auto", kubeconfig=missing)) is None
     with pytest.raises(UserError, match="not one of auto, on, off"):
-        cluster_client(cfg.replace(cluster="sometimes"))
+        cfg.replace(cluster="sometimes")
 
     on = tmp_path / "on.yaml"
     on.write_text(f"cluster: on\nkubeconfig: {missing}\n")

@@ -3,6 +3,7 @@ round trip and matching (pure)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 
@@ -242,7 +243,7 @@ def test_derivation_does_not_depend_on_the_order_evidence_arrived(rnd: random.Ra
 
 @pytest.mark.parametrize("mutate,needle", [
     (lambda m: m["tools"][0].update(name=""), "spec.allow.mcp.tools[0].name"),
-    (lambda m: m["tools"].append(dict(m["tools"][0])), "listed twice"),
+    (lambda m: m["tools"].append(copy.deepcopy(m["tools"][0])), "listed twice"),  # no YAML alias
     (lambda m: m["tools"][0]["arguments"].append({"path": "x", "rule": "magic"}), "rule"),
     (lambda m: m["tools"][0]["arguments"].append({"path": "x", "rule": "range", "min": 3, "max": 1}), "min"),
     (lambda m: m["tools"][0]["arguments"].append({"path": "x", "rule": "path-prefix", "prefix": "/a/../b"}),

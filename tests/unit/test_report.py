@@ -55,6 +55,20 @@ def test_coverage_curve_counts_first_sightings_and_finds_coverage_stop():
     assert s["exec"]["reachedAt"] is None or s["exec"]["reachedAt"] <= T0 + 40 * HOUR
 
 
+def test_the_time_unit_follows_the_window():
+    from envelope.report import time_unit
+    assert [time_unit(s)[0] for s in (52, 15 * 60, 40 * HOUR, 30 * 86400)] == ["second", "minute", "hour", "day"]
+    # a short window (the demo's) gets bins of seconds, not everything in bin 0
+    p = Profile(W)
+    c = p.node("n1")
+    for i in range(4):
+        c.open_session(f"s{i}", T0 + 10 * i)
+        c.observe(f"s{i}", f"syscall:n{i}", 1, T0 + 10 * i + 1)
+        c.close_session(f"s{i}", T0 + 10 * i + 5)
+    curve = coverage_curve(p)
+    assert curve["bin"] == "second" and sorted(curve["substrates"]["syscall"]["perBin"]) == [1, 11, 21, 31]
+
+
 class _Dom(html.parser.HTMLParser):
     def __init__(self):
         super().__init__()

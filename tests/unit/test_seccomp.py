@@ -443,3 +443,50 @@ def test_the_launched_command_is_not_an_exec_entry_that_opens_execve():
     # an entry without evidence (written by hand) is taken at its word
     assert seccomp.needs_exec(policy(["read"], substrates=("syscall", "exec"), execs=("/usr/bin/git",)),
                               ("/usr/bin/git",))
+# ---- the socket restriction ----------------------------------------------------------------------
+
+def egress_policy(syscalls=("read", "socket", "connect"), **kw):
+    return policy(list(syscalls), substrates=("syscall", "egress"), **kw)
+
+
+def test_socket_is_restricted_while_egress_is_encoded():
+    c = seccomp.compile_oci(egress_policy())
+    assert c.restricts_sockets()
+    [entry] = [e for e in c.report if e.syscall == "socket"]
+    assert (entry.action, entry.rule) == ("allow", seccomp.SOCKET_RULE) and "NET_RAW" in entry.reason
+    assert "socket" in c.allowed()
+    rules = c.profile["syscalls"]
+    assert not any("socket" in r["names"] for r in rules if not r.get("args"))
+    conditional = [r for r in rules if r.get("args")]
+    assert {r["comment"] for r in conditional} == {seccomp.SOCKET_RULE}
+    # one rule per allowed (family, type, protocol): unix, netlink, 2 x (tcp: 0, 6) + 2 x (udp: 0, 17)
+    assert len(conditional) == 2 + 4 + 4
+    # the rules and the pure table agree on every combination that matters
+    allowed = set()
+    for r in conditional:
+        a = {x["index"]: x for x in r["args"]}
+        allowed.add((a[0]["value"], a.get(1, {}).get("valueTwo"), a.get(2, {}).get("value")))
+    assert (seccomp.AF_INET, seccomp.SOCK_STREAM, 6) in allowed
+    for domain, type_, proto in [(2, 3, 1), (17, 3, 768), (10, 2, 58), (2, 1, 132), (40, 1, 0)]:
+        assert not seccomp.socket_allowed(domain, type_, proto)
+    for domain, type_, proto in [(1, 1, 0), (16, 3, 0), (2, 1 | 0x80000, 0), (10, 2 | 0x800, 17)]:
+        assert seccomp.socket_allowed(domain, type_, proto)
+    # libseccomp accepts the rules (one comparison per argument per rule)
+    text = pfc(seccomp.build_filter(c))
+    assert f"$syscall == {sc.resolve_syscall(sc.Arch.X86_64, 'socket')}" in text
+
+
+def test_socket_is_not_restricted_without_egress_or_in_observe_mode():
+    assert not seccomp.compile_oci(policy(["read", "socket"], substrates=("syscall",))).restricts_sockets()
+    assert not seccomp.compile_oci(egress_policy(), "observe").restricts_sockets()
+    assert seccomp.compile_oci(egress_policy(), "alert").restricts_sockets()
+    # an exception admitting socket admits the call, not raw sockets
+    c = seccomp.compile_oci(egress_policy(("read",)), extra_allow={"socket": "exception:abc"})
+    assert c.restricts_sockets()
+
+
+def test_spo_export_keeps_the_argument_conditions():
+    d = seccomp.compile_spo(egress_policy(), runtime="runc")
+    assert validate_spo(d) == []
+    conditional = [r for r in d["spec"]["syscalls"] if r.get("args")]
+    assert conditional and all(r["names"] == ["socket"] for r in conditional)

@@ -267,3 +267,162 @@ def test_io_uring_operations_are_judged_against_the_cgroups_profile(env):
     [v] = s.poll_violations()
     assert (v.workload, v.behaviour, v.action) == (POD.key, "syscall:unlinkat", "alerted")
     assert (v.detail["via"], v.detail["op"], v.detail["cgroup_id"]) == ("io_uring", "UNLINKAT", cid)
+
+
+def escape_record(src, dst, pid=70, path="/escape"):
+    from sensor.events import CgroupEscapeRecord
+    return CgroupEscapeRecord.pack(type=CgroupEscapeRecord.type, version=1,
+                                   size=CgroupEscapeRecord.size(), src_cgroup_id=src,
+                                   dst_cgroup_id=dst, pid=pid, by_pid=pid, dst_path=path.encode())
+
+
+def test_a_task_moved_out_of_its_cgroup_is_moved_back_audited_and_reported(env):
+    kernel, session, paths, state, bpffs = env
+    s = session(denials=True)
+    s.apply(policy(), "enforce", paths[:2])
+    [probe] = kernel.probes
+    a, b = (Path(p).stat().st_ino for p in paths[:2])
+    assert set(probe.watched) == {a, b}
+    kernel.rings[probe.events_fd] += [
+        escape_record(a, b),                    # into the same workload's other cgroup: fine
+        escape_record(a, 1, pid=71, path="/"),  # to the root: an escape
+    ]
+    [v] = s.poll_violations()
+    assert kernel.moved == [(71, paths[0])]
+    assert (v.workload, v.substrate, v.behaviour, v.action) == (W.key, "integrity", "cgroup:migration", "denied")
+    assert (v.detail["from"], v.detail["moved_back"], v.detail["pid"]) == (paths[0], True, 71)
+    [entry] = [e for e in audit.read(state) if e["action"] == "policy.escape"]
+    assert entry["workload"] == W.key and entry["reason"] == "moved back"
+    # a task that is gone by then cannot be moved back: still reported, as alerted
+    kernel.gone_pids.add(72)
+    kernel.rings[probe.events_fd].append(escape_record(b, 1, pid=72, path="/"))
+    [v] = s.poll_violations()
+    assert (v.action, v.detail["moved_back"]) == ("alerted", False) and "error" in v.detail
+    assert kernel.killed == []
+    # a move the kernel refuses (the daemon's cgroup namespace): killed in enforce mode
+    kernel.unmovable_pids.add(73)
+    kernel.rings[probe.events_fd].append(escape_record(b, 1, pid=73, path="/"))
+    [v] = s.poll_violations()
+    assert kernel.killed == [73] and (v.action, v.detail["killed"]) == ("denied", True)
+    assert audit.read(state, action="policy.escape")[-1]["reason"] == "killed"
+
+
+def test_cgroups_of_a_policy_without_syscalls_are_watched_for_migrations_only(env):
+    kernel, session, paths, state, bpffs = env
+    s = session(denials=True)
+    s.apply(Policy(workload=W, mode="enforce", substrates=("egress",),
+                   egress=(EgressRule("tcp", "10.0.3.0/24", (443,)),)), "enforce", paths[:1])
+    [probe] = kernel.probes
+    assert [m for m, _, _ in probe.watched.values()] == ["watch"]
+
+
+# ---- any legal name, and the audit entry as part of the change ----------------------------------
+
+
+LONG = Workload("agents", "Deployment", "a" * 230, "main")
+SLASHED = Workload.parse("host/Unit//system.slice/agent.service/main")
+
+
+@pytest.mark.parametrize("w", [LONG, SLASHED], ids=["230-character name", "name with slashes"])
+def test_enforce_and_remove_work_for_any_legal_name(env, w):
+    kernel, session, paths, state, bpffs = env
+    s = session()
+    s.apply(policy(w), "enforce", paths[:2])
+    assert len(pin_dir_for(bpffs, w.key).name) < 100
+    pinned = kernel.state_of(pin_dir_for(bpffs, w.key))
+    [(dw, _p, _m)] = read_desired(state)
+    assert dw == w
+    s.close()
+    s2 = session()
+    assert s2.adopt_pinned() == [w.key]  # paired by its pin directory, not by the truncated meta
+    s2.close()
+    s3 = session()
+    assert s3.remove(w.key, reason="decommissioned")  # by key, as `enforce --remove` gives it
+    assert pinned.attached == set()
+    assert not pin_dir_for(bpffs, w.key).exists() and read_desired(state) == []
+    assert [e["action"] for e in audit.read(state)] == ["policy.apply", "policy.remove"]
+    assert audit.verify(state).ok
+
+
+def _break_audit(state):
+    with open(audit.log_path(state), "ab") as f:
+        f.write(b'{"seq": 99')  # a torn line: appends are refused
+
+
+def test_an_apply_whose_audit_entry_cannot_be_written_is_undone(env):
+    kernel, session, paths, state, bpffs = env
+    s = session()
+    s.apply(policy(cidrs=("10.0.3.0/24",)), "alert", paths[:1])
+    pinned = kernel.state_of(pin_dir_for(bpffs, W.key))
+    before = (pinned.rules, pinned.mode, set(pinned.attached), desired_path(state, W).read_bytes())
+    _break_audit(state)
+    with pytest.raises(ApplyError, match="partial line"):
+        s.apply(policy(cidrs=("10.0.3.0/24", "10.0.4.0/24")), "enforce", paths)
+    assert (pinned.rules, pinned.mode, set(pinned.attached), desired_path(state, W).read_bytes()) == before
+    assert kernel.swaps[-1][1] == "reverted"
+
+
+def test_a_first_apply_whose_audit_entry_cannot_be_written_leaves_nothing(env):
+    kernel, session, paths, state, bpffs = env
+    audit.append(state, "setup", reason="x")
+    _break_audit(state)
+    s = session()
+    with pytest.raises(ApplyError):
+        s.apply(policy(), "enforce", paths[:2])
+    assert kernel.pins == {} and not pin_dir_for(bpffs, W.key).exists()
+    assert not desired_path(state, W).exists() and s.enforced == {}
+
+
+def test_a_remove_whose_audit_entry_cannot_be_written_keeps_enforcing(env):
+    kernel, session, paths, state, bpffs = env
+    s = session()
+    s.apply(policy(), "enforce", paths[:2])
+    pinned = kernel.state_of(pin_dir_for(bpffs, W.key))
+    _break_audit(state)
+    with pytest.raises(ApplyError, match="still enforced"):
+        s.remove(W, reason="decommissioned")
+    assert pinned.attached == set(paths[:2]) and pin_dir_for(bpffs, W.key).is_dir()
+    assert [w for w, _p, _m in read_desired(state)] == [W]
+    assert W.key in s.enforced
+
+
+def test_pin_directories_are_0700_whatever_the_umask(env):
+    import os
+    import stat
+    kernel, session, paths, state, bpffs = env
+    old = os.umask(0)
+    try:
+        session().apply(policy(), "enforce", paths[:1])
+    finally:
+        os.umask(old)
+    pin = pin_dir_for(bpffs, W.key)
+    assert stat.S_IMODE(os.stat(pin).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(pin.parent).st_mode) == 0o700
+
+
+def test_a_pinned_set_others_could_change_is_not_adopted(env):
+    import os
+    kernel, session, paths, state, bpffs = env
+    s = session()
+    s.apply(policy(), "enforce", paths[:1])
+    s.close()
+    os.chmod(pin_dir_for(bpffs, W.key), 0o777)
+    assert session().adopt_pinned() == []
+
+
+def test_a_set_pinned_under_the_earlier_name_is_adopted_not_doubled(env):
+    import hashlib
+    import re
+
+    from enforcer.egress import pin_root
+    kernel, session, paths, state, bpffs = env
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", W.key.replace("/", "_"))[:80]
+    legacy = pin_root(bpffs) / f"{slug}-{hashlib.sha256(W.key.encode()).hexdigest()[:10]}"
+    kernel.load_egress(W.key, legacy, session().limits)  # what an earlier version pinned
+    s = session()
+    s.apply(policy(), "enforce", paths[:1])
+    assert kernel.loads == 1 and set(kernel.pins) == {legacy}  # adopted: no second set
+    s.close()
+    s2 = session()
+    assert s2.adopt_pinned() == [W.key]
+    assert s2.remove(W, reason="done") and not legacy.exists()

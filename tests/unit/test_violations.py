@@ -125,6 +125,19 @@ def test_fold_holds_bounded_memory_whatever_the_rate():
     assert f.take() == [] and len(f) == 0
 
 
+def test_a_socket_stopped_by_its_arguments_names_the_socket():
+    raw = SeccompDenialRecord.pack(type=EV_SECCOMP_DENIAL, version=SeccompDenialRecord.version,
+                                   size=SeccompDenialRecord.size(), ktime=1, cgroup_id=5, pid=3, nr=41, ret=-1,
+                                   args0=17, args1=3 | 0x80000, args2=0x0300)
+    r = from_record(raw, lambda cid: WL, 1.0, lambda cid: {"socket", "read"})
+    assert r.behaviour == "syscall:socket"
+    assert r.detail["socket"] == {"family": "AF_PACKET", "type": "SOCK_RAW", "protocol": "768"}
+    assert "NET_RAW" in r.detail["why"]
+    # a profile without socket at all: denied by name, and the socket it asked for is said too
+    plain = from_record(raw, lambda cid: WL, 1.0, lambda cid: {"read"}).detail
+    assert plain["socket"]["family"] == "AF_PACKET" and "why" not in plain
+
+
 def test_from_record_counts_bad_records_instead_of_raising():
     assert isinstance(from_record(b"\x06\x00", lambda c: WL, 1.0), DecodeError)
     truncated = egress_record("10.0.0.1", 1)[:-8]

@@ -109,44 +109,42 @@ write("egress_violation", hdr(6, 72, version=2) + [
     "action": "denied", "tid": 1007, "comm": "redis-server",
     "behaviour_key": "connect:tcp:203.0.113.9:8443"})
 
-write("seccomp_denial", hdr(7, 96, version=2) + [
+write("seccomp_denial", hdr(7, 112, version=3) + [
     ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
     ("nr", struct.pack("<I", 135)), ("ret", struct.pack("<q", -1)),
+    ("args", struct.pack("<QQQ", 0xffffffff, 0, 0)),
     ("tid", struct.pack("<I", 1001)), ("flags", struct.pack("<I", 0x1)),
     ("comm", cstr(b"python3", 16)), ("family", struct.pack("<H", 0)), ("port", struct.pack("<H", 0)),
-    ("sock_type", struct.pack("<I", 0)), ("addr", b"\0" * 16), ("context", struct.pack("<I", 0)),
-    ("protocol", struct.pack("<I", 0)),
+    ("context", struct.pack("<I", 0)), ("addr", b"\0" * 16),
 ], {"type": "seccomp_denial", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "nr": 135,
-    "name": "personality", "ret": -1, "tid": 1001, "comm": "python3", "counted": True,
-    "context": 0, "destination": None, "family": None, "socket": None,
+    "name": "personality", "ret": -1, "args": [0xffffffff, 0, 0], "tid": 1001, "comm": "python3",
+    "counted": True, "context": 0, "destination": None, "family": None,
     "behaviour_key": "syscall:personality"})
 
 # connect(2) denied by the filter: the destination read from the caller's sockaddr
-write("seccomp_denial_connect6", hdr(7, 96, version=2) + [
+write("seccomp_denial_connect6", hdr(7, 112, version=3) + [
     ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
     ("nr", struct.pack("<I", 42)), ("ret", struct.pack("<q", -1)),
+    ("args", struct.pack("<QQQ", 3, 0x7ffd1000, 28)),
     ("tid", struct.pack("<I", 1002)), ("flags", struct.pack("<I", 0x1 | 0x2)),
     ("comm", cstr(b"sqlite3", 16)), ("family", struct.pack("<H", 10)), ("port", struct.pack("<H", 4444)),
-    ("sock_type", struct.pack("<I", 0)), ("addr", socket.inet_pton(socket.AF_INET6, "2001:db8::66")),
-    ("context", struct.pack("<I", 0xdeadbeef)), ("protocol", struct.pack("<I", 0)),
+    ("context", struct.pack("<I", 0xdeadbeef)), ("addr", socket.inet_pton(socket.AF_INET6, "2001:db8::66")),
 ], {"type": "seccomp_denial", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "nr": 42,
-    "name": "connect", "ret": -1, "tid": 1002, "comm": "sqlite3", "counted": True,
-    "context": 0xdeadbeef, "destination": "[2001:db8::66]:4444", "family": 6, "socket": None,
+    "name": "connect", "ret": -1, "args": [3, 0x7ffd1000, 28], "tid": 1002, "comm": "sqlite3",
+    "counted": True, "context": 0xdeadbeef, "destination": "[2001:db8::66]:4444", "family": 6,
     "behaviour_key": "syscall:connect"})
 
-# socket(2) denied: no destination yet; the domain, type and protocol asked for
-write("seccomp_denial_socket", hdr(7, 96, version=2) + [
+# socket(2) denied: no destination yet; its arguments say which socket (AF_PACKET, SOCK_RAW)
+write("seccomp_denial_socket", hdr(7, 112, version=3) + [
     ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
     ("nr", struct.pack("<I", 41)), ("ret", struct.pack("<q", -1)),
-    ("tid", struct.pack("<I", 1001)), ("flags", struct.pack("<I", 0x4)),
-    ("comm", cstr(b"git", 16)), ("family", struct.pack("<H", 16)), ("port", struct.pack("<H", 0)),
-    ("sock_type", struct.pack("<I", 0x80003)), ("addr", b"\0" * 16),
-    ("context", struct.pack("<I", 77)), ("protocol", struct.pack("<I", 0)),
+    ("args", struct.pack("<QQQ", 17, 3, 0x0300)),
+    ("tid", struct.pack("<I", 1001)), ("flags", struct.pack("<I", 0)),
+    ("comm", cstr(b"git", 16)), ("family", struct.pack("<H", 0)), ("port", struct.pack("<H", 0)),
+    ("context", struct.pack("<I", 77)), ("addr", b"\0" * 16),
 ], {"type": "seccomp_denial", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "nr": 41,
-    "name": "socket", "ret": -1, "tid": 1001, "comm": "git", "counted": False, "context": 77,
-    "destination": None, "family": None,
-    "socket": {"domain": "AF_NETLINK", "type": "SOCK_RAW", "protocol": 0},
-    "behaviour_key": "syscall:socket"})
+    "name": "socket", "ret": -1, "args": [17, 3, 768], "tid": 1001, "comm": "git", "counted": False,
+    "context": 77, "destination": None, "family": None, "behaviour_key": "syscall:socket"})
 
 write("io_uring_op", hdr(40, 56) + [
     ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
@@ -154,3 +152,11 @@ write("io_uring_op", hdr(40, 56) + [
     ("op", cstr(b"CONNECT", 24)),
 ], {"type": "io_uring_op", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "opcode": 16,
     "op": "CONNECT", "sq_thread": False, "syscall": "connect", "behaviour_key": None})
+
+write("cgroup_escape", hdr(41, 304) + [
+    ("src_cgroup_id", struct.pack("<Q", 4242)), ("dst_cgroup_id", struct.pack("<Q", 1)),
+    ("pid", struct.pack("<I", 1002)), ("by_pid", struct.pack("<I", 1001)),
+    ("dst_level", struct.pack("<i", 0)), ("pad", struct.pack("<I", 0)),
+    ("dst_path", cstr(b"/", 256)),
+], {"type": "cgroup_escape", "ktime": KTIME, "src_cgroup_id": 4242, "dst_cgroup_id": 1,
+    "pid": 1002, "by_pid": 1001, "dst_level": 0, "dst_path": "/", "behaviour_key": None})
