@@ -28,6 +28,10 @@
 #define EV_SYSCALL_FIRST 5
 #define EV_EGRESS_VIOLATION 6
 #define EV_SECCOMP_DENIAL 7
+#define EV_HTTP_CAPTURE 24
+#define EV_HTTP_CONN 25
+#define EV_HTTP_VIOLATION 26
+/* 27-31: reserved for the request capture */
 #define EV_IO_URING_OP 40
 #define EV_CGROUP_ESCAPE 41
 #define EV_TYPE_MAX 42 /* one past the highest type number */
@@ -42,6 +46,9 @@
 #define SECCOMP_DENIAL_EVENT_VERSION 3   /* 2: the call's arguments; 3: tid, comm, counted, destination */
 #define IO_URING_OP_EVENT_VERSION 1
 #define CGROUP_ESCAPE_EVENT_VERSION 1
+#define HTTP_CAPTURE_EVENT_VERSION 1
+#define HTTP_CONN_EVENT_VERSION 1
+#define HTTP_VIOLATION_EVENT_VERSION 1
 
 #define ENV_AF_INET 2
 #define ENV_AF_INET6 10
@@ -225,6 +232,86 @@ struct cgroup_escape_event {
 	char dst_path[CGROUP_ESCAPE_PATH_LEN]; /* 48 the destination, relative to the hierarchy root */
 };
 
+/* ---- the request capture (bpf/http.c) ------------------------------------------------------- */
+
+/* EV_HTTP_CAPTURE: bytes of one call on a connection of a watched cgroup, bounded. Variable
+ * length: hdr.size is HTTP_CAPTURE_HEAD_SIZE + len, and only that much is sent. */
+#define HTTP_CAPTURE_MAX 4096            /* bytes captured from one call at most */
+#define HTTP_CAPTURE_HEAD_SIZE 64
+#define HTTP_F_TLS 0x1         /* plaintext from an SSL_* uprobe (else a socket syscall) */
+#define HTTP_F_RESPONSE 0x2    /* bytes the process received: a response head */
+#define HTTP_F_HEAD 0x4        /* a request head: request line and headers first */
+#define HTTP_F_BODY 0x8        /* a later part of the request whose head came before */
+#define HTTP_F_TRUNCATED 0x10  /* the call carried more than was captured */
+#define HTTP_F_H2 0x20         /* the HTTP/2 connection preface: the connection is not decoded */
+#define HTTP_F_UNPARSED 0x40   /* first bytes of a connection that is neither HTTP/1.x nor h2 */
+#define HTTP_F_TLS_RECORD 0x80 /* a TLS record that no hooked TLS library wrote (data: the
+				* first bytes of the ClientHello, for its server name) */
+#define HTTP_SRC_WRITE 1
+#define HTTP_SRC_WRITEV 2
+#define HTTP_SRC_SENDTO 3
+#define HTTP_SRC_SENDMSG 4
+#define HTTP_SRC_SSL_WRITE 5
+#define HTTP_SRC_SSL_READ 6
+#define HTTP_SRC_SKB 7         /* a TCP segment the cgroup received (plaintext responses) */
+#define HTTP_CAPTURE_EVENT_SIZE 4160
+struct http_capture_event {
+	struct event_hdr hdr;        /*  0 hdr.size = HTTP_CAPTURE_HEAD_SIZE + len */
+	__u64 cgroup_id;             /* 16 */
+	__u64 conn;                  /* 24 the connection: the SSL object (TLS) or the socket cookie */
+	__u64 cookie;                /* 32 socket cookie, 0 when not known yet */
+	__u32 pid;                   /* 40 */
+	__u32 tid;                   /* 44 */
+	__u32 total;                 /* 48 bytes the call carried */
+	__u16 len;                   /* 52 bytes in data */
+	__u16 flags;                 /* 54 HTTP_F_* */
+	__u8 source;                 /* 56 HTTP_SRC_* */
+	__u8 pad[7];                 /* 57 */
+	char data[HTTP_CAPTURE_MAX]; /* 64 */
+};
+
+/* EV_HTTP_CONN: what a connection is: its socket and where it goes. Sent once per connection
+ * (plaintext: at its first capture; TLS: when a nested write shows the SSL object's socket). */
+#define HTTP_CONN_EVENT_SIZE 72
+struct http_conn_event {
+	struct event_hdr hdr; /*  0 */
+	__u64 cgroup_id;      /* 16 */
+	__u64 conn;           /* 24 as in http_capture_event */
+	__u64 cookie;         /* 32 */
+	__u32 pid;            /* 40 */
+	__u32 fd;             /* 44 */
+	__u16 family;         /* 48 ENV_AF_* */
+	__u16 port;           /* 50 host order */
+	__u16 flags;          /* 52 HTTP_F_TLS */
+	__u16 pad;            /* 54 */
+	__u8 addr[16];        /* 56 network order; IPv4 uses addr[0..3] */
+};
+
+/* EV_HTTP_VIOLATION: a request outside the envelope, judged in the probe before it was sent. */
+#define HTTP_ACTION_ALERTED 0
+#define HTTP_ACTION_KILLED 1   /* SIGKILL from the probe; plaintext packets of the socket dropped */
+#define HTTP_REASON_NO_RULE 0  /* method, host and path match no allowed entry */
+#define HTTP_REASON_UNPARSED 1 /* the request line does not parse as origin-form HTTP/1.x */
+#define HTTP_REASON_NO_HOST 2  /* no Host header in the first HTTP_HOST_SCAN bytes */
+#define HTTP_REASON_TWO_HOSTS 3 /* more than one Host header */
+#define HTTP_REASON_TOO_LONG 4 /* method, host, path or a segment beyond what the probe compares */
+#define HTTP_VIOLATION_TEXT 256
+#define HTTP_VIOLATION_EVENT_SIZE 320
+struct http_violation_event {
+	struct event_hdr hdr;           /*  0 */
+	__u64 cgroup_id;                /* 16 */
+	__u64 conn;                     /* 24 */
+	__u32 pid;                      /* 32 */
+	__u32 tid;                      /* 36 */
+	__u8 action;                    /* 40 HTTP_ACTION_* */
+	__u8 reason;                    /* 41 HTTP_REASON_* */
+	__u16 flags;                    /* 42 HTTP_F_TLS */
+	__u16 len;                      /* 44 bytes in text */
+	__u16 pad;                      /* 46 */
+	char comm[16];                  /* 48 */
+	char text[HTTP_VIOLATION_TEXT]; /* 64 "METHOD PATH\nHOST": the query is never copied */
+};
+
 _Static_assert(sizeof(struct event_hdr) == EVENT_HDR_SIZE, "event_hdr size");
 _Static_assert(sizeof(struct exec_event) == EXEC_EVENT_SIZE, "exec_event size");
 _Static_assert(sizeof(struct fork_event) == FORK_EVENT_SIZE, "fork_event size");
@@ -235,6 +322,9 @@ _Static_assert(sizeof(struct egress_violation_event) == EGRESS_VIOLATION_EVENT_S
 _Static_assert(sizeof(struct seccomp_denial_event) == SECCOMP_DENIAL_EVENT_SIZE, "seccomp size");
 _Static_assert(sizeof(struct io_uring_op_event) == IO_URING_OP_EVENT_SIZE, "io_uring op size");
 _Static_assert(sizeof(struct cgroup_escape_event) == CGROUP_ESCAPE_EVENT_SIZE, "escape size");
+_Static_assert(sizeof(struct http_capture_event) == HTTP_CAPTURE_EVENT_SIZE, "http capture size");
+_Static_assert(sizeof(struct http_conn_event) == HTTP_CONN_EVENT_SIZE, "http conn size");
+_Static_assert(sizeof(struct http_violation_event) == HTTP_VIOLATION_EVENT_SIZE, "http violation size");
 _Static_assert(sizeof(struct syscall_slot_counts) == SYSCALL_SLOT_COUNTS_SIZE, "slot counts size");
 _Static_assert(sizeof(struct syscall_slot_state) == SYSCALL_SLOT_STATE_SIZE, "slot state size");
 

@@ -8,6 +8,7 @@
  *                   Measured here: those syscalls:sys_exit_* tracepoints add ~45 ns to
  *                   every syscall (the perf syscall-exit probe runs for all of them).
  *   EVENT_CGROUP    emit ring-buffer events only for this cgroup id       default 0 (all)
+ *   HOOK_SLOTS      program slots extensions may hook syscalls with        default 4
  *   NR_*            syscall numbers of this architecture (x86_64 defaults)
  *
  * Reads only tracepoint fields, helper results and the syscall argument registers of the
@@ -15,6 +16,7 @@
  * against need not be the running kernel's.
  */
 #include "events.h"
+#include "syscalls.h"
 
 #ifndef RINGBUF_PAGES
 #define RINGBUF_PAGES 256
@@ -27,6 +29,9 @@
 #endif
 #ifndef EVENT_CGROUP
 #define EVENT_CGROUP 0
+#endif
+#ifndef HOOK_SLOTS
+#define HOOK_SLOTS 4
 #endif
 #ifndef NR_CLONE
 #define NR_CLONE 56
@@ -57,12 +62,6 @@
 #define ENV_CLONE_THREAD 0x00010000ULL
 #define TASKS_TRACKED 32768
 
-/* Syscall argument registers in the x86_64 entry frame (struct pt_regs), the same layout as
- * the uapi struct user_regs_struct: stable ABI, unlike kernel structs in general. */
-#define REGS_OFF_DX 96
-#define REGS_OFF_SI 104
-#define REGS_OFF_DI 112
-#define REGS_OFF_SP 152
 
 /* ---- maps ------------------------------------------------------------------------------------ */
 
@@ -93,6 +92,18 @@ BPF_STACK(free_slots, __u32, MAX_CGROUPS);
 BPF_QUEUE(removed_cgroups, __u64, MAX_CGROUPS);
 BPF_PERCPU_ARRAY(slot_cache, struct slot_cache, SLOT_CACHE_WAYS);
 BPF_ARRAY(cache_gen, __u64, 1);
+
+/* Syscall hooks of extensions (sensor.probes.Extension): a program of another family in
+ * `hooks` is tail-called at the end of sys_enter for the syscalls of its hook, in the cgroups
+ * hooked for it, so an extension that follows a few syscalls of a few cgroups costs nothing to
+ * the others: getppid pays no instruction, an unhooked write one array lookup.
+ *   hook 0 (HOOK_SOCKET): write, writev, sendto, sendmsg, connect, close (the request capture)
+ * `hooked_cgroups`: cgroup id -> hook bits, written by userspace; `hook_slots` caches them per
+ * counter slot, filled when a slot is handed out and by userspace for slots that exist. */
+#define HOOK_SOCKET 0
+BPF_PROG_ARRAY(hooks, HOOK_SLOTS);
+BPF_HASH(hooked_cgroups, __u64, __u32, MAX_CGROUPS);
+BPF_ARRAY(hook_slots, __u32, MAX_CGROUPS + 1);
 
 BPF_PERCPU_ARRAY(loss_counts, __u64, LOSS_SLOTS);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
@@ -139,6 +150,13 @@ static __always_inline void fill_hdr(struct event_hdr *h, __u16 type, __u16 vers
 	h->ktime = bpf_ktime_get_ns();
 }
 
+static __always_inline void copy_hooks(__u64 cg, __u32 slot)
+{
+	__u32 *want = hooked_cgroups.lookup(&cg);
+	__u32 bits = want ? *want : 0;
+	hook_slots.update(&slot, &bits);
+}
+
 /* Slow path: find or allocate the slot of `cg` and remember it in this CPU's cache. */
 static __always_inline __u32 resolve_slot(__u64 cg, struct slot_cache *cache, __u64 key, __u64 gen)
 {
@@ -154,6 +172,7 @@ static __always_inline __u32 resolve_slot(__u64 cg, struct slot_cache *cache, __
 		}
 		/* Userspace zeroed the slot's counters and bitmap before freeing it. */
 		st->cgroup_id = cg;
+		copy_hooks(cg, slot);
 		if (cgroup_slots.insert(&cg, &slot) != 0) {
 			/* Another CPU allocated for the same cgroup first: give ours back. */
 			st->cgroup_id = 0;
@@ -164,6 +183,11 @@ static __always_inline __u32 resolve_slot(__u64 cg, struct slot_cache *cache, __
 				return OVERFLOW_SLOT;
 			}
 			slot = *found;
+		} else {
+			/* Again now that the slot is visible: userspace hooks a cgroup by writing
+			 * hooked_cgroups, then the slot it finds in cgroup_slots; one of the two copies
+			 * sees its write. */
+			copy_hooks(cg, slot);
 		}
 	} else {
 		/* No free slot: count in the overflow slot, which is never cached as valid. */
@@ -292,6 +316,19 @@ RAW_TRACEPOINT_PROBE(sys_enter)
 	case NR_EXECVEAT:
 	case NR_CLONE3:
 		on_special_syscall((void *)ctx->args[0], idx);
+		break;
+	case NR_WRITE:
+	case NR_WRITEV:
+	case NR_SENDTO:
+	case NR_SENDMSG:
+	case NR_CONNECT:
+	case NR_CLOSE:
+		if (slot != OVERFLOW_SLOT) {
+			__u32 *h = hook_slots.lookup(&slot);
+			if (h && (*h & (1U << HOOK_SOCKET)))
+				hooks.call(ctx, HOOK_SOCKET); /* does not return when a program is there */
+		}
+		break;
 	}
 	return 0;
 }

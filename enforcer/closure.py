@@ -35,7 +35,7 @@ from typing import Callable
 
 from sensor.workload import BehaviourKeyError, parse_net_key
 
-from . import file_closure, mcp_closure, syscall_groups
+from . import file_closure, http_closure, mcp_closure, syscall_groups
 from .elements import Element
 from .policy import EgressRule
 
@@ -233,6 +233,15 @@ def _files(mode: str) -> Builder:
     return build
 
 
+def _http(mode: str) -> Builder:
+    """The http substrate's closure (:mod:`enforcer.http_closure`): path templates, methods and
+    hosts never widened."""
+    def build(substrate: str, keys: list[str], opts, services: list) -> list[Element]:
+        els, bad = http_closure.elements(keys, mode, opts.max_siblings)
+        return els + [Element(k, substrate, "exact", [k], encodable=False) for k in bad]
+    return build
+
+
 def _mcp(mode: str) -> Builder:
     """The MCP substrate's key-level closure (:mod:`enforcer.mcp_closure`)."""
     def build(substrate: str, keys: list[str], opts, services: list) -> list[Element]:
@@ -266,6 +275,7 @@ BUILDERS: dict[str, dict[str, Builder]] = {
     **{s: {"literal": _literal, "structural": _structural_elements}
        for s in ("syscall", "egress", "exec")},
     "file": {"literal": _files("literal"), "structural": _files("structural")},
+    "http": {"literal": _http("literal"), "structural": _http("structural")},
     "mcp": {"literal": _mcp("literal"), "structural": _mcp("structural")},
     "iam": {"literal": _iam("literal"), "structural": _iam("structural")},
 }
@@ -308,6 +318,8 @@ def rules(substrate: str, closure: str, opts, services: list) -> dict:
         return {"rule": "directory-pattern", "siblingsAbove": opts.max_siblings,
                 "neverWidened": sorted(SYSTEM_BIN_DIRS),
                 "aliases": "merged-/usr aliases (/bin, /sbin, ...) count as their /usr directory"}
+    if substrate == "http":
+        return http_closure.rules(closure, opts.max_siblings)
     if substrate == "file":
         return {"rule": "directory-children+directory-tree", "siblingsAbove": opts.max_siblings,
                 "treeMinDepth": opts.file_tree_depth, "kinds": "never mixed",

@@ -485,7 +485,41 @@ def derive(profile: Profile, options: DeriveOptions | None = None) -> Policy:
     policy.decisions = _decisions(opts, conf, cov, profile.closed_sessions, services)
     if gran.unencoded:
         policy.decisions["granularity"]["unencoded"] = gran.unencoded
+    spots = blind_spots(profile, opts.substrates)
+    if spots:
+        policy.decisions["granularity"]["blindSpots"] = spots
+    if "http" in opts.substrates:
+        policy.decisions["granularity"]["enforcement"] = {"http": dict(HTTP_ENFORCEMENT)}
     return policy
+
+
+#: What the http substrate does in each mode; recorded in every policy that encodes it.
+HTTP_ENFORCEMENT = {
+    "action": "kill-process",
+    "judged": "in the probe, on each request head before it is sent: method, Host and path "
+              "against allow.http",
+    "alert": "the request goes out and is reported at once with method, host, path and process",
+    "enforce": "the process is killed from the probe (SIGKILL; from an SSL_* uprobe before the "
+               "library encrypts anything) and the packets of a plaintext socket are dropped: "
+               "a probe here may signal, it may not make the call fail",
+    "notJudged": "HTTP/2 and requests the probe cannot parse are outside the envelope; TLS stacks "
+                 "without probes (see blindSpots) are not judged",
+}
+
+
+def blind_spots(profile: Profile, substrates) -> dict[str, list[str]]:
+    """What each encoded substrate could not see for this workload (its review report lists
+    them). The iam substrate sees AWS requests through the request capture: what the capture
+    cannot see, it cannot either."""
+    seen = profile.blind_spots()
+    out: dict[str, list[str]] = {}
+    for sub in substrates:
+        items = list(seen.get(sub, []))
+        if sub == "iam":
+            items += [f"request capture: {t}" for t in seen.get("http", [])]
+        if items:
+            out[sub] = sorted(set(items))
+    return out
 
 
 def _split_admits(admits) -> tuple[tuple, dict[str, str]]:
@@ -532,6 +566,7 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
     egress: dict[tuple, EgressRule] = {}
     execs: set[str] = set()
     files: set[str] = set()
+    http: set[str] = set()
     mcp: list[str] = []
     iam: dict[str, tuple[str, str]] = {}
     provenance: list[dict] = []
@@ -547,6 +582,8 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
                 execs.add(value)
             elif sub == "file":
                 files.add(value)
+            elif sub == "http":
+                http.add(value.entry)
             elif sub == "mcp":
                 mcp.append(value)
             elif sub == "iam":
@@ -569,7 +606,7 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
     return Policy(
         workload=profile.workload, mode=opts.mode or "alert", substrates=tuple(opts.substrates),
         closure=opts.closure, syscalls=tuple(syscalls), egress=tuple(egress.values()),
-        execs=tuple(execs), files=tuple(files), iam=tuple(statements),
+        execs=tuple(execs), files=tuple(files), http=tuple(http), iam=tuple(statements),
         mcp=McpAllow.of_entries(mcp) if "mcp" in opts.substrates else None,
         provenance=tuple(provenance), low_confidence=low_confidence,
         iam_actions=opts.iam_actions,

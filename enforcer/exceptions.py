@@ -8,10 +8,12 @@ against the clock at read time (``now``), never by a cleanup job. Lapsed entries
 for ``exception list`` until they are :data:`KEEP_EXPIRED` seconds old.
 
 Keys. ``--allow`` takes a behaviour key (``syscall:ptrace``, ``exec:/usr/bin/curl``,
-``connect:tcp:10.0.0.1:443``, ``send:udp:[fd00::1]:53``, ``mcp:tools/call:git_commit``), a policy
-egress entry (``egress:tcp:10.0.0.0/24:443`` or ``egress:tcp:10.0.0.0/24:8000-8100``), or an MCP
-argument path (``mcp:tools/call:git_log#repo_path``: any value there). An ``mcp:`` exception
-reaches running MCP gateways at their next message (:mod:`enforcer.mcp_controls`).
+``connect:tcp:10.0.0.1:443``, ``send:udp:[fd00::1]:53``, ``mcp:tools/call:git_commit``,
+``http:GET api.example.com/v1/x``), a policy egress entry (``egress:tcp:10.0.0.0/24:443`` or
+``egress:tcp:10.0.0.0/24:8000-8100``), an MCP argument path (``mcp:tools/call:git_log#repo_path``:
+any value there), or an http entry (``http:GET api.example.com/v1/docs/{id}``). An ``mcp:``
+exception reaches running MCP gateways at their next message (:mod:`enforcer.mcp_controls`); an
+``http:`` one reaches running cgroups through the request capture's rule graph.
 
 A seccomp filter cannot be widened once loaded, so a syscall exception applies to processes and
 containers started after it is added; egress exceptions reach running cgroups through the maps.
@@ -75,6 +77,14 @@ class PolicyException:
             except BehaviourKeyError:
                 return False
             return rule.matches(net.proto, net.addr, net.port)
+        if self.allow.startswith("http:") and key.startswith("http:"):
+            from .http_patterns import HttpPatternError, parse_entry as http_entry
+            from sensor.httpkeys import HttpKeyError, parse_key
+            try:
+                b = parse_key(key)
+                return http_entry(self.allow).matches(b.method, b.host, b.path)
+            except (HttpKeyError, HttpPatternError):
+                return False
         if self.allow.startswith(("connect:", "send:")) and key.startswith(("connect:", "send:")):
             # connect and send to the same proto/address/port are one egress permission
             a, b = parse_net_key(self.allow), parse_net_key(key)
@@ -107,6 +117,15 @@ def normalise_key(key: str) -> str:
         try:
             return parse_entry(key)[1].id
         except PolicyError as e:
+            raise ExceptionError(f"--allow {key!r}: {e}") from None
+    if key.startswith("http:"):
+        from .http_patterns import HttpPatternError, parse_entry as http_entry
+        from sensor.httpkeys import HttpKeyError, parse_key
+
+        try:
+            b = parse_key(key)  # a behaviour key (its status, if any, is evidence: dropped)
+            return http_entry(f"http:{b.request}").entry
+        except (HttpKeyError, HttpPatternError) as e:
             raise ExceptionError(f"--allow {key!r}: {e}") from None
     try:
         substrate = substrate_of(key)

@@ -22,6 +22,7 @@ Document layout (YAML or JSON; ``spec`` is also the body of the Kubernetes custo
         files:    [file:KIND:PATTERN, ...]                      # sorted (enforcer.file_patterns)
         mcp:      {methods, tools, prompts, resources, catalog} # enforcer.mcp_envelope
         iam:      [{action, resource, accessLevel, rule}, ...]  # IAM statements (enforcer.iamstatement)
+        http:     [http:METHOD host/path-template, ...]         # sorted (enforcer.http_patterns)
       detection:  [{key, mean, std, k, sessions}, ...]          # probabilistic soft rules
       provenance: [{entry, substrate, rule, admitted, evidence, ...}, ...]
       review:     [{key, substrate, rule, evidence, action, entries, ...}, ...]
@@ -30,7 +31,8 @@ Document layout (YAML or JSON; ``spec`` is also the body of the Kubernetes custo
 Entry identifiers (used by provenance, review, ``explain``, ``diff`` and ``--admit``) are
 ``syscall:NAME``, ``exec:PATH`` (or ``exec:/dir/*``), ``egress:PROTO:CIDR:PORTS`` where
 PORTS is one port (``443``) or an inclusive range (``8000-8100``), ``file:KIND:PATTERN``,
-``iam:ACTION RESOURCE`` (``iam:s3:GetObject arn:aws:s3:::research-corpus-*/papers/*``), and the
+``http:METHOD host/path`` (path segments may be ``{id}`` or
+``*``), ``iam:ACTION RESOURCE`` (``iam:s3:GetObject arn:aws:s3:::research-corpus-*/papers/*``), and the
 MCP entries of :mod:`enforcer.mcp_envelope` (``mcp:tools/call:git_log``,
 ``mcp:tools/call:git_log#repo_path:path-prefix:/srv/repo/**``, ...).
 
@@ -77,7 +79,7 @@ from sensor.safeyaml import YamlError, dump_yaml, load_yaml
 from sensor.timestamps import TimeFormatError, iso_time, parse_datetime
 from sensor.workload import DEFAULT_SUBSTRATES, SUBSTRATES, BehaviourKeyError, Workload, parse_net_key, substrate_of
 
-from . import file_patterns, iamstatement, syscall_groups
+from . import file_patterns, http_patterns, iamstatement, syscall_groups
 from .iamstatement import IamStatement, IamStatementError
 from .mcp_envelope import EnvelopeError, McpAllow
 from .mcp_envelope import parse_entry as parse_mcp_entry
@@ -106,7 +108,7 @@ DEFAULT_REVIEW_ACTIONS = MappingProxyType(
     {s: ("alert" if s == "syscall" else "deny") for s in SUBSTRATES})
 _NAME_RE = re.compile(r"[^a-z0-9.-]+")
 _SPEC_FIELDS = ("workload", "mode", "decisions", "allow", "detection", "provenance", "review", "watch")
-_ALLOW_FIELDS = ("syscalls", "egress", "execs", "files", "mcp", "iam")
+_ALLOW_FIELDS = ("syscalls", "egress", "execs", "files", "http", "mcp", "iam")
 _DECISION_FIELDS = ("granularity", "closure", "confidence", "validity")
 
 
@@ -238,6 +240,11 @@ def parse_entry(entry: str) -> tuple[str, Any]:
         except file_patterns.FilePatternError as e:
             raise PolicyError(str(e)) from None
         return "file", entry
+    if kind == "http":
+        try:
+            return "http", http_patterns.parse_entry(entry)
+        except http_patterns.HttpPatternError as e:
+            raise PolicyError(str(e)) from None
     if kind == "mcp":
         try:
             return "mcp", parse_mcp_entry(entry)
@@ -259,7 +266,7 @@ def parse_entry(entry: str) -> tuple[str, Any]:
         except (ValueError, PolicyError) as e:
             raise PolicyError(f"bad egress entry {entry!r}: {e}") from None
     raise PolicyError(f"bad entry {entry!r} (want syscall:NAME, exec:PATH, egress:PROTO:CIDR:PORTS, "
-                      f"file:KIND:PATTERN, iam:ACTION RESOURCE or an mcp: entry)")
+                      f"file:KIND:PATTERN, http:METHOD HOST/PATH, iam:ACTION RESOURCE or an mcp: entry)")
 
 
 def exec_matches(pattern: str, path: str) -> bool:
@@ -283,6 +290,7 @@ class Policy:
     egress: tuple[EgressRule, ...] = ()
     execs: tuple[str, ...] = ()
     files: tuple[str, ...] = ()  # file:KIND:PATTERN entries (enforcer.file_patterns)
+    http: tuple[str, ...] = ()  # http:METHOD host/path entries (enforcer.http_patterns)
     mcp: McpAllow | None = None  # the MCP envelope (enforcer.mcp_envelope)
     iam: tuple[IamStatement, ...] = ()  # IAM statements (enforcer.iamstatement)
     watch: tuple[str, ...] = ()
@@ -322,6 +330,11 @@ class Policy:
         for e in self.files:
             kind, pattern = file_patterns.parse_entry(e)
             self._files_by_kind[kind] = self._files_by_kind.get(kind, ()) + (pattern,)
+        patterns = []
+        for i, e in enumerate(self.http):
+            patterns.append(_check_http(e, f"spec.allow.http[{i}]"))
+        self._http = tuple(sorted(set(patterns)))
+        self.http = tuple(p.entry for p in self._http)
         self.egress = tuple(sorted(set(self.egress), key=EgressRule.sort_key))
         seen: set[str] = set()
         for i, st in enumerate(self.iam):
@@ -352,8 +365,8 @@ class Policy:
     def entries(self) -> list[str]:
         """Every allowed entry identifier, in document order."""
         return ([f"syscall:{s}" for s in self.syscalls] + [r.id for r in self.egress]
-                + [f"exec:{e}" for e in self.execs] + list(self.files) + [st.id for st in self.iam]
-                + (self.mcp.entries() if self.mcp else []))
+                + [f"exec:{e}" for e in self.execs] + list(self.files) + list(self.http)
+                + [st.id for st in self.iam] + (self.mcp.entries() if self.mcp else []))
 
     @property
     def iam_identity(self) -> str | None:
@@ -361,6 +374,11 @@ class Policy:
         ``cloud_identity:aws``), when the policy names exactly one."""
         values = (self.validity.get("fingerprint") or {}).get(iamstatement.IDENTITY_FINGERPRINT) or []
         return values[0] if len(values) == 1 else None
+
+    @property
+    def http_patterns(self) -> tuple:
+        """The allowed request patterns (:class:`enforcer.http_patterns.HttpPattern`), sorted."""
+        return self._http
 
     def allows(self, key: str) -> bool:
         """Is behaviour ``key`` inside the allowed set? Substrates the policy leaves out, and
@@ -384,6 +402,13 @@ class Policy:
             except file_patterns.FilePatternError:
                 return False
             return any(p.matches(path) for p in self._files_by_kind.get(kind, ()))
+        if substrate == "http":
+            from sensor.httpkeys import HttpKeyError, parse_key
+            try:
+                b = parse_key(key)
+            except HttpKeyError:
+                return False
+            return any(p.matches(b.method, b.host, b.path) for p in self._http)
         if substrate == "mcp":
             return self.mcp is not None and self.mcp.allows(key)
         if substrate == "iam":
@@ -482,6 +507,8 @@ class Policy:
         }
         if "file" in self.substrates or self.files:
             allow["files"] = list(self.files)
+        if "http" in self.substrates or self.http:
+            allow["http"] = list(self.http)
         if "mcp" in self.substrates or self.mcp is not None:
             allow["mcp"] = (self.mcp or McpAllow()).to_dict()
         if "iam" in self.substrates or self.iam:
@@ -566,6 +593,9 @@ class Policy:
         files = _list(allow.get("files") or [], "spec.allow.files")
         for i, e in enumerate(files):
             _check_file(e, f"spec.allow.files[{i}]")
+        http = _list(allow.get("http") or [], "spec.allow.http")
+        for i, e in enumerate(http):
+            _check_http(e, f"spec.allow.http[{i}]")
         mcp = None
         if allow.get("mcp") is not None:
             try:
@@ -618,8 +648,8 @@ class Policy:
 
         return cls(
             workload=workload, mode=mode, substrates=tuple(subs), closure=closure,
-            syscalls=tuple(syscalls), egress=egress, execs=tuple(execs), files=tuple(files), mcp=mcp,
-            iam=tuple(iam), watch=tuple(watch),
+            syscalls=tuple(syscalls), egress=egress, execs=tuple(execs), files=tuple(files),
+            http=tuple(http), mcp=mcp, iam=tuple(iam), watch=tuple(watch),
             detection=tuple(dict(r) for r in detection), decisions=_plain(dec),
             provenance=tuple(_plain(r) for r in provenance), review=tuple(_plain(r) for r in review),
             validity=validity, low_confidence=low, name=name or "", review_actions=review_actions,
@@ -759,6 +789,15 @@ def _check_file(e: Any, path: str) -> None:
     try:
         file_patterns.parse_entry(e)
     except file_patterns.FilePatternError as err:
+        raise PolicyError(f"{path}: {err}") from None
+
+
+def _check_http(e: Any, path: str):
+    if not isinstance(e, str):
+        raise PolicyError(f"{path}: {e!r} is not an http entry")
+    try:
+        return http_patterns.parse_entry(e)
+    except http_patterns.HttpPatternError as err:
         raise PolicyError(f"{path}: {err}") from None
 
 

@@ -28,6 +28,12 @@ Exceptions (:mod:`enforcer.exceptions`) for egress keys are merged into the rule
 made with ``envelope mode``. Seccomp filters are loaded by the process they confine (``envelope
 exec``'s child) or by the container runtime from the compiled profile; the session only makes
 their denials visible.
+
+The http substrate is judged by the request capture's probe (:mod:`enforcer.http_enforce`, handed
+in as ``http``): an apply writes the policy's request rule graph (exceptions included) and points
+the workload's cgroups at it, in the same all-or-nothing step; its violations come out of the same
+:meth:`EnforcementSession.poll_violations`. Without a capture, a policy that encodes http can be
+applied in observe mode only.
 """
 
 from __future__ import annotations
@@ -192,7 +198,7 @@ class EnforcementSession:
     def __init__(self, state_dir, *, pinned: bool = True, bpffs="/sys/fs/bpf",
                  limits: Limits = Limits(), clock: Callable[[], float] = time.time,
                  denials: bool = False, backend: KernelBackend | None = None,
-                 verify_interval: float = 2.0):
+                 verify_interval: float = 2.0, http=None):
         self.state_dir = Path(state_dir)
         self.pinned = pinned
         self.bpffs = Path(bpffs)
@@ -218,6 +224,7 @@ class EnforcementSession:
         self._denial_context: dict[bytes, object] = {}
         self._denial_seen: dict[bytes, tuple[int, float]] = {}
         self._next_counts = 0.0
+        self.http = http  # enforcer.http_enforce.HttpEnforcement, or None
 
     # -- helpers --
 
@@ -265,6 +272,7 @@ class EnforcementSession:
         for p in paths:
             if not Path(p).is_dir():
                 raise ApplyError(f"apply {workload}: cgroup {p} does not exist; nothing applied")
+        hmode, hpatterns = self._http_plan(policy, mode, excs)
         # An unpinned session needs no programs for a policy that leaves egress out.
         needs_program = self.pinned or emode != "observe"
 
@@ -297,6 +305,11 @@ class EnforcementSession:
                     prog.write_policy(rules, emode, policy_hash(policy),
                                       grace=0.05 if self.pinned else 0, finish=False)
                     swapped = True
+                if hpatterns is not None:
+                    cgs = {cid: p for p in paths if (cid := _cgroup_id(p)) is not None}
+                    self.http.apply(workload.key, hpatterns, hmode, cgs)
+                elif self.http is not None:
+                    self.http.remove(workload.key)
                 if self.pinned:
                     audit.append(self.state_dir, "policy.apply", workload=workload.key, reason=reason,
                                  details={"mode": mode, "egress_mode": emode,
@@ -342,6 +355,27 @@ class EnforcementSession:
         self._watch_denials(cur, paths)
         return results
 
+    def _http_plan(self, policy: Policy, mode: str, excs) -> tuple[str, list | None]:
+        """The http mode and request patterns to apply (None: nothing to judge), checked before
+        anything is touched."""
+        from .http_enforce import HttpEnforceError, effective_patterns, http_mode
+        hmode = http_mode(policy, mode)
+        if hmode == "observe":
+            return hmode, None
+        if self.http is None:
+            if self.pinned:
+                # `envelope enforce` outside the daemon: the desired state it writes is what the
+                # daemon's session applies, the http rules included, in the capture it runs
+                log.info("http rules left to the daemon's request capture", workload=policy.workload.key)
+                return hmode, None
+            raise ApplyError(f"apply {policy.workload}: the policy encodes http in {hmode} mode and the "
+                             "request capture is not running (config http_capture); nothing applied")
+        try:
+            self.http.check(hmode)
+        except HttpEnforceError as e:
+            raise ApplyError(f"apply {policy.workload}: {e}; nothing applied") from e
+        return hmode, effective_patterns(policy, excs)
+
     def attach_new_cgroup(self, workload, cgroup_path) -> CgroupResult:
         """Attach an enforced workload's programs to a cgroup that just appeared."""
         key = workload if isinstance(workload, str) else workload.key
@@ -358,6 +392,9 @@ class EnforcementSession:
                 return CgroupResult(str(cgroup_path), False, error=str(e))
         cur.cgroups.add(str(cgroup_path))
         self._watch_denials(cur, [str(cgroup_path)])
+        cid = _cgroup_id(str(cgroup_path))
+        if self.http is not None and cid is not None:
+            self.http.attach(key, cid, str(cgroup_path))
         return CgroupResult(str(cgroup_path), True, attached=new)
 
     def sync(self) -> list[str]:
@@ -383,6 +420,9 @@ class EnforcementSession:
                                                  egress_mode(cur.policy, mode),
                                                  policy_hash(cur.policy),
                                                  grace=0.05 if self.pinned else 0.01)
+                hmode, hpatterns = self._http_plan(cur.policy, mode, excs)
+                if hpatterns is not None:
+                    self.http.apply(key, hpatterns, hmode, {})
                 if sig != cur.exceptions_sig:
                     log.info("egress exceptions re-synced", workload=key,
                              exceptions=[e.id for e in excs])
@@ -474,6 +514,8 @@ class EnforcementSession:
         cur = self.enforced.pop(key, None)
         if cur is None:
             return
+        if self.http is not None:
+            self.http.remove(key)
         self._unwatch_denials(key)
         self._reader_dirty()
         if cur.program is not None:
@@ -534,6 +576,8 @@ class EnforcementSession:
         self.enforced.pop(key, None)
         self._reader_dirty()  # its ring buffer goes away with it
         self._unwatch_denials(key)
+        if self.http is not None:
+            self.http.remove(key)
         if prog is not None:
             prog.close()
         return True
@@ -606,7 +650,27 @@ class EnforcementSession:
             self._reader.add(self._probe.events_fd,
                              lambda raw: self._on_record(raw, self._denial_cgroups.get))
             self._reader_fds.add(self._probe.events_fd)
+        if self.http is not None and self.http.applied:
+            fd = self.http.capture.violations_fd
+            if fd not in self._reader_fds:
+                self._reader.add(fd, self._on_http_record)
+                self._reader_fds.add(fd)
         return self._reader
+
+    def _on_http_record(self, raw: bytes) -> None:
+        """An http violation; a refused plaintext request's socket is aborted at once, so the
+        bytes its killed write queued are never sent (see :mod:`enforcer.sockets`)."""
+        from sensor.events import HttpViolationEvent, decode
+        ev = decode(raw)
+        if isinstance(ev, HttpViolationEvent) and ev.action == "killed" and not ev.tls:
+            self.http.abort(ev.conn)
+        self._on_record(raw, self._http_workload)
+
+    def _http_workload(self, cgroup_id: int) -> str | None:
+        for key, applied in self.http.applied.items():
+            if cgroup_id in applied.cgroups:
+                return key
+        return None
 
     def _on_record(self, raw: bytes, workload_of) -> None:
         from sensor.events import CgroupEscapeEvent, DecodeError, SeccompDenialEvent, decode

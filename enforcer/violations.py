@@ -6,7 +6,7 @@ A :class:`Violation` is one out-of-envelope behaviour of one workload::
      "behaviour": "connect:tcp:127.0.0.1:9", "action": "denied", "count": 1,
      "detail": {"pid": 4242, "comm": "python3", "session": "exec-901-1", "cgroup_id": 8123}}
 
-``substrate`` is ``syscall``, ``egress`` or ``exec`` for what the kernel denied or alerted on,
+``substrate`` is ``syscall``, ``egress``, ``exec`` or ``http`` for what the kernel denied or alerted on,
 ``mcp`` for what the MCP gateway refused or alerted on (:mod:`enforcer.mcp_controls`), ``watch``
 for a behaviour on the policy's watch list that recurred, ``detection`` for a probabilistic rule
 whose live per-session count left its band (a soft violation), and ``integrity`` for enforcement
@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Iterable
 
 from sensor.state_dir import StateDir, private_dirs
-from sensor.events import (DecodeError, EgressViolationEvent, IoUringOpEvent, SeccompDenialEvent,
-                           decode)
+from sensor.events import (DecodeError, EgressViolationEvent, HttpViolationEvent, IoUringOpEvent,
+                           SeccompDenialEvent, decode)
 from sensor.workload import SUBSTRATES as BEHAVIOUR_SUBSTRATES
 from sensor.workload import substrate_of, syscall_key
 
@@ -278,6 +278,20 @@ def from_seccomp_event(ev: SeccompDenialEvent, workload: str, now: float,
     return Violation(now, workload, "syscall", ev.behaviour_key(), action, detail)
 
 
+def from_http_event(ev: HttpViolationEvent, workload: str, now: float,
+                    session: str | None = None) -> Violation:
+    """A request the probe judged outside the envelope: ``killed`` (enforce) is ``denied``."""
+    from sensor.httpkeys import normalize_host
+    host = normalize_host(ev.host, ev.tls) if ev.host else "?"
+    behaviour = f"http:{ev.method or '?'} {host}{ev.path or '/'}"
+    detail = _process(ev.pid, ev.comm, session, ev.cgroup_id)
+    detail.update({"method": ev.method, "host": host, "path": ev.path, "tls": ev.tls,
+                   "reason": ev.reason})
+    if ev.action == "killed":
+        detail["enforced"] = "process killed before the request was sent"
+    return Violation(now, workload, "http", behaviour, "denied" if ev.action == "killed" else "alerted", detail)
+
+
 def from_io_uring_event(ev: IoUringOpEvent, workload: str, now: float,
                         allowed: Collection[str], session: str | None = None) -> Violation | None:
     """An io_uring operation whose syscall the cgroup's profile does not allow. The ring runs it
@@ -318,6 +332,8 @@ def from_event(ev, workload_of: Callable[[int], str | None], now: float,
     if isinstance(ev, IoUringOpEvent):
         return from_io_uring_event(ev, workload_of(ev.cgroup_id) or "unknown", now,
                                    allowed_of(ev.cgroup_id), session)
+    if isinstance(ev, HttpViolationEvent):
+        return from_http_event(ev, workload_of(ev.cgroup_id) or "unknown", now, session)
     return None
 
 

@@ -45,6 +45,14 @@ class Config:
     poll_interval: float = 1.0  # seconds between counter reads and profile updates
     flush_interval: float = 10.0  # seconds between profile writes in the daemon
     max_cgroups: int = 1024  # cgroup slots in the kernel syscall counter table
+    # The request capture (bpf/http.c): HTTP and TLS-plaintext requests of the watched workloads,
+    # their http: and aws: behaviours and model fingerprints; the http substrate's enforcement.
+    http_capture: bool = True
+    http_ringbuf_pages: int = 256  # capture ring buffer (records are up to 4 KiB + 64 bytes)
+    # Probe SSL_read(_ex) too: the status of TLS responses (evidence), and a TLS response seen to
+    # begin; costs a uprobe hit per TLS record read in every process mapping libssl (BENCHMARKS.md).
+    http_tls_responses: bool = True
+    s3_endpoints: list = field(default_factory=list)  # hosts to read as S3 endpoints (e.g. a MinIO)
     caps: dict = field(default_factory=lambda: dict(DEFAULT_CAPS))
     metrics_port: int = 9464
     metrics_address: str = DEFAULT_METRICS_ADDRESS  # where /metrics, /healthz and /readyz listen
@@ -266,6 +274,17 @@ def _kubeconfig(v: Any) -> str:
 
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
 
+
+def _hosts(v: Any) -> list:
+    """Host names (what a Host header carries: lower case, an optional :port)."""
+    if not isinstance(v, list):
+        raise ConfigValueError(f"must be a list of host names, got {_show(v)}")
+    for h in v:
+        if not isinstance(h, str) or not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?(:[0-9]{1,5})?", h):
+            raise ConfigValueError(f"{_show(h)} is not a host name (lower case, an optional :port)")
+    return list(v)
+
+
 #: How each key's value is checked (and normalised) whenever it is set.
 CHECKS: dict[str, Callable[[Any], Any]] = {
     "state_dir": _state_dir,
@@ -286,4 +305,8 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "profile_namespace": _text(_DNS_LABEL, "a Kubernetes namespace name", 63),
     "kubeconfig": _kubeconfig,
     "policy_sync_interval": _positive_seconds(86400),
+    "http_capture": _boolean,
+    "http_ringbuf_pages": _number(int, 1, 1 << 16, power_of_two=True),
+    "http_tls_responses": _boolean,
+    "s3_endpoints": _hosts,
 }

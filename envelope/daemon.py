@@ -221,7 +221,7 @@ class Daemon:
     def _enforcement(self):
         from .enforcement import NodeEnforcement
 
-        session = wiring.enforcement_session(self.config, pinned=True)
+        session = wiring.enforcement_session(self.config, pinned=True, sensor=self.sensor)
         return NodeEnforcement(self.config, session, self.metrics)
 
     def start(self) -> None:

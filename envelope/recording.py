@@ -121,7 +121,7 @@ def record(config: Config, workload: Workload, argv: Sequence[str], session: str
     binding = TreeBinding(str(cg_path), workload, session, meta={"cgroup": rel, "argv": list(argv)},
                           fingerprints=fingerprints)
     pump = Pump(sensor, binding, agg, counts_interval=config.poll_interval)
-    binding.bind(cg_id, agg)
+    pump.bind(cg_id)
     loss_before = sensor.loss()
     forwarded: list[int] = []
     proc = None

@@ -7,6 +7,10 @@ this node are checked with :func:`enforcer.validity.check`: fresh from the pod c
 container was bound with. The containers come from a snapshot of the observer's bindings that
 :meth:`StaleJob.tick` takes in the daemon's loop (at most once a second, no network).
 
+Fingerprint inputs observed at run time (the ``model`` of a workload's model API requests, from
+the request capture) are checked the same way, each value observed: a model the policy was not
+derived under fires ``model-version-change`` as an annotation change would.
+
 A fired trigger calls :func:`enforcer.leastprivilegepolicy.on_fingerprint_change` once per
 change (:func:`enforcer.policy_actions.stale_signature`; the memory is kept in
 ``<state-dir>/cluster/stale.json`` across restarts): an audit entry (``policy.stale``), the
@@ -53,6 +57,7 @@ class Seen:
     container_id: str | None
     container_name: str | None
     fingerprints: dict = field(default_factory=dict)
+    runtime: dict = field(default_factory=dict)  # key -> values observed at run time (the model)
 
 
 class StaleJob(Job):
@@ -114,8 +119,10 @@ class StaleJob(Job):
             ident = resolver.peek(cg)
             if ident is None or ident.container is None:
                 continue
+            runtime = {k: sorted(v) for k, v in agg.runtime_fingerprints.get(cg, {}).items()}
             out.append(Seen(frozenset({b.workload, ident.workload}), ident.pod_uid, ident.pod_name,
-                            ident.container.container_id, ident.container_name, dict(ident.fingerprints)))
+                            ident.container.container_id, ident.container_name, dict(ident.fingerprints),
+                            runtime))
         return out
 
     # ---- the job's thread --------------------------------------------------------------------
@@ -172,15 +179,19 @@ class StaleJob(Job):
             for s in seen:
                 if w not in s.workloads:
                     continue
-                fps = self.current_fingerprints(s)
-                sig = json.dumps(fps, sort_keys=True)
-                if sig in checked:
-                    continue
-                checked.add(sig)
-                for t in validity.check(cp.policy, fps)["triggers"]:
-                    if t["fired"]:
-                        fired.setdefault(t["key"], set()).add(str(t["current"]))
-                        details.append(f"{s.pod_name or s.pod_uid}: {t['reason']}")
+                base = self.current_fingerprints(s)
+                # every value observed at run time (a model the requests asked for) is checked
+                # like an annotation: one check per value
+                variants = [base] + [{**base, k: v} for k, vals in sorted(s.runtime.items()) for v in vals]
+                for fps in variants:
+                    sig = json.dumps(fps, sort_keys=True)
+                    if sig in checked:
+                        continue
+                    checked.add(sig)
+                    for t in validity.check(cp.policy, fps)["triggers"]:
+                        if t["fired"]:
+                            fired.setdefault(t["key"], set()).add(str(t["current"]))
+                            details.append(f"{s.pod_name or s.pod_uid}: {t['reason']}")
             if not fired:
                 if self._stale.pop(key, None) is not None:
                     self._save()

@@ -10,11 +10,25 @@ from .config import Config
 from .errors import EnvironmentFailure
 
 
+def request_capture(config: Config):
+    """The request capture extension (None when the config turns it off)."""
+    if not config.http_capture:
+        return None
+    from sensor.httpcapture import HttpCapture
+    from sensor.state_dir import StateDir, read_or_create_key
+
+    key = read_or_create_key(StateDir(config.state_dir).sensor_key)
+    return HttpCapture(key, ringbuf_pages=config.http_ringbuf_pages, s3_endpoints=tuple(config.s3_endpoints),
+                       tls_responses=config.http_tls_responses)
+
+
 def open_sensor(config: Config):
     """Load and attach the probes, turning attach failures into one actionable line."""
     from sensor.probes import ProbeAttachError, Sensor
 
-    sensor = Sensor(ringbuf_pages=config.ringbuf_pages, max_cgroups=config.max_cgroups)
+    capture = request_capture(config)
+    sensor = Sensor(ringbuf_pages=config.ringbuf_pages, max_cgroups=config.max_cgroups,
+                    extensions=[capture] if capture is not None else [])
     try:
         sensor.attach()
     except ProbeAttachError as e:
@@ -39,12 +53,28 @@ def profile_store(config: Config, metrics=None):
                         on_quarantine=metrics.profile_quarantined if metrics is not None else None)
 
 
-def enforcement_session(config: Config, *, pinned: bool, denials: bool = True):
+def enforcement_session(config: Config, *, pinned: bool, denials: bool = True, sensor=None):
     """The enforcement session on the real kernel: pinned for the daemon and ``envelope
-    enforce``, unpinned for ``envelope exec``."""
+    enforce``, unpinned for ``envelope exec``. With a ``sensor`` that runs the request capture,
+    the session judges the http substrate through it."""
     from enforcer.session import EnforcementSession
 
-    return EnforcementSession(config.state_dir, pinned=pinned, bpffs=config.bpffs, denials=denials)
+    http = None
+    capture = capture_of(sensor)
+    if capture is not None:
+        from enforcer.http_enforce import HttpEnforcement
+        http = HttpEnforcement(capture)
+    return EnforcementSession(config.state_dir, pinned=pinned, bpffs=config.bpffs, denials=denials,
+                              http=http)
+
+
+def capture_of(sensor):
+    """The request capture extension of an attached sensor, or None."""
+    from sensor.httpcapture import HttpCapture
+    for ext in getattr(sensor, "extensions", ()):
+        if isinstance(ext, HttpCapture):
+            return ext
+    return None
 
 
 def mcp_gateway(config: Config, workload, policy, mode: str, limits=None, store=True, actor: str | None = None):

@@ -73,6 +73,9 @@ class Aggregator:
         # Called as listener(workload, session, key, count, ts) for every behaviour added, and
         # as listener(workload, session, None, 0, ts) when a session closes (detection uses it).
         self.listeners: list[Callable] = []
+        # Fingerprint inputs observed at run time (the model a workload's requests asked for),
+        # per cgroup: key -> the values seen, for stale detection beside the annotations.
+        self.runtime_fingerprints: dict[int, dict[str, set]] = {}
 
     # ---- profiles --------------------------------------------------------------------------
 
@@ -154,6 +157,7 @@ class Aggregator:
     def unbind(self, cgroup_id: int, end: float | None = None, meta: dict | None = None) -> None:
         """The cgroup is gone; close its session when it was the session's last cgroup."""
         b = self.bindings.pop(cgroup_id, None)
+        self.runtime_fingerprints.pop(cgroup_id, None)
         self._last_counts.pop(cgroup_id, None)
         self._last_key_counts.pop(cgroup_id, None)
         for k in [k for k in self._first_seen_at if k[0] == cgroup_id]:
@@ -234,6 +238,20 @@ class Aggregator:
         if kind == "SyscallFirstEvent":
             # Counted by the counters; remember when it really happened for first_seen.
             self._first_seen_at.setdefault((cg, event.nr), ts)
+            return
+        contrib = self._contribution(b.workload)
+        for name, add in (("fingerprints", contrib.add_fingerprint), ("blind_spots", contrib.add_blind_spot),
+                          ("tls_stacks", contrib.add_tls_stack)):
+            fn = getattr(event, name, None)
+            for k, v in (fn() if fn else {}).items():
+                add(k, v, ts)
+                self.dirty.add(b.workload)
+                if name == "fingerprints":
+                    self.runtime_fingerprints.setdefault(cg, {}).setdefault(k, set()).add(v)
+        keys_fn = getattr(event, "behaviour_keys", None)
+        if keys_fn is not None:
+            for key in keys_fn():
+                self.observe(cg, key, 1, ts)
             return
         key_fn = getattr(event, "behaviour_key", None)
         key = key_fn() if key_fn else None

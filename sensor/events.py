@@ -31,6 +31,9 @@ EV_NET = 4
 EV_SYSCALL_FIRST = 5
 EV_EGRESS_VIOLATION = 6
 EV_SECCOMP_DENIAL = 7
+EV_HTTP_CAPTURE = 24
+EV_HTTP_CONN = 25
+EV_HTTP_VIOLATION = 26
 EV_IO_URING_OP = 40
 EV_CGROUP_ESCAPE = 41
 EV_TYPE_MAX = 42
@@ -45,6 +48,9 @@ TYPE_NAMES = {
     EV_SECCOMP_DENIAL: "seccomp_denial",
     EV_IO_URING_OP: "io_uring_op",
     EV_CGROUP_ESCAPE: "cgroup_escape",
+    EV_HTTP_CAPTURE: "http_capture",
+    EV_HTTP_CONN: "http_conn",
+    EV_HTTP_VIOLATION: "http_violation",
 }
 
 # Loss counter indexes (LOSS_* in bpf/events.h); 1..7 are reserve failures of the sensor's types.
@@ -74,6 +80,38 @@ EGRESS_ACTION_ALERTED = 0
 EGRESS_ACTION_DENIED = 1
 SECCOMP_DENIAL_F_COUNTED = 0x1
 SECCOMP_DENIAL_F_DESTINATION = 0x2
+HTTP_CAPTURE_MAX = 4096
+HTTP_CAPTURE_HEAD_SIZE = 64
+HTTP_F_TLS = 0x1
+HTTP_F_RESPONSE = 0x2
+HTTP_F_HEAD = 0x4
+HTTP_F_BODY = 0x8
+HTTP_F_TRUNCATED = 0x10
+HTTP_F_H2 = 0x20
+HTTP_F_UNPARSED = 0x40
+HTTP_F_TLS_RECORD = 0x80
+HTTP_SRC_WRITE = 1
+HTTP_SRC_WRITEV = 2
+HTTP_SRC_SENDTO = 3
+HTTP_SRC_SENDMSG = 4
+HTTP_SRC_SSL_WRITE = 5
+HTTP_SRC_SSL_READ = 6
+HTTP_SRC_SKB = 7
+HTTP_ACTION_ALERTED = 0
+HTTP_ACTION_KILLED = 1
+HTTP_REASON_NO_RULE = 0
+HTTP_REASON_UNPARSED = 1
+HTTP_REASON_NO_HOST = 2
+HTTP_REASON_TWO_HOSTS = 3
+HTTP_REASON_TOO_LONG = 4
+HTTP_VIOLATION_TEXT = 256
+HTTP_REASONS = {
+    HTTP_REASON_NO_RULE: "no allowed entry matches",
+    HTTP_REASON_UNPARSED: "not an origin-form HTTP/1.x request the probe can judge",
+    HTTP_REASON_NO_HOST: "no Host header in the part of the head the probe searches",
+    HTTP_REASON_TWO_HOSTS: "more than one Host header",
+    HTTP_REASON_TOO_LONG: "method, host, path or a segment longer than the probe compares",
+}
 
 
 _PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
@@ -313,10 +351,97 @@ class CgroupEscapeRecord(Mirror):
                      ("dst_level", "i"), ("pad", "I"), ("dst_path", f"{CGROUP_ESCAPE_PATH_LEN}s"))
 
 
+class HttpCaptureRecord(Mirror):
+    """EV_HTTP_CAPTURE: bytes of one call on a connection of a watched cgroup, bounded. Variable
+    length: ``hdr.size`` is ``HTTP_CAPTURE_HEAD_SIZE + len`` and only that much is sent.
+
+    struct http_capture_event {
+        struct event_hdr hdr;        /*  0 hdr.size = HTTP_CAPTURE_HEAD_SIZE + len */
+        __u64 cgroup_id;             /* 16 */
+        __u64 conn;                  /* 24 the connection: the SSL object (TLS) or the socket cookie */
+        __u64 cookie;                /* 32 socket cookie, 0 when not known yet */
+        __u32 pid;                   /* 40 */
+        __u32 tid;                   /* 44 */
+        __u32 total;                 /* 48 bytes the call carried */
+        __u16 len;                   /* 52 bytes in data */
+        __u16 flags;                 /* 54 HTTP_F_* */
+        __u8 source;                 /* 56 HTTP_SRC_* */
+        __u8 pad[7];                 /* 57 */
+        char data[HTTP_CAPTURE_MAX]; /* 64 */
+    };
+    """
+
+    c_name = "http_capture_event"
+    type = EV_HTTP_CAPTURE
+    version = 1
+    head = HTTP_CAPTURE_HEAD_SIZE  # the fixed part; data follows, hdr.size - head bytes of it
+    fields = _HDR + (
+        ("cgroup_id", "Q"), ("conn", "Q"), ("cookie", "Q"), ("pid", "I"), ("tid", "I"),
+        ("total", "I"), ("len", "H"), ("flags", "H"), ("source", "B"), ("pad", "7s"),
+        ("data", f"{HTTP_CAPTURE_MAX}s"),
+    )
+
+
+class HttpConnRecord(Mirror):
+    """EV_HTTP_CONN: what a connection is: its socket and where it goes.
+
+    struct http_conn_event {
+        struct event_hdr hdr; /*  0 */
+        __u64 cgroup_id;      /* 16 */
+        __u64 conn;           /* 24 as in http_capture_event */
+        __u64 cookie;         /* 32 */
+        __u32 pid;            /* 40 */
+        __u32 fd;             /* 44 */
+        __u16 family;         /* 48 ENV_AF_* */
+        __u16 port;           /* 50 host order */
+        __u16 flags;          /* 52 HTTP_F_TLS */
+        __u16 pad;            /* 54 */
+        __u8 addr[16];        /* 56 network order; IPv4 uses addr[0..3] */
+    };
+    """
+
+    c_name = "http_conn_event"
+    type = EV_HTTP_CONN
+    version = 1
+    fields = _HDR + (
+        ("cgroup_id", "Q"), ("conn", "Q"), ("cookie", "Q"), ("pid", "I"), ("fd", "I"),
+        ("family", "H"), ("port", "H"), ("flags", "H"), ("pad", "H"), ("addr", "16s"),
+    )
+
+
+class HttpViolationRecord(Mirror):
+    """EV_HTTP_VIOLATION: a request outside the envelope, judged in the probe before it was sent.
+
+    struct http_violation_event {
+        struct event_hdr hdr;           /*  0 */
+        __u64 cgroup_id;                /* 16 */
+        __u64 conn;                     /* 24 */
+        __u32 pid;                      /* 32 */
+        __u32 tid;                      /* 36 */
+        __u8 action;                    /* 40 HTTP_ACTION_* */
+        __u8 reason;                    /* 41 HTTP_REASON_* */
+        __u16 flags;                    /* 42 HTTP_F_TLS */
+        __u16 len;                      /* 44 bytes in text */
+        __u16 pad;                      /* 46 */
+        char comm[16];                  /* 48 */
+        char text[HTTP_VIOLATION_TEXT]; /* 64 "METHOD PATH\nHOST": the query is never copied */
+    };
+    """
+
+    c_name = "http_violation_event"
+    type = EV_HTTP_VIOLATION
+    version = 1
+    fields = _HDR + (
+        ("cgroup_id", "Q"), ("conn", "Q"), ("pid", "I"), ("tid", "I"), ("action", "B"),
+        ("reason", "B"), ("flags", "H"), ("len", "H"), ("pad", "H"), ("comm", "16s"),
+        ("text", f"{HTTP_VIOLATION_TEXT}s"),
+    )
+
+
 RECORDS: dict[int, type[Mirror]] = {
     r.type: r for r in (ExecRecord, ForkRecord, ExitRecord, NetRecord, SyscallFirstRecord,
                         EgressViolationRecord, SeccompDenialRecord, IoUringOpRecord,
-                        CgroupEscapeRecord)
+                        CgroupEscapeRecord, HttpCaptureRecord, HttpConnRecord, HttpViolationRecord)
 }
 
 
@@ -492,8 +617,70 @@ class CgroupEscapeEvent(_Event):
     type_name: ClassVar[str] = "cgroup_escape"
 
 
+@dataclass(slots=True)
+class HttpCaptureEvent(_Event):
+    """Bytes of one call on a connection (see :class:`HttpCaptureRecord`). ``data`` may hold
+    credentials: it goes to the request reassembly (:mod:`sensor.httpexchange`) and no further."""
+
+    ktime: int
+    cgroup_id: int
+    pid: int
+    tid: int
+    conn: int
+    cookie: int
+    total: int
+    flags: int
+    source: int
+    data: bytes = field(repr=False, default=b"")
+    type_name: ClassVar[str] = "http_capture"
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.flags & HTTP_F_TLS)
+
+    def to_dict(self) -> dict:
+        d = {"type": self.type_name}
+        d.update({k: getattr(self, k) for k in ("ktime", "cgroup_id", "pid", "tid", "conn", "cookie",
+                                                 "total", "flags", "source")})
+        d["len"] = len(self.data)  # the bytes themselves are never serialised
+        return d
+
+
+@dataclass(slots=True)
+class HttpConnEvent(_Event):
+    ktime: int
+    cgroup_id: int
+    pid: int
+    conn: int
+    cookie: int
+    fd: int
+    family: int  # 4 | 6
+    addr: str
+    port: int
+    tls: bool
+    type_name: ClassVar[str] = "http_conn"
+
+
+@dataclass(slots=True)
+class HttpViolationEvent(_Event):
+    ktime: int
+    cgroup_id: int
+    pid: int
+    tid: int
+    conn: int
+    action: str  # alerted | killed
+    reason: str
+    tls: bool
+    comm: str
+    method: str
+    path: str
+    host: str
+    type_name: ClassVar[str] = "http_violation"
+
+
 Event = Union[ExecEvent, ForkEvent, ExitEvent, NetEvent, SyscallFirstEvent,
-              EgressViolationEvent, SeccompDenialEvent, IoUringOpEvent, CgroupEscapeEvent]
+              EgressViolationEvent, SeccompDenialEvent, IoUringOpEvent, CgroupEscapeEvent,
+              HttpCaptureEvent, HttpConnEvent, HttpViolationEvent]
 
 
 @dataclass(frozen=True, slots=True)
@@ -592,10 +779,42 @@ def _cgroup_escape(r: dict) -> Event:
                              dst_level=r["dst_level"], dst_path=_cstr(r["dst_path"]))
 
 
+def _http_capture(r: dict) -> Event | DecodeError:
+    if r["len"] > HTTP_CAPTURE_MAX:
+        return DecodeError("decode_error", f"http capture of {r['len']} bytes", EV_HTTP_CAPTURE)
+    return HttpCaptureEvent(
+        ktime=r["ktime"], cgroup_id=r["cgroup_id"], pid=r["pid"], tid=r["tid"], conn=r["conn"],
+        cookie=r["cookie"], total=r["total"], flags=r["flags"], source=r["source"],
+        data=bytes(r["data"][: r["len"]]),
+    )
+
+
+def _http_conn(r: dict) -> Event | DecodeError:
+    addr = _addr(r["family"], r["addr"])
+    if addr is None:
+        return DecodeError("decode_error", f"http conn with address family {r['family']}", EV_HTTP_CONN)
+    return HttpConnEvent(ktime=r["ktime"], cgroup_id=r["cgroup_id"], pid=r["pid"], conn=r["conn"],
+                         cookie=r["cookie"], fd=r["fd"], family=_family(r["family"]), addr=addr,
+                         port=r["port"], tls=bool(r["flags"] & HTTP_F_TLS))
+
+
+def _http_violation(r: dict) -> Event:
+    text = r["text"][: min(r["len"], HTTP_VIOLATION_TEXT)].decode("latin-1")
+    line, _, host = text.partition("\n")
+    method, _, path = line.partition(" ")
+    return HttpViolationEvent(
+        ktime=r["ktime"], cgroup_id=r["cgroup_id"], pid=r["pid"], tid=r["tid"], conn=r["conn"],
+        action="killed" if r["action"] == HTTP_ACTION_KILLED else "alerted",
+        reason=HTTP_REASONS.get(r["reason"], f"reason {r['reason']}"), tls=bool(r["flags"] & HTTP_F_TLS),
+        comm=_cstr(r["comm"]), method=method, path=path, host=host,
+    )
+
+
 _BUILD = {
     EV_EXEC: _exec, EV_FORK: _fork, EV_EXIT: _exit, EV_NET: _net,
     EV_SYSCALL_FIRST: _syscall_first, EV_EGRESS_VIOLATION: _egress, EV_SECCOMP_DENIAL: _seccomp,
     EV_IO_URING_OP: _io_uring_op, EV_CGROUP_ESCAPE: _cgroup_escape,
+    EV_HTTP_CAPTURE: _http_capture, EV_HTTP_CONN: _http_conn, EV_HTTP_VIOLATION: _http_violation,
 }
 _HDR_STRUCT = struct.Struct("<HHIQ")
 
@@ -614,7 +833,14 @@ def decode(data: bytes | bytearray | memoryview) -> Event | DecodeError:
             return DecodeError("unknown_version",
                                f"{TYPE_NAMES[etype]} version {version}, expected {rec.version}",
                                etype, version)
-        if size != rec.size() or n < rec.size():
+        head = getattr(rec, "head", None)
+        if head is not None:  # variable length: a fixed head, then hdr.size - head bytes
+            if not head <= size <= rec.size() or n < size:
+                return DecodeError("decode_error",
+                                   f"{TYPE_NAMES[etype]} record: header size {size}, {n} bytes "
+                                   f"received, expected {head}..{rec.size()}", etype, version)
+            data = bytes(data[:size]) + bytes(rec.size() - size)
+        elif size != rec.size() or n < rec.size():
             return DecodeError("decode_error",
                                f"{TYPE_NAMES[etype]} record: header size {size}, {n} bytes "
                                f"received, expected {rec.size()}", etype, version)

@@ -20,14 +20,19 @@ from pathlib import Path
 
 from .kernel import (
     BPF_CGROUP_INET4_CONNECT, BPF_LSM_MAC, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_RINGBUF,
-    BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_PROG_TYPE_LSM, BPF_PROG_TYPE_RAW_TRACEPOINT,
+    BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_PROG_TYPE_KPROBE, BPF_PROG_TYPE_LSM, BPF_PROG_TYPE_RAW_TRACEPOINT,
     BPF_PROG_TYPE_TRACING, BPF_TRACE_FENTRY, BpfError, close_fds, link_create, map_create,
-    open_cgroup, prog_load, raw_tracepoint_open,
+    open_cgroup, prog_load, raw_tracepoint_open, uprobe_open,
 )
 
 # r0 = 1; exit
 _RETURN_ONE = bytes.fromhex("b700000001000000" "9500000000000000")
 _RETURN_ZERO = bytes.fromhex("b700000000000000" "9500000000000000")
+
+# r1 = 9; call bpf_send_signal; r0 = 0; exit
+_SEND_SIGNAL = bytes.fromhex("b701000009000000" "850000006d000000" "b700000000000000" "9500000000000000")
+# r2 = -1; call bpf_override_return (r1 is the context); r0 = 0; exit
+_OVERRIDE_RETURN = bytes.fromhex("b702000000000000" "850000003a000000" "b700000000000000" "9500000000000000")
 
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 # Tracepoints and the fields of each that bpf/sensor.c reads.
@@ -280,6 +285,57 @@ def check_kprobes() -> Check:
                  "not used: the sensor relies on tracepoints and raw tracepoints", required=False)
 
 
+def check_uprobes() -> Check:
+    """A uprobe on a file runs a program: what the request capture's TLS side needs."""
+    prog = fd = None
+    try:
+        prog = prog_load(BPF_PROG_TYPE_KPROBE, _RETURN_ZERO)
+        fd = uprobe_open(prog, "/proc/self/exe", 0)
+    except BpfError as e:
+        return Check("uprobes", False, f"uprobe with a BPF program: {e}",
+                     "TLS requests cannot be observed; needs CONFIG_UPROBE_EVENTS and the uprobe PMU "
+                     "(/sys/bus/event_source/devices/uprobe)", required=False)
+    finally:
+        close_fds([fd, prog])
+    return Check("uprobes", True, "a uprobe runs a BPF program (perf_event_open + PERF_EVENT_IOC_SET_BPF)",
+                 required=False)
+
+
+def uprobe_actions() -> dict[str, str]:
+    """What a program on a uprobe may do to the process it stopped, asked of the kernel:
+    ``send_signal`` (``bpf_send_signal``, the request capture's enforce action) and
+    ``override_return`` (make the probed call fail instead). Each is ``yes`` or why not."""
+    out: dict[str, str] = {}
+    prog = None
+    try:
+        prog = prog_load(BPF_PROG_TYPE_KPROBE, _SEND_SIGNAL)
+        out["send_signal"] = "yes"
+    except BpfError as e:
+        out["send_signal"] = f"refused by the verifier ({os.strerror(e.errno or 0)})"
+    finally:
+        close_fds([prog])
+    prog = fd = None
+    try:
+        prog = prog_load(BPF_PROG_TYPE_KPROBE, _OVERRIDE_RETURN)
+        fd = uprobe_open(prog, "/proc/self/exe", 0)
+        out["override_return"] = "yes"
+    except BpfError as e:
+        what = "load" if prog is None else "attach to a uprobe"
+        out["override_return"] = f"{what} refused ({os.strerror(e.errno or 0)})"
+    finally:
+        close_fds([fd, prog])
+    return out
+
+
+def check_uprobe_actions() -> Check:
+    acts = uprobe_actions()
+    ok = acts.get("send_signal") == "yes"
+    detail = "; ".join(f"bpf_{k}: {v}" for k, v in acts.items())
+    return Check("uprobe_actions", ok, detail,
+                 "" if ok else "the http substrate cannot enforce (its enforce action is a signal "
+                               "from the probe); alert mode still reports", required=False)
+
+
 def _check_btf_prog(name: str, prog_type: int, attach_type: int, func: str, fix: str) -> Check:
     try:
         btf_id = btf_func_id(func)
@@ -311,7 +367,8 @@ def check_lsm() -> Check:
 
 CHECKS = (check_root, check_arch, check_bcc, check_bpf_permission, check_kernel_headers,
           check_tracefs, check_tracepoints, check_raw_tracepoint, check_ringbuf, check_cgroup2,
-          check_cgroup_bpf, check_btf, check_kprobes, check_fentry, check_lsm)
+          check_cgroup_bpf, check_btf, check_kprobes, check_fentry, check_lsm, check_uprobes,
+          check_uprobe_actions)
 
 
 def run_checks() -> list[Check]:

@@ -188,6 +188,69 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) 
                "BPF_LINK_CREATE")
 
 
+# ---- uprobes: perf events attached to a program fd (no bcc, no LLVM) ---------------------------
+
+_NR_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}.get(platform.machine(), -1)
+PERF_FLAG_FD_CLOEXEC = 1 << 3
+PERF_EVENT_IOC_ENABLE = 0x2400
+PERF_EVENT_IOC_SET_BPF = 0x40042408
+_PERF_ATTR_SIZE = 112  # PERF_ATTR_SIZE_VER5
+_UPROBE_PMU = Path("/sys/bus/event_source/devices/uprobe")
+
+
+def _uprobe_pmu() -> tuple[int, int]:
+    """The uprobe PMU's type and the config bit that makes a probe a return probe."""
+    try:
+        typ = int((_UPROBE_PMU / "type").read_text())
+        fmt = (_UPROBE_PMU / "format" / "retprobe").read_text().strip()  # "config:0"
+        bit = int(fmt.split(":", 1)[1])
+    except (OSError, ValueError, IndexError) as e:
+        raise BpfError(errno.ENOENT, f"uprobe PMU: {_UPROBE_PMU} unreadable ({e})") from e
+    return typ, bit
+
+
+def uprobe_open(prog_fd: int, path: str | os.PathLike, offset: int, retprobe: bool = False) -> int:
+    """A uprobe (or return probe) at ``offset`` in the file ``path`` that runs ``prog_fd`` (a
+    BPF_PROG_TYPE_KPROBE program), for every process mapping that file; returns the perf event
+    fd, which holds the attachment: closing it detaches.
+
+    ``perf_event_open`` with the uprobe PMU, then ``PERF_EVENT_IOC_SET_BPF``: what BCC's
+    ``attach_uprobe`` does, without bcc, so the long-lived process never maps LLVM."""
+    if _NR_PERF_EVENT_OPEN < 0:
+        raise BpfError(errno.ENOSYS, f"perf_event_open number unknown on {platform.machine()}")
+    typ, bit = _uprobe_pmu()
+    cpath = ctypes.create_string_buffer(os.fsencode(path))
+    attr = ctypes.create_string_buffer(_PERF_ATTR_SIZE)
+    config = (1 << bit) if retprobe else 0
+    # type, size, config, sample_period, sample_type, read_format, flags, wakeup, bp_type, config1, config2
+    struct.pack_into("<IIQQQQQIIQQ", attr, 0, typ, _PERF_ATTR_SIZE, config, 1, 0, 0, 0, 1, 0,
+                     ctypes.addressof(cpath), offset)
+    fd = _syscall_perf(ctypes.addressof(attr), -1, 0, -1, PERF_FLAG_FD_CLOEXEC)
+    if fd < 0:
+        e = ctypes.get_errno()
+        raise BpfError(e, f"perf_event_open uprobe {path}+{offset:#x}: {os.strerror(e)}")
+    try:
+        for req, arg in ((PERF_EVENT_IOC_SET_BPF, prog_fd), (PERF_EVENT_IOC_ENABLE, 0)):
+            if _libc.ioctl(fd, req, arg) < 0:
+                e = ctypes.get_errno()
+                raise BpfError(e, f"uprobe {path}+{offset:#x}: ioctl {req:#x}: {os.strerror(e)}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+# A handle of its own: the bpf(2) one above has argument types set for bpf's signature.
+_perf_syscall = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).syscall
+_perf_syscall.restype = ctypes.c_long
+_perf_syscall.argtypes = [ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_ulong]
+
+
+def _syscall_perf(attr: int, pid: int, cpu: int, group: int, flags: int) -> int:
+    return _perf_syscall(_NR_PERF_EVENT_OPEN, attr, pid, cpu, group, flags)
+
+
 def obj_pin(fd: int, path: str | os.PathLike) -> None:
     p = ctypes.create_string_buffer(os.fsencode(path))
     bpf(BPF_OBJ_PIN, struct.pack("<QII", ctypes.addressof(p), fd, 0), f"BPF_OBJ_PIN {path}")
@@ -548,7 +611,7 @@ class Program:
     the tracepoint (``cat:event``) or raw tracepoint name, ``"cgroup2-root"`` for a cgroup
     program linked to the root of the cgroup v2 hierarchy (lives as long as its link fd), or
     ``""`` to load it only and hand back the program fd (the caller attaches it, e.g. to
-    workload cgroups or to uprobes). ``fn`` is the C function name (BCC's probe macros name
+    workload cgroups or to uprobes with :func:`uprobe_open`, or puts it in a program array). ``fn`` is the C function name (BCC's probe macros name
     them ``raw_tracepoint__<tp>`` and ``tracepoint__<cat>__<event>``)."""
 
     fn: str
@@ -688,7 +751,11 @@ def _load_in_child(family: Family) -> list[tuple[str, int]]:
         for p in family.programs:
             what = f"{family.name}: {p.kind} {p.fn}" + (f" on {p.target}" if p.target else "")
             try:
-                if p.kind == "raw_tracepoint":
+                if p.kind == "raw_tracepoint" and not p.target:
+                    # load only: a program other programs tail-call (e.g. a sensor hook)
+                    fn = b.load_func(p.fn.encode(), BPF_PROG_TYPE_RAW_TRACEPOINT)
+                    out.append((f"prog:{p.fn}", fn.fd))
+                elif p.kind == "raw_tracepoint":
                     b.attach_raw_tracepoint(tp=p.target.encode(), fn_name=p.fn.encode())
                     out.append((f"attach:{p.fn}", b.raw_tracepoint_fds[p.target.encode()]))
                 elif p.kind == "tracepoint":

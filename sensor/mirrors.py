@@ -33,6 +33,34 @@ DENIAL_KIND_ALERTED = 2
 DENIALS_LOST_RINGBUF = 0
 DENIALS_LOST_COUNTS_FULL = 1
 DENIALS_LOST_SLOTS = 2
+HTTP_METHOD_MAX = 16  # bpf/http.h: what the probe compares of a request
+HTTP_HOST_MAX = 128
+HTTP_SEGMENT_MAX = 64
+HTTP_SEGMENTS_MAX = 16
+HTTP_PATH_SCAN = 512
+HTTP_HOST_SCAN = 1024
+HTTP_EDGE_TEXT = 160
+HTTP_RESPONSE_MAX = 256
+HTTP_MODE_OBSERVE = 0
+HTTP_MODE_ALERT = 1
+HTTP_MODE_ENFORCE = 2
+HTTP_EDGE_ID = 0xFFFFFFFF
+HTTP_EDGE_ANY = 0xFFFFFFFE
+HTTP_EDGE_END = 0xFFFFFFFD
+HTTP_LOSS_RING_CAPTURE = 0
+HTTP_LOSS_RING_CONN = 1
+HTTP_LOSS_RING_VIOLATION = 2
+HTTP_LOSS_READ = 3
+HTTP_LOSS_IOV = 4
+HTTP_LOSS_SLOTS = 8
+HTTP_C_DIGIT = 0x1
+HTTP_C_HEX = 0x2
+HTTP_C_ALPHA = 0x4
+HTTP_C_DASH = 0x8
+HTTP_C_UNDER = 0x10
+HTTP_C_OTHER = 0x20
+HTTP_C_SLASH = 0x40
+HTTP_C_END = 0x80
 
 
 class Mirror:
@@ -267,11 +295,134 @@ class DenialCount(Mirror):
     fields = (("count", "Q"), ("last_ktime", "Q"))
 
 
+# ---- bpf/http.h -------------------------------------------------------------------------------
+
+
+class HttpCgroup(Mirror):
+    """Value of the request capture's ``cgroups`` hash (keyed by the u64 cgroup id).
+
+    struct http_cgroup {
+        __u32 mode; /*  0 HTTP_MODE_* */
+        __u32 root; /*  4 root state of the rule graph; 0: no rules (every request is outside) */
+        __u32 gen;  /*  8 rule generation, for userspace */
+        __u32 pad;  /* 12 */
+    };
+    """
+
+    c_name = "http_cgroup"
+    fields = (("mode", "I"), ("root", "I"), ("gen", "I"), ("pad", "I"))
+
+
+class HttpSockKey(Mirror):
+    """Key of ``sockets``: (process, fd) of a TCP socket a watched process connected.
+
+    struct http_sock_key {
+        __u32 tgid; /* 0 */
+        __u32 fd;   /* 4 */
+    };
+    """
+
+    c_name = "http_sock_key"
+    fields = (("tgid", "I"), ("fd", "I"))
+
+
+class HttpSock(Mirror):
+    """Value of ``sockets``.
+
+    struct http_sock {
+        __u64 cookie;  /*  0 socket cookie */
+        __u16 family;  /*  8 ENV_AF_* */
+        __u16 port;    /* 10 host order */
+        __u32 flags;   /* 12 HTTP_SOCK_* */
+        __u8 addr[16]; /* 16 network order */
+    };
+    """
+
+    c_name = "http_sock"
+    fields = (("cookie", "Q"), ("family", "H"), ("port", "H"), ("flags", "I"), ("addr", "16s"))
+
+
+class HttpConnKey(Mirror):
+    """Key of ``conns``.
+
+    struct http_conn_key {
+        __u64 id;   /* 0 SSL object or socket cookie */
+        __u32 tgid; /* 8 the process (an SSL object's address is its own) */
+        __u32 tls;  /* 12 1 for SSL objects */
+    };
+    """
+
+    c_name = "http_conn_key"
+    fields = (("id", "Q"), ("tgid", "I"), ("tls", "I"))
+
+
+class HttpConn(Mirror):
+    """Value of ``conns``: the parse state of a connection.
+
+    struct http_conn {
+        __u32 state;     /*  0 HTTP_CONN_* */
+        __u32 budget;    /*  4 body bytes still to capture for the current request */
+        __u32 body_left; /*  8 body bytes the current request still declares (Content-Length) */
+        __u32 flags;     /* 12 HTTP_CONN_* flags */
+        __u64 cookie;    /* 16 the socket, when known */
+        __u32 resp_pos;  /* 24 bytes of the current answer seen, up to its status code */
+        __u32 resp_tail; /* 28 its last four bytes, while in the head of a 1xx answer */
+    };
+    """
+
+    c_name = "http_conn"
+    fields = (("state", "I"), ("budget", "I"), ("body_left", "I"), ("flags", "I"), ("cookie", "Q"),
+              ("resp_pos", "I"), ("resp_tail", "I"))
+
+
+class HttpSslCall(Mirror):
+    """Value of ``ssl_calls`` (keyed by thread id): the SSL_* call a thread is in.
+
+    struct http_ssl_call {
+        __u64 ssl;   /*  0 the SSL object */
+        __u64 buf;   /*  8 SSL_read*: the buffer */
+        __u64 out;   /* 16 SSL_read_ex: where it stores the byte count; 0 for SSL_read */
+        __u32 kind;  /* 24 HTTP_SSL_* */
+        __u32 depth; /* 28 nested SSL_* calls of the same thread (SSL_write -> SSL_do_handshake) */
+    };
+    """
+
+    c_name = "http_ssl_call"
+    fields = (("ssl", "Q"), ("buf", "Q"), ("out", "Q"), ("kind", "I"), ("depth", "I"))
+
+
+class HttpCtab(Mirror):
+    """The one entry of ``ctab``: what the path scan needs to know of each character.
+
+    struct http_ctab {
+        __u8 c[256]; /* 0 */
+    };
+    """
+
+    c_name = "http_ctab"
+    fields = (("c", "256s"),)
+
+
+class HttpEdgeKey(Mirror):
+    """Key of ``edges`` (value: the next state, u32): the rule graph.
+
+    struct http_edge_key {
+        __u32 state;               /*   0 */
+        __u32 len;                 /*   4 bytes in text, or HTTP_EDGE_* */
+        char text[HTTP_EDGE_TEXT]; /*   8 */
+    };
+    """
+
+    c_name = "http_edge_key"
+    fields = (("state", "I"), ("len", "I"), ("text", f"{HTTP_EDGE_TEXT}s"))
+
+
 #: Every map-layout mirror, by header.
 MAP_MIRRORS = {
     "events.h": (SyscallSlotState, SyscallSlotCounts),
     "egress.h": (EgressKey, EgressRule, EgressPortKey, EgressMeta, EgressCgroup),
     "denials.h": (DenialCgroup, DenialThread, DenialKey, DenialCount),
+    "http.h": (HttpCgroup, HttpSockKey, HttpSock, HttpConnKey, HttpConn, HttpSslCall, HttpCtab, HttpEdgeKey),
 }
 U64 = struct.Struct("<Q")
 U32 = struct.Struct("<I")

@@ -63,7 +63,9 @@ _NET_RESULT_TRACEPOINTS = (
     "syscalls:sys_exit_sendmmsg",
 )
 _MAPS = ("syscall_counts", "slot_state", "cgroup_slots", "free_slots", "loss_counts",
-         "parents", "removed_cgroups", "events")
+         "parents", "removed_cgroups", "events", "hooks", "hooked_cgroups", "hook_slots")
+#: Syscall hooks an extension can put a program on (``hooks`` in bpf/sensor.c).
+HOOK_SOCKET = 0  # write, writev, sendto, sendmsg, connect, close
 # Checks whose failure makes attaching pointless; the others are reported by `envelope doctor`.
 _REQUIRED = (
     features.check_root, features.check_arch, features.check_bcc,
@@ -95,8 +97,19 @@ class Extension(Protocol):
 
     ``family`` gets the sensor's base ``-D`` flags (ring size, cgroup slots, syscall numbers).
     ``attached`` runs in this process once the fds arrived (open maps, attach uprobes, seed
-    state); ``tick`` runs at every counter read (periodic work such as attaching to libraries
-    that newly appeared). ``rings`` names the ring-buffer maps to drain."""
+    state, put a program on a syscall hook with :meth:`Sensor.set_hook`); ``tick`` runs at every
+    counter read (periodic work such as attaching to libraries that newly appeared). ``rings``
+    names the ring-buffer maps to drain.
+
+    Optional, looked up with ``getattr`` (an extension without them works as before):
+
+    - ``watch(cgroup_id, path)`` / ``unwatch(cgroup_id)``: a cgroup the pump bound (a workload's
+      session) or forgot; an extension that follows only the workloads' cgroups attaches there;
+    - ``consume(event) -> bool``: each event decoded from the extension's own rings; True keeps
+      it from the sensor's output (the extension makes something of it itself);
+    - ``events() -> list``: what the extension made, handed out with the next :meth:`Sensor.poll`
+      (objects with ``cgroup_id``, ``ktime`` and ``behaviour_keys()``, see
+      :meth:`sensor.aggregate.Aggregator.on_event`)."""
 
     name: str
     rings: tuple[str, ...]
@@ -227,7 +240,7 @@ class Sensor:
                 self._extension_fds.append(loaded)
                 ext.attached(loaded, self)
                 for name in ext.rings:
-                    ring.add(loaded.maps[name], self._on_record)
+                    ring.add(loaded.maps[name], self._extension_record(ext))
         except BaseException:
             self.close()
             raise
@@ -274,11 +287,24 @@ class Sensor:
         if ev is not None:
             self._events.append(ev)
 
+    def _extension_record(self, ext):
+        consume = getattr(ext, "consume", None)
+
+        def on_record(data: bytes) -> None:
+            ev = self.decoder.decode(data)
+            if ev is not None and not (consume is not None and consume(ev)):
+                self._events.append(ev)
+        return on_record
+
     def poll(self, timeout_ms: int = 100, limit: int | None = None) -> list[Event]:
         """Decoded events waiting in the ring buffer (at most ``limit``), waiting up to
         ``timeout_ms`` for some."""
         self._require()
         self._ring.poll(timeout_ms, limit)
+        for ext in self.extensions:
+            made = getattr(ext, "events", None)
+            if made is not None:
+                self._events.extend(made())
         out, self._events = self._events, []
         self._release_quarantine()
         self._sync_wall_clock()  # follow NTP steps and slews of the wall clock
@@ -404,6 +430,49 @@ class Sensor:
                 out.setdefault(cg, {}).update(per_key)
         return out
 
+    # ---- extensions: syscall hooks and watched cgroups ----------------------------------------
+
+    def set_hook(self, hook: int, prog_fd: int | None) -> None:
+        """Put a program (a raw tracepoint program of an extension's family) on syscall hook
+        ``hook`` (:data:`HOOK_SOCKET`), or take it off (None). It runs, tail-called at the end of
+        sys_enter, for the hook's syscalls of the cgroups hooked with :meth:`hook_cgroup`."""
+        self._require()
+        key = ctypes.c_uint32(hook)
+        if prog_fd is None:
+            map_op(BPF_MAP_DELETE_ELEM, self._maps["hooks"], key)
+            return
+        err = map_op(BPF_MAP_UPDATE_ELEM, self._maps["hooks"], key, ctypes.c_uint32(prog_fd))
+        if err:
+            raise ProbeAttachError(f"sensor hook {hook}: {os.strerror(err)}; fix: report this as a bug")
+
+    def hook_cgroup(self, cgroup_id: int, bits: int) -> None:
+        """Run the hooks in ``bits`` (``1 << HOOK_*``) for the syscalls of cgroup ``cgroup_id``
+        (0 stops them). Written for the cgroup first, then for its counter slot if it has one:
+        the kernel copies the cgroup's bits into a slot it hands out, so either way the slot
+        ends up with them."""
+        self._require()
+        key, val = ctypes.c_uint64(cgroup_id), ctypes.c_uint32(bits)
+        if bits:
+            map_op(BPF_MAP_UPDATE_ELEM, self._maps["hooked_cgroups"], key, val)
+        else:
+            map_op(BPF_MAP_DELETE_ELEM, self._maps["hooked_cgroups"], key)
+        slot = ctypes.c_uint32()
+        if map_op(BPF_MAP_LOOKUP_ELEM, self._maps["cgroup_slots"], key, slot) == 0:
+            map_op(BPF_MAP_UPDATE_ELEM, self._maps["hook_slots"], slot, val)
+
+    def watch_cgroup(self, cgroup_id: int, path: str | None) -> None:
+        """A cgroup the pump bound to a workload session: the extensions that follow workloads'
+        cgroups (``watch``) start on it."""
+        for ext in self.extensions:
+            watch = getattr(ext, "watch", None)
+            if watch is None:
+                continue
+            try:
+                watch(cgroup_id, path)
+            except Exception as e:  # noqa: BLE001 - one extension must not stop the others
+                log.warning("sensor extension watch failed", extension=ext.name, cgroup=cgroup_id,
+                            error=str(e))
+
     def forget_cgroup(self, cgroup_id: int) -> None:
         """Free the counter slot of a cgroup that is gone (read its counts first).
 
@@ -414,7 +483,15 @@ class Sensor:
         rest. A cgroup that is forgotten while still alive gets a fresh slot, not a wrong one.
         """
         self._require()
+        for ext in self.extensions:
+            unwatch = getattr(ext, "unwatch", None)
+            if unwatch is not None:
+                try:
+                    unwatch(cgroup_id)
+                except Exception as e:  # noqa: BLE001
+                    log.warning("sensor extension unwatch failed", extension=ext.name, error=str(e))
         key = ctypes.c_uint64(cgroup_id)
+        map_op(BPF_MAP_DELETE_ELEM, self._maps["hooked_cgroups"], key)
         slot = ctypes.c_uint32()
         if map_op(BPF_MAP_LOOKUP_ELEM, self._maps["cgroup_slots"], key, slot) != 0:
             return
@@ -442,6 +519,7 @@ class Sensor:
             k = ctypes.c_uint32(slot)
             map_op(BPF_MAP_UPDATE_ELEM, self._maps["syscall_counts"], k, zeros)
             self._write_slot_state(slot)
+            map_op(BPF_MAP_UPDATE_ELEM, self._maps["hook_slots"], k, ctypes.c_uint32(0))
             map_op(BPF_MAP_UPDATE_ELEM, self._maps["free_slots"], None, k)
         self._quarantine = keep
 

@@ -155,6 +155,11 @@ class NodeContribution:
     capped: bool = False
     loss: dict[str, int] = field(default_factory=dict)
     fingerprints: dict[str, dict[str, float]] = field(default_factory=dict)  # key -> value -> last seen
+    # What a substrate could not see for this workload (substrate -> finding -> last seen), e.g.
+    # "http" -> "/usr/bin/agent: go crypto/tls: requests over TLS not observable".
+    blind_spots: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The TLS stack of each executable seen (exe -> "kind[:library]" -> last seen).
+    tls_stacks: dict[str, dict[str, float]] = field(default_factory=dict)
     caps: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_CAPS))
     sessions_dropped: int = 0  # session records let go past MAX_SESSIONS (oldest closed first)
     arguments: object = None  # sensor.mcp_evidence.ArgumentEvidence of the mcp behaviours, or None
@@ -328,6 +333,12 @@ class NodeContribution:
             for v, _ in sorted(values.items(), key=lambda kv: (kv[1], kv[0]))[:len(values) - MAX_FINGERPRINT_VALUES]:
                 del values[v]
 
+    def add_blind_spot(self, substrate: str, finding: str, ts: float) -> None:
+        self.blind_spots.setdefault(substrate, {})[finding] = ts
+
+    def add_tls_stack(self, exe: str, stack: str, ts: float) -> None:
+        self.tls_stacks.setdefault(exe, {})[stack] = ts
+
     def add_loss(self, counter: str, n: int) -> None:
         if n:
             self.loss[counter] = self.loss.get(counter, 0) + n
@@ -376,6 +387,10 @@ class NodeContribution:
             "fingerprints": {k: dict(sorted(v.items())) for k, v in sorted(self.fingerprints.items())},
             "caps": dict(sorted(self.caps.items())),
             "sessions_dropped": self.sessions_dropped,
+            **({"blind_spots": {k: dict(sorted(v.items())) for k, v in sorted(self.blind_spots.items())}}
+               if self.blind_spots else {}),
+            **({"tls_stacks": {k: dict(sorted(v.items())) for k, v in sorted(self.tls_stacks.items())}}
+               if self.tls_stacks else {}),
         }
         if self.arguments:
             d["arguments"] = self.arguments.pack()
@@ -407,6 +422,10 @@ class NodeContribution:
             caps={**DEFAULT_CAPS, **{str(k): int(v) for k, v in d.get("caps", {}).items()}},
             sessions_dropped=int(d.get("sessions_dropped", 0)),
             arguments=arguments,
+            blind_spots={str(k): {str(a): float(b) for a, b in v.items()}
+                         for k, v in d.get("blind_spots", {}).items()},
+            tls_stacks={str(k): {str(a): float(b) for a, b in v.items()}
+                        for k, v in d.get("tls_stacks", {}).items()},
         )
 
 
@@ -527,6 +546,22 @@ class Profile:
         return {k: [v for v, _ in sorted(vals.items(), key=lambda kv: (kv[1], kv[0]))]
                 for k, vals in sorted(merged.items())}
 
+    def blind_spots(self) -> dict[str, list[str]]:
+        """What each substrate could not see, merged over nodes: substrate -> findings (sorted)."""
+        merged: dict[str, set] = {}
+        for n in self.nodes.values():
+            for k, vals in n.blind_spots.items():
+                merged.setdefault(k, set()).update(vals)
+        return {k: sorted(v) for k, v in sorted(merged.items())}
+
+    def tls_stacks(self) -> dict[str, list[str]]:
+        """The TLS stacks seen per executable, merged over nodes (sorted)."""
+        merged: dict[str, set] = {}
+        for n in self.nodes.values():
+            for k, vals in n.tls_stacks.items():
+                merged.setdefault(k, set()).update(vals)
+        return {k: sorted(v) for k, v in sorted(merged.items())}
+
     def coverage_timeline(self) -> list[tuple[float, str]]:
         """Each behaviour with the time it was first seen, oldest first."""
         return sorted(((s.first_seen, k) for k, s in self.behaviours().items()), key=lambda t: (t[0], t[1]))
@@ -618,6 +653,8 @@ class Profile:
             "capped": self.capped,
             "overflow": {k: {"count": o.count, "new_keys": o.new_keys} for k, o in self.overflow().items()},
             "fingerprints": self.fingerprints(),
+            "blind_spots": self.blind_spots(),
+            "tls": self.tls_stacks(),
             "nodes": sorted(self.nodes),
             "loss": self.loss(),
         }

@@ -258,11 +258,20 @@ class Pump:
     def paths(self) -> dict[int, str]:
         return self.binding.paths
 
-    def _bind(self, cg: int, st: StepStats) -> bool:
+    def bind(self, cg: int, st: StepStats | None = None) -> bool:
+        """Bind ``cg`` to its session (at first sight) and have the sensor's extensions watch it
+        (request capture and the like follow the workloads' cgroups only)."""
         before = len(self.agg.bindings)
         ok = self.binding.bind(cg, self.agg)
-        st.new_cgroups += len(self.agg.bindings) - before
+        new = len(self.agg.bindings) - before
+        if st is not None:
+            st.new_cgroups += new
+        if new and self.sensor is not None:
+            self.sensor.watch_cgroup(cg, self.binding.paths.get(cg))
         return ok
+
+    def _bind(self, cg: int, st: StepStats) -> bool:
+        return self.bind(cg, st)
 
     def step(self, timeout_ms: int = 100) -> StepStats:
         """Drain (up to ``batch`` records and ``budget`` seconds, waiting up to ``timeout_ms``

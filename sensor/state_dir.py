@@ -16,6 +16,7 @@ One :class:`StateDir` names every path; nothing else joins names onto the state 
       audit.jsonl, audit.head               the hash-chained audit log (enforcer.audit)
       keys/audit.key                        the audit log's HMAC key (0600)
       cluster/                              what the cluster side remembers across restarts
+      sensor.key                            the sensor's key for hashing AWS access key ids (0600)
 
 ``<workload>`` is a file name made from the workload key (:meth:`StateDir.workload_name`): the
 percent-quoted key when it is short enough, else a readable prefix of it and the SHA-256 of the
@@ -221,6 +222,27 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.close(dfd)
 
 
+KEY_BYTES = 32
+
+
+def read_or_create_key(path: Path) -> bytes:
+    """The secret key at ``path``, made (random, mode 0600) when there is none: the same key
+    across restarts keeps hashes of the same access key id equal."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+        if len(data) >= KEY_BYTES:
+            return data[:KEY_BYTES]
+    except FileNotFoundError:
+        pass
+    key = os.urandom(KEY_BYTES)
+    atomic_write(path, key)  # mkstemp makes the file 0600
+    try:
+        return path.read_bytes()[:KEY_BYTES]  # another writer may have won the race: use its key
+    except OSError:
+        return key
+
+
 class StateDir:
     """The layout of one state directory."""
 
@@ -326,6 +348,10 @@ class StateDir:
     @property
     def cluster(self) -> Path:
         return self.root / "cluster"
+
+    @property
+    def sensor_key(self) -> Path:
+        return self.root / "sensor.key"
 
     def profile(self, workload_key: str) -> Path:
         return self.profiles / self.workload_name(workload_key, ".msgpack")

@@ -109,7 +109,8 @@ def number(syscall: str) -> int | None:
 
 def kernel_cflags() -> list[str]:
     """``-D`` flags giving bpf/sensor.c the numbers of the syscalls it treats specially."""
-    wanted = ("clone", "fork", "vfork", "execve", "exit", "exit_group", "execveat", "clone3")
+    wanted = ("clone", "fork", "vfork", "execve", "exit", "exit_group", "execveat", "clone3",
+              "write", "close", "writev", "connect", "sendto", "sendmsg")
     return [f"-DNR_{w.upper()}={NUMBERS[w]}" for w in wanted]
 
 

@@ -157,14 +157,21 @@ class ExecRunner:
             print(line, file=sys.stderr)
         sys.stderr.flush()
 
+    def _judges_http(self) -> bool:
+        """http is judged by the request capture's probe, which runs with the sensor."""
+        return "http" in self.policy.substrates and self.mode != "observe"
+
     def _pump(self, judge, cg_path: str, session: str):
         """The sensor pump over the command's cgroup, feeding the judge every behaviour; None
-        (said in a warning) when the sensor cannot attach."""
+        (said in a warning) when the sensor cannot attach, unless the http substrate needs it."""
         from sensor.pump import Pump, TreeBinding
         from .. import wiring
         try:
             sensor = wiring.open_sensor(self.config)
         except UserError as e:
+            if self._judges_http():
+                raise UserError(f"exec: the http substrate is judged by the request capture, which "
+                                f"did not start: {e}") from None
             log.warning("sensor unavailable: watch list judged on violations only, detection "
                         "rules not judged", error=str(e))
             return None
@@ -177,7 +184,7 @@ class ExecRunner:
         agg.listeners.append(judged)
         binding = TreeBinding(cg_path, self.policy.workload, session)
         pump = Pump(sensor, binding, agg, counts_interval=self.poll_interval)
-        binding.bind(binding.root_id, agg)
+        pump.bind(binding.root_id)
         return pump
 
     def run(self, path: str, argv: list[str]) -> int:
@@ -215,18 +222,19 @@ class ExecRunner:
                 flt = self._seccomp(launch.pointer if launch is not None else 0)
             except ValueError as e:  # SeccompCompileError, an unknown syscall name
                 raise UserError(f"exec: seccomp filter: {e}") from None
+            if self._judges_http() or self.policy.watch or self.policy.detection or self._reports_execs():
+                pump = self._pump(judge, str(cg_path), session_id)
             enforcement = wiring.enforcement_session(self.config, pinned=False,
-                                                     denials=flt is not None)
+                                                     denials=flt is not None,
+                                                     sensor=pump.sensor if pump is not None else None)
             enforcement.session_of = lambda cid: session_id if cid == cg_id else None
             try:
                 enforcement.apply(self.policy, self.mode, [str(cg_path)], seccomp_target="exec")
             except ApplyError as e:
-                raise UserError(f"exec: egress enforcement: {e}") from None
+                raise UserError(f"exec: enforcement: {e}") from None
             if flt is not None and not enforcement.want_denials:
                 raise UserError("exec: seccomp denial visibility: the denial probe did not load "
                                 "(see the log above)")
-            if self.policy.watch or self.policy.detection or self._reports_execs():
-                pump = self._pump(judge, str(cg_path), session_id)
             child = self._spawn(path, argv, cgfs, rel, flt, launch)
             status = self._supervise(child, enforcement, pump, judge, session_id, cgfs, rel)
             child = None

@@ -24,7 +24,8 @@ C_TYPES = {"__u8": 1, "__u16": 2, "__u32": 4, "__u64": 8, "__s8": 1, "__s16": 2,
 BYTE_TYPES = ("char", "__u8")
 RECORDS = [events.ExecRecord, events.ForkRecord, events.ExitRecord, events.NetRecord,
            events.SyscallFirstRecord, events.EgressViolationRecord, events.SeccompDenialRecord,
-           events.IoUringOpRecord, events.CgroupEscapeRecord]
+           events.IoUringOpRecord, events.CgroupEscapeRecord, events.HttpCaptureRecord,
+           events.HttpConnRecord, events.HttpViolationRecord]
 MIRRORS = {"events.h": [events.EventHeader, *RECORDS, *mirrors.MAP_MIRRORS["events.h"]],
            **{h: list(ms) for h, ms in mirrors.MAP_MIRRORS.items() if h != "events.h"}}
 
@@ -153,6 +154,20 @@ def test_type_numbers_match_and_are_unique():
     *[(mirrors, "denials.h", n) for n in ("DENIALS_NR_SLOTS", "DENIALS_MODE_ALERT",
                                           "DENIALS_MODE_ENFORCE", "DENIALS_MODE_WATCH",
                                           "DENIAL_F_SOCKETS")],
+    *[(events, "events.h", n) for n in (
+        "HTTP_CAPTURE_MAX", "HTTP_CAPTURE_HEAD_SIZE", "HTTP_F_TLS", "HTTP_F_RESPONSE", "HTTP_F_HEAD",
+        "HTTP_F_BODY", "HTTP_F_TRUNCATED", "HTTP_F_H2", "HTTP_F_UNPARSED", "HTTP_F_TLS_RECORD",
+        "HTTP_SRC_WRITE", "HTTP_SRC_WRITEV", "HTTP_SRC_SENDTO", "HTTP_SRC_SENDMSG", "HTTP_SRC_SSL_WRITE",
+        "HTTP_SRC_SSL_READ", "HTTP_SRC_SKB", "HTTP_ACTION_ALERTED", "HTTP_ACTION_KILLED",
+        "HTTP_REASON_NO_RULE", "HTTP_REASON_UNPARSED", "HTTP_REASON_NO_HOST", "HTTP_REASON_TWO_HOSTS",
+        "HTTP_REASON_TOO_LONG", "HTTP_VIOLATION_TEXT")],
+    *[(mirrors, "http.h", n) for n in (
+        "HTTP_METHOD_MAX", "HTTP_HOST_MAX", "HTTP_SEGMENT_MAX", "HTTP_SEGMENTS_MAX", "HTTP_PATH_SCAN",
+        "HTTP_HOST_SCAN", "HTTP_EDGE_TEXT", "HTTP_RESPONSE_MAX", "HTTP_MODE_OBSERVE", "HTTP_MODE_ALERT",
+        "HTTP_MODE_ENFORCE", "HTTP_EDGE_ID", "HTTP_EDGE_ANY", "HTTP_EDGE_END", "HTTP_LOSS_RING_CAPTURE",
+        "HTTP_LOSS_RING_CONN", "HTTP_LOSS_RING_VIOLATION", "HTTP_LOSS_READ", "HTTP_LOSS_IOV",
+        "HTTP_LOSS_SLOTS", "HTTP_C_DIGIT", "HTTP_C_HEX", "HTTP_C_ALPHA", "HTTP_C_DASH", "HTTP_C_UNDER",
+        "HTTP_C_OTHER", "HTTP_C_SLASH", "HTTP_C_END")],
 ])
 def test_constants_match(module, header, name):
     assert DEFINES[header][name] == getattr(module, name)
@@ -181,8 +196,9 @@ def test_program_sources_include_their_headers():
     src = {p.name: p.read_text() for p in BPF.glob("*.c")}
     assert '#include "egress.h"' in src["egress.c"]
     assert '#include "denials.h"' in src["denials.c"]
+    assert '#include "http.h"' in src["http.c"]
     for name, text in src.items():
-        for header in ("egress.h", "denials.h"):
+        for header in ("egress.h", "denials.h", "http.h"):
             body = _strip_comments(text)
             for struct_name, (h, _) in STRUCTS.items():
                 if h == header:

@@ -160,3 +160,33 @@ write("cgroup_escape", hdr(41, 304) + [
     ("dst_path", cstr(b"/", 256)),
 ], {"type": "cgroup_escape", "ktime": KTIME, "src_cgroup_id": 4242, "dst_cgroup_id": 1,
     "pid": 1002, "by_pid": 1001, "dst_level": 0, "dst_path": "/", "behaviour_key": None})
+
+head = b"GET /v1/docs/8812?x=1 HTTP/1.1\r\nHost: api.example.com\r\n\r\n"
+write("http_capture", hdr(24, 64 + len(head)) + [
+    ("cgroup_id", struct.pack("<Q", 4242)), ("conn", struct.pack("<Q", 0x7f00aa001000)),
+    ("cookie", struct.pack("<Q", 77)), ("pid", struct.pack("<I", 1001)), ("tid", struct.pack("<I", 1002)),
+    ("total", struct.pack("<I", len(head))), ("len", struct.pack("<H", len(head))),
+    ("flags", struct.pack("<H", 0x1 | 0x4)), ("source", struct.pack("<B", 5)), ("pad", b"\0" * 7),
+    ("data", head),  # variable length: hdr.size - 64 bytes of data
+], {"type": "http_capture", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "tid": 1002,
+    "conn": 0x7f00aa001000, "cookie": 77, "total": len(head), "flags": 5, "source": 5, "len": len(head),
+    "behaviour_key": None})
+
+write("http_conn", hdr(25, 72) + [
+    ("cgroup_id", struct.pack("<Q", 4242)), ("conn", struct.pack("<Q", 0x7f00aa001000)),
+    ("cookie", struct.pack("<Q", 77)), ("pid", struct.pack("<I", 1001)), ("fd", struct.pack("<I", 5)),
+    ("family", struct.pack("<H", 2)), ("port", struct.pack("<H", 8443)), ("flags", struct.pack("<H", 1)),
+    ("pad", struct.pack("<H", 0)), ("addr", socket.inet_pton(socket.AF_INET, "127.0.0.1") + b"\0" * 12),
+], {"type": "http_conn", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "conn": 0x7f00aa001000,
+    "cookie": 77, "fd": 5, "family": 4, "addr": "127.0.0.1", "port": 8443, "tls": True,
+    "behaviour_key": None})
+
+text = b"DELETE /v1/repos/agent\napi.example.com"
+write("http_violation", hdr(26, 320) + [
+    ("cgroup_id", struct.pack("<Q", 4242)), ("conn", struct.pack("<Q", 77)),
+    ("pid", struct.pack("<I", 1001)), ("tid", struct.pack("<I", 1002)), ("action", struct.pack("<B", 1)),
+    ("reason", struct.pack("<B", 0)), ("flags", struct.pack("<H", 0)), ("len", struct.pack("<H", len(text))),
+    ("pad", struct.pack("<H", 0)), ("comm", cstr(b"python3", 16)), ("text", cstr(text, 256)),
+], {"type": "http_violation", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "tid": 1002, "conn": 77,
+    "action": "killed", "reason": "no allowed entry matches", "tls": False, "comm": "python3",
+    "method": "DELETE", "path": "/v1/repos/agent", "host": "api.example.com", "behaviour_key": None})
