@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.privileged.waiting import wait_for
+
 ROOT = Path(__file__).resolve().parents[2]
 ENVELOPE = [sys.executable, "-m", "envelope.cli"]
 STORM_C = ROOT / "bench" / "progs" / "denied_storm.c"
@@ -86,16 +88,6 @@ def getsid_denials(state_dir: Path) -> int:
     assert r.returncode == (1 if found else 0), r.stderr  # exit 1: violations are a finding
     return sum(v["count"] for v in found
                if v["behaviour"] == "syscall:getsid" and v["action"] == "denied")
-
-
-def wait_for(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def rss_kib(pid: int) -> int:
@@ -193,6 +185,6 @@ def test_the_next_start_reaps_what_a_killed_exec_and_its_guard_left(state_dir, p
                                    "--mode", "alert", "--", "/bin/true"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "orphaned cgroup killed and removed" in r.stderr
+    assert "reaping orphaned cgroup" in r.stderr and f"cgroup=/envelope/{cg} populated=True" in r.stderr, r.stderr
     assert cg not in exec_cgroups()
     wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in victims), 30, "the orphans to die")
