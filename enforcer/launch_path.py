@@ -23,6 +23,8 @@ import os
 import secrets
 from typing import Mapping, NoReturn, Sequence
 
+from sensor.libc import LIBC
+
 PROT_READ = 0x1
 PROT_WRITE = 0x2
 MAP_PRIVATE = 0x02
@@ -34,12 +36,12 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 # (47-bit user space); MAP_FIXED_NOREPLACE refuses an address already in use.
 _LOW, _HIGH = 0x1000_0000_0000, 0x7000_0000_0000
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_long)
-_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_libc.execve.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+# prototypes over the one libc handle (its own attributes stay untyped for other callers)
+_mmap = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                         ctypes.c_int, ctypes.c_long, use_errno=True)(("mmap", LIBC))
+_munmap = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, use_errno=True)(("munmap", LIBC))
+_execve = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                           use_errno=True)(("execve", LIBC))
 
 
 class LaunchPathError(OSError):
@@ -67,13 +69,13 @@ class LaunchPath:
         self.base = None
         for _ in range(tries):
             hint = (_LOW + secrets.randbelow((_HIGH - _LOW) // PAGE) * PAGE)
-            got = _libc.mmap(hint, self.size, PROT_READ | PROT_WRITE,
+            got = _mmap(hint, self.size, PROT_READ | PROT_WRITE,
                              MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
             if got not in (None, MAP_FAILED) and got == hint:
                 self.base = got
                 break
             if got not in (None, MAP_FAILED):  # an old kernel ignoring NOREPLACE placed it elsewhere
-                _libc.munmap(got, self.size)
+                _munmap(got, self.size)
         if self.base is None:
             err = ctypes.get_errno()
             raise LaunchPathError(err, f"cannot map the launch path buffer: {os.strerror(err)}")
@@ -86,11 +88,11 @@ class LaunchPath:
 
     def execve(self) -> NoReturn:
         """``execve`` the path through the buffer (in the child, after the filter is loaded)."""
-        _libc.execve(self.pointer, ctypes.addressof(self._argv), ctypes.addressof(self._env))
+        _execve(self.pointer, ctypes.addressof(self._argv), ctypes.addressof(self._env))
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
     def close(self) -> None:
         if self.base is not None:
-            _libc.munmap(self.base, self.size)
+            _munmap(self.base, self.size)
             self.base = None
