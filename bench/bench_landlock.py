@@ -16,6 +16,11 @@ as ``envelope exec`` does.
   libc's opens). Every exec must succeed; under the ruleset an exec of a binary it does not allow
   must fail, or the case fails.
 
+* **+ observed**: the same ruleset cases with what ``envelope exec --mode enforce`` runs beside
+  the ruleset: the sensor with the file substrate's extension (counting every open) and the file
+  denial probe watching the cgroup (reporting Landlock's refusals from the syscalls' exits). Each
+  such run checks that the opens were counted and that the denied open was reported.
+
 Cases are interleaved over repeats; added = median(ruleset) - median(none).
 """
 
@@ -48,11 +53,14 @@ def method(quick: bool) -> str:
     p = params(quick)
     return (f"openat: `bench/progs/openat_loop.c`, N = {p['n']:,} opens of a file {DEPTH} directories below its "
             f"tree rule, thread CPU time. execve: `bench/progs/exec_gen.c` for {p['exec_seconds']} s per run, "
-            f"static and dynamic targets. {p['repeats']} repeats, cases shuffled per repeat; each run checks that "
-            f"the ruleset was in force (a denied open or exec) and that every measured call succeeded.")
+            f"static and dynamic targets. **+ observed**: the same under the ruleset with the sensor's file "
+            f"observation and the file denial probe attached, as `envelope exec --mode enforce` runs them. "
+            f"{p['repeats']} repeats, cases shuffled per repeat; each run checks that the ruleset was in force (a "
+            f"denied open or exec), that every measured call succeeded and, observed, that the opens were counted "
+            f"and the denied open reported.")
 
 
-def _ruleset(work: Path, progs, procs: Path):
+def _ruleset(work: Path, progs, *procs: Path):
     from enforcer.exec_needs import resolve
     from enforcer.landlock_rules import compile_ruleset
 
@@ -66,7 +74,7 @@ def _ruleset(work: Path, progs, procs: Path):
     etc = sorted(str(p) for p in Path("/etc").iterdir() if p.is_file() and os.access(p, os.R_OK))[:40]
     files = [f"file:read:{e}" for e in etc] + [
         "file:read:/usr/lib/python3.11/**", "file:list:/usr/lib/python3.11",
-        f"file:read:{work}/allowed/**", f"file:write:{procs}", "file:write:/dev/null"]
+        f"file:read:{work}/allowed/**", *(f"file:write:{p}" for p in procs), "file:write:/dev/null"]
     compiled = compile_ruleset("bench/Unit/landlock/main", execs=execs, files=files, exec_needs=resolve(execs))
     return compiled
 
@@ -80,9 +88,45 @@ def _not_allowed(compiled) -> str:
     raise RuntimeError("every binary in /usr/bin is allowed: no exec to check denial with")
 
 
-def _open_case(loop: str, target: str, denied: str, n: int, rs) -> float:
+class Observed:
+    """The sensor with file observation and the file denial probe, for the ``+ observed`` cases."""
+
+    def __init__(self, cg):
+        from enforcer.file_denials import FileDenialProbe
+        from sensor.file_observer import FileObserver
+        from sensor.kernel import RingReader
+        from sensor.probes import Sensor
+        self.cg = cg
+        self.sensor = Sensor(ringbuf_pages=256, extensions=[FileObserver()])
+        self.sensor.attach()
+        self.probe = FileDenialProbe()
+        self.probe.watch(cg.id)
+        self.reader = RingReader()
+        self.denied: list = []
+        self.reader.add(self.probe.events_fd, self.denied.append)
+
+    def counted(self, path: str) -> int:
+        self.sensor.poll(0)
+        r = self.sensor.behaviour_counts().get(self.cg.id, {}).get(f"file:read:{path}")
+        return r.count if r else 0
+
+    def denials(self) -> int:
+        self.reader.poll(100)
+        return len(self.denied)
+
+    def close(self) -> None:
+        self.reader.close()
+        self.probe.close()
+        self.sensor.close()
+
+
+def _open_case(loop: str, target: str, denied: str, n: int, rs, cg=None, observed: Observed | None = None) -> float:
     from enforcer import landlock
     pre = landlock.preexec(rs) if rs is not None else None
+    if cg is not None:
+        inner = pre
+        pre = lambda: (cg.add(0), inner and inner())  # noqa: E731 - join the watched cgroup first
+    before = (observed.counted(target), observed.denials()) if observed else None
     out = subprocess.run([loop, target, denied, str(n)], capture_output=True, text=True, timeout=600, preexec_fn=pre)
     if out.returncode != 0:
         raise RuntimeError(f"openat_loop exited {out.returncode}: {out.stderr.strip()[-300:]}")
@@ -93,12 +137,19 @@ def _open_case(loop: str, target: str, denied: str, n: int, rs) -> float:
     if kv.get("denied_errno") != want:
         raise RuntimeError(f"openat_loop: denied open errno {kv.get('denied_errno')}, expected {want}: "
                            f"the ruleset was {'not ' if rs is not None else ''}in force")
+    if observed is not None:
+        counted, reported = observed.counted(target) - before[0], observed.denials() - before[1]
+        if counted < n + n // 10 or reported < 1:
+            raise RuntimeError(f"observed: {counted} opens counted (want {n + n // 10}), {reported} denials "
+                               f"reported (want 1)")
     return kv["ns_per_open"]
 
 
-def _exec_case(gen: str, procs: Path, seconds: float, target: str, rs, expect_fail: bool = False) -> float:
+def _exec_case(gen: str, procs: Path, seconds: float, target: str, rs, expect_fail: bool = False,
+               observed: Observed | None = None) -> float:
     from enforcer import landlock
     pre = landlock.preexec(rs) if rs is not None else None
+    before = observed.counted("/etc/ld.so.cache") if observed else 0
     out = subprocess.run([gen, str(procs), str(seconds), target], capture_output=True, text=True, timeout=120,
                          preexec_fn=pre)
     if out.returncode != 0:
@@ -110,6 +161,8 @@ def _exec_case(gen: str, procs: Path, seconds: float, target: str, rs, expect_fa
         return 0.0
     if not kv.get("execs") or kv.get("failed"):
         raise RuntimeError(f"exec_gen: {out.stdout.strip()} (want only successful execs)")
+    if observed is not None and observed.counted("/etc/ld.so.cache") - before < kv["execs"]:
+        raise RuntimeError("observed: the dynamic loader's opens of /etc/ld.so.cache were not all counted")
     return kv["seconds"] / kv["execs"] * 1e6  # us per fork+exec+wait
 
 
@@ -129,15 +182,18 @@ def run(quick: bool = False) -> dict:
         target.write_text("x\n")
         denied = work / "denied"
         denied.write_text("y\n")
-        with Cgroup("landlock") as cg:
-            compiled = _ruleset(work, progs, cg.procs)
+        with Cgroup("landlock") as cg, Cgroup("landlock-observed") as ocg:
+            compiled = _ruleset(work, progs, cg.procs, ocg.procs)
             rs = landlock.Ruleset.build(compiled, support)
+            observed = Observed(ocg)
             try:
                 progress(f"ruleset: {len(compiled.rules)} rules compiled, {rs.rules_added} added, "
                          f"{len(rs.skipped)} skipped")
                 cases = {
                     "openat none": lambda: _open_case(progs["openat_loop"], str(target), str(denied), p["n"], None),
                     "openat ruleset": lambda: _open_case(progs["openat_loop"], str(target), str(denied), p["n"], rs),
+                    "openat ruleset + observed": lambda: _open_case(progs["openat_loop"], str(target), str(denied),
+                                                                    p["n"], rs, ocg, observed),
                     "execve static none": lambda: _exec_case(progs["exec_gen"], cg.procs, p["exec_seconds"],
                                                              progs["true_static"], None),
                     "execve static ruleset": lambda: _exec_case(progs["exec_gen"], cg.procs, p["exec_seconds"],
@@ -146,6 +202,8 @@ def run(quick: bool = False) -> dict:
                                                               "/usr/bin/true", None),
                     "execve dynamic ruleset": lambda: _exec_case(progs["exec_gen"], cg.procs, p["exec_seconds"],
                                                                  "/usr/bin/true", rs),
+                    "execve dynamic ruleset + observed": lambda: _exec_case(
+                        progs["exec_gen"], ocg.procs, p["exec_seconds"], "/usr/bin/true", rs, observed=observed),
                 }
                 # the ruleset refuses an exec it does not allow (checked once, not timed)
                 _exec_case(progs["exec_gen"], cg.procs, 0.2, _not_allowed(compiled), rs, expect_fail=True)
@@ -159,6 +217,7 @@ def run(quick: bool = False) -> dict:
                         values[name].append(cases[name]())
                 rules_added = rs.rules_added
             finally:
+                observed.close()
                 rs.close()
     finally:
         progs.cleanup()
@@ -176,10 +235,15 @@ def run(quick: bool = False) -> dict:
     ratios = {
         "openat added ns (ruleset)": added("openat ruleset", "openat none"),
         "openat ruleset / none": ratio(stats["openat ruleset"]["median"], stats["openat none"]["median"]),
+        "openat added ns (ruleset + observed)": added("openat ruleset + observed", "openat none"),
+        "openat ruleset + observed / none": ratio(stats["openat ruleset + observed"]["median"],
+                                                  stats["openat none"]["median"]),
         "execve added us (static target)": added("execve static ruleset", "execve static none"),
         "execve added us (dynamic target)": added("execve dynamic ruleset", "execve dynamic none"),
         "execve ruleset / none (dynamic)": ratio(stats["execve dynamic ruleset"]["median"],
                                                  stats["execve dynamic none"]["median"]),
+        "execve added us (dynamic, ruleset + observed)": added("execve dynamic ruleset + observed",
+                                                               "execve dynamic none"),
     }
     notes = [f"ruleset: {len(compiled.rules)} compiled rules, {rules_added} path-beneath rules added to the kernel, "
              f"handled rights: {', '.join(compiled.handled_fs)} (ABI {support.abi})",

@@ -22,8 +22,9 @@ from pathlib import Path
 from . import build_programs, kill_process_group, parse_kv, progress, quartiles, ratio, summarize
 
 TITLE = "Per-syscall cost (getppid loop)"
-TARGETS = {"sensor_added / floor_added": "<= 1.25", "sensor_added / bpftrace_added": "<= 0.333"}
-CASES = ["bare", "floor", "sensor", "bpftrace", "strace"]
+TARGETS = {"sensor_added / floor_added": "<= 1.25", "sensor_added / bpftrace_added": "<= 0.333",
+           "sensor+files_added / floor_added": "<= 1.10"}
+CASES = ["bare", "floor", "sensor", "sensor+files", "bpftrace", "strace"]
 FLOOR_C = "RAW_TRACEPOINT_PROBE(sys_enter) { return 0; }"
 BPFTRACE_PROG = "tracepoint:raw_syscalls:sys_enter { @[cgroup, args->id] = count(); }"
 NR_GETPPID = 110  # x86_64
@@ -39,7 +40,8 @@ def method(quick: bool) -> str:
         f"mostly spent stopped in ptrace, and compared with a wall-timed bare run. Cases: **bare** (nothing attached); "
         f"**floor**: a BCC program with an empty `RAW_TRACEPOINT_PROBE(sys_enter)`; **sensor**: "
         f"`sensor.probes.Sensor(ringbuf_pages=256, max_cgroups=1024)` attached, its ring buffer "
-        f"polled by a thread as the daemon does; **bpftrace** `{BPFTRACE_PROG}` (measured once it "
+        f"polled by a thread as the daemon does; **sensor+files**: the same with the file substrate's "
+        f"extension (`sensor.file_observer.FileObserver`, programs on the file syscalls' exits only); **bpftrace** `{BPFTRACE_PROG}` (measured once it "
         f"prints \"Attaching\"); **strace** `-f -c`. Each repeat sets up every case once, in a "
         f"shuffled order; each case's slot first runs the loop bare, then with the case attached, "
         f"{p['runs']}× each (N = {p['n']:,}; {p['n_strace']:,} under strace), keeping the fastest "
@@ -110,14 +112,19 @@ class Floor:
 
 
 class SensorCase:
-    """Envelope's sensor, attached for the slot and polled by a thread like the daemon polls it."""
+    """Envelope's sensor, attached for the slot and polled by a thread like the daemon polls it;
+    with ``files``, also the file substrate's programs (``bpf/files.c`` on the file syscalls'
+    exits), which getppid never triggers: what they add here is their cost to every syscall."""
 
-    def __init__(self):
+    def __init__(self, files: bool = False):
         from sensor.probes import Sensor  # ImportError: the sensor is not built; reported as unavailable
         self.Sensor = Sensor
+        self.files = files
 
     def measure(self, loop: str, n: int, runs: int) -> tuple[float, str]:
-        sensor = self.Sensor(ringbuf_pages=256, max_cgroups=1024)
+        from sensor.file_observer import FileObserver
+        sensor = self.Sensor(ringbuf_pages=256, max_cgroups=1024,
+                             extensions=[FileObserver()] if self.files else [])
         stop = threading.Event()
         polls = [0]
         errors: list[BaseException] = []
@@ -143,7 +150,9 @@ class SensorCase:
             if errors:
                 raise RuntimeError(f"sensor poll failed: {errors[0]!r}")
             after = _getppid_total(sensor)
-            check = "polled in a thread"
+            check = "polled in a thread" + (", file programs on" if self.files else "")
+            if self.files and not sensor.behaviour_counts():
+                raise RuntimeError("the file programs counted no file access on the whole node")
             if before is not None and after is not None:
                 counted = after - before
                 if counted < n * runs:
@@ -241,7 +250,8 @@ def run(quick: bool = False) -> dict:
     notes: list[str] = []
     try:
         cases["bare"] = None
-        for name, make in (("floor", Floor), ("sensor", SensorCase), ("bpftrace", _bpftrace),
+        for name, make in (("floor", Floor), ("sensor", SensorCase), ("sensor+files", lambda: SensorCase(files=True)),
+                           ("bpftrace", _bpftrace),
                            ("strace", lambda: _strace(p["n_strace"]))):
             try:
                 cases[name] = make()
@@ -316,6 +326,8 @@ def run(quick: bool = False) -> dict:
     ratios = {
         "sensor_added / floor_added": added_ratio("sensor", "floor"),
         "sensor_added / bpftrace_added": added_ratio("sensor", "bpftrace"),
+        "sensor+files_added / floor_added": added_ratio("sensor+files", "floor"),
+        "sensor+files_added / sensor_added": added_ratio("sensor+files", "sensor"),
         "floor_added ns": add["floor"]["median"],
         "bpftrace_added / floor_added": added_ratio("bpftrace", "floor"),
         "strace / bare (wall)": ratio(stats["strace"]["median"], bare_wall_median),

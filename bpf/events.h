@@ -32,6 +32,9 @@
 #define EV_HTTP_CONN 25
 #define EV_HTTP_VIOLATION 26
 /* 27-31: reserved for the request capture */
+#define EV_FILE_FIRST 32
+#define EV_FILE_DENIAL 33
+/* 34-39: reserved for file access; 8-23: reserved for other program families */
 #define EV_IO_URING_OP 40
 #define EV_CGROUP_ESCAPE 41
 #define EV_TYPE_MAX 42 /* one past the highest type number */
@@ -49,13 +52,16 @@
 #define HTTP_CAPTURE_EVENT_VERSION 1
 #define HTTP_CONN_EVENT_VERSION 1
 #define HTTP_VIOLATION_EVENT_VERSION 1
+#define FILE_FIRST_EVENT_VERSION 1
+#define FILE_DENIAL_EVENT_VERSION 1
 
 #define ENV_AF_INET 2
 #define ENV_AF_INET6 10
 #define ENV_COMM_LEN 16 /* TASK_COMM_LEN */
 
 /* ---- loss counters: index into the per-CPU `loss_counts` array ------------------------------ */
-/* Indexes 1..7 count ring-buffer reserve failures of the sensor's event type of that number. */
+/* Indexes 1..7 count ring-buffer reserve failures of the sensor's own event types (sensor.c).
+ * Other program families count their losses in their own maps (files.h: FILE_LOSS_*). */
 #define LOSS_SYSCALL_UNATTRIBUTED 8 /* syscalls counted while no cgroup slot was free */
 #define LOSS_CGROUP_REMOVED_DROPPED 9 /* removed cgroups whose slot could not be queued for reuse */
 #define LOSS_SLOTS 16
@@ -312,6 +318,69 @@ struct http_violation_event {
 	char text[HTTP_VIOLATION_TEXT]; /* 64 "METHOD PATH\nHOST": the query is never copied */
 };
 
+/* ---- file access (bpf/files.c) ------------------------------------------------------------- */
+/* Bytes of a path kept, NUL included; a longer path is not counted (FILE_LOSS_PATH_TRUNCATED). */
+#define FILE_PATH_LEN 256
+
+/* access bits: what one call did to one path (a behaviour per bit, enforcer/file_patterns) */
+#define FILE_ACC_READ 0x1      /* opened for reading */
+#define FILE_ACC_LIST 0x2      /* opened with O_DIRECTORY */
+#define FILE_ACC_WRITE 0x4     /* opened for writing */
+#define FILE_ACC_TRUNCATE 0x8  /* O_TRUNC, creat(2), truncate(2) */
+#define FILE_ACC_CREATE 0x10   /* O_CREAT, creat(2), the new name of link(2) or rename(2), mknod S_IFREG */
+#define FILE_ACC_REMOVE 0x20   /* unlink(2), the old name of rename(2) */
+#define FILE_ACC_MKDIR 0x40    /* mkdir(2) */
+#define FILE_ACC_RMDIR 0x80    /* rmdir(2), unlinkat(AT_REMOVEDIR) */
+#define FILE_ACC_SYMLINK 0x100 /* the new name of symlink(2) */
+#define FILE_ACC_MKFIFO 0x200  /* mknod S_IFIFO */
+#define FILE_ACC_MKSOCK 0x400  /* mknod S_IFSOCK */
+#define FILE_ACC_MKNOD 0x800   /* mknod S_IFCHR, S_IFBLK */
+#define FILE_ACC_EXEC 0x1000   /* execve(2), execveat(2): denials only (execs are the sensor's) */
+
+/* path forms */
+#define FILE_DIRFD_ABSOLUTE 0 /* dirfd field of an absolute path */
+#define FILE_AT_FDCWD -100    /* relative to the process's working directory */
+
+/* flags of a file record */
+#define FILE_F_TRUNCATED 0x1 /* the path filled FILE_PATH_LEN: it may be cut short */
+
+/* EV_FILE_FIRST: the first time a cgroup makes one access pattern to one path (a new key of
+ * files.h's `file_counts`); the count itself stays in the map. */
+#define FILE_FIRST_EVENT_SIZE 312
+struct file_first_event {
+	struct event_hdr hdr;     /*   0 */
+	__u64 cgroup_id;          /*  16 */
+	__u32 pid;                /*  24 thread group that made the call */
+	__u32 access;             /*  28 FILE_ACC_* */
+	__u32 key_pid;            /*  32 the key's pid: 0 for an absolute path */
+	__s32 dirfd;              /*  36 FILE_DIRFD_ABSOLUTE, FILE_AT_FDCWD or a directory fd */
+	__u32 nr;                 /*  40 syscall number */
+	__u16 path_len;           /*  44 bytes in path, without the NUL */
+	__u16 flags;              /*  46 FILE_F_* */
+	__u64 path_hash;          /*  48 the key's path hash (files.h) */
+	char path[FILE_PATH_LEN]; /*  56 as the process gave it */
+};
+
+/* EV_FILE_DENIAL: a file call of a watched cgroup that failed with -EACCES (Landlock's answer to
+ * a refused open, exec, creation or removal), from the syscall's exit. */
+#define FILE_COMM_LEN 16
+#define FILE_DENIAL_EVENT_SIZE 328
+struct file_denial_event {
+	struct event_hdr hdr;     /*   0 */
+	__u64 cgroup_id;          /*  16 */
+	__u32 pid;                /*  24 */
+	__u32 tid;                /*  28 */
+	__u32 access;             /*  32 FILE_ACC_* the call asked for */
+	__s32 dirfd;              /*  36 as in file_first_event */
+	__u32 nr;                 /*  40 syscall number */
+	__s32 ret;                /*  44 the syscall's return value (-errno) */
+	__u16 path_len;           /*  48 bytes in path, without the NUL */
+	__u16 flags;              /*  50 FILE_F_* */
+	__u32 pad;                /*  52 */
+	char comm[FILE_COMM_LEN]; /*  56 the calling thread's name */
+	char path[FILE_PATH_LEN]; /*  72 as the process gave it */
+};
+
 _Static_assert(sizeof(struct event_hdr) == EVENT_HDR_SIZE, "event_hdr size");
 _Static_assert(sizeof(struct exec_event) == EXEC_EVENT_SIZE, "exec_event size");
 _Static_assert(sizeof(struct fork_event) == FORK_EVENT_SIZE, "fork_event size");
@@ -325,6 +394,8 @@ _Static_assert(sizeof(struct cgroup_escape_event) == CGROUP_ESCAPE_EVENT_SIZE, "
 _Static_assert(sizeof(struct http_capture_event) == HTTP_CAPTURE_EVENT_SIZE, "http capture size");
 _Static_assert(sizeof(struct http_conn_event) == HTTP_CONN_EVENT_SIZE, "http conn size");
 _Static_assert(sizeof(struct http_violation_event) == HTTP_VIOLATION_EVENT_SIZE, "http violation size");
+_Static_assert(sizeof(struct file_first_event) == FILE_FIRST_EVENT_SIZE, "file_first size");
+_Static_assert(sizeof(struct file_denial_event) == FILE_DENIAL_EVENT_SIZE, "file_denial size");
 _Static_assert(sizeof(struct syscall_slot_counts) == SYSCALL_SLOT_COUNTS_SIZE, "slot counts size");
 _Static_assert(sizeof(struct syscall_slot_state) == SYSCALL_SLOT_STATE_SIZE, "slot state size");
 

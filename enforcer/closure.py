@@ -17,11 +17,14 @@ Structural rules, named in each element and in provenance:
   distinct paths were seen in one directory, except in a system binary directory
   (:data:`SYSTEM_BIN_DIRS`, merged-usr aliases counted as one directory), where paths stay
   exact: widening there would admit every program of the system;
-* file: :mod:`enforcer.file_closure`;
+* file: ``exact``, ``exact:sensitive``, ``directory-children`` (``dir/*``) or ``directory-tree``
+  (``dir/**``), per access kind (:mod:`enforcer.file_closure`);
 * mcp: tools and prompts ``exact`` by name, resources ``uri-template`` or ``url-pattern``
   (:mod:`enforcer.mcp_closure`; the argument envelopes of allowed tools are derived there too,
   from the profile's argument evidence, after the confidence decision);
-* iam: :mod:`enforcer.iamclosure` (resources close per IAM action, never across actions).
+* iam: :mod:`enforcer.iamclosure` (resources close per IAM action, never across actions);
+* capability: ``literal`` under every closure mode (:data:`CAPABILITY_RULE`): one capability is
+  one privilege, and none implies another.
 
 Builders are pure: keys and options in, sorted elements out.
 """
@@ -33,6 +36,7 @@ import posixpath
 import re
 from typing import Callable
 
+from sensor import capabilities
 from sensor.workload import BehaviourKeyError, parse_net_key
 
 from . import file_closure, http_closure, mcp_closure, syscall_groups
@@ -228,7 +232,7 @@ def _files(mode: str) -> Builder:
     def build(substrate: str, keys: list[str], opts, services: list) -> list[Element]:
         fopts = file_closure.FileClosureOptions(closure=mode, max_siblings=opts.max_siblings,
                                                 tree_min_depth=opts.file_tree_depth)
-        els, bad = file_closure.elements(dict.fromkeys(keys), fopts)
+        els, bad = file_closure.elements(keys, fopts)
         return els + [Element(k, substrate, "exact", [k], encodable=False) for k in bad]
     return build
 
@@ -270,6 +274,25 @@ def _iam(mode: str) -> Builder:
     return build
 
 
+#: The capability substrate's closure rule, recorded in the policy for every closure mode.
+CAPABILITY_RULE = {"rule": "literal",
+                   "structural": "literal: a capability is one privilege and no capability implies another, "
+                                 "so there is nothing to widen to"}
+
+
+def _capabilities(substrate: str, keys: list[str], opts, services: list) -> list[Element]:
+    """One element per observed capability (a name the table does not know cannot be encoded)."""
+    out = []
+    for k in keys:
+        try:
+            capabilities.parse_key(k)
+            ok = True
+        except capabilities.CapabilityError:
+            ok = False
+        out.append(Element(k, substrate, "literal", [k], entries=(k,) if ok else (), encodable=ok))
+    return out
+
+
 #: substrate -> closure mode -> builder. Substrates add themselves here.
 BUILDERS: dict[str, dict[str, Builder]] = {
     **{s: {"literal": _literal, "structural": _structural_elements}
@@ -278,6 +301,7 @@ BUILDERS: dict[str, dict[str, Builder]] = {
     "http": {"literal": _http("literal"), "structural": _http("structural")},
     "mcp": {"literal": _mcp("literal"), "structural": _mcp("structural")},
     "iam": {"literal": _iam("literal"), "structural": _iam("structural")},
+    "capability": {"literal": _capabilities, "structural": _capabilities},
 }
 
 
@@ -301,6 +325,8 @@ def rules(substrate: str, closure: str, opts, services: list) -> dict:
         from . import iamclosure
         return iamclosure.rules(_iam_options("literal" if closure == "literal" else "structural", opts),
                                 opts.iam_actions)
+    if substrate == "capability":
+        return dict(CAPABILITY_RULE)
     if closure == "literal":
         return {"rule": "literal"}
     if substrate == "syscall":

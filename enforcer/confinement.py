@@ -39,6 +39,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from sensor import capabilities as names
 from sensor.libc import LIBC, checked
 
 CLONE_NEWNS = 0x00020000
@@ -58,17 +59,17 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 BPF_FS_MAGIC = 0xCAFE4A11
 
 # Capabilities that open a way out of the cgroup, the mount namespace or the pinned maps, by
-# number, with the way each opens. Names as the kernel's capability.h spells them.
-BREAKERS: dict[int, tuple[str, str]] = {
-    2: ("DAC_READ_SEARCH", "open_by_handle_at opens files by handle, past the mount namespace"),
-    12: ("NET_ADMIN", "detaches cgroup BPF programs and rewrites netfilter"),
-    16: ("SYS_MODULE", "loads kernel code"),
-    17: ("SYS_RAWIO", "raw memory and port access"),
-    19: ("SYS_PTRACE", "reaches the host's mounts through /proc/<pid>/root of a process outside"),
-    21: ("SYS_ADMIN", "setns back to the host's cgroup namespace, unmounts what hides the pins"),
-    38: ("PERFMON", "attaches perf and kprobe programs that read other processes"),
-    39: ("BPF", "loads BPF programs and walks every map by id"),
-}
+# number (from the one capability table), with the way each opens.
+BREAKERS: dict[int, tuple[str, str]] = {names.number(name): (name, why) for name, why in (
+    ("DAC_READ_SEARCH", "open_by_handle_at opens files by handle, past the mount namespace"),
+    ("NET_ADMIN", "detaches cgroup BPF programs and rewrites netfilter"),
+    ("SYS_MODULE", "loads kernel code"),
+    ("SYS_RAWIO", "raw memory and port access"),
+    ("SYS_PTRACE", "reaches the host's mounts through /proc/<pid>/root of a process outside"),
+    ("SYS_ADMIN", "setns back to the host's cgroup namespace, unmounts what hides the pins"),
+    ("PERFMON", "attaches perf and kprobe programs that read other processes"),
+    ("BPF", "loads BPF programs and walks every map by id"),
+)}
 
 
 class _CapHeader(ctypes.Structure):
@@ -170,7 +171,6 @@ class Confinement:
         checked("capset", LIBC.capset(ctypes.byref(header), data))
 
     def describe(self) -> dict:
-        from sensor import capabilities as names
         return {"cgroupNamespace": self.cgroup_namespace, "hidden": list(self.hide),
                 "readOnly": [point for point, _ in self.readonly],
                 "capabilitiesKept": None if self.keep is None else sorted(names.name(c) for c in self.keep),

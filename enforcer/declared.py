@@ -12,7 +12,9 @@ Formats (detected from the document, :func:`read_declared`):
   toEntities, toFQDNs, toPorts);
 * ``envelope``: an Envelope ``LeastPrivilegePolicy`` (every substrate it encodes);
 * ``landlock``: a landlockconfig ruleset (``abi``, ``ruleset``, ``pathBeneath``);
-* ``iam``: an IAM policy document (``Version``/``Statement``).
+* ``iam``: an IAM policy document (``Version``/``Statement``);
+* ``kubernetes-workload``: a Pod, or the pod template of a Deployment, ReplicaSet, StatefulSet,
+  DaemonSet, Job or CronJob: each container's ``securityContext.capabilities`` (capability).
 
 A :class:`Grant` says what it covers with a ``match`` function on behaviour keys; a grant whose
 peers cannot be compared with observed addresses (a podSelector, an endpoint selector, a named
@@ -62,6 +64,8 @@ class Declaration:
     # a judgement of the whole document where grants alone cannot decide (IAM: every action a
     # behaviour needs must be allowed); None: decided from the grants
     judge: Match | None = None
+    # the container it declares for (a pod spec with several containers); None: any workload
+    container: str | None = None
 
     @property
     def substrates(self) -> list[str]:
@@ -291,8 +295,8 @@ def _entry_match(entry: str) -> Match | None:
         sub, value = parse_entry(entry)
     except PolicyError:
         return None
-    if sub == "syscall":
-        return _syscall_match(value)
+    if sub in ("syscall", "capability"):
+        return lambda k: k == entry
     if sub == "exec":
         return lambda k: k.startswith("exec:") and exec_matches(value, k.split(":", 1)[1])
     if sub == "egress":
@@ -327,7 +331,8 @@ def from_envelope(doc: Mapping, source: str) -> Declaration:
         d.grants.append(Grant(sub, entry, _entry_match(entry)))
     # sections without entry ids (e.g. argument envelopes) are judged by the policy as a whole
     for sub in policy.substrates:
-        if not any(g.substrate == sub for g in d.grants) and sub not in ("syscall", "egress", "exec", "file"):
+        if not any(g.substrate == sub for g in d.grants) and sub not in ("syscall", "egress", "exec", "file",
+                                                                         "capability"):
             d.grants.append(Grant(sub, f"{sub}: the policy's allow section", policy.allows))
     return d
 
@@ -428,6 +433,93 @@ def from_iam(doc: Mapping, source: str, mapper=None) -> Declaration:
     return d
 
 
+# ---- Kubernetes workloads: container capabilities ---------------------------------------------
+
+#: kind -> where its pod spec is.
+POD_SPEC_PATHS = {
+    "Pod": ("spec",),
+    "Deployment": ("spec", "template", "spec"), "ReplicaSet": ("spec", "template", "spec"),
+    "StatefulSet": ("spec", "template", "spec"), "DaemonSet": ("spec", "template", "spec"),
+    "Job": ("spec", "template", "spec"), "CronJob": ("spec", "jobTemplate", "spec", "template", "spec"),
+}
+
+
+def _capability_name(value: Any, where: str) -> str:
+    """A name as container runtimes accept it (``NET_RAW``, ``CAP_NET_RAW``, ``net_raw``), or ``ALL``."""
+    from sensor import capabilities
+
+    if not isinstance(value, str):
+        raise DeclaredError(f"{where}: {value!r} is not a capability name")
+    name = value.upper().removeprefix("CAP_")
+    if name != "ALL" and name not in capabilities.NUMBERS:
+        raise DeclaredError(f"{where}: {value!r} is not a Linux capability (names as in capabilities(7), e.g. "
+                            f"NET_BIND_SERVICE)")
+    return name
+
+
+def container_capabilities(container: Mapping, pod_context: Mapping | None, where: str) -> tuple[set[str], str]:
+    """The capabilities a container's processes can hold, as a runtime computes them: the
+    runtime's default set (:data:`enforcer.seccomp.DEFAULT_CONTAINER_CAPS`) minus ``drop`` plus
+    ``add`` (``ALL`` in ``drop`` empties the default, in ``add`` adds every capability), every
+    capability when ``privileged``; and a note (non-root: the set bounds what file capabilities
+    can grant; Kubernetes sets no ambient capabilities)."""
+    from sensor import capabilities
+
+    from .seccomp import DEFAULT_CONTAINER_CAPS
+
+    everything = set(capabilities.NUMBERS)
+    ctx = container.get("securityContext") or {}
+    if not isinstance(ctx, Mapping):
+        raise DeclaredError(f"{where}.securityContext: expected a mapping")
+    caps = ctx.get("capabilities") or {}
+    if not isinstance(caps, Mapping):
+        raise DeclaredError(f"{where}.securityContext.capabilities: expected a mapping")
+    drop = {_capability_name(c, f"{where}.securityContext.capabilities.drop[{i}]")
+            for i, c in enumerate(caps.get("drop") or [])}
+    add = {_capability_name(c, f"{where}.securityContext.capabilities.add[{i}]")
+           for i, c in enumerate(caps.get("add") or [])}
+    notes = []
+    if ctx.get("privileged") is True:
+        held = set(everything)
+        notes.append("privileged: every capability")
+    else:
+        held = set() if "ALL" in drop else {c.removeprefix("CAP_") for c in DEFAULT_CONTAINER_CAPS} - drop
+        held |= everything if "ALL" in add else add
+        if not caps.get("drop"):
+            notes.append("nothing dropped: the runtime's default set")
+    user = ctx.get("runAsUser", (pod_context or {}).get("runAsUser"))
+    if isinstance(user, int) and user != 0:
+        notes.append(f"runAsUser {user}: a bound on what file capabilities grant (no ambient capabilities)")
+    return held, "; ".join(notes)
+
+
+def from_workload_manifest(doc: Mapping, source: str) -> list[Declaration]:
+    """One declaration per container (one with ``container`` None when the pod has only one)."""
+    from sensor import capabilities
+
+    node: Any = doc
+    path = POD_SPEC_PATHS[doc["kind"]]
+    for part in path:
+        node = node.get(part) if isinstance(node, Mapping) else None
+    if not isinstance(node, Mapping) or not isinstance(node.get("containers"), list) or not node["containers"]:
+        raise DeclaredError(f"{source}: {doc['kind']} has no {'.'.join(path)}.containers")
+    containers = node["containers"]
+    out = []
+    for i, c in enumerate(containers):
+        where = f"{'.'.join(path)}.containers[{i}]"
+        if not isinstance(c, Mapping) or not isinstance(c.get("name"), str):
+            raise DeclaredError(f"{source}: {where} has no name")
+        held, note = container_capabilities(c, node.get("securityContext"), f"{source}: {where}")
+        d = Declaration(f"{source}#{c['name']}" if len(containers) > 1 else source, "kubernetes-workload",
+                        container=c["name"] if len(containers) > 1 else None)
+        d.default["capability"] = "deny"
+        for name in sorted(held, key=capabilities.NUMBERS.__getitem__):
+            key = capabilities.key(name)
+            d.grants.append(Grant("capability", key, lambda k, key=key: k == key, note=note))
+        out.append(d)
+    return out
+
+
 # ---- reading ---------------------------------------------------------------------------------
 
 
@@ -441,6 +533,8 @@ def detect(doc: Any) -> str:
         return "cilium"
     if kind == "LeastPrivilegePolicy":
         return "envelope"
+    if kind in POD_SPEC_PATHS and api in ("v1", "apps/v1", "batch/v1"):
+        return "kubernetes-workload"
     if "defaultAction" in doc:
         return "oci-seccomp"
     if "Statement" in doc:
@@ -452,19 +546,33 @@ def detect(doc: Any) -> str:
 
 READERS = {"oci-seccomp": from_oci_seccomp, "networkpolicy": from_networkpolicy, "cilium": from_cilium,
            "envelope": from_envelope, "landlock": from_landlock, "iam": from_iam}
+#: Readers of documents that declare for several containers at once: one declaration each.
+MULTI_READERS = {"kubernetes-workload": from_workload_manifest}
 
 
-def read_declared(doc: Any, source: str) -> Declaration:
+def read_declarations(doc: Any, source: str) -> list[Declaration]:
+    """The declarations of one document (several for a pod spec with several containers)."""
     fmt = detect(doc)
     if not fmt:
         raise DeclaredError(f"{source}: not a declared policy Envelope reads (OCI seccomp, NetworkPolicy, "
-                            f"CiliumNetworkPolicy, LeastPrivilegePolicy, landlockconfig, IAM policy)")
+                            f"CiliumNetworkPolicy, LeastPrivilegePolicy, landlockconfig, IAM policy, a Pod or "
+                            f"a workload with a pod template)")
     try:
-        return READERS[fmt](doc, source)
+        if fmt in MULTI_READERS:
+            return MULTI_READERS[fmt](doc, source)
+        return [READERS[fmt](doc, source)]
     except DeclaredError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise DeclaredError(f"{source}: malformed {fmt} document: {type(e).__name__}: {e}") from None
+
+
+def read_declared(doc: Any, source: str) -> Declaration:
+    """The one declaration of a document (a pod spec must have one container)."""
+    out = read_declarations(doc, source)
+    if len(out) != 1:
+        raise DeclaredError(f"{source}: declares for {len(out)} containers; read it with read_declarations")
+    return out[0]
 
 
 def load_declared(path: str | Path) -> list[Declaration]:
@@ -483,10 +591,11 @@ def load_declared(path: str | Path) -> list[Declaration]:
         items = doc.get("items") if isinstance(doc, Mapping) and doc.get("kind") == "List" else [doc]
         for j, item in enumerate(items or []):
             where = str(p) + (f"[{i}]" if len(docs) > 1 else "") + (f".items[{j}]" if len(items) > 1 else "")
-            out.append(read_declared(item, where))
+            out += read_declarations(item, where)
     if not out:
         raise DeclaredError(f"{p}: holds no document")
     return out
 
 
-__all__ = ["Declaration", "DeclaredError", "Grant", "detect", "load_declared", "read_declared"]
+__all__ = ["Declaration", "DeclaredError", "Grant", "container_capabilities", "detect", "load_declared",
+           "read_declarations", "read_declared"]

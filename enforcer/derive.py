@@ -1,8 +1,12 @@
 """Derivation: a profile in, a policy out, through four explicit decisions.
 
-1. **Granularity**: which substrates (syscall, egress, exec, file, mcp, iam) the policy encodes.
-   Behaviours of a left-out substrate are neither allowed nor reviewed; the substrate is simply
-   not constrained.
+1. **Granularity**: which substrates (syscall, egress, exec, file, mcp, iam, capability) the
+   policy encodes. Behaviours of a left-out substrate are neither allowed nor reviewed; the
+   substrate is simply not constrained. A substrate of :data:`sensor.workload.MARKED_SUBSTRATES`
+   (capability: an empty list drops every capability) is encoded only when some session of the
+   profile was observed with its probe; otherwise it is left out and the decision says why
+   (``granularity.unobserved``), and sessions recorded without it are counted
+   (``granularity.observedSessions``).
 2. **Closure**: how observed behaviours become allowed ones.
 
    - ``literal``: the allowed set is the observed set. One element per observed value; egress
@@ -22,6 +26,9 @@
        stands for its whole group; dangerous syscalls are never admitted by association;
      * file and iam: :mod:`enforcer.file_closure` and :mod:`enforcer.iamclosure` (one IAM
        action on one resource pattern per element; resources widen, actions never);
+     * capability: literal (:data:`enforcer.closure.CAPABILITY_RULE`): one element per granted
+       capability; the capabilities of :data:`enforcer.elements.ADMIT_ONLY` (the ways out of a
+       container) only by explicit admit;
      * MCP tools, prompts and resources: :mod:`enforcer.mcp_closure`, whose argument envelopes
        (per allowed tool, from the profile's argument evidence) are sub-elements judged by the
        same confidence rule, with their provenance, review and watch entries in the policy's.
@@ -71,7 +78,7 @@ from typing import Any, Iterable, Mapping
 
 from sensor.profile import BehaviourStats, Profile
 from sensor.timestamps import iso_time
-from sensor.workload import DEFAULT_SUBSTRATES, SUBSTRATES
+from sensor.workload import DEFAULT_SUBSTRATES, MARKED_SUBSTRATES, SUBSTRATES
 
 from . import mcp_closure, syscall_groups
 from .closure import derivable
@@ -459,6 +466,7 @@ def derive(profile: Profile, options: DeriveOptions | None = None) -> Policy:
     """Derive the least-privilege policy for ``profile``. Pure and deterministic."""
     opts = options or DeriveOptions()
     opts.validate()
+    opts, unobserved, partial = observed(profile, opts)
     opts = iam_identity(profile, opts)
     services = service_networks(opts.service_cidrs)
     stats = profile.behaviours()
@@ -485,12 +493,46 @@ def derive(profile: Profile, options: DeriveOptions | None = None) -> Policy:
     policy.decisions = _decisions(opts, conf, cov, profile.closed_sessions, services)
     if gran.unencoded:
         policy.decisions["granularity"]["unencoded"] = gran.unencoded
+    if unobserved:
+        policy.decisions["granularity"]["unobserved"] = unobserved
+    if partial:
+        policy.decisions["granularity"]["observedSessions"] = partial
     spots = blind_spots(profile, opts.substrates)
     if spots:
         policy.decisions["granularity"]["blindSpots"] = spots
     if "http" in opts.substrates:
         policy.decisions["granularity"]["enforcement"] = {"http": dict(HTTP_ENFORCEMENT)}
     return policy
+
+
+def observed(profile: Profile, opts: DeriveOptions) -> tuple[DeriveOptions, dict[str, str], dict[str, dict]]:
+    """Part of decision 1: a marked substrate no session was observed with is left out (an empty
+    allow list would read as "needs none"), with the reason; one observed in only some sessions
+    is encoded from those, and the shortfall is recorded. Admits of a left-out substrate are an
+    error."""
+    unobserved: dict[str, str] = {}
+    partial: dict[str, dict] = {}
+    total = profile.session_count
+    for sub in opts.substrates:
+        if sub not in MARKED_SUBSTRATES:
+            continue
+        n = profile.observed_sessions(sub)
+        if n == 0:
+            unobserved[sub] = (f"none of the profile's {total} sessions was observed with the {sub} probe (a kernel "
+                               f"without it, or a profile recorded before it); an empty {sub} list would mean "
+                               f"'needs none', so the substrate is left out")
+        elif n < total:
+            partial[sub] = {"observed": n, "sessions": total}
+    if not unobserved:
+        return opts, unobserved, partial
+    for key, _ in opts.admits:
+        sub = substrate_or_none(key)
+        if sub in unobserved:
+            raise DeriveError(f"--admit {key}: {unobserved[sub]}")
+    kept = tuple(s for s in opts.substrates if s not in unobserved)
+    if not kept:
+        raise DeriveError(f"nothing to derive: {'; '.join(unobserved.values())}")
+    return replace(opts, substrates=kept), unobserved, partial
 
 
 #: What the http substrate does in each mode; recorded in every policy that encodes it.
@@ -569,6 +611,7 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
     http: set[str] = set()
     mcp: list[str] = []
     iam: dict[str, tuple[str, str]] = {}
+    caps: set[str] = set()
     provenance: list[dict] = []
     for el, ev, reason in conf.passed:
         base = provenance_record(el.substrate, el.rule, ev, reason, el.detail, el.flags)
@@ -588,6 +631,8 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
                 mcp.append(value)
             elif sub == "iam":
                 iam[entry] = value  # its statement takes the rule its provenance record keeps
+            elif sub == "capability":
+                caps.add(value)
             else:
                 r = value
                 if r.port_range is not None:
@@ -607,6 +652,7 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
         workload=profile.workload, mode=opts.mode or "alert", substrates=tuple(opts.substrates),
         closure=opts.closure, syscalls=tuple(syscalls), egress=tuple(egress.values()),
         execs=tuple(execs), files=tuple(files), http=tuple(http), iam=tuple(statements),
+        capabilities=tuple(caps),
         mcp=McpAllow.of_entries(mcp) if "mcp" in opts.substrates else None,
         provenance=tuple(provenance), low_confidence=low_confidence,
         iam_actions=opts.iam_actions,

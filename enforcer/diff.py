@@ -2,7 +2,7 @@
 
 Allowed sets are compared entry by entry: syscalls by name, execs by path or pattern, egress by
 ``(proto, CIDR, port)`` (a port range is one entry), files by pattern, IAM statements by action
-and resource, MCP tools, prompts, resources and argument elements by entry id (an argument element
+and resource, capabilities by name, MCP tools, prompts, resources and argument elements by entry id (an argument element
 that changed says what the argument's envelope was or became). Each added entry carries the provenance that
 admitted it in the new policy; each removed entry says why it is gone: its substrate was left
 out, a wider entry now covers its evidence, it fell below the threshold (it is in review), or it
@@ -31,6 +31,7 @@ def entry_atoms(policy: Policy) -> list[str]:
     if policy.mcp is not None:
         out += policy.mcp.entries()
     out += [st.id for st in policy.iam]
+    out += [f"capability:{c}" for c in policy.capabilities]
     return out
 
 
@@ -82,7 +83,7 @@ def covering(policy: Policy, behaviour: str) -> list[str]:
     for atom in entry_atoms(policy):
         if _argument_entry(atom):
             continue  # arguments are not behaviours; their tool's entry covers the key
-        only = {"syscalls": (), "egress": (), "execs": (), "files": (), "iam": (), "mcp": None}
+        only = {"syscalls": (), "egress": (), "execs": (), "files": (), "iam": (), "mcp": None, "capabilities": ()}
         probe = dataclasses.replace(policy, **{**only, **_single(policy, atom)})
         if probe.allows(behaviour):
             out.append(atom)
@@ -101,6 +102,8 @@ def _single(policy: Policy, atom: str) -> dict:
         return {"mcp": McpAllow.of_entries([atom])}
     if kind == "iam":
         return {"iam": tuple(st for st in policy.iam if st.id == atom)}
+    if kind == "capability":
+        return {"capabilities": (rest,)}
     from .policy import parse_entry
     return {"egress": (parse_entry(atom)[1],)}
 
@@ -216,4 +219,4 @@ def diff(a: Policy, b: Policy) -> dict:
 def _substrate(atom: str) -> str:
     kind = atom.split(":", 1)[0]
     return {"syscall": "syscall", "exec": "exec", "egress": "egress", "file": "file", "mcp": "mcp",
-            "iam": "iam"}.get(kind, kind)
+            "iam": "iam", "capability": "capability"}.get(kind, kind)

@@ -34,6 +34,39 @@ DEFAULT_MAX_SIBLINGS = 3
 ADMIT_ONLY = {
     "syscall:io_uring_setup": ("io_uring runs reads, writes, connects and sends inside the kernel "
                                "where seccomp cannot see them; admit it explicitly"),
+    # Capabilities whose use is a way out of the container or around Envelope's own enforcement.
+    "capability:SYS_ADMIN": ("the catch-all administrative capability: mount(2), setns(2) and unshare(2) of "
+                             "most namespaces, pivot_root, swapon, quotactl and many device ioctls; with it a "
+                             "process can mount the host's filesystems or proc and leave the container; admit "
+                             "it explicitly"),
+    "capability:SYS_PTRACE": ("ptrace(2), process_vm_readv/writev and /proc/PID/mem on any process it can see, "
+                              "including other users' and the host's under hostPID: code injection, secrets "
+                              "read out of memory, and a tracer that rewrites a traced process's syscalls "
+                              "past its seccomp filter; admit it explicitly"),
+    "capability:SYS_MODULE": "init_module(2) and delete_module(2): arbitrary code in the kernel; admit it explicitly",
+    "capability:SYS_RAWIO": ("iopl(2), ioperm(2), /dev/mem, /dev/port and raw block and SCSI commands: "
+                             "physical memory and devices behind every other control; admit it explicitly"),
+    "capability:SYS_BOOT": "reboot(2) and kexec_load(2): a new kernel for the whole node; admit it explicitly",
+    "capability:BPF": ("bpf(2) programs and maps (with PERFMON, tracing programs that read kernel memory; with "
+                       "NET_ADMIN, programs on the network path) and access to pinned BPF objects, Envelope's "
+                       "own enforcement among them; admit it explicitly"),
+    "capability:PERFMON": ("perf_event_open(2) on the kernel and BPF tracing: reads kernel memory and other "
+                           "processes' data through tracepoints and probes; admit it explicitly"),
+    "capability:NET_ADMIN": ("interfaces, routes, netfilter, traffic control and XDP of the network namespace: "
+                             "it can redirect or sniff traffic and remove the network policy enforced there; "
+                             "admit it explicitly"),
+    "capability:NET_RAW": ("raw and packet sockets send to any address without a connect or sendmsg, so the "
+                           "egress envelope's hooks never see them (envelope compile lifts the seccomp socket "
+                           "restriction for a policy that allows NET_RAW); admit it explicitly"),
+    "capability:DAC_READ_SEARCH": ("open_by_handle_at(2) opens any file of a mounted filesystem by handle, outside "
+                                   "the container's mount namespace (the 'shocker' escape), and read permission "
+                                   "checks are bypassed on every file; admit it explicitly"),
+    "capability:MAC_ADMIN": ("changes the mandatory access control policy (AppArmor, SELinux, Smack): switches "
+                             "the LSM confinement off; admit it explicitly"),
+    "capability:MAC_OVERRIDE": ("overrides mandatory access control decisions (Smack), walking past the LSM "
+                                "confinement; admit it explicitly"),
+    "capability:SYSLOG": ("the kernel log and kernel addresses (/proc/kallsyms, dmesg): the layout that kernel "
+                          "exploits need, and syslog(2) administration; admit it explicitly"),
 }
 
 

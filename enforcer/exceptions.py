@@ -131,8 +131,8 @@ def normalise_key(key: str) -> str:
         substrate = substrate_of(key)
     except BehaviourKeyError:
         raise ExceptionError(f"--allow {key!r}: not a behaviour key (syscall:NAME, exec:/PATH, "
-                             f"connect:tcp:ADDR:PORT, send:udp:ADDR:PORT, egress:PROTO:CIDR:PORTS or "
-                             f"mcp:tools/call:NAME)") from None
+                             f"connect:tcp:ADDR:PORT, send:udp:ADDR:PORT, egress:PROTO:CIDR:PORTS, "
+                             f"capability:NAME or mcp:tools/call:NAME)") from None
     kind, _, rest = key.partition(":")
     if substrate == "mcp":
         return _mcp_key(key)
@@ -143,6 +143,14 @@ def normalise_key(key: str) -> str:
     if substrate == "exec":
         if not rest.startswith("/"):
             raise ExceptionError(f"--allow {key!r}: exec path must be absolute")
+        return key
+    if substrate == "capability":
+        from sensor import capabilities
+
+        try:
+            capabilities.number(rest)
+        except capabilities.CapabilityError as e:
+            raise ExceptionError(f"--allow {key!r}: {e}") from None
         return key
     try:
         net = parse_net_key(key)
@@ -229,6 +237,14 @@ def syscall_allowances(state_dir, workload: Workload | str, now: float | None = 
     """``{syscall name: "exception:<id>"}``: the ``extra_allow`` for the seccomp compilers."""
     return {k.split(":", 1)[1]: r for k, r in allowed_keys(state_dir, workload, now).items()
             if k.startswith("syscall:")}
+
+
+def capability_allowances(state_dir, workload: Workload | str, now: float | None = None) -> tuple[str, ...]:
+    """Capability names of the workload's active exceptions (``exceptions`` of
+    :func:`enforcer.capabilities.exec_capability_sets`); a running process cannot regain a dropped
+    capability, so they reach processes started after the exception."""
+    return tuple(sorted(k.split(":", 1)[1] for k in allowed_keys(state_dir, workload, now)
+                        if k.startswith("capability:")))
 
 
 def add(state_dir, workload: Workload, allow: str, ttl: str | float, *, reason: str,

@@ -30,6 +30,7 @@ through :data:`enforcer.launcher.LAUNCHER`.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import os
 import stat
@@ -318,20 +319,25 @@ def preexec(ruleset: Ruleset, then=None):
     return _run
 
 
-def for_exec(policy, mode: str, *, files=None, allow_gaps: bool = False,
+def for_exec(policy, mode: str, *, allow_gaps: bool = False,
              support: LandlockSupport | None = None) -> Ruleset | None:
-    """The ruleset ``envelope exec`` enforces in its child, built in the parent before ``fork``.
+    """The ruleset ``envelope exec`` enforces in its child, built in the parent before ``fork``:
+    the policy's exec entries and the exec review items its review action lets through (with
+    what each exec needs: its interpreter, the dynamic loader and, when file reads are handled,
+    its libraries) and its file entries.
 
     None outside enforce mode (Landlock has no log-only mode: alert mode keeps observing and
-    reports what enforce would deny) and when the policy constrains neither execs nor files.
-    ``files`` are the policy's allowed file entries (until the policy schema carries them).
-    """
+    reports what enforce would deny) and when the policy includes neither the exec nor the file
+    substrate. Raises :class:`LandlockGapError` for a right this kernel cannot restrict unless
+    ``allow_gaps``, :class:`LandlockUnavailable` when there is no Landlock at all, and
+    :class:`enforcer.landlock_rules.LandlockCompileError` for entries Landlock cannot express."""
     from .exec_needs import resolve
     from .landlock_rules import compile_policy
-    if mode != "enforce":
+    if mode != "enforce" or not {"exec", "file"} & set(policy.substrates):
         return None
-    if "exec" not in policy.substrates and files is None:
-        return None
+    admitted = policy.review_admitted() if hasattr(policy, "review_admitted") else None
+    if admitted is not None and admitted.execs:  # exec review items alerted: let through, reported
+        policy = dataclasses.replace(policy, execs=tuple(sorted(set(policy.execs) | set(admitted.execs))))
     needs = resolve(policy.execs) if "exec" in policy.substrates else {}
-    compiled = compile_policy(policy, files=files, exec_needs=needs)
+    compiled = compile_policy(policy, exec_needs=needs)
     return Ruleset.build(compiled, support, allow_gaps=allow_gaps)

@@ -447,12 +447,13 @@ def compile_ruleset(workload: str, *, execs: Sequence[str] | None = (), files: S
                            substrates=tuple(substrates))
 
 
-def compile_policy(policy, *, files: Sequence[str] | None = None, exec_needs: Mapping[str, ExecNeeds] | None = None,
+def compile_policy(policy, *, exec_needs: Mapping[str, ExecNeeds] | None = None,
                    inexpressible: str = "refuse") -> CompiledRuleset:
     """A :class:`enforcer.policy.Policy`'s Landlock ruleset: its ``allow.execs`` when the exec
-    substrate is in the policy, and ``files`` (the policy's file entries, until the policy schema
-    carries them)."""
+    substrate is in the policy, its ``allow.files`` when the file substrate is (a substrate left
+    out is not restricted: its rights are not handled)."""
     execs = tuple(policy.execs) if "exec" in policy.substrates else None
+    files = tuple(policy.files) if "file" in policy.substrates else None
     return compile_ruleset(str(policy.workload), execs=execs, files=files, exec_needs=exec_needs,
                            inexpressible=inexpressible)
 

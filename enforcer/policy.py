@@ -23,6 +23,7 @@ Document layout (YAML or JSON; ``spec`` is also the body of the Kubernetes custo
         mcp:      {methods, tools, prompts, resources, catalog} # enforcer.mcp_envelope
         iam:      [{action, resource, accessLevel, rule}, ...]  # IAM statements (enforcer.iamstatement)
         http:     [http:METHOD host/path-template, ...]         # sorted (enforcer.http_patterns)
+        capabilities: [NET_BIND_SERVICE, ...]                   # sorted (sensor.capabilities names)
       detection:  [{key, mean, std, k, sessions}, ...]          # probabilistic soft rules
       provenance: [{entry, substrate, rule, admitted, evidence, ...}, ...]
       review:     [{key, substrate, rule, evidence, action, entries, ...}, ...]
@@ -32,7 +33,8 @@ Entry identifiers (used by provenance, review, ``explain``, ``diff`` and ``--adm
 ``syscall:NAME``, ``exec:PATH`` (or ``exec:/dir/*``), ``egress:PROTO:CIDR:PORTS`` where
 PORTS is one port (``443``) or an inclusive range (``8000-8100``), ``file:KIND:PATTERN``,
 ``http:METHOD host/path`` (path segments may be ``{id}`` or
-``*``), ``iam:ACTION RESOURCE`` (``iam:s3:GetObject arn:aws:s3:::research-corpus-*/papers/*``), and the
+``*``), ``iam:ACTION RESOURCE`` (``iam:s3:GetObject arn:aws:s3:::research-corpus-*/papers/*``),
+``capability:NAME`` (``capability:NET_BIND_SERVICE``, the same as the behaviour key), and the
 MCP entries of :mod:`enforcer.mcp_envelope` (``mcp:tools/call:git_log``,
 ``mcp:tools/call:git_log#repo_path:path-prefix:/srv/repo/**``, ...).
 
@@ -79,6 +81,8 @@ from sensor.safeyaml import YamlError, dump_yaml, load_yaml
 from sensor.timestamps import TimeFormatError, iso_time, parse_datetime
 from sensor.workload import DEFAULT_SUBSTRATES, SUBSTRATES, BehaviourKeyError, Workload, parse_net_key, substrate_of
 
+from sensor import capabilities as capability_names
+
 from . import file_patterns, http_patterns, iamstatement, syscall_groups
 from .iamstatement import IamStatement, IamStatementError
 from .mcp_envelope import EnvelopeError, McpAllow
@@ -108,7 +112,7 @@ DEFAULT_REVIEW_ACTIONS = MappingProxyType(
     {s: ("alert" if s == "syscall" else "deny") for s in SUBSTRATES})
 _NAME_RE = re.compile(r"[^a-z0-9.-]+")
 _SPEC_FIELDS = ("workload", "mode", "decisions", "allow", "detection", "provenance", "review", "watch")
-_ALLOW_FIELDS = ("syscalls", "egress", "execs", "files", "http", "mcp", "iam")
+_ALLOW_FIELDS = ("syscalls", "egress", "execs", "files", "http", "mcp", "iam", "capabilities")
 _DECISION_FIELDS = ("granularity", "closure", "confidence", "validity")
 
 
@@ -255,6 +259,12 @@ def parse_entry(entry: str) -> tuple[str, Any]:
             return "iam", iamstatement.parse_entry(entry)
         except IamStatementError as e:
             raise PolicyError(str(e)) from None
+    if kind == "capability":
+        try:
+            capability_names.number(rest)
+        except capability_names.CapabilityError as e:
+            raise PolicyError(f"bad capability entry {entry!r}: {e}") from None
+        return "capability", rest
     if kind == "egress":
         try:
             proto, body = rest.split(":", 1)
@@ -266,7 +276,7 @@ def parse_entry(entry: str) -> tuple[str, Any]:
         except (ValueError, PolicyError) as e:
             raise PolicyError(f"bad egress entry {entry!r}: {e}") from None
     raise PolicyError(f"bad entry {entry!r} (want syscall:NAME, exec:PATH, egress:PROTO:CIDR:PORTS, "
-                      f"file:KIND:PATTERN, http:METHOD HOST/PATH, iam:ACTION RESOURCE or an mcp: entry)")
+                      f"file:KIND:PATTERN, http:METHOD HOST/PATH, iam:ACTION RESOURCE, capability:NAME or an mcp: entry)")
 
 
 def exec_matches(pattern: str, path: str) -> bool:
@@ -293,6 +303,7 @@ class Policy:
     http: tuple[str, ...] = ()  # http:METHOD host/path entries (enforcer.http_patterns)
     mcp: McpAllow | None = None  # the MCP envelope (enforcer.mcp_envelope)
     iam: tuple[IamStatement, ...] = ()  # IAM statements (enforcer.iamstatement)
+    capabilities: tuple[str, ...] = ()  # capability names without CAP_ (sensor.capabilities)
     watch: tuple[str, ...] = ()
     detection: tuple[dict, ...] = ()
     decisions: dict = field(default_factory=dict)
@@ -344,6 +355,10 @@ class Policy:
                 raise PolicyError(f"spec.allow.iam[{i}]: {st.id} is listed twice")
             seen.add(st.id)
         self.iam = tuple(sorted(self.iam, key=IamStatement.sort_key))
+        for i, c in enumerate(self.capabilities):
+            _check_capability(c, f"spec.allow.capabilities[{i}]")
+        self.capabilities = tuple(sorted(set(self.capabilities)))
+        self._capability_set = frozenset(self.capabilities)
         self._iam_document = iamstatement.judging_document(self.iam)
         self.watch = tuple(sorted(set(self.watch)))
         self.detection = tuple(self.detection)
@@ -366,7 +381,8 @@ class Policy:
         """Every allowed entry identifier, in document order."""
         return ([f"syscall:{s}" for s in self.syscalls] + [r.id for r in self.egress]
                 + [f"exec:{e}" for e in self.execs] + list(self.files) + list(self.http)
-                + [st.id for st in self.iam] + (self.mcp.entries() if self.mcp else []))
+                + [st.id for st in self.iam] + (self.mcp.entries() if self.mcp else [])
+                + [f"capability:{c}" for c in self.capabilities])
 
     @property
     def iam_identity(self) -> str | None:
@@ -411,6 +427,8 @@ class Policy:
             return any(p.matches(b.method, b.host, b.path) for p in self._http)
         if substrate == "mcp":
             return self.mcp is not None and self.mcp.allows(key)
+        if substrate == "capability":
+            return key.split(":", 1)[1] in self._capability_set
         if substrate == "iam":
             if self.iam_actions is None:
                 raise IamJudgeMissing("judging aws behaviours needs the IAM action database; bind "
@@ -513,6 +531,8 @@ class Policy:
             allow["mcp"] = (self.mcp or McpAllow()).to_dict()
         if "iam" in self.substrates or self.iam:
             allow["iam"] = [st.to_dict() for st in self.iam]
+        if "capability" in self.substrates or self.capabilities:
+            allow["capabilities"] = list(self.capabilities)
         return allow
 
     @classmethod
@@ -602,6 +622,9 @@ class Policy:
                 mcp = McpAllow.from_dict(allow["mcp"], "spec.allow.mcp")
             except EnvelopeError as e:
                 raise PolicyError(str(e)) from None
+        caps = _list(allow.get("capabilities") or [], "spec.allow.capabilities")
+        for i, c in enumerate(caps):
+            _check_capability(c, f"spec.allow.capabilities[{i}]")
         iam = []
         for i, st in enumerate(_list(allow.get("iam") or [], "spec.allow.iam")):
             try:
@@ -649,7 +672,7 @@ class Policy:
         return cls(
             workload=workload, mode=mode, substrates=tuple(subs), closure=closure,
             syscalls=tuple(syscalls), egress=egress, execs=tuple(execs), files=tuple(files),
-            http=tuple(http), mcp=mcp, iam=tuple(iam), watch=tuple(watch),
+            http=tuple(http), mcp=mcp, iam=tuple(iam), capabilities=tuple(caps), watch=tuple(watch),
             detection=tuple(dict(r) for r in detection), decisions=_plain(dec),
             provenance=tuple(_plain(r) for r in provenance), review=tuple(_plain(r) for r in review),
             validity=validity, low_confidence=low, name=name or "", review_actions=review_actions,
@@ -789,6 +812,13 @@ def _check_file(e: Any, path: str) -> None:
     try:
         file_patterns.parse_entry(e)
     except file_patterns.FilePatternError as err:
+        raise PolicyError(f"{path}: {err}") from None
+
+
+def _check_capability(c: Any, path: str) -> None:
+    try:
+        capability_names.number(c)
+    except capability_names.CapabilityError as err:
         raise PolicyError(f"{path}: {err}") from None
 
 

@@ -10,7 +10,13 @@ Findings, each backed by the behaviours or the window behind it:
   cover (a podSelector, an endpoint selector, a named port, an IAM condition);
 * **blind spots**: what the sensor could not see for this workload (events lost, behaviours
   over the profile's caps, sessions whose identity stayed incomplete, a declared substrate with
-  nothing observed).
+  nothing observed, sessions the capability probe did not watch);
+* **refused** (capability): checks the kernel refused the workload while it was observed, with
+  whether the declarations would grant them (then the workload would run with a privilege it was
+  seen to do without).
+
+A declaration made for one container of a pod (a pod spec with several) applies only to the
+workload of that container; the others are listed with ``applies: false``.
 
 Several declarations of one substrate combine as Kubernetes combines NetworkPolicies: a behaviour
 is allowed when any declaration allows it and none explicitly denies it. A substrate no
@@ -53,7 +59,8 @@ def _verdict(d: Declaration, substrate: str, key: str) -> tuple[str, list[str]]:
 
 
 def reconcile(profile: Profile, declarations: Iterable[Declaration], since: float | None = None) -> dict:
-    decls = list(declarations)
+    listed = list(declarations)
+    decls = [d for d in listed if d.container is None or d.container == profile.workload.container]
     stats = profile.behaviours()
     start, end = profile.window()
     hours = None if start is None or end is None else round((end - start) / 3600.0, 2)
@@ -93,7 +100,12 @@ def reconcile(profile: Profile, declarations: Iterable[Declaration], since: floa
                 elif (d.source, g.id) not in used:
                     unused.append({"declaration": d.source, "grant": g.id, "windowHours": hours,
                                    **({"note": g.note} if g.note else {})})
+        if sub == "capability":
+            extra = {"refused": _refused(profile, covering, since)}
+        else:
+            extra = {}
         per_sub[sub] = {
+            **extra,
             "declarations": sorted({d.source for d in covering}),
             "observed": len(keys),
             "wouldDeny": would_deny,
@@ -111,7 +123,10 @@ def reconcile(profile: Profile, declarations: Iterable[Declaration], since: floa
         "workload": profile.workload.key,
         "window": {"start": iso_time(start), "end": iso_time(end), "hours": hours, "since": iso_time(since)},
         "sessions": profile.session_count,
-        "declarations": [{"source": d.source, "format": d.format, "substrates": d.substrates} for d in decls],
+        "declarations": [{"source": d.source, "format": d.format, "substrates": d.substrates,
+                          **({"container": d.container, "applies": any(d is x for x in decls)}
+                             if d.container is not None else {})}
+                         for d in listed],
         "substrates": per_sub,
         "blindSpots": blind,
         "summary": {
@@ -121,6 +136,18 @@ def reconcile(profile: Profile, declarations: Iterable[Declaration], since: floa
             "blindSpots": len(blind),
         },
     }
+
+
+def _refused(profile: Profile, covering: list[Declaration], since: float | None) -> list[dict]:
+    """Refused capability checks seen in the window, and which declarations would grant them."""
+    out = []
+    for key, r in profile.refused().items():
+        if _substrate(key) != "capability" or (since is not None and r.last_seen < since):
+            continue
+        granted = sorted({d.source for d in covering if _verdict(d, "capability", key)[0] == "allow"})
+        out.append({"key": key, "count": r.count, "firstSeen": iso_time(r.first_seen), "lastSeen": iso_time(r.last_seen),
+                    "grantedBy": granted})
+    return out
 
 
 def blind_spots(profile: Profile, substrates: list[str], per_sub: dict | None = None) -> list[dict]:
@@ -143,7 +170,15 @@ def blind_spots(profile: Profile, substrates: list[str], per_sub: dict | None = 
                     "meaning": "evidence of containers whose workload could not be named"})
     for spot in sorted({s.meta.get("blind_spot") for s in profile.sessions() if s.meta.get("blind_spot")}):
         out.append({"kind": "substrate", "detail": spot, "meaning": "reported by the sensor"})
+    from sensor.workload import MARKED_SUBSTRATES
     for sub in substrates:
+        if sub in MARKED_SUBSTRATES and profile.observed_sessions(sub) < profile.session_count:
+            n = profile.session_count - profile.observed_sessions(sub)
+            out.append({"kind": "unobserved", "substrate": sub,
+                        "detail": f"{n} of {profile.session_count} sessions were recorded without the {sub} probe",
+                        "meaning": "what those sessions did on this substrate is not known (a kernel without the "
+                                   "probe, or a profile recorded before it)"})
+            continue
         if per_sub is not None and per_sub.get(sub, {}).get("observed") == 0:
             out.append({"kind": "unobserved", "substrate": sub,
                         "detail": f"the declarations constrain {sub} but no {sub} behaviour was observed",

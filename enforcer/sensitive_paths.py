@@ -1,8 +1,9 @@
 """Sensitive paths: what file closure never widens into, and Landlock rules never cover by accident.
 
 A path on this list is allowed only when it was observed exactly, with that access kind, above
-the confidence threshold (:mod:`enforcer.file_closure`); no ``dir/*`` or ``dir/**`` entry is ever
-derived whose paths could include one, and the Landlock compiler refuses a hierarchy rule that
+the confidence threshold (closure in :mod:`enforcer.file_closure`, confidence in
+:mod:`enforcer.derive`); no ``dir/*`` or ``dir/**`` entry is ever derived whose paths could
+include one, and the Landlock compiler refuses a hierarchy rule that
 would cover one (:mod:`enforcer.landlock_rules`).
 
 Patterns are globs over whole paths (:func:`enforcer.file_patterns.glob_matches`): ``*`` stays

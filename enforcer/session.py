@@ -5,8 +5,9 @@ One :class:`EnforcementSession` is what ``envelope exec`` (not pinned: everythin
 as the command), ``envelope enforce``, the daemon and the cluster sync (pinned) drive. Per
 workload it holds one egress program set (:class:`enforcer.egress.EgressProgram`) attached to
 each of the workload's cgroups, and it watches those cgroups for seccomp denials (one shared
-:class:`enforcer.denials.DenialProbe`). Violations come out of one place,
-:meth:`EnforcementSession.poll_violations`.
+:class:`enforcer.denials.DenialProbe`) and, where the policy is enforced with Landlock (exec and
+file entries), for Landlock's refusals (one shared :class:`enforcer.file_denials.FileDenialProbe`).
+Violations come out of one place, :meth:`EnforcementSession.poll_violations`.
 
 Pinned sessions keep each workload's programs under ``<bpffs>/envelope/<workload>/`` and its
 desired state (policy + mode, :mod:`enforcer.desired`), so a daemon attaches the same programs
@@ -84,6 +85,8 @@ class KernelBackend(Protocol):
 
     def denial_probe(self): ...
 
+    def file_denial_probe(self): ...
+
     def ring_reader(self): ...
 
     def move_task(self, pid: int, cgroup_path: str) -> None: ...
@@ -106,6 +109,10 @@ class RealKernel:
     def denial_probe(self):
         from .denials import DenialProbe
         return DenialProbe()
+
+    def file_denial_probe(self):
+        from .file_denials import FileDenialProbe
+        return FileDenialProbe()
 
     def ring_reader(self):
         from sensor.kernel import RingReader
@@ -197,8 +204,9 @@ class EnforcementSession:
 
     def __init__(self, state_dir, *, pinned: bool = True, bpffs="/sys/fs/bpf",
                  limits: Limits = Limits(), clock: Callable[[], float] = time.time,
-                 denials: bool = False, backend: KernelBackend | None = None,
-                 verify_interval: float = 2.0, http=None):
+                 denials: bool = False, file_denials: bool = False,
+                 backend: KernelBackend | None = None, verify_interval: float = 2.0, http=None,
+                 paths=None):
         self.state_dir = Path(state_dir)
         self.pinned = pinned
         self.bpffs = Path(bpffs)
@@ -207,10 +215,14 @@ class EnforcementSession:
         self.backend: KernelBackend = backend or RealKernel()
         self.enforced: dict[str, Enforced] = {}
         self.want_denials = denials
+        self.want_file_denials = file_denials
         self._probe = None
         self._denial_cgroups: dict[int, str] = {}
         self._denial_allowed: dict[int, frozenset[str]] = {}  # cgroup -> its profile's syscalls
         self._denial_paths: dict[int, str] = {}  # cgroup -> its path
+        self._file_probe = None
+        self._file_cgroups: dict[int, str] = {}
+        self._paths = paths  # sensor.proc_paths.ProcPaths, made when first needed
         self._reader = None
         self._reader_fds: set[int] = set()
         self._pending: list = []
@@ -586,8 +598,11 @@ class EnforcementSession:
 
     def _watch_denials(self, cur: Enforced, paths: Iterable[str]) -> None:
         """Report seccomp denials of the workload's cgroups, compared with the same profile the
-        filter was compiled from (:func:`enforcer.seccomp.profile_for`), and tasks moved out of
-        them (every enforced cgroup, whatever its substrates)."""
+        filter was compiled from (:func:`enforcer.seccomp.profile_for`), tasks moved out of
+        them (every enforced cgroup, whatever its substrates), and Landlock's refusals where the
+        policy's exec or file entries are enforced."""
+        paths = list(paths)
+        self._watch_file_denials(cur, paths)
         if not self.want_denials or cur.mode == "observe":
             return
         from .exceptions import syscall_allowances
@@ -618,6 +633,29 @@ class EnforcementSession:
             self._denial_allowed[cid] = allowed
             self._denial_paths[cid] = str(p)
 
+    def _watch_file_denials(self, cur: Enforced, paths: list[str]) -> None:
+        """Landlock enforces exec and file entries only in enforce mode (it has no log-only
+        mode); its refusals are ``-EACCES`` at the syscall's exit (:mod:`enforcer.file_denials`)."""
+        if not self.want_file_denials or cur.mode != "enforce" or not (
+                {"exec", "file"} & set(cur.policy.substrates)):
+            return
+        if self._file_probe is None:
+            from .file_denials import FileDenialProbeError
+            try:
+                self._file_probe = self.backend.file_denial_probe()
+            except FileDenialProbeError as e:
+                log.error("file denial probe unavailable; Landlock denials will not be reported",
+                          error=str(e))
+                self.want_file_denials = False
+                return
+            self._reader_dirty()
+        for p in paths:
+            cid = _cgroup_id(p)
+            if cid is None:
+                continue
+            self._file_probe.watch(cid)
+            self._file_cgroups[cid] = cur.workload.key
+
     def _unwatch_denials(self, key: str) -> None:
         for cid in [c for c, k in self._denial_cgroups.items() if k == key]:
             if self._probe is not None:
@@ -627,6 +665,10 @@ class EnforcementSession:
             self._denial_paths.pop(cid, None)
         # drain what these cgroups still have counted before their keys are dropped
         self._pending += self._denial_deltas(force=True)
+        for cid in [c for c, k in self._file_cgroups.items() if k == key]:
+            if self._file_probe is not None:
+                self._file_probe.unwatch(cid)
+            del self._file_cgroups[cid]
 
     def _reader_dirty(self) -> None:
         if self._reader is not None:
@@ -650,12 +692,37 @@ class EnforcementSession:
             self._reader.add(self._probe.events_fd,
                              lambda raw: self._on_record(raw, self._denial_cgroups.get))
             self._reader_fds.add(self._probe.events_fd)
+        if self._file_probe is not None and self._file_probe.events_fd not in self._reader_fds:
+            self._reader.add(self._file_probe.events_fd, self._on_file_record)
+            self._reader_fds.add(self._file_probe.events_fd)
         if self.http is not None and self.http.applied:
             fd = self.http.capture.violations_fd
             if fd not in self._reader_fds:
                 self._reader.add(fd, self._on_http_record)
                 self._reader_fds.add(fd)
         return self._reader
+
+    def _on_file_record(self, raw: bytes) -> None:
+        """A Landlock refusal: judged against the policy of the cgroup's workload."""
+        from sensor.events import DecodeError, FileDenialEvent, decode
+        from .violations import from_file_denial
+        ev = decode(raw)
+        if isinstance(ev, DecodeError):
+            self.decode_errors += 1
+            log.warning("undecodable record", kind=ev.kind, reason=ev.reason)
+            return
+        if not isinstance(ev, FileDenialEvent):
+            return
+        key = self._file_cgroups.get(ev.cgroup_id)
+        cur = self.enforced.get(key) if key else None
+        if cur is None:
+            return
+        if self._paths is None:
+            from sensor.proc_paths import ProcPaths
+            self._paths = ProcPaths()
+        path = self._paths.resolve(ev.pid, ev.dirfd, ev.path)
+        is_dir = self._paths.is_dir(ev.pid, path) if path is not None else None
+        self._pending.extend(from_file_denial(ev, key, self.clock(), path, cur.policy.allows, is_dir))
 
     def _on_http_record(self, raw: bytes) -> None:
         """An http violation; a refused plaintext request's socket is aborted at once, so the
@@ -806,13 +873,15 @@ class EnforcementSession:
         out = {k: cur.program.lost() for k, cur in self.enforced.items() if cur.program is not None}
         if self._probe is not None:
             out["seccomp-denials"] = self._probe.lost()
+        if self._file_probe is not None:
+            out["landlock-denials"] = self._file_probe.lost()
         return out
 
     def workload_of_cgroup(self, cgroup_id: int) -> str | None:
         for key, cur in self.enforced.items():
             if cur.program is not None and cgroup_id in cur.program.cgroups():
                 return key
-        return self._denial_cgroups.get(cgroup_id)
+        return self._denial_cgroups.get(cgroup_id) or self._file_cgroups.get(cgroup_id)
 
     def close(self) -> None:
         """Close fds. Pinned programs and their attachments keep enforcing; unpinned ones are
@@ -835,3 +904,6 @@ class EnforcementSession:
         if self._probe is not None:
             self._probe.close()
             self._probe = None
+        if self._file_probe is not None:
+            self._file_probe.close()
+            self._file_probe = None

@@ -6,8 +6,8 @@ A :class:`Violation` is one out-of-envelope behaviour of one workload::
      "behaviour": "connect:tcp:127.0.0.1:9", "action": "denied", "count": 1,
      "detail": {"pid": 4242, "comm": "python3", "session": "exec-901-1", "cgroup_id": 8123}}
 
-``substrate`` is ``syscall``, ``egress``, ``exec`` or ``http`` for what the kernel denied or alerted on,
-``mcp`` for what the MCP gateway refused or alerted on (:mod:`enforcer.mcp_controls`), ``watch``
+``substrate`` is ``syscall``, ``egress``, ``exec``, ``file`` or ``http`` for what the kernel denied
+or alerted on, ``mcp`` for what the MCP gateway refused or alerted on (:mod:`enforcer.mcp_controls`), ``watch``
 for a behaviour on the policy's watch list that recurred, ``detection`` for a probabilistic rule
 whose live per-session count left its band (a soft violation), and ``integrity`` for enforcement
 state someone changed behind Envelope's back (repaired at once). ``action`` is
@@ -20,8 +20,8 @@ denied names the destination it asked for (``destination``), or for a denied ``s
 
 The store is ``<state-dir>/violations.jsonl``: one JSON object per line, appended under an
 exclusive ``flock`` with one ``write`` per batch. Kernel records are turned into violations by
-pure functions (:func:`from_record`, :func:`from_egress_event`, :func:`from_seccomp_event`)
-on events decoded by :mod:`sensor.events`.
+pure functions (:func:`from_record`, :func:`from_egress_event`, :func:`from_seccomp_event`,
+:func:`from_file_denial`) on events decoded by :mod:`sensor.events`.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Iterable
 
 from sensor.state_dir import StateDir, private_dirs
-from sensor.events import (DecodeError, EgressViolationEvent, HttpViolationEvent, IoUringOpEvent,
-                           SeccompDenialEvent, decode)
+from sensor.events import (DecodeError, EgressViolationEvent, FileDenialEvent, HttpViolationEvent,
+                           IoUringOpEvent, SeccompDenialEvent, decode)
+from sensor.file_access import behaviours as file_behaviours
 from sensor.workload import SUBSTRATES as BEHAVIOUR_SUBSTRATES
 from sensor.workload import substrate_of, syscall_key
 
@@ -292,6 +293,31 @@ def from_http_event(ev: HttpViolationEvent, workload: str, now: float,
     return Violation(now, workload, "http", behaviour, "denied" if ev.action == "killed" else "alerted", detail)
 
 
+def from_file_denial(ev: FileDenialEvent, workload: str, now: float, path: str | None,
+                     allows: Callable[[str], bool], is_dir: bool | None = None) -> list[Violation]:
+    """A file call refused with -EACCES (``bpf/files.c``) as violations, one per behaviour the
+    call asked for that ``allows`` (the policy) does not admit: Landlock allows what the policy
+    allows, so an -EACCES on an allowed access was an ordinary permission check and is not
+    reported. ``path`` is the absolute path (None: a relative path that could no longer be
+    resolved; it is reported as given); ``is_dir``: the path is a directory."""
+    asked = file_behaviours(ev.access, path if path is not None else ev.path, is_dir)
+    detail: dict[str, Any] = {"pid": ev.pid, "tid": ev.tid, "comm": ev.comm, "cgroup_id": ev.cgroup_id,
+                              "syscall": ev.syscall,
+                              "path": ev.path, "access": [b.split(":", 2)[1] if b.startswith("file:") else "exec"
+                                                          for b in asked],
+                              "errno": "EACCES", "enforcer": "landlock"}
+    if path is None:
+        detail["unresolved"] = True
+    if ev.truncated:
+        detail["truncated"] = True
+    out = []
+    for b in asked:
+        if path is not None and allows(b):
+            continue
+        out.append(Violation(now, workload, "exec" if b.startswith("exec:") else "file", b, "denied", detail))
+    return out
+
+
 def from_io_uring_event(ev: IoUringOpEvent, workload: str, now: float,
                         allowed: Collection[str], session: str | None = None) -> Violation | None:
     """An io_uring operation whose syscall the cgroup's profile does not allow. The ring runs it
@@ -351,15 +377,35 @@ class Judge:
       session rises above ``mean + k*std``; reported once per session when it crosses. At
       :meth:`close_session` a count that ended below ``mean - k*std`` (when that is above zero)
       is reported too. Soft violations: always ``alerted``.
-    * ``exec``: with ``report_execs``, every exec outside the policy's allowed execs. Exec is
-      observed and reported, not enforced (this needs BPF-LSM, which the kernel may refuse).
+    * ``exec`` / ``file``: with ``report_execs`` / ``report_files``, every exec or file access
+      outside the policy's allowed entries that happened (``alerted``). Landlock has no log-only
+      mode, so in alert mode this is how a run learns what enforce would deny; in enforce mode
+      what Landlock refuses never happens (it is a ``denied`` violation from the kernel), and
+      what still shows up here got through a ruleset wider than the policy (a ``dir/*`` entry is
+      a hierarchy rule). ``enforced`` names the substrates enforced for this workload (Landlock,
+      a capability drop), when known; the detail says whether this one was. An exec counts as
+      inside the policy when it is allowed or an alerted review item, judged by ``exec_admits``
+      when given (names resolved through aliases and symlinks, :mod:`enforcer.exec_paths`).
+    * ``capability``: with ``report_capabilities``, every granted capability check outside the
+      policy's capabilities, reported once per session and capability: the process held it, so
+      whoever starts it (the kubelet with the policy's ``securityContext.capabilities``, a launcher)
+      did not drop it.
+
+    A behaviour that was refused (``denied=True``: a kernel denial seen again by detection) is
+    only judged against the watch list and detection rules.
     """
 
     def __init__(self, policy, workload: str | None = None, report_execs: bool = False,
+                 report_files: bool = False, report_capabilities: bool = False,
+                 enforced: frozenset[str] | set[str] | None = None,
                  exec_admits: Callable[[str], bool] | None = None):
         self.workload = workload or str(policy.workload)
+        self.report = {s for s, on in (("exec", report_execs), ("file", report_files),
+                                       ("capability", report_capabilities))
+                       if on and s in policy.substrates}
+        self.enforced = None if enforced is None else frozenset(enforced)
         self._exec_admits = exec_admits
-        self.report_execs = report_execs and "exec" in policy.substrates
+        self._capabilities: set[tuple[str, str]] = set()
         self.watch = frozenset(policy.watch)
         self.rules = {r["key"]: r for r in policy.detection}
         self.counts: dict[str, Counter] = {}
@@ -371,13 +417,24 @@ class Judge:
     def interested(self, key: str) -> bool:
         return key in self.watch or key in self.rules
 
-    def observe(self, session: str, key: str, count: int = 1, now: float = 0.0) -> list[Violation]:
+    @property
+    def report_execs(self) -> bool:
+        return "exec" in self.report
+
+    def observe(self, session: str, key: str, count: int = 1, now: float = 0.0,
+                denied: bool = False) -> list[Violation]:
         out: list[Violation] = []
         c = self.counts.setdefault(session, Counter())
         c[key] += count
-        if self.report_execs and key.startswith("exec:") and not self._exec_admitted(key):
-            out.append(Violation(now, self.workload, "exec", key, "alerted",
-                                 {"session": session, "enforced": False}, count))
+        kind = key.split(":", 1)[0]
+        if not denied and kind in self.report and not self._admitted(kind, key) \
+                and (kind != "capability" or (session, key) not in self._capabilities):
+            if kind == "capability":
+                self._capabilities.add((session, key))
+            detail: dict[str, Any] = {"session": session}
+            if self.enforced is not None or kind == "capability":
+                detail["enforced"] = kind in (self.enforced or ())
+            out.append(Violation(now, self.workload, kind, key, "alerted", detail, count))
         if key in self.watch and (session, key) not in self._watched:
             self._watched.add((session, key))
             try:
@@ -409,12 +466,16 @@ class Judge:
                                       "std": rule["std"], "k": rule["k"], "bound": "below",
                                       "threshold": round(lower, 6)}))
         self._watched = {x for x in self._watched if x[0] != session}
+        self._capabilities = {x for x in self._capabilities if x[0] != session}
         self._crossed = {x for x in self._crossed if x[0] != session}
         return out
 
-    def _exec_admitted(self, key: str) -> bool:
-        """Is this exec let through: allowed or a review item alerted (judged by ``exec_admits``
-        when given: one that resolves aliases and symlinks, :mod:`enforcer.exec_paths`)."""
+    def _admitted(self, kind: str, key: str) -> bool:
+        """Is this behaviour let through: allowed, or for an exec allowed or a review item alerted
+        (judged by ``exec_admits`` when given: one that resolves aliases and symlinks,
+        :mod:`enforcer.exec_paths`)."""
+        if kind != "exec":
+            return self._safe_allows(key)
         if self._exec_admits is not None:
             return self._exec_admits(key)
         admits = getattr(self._policy, "admits", None)

@@ -53,6 +53,11 @@ class Config:
     # begin; costs a uprobe hit per TLS record read in every process mapping libssl (BENCHMARKS.md).
     http_tls_responses: bool = True
     s3_endpoints: list = field(default_factory=list)  # hosts to read as S3 endpoints (e.g. a MinIO)
+    # The file substrate's observation (bpf/files.c on the file syscalls' exits): ~3.5 ns on every
+    # syscall, one hash lookup per counted file access (BENCHMARKS.md). Off: no file behaviours.
+    observe_files: bool = True
+    file_keys: int = 131072  # (cgroup, access, path) keys the kernel counts, node-wide
+    file_keys_per_cgroup: int = 8192  # keys one cgroup may hold; more are counted as overflow
     caps: dict = field(default_factory=lambda: dict(DEFAULT_CAPS))
     metrics_port: int = 9464
     metrics_address: str = DEFAULT_METRICS_ADDRESS  # where /metrics, /healthz and /readyz listen
@@ -68,6 +73,10 @@ class Config:
     profile_namespace: str = field(default_factory=lambda: os.environ.get("POD_NAMESPACE", "envelope-system"))
     kubeconfig: str | None = None  # outside a pod, with cluster: "on"
     policy_sync_interval: float = 15.0  # seconds between policy-job rounds (retries, stale checks); policies are watched
+    # Count capability checks per cgroup (bpf/capabilities.c). On a kernel with no capability probe
+    # the sensor runs without it (one warning; `envelope doctor` says why) and sessions say so.
+    observe_capabilities: bool = True
+    capability_keys: int = 16384  # kernel counters of (cgroup, capability, granted/refused, phase)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, **overrides) -> "Config":
@@ -305,8 +314,14 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "profile_namespace": _text(_DNS_LABEL, "a Kubernetes namespace name", 63),
     "kubeconfig": _kubeconfig,
     "policy_sync_interval": _positive_seconds(86400),
+    "observe_capabilities": _boolean,
+    "capability_keys": _number(int, 64, 1 << 20),
     "http_capture": _boolean,
     "http_ringbuf_pages": _number(int, 1, 1 << 16, power_of_two=True),
     "http_tls_responses": _boolean,
     "s3_endpoints": _hosts,
+    "observe_files": _boolean,
+    # keys are allocated on use (~320 bytes each): 2^20 bounds the map at ~320 MiB
+    "file_keys": _number(int, 1, 1 << 20),
+    "file_keys_per_cgroup": _number(int, 1, 1 << 20),
 }

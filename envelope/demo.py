@@ -4,10 +4,10 @@
    tool calls (mcp-server-git on a repository the demo makes) through ``envelope mcp wrap``;
 2. show the profile;
 3. derive a policy through the four decisions, MCP included, and explain it;
-4. enforce it (the kernel side with ``envelope exec``, the MCP gateway by the workload's mode):
-   a legitimate variation passes, a malicious one has its out-of-envelope connect and syscall
-   denied and its MCP call on another repository refused in-band, and every denial is reported
-   as a violation;
+4. enforce it (the kernel side with ``envelope exec``: seccomp, egress and Landlock; the MCP
+   gateway by the workload's mode): a legitimate variation passes, a malicious one has its
+   out-of-envelope connect, syscall, shell and credentials read denied and its MCP call on
+   another repository refused in-band, and every denial is reported as a violation;
 5. verify the audit log.
 
 Every step is a real ``envelope`` command, printed before it runs. The local services the agent
@@ -23,6 +23,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -32,7 +33,7 @@ AGENT = Path(demo_agent.__file__).resolve()
 PYTHON = "/usr/bin/python3"
 WORKLOAD = "demo-agent"
 SESSIONS = 6
-SUBSTRATES = "syscall,egress,exec,mcp"
+SUBSTRATES = "syscall,egress,exec,file,mcp"
 
 
 class DemoServices:
@@ -129,10 +130,12 @@ class Demo:
         path.write_text(json.dumps({"mcpServers": {"git": {"command": sys.executable, "args": args}}}, indent=2) + "\n")
         return path
 
-    def agent(self, task: int, config: Path, malicious: bool = False) -> list[str]:
+    def agent(self, task: int, config: Path, malicious: bool = False, credentials: Path | None = None) -> list[str]:
         argv = [PYTHON, str(AGENT), "--task", str(task), "--mcp-config", str(config), "--repo", str(self.repo),
                 "--mcp-log", str(self.state / "mcp-gateway.log")]
-        return argv + (["--malicious", "--other-repo", str(self.other_repo)] if malicious else [])
+        if malicious:
+            argv += ["--malicious", "--other-repo", str(self.other_repo)]
+        return argv + (["--credentials", str(credentials)] if credentials else [])
 
     def run(self, *args: str, check: bool = True, expect: int | None = None) -> int:
         shown = " ".join(shlex.quote(a) for a in args)
@@ -212,10 +215,26 @@ def main() -> int:
 
         d.banner("5. enforce: a prompt-injected variation is denied and reported")
         print("It reads a repository it was never asked to read (refused in-band by the MCP gateway), connects\n"
-              "outside its egress envelope and calls ptrace (both denied by the kernel):")
-        d.run("exec", "--policy", str(policy), "--mode", "enforce", "--", *d.agent(2, enforced, malicious=True),
-              check=False)
+              "outside its egress envelope and calls ptrace (both denied by the kernel), spawns a shell and\n"
+              "reads a credentials file (both refused by Landlock):")
+        # A (fake) credentials file outside everything the agent was seen to touch: not under
+        # /tmp, whose tempfiles make the agent's /tmp/* entries, which Landlock can only grant as
+        # all of /tmp (the compile report names that widening).
+        secrets = Path(tempfile.mkdtemp(prefix="envelope-demo-", dir="/run"))
+        credentials = secrets / ".aws" / "credentials"
+        credentials.parent.mkdir()
+        credentials.write_text("[default]\naws_secret_access_key = not-a-real-key\n")
+        try:
+            d.run("exec", "--policy", str(policy), "--mode", "enforce", "--",
+                  *d.agent(2, enforced, malicious=True, credentials=credentials), check=False)
+        finally:
+            shutil.rmtree(secrets, ignore_errors=True)
         d.run("violations", "--workload", WORKLOAD, expect=1)  # exit 1: there are findings
+        print("Beside the denials: file accesses outside the policy that got through the Landlock ruleset, as\n"
+              "alerts. The MCP gateway runs inside the agent's cgroup here and, enforcing, reads the policy and\n"
+              "writes the audit log in the demo's state dir under /tmp, which training never saw; the agent's\n"
+              "/tmp/* entries are a Landlock hierarchy on /tmp (`envelope compile --format landlock --report`\n"
+              "names that widening), so detection reports them.")
 
         d.banner("6. every override and apply is in the tamper-evident audit log")
         d.run("audit", "show")

@@ -14,8 +14,9 @@ Each run picks tools for its task at run time, the way an agent's model would:
 ``--task`` varies which tools, files and ``git_log`` depths are used, within the same envelope.
 ``--malicious`` adds what a prompt-injected agent might do: an exfiltration connect to an address
 outside the observed envelope (127.0.1.66, still loopback), a syscall the agent never made
-(``ptrace``), and a ``git_log`` on another repository (``--other-repo``). Only loopback addresses
-are ever contacted.
+(``ptrace``), a ``git_log`` on another repository (``--other-repo``), a shell it never spawned
+(``/bin/sh``) and, with ``--credentials PATH``, a read of a credentials file it never read. Only
+loopback addresses are ever contacted.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ MODEL_PORT = int(os.environ.get("ENVELOPE_DEMO_MODEL_PORT", "18080"))
 TOOL_PORT = int(os.environ.get("ENVELOPE_DEMO_TOOL_PORT", "18081"))
 DNS_PORT = int(os.environ.get("ENVELOPE_DEMO_DNS_PORT", "18053"))
 EXFIL = ("127.0.1.66", 4444)
-HELPERS = {0: ["/bin/ls", "/"], 1: ["/bin/cat", "/etc/hostname"], 2: ["/bin/date", "-u"]}
+# (ls lists /tmp, not /: listing / is read_dir on every directory, sensitive ones included, which
+# Landlock cannot grant without covering them)
+HELPERS = {0: ["/bin/ls", "/tmp"], 1: ["/bin/cat", "/etc/hostname"], 2: ["/bin/date", "-u"]}
 
 
 def call(port: int, payload: bytes) -> str:
@@ -117,8 +120,19 @@ def use_mcp_tools(server: list[str], repo: str, task: int, other_repo: str | Non
     return status
 
 
+def attempt(what: str, fn) -> bool:
+    """Run ``fn``; print its outcome; True when it succeeded."""
+    try:
+        fn()
+    except OSError as e:
+        print(f"{what}: {errno.errorcode.get(e.errno, e.errno)}")
+        return False
+    print(f"{what}: ok")
+    return True
+
+
 def run(task: int, malicious: bool, mcp_server: list[str] | None = None, repo: str | None = None,
-        other_repo: str | None = None, mcp_log=None) -> int:
+        other_repo: str | None = None, mcp_log=None, credentials: str | None = None) -> int:
     answer = call(MODEL_PORT, f"plan task {task}".encode())
     print(f"model: {answer}")
     print(f"resolved: {resolve('tools.internal')}")
@@ -148,6 +162,10 @@ def run(task: int, malicious: bool, mcp_server: list[str] | None = None, repo: s
         err = ctypes.get_errno()
         print(f"ptrace: {'ok' if rc == 0 else errno.errorcode.get(err, err)}")
         status = status if rc == 0 else 3
+        if not attempt("spawn /bin/sh", lambda: subprocess.run(["/bin/sh", "-c", "id"], capture_output=True)):
+            status = 3
+        if credentials and not attempt("read credentials", lambda: open(credentials, encoding="utf-8").read()):
+            status = 3
     return status
 
 
@@ -159,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repo", help="the repository the agent's git tools work on")
     p.add_argument("--other-repo", help="with --malicious: a repository the agent was never asked to read")
     p.add_argument("--mcp-log", help="file for the MCP server's stderr (default: inherited)")
+    p.add_argument("--credentials", metavar="PATH", help="with --malicious: a credentials file to read")
     args = p.parse_args(argv)
     server = None
     if args.mcp_config:
@@ -169,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         server = [entry["command"], *entry.get("args", [])]
     log = open(args.mcp_log, "ab") if args.mcp_log else None
     try:
-        return run(args.task, args.malicious, server, args.repo, args.other_repo, log)
+        return run(args.task, args.malicious, server, args.repo, args.other_repo, log, args.credentials)
     finally:
         if log:
             log.close()

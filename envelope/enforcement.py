@@ -9,7 +9,8 @@ daemon then keeps every cgroup of the workload covered, present and future:
   reconciles the desired states with the cgroups it observes;
 - each new cgroup of an enforced workload gets the pinned egress programs at first sight, and
   is watched for seccomp denials;
-- egress violations and seccomp denials are drained from the kernel into
+- egress violations, seccomp denials and Landlock's refusals (-EACCES of the file syscalls of
+  cgroups whose exec and file entries are enforced) are drained from the kernel into
   ``<state-dir>/violations.jsonl`` and the metrics;
 - detection keeps running: every behaviour the sensor attributes to an enforced workload is
   judged against the policy's watch list and probabilistic detection rules;
@@ -108,9 +109,13 @@ class NodeEnforcement:
         return removed
 
     def _judge_for(self, policy: Policy, mode: str) -> None:
-        """Detection keeps running under enforcement: watch list, detection rules, and execs
-        outside the policy (exec is reported, not enforced)."""
-        self.judges[policy.workload] = Judge(policy, policy.workload.key, report_execs=mode != "observe")
+        """Detection keeps running under enforcement: watch list, detection rules, and execs and
+        file accesses and capabilities outside the policy that happened (reported: containers get
+        Landlock from the launcher, which the daemon cannot see, so it does not claim they were
+        enforced; the node does not drop capabilities)."""
+        self.judges[policy.workload] = Judge(policy, policy.workload.key, report_execs=mode != "observe",
+                                             report_files=mode != "observe",
+                                             report_capabilities=mode != "observe")
 
     def _reconcile(self, force: bool = False) -> None:
         """Follow the desired states written by ``envelope enforce`` (only when they changed)."""

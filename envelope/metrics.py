@@ -20,6 +20,8 @@ Metric names (all prefixed ``envelope_``)::
     profile_sessions{workload}                sessions in a workload's profile
     coverage_new_behaviours{workload,substrate}  behaviours first seen in the last 24 h of the
                                               observation window (the coverage rate)
+    profile_refused{workload,key}             checks the kernel refused a workload, by key
+                                              (capability:NAME; evidence, not behaviour)
     violations_total{workload,action,substrate}  policy violations, by action (deny|log|watch)
     policy_stale{workload}                    1 while a workload's policy is stale
     policies_stale                            stale policies on this node
@@ -106,6 +108,10 @@ class Metrics:
         self.coverage = Gauge("envelope_coverage_new_behaviours",
                               "Behaviours first seen in the last 24 hours of the observation window",
                               ["workload", "substrate"], registry=r)
+        self.refused = Gauge("envelope_profile_refused",
+                             "Checks the kernel refused a workload (capability:NAME), counted in its profile",
+                             ["workload", "key"], registry=r)
+        self._refused_labels: set[tuple[str, str]] = set()
         self.violations = Counter("envelope_violations_total", "Policy violations by workload and action",
                                   ["workload", "action", "substrate"], registry=r)
         self.stale = Gauge("envelope_policy_stale", "1 while the workload's policy is stale", ["workload"],
@@ -172,6 +178,7 @@ class Metrics:
         items = list(profiles.values()) if isinstance(profiles, Mapping) else list(profiles)
         self.profiles.set(len(items))
         seen: set[tuple[str, ...]] = set()
+        refused: set[tuple[str, str]] = set()
         for p in items:
             w = _workload_label(p.workload)
             counts = {s: 0 for s in SUBSTRATES}
@@ -183,6 +190,12 @@ class Metrics:
                 self.coverage.labels(workload=w, substrate=s).set(rate.get(s, 0))
                 seen.add((w, s))
             self.sessions.labels(workload=w).set(p.session_count)
+            for key, refusal in p.refused().items():
+                self.refused.labels(workload=w, key=key).set(refusal.count)
+                refused.add((w, key))
+        for w, key in self._refused_labels - refused:
+            self.refused.remove(w, key)
+        self._refused_labels = refused
         for w, s in self._profile_labels - seen:  # workloads gone from this node
             self.behaviours.remove(w, s)
             self.coverage.remove(w, s)

@@ -26,7 +26,7 @@ from sensor.workload import BehaviourKeyError, substrate_of
 HOUR = 3600.0
 DAY = 86400.0
 COLOURS = {"syscall": "#4c72b0", "egress": "#dd8452", "exec": "#55a868", "file": "#c44e52",
-           "http": "#8172b3", "mcp": "#937860", "iam": "#da8bc3", "watch": "#8c8c8c",
+           "http": "#8172b3", "mcp": "#937860", "iam": "#da8bc3", "capability": "#64b5cd", "watch": "#8c8c8c",
            "detection": "#ccb974"}
 
 

@@ -6,8 +6,31 @@ constructors directly.
 
 from __future__ import annotations
 
+import structlog
+
 from .config import Config
 from .errors import EnvironmentFailure
+
+log = structlog.get_logger("envelope.wiring")
+
+
+def sensor_extensions(config: Config) -> list:
+    """The program families the sensor loads beside its own, as the config asks: the capability
+    probe (left out, with one warning, on a kernel that has none) and the request capture."""
+    out = []
+    if config.observe_capabilities:
+        from sensor import capability_observer
+
+        how, detail = capability_observer.available()
+        if how is None:
+            log.warning("capability checks are not observed", reason=detail,
+                        fix="see `envelope doctor` (capability_probe)")
+        else:
+            out.append(capability_observer.CapabilityObserver(max_keys=config.capability_keys, how=how))
+    capture = request_capture(config)
+    if capture is not None:
+        out.append(capture)
+    return out
 
 
 def request_capture(config: Config):
@@ -22,18 +45,33 @@ def request_capture(config: Config):
                        tls_responses=config.http_tls_responses)
 
 
+def sensor_extensions(config: Config) -> list:
+    """The program families the sensor loads beside its own, as the config asks: the request
+    capture and the file substrate's observation."""
+    out = []
+    capture = request_capture(config)
+    if capture is not None:
+        out.append(capture)
+    if config.observe_files:
+        from sensor.file_observer import FileObserver
+
+        out.append(FileObserver(max_keys=config.file_keys, per_cgroup=config.file_keys_per_cgroup))
+    return out
+
+
 def open_sensor(config: Config):
     """Load and attach the probes, turning attach failures into one actionable line."""
+    from sensor.file_observer import FileProbeError
     from sensor.probes import ProbeAttachError, Sensor
 
-    capture = request_capture(config)
     sensor = Sensor(ringbuf_pages=config.ringbuf_pages, max_cgroups=config.max_cgroups,
-                    extensions=[capture] if capture is not None else [])
+                    extensions=sensor_extensions(config))
     try:
         sensor.attach()
-    except ProbeAttachError as e:
+    except (ProbeAttachError, FileProbeError) as e:
         sensor.close()
-        raise EnvironmentFailure(f"{e} (run `envelope doctor` for details)") from e
+        hint = " (or set observe_files: false to run without the file substrate)" if config.observe_files else ""
+        raise EnvironmentFailure(f"{e} (run `envelope doctor` for details){hint}") from e
     return sensor
 
 
@@ -53,10 +91,12 @@ def profile_store(config: Config, metrics=None):
                         on_quarantine=metrics.profile_quarantined if metrics is not None else None)
 
 
-def enforcement_session(config: Config, *, pinned: bool, denials: bool = True, sensor=None):
+def enforcement_session(config: Config, *, pinned: bool, denials: bool = True, sensor=None,
+                        file_denials: bool | None = None):
     """The enforcement session on the real kernel: pinned for the daemon and ``envelope
     enforce``, unpinned for ``envelope exec``. With a ``sensor`` that runs the request capture,
-    the session judges the http substrate through it."""
+    the session judges the http substrate through it. ``denials``: seccomp denials are reported;
+    ``file_denials`` (default: as ``denials``): Landlock's refusals are reported."""
     from enforcer.session import EnforcementSession
 
     http = None
@@ -65,7 +105,7 @@ def enforcement_session(config: Config, *, pinned: bool, denials: bool = True, s
         from enforcer.http_enforce import HttpEnforcement
         http = HttpEnforcement(capture)
     return EnforcementSession(config.state_dir, pinned=pinned, bpffs=config.bpffs, denials=denials,
-                              http=http)
+                              http=http, file_denials=denials if file_denials is None else file_denials)
 
 
 def capture_of(sensor):

@@ -20,6 +20,7 @@ APT_PACKAGES=(
   python3-bpfcc bpfcc-tools python3-seccomp python3-venv python3-pip
   linux-headers-amd64 runc busybox-static bpftrace strace
   golang-github-containers-common iproute2 make gcc libc6-dev
+  linux-libc-dev  # linux/capability.h: the capability table is checked against it in tests
   ruby  # parses the Vagrantfile in tests
   jq    # landlockconfig's formatting check in tests
   git   # mcp-server-git (the demo agent's MCP tools, the gateway tests) runs git

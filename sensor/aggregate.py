@@ -68,11 +68,16 @@ class Aggregator:
         self.dropped: set[Workload] = set()  # emptied by a rebind: removed from the store at flush
         self._last_counts: dict[int, dict[int, int]] = {}
         self._last_key_counts: dict[int, dict[str, int]] = {}
+        self._last_refused: dict[int, dict[str, int]] = {}
         self._first_seen_at: dict[tuple[int, int], float] = {}
         self._session_cgroups: dict[tuple[Workload, str], set[int]] = {}
         # Called as listener(workload, session, key, count, ts) for every behaviour added, and
         # as listener(workload, session, None, 0, ts) when a session closes (detection uses it).
         self.listeners: list[Callable] = []
+        # Substrates whose observation sessions record (sensor.workload.MARKED_SUBSTRATES): set by
+        # whoever feeds this aggregator (the pump, from its sensor), written into each session's
+        # meta as ``observed`` when it is bound.
+        self.observed: tuple[str, ...] = ()
         # Fingerprint inputs observed at run time (the model a workload's requests asked for),
         # per cgroup: key -> the values seen, for stale detection beside the annotations.
         self.runtime_fingerprints: dict[int, dict[str, set]] = {}
@@ -109,6 +114,7 @@ class Aggregator:
              meta: dict | None = None, fingerprints: dict | None = None) -> None:
         """Attribute everything cgroup ``cgroup_id`` does to ``session`` of ``workload``."""
         now = self.clock() if start is None else start
+        meta = self._with_observed(meta)
         self.bindings[cgroup_id] = Binding(workload, session)
         self._session_cgroups.setdefault((workload, session), set()).add(cgroup_id)
         contrib = self._contribution(workload)
@@ -142,7 +148,7 @@ class Aggregator:
         self.bindings[cgroup_id] = Binding(workload, session)
         self._session_cgroups.setdefault((workload, session), set()).add(cgroup_id)
         now = self.clock()
-        new.open_session(session, now, meta)
+        new.open_session(session, now, self._with_observed(meta))
         for k, v in (fingerprints or {}).items():
             new.add_fingerprint(k, str(v), now)
         self.totals.setdefault(workload, Rates())
@@ -154,12 +160,18 @@ class Aggregator:
             self.dropped.add(b.workload)
         return moved
 
+    def _with_observed(self, meta: dict | None) -> dict | None:
+        if not self.observed:
+            return meta
+        return {**(meta or {}), "observed": sorted(set(self.observed) | set((meta or {}).get("observed") or ()))}
+
     def unbind(self, cgroup_id: int, end: float | None = None, meta: dict | None = None) -> None:
         """The cgroup is gone; close its session when it was the session's last cgroup."""
         b = self.bindings.pop(cgroup_id, None)
         self.runtime_fingerprints.pop(cgroup_id, None)
         self._last_counts.pop(cgroup_id, None)
         self._last_key_counts.pop(cgroup_id, None)
+        self._last_refused.pop(cgroup_id, None)
         for k in [k for k in self._first_seen_at if k[0] == cgroup_id]:
             del self._first_seen_at[k]  # first-seen of syscalls made only before the first exec
         if b is None:
@@ -179,6 +191,7 @@ class Aggregator:
             self.bindings.pop(cg, None)
             self._last_counts.pop(cg, None)
             self._last_key_counts.pop(cg, None)
+            self._last_refused.pop(cg, None)
         self._session_cgroups.pop((workload, session), None)
         end = self.clock() if end is None else end
         self._contribution(workload).close_session(session, end, meta)
@@ -198,7 +211,7 @@ class Aggregator:
         contrib = self._contribution(workload)
         for (w, session) in sorted(self._session_cgroups, key=lambda t: t[1]):
             if w == workload:
-                contrib.open_session(session, now, {"continued": True})
+                contrib.open_session(session, now, self._with_observed({"continued": True}))
         self.totals[workload] = Rates()
         self.dirty.add(workload)
 
@@ -283,17 +296,30 @@ class Aggregator:
     def on_key_counts(self, readings: dict[int, dict[str, KeyReading]]) -> None:
         """Feed cumulative per-(cgroup, behaviour) readings counted in the kernel; the delta since
         the last reading of each is added, with the kernel's first and last seen times."""
+        for cg, _b, key, delta, r in self._key_deltas(readings, self._last_key_counts):
+            self.observe(cg, key, delta, r.last_seen, r.first_seen)
+
+    def on_refused_counts(self, readings: dict[int, dict[str, KeyReading]]) -> None:
+        """Feed cumulative per-(cgroup, key) readings of attempts the kernel refused (a
+        capability check without the capability); the deltas go to the bound workload's
+        ``refused`` evidence, not to its behaviours."""
+        for _cg, b, key, delta, r in self._key_deltas(readings, self._last_refused):
+            self._contribution(b.workload).add_refusal(key, delta, r.last_seen, r.first_seen)
+            self.dirty.add(b.workload)
+
+    def _key_deltas(self, readings: dict[int, dict[str, KeyReading]], seen: dict[int, dict[str, int]]):
+        """(cgroup, binding, key, delta, reading) of every reading of a bound cgroup that grew."""
         for cg, per_key in readings.items():
             b = self.bindings.get(cg)
             if b is None:
                 continue
-            last = self._last_key_counts.setdefault(cg, {})
+            last = seen.setdefault(cg, {})
             for key, r in per_key.items():
                 delta = r.count - last.get(key, 0)
                 if delta <= 0:
                     continue
                 last[key] = r.count
-                self.observe(cg, key, delta, r.last_seen, r.first_seen)
+                yield cg, b, key, delta, r
 
     def add_loss(self, deltas: dict[str, int], workloads: Iterable[Workload] | None = None) -> None:
         """Record lost events against the profiles they may have belonged to.

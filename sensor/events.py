@@ -34,6 +34,8 @@ EV_SECCOMP_DENIAL = 7
 EV_HTTP_CAPTURE = 24
 EV_HTTP_CONN = 25
 EV_HTTP_VIOLATION = 26
+EV_FILE_FIRST = 32
+EV_FILE_DENIAL = 33
 EV_IO_URING_OP = 40
 EV_CGROUP_ESCAPE = 41
 EV_TYPE_MAX = 42
@@ -46,6 +48,8 @@ TYPE_NAMES = {
     EV_SYSCALL_FIRST: "syscall_first",
     EV_EGRESS_VIOLATION: "egress_violation",
     EV_SECCOMP_DENIAL: "seccomp_denial",
+    EV_FILE_FIRST: "file_first",
+    EV_FILE_DENIAL: "file_denial",
     EV_IO_URING_OP: "io_uring_op",
     EV_CGROUP_ESCAPE: "cgroup_escape",
     EV_HTTP_CAPTURE: "http_capture",
@@ -112,6 +116,24 @@ HTTP_REASONS = {
     HTTP_REASON_TWO_HOSTS: "more than one Host header",
     HTTP_REASON_TOO_LONG: "method, host, path or a segment longer than the probe compares",
 }
+FILE_PATH_LEN = 256
+FILE_COMM_LEN = 16
+FILE_ACC_READ = 0x1
+FILE_ACC_LIST = 0x2
+FILE_ACC_WRITE = 0x4
+FILE_ACC_TRUNCATE = 0x8
+FILE_ACC_CREATE = 0x10
+FILE_ACC_REMOVE = 0x20
+FILE_ACC_MKDIR = 0x40
+FILE_ACC_RMDIR = 0x80
+FILE_ACC_SYMLINK = 0x100
+FILE_ACC_MKFIFO = 0x200
+FILE_ACC_MKSOCK = 0x400
+FILE_ACC_MKNOD = 0x800
+FILE_ACC_EXEC = 0x1000
+FILE_DIRFD_ABSOLUTE = 0
+FILE_AT_FDCWD = -100
+FILE_F_TRUNCATED = 0x1
 
 
 _PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
@@ -438,10 +460,68 @@ class HttpViolationRecord(Mirror):
     )
 
 
+class FileFirstRecord(Mirror):
+    """EV_FILE_FIRST: the first time a cgroup makes one access pattern to one path.
+
+    struct file_first_event {
+        struct event_hdr hdr;     /*   0 */
+        __u64 cgroup_id;          /*  16 */
+        __u32 pid;                /*  24 thread group that made the call */
+        __u32 access;             /*  28 FILE_ACC_* */
+        __u32 key_pid;            /*  32 the key's pid: 0 for an absolute path */
+        __s32 dirfd;              /*  36 FILE_DIRFD_ABSOLUTE, FILE_AT_FDCWD or a directory fd */
+        __u32 nr;                 /*  40 syscall number */
+        __u16 path_len;           /*  44 bytes in path, without the NUL */
+        __u16 flags;              /*  46 FILE_F_* */
+        __u64 path_hash;          /*  48 the key's path hash (files.h) */
+        char path[FILE_PATH_LEN]; /*  56 as the process gave it */
+    };
+    """
+
+    c_name = "file_first_event"
+    type = EV_FILE_FIRST
+    version = 1
+    fields = _HDR + (
+        ("cgroup_id", "Q"), ("pid", "I"), ("access", "I"), ("key_pid", "I"), ("dirfd", "i"),
+        ("nr", "I"), ("path_len", "H"), ("flags", "H"), ("path_hash", "Q"), ("path", f"{FILE_PATH_LEN}s"),
+    )
+
+
+class FileDenialRecord(Mirror):
+    """EV_FILE_DENIAL: a file call of a watched cgroup that failed with -EACCES.
+
+    struct file_denial_event {
+        struct event_hdr hdr;     /*   0 */
+        __u64 cgroup_id;          /*  16 */
+        __u32 pid;                /*  24 */
+        __u32 tid;                /*  28 */
+        __u32 access;             /*  32 FILE_ACC_* the call asked for */
+        __s32 dirfd;              /*  36 as in file_first_event */
+        __u32 nr;                 /*  40 syscall number */
+        __s32 ret;                /*  44 the syscall's return value (-errno) */
+        __u16 path_len;           /*  48 bytes in path, without the NUL */
+        __u16 flags;              /*  50 FILE_F_* */
+        __u32 pad;                /*  52 */
+        char comm[FILE_COMM_LEN]; /*  56 the calling thread's name */
+        char path[FILE_PATH_LEN]; /*  72 as the process gave it */
+    };
+    """
+
+    c_name = "file_denial_event"
+    type = EV_FILE_DENIAL
+    version = 1
+    fields = _HDR + (
+        ("cgroup_id", "Q"), ("pid", "I"), ("tid", "I"), ("access", "I"), ("dirfd", "i"),
+        ("nr", "I"), ("ret", "i"), ("path_len", "H"), ("flags", "H"), ("pad", "I"),
+        ("comm", f"{FILE_COMM_LEN}s"), ("path", f"{FILE_PATH_LEN}s"),
+    )
+
+
 RECORDS: dict[int, type[Mirror]] = {
     r.type: r for r in (ExecRecord, ForkRecord, ExitRecord, NetRecord, SyscallFirstRecord,
                         EgressViolationRecord, SeccompDenialRecord, IoUringOpRecord,
-                        CgroupEscapeRecord, HttpCaptureRecord, HttpConnRecord, HttpViolationRecord)
+                        CgroupEscapeRecord, HttpCaptureRecord, HttpConnRecord, HttpViolationRecord,
+                        FileFirstRecord, FileDenialRecord)
 }
 
 
@@ -590,6 +670,44 @@ class SeccompDenialEvent(_Event):
 
 
 @dataclass(slots=True)
+class FileFirstEvent(_Event):
+    """A new (cgroup, access bits, path) key: its count is read from the kernel map, so the event
+    itself is no behaviour occurrence (see :mod:`sensor.file_observer`)."""
+
+    ktime: int
+    cgroup_id: int
+    pid: int
+    access: int  # FILE_ACC_* bits
+    path: str  # as the process gave it
+    key_pid: int = 0  # 0: absolute path
+    dirfd: int = FILE_DIRFD_ABSOLUTE
+    nr: int = 0
+    syscall: str = ""
+    truncated: bool = False
+    path_hash: int = 0  # the kernel key's path hash
+    type_name: ClassVar[str] = "file_first"
+
+
+@dataclass(slots=True)
+class FileDenialEvent(_Event):
+    """A file call of a watched cgroup refused with -EACCES (see :mod:`enforcer.file_denials`)."""
+
+    ktime: int
+    cgroup_id: int
+    pid: int
+    tid: int
+    access: int  # FILE_ACC_* bits the call asked for
+    path: str  # as the process gave it
+    dirfd: int = FILE_DIRFD_ABSOLUTE
+    nr: int = 0
+    syscall: str = ""
+    ret: int = 0
+    truncated: bool = False
+    comm: str = ""
+    type_name: ClassVar[str] = "file_denial"
+
+
+@dataclass(slots=True)
 class IoUringOpEvent(_Event):
     """An enforced cgroup submitted io_uring operation ``op`` for the first time."""
 
@@ -680,7 +798,8 @@ class HttpViolationEvent(_Event):
 
 Event = Union[ExecEvent, ForkEvent, ExitEvent, NetEvent, SyscallFirstEvent,
               EgressViolationEvent, SeccompDenialEvent, IoUringOpEvent, CgroupEscapeEvent,
-              HttpCaptureEvent, HttpConnEvent, HttpViolationEvent]
+              HttpCaptureEvent, HttpConnEvent, HttpViolationEvent,
+              FileFirstEvent, FileDenialEvent]
 
 
 @dataclass(frozen=True, slots=True)
@@ -810,11 +929,30 @@ def _http_violation(r: dict) -> Event:
     )
 
 
+def _file_path(r: dict) -> str:
+    return _cstr(r["path"], min(r["path_len"], FILE_PATH_LEN))
+
+
+def _file_first(r: dict) -> Event:
+    return FileFirstEvent(ktime=r["ktime"], cgroup_id=r["cgroup_id"], pid=r["pid"], access=r["access"],
+                          path=_file_path(r), key_pid=r["key_pid"], dirfd=r["dirfd"], nr=r["nr"],
+                          syscall=syscalls.name(r["nr"]), truncated=bool(r["flags"] & FILE_F_TRUNCATED),
+                          path_hash=r["path_hash"])
+
+
+def _file_denial(r: dict) -> Event:
+    return FileDenialEvent(ktime=r["ktime"], cgroup_id=r["cgroup_id"], pid=r["pid"], tid=r["tid"],
+                           access=r["access"], path=_file_path(r), dirfd=r["dirfd"], nr=r["nr"],
+                           syscall=syscalls.name(r["nr"]), ret=r["ret"],
+                           truncated=bool(r["flags"] & FILE_F_TRUNCATED), comm=_cstr(r["comm"]))
+
+
 _BUILD = {
     EV_EXEC: _exec, EV_FORK: _fork, EV_EXIT: _exit, EV_NET: _net,
     EV_SYSCALL_FIRST: _syscall_first, EV_EGRESS_VIOLATION: _egress, EV_SECCOMP_DENIAL: _seccomp,
     EV_IO_URING_OP: _io_uring_op, EV_CGROUP_ESCAPE: _cgroup_escape,
     EV_HTTP_CAPTURE: _http_capture, EV_HTTP_CONN: _http_conn, EV_HTTP_VIOLATION: _http_violation,
+    EV_FILE_FIRST: _file_first, EV_FILE_DENIAL: _file_denial,
 }
 _HDR_STRUCT = struct.Struct("<HHIQ")
 

@@ -11,6 +11,7 @@ The ``bpf(2)`` commands come from :mod:`sensor.kernel`, the one kernel binding.
 
 from __future__ import annotations
 
+import bisect
 import os
 import platform
 import re
@@ -45,6 +46,11 @@ TRACEPOINTS = {
     "cgroup/cgroup_rmdir": ("root", "id"),
     "raw_syscalls/sys_enter": ("id", "args"),
 }
+#: The tracepoint bpf/capabilities.c reads as a raw tracepoint, with its TP_STRUCT fields in the
+#: order of its TP_PROTO arguments (include/trace/events/capability.h): the program reads
+#: argument 3 (cap) and 4 (ret).
+CAPABILITY_TRACEPOINT = "capability/cap_capable"
+CAPABILITY_FIELDS = ("cred", "target_ns", "capable_ns", "cap", "ret")
 
 
 # ---- BTF: enough of the format to find a function's type id -----------------------------------
@@ -231,9 +237,38 @@ def check_btf() -> Check:
     p = Path("/sys/kernel/btf/vmlinux")
     if not p.exists():
         return Check("btf", False, "no /sys/kernel/btf/vmlinux",
-                     "not needed by the sensor (it reads no kernel structs); "
-                     "CONFIG_DEBUG_INFO_BTF=y enables fentry and LSM programs", required=False)
+                     "the file substrate reads each call's arguments with bpf_task_pt_regs, which needs "
+                     "BTF (CONFIG_DEBUG_INFO_BTF=y); it also enables fentry and LSM programs", required=False)
     return Check("btf", True, f"{p} ({p.stat().st_size} bytes)", required=False)
+
+
+#: The syscalls whose exits the file substrate's programs read (bpf/files.c; open, rename and the
+#: other legacy calls are absent on some architectures, which is fine).
+FILE_EXITS = ("openat", "openat2", "execve", "execveat", "unlinkat", "mkdirat", "renameat2", "linkat",
+              "symlinkat", "mknodat")
+
+
+def check_file_tracepoints() -> Check:
+    base = tracefs_path()
+    if base is None:
+        return Check("file_tracepoints", False, "tracefs not mounted", "mount -t tracefs nodev /sys/kernel/tracing",
+                     required=False)
+    missing = []
+    for sc in FILE_EXITS:
+        fmt = base / "events" / "syscalls" / f"sys_exit_{sc}" / "format"
+        try:
+            fields = set(parse_tracepoint_fields(fmt.read_text()))
+        except OSError:
+            missing.append(sc)
+            continue
+        if not {"__syscall_nr", "ret"} <= fields:
+            missing.append(sc)
+    if missing:
+        return Check("file_tracepoints", False, f"no syscalls:sys_exit_* tracepoint for {', '.join(missing)}",
+                     "the file substrate needs CONFIG_FTRACE_SYSCALLS; without it set observe_files: false",
+                     required=False)
+    return Check("file_tracepoints", True, f"syscalls:sys_exit_* of {len(FILE_EXITS)} file syscalls, "
+                 "each with __syscall_nr and ret", required=False)
 
 
 def check_kernel_headers() -> Check:
@@ -275,14 +310,120 @@ def check_arch() -> Check:
                  "the syscall table and entry-frame offsets in the sensor are x86_64 only")
 
 
+def kprobes_available() -> bool:
+    """The kprobe PMU, through which BCC attaches kprobes owned by a file descriptor."""
+    return Path("/sys/bus/event_source/devices/kprobe/type").exists()
+
+
 def check_kprobes() -> Check:
     base = tracefs_path()
-    pmu = Path("/sys/bus/event_source/devices/kprobe/type").exists()
+    pmu = kprobes_available()
     events = base is not None and (base / "kprobe_events").exists()
     ok = pmu or events
     return Check("kprobes", ok, "kprobe PMU or kprobe_events present" if ok else
                  "no kprobe PMU and no kprobe_events", "" if ok else
-                 "not used: the sensor relies on tracepoints and raw tracepoints", required=False)
+                 "not needed where the capability:cap_capable tracepoint exists: the sensor relies on "
+                 "tracepoints and raw tracepoints, and uses a kprobe only as the capability probe's "
+                 "fallback", required=False)
+
+
+def kallsyms_text(path: str = "/proc/kallsyms") -> dict[str, tuple[int, int]]:
+    """Kernel text symbols -> (start, end) address, the end being the next higher symbol address;
+    empty when the addresses are hidden (kptr_restrict, no CAP_SYSLOG: every address reads 0)."""
+    starts: list[tuple[int, str]] = []
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 3 and parts[1] in ("t", "T"):
+                    starts.append((int(parts[0], 16), parts[2]))
+    except OSError:
+        return {}
+    addrs = sorted({a for a, _ in starts})
+    if not addrs or addrs[-1] == 0:
+        return {}
+    out = {}
+    for addr, name in starts:
+        i = bisect.bisect_right(addrs, addr)
+        if addr and i < len(addrs) and name not in out:
+            out[name] = (addr, addrs[i])
+    return out
+
+
+def raw_tracepoint_works(name: str) -> bool:
+    """Whether a raw tracepoint program attaches to ``name`` (tried, then detached)."""
+    prog = link = None
+    try:
+        prog = prog_load(BPF_PROG_TYPE_RAW_TRACEPOINT, _RETURN_ZERO)
+        link = raw_tracepoint_open(name, prog)
+        return True
+    except BpfError:
+        return False
+    finally:
+        close_fds([link, prog])
+
+
+def capability_attach_point() -> tuple[str | None, str]:
+    """How ``bpf/capabilities.c`` can see capability checks on this kernel, and what was found:
+    ``"tracepoint"`` (capability:cap_capable with the expected arguments, as a raw tracepoint),
+    ``"kprobe"`` (no such tracepoint, but kprobes and a ``cap_capable`` symbol), or None."""
+    base = tracefs_path()
+    fmt = base / "events" / CAPABILITY_TRACEPOINT / "format" if base is not None else None
+    if fmt is not None and fmt.exists():
+        fields = tuple(parse_tracepoint_fields(_read(fmt)))
+        if fields != CAPABILITY_FIELDS:
+            return None, (f"tracepoint {CAPABILITY_TRACEPOINT} has fields {', '.join(fields)}, not the "
+                          f"{', '.join(CAPABILITY_FIELDS)} the probe reads")
+        if raw_tracepoint_works("cap_capable"):
+            return "tracepoint", f"raw tracepoint cap_capable ({CAPABILITY_TRACEPOINT}: cap, ret)"
+        return None, "tracepoint cap_capable exists but a raw tracepoint program does not attach to it"
+    if kprobes_available() and "cap_capable" in kallsyms_names():
+        return "kprobe", f"no {CAPABILITY_TRACEPOINT} tracepoint: kprobe and kretprobe on cap_capable"
+    return None, (f"no {CAPABILITY_TRACEPOINT} tracepoint (Linux 6.14+) and no kprobes (CONFIG_KPROBES) to "
+                  f"fall back to")
+
+
+def kallsyms_names(path: str = "/proc/kallsyms") -> set[str]:
+    """Every kernel text symbol name (names are listed even when addresses are hidden)."""
+    out = set()
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 3 and parts[1] in ("t", "T"):
+                    out.add(parts[2])
+    except OSError:
+        pass
+    return out
+
+
+#: Where overcommit accounting asks for CAP_SYS_ADMIN (see bpf/capabilities.c).
+VM_ACCOUNTING_FUNCTIONS = ("security_vm_enough_memory_mm", "cap_vm_enough_memory")
+
+
+def overcommit_ranges() -> tuple[tuple[int, int], tuple[tuple[int, int], ...]] | None:
+    """The address range of ``cap_capable`` and those of :data:`VM_ACCOUNTING_FUNCTIONS`, which
+    ``bpf/capabilities.c`` tells apart by them; None when kallsyms hides addresses or lacks one."""
+    syms = kallsyms_text()
+    acct = tuple(syms[f] for f in VM_ACCOUNTING_FUNCTIONS if f in syms)
+    if "cap_capable" not in syms or not acct:
+        return None
+    return syms["cap_capable"], acct
+
+
+def check_capability_probe() -> Check:
+    how, detail = capability_attach_point()
+    if how is None:
+        return Check("capability_probe", False, detail,
+                     "the capability substrate is not observed: sessions are recorded without it and "
+                     "derive leaves it out; a kernel with the capability:cap_capable tracepoint (6.14+) "
+                     "or with kprobes observes it", required=False)
+    if overcommit_ranges() is None:
+        return Check("capability_probe", True,
+                     f"{detail}; kernel addresses are hidden (kptr_restrict or no CAP_SYSLOG), so overcommit "
+                     f"accounting's CAP_SYS_ADMIN checks count as behaviour", required=False)
+    return Check("capability_probe", True, f"{detail}; overcommit accounting's CAP_SYS_ADMIN checks left out",
+                 required=False)
 
 
 def check_uprobes() -> Check:
@@ -367,8 +508,8 @@ def check_lsm() -> Check:
 
 CHECKS = (check_root, check_arch, check_bcc, check_bpf_permission, check_kernel_headers,
           check_tracefs, check_tracepoints, check_raw_tracepoint, check_ringbuf, check_cgroup2,
-          check_cgroup_bpf, check_btf, check_kprobes, check_fentry, check_lsm, check_uprobes,
-          check_uprobe_actions)
+          check_cgroup_bpf, check_btf, check_kprobes, check_capability_probe, check_file_tracepoints,
+          check_fentry, check_lsm, check_uprobes, check_uprobe_actions)
 
 
 def run_checks() -> list[Check]:

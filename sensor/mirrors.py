@@ -33,6 +33,13 @@ DENIAL_KIND_ALERTED = 2
 DENIALS_LOST_RINGBUF = 0
 DENIALS_LOST_COUNTS_FULL = 1
 DENIALS_LOST_SLOTS = 2
+CAPS_F_REFUSED = 1  # bpf/capabilities.h
+CAPS_F_AFTER_EXEC = 2
+CAPS_STAT_MAP_FULL = 0
+CAPS_STAT_UNKNOWN_CAP = 1
+CAPS_STAT_OVERCOMMIT = 2
+CAPS_STAT_STACK_WALKS = 3
+CAPS_STAT_SLOTS = 4
 HTTP_METHOD_MAX = 16  # bpf/http.h: what the probe compares of a request
 HTTP_HOST_MAX = 128
 HTTP_SEGMENT_MAX = 64
@@ -61,6 +68,15 @@ HTTP_C_UNDER = 0x10
 HTTP_C_OTHER = 0x20
 HTTP_C_SLASH = 0x40
 HTTP_C_END = 0x80
+FILE_PATH_LEN = 256  # bpf/events.h
+FILE_LOSS_RINGBUF_FIRST = 0  # bpf/files.h
+FILE_LOSS_RINGBUF_DENIAL = 1
+FILE_LOSS_MAP_FULL = 2
+FILE_LOSS_PATH_UNREADABLE = 3
+FILE_LOSS_PATH_TRUNCATED = 4
+FILE_LOSS_CGROUP_OVERFLOW = 5
+FILE_LOSS_SLOTS = 8
+FILE_WATCH_ENFORCE = 2
 
 
 class Mirror:
@@ -295,6 +311,37 @@ class DenialCount(Mirror):
     fields = (("count", "Q"), ("last_ktime", "Q"))
 
 
+
+# ---- bpf/capabilities.h ------------------------------------------------------------------------
+
+
+class CapKey(Mirror):
+    """Key of ``cap_counts``: one cgroup, one capability, granted or refused, before or after the
+    cgroup's first exec.
+
+    struct cap_key {
+        __u64 cgroup_id; /*  0 */
+        __u32 cap;       /*  8 capability number (0..CAPS_LAST_CAP) */
+        __u32 flags;     /* 12 CAPS_F_* */
+    };
+    """
+
+    c_name = "cap_key"
+    fields = (("cgroup_id", "Q"), ("cap", "I"), ("flags", "I"))
+
+
+class CapCount(Mirror):
+    """Value of ``cap_counts``: cumulative, never drained.
+
+    struct cap_count {
+        __u64 count;    /*  0 */
+        __u64 first_ns; /*  8 bpf_ktime_get_ns() of the first check */
+        __u64 last_ns;  /* 16 of the latest */
+    };
+    """
+
+    c_name = "cap_count"
+    fields = (("count", "Q"), ("first_ns", "Q"), ("last_ns", "Q"))
 # ---- bpf/http.h -------------------------------------------------------------------------------
 
 
@@ -417,12 +464,81 @@ class HttpEdgeKey(Mirror):
     fields = (("state", "I"), ("len", "I"), ("text", f"{HTTP_EDGE_TEXT}s"))
 
 
+# ---- bpf/files.h -------------------------------------------------------------------------------
+
+
+class FileKey(Mirror):
+    """Key of ``file_counts``: one access pattern to one path by one cgroup.
+
+    struct file_key {
+        __u64 cgroup_id; /*  0 */
+        __u32 access;    /*  8 FILE_ACC_* */
+        __u32 pid;       /* 12 0 for an absolute path */
+        __s32 dirfd;     /* 16 FILE_DIRFD_ABSOLUTE, FILE_AT_FDCWD or a directory fd */
+        __u32 pad;       /* 20 */
+        __u64 path_hash; /* 24 keyed hash of the path as given */
+    };
+    """
+
+    c_name = "file_key"
+    fields = (("cgroup_id", "Q"), ("access", "I"), ("pid", "I"), ("dirfd", "i"), ("pad", "I"),
+              ("path_hash", "Q"))
+
+
+class FileCount(Mirror):
+    """Value of ``file_counts``: cumulative, never drained, and the path.
+
+    struct file_count {
+        __u64 count;              /*  0 */
+        __u64 first_ns;           /*  8 bpf_ktime_get_ns() of the first access */
+        __u64 last_ns;            /* 16 and of the latest */
+        __u16 path_len;           /* 24 bytes in path, without the NUL */
+        __u16 flags;              /* 26 FILE_F_* */
+        __u32 pad;                /* 28 */
+        char path[FILE_PATH_LEN]; /* 32 as the process gave it */
+    };
+    """
+
+    c_name = "file_count"
+    fields = (("count", "Q"), ("first_ns", "Q"), ("last_ns", "Q"), ("path_len", "H"), ("flags", "H"),
+              ("pad", "I"), ("path", f"{FILE_PATH_LEN}s"))
+
+
+class FileCgroup(Mirror):
+    """Value of ``file_cgroups`` (keyed by the u64 cgroup id).
+
+    struct file_cgroup {
+        __u32 keys;     /*  0 keys in file_counts */
+        __u32 pad;      /*  4 */
+        __u64 overflow; /*  8 accesses with a new key refused at FILES_PER_CGROUP */
+    };
+    """
+
+    c_name = "file_cgroup"
+    fields = (("keys", "I"), ("pad", "I"), ("overflow", "Q"))
+
+
+class FileWatch(Mirror):
+    """Value of ``watched`` (denial role, keyed by the u64 cgroup id).
+
+    struct file_watch {
+        __u32 mode; /* 0 FILE_WATCH_* */
+        __u32 pad;  /* 4 */
+    };
+    """
+
+    c_name = "file_watch"
+    fields = (("mode", "I"), ("pad", "I"))
+
+
 #: Every map-layout mirror, by header.
 MAP_MIRRORS = {
     "events.h": (SyscallSlotState, SyscallSlotCounts),
     "egress.h": (EgressKey, EgressRule, EgressPortKey, EgressMeta, EgressCgroup),
     "denials.h": (DenialCgroup, DenialThread, DenialKey, DenialCount),
+    "capabilities.h": (CapKey, CapCount),
     "http.h": (HttpCgroup, HttpSockKey, HttpSock, HttpConnKey, HttpConn, HttpSslCall, HttpCtab, HttpEdgeKey),
+    "files.h": (FileKey, FileCount, FileCgroup, FileWatch),
 }
 U64 = struct.Struct("<Q")
 U32 = struct.Struct("<I")

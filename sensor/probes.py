@@ -109,7 +109,18 @@ class Extension(Protocol):
       it from the sensor's output (the extension makes something of it itself);
     - ``events() -> list``: what the extension made, handed out with the next :meth:`Sensor.poll`
       (objects with ``cgroup_id``, ``ktime`` and ``behaviour_keys()``, see
-      :meth:`sensor.aggregate.Aggregator.on_event`)."""
+      :meth:`sensor.aggregate.Aggregator.on_event`);
+    - ``forget_cgroup(cgroup_id)``: runs after the next reading of counts once the sensor forgets a
+      cgroup that is gone (to drop its kernel state);
+    - ``substrates``: the substrates the extension observes (:data:`sensor.workload.MARKED_SUBSTRATES`
+      among them are recorded as observed in each session the pump binds);
+    - ``phases``: True means the extension counts a cgroup's activity before its first exec (a
+      runtime's or launcher's setup) apart, and its ``behaviour_counts`` and ``refused_counts``
+      take ``after_exec``, the cgroups for which only what came after is wanted;
+    - ``refused_counts()``: reports, like ``behaviour_counts``, attempts the kernel refused
+      (evidence, never behaviour);
+    - ``cgroup_loss() -> {cgroup id: {name: cumulative count}}``: loss the extension can
+      attribute to one cgroup (the pump charges it to that cgroup's profile only)."""
 
     name: str
     rings: tuple[str, ...]
@@ -205,6 +216,7 @@ class Sensor:
         self._ring: RingReader | None = None
         self._events: list[Event] = []
         self._quarantine: list[tuple[float, int]] = []
+        self._forget_in_extensions: set[int] = set()  # cgroups whose extension state goes next
         self._wall_offset = 0.0
         self._ncpus = kernel.possible_cpus()
         self._counts_buf = ctypes.create_string_buffer(SyscallSlotCounts.size() * self._ncpus)
@@ -419,15 +431,66 @@ class Sensor:
                 out[f"{ext.name}_{name}"] = n
         return out
 
-    def behaviour_counts(self) -> dict[int, dict[str, KeyReading]]:
+    def observed_substrates(self) -> tuple[str, ...]:
+        """The substrates the loaded extensions observe (their optional ``substrates``)."""
+        return tuple(sorted({s for ext in self.extensions for s in getattr(ext, "substrates", ())}))
+
+    def behaviour_counts(self, after_exec: Container[int] = ()) -> dict[int, dict[str, KeyReading]]:
         """cgroup id -> behaviour key -> cumulative reading, for what the programs count in the
-        kernel beside syscalls (every extension's). Nothing is drained: callers take deltas."""
+        kernel beside syscalls (every extension's). Nothing is drained: callers take deltas. For
+        the cgroups in ``after_exec``, extensions that tell phases apart count only what came
+        from the cgroup's first exec on (as :meth:`syscall_counts` does)."""
         self._require()
         out: dict[int, dict[str, KeyReading]] = {}
         for ext in self.extensions:
             ext.tick()
-            for cg, per_key in ext.behaviour_counts().items():
+            counts = ext.behaviour_counts(after_exec) if getattr(ext, "phases", False) else ext.behaviour_counts()
+            for cg, per_key in counts.items():
                 out.setdefault(cg, {}).update(per_key)
+        gone, self._forget_in_extensions = self._forget_in_extensions, set()
+        for ext in self.extensions:
+            forget = getattr(ext, "forget_cgroup", None)
+            for cg in sorted(gone) if forget is not None else ():
+                try:
+                    forget(cg)
+                except Exception as e:  # noqa: BLE001 - the others are still forgotten
+                    log.warning("sensor extension forget failed", extension=ext.name, error=str(e))
+        return out
+
+    def refused_counts(self, after_exec: Container[int] = ()) -> dict[int, dict[str, KeyReading]]:
+        """cgroup id -> key -> cumulative reading of attempts the kernel refused (extensions with
+        ``refused_counts``: capability checks without the capability). Read it before
+        :meth:`behaviour_counts`, which then forgets the cgroups that are gone."""
+        self._require()
+        out: dict[int, dict[str, KeyReading]] = {}
+        for ext in self.extensions:
+            refused = getattr(ext, "refused_counts", None)
+            if refused is None:
+                continue
+            counts = refused(after_exec) if getattr(ext, "phases", False) else refused()
+            for cg, per_key in counts.items():
+                out.setdefault(cg, {}).update(per_key)
+        gone, self._forget_in_extensions = self._forget_in_extensions, set()
+        for ext in self.extensions:
+            forget = getattr(ext, "forget_cgroup", None)
+            for cg in sorted(gone) if forget is not None else ():
+                try:
+                    forget(cg)
+                except Exception as e:  # noqa: BLE001 - the others are still forgotten
+                    log.warning("sensor extension forget failed", extension=ext.name, error=str(e))
+        return out
+
+    def cgroup_loss(self) -> dict[int, dict[str, int]]:
+        """cgroup id -> ``<extension>_<name>`` -> cumulative loss the extensions attribute to that
+        cgroup (a relative path no longer resolvable, keys over a cgroup's bound)."""
+        self._require()
+        out: dict[int, dict[str, int]] = {}
+        for ext in self.extensions:
+            read = getattr(ext, "cgroup_loss", None)
+            for cg, per in (read() if read is not None else {}).items():
+                d = out.setdefault(cg, {})
+                for name, n in per.items():
+                    d[f"{ext.name}_{name}"] = n
         return out
 
     # ---- extensions: syscall hooks and watched cgroups ----------------------------------------
@@ -483,6 +546,7 @@ class Sensor:
         rest. A cgroup that is forgotten while still alive gets a fresh slot, not a wrong one.
         """
         self._require()
+        self._forget_in_extensions.add(cgroup_id)  # after their next reading (behaviour_counts)
         for ext in self.extensions:
             unwatch = getattr(ext, "unwatch", None)
             if unwatch is not None:
@@ -490,6 +554,7 @@ class Sensor:
                     unwatch(cgroup_id)
                 except Exception as e:  # noqa: BLE001
                     log.warning("sensor extension unwatch failed", extension=ext.name, error=str(e))
+        self._forget_in_extensions.add(cgroup_id)  # after their next reading (behaviour_counts)
         key = ctypes.c_uint64(cgroup_id)
         map_op(BPF_MAP_DELETE_ELEM, self._maps["hooked_cgroups"], key)
         slot = ctypes.c_uint32()

@@ -27,6 +27,12 @@ Memory and file size are bounded, not only the number of keys:
   items for a list, such as a recorded command line), and each fingerprint keeps its
   :data:`MAX_FINGERPRINT_VALUES` most recent values.
 
+**Refused** attempts (checks the kernel refused, not keys a cap refused) are kept apart from
+behaviours: a capability check the kernel refused (``capability:NET_RAW`` in ``refused``) says
+what the workload tried without the privilege. It
+is evidence for reviewers and reconciliation, never a behaviour a policy could admit: counts and
+first/last seen per key, summed over nodes like the rest.
+
 A contribution that recorded MCP behaviours also carries their argument evidence
 (``arguments``, a :class:`sensor.mcp_evidence.ArgumentEvidence`: per ``mcp:`` behaviour kept in
 the contribution, the values seen at each argument path, bounded per key and per path). It merges
@@ -47,7 +53,7 @@ from .workload import SUBSTRATES, Workload, substrate_of
 SCHEMA_VERSION = 1
 DAY = 86400.0
 DEFAULT_CAPS = {"syscall": 1024, "egress": 4096, "exec": 2048, "file": 8192, "http": 4096,
-                "mcp": 2048, "iam": 2048}
+                "mcp": 2048, "iam": 2048, "capability": 64}
 # Each behaviour keeps the ids of the first sessions it was seen in, up to this many. The union of
 # these samples gives an envelope element's exact distinct-session count while every member's
 # sample is complete (confidence thresholds are far below the cap); beyond it, a lower bound.
@@ -58,6 +64,16 @@ MAX_SESSIONS = 4096
 MAX_META_LEN = 1024
 MAX_META_ITEMS = 64
 MAX_FINGERPRINT_VALUES = 64
+# Times a profile may hold (epoch seconds): 0001-01-02 to 9999-12-30 UTC, so every one can be
+# written as an RFC 3339 time; a file with another is malformed.
+_FIRST_TIME, _LAST_TIME = -62135510400.0, 253402128000.0
+
+
+def _when(v) -> float:
+    t = float(v)
+    if not _FIRST_TIME <= t <= _LAST_TIME:  # NaN too
+        raise ValueError(f"time {v!r} is off the calendar")
+    return t
 
 
 def _bounded(v):
@@ -113,7 +129,7 @@ class BehaviourStats:
     @classmethod
     def unpack(cls, v: list) -> "BehaviourStats":
         ids = [sys.intern(str(x)) for x in v[6]] if len(v) > 6 else []
-        return cls(int(v[0]), int(v[1]), float(v[2]), float(v[3]), float(v[4]), float(v[5]), ids)
+        return cls(int(v[0]), int(v[1]), _when(v[2]), _when(v[3]), float(v[4]), float(v[5]), ids)
 
 
 @dataclass(slots=True)
@@ -128,7 +144,7 @@ class SessionRecord:
 
     @classmethod
     def unpack(cls, v: list) -> "SessionRecord":
-        return cls(str(v[0]), float(v[1]), None if v[2] is None else float(v[2]), dict(v[3]))
+        return cls(str(v[0]), _when(v[1]), None if v[2] is None else _when(v[2]), dict(v[3]))
 
 
 @dataclass(slots=True)
@@ -139,6 +155,22 @@ class Overflow:
     new_keys: int = 0  # distinct keys refused (counted once per node, approximately)
     first_seen: float = 0.0
     last_seen: float = 0.0
+
+
+@dataclass(slots=True)
+class Refusal:
+    """What the kernel refused a workload, per key: how often and when first and last."""
+
+    count: int
+    first_seen: float
+    last_seen: float
+
+    def pack(self) -> list:
+        return [self.count, self.first_seen, self.last_seen]
+
+    @classmethod
+    def unpack(cls, v: list) -> "Refusal":
+        return cls(int(v[0]), float(v[1]), float(v[2]))
 
 
 @dataclass
@@ -163,6 +195,7 @@ class NodeContribution:
     caps: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_CAPS))
     sessions_dropped: int = 0  # session records let go past MAX_SESSIONS (oldest closed first)
     arguments: object = None  # sensor.mcp_evidence.ArgumentEvidence of the mcp behaviours, or None
+    refused: dict[str, Refusal] = field(default_factory=dict)  # refused attempts, by behaviour key
     _per_substrate: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
     # (session, key) refused by a cap, remembered in memory only and at most REFUSED_SAMPLE
     _refused: set = field(default_factory=set, repr=False, compare=False)
@@ -321,7 +354,7 @@ class NodeContribution:
 
     @property
     def empty(self) -> bool:
-        return not self.sessions and not self.behaviours
+        return not self.sessions and not self.behaviours and not self.refused
 
     def add_fingerprint(self, key: str, value: str, ts: float) -> None:
         key, value = key[:MAX_META_LEN], value[:MAX_META_LEN]
@@ -333,6 +366,25 @@ class NodeContribution:
             for v, _ in sorted(values.items(), key=lambda kv: (kv[1], kv[0]))[:len(values) - MAX_FINGERPRINT_VALUES]:
                 del values[v]
 
+    def add_refusal(self, key: str, count: int, ts: float, first: float | None = None) -> None:
+        """Add ``count`` refused attempts of ``key`` (not a behaviour: see the module docstring),
+        bounded like the behaviours of its substrate (past the cap, counted as overflow)."""
+        if count <= 0:
+            return
+        first = ts if first is None else min(first, ts)
+        r = self.refused.get(key)
+        if r is None:
+            substrate = substrate_of(key)
+            if sum(1 for k in self.refused if substrate_of(k) == substrate) >= self.caps.get(
+                    substrate, DEFAULT_CAPS.get(substrate, 1024)):
+                self._overflow(substrate, count, ts, new=True)
+                self.capped = True
+                return
+            self.refused[key] = Refusal(count, first, ts)
+            return
+        r.count += count
+        r.first_seen = min(r.first_seen, first)
+        r.last_seen = max(r.last_seen, ts)
     def add_blind_spot(self, substrate: str, finding: str, ts: float) -> None:
         self.blind_spots.setdefault(substrate, {})[finding] = ts
 
@@ -394,6 +446,8 @@ class NodeContribution:
         }
         if self.arguments:
             d["arguments"] = self.arguments.pack()
+        if self.refused:
+            d["refused"] = {k: v.pack() for k, v in sorted(self.refused.items())}
         return d
 
     @classmethod
@@ -406,14 +460,14 @@ class NodeContribution:
         return cls(
             node=str(d["node"]),
             generation=int(d["generation"]),
-            updated=float(d["updated"]),
-            window_start=None if d["window_start"] is None else float(d["window_start"]),
+            updated=_when(d["updated"]),
+            window_start=None if d["window_start"] is None else _when(d["window_start"]),
             behaviours={str(k): BehaviourStats.unpack(v) for k, v in d["behaviours"].items()},
             sessions={str(s[0]): SessionRecord.unpack(s) for s in d["sessions"]},
             open_sessions={str(k): {str(b): int(c) for b, c in v.items()}
                            for k, v in d["open_sessions"].items()},
             closed_sessions=int(d["closed_sessions"]),
-            overflow={str(k): Overflow(int(v[0]), int(v[1]), float(v[2]), float(v[3]))
+            overflow={str(k): Overflow(int(v[0]), int(v[1]), _when(v[2]), _when(v[3]))
                       for k, v in d["overflow"].items()},
             capped=bool(d["capped"]),
             loss={str(k): int(v) for k, v in d["loss"].items()},
@@ -422,6 +476,7 @@ class NodeContribution:
             caps={**DEFAULT_CAPS, **{str(k): int(v) for k, v in d.get("caps", {}).items()}},
             sessions_dropped=int(d.get("sessions_dropped", 0)),
             arguments=arguments,
+            refused={str(k): Refusal.unpack(v) for k, v in (d.get("refused") or {}).items()},
             blind_spots={str(k): {str(a): float(b) for a, b in v.items()}
                          for k, v in d.get("blind_spots", {}).items()},
             tls_stacks={str(k): {str(a): float(b) for a, b in v.items()}
@@ -495,6 +550,22 @@ class Profile:
             if ev:
                 out = out.merged(ev.relabelled(f"{name}/"))
         return out
+
+    def refused(self) -> dict[str, Refusal]:
+        """Refused attempts per key, summed over nodes, sorted by key."""
+        out: dict[str, Refusal] = {}
+        for name in sorted(self.nodes):
+            for k, r in self.nodes[name].refused.items():
+                p = out.get(k)
+                out[k] = Refusal(r.count, r.first_seen, r.last_seen) if p is None else Refusal(
+                    p.count + r.count, min(p.first_seen, r.first_seen), max(p.last_seen, r.last_seen))
+        return dict(sorted(out.items()))
+
+    def observed_sessions(self, substrate: str) -> int:
+        """Sessions whose recorder says it observed ``substrate`` (session meta ``observed``;
+        see :data:`sensor.workload.MARKED_SUBSTRATES`)."""
+        return sum(1 for n in self.nodes.values() for s in n.sessions.values()
+                   if substrate in (s.meta.get("observed") or ()))
 
     def sessions(self) -> list[SessionRecord]:
         recs = [s for n in self.nodes.values() for s in n.sessions.values()]
@@ -653,6 +724,11 @@ class Profile:
             "capped": self.capped,
             "overflow": {k: {"count": o.count, "new_keys": o.new_keys} for k, o in self.overflow().items()},
             "fingerprints": self.fingerprints(),
+            "refused": [
+                {"key": k, "substrate": substrate_of(k), "count": r.count, "first_seen": r.first_seen,
+                 "last_seen": r.last_seen}
+                for k, r in self.refused().items()
+            ],
             "blind_spots": self.blind_spots(),
             "tls": self.tls_stacks(),
             "nodes": sorted(self.nodes),

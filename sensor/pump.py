@@ -253,6 +253,9 @@ class Pump:
         self._next_counts = 0.0
         self._next_gc = clock() + gc_interval
         self._loss_seen: dict[str, int] = dict(sensor.loss()) if sensor is not None else {}
+        if sensor is not None:  # sessions record the marked substrates their sensor observes
+            aggregator.observed = tuple(sensor.observed_substrates())
+        self._cgroup_loss_seen: dict[int, dict[str, int]] = {}
 
     @property
     def paths(self) -> dict[int, str]:
@@ -317,12 +320,32 @@ class Pump:
         st.completed += self.binding.refresh(self.agg)
         counts = self.sensor.syscall_counts(after_exec=self.binding.image_only)
         self.agg.on_counts(counts, time.time())
-        self.agg.on_key_counts(self.sensor.behaviour_counts())
+        self.agg.on_refused_counts(self.sensor.refused_counts(after_exec=self.binding.image_only))
+        self.agg.on_key_counts(self.sensor.behaviour_counts(after_exec=self.binding.image_only))
         st.loss = self._loss_delta()
         if st.loss:
             self.agg.add_loss(st.loss, self.binding.loss_workloads(self.agg))
+        for cg, delta in self._cgroup_loss_delta().items():
+            b = self.agg.bindings.get(cg)
+            if b is not None:  # loss an extension can attribute to one cgroup goes to its profile only
+                self.agg.add_loss(delta, [b.workload])
+                for k, v in delta.items():
+                    st.loss[k] = st.loss.get(k, 0) + v
         st.counters_read = True
         return st
+
+    def _cgroup_loss_delta(self) -> dict[int, dict[str, int]]:
+        read = getattr(self.sensor, "cgroup_loss", None)
+        if read is None:
+            return {}
+        out: dict[int, dict[str, int]] = {}
+        for cg, per in read().items():
+            seen = self._cgroup_loss_seen.setdefault(cg, {})
+            delta = {k: v - seen.get(k, 0) for k, v in per.items() if v > seen.get(k, 0)}
+            seen.update(per)
+            if delta:
+                out[cg] = delta
+        return out
 
     def finish(self, rounds: int = 3) -> StepStats:
         """What is left after the workload stopped: drain until quiet, read counters once more."""

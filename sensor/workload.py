@@ -7,7 +7,8 @@ A behaviour is one dimension value, written as a key whose first field names it:
 ``syscall:openat``, ``exec:/usr/bin/git``, ``connect:tcp:10.0.3.7:443``,
 ``send:udp:[fd00::a]:53``, ``file:read:/etc/ssl/certs/ca.pem``,
 ``http:GET api.example.com/v1/docs/8812``, ``mcp:tools/call:git_log``,
-``aws:s3:GetObject arn:aws:s3:::bucket/key``. The substrate that can enforce a behaviour follows
+``aws:s3:GetObject arn:aws:s3:::bucket/key``, ``capability:NET_BIND_SERVICE`` (a granted
+capability check, :mod:`sensor.capabilities`). The substrate that can enforce a behaviour follows
 from its kind.
 """
 
@@ -17,10 +18,15 @@ import ipaddress
 from dataclasses import dataclass
 
 #: Every substrate, in document order.
-SUBSTRATES = ("syscall", "egress", "exec", "file", "http", "mcp", "iam")
+SUBSTRATES = ("syscall", "egress", "exec", "file", "http", "mcp", "iam", "capability")
 #: What ``derive`` encodes unless told otherwise: the substrates every node observes and
-#: enforces in the kernel without further setup.
-DEFAULT_SUBSTRATES = ("syscall", "egress", "exec")
+#: enforces in the kernel without further setup (capability checks cost one tracepoint with
+#: in-kernel counting, see ``bpf/capabilities.c``).
+DEFAULT_SUBSTRATES = ("syscall", "egress", "exec", "capability")
+#: Substrates whose sessions say whether they were observed (session meta ``observed``): an
+#: empty capability list drops every capability, so evidence of no checks must come from a
+#: session the capability probe watched, not from a kernel that has no such probe.
+MARKED_SUBSTRATES = ("capability",)
 
 _SUBSTRATE_OF_KIND = {
     "syscall": "syscall",
@@ -31,6 +37,7 @@ _SUBSTRATE_OF_KIND = {
     "http": "http",
     "mcp": "mcp",
     "aws": "iam",
+    "capability": "capability",
 }
 
 
@@ -53,6 +60,11 @@ def syscall_key(name: str) -> str:
 
 def exec_key(path: str) -> str:
     return f"exec:{path}"
+
+
+def file_key(kind: str, path: str) -> str:
+    """``file:read:/etc/ssl/certs/ca.pem``; ``kind`` is one of enforcer.file_patterns.KINDS."""
+    return f"file:{kind}:{path}"
 
 
 def net_key(kind: str, proto: str, addr: str, port: int) -> str:

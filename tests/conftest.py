@@ -84,3 +84,17 @@ def pytest_sessionfinish(session, exitstatus):
               f"{', '.join(left)}")
         if os.environ.get("CI"):
             session.exitstatus = 1
+
+
+@pytest.fixture
+def structlog_warnings_to_stderr():
+    """Library calls a test makes directly log warnings only, to the stderr of the moment;
+    ``envelope.cli.main()`` rebinds structlog to one test's captured stderr, so it is reset after."""
+    import logging
+
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+                        logger_factory=lambda *a: structlog.PrintLogger(sys.stderr))
+    yield
+    structlog.reset_defaults()

@@ -8,6 +8,9 @@ checked first; ``--force`` derives anyway, marked low-confidence and in alert mo
 ``--substrates ...,iam`` derives IAM statements from the profile's ``aws:`` behaviours, for the
 role of the ``cloud_identity:aws`` fingerprint (or ``--fingerprint cloud_identity:aws=ARN``); it
 needs policy_sentry (``pip install 'envelope-least-privilege[iam]'``).
+
+The capability substrate is derived only from sessions the capability probe observed; a profile
+with none leaves it out, and says so on standard error and in ``granularity.unobserved``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from pathlib import Path
 
 from enforcer.derive import (
     DEFAULT_COVERAGE_HOURS, DEFAULT_COVERAGE_THRESHOLD, DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX, DEFAULT_K,
-    DEFAULT_MAX_PORTS, DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNTS, DEFAULT_MIN_SESSIONS, CoverageNotReached,
+    DEFAULT_FILE_TREE_DEPTH, DEFAULT_MAX_PORTS, DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNTS, DEFAULT_MIN_SESSIONS,
+    CoverageNotReached,
     DeriveError, DeriveOptions, derive,
 )
 from enforcer.mcp_closure import DEFAULT_MAX_VALUES
@@ -40,7 +44,7 @@ def register(sub) -> None:
     p.add_argument("--closure", default="structural",
                    help="literal | structural | probabilistic (default structural)")
     p.add_argument("--substrates", default=",".join(DEFAULT_SUBSTRATES),
-                   help="comma-separated substrates to encode (default syscall,egress,exec)")
+                   help="comma-separated substrates to encode (default syscall,egress,exec,capability)")
     p.add_argument("--min-count", action="append", metavar="N|SUBSTRATE=N",
                    help=f"occurrences needed (default {DEFAULT_MIN_COUNTS['egress']}, syscall "
                         f"{DEFAULT_MIN_COUNTS['syscall']}: syscalls are judged by the sessions they "
@@ -62,7 +66,11 @@ def register(sub) -> None:
     p.add_argument("--max-ports", type=int, default=DEFAULT_MAX_PORTS,
                    help=f"more distinct ports than this per network become a flagged range (default {DEFAULT_MAX_PORTS})")
     p.add_argument("--max-siblings", type=int, default=DEFAULT_MAX_SIBLINGS,
-                   help=f"more exec paths than this in one directory become /dir/* (default {DEFAULT_MAX_SIBLINGS})")
+                   help=f"more exec or file paths than this in one directory become /dir/*, more "
+                        f"subdirectories with file behaviours /dir/** (default {DEFAULT_MAX_SIBLINGS})")
+    p.add_argument("--file-tree-depth", type=int, default=DEFAULT_FILE_TREE_DEPTH,
+                   help="file closure: a /dir/** tree starts at least this many components deep "
+                        f"(default {DEFAULT_FILE_TREE_DEPTH}: never /tmp/**)")
     p.add_argument("--max-values", type=int, default=DEFAULT_MAX_VALUES,
                    help=f"mcp: more distinct strings than this at one argument path are not an enumeration "
                         f"(default {DEFAULT_MAX_VALUES})")
@@ -157,7 +165,7 @@ def options_from_args(args) -> DeriveOptions:
             ipv6_prefix=args.ipv6_prefix,
             service_cidrs=tuple(args.service_cidr),
             max_ports=args.max_ports,
-            max_siblings=args.max_siblings,
+            max_siblings=args.max_siblings, file_tree_depth=args.file_tree_depth,
             max_values=args.max_values,
             k=args.stddev_k,
             coverage_threshold=args.coverage_threshold,
@@ -208,11 +216,15 @@ def cmd_derive(args, config) -> int:
         allowed += f", {len(policy.mcp.calls)} MCP tools and prompts"
     if "iam" in policy.substrates:
         allowed += f", {len(policy.iam)} IAM statements for {policy.iam_identity or 'no known role'}"
+    if "capability" in policy.substrates:
+        allowed += f", {len(policy.capabilities)} capabilities"
     print(f"derived {policy.metadata_name} for {policy.workload.key}: closure {policy.closure}, mode "
           f"{policy.mode}{flag}; allow {allowed}; {len(policy.review)} in review, {len(policy.watch)} watched; new "
           f"behaviours in the last {cov['hours']:g} h: {new}"
           + (f"; events lost while recording: {sum(cov['loss'].values())}" if cov.get("loss") else "")
           + (f"; written to {args.out}" if args.out else ""), file=sys.stderr)
+    for sub, why in sorted((policy.decisions["granularity"].get("unobserved") or {}).items()):
+        print(f"envelope: note: substrate {sub} left out: {why}", file=sys.stderr)
     return 0
 
 

@@ -17,8 +17,22 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def check_landlock():
+    """What this kernel's Landlock can restrict (it enforces the exec and file substrates)."""
+    from sensor.features import Check
+
+    from enforcer import landlock
+    try:
+        s = landlock.probe().to_dict()
+    except OSError as e:
+        return Check("landlock", False, str(e), "exec and file entries can only be reported, not enforced: a "
+                     "kernel with CONFIG_SECURITY_LANDLOCK=y and landlock in lsm=", required=False)
+    missing = f"; cannot restrict {', '.join(s['missing'])}" if s["missing"] else ""
+    return Check("landlock", True, f"ABI {s['abi']}: {len(s['fs'])} filesystem rights{missing}", required=False)
+
+
 def run(args, config) -> int:
-    checks = run_checks()
+    checks = run_checks() + [check_landlock()]
     failed = failed_required(checks)
     data = {"ok": not failed, "checks": [c.to_dict() for c in checks]}
     rows = [[c.name, "ok" if c.ok else ("FAIL" if c.required else "absent"),

@@ -12,17 +12,23 @@ Runs CMD inside its policy, standalone (no daemon):
    (``bpf/egress.c``, they live as long as this command) with the policy's rules, active
    exceptions included, in the chosen mode, and the seccomp denial probe (``bpf/denials.c``)
    watching that cgroup;
-2. the child joins the cgroup, loads the libseccomp filter built from the policy
+2. the child joins the cgroup; in enforce mode it confines itself there
+   (:mod:`enforcer.confinement`: a mount namespace with the cgroup filesystems read-only and the
+   bpffs hidden, a cgroup namespace, and the capabilities dropped that the policy does not
+   allow, or those that would undo the confinement when the policy has no capability substrate),
+   enforces the policy's Landlock ruleset (exec and file entries, enforce mode only:
+   :mod:`envelope.exec_landlock`), loads the libseccomp filter built from the policy
    (:func:`enforcer.seccomp.profile_for`, target ``exec``) and execs CMD through its launch
    path (:mod:`enforcer.launch_path`): nothing runs between the filter load and ``execve``, and
    when the policy has no exec entries that ``execve`` is the only one the filter admits;
-3. while CMD runs, violations are folded as they come out of the session (bounded memory at
-   any rate, counts kept) and appended to ``<state-dir>/violations.jsonl`` at every step, so
-   ``envelope violations`` shows them during the run and a killed ``exec`` loses nothing it
-   had read; the sensor pump (:mod:`sensor.pump`) observes the cgroup so that detection
-   (watch list, probabilistic rules, execs outside the policy, judged by resolved name:
-   :mod:`enforcer.exec_paths`) judges every behaviour, allowed ones included; egress exceptions
-   are re-synced when one starts or lapses;
+3. while CMD runs, violations (Landlock's refusals among them) are folded as they come out of
+   the session (bounded memory at any rate, counts kept) and appended to
+   ``<state-dir>/violations.jsonl`` at every step, so ``envelope violations`` shows them during
+   the run and a killed ``exec`` loses nothing it had read; the sensor pump (:mod:`sensor.pump`)
+   observes the cgroup so that detection (watch list, probabilistic rules, execs and file
+   accesses outside the policy, execs judged by resolved name: :mod:`enforcer.exec_paths`)
+   judges every behaviour, allowed ones included; egress exceptions are re-synced when one
+   starts or lapses;
 4. SIGINT/SIGTERM/SIGHUP go to CMD; if it has not exited ``--stop-grace`` seconds later (or at
    a second signal) its whole cgroup is killed;
 5. CMD's exit status is passed through (128+N for a signal); the cgroup and programs are removed.
@@ -47,14 +53,18 @@ _counter = 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("exec", help="run a command inside a policy (seccomp + egress), no daemon needed",
-                       description="Run CMD in a fresh cgroup under the policy's seccomp filter and "
-                                   "egress programs; its violations go to the state dir and CMD's "
-                                   "exit status is passed through.",
+    p = sub.add_parser("exec", help="run a command inside a policy (seccomp, egress, Landlock), no daemon needed",
+                       description="Run CMD in a fresh cgroup under the policy's seccomp filter, egress "
+                                   "programs and Landlock ruleset (and the request capture's judgement of "
+                                   "its http requests); its violations go to the state dir and CMD's exit "
+                                   "status is passed through.",
                        usage="envelope exec --policy POLICY [--mode enforce|alert|observe] -- CMD [ARGS...]")
     p.add_argument("--policy", required=True, help="policy file (YAML or JSON)")
     p.add_argument("--mode", choices=["enforce", "alert", "observe"], default=None,
                    help="override the policy's mode")
+    p.add_argument("--allow-landlock-gaps", action="store_true",
+                   help="enforce mode: where this kernel's Landlock cannot restrict a right the policy needs, "
+                        "run without it (each gap printed and audited) instead of refusing")
     p.add_argument("--poll-interval", type=float, default=0.2, help=argparse.SUPPRESS)
     p.add_argument("--stop-grace", type=float, default=3.0, metavar="SECONDS",
                    help="after SIGTERM/SIGINT, how long CMD may take to exit before its cgroup is "
@@ -89,7 +99,8 @@ def cmd_exec(args, config) -> int:
                  reason=f"envelope exec in {mode} mode" + (
                      f" (policy says {policy.mode})" if mode != policy.mode else ""),
                  details=details)
-    runner = ExecRunner(config, policy, mode, poll_interval=args.poll_interval, grace=args.stop_grace)
+    runner = ExecRunner(config, policy, mode, poll_interval=args.poll_interval, grace=args.stop_grace,
+                        allow_landlock_gaps=args.allow_landlock_gaps)
     return runner.run(path, argv)
 
 
@@ -104,9 +115,11 @@ _WRITTEN_CAP = 65536
 class ExecRunner:
     """One confined run of a command. Every kernel object it makes is removed in :meth:`run`."""
 
-    def __init__(self, config, policy, mode: str, poll_interval: float = 0.2, grace: float = 3.0):
+    def __init__(self, config, policy, mode: str, poll_interval: float = 0.2, grace: float = 3.0,
+                 allow_landlock_gaps: bool = False):
         from enforcer.violations import ViolationFold, ViolationStore
         self.config = config
+        self.allow_landlock_gaps = allow_landlock_gaps
         self.policy = policy
         self.mode = mode
         self.workload = policy.workload.key
@@ -123,9 +136,11 @@ class ExecRunner:
         self.path = ""  # the command's path, set by run()
         self._next_store = 0.0
 
-    def _reports_execs(self) -> bool:
-        """exec is observed and reported, not enforced: this kernel refuses BPF-LSM programs."""
-        return "exec" in self.policy.substrates and self.mode != "observe"
+    def _reports(self) -> bool:
+        """Execs and file accesses outside the policy that happen are reported (alert mode: all
+        of them, Landlock has no log-only mode; enforce mode: what a ruleset wider than the
+        policy let through)."""
+        return bool({"exec", "file"} & set(self.policy.substrates)) and self.mode != "observe"
 
     def _constrains_syscalls(self) -> bool:
         return "syscall" in self.policy.substrates and self.mode != "observe"
@@ -146,16 +161,34 @@ class ExecRunner:
                                                                  self.policy.workload))
         return build_filter(compiled, skipped=[])
 
-    def _notice(self) -> None:
+    def _notice(self, exec_paths_enforced: bool) -> None:
         """Before enforcing: how many behaviours sit in review and what happens to them."""
         if self.mode != "enforce":
             return
         from enforcer.seccomp import needs_exec
         from ..review_notice import review_notice
         execve_denied = self._constrains_syscalls() and not needs_exec(self.policy, self._launched())
-        for line in review_notice(self.policy, exec_paths_enforced=False, execve_denied=execve_denied):
+        for line in review_notice(self.policy, exec_paths_enforced=exec_paths_enforced,
+                                  execve_denied=execve_denied):
             print(line, file=sys.stderr)
         sys.stderr.flush()
+
+    def _confinement(self):
+        """What keeps the enforced child in its cgroup and away from the pins (None outside
+        enforce mode); a policy that keeps a capability opening a way out is said on stderr."""
+        from enforcer import confinement
+        from enforcer import exceptions as exc
+        from enforcer.capabilities import CapabilityCompileError, exec_capability_sets
+        try:
+            keep = exec_capability_sets(self.policy, self.mode,
+                                        exc.capability_allowances(self.config.state_dir, self.policy.workload))
+        except CapabilityCompileError as e:
+            raise UserError(f"exec: capabilities: {e}") from None
+        plan = confinement.for_exec(self.mode, keep)
+        if plan is not None:
+            for way in confinement.admitted_breakers(plan.keep):
+                print(f"envelope: warning: the policy keeps capability {way}", file=sys.stderr)
+        return plan
 
     def _judges_http(self) -> bool:
         """http is judged by the request capture's probe, which runs with the sensor."""
@@ -193,7 +226,7 @@ class ExecRunner:
         from enforcer.session import ApplyError
         from enforcer.violations import Judge
         from sensor.cgroup import CgroupError, CgroupFS, OrphanGuard, reap_command_orphans
-        from .. import wiring
+        from .. import exec_landlock, wiring
 
         global _counter
         _counter += 1
@@ -202,17 +235,22 @@ class ExecRunner:
         reap_command_orphans(cgfs)  # what a killed exec or record left behind
         rel = f"/envelope/exec-{os.getpid()}-{_counter}"
         session_id = f"exec-{os.getpid()}-{_counter}"
-        enforcement = pump = guard = launch = None
+        enforcement = pump = guard = launch = landlock = None
         child = None
-        judge = Judge(self.policy, report_execs=self._reports_execs(),
-                      exec_admits=ExecNames("/").admits(self.policy))
         try:
+            landlock = exec_landlock.for_run(self.config, self.policy, self.mode, self.allow_landlock_gaps)
+            confined = self._confinement()
+            dropped = confined is not None and "capability" in self.policy.substrates
+            judge = Judge(self.policy, report_execs=self._reports(), report_files=self._reports(),
+                          report_capabilities=self.mode != "observe",
+                          enforced=landlock.enforced | ({"capability"} if dropped else set()),
+                          exec_admits=ExecNames("/").admits(self.policy))
             try:
                 cg_path, cg_id = cgfs.make(rel)
             except CgroupError as e:
                 raise UserError(f"exec: {e}") from None
             guard = OrphanGuard(cgfs, rel)  # forked before any BPF object exists
-            self._notice()
+            self._notice(exec_paths_enforced="exec" in landlock.enforced)
             if self._constrains_syscalls():
                 try:
                     launch = LaunchPath(path, argv)
@@ -222,11 +260,12 @@ class ExecRunner:
                 flt = self._seccomp(launch.pointer if launch is not None else 0)
             except ValueError as e:  # SeccompCompileError, an unknown syscall name
                 raise UserError(f"exec: seccomp filter: {e}") from None
-            if self._judges_http() or self.policy.watch or self.policy.detection or self._reports_execs():
+            if self._judges_http() or self.policy.watch or self.policy.detection or self._reports():
                 pump = self._pump(judge, str(cg_path), session_id)
             enforcement = wiring.enforcement_session(self.config, pinned=False,
                                                      denials=flt is not None,
-                                                     sensor=pump.sensor if pump is not None else None)
+                                                     sensor=pump.sensor if pump is not None else None,
+                                                     file_denials=bool(landlock.enforced))
             enforcement.session_of = lambda cid: session_id if cid == cg_id else None
             try:
                 enforcement.apply(self.policy, self.mode, [str(cg_path)], seccomp_target="exec")
@@ -235,7 +274,13 @@ class ExecRunner:
             if flt is not None and not enforcement.want_denials:
                 raise UserError("exec: seccomp denial visibility: the denial probe did not load "
                                 "(see the log above)")
-            child = self._spawn(path, argv, cgfs, rel, flt, launch)
+            try:
+                child = self._spawn(path, argv, cgfs, rel, flt, launch, landlock, confined)
+            except UserError as e:  # CMD itself refused by Landlock: recorded, and said why
+                self._take(enforcement.poll_violations(100), judge, None, session_id)
+                if "exec" in landlock.enforced and "Permission denied" in str(e):
+                    raise UserError(f"{e} (Landlock: {path} is not an allowed exec of the policy)") from None
+                raise
             status = self._supervise(child, enforcement, pump, judge, session_id, cgfs, rel)
             child = None
             if pump is not None:
@@ -258,6 +303,8 @@ class ExecRunner:
                 log.warning("cgroup cleanup failed", cgroup=rel, error=str(e))
             if enforcement is not None:
                 enforcement.close()
+            if landlock is not None:
+                landlock.close()
             if pump is not None:
                 pump.release()
                 pump.sensor.close()
@@ -270,11 +317,13 @@ class ExecRunner:
     def _take(self, found: list, judge, pump, session: str) -> None:
         """Violations from the kernel, folded. With the pump running it reports every behaviour
         to the judge (denied egress too: the sensor's root hook runs after ours); seccomp
-        denials never reach it."""
+        denials and Landlock's refusals never reach it."""
         for v in found:
             self.fold.add(v)
-            if pump is None or v.substrate == "syscall":
-                self.fold.add_all(judge.observe(session, v.behaviour, v.count, v.time))
+            refused = v.action == "denied" and v.substrate in ("exec", "file")
+            if pump is None or v.substrate == "syscall" or refused:
+                self.fold.add_all(judge.observe(session, v.behaviour, v.count, v.time,
+                                                denied=v.action == "denied"))
 
     def _store(self, final: bool = False) -> None:
         """Append what was folded to the violations store: at once when something is new, its
@@ -298,9 +347,13 @@ class ExecRunner:
             print(f"envelope: {self.recorded} violation(s) recorded for {self.workload} "
                   f"(envelope violations --workload {self.policy.workload.name})", file=sys.stderr)
 
-    def _spawn(self, path: str, argv: list[str], cgfs, rel: str, flt, launch) -> int:
-        """fork; the child joins the cgroup, loads the filter and execs through the launch path.
-        Errors before exec come back through a close-on-exec pipe."""
+    def _spawn(self, path: str, argv: list[str], cgfs, rel: str, flt, launch, landlock,
+               confined=None) -> int:
+        """fork; the child joins the cgroup, confines itself, enforces Landlock, loads the filter
+        and execs through the launch path (that order: mounts and namespaces are made before
+        Landlock forbids changing them and while the capabilities they need are held; the filter
+        then never needs the landlock_* syscalls, and admits no syscall before ``execve`` but
+        that one). Errors before exec come back through a close-on-exec pipe."""
         rfd, wfd = os.pipe2(os.O_CLOEXEC)
         procs = str(cgfs.abspath(rel) / "cgroup.procs")
         sys.stdout.flush()
@@ -315,6 +368,11 @@ class ExecRunner:
                 os.close(fd)
                 for s in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
                     signal.signal(s, signal.SIG_DFL)
+                if confined is not None:
+                    step = "confine"
+                    confined.apply()
+                step = "enforce Landlock ruleset"
+                landlock.restrict_in_child()
                 if flt is not None:
                     step = "load seccomp filter"
                     flt.load()

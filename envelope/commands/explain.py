@@ -64,7 +64,10 @@ def explanation(policy: Policy) -> dict:
         "decisions": {
             "granularity": {"substrates": list(policy.substrates),
                             "excluded": (policy.decisions.get("granularity") or {}).get("excluded", []),
-                            "unencoded": (policy.decisions.get("granularity") or {}).get("unencoded", {})},
+                            "unencoded": (policy.decisions.get("granularity") or {}).get("unencoded", {}),
+                            "unobserved": (policy.decisions.get("granularity") or {}).get("unobserved", {}),
+                            "observedSessions": (policy.decisions.get("granularity") or {}).get(
+                                "observedSessions", {})},
             "closure": {k: v for k, v in clos.items()},
             "confidence": {k: v for k, v in conf.items() if k != "coverage"},
             "validity": policy.validity,
@@ -81,7 +84,7 @@ def explanation(policy: Policy) -> dict:
 def _rules_text(clos: dict) -> list[str]:
     lines = []
     rules = clos.get("rules") or {}
-    for sub in ("syscall", "egress", "exec"):
+    for sub in ("syscall", "egress", "exec", "capability"):
         r = rules.get(sub)
         if not r:
             continue
@@ -92,6 +95,8 @@ def _rules_text(clos: dict) -> list[str]:
                          f"service CIDRs: {svc}; {p['rule']}, range when more than {p['rangeAbove']} ports")
         elif sub == "exec" and "siblingsAbove" in r:
             lines.append(f"exec: {r['rule']} when more than {r['siblingsAbove']} siblings, else exact")
+        elif sub == "capability" and "structural" in r:
+            lines.append(f"capability: {r['structural']}")
         else:
             lines.append(f"{sub}: {r.get('rule')}")
     m = rules.get("mcp")
@@ -139,6 +144,11 @@ def render_text(x: dict) -> str:
                + ("; observed kinds no substrate encodes: "
                   + ", ".join(f"{k} ({n})" for k, n in d["granularity"]["unencoded"].items())
                   if d["granularity"]["unencoded"] else ""))
+    for sub, why in sorted(d["granularity"].get("unobserved", {}).items()):
+        out.append(f"    {sub} left out: {why}")
+    for sub, n in sorted(d["granularity"].get("observedSessions", {}).items()):
+        out.append(f"    {sub} observed in {n['observed']} of {n['sessions']} sessions only; what the others did "
+                   f"with it is not known")
     out.append(f"  closure: {clos.get('mode')}")
     out += [f"    {line}" for line in _rules_text(clos)]
     mc, ms = conf.get("minCount") or {}, conf.get("minSessions") or {}

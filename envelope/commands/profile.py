@@ -102,6 +102,7 @@ def cmd_show(args, config) -> int:
     data = p.to_json()
     if args.substrate:
         data["behaviours"] = [b for b in data["behaviours"] if b["substrate"] == args.substrate]
+        data["refused"] = [r for r in data["refused"] if r["substrate"] == args.substrate]
     if args.output != "table":
         emit(data, args.output)
         return 0
@@ -120,4 +121,9 @@ def cmd_show(args, config) -> int:
     rows = [[b["key"], b["substrate"], b["count"], b["sessions"], iso(b["first_seen"]), iso(b["last_seen"])]
             for b in data["behaviours"]]
     emit(None, "table", rows, ["behaviour", "substrate", "count", "sessions", "first seen", "last seen"])
+    if data["refused"]:
+        print()
+        rows = [[r["key"], r["substrate"], r["count"], iso(r["first_seen"]), iso(r["last_seen"])]
+                for r in data["refused"]]
+        emit(None, "table", rows, ["refused (not behaviour)", "substrate", "count", "first seen", "last seen"])
     return 0

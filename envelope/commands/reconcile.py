@@ -2,7 +2,7 @@
 
 Reads the policies a team already has (OCI seccomp JSON, the container default profile,
 NetworkPolicy, CiliumNetworkPolicy, Envelope policies, landlockconfig rulesets, IAM policy
-documents) and holds them against NAME's profile: what the declarations grant that was never used
+documents, Pods and workloads with a pod template for their containers' capabilities) and holds them against NAME's profile: what the declarations grant that was never used
 in the window, what was observed that they would deny, what cannot be judged, and what the sensor
 could not see. Exits 1 when there is anything that would be denied or is unused.
 """
@@ -54,6 +54,9 @@ def render_text(r: dict) -> str:
     w = r["window"]
     out = [f"reconcile {r['workload']}: window {w['start']} to {w['end']} ({w['hours']} h), "
            f"{r['sessions']} sessions; {len(r['declarations'])} declarations"]
+    for d in r["declarations"]:
+        if d.get("applies") is False:
+            out.append(f"  {d['source']}: declares for container {d['container']}, not this workload's")
     s = r["summary"]
     out.append(f"would deny {s['wouldDeny']}, unused {s['unused']}, undetermined {s['undetermined']}, "
                f"blind spots {s['blindSpots']}")
@@ -67,6 +70,10 @@ def render_text(r: dict) -> str:
         if v["unused"]:
             out.append(table([[u["grant"], u["declaration"], u["windowHours"]] for u in v["unused"]],
                              ["unused grant", "declared in", "window h"]).rstrip("\n"))
+        if v.get("refused"):
+            out.append(table([[u["key"], u["count"], u["lastSeen"], ", ".join(u["grantedBy"]) or "no"]
+                              for u in v["refused"]],
+                             ["refused while observed", "count", "last seen", "granted by"]).rstrip("\n"))
         if v["undetermined"]:
             out.append(table([[u["key"], u["count"], u["lastSeen"]] for u in v["undetermined"]],
                              ["undetermined", "count", "last seen"]).rstrip("\n"))

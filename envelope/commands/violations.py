@@ -1,7 +1,7 @@
 """``envelope violations [--workload NAME] [-o table|json|yaml]``: list recorded violations.
 
-Fields: time, workload, substrate (syscall, egress, exec, file, http, mcp, iam, watch,
-detection), behaviour, action (denied or alerted), count (identical records folded within one
+Fields: time, workload, substrate (syscall, egress, exec, file, http, mcp, iam, capability,
+watch, detection), behaviour, action (denied or alerted), count (identical records folded within one
 flush), and in ``detail`` the process (pid, comm), the session, and for a network call a seccomp
 filter denied the destination it asked for. MCP gateway refusals and alerts (substrate ``mcp``)
 are listed beside the kernel's. The table shows the process, the session and that destination.

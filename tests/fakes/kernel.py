@@ -184,6 +184,28 @@ class FakeDenialProbe:
         pass
 
 
+class FakeFileDenialProbe:
+    """The Landlock refusal probe: watched cgroup ids and a ring of EV_FILE_DENIAL records."""
+
+    def __init__(self, kernel: "FakeKernel"):
+        self.kernel = kernel
+        self.events_fd = next(_fds)
+        kernel.rings[self.events_fd] = []
+        self.watched: set[int] = set()
+
+    def watch(self, cgroup_id):
+        self.watched.add(cgroup_id)
+
+    def unwatch(self, cgroup_id):
+        self.watched.discard(cgroup_id)
+
+    def lost(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
 class FakeRingReader:
     def __init__(self, kernel: "FakeKernel"):
         self.kernel = kernel
@@ -227,6 +249,7 @@ class FakeKernel:
         self.gone_pids: set[int] = set()
         self.unmovable_pids: set[int] = set()  # moves refused (outside the cgroup namespace)
         self.killed: list[int] = []
+        self.file_probes: list[FakeFileDenialProbe] = []
 
     def _state(self, workload: str) -> Pinned:
         st = Pinned(workload, ring=next(_fds))
@@ -260,6 +283,11 @@ class FakeKernel:
     def denial_probe(self):
         p = FakeDenialProbe(self)
         self.probes.append(p)
+        return p
+
+    def file_denial_probe(self):
+        p = FakeFileDenialProbe(self)
+        self.file_probes.append(p)
         return p
 
     def ring_reader(self):

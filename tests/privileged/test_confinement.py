@@ -171,3 +171,67 @@ def test_a_policy_keep_set_is_exact(cgroups, bpffs_entry):
 def test_bpffs_mounts_are_found_here():
     assert "/sys/fs/bpf" in bpffs_mounts()
     assert for_exec("alert") is None and for_exec("observe") is None
+
+
+ESCAPE_CHILD = """
+import errno, json, os, socket, sys
+root, port = sys.argv[1], int(sys.argv[2])
+out = {}
+def attempt(name, fn):
+    try:
+        fn(); out[name] = "ok"
+    except OSError as e:
+        out[name] = errno.errorcode.get(e.errno, str(e.errno))
+def move():
+    fd = os.open(os.path.join(root, "cgroup.procs"), os.O_WRONLY)
+    try:
+        os.write(fd, b"0")
+    finally:
+        os.close(fd)
+def connect():
+    s = socket.socket()
+    try:
+        s.connect(("127.0.0.1", port))
+    finally:
+        s.close()
+attempt("move", move)
+attempt("connect", connect)
+out["bpffs"] = sorted(os.listdir("/sys/fs/bpf")) if os.access("/sys/fs/bpf", os.R_OK) else "unreadable"
+print(json.dumps(out), flush=True)
+"""
+
+
+def _exec_escape(tmp_path, mode: str):
+    from tests.privileged.listeners import Listener
+    from tests.privileged.test_exec_envelope import run_envelope, write_policy
+    allowed, other = Listener("127.0.0.1"), Listener("127.0.0.1")
+    try:
+        state = tmp_path / "state"
+        state.mkdir()
+        pol = tmp_path / "policy.yaml"
+        write_policy(pol, allowed.port)
+        child = tmp_path / "escape.py"
+        child.write_text(ESCAPE_CHILD)
+        import sys
+        r = run_envelope(state, "exec", "--policy", str(pol), "--mode", mode, "--", sys.executable, str(child),
+                         str(CgroupFS().root), str(other.port))
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout.strip().splitlines()[-1]), state
+    finally:
+        allowed.close()
+        other.close()
+
+
+def test_exec_enforce_confines_the_command(tmp_path):
+    out, _ = _exec_escape(tmp_path, "enforce")
+    assert out["move"] in ("EROFS", "ENOENT")     # it stayed in its cgroup ...
+    assert out["connect"] == "EPERM"              # ... so its egress rules still hold
+    assert out["bpffs"] in ([], "unreadable")     # and no pin is in sight (Landlock may refuse the read too)
+
+
+def test_exec_alert_mode_leaves_the_way_open_and_moves_back(tmp_path):
+    from tests.privileged.test_exec_envelope import violations
+    out, state = _exec_escape(tmp_path, "alert")
+    assert out["move"] == "ok" and out["bpffs"] != []   # nothing prevented in alert mode
+    got = {(v["substrate"], v["behaviour"]) for v in violations(state)}
+    assert ("integrity", "cgroup:migration") in got     # the move was seen and reported

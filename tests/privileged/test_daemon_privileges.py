@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from enforcer.policy import EgressRule, Policy, dump_policy
+from sensor import capabilities
 from enforcer.violations import ViolationStore
 from sensor.cgroup import host_unit_name
 from sensor.store import ProfileStore
@@ -25,9 +26,7 @@ from tests.privileged.daemon_log import LogReader
 from tests.privileged.test_hardening import cgroup, world  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parents[2]
-CAP_NUMBERS = {"CHOWN": 0, "DAC_OVERRIDE": 1, "DAC_READ_SEARCH": 2, "FOWNER": 3, "KILL": 5, "SETUID": 7,
-               "NET_ADMIN": 12, "NET_RAW": 13, "SYS_PTRACE": 19, "SYS_ADMIN": 21, "SYS_RESOURCE": 24,
-               "PERFMON": 38, "BPF": 39}
+CAP_NUMBERS = capabilities.NUMBERS
 
 
 def daemonset_caps() -> list[str]:

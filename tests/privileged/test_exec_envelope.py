@@ -291,18 +291,54 @@ def test_watch_list_and_detection_judge_allowed_behaviour(tmp_path, state_dir, l
     assert watch["detail"]["allowed"] is True
 
 
-def test_exec_outside_policy_is_reported_not_enforced(tmp_path, state_dir):
-    """exec is observed and reported (BPF-LSM is refused on this kernel): a program outside the
-    policy's execs runs and shows up as an alerted exec violation; the allowed one does not."""
+def test_exec_outside_policy_is_denied_by_landlock_and_reported(tmp_path, state_dir):
+    """exec entries are enforced with Landlock in enforce mode: a program outside the policy's
+    execs fails with EACCES and is reported as a denied exec violation with its path and
+    process; the allowed interpreter runs."""
     from enforcer.policy import Policy, dump_policy
     from sensor.workload import Workload
     p = Policy(workload=Workload.host("exec-execs"), mode="enforce",
                syscalls=tuple(all_syscalls_but()), execs=(sys.executable,))
     pol = tmp_path / "policy.yaml"
     pol.write_text(dump_policy(p))
+    child = ("import subprocess, sys\n"
+             "try:\n    subprocess.call(['/bin/true'])\nexcept PermissionError:\n    sys.exit(13)\n")
+    r = run_envelope(state_dir, "exec", "--policy", str(pol), "--", sys.executable, "-c", child)
+    assert r.returncode == 13, r.stderr
+    vs = violations(state_dir)
+    assert [(v["substrate"], v["behaviour"], v["action"]) for v in vs] == [
+        ("exec", "exec:/bin/true", "denied")], vs
+    d = vs[0]["detail"]
+    assert d["syscall"] == "execve" and d["errno"] == "EACCES" and d["enforcer"] == "landlock"
+    assert d["path"] == "/bin/true" and d["pid"] > 0
+
+
+def test_alert_mode_applies_no_landlock_and_reports_what_enforce_would_deny(tmp_path, state_dir):
+    """Landlock has no log-only mode: in alert mode the exec runs and is reported as alerted."""
+    from enforcer.policy import Policy, dump_policy
+    from sensor.workload import Workload
+    p = Policy(workload=Workload.host("exec-alert"), mode="alert",
+               syscalls=tuple(all_syscalls_but()), execs=(sys.executable,))
+    pol = tmp_path / "policy.yaml"
+    pol.write_text(dump_policy(p))
     r = run_envelope(state_dir, "exec", "--policy", str(pol), "--", sys.executable, "-c",
                      "import subprocess, sys; sys.exit(subprocess.call(['/bin/true']))")
     assert r.returncode == 0, r.stderr
+    assert "Landlock is not applied" in r.stderr
+    vs = [v for v in violations(state_dir) if v["substrate"] == "exec"]
+    assert [(v["behaviour"], v["action"], v["detail"]["enforced"]) for v in vs] == [
+        ("exec:/bin/true", "alerted", False)], vs
+
+
+def test_a_command_the_policy_does_not_allow_to_run_is_refused_and_recorded(tmp_path, state_dir):
+    from enforcer.policy import Policy, dump_policy
+    from sensor.workload import Workload
+    p = Policy(workload=Workload.host("exec-refused"), mode="enforce", syscalls=tuple(all_syscalls_but()),
+               execs=(sys.executable,))
+    pol = tmp_path / "policy.yaml"
+    pol.write_text(dump_policy(p))
+    r = run_envelope(state_dir, "exec", "--policy", str(pol), "--", "/bin/true")
+    assert r.returncode == 2
+    assert "Landlock: /bin/true is not an allowed exec of the policy" in r.stderr.strip().splitlines()[-1]
     vs = violations(state_dir)
-    assert [(v["substrate"], v["behaviour"], v["action"]) for v in vs] == [
-        ("exec", "exec:/bin/true", "alerted")], vs
+    assert [(v["substrate"], v["behaviour"], v["action"]) for v in vs] == [("exec", "exec:/bin/true", "denied")]

@@ -169,10 +169,10 @@ def test_for_exec_builds_in_enforce_mode_only_and_composes_with_seccomp(tree, su
     base = ("access", "arch_prctl", "brk", "close", "execve", "exit_group", "fadvise64", "fstat", "getrandom",
             "mmap", "mprotect", "munmap", "newfstatat", "openat", "pread64", "prlimit64", "read", "rseq",
             "set_robust_list", "set_tid_address", "write")
-    policy = Policy(workload=wl, mode="enforce", syscalls=base, execs=("/usr/bin/cat",))
+    policy = Policy(workload=wl, mode="enforce", syscalls=base, execs=("/usr/bin/cat",),
+                    substrates=("syscall", "exec", "file"), files=(f"file:read:{tree}/data/a.txt",))
     assert landlock.for_exec(policy, "alert") is None and landlock.for_exec(policy, "observe") is None
-    files = [f"file:read:{tree}/data/a.txt"]
-    rs = landlock.for_exec(policy, "enforce", files=files, support=support)
+    rs = landlock.for_exec(policy, "enforce", support=support)
     flt = sc.build_filter(sc.compile_oci(policy, "enforce"))
     try:
         ok = subprocess.run(["/usr/bin/cat", f"{tree}/data/a.txt"], capture_output=True, text=True, env=ENV,

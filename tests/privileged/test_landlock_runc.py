@@ -44,6 +44,11 @@ def launcher():
         pytest.fail(str(e))
 
 
+EXECS = ["/app/busybox"]
+FILES = ["file:read:/data/*", "file:create:/out/result", "file:write:/out/result",
+         "file:truncate:/out/result", "file:read:/out/result"]
+
+
 def make_container(tmp_path, script: str, *, seccomp_profile: dict | None = None,
                    with_launcher: bool = True) -> RuncContainer:
     c = RuncContainer.deployment("agents", "llm-tool", "tool", ["/app/busybox", "sh", "-c", script], tmp_path)
@@ -68,10 +73,7 @@ def _prepare(c: RuncContainer, seccomp_profile: dict | None, with_launcher: bool
     if seccomp_profile is not None:
         cfg["linux"]["seccomp"] = seccomp_profile
     if with_launcher:
-        execs = ["/app/busybox"]
-        files = ["file:read:/data/*", "file:create:/out/result", "file:write:/out/result",
-                 "file:truncate:/out/result", "file:read:/out/result"]
-        compiled = compile_ruleset(str(W), execs=execs, files=files, exec_needs=resolve(execs, root=str(rootfs)))
+        compiled = compile_ruleset(str(W), execs=EXECS, files=FILES, exec_needs=resolve(EXECS, root=str(rootfs)))
         (c.bundle / "ruleset").write_text(ruleset_file(compiled))
         cfg = oci_with_launcher(cfg, launcher_source=str(launcher()), ruleset_source=str(c.bundle / "ruleset"))
     (c.bundle / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -90,7 +92,8 @@ def test_legitimate_container_work_passes_under_the_launcher(tmp_path):
     assert out.splitlines() == ["input", "done"]
 
 
-def test_injected_shell_and_credentials_are_refused_and_reported(tmp_path):
+def test_injected_shell_and_credentials_are_refused_and_reported_through_audit(tmp_path):
+    """The explicit alternative: Landlock's own audit records (enabling audit is node-wide)."""
     with kernel_audit.AuditLease(), kernel_audit.AuditReader() as reader:
         with make_container(tmp_path, INJECTED) as c:
             code, out, err = run(c)
@@ -116,6 +119,37 @@ def test_injected_shell_and_credentials_are_refused_and_reported(tmp_path):
     assert by_path["/secrets/credentials"].blockers == ("fs.read_file",)
     assert by_path["/secrets/credentials"].exe == "/app/busybox"  # the cat applet, run by exec
     assert by_path["/secrets/credentials"].pid and by_path["/secrets/credentials"].pid != os.getpid()
+
+
+def test_injected_shell_and_credentials_are_reported_from_the_syscall_exit(tmp_path):
+    """The product's default: no audit. The container's cgroup is watched by the enforcement
+    session (as the daemon watches an enforced workload's pods); Landlock's -EACCES at the exits
+    of execve and openat become denied violations, judged against the policy."""
+    from enforcer.session import EnforcementSession
+    from sensor.cgroup import CgroupFS
+    policy = Policy(workload=W, mode="enforce", substrates=("exec", "file"), execs=tuple(EXECS), files=tuple(FILES))
+    session = EnforcementSession(tmp_path / "state", pinned=False, file_denials=True)
+    try:
+        with make_container(tmp_path, INJECTED) as c:
+            c.create()
+            v2 = str(CgroupFS().root)
+            [cg] = [str(d) for d in c.cgroup_dirs() if str(d).startswith(v2)]
+            session.apply(policy, "enforce", [cg])
+            c.start()
+            c.wait(60)
+            out = c.read_stdout()
+        found, deadline = [], time.monotonic() + 5
+        while time.monotonic() < deadline and len({v.behaviour for v in found}) < 2:
+            found += session.poll_violations(100)
+    finally:
+        session.close()
+    lines = out.splitlines()
+    assert lines[:2] == ["input", "done"] and "sh=126" in lines and "cred=1" in lines, out
+    got = {(v.substrate, v.behaviour, v.action) for v in found}
+    assert got == {("exec", "exec:/bin/sh", "denied"), ("file", "file:read:/secrets/credentials", "denied")}, found
+    cred = next(v for v in found if v.substrate == "file")
+    assert cred.workload == str(W) and cred.detail["syscall"] == "openat" and cred.detail["pid"] > 0
+    assert cred.detail["path"] == "/secrets/credentials"
 
 
 def seccomp_log_profile() -> dict:

@@ -1,6 +1,6 @@
 """Scenario: a small Python agent is recorded over five sessions (file and exec behaviours, with
 strace standing in for the kernel's file observation), a policy is derived (exec closure from
-:mod:`enforcer.derive`, file closure from :mod:`enforcer.file_closure`), compiled to a Landlock
+:mod:`enforcer.derive` with ``--substrates exec,file``), compiled to a Landlock
 ruleset with what its execs need, and enforced on new runs: the legitimate run does all its work
 (reads its data, runs the /usr/bin/sort helper, writes its result into a new directory), while a
 prompt-injected run's /bin/sh and its read of a credentials file outside the envelope are refused
@@ -21,10 +21,9 @@ import pytest
 from enforcer import kernel_audit, landlock
 from enforcer.derive import DeriveOptions, derive
 from enforcer.exec_needs import resolve
-from enforcer.file_closure import FileClosureOptions, derive_files
 from enforcer.landlock_denials import DenialAssembler
 from enforcer.landlock_rules import compile_policy
-from sensor.profile import BehaviourStats, Profile
+from sensor.profile import Profile
 from sensor.workload import Workload
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,7 +53,6 @@ def envelope(tmp_path_factory):
 
     profile = Profile(W)
     node = profile.node("n1")
-    files: dict[str, BehaviourStats] = {}
     for i in range(SESSIONS):
         sid = f"s{i}"
         keys, proc = record(argv(root, sid), str(root / f"trace-{i}"), env=ENV)
@@ -62,32 +60,26 @@ def envelope(tmp_path_factory):
         start = T0 + i * 3600
         node.open_session(sid, start)
         for k, c in sorted(keys.items()):
-            if k.startswith("exec:"):
-                node.observe(sid, k, c, start + 1)
-            else:
-                s = files.setdefault(k, BehaviourStats(0, 0, start, start))
-                s.count += c
-                s.sessions += 1
-                s.session_ids.append(sid)
-                s.last_seen = start + 1
+            node.observe(sid, k, c, start + 1)
         node.close_session(sid, start + 60)
     node.touch(T0 + SESSIONS * 3600 + 2 * 86400)
-    policy = derive(profile, DeriveOptions(substrates=("exec",), min_count={"syscall": 3, "egress": 3, "exec": 3},
-                                           min_sessions={"syscall": 3, "egress": 3, "exec": 3}, mode="enforce"))
-    derived = derive_files(files, FileClosureOptions(min_count=3, min_sessions=3))
-    compiled = compile_policy(policy, files=derived.entries(), exec_needs=resolve(policy.execs))
+    three = {s: 3 for s in ("syscall", "egress", "exec", "file")}
+    policy = derive(profile, DeriveOptions(substrates=("exec", "file"), min_count=three, min_sessions=three,
+                                           mode="enforce"))
+    derived = policy
+    compiled = compile_policy(policy, exec_needs=resolve(policy.execs))
     return root, policy, derived, compiled
 
 
 def test_derived_envelope_is_what_the_agent_did(envelope):
     root, policy, derived, compiled = envelope
     assert policy.execs == ("/usr/bin/python3", "/usr/bin/sort")
-    rules = {e.entry: e.rule for e in derived.allowed}
+    rules = {p["entry"]: p["rule"] for p in derived.provenance}
     assert rules[f"file:read:{root}/data/*"] == "directory-children"
     assert rules[f"file:create:{root}/out/**"] == "directory-tree"  # a new run-N directory per session
     assert rules[f"file:mkdir:{root}/out/*"] == "directory-children"
     assert not any("secrets" in e for e in rules)
-    assert not any(e.startswith("exec:") for e in rules)
+    assert {e for e in rules if e.startswith("exec:")} == {"exec:/usr/bin/python3", "exec:/usr/bin/sort"}
     objects = {(r.path, r.object) for r in compiled.rules}
     assert ("/usr/bin/sort", "file") in objects and ("/lib64/ld-linux-x86-64.so.2", "file") in objects
     assert compiled.abi == 5 and "execute" in compiled.handled_fs

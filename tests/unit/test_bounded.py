@@ -54,8 +54,14 @@ class EndlessRing:
         self.counter_reads += 1
         return {}
 
-    def behaviour_counts(self):
+    def behaviour_counts(self, after_exec=()):
         return {}
+
+    def refused_counts(self, after_exec=()):
+        return {}
+
+    def observed_substrates(self):
+        return ()
 
     def forget_cgroup(self, cg):
         pass

@@ -25,7 +25,8 @@ BYTE_TYPES = ("char", "__u8")
 RECORDS = [events.ExecRecord, events.ForkRecord, events.ExitRecord, events.NetRecord,
            events.SyscallFirstRecord, events.EgressViolationRecord, events.SeccompDenialRecord,
            events.IoUringOpRecord, events.CgroupEscapeRecord, events.HttpCaptureRecord,
-           events.HttpConnRecord, events.HttpViolationRecord]
+           events.HttpConnRecord, events.HttpViolationRecord, events.FileFirstRecord,
+           events.FileDenialRecord]
 MIRRORS = {"events.h": [events.EventHeader, *RECORDS, *mirrors.MAP_MIRRORS["events.h"]],
            **{h: list(ms) for h, ms in mirrors.MAP_MIRRORS.items() if h != "events.h"}}
 
@@ -145,7 +146,11 @@ def test_type_numbers_match_and_are_unique():
         "NET_OP_SENDMSG", "NET_F_RET_KNOWN", "EGRESS_OP_CONNECT", "EGRESS_OP_SENDMSG",
         "EGRESS_ACTION_ALERTED", "EGRESS_ACTION_DENIED", "ENV_AF_INET", "ENV_AF_INET6",
         "IO_URING_OP_NAME_LEN", "CGROUP_ESCAPE_PATH_LEN",
-        "LOSS_SYSCALL_UNATTRIBUTED", "LOSS_CGROUP_REMOVED_DROPPED", "LOSS_SLOTS")],
+        "LOSS_SYSCALL_UNATTRIBUTED", "LOSS_CGROUP_REMOVED_DROPPED", "LOSS_SLOTS", "FILE_PATH_LEN",
+        "FILE_ACC_READ", "FILE_ACC_LIST", "FILE_ACC_WRITE", "FILE_ACC_TRUNCATE", "FILE_ACC_CREATE",
+        "FILE_ACC_REMOVE", "FILE_ACC_MKDIR", "FILE_ACC_RMDIR", "FILE_ACC_SYMLINK", "FILE_ACC_MKFIFO",
+        "FILE_ACC_MKSOCK", "FILE_ACC_MKNOD", "FILE_ACC_EXEC", "FILE_DIRFD_ABSOLUTE", "FILE_AT_FDCWD",
+        "FILE_F_TRUNCATED", "FILE_COMM_LEN")],
     (mirrors, "events.h", "SYSCALL_NR_SLOTS"), (mirrors, "events.h", "SYSCALL_BANKS"),
     *[(mirrors, "egress.h", n) for n in (
         "EGRESS_MAX_RANGES", "EGRESS_FIXED_BITS", "EGRESS_FAMILY_V4", "EGRESS_FAMILY_V6",
@@ -154,6 +159,9 @@ def test_type_numbers_match_and_are_unique():
     *[(mirrors, "denials.h", n) for n in ("DENIALS_NR_SLOTS", "DENIALS_MODE_ALERT",
                                           "DENIALS_MODE_ENFORCE", "DENIALS_MODE_WATCH",
                                           "DENIAL_F_SOCKETS")],
+    *[(mirrors, "capabilities.h", n) for n in ("CAPS_F_REFUSED", "CAPS_F_AFTER_EXEC", "CAPS_STAT_MAP_FULL",
+                                               "CAPS_STAT_UNKNOWN_CAP", "CAPS_STAT_OVERCOMMIT", "CAPS_STAT_STACK_WALKS",
+                                               "CAPS_STAT_SLOTS")],
     *[(events, "events.h", n) for n in (
         "HTTP_CAPTURE_MAX", "HTTP_CAPTURE_HEAD_SIZE", "HTTP_F_TLS", "HTTP_F_RESPONSE", "HTTP_F_HEAD",
         "HTTP_F_BODY", "HTTP_F_TRUNCATED", "HTTP_F_H2", "HTTP_F_UNPARSED", "HTTP_F_TLS_RECORD",
@@ -168,6 +176,11 @@ def test_type_numbers_match_and_are_unique():
         "HTTP_LOSS_RING_CONN", "HTTP_LOSS_RING_VIOLATION", "HTTP_LOSS_READ", "HTTP_LOSS_IOV",
         "HTTP_LOSS_SLOTS", "HTTP_C_DIGIT", "HTTP_C_HEX", "HTTP_C_ALPHA", "HTTP_C_DASH", "HTTP_C_UNDER",
         "HTTP_C_OTHER", "HTTP_C_SLASH", "HTTP_C_END")],
+    *[(mirrors, "files.h", n) for n in (
+        "FILE_LOSS_RINGBUF_FIRST", "FILE_LOSS_RINGBUF_DENIAL", "FILE_LOSS_MAP_FULL",
+        "FILE_LOSS_PATH_UNREADABLE", "FILE_LOSS_PATH_TRUNCATED", "FILE_LOSS_CGROUP_OVERFLOW",
+        "FILE_LOSS_SLOTS", "FILE_WATCH_ENFORCE")],
+    (mirrors, "events.h", "FILE_PATH_LEN"),
 ])
 def test_constants_match(module, header, name):
     assert DEFINES[header][name] == getattr(module, name)
@@ -196,9 +209,11 @@ def test_program_sources_include_their_headers():
     src = {p.name: p.read_text() for p in BPF.glob("*.c")}
     assert '#include "egress.h"' in src["egress.c"]
     assert '#include "denials.h"' in src["denials.c"]
+    assert '#include "capabilities.h"' in src["capabilities.c"]
     assert '#include "http.h"' in src["http.c"]
+    assert '#include "files.h"' in src["files.c"]
     for name, text in src.items():
-        for header in ("egress.h", "denials.h", "http.h"):
+        for header in ("egress.h", "denials.h", "capabilities.h", "http.h", "files.h", "events.h"):
             body = _strip_comments(text)
             for struct_name, (h, _) in STRUCTS.items():
                 if h == header:

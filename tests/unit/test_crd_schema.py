@@ -181,6 +181,12 @@ def test_printer_columns_point_at_schema_fields(plural):
                 node = node["items"]
 
 
+def test_policy_capability_names_are_the_capability_table():
+    allow = schema_of("leastprivilegepolicies")["properties"]["spec"]["properties"]["allow"]["properties"]
+    from sensor.capabilities import NAMES
+    assert allow["capabilities"]["items"]["enum"] == sorted(NAMES.values())
+
+
 def test_policy_status_is_a_subresource_with_per_node_list_map():
     (v,) = crd("leastprivilegepolicies")["spec"]["versions"]
     assert v["subresources"] == {"status": {}}
@@ -268,6 +274,7 @@ def derived_policies() -> list:
     golden = sorted((ROOT / "tests" / "golden" / "compiled" / "policies").glob("*.yaml"))
     out += [load_policy(f) for f in golden]
     out.append(load_policy(ROOT / "tests" / "golden" / "policies" / "corpus-agent.iam.policy.yaml"))
+    out.append(load_policy(ROOT / "tests" / "golden" / "policies" / "research-agent.structural.policy.yaml"))
     return out
 
 
@@ -292,6 +299,8 @@ def test_policy_schema_rejects_what_the_enforcer_cannot_act_on():
                                                              "accessLevel": "Everything", "rule": "exact"}]),
                    lambda o: o["spec"]["allow"].update(iam=[{"action": "s3 GetObject", "resource": "*",
                                                              "accessLevel": "Read", "rule": "exact"}]),
+                   lambda o: o["spec"]["allow"].update(capabilities=["CAP_NET_RAW"]),
+                   lambda o: o["spec"]["decisions"]["granularity"].update(substrates=["capabilities"]),
                    lambda o: o["spec"]["workload"].pop("container")):
         bad = copy.deepcopy(obj)
         mutate(bad)

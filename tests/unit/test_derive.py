@@ -56,7 +56,7 @@ def test_granularity_records_and_respects_substrates():
     pol = derive(p, DeriveOptions(substrates=("syscall", "egress")))
     assert pol.substrates == ("syscall", "egress")
     assert pol.decisions["granularity"] == {"substrates": ["syscall", "egress"],
-                                           "excluded": ["exec", "file", "http", "mcp", "iam"]}
+                                           "excluded": ["exec", "file", "http", "mcp", "iam", "capability"]}
     assert pol.execs == () and not any(r["substrate"] == "exec" for r in pol.review)
     assert pol.allows("exec:/usr/bin/anything"), "a substrate left out is not constrained"
     assert pol.syscalls and pol.egress
@@ -84,7 +84,7 @@ def test_literal_closure_is_the_observed_set():
 
 def test_literal_merges_connect_and_send_of_one_destination():
     sessions = [{"send:udp:10.96.0.10:53": 1, "connect:udp:10.96.0.10:53": 1} for _ in range(3)]
-    pol = derive(build(sessions), DeriveOptions(closure="literal", min_count={"syscall": 5, "egress": 6, "exec": 5}))
+    pol = derive(build(sessions), DeriveOptions(closure="literal", min_count={"syscall": 5, "egress": 6, "exec": 5, "capability": 5}))
     assert pol.egress == (EgressRule("udp", "10.96.0.10/32", (53,)),)
     prov = pol.provenance[0]
     assert prov["evidence"]["count"] == 6 and len(prov["evidence"]["behaviours"]) == 2
@@ -92,8 +92,8 @@ def test_literal_merges_connect_and_send_of_one_destination():
 
 def test_structural_cidr_aggregation_v4_v6_and_configurable_prefix():
     sessions = [{f"connect:tcp:10.0.3.{i + 1}:443": 2, f"connect:tcp:[fd00:1::{i + 1}]:8443": 2} for i in range(4)]
-    opts = DeriveOptions(min_count={s: 1 for s in ("syscall", "egress", "exec")},
-                         min_sessions={s: 1 for s in ("syscall", "egress", "exec")})
+    opts = DeriveOptions(min_count={s: 1 for s in ("syscall", "egress", "exec", "capability")},
+                         min_sessions={s: 1 for s in ("syscall", "egress", "exec", "capability")})
     pol = derive(build(sessions), opts)
     assert EgressRule("tcp", "10.0.3.0/24", (443,)) in pol.egress
     assert EgressRule("tcp", "fd00:1::/64", (8443,)) in pol.egress
@@ -363,7 +363,7 @@ def test_negative_thresholds_are_rejected():
     with pytest.raises(UserError, match="not an integer"):
         thresholds(["five"], 5, "--min-count")
     with pytest.raises(DeriveError, match="non-negative"):
-        derive(build(steady()), DeriveOptions(min_sessions={"syscall": -2, "egress": 3, "exec": 3}))
+        derive(build(steady()), DeriveOptions(min_sessions={"syscall": -2, "egress": 3, "exec": 3, "capability": 3}))
 
 
 # ---- validity --------------------------------------------------------------------------------
@@ -485,7 +485,7 @@ def test_diff_says_what_changed_and_why():
     assert {"decision": "closure", "old": "literal", "new": "structural"} in d["decisions"]
     assert not d["identical"] and diff(structural, structural)["identical"]
 
-    stricter = derive(p, DeriveOptions(min_count={"syscall": 5, "egress": 5, "exec": 100}))
+    stricter = derive(p, DeriveOptions(min_count={"syscall": 5, "egress": 5, "exec": 100, "capability": 5}))
     d2 = diff(structural, stricter)
     [gone] = d2["removed"]
     assert gone["entry"] == "exec:/usr/bin/git" and gone["why"].startswith("below threshold in the new policy")

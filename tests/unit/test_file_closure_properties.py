@@ -1,17 +1,16 @@
-"""Properties of file closure over generated behaviours (hypothesis): it never widens across access
-kinds, and never widens into a sensitive path."""
+"""Properties of file derivation (``derive --substrates file``) over generated behaviours
+(hypothesis): it never widens across access kinds, never widens into a sensitive path, and
+leaves nothing observed unaccounted for."""
 
 from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from enforcer.file_closure import FileClosureOptions, allows, derive_files
 from enforcer.file_patterns import KINDS, parse_entry, parse_key
 from enforcer.sensitive_paths import SENSITIVE, sensitive_match, sensitive_overlaps
-from sensor.profile import BehaviourStats
+from tests.file_profiles import derive_files, file_profile
 
-T0 = 1_767_225_600.0
 # Directory trees mixing ordinary places with sensitive ones, so widenings are tempted into them.
 DIRS = ["/usr/lib/python3", "/usr/lib/python3/site", "/usr/share/zoneinfo", "/etc", "/etc/ssl/certs",
         "/tmp/work", "/tmp/work/run", "/home/agent", "/home/agent/.ssh", "/home/agent/.aws", "/root",
@@ -23,48 +22,54 @@ KIND_LIST = sorted(KINDS)
 
 path_st = st.builds(lambda d, n: f"{d}/{n}", st.sampled_from(DIRS), st.sampled_from(NAMES))
 key_st = st.builds(lambda k, p: f"file:{k}:{p}", st.sampled_from(KIND_LIST[:5]), path_st)
-stats_st = st.builds(lambda c, s: BehaviourStats(c, s, T0, T0 + 10, session_ids=[f"s{i}" for i in range(s)]),
-                     st.integers(1, 12), st.integers(1, 6))
-behaviours_st = st.dictionaries(key_st, stats_st, min_size=1, max_size=40)
-options_st = st.builds(FileClosureOptions, min_count=st.integers(0, 8), min_sessions=st.integers(0, 4),
-                       max_siblings=st.integers(1, 4), tree_min_depth=st.integers(1, 3))
-SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# (count, sessions, first session): count >= sessions
+obs_st = st.integers(1, 6).flatmap(lambda s: st.tuples(st.integers(s, 12), st.just(s), st.integers(0, 4)))
+behaviours_st = st.dictionaries(key_st, obs_st, min_size=1, max_size=40)
+options_st = st.fixed_dictionaries({"min_count": st.integers(0, 8), "min_sessions": st.integers(0, 4),
+                                    "max_siblings": st.integers(1, 4), "file_tree_depth": st.integers(1, 3)})
+SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def entry_evidence(policy, entry: str) -> dict:
+    return next(p["evidence"] for p in policy.provenance if p["entry"] == entry)
 
 
 @SETTINGS
 @given(behaviours_st, options_st)
 def test_closure_never_widens_across_access_kinds(behaviours, opts):
-    result = derive_files(behaviours, opts)
-    for e in result.allowed:
-        members = e.evidence["behaviours"]
-        assert all(parse_key(m)[0] == e.kind for m in members), e
-        assert parse_entry(e.entry)[0] == e.kind
+    policy = derive_files(behaviours, **opts)
+    for e in policy.files:
+        kind = parse_entry(e)[0]
+        assert all(parse_key(m)[0] == kind for m in entry_evidence(policy, e)["behaviours"]), e
     # what one kind is allowed does not depend on the other kinds' behaviours at all
     for kind in {parse_key(k)[0] for k in behaviours}:
-        alone = derive_files({k: v for k, v in behaviours.items() if parse_key(k)[0] == kind}, opts)
-        assert sorted(e.entry for e in alone.allowed) == sorted(e.entry for e in result.allowed if e.kind == kind)
+        alone = derive_files({k: v for k, v in behaviours.items() if parse_key(k)[0] == kind}, **opts)
+        assert sorted(alone.files) == sorted(e for e in policy.files if parse_entry(e)[0] == kind)
     # and no path gains a kind nobody observed for anything it covers
     for k in behaviours:
-        kind, path = parse_key(k)
+        _, path = parse_key(k)
         for other in KIND_LIST:
-            if other != kind and not any(parse_key(b)[0] == other for b in behaviours):
-                assert not allows(result.allowed, f"file:{other}:{path}")
+            if not any(parse_key(b)[0] == other for b in behaviours):
+                assert not policy.allows(f"file:{other}:{path}")
 
 
 @SETTINGS
 @given(behaviours_st, options_st)
 def test_closure_never_widens_into_a_sensitive_path(behaviours, opts):
-    result = derive_files(behaviours, opts)
-    for e in result.allowed:
-        _, pattern = parse_entry(e.entry)
+    profile = file_profile(behaviours)
+    stats = profile.behaviours()
+    policy = derive_files(profile, **opts)
+    for e in policy.files:
+        _, pattern = parse_entry(e)
         if pattern.scope == "exact":
             if sensitive_match(pattern.base) is not None:
                 # only when observed exactly, with this kind, above the threshold
-                assert e.rule == "exact:sensitive"
-                s = behaviours[e.entry]
-                assert s.count >= opts.min_count and s.sessions >= opts.min_sessions
+                rule = next(p["rule"] for p in policy.provenance if p["entry"] == e)
+                assert rule == "exact:sensitive"
+                s = stats[e]
+                assert s.count >= opts["min_count"] and s.sessions >= opts["min_sessions"]
             continue
-        assert sensitive_overlaps(pattern, SENSITIVE) == [], e.entry
+        assert sensitive_overlaps(pattern, SENSITIVE) == [], e
     # any sensitive path admitted at all was itself observed with that kind
     for d in DIRS:
         for n in NAMES:
@@ -72,14 +77,15 @@ def test_closure_never_widens_into_a_sensitive_path(behaviours, opts):
             if sensitive_match(p) is None:
                 continue
             for kind in KIND_LIST[:5]:
-                if allows(result.allowed, f"file:{kind}:{p}"):
+                if policy.allows(f"file:{kind}:{p}"):
                     assert f"file:{kind}:{p}" in behaviours
 
 
 @SETTINGS
 @given(behaviours_st, options_st)
 def test_everything_observed_is_allowed_or_reviewed(behaviours, opts):
-    result = derive_files(behaviours, opts)
+    policy = derive_files(behaviours, **opts)
+    reviewed = {m for r in policy.review for m in r["evidence"]["behaviours"]}
     for k in behaviours:
-        assert allows(result.allowed, k) or k in result.watch, k
-    assert derive_files(behaviours, opts).to_dict() == result.to_dict()
+        assert policy.allows(k) or (k in policy.watch and k in reviewed), k
+    assert policy == derive_files(behaviours, **opts)

@@ -188,8 +188,9 @@ def test_daemonset_obeys_api_server_rules_the_schema_cannot_check():
         assert c[probe]["httpGet"]["port"] in names
 
 
-# what the daemon was measured to need (tests/privileged/test_daemon_privileges.py runs it with these)
-CAPS = ["BPF", "PERFMON", "NET_ADMIN"]
+# what the daemon was measured to need (tests/privileged/test_daemon_privileges.py runs it with these),
+# and SYSLOG for the capability probe's kernel addresses
+CAPS = ["BPF", "PERFMON", "NET_ADMIN", "SYSLOG"]
 
 
 def test_daemonset_uses_explicit_capabilities_each_with_a_reason():

@@ -52,13 +52,26 @@ def daemonset_container() -> dict:
 
 
 def test_base_is_debian_12():
-    (base,) = of("FROM")
+    *stages, base = of("FROM")
     assert re.match(r"^debian:(12|bookworm)(-slim)?$", base), base
+    for stage in stages:  # build stages: Debian 12 too, so the launcher links the same glibc
+        assert re.match(r"^debian:(12|bookworm)(-slim)? AS \w+$", stage), stage
+
+
+def test_image_ships_the_static_launcher_where_pod_rewrites_copy_it_from():
+    from enforcer.launcher import IMAGE_PATH
+    runs = " ".join(of("RUN"))
+    assert "gcc -static" in runs and "enforcer/launcher/envelope-launch.c" in " ".join(of("COPY"))
+    (ship,) = [a for a in of("COPY") if a.startswith("--from=launcher")]
+    assert ship.split()[-1] == IMAGE_PATH and "--chmod=0755" in ship  # the init container runs as 65532
+    # the final stage's packages carry no compiler
+    final = RECIPE.read_text().rsplit("\nFROM ", 1)[1]
+    assert "gcc" not in final.split("COPY --from=launcher")[0]
 
 
 def test_debian_packages_provide_bcc_and_seccomp():
     runs = " ".join(of("RUN"))
-    install = re.search(r"apt-get install ([^&]+)", runs).group(1).split()
+    install = [w for m in re.findall(r"apt-get install ([^&]+)", runs) for w in m.split()]
     for pkg in ("python3", "python3-venv", "python3-bpfcc", "python3-seccomp"):
         assert pkg in install
     assert "--system-site-packages" in runs
@@ -86,6 +99,8 @@ def test_every_copied_path_exists_and_is_not_ignored():
     copied = []
     for args in of("COPY"):
         words = shlex.split(args)
+        if any(w.startswith("--from=") for w in words):
+            continue  # from a build stage, not the context
         srcs = [w for w in words[:-1] if not w.startswith("--")]
         copied += srcs
         for src in srcs:

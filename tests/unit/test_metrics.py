@@ -117,6 +117,21 @@ def test_scrape_reports_events_losses_profiles_and_coverage(served):
     assert s[("envelope_build_info", (("version", "0.1.0"),))] == 1
 
 
+def test_refused_checks_are_a_gauge_per_workload_and_key(served):
+    m, clock, base = served
+    p = profile(W, ["capability:CHOWN"])
+    p.node("n1").add_refusal("capability:NET_RAW", 3, 1.0)
+    profiles = {W: p}
+    m.observe_step(Step(), Observer(Agg(bindings={}, profiles=profiles)))
+    s = scrape(base)
+    assert s[("envelope_profile_refused", (("key", "capability:NET_RAW"), ("workload", W.key)))] == 3
+    assert s[("envelope_profile_behaviours", (("substrate", "capability"), ("workload", W.key)))] == 1
+    del profiles[W]
+    clock.t += 16
+    m.observe_step(Step(), Observer(Agg(bindings={}, profiles=profiles)))
+    assert not any(k[0] == "envelope_profile_refused" for k in scrape(base))
+
+
 def test_profile_gauges_refresh_on_their_interval_and_drop_gone_workloads(served):
     m, clock, base = served
     profiles = {W: profile(W, ["syscall:read"]), W2: profile(W2, ["syscall:read"])}

@@ -109,7 +109,7 @@ def test_coverage_rate_counts_new_behaviours_in_last_day():
     record(p, "n1", "s2", [("exec:/bin/a", 1, 3.5 * day)], start=3 * day)
     p.node("n1").updated = 4 * day
     assert p.coverage_rate(24) == {"syscall": 1, "egress": 0, "exec": 1, "file": 0, "http": 0,
-                                   "mcp": 0, "iam": 0}
+                                   "mcp": 0, "iam": 0, "capability": 0}
 
 
 def test_json_view_has_documented_fields():

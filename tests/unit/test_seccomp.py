@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from enforcer import seccomp
-from enforcer.policy import Policy, load_policy
+from enforcer.policy import Policy, PolicyError, load_policy
 from enforcer.runtime import RUNC
 from sensor.workload import Workload
 
@@ -490,3 +490,103 @@ def test_spo_export_keeps_the_argument_conditions():
     assert validate_spo(d) == []
     conditional = [r for r in d["spec"]["syscalls"] if r.get("args")]
     assert conditional and all(r["names"] == ["socket"] for r in conditional)
+
+
+# ---- the socket restriction and the policy's capabilities --------------------------------------
+
+AF_INET, AF_PACKET, SOCK_STREAM, SOCK_RAW, SOCK_DGRAM = 2, 17, 1, 3, 2
+IPPROTO_ICMP, IPPROTO_SCTP = 1, 132
+CHILD_SYSCALLS = ["socket", "close", "write", "exit_group", "exit", "mmap", "munmap", "brk", "futex",
+                  "rt_sigprocmask", "rt_sigaction", "mprotect", "getpid", "gettid", "madvise"]
+
+
+def socket_errnos(compiled: seccomp.CompiledSeccomp, calls: list[tuple[int, int, int]]) -> list[int]:
+    """Run ``socket(domain, type, protocol)`` for each of ``calls`` in a forked child under the
+    compiled filter, loaded into the real kernel with libseccomp (no_new_privs; no root needed);
+    0 for a call that made a socket, else its errno."""
+    import ctypes
+    import os
+    import struct
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: load the filter, make the calls, report, exit without cleanup
+        try:
+            os.close(r)
+            libc = ctypes.CDLL(None, use_errno=True)
+            seccomp.filter_from_oci(compiled.profile).load()
+            out = []
+            for args in calls:
+                fd = libc.socket(*args)
+                out.append(0 if fd >= 0 else ctypes.get_errno())
+                if fd >= 0:
+                    libc.close(fd)
+            os.write(w, struct.pack(f"<{len(out)}i", *out))
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = os.read(r, 4 * len(calls))
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert len(data) == 4 * len(calls), "the child under the filter did not report"
+    return list(struct.unpack(f"<{len(calls)}i", data))
+
+
+@pytest.mark.parametrize("mode", ["enforce", "alert"])
+def test_sockets_are_restricted_without_net_raw_and_free_with_it(mode):
+    calls = [(AF_INET, SOCK_STREAM, 0), (AF_INET, SOCK_STREAM, IPPROTO_SCTP), (AF_PACKET, SOCK_RAW, 0),
+             (AF_INET, SOCK_RAW, IPPROTO_ICMP)]
+    without = seccomp.compile_oci(policy(CHILD_SYSCALLS, mode, substrates=("syscall", "egress", "capability"),
+                                         capabilities=("NET_BIND_SERVICE",)))
+    with_raw = seccomp.compile_oci(policy(CHILD_SYSCALLS, mode, substrates=("syscall", "egress", "capability"),
+                                          capabilities=("NET_BIND_SERVICE", "NET_RAW")))
+    assert without.restricts_sockets() and not with_raw.restricts_sockets()
+    assert [e.rule for e in without.report if e.syscall == "socket"] == [seccomp.SOCKET_RULE]
+    assert [e.rule.split(":")[0] for e in with_raw.report if e.syscall == "socket"] == [seccomp.POLICY_RULE]
+    unrestricted = [r for r in with_raw.profile["syscalls"] if "socket" in r["names"]]
+    assert unrestricted and all(not r.get("args") for r in unrestricted)
+    if mode == "enforce":
+        got = socket_errnos(without, calls)
+        assert got[0] == 0  # TCP is what the egress hooks see
+        assert got[1:] == [seccomp.DENY_ERRNO] * 3  # SCTP, packet and raw sockets stopped by the filter
+        lifted = socket_errnos(with_raw, calls)
+        # the kernel decides now: a socket, or its own answer (no SCTP module: EPROTONOSUPPORT),
+        # never the filter's EPERM; raw and packet sockets need the capability itself, which
+        # only a root test run holds (without it the kernel's EPERM looks like the filter's)
+        assert lifted[0] == 0 and lifted[1] != seccomp.DENY_ERRNO
+        import os
+        if os.geteuid() == 0:
+            assert lifted[2:] == [0, 0]
+
+
+def test_restricts_sockets_reads_net_raw_from_the_policy_document():
+    """The document's ``spec.allow.capabilities`` (names without CAP_) is what lifts the socket
+    restriction: a policy admitting NET_RAW keeps raw and packet sockets, one without restricts them."""
+    doc = Policy(W, mode="enforce", substrates=("syscall", "egress", "capability"), syscalls=("socket",),
+                 capabilities=("NET_RAW",)).to_dict()
+    assert doc["spec"]["allow"]["capabilities"] == ["NET_RAW"]
+    with_raw = Policy.from_dict(doc)
+    doc["spec"]["allow"]["capabilities"] = ["NET_BIND_SERVICE"]
+    without = Policy.from_dict(doc)
+    for mode in ("enforce", "alert"):
+        assert not seccomp.restricts_sockets(with_raw, mode)
+        assert seccomp.restricts_sockets(without, mode)
+    assert not seccomp.restricts_sockets(without, "observe")
+    assert not seccomp.socket_allowed(AF_INET, SOCK_RAW, IPPROTO_ICMP)  # what the restricted filter refuses
+    assert not seccomp.socket_allowed(AF_PACKET, SOCK_RAW, 0)
+    assert seccomp.compile_oci(without).restricts_sockets()
+    lifted = seccomp.compile_oci(with_raw)
+    assert not lifted.restricts_sockets()
+    assert all(not r.get("args") for r in lifted.profile["syscalls"] if "socket" in r["names"])
+    # the CAP_ spelling is refused when the document is read, never taken as "no NET_RAW"
+    doc["spec"]["allow"]["capabilities"] = ["CAP_NET_RAW"]
+    with pytest.raises(PolicyError, match="CAP_NET_RAW"):
+        Policy.from_dict(doc)
+
+
+def test_net_raw_only_lifts_the_restriction_where_egress_is_encoded():
+    no_egress = seccomp.compile_oci(policy(["socket"], substrates=("syscall", "capability")))
+    assert not no_egress.restricts_sockets()
+    assert seccomp.compile_oci(policy(["socket"], substrates=("syscall", "egress"))).restricts_sockets()
+    observe = seccomp.compile_oci(policy(["socket"], "observe", substrates=("syscall", "egress")))
+    assert not observe.restricts_sockets()

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from pathlib import Path
 
 import pytest
-import structlog
 
 from enforcer import exceptions, state
 from enforcer.runtime import RUNC
@@ -19,14 +16,7 @@ GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "compiled"
 AGENT = GOLDEN / "policies" / "research-agent.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _structlog_defaults():
-    # Library calls made directly by a test log warnings only, to the stderr of the moment;
-    # main() rebinds structlog to this test's captured stderr, so reset after each test.
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-                        logger_factory=lambda *a: structlog.PrintLogger(sys.stderr))
-    yield
-    structlog.reset_defaults()
+pytestmark = pytest.mark.usefixtures("structlog_warnings_to_stderr")
 
 
 def compile_(tmp_path, *args) -> int:

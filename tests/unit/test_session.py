@@ -426,3 +426,42 @@ def test_a_set_pinned_under_the_earlier_name_is_adopted_not_doubled(env):
     s2 = session()
     assert s2.adopt_pinned() == [W.key]
     assert s2.remove(W, reason="done") and not legacy.exists()
+
+
+def test_landlock_refusals_are_watched_in_enforce_mode_and_judged_against_the_policy(env, tmp_path):
+    """exec and file entries are enforced by Landlock only in enforce mode; an -EACCES report of
+    a watched cgroup becomes a denied violation unless the policy allows the access (then it was
+    an ordinary permission check)."""
+    import os
+
+    from sensor.events import FileDenialRecord
+    kernel, session, paths, state, bpffs = env
+    p = Policy(W, mode="enforce", substrates=("exec", "file"), execs=("/usr/bin/python3",),
+               files=("file:read:/etc/hosts",))
+    s = session(pinned=False, file_denials=True)
+    s.apply(p, "alert", [paths[0]])
+    assert kernel.file_probes == []  # alert mode: no Landlock, nothing to watch
+    s.apply(p, "enforce", [paths[0]])
+    [probe] = kernel.file_probes
+    cid = os.stat(paths[0]).st_ino
+    assert probe.watched == {cid}
+
+    def record(access, path, nr=257, pid=os.getpid()):
+        return FileDenialRecord.pack(type=33, version=1, size=FileDenialRecord.size(), ktime=1, cgroup_id=cid,
+                                     pid=pid, tid=pid, access=access, dirfd=0, nr=nr, ret=-13,
+                                     path_len=len(path), path=path.encode())
+
+    kernel.emit(probe.events_fd, record(0x1, "/root/.aws/credentials"))
+    kernel.emit(probe.events_fd, record(0x1, "/etc/hosts"))  # allowed: a mode-bits EACCES, not reported
+    kernel.emit(probe.events_fd, record(0x1000, "/bin/sh", nr=59))
+    got = {(v.substrate, v.behaviour, v.action) for v in s.poll_violations()}
+    assert got == {("file", "file:read:/root/.aws/credentials", "denied"), ("exec", "exec:/bin/sh", "denied")}
+    s.remove(W)
+    assert probe.watched == set()
+
+
+def test_landlock_refusals_of_policies_without_exec_or_file_are_not_watched(env):
+    kernel, session, paths, state, bpffs = env
+    s = session(pinned=False, file_denials=True)
+    s.apply(policy(), "enforce", [paths[0]])
+    assert kernel.file_probes == []

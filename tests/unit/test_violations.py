@@ -200,3 +200,62 @@ def test_judge_reports_execs_outside_the_policy_only_when_asked():
     # a policy that leaves exec out allows every exec
     assert Judge(Policy(Workload.host("j"), substrates=("syscall",)), report_execs=True).observe(
         "s", "exec:/usr/bin/curl", 1, 4.0) == []
+
+
+def test_judge_reports_capabilities_outside_the_policy_once_per_session():
+    from enforcer.policy import Policy
+    from enforcer.violations import SUBSTRATES, Judge, Violation
+    from sensor.workload import Workload
+
+    assert "capability" in SUBSTRATES  # violations take every substrate
+    Violation(1.0, "host/Unit/j/main", "capability", "capability:SYS_ADMIN", "denied", {})
+    pol = Policy(Workload.host("j"), substrates=("capability",), capabilities=("CHOWN",))
+    j = Judge(pol, report_capabilities=True)
+    assert j.observe("s", "capability:CHOWN", 3, 1.0) == []
+    [v] = j.observe("s", "capability:SYS_ADMIN", 2, 2.0)
+    assert (v.substrate, v.behaviour, v.action, v.count, v.detail["enforced"]) == \
+        ("capability", "capability:SYS_ADMIN", "alerted", 2, False)
+    assert j.observe("s", "capability:SYS_ADMIN", 1, 3.0) == []  # once per session
+    j.close_session("s", 4.0)
+    assert len(j.observe("s2", "capability:SYS_ADMIN", 1, 5.0)) == 1
+    assert Judge(pol).observe("s", "capability:SYS_ADMIN", 1, 3.0) == []
+    assert Judge(Policy(Workload.host("j"), substrates=("syscall",)), report_capabilities=True).observe(
+        "s", "capability:SYS_ADMIN", 1, 4.0) == []
+
+
+def test_judge_reports_file_accesses_outside_the_policy_and_says_whether_landlock_enforced():
+    from enforcer.policy import Policy
+    from enforcer.violations import Judge
+    from sensor.workload import Workload
+
+    pol = Policy(Workload.host("j"), substrates=("exec", "file"), execs=("/usr/bin/python3",),
+                 files=("file:read:/etc/*",))
+    j = Judge(pol, report_execs=True, report_files=True, enforced={"exec"})
+    assert j.observe("s", "file:read:/etc/hosts", 3, 1.0) == []
+    [v] = j.observe("s", "file:write:/etc/hosts", 1, 2.0)  # a read never admits a write
+    assert (v.substrate, v.behaviour, v.action, v.detail) == (
+        "file", "file:write:/etc/hosts", "alerted", {"session": "s", "enforced": False})
+    [v] = j.observe("s", "exec:/bin/sh", 1, 3.0)
+    assert v.detail["enforced"] is True
+    # a refusal seen again is judged against the watch list only, never re-reported as alerted
+    assert j.observe("s", "exec:/bin/sh", 1, 4.0, denied=True) == []
+    # the daemon cannot see the launcher: it does not claim either way
+    [v] = Judge(pol, report_files=True).observe("s", "file:read:/root/x", 1, 5.0)
+    assert "enforced" not in v.detail
+
+
+def test_file_denials_become_violations_with_path_access_and_process():
+    from enforcer.violations import from_file_denial
+    from sensor.events import FileDenialEvent
+
+    ev = FileDenialEvent(ktime=1, cgroup_id=7, pid=42, tid=43, access=0x1 | 0x4, path="creds", dirfd=-100,
+                         nr=257, syscall="openat", ret=-13, comm="agent")
+    allows = {"file:write:/home/a/creds"}.__contains__
+    [v] = from_file_denial(ev, "w", 9.0, "/home/a/creds", allows)
+    assert (v.substrate, v.behaviour, v.action) == ("file", "file:read:/home/a/creds", "denied")
+    assert v.detail == {"pid": 42, "tid": 43, "comm": "agent", "cgroup_id": 7, "syscall": "openat", "path": "creds",
+                        "access": ["read", "write"], "errno": "EACCES", "enforcer": "landlock"}
+    # a relative path no longer resolvable is reported as given, never dropped
+    got = from_file_denial(ev, "w", 9.0, None, allows)
+    assert [v.behaviour for v in got] == ["file:read:creds", "file:write:creds"]
+    assert all(v.detail["unresolved"] for v in got)

@@ -190,3 +190,27 @@ write("http_violation", hdr(26, 320) + [
 ], {"type": "http_violation", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "tid": 1002, "conn": 77,
     "action": "killed", "reason": "no allowed entry matches", "tls": False, "comm": "python3",
     "method": "DELETE", "path": "/v1/repos/agent", "host": "api.example.com", "behaviour_key": None})
+
+rel = b"out/result.json"
+write("file_first", hdr(32, 312) + [
+    ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
+    ("access", struct.pack("<I", 0x4 | 0x10 | 0x8)),  # write | create | truncate
+    ("key_pid", struct.pack("<I", 1001)), ("dirfd", struct.pack("<i", -100)),  # relative to the cwd
+    ("nr", struct.pack("<I", 257)), ("path_len", struct.pack("<H", len(rel))),
+    ("flags", struct.pack("<H", 0)), ("path_hash", struct.pack("<Q", 0x1122334455667788)),
+    ("path", cstr(rel, 256)),
+], {"type": "file_first", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "access": 0x1c,
+    "path": "out/result.json", "key_pid": 1001, "dirfd": -100, "nr": 257, "syscall": "openat",
+    "truncated": False, "path_hash": 0x1122334455667788, "behaviour_key": None})
+
+cred = b"/root/.aws/credentials"
+write("file_denial", hdr(33, 328) + [
+    ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
+    ("tid", struct.pack("<I", 1007)), ("access", struct.pack("<I", 0x1)),  # read
+    ("dirfd", struct.pack("<i", 0)), ("nr", struct.pack("<I", 257)),
+    ("ret", struct.pack("<i", -13)), ("path_len", struct.pack("<H", len(cred))),
+    ("flags", struct.pack("<H", 0)), ("pad", struct.pack("<I", 0)), ("comm", cstr(b"python3", 16)),
+    ("path", cstr(cred, 256)),
+], {"type": "file_denial", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "tid": 1007,
+    "access": 1, "path": "/root/.aws/credentials", "dirfd": 0, "nr": 257, "syscall": "openat",
+    "ret": -13, "truncated": False, "comm": "python3", "behaviour_key": None})

@@ -25,17 +25,29 @@ BASE_SYSCALLS = {
 }
 
 
-def _session(node, sid: str, start: float, end: float | None, behaviours: dict[str, int]) -> None:
-    node.open_session(sid, start, {"container_id": sid})
+def _session(node, sid: str, start: float, end: float | None, behaviours: dict[str, int],
+             capabilities: dict[str, int] | None = None, refused: dict[str, int] | None = None) -> None:
+    """One session; ``capabilities`` given (granted checks, possibly none) marks it observed by the
+    capability probe, whose refused checks are ``refused``."""
+    meta = {"container_id": sid, **({"observed": ["capability"]} if capabilities is not None else {})}
+    node.open_session(sid, start, meta)
     for i, (key, count) in enumerate(sorted(behaviours.items())):
         node.observe(sid, key, count, start + 1.0 + i)
+    for i, (key, count) in enumerate(sorted((capabilities or {}).items())):
+        node.observe(sid, key, count, start + 60.0 + i)
+    for i, (key, count) in enumerate(sorted((refused or {}).items())):
+        node.add_refusal(key, count, start + 90.0 + i)
     if end is not None:
         node.close_session(sid, end)
 
 
 def research_agent() -> Profile:
     """A stable research agent observed for 14 days on two nodes: API calls to one /24 on 443,
-    DNS through the cluster DNS service, git with its helpers, and a few rare behaviours."""
+    DNS through the cluster DNS service, git with its helpers, and a few rare behaviours. The
+    capability probe watched every session: it serves metrics on port 80 (NET_BIND_SERVICE),
+    chowns its scratch files (CHOWN), pings its model gateway in half the sessions (NET_RAW, an
+    escape of the egress envelope), mounted something once (SYS_ADMIN), and was refused
+    SYS_PTRACE when it tried to attach to a child."""
     p = Profile(Workload("research", "Deployment", "research-agent", "agent"))
     nodes = [p.node("node-a"), p.node("node-b")]
     for day in range(14):
@@ -55,7 +67,13 @@ def research_agent() -> Profile:
                 b["syscall:ptrace"] = 1
             if day in (5, 9):
                 b["syscall:getrandom"] = 2
-            _session(node, f"s{day:02d}{j}", start, start + 2 * HOUR, b)
+            caps = {"capability:NET_BIND_SERVICE": 1, "capability:CHOWN": 2 + j}
+            if (day + j) % 2 == 0:
+                caps["capability:NET_RAW"] = 1
+            if day == 3 and j == 0:
+                caps["capability:SYS_ADMIN"] = 1
+            refused = {"capability:SYS_PTRACE": 1} if day in (3, 8) else None
+            _session(node, f"s{day:02d}{j}", start, start + 2 * HOUR, b, caps, refused)
     for n in nodes:
         n.add_fingerprint("image", "sha256:1111aaaa", T0)
         n.add_fingerprint("model", "claude-x-2026-01", T0)

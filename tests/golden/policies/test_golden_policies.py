@@ -74,7 +74,16 @@ def test_golden_expectations_hold():
     """What the fixtures are there to show, stated outright so a regenerated file cannot hide it."""
     s = load_policy(HERE / "research-agent.structural.policy.yaml")
     assert s.execs == ("/usr/bin/git", "/usr/bin/python3.11", "/usr/lib/git-core/*")
-    assert {r["key"] for r in s.review} == {"egress:tcp:203.0.113.0/24:4444", "exec:/usr/bin/curl", "syscall:ptrace"}
+    assert {r["key"] for r in s.review} == {"egress:tcp:203.0.113.0/24:4444", "exec:/usr/bin/curl", "syscall:ptrace",
+                                            "capability:NET_RAW", "capability:SYS_ADMIN"}
+    # capabilities: the ones used in every session, literally; NET_RAW passed the threshold but is a way
+    # around the egress envelope, so it waits for an explicit admit; the refused SYS_PTRACE is no entry
+    assert s.capabilities == ("CHOWN", "NET_BIND_SERVICE")
+    net_raw = next(r for r in s.review if r["key"] == "capability:NET_RAW")
+    assert net_raw["evidence"]["sessions"] == 14 and net_raw["why"].startswith("raw and packet sockets")
+    assert not s.allows("capability:SYS_PTRACE") and "capability:SYS_PTRACE" not in s.watch
+    forced = load_policy(HERE / "code-agent.forced.policy.yaml")  # recorded without the capability probe
+    assert "capability" not in forced.substrates and "capability" in forced.decisions["granularity"]["unobserved"]
     assert s.allows("connect:tcp:10.20.30.99:443") and not s.allows("connect:tcp:10.20.31.1:443")
     lit = load_policy(HERE / "research-agent.literal.policy.yaml")
     assert not lit.allows("connect:tcp:10.20.30.99:443") and "openat2" not in lit.syscalls
