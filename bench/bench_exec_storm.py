@@ -59,9 +59,13 @@ def run(quick: bool = False) -> dict:
     work = Path(tempfile.mkdtemp(prefix="envelope-bench-storm-"))
     state = work / "state"
     policy = work / "policy.yaml"
+    storm = progs["denied_storm"]  # exec'd once, by the launch: Landlock runs it, the filter admits no other execve
+    launch = {"entry": f"exec:{storm}", "substrate": "exec", "rule": "exact", "admitted": "threshold",
+              "evidence": {"behaviours": [f"exec:{storm}"], "count": 1, "sessions": 1}}
     policy.write_text(dump_policy(Policy(
         workload=Workload.host(f"bench-storm-{os.getpid()}"), mode="enforce",
-        syscalls=tuple(n for n in syscalls.NUMBERS if n not in ("getsid", "execve", "execveat")))))
+        syscalls=tuple(n for n in syscalls.NUMBERS if n not in ("getsid", "execve", "execveat")),
+        execs=(storm,), provenance=(launch,))))
     proc = subprocess.Popen([sys.executable, "-m", "envelope.cli", "--state-dir", str(state), "exec", "--policy",
                              str(policy), "--", progs["denied_storm"], str(p["seconds"]), str(p["procs"])],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -47,13 +47,21 @@ ATTEMPTS = textwrap.dedent("""
 """)
 
 
+def launch_provenance(path: str) -> dict:
+    """The provenance derive writes for the command itself, exec'd once in each recorded session:
+    Landlock lets the launch run it, and the filter admits no ``execve`` but the launch's own."""
+    return {"entry": f"exec:{path}", "substrate": "exec", "rule": "exact", "admitted": "threshold",
+            "evidence": {"behaviours": [f"exec:{path}"], "count": 3, "sessions": 3}}
+
+
 def write_policy(path: Path, substrates: tuple[str, ...]) -> None:
     from enforcer.policy import Policy, dump_policy
     from sensor import syscalls
     from sensor.workload import Workload
     denied = set(NETWORK) | {"execve", "execveat", "ptrace"}
     p = Policy(workload=Workload.host(f"ctx-{os.getpid()}"), mode="enforce", substrates=substrates,
-               syscalls=tuple(n for n in syscalls.NUMBERS if n not in denied), execs=())
+               syscalls=tuple(n for n in syscalls.NUMBERS if n not in denied), execs=(sys.executable,),
+               provenance=(launch_provenance(sys.executable),))
     path.write_text(dump_policy(p))
 
 

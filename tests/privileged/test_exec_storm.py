@@ -43,13 +43,16 @@ def state_dir(tmp_path):
 
 
 @pytest.fixture
-def policy_file(tmp_path) -> Path:
-    """Every syscall but getsid (the one the storm retries) and execve: no program may be exec'd."""
+def policy_file(tmp_path, storm) -> Path:
+    """Every syscall but getsid (the one the storm retries) and execve: no program may be exec'd
+    but the storm itself, by the launch."""
     from enforcer.policy import Policy, dump_policy
     from sensor import syscalls
     from sensor.workload import Workload
+    from tests.privileged.test_exec_context import launch_provenance
     p = Policy(workload=Workload.host(f"storm-{os.getpid()}"), mode="enforce",
-               syscalls=tuple(n for n in syscalls.NUMBERS if n not in ("getsid", "execve", "execveat")))
+               syscalls=tuple(n for n in syscalls.NUMBERS if n not in ("getsid", "execve", "execveat")),
+               execs=(storm,), provenance=(launch_provenance(storm),))
     path = tmp_path / "policy.yaml"
     path.write_text(dump_policy(p))
     return path
