@@ -33,7 +33,8 @@ def review_summary(policy: Policy) -> dict[str, dict]:
 def review_notice(policy: Policy, *, exec_paths_enforced: bool, execve_denied: bool) -> list[str]:
     """The lines to print before enforcing ``policy`` in enforce mode.
 
-    ``exec_paths_enforced``: the exec substrate's paths are enforced where this runs (Landlock);
+    ``exec_paths_enforced``: the exec substrate's paths are enforced where this runs (``envelope
+    exec`` in enforce mode with a Landlock that restricts execute rights);
     ``execve_denied``: no program may be exec'd at all (the seccomp filter denies ``execve``)."""
     summary = review_summary(policy)
     w = policy.workload.key
@@ -53,6 +54,8 @@ def review_notice(policy: Policy, *, exec_paths_enforced: bool, execve_denied: b
                 how = "reported, not denied (exec paths are not enforced here)"
             elif sub == "exec" and execve_denied:
                 how = "denied and reported (the policy allows no program: execve is denied)"
+            elif sub == "exec":
+                how = "denied and reported (Landlock: only the policy's programs may run)"
             if s["dangerous"] and len(s["dangerous"]) == s["denied"]:
                 why = "dangerous syscalls are always denied: " + ", ".join(s["dangerous"])
             elif s["dangerous"]:

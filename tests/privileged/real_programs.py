@@ -12,8 +12,8 @@ requests, the same kind of work) and its abuses: what an attacker does with the 
 features (sqlite3's ``.shell``, busybox httpd's CGI and proxy, a malicious sdist for pip) or with
 code injected into the process (``workloads/injected.c`` through LD_PRELOAD: spawn /bin/sh,
 connect elsewhere, an unused dangerous syscall). A held-out run passes when the program did its
-work and nothing was denied; an abuse is denied when the attempt failed with EPERM and the
-denial was reported as a violation.
+work and nothing was denied; an abuse is denied when the attempt failed (EPERM from seccomp or
+the egress programs, EACCES from Landlock) and the denial was reported as a violation.
 
 :class:`Suite` runs them; ``test_real_programs.py`` asserts each case and
 ``bench/bench_real_programs.py`` measures the rates.
@@ -185,7 +185,7 @@ class Abuse:
 
     name: str
     denied: Callable[[dict], bool]
-    attempt: str = ""  # "envelope-abuse <what>", whose result must be EPERM
+    attempt: str = ""  # "envelope-abuse <what>", whose result must be EPERM or EACCES (REFUSED)
     reported: Callable[[dict], bool] | None = None
 
 
@@ -316,7 +316,7 @@ def build_injected(out_dir: Path) -> Path:
 
 
 def abuse_verdict(outcome: Outcome, abuse: "Abuse") -> tuple[str, str]:
-    """("denied", ...) when the abuse failed with EPERM and the denial was reported;
+    """("denied", ...) when the abuse failed (:data:`REFUSED`) and the denial was reported;
     ("reported", ...) when it got through and was reported; ("missed", why) otherwise."""
     result = "EPERM"
     if abuse.attempt:
@@ -325,10 +325,10 @@ def abuse_verdict(outcome: Outcome, abuse: "Abuse") -> tuple[str, str]:
             return "missed", f"the attempt never ran (no {abuse.attempt!r} line on stderr)"
         result = m.group(1)
     seen = ", ".join(sorted({f"{v['action']} {v['behaviour']}" for v in outcome.violations})) or "nothing"
-    if result == "EPERM":
+    if result in REFUSED:
         if any(abuse.denied(v) for v in outcome.denied):
             return "denied", seen
-        return "missed", f"failed with EPERM, but no matching denial reported: {seen}"
+        return "missed", f"failed with {result}, but no matching denial reported: {seen}"
     if abuse.reported is not None and any(abuse.reported(v) for v in outcome.alerted):
         return "reported", f"got through ({result}) and was reported: {seen}"
     return "missed", f"got through ({result}) unreported: {seen}"
@@ -336,8 +336,13 @@ def abuse_verdict(outcome: Outcome, abuse: "Abuse") -> tuple[str, str]:
 
 # ---- the injected abuses, shared by every dynamically linked program --------------------------
 
-#: Where spawning a shell can be denied: creating the process, or its execve.
-SPAWN = ("syscall:execve", "syscall:execveat", "syscall:clone", "syscall:clone3", "syscall:fork", "syscall:vfork")
+#: Where spawning a shell can be denied: creating the process, or its execve (the filter), or
+#: the shell's file (Landlock's execute right).
+SHELLS = ("exec:/bin/sh", "exec:/usr/bin/sh")
+SPAWN = ("syscall:execve", "syscall:execveat", "syscall:clone", "syscall:clone3", "syscall:fork", "syscall:vfork",
+         *SHELLS)
+#: What a refused abuse fails with: EPERM from seccomp and the egress programs, EACCES from Landlock.
+REFUSED = ("EPERM", "EACCES")
 
 
 def injected(exe: str, match: str, make: Callable[[str, dict], Run], listener_port: int,
@@ -350,7 +355,7 @@ def injected(exe: str, match: str, make: Callable[[str, dict], Run], listener_po
         or (v["behaviour"] == "syscall:connect" and v["detail"].get("destination") == f"127.0.0.1:{p}"),
         "dangerous": lambda v: v["behaviour"] == "syscall:process_vm_readv",
     }
-    reported = {"shell": lambda v: v["behaviour"] in ("exec:/bin/sh", "exec:/usr/bin/sh")}
+    reported = {"shell": lambda v: v["behaviour"] in SHELLS}
     env = {"ENVELOPE_ABUSE": ",".join(what), "ENVELOPE_ABUSE_EXE": exe, "ENVELOPE_ABUSE_MATCH": match,
            "ENVELOPE_ABUSE_PORT": str(listener_port)}
     r = make("injected", env)
@@ -636,8 +641,8 @@ def git(work: Path, listener: int) -> Program:
     g("config", "user.name", "Test Author")
     g("config", "user.email", "author@example.invalid")
     # the agent's checkout runs no background work: with auto-maintenance on, git re-runs
-    # itself after a commit, the policy must then let execve through, and a spawned shell can
-    # only be reported until exec paths are enforced (Landlock)
+    # itself after a commit, and the policy must then let execve through (a spawned shell is
+    # then Landlock's to deny, or only reported where Landlock cannot enforce exec)
     g("config", "gc.auto", "0")
     g("config", "maintenance.auto", "false")
     for i in range(12):

@@ -31,6 +31,8 @@ def test_the_notice_counts_review_items_per_substrate_and_says_what_happens():
     text = "\n".join(review_notice(loose, exec_paths_enforced=True, execve_denied=False))
     assert "egress: 1 let through and reported (review action alert)" in text
     assert "syscall: 3 denied and reported (review action deny; dangerous syscalls are always denied: bpf)" in text
+    # where Landlock enforces exec paths, an exec in review is denied even with execve open
+    assert "exec: 1 denied and reported (Landlock: only the policy's programs may run)" in text
 
 
 def test_no_review_items_is_said_too():
