@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test unit privileged bench clean
+.PHONY: setup demo test lint unit privileged bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -12,8 +12,11 @@ setup:
 demo: setup
 	$(PY) -m envelope.demo
 
-test: setup
+test: setup lint
 	$(PY) -m pytest tests -v -p no:cacheprovider
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 unit: setup
 	$(PY) -m pytest tests/unit tests/golden -q -p no:cacheprovider

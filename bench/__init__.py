@@ -73,6 +73,17 @@ def unavailable(title: str, method: str, reason: str, targets: dict | None = Non
             "unavailable": reason}
 
 
+def cgroup_bpf_missing() -> str | None:
+    """Why a benchmark that attaches cgroup BPF programs cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (cgroup and BPF attach)"
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return "needs bcc (python3-bpfcc)"
+    return None
+
+
 # --------------------------------------------------------------------------- cgroup v2
 
 

@@ -21,7 +21,7 @@ from enforcer.policy import dump_policy
 from sensor.profile import BehaviourStats, NodeContribution, Profile, SessionRecord
 from sensor.workload import Workload
 
-from . import progress, ratio, summarize
+from . import progress, summarize
 
 TITLE = "Policy derivation (1,000 behaviours x 10,000 sessions)"
 TARGETS = {"derive structural, median s": "< 0.5"}

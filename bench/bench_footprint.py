@@ -13,7 +13,6 @@ really saw the workloads.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal

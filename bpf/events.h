@@ -28,6 +28,8 @@
 #define EV_SYSCALL_FIRST 5
 #define EV_EGRESS_VIOLATION 6
 #define EV_SECCOMP_DENIAL 7
+#define EV_DNS_MESSAGE 16
+#define EV_DNS_VIOLATION 17
 #define EV_HTTP_CAPTURE 24
 #define EV_HTTP_CONN 25
 #define EV_HTTP_VIOLATION 26
@@ -49,6 +51,8 @@
 #define SECCOMP_DENIAL_EVENT_VERSION 3   /* 2: the call's arguments; 3: tid, comm, counted, destination */
 #define IO_URING_OP_EVENT_VERSION 1
 #define CGROUP_ESCAPE_EVENT_VERSION 1
+#define DNS_MESSAGE_EVENT_VERSION 1
+#define DNS_VIOLATION_EVENT_VERSION 1
 #define HTTP_CAPTURE_EVENT_VERSION 1
 #define HTTP_CONN_EVENT_VERSION 1
 #define HTTP_VIOLATION_EVENT_VERSION 1
@@ -238,6 +242,43 @@ struct cgroup_escape_event {
 	char dst_path[CGROUP_ESCAPE_PATH_LEN]; /* 48 the destination, relative to the hierarchy root */
 };
 
+/* EV_DNS_MESSAGE, from the DNS observation programs (bpf/dns.c): one DNS message to or from
+ * port 53 of a socket, its first DNS_MESSAGE_CAPTURE bytes, parsed in userspace. */
+#define DNS_MESSAGE_CAPTURE 1024
+#define DNS_DIR_QUERY 0  /* leaving the socket, to the resolver */
+#define DNS_DIR_ANSWER 1 /* arriving at the socket, from the resolver */
+#define DNS_MESSAGE_EVENT_SIZE 1080
+struct dns_message_event {
+	struct event_hdr hdr;          /*  0 */
+	__u64 cgroup_id;               /* 16 the socket's cgroup */
+	__u16 family;                  /* 24 ENV_AF_* */
+	__u8 protocol;                 /* 26 IPPROTO_UDP or IPPROTO_TCP */
+	__u8 direction;                /* 27 DNS_DIR_* */
+	__u16 peer_port;               /* 28 the resolver's port, host order */
+	__u16 msg_len;                 /* 30 bytes of DNS message in the packet */
+	__u8 peer[16];                 /* 32 the resolver's address, network order */
+	__u16 captured;                /* 48 bytes in msg */
+	__u16 pad;                     /* 50 */
+	__u32 pad2;                    /* 52 */
+	__u8 msg[DNS_MESSAGE_CAPTURE]; /* 56 the DNS message (TCP: without its length prefix) */
+};
+
+/* EV_DNS_VIOLATION, from the egress enforcement programs: an answer, from an allowed resolver,
+ * for a name no entry allows. Answers are never dropped: its addresses are simply not learned,
+ * so connects to them stay denied. */
+#define DNS_VIOLATION_NAME_LEN 256
+#define DNS_VIOLATION_EVENT_SIZE 288
+struct dns_violation_event {
+	struct event_hdr hdr;              /*  0 */
+	__u64 cgroup_id;                   /* 16 the socket's cgroup */
+	__u16 qtype;                       /* 24 */
+	__u8 action;                       /* 26 EGRESS_ACTION_* (always alerted) */
+	__u8 pad;                          /* 27 */
+	__u16 name_len;                    /* 28 */
+	__u16 pad2;                        /* 30 */
+	char name[DNS_VIOLATION_NAME_LEN]; /* 32 dotted, lower case */
+};
+
 /* ---- the request capture (bpf/http.c) ------------------------------------------------------- */
 
 /* EV_HTTP_CAPTURE: bytes of one call on a connection of a watched cgroup, bounded. Variable
@@ -389,6 +430,8 @@ _Static_assert(sizeof(struct net_event) == NET_EVENT_SIZE, "net_event size");
 _Static_assert(sizeof(struct syscall_first_event) == SYSCALL_FIRST_EVENT_SIZE, "syscall_first size");
 _Static_assert(sizeof(struct egress_violation_event) == EGRESS_VIOLATION_EVENT_SIZE, "egress size");
 _Static_assert(sizeof(struct seccomp_denial_event) == SECCOMP_DENIAL_EVENT_SIZE, "seccomp size");
+_Static_assert(sizeof(struct dns_message_event) == DNS_MESSAGE_EVENT_SIZE, "dns message size");
+_Static_assert(sizeof(struct dns_violation_event) == DNS_VIOLATION_EVENT_SIZE, "dns violation size");
 _Static_assert(sizeof(struct io_uring_op_event) == IO_URING_OP_EVENT_SIZE, "io_uring op size");
 _Static_assert(sizeof(struct cgroup_escape_event) == CGROUP_ESCAPE_EVENT_SIZE, "escape size");
 _Static_assert(sizeof(struct http_capture_event) == HTTP_CAPTURE_EVENT_SIZE, "http capture size");

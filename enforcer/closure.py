@@ -17,6 +17,11 @@ Structural rules, named in each element and in provenance:
   distinct paths were seen in one directory, except in a system binary directory
   (:data:`SYSTEM_BIN_DIRS`, merged-usr aliases counted as one directory), where paths stay
   exact: widening there would admit every program of the system;
+* egress names (:mod:`enforcer.name_closure`): ``exact-name``, or ``name-suffix``
+  (``*.svc.example.com``) when more than ``max_name_siblings`` names were seen under a suffix
+  that is not at or above a public suffix, with at most ``max_name_labels`` labels in front;
+  a destination on port 53 is a resolver and stays one exact address (``dns-resolver``), so
+  the resolvers the workload used are explicit entries of the policy.
 * file: ``exact``, ``exact:sensitive``, ``directory-children`` (``dir/*``) or ``directory-tree``
   (``dir/**``), per access kind (:mod:`enforcer.file_closure`);
 * mcp: tools and prompts ``exact`` by name, resources ``uri-template`` or ``url-pattern``
@@ -37,9 +42,9 @@ import re
 from typing import Callable
 
 from sensor import capabilities
-from sensor.workload import BehaviourKeyError, parse_net_key
+from sensor.workload import BehaviourKeyError, is_name_key, parse_net_key
 
-from . import file_closure, http_closure, mcp_closure, syscall_groups
+from . import file_closure, http_closure, mcp_closure, name_closure, syscall_groups
 from .elements import Element
 from .policy import EgressRule
 
@@ -237,6 +242,52 @@ def _files(mode: str) -> Builder:
     return build
 
 
+DNS_PORT = 53
+
+
+def _resolver_elements(keys: list[str]) -> list[Element]:
+    """``dns-resolver``: each resolver (a destination on port 53) as one exact address."""
+    groups: dict[tuple, list[str]] = {}
+    for k in keys:
+        n = parse_net_key(k)
+        host = ipaddress.ip_network(n.addr)
+        groups.setdefault((n.proto, host.version, int(host.network_address), host.compressed),
+                          []).append(k)
+    out = []
+    for (proto, _, _, host), members in sorted(groups.items()):
+        rule = EgressRule(proto, host, (DNS_PORT,))
+        out.append(Element(rule.id, "egress", "dns-resolver", sorted(members),
+                           detail=f"resolver {host.split('/')[0]} on {proto}/{DNS_PORT}: kept as one "
+                                  f"exact address, never widened", entries=(rule.id,)))
+    return out
+
+
+def _egress(mode: str) -> Builder:
+    """The egress substrate: addresses (CIDR rules), resolvers, and names."""
+    def build(substrate: str, keys: list[str], opts, services: list) -> list[Element]:
+        names = [k for k in keys if k.startswith("dns:") or is_name_key(k)]
+        addresses, resolvers = [], []
+        for k in keys:
+            if k in names:
+                continue
+            try:
+                resolver = parse_net_key(k).port == DNS_PORT
+            except BehaviourKeyError:
+                resolver = False
+            (resolvers if resolver else addresses).append(k)
+        nopts = name_closure.NameOptions(
+            max_siblings=getattr(opts, "max_name_siblings", name_closure.DEFAULT_MAX_NAME_SIBLINGS),
+            max_labels=getattr(opts, "max_name_labels", name_closure.DEFAULT_MAX_NAME_LABELS),
+            max_ports=opts.max_ports)
+        if mode == "literal":
+            out = _literal_elements(substrate, addresses)
+        else:
+            out = _structural_elements(substrate, addresses, opts, services)
+        return (out + _resolver_elements(resolvers)
+                + name_closure.elements(names, nopts, structural=mode != "literal"))
+    return build
+
+
 def _http(mode: str) -> Builder:
     """The http substrate's closure (:mod:`enforcer.http_closure`): path templates, methods and
     hosts never widened."""
@@ -296,7 +347,8 @@ def _capabilities(substrate: str, keys: list[str], opts, services: list) -> list
 #: substrate -> closure mode -> builder. Substrates add themselves here.
 BUILDERS: dict[str, dict[str, Builder]] = {
     **{s: {"literal": _literal, "structural": _structural_elements}
-       for s in ("syscall", "egress", "exec")},
+       for s in ("syscall", "exec")},
+    "egress": {"literal": _egress("literal"), "structural": _egress("structural")},
     "file": {"literal": _files("literal"), "structural": _files("structural")},
     "http": {"literal": _http("literal"), "structural": _http("structural")},
     "mcp": {"literal": _mcp("literal"), "structural": _mcp("structural")},
@@ -317,6 +369,17 @@ def elements(substrate: str, closure: str, keys: list[str], opts, services: list
     return BUILDERS[substrate][mode](substrate, sorted(keys), opts, services)
 
 
+def _name_rules(closure: str, opts) -> dict:
+    if closure == "literal":
+        return {"rule": "exact-name"}
+    return {"rule": "exact-name+name-suffix",
+            "suffixAbove": getattr(opts, "max_name_siblings", name_closure.DEFAULT_MAX_NAME_SIBLINGS),
+            "maxLabels": getattr(opts, "max_name_labels", name_closure.DEFAULT_MAX_NAME_LABELS),
+            "publicSuffixList": "publicsuffixlist package (ICANN and private sections); never at "
+                                "or above a public suffix",
+            "ports": {"rule": "exact-ports", "rangeAbove": opts.max_ports}}
+
+
 def rules(substrate: str, closure: str, opts, services: list) -> dict:
     """How ``closure`` treats ``substrate``, as recorded in the policy's closure decision."""
     if substrate == "mcp":
@@ -328,6 +391,9 @@ def rules(substrate: str, closure: str, opts, services: list) -> dict:
     if substrate == "capability":
         return dict(CAPABILITY_RULE)
     if closure == "literal":
+        if substrate == "egress":
+            return {"rule": "literal", "names": _name_rules(closure, opts),
+                    "resolvers": {"rule": "dns-resolver"}}
         return {"rule": "literal"}
     if substrate == "syscall":
         return {"rule": "exact+syscall-groups",
@@ -339,6 +405,8 @@ def rules(substrate: str, closure: str, opts, services: list) -> dict:
                         "ipv6Prefix": opts.ipv6_prefix,
                         "serviceCidrs": [n.compressed for n in services]},
             "ports": {"rule": "exact-ports", "rangeAbove": opts.max_ports},
+            "names": _name_rules(closure, opts),
+            "resolvers": {"rule": "dns-resolver", "port": DNS_PORT},
         }
     if substrate == "exec":
         return {"rule": "directory-pattern", "siblingsAbove": opts.max_siblings,

@@ -82,10 +82,13 @@ from sensor.workload import DEFAULT_SUBSTRATES, MARKED_SUBSTRATES, SUBSTRATES
 
 from . import mcp_closure, syscall_groups
 from .closure import derivable
+from .name_closure import DEFAULT_MAX_NAME_LABELS, DEFAULT_MAX_NAME_SIBLINGS
 from .closure import elements as closure_elements
 from .closure import rules as closure_rules
 from .elements import (DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNTS, DEFAULT_MIN_SESSIONS, SESSION_RULES,
                        Element, admit_only, provenance_record, shortfall, substrate_or_none)
+from .blind_spots import blind_spots as egress_blind_spots
+from .names import NameRule
 from .iamstatement import IDENTITY_FINGERPRINT, ROLE_ARN_RE, IamStatement
 from .mcp_envelope import McpAllow
 from .mcp_envelope import owner_of as mcp_owner
@@ -150,6 +153,8 @@ class DeriveOptions:
     max_ports: int = DEFAULT_MAX_PORTS
     max_siblings: int = DEFAULT_MAX_SIBLINGS
     file_tree_depth: int = DEFAULT_FILE_TREE_DEPTH  # a directory-tree closure starts this deep
+    max_name_siblings: int = DEFAULT_MAX_NAME_SIBLINGS  # more names under a suffix -> *.suffix
+    max_name_labels: int = DEFAULT_MAX_NAME_LABELS  # labels a suffix pattern admits in front
     max_values: int = mcp_closure.DEFAULT_MAX_VALUES  # more distinct strings are not an MCP enumeration
     k: float = DEFAULT_K
     coverage_threshold: float = DEFAULT_COVERAGE_THRESHOLD
@@ -194,6 +199,10 @@ class DeriveOptions:
             raise DeriveError(f"max-ports must be at least 1, got {self.max_ports}")
         if self.max_siblings < 1:
             raise DeriveError(f"max-siblings must be at least 1, got {self.max_siblings}")
+        if self.max_name_siblings < 1:
+            raise DeriveError(f"max-name-siblings must be at least 1, got {self.max_name_siblings}")
+        if not 1 <= self.max_name_labels <= 16:
+            raise DeriveError(f"max-name-labels must be within 1-16, got {self.max_name_labels}")
         if self.max_values < 1:
             raise DeriveError(f"max-values must be at least 1, got {self.max_values}")
         if self.file_tree_depth < 1:
@@ -498,6 +507,11 @@ def derive(profile: Profile, options: DeriveOptions | None = None) -> Policy:
     if partial:
         policy.decisions["granularity"]["observedSessions"] = partial
     spots = blind_spots(profile, opts.substrates)
+    if "egress" in opts.substrates:
+        # What the name view of egress cannot see for this workload, stated with the review.
+        found = egress_blind_spots(gran.keys["egress"])
+        if found:
+            spots["egress"] = sorted(set(spots.get("egress", [])) | set(found))
     if spots:
         policy.decisions["granularity"]["blindSpots"] = spots
     if "http" in opts.substrates:
@@ -608,6 +622,7 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
     egress: dict[tuple, EgressRule] = {}
     execs: set[str] = set()
     files: set[str] = set()
+    names: set[NameRule] = set()
     http: set[str] = set()
     mcp: list[str] = []
     iam: dict[str, tuple[str, str]] = {}
@@ -625,6 +640,11 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
                 execs.add(value)
             elif sub == "file":
                 files.add(value)
+            elif isinstance(value, NameRule):
+                names.add(value)
+                addrs = _addresses(profile, el.members)
+                if addrs:
+                    base = {**base, "addresses": addrs}
             elif sub == "http":
                 http.add(value.entry)
             elif sub == "mcp":
@@ -651,13 +671,29 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
     return Policy(
         workload=profile.workload, mode=opts.mode or "alert", substrates=tuple(opts.substrates),
         closure=opts.closure, syscalls=tuple(syscalls), egress=tuple(egress.values()),
-        execs=tuple(execs), files=tuple(files), http=tuple(http), iam=tuple(statements),
+        execs=tuple(execs), files=tuple(files), names=tuple(names), http=tuple(http), iam=tuple(statements),
         capabilities=tuple(caps),
         mcp=McpAllow.of_entries(mcp) if "mcp" in opts.substrates else None,
         provenance=tuple(provenance), low_confidence=low_confidence,
         iam_actions=opts.iam_actions,
         review_actions={s: opts.review_actions.get(s, "deny") for s in opts.substrates},
     )
+
+
+ADDRESS_EVIDENCE_SHOWN = 16
+
+
+def _addresses(profile: Profile, members: list[str]) -> list[str]:
+    """The addresses a name's connects went to (the profile's evidence), for the reader and for
+    exports that cannot express names."""
+    ev = profile.evidence()
+    seen: set[str] = set()
+    for m in members:
+        seen.update(ev.get(m, {}))
+    def order(a: str):
+        ip = ipaddress.ip_address(a)
+        return (ip.version, int(ip))
+    return sorted(seen, key=order)[:ADDRESS_EVIDENCE_SHOWN]
 
 
 def _review(conf: Confidence, policy: Policy, stats: Mapping[str, BehaviourStats],

@@ -16,6 +16,7 @@ import dataclasses
 
 from .mcp_envelope import McpAllow, owner_of
 from .policy import EgressRule, Policy
+from .names import NameRule
 
 
 def entry_atoms(policy: Policy) -> list[str]:
@@ -26,6 +27,11 @@ def entry_atoms(policy: Policy) -> list[str]:
             out.append(r.id)
         else:
             out += [EgressRule(r.proto, r.cidr, (p,)).id for p in r.ports]
+    for n in policy.names:
+        if n.proto is None or n.port_range is not None:
+            out.append(n.id)
+        else:
+            out += [NameRule(n.pattern, n.proto, (p,), max_labels=n.max_labels).id for p in n.ports]
     out += [f"exec:{e}" for e in policy.execs]
     out += list(policy.files)
     if policy.mcp is not None:
@@ -105,7 +111,10 @@ def _single(policy: Policy, atom: str) -> dict:
     if kind == "capability":
         return {"capabilities": (rest,)}
     from .policy import parse_entry
-    return {"egress": (parse_entry(atom)[1],)}
+    value = parse_entry(atom)[1]
+    if isinstance(value, NameRule):
+        return {"names": (value,)}
+    return {"egress": (value,)}
 
 
 def _behaviours(prov: dict | None) -> list[str]:

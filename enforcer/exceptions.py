@@ -33,7 +33,9 @@ from pathlib import Path
 
 from sensor.state_dir import StateDir, atomic_write
 from sensor.timestamps import TimeFormatError, iso_time, parse_duration
-from sensor.workload import BehaviourKeyError, Workload, parse_net_key, substrate_of
+from sensor.workload import (
+    BehaviourKeyError, Workload, parse_name_key, parse_net_key, substrate_of, valid_name,
+)
 
 from . import audit
 from .state import StateError, _check_reason, locked
@@ -62,12 +64,23 @@ class PolicyException:
 
     @property
     def substrate(self) -> str:
-        return "egress" if self.allow.startswith("egress:") else substrate_of(self.allow)
+        return "egress" if self.allow.startswith(("egress:", "name:")) else substrate_of(self.allow)
 
     def allows(self, key: str) -> bool:
         """Does this exception cover behaviour ``key``?"""
         if key == self.allow:
             return True
+        if self.allow.startswith("name:"):
+            from .names import NameTable
+            from .policy import parse_entry
+            table = NameTable([parse_entry(self.allow)[1]])
+            if key.startswith("dns:"):
+                return table.allows_resolve(key[4:])
+            try:
+                n = parse_name_key(key)
+            except BehaviourKeyError:
+                return False
+            return table.allows_connect(n.name, n.proto, n.port)
         if self.allow.startswith("egress:") and substrate_of(key) == "egress":
             from .policy import parse_entry
 
@@ -87,7 +100,14 @@ class PolicyException:
                 return False
         if self.allow.startswith(("connect:", "send:")) and key.startswith(("connect:", "send:")):
             # connect and send to the same proto/address/port are one egress permission
-            a, b = parse_net_key(self.allow), parse_net_key(key)
+            try:
+                a, b = parse_net_key(self.allow), parse_net_key(key)
+            except BehaviourKeyError:
+                try:
+                    a, b = parse_name_key(self.allow), parse_name_key(key)
+                except BehaviourKeyError:
+                    return False
+                return (a.proto, a.name, a.port) == (b.proto, b.name, b.port)
             return (a.proto, a.addr, a.port) == (b.proto, b.addr, b.port)
         return False
 
@@ -111,7 +131,7 @@ def parse_ttl(text: str) -> float:
 def normalise_key(key: str) -> str:
     """Check an ``--allow`` key and return its canonical form."""
     key = (key or "").strip()
-    if key.startswith("egress:"):
+    if key.startswith(("egress:", "name:")):
         from .policy import PolicyError, parse_entry
 
         try:
@@ -131,8 +151,8 @@ def normalise_key(key: str) -> str:
         substrate = substrate_of(key)
     except BehaviourKeyError:
         raise ExceptionError(f"--allow {key!r}: not a behaviour key (syscall:NAME, exec:/PATH, "
-                             f"connect:tcp:ADDR:PORT, send:udp:ADDR:PORT, egress:PROTO:CIDR:PORTS, "
-                             f"capability:NAME or mcp:tools/call:NAME)") from None
+                             f"connect:tcp:ADDR:PORT, send:udp:ADDR:PORT, connect:tcp:NAME:PORT, dns:NAME, "
+                             f"egress:PROTO:CIDR:PORTS, name:PROTO:NAME:PORTS, capability:NAME or mcp:tools/call:NAME)") from None
     kind, _, rest = key.partition(":")
     if substrate == "mcp":
         return _mcp_key(key)
@@ -143,6 +163,10 @@ def normalise_key(key: str) -> str:
     if substrate == "exec":
         if not rest.startswith("/"):
             raise ExceptionError(f"--allow {key!r}: exec path must be absolute")
+        return key
+    if kind == "dns":
+        if not valid_name(rest):
+            raise ExceptionError(f"--allow {key!r}: {rest!r} is not a lower-case host name")
         return key
     if substrate == "capability":
         from sensor import capabilities
@@ -155,7 +179,13 @@ def normalise_key(key: str) -> str:
     try:
         net = parse_net_key(key)
     except BehaviourKeyError as e:
-        raise ExceptionError(f"--allow {key!r}: {e}") from None
+        try:
+            n = parse_name_key(key)
+        except BehaviourKeyError:
+            raise ExceptionError(f"--allow {key!r}: {e}") from None
+        if not 0 < n.port < 65536:
+            raise ExceptionError(f"--allow {key!r}: port {n.port} out of range")
+        return key
     if not 0 < net.port < 65536:
         raise ExceptionError(f"--allow {key!r}: port {net.port} out of range")
     host = f"[{net.addr.compressed}]" if isinstance(net.addr, ipaddress.IPv6Address) else net.addr.compressed

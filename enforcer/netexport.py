@@ -28,6 +28,16 @@ Semantics kept:
   an ``egressDeny``: deny rules win over every allow in Cilium, so a deny-all would also block
   what other policies allow the same pods (DNS, for one).
 
+Names. A policy's ``allow.names`` become Cilium ``toFQDNs`` (``matchName``; a ``*.suffix``
+pattern with a label limit of N becomes the N patterns ``*.suffix`` .. ``*.*...suffix``, since
+Cilium's ``*.`` spans exactly one label), with their ports. Cilium learns a name's addresses
+only from DNS traffic its proxy sees, so every rule that allows port 53 (the resolvers) carries
+the DNS visibility rule ``rules.dns`` listing exactly the allowed names and patterns (resolve-only
+names included). A NetworkPolicy cannot express names: its export falls back to the addresses
+each name was observed at (the policy's provenance), as ``/32`` and ``/128`` blocks, says so in
+the ``envelope.dev/names-as-addresses`` annotation, and :func:`name_warnings` gives the warning
+the CLI prints: an address a name resolves to later is denied by that export.
+
 Service ClusterIPs. The sensor sees the address a socket connects to, and for a Service that is
 its ClusterIP; NetworkPolicy and Cilium match the pod address after the Service's DNAT, so a
 ClusterIP rule would never match. Given the cluster's ``Service`` objects (``services``, read
@@ -209,6 +219,95 @@ def _metadata(policy, suffix: str) -> dict:
     }
 
 
+def _name_patterns(rule) -> list[str]:
+    """Cilium patterns for a name rule: ``*.`` spans exactly one label in Cilium."""
+    if not rule.wildcard:
+        return [rule.pattern]
+    base = rule.pattern[2:]
+    return ["*." * n + base for n in range(1, rule.max_labels + 1)]
+
+
+def _fqdn_selectors(rules) -> list[dict]:
+    out: list[dict] = []
+    for r in rules:
+        for p in _name_patterns(r):
+            sel = {"matchPattern": p} if "*" in p else {"matchName": p}
+            if sel not in out:
+                out.append(sel)
+    return out
+
+
+def _name_port_groups(policy) -> list[tuple[tuple, list]]:
+    """``[(ports, [name rules])]`` as :func:`_port_groups` does for CIDRs."""
+    groups: dict[tuple, list] = {}
+    for r in policy.names:
+        if r.proto is None:
+            continue
+        if r.port_range is not None:
+            lo, hi = r.port_range
+            ports = ((r.proto.upper(), lo, hi if hi != lo else None),)
+        else:
+            ports = tuple((r.proto.upper(), p, None) for p in r.ports)
+        groups.setdefault(ports, []).append(r)
+    return sorted(groups.items(), key=lambda kv: [(p, lo, hi or 0) for p, lo, hi in kv[0]])
+
+
+def name_addresses(policy) -> dict[str, list[str]]:
+    """pattern -> the addresses its connects were observed at (from provenance)."""
+    from .names import NameRuleError, parse_name_entry
+    out: dict[str, list[str]] = {}
+    for p in policy.provenance:
+        entry = p.get("entry", "")
+        if not entry.startswith("name:"):
+            continue
+        try:
+            pattern = parse_name_entry(entry).pattern
+        except NameRuleError:
+            continue
+        seen = out.setdefault(pattern, [])
+        for a in p.get("addresses") or []:
+            if a not in seen:
+                seen.append(a)
+    return out
+
+
+def _names_as_rules(policy) -> tuple[list, list[str]]:
+    """The NetworkPolicy fallback: each name rule as rules on the addresses it was observed at;
+    and the names that had none (nothing can be exported for them)."""
+    from .policy import EgressRule
+    addrs = name_addresses(policy)
+    rules, missing = [], []
+    for r in policy.names:
+        if r.proto is None:
+            continue
+        seen = addrs.get(r.pattern) or []
+        if not seen:
+            missing.append(r.pattern)
+        for a in seen:
+            ip = ipaddress.ip_address(a)
+            cidr = f"{ip.compressed}/{32 if ip.version == 4 else 128}"
+            rules.append(EgressRule(r.proto, cidr, r.ports, r.port_range))
+    return rules, sorted(set(missing))
+
+
+def name_warnings(policy, fmt: str) -> list[str]:
+    """What an export of ``policy`` in ``fmt`` cannot carry about its names."""
+    if not policy.names or not _egress_constrained(policy):
+        return []
+    if fmt == "networkpolicy":
+        addrs = name_addresses(policy)
+        out = [f"NetworkPolicy cannot express names: {r.pattern} exported as the addresses it was "
+               f"observed at ({', '.join(addrs.get(r.pattern) or []) or 'none'}); an address it "
+               f"resolves to later is denied by this export (use --format cilium for toFQDNs)"
+               for r in sorted({r.pattern: r for r in policy.names if r.proto}.values(),
+                               key=lambda r: r.pattern)]
+        return out
+    if fmt == "cilium" and not any(_port_in_rule(r, 53) for r in policy.egress):
+        return ["the policy allows names but no resolver (port 53): Cilium learns toFQDNs addresses "
+                "only from DNS it sees, so these names will not resolve to allowed addresses"]
+    return []
+
+
 def _egress_constrained(policy) -> bool:
     return "egress" in getattr(policy, "substrates", ("egress",))
 
@@ -223,7 +322,8 @@ def compile_networkpolicy(policy, pod_labels: Mapping[str, str] | None = None,
         egress.append({})  # an empty rule allows all egress
     else:
         dest = service_destinations(policy, services)
-        for ports, cidrs in _port_groups(dest.rules):
+        fallback, _missing = _names_as_rules(policy)
+        for ports, cidrs in _port_groups(list(dest.rules) + fallback):
             rule_ports = []
             for proto, lo, hi in ports:
                 p: dict = {"protocol": proto, "port": lo}
@@ -235,10 +335,16 @@ def compile_networkpolicy(policy, pod_labels: Mapping[str, str] | None = None,
             egress.append({"to": [{"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: ns}},
                                    "podSelector": {"matchLabels": dict(selector)}}],
                            "ports": [{"protocol": proto, "port": port} for proto, port in ports]})
+    meta = _metadata(policy, "egress")
+    if policy.names and _egress_constrained(policy):
+        addrs = name_addresses(policy)
+        meta["annotations"]["envelope.dev/names-as-addresses"] = "; ".join(
+            f"{p}: {', '.join(addrs.get(p) or []) or 'no address observed'}"
+            for p in sorted({r.pattern for r in policy.names if r.proto}))
     return {
         "apiVersion": NETWORKPOLICY_API_VERSION,
         "kind": "NetworkPolicy",
-        "metadata": _metadata(policy, "egress"),
+        "metadata": meta,
         "spec": {
             "podSelector": {"matchLabels": pod_selector_labels(policy, pod_labels)},
             "policyTypes": ["Egress"],
@@ -257,6 +363,14 @@ def compile_cilium(policy, pod_labels: Mapping[str, str] | None = None,
         egress.append({"toEntities": ["all"]})
     else:
         dest = service_destinations(policy, services)
+        visibility = {"dns": _fqdn_selectors(policy.names)} if policy.names else None
+
+        def to_ports(pp: list[dict]) -> list[dict]:
+            tp: dict = {"ports": pp}
+            if visibility and any(p["port"] == "53" for p in pp):
+                tp["rules"] = {"dns": [dict(x) for x in visibility["dns"]]}  # Cilium's DNS proxy sees, and allows, only these names
+            return [tp]
+
         for ports, cidrs in _port_groups(dest.rules):
             pp = []
             for proto, lo, hi in ports:
@@ -264,11 +378,19 @@ def compile_cilium(policy, pod_labels: Mapping[str, str] | None = None,
                 if hi is not None:
                     p["endPort"] = hi
                 pp.append(p)
-            egress.append({"toCIDR": list(cidrs), "toPorts": [{"ports": pp}]})
+            egress.append({"toCIDR": list(cidrs), "toPorts": to_ports(pp)})
         for (ns, selector), ports in _peer_groups(dest.peers):
             egress.append({"toEndpoints": [{"matchLabels": {**dict(selector), CILIUM_NAMESPACE_LABEL: ns}}],
-                           "toPorts": [{"ports": [{"port": str(port), "protocol": proto}
-                                                  for proto, port in ports]}]})
+                           "toPorts": to_ports([{"port": str(port), "protocol": proto}
+                                                for proto, port in ports])})
+        for ports, rules in _name_port_groups(policy):
+            pp = []
+            for proto, lo, hi in ports:
+                p = {"port": str(lo), "protocol": proto}
+                if hi is not None:
+                    p["endPort"] = hi
+                pp.append(p)
+            egress.append({"toFQDNs": _fqdn_selectors(rules), "toPorts": [{"ports": pp}]})
     if not egress:
         # Nothing allowed: one empty rule puts the pods in egress default deny and allows
         # nothing, while what other policies allow them still applies (an egressDeny would not).

@@ -20,6 +20,7 @@ Document layout (YAML or JSON; ``spec`` is also the body of the Kubernetes custo
         egress:   [{proto, cidr, ports: [p, ...]} | {proto, cidr, portRange: {min, max}}, ...]
         execs:    [/exact/path | /directory/*, ...]             # sorted
         files:    [file:KIND:PATTERN, ...]                      # sorted (enforcer.file_patterns)
+        names:    [{name, maxLabels?, proto?, ports | portRange}, ...]  # egress by DNS name
         mcp:      {methods, tools, prompts, resources, catalog} # enforcer.mcp_envelope
         iam:      [{action, resource, accessLevel, rule}, ...]  # IAM statements (enforcer.iamstatement)
         http:     [http:METHOD host/path-template, ...]         # sorted (enforcer.http_patterns)
@@ -31,8 +32,9 @@ Document layout (YAML or JSON; ``spec`` is also the body of the Kubernetes custo
 
 Entry identifiers (used by provenance, review, ``explain``, ``diff`` and ``--admit``) are
 ``syscall:NAME``, ``exec:PATH`` (or ``exec:/dir/*``), ``egress:PROTO:CIDR:PORTS`` where
-PORTS is one port (``443``) or an inclusive range (``8000-8100``), ``file:KIND:PATTERN``,
-``http:METHOD host/path`` (path segments may be ``{id}`` or
+PORTS is one port (``443``) or an inclusive range (``8000-8100``), ``name:PATTERN``
+(resolve only) or ``name:PROTO:PATTERN:PORTS`` for names (:mod:`enforcer.names`),
+``file:KIND:PATTERN``, ``http:METHOD host/path`` (path segments may be ``{id}`` or
 ``*``), ``iam:ACTION RESOURCE`` (``iam:s3:GetObject arn:aws:s3:::research-corpus-*/papers/*``),
 ``capability:NAME`` (``capability:NET_BIND_SERVICE``, the same as the behaviour key), and the
 MCP entries of :mod:`enforcer.mcp_envelope` (``mcp:tools/call:git_log``,
@@ -79,14 +81,19 @@ from typing import Any
 
 from sensor.safeyaml import YamlError, dump_yaml, load_yaml
 from sensor.timestamps import TimeFormatError, iso_time, parse_datetime
-from sensor.workload import DEFAULT_SUBSTRATES, SUBSTRATES, BehaviourKeyError, Workload, parse_net_key, substrate_of
+from sensor.workload import (
+    DEFAULT_SUBSTRATES, SUBSTRATES, BehaviourKeyError, Workload, parse_name_key, parse_net_key,
+    substrate_of,
+)
 
 from sensor import capabilities as capability_names
 
 from . import file_patterns, http_patterns, iamstatement, syscall_groups
+from . import ports as port_set
 from .iamstatement import IamStatement, IamStatementError
 from .mcp_envelope import EnvelopeError, McpAllow
 from .mcp_envelope import parse_entry as parse_mcp_entry
+from .names import NameRule, NameRuleError, NameTable, parse_name_entry
 from .modes import MODES
 
 API_VERSION = "envelope.dev/v1alpha1"
@@ -112,7 +119,7 @@ DEFAULT_REVIEW_ACTIONS = MappingProxyType(
     {s: ("alert" if s == "syscall" else "deny") for s in SUBSTRATES})
 _NAME_RE = re.compile(r"[^a-z0-9.-]+")
 _SPEC_FIELDS = ("workload", "mode", "decisions", "allow", "detection", "provenance", "review", "watch")
-_ALLOW_FIELDS = ("syscalls", "egress", "execs", "files", "http", "mcp", "iam", "capabilities")
+_ALLOW_FIELDS = ("syscalls", "egress", "execs", "files", "names", "http", "mcp", "iam", "capabilities")
 _DECISION_FIELDS = ("granularity", "closure", "confidence", "validity")
 
 
@@ -146,20 +153,12 @@ class EgressRule:
             raise PolicyError(f"cidr: {self.cidr!r} is not a CIDR") from None
         object.__setattr__(self, "cidr", net.compressed)
         object.__setattr__(self, "_net", net)
-        ports = tuple(sorted(set(int(p) for p in self.ports)))
-        for p in ports:
-            if not 0 < p < 65536:
-                raise PolicyError(f"ports: {p} is not a port (1-65535)")
+        try:
+            ports, port_range = port_set.checked(self.ports, self.port_range)
+        except port_set.PortsError as e:
+            raise PolicyError(str(e)) from None
         object.__setattr__(self, "ports", ports)
-        if self.port_range is not None:
-            lo, hi = (int(x) for x in self.port_range)
-            if not (0 < lo <= hi < 65536):
-                raise PolicyError(f"portRange: {lo}-{hi} is not a port range (1 <= min <= max <= 65535)")
-            if ports:
-                raise PolicyError("ports: give either ports or portRange, not both")
-            object.__setattr__(self, "port_range", (lo, hi))
-        elif not ports:
-            raise PolicyError("ports: empty (give ports or portRange)")
+        object.__setattr__(self, "port_range", port_range)
 
     @property
     def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -178,9 +177,7 @@ class EgressRule:
 
     @property
     def port_text(self) -> str:
-        if self.port_range is not None:
-            return f"{self.port_range[0]}-{self.port_range[1]}"
-        return ",".join(str(p) for p in self.ports)
+        return port_set.text(self.ports, self.port_range)
 
     @property
     def id(self) -> str:
@@ -192,12 +189,7 @@ class EgressRule:
                 self.port_range or (0, 0), self.ports)
 
     def to_dict(self) -> dict:
-        d: dict[str, Any] = {"proto": self.proto, "cidr": self.cidr}
-        if self.port_range is not None:
-            d["portRange"] = {"min": self.port_range[0], "max": self.port_range[1]}
-        else:
-            d["ports"] = list(self.ports)
-        return d
+        return {"proto": self.proto, "cidr": self.cidr, **port_set.fields(self.ports, self.port_range)}
 
     @classmethod
     def from_dict(cls, d: Any, path: str = "egress") -> "EgressRule":
@@ -244,6 +236,11 @@ def parse_entry(entry: str) -> tuple[str, Any]:
         except file_patterns.FilePatternError as e:
             raise PolicyError(str(e)) from None
         return "file", entry
+    if kind == "name":
+        try:
+            return "egress", parse_name_entry(entry)
+        except NameRuleError as e:
+            raise PolicyError(str(e)) from None
     if kind == "http":
         try:
             return "http", http_patterns.parse_entry(entry)
@@ -276,7 +273,8 @@ def parse_entry(entry: str) -> tuple[str, Any]:
         except (ValueError, PolicyError) as e:
             raise PolicyError(f"bad egress entry {entry!r}: {e}") from None
     raise PolicyError(f"bad entry {entry!r} (want syscall:NAME, exec:PATH, egress:PROTO:CIDR:PORTS, "
-                      f"file:KIND:PATTERN, http:METHOD HOST/PATH, iam:ACTION RESOURCE, capability:NAME or an mcp: entry)")
+                      f"name:PROTO:PATTERN:PORTS, file:KIND:PATTERN, http:METHOD HOST/PATH, iam:ACTION RESOURCE, "
+                      f"capability:NAME or an mcp: entry)")
 
 
 def exec_matches(pattern: str, path: str) -> bool:
@@ -300,6 +298,7 @@ class Policy:
     egress: tuple[EgressRule, ...] = ()
     execs: tuple[str, ...] = ()
     files: tuple[str, ...] = ()  # file:KIND:PATTERN entries (enforcer.file_patterns)
+    names: tuple[NameRule, ...] = ()  # egress by DNS name (enforcer.names)
     http: tuple[str, ...] = ()  # http:METHOD host/path entries (enforcer.http_patterns)
     mcp: McpAllow | None = None  # the MCP envelope (enforcer.mcp_envelope)
     iam: tuple[IamStatement, ...] = ()  # IAM statements (enforcer.iamstatement)
@@ -347,6 +346,8 @@ class Policy:
         self._http = tuple(sorted(set(patterns)))
         self.http = tuple(p.entry for p in self._http)
         self.egress = tuple(sorted(set(self.egress), key=EgressRule.sort_key))
+        self.names = tuple(sorted(set(self.names), key=NameRule.sort_key))
+        self._name_table = NameTable(self.names)
         seen: set[str] = set()
         for i, st in enumerate(self.iam):
             if not isinstance(st, IamStatement):
@@ -380,9 +381,14 @@ class Policy:
     def entries(self) -> list[str]:
         """Every allowed entry identifier, in document order."""
         return ([f"syscall:{s}" for s in self.syscalls] + [r.id for r in self.egress]
-                + [f"exec:{e}" for e in self.execs] + list(self.files) + list(self.http)
-                + [st.id for st in self.iam] + (self.mcp.entries() if self.mcp else [])
+                + [r.id for r in self.names] + [f"exec:{e}" for e in self.execs] + list(self.files)
+                + list(self.http) + [st.id for st in self.iam] + (self.mcp.entries() if self.mcp else [])
                 + [f"capability:{c}" for c in self.capabilities])
+
+    @property
+    def name_table(self) -> NameTable:
+        """The allowed names as the egress programs judge them (:class:`enforcer.names.NameTable`)."""
+        return self._name_table
 
     @property
     def iam_identity(self) -> str | None:
@@ -437,10 +443,16 @@ class Policy:
                                        iamstatement.identity_account(self.iam_identity), key)
         if substrate != "egress":
             return True  # a substrate with no allow section here yet is not constrained
+        if key.startswith("dns:"):
+            return self._name_table.allows_resolve(key[4:])
         try:
             net = parse_net_key(key)
         except BehaviourKeyError:
-            return False
+            try:
+                n = parse_name_key(key)
+            except BehaviourKeyError:
+                return False
+            return self._name_table.allows_connect(n.name, n.proto, n.port)
         return any(r.matches(net.proto, net.addr, net.port) for r in self.egress)
 
     def review_action(self, substrate: str) -> str:
@@ -525,6 +537,8 @@ class Policy:
         }
         if "file" in self.substrates or self.files:
             allow["files"] = list(self.files)
+        if self.names:
+            allow["names"] = [r.to_dict() for r in self.names]
         if "http" in self.substrates or self.http:
             allow["http"] = list(self.http)
         if "mcp" in self.substrates or self.mcp is not None:
@@ -613,6 +627,12 @@ class Policy:
         files = _list(allow.get("files") or [], "spec.allow.files")
         for i, e in enumerate(files):
             _check_file(e, f"spec.allow.files[{i}]")
+        names = []
+        for i, r in enumerate(_list(allow.get("names") or [], "spec.allow.names")):
+            try:
+                names.append(NameRule.from_dict(r, f"spec.allow.names[{i}]"))
+            except NameRuleError as e:
+                raise PolicyError(str(e)) from None
         http = _list(allow.get("http") or [], "spec.allow.http")
         for i, e in enumerate(http):
             _check_http(e, f"spec.allow.http[{i}]")
@@ -672,7 +692,8 @@ class Policy:
         return cls(
             workload=workload, mode=mode, substrates=tuple(subs), closure=closure,
             syscalls=tuple(syscalls), egress=egress, execs=tuple(execs), files=tuple(files),
-            http=tuple(http), mcp=mcp, iam=tuple(iam), capabilities=tuple(caps), watch=tuple(watch),
+            names=tuple(names), http=tuple(http), mcp=mcp, iam=tuple(iam), capabilities=tuple(caps),
+            watch=tuple(watch),
             detection=tuple(dict(r) for r in detection), decisions=_plain(dec),
             provenance=tuple(_plain(r) for r in provenance), review=tuple(_plain(r) for r in review),
             validity=validity, low_confidence=low, name=name or "", review_actions=review_actions,

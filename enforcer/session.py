@@ -52,7 +52,9 @@ from sensor.state_dir import atomic_write
 from . import audit
 from .desired import desired_path, read_desired, write_desired
 from .egress import EgressError, EgressProgram, existing_pin_dir, pin_dir_for, pinned_sets
-from .egress_rules import EgressRuleError, Limits, compile_rules, effective_rules, egress_mode
+from .egress_rules import (
+    EgressRuleError, Limits, compile_rules, effective_names, effective_rules, egress_mode,
+)
 from .policy import Policy, PolicyError, policy_hash
 from .state import locked
 
@@ -276,8 +278,9 @@ class EnforcementSession:
         workload = policy.workload
         excs = self._exceptions(workload)
         rules = effective_rules(policy, excs)
+        names = effective_names(policy, excs)
         try:
-            compile_rules(rules, 0, self.limits)  # capacity and ports, before touching anything
+            compile_rules(rules, 0, self.limits, names)  # capacity and ports, before touching anything
         except EgressRuleError as e:
             raise ApplyError(f"apply {workload}: {e}; nothing applied") from e
         paths = [str(p) for p in cgroup_paths]
@@ -315,7 +318,8 @@ class EnforcementSession:
                     desired.write(policy, mode)
                 if prog is not None:
                     prog.write_policy(rules, emode, policy_hash(policy),
-                                      grace=0.05 if self.pinned else 0, finish=False)
+                                      grace=0.05 if self.pinned else 0, names=names,
+                                      finish=False)
                     swapped = True
                 if hpatterns is not None:
                     cgs = {cid: p for p in paths if (cid := _cgroup_id(p)) is not None}
@@ -327,7 +331,7 @@ class EnforcementSession:
                                  details={"mode": mode, "egress_mode": emode,
                                           "policy_sha256": policy_hash(policy).hex(),
                                           "cgroups": paths, "attached": newly,
-                                          "egress_entries": len(rules),
+                                          "egress_entries": len(rules), "name_entries": len(names),
                                           "exceptions": [e.id for e in excs]})
                 if prog is not None:
                     prog.finish_swap()
@@ -431,7 +435,8 @@ class EnforcementSession:
                         cur.program.write_policy(effective_rules(cur.policy, excs),
                                                  egress_mode(cur.policy, mode),
                                                  policy_hash(cur.policy),
-                                                 grace=0.05 if self.pinned else 0.01)
+                                                 grace=0.05 if self.pinned else 0.01,
+                                                 names=effective_names(cur.policy, excs))
                 hmode, hpatterns = self._http_plan(cur.policy, mode, excs)
                 if hpatterns is not None:
                     self.http.apply(key, hpatterns, hmode, {})
@@ -457,15 +462,16 @@ class EnforcementSession:
         audited and reported as an ``integrity`` violation."""
         from .violations import Violation
         rules = effective_rules(cur.policy, excs)
+        names = effective_names(cur.policy, excs)
         emode = egress_mode(cur.policy, cur.mode)
-        problems = cur.program.verify(rules, emode, policy_hash(cur.policy))
+        problems = cur.program.verify(rules, emode, policy_hash(cur.policy), names=names)
         detached = [p for p in sorted(cur.cgroups) if Path(p).is_dir() and not cur.program.attached(p)]
         if detached:
             problems.append(f"programs detached from {len(detached)} cgroups")
         if not problems:
             return False
         with locked(self.state_dir):
-            cur.program.write_policy(rules, emode, policy_hash(cur.policy), grace=0.01)
+            cur.program.write_policy(rules, emode, policy_hash(cur.policy), grace=0.01, names=names)
         for p in detached:
             try:
                 cur.program.attach(p)

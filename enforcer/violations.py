@@ -20,8 +20,8 @@ denied names the destination it asked for (``destination``), or for a denied ``s
 
 The store is ``<state-dir>/violations.jsonl``: one JSON object per line, appended under an
 exclusive ``flock`` with one ``write`` per batch. Kernel records are turned into violations by
-pure functions (:func:`from_record`, :func:`from_egress_event`, :func:`from_seccomp_event`,
-:func:`from_file_denial`) on events decoded by :mod:`sensor.events`.
+pure functions (:func:`from_record`, :func:`from_egress_event`, :func:`from_dns_event`,
+:func:`from_seccomp_event`, :func:`from_file_denial`) on events decoded by :mod:`sensor.events`.
 """
 
 from __future__ import annotations
@@ -31,12 +31,13 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Collection, Iterable
 
 from sensor.state_dir import StateDir, private_dirs
-from sensor.events import (DecodeError, EgressViolationEvent, FileDenialEvent, HttpViolationEvent,
-                           IoUringOpEvent, SeccompDenialEvent, decode)
+from sensor.events import (
+    DecodeError, DnsViolationEvent, EgressViolationEvent, FileDenialEvent, HttpViolationEvent,
+    IoUringOpEvent, SeccompDenialEvent, decode,
+)
 from sensor.file_access import behaviours as file_behaviours
 from sensor.workload import SUBSTRATES as BEHAVIOUR_SUBSTRATES
 from sensor.workload import substrate_of, syscall_key
@@ -240,6 +241,17 @@ def from_egress_event(ev: EgressViolationEvent, workload: str, now: float,
                      _process(ev.pid, ev.comm, session, ev.cgroup_id))
 
 
+def from_dns_event(ev: DnsViolationEvent, workload: str, now: float,
+                   session: str | None = None) -> Violation:
+    """An answer for a name no entry allows: its addresses were not learned, so connects to
+    them stay outside the envelope; the answer itself reached the workload (alerted). The
+    packet hook runs in no process's context, so only the session names who asked."""
+    detail: dict[str, Any] = {"cgroup_id": ev.cgroup_id, "qtype": ev.qtype}
+    if session:
+        detail["session"] = session
+    return Violation(now, workload, "egress", ev.behaviour_key() or "dns:", ev.action, detail)
+
+
 _IPPROTO_NAMES = {0: "default", 1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp",
                   255: "raw", 262: "mptcp"}
 
@@ -358,6 +370,8 @@ def from_event(ev, workload_of: Callable[[int], str | None], now: float,
     if isinstance(ev, IoUringOpEvent):
         return from_io_uring_event(ev, workload_of(ev.cgroup_id) or "unknown", now,
                                    allowed_of(ev.cgroup_id), session)
+    if isinstance(ev, DnsViolationEvent):
+        return from_dns_event(ev, workload_of(ev.cgroup_id) or "unknown", now, session)
     if isinstance(ev, HttpViolationEvent):
         return from_http_event(ev, workload_of(ev.cgroup_id) or "unknown", now, session)
     return None

@@ -45,6 +45,8 @@ class Config:
     poll_interval: float = 1.0  # seconds between counter reads and profile updates
     flush_interval: float = 10.0  # seconds between profile writes in the daemon
     max_cgroups: int = 1024  # cgroup slots in the kernel syscall counter table
+    # Observe DNS (bpf/dns.c): `dns:NAME` behaviours and connects attributed to resolved names.
+    dns: bool = True
     # The request capture (bpf/http.c): HTTP and TLS-plaintext requests of the watched workloads,
     # their http: and aws: behaviours and model fingerprints; the http substrate's enforcement.
     http_capture: bool = True
@@ -310,6 +312,7 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "bpffs": _path(must_exist="dir", bpf=True),
     "fingerprint_annotations": _annotations,
     "rebaseline_on_stale": _boolean,
+    "dns": _boolean,
     "cluster": _cluster,
     "profile_namespace": _text(_DNS_LABEL, "a Kubernetes namespace name", 63),
     "kubeconfig": _kubeconfig,

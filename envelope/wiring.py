@@ -16,7 +16,8 @@ log = structlog.get_logger("envelope.wiring")
 
 def sensor_extensions(config: Config) -> list:
     """The program families the sensor loads beside its own, as the config asks: the capability
-    probe (left out, with one warning, on a kernel that has none) and the request capture."""
+    probe (left out, with one warning, on a kernel that has none), the request capture, the file
+    substrate's observation and the DNS observation."""
     out = []
     if config.observe_capabilities:
         from sensor import capability_observer
@@ -30,6 +31,13 @@ def sensor_extensions(config: Config) -> list:
     capture = request_capture(config)
     if capture is not None:
         out.append(capture)
+    if config.observe_files:
+        from sensor.file_observer import FileObserver
+
+        out.append(FileObserver(max_keys=config.file_keys, per_cgroup=config.file_keys_per_cgroup))
+    if config.dns:
+        from sensor.dns import DnsObserver
+        out.append(DnsObserver())
     return out
 
 
@@ -43,20 +51,6 @@ def request_capture(config: Config):
     key = read_or_create_key(StateDir(config.state_dir).sensor_key)
     return HttpCapture(key, ringbuf_pages=config.http_ringbuf_pages, s3_endpoints=tuple(config.s3_endpoints),
                        tls_responses=config.http_tls_responses)
-
-
-def sensor_extensions(config: Config) -> list:
-    """The program families the sensor loads beside its own, as the config asks: the request
-    capture and the file substrate's observation."""
-    out = []
-    capture = request_capture(config)
-    if capture is not None:
-        out.append(capture)
-    if config.observe_files:
-        from sensor.file_observer import FileObserver
-
-        out.append(FileObserver(max_keys=config.file_keys, per_cgroup=config.file_keys_per_cgroup))
-    return out
 
 
 def open_sensor(config: Config):

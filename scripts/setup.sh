@@ -2,7 +2,7 @@
 # Idempotent host setup for Envelope on Debian 12, run as root.
 #  - system packages: bcc (python3-bpfcc), libseccomp bindings, runc, busybox-static,
 #    kernel headers, bpftrace and strace (benchmark peers), the default container
-#    seccomp profile (golang-github-containers-common)
+#    seccomp profile (golang-github-containers-common), dnsmasq and dig (DNS test peers)
 #  - kernel headers linked at /lib/modules/$(uname -r)/build when the running kernel
 #    has no package of its own (the probes read only tracepoint formats and helpers)
 #  - tracefs and bpffs mounted
@@ -28,6 +28,7 @@ APT_PACKAGES=(
   # real programs the privileged suite records and confines (tests/privileged/real_programs.py);
   # git is above, sqlite3 and busybox (busybox-static) and python3-pip too
   nginx-light redis-server sqlite3
+  dnsmasq-base dnsutils  # a real DNS server (the binary, no system service) and dig for the name (dns) substrate's tests
 )
 
 missing=()

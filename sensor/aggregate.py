@@ -74,6 +74,11 @@ class Aggregator:
         # Called as listener(workload, session, key, count, ts) for every behaviour added, and
         # as listener(workload, session, None, 0, ts) when a session closes (detection uses it).
         self.listeners: list[Callable] = []
+        # Attributors see every event in order (attributor.on_event(event, ts)) and may name a
+        # behaviour differently: attributor.attribute(cgroup_id, key, ts) -> (key, evidence or
+        # None), e.g. a connect to an address this cgroup received in a DNS answer becomes a
+        # connect to that name, the address kept as evidence (sensor.dns).
+        self.attributors: list = []
         # Substrates whose observation sessions record (sensor.workload.MARKED_SUBSTRATES): set by
         # whoever feeds this aggregator (the pump, from its sensor), written into each session's
         # meta as ``observed`` when it is bound.
@@ -222,9 +227,16 @@ class Aggregator:
         b = self.bindings.get(cgroup_id)
         if b is None or count <= 0:
             return False
+        evidence = None
+        for a in self.attributors:
+            key, evidence = a.attribute(cgroup_id, key, ts)
+            if evidence is not None:
+                break
         contrib = self._contribution(b.workload)
         before = len(contrib.behaviours)
         contrib.observe(b.session, key, count, ts, first)
+        if evidence is not None:
+            contrib.add_evidence(key, evidence, count, ts)
         rates = self.totals.setdefault(b.workload, Rates())
         if len(contrib.behaviours) > before:
             rates.new_behaviours += 1
@@ -245,6 +257,8 @@ class Aggregator:
         b = self.bindings.get(cg)
         if b is None:
             return
+        for a in self.attributors:
+            a.on_event(event, ts)
         rates = self.totals.setdefault(b.workload, Rates())
         kind = type(event).__name__
         rates.by_type[kind] = rates.by_type.get(kind, 0) + 1

@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import ClassVar, Union  # noqa: F401 - ClassVar: dataclasses reads string annotations
 
-from . import syscalls
+from . import dnsmessage, syscalls
 from .mirrors import Mirror
-from .workload import exec_key, net_key, syscall_key
+from .workload import dns_key, exec_key, net_key, syscall_key
 
 # Event types (EV_* in bpf/events.h). Numbers are never reused.
 EV_EXEC = 1
@@ -31,6 +31,8 @@ EV_NET = 4
 EV_SYSCALL_FIRST = 5
 EV_EGRESS_VIOLATION = 6
 EV_SECCOMP_DENIAL = 7
+EV_DNS_MESSAGE = 16
+EV_DNS_VIOLATION = 17
 EV_HTTP_CAPTURE = 24
 EV_HTTP_CONN = 25
 EV_HTTP_VIOLATION = 26
@@ -48,6 +50,8 @@ TYPE_NAMES = {
     EV_SYSCALL_FIRST: "syscall_first",
     EV_EGRESS_VIOLATION: "egress_violation",
     EV_SECCOMP_DENIAL: "seccomp_denial",
+    EV_DNS_MESSAGE: "dns_message",
+    EV_DNS_VIOLATION: "dns_violation",
     EV_FILE_FIRST: "file_first",
     EV_FILE_DENIAL: "file_denial",
     EV_IO_URING_OP: "io_uring_op",
@@ -84,6 +88,10 @@ EGRESS_ACTION_ALERTED = 0
 EGRESS_ACTION_DENIED = 1
 SECCOMP_DENIAL_F_COUNTED = 0x1
 SECCOMP_DENIAL_F_DESTINATION = 0x2
+DNS_MESSAGE_CAPTURE = 1024
+DNS_DIR_QUERY = 0
+DNS_DIR_ANSWER = 1
+DNS_VIOLATION_NAME_LEN = 256
 HTTP_CAPTURE_MAX = 4096
 HTTP_CAPTURE_HEAD_SIZE = 64
 HTTP_F_TLS = 0x1
@@ -373,6 +381,58 @@ class CgroupEscapeRecord(Mirror):
                      ("dst_level", "i"), ("pad", "I"), ("dst_path", f"{CGROUP_ESCAPE_PATH_LEN}s"))
 
 
+class DnsMessageRecord(Mirror):
+    """EV_DNS_MESSAGE, from the DNS observation programs (bpf/dns.c).
+
+    struct dns_message_event {
+        struct event_hdr hdr;          /*  0 */
+        __u64 cgroup_id;               /* 16 the socket's cgroup */
+        __u16 family;                  /* 24 ENV_AF_* */
+        __u8 protocol;                 /* 26 IPPROTO_UDP or IPPROTO_TCP */
+        __u8 direction;                /* 27 DNS_DIR_* */
+        __u16 peer_port;               /* 28 the resolver's port, host order */
+        __u16 msg_len;                 /* 30 bytes of DNS message in the packet */
+        __u8 peer[16];                 /* 32 the resolver's address, network order */
+        __u16 captured;                /* 48 bytes in msg */
+        __u16 pad;                     /* 50 */
+        __u32 pad2;                    /* 52 */
+        __u8 msg[DNS_MESSAGE_CAPTURE]; /* 56 the DNS message (TCP: without its length prefix) */
+    };
+    """
+
+    c_name = "dns_message_event"
+    type = EV_DNS_MESSAGE
+    version = 1
+    fields = _HDR + (
+        ("cgroup_id", "Q"), ("family", "H"), ("protocol", "B"), ("direction", "B"),
+        ("peer_port", "H"), ("msg_len", "H"), ("peer", "16s"), ("captured", "H"), ("pad", "H"),
+        ("pad2", "I"), ("msg", f"{DNS_MESSAGE_CAPTURE}s"),
+    )
+
+
+class DnsViolationRecord(Mirror):
+    """EV_DNS_VIOLATION, from the egress enforcement programs: an answer for a name no entry
+    allows (its addresses are not learned).
+
+    struct dns_violation_event {
+        struct event_hdr hdr;              /*  0 */
+        __u64 cgroup_id;                   /* 16 the socket's cgroup */
+        __u16 qtype;                       /* 24 */
+        __u8 action;                       /* 26 EGRESS_ACTION_* (always alerted) */
+        __u8 pad;                          /* 27 */
+        __u16 name_len;                    /* 28 */
+        __u16 pad2;                        /* 30 */
+        char name[DNS_VIOLATION_NAME_LEN]; /* 32 dotted, lower case */
+    };
+    """
+
+    c_name = "dns_violation_event"
+    type = EV_DNS_VIOLATION
+    version = 1
+    fields = _HDR + (("cgroup_id", "Q"), ("qtype", "H"), ("action", "B"), ("pad", "B"),
+                     ("name_len", "H"), ("pad2", "H"), ("name", f"{DNS_VIOLATION_NAME_LEN}s"))
+
+
 class HttpCaptureRecord(Mirror):
     """EV_HTTP_CAPTURE: bytes of one call on a connection of a watched cgroup, bounded. Variable
     length: ``hdr.size`` is ``HTTP_CAPTURE_HEAD_SIZE + len`` and only that much is sent.
@@ -519,9 +579,9 @@ class FileDenialRecord(Mirror):
 
 RECORDS: dict[int, type[Mirror]] = {
     r.type: r for r in (ExecRecord, ForkRecord, ExitRecord, NetRecord, SyscallFirstRecord,
-                        EgressViolationRecord, SeccompDenialRecord, IoUringOpRecord,
-                        CgroupEscapeRecord, HttpCaptureRecord, HttpConnRecord, HttpViolationRecord,
-                        FileFirstRecord, FileDenialRecord)
+                        EgressViolationRecord, SeccompDenialRecord, DnsMessageRecord,
+                        DnsViolationRecord, IoUringOpRecord, CgroupEscapeRecord, HttpCaptureRecord,
+                        HttpConnRecord, HttpViolationRecord, FileFirstRecord, FileDenialRecord)
 }
 
 
@@ -670,6 +730,56 @@ class SeccompDenialEvent(_Event):
 
 
 @dataclass(slots=True)
+class DnsMessageEvent(_Event):
+    """A DNS message to (``query``) or from (``answer``) a resolver, as the socket's cgroup sent
+    or received it; ``message`` is the parsed :class:`sensor.dnsmessage.Message`, or None when
+    the bytes did not parse (``error`` says why)."""
+
+    ktime: int
+    cgroup_id: int
+    direction: str  # query | answer
+    proto: str  # udp | tcp
+    family: int  # 4 | 6
+    peer: str  # the resolver's address
+    peer_port: int
+    message: object = None  # sensor.dnsmessage.Message
+    error: str = ""
+    captured_all: bool = True
+    type_name: ClassVar[str] = "dns_message"
+
+    def behaviour_key(self) -> str | None:
+        """``dns:NAME`` for a query: each question a workload asks is one occurrence."""
+        if self.direction != "query" or self.message is None or not self.message.qname:
+            return None
+        return dns_key(self.message.qname)
+
+    def to_dict(self) -> dict:
+        d = {"type": self.type_name, "ktime": self.ktime, "cgroup_id": self.cgroup_id,
+             "direction": self.direction, "proto": self.proto, "family": self.family,
+             "peer": self.peer, "peer_port": self.peer_port, "error": self.error,
+             "captured_all": self.captured_all}
+        m = self.message
+        if m is not None:
+            d["message"] = {"id": m.id, "response": m.response, "rcode": m.rcode, "qname": m.qname,
+                            "qtype": m.qtype, "truncated": m.truncated,
+                            "answers": [[r.name, r.type, r.ttl, r.data] for r in m.answers]}
+        return d
+
+
+@dataclass(slots=True)
+class DnsViolationEvent(_Event):
+    ktime: int
+    cgroup_id: int
+    qtype: int
+    name: str
+    action: str  # alerted
+    type_name: ClassVar[str] = "dns_violation"
+
+    def behaviour_key(self) -> str | None:
+        return dns_key(self.name) if self.name else None
+
+
+@dataclass(slots=True)
 class FileFirstEvent(_Event):
     """A new (cgroup, access bits, path) key: its count is read from the kernel map, so the event
     itself is no behaviour occurrence (see :mod:`sensor.file_observer`)."""
@@ -797,8 +907,8 @@ class HttpViolationEvent(_Event):
 
 
 Event = Union[ExecEvent, ForkEvent, ExitEvent, NetEvent, SyscallFirstEvent,
-              EgressViolationEvent, SeccompDenialEvent, IoUringOpEvent, CgroupEscapeEvent,
-              HttpCaptureEvent, HttpConnEvent, HttpViolationEvent,
+              EgressViolationEvent, SeccompDenialEvent, DnsMessageEvent, DnsViolationEvent,
+              IoUringOpEvent, CgroupEscapeEvent, HttpCaptureEvent, HttpConnEvent, HttpViolationEvent,
               FileFirstEvent, FileDenialEvent]
 
 
@@ -898,6 +1008,32 @@ def _cgroup_escape(r: dict) -> Event:
                              dst_level=r["dst_level"], dst_path=_cstr(r["dst_path"]))
 
 
+def _dns_message(r: dict) -> Event | DecodeError:
+    peer = _addr(r["family"], r["peer"])
+    if peer is None:
+        return DecodeError("decode_error", f"dns message with address family {r['family']}",
+                           EV_DNS_MESSAGE)
+    n = min(r["captured"], DNS_MESSAGE_CAPTURE)
+    message, error = None, ""
+    try:
+        message = dnsmessage.parse(bytes(r["msg"][:n]))
+    except dnsmessage.DnsParseError as e:
+        error = str(e)
+    return DnsMessageEvent(
+        ktime=r["ktime"], cgroup_id=r["cgroup_id"],
+        direction="answer" if r["direction"] == DNS_DIR_ANSWER else "query",
+        proto=_proto(r["protocol"]), family=_family(r["family"]), peer=peer,
+        peer_port=r["peer_port"], message=message, error=error,
+        captured_all=r["captured"] >= r["msg_len"])
+
+
+def _dns_violation(r: dict) -> Event:
+    n = min(r["name_len"], DNS_VIOLATION_NAME_LEN)
+    return DnsViolationEvent(ktime=r["ktime"], cgroup_id=r["cgroup_id"], qtype=r["qtype"],
+                             name=_cstr(r["name"], n),
+                             action="denied" if r["action"] == EGRESS_ACTION_DENIED else "alerted")
+
+
 def _http_capture(r: dict) -> Event | DecodeError:
     if r["len"] > HTTP_CAPTURE_MAX:
         return DecodeError("decode_error", f"http capture of {r['len']} bytes", EV_HTTP_CAPTURE)
@@ -950,6 +1086,7 @@ def _file_denial(r: dict) -> Event:
 _BUILD = {
     EV_EXEC: _exec, EV_FORK: _fork, EV_EXIT: _exit, EV_NET: _net,
     EV_SYSCALL_FIRST: _syscall_first, EV_EGRESS_VIOLATION: _egress, EV_SECCOMP_DENIAL: _seccomp,
+    EV_DNS_MESSAGE: _dns_message, EV_DNS_VIOLATION: _dns_violation,
     EV_IO_URING_OP: _io_uring_op, EV_CGROUP_ESCAPE: _cgroup_escape,
     EV_HTTP_CAPTURE: _http_capture, EV_HTTP_CONN: _http_conn, EV_HTTP_VIOLATION: _http_violation,
     EV_FILE_FIRST: _file_first, EV_FILE_DENIAL: _file_denial,

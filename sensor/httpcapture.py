@@ -30,13 +30,13 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterable, Sequence
+from typing import ClassVar, Sequence
 
 import structlog
 
 from . import kernel, tlsstack
 from .events import HttpCaptureEvent, HttpConnEvent
-from .httpexchange import Exchange, ExchangeAssembler, Finding
+from .httpexchange import Exchange, ExchangeAssembler
 from .httpkeys import http_key, judgeable, normalize_host, request_path
 from .kernel import (BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET_EGRESS,
                      BPF_CGROUP_INET_INGRESS, Family, Map, Program)

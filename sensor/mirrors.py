@@ -14,8 +14,14 @@ from typing import ClassVar
 
 SYSCALL_NR_SLOTS = 512  # bpf/events.h
 SYSCALL_BANKS = 2  # counters before (0) and from (1) a cgroup's first exec
-EGRESS_MAX_RANGES = 8  # bpf/egress.h default
-EGRESS_FIXED_BITS = 32
+EGRESS_MAX_RANGES = 4  # bpf/egress.h default
+EGRESS_INLINE_PORTS = 8
+EGRESS_PORTS_ANY = 0x1
+EGRESS_PORTS_MORE = 0x2
+EGRESS_NAME_LEN = 256
+EGRESS_NAME_EXACT = 0
+EGRESS_NAME_SUFFIX = 1
+EGRESS_DNS_STATS = 8
 EGRESS_FAMILY_V4 = 4
 EGRESS_FAMILY_V6 = 6
 EGRESS_MODE_OBSERVE = 0
@@ -156,50 +162,85 @@ class SyscallSlotCounts(Mirror):
 # ---- bpf/egress.h ------------------------------------------------------------------------------
 
 
-class EgressKey(Mirror):
-    """Key of the ``rules`` LPM trie.
+class EgressKey4(Mirror):
+    """Key of the ``rules4_<gen>`` LPM tries.
 
-    struct egress_key {
-        __u32 prefixlen; /*  0 */
-        __u8 gen;        /*  4 rule generation (0 or 1) */
-        __u8 proto;      /*  5 IPPROTO_TCP or IPPROTO_UDP */
-        __u8 family;     /*  6 EGRESS_FAMILY_* */
-        __u8 pad;        /*  7 */
-        __u8 addr[16];   /*  8 */
+    struct egress_key4 {
+        __u32 prefixlen; /* 0 */
+        __u8 addr[4];    /* 4 */
     };
     """
 
-    c_name = "egress_key"
-    fields = (("prefixlen", "I"), ("gen", "B"), ("proto", "B"), ("family", "B"), ("pad", "B"),
-              ("addr", "16s"))
+    c_name = "egress_key4"
+    fields = (("prefixlen", "I"), ("addr", "4s"))
 
 
-class EgressRule(Mirror):
-    """Value of the ``rules`` trie, at the default ``EGRESS_MAX_RANGES`` (8); other sizes come
-    from :func:`egress_rule_struct`.
+class EgressKey6(Mirror):
+    """Key of the ``rules6_<gen>`` LPM tries.
+
+    struct egress_key6 {
+        __u32 prefixlen; /* 0 */
+        __u8 addr[16];   /* 4 */
+    };
+    """
+
+    c_name = "egress_key6"
+    fields = (("prefixlen", "I"), ("addr", "16s"))
+
+
+def _ports_fields(prefix: str, max_ranges: int) -> tuple:
+    return ((f"{prefix}rule_id", "I"), (f"{prefix}flags", "B"), (f"{prefix}nports", "B"),
+            (f"{prefix}nranges", "B"), (f"{prefix}pad", "B")) \
+        + tuple((f"{prefix}ports{i}", "H") for i in range(EGRESS_INLINE_PORTS)) \
+        + tuple(x for i in range(max_ranges)
+                    for x in ((f"{prefix}ranges{i}.lo", "H"), (f"{prefix}ranges{i}.hi", "H")))
+
+
+class EgressPorts(Mirror):
+    """The ports one protocol may reach at a trie entry, at the default ``EGRESS_MAX_RANGES``
+    (4); other sizes come from :func:`egress_ports_format`.
 
     struct egress_port_range {
         __u16 lo; /* 0 inclusive */
         __u16 hi; /* 2 inclusive */
     };
+    struct egress_ports {
+        __u32 rule_id;                          /*  0 generation << 24 | index; keys `ports` */
+        __u8 flags;                             /*  4 EGRESS_PORTS_* */
+        __u8 nports;                            /*  5 inline exact ports used */
+        __u8 nranges;                           /*  6 ranges used */
+        __u8 pad;                               /*  7 */
+        __u16 ports[EGRESS_INLINE_PORTS];       /*  8 */
+        struct egress_port_range ranges[EGRESS_MAX_RANGES]; /* 24 */
+    };
+    """
+
+    c_name = "egress_ports"
+    fields = _ports_fields("", EGRESS_MAX_RANGES)
+
+
+def egress_ports_format(max_ranges: int) -> str:
+    """struct egress_ports compiled with ``-DEGRESS_MAX_RANGES=max_ranges``, as a struct format
+    without byte order."""
+    return "IBBBB" + "H" * EGRESS_INLINE_PORTS + "HH" * max_ranges
+
+
+class EgressRule(Mirror):
+    """Value of the address tries: TCP and UDP ports of one prefix.
+
     struct egress_rule {
-        __u32 rule_id;  /*  0 generation << 24 | index; keys exact ports in `ports` */
-        __u8 any_port;  /*  4 */
-        __u8 nranges;   /*  5 ranges used */
-        __u16 pad;      /*  6 */
-        struct egress_port_range ranges[EGRESS_MAX_RANGES]; /* 8 */
+        struct egress_ports tcp; /* 0 */
+        struct egress_ports udp; /* EGRESS_PORTS_SIZE */
     };
     """
 
     c_name = "egress_rule"
-    fields = ((("rule_id", "I"), ("any_port", "B"), ("nranges", "B"), ("pad", "H"))
-              + tuple(x for i in range(EGRESS_MAX_RANGES)
-                      for x in ((f"ranges{i}.lo", "H"), (f"ranges{i}.hi", "H"))))
+    fields = _ports_fields("tcp.", EGRESS_MAX_RANGES) + _ports_fields("udp.", EGRESS_MAX_RANGES)
 
 
 def egress_rule_struct(max_ranges: int) -> struct.Struct:
     """struct egress_rule compiled with ``-DEGRESS_MAX_RANGES=max_ranges``."""
-    return struct.Struct("<IBBH" + "HH" * max_ranges)
+    return struct.Struct("<" + egress_ports_format(max_ranges) * 2)
 
 
 class EgressPortKey(Mirror):
@@ -214,6 +255,83 @@ class EgressPortKey(Mirror):
 
     c_name = "egress_port_key"
     fields = (("rule_id", "I"), ("port", "H"), ("pad", "H"))
+
+
+class EgressNameKey(Mirror):
+    """Key of the ``names_<gen>`` LPM tries: a name written backwards.
+
+    struct egress_name_key {
+        __u32 prefixlen;             /*   0 bits */
+        char name[EGRESS_NAME_LEN];  /*   4 reversed, NUL-terminated for exact names */
+    };
+    """
+
+    c_name = "egress_name_key"
+    fields = (("prefixlen", "I"), ("name", f"{EGRESS_NAME_LEN}s"))
+
+
+class EgressNameRule(Mirror):
+    """Value of the name tries.
+
+    struct egress_name_rule {
+        struct egress_ports tcp; /* 0 */
+        struct egress_ports udp; /* EGRESS_PORTS_SIZE */
+        __u32 name_id;           /* generation << 24 | index of the name entry */
+        __u8 kind;               /* EGRESS_NAME_* */
+        __u8 max_labels;         /* a suffix pattern: labels allowed in front of it (>= 1) */
+        __u16 base_labels;       /* labels of a suffix pattern's suffix (svc.example.com: 3) */
+    };
+    """
+
+    c_name = "egress_name_rule"
+    fields = (_ports_fields("tcp.", EGRESS_MAX_RANGES) + _ports_fields("udp.", EGRESS_MAX_RANGES)
+              + (("name_id", "I"), ("kind", "B"), ("max_labels", "B"), ("base_labels", "H")))
+
+
+def egress_name_rule_struct(max_ranges: int) -> struct.Struct:
+    """struct egress_name_rule compiled with ``-DEGRESS_MAX_RANGES=max_ranges``."""
+    return struct.Struct("<" + egress_ports_format(max_ranges) * 2 + "IBBH")
+
+
+class EgressLearnedKey(Mirror):
+    """Key of the ``learned`` LRU hash.
+
+    struct egress_learned_key {
+        __u64 cgroup_id; /*  0 the socket's cgroup */
+        __u8 family;     /*  8 EGRESS_FAMILY_* */
+        __u8 proto;      /*  9 IPPROTO_TCP or IPPROTO_UDP */
+        __u16 port;      /* 10 an exact port, or 0 for the ranges */
+        __u32 pad;       /* 12 */
+        __u8 addr[16];   /* 16 */
+    };
+    """
+
+    c_name = "egress_learned_key"
+    fields = (("cgroup_id", "Q"), ("family", "B"), ("proto", "B"), ("port", "H"), ("pad", "I"),
+              ("addr", "16s"))
+
+
+class EgressLearned(Mirror):
+    """Value of ``learned``, at the default ``EGRESS_MAX_RANGES``.
+
+    struct egress_learned {
+        __u64 expires_ns;  /*  0 coarse ktime: answer received + TTL + grace */
+        __u64 learned_ns;  /*  8 coarse ktime the answer was received */
+        __u32 name_id;     /* 16 the name entry that allowed it */
+        __u32 ttl;         /* 20 seconds, as answered */
+        __u8 flags;        /* 24 EGRESS_PORTS_ANY for port 0 */
+        __u8 nranges;      /* 25 */
+        __u16 pad;         /* 26 */
+        __u32 pad2;        /* 28 */
+        struct egress_port_range ranges[EGRESS_MAX_RANGES]; /* 32 */
+    };
+    """
+
+    c_name = "egress_learned"
+    fields = ((("expires_ns", "Q"), ("learned_ns", "Q"), ("name_id", "I"), ("ttl", "I"),
+               ("flags", "B"), ("nranges", "B"), ("pad", "H"), ("pad2", "I"))
+              + tuple(x for i in range(EGRESS_MAX_RANGES)
+                      for x in ((f"ranges{i}.lo", "H"), (f"ranges{i}.hi", "H"))))
 
 
 class EgressMeta(Mirror):
@@ -534,7 +652,8 @@ class FileWatch(Mirror):
 #: Every map-layout mirror, by header.
 MAP_MIRRORS = {
     "events.h": (SyscallSlotState, SyscallSlotCounts),
-    "egress.h": (EgressKey, EgressRule, EgressPortKey, EgressMeta, EgressCgroup),
+    "egress.h": (EgressKey4, EgressKey6, EgressPorts, EgressRule, EgressPortKey, EgressNameKey,
+                 EgressNameRule, EgressLearnedKey, EgressLearned, EgressMeta, EgressCgroup),
     "denials.h": (DenialCgroup, DenialThread, DenialKey, DenialCount),
     "capabilities.h": (CapKey, CapCount),
     "http.h": (HttpCgroup, HttpSockKey, HttpSock, HttpConnKey, HttpConn, HttpSslCall, HttpCtab, HttpEdgeKey),

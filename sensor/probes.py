@@ -25,7 +25,6 @@ import os
 import re
 import time
 from itertools import compress
-from pathlib import Path
 from typing import Container, Protocol, Sequence
 
 import psutil
@@ -318,6 +317,10 @@ class Sensor:
             if made is not None:
                 self._events.extend(made())
         out, self._events = self._events, []
+        if self._extension_fds:
+            # The sensor's ring is drained before the extensions': hand the batch out in kernel
+            # time order, so that e.g. a DNS answer comes before the connect that used it.
+            out.sort(key=lambda e: e.ktime)
         self._release_quarantine()
         self._sync_wall_clock()  # follow NTP steps and slews of the wall clock
         return out

@@ -58,6 +58,9 @@ DEFAULT_CAPS = {"syscall": 1024, "egress": 4096, "exec": 2048, "file": 8192, "ht
 # these samples gives an envelope element's exact distinct-session count while every member's
 # sample is complete (confidence thresholds are far below the cap); beyond it, a lower bound.
 SESSION_SAMPLE_CAP = 32
+# Evidence items kept per behaviour (e.g. the addresses a name-attributed connect went to); past
+# the cap new items are not kept (the behaviour's own count stays exact).
+EVIDENCE_CAP = 16
 MAX_KEY_LEN = 1024
 REFUSED_SAMPLE = 4096
 MAX_SESSIONS = 4096
@@ -193,6 +196,8 @@ class NodeContribution:
     # The TLS stack of each executable seen (exe -> "kind[:library]" -> last seen).
     tls_stacks: dict[str, dict[str, float]] = field(default_factory=dict)
     caps: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_CAPS))
+    # behaviour key -> evidence item (an address) -> [count, first seen, last seen]
+    evidence: dict[str, dict[str, list]] = field(default_factory=dict)
     sessions_dropped: int = 0  # session records let go past MAX_SESSIONS (oldest closed first)
     arguments: object = None  # sensor.mcp_evidence.ArgumentEvidence of the mcp behaviours, or None
     refused: dict[str, Refusal] = field(default_factory=dict)  # refused attempts, by behaviour key
@@ -315,6 +320,21 @@ class NodeContribution:
         if len(self.sessions) > MAX_SESSIONS:
             self._drop_sessions()
 
+    def add_evidence(self, key: str, item: str, count: int, ts: float) -> None:
+        """Remember ``item`` (an address) as evidence of behaviour ``key`` (bounded per key)."""
+        if key not in self.behaviours:
+            return  # a key refused by the cap keeps no evidence either
+        per = self.evidence.setdefault(key, {})
+        rec = per.get(item)
+        if rec is None:
+            if len(per) >= EVIDENCE_CAP:
+                return
+            per[item] = [count, ts, ts]
+            return
+        rec[0] += count
+        rec[1] = min(rec[1], ts)
+        rec[2] = max(rec[2], ts)
+
     def move_session(self, session_id: str, dest: "NodeContribution", new_id: str | None = None) -> bool:
         """Move an open session and everything counted in it to ``dest`` (another workload's
         contribution on the same node): a cgroup whose identity became known later. Exact: an
@@ -335,12 +355,17 @@ class NodeContribution:
             st.sessions = max(st.sessions - 1, 0)
             if session_id in st.session_ids:
                 st.session_ids.remove(session_id)
-            if st.count <= 0:
+            gone = st.count <= 0
+            if gone:
                 del self.behaviours[key]
                 sub = substrate_of(key)
                 if self._per_substrate.get(sub):
                     self._per_substrate[sub] -= 1
             dest.observe(new_id, key, n, last, first)
+            if gone:  # its evidence (e.g. a name's addresses) goes with it
+                for item, (c, f, l) in sorted(self.evidence.pop(key, {}).items()):
+                    dest.add_evidence(key, item, c, f)
+                    dest.add_evidence(key, item, 0, l)
         del self.open_sessions[session_id]
         del self.sessions[session_id]
         if self._refused:
@@ -438,6 +463,8 @@ class NodeContribution:
             "loss": dict(sorted(self.loss.items())),
             "fingerprints": {k: dict(sorted(v.items())) for k, v in sorted(self.fingerprints.items())},
             "caps": dict(sorted(self.caps.items())),
+            **({"evidence": {k: dict(sorted(v.items())) for k, v in sorted(self.evidence.items())}}
+               if self.evidence else {}),
             "sessions_dropped": self.sessions_dropped,
             **({"blind_spots": {k: dict(sorted(v.items())) for k, v in sorted(self.blind_spots.items())}}
                if self.blind_spots else {}),
@@ -474,6 +501,8 @@ class NodeContribution:
             fingerprints={str(k): {str(a): float(b) for a, b in v.items()}
                           for k, v in d["fingerprints"].items()},
             caps={**DEFAULT_CAPS, **{str(k): int(v) for k, v in d.get("caps", {}).items()}},
+            evidence={str(k): {str(i): [int(r[0]), float(r[1]), float(r[2])] for i, r in v.items()}
+                      for k, v in d.get("evidence", {}).items()},
             sessions_dropped=int(d.get("sessions_dropped", 0)),
             arguments=arguments,
             refused={str(k): Refusal.unpack(v) for k, v in (d.get("refused") or {}).items()},
@@ -605,6 +634,16 @@ class Profile:
                     p.count + o.count, p.new_keys + o.new_keys,
                     min(p.first_seen, o.first_seen), max(p.last_seen, o.last_seen))
         return dict(sorted(out.items()))
+
+    def evidence(self) -> dict[str, dict[str, int]]:
+        """Per behaviour, its evidence items (addresses) with their counts summed over nodes."""
+        out: dict[str, dict[str, int]] = {}
+        for name in sorted(self.nodes):
+            for key, items in self.nodes[name].evidence.items():
+                per = out.setdefault(key, {})
+                for item, rec in items.items():
+                    per[item] = per.get(item, 0) + rec[0]
+        return {k: dict(sorted(v.items())) for k, v in sorted(out.items())}
 
     def fingerprints(self) -> dict[str, list[str]]:
         """Fingerprint inputs seen, per key, values ordered by when they were last seen."""

@@ -253,6 +253,12 @@ class Pump:
         self._next_counts = 0.0
         self._next_gc = clock() + gc_interval
         self._loss_seen: dict[str, int] = dict(sensor.loss()) if sensor is not None else {}
+        # Extensions that rename behaviours (sensor.dns: connects to resolved names) take part
+        # in aggregation.
+        for ext in getattr(sensor, "extensions", ()):
+            make = getattr(ext, "attributor", None)
+            if make is not None:
+                aggregator.attributors.append(make())
         if sensor is not None:  # sessions record the marked substrates their sensor observes
             aggregator.observed = tuple(sensor.observed_substrates())
         self._cgroup_loss_seen: dict[int, dict[str, int]] = {}

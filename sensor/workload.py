@@ -5,7 +5,9 @@ A workload is ``(namespace, kind, name, container)``. Inside Kubernetes the kind
 
 A behaviour is one dimension value, written as a key whose first field names it:
 ``syscall:openat``, ``exec:/usr/bin/git``, ``connect:tcp:10.0.3.7:443``,
-``send:udp:[fd00::a]:53``, ``file:read:/etc/ssl/certs/ca.pem``,
+``send:udp:[fd00::a]:53``, ``dns:api.example.com`` (a name the workload resolved),
+``connect:tcp:api.example.com:443`` (a connect to an address this cgroup received in a DNS
+answer for that name), ``file:read:/etc/ssl/certs/ca.pem``,
 ``http:GET api.example.com/v1/docs/8812``, ``mcp:tools/call:git_log``,
 ``aws:s3:GetObject arn:aws:s3:::bucket/key``, ``capability:NET_BIND_SERVICE`` (a granted
 capability check, :mod:`sensor.capabilities`). The substrate that can enforce a behaviour follows
@@ -15,6 +17,7 @@ from its kind.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 
 #: Every substrate, in document order.
@@ -33,6 +36,7 @@ _SUBSTRATE_OF_KIND = {
     "exec": "exec",
     "connect": "egress",
     "send": "egress",
+    "dns": "egress",
     "file": "file",
     "http": "http",
     "mcp": "mcp",
@@ -72,6 +76,66 @@ def net_key(kind: str, proto: str, addr: str, port: int) -> str:
     ip = ipaddress.ip_address(addr)
     host = f"[{ip.compressed}]" if ip.version == 6 else ip.compressed
     return f"{kind}:{proto}:{host}:{port}"
+
+
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_NAME_RE = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
+
+
+def valid_name(name: str) -> bool:
+    """A host name as the DNS programs match it: at least two lower-case labels of letters,
+    digits, ``-`` and ``_``, dotted, no trailing dot, at most 253 characters. (A resolver
+    expands a short name through its search list before asking, so questions have a dot.)"""
+    return (len(name) <= 253 and "." in name and bool(_NAME_RE.match(name))
+            and not _is_address(name))
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def dns_key(name: str) -> str:
+    """``dns:api.example.com`` (lower case, no trailing dot)."""
+    return f"dns:{name.rstrip('.').lower()}"
+
+
+def name_key(kind: str, proto: str, name: str, port: int) -> str:
+    """``connect:tcp:api.example.com:443``: a connect or send attributed to a resolved name."""
+    return f"{kind}:{proto}:{name}:{port}"
+
+
+@dataclass(frozen=True)
+class NameBehaviour:
+    kind: str  # connect | send
+    proto: str  # tcp | udp
+    name: str
+    port: int
+
+
+def parse_name_key(key: str) -> NameBehaviour:
+    """Parse ``connect:tcp:api.example.com:443``; an address key is not a name key."""
+    try:
+        kind, proto, rest = key.split(":", 2)
+        name, port = rest.rsplit(":", 1)
+        parsed = NameBehaviour(kind, proto, name, int(port))
+    except ValueError as e:
+        raise BehaviourKeyError(f"bad name behaviour key {key!r}: {e}") from None
+    if kind not in ("connect", "send") or proto not in ("tcp", "udp") or not valid_name(name) \
+            or not 0 <= parsed.port < 65536:
+        raise BehaviourKeyError(f"bad name behaviour key {key!r}")
+    return parsed
+
+
+def is_name_key(key: str) -> bool:
+    try:
+        parse_name_key(key)
+        return True
+    except BehaviourKeyError:
+        return False
 
 
 @dataclass(frozen=True)

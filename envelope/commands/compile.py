@@ -164,6 +164,8 @@ def render(policy, args, state_dir) -> tuple[str, dict | None]:
     if services is not None:
         for note in netexport.service_destinations(policy, services).unresolved:
             print(f"envelope: note: {note}", file=sys.stderr)
+    for warning in netexport.name_warnings(policy, args.format):
+        print(f"envelope: warning: {warning}", file=sys.stderr)
     if args.format == "networkpolicy":
         return serialize(netexport.compile_networkpolicy(policy, labels, services), args.output or "yaml"), None
     return serialize(netexport.compile_cilium(policy, labels, services), args.output or "yaml"), None

@@ -27,6 +27,7 @@ from enforcer.derive import (
 )
 from enforcer.mcp_closure import DEFAULT_MAX_VALUES
 from enforcer.policy import DEFAULT_REVIEW_ACTIONS, REVIEW_ACTIONS, PolicyError, dump_policy, load_policy
+from enforcer.name_closure import DEFAULT_MAX_NAME_LABELS, DEFAULT_MAX_NAME_SIBLINGS
 from sensor.profile import Profile
 from sensor.store import ProfileStore, ProfileStoreError, decode_profile
 from sensor.workload import DEFAULT_SUBSTRATES, SUBSTRATES
@@ -65,6 +66,12 @@ def register(sub) -> None:
                    help="known service network; addresses inside it widen to it (repeatable)")
     p.add_argument("--max-ports", type=int, default=DEFAULT_MAX_PORTS,
                    help=f"more distinct ports than this per network become a flagged range (default {DEFAULT_MAX_PORTS})")
+    p.add_argument("--max-name-siblings", type=int, default=DEFAULT_MAX_NAME_SIBLINGS,
+                   help="more distinct names than this under one suffix become *.suffix, never at or "
+                        f"above a public suffix (default {DEFAULT_MAX_NAME_SIBLINGS})")
+    p.add_argument("--max-name-labels", type=int, default=DEFAULT_MAX_NAME_LABELS,
+                   help="labels a *.suffix pattern admits in front of its suffix, at most "
+                        f"(default {DEFAULT_MAX_NAME_LABELS})")
     p.add_argument("--max-siblings", type=int, default=DEFAULT_MAX_SIBLINGS,
                    help=f"more exec or file paths than this in one directory become /dir/*, more "
                         f"subdirectories with file behaviours /dir/** (default {DEFAULT_MAX_SIBLINGS})")
@@ -166,6 +173,8 @@ def options_from_args(args) -> DeriveOptions:
             service_cidrs=tuple(args.service_cidr),
             max_ports=args.max_ports,
             max_siblings=args.max_siblings, file_tree_depth=args.file_tree_depth,
+            max_name_siblings=args.max_name_siblings,
+            max_name_labels=args.max_name_labels,
             max_values=args.max_values,
             k=args.stddev_k,
             coverage_threshold=args.coverage_threshold,
@@ -209,7 +218,8 @@ def cmd_derive(args, config) -> int:
     cov = policy.decisions["confidence"]["coverage"]
     new = ", ".join(f"{s} {n}" for s, n in cov["newBehaviours"].items())
     flag = " LOW CONFIDENCE (forced past coverage-stop)" if policy.low_confidence else ""
-    allowed = f"{len(policy.syscalls)} syscalls, {len(policy.egress)} egress rules, {len(policy.execs)} execs"
+    allowed = (f"{len(policy.syscalls)} syscalls, {len(policy.egress)} egress rules, "
+               f"{len(policy.names)} names, {len(policy.execs)} execs")
     if "file" in policy.substrates:
         allowed += f", {len(policy.files)} file entries"
     if policy.mcp is not None:

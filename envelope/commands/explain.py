@@ -43,7 +43,7 @@ def explanation(policy: Policy) -> dict:
                 "count": ev.get("count"), "sessions": ev.get("sessions"),
                 "firstSeen": ev.get("firstSeen"), "lastSeen": ev.get("lastSeen"),
                 "behaviours": ev.get("behaviours") or []}
-        for k in ("reason", "detail", "flags"):
+        for k in ("reason", "detail", "flags", "addresses"):
             if p.get(k):
                 item[k] = p[k]
         if ev.get("values"):
@@ -63,6 +63,7 @@ def explanation(policy: Policy) -> dict:
         "lowConfidence": policy.low_confidence,
         "decisions": {
             "granularity": {"substrates": list(policy.substrates),
+                            "blindSpots": (policy.decisions.get("granularity") or {}).get("blindSpots", {}),
                             "excluded": (policy.decisions.get("granularity") or {}).get("excluded", []),
                             "unencoded": (policy.decisions.get("granularity") or {}).get("unencoded", {}),
                             "unobserved": (policy.decisions.get("granularity") or {}).get("unobserved", {}),
@@ -93,6 +94,13 @@ def _rules_text(clos: dict) -> list[str]:
             svc = ", ".join(a.get("serviceCidrs") or []) or "none"
             lines.append(f"egress: {a['rule']} /{a['ipv4Prefix']} (IPv4), /{a['ipv6Prefix']} (IPv6), known "
                          f"service CIDRs: {svc}; {p['rule']}, range when more than {p['rangeAbove']} ports")
+            n = r.get("names") or {}
+            if "suffixAbove" in n:
+                lines.append(f"egress names: exact-name; name-suffix (*.suffix) when more than "
+                             f"{n['suffixAbove']} names under a suffix, at most {n['maxLabels']} "
+                             f"label(s) in front, {n['publicSuffixList']}")
+            if r.get("resolvers"):
+                lines.append(f"egress resolvers: {r['resolvers']['rule']} (one exact address each)")
         elif sub == "exec" and "siblingsAbove" in r:
             lines.append(f"exec: {r['rule']} when more than {r['siblingsAbove']} siblings, else exact")
         elif sub == "capability" and "structural" in r:
@@ -171,6 +179,8 @@ def render_text(x: dict) -> str:
         if a.get("accessLevel"):
             continue
         why = a.get("reason") and f"admit: {a['reason']}" or a.get("detail") or a.get("note") or ""
+        if a.get("addresses"):
+            why = "; ".join(x for x in (why, "resolved to " + ", ".join(a["addresses"])) if x)
         if a.get("values"):
             shown = ", ".join(a["values"][:4]) + (" ..." if len(a["values"]) > 4 else "")
             why += f" (seen: {shown})"
@@ -210,6 +220,13 @@ def render_text(x: dict) -> str:
         out.append("  on recurrence, per substrate: " + ", ".join(f"{s} {a}" for s, a in actions.items())
                    + " (alert: let through and reported; deny: denied where enforced, and reported; "
                      "dangerous syscalls always deny)")
+    spots = d["granularity"].get("blindSpots") or {}
+    if spots:
+        n = sum(len(v) for v in spots.values())
+        out.append("")
+        out.append(f"Blind spots ({n}: what the sensor cannot see for this workload)")
+        out.append(table([[sub, item] for sub, items in sorted(spots.items()) for item in items],
+                         ["substrate", "blind spot"]).rstrip("\n"))
     out.append("")
     out.append(f"Watch ({len(x['watch'])}): " + (", ".join(x["watch"]) or "none"))
     if "mcpCatalog" in x:

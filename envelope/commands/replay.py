@@ -13,7 +13,7 @@ import sys
 from enforcer.replay import replay
 
 from .. import options
-from ..errors import EXIT_FINDINGS, UserError
+from ..errors import EXIT_FINDINGS
 from ..output import add_output_option, dump, table
 from .derive import load_profile_arg, read_policy
 

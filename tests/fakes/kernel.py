@@ -25,6 +25,7 @@ _fds = itertools.count(1000)
 class Pinned:
     workload: str
     rules: tuple = ()  # trie entries of the active generation
+    names: tuple = ()  # name trie entries of the active generation
     generation: int = 0
     mode: str = "observe"
     policy_hash: bytes = b""
@@ -74,18 +75,19 @@ class FakeEgressProgram:
             if p == path:
                 del self.st.cgroups[cid]
 
-    def write_policy(self, rules, mode, policy_hash=b"", grace=0.0, *, finish=True):
+    def write_policy(self, rules, mode, policy_hash=b"", grace=0.0, names=(), *, finish=True):
         self._live()
         if self.kernel.fail_write:
             raise EgressError(f"map rules: update: Argument list too long ({self.workload})")
         try:
-            compiled = compile_rules(rules, 1 - self.st.generation, self.limits)
+            compiled = compile_rules(rules, 1 - self.st.generation, self.limits, names)
         except EgressRuleError as e:
             raise EgressError(str(e)) from e
         self._swap = None if finish else (self.st.generation, self.st.rules, self.st.mode,
-                                          self.st.policy_hash)
+                                          self.st.policy_hash, self.st.names)
         self.st.generation = compiled.generation
         self.st.rules = compiled.trie
+        self.st.names = compiled.names
         self.st.mode = mode
         self.st.policy_hash = policy_hash
         self.kernel.swaps.append((self.workload, mode, len(compiled.trie)))
@@ -97,7 +99,8 @@ class FakeEgressProgram:
     def revert_swap(self) -> None:
         swap, self._swap = getattr(self, "_swap", None), None
         if swap is not None:
-            self.st.generation, self.st.rules, self.st.mode, self.st.policy_hash = swap
+            (self.st.generation, self.st.rules, self.st.mode, self.st.policy_hash,
+             self.st.names) = swap
             self.kernel.swaps.append((self.workload, "reverted", len(self.st.rules)))
 
     def repin(self) -> None:
@@ -111,12 +114,15 @@ class FakeEgressProgram:
     def set_mode(self, mode: str) -> None:
         self.st.mode = mode
 
-    def verify(self, rules, mode, policy_hash=b"") -> list[str]:
+    def verify(self, rules, mode, policy_hash=b"", names=()) -> list[str]:
         problems = []
         if self.st.mode != mode:
             problems.append(f"mode is {self.st.mode}, expected {mode}")
-        if tuple(compile_rules(rules, self.st.generation, self.limits).trie) != tuple(self.st.rules):
+        compiled = compile_rules(rules, self.st.generation, self.limits, names)
+        if tuple(compiled.trie) != tuple(self.st.rules):
             problems.append("rules differ")
+        if tuple(compiled.names) != tuple(self.st.names):
+            problems.append("names differ")
         return problems
 
     def state(self) -> tuple[int, str]:

@@ -558,7 +558,7 @@ def redis(work: Path, listener: int) -> Program:
         expect(r[2] == [b"0", b"1", b"2", b"3", b"4"] and r[6] == [b"x", b"y"], f"structures: {r}")
 
     def expiry(p=port):
-        r = resp(p, ["SET", "tmp", "x", "PX", 100], ["EXPIRE", "greeting", 3600], ["TTL", "greeting"])
+        resp(p, ["SET", "tmp", "x", "PX", 100], ["EXPIRE", "greeting", 3600], ["TTL", "greeting"])
         time.sleep(0.3)
         expect(resp(p, ["EXISTS", "tmp"])[0] == 0, "PX expiry")
 
@@ -781,7 +781,7 @@ def _wheel(out: Path, name: str, version: str, requires: list[str], modules: dic
     """A pure-Python wheel, laid out as PEP 427 says (the packaging is the test's; pip is the program)."""
     dist = f"{name}-{version}.dist-info"
     files = {f"{name}/{m}": body.encode() for m, body in modules.items()}
-    meta = [f"Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+    meta = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
     meta += [f"Requires-Dist: {r}" for r in requires]
     files[f"{dist}/METADATA"] = ("\n".join(meta) + "\n").encode()
     files[f"{dist}/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: envelope-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"

@@ -113,7 +113,7 @@ def _run(confinement: Confinement, own: str, sibling: str, entry: str) -> dict:
             confinement.apply()
             os.write(w, json.dumps(_probe(own, sibling, str(CgroupFS().root), entry, parent,
                                              bool(confinement.hide))).encode())
-        except BaseException as e:  # noqa: BLE001 - report it to the test
+        except BaseException:  # noqa: BLE001 - report it to the test
             import traceback
             os.write(w, json.dumps({"error": traceback.format_exc()}).encode())
         finally:

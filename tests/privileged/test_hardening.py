@@ -10,7 +10,6 @@ cgroups are named with this process's pid and removed."""
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os

@@ -24,9 +24,10 @@ ATTACK = textwrap.dedent("""
     cfg = kernel.Map(kernel.obj_get(pin + "/map_config"))
     gen, = struct.unpack("<I", cfg.lookup(struct.pack("<I", 0)))
     cfg.update(struct.pack("<I", 0), struct.pack("<I", gen & 0xff))  # mode 0: observe
-    rules = kernel.Map(kernel.obj_get(pin + "/map_rules"))
-    for k in rules.keys():
-        rules.delete(k)
+    for name in ("rules4_0", "rules4_1", "rules6_0", "rules6_1"):
+        rules = kernel.Map(kernel.obj_get(pin + "/map_" + name))
+        for k in rules.keys():
+            rules.delete(k)
     print("tampered")
 """)
 

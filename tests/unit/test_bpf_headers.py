@@ -24,9 +24,9 @@ C_TYPES = {"__u8": 1, "__u16": 2, "__u32": 4, "__u64": 8, "__s8": 1, "__s16": 2,
 BYTE_TYPES = ("char", "__u8")
 RECORDS = [events.ExecRecord, events.ForkRecord, events.ExitRecord, events.NetRecord,
            events.SyscallFirstRecord, events.EgressViolationRecord, events.SeccompDenialRecord,
-           events.IoUringOpRecord, events.CgroupEscapeRecord, events.HttpCaptureRecord,
-           events.HttpConnRecord, events.HttpViolationRecord, events.FileFirstRecord,
-           events.FileDenialRecord]
+           events.DnsMessageRecord, events.DnsViolationRecord, events.IoUringOpRecord,
+           events.CgroupEscapeRecord, events.HttpCaptureRecord, events.HttpConnRecord,
+           events.HttpViolationRecord, events.FileFirstRecord, events.FileDenialRecord]
 MIRRORS = {"events.h": [events.EventHeader, *RECORDS, *mirrors.MAP_MIRRORS["events.h"]],
            **{h: list(ms) for h, ms in mirrors.MAP_MIRRORS.items() if h != "events.h"}}
 
@@ -153,9 +153,13 @@ def test_type_numbers_match_and_are_unique():
         "FILE_F_TRUNCATED", "FILE_COMM_LEN")],
     (mirrors, "events.h", "SYSCALL_NR_SLOTS"), (mirrors, "events.h", "SYSCALL_BANKS"),
     *[(mirrors, "egress.h", n) for n in (
-        "EGRESS_MAX_RANGES", "EGRESS_FIXED_BITS", "EGRESS_FAMILY_V4", "EGRESS_FAMILY_V6",
+        "EGRESS_MAX_RANGES", "EGRESS_INLINE_PORTS", "EGRESS_PORTS_ANY", "EGRESS_PORTS_MORE",
+        "EGRESS_NAME_LEN", "EGRESS_NAME_EXACT", "EGRESS_NAME_SUFFIX", "EGRESS_DNS_STATS",
+        "EGRESS_FAMILY_V4", "EGRESS_FAMILY_V6",
         "EGRESS_MODE_OBSERVE", "EGRESS_MODE_ALERT", "EGRESS_MODE_ENFORCE", "EGRESS_WORKLOAD_LEN",
         "EGRESS_CGROUP_PATH_LEN")],
+    *[(events, "events.h", n) for n in ("DNS_MESSAGE_CAPTURE", "DNS_DIR_QUERY", "DNS_DIR_ANSWER",
+                                        "DNS_VIOLATION_NAME_LEN")],
     *[(mirrors, "denials.h", n) for n in ("DENIALS_NR_SLOTS", "DENIALS_MODE_ALERT",
                                           "DENIALS_MODE_ENFORCE", "DENIALS_MODE_WATCH",
                                           "DENIAL_F_SOCKETS")],
@@ -188,7 +192,17 @@ def test_constants_match(module, header, name):
 
 def test_egress_rule_struct_follows_max_ranges():
     assert mirrors.egress_rule_struct(mirrors.EGRESS_MAX_RANGES).size == mirrors.EgressRule.size()
-    assert mirrors.egress_rule_struct(3).size == 8 + 4 * 3
+    assert mirrors.egress_rule_struct(3).size == 2 * (24 + 4 * 3)
+    assert (mirrors.egress_name_rule_struct(mirrors.EGRESS_MAX_RANGES).size
+            == mirrors.EgressNameRule.size())
+
+
+def test_dns_stat_names_follow_the_header():
+    from enforcer.egress import DNS_STATS
+    d = DEFINES["egress.h"]
+    for i, name in enumerate(DNS_STATS):
+        assert d[f"EGRESS_DNS_{name.upper()}"] == i
+    assert len(DNS_STATS) <= d["EGRESS_DNS_STATS"]
 
 
 def test_loss_names_cover_every_emitted_type():

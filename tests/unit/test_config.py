@@ -129,3 +129,20 @@ def test_every_key_has_a_check():
         if name in ("host_root", "bpffs", "state_dir", "kubeconfig") or getattr(Config(), name) is None:
             continue
         check(getattr(Config(), name))
+
+
+def test_sensor_extensions_take_every_family_the_config_turns_on(tmp_path):
+    """One builder for the sensor's program families: each one the config turns on is there,
+    each one it turns off is not (a second definition once shadowed the capability probe)."""
+    from envelope.config import Config
+    from envelope.wiring import sensor_extensions
+    from sensor import capability_observer
+
+    state = tmp_path / "state"
+    on = {type(e).__name__ for e in sensor_extensions(Config(state_dir=state))}
+    assert {"HttpCapture", "FileObserver", "DnsObserver"} <= on
+    assert ("CapabilityObserver" in on) == (capability_observer.available()[0] is not None)
+    off = Config(state_dir=state, observe_capabilities=False, http_capture=False, observe_files=False,
+                 dns=False)
+    assert sensor_extensions(off) == []
+    assert [type(e).__name__ for e in sensor_extensions(off.replace(dns=True))] == ["DnsObserver"]

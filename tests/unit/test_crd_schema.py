@@ -390,3 +390,12 @@ def test_cel_rules_reject_what_they_are_for():
     ]
     # both-given fails the first rule; min above max fails the second; the other checks pass
     assert sorted(ok for _, ok in cel_results(policy, "leastprivilegepolicies")) == [False, False, True, True]
+
+
+def test_the_policy_crd_takes_every_substrate():
+    """The granularity decision's substrates are an enum in the CRD: one the API server does not
+    know would refuse every policy that encodes it."""
+    from sensor.workload import SUBSTRATES
+    spec = schema_of("leastprivilegepolicies")["properties"]["spec"]
+    substrates = spec["properties"]["decisions"]["properties"]["granularity"]["properties"]["substrates"]
+    assert set(substrates["items"]["enum"]) == set(SUBSTRATES)

@@ -55,8 +55,11 @@ def test_granularity_records_and_respects_substrates():
     p = build(steady({"exec:/usr/bin/curl": 1}))
     pol = derive(p, DeriveOptions(substrates=("syscall", "egress")))
     assert pol.substrates == ("syscall", "egress")
-    assert pol.decisions["granularity"] == {"substrates": ["syscall", "egress"],
-                                           "excluded": ["exec", "file", "http", "mcp", "iam", "capability"]}
+    gran = dict(pol.decisions["granularity"])
+    spots = gran.pop("blindSpots")  # the steady profile connects to addresses and resolves nothing
+    assert [s.split(":", 1)[0] for s in spots["egress"]] == ["address-without-answer"]
+    assert gran == {"substrates": ["syscall", "egress"], "excluded": ["exec", "file", "http", "mcp", "iam",
+                                                                    "capability"]}
     assert pol.execs == () and not any(r["substrate"] == "exec" for r in pol.review)
     assert pol.allows("exec:/usr/bin/anything"), "a substrate left out is not constrained"
     assert pol.syscalls and pol.egress
@@ -109,8 +112,11 @@ def test_structural_cidr_aggregation_v4_v6_and_configurable_prefix():
 def test_known_service_cidr_wins_and_overlaps_are_rejected():
     sessions = [{"send:udp:10.96.0.10:53": 2, "connect:tcp:10.96.14.2:443": 2} for _ in range(3)]
     pol = derive(build(sessions), DeriveOptions(service_cidrs=("10.96.0.0/12",)))
-    assert pol.egress == (EgressRule("tcp", "10.96.0.0/12", (443,)), EgressRule("udp", "10.96.0.0/12", (53,)))
-    assert all(p["rule"].startswith("service-cidr") for p in pol.provenance if p["substrate"] == "egress")
+    # the resolver (port 53) stays one exact address even inside a known service CIDR
+    assert pol.egress == (EgressRule("tcp", "10.96.0.0/12", (443,)), EgressRule("udp", "10.96.0.10/32", (53,)))
+    rules = {p["entry"]: p["rule"] for p in pol.provenance if p["substrate"] == "egress"}
+    assert rules == {"egress:tcp:10.96.0.0/12:443": "service-cidr+exact-ports",
+                     "egress:udp:10.96.0.10/32:53": "dns-resolver"}
     with pytest.raises(DeriveError, match="overlap"):
         derive(build(sessions), DeriveOptions(service_cidrs=("10.96.0.0/12", "10.96.0.0/16")))
     with pytest.raises(DeriveError, match="not a CIDR"):
@@ -523,13 +529,13 @@ def test_ipv4_mapped_ipv6_peers_widen_like_ipv4():
 def test_behaviour_kinds_without_a_substrate_are_recorded_not_encoded():
     p = build(steady())
     # a newer sensor's kind, as it would arrive in a packed profile
-    p.node("n1").behaviours["dns:api.example.com"] = BehaviourStats(8, 4, T0 + 5, T0 + 3 * DAY)
+    p.node("n1").behaviours["smtp:relay.example.com"] = BehaviourStats(8, 4, T0 + 5, T0 + 3 * DAY)
     p = Profile.unpack(p.pack())
     pol = derive(p)
-    assert pol.decisions["granularity"]["unencoded"] == {"dns": 1}
-    assert pol.allows("dns:api.example.com") and "dns:api.example.com" not in pol.watch
+    assert pol.decisions["granularity"]["unencoded"] == {"smtp": 1}
+    assert pol.allows("smtp:relay.example.com") and "smtp:relay.example.com" not in pol.watch
     r = replay(pol, p)
-    assert r["denied"] == [] and r["bySubstrate"]["dns"]["behaviours"] == 1
+    assert r["denied"] == [] and r["bySubstrate"]["smtp"]["behaviours"] == 1
 
 
 def test_replay_tells_denied_from_let_through_and_reported():

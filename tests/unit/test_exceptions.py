@@ -67,7 +67,7 @@ def test_normalise_key(key, norm):
 
 @pytest.mark.parametrize("key", ["ptrace", "syscall:Bad-Name", "exec:relative", "connect:tcp:nohost:1",
                                  "connect:icmp:10.0.0.1:1", "egress:tcp:10.0.0.0/33:443", "dns:x",
-                                 "mcp:tools/call", "mcp:delete:x", "mcp:tools/call:git_log#",
+                                 "smtp:x", "mcp:tools/call", "mcp:delete:x", "mcp:tools/call:git_log#",
                                  "mcp:tools/list#x", "mcp:tools/call:git_log#max_count:range:1..5"])
 def test_normalise_key_rejects(key):
     with pytest.raises(exceptions.ExceptionError):

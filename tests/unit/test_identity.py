@@ -295,7 +295,7 @@ def test_an_identity_completed_later_moves_what_was_counted(tmp_path, hierarchy)
     bound to a cgroup-only identity, then completed, and what was counted moves to the
     Deployment's profile, nothing lost or counted twice; the emptied profile is dropped."""
     from sensor.aggregate import Aggregator
-    from sensor.pump import NodeBinding, Pump
+    from sensor.pump import NodeBinding
     from sensor.store import ProfileStore
 
     host = tmp_path / "late-host"
@@ -304,7 +304,6 @@ def test_an_identity_completed_later_moves_what_was_counted(tmp_path, hierarchy)
     store = ProfileStore(tmp_path / "state")
     agg = Aggregator("n1", store, str, clock=lambda: 1000.0)
     binding = NodeBinding(resolver)
-    pump = Pump(None, binding, agg)
     assert binding.bind(cid, agg)
     early = agg.bindings[cid].workload
     assert early.namespace == "_unresolved" and cid in binding.incomplete

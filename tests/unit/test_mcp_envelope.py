@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from enforcer.derive import DeriveError, derive
 from enforcer.mcp_envelope import McpJudge
 from enforcer.policy import PolicyError, dump_policy, parse_policy
-from sensor.mcp_evidence import prompt_get_key, resource_read_key, tool_call_key
+from sensor.mcp_evidence import ArgumentEvidence, prompt_get_key, resource_read_key, tool_call_key
 from sensor.profile import BehaviourStats
 
-from tests.unit.mcp_profiles import W, options, record
+from tests.unit.mcp_profiles import options, record
 
 LOG, SHOW, TIME = tool_call_key("git_log"), tool_call_key("git_show"), tool_call_key("get_current_time")
 

@@ -94,7 +94,7 @@ def _broken(path: list, value):
     (["spec", "decisions", "confidence", "minCount"], {"syscall": -1}, "spec.decisions.confidence.minCount.syscall"),
     (["spec", "decisions", "validity", "expiresAt"], "next tuesday", "spec.decisions.validity.expiresAt"),
     (["spec", "detection", 0, "std"], -1, "spec.detection[0].std"),
-    (["spec", "watch", 0], "dns:example.com", "spec.watch[0]"),
+    (["spec", "watch", 0], "smtp:example.com", "spec.watch[0]"),
     (["spec", "provenance", 0, "rule"], KeyError, "spec.provenance[0].rule: missing"),
     (["spec"], "nope", "spec: expected a mapping"),
     (["apiVersion"], "envelope.dev/v2", "apiVersion: 'envelope.dev/v2' is not supported"),
@@ -170,7 +170,7 @@ def test_egress_rule_validation_and_ids():
     assert parse_entry("egress:udp:10.0.0.0/8:10-20")[1] == EgressRule("udp", "10.0.0.0/8", (), (10, 20))
     assert parse_entry("exec:/usr/lib/*") == ("exec", "/usr/lib/*")
     with pytest.raises(PolicyError):
-        parse_entry("dns:example.com")
+        parse_entry("smtp:example.com")
 
 
 def test_policy_constructor_normalises_and_validates():

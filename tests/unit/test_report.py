@@ -8,9 +8,7 @@ import html.parser
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
-import pytest
 
 from enforcer.policy import EgressRule, Policy, dump_policy
 from enforcer.violations import Violation, ViolationStore

@@ -146,6 +146,38 @@ write("seccomp_denial_socket", hdr(7, 112, version=3) + [
     "name": "socket", "ret": -1, "args": [17, 3, 768], "tid": 1001, "comm": "git", "counted": False,
     "context": 77, "destination": None, "family": None, "behaviour_key": "syscall:socket"})
 
+
+# A resolver's answer, laid out by hand: id 0x1a2b, flags 0x8180 (response, RD, RA, NOERROR),
+# one question, two answers: api.example.com CNAME edge.cdn.example.net (compressed owner),
+# edge.cdn.example.net A 198.51.100.7, TTL 30.
+question = b"\x03api\x07example\x03com\x00" + struct.pack("!HH", 1, 1)
+cname_target = b"\x04edge\x03cdn\x07example\x03net\x00"
+dns = (struct.pack("!HHHHHH", 0x1A2B, 0x8180, 1, 2, 0, 0) + question
+       + b"\xc0\x0c" + struct.pack("!HHIH", 5, 1, 300, len(cname_target)) + cname_target
+       + b"\xc0\x2d" + struct.pack("!HHIH", 1, 1, 30, 4) + bytes([198, 51, 100, 7]))
+write("dns_message", hdr(16, 1080) + [
+    ("cgroup_id", struct.pack("<Q", 4242)), ("family", struct.pack("<H", 2)),
+    ("protocol", b"\x11"), ("direction", b"\x01"), ("peer_port", struct.pack("<H", 53)),
+    ("msg_len", struct.pack("<H", len(dns))),
+    ("peer", socket.inet_pton(socket.AF_INET, "10.96.0.10") + b"\0" * 12),
+    ("captured", struct.pack("<H", len(dns))), ("pad", struct.pack("<H", 0)),
+    ("pad2", struct.pack("<I", 0)), ("msg", cstr(dns, 1024)),
+], {"type": "dns_message", "ktime": KTIME, "cgroup_id": 4242, "direction": "answer",
+    "proto": "udp", "family": 4, "peer": "10.96.0.10", "peer_port": 53, "error": "",
+    "captured_all": True,
+    "message": {"id": 0x1A2B, "response": True, "rcode": 0, "qname": "api.example.com",
+                "qtype": 1, "truncated": False,
+                "answers": [["api.example.com", 5, 300, "edge.cdn.example.net"],
+                            ["edge.cdn.example.net", 1, 30, "198.51.100.7"]]},
+    "behaviour_key": None})
+
+write("dns_violation", hdr(17, 288) + [
+    ("cgroup_id", struct.pack("<Q", 4242)), ("qtype", struct.pack("<H", 28)),
+    ("action", b"\x00"), ("pad", b"\x00"), ("name_len", struct.pack("<H", 15)),
+    ("pad2", struct.pack("<H", 0)), ("name", cstr(b"evil.example.io", 256)),
+], {"type": "dns_violation", "ktime": KTIME, "cgroup_id": 4242, "qtype": 28,
+    "name": "evil.example.io", "action": "alerted", "behaviour_key": "dns:evil.example.io"})
+
 write("io_uring_op", hdr(40, 56) + [
     ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
     ("opcode", b"\x10"), ("sq_thread", b"\x00"), ("pad", struct.pack("<H", 0)),

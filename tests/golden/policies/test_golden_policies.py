@@ -89,7 +89,10 @@ def test_golden_expectations_hold():
     assert not lit.allows("connect:tcp:10.20.30.99:443") and "openat2" not in lit.syscalls
     prob = load_policy(HERE / "research-agent.probabilistic.policy.yaml")
     assert prob.detection and all(d["k"] == 2.5 for d in prob.detection)
-    assert any(r.cidr == "10.96.0.0/12" for r in prob.egress)
+    # the resolver sits in the known service CIDR, and stays one exact entry all the same
+    assert any(r.cidr == "10.96.0.10/32" and r.ports == (53,) for r in prob.egress)
+    assert not any(r.cidr == "10.96.0.0/12" for r in prob.egress)
+    assert any(p["rule"] == "dns-resolver" for p in prob.provenance)
     forced = load_policy(HERE / "code-agent.forced.policy.yaml")
     assert forced.low_confidence and forced.mode == "alert"
     assert any(r.port_range == (8000, 8080) for r in forced.egress)
