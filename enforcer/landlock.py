@@ -212,7 +212,9 @@ class Ruleset:
                 + "; ".join(g.message(support.abi) for g in gaps)
                 + "; fix: run on a kernel with Landlock ABI "
                 + f"{max(g.abi for g in gaps)} or later, or apply with the gaps listed (allow_gaps)", gaps)
-        effective = compiled.without(g.right for g in gaps) if gaps else compiled
+        # gaps (allowed), and rights granted everywhere that this kernel does not know
+        drop = [g.right for g in gaps] + sorted(r for r in compiled.unrestricted if r not in set(support.fs))
+        effective = compiled.without(drop) if drop else compiled
         if effective.empty:
             raise LandlockError(errno.EINVAL, f"Landlock ruleset for {compiled.workload} handles no right "
                                 "(nothing to restrict); fix: include the exec or file substrate")
