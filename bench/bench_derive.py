@@ -2,7 +2,7 @@
 
 The profile is built directly from its parts (two node contributions, 5,000 closed sessions
 each, every behaviour present on both nodes so the merge does real work), with a realistic mix:
-syscalls including companion-group members, egress spread over IPv4 /24s and IPv6 /64s with a
+syscalls including syscall-group members, egress spread over IPv4 /24s and IPv6 /64s with a
 few port-heavy networks, and exec paths in directories with and without many siblings. A tail of
 rare behaviours lands in review. Each closure mode is derived end to end (merge, coverage-stop,
 elements, confidence, provenance, review, validity, and for probabilistic the detection rules)
@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import time
 
-from enforcer import companions
+from enforcer import syscall_groups
 from enforcer.derive import DeriveOptions, derive
 from enforcer.policy import dump_policy
 from sensor.profile import BehaviourStats, NodeContribution, Profile, SessionRecord
@@ -46,7 +46,7 @@ def method(quick: bool) -> str:
 
 
 def behaviour_keys(n: int, rng: random.Random) -> list[str]:
-    real = sorted(companions.GROUP_OF) + ["read", "write", "close", "mmap", "munmap", "brk", "futex",
+    real = sorted(syscall_groups.GROUP_OF) + ["read", "write", "close", "mmap", "munmap", "brk", "futex",
                                           "rt_sigaction", "rt_sigprocmask", "getpid", "ioctl", "madvise"]
     syscalls = [f"syscall:{s}" for s in real]
     syscalls += [f"syscall:sys_{i}" for i in range(300 - len(syscalls))]

@@ -18,8 +18,18 @@
  * In alert mode the filter's default action is SCMP_ACT_LOG: the call runs, so it does reach
  * sys_enter, and it is reported there when its number is not in the cgroup's allowed bitmap.
  *
- * Each report is one EV_SECCOMP_DENIAL record (ret is the return value for a denial, 0 for an
- * alert reported at entry). Reserve failures are counted in `lost`.
+ * Counted in the kernel. A program retrying a denied call makes millions of denials a second;
+ * each one is counted in `counts` under {cgroup, process, syscall, context, kind}, and only the
+ * first of each key is announced as an EV_SECCOMP_DENIAL record (ret is the return value for a
+ * denial, 0 for an alert reported at entry), with the thread's name, the call's first three
+ * arguments and, for connect/sendto/sendmsg/sendmmsg, the destination it named (read from the
+ * caller's memory, which the denied call never touched). The destination (or socket()'s
+ * arguments) is hashed into the key's context, so each distinct one is announced. Userspace
+ * reads the counts as deltas. When `counts` is full a call is announced on its own (no
+ * SECCOMP_DENIAL_F_COUNTED) and counted in `lost[DENIALS_LOST_COUNTS_FULL]`; records the ring
+ * buffer cannot take are counted in `lost[DENIALS_LOST_RINGBUF]` (their calls stay counted).
+ * The syscall arguments come from the struct pt_regs the raw tracepoints are handed (x86_64:
+ * di, si, dx, r10, r8, r9), as orig_ax does.
  *
  * io_uring operations run in the kernel without their syscalls, so neither seccomp nor sys_enter
  * sees them. With -DDENIALS_IO_URING=1 the io_uring:io_uring_submit_req tracepoint announces the
@@ -39,8 +49,9 @@
  * Userspace decides what it means (a child cgroup, another cgroup of the same workload) and
  * moves the task back. Mode DENIALS_MODE_WATCH watches migrations only.
  *
- * -D flags: DENIALS_MAX_CGROUPS, DENIALS_MAX_THREADS, DENIALS_RINGBUF_PAGES, DENIALS_IO_URING,
- * DENIALS_NR_SOCKET (the socket syscall's number).
+ * -D flags: DENIALS_MAX_CGROUPS, DENIALS_MAX_THREADS, DENIALS_MAX_KEYS, DENIALS_RINGBUF_PAGES,
+ * DENIALS_IO_URING, and the numbers of the syscalls whose arguments are read: DENIALS_NR_SOCKET,
+ * DENIALS_NR_CONNECT, DENIALS_NR_SENDTO, DENIALS_NR_SENDMSG, DENIALS_NR_SENDMMSG.
  */
 #include <uapi/linux/bpf.h>
 #include <linux/ptrace.h>
@@ -53,8 +64,12 @@
 #ifndef DENIALS_MAX_THREADS
 #define DENIALS_MAX_THREADS 32768
 #endif
-#ifndef DENIALS_NR_SOCKET
-#error "DENIALS_NR_SOCKET is required"
+#if !defined(DENIALS_NR_SOCKET) || !defined(DENIALS_NR_CONNECT) || !defined(DENIALS_NR_SENDTO) || \
+    !defined(DENIALS_NR_SENDMSG) || !defined(DENIALS_NR_SENDMMSG)
+#error "DENIALS_NR_SOCKET, DENIALS_NR_CONNECT, DENIALS_NR_SENDTO, DENIALS_NR_SENDMSG and DENIALS_NR_SENDMMSG are required"
+#endif
+#ifndef DENIALS_MAX_KEYS
+#define DENIALS_MAX_KEYS 16384
 #endif
 #ifndef DENIALS_IO_URING
 #define DENIALS_IO_URING 0
@@ -63,36 +78,132 @@
 #define DENIALS_RINGBUF_PAGES 64
 #endif
 
-/* struct denial_cgroup, DENIALS_NR_SLOTS and the modes are in denials.h. */
+/* struct denial_cgroup, denial_thread, denial_key, denial_count and the modes are in denials.h. */
 BPF_HASH(cgroups, __u64, struct denial_cgroup, DENIALS_MAX_CGROUPS);
 BPF_TABLE("lru_hash", __u32, struct denial_thread, entered, DENIALS_MAX_THREADS);
-BPF_PERCPU_ARRAY(lost, __u64, 1);
+BPF_HASH(counts, struct denial_key, struct denial_count, DENIALS_MAX_KEYS);
+BPF_PERCPU_ARRAY(lost, __u64, DENIALS_LOST_SLOTS);
 BPF_RINGBUF_OUTPUT(events, DENIALS_RINGBUF_PAGES);
 
-static __always_inline void report(__u64 cgroup_id, __u32 nr, __s64 ret, struct pt_regs *regs)
+static __always_inline void count_lost(__u32 slot)
 {
-    struct seccomp_denial_event *ev = events.ringbuf_reserve(sizeof(*ev));
-    if (!ev) {
-        __u32 zero = 0;
-        __u64 *n = lost.lookup(&zero);
-        if (n)
-            *n += 1;
+    __u64 *n = lost.lookup(&slot);
+    if (n)
+        *n += 1;
+}
+
+static __always_inline __u64 reg(struct pt_regs *regs, int i)
+{
+    __u64 v = 0;
+    switch (i) {
+    case 0: bpf_probe_read_kernel(&v, sizeof(v), &regs->di); break;
+    case 1: bpf_probe_read_kernel(&v, sizeof(v), &regs->si); break;
+    case 2: bpf_probe_read_kernel(&v, sizeof(v), &regs->dx); break;
+    case 4: bpf_probe_read_kernel(&v, sizeof(v), &regs->r8); break;
+    case 5: bpf_probe_read_kernel(&v, sizeof(v), &regs->r9); break;
+    }
+    return v;
+}
+
+/* The destination a sockaddr in the caller's memory names: family, port, address. */
+static __always_inline void read_sockaddr(struct seccomp_denial_event *ev, __u64 uaddr, __u64 len)
+{
+    __u16 family = 0;
+    if (!uaddr || len < 8 || bpf_probe_read_user(&family, sizeof(family), (void *)uaddr))
+        return;
+    __u16 port_be = 0;
+    bpf_probe_read_user(&port_be, sizeof(port_be), (void *)(uaddr + 2));
+    if (family == ENV_AF_INET && len >= 8) {
+        bpf_probe_read_user(ev->addr, 4, (void *)(uaddr + 4));
+    } else if (family == ENV_AF_INET6 && len >= 24) {
+        bpf_probe_read_user(ev->addr, 16, (void *)(uaddr + 8));
+    } else {
         return;
     }
+    ev->family = family;
+    ev->port = bpf_ntohs(port_be);
+    ev->flags |= SECCOMP_DENIAL_F_DESTINATION;
+}
+
+/* The call's arguments and what a network call named, into `ev`, and their hash into context. */
+static __always_inline void context_of(struct seccomp_denial_event *ev, __u32 nr, struct pt_regs *regs)
+{
+    ev->args[0] = reg(regs, 0);
+    ev->args[1] = reg(regs, 1);
+    ev->args[2] = reg(regs, 2);
+    if (nr == DENIALS_NR_CONNECT) {
+        read_sockaddr(ev, ev->args[1], ev->args[2]);
+    } else if (nr == DENIALS_NR_SENDTO) {
+        read_sockaddr(ev, reg(regs, 4), reg(regs, 5));
+    } else if (nr == DENIALS_NR_SENDMSG || nr == DENIALS_NR_SENDMMSG) {
+        /* struct msghdr (first of the mmsghdr vector): void *msg_name; int msg_namelen; ... */
+        __u64 msg = ev->args[1], name = 0;
+        __u32 namelen = 0;
+        if (msg && !bpf_probe_read_user(&name, sizeof(name), (void *)msg) &&
+            !bpf_probe_read_user(&namelen, sizeof(namelen), (void *)(msg + 8)))
+            read_sockaddr(ev, name, namelen);
+    }
+    int sock = nr == DENIALS_NR_SOCKET;
+    if (sock || (ev->flags & SECCOMP_DENIAL_F_DESTINATION)) {
+        __u32 h = 2166136261u; /* FNV-1a over the destination, or socket()'s arguments */
+        __u32 words[6] = {ev->family | ((__u32)ev->port << 16), 0, 0, 0, 0, 0};
+        if (sock) {
+            words[1] = (__u32)ev->args[0];
+            words[2] = (__u32)ev->args[1];
+            words[3] = (__u32)ev->args[2];
+        } else {
+            __builtin_memcpy(&words[2], ev->addr, 16);
+        }
+#pragma unroll
+        for (int i = 0; i < 6; i++) {
+            h ^= words[i];
+            h *= 16777619u;
+        }
+        ev->context = h ? h : 1;
+    }
+}
+
+static __always_inline void report(__u64 cgroup_id, __u32 nr, __s64 ret, struct pt_regs *regs, __u32 kind)
+{
+    __u64 now = bpf_ktime_get_ns();
+    __u64 pid_tgid = bpf_get_current_pid_tgid();
+    struct seccomp_denial_event local = {};
+    context_of(&local, nr, regs);
+
+    struct denial_key key = {};
+    key.cgroup_id = cgroup_id;
+    key.pid = pid_tgid >> 32;
+    key.nr = nr;
+    key.context = local.context;
+    key.kind = kind;
+    struct denial_count *c = counts.lookup(&key);
+    if (c) {
+        __sync_fetch_and_add(&c->count, 1);
+        c->last_ktime = now;
+        return;
+    }
+    struct denial_count first = {1, now};
+    int err = counts.update(&key, &first); /* a racing first call of the same key lands in one entry */
+    if (err)
+        count_lost(DENIALS_LOST_COUNTS_FULL);
+    struct seccomp_denial_event *ev = events.ringbuf_reserve(sizeof(*ev));
+    if (!ev) {
+        count_lost(DENIALS_LOST_RINGBUF);
+        return;
+    }
+    __builtin_memcpy(ev, &local, sizeof(local));
     ev->hdr.type = EV_SECCOMP_DENIAL;
     ev->hdr.version = SECCOMP_DENIAL_EVENT_VERSION;
     ev->hdr.size = sizeof(*ev);
-    ev->hdr.ktime = bpf_ktime_get_ns();
+    ev->hdr.ktime = now;
     ev->cgroup_id = cgroup_id;
-    ev->pid = bpf_get_current_pid_tgid() >> 32;
+    ev->pid = pid_tgid >> 32;
+    ev->tid = (__u32)pid_tgid;
     ev->nr = nr;
     ev->ret = ret;
-    ev->args[0] = 0;
-    ev->args[1] = 0;
-    ev->args[2] = 0;
-    bpf_probe_read_kernel(&ev->args[0], sizeof(__u64), &regs->di);
-    bpf_probe_read_kernel(&ev->args[1], sizeof(__u64), &regs->si);
-    bpf_probe_read_kernel(&ev->args[2], sizeof(__u64), &regs->dx);
+    if (!err)
+        ev->flags |= SECCOMP_DENIAL_F_COUNTED;
+    bpf_get_current_comm(ev->comm, sizeof(ev->comm));
     events.ringbuf_submit(ev, 0);
 }
 
@@ -135,7 +246,7 @@ RAW_TRACEPOINT_PROBE(sys_enter)
             outside = !socket_ok(a[0], a[1], a[2]);
         }
         if (outside)
-            report(cg, nr, 0, regs);
+            report(cg, nr, 0, regs, DENIAL_KIND_ALERTED);
     }
     return 0;
 }
@@ -156,7 +267,7 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     if (mark)
         entered.delete(&tid);
     if (!entered_this && c->mode == DENIALS_MODE_ENFORCE && ret == -(__s64)c->deny_errno)
-        report(cg, (__u32)nr, ret, regs);
+        report(cg, (__u32)nr, ret, regs, DENIAL_KIND_DENIED);
     return 0;
 }
 
@@ -176,10 +287,7 @@ TRACEPOINT_PROBE(io_uring, io_uring_submit_req)
     struct io_uring_op_event *ev = events.ringbuf_reserve(sizeof(*ev));
     if (!ev) {
         __sync_fetch_and_and(&c->uring_seen[w], ~bit); /* announce it next time */
-        __u32 zero = 0;
-        __u64 *n = lost.lookup(&zero);
-        if (n)
-            *n += 1;
+        count_lost(DENIALS_LOST_RINGBUF);
         return 0;
     }
     ev->hdr.type = EV_IO_URING_OP;
@@ -212,10 +320,7 @@ TRACEPOINT_PROBE(cgroup, cgroup_attach_task)
         return 0;
     struct cgroup_escape_event *ev = events.ringbuf_reserve(sizeof(*ev));
     if (!ev) {
-        __u32 zero = 0;
-        __u64 *n = lost.lookup(&zero);
-        if (n)
-            *n += 1;
+        count_lost(DENIALS_LOST_RINGBUF);
         return 0;
     }
     ev->hdr.type = EV_CGROUP_ESCAPE;

@@ -41,9 +41,10 @@
  * longer allows right after the flip.
  *
  * Modes: 0 observe (allow, no report), 1 alert (allow and report), 2 enforce (deny with EPERM
- * and report). Every violation, denied or alerted, is one EV_EGRESS_VIOLATION in `events`;
- * a failed ring-buffer reservation is counted in `lost`. Names are learned in every mode, so a
- * mode change never opens a window of wrongly denied connects.
+ * and report). Every violation, denied or alerted, is one EV_EGRESS_VIOLATION in `events`,
+ * naming the process (pid, tid, comm) and the destination; a failed ring-buffer reservation is
+ * counted in `lost`. Names are learned in every mode, so a mode change never opens a window of
+ * wrongly denied connects.
  *
  * Nothing is special-cased: loopback, DNS (udp/53) and link-local traffic pass only when the
  * policy allows them. A protocol other than TCP or UDP (e.g. ICMP ping sockets) never matches.
@@ -308,7 +309,9 @@ static __always_inline int egress_check(struct bpf_sock_addr *ctx, int v6, __u8 
 	ev->hdr.size = sizeof(*ev);
 	ev->hdr.ktime = bpf_ktime_get_ns();
 	ev->cgroup_id = bpf_get_current_cgroup_id();
-	ev->pid = bpf_get_current_pid_tgid() >> 32;
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	ev->pid = pid_tgid >> 32;
+	ev->tid = (__u32)pid_tgid;
 	ev->family = family == EGRESS_FAMILY_V4 ? ENV_AF_INET : ENV_AF_INET6;
 	ev->protocol = proto;
 	__builtin_memcpy(&ev->addr[0], &a0, 4);
@@ -318,7 +321,7 @@ static __always_inline int egress_check(struct bpf_sock_addr *ctx, int v6, __u8 
 	ev->port = port;
 	ev->op = op;
 	ev->action = deny ? EGRESS_ACTION_DENIED : EGRESS_ACTION_ALERTED;
-	ev->pad = 0;
+	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
 	events.ringbuf_submit(ev, 0);
 	return deny ? 0 : 1;
 }

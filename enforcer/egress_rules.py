@@ -302,7 +302,11 @@ def exception_names(exceptions: Iterable) -> list[NameRule]:
 
 
 def effective_rules(policy: Policy, exceptions: Iterable = ()) -> list[EgressRule]:
-    return list(policy.egress) + exception_rules(exceptions)
+    """What the programs let through: the policy's rules, review items its review action lets
+    through (literal destinations, reported from the watch list), and active exceptions."""
+    admitted = policy.review_admitted()
+    review = list(admitted.egress) if admitted is not None else []
+    return list(policy.egress) + review + exception_rules(exceptions)
 
 
 def effective_names(policy: Policy, exceptions: Iterable = ()) -> list[NameRule]:

@@ -1,25 +1,31 @@
 """Elements: the units the confidence decision judges.
 
 An :class:`Element` is one literal behaviour or an envelope around several (a CIDR with a port
-set, ``/dir/*``, a companion group of syscalls, ...). It names the closure rule that made it, the
+set, ``/dir/*``, a group of syscalls that do one kind of thing, ...). It names the closure rule that made it, the
 behaviour keys it covers (``members``, whose evidence it sums) and the policy entries it admits
 if it passes (``entries``, e.g. ``syscall:openat``, ``egress:tcp:10.0.3.0/24:443``,
 ``exec:/usr/bin/*``, ``file:read:/etc/ssl/certs/*``). Entries admitted only by association (a
-companion syscall never seen) are listed in ``unobserved``.
+syscall of a group that was never seen itself) are listed in ``unobserved``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Mapping
 
 from sensor.profile import BehaviourStats
 from sensor.timestamps import iso_time
-from sensor.workload import BehaviourKeyError, substrate_of
+from sensor.workload import SUBSTRATES, BehaviourKeyError, substrate_of
 
 #: Confidence: an element needs at least this many occurrences over this many distinct sessions.
 DEFAULT_MIN_COUNT = 5
 DEFAULT_MIN_SESSIONS = 3
+#: Per substrate. A syscall is judged by the sessions it recurs in, not by its volume: programs
+#: make many calls exactly once per run (exit_group, set_tid_address, a reaper's wait4), and
+#: a call made once in most sessions is part of the baseline. One occurrence per session is
+#: what the session threshold already demands, so the count threshold for syscalls is 1.
+DEFAULT_MIN_COUNTS = MappingProxyType({s: (1 if s == "syscall" else DEFAULT_MIN_COUNT) for s in SUBSTRATES})
 #: Closure: more than this many distinct siblings in one directory widen to the directory.
 DEFAULT_MAX_SIBLINGS = 3
 

@@ -30,6 +30,7 @@ through :data:`enforcer.launcher.LAUNCHER`.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import os
 import stat
@@ -211,7 +212,9 @@ class Ruleset:
                 + "; ".join(g.message(support.abi) for g in gaps)
                 + "; fix: run on a kernel with Landlock ABI "
                 + f"{max(g.abi for g in gaps)} or later, or apply with the gaps listed (allow_gaps)", gaps)
-        effective = compiled.without(g.right for g in gaps) if gaps else compiled
+        # gaps (allowed), and rights granted everywhere that this kernel does not know
+        drop = [g.right for g in gaps] + sorted(r for r in compiled.unrestricted if r not in set(support.fs))
+        effective = compiled.without(drop) if drop else compiled
         if effective.empty:
             raise LandlockError(errno.EINVAL, f"Landlock ruleset for {compiled.workload} handles no right "
                                 "(nothing to restrict); fix: include the exec or file substrate")
@@ -321,8 +324,9 @@ def preexec(ruleset: Ruleset, then=None):
 def for_exec(policy, mode: str, *, allow_gaps: bool = False,
              support: LandlockSupport | None = None) -> Ruleset | None:
     """The ruleset ``envelope exec`` enforces in its child, built in the parent before ``fork``:
-    the policy's exec entries (with what each exec needs: its interpreter, the dynamic loader
-    and, when file reads are handled, its libraries) and its file entries.
+    the policy's exec entries and the exec review items its review action lets through (with
+    what each exec needs: its interpreter, the dynamic loader and, when file reads are handled,
+    its libraries) and its file entries.
 
     None outside enforce mode (Landlock has no log-only mode: alert mode keeps observing and
     reports what enforce would deny) and when the policy includes neither the exec nor the file
@@ -333,6 +337,9 @@ def for_exec(policy, mode: str, *, allow_gaps: bool = False,
     from .landlock_rules import compile_policy
     if mode != "enforce" or not {"exec", "file"} & set(policy.substrates):
         return None
+    admitted = policy.review_admitted() if hasattr(policy, "review_admitted") else None
+    if admitted is not None and admitted.execs:  # exec review items alerted: let through, reported
+        policy = dataclasses.replace(policy, execs=tuple(sorted(set(policy.execs) | set(admitted.execs))))
     needs = resolve(policy.execs) if "exec" in policy.substrates else {}
     compiled = compile_policy(policy, exec_needs=needs)
     return Ruleset.build(compiled, support, allow_gaps=allow_gaps)

@@ -240,6 +240,12 @@ class CompiledRuleset:
     substrates: tuple[str, ...] = ()
 
     @property
+    def unrestricted(self) -> frozenset[str]:
+        """Handled rights granted on the whole filesystem (``refer`` when files are not
+        enforced): a kernel that lacks them restricts nothing the policy asked for."""
+        return frozenset(x for r in self.rules if r.path == "/" and r.object == TREE_OBJECT for x in r.rights)
+
+    @property
     def abi(self) -> int:
         """The lowest Landlock ABI that can restrict every handled right."""
         return abi_of(self.handled_fs)
@@ -249,7 +255,7 @@ class CompiledRuleset:
         return not self.handled_fs
 
     def gaps(self, supported_fs: Iterable[str]) -> tuple[Gap, ...]:
-        have = set(supported_fs)
+        have = set(supported_fs) | self.unrestricted
         return tuple(Gap(r, BY_NAME[r].abi) for r in self.handled_fs if r not in have)
 
     def without(self, rights: Iterable[str]) -> "CompiledRuleset":
@@ -360,6 +366,16 @@ def compile_ruleset(workload: str, *, execs: Sequence[str] | None = (), files: S
     if files is not None:
         handled += FILE_HANDLED
         substrates.append("file")
+    elif execs is not None:
+        # From ABI 2 every ruleset denies linking or renaming into another directory (EXDEV)
+        # unless ``refer`` is handled and granted, even when the ruleset is about execs only:
+        # a program that writes a temporary file and renames it into place would break. With
+        # files not enforced, reparenting is not the policy's business: grant it everywhere.
+        handled.append("refer")
+        b.add("/", TREE_OBJECT, ("refer",), "landlock:refer-unrestricted")
+        b.note("landlock:refer-unrestricted", "exec",
+               "files are not enforced: links and renames across directories stay allowed "
+               "(Landlock denies them to any ruleset that does not grant refer)")
     reads = files is not None
     exec_rights = ("execute", "read_file") if reads else ("execute",)
     needs = dict(exec_needs or {})

@@ -11,9 +11,9 @@ Document layout (YAML or JSON; ``spec`` is also the body of the Kubernetes custo
       mode: observe | alert | enforce
       decisions:
         granularity: {substrates: [syscall, egress, exec]}
-        closure:     {mode: literal | structural | probabilistic, rules: {...}, companionGroups: [...]}
+        closure:     {mode: literal | structural | probabilistic, rules: {...}, syscallGroups: [...]}
         confidence:  {minCount: {substrate: N}, minSessions: {substrate: M}, sessionRule, lowConfidence,
-                      coverage: {...coverage-stop numbers...}}
+                      reviewActions: {substrate: deny | alert}, coverage: {...coverage-stop numbers...}}
         validity:    {fingerprint: {key: [values]}, triggers: [...], derivedAt, expiresAt}
       allow:
         syscalls: [name, ...]                                   # sorted
@@ -27,7 +27,7 @@ Document layout (YAML or JSON; ``spec`` is also the body of the Kubernetes custo
         capabilities: [NET_BIND_SERVICE, ...]                   # sorted (sensor.capabilities names)
       detection:  [{key, mean, std, k, sessions}, ...]          # probabilistic soft rules
       provenance: [{entry, substrate, rule, admitted, evidence, ...}, ...]
-      review:     [{key, substrate, rule, evidence, behaviours}, ...]
+      review:     [{key, substrate, rule, evidence, action, entries, ...}, ...]
       watch:      [behaviour key, ...]
 
 Entry identifiers (used by provenance, review, ``explain``, ``diff`` and ``--admit``) are
@@ -47,6 +47,19 @@ binds as ``Policy.iam_actions`` (derivation does; the CLI binds it for ``replay`
 An exec pattern ``/dir/*`` matches any file directly inside ``/dir`` (one path component, not
 recursive). A substrate that the policy does not include is not constrained by it.
 
+Review actions. What happens when a behaviour in review (below the confidence threshold)
+recurs is stated per substrate in ``decisions.confidence.reviewActions``:
+
+* ``deny``: the item stays outside the allowed set: the kernel denies it where the substrate is
+  enforced, and detection reports the recurrence (it is on the watch list);
+* ``alert``: the item's observed behaviours (its ``entries``, literal: no widening) are let
+  through by the enforcer and every recurrence is reported (watch list). Only substrates whose
+  enforcers can admit an entry take it (:data:`ALERTABLE`). A dangerous syscall
+  (:data:`enforcer.syscall_groups.DANGEROUS`) is denied whatever its substrate's action.
+
+A policy that does not state its review actions denies every review item (what policies before
+review actions meant). :data:`DEFAULT_REVIEW_ACTIONS` is what derivation chooses.
+
 Loading checks the whole schema; any problem is a :class:`PolicyError` whose one-line message
 names the field, e.g. ``spec.allow.egress[2].cidr: '10.0.0.0/33' is not a CIDR``. Dumping is
 deterministic: equal policies give byte-identical text.
@@ -63,6 +76,7 @@ import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from sensor.safeyaml import YamlError, dump_yaml, load_yaml
@@ -74,7 +88,7 @@ from sensor.workload import (
 
 from sensor import capabilities as capability_names
 
-from . import file_patterns, http_patterns, iamstatement
+from . import file_patterns, http_patterns, iamstatement, syscall_groups
 from . import ports as port_set
 from .iamstatement import IamStatement, IamStatementError
 from .mcp_envelope import EnvelopeError, McpAllow
@@ -88,6 +102,21 @@ CLOSURES = ("literal", "structural", "probabilistic")
 PROTOS = ("tcp", "udp")
 
 _SYSCALL_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+REVIEW_ACTIONS = ("deny", "alert")
+#: Substrates whose enforcers can let a review item's entries through (seccomp, egress rules,
+#: exec entries); the others only deny.
+ALERTABLE = ("syscall", "egress", "exec")
+#: Derivation's default. A syscall in review is nearly always a rare, ordinary code path (an error
+#: path, a reaper that ran once, a first-run cache): denying it fails the program in ways it does
+#: not expect (a denied poll spins, a denied wait4 leaves zombies), while what an attacker needs
+#: from the syscall surface is on the dangerous list, which stays denied. So syscall review items
+#: are let through and reported. A destination or a program seen once or twice is where an attack
+#: shows (exfiltration, a spawned shell); denying them fails as an ordinary, handled error
+#: (EPERM from connect or exec), and every denial is reported. So egress and exec review items
+#: are denied.
+DEFAULT_REVIEW_ACTIONS = MappingProxyType(
+    {s: ("alert" if s == "syscall" else "deny") for s in SUBSTRATES})
 _NAME_RE = re.compile(r"[^a-z0-9.-]+")
 _SPEC_FIELDS = ("workload", "mode", "decisions", "allow", "detection", "provenance", "review", "watch")
 _ALLOW_FIELDS = ("syscalls", "egress", "execs", "files", "names", "http", "mcp", "iam", "capabilities")
@@ -282,6 +311,7 @@ class Policy:
     validity: dict = field(default_factory=dict)
     low_confidence: bool = False
     name: str = ""  # metadata.name; derived from the workload when empty
+    review_actions: dict = field(default_factory=dict)  # substrate -> deny | alert (absent: deny)
     # The IAM action mapper (enforcer.iamactions.ActionMapper) that judging aws: behaviours needs;
     # bound by whoever judges, never serialised.
     iam_actions: Any = field(default=None, compare=False, repr=False)
@@ -335,6 +365,9 @@ class Policy:
         self.detection = tuple(self.detection)
         self.provenance = tuple(self.provenance)
         self.review = tuple(self.review)
+        self.review_actions = check_review_actions(self.review_actions, "spec.decisions.confidence.reviewActions")
+        self._admitted_for: tuple | None = None
+        self._admitted: "Policy | None" = None
         self._exec_exact = frozenset(e for e in self.execs if not e.endswith("/*"))
         self._exec_dirs = frozenset((e[:-2] or "/") for e in self.execs if e.endswith("/*"))
         self._syscall_set = frozenset(self.syscalls)
@@ -422,6 +455,48 @@ class Policy:
             return self._name_table.allows_connect(n.name, n.proto, n.port)
         return any(r.matches(net.proto, net.addr, net.port) for r in self.egress)
 
+    def review_action(self, substrate: str) -> str:
+        """What happens when a review item of ``substrate`` recurs: ``deny`` or ``alert``."""
+        return self.review_actions.get(substrate, "deny")
+
+    def _review_admitted(self) -> "Policy | None":
+        entries = sorted({e for item in self.review for e in review_entries(item)
+                          if self.review_action(item.get("substrate", "")) == "alert"})
+        if not entries:
+            return None
+        syscalls, egress, execs = [], [], []
+        for e in entries:
+            sub, value = parse_entry(e)
+            if sub == "syscall":
+                syscalls.append(value)
+            elif sub == "egress":
+                egress.append(value)
+            elif sub == "exec":
+                execs.append(value)
+        return Policy(workload=self.workload, substrates=self.substrates, syscalls=tuple(syscalls),
+                      egress=tuple(egress), execs=tuple(execs))
+
+    def review_admitted(self) -> "Policy | None":
+        """The review items that the enforcers let through (review action ``alert``), as the
+        allow section of a policy (literal entries, dangerous syscalls left out); None when none.
+        Computed when the review list or the actions change (derivation fills them in last)."""
+        sig = (id(self.review), len(self.review), tuple(sorted(self.review_actions.items())))
+        if sig != self._admitted_for:
+            self._admitted_for, self._admitted = sig, self._review_admitted()
+        return self._admitted
+
+    def admits(self, key: str) -> bool:
+        """Does enforcement let behaviour ``key`` through: allowed, or a review item whose
+        substrate's review action is ``alert`` (it is then reported from the watch list)?"""
+        if self.allows(key):
+            return True
+        a = self.review_admitted()
+        try:
+            sub = substrate_of(key)
+        except BehaviourKeyError:
+            return True
+        return a is not None and sub in a.substrates and sub in ALERTABLE and a.allows(key)
+
     def expires_at(self) -> _dt.datetime | None:
         v = self.validity.get("expiresAt")
         return parse_time(v, "spec.decisions.validity.expiresAt") if v else None
@@ -436,6 +511,7 @@ class Policy:
         clos["mode"] = self.closure
         conf = dict(decisions.get("confidence") or {})
         conf["lowConfidence"] = bool(self.low_confidence)
+        conf["reviewActions"] = {s: self.review_action(s) for s in self.substrates}
         decisions.update(granularity=gran, closure=clos, confidence=conf, validity=_plain(self.validity))
         return {
             "apiVersion": API_VERSION,
@@ -529,6 +605,8 @@ class Policy:
                     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                         raise PolicyError(f"spec.decisions.confidence.{fld}.{s}: {n!r} is not a "
                                           f"non-negative integer")
+        review_actions = check_review_actions(conf.get("reviewActions") or {},
+                                              "spec.decisions.confidence.reviewActions")
         low = conf.get("lowConfidence", False)
         if not isinstance(low, bool):
             raise PolicyError(f"spec.decisions.confidence.lowConfidence: {low!r} is not a boolean")
@@ -595,6 +673,14 @@ class Policy:
         for i, r in enumerate(review):
             _mapping(r, f"spec.review[{i}]")
             _str(r.get("key"), f"spec.review[{i}].key")
+            if r.get("action") is not None and r["action"] not in REVIEW_ACTIONS:
+                raise PolicyError(f"spec.review[{i}].action: {r['action']!r} is not one of "
+                                  f"{', '.join(REVIEW_ACTIONS)}")
+            for j, e in enumerate(_list(r.get("entries") or [], f"spec.review[{i}].entries")):
+                try:
+                    parse_entry(_str(e, f"spec.review[{i}].entries[{j}]"))
+                except PolicyError as err:
+                    raise PolicyError(f"spec.review[{i}].entries[{j}]: {err}") from None
         watch = _list(spec.get("watch") or [], "spec.watch")
         for i, k in enumerate(watch):
             _str(k, f"spec.watch[{i}]")
@@ -610,8 +696,39 @@ class Policy:
             watch=tuple(watch),
             detection=tuple(dict(r) for r in detection), decisions=_plain(dec),
             provenance=tuple(_plain(r) for r in provenance), review=tuple(_plain(r) for r in review),
-            validity=validity, low_confidence=low, name=name or "",
+            validity=validity, low_confidence=low, name=name or "", review_actions=review_actions,
         )
+
+
+def check_review_actions(actions: Any, path: str) -> dict:
+    """Validated review actions (substrate -> deny | alert); alert only where :data:`ALERTABLE`."""
+    _mapping(actions, path)
+    out = {}
+    for sub, action in actions.items():
+        if sub not in SUBSTRATES:
+            raise PolicyError(f"{path}.{sub}: unknown substrate (want one of {', '.join(SUBSTRATES)})")
+        if action not in REVIEW_ACTIONS:
+            raise PolicyError(f"{path}.{sub}: {action!r} is not one of {', '.join(REVIEW_ACTIONS)}")
+        if action == "alert" and sub not in ALERTABLE:
+            raise PolicyError(f"{path}.{sub}: alert is not supported for {sub} (its enforcer cannot "
+                              f"let a review item through; alert works for {', '.join(ALERTABLE)})")
+        out[sub] = action
+    return dict(sorted(out.items()))
+
+
+def review_entries(item: dict) -> list[str]:
+    """The literal entries a review item's behaviours are let through as, when its substrate's
+    review action is ``alert``: dangerous syscalls never (they are denied whatever the action)."""
+    if item.get("action") == "deny":
+        return []
+    out = []
+    for e in item.get("entries") or ():
+        if not isinstance(e, str):
+            continue
+        if e.startswith("syscall:") and syscall_groups.dangerous(e.split(":", 1)[1]):
+            continue
+        out.append(e)
+    return out
 
 
 def policy_name(workload: Workload) -> str:

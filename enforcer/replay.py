@@ -1,8 +1,10 @@
 """Replay: what would a policy have denied, judged against recorded evidence?
 
-Runs every behaviour in a profile through :meth:`Policy.allows` and reports the ones outside the
-allowed set with their evidence, before anything is enforced ("would this policy have broken us
-last week?"). Behaviours the policy watches are marked, since detection would alert on them.
+Runs every behaviour in a profile through :meth:`Policy.admits` and reports the ones enforcement
+would deny with their evidence, before anything is enforced ("would this policy have broken us
+last week?"); review items whose substrate's review action lets them through are listed apart
+(``alerted``: they run and are reported). Behaviours the policy watches are marked, since
+detection would alert on them.
 Keys a capped profile could not keep are reported as unknown: they happened, and nothing can say
 whether the policy allows them. Pure: the caller passes the profile and an optional ``since``.
 """
@@ -22,6 +24,7 @@ def replay(policy: Policy, profile: Profile, since: float | None = None) -> dict
     stats = profile.behaviours()
     watch = set(policy.watch)
     denied: list[dict] = []
+    alerted: list[str] = []
     considered = events = denied_events = 0
     per_sub: dict[str, dict[str, int]] = {}
     for key, s in stats.items():
@@ -37,6 +40,9 @@ def replay(policy: Policy, profile: Profile, since: float | None = None) -> dict
         row["behaviours"] += 1
         row["events"] += s.count
         if policy.allows(key):
+            continue
+        if policy.admits(key):
+            alerted.append(key)
             continue
         denied_events += s.count
         row["denied"] += 1
@@ -65,6 +71,7 @@ def replay(policy: Policy, profile: Profile, since: float | None = None) -> dict
         "events": events,
         "denied": denied,
         "deniedBehaviours": len(denied),
+        "alerted": sorted(alerted),
         "deniedEvents": denied_events,
         "bySubstrate": dict(sorted(per_sub.items())),
         "unknownOverflow": overflow,

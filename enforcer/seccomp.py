@@ -29,6 +29,28 @@ Deliberate additions, each reported with its rule name in :attr:`CompiledSeccomp
   ``clone`` only on ENOSYS; EPERM would make every thread creation fail for a workload recorded
   under an older libc. This is a compatibility answer, not a denial the detector reports.
 * ``exception:<id>``: a syscall allowed by an active exception (:mod:`enforcer.exceptions`).
+* ``baseline:process-end``: ``exit``, ``exit_group``, ``rt_sigreturn`` and ``restart_syscall``,
+  always. Denying them grants nothing and breaks in the worst way: a server stopped by a signal in
+  every recorded session never called ``exit_group``, and denying it when the process finally
+  exits on its own leaves its other threads running (glibc falls back to ``exit``, which ends
+  one thread).
+* ``review:alert``: a syscall in the policy's review list whose substrate's review action is
+  ``alert`` (:meth:`enforcer.policy.Policy.review_admitted`): it runs, and its recurrence is
+  reported from the watch list. Dangerous syscalls never get here.
+* ``egress-mediated``: when the policy constrains egress, the calls that name a destination
+  (``connect``, ``sendto``, ``sendmsg``, ``sendmmsg``) and, for a policy that never created a
+  socket, TCP and UDP sockets over IPv4 and IPv6 (``socket`` with its domain, type and protocol
+  checked, :data:`INET_SOCKETS`) are left to the egress programs: the cgroup ``connect4/6`` and ``sendmsg4/6`` hooks see the destination before the
+  socket carries a byte, deny it unless the policy allows it, and report it. Denying ``socket``
+  in seccomp instead would report an attempted connection as a bare ``socket`` denial, without
+  the destination it wanted. Sockets of other families (netlink, packet, unix) are not admitted.
+* ``runtime-completeness:envelope-exec``: for ``envelope exec``'s filter (target ``exec``),
+  ``execve``. With exec entries in the policy (allowed, or let through from review) the
+  command's programs exec under the filter, so ``execve`` is allowed. Without any, only the
+  launch's own ``execve`` is: the rule checks that its path argument is the address of the
+  launch's path buffer, a page mapped at a random address before the filter is built
+  (:mod:`enforcer.launch_path`); an ``execve`` from the confined program passes another pointer
+  and is denied.
 
 One deliberate restriction, :data:`SOCKET_RULE`: when the policy encodes egress and its
 capabilities do not include ``NET_RAW``, ``socket`` is allowed only with argument checks, for
@@ -80,10 +102,23 @@ SOCKET_ALLOWED = (
 )
 SOCKET_REASON = ("raw, packet, ICMP, SCTP and other sockets bypass the egress hooks; "
                  "allowed only when the policy's capabilities include NET_RAW")
+#: The TCP and UDP sockets of :data:`SOCKET_ALLOWED`: what a policy that never created a socket
+#: gets for the egress programs to judge (``egress-mediated``).
+INET_SOCKETS = tuple(e for e in SOCKET_ALLOWED if e[0] in (AF_INET, AF_INET6))
 COMPAT_RULE = "compat-fallback:enosys"
 #: ``envelope exec`` loads the filter in its child and then execs the command: execve runs
 #: under the filter even when the command itself never execs.
 EXEC_RULE = "runtime-completeness:envelope-exec"
+REVIEW_RULE = "review:alert"
+BASELINE_RULE = "baseline:process-end"
+#: Allowed in every constrained profile (see the module docstring).
+BASELINE = {"exit": "ends a thread", "exit_group": "ends the process (all its threads)",
+            "rt_sigreturn": "returns from a signal handler", "restart_syscall": "resumes a call a "
+            "signal interrupted"}
+EGRESS_MEDIATED_RULE = "egress-mediated"
+EGRESS_DESTINATION_CALLS = ("connect", "sendmmsg", "sendmsg", "sendto")
+EGRESS_MEDIATED_REASON = ("TCP and UDP sockets over IPv4 and IPv6: every destination is judged and "
+                          "reported by the egress programs")
 #: Where a compiled profile is loaded (see :func:`profile_for`).
 TARGETS = ("workload", "exec")
 
@@ -109,9 +144,27 @@ class SeccompCompileError(ValueError):
 
 
 @dataclass(frozen=True)
+class Conditional:
+    """One syscall allowed only when its arguments match: ``args`` are OCI argument conditions
+    (``{"index", "value", "valueTwo", "op"}``), all of which must hold."""
+
+    syscall: str
+    args: tuple[tuple[tuple[str, object], ...], ...]  # each condition as sorted (key, value) pairs
+    rule: str
+    reason: str
+
+    def oci_args(self) -> list[dict]:
+        return [dict(a) for a in self.args]
+
+
+def condition(index: int, op: str, value: int, value_two: int = 0) -> tuple[tuple[str, object], ...]:
+    return tuple(sorted({"index": index, "op": op, "value": value, "valueTwo": value_two}.items()))
+
+
+@dataclass(frozen=True)
 class ReportEntry:
     syscall: str
-    action: str  # allow | errno:<n>
+    action: str  # allow | allow-if | withheld | errno:<n>
     rule: str  # policy | runtime-completeness:runc | exception:<id> | compat-fallback:enosys
     reason: str = ""
 
@@ -142,7 +195,8 @@ class CompiledSeccomp:
                 "rules": [e.to_dict() for e in self.report]}
 
     def allowed(self) -> tuple[str, ...]:
-        return tuple(sorted(e.syscall for e in self.report if e.action == "allow"))
+        """Syscalls the profile allows, conditional ones (``allow-if``) included."""
+        return tuple(sorted({e.syscall for e in self.report if e.action in ("allow", "allow-if")}))
 
     def restricts_sockets(self) -> bool:
         """Whether ``socket`` is allowed only for :data:`SOCKET_ALLOWED`."""
@@ -166,11 +220,11 @@ def restricts_sockets(policy, mode: str) -> bool:
             and "NET_RAW" not in (getattr(policy, "capabilities", ()) or ()))
 
 
-def _socket_rules() -> list[dict]:
-    """OCI rules allowing ``socket`` for :data:`SOCKET_ALLOWED` only (one rule per allowed
-    combination: libseccomp ANDs the conditions of a rule and ORs rules)."""
+def _socket_rules(table=SOCKET_ALLOWED, rule: str = SOCKET_RULE) -> list[dict]:
+    """OCI rules allowing ``socket`` for ``table`` only (one rule per allowed combination:
+    libseccomp ANDs the conditions of a rule and ORs rules)."""
     rules = []
-    for af, t, protos in SOCKET_ALLOWED:
+    for af, t, protos in table:
         args = [{"index": 0, "value": af, "op": "SCMP_CMP_EQ"}]
         if t is not None:
             args.append({"index": 1, "value": SOCK_TYPE_MASK, "valueTwo": t,
@@ -180,7 +234,7 @@ def _socket_rules() -> list[dict]:
             if proto is not None:
                 cond.append({"index": 2, "value": proto, "op": "SCMP_CMP_EQ"})
             rules.append({"names": ["socket"], "action": "SCMP_ACT_ALLOW", "args": cond,
-                          "comment": SOCKET_RULE})
+                          "comment": rule})
     return rules
 
 
@@ -201,13 +255,18 @@ def _check_mode(mode: str) -> str:
 
 
 def compile_oci(policy, mode: str | None = None, *, runtime: str | None = None,
-                arch: str = "x86_64", extra_allow: Mapping[str, str] | None = None
-                ) -> CompiledSeccomp:
+                arch: str = "x86_64", extra_allow: Mapping[str, str] | None = None,
+                conditional: Iterable[Conditional] = (),
+                withhold: Mapping[str, tuple[str, str]] | None = None) -> CompiledSeccomp:
     """Compile ``policy`` to an OCI seccomp profile.
 
     ``mode`` defaults to the policy's mode. ``runtime`` names a container runtime whose
     completeness set is added (``None``: none). ``extra_allow`` maps syscall names to the rule
-    that admits them (``exception:<id>``), for exceptions applied at compile time.
+    that admits them (``exception:<id>``), for exceptions applied at compile time;
+    ``conditional`` adds syscalls allowed only with matching arguments (a name allowed outright
+    makes its conditions moot and they are left out). ``withhold`` maps syscall names to (rule,
+    reason) for names the policy lists but the target must not allow outright (they may still
+    come back as conditional rules); each is reported.
     """
     mode = _check_mode(mode or policy.mode)
     try:
@@ -227,12 +286,27 @@ def compile_oci(policy, mode: str | None = None, *, runtime: str | None = None,
     if not constrained:
         # A substrate the policy leaves out is not constrained by it: allow everything.
         mode = "observe"
-    own = policy_syscalls(policy)
+    held = dict(withhold or {})
+    extra_allow = dict(extra_allow or {})
+    conditional = list(conditional)
+    admitted = policy.review_admitted() if hasattr(policy, "review_admitted") else None
+    for name in (admitted.syscalls if admitted is not None else ()):
+        if name not in held:
+            extra_allow.setdefault(name, REVIEW_RULE)
+    for name in BASELINE:
+        extra_allow.setdefault(name, BASELINE_RULE)
+    egress = mode != "observe" and "egress" in getattr(policy, "substrates", ())
+    if egress:
+        for name in EGRESS_DESTINATION_CALLS:
+            extra_allow.setdefault(name, EGRESS_MEDIATED_RULE)
+    own = tuple(n for n in policy_syscalls(policy) if n not in held)
     own_set = set(own)
     report: list[ReportEntry] = [ReportEntry(n, "allow", _policy_rule(policy, n)) for n in own]
     extra_groups: list[tuple[str, list[str]]] = []
     added = set(own_set)
-    for name, rule in sorted((extra_allow or {}).items()):
+    for name, (rule, reason) in sorted(held.items()):
+        report.append(ReportEntry(name, "withheld", rule, reason))
+    for name, rule in sorted(extra_allow.items()):
         if not _SYSCALL_NAME.match(name):
             raise SeccompCompileError(f"exception: bad syscall name {name!r}")
         if name in added:
@@ -247,6 +321,9 @@ def compile_oci(policy, mode: str | None = None, *, runtime: str | None = None,
             added.add(name)
             report.append(ReportEntry(name, "allow", rset.rule, rset.syscalls[name]))
             _group(extra_groups, rset.rule).append(name)
+    conds = [c for c in conditional if c.syscall not in added]
+    for c in sorted({(c.syscall, c.rule, c.reason) for c in conds}):
+        report.append(ReportEntry(c[0], "allow-if", c[1], c[2]))
     compat: list[str] = []
     if mode == "enforce":
         for name, older in sorted(ENOSYS_FALLBACKS.items()):
@@ -262,6 +339,9 @@ def compile_oci(policy, mode: str | None = None, *, runtime: str | None = None,
         report.append(ReportEntry("socket", "allow", SOCKET_RULE, SOCKET_REASON))
         own = tuple(n for n in own if n != "socket")
         extra_groups = [(r, [n for n in names if n != "socket"]) for r, names in extra_groups]
+    mediated = egress and "socket" not in added
+    if mediated:
+        report.append(ReportEntry("socket", "allow-if", EGRESS_MEDIATED_RULE, EGRESS_MEDIATED_REASON))
 
     profile: dict = {"architectures": list(arches)}
     if mode == "observe":
@@ -282,6 +362,11 @@ def compile_oci(policy, mode: str | None = None, *, runtime: str | None = None,
                 rules.append({"names": sorted(names), "action": "SCMP_ACT_ALLOW", "comment": rule})
         if sockets:
             rules += _socket_rules()
+        if mediated:
+            rules += _socket_rules(INET_SOCKETS, EGRESS_MEDIATED_RULE)
+        for c in sorted(conds, key=lambda c: (c.syscall, c.args)):
+            rules.append({"names": [c.syscall], "action": "SCMP_ACT_ALLOW", "args": c.oci_args(),
+                          "comment": c.rule})
         if compat:
             rules.append({"names": compat, "action": "SCMP_ACT_ERRNO",
                           "errnoRet": COMPAT_ERRNO, "comment": COMPAT_RULE})
@@ -293,11 +378,12 @@ def compile_oci(policy, mode: str | None = None, *, runtime: str | None = None,
 
 def profile_for(policy, mode: str | None = None, *, target: str = "workload",
                 runtime: str | None = None, exceptions: Mapping[str, str] | None = None,
-                arch: str = "x86_64") -> CompiledSeccomp:
+                arch: str = "x86_64", launch_pointer: int = 0,
+                launched: Iterable[str] = ()) -> CompiledSeccomp:
     """The seccomp profile of ``policy`` for where it is loaded: the one builder that the kubelet
     profile, ``envelope exec``'s filter, ``envelope compile``, the SPO export and the denial
-    probe's allowed set all come from, so runtime completeness, exceptions and modes are
-    handled in one place.
+    probe's allowed set all come from, so runtime completeness, exceptions, review items let
+    through, egress mediation and modes are handled in one place.
 
     ``target``:
 
@@ -306,7 +392,11 @@ def profile_for(policy, mode: str | None = None, *, target: str = "workload",
       workload's runtime (:func:`enforcer.runtime.default_runtime`; ``runtime`` overrides it,
       ``"none"`` for none);
     * ``"exec"``: what ``envelope exec`` loads in its child just before ``execve``: no runtime
-      set; ``execve`` is allowed (rule :data:`EXEC_RULE`) because it runs under the filter.
+      set; ``execve`` allowed when the policy has exec entries other than the command being
+      launched (``launched``: its path as given and as resolved; a recorded session's first exec
+      is the launch itself), otherwise only the launch's own (its path argument must be
+      ``launch_pointer``, see :mod:`enforcer.launch_path`; the default 0 admits no real
+      ``execve``), rule :data:`EXEC_RULE` either way.
 
     ``exceptions`` maps syscall names to the rule of the exception that admits them
     (:func:`enforcer.exceptions.syscall_allowances`).
@@ -314,17 +404,52 @@ def profile_for(policy, mode: str | None = None, *, target: str = "workload",
     if target not in TARGETS:
         raise SeccompCompileError(f"unknown seccomp target {target!r} (one of {', '.join(TARGETS)})")
     extra = dict(exceptions or {})
+    conditional: list[Conditional] = []
+    withhold: dict[str, tuple[str, str]] = {}
     if target == "exec":
         rt = None
-        if "execve" not in policy.syscalls:
+        if needs_exec(policy, launched):
             extra.setdefault("execve", EXEC_RULE)
+        else:
+            # No program may be exec'd: whatever the syscall list says (an execve that passed its
+            # threshold while every exec'd path stayed in review, one let through from review),
+            # execve and execveat are the exec substrate's, and it allows none.
+            why = "the policy allows no program to be exec'd (no exec entries)"
+            withhold = {"execve": (EXEC_RULE, why), "execveat": (EXEC_RULE, why)}
+            conditional.append(Conditional(
+                "execve", (condition(0, "SCMP_CMP_EQ", int(launch_pointer)),), EXEC_RULE,
+                "the launch's own execve only: the policy has no exec entries"))
     elif runtime == "none":
         rt = None
     elif runtime is not None:
         rt = runtime
     else:
         rt = default_runtime(policy.workload.kind, policy.workload.namespace)
-    return compile_oci(policy, mode, runtime=rt, arch=arch, extra_allow=extra)
+    return compile_oci(policy, mode, runtime=rt, arch=arch, extra_allow=extra, conditional=conditional,
+                       withhold=withhold)
+
+
+def needs_exec(policy, launched: Iterable[str] = ()) -> bool:
+    """Does the command's own code exec under the filter: the policy leaves exec unconstrained,
+    or has exec entries (allowed, or let through from review) other than the command being
+    launched? The launch's own entry (a path in ``launched``) counts only when its evidence
+    shows the program exec'ing itself again (more execs than sessions: git re-running itself,
+    a runtime re-exec'ing its interpreter); every recorded session exec'd it once, at the start.
+    A ``/dir/*`` pattern, and an entry without evidence, always count."""
+    if "exec" not in getattr(policy, "substrates", ("exec",)):
+        return True
+    admitted = policy.review_admitted() if hasattr(policy, "review_admitted") else None
+    entries = list(policy.execs) + (list(admitted.execs) if admitted is not None else [])
+    own = set(launched)
+    evidence = {p.get("entry"): p.get("evidence") or {} for p in getattr(policy, "provenance", ()) or ()
+                if isinstance(p, Mapping)}
+    for e in entries:
+        if e.endswith("/*") or e not in own:
+            return True
+        ev = evidence.get(f"exec:{e}")
+        if not ev or ev.get("count", 0) > ev.get("sessions", 0):
+            return True
+    return False
 
 
 def _group(groups: list[tuple[str, list[str]]], rule: str) -> list[str]:
@@ -369,6 +494,8 @@ def compile_spo(policy, mode: str | None = None, *, runtime: str | None = None,
     rules = []
     for r in oci["syscalls"]:
         rule = {"action": r["action"], "names": list(r["names"])}
+        if r.get("args"):
+            rule["args"] = [dict(a) for a in r["args"]]
         if "errnoRet" in r:
             rule["errnoRet"] = int(r["errnoRet"])
         if r.get("args"):

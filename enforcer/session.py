@@ -60,6 +60,12 @@ from .state import locked
 
 log = structlog.get_logger(__name__)
 
+#: How often the kernel's seccomp denial totals are read, and how long an idle key is kept.
+COUNTS_INTERVAL = 0.1
+DENIAL_IDLE = 30.0
+#: First sightings kept for naming the denials the kernel counts (the counts map holds as many).
+DENIAL_CONTEXTS = 16384
+
 
 class ApplyError(Exception):
     """An apply that was rolled back; the message says which step and which cgroup failed."""
@@ -225,6 +231,13 @@ class EnforcementSession:
         self.decode_errors = 0
         self.verify_interval = verify_interval  # seconds between integrity checks of pinned state
         self._next_verify = 0.0
+        #: cgroup id -> session id, for naming the session of each violation (set by the caller)
+        self.session_of: Callable[[int], str | None] | None = None
+        # seccomp denials counted in the kernel: key -> the first sighting's violation, the
+        # total read so far, and when it last moved
+        self._denial_context: dict[bytes, object] = {}
+        self._denial_seen: dict[bytes, tuple[int, float]] = {}
+        self._next_counts = 0.0
         self.http = http  # enforcer.http_enforce.HttpEnforcement, or None
 
     # -- helpers --
@@ -656,6 +669,8 @@ class EnforcementSession:
             del self._denial_cgroups[cid]
             self._denial_allowed.pop(cid, None)
             self._denial_paths.pop(cid, None)
+        # drain what these cgroups still have counted before their keys are dropped
+        self._pending += self._denial_deltas(force=True)
         for cid in [c for c, k in self._file_cgroups.items() if k == key]:
             if self._file_probe is not None:
                 self._file_probe.unwatch(cid)
@@ -731,7 +746,8 @@ class EnforcementSession:
         return None
 
     def _on_record(self, raw: bytes, workload_of) -> None:
-        from sensor.events import CgroupEscapeEvent, DecodeError, decode
+        from sensor.events import CgroupEscapeEvent, DecodeError, SeccompDenialEvent, decode
+        from .denials import denial_key
         from .violations import from_event
         ev = decode(raw)
         if isinstance(ev, DecodeError):
@@ -742,9 +758,62 @@ class EnforcementSession:
             self._on_escape(ev)
             return
         v = from_event(ev, workload_of, self.clock(),
-                       lambda cid: self._denial_allowed.get(cid, frozenset()))
+                       lambda cid: self._denial_allowed.get(cid, frozenset()), self.session_of)
+        if v is not None and isinstance(ev, SeccompDenialEvent) and ev.counted:
+            # its count comes from the kernel's totals (_denial_deltas); this names them
+            key = denial_key(ev.cgroup_id, ev.pid, ev.nr, ev.context, ev.ret < 0)
+            if len(self._denial_context) < DENIAL_CONTEXTS:
+                self._denial_context[key] = v
+            return
         if v is not None:
             self._pending.append(v)
+
+    def _denial_deltas(self, force: bool = False) -> list:
+        """Seccomp denials counted in the kernel since the last read, as violations (at most
+        every :data:`COUNTS_INTERVAL` seconds unless forced). Keys idle for
+        :data:`DENIAL_IDLE` seconds are dropped from the map (a later call re-announces them)."""
+        if self._probe is None:
+            return []
+        now = time.monotonic()
+        if not force and now < self._next_counts:
+            return []
+        self._next_counts = now + COUNTS_INTERVAL
+        from .denials import DenialProbeError, parse_denial_key
+        from .violations import Violation
+        try:
+            totals = self._probe.counts()
+        except DenialProbeError as e:
+            log.error("seccomp denial counts unreadable", error=str(e))
+            return []
+        out = []
+        wall = self.clock()
+        for key, total in totals:
+            seen, moved = self._denial_seen.get(key, (0, now))
+            if total > seen:
+                first = self._denial_context.get(key)
+                if first is None and not force and now - moved < COUNTS_INTERVAL * 2:
+                    self._denial_seen.setdefault(key, (0, now))  # its first sighting is on the way
+                    continue
+                if first is None:
+                    k = parse_denial_key(key)
+                    workload = self._denial_cgroups.get(k["cgroup_id"], "unknown")
+                    session = self.session_of(k["cgroup_id"]) if self.session_of else None
+                    detail = {"pid": k["pid"], **({"session": session} if session else {}),
+                              "cgroup_id": k["cgroup_id"], "nr": k["nr"]}
+                    from sensor import syscalls
+                    first = Violation(wall, workload, "syscall", f"syscall:{syscalls.name(k['nr'])}",
+                                      "denied" if k["denied"] else "alerted", detail)
+                out.append(Violation(wall, first.workload, first.substrate, first.behaviour,
+                                     first.action, first.detail, total - seen))
+                self._denial_seen[key] = (total, now)
+            elif now - moved > DENIAL_IDLE or parse_denial_key(key)["cgroup_id"] not in self._denial_cgroups:
+                try:
+                    self._probe.forget(key)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+                self._denial_seen.pop(key, None)
+                self._denial_context.pop(key, None)
+        return out
 
     def _on_escape(self, ev) -> None:
         """A thread of an enforced cgroup moved a task to another cgroup. Into one of the same
@@ -792,14 +861,18 @@ class EnforcementSession:
         self._pending.append(Violation(self.clock(), key, "integrity", "cgroup:migration",
                                        "denied" if moved or killed else "alerted", detail))
 
-    def poll_violations(self, timeout_ms: int = 0, limit: int | None = None) -> list:
+    def poll_violations(self, timeout_ms: int = 0, limit: int | None = None, final: bool = False) -> list:
         """Violations that reached userspace since the last call, waiting up to ``timeout_ms``
-        for the first; at most ``limit`` kernel records are read per call."""
+        for the first; at most ``limit`` kernel records are read per call. Seccomp denials are
+        counted in the kernel and come out as deltas of their totals; ``final`` reads them all
+        now (the workload is done)."""
         reader = self._ensure_reader()
         from .violations import fold
         reader.poll(timeout_ms, limit)
+        if final:
+            reader.drain()
         out, self._pending = self._pending, []
-        return fold(out)
+        return fold(out + self._denial_deltas(force=final))
 
     def lost(self) -> dict[str, int]:
         """Violation events dropped in the kernel (ring buffer full), per workload."""

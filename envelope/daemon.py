@@ -225,6 +225,7 @@ class Daemon:
         return NodeEnforcement(self.config, session, self.metrics)
 
     def start(self) -> None:
+        from sensor.cgroup import reap_command_orphans
         from sensor.state_dir import StateDir, UntrustedFileError, private_dirs
 
         from .errors import UserError
@@ -235,6 +236,7 @@ class Daemon:
             StateDir(cfg.state_dir).secure()
         except (UntrustedFileError, OSError) as e:
             raise UserError(f"state directory {cfg.state_dir}: {e}") from None
+        reap_command_orphans()  # commands a killed exec or record left running
         self.metrics = self._metrics()
         self.sensor = wiring.open_sensor(cfg)
         agg = wiring.aggregator(cfg, wiring.profile_store(cfg, self.metrics))

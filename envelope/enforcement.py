@@ -59,6 +59,8 @@ class NodeEnforcement:
     def start(self, observer) -> None:
         self.observer = observer
         observer.agg.listeners.append(self._observed)
+        bindings = observer.agg.bindings
+        self.session.session_of = lambda cid: (b.session if (b := bindings.get(cid)) else None)
         adopted = self.session.adopt_pinned()
         if adopted:
             log.info("adopted pinned enforcement", workloads=adopted)

@@ -6,7 +6,7 @@ times use the one grammar of :mod:`sensor.timestamps`.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from sensor.timestamps import TimeFormatError, parse_duration, parse_since
 from sensor.workload import SUBSTRATES
@@ -14,9 +14,10 @@ from sensor.workload import SUBSTRATES
 from .errors import UserError
 
 
-def thresholds(values: Iterable[str] | None, default: int, what: str) -> dict[str, int]:
-    """``["5"]`` sets every substrate; ``["egress=2"]`` one. Later values win."""
-    out = {s: default for s in SUBSTRATES}
+def thresholds(values: Iterable[str] | None, default: int | Mapping[str, int], what: str) -> dict[str, int]:
+    """``["5"]`` sets every substrate; ``["egress=2"]`` one. Later values win. ``default`` is one
+    value for every substrate or a value per substrate."""
+    out = {s: (default[s] if isinstance(default, Mapping) else default) for s in SUBSTRATES}
     for raw in values or ():
         for part in str(raw).split(","):
             part = part.strip()
@@ -35,6 +36,26 @@ def thresholds(values: Iterable[str] | None, default: int, what: str) -> dict[st
                 out[sub] = n
             else:
                 out = {s: n for s in SUBSTRATES}
+    return out
+
+
+def choices(values: Iterable[str] | None, allowed: Iterable[str], what: str) -> dict[str, str]:
+    """``["syscall=alert", "egress=deny"]`` as {substrate: choice}; each value one of ``allowed``."""
+    allowed = tuple(allowed)
+    out: dict[str, str] = {}
+    for raw in values or ():
+        for part in str(raw).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            sub, eq, v = part.partition("=")
+            if not eq:
+                raise UserError(f"{what}: {part!r} is not SUBSTRATE=VALUE")
+            if sub not in SUBSTRATES:
+                raise UserError(f"{what}: unknown substrate {sub!r} (want one of {', '.join(SUBSTRATES)})")
+            if v not in allowed:
+                raise UserError(f"{what}: {v!r} for {sub} is not one of {', '.join(allowed)}")
+            out[sub] = v
     return out
 
 

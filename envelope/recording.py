@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 import structlog
 
-from sensor.cgroup import CgroupFS, reap_orphans
+from sensor.cgroup import CgroupFS, OrphanGuard, reap_command_orphans
 from sensor.pump import Pump, TreeBinding
 from sensor.workload import Workload
 
@@ -105,15 +105,23 @@ def record(config: Config, workload: Workload, argv: Sequence[str], session: str
         raise UserError("record: no command given (usage: envelope record --workload NAME -- CMD ...)")
     say = progress or (lambda msg: None)
     session = session or f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    cgfs = CgroupFS()
+    for orphan in reap_command_orphans(cgfs):
+        say(f"killed what a recorder or exec that died left running in {orphan}")
+    rel = f"{PREFIX}/{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    cg_path, cg_id = cgfs.make(rel)
+    # kills the whole cgroup the moment this process dies (the death signal reaches only the
+    # command itself); forked before the probes exist, so it holds none of them
+    guard = OrphanGuard(cgfs, rel)
     own_sensor = sensor is None
     if own_sensor:
         say("attaching probes (compiling BPF, a few seconds)")
-        sensor = wiring.open_sensor(config, tracked_only=True)
-    cgfs = CgroupFS()
-    for orphan in reap_orphans(PREFIX, cgfs):
-        say(f"killed what a recorder that died left running in {orphan}")
-    rel = f"{PREFIX}/{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    cg_path, cg_id = cgfs.make(rel)
+        try:
+            sensor = wiring.open_sensor(config, tracked_only=True)
+        except BaseException:
+            cgfs.remove(rel)
+            guard.release()
+            raise
     agg = wiring.aggregator(config, wiring.profile_store(config))
     for sid in close_orphaned_sessions(agg, workload):
         say(f"closed session {sid} of {workload.key}: its recorder died")
@@ -165,6 +173,7 @@ def record(config: Config, workload: Workload, argv: Sequence[str], session: str
         pump.release()
         if own_sensor:
             sensor.close()
+        guard.release()
 
 
 def progress_printer(enabled: bool = True) -> Callable[[str], None]:

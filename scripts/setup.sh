@@ -25,6 +25,9 @@ APT_PACKAGES=(
   jq    # landlockconfig's formatting check in tests
   git   # mcp-server-git (the demo agent's MCP tools, the gateway tests) runs git
   chromium  # renders envelope report pages in tests (headless)
+  # real programs the privileged suite records and confines (tests/privileged/real_programs.py);
+  # git is above, sqlite3 and busybox (busybox-static) and python3-pip too
+  nginx-light redis-server sqlite3
   dnsmasq-base dnsutils  # a real DNS server (the binary, no system service) and dig for the name (dns) substrate's tests
 )
 

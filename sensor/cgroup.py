@@ -428,6 +428,73 @@ def reap_orphans(prefix: str, cgfs: CgroupFS | None = None, grace: float = ORPHA
     return reaped
 
 
+#: Where ``envelope exec`` and ``envelope record`` make their commands' cgroups.
+COMMAND_PARENTS = ("/envelope", "/envelope.record")
+
+
+def reap_command_orphans(cgfs: CgroupFS | None = None) -> list[str]:
+    """:func:`reap_orphans` for every command parent (what exec, record and the daemon do when
+    they start)."""
+    cgfs = cgfs or CgroupFS()
+    out: list[str] = []
+    for parent in COMMAND_PARENTS:
+        out += reap_orphans(parent, cgfs)
+    return out
+
+
+class OrphanGuard:
+    """Kills cgroup ``rel`` (``cgroup.kill``) and removes it if its owner dies before
+    :meth:`release`: a forked process that waits on a pipe only the owner holds. An owner
+    killed with SIGKILL closes the pipe without writing, and the guard ends what it left behind
+    at once; :meth:`CgroupFS.reap_orphans` at the next start is the fallback when the guard
+    was killed too. Fork it before the owner holds anything the guard should not inherit."""
+
+    def __init__(self, cgfs: "CgroupFS", rel: str):
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:  # the guard: no Python-level cleanup may run here
+            try:
+                os.close(wfd)
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+                    signal.signal(sig, signal.SIG_IGN)
+                os.setsid()  # out of the owner's process group and terminal
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):  # hold none of the owner's pipes open
+                    os.dup2(null, fd)
+                os.closerange(3, rfd)
+                os.closerange(rfd + 1, 1 << 16)
+                while True:
+                    try:
+                        said = os.read(rfd, 1)
+                        break
+                    except InterruptedError:
+                        continue
+                if not said:  # the owner is gone without a word
+                    try:
+                        CgroupFS(cgfs.root).remove(rel)  # a view that owns nothing of the owner's
+                    except Exception:  # noqa: BLE001 - the next start reaps it
+                        pass
+            finally:
+                os._exit(0)
+        os.close(rfd)
+        self.pid = pid
+        self._wfd: int | None = wfd
+
+    def release(self) -> None:
+        """The owner cleaned up itself: the guard exits without acting."""
+        if self._wfd is None:
+            return
+        try:
+            os.write(self._wfd, b"x")
+        finally:
+            os.close(self._wfd)
+            self._wfd = None
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+
 def _rmdir(p: Path) -> None:
     try:
         os.rmdir(p)

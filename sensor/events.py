@@ -77,6 +77,7 @@ LOSS_SLOTS = 32
 
 ENV_AF_INET = 2
 ENV_AF_INET6 = 10
+ENV_COMM_LEN = 16
 
 EXEC_FILENAME_LEN = 256
 EXEC_ARGV_LEN = 256
@@ -94,6 +95,8 @@ EGRESS_OP_CONNECT = 0
 EGRESS_OP_SENDMSG = 1
 EGRESS_ACTION_ALERTED = 0
 EGRESS_ACTION_DENIED = 1
+SECCOMP_DENIAL_F_COUNTED = 0x1
+SECCOMP_DENIAL_F_DESTINATION = 0x2
 DNS_MESSAGE_CAPTURE = 1024
 DNS_DIR_QUERY = 0
 DNS_DIR_ANSWER = 1
@@ -299,37 +302,48 @@ class EgressViolationRecord(Mirror):
         __u16 port;           /* 48 host order */
         __u8 op;              /* 50 EGRESS_OP_* */
         __u8 action;          /* 51 EGRESS_ACTION_* */
-        __u32 pad;            /* 52 */
+        __u32 tid;            /* 52 */
+        char comm[ENV_COMM_LEN]; /* 56 the thread's name */
     };
     """
 
     c_name = "egress_violation_event"
     type = EV_EGRESS_VIOLATION
-    version = 1
+    version = 2
     fields = _HDR + (
         ("cgroup_id", "Q"), ("pid", "I"), ("family", "H"), ("protocol", "H"), ("addr", "16s"),
-        ("port", "H"), ("op", "B"), ("action", "B"), ("pad", "I"),
+        ("port", "H"), ("op", "B"), ("action", "B"), ("tid", "I"), ("comm", f"{ENV_COMM_LEN}s"),
     )
 
 
 class SeccompDenialRecord(Mirror):
-    """EV_SECCOMP_DENIAL, emitted from raw sys_exit by the seccomp observation program.
+    """EV_SECCOMP_DENIAL, from the seccomp denial programs: the first call of a key (later calls
+    are counted in the kernel's ``counts`` map).
 
     struct seccomp_denial_event {
         struct event_hdr hdr; /*  0 */
         __u64 cgroup_id;      /* 16 */
         __u32 pid;            /* 24 */
         __u32 nr;             /* 28 */
-        __s64 ret;            /* 32 */
+        __s64 ret;            /* 32 -errno for a denial, 0 for an alert */
         __u64 args[3];        /* 40 the call's first three arguments */
+        __u32 tid;            /* 64 */
+        __u32 flags;          /* 68 SECCOMP_DENIAL_F_* */
+        char comm[ENV_COMM_LEN]; /* 72 the thread's name */
+        __u16 family;         /* 88 AF_* of the destination */
+        __u16 port;           /* 90 host order */
+        __u32 context;        /* 92 the counts key's context */
+        __u8 addr[16];        /* 96 network order */
     };
     """
 
     c_name = "seccomp_denial_event"
     type = EV_SECCOMP_DENIAL
-    version = 2
+    version = 3
     fields = _HDR + (("cgroup_id", "Q"), ("pid", "I"), ("nr", "I"), ("ret", "q"),
-                     ("args0", "Q"), ("args1", "Q"), ("args2", "Q"))
+                     ("args0", "Q"), ("args1", "Q"), ("args2", "Q"), ("tid", "I"), ("flags", "I"),
+                     ("comm", f"{ENV_COMM_LEN}s"), ("family", "H"), ("port", "H"), ("context", "I"),
+                     ("addr", "16s"))
 
 
 class IoUringOpRecord(Mirror):
@@ -798,6 +812,8 @@ class EgressViolationEvent(_Event):
     addr: str
     port: int
     action: str  # alerted | denied
+    tid: int = 0
+    comm: str = ""
     type_name: ClassVar[str] = "egress_violation"
 
     def behaviour_key(self) -> str | None:
@@ -815,6 +831,12 @@ class SeccompDenialEvent(_Event):
     name: str
     ret: int
     args: list[int] = field(default_factory=lambda: [0, 0, 0])  # the call's first three arguments
+    tid: int = 0
+    comm: str = ""
+    counted: bool = False  # the kernel counts this key from this call on
+    context: int = 0
+    destination: str | None = None  # "10.0.0.1:4444" / "[::1]:53": what a network call named
+    family: int | None = None  # 4 | 6 with a destination
     type_name: ClassVar[str] = "seccomp_denial"
 
     def behaviour_key(self) -> str | None:
@@ -1084,13 +1106,23 @@ def _egress(r: dict) -> Event | DecodeError:
         op="connect" if r["op"] == EGRESS_OP_CONNECT else "send", proto=_proto(r["protocol"]),
         family=_family(r["family"]), addr=addr, port=r["port"],
         action="denied" if r["action"] == EGRESS_ACTION_DENIED else "alerted",
+        tid=r["tid"], comm=_cstr(r["comm"]),
     )
 
 
 def _seccomp(r: dict) -> Event:
+    flags = r["flags"]
+    destination = family = None
+    if flags & SECCOMP_DENIAL_F_DESTINATION:
+        addr = _addr(r["family"], r["addr"])
+        if addr is not None:
+            family = _family(r["family"])
+            destination = f"[{addr}]:{r['port']}" if family == 6 else f"{addr}:{r['port']}"
     return SeccompDenialEvent(ktime=r["ktime"], cgroup_id=r["cgroup_id"], pid=r["pid"],
                               nr=r["nr"], name=syscalls.name(r["nr"]), ret=r["ret"],
-                              args=[r["args0"], r["args1"], r["args2"]])
+                              args=[r["args0"], r["args1"], r["args2"]], tid=r["tid"],
+                              comm=_cstr(r["comm"]), counted=bool(flags & SECCOMP_DENIAL_F_COUNTED),
+                              context=r["context"], destination=destination, family=family)
 
 
 def _io_uring_op(r: dict) -> Event:

@@ -39,6 +39,11 @@ DENIALS_MODE_ALERT = 1
 DENIALS_MODE_ENFORCE = 2
 DENIALS_MODE_WATCH = 0
 DENIAL_F_SOCKETS = 0x1
+DENIAL_KIND_DENIED = 1
+DENIAL_KIND_ALERTED = 2
+DENIALS_LOST_RINGBUF = 0
+DENIALS_LOST_COUNTS_FULL = 1
+DENIALS_LOST_SLOTS = 2
 CAPS_F_REFUSED = 1  # bpf/capabilities.h
 CAPS_F_AFTER_EXEC = 2
 CAPS_STAT_MAP_FULL = 0
@@ -487,6 +492,36 @@ class DenialThread(Mirror):
     fields = (("nr", "I"), ("pad", "I"), ("cgroup_id", "Q"))
 
 
+class DenialKey(Mirror):
+    """Key of the denial probe's ``counts`` hash.
+
+    struct denial_key {
+        __u64 cgroup_id; /*  0 */
+        __u32 pid;       /*  8 thread group */
+        __u32 nr;        /* 12 syscall number */
+        __u32 context;   /* 16 hash of the destination a network call named, else 0 */
+        __u32 kind;      /* 20 DENIAL_KIND_* */
+    };
+    """
+
+    c_name = "denial_key"
+    fields = (("cgroup_id", "Q"), ("pid", "I"), ("nr", "I"), ("context", "I"), ("kind", "I"))
+
+
+class DenialCount(Mirror):
+    """Value of ``counts``.
+
+    struct denial_count {
+        __u64 count;      /* 0 */
+        __u64 last_ktime; /* 8 */
+    };
+    """
+
+    c_name = "denial_count"
+    fields = (("count", "Q"), ("last_ktime", "Q"))
+
+
+
 # ---- bpf/capabilities.h ------------------------------------------------------------------------
 
 
@@ -712,7 +747,7 @@ MAP_MIRRORS = {
                  BehaviourSlot, SlotLoss),
     "egress.h": (EgressKey4, EgressKey6, EgressPorts, EgressRule, EgressPortKey, EgressNameKey,
                  EgressNameRule, EgressLearnedKey, EgressLearned, EgressMeta, EgressCgroup),
-    "denials.h": (DenialCgroup, DenialThread),
+    "denials.h": (DenialCgroup, DenialThread, DenialKey, DenialCount),
     "capabilities.h": (CapKey, CapCount),
     "http.h": (HttpCgroup, HttpSockKey, HttpSock, HttpConnKey, HttpConn, HttpSslCall, HttpCtab, HttpEdgeKey),
     "files.h": (FileKey, FileCount, FileCgroup, FileWatch),

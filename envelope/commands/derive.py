@@ -21,12 +21,12 @@ from pathlib import Path
 
 from enforcer.derive import (
     DEFAULT_COVERAGE_HOURS, DEFAULT_COVERAGE_THRESHOLD, DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX, DEFAULT_K,
-    DEFAULT_FILE_TREE_DEPTH, DEFAULT_MAX_PORTS, DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNT, DEFAULT_MIN_SESSIONS,
+    DEFAULT_FILE_TREE_DEPTH, DEFAULT_MAX_PORTS, DEFAULT_MAX_SIBLINGS, DEFAULT_MIN_COUNTS, DEFAULT_MIN_SESSIONS,
     CoverageNotReached,
     DeriveError, DeriveOptions, derive,
 )
 from enforcer.mcp_closure import DEFAULT_MAX_VALUES
-from enforcer.policy import PolicyError, dump_policy, load_policy
+from enforcer.policy import DEFAULT_REVIEW_ACTIONS, REVIEW_ACTIONS, PolicyError, dump_policy, load_policy
 from enforcer.name_closure import DEFAULT_MAX_NAME_LABELS, DEFAULT_MAX_NAME_SIBLINGS
 from sensor.profile import Profile
 from sensor.store import ProfileStore, ProfileStoreError, decode_profile
@@ -47,9 +47,16 @@ def register(sub) -> None:
     p.add_argument("--substrates", default=",".join(DEFAULT_SUBSTRATES),
                    help="comma-separated substrates to encode (default syscall,egress,exec,capability)")
     p.add_argument("--min-count", action="append", metavar="N|SUBSTRATE=N",
-                   help=f"occurrences needed (default {DEFAULT_MIN_COUNT}); repeat for per-substrate values")
+                   help=f"occurrences needed (default {DEFAULT_MIN_COUNTS['egress']}, syscall "
+                        f"{DEFAULT_MIN_COUNTS['syscall']}: syscalls are judged by the sessions they "
+                        f"recur in); repeat for per-substrate values")
     p.add_argument("--min-sessions", action="append", metavar="M|SUBSTRATE=M",
                    help=f"distinct sessions needed (default {DEFAULT_MIN_SESSIONS}); per substrate as above")
+    p.add_argument("--review-action", action="append", metavar="SUBSTRATE=deny|alert",
+                   help="what happens when a review item recurs: deny it, or let it through and "
+                        "report it (default " + ", ".join(f"{k}={v}" for k, v in DEFAULT_REVIEW_ACTIONS.items()
+                                                          if k in DEFAULT_SUBSTRATES)
+                        + "; dangerous syscalls are always denied)")
     p.add_argument("--session-rule", default="union", choices=["union", "max", "sum"],
                    help="distinct sessions of an envelope element: union of its behaviours' sessions "
                         "(default; exact up to the profile's sample cap), max (lower bound) or sum (upper bound)")
@@ -159,7 +166,7 @@ def options_from_args(args) -> DeriveOptions:
         opts = DeriveOptions(
             closure=args.closure,
             substrates=subs,
-            min_count=options.thresholds(args.min_count, DEFAULT_MIN_COUNT, "--min-count"),
+            min_count=options.thresholds(args.min_count, DEFAULT_MIN_COUNTS, "--min-count"),
             min_sessions=options.thresholds(args.min_sessions, DEFAULT_MIN_SESSIONS, "--min-sessions"),
             ipv4_prefix=args.ipv4_prefix,
             ipv6_prefix=args.ipv6_prefix,
@@ -178,6 +185,8 @@ def options_from_args(args) -> DeriveOptions:
             expires_in=options.duration(args.expires_in, "--expires-in") if args.expires_in else None,
             mode=args.mode,
             session_rule=args.session_rule,
+            review_actions={**DEFAULT_REVIEW_ACTIONS,
+                            **options.choices(args.review_action, REVIEW_ACTIONS, "--review-action")},
             iam_actions=wiring.iam_actions() if "iam" in subs else None,
         )
         opts.validate()

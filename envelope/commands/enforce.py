@@ -7,7 +7,9 @@ Applies a policy's egress enforcement to every cgroup of workload NAME, present 
 * the workload's current cgroups (found by resolving every populated cgroup's identity, plus
   any ``--cgroup`` given) get the programs now, all or nothing: if one attach fails, nothing
   changes;
-* the mode is recorded with ``enforcer.state`` and the apply is audited.
+* the mode is recorded with ``enforcer.state`` and the apply is audited;
+* in enforce mode it first says how many behaviours sit in review and what happens to them when
+  they recur (:mod:`envelope.review_notice`).
 
 ``envelope enforce NAME --remove --reason TEXT`` detaches, unpins and forgets the workload.
 Seccomp is enforced where the process starts: the container runtime reads the OCI profile
@@ -108,6 +110,11 @@ def cmd_enforce(args, config) -> int:
     if not _matches(policy.workload, args.name):
         raise UserError(f"policy {args.policy} is for {policy.workload.key}, not {args.name!r}")
     mode = args.mode or policy.mode
+    if mode == "enforce":  # before anything starts: what happens to the behaviours in review
+        import sys
+        from ..review_notice import review_notice
+        for line in review_notice(policy, exec_paths_enforced=False, execve_denied=False):
+            print(line, file=sys.stderr)
     try:
         root = cgroup2_mount_point()
     except CgroupError as e:

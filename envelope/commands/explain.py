@@ -129,8 +129,8 @@ def _rules_text(clos: dict) -> list[str]:
         db = iam.get("actionDatabase")
         if db:
             lines.append(f"iam: action database {db['source']} schema {db['schemaVersion']}, {db['serviceModels']}")
-    for g in clos.get("companionGroups") or []:
-        lines.append(f"companion group {g['name']}: {', '.join(g['members'])} ({g['reason']})")
+    for g in clos.get("syscallGroups") or []:
+        lines.append(f"syscall group {g['name']}: {', '.join(g['members'])} ({g['reason']})")
     if clos.get("flagged"):
         lines.append(f"flagged widenings: {', '.join(clos['flagged'])}")
     if clos.get("detection"):
@@ -186,7 +186,7 @@ def render_text(x: dict) -> str:
             why += f" (seen: {shown})"
         if a.get("flags"):
             why = f"[FLAGGED {','.join(a['flags'])}] " + why
-        seen = "" if a.get("observed", True) else " (companion)"
+        seen = "" if a.get("observed", True) else " (by its group)"
         rows.append([a["entry"] + seen, a.get("rule"), a.get("admitted"), a.get("count"), a.get("sessions"),
                      a.get("firstSeen"), a.get("lastSeen"), why])
     if rows or not iam:
@@ -211,9 +211,15 @@ def render_text(x: dict) -> str:
     for r in x["review"]:
         ev = r.get("evidence") or {}
         rows.append([r["key"], r.get("rule"), ev.get("count"), ev.get("sessions"), ev.get("firstSeen"),
-                     ev.get("lastSeen"), r.get("why")])
+                     ev.get("lastSeen"), r.get("why"), r.get("action") or "deny"])
     if rows:
-        out.append(table(rows, ["key", "rule", "count", "sessions", "first seen", "last seen", "why"]).rstrip("\n"))
+        out.append(table(rows, ["key", "rule", "count", "sessions", "first seen", "last seen", "why",
+                                "on recurrence"]).rstrip("\n"))
+    actions = (x["decisions"]["confidence"].get("reviewActions") or {})
+    if actions:
+        out.append("  on recurrence, per substrate: " + ", ".join(f"{s} {a}" for s, a in actions.items())
+                   + " (alert: let through and reported; deny: denied where enforced, and reported; "
+                     "dangerous syscalls always deny)")
     spots = d["granularity"].get("blindSpots") or {}
     if spots:
         n = sum(len(v) for v in spots.values())

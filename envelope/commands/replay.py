@@ -42,6 +42,8 @@ def render_text(r: dict) -> str:
     verdict = (f"would deny {r['deniedBehaviours']} behaviours ({r['deniedEvents']} events)"
                if r["denied"] else "would deny nothing")
     out.append(verdict)
+    if r.get("alerted"):
+        out.append(f"would let through and report {len(r['alerted'])} review item(s): " + ", ".join(r["alerted"]))
     if r["denied"]:
         out.append("")
         out.append(table([[d["key"], d["count"], d["sessions"], d["firstSeen"], d["lastSeen"],

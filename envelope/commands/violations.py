@@ -1,8 +1,10 @@
 """``envelope violations [--workload NAME] [-o table|json|yaml]``: list recorded violations.
 
-Fields: time, workload, substrate (syscall, egress, exec, file, http, mcp, iam, capability, watch,
-detection), behaviour, action (denied or alerted) and count (identical records folded within one
-flush). MCP gateway refusals and alerts (substrate ``mcp``) are listed beside the kernel's.
+Fields: time, workload, substrate (syscall, egress, exec, file, http, mcp, iam, capability,
+watch, detection), behaviour, action (denied or alerted), count (identical records folded within one
+flush), and in ``detail`` the process (pid, comm), the session, and for a network call a seccomp
+filter denied the destination it asked for. MCP gateway refusals and alerts (substrate ``mcp``)
+are listed beside the kernel's. The table shows the process, the session and that destination.
 """
 
 from __future__ import annotations
@@ -37,6 +39,24 @@ def cmd_violations(args, config) -> int:
     except ViolationStoreError as e:
         raise UserError(str(e)) from None
     data = [v.to_dict() for v in items]
-    rows = [[iso(v.time), v.workload, v.substrate, v.behaviour, v.action, v.count] for v in items]
-    emit(data, args.output, rows, ["time", "workload", "substrate", "behaviour", "action", "count"])
+    rows = [[iso(v.time), v.workload, v.substrate, v.behaviour, v.action, v.count, _process(v.detail),
+             v.detail.get("session", ""), _context(v.detail)] for v in items]
+    emit(data, args.output, rows, ["time", "workload", "substrate", "behaviour", "action", "count",
+                                   "process", "session", "context"])
     return EXIT_FINDINGS if items else 0
+
+
+def _process(detail: dict) -> str:
+    pid = detail.get("pid")
+    if pid is None:
+        return ""
+    return f"{detail['comm']}[{pid}]" if detail.get("comm") else str(pid)
+
+
+def _context(detail: dict) -> str:
+    if detail.get("destination"):
+        return f"to {detail['destination']}"
+    sock = detail.get("socket")
+    if isinstance(sock, dict):
+        return f"socket {sock.get('family')} {sock.get('type')}"
+    return ""

@@ -164,6 +164,7 @@ class FakeDenialProbe:
         self.events_fd = next(_fds)
         kernel.rings[self.events_fd] = []
         self.watched: dict[int, tuple] = {}
+        self.totals: dict[bytes, int] = {}  # the kernel's ``counts``: key -> calls so far
         self.sockets_restricted: dict[int, bool] = {}
 
     def watch(self, cgroup_id, mode, deny_errno, allowed_syscalls=(), restrict_sockets=False):
@@ -173,7 +174,16 @@ class FakeDenialProbe:
     def unwatch(self, cgroup_id):
         self.watched.pop(cgroup_id, None)
 
+    def counts(self) -> list[tuple[bytes, int]]:
+        return list(self.totals.items())
+
+    def forget(self, key: bytes) -> None:
+        self.totals.pop(key, None)
+
     def lost(self) -> int:
+        return 0
+
+    def uncounted(self) -> int:
         return 0
 
     def close(self) -> None:

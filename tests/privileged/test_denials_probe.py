@@ -76,7 +76,18 @@ def _errno_of(fn) -> int:
         return e.errno
 
 
-def test_denial_reported_once_per_call_and_ordinary_eperm_not(probe, cgroups):
+def totals(probe) -> dict:
+    """The kernel's counts, by (syscall name, pid, denied)."""
+    from enforcer.denials import parse_denial_key
+    from sensor.syscalls import name as syscall_name
+    out = {}
+    for key, n in probe.counts():
+        k = parse_denial_key(key)
+        out[(syscall_name(k["nr"]), k["pid"], k["denied"])] = n
+    return out
+
+
+def test_every_denied_call_counted_once_announced_once_and_ordinary_eperm_not(probe, cgroups):
     import seccomp
     from sensor.syscalls import name as syscall_name
     from enforcer.seccomp import DENY_ERRNO
@@ -103,9 +114,12 @@ def test_denial_reported_once_per_call_and_ordinary_eperm_not(probe, cgroups):
     reader.drain()
     reader.close()
     names = [syscall_name(ev.nr) for ev in events]
-    assert names == ["getsid"] * 4  # each denied call exactly once; the ordinary EPERMs not at all
-    assert all(ev.ret == -DENY_ERRNO and ev.cgroup_id == cid for ev in events)
-    assert probe.lost() == 0
+    assert names == ["getsid"]  # announced once, with its context; the ordinary EPERMs not at all
+    [ev] = events
+    assert ev.ret == -DENY_ERRNO and ev.cgroup_id == cid and ev.counted and ev.comm
+    # and counted in the kernel: each denied call exactly once
+    assert totals(probe) == {("getsid", ev.pid, True): 4}
+    assert probe.lost() == 0 and probe.uncounted() == 0
 
 
 def test_unwatched_cgroup_is_not_reported(probe, cgroups):
@@ -124,7 +138,7 @@ def test_unwatched_cgroup_is_not_reported(probe, cgroups):
     reader.poll(100)
     reader.drain()
     reader.close()
-    assert events == []
+    assert events == [] and probe.counts() == []
 
 
 def test_alert_mode_reports_calls_outside_the_allowed_set(probe, cgroups):
@@ -145,7 +159,8 @@ def test_alert_mode_reports_calls_outside_the_allowed_set(probe, cgroups):
     reader.poll(100)
     reader.drain()
     reader.close()
-    assert [(syscall_name(ev.nr), ev.ret) for ev in events] == [("getsid", 0)] * 2
+    assert [(syscall_name(ev.nr), ev.ret) for ev in events] == [("getsid", 0)]  # announced once
+    assert totals(probe) == {("getsid", events[0].pid, False): 2}  # counted per call
 
 
 URING_C = os.path.join(os.path.dirname(__file__), "workloads", "uring_connect.c")

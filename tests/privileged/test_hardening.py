@@ -31,6 +31,7 @@ from sensor.cgroup import CgroupFS, host_unit_name
 from sensor.store import ProfileStore
 from sensor.workload import Workload
 from tests.privileged.daemon_log import LogReader
+from tests.privileged.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 NOBODY = 65534
@@ -44,16 +45,6 @@ def envelope(*args, preexec=None, timeout=300):
 
 def mode(p) -> int:
     return stat.S_IMODE(os.lstat(p).st_mode)
-
-
-def wait_for(pred, timeout=120.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def alive(pid: int) -> bool:

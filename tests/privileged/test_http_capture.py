@@ -151,7 +151,7 @@ def test_alert_reports_a_new_method_and_path_at_once(tmp_path, policy, peers):
     host, plain = peers.https.split("//")[1], peers.http.split("//")[1]
     assert got == {(f"http:DELETE {host}/v1/docs/5", "alerted"), (f"http:GET {plain}/admin/keys", "alerted")}
     v = next(v for v in _violations(state) if "DELETE" in v["behaviour"])
-    assert v["detail"]["method"] == "DELETE" and v["detail"]["path"] == "/v1/docs/5" and v["detail"]["process"]
+    assert v["detail"]["method"] == "DELETE" and v["detail"]["path"] == "/v1/docs/5" and v["detail"]["comm"]
     assert ("DELETE", "/v1/docs/5") in peers.seen(before)  # alert mode lets it through
 
 

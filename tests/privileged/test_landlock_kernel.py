@@ -196,3 +196,27 @@ def test_for_exec_builds_in_enforce_mode_only_and_composes_with_seccomp(tree, su
         assert os.WEXITSTATUS(status) == 100 + errno.EPERM
     finally:
         rs.close()
+
+
+def test_an_exec_only_ruleset_leaves_renames_across_directories_alone(tree, support):
+    """Any Landlock ruleset denies reparenting (EXDEV) unless it grants ``refer``; a ruleset
+    about execs only grants it everywhere, so a program that writes a temporary file and renames
+    it into another directory (redis's append-only file) keeps working."""
+    import sys
+    if "refer" not in support.fs:
+        pytest.skip("Landlock ABI 1: no ruleset can allow reparenting")
+    py = os.path.realpath(sys.executable)
+
+    def rename(src, dst):
+        return [py, "-c", "import os, sys; os.rename(sys.argv[1], sys.argv[2])", str(src), str(dst)]
+
+    with build([py], None, support) as rs:
+        r = run(rs, rename(tree / "data/a.txt", tree / "out/a.txt"))
+        assert r.returncode == 0, r.stderr
+        assert (tree / "out/a.txt").read_text() == "a\n"
+    # the same ruleset without the grant: the kernel refuses the rename
+    compiled = compile_ruleset(W, execs=[py], files=None, exec_needs=resolve([py]))
+    without = replace(compiled, rules=tuple(r for r in compiled.rules if r.path != "/"))
+    with landlock.Ruleset.build(without, support) as rs:
+        r = run(rs, rename(tree / "out/a.txt", tree / "data/a.txt"))
+        assert r.returncode != 0 and "Invalid cross-device link" in r.stderr, r.stderr

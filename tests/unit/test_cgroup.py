@@ -217,3 +217,4 @@ def test_cgroupfs_layout_roundtrip(uid, cid, qos, leaf, root):
     path = f"{root}/kubepods{qpart}/pod{uid}/{leaf}{cid}"
     assert parse_container_ref(path) == ContainerRef("cri-o" if leaf else "", cid, uid, qos, path)
     assert parse_container_ref(f"{root}/kubepods{qpart}/pod{uid}/crio-conmon-{cid}") is None
+

@@ -197,7 +197,7 @@ def test_policy_status_is_a_subresource_with_per_node_list_map():
 
 def test_preserve_unknown_fields_only_inside_decision_and_evidence_records():
     allowed = {".spec.decisions.granularity", ".spec.decisions.closure", ".spec.decisions.closure.rules",
-               ".spec.decisions.closure.companionGroups[]", ".spec.decisions.confidence",
+               ".spec.decisions.closure.syscallGroups[]", ".spec.decisions.confidence",
                ".spec.decisions.validity", ".spec.decisions.validity.triggers[]", ".spec.detection[]",
                ".spec.provenance[]", ".spec.review[]"}
 

@@ -171,7 +171,7 @@ def test_explain_diff_replay_validity(state, tmp_path, capsys):
 
     code, out, _ = run(capsys, "explain", b)
     assert code == 0
-    assert "companion-group:open-family" in out and "Review (1 below threshold" in out
+    assert "syscall-group:file-open" in out and "Review (1 below threshold" in out
     assert "exec:/usr/bin/curl" in out and "Coverage-stop: reached" in out and "model=m1" in out
     code, out, _ = run(capsys, "explain", b, "-o", "json")
     x = json.loads(out)

@@ -24,12 +24,14 @@ T0 = 1_767_225_600.0
 
 KEYS = (
     [f"syscall:{s}" for s in ("read", "write", "openat", "open", "stat", "fstat", "statx", "ptrace", "clone3",
-                              "getrandom", "epoll_wait", "pipe2")]
+                              "getrandom", "epoll_wait", "pipe2", "wait4", "mount", "bpf", "getdents64",
+                              "ftruncate", "kill", "io_uring_setup")]
     + [f"connect:tcp:10.0.{a}.{b}:{p}" for a in (0, 1) for b in (1, 2, 5) for p in (80, 443, 8000, 8001, 8002)]
     + ["connect:udp:10.0.0.1:53", "send:udp:10.0.0.1:53", "send:udp:[fd00::1]:53", "send:udp:[fd00::2]:53",
        "connect:tcp:[fd00:1::5]:443", "connect:tcp:192.168.9.9:5432"]
     + [f"exec:/usr/bin/{b}" for b in ("git", "curl", "sh")]
     + [f"exec:/usr/lib/git-core/git-{t}" for t in ("a", "b", "c", "d", "e")]
+    + [f"exec:/bin/{t}" for t in ("ls", "cat", "id", "ps", "df")]
     + ["exec:/init"]
     + [f"aws:s3:GetObject arn:aws:s3:::research-corpus-v2/papers/{i}.pdf" for i in range(1, 5)]
     + ["aws:s3:GetObject arn:aws:s3:::research-corpus-v3/papers/1.pdf",
@@ -85,6 +87,7 @@ def options(draw, closure=None) -> DeriveOptions:
         ipv4_prefix=draw(st.sampled_from([16, 24, 28, 32])), ipv6_prefix=draw(st.sampled_from([48, 64, 128])),
         max_ports=draw(st.integers(1, 5)), max_siblings=draw(st.integers(1, 4)),
         session_rule=draw(st.sampled_from(["max", "sum"])), force=True, iam_actions=IAM_ACTIONS,
+        review_actions={s: draw(st.sampled_from(["deny", "alert"])) for s in ("syscall", "egress", "exec")},
     )
 
 
@@ -199,3 +202,58 @@ def test_replay_against_training_evidence_denies_nothing_above_threshold(p, opts
         above = s.count >= opts.min_count[sub] and s.sessions >= opts.min_sessions[sub]
         assert not above or admit_only([d["key"]]), d  # only what evidence alone never admits
         assert d["key"] in pol.watch
+
+
+@SETTINGS
+@given(profiles(), options())
+def test_dangerous_syscalls_pass_only_on_their_own_evidence(p, opts):
+    from enforcer.syscall_groups import DANGEROUS
+    pol = derive(p, opts)
+    observed = set(_observed(p))
+    prov = {x["entry"]: x for x in pol.provenance}
+    for name in pol.syscalls:
+        if name in DANGEROUS:
+            key = f"syscall:{name}"
+            assert key in observed, f"{name} admitted without being observed"
+            assert prov[key]["evidence"]["behaviours"] == [key]
+            if prov[key]["admitted"] == "threshold":
+                assert "dangerous" in prov[key]["flags"]
+    if "syscall" in pol.substrates:  # a substrate left out is not constrained
+        for name in DANGEROUS:
+            assert not pol.admits(f"syscall:{name}") or name in pol.syscalls, name
+
+
+@SETTINGS
+@given(profiles(), options())
+def test_review_lets_through_only_what_was_observed_and_only_when_alerted(p, opts):
+    pol = derive(p, opts)
+    observed = set(_observed(p))
+    for k in observed:
+        if pol.admits(k) and not pol.allows(k):
+            from sensor.workload import substrate_of
+            assert pol.review_action(substrate_of(k)) == "alert", k
+            assert k in pol.watch, "whatever review lets through is reported when it recurs"
+    for r in pol.review:
+        assert r["action"] in ("deny", "alert")
+        for e in r.get("entries", []):
+            assert not pol.allows(e.replace("egress:", "connect:", 1)) or not e.startswith("egress:")
+        for b in r["evidence"]["behaviours"]:
+            if r["action"] == "deny":
+                assert not pol.admits(b), b
+    # the enforcers' view (allowed + alerted review) is literal on review: nothing unobserved
+    admitted = pol.review_admitted()
+    if admitted is not None:
+        for name in admitted.syscalls:
+            assert f"syscall:{name}" in observed
+        for e in admitted.execs:
+            assert f"exec:{e}" in observed
+
+
+@SETTINGS
+@given(profiles(), options(closure="structural"))
+def test_exec_never_widens_into_system_binary_directories(p, opts):
+    pol = derive(p, opts)
+    for e in pol.execs:
+        assert e not in ("/bin/*", "/usr/bin/*", "/sbin/*", "/usr/sbin/*", "/usr/local/bin/*"), e
+    if "exec" in pol.substrates:
+        assert not pol.admits("exec:/bin/bash") and not pol.admits("exec:/usr/bin/bash")  # never observed

@@ -200,7 +200,7 @@ def test_a_violation_record_names_method_host_path_and_process():
     v = from_record(read_hex(GOLDEN / "http_violation.hex"), lambda cg: "host/Unit/agent/main", 5.0)
     assert v.substrate == "http" and v.action == "denied"
     assert v.behaviour == "http:DELETE api.example.com/v1/repos/agent"
-    assert v.detail["process"] == "python3" and v.detail["pid"] == 1001 and "killed" in v.detail["enforced"]
+    assert v.detail["comm"] == "python3" and v.detail["pid"] == 1001 and "killed" in v.detail["enforced"]
 
 
 def test_http_exceptions_are_entries_and_widen_the_rules():

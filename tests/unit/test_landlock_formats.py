@@ -87,5 +87,7 @@ def test_landlockconfig_formatting_matches_jq(compiled, tmp_path):
 def test_exec_only_export_has_no_reads():
     doc = landlockconfig(compile_ruleset(W, execs=["/usr/bin/git"]))
     jsonschema.Draft7Validator(SCHEMA).validate(doc)
-    assert doc == {"abi": 1, "ruleset": [{"handledAccessFs": ["execute"]}],
-                   "pathBeneath": [{"allowedAccess": ["execute"], "parent": ["/usr/bin/git"]}]}
+    # refer is handled and granted everywhere: any ruleset would otherwise deny reparenting
+    assert doc == {"abi": 2, "ruleset": [{"handledAccessFs": ["execute", "refer"]}],
+                   "pathBeneath": [{"allowedAccess": ["execute"], "parent": ["/usr/bin/git"]},
+                                   {"allowedAccess": ["refer"], "parent": ["/"]}]}

@@ -36,10 +36,13 @@ def test_exec_only_handles_execute_and_needs_interpreters():
     needs = {"/usr/bin/git": ExecNeeds(execute=("/lib64/ld-linux-x86-64.so.2",),
                                        read=("/lib/x86_64-linux-gnu/libc.so.6",))}
     c = compile_ruleset(W, execs=["/usr/bin/git"], exec_needs=needs)
-    assert c.handled_fs == EXEC_HANDLED and c.abi == 1
-    # reads are not handled, so libraries need no rule
+    assert c.handled_fs == EXEC_HANDLED + ("refer",) and c.abi == 2
+    # reads are not handled, so libraries need no rule; refer is granted everywhere (without it
+    # any ruleset denies renames across directories), so a kernel without it is no gap
     assert rules(c) == {("/usr/bin/git", "file"): ("execute",),
-                        ("/lib64/ld-linux-x86-64.so.2", "file"): ("execute",)}
+                        ("/lib64/ld-linux-x86-64.so.2", "file"): ("execute",),
+                        ("/", "tree"): ("refer",)}
+    assert c.unrestricted == {"refer"} and c.gaps({"execute"}) == ()
 
 
 def test_with_files_execs_need_read_and_libraries_are_read_only():
@@ -125,7 +128,7 @@ def test_policy_substrates_decide_what_is_handled():
     p = Policy(workload=wl, mode="enforce", substrates=("syscall", "egress"), execs=("/usr/bin/git",))
     assert compile_policy(p).empty
     p = Policy(workload=wl, mode="enforce", execs=("/usr/bin/git",))
-    assert compile_policy(p).handled_fs == ("execute",)
+    assert compile_policy(p).handled_fs == ("execute", "refer")
 
 
 def test_bad_entries_name_themselves():

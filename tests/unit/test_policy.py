@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from enforcer import companions
+from enforcer import syscall_groups
 from enforcer.policy import (
     API_VERSION, KIND, EgressRule, Policy, PolicyError, dump_policy, load_policy, parse_entry, parse_policy,
     policy_name,
@@ -201,12 +201,20 @@ def test_equal_policies_dump_identically_regardless_of_input_order():
     assert dump_policy(a) == dump_policy(b)
 
 
-def test_companion_groups_are_disjoint_and_named():
+def test_syscall_groups_are_disjoint_named_and_never_hold_a_dangerous_syscall():
+    from sensor import syscalls
     seen = {}
-    for g in companions.GROUPS:
+    for g in syscall_groups.GROUPS:
         assert g.reason and len(g.members) >= 2 and list(g.members) == sorted(g.members)
         for m in g.members:
             assert m not in seen, f"{m} in both {seen.get(m)} and {g.name}"
+            assert syscall_groups.dangerous(m) is None, f"dangerous {m} in group {g.name}"
+            assert syscalls.number(m) is not None, f"{m} is not an x86_64 syscall"
             seen[m] = g.name
-    assert set(companions.BY_NAME["stat-family"].members) == {"stat", "fstat", "lstat", "newfstatat", "statx"}
-    assert set(companions.BY_NAME["open-family"].members) == {"open", "openat", "openat2"}
+    for name, why in syscall_groups.DANGEROUS.items():
+        assert why and syscalls.number(name) is not None, name
+    assert set(syscall_groups.BY_NAME["file-open"].members) == {"creat", "open", "openat", "openat2"}
+    assert {"wait4", "waitid"} == set(syscall_groups.BY_NAME["child-wait"].members)
+    for name in ("ptrace", "process_vm_readv", "mount", "unshare", "setns", "bpf", "perf_event_open",
+                 "init_module", "kexec_load", "keyctl", "io_uring_setup"):
+        assert syscall_groups.dangerous(name), name

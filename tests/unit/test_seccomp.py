@@ -36,6 +36,8 @@ W = Workload("default", "Deployment", "agent", "main")
 
 
 def policy(syscalls, mode="enforce", **kw) -> Policy:
+    """A syscall-only policy; egress mediation is tested on its own below."""
+    kw.setdefault("substrates", ("syscall",))
     return Policy(workload=W, mode=mode, syscalls=tuple(syscalls), **kw)
 
 
@@ -45,10 +47,13 @@ def test_enforce_denies_with_eperm_and_allows_without_args():
     assert p["defaultAction"] == "SCMP_ACT_ERRNO"
     assert p["defaultErrnoRet"] == errno.EPERM == seccomp.DENY_ERRNO
     assert p["architectures"] == ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]
-    (rule,) = p["syscalls"]
+    rule, baseline = p["syscalls"]
     assert rule["action"] == "SCMP_ACT_ALLOW"
     assert rule["names"] == ["exit_group", "read", "write"]
     assert "args" not in rule  # no argument checks: the kernel action cache serves them
+    # what ends a process or returns from a signal handler is always allowed, and named
+    assert baseline == {"names": ["exit", "restart_syscall", "rt_sigreturn"], "action": "SCMP_ACT_ALLOW",
+                        "comment": seccomp.BASELINE_RULE}
 
 
 def test_alert_logs_and_observe_allows():
@@ -71,17 +76,17 @@ def test_runtime_completeness_added_and_reported():
     runtime_names = groups["runtime-completeness:runc"]
     # what the policy already allows is not repeated; everything else of the set is added
     assert "execve" not in runtime_names and "write" not in runtime_names
-    assert set(runtime_names) == set(RUNC.syscalls) - {"read", "write", "execve"}
+    assert set(runtime_names) == set(RUNC.syscalls) - {"read", "write", "execve"} - set(seccomp.BASELINE)
     by_name = {e.syscall: e for e in c.report}
     assert by_name["capset"].rule == "runtime-completeness:runc"
     assert "capabilit" in by_name["capset"].reason or "caps" in by_name["capset"].reason
     assert by_name["execve"].rule == "policy"
-    assert set(c.allowed()) == set(RUNC.syscalls) | {"read", "write", "execve"}
+    assert set(c.allowed()) == set(RUNC.syscalls) | {"read", "write", "execve"} | set(seccomp.BASELINE)
 
 
 def test_no_runtime_set_without_runtime():
     c = seccomp.compile_oci(policy(["read"]))
-    assert all(e.rule == "policy" for e in c.report)
+    assert {e.rule for e in c.report} == {"policy", seccomp.BASELINE_RULE}
 
 
 def test_unknown_runtime_is_an_error():
@@ -104,7 +109,8 @@ def test_clone3_gets_enosys_when_only_clone_allowed():
 def test_provenance_rule_from_policy():
     p = policy(["openat", "read"], provenance=({"entry": "syscall:openat", "rule": "literal"},))
     rules = {e.syscall: e.rule for e in seccomp.compile_oci(p).report}
-    assert rules == {"openat": "policy:literal", "read": "policy"}
+    assert rules == {"openat": "policy:literal", "read": "policy",
+                     **{n: seccomp.BASELINE_RULE for n in seccomp.BASELINE}}
 
 
 def test_exceptions_are_added_with_their_rule():
@@ -187,7 +193,7 @@ def test_spo_profile_is_what_current_spo_serves():
     assert compat and all(r["errnoRet"] == errno.ENOSYS and type(r["errnoRet"]) is int for r in compat)
     ann = d["metadata"]["annotations"]
     assert ann["envelope.dev/runtime-completeness.runc"].split(",") == \
-        sorted(set(RUNC.syscalls) - {"read", "clone"})
+        sorted(set(RUNC.syscalls) - {"read", "clone"} - set(seccomp.BASELINE))
 
 
 @pytest.mark.parametrize("mode", seccomp.MODES)
@@ -305,6 +311,138 @@ def test_compile_is_deterministic_and_order_free(names, mode, runtime):
         assert set(listed) | conditional == allowed
 
 
+# ---- what the target adds: egress mediation, review items, the launch's execve ------------------
+
+def _in_child(flt, steps) -> dict:
+    """Load ``flt`` in a forked child (libseccomp sets no_new_privs: no root needed), run
+    ``steps`` (name -> callable) and return name -> "ok" or the errno name."""
+    import os
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        out = {}
+        try:
+            flt.load()
+            for name, fn in steps.items():
+                try:
+                    fn()
+                    out[name] = "ok"
+                except OSError as e:
+                    out[name] = errno.errorcode.get(e.errno, str(e.errno))
+            os.write(wfd, json.dumps(out).encode())
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    data = b""
+    while chunk := os.read(rfd, 65536):
+        data += chunk
+    os.close(rfd)
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
+def _all_but(*denied: str) -> list[str]:
+    from sensor import syscalls
+    return sorted(n for n in syscalls.NUMBERS if n not in denied)
+
+
+def test_egress_constrained_policies_leave_tcp_and_udp_sockets_to_the_egress_programs():
+    import socket
+    p = Policy(workload=W, mode="enforce", syscalls=tuple(_all_but("socket", "connect", "sendto")))
+    c = seccomp.compile_oci(p)
+    rules = {e.syscall: (e.action, e.rule) for e in c.report}
+    assert rules["socket"] == ("allow-if", "egress-mediated")
+    assert rules["connect"] == ("allow", "egress-mediated")
+    got = _in_child(seccomp.build_filter(c), {
+        "tcp4": lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM).close(),
+        "udp6": lambda: socket.socket(socket.AF_INET6, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC).close(),
+        "netlink": lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0).close(),
+        "unix": lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).close(),
+        "raw": lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP).close(),
+        "sctp": lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM, 132).close(),
+    })
+    assert got == {"tcp4": "ok", "udp6": "ok", "netlink": "EPERM", "unix": "EPERM", "raw": "EPERM",
+                   "sctp": "EPERM"}
+    # a policy that leaves egress out gets no socket rules from it
+    off = seccomp.compile_oci(policy(["read"]))
+    assert not any(e.rule == "egress-mediated" for e in off.report)
+    # the SPO export carries the argument checks (an unconditional socket would open netlink)
+    spo = seccomp.compile_spo(p)
+    socket_rules = [r for r in spo["spec"]["syscalls"] if r["names"] == ["socket"]]
+    assert len(socket_rules) == len(seccomp._socket_rules(seccomp.INET_SOCKETS)) and all(r["args"] for r in socket_rules)
+    assert validate_spo(spo) == []
+
+
+def test_review_items_let_through_are_allowed_with_their_rule_and_dangerous_never():
+    review = ({"key": "syscall-group:child-wait", "substrate": "syscall", "action": "alert",
+               "entries": ["syscall:wait4"]},
+              {"key": "syscall:ptrace", "substrate": "syscall", "action": "deny"},
+              {"key": "syscall:bpf", "substrate": "syscall", "entries": ["syscall:bpf"]})
+    p = policy(["read"], review=review, review_actions={"syscall": "alert"})
+    c = seccomp.compile_oci(p)
+    rules = {e.syscall: e.rule for e in c.report}
+    assert rules["wait4"] == seccomp.REVIEW_RULE
+    assert "ptrace" not in rules and "bpf" not in rules  # bpf: dangerous, even if an edit says alert
+    assert "waitid" not in rules  # review is literal
+    denied = seccomp.compile_oci(policy(["read"], review=review))  # no stated action: deny
+    assert "wait4" not in denied.allowed()
+
+
+def test_exec_filter_admits_only_the_launch_execve_when_the_policy_has_no_exec_entries(tmp_path):
+    from enforcer.launch_path import LaunchPath
+    p = policy(_all_but("execve", "execveat"), substrates=("syscall", "exec"))
+    launch = LaunchPath("/bin/true", ["/bin/true"])
+    try:
+        c = seccomp.profile_for(p, "enforce", target="exec", launch_pointer=launch.pointer)
+        by = {e.syscall: (e.action, e.rule) for e in c.report}
+        assert by["execve"] == ("allow-if", seccomp.EXEC_RULE)
+        [rule] = [r for r in c.profile["syscalls"] if r["names"] == ["execve"]]
+        assert rule["args"] == [{"index": 0, "op": "SCMP_CMP_EQ", "value": launch.pointer, "valueTwo": 0}]
+        flt = seccomp.build_filter(c)
+        import os
+        got = _in_child(flt, {"exec_other": lambda: os.execv("/bin/true", ["/bin/true"])})
+        assert got == {"exec_other": "EPERM"}  # an execve of the confined code is denied
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                flt.load()
+                launch.execve()  # the launch itself passes: /bin/true exits 0
+            finally:
+                os._exit(99)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        launch.close()
+    # with exec entries the command's programs exec under the filter
+    with_execs = policy(["read"], substrates=("syscall", "exec"), execs=("/usr/bin/git",))
+    assert {e.syscall: e.action for e in seccomp.profile_for(with_execs, target="exec").report}["execve"] == "allow"
+    # an execve the syscall list admits is withheld when no program may be exec'd
+    listed = policy(["read", "execve"], substrates=("syscall", "exec"))
+    rep = {(e.syscall, e.action) for e in seccomp.profile_for(listed, target="exec").report}
+    assert ("execve", "withheld") in rep and ("execve", "allow") not in rep
+    # the container runtime execs the entrypoint after loading the filter: runc keeps execve
+    assert "execve" in seccomp.profile_for(listed, target="workload", runtime="runc").allowed()
+
+
+def test_the_launched_command_is_not_an_exec_entry_that_opens_execve():
+    # every recorded session exec'd the command itself: that entry alone keeps execve closed
+    prov = ({"entry": "exec:/usr/bin/redis-server", "rule": "exact", "evidence": {"count": 6, "sessions": 6}},)
+    p = policy(["read"], substrates=("syscall", "exec"), execs=("/usr/bin/redis-server",), provenance=prov)
+    launched = ("/usr/bin/redis-check-rdb", "/usr/bin/redis-server")
+    rep = {(e.syscall, e.action) for e in seccomp.profile_for(p, target="exec", launched=launched).report}
+    assert ("execve", "allow-if") in rep and ("execve", "allow") not in rep
+    # another program, or a pattern, is an exec entry of the command's own
+    for execs in (("/usr/bin/redis-server", "/usr/bin/id"), ("/usr/bin/*",)):
+        q = policy(["read"], substrates=("syscall", "exec"), execs=execs, provenance=prov)
+        assert seccomp.needs_exec(q, launched)
+    # a program seen exec'ing itself again (git runs git) needs execve
+    again = ({"entry": "exec:/usr/bin/git", "rule": "exact", "evidence": {"count": 8, "sessions": 6}},)
+    git = policy(["read"], substrates=("syscall", "exec"), execs=("/usr/bin/git",), provenance=again)
+    assert seccomp.needs_exec(git, ("/usr/bin/git",))
+    # an entry without evidence (written by hand) is taken at its word
+    assert seccomp.needs_exec(policy(["read"], substrates=("syscall", "exec"), execs=("/usr/bin/git",)),
+                              ("/usr/bin/git",))
 # ---- the socket restriction ----------------------------------------------------------------------
 
 def egress_policy(syscalls=("read", "socket", "connect"), **kw):

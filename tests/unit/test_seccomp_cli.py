@@ -44,9 +44,10 @@ def test_runtime_none_and_mode_override(tmp_path, capsys):
                     "--mode", "alert") == 0
     profile = json.loads(capsys.readouterr().out)
     assert profile["defaultAction"] == "SCMP_ACT_LOG"
-    # the policy's rule, and socket's argument checks (the policy encodes egress): no runtime set
+    # no runtime set: the policy's own rule, plus the socket calls left to the egress programs
     assert sorted({r["comment"] for r in profile["syscalls"]}) == [
-        "egress-completeness:sockets", "policy:agents/Deployment/research-agent/main"]
+        "baseline:process-end", "egress-completeness:sockets", "egress-mediated",
+        "policy:agents/Deployment/research-agent/main"]
 
 
 def test_host_unit_gets_no_runtime_set_by_default(tmp_path, capsys):

@@ -152,7 +152,7 @@ def test_violations_come_out_of_one_poll(env):
     s = session()
     s.apply(policy(), "enforce", paths[:1])
     prog = s.enforced[W.key].program
-    rec = EgressViolationRecord.pack(type=EgressViolationRecord.type, version=1,
+    rec = EgressViolationRecord.pack(type=EgressViolationRecord.type, version=EgressViolationRecord.version,
                                      size=EgressViolationRecord.size(), cgroup_id=7, pid=42,
                                      family=2, protocol=6, addr=bytes([127, 0, 1, 66]) + b"\0" * 12,
                                      port=4444, op=0, action=1)
@@ -186,7 +186,8 @@ def test_no_programs_for_a_policy_without_egress_when_unpinned(env):
     [probe] = kernel.probes
     [(mode, errno_, allowed)] = probe.watched.values()
     assert mode == "enforce" and errno_ == 1
-    assert set(allowed) == {"read", "execve"}  # execve: the exec target's completeness
+    # execve: the exec target's completeness; the baseline ends processes
+    assert set(allowed) == {"read", "execve", "exit", "exit_group", "rt_sigreturn", "restart_syscall"}
 
 
 def test_denials_compare_with_the_profile_the_runtime_loads(env):
@@ -203,6 +204,29 @@ def test_denials_compare_with_the_profile_the_runtime_loads(env):
     assert "execve" in allowed and EXEC_RULE not in {e.rule for e in expected.report}
 
 
+def test_seccomp_denials_are_counted_in_the_kernel_and_named_by_their_first_sighting(env):
+    from enforcer.denials import denial_key
+    from sensor.events import SeccompDenialRecord
+    kernel, session, paths, state, bpffs = env
+    s = session(pinned=False, denials=True)
+    p = Policy(W, mode="enforce", substrates=("syscall",), syscalls=("read",))
+    s.apply(p, "enforce", paths[:1], seccomp_target="exec")
+    s.session_of = lambda cid: "exec-9-1"
+    [probe] = kernel.probes
+    [cid] = probe.watched
+    first = SeccompDenialRecord.pack(type=SeccompDenialRecord.type, version=SeccompDenialRecord.version,
+                                     size=SeccompDenialRecord.size(), cgroup_id=cid, pid=42, nr=124,
+                                     ret=-1, flags=0x1, comm=b"storm")
+    key = denial_key(cid, 42, 124, 0, True)
+    kernel.emit(probe.events_fd, first)
+    probe.totals[key] = 1_000_000  # a storm: the kernel counted them all
+    [v] = s.poll_violations(final=True)
+    assert (v.behaviour, v.action, v.count) == ("syscall:getsid", "denied", 1_000_000)
+    assert v.detail["comm"] == "storm" and v.detail["session"] == "exec-9-1" and v.detail["pid"] == 42
+    probe.totals[key] += 5
+    [v] = s.poll_violations(final=True)
+    assert v.count == 5  # deltas, never the total twice
+    assert s.poll_violations(final=True) == []
 def test_tampering_with_the_pinned_state_is_repaired_audited_and_reported(env):
     kernel, session, paths, state, bpffs = env
     s = session(verify_interval=0)
@@ -232,16 +256,17 @@ def test_io_uring_operations_are_judged_against_the_cgroups_profile(env):
     [probe] = kernel.probes
     [cid] = probe.watched
     allowed = probe.watched[cid][2]
-    assert "openat" in allowed and "connect" not in allowed
+    # connect is left to the egress programs (egress-mediated), which judge a ring's connect too
+    assert "openat" in allowed and "connect" in allowed and "unlinkat" not in allowed
 
     def op(name, opcode):
         return IoUringOpRecord.pack(type=IoUringOpRecord.type, version=1,
                                     size=IoUringOpRecord.size(), cgroup_id=cid, pid=7,
                                     opcode=opcode, op=name.encode())
-    kernel.rings[probe.events_fd] += [op("CONNECT", 16), op("OPENAT", 18), op("NOP", 0)]
+    kernel.rings[probe.events_fd] += [op("UNLINKAT", 36), op("CONNECT", 16), op("OPENAT", 18), op("NOP", 0)]
     [v] = s.poll_violations()
-    assert (v.workload, v.behaviour, v.action) == (POD.key, "syscall:connect", "alerted")
-    assert (v.detail["via"], v.detail["op"], v.detail["cgroup_id"]) == ("io_uring", "CONNECT", cid)
+    assert (v.workload, v.behaviour, v.action) == (POD.key, "syscall:unlinkat", "alerted")
+    assert (v.detail["via"], v.detail["op"], v.detail["cgroup_id"]) == ("io_uring", "UNLINKAT", cid)
 
 
 def escape_record(src, dst, pid=70, path="/escape"):

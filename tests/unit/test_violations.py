@@ -75,16 +75,19 @@ def test_workload_matches_full_key_or_name():
 
 def egress_record(addr: str, port: int, proto=6, op=0, action=1, cgroup_id=77, pid=9) -> bytes:
     ip = ipaddress.ip_address(addr)
-    return EgressViolationRecord.pack(type=EV_EGRESS_VIOLATION, version=1, size=EgressViolationRecord.size(),
+    return EgressViolationRecord.pack(type=EV_EGRESS_VIOLATION, version=EgressViolationRecord.version,
+                                      size=EgressViolationRecord.size(),
                                       ktime=1, cgroup_id=cgroup_id, pid=pid,
                                       family=2 if ip.version == 4 else 10, protocol=proto,
-                                      addr=ip.packed.ljust(16, b"\0"), port=port, op=op, action=action)
+                                      addr=ip.packed.ljust(16, b"\0"), port=port, op=op, action=action,
+                                      tid=pid + 1, comm=b"nginx")
 
 
 def test_from_record_egress_keys_and_actions():
-    r = from_record(egress_record("10.0.3.7", 443), lambda cid: WL if cid == 77 else None, 10.0)
+    r = from_record(egress_record("10.0.3.7", 443), lambda cid: WL if cid == 77 else None, 10.0,
+                    session_of=lambda cid: "exec-1-1" if cid == 77 else None)
     assert (r.substrate, r.behaviour, r.action, r.workload) == ("egress", "connect:tcp:10.0.3.7:443", "denied", WL)
-    assert r.detail == {"pid": 9, "cgroup_id": 77}
+    assert r.detail == {"pid": 9, "comm": "nginx", "session": "exec-1-1", "cgroup_id": 77}
     r = from_record(egress_record("::1", 53, proto=17, op=1, action=0), lambda cid: WL, 10.0)
     assert (r.behaviour, r.action) == ("send:udp:[::1]:53", "alerted")
     r = from_record(egress_record("127.0.0.1", 0, proto=1), lambda cid: None, 10.0)
@@ -92,25 +95,47 @@ def test_from_record_egress_keys_and_actions():
 
 
 def test_from_record_seccomp_denial_and_alert():
-    raw = SeccompDenialRecord.pack(type=EV_SECCOMP_DENIAL, version=2, size=SeccompDenialRecord.size(),
-                                   ktime=1, cgroup_id=5, pid=3, nr=124, ret=-1)
+    raw = SeccompDenialRecord.pack(type=EV_SECCOMP_DENIAL, version=SeccompDenialRecord.version,
+                                   size=SeccompDenialRecord.size(), ktime=1, cgroup_id=5, pid=3, nr=124,
+                                   ret=-1, comm=b"redis-server")
     r = from_record(raw, lambda cid: WL, 1.0)
     assert (r.substrate, r.behaviour, r.action, r.detail["errno"]) == ("syscall", "syscall:getsid", "denied", 1)
-    raw = SeccompDenialRecord.pack(type=EV_SECCOMP_DENIAL, version=2, size=SeccompDenialRecord.size(),
-                                   ktime=1, cgroup_id=5, pid=3, nr=124, ret=0)
+    assert r.detail["comm"] == "redis-server" and r.detail["pid"] == 3
+    raw = SeccompDenialRecord.pack(type=EV_SECCOMP_DENIAL, version=SeccompDenialRecord.version,
+                                   size=SeccompDenialRecord.size(), ktime=1, cgroup_id=5, pid=3, nr=124, ret=0)
     assert from_record(raw, lambda cid: WL, 1.0).action == "alerted"
+    # a denied connect names the destination it asked for
+    raw = SeccompDenialRecord.pack(type=EV_SECCOMP_DENIAL, version=SeccompDenialRecord.version,
+                                   size=SeccompDenialRecord.size(), ktime=1, cgroup_id=5, pid=3, nr=42,
+                                   ret=-1, flags=0x2, family=2, port=4444,
+                                   addr=bytes([203, 0, 113, 5]) + b"\0" * 12)
+    assert from_record(raw, lambda cid: WL, 1.0).detail["destination"] == "203.0.113.5:4444"
+
+
+def test_fold_holds_bounded_memory_whatever_the_rate():
+    from enforcer.violations import ViolationFold
+    f = ViolationFold(cap=3)
+    for i in range(100_000):
+        f.add(v("syscall:getsid", substrate="syscall", detail={"pid": i % 5}))
+    assert len(f) == 4  # three held keys and one overflow record
+    out = f.take()
+    assert sum(x.count for x in out) == 100_000 == f.total
+    [over] = [x for x in out if x.detail.get("overflow")]
+    assert over.behaviour == "syscall:overflow" and over.detail["distinct"] == 40_000
+    assert f.take() == [] and len(f) == 0
 
 
 def test_a_socket_stopped_by_its_arguments_names_the_socket():
-    raw = SeccompDenialRecord.pack(type=EV_SECCOMP_DENIAL, version=2, size=SeccompDenialRecord.size(),
-                                   ktime=1, cgroup_id=5, pid=3, nr=41, ret=-1, args0=17, args1=3 | 0x80000,
-                                   args2=0x0300)
+    raw = SeccompDenialRecord.pack(type=EV_SECCOMP_DENIAL, version=SeccompDenialRecord.version,
+                                   size=SeccompDenialRecord.size(), ktime=1, cgroup_id=5, pid=3, nr=41, ret=-1,
+                                   args0=17, args1=3 | 0x80000, args2=0x0300)
     r = from_record(raw, lambda cid: WL, 1.0, lambda cid: {"socket", "read"})
     assert r.behaviour == "syscall:socket"
     assert r.detail["socket"] == {"family": "AF_PACKET", "type": "SOCK_RAW", "protocol": "768"}
     assert "NET_RAW" in r.detail["why"]
-    # a profile without socket at all: an ordinary denial, no argument story
-    assert "socket" not in from_record(raw, lambda cid: WL, 1.0, lambda cid: {"read"}).detail
+    # a profile without socket at all: denied by name, and the socket it asked for is said too
+    plain = from_record(raw, lambda cid: WL, 1.0, lambda cid: {"read"}).detail
+    assert plain["socket"]["family"] == "AF_PACKET" and "why" not in plain
 
 
 def test_from_record_counts_bad_records_instead_of_raising():

@@ -98,22 +98,53 @@ write("syscall_first", hdr(5, 32) + [
 ], {"type": "syscall_first", "ktime": KTIME, "cgroup_id": 4242, "nr": 309, "name": "getcpu",
     "pid": 1001, "behaviour_key": "syscall:getcpu"})
 
-write("egress_violation", hdr(6, 56) + [
+write("egress_violation", hdr(6, 72, version=2) + [
     ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
     ("family", struct.pack("<H", 2)), ("protocol", struct.pack("<H", 6)),
     ("addr", socket.inet_pton(socket.AF_INET, "203.0.113.9") + b"\0" * 12),
     ("port", struct.pack("<H", 8443)), ("op", b"\x00"), ("action", b"\x01"),
-    ("pad", struct.pack("<I", 0)),
+    ("tid", struct.pack("<I", 1007)), ("comm", cstr(b"redis-server", 16)),
 ], {"type": "egress_violation", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001,
     "op": "connect", "proto": "tcp", "family": 4, "addr": "203.0.113.9", "port": 8443,
-    "action": "denied", "behaviour_key": "connect:tcp:203.0.113.9:8443"})
+    "action": "denied", "tid": 1007, "comm": "redis-server",
+    "behaviour_key": "connect:tcp:203.0.113.9:8443"})
 
-write("seccomp_denial", hdr(7, 64, version=2) + [
+write("seccomp_denial", hdr(7, 112, version=3) + [
+    ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
+    ("nr", struct.pack("<I", 135)), ("ret", struct.pack("<q", -1)),
+    ("args", struct.pack("<QQQ", 0xffffffff, 0, 0)),
+    ("tid", struct.pack("<I", 1001)), ("flags", struct.pack("<I", 0x1)),
+    ("comm", cstr(b"python3", 16)), ("family", struct.pack("<H", 0)), ("port", struct.pack("<H", 0)),
+    ("context", struct.pack("<I", 0)), ("addr", b"\0" * 16),
+], {"type": "seccomp_denial", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "nr": 135,
+    "name": "personality", "ret": -1, "args": [0xffffffff, 0, 0], "tid": 1001, "comm": "python3",
+    "counted": True, "context": 0, "destination": None, "family": None,
+    "behaviour_key": "syscall:personality"})
+
+# connect(2) denied by the filter: the destination read from the caller's sockaddr
+write("seccomp_denial_connect6", hdr(7, 112, version=3) + [
+    ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
+    ("nr", struct.pack("<I", 42)), ("ret", struct.pack("<q", -1)),
+    ("args", struct.pack("<QQQ", 3, 0x7ffd1000, 28)),
+    ("tid", struct.pack("<I", 1002)), ("flags", struct.pack("<I", 0x1 | 0x2)),
+    ("comm", cstr(b"sqlite3", 16)), ("family", struct.pack("<H", 10)), ("port", struct.pack("<H", 4444)),
+    ("context", struct.pack("<I", 0xdeadbeef)), ("addr", socket.inet_pton(socket.AF_INET6, "2001:db8::66")),
+], {"type": "seccomp_denial", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "nr": 42,
+    "name": "connect", "ret": -1, "args": [3, 0x7ffd1000, 28], "tid": 1002, "comm": "sqlite3",
+    "counted": True, "context": 0xdeadbeef, "destination": "[2001:db8::66]:4444", "family": 6,
+    "behaviour_key": "syscall:connect"})
+
+# socket(2) denied: no destination yet; its arguments say which socket (AF_PACKET, SOCK_RAW)
+write("seccomp_denial_socket", hdr(7, 112, version=3) + [
     ("cgroup_id", struct.pack("<Q", 4242)), ("pid", struct.pack("<I", 1001)),
     ("nr", struct.pack("<I", 41)), ("ret", struct.pack("<q", -1)),
     ("args", struct.pack("<QQQ", 17, 3, 0x0300)),
+    ("tid", struct.pack("<I", 1001)), ("flags", struct.pack("<I", 0)),
+    ("comm", cstr(b"git", 16)), ("family", struct.pack("<H", 0)), ("port", struct.pack("<H", 0)),
+    ("context", struct.pack("<I", 77)), ("addr", b"\0" * 16),
 ], {"type": "seccomp_denial", "ktime": KTIME, "cgroup_id": 4242, "pid": 1001, "nr": 41,
-    "name": "socket", "ret": -1, "args": [17, 3, 768], "behaviour_key": "syscall:socket"})
+    "name": "socket", "ret": -1, "args": [17, 3, 768], "tid": 1001, "comm": "git", "counted": False,
+    "context": 77, "destination": None, "family": None, "behaviour_key": "syscall:socket"})
 
 
 # A resolver's answer, laid out by hand: id 0x1a2b, flags 0x8180 (response, RD, RA, NOERROR),
