@@ -252,6 +252,7 @@ class Pump:
         self._next_counts = 0.0
         self._next_gc = clock() + gc_interval
         self._loss_seen: dict[str, int] = dict(sensor.loss()) if sensor is not None else {}
+        self._unwatched: set[int] = set()  # bound, not yet watched by the extensions
         self._cgroup_loss_seen: dict[int, dict[str, int]] = {}
         self.node_loss: dict[str, int] = {}  # the node's loss counters' growth since the start
         self.loss_charged: dict[str, int] = {}  # loss charged to the bound cgroups' profiles
@@ -277,8 +278,20 @@ class Pump:
         if st is not None:
             st.new_cgroups += new
         if new and self.sensor is not None:
-            self.sensor.watch_cgroup(cg, self.binding.paths.get(cg))
+            if cg in getattr(self.binding, "incomplete", ()):
+                # A container before its first exec is its runtime setting it up. Attaching the
+                # extensions' programs takes milliseconds, and a short-lived container's runtime
+                # state may be gone by the time its first exec is read: look it up first.
+                self._unwatched.add(cg)
+            else:
+                self.sensor.watch_cgroup(cg, self.binding.paths.get(cg))
         return ok
+
+    def _watch_pending(self, cgroups: Iterable[int] | None = None) -> None:
+        for cg in sorted(self._unwatched if cgroups is None else self._unwatched & set(cgroups)):
+            self._unwatched.discard(cg)
+            if cg in self.agg.bindings:
+                self.sensor.watch_cgroup(cg, self.binding.paths.get(cg))
 
     def _bind(self, cg: int, st: StepStats) -> bool:
         return self.bind(cg, st)
@@ -317,6 +330,8 @@ class Pump:
                         self.binding, "incomplete", ()):
                     # a container's first exec: its runtime has written its state by now
                     st.completed += self.binding.refresh(self.agg, [cg])
+                if cg in self._unwatched and kind in ("ExecFirstEvent", "ExecEvent"):
+                    self._watch_pending([cg])
                 self.agg.on_event(ev, wall(ev.ktime))
 
     def read_counters(self, st: StepStats | None = None) -> StepStats:
@@ -326,6 +341,7 @@ class Pump:
         for cg in self.binding.discover(self.sensor):
             self._bind(cg, st)
         st.completed += self.binding.refresh(self.agg)
+        self._watch_pending()  # a container whose first exec was not announced
         counts = self.sensor.syscall_counts(after_exec=self.binding.image_only)
         self.agg.on_counts(counts, time.time())
         self.agg.on_refused_counts(self.sensor.refused_counts(after_exec=self.binding.image_only))
