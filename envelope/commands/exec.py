@@ -65,6 +65,10 @@ def register(sub) -> None:
     p.add_argument("--allow-landlock-gaps", action="store_true",
                    help="enforce mode: where this kernel's Landlock cannot restrict a right the policy needs, "
                         "run without it (each gap printed and audited) instead of refusing")
+    p.add_argument("--no-confine", action="store_true",
+                   help="enforce mode: do not confine the command in its cgroup (no namespaces, read-only "
+                        "cgroup filesystems, hidden bpffs or dropped capabilities); for a trusted program "
+                        "that manages cgroups or BPF itself, such as Envelope's own daemon (audited)")
     p.add_argument("--poll-interval", type=float, default=0.2, help=argparse.SUPPRESS)
     p.add_argument("--stop-grace", type=float, default=3.0, metavar="SECONDS",
                    help="after SIGTERM/SIGINT, how long CMD may take to exit before its cgroup is "
@@ -94,13 +98,15 @@ def cmd_exec(args, config) -> int:
     from enforcer.policy import policy_hash
     details = {"mode": mode, "policy_mode": policy.mode, "policy_sha256": policy_hash(policy).hex(),
                "command": argv, "low_confidence": policy.low_confidence}
+    if args.no_confine and mode == "enforce":
+        details["confinement"] = "off (--no-confine)"
     action = "exec.override" if mode != policy.mode else "exec.apply"
     audit.append(config.state_dir, action, workload=policy.workload.key,
                  reason=f"envelope exec in {mode} mode" + (
                      f" (policy says {policy.mode})" if mode != policy.mode else ""),
                  details=details)
     runner = ExecRunner(config, policy, mode, poll_interval=args.poll_interval, grace=args.stop_grace,
-                        allow_landlock_gaps=args.allow_landlock_gaps)
+                        allow_landlock_gaps=args.allow_landlock_gaps, confine=not args.no_confine)
     return runner.run(path, argv)
 
 
@@ -116,9 +122,10 @@ class ExecRunner:
     """One confined run of a command. Every kernel object it makes is removed in :meth:`run`."""
 
     def __init__(self, config, policy, mode: str, poll_interval: float = 0.2, grace: float = 3.0,
-                 allow_landlock_gaps: bool = False):
+                 allow_landlock_gaps: bool = False, confine: bool = True):
         from enforcer.violations import ViolationFold, ViolationStore
         self.config = config
+        self.confine = confine
         self.allow_landlock_gaps = allow_landlock_gaps
         self.policy = policy
         self.mode = mode
@@ -176,9 +183,15 @@ class ExecRunner:
 
     def _confinement(self):
         """What keeps the enforced child in its cgroup and away from the pins (None outside
-        enforce mode); a policy that keeps a capability opening a way out is said on stderr."""
+        enforce mode, or when turned off); a policy that keeps a capability opening a way out is
+        said on stderr."""
         from enforcer import confinement
         from enforcer import exceptions as exc
+        if not self.confine:
+            if self.mode == "enforce":
+                print("envelope: warning: --no-confine: the command may leave its cgroup, open pinned maps "
+                      "and keep every capability", file=sys.stderr)
+            return None
         from enforcer.capabilities import CapabilityCompileError, exec_capability_sets
         try:
             keep = exec_capability_sets(self.policy, self.mode,
