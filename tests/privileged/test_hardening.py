@@ -168,14 +168,16 @@ def test_a_killed_record_leaves_nothing_running_and_keeps_what_it_flushed(world)
         os.kill(rec.pid, signal.SIGKILL)
         rec.wait()
         wait_for(lambda: not alive(child), timeout=30, what="the command to die with its recorder")
-        assert alive(grandchild)  # what it started in its cgroup is left: the next start reaps it
-        assert own[0].is_dir()
+        # the recorder's guard kills the whole cgroup when its owner dies; a cgroup left behind
+        # (a guard killed too) is reaped by the next start
+        wait_for(lambda: not alive(grandchild), timeout=30, what="what it started to die too")
+        left = own[0].is_dir()
         r = envelope("--config", cfg, "--state-dir", state, "record", "--workload", w.name, "--session", "s2",
                      "--", "/bin/true")
         assert r.returncode == 0, r.stderr
-        assert "killed what a recorder that died left running" in r.stderr
+        if left:
+            assert "reaping orphaned cgroup" in r.stderr and f"/envelope.record/{own[0].name}" in r.stderr, r.stderr
         assert f"closed session s1 of {w.key}: its recorder died" in r.stderr
-        wait_for(lambda: not alive(grandchild), timeout=30, what="the orphan to be killed")
         assert not own[0].exists()
     finally:
         if rec.poll() is None:
@@ -354,11 +356,12 @@ def test_the_daemon_flushes_and_reads_counters_on_time_under_a_flood(world, cgro
         _stop(proc)
     events = sum(v for k, v in after.items() if k.startswith("envelope_events_total")) - \
         sum(v for k, v in before.items() if k.startswith("envelope_events_total"))
-    lost = sum(v for k, v in after.items() if k.startswith("envelope_events_lost_total"))
-    assert sends > 100_000 and events > 50_000, (sends, events)  # it was a flood
+    assert sends > 100_000 and events > 0, (sends, events)  # it was a flood
     assert len(seen) >= 4, seen  # the profile was written again and again while it ran
     counts = [seen[g] for g in sorted(seen)]
     assert counts[-1] > counts[0], counts  # and the syscall counters were read in between
-    assert lost > 0 or events >= sends  # what did not fit in the ring is counted
     p = store.load(w)
+    # destinations are counted in the kernel and only first sightings announced, up to the
+    # cgroup's cap: every send is in the profile, none of it hidden, whatever the ring took
+    assert p.behaviours()["syscall:sendto"].count >= sends
     assert p.capped and p.overflow()["egress"].count > 0  # a million destinations: capped, bounded
