@@ -86,7 +86,6 @@ def test_held_out_variation_passes_under_enforce(suite, name, index):
     assert "when one recurs under enforce mode" in out.stderr or "no behaviours in review" in out.stderr
 
 
-@pytest.mark.parametrize("name,abuse", [(n, a) for n, abuses in rp.ABUSES.items() for a in abuses])
 def ruleset_lets_run(policy, path: str) -> bool:
     """Whether the Landlock ruleset ``envelope exec`` builds for ``policy`` grants execute on
     ``path`` (an exec entry, or the interpreter or loader an allowed exec needs)."""
@@ -104,6 +103,7 @@ def ruleset_lets_run(policy, path: str) -> bool:
     return False
 
 
+@pytest.mark.parametrize("name,abuse", [(n, a) for n, abuses in rp.ABUSES.items() for a in abuses])
 def test_abuse_is_denied_and_reported(suite, name, abuse):
     from enforcer.policy import load_policy
     from enforcer.seccomp import needs_exec
