@@ -37,6 +37,8 @@ import stat
 import struct
 from dataclasses import dataclass, field
 
+from sensor.libc import LIBC
+
 from .landlock_rules import (BY_NAME, CHILDREN_OBJECT, FILE_OBJECT, FS_RIGHTS, NET_RIGHTS, RESTRICT_FLAGS,
                              SCOPES, CompiledRuleset, Gap, PathRule, children_exclude_matches, fs_mask)
 
@@ -46,8 +48,6 @@ RULE_PATH_BENEATH = 1
 PR_SET_NO_NEW_PRIVS = 38
 _ATTR = struct.Struct("=QQQ")  # struct landlock_ruleset_attr {handled_access_fs, handled_access_net, scoped}
 _PATH_BENEATH = struct.Struct("=Qi")  # struct landlock_path_beneath_attr {allowed_access; parent_fd} packed
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 
 class LandlockError(OSError):
@@ -67,7 +67,7 @@ class LandlockGapError(LandlockError):
 
 
 def _syscall(nr: int, *args) -> int:
-    r = _libc.syscall(ctypes.c_long(nr), *args)
+    r = LIBC.syscall(ctypes.c_long(nr), *args)
     if r < 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
@@ -285,7 +285,7 @@ class Ruleset:
     def restrict_self(self) -> None:
         """Enforce on the calling thread: ``no_new_privs``, then ``landlock_restrict_self``. Call it
         in the child (after fork), before loading seccomp and before execve."""
-        if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        if LIBC.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             e = ctypes.get_errno()
             raise LandlockError(e, f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(e)}")
         try:

@@ -23,7 +23,7 @@ import os
 import secrets
 from typing import Mapping, NoReturn, Sequence
 
-from sensor.libc import LIBC
+from sensor.libc import function
 
 PROT_READ = 0x1
 PROT_WRITE = 0x2
@@ -36,12 +36,10 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 # (47-bit user space); MAP_FIXED_NOREPLACE refuses an address already in use.
 _LOW, _HIGH = 0x1000_0000_0000, 0x7000_0000_0000
 
-# prototypes over the one libc handle (its own attributes stay untyped for other callers)
-_mmap = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                         ctypes.c_int, ctypes.c_long, use_errno=True)(("mmap", LIBC))
-_munmap = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, use_errno=True)(("munmap", LIBC))
-_execve = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                           use_errno=True)(("execve", LIBC))
+_mmap = function("mmap", ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                 ctypes.c_int, ctypes.c_long)
+_munmap = function("munmap", ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
+_execve = function("execve", ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
 
 
 class LaunchPathError(OSError):

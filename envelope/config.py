@@ -204,16 +204,14 @@ def _path(*, must_exist: str | None = None, bpf: bool = False) -> Callable[[Any]
 def _fs_magic(p: Path) -> int | None:
     """The filesystem type of ``p`` (statfs f_type), or None where it cannot be asked."""
     import ctypes
-    import ctypes.util
+
+    from sensor.libc import LIBC, checked
 
     class StatFs(ctypes.Structure):
         _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     buf = StatFs()
-    if libc.statfs(os.fsencode(str(p)), ctypes.byref(buf)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    checked(f"statfs {p}", LIBC.statfs(os.fsencode(str(p)), ctypes.byref(buf)))
     return buf.f_type & 0xFFFFFFFF
 
 

@@ -64,13 +64,11 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _join_cgroup(procs_file: str, parent: int) -> Callable[[], None]:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
+    from sensor.libc import LIBC
 
     def join() -> None:
         # die with the recorder (a killed recorder must not leave its command running)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:  # the recorder died before the prctl
             os._exit(137)
         with open(procs_file, "w") as f:

@@ -107,9 +107,8 @@ def cgroup_id_from_handle(path: str | os.PathLike) -> int:
     For kernfs the handle is the 64-bit node id, the value ``bpf_get_current_cgroup_id``
     returns; this checks, independently of ``stat``, that the inode rule holds here."""
     import ctypes
-    import ctypes.util
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    from .libc import LIBC
 
     class FileHandle(ctypes.Structure):
         _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
@@ -118,7 +117,7 @@ def cgroup_id_from_handle(path: str | os.PathLike) -> int:
     fh = FileHandle(8, 0)
     mount_id = ctypes.c_int(0)
     AT_FDCWD = -100
-    rc = libc.name_to_handle_at(AT_FDCWD, os.fsencode(str(path)), ctypes.byref(fh),
+    rc = LIBC.name_to_handle_at(AT_FDCWD, os.fsencode(str(path)), ctypes.byref(fh),
                                 ctypes.byref(mount_id), 0)
     if rc != 0:
         err = ctypes.get_errno()

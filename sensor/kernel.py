@@ -24,7 +24,6 @@ after a restart (:func:`obj_get`).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import importlib
 import json
@@ -41,6 +40,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import structlog
+
+from .libc import LIBC, function
 
 log = structlog.get_logger(__name__)
 
@@ -111,10 +112,7 @@ SOCK_ADDR_HOOKS = {
 
 _NR_BPF = {"x86_64": 321, "aarch64": 280}
 _NR_BPF_HERE = _NR_BPF.get(platform.machine(), -1)
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
-_syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint]
+_syscall = function("syscall", ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint)
 _ATTR_SIZE = 128  # larger than every attr used here; the kernel checks the tail is zero
 
 
@@ -321,7 +319,7 @@ def uprobe_open(prog_fd: int, path: str | os.PathLike, offset: int, retprobe: bo
         raise BpfError(e, f"perf_event_open uprobe {path}+{offset:#x}: {os.strerror(e)}")
     try:
         for req, arg in ((PERF_EVENT_IOC_SET_BPF, prog_fd), (PERF_EVENT_IOC_ENABLE, 0)):
-            if _libc.ioctl(fd, req, arg) < 0:
+            if LIBC.ioctl(fd, req, arg) < 0:
                 e = ctypes.get_errno()
                 raise BpfError(e, f"uprobe {path}+{offset:#x}: ioctl {req:#x}: {os.strerror(e)}")
     except BaseException:
@@ -330,11 +328,9 @@ def uprobe_open(prog_fd: int, path: str | os.PathLike, offset: int, retprobe: bo
     return fd
 
 
-# A handle of its own: the bpf(2) one above has argument types set for bpf's signature.
-_perf_syscall = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).syscall
-_perf_syscall.restype = ctypes.c_long
-_perf_syscall.argtypes = [ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_ulong]
+# A prototype of its own: the bpf(2) one above is typed for bpf's signature.
+_perf_syscall = function("syscall", ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                         ctypes.c_int, ctypes.c_ulong)
 
 
 def _syscall_perf(attr: int, pid: int, cpu: int, group: int, flags: int) -> int:

@@ -37,6 +37,7 @@ Runs CMD inside its policy, standalone (no daemon):
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import signal
@@ -98,15 +99,16 @@ def cmd_exec(args, config) -> int:
     from enforcer.policy import policy_hash
     details = {"mode": mode, "policy_mode": policy.mode, "policy_sha256": policy_hash(policy).hex(),
                "command": argv, "low_confidence": policy.low_confidence}
-    if args.no_confine and mode == "enforce":
-        details["confinement"] = "off (--no-confine)"
+    runner = ExecRunner(config, policy, mode, poll_interval=args.poll_interval, grace=args.stop_grace,
+                        allow_landlock_gaps=args.allow_landlock_gaps, confine=not args.no_confine)
+    if mode == "enforce":  # what keeps the child in: audited with the run (planned, nothing applied yet)
+        plan = runner.confinement
+        details["confinement"] = "off (--no-confine)" if plan is None else plan.describe()
     action = "exec.override" if mode != policy.mode else "exec.apply"
     audit.append(config.state_dir, action, workload=policy.workload.key,
                  reason=f"envelope exec in {mode} mode" + (
                      f" (policy says {policy.mode})" if mode != policy.mode else ""),
                  details=details)
-    runner = ExecRunner(config, policy, mode, poll_interval=args.poll_interval, grace=args.stop_grace,
-                        allow_landlock_gaps=args.allow_landlock_gaps, confine=not args.no_confine)
     return runner.run(path, argv)
 
 
@@ -181,10 +183,11 @@ class ExecRunner:
             print(line, file=sys.stderr)
         sys.stderr.flush()
 
-    def _confinement(self):
+    @functools.cached_property
+    def confinement(self):
         """What keeps the enforced child in its cgroup and away from the pins (None outside
         enforce mode, or when turned off); a policy that keeps a capability opening a way out is
-        said on stderr."""
+        said on stderr. Planned once per runner."""
         from enforcer import confinement
         from enforcer import exceptions as exc
         if not self.confine:
@@ -253,7 +256,7 @@ class ExecRunner:
         child = None
         try:
             landlock = exec_landlock.for_run(self.config, self.policy, self.mode, self.allow_landlock_gaps)
-            confined = self._confinement()
+            confined = self.confinement
             dropped = confined is not None and "capability" in self.policy.substrates
             judge = Judge(self.policy, report_execs=self._reports(), report_files=self._reports(),
                           report_capabilities=self.mode != "observe",

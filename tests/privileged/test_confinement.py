@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from enforcer.confinement import BREAKERS, Confinement, bpffs_mounts, for_exec
+from enforcer.confinement import BREAKERS, Confinement, bpffs_mounts, for_exec, mounts
 from sensor.cgroup import CgroupFS, parse_proc_cgroup
 from sensor.libc import LIBC
 
@@ -223,10 +223,20 @@ def _exec_escape(tmp_path, mode: str):
 
 
 def test_exec_enforce_confines_the_command(tmp_path):
-    out, _ = _exec_escape(tmp_path, "enforce")
+    from tests.privileged.test_exec_envelope import run_envelope
+    out, state = _exec_escape(tmp_path, "enforce")
     assert out["move"] in ("EROFS", "ENOENT")     # it stayed in its cgroup ...
     assert out["connect"] == "EPERM"              # ... so its egress rules still hold
     assert out["bpffs"] in ([], "unreadable")     # and no pin is in sight (Landlock may refuse the read too)
+    r = run_envelope(state, "audit", "show", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    applied = [e for e in json.loads(r.stdout) if e["action"] == "exec.apply"]
+    assert len(applied) == 1
+    said = applied[0]["details"]["confinement"]   # the audit says how the run was confined
+    assert said["cgroupNamespace"] is True and said["hidden"] == list(bpffs_mounts())
+    assert said["readOnly"] == [point for point, _ in mounts(("cgroup2", "cgroup"))] != []
+    breakers = {name for name, _ in BREAKERS.values()}
+    assert breakers <= set(said["capabilitiesDropped"]) and not breakers & set(said["capabilitiesKept"])
 
 
 def test_exec_alert_mode_leaves_the_way_open_and_moves_back(tmp_path):
