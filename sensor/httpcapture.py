@@ -244,6 +244,7 @@ class HttpCapture:
         self._exe_facts: dict[tuple[int, int], tlsstack.ElfFacts] = {}
         self._lib_facts: dict[tuple[int, int], tlsstack.ElfFacts] = {}
         self._pids: dict[int, tuple[int, float]] = {}  # pid -> (cgroup id, last scan)
+        self._untls: set[int] = set()  # pids whose last scan found no TLS stack
         self._stacks: set[tuple[int, str, str]] = set()
         self._notes: set[tuple[int, str]] = set()
         self._made: list = []
@@ -296,8 +297,11 @@ class HttpCapture:
     def consume(self, ev) -> bool:
         if isinstance(ev, HttpCaptureEvent):
             self.assembler.on_capture(ev)
-            if ev.pid and ev.pid not in self._pids and ev.cgroup_id in self.watched:
-                # a process seen first by what it sent: look at its TLS stack while it runs
+            if ev.pid and ev.cgroup_id in self.watched and (
+                    ev.pid not in self._pids or (ev.tls and ev.pid in self._untls)):
+                # a process seen first by what it sent, or sending over TLS although its last
+                # scan found no TLS library (it loaded one since, e.g. Python's lazy ``import
+                # ssl``): look at its TLS stack while it runs
                 self._pids[ev.pid] = (ev.cgroup_id, time.monotonic())
                 self._scan_process(ev.cgroup_id, ev.pid)
             return True
@@ -442,6 +446,10 @@ class HttpCapture:
         if facts is None:
             facts = self._exe_facts[ident] = tlsstack.elf_facts(f"{self.proc}/{pid}/exe")
         stack = tlsstack.classify(mapped, exe, facts, hooked)
+        if stack.kind == "none":
+            self._untls.add(pid)
+        else:
+            self._untls.discard(pid)
         if stack.kind in ("openssl-static", "boringssl-static") and stack.observable:
             lib = self._hook_library(f"{self.proc}/{pid}/exe", facts)
             if lib is not None:
@@ -495,6 +503,7 @@ class HttpCapture:
 
     def _pid_gone(self, pid: int) -> None:
         self._pids.pop(pid, None)
+        self._untls.discard(pid)
         for ident, lib in list(self.libraries.items()):
             lib.pids.discard(pid)
             if not lib.pids and not lib.pinned:

@@ -88,6 +88,35 @@ def test_each_client_becomes_behaviours(state, sensor, peers, client):
     assert any(any(s.startswith("openssl-dynamic:") for s in v) for v in stacks.values()), stacks
 
 
+LATE_TLS = """
+import sys, time
+time.sleep(3)  # scanned meanwhile: no TLS library mapped yet (Python imports ssl lazily)
+sys.path.insert(0, sys.argv[1])
+import http_client
+rc = http_client.main(sys.argv[2:])
+time.sleep(1)  # still running when its capture is read
+sys.exit(rc)
+"""
+
+
+def test_a_process_loading_tls_after_its_scan_is_labelled_by_its_capture(state, sensor, peers):
+    cap = next(e for e in sensor.extensions if e.name == "http")
+    saved = cap.scan_interval
+    cap.scan_interval, cap._next_scan = 3600.0, 0.0  # one scan at the start, none after it
+    try:
+        cfg = Config(state_dir=state, ringbuf_pages=256, poll_interval=0.2)
+        argv = [sys.executable, "-c", LATE_TLS, str(CLIENT.parent), "urllib", peers.https, peers.http,
+                str(peers.ca), "GET:/v1/docs/5"]
+        res = record(cfg, Workload.host("late-tls"), argv, sensor=sensor)
+    finally:
+        cap.scan_interval = saved
+    assert res.exit_code == 0
+    stacks = ProfileStore(state).load(Workload.host("late-tls")).tls_stacks()
+    labels = [s for v in stacks.values() for s in v]
+    assert "none" in labels, stacks  # the scan came before the import ...
+    assert any(s.startswith("openssl-dynamic:") for s in labels), stacks  # ... the capture told the rest
+
+
 def test_credentials_are_kept_nowhere(state, sensor, peers):
     prof = _record(state, sensor, peers, "client-secrets", "urllib", _steps([1], "urllib"))
     found = [p for p in Path(state).rglob("*") if p.is_file() and any(s in p.read_bytes() for s in SECRETS)]
