@@ -76,6 +76,7 @@ class Cluster:
     backoffs: tuple = ()  # the API calls' backoffs: shortened on close
     closing: threading.Event | None = None  # ends their retry sleeps
     anchor: object = None  # envelope.anchor_job.AnchorJob
+    outbox: object = None  # sensor.outbox.Outbox: the node's gateways' contributions
 
     def start(self, observer=None, enforcement=None) -> None:
         self.pods.start()
@@ -93,9 +94,12 @@ class Cluster:
         self.stale.tick()
 
     def publish(self, profiles, written=None) -> None:
-        """Hand this node's flushed contributions to the publishing thread (a snapshot)."""
+        """Hand this node's flushed contributions to the publishing thread (a snapshot), and its
+        gateways' that changed since the last flush."""
         try:
             self.publisher.publish(profiles, written)
+            if self.outbox is not None:
+                self.publisher.publish_contributions(self.outbox.changed())
         except Exception as e:  # noqa: BLE001 - a flush must not fail on the cluster side
             log.error("profile snapshot for publishing failed", error=f"{type(e).__name__}: {e}")
 
@@ -143,6 +147,7 @@ def build_cluster(config: Config, metrics, client, *, backoff=None, watch_backof
     from enforcer.kubelet import KubeletSeccompDir
     from enforcer.leastprivilegepolicy import ClusterPolicies
     from sensor.kubeapi import REQUEST_TIMEOUT, Backoff, Informer
+    from sensor.outbox import Outbox
     from sensor.pods import PodWatcher
     from sensor.workloadprofile import ClusterProfiles, ProfilePublisher, PublisherThread
 
@@ -177,7 +182,8 @@ def build_cluster(config: Config, metrics, client, *, backoff=None, watch_backof
     anchors = ClusterAnchors.from_api_client(client, config.node_name, config.profile_namespace,
                                              backoff=calls, on_api_error=on_api_error)
     anchor = AnchorJob(config.state_dir, anchors, metrics=metrics)
-    cluster = Cluster(pods, informer, publisher, job, stale, backoffs=(calls,), closing=stop, anchor=anchor)
+    cluster = Cluster(pods, informer, publisher, job, stale, backoffs=(calls,), closing=stop, anchor=anchor,
+                      outbox=Outbox(config.state_dir, config.node_name))
     log.info("kubernetes api configured", node=config.node_name, host=client.configuration.host,
              profile_namespace=config.profile_namespace)
     return cluster

@@ -24,10 +24,15 @@ from __future__ import annotations
 
 from typing import Callable
 
+import structlog
+
+from . import outbox
 from .mcp_evidence import ArgumentEvidence
 from .profile import DEFAULT_CAPS, Profile
 from .store import ProfileStore
 from .workload import Workload
+
+log = structlog.get_logger(__name__)
 
 #: The profile fingerprint key a gateway records the catalog fingerprint under.
 CATALOG_FINGERPRINT = "tool_catalog"
@@ -113,3 +118,9 @@ class ProfileSink:
             self.evidence.calls, self.evidence.catalogs = rest.calls, rest.catalogs
             raise
         self._opened, self._closed, self._counts, self._catalogs = {}, {}, {}, {}
+        if self.store is not None:
+            try:  # for the node's daemon to publish it beside its own (sensor.outbox)
+                outbox.mark(self.store.layout.root, self.workload, self.contribution)
+            except OSError as e:
+                log.warning("gateway contribution written but not marked for publishing",
+                            workload=self.workload.key, error=str(e))

@@ -288,7 +288,7 @@ class StateDir:
         may come from an older version, or from a mkdir under a loose umask); refuse one that
         belongs to someone else."""
         for d in (self.root, self.profiles, self.profile_archive, self.profile_quarantine,
-                  self.enforce, self.modes, self.keys, self.cluster):
+                  self.enforce, self.modes, self.keys, self.cluster, self.outbox):
             _tighten(d)
 
     def read(self, path: str | os.PathLike) -> bytes:
@@ -348,6 +348,10 @@ class StateDir:
     @property
     def cluster(self) -> Path:
         return self.root / "cluster"
+
+    @property
+    def outbox(self) -> Path:
+        return self.root / "outbox"
 
     @property
     def sensor_key(self) -> Path:

@@ -488,9 +488,10 @@ class ClusterProfiles:
 
 
 class ProfilePublisher:
-    """The daemon's side: after each flush, publish this node's contribution of the profiles
-    that changed. A publication that failed is retried at the next call even if its profile has
-    not changed again. Workloads outside Kubernetes (namespace ``host``) stay on the node."""
+    """The daemon's side: after each flush, publish this node's contributions of the profiles
+    that changed: the node's own and its gateways' (``<node>/...``, :mod:`sensor.outbox`). A
+    publication that failed is retried at the next call even if its profile has not changed
+    again. Workloads outside Kubernetes (namespace ``host``) stay on the node."""
 
     def __init__(self, cluster: ClusterProfiles, node: str,
                  on_result: Callable[[PublishResult], None] | None = None, include_host: bool = False):
@@ -506,16 +507,24 @@ class ProfilePublisher:
         results = []
         for w in sorted(targets):
             p = profiles.get(w)
-            contribution = p.nodes.get(self.node) if p is not None else None
-            if contribution is None or (w.namespace == "host" and not self.include_host):
+            ours = self.ours(p) if p is not None else []
+            if not ours or (w.namespace == "host" and not self.include_host):
                 self.pending.discard(w)
                 continue
-            res = self.cluster.publish(w, contribution)
-            (self.pending.discard if res.ok else self.pending.add)(w)
-            if self.on_result is not None:
-                self.on_result(res)
-            results.append(res)
+            ok = True
+            for contribution in ours:
+                res = self.cluster.publish(w, contribution)
+                ok = ok and res.ok
+                if self.on_result is not None:
+                    self.on_result(res)
+                results.append(res)
+            (self.pending.discard if ok else self.pending.add)(w)
         return results
+
+    def ours(self, profile: Profile) -> list[NodeContribution]:
+        """``profile``'s contributions of this node: its own, then its gateways' by name."""
+        own = [profile.nodes[self.node]] if self.node in profile.nodes else []
+        return own + [c for n, c in sorted(profile.nodes.items()) if n.startswith(self.node + "/")]
 
 
 def match_workloads(workloads: Iterable[Workload], name: str) -> list[Workload]:
@@ -554,7 +563,7 @@ class PublisherThread:
     def __init__(self, publisher: ProfilePublisher, retry_interval: float = 30.0):
         self.publisher = publisher
         self.retry_interval = retry_interval
-        self._latest: dict[Workload, NodeContribution] = {}
+        self._latest: dict[Workload, dict[str, NodeContribution]] = {}  # per contribution name
         self._busy = False  # a round is writing
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -577,7 +586,17 @@ class PublisherThread:
                 p = profiles.get(w)
                 c = p.nodes.get(node) if p is not None else None
                 if c is not None:
-                    self._latest[w] = NodeContribution.unpack(c.pack())  # a snapshot the loop cannot change
+                    # a snapshot the loop cannot change
+                    self._latest.setdefault(w, {})[node] = NodeContribution.unpack(c.pack())
+        self._wake.set()
+
+    def publish_contributions(self, found: dict[Workload, dict[str, NodeContribution]]) -> None:
+        """Hand over contributions read from the store (the node's gateways', :mod:`sensor.outbox`)."""
+        if not found:
+            return
+        with self._lock:
+            for w, contributions in found.items():
+                self._latest.setdefault(w, {}).update(contributions)
         self._wake.set()
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
@@ -604,13 +623,15 @@ class PublisherThread:
     def _write(self, batch: dict) -> bool:
         if not batch:
             return True
-        profiles = {w: Profile(w, {c.node: c}) for w, c in batch.items()}
+        profiles = {w: Profile(w, dict(cs)) for w, cs in batch.items()}
         results = self.publisher.publish(profiles, written=list(batch))
         self.results = results
         failed = {r.workload for r in results if not r.ok}
         with self._lock:
             for w in failed:
-                self._latest.setdefault(w, batch[w])  # unless a newer snapshot arrived meanwhile
+                newer = self._latest.setdefault(w, {})
+                for name, c in batch[w].items():
+                    newer.setdefault(name, c)  # unless a newer snapshot arrived meanwhile
         self.publisher.pending -= failed  # retried from the snapshot above, not from pending
         return not failed
 
