@@ -13,7 +13,7 @@ demo: setup
 	$(PY) -m envelope.demo
 
 test: setup lint
-	$(PY) -m pytest tests -v -p no:cacheprovider
+	$(PY) -m pytest tests -v -p no:cacheprovider --durations=25
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -279,20 +279,19 @@ class Sensor:
             if not c.ok:
                 raise ProbeAttachError(f"{c.name}: {c.detail}; fix: {c.fix}")
         try:
+            # the families compile side by side, each in its loader child; all or nothing
+            families = [family(self.cflags, self.net_result)] + [ext.family(self.cflags) for ext in self.extensions]
             try:
-                self._loaded = kernel.load(family(self.cflags, self.net_result))
+                loaded_all = kernel.load_all(families)
             except LoadError as e:
                 raise ProbeAttachError(str(e)) from e
+            self._loaded = loaded_all[0]
+            self._extension_fds = list(loaded_all[1:])
             self._maps = self._loaded.maps
             ring = RingReader()
             ring.add(self._maps["events"], self._on_record, self.ringbuf_pages * PAGE_SIZE)
             self._ring = ring
-            for ext in self.extensions:
-                try:
-                    loaded = kernel.load(ext.family(self.cflags))
-                except LoadError as e:
-                    raise ProbeAttachError(str(e)) from e
-                self._extension_fds.append(loaded)
+            for ext, loaded in zip(self.extensions, loaded_all[1:]):
                 ext.attached(loaded, self)
                 for name in ext.rings:
                     ring.add(loaded.maps[name], self._extension_record(ext))

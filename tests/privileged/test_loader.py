@@ -1,0 +1,45 @@
+"""Program families loaded side by side (:func:`sensor.kernel.load_all`): real loader children
+compiling real families against this kernel, in the order asked, all or nothing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from sensor import capability_observer
+from sensor.kernel import Family, LoadError, Program, load_all, obj_id
+
+
+def open_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+def broken(tmp_path: Path, name: str) -> Family:
+    src = tmp_path / f"{name}.c"
+    src.write_text("int this_is_not_a_bpf_program( {\n")
+    return Family(name, str(src), programs=(Program("nothing", "raw_tracepoint", "sys_enter"),))
+
+
+def test_families_load_side_by_side_in_the_order_given():
+    families = [capability_observer.family("tracepoint"), capability_observer.family("kprobe", attach=False)]
+    loaded = load_all(families)
+    try:
+        assert [x.family for x in loaded] == [f.name for f in families]
+        assert set(loaded[0].attachments) >= {"raw_tracepoint__cap_capable"}
+        assert set(loaded[1].programs) == {"envelope_cap_capable_entry", "envelope_cap_capable_return"}
+        ids = [obj_id(fd) for x in loaded for fd in (*x.maps.values(), *x.programs.values())]
+        assert len(set(ids)) == len(ids)  # two loader children, two sets of kernel objects
+    finally:
+        for x in loaded:
+            x.close()
+
+
+def test_one_failure_closes_the_others_and_the_first_failure_is_said(tmp_path):
+    before = open_fds()
+    families = [capability_observer.family("tracepoint"), broken(tmp_path, "first-broken"),
+                capability_observer.family("kprobe", attach=False), broken(tmp_path, "second-broken")]
+    with pytest.raises(LoadError, match=r"^first-broken: compile "):
+        load_all(families)
+    assert open_fds() <= before, "fds of the families that loaded were left open"
