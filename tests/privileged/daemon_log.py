@@ -6,9 +6,17 @@ in the file object's buffer while ``select`` waits on an empty pipe. This reads 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
+from typing import Iterator
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class LogReader:
@@ -42,3 +50,21 @@ class LogReader:
                 if pred(line):
                     return line
         raise AssertionError(f"no {what!r} line; saw: {chr(10).join(self.lines)[-2000:]}")
+
+
+@contextlib.contextmanager
+def running_daemon(config: Path, *args: str) -> Iterator[tuple[subprocess.Popen, list[str]]]:
+    """``envelope --config CONFIG --log-json daemon --metrics-port 0 ARGS...``, once it is ready,
+    and the lines it logs after that (drained all along, so it never blocks on a full pipe);
+    killed on the way out if the test did not stop it."""
+    daemon = subprocess.Popen([sys.executable, "-m", "envelope.cli", "--config", str(config), "--log-json",
+                               "daemon", "--metrics-port", "0", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        LogReader(daemon.stderr).wait_for("ready")
+        log: list[str] = []
+        threading.Thread(target=lambda: log.extend(daemon.stderr), daemon=True).start()
+        yield daemon, log
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()

@@ -13,10 +13,7 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import threading
 import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -30,10 +27,9 @@ from sensor.store import ProfileStore
 from sensor.workload import Workload
 from sensor.workloadprofile import ClusterProfiles
 from tests.fakes.apiserver import FakeApiServer
-from tests.privileged.daemon_log import LogReader
+from tests.privileged.daemon_log import running_daemon
 from tests.privileged.runc_bundle import RuncContainer
 
-ROOT = Path(__file__).resolve().parents[2]
 
 NODE = "envelope-test-node"
 W = Workload("agents", "Deployment", "research-agent", "agent")
@@ -92,50 +88,41 @@ def test_daemon_publishes_profiles_and_applies_policies_through_the_api(tmp_path
             "state_dir": str(tmp_path / "state"), "node_name": NODE, "cluster": "on",
             "kubeconfig": str(kubeconfig), "kubelet_seccomp_dir": str(kubelet),
             "profile_namespace": "envelope-system", "policy_sync_interval": 0.5}))
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "envelope.cli", "--config", str(cfg), "--log-json",
-             "daemon", "--metrics-port", "0", "--flush-interval", "1"],
-            cwd=ROOT, stderr=subprocess.PIPE, text=True)
         try:
-            LogReader(daemon.stderr).wait_for("ready")
-            log: list[str] = []  # keep draining stderr so the daemon never blocks on a full pipe
-            threading.Thread(target=lambda: log.extend(daemon.stderr), daemon=True).start()
-            c.run()
-            c.wait_running()
-            reader = ClusterProfiles.from_api_client(kube.api_client(), namespace="envelope-system",
-                                                     backoff=Backoff(attempts=1))
+            with running_daemon(cfg, "--flush-interval", "1") as (daemon, log):
+                c.run()
+                c.wait_running()
+                reader = ClusterProfiles.from_api_client(kube.api_client(), namespace="envelope-system",
+                                                         backoff=Backoff(attempts=1))
 
-            def published():
-                p, _ = reader.read(W)
-                return p is not None and "syscall:openat" in p.behaviours()
+                def published():
+                    p, _ = reader.read(W)
+                    return p is not None and "syscall:openat" in p.behaviours()
 
-            assert wait_until(published), f"no WorkloadProfile for {W.key}; objects: {kube.names()}"
-            profile, problems = reader.read(W)
-            assert problems == [] and list(profile.nodes) == [NODE]
-            fps = profile.fingerprints()
-            assert fps["image"] == [DIGEST] and fps["model"] == ["model-2026-01"], "identity came from the API"
-            assert fps["service_account"] == ["research-agent"]
+                assert wait_until(published), f"no WorkloadProfile for {W.key}; objects: {kube.names()}"
+                profile, problems = reader.read(W)
+                assert problems == [] and list(profile.nodes) == [NODE]
+                fps = profile.fingerprints()
+                assert fps["image"] == [DIGEST] and fps["model"] == ["model-2026-01"], "identity came from the API"
+                assert fps["service_account"] == ["research-agent"]
 
-            def entry():
-                return node_statuses(kube.object("envelope.dev", "leastprivilegepolicies", "agents",
-                                                 "research-agent-agent") or {}).get(NODE)
+                def entry():
+                    return node_statuses(kube.object("envelope.dev", "leastprivilegepolicies", "agents",
+                                                     "research-agent-agent") or {}).get(NODE)
 
-            assert wait_until(lambda: entry() is not None), f"no node status reported: {''.join(log)[-3000:]}"
-            assert entry().state == "applied", entry().reason
-            assert entry().localhost_profile == localhost_profile(W)
-            written = json.loads((kubelet / localhost_profile(W)).read_text())
-            assert written["defaultAction"] == "SCMP_ACT_ERRNO"
-            assert "nanosleep" in written["syscalls"][0]["names"]
+                assert wait_until(lambda: entry() is not None), f"no node status reported: {''.join(log)[-3000:]}"
+                assert entry().state == "applied", entry().reason
+                assert entry().localhost_profile == localhost_profile(W)
+                written = json.loads((kubelet / localhost_profile(W)).read_text())
+                assert written["defaultAction"] == "SCMP_ACT_ERRNO"
+                assert "nanosleep" in written["syscalls"][0]["names"]
 
-            before = profile.behaviours()["syscall:openat"].count
-            daemon.send_signal(signal.SIGTERM)
-            assert daemon.wait(timeout=120) == 0
-            after, _ = reader.read(W)
-            assert after.behaviours()["syscall:openat"].count >= before, "the shutdown flush published"
+                before = profile.behaviours()["syscall:openat"].count
+                daemon.send_signal(signal.SIGTERM)
+                assert daemon.wait(timeout=120) == 0
+                after, _ = reader.read(W)
+                assert after.behaviours()["syscall:openat"].count >= before, "the shutdown flush published"
         finally:
-            if daemon.poll() is None:
-                daemon.kill()
-                daemon.wait()
             # The pinned egress set outlives the daemon by design; this test removes it.
             from enforcer.session import EnforcementSession
             EnforcementSession(tmp_path / "state").remove(W, reason="test cleanup")
@@ -154,28 +141,19 @@ def test_a_black_holed_api_server_changes_no_event_count(tmp_path):
             "state_dir": str(tmp_path / "state"), "node_name": NODE, "cluster": "on",
             "kubeconfig": kube.kubeconfig(tmp_path / "kubeconfig"), "kubelet_seccomp_dir": str(tmp_path / "kubelet"),
             "profile_namespace": "envelope-system", "policy_sync_interval": 0.5}))
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "envelope.cli", "--config", str(cfg), "--log-json",
-             "daemon", "--metrics-port", "0", "--flush-interval", "1"],
-            cwd=ROOT, stderr=subprocess.PIPE, text=True)
         try:
-            LogReader(daemon.stderr).wait_for("ready")
-            log: list[str] = []
-            threading.Thread(target=lambda: log.extend(daemon.stderr), daemon=True).start()
-            assert wait_until(lambda: kube.hanging >= 2), "the daemon's API calls are held in the black hole"
-            script = ("import ctypes\nl=ctypes.CDLL(None)\n"
-                      "for _ in range(777): l.personality(0xffffffff)\n")
-            w = subprocess.Popen(["/usr/bin/python3", "-c", script],
-                                 preexec_fn=lambda: open(f"{path}/cgroup.procs", "w").write("0"))
-            assert w.wait() == 0
-            time.sleep(2.5)  # let at least one counter read pass
-            assert kube.hanging >= 2
-            daemon.send_signal(signal.SIGTERM)
-            assert daemon.wait(timeout=120) == 0, "".join(log)[-3000:]
+            with running_daemon(cfg, "--flush-interval", "1") as (daemon, log):
+                assert wait_until(lambda: kube.hanging >= 2), "the daemon's API calls are held in the black hole"
+                script = ("import ctypes\nl=ctypes.CDLL(None)\n"
+                          "for _ in range(777): l.personality(0xffffffff)\n")
+                w = subprocess.Popen(["/usr/bin/python3", "-c", script],
+                                     preexec_fn=lambda: open(f"{path}/cgroup.procs", "w").write("0"))
+                assert w.wait() == 0
+                time.sleep(2.5)  # let at least one counter read pass
+                assert kube.hanging >= 2
+                daemon.send_signal(signal.SIGTERM)
+                assert daemon.wait(timeout=120) == 0, "".join(log)[-3000:]
         finally:
-            if daemon.poll() is None:
-                daemon.kill()
-                daemon.wait()
             cgfs.remove(rel)
             cgfs.remove_empty_parents(rel)
     store = ProfileStore(tmp_path / "state")

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import threading
 from pathlib import Path
 
 import anyio
@@ -19,7 +17,7 @@ from sensor.kubeapi import Backoff
 from sensor.workload import Workload
 from sensor.workloadprofile import ClusterProfiles
 from tests.fakes.apiserver import FakeApiServer
-from tests.privileged.daemon_log import LogReader
+from tests.privileged.daemon_log import running_daemon
 from tests.privileged.test_daemon_cluster import wait_until
 from tests.unit.mcp_peers import ENVELOPE, ROOT, StdioServerParameters, session, time_server
 
@@ -35,12 +33,7 @@ def test_the_daemon_publishes_a_gateways_contribution_beside_its_own(tmp_path: P
             "state_dir": str(tmp_path / "state"), "node_name": NODE, "cluster": "on",
             "kubeconfig": kube.kubeconfig(tmp_path / "kubeconfig"), "kubelet_seccomp_dir": str(tmp_path / "kubelet"),
             "profile_namespace": "envelope-system", "policy_sync_interval": 0.5}))
-        daemon = subprocess.Popen([*ENVELOPE, "--config", str(cfg), "--log-json", "daemon", "--metrics-port", "0",
-                                   "--flush-interval", "1"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
-        try:
-            LogReader(daemon.stderr).wait_for("ready")
-            log: list[str] = []
-            threading.Thread(target=lambda: log.extend(daemon.stderr), daemon=True).start()
+        with running_daemon(cfg, "--flush-interval", "1") as (daemon, log):
             server = StdioServerParameters(command=ENVELOPE[0], args=[
                 *ENVELOPE[1:], "--config", str(cfg), "mcp", "wrap", "--workload", W.key, "--", *time_server()],
                 cwd=str(ROOT))
@@ -66,7 +59,3 @@ def test_the_daemon_publishes_a_gateways_contribution_beside_its_own(tmp_path: P
             assert profile.fingerprints()["tool_catalog"], "the catalog fingerprint went too"
             daemon.send_signal(signal.SIGTERM)
             assert daemon.wait(timeout=120) == 0, "".join(log)[-3000:]
-        finally:
-            if daemon.poll() is None:
-                daemon.kill()
-                daemon.wait()
