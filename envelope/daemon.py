@@ -209,14 +209,19 @@ class Daemon:
         self.metrics = None
         self.enforcement = None
         self.cluster = None
+        self.runtime_watch = None
 
     # -- wiring ------------------------------------------------------------------------------
 
     def _resolver(self):
         from sensor.identity import Resolver
+        from sensor.runtime_watch import RememberingRuntimeState
 
         kube = self.cluster.pods if self.cluster else None
-        return Resolver(host_root=self.config.host_root, kube=kube)
+        runtime = RememberingRuntimeState(self.config.host_root)
+        runtime.watch.start()  # short-lived containers' state, read as it appears
+        self.runtime_watch = runtime.watch
+        return Resolver(host_root=self.config.host_root, kube=kube, runtime=runtime)
 
     def _cluster(self):
         """The Kubernetes side (pod identity, WorkloadProfile publishing, policies), or None."""
@@ -317,6 +322,8 @@ class Daemon:
             self.sensor.close()
         if self.metrics:
             self.metrics.close()
+        if self.runtime_watch:
+            self.runtime_watch.close()
         log.info("stopped")
 
 

@@ -403,10 +403,13 @@ class Resolver:
             if found is not None and found[1] == cgroup_id:
                 return found[0]
         try:
-            return self.cgroupfs.path_of(cgroup_id)
+            path = self.cgroupfs.path_of(cgroup_id)
         except CgroupError as e:
             log.warning("cgroup index walk failed", cgroup_id=cgroup_id, error=str(e))
-            return None
+            path = None
+        if path is None and hasattr(self.runtime, "remembered_path"):
+            path = self.runtime.remembered_path(cgroup_id)  # a container gone before first sight
+        return path
 
     def _resolve_new(self, cgroup_id: int, pid: int | None) -> _Entry:
         path = self._locate(cgroup_id, pid)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -81,6 +82,37 @@ def test_short_lived_container_resolved_at_first_sight(tmp_path, cgfs):
         assert not cgfs.abspath(rel).exists()
         assert resolver.resolve(cid) == first
         assert first.workload == Workload("batch", "Deployment", "indexer", "worker")
+
+
+@pytest.mark.runc
+def test_a_container_first_seen_after_runc_deleted_it_keeps_its_identity(tmp_path, cgfs):
+    """``runc run`` deletes its state as the container exits: a resolver that first looks after
+    that still finds the Deployment, from what the runtime watch read at ``create``."""
+    from sensor.runtime_watch import RememberingRuntimeState
+    root = tmp_path / "runc-root"  # a runc root of its own: only this container in it
+    root.mkdir()
+    runtime = RememberingRuntimeState(runc_roots=(str(root),), bundle_dirs=(), crio_userdata=())
+    assert runtime.watch.start()
+    try:
+        with RuncContainer.deployment("batch", "indexer", "worker", ["/bin/sh", "-c", "read x; exit 3"],
+                                      tmp_path, runc_root=str(root)) as c:
+            c.create()
+            pid = c.wait_running()
+            rel, cid = cgfs.pid_cgroup(pid)
+            deadline = time.monotonic() + 30
+            while runtime.watch.remembered(c.id) is None and time.monotonic() < deadline:
+                time.sleep(0.01)  # the watch reads the state in its own thread
+            assert runtime.watch.remembered(c.id) is not None, runtime.watch.counts
+            c.start()
+            assert c.wait() is None
+            c.delete()
+            assert not c.state_dir.exists() and not cgfs.abspath(rel).exists()
+            late = Resolver(cgfs, runtime=runtime).resolve(cid)  # first sight: everything is gone
+            assert late.workload == Workload("batch", "Deployment", "indexer", "worker")
+            assert late.source == "oci" and late.container.container_id == c.id
+            assert Resolver(cgfs).resolve(cid).source == "unresolved"  # without the watch: nothing
+    finally:
+        runtime.watch.close()
 
 
 def test_real_cgroup_create_move_kill_remove(cgfs):
