@@ -245,6 +245,7 @@ class HttpCapture:
         self._lib_facts: dict[tuple[int, int], tlsstack.ElfFacts] = {}
         self._pids: dict[int, tuple[int, float]] = {}  # pid -> (cgroup id, last scan)
         self._untls: set[int] = set()  # pids whose last scan found no TLS stack
+        self._rescanned: set[int] = set()  # pids rescanned for a TLS capture (once per pid)
         self._stacks: set[tuple[int, str, str]] = set()
         self._notes: set[tuple[int, str]] = set()
         self._made: list = []
@@ -297,8 +298,10 @@ class HttpCapture:
     def consume(self, ev) -> bool:
         if isinstance(ev, HttpCaptureEvent):
             self.assembler.on_capture(ev)
-            if ev.pid and ev.cgroup_id in self.watched and (
-                    ev.pid not in self._pids or (ev.tls and ev.pid in self._untls)):
+            late_tls = ev.tls and ev.pid in self._untls and ev.pid not in self._rescanned
+            if ev.pid and ev.cgroup_id in self.watched and (ev.pid not in self._pids or late_tls):
+                if late_tls:
+                    self._rescanned.add(ev.pid)  # at most once: later changes wait for the periodic scan
                 # a process seen first by what it sent, or sending over TLS although its last
                 # scan found no TLS library (it loaded one since, e.g. Python's lazy ``import
                 # ssl``): look at its TLS stack while it runs
@@ -504,6 +507,7 @@ class HttpCapture:
     def _pid_gone(self, pid: int) -> None:
         self._pids.pop(pid, None)
         self._untls.discard(pid)
+        self._rescanned.discard(pid)
         for ident, lib in list(self.libraries.items()):
             lib.pids.discard(pid)
             if not lib.pids and not lib.pinned:

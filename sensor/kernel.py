@@ -866,15 +866,15 @@ def load_all(families: Sequence[Family], timeout: float = LOADER_TIMEOUT,
         return [load(f, timeout) for f in families]
     workers = parallel or max(1, min(len(families), os.cpu_count() or 1, 4))
 
-    def one(f: Family) -> Loaded | LoadError:
+    def one(f: Family) -> Loaded | Exception:
         try:
             return load(f, timeout)
-        except LoadError as e:
+        except Exception as e:  # noqa: BLE001 - any failure (a fork refused too): the others are closed
             return e
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bpf-loader") as pool:
         results = list(pool.map(one, families))
-    failed = [r for r in results if isinstance(r, LoadError)]
+    failed = [r for r in results if isinstance(r, Exception)]
     if failed:
         for r in results:
             if isinstance(r, Loaded):

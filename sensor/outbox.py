@@ -50,7 +50,7 @@ class Outbox:
         self.state_dir = state_dir
         self.node = node
         self.store = store or ProfileStore(state_dir)
-        self._seen: dict[str, tuple[int, int]] = {}  # marker name -> (mtime_ns, inode) last taken
+        self._seen: dict[str, tuple] = {}  # marker name -> its stat signature when last taken
         self.problems = 0
 
     def changed(self) -> dict[Workload, dict[str, NodeContribution]]:
@@ -69,7 +69,7 @@ class Outbox:
                 st = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-            sig = (st.st_mtime_ns, st.st_ino)
+            sig = (st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_size)  # writers rename: a new inode
             if self._seen.get(entry.name) == sig:
                 continue
             self._seen[entry.name] = sig

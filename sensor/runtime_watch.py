@@ -60,7 +60,9 @@ class RuntimeWatch:
         self._known: OrderedDict[str, tuple[dict, str]] = OrderedDict()
         self._lock = threading.Lock()
         self._fd = -1
-        self._wds: dict[int, tuple[str, str | None]] = {}  # wd -> (host path, container id or None)
+        # wd -> (host path, container id, or None for a root; the root's name)
+        self._wds: dict[int, tuple[str, str | None, str]] = {}
+        self._done: OrderedDict[str, None] = OrderedDict()  # annotations and cgroup both known
         self._watched_roots: set[str] = set()
         self._stop = threading.Event()
         self._wake_r = self._wake_w = -1
@@ -135,7 +137,7 @@ class RuntimeWatch:
         except HostPathError:
             return None
 
-    def _watch(self, path: str, mask: int, container: str | None) -> bool:
+    def _watch(self, path: str, mask: int, container: str | None, root: str = "") -> bool:
         wd = LIBC.inotify_add_watch(self._fd, os.fsencode(path), mask)
         if wd < 0:
             e = ctypes.get_errno()
@@ -143,7 +145,7 @@ class RuntimeWatch:
                 log.warning("inotify watch limit reached: container state read late",
                             path=path, fix="raise fs.inotify.max_user_watches")
             return False
-        self._wds[wd] = (path, container)
+        self._wds[wd] = (path, container, root)
         return True
 
     def _add_roots(self) -> None:
@@ -153,7 +155,7 @@ class RuntimeWatch:
             host = self._host(root)
             if host is None or not os.path.isdir(host):
                 continue
-            if self._watch(host, ROOT_MASK, None):
+            if self._watch(host, ROOT_MASK, None, root):
                 self._watched_roots.add(root)
                 log.debug("runtime state root watched", root=root)
 
@@ -169,34 +171,49 @@ class RuntimeWatch:
             self._watch(userdata, CONTAINER_MASK, name)
 
     def _try(self, container_id: str) -> None:
-        with self._lock:
-            if container_id in self._known:
-                return
-        found = self.runtime.annotations(container_id)
-        if found is None:
+        """Read what is there of ``container_id``: its annotations (from whichever runtime wrote
+        them first, e.g. containerd's bundle) and its init's cgroup (from runc's state, which may
+        come later). Its directories stay watched until both are known, or they are removed."""
+        if container_id in self._done:
             return
-        cgroup = self._cgroup_of(container_id)
         with self._lock:
-            self._known[container_id] = found
-            while len(self._known) > self.capacity:
-                self._known.popitem(last=False)
-            if cgroup is not None:
-                self._paths[cgroup[1]] = cgroup[0]
-                while len(self._paths) > self.capacity:
-                    self._paths.popitem(last=False)
-        self.counts["remembered"] += 1
-        for wd, (_, cid) in list(self._wds.items()):  # nothing more to read in its directories
+            found = self._known.get(container_id)
+        if found is None:
+            found = self.runtime.annotations(container_id)
+            if found is None:
+                return
+            with self._lock:
+                self._known[container_id] = found
+                while len(self._known) > self.capacity:
+                    self._known.popitem(last=False)
+            self.counts["remembered"] += 1
+        cgroup = self._cgroup_of(container_id)
+        if cgroup is None:
+            return
+        with self._lock:
+            self._paths[cgroup[1]] = cgroup[0]
+            while len(self._paths) > self.capacity:
+                self._paths.popitem(last=False)
+        self._done[container_id] = None
+        while len(self._done) > self.capacity:
+            self._done.popitem(last=False)
+        for wd, (_, cid, _root) in list(self._wds.items()):  # nothing more to read in its directories
             if cid == container_id:
                 LIBC.inotify_rm_watch(self._fd, wd)
                 self._wds.pop(wd, None)
 
     def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         next_roots = time.monotonic() + RETRY_ROOTS
         while not self._stop.is_set():
             timeout = max(0.0, next_roots - time.monotonic())
             try:
-                ready, _, _ = select.select([self._fd, self._wake_r], [], [], timeout)
-            except (OSError, ValueError):
+                ready = {fd for fd, _ in poller.poll(timeout * 1000)}
+            except OSError as e:
+                log.error("runtime state watch stopped: a short-lived container may lose its identity",
+                          error=str(e))
                 return
             if self._stop.is_set():
                 return
@@ -230,9 +247,11 @@ class RuntimeWatch:
         where = self._wds.get(wd)
         if where is None:
             return
-        path, container = where
-        if mask & IN_IGNORED:
+        path, container, root = where
+        if mask & IN_IGNORED:  # removed (a root too: watched again when it is back) or unwatched
             self._wds.pop(wd, None)
+            if container is None:
+                self._watched_roots.discard(root)
             return
         if container is None:
             if mask & IN_ISDIR and name:
@@ -248,9 +267,9 @@ class RememberingRuntimeState(RuntimeState):
     """:class:`sensor.identity.RuntimeState` that falls back to what a :class:`RuntimeWatch` read
     of a container whose state is gone."""
 
-    def __init__(self, host_root: str | os.PathLike = "/", **kw):
+    def __init__(self, host_root: str | os.PathLike = "/", cgroupfs=None, **kw):
         super().__init__(host_root, **kw)
-        self.watch = RuntimeWatch(self)
+        self.watch = RuntimeWatch(self, cgroupfs=cgroupfs)
 
     def annotations(self, container_id: str) -> tuple[dict[str, str], str] | None:
         live = super().annotations(container_id)

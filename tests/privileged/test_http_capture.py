@@ -109,7 +109,7 @@ def test_a_process_loading_tls_after_its_scan_is_labelled_by_its_capture(state, 
                 str(peers.ca), "GET:/v1/docs/5"]
         res = record(cfg, Workload.host("late-tls"), argv, sensor=sensor)
     finally:
-        cap.scan_interval = saved
+        cap.scan_interval, cap._next_scan = saved, 0.0  # the module's other tests scan as usual
     assert res.exit_code == 0
     stacks = ProfileStore(state).load(Workload.host("late-tls")).tls_stacks()
     labels = [s for v in stacks.values() for s in v]

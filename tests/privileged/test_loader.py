@@ -3,6 +3,7 @@ compiling real families against this kernel, in the order asked, all or nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -22,18 +23,38 @@ def broken(tmp_path: Path, name: str) -> Family:
     return Family(name, str(src), programs=(Program("nothing", "raw_tracepoint", "sys_enter"),))
 
 
-def test_families_load_side_by_side_in_the_order_given():
-    families = [capability_observer.family("tracepoint"), capability_observer.family("kprobe", attach=False)]
+MEET = "tests.privileged.loader_rendezvous:meet"
+
+
+def meeting(f: Family, name: str) -> Family:
+    return dataclasses.replace(f, name=name, setup=MEET)
+
+
+def test_families_load_side_by_side_in_the_order_given(tmp_path, monkeypatch):
+    monkeypatch.setenv("ENVELOPE_TEST_RENDEZVOUS", str(tmp_path))  # each child waits for the other
+    families = [meeting(capability_observer.family("tracepoint"), "caps-tracepoint"),
+                meeting(capability_observer.family("kprobe", attach=False), "caps-kprobe")]
     loaded = load_all(families)
     try:
-        assert [x.family for x in loaded] == [f.name for f in families]
+        assert [x.family for x in loaded] == ["caps-tracepoint", "caps-kprobe"]
         assert set(loaded[0].attachments) >= {"raw_tracepoint__cap_capable"}
         assert set(loaded[1].programs) == {"envelope_cap_capable_entry", "envelope_cap_capable_return"}
         ids = [obj_id(fd) for x in loaded for fd in (*x.maps.values(), *x.programs.values())]
-        assert len(set(ids)) == len(ids)  # two loader children, two sets of kernel objects
+        assert len(set(ids)) == len(ids)
     finally:
         for x in loaded:
             x.close()
+    assert len(list(tmp_path.iterdir())) == 2  # both children were alive at once
+
+
+def test_one_at_a_time_the_children_never_meet(tmp_path, monkeypatch):
+    """The rendezvous above can fail: loaded one after another, neither child meets the other."""
+    monkeypatch.setenv("ENVELOPE_TEST_RENDEZVOUS", str(tmp_path))
+    monkeypatch.setenv("ENVELOPE_TEST_RENDEZVOUS_WAIT", "2")
+    families = [meeting(capability_observer.family("tracepoint"), "caps-tracepoint"),
+                meeting(capability_observer.family("kprobe", attach=False), "caps-kprobe")]
+    with pytest.raises(LoadError, match="of 2 loader children met"):
+        load_all(families, parallel=1)
 
 
 def test_one_failure_closes_the_others_and_the_first_failure_is_said(tmp_path):

@@ -17,7 +17,7 @@ from envelope.config import Config
 from sensor.kubeapi import Backoff
 from sensor.mcp_evidence import tool_call_key
 from sensor.outbox import Outbox, mark
-from sensor.state_dir import StateDir
+from sensor.state_dir import StateDir, atomic_write
 from sensor.store import ProfileStore
 from sensor.workload import Workload
 from sensor.workloadprofile import ClusterProfiles, ProfilePublisher, PublisherThread
@@ -88,7 +88,7 @@ def test_a_damaged_marker_is_counted_and_skipped(tmp_path):
     bad.chmod(0o600)
     box = Outbox(config.state_dir, "node-a")
     assert list(box.changed()) == [W] and box.problems == 1
-    bad.write_text(json.dumps({"workload": {"namespace": "x"}, "contribution": "node-a/mcp"}))
+    atomic_write(bad, json.dumps({"workload": {"namespace": "x"}, "contribution": "node-a/mcp"}).encode())
     assert box.changed() == {} and box.problems == 2
 
 

@@ -115,3 +115,53 @@ def test_memory_is_bounded_oldest_first(host):
         assert [state.annotations(c) is not None for c in ids] == [False, False, True, True, True]
     finally:
         state.watch.close()
+
+
+BUNDLES = "/run/containerd/io.containerd.runtime.v2.task/k8s.io"
+
+
+def test_containerd_order_bundle_first_then_runc_state_with_the_init_cgroup(tmp_path):
+    """containerd writes the bundle's config.json (the annotations) before ``runc create``
+    writes runc's state (the init's pid): the watch keeps looking until it has both."""
+    from sensor.cgroup import CgroupError, CgroupFS
+    try:
+        cgfs = CgroupFS()
+        mine = cgfs.pid_cgroup(os.getpid())
+    except CgroupError:
+        pytest.skip("no cgroup v2 hierarchy here")
+    assert mine is not None
+    root = "/run/containerd/runc/k8s.io"
+    for d in (root, BUNDLES):
+        (tmp_path / d.lstrip("/")).mkdir(parents=True)
+    state = RememberingRuntimeState(tmp_path, cgroupfs=cgfs, runc_roots=(root,), bundle_dirs=(BUNDLES,),
+                                    crio_userdata=())
+    assert state.watch.start()
+    try:
+        cid = secrets.token_hex(32)
+        bundle = tmp_path / BUNDLES.lstrip("/") / cid
+        bundle.mkdir()
+        (bundle / "config.json").write_text(json.dumps({"annotations": annotations("ctrd-pod")}))
+        assert wait_for(lambda: state.watch.remembered(cid) is not None), state.watch.counts
+        assert state.remembered_path(mine[1]) is None  # no runc state yet: no cgroup
+        run = tmp_path / root.lstrip("/") / cid
+        run.mkdir()
+        (run / "state.json").write_text(json.dumps({"id": cid, "init_process_pid": os.getpid(),
+                                                    "config": {"labels": [f"bundle={BUNDLES}/{cid}"]}}))
+        assert wait_for(lambda: state.remembered_path(mine[1]) == mine[0]), state.watch.counts
+    finally:
+        state.watch.close()
+
+
+def test_a_root_removed_and_made_again_is_watched_again(host, monkeypatch):
+    monkeypatch.setattr(runtime_watch, "RETRY_ROOTS", 0.05)
+    state = watched(host)
+    try:
+        shutil.rmtree(host / RUNC_ROOT.lstrip("/"))  # the runtime's state root goes (a restart)
+        assert wait_for(lambda: RUNC_ROOT not in state.watch._watched_roots)
+        (host / RUNC_ROOT.lstrip("/")).mkdir(parents=True)
+        assert wait_for(lambda: RUNC_ROOT in state.watch._watched_roots)
+        cid = secrets.token_hex(32)
+        runc_create(host, cid, "after-restart")
+        assert wait_for(lambda: state.watch.remembered(cid) is not None), state.watch.counts
+    finally:
+        state.watch.close()
