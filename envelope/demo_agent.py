@@ -156,9 +156,10 @@ def run(task: int, malicious: bool, mcp_server: list[str] | None = None, repo: s
         except OSError as e:
             print(f"exfiltration connect: {errno.errorcode.get(e.errno, e.errno)}")
             status = 3
-        from sensor.libc import function
-        ptrace = function("ptrace", ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p)
-        rc = ptrace(0, 0, None, None)  # PTRACE_TRACEME
+        # the agent is the workload, a program of its own: its own libc handle, not Envelope's
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.ptrace.restype = ctypes.c_long
+        rc = libc.ptrace(0, 0, None, None)  # PTRACE_TRACEME
         err = ctypes.get_errno()
         print(f"ptrace: {'ok' if rc == 0 else errno.errorcode.get(err, err)}")
         status = status if rc == 0 else 3

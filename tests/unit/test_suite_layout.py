@@ -35,3 +35,19 @@ def test_parametrize_marks_sit_on_tests():
                     and any(_parametrizes(d) for d in node.decorator_list):
                 misplaced.append(f"{path.relative_to(TESTS)}:{node.lineno} {node.name}")
     assert not misplaced, f"parametrize marks on functions that are not tests: {misplaced}"
+
+
+def test_the_demo_agent_is_a_program_of_its_own():
+    """The demo's workload runs as a script (``python envelope/demo_agent.py``), where Envelope's
+    packages are not importable: an import of them fails at run time, in the middle of its
+    malicious run (seen in CI). It may use the standard library only."""
+    agent = TESTS.parent / "envelope" / "demo_agent.py"
+    ours = {"envelope", "sensor", "enforcer", "bench", "tests"}
+    found = []
+    for node in ast.walk(ast.parse(agent.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+        found += [f"{agent.name}:{node.lineno} {n}" for n in names if n.split(".")[0] in ours]
+        if isinstance(node, ast.ImportFrom) and node.level:
+            found.append(f"{agent.name}:{node.lineno} relative import")
+    assert not found, found
