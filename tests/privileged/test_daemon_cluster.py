@@ -29,6 +29,7 @@ from sensor.workloadprofile import ClusterProfiles
 from tests.fakes.apiserver import FakeApiServer
 from tests.privileged.daemon_log import running_daemon
 from tests.privileged.runc_bundle import RuncContainer
+from tests.polling import until
 
 
 NODE = "envelope-test-node"
@@ -61,13 +62,7 @@ def pod_for(c: RuncContainer) -> tuple[dict, dict]:
 
 
 def wait_until(cond, timeout: float = 120.0) -> bool:
-    """Poll ``cond``; the timeout only stops a hung test."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
+    return until(cond, timeout, interval=0.1)
 
 
 @pytest.mark.runc

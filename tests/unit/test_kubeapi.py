@@ -4,24 +4,15 @@ the informer's list+watch against the fake API server (bookmarks, 410, selectors
 from __future__ import annotations
 
 import functools
-import time
 
 import pytest
 from kubernetes import client
 
 from sensor.kubeapi import Backoff, ClusterApiError, Informer, api_client, call_with_retry, list_all
 from tests.fakes.apiserver import FakeApiServer
+from tests.polling import until as wait_for
 
 G, V, P = "envelope.dev", "v1alpha1", "leastprivilegepolicies"
-
-
-def wait_for(cond, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def policy(name: str, ns: str = "agents") -> dict:

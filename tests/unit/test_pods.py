@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from sensor.kubeapi import Backoff
 from sensor.pods import PodWatcher, lookups_of
 from tests.fakes.apiserver import FakeApiServer
+from tests.polling import until as wait_for
 
 K8S = Path(__file__).resolve().parent.parent / "fixtures" / "k8s"
 AGENT = "8f7d2c1e-4a6b-4c3d-9e8f-1a2b3c4d5e6f"
@@ -22,16 +22,6 @@ AGENT_CID = "3f1b9c2d7e4a6b8c0d2e4f6a8b0c2d4e6f8a0b2c4d6e8f0a2b4c6d8e0f2a4b6c"
 
 def load(name: str) -> dict:
     return json.loads((K8S / name).read_text())
-
-
-def wait_for(cond, timeout: float = 30.0) -> bool:
-    """Poll ``cond``; the timeout only stops a hung test, it is not what is being tested."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 @pytest.fixture

@@ -8,13 +8,13 @@ import json
 import os
 import secrets
 import shutil
-import time
 
 import pytest
 
 from sensor import runtime_watch
 from sensor.identity import cri_from_annotations
 from sensor.runtime_watch import RememberingRuntimeState
+from tests.polling import until as wait_for
 
 RUNC_ROOT = "/run/runc"
 
@@ -37,15 +37,6 @@ def runc_create(host, cid: str, pod: str) -> None:
 
 def runc_delete(host, cid: str) -> None:
     shutil.rmtree(host / RUNC_ROOT.lstrip("/") / cid)
-
-
-def wait_for(cond, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 @pytest.fixture
