@@ -309,10 +309,11 @@ class Pump:
                and self.clock() - start < self.budget):
             events = self.sensor.poll(0, min(chunk, self.batch - st.events))
             self._aggregate(events, st)
+        flooded = len(events) >= min(chunk, max(self.batch - st.events, 1))  # stopped by batch or budget
         now = self.clock()
         if now >= self._next_counts:
             self._next_counts = now + self.counts_interval
-            self.read_counters(st)
+            self.read_counters(st, drain=not flooded)
         if now >= self._next_gc:
             self._next_gc = now + self.gc_interval
             st.closed_cgroups = self.collect_gone()
@@ -334,19 +335,28 @@ class Pump:
                     self._watch_pending([cg])
                 self.agg.on_event(ev, wall(ev.ktime))
 
-    def read_counters(self, st: StepStats | None = None) -> StepStats:
+    def read_counters(self, st: StepStats | None = None, drain: bool = True) -> StepStats:
         """Bind new cgroups first, so a container's first reading is already restricted to what
-        it did from its first exec; then add the counter deltas and the loss since last time."""
+        it did from its first exec; then add the counter deltas and the loss since last time.
+        ``drain``: read the rings between taking the counters and applying them (see below);
+        a step stopped by its batch or budget (a flood) does not."""
         st = st or StepStats()
         for cg in self.binding.discover(self.sensor):
             self._bind(cg, st)
         st.completed += self.binding.refresh(self.agg)
         self._watch_pending()  # a container whose first exec was not announced
         counts = self.sensor.syscall_counts(after_exec=self.binding.image_only)
+        refused = self.sensor.refused_counts(after_exec=self.binding.image_only)
+        keys = self.sensor.behaviour_counts(changed_only=True, after_exec=self.binding.image_only)
+        # What explains a counted behaviour was committed to a ring before the kernel counted it
+        # (a DNS answer before the connect that used it): drain the rings now, after taking the
+        # counters and before applying them, so it is seen first. Under a flood a step keeps its
+        # budget instead, and a name may be missed.
+        if drain:
+            self._aggregate(self.sensor.poll(0, min(CHUNK, self.batch)), st)
         self.agg.on_counts(counts, time.time())
-        self.agg.on_refused_counts(self.sensor.refused_counts(after_exec=self.binding.image_only))
-        self.agg.on_key_counts(self.sensor.behaviour_counts(changed_only=True,
-                                                            after_exec=self.binding.image_only))
+        self.agg.on_refused_counts(refused)
+        self.agg.on_key_counts(keys)
         self.agg.on_dropped(self.sensor.dropped_counts())
         st.loss = self._loss_delta()
         for k, v in st.loss.items():

@@ -267,6 +267,36 @@ def test_observation_names_connects_and_keeps_addresses(cgroup):
             sensor.close()
 
 
+def test_a_counter_read_before_the_answer_is_drained_still_names_the_connect(cgroup):
+    """The connect is counted in the kernel and its answer waits in the DNS ring: a counter read
+    that comes first (the pump reads counters between drains) must not record the address. The
+    pump drains the rings after taking the counters and before applying them."""
+    from sensor import syscalls
+    from sensor.aggregate import Aggregator
+    from sensor.dns import DnsObserver
+    from sensor.probes import Sensor
+    from sensor.pump import Pump, TreeBinding
+    from sensor.workload import Workload
+    w = Workload.host("dns-counted-first")
+    with DnsWorld(ttl=30) as world:
+        world.set_names({"api.example.test": ["10.77.1.52"]})
+        cid = os.stat(cgroup).st_ino
+        sensor = Sensor(ringbuf_pages=1024, cflags=[f"-DEVENT_CGROUP={cid}"], extensions=[DnsObserver()])
+        sensor.attach()
+        try:
+            agg = Aggregator("n1", None, syscalls.name)
+            pump = Pump(sensor, TreeBinding(cgroup, w, "s1"), agg, counts_interval=3600)
+            agent(world, cgroup, f"api.example.test:{SERVICE_PORT}")
+            pump.read_counters()  # before any drain: the answer is still in its ring
+            pump.finish()
+            keys = set(agg.profiles[w].behaviours())
+            assert f"connect:tcp:api.example.test:{SERVICE_PORT}" in keys
+            assert f"connect:tcp:10.77.1.52:{SERVICE_PORT}" not in keys, sorted(keys)
+        finally:
+            pump.release()
+            sensor.close()
+
+
 def test_rotation_record_derive_explain_enforce_and_a_denial(tmp_path):
     """The README's worked example, through the CLI: three recorded sessions see api.example.test
     at three addresses; the derived policy allows the name (not the addresses) and the resolver;
