@@ -17,7 +17,9 @@ same address, the most recent answer names it.
 
 Ordering: an answer is copied to the ring before the socket can read it, so it was committed
 before any connect that used it; the sensor drains its own ring first and the extensions' after
-it, then hands the batch out in kernel time order, so the answer is seen first.
+it, then hands the batch out in kernel time order, so the answer is seen first. A connect
+counted in the kernel and read with the counters is covered too: the pump drains the rings after
+taking the counters and before applying them (:meth:`sensor.pump.Pump.read_counters`).
 """
 
 from __future__ import annotations
