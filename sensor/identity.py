@@ -201,14 +201,28 @@ class RuntimeState:
         except (OSError, ValueError, HostPathError):
             return None
 
-    def annotations(self, container_id: str) -> tuple[dict[str, str], str] | None:
-        """(annotations, where they came from) for ``container_id``, or None."""
+    def runc_state(self, container_id: str) -> tuple[str, dict] | None:
+        """(runc root, ``state.json``) of ``container_id`` under the first root that has it."""
         if not _SAFE_ID.match(container_id):
             return None
         for root in self.runc_roots:
             state = self._read_json(f"{root}/{container_id}/state.json")
-            if state is None:
-                continue
+            if state is not None:
+                return root, state
+        return None
+
+    def remembered_path(self, cgroup_id: int) -> str | None:
+        """The path of a container's cgroup that is gone: never known here (live state only;
+        :class:`sensor.runtime_watch.RememberingRuntimeState` remembers)."""
+        return None
+
+    def annotations(self, container_id: str) -> tuple[dict[str, str], str] | None:
+        """(annotations, where they came from) for ``container_id``, or None."""
+        if not _SAFE_ID.match(container_id):
+            return None
+        found = self.runc_state(container_id)
+        if found is not None:
+            root, state = found
             labels = labels_to_dict((state.get("config") or {}).get("labels"))
             bundle = labels.pop("bundle", None) or state.get("bundle")
             if cri_from_annotations(labels):
@@ -407,7 +421,7 @@ class Resolver:
         except CgroupError as e:
             log.warning("cgroup index walk failed", cgroup_id=cgroup_id, error=str(e))
             path = None
-        if path is None and hasattr(self.runtime, "remembered_path"):
+        if path is None:
             path = self.runtime.remembered_path(cgroup_id)  # a container gone before first sight
         return path
 

@@ -862,8 +862,6 @@ def load_all(families: Sequence[Family], timeout: float = LOADER_TIMEOUT,
     from concurrent.futures import ThreadPoolExecutor
 
     families = list(families)
-    if len(families) <= 1:
-        return [load(f, timeout) for f in families]
     workers = parallel or max(1, min(len(families), os.cpu_count() or 1, 4))
 
     def one(f: Family) -> Loaded | Exception:

@@ -309,8 +309,8 @@ class Pump:
                and self.clock() - start < self.budget):
             events = self.sensor.poll(0, min(chunk, self.batch - st.events))
             self._aggregate(events, st)
-        flooded = len(events) >= min(chunk, max(self.batch - st.events, 1))  # stopped by batch or budget
         now = self.clock()
+        flooded = st.events >= self.batch or now - start >= self.budget
         if now >= self._next_counts:
             self._next_counts = now + self.counts_interval
             self.read_counters(st, drain=not flooded)
@@ -352,8 +352,9 @@ class Pump:
         # (a DNS answer before the connect that used it): drain the rings now, after taking the
         # counters and before applying them, so it is seen first. Under a flood a step keeps its
         # budget instead, and a name may be missed.
-        if drain:
-            self._aggregate(self.sensor.poll(0, min(CHUNK, self.batch)), st)
+        room = min(CHUNK, self.batch - st.events)
+        if drain and room > 0:
+            self._aggregate(self.sensor.poll(0, room), st)
         self.agg.on_counts(counts, time.time())
         self.agg.on_refused_counts(refused)
         self.agg.on_key_counts(keys)

@@ -38,7 +38,7 @@ from .libc import LIBC
 log = structlog.get_logger(__name__)
 
 IN_CLOEXEC, IN_NONBLOCK = 0o2000000, 0o4000
-IN_MODIFY, IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE = 0x2, 0x8, 0x80, 0x100
+IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE = 0x8, 0x80, 0x100
 IN_DELETE_SELF, IN_IGNORED, IN_ISDIR, IN_Q_OVERFLOW, IN_ONLYDIR = 0x400, 0x8000, 0x40000000, 0x4000, 0x01000000
 _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
 ROOT_MASK = IN_CREATE | IN_MOVED_TO | IN_ONLYDIR
@@ -115,19 +115,17 @@ class RuntimeWatch:
 
     def _cgroup_of(self, container_id: str) -> tuple[str, int] | None:
         """The cgroup of a runc container's init, which exists from ``create`` on."""
-        for root in self.runtime.runc_roots:
-            state = self.runtime._read_json(f"{root}/{container_id}/state.json")
-            pid = state.get("init_process_pid") if state else None
-            if not isinstance(pid, int) or pid <= 0:
-                continue
-            if self.cgroupfs is None:
-                from .identity import cgroupfs_for_host
-                try:
-                    self.cgroupfs = cgroupfs_for_host(self.runtime.host_root)
-                except Exception:  # noqa: BLE001 - no cgroup v2 here: annotations only
-                    return None
-            return self.cgroupfs.pid_cgroup(pid)
-        return None
+        found = self.runtime.runc_state(container_id)
+        pid = found[1].get("init_process_pid") if found else None
+        if not isinstance(pid, int) or pid <= 0:
+            return None
+        if self.cgroupfs is None:
+            from .identity import cgroupfs_for_host
+            try:
+                self.cgroupfs = cgroupfs_for_host(self.runtime.host_root)
+            except Exception:  # noqa: BLE001 - no cgroup v2 here: annotations only
+                return None
+        return self.cgroupfs.pid_cgroup(pid)
 
     # -- the thread --
 
