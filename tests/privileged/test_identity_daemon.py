@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -19,10 +16,9 @@ import yaml
 from sensor.store import ProfileStore
 from sensor.workload import Workload
 from tests.fakes.apiserver import FakeApiServer
-from tests.privileged.daemon_log import LogReader
+from tests.privileged.daemon_log import running_daemon
 from tests.privileged.runc_bundle import RuncContainer
 
-ROOT = Path(__file__).resolve().parents[2]
 NODE = "identity-node"
 SHORT = ["/bin/sh", "-c", "cat /etc/passwd >/dev/null"]  # done in a few ms
 LONG = ["/bin/sh", "-c", "for i in 1 2 3; do cat /etc/group >/dev/null; sleep 1; done"]
@@ -38,12 +34,11 @@ def run_pod_containers(tmp_path: Path, deployment: str) -> list[RuncContainer]:
     return done
 
 
-def daemon(tmp_path: Path, **config) -> subprocess.Popen:
+def daemon_config(tmp_path: Path, **config) -> Path:
     cfg = tmp_path / "config.yaml"
     cfg.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "node_name": NODE,
                                    "flush_interval": 1.0, "poll_interval": 0.5, **config}))
-    return subprocess.Popen([sys.executable, "-m", "envelope.cli", "--config", str(cfg), "--log-json",
-                             "daemon", "--metrics-port", "0"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    return cfg
 
 
 def check_profiles(tmp_path: Path, deployment: str, log: list[str]) -> None:
@@ -61,18 +56,10 @@ def check_profiles(tmp_path: Path, deployment: str, log: list[str]) -> None:
 
 @pytest.mark.runc
 def test_pod_containers_get_their_deployment_without_an_api(tmp_path):
-    d = daemon(tmp_path, cluster="off")
-    try:
-        LogReader(d.stderr).wait_for("ready")
-        log: list[str] = []
-        threading.Thread(target=lambda: log.extend(d.stderr), daemon=True).start()
+    with running_daemon(daemon_config(tmp_path, cluster="off")) as (d, log):
         run_pod_containers(tmp_path, f"indexer-{os.getpid()}")
         d.send_signal(signal.SIGTERM)
         assert d.wait(timeout=120) == 0
-    finally:
-        if d.poll() is None:
-            d.kill()
-            d.wait()
     check_profiles(tmp_path, f"indexer-{os.getpid()}", log)
 
 
@@ -80,17 +67,10 @@ def test_pod_containers_get_their_deployment_without_an_api(tmp_path):
 def test_pod_containers_get_their_deployment_while_the_api_never_answers(tmp_path):
     with FakeApiServer() as kube:
         kube.mode = "blackhole"
-        d = daemon(tmp_path, cluster="on", kubeconfig=kube.kubeconfig(tmp_path / "kubeconfig"),
-                   kubelet_seccomp_dir=str(tmp_path / "kubelet"), profile_namespace="envelope-system")
-        try:
-            LogReader(d.stderr).wait_for("ready")
-            log: list[str] = []
-            threading.Thread(target=lambda: log.extend(d.stderr), daemon=True).start()
+        cfg = daemon_config(tmp_path, cluster="on", kubeconfig=kube.kubeconfig(tmp_path / "kubeconfig"),
+                            kubelet_seccomp_dir=str(tmp_path / "kubelet"), profile_namespace="envelope-system")
+        with running_daemon(cfg) as (d, log):
             run_pod_containers(tmp_path, f"ranker-{os.getpid()}")
             d.send_signal(signal.SIGTERM)
             assert d.wait(timeout=120) == 0
-        finally:
-            if d.poll() is None:
-                d.kill()
-                d.wait()
     check_profiles(tmp_path, f"ranker-{os.getpid()}", log)
