@@ -39,6 +39,7 @@ TARGETS = {"https download: capture / sensor alone (throughput)": ">= 0.95",
            "getppid: sensor+capture added / floor added": "<= 1.10 × sensor's own ratio",
            "write() outside watched cgroups: capture added ns": "within the noise (compare with the spread)"}
 NR_WRITE = 1
+COUNTS_INTERVAL = 1.0  # seconds: sensor.pump.Pump's default counts_interval
 
 CLIENT = r"""
 import http.client, ssl, sys, time
@@ -120,11 +121,14 @@ class _Sensor:
 
     def _drain(self):
         try:
+            next_counts = 0.0
             while not self._stop.is_set():
                 for ev in self.sensor.poll(100):
                     if type(ev).__name__ == "RequestObserved":
                         self.exchanges += 1
-                self.sensor.behaviour_counts()  # the capture's tick, as the pump's counter read
+                if time.monotonic() >= next_counts:  # the pump reads the counters once a second
+                    next_counts = time.monotonic() + COUNTS_INTERVAL
+                    self.sensor.behaviour_counts()  # and with them runs the capture's tick
         except BaseException as e:  # surfaced by the case that reads `error`
             self.error = e
 

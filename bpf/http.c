@@ -13,7 +13,8 @@
  *   http_egress          cgroup_skb egress, per watched cgroup: drops the packets of a socket
  *                        whose request was refused
  *   http_ssl_*           uprobes and uretprobes on SSL_write(_ex), SSL_read(_ex) and
- *                        SSL_do_handshake of every libssl a watched process maps
+ *                        SSL_do_handshake of every libssl a watched process maps (or on the
+ *                        function the _ex forms call, with their arguments: sensor/tlsstack.py)
  *   http_scan_*, http_judge_*  the two steps that judge a request head, tail-called (one copy
  *                        per program type: raw tracepoint and kprobe programs cannot share a
  *                        program array), each verified on its own
@@ -1343,7 +1344,9 @@ int http_ssl_read_done(struct pt_regs *ctx)
 	int rc = PT_REGS_RC(ctx);
 	__u64 got = 0;
 	if (out) {
-		if (rc != 1 || bpf_probe_read_user(&got, sizeof(got), (void *)out) != 0)
+		/* SSL_read_ex returns 1, the function it calls (where sensor/tlsstack.py may put these
+		 * probes) > 0, when *out holds the byte count */
+		if (rc <= 0 || bpf_probe_read_user(&got, sizeof(got), (void *)out) != 0)
 			return 0;
 	} else if (rc > 0) {
 		got = rc;

@@ -13,7 +13,9 @@ What it does, per watched cgroup (a cgroup the pump bound to a workload session)
   ``SSL_write``, ``SSL_write_ex``, ``SSL_read``, ``SSL_read_ex`` and ``SSL_do_handshake`` (and
   return probes), once per library file (a uprobe lives on the file's inode, for every process
   that maps it), attached from this process with ``perf_event_open`` on program fds the loader
-  child compiled: no LLVM here;
+  child compiled: no LLVM here. Where on each function is :func:`sensor.tlsstack.probe_sites`'
+  choice: an instruction the kernel emulates, which with OpenSSL 3 is the first one of the
+  function ``SSL_read_ex``/``SSL_write_ex`` call (a single-stepped one costs ~15 µs a hit here);
 - each process's TLS stack is classified (:mod:`sensor.tlsstack`): those the probes cannot see
   are blind spots of the workload.
 
@@ -48,14 +50,15 @@ log = structlog.get_logger(__name__)
 
 SOURCE = kernel.BPF_DIR / "http.c"
 SCAN_INTERVAL = 1.0  # seconds between looks at the watched cgroups' processes
-#: (function, entry program, return program) per libssl function probed.
-PROBES = (
-    ("SSL_write", "http_ssl_write", "http_ssl_done"),
-    ("SSL_write_ex", "http_ssl_write_ex", "http_ssl_done"),
-    ("SSL_read", "http_ssl_read", "http_ssl_read_done"),
-    ("SSL_read_ex", "http_ssl_read_ex", "http_ssl_read_done"),
-    ("SSL_do_handshake", "http_ssl_handshake", "http_ssl_done"),
-)
+#: (entry program, return program) per libssl function probed, at the sites
+#: :func:`sensor.tlsstack.probe_sites` chooses.
+PROBES = {
+    "SSL_write": ("http_ssl_write", "http_ssl_done"),
+    "SSL_write_ex": ("http_ssl_write_ex", "http_ssl_done"),
+    "SSL_read": ("http_ssl_read", "http_ssl_read_done"),
+    "SSL_read_ex": ("http_ssl_read_ex", "http_ssl_read_done"),
+    "SSL_do_handshake": ("http_ssl_handshake", "http_ssl_done"),
+}
 #: The judging steps, by program array (tail-call index = position).
 TAILS = {
     "tails_raw": ("http_scan_raw", "http_judge_raw", "http_path_raw", "http_violate_raw"),
@@ -74,7 +77,7 @@ LOSS_NAMES = {HTTP_LOSS_RING_CAPTURE: "ringbuf_full_capture", HTTP_LOSS_RING_CON
 def family(base_cflags: Sequence[str], ringbuf_pages: int = 256, violation_pages: int = 16) -> Family:
     programs = [Program(p, "raw_tracepoint") for p in ("http_syscall", *TAILS["tails_raw"])]
     programs += [Program(p, "uprobe") for p in TAILS["tails_kprobe"]]
-    programs += [Program(p, "uprobe") for p in sorted({x for _, e, r in PROBES for x in (e, r)})]
+    programs += [Program(p, "uprobe") for p in sorted({x for pair in PROBES.values() for x in pair})]
     programs += [Program(fn, "cgroup_skb" if "gress" in fn else "cgroup_sock_addr", "", at)
                  for fn, at in CGROUP_PROGRAMS]
     cflags = tuple(base_cflags) + (f"-DHTTP_RINGBUF_PAGES={ringbuf_pages}",
@@ -251,7 +254,8 @@ class HttpCapture:
         self._made: list = []
         self._next_scan = 0.0
         self._catalog = None
-        self.counts = {"exchanges": 0, "findings": 0, "probes_attached": 0, "probe_errors": 0}
+        self.counts = {"exchanges": 0, "findings": 0, "probes_attached": 0, "probes_single_stepped": 0,
+                       "probe_errors": 0}
 
     # -- Extension --
 
@@ -487,21 +491,23 @@ class HttpCapture:
         if not facts.hookable or self.loaded is None:
             return None
         fds: list[int] = []
+        sites = [s for s in facts.sites if self.tls_responses or not s.function.startswith("SSL_read")]
         try:
-            for fn, entry, ret in PROBES:
-                off = facts.symbols.get(fn)
-                if off is None or (not self.tls_responses and fn.startswith("SSL_read")):
-                    continue
-                fds.append(kernel.uprobe_open(self.loaded.programs[entry], path, off))
-                fds.append(kernel.uprobe_open(self.loaded.programs[ret], path, off, retprobe=True))
+            for site in sites:
+                entry, ret = PROBES[site.function]
+                fds.append(kernel.uprobe_open(self.loaded.programs[entry], path, site.offset))
+                fds.append(kernel.uprobe_open(self.loaded.programs[ret], path, site.offset, retprobe=True))
         except kernel.BpfError as e:
             kernel.close_fds(fds)
             self.counts["probe_errors"] += 1
             log.warning("uprobes on a TLS library failed", library=path, error=str(e))
             return None
         self.counts["probes_attached"] += len(fds)
+        self.counts["probes_single_stepped"] += 2 * sum(s.single_step for s in sites)
         lib = self.libraries[ident] = _Library(path, fds)
-        log.info("TLS library hooked", library=path, probes=len(fds))
+        log.info("TLS library hooked", library=path, probes=len(fds),
+                 sites={s.function: f"{s.offset:#x}" + (" (body)" if s.body else "")
+                        + (" (single-stepped)" if s.single_step else "") for s in sites})
         return lib
 
     def _pid_gone(self, pid: int) -> None:

@@ -9,6 +9,19 @@ Go's ``crypto/tls``, rustls, GnuTLS, NSS, and OpenSSL or BoringSSL linked in wit
 :func:`classify` is pure (a process's mapped files and facts about its executable in, a
 :class:`TlsStack` out); :func:`elf_facts` and :func:`mapped_files` are the edges that read
 ``/proc/PID/maps`` and ELF files (through ``/proc/PID/root`` for processes in containers).
+
+Where the probes go (:func:`probe_sites`, pure given the code bytes): a uprobe on an
+instruction the kernel has to single-step out of line costs a second trap, and in this VM that
+trap costs about 15 µs against about 0.4 µs for an instruction the kernel emulates (a register
+push, a call or jump, a nop; BENCHMARKS.md, section 8). OpenSSL 3's ``SSL_read_ex`` and
+``SSL_write_ex`` begin with ``sub $8,%rsp``, then call the function that does the work (with
+the same arguments); ``SSL_read``/``SSL_write`` call that same function. So when a function's
+first instruction (after an ``endbr64``) is not emulated but the function is such a stub, its
+probes go on the called function's first instruction, where the arguments, the stack (a return
+probe needs the return address on top) and the meaning of the result (> 0: done, the byte
+count in the fourth argument) are those of the ``_ex`` form; ``SSL_read``/``SSL_write`` that
+call it need no probes of their own. Anything else keeps its probes on the function's first
+instruction: correct, and as slow as the kernel makes it.
 """
 
 from __future__ import annotations
@@ -16,6 +29,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 SSL_FUNCTIONS = ("SSL_write", "SSL_write_ex", "SSL_read", "SSL_read_ex", "SSL_do_handshake")
 OBSERVABLE = ("openssl-dynamic", "openssl-static")
@@ -30,6 +44,7 @@ class ElfFacts:
     """What an executable or library says about TLS."""
 
     symbols: dict = field(default_factory=dict)  # SSL_* function -> file offset of its code
+    sites: tuple = ()  # ProbeSite: where the capture's probes go (probe_sites)
     go: bool = False
     rustls: bool = False
     boringssl: bool = False
@@ -78,6 +93,89 @@ def classify(mapped: list[str], exe: str, exe_facts: ElfFacts, hooked: set[str])
     if exe_facts.boringssl:
         return TlsStack("boringssl-static", exe, False)
     return TlsStack("none", "", True)
+
+
+@dataclass(frozen=True)
+class ProbeSite:
+    """Where the entry and return probes for calls of ``function`` go: the instruction at file
+    offset ``offset``, the function's own (``body`` False) or the one its stub calls."""
+
+    function: str
+    offset: int
+    body: bool = False          # the function the stub calls, with the ``_ex`` form's arguments
+    single_step: bool = False   # the kernel single-steps the instruction: a hit costs a second trap
+
+
+_ENDBR64 = b"\xf3\x0f\x1e\xfa"
+_NOP5 = b"\x0f\x1f\x44\x00\x00"
+_STUB_OF = {"SSL_read": "SSL_read_ex", "SSL_write": "SSL_write_ex"}
+_CODE = 192  # bytes of a function read to find its call of the body
+
+
+def emulated(code: bytes) -> bool:
+    """Whether x86-64 Linux emulates the instruction ``code`` begins with when a uprobe hits it
+    (no single step): a register push, a relative call or jump, a conditional jump, a nop."""
+    if not code:
+        return False
+    b0 = code[0]
+    if 0x50 <= b0 <= 0x57 or 0x70 <= b0 <= 0x7f or b0 in (0x90, 0xe8, 0xe9, 0xeb):
+        return True
+    if len(code) < 2:
+        return False
+    return (b0 == 0x41 and 0x50 <= code[1] <= 0x57) or (b0 == 0x0f and 0x80 <= code[1] <= 0x8f) or code.startswith(_NOP5)
+
+
+def entry_site(code: bytes) -> int | None:
+    """Where in a function (``code`` from its first byte) entry and return probes can sit without
+    a single step, with the arguments and the return address on top of the stack as at the call:
+    0, or 4 after an ``endbr64``; None when that instruction is not emulated."""
+    skip = len(_ENDBR64) if code.startswith(_ENDBR64) else 0
+    return skip if emulated(code[skip:]) else None
+
+
+def stub_target(code: bytes) -> int | None:
+    """A function that is ``[endbr64] sub $imm8,%rsp; call rel32`` first: where the call goes,
+    relative to the function's first byte (the arguments registers are untouched)."""
+    skip = len(_ENDBR64) if code.startswith(_ENDBR64) else 0
+    c = code[skip:skip + 9]
+    if len(c) == 9 and c[:3] == b"\x48\x83\xec" and c[4] == 0xe8:
+        return skip + 9 + int.from_bytes(c[5:9], "little", signed=True)
+    return None
+
+
+def calls(code: bytes, at: int, target: int) -> bool:
+    """Whether the code at file offset ``at`` has a relative call to file offset ``target``."""
+    return any(code[i] == 0xe8 and at + i + 5 + int.from_bytes(code[i + 1:i + 5], "little", signed=True) == target
+               for i in range(len(code) - 4))
+
+
+def probe_sites(symbols: dict[str, int], read: Callable[[int, int], bytes]) -> tuple[ProbeSite, ...]:
+    """Where the probes on each SSL_* function in ``symbols`` go (see the module docstring);
+    ``read(offset, n)`` gives the file's bytes (fewer at its end)."""
+    sites: dict[str, ProbeSite] = {}
+    for fn in SSL_FUNCTIONS:
+        off = symbols.get(fn)
+        if off is None:
+            continue
+        code = read(off, 16)
+        at = entry_site(code)
+        if at is not None:
+            sites[fn] = ProbeSite(fn, off + at)
+            continue
+        t = stub_target(code) if fn.endswith("_ex") else None
+        if t is not None:
+            at = entry_site(read(off + t, 16))
+            if at is not None:
+                sites[fn] = ProbeSite(fn, off + t + at, body=True)
+                continue
+        sites[fn] = ProbeSite(fn, off, single_step=True)
+    for plain, ex in _STUB_OF.items():
+        p, e = sites.get(plain), sites.get(ex)
+        if p is not None and p.single_step and e is not None and e.body:
+            body = e.offset - (len(_ENDBR64) if read(e.offset - 4, 4) == _ENDBR64 else 0)
+            if calls(read(p.offset, _CODE), p.offset, body):
+                del sites[plain]  # seen through the body its _ex form's probes are on
+    return tuple(sites.values())
 
 
 # ---- the edges: /proc and ELF files ---------------------------------------------------------
@@ -137,10 +235,16 @@ def elf_facts(path: str) -> ElfFacts:
                 blob = f.read(min(size, _SCAN))
                 rustls = b"rustls" in blob
                 boringssl = b"BoringSSL" in blob
+
+            def read(off: int, n: int) -> bytes:
+                f.seek(max(off, 0))
+                return f.read(n) if off >= 0 else b""
+
+            sites = probe_sites(symbols, read)
     except (OSError, ELFError, ValueError):
         return ElfFacts()
-    return ElfFacts(symbols, go, rustls, boringssl)
+    return ElfFacts(symbols, sites, go, rustls, boringssl)
 
 
-__all__ = ["ElfFacts", "OBSERVABLE", "SSL_FUNCTIONS", "TlsStack", "classify", "elf_facts", "host_path",
-           "is_libssl", "mapped_files"]
+__all__ = ["ElfFacts", "OBSERVABLE", "ProbeSite", "SSL_FUNCTIONS", "TlsStack", "calls", "classify", "elf_facts",
+           "emulated", "entry_site", "host_path", "is_libssl", "mapped_files", "probe_sites", "stub_target"]
