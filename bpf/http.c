@@ -125,6 +125,7 @@ struct http_work {
 };
 
 struct http_scratch {
+	__u64 records; /* capture records written since the last wakeup (capture_wake) */
 	struct http_capture_event ev;
 	char tail[2 * HTTP_CAPTURE_MAX]; /* slack after data: a masked offset plus a bounded size stays inside */
 	struct http_edge_key key;
@@ -210,6 +211,23 @@ static __always_inline int is_tchar(__u8 c)
 	return 0;
 }
 
+/* Capture records wake the consumer only every HTTP_WAKE_EVERY-th record of a CPU: a wakeup
+ * costs the writing process ~20 µs on this VM (irq_work's self-interrupt, then waking the
+ * consumer on the other CPU), more than the rest of an exchange's capture (BENCHMARKS.md,
+ * section 8). The consumer drains every ring at each poll and polls at least every 100 ms
+ * (sensor.pump), sooner when another ring (the sensor's, the violations') wakes it; between two
+ * wakeups the CPUs write at most an eighth of the ring each. Violations wake it at once. */
+#define HTTP_RECORD_MAX (HTTP_CAPTURE_HEAD_SIZE + HTTP_CAPTURE_MAX)
+#define HTTP_WAKE_EVERY (HTTP_RINGBUF_PAGES * 4096 / 8 / HTTP_RECORD_MAX > 1 ? \
+			 HTTP_RINGBUF_PAGES * 4096 / 8 / HTTP_RECORD_MAX : 1)
+static __always_inline __u64 capture_wake(struct http_scratch *s)
+{
+	if (++s->records < HTTP_WAKE_EVERY)
+		return BPF_RB_NO_WAKEUP;
+	s->records = 0;
+	return BPF_RB_FORCE_WAKEUP;
+}
+
 static __always_inline void emit_capture(struct http_scratch *s, __u64 cg, __u64 conn, __u64 cookie,
 					 __u32 len, __u32 total, __u16 flags, __u8 source)
 {
@@ -231,12 +249,15 @@ static __always_inline void emit_capture(struct http_scratch *s, __u64 cg, __u64
 	e->flags = flags | (total > len ? HTTP_F_TRUNCATED : 0);
 	e->source = source;
 	__builtin_memset(e->pad, 0, sizeof(e->pad));
-	if (captures.ringbuf_output(e, HTTP_CAPTURE_HEAD_SIZE + len, 0) != 0)
+	if (captures.ringbuf_output(e, HTTP_CAPTURE_HEAD_SIZE + len, capture_wake(s)) != 0)
 		count_loss(HTTP_LOSS_RING_CAPTURE);
 }
 
 static __always_inline void emit_conn(__u64 cg, __u64 conn, struct http_sock *sock, __u32 fd, __u16 flags)
 {
+	struct http_scratch *s = get_scratch(0); /* process context: syscalls only */
+	if (!s)
+		return;
 	struct http_conn_event *e = captures.ringbuf_reserve(sizeof(struct http_conn_event));
 	if (!e) {
 		count_loss(HTTP_LOSS_RING_CONN);
@@ -256,7 +277,7 @@ static __always_inline void emit_conn(__u64 cg, __u64 conn, struct http_sock *so
 	e->flags = flags;
 	e->pad = 0;
 	__builtin_memcpy(e->addr, sock->addr, 16);
-	captures.ringbuf_submit(e, 0);
+	captures.ringbuf_submit(e, capture_wake(s));
 }
 
 /* A request refused or reported: the violation record, then in enforce mode the kill. */
@@ -1265,14 +1286,25 @@ int http_ssl_write_ex(struct pt_regs *ctx)
 	return write_entry(ctx, PT_REGS_PARM3(ctx));
 }
 
+/* A read is followed to its return only when it may carry the head of an answer: on a
+ * connection that awaits one, or whose socket is not known yet (a write nested in this call, of
+ * a handshake, names it). The bytes of a download's body pass unread: one lookup per call. */
 static __always_inline int read_entry(struct pt_regs *ctx, __u64 out)
 {
 	__u64 cg;
 	if (!watched(&cg))
 		return 0;
-	__u32 tid = bpf_get_current_pid_tgid();
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = pid_tgid;
+	struct http_conn_key ck = {};
+	ck.id = PT_REGS_PARM1(ctx);
+	ck.tgid = pid_tgid >> 32;
+	ck.tls = 1;
+	struct http_conn *c = conns.lookup(&ck);
+	if (c && c->cookie && c->state != HTTP_CONN_REQUEST)
+		return 0;
 	struct http_ssl_call call = {};
-	call.ssl = PT_REGS_PARM1(ctx);
+	call.ssl = ck.id;
 	call.buf = PT_REGS_PARM2(ctx);
 	call.out = out;
 	call.kind = HTTP_SSL_READ;
@@ -1336,11 +1368,10 @@ int http_ssl_read_done(struct pt_regs *ctx)
 		cur->depth--;
 		return 0;
 	}
+	if (cur->kind != HTTP_SSL_READ)
+		return 0; /* an outer call's (this read was not followed): its own return ends it */
 	__u64 ssl = cur->ssl, buf = cur->buf, out = cur->out;
-	__u32 kind = cur->kind;
 	ssl_calls.delete(&tid);
-	if (kind != HTTP_SSL_READ)
-		return 0;
 	int rc = PT_REGS_RC(ctx);
 	__u64 got = 0;
 	if (out) {
