@@ -36,7 +36,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _record(self, body: bytes = b"") -> None:
         self.server.seen.append({"method": self.command, "path": self.path, "headers": dict(self.headers),
-                                 "body": body})
+                                 "body": body, "peer": self.client_address})
 
     def do_GET(self):
         self._record()

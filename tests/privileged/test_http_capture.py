@@ -88,6 +88,25 @@ def test_each_client_becomes_behaviours(state, sensor, peers, client):
     assert any(any(s.startswith("openssl-dynamic:") for s in v) for v in stacks.values()), stacks
 
 
+@pytest.mark.parametrize("client", ("requests-session", "httpx-session"))
+def test_every_answer_on_a_kept_alive_tls_connection_has_its_status(state, sensor, peers, client):
+    """A megabyte body (dozens of TLS reads the probes let pass unread), then more requests on the
+    same connection: each answer's status is still read from the first bytes of its own head."""
+    since = peers.mark()
+    steps = ["GET:/download/1048576", "GET:/missing/after", "POST:/v1/notes", "GET:/download/300000",
+             "DELETE:/v1/notes/5", "GET:/v1/docs/77"]
+    prof = _record(state, sensor, peers, f"kept-alive-{client}", client, steps)
+    reqs = peers.tls.seen[since[0]:]
+    assert [(r["method"], r["path"]) for r in reqs] == [tuple(s.split(":", 1)) for s in steps]
+    assert len({r["peer"] for r in reqs}) == 1, "the client opened more than one connection"
+    host = peers.https.split("//")[1]
+    keys = {k for k in prof.behaviours() if k.startswith("http:")}
+    assert keys == {f"http:GET {host}/download/1048576 200", f"http:GET {host}/missing/after 404",
+                    f"http:POST {host}/v1/notes 201", f"http:GET {host}/download/300000 200",
+                    f"http:DELETE {host}/v1/notes/5 204", f"http:GET {host}/v1/docs/77 200"}, sorted(keys)
+    assert not any(n for k, n in sensor.loss().items() if k.startswith("http_")), sensor.loss()
+
+
 LATE_TLS = """
 import sys, time
 time.sleep(3)  # scanned meanwhile: no TLS library mapped yet (Python imports ssl lazily)

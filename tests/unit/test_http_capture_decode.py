@@ -21,7 +21,7 @@ from sensor.httprequest import CapturedRequest
 from sensor.mirrors import (HTTP_C_ALPHA, HTTP_C_DASH, HTTP_C_DIGIT, HTTP_C_END, HTTP_C_HEX, HTTP_C_OTHER,
                             HTTP_C_SLASH, HTTP_C_UNDER)
 from sensor.modelapi import model_call, top_level_string
-from sensor.tlsstack import ElfFacts, classify, elf_facts
+from sensor.tlsstack import ElfFacts, ProbeSite, classify, elf_facts, emulated, probe_sites
 
 KEY = b"envelope-test-sensor-key-0123456789"
 ACCESS_KEY = "AKIAIOSFODNN7EXAMPLE"
@@ -267,6 +267,68 @@ def test_elf_facts_of_the_system_libssl():
     f = elf_facts(maps[0])
     assert f.hookable and {"SSL_write_ex", "SSL_read_ex", "SSL_write", "SSL_read"} <= set(f.symbols)
     assert not elf_facts("/bin/true").hookable
+    # OpenSSL 3 here: the _ex forms' probes sit on the function they call, SSL_read/SSL_write call
+    # it too and need none; every probed instruction is one the kernel emulates (no single step)
+    sites = {s.function: s for s in f.sites}
+    assert set(sites) == {"SSL_read_ex", "SSL_write_ex", "SSL_do_handshake"}, f.sites
+    assert sites["SSL_read_ex"].body and sites["SSL_write_ex"].body
+    with open(maps[0], "rb") as lib:
+        for site in f.sites:
+            assert not site.single_step
+            lib.seek(site.offset)
+            assert emulated(lib.read(16)), site
+
+
+def _code(blobs: dict[int, bytes]):
+    """A file of code: bytes at offsets, zeros elsewhere."""
+    def read(off: int, n: int) -> bytes:
+        out = bytearray(n)
+        for at, b in blobs.items():
+            for i, x in enumerate(b):
+                if off <= at + i < off + n:
+                    out[at + i - off] = x
+        return bytes(out)
+    return read
+
+
+def _call(at: int, target: int) -> bytes:
+    return b"\xe8" + (target - (at + 5)).to_bytes(4, "little", signed=True)
+
+
+SUB8 = b"\x48\x83\xec\x08"     # sub $8,%rsp: single-stepped
+ENDBR = b"\xf3\x0f\x1e\xfa"    # endbr64: single-stepped
+PUSH_R13 = b"\x41\x55"
+STACK_GUARD = b"\x48\x83\xec\x18\x64\x48\x8b\x04\x25\x28\x00\x00\x00"  # sub $0x18,%rsp; mov %fs:0x28,%rax
+
+
+def test_probe_sites_move_off_single_stepped_stubs_onto_the_body_they_call():
+    body_r, body_w = 0x2000, 0x3000
+    code = _code({
+        0x100: SUB8 + _call(0x104, body_r),                  # SSL_read_ex: sub; call body
+        0x200: STACK_GUARD + b"\x90" * 8 + _call(0x215, body_r),  # SSL_read calls the same body
+        0x300: ENDBR + SUB8 + _call(0x308, body_w),          # SSL_write_ex, built with CET
+        0x400: STACK_GUARD + _call(0x40d, 0x5000),           # SSL_write calls something else
+        0x500: b"\x53\x48\x83\xec\x30",                    # SSL_do_handshake: push %rbx first
+        body_r: PUSH_R13, body_w: ENDBR + PUSH_R13,
+    })
+    syms = {"SSL_read_ex": 0x100, "SSL_read": 0x200, "SSL_write_ex": 0x300, "SSL_write": 0x400,
+            "SSL_do_handshake": 0x500}
+    sites = {s.function: s for s in probe_sites(syms, code)}
+    assert sites["SSL_read_ex"] == ProbeSite("SSL_read_ex", body_r, body=True)
+    assert "SSL_read" not in sites  # seen through the body
+    assert sites["SSL_write_ex"] == ProbeSite("SSL_write_ex", body_w + 4, body=True)  # after the endbr64
+    assert sites["SSL_write"] == ProbeSite("SSL_write", 0x400, single_step=True)  # not its _ex's body
+    assert sites["SSL_do_handshake"] == ProbeSite("SSL_do_handshake", 0x500)
+
+
+def test_probe_sites_keep_the_entry_when_nothing_better_is_known():
+    # a stub whose body begins with a single-stepped instruction, and a plain function
+    code = _code({0x100: SUB8 + _call(0x104, 0x2000), 0x2000: SUB8, 0x200: STACK_GUARD,
+                  0x300: ENDBR + b"\x55"})
+    sites = probe_sites({"SSL_read_ex": 0x100, "SSL_read": 0x200, "SSL_write_ex": 0x300}, code)
+    assert sites == (ProbeSite("SSL_write_ex", 0x304), ProbeSite("SSL_read", 0x200, single_step=True),
+                     ProbeSite("SSL_read_ex", 0x100, single_step=True))
+    assert emulated(b"\x0f\x1f\x44\x00\x00") and emulated(b"\x0f\x84\0\0\0\0") and not emulated(b"\x31\xd2")
 
 
 # ---- behaviours of an exchange --------------------------------------------------------------------

@@ -2,9 +2,11 @@
 
     http_client.py CLIENT HTTPS_BASE HTTP_BASE CA_FILE STEP [STEP ...]
 
-CLIENT is urllib, requests, httpx, curl or openai. A STEP is ``METHOD:PATH`` sent to the HTTPS
-base, ``plain-METHOD:PATH`` sent to the plaintext base, or ``chat:MODEL`` (a chat completion with
-the official openai package, or an OpenAI-shaped POST with the other clients). Every request
+CLIENT is urllib, requests, httpx, curl or openai (a connection per request), or requests-session
+or httpx-session (one kept-alive connection for every request to a server). A STEP is
+``METHOD:PATH`` sent to the HTTPS base, ``plain-METHOD:PATH`` sent to the plaintext base, or
+``chat:MODEL`` (a chat completion with the official openai package, or an OpenAI-shaped POST with
+the other clients). Every request
 carries credentials the capture must never keep. Exit status 0 when every request was answered.
 """
 
@@ -14,6 +16,7 @@ import sys
 
 SECRET = "sk-test-SECRET-do-not-keep-0123456789"
 COOKIE = "session=COOKIE-do-not-keep"
+SESSIONS = {}  # client -> its session, for the kept-alive clients
 
 
 def send(client, method, url, ca, body=None):
@@ -37,6 +40,18 @@ def send(client, method, url, ca, body=None):
     if client == "requests":
         import requests
         r = requests.request(method, url, data=data, headers=headers, verify=ca, timeout=10)
+        return r.status_code
+    if client in ("requests-session", "httpx-session"):
+        if client not in SESSIONS:
+            if client == "requests-session":
+                import requests
+                SESSIONS[client] = requests.Session()
+            else:
+                import httpx
+                SESSIONS[client] = httpx.Client(verify=ca, timeout=10)
+        extra = {"verify": ca} if client == "requests-session" else {}
+        r = SESSIONS[client].request(method, url, data=data, headers=headers, timeout=10, **extra)
+        r.content  # the whole body, read as the client reads it
         return r.status_code
     if client == "httpx":
         import httpx
