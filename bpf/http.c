@@ -216,7 +216,9 @@ static __always_inline int is_tchar(__u8 c)
  * consumer on the other CPU), more than the rest of an exchange's capture (BENCHMARKS.md,
  * section 8). The consumer drains every ring at each poll and polls at least every 100 ms
  * (sensor.pump), sooner when another ring (the sensor's, the violations') wakes it; between two
- * wakeups the CPUs write at most an eighth of the ring each. Violations wake it at once. */
+ * wakeups the CPUs write at most an eighth of the ring each. Violations wake it at once, and
+ * so do connection records (one per connection): the consumer then looks at the process's TLS
+ * stack while it still runs. */
 #define HTTP_RECORD_MAX (HTTP_CAPTURE_HEAD_SIZE + HTTP_CAPTURE_MAX)
 #define HTTP_WAKE_EVERY (HTTP_RINGBUF_PAGES * 4096 / 8 / HTTP_RECORD_MAX > 1 ? \
 			 HTTP_RINGBUF_PAGES * 4096 / 8 / HTTP_RECORD_MAX : 1)
@@ -255,9 +257,6 @@ static __always_inline void emit_capture(struct http_scratch *s, __u64 cg, __u64
 
 static __always_inline void emit_conn(__u64 cg, __u64 conn, struct http_sock *sock, __u32 fd, __u16 flags)
 {
-	struct http_scratch *s = get_scratch(0); /* process context: syscalls only */
-	if (!s)
-		return;
 	struct http_conn_event *e = captures.ringbuf_reserve(sizeof(struct http_conn_event));
 	if (!e) {
 		count_loss(HTTP_LOSS_RING_CONN);
@@ -277,7 +276,7 @@ static __always_inline void emit_conn(__u64 cg, __u64 conn, struct http_sock *so
 	e->flags = flags;
 	e->pad = 0;
 	__builtin_memcpy(e->addr, sock->addr, 16);
-	captures.ringbuf_submit(e, capture_wake(s));
+	captures.ringbuf_submit(e, BPF_RB_FORCE_WAKEUP);
 }
 
 /* A request refused or reported: the violation record, then in enforce mode the kill. */
@@ -1364,12 +1363,12 @@ int http_ssl_read_done(struct pt_regs *ctx)
 	struct http_ssl_call *cur = ssl_calls.lookup(&tid);
 	if (!cur)
 		return 0;
+	if (cur->kind != HTTP_SSL_READ)
+		return 0; /* an outer call's (this read was not followed): its own return ends it */
 	if (cur->depth) {
 		cur->depth--;
 		return 0;
 	}
-	if (cur->kind != HTTP_SSL_READ)
-		return 0; /* an outer call's (this read was not followed): its own return ends it */
 	__u64 ssl = cur->ssl, buf = cur->buf, out = cur->out;
 	ssl_calls.delete(&tid);
 	int rc = PT_REGS_RC(ctx);
