@@ -277,7 +277,7 @@ def _spec_of(obj: dict) -> tuple[str, Workload, str, dict]:
 
 
 @contextlib.contextmanager
-def _collector_paused():
+def collector_paused():
     """The cyclic garbage collector paused while reading: the objects and payloads of thousands
     of nodes are millions of small acyclic objects, and the collections their allocation triggers
     took more than half the time of a merge (measured with 5,000 nodes, bench_cluster)."""
@@ -297,7 +297,7 @@ def assemble(objects: Iterable[dict]) -> Assembly:
     Incomplete chunk sets, bad digests and undecodable payloads are reported in ``problems``
     and left out.
     """
-    with _collector_paused():
+    with collector_paused():
         return _assemble(objects)
 
 
@@ -496,12 +496,12 @@ class ClusterProfiles:
 
     def read(self, workload: Workload) -> tuple[Profile | None, list[Problem]]:
         """The workload's profile merged across nodes, and any objects that were skipped."""
-        with _collector_paused():  # the list's JSON too
+        with collector_paused():  # the list's JSON too
             assembly = assemble(self._list(f"{LABEL_WORKLOAD}={workload_label(workload)}"))
         return assembly.profiles.get(workload), assembly.problems
 
     def read_all(self) -> Assembly:
-        with _collector_paused():
+        with collector_paused():
             return assemble(self._list(f"{LABEL_MANAGED_BY}=envelope"))
 
 
