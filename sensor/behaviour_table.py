@@ -41,7 +41,16 @@ def _column(buf, dtype: np.dtype, rows: int, n: int, what: str) -> np.ndarray:
     return a.reshape(rows, n) if rows > 1 else a
 
 
-@dataclass(frozen=True)
+def _exact_sum(key: np.ndarray, values: np.ndarray, size: int) -> list[int]:
+    """Per key, the sum of non-negative int64 ``values`` as exact Python ints: the high and low
+    32 bits are summed apart (neither can wrap below 2**31 tables), then put together."""
+    high, low = np.zeros(size, dtype=np.int64), np.zeros(size, dtype=np.int64)
+    np.add.at(high, key, values >> 32)
+    np.add.at(low, key, values & 0xFFFFFFFF)
+    return [(h << 32) + lo for h, lo in zip(high.tolist(), low.tolist())]
+
+
+@dataclass(frozen=True, eq=False)  # numpy columns: compare packed forms, not tables
 class BehaviourTable:
     keys: list[str]
     counts: np.ndarray  # int64, (2, n): count, sessions
@@ -53,6 +62,9 @@ class BehaviourTable:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def last_seen(self) -> float | None:
+        return float(self.times[1].max()) if len(self.keys) else None
+
     # ---- to and from BehaviourStats ------------------------------------------------------------
 
     @classmethod
@@ -63,7 +75,10 @@ class BehaviourTable:
         ids = sorted({i for s in stats for i in s.session_ids})
         where = {i: n for n, i in enumerate(ids)}
         n = len(keys)
-        counts = np.array([[s.count for s in stats], [s.sessions for s in stats]], dtype=_INT).reshape(2, n)
+        try:
+            counts = np.array([[s.count for s in stats], [s.sessions for s in stats]], dtype=_INT).reshape(2, n)
+        except OverflowError:
+            raise ValueError("a behaviour's count is past the int64 columns") from None
         times = np.array([[s.first_seen for s in stats], [s.last_seen for s in stats],
                           [s.session_sum for s in stats], [s.session_sumsq for s in stats]],
                          dtype=_FLOAT).reshape(4, n)
@@ -109,7 +124,9 @@ class BehaviourTable:
         index = np.frombuffer(raw, dtype=_INDEX)
         if keys != sorted(keys) or len(set(keys)) != n:
             raise ValueError("behaviour table keys are not distinct and sorted")
-        if offsets[0] != 0 or offsets[-1] != len(index) or (n and np.diff(offsets).min() < 0):
+        if ids != sorted(ids) or len(set(ids)) != len(ids):
+            raise ValueError("behaviour table session ids are not distinct and sorted")
+        if offsets[0] != 0 or offsets[-1] != len(index) or (offsets[1:] < offsets[:-1]).any():
             raise ValueError("behaviour table session offsets do not cover its index")
         if len(index) and (index.min() < 0 or index.max() >= len(ids)):
             raise ValueError("behaviour table session index out of range")
@@ -117,7 +134,7 @@ class BehaviourTable:
             seen = times[:2]
             if not (first_time <= seen.min() and seen.max() <= last_time):
                 raise ValueError("behaviour table time is off the calendar")
-            if not np.isfinite(times[2:]).all() or counts.min() < 0:
+            if counts.min() < 0 or not (times[2:] >= 0).all() or not np.isfinite(times[2:]).all():
                 raise ValueError("behaviour table count or session sum is not a finite non-negative number")
         return cls(keys, counts, times, ids, offsets, index)
 
@@ -141,9 +158,7 @@ class BehaviourTable:
         key = np.fromiter(map(where.__getitem__, every), dtype=np.int64, count=len(every))
         counts = np.concatenate([t.counts for _, t in tables], axis=1)
         times = np.concatenate([t.times for _, t in tables], axis=1)
-        count, sessions = np.zeros(size, dtype=np.int64), np.zeros(size, dtype=np.int64)
-        np.add.at(count, key, counts[0])
-        np.add.at(sessions, key, counts[1])
+        count, sessions = _exact_sum(key, counts[0], size), _exact_sum(key, counts[1], size)
         first, last = np.full(size, np.inf), np.full(size, -np.inf)
         np.minimum.at(first, key, times[0])
         np.maximum.at(last, key, times[1])
@@ -155,7 +170,7 @@ class BehaviourTable:
         unique = sorted(set(names))
         rank_of = {n: i for i, n in enumerate(unique)}
         rank = np.fromiter(map(rank_of.__getitem__, names), dtype=np.int64, count=len(names))
-        per_behaviour = (np.concatenate([t.offsets[1:] for _, t in tables])
+        per_behaviour = (np.concatenate([t.offsets[1:] for _, t in tables]).astype(np.int64)
                          - np.concatenate([t.offsets[:-1] for _, t in tables]))
         pair_key = np.repeat(key, per_behaviour)
         first_id = np.cumsum([0] + [len(t.ids) for _, t in tables[:-1]])  # each table's ids in names
@@ -168,8 +183,7 @@ class BehaviourTable:
         bounds = np.searchsorted(pair_key, np.arange(size + 1)).tolist()
         ids = np.array(unique, dtype=object)[pair_rank].tolist()
 
-        count_l, sessions_l = count.tolist(), sessions.tolist()
         first_l, last_l, ssum_l, ssq_l = first.tolist(), last.tolist(), ssum.tolist(), ssq.tolist()
-        return {name: BehaviourStats(count_l[i], sessions_l[i], first_l[i], last_l[i], ssum_l[i], ssq_l[i],
+        return {name: BehaviourStats(count[i], sessions[i], first_l[i], last_l[i], ssum_l[i], ssq_l[i],
                                      ids[bounds[i]:bounds[i + 1]])
                 for i, name in enumerate(vocabulary)}

@@ -63,6 +63,7 @@ SESSION_SAMPLE_CAP = 32
 # the cap new items are not kept (the behaviour's own count stays exact).
 EVIDENCE_CAP = 16
 MAX_KEY_LEN = 1024
+MAX_COUNT = 2**63 - 1  # a count or session count past it is damage (the columns are int64)
 REFUSED_SAMPLE = 4096
 MAX_SESSIONS = 4096
 MAX_META_LEN = 1024
@@ -133,7 +134,10 @@ class BehaviourStats:
     @classmethod
     def unpack(cls, v: list) -> "BehaviourStats":
         ids = [sys.intern(str(x)) for x in v[6]] if len(v) > 6 else []
-        return cls(int(v[0]), int(v[1]), _when(v[2]), _when(v[3]), float(v[4]), float(v[5]), ids)
+        count, sessions = int(v[0]), int(v[1])
+        if not (0 <= count <= MAX_COUNT and 0 <= sessions <= MAX_COUNT):
+            raise ValueError(f"count {count} or sessions {sessions} is negative or past {MAX_COUNT}")
+        return cls(count, sessions, _when(v[2]), _when(v[3]), float(v[4]), float(v[5]), ids)
 
 
 @dataclass(slots=True)
@@ -218,6 +222,13 @@ class NodeContribution:
         self.behaviours = table.stats()
         self._table = None
         return self.behaviours
+
+    def last_seen(self) -> float | None:
+        """When any of its behaviours was last seen (None without behaviours), from the table
+        while the dict is not built."""
+        if "behaviours" not in self.__dict__ and self._table is not None:
+            return self._table.last_seen()
+        return max((s.last_seen for s in self.behaviours.values()), default=None)
 
     def behaviour_table(self) -> BehaviourTable:
         """The behaviours as a :class:`~sensor.behaviour_table.BehaviourTable`."""
@@ -634,7 +645,7 @@ class Profile:
     def window(self) -> tuple[float | None, float | None]:
         starts = [n.window_start for n in self.nodes.values() if n.window_start is not None]
         ends = [n.updated for n in self.nodes.values() if n.updated]
-        ends += [s.last_seen for n in self.nodes.values() for s in n.behaviours.values()]
+        ends += [t for t in (n.last_seen() for n in self.nodes.values()) if t is not None]
         return (min(starts) if starts else None, max(ends) if ends else None)
 
     def loss(self) -> dict[str, int]:
@@ -695,27 +706,30 @@ class Profile:
                 merged.setdefault(k, set()).update(vals)
         return {k: sorted(v) for k, v in sorted(merged.items())}
 
-    def coverage_timeline(self) -> list[tuple[float, str]]:
-        """Each behaviour with the time it was first seen, oldest first."""
-        return sorted(((s.first_seen, k) for k, s in self.behaviours().items()), key=lambda t: (t[0], t[1]))
+    def coverage_timeline(self, behaviours: dict[str, BehaviourStats] | None = None) -> list[tuple[float, str]]:
+        """Each behaviour with the time it was first seen, oldest first (of ``behaviours``, the
+        merged view, when the caller has it already)."""
+        stats = self.behaviours() if behaviours is None else behaviours
+        return sorted(((s.first_seen, k) for k, s in stats.items()), key=lambda t: (t[0], t[1]))
 
     def new_behaviours(self, since: float, until: float | None = None,
-                       substrate: str | None = None) -> int:
+                       substrate: str | None = None, timeline: list[tuple[float, str]] | None = None) -> int:
         """How many behaviours were first seen in ``[since, until]``, optionally of one substrate."""
         n = 0
-        for ts, key in self.coverage_timeline():
+        for ts, key in self.coverage_timeline() if timeline is None else timeline:
             if ts >= since and (until is None or ts <= until) and (
                     substrate is None or substrate_of(key) == substrate):
                 n += 1
         return n
 
-    def coverage_rate(self, hours: float = 24.0) -> dict[str, int]:
+    def coverage_rate(self, hours: float = 24.0, timeline: list[tuple[float, str]] | None = None) -> dict[str, int]:
         """New behaviours per substrate in the last ``hours`` of the observation window."""
         _, end = self.window()
         if end is None:
             return {s: 0 for s in SUBSTRATES}
         since = end - hours * 3600.0
-        return {s: self.new_behaviours(since, end, s) for s in SUBSTRATES}
+        timeline = self.coverage_timeline() if timeline is None else timeline
+        return {s: self.new_behaviours(since, end, s, timeline) for s in SUBSTRATES}
 
     def rate(self, key: str) -> tuple[float, float, int]:
         """Mean and standard deviation of a behaviour's per-session count over closed sessions,
@@ -760,6 +774,8 @@ class Profile:
         """The documented JSON view (``envelope profile show -o json``)."""
         start, end = self.window()
         sessions = self.sessions()
+        behaviours = self.behaviours()
+        timeline = self.coverage_timeline(behaviours)
         return {
             "workload": self.workload.to_dict() | {"key": self.workload.key},
             "window": {"start": start, "end": end},
@@ -777,11 +793,11 @@ class Profile:
                     "first_seen": s.first_seen,
                     "last_seen": s.last_seen,
                 }
-                for k, s in self.behaviours().items()
+                for k, s in behaviours.items()
             ],
             "coverage": {
-                "new_last_24h": self.coverage_rate(24.0),
-                "timeline": [{"t": t, "key": k} for t, k in self.coverage_timeline()],
+                "new_last_24h": self.coverage_rate(24.0, timeline),
+                "timeline": [{"t": t, "key": k} for t, k in timeline],
             },
             "capped": self.capped,
             "overflow": {k: {"count": o.count, "new_keys": o.new_keys} for k, o in self.overflow().items()},

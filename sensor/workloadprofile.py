@@ -143,8 +143,11 @@ def chunk_name(head: str, digest: str, index: int) -> str:
 
 def encode_contribution(workload: Workload, contribution: NodeContribution) -> str:
     """The compact text form (msgpack, zlib, base64) of one node's contribution."""
-    payload = {"schema": PAYLOAD_SCHEMA, "workload": workload.to_dict(),
-               "contribution": contribution.pack(compact=True)}
+    try:
+        payload = {"schema": PAYLOAD_SCHEMA, "workload": workload.to_dict(),
+                   "contribution": contribution.pack(compact=True)}
+    except ValueError as e:
+        raise ProfileCRError(f"{workload.key} on {contribution.node}: {e}") from e
     raw = msgpack.packb(payload, use_bin_type=True)
     return base64.b64encode(zlib.compress(raw, 9)).decode("ascii")
 

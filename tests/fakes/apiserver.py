@@ -435,6 +435,7 @@ class Store:
             if cur is None:
                 raise ApiError(404, "NotFound", f"{res.plural} \"{key[1]}\" not found")
             self.managers.pop((res.group, res.plural, key), None)
+            self.encoded.pop((res.group, res.plural, key), None)
             self.rv += 1
             cur = copy.deepcopy(cur)
             cur["metadata"]["resourceVersion"] = str(self.rv)

@@ -8,6 +8,7 @@ the code the cluster reader runs (:func:`sensor.workloadprofile.decode_contribut
 from __future__ import annotations
 
 import base64
+import struct
 import zlib
 
 import msgpack
@@ -101,7 +102,7 @@ def test_a_payload_an_older_build_wrote_is_still_read():
 def _damaged(change) -> str:
     c = NodeContribution("node-a")
     c.open_session("s1", 100.0)
-    for key in ("syscall:read", "syscall:write"):
+    for key in ("syscall:read", "syscall:write", "syscall:close"):
         c.observe("s1", key, 3, 101.0)
     payload = {"schema": 2, "workload": W.to_dict(), "contribution": c.pack(compact=True)}
     change(payload["contribution"]["behaviour_table"])
@@ -112,17 +113,99 @@ def _set(field, value):
     return lambda t: t.__setitem__(field, value)
 
 
+def _int32(*values: int) -> bytes:
+    return b"".join(v.to_bytes(4, "little", signed=True) for v in values)
+
+
 @pytest.mark.parametrize("change, message", [
     (_set("counts", b"\x01" * 7), "counts: 7 bytes"),
+    (_set("offsets", _int32(0, 2**31 - 1, -2, 3)), "do not cover"),  # differences that wrap in int32
+    (_set("ids", ["s2", "s1"]), "session ids are not distinct and sorted"),
+    (lambda t: t.__setitem__("times", t["times"][:-8] + struct.pack("<d", -1.0)), "non-negative"),
     (_set("times", [1.0] * 8), "not bytes"),
-    (_set("keys", ["syscall:write", "syscall:read"]), "not distinct and sorted"),
-    (_set("offsets", (0).to_bytes(4, "little") * 2 + (5).to_bytes(4, "little")), "do not cover"),
-    (_set("index", (7).to_bytes(4, "little") * 2), "out of range"),
+    (_set("keys", ["syscall:write", "syscall:read", "syscall:close"]), "not distinct and sorted"),
+    (_set("offsets", _int32(0, 0, 0, 5)), "do not cover"),
+    (_set("index", _int32(0, 0, 7)), "out of range"),
     (_set("index", b"\x00" * 5), "whole number"),
-    (_set("times", b"\x00" * 8 + b"\x00\x00\x00\x00\x00\x00\xf8\x7f" + b"\x00" * 8 * 6), "off the calendar"),
-    (_set("times", b"\x00" * 8 * 7 + b"\x00\x00\x00\x00\x00\x00\xf8\x7f"), "not a finite"),
+    (_set("times", b"\x00" * 8 + b"\x00\x00\x00\x00\x00\x00\xf8\x7f" + b"\x00" * 8 * 10), "off the calendar"),
+    (_set("times", b"\x00" * 8 * 11 + b"\x00\x00\x00\x00\x00\x00\xf8\x7f"), "not a finite"),
     (lambda t: t.__setitem__("counts", (-1).to_bytes(8, "little", signed=True) + t["counts"][8:]), "non-negative"),
 ])
 def test_a_damaged_table_is_refused_with_the_reason(change, message):
     with pytest.raises(ProfileCRError, match=message):
         decode_contribution(_damaged(change))
+
+
+def test_a_schema_1_count_out_of_the_columns_range_is_refused_when_read():
+    for count in (-1, 2**63):
+        c = NodeContribution("node-a")
+        c.open_session("s1", 100.0)
+        c.observe("s1", "syscall:read", 3, 101.0)
+        packed = c.pack()
+        packed["behaviours"]["syscall:read"][0] = count
+        data = base64.b64encode(zlib.compress(msgpack.packb(
+            {"schema": 1, "workload": W.to_dict(), "contribution": packed}, use_bin_type=True))).decode()
+        with pytest.raises(ProfileCRError, match="negative or past"):
+            decode_contribution(data)
+
+
+def test_counts_sum_exactly_past_int64():
+    p = Profile(W)
+    for node in ("a", "b", "c"):
+        p.node(node).behaviours["syscall:read"] = BehaviourStats(2**63 - 1, 2**62, 10.0, 11.0, 0.0, 0.0, ["s"])
+    merged = p.behaviours()["syscall:read"]
+    assert merged.count == 3 * (2**63 - 1) and merged.sessions == 3 * 2**62
+    assert p.behaviours() == _pairwise(p)
+
+
+def _old_sum(profile: Profile) -> dict[str, BehaviourStats]:
+    """The one-pass loop the table merge replaced (sequential float sums in node-name order)."""
+    out: dict[str, BehaviourStats] = {}
+    ids: dict[str, set] = {}
+    for name in sorted(profile.nodes):
+        for key, s in profile.nodes[name].behaviours.items():
+            these = {f"{name}/{i}" for i in s.session_ids}
+            prev = out.get(key)
+            if prev is None:
+                out[key] = BehaviourStats(s.count, s.sessions, s.first_seen, s.last_seen, s.session_sum, s.session_sumsq)
+                ids[key] = these
+                continue
+            prev.count += s.count
+            prev.sessions += s.sessions
+            prev.first_seen = min(prev.first_seen, s.first_seen)
+            prev.last_seen = max(prev.last_seen, s.last_seen)
+            prev.session_sum += s.session_sum
+            prev.session_sumsq += s.session_sumsq
+            ids[key] |= these
+    for key, stats in out.items():
+        stats.session_ids = sorted(ids[key])
+    return dict(sorted(out.items()))
+
+
+def test_float_sums_add_up_in_node_name_order_as_before():
+    """Per-session sums of very different sizes do not add associatively: the merge must add them
+    in the order the old loop did, bit for bit."""
+    import random
+
+    rng = random.Random(5)
+    p = Profile(W)
+    for n in range(50):
+        c = p.node(f"node-{rng.randrange(10**6):06d}")
+        for k in ("syscall:read", "syscall:write", "exec:/bin/sh"):
+            if rng.random() < 0.8:
+                c.behaviours[k] = BehaviourStats(rng.randint(1, 9), 1, 100.0 + n, 200.0 + n,
+                                                 rng.choice([1e-9, 1.0, 3.3, 1e16]) * rng.random(),
+                                                 rng.choice([1e-12, 7.1, 1e30]) * rng.random(), [f"s{n}"])
+    assert p.behaviours() == _old_sum(p)
+
+
+def test_window_and_the_json_view_leave_contributions_read_back_lazy():
+    c = NodeContribution("node-a")
+    c.open_session("s1", 100.0)
+    c.observe("s1", "syscall:read", 3, 150.0)
+    c.touch(120.0)
+    back = Profile(W, {"node-a": decode_contribution(encode_contribution(W, c))[1]})
+    assert back.window() == (100.0, 150.0)
+    view = back.to_json()
+    assert view["behaviours"][0]["key"] == "syscall:read" and view["window"]["end"] == 150.0
+    assert "behaviours" not in vars(back.nodes["node-a"])
