@@ -69,7 +69,10 @@ def method(quick: bool) -> str:
         f"run of each (a neighbour on this shared machine only adds time); {p['repeats']} repeats. "
         f"*added* = case − the bare run of the same slot; tables give the median over repeats and "
         f"the min–max range; ratios of added costs are ratios of medians, their spread the IQR of "
-        f"the per-repeat ratios. Every run must have measured what it claims, or its case fails and "
+        f"the per-repeat ratios. An exit hook's slot also runs the floor alone, before or after "
+        f"the floor with the hook (alternately), and its *same slot* ratio is the median over repeats of "
+        f"(floor+hook − bare) / (floor − bare), all three measured seconds apart (IQR as spread). "
+        f"Every run must have measured what it claims, or its case fails and "
         f"no ratio on it is met: the loop's clock reads succeeded and its N getppid calls all "
         f"returned the parent; the floor's raw tracepoint link is on sys_enter (its fdinfo); after "
         f"each empty-program slot, and the untracked sensor's, the kernel's run counts "
@@ -136,30 +139,55 @@ class Floor:
         for tp in list(self.bpf.raw_tracepoint_fds):
             self.bpf.detach_raw_tracepoint(tp=tp)
         self.programs = {"sys_enter": (b"raw_tracepoint__sys_enter", "raw", b"sys_enter")}
+        self.slots = 0
+        self.floor_alone: float | None = None
         if exit:
             self.programs[EXIT_HOOKS[exit][0]] = EXIT_HOOKS[exit][2]
 
-    def _attach(self) -> None:
-        for fn, kind, target in self.programs.values():
+    def _attach(self, only: str | None = None) -> None:
+        for name, (fn, kind, target) in self.programs.items():
+            if only is not None and name != only:
+                continue
             if kind == "raw":
                 self.bpf.attach_raw_tracepoint(tp=target, fn_name=fn)
             else:
                 self.bpf.attach_tracepoint(tp=target, fn_name=fn)
 
-    def _detach(self) -> None:
+    def _detach(self, only: str | None = None) -> None:
+        targets = {t for name, (_, _, t) in self.programs.items() if only in (None, name)}
         for tp in list(self.bpf.raw_tracepoint_fds):
-            self.bpf.detach_raw_tracepoint(tp=tp)
+            if tp in targets:
+                self.bpf.detach_raw_tracepoint(tp=tp)
         for tp in list(self.bpf.tracepoint_fds):
-            self.bpf.detach_tracepoint(tp)
+            if tp in targets:
+                self.bpf.detach_tracepoint(tp)
 
     def measure(self, loop: str, n: int, runs: int) -> tuple[float, str]:
-        self._attach()
+        """ns/call with everything attached; with an exit hook, ``floor_alone`` is also set: the
+        floor alone, measured just before in the same slot, so the hook's own cost is read
+        against the floor of the same moment (paired, far steadier than two slots' medians)."""
+        self._attach(only="sys_enter" if self.exit else None)
         try:
             fd = self.bpf.raw_tracepoint_fds[b"sys_enter"]
             info = Path(f"/proc/self/fdinfo/{fd}").read_text()
             if "raw_tracepoint" not in info or "sys_enter" not in info:
                 raise RuntimeError(f"the floor's link is not a raw tracepoint on sys_enter: {info!r}")
-            value = best_of_runs(loop, n, runs)
+            if self.exit:
+                # alternate which comes first, so a drift within the slot cancels over repeats
+                self.slots += 1
+                hook = EXIT_HOOKS[self.exit][0]
+                if self.slots % 2:
+                    self.floor_alone = best_of_runs(loop, n, runs)
+                    self._attach(only=hook)
+                    value = best_of_runs(loop, n, runs)
+                else:
+                    self._attach(only=hook)
+                    value = best_of_runs(loop, n, runs)
+                    self._detach(only=hook)
+                    self.floor_alone = best_of_runs(loop, n, runs)
+                    self._attach(only=hook)  # attached again for the run check
+            else:
+                value = best_of_runs(loop, n, runs)
             ran = programs_ran(loop, {name: self.bpf.funcs[fn].fd
                                       for name, (fn, _, _) in self.programs.items()})
             return value, "empty programs linked (fdinfo) and run: " + ran
@@ -359,6 +387,7 @@ def run(quick: bool = False) -> dict:
 
         values: dict[str, list[float]] = {c: [] for c in CASES}
         added: dict[str, list[float]] = {c: [] for c in CASES}
+        paired: dict[str, list[float]] = {c: [] for c in CASES}  # exit hooks: / the same slot's floor
         rng = random.Random(20261126)
         for rep in range(p["repeats"]):
             order = [c for c in CASES if c != "bare" and c in cases]
@@ -387,6 +416,9 @@ def run(quick: bool = False) -> dict:
                     bare_wall.append(bare)
                 values[name].append(value)
                 added[name].append(value - bare)
+                floor_alone = getattr(cases[name], "floor_alone", None)
+                if floor_alone is not None and floor_alone > bare:
+                    paired[name].append((value - bare) / (floor_alone - bare))
     finally:
         for c in cases.values():
             if c is not None:
@@ -438,6 +470,9 @@ def run(quick: bool = False) -> dict:
         "floor+sys_exit_openat_added / floor_added": added_ratio("floor+sys_exit_openat", "floor"),
         "floor+raw_sys_exit_added / floor_added": added_ratio("floor+raw_sys_exit", "floor"),
         "sensor untracked_added / floor_added": added_ratio("sensor untracked", "floor"),
+        **{f"{c}_added / floor_added, same slot": checks.ratio(
+            summarize(paired[c])["median"], c, "bare", range=quartiles(paired[c]), range_kind="IQR")
+           for c in ("floor+sys_exit_openat", "floor+raw_sys_exit")},
         "floor_added ns": checks.ratio(add["floor"]["median"], "floor", "bare"),
         "bpftrace_added / floor_added": added_ratio("bpftrace", "floor"),
         "strace / bare (wall)": checks.ratio(ratio(stats["strace"]["median"], bare_wall_median),
