@@ -282,12 +282,29 @@ def render_results(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_benchmarks_md(data: dict) -> None:
+def _sections(block: str) -> list[tuple[str, str]]:
+    """The ``### title`` sections of a results block, in order, each with its text."""
+    parts = ("\n" + block).split("\n### ")[1:]
+    return [(part.split("\n", 1)[0], "### " + part.rstrip("\n") + "\n") for part in parts]
+
+
+def update_benchmarks_md(data: dict, ran: list[str] | None = None) -> None:
+    """Rewrite the results section. A partial run (``ran``: the benchmarks it ran) replaces their
+    sections and keeps every other section as the file has it, so the results of earlier runs stay
+    whatever ``latest.json`` (not committed) holds."""
     section = render_results(data)
     text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n\n"
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
+        old_block, tail = rest.split(END, 1)
+        tail = tail.lstrip("\n")
+        if ran is not None:
+            titles = {data["benches"][n].get("title") or n for n in ran}
+            new = {t: body for t, body in _sections(section.split(END, 1)[0]) if t in titles}
+            old = _sections(old_block)
+            kept = [new.pop(title, body) for title, body in old] + list(new.values())
+            intro = section.split("\n### ", 1)[0].rstrip("\n") + "\n\n"
+            section = intro + "\n".join(kept) + END + "\n"
         text = head + section + ("\n" + tail if tail else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
@@ -359,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                    "only": names if args.only else None, "commit": _commit(), "machine": info}
     RESULTS_DIR.mkdir(exist_ok=True)
     LATEST.write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
-    update_benchmarks_md(data)
+    update_benchmarks_md(data, ran=names if args.only else None)
     failed = [n for n, r in records.items() if r["status"] == "failed"]
     print(f"\nwrote {LATEST.relative_to(ROOT)} and the results section of {BENCHMARKS_MD.name}", file=sys.stderr)
     if failed:

@@ -34,7 +34,8 @@ from sensor.aggregate import Aggregator
 from sensor.kubeapi import Backoff
 from sensor.profile import NodeContribution
 from sensor.workload import Workload
-from sensor.workloadprofile import ClusterProfiles, ProfilePublisher, PublisherThread
+from sensor.workloadprofile import (LABEL_WORKLOAD, ClusterProfiles, ProfilePublisher, PublisherThread,
+                                    collector_paused, assemble, workload_label)
 
 from . import ROOT, progress, summarize
 
@@ -58,7 +59,8 @@ def method(quick: bool) -> str:
             f"`ClusterProfiles.publish` to the fake API server of `tests/fakes` (in a child process) "
             f"over HTTP, then "
             f"`ClusterProfiles.read` + the summed behaviours timed with `time.perf_counter`, "
-            f"{p['repeats']} repeats, median with min-max. Writes: {p['sample_nodes']} nodes, each a real "
+            f"{p['repeats']} repeats, median with min-max; its phases (the paged list, the assembly into "
+            f"per-node contributions, the sum) in {p['repeats']} repeats of their own. Writes: {p['sample_nodes']} nodes, each a real "
             f"`Aggregator` with {p['workloads']} workloads and its own `PublisherThread`, for "
             f"{p['flushes']} flush intervals; write requests counted by the server. Size: the largest "
             f"object the server stores (JSON, with managedFields), and a contribution at the default caps. "
@@ -147,12 +149,33 @@ def bench_merge(prm: dict, names: list[str]) -> dict:
         assert len(merged.nodes) == prm["nodes"] and merged.session_count == 2 * prm["nodes"]
         total = sum(c.behaviours[k].count for c in merged.nodes.values() for k in c.behaviours)
         assert sum(b.count for b in behaviours.values()) == total, "the merge summed every node's counts"
+        phases = _phases(reader, w, prm["repeats"])
     s = summarize(times)
     progress(f"cluster: merged {prm['nodes']:,} nodes in {s['median']:.3f} s (median)")
     return {"case": f"merge 1 workload x {prm['nodes']:,} nodes", "objects": len(stored),
             "merge_s": round(s["median"], 4), "merge_min_s": round(s["min"], 4), "merge_max_s": round(s["max"], 4),
-            "behaviours": len(behaviours), "sessions": merged.session_count,
+            **phases, "behaviours": len(behaviours), "sessions": merged.session_count,
             "publish_per_object_ms": round(1000 * publish_s / prm["nodes"], 2), "largest_object_bytes": size}
+
+
+def _phases(reader: ClusterProfiles, w: Workload, repeats: int) -> dict:
+    """Where a merge's time goes, in repeats of their own on the same objects: the paged list
+    (requests, the server's answers, the client's JSON), the assembly (digests, decoding into
+    per-node contributions), the sum over nodes. Medians; the collector paused as ``read`` does."""
+    out: dict[str, list[float]] = {"list_s": [], "assemble_s": [], "sum_s": []}
+    selector = f"{LABEL_WORKLOAD}={workload_label(w)}"
+    for _ in range(repeats):
+        with collector_paused():
+            t0 = time.perf_counter()
+            objects = reader._list(selector)
+            t1 = time.perf_counter()
+            profile = assemble(objects).profiles[w]
+            t2 = time.perf_counter()
+            profile.behaviours()
+            t3 = time.perf_counter()
+        for name, v in zip(out, (t1 - t0, t2 - t1, t3 - t2)):
+            out[name].append(v)
+    return {name: round(summarize(v)["median"], 4) for name, v in out.items()}
 
 
 def bench_writes(FakeApiServer, prm: dict, names: list[str], active: float) -> dict:

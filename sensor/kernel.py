@@ -24,6 +24,7 @@ after a restart (:func:`obj_get`).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import importlib
@@ -63,6 +64,7 @@ BPF_OBJ_GET = 7
 BPF_PROG_ATTACH = 8
 BPF_PROG_DETACH = 9
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_PROG_GET_FD_BY_ID = 13
 BPF_PROG_QUERY = 16
 BPF_RAW_TRACEPOINT_OPEN = 17
 BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
@@ -70,6 +72,8 @@ BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_DELETE_BATCH = 27
 _ENOTSUPP = 524  # the kernel's internal "not supported" errno, not in the errno module
 BPF_LINK_CREATE = 28
+BPF_ENABLE_STATS = 32
+BPF_STATS_RUN_TIME = 0
 
 BPF_ANY = 0
 BPF_NOEXIST = 1
@@ -384,6 +388,39 @@ def obj_info(fd: int, size: int = 256) -> bytes:
 def obj_id(fd: int) -> int:
     """The kernel id of a program or map (``id`` is the second u32 of both info structs)."""
     return struct.unpack_from("<II", obj_info(fd))[1]
+
+
+def link_prog_id(fd: int) -> int:
+    """The id of the program behind a link fd (a raw tracepoint's fd is a link): ``prog_id`` is
+    the third u32 of ``bpf_link_info``."""
+    return struct.unpack_from("<III", obj_info(fd))[2]
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    """A new fd for the loaded program ``prog_id`` (the caller closes it)."""
+    return bpf(BPF_PROG_GET_FD_BY_ID, struct.pack("<I", prog_id), "BPF_PROG_GET_FD_BY_ID")
+
+
+_PROG_INFO_RUN_CNT = 200  # offset of run_cnt in struct bpf_prog_info (after run_time_ns at 192)
+
+
+def prog_run_count(fd: int) -> int:
+    """How many times the program ``fd`` has run while run-time statistics were on
+    (:func:`run_stats`); the kernel counts nothing otherwise."""
+    return struct.unpack_from("<Q", obj_info(fd), _PROG_INFO_RUN_CNT)[0]
+
+
+@contextlib.contextmanager
+def run_stats():
+    """Run-time statistics of every BPF program on (``BPF_ENABLE_STATS``) for the block.
+
+    Node-wide and not free (each program run is timed), so for short checks only, never
+    around a measurement."""
+    fd = bpf(BPF_ENABLE_STATS, struct.pack("<I", BPF_STATS_RUN_TIME), "BPF_ENABLE_STATS")
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)

@@ -321,6 +321,13 @@ class Sensor:
             self._loaded = None
         self._maps = {}
 
+    def attachment(self, fn: str) -> int:
+        """The attachment fd of program ``fn`` (a raw tracepoint's is its link), e.g. for
+        checking with :func:`sensor.kernel.link_prog_id` that it ran; KeyError if not attached."""
+        if self._loaded is None:
+            raise KeyError(fn)
+        return self._loaded.attachments[fn]
+
     def __enter__(self) -> "Sensor":
         self.attach()
         return self

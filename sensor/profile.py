@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
+from .behaviour_table import BehaviourTable
 from .workload import SUBSTRATES, Workload, substrate_of
 
 SCHEMA_VERSION = 1
@@ -62,6 +63,7 @@ SESSION_SAMPLE_CAP = 32
 # the cap new items are not kept (the behaviour's own count stays exact).
 EVIDENCE_CAP = 16
 MAX_KEY_LEN = 1024
+MAX_COUNT = 2**63 - 1  # a count or session count past it is damage (the columns are int64)
 REFUSED_SAMPLE = 4096
 MAX_SESSIONS = 4096
 MAX_META_LEN = 1024
@@ -132,7 +134,10 @@ class BehaviourStats:
     @classmethod
     def unpack(cls, v: list) -> "BehaviourStats":
         ids = [sys.intern(str(x)) for x in v[6]] if len(v) > 6 else []
-        return cls(int(v[0]), int(v[1]), _when(v[2]), _when(v[3]), float(v[4]), float(v[5]), ids)
+        count, sessions = int(v[0]), int(v[1])
+        if not (0 <= count <= MAX_COUNT and 0 <= sessions <= MAX_COUNT):
+            raise ValueError(f"count {count} or sessions {sessions} is negative or past {MAX_COUNT}")
+        return cls(count, sessions, _when(v[2]), _when(v[3]), float(v[4]), float(v[5]), ids)
 
 
 @dataclass(slots=True)
@@ -204,6 +209,32 @@ class NodeContribution:
     _per_substrate: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
     # (session, key) refused by a cap, remembered in memory only and at most REFUSED_SAMPLE
     _refused: set = field(default_factory=set, repr=False, compare=False)
+    # The behaviours of a contribution read back, in columns, until something asks for the dict
+    # (see __getattr__): a profile merged from thousands of nodes sums the tables directly.
+    _table: BehaviourTable | None = field(default=None, repr=False, compare=False)
+
+    def __getattr__(self, name: str):
+        # Only called when ``behaviours`` (or anything else) is not set: a contribution unpacked
+        # from a table builds its dict on first use, and from then on the dict is the evidence.
+        table = self.__dict__.get("_table")
+        if name != "behaviours" or table is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        self.behaviours = table.stats()
+        self._table = None
+        return self.behaviours
+
+    def last_seen(self) -> float | None:
+        """When any of its behaviours was last seen (None without behaviours), from the table
+        while the dict is not built."""
+        if "behaviours" not in self.__dict__ and self._table is not None:
+            return self._table.last_seen()
+        return max((s.last_seen for s in self.behaviours.values()), default=None)
+
+    def behaviour_table(self) -> BehaviourTable:
+        """The behaviours as a :class:`~sensor.behaviour_table.BehaviourTable`."""
+        if "behaviours" not in self.__dict__ and self._table is not None:
+            return self._table
+        return BehaviourTable.from_stats(self.behaviours)
 
     # ---- recording -------------------------------------------------------------------------
 
@@ -454,15 +485,24 @@ class NodeContribution:
         if kept:
             self.arguments = kept if self.arguments is None else self.arguments.merged(kept)
 
-    def pack(self) -> dict:
+    def pack(self, compact: bool = False) -> dict:
+        """The packed form, sorted: the same contribution packs to the same bytes. By default it
+        is what profile files hold (msgpack or JSON), behaviours as a dict of stats lists.
+        ``compact`` is the cluster's form (msgpack only): behaviours as a
+        :class:`~sensor.behaviour_table.BehaviourTable`, and without the per-session counts of
+        sessions still open, the node's working state for folding them into the per-session sums
+        when they close, which no reader needs (their counts are in the behaviours already)."""
+        behaviours = ({"behaviour_table": self.behaviour_table().pack()} if compact else
+                      {"behaviours": {k: v.pack() for k, v in sorted(self.behaviours.items())}})
         d = {
             "node": self.node,
             "generation": self.generation,
             "updated": self.updated,
             "window_start": self.window_start,
-            "behaviours": {k: v.pack() for k, v in sorted(self.behaviours.items())},
+            **behaviours,
             "sessions": [s.pack() for _, s in sorted(self.sessions.items())],
-            "open_sessions": {k: dict(sorted(v.items())) for k, v in sorted(self.open_sessions.items())},
+            **({"open_sessions": {k: dict(sorted(v.items())) for k, v in sorted(self.open_sessions.items())}}
+               if not compact else {}),
             "closed_sessions": self.closed_sessions,
             "overflow": {k: [o.count, o.new_keys, o.first_seen, o.last_seen]
                          for k, o in sorted(self.overflow.items())},
@@ -486,20 +526,24 @@ class NodeContribution:
 
     @classmethod
     def unpack(cls, d: dict) -> "NodeContribution":
+        """From either of :meth:`pack`'s forms."""
+        table = None
+        if "behaviour_table" in d:
+            table = BehaviourTable.unpack(d["behaviour_table"], _FIRST_TIME, _LAST_TIME)
         arguments = None
         if d.get("arguments"):
             from .mcp_evidence import ArgumentEvidence  # mcp_evidence builds on BehaviourStats
 
             arguments = ArgumentEvidence.unpack(d["arguments"])
-        return cls(
+        c = cls(
             node=str(d["node"]),
             generation=int(d["generation"]),
             updated=_when(d["updated"]),
             window_start=None if d["window_start"] is None else _when(d["window_start"]),
-            behaviours={str(k): BehaviourStats.unpack(v) for k, v in d["behaviours"].items()},
+            behaviours={} if table is not None else {str(k): BehaviourStats.unpack(v) for k, v in d["behaviours"].items()},
             sessions={str(s[0]): SessionRecord.unpack(s) for s in d["sessions"]},
             open_sessions={str(k): {str(b): int(c) for b, c in v.items()}
-                           for k, v in d["open_sessions"].items()},
+                           for k, v in d.get("open_sessions", {}).items()},
             closed_sessions=int(d["closed_sessions"]),
             overflow={str(k): Overflow(int(v[0]), int(v[1]), _when(v[2]), _when(v[3]))
                       for k, v in d["overflow"].items()},
@@ -518,6 +562,10 @@ class NodeContribution:
             tls_stacks={str(k): {str(a): float(b) for a, b in v.items()}
                         for k, v in d.get("tls_stacks", {}).items()},
         )
+        if table is not None and len(table):
+            del c.behaviours  # built from the table on first use
+            c._table = table
+        return c
 
 
 def newer_contribution(a: NodeContribution, b: NodeContribution) -> NodeContribution:
@@ -548,32 +596,11 @@ class Profile:
     # ---- merged views ----------------------------------------------------------------------
 
     def behaviours(self) -> dict[str, BehaviourStats]:
-        """Per behaviour, the evidence summed over nodes, sorted by key (the same as merging the
-        nodes' stats pairwise with :meth:`BehaviourStats.merged`, in one pass: a workload on
-        thousands of nodes is summed in linear time)."""
-        out: dict[str, BehaviourStats] = {}
-        ids: dict[str, set] = {}
-        for name in sorted(self.nodes):
-            node = self.nodes[name]
-            merged_id = {i: f"{name}/{i}" for i in node.sessions}  # one string per session, not per behaviour
-            for key, s in node.behaviours.items():
-                these = [merged_id[i] if i in merged_id else f"{name}/{i}" for i in s.session_ids]
-                prev = out.get(key)
-                if prev is None:
-                    out[key] = BehaviourStats(s.count, s.sessions, s.first_seen, s.last_seen, s.session_sum,
-                                              s.session_sumsq)
-                    ids[key] = set(these)
-                    continue
-                prev.count += s.count
-                prev.sessions += s.sessions
-                prev.first_seen = min(prev.first_seen, s.first_seen)
-                prev.last_seen = max(prev.last_seen, s.last_seen)
-                prev.session_sum += s.session_sum
-                prev.session_sumsq += s.session_sumsq
-                ids[key].update(these)
-        for key, stats in out.items():
-            stats.session_ids = sorted(ids[key])
-        return dict(sorted(out.items()))
+        """Per behaviour, the evidence summed over nodes, sorted by key, session ids as
+        ``<node>/<id>`` (see :meth:`BehaviourTable.merged <sensor.behaviour_table.BehaviourTable.merged>`:
+        the same as merging the nodes' stats pairwise with :meth:`BehaviourStats.merged`, summed
+        from their tables in linear time)."""
+        return BehaviourTable.merged([(name, self.nodes[name].behaviour_table()) for name in sorted(self.nodes)])
 
     def arguments(self):
         """The MCP argument evidence merged over contributions (session ids ``<node>/<id>``, as in
@@ -618,7 +645,7 @@ class Profile:
     def window(self) -> tuple[float | None, float | None]:
         starts = [n.window_start for n in self.nodes.values() if n.window_start is not None]
         ends = [n.updated for n in self.nodes.values() if n.updated]
-        ends += [s.last_seen for n in self.nodes.values() for s in n.behaviours.values()]
+        ends += [t for t in (n.last_seen() for n in self.nodes.values()) if t is not None]
         return (min(starts) if starts else None, max(ends) if ends else None)
 
     def loss(self) -> dict[str, int]:
@@ -679,27 +706,30 @@ class Profile:
                 merged.setdefault(k, set()).update(vals)
         return {k: sorted(v) for k, v in sorted(merged.items())}
 
-    def coverage_timeline(self) -> list[tuple[float, str]]:
-        """Each behaviour with the time it was first seen, oldest first."""
-        return sorted(((s.first_seen, k) for k, s in self.behaviours().items()), key=lambda t: (t[0], t[1]))
+    def coverage_timeline(self, behaviours: dict[str, BehaviourStats] | None = None) -> list[tuple[float, str]]:
+        """Each behaviour with the time it was first seen, oldest first (of ``behaviours``, the
+        merged view, when the caller has it already)."""
+        stats = self.behaviours() if behaviours is None else behaviours
+        return sorted(((s.first_seen, k) for k, s in stats.items()), key=lambda t: (t[0], t[1]))
 
     def new_behaviours(self, since: float, until: float | None = None,
-                       substrate: str | None = None) -> int:
+                       substrate: str | None = None, timeline: list[tuple[float, str]] | None = None) -> int:
         """How many behaviours were first seen in ``[since, until]``, optionally of one substrate."""
         n = 0
-        for ts, key in self.coverage_timeline():
+        for ts, key in self.coverage_timeline() if timeline is None else timeline:
             if ts >= since and (until is None or ts <= until) and (
                     substrate is None or substrate_of(key) == substrate):
                 n += 1
         return n
 
-    def coverage_rate(self, hours: float = 24.0) -> dict[str, int]:
+    def coverage_rate(self, hours: float = 24.0, timeline: list[tuple[float, str]] | None = None) -> dict[str, int]:
         """New behaviours per substrate in the last ``hours`` of the observation window."""
         _, end = self.window()
         if end is None:
             return {s: 0 for s in SUBSTRATES}
         since = end - hours * 3600.0
-        return {s: self.new_behaviours(since, end, s) for s in SUBSTRATES}
+        timeline = self.coverage_timeline() if timeline is None else timeline
+        return {s: self.new_behaviours(since, end, s, timeline) for s in SUBSTRATES}
 
     def rate(self, key: str) -> tuple[float, float, int]:
         """Mean and standard deviation of a behaviour's per-session count over closed sessions,
@@ -744,6 +774,8 @@ class Profile:
         """The documented JSON view (``envelope profile show -o json``)."""
         start, end = self.window()
         sessions = self.sessions()
+        behaviours = self.behaviours()
+        timeline = self.coverage_timeline(behaviours)
         return {
             "workload": self.workload.to_dict() | {"key": self.workload.key},
             "window": {"start": start, "end": end},
@@ -761,11 +793,11 @@ class Profile:
                     "first_seen": s.first_seen,
                     "last_seen": s.last_seen,
                 }
-                for k, s in self.behaviours().items()
+                for k, s in behaviours.items()
             ],
             "coverage": {
-                "new_last_24h": self.coverage_rate(24.0),
-                "timeline": [{"t": t, "key": k} for t, k in self.coverage_timeline()],
+                "new_last_24h": self.coverage_rate(24.0, timeline),
+                "timeline": [{"t": t, "key": k} for t, k in timeline],
             },
             "capped": self.capped,
             "overflow": {k: {"count": o.count, "new_keys": o.new_keys} for k, o in self.overflow().items()},

@@ -10,7 +10,10 @@ result is deterministic, commutative and idempotent: the same objects read twice
 
 Compact form (``spec.encoding: msgpack+zlib+base64``)
     The payload is ``msgpack({"schema", "workload", "contribution"})`` with the contribution in
-    the form of :meth:`NodeContribution.pack`, compressed with zlib at level 9 and base64
+    the compact form of :meth:`NodeContribution.pack` (its behaviours as a
+    :class:`~sensor.behaviour_table.BehaviourTable`, without the per-session counts of sessions
+    still open, which only the node itself needs; ``schema`` 2, and 1, the files' form, is still
+    read), compressed with zlib at level 9 and base64
     encoded. Packing is sorted, so the same contribution always gives byte-identical data and the
     same ``spec.chunk.digest`` (SHA-256 of the base64 text); an unchanged contribution is not
     rewritten.
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
 import gc
 import hashlib
@@ -58,7 +62,7 @@ import structlog
 
 from sensor.timestamps import iso_time
 from .kubeapi import Backoff, ClusterApiError, TimedApi, call_with_retry
-from .profile import SCHEMA_VERSION, NodeContribution, Profile, newer_contribution
+from .profile import NodeContribution, Profile, newer_contribution
 from .workload import Workload, substrate_of
 
 log = structlog.get_logger("envelope.workloadprofile")
@@ -74,6 +78,11 @@ ENCODING = "msgpack+zlib+base64"
 DEFAULT_CHUNK_SIZE = 1_000_000  # base64 characters per object; etcd's limit is ~1.5 MiB per object
 MAX_CHUNKS = 64
 FIELD_MANAGER = "envelope-daemon"
+# The payload's schema: 2 is the compact contribution (NodeContribution.pack(compact=True)); 1,
+# the profile files' form, is still read, so objects an older build wrote merge with new ones.
+PAYLOAD_SCHEMA = 2
+LIST_PAGE = 500  # objects per list request (kubectl's page size)
+READABLE_PAYLOAD_SCHEMAS = (1, 2)
 
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_WORKLOAD = "envelope.dev/workload"
@@ -134,8 +143,11 @@ def chunk_name(head: str, digest: str, index: int) -> str:
 
 def encode_contribution(workload: Workload, contribution: NodeContribution) -> str:
     """The compact text form (msgpack, zlib, base64) of one node's contribution."""
-    payload = {"schema": SCHEMA_VERSION, "workload": workload.to_dict(),
-               "contribution": contribution.pack()}
+    try:
+        payload = {"schema": PAYLOAD_SCHEMA, "workload": workload.to_dict(),
+                   "contribution": contribution.pack(compact=True)}
+    except ValueError as e:
+        raise ProfileCRError(f"{workload.key} on {contribution.node}: {e}") from e
     raw = msgpack.packb(payload, use_bin_type=True)
     return base64.b64encode(zlib.compress(raw, 9)).decode("ascii")
 
@@ -146,9 +158,10 @@ def decode_contribution(data: str) -> tuple[Workload, NodeContribution]:
         payload = msgpack.unpackb(raw, raw=False, strict_map_key=False)
     except (binascii.Error, zlib.error, ValueError, msgpack.UnpackException, UnicodeEncodeError) as e:
         raise ProfileCRError(f"payload does not decode ({type(e).__name__}: {e})") from e
-    if not isinstance(payload, dict) or payload.get("schema") != SCHEMA_VERSION:
+    if not isinstance(payload, dict) or payload.get("schema") not in READABLE_PAYLOAD_SCHEMAS:
         schema = payload.get("schema") if isinstance(payload, dict) else None
-        raise ProfileCRError(f"unsupported payload schema {schema!r} (this build reads {SCHEMA_VERSION})")
+        raise ProfileCRError(f"unsupported payload schema {schema!r} (this build reads "
+                             f"{', '.join(map(str, READABLE_PAYLOAD_SCHEMAS))})")
     try:
         return Workload.from_dict(payload["workload"]), NodeContribution.unpack(payload["contribution"])
     except (KeyError, TypeError, ValueError, IndexError) as e:
@@ -206,7 +219,7 @@ def contribution_to_crs(workload: Workload, contribution: NodeContribution,
             "node": contribution.node,
             "generation": contribution.generation,
             "updated": iso_time(contribution.updated, precise=True),
-            "schema": SCHEMA_VERSION,
+            "schema": PAYLOAD_SCHEMA,
             "encoding": ENCODING,
             "chunk": {"index": index, "count": len(pieces), "digest": digest, "size": len(data)},
             "data": piece,
@@ -266,22 +279,29 @@ def _spec_of(obj: dict) -> tuple[str, Workload, str, dict]:
     return name, workload, node, info
 
 
+@contextlib.contextmanager
+def collector_paused():
+    """The cyclic garbage collector paused while reading: the objects and payloads of thousands
+    of nodes are millions of small acyclic objects, and the collections their allocation triggers
+    took more than half the time of a merge (measured with 5,000 nodes, bench_cluster)."""
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
+
+
 def assemble(objects: Iterable[dict]) -> Assembly:
     """Reassemble chunks, decode each node's contribution and merge per workload.
 
     Pure: the result depends only on the set of objects, not on their order or repetition.
     Incomplete chunk sets, bad digests and undecodable payloads are reported in ``problems``
-    and left out. The cyclic garbage collector is paused while decoding: the payloads of
-    thousands of nodes are millions of small acyclic objects, and collections triggered by their
-    allocation took more than half the time (measured with 5,000 nodes, bench_cluster).
+    and left out.
     """
-    paused = gc.isenabled()
-    gc.disable()
-    try:
+    with collector_paused():
         return _assemble(objects)
-    finally:
-        if paused:
-            gc.enable()
 
 
 def _assemble(objects: Iterable[dict]) -> Assembly:
@@ -464,7 +484,7 @@ class ClusterProfiles:
         items: list[dict] = []
         token = None
         while True:
-            kwargs: dict[str, Any] = {"limit": 200}
+            kwargs: dict[str, Any] = {"limit": LIST_PAGE}
             if selector:
                 kwargs["label_selector"] = selector
             if token:
@@ -479,12 +499,13 @@ class ClusterProfiles:
 
     def read(self, workload: Workload) -> tuple[Profile | None, list[Problem]]:
         """The workload's profile merged across nodes, and any objects that were skipped."""
-        objs = self._list(f"{LABEL_WORKLOAD}={workload_label(workload)}")
-        assembly = assemble(objs)
+        with collector_paused():  # the list's JSON too
+            assembly = assemble(self._list(f"{LABEL_WORKLOAD}={workload_label(workload)}"))
         return assembly.profiles.get(workload), assembly.problems
 
     def read_all(self) -> Assembly:
-        return assemble(self._list(f"{LABEL_MANAGED_BY}=envelope"))
+        with collector_paused():
+            return assemble(self._list(f"{LABEL_MANAGED_BY}=envelope"))
 
 
 class ProfilePublisher:

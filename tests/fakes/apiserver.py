@@ -239,6 +239,8 @@ class Store:
         self.history = history
         self.oldest = 0  # events at or below this resourceVersion are gone (410)
         self.max_page: int | None = None
+        self.encoded: dict[tuple, tuple[str, bytes]] = {}  # (group, plural, key) -> (resourceVersion, JSON)
+        self.selected: tuple = (None, None, [])  # (resourceVersion, selection, items) of the last list
         self.changed = threading.Condition(self.lock)
         for (group, plural), (kind, api_version, namespaced) in BUILTIN.items():
             version = api_version.split("/")[-1]
@@ -433,6 +435,7 @@ class Store:
             if cur is None:
                 raise ApiError(404, "NotFound", f"{res.plural} \"{key[1]}\" not found")
             self.managers.pop((res.group, res.plural, key), None)
+            self.encoded.pop((res.group, res.plural, key), None)
             self.rv += 1
             cur = copy.deepcopy(cur)
             cur["metadata"]["resourceVersion"] = str(self.rv)
@@ -441,30 +444,55 @@ class Store:
 
     # -- reads --
 
+    def _page(self, res: Resource, ns: str | None, q: dict) -> tuple[list[tuple], dict]:
+        """The (key, object) pairs of one page of a list, and the list's metadata. Under the lock.
+        The selection is kept until the next write, so the pages of one list select once."""
+        sel = (res.group, res.plural, ns, q.get("labelSelector"), q.get("fieldSelector"))
+        if self.selected[:2] != (self.rv, sel):
+            match = matcher(q)
+            self.selected = (self.rv, sel, [(k, o) for k, o in sorted(self.objects.get((res.group, res.plural), {}).items())
+                                            if (ns is None or k[0] == ns) and match(o)])
+        items = self.selected[2]
+        start = 0
+        token = q.get("continue")
+        if token:
+            try:
+                at, start = (int(x) for x in token.split(":"))
+            except ValueError:
+                raise ApiError(400, "BadRequest", "invalid continue token")
+            if at < self.oldest:
+                raise ApiError(410, "Expired", "The provided continue parameter is too old")
+        limit = int(q.get("limit") or 0) or len(items) or 1
+        if self.max_page:
+            limit = min(limit, self.max_page)  # a server may return fewer items than asked
+        meta: dict[str, Any] = {"resourceVersion": str(self.rv)}
+        if start + limit < len(items):
+            meta["continue"] = f"{self.rv}:{start + limit}"
+            meta["remainingItemCount"] = len(items) - start - limit
+        return items[start:start + limit], meta
+
     def list(self, res: Resource, ns: str | None, q: dict) -> dict:
         with self.lock:
-            items = [o for (n, _), o in sorted(self.objects.get((res.group, res.plural), {}).items())
-                     if ns is None or n == ns]
-            items = [o for o in items if matches(o, q)]
-            start = 0
-            token = q.get("continue")
-            if token:
-                try:
-                    at, start = (int(x) for x in token.split(":"))
-                except ValueError:
-                    raise ApiError(400, "BadRequest", "invalid continue token")
-                if at < self.oldest:
-                    raise ApiError(410, "Expired", "The provided continue parameter is too old")
-            limit = int(q.get("limit") or 0) or len(items) or 1
-            if self.max_page:
-                limit = min(limit, self.max_page)  # a server may return fewer items than asked
-            page = items[start:start + limit]
-            meta: dict[str, Any] = {"resourceVersion": str(self.rv)}
-            if start + limit < len(items):
-                meta["continue"] = f"{self.rv}:{start + limit}"
-                meta["remainingItemCount"] = len(items) - start - limit
+            page, meta = self._page(res, ns, q)
             return {"apiVersion": res.api_version, "kind": f"{res.kind}List", "metadata": meta,
-                    "items": copy.deepcopy(page)}
+                    "items": copy.deepcopy([o for _, o in page])}
+
+    def list_json(self, res: Resource, ns: str | None, q: dict) -> bytes:
+        """:meth:`list` as the JSON the server sends. Each object's encoding is kept until its
+        next write (by resourceVersion), as the real API server's watch cache keeps serialised
+        objects: a large list is then assembled, not encoded again for every page."""
+        with self.lock:
+            page, meta = self._page(res, ns, q)
+            items = []
+            for key, obj in page:
+                ck = (res.group, res.plural, key)
+                rv = obj["metadata"]["resourceVersion"]
+                hit = self.encoded.get(ck)
+                if hit is None or hit[0] != rv:
+                    hit = self.encoded[ck] = (rv, json.dumps(obj).encode())
+                items.append(hit[1])
+        head = json.dumps({"apiVersion": res.api_version, "kind": f"{res.kind}List", "metadata": meta})
+        return head[:-1].encode() + b', "items": [' + b", ".join(items) + b"]}"
 
     def get(self, res: Resource, key) -> dict:
         with self.lock:
@@ -494,17 +522,23 @@ def _field(obj: dict, name: str):
     return "" if cur is None else str(cur)
 
 
-def matches(obj: dict, q: dict) -> bool:
-    labels = (obj.get("metadata") or {}).get("labels") or {}
-    for k, op, v in _selector_terms(q.get("labelSelector")):
-        if (labels.get(k) == v) != (op == "="):
-            return False
-    for k, op, v in _selector_terms(q.get("fieldSelector")):
+def matcher(q: dict):
+    """The predicate of a request's label and field selectors, parsed once."""
+    labels_terms = _selector_terms(q.get("labelSelector"))
+    field_terms = _selector_terms(q.get("fieldSelector"))
+    for k, _, _ in field_terms:
         if k not in ("metadata.name", "metadata.namespace", "spec.nodeName"):
             raise ApiError(400, "BadRequest", f"field label not supported: {k}")
-        if (_field(obj, k) == v) != (op == "="):
-            return False
-    return True
+
+    def match(obj: dict) -> bool:
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        return (all((labels.get(k) == v) == (op == "=") for k, op, v in labels_terms)
+                and all((_field(obj, k) == v) == (op == "=") for k, op, v in field_terms))
+    return match
+
+
+def matches(obj: dict, q: dict) -> bool:
+    return matcher(q)(obj)
 
 
 def _merge_patch(old, patch):
@@ -551,7 +585,9 @@ class FakeApiServer:
                 pass
 
             def _send(self, code: int, obj: dict):
-                data = json.dumps(obj).encode()
+                self._send_json(code, json.dumps(obj).encode())
+
+            def _send_json(self, code: int, data: bytes):
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -620,7 +656,7 @@ class FakeApiServer:
                     if method == "GET" and q.get("watch") in ("true", "1"):
                         return self._watch(res, ns, q)
                     if method == "GET":
-                        return self._send(200, api.store.list(res, ns, q))
+                        return self._send_json(200, api.store.list_json(res, ns, q))
                     if method == "POST":
                         key = (key[0], (body.get("metadata") or {}).get("name", ""))
                         return self._send(*api.store.update(res, key, body, q.get("fieldManager", "unknown"),

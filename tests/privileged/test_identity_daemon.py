@@ -48,7 +48,9 @@ def check_profiles(tmp_path: Path, deployment: str, log: list[str]) -> None:
     assert ours == [want], f"profiles: {[w.key for w in store.workloads()]}; log: {''.join(log)[-2000:]}"
     p = store.load(want)
     b = p.behaviours()
-    assert p.session_count == 3 and p.closed_sessions == 3
+    others = {w.key: [s.meta for s in store.load(w).sessions()] for w in store.workloads() if w != want}
+    assert p.session_count == 3 and p.closed_sessions == 3, (
+        f"sessions: {[s.meta for s in p.sessions()]}; other profiles: {others}; log: {''.join(log)[-3000:]}")
     assert b["exec:/bin/sh"].count == 3 and b["exec:/bin/sh"].sessions == 3
     # busybox's shell runs cat and sleep by re-exec'ing itself: 1 + (3 cat + 3 sleep) + 1, exact
     assert b["exec:/proc/self/exe"].count == 8 and b["exec:/proc/self/exe"].sessions == 3

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from sensor import capability_observer
-from sensor.kernel import Family, LoadError, Program, load_all, obj_id
+from sensor.kernel import (Family, LoadError, Program, link_prog_id, load_all, obj_id, prog_fd_by_id,
+                           prog_run_count, run_stats)
 
 
 def open_fds() -> set[int]:
@@ -64,3 +65,25 @@ def test_one_failure_closes_the_others_and_the_first_failure_is_said(tmp_path):
     with pytest.raises(LoadError, match=r"^first-broken: compile "):
         load_all(families)
     assert open_fds() <= before, "fds of the families that loaded were left open"
+
+
+def test_a_raw_tracepoint_link_names_its_program_and_its_runs_are_counted_while_stats_are_on(tmp_path):
+    """What the syscall benchmark checks its empty programs with: the link's program, and the
+    kernel's count of its runs under BPF_ENABLE_STATS."""
+    src = tmp_path / "empty.c"
+    src.write_text("RAW_TRACEPOINT_PROBE(sys_enter) { return 0; }\n")
+    (loaded,) = load_all([Family("empty", str(src), programs=(
+        Program("raw_tracepoint__sys_enter", "raw_tracepoint", "sys_enter"),))])
+    try:
+        prog_fd = prog_fd_by_id(link_prog_id(loaded.attachments["raw_tracepoint__sys_enter"]))
+        try:
+            with run_stats():
+                before = prog_run_count(prog_fd)
+                for _ in range(1000):
+                    os.getppid()
+                after = prog_run_count(prog_fd)
+            assert after - before >= 1000  # every getppid entered it (and others' syscalls too)
+        finally:
+            os.close(prog_fd)
+    finally:
+        loaded.close()

@@ -53,3 +53,22 @@ def test_a_benchmark_with_an_invalid_case_is_reported_failed(tmp_path, monkeypat
     text = render("fake", rec)
     assert "| derived / bare | 0 |  | <= 1.0 | failed (derived measured nothing) |" in text
     assert "| met |" not in text
+
+
+def test_a_partial_run_replaces_its_own_sections_and_keeps_the_others(tmp_path, monkeypatch):
+    import bench.__main__ as harness
+
+    def rec(title, value):
+        return {"title": title, "module": "bench/x.py", "status": "ok", "rows": [{"case": "c", "value": value}]}
+
+    md = tmp_path / "BENCHMARKS.md"
+    monkeypatch.setattr(harness, "BENCHMARKS_MD", md)
+    md.write_text("# Benchmarks\n\nprose\n\n")
+    harness.update_benchmarks_md({"benches": {"a": rec("A", 1), "b": rec("B", 2)}})
+    md.write_text(md.read_text() + "\nafter the results\n")
+    harness.update_benchmarks_md({"benches": {"b": rec("B", 3), "c": rec("C", 4)}}, ran=["b", "c"])
+    text = md.read_text()
+    results = text.split(harness.BEGIN)[1].split(harness.END)[0]
+    assert [t for t, _ in harness._sections(results)] == ["A", "B", "C"], "the old order, new sections last"
+    assert "| c | 1 |" in results and "| c | 3 |" in results and "| c | 2 |" not in results
+    assert text.startswith("# Benchmarks\n\nprose") and text.rstrip().endswith("after the results")

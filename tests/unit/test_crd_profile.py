@@ -73,10 +73,12 @@ def test_compact_form_is_documented_msgpack_zlib_base64_and_deterministic():
     c = p.nodes["node-a"]
     data = encode_contribution(W, c)
     payload = msgpack.unpackb(zlib.decompress(base64.b64decode(data)), raw=False, strict_map_key=False)
-    assert payload["workload"] == W.to_dict() and payload["contribution"] == c.pack()
+    assert payload["schema"] == 2 and payload["workload"] == W.to_dict()
+    assert payload["contribution"] == c.pack(compact=True)
     assert encode_contribution(W, c) == data
     w, back = decode_contribution(data)
-    assert w == W and back.pack() == c.pack()
+    assert w == W and back.pack(compact=True) == c.pack(compact=True)
+    assert back.behaviours == c.behaviours and back.sessions == c.sessions
     obj = contribution_to_crs(W, c)[0]
     assert obj["spec"]["encoding"] == ENCODING
     assert obj["spec"]["summary"]["behaviours"] == len(c.behaviours)
