@@ -171,10 +171,13 @@ def probe_sites(symbols: dict[str, int], read: Callable[[int, int], bytes]) -> t
         sites[fn] = ProbeSite(fn, off, single_step=True)
     for plain, ex in _STUB_OF.items():
         p, e = sites.get(plain), sites.get(ex)
-        if p is not None and p.single_step and e is not None and e.body:
-            body = e.offset - (len(_ENDBR64) if read(e.offset - 4, 4) == _ENDBR64 else 0)
-            if calls(read(p.offset, _CODE), p.offset, body):
-                del sites[plain]  # seen through the body its _ex form's probes are on
+        if p is None or e is None or not e.body:
+            continue
+        body = e.offset - (len(_ENDBR64) if read(e.offset - 4, 4) == _ENDBR64 else 0)
+        if calls(read(p.offset, _CODE), p.offset, body):
+            del sites[plain]  # seen through the body its _ex form's probes are on
+        else:  # it may reach the body some other way: one call must never be probed twice
+            sites[ex] = ProbeSite(ex, symbols[ex], single_step=True)
     return tuple(sites.values())
 
 

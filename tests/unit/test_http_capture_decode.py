@@ -316,9 +316,25 @@ def test_probe_sites_move_off_single_stepped_stubs_onto_the_body_they_call():
     sites = {s.function: s for s in probe_sites(syms, code)}
     assert sites["SSL_read_ex"] == ProbeSite("SSL_read_ex", body_r, body=True)
     assert "SSL_read" not in sites  # seen through the body
-    assert sites["SSL_write_ex"] == ProbeSite("SSL_write_ex", body_w + 4, body=True)  # after the endbr64
-    assert sites["SSL_write"] == ProbeSite("SSL_write", 0x400, single_step=True)  # not its _ex's body
+    # SSL_write calls something else, which may reach the body: SSL_write_ex stays on its entry,
+    # so no write is ever seen twice
+    assert sites["SSL_write_ex"] == ProbeSite("SSL_write_ex", 0x300, single_step=True)
+    assert sites["SSL_write"] == ProbeSite("SSL_write", 0x400, single_step=True)
     assert sites["SSL_do_handshake"] == ProbeSite("SSL_do_handshake", 0x500)
+
+
+def test_probe_sites_never_probe_a_plain_function_and_the_body_it_may_call():
+    body = 0x2000
+    # SSL_write begins with a push (emulated) and calls the body SSL_write_ex's probes move to
+    pushing = _code({0x100: SUB8 + _call(0x104, body), 0x200: b"\x53\x48\x83\xec\x10" + _call(0x205, body),
+                     body: PUSH_R13})
+    assert probe_sites({"SSL_write_ex": 0x100, "SSL_write": 0x200}, pushing) == (
+        ProbeSite("SSL_write_ex", body, body=True),)
+    # SSL_write's call of the body lies past the bytes read: not known, so both stay on their entries
+    far = _code({0x100: SUB8 + _call(0x104, body), 0x200: SUB8 + b"\x90" * 200 + _call(0x2cc, body),
+                 body: PUSH_R13})
+    assert set(probe_sites({"SSL_write_ex": 0x100, "SSL_write": 0x200}, far)) == {
+        ProbeSite("SSL_write_ex", 0x100, single_step=True), ProbeSite("SSL_write", 0x200, single_step=True)}
 
 
 def test_probe_sites_keep_the_entry_when_nothing_better_is_known():
