@@ -223,18 +223,21 @@ class NodeContribution:
         self._table = None
         return self.behaviours
 
+    @property
+    def tabled(self) -> bool:
+        """Whether its behaviours are still only the table it was read back with."""
+        return "behaviours" not in self.__dict__ and self._table is not None
+
     def last_seen(self) -> float | None:
         """When any of its behaviours was last seen (None without behaviours), from the table
         while the dict is not built."""
-        if "behaviours" not in self.__dict__ and self._table is not None:
+        if self.tabled:
             return self._table.last_seen()
         return max((s.last_seen for s in self.behaviours.values()), default=None)
 
     def behaviour_table(self) -> BehaviourTable:
         """The behaviours as a :class:`~sensor.behaviour_table.BehaviourTable`."""
-        if "behaviours" not in self.__dict__ and self._table is not None:
-            return self._table
-        return BehaviourTable.from_stats(self.behaviours)
+        return self._table if self.tabled else BehaviourTable.from_stats(self.behaviours)
 
     # ---- recording -------------------------------------------------------------------------
 
@@ -597,10 +600,36 @@ class Profile:
 
     def behaviours(self) -> dict[str, BehaviourStats]:
         """Per behaviour, the evidence summed over nodes, sorted by key, session ids as
-        ``<node>/<id>`` (see :meth:`BehaviourTable.merged <sensor.behaviour_table.BehaviourTable.merged>`:
-        the same as merging the nodes' stats pairwise with :meth:`BehaviourStats.merged`, summed
-        from their tables in linear time)."""
-        return BehaviourTable.merged([(name, self.nodes[name].behaviour_table()) for name in sorted(self.nodes)])
+        ``<node>/<id>``: the same as merging the nodes' stats pairwise with
+        :meth:`BehaviourStats.merged`, in one pass. Contributions read back from the cluster are
+        summed from their tables, in columns (:meth:`BehaviourTable.merged
+        <sensor.behaviour_table.BehaviourTable.merged>`, numpy); those a process records, which
+        hold their stats, in one loop, so a recording daemon never loads numpy."""
+        if any(n.tabled for n in self.nodes.values()):
+            return BehaviourTable.merged([(name, self.nodes[name].behaviour_table()) for name in sorted(self.nodes)])
+        out: dict[str, BehaviourStats] = {}
+        ids: dict[str, set] = {}
+        for name in sorted(self.nodes):
+            node = self.nodes[name]
+            merged_id = {i: f"{name}/{i}" for i in node.sessions}  # one string per session, not per behaviour
+            for key, s in node.behaviours.items():
+                these = [merged_id[i] if i in merged_id else f"{name}/{i}" for i in s.session_ids]
+                prev = out.get(key)
+                if prev is None:
+                    out[key] = BehaviourStats(s.count, s.sessions, s.first_seen, s.last_seen, s.session_sum,
+                                              s.session_sumsq)
+                    ids[key] = set(these)
+                    continue
+                prev.count += s.count
+                prev.sessions += s.sessions
+                prev.first_seen = min(prev.first_seen, s.first_seen)
+                prev.last_seen = max(prev.last_seen, s.last_seen)
+                prev.session_sum += s.session_sum
+                prev.session_sumsq += s.session_sumsq
+                ids[key].update(these)
+        for key, stats in out.items():
+            stats.session_ids = sorted(ids[key])
+        return dict(sorted(out.items()))
 
     def arguments(self):
         """The MCP argument evidence merged over contributions (session ids ``<node>/<id>``, as in
