@@ -304,7 +304,7 @@ def update_benchmarks_md(data: dict, ran: list[str] | None = None) -> None:
             old = _sections(old_block)
             kept = [new.pop(title, body) for title, body in old] + list(new.values())
             intro = section.split("\n### ", 1)[0].rstrip("\n") + "\n\n"
-            section = intro + "\n".join(kept) + END + "\n"
+            section = intro + "\n".join(kept) + "\n" + END + "\n"
         text = head + section + ("\n" + tail if tail else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
