@@ -81,8 +81,8 @@ FIELD_MANAGER = "envelope-daemon"
 # The payload's schema: 2 is the compact contribution (NodeContribution.pack(compact=True)); 1,
 # the profile files' form, is still read, so objects an older build wrote merge with new ones.
 PAYLOAD_SCHEMA = 2
-LIST_PAGE = 500  # objects per list request (kubectl's page size)
 READABLE_PAYLOAD_SCHEMAS = (1, 2)
+LIST_PAGE = 500  # objects per list request (kubectl's page size)
 
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_WORKLOAD = "envelope.dev/workload"
